@@ -1,0 +1,53 @@
+"""geofunc: constrained optimization and optimization on manifolds for PyTorch, as pure functions.
+
+Spaces are small immutable objects holding hyperparameters only; everything they do is a
+pure function of tensors, so every constraint composes with ``torch.func`` (``vmap``,
+``grad``, ``jvp``, ``jacfwd``, ``jacrev``, ``hessian``, ``functional_call``) and with
+``torch.compile``.
+"""
+
+from ._errors import ManifoldError as ManifoldError
+from .spaces import (
+    PSD as PSD,
+    PSSD as PSSD,
+    SO as SO,
+    AbstractSpace as AbstractSpace,
+    AlmostOrthogonal as AlmostOrthogonal,
+    FixedRank as FixedRank,
+    GLp as GLp,
+    Grassmannian as Grassmannian,
+    LowRank as LowRank,
+    Oblique as Oblique,
+    PSSDFixedRank as PSSDFixedRank,
+    PSSDLowRank as PSSDLowRank,
+    Product as Product,
+    Rn as Rn,
+    Skew as Skew,
+    Sphere as Sphere,
+    Stiefel as Stiefel,
+    Sym as Sym,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PSD",
+    "PSSD",
+    "SO",
+    "AbstractSpace",
+    "AlmostOrthogonal",
+    "FixedRank",
+    "GLp",
+    "Grassmannian",
+    "LowRank",
+    "ManifoldError",
+    "Oblique",
+    "PSSDFixedRank",
+    "PSSDLowRank",
+    "Product",
+    "Rn",
+    "Skew",
+    "Sphere",
+    "Stiefel",
+    "Sym",
+]

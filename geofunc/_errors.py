@@ -1,0 +1,32 @@
+"""The one exception of geofunc and the helpers that word its messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["ManifoldError"]
+
+
+class ManifoldError(ValueError):
+    """A point off its space, a shape a space cannot take, or a bad hyperparameter.
+
+    Every message names the space, what it expected and what it got, e.g.
+    ``SO(triv='expm'): expected square matrices (..., n, n), got shape (3, 5).``
+    Tensors are described by shape and dtype, never printed whole.
+    """
+
+
+def describe(x: Any) -> str:
+    """A short description of ``x`` for an error message (shape, not values)."""
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    if isinstance(x, (tuple, list)):
+        return f"a {type(x).__name__} of {len(x)} entries"
+    return repr(x)
+
+
+def error(space: Any, expected: str, got: str) -> ManifoldError:
+    """Build the standard message ``<space>: expected <expected>, got <got>.``"""
+    return ManifoldError(f"{space!r}: expected {expected}, got {got}.")

@@ -1,0 +1,162 @@
+"""Pure shared maths: skew frames, trivializations, Haar sampling, QR/polar factors.
+
+Every function here is a pure function of tensors, batched over leading dimensions,
+with no Python branching on tensor values, so that all compose with ``torch.func``
+transforms and ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+
+Tensor = torch.Tensor
+Triv = Union[str, Callable[[Tensor], Tensor]]
+
+__all__ = [
+    "skew_lower",
+    "skew_lower_inverse",
+    "sym_part",
+    "skew_part",
+    "expm",
+    "cayley",
+    "resolve_triv",
+    "haar_stiefel",
+    "haar_so",
+    "chol_qr",
+    "polar",
+    "stiefel_chart",
+    "eye_like",
+    "transpose",
+]
+
+
+def transpose(X: Tensor) -> Tensor:
+    return X.transpose(-2, -1)
+
+
+def eye_like(X: Tensor, n: int | None = None) -> Tensor:
+    n = X.shape[-1] if n is None else n
+    return torch.eye(n, dtype=X.dtype, device=X.device)
+
+
+def skew_lower(Z: Tensor, lower: bool = True) -> Tensor:
+    """The skew-symmetric matrix ``L - Lᵀ`` of the strict lower (or upper) triangle ``L`` of ``Z``."""
+    L = torch.tril(Z, -1) if lower else torch.triu(Z, 1)
+    return L - transpose(L)
+
+
+def skew_lower_inverse(A: Tensor, lower: bool = True) -> Tensor:
+    """Right inverse of :func:`skew_lower` on skew matrices: their strict lower (upper) triangle."""
+    return torch.tril(A, -1) if lower else torch.triu(A, 1)
+
+
+def sym_part(X: Tensor) -> Tensor:
+    return 0.5 * (X + transpose(X))
+
+
+def skew_part(X: Tensor) -> Tensor:
+    return 0.5 * (X - transpose(X))
+
+
+def expm(A: Tensor) -> Tensor:
+    """Matrix exponential (scaling and squaring), batched and differentiable."""
+    return torch.linalg.matrix_exp(A)
+
+
+def cayley(A: Tensor) -> Tensor:
+    """Cayley map ``(I - A/2)^{-1} (I + A/2)``: orthogonal for skew ``A``, with ``dφ_0 = Id``."""
+    I = eye_like(A)
+    return torch.linalg.solve(I - 0.5 * A, I + 0.5 * A)
+
+
+_TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
+
+
+def resolve_triv(triv: Triv) -> Callable[[Tensor], Tensor]:
+    """Map a ``triv`` hyperparameter (``"expm"``, ``"cayley"`` or a callable) to a function."""
+    if callable(triv):
+        return triv
+    return _TRIVS[triv]
+
+
+def _randn(shape, generator, dtype, device) -> Tensor:
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+
+
+def _sign_nonzero(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+
+def haar_stiefel(shape, generator=None, dtype=None, device=None) -> Tensor:
+    """Haar-uniform tall frames of shape ``(..., n, k)``, ``n >= k`` (QR of a Gaussian, signs fixed)."""
+    G = _randn(shape, generator, dtype, device)
+    Q, R = torch.linalg.qr(G)
+    d = _sign_nonzero(torch.diagonal(R, dim1=-2, dim2=-1))
+    return Q * d.unsqueeze(-2)
+
+
+def haar_so(shape, generator=None, dtype=None, device=None) -> Tensor:
+    """Haar-uniform special orthogonal matrices of shape ``(..., n, n)``.
+
+    The sign of the determinant is read from ``slogdet``: ``det`` underflows to ±0 for
+    large float32 matrices (n = 512), which is how GeoTorch ends up with det −1 samples.
+    """
+    Q = haar_stiefel(shape, generator, dtype, device)
+    sign = torch.linalg.slogdet(Q)[0]
+    flip = torch.ones_like(Q[..., 0, :])
+    flip = torch.cat([sign.unsqueeze(-1), flip[..., 1:]], dim=-1)
+    return Q * flip.unsqueeze(-2)
+
+
+def chol_qr(Y: Tensor) -> Tensor:
+    """Orthonormal factor of the QR decomposition (positive diagonal) of tall ``Y``.
+
+    CholeskyQR2: two passes of ``Q = Y R^{-1}``, ``RᵀR = YᵀY``; O(n k²), smooth where
+    ``Y`` has full column rank, and accurate to rounding after the second pass.
+    """
+    for _ in range(2):
+        R = torch.linalg.cholesky(transpose(Y) @ Y, upper=True)
+        Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    return Y
+
+
+def polar(Y: Tensor) -> Tensor:
+    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ``: the nearest frame in Frobenius norm."""
+    U, _, Vh = torch.linalg.svd(Y, full_matrices=False)
+    return U @ Vh
+
+
+def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) -> Tensor:
+    """The Stiefel chart at a tall frame ``Y`` (n×k, n > k): ``φ(W(Z)) Y``.
+
+    ``W(Z) = Y Ω Yᵀ + C Yᵀ − Y Cᵀ`` with ``Ω`` the skew matrix of the strict lower
+    triangle of ``YᵀZ`` (zero if ``horizontal``, the Grassmannian) and
+    ``C = (I − YYᵀ) Z``. With ``A = [Y, C/c]`` one has ``W A = A M`` for the 2k×2k
+    matrix ``M = [[Ω, −CᵀC/c], [cI, 0]]``, hence ``φ(W) Y = A φ(M)[:, :k]`` for every
+    analytic ``φ`` (``expm``, ``cayley``): O(n k²) work plus a 2k×2k problem, smooth at
+    ``Z = 0`` (no QR of ``C``). ``c = max(1, ‖C‖)`` (detached; the result does not depend
+    on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
+    promises skew → orthogonal on n×n matrices, so it gets the full ``W``.
+    """
+    k = Y.shape[-1]
+    S = transpose(Y) @ Z
+    C = Z - Y @ S
+    if horizontal:
+        Omega = torch.zeros_like(S)
+    else:
+        Omega = skew_lower(S)
+    if callable(triv):
+        W = Y @ Omega @ transpose(Y) + C @ transpose(Y) - Y @ transpose(C)
+        return triv(W) @ Y
+    c = torch.linalg.matrix_norm(C.detach()).clamp(min=1.0)[..., None, None]
+    I = eye_like(S, k).expand_as(S)
+    top = torch.cat([Omega, -(transpose(C) @ C) / c], dim=-1)
+    bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)
+    M = torch.cat([top, bottom], dim=-2)
+    F = resolve_triv(triv)(M)[..., :, :k]
+    return Y @ F[..., :k, :] + (C / c) @ F[..., k:, :]
