@@ -196,7 +196,8 @@ class AbstractSpace:
         for name, v in self._violations(X).items():
             bad = ~(v <= tol)
             if bool(bad.any()):
-                worst = v.detach().nan_to_num(nan=float("inf")).max()
+                vd = v.detach()
+                worst = torch.where(torch.isnan(vd), torch.full_like(vd, float("inf")), vd).max()
                 where = ""
                 if v.ndim:
                     idx = tuple(int(i) for i in torch.nonzero(bad)[0])

@@ -1,10 +1,122 @@
-"""Placeholder: Stiefel is being implemented."""
+"""The Stiefel manifold of orthonormal frames."""
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, stiefel_chart, sym_part, transpose
 from ._base import AbstractSpace
+from ._orthogonal import check_base, orthonormality_error, tall, untall, validate_triv
 
-__all__ = ["Stiefel"]
+__all__ = ["Stiefel", "frame_chart"]
+
+Tensor = torch.Tensor
 
 
+def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool) -> Tensor:
+    """The chart of a tall frame (shared by Stiefel and Grassmannian; tall inputs only).
+
+    Square: ``base · φ(skew_lower(Z))`` (``base`` if ``horizontal``: a square frame spans
+    all of Rⁿ). Tall: :func:`geofunc._linalg.stiefel_chart`, O(n k²).
+    """
+    n, k = Z.shape[-2], Z.shape[-1]
+    if n == k:
+        if horizontal:
+            Y = eye_like(Z).expand_as(Z) if base is None else base
+            return Y + 0.0 * Z  # constant map; keeps NaN propagation and a (zero) gradient
+        R = resolve_triv(triv)(skew_lower(Z))
+        return R if base is None else base @ R
+    if base is None:
+        base = eye_like(Z, n)[:, :k].expand_as(Z)
+    return stiefel_chart(base, Z, triv, horizontal=horizontal)
+
+
+@dataclasses.dataclass(frozen=True)
 class Stiefel(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("Stiefel is not implemented yet")
+    r"""Orthonormal frames: :math:`\mathrm{St}(n, k) = \{X \in \mathbb{R}^{n\times k} : X^\top X = I_k\}`.
+
+    Points are ``(*batch, n, k)``; a wide matrix (n < k) has orthonormal rows and is handled by
+    transposing in and out. Below, ``X`` is tall (n ≥ k).
+
+    * ``to_manifold(Z, base)``: with ``Y = base`` (None: the first k columns of the identity),
+      ``Ω`` the skew matrix of the strict lower triangle of ``YᵀZ`` and ``C = (I − YYᵀ)Z``,
+      ``X = φ(W) Y`` with the skew generator ``W = YΩYᵀ + CYᵀ − YCᵀ`` and ``φ`` = ``triv``
+      (``"expm"``, ``"cayley"`` or a callable skew → orthogonal). ``W`` has rank ≤ 2k, so
+      ``φ(W)Y`` costs O(n k²) plus a 2k×2k exponential (or solve), never an n×n one (except
+      for a callable ``triv``, which receives the n×n ``W``). For n = k the chart is SO's:
+      ``X = Y φ(skew_lower(Z))``.
+    * ``from_manifold(X) = (0, X)``, ``rebase(Z, base) = (0, to_manifold(Z, base))``: the base is
+      the frame itself, no completion to a square matrix is needed. Riemannian gradient
+      descent: one SGD step of size η on ``Z = 0`` then ``rebase`` is exactly
+      ``X⁺ = φ(−η(G Xᵀ − X Gᵀ)) X`` (the canonical-metric geodesic for ``expm``, Wen–Yin's
+      Cayley step for ``cayley``).
+    * ``tangent(X, G) = G − X sym(XᵀG)``; ``retract(X, V) = qf(X + V)`` (QR with positive
+      diagonal, by CholeskyQR2, O(n k²)); ``project(Y)`` = the polar factor ``U Vᵀ`` of
+      ``Y = U S Vᵀ``; ``sample`` is Haar-uniform.
+    * ``logabsdet`` (square only) is 0.
+
+    Example::
+
+        >>> X = Stiefel().to_manifold(torch.randn(5, 2))
+        >>> torch.allclose(X.mT @ X, torch.eye(2), atol=1e-5)
+        True
+    """
+
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        validate_triv(self, self.triv)
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what)
+
+    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
+        self._check_shape(Z, "Z")
+        check_base(self, Z, base)
+        Zt, tr = tall(Z)
+        Bt = None if base is None else tall(base)[0]
+        return untall(frame_chart(Zt, Bt, self.triv, horizontal=False), tr)
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        return torch.zeros_like(X), X
+
+    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
+        return torch.zeros_like(Z), self.to_manifold(Z, base)
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        self._check_shape(X, "X")
+        self._require_same_shape(X, G, "X", "G")
+        Xt, tr = tall(X)
+        Gt = tall(G)[0]
+        return untall(Gt - Xt @ sym_part(transpose(Xt) @ Gt), tr)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        self._check_shape(X, "X")
+        self._require_same_shape(X, V, "X", "V")
+        Xt, tr = tall(X)
+        return untall(chol_qr(Xt + tall(V)[0]), tr)
+
+    def project(self, Y: Tensor) -> Tensor:
+        self._check_shape(Y, "Y")
+        return polar(Y)
+
+    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+        shape = tuple(shape)
+        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        tr = shape[-2] < shape[-1]
+        tshape = shape[:-2] + (shape[-1], shape[-2]) if tr else shape
+        return untall(haar_stiefel(tshape, generator, dtype, device), tr)
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        return {"max|XᵀX − I|": orthonormality_error(tall(X)[0])}
+
+    def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
+        self._require_matrix(Z, "Z", square=True)
+        check_base(self, Z, base)
+        out = 0.0 * Z.sum(dim=(-2, -1))
+        if base is not None:
+            out = out + 0.0 * base.sum(dim=(-2, -1))
+        return out
