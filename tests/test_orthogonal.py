@@ -1,0 +1,210 @@
+"""Space-specific tests of the orthogonal family (SO, Stiefel, Grassmannian).
+
+The generic properties (membership, round trips, tangent projection, retraction, transforms)
+are in the conformance suite; here: Haar statistics, determinants, the Riemannian gradient
+descent identities, the cost of the tall chart, bad input.
+"""
+
+import pytest
+import torch
+from torch.func import grad
+
+import geofunc as gf
+from geofunc._linalg import cayley, expm
+
+F64 = torch.float64
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ sampling
+@pytest.mark.parametrize("n", [1, 2, 5, 64, 512])
+def test_so_samples_have_det_plus_one(n):
+    # GeoTorch reads the sign from det(), which underflows to ±0 for 512×512 float32.
+    X = gf.SO().sample((4, n, n), generator=_gen(n), dtype=torch.float32)
+    sign, logabs = torch.linalg.slogdet(X.double())
+    assert (sign == 1).all()
+    assert logabs.abs().max() < 1e-3
+    assert gf.SO().contains(X).all()
+
+
+def test_so_sample_is_haar_by_moments():
+    # Haar on SO(n), n >= 3: E[tr X] = 0, E[tr(X)^2] = 1, E[X_ij^2] = 1/n.
+    n, N = 4, 20000
+    X = gf.SO().sample((N, n, n), generator=_gen(1), dtype=F64)
+    tr = X.diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert abs(tr.mean()) < 0.03
+    assert abs((tr**2).mean() - 1.0) < 0.05
+    assert torch.allclose((X**2).mean(0), torch.full((n, n), 1.0 / n, dtype=F64), atol=0.01)
+
+
+@pytest.mark.parametrize("space", [gf.Stiefel(), gf.Grassmannian()], ids=repr)
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7)])
+def test_frame_samples_are_uniform_by_moments(space, shape):
+    # For a uniform frame X (n×k, tall form), E[X Xᵀ] = (k/n) I and E[X] = 0.
+    N = 20000
+    X = space.sample((N,) + shape, generator=_gen(2), dtype=F64)
+    Xt = X if shape[0] >= shape[1] else X.mT
+    n, k = Xt.shape[-2:]
+    P = (Xt @ Xt.mT).mean(0)
+    assert torch.allclose(P, torch.eye(n, dtype=F64) * k / n, atol=0.02)
+    assert Xt.mean(0).abs().max() < 0.03
+
+
+def test_sample_reproducible_and_respects_dtype():
+    for M, shape in [(gf.SO(), (3, 5, 5)), (gf.Stiefel(), (2, 6, 3)), (gf.Grassmannian(), (3, 6))]:
+        a = M.sample(shape, generator=_gen(7), dtype=F64)
+        b = M.sample(shape, generator=_gen(7), dtype=F64)
+        assert a.dtype == F64 and a.shape == shape
+        assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------- determinants
+def test_so_from_manifold_rejects_det_minus_one():
+    X = gf.SO().sample((4, 4), generator=_gen(3), dtype=F64)
+    X = X * torch.tensor([-1.0, 1, 1, 1], dtype=F64)
+    with pytest.raises(gf.ManifoldError, match=r"SO.*det"):
+        gf.SO().from_manifold(X)
+    assert not gf.SO().contains(X)
+    # ... while it is a perfectly good square Stiefel point (O(n)).
+    Z, base = gf.Stiefel().from_manifold(X)
+    assert torch.allclose(gf.Stiefel().to_manifold(Z, base), X)
+
+
+def test_so_logabsdet_is_zero_and_differentiable():
+    Z = torch.randn(3, 5, 5, dtype=F64)
+    assert torch.equal(gf.SO().logabsdet(Z), torch.zeros(3, dtype=F64))
+    g = grad(lambda z: gf.SO().logabsdet(z).sum())(Z)
+    assert torch.equal(g, torch.zeros_like(Z))
+    with pytest.raises(gf.ManifoldError, match="square"):
+        gf.SO().logabsdet(torch.randn(3, 4))
+
+
+# ------------------------------------------- Riemannian gradient descent identity
+def _rgd_step(space, Y, C, eta):
+    """One SGD step of size eta on raw at zero (loss <C, X>), then rebase."""
+    Z0, base = space.from_manifold(Y)
+    g = grad(lambda z: (space.to_manifold(z, base) * C).sum())(Z0)
+    Z2, base2 = space.rebase(Z0 - eta * g, base)
+    assert torch.equal(Z2, torch.zeros_like(Z2))
+    return space.to_manifold(Z2, base2)
+
+
+@pytest.mark.parametrize("triv", ["expm", "cayley"])
+@pytest.mark.parametrize(
+    "space_cls,shape", [(gf.SO, (5, 5)), (gf.Stiefel, (5, 5)), (gf.Stiefel, (7, 3)), (gf.Grassmannian, (7, 3))]
+)
+def test_rgd_identity(space_cls, shape, triv):
+    space = space_cls(triv=triv)
+    g = _gen(4)
+    Y = space.sample(shape, generator=g, dtype=F64)
+    G = torch.randn(shape, generator=g, dtype=F64)  # Euclidean gradient of the linear loss
+    if space_cls is gf.Grassmannian:
+        G = G - Y @ (Y.mT @ G)  # only the horizontal part moves a subspace
+    eta = 0.1
+    W = G @ Y.mT - Y @ G.mT
+    phi = expm if triv == "expm" else cayley
+    expected = phi(-eta * W) @ Y
+    assert torch.allclose(_rgd_step(space, Y, G, eta), expected, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------- the tall chart
+def test_tall_stiefel_chart_has_no_square_intermediate():
+    """to_manifold of a 1024×8 frame must not form any 1024×1024 matrix (cost O(n k²))."""
+    n, k = 1024, 8
+    space = gf.Stiefel()
+    Y = space.sample((n, k), generator=_gen(5))
+    Z = torch.randn(n, k, generator=_gen(6), requires_grad=True)
+    big = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= n * n:
+                big.append((getattr(func, "__name__", str(func)), tuple(out.shape)))
+            return out
+
+    with Spy():
+        X = space.to_manifold(Z, Y)
+        X.sum().backward()
+    assert big == []
+    assert space.contains(X)
+
+
+def test_callable_triv_is_used():
+    calls = []
+
+    def my_expm(A):
+        calls.append(A.shape)
+        return torch.linalg.matrix_exp(A)
+
+    Z = torch.randn(6, 2, dtype=F64)
+    X = gf.Stiefel(triv=my_expm).to_manifold(Z)
+    assert calls == [(6, 6)]
+    assert torch.allclose(X, gf.Stiefel().to_manifold(Z))
+    # GeoTorch accepts any callable lazily; so do we (it fails at the first call).
+    gf.Stiefel(triv=lambda: 3)
+
+
+# -------------------------------------------------------------------- errors
+@pytest.mark.parametrize("cls", [gf.SO, gf.Stiefel, gf.Grassmannian])
+def test_bad_triv_raises_at_construction(cls):
+    with pytest.raises(gf.ManifoldError, match=r"triv.*'nope'"):
+        cls(triv="nope")
+    with pytest.raises(gf.ManifoldError):
+        cls(triv=3)
+
+
+@pytest.mark.parametrize("cls", [gf.SO, gf.Stiefel, gf.Grassmannian])
+def test_vector_input_raises(cls):
+    with pytest.raises(gf.ManifoldError, match=r"expected `Z` to be .*matrices.*shape \(7,\)"):
+        cls().to_manifold(torch.randn(7))
+
+
+def test_so_non_square_raises_with_shape():
+    with pytest.raises(gf.ManifoldError, match=r"SO\(triv='expm'\): expected `Z` to be square.*\(3, 5\)"):
+        gf.SO().to_manifold(torch.randn(3, 5))
+    with pytest.raises(gf.ManifoldError, match="square"):
+        gf.SO().sample((7, 3, 2))
+
+
+def test_integer_input_raises():
+    with pytest.raises(gf.ManifoldError, match="floating"):
+        gf.Stiefel().to_manifold(torch.ones(4, 2, dtype=torch.int64))
+
+
+def test_bad_base_raises():
+    with pytest.raises(gf.ManifoldError, match="base"):
+        gf.Stiefel().to_manifold(torch.randn(5, 2), torch.randn(5, 3))
+    with pytest.raises(gf.ManifoldError, match="base"):
+        gf.SO().to_manifold(torch.randn(2, 3, 3), torch.randn(4, 3, 3))
+
+
+def test_check_names_the_violation_not_the_values():
+    X = gf.Stiefel().sample((6, 3), generator=_gen(8), dtype=F64) * 1.01
+    with pytest.raises(gf.ManifoldError) as info:
+        gf.Stiefel().check(X)
+    msg = str(info.value)
+    assert "Stiefel" in msg and "max|XᵀX − I|" in msg and "(6, 3)" in msg
+    assert "tensor(" not in msg
+
+
+@pytest.mark.parametrize("space", [gf.SO(), gf.Stiefel(), gf.Grassmannian(), gf.Stiefel(triv="cayley")], ids=repr)
+def test_nan_raw_input_gives_nan_not_a_point(space):
+    Z = torch.randn(2, 5, 5 if isinstance(space, gf.SO) else 3, dtype=F64)
+    Z[0, 1, 0] = float("nan")
+    X = space.to_manifold(Z)
+    assert torch.isnan(X[0]).any()
+    assert not space.contains(X)[0] and space.contains(X)[1]
+    with pytest.raises(gf.ManifoldError):
+        space.check(X)
+
+
+def test_spaces_are_hashable_values():
+    assert gf.SO() == gf.SO(triv="expm") and hash(gf.SO()) == hash(gf.SO())
+    assert gf.Stiefel() != gf.Stiefel(triv="cayley")
+    assert len({gf.SO(), gf.SO(), gf.Grassmannian()}) == 2
+    with pytest.raises(Exception):
+        gf.SO().triv = "cayley"
