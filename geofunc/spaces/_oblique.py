@@ -1,10 +1,121 @@
-"""Placeholder: Oblique is being implemented."""
+"""The oblique manifold: matrices with unit-norm columns (a product of unit spheres)."""
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .._errors import describe, error
+from .._linalg import _randn, transpose
 from ._base import AbstractSpace
+from ._sphere import _e1, _exp_chart, _normalize, _tangent, _unit_base
 
 __all__ = ["Oblique"]
 
+Tensor = torch.Tensor
 
+
+@dataclasses.dataclass(frozen=True)
 class Oblique(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("Oblique is not implemented yet")
+    r"""``n×k`` matrices whose columns have unit norm.
+
+    .. math::
+
+        \mathrm{OB}(n, k) = \{X \in \mathbb{R}^{n \times k} : \|X_{:, j}\| = 1,\ j = 1..k\}
+        = (S^{n-1})^k
+
+    Acts on the last two dimensions ``(*batch, n, k)``, every shape (wide ones too: there
+    is no transposition; each of the ``k`` columns is a point of the unit sphere
+    ``S^{n-1}``; for ``n = 1`` the entries are ±1). The maps are those of
+    :class:`Sphere` (radius 1) applied to every column:
+
+    * ``to_manifold(Z, base)``: column ``j`` is ``Exp_{u_j}(z_j − ⟨z_j, u_j⟩ u_j)``, with
+      ``u_j`` the normalized column ``j`` of ``base`` (``None``: every column ``e_1``); smooth
+      at ``Z = 0``.
+    * ``from_manifold(X) = (zeros, X)``; ``rebase(Z, base) = (zeros, to_manifold(Z, base))``.
+    * ``tangent(X, G) = G − X diag(XᵀG)`` (each column projected to its sphere's tangent
+      space).
+    * ``retract(X, V)``: columns of ``X + V`` normalized.
+    * ``project(Y)``: columns of ``Y`` normalized (the nearest point); a zero column becomes
+      ``e_1`` (a canonical point, zero gradient, never NaN).
+    * ``sample``: uniform (normalized standard Gaussian columns).
+
+    NaN or inf raw input gives NaN in the affected columns, never a plausible point;
+    :meth:`contains` is False on them. A vector (``ndim < 2``) or an empty matrix raises
+    :class:`~geofunc.ManifoldError`.
+
+    Example:
+        >>> import torch, geofunc as gf
+        >>> X = gf.Oblique().to_manifold(torch.zeros(3, 2))     # every column e_1
+        >>> X
+        tensor([[1., 1.],
+                [0., 0.],
+                [0., 0.]])
+        >>> Y = gf.Oblique().project(torch.tensor([[3.0, 0.0], [4.0, 0.0]]))  # a zero column
+        >>> Y
+        tensor([[0.6000, 1.0000],
+                [0.8000, 0.0000]])
+    """
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what)
+
+    def to_manifold(self, Z: Tensor, base: Tensor | None = None) -> Tensor:
+        """Each column of ``Z`` mapped by the exponential chart of its sphere at ``base``'s column."""
+        self._check_shape(Z, "Z")
+        Zt = transpose(Z)
+        if base is None:
+            U = _e1(Zt)
+        else:
+            if not isinstance(base, torch.Tensor):
+                raise error(self, "`base` to be None or a tensor (a point of the space)", describe(base))
+            self._check_shape(base, "base")
+            self._require_same_shape(Z, base, "Z", "base")
+            U = _unit_base(transpose(base))
+        return transpose(_exp_chart(Zt, U, 1.0))
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(X), X
+
+    def rebase(self, Z: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
+        """``(zeros, to_manifold(Z, base))``."""
+        X = self.to_manifold(Z, base)
+        return torch.zeros_like(X), X
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """``G − X diag(XᵀG)``."""
+        self._check_shape(X, "X")
+        self._check_shape(G, "G")
+        self._require_same_shape(X, G, "X", "G")
+        return transpose(_tangent(transpose(X), transpose(G), 1.0))
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """The columns of ``X + V`` normalized."""
+        self._check_shape(X, "X")
+        self._check_shape(V, "V")
+        self._require_same_shape(X, V, "X", "V")
+        return transpose(_normalize(transpose(X + V), 1.0))
+
+    def project(self, Y: Tensor) -> Tensor:
+        """The columns of ``Y`` normalized (``e_1`` for a zero column)."""
+        self._check_shape(Y, "Y")
+        return transpose(_normalize(transpose(Y), 1.0))
+
+    def sample(
+        self,
+        shape: Any,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> Tensor:
+        """Uniform points: standard Gaussian matrices with normalized columns."""
+        shape = tuple(shape)
+        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        return transpose(_normalize(transpose(_randn(shape, generator, dtype, device)), 1.0))
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        err = (torch.linalg.vector_norm(X, dim=-2) - 1.0).abs()
+        return {"max_j |‖X[:, j]‖ − 1|": err.amax(-1)}

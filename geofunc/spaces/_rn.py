@@ -1,10 +1,109 @@
-"""Placeholder: Rn is being implemented."""
+"""The whole Euclidean space: every finite tensor is a point."""
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from .._errors import describe, error
+from .._linalg import _randn
 from ._base import AbstractSpace
 
 __all__ = ["Rn"]
 
+Tensor = torch.Tensor
 
+
+@dataclasses.dataclass(frozen=True)
 class Rn(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("Rn is not implemented yet")
+    r"""Unconstrained tensors of any shape (the identity constraint).
+
+    .. math::
+
+        \mathbb{R}^{d_1 \times \dots \times d_m}
+
+    Every entry is its own point (``point_ndim = 0``), so :meth:`contains` returns a
+    boolean tensor of the input's shape: True where the entry is finite.
+
+    * ``to_manifold(Z) = Z`` (the same tensor, no copy); ``from_manifold(X) = (X, None)``;
+      ``rebase(Z, None) = (Z, None)``.
+    * ``tangent(X, G) = G``; ``retract(X, V) = X + V``; ``project(Y) = Y``.
+    * ``sample``: a standard Gaussian.
+
+    Any floating tensor is accepted, 0-d included; NaN and inf pass through unchanged
+    (identity maps) and are reported by :meth:`contains` (False) and :meth:`check`.
+    A non-floating tensor, or a ``base`` that is not None, raises
+    :class:`~geofunc.ManifoldError`. Useful as a factor of :class:`Product` and as the
+    "no constraint" entry of a pytree of constraints.
+
+    Example:
+        >>> import torch, geofunc as gf
+        >>> Z = torch.tensor([1.0, float("nan")])
+        >>> gf.Rn().to_manifold(Z) is Z, gf.Rn().contains(Z)
+        (True, tensor([ True, False]))
+    """
+
+    point_ndim: ClassVar[int] = 0
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_float(X, what)
+
+    def _no_base(self, base: Any) -> None:
+        if base is not None:
+            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
+
+    def _size(self, X: Tensor) -> int:
+        return 1
+
+    def to_manifold(self, Z: Tensor, base: None = None) -> Tensor:
+        """``Z`` itself."""
+        self._check_shape(Z, "Z")
+        self._no_base(base)
+        return Z
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, None]:
+        return X, None
+
+    def rebase(self, Z: Tensor, base: None) -> tuple[Tensor, None]:
+        """``(Z, None)``: there is no chart to re-centre."""
+        self._check_shape(Z, "Z")
+        self._no_base(base)
+        return Z, None
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """``G``."""
+        self._check_shape(X, "X")
+        self._check_shape(G, "G")
+        self._require_same_shape(X, G, "X", "G")
+        return G
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X + V``."""
+        self._check_shape(X, "X")
+        self._check_shape(V, "V")
+        self._require_same_shape(X, V, "X", "V")
+        return X + V
+
+    def project(self, Y: Tensor) -> Tensor:
+        """``Y``."""
+        self._check_shape(Y, "Y")
+        return Y
+
+    def sample(
+        self,
+        shape: Any,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> Tensor:
+        """A standard Gaussian tensor of shape ``shape``."""
+        shape = tuple(shape)
+        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        return _randn(shape, generator, dtype, device)
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        bad = torch.full_like(X, float("inf"))
+        return {"non-finite entries": torch.where(torch.isfinite(X), torch.zeros_like(X), bad)}
