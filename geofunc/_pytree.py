@@ -1,0 +1,351 @@
+"""The one place where pytrees meet geometry: space functions lifted to parameter pytrees.
+
+Every function here takes a ``constraints`` description and one or more pytrees with the
+structure of the parameters (``dict(model.named_parameters())``, the output of
+``torch.func.stack_module_state``, or any pytree optree understands), calls the space's
+method on every constrained entry and passes every other entry through untouched (the
+very same object, never a copy).
+
+**Constraints.** ``constraints`` is a *prefix* of the parameter pytree whose leaves are
+spaces (or ``None`` for "unconstrained"), where mappings may list only some keys:
+
+* ``{"0.weight": gf.SO(), "2.weight": gf.Stiefel()}`` on ``dict(model.named_parameters())``
+  (names as ``named_parameters()`` writes them); on a nested dict a dotted name
+  ``"encoder.w"`` reaches ``params["encoder"]["w"]`` and an integer-like segment an entry
+  of a list or tuple;
+* ``{"encoder": {"w": gf.SO()}}`` or ``(gf.Sphere(), None)``: a structural prefix;
+* a space at an inner node constrains the whole subtree with it. This is how a
+  :class:`~geofunc.Product` is used: ``{"pair": gf.Product(gf.SO(), gf.Sphere())}`` on
+  ``params = {"pair": (A, b), ...}``. A product of *separately named* parameters needs no
+  ``Product``: constrain each name (a tuple of names is not a key; see
+  :data:`TUPLE_KEY_MSG`).
+
+A name that matches no parameter, or a space that cannot take the parameter's shape,
+raises :class:`~geofunc.ManifoldError` naming the parameter.
+
+**Bases.** ``bases`` is a flat ``dict`` from the *name* of a constrained entry (its path,
+joined by ``"."``: the ``named_parameters()`` name for a flat dict) to its base, holding
+only entries whose space returned a base (``None`` bases are left out, as are
+unconstrained entries). It therefore has no ``None`` leaves, so ``torch.func.vmap(f,
+in_dims=0)`` over ``(raw, bases)`` of stacked models works without an ``in_dims`` tree,
+and it comes back out of ``vmap`` unchanged in form. ``bases=None`` means every base is
+canonical.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import optree
+import torch
+
+from ._errors import ManifoldError
+from .spaces._base import AbstractSpace
+
+__all__ = ["sample", "from_manifold", "to_manifold", "rebase", "tangent", "retract", "contains"]
+
+PyTree = Any
+Constraints = Any
+Bases = dict[str, Any]
+
+TUPLE_KEY_MSG = (
+    "constraints: the key {key!r} is a tuple; keys name one parameter (or subtree) each. "
+    "Independent parameters already form a product manifold: constrain each name on its own. "
+    "A `Product` applies to one subtree whose value is a tuple of tensors, e.g. "
+    "{{'pair': gf.Product(gf.SO(), gf.Sphere())}} on params {{'pair': (A, b)}}."
+)
+
+
+class _Free:
+    """Marks an unconstrained subtree in a plan."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<unconstrained>"
+
+
+_FREE = _Free()
+
+
+class _Entry:
+    """Marks a constrained subtree in a plan: its name and its space."""
+
+    __slots__ = ("name", "space")
+
+    def __init__(self, name: str, space: AbstractSpace) -> None:
+        self.name = name
+        self.space = space
+
+    def __repr__(self) -> str:
+        return f"<{self.name}: {self.space!r}>"
+
+
+def _is_plan_leaf(x: Any) -> bool:
+    return isinstance(x, (_Free, _Entry))
+
+
+def _join(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _children(p: Any) -> tuple[list[Any], list[Any], Callable[[list[Any]], Any]] | None:
+    """One level of a pytree node: (entries, children, rebuild), or None for a leaf."""
+    if isinstance(p, torch.Tensor) or optree.tree_is_leaf(p, none_is_leaf=True):
+        return None
+    if type(p) in (dict, collections.OrderedDict):  # keep the insertion order of the keys
+        keys = list(p)
+        return keys, [p[k] for k in keys], lambda cs: type(p)(zip(keys, cs))
+    out = optree.tree_flatten_one_level(p, none_is_leaf=True)
+    return list(out.entries), list(out.children), lambda cs: out.unflatten_func(out.metadata, cs)
+
+
+def _no_such(name: str, p: Any) -> ManifoldError:
+    node = _children(p)
+    have = [str(e) for e in node[0]] if node is not None else []
+    shown = ", ".join(repr(h) for h in have[:12]) + (", ..." if len(have) > 12 else "")
+    return ManifoldError(f"constraints: no parameter named {name!r} (parameters here: {shown or 'none'}).")
+
+
+def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
+    """A prefix of ``p`` whose leaves are ``_Entry`` (constrained) or ``_FREE``."""
+    if c is None:
+        return _FREE
+    if isinstance(c, AbstractSpace):
+        return _Entry(_join(path), c)
+    node = _children(p)
+    if node is None:
+        where = f" for parameter {_join(path)!r}" if path else ""
+        raise ManifoldError(
+            f"constraints{where}: expected a space (the entry is a single tensor), got {type(c).__name__} {c!r}."
+        )
+    entries, kids, rebuild = node
+    if isinstance(c, Mapping):
+        sub: dict[int, dict[Any, Any]] = {}
+        for key, value in c.items():
+            if isinstance(key, tuple):
+                raise ManifoldError(TUPLE_KEY_MSG.format(key=key))
+            i = _match(key, entries)
+            if i is not None:
+                sub.setdefault(i, {})[None] = value
+                continue
+            hit = None
+            if isinstance(key, str):  # a dotted name reaching into a nested entry
+                parts = key.split(".")
+                for cut in range(1, len(parts)):
+                    j = _match(".".join(parts[:cut]), entries)
+                    if j is not None:
+                        hit = (j, ".".join(parts[cut:]))
+                        break
+            if hit is None:
+                raise _no_such(_join(path + (key,)), p)
+            sub.setdefault(hit[0], {})[hit[1]] = value
+        out = []
+        for i, (e, kid) in enumerate(zip(entries, kids)):
+            spec = sub.get(i)
+            if spec is None:
+                out.append(_FREE)
+            elif None in spec:
+                if len(spec) > 1:
+                    raise ManifoldError(f"constraints: parameter {_join(path + (e,))!r} is constrained twice.")
+                out.append(_plan(spec[None], kid, path + (e,)))
+            else:
+                out.append(_plan(spec, kid, path + (e,)))
+        return rebuild(out)
+    cnode = _children(c)
+    if cnode is None or len(cnode[1]) != len(kids) or type(c) is not type(p):
+        where = f" at {_join(path)!r}" if path else ""
+        raise ManifoldError(
+            f"constraints{where}: expected a space, None, a mapping of names, or a {type(p).__name__} of "
+            f"{len(kids)} entries like the parameters, got {type(c).__name__} {c!r}."
+        )
+    return rebuild([_plan(ci, kid, path + (e,)) for ci, kid, e in zip(cnode[1], kids, entries)])
+
+
+def _match(key: Any, entries: list[Any]) -> int | None:
+    for i, e in enumerate(entries):
+        if key == e or (isinstance(key, str) and not isinstance(e, str) and key == str(e)):
+            return i
+    return None
+
+
+def _flatten(constraints: Constraints, tree: PyTree, what: str) -> tuple[list[Any], Any, list[Any]]:
+    """Plan leaves, the plan's spec, and the subtrees of ``tree`` at the plan's leaves."""
+    plan = _plan(constraints, tree, ())
+    leaves, spec = optree.tree_flatten(plan, is_leaf=_is_plan_leaf, none_is_leaf=True)
+    return leaves, spec, _up_to(spec, tree, what, what)
+
+
+def _up_to(spec: Any, tree: PyTree, what: str, like: str) -> list[Any]:
+    try:
+        return spec.flatten_up_to(tree)
+    except ValueError as e:
+        raise ManifoldError(f"`{what}` must have the structure of `{like}`: {e}") from None
+
+
+def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a space method; in eager mode prefix a ManifoldError with the parameter's name."""
+    if torch.compiler.is_compiling():
+        return fn(*args, **kwargs)
+    try:
+        return fn(*args, **kwargs)
+    except ManifoldError as e:
+        raise ManifoldError(f"parameter {name!r}: {e}") from None
+
+
+def _validate(entry: _Entry, X: Any, what: str) -> None:
+    """Shape check of a constrained entry, raising with the parameter's name (eager mode)."""
+    if torch.compiler.is_compiling():
+        return
+    if isinstance(X, torch.Tensor):
+        _named(entry.name, entry.space._check_shape, X, what)
+
+
+def _check_bases(bases: Any, leaves: list[Any]) -> Bases:
+    if bases is None:
+        return {}
+    if not isinstance(bases, Mapping):
+        raise ManifoldError(
+            f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
+        )
+    if not torch.compiler.is_compiling():
+        names = {e.name for e in leaves if isinstance(e, _Entry)}
+        for key in bases:
+            if key not in names:
+                raise ManifoldError(f"`bases` has an entry {key!r} that no constraint names (constrained: {sorted(names)}).")
+    return bases  # type: ignore[return-value]
+
+
+def _shape_of(X: Any) -> Any:
+    if isinstance(X, torch.Tensor):
+        return X.shape
+    return optree.tree_map(lambda t: t.shape, X)
+
+
+def _first_leaf(X: Any) -> torch.Tensor:
+    return optree.tree_leaves(X)[0]
+
+
+# --------------------------------------------------------------------------- public API
+def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generator | None = None) -> PyTree:
+    """Replace every constrained entry of ``params`` by a random point of its space.
+
+    Each point has the shape, dtype and device of the entry it replaces (leading
+    dimensions are a batch: on stacked parameters of K models this draws K independent
+    points); unconstrained entries are returned as they are. Draws come from
+    ``generator`` only (``None``: the global generator).
+    """
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    out = []
+    for e, X in zip(leaves, subs):
+        if isinstance(e, _Free):
+            out.append(X)
+            continue
+        _validate(e, X, "X")
+        ref = _first_leaf(X)
+        out.append(
+            _named(e.name, e.space.sample, _shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+        )
+    return spec.unflatten(out)
+
+
+def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bases]:
+    """``(raw, bases)`` with ``to_manifold(constraints, raw, bases) == params``.
+
+    ``raw`` has the structure of ``params`` (unconstrained entries are the same objects);
+    ``bases`` is a dict ``{name: base}`` of the constrained entries that have a base.
+    Raises ``ManifoldError`` naming the parameter if a constrained entry is off its space
+    (in eager mode).
+    """
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    raw, bases = [], {}
+    for e, X in zip(leaves, subs):
+        if isinstance(e, _Free):
+            raw.append(X)
+            continue
+        _validate(e, X, "X")
+        Z, base = _named(e.name, e.space.from_manifold, X)
+        raw.append(Z)
+        if base is not None:
+            bases[e.name] = base
+    return spec.unflatten(raw), bases
+
+
+def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
+    """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
+    leaves, spec, subs = _flatten(constraints, raw, "raw")
+    bases = _check_bases(bases, leaves)
+    out = []
+    for e, Z in zip(leaves, subs):
+        if isinstance(e, _Free):
+            out.append(Z)
+            continue
+        _validate(e, Z, "Z")
+        out.append(_named(e.name, e.space.to_manifold, Z, bases.get(e.name)))
+    return spec.unflatten(out)
+
+
+def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:
+    """Dynamic trivialization: the same points, re-centred so that the raw entries are small.
+
+    ``to_manifold(constraints, *rebase(constraints, raw, bases))`` equals
+    ``to_manifold(constraints, raw, bases)``; for SO, Stiefel, Grassmannian, Sphere and
+    Oblique the new raw entries are zero and the bases are the points themselves.
+    Unconstrained entries pass through.
+    """
+    leaves, spec, subs = _flatten(constraints, raw, "raw")
+    bases = _check_bases(bases, leaves)
+    out, new_bases = [], {}
+    for e, Z in zip(leaves, subs):
+        if isinstance(e, _Free):
+            out.append(Z)
+            continue
+        _validate(e, Z, "Z")
+        Z2, base = _named(e.name, e.space.rebase, Z, bases.get(e.name))
+        out.append(Z2)
+        if base is not None:
+            new_bases[e.name] = base
+    return spec.unflatten(out), new_bases
+
+
+def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
+    """Project ``grads`` onto the tangent spaces at ``params`` (identity on unconstrained entries).
+
+    For Euclidean gradients this is the Riemannian gradient of the embedded metric.
+    """
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    gsubs = _up_to(spec, grads, "grads", "params")
+    out = []
+    for e, X, G in zip(leaves, subs, gsubs):
+        out.append(G if isinstance(e, _Free) else _named(e.name, e.space.tangent, X, G))
+    return spec.unflatten(out)
+
+
+def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
+    """Move ``params`` along ``vectors``: ``space.retract`` on constrained entries, ``X + V`` elsewhere."""
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    vsubs = _up_to(spec, vectors, "vectors", "params")
+    out = []
+    for e, X, V in zip(leaves, subs, vsubs):
+        if isinstance(e, _Free):
+            out.append(optree.tree_map(torch.add, X, V, none_is_leaf=False))
+        else:
+            out.append(_named(e.name, e.space.retract, X, V))
+    return spec.unflatten(out)
+
+
+def contains(constraints: Constraints, params: PyTree, atol: float | None = None) -> dict[str, torch.Tensor]:
+    """``{name: space.contains(X)}`` for every constrained entry: batch-shaped boolean tensors.
+
+    Usable under ``vmap``; ``all(bool(v.all()) for v in gf.contains(c, p).values())`` is the
+    eager verdict.
+    """
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    out = {}
+    for e, X in zip(leaves, subs):
+        if isinstance(e, _Entry):
+            _validate(e, X, "X")
+            out[e.name] = _named(e.name, e.space.contains, X, atol)
+    return out
