@@ -6,7 +6,17 @@ pure function of tensors, so every constraint composes with ``torch.func`` (``vm
 ``torch.compile``.
 """
 
+from . import optim as optim
 from ._errors import ManifoldError as ManifoldError
+from ._pytree import (
+    contains as contains,
+    from_manifold as from_manifold,
+    rebase as rebase,
+    retract as retract,
+    sample as sample,
+    tangent as tangent,
+    to_manifold as to_manifold,
+)
 from .spaces import (
     PSD as PSD,
     PSSD as PSSD,
@@ -50,4 +60,12 @@ __all__ = [
     "Sphere",
     "Stiefel",
     "Sym",
+    "contains",
+    "from_manifold",
+    "optim",
+    "rebase",
+    "retract",
+    "sample",
+    "tangent",
+    "to_manifold",
 ]

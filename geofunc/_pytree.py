@@ -349,3 +349,24 @@ def contains(constraints: Constraints, params: PyTree, atol: float | None = None
             _validate(e, X, "X")
             out[e.name] = _named(e.name, e.space.contains, X, atol)
     return out
+
+
+def lift(
+    constraints: Constraints,
+    fn: Callable[..., Any],
+    tree: PyTree,
+    *rests: PyTree,
+) -> PyTree:
+    """``fn(space, *subtrees)`` at every entry of ``tree`` (``space`` is None where unconstrained).
+
+    The generic lift behind the optimizers' per-point statistics: ``rests`` have the
+    structure of ``tree``; the result has the structure of ``tree`` down to the entries.
+    Library-internal (not re-exported at the top level).
+    """
+    leaves, spec, subs = _flatten(constraints, tree, "params")
+    rsubs = [_up_to(spec, r, "tree", "params") for r in rests]
+    out = []
+    for i, e in enumerate(leaves):
+        args = [subs[i]] + [r[i] for r in rsubs]
+        out.append(fn(None, *args) if isinstance(e, _Free) else _named(e.name, fn, e.space, *args))
+    return spec.unflatten(out)

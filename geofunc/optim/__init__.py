@@ -1,0 +1,44 @@
+"""Riemannian optimizers as pure functions, in the optax style.
+
+``opt = gf.optim.rsgd(constraints, lr)``; ``state = opt.init(params)``;
+``params, state = opt.update(grads, state, params)``, with ``params`` points and ``grads``
+Euclidean gradients. Named optimizers are chains of small tangent transforms followed by
+one shared retract-and-transport step.
+"""
+
+from ._aliases import radam as radam, rsgd as rsgd
+from ._base import (
+    EmptyState as EmptyState,
+    Optimizer as Optimizer,
+    TangentTransform as TangentTransform,
+    chain as chain,
+    keep_state as keep_state,
+)
+from ._riemannian import retract_and_transport as retract_and_transport
+from ._transforms import (
+    ScaleByAdamState as ScaleByAdamState,
+    TraceState as TraceState,
+    add_decayed_weights as add_decayed_weights,
+    scale as scale,
+    scale_by_adam as scale_by_adam,
+    to_tangent as to_tangent,
+    trace as trace,
+)
+
+__all__ = [
+    "EmptyState",
+    "Optimizer",
+    "ScaleByAdamState",
+    "TangentTransform",
+    "TraceState",
+    "add_decayed_weights",
+    "chain",
+    "keep_state",
+    "radam",
+    "retract_and_transport",
+    "rsgd",
+    "scale",
+    "scale_by_adam",
+    "to_tangent",
+    "trace",
+]

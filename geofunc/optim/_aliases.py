@@ -1,0 +1,72 @@
+"""Named optimizers: short compositions of the transforms of ``_transforms.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Optimizer, chain
+from ._riemannian import retract_and_transport
+from ._transforms import add_decayed_weights, scale, scale_by_adam, to_tangent, trace
+
+__all__ = ["rsgd", "radam"]
+
+
+def rsgd(
+    constraints: Any,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    r"""Riemannian SGD with momentum; ``torch.optim.SGD`` on unconstrained entries, step for step.
+
+    With :math:`\eta` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
+    :math:`\lambda` = ``weight_decay``, :math:`P_X` = ``space.tangent(X, ·)`` and
+    :math:`R_X` = ``space.retract(X, ·)``:
+
+    .. math::
+
+        g_t = P_{X_t}(G_t + \lambda X_t), \quad
+        b_t = \mu\, b_{t-1} + (1 - \tau) g_t \ (b_1 = g_1), \quad
+        X_{t+1} = R_{X_t}(-\eta\, d_t), \quad b_t \leftarrow P_{X_{t+1}}(b_t)
+
+    with :math:`d_t = b_t` (:math:`g_t + \mu b_t` if ``nesterov``; :math:`g_t` if
+    :math:`\mu = 0`). On unconstrained entries :math:`P` is the identity and :math:`R_X(V) = X + V`.
+
+    Example::
+
+        >>> opt = gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.9)
+        >>> state = opt.init(params)
+        >>> params, state = opt.update(grads, state, params)
+    """
+    parts = [add_decayed_weights(weight_decay), to_tangent(constraints)]
+    if momentum != 0.0:
+        parts.append(trace(momentum, dampening, nesterov))
+    parts.append(scale(-lr))
+    return retract_and_transport(constraints, chain(*parts))
+
+
+def radam(
+    constraints: Any,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> Optimizer:
+    r"""Riemannian Adam (Bécigneul & Ganea, 2019); ``torch.optim.Adam`` on unconstrained entries.
+
+    :math:`g_t = P_{X_t}(G_t + \lambda X_t)`, then the moments of
+    :func:`~geofunc.optim.scale_by_adam` (second moment: one squared norm per point on
+    constrained entries, elementwise elsewhere), :math:`X_{t+1} = R_{X_t}(-\eta\, u_t)` and
+    the first moment is projected onto the tangent space at :math:`X_{t+1}`.
+
+    References:
+      Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
+      Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+    """
+    b1, b2 = betas
+    return retract_and_transport(
+        constraints,
+        chain(add_decayed_weights(weight_decay), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps), scale(-lr)),
+    )

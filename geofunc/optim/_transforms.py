@@ -1,0 +1,189 @@
+"""Small tangent transforms: weight decay, projection to the tangent space, momentum, Adam, scaling.
+
+Each is a factory returning a :class:`~geofunc.optim.TangentTransform`. Transforms that
+need geometry take the ``constraints`` mapping (as in :func:`geofunc.to_manifold`);
+unconstrained entries always get the plain Euclidean rule.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from .. import _pytree
+from ._base import EmptyState, Move, Params, TangentTransform, Vectors, keep_state
+
+__all__ = [
+    "TraceState",
+    "ScaleByAdamState",
+    "add_decayed_weights",
+    "to_tangent",
+    "trace",
+    "scale_by_adam",
+    "scale",
+]
+
+Tensor = torch.Tensor
+
+
+def _map(fn: Any, *trees: Any) -> Any:
+    return optree.tree_map(fn, *trees, none_is_leaf=False)
+
+
+def _zeros(params: Params) -> Any:
+    return _map(torch.zeros_like, params)
+
+
+def _count() -> Tensor:
+    return torch.zeros((), dtype=torch.int64)
+
+
+def add_decayed_weights(weight_decay: float = 0.0) -> TangentTransform:
+    """``G + weight_decay · X`` (L2 regularization of the ambient gradient, as ``torch.optim``)."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
+        if weight_decay == 0.0:
+            return vectors, state
+        return _map(lambda g, x: g + weight_decay * x, vectors, params), state
+
+    return TangentTransform(init, update, keep_state)
+
+
+def to_tangent(constraints: Any) -> TangentTransform:
+    """Euclidean gradients to Riemannian ones: ``space.tangent(X, G)`` (identity where unconstrained)."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
+        return _pytree.tangent(constraints, params, vectors), state
+
+    return TangentTransform(init, update, keep_state)
+
+
+class TraceState(NamedTuple):
+    """``count``: steps taken (int64 scalar); ``trace``: the momentum buffer, a tangent vector."""
+
+    count: Tensor
+    trace: Any
+
+
+def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> TangentTransform:
+    r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
+
+    Returns :math:`b_t`, or :math:`g_t + \mu b_t` with ``nesterov``. The buffer is a tangent
+    vector: the retract-and-transport step carries it to the new point.
+
+    Args:
+      decay: the momentum :math:`\mu`.
+      dampening: :math:`\tau`.
+      nesterov: Nesterov momentum.
+    """
+
+    def init(params: Params) -> TraceState:
+        return TraceState(_count(), _zeros(params))
+
+    def update(vectors: Vectors, state: TraceState, params: Params) -> tuple[Vectors, TraceState]:
+        del params
+        if dampening == 0.0:
+            # b_0 = 0 makes the first step b_1 = g_1 exactly, as torch does.
+            buf = _map(lambda g, b: decay * b + g, vectors, state.trace)
+        else:
+            first = state.count == 0
+            buf = _map(lambda g, b: torch.where(first, g, decay * b + (1.0 - dampening) * g), vectors, state.trace)
+        out = _map(lambda g, b: g + decay * b, vectors, buf) if nesterov else buf
+        return out, TraceState(state.count + 1, buf)
+
+    def transport(state: TraceState, move: Move) -> TraceState:
+        return TraceState(state.count, move(state.trace))
+
+    return TangentTransform(init, update, transport)
+
+
+class ScaleByAdamState(NamedTuple):
+    """``count``: steps (int64 scalar); ``mu``: first moment (tangent vectors); ``nu``: second moment."""
+
+    count: Tensor
+    mu: Any
+    nu: Any
+
+
+def _point_sq_norm(space: Any, V: Any) -> Any:
+    """Squared norm per point, keeping the point's dims as size 1; elementwise square when unconstrained."""
+    if space is None:
+        return _map(lambda v: v * v, V)
+    if isinstance(V, Tensor):
+        d = space.point_ndim
+        return V * V if d == 0 else (V * V).sum(dim=tuple(range(-d, 0)), keepdim=True)
+    factors = getattr(space, "factors", None) or getattr(space, "spaces", None)
+    if factors is not None and len(factors) == len(V):  # a Product: one statistic per factor point
+        return type(V)(_point_sq_norm(f, v) for f, v in zip(factors, V))
+    return _map(lambda v: v * v, V)
+
+
+def scale_by_adam(
+    constraints: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> TangentTransform:
+    r"""Riemannian Adam (Bécigneul & Ganea, 2019) on constrained entries, Adam elsewhere.
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1 - \beta_2) \|g_t\|^2_{\text{point}}, \qquad
+        u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}.
+
+    On a constrained entry ``g`` is the Riemannian gradient and the second moment ``v`` is
+    one scalar per *point* (the squared norm over the point's dims, e.g. a whole Stiefel
+    frame, a row under ``Sphere``, a single entry under ``Rn``), so that ``u`` stays a
+    tangent vector; each factor of a ``Product`` has its own. On an unconstrained entry the
+    square is elementwise: plain Adam, with the operations in ``torch.optim.Adam``'s order.
+    ``m`` is transported to the new point; ``v`` is a scalar field and is kept.
+
+    References:
+      Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
+    """
+
+    def init(params: Params) -> ScaleByAdamState:
+        nu = _pytree.lift(constraints, _point_sq_norm, _zeros(params))
+        return ScaleByAdamState(_count(), _zeros(params), nu)
+
+    def update(vectors: Vectors, state: ScaleByAdamState, params: Params) -> tuple[Vectors, ScaleByAdamState]:
+        del params
+        count = state.count + 1
+        mu = _map(lambda g, m: b1 * m + (1.0 - b1) * g, vectors, state.mu)
+        sq = _pytree.lift(constraints, _point_sq_norm, vectors)
+        nu = _map(lambda s, v: b2 * v + (1.0 - b2) * s, sq, state.nu)
+
+        def direction(m: Tensor, v: Tensor) -> Tensor:
+            t = count.to(m.dtype)
+            bc1 = 1.0 - torch.pow(b1, t)
+            bc2 = 1.0 - torch.pow(b2, t)
+            return (m / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1
+
+        return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
+
+    def transport(state: ScaleByAdamState, move: Move) -> ScaleByAdamState:
+        return ScaleByAdamState(state.count, move(state.mu), state.nu)
+
+    return TangentTransform(init, update, transport)
+
+
+def scale(step: float) -> TangentTransform:
+    """Multiply every vector by ``step`` (``-lr`` for descent)."""
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
+        del params
+        return _map(lambda v: step * v, vectors), state
+
+    return TangentTransform(init, update, keep_state)
