@@ -1,0 +1,659 @@
+"""The conformance properties: one public function per property, each raising AssertionError."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+from .._errors import ManifoldError
+from ._case import SpaceCase
+
+__all__ = [
+    "PROPERTIES",
+    "Property",
+    "check_bad_input",
+    "check_check",
+    "check_compile",
+    "check_contains",
+    "check_from_manifold",
+    "check_gradcheck",
+    "check_hessian",
+    "check_jacobians",
+    "check_jvp_fd",
+    "check_logabsdet",
+    "check_nan",
+    "check_project",
+    "check_rebase",
+    "check_retract",
+    "check_sample",
+    "check_space",
+    "check_tangent",
+    "check_to_manifold",
+    "check_vmap",
+    "check_vmap_grad",
+    "no_vmap_fallback",
+]
+
+Tensor = torch.Tensor
+f64 = torch.float64
+
+# Number of points stacked along a new leading dimension for the vmap properties.
+_B = 3
+
+
+# ----------------------------------------------------------------------------- helpers
+def _gen(generator: Optional[torch.Generator]) -> torch.Generator:
+    return torch.Generator().manual_seed(0) if generator is None else generator
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator, scale: float = 1.0) -> Tensor:
+    return scale * torch.randn(shape, generator=g, dtype=dtype, device=g.device)
+
+
+def _ctx(case: SpaceCase, shape: Any, dtype: torch.dtype) -> str:
+    return f"[{case.id} = {case.space!r}, shape {tuple(shape)}, {dtype}]"
+
+
+def _batch_shape(case: SpaceCase, shape: tuple[int, ...]) -> tuple[int, ...]:
+    p = case.space.point_ndim
+    return tuple(shape[: len(shape) - p])
+
+
+def _fail(ctx: str, msg: str) -> AssertionError:
+    return AssertionError(f"{ctx} {msg}")
+
+
+def _close(actual: Tensor, expected: Tensor, tol: float, ctx: str, what: str) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, atol=tol, rtol=tol)
+    except AssertionError as e:
+        raise _fail(ctx, f"{what}:\n{e}") from None
+
+
+def _member(case: SpaceCase, X: Tensor, dtype: torch.dtype, ctx: str, what: str) -> None:
+    if not torch.isfinite(X).all():
+        raise _fail(ctx, f"{what} has non-finite entries")
+    ok = torch.as_tensor(case.member(X, case.tol[dtype]))
+    if not bool(ok.all()):
+        raise _fail(ctx, f"{what} is not on the space by the case's `member` predicate (atol {case.tol[dtype]:g})")
+
+
+def _point_inner(A: Tensor, B: Tensor, point_ndim: int) -> Tensor:
+    prod = A * B
+    return prod.sum(dim=tuple(range(-point_ndim, 0))) if point_ndim else prod
+
+
+def _point_any(A: Tensor, point_ndim: int) -> Tensor:
+    return A.flatten(start_dim=A.ndim - point_ndim).any(-1) if point_ndim else A
+
+
+def _tree_index(tree: Any, i: int) -> Any:
+    return pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
+
+
+def _dims(tree: Any) -> Any:
+    """``in_dims`` for ``vmap``: 0 for every tensor leaf of ``tree``, None elsewhere (None bases)."""
+    if tree is None:
+        return None
+    return pytree.tree_map(lambda t: 0 if isinstance(t, Tensor) else None, tree)
+
+
+def _point_and_base(case: SpaceCase, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator):
+    X = case.space.sample(shape, generator=g, dtype=dtype)
+    Z0, base = case.space.from_manifold(X)
+    return X, Z0, base
+
+
+@contextlib.contextmanager
+def no_vmap_fallback() -> Iterator[None]:
+    """Disable vmap's per-sample fallback loop, so that an op without a batching rule fails."""
+    prev = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(prev)
+
+
+def _require_f64(name: str, dtype: torch.dtype) -> None:
+    if dtype != f64:
+        raise ValueError(f"{name} runs in float64 only, got {dtype}")
+
+
+# ------------------------------------------------------------------- per-dtype properties
+def check_sample(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``sample`` lands on the space with the shape, dtype and device asked, reproducibly."""
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X = M.sample(shape, generator=g, dtype=dtype, device="cpu")
+        if tuple(X.shape) != shape or X.dtype != dtype or X.device.type != "cpu":
+            raise _fail(ctx, f"sample returned shape {tuple(X.shape)}, {X.dtype} on {X.device}")
+        _member(case, X, dtype, ctx, "sample(shape)")
+        seed = int(torch.randint(0, 2**31, (), generator=g))
+        A = M.sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        B = M.sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+        if not torch.equal(A, B):
+            raise _fail(ctx, "two samples from generators with the same seed differ")
+    D = M.sample(case.shapes[0], generator=g)
+    if D.dtype != torch.get_default_dtype():
+        raise _fail(_ctx(case, case.shapes[0], dtype), f"sample without dtype gave {D.dtype}")
+
+
+def check_to_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``to_manifold(Z)`` and ``to_manifold(Z, base)`` land on the space for Gaussian ``Z`` at every raw scale."""
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        _, Z0, base = _point_and_base(case, shape, dtype, g)
+        if tuple(Z0.shape) != shape or Z0.dtype != dtype:
+            raise _fail(ctx, f"from_manifold returned a raw tensor of shape {tuple(Z0.shape)}, {Z0.dtype}")
+        _member(case, M.to_manifold(torch.zeros(shape, dtype=dtype), base), dtype, ctx, "to_manifold(0, base)")
+        for scale in case.raw_scales:
+            Z = _randn(shape, dtype, g, scale)
+            for b, name in ((None, "None"), (base, "base")):
+                X = M.to_manifold(Z, b)
+                if tuple(X.shape) != shape or X.dtype != dtype:
+                    raise _fail(ctx, f"to_manifold returned shape {tuple(X.shape)}, {X.dtype}")
+                _member(case, X, dtype, ctx, f"to_manifold(Z at scale {scale:g}, base={name})")
+
+
+def check_from_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``to_manifold(*from_manifold(X)) == X`` for sampled points and for images of ``to_manifold``."""
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        for X, name in ((M.sample(shape, generator=g, dtype=dtype), "sample"),
+                        (M.to_manifold(_randn(shape, dtype, g)), "to_manifold(Z)")):
+            Z, base = M.from_manifold(X)
+            if tuple(Z.shape) != shape:
+                raise _fail(ctx, f"from_manifold returned a raw tensor of shape {tuple(Z.shape)}")
+            _close(M.to_manifold(Z, base), X, tol, ctx, f"to_manifold(*from_manifold(X)) != X for X = {name}")
+
+
+def check_rebase(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``rebase`` keeps the point (and returns an all-zero raw tensor where ``case.rebase_zeroes``)."""
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        _, Z0, base = _point_and_base(case, shape, dtype, g)
+        Z = Z0 + 0.5 * _randn(shape, dtype, g)
+        X = M.to_manifold(Z, base)
+        Z2, base2 = M.rebase(Z, base)
+        if tuple(Z2.shape) != shape or Z2.dtype != dtype:
+            raise _fail(ctx, f"rebase returned a raw tensor of shape {tuple(Z2.shape)}, {Z2.dtype}")
+        _close(M.to_manifold(Z2, base2), X, tol, ctx, "to_manifold(*rebase(Z, base)) != to_manifold(Z, base)")
+        if case.rebase_zeroes and bool((Z2 != 0).any()):
+            raise _fail(ctx, f"rebase left a non-zero raw tensor (max |Z2| = {float(Z2.abs().max()):.3g})")
+
+
+def check_tangent(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``tangent`` is linear, idempotent, self-adjoint, and its image satisfies the linearized constraint.
+
+    The last is ``case.linearized(X, V) == 0`` if given; otherwise (float64 only)
+    ``‖project(X + tV) − (X + tV)‖`` must decay like ``t²`` (slope 2, not 1) as ``t → 0``.
+    """
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X = M.sample(shape, generator=g, dtype=dtype)
+        G, H = _randn(shape, dtype, g), _randn(shape, dtype, g)
+        V, W = M.tangent(X, G), M.tangent(X, H)
+        if tuple(V.shape) != shape or V.dtype != dtype:
+            raise _fail(ctx, f"tangent returned shape {tuple(V.shape)}, {V.dtype}")
+        _close(M.tangent(X, V), V, tol, ctx, "tangent is not idempotent: tangent(X, tangent(X, G)) != tangent(X, G)")
+        _close(M.tangent(X, 2.0 * G - 3.0 * H), 2.0 * V - 3.0 * W, tol, ctx, "tangent is not linear in G")
+        scale = (torch.linalg.vector_norm(G) * torch.linalg.vector_norm(H)).item()
+        _close(_point_inner(V, H, p), _point_inner(G, W, p), tol * max(1.0, scale), ctx,
+               "tangent is not self-adjoint: <tangent(X, G), H> != <G, tangent(X, H)>")
+        if case.linearized is not None:
+            res = case.linearized(X, V)
+            _close(res, torch.zeros_like(res), tol * max(1.0, float(V.abs().max())), ctx,
+                   "tangent vectors violate the linearized constraint")
+        elif dtype == f64:
+            Vn = V / (1.0 + float(V.abs().max()))
+            size = 1.0 + float(X.abs().max())
+
+            def resid(t: float) -> float:
+                Y = X + t * Vn
+                return float((M.project(Y) - Y).abs().max())
+
+            r1, r2 = resid(1e-2), resid(1e-3)
+            if r2 > max(r1 / 30.0, 1e-10 * size):
+                raise _fail(ctx, "tangent vectors are not tangent: ‖project(X + tV) − (X + tV)‖ decays like "
+                            f"t^{math.log10(r1 / r2) if r2 > 0 else float('inf'):.2f} (expected t^2): "
+                            f"{r1:.3g} at t = 1e-2, {r2:.3g} at t = 1e-3")
+
+
+def check_retract(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``retract`` lands on the space, ``retract(X, 0) == X`` and ``d/dt retract(X, tV)|₀ == V`` (jvp)."""
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X = M.sample(shape, generator=g, dtype=dtype)
+        V = M.tangent(X, _randn(shape, dtype, g))
+        for s in (0.1, 1.0):
+            X2 = M.retract(X, s * V)
+            if tuple(X2.shape) != shape or X2.dtype != dtype:
+                raise _fail(ctx, f"retract returned shape {tuple(X2.shape)}, {X2.dtype}")
+            _member(case, X2, dtype, ctx, f"retract(X, {s:g} V)")
+        _close(M.retract(X, torch.zeros_like(V)), X, tol, ctx, "retract(X, 0) != X")
+        t0, t1 = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
+        _, dX = jvp(lambda t: M.retract(X, t * V), (t0,), (t1,))
+        _close(dX, V, tol, ctx, "d/dt retract(X, tV) at t = 0 (jvp) != V")
+
+
+def check_project(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``project(Y)`` lands on the space; ``project(X) == X`` on it (if ``case.project_fixes_points``)."""
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        for scale in case.raw_scales:
+            P = M.project(_randn(shape, dtype, g, scale))
+            if tuple(P.shape) != shape or P.dtype != dtype:
+                raise _fail(ctx, f"project returned shape {tuple(P.shape)}, {P.dtype}")
+            _member(case, P, dtype, ctx, f"project(Y at scale {scale:g})")
+            if case.project_fixes_points:
+                _close(M.project(P), P, tol, ctx, "project is not idempotent")
+        if case.project_fixes_points:
+            X = M.sample(shape, generator=g, dtype=dtype)
+            _close(M.project(X), X, tol, ctx, "project(X) != X for a point X")
+
+
+def check_contains(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``contains`` is batch-shaped boolean, True on points, False on NaN and off-manifold input."""
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        bshape = _batch_shape(case, shape)
+        X = M.sample(shape, generator=g, dtype=dtype)
+        c = M.contains(X)
+        if c.dtype != torch.bool or tuple(c.shape) != bshape:
+            raise _fail(ctx, f"contains returned {c.dtype} of shape {tuple(c.shape)}, expected bool of the batch shape {bshape}")
+        if not bool(c.all()):
+            raise _fail(ctx, "contains is False on sampled points")
+        if bool(M.contains(torch.full_like(X, math.nan)).any()):
+            raise _fail(ctx, "contains is True on a NaN tensor")
+        if case.off_manifold is not None:
+            Y = case.off_manifold(X)
+            if Y is not None:
+                if bool(torch.as_tensor(case.member(Y, case.tol[dtype])).all()):
+                    raise _fail(ctx, "the case's off_manifold(X) is on the space by `member` (a bad case)")
+                if bool(M.contains(Y).any()):
+                    raise _fail(ctx, "contains is True on off_manifold(X)")
+
+
+def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``check`` passes on points and raises ``ManifoldError`` naming the space on NaN / off-manifold input."""
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X = M.sample(shape, generator=g, dtype=dtype)
+        M.check(X)
+        bads = [("a NaN tensor", torch.full_like(X, math.nan))]
+        if case.off_manifold is not None:
+            Y = case.off_manifold(X)
+            if Y is not None:
+                bads.append(("off_manifold(X)", Y))
+        for name, Y in bads:
+            for fn_name, fn in (("check", M.check), ("from_manifold", M.from_manifold)):
+                try:
+                    fn(Y)
+                except ManifoldError as e:
+                    if repr(M) not in str(e):
+                        raise _fail(ctx, f"the ManifoldError of {fn_name}({name}) does not name the space: {e}") from None
+                else:
+                    raise _fail(ctx, f"{fn_name}({name}) did not raise ManifoldError")
+
+
+def check_nan(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """NaN raw input gives NaN in every point; inf raw input is never a point.
+
+    ``to_manifold(NaN)``, ``project(NaN)``, ``tangent(X, NaN)`` have a NaN in every point
+    (``to_manifold`` is exempt at a shape where it is constant, e.g. the 1×1 ``Skew``);
+    ``to_manifold(inf)`` and ``retract(X, NaN)`` are rejected by ``contains``.
+    """
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X, _, base = _point_and_base(case, shape, dtype, g)
+        nan, inf = torch.full(shape, math.nan, dtype=dtype), torch.full(shape, math.inf, dtype=dtype)
+        outs = [("project(NaN)", M.project(nan)), ("tangent(X, NaN)", M.tangent(X, nan))]
+        # A chart that reads no entry of Z at this shape (the 1×1 Skew: {0}) cannot propagate NaN.
+        zero = torch.zeros(shape, dtype=dtype)
+        constant = torch.equal(M.to_manifold(_randn(shape, dtype, g), base), M.to_manifold(zero, base))
+        if not constant:
+            outs += [("to_manifold(NaN)", M.to_manifold(nan)), ("to_manifold(NaN, base)", M.to_manifold(nan, base))]
+        for name, out in outs:
+            if not bool(_point_any(torch.isnan(out), p).all()):
+                raise _fail(ctx, f"{name} has points without NaN (a plausible point from NaN input)")
+        rejected = [("retract(X, NaN)", M.retract(X, nan))]
+        if not constant:
+            rejected.append(("to_manifold(inf)", M.to_manifold(inf)))
+        for name, out in rejected:
+            if bool(M.contains(out).any()):
+                raise _fail(ctx, f"contains is True on {name}")
+
+
+def check_vmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``vmap`` (no per-sample fallback) of every map equals the batched call.
+
+    Covers ``to_manifold`` (with and without base), ``from_manifold``, ``rebase``,
+    ``tangent``, ``retract``, ``project`` and ``contains`` on a stack of points.
+    """
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        bshape = (_B, *shape)
+        X, Z0, base = _point_and_base(case, bshape, dtype, g)
+        Z, G, Y = (_randn(bshape, dtype, g) for _ in range(3))
+        V = M.tangent(X, G)
+        bd = _dims(base)
+        pairs = [
+            ("to_manifold(Z)", vmap(lambda z: M.to_manifold(z)), (Z,), M.to_manifold(Z)),
+            ("to_manifold(Z, base)", vmap(lambda z, b: M.to_manifold(z, b), in_dims=(0, bd)), (Z, base),
+             M.to_manifold(Z, base)),
+            ("from_manifold(X)[0]", vmap(lambda x: M.from_manifold(x)[0]), (X,), M.from_manifold(X)[0]),
+            ("to_manifold(*from_manifold(X))", vmap(lambda x: M.to_manifold(*M.from_manifold(x))), (X,), X),
+            ("rebase(Z, base)[0]", vmap(lambda z, b: M.rebase(z, b)[0], in_dims=(0, bd)), (Z0 + Z, base),
+             M.rebase(Z0 + Z, base)[0]),
+            ("tangent", vmap(M.tangent), (X, G), V),
+            ("retract", vmap(M.retract), (X, V), M.retract(X, V)),
+            ("project", vmap(M.project), (Y,), M.project(Y)),
+        ]
+        with no_vmap_fallback():
+            for name, fn, args, expected in pairs:
+                try:
+                    got = fn(*args)
+                except RuntimeError as e:
+                    raise _fail(ctx, f"vmap of {name} failed (an op without a batching rule?): {e}") from None
+                _close(got, expected, tol, ctx, f"vmap of {name} != the batched call")
+            c = vmap(M.contains)(X)
+        if not torch.equal(c, M.contains(X)):
+            raise _fail(ctx, "vmap(contains) != contains on the batch")
+
+
+# ----------------------------------------------------------------- float64-only properties
+def _smoke_inputs(case: SpaceCase, g: torch.Generator):
+    shape = case.smoke
+    X, Z0, base = _point_and_base(case, shape, f64, g)
+    return shape, X, base, _randn(shape, f64, g)
+
+
+def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.autograd.gradcheck`` (float64) of ``to_manifold`` at random ``Z`` (and at ``Z = 0`` if
+    smooth), of ``tangent`` in ``(X, G)`` and of ``retract`` in ``(X, V)``."""
+    _require_f64("gradcheck", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    G = _randn(shape, f64, g)
+    V = M.tangent(X, G)
+    checks: list[tuple[str, Callable[..., Tensor], tuple[Tensor, ...]]] = [
+        ("to_manifold at random Z", lambda z: M.to_manifold(z, base), (Z,)),
+        ("tangent", M.tangent, (X, G)),
+        ("retract", M.retract, (X, V)),
+    ]
+    if case.smooth:
+        checks.append(("to_manifold at Z = 0", lambda z: M.to_manifold(z, base), (torch.zeros(shape, dtype=f64),)))
+    for name, fn, args in checks:
+        args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+        try:
+            torch.autograd.gradcheck(fn, args)
+        except Exception as e:  # gradcheck raises GradcheckError (a RuntimeError)
+            raise _fail(ctx, f"gradcheck of {name} failed: {e}") from None
+
+
+def check_jvp_fd(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``jvp`` of ``to_manifold`` (in ``Z``) and of ``retract`` (in ``V``) equals central finite differences (float64)."""
+    _require_f64("jvp_fd", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    V = M.tangent(X, _randn(shape, f64, g))
+    h = 1e-6
+    for name, fn, at in (("to_manifold", lambda z: M.to_manifold(z, base), Z),
+                         ("retract(X, ·)", lambda v: M.retract(X, v), V)):
+        d = _randn(shape, f64, g)
+        _, jv = jvp(fn, (at,), (d,))
+        fd = (fn(at + h * d) - fn(at - h * d)) / (2 * h)
+        _close(jv, fd, 1e-6 * max(1.0, float(fd.abs().max())), ctx, f"jvp of {name} != central finite differences")
+
+
+def check_jacobians(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``jacfwd == jacrev`` of ``to_manifold`` at random ``Z`` and at ``Z = 0`` (float64, smooth spaces)."""
+    _require_f64("jacobians", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    fn = lambda z: M.to_manifold(z, base)  # noqa: E731
+    for name, at in (("random Z", Z), ("Z = 0", torch.zeros_like(Z))):
+        Jf, Jr = jacfwd(fn)(at), jacrev(fn)(at)
+        if not bool(torch.isfinite(Jf).all()):
+            raise _fail(ctx, f"jacfwd of to_manifold at {name} is not finite")
+        _close(Jf, Jr, 1e-9, ctx, f"jacfwd != jacrev of to_manifold at {name}")
+
+
+def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """The hessian of a scalar loss of ``to_manifold`` is finite and symmetric at random ``Z`` and at ``Z = 0``."""
+    _require_f64("hessian", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    C, D = _randn(shape, f64, g), _randn(shape, f64, g)
+
+    def loss(z: Tensor) -> Tensor:
+        Xz = M.to_manifold(z, base)
+        return (Xz * C).sum() + (Xz * D).sum() ** 2
+
+    n = math.prod(shape)
+    for name, at in (("random Z", Z), ("Z = 0", torch.zeros_like(Z))):
+        Hm = hessian(loss)(at).reshape(n, n)
+        if not bool(torch.isfinite(Hm).all()):
+            raise _fail(ctx, f"hessian at {name} is not finite")
+        _close(Hm, Hm.T, 1e-8 * max(1.0, float(Hm.abs().max())), ctx, f"hessian at {name} is not symmetric")
+
+
+def check_vmap_grad(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``vmap(grad(loss))`` over a stack of raw tensors and bases equals the loop of ``grad(loss)``."""
+    _require_f64("vmap_grad", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape = (_B, *case.smoke)
+    ctx = _ctx(case, shape, f64)
+    _, _, base = _point_and_base(case, shape, f64, g)
+    Z, C = _randn(shape, f64, g), _randn(shape, f64, g)
+
+    def loss(z: Tensor, b: Any, c: Tensor) -> Tensor:
+        return (M.to_manifold(z, b) * c).sum()
+
+    with no_vmap_fallback():
+        try:
+            got = vmap(grad(loss), in_dims=(0, _dims(base), 0))(Z, base, C)
+        except RuntimeError as e:
+            raise _fail(ctx, f"vmap(grad(loss)) failed: {e}") from None
+    loop = torch.stack([grad(loss)(Z[i], _tree_index(base, i), C[i]) for i in range(_B)])
+    _close(got, loop, 1e-10, ctx, "vmap(grad(loss)) != loop of grad(loss)")
+
+
+def check_compile(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` of ``to_manifold``: same value and gradient as eager."""
+    _require_f64("compile", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    C = _randn(shape, f64, g)
+
+    def f(z: Tensor, b: Any) -> Tensor:
+        return M.to_manifold(z, b)
+
+    torch._dynamo.reset()
+    try:
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        Zc = Z.clone().requires_grad_(True)
+        try:
+            out = cf(Zc, base)
+        except Exception as e:
+            raise _fail(ctx, f"torch.compile(fullgraph=True) of to_manifold failed: {type(e).__name__}: {e}") from None
+        (gc,) = torch.autograd.grad((out * C).sum(), Zc)
+        Ze = Z.clone().requires_grad_(True)
+        ref = f(Ze, base)
+        (ge,) = torch.autograd.grad((ref * C).sum(), Ze)
+        _close(out.detach(), ref.detach(), 1e-10, ctx, "compiled to_manifold != eager")
+        _close(gc, ge, 1e-10, ctx, "gradient of compiled to_manifold != eager")
+    finally:
+        torch._dynamo.reset()
+
+
+def check_logabsdet(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``logabsdet(Z, base) == slogdet(to_manifold(Z, base))[1]``, values and gradients (float64)."""
+    _require_f64("logabsdet", dtype)
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        _, Z0, base = _point_and_base(case, shape, f64, g)
+        for name, Z in (("random Z", Z0 + _randn(shape, f64, g)), ("Z at the centre", Z0)):
+            Za = Z.clone().requires_grad_(True)
+            Zb = Z.clone().requires_grad_(True)
+            la = M.logabsdet(Za, base)
+            lb = torch.linalg.slogdet(M.to_manifold(Zb, base))[1]
+            _close(la.detach(), lb.detach(), 1e-8, ctx, f"logabsdet != slogdet at {name}")
+            (ga,) = torch.autograd.grad(la.sum(), Za)
+            (gb,) = torch.autograd.grad(lb.sum(), Zb)
+            _close(ga, gb, 1e-7, ctx, f"gradient of logabsdet != gradient of slogdet at {name}")
+
+
+_ODD_SHAPES = ((), (3,), (0, 3), (3, 0), (2, 3), (3, 2), (2, 2, 3))
+
+
+def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """Odd shapes either work or raise ``ManifoldError`` naming the space (never another exception);
+    an integer tensor raises ``ManifoldError``."""
+    _require_f64("bad_input", dtype)
+    M = case.space
+    shape = case.smoke
+    ctx = _ctx(case, shape, f64)
+    tests: list[tuple[str, Callable[[], Any]]] = [
+        (f"to_manifold(integer tensor of shape {shape})", lambda: M.to_manifold(torch.zeros(shape, dtype=torch.int64))),
+        (f"project(integer tensor of shape {shape})", lambda: M.project(torch.zeros(shape, dtype=torch.int64))),
+    ]
+    for name, fn in tests:
+        try:
+            fn()
+        except ManifoldError as e:
+            if repr(M) not in str(e):
+                raise _fail(ctx, f"the ManifoldError of {name} does not name the space: {e}") from None
+        else:
+            raise _fail(ctx, f"{name} did not raise ManifoldError")
+    for odd in _ODD_SHAPES:
+        for name, fn in (("to_manifold", lambda s: M.to_manifold(torch.ones(s, dtype=f64))),
+                         ("project", lambda s: M.project(torch.ones(s, dtype=f64))),
+                         ("contains", lambda s: M.contains(torch.ones(s, dtype=f64))),
+                         ("sample", lambda s: M.sample(s, dtype=f64))):
+            try:
+                fn(odd)
+            except ManifoldError as e:
+                if repr(M) not in str(e):
+                    raise _fail(ctx, f"the ManifoldError of {name} on shape {odd} does not name the space: {e}") from None
+            except Exception as e:
+                raise _fail(ctx, f"{name} on shape {odd} raised {type(e).__name__} instead of ManifoldError: {e}") from None
+
+
+# ------------------------------------------------------------------------------ registry
+@dataclasses.dataclass(frozen=True)
+class Property:
+    """A conformance property: ``fn(case, dtype, *, generator=None)`` raising AssertionError.
+
+    ``float64_only`` properties run once per case, in float64, on ``case.smoke``
+    (``logabsdet`` on every shape); ``applies(case)`` says whether the case needs it.
+    """
+
+    name: str
+    fn: Callable[..., None]
+    float64_only: bool = False
+    applies: Callable[[SpaceCase], bool] = lambda case: True
+
+    def dtypes(self, case: SpaceCase) -> tuple[torch.dtype, ...]:
+        """The dtypes this property runs in for ``case`` (empty if it does not apply)."""
+        if not self.applies(case):
+            return ()
+        return (f64,) if self.float64_only else tuple(case.dtypes)
+
+
+PROPERTIES: tuple[Property, ...] = (
+    Property("sample", check_sample),
+    Property("to_manifold", check_to_manifold),
+    Property("from_manifold", check_from_manifold),
+    Property("rebase", check_rebase),
+    Property("tangent", check_tangent),
+    Property("retract", check_retract),
+    Property("project", check_project),
+    Property("contains", check_contains),
+    Property("check", check_check),
+    Property("nan", check_nan),
+    Property("vmap", check_vmap),
+    Property("gradcheck", check_gradcheck, float64_only=True),
+    Property("jvp_fd", check_jvp_fd, float64_only=True),
+    Property("jacobians", check_jacobians, float64_only=True, applies=lambda case: case.smooth),
+    Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth),
+    Property("vmap_grad", check_vmap_grad, float64_only=True),
+    Property("compile", check_compile, float64_only=True),
+    Property("logabsdet", check_logabsdet, float64_only=True, applies=lambda case: case.has_logabsdet),
+    Property("bad_input", check_bad_input, float64_only=True),
+)
+
+
+def check_space(
+    case: SpaceCase,
+    *,
+    properties: Optional[tuple[str, ...]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Run every property that applies to ``case`` (or those named in ``properties``).
+
+    Raises AssertionError at the first failure. Example::
+
+        from geofunc.testing import SpaceCase, check_space
+        check_space(SpaceCase("mine", MySpace(), shapes=((4, 4), (2, 5, 3)), member=my_member))
+    """
+    names = {p.name for p in PROPERTIES}
+    if properties is not None:
+        unknown = set(properties) - names
+        if unknown:
+            raise ValueError(f"unknown properties {sorted(unknown)}; known: {sorted(names)}")
+    for prop in PROPERTIES:
+        if properties is not None and prop.name not in properties:
+            continue
+        for dtype in prop.dtypes(case):
+            prop.fn(case, dtype, generator=_gen(generator))

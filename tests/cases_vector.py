@@ -1,0 +1,131 @@
+"""Conformance cases of the vector spaces: Rn, Sym, Skew, Sphere, Oblique.
+
+Membership predicates are written with ``torch.linalg`` independently of the spaces'
+own ``contains``/``_violations``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from helpers import SHAPES_MATRIX, SHAPES_SQUARE, SHAPES_VECTOR, TOL
+
+import geofunc as gf
+from geofunc.testing import SpaceCase
+
+Tensor = torch.Tensor
+
+
+def _finite(X: Tensor, atol: float) -> Tensor:
+    return torch.isfinite(X)
+
+
+def _symmetric(X: Tensor, atol: float) -> Tensor:
+    err = torch.linalg.matrix_norm(X - X.mT, ord=math.inf)
+    return err <= atol * torch.linalg.matrix_norm(X, ord=math.inf).clamp(min=1.0)
+
+
+def _skew(X: Tensor, atol: float) -> Tensor:
+    err = torch.linalg.matrix_norm(X + X.mT, ord=math.inf)
+    return err <= atol * torch.linalg.matrix_norm(X, ord=math.inf).clamp(min=1.0)
+
+
+def _on_sphere(radius: float):
+    def member(X: Tensor, atol: float) -> Tensor:
+        return (torch.linalg.vector_norm(X, dim=-1) - radius).abs() <= atol * radius
+
+    return member
+
+
+def _unit_columns(X: Tensor, atol: float) -> Tensor:
+    return ((torch.linalg.vector_norm(X, dim=-2) - 1.0).abs() <= atol).all(-1)
+
+
+def _break_symmetry(X: Tensor) -> Tensor | None:
+    if X.shape[-1] == 1:
+        return None  # every 1×1 matrix is symmetric
+    return X + torch.triu(torch.ones_like(X), 1)
+
+
+def _break_skew(X: Tensor) -> Tensor:
+    return X + torch.eye(X.shape[-1], dtype=X.dtype)
+
+
+VECTOR_CASES = [
+    SpaceCase(
+        "Rn",
+        gf.Rn(),
+        shapes=((), (5,), (1, 1), (3, 6), (2, 3, 5, 2)),
+        member=_finite,
+        tol=TOL,
+        off_manifold=lambda X: torch.full_like(X, math.inf),
+        smoke_shape=(2, 3),
+    ),
+    SpaceCase(
+        "Sym",
+        gf.Sym(),
+        shapes=SHAPES_SQUARE,
+        member=_symmetric,
+        tol=TOL,
+        off_manifold=_break_symmetry,
+        smoke_shape=(3, 3),
+    ),
+    SpaceCase(
+        "Sym-upper",
+        gf.Sym(lower=False),
+        shapes=((1, 1), (4, 4), (2, 3, 3)),
+        member=_symmetric,
+        tol=TOL,
+        off_manifold=_break_symmetry,
+        smoke_shape=(3, 3),
+    ),
+    SpaceCase(
+        "Skew",
+        gf.Skew(),
+        shapes=SHAPES_SQUARE,
+        member=_skew,
+        tol=TOL,
+        off_manifold=_break_skew,
+        smoke_shape=(3, 3),
+    ),
+    SpaceCase(
+        "Skew-upper",
+        gf.Skew(lower=False),
+        shapes=((1, 1), (4, 4), (2, 3, 3)),
+        member=_skew,
+        tol=TOL,
+        off_manifold=_break_skew,
+        smoke_shape=(3, 3),
+    ),
+    SpaceCase(
+        "Sphere",
+        gf.Sphere(),
+        shapes=SHAPES_VECTOR,
+        member=_on_sphere(1.0),
+        tol=TOL,
+        rebase_zeroes=True,
+        off_manifold=lambda X: 1.5 * X,
+        smoke_shape=(2, 4),
+    ),
+    SpaceCase(
+        "Sphere-r2.5",
+        gf.Sphere(radius=2.5),
+        shapes=((1,), (6,), (2, 3, 4)),
+        member=_on_sphere(2.5),
+        tol=TOL,
+        rebase_zeroes=True,
+        off_manifold=lambda X: 0.5 * X,
+        smoke_shape=(2, 4),
+    ),
+    SpaceCase(
+        "Oblique",
+        gf.Oblique(),
+        shapes=SHAPES_MATRIX,
+        member=_unit_columns,
+        tol=TOL,
+        rebase_zeroes=True,
+        off_manifold=lambda X: 1.5 * X,
+        smoke_shape=(4, 3),
+    ),
+]

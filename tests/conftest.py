@@ -1,0 +1,30 @@
+"""Test configuration shared by every test file.
+
+One intra-op thread: the tensors here are tiny (thread start-up costs more than it saves),
+CI and the dev machine have two cores shared by parallel jobs, and single-threaded
+reductions make float results reproducible run to run.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+# torch.func.jvp loads its forward-AD decompositions lazily through torch.jit.script, which
+# warns DeprecationWarning (torch 2.13); with filterwarnings = error that would fail the first
+# test that calls jvp. Load them once here, with that warning silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    torch.autograd.forward_ad._maybe_load_decompositions()
+
+SEED = 20240607
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with a fixed seed (fresh for every test)."""
+    return torch.Generator().manual_seed(SEED)
