@@ -14,11 +14,12 @@ spaces (or ``None`` for "unconstrained"), where mappings may list only some keys
   ``"encoder.w"`` reaches ``params["encoder"]["w"]`` and an integer-like segment an entry
   of a list or tuple;
 * ``{"encoder": {"w": gf.SO()}}`` or ``(gf.Sphere(), None)``: a structural prefix;
-* a space at an inner node constrains the whole subtree with it. This is how a
-  :class:`~geofunc.Product` is used: ``{"pair": gf.Product(gf.SO(), gf.Sphere())}`` on
-  ``params = {"pair": (A, b), ...}``. A product of *separately named* parameters needs no
-  ``Product``: constrain each name (a tuple of names is not a key; see
-  :data:`TUPLE_KEY_MSG`).
+* a space at an inner node applies to every tensor below it, each its own entry named by
+  its path (``{"layers": gf.SO()}`` on a list of square weights), except a
+  :class:`~geofunc.Product`, whose point *is* the subtree (a tuple of tensors):
+  ``{"pair": gf.Product(gf.SO(), gf.Sphere())}`` on ``params = {"pair": (A, b), ...}``.
+  A product of *separately named* parameters needs no ``Product``: constrain each name
+  (a tuple of names is not a key; see :data:`TUPLE_KEY_MSG`).
 
 A name that matches no parameter, or a space that cannot take the parameter's shape,
 raises :class:`~geofunc.ManifoldError` naming the parameter.
@@ -42,6 +43,7 @@ import optree
 import torch
 
 from ._errors import ManifoldError
+from .spaces import Product
 from .spaces._base import AbstractSpace
 
 __all__ = ["sample", "from_manifold", "to_manifold", "rebase", "tangent", "retract", "contains"]
@@ -113,9 +115,13 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
     """A prefix of ``p`` whose leaves are ``_Entry`` (constrained) or ``_FREE``."""
     if c is None:
         return _FREE
-    if isinstance(c, AbstractSpace):
-        return _Entry(_join(path), c)
     node = _children(p)
+    if isinstance(c, AbstractSpace):
+        if node is None or isinstance(c, Product):
+            return _Entry(_join(path), c)
+        # a tensor space at an inner node: every tensor below is its own constrained entry
+        entries, kids, rebuild = node
+        return rebuild([_plan(c, kid, path + (e,)) for e, kid in zip(entries, kids)])
     if node is None:
         where = f" for parameter {_join(path)!r}" if path else ""
         raise ManifoldError(

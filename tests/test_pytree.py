@@ -1,0 +1,198 @@
+"""The pytree lift (geofunc/_pytree.py): constraints by name or prefix, pass-through, bases, errors."""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as torch_pytree
+
+import geofunc as gf
+
+F64 = torch.float64
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    ).to(F64)
+
+
+CONSTRAINTS = {"0.weight": gf.Stiefel(), "2.weight": gf.SO(triv="cayley"), "4.weight": gf.Sphere(), "2.bias": gf.Rn()}
+
+
+def _params(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return gf.sample(CONSTRAINTS, {k: v.detach() for k, v in _model().named_parameters()}, generator=generator)
+
+
+def _close(a, b, tol=1e-12) -> None:
+    assert optree.tree_structure(a) == optree.tree_structure(b)
+    for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
+def test_roundtrip_passthrough_and_bases(generator):
+    params = {k: v.detach() for k, v in _model().named_parameters()}
+    points = gf.sample(CONSTRAINTS, params, generator=generator)
+    assert list(points) == list(params)  # key order kept
+    for k in ("0.bias", "4.bias"):
+        assert points[k] is params[k]  # unconstrained: the same object
+    assert all(bool(v.all()) for v in gf.contains(CONSTRAINTS, points).values())
+    assert set(gf.contains(CONSTRAINTS, points)) == set(CONSTRAINTS)
+    raw, bases = gf.from_manifold(CONSTRAINTS, points)
+    assert raw["0.bias"] is points["0.bias"]
+    # bases: only constrained entries with a base (Rn has none); no None leaves anywhere
+    assert set(bases) == {"0.weight", "2.weight", "4.weight"}
+    back = gf.to_manifold(CONSTRAINTS, raw, bases)
+    assert back["4.bias"] is raw["4.bias"]
+    _close(back, points)
+    raw2, bases2 = gf.rebase(CONSTRAINTS, raw, bases)
+    _close(gf.to_manifold(CONSTRAINTS, raw2, bases2), points)
+    for k in bases2:
+        assert bool((raw2[k] == 0).all())
+
+
+def test_rebase_moves_the_base(generator):
+    points = _params(generator)
+    raw, bases = gf.from_manifold(CONSTRAINTS, points)
+    step = {k: 0.1 * torch.randn(v.shape, generator=generator, dtype=F64) for k, v in raw.items()}
+    moved = {k: raw[k] + step[k] for k in raw}
+    target = gf.to_manifold(CONSTRAINTS, moved, bases)
+    raw2, bases2 = gf.rebase(CONSTRAINTS, moved, bases)
+    _close(gf.to_manifold(CONSTRAINTS, raw2, bases2), target, tol=1e-10)
+    for k in ("0.weight", "2.weight", "4.weight"):
+        assert bool((raw2[k] == 0).all())
+        torch.testing.assert_close(bases2[k], target[k], atol=1e-10, rtol=0)
+    assert raw2["0.bias"] is moved["0.bias"]
+
+
+def test_tangent_retract_over_tree(generator):
+    points = _params(generator)
+    G = {k: torch.randn(v.shape, generator=generator, dtype=F64) for k, v in points.items()}
+    V = gf.tangent(CONSTRAINTS, points, G)
+    assert V["0.bias"] is G["0.bias"]  # identity where unconstrained
+    _close(gf.tangent(CONSTRAINTS, points, V), V)  # a projection
+    new = gf.retract(CONSTRAINTS, points, {k: 0.1 * v for k, v in V.items()})
+    torch.testing.assert_close(new["0.bias"], points["0.bias"] + 0.1 * G["0.bias"])
+    assert all(bool(v.all()) for v in gf.contains(CONSTRAINTS, new).values())
+
+
+def test_nested_prefix_and_dotted_names(generator):
+    tree = {
+        "enc": {"w": torch.zeros(3, 3, dtype=F64), "b": torch.zeros(3, dtype=F64)},
+        "layers": [torch.zeros(5, 2, dtype=F64), torch.zeros(2, dtype=F64)],
+        "pair": (torch.zeros(4, dtype=F64), torch.zeros(4, 4, dtype=F64)),
+    }
+    by_name = {"enc.w": gf.SO(), "layers.0": gf.Stiefel(), "pair.0": gf.Sphere()}
+    by_prefix = {"enc": {"w": gf.SO()}, "layers": [gf.Stiefel(), None], "pair": (gf.Sphere(), None)}
+    a = gf.sample(by_name, tree, generator=torch.Generator().manual_seed(1))
+    b = gf.sample(by_prefix, tree, generator=torch.Generator().manual_seed(1))
+    _close(a, b, tol=0)
+    assert a["enc"]["b"] is tree["enc"]["b"] and a["pair"][1] is tree["pair"][1]
+    assert set(gf.contains(by_prefix, a)) == {"enc.w", "layers.0", "pair.0"}
+    raw, bases = gf.from_manifold(by_prefix, a)
+    assert set(bases) == {"enc.w", "layers.0", "pair.0"}
+    _close(gf.to_manifold(by_name, raw, bases), a)
+    # a whole list of parameters constrained by one space (each entry its own point)
+    lst = {"ws": [torch.zeros(3, 3, dtype=F64), torch.zeros(3, 3, dtype=F64)]}
+    s = gf.sample({"ws": gf.SO()}, lst, generator=generator)
+    assert all(bool(gf.SO().contains(w)) for w in s["ws"])
+    assert set(gf.contains({"ws": gf.SO()}, s)) == {"ws.0", "ws.1"}
+
+
+def test_product_on_a_subtree(generator):
+    try:
+        space = gf.Product(gf.SO(), gf.Sphere())
+    except NotImplementedError:
+        pytest.skip("Product is not implemented yet")
+    tree = {"pair": (torch.zeros(3, 3, dtype=F64), torch.zeros(4, dtype=F64)), "b": torch.zeros(2, dtype=F64)}
+    c = {"pair": space}
+    p = gf.sample(c, tree, generator=generator)
+    assert isinstance(p["pair"], tuple) and bool(gf.contains(c, p)["pair"].all())
+    raw, bases = gf.from_manifold(c, p)
+    _close(gf.to_manifold(c, raw, bases), p)
+
+
+def test_errors_name_the_parameter():
+    params = {k: v.detach() for k, v in _model().named_parameters()}
+    with pytest.raises(gf.ManifoldError, match=r"no parameter named '1\.weight'"):
+        gf.sample({"1.weight": gf.SO()}, params)
+    with pytest.raises(gf.ManifoldError, match=r"parameter '0\.weight'.*square"):
+        gf.sample({"0.weight": gf.SO()}, params)  # 6 x 4
+    with pytest.raises(gf.ManifoldError, match=r"parameter '4\.bias'"):
+        gf.to_manifold({"4.bias": gf.SO()}, params)  # a vector for a matrix space
+    with pytest.raises(gf.ManifoldError, match=r"parameter '0\.weight'.*point on the space"):
+        gf.from_manifold({"0.weight": gf.Stiefel()}, {"0.weight": torch.ones(6, 4, dtype=F64)})
+    with pytest.raises(gf.ManifoldError, match="tuple"):
+        gf.sample({("0.weight", "2.weight"): gf.SO()}, params)
+    with pytest.raises(gf.ManifoldError, match="no constraint names"):
+        gf.to_manifold({"2.weight": gf.SO()}, params, {"0.weight": torch.eye(6)})
+    with pytest.raises(gf.ManifoldError, match="structure"):
+        gf.tangent({"2.weight": gf.SO()}, params, {"2.weight": params["2.weight"]})
+
+
+def test_containers_are_pytrees_for_torch_and_optree(generator):
+    points = _params(generator)
+    raw, bases = gf.from_manifold(CONSTRAINTS, points)
+    opt = gf.optim.radam(CONSTRAINTS, 1e-2)
+    state = opt.init(points)
+    for tree in (bases, state, gf.contains(CONSTRAINTS, points)):
+        for leaves in (torch_pytree.tree_leaves(tree), optree.tree_leaves(tree)):
+            assert leaves and all(isinstance(x, torch.Tensor) for x in leaves)
+        assert len(torch_pytree.tree_leaves(tree)) == len(optree.tree_leaves(tree))
+
+
+def test_vmap_over_raw_and_bases_of_stacked_models(generator):
+    model = _model()
+    K = 4
+    stacked = {k: torch.stack([v.detach()] * K) for k, v in model.named_parameters()}
+    points = gf.sample(CONSTRAINTS, stacked, generator=generator)  # K independent points
+    raw, bases = gf.from_manifold(CONSTRAINTS, points)  # batched spaces: no vmap needed
+    x = torch.randn(5, 4, generator=generator, dtype=F64)
+
+    def loss(raw, bases, x):
+        p = gf.to_manifold(CONSTRAINTS, raw, bases)
+        return functional_call(model, p, (x,)).square().mean()
+
+    # in_dims=0 over whole (raw, bases): bases has no None leaves
+    vals, grads = vmap(torch.func.grad_and_value(loss), in_dims=(0, 0, None))(raw, bases, x)[::-1]
+    for i in range(K):
+        ri = {k: v[i] for k, v in raw.items()}
+        bi = {k: v[i] for k, v in bases.items()}
+        torch.testing.assert_close(vals[i], loss(ri, bi, x), atol=1e-12, rtol=1e-12)
+        _close({k: v[i] for k, v in grads.items()}, grad(loss)(ri, bi, x))
+    # from_manifold inside vmap returns a vmap-able (None-free) bases dict too
+    raw_v, bases_v = vmap(lambda p: gf.from_manifold(CONSTRAINTS, p))(points)
+    _close(bases_v, bases)
+
+
+def test_sample_is_reproducible_and_vmap_different(generator):
+    params = {k: v.detach() for k, v in _model().named_parameters()}
+    a = gf.sample(CONSTRAINTS, params, generator=torch.Generator().manual_seed(3))
+    b = gf.sample(CONSTRAINTS, params, generator=torch.Generator().manual_seed(3))
+    _close(a, b, tol=0)
+    # K points inside vmap: randomness="different" draws one batch from the generator
+    K = 3
+    stacked = {k: torch.stack([v] * K) for k, v in params.items()}
+    inside = vmap(
+        lambda p: gf.sample(CONSTRAINTS, p, generator=torch.Generator().manual_seed(5)), randomness="different"
+    )(stacked)
+    assert all(bool(v.all()) for v in gf.contains(CONSTRAINTS, inside).values())
+    for k in CONSTRAINTS:
+        assert not torch.allclose(inside[k][0], inside[k][1])
+    with pytest.raises(RuntimeError, match="randomness"):
+        vmap(lambda p: gf.sample(CONSTRAINTS, p))(stacked)  # default randomness="error"
+
+
+def test_compiles_fullgraph(generator):
+    points = _params(generator)
+    raw, bases = gf.from_manifold(CONSTRAINTS, points)
+
+    def f(raw, bases):
+        r2, b2 = gf.rebase(CONSTRAINTS, raw, bases)
+        return gf.to_manifold(CONSTRAINTS, r2, b2)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(raw, bases)
+    _close(out, points, tol=1e-10)
