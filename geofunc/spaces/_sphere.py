@@ -140,7 +140,7 @@ class Sphere(AbstractSpace):
     def __post_init__(self) -> None:
         r = self.radius
         if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r <= 0:
-            raise error(self, "`radius` to be a finite real number > 0", repr(r))
+            raise error(self, "`radius` to be a finite real number > 0 (a Python number)", describe(r))
         object.__setattr__(self, "radius", float(r))
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
