@@ -1,0 +1,218 @@
+"""geofunc.optim: reference equality with torch.optim, toy problems, every optimizer x every space."""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from cases import CASES
+from torch.func import grad, vmap
+
+import geofunc as gf
+
+F64 = torch.float64
+
+#: Every optimizer under test: id -> factory(constraints) (small steps: the every-space test
+#: feeds random gradients).
+OPTIMIZERS = {
+    "rsgd": lambda c: gf.optim.rsgd(c, lr=0.05),
+    "rsgd-momentum": lambda c: gf.optim.rsgd(c, lr=0.05, momentum=0.9, nesterov=True),
+    "radam": lambda c: gf.optim.radam(c, lr=0.05),
+}
+
+
+def _tree_close(a, b, tol: float) -> None:
+    assert optree.tree_structure(a) == optree.tree_structure(b)
+    for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b)):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------ references on R^n
+def _euclidean_problem(generator):
+    params = {"w": torch.randn(3, 4, generator=generator, dtype=F64), "b": torch.randn(5, generator=generator, dtype=F64)}
+    A = torch.randn(4, 4, generator=generator, dtype=F64) / 4
+    Q = A @ A.mT + torch.eye(4, dtype=F64)
+
+    def loss(p):
+        return 0.5 * torch.einsum("ij,jk,ik->", p["w"], Q, p["w"]) + torch.sin(p["b"]).sum() + 0.1 * (p["b"] ** 4).sum()
+
+    return params, loss
+
+
+def _run_against_torch(opt, torch_opt_cls, kwargs, generator, steps=25):
+    params, loss = _euclidean_problem(generator)
+    state = opt.init(params)
+    structure = optree.tree_structure(state)
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = torch_opt_cls(list(ref.values()), **kwargs)
+    p = params
+    for _ in range(steps):
+        p, state = opt.update(grad(loss)(p), state, p)
+        torch_opt.zero_grad()
+        loss(ref).backward()
+        torch_opt.step()
+        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
+    assert optree.tree_structure(state) == structure
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(lr=0.1),
+        dict(lr=0.1, momentum=0.9),
+        dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=0.01),
+        dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
+    ],
+    ids=["plain", "momentum", "dampening-wd", "nesterov-wd"],
+)
+def test_rsgd_equals_torch_sgd(kwargs, generator):
+    _run_against_torch(gf.optim.rsgd({}, **kwargs), torch.optim.SGD, kwargs, generator)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)],
+    ids=["default", "custom"],
+)
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "Rn"])
+def test_radam_equals_torch_adam(kwargs, constrained, generator):
+    # Under Rn every entry is its own point: the per-point second moment is elementwise.
+    c = {"w": gf.Rn(), "b": gf.Rn()} if constrained else {}
+    _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, kwargs, generator)
+
+
+# ------------------------------------------------------------------ toy problems
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
+def test_sphere_rayleigh_quotient_finds_smallest_eigenvalue(name, generator):
+    n = 8
+    A = torch.randn(n, n, generator=generator, dtype=F64)
+    S = A + A.mT
+    c = {"x": gf.Sphere()}
+    opt = {"rsgd-momentum": gf.optim.rsgd(c, lr=0.02, momentum=0.9), "radam": gf.optim.radam(c, lr=0.05)}[name]
+    p = gf.sample(c, {"x": torch.empty(n, dtype=F64)}, generator=generator)
+    state = opt.init(p)
+
+    def f(p):
+        return p["x"] @ S @ p["x"]
+
+    for _ in range(800):
+        p, state = opt.update(grad(f)(p), state, p)
+    torch.testing.assert_close(f(p), torch.linalg.eigvalsh(S)[0], atol=1e-8, rtol=0)
+    assert bool(gf.contains(c, p)["x"])
+
+
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
+def test_stiefel_procrustes_reaches_svd_optimum(name, generator):
+    # max tr(Xᵀ M) over St(6, 3) is attained at the polar factor U Vᵀ of M = U S Vᵀ.
+    M = torch.randn(6, 3, generator=generator, dtype=F64)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    c = {"X": gf.Stiefel()}
+    opt = {"rsgd-momentum": gf.optim.rsgd(c, lr=0.05, momentum=0.9), "radam": gf.optim.radam(c, lr=0.05)}[name]
+    p = gf.sample(c, {"X": torch.empty(6, 3, dtype=F64)}, generator=generator)
+    state = opt.init(p)
+
+    def f(p):
+        return -torch.trace(p["X"].mT @ M)
+
+    for _ in range(600):
+        p, state = opt.update(grad(f)(p), state, p)
+    torch.testing.assert_close(f(p), -S.sum(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(p["X"], U @ Vh, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------ every optimizer x space
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_points_stay_on_space(case, name, generator):
+    c = {"x": case.space}
+    opt = OPTIMIZERS[name](c)
+    p = gf.sample(c, {"x": torch.empty(case.smoke, dtype=F64)}, generator=generator)
+    state = opt.init(p)
+    structure = optree.tree_structure(state)
+    for _ in range(100):
+        G = {"x": torch.randn(case.smoke, generator=generator, dtype=F64)}
+        p, state = opt.update(G, state, p)
+    assert optree.tree_structure(state) == structure
+    assert bool(torch.as_tensor(case.member(p["x"], case.tol[F64])).all()), case.id
+    assert bool(gf.contains(c, p)["x"].all()), case.id
+
+
+def test_rsgd_float32_stiefel_1000_steps_stays_orthonormal(generator):
+    c = {"X": gf.Stiefel()}
+    M = torch.randn(64, 16, generator=generator)
+    opt = gf.optim.rsgd(c, lr=0.01, momentum=0.9)
+    p = gf.sample(c, {"X": torch.empty(64, 16)}, generator=generator)
+    state = opt.init(p)
+    for _ in range(1000):
+        p, state = opt.update({"X": -M + 0.1 * torch.randn(64, 16, generator=generator)}, state, p)
+    X = p["X"]
+    assert X.dtype == torch.float32
+    assert float((X.mT @ X - torch.eye(16)).abs().max()) < 1e-5
+
+
+# ------------------------------------------------------------------ transforms
+def _batch_problem(generator, B=4, n=5):
+    A = torch.randn(B, n, n, generator=generator, dtype=F64)
+    S = A + A.mT
+    c = {"x": gf.Sphere(), "W": gf.SO(), "b": None}
+    params = {
+        "x": gf.Sphere().sample((B, n), generator=generator, dtype=F64),
+        "W": gf.SO().sample((B, 3, 3), generator=generator, dtype=F64),
+        "b": torch.randn(B, 2, generator=generator, dtype=F64),
+    }
+
+    def f(p, S):
+        return p["x"] @ S @ p["x"] + torch.trace(p["W"]) + (p["b"] ** 2).sum()
+
+    return c, params, S, f
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_update_under_vmap_equals_loop(name, generator):
+    c, params, S, f = _batch_problem(generator)
+    opt = OPTIMIZERS[name](c)
+    state = vmap(opt.init)(params)
+    p = params
+    for _ in range(3):
+        g = vmap(grad(f))(p, S)
+        p, state = vmap(opt.update)(g, state, p)
+    for i in range(S.shape[0]):
+        pi = {k: v[i] for k, v in params.items()}
+        si = opt.init(pi)
+        for _ in range(3):
+            pi, si = opt.update(grad(f)(pi, S[i]), si, pi)
+        # 1e-9: torch.linalg.matrix_exp picks its degree from the whole batch's norm
+        _tree_close({k: v[i] for k, v in p.items()}, pi, 1e-9)
+
+
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
+def test_update_compiles_fullgraph(name, generator):
+    c, params, S, f = _batch_problem(generator, B=2)
+    opt = OPTIMIZERS[name](c)
+    step = torch.compile(opt.update, fullgraph=True, backend="aot_eager")
+    state_c = state_e = opt.init(params)
+    p_c = p_e = params
+    for _ in range(2):
+        g = vmap(grad(f))(p_e, S)
+        p_e, state_e = opt.update(g, state_e, p_e)
+        p_c, state_c = step(g, state_c, p_c)
+    _tree_close(p_c, p_e, 1e-12)
+    _tree_close(state_c, state_e, 1e-12)
+
+
+def test_momentum_is_transported_to_the_new_tangent_space(generator):
+    c = {"X": gf.Stiefel()}
+    opt = gf.optim.rsgd(c, lr=0.1, momentum=0.9)
+    p = gf.sample(c, {"X": torch.empty(5, 2, dtype=F64)}, generator=generator)
+    state = opt.init(p)
+    for _ in range(3):
+        p, state = opt.update({"X": torch.randn(5, 2, generator=generator, dtype=F64)}, state, p)
+    buf = state[2].trace["X"]
+    torch.testing.assert_close(gf.Stiefel().tangent(p["X"], buf), buf, atol=1e-12, rtol=0)
+
+
+def test_grads_must_match_params():
+    opt = gf.optim.rsgd({"x": gf.Sphere()}, lr=0.1)
+    p = {"x": torch.tensor([1.0, 0.0]), "y": torch.zeros(2)}
+    with pytest.raises(gf.ManifoldError, match="structure"):
+        opt.update({"x": torch.zeros(2)}, opt.init(p), p)
