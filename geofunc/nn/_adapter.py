@@ -1,0 +1,326 @@
+"""One ``torch.nn.utils.parametrize`` adapter around any geofunc space, and the machinery around it.
+
+:class:`Parametrization` is the only stateful object of geofunc: it holds a space (a frozen bag
+of hyperparameters) and the space's ``base`` as buffers, so that ``state_dict``, ``.to()``,
+``DistributedDataParallel`` and ``torch.save`` treat the base like any other buffer.
+
+* ``forward(Z) = space.to_manifold(Z, base)``;
+* ``right_inverse(X)``: ``(Z, base) = space.from_manifold(X)`` (which raises ``ManifoldError`` off
+  the space), then the base buffers are overwritten in place and ``Z`` is returned; nothing is
+  written before every check has passed, so a failed assignment leaves the module unchanged.
+
+:func:`constrain` registers it on a module (the GeoTorch one-liners in ``_constraints.py`` are
+thin wrappers), :func:`update_base` re-centres the chart (dynamic trivialization), and the
+parametrized class that PyTorch swaps in is made picklable (``torch.save`` of a whole module).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._errors import ManifoldError, describe
+from ..spaces._base import AbstractSpace
+
+__all__ = ["Parametrization", "constrain", "update_base", "cached", "is_constrained", "parametrization_of"]
+
+Tensor = torch.Tensor
+
+
+def _owner_name(module: nn.Module, tensor_name: str) -> str:
+    return f"{parametrize.type_before_parametrizations(module).__name__}.{tensor_name}"
+
+
+class Parametrization(nn.Module):
+    """A geofunc space as a ``torch.nn.utils.parametrize`` parametrization.
+
+    Args:
+        space: any geofunc space (an ``AbstractSpace`` instance).
+        base: the base the chart is centred at, as returned by ``space.from_manifold``: ``None``,
+            a tensor or a pytree (tuple, dict, ...) of tensors and ``None``. Its tensors become the
+            buffers ``base`` (a single tensor) or ``base0``, ``base1``, ... (in pytree leaf order).
+        where: what the parametrization constrains, e.g. ``"Linear.weight"``, for error messages.
+        shape: the shape of the constrained tensor; assignments of another shape are refused.
+    """
+
+    def __init__(self, space: AbstractSpace, base: Any = None, *, where: str = "tensor", shape: Any = None) -> None:
+        super().__init__()
+        if not isinstance(space, AbstractSpace):
+            raise TypeError(f"Parametrization expects a geofunc space, got {space!r}")
+        self.space = space
+        self.where = where
+        self.shape = None if shape is None else tuple(shape)
+        leaves = [leaf for leaf in pytree.tree_leaves(base) if leaf is not None]
+        for leaf in leaves:
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"{space!r}: a base must be a pytree of tensors, got a leaf {leaf!r}")
+        names = ["base"] if len(leaves) == 1 else [f"base{i}" for i in range(len(leaves))]
+        it = iter(names)
+        # The structure of the base with every tensor replaced by its buffer name (picklable).
+        self._template = pytree.tree_map(lambda leaf: None if leaf is None else next(it), base)
+        for name, leaf in zip(names, leaves):
+            self.register_buffer(name, leaf.detach().clone())
+
+    # -------------------------------------------------------------------- base
+    def get_base(self) -> Any:
+        """The current base, rebuilt from the buffers (``None`` for spaces without one)."""
+        return pytree.tree_map(lambda n: None if n is None else self._buffers[n], self._template)
+
+    def _set_base(self, base: Any) -> None:
+        """Overwrite the base buffers in place (the caller has validated ``base``)."""
+        with torch.no_grad():
+            for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
+                if name is not None:
+                    getattr(self, name).copy_(leaf)
+
+    def _check_base(self, base: Any) -> None:
+        new = pytree.tree_structure(base)
+        old = pytree.tree_structure(self._template)
+        if new != old:
+            raise ManifoldError(
+                f"{self.where} constrained to {self.space!r}: expected a base of structure {old}, got {new}."
+            )
+        for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
+            if name is None:
+                continue
+            buf = getattr(self, name)
+            if leaf.shape != buf.shape:
+                raise ManifoldError(
+                    f"{self.where} constrained to {self.space!r}: expected a base {name} of shape "
+                    f"{tuple(buf.shape)}, got shape {tuple(leaf.shape)}."
+                )
+
+    # -------------------------------------------------------------------- maps
+    def forward(self, Z: Tensor) -> Tensor:
+        return self.space.to_manifold(Z, self.get_base())
+
+    def _check_value(self, X: Any) -> None:
+        space = self.space
+        if not isinstance(X, torch.Tensor):
+            raise ManifoldError(f"{self.where} constrained to {space!r}: expected a tensor, got {describe(X)}.")
+        if self.shape is not None and tuple(X.shape) != self.shape:
+            raise ManifoldError(
+                f"{self.where} constrained to {space!r}: expected a tensor of shape {self.shape}, "
+                f"got shape {tuple(X.shape)}."
+            )
+        ref = next(iter(self._buffers.values()), None)
+        if ref is not None and (X.dtype != ref.dtype or X.device != ref.device):
+            raise ManifoldError(
+                f"{self.where} constrained to {space!r}: expected dtype {ref.dtype} on {ref.device}, "
+                f"got dtype {X.dtype} on {X.device}."
+            )
+
+    def right_inverse(self, X: Tensor) -> Tensor:
+        """Raw coordinates of the point ``X``; re-centres the base at ``X`` (mutates the buffers).
+
+        Raises ``ManifoldError`` (and changes nothing) if ``X`` has the wrong shape, dtype or
+        device, or lies off the space.
+        """
+        self._check_value(X)
+        try:
+            Z, base = self.space.from_manifold(X)
+        except ManifoldError as e:
+            raise ManifoldError(f"{self.where}: {e}") from None
+        self._check_base(base)
+        self._set_base(base)
+        # torch stores the result with ``original.set_(Z)``: never let it alias the caller's tensor.
+        return Z.detach().clone()
+
+    def rebase(self, Z: Tensor) -> Tensor:
+        """Re-centre the chart at the current point ``to_manifold(Z, base)``; return the new ``Z``."""
+        with torch.no_grad():
+            Z2, base = self.space.rebase(Z, self.get_base())
+            self._check_base(base)
+            self._set_base(base)
+        return Z2
+
+    def extra_repr(self) -> str:
+        return f"{self.space!r}, where={self.where!r}"
+
+
+# ----------------------------------------------------------------------------- pickling
+# ``register_parametrization`` swaps the module's class for a subclass created on the fly,
+# which pickle cannot find by name, and torch makes ``__getstate__`` raise. For modules that
+# geofunc constrains we give that class a reduction that rebuilds the module from its
+# pre-parametrization class and its ``__dict__``, then re-injects the parametrized class and
+# properties (fresh closures, so a deep copy does not share the original's cache key).
+
+
+def _new_module(cls: type) -> nn.Module:
+    return cls.__new__(cls)
+
+
+def _restore_parametrized(obj: nn.Module, state: dict) -> None:
+    obj.__setstate__(state)
+    parametrize._inject_new_class(obj)
+    for tensor_name in obj.parametrizations:
+        parametrize._inject_property(obj, tensor_name)
+    _make_picklable(obj)
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    cls = parametrize.type_before_parametrizations(self)
+    return (_new_module, (cls,), self.__dict__, None, None, _restore_parametrized)
+
+
+def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
+    if id(self) in memo:
+        return memo[id(self)]
+    replica = _new_module(parametrize.type_before_parametrizations(self))
+    memo[id(self)] = replica
+    _restore_parametrized(replica, copy.deepcopy(self.__dict__, memo))
+    return replica
+
+
+def _make_picklable(module: nn.Module) -> None:
+    cls = type(module)
+    if cls.__dict__.get("__reduce_ex__") is not _reduce_ex:
+        cls.__reduce_ex__ = _reduce_ex
+        cls.__deepcopy__ = _deepcopy
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(module).__name__}")
+    if not isinstance(tensor_name, str):
+        raise TypeError(f"tensor_name must be a string, got {tensor_name!r}")
+    known = (
+        tensor_name in module._parameters
+        or tensor_name in module._buffers
+        or parametrize.is_parametrized(module, tensor_name)
+    )
+    if not known or getattr(module, tensor_name) is None:
+        names = [n for n, _ in itertools.chain(module.named_parameters(recurse=False), module.named_buffers(recurse=False))]
+        if parametrize.is_parametrized(module):
+            names += list(module.parametrizations.keys())
+        names = [n for n in names if not n.startswith("parametrizations.")]
+        # The error type and wording of torch.nn.utils.parametrize.register_parametrization.
+        raise ValueError(
+            f"Module '{parametrize.type_before_parametrizations(module).__name__}' does not have a parameter, "
+            f"a buffer, or a parametrized element with name '{tensor_name}' (cannot constrain it to {space!r}; "
+            f"its tensors are: {', '.join(names) or 'none'})."
+        )
+    return getattr(module, tensor_name)
+
+
+def constrain(
+    module: nn.Module,
+    tensor_name: str,
+    space: AbstractSpace,
+    *,
+    init: Tensor | Callable[[Tensor], Tensor] | None = None,
+) -> nn.Module:
+    """Constrain ``module.<tensor_name>`` to ``space`` with ``torch.nn.utils.parametrize``.
+
+    The tensor becomes ``space.to_manifold(Z, base)`` of a raw parameter
+    ``module.parametrizations.<tensor_name>.original`` (``Z``) and buffers
+    ``module.parametrizations.<tensor_name>.0.base*`` (the base).
+
+    Args:
+        module: the module that owns the tensor.
+        tensor_name: the name of a parameter or buffer of ``module`` (possibly already parametrized,
+            in which case the space is appended to its chain).
+        space: any geofunc space.
+        init: the initial point: ``None`` draws ``space.sample`` on the tensor's shape, dtype and
+            device (from the global RNG, as ``torch.nn.init`` does); a tensor is used as is; a
+            callable receives the current value and returns the point.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        ManifoldError: the space cannot take the tensor's shape, or the initial point is off it;
+            the message names the module's tensor, the space, what was expected and what was got.
+        ValueError: ``module`` has no tensor ``tensor_name`` (as ``register_parametrization``).
+    """
+    if not isinstance(space, AbstractSpace):
+        raise TypeError(f"expected a geofunc space, got {space!r}")
+    T = _resolve_tensor(module, tensor_name, space)
+    where = _owner_name(module, tensor_name)
+    what = f"{where} (a tensor of shape {tuple(T.shape)} and dtype {T.dtype})"
+    try:
+        if init is None:
+            X = space.sample(tuple(T.shape), dtype=T.dtype, device=T.device)
+        elif callable(init):
+            with torch.no_grad():
+                X = init(T.detach())
+        else:
+            X = init
+        Z, base = space.from_manifold(X)
+    except ManifoldError as e:
+        raise ManifoldError(f"cannot constrain {what}: {e}") from None
+    if tuple(X.shape) != tuple(T.shape) or X.dtype != T.dtype:
+        raise ManifoldError(
+            f"cannot constrain {what} to {space!r}: expected an initial point of shape {tuple(T.shape)} and "
+            f"dtype {T.dtype}, got {describe(X)}."
+        )
+    adapter = Parametrization(space, base, where=where, shape=T.shape)
+    with torch.no_grad():
+        if parametrize.is_parametrized(module, tensor_name):
+            # The existing chain must output Z so that ours outputs X.
+            setattr(module, tensor_name, Z.to(T.device))
+        else:
+            getattr(module, tensor_name).copy_(X)  # torch calls adapter.right_inverse on it
+    parametrize.register_parametrization(module, tensor_name, adapter)
+    _make_picklable(module)
+    return module
+
+
+def parametrization_of(module: nn.Module, tensor_name: str = "weight") -> Parametrization:
+    """The geofunc :class:`Parametrization` of ``module.<tensor_name>`` (raises if there is none)."""
+    if parametrize.is_parametrized(module, tensor_name):
+        for p in module.parametrizations[tensor_name]:
+            if isinstance(p, Parametrization):
+                return p
+    raise ValueError(f"{_owner_name(module, tensor_name)} is not constrained by geofunc")
+
+
+def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
+    """Whether ``module`` (or its tensor ``tensor_name``) carries a geofunc constraint."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return False
+    names = [tensor_name] if tensor_name is not None else list(module.parametrizations)
+    return any(isinstance(p, Parametrization) for n in names for p in module.parametrizations[n])
+
+
+def update_base(module: nn.Module, tensor_name: str = "weight") -> nn.Module:
+    """Dynamic trivialization: re-centre the chart of ``module.<tensor_name>`` at its current value.
+
+    The value of the tensor does not change (exactly, for the orthogonal family and spheres;
+    to rounding for factorized spaces); the raw parameter becomes ``space.rebase``'s new
+    coordinates (zero for SO, Stiefel, Grassmannian, Sphere) and the base buffers the new base.
+    The raw parameter is updated in place, so optimizers keep tracking it; their state (momentum,
+    Adam moments) is kept as is, as in GeoTorch: reset it if the chart moved far.
+
+    The current value is computed from the raw parameter, never read from a
+    :func:`cached` value, and the cached entry (if any) is dropped.
+    """
+    if not parametrize.is_parametrized(module, tensor_name):
+        raise ValueError(f"{_owner_name(module, tensor_name)} is not constrained by geofunc")
+    plist = module.parametrizations[tensor_name]
+    first = plist[0]
+    with torch.no_grad():
+        if isinstance(first, Parametrization) and plist.is_tensor:
+            Z2 = first.rebase(plist.original)
+            plist.original.copy_(Z2)
+        else:
+            parametrization_of(module, tensor_name)  # raises if geofunc is not involved
+            setattr(module, tensor_name, plist().detach())
+    parametrize._cache.pop((id(module), tensor_name), None)
+    return module
+
+
+#: ``with gf.nn.cached(): ...`` evaluates every parametrized tensor at most once inside the block
+#: (``torch.nn.utils.parametrize.cached``); gradients flow through the cached value. Use it
+#: around loops that reuse a constrained weight (RNN time loops, weight sharing). The cache is
+#: not invalidated by assignments inside the block (as in PyTorch).
+cached = parametrize.cached

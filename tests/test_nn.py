@@ -1,0 +1,541 @@
+"""geofunc.nn: GeoTorch's one-liners on nn.Modules, save/load, caching, compile, functional bridge."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+
+import pytest
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+from torch.func import functional_call, vmap
+
+import geofunc as gf
+import geofunc.nn as gnn
+from geofunc import _pytree
+
+to_manifold = getattr(gf, "to_manifold", _pytree.to_manifold)
+
+
+def _available(make) -> bool:
+    try:
+        make()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def needs(*names):
+    missing = [n for n in names if not _available(lambda n=n: getattr(gf, n)(**_DEFAULT_KW.get(n, {})))]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not implemented yet")
+
+
+_DEFAULT_KW = {
+    "LowRank": {"rank": 1},
+    "FixedRank": {"rank": 1},
+    "PSSDLowRank": {"rank": 1},
+    "PSSDFixedRank": {"rank": 1},
+    "AlmostOrthogonal": {"lam": 0.1},
+}
+
+
+# ----------------------------------------------------------------------------- signatures
+
+# GeoTorch 0.4.0: name -> (parameters, defaults) (GEOTORCH.md section 11).
+GEOTORCH_SIGNATURES = {
+    "symmetric": "(module, tensor_name='weight', lower=True)",
+    "skew": "(module, tensor_name='weight', lower=True)",
+    "sphere": "(module, tensor_name='weight', radius=1.0, embedded=False)",
+    "orthogonal": "(module, tensor_name='weight', triv='expm')",
+    "almost_orthogonal": "(module, tensor_name='weight', lam=0.1, f='sin', triv='expm')",
+    "grassmannian": "(module, tensor_name='weight', triv='expm')",
+    "low_rank": "(module, tensor_name, rank, triv='expm')",
+    "fixed_rank": "(module, tensor_name, rank, f='softplus', triv='expm')",
+    "invertible": "(module, tensor_name='weight', f='softplus', triv='expm')",
+    "positive_definite": "(module, tensor_name='weight', f='softplus', triv='expm')",
+    "positive_semidefinite": "(module, tensor_name='weight', triv='expm')",
+    "positive_semidefinite_low_rank": "(module, tensor_name, rank, triv='expm')",
+    "positive_semidefinite_fixed_rank": "(module, tensor_name, rank, f='softplus', triv='expm')",
+}
+
+
+def _sig(fn) -> str:
+    params = [p.replace(annotation=inspect.Parameter.empty) for p in inspect.signature(fn).parameters.values()]
+    return str(inspect.Signature(params))
+
+
+@pytest.mark.parametrize("name", sorted(GEOTORCH_SIGNATURES))
+def test_signatures_are_geotorchs(name):
+    assert _sig(getattr(gnn, name)) == GEOTORCH_SIGNATURES[name]
+
+
+# ----------------------------------------------------------------------------- every constraint
+
+# (function, kwargs, module factory, space, space class name needed)
+CASES = [
+    ("orthogonal", {}, lambda: nn.Linear(5, 3), gf.Stiefel, None),
+    ("orthogonal", {"triv": "cayley"}, lambda: nn.Linear(3, 5), gf.Stiefel, None),
+    ("orthogonal", {}, lambda: nn.Linear(4, 4), gf.Stiefel, None),
+    ("grassmannian", {}, lambda: nn.Linear(2, 5), gf.Grassmannian, None),
+    ("sphere", {"radius": 2.0}, lambda: nn.Linear(4, 3), gf.Sphere, None),
+    ("sphere", {"embedded": True}, lambda: nn.Linear(4, 3), gnn.SphereEmbedded, None),
+    ("skew", {}, lambda: nn.Linear(4, 4), gf.Skew, None),
+    ("symmetric", {"lower": False}, lambda: nn.Linear(4, 4), gf.Sym, None),
+    ("almost_orthogonal", {"lam": 0.3}, lambda: nn.Linear(4, 4), gf.AlmostOrthogonal, "AlmostOrthogonal"),
+    ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4), gf.LowRank, "LowRank"),
+    ("fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 5), gf.FixedRank, "FixedRank"),
+    ("invertible", {}, lambda: nn.Linear(4, 4), gf.GLp, "GLp"),
+    ("positive_definite", {}, lambda: nn.Linear(4, 4), gf.PSD, "PSD"),
+    ("positive_semidefinite", {}, lambda: nn.Linear(4, 4), gf.PSSD, "PSSD"),
+    ("positive_semidefinite_low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 4),
+     gf.PSSDLowRank, "PSSDLowRank"),
+    ("positive_semidefinite_fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 4),
+     gf.PSSDFixedRank, "PSSDFixedRank"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_every_constraint_registers_samples_and_steps(case, dtype):
+    name, kwargs, make, cls, needed = case
+    if needed is not None and not _available(lambda: getattr(gf, needed)(**_DEFAULT_KW.get(needed, {}))):
+        pytest.skip(f"{needed} not implemented yet")
+    torch.manual_seed(0)
+    m = make().to(dtype)
+    W0 = m.weight.detach().clone()
+    out = getattr(gnn, name)(m, **kwargs)
+    assert out is m and P.is_parametrized(m, "weight") and gnn.is_constrained(m, "weight")
+    space = gnn.parametrization_of(m).space
+    assert isinstance(space, cls)
+    W = m.weight
+    assert W.dtype == dtype and W.shape == W0.shape
+    assert bool(space.contains(W).all())
+    if name == "symmetric":  # the layer's own values, symmetrized as GeoTorch does (upper triangle mirrored)
+        assert torch.equal(W, torch.triu(W0) + torch.triu(W0, 1).mT)
+    # a few Adam steps keep the constraint
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    x = torch.randn(8, m.in_features, dtype=dtype)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).pow(2).sum().backward()
+        opt.step()
+    assert not torch.equal(m.weight, W)
+    assert bool(space.contains(m.weight.detach()).all())
+
+
+# ----------------------------------------------------------------------------- README program
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 128)
+        self.cnn = nn.Conv2d(16, 32, 3)
+        # Make the linear layer into an orthogonal layer
+        geotorch.orthogonal(self.linear, "weight")
+        # Also works on tensors. Makes every kernel of the CNN have rank 1
+        geotorch.low_rank(self.cnn, "weight", rank=1)
+        # Assign to the linear layer a specific orthogonal matrix
+        self.linear.weight = torch.eye(128, 64)
+
+    def forward(self, x, img):
+        return self.linear(x).sum() + self.cnn(img).sum()
+
+
+geotorch = gnn  # the README's `import geofunc.nn as geotorch`
+
+
+@needs("LowRank")
+def test_readme_drop_in_program():
+    torch.manual_seed(0)
+    model = Model()
+    assert torch.equal(model.linear.weight, torch.eye(128, 64))  # exactly the assigned matrix
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, img = torch.randn(4, 64), torch.randn(2, 16, 8, 8)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x, img).backward()
+        opt.step()
+    W = model.linear.weight
+    assert not torch.equal(W, torch.eye(128, 64))
+    torch.testing.assert_close(W.T @ W, torch.eye(64), atol=1e-5, rtol=0)
+    K = model.cnn.weight.detach()
+    assert K.shape == (32, 16, 3, 3)
+    s = torch.linalg.svdvals(K)  # every 3x3 kernel has rank <= 1
+    assert (s[..., 1:] <= 1e-5 * s[..., :1]).all()
+    # and re-initializing still works after training
+    model.linear.weight = torch.eye(128, 64)
+    assert torch.equal(model.linear.weight, torch.eye(128, 64))
+
+
+# ----------------------------------------------------------------------------- assignment
+
+
+def _snapshot(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_assignment_goes_through_from_manifold_and_rejects_without_change():
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(3, 5))
+    Q = torch.linalg.qr(torch.randn(5, 3))[0]
+    m.weight = Q
+    assert torch.equal(m.weight, Q)
+    assert torch.equal(m.parametrizations.weight.original, torch.zeros(5, 3))
+    before = _snapshot(m)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*Stiefel.*expected a point on the space"):
+        m.weight = 2 * Q
+    assert _same(before, _snapshot(m))
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*Stiefel.*expected a tensor of shape \(5, 3\), got shape \(3, 5\)"):
+        m.weight = Q.T
+    assert _same(before, _snapshot(m))
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*expected dtype torch.float32.*got dtype torch.float64"):
+        m.weight = Q.double()
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight"):
+        m.weight = torch.full((5, 3), float("nan"))
+    assert _same(before, _snapshot(m))
+    # the stored raw tensor never aliases the assigned one (SphereEmbedded's raw tensor is X / r)
+    s = gnn.sphere(nn.Linear(3, 2), embedded=True)
+    U = torch.nn.functional.normalize(torch.randn(2, 3), dim=-1)
+    s.weight = U
+    U.mul_(0)
+    assert not torch.equal(s.parametrizations.weight.original, torch.zeros(2, 3))
+
+
+def test_square_orthogonal_is_the_whole_orthogonal_group():
+    m = gnn.orthogonal(nn.Linear(3, 3))
+    R = torch.diag(torch.tensor([1.0, 1.0, -1.0]))  # det -1: in O(3), not SO(3)
+    m.weight = R
+    assert torch.equal(m.weight, R)
+
+
+def test_update_base_keeps_the_value_outside_any_cache():
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 6))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(8, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        m(x).pow(2).sum().backward()
+        opt.step()
+    plist = m.parametrizations.weight
+    assert plist.original.abs().max() > 0  # the chart has moved away from its centre
+    raw_id = id(plist.original)
+    W = m.weight.detach().clone()
+    gnn.update_base(m, "weight")
+    assert id(plist.original) == raw_id  # optimizers keep tracking the same Parameter
+    assert torch.equal(plist.original, torch.zeros(6, 4))
+    assert torch.equal(plist[0].base, W)
+    assert torch.equal(m.weight, W)  # the same value, exactly, and not read from a cache
+
+
+def test_update_base_drops_a_stale_cache_entry():
+    m = gnn.sphere(nn.Linear(5, 3))
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(0.3)
+    with gnn.cached():
+        W = m.weight.detach().clone()
+        gnn.update_base(m)
+        torch.testing.assert_close(m.weight, W, atol=1e-6, rtol=0)
+        assert m.parametrizations.weight.original.abs().max() < 1e-6
+
+
+def test_update_base_riemannian_step_matches_geotorch():
+    """One SGD step + update_base, geofunc vs GeoTorch 0.4.0 (both: expm(-η(GYᵀ - YGᵀ))Y)."""
+    geotorch_ = pytest.importorskip("geotorch")
+    torch.manual_seed(0)
+    Y = torch.linalg.qr(torch.randn(6, 3, dtype=torch.float64))[0]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    outs = []
+    for lib in (geotorch_, gnn):
+        m = nn.Linear(3, 6, bias=False).double()
+        lib.orthogonal(m, "weight")
+        m.weight = Y
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        opt.zero_grad()
+        m(x).sin().sum().backward()
+        opt.step()
+        lib.update_base(m, "weight")
+        outs.append(m.weight.detach())
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- cached
+
+
+class RNNCell(nn.Module):
+    def __init__(self, n=8):
+        super().__init__()
+        self.recurrent = nn.Linear(n, n, bias=False)
+        self.inp = nn.Linear(n, n)
+        gnn.orthogonal(self.recurrent)
+
+    def forward(self, xs):
+        h = torch.zeros(xs.shape[1], xs.shape[2])
+        for x in xs:
+            h = torch.tanh(self.recurrent(h) + self.inp(x))
+        return h
+
+
+def test_cached_computes_the_map_once_per_forward(monkeypatch):
+    torch.manual_seed(0)
+    cell = RNNCell()
+    xs = torch.randn(50, 2, 8)
+    calls = []
+    original = gf.Stiefel.to_manifold
+
+    def counting(self, Z, base=None):
+        calls.append(1)
+        return original(self, Z, base)
+
+    monkeypatch.setattr(gf.Stiefel, "to_manifold", counting)
+    plain_out = cell(xs)
+    assert len(calls) == 50
+    calls.clear()
+    with gnn.cached():
+        cached_out = cell(xs)
+    assert len(calls) == 1
+    torch.testing.assert_close(cached_out, plain_out, atol=0, rtol=0)
+    # gradients flow through the cached value
+    with gnn.cached():
+        cell(xs).sum().backward()
+    assert cell.recurrent.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- state, dtype, pickling
+
+
+def _net():
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    gnn.orthogonal(net[0])
+    gnn.sphere(net[2], radius=2.0)
+    return net
+
+
+def _train(net, steps=2, dtype=torch.float32):
+    opt = torch.optim.Adam(net.parameters(), lr=0.05)
+    x = torch.randn(7, 4, dtype=dtype)
+    for _ in range(steps):
+        opt.zero_grad()
+        net(x).pow(2).sum().backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_into_a_fresh_module():
+    torch.manual_seed(0)
+    a = _net()
+    _train(a)
+    keys = set(a.state_dict())
+    assert {"0.parametrizations.weight.original", "0.parametrizations.weight.0.base",
+            "2.parametrizations.weight.original", "2.parametrizations.weight.0.base"} <= keys
+    b = _net()  # a different random initialization
+    x = torch.randn(5, 4)
+    assert not torch.equal(a(x), b(x))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+
+
+def test_dtype_moves_after_registration():
+    torch.manual_seed(0)
+    for move in (lambda m: m.double(), lambda m: m.to(torch.float64)):
+        net = move(_net())
+        W = net[0].weight
+        assert W.dtype == torch.float64 and net[0].parametrizations.weight[0].base.dtype == torch.float64
+        _train(net, dtype=torch.float64)
+        # the base was drawn in float32: orthonormal to float32 accuracy until a new point is assigned
+        torch.testing.assert_close(net[0].weight.T @ net[0].weight, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+        Q = torch.linalg.qr(torch.randn(6, 4, dtype=torch.float64))[0]
+        net[0].weight = Q
+        assert torch.equal(net[0].weight, Q)
+        _train(net, dtype=torch.float64)
+        torch.testing.assert_close(net[0].weight.T @ net[0].weight, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_moves_after_registration():
+    torch.manual_seed(0)
+    net = _net().cuda()
+    assert net[0].weight.is_cuda and net[0].parametrizations.weight[0].base.is_cuda
+    x = torch.randn(7, 4, device="cuda")
+    _train_dev = torch.optim.Adam(net.parameters(), lr=0.05)
+    net(x).sum().backward()
+    _train_dev.step()
+    torch.testing.assert_close(net[0].weight.T @ net[0].weight, torch.eye(4, device="cuda"), atol=1e-5, rtol=0)
+    net[0].weight = torch.eye(6, 4, device="cuda")
+    assert torch.equal(net[0].weight, torch.eye(6, 4, device="cuda"))
+    back = net.cpu()
+    assert torch.equal(back[0].weight, torch.eye(6, 4))
+    # registration on a CUDA module samples on CUDA
+    m = gnn.orthogonal(nn.Linear(4, 6, device="cuda"))
+    assert m.weight.is_cuda and m.parametrizations.weight.original.is_cuda
+
+
+def test_torch_save_load_whole_module():
+    torch.manual_seed(0)
+    net = _net()
+    _train(net)
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    new = torch.load(buf, weights_only=False)
+    x = torch.randn(5, 4)
+    assert torch.equal(new(x), net(x))
+    assert type(new[0]).__name__ == "ParametrizedLinear" and isinstance(new[0], nn.Linear)
+    assert type(new[0]) is not type(net[0])  # its own parametrized class, properties and cache keys
+    new[0].weight = torch.eye(6, 4)  # still constrained
+    assert torch.equal(new[0].weight, torch.eye(6, 4))
+    assert not torch.equal(net[0].weight, torch.eye(6, 4))
+    with pytest.raises(gf.ManifoldError):
+        new[0].weight = 2 * torch.eye(6, 4)
+    # pickling twice (a reloaded module is picklable again), and deepcopy
+    buf = io.BytesIO()
+    torch.save(new, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), new(x))
+    cp = copy.deepcopy(net)
+    assert torch.equal(cp(x), net(x))
+    cp[0].weight = torch.eye(6, 4)
+    assert not torch.equal(net[0].weight, torch.eye(6, 4))
+    with gnn.cached():  # the copy does not share the original's cache entries
+        assert not torch.equal(cp[0].weight, net[0].weight)
+
+
+# ----------------------------------------------------------------------------- functional bridge
+
+
+def test_functional_bridge_and_back():
+    torch.manual_seed(0)
+    net = _net()
+    _train(net)
+    constraints, raw, bases = gnn.functional(net)
+    assert constraints == {"0.weight": gf.Stiefel(), "2.weight": gf.Sphere(radius=2.0)}
+    assert set(raw) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
+    assert raw["0.weight"] is net[0].parametrizations.weight.original
+    skeleton = gnn.plain(net)
+    assert not P.is_parametrized(skeleton[0]) and set(dict(skeleton.named_parameters())) == set(raw)
+    x = torch.randn(5, 4)
+    ref = net(x)
+    out = functional_call(skeleton, to_manifold(constraints, raw, bases), (x,))
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    # the module's own names, through its own parametrizations
+    out2 = functional_call(net, gnn.module_state(net, raw, bases), (x,))
+    torch.testing.assert_close(out2, ref, atol=0, rtol=0)
+
+    # functional training on copies, then written back
+    raw2 = {k: v.detach().clone() for k, v in raw.items()}
+
+    def loss(r):
+        return functional_call(skeleton, to_manifold(constraints, r, bases), (x,)).pow(2).sum()
+
+    g = torch.func.grad(loss)(raw2)
+    raw2 = {k: v - 0.1 * g[k] for k, v in raw2.items()}
+    assert torch.equal(net(x), ref)  # the module was not touched
+    gnn.load_functional(net, raw2, bases)
+    torch.testing.assert_close(net(x), functional_call(skeleton, to_manifold(constraints, raw2, bases), (x,)), atol=0, rtol=0)
+
+
+def test_stack_for_vmap_ensembles():
+    torch.manual_seed(0)
+    nets = [_net() for _ in range(3)]
+    constraints, raw, bases, skeleton = gnn.stack(nets)
+    assert raw["0.weight"].shape == (3, 6, 4) and bases["0.weight"].shape == (3, 6, 4)
+    x = torch.randn(5, 4)
+
+    def f(raw, bases, x):
+        return functional_call(skeleton, to_manifold(constraints, raw, bases), (x,))
+
+    out = vmap(f, in_dims=(0, 0, None))(raw, bases, x)
+    torch.testing.assert_close(out, torch.stack([n(x) for n in nets]), atol=1e-6, rtol=0)
+    grads = vmap(torch.func.grad(lambda r, b, x: f(r, b, x).sum()), in_dims=(0, 0, None))(raw, bases, x)
+    assert grads["0.weight"].shape == (3, 6, 4)
+    with pytest.raises(ValueError, match="constraints"):
+        gnn.stack([nets[0], gnn.orthogonal(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))[0])])
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def test_compile_fullgraph_forward_backward_aot_eager():
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(5, 4)
+    ref = net(x)
+    ref.pow(2).sum().backward()
+    ref_grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+    net.zero_grad()
+    torch._dynamo.reset()
+    cnet = torch.compile(net, backend="aot_eager", fullgraph=True)
+    out = cnet(x)
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own inductor imports (torch.jit.script_method)
+def test_compile_fullgraph_inductor():
+    torch.manual_seed(0)
+    net = gnn.orthogonal(nn.Linear(4, 6))
+    x = torch.randn(5, 4)
+    ref = net(x)
+    torch._dynamo.reset()
+    out = torch.compile(net, fullgraph=True)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert net.parametrizations.weight.original.grad is not None
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_errors_name_the_parameter_the_space_expected_and_got():
+    with pytest.raises(gf.ManifoldError, match=r"cannot constrain Linear\.bias \(a tensor of shape \(3,\).*Stiefel.*expected.*matrices.*got"):
+        gnn.orthogonal(nn.Linear(2, 3), "bias")
+    with pytest.raises(ValueError, match=r"Module 'Linear' does not have a parameter, a buffer, or a parametrized element with name 'wieght'.*weight, bias"):
+        gnn.orthogonal(nn.Linear(2, 3), "wieght")
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*Sym.*expected.*square.*got.*\(3, 2\)"):
+        gnn.symmetric(nn.Linear(2, 3))
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*Sphere.*radius"):
+        gnn.sphere(nn.Linear(2, 3), radius=-1.0)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*triv"):
+        gnn.orthogonal(nn.Linear(2, 3), triv="nope")
+    # a failed registration leaves the module as it was
+    m = nn.Linear(2, 3)
+    with pytest.raises(gf.ManifoldError):
+        gnn.skew(m)
+    assert not P.is_parametrized(m)
+
+
+@needs("LowRank")
+def test_rank_out_of_range_names_the_parameter():
+    with pytest.raises(gf.ManifoldError, match=r"Conv2d\.weight.*LowRank.*rank"):
+        gnn.low_rank(nn.Conv2d(2, 2, 3), "weight", rank=4)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*LowRank.*rank"):
+        gnn.low_rank(nn.Linear(2, 3), "weight", rank=0)
+
+
+def test_constrain_any_space_and_chains():
+    m = gnn.constrain(nn.Linear(3, 3), "weight", gf.SO())
+    assert torch.linalg.det(m.weight) > 0
+    # on an already parametrized tensor, the space is appended to the chain
+    m = nn.Linear(3, 3)
+    P.register_parametrization(m, "weight", _Scale())
+    gnn.constrain(m, "weight", gf.Stiefel())
+    torch.testing.assert_close(m.weight.T @ m.weight, torch.eye(3), atol=1e-5, rtol=0)
+    m.weight = torch.eye(3)
+    torch.testing.assert_close(m.weight, torch.eye(3), atol=1e-6, rtol=0)
+
+
+class _Scale(nn.Module):
+    def forward(self, X):
+        return 2 * X
+
+    def right_inverse(self, X):
+        return X / 2
