@@ -304,7 +304,8 @@ def check_contains(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opti
 
 
 def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
-    """``check`` passes on points and raises ``ManifoldError`` naming the space on NaN / off-manifold input."""
+    """``check`` passes on points; ``check`` and ``from_manifold`` raise ``ManifoldError`` naming the space
+    and the measured violation (a key of ``space._violations``) on NaN / off-manifold input."""
     g = _gen(generator)
     M = case.space
     for shape in case.shapes:
@@ -323,6 +324,8 @@ def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optiona
                 except ManifoldError as e:
                     if repr(M) not in str(e):
                         raise _fail(ctx, f"the ManifoldError of {fn_name}({name}) does not name the space: {e}") from None
+                    if not any(v in str(e) for v in M._violations(Y)):
+                        raise _fail(ctx, f"the ManifoldError of {fn_name}({name}) names no measured violation: {e}") from None
                 else:
                     raise _fail(ctx, f"{fn_name}({name}) did not raise ManifoldError")
 
