@@ -6,6 +6,7 @@ pure function of tensors, so every constraint composes with ``torch.func`` (``vm
 ``torch.compile``.
 """
 
+from . import nn as nn
 from . import optim as optim
 from ._errors import ManifoldError as ManifoldError
 from ._pytree import (
@@ -62,6 +63,7 @@ __all__ = [
     "Sym",
     "contains",
     "from_manifold",
+    "nn",
     "optim",
     "rebase",
     "retract",
