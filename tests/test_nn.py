@@ -14,9 +14,8 @@ from torch.func import functional_call, vmap
 
 import geofunc as gf
 import geofunc.nn as gnn
-from geofunc import _pytree
 
-to_manifold = getattr(gf, "to_manifold", _pytree.to_manifold)
+to_manifold = gf.to_manifold
 
 
 def _available(make) -> bool:

@@ -264,13 +264,21 @@ def constrain(
             f"dtype {T.dtype}, got {describe(X)}."
         )
     adapter = Parametrization(space, base, where=where, shape=T.shape)
+    chained = parametrize.is_parametrized(module, tensor_name)
     with torch.no_grad():
-        if parametrize.is_parametrized(module, tensor_name):
+        if chained:
             # The existing chain must output Z so that ours outputs X.
             setattr(module, tensor_name, Z.to(T.device))
         else:
-            getattr(module, tensor_name).copy_(X)  # torch calls adapter.right_inverse on it
-    parametrize.register_parametrization(module, tensor_name, adapter)
+            saved = T.detach().clone()
+            T.copy_(X)  # torch calls adapter.right_inverse on it
+    try:
+        parametrize.register_parametrization(module, tensor_name, adapter)
+    except Exception:
+        if not chained:
+            with torch.no_grad():
+                T.copy_(saved)
+        raise
     _make_picklable(module)
     return module
 
