@@ -1,10 +1,86 @@
-"""Placeholder: AlmostOrthogonal is being implemented."""
+"""Matrices whose singular values lie in [1 − λ, 1 + λ]."""
 
-from ._base import AbstractSpace
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .._errors import error
+from .._linalg import Triv
+from ._factorized import UNIT_MAPS, SVDSpace, missing_inverse, normalize_f, resolve_f
 
 __all__ = ["AlmostOrthogonal"]
 
+Tensor = torch.Tensor
 
-class AlmostOrthogonal(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("AlmostOrthogonal is not implemented yet")
+
+@dataclasses.dataclass(frozen=True)
+class AlmostOrthogonal(SVDSpace):
+    r"""Almost orthogonal matrices: :math:`\{X \in \mathbb{R}^{n\times k} : \sigma_i(X) \in [1-\lambda, 1+\lambda]\}`.
+
+    Every shape (wide ones transposed in and out; below n ≥ k, rank k), ``lam`` in [0, 1]
+    (0: the Stiefel manifold; 1: singular values in [0, 2]).
+
+    * ``to_manifold(Z, base) = U diag(1 + λ f(s)) Vᵀ`` with ``U ∈ St(n, k)``, ``V ∈ SO-chart(k)`` the
+      :class:`Stiefel` charts of ``tril(Z, −1)`` and ``triu(Z, 1)ᵀ`` at ``base = (U_b, V_b)``,
+      ``s = diag(Z)``. ``f``: ``"sin"`` (default), ``"tanh"``, ``"sigmoid"`` (= ``2σ(t) − 1 = tanh(t/2)``,
+      also ``"scaled_sigmoid"``), a callable (no ``from_manifold``) or a pair ``(f, f_inverse)``;
+      with image [a, b] the singular values lie in [1 + λa, 1 + λb].
+    * ``from_manifold``: SVD, ``s = f⁻¹((σ − 1)/λ)`` (0 if λ = 0); ``rebase`` keeps ``diag(Z)``.
+    * ``tangent``: ``G`` for λ > 0 (the set has interior), Stiefel's ``G − X sym(XᵀG)`` for λ = 0;
+      ``project(Y)`` = ``U clamp(σ, 1 − λ, 1 + λ) Vᵀ``, the nearest point (the polar factor for λ = 0);
+      ``retract(X, V) = project(X + V)``. ``sample``: Haar frames, singular values spread over
+      [1 − 0.9λ, 1 + 0.9λ].
+    * ``logabsdet`` (square only) ``= Σ log|1 + λ f(sᵢ)|``.
+
+    Example::
+
+        >>> X = AlmostOrthogonal(lam=0.5).to_manifold(torch.randn(3, 5))
+        >>> s = torch.linalg.svdvals(X); bool(((s >= 0.5 - 1e-5) & (s <= 1.5 + 1e-5)).all())
+        True
+    """
+
+    lam: float
+    f: Any = "sin"
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        lam = self.lam
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+            raise error(self, "`lam` to be a number in [0, 1]", repr(lam))
+        object.__setattr__(self, "f", normalize_f(self, self.f, UNIT_MAPS))
+        self._init_frames()
+
+    def _rank(self, n: int, k: int) -> int:
+        return k
+
+    def _tangent_kind(self, n: int, k: int) -> str:
+        return "stiefel" if self.lam == 0 else "identity"
+
+    def _has_logabsdet(self, n: int, k: int) -> bool:
+        return n == k
+
+    def _values(self, s: Tensor) -> Tensor:
+        return 1.0 + self.lam * resolve_f(self.f, UNIT_MAPS)[0](s)
+
+    def _values_inverse(self, sigma: Tensor) -> Tensor:
+        inv = resolve_f(self.f, UNIT_MAPS)[1]
+        if inv is None:
+            raise missing_inverse(self, self.f)
+        if self.lam == 0:
+            return 0.0 * sigma
+        return inv((sigma - 1.0) / self.lam)
+
+    def _project_values(self, s, r, d):
+        lo, hi = 1.0 - self.lam, 1.0 + self.lam
+        return s.clamp(lo, hi), ((s > lo) & (s < hi)).to(s.dtype)
+
+    def _value_violations(self, s, r, n, k):
+        return {f"max(0, max|σ − 1| − lam), lam = {self.lam:g}": ((s - 1.0).abs() - self.lam).clamp(min=0.0).amax(-1)}
+
+    def _sample_values(self, t: Tensor) -> Tensor:
+        return 1.0 + 0.9 * self.lam * (2.0 * t - 1.0)
+
+

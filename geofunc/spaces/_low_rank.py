@@ -1,10 +1,63 @@
-"""Placeholder: LowRank is being implemented."""
+"""Matrices of rank at most r."""
 
-from ._base import AbstractSpace
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._linalg import Triv
+from ._factorized import SVDSpace, excess_violation, validate_rank
 
 __all__ = ["LowRank"]
 
+Tensor = torch.Tensor
 
-class LowRank(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("LowRank is not implemented yet")
+
+@dataclasses.dataclass(frozen=True)
+class LowRank(SVDSpace):
+    r"""Matrices of rank at most r: :math:`\{X \in \mathbb{R}^{n\times k} : \operatorname{rank} X \le r\}`.
+
+    Points are ``(*batch, n, k)``; wide matrices are transposed in and out, below n ≥ k.
+
+    * ``to_manifold(Z, base) = U diag(s) Vᵀ`` with ``U = Stiefel.to_manifold(tril(Z, −1)[:, :r], U_b)``
+      (n×r), ``s = diag(Z)[:r]`` (raw, may be negative) and
+      ``V = Stiefel.to_manifold(triu(Z, 1)[:r, :]ᵀ, V_b)`` (k×r); ``base = (U_b, V_b)`` (None: the
+      first r columns of the identity). Cost O((n + k) r²) plus the n×k product: no n×n
+      matrix, no SVD.
+    * ``from_manifold(X)``: thin SVD, ``base = (U_r, V_r)``, ``Z`` zero but ``diag(Z)[:r] = σ_{1..r}``.
+      ``rebase`` keeps ``diag(Z)[:r]`` and moves the frames into the base (no SVD).
+    * ``tangent`` at a rank-r point: ``P_U G + G P_V − P_U G P_V`` (the fixed-rank tangent space);
+      ``project`` = truncated SVD (the nearest point, Eckart–Young); ``retract(X, V) =
+      project(X + V)``. ``sample``: Haar ``U``, ``V`` and separated singular values in (0.5, 1.5].
+    * ``logabsdet`` (n = k = r only) ``= Σ log|sᵢ|``.
+
+    Example::
+
+        >>> X = LowRank(rank=2).to_manifold(torch.randn(6, 4))
+        >>> int(torch.linalg.matrix_rank(X))
+        2
+    """
+
+    rank: int
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        validate_rank(self, self.rank)
+        self._init_frames()
+
+    def _rank(self, n: int, k: int) -> int:
+        return self.rank
+
+    def _values(self, s: Tensor) -> Tensor:
+        return s
+
+    def _values_inverse(self, sigma: Tensor) -> Tensor:
+        return sigma
+
+    def _project_values(self, s, r, d):
+        keep = (torch.arange(s.shape[-1], device=s.device) < r).to(s.dtype)
+        return s * keep, keep.expand_as(s)
+
+    def _value_violations(self, s, r, n, k):
+        return excess_violation(s, r)

@@ -1,10 +1,127 @@
-"""Placeholder: Product is being implemented."""
+"""Products of spaces: points are tuples, every map acts factor-wise."""
 
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from .._errors import ManifoldError, describe, error
 from ._base import AbstractSpace
 
 __all__ = ["Product"]
 
+Tensor = torch.Tensor
 
+
+@dataclasses.dataclass(frozen=True, init=False, repr=False)
 class Product(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("Product is not implemented yet")
+    r"""The product :math:`M_1 \times \dots \times M_k`: points are tuples ``(X_1, ..., X_k)``, ``X_i ∈ M_i``.
+
+    ``Product(M1, ..., Mk)`` (or ``Product([M1, ..., Mk])``). Every map acts factor-wise:
+    ``to_manifold((Z_1, ..., Z_k), (b_1, ..., b_k)) = (M_1.to_manifold(Z_1, b_1), ...)``;
+    ``from_manifold`` and ``rebase`` return ``(tuple of raw tensors, tuple of bases)`` (``base=None``:
+    every factor's canonical base); ``tangent``, ``retract``, ``project`` pair up the tuples;
+    ``sample(shapes)`` takes one full shape per factor; ``contains`` is the ``&`` of the factors'
+    (batch shapes must broadcast); ``logabsdet`` is the sum of the factors' (the determinant of the
+    block-diagonal matrix). Factors may have different shapes, batch dims and dtypes. Errors
+    name the product and the factor.
+
+    Example::
+
+        >>> M = Product(SO(), Sphere())
+        >>> X = M.to_manifold((torch.randn(3, 3), torch.randn(4)))
+        >>> [x.shape for x in X]
+        [torch.Size([3, 3]), torch.Size([4])]
+    """
+
+    factors: tuple
+
+    def __init__(self, *factors: Any) -> None:
+        if len(factors) == 1 and isinstance(factors[0], (tuple, list)):
+            factors = tuple(factors[0])
+        object.__setattr__(self, "factors", tuple(factors))
+        if not factors:
+            raise error(self, "at least one factor space", "none")
+        for i, M in enumerate(factors):
+            if not isinstance(M, AbstractSpace):
+                raise error(self, f"factor {i} to be a geofunc space", describe(M))
+
+    def __repr__(self) -> str:
+        return f"Product({', '.join(repr(M) for M in self.factors)})"
+
+    # ------------------------------------------------------------------ helpers
+    def _tuple(self, X: Any, what: str) -> tuple:
+        k = len(self.factors)
+        if not isinstance(X, (tuple, list)) or len(X) != k:
+            raise error(self, f"`{what}` to be a tuple of {k} entries (one per factor)", describe(X))
+        return tuple(X)
+
+    def _bases(self, base: Any) -> tuple:
+        return (None,) * len(self.factors) if base is None else self._tuple(base, "base")
+
+    def _each(self, fn: Callable[..., Any], *args: tuple) -> tuple:
+        out = []
+        for i, (M, *a) in enumerate(zip(self.factors, *args)):
+            try:
+                out.append(fn(M, *a))
+            except ManifoldError as e:
+                raise ManifoldError(f"{self!r}: factor {i}: {e}") from None
+        return tuple(out)
+
+    def _check_shape(self, X: Any, what: str = "X") -> None:
+        self._each(lambda M, x: M._check_shape(x, what), self._tuple(X, what))
+
+    # --------------------------------------------------------------------- maps
+    def to_manifold(self, Z: Any, base: Any = None) -> tuple:
+        return self._each(lambda M, z, b: M.to_manifold(z, b), self._tuple(Z, "Z"), self._bases(base))
+
+    def from_manifold(self, X: Any) -> tuple[tuple, tuple]:
+        pairs = self._each(lambda M, x: M.from_manifold(x), self._tuple(X, "X"))
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    def _from_manifold(self, X: Any) -> tuple[tuple, tuple]:
+        pairs = self._each(lambda M, x: M._from_manifold(x), self._tuple(X, "X"))
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    def rebase(self, Z: Any, base: Any) -> tuple[tuple, tuple]:
+        pairs = self._each(lambda M, z, b: M.rebase(z, b), self._tuple(Z, "Z"), self._bases(base))
+        return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+
+    def tangent(self, X: Any, G: Any) -> tuple:
+        return self._each(lambda M, x, g: M.tangent(x, g), self._tuple(X, "X"), self._tuple(G, "G"))
+
+    def retract(self, X: Any, V: Any) -> tuple:
+        return self._each(lambda M, x, v: M.retract(x, v), self._tuple(X, "X"), self._tuple(V, "V"))
+
+    def project(self, Y: Any) -> tuple:
+        return self._each(lambda M, y: M.project(y), self._tuple(Y, "Y"))
+
+    def sample(self, shape: Any, *, generator=None, dtype=None, device=None) -> tuple:
+        shapes = self._tuple(shape, "shape")
+        return self._each(lambda M, s: M.sample(s, generator=generator, dtype=dtype, device=device), shapes)
+
+    def logabsdet(self, Z: Any, base: Any = None) -> Tensor:
+        parts = self._each(lambda M, z, b: M.logabsdet(z, b), self._tuple(Z, "Z"), self._bases(base))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    # --------------------------------------------------------------- membership
+    def contains(self, X: Any, atol: float | None = None) -> Tensor:
+        parts = self._each(lambda M, x: M.contains(x, atol), self._tuple(X, "X"))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out & p
+        return out
+
+    def check(self, X: Any, atol: float | None = None) -> None:
+        self._each(lambda M, x: M.check(x, atol), self._tuple(X, "X"))
+
+    def _violations(self, X: Any) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for i, d in enumerate(self._each(lambda M, x: M._violations(x), self._tuple(X, "X"))):
+            out.update({f"factor {i}: {name}": v for name, v in d.items()})
+        return out

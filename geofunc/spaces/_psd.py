@@ -1,10 +1,60 @@
-"""Placeholder: PSD is being implemented."""
+"""Symmetric positive definite matrices."""
 
-from ._base import AbstractSpace
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from .._linalg import Triv
+from ._factorized import POSITIVE_MAPS, EigSpace, normalize_f, resolve_f
+from ._pssd_fixed_rank import positive_eig_project, positive_eig_violations, positive_values_inverse
 
 __all__ = ["PSD"]
 
+Tensor = torch.Tensor
 
-class PSD(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("PSD is not implemented yet")
+
+@dataclasses.dataclass(frozen=True)
+class PSD(EigSpace):
+    r"""Symmetric positive definite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succ 0\}`.
+
+    ``X = Q diag(f(λ)) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`),
+    ``λ = diag(Z)``; ``f`` = ``"softplus"`` (``softplus + ε``, ε = √ε_dtype), a callable (then
+    ``from_manifold`` raises) or a pair ``(f, f_inverse)`` — e.g. ``(torch.exp, torch.log)``.
+
+    * ``from_manifold``: ``eigh``, ``diag(Z) = f⁻¹(μ)``, ``base = Q``; ``rebase`` keeps ``diag(Z)``.
+    * ``logabsdet(Z, base) = Σ log f(λᵢ)`` (exact, O(n) after reading the diagonal).
+    * ``tangent(X, G) = sym(G)`` (open in the symmetric matrices); ``project(Y)``: eigenvalues of
+      ``sym(Y)`` clamped up to ``max(ε, √ε·λ_max)`` (a canonical point); ``retract(X, V) = project(X + V)``
+      (``= X + V`` for small symmetric ``V``). ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+
+    Example::
+
+        >>> X = PSD().to_manifold(torch.randn(3, 3))
+        >>> bool((torch.linalg.eigvalsh(X) > 0).all())
+        True
+    """
+
+    f: Any = "softplus"
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
+        self._init_frames()
+
+    def _rank(self, n: int) -> int:
+        return n
+
+    def _values(self, lam: Tensor) -> Tensor:
+        return resolve_f(self.f, POSITIVE_MAPS)[0](lam)
+
+    def _values_inverse(self, mu: Tensor) -> Tensor:
+        return positive_values_inverse(self, mu)
+
+    def _project_values(self, lam, r):
+        return positive_eig_project(self, lam, r)
+
+    def _value_violations(self, lam, r, n):
+        return positive_eig_violations(self, lam, r, n)

@@ -1,10 +1,55 @@
-"""Placeholder: PSSD is being implemented."""
+"""Positive semidefinite matrices."""
 
-from ._base import AbstractSpace
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._linalg import Triv
+from ._factorized import EigSpace, eig_excess_violations
+from ._pssd_low_rank import pssd_project_values
 
 __all__ = ["PSSD"]
 
+Tensor = torch.Tensor
 
-class PSSD(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("PSSD is not implemented yet")
+
+@dataclasses.dataclass(frozen=True)
+class PSSD(EigSpace):
+    r"""Positive semidefinite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succeq 0\}`.
+
+    ``X = Q diag(|λ|) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`)
+    and ``λ = diag(Z)``; ``base`` an orthogonal n×n matrix (None: the identity).
+
+    * ``from_manifold``: ``eigh``, ``base = Q``, ``diag(Z) = λ``; ``rebase`` keeps ``diag(Z)``.
+    * ``tangent(X, G) = sym(G)``; ``project(Y)``: eigenvalues of ``sym(Y)`` clipped at 0 (the nearest
+      point); ``retract(X, V) = project(X + V)``. ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+    * ``logabsdet = Σ log|λᵢ|``.
+
+    Example::
+
+        >>> X = PSSD().to_manifold(torch.randn(3, 3))
+        >>> bool((torch.linalg.eigvalsh(X) > -1e-6).all())
+        True
+    """
+
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        self._init_frames()
+
+    def _rank(self, n: int) -> int:
+        return n
+
+    def _values(self, lam: Tensor) -> Tensor:
+        return lam.abs()
+
+    def _values_inverse(self, mu: Tensor) -> Tensor:
+        return mu.abs()
+
+    def _project_values(self, lam, r):
+        return pssd_project_values(lam, r)
+
+    def _value_violations(self, lam, r, n):
+        return eig_excess_violations(lam, r, n)

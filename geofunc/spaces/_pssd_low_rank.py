@@ -1,10 +1,68 @@
-"""Placeholder: PSSDLowRank is being implemented."""
+"""Positive semidefinite matrices of rank at most r."""
 
-from ._base import AbstractSpace
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._linalg import Triv
+from ._factorized import EigSpace, eig_excess_violations, validate_rank
 
 __all__ = ["PSSDLowRank"]
 
+Tensor = torch.Tensor
 
-class PSSDLowRank(AbstractSpace):
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("PSSDLowRank is not implemented yet")
+
+def pssd_project_values(lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Top ``r`` eigenvalues (``lam`` ascending) clipped at 0, the others 0."""
+    n = lam.shape[-1]
+    top = torch.arange(n, device=lam.device) >= n - r
+    g = torch.where(top, lam.clamp(min=0.0), torch.zeros_like(lam))
+    return g, (top & (lam > 0)).to(lam.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class PSSDLowRank(EigSpace):
+    r"""Positive semidefinite matrices of rank at most r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X \le r\}`.
+
+    Square points ``(*batch, n, n)``.
+
+    * ``to_manifold(Z, base) = Q diag(|λ|) Qᵀ`` with ``Q = Stiefel.to_manifold(tril(Z, −1)[:, :r], base)``
+      (n×r; ``base=None``: the first r columns of the identity) and ``λ = diag(Z)[:r]``; the upper
+      triangle is not read. O(n r²) plus the n×n product.
+    * ``from_manifold``: ``eigh``, top r eigenpairs (descending), ``base = Q_r``; ``rebase`` keeps
+      ``diag(Z)[:r]`` and moves ``Q`` into the base (no ``eigh``).
+    * ``tangent(X, G) = P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` (the tangent space of the rank-r
+      stratum; ``sym(G)`` when r = n); ``project(Y)``: top-r eigenvalues of ``sym(Y)`` clipped at 0 (the
+      nearest point); ``retract(X, V) = project(X + V)``. ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+    * ``logabsdet`` (r = n only) ``= Σ log|λᵢ|``.
+
+    Example::
+
+        >>> X = PSSDLowRank(rank=2).to_manifold(torch.randn(4, 4))
+        >>> bool((torch.linalg.eigvalsh(X) > -1e-6).all())
+        True
+    """
+
+    rank: int
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        validate_rank(self, self.rank)
+        self._init_frames()
+
+    def _rank(self, n: int) -> int:
+        return self.rank
+
+    def _values(self, lam: Tensor) -> Tensor:
+        return lam.abs()
+
+    def _values_inverse(self, mu: Tensor) -> Tensor:
+        return mu.abs()
+
+    def _project_values(self, lam, r):
+        return pssd_project_values(lam, r)
+
+    def _value_violations(self, lam, r, n):
+        return eig_excess_violations(lam, r, n)
