@@ -26,6 +26,8 @@ __all__ = [
     "haar_so",
     "chol_qr",
     "polar",
+    "nan_poison",
+    "sanitize",
     "stiefel_chart",
     "eye_like",
     "transpose",
@@ -113,22 +115,43 @@ def haar_so(shape, generator=None, dtype=None, device=None) -> Tensor:
     return Q * flip.unsqueeze(-2)
 
 
+def nan_poison(Y: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
+    """``0`` per point of ``Y``, ``NaN`` where the point has a NaN or inf entry (broadcastable).
+
+    Added to the output of a LAPACK-backed map that was fed a sanitized input, it makes NaN
+    input give NaN output instead of an exception or a plausible point.
+    """
+    return (Y * 0.0).sum(dim=dims, keepdim=True)
+
+
+def sanitize(Y: Tensor) -> Tensor:
+    """``Y`` with non-finite entries replaced by 0 (use with :func:`nan_poison`)."""
+    return torch.where(torch.isfinite(Y), Y, torch.zeros_like(Y))
+
+
 def chol_qr(Y: Tensor) -> Tensor:
     """Orthonormal factor of the QR decomposition (positive diagonal) of tall ``Y``.
 
     CholeskyQR2: two passes of ``Q = Y R^{-1}``, ``RᵀR = YᵀY``; O(n k²), smooth where
-    ``Y`` has full column rank, and accurate to rounding after the second pass.
+    ``Y`` has full column rank, and accurate to rounding after the second pass. A
+    rank-deficient or non-finite ``Y`` (no QR factor) gives non-finite entries, never an
+    exception or a plausible frame.
     """
+    poison = nan_poison(Y)
+    Y = sanitize(Y)
     for _ in range(2):
-        R = torch.linalg.cholesky(transpose(Y) @ Y, upper=True)
+        R, _ = torch.linalg.cholesky_ex(transpose(Y) @ Y, upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y
+    return Y + poison
 
 
 def polar(Y: Tensor) -> Tensor:
-    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ``: the nearest frame in Frobenius norm."""
-    U, _, Vh = torch.linalg.svd(Y, full_matrices=False)
-    return U @ Vh
+    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ``: the nearest frame in Frobenius norm.
+
+    NaN/inf entries give a NaN point (LAPACK would raise).
+    """
+    U, _, Vh = torch.linalg.svd(sanitize(Y), full_matrices=False)
+    return U @ Vh + nan_poison(Y)
 
 
 def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._linalg import Triv, haar_so, resolve_triv, skew_lower, skew_part, transpose
+from .._linalg import Triv, haar_so, nan_poison, resolve_triv, sanitize, skew_lower, skew_part, transpose
 from ._base import AbstractSpace
 from ._orthogonal import check_base, orthonormality_error, validate_triv
 
@@ -82,11 +82,11 @@ class SO(AbstractSpace):
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
-        U, _, Vh = torch.linalg.svd(Y)
+        U, _, Vh = torch.linalg.svd(sanitize(Y))
         d = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(Vh)[0]
         ones = torch.ones_like(U[..., 0, :])
         flip = torch.cat([ones[..., :-1], d.unsqueeze(-1)], dim=-1)
-        return (U * flip.unsqueeze(-2)) @ Vh
+        return (U * flip.unsqueeze(-2)) @ Vh + nan_poison(Y)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         shape = tuple(shape)
