@@ -63,8 +63,13 @@ def skew_part(X: Tensor) -> Tensor:
 
 
 def expm(A: Tensor) -> Tensor:
-    """Matrix exponential (scaling and squaring), batched and differentiable."""
-    return torch.linalg.matrix_exp(A)
+    """Matrix exponential (scaling and squaring), batched and differentiable.
+
+    Taylor + scaling and squaring with an exact, cheap backward: see :mod:`geofunc._expm`.
+    """
+    from ._expm import expm as _fast_expm
+
+    return _fast_expm(A)
 
 
 def cayley(A: Tensor) -> Tensor:
