@@ -111,8 +111,9 @@ def _eye(A: Tensor) -> Tensor:
 def choose_degree(A: Tensor) -> tuple[int, int, Any]:
     """``(m, s, pre)``: Taylor degree, number of squarings, and precomputed powers.
 
-    ``pre`` is ``None`` or ``(t, [A_t, A_t², A_t³, A_t⁴])`` with ``A_t = A / 2^t``, ``s ≥ t``
-    (``t > 0`` only for ``‖A‖₁ > 256``, so that the powers cannot overflow).
+    ``pre`` is ``None`` or ``(t, [A_t, A_t², A_t³, A_t⁴])`` with ``A_t = A / 2^t``
+    (``t > 0`` only for ``‖A‖₁ > 2¹⁶``, so that the powers cannot overflow while the
+    norms are measured; ``B^j = A_t^j 2^((t-s)j)`` is exact).
     Reads tensor values: concrete tensors only.
     """
     u = _UNIT_ROUNDOFF[A.dtype]
@@ -125,7 +126,7 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
             for m in _LOW:
                 if a1 <= _theta(m, u):
                     return m, 0, None
-            t = max(0, math.ceil(math.log2(a1 / 256.0))) if a1 > 256.0 else 0
+            t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
             A_t = A * 2.0**-t if t else A
         P2 = A_t @ A_t
         P3 = P2 @ A_t
@@ -138,7 +139,7 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
         best = None
         for m in _HIGH:
             th = _theta(m, u)
-            s = max(t, math.ceil(math.log2(alpha / th))) if alpha > th else t
+            s = max(0, math.ceil(math.log2(alpha / th))) if alpha > th else 0
             key = (_products(m) + s, s)
             if best is None or key < best[0]:
                 best = (key, m, s)
@@ -304,6 +305,18 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     return dX
 
 
+def _derivative_degree(m: int) -> int:
+    """Degree for derivative rules that may themselves be differentiated.
+
+    ``m`` is chosen so that ``T_m`` and its first derivative are exact to rounding, but
+    the k-th derivative of ``T_m`` errs by ~``θ^(m+1-k)/(m+1-k)!``: the second derivative
+    of ``T_1(A) = I + A`` is 0, not ``(EF + FE)/2``. Rules that build a graph (double
+    backward, ``torch.func``, forward mode) therefore use 4 more degrees (at least 8),
+    which makes the second derivative as accurate as the first.
+    """
+    return 8 if m < 8 else min(m + 4, _HIGH[-1])
+
+
 class _Holder:
     """Carries (m, s, intermediates) from ``forward`` to ``setup_context`` (not a pytree node,
     so functorch passes the same object through to both)."""
@@ -329,19 +342,21 @@ class _Expm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (A,) = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # Building a graph (double backward, torch.func.grad): recompute the
-            # intermediates from A so that the graph reaches A through them.
-            _, cache = _evaluate(A, ctx.m, ctx.s)
-        else:
+        if not torch.is_grad_enabled() and ctx.cache is not None:
             return _adjoint(ctx.cache, G, ctx.m, ctx.s, inplace=True), None
-        return _adjoint(cache, G, ctx.m, ctx.s), None
+        # Building a graph (double backward, torch.func.grad): recompute the intermediates
+        # from A so that the graph reaches A through them, with a degree whose second
+        # derivatives are accurate too.
+        m = _derivative_degree(ctx.m)
+        _, cache = _evaluate(A, m, ctx.s)
+        return _adjoint(cache, G, m, ctx.s), None
 
     @staticmethod
     def jvp(ctx: Any, E: Tensor, _holder: Any) -> Tensor:  # type: ignore[override]
         (A,) = ctx.saved_tensors
-        _, cache = _evaluate(A, ctx.m, ctx.s)
-        return _tangent(cache, E, ctx.m, ctx.s)
+        m = _derivative_degree(ctx.m)
+        _, cache = _evaluate(A, m, ctx.s)
+        return _tangent(cache, E, m, ctx.s)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, A: Tensor, holder: _Holder) -> tuple[Tensor, Any]:
@@ -384,5 +399,6 @@ def expm(A: Tensor) -> Tensor:
 def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
     """The Fréchet derivative ``L(A, E)`` of the approximant used by :func:`expm` (eager helper)."""
     m, s, _ = choose_degree(A)
+    m = _derivative_degree(m)
     _, cache = _evaluate(A, m, s)
     return _tangent(cache, E, m, s)

@@ -1,0 +1,215 @@
+"""The fast differentiable matrix exponential (geofunc._expm): values, derivatives, transforms, accuracy.
+
+Speed is not asserted here (benchmarks/ measures it); these tests pin down that the fast
+path is never wrong: forward, backward, double backward, forward mode, every torch.func
+transform (vmap without the per-sample fallback), and torch.compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+
+import geofunc as gf
+from geofunc._expm import _products, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._linalg import skew_lower
+
+ref_expm = torch.linalg.matrix_exp
+
+
+@contextlib.contextmanager
+def no_vmap_fallback():
+    prev = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(prev)
+
+
+def _rand(shape, scale, generator, dtype=torch.float64):
+    n = shape[-1]
+    return torch.randn(shape, generator=generator, dtype=dtype) * scale / math.sqrt(max(n, 1))
+
+
+# ----------------------------------------------------------------------------- degrees
+
+
+def test_thresholds_increase_with_degree_and_precision():
+    for dtype in (torch.float32, torch.float64):
+        u = _UNIT_ROUNDOFF[dtype]
+        th = [_theta(m, u) for m in (1, 2, 4, 8, 12, 16, 20, 24)]
+        assert all(a < b for a, b in zip(th, th[1:]))
+    # the float32 thresholds are larger (fewer squarings for the same norm)
+    assert _theta(16, 2.0**-24) > 2 * _theta(16, 2.0**-53)
+    assert [_products(m) for m in (1, 2, 4, 8, 12, 16, 20, 24)] == [0, 1, 2, 4, 5, 6, 7, 8]
+
+
+def test_choice_uses_power_norms(generator):
+    # A random skew generator with entries ~ N(0, 1/n): ‖A‖₁ ≈ 0.8 √n but its spectral radius is ~2;
+    # the α₃ bound sees that, so at most 2 squarings are needed (‖A‖₁ alone would ask for ~4).
+    A = skew_lower(_rand((256, 256), 1.0, generator, torch.float32))
+    m, s, _ = choose_degree(A)
+    assert s <= 2
+    assert choose_degree(torch.zeros(4, 4))[:2] == (1, 0)
+    # a strictly triangular (nilpotent) matrix of any norm: no squaring at all
+    N = torch.triu(torch.full((3, 3), 1e3, dtype=torch.float64), 1)
+    assert choose_degree(N)[1] == 0
+    torch.testing.assert_close(expm(N), ref_expm(N), rtol=1e-12, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.0, 1e-8, 1e-3, 0.3, 1.0, 4.0, 30.0, 1e3])
+def test_matches_matrix_exp(scale, dtype, generator):
+    for shape in ((1, 1), (3, 3), (2, 8, 8), (2, 1, 5, 5), (40, 40)):
+        A = _rand(shape, scale, generator, dtype)
+        if scale >= 30.0:  # keep the exponential in range: skew (orthogonal result)
+            A = A - A.mT
+        X = expm(A)
+        R = ref_expm(A.double())
+        tol = 1e-5 if dtype == torch.float32 else 1e-11
+        err = ((X.double() - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
+        assert err < tol * max(1.0, scale) ** 0.5, (shape, scale, err)
+
+
+def test_nan_and_inf_propagate():
+    A = torch.zeros(2, 4, 4)
+    A[0, 1, 2] = float("nan")
+    A[1, 0, 3] = float("inf")
+    X = expm(A)
+    assert torch.isnan(X[0]).any()
+    assert not torch.isfinite(X[1]).all()
+
+
+def test_empty_and_non_float_inputs_fall_back():
+    assert expm(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
+    A = torch.randn(3, 3, dtype=torch.complex64)
+    torch.testing.assert_close(expm(A), ref_expm(A))
+
+
+def test_linalg_expm_is_the_fast_one(generator):
+    A = _rand((6, 6), 1.0, generator).requires_grad_()
+    X = gf._linalg.expm(A)
+    assert type(X.grad_fn).__name__.startswith("_ExpmBackward")
+
+
+# ----------------------------------------------------------------------------- derivatives
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.5, 3.0, 20.0])
+def test_gradcheck_gradgradcheck(scale, generator):
+    A = _rand((2, 5, 5), scale, generator).requires_grad_()
+    assert torch.autograd.gradcheck(expm, (A,))
+    assert torch.autograd.gradgradcheck(expm, (A,))
+    assert torch.autograd.gradcheck(expm, (A,), check_forward_ad=True, check_backward_ad=False, check_batched_grad=False)
+
+
+def test_jvp_matches_finite_differences(generator):
+    A = _rand((6, 6), 2.0, generator)
+    E = _rand((6, 6), 1.0, generator)
+    _, t = jvp(expm, (A,), (E,))
+    h = 1e-6
+    fd = (ref_expm(A + h * E) - ref_expm(A - h * E)) / (2 * h)
+    torch.testing.assert_close(t, fd, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(expm_frechet(A, E), t, rtol=1e-12, atol=1e-12)
+
+
+def _loss(f, W):
+    return lambda a: (f(a) * W).sum() + (f(a) ** 2).sum()
+
+
+def test_transforms_agree_with_matrix_exp(generator):
+    A = _rand((4, 5, 5), 2.0, generator)
+    W = _rand((5, 5), 1.0, generator)
+    f, fr = _loss(expm, W), _loss(ref_expm, W)
+    a = A[0]
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    with no_vmap_fallback():
+        close(vmap(expm)(A), ref_expm(A))
+        close(vmap(expm, in_dims=1)(A.transpose(0, 1)), ref_expm(A))
+        close(vmap(vmap(expm))(A.reshape(2, 2, 5, 5)), ref_expm(A).reshape(2, 2, 5, 5))
+        close(grad(f)(a), grad(fr)(a))
+        close(vmap(grad(f))(A), vmap(grad(fr))(A))
+        close(jacfwd(expm)(a), jacrev(expm)(a))
+        close(jacfwd(expm)(a), jacrev(ref_expm)(a))
+        H = hessian(fr)(a)
+        close(hessian(f)(a), H)
+        close(jacrev(jacrev(f))(a), H)
+        close(jacfwd(jacfwd(f))(a), H)  # nested forward mode (falls back to matrix_exp)
+        close(jacrev(jacfwd(f))(a), H)
+        close(vmap(hessian(f))(A[:2]), vmap(hessian(fr))(A[:2]))
+
+
+def test_grad_inside_vmap_over_so(generator):
+    Z = _rand((3, 6, 6), 1.0, generator)
+    W = _rand((6, 6), 1.0, generator)
+    f = lambda z: (gf.SO().to_manifold(z) * W).sum()
+    fr = lambda z: (ref_expm(skew_lower(z)) * W).sum()
+    with no_vmap_fallback():
+        torch.testing.assert_close(vmap(grad(f))(Z), vmap(grad(fr))(Z), rtol=1e-9, atol=1e-9)
+
+
+def test_compile_fullgraph(generator):
+    A = _rand((5, 5), 1.0, generator)
+    W = _rand((5, 5), 1.0, generator)
+    f = _loss(expm, W)
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cf(A), f(A), rtol=1e-10, atol=1e-10)
+    cg = torch.compile(grad(f), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(cg(A), grad(f)(A), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+
+@pytest.mark.parametrize("n,scale", [(16, 5.0), (64, 1.0), (64, 5.0), (128, 1.0)])
+def test_float32_gradient_accuracy(n, scale, generator):
+    """float32 gradients of the SO expm map within 1e-5 (relative) of float64."""
+    Z = _rand((n, n), scale, generator)
+    W = torch.randn(n, n, generator=generator, dtype=torch.float64)
+
+    def g(Z, f):
+        Z = Z.clone().requires_grad_()
+        (f(skew_lower(Z)) * W.to(Z.dtype)).sum().backward()
+        return Z.grad.double()
+
+    ref = g(Z, ref_expm)
+    rel = ((g(Z.float(), expm) - ref).norm() / ref.norm()).item()
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("n", [8, 64, 128])
+@pytest.mark.parametrize("norm", [1.0, 10.0, 50.0, 200.0])
+def test_float32_orthogonality_large_raw_norms(n, norm, generator):
+    Z = torch.randn(n, n, generator=generator)
+    Z = Z / Z.norm() * norm
+    X = gf.SO().to_manifold(Z)
+    err = (X.mT @ X - torch.eye(n)).abs().amax().item()
+    assert err <= 2e-5
+    torch.testing.assert_close(X.double(), ref_expm(skew_lower(Z.double())), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-4])
+def test_second_derivatives_at_tiny_generators(scale, generator):
+    """At Z ≈ 0 (just after ``rebase``) the value uses a degree-1/2/4 polynomial; the
+    second derivatives must still be those of exp, not of the low-degree polynomial."""
+    A = _rand((4, 4), scale, generator)
+    W = _rand((4, 4), 1.0, generator)
+    f, fr = _loss(expm, W), _loss(ref_expm, W)
+    H = hessian(fr)(A)
+    torch.testing.assert_close(hessian(f)(A), H, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(jacrev(jacrev(f))(A), H, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(jacrev(jacfwd(f))(A), H, rtol=1e-9, atol=1e-9)
+    A = A.requires_grad_()
+    g = torch.autograd.grad(f(A), A, create_graph=True)[0]
+    gr = torch.autograd.grad(fr(A), A, create_graph=True)[0]
+    E = _rand((4, 4), 1.0, generator)
+    torch.testing.assert_close(torch.autograd.grad((g * E).sum(), A)[0], torch.autograd.grad((gr * E).sum(), A)[0])
