@@ -234,6 +234,28 @@ def test_update_base_keeps_the_value_outside_any_cache():
     assert torch.equal(m.weight, W)  # the same value, exactly, and not read from a cache
 
 
+@pytest.mark.parametrize(
+    "constrain_,atol",
+    [
+        (lambda m: gnn.sphere(m, radius=3.0), 1e-6),
+        (lambda m: gnn.symmetric(m), 0.0),  # GeoTorch cannot: its Symmetric has no right inverse
+        (lambda m: gnn.low_rank(m, "weight", rank=2), 1e-5),
+        (lambda m: gnn.positive_definite(m), 1e-5),
+    ],
+    ids=["sphere", "symmetric", "low_rank", "positive_definite"],
+)
+def test_update_base_other_spaces(constrain_, atol):
+    torch.manual_seed(0)
+    m = constrain_(nn.Linear(4, 4))
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(0.1 * torch.randn(4, 4))
+    W = m.weight.detach().clone()
+    space = gnn.parametrization_of(m).space
+    gnn.update_base(m)
+    torch.testing.assert_close(m.weight, W, atol=atol, rtol=0)
+    assert bool(space.contains(m.weight.detach()).all())
+
+
 def test_update_base_drops_a_stale_cache_entry():
     m = gnn.sphere(nn.Linear(5, 3))
     with torch.no_grad():
@@ -460,6 +482,7 @@ def test_stack_for_vmap_ensembles():
 # ----------------------------------------------------------------------------- torch.compile
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch 2.11's own imports
 def test_compile_fullgraph_forward_backward_aot_eager():
     torch.manual_seed(0)
     net = _net()
@@ -478,7 +501,7 @@ def test_compile_fullgraph_forward_backward_aot_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own inductor imports (torch.jit.script_method)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own imports
 def test_compile_fullgraph_inductor():
     torch.manual_seed(0)
     net = gnn.orthogonal(nn.Linear(4, 6))
