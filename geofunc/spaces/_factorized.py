@@ -345,7 +345,7 @@ class SVDSpace(AbstractSpace):
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         U, s, V, _, tr = self._factors(Z, base)
-        X = (U * self._values(s).unsqueeze(-2)) @ V.mT
+        X = (U * (self._values(s) + (s - s)).unsqueeze(-2)) @ V.mT  # s − s: NaN for ±inf raw values
         return untall(X, tr)
 
     def _pack(self, s_raw: Tensor, n: int, k: int, tr: bool) -> Tensor:
@@ -441,7 +441,8 @@ class SVDSpace(AbstractSpace):
         Xs, bad = _finite_or_zero(X)
         s = torch.linalg.svdvals(Xs)
         n, k, r = self._sizes(X)
-        out = {name: _flag(bad, v) for name, v in self._value_violations(s, r, n, k).items()}
+        out = {"non-finite entries (inf if any)": _flag(bad, torch.zeros_like(s[..., 0]))}
+        out.update({name: _flag(bad, v) for name, v in self._value_violations(s, r, n, k).items()})
         if self._det_positive(n, k):
             sign = torch.linalg.slogdet(Xs)[0]
             out["det(X) ≤ 0 (inf if so)"] = _flag(bad, torch.where(sign > 0, torch.zeros_like(sign), torch.full_like(sign, math.inf)))
@@ -552,7 +553,7 @@ class EigSpace(AbstractSpace):
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
-        return sym_part((Q * self._values(lam).unsqueeze(-2)) @ Q.mT)
+        return sym_part((Q * (self._values(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mT)  # NaN for ±inf raw values
 
     def _pack(self, lam_raw: Tensor, n: int) -> Tensor:
         r = lam_raw.shape[-1]

@@ -121,7 +121,9 @@ class Product(AbstractSpace):
         self._each(lambda M, x: M.check(x, atol), self._tuple(X, "X"))
 
     def _violations(self, X: Any) -> dict[str, Tensor]:
+        """The factors' measures under their own names (a name repeated by a later factor gets `` [factor i]``)."""
         out: dict[str, Tensor] = {}
         for i, d in enumerate(self._each(lambda M, x: M._violations(x), self._tuple(X, "X"))):
-            out.update({f"factor {i}: {name}": v for name, v in d.items()})
+            for name, v in d.items():
+                out[name if name not in out else f"{name} [factor {i}]"] = v
         return out
