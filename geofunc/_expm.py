@@ -99,9 +99,14 @@ def _theta(m: int, u: float) -> float:
     return lo
 
 
-def _opnorm1(X: Tensor) -> float:
-    """Largest 1-norm (max column sum) over the batch, as a Python float."""
-    return float(X.abs().sum(dim=-2).amax())
+def _opnorm1(X: Tensor) -> Tensor:
+    """Largest 1-norm (max column sum) over the batch, ignoring non-finite matrices.
+
+    A NaN/inf matrix in a batch gets a NaN/inf result anyway; it must not change the
+    degree and squarings of its finite neighbours (a 0-d tensor, read once by the caller).
+    """
+    norms = X.abs().sum(dim=-2).amax(dim=-1)
+    return torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax()
 
 
 def _eye(A: Tensor) -> Tensor:
@@ -118,23 +123,17 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
     """
     u = _UNIT_ROUNDOFF[A.dtype]
     with torch.no_grad():
-        a1 = _opnorm1(A)
-        if not math.isfinite(a1):
-            t = 0
-            A_t = A
-        else:
-            for m in _LOW:
-                if a1 <= _theta(m, u):
-                    return m, 0, None
-            t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
-            A_t = A * 2.0**-t if t else A
+        a1 = float(_opnorm1(A))
+        for m in _LOW:
+            if a1 <= _theta(m, u):
+                return m, 0, None
+        t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
+        A_t = A * 2.0**-t if t else A
         P2 = A_t @ A_t
         P3 = P2 @ A_t
         P4 = P2 @ P2
-        norms = torch.stack([P3.abs().sum(dim=-2).amax(), P4.abs().sum(dim=-2).amax()]).tolist()
+        norms = torch.stack([_opnorm1(P3), _opnorm1(P4)]).tolist()
         pre = (t, [A_t, P2, P3, P4])
-        if not all(math.isfinite(v) for v in norms) or not math.isfinite(a1):
-            return 8, t, pre
         alpha = max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t
         best = None
         for m in _HIGH:

@@ -213,3 +213,11 @@ def test_second_derivatives_at_tiny_generators(scale, generator):
     gr = torch.autograd.grad(fr(A), A, create_graph=True)[0]
     E = _rand((4, 4), 1.0, generator)
     torch.testing.assert_close(torch.autograd.grad((g * E).sum(), A)[0], torch.autograd.grad((gr * E).sum(), A)[0])
+
+
+def test_non_finite_matrix_does_not_change_its_neighbours(generator):
+    A = _rand((2, 6, 6), 8.0, generator)
+    A[0, 2, 3] = float("nan")
+    X = expm(A)
+    assert torch.isnan(X[0]).any()
+    torch.testing.assert_close(X[1], ref_expm(A[1]), rtol=1e-10, atol=1e-10)
