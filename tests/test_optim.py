@@ -216,3 +216,22 @@ def test_grads_must_match_params():
     p = {"x": torch.tensor([1.0, 0.0]), "y": torch.zeros(2)}
     with pytest.raises(gf.ManifoldError, match="structure"):
         opt.update({"x": torch.zeros(2)}, opt.init(p), p)
+
+
+def test_radam_second_moment_is_per_point_and_per_product_factor(generator):
+    c = {"pair": gf.Product(gf.SO(), gf.Sphere()), "rows": gf.Sphere(), "free": None}
+    params = gf.sample(
+        c,
+        {"pair": (torch.empty(3, 3, dtype=F64), torch.empty(4, dtype=F64)), "rows": torch.empty(5, 4, dtype=F64),
+         "free": torch.zeros(2, dtype=F64)},
+        generator=generator,
+    )
+    opt = gf.optim.radam(c, lr=0.05)
+    state = opt.init(params)
+    nu = state[2].nu
+    assert [t.shape for t in nu["pair"]] == [(1, 1), (1,)]  # one scalar per factor point
+    assert nu["rows"].shape == (5, 1) and nu["free"].shape == (2,)  # per row; elementwise
+    for _ in range(50):
+        G = optree.tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=F64), params)
+        params, state = opt.update(G, state, params)
+    assert all(bool(v.all()) for v in gf.contains(c, params).values())
