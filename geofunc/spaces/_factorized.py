@@ -254,6 +254,14 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
     return V * torch.cat([ones, d.unsqueeze(-1)], dim=-1).unsqueeze(-2)
 
 
+def _frame_or_canonical(B: Optional[Tensor], Z: Tensor, n: int, r: int) -> Optional[Tensor]:
+    """``B``, or for a tall frame the canonical ``I[:, :r]`` built directly as n×r (Stiefel's own
+    default slices an n×n identity, an O(n²) intermediate); None for square frames (no product)."""
+    if B is not None or n == r:
+        return B
+    return torch.eye(n, r, dtype=Z.dtype, device=Z.device)
+
+
 def _nan_like_batch(Z: Tensor) -> Tensor:
     """``0·ΣZ`` over the point dims: zero, but NaN where a raw entry is NaN/inf (for logabsdet)."""
     return 0.0 * Z.sum(dim=(-2, -1))
@@ -341,6 +349,7 @@ class SVDSpace(AbstractSpace):
         Vc = torch.triu(Zt[..., :r, :], 1).mT
         s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
         st: Stiefel = self._stiefel  # type: ignore[attr-defined]
+        Ub, Vb = _frame_or_canonical(Ub, Zt, n, r), _frame_or_canonical(Vb, Zt, k, r)
         return st.to_manifold(Uc, Ub), s, st.to_manifold(Vc, Vb), Zt, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
@@ -549,7 +558,7 @@ class EigSpace(AbstractSpace):
         Qc = torch.tril(Z[..., :, :r], -1)
         lam = torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r]
         st: Stiefel = self._stiefel  # type: ignore[attr-defined]
-        return st.to_manifold(Qc, Qb), lam
+        return st.to_manifold(Qc, _frame_or_canonical(Qb, Z, n, r)), lam
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)

@@ -1,0 +1,412 @@
+"""Space-specific tests of the rank family (LowRank, FixedRank, GLp, AlmostOrthogonal, PSD, PSSD,
+PSSDLowRank, PSSDFixedRank) and of Product.
+
+The generic properties (membership, round trips, tangent projection, retraction, transforms) are
+in the conformance suite (tests/cases_rank.py); here: bad input, the det > 0 component, value
+maps given as callables or pairs, rectangular AlmostOrthogonal and λ ∈ {0, 1}, the cost of the
+LowRank chart by op shapes, extreme raw values, rebase without decompositions, finite gradients
+of the spectral maps at repeated singular values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import grad, jvp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import geofunc as gf
+from geofunc.spaces._factorized import floor_eps, softplus_eps, softplus_eps_inverse
+
+F64 = torch.float64
+F32 = torch.float32
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, dtype=F64, seed=0):
+    return torch.randn(shape, generator=_gen(seed), dtype=dtype)
+
+
+SQUARE_SPACES = [gf.GLp(), gf.PSD(), gf.PSSD(), gf.PSSDLowRank(rank=1), gf.PSSDFixedRank(rank=1)]
+ALL_SPACES = [
+    gf.LowRank(rank=2),
+    gf.FixedRank(rank=2),
+    gf.AlmostOrthogonal(lam=0.5),
+    *SQUARE_SPACES,
+]
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("cls", [gf.LowRank, gf.FixedRank, gf.PSSDLowRank, gf.PSSDFixedRank])
+@pytest.mark.parametrize("rank", [0, -1, 1.5, True, "2", None])
+def test_bad_rank_at_construction(cls, rank):
+    with pytest.raises(gf.ManifoldError, match=rf"{cls.__name__}\(.*expected `rank` to be an integer ≥ 1, got"):
+        cls(rank=rank)
+
+
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.LowRank(rank=4), (5, 3)), (gf.FixedRank(rank=4), (3, 5)), (gf.FixedRank(rank=2), (2, 1, 7)),
+     (gf.PSSDLowRank(rank=4), (3, 3)), (gf.PSSDFixedRank(rank=3), (2, 2))],
+    ids=repr,
+)
+def test_rank_too_large_at_first_call(space, shape):
+    Z = torch.zeros(shape)
+    for fn in (space.to_manifold, space.project, space.contains, lambda z: space.sample(z.shape)):
+        with pytest.raises(gf.ManifoldError, match=r"rank = \d.*got shape"):
+            fn(Z)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.5, 2, -1, math.nan, True, "0.5", None])
+def test_bad_lam(lam):
+    with pytest.raises(gf.ManifoldError, match=r"AlmostOrthogonal\(.*expected `lam` to be a number in \[0, 1\]"):
+        gf.AlmostOrthogonal(lam=lam)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda f: gf.FixedRank(rank=1, f=f), lambda f: gf.GLp(f=f), lambda f: gf.PSD(f=f),
+     lambda f: gf.PSSDFixedRank(rank=1, f=f), lambda f: gf.AlmostOrthogonal(lam=0.5, f=f)],
+)
+@pytest.mark.parametrize("f", ["wrong", 3.0, (torch.exp,), (torch.exp, 2.0), None])
+def test_bad_f(make, f):
+    with pytest.raises(gf.ManifoldError, match=r"expected `f` to be one of .*, got"):
+        make(f)
+
+
+def test_bad_triv():
+    for make in (lambda: gf.LowRank(rank=1, triv="wrong"), lambda: gf.GLp(triv=3), lambda: gf.PSD(triv="qr")):
+        with pytest.raises(gf.ManifoldError, match="`triv`"):
+            make()
+    gf.GLp(triv=lambda: 3)  # a callable is accepted lazily, as GeoTorch does
+
+
+@pytest.mark.parametrize("space", SQUARE_SPACES, ids=repr)
+@pytest.mark.parametrize("shape", [(3, 4), (2, 5, 3)])
+def test_square_spaces_reject_rectangles(space, shape):
+    for fn in (space.to_manifold, space.project, space.contains, space.from_manifold):
+        with pytest.raises(gf.ManifoldError, match=rf"{type(space).__name__}\(.*expected `\w+` to be square matrices.*got shape"):
+            fn(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("space", ALL_SPACES, ids=repr)
+def test_vectors_and_integers_are_rejected(space):
+    with pytest.raises(gf.ManifoldError, match=r"expected `Z` to be (square )?matrices"):
+        space.to_manifold(torch.zeros(4))
+    with pytest.raises(gf.ManifoldError, match="floating dtype"):
+        space.to_manifold(torch.zeros(4, 4, dtype=torch.int64))
+
+
+def test_bad_bases():
+    Z = torch.zeros(5, 3)
+    with pytest.raises(gf.ManifoldError, match=r"LowRank\(.*`base` to be None or a pair \(U, V\)"):
+        gf.LowRank(rank=2).to_manifold(Z, torch.zeros(5, 2))
+    with pytest.raises(gf.ManifoldError, match=r"shapes \(\.\.\., 5, 2\) and \(\.\.\., 3, 2\)"):
+        gf.LowRank(rank=2).to_manifold(Z, (torch.zeros(5, 2), torch.zeros(2, 2)))
+    with pytest.raises(gf.ManifoldError, match=r"PSD\(.*`base` to be None or a frame Q of shape \(\.\.\., 3, 3\)"):
+        gf.PSD().to_manifold(torch.zeros(3, 3), (torch.eye(3), torch.eye(3)))
+
+
+# ------------------------------------------------------------------ det > 0
+@pytest.mark.parametrize("space", [gf.GLp(), gf.FixedRank(rank=3)], ids=repr)
+def test_negative_determinant_is_rejected(space):
+    X = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=F64))
+    assert not space.contains(X)
+    with pytest.raises(gf.ManifoldError, match=r"det\(X\) ≤ 0"):
+        space.from_manifold(X)
+    P = space.project(X)  # canonical point: the negative direction flipped to +ε
+    assert space.contains(P) and torch.linalg.det(P) > 0
+    assert torch.allclose(P[1:, 1:], X[1:, 1:])
+
+
+@pytest.mark.parametrize("space", [gf.GLp(), gf.GLp(triv="cayley"), gf.FixedRank(rank=4)], ids=repr)
+def test_from_manifold_bases_keep_det_positive(space):
+    g = _gen(3)
+    for _ in range(5):
+        A = torch.randn(6, 4, 4, generator=g, dtype=F64)
+        sign = torch.ones(6, 4, 1, dtype=F64)
+        sign[:, 0, 0] = torch.linalg.det(A).sign()
+        A = A * sign  # first row flipped where det < 0
+        Z, (U, V) = space.from_manifold(A)
+        assert (torch.linalg.det(U) * torch.linalg.det(V) > 0).all()
+        assert torch.allclose(space.to_manifold(Z, (U, V)), A, atol=1e-10)
+        # Any raw step keeps det > 0: the determinant sign lives in the bases.
+        X = space.to_manifold(Z + 3 * torch.randn(Z.shape, generator=g, dtype=F64), (U, V))
+        assert (torch.linalg.det(X) > 0).all()
+    S = space.sample((50, 4, 4), generator=g, dtype=F32)
+    assert (torch.linalg.slogdet(S.double())[0] > 0).all()
+
+
+# ------------------------------------------------------------------ f: names, callables, pairs
+def test_softplus_floor_and_inverse_are_stable():
+    for dtype in (F32, F64):
+        eps = floor_eps(dtype)
+        t = torch.linspace(-50, 50, 201, dtype=dtype)
+        y = softplus_eps(t)
+        assert torch.isfinite(y).all() and (y >= eps).all()
+        mid = t.abs() <= 15  # below −15 softplus is under the floor's rounding
+        assert torch.allclose(softplus_eps_inverse(y)[mid], t[mid], atol=1e-3 if dtype == F32 else 1e-9)
+        for v in (1e-4, 1.0, 100.0, 1e6):
+            x = torch.tensor(v + eps, dtype=dtype)
+            inv = softplus_eps_inverse(x)
+            assert torch.isfinite(inv) and torch.allclose(softplus_eps(inv), x, rtol=1e-5)
+        # at and below the floor: finite, very negative coordinates
+        assert torch.isfinite(softplus_eps_inverse(torch.tensor([eps, 0.0, -1.0], dtype=dtype))).all()
+
+
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.FixedRank(rank=2, f=torch.exp), (5, 3)), (gf.GLp(f=torch.exp), (3, 3)), (gf.PSD(f=torch.exp), (3, 3)),
+     (gf.PSSDFixedRank(rank=2, f=torch.exp), (4, 4)), (gf.AlmostOrthogonal(lam=0.5, f=torch.sin), (3, 5))],
+    ids=repr,
+)
+def test_single_callable_f_works_but_has_no_inverse(space, shape):
+    # GeoTorch rejects a single callable for the PSD family; here it parametrizes, and only
+    # from_manifold (which needs the inverse) raises.
+    Z = _randn(*shape)
+    X = space.to_manifold(Z)
+    assert space.contains(X)
+    Z2, b2 = space.rebase(Z, None)  # rebase needs no inverse
+    assert torch.allclose(space.to_manifold(Z2, b2), X, atol=1e-10)
+    with pytest.raises(gf.ManifoldError, match="no inverse was given"):
+        space.from_manifold(X)
+
+
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.FixedRank(rank=2, f=[torch.exp, torch.log]), (5, 3)), (gf.GLp(f=(torch.exp, torch.log)), (3, 3)),
+     (gf.PSD(f=(torch.exp, torch.log)), (3, 3)), (gf.PSSDFixedRank(rank=2, f=(torch.exp, torch.log)), (4, 4)),
+     (gf.AlmostOrthogonal(lam=0.5, f=(lambda t: torch.tanh(t), lambda y: torch.atanh(y))), (3, 5))],
+    ids=repr,
+)
+def test_pair_f_round_trips(space, shape):
+    hash(space)  # a list pair is stored as a tuple
+    X = space.sample(shape, generator=_gen(1), dtype=F64)
+    Z, base = space.from_manifold(X)
+    assert torch.allclose(space.to_manifold(Z, base), X, atol=1e-10)
+
+
+def test_exp_pair_gives_exp_values():
+    Z = torch.diag(torch.tensor([0.5, -1.0, 2.0], dtype=F64))
+    X = gf.PSD(f=(torch.exp, torch.log)).to_manifold(Z)
+    assert torch.allclose(X, torch.diag(torch.exp(torch.diag(Z))), atol=1e-12)
+
+
+def test_fixed_rank_checks_every_kept_singular_value():
+    # GeoTorch's snapshot tested only the largest: diag(3, 2, 0) passed for rank 3.
+    M = gf.FixedRank(rank=3)
+    X = torch.diag(torch.tensor([3.0, 2.0, 0.0], dtype=F64))
+    assert not M.contains(X)
+    with pytest.raises(gf.ManifoldError, match="σ_rank"):
+        M.from_manifold(X)
+    assert gf.LowRank(rank=3).contains(X)
+    assert not gf.LowRank(rank=1).contains(X)
+    assert gf.LowRank(rank=2).contains(X)
+    assert not gf.PSSDLowRank(rank=1).contains(X)
+    assert not gf.PSSDFixedRank(rank=3).contains(X)
+    assert gf.PSSDFixedRank(rank=2).contains(X) and gf.PSSD().contains(X) and not gf.PSD().contains(X)
+
+
+def test_membership_tolerance_scales_with_the_norm():
+    X = torch.diag(torch.tensor([1e6, 1e5, 1e-6], dtype=F64))
+    assert gf.LowRank(rank=2).contains(X)  # 1e-6 is rounding noise next to 1e6
+    assert not gf.LowRank(rank=2).contains(X / 1e6 + torch.diag(torch.tensor([0.0, 0.0, 1e-3], dtype=F64)))
+
+
+# ------------------------------------------------------------------ AlmostOrthogonal
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (2, 1, 7)])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("f", ["sin", "tanh", "sigmoid"])
+def test_almost_orthogonal_rectangular(shape, lam, f):
+    M = gf.AlmostOrthogonal(lam=lam, f=f)
+    for X in (M.to_manifold(_randn(*shape, seed=2) * 3), M.sample(shape, generator=_gen(2), dtype=F64)):
+        assert X.shape == shape
+        s = torch.linalg.svdvals(X)
+        assert ((s >= 1 - lam - 1e-12) & (s <= 1 + lam + 1e-12)).all()
+        Z, base = M.from_manifold(X)
+        assert torch.allclose(M.to_manifold(Z, base), X, atol=1e-9)
+    if lam == 0:
+        Xt = X if shape[-2] >= shape[-1] else X.mT
+        assert torch.allclose(Xt.mT @ Xt, torch.eye(Xt.shape[-1], dtype=F64).expand_as(Xt.mT @ Xt), atol=1e-12)
+
+
+def test_almost_orthogonal_scaled_sigmoid_is_accurate_near_zero():
+    M = gf.AlmostOrthogonal(lam=1.0, f="sigmoid")
+    Z = torch.diag(torch.tensor([1e-8, -1e-8], dtype=F64))
+    s = torch.linalg.svdvals(M.to_manifold(Z))
+    assert torch.allclose(s, torch.tensor([1 + 5e-9, 1 - 5e-9], dtype=F64), rtol=0, atol=1e-15)
+    assert gf.AlmostOrthogonal(lam=1.0, f="scaled_sigmoid").to_manifold(Z).equal(M.to_manifold(Z))
+
+
+def test_almost_orthogonal_lam_one_reaches_zero_and_two():
+    M = gf.AlmostOrthogonal(lam=1.0)
+    Z = torch.diag(torch.tensor([math.pi / 2, -math.pi / 2], dtype=F64))
+    assert torch.allclose(torch.linalg.svdvals(M.to_manifold(Z)), torch.tensor([2.0, 0.0], dtype=F64), atol=1e-12)
+    X = torch.diag(torch.tensor([2.0, 0.0], dtype=F64))
+    Z2, base = M.from_manifold(X)  # the endpoints invert to finite coordinates
+    assert torch.isfinite(Z2).all() and torch.allclose(M.to_manifold(Z2, base), X, atol=1e-12)
+    P = M.project(torch.diag(torch.tensor([5.0, -3.0], dtype=F64)))
+    assert torch.allclose(torch.linalg.svdvals(P), torch.tensor([2.0, 2.0], dtype=F64))
+
+
+# ------------------------------------------------------------------ cost of the charts
+class _OpShapes(TorchDispatchMode):
+    """Records (op name, output numel, input shapes) of every aten op that is not a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            numel = max((o.numel() for o in outs if isinstance(o, torch.Tensor)), default=0)
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            self.ops.append((func.__name__, numel, shapes))
+        return out
+
+
+_DECOMPOSITIONS = ("svd", "eigh", "eig.", "geqrf", "linalg_qr", "lstsq", "cholesky", "solve", "lu_factor", "slogdet")
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.FixedRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
+def test_low_rank_chart_has_no_square_intermediate(space):
+    """to_manifold of a 2048×2048 rank-4 point: one n×n op (the final product), no decomposition,
+    every other op O((n + k) r) sized (the Stiefel chart's exponentials are 2r×2r)."""
+    n, r = 2048, 4
+    Z = torch.randn(n, n, generator=_gen(5))
+    base = space.from_manifold(space.sample((n, n), generator=_gen(6)))[1]
+    for b in (None, base):
+        spy = _OpShapes()
+        with spy:
+            X = space.to_manifold(Z, b)
+        big = [op for op in spy.ops if op[1] > 4 * n * r]
+        names = [op[0] for op in big]
+        # the n×n product (and, for the eigen type, its exact symmetrization: 2 elementwise ops)
+        assert names and names[0].startswith(("mm", "bmm")), big
+        assert all(nm.startswith(("mm", "bmm", "add", "mul", "transpose", "clone")) for nm in names), big
+        assert len(big) <= 4, big
+        assert not [op for op in spy.ops if any(d in op[0] for d in _DECOMPOSITIONS)]
+        assert X.shape == (n, n)
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=2), gf.GLp(), gf.PSD(), gf.PSSDLowRank(rank=2)], ids=repr)
+def test_rebase_uses_no_decomposition_and_keeps_values(space):
+    shape = (5, 5)
+    Z0, base = space.from_manifold(space.sample(shape, generator=_gen(7), dtype=F64))
+    Z = Z0 + _randn(*shape, seed=8)
+    spy = _OpShapes()
+    with spy:
+        Z2, base2 = space.rebase(Z, base)
+    assert not [op for op in spy.ops if any(d in op[0] for d in _DECOMPOSITIONS)]
+    r = 2 if isinstance(space, (gf.LowRank, gf.PSSDLowRank)) else 5
+    d = torch.diagonal(Z, dim1=-2, dim2=-1)[:r]
+    assert torch.equal(torch.diagonal(Z2, dim1=-2, dim2=-1)[:r], d)
+    assert torch.count_nonzero(Z2) <= r
+    assert torch.allclose(space.to_manifold(Z2, base2), space.to_manifold(Z, base), atol=1e-12)
+
+
+# ------------------------------------------------------------------ extreme raw values
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.LowRank(rank=2), (5, 3)), (gf.FixedRank(rank=2), (3, 5)), (gf.FixedRank(rank=3), (3, 3)),
+     (gf.GLp(), (4, 4)), (gf.AlmostOrthogonal(lam=0.7), (4, 6)), (gf.AlmostOrthogonal(lam=1.0, f="tanh"), (3, 3)),
+     (gf.PSD(), (4, 4)), (gf.PSSD(), (4, 4)), (gf.PSSDLowRank(rank=2), (4, 4)), (gf.PSSDFixedRank(rank=2), (4, 4))],
+    ids=repr,
+)
+def test_raw_values_up_to_50_give_finite_points(space, shape):
+    g = _gen(9)
+    for dtype in (F32, F64):
+        sign = torch.randint(0, 2, shape, generator=g).to(dtype) * 2 - 1
+        for Z in (torch.full(shape, 50.0, dtype=dtype), torch.full(shape, -50.0, dtype=dtype), 50 * sign):
+            X = space.to_manifold(Z)
+            assert torch.isfinite(X).all()
+            if dtype == F64 or bool((Z > 0).all()) or bool((Z < 0).all()):
+                assert space.contains(X), (Z, space._violations(X))
+            if space.logabsdet.__func__ is not gf.AbstractSpace.logabsdet and shape[0] == shape[1]:
+                try:
+                    assert torch.isfinite(space.logabsdet(Z)) or isinstance(space, (gf.PSSD, gf.AlmostOrthogonal))
+                except gf.ManifoldError:
+                    pass
+
+
+# ------------------------------------------------------------------ spectral maps
+@pytest.mark.parametrize(
+    "space, X",
+    [(gf.AlmostOrthogonal(lam=0.0), torch.eye(4, 3, dtype=F64)),       # all σ = 1
+     (gf.AlmostOrthogonal(lam=0.2), torch.eye(3, dtype=F64)),
+     (gf.PSSD(), torch.eye(3, dtype=F64)),                               # all λ = 1
+     (gf.PSD(), torch.eye(3, dtype=F64)),
+     (gf.LowRank(rank=1), torch.diag(torch.tensor([2.0, 0.0, 0.0], dtype=F64))),  # exact zeros
+     (gf.PSSDLowRank(rank=1), torch.diag(torch.tensor([2.0, 0.0, 0.0], dtype=F64))),
+     (gf.GLp(), torch.eye(3, dtype=F64))],
+    ids=lambda v: repr(v) if isinstance(v, gf.AbstractSpace) else "",
+)
+def test_retract_and_tangent_differentiate_at_repeated_values(space, X):
+    # torch.linalg.svd/eigh backward is NaN at repeated values; the spectral maps are not.
+    V = space.tangent(X, _randn(*X.shape, seed=11))
+    _, dX = jvp(lambda t: space.retract(X, t * V), (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    assert torch.allclose(dX, V, atol=1e-10)
+    Gx = grad(lambda x: (space.retract(x, V) ** 2).sum())(X)
+    Gt = grad(lambda x: (space.tangent(x, V) * V).sum())(X)
+    assert torch.isfinite(Gx).all() and torch.isfinite(Gt).all()
+
+
+def test_project_first_derivative_matches_finite_differences():
+    g = _gen(12)
+    for space, shape in [(gf.LowRank(rank=2), (6, 4)), (gf.AlmostOrthogonal(lam=0.3), (5, 3)),
+                         (gf.PSSDLowRank(rank=2), (4, 4)), (gf.GLp(), (3, 3)), (gf.PSD(), (4, 4))]:
+        Y = 2 * torch.randn(shape, generator=g, dtype=F64)
+        if isinstance(space, (gf.PSD, gf.PSSDLowRank)):
+            Y = Y - 1.0 * torch.eye(shape[0], dtype=F64)  # some eigenvalues clipped
+        D = torch.randn(shape, generator=g, dtype=F64)
+        _, jv = jvp(space.project, (Y,), (D,))
+        h = 1e-6
+        fd = (space.project(Y + h * D) - space.project(Y - h * D)) / (2 * h)
+        assert torch.allclose(jv, fd, atol=1e-6), space
+
+
+# ------------------------------------------------------------------ Product
+def test_product_maps_factorwise():
+    M = gf.Product(gf.GLp(), gf.Sphere(), gf.LowRank(rank=1))
+    assert M == gf.Product([gf.GLp(), gf.Sphere(), gf.LowRank(rank=1)]) and hash(M) == hash(gf.Product(*M.factors))
+    assert repr(M) == "Product(GLp(f='softplus', triv='expm'), Sphere(radius=1.0), LowRank(rank=1, triv='expm'))"
+    shapes = ((2, 3, 3), (2, 4), (2, 5, 2))
+    X = M.sample(shapes, generator=_gen(13), dtype=F64)
+    assert [x.shape for x in X] == [torch.Size(s) for s in shapes] and M.contains(X).all()
+    Z, base = M.from_manifold(X)
+    assert isinstance(Z, tuple) and isinstance(base, tuple) and len(base) == 3
+    for a, b in zip(M.to_manifold(Z, base), X):
+        assert torch.allclose(a, b, atol=1e-12)
+    Zr = tuple(z + 0.1 * torch.randn(z.shape, generator=_gen(14), dtype=F64) for z in Z)
+    for a, b in zip(M.to_manifold(*M.rebase(Zr, base)), M.to_manifold(Zr, base)):
+        assert torch.allclose(a, b, atol=1e-12)
+    # vmap over tuples of points and bases
+    out = vmap(lambda z, b: M.to_manifold(z, b))(Zr, base)
+    for a, b in zip(out, M.to_manifold(Zr, base)):
+        assert torch.allclose(a, b, atol=1e-12)
+    # logabsdet sums the factors' (where all have one)
+    P = gf.Product(gf.GLp(), gf.PSD())
+    Zs = (_randn(3, 3, seed=1), _randn(2, 2, seed=2))
+    ref = sum(torch.linalg.slogdet(x)[1] for x in P.to_manifold(Zs))
+    assert torch.allclose(P.logabsdet(Zs), ref, atol=1e-10)
+
+
+def test_product_errors_name_product_and_factor():
+    M = gf.Product(gf.SO(), gf.PSD())
+    with pytest.raises(gf.ManifoldError, match=r"Product\(SO.*expected `Z` to be a tuple of 2 entries"):
+        M.to_manifold(torch.zeros(3, 3))
+    with pytest.raises(gf.ManifoldError, match=r"Product\(.*\): factor 1: PSD\(.*square"):
+        M.to_manifold((torch.zeros(3, 3), torch.zeros(3, 2)))
+    with pytest.raises(gf.ManifoldError, match=r"factor 1: PSD"):
+        M.from_manifold((torch.eye(3), -torch.eye(3)))
+    with pytest.raises(gf.ManifoldError, match="at least one factor"):
+        gf.Product()
+    with pytest.raises(gf.ManifoldError, match="factor 1 to be a geofunc space"):
+        gf.Product(gf.SO(), 3)
