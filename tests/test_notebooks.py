@@ -27,6 +27,8 @@ def test_notebook_runs(path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> N
     # The kernel inherits the environment: no display, and the repository importable.
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    # The notebooks' tensors are tiny: one thread avoids OpenMP spinning on a shared 2-core box.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     root = str(NOTEBOOKS.parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
 
