@@ -1,0 +1,1 @@
+"""Benchmarks of geofunc against GeoTorch and torch.nn.utils.parametrizations (see run.py)."""

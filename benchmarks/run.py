@@ -1,0 +1,588 @@
+"""geofunc against GeoTorch and torch.nn.utils.parametrizations, side by side, in one process.
+
+Usage::
+
+    python -m benchmarks                 # full CPU run, writes benchmarks/RESULTS.md + cost_vs_n.png
+    python -m benchmarks --quick         # small sizes, a smoke run (the test suite runs it)
+    python -m benchmarks --device cuda   # sizes up to 4096 (see benchmarks/gpu.sh)
+
+Method. Every case builds one closure per contender (one forward + backward, or one
+training step) on the same random raw parameters of a trained-like scale (entries
+~ N(0, 1/n), never zeros), plus the reference ``torch.mm`` of two n×n matrices. After a
+warm-up, the closures are timed *interleaved* (round robin, the order rotated every
+round) so that load from other processes hits every contender alike; the table reports
+medians, the ratio ``contender / geofunc`` and the cost in matmul-equivalents (time ÷ the
+n×n mm timed alongside). Nothing is installed at run time: GeoTorch comes from the
+``bench`` extra (``pip install -e .[bench]``); without it its columns read "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+if __package__ in (None, ""):  # `python benchmarks/run.py`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+import geofunc as gf
+from geofunc._expm import cayley as fast_cayley
+
+try:  # optional anchor (the `bench` extra)
+    import geotorch  # type: ignore[import-not-found]
+except Exception:  # pragma: no cover (depends on the environment)
+    geotorch = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GF, GT, PT = "geofunc", "geotorch", "torch.param"
+
+
+# --------------------------------------------------------------------------- timing
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def once(self, f: Callable[[], object]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        f()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def interleaved(self, fns: dict[str, Callable[[], object]], warmup: int, repeats: int, budget: float) -> dict[str, float]:
+        """Medians of ``repeats`` round-robin rounds after ``warmup`` calls each.
+
+        Stops early (after 3 rounds at least) once ``budget`` seconds are spent.
+        """
+        names = list(fns)
+        for name in names:
+            for _ in range(warmup):
+                fns[name]()
+        times: dict[str, list[float]] = {k: [] for k in names}
+        start = time.perf_counter()
+        for r in range(repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                times[name].append(self.once(fns[name]))
+            if r >= 2 and time.perf_counter() - start > budget:
+                break
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------- cases
+@dataclass
+class Row:
+    case: str
+    size: str
+    n_ref: int
+    times: dict[str, float]
+    mm: float
+    target: str = ""
+    check: Optional[Callable[["Row"], Optional[bool]]] = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def ratio(self, other: str, base: str = GF) -> Optional[float]:
+        if other not in self.times or base not in self.times:
+            return None
+        return self.times[other] / self.times[base]
+
+    def mmeq(self, name: str) -> Optional[float]:
+        return self.times[name] / self.mm if name in self.times else None
+
+    def met(self) -> Optional[bool]:
+        return None if self.check is None else self.check(self)
+
+
+class Bench:
+    def __init__(self, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32):
+        self.device, self.quick, self.dtype = device, quick, dtype
+        self.timer = Timer(device)
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.rows: list[Row] = []
+        self.warmup = 1 if quick else 2
+        self.repeats = 3 if quick else 7
+        self.budget = 2.0 if quick else 30.0
+
+    # helpers
+    def randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=self.gen, dtype=self.dtype) * scale).to(self.device)
+
+    def raw(self, *shape: int) -> torch.Tensor:
+        """Trained-like raw parameters: entries ~ N(0, 1/n), n the largest dimension."""
+        return self.randn(*shape, scale=1.0 / math.sqrt(max(shape[-2:]))).requires_grad_()
+
+    def mm_fn(self, n: int) -> Callable[[], object]:
+        a, b = self.randn(n, n), self.randn(n, n)
+        return lambda: torch.mm(a, b)
+
+    def fb(self, X_fn: Callable[[], torch.Tensor], wrt: list[torch.Tensor], G: torch.Tensor) -> Callable[[], object]:
+        """One forward + backward: ``X = X_fn()``, then the vector-Jacobian product with ``G``."""
+        return lambda: torch.autograd.grad(X_fn(), wrt, G)
+
+    def module_fb(self, module: torch.nn.Module, name: str, G: torch.Tensor) -> Callable[[], object]:
+        orig = getattr(module.parametrizations, name).original
+        return lambda: torch.autograd.grad(getattr(module, name), [orig], G)
+
+    def linear(self, n: int, k: int) -> torch.nn.Linear:
+        return torch.nn.Linear(k, n, bias=True, device=self.device, dtype=self.dtype)
+
+    def set_original(self, module: torch.nn.Module, name: str, Z: torch.Tensor) -> None:
+        with torch.no_grad():
+            getattr(module.parametrizations, name).original.copy_(Z)
+
+    def run(self, case: str, size: str, n_ref: int, fns: dict[str, Callable[[], object]], **kw) -> Row:
+        fns = dict(fns)
+        fns["mm"] = self.mm_fn(n_ref)
+        big = n_ref >= 1024 and self.device.type == "cpu"
+        t = self.timer.interleaved(fns, 1 if big else self.warmup, 3 if big else self.repeats, self.budget)
+        mm = t.pop("mm")
+        row = Row(case, size, n_ref, t, mm, **kw)
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+        return row
+
+
+def _geotorch_note() -> str:
+    return "" if geotorch is not None else "geotorch not installed"
+
+
+def so_case(b: Bench, n: int, triv: str, targets: bool) -> Row:
+    Z = b.raw(n, n)
+    G = b.randn(n, n)
+    M = gf.SO(triv=triv)
+    base = M.sample((n, n), generator=b.gen, dtype=b.dtype).to(b.device)
+    fns = {GF: b.fb(lambda: M.to_manifold(Z, base), [Z], G)}
+    if geotorch is not None:
+        lin = b.linear(n, n)
+        geotorch.orthogonal(lin, "weight", triv=triv)
+        b.set_original(lin, "weight", Z.detach())
+        fns[GT] = b.module_fb(lin, "weight", G)
+    if triv == "cayley":
+        # the inverse-based Cayley of geofunc._expm (proposed as the default of _linalg.cayley)
+        M2 = gf.SO(triv=fast_cayley)
+        fns[GF + " inv-cayley"] = b.fb(lambda: M2.to_manifold(Z, base), [Z], G)
+    lin2 = b.linear(n, n)
+    torch.nn.utils.parametrizations.orthogonal(lin2, "weight", orthogonal_map="matrix_exp" if triv == "expm" else "cayley")
+    b.set_original(lin2, "weight", Z.detach())
+    fns[PT] = b.module_fb(lin2, "weight", G)
+    if triv == "expm":
+        target = "GeoTorch ÷ geofunc ≥ 4, geofunc ≤ 35 mm-eq"
+        check = lambda r: _ge(r.ratio(GT), 4) and r.mmeq(GF) <= 35 and _ge(r.ratio(PT), 1)
+    else:
+        target = "GeoTorch ÷ geofunc ≥ 1"
+        check = lambda r: _ge(r.ratio(GT), 1) and _ge(r.ratio(PT), 1)
+    return b.run(f"SO({n}) {triv}", f"{n}×{n}", n, fns, target=target if targets else "", check=check if targets else None)
+
+
+def stiefel_case(b: Bench, n: int, k: int, targets: bool, need: float) -> Row:
+    Z = b.raw(n, k)
+    G = b.randn(n, k)
+    M = gf.Stiefel()
+    base = M.sample((n, k), generator=b.gen, dtype=b.dtype).to(b.device)
+    fns = {GF: b.fb(lambda: M.to_manifold(Z, base), [Z], G)}
+    if geotorch is not None:
+        lin = b.linear(n, k)
+        geotorch.orthogonal(lin, "weight")
+        b.set_original(lin, "weight", Z.detach())
+        fns[GT] = b.module_fb(lin, "weight", G)
+    lin2 = b.linear(n, k)
+    torch.nn.utils.parametrizations.orthogonal(lin2, "weight", orthogonal_map="matrix_exp")
+    b.set_original(lin2, "weight", Z.detach())
+    fns[PT] = b.module_fb(lin2, "weight", G)
+    return b.run(
+        f"Stiefel({n}×{k}) expm",
+        f"{n}×{k}",
+        n,
+        fns,
+        target=f"GeoTorch ÷ geofunc ≥ {need:g}" if targets else "",
+        check=(lambda r: _ge(r.ratio(GT), need) and _ge(r.ratio(PT), 1)) if targets else None,
+    )
+
+
+def factored_case(b: Bench, label: str, M: gf.AbstractSpace, gt_fn, n: int, k: int, need: float, targets: bool) -> Row:
+    Z = b.raw(n, k)
+    G = b.randn(n, k)
+    _, base = M.from_manifold(M.sample((n, k), generator=b.gen, dtype=torch.float64).to(b.dtype))
+    base = torch.utils._pytree.tree_map(lambda t: t.to(b.device), base)
+    fns = {GF: b.fb(lambda: M.to_manifold(Z, base), [Z], G)}
+    if geotorch is not None:
+        lin = b.linear(n, k)
+        gt_fn(lin)
+        b.set_original(lin, "weight", Z.detach())
+        fns[GT] = b.module_fb(lin, "weight", G)
+    return b.run(
+        label,
+        f"{n}×{k}",
+        n,
+        fns,
+        target=f"GeoTorch ÷ geofunc ≥ {need:g}" if targets else "",
+        check=(lambda r: _ge(r.ratio(GT), need)) if targets else None,
+    )
+
+
+def sphere_case(b: Bench, n: int, targets: bool) -> Row:
+    z = (b.randn(n) / math.sqrt(n) + 1.0 / math.sqrt(n)).requires_grad_()
+    G = b.randn(n)
+    M = gf.Sphere()
+    base = M.sample((n,), generator=b.gen, dtype=b.dtype).to(b.device)  # GeoTorch keeps a base too
+    fns = {GF: b.fb(lambda: M.to_manifold(z, base), [z], G)}
+    if geotorch is not None:
+        lin = b.linear(n, 4)
+        geotorch.sphere(lin, "bias")
+        with torch.no_grad():
+            lin.parametrizations.bias.original.copy_(z.detach())
+        fns[GT] = b.module_fb(lin, "bias", G)
+    return b.run(
+        f"Sphere({n})",
+        f"{n}",
+        n,
+        fns,
+        target="GeoTorch ÷ geofunc ≥ 1" if targets else "",
+        check=(lambda r: _ge(r.ratio(GT), 1)) if targets else None,
+    )
+
+
+def logabsdet_case(b: Bench, n: int, targets: bool) -> Row:
+    M = gf.GLp()
+    Z = b.raw(n, n)
+    X = M.to_manifold(Z.detach()).requires_grad_()
+    _, base = M.from_manifold(X.detach().double())
+    base = torch.utils._pytree.tree_map(lambda t: t.to(b.dtype), base)
+    Z0 = torch.zeros_like(Z)
+    with torch.no_grad():
+        Z0.diagonal().copy_(M.from_manifold(X.detach().double())[0].diagonal().to(b.dtype))
+    Z0.requires_grad_()
+    fns = {
+        GF: lambda: torch.autograd.grad(M.logabsdet(Z0, base), [Z0]),
+        "slogdet": lambda: torch.autograd.grad(torch.linalg.slogdet(X)[1], [X]),
+    }
+    return b.run(
+        f"GLp({n}).logabsdet",
+        f"{n}×{n}",
+        n,
+        fns,
+        target="slogdet ÷ geofunc ≥ 50 (fwd+bwd)" if targets else "",
+        check=(lambda r: _ge(r.ratio("slogdet"), 50)) if targets else None,
+        note="slogdet of the point (LU) vs Σ log f(sᵢ) from the factorization",
+    )
+
+
+# ------------------------------------------------------------------ training steps
+def _mlp(width: int, depth: int, device, dtype) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for i in range(depth):
+        layers.append(torch.nn.Linear(width, width, device=device, dtype=dtype))
+        if i < depth - 1:
+            layers.append(torch.nn.Tanh())
+    return torch.nn.Sequential(*layers)
+
+
+def _weight_names(depth: int) -> list[str]:
+    return [f"{2 * i}.weight" for i in range(depth)]
+
+
+class FunctionalTrainer:
+    """geofunc's step: raw parameters + bases, any torch optimizer on the raw tensors, then
+    ``rebase`` (dynamic trivialization: the generator stays small, so the exponential is cheap)."""
+
+    def __init__(self, model, constraints, params, lr, x, y, ensemble: bool, rebase: bool = True):
+        self.model, self.c, self.x, self.y, self.ensemble, self.do_rebase = model, constraints, x, y, ensemble, rebase
+        raw, self.bases = gf.from_manifold(constraints, params)
+        self.raw = {k: v.detach().clone().requires_grad_() for k, v in raw.items()}
+        self.opt = torch.optim.Adam(list(self.raw.values()), lr=lr)
+
+    def loss(self, raw, bases, x, y):
+        p = gf.to_manifold(self.c, raw, bases)
+        return torch.nn.functional.mse_loss(torch.func.functional_call(self.model, p, (x,)), y)
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        if self.ensemble:
+            losses = torch.func.vmap(self.loss, in_dims=(0, 0, None, None))(self.raw, self.bases, self.x, self.y)
+            losses.sum().backward()
+        else:
+            self.loss(self.raw, self.bases, self.x, self.y).backward()
+        self.opt.step()
+        if self.do_rebase:
+            with torch.no_grad():
+                new_raw, self.bases = gf.rebase(self.c, self.raw, self.bases)
+                for k in self.c:
+                    self.raw[k].copy_(new_raw[k])
+
+
+def module_step(models: list[torch.nn.Module], opt, x, y) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        for m in models:
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def train_case(b: Bench, width: int, batch: int, targets: bool) -> Row:
+    depth = 3
+    x, y = b.randn(batch, width), b.randn(batch, width)
+    lr = 1e-3
+    names = _weight_names(depth)
+    c = {k: gf.SO() for k in names}
+    plain = _mlp(width, depth, b.device, b.dtype)
+    fns: dict[str, Callable[[], object]] = {"unconstrained": module_step([plain], torch.optim.Adam(plain.parameters(), lr=lr), x, y)}
+    model = _mlp(width, depth, b.device, b.dtype)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    params = gf.sample(c, params, generator=b.gen)
+    params = {k: v.to(b.device, b.dtype) for k, v in params.items()}
+    tr = FunctionalTrainer(model, c, params, lr, x, y, ensemble=False)
+    fns[GF] = tr.step
+    # the same functional step without rebase, from trained-like raw values (static trivialization)
+    tr2 = FunctionalTrainer(model, c, params, lr, x, y, ensemble=False, rebase=False)
+    with torch.no_grad():
+        for k in names:
+            tr2.raw[k].copy_(b.raw(width, width).detach())
+    fns[GF + " static"] = tr2.step
+    if geotorch is not None:
+        gm = _mlp(width, depth, b.device, b.dtype)
+        for i in range(depth):
+            geotorch.orthogonal(gm[2 * i], "weight")
+            b.set_original(gm[2 * i], "weight", b.raw(width, width).detach())
+        fns[GT] = module_step([gm], torch.optim.Adam(gm.parameters(), lr=lr), x, y)
+    row = b.run(
+        f"train step 3×Linear({width}) SO, Adam",
+        f"batch {batch}",
+        width,
+        fns,
+        target="geofunc ≤ 10× the unconstrained step" if targets else "",
+        check=(lambda r: r.times[GF] / r.times["unconstrained"] <= 10) if targets else None,
+        note="geofunc: Adam on raw + rebase each step; 'static': no rebase, trained-like raw; GeoTorch: default (static)",
+    )
+    return row
+
+
+def ensemble_case(b: Bench, n_models: int, width: int, batch: int, targets: bool) -> Row:
+    depth = 2
+    x, y = b.randn(batch, width), b.randn(batch, width)
+    lr = 1e-3
+    names = _weight_names(depth)
+    c = {k: gf.SO() for k in names}
+    model = _mlp(width, depth, "meta", b.dtype)
+    stacked = {k: torch.stack([v.detach().to("cpu")] * n_models) for k, v in _mlp(width, depth, "cpu", b.dtype).named_parameters()}
+    stacked = gf.sample(c, stacked, generator=b.gen)
+    stacked = {k: v.to(b.device, b.dtype) for k, v in stacked.items()}
+    model = _mlp(width, depth, b.device, b.dtype)
+    tr = FunctionalTrainer(model, c, stacked, lr, x, y, ensemble=True)
+    fns: dict[str, Callable[[], object]] = {GF: tr.step}
+    if geotorch is not None:
+        models = []
+        for _ in range(n_models):
+            m = _mlp(width, depth, b.device, b.dtype)
+            for i in range(depth):
+                geotorch.orthogonal(m[2 * i], "weight")
+                b.set_original(m[2 * i], "weight", b.raw(width, width).detach())
+            models.append(m)
+        opt = torch.optim.Adam([p for m in models for p in m.parameters()], lr=lr)
+        fns[GT] = module_step(models, opt, x, y)
+    return b.run(
+        f"ensemble {n_models}× 2×Linear({width}) SO, Adam",
+        f"batch {batch}",
+        width,
+        fns,
+        target="GeoTorch loop ÷ geofunc vmap ≥ 10" if targets else "",
+        check=(lambda r: _ge(r.ratio(GT), 10)) if targets else None,
+        note="geofunc: one vmap over the stacked raw params + Adam + rebase; GeoTorch: a loop over the models",
+    )
+
+
+# --------------------------------------------------------------------------- report
+def _ge(x: Optional[float], v: float) -> Optional[bool]:
+    return None if x is None else x >= v
+
+
+def _fmt_t(t: Optional[float]) -> str:
+    if t is None:
+        return "n/a"
+    return f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def _fmt(x: Optional[float], spec: str = ".1f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def format_row(r: Row) -> str:
+    parts = [f"{r.case:<40s}"]
+    for k, v in r.times.items():
+        parts.append(f"{k}={_fmt_t(v)} ({v / r.mm:.1f} mm)")
+    if GT in r.times:
+        parts.append(f"GT/gf={r.ratio(GT):.1f}x")
+    m = r.met()
+    if m is not None:
+        parts.append("MET" if m else "NOT MET")
+    return "  ".join(parts)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {name} ({os.cpu_count()} logical cores)"
+
+
+def write_results(b: Bench, path: str, args, elapsed: float) -> None:
+    lines = [
+        "# geofunc benchmarks" + (" (quick smoke run)" if b.quick else ""),
+        "",
+        f"* device: **{device_name(b.device)}**; dtype float32; torch {torch.__version__}; "
+        f"torch.set_num_threads({torch.get_num_threads()}); geotorch {getattr(geotorch, '__version__', 'not installed')}",
+        f"* {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, command: `python -m benchmarks {' '.join(sys.argv[1:])}`",
+        "* medians of interleaved rounds after warm-up; **mm-eq** = time ÷ one n×n `torch.mm` timed alongside; "
+        "ratio = contender ÷ geofunc (> 1: geofunc faster). Forward + backward (a vector-Jacobian product) unless "
+        "the case is a training step. Raw parameters ~ N(0, 1/n), random bases.",
+    ]
+    if b.device.type == "cpu":
+        lines.append(
+            "* CPU numbers come from a **shared 2-core box** on which other jobs ran: absolute times are noisy; "
+            "the interleaving makes the ratios and mm-eq the meaningful columns."
+        )
+    if geotorch is None:
+        lines.append("* **GeoTorch is not installed**: its columns read n/a (`pip install -e .[bench]`).")
+    lines += [
+        "",
+        "| case | size | geofunc | geofunc mm-eq | GeoTorch | GeoTorch mm-eq | GeoTorch ÷ geofunc | other anchors (÷ geofunc) | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in b.rows:
+        others = []
+        for k, v in r.times.items():
+            if k in (GF, GT):
+                continue
+            others.append(f"{k} {_fmt_t(v)} ({v / r.times[GF]:.2f})")
+        m = r.met()
+        lines.append(
+            f"| {r.case} | {r.size} | {_fmt_t(r.times.get(GF))} | {_fmt(r.mmeq(GF))} | {_fmt_t(r.times.get(GT))} | "
+            f"{_fmt(r.mmeq(GT))} | {_fmt(r.ratio(GT), '.2f')} | {'; '.join(others)} | {r.target} | "
+            f"{'' if m is None else ('yes' if m else '**no**')} |"
+        )
+    notes = [f"* {r.case}: {r.note}" for r in b.rows if r.note]
+    if notes:
+        lines += ["", "Notes:", ""] + notes
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def plot(b: Bench, path: str) -> Optional[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return "matplotlib not installed: no plot"
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for prefix, style in (("expm", "-"), ("cayley", "--")):
+        rows = [r for r in b.rows if r.case.startswith("SO(") and r.case.endswith(prefix)]
+        if not rows:
+            continue
+        for who, color in ((GF, "C0"), (GT, "C1"), (PT, "C2")):
+            pts = [(r.n_ref, r.mmeq(who)) for r in rows if who in r.times]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{who} SO {prefix}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("n")
+    ax.set_ylabel("forward + backward cost (n×n matmuls)")
+    ax.set_title(f"SO(n) trivializations, {device_name(b.device)[:40]}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> list[Row]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats (a smoke run)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 1: the CPU box is shared)")
+    p.add_argument("--out", default=None, help="results markdown path (default benchmarks/RESULTS[-quick|-cuda].md)")
+    p.add_argument("--only", default=None, help="comma-separated substrings of case names to run")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    threads = args.threads or 1
+    torch.set_num_threads(threads)
+    suffix = "-quick" if args.quick else ("" if device.type == "cpu" else f"-{device.type}")
+    out = args.out or os.path.join(HERE, f"RESULTS{suffix}.md")
+    png = os.path.splitext(out)[0].replace("RESULTS", "cost_vs_n") + ".png"
+    if os.path.basename(png) == os.path.basename(out):
+        png = os.path.splitext(out)[0] + "_cost_vs_n.png"
+    print(f"device: {device_name(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"geotorch {'not installed (columns skipped)' if geotorch is None else geotorch.__version__}", flush=True)
+    b = Bench(device, args.quick)
+    t0 = time.perf_counter()
+    cuda = device.type == "cuda"
+    q = args.quick
+    so_sizes = [32, 64] if q else ([256, 1024, 2048, 4096] if cuda else [64, 128, 256, 512, 1024])
+    targets = not q
+    only = args.only.split(",") if args.only else None
+
+    def want(name: str) -> bool:
+        return only is None or any(s in name for s in only)
+
+    if want("so"):
+        for n in so_sizes:
+            so_case(b, n, "expm", targets and n in (256, 1024))
+    if want("cayley"):
+        for n in ([64] if q else ([1024, 4096] if cuda else [256, 1024])):
+            so_case(b, n, "cayley", targets)
+    if want("stiefel"):
+        for n, k, need in ([(128, 16, 1)] if q else ([(1024, 256, 25), (1024, 16, 1), (4096, 1024, 25)] if cuda else [(1024, 256, 25), (1024, 16, 1)])):
+            stiefel_case(b, n, k, targets, need)
+    if want("lowrank"):
+        n = 64 if q else (4096 if cuda else 1024)
+        factored_case(b, f"LowRank(rank=16) {n}×{n}", gf.LowRank(rank=16), lambda m: geotorch.low_rank(m, "weight", 16), n, n, 50, targets)
+    if want("psd"):
+        n = 64 if q else (2048 if cuda else 1024)
+        factored_case(b, f"PSD({n})", gf.PSD(), lambda m: geotorch.positive_definite(m, "weight"), n, n, 3, targets)
+    if want("glp"):
+        n = 32 if q else (1024 if cuda else 256)
+        factored_case(b, f"GLp({n})", gf.GLp(), lambda m: geotorch.invertible(m, "weight"), n, n, 3, targets)
+    if want("ensemble"):
+        ensemble_case(b, 8 if q else 64, 16 if q else 32, 16 if q else 64, targets)
+    if want("train"):
+        train_case(b, 64 if q else (2048 if cuda else 512), 32 if q else (1024 if cuda else 256), targets and not cuda)
+    if want("logabsdet"):
+        logabsdet_case(b, 32 if q else 256, targets)
+    if want("sphere"):
+        sphere_case(b, 64 if q else 1024, targets)
+    elapsed = time.perf_counter() - t0
+    write_results(b, out, args, elapsed)
+    msg = plot(b, png)
+    print(f"wrote {out}" + (f" and {png}" if msg is None else f" ({msg})") + f" in {elapsed:.0f} s", flush=True)
+    return b.rows
+
+
+if __name__ == "__main__":
+    main()
