@@ -30,7 +30,7 @@ def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool) ->
         R = resolve_triv(triv)(skew_lower(Z))
         return R if base is None else base @ R
     if base is None:
-        base = eye_like(Z, n)[:, :k].expand_as(Z)
+        base = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
     return stiefel_chart(base, Z, triv, horizontal=horizontal)
 
 
