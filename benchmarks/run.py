@@ -115,7 +115,7 @@ class Bench:
         self.rows: list[Row] = []
         self.warmup = 1 if quick else 2
         self.repeats = 3 if quick else 7
-        self.budget = 2.0 if quick else 30.0
+        self.budget = 2.0 if quick else (8.0 if device.type == "cuda" else 30.0)
 
     # helpers
     def randn(self, *shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -499,6 +499,8 @@ def plot(b: Bench, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except Exception:
         return "matplotlib not installed: no plot"
+    if not any(r.case.startswith("SO(") for r in b.rows):
+        return "no SO(n) case run: no plot"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for prefix, style in (("expm", "-"), ("cayley", "--")):
         rows = [r for r in b.rows if r.case.startswith("SO(") and r.case.endswith(prefix)]
@@ -546,7 +548,7 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     q = args.quick
     so_sizes = [32, 64] if q else ([256, 1024, 2048, 4096] if cuda else [64, 128, 256, 512, 1024])
     targets = not q
-    only = args.only.split(",") if args.only else None
+    only = [s.strip().lower() for s in args.only.split(",")] if args.only else None
 
     def want(name: str) -> bool:
         return only is None or any(s in name for s in only)
