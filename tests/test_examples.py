@@ -53,13 +53,6 @@ def test_copying_problem_rgd_cayley(capsys: pytest.CaptureFixture[str]) -> None:
 def test_sequential_digits(capsys: pytest.CaptureFixture[str], constraint: str) -> None:
     pytest.importorskip("tqdm")
     pytest.importorskip("sklearn", reason="sequential_digits.py reads scikit-learn's digits (pip install -e .[test])")
-    if constraint == "almost-orthogonal":
-        try:
-            import geofunc as gf
-
-            gf.AlmostOrthogonal(lam=0.2)
-        except NotImplementedError:  # TODO(docs): drop once the rank family lands
-            pytest.skip("AlmostOrthogonal is not implemented yet")
     flags = ["--constraint", constraint, "--epochs", "1", "--limit", "128", "--hidden", "16", "--rebase-every", "1"]
     out = run_example(capsys, "sequential_digits.py", *flags)
     assert "test accuracy" in out
