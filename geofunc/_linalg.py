@@ -7,6 +7,7 @@ transforms and ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Union
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "nan_poison",
     "sanitize",
     "stiefel_chart",
+    "stiefel_packed_chart",
     "eye_like",
     "transpose",
 ]
@@ -188,3 +190,54 @@ def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) ->
     M = torch.cat([top, bottom], dim=-2)
     F = resolve_triv(triv)(M)[..., :, :k]
     return Y @ F[..., :k, :] + (C / c) @ F[..., k:, :]
+
+
+def _polar_factor(A: Tensor) -> Tensor:
+    """Orthogonal polar factor ``U_p`` of a square ``A = U_p P`` (``P = (AᵀA)^{1/2}``), also where ``A`` is singular.
+
+    Value ``U Vᵀ`` from the SVD ``U Σ Vᵀ`` of ``A.detach()``; exact first derivative (every transform)
+    added as a term that is zero in value: ``dU_p = U_p Ξ``, ``Ξ`` skew with ``PΞ + ΞP = U_pᵀdA − dAᵀU_p``,
+    i.e. ``Ξ = V Ξ̃ Vᵀ``, ``Ξ̃ᵢⱼ = (Vᵀ(U_pᵀdA − dAᵀU_p)V)ᵢⱼ / (σᵢ + σⱼ)``. Where ``σᵢ + σⱼ`` is below
+    ``√ε·max(1, σ₁)`` (two singular values at 0: the factor is not unique there, any choice is
+    orthogonal) the denominator is clamped to it, so derivatives stay finite. Second derivatives
+    are not those of the polar factor. NaN/inf input gives NaN.
+    """
+    A0 = A.detach()
+    U, s, Vh = torch.linalg.svd(sanitize(A0))
+    Up = U @ Vh + nan_poison(A0)
+    V = transpose(Vh)
+    D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
+    M = Vh @ transpose(Up) @ D @ V
+    B = M - transpose(M)  # Vᵀ(U_pᵀ D − Dᵀ U_p)V
+    tol = math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)
+    den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol.unsqueeze(-1))
+    return Up + Up @ (V @ (B / den) @ Vh)
+
+
+def stiefel_packed_chart(Y: Tensor, P: Tensor, triv: Triv) -> Tensor:
+    """Chart of a tall frame at ``Y`` (n×r, n > r) in *packed* coordinates ``P`` (n×r, top r×r strictly lower).
+
+    The ``dim St(n, r)`` numbers of ``P`` are coordinates in an orthonormal basis adapted to ``Y``:
+    ``L = tril(P[:r], −1)`` (r×r) and ``C_b = P[r:]`` ((n−r)×r) give the ambient direction
+    ``Δ = Y L + N C_b``, where ``N`` (n×(n−r)) is an orthonormal basis of ``range(Y)⊥``: the last n − r
+    columns of the block Householder reflection ``H = I − W (I + P_Y)⁻¹ Wᵀ``, ``W = E S − Y``,
+    ``E = I[:, :r]``, ``S = −U_p`` with ``Y_top = U_p P_Y`` the polar decomposition of the top r×r block
+    (``SᵀY_top = −P_Y`` is symmetric, so ``WᵀW = 2(I + P_Y) ⪰ 2I`` and ``H E S = Y``). Applied
+    implicitly, ``N C_b = [0; C_b] + W T`` with ``T = (I + P_Y)⁻¹ Y_botᵀ C_b``, so
+    ``Δ = Y (L − T) + [S T; C_b]``: O(n r²), no n×n matrix, for any ``Y`` (also where ``Y_top`` is
+    singular). Then ``X =`` :func:`stiefel_chart` ``(Y, Δ, triv)``, whose
+    ``Ω = L − Lᵀ`` and ``C = N C_b``: the differential at ``P = 0`` maps the packed coordinates
+    isometrically onto ``T_Y St(n, r)`` with the canonical metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2
+    on the ``L`` entries, 1 on ``C_b``), at every base. At ``Y = I[:, :r]`` (``N = [0; I]``) it is
+    the GeoTorch chart ``stiefel_chart(Y, P)``. Exact to all orders in ``P``; in ``Y`` exact to
+    first order (``U_p`` from :func:`_polar_factor`).
+    """
+    r = Y.shape[-1]
+    Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
+    S = -_polar_factor(Ytop)
+    K = eye_like(S, r) - sym_part(transpose(S) @ Ytop)  # I + P_Y
+    Cb = P[..., r:, :]
+    T = torch.linalg.solve(K, transpose(Ybot) @ Cb)
+    # Δ = Y L + [0; C_b] + (E S − Y) T = Y (L − T) + [S T; C_b]  (T has the common batch shape)
+    ST_Cb = torch.cat([S @ T, Cb.expand(T.shape[:-2] + Cb.shape[-2:])], dim=-2)
+    return stiefel_chart(Y, Y @ (torch.tril(P[..., :r, :], -1) - T) + ST_Cb, triv)
