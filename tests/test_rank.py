@@ -14,10 +14,11 @@ import math
 
 import pytest
 import torch
-from torch.func import grad, jvp, vmap
+from torch.func import grad, jacfwd, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import geofunc as gf
+from geofunc._linalg import _polar_factor, stiefel_chart, stiefel_packed_chart
 from geofunc.spaces._factorized import floor_eps, softplus_eps, softplus_eps_inverse
 
 F64 = torch.float64
@@ -275,10 +276,17 @@ class _OpShapes(TorchDispatchMode):
 _DECOMPOSITIONS = ("svd", "eigh", "eig.", "geqrf", "linalg_qr", "lstsq", "cholesky", "solve", "lu_factor", "slogdet")
 
 
+def _decompositions_above(ops, r):
+    """Decompositions with an input larger than r×r: the packed chart at a base may only do the
+    r×r ones (the polar factor of the base's top block and a solve with ``I + P_Y``)."""
+    return [op for op in ops if any(d in op[0] for d in _DECOMPOSITIONS) and any(math.prod(sh) > r * r for sh in op[2])]
+
+
 @pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.FixedRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
 def test_low_rank_chart_has_no_square_intermediate(space):
-    """to_manifold of a 2048×2048 rank-4 point: one n×n op (the final product), no decomposition,
-    every other op O((n + k) r) sized (the Stiefel chart's exponentials are 2r×2r)."""
+    """to_manifold of a 2048×2048 rank-4 point: one n×n op (the final product), no decomposition
+    beyond r×r ones (none at the canonical base), every other op O((n + k) r) sized (the Stiefel
+    chart's exponentials are 2r×2r)."""
     n, r = 2048, 4
     Z = torch.randn(n, n, generator=_gen(5))
     base = space.from_manifold(space.sample((n, n), generator=_gen(6)))[1]
@@ -292,7 +300,7 @@ def test_low_rank_chart_has_no_square_intermediate(space):
         assert names and names[0].startswith(("mm", "bmm")), big
         assert all(nm.startswith(("mm", "bmm", "add", "mul", "transpose", "clone")) for nm in names), big
         assert len(big) <= 4, big
-        assert not [op for op in spy.ops if any(d in op[0] for d in _DECOMPOSITIONS)]
+        assert not _decompositions_above(spy.ops, r if b is not None else 0)
         assert X.shape == (n, n)
 
 
@@ -304,12 +312,113 @@ def test_rebase_uses_no_decomposition_and_keeps_values(space):
     spy = _OpShapes()
     with spy:
         Z2, base2 = space.rebase(Z, base)
-    assert not [op for op in spy.ops if any(d in op[0] for d in _DECOMPOSITIONS)]
     r = 2 if isinstance(space, (gf.LowRank, gf.PSSDLowRank)) else 5
+    assert not _decompositions_above(spy.ops, r if r < 5 else 0)
     d = torch.diagonal(Z, dim1=-2, dim2=-1)[:r]
     assert torch.equal(torch.diagonal(Z2, dim1=-2, dim2=-1)[:r], d)
     assert torch.count_nonzero(Z2) <= r
     assert torch.allclose(space.to_manifold(Z2, base2), space.to_manifold(Z, base), atol=1e-12)
+
+
+# ------------------------------------------------------------------ the packed frame chart at a base
+def _unpack_coords(p, n, r):
+    """The n×r packed frame coordinates (top r×r strictly lower, bottom free) of a vector of dim St(n, r)."""
+    i, j = torch.tril_indices(r, r, -1)
+    top = torch.zeros(r, r, dtype=p.dtype).index_put((i, j), p[: i.numel()])
+    return torch.cat([top, p[i.numel():].reshape(n - r, r)])
+
+
+_N, _R = 9, 3
+_BASES = {
+    "random": lambda: gf.Stiefel().sample((_N, _R), generator=_gen(20), dtype=F64),
+    "singular_top": lambda: torch.eye(_N, dtype=F64)[:, -_R:],  # Y_top = 0: the ambient chart's differential has rank 18 of 21
+}
+
+
+@pytest.mark.parametrize("triv", ["expm", "cayley"])
+@pytest.mark.parametrize("which", list(_BASES))
+def test_packed_chart_differential_is_an_isometry_at_every_base(which, triv):
+    """At P = 0 the packed coordinates map isometrically onto T_Y St(9, 3): the Jacobian (27×21)
+    has Frobenius singular values exactly √2 (the 3 Ω coordinates: L_ij gives Y(e_i e_jᵀ − e_j e_iᵀ))
+    and 1 (the 18 C coordinates), i.e. it is an isometry for the canonical metric ½‖Ω‖² + ‖C‖²
+    (Ω counted once): Jᵀ (I − ½YYᵀ) J = I."""
+    n, r = _N, _R
+    Y = _BASES[which]()
+    dim = n * r - r * (r + 1) // 2
+    J = jacfwd(lambda p: stiefel_packed_chart(Y, _unpack_coords(p, n, r), triv))(torch.zeros(dim, dtype=F64))
+    expected = torch.tensor([math.sqrt(2.0)] * (r * (r - 1) // 2) + [1.0] * ((n - r) * r), dtype=F64)
+    assert torch.allclose(torch.linalg.svdvals(J.reshape(n * r, dim)), expected, atol=1e-12)
+    Xi = J.permute(2, 0, 1)  # the dim tangent vectors, n×r each
+    assert (Y.mT @ Xi + Xi.mT @ Y).abs().max() < 1e-12  # tangent to St(n, r) at Y
+    GXi = Xi - 0.5 * Y @ (Y.mT @ Xi)
+    gram = torch.einsum("anr,bnr->ab", Xi, GXi)
+    assert torch.allclose(gram, torch.eye(dim, dtype=F64), atol=1e-12)
+    # and through LowRank (k = r: U tall, V square): the U-coordinates of Z at base (Y, V), unit values
+    M = gf.LowRank(rank=r, triv=triv)
+    V = gf.SO().sample((r, r), generator=_gen(21), dtype=F64)
+    Z0 = torch.cat([torch.eye(r, dtype=F64), torch.zeros(n - r, r, dtype=F64)])
+    Ju = jacfwd(lambda p: M.to_manifold(Z0 + _unpack_coords(p, n, r), (Y, V)))(torch.zeros(dim, dtype=F64))
+    assert torch.allclose(torch.linalg.svdvals(Ju.reshape(n * r, dim)), expected, atol=1e-12)
+
+
+def test_packed_chart_at_the_canonical_base_is_geotorchs():
+    n, r = 7, 3
+    P = torch.tril(_randn(n, r, seed=22), -1)
+    E = torch.eye(n, r, dtype=F64)
+    for triv in ("expm", "cayley"):
+        assert torch.allclose(stiefel_packed_chart(E, P, triv), stiefel_chart(E, P, triv), atol=1e-14)
+        X = stiefel_packed_chart(gf.Stiefel().sample((4, n, r), generator=_gen(23), dtype=F64), 3 * P, triv)
+        assert gf.Stiefel().contains(X).all()
+    M = gf.LowRank(rank=r)
+    Z = _randn(n, 5, seed=24)
+    assert torch.allclose(M.to_manifold(Z, (E, torch.eye(5, r, dtype=F64))), M.to_manifold(Z), atol=1e-14)
+    bad = E.clone()
+    bad[0, 0] = math.nan
+    assert torch.isnan(stiefel_packed_chart(bad, P, "expm")).all()
+
+
+def test_low_rank_sgd_plus_rebase_is_riemannian_gradient_descent():
+    """One SGD step on raw at zero then rebase moves X = U diag(s) Vᵀ along minus the Riemannian
+    gradient of the product metric (canonical on U and V, Euclidean on s): d/dη X = −(ξ_U S Vᵀ +
+    U diag(g_s) Vᵀ + U S ξ_Vᵀ) with ξ_U = A_U − U A_Uᵀ U, A_U = G V S (same for V), and a linear loss
+    ⟨G, X⟩ decreases at the rate ‖grad‖² = ‖∇_Z‖², at a generic base (the ambient chart does not)."""
+    M = gf.LowRank(rank=2)
+    X0 = M.sample((6, 4), generator=_gen(25), dtype=F64)
+    G = _randn(6, 4, seed=26)
+    Z0, (U, V) = M.from_manifold(X0)
+    s = torch.diagonal(Z0)[:2]
+    loss = lambda X: (G * X).sum()
+    gZ = grad(lambda z: loss(M.to_manifold(z, (U, V))))(Z0)
+
+    def step(eta):
+        return M.to_manifold(*M.rebase(Z0 - eta * gZ, (U, V)))
+
+    S = torch.diag(s)
+    AU, AV, gs = G @ V @ S, G.mT @ U @ S, torch.diagonal(U.mT @ G @ V)
+    xiU, xiV = AU - U @ AU.mT @ U, AV - V @ AV.mT @ V
+    canon = lambda Y, xi: (xi * (xi - 0.5 * Y @ (Y.mT @ xi))).sum()
+    rate = canon(U, xiU) + (gs**2).sum() + canon(V, xiV)
+    _, dX = jvp(step, (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    assert torch.allclose(dX, -(xiU @ S @ V.mT + U @ torch.diag(gs) @ V.mT + U @ S @ xiV.mT), atol=1e-12)
+    assert torch.allclose((gZ**2).sum(), rate, rtol=1e-12)
+    eta = 1e-5
+    assert torch.allclose((loss(step(eta)) - loss(X0)) / eta, -rate, rtol=1e-4)
+
+
+@pytest.mark.parametrize("space, shape", [(gf.LowRank(rank=2), (5, 4)), (gf.PSSDFixedRank(rank=2), (5, 5))], ids=repr)
+def test_first_derivatives_in_the_base_are_exact(space, shape):
+    """gradcheck (float64, reverse and forward mode) of to_manifold w.r.t. the base entries, Z fixed."""
+    Z = _randn(*shape, seed=27)
+    _, base = space.from_manifold(space.sample(shape, generator=_gen(28), dtype=F64))
+    base = base if isinstance(base, tuple) else (base,)
+    fn = (lambda U, V: space.to_manifold(Z, (U, V))) if len(base) == 2 else (lambda Q: space.to_manifold(Z, Q))
+    assert torch.autograd.gradcheck(fn, tuple(b.detach().requires_grad_() for b in base), check_forward_ad=True)
+    A = _randn(3, 3, seed=29).requires_grad_()
+    assert torch.autograd.gradcheck(_polar_factor, (A,), check_forward_ad=True)
+    # finite (not exact: the polar factor jumps there) at a base whose top block is singular
+    Y = torch.eye(5, dtype=F64)[:, -2:].requires_grad_()
+    g = torch.autograd.grad(stiefel_packed_chart(Y, _randn(5, 2, seed=30), "expm").sum(), Y)[0]
+    assert torch.isfinite(g).all()
 
 
 # ------------------------------------------------------------------ extreme raw values

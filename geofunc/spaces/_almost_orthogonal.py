@@ -25,7 +25,8 @@ class AlmostOrthogonal(SVDSpace):
 
     * ``to_manifold(Z, base) = U diag(1 + λ f(s)) Vᵀ`` with ``U ∈ St(n, k)``, ``V ∈ SO-chart(k)`` the
       :class:`Stiefel` charts of ``tril(Z, −1)`` and ``triu(Z, 1)ᵀ`` at ``base = (U_b, V_b)``,
-      ``s = diag(Z)``. ``f``: ``"sin"`` (default), ``"tanh"``, ``"sigmoid"`` (= ``2σ(t) − 1 = tanh(t/2)``,
+      ``s = diag(Z)`` (a tall ``U``'s coordinates read in a base-adapted orthonormal basis, as in
+      :class:`LowRank`). ``f``: ``"sin"`` (default), ``"tanh"``, ``"sigmoid"`` (= ``2σ(t) − 1 = tanh(t/2)``,
       also ``"scaled_sigmoid"``), a callable (no ``from_manifold``) or a pair ``(f, f_inverse)``;
       with image [a, b] the singular values lie in [1 + λa, 1 + λb].
     * ``from_manifold``: SVD, ``s = f⁻¹((σ − 1)/λ)`` (0 if λ = 0); ``rebase`` keeps ``diag(Z)``.

@@ -1,13 +1,24 @@
 """Shared machinery of the factorized spaces (SVD type ``U diag(s) Vᵀ``, eigen type ``Q diag(λ) Qᵀ``).
 
 Private. The concrete spaces (LowRank, FixedRank, GLp, AlmostOrthogonal, PSSDLowRank, PSSD,
-PSSDFixedRank, PSD) are thin final dataclasses over the two abstract bases here; the frames
-``U``, ``V``, ``Q`` go through :class:`~geofunc.Stiefel`'s own chart (composition).
+PSSDFixedRank, PSD) are thin final dataclasses over the two abstract bases here.
 
 Raw coordinates are packed into one tensor ``Z`` of the point's (tall) shape n×k, in disjoint
 regions, as GeoTorch's frame does: the U-coordinates are the first r columns of the strict
 lower triangle, the values the first r diagonal entries, the V-coordinates the strict upper
 triangle of the first r rows (transposed). Only O((n + k) r) entries are read.
+
+Frame charts. A square frame (r = rows) uses :class:`~geofunc.Stiefel`'s SO chart
+``B φ(skew(tril(P, −1)))``. A tall frame's packed coordinates ``P`` (n×r: top r×r strictly lower,
+bottom (n−r)×r free, exactly dim St(n, r) numbers) are read in an orthonormal basis adapted to
+the base frame ``B`` (:func:`geofunc._linalg.stiefel_packed_chart`): the ambient direction is
+``Δ = B tril(P_top, −1) + N P_bot`` with ``N`` the orthonormal complement of ``range(B)`` given by
+a block Householder completion of ``B`` (from the polar factor of its top r×r block), applied
+implicitly in O(n r²), then Stiefel's expm/Cayley chart at ``B``. So at every base (not only at
+``I[:, :r]``, where this is GeoTorch's chart, nor only where ``B_top`` is invertible) the chart's
+differential at ``P = 0`` is an isometry onto ``T_B St(n, r)`` (canonical metric), and one SGD
+step on raw at zero followed by ``rebase`` is a Riemannian gradient step. Raw derivatives are
+exact to all orders; derivatives in the base are exact to first order.
 
 Spectral maps (``project``, ``retract``) and the frames used by ``tangent`` take their *value*
 from a decomposition of the detached input and their *derivative* from the closed-form first
@@ -27,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
-from .._linalg import haar_stiefel, sym_part
+from .._linalg import haar_stiefel, stiefel_chart, stiefel_packed_chart, sym_part
 from ._base import AbstractSpace
-from ._orthogonal import tall, untall, validate_triv
+from ._orthogonal import check_base, tall, untall, validate_triv
 from ._stiefel import Stiefel
 
 Tensor = torch.Tensor
@@ -254,12 +265,22 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
     return V * torch.cat([ones, d.unsqueeze(-1)], dim=-1).unsqueeze(-2)
 
 
-def _frame_or_canonical(B: Optional[Tensor], Z: Tensor, n: int, r: int) -> Optional[Tensor]:
-    """``B``, or for a tall frame the canonical ``I[:, :r]`` built directly as n×r (Stiefel's own
-    default slices an n×n identity, an O(n²) intermediate); None for square frames (no product)."""
-    if B is not None or n == r:
-        return B
-    return torch.eye(n, r, dtype=Z.dtype, device=Z.device)
+def frame_chart_packed(st: Stiefel, P: Tensor, B: Optional[Tensor]) -> Tensor:
+    """The frame ``U`` (n×r) of packed coordinates ``P`` at the base frame ``B`` (None: ``I[:, :r]``).
+
+    Square (r = n): Stiefel's SO chart ``B φ(skew(tril(P, −1)))``. Tall: the coordinates are read
+    in an orthonormal basis adapted to ``B`` (:func:`geofunc._linalg.stiefel_packed_chart`, block
+    Householder completion, O(n r²)), so that the chart's differential at ``P = 0`` is an isometry
+    at every base; at ``B = None`` this is GeoTorch's chart, built without an n×n identity and
+    without the r×r polar decomposition that a base needs.
+    """
+    n, r = P.shape[-2], P.shape[-1]
+    if n == r:
+        return st.to_manifold(P, B)
+    check_base(st, P, B)
+    if B is None:
+        return stiefel_chart(torch.eye(n, r, dtype=P.dtype, device=P.device), P, st.triv)
+    return stiefel_packed_chart(B, P, st.triv)
 
 
 def _nan_like_batch(Z: Tensor) -> Tensor:
@@ -349,8 +370,7 @@ class SVDSpace(AbstractSpace):
         Vc = torch.triu(Zt[..., :r, :], 1).mT
         s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
         st: Stiefel = self._stiefel  # type: ignore[attr-defined]
-        Ub, Vb = _frame_or_canonical(Ub, Zt, n, r), _frame_or_canonical(Vb, Zt, k, r)
-        return st.to_manifold(Uc, Ub), s, st.to_manifold(Vc, Vb), Zt, tr
+        return frame_chart_packed(st, Uc, Ub), s, frame_chart_packed(st, Vc, Vb), Zt, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         U, s, V, _, tr = self._factors(Z, base)
@@ -558,7 +578,7 @@ class EigSpace(AbstractSpace):
         Qc = torch.tril(Z[..., :, :r], -1)
         lam = torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r]
         st: Stiefel = self._stiefel  # type: ignore[attr-defined]
-        return st.to_manifold(Qc, _frame_or_canonical(Qb, Z, n, r)), lam
+        return frame_chart_packed(st, Qc, Qb), lam
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)

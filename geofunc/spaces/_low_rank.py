@@ -23,8 +23,11 @@ class LowRank(SVDSpace):
     * ``to_manifold(Z, base) = U diag(s) Vᵀ`` with ``U = Stiefel.to_manifold(tril(Z, −1)[:, :r], U_b)``
       (n×r), ``s = diag(Z)[:r]`` (raw, may be negative) and
       ``V = Stiefel.to_manifold(triu(Z, 1)[:r, :]ᵀ, V_b)`` (k×r); ``base = (U_b, V_b)`` (None: the
-      first r columns of the identity). Cost O((n + k) r²) plus the n×k product: no n×n
-      matrix, no SVD.
+      first r columns of the identity). The frame coordinates are packed coordinates in an orthonormal
+      basis adapted to the base (block Householder completion, O(n r²)): the chart's differential at
+      zero is an isometry at every base, so SGD on raw + ``rebase`` is Riemannian gradient descent.
+      Cost O((n + k) r²) plus the n×k product: no n×n matrix, no SVD of the point (only r×r ones
+      of the bases' top blocks).
     * ``from_manifold(X)``: thin SVD, ``base = (U_r, V_r)``, ``Z`` zero but ``diag(Z)[:r] = σ_{1..r}``.
       ``rebase`` keeps ``diag(Z)[:r]`` and moves the frames into the base (no SVD).
     * ``tangent`` at a rank-r point: ``P_U G + G P_V − P_U G P_V`` (the fixed-rank tangent space);

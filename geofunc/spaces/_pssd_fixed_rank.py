@@ -50,7 +50,8 @@ class PSSDFixedRank(EigSpace):
     r"""Positive semidefinite matrices of rank exactly r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X = r\}`.
 
     ``X = Q diag(f(λ)) Qᵀ`` with ``Q = Stiefel.to_manifold(tril(Z, −1)[:, :r], base)`` (n×r) and
-    ``λ = diag(Z)[:r]``; ``f`` as in :class:`FixedRank` (``"softplus"`` = ``softplus + ε``, ε = √ε_dtype,
+    ``λ = diag(Z)[:r]`` (Q's coordinates read in a base-adapted orthonormal basis, as in
+    :class:`PSSDLowRank`); ``f`` as in :class:`FixedRank` (``"softplus"`` = ``softplus + ε``, ε = √ε_dtype,
     a callable (then ``from_manifold`` raises) or a pair ``(f, f_inverse)``).
 
     * ``from_manifold``: ``eigh``, top r pairs, ``λ = f⁻¹(μ)``, ``base = Q_r``; ``rebase`` keeps ``diag(Z)[:r]``.

@@ -30,7 +30,9 @@ class PSSDLowRank(EigSpace):
 
     * ``to_manifold(Z, base) = Q diag(|λ|) Qᵀ`` with ``Q = Stiefel.to_manifold(tril(Z, −1)[:, :r], base)``
       (n×r; ``base=None``: the first r columns of the identity) and ``λ = diag(Z)[:r]``; the upper
-      triangle is not read. O(n r²) plus the n×n product.
+      triangle is not read. The Q coordinates are packed coordinates in an orthonormal basis adapted
+      to the base (block Householder completion, O(n r²); see :class:`LowRank`). O(n r²) plus the
+      n×n product.
     * ``from_manifold``: ``eigh``, top r eigenpairs (descending), ``base = Q_r``; ``rebase`` keeps
       ``diag(Z)[:r]`` and moves ``Q`` into the base (no ``eigh``).
     * ``tangent(X, G) = P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` (the tangent space of the rank-r
