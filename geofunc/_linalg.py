@@ -75,9 +75,15 @@ def expm(A: Tensor) -> Tensor:
 
 
 def cayley(A: Tensor) -> Tensor:
-    """Cayley map ``(I - A/2)^{-1} (I + A/2)``: orthogonal for skew ``A``, with ``dφ_0 = Id``."""
-    I = eye_like(A)
-    return torch.linalg.solve(I - 0.5 * A, I + 0.5 * A)
+    """Cayley map ``(I - A/2)^{-1} (I + A/2)``: orthogonal for skew ``A``, with ``dφ_0 = Id``.
+
+    Evaluated as ``2 (I − A/2)⁻¹ − I`` (the same matrix): one inverse instead of a solve
+    with n right-hand sides, and a cheaper backward (see :func:`geofunc._expm.cayley`).
+    """
+    from ._expm import cayley as _cayley
+
+    # inv() of a matrix with ±inf entries can return a finite, plausible matrix: poison it.
+    return _cayley(A) + nan_poison(A)
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -169,8 +175,8 @@ def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) ->
     ``C = (I − YYᵀ) Z``. With ``A = [Y, C/c]`` one has ``W A = A M`` for the 2k×2k
     matrix ``M = [[Ω, −CᵀC/c], [cI, 0]]``, hence ``φ(W) Y = A φ(M)[:, :k]`` for every
     analytic ``φ`` (``expm``, ``cayley``): O(n k²) work plus a 2k×2k problem, smooth at
-    ``Z = 0`` (no QR of ``C``). ``c = max(1, ‖C‖)`` (detached; the result does not depend
-    on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
+    ``Z = 0`` (no QR of ``C``). ``c = max(10⁻³, √‖CᵀC‖₁)`` (detached; the result does not
+    depend on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
     promises skew → orthogonal on n×n matrices, so it gets the full ``W``.
     """
     k = Y.shape[-1]
@@ -183,9 +189,12 @@ def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) ->
     if callable(triv):
         W = Y @ Omega @ transpose(Y) + C @ transpose(Y) - Y @ transpose(C)
         return triv(W) @ Y
-    c = torch.linalg.matrix_norm(C.detach()).clamp(min=1.0)[..., None, None]
+    # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
+    # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
+    CtC = transpose(C) @ C
+    c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
     I = eye_like(S, k).expand_as(S)
-    top = torch.cat([Omega, -(transpose(C) @ C) / c], dim=-1)
+    top = torch.cat([Omega, -CtC / c], dim=-1)
     bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)
     M = torch.cat([top, bottom], dim=-2)
     F = resolve_triv(triv)(M)[..., :, :k]

@@ -283,6 +283,17 @@ def frame_chart_packed(st: Stiefel, P: Tensor, B: Optional[Tensor]) -> Tensor:
     return stiefel_packed_chart(B, P, st.triv)
 
 
+def _all_finite(*tensors: Optional[Tensor]) -> Tensor:
+    """Per point: True where every entry of every given (n×k batch) tensor is finite."""
+    out = None
+    for T in tensors:
+        if T is not None:
+            ok = torch.isfinite(T).all(dim=-1).all(dim=-1)
+            out = ok if out is None else out & ok
+    assert out is not None
+    return out
+
+
 def _nan_like_batch(Z: Tensor) -> Tensor:
     """``0·ΣZ`` over the point dims: zero, but NaN where a raw entry is NaN/inf (for logabsdet)."""
     return 0.0 * Z.sum(dim=(-2, -1))
@@ -459,11 +470,10 @@ class SVDSpace(AbstractSpace):
         r = self._rank(n, k)
         Ub, Vb = self._bases(base, n, k, r)
         s = torch.diagonal(Z, dim1=-2, dim2=-1)
-        out = torch.log(self._values(s).abs()).sum(-1) + _nan_like_batch(Z)
-        for B in (Ub, Vb):
-            if B is not None:
-                out = out + _nan_like_batch(B)
-        return out
+        out = torch.log(self._values(s).abs()).sum(-1)
+        # NaN/inf anywhere in Z or a base makes the point NaN: say so, without adding a
+        # full-matrix term to the backward (isfinite has no derivative).
+        return torch.where(_all_finite(Z, Ub, Vb), out, torch.full_like(out, math.nan))
 
     # ------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
@@ -641,10 +651,8 @@ class EigSpace(AbstractSpace):
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
         Qb = self._base(base, n, r)
         lam = torch.diagonal(Z, dim1=-2, dim2=-1)
-        out = torch.log(self._values(lam).abs()).sum(-1) + _nan_like_batch(Z)
-        if Qb is not None:
-            out = out + _nan_like_batch(Qb)
-        return out
+        out = torch.log(self._values(lam).abs()).sum(-1)
+        return torch.where(_all_finite(Z, Qb), out, torch.full_like(out, math.nan))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs, bad = _finite_or_zero(X)
