@@ -1,4 +1,5 @@
-"""Shared checks of the orthogonal family (SO, Stiefel, Grassmannian): pure helpers, no classes."""
+"""Shared pieces of the orthogonal family (SO, Stiefel, Grassmannian): checks, and the abstract
+frame space that Stiefel and Grassmannian specialise (they differ only in the chart and tangent)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ from typing import Any
 
 import torch
 
+import dataclasses
+
 from .._errors import describe, error
-from .._linalg import eye_like, transpose
+from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, transpose
+from ._base import AbstractSpace
 
 Tensor = torch.Tensor
 
@@ -51,3 +55,51 @@ def tall(X: Tensor) -> tuple[Tensor, bool]:
 
 def untall(X: Tensor, transposed: bool) -> Tensor:
     return transpose(X) if transposed else X
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSpace(AbstractSpace):
+    """Abstract: n×k orthonormal frames (wide ones transposed), base = the frame itself.
+
+    Subclasses implement ``to_manifold`` and ``tangent``; everything else is shared:
+    ``from_manifold(X) = (0, X)``, ``rebase = (0, to_manifold(Z, base))``, the QR retraction
+    (CholeskyQR2, O(n k²)), the polar projection, Haar sampling and the orthonormality check.
+    """
+
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        validate_triv(self, self.triv)
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what)
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        return torch.zeros_like(X), X
+
+    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
+        """``(0, to_manifold(Z, base))``: the point becomes the centre of the chart."""
+        return torch.zeros_like(Z), self.to_manifold(Z, base)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``qf(X + V)``: the Q factor (positive diagonal R) by CholeskyQR2, O(n k²)."""
+        self._check_shape(X, "X")
+        self._require_same_shape(X, V, "X", "V")
+        Xt, tr = tall(X)
+        return untall(chol_qr(Xt + tall(V)[0]), tr)
+
+    def project(self, Y: Tensor) -> Tensor:
+        """The polar factor ``U Vᵀ`` of ``Y = U S Vᵀ`` (the nearest frame)."""
+        self._check_shape(Y, "Y")
+        return polar(Y)
+
+    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+        """Haar-uniform frames of full shape ``shape`` (QR of a Gaussian, signs fixed)."""
+        shape = tuple(shape)
+        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        tr = shape[-2] < shape[-1]
+        tshape = shape[:-2] + (shape[-1], shape[-2]) if tr else shape
+        return untall(haar_stiefel(tshape, generator, dtype, device), tr)
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        return {"max|XᵀX − I|": orthonormality_error(tall(X)[0])}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import ClassVar
 
 import torch
 
-from .._errors import describe, error
-from .._linalg import _randn, skew_lower, skew_lower_inverse, skew_part, transpose
-from ._base import AbstractSpace
+from .._linalg import skew_lower, skew_lower_inverse
+from ._triangular import TriangleSpace
 
 __all__ = ["Skew"]
 
@@ -17,7 +16,7 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class Skew(AbstractSpace):
+class Skew(TriangleSpace):
     r"""Skew-symmetric ``n×n`` matrices.
 
     .. math::
@@ -50,66 +49,11 @@ class Skew(AbstractSpace):
                 [2., 0.]])
     """
 
-    lower: bool = True
+    _sign: ClassVar[float] = -1.0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.lower, bool):
-            raise error(self, "`lower` to be a bool", repr(self.lower))
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_matrix(X, what, square=True)
-
-    def _no_base(self, base: Any) -> None:
-        if base is not None:
-            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
-
-    def to_manifold(self, Z: Tensor, base: None = None) -> Tensor:
+    def _frame(self, Z: Tensor) -> Tensor:
         """``tril(Z, -1) − tril(Z, -1)ᵀ`` (``triu(Z, 1)`` if ``lower=False``)."""
-        self._check_shape(Z, "Z")
-        self._no_base(base)
         return skew_lower(Z, self.lower)
 
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, None]:
-        return skew_lower_inverse(X, self.lower), None
-
-    def rebase(self, Z: Tensor, base: None) -> tuple[Tensor, None]:
-        """``(tril(Z, -1), None)``: the coordinates the map reads."""
-        self._check_shape(Z, "Z")
-        self._no_base(base)
-        return skew_lower_inverse(Z, self.lower), None
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        """``(G − Gᵀ)/2``."""
-        self._check_shape(X, "X")
-        self._check_shape(G, "G")
-        self._require_same_shape(X, G, "X", "G")
-        return skew_part(G)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``X + (V − Vᵀ)/2``."""
-        self._check_shape(X, "X")
-        self._check_shape(V, "V")
-        self._require_same_shape(X, V, "X", "V")
-        return X + skew_part(V)
-
-    def project(self, Y: Tensor) -> Tensor:
-        """``(Y − Yᵀ)/2``."""
-        self._check_shape(Y, "Y")
-        return skew_part(Y)
-
-    def sample(
-        self,
-        shape: Any,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> Tensor:
-        """``(G − Gᵀ)/2`` for a standard Gaussian ``G`` of shape ``shape``."""
-        shape = tuple(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
-        return skew_part(_randn(shape, generator, dtype, device))
-
-    def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        scale = X.abs().amax((-2, -1)).clamp(min=1.0)
-        return {"max|X + Xᵀ| / max(1, max|X|)": (X + transpose(X)).abs().amax((-2, -1)) / scale}
+    def _coords(self, X: Tensor) -> Tensor:
+        return skew_lower_inverse(X, self.lower)

@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, stiefel_chart, sym_part, transpose
-from ._base import AbstractSpace
-from ._orthogonal import check_base, orthonormality_error, tall, untall, validate_triv
+from .._linalg import Triv, eye_like, resolve_triv, skew_lower, stiefel_chart, sym_part, transpose
+from ._orthogonal import FrameSpace, check_base, tall, untall
 
 __all__ = ["Stiefel", "frame_chart"]
 
@@ -35,7 +34,7 @@ def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class Stiefel(AbstractSpace):
+class Stiefel(FrameSpace):
     r"""Orthonormal frames: :math:`\mathrm{St}(n, k) = \{X \in \mathbb{R}^{n\times k} : X^\top X = I_k\}`.
 
     Points are ``(*batch, n, k)``; a wide matrix (n < k) has orthonormal rows and is handled by
@@ -65,13 +64,6 @@ class Stiefel(AbstractSpace):
         True
     """
 
-    triv: Triv = "expm"
-
-    def __post_init__(self) -> None:
-        validate_triv(self, self.triv)
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_matrix(X, what)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
@@ -80,38 +72,12 @@ class Stiefel(AbstractSpace):
         Bt = None if base is None else tall(base)[0]
         return untall(frame_chart(Zt, Bt, self.triv, horizontal=False), tr)
 
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        return torch.zeros_like(X), X
-
-    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
-        return torch.zeros_like(Z), self.to_manifold(Z, base)
-
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         self._check_shape(X, "X")
         self._require_same_shape(X, G, "X", "G")
         Xt, tr = tall(X)
         Gt = tall(G)[0]
         return untall(Gt - Xt @ sym_part(transpose(Xt) @ Gt), tr)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, V, "X", "V")
-        Xt, tr = tall(X)
-        return untall(chol_qr(Xt + tall(V)[0]), tr)
-
-    def project(self, Y: Tensor) -> Tensor:
-        self._check_shape(Y, "Y")
-        return polar(Y)
-
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = tuple(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
-        tr = shape[-2] < shape[-1]
-        tshape = shape[:-2] + (shape[-1], shape[-2]) if tr else shape
-        return untall(haar_stiefel(tshape, generator, dtype, device), tr)
-
-    def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return {"max|XᵀX − I|": orthonormality_error(tall(X)[0])}
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)

@@ -1,0 +1,103 @@
+"""Shared machinery of the linear matrix subspaces parametrized by a triangle (Sym, Skew)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from .._errors import describe, error
+from .._linalg import _randn, transpose
+from ._base import AbstractSpace
+
+__all__ = ["TriangleSpace"]
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class TriangleSpace(AbstractSpace):
+    """Abstract: ``{X : X = s·Xᵀ}`` (``s = +1`` symmetric, ``−1`` skew), square ``(*batch, n, n)``.
+
+    A linear subspace: the chart copies a triangle of ``Z`` (``_frame``), ``from_manifold``
+    reads it back (``_coords``), ``tangent``/``project`` are the orthogonal projection
+    ``(G + s·Gᵀ)/2`` and ``retract(X, V) = X + (V + s·Vᵀ)/2``. There is no base.
+    Subclasses set ``_sign`` and implement ``_frame`` and ``_coords``.
+    """
+
+    lower: bool = True
+
+    _sign: ClassVar[float] = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lower, bool):
+            raise error(self, "`lower` to be a bool", repr(self.lower))
+
+    def _frame(self, Z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _coords(self, X: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _part(self, G: Tensor) -> Tensor:
+        return 0.5 * (G + self._sign * transpose(G))
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what, square=True)
+
+    def _no_base(self, base: Any) -> None:
+        if base is not None:
+            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
+
+    def to_manifold(self, Z: Tensor, base: None = None) -> Tensor:
+        """The triangle of ``Z`` completed to a point (see the class docstring)."""
+        self._check_shape(Z, "Z")
+        self._no_base(base)
+        return self._frame(Z)
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, None]:
+        return self._coords(X), None
+
+    def rebase(self, Z: Tensor, base: None) -> tuple[Tensor, None]:
+        """``(triangle of Z, None)``: the coordinates the map reads."""
+        self._check_shape(Z, "Z")
+        self._no_base(base)
+        return self._coords(Z), None
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """The orthogonal projection of ``G`` onto the subspace (the space is its own tangent space)."""
+        self._check_shape(X, "X")
+        self._check_shape(G, "G")
+        self._require_same_shape(X, G, "X", "G")
+        return self._part(G)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X`` plus the projection of ``V``."""
+        self._check_shape(X, "X")
+        self._check_shape(V, "V")
+        self._require_same_shape(X, V, "X", "V")
+        return X + self._part(V)
+
+    def project(self, Y: Tensor) -> Tensor:
+        """The nearest point: the orthogonal projection of ``Y``."""
+        self._check_shape(Y, "Y")
+        return self._part(Y)
+
+    def sample(
+        self,
+        shape: Any,
+        *,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+    ) -> Tensor:
+        """The projection of a standard Gaussian of shape ``shape``."""
+        shape = tuple(shape)
+        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        return self._part(_randn(shape, generator, dtype, device))
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        scale = X.abs().amax((-2, -1)).clamp(min=1.0)
+        name = "max|X − Xᵀ| / max(1, max|X|)" if self._sign > 0 else "max|X + Xᵀ| / max(1, max|X|)"
+        return {name: (X - self._sign * transpose(X)).abs().amax((-2, -1)) / scale}
