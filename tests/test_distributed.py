@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -33,9 +34,19 @@ def _model() -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, outdir: str) -> None:
+def _worker(rank: int, iface: str, outdir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    # Loopback only, and no port of ours: the ranks meet through a file in this run's own tmp dir
+    # (two concurrent test runs cannot collide), and gloo's sockets bind to the loopback interface
+    # (by default gloo binds to whatever the hostname resolves to). A lost peer fails in 60 s.
+    os.environ["GLOO_SOCKET_IFNAME"] = iface
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{os.path.join(outdir, 'rendezvous')}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
     try:
         torch.manual_seed(1000 + rank)  # a different initialization on every rank ...
         model = _model()
@@ -60,21 +71,27 @@ def _worker(rank: int, port: int, outdir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _loopback_interface() -> str | None:
+    """The name of the loopback network interface ("lo" on Linux, "lo0" on macOS), if any."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((n for n in names if n == "lo" or n.startswith("lo0")), None)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+@pytest.mark.skipif(_loopback_interface() is None, reason="no loopback network interface")
 def test_ddp_replicas_end_bit_identical_and_on_the_manifold(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+    args = (_loopback_interface(), str(tmp_path))
+    ctx = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + 120
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
+                p.join()
             pytest.fail("distributed workers did not finish within 120 s")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     assert r0["losses"] != r1["losses"]  # the ranks did see different data
