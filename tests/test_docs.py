@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -71,3 +72,31 @@ def _public_names() -> list[tuple[str, object]]:
 def test_every_public_name_has_a_docstring() -> None:
     missing = sorted({qual for qual, obj in _public_names() if not (_own_doc(obj) or "").strip()})
     assert not missing, "public names without a docstring:\n  " + "\n  ".join(missing)
+
+
+_MATH_OR_CODE = re.compile(r"`[^`]*`|\$[^$]*\$")
+
+
+def _doc_pages() -> list[pathlib.Path]:
+    return sorted(p for p in (ROOT / "docs").rglob("*.md") if "notebooks" not in p.parts)
+
+
+def test_no_pipe_inside_math_or_code_in_a_table_row() -> None:
+    """A ``|`` inside ``$...$`` or a code span of a table row splits the cell (``$|x|$`` renders as ``$``)."""
+    bad = []
+    for page in _doc_pages():
+        for i, line in enumerate(page.read_text().splitlines(), 1):
+            if line.lstrip().startswith("|") and any("|" in m.group() for m in _MATH_OR_CODE.finditer(line)):
+                bad.append(f"{page.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not bad, "raw pipes in table cells (write \\lvert x \\rvert):\n  " + "\n  ".join(bad)
+
+
+def test_no_latex_inside_code_spans() -> None:
+    """LaTeX in a code span is shown verbatim (`` `X\\,\\phi(X^\\top V)` ``): maths goes in ``$...$``."""
+    bad = []
+    for page in _doc_pages():
+        for i, line in enumerate(page.read_text().splitlines(), 1):
+            for span in re.findall(r"`[^`]+`", line):
+                if re.search(r"\\[a-zA-Z]+|\^\\|_\{", span):
+                    bad.append(f"{page.relative_to(ROOT)}:{i}: {span}")
+    assert not bad, "LaTeX inside code spans:\n  " + "\n  ".join(bad)
