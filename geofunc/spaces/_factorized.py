@@ -503,9 +503,18 @@ def excess_violation(s: Tensor, r: int) -> dict[str, Tensor]:
 
 def floor_violation(s_r: Tensor, smax: Tensor, floor: float, n: int, k: int) -> dict[str, Tensor]:
     """The smallest kept value must be clearly positive: ``max(0, c − σ_r)/c`` with
-    ``c = max(0.999·floor, rank_tol)`` (the floor of the value map, 0 for a user map)."""
-    c = rank_tol(smax, n, k).clamp(min=0.999 * floor if floor > 0 else torch.finfo(s_r.dtype).tiny)
-    return {"(c − σ_rank)/c, c = max(floor of f, numerical rank tolerance)": (c - s_r).clamp(min=0.0) / c}
+    ``c = max(0.999·floor − δ, δ)``, ``δ = ε √max(n, k) · σ₁`` the rounding error of a computed
+    singular value (``floor`` = the floor of the value map, 0 for a user map).
+
+    ``δ`` is subtracted from the floor because a point that ``to_manifold`` built with its
+    smallest value exactly at the floor has a *computed* ``σ_r`` off by up to ``δ``: with
+    ``σ₁ ~ 100`` in float32 (raw values ~50) that is a third of the floor, and without the
+    slack ``from_manifold`` rejected the library's own points. ``σ_r > δ`` still means the
+    rank is numerically certain.
+    """
+    delta = torch.finfo(s_r.dtype).eps * math.sqrt(max(n, k)) * smax
+    c = torch.maximum(0.999 * floor - delta, delta).clamp(min=torch.finfo(s_r.dtype).tiny)
+    return {"(c − σ_rank)/c, c = max(floor of f − δ, δ), δ = ε√n·σ₁": (c - s_r).clamp(min=0.0) / c}
 
 
 def clamp_level(smax: Tensor, floor: float) -> Tensor:

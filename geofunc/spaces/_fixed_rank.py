@@ -38,8 +38,9 @@ class FixedRank(SVDSpace):
     * Square full rank (n = k = r): the component with ``det X > 0`` (GeoTorch's GLp):
       ``sign det X = det(U_b) det(V_b)``, ``from_manifold`` returns bases with product +1 and
       rejects ``det X < 0``; ``logabsdet = Σ log f(sᵢ)``.
-    * Membership: ``σ_{r+1} ≤ atol·max(1, σ₁)`` and ``σ_r`` at least the floor ε (or the
-      numerical rank tolerance 4ε√n·σ₁ for a user ``f``).
+    * Membership: ``σ_{r+1} ≤ atol·max(1, σ₁)`` and ``σ_r`` at least the floor ε less the
+      rounding ``δ = ε_dtype·√n·σ₁`` of a computed singular value, and above ``δ`` (for a user
+      ``f``: above ``δ``).
     * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε, √ε·σ₁)``
       (square full rank: the smallest sign-flipped when ``det < 0``): a canonical point, the
       set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));

@@ -56,7 +56,7 @@ class PSSDFixedRank(EigSpace):
 
     * ``from_manifold``: ``eigh``, top r pairs, ``λ = f⁻¹(μ)``, ``base = Q_r``; ``rebase`` keeps ``diag(Z)[:r]``.
     * Membership: symmetric, no negative eigenvalue, the n − r smallest vanish, the r-th largest at
-      least ε (or the numerical rank tolerance for a user ``f``).
+      least ε less the rounding ``ε_dtype·√n·λ_max`` of a computed eigenvalue, and above that rounding.
     * ``tangent``: as :class:`PSSDLowRank` (``sym(G)`` when r = n); ``project(Y)``: top r eigenvalues of
       ``sym(Y)`` clamped up to ``max(ε, √ε·λ_max)`` (a canonical point of the open set);
       ``retract(X, V) = project(X + V)``. ``logabsdet`` (r = n) ``= Σ log f(λᵢ)``.
