@@ -100,3 +100,30 @@ def test_no_latex_inside_code_spans() -> None:
                 if re.search(r"\\[a-zA-Z]+|\^\\|_\{", span):
                     bad.append(f"{page.relative_to(ROOT)}:{i}: {span}")
     assert not bad, "LaTeX inside code spans:\n  " + "\n  ".join(bad)
+
+
+def test_tuple_returns_are_documented_one_item_per_element() -> None:
+    """griffe reads each line of a Google ``Returns:`` section as one element of a returned tuple,
+    so a wrapped paragraph there renders as a table of fragments: name the elements instead."""
+    griffe = pytest.importorskip("griffe")
+    import typing
+
+    pkg = griffe.load("geofunc", search_paths=[str(ROOT)])
+    bad = []
+    for qual, obj in _public_names():
+        if not inspect.isfunction(obj):
+            continue
+        try:
+            ret = typing.get_type_hints(obj).get("return")
+        except Exception:
+            continue
+        if typing.get_origin(ret) is not tuple or Ellipsis in typing.get_args(ret):
+            continue
+        try:
+            doc = pkg[qual.removeprefix("geofunc.")].docstring
+        except KeyError:
+            continue
+        for section in doc.parse("google") if doc else []:
+            if section.kind.value == "returns" and len(section.value) != len(typing.get_args(ret)):
+                bad.append(f"{qual}: {len(section.value)} items for a {len(typing.get_args(ret))}-tuple")
+    assert not bad, "\n  ".join(["Returns sections that do not match the returned tuple:", *bad])

@@ -60,16 +60,18 @@ def _geofunc_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, Param
 def functional(module: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any]]:
     """The constraints, raw parameters and bases of a constrained module, keyed by plain names.
 
+    ``gf.to_manifold(constraints, raw, bases)`` is then the dict of values of the module's
+    parameters, ready for ``torch.func.functional_call`` of :func:`plain` ``(module)``.
+
     Returns:
-        ``(constraints, raw, bases)``: ``constraints`` maps the plain name of each constrained
-        tensor (``"0.weight"``) to its space; ``raw`` maps the plain name of every parameter to
-        the module's own Parameter objects (for a constrained tensor: its raw parameter
-        ``original``; like ``dict(module.named_parameters())``, not copies: clone them to train
-        functionally without touching the module); ``bases`` maps each constrained name whose space has a
-        base to it (the module's buffers; names of spaces without a base are left out, so that
-        ``bases`` has no ``None`` leaves, as ``geofunc.from_manifold`` returns it). ``gf.to_manifold(constraints,
-        raw, bases)`` is then the dict of values of the module's parameters, ready for
-        ``torch.func.functional_call`` of :func:`plain` ``(module)``.
+        constraints: the plain name of each constrained tensor (``"0.weight"``) to its space.
+        raw: the plain name of every parameter to the module's own Parameter objects (for a
+            constrained tensor: its raw parameter ``original``; like
+            ``dict(module.named_parameters())``, not copies: clone them to train functionally
+            without touching the module).
+        bases: each constrained name whose space has a base to that base (the module's
+            buffers; names of spaces without a base are left out, so that ``bases`` has no
+            ``None`` leaves, as ``geofunc.from_manifold`` returns it).
     """
     tensors = _geofunc_tensors(module)
     constraints = {k: a.space for k, (_, _, a) in tensors.items()}
@@ -138,17 +140,19 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
 def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any], nn.Module]:
     """Stack K identically constrained modules for ``torch.func.vmap`` ensembles.
 
-    Returns:
-        ``(constraints, raw, bases, base_module)``: the shared constraints; the raw parameters and
-        the bases of every module stacked along a new leading dimension of size K (fresh
-        tensors, detached; the raw ones are leaves with ``requires_grad`` as in the modules);
-        and ``base_module``, an unparametrized copy of ``modules[0]`` (see :func:`plain`) to use
-        as the stateless skeleton of ``torch.func.functional_call``::
+    ``base_module`` is the stateless skeleton of ``torch.func.functional_call``::
 
-            constraints, raw, bases, skeleton = gf.nn.stack(models)
-            def f(raw, bases, x):
-                return functional_call(skeleton, gf.to_manifold(constraints, raw, bases), (x,))
-            out = vmap(f, in_dims=(0, 0, None))(raw, bases, x)     # (K, batch, ...)
+        constraints, raw, bases, skeleton = gf.nn.stack(models)
+        def f(raw, bases, x):
+            return functional_call(skeleton, gf.to_manifold(constraints, raw, bases), (x,))
+        out = vmap(f, in_dims=(0, 0, None))(raw, bases, x)     # (K, batch, ...)
+
+    Returns:
+        constraints: the shared constraints (as :func:`functional`).
+        raw: the raw parameters of every module stacked along a new leading dimension of size
+            K (fresh tensors, detached; leaves with ``requires_grad`` as in the modules).
+        bases: the bases of every module, stacked the same way.
+        base_module: an unparametrized copy of ``modules[0]`` (see :func:`plain`).
 
     Raises:
         ValueError: the modules differ in constraints, names or shapes.
