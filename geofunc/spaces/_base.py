@@ -108,12 +108,23 @@ class AbstractSpace:
         return X.shape[-1]
 
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
-        if X.shape[-self.point_ndim :] != Y.shape[-self.point_ndim :]:
+        """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""
+        d = self.point_ndim
+        if X.shape[-d:] != Y.shape[-d:]:
             raise error(
                 self,
-                f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[-self.point_ndim:])}",
+                f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[-d:])}",
                 f"shape {tuple(Y.shape)}",
             )
+        if d:
+            try:
+                torch.broadcast_shapes(X.shape[:-d], Y.shape[:-d])
+            except RuntimeError:
+                raise error(
+                    self,
+                    f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[:-d])}",
+                    f"shape {tuple(Y.shape)}",
+                ) from None
 
     # --------------------------------------------------------------- the maps
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:

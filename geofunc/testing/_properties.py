@@ -562,7 +562,8 @@ _ODD_SHAPES = ((), (3,), (0, 3), (3, 0), (2, 3), (3, 2), (2, 2, 3))
 
 def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """Odd shapes either work or raise ``ManifoldError`` naming the space (never another exception);
-    an integer tensor raises ``ManifoldError``."""
+    an integer tensor, and ``tangent``/``retract`` with batch dims that do not broadcast, raise
+    ``ManifoldError``."""
     _require_f64("bad_input", dtype)
     M = case.space
     shape = case.smoke
@@ -579,6 +580,19 @@ def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                 raise _fail(ctx, f"the ManifoldError of {name} does not name the space: {e}") from None
         else:
             raise _fail(ctx, f"{name} did not raise ManifoldError")
+    # tangent/retract with batch dims that do not broadcast with X's: a shape error.
+    X = M.sample((2, *shape), generator=_gen(generator), dtype=f64)
+    for name, fn in (("tangent", M.tangent), ("retract", M.retract)):
+        try:
+            fn(X, torch.zeros((3, *shape), dtype=f64))
+        except ManifoldError as e:
+            if repr(M) not in str(e):
+                raise _fail(ctx, f"the ManifoldError of {name} on mismatched batch dims does not name the space: {e}") from None
+        except Exception as e:
+            raise _fail(ctx, f"{name}(X of shape {(2, *shape)}, V of shape {(3, *shape)}) raised "
+                        f"{type(e).__name__} instead of ManifoldError: {e}") from None
+        else:
+            raise _fail(ctx, f"{name}(X of shape {(2, *shape)}, V of shape {(3, *shape)}) did not raise ManifoldError")
     for odd in _ODD_SHAPES:
         for name, fn in (("to_manifold", lambda s: M.to_manifold(torch.ones(s, dtype=f64))),
                          ("project", lambda s: M.project(torch.ones(s, dtype=f64))),
