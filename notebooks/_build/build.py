@@ -17,6 +17,7 @@ Run: python notebooks/_build/build.py [name ...]
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import sys
 
@@ -53,6 +54,8 @@ def cells_of(source: str) -> list:
 def build(script: pathlib.Path) -> pathlib.Path:
     nb = nbformat.v4.new_notebook()
     nb.cells = cells_of(script.read_text())
+    for i, cell in enumerate(nb.cells):  # stable ids: a rebuild only changes the cells that changed
+        cell.id = hashlib.sha1(f"{script.stem}:{i}".encode()).hexdigest()[:8]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     target = OUT / (script.stem + ".ipynb")

@@ -173,11 +173,19 @@ print("same point after rebase:", same, "| raw is now zero:", bool((raw2["0.weig
 # If you prefer GeoTorch's style, `gf.nn` registers the same spaces as
 # `torch.nn.utils.parametrize` parametrizations: one line per constraint, and the module
 # trains with any optimizer as usual.
+#
+# As in GeoTorch, `orthogonal` on a square weight is the whole orthogonal group $O(n)$
+# (`Stiefel`): its random initial point has determinant $+1$ or $-1$ with equal probability,
+# and the chart never leaves the component of its base, so from a reflection it could never
+# reach our target $Q \in SO(n)$. Assigning a rotation fixes the component (the assignment
+# goes through `from_manifold`, which re-centres the chart there); alternatively,
+# `gf.nn.constrain(layer, "weight", gf.SO())` constrains to rotations from the start.
 
 # %%
 torch.manual_seed(0)
 layer = torch.nn.Linear(n, n, bias=False)
-gf.nn.orthogonal(layer, "weight")  # the weight starts at a random rotation
+gf.nn.orthogonal(layer, "weight")  # a random orthogonal matrix: det = ±1
+layer.weight = torch.eye(n)  # start at a rotation, in the component of Q
 opt = torch.optim.Adam(layer.parameters(), lr=0.1)
 for step in range(150):
     opt.zero_grad()
@@ -185,7 +193,7 @@ for step in range(150):
     loss.backward()
     opt.step()
 W = layer.weight.detach()
-print(f"loss {loss.item():.2e}; max|WᵀW − I| = {(W.T @ W - torch.eye(n)).abs().max():.1e}")
+print(f"loss {loss.item():.2e}; max|WᵀW − I| = {(W.T @ W - torch.eye(n)).abs().max():.1e}; det W = {torch.linalg.det(W):+.3f}")
 
 # %% [markdown]
 # ## Where next

@@ -62,7 +62,7 @@ print("XᵀX = I:", torch.allclose(X.T @ X, torch.eye(3)), "| from_manifold(base
 # ## 2. `expm` versus `cayley`
 #
 # The Cayley map $A \mapsto (I - A/2)^{-1}(I + A/2)$ is a cheaper alternative to the exponential
-# (one solve instead of a Padé approximant with squarings). It agrees with `expm` to second order
+# (one matrix inverse instead of a Taylor polynomial with scaling and squaring). It agrees with `expm` to second order
 # at 0, but it is not onto: it never reaches a rotation with eigenvalue $-1$. In 2-D the picture
 # says it all: a raw coordinate $z$ gives a rotation by angle $\theta(z)$; `expm` gives
 # $\theta = z$ (periodic: it covers the circle), `cayley` gives $\theta = 2\arctan(z/2)$, which
