@@ -378,6 +378,28 @@ def test_dtype_moves_after_registration():
         torch.testing.assert_close(net[0].weight.T @ net[0].weight, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_deferred_initialization_on_the_meta_device(case):
+    """Build on ``meta`` (no memory, no values), ``to_empty``, then load a checkpoint: the usual
+    deferred-initialization path of large models. A meta tensor has no values to check."""
+    name, kwargs, make, _, _ = case
+    torch.manual_seed(0)
+    trained = make()
+    getattr(gnn, name)(trained, **kwargs)
+    with torch.device("meta"):
+        m = make()
+        getattr(gnn, name)(m, **kwargs)
+    assert m.weight.is_meta and m.state_dict().keys() == trained.state_dict().keys()
+    m = m.to_empty(device="cpu")
+    m.load_state_dict(trained.state_dict())
+    assert torch.equal(m.weight, trained.weight)
+    X = gnn.parametrization_of(trained).space.sample(tuple(m.weight.shape))
+    m.weight = X  # assignment is checked again on real tensors
+    torch.testing.assert_close(m.weight, X, atol=1e-5, rtol=0)
+    with pytest.raises(gf.ManifoldError):
+        m.weight = X + torch.randn_like(X)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_moves_after_registration():
     torch.manual_seed(0)

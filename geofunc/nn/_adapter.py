@@ -37,6 +37,16 @@ def _owner_name(module: nn.Module, tensor_name: str) -> str:
     return f"{parametrize.type_before_parametrizations(module).__name__}.{tensor_name}"
 
 
+def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
+    """``space.from_manifold(X)``; on the ``meta`` device (deferred initialization: a module built
+    under ``torch.device("meta")``, then ``to_empty`` and ``load_state_dict``) only the shape is
+    checked, as there are no values to check."""
+    if isinstance(X, torch.Tensor) and X.is_meta:
+        space._check_shape(X, "X")
+        return space._from_manifold(X)
+    return space.from_manifold(X)
+
+
 class Parametrization(nn.Module):
     """A geofunc space as a ``torch.nn.utils.parametrize`` parametrization.
 
@@ -124,7 +134,7 @@ class Parametrization(nn.Module):
         """
         self._check_value(X)
         try:
-            Z, base = self.space.from_manifold(X)
+            Z, base = _from_manifold(self.space, X)
         except ManifoldError as e:
             raise ManifoldError(f"{self.where}: {e}") from None
         self._check_base(base)
@@ -255,7 +265,7 @@ def constrain(
                 X = init(T.detach())
         else:
             X = init
-        Z, base = space.from_manifold(X)
+        Z, base = _from_manifold(space, X)
     except ManifoldError as e:
         raise ManifoldError(f"cannot constrain {what}: {e}") from None
     if tuple(X.shape) != tuple(T.shape) or X.dtype != T.dtype:
