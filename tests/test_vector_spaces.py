@@ -284,6 +284,36 @@ def test_sphere_large_raw_input_stays_on_the_sphere(generator):
     assert bool(gf.Oblique().contains(gf.Oblique().to_manifold(Z)).all())
 
 
+@pytest.mark.parametrize("scale", [1e-30, 1e-42, 1e20, 1e30])
+def test_project_and_retract_of_tiny_and_huge_vectors(scale):
+    # ‖Y‖ underflowed to 0 (Y = 1e-30·(1, 1, 0) became the canonical e_1, a wrong but plausible
+    # point) or overflowed to inf (Y = 1e20·(1, 2, 0) became the zero vector) in float32.
+    for dtype in (torch.float32, f64):
+        Y = scale * torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, -4.0]], dtype=dtype)
+        if not bool(torch.isfinite(Y).all()) or not bool((Y[:, 0] != 0).all()):
+            continue  # not representable in this dtype
+        expected = torch.tensor([[1.0, 2.0, 0.0], [0.6, 0.0, -0.8]], dtype=f64)
+        expected[0] /= math.sqrt(5.0)
+        for r in (1.0, 2.5):
+            S = gf.Sphere(radius=r)
+            torch.testing.assert_close(S.project(Y).double(), r * expected, atol=1e-6, rtol=1e-6)
+            if scale > 1:  # X + V = Y exactly only where X is negligible next to V
+                x = S.sample((2, 3), dtype=dtype)
+                torch.testing.assert_close(S.retract(x, Y - x).double(), r * expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gf.Oblique().project(Y.mT).double(), expected.mT, atol=1e-6, rtol=1e-6)
+    # the gradient of a rescaled normalization is still the exact one
+    Y = torch.tensor([0.3, -1.2, 0.5], dtype=f64, requires_grad=True)
+    S = gf.Sphere(radius=2.0)
+    C = torch.tensor([1.0, 2.0, 3.0], dtype=f64)
+    (g,) = torch.autograd.grad((S.project(Y) * C).sum(), Y)
+    y = Y.detach()
+    n = torch.linalg.vector_norm(y)
+    torch.testing.assert_close(g, 2.0 * (C / n - y * (y @ C) / n**3))
+    H = hessian(lambda t: (S.project(t) * C).sum())(Y.detach())
+    Hr = hessian(lambda t: (2.0 * t / torch.linalg.vector_norm(t) * C).sum())(Y.detach())
+    torch.testing.assert_close(H, Hr)
+
+
 @pytest.mark.parametrize("space", ALL_SPACES, ids=repr)
 def test_sample_device_dtype_and_generator(space, generator):
     shape = (2, 3) if space.point_ndim < 2 or isinstance(space, gf.Oblique) else (2, 3, 3)

@@ -66,9 +66,16 @@ def _exp_chart(Z: Tensor, U: Tensor, r: float) -> Tensor:
 
 
 def _normalize(Y: Tensor, r: float) -> Tensor:
-    """``r Y / ‖Y‖`` along the last dim; ``r e_1`` where ``Y = 0`` (finite value and gradient there)."""
-    zero = torch.linalg.vector_norm(Y, dim=-1, keepdim=True) == 0
-    Y = torch.where(zero, _e1(Y), Y)
+    """``r Y / ‖Y‖`` along the last dim; ``r e_1`` where ``Y = 0`` (finite value and gradient there).
+
+    ``Y`` is first divided by its largest entry (detached): ``‖Y‖`` itself underflows to 0 for
+    float32 vectors of size ~1e-23 (which then became ``e_1``) and overflows for ~1e19 (which
+    became 0). The map is scale-invariant, so dividing by a constant changes no derivative.
+    An inf entry gives ``inf/inf`` = NaN: still never a plausible point.
+    """
+    m = Y.detach().abs().amax(dim=-1, keepdim=True)
+    zero = m == 0
+    Y = torch.where(zero, _e1(Y), Y / torch.where(zero, torch.ones_like(m), m))
     return r * Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
 
 
