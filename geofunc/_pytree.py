@@ -187,8 +187,13 @@ def _flatten(constraints: Constraints, tree: PyTree, what: str) -> tuple[list[An
 def _up_to(spec: Any, tree: PyTree, what: str, like: str) -> list[Any]:
     try:
         return spec.flatten_up_to(tree)
-    except ValueError as e:
-        raise ManifoldError(f"`{what}` must have the structure of `{like}`: {e}") from None
+    except ValueError:
+        # optree's own message prints the offending subtree, tensor values included: name the
+        # two structures instead (tensors show as *).
+        got = optree.tree_structure(tree, none_is_leaf=True)
+        raise ManifoldError(
+            f"`{what}` must have the structure of `{like}`: expected a tree with the prefix {spec}, got {got}."
+        ) from None
 
 
 def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -202,11 +207,14 @@ def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 def _validate(entry: _Entry, X: Any, what: str) -> None:
-    """Shape check of a constrained entry, raising with the parameter's name (eager mode)."""
+    """Shape check of a constrained entry, raising with the parameter's name (eager mode).
+
+    Also for a non-tensor entry (``None``, a tuple under a non-``Product`` space, ...): the
+    space's check names what it expected instead of a later IndexError/AttributeError.
+    """
     if torch.compiler.is_compiling():
         return
-    if isinstance(X, torch.Tensor):
-        _named(entry.name, entry.space._check_shape, X, what)
+    _named(entry.name, entry.space._check_shape, X, what)
 
 
 def _check_bases(bases: Any, leaves: list[Any]) -> Bases:

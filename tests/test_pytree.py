@@ -133,6 +133,22 @@ def test_errors_name_the_parameter():
         gf.tangent({"2.weight": gf.SO()}, params, {"2.weight": params["2.weight"]})
 
 
+def test_a_space_on_a_missing_tensor_and_structure_errors_without_tensor_dumps():
+    # A space on a None entry (e.g. a bias=None slot) raised a bare IndexError from gf.sample.
+    params = {"w": torch.zeros(3, 3, dtype=F64), "b": None}
+    for fn in (lambda: gf.sample({"b": gf.SO()}, params),
+               lambda: gf.from_manifold({"b": gf.SO()}, params),
+               lambda: gf.to_manifold({"b": gf.SO()}, params),
+               lambda: gf.contains({"b": gf.SO()}, params)):
+        with pytest.raises(gf.ManifoldError, match=r"parameter 'b': SO\(triv='expm'\): expected `[XZ]` to be a tensor"):
+            fn()
+    # A structure mismatch names the structures, never prints tensor values (DESIGN.md §5).
+    secret = torch.full((3, 3), 12345.678, dtype=F64)
+    with pytest.raises(gf.ManifoldError, match="structure") as info:
+        gf.tangent({"w": gf.SO()}, {"w": torch.eye(3, dtype=F64), "v": secret}, {"w": secret})
+    assert "12345" not in str(info.value) and "tensor(" not in str(info.value), str(info.value)
+
+
 def test_containers_are_pytrees_for_torch_and_optree(generator):
     points = _params(generator)
     raw, bases = gf.from_manifold(CONSTRAINTS, points)
