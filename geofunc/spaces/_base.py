@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, ClassVar
 
 import optree
@@ -106,6 +107,19 @@ class AbstractSpace:
         if X.ndim < 1 or X.shape[-1] == 0:
             raise error(self, f"`{what}` to be non-empty vectors (..., n)", f"shape {tuple(X.shape)}")
         return X.shape[-1]
+
+    def _sample_shape(self, shape: Any) -> tuple[int, ...]:
+        """``shape`` of :meth:`sample` as a tuple: an int ``n`` is ``(n,)`` (as ``torch.randn(n)``);
+        anything but non-negative integers raises ``ManifoldError`` (not a TypeError)."""
+        if isinstance(shape, int) and not isinstance(shape, bool):
+            shape = (shape,)
+        try:
+            out = tuple(operator.index(d) for d in shape)
+        except TypeError:
+            out = None
+        if out is None or any(d < 0 for d in out) or any(isinstance(d, bool) for d in shape):
+            raise error(self, "`shape` to be a tuple (or torch.Size, or int) of non-negative integers", repr(shape))
+        return out
 
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
         """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""

@@ -449,7 +449,7 @@ class SVDSpace(AbstractSpace):
         return untall(spectral_svd(Yt, g_fn), tr)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         tr = shape[-2] < shape[-1]
         n, k = max(shape[-2:]), min(shape[-2:])
@@ -648,7 +648,7 @@ class EigSpace(AbstractSpace):
         return spectral_eigh(Y, lambda lam, Q: self._project_values(lam, r))
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         n = shape[-1]
         r = self._rank(n)

@@ -112,7 +112,7 @@ class Oblique(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """Uniform points: standard Gaussian matrices with normalized columns."""
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
         return transpose(_normalize(transpose(_randn(shape, generator, dtype, device)), 1.0))
 

@@ -95,7 +95,7 @@ class FrameSpace(AbstractSpace):
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """Haar-uniform frames of full shape ``shape`` (QR of a Gaussian, signs fixed)."""
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         tr = shape[-2] < shape[-1]
         tshape = shape[:-2] + (shape[-1], shape[-2]) if tr else shape

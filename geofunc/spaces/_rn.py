@@ -100,7 +100,7 @@ class Rn(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """A standard Gaussian tensor of shape ``shape``."""
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
         return _randn(shape, generator, dtype, device)
 

@@ -89,7 +89,7 @@ class SO(AbstractSpace):
         return (U * flip.unsqueeze(-2)) @ Vh + nan_poison(Y)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         return haar_so(shape, generator, dtype, device)
 

@@ -205,7 +205,7 @@ class Sphere(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """Uniform points: standard Gaussians of shape ``shape`` normalized to norm ``r``."""
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
         return _normalize(_randn(shape, generator, dtype, device), self.radius)
 

@@ -93,7 +93,7 @@ class TriangleSpace(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """The projection of a standard Gaussian of shape ``shape``."""
-        shape = tuple(shape)
+        shape = self._sample_shape(shape)
         self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
         return self._part(_randn(shape, generator, dtype, device))
 

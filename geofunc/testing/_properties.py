@@ -562,8 +562,8 @@ _ODD_SHAPES = ((), (3,), (0, 3), (3, 0), (2, 3), (3, 2), (2, 2, 3))
 
 def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """Odd shapes either work or raise ``ManifoldError`` naming the space (never another exception);
-    an integer tensor, and ``tangent``/``retract`` with batch dims that do not broadcast, raise
-    ``ManifoldError``."""
+    an integer tensor, a ``sample`` shape that is not integers (an int ``n`` means ``(n,)``), and
+    ``tangent``/``retract`` with batch dims that do not broadcast, raise ``ManifoldError``."""
     _require_f64("bad_input", dtype)
     M = case.space
     shape = case.smoke
@@ -580,6 +580,28 @@ def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                 raise _fail(ctx, f"the ManifoldError of {name} does not name the space: {e}") from None
         else:
             raise _fail(ctx, f"{name} did not raise ManifoldError")
+    # sample: a shape that is not a tuple of non-negative integers is a ManifoldError; an int n
+    # means (n,) (a vector: a point of a vector space, a ManifoldError for a matrix space).
+    for bad in (2.5, "3", (3, 2.0), (3, -1), None):
+        try:
+            M.sample(bad, dtype=f64)
+        except ManifoldError as e:
+            if repr(M) not in str(e):
+                raise _fail(ctx, f"the ManifoldError of sample({bad!r}) does not name the space: {e}") from None
+        except Exception as e:
+            raise _fail(ctx, f"sample({bad!r}) raised {type(e).__name__} instead of ManifoldError: {e}") from None
+        else:
+            raise _fail(ctx, f"sample({bad!r}) did not raise ManifoldError")
+    n = shape[-1]
+    try:
+        x = M.sample(n, dtype=f64)
+    except ManifoldError:
+        pass
+    except Exception as e:
+        raise _fail(ctx, f"sample({n}) raised {type(e).__name__} instead of a point of shape ({n},) or ManifoldError: {e}") from None
+    else:
+        if not isinstance(x, Tensor) or tuple(x.shape) != (n,):
+            raise _fail(ctx, f"sample({n}) did not return a point of shape ({n},)")
     # tangent/retract with batch dims that do not broadcast with X's: a shape error.
     X = M.sample((2, *shape), generator=_gen(generator), dtype=f64)
     for name, fn in (("tangent", M.tangent), ("retract", M.retract)):
