@@ -212,3 +212,12 @@ def test_compiles_fullgraph(generator):
 
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(raw, bases)
     _close(out, points, tol=1e-10)
+
+
+def test_from_manifold_on_meta_tensors_checks_shapes_only():
+    """Deferred initialization: meta tensors have no values, so only shapes are validated."""
+    params = {"w": torch.empty(5, 3, device="meta"), "b": torch.empty(3, device="meta")}
+    raw, bases = gf.from_manifold({"w": gf.Stiefel()}, params)
+    assert raw["w"].is_meta and raw["w"].shape == (5, 3)
+    with pytest.raises(gf.ManifoldError, match="parameter 'w'"):
+        gf.from_manifold({"w": gf.SO()}, params)

@@ -56,8 +56,8 @@ def default_atol(dtype: torch.dtype, size: int = 1) -> float:
 def can_check(tree: Any) -> bool:
     """Whether the tensors of ``tree`` are concrete, so that a data-dependent check may run.
 
-    False inside ``torch.compile`` and for ``torch.func`` wrapped tensors (``vmap``,
-    ``grad``, ``jvp``, ...), where reading a value would fail or break the trace.
+    False inside ``torch.compile``, for ``torch.func`` wrapped tensors (``vmap``, ``grad``,
+    ``jvp``, ...) and for ``meta`` tensors, where reading a value would fail or break the trace.
     """
     if torch.compiler.is_compiling():
         return False
@@ -67,6 +67,8 @@ def can_check(tree: Any) -> bool:
                 return False
             if type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
+                return False
+            if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
                 return False
     return True
 
