@@ -578,6 +578,8 @@ def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
         except ManifoldError as e:
             if repr(M) not in str(e):
                 raise _fail(ctx, f"the ManifoldError of {name} does not name the space: {e}") from None
+        except Exception as e:
+            raise _fail(ctx, f"{name} raised {type(e).__name__} instead of ManifoldError: {e}") from None
         else:
             raise _fail(ctx, f"{name} did not raise ManifoldError")
     # sample: a shape that is not a tuple of non-negative integers is a ManifoldError; an int n
