@@ -7,7 +7,7 @@ own ``contains``/``_violations``.
 from __future__ import annotations
 
 import torch
-from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL, TOL_LOOSE
+from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL_LOOSE
 
 import geofunc as gf
 from geofunc.testing import SpaceCase
