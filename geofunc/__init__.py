@@ -8,6 +8,7 @@ pure function of tensors, so every constraint composes with ``torch.func`` (``vm
 
 from . import nn as nn
 from . import optim as optim
+from . import testing as testing
 from ._errors import ManifoldError as ManifoldError
 from ._pytree import (
     contains as contains,
@@ -69,5 +70,6 @@ __all__ = [
     "retract",
     "sample",
     "tangent",
+    "testing",
     "to_manifold",
 ]
