@@ -68,14 +68,12 @@ class SphereEmbedded(AbstractSpace):
         return Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True), None
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         u = X / self.radius
         return G - (G * u).sum(-1, keepdim=True) * u
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return self.project(X + V)
 
     def project(self, Y: Tensor) -> Tensor:

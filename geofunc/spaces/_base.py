@@ -110,9 +110,12 @@ class AbstractSpace:
             raise error(self, f"`{what}` to be non-empty vectors (..., n)", f"shape {tuple(X.shape)}")
         return X.shape[-1]
 
-    def _sample_shape(self, shape: Any) -> tuple[int, ...]:
-        """``shape`` of :meth:`sample` as a tuple: an int ``n`` is ``(n,)`` (as ``torch.randn(n)``);
-        anything but non-negative integers raises ``ManifoldError`` (not a TypeError)."""
+    def _sample_shape(self, shape: Any, dtype: torch.dtype | None = None) -> tuple[int, ...]:
+        """``shape`` of :meth:`sample` as a tuple, checked as a point shape of the space.
+
+        An int ``n`` is ``(n,)`` (as ``torch.randn(n)``); anything but non-negative integers, or
+        a shape the space cannot take, raises ``ManifoldError`` (not a TypeError).
+        """
         if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
         try:
@@ -121,7 +124,24 @@ class AbstractSpace:
             out = None
         if out is None or any(d < 0 for d in out) or any(isinstance(d, bool) for d in shape):
             raise error(self, "`shape` to be a tuple (or torch.Size, or int) of non-negative integers", repr(shape))
+        self._check_shape(torch.empty(out, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         return out
+
+    def _check_pair(self, X: Tensor, Y: Tensor, what_y: str) -> None:
+        """Shape checks of ``tangent(X, G)`` / ``retract(X, V)``: both points' shapes, ``Y``
+        with ``X``'s point shape and batch dims that broadcast."""
+        self._check_shape(X, "X")
+        self._check_shape(Y, what_y)
+        self._require_same_shape(X, Y, "X", what_y)
+
+    def _require_base(self, Z: Tensor, base: Any) -> None:
+        """A ``base`` is None or a tensor of ``Z``'s point shape whose batch dims broadcast."""
+        if base is None:
+            return
+        if not isinstance(base, torch.Tensor):
+            raise error(self, "`base` to be None or a tensor (a point of the space)", describe(base))
+        self._check_shape(base, "base")
+        self._require_same_shape(Z, base, "Z", "base")
 
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
         """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .._errors import describe, error
 from .._linalg import haar_stiefel, stiefel_chart, stiefel_packed_chart, sym_part
 from ._base import AbstractSpace
-from ._orthogonal import check_base, tall, untall, validate_triv
+from ._orthogonal import tall, untall, validate_triv
 from ._stiefel import Stiefel
 
 Tensor = torch.Tensor
@@ -277,7 +277,7 @@ def frame_chart_packed(st: Stiefel, P: Tensor, B: Optional[Tensor]) -> Tensor:
     n, r = P.shape[-2], P.shape[-1]
     if n == r:
         return st.to_manifold(P, B)
-    check_base(st, P, B)
+    st._require_base(P, B)
     if B is None:
         return stiefel_chart(torch.eye(n, r, dtype=P.dtype, device=P.device), P, st.triv)
     return stiefel_packed_chart(B, P, st.triv)
@@ -415,8 +415,7 @@ class SVDSpace(AbstractSpace):
         return self._pack(s, Zt.shape[-2], Zt.shape[-1], tr), (U, V)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         Xt, tr = tall(X)
         Gt = tall(G)[0]
         n, k = Xt.shape[-2:]
@@ -431,8 +430,7 @@ class SVDSpace(AbstractSpace):
         return untall(U @ UG + (GV - U @ (UG @ V)) @ V.mT, tr)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return self.project(X + V)
 
     def project(self, Y: Tensor) -> Tensor:
@@ -449,8 +447,7 @@ class SVDSpace(AbstractSpace):
         return untall(spectral_svd(Yt, g_fn), tr)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         tr = shape[-2] < shape[-1]
         n, k = max(shape[-2:]), min(shape[-2:])
         r = self._rank(n, k)
@@ -626,8 +623,7 @@ class EigSpace(AbstractSpace):
         return self._pack(lam, Z.shape[-1]), Q
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         n = X.shape[-1]
         r = self._rank(n)
         Gs = sym_part(G)
@@ -638,8 +634,7 @@ class EigSpace(AbstractSpace):
         return sym_part(2.0 * Q @ QG - Q @ (QG @ Q) @ Q.mT)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return self.project(X + V)
 
     def project(self, Y: Tensor) -> Tensor:
@@ -648,8 +643,7 @@ class EigSpace(AbstractSpace):
         return spectral_eigh(Y, lambda lam, Q: self._project_values(lam, r))
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         n = shape[-1]
         r = self._rank(n)
         Q = haar_stiefel(shape[:-2] + (n, r), generator, dtype, device)

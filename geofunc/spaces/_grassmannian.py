@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._linalg import transpose
-from ._orthogonal import FrameSpace, check_base, tall, untall
+from ._orthogonal import FrameSpace, tall, untall
 from ._stiefel import frame_chart
 
 __all__ = ["Grassmannian"]
@@ -44,14 +44,13 @@ class Grassmannian(FrameSpace):
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
-        check_base(self, Z, base)
+        self._require_base(Z, base)
         Zt, tr = tall(Z)
         Bt = None if base is None else tall(base)[0]
         return untall(frame_chart(Zt, Bt, self.triv, horizontal=True), tr)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         Xt, tr = tall(X)
         Gt = tall(G)[0]
         return untall(Gt - Xt @ (transpose(Xt) @ Gt), tr)

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .._errors import describe, error
 from .._linalg import _randn, transpose
 from ._base import AbstractSpace
 from ._sphere import _e1, _exp_chart, _normalize, _tangent, _unit_base
@@ -69,33 +68,21 @@ class Oblique(AbstractSpace):
         if base is None:
             U = _e1(Zt)
         else:
-            if not isinstance(base, torch.Tensor):
-                raise error(self, "`base` to be None or a tensor (a point of the space)", describe(base))
-            self._check_shape(base, "base")
-            self._require_same_shape(Z, base, "Z", "base")
+            self._require_base(Z, base)
             U = _unit_base(transpose(base))
         return transpose(_exp_chart(Zt, U, 1.0))
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
 
-    def rebase(self, Z: Tensor, base: Tensor | None) -> tuple[Tensor, Tensor]:
-        """``(zeros, to_manifold(Z, base))``."""
-        X = self.to_manifold(Z, base)
-        return torch.zeros_like(X), X
-
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − X diag(XᵀG)``."""
-        self._check_shape(X, "X")
-        self._check_shape(G, "G")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         return transpose(_tangent(transpose(X), transpose(G), 1.0))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """The columns of ``X + V`` normalized."""
-        self._check_shape(X, "X")
-        self._check_shape(V, "V")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return transpose(_normalize(transpose(X + V), 1.0))
 
     def project(self, Y: Tensor) -> Tensor:
@@ -112,8 +99,7 @@ class Oblique(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """Uniform points: standard Gaussian matrices with normalized columns."""
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         return transpose(_normalize(transpose(_randn(shape, generator, dtype, device)), 1.0))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:

@@ -9,7 +9,7 @@ import torch
 
 import dataclasses
 
-from .._errors import describe, error
+from .._errors import error
 from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, transpose
 from ._base import AbstractSpace
 
@@ -22,22 +22,6 @@ def validate_triv(space: Any, triv: Any) -> None:
         return
     if not isinstance(triv, str) or triv not in ("expm", "cayley"):
         raise error(space, '`triv` to be "expm", "cayley" or a callable mapping skew to orthogonal matrices', repr(triv))
-
-
-def check_base(space: Any, Z: Tensor, base: Any) -> None:
-    """A base must be a tensor with the trailing shape of ``Z`` whose batch dims broadcast."""
-    if base is None:
-        return
-    if not isinstance(base, torch.Tensor):
-        raise error(space, "`base` to be a tensor (a point of the space) or None", describe(base))
-    if base.shape[-2:] != Z.shape[-2:]:
-        raise error(space, f"`base` of point shape {tuple(Z.shape[-2:])} like `Z`", f"shape {tuple(base.shape)}")
-    try:
-        torch.broadcast_shapes(base.shape[:-2], Z.shape[:-2])
-    except RuntimeError:
-        raise error(
-            space, f"`base` batch dims broadcastable with those of `Z` {tuple(Z.shape[:-2])}", f"shape {tuple(base.shape)}"
-        ) from None
 
 
 def orthonormality_error(X: Tensor) -> Tensor:
@@ -77,14 +61,9 @@ class FrameSpace(AbstractSpace):
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         return torch.zeros_like(X), X
 
-    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
-        """``(0, to_manifold(Z, base))``: the point becomes the centre of the chart."""
-        return torch.zeros_like(Z), self.to_manifold(Z, base)
-
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``qf(X + V)``: the Q factor (positive diagonal R) by CholeskyQR2, O(n k²)."""
-        self._check_shape(X, "X")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         Xt, tr = tall(X)
         return untall(chol_qr(Xt + tall(V)[0]), tr)
 
@@ -95,8 +74,7 @@ class FrameSpace(AbstractSpace):
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """Haar-uniform frames of full shape ``shape`` (QR of a Gaussian, signs fixed)."""
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         tr = shape[-2] < shape[-1]
         tshape = shape[:-2] + (shape[-1], shape[-2]) if tr else shape
         return untall(haar_stiefel(tshape, generator, dtype, device), tr)

@@ -74,16 +74,12 @@ class Rn(AbstractSpace):
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G``."""
-        self._check_shape(X, "X")
-        self._check_shape(G, "G")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         return G
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``X + V``."""
-        self._check_shape(X, "X")
-        self._check_shape(V, "V")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return X + V
 
     def project(self, Y: Tensor) -> Tensor:
@@ -100,8 +96,7 @@ class Rn(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """A standard Gaussian tensor of shape ``shape``."""
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         return _randn(shape, generator, dtype, device)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:

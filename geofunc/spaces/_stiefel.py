@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._linalg import Triv, eye_like, resolve_triv, skew_lower, stiefel_chart, sym_part, transpose
-from ._orthogonal import FrameSpace, check_base, tall, untall
+from ._orthogonal import FrameSpace, tall, untall
 
 __all__ = ["Stiefel", "frame_chart"]
 
@@ -67,21 +67,20 @@ class Stiefel(FrameSpace):
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
-        check_base(self, Z, base)
+        self._require_base(Z, base)
         Zt, tr = tall(Z)
         Bt = None if base is None else tall(base)[0]
         return untall(frame_chart(Zt, Bt, self.triv, horizontal=False), tr)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_shape(X, "X")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         Xt, tr = tall(X)
         Gt = tall(G)[0]
         return untall(Gt - Xt @ sym_part(transpose(Xt) @ Gt), tr)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
-        check_base(self, Z, base)
+        self._require_base(Z, base)
         out = 0.0 * Z.sum(dim=(-2, -1))
         if base is not None:
             out = out + 0.0 * base.sum(dim=(-2, -1))

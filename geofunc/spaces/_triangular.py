@@ -67,16 +67,12 @@ class TriangleSpace(AbstractSpace):
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """The orthogonal projection of ``G`` onto the subspace (the space is its own tangent space)."""
-        self._check_shape(X, "X")
-        self._check_shape(G, "G")
-        self._require_same_shape(X, G, "X", "G")
+        self._check_pair(X, G, "G")
         return self._part(G)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``X`` plus the projection of ``V``."""
-        self._check_shape(X, "X")
-        self._check_shape(V, "V")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return X + self._part(V)
 
     def project(self, Y: Tensor) -> Tensor:
@@ -93,8 +89,7 @@ class TriangleSpace(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """The projection of a standard Gaussian of shape ``shape``."""
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         return self._part(_randn(shape, generator, dtype, device))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
