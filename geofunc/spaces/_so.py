@@ -9,7 +9,7 @@ import torch
 
 from .._linalg import Triv, haar_so, nan_poison, resolve_triv, sanitize, skew_lower, skew_part, transpose
 from ._base import AbstractSpace
-from ._orthogonal import orthonormality_error, validate_triv
+from ._orthogonal import orthonormality_error, validate_triv, zero_logabsdet
 
 __all__ = ["SO"]
 
@@ -94,9 +94,5 @@ class SO(AbstractSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_base(Z, base)
-        # |det| = 1 for every point; written from Z so that NaN propagates and grads are zero.
-        out = 0.0 * Z.sum(dim=(-2, -1))
-        if base is not None:
-            out = out + 0.0 * base.sum(dim=(-2, -1))
-        return out
+        return zero_logabsdet(Z, base)
 
