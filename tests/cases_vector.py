@@ -12,6 +12,7 @@ import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, SHAPES_VECTOR, TOL
 
 import geofunc as gf
+import geofunc.nn as gnn
 from geofunc.testing import SpaceCase
 
 Tensor = torch.Tensor
@@ -129,3 +130,18 @@ VECTOR_CASES = [
         smoke_shape=(4, 3),
     ),
 ]
+
+# geofunc.nn's projection-chart sphere (GeoTorch's `sphere(..., embedded=True)`): its chart
+# r·Z/‖Z‖ is singular at Z = 0, so the derivative checks run at a random Z only.
+VECTOR_CASES.append(
+    SpaceCase(
+        "SphereEmbedded",
+        gnn.SphereEmbedded(radius=2.0),
+        shapes=((1,), (6,), (2, 3, 4)),
+        member=_on_sphere(2.0),
+        tol=TOL,
+        off_manifold=lambda X: 0.5 * X,
+        defined_at_zero=False,
+        smoke_shape=(2, 4),
+    )
+)

@@ -18,26 +18,6 @@ import geofunc.nn as gnn
 to_manifold = gf.to_manifold
 
 
-def _available(make) -> bool:
-    try:
-        make()
-    except NotImplementedError:
-        return False
-    return True
-
-
-def needs(*names):
-    missing = [n for n in names if not _available(lambda n=n: getattr(gf, n)(**_DEFAULT_KW.get(n, {})))]
-    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not implemented yet")
-
-
-_DEFAULT_KW = {
-    "LowRank": {"rank": 1},
-    "FixedRank": {"rank": 1},
-    "PSSDLowRank": {"rank": 1},
-    "PSSDFixedRank": {"rank": 1},
-    "AlmostOrthogonal": {"lam": 0.1},
-}
 
 
 # ----------------------------------------------------------------------------- signatures
@@ -72,35 +52,33 @@ def test_signatures_are_geotorchs(name):
 
 # ----------------------------------------------------------------------------- every constraint
 
-# (function, kwargs, module factory, space, space class name needed)
+# (function, kwargs, module factory, space)
 CASES = [
-    ("orthogonal", {}, lambda: nn.Linear(5, 3), gf.Stiefel, None),
-    ("orthogonal", {"triv": "cayley"}, lambda: nn.Linear(3, 5), gf.Stiefel, None),
-    ("orthogonal", {}, lambda: nn.Linear(4, 4), gf.Stiefel, None),
-    ("grassmannian", {}, lambda: nn.Linear(2, 5), gf.Grassmannian, None),
-    ("sphere", {"radius": 2.0}, lambda: nn.Linear(4, 3), gf.Sphere, None),
-    ("sphere", {"embedded": True}, lambda: nn.Linear(4, 3), gnn.SphereEmbedded, None),
-    ("skew", {}, lambda: nn.Linear(4, 4), gf.Skew, None),
-    ("symmetric", {"lower": False}, lambda: nn.Linear(4, 4), gf.Sym, None),
-    ("almost_orthogonal", {"lam": 0.3}, lambda: nn.Linear(4, 4), gf.AlmostOrthogonal, "AlmostOrthogonal"),
-    ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4), gf.LowRank, "LowRank"),
-    ("fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 5), gf.FixedRank, "FixedRank"),
-    ("invertible", {}, lambda: nn.Linear(4, 4), gf.GLp, "GLp"),
-    ("positive_definite", {}, lambda: nn.Linear(4, 4), gf.PSD, "PSD"),
-    ("positive_semidefinite", {}, lambda: nn.Linear(4, 4), gf.PSSD, "PSSD"),
+    ("orthogonal", {}, lambda: nn.Linear(5, 3), gf.Stiefel),
+    ("orthogonal", {"triv": "cayley"}, lambda: nn.Linear(3, 5), gf.Stiefel),
+    ("orthogonal", {}, lambda: nn.Linear(4, 4), gf.Stiefel),
+    ("grassmannian", {}, lambda: nn.Linear(2, 5), gf.Grassmannian),
+    ("sphere", {"radius": 2.0}, lambda: nn.Linear(4, 3), gf.Sphere),
+    ("sphere", {"embedded": True}, lambda: nn.Linear(4, 3), gnn.SphereEmbedded),
+    ("skew", {}, lambda: nn.Linear(4, 4), gf.Skew),
+    ("symmetric", {"lower": False}, lambda: nn.Linear(4, 4), gf.Sym),
+    ("almost_orthogonal", {"lam": 0.3}, lambda: nn.Linear(4, 4), gf.AlmostOrthogonal),
+    ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4), gf.LowRank),
+    ("fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 5), gf.FixedRank),
+    ("invertible", {}, lambda: nn.Linear(4, 4), gf.GLp),
+    ("positive_definite", {}, lambda: nn.Linear(4, 4), gf.PSD),
+    ("positive_semidefinite", {}, lambda: nn.Linear(4, 4), gf.PSSD),
     ("positive_semidefinite_low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 4),
-     gf.PSSDLowRank, "PSSDLowRank"),
+     gf.PSSDLowRank),
     ("positive_semidefinite_fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 4),
-     gf.PSSDFixedRank, "PSSDFixedRank"),
+     gf.PSSDFixedRank),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_every_constraint_registers_samples_and_steps(case, dtype):
-    name, kwargs, make, cls, needed = case
-    if needed is not None and not _available(lambda: getattr(gf, needed)(**_DEFAULT_KW.get(needed, {}))):
-        pytest.skip(f"{needed} not implemented yet")
+    name, kwargs, make, cls = case
     torch.manual_seed(0)
     m = make().to(dtype)
     W0 = m.weight.detach().clone()
@@ -146,7 +124,6 @@ class Model(nn.Module):
 geotorch = gnn  # the README's `import geofunc.nn as geotorch`
 
 
-@needs("LowRank")
 def test_readme_drop_in_program():
     torch.manual_seed(0)
     model = Model()
@@ -382,7 +359,7 @@ def test_dtype_moves_after_registration():
 def test_deferred_initialization_on_the_meta_device(case):
     """Build on ``meta`` (no memory, no values), ``to_empty``, then load a checkpoint: the usual
     deferred-initialization path of large models. A meta tensor has no values to check."""
-    name, kwargs, make, _, _ = case
+    name, kwargs, make, _ = case
     torch.manual_seed(0)
     trained = make()
     getattr(gnn, name)(trained, **kwargs)
@@ -557,7 +534,6 @@ def test_errors_name_the_parameter_the_space_expected_and_got():
     assert not P.is_parametrized(m)
 
 
-@needs("LowRank")
 def test_rank_out_of_range_names_the_parameter():
     with pytest.raises(gf.ManifoldError, match=r"Conv2d\.weight.*LowRank.*rank"):
         gnn.low_rank(nn.Conv2d(2, 2, 3), "weight", rank=4)

@@ -15,7 +15,9 @@ from torch import nn
 
 from .. import spaces as S
 from .._errors import ManifoldError, error
+from .._linalg import _randn
 from ..spaces._base import AbstractSpace
+from ..spaces._sphere import _normalize, _tangent
 from ._adapter import _owner_name, _resolve_tensor, constrain
 
 __all__ = [
@@ -64,29 +66,25 @@ class SphereEmbedded(AbstractSpace):
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         return X / self.radius, None
 
-    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
-        return Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True), None
-
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """``G − ⟨G, X⟩ X / r²``."""
         self._check_pair(X, G, "G")
-        u = X / self.radius
-        return G - (G * u).sum(-1, keepdim=True) * u
+        return _tangent(X, G, self.radius)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``r (X + V) / ‖X + V‖``."""
         self._check_pair(X, V, "V")
-        return self.project(X + V)
+        return _normalize(X + V, self.radius)
 
     def project(self, Y: Tensor) -> Tensor:
+        """``r Y / ‖Y‖`` (the canonical point ``r e_1`` where ``Y = 0``, as :class:`geofunc.Sphere`)."""
         self._check_shape(Y, "Y")
-        return self.radius * Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
+        return _normalize(Y, self.radius)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        shape = tuple(shape)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        self._check_shape(torch.empty(shape, dtype=dtype, device="meta"), "shape")
-        if device is None and generator is not None:
-            device = generator.device
-        return self.project(torch.randn(shape, generator=generator, dtype=dtype, device=device))
+        """Uniform points: normalized standard Gaussians."""
+        shape = self._sample_shape(shape, dtype)
+        return _normalize(_randn(shape, generator, dtype, device), self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         return {"|‖x‖ − radius|": (torch.linalg.vector_norm(X, dim=-1) - self.radius).abs() / max(1.0, self.radius)}

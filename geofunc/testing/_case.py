@@ -42,6 +42,9 @@ class SpaceCase:
         has_logabsdet: ``logabsdet`` is implemented and must equal ``slogdet``.
         smooth: the maps are smooth at the chart centre (``Z = 0``) and at random raw input,
             so ``jacfwd == jacrev``, ``hessian`` and the gradchecks at ``Z = 0`` apply.
+        defined_at_zero: the chart is defined at ``Z = 0``. False only for a projection chart
+            such as ``r Z/‖Z‖`` (``geofunc.nn.SphereEmbedded``, GeoTorch's embedded sphere),
+            which is singular there: the checks *at* ``Z = 0`` are skipped, all others run.
         raw_scales: scales of the Gaussian raw input ``Z`` (and ambient ``Y``) that
             ``to_manifold``/``project`` must map onto the space.
         off_manifold: ``off_manifold(X) -> Y`` turns points into inputs that are *not* on the
@@ -67,6 +70,7 @@ class SpaceCase:
     rebase_zeroes: bool = False
     has_logabsdet: bool = False
     smooth: bool = True
+    defined_at_zero: bool = True
     raw_scales: tuple[float, ...] = (1.0, 100.0)
     off_manifold: Optional[Callable[[Tensor], Optional[Tensor]]] = None
     linearized: Optional[Callable[[Tensor, Tensor], Tensor]] = None

@@ -156,7 +156,8 @@ def check_to_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
         _, Z0, base = _point_and_base(case, shape, dtype, g)
         if tuple(Z0.shape) != shape or Z0.dtype != dtype:
             raise _fail(ctx, f"from_manifold returned a raw tensor of shape {tuple(Z0.shape)}, {Z0.dtype}")
-        _member(case, M.to_manifold(torch.zeros(shape, dtype=dtype), base), dtype, ctx, "to_manifold(0, base)")
+        if case.defined_at_zero:
+            _member(case, M.to_manifold(torch.zeros(shape, dtype=dtype), base), dtype, ctx, "to_manifold(0, base)")
         for scale in case.raw_scales:
             Z = _randn(shape, dtype, g, scale)
             for b, name in ((None, "None"), (base, "base")):
@@ -423,7 +424,7 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
         ("tangent", M.tangent, (X, G)),
         ("retract", M.retract, (X, V)),
     ]
-    if case.smooth:
+    if case.smooth and case.defined_at_zero:
         checks.append(("to_manifold at Z = 0", lambda z: M.to_manifold(z, base), (torch.zeros(shape, dtype=f64),)))
     for name, fn, args in checks:
         args = tuple(a.detach().clone().requires_grad_(True) for a in args)
@@ -458,11 +459,19 @@ def check_jacobians(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
     shape, X, base, Z = _smoke_inputs(case, g)
     ctx = _ctx(case, shape, f64)
     fn = lambda z: M.to_manifold(z, base)  # noqa: E731
-    for name, at in (("random Z", Z), ("Z = 0", torch.zeros_like(Z))):
+    for name, at in _derivative_points(case, Z):
         Jf, Jr = jacfwd(fn)(at), jacrev(fn)(at)
         if not bool(torch.isfinite(Jf).all()):
             raise _fail(ctx, f"jacfwd of to_manifold at {name} is not finite")
         _close(Jf, Jr, 1e-9, ctx, f"jacfwd != jacrev of to_manifold at {name}")
+
+
+def _derivative_points(case: SpaceCase, Z: Tensor) -> list[tuple[str, Tensor]]:
+    """Where the derivative checks run: a random ``Z`` and the chart centre ``Z = 0`` (if defined)."""
+    points = [("random Z", Z)]
+    if case.defined_at_zero:
+        points.append(("Z = 0", torch.zeros_like(Z)))
+    return points
 
 
 def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
@@ -479,7 +488,7 @@ def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
         return (Xz * C).sum() + (Xz * D).sum() ** 2
 
     n = math.prod(shape)
-    for name, at in (("random Z", Z), ("Z = 0", torch.zeros_like(Z))):
+    for name, at in _derivative_points(case, Z):
         Hm = hessian(loss)(at).reshape(n, n)
         if not bool(torch.isfinite(Hm).all()):
             raise _fail(ctx, f"hessian at {name} is not finite")
