@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import optree
 import torch
@@ -71,6 +71,11 @@ def can_check(tree: Any) -> bool:
             if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
                 return False
     return True
+
+
+def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether two shapes broadcast (``torch.broadcast_shapes`` without its ~15 µs of Python)."""
+    return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,15 +157,12 @@ class AbstractSpace:
                 f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[-d:])}",
                 f"shape {tuple(Y.shape)}",
             )
-        if d:
-            try:
-                torch.broadcast_shapes(X.shape[:-d], Y.shape[:-d])
-            except RuntimeError:
-                raise error(
-                    self,
-                    f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[:-d])}",
-                    f"shape {tuple(Y.shape)}",
-                ) from None
+        if d and not _broadcastable(X.shape[:-d], Y.shape[:-d]):
+            raise error(
+                self,
+                f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[:-d])}",
+                f"shape {tuple(Y.shape)}",
+            )
 
     # --------------------------------------------------------------- the maps
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:

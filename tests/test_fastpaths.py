@@ -1,0 +1,224 @@
+"""The eager one-node fast paths (geofunc/_fastpath.py) against the differentiable op chains
+they stand in for: the sphere's exponential chart (Sphere, Oblique) and the softplus
+log-determinant (GLp, PSD, FixedRank, PSSDFixedRank).
+
+In plain eager mode the fast path runs (its node is checked by name, so a refactor cannot
+silently fall back); the reference is the op chain, which is also what runs under
+torch.func transforms. Compared: values, first derivatives in every input, second
+derivatives (create_graph=True), forward-mode (torch.autograd.forward_ad), broadcasting
+batches, non-finite input; plus gradcheck/gradgradcheck against finite differences.
+No timing here (see benchmarks/).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.func import grad, hessian, vmap
+
+import geofunc as gf
+from geofunc.spaces import _factorized, _sphere
+
+F32, F64 = torch.float32, torch.float64
+# Gradient comparisons are absolute errors relative to the gradient's scale: the fast
+# backward has an absolute error ~ε‖G‖ (Note [the sphere chart's fast path]).
+TOL = {F64: 1e-12, F32: 2e-5}
+
+
+def _close(a, b, dtype, what):
+    a, b = a.detach(), b.detach()
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max()) / scale
+    assert err <= TOL[dtype], f"{what}: max relative error {err:.2e} > {TOL[dtype]:.0e}"
+
+
+def _node(t):
+    return type(t.grad_fn).__name__ if t.grad_fn is not None else None
+
+
+# --------------------------------------------------------------------------- sphere chart
+def _unit(B):
+    return B / torch.linalg.vector_norm(B, dim=-1, keepdim=True)
+
+
+def _chart_pair(r):
+    fast = lambda Z, B: _sphere._exp_chart(Z, _unit(B), r)  # noqa: E731
+    smooth = lambda Z, B: _sphere._exp_chart_smooth(Z, _unit(B), r)  # noqa: E731
+    return fast, smooth
+
+
+SHAPES = [((6,), (6,)), ((4, 6), (6,)), ((6,), (4, 6)), ((2, 3, 6), (3, 6)), ((3, 1, 6), (5, 6))]
+SCALES = [0.0, 1e-12, 1e-5, 0.3, 2.0, 30.0]
+
+
+def test_sphere_takes_the_fast_path_in_eager_mode_only():
+    S = gf.Sphere()
+    Z = torch.randn(5, requires_grad=True)
+    assert _node(S.to_manifold(Z, S.sample((5,)))) == "_ExpChartBackward"
+    assert _node(gf.Oblique().to_manifold(torch.randn(4, 3, requires_grad=True))) != "_ExpChartBackward"  # a transpose on top
+    with torch.no_grad():
+        assert S.to_manifold(Z).grad_fn is None
+    # Under torch.func the op chain runs (its rules compose to every order).
+    seen = []
+    vmap(lambda z: seen.append(_sphere._exp_chart(z, _sphere._e1(z), 1.0)) or seen[-1])(torch.randn(2, 5))
+    assert seen and _node(seen[0]) != "_ExpChartBackward"
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("r", [1.0, 2.5])
+@pytest.mark.parametrize("shapes", SHAPES, ids=str)
+def test_sphere_fast_chart_matches_the_op_chain(shapes, r, dtype, generator):
+    fast, smooth = _chart_pair(r)
+    zshape, bshape = shapes
+    for scale in SCALES:
+        Z = (scale * torch.randn(zshape, generator=generator, dtype=F64)).to(dtype).requires_grad_()
+        B = torch.randn(bshape, generator=generator, dtype=F64).to(dtype).requires_grad_()
+        X, Xs = fast(Z, B), smooth(Z, B)
+        assert _node(X) == "_ExpChartBackward"
+        ctx = f"scale {scale}, shapes {shapes}, r {r}, {dtype}"
+        _close(X, Xs, dtype, f"value ({ctx})")
+        G = torch.randn(X.shape, generator=generator, dtype=F64).to(dtype)
+        for a, b, name in zip(torch.autograd.grad(X, [Z, B], G), torch.autograd.grad(Xs, [Z, B], G), "ZB"):
+            _close(a, b, dtype, f"gradient in {name} ({ctx})")
+        # Second derivatives: the backward of a create_graph pass, differentiated again.
+        h = [torch.autograd.grad(torch.autograd.grad(f(Z, B), [Z], G, create_graph=True)[0].square().sum(), [Z, B])
+             for f in (fast, smooth)]
+        for a, b, name in zip(h[0], h[1], "ZB"):
+            _close(a, b, dtype, f"second derivative in {name} ({ctx})")
+        # Forward mode.
+        dZ = torch.randn(zshape, generator=generator, dtype=F64).to(dtype)
+        dB = torch.randn(bshape, generator=generator, dtype=F64).to(dtype)
+        with fwad.dual_level():
+            t_fast = fwad.unpack_dual(fast(fwad.make_dual(Z.detach(), dZ), fwad.make_dual(B.detach(), dB))).tangent
+            t_z = fwad.unpack_dual(fast(fwad.make_dual(Z.detach(), dZ), B.detach())).tangent
+        t_ref = torch.func.jvp(smooth, (Z.detach(), B.detach()), (dZ, dB))[1]
+        t_ref_z = torch.func.jvp(lambda z: smooth(z, B.detach()), (Z.detach(),), (dZ,))[1]
+        _close(t_fast, t_ref, dtype, f"jvp ({ctx})")
+        _close(t_z, t_ref_z, dtype, f"jvp in Z only ({ctx})")
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 1.0, 4.0])
+def test_sphere_fast_chart_against_finite_differences(scale, generator):
+    fast, _ = _chart_pair(1.7)
+    Z = (scale * torch.randn(3, 5, generator=generator, dtype=F64)).requires_grad_()
+    B = torch.randn(5, generator=generator, dtype=F64).requires_grad_()
+    assert torch.autograd.gradcheck(fast, (Z, B), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fast, (Z, B))
+
+
+def test_sphere_fast_chart_hessian_at_the_centre_is_exact():
+    # x(z) = cos‖v‖ u + sinc‖v‖ v: at z = 0, ∂²x/∂z² = −u ⊗ P (P = I − u uᵀ) on the tangent part.
+    S = gf.Sphere()
+    u = torch.tensor([0.6, 0.0, 0.8], dtype=F64)
+    z = torch.zeros(3, dtype=F64, requires_grad=True)
+    w = torch.tensor([0.3, -1.0, 2.0], dtype=F64)  # hessian of ⟨w, x(z)⟩
+    g = torch.autograd.grad((S.to_manifold(z, u) * w).sum(), z, create_graph=True)[0]
+    H = torch.stack([torch.autograd.grad(g[i], z, retain_graph=True)[0] for i in range(3)])
+    P = torch.eye(3, dtype=F64) - torch.outer(u, u)
+    torch.testing.assert_close(H, -(w @ u) * P @ P, rtol=0, atol=1e-14)
+    torch.testing.assert_close(H, hessian(lambda z: (S.to_manifold(z, u) * w).sum())(z.detach()), rtol=0, atol=1e-14)
+
+
+def test_sphere_fast_chart_non_finite_input_gives_nan():
+    S = gf.Sphere()
+    for bad in (math.nan, math.inf):
+        Z = torch.randn(3, 4)
+        Z[1, 2] = bad
+        Z.requires_grad_()
+        X = S.to_manifold(Z, S.sample((4,)))
+        assert _node(X) == "_ExpChartBackward"
+        assert X[1].isnan().all() and X[[0, 2]].isfinite().all()
+        assert not bool(S.contains(X.detach())[1])
+
+
+def test_oblique_fast_chart_matches_the_op_chain(generator):
+    O = gf.Oblique()
+    Z = torch.randn(2, 5, 3, generator=generator, dtype=F64, requires_grad=True)
+    base = O.sample((5, 3), generator=generator, dtype=F64)
+    G = torch.randn(2, 5, 3, generator=generator, dtype=F64)
+    X = O.to_manifold(Z, base)
+    Xs = _sphere._exp_chart_smooth(Z.mT, _unit(base.mT), 1.0).mT
+    _close(X, Xs, F64, "value")
+    _close(torch.autograd.grad(X, Z, G)[0], torch.autograd.grad(Xs, Z, G)[0], F64, "gradient")
+
+
+# --------------------------------------------------------------------------- log-determinant
+LOGDET_SPACES = [gf.GLp(), gf.GLp(triv="cayley"), gf.PSD(), gf.FixedRank(rank=4), gf.PSSDFixedRank(rank=4)]
+
+
+def _raw_and_base(space, generator, dtype, batch=(3,)):
+    Z0, base = space.from_manifold(space.sample(batch + (4, 4), generator=generator, dtype=F64))
+    Z = Z0 + 0.5 * torch.randn(Z0.shape, generator=generator, dtype=F64)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return Z.to(dtype), (tuple(cast(b) for b in base) if isinstance(base, tuple) else cast(base))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("space", LOGDET_SPACES, ids=repr)
+def test_logabsdet_fast_path_matches_the_op_chain(space, dtype, generator):
+    Z, base = _raw_and_base(space, generator, dtype)
+    Z.requires_grad_()
+    out = space.logabsdet(Z, base)
+    assert _node(out) == "_SoftplusLogDetBackward"
+    ref = _factorized._softplus_logdet_smooth(Z)
+    _close(out, ref, dtype, "value")
+    with torch.no_grad():
+        _close(space.logabsdet(Z, base), ref, dtype, "value without grad")
+    G = torch.randn(out.shape, generator=generator, dtype=F64).to(dtype)
+    _close(torch.autograd.grad(out, Z, G)[0], torch.autograd.grad(ref, Z, G)[0], dtype, "gradient")
+    # The torch.func path is the op chain: the same gradient.
+    g_func = vmap(grad(lambda z, b: space.logabsdet(z, b)))(Z.detach(), base)
+    _close(torch.autograd.grad(space.logabsdet(Z, base).sum(), Z)[0], g_func, dtype, "gradient vs torch.func")
+    # Second derivatives and forward mode.
+    h = [torch.autograd.grad(torch.autograd.grad(f(Z), Z, G, create_graph=True)[0].square().sum(), Z)[0]
+         for f in (lambda z: space.logabsdet(z, base), _factorized._softplus_logdet_smooth)]
+    _close(h[0], h[1], dtype, "second derivative")
+    dZ = torch.randn(Z.shape, generator=generator, dtype=F64).to(dtype)
+    with fwad.dual_level():
+        t = fwad.unpack_dual(space.logabsdet(fwad.make_dual(Z.detach(), dZ), base)).tangent
+    _close(t, torch.func.jvp(_factorized._softplus_logdet_smooth, (Z.detach(),), (dZ,))[1], dtype, "jvp")
+
+
+def test_logabsdet_fast_path_against_finite_differences(generator):
+    M = gf.GLp()
+    Z, base = _raw_and_base(M, generator, F64)
+    f = lambda z: M.logabsdet(z, base)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (Z.requires_grad_(),), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (Z,))
+
+
+@pytest.mark.parametrize("where", ["Z off the diagonal", "Z on the diagonal", "U", "V"])
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_logabsdet_fast_path_is_nan_exactly_where_the_point_is(where, grad_mode, generator):
+    M = gf.GLp()
+    Z, (U, V) = _raw_and_base(M, generator, F64, batch=(4,))
+    Z, U, V = Z.clone(), U.clone(), V.clone()
+    if where.startswith("Z"):
+        i, j = (0, 1) if "off" in where else (2, 2)
+        Z[1, i, j] = math.nan
+    else:
+        (U if where == "U" else V)[1, 3, 0] = math.inf
+    Z.requires_grad_(grad_mode)
+    with torch.set_grad_enabled(grad_mode):
+        out = M.logabsdet(Z, (U, V))
+        X = M.to_manifold(Z, (U, V))
+    assert out[1].isnan() and X[1].isnan().any()
+    assert out[[0, 2, 3]].isfinite().all()
+    if grad_mode:
+        assert _node(out) == "_SoftplusLogDetBackward"
+        g = torch.autograd.grad(out[[0, 2, 3]].sum(), Z)[0]
+        assert g[[0, 2, 3]].isfinite().all()
+
+
+def test_logabsdet_fast_path_broadcasts_bases_like_to_manifold(generator):
+    M = gf.PSD()
+    Z = torch.randn(4, 4, generator=generator, dtype=F64, requires_grad=True)
+    _, Q = M.from_manifold(M.sample((3, 4, 4), generator=generator, dtype=F64))
+    out = M.logabsdet(Z, Q)
+    assert out.shape == (3,)
+    ref = torch.linalg.slogdet(M.to_manifold(Z, Q))[1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), Z)[0], torch.autograd.grad(ref.sum(), Z)[0], rtol=0, atol=1e-9)
