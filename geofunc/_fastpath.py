@@ -1,7 +1,7 @@
 """When a one-node eager fast path may replace a chain of differentiable torch ops. Private.
 
-Some maps (the sphere's chart, the softplus log-determinant) are a few dozen tiny ops whose
-cost is all per-op and per-autograd-node overhead. In plain eager mode they run as one legacy
+Some maps (the sphere's chart) are a few dozen tiny ops whose cost is all per-op and
+per-autograd-node overhead. In plain eager mode they run as one legacy
 ``autograd.Function`` with a closed-form backward (and ``jvp`` for ``torch.autograd.forward_ad``);
 everywhere else (``torch.func`` transforms, ``torch.compile``, tensor subclasses, dtypes other
 than float32/float64, meta tensors) the differentiable op chain runs, whose rules PyTorch

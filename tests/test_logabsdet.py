@@ -103,3 +103,50 @@ def test_logabsdet_nan_propagates_and_base_is_checked():
     assert torch.isnan(gf.GLp().logabsdet(Z))
     with pytest.raises(gf.ManifoldError, match="base"):
         gf.GLp().logabsdet(torch.zeros(3, 3), torch.eye(3))
+
+
+def _raw_and_base(space, g, batch=(4,)):
+    Z0, base = space.from_manifold(space.sample(batch + (4, 4), generator=g, dtype=F64))
+    return Z0 + 0.5 * torch.randn(Z0.shape, generator=g, dtype=F64), base
+
+
+@pytest.mark.parametrize("where", ["Z off the diagonal", "Z on the diagonal", "U", "V"])
+@pytest.mark.parametrize("grad_mode", [True, False])
+def test_logabsdet_is_nan_exactly_where_the_point_is(where, grad_mode):
+    M = gf.GLp()
+    Z, (U, V) = _raw_and_base(M, _gen(3))
+    U, V = U.clone(), V.clone()
+    if where.startswith("Z"):
+        i, j = (0, 1) if "off" in where else (2, 2)
+        Z[1, i, j] = float("nan")
+    else:
+        (U if where == "U" else V)[1, 3, 0] = float("inf")
+    Z.requires_grad_(grad_mode)
+    with torch.set_grad_enabled(grad_mode):
+        out = M.logabsdet(Z, (U, V))
+        X = M.to_manifold(Z, (U, V))
+    assert out[1].isnan() and X[1].isnan().any()
+    assert out[[0, 2, 3]].isfinite().all()
+    if grad_mode:  # the flag adds nothing to the backward: the other points' gradients are clean
+        g = torch.autograd.grad(out[[0, 2, 3]].sum(), Z)[0]
+        assert g[[0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("space", [gf.GLp(), gf.PSD(), gf.FixedRank(rank=4), gf.GLp(f=(torch.exp, torch.log))], ids=repr)
+def test_logabsdet_second_derivatives_and_forward_mode_against_finite_differences(space):
+    Z, base = _raw_and_base(space, _gen(4), batch=(2,))
+    f = lambda z: space.logabsdet(z, base)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (Z.requires_grad_(),), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(f, (Z,))
+
+
+def test_logabsdet_broadcasts_bases_like_to_manifold():
+    M = gf.PSD()
+    g = _gen(5)
+    Z = torch.randn(4, 4, generator=g, dtype=F64, requires_grad=True)
+    _, Q = M.from_manifold(M.sample((3, 4, 4), generator=g, dtype=F64))
+    out = M.logabsdet(Z, Q)
+    assert out.shape == (3,)
+    ref = torch.linalg.slogdet(M.to_manifold(Z, Q))[1]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), Z)[0], torch.autograd.grad(ref.sum(), Z)[0], rtol=0, atol=1e-9)

@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
-from .._fastpath import eager_fast, tracks_derivatives
 from .._linalg import haar_stiefel, stiefel_chart, stiefel_packed_chart, sym_part
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall, validate_triv
@@ -291,78 +290,26 @@ def frame_chart_packed(st: Stiefel, P: Tensor, B: Optional[Tensor]) -> Tensor:
 
 
 def _nan_where_not_finite(*tensors: Optional[Tensor]) -> Tensor:
-    """Per point: 0 where every entry of every given (n×k batch) tensor is finite, NaN elsewhere
-    (``0 ×`` the sums, as :func:`_all_finite`; call without grad: no autograd node)."""
-    out = None
-    for T in tensors:
-        if T is not None:
-            t = T.sum(dim=(-2, -1))
-            out = t if out is None else out + t
-    assert out is not None
-    return out.mul_(0.0)
+    """Per point: 0 where every entry of every given (n×k batch) tensor is finite, NaN elsewhere.
 
-
-def _softplus_logdet_smooth(Z: Tensor) -> Tensor:
-    return torch.log(softplus_eps(torch.diagonal(Z, dim1=-2, dim2=-1))).sum(-1)
-
-
-class _SoftplusLogDet(torch.autograd.Function):
-    """``Σ log(softplus(Zᵢᵢ) + ε)``, NaN where ``Z`` or a base is not finite, as one autograd
-    node (see geofunc/_fastpath.py): the op chain's ~6 nodes cost more than its O(n) arithmetic.
-    Plain eager mode only (legacy form)."""
-
-    @staticmethod
-    def forward(ctx: Any, Z: Tensor, *bases: Optional[Tensor]) -> Tensor:  # type: ignore[override]
-        s = torch.diagonal(Z, dim1=-2, dim2=-1)
-        f = F.softplus(s).add_(floor_eps(s.dtype))
-        ctx.save_for_backward(Z)
-        ctx.save_for_forward(Z)
-        ctx.sf = (s, f)
-        ctx.n_bases = len(bases)
-        return torch.log(f).sum(-1) + _nan_where_not_finite(Z, *bases)
-
-    @staticmethod
-    def backward(ctx: Any, G: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the op chain
-            (Z,) = ctx.saved_tensors
-            gZ = torch.autograd.grad(_softplus_logdet_smooth(Z), Z, G, create_graph=True)[0]
-        else:
-            s, f = ctx.sf
-            gZ = torch.diag_embed(torch.sigmoid(s).div_(f) * (G if G.ndim == 0 else G.unsqueeze(-1)))
-        return (gZ,) + (None,) * ctx.n_bases
-
-    @staticmethod
-    def jvp(ctx: Any, dZ: Tensor, *_dbases: Any) -> Tensor:  # type: ignore[override]
-        s, f = ctx.sf
-        return (torch.sigmoid(s) / f * torch.diagonal(dZ, dim1=-2, dim2=-1)).sum(-1)
-
-
-def softplus_logdet(Z: Tensor, *bases: Optional[Tensor]) -> Tensor:
-    """``Σ log(softplus(Zᵢᵢ) + ε)`` per square matrix of ``Z``, NaN where ``Z`` or a base has a
-    non-finite entry (the point is NaN there). Derivatives flow to ``Z`` only."""
-    if eager_fast(Z, *bases):
-        if tracks_derivatives(Z):
-            return _SoftplusLogDet.apply(Z, *bases)
-        with torch.no_grad():
-            return _softplus_logdet_smooth(Z) + _nan_where_not_finite(Z, *bases)
-    out = _softplus_logdet_smooth(Z)
-    return torch.where(_all_finite(Z, *bases), out, torch.full_like(out, math.nan))
-
-
-def _all_finite(*tensors: Optional[Tensor]) -> Tensor:
-    """Per point: True where every entry of every given (n×k batch) tensor is finite.
-
-    Read off the detached sums (one pass each, nothing in the backward; ~20× cheaper than
-    ``isfinite(T).all()`` on CPU). A sum overflows only for entries ~1e34 (float32), where
-    the point itself is not finite either.
+    ``0 ×`` the detached sums (one pass each, ~20× cheaper than ``isfinite(T).all()`` on CPU; a
+    sum overflows only for entries ~1e34 in float32, where the point is not finite either):
+    added to a result, it makes the result NaN exactly where its point is, with no autograd
+    node and nothing in the backward (``torch.where`` on the result allocates in its backward).
     """
     out = None
     for T in tensors:
         if T is not None:
-            ok = torch.isfinite(T.detach().sum(dim=(-2, -1)))
-            out = ok if out is None else out & ok
+            t = T.detach().sum(dim=(-2, -1))
+            out = t if out is None else out + t
     assert out is not None
-    return out
+    return out * 0.0
+
+
+def _log_values(space: Any, s: Tensor) -> Tensor:
+    """``Σ log|f(sᵢ)|`` (no ``abs`` for ``"softplus"``, positive by construction: one node less)."""
+    v = space._values(s)
+    return torch.log(v if getattr(space, "f", None) == "softplus" else v.abs()).sum(-1)
 
 
 def _nan_like_batch(Z: Tensor) -> Tensor:
@@ -537,13 +484,9 @@ class SVDSpace(AbstractSpace):
             raise error(self, "square raw tensors of full rank (n = k = rank) for logabsdet", f"shape {tuple(Z.shape)}")
         r = self._rank(n, k)
         Ub, Vb = self._bases(base, n, k, r)
-        if isinstance(getattr(self, "f", None), str) and self.f == "softplus":  # type: ignore[attr-defined]
-            return softplus_logdet(Z, Ub, Vb)
-        s = torch.diagonal(Z, dim1=-2, dim2=-1)
-        out = torch.log(self._values(s).abs()).sum(-1)
         # NaN/inf anywhere in Z or a base makes the point NaN: say so, without adding a
-        # full-matrix term to the backward (isfinite has no derivative).
-        return torch.where(_all_finite(Z, Ub, Vb), out, torch.full_like(out, math.nan))
+        # full-matrix term to the backward.
+        return _log_values(self, torch.diagonal(Z, dim1=-2, dim2=-1)) + _nan_where_not_finite(Z, Ub, Vb)
 
     # ------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
@@ -726,11 +669,7 @@ class EigSpace(AbstractSpace):
         if r != n:
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
         Qb = self._base(base, n, r)
-        if isinstance(getattr(self, "f", None), str) and self.f == "softplus":  # type: ignore[attr-defined]
-            return softplus_logdet(Z, Qb)
-        lam = torch.diagonal(Z, dim1=-2, dim2=-1)
-        out = torch.log(self._values(lam).abs()).sum(-1)
-        return torch.where(_all_finite(Z, Qb), out, torch.full_like(out, math.nan))
+        return _log_values(self, torch.diagonal(Z, dim1=-2, dim2=-1)) + _nan_where_not_finite(Z, Qb)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs, bad = _finite_or_zero(X)
