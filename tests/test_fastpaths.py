@@ -142,3 +142,18 @@ def test_oblique_fast_chart_matches_the_op_chain(generator):
     Xs = _sphere._exp_chart_smooth(Z.mT, _unit(base.mT), 1.0).mT
     _close(X, Xs, F64, "value")
     _close(torch.autograd.grad(X, Z, G)[0], torch.autograd.grad(Xs, Z, G)[0], F64, "gradient")
+
+
+def test_sphere_fast_chart_under_autograd_functional_vectorized(generator):
+    # torch.autograd.functional with vectorize=True vmaps the fast node's backward.
+    S = gf.Sphere(radius=2.0)
+    u = S.sample((5,), generator=generator, dtype=F64)
+    w = torch.arange(5, dtype=F64)
+    for z in (torch.zeros(5, dtype=F64), 0.3 * torch.randn(5, generator=generator, dtype=F64)):
+        f = lambda z: S.to_manifold(z, u)  # noqa: E731
+        h = lambda z: (S.to_manifold(z, u) * w).sum()  # noqa: E731
+        J = torch.autograd.functional.jacobian(f, z, vectorize=True)
+        H = torch.autograd.functional.hessian(h, z, vectorize=True)
+        torch.testing.assert_close(J, torch.func.jacrev(f)(z), rtol=0, atol=1e-14)
+        torch.testing.assert_close(H, torch.func.hessian(h)(z), rtol=0, atol=1e-14)
+        assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(),), check_batched_grad=True)

@@ -151,7 +151,7 @@ class AbstractSpace:
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
         """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""
         d = self.point_ndim
-        if X.shape[-d:] != Y.shape[-d:]:
+        if tuple(X.shape[-d:]) != tuple(Y.shape[-d:]):  # tuples: torch.Size == goes through sym_eq
             raise error(
                 self,
                 f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[-d:])}",

@@ -141,8 +141,8 @@ class _ExpChart(torch.autograd.Function):
         k = _g(s, c, sinc) * Gv - sinc * Gu  # the coefficient of ⟨v, dv⟩
         gz = gu = None
         if need_z:
-            W = torch.addcmul(sinc * G, k, V)  # ∂/∂v; dv = P dz with P = I − u uᵀ
-            gz = torch.addcmul(W, _dot(W, U), U, value=-1.0)
+            # P(σ G + k v) with P = I − u uᵀ (dv = P dz), using P v = v (v ⊥ u to rounding).
+            gz = torch.addcmul(sinc * torch.addcmul(G, Gu, U, value=-1.0), k, V)
         if need_u:
             gu = (c - sinc * a) * G - (a * k) * V - (k * _dot(V, U) + sinc * Gu) * Z
         return gz, gu, None
