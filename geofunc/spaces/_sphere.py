@@ -76,10 +76,10 @@ def _exp_chart_smooth(Z: Tensor, U: Tensor, r: float) -> Tensor:
 # g is computed as (c − σ)/max(s, 1e-30) without a series: its absolute error ~ε/s is
 # multiplied by ⟨G, v⟩ v = O(s), so the gradient keeps an absolute error ~ε‖G‖ for every s
 # (below 1e-30 the whole term is < 1e-30 ‖G‖; the clamp keeps it finite, 0/0 at v = 0
-# included, in float32 too). When a graph is being built
-# (create_graph=True, so second derivatives are wanted) the backward differentiates
-# _exp_chart_smooth instead, so higher derivatives stay exact at v = 0. Under torch.func
-# transforms, torch.compile, other dtypes or tensor subclasses the smooth ops run directly.
+# included, in float32 too). When a graph is being built (create_graph=True: second
+# derivatives are wanted) the backward differentiates _exp_chart_smooth instead, so higher
+# derivatives stay exact at v = 0. Under torch.func transforms, torch.compile, other dtypes
+# or tensor subclasses the smooth ops run directly (geofunc/_fastpath.py).
 _S_TINY = 1e-30
 
 
