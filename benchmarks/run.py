@@ -261,6 +261,11 @@ def sphere_case(b: Bench, n: int, targets: bool) -> Row:
     M = gf.Sphere()
     base = M.sample((n,), generator=b.gen, dtype=b.dtype).to(b.device)  # GeoTorch keeps a base too
     fns = {GF: b.fb(lambda: M.to_manifold(z, base), [z], G)}
+    # The same module-to-module as GeoTorch: gf.nn.sphere on a Linear's bias (parametrize).
+    lin_gf = b.linear(n, 4)
+    gf.nn.sphere(lin_gf, "bias")
+    b.set_original(lin_gf, "bias", z.detach())
+    fns["geofunc nn"] = b.module_fb(lin_gf, "bias", G)
     if geotorch is not None:
         lin = b.linear(n, 4)
         geotorch.sphere(lin, "bias")
