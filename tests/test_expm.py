@@ -7,7 +7,6 @@ transform (vmap without the per-sample fallback), and torch.compile.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -17,18 +16,10 @@ from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 import geofunc as gf
 from geofunc._expm import _products, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
 from geofunc._linalg import skew_lower
+from geofunc.testing import no_vmap_fallback
 
 ref_expm = torch.linalg.matrix_exp
 
-
-@contextlib.contextmanager
-def no_vmap_fallback():
-    prev = torch._C._functorch._is_vmap_fallback_enabled()
-    torch._C._functorch._set_vmap_fallback_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._functorch._set_vmap_fallback_enabled(prev)
 
 
 def _rand(shape, scale, generator, dtype=torch.float64):

@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from .. import spaces as S
-from .._errors import ManifoldError, error
-from .._linalg import _randn
+from .._errors import ManifoldError
 from ..spaces._base import AbstractSpace
-from ..spaces._sphere import _normalize, _tangent
 from ._adapter import _owner_name, _resolve_tensor, constrain
 
 __all__ = [
@@ -41,56 +39,24 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class SphereEmbedded(AbstractSpace):
+class SphereEmbedded(S.Sphere):
     r"""Vectors (last dimension) of norm ``radius`` through the projection chart ``X = r Z/‖Z‖``.
 
     The static chart of ``geotorch.sphere(..., embedded=True)``: no base, ``from_manifold(X) =
     (X / r, None)``. It is singular at ``Z = 0`` (the chart of :class:`geofunc.Sphere`, the
     exponential map at a base, is not); prefer ``Sphere`` unless you want GeoTorch's exact chart.
+    Everything but the chart (``tangent``, ``retract``, ``project``, ``sample``, membership,
+    the ``radius`` check) is :class:`geofunc.Sphere`'s.
     """
 
-    point_ndim = 1
-    radius: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.radius, (int, float)) or not self.radius > 0:
-            raise error(self, "`radius` > 0", repr(self.radius))
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_vector(X, what)
-
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
+        """``r Z / ‖Z‖`` (the chart has no base: ``base`` must be None)."""
         self._check_shape(Z, "Z")
+        self._require_no_base(base)
         return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         return X / self.radius, None
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        """``G − ⟨G, X⟩ X / r²``."""
-        self._check_pair(X, G, "G")
-        return _tangent(X, G, self.radius)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``r (X + V) / ‖X + V‖``."""
-        self._check_pair(X, V, "V")
-        return _normalize(X + V, self.radius)
-
-    def project(self, Y: Tensor) -> Tensor:
-        """``r Y / ‖Y‖`` (the canonical point ``r e_1`` where ``Y = 0``, as :class:`geofunc.Sphere`)."""
-        self._check_shape(Y, "Y")
-        return _normalize(Y, self.radius)
-
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
-        """Uniform points: normalized standard Gaussians."""
-        shape = self._sample_shape(shape, dtype)
-        return _normalize(_randn(shape, generator, dtype, device), self.radius)
-
-    def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return {"|‖x‖ − radius|": (torch.linalg.vector_norm(X, dim=-1) - self.radius).abs() / max(1.0, self.radius)}
-
-    def _size(self, X: Tensor) -> int:
-        return X.shape[-1] if X.ndim else 1
 
 
 def _register(

@@ -33,6 +33,7 @@ import optree
 import torch
 
 from .._errors import ManifoldError, describe, error
+from .._linalg import _randn
 
 __all__ = ["AbstractSpace", "default_atol", "can_check"]
 
@@ -148,6 +149,11 @@ class AbstractSpace:
         self._check_shape(base, "base")
         self._require_same_shape(Z, base, "Z", "base")
 
+    def _require_no_base(self, base: Any) -> None:
+        """A space whose chart has no centre takes ``base=None`` only."""
+        if base is not None:
+            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
+
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
         """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""
         d = self.point_ndim
@@ -208,8 +214,12 @@ class AbstractSpace:
         dtype: torch.dtype | None = None,
         device: Any = None,
     ) -> Tensor:
-        """A random point of full tensor shape ``shape`` (batch included), from ``generator``."""
-        raise NotImplementedError
+        """A random point of full tensor shape ``shape`` (batch included), from ``generator``.
+
+        Default: :meth:`project` of a standard Gaussian (uniform for ``Sphere`` and ``Oblique``;
+        the Gaussian itself for ``Rn``); spaces with a Haar measure or a factorization override it.
+        """
+        return self.project(_randn(self._sample_shape(shape, dtype), generator, dtype, device))
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``log|det to_manifold(Z, base)|`` from the factorization (square spaces only)."""

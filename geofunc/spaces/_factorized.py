@@ -307,9 +307,11 @@ def _nan_where_not_finite(*tensors: Optional[Tensor]) -> Tensor:
 
 
 def _log_values(space: Any, s: Tensor) -> Tensor:
-    """``Σ log|f(sᵢ)|`` (no ``abs`` for ``"softplus"``, positive by construction: one node less)."""
+    """``Σ log|f(sᵢ)|`` (no ``abs`` for a named map of ``POSITIVE_MAPS``, positive by
+    construction: one autograd node less)."""
     v = space._values(s)
-    return torch.log(v if getattr(space, "f", None) == "softplus" else v.abs()).sum(-1)
+    positive = isinstance(space, PositiveValues) and isinstance(space.f, str)
+    return torch.log(v if positive else v.abs()).sum(-1)
 
 
 def _nan_like_batch(Z: Tensor) -> Tensor:
@@ -557,6 +559,20 @@ def positive_project_values(s: Tensor, keep: Tensor, floor: float, d: Optional[T
 def missing_inverse(space: Any, f: Any) -> Exception:
     return error(space, "`f` given as a pair (f, f_inverse) (or a name) so that from_manifold can invert it",
                  f"the single callable {f!r}: no inverse was given")
+
+
+class PositiveValues:
+    """Mixin of the spaces whose kept values are ``f(t) > 0`` (GLp, FixedRank, PSD, PSSDFixedRank):
+    ``f`` is the dataclass field of the space, a name of ``POSITIVE_MAPS``, a callable or a pair."""
+
+    def _values(self, t: Tensor) -> Tensor:
+        return resolve_f(self.f, POSITIVE_MAPS)[0](t)  # type: ignore[attr-defined]
+
+    def _values_inverse(self, v: Tensor) -> Tensor:
+        inv = resolve_f(self.f, POSITIVE_MAPS)[1]  # type: ignore[attr-defined]
+        if inv is None:
+            raise missing_inverse(self, self.f)  # type: ignore[attr-defined]
+        return inv(v)
 
 
 # ----------------------------------------------------------------------- eigen type

@@ -10,13 +10,12 @@ import torch
 from .._linalg import Triv
 from ._factorized import (
     POSITIVE_MAPS,
+    PositiveValues,
     SVDSpace,
     excess_violation,
     floor_violation,
-    missing_inverse,
     normalize_f,
     positive_project_values,
-    resolve_f,
     validate_rank,
     value_floor,
 )
@@ -27,7 +26,7 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class FixedRank(SVDSpace):
+class FixedRank(PositiveValues, SVDSpace):
     r"""Matrices of rank exactly r: :math:`\{X \in \mathbb{R}^{n\times k} : \operatorname{rank} X = r\}`.
 
     As :class:`LowRank` with singular values ``f(s) > 0``: ``X = U diag(f(s)) Vᵀ``. ``f`` is
@@ -67,15 +66,6 @@ class FixedRank(SVDSpace):
 
     def _det_positive(self, n: int, k: int) -> bool:
         return n == k == self.rank
-
-    def _values(self, s: Tensor) -> Tensor:
-        return resolve_f(self.f, POSITIVE_MAPS)[0](s)
-
-    def _values_inverse(self, sigma: Tensor) -> Tensor:
-        inv = resolve_f(self.f, POSITIVE_MAPS)[1]
-        if inv is None:
-            raise missing_inverse(self, self.f)
-        return inv(sigma)
 
     def _project_values(self, s, r, d):
         keep = (torch.arange(s.shape[-1], device=s.device) < r).expand_as(s)

@@ -10,12 +10,11 @@ import torch
 from .._linalg import Triv
 from ._factorized import (
     POSITIVE_MAPS,
+    PositiveValues,
     SVDSpace,
     floor_violation,
-    missing_inverse,
     normalize_f,
     positive_project_values,
-    resolve_f,
     value_floor,
 )
 
@@ -25,7 +24,7 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class GLp(SVDSpace):
+class GLp(PositiveValues, SVDSpace):
     r"""Invertible matrices with positive determinant: :math:`GL^+(n) = \{X \in \mathbb{R}^{n\times n} : \det X > 0\}`.
 
     ``X = U diag(f(s)) Vᵀ`` with ``U = U_b φ(skew(tril(Z, −1)))``, ``V = V_b φ(skew(triu(Z, 1)ᵀ))``
@@ -62,15 +61,6 @@ class GLp(SVDSpace):
 
     def _det_positive(self, n: int, k: int) -> bool:
         return True
-
-    def _values(self, s: Tensor) -> Tensor:
-        return resolve_f(self.f, POSITIVE_MAPS)[0](s)
-
-    def _values_inverse(self, sigma: Tensor) -> Tensor:
-        inv = resolve_f(self.f, POSITIVE_MAPS)[1]
-        if inv is None:
-            raise missing_inverse(self, self.f)
-        return inv(sigma)
 
     def _project_values(self, s, r, d):
         keep = torch.ones_like(s, dtype=torch.bool)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 
-from .._linalg import _randn, transpose
+from .._linalg import transpose
 from ._base import AbstractSpace
 from ._sphere import _e1, _exp_chart, _normalize, _tangent, _unit_base
 
@@ -89,18 +88,6 @@ class Oblique(AbstractSpace):
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""
         self._check_shape(Y, "Y")
         return transpose(_normalize(transpose(Y), 1.0))
-
-    def sample(
-        self,
-        shape: Any,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> Tensor:
-        """Uniform points: standard Gaussian matrices with normalized columns."""
-        shape = self._sample_shape(shape, dtype)
-        return transpose(_normalize(transpose(_randn(shape, generator, dtype, device)), 1.0))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         err = (torch.linalg.vector_norm(X, dim=-2) - 1.0).abs()

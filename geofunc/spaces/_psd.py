@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from .._linalg import Triv
-from ._factorized import POSITIVE_MAPS, EigSpace, normalize_f, resolve_f
-from ._pssd_fixed_rank import positive_eig_project, positive_eig_violations, positive_values_inverse
+from ._factorized import POSITIVE_MAPS, EigSpace, normalize_f
+from ._pssd_fixed_rank import PositiveEigValues
 
 __all__ = ["PSD"]
 
@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class PSD(EigSpace):
+class PSD(PositiveEigValues, EigSpace):
     r"""Symmetric positive definite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succ 0\}`.
 
     ``X = Q diag(f(λ)) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`),
@@ -47,14 +47,3 @@ class PSD(EigSpace):
     def _rank(self, n: int) -> int:
         return n
 
-    def _values(self, lam: Tensor) -> Tensor:
-        return resolve_f(self.f, POSITIVE_MAPS)[0](lam)
-
-    def _values_inverse(self, mu: Tensor) -> Tensor:
-        return positive_values_inverse(self, mu)
-
-    def _project_values(self, lam, r):
-        return positive_eig_project(self, lam, r)
-
-    def _value_violations(self, lam, r, n):
-        return positive_eig_violations(self, lam, r, n)

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 
 from .._linalg import Triv
-from ._factorized import EigSpace, eig_excess_violations
-from ._pssd_low_rank import pssd_project_values
+from ._factorized import EigSpace
+from ._pssd_low_rank import AbsEigValues
 
 __all__ = ["PSSD"]
 
@@ -16,7 +16,7 @@ Tensor = torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
-class PSSD(EigSpace):
+class PSSD(AbsEigValues, EigSpace):
     r"""Positive semidefinite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succeq 0\}`.
 
     ``X = Q diag(|λ|) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`)
@@ -41,15 +41,3 @@ class PSSD(EigSpace):
 
     def _rank(self, n: int) -> int:
         return n
-
-    def _values(self, lam: Tensor) -> Tensor:
-        return lam.abs()
-
-    def _values_inverse(self, mu: Tensor) -> Tensor:
-        return mu.abs()
-
-    def _project_values(self, lam, r):
-        return pssd_project_values(lam, r)
-
-    def _value_violations(self, lam, r, n):
-        return eig_excess_violations(lam, r, n)

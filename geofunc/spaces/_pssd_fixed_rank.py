@@ -10,13 +10,12 @@ import torch
 from .._linalg import Triv
 from ._factorized import (
     POSITIVE_MAPS,
+    PositiveValues,
     EigSpace,
     eig_excess_violations,
     floor_violation,
-    missing_inverse,
     normalize_f,
     positive_project_values,
-    resolve_f,
     validate_rank,
     value_floor,
 )
@@ -26,27 +25,24 @@ __all__ = ["PSSDFixedRank"]
 Tensor = torch.Tensor
 
 
-def positive_eig_violations(space: Any, lam: Tensor, r: int, n: int) -> dict[str, Tensor]:
-    out = eig_excess_violations(lam, r, n)
-    out.update(floor_violation(lam[..., n - r], lam.abs().amax(-1), value_floor(space.f, lam.dtype), n, n))
-    return out
+class PositiveEigValues(PositiveValues):
+    """Mixin of PSD and PSSDFixedRank: the top ``r`` eigenvalues are ``f(λ) > 0`` (ascending
+    ``lam``), kept above the floor of ``f`` by ``project``, the others 0."""
 
+    def _project_values(self, lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
+        n = lam.shape[-1]
+        top = (torch.arange(n, device=lam.device) >= n - r).expand_as(lam)
+        return positive_project_values(lam, top, value_floor(self.f, lam.dtype))  # type: ignore[attr-defined]
 
-def positive_eig_project(space: Any, lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    n = lam.shape[-1]
-    top = (torch.arange(n, device=lam.device) >= n - r).expand_as(lam)
-    return positive_project_values(lam, top, value_floor(space.f, lam.dtype))
-
-
-def positive_values_inverse(space: Any, mu: Tensor) -> Tensor:
-    inv = resolve_f(space.f, POSITIVE_MAPS)[1]
-    if inv is None:
-        raise missing_inverse(space, space.f)
-    return inv(mu)
+    def _value_violations(self, lam: Tensor, r: int, n: int) -> dict[str, Tensor]:
+        out = eig_excess_violations(lam, r, n)
+        floor = value_floor(self.f, lam.dtype)  # type: ignore[attr-defined]
+        out.update(floor_violation(lam[..., n - r], lam.abs().amax(-1), floor, n, n))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
-class PSSDFixedRank(EigSpace):
+class PSSDFixedRank(PositiveEigValues, EigSpace):
     r"""Positive semidefinite matrices of rank exactly r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X = r\}`.
 
     ``X = Q diag(f(λ)) Qᵀ`` with ``Q = Stiefel.to_manifold(tril(Z, −1)[:, :r], base)`` (n×r) and
@@ -80,14 +76,3 @@ class PSSDFixedRank(EigSpace):
     def _rank(self, n: int) -> int:
         return self.rank
 
-    def _values(self, lam: Tensor) -> Tensor:
-        return resolve_f(self.f, POSITIVE_MAPS)[0](lam)
-
-    def _values_inverse(self, mu: Tensor) -> Tensor:
-        return positive_values_inverse(self, mu)
-
-    def _project_values(self, lam, r):
-        return positive_eig_project(self, lam, r)
-
-    def _value_violations(self, lam, r, n):
-        return positive_eig_violations(self, lam, r, n)

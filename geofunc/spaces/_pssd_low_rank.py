@@ -14,16 +14,28 @@ __all__ = ["PSSDLowRank"]
 Tensor = torch.Tensor
 
 
-def pssd_project_values(lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Top ``r`` eigenvalues (``lam`` ascending) clipped at 0, the others 0."""
-    n = lam.shape[-1]
-    top = torch.arange(n, device=lam.device) >= n - r
-    g = torch.where(top, lam.clamp(min=0.0), torch.zeros_like(lam))
-    return g, (top & (lam > 0)).to(lam.dtype)
+class AbsEigValues:
+    """Mixin of PSSD and PSSDLowRank: eigenvalues ``|λ|``; ``project`` keeps the top ``r``
+    eigenvalues (ascending ``lam``) clipped at 0, the others 0."""
+
+    def _values(self, lam: Tensor) -> Tensor:
+        return lam.abs()
+
+    def _values_inverse(self, mu: Tensor) -> Tensor:
+        return mu.abs()
+
+    def _project_values(self, lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
+        n = lam.shape[-1]
+        top = torch.arange(n, device=lam.device) >= n - r
+        g = torch.where(top, lam.clamp(min=0.0), torch.zeros_like(lam))
+        return g, (top & (lam > 0)).to(lam.dtype)
+
+    def _value_violations(self, lam: Tensor, r: int, n: int) -> dict[str, Tensor]:
+        return eig_excess_violations(lam, r, n)
 
 
 @dataclasses.dataclass(frozen=True)
-class PSSDLowRank(EigSpace):
+class PSSDLowRank(AbsEigValues, EigSpace):
     r"""Positive semidefinite matrices of rank at most r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X \le r\}`.
 
     Square points ``(*batch, n, n)``.
@@ -56,15 +68,3 @@ class PSSDLowRank(EigSpace):
 
     def _rank(self, n: int) -> int:
         return self.rank
-
-    def _values(self, lam: Tensor) -> Tensor:
-        return lam.abs()
-
-    def _values_inverse(self, mu: Tensor) -> Tensor:
-        return mu.abs()
-
-    def _project_values(self, lam, r):
-        return pssd_project_values(lam, r)
-
-    def _value_violations(self, lam, r, n):
-        return eig_excess_violations(lam, r, n)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from .._errors import describe, error
-from .._linalg import _randn
 from ._base import AbstractSpace
 
 __all__ = ["Rn"]
@@ -50,17 +48,13 @@ class Rn(AbstractSpace):
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_float(X, what)
 
-    def _no_base(self, base: Any) -> None:
-        if base is not None:
-            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
-
     def _size(self, X: Tensor) -> int:
         return 1
 
     def to_manifold(self, Z: Tensor, base: None = None) -> Tensor:
         """``Z`` itself."""
         self._check_shape(Z, "Z")
-        self._no_base(base)
+        self._require_no_base(base)
         return Z
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, None]:
@@ -69,7 +63,7 @@ class Rn(AbstractSpace):
     def rebase(self, Z: Tensor, base: None) -> tuple[Tensor, None]:
         """``(Z, None)``: there is no chart to re-centre."""
         self._check_shape(Z, "Z")
-        self._no_base(base)
+        self._require_no_base(base)
         return Z, None
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
@@ -86,18 +80,6 @@ class Rn(AbstractSpace):
         """``Y``."""
         self._check_shape(Y, "Y")
         return Y
-
-    def sample(
-        self,
-        shape: Any,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> Tensor:
-        """A standard Gaussian tensor of shape ``shape``."""
-        shape = self._sample_shape(shape, dtype)
-        return _randn(shape, generator, dtype, device)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         bad = torch.full_like(X, float("inf"))

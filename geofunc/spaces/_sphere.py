@@ -11,7 +11,6 @@ import torch
 
 from .._errors import describe, error
 from .._fastpath import eager_fast, tracks_derivatives
-from .._linalg import _randn
 from ._base import AbstractSpace
 
 __all__ = ["Sphere"]
@@ -287,18 +286,6 @@ class Sphere(AbstractSpace):
         """``r Y / ‖Y‖``; the canonical point ``r e_1`` where ``Y = 0``."""
         self._check_shape(Y, "Y")
         return _normalize(Y, self.radius)
-
-    def sample(
-        self,
-        shape: Any,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> Tensor:
-        """Uniform points: standard Gaussians of shape ``shape`` normalized to norm ``r``."""
-        shape = self._sample_shape(shape, dtype)
-        return _normalize(_randn(shape, generator, dtype, device), self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         r = self.radius

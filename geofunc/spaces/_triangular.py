@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from .._errors import describe, error
-from .._linalg import _randn, transpose
+from .._errors import error
+from .._linalg import transpose
 from ._base import AbstractSpace
 
 __all__ = ["TriangleSpace"]
@@ -46,14 +46,10 @@ class TriangleSpace(AbstractSpace):
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)
 
-    def _no_base(self, base: Any) -> None:
-        if base is not None:
-            raise error(self, "`base` to be None (the space has no chart centre)", describe(base))
-
     def to_manifold(self, Z: Tensor, base: None = None) -> Tensor:
         """The triangle of ``Z`` completed to a point (see the class docstring)."""
         self._check_shape(Z, "Z")
-        self._no_base(base)
+        self._require_no_base(base)
         return self._frame(Z)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, None]:
@@ -62,7 +58,7 @@ class TriangleSpace(AbstractSpace):
     def rebase(self, Z: Tensor, base: None) -> tuple[Tensor, None]:
         """``(triangle of Z, None)``: the coordinates the map reads."""
         self._check_shape(Z, "Z")
-        self._no_base(base)
+        self._require_no_base(base)
         return self._coords(Z), None
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
@@ -79,18 +75,6 @@ class TriangleSpace(AbstractSpace):
         """The nearest point: the orthogonal projection of ``Y``."""
         self._check_shape(Y, "Y")
         return self._part(Y)
-
-    def sample(
-        self,
-        shape: Any,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: Any = None,
-    ) -> Tensor:
-        """The projection of a standard Gaussian of shape ``shape``."""
-        shape = self._sample_shape(shape, dtype)
-        return self._part(_randn(shape, generator, dtype, device))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         scale = X.abs().amax((-2, -1)).clamp(min=1.0)
