@@ -25,9 +25,10 @@ default re-centres through ``_from_manifold``) and ``logabsdet``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import optree
 import torch
@@ -35,7 +36,7 @@ import torch
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
-__all__ = ["AbstractSpace", "default_atol", "can_check"]
+__all__ = ["AbstractSpace", "default_atol", "can_check", "LOW_PRECISION", "rounding_dtype"]
 
 Tensor = torch.Tensor
 
@@ -74,6 +75,107 @@ def can_check(tree: Any) -> bool:
     return True
 
 
+# Note [Low precision]
+# bfloat16/float16 have no CPU kernels for QR, SVD, eigh, solve or slogdet, and
+# torch.linalg.matrix_exp returns NaN (or, through a chart, an all-zero "point") in bfloat16.
+# Eight bits of mantissa are also too few for a matrix exponential or a factorization to stay
+# on the manifold. So every map of every space computes in float32 when its leading tensor
+# argument is float16/bfloat16 (or when autocast is on, which would otherwise run the chart's
+# products in low precision), and casts its floating results back to that dtype: a
+# low-precision point is the rounding of a float32 point, on the space within the
+# per-dtype tolerance of ``_ATOL``. The policy is applied once, to every public map a space
+# defines (``__init_subclass__``), so no space can forget it.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+_POLICY_METHODS = (
+    "to_manifold",
+    "_from_manifold",
+    "rebase",
+    "tangent",
+    "retract",
+    "project",
+    "logabsdet",
+    "egrad_to_rgrad",
+    "transport",
+    "inner",
+    "dist",
+    "expmap",
+    "logmap",
+)
+
+
+# The low-precision dtype the result of the map being evaluated will be rounded to (innermost
+# last). Open spaces (GLp, FixedRank, PSD, ...) keep their values above a floor that must
+# survive that rounding (√ε of bf16, not of float32): they read it through rounding_dtype.
+_ROUNDING: list[torch.dtype] = []
+
+
+def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a result computed in ``dtype`` is finally stored in (Note [Low precision])."""
+    return _ROUNDING[-1] if _ROUNDING else dtype
+
+
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
+# One call for "is autocast on for any device" (~0.2 µs; torch.compile traces it): the fast
+# path of every map tests only this and the dtype.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    if _any_autocast is not None and not _any_autocast():
+        return False
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def _lead(args: tuple) -> Any:
+    """The tensor whose dtype a call returns in: the first tensor argument (or first entry of a tuple)."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (tuple, list)) and a and isinstance(a[0], torch.Tensor):
+            return a[0]
+    return None
+
+
+def _upcast(tree: Any) -> Any:
+    return optree.tree_map(
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, tree, none_is_leaf=True
+    )
+
+
+def _downcast(tree: Any, dtype: torch.dtype) -> Any:
+    return optree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t, tree, none_is_leaf=True
+    )
+
+
+def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a space map with the low-precision policy (Note [Low precision])."""
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        lead = _lead(args)
+        if lead is None:
+            return fn(self, *args, **kwargs)
+        low = lead.dtype in LOW_PRECISION
+        if not low and (_any_autocast is not None and not _any_autocast()):
+            return fn(self, *args, **kwargs)
+        if not (low or _autocast_on(lead.device.type)):
+            return fn(self, *args, **kwargs)
+        if low:
+            _ROUNDING.append(lead.dtype)
+        try:
+            with torch.autocast(lead.device.type, enabled=False):
+                out = fn(self, *_upcast(args), **_upcast(kwargs))
+        finally:
+            if low:
+                _ROUNDING.pop()
+        return _downcast(out, lead.dtype) if low else out
+
+    method._low_precision_policy = True  # type: ignore[attr-defined]
+    return method
+
+
 def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
     """Whether two shapes broadcast (``torch.broadcast_shapes`` without its ~15 µs of Python)."""
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
@@ -85,6 +187,10 @@ class AbstractSpace:
 
     #: Number of trailing dimensions a point occupies (2 for matrices, 1 for vectors).
     point_ndim: ClassVar[int] = 2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _apply_policy(cls)
 
     # ------------------------------------------------------------------ shapes
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
@@ -230,6 +336,21 @@ class AbstractSpace:
         """Named, batch-shaped, non-negative measures of how far ``X`` is off the space."""
         raise NotImplementedError
 
+    def _measure(self, X: Tensor) -> dict[str, Tensor]:
+        """``_violations`` of ``X`` computed in float32 for low-precision ``X`` (Note [Low precision]);
+        the tolerance stays the one of ``X``'s own dtype."""
+        low = X.dtype in LOW_PRECISION
+        if not (low or _autocast_on(X.device.type)):
+            return self._violations(X)
+        if low:
+            _ROUNDING.append(X.dtype)
+        try:
+            with torch.autocast(X.device.type, enabled=False):
+                return self._violations(_upcast(X))
+        finally:
+            if low:
+                _ROUNDING.pop()
+
     def _size(self, X: Tensor) -> int:
         """Typical size used to scale the default tolerance."""
         return max(X.shape[-self.point_ndim :]) if X.ndim else 1
@@ -242,7 +363,7 @@ class AbstractSpace:
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
         out = None
-        for v in self._violations(X).values():
+        for v in self._measure(X).values():
             ok = v <= tol  # NaN compares False: a NaN point is never on the space
             out = ok if out is None else out & ok
         assert out is not None
@@ -252,7 +373,7 @@ class AbstractSpace:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
-        for name, v in self._violations(X).items():
+        for name, v in self._measure(X).items():
             bad = ~(v <= tol)
             if bool(bad.any()):
                 vd = v.detach()
@@ -266,3 +387,35 @@ class AbstractSpace:
                     "a point on the space",
                     f"{describe(X)} with {name} = {float(worst):.3g} > atol = {tol:.3g}{where}",
                 )
+
+
+def _apply_policy(cls: type) -> None:
+    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])."""
+    for name in _POLICY_METHODS:
+        fn = cls.__dict__.get(name)
+        if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
+            setattr(cls, name, _in_float32(fn))
+    fn = cls.__dict__.get("sample")
+    if fn is not None and not getattr(fn, "_low_precision_policy", False):
+        setattr(cls, "sample", _sample_in_float32(fn))
+
+
+def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``sample(dtype=float16/bfloat16)`` draws in float32 and rounds (Note [Low precision])."""
+
+    @functools.wraps(fn)
+    def sample(self: Any, shape: Any, *, generator: Any = None, dtype: Any = None, device: Any = None) -> Any:
+        if dtype in LOW_PRECISION:
+            _ROUNDING.append(dtype)
+            try:
+                out = fn(self, shape, generator=generator, dtype=torch.float32, device=device)
+            finally:
+                _ROUNDING.pop()
+            return _downcast(out, dtype)
+        return fn(self, shape, generator=generator, dtype=dtype, device=device)
+
+    sample._low_precision_policy = True  # type: ignore[attr-defined]
+    return sample
+
+
+_apply_policy(AbstractSpace)

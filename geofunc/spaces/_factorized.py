@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .._linalg import haar_stiefel, stiefel_chart, stiefel_packed_chart, sym_part
-from ._base import AbstractSpace
+from ._base import AbstractSpace, rounding_dtype
 from ._orthogonal import tall, untall, validate_triv
 from ._stiefel import Stiefel
 
@@ -56,6 +56,7 @@ def floor_eps(dtype: torch.dtype) -> float:
     A singular value at the floor is still resolved to ~√ε relative accuracy for unit-scale
     matrices, so that rank and determinant sign stay numerically certain, also in float32.
     """
+    dtype = rounding_dtype(dtype)  # a bf16 result keeps √ε of bf16 (Note [Low precision])
     out = _FLOOR_EPS.get(dtype)
     if out is None:
         out = _FLOOR_EPS[dtype] = math.sqrt(torch.finfo(dtype).eps)
@@ -522,7 +523,7 @@ def floor_violation(s_r: Tensor, smax: Tensor, floor: float, n: int, k: int) -> 
     slack ``from_manifold`` rejected the library's own points. ``σ_r > δ`` still means the
     rank is numerically certain.
     """
-    delta = torch.finfo(s_r.dtype).eps * math.sqrt(max(n, k)) * smax
+    delta = torch.finfo(rounding_dtype(s_r.dtype)).eps * math.sqrt(max(n, k)) * smax
     c = torch.maximum(0.999 * floor - delta, delta).clamp(min=torch.finfo(s_r.dtype).tiny)
     return {"(c − σ_rank)/c, c = max(floor of f − δ, δ), δ = ε√n·σ₁": (c - s_r).clamp(min=0.0) / c}
 
@@ -530,7 +531,7 @@ def floor_violation(s_r: Tensor, smax: Tensor, floor: float, n: int, k: int) -> 
 def clamp_level(smax: Tensor, floor: float) -> Tensor:
     """Where ``project`` of an open space clamps values up to: ``max(floor, √ε · max(1, σ₁))``
     (``smax`` of shape (..., 1)), far above the numerical rank tolerance."""
-    return (math.sqrt(torch.finfo(smax.dtype).eps) * smax.abs().clamp(min=1.0)).clamp(min=floor)
+    return (math.sqrt(torch.finfo(rounding_dtype(smax.dtype)).eps) * smax.abs().clamp(min=1.0)).clamp(min=floor)
 
 
 def value_floor(f: Any, dtype: torch.dtype) -> float:

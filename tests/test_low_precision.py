@@ -1,0 +1,155 @@
+"""bfloat16 and float16: never a silently wrong point (Note [Low precision] in spaces/_base.py).
+
+Every map of every space computes in float32 when given a low-precision tensor and rounds the
+result back, so a bf16/fp16 point is the rounding of a float32 point. Membership is asserted with
+the conformance cases' own predicates (written with ``torch.linalg``, independent of the spaces'
+``contains``), on the float32 copy of the low-precision point, at the per-dtype tolerance
+``default_atol(dtype, size)`` that ``contains`` documents (bf16: 5e-2, fp16: 1e-2 at size 64).
+
+Regression: constraining a module, then ``.to(torch.bfloat16)``, gave ``orthogonal`` (tall) and
+``grassmannian`` an all-zero weight and no error (``torch.linalg.matrix_exp`` in bf16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import CASES
+
+import geofunc as gf
+import geofunc.nn as gnn
+from geofunc.spaces._base import default_atol
+
+LOW = (torch.bfloat16, torch.float16)
+_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _tol(dtype: torch.dtype, X: torch.Tensor) -> float:
+    return default_atol(dtype, max(X.shape[-2:]) if X.ndim >= 2 else X.shape[-1])
+
+
+def _cases():
+    for case in CASES:
+        for dtype in LOW:
+            yield pytest.param(case, dtype, id=f"{case.id}-{_NAMES[dtype]}")
+
+
+@pytest.mark.parametrize(("case", "dtype"), list(_cases()))
+def test_space_maps_in_low_precision(case, dtype, generator) -> None:
+    M = case.space
+    shape = case.shapes[min(3, len(case.shapes) - 1)]
+    X = M.sample(shape, generator=generator, dtype=dtype)
+    assert X.dtype == dtype
+    assert bool(case.member(X.float(), _tol(dtype, X)).all()), "sample is off the space"
+    assert bool(M.contains(X).all())
+
+    Z = (0.5 * torch.randn(shape, generator=generator)).to(dtype).requires_grad_()
+    Y = M.to_manifold(Z)
+    assert Y.dtype == dtype
+    assert torch.isfinite(Y).all() and Y.abs().amax() > 0, "to_manifold gave a non-finite or all-zero point"
+    assert bool(case.member(Y.detach().float(), _tol(dtype, Y)).all()), "to_manifold is off the space"
+    (Y.float() * torch.randn(shape, generator=generator)).sum().backward()
+    assert Z.grad is not None and Z.grad.dtype == dtype and torch.isfinite(Z.grad).all()
+
+    raw, base = M.from_manifold(X)
+    X2 = M.to_manifold(raw, base)
+    assert X2.dtype == dtype
+    # round trip: within the rounding of the low-precision point
+    torch.testing.assert_close(X2.float(), X.float(), atol=4 * _tol(dtype, X), rtol=0)
+
+    G = torch.randn(shape, generator=generator).to(dtype)
+    V = M.tangent(X, G)
+    assert V.dtype == dtype and torch.isfinite(V).all()
+    X3 = M.retract(X, 0.01 * V)
+    assert X3.dtype == dtype
+    assert bool(case.member(X3.float(), _tol(dtype, X3)).all()), "retract is off the space"
+    P = M.project(torch.randn(shape, generator=generator).to(dtype))
+    assert bool(case.member(P.float(), _tol(dtype, P)).all()), "project is off the space"
+
+
+# name, constraint call, weight shape, independent predicate on the float32 weight
+def _orthonormal(W, atol):
+    Wt = W if W.shape[-2] >= W.shape[-1] else W.mT
+    return (Wt.mT @ Wt - torch.eye(Wt.shape[-1])).abs().amax() <= atol
+
+
+def _sym_psd(W, atol, strict):
+    ev = torch.linalg.eigvalsh(0.5 * (W + W.mT))
+    return ((W - W.mT).abs().amax() <= atol) and (ev.min() > 0 if strict else ev.min() >= -atol)
+
+
+def _rank_le(W, r, atol):
+    s = torch.linalg.svdvals(W)
+    return s.shape[-1] <= r or bool((s[..., r:] <= atol * s[..., :1].clamp(min=1)).all())
+
+
+_CONSTRAINTS = [
+    ("orthogonal-tall", lambda m: gnn.orthogonal(m, "weight"), (12, 5), _orthonormal),
+    ("orthogonal-square", lambda m: gnn.orthogonal(m, "weight"), (6, 6), _orthonormal),
+    ("orthogonal-wide", lambda m: gnn.orthogonal(m, "weight"), (3, 8), _orthonormal),
+    ("grassmannian", lambda m: gnn.grassmannian(m, "weight"), (9, 3), _orthonormal),
+    ("almost_orthogonal", lambda m: gnn.almost_orthogonal(m, "weight", lam=0.3), (7, 4),
+     lambda W, a: bool(((torch.linalg.svdvals(W) - 1).abs() <= 0.3 + a).all())),
+    ("invertible", lambda m: gnn.invertible(m, "weight"), (5, 5), lambda W, a: torch.linalg.slogdet(W)[0] > 0),
+    ("low_rank", lambda m: gnn.low_rank(m, "weight", rank=2), (7, 5), lambda W, a: _rank_le(W, 2, a)),
+    ("fixed_rank", lambda m: gnn.fixed_rank(m, "weight", rank=2), (7, 5),
+     lambda W, a: _rank_le(W, 2, a) and torch.linalg.svdvals(W)[1] > a),
+    ("positive_definite", lambda m: gnn.positive_definite(m, "weight"), (5, 5), lambda W, a: _sym_psd(W, a, True)),
+    ("positive_semidefinite", lambda m: gnn.positive_semidefinite(m, "weight"), (5, 5),
+     lambda W, a: _sym_psd(W, a, False)),
+    ("positive_semidefinite_low_rank", lambda m: gnn.positive_semidefinite_low_rank(m, "weight", rank=2), (5, 5),
+     lambda W, a: _sym_psd(W, a, False) and _rank_le(W, 2, a)),
+    ("positive_semidefinite_fixed_rank", lambda m: gnn.positive_semidefinite_fixed_rank(m, "weight", rank=2), (5, 5),
+     lambda W, a: _sym_psd(W, a, False) and _rank_le(W, 2, a)),
+    ("sphere", lambda m: gnn.sphere(m, "weight"), (4, 6),
+     lambda W, a: ((torch.linalg.vector_norm(W, dim=-1) - 1).abs() <= a).all()),
+    ("skew", lambda m: gnn.skew(m, "weight"), (5, 5), lambda W, a: (W + W.mT).abs().amax() <= a),
+    ("symmetric", lambda m: gnn.symmetric(m, "weight"), (5, 5), lambda W, a: (W - W.mT).abs().amax() <= a),
+]
+
+
+def _nn_params():
+    for name, fn, shape, pred in _CONSTRAINTS:
+        for dtype in LOW:
+            for order in ("constrain-then-cast", "cast-then-constrain"):
+                yield pytest.param(fn, shape, pred, dtype, order, id=f"{name}-{_NAMES[dtype]}-{order}")
+
+
+@pytest.mark.parametrize(("constrain", "shape", "pred", "dtype", "order"), list(_nn_params()))
+def test_nn_constraints_train_in_low_precision(constrain, shape, pred, dtype, order) -> None:
+    torch.manual_seed(0)
+    m = torch.nn.Linear(shape[1], shape[0], bias=False)
+    if order == "constrain-then-cast":
+        constrain(m)
+        m = m.to(dtype)
+    else:
+        m = m.to(dtype)
+        constrain(m)
+    opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+    x = torch.randn(8, shape[1]).to(dtype)
+    for _ in range(3):
+        W = m.weight
+        assert W.dtype == dtype
+        Wf = W.detach().float()
+        assert torch.isfinite(Wf).all() and Wf.abs().amax() > 0, "non-finite or all-zero weight"
+        assert bool(pred(Wf, _tol(dtype, Wf))), "weight off its space"
+        opt.zero_grad()
+        m(x).float().pow(2).mean().backward()
+        for p in m.parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), "non-finite gradient"
+        opt.step()
+    Wf = m.weight.detach().float()
+    assert bool(pred(Wf, _tol(dtype, Wf))), "weight off its space after training"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+def test_autocast_keeps_points_on_the_space(dtype) -> None:
+    """Under ``torch.autocast`` the chart's products would run in low precision: they do not."""
+    torch.manual_seed(0)
+    M = gf.Stiefel()
+    Z = 0.5 * torch.randn(64, 16)
+    base = M.sample((64, 16))
+    with torch.autocast("cpu", dtype=dtype):
+        X = M.to_manifold(Z, base)
+    assert X.dtype == torch.float32
+    assert (X.mT @ X - torch.eye(16)).abs().amax() < 1e-5
