@@ -12,12 +12,14 @@ from . import testing as testing
 from ._errors import ManifoldError as ManifoldError
 from ._pytree import (
     contains as contains,
+    egrad_to_rgrad as egrad_to_rgrad,
     from_manifold as from_manifold,
     rebase as rebase,
     retract as retract,
     sample as sample,
     tangent as tangent,
     to_manifold as to_manifold,
+    transport as transport,
 )
 from .spaces import (
     PSD as PSD,
@@ -63,6 +65,7 @@ __all__ = [
     "Stiefel",
     "Sym",
     "contains",
+    "egrad_to_rgrad",
     "from_manifold",
     "nn",
     "optim",
@@ -72,4 +75,5 @@ __all__ = [
     "tangent",
     "testing",
     "to_manifold",
+    "transport",
 ]

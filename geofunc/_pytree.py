@@ -337,6 +337,29 @@ def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
     return spec.unflatten(out)
 
 
+def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
+    """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
+    identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    gsubs = _up_to(spec, grads, "grads", "params")
+    out = []
+    for e, X, G in zip(leaves, subs, gsubs):
+        out.append(G if isinstance(e, _Free) else _named(e.name, e.space.egrad_to_rgrad, X, G))
+    return spec.unflatten(out)
+
+
+def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
+    """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
+    on unconstrained entries)."""
+    leaves, spec, subs = _flatten(constraints, params, "params")
+    ysubs = _up_to(spec, new_params, "new_params", "params")
+    vsubs = _up_to(spec, vectors, "vectors", "params")
+    out = []
+    for e, X, Y, V in zip(leaves, subs, ysubs, vsubs):
+        out.append(V if isinstance(e, _Free) else _named(e.name, e.space.transport, X, Y, V))
+    return spec.unflatten(out)
+
+
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
     """Move ``params`` along ``vectors``: ``space.retract`` on constrained entries, ``X + V`` elsewhere."""
     leaves, spec, subs = _flatten(constraints, params, "params")

@@ -22,8 +22,8 @@ def retract_and_transport(constraints: Any, transform: TangentTransform) -> Opti
         s^+ = \text{transform.transport}(s', P_{X^+})
 
     with :math:`R` = ``space.retract`` on constrained entries (``X + U`` elsewhere) and the
-    vector transport :math:`P_{X^+}` = ``space.tangent(X⁺, ·)``, the orthogonal projection
-    onto the new tangent space (identity on unconstrained entries). The transform is
+    vector transport :math:`P_{X^+}` = ``space.transport(X, X⁺, ·)`` (for embedded metrics the
+    orthogonal projection onto the new tangent space; identity on unconstrained entries). The transform is
     responsible for making ``G`` tangent first (:func:`~geofunc.optim.to_tangent`).
     """
 
@@ -33,7 +33,7 @@ def retract_and_transport(constraints: Any, transform: TangentTransform) -> Opti
     def update(grads: Vectors, state: OptState, params: Params) -> tuple[Params, OptState]:
         vectors, state = transform.update(grads, state, params)
         new_params = _pytree.retract(constraints, params, vectors)
-        state = transform.transport(state, lambda v: _pytree.tangent(constraints, new_params, v))
+        state = transform.transport(state, lambda v: _pytree.transport(constraints, params, new_params, v))
         return new_params, state
 
     return Optimizer(init, update)

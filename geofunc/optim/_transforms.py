@@ -56,14 +56,15 @@ def add_decayed_weights(weight_decay: float = 0.0) -> TangentTransform:
 
 
 def to_tangent(constraints: Any) -> TangentTransform:
-    """Euclidean gradients to Riemannian ones: ``space.tangent(X, G)`` (identity where unconstrained)."""
+    """Euclidean gradients to Riemannian ones: ``space.egrad_to_rgrad(X, G)`` (identity where
+    unconstrained; the tangent projection ``space.tangent(X, G)`` for embedded metrics)."""
 
     def init(params: Params) -> EmptyState:
         del params
         return EmptyState()
 
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
-        return _pytree.tangent(constraints, params, vectors), state
+        return _pytree.egrad_to_rgrad(constraints, params, vectors), state
 
     return TangentTransform(init, update, keep_state)
 
@@ -115,16 +116,18 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def _point_sq_norm(space: Any, V: Any) -> Any:
-    """Squared norm per point, keeping the point's dims as size 1; elementwise square when unconstrained."""
+def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
+    """Squared Riemannian norm ``inner(X, V, V)`` per point, keeping the point's dims as size 1;
+    elementwise square when unconstrained."""
     if space is None:
         return _map(lambda v: v * v, V)
     if isinstance(V, Tensor):
         d = space.point_ndim
-        return V * V if d == 0 else (V * V).sum(dim=tuple(range(-d, 0)), keepdim=True)
+        sq = space.inner(X, V, V)
+        return sq.reshape(sq.shape + (1,) * d)
     factors = getattr(space, "factors", None) or getattr(space, "spaces", None)
     if factors is not None and len(factors) == len(V):  # a Product: one statistic per factor point
-        return type(V)(_point_sq_norm(f, v) for f, v in zip(factors, V))
+        return type(V)(_point_sq_norm(f, x, v) for f, x, v in zip(factors, X, V))
     return _map(lambda v: v * v, V)
 
 
@@ -140,7 +143,7 @@ def scale_by_adam(
         u_t = \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}.
 
     On a constrained entry ``g`` is the Riemannian gradient and the second moment ``v`` is
-    one scalar per *point* (the squared norm over the point's dims, e.g. a whole Stiefel
+    one scalar per *point* (the squared Riemannian norm ``space.inner(X, g, g)`` over the point's dims, e.g. a whole Stiefel
     frame, a row under ``Sphere``, a single entry under ``Rn``), so that ``u`` stays a
     tangent vector; each factor of a ``Product`` has its own. On an unconstrained entry the
     square is elementwise: plain Adam, with the operations in ``torch.optim.Adam``'s order.
@@ -151,14 +154,13 @@ def scale_by_adam(
     """
 
     def init(params: Params) -> ScaleByAdamState:
-        nu = _pytree.lift(constraints, _point_sq_norm, _zeros(params))
+        nu = _pytree.lift(constraints, _point_sq_norm, params, _zeros(params))
         return ScaleByAdamState(_count(), _zeros(params), nu)
 
     def update(vectors: Vectors, state: ScaleByAdamState, params: Params) -> tuple[Vectors, ScaleByAdamState]:
-        del params
         count = state.count + 1
         mu = _map(lambda g, m: b1 * m + (1.0 - b1) * g, vectors, state.mu)
-        sq = _pytree.lift(constraints, _point_sq_norm, vectors)
+        sq = _pytree.lift(constraints, _point_sq_norm, params, vectors)
         nu = _map(lambda s, v: b2 * v + (1.0 - b2) * s, sq, state.nu)
 
         def direction(m: Tensor, v: Tensor) -> Tensor:

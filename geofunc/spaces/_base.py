@@ -308,6 +308,45 @@ class AbstractSpace:
         """A retraction: a point near ``X + V``, equal to it to first order."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------ the metric
+    # Embedded defaults: the metric is the ambient (Frobenius) one restricted to the tangent
+    # spaces. A space with another metric (the Poincaré ball, ...) overrides these; the
+    # optimizers of geofunc.optim use only egrad_to_rgrad, inner, retract and transport.
+    def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
+        """The Riemannian gradient at ``X`` of a function whose Euclidean gradient is ``G``.
+
+        Embedded metric (default): :meth:`tangent` ``(X, G)``, the orthogonal projection.
+        """
+        return self.tangent(X, G)
+
+    def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+        """A vector transport of ``V ∈ T_X M`` to ``T_Y M`` (default: ``tangent(Y, V)``, the projection)."""
+        del X
+        return self.tangent(Y, V)
+
+    def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        """The metric ``⟨U, V⟩_X`` of tangent vectors at ``X``, batch-shaped.
+
+        Embedded metric (default): ``Re tr(UᴴV)``, summed over the point's dimensions.
+        """
+        self._check_pair(X, U, "U")
+        self._require_same_shape(X, V, "X", "V")
+        P = U.conj() * V if U.is_complex() else U * V
+        out = P.sum(dim=tuple(range(-self.point_ndim, 0))) if self.point_ndim else P
+        return out.real if out.is_complex() else out
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The geodesic distance, batch-shaped (only where it has a closed form)."""
+        raise ManifoldError(f"{self!r}: dist has no closed form implemented for this space.")
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """The Riemannian exponential map at ``X`` (only where it has a closed form)."""
+        raise ManifoldError(f"{self!r}: expmap has no closed form implemented for this space; use retract.")
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The Riemannian logarithm at ``X`` of ``Y`` (only where it has a closed form)."""
+        raise ManifoldError(f"{self!r}: logmap has no closed form implemented for this space.")
+
     def project(self, Y: Tensor) -> Tensor:
         """The nearest point to ``Y`` on the space (a canonical point for open spaces)."""
         raise NotImplementedError

@@ -95,6 +95,22 @@ class Product(AbstractSpace):
     def retract(self, X: Any, V: Any) -> tuple:
         return self._each(lambda M, x, v: M.retract(x, v), self._tuple(X, "X"), self._tuple(V, "V"))
 
+    def egrad_to_rgrad(self, X: Any, G: Any) -> tuple:
+        return self._each(lambda M, x, g: M.egrad_to_rgrad(x, g), self._tuple(X, "X"), self._tuple(G, "G"))
+
+    def transport(self, X: Any, Y: Any, V: Any) -> tuple:
+        return self._each(lambda M, x, y, v: M.transport(x, y, v), self._tuple(X, "X"), self._tuple(Y, "Y"),
+                          self._tuple(V, "V"))
+
+    def inner(self, X: Any, U: Any, V: Any) -> Tensor:
+        """The product metric: the sum of the factors' ``inner`` (batch-shaped)."""
+        parts = self._each(lambda M, x, u, v: M.inner(x, u, v), self._tuple(X, "X"), self._tuple(U, "U"),
+                           self._tuple(V, "V"))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
     def project(self, Y: Any) -> tuple:
         return self._each(lambda M, y: M.project(y), self._tuple(Y, "Y"))
 
