@@ -12,11 +12,51 @@ import torch
 from .._errors import describe, error
 from .._linalg import _randn
 from ..hyperbolic import _arcoshc, _ARG_MAX, _cosh_sinhc
-from ._base import AbstractSpace
+from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Lorentz"]
 
 Tensor = torch.Tensor
+
+
+def _max_distance(dtype: torch.dtype) -> float:
+    """``T``: points are kept within distance ``T√k`` of the origin (Note [the hyperboloid's precision]).
+
+    ``T = min(½ log(1/ε) + log 2, log(max_stored) − 4)``: 8.66 in float32 and bfloat16 (computed
+    in float32), 18.7 in float64, 7.1 in float16.
+    """
+    eps = torch.finfo(dtype).eps
+    return min(0.5 * math.log(1.0 / eps) + math.log(2.0), math.log(torch.finfo(rounding_dtype(dtype)).max) - 4.0)
+
+
+# Note [the hyperboloid's precision]
+# A point at distance d from the origin has coordinates of size x₀ ≈ √k e^{d/√k}/2, and the
+# Minkowski forms that measure anything near it (⟨x − y, x − y⟩_L for distances, ⟨x, v⟩_L for
+# tangency) are differences of terms of size x₀²|·|², so their relative rounding error is ε·x₀²
+# (k = 1). At x₀ = 1/√ε it is 1: nothing about the neighbourhood of the point is resolved any
+# more, and an optimizer's momentum, transported there, grows by that factor every step until
+# it overflows (observed: rsgd with momentum on random gradients, NaN after 15 steps with a
+# cap at the float64 overflow limit). So every point returned is kept at x₀ ≤ √k/√ε, i.e. at
+# distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (15.2 in float32).
+
+
+def _max_norm(dtype: torch.dtype) -> float:
+    """``√max / 10³``: vectors are capped at this Euclidean norm, so that squared norms stay finite."""
+    return math.sqrt(torch.finfo(dtype).max) * 1e-3
+
+
+def _cap(Y: Tensor, bound: float) -> Tensor:
+    """``Y`` rescaled to Euclidean norm ``≤ bound`` (last dim), without overflow in the norm.
+
+    The norm is taken of ``Y / max|Y|`` (its squares cannot overflow); where ``Y`` is within the
+    bound nothing changes (value and derivatives). NaN or inf entries give NaN.
+    """
+    m = Y.detach().abs().amax(-1, keepdim=True)
+    one = torch.ones_like(m)
+    safe = torch.where(m > 0, m, one)
+    norm = m * torch.linalg.vector_norm(Y / safe, dim=-1, keepdim=True)
+    inside = norm <= bound  # False for NaN (and for inf entries: inf/inf)
+    return Y * torch.where(inside, one, bound / torch.where(inside, one, norm))
 
 
 def _minkowski(U: Tensor, V: Tensor) -> Tensor:
@@ -58,7 +98,7 @@ class Lorentz(AbstractSpace):
       Minkowski metric (``⟨egrad_to_rgrad(X, G), V⟩_L = ⟨G, V⟩`` for tangent ``V``);
       ``inner(X, U, V) = ⟨U, V⟩_L``.
     * ``retract(X, V) = expmap(X, tangent(X, V))`` (exact for tangent ``V``); ``transport``:
-      parallel transport :math:`v + \frac{\langle y, v\rangle_L}{k - \langle x, y\rangle_L}(x + y)`;
+      parallel transport :math:`v + \frac{\langle y - x, v\rangle_L}{k - \langle x, y\rangle_L}(x + y)`;
       ``dist`` :math:`= \sqrt k\,\operatorname{arcosh}(-\langle x, y\rangle_L/k)`, evaluated as
       ``arcosh(1 + u)``, :math:`u = \langle x - y, x - y\rangle_L / 2k` (no cancellation for
       nearby points); ``logmap`` :math:`= \frac{d}{\sqrt k \sinh(d/\sqrt k)}\,(y - x - u\,x)`.
@@ -69,11 +109,14 @@ class Lorentz(AbstractSpace):
     * ``sample``: the wrapped normal at the origin, ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``
       (Riemannian units: ``d(o, x) = ‖v‖``, ``E d(o, x)² = 1``); rotation invariant.
 
-    Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap`` (``cosh 40 ≈ 1.2·10¹⁷``: the
-    squared coordinates stay finite in float32). Membership: the relative residual
+    Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap``, vectors at Euclidean norm
+    ``√max/10³``, and every point returned is kept within distance ``T√k`` of the origin
+    (``‖x̄‖ ≤ √k sinh T``, ``T = ½ log(1/ε) + log 2``: 8.66 in float32 and bfloat16, 18.7 in
+    float64, 7.1 in float16), beyond which the rounding of ``⟨·,·⟩_L`` exceeds the quantities it
+    measures (relative error ``ε x₀²``). Membership: the relative residual
     ``|⟨x, x⟩_L + k| / (k + ‖x‖²) ≤ atol`` and ``x₀ > 0``. NaN or inf raw input gives NaN.
-    The model is ill-conditioned far from the origin (coordinates grow like ``e^d``): prefer
-    float64 there, or :class:`PoincareBall`.
+    The model is ill-conditioned far from the origin (coordinates grow like ``e^d``): for
+    larger radii use float64, or :class:`PoincareBall` (15.2 in float32, 34.7 in float64).
 
     Example:
         >>> import torch, geofunc as gf
@@ -106,7 +149,8 @@ class Lorentz(AbstractSpace):
 
     # ------------------------------------------------------------------ maps
     def _vertical(self, Y: Tensor) -> Tensor:
-        ys = Y[..., 1:]
+        """``(√(k + ‖ȳ‖²), ȳ)`` with ``ȳ`` capped at ``‖ȳ‖ ≤ √k sinh T`` (:func:`_max_distance`)."""
+        ys = _cap(Y[..., 1:], math.sqrt(self.k) * math.sinh(_max_distance(Y.dtype)))
         return torch.cat([torch.sqrt(self.k + (ys * ys).sum(-1, keepdim=True)), ys], dim=-1)
 
     def _tangent(self, X: Tensor, G: Tensor) -> Tensor:
@@ -114,6 +158,7 @@ class Lorentz(AbstractSpace):
 
     def _expmap(self, X: Tensor, V: Tensor) -> Tensor:
         k = self.k
+        V = _cap(V, _max_norm(V.dtype))
         t = (_minkowski(V, V) / k).clamp(min=0.0, max=_ARG_MAX * _ARG_MAX)  # (‖v‖_L/√k)², ≥ 0 up to rounding
         cosh, sinhc = _cosh_sinhc(t)
         return self._vertical(cosh * X + sinhc * V)
@@ -179,12 +224,14 @@ class Lorentz(AbstractSpace):
         return torch.where(pos | torch.isnan(u), d, torch.zeros_like(d)).squeeze(-1)
 
     def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
-        """Parallel transport ``V + ⟨Y, V⟩_L/(k − ⟨X, Y⟩_L) (X + Y)``; ``k − ⟨X, Y⟩_L = 2k + ⟨X−Y, X−Y⟩_L/2 ≥ 2k``."""
+        """Parallel transport ``V + ⟨Y, V⟩_L/(k − ⟨X, Y⟩_L) (X + Y)``, written with ``D = Y − X``:
+        ``⟨Y, V⟩_L = ⟨D, V⟩_L`` (``V`` tangent at ``X``) and ``k − ⟨X, Y⟩_L = 2k + ⟨D, D⟩_L/2 ≥ 2k``,
+        so nearby points (and ``X = Y``, where it is the identity) lose nothing to cancellation."""
         self._check_pair(X, Y, "Y")
         self._require_same_shape(X, V, "X", "V")
         D = Y - X
         den = 2.0 * self.k + 0.5 * _minkowski(D, D).clamp(min=0.0)
-        return V + (_minkowski(Y, V) / den) * (X + Y)
+        return V + (_minkowski(D, V) / den) * (X + Y)
 
     def project(self, Y: Tensor) -> Tensor:
         """``(√(k + ‖Ȳ‖²), Ȳ)``: the vertical projection onto the upper sheet."""
