@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import torch
@@ -48,10 +49,6 @@ def _cols(L: Tensor) -> Tensor:
     return L - torch.logsumexp(L, dim=-2, keepdim=True)
 
 
-def _col_residual(L: Tensor) -> Tensor:
-    return (L.exp().sum(-2) - 1.0).abs().amax(-1)
-
-
 def _newton_step(L: Tensor) -> Tensor:
     """One damped, safeguarded Newton step on the semi-dual (``L`` row-normalised)."""
     n = L.shape[-1]
@@ -64,8 +61,9 @@ def _newton_step(L: Tensor) -> Tensor:
     lse = torch.logsumexp(L + step.unsqueeze(-2), dim=-1)
     new = L + step.unsqueeze(-2) - lse.unsqueeze(-1)
     lower_g = lse.sum(-1) - step.sum(-1) < 0  # g(v + Δv) < g(v) = 0 (rows of L are normalised)
-    ok = (lower_g | (_col_residual(new) <= _col_residual(L))) & torch.isfinite(new).all(-1).all(-1)
-    return torch.where(ok[..., None, None], new, L)
+    lower_res = (new.exp().sum(-2) - 1.0).abs().amax(-1) <= (c - 1.0).abs().amax(-1)
+    # NaN anywhere makes both comparisons False: the step is then not taken.
+    return torch.where((lower_g | lower_res)[..., None, None], new, L)
 
 
 def _round(P: Tensor) -> Tensor:
@@ -200,9 +198,11 @@ class Birkhoff(AbstractSpace):
       projection onto :math:`T_X` (the same subspace at every ``X``).
     * ``egrad_to_rgrad(X, G) = Π_X(X ⊙ G) = X ⊙ G − (α1ᵀ + 1βᵀ) ⊙ X`` with ``(α, β)`` making the
       marginals zero: the Fisher-metric gradient (geoopt's ``egrad2rgrad``); it is finite at
-      the vertices, where geoopt's is NaN. ``inner(X, U, V) = Σ UV/max(X, tiny)``.
-    * ``retract(X, V) = S(X ⊙ exp(V/X))`` (first-order ``X + V``; ``V/X`` capped at
-      ``±1/ε``, ``X`` floored at the smallest normal number, so vertices give finite values);
+      the vertices, where geoopt's raises. ``inner(X, U, V) = Σ UV/max(X, tiny)`` (``+inf`` for
+      vectors that are non-zero where an entry of ``X`` is 0: the metric's boundary).
+    * ``retract(X, V) = S(X ⊙ exp(V/X))`` (first-order ``X + V``; ``X`` floored at the smallest
+      normal number ``tiny`` and ``V/X`` capped at ``±½ log(1/tiny)`` (±44 in float32, ±354 in
+      float64), so at the boundary, vertices included, it is finite and keeps the face);
       ``transport(X, Y, V) = tangent(Y, V)`` (= ``V`` for tangent ``V``: the tangent spaces
       coincide). A Riemannian gradient step is then
       ``retract(X, −η egrad_to_rgrad(X, G)) = S(X ⊙ exp(−η G))``: the row and column terms of
@@ -262,10 +262,13 @@ class Birkhoff(AbstractSpace):
         return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``S(X ⊙ exp(V / X))``."""
+        """``S(X ⊙ exp(V / X))`` (``V/X`` capped at ``±½ log(1/tiny)``)."""
         self._check_pair(X, V, "V")
-        Xs = X.clamp(min=torch.finfo(X.dtype).tiny)
-        cap = 1.0 / torch.finfo(X.dtype).eps
+        tiny = torch.finfo(X.dtype).tiny
+        Xs = X.clamp(min=tiny)
+        # An entry that underflowed to 0 (a face of the polytope) has V/X = ±inf: the cap keeps
+        # it below √tiny, so the retraction stays finite and on that face.
+        cap = 0.5 * math.log(1.0 / tiny)
         return sinkhorn(torch.log(Xs) + (V / Xs).clamp(min=-cap, max=cap))
 
     def project(self, Y: Tensor) -> Tensor:
