@@ -1,7 +1,7 @@
 """``geofunc.contrib``: bridges to other libraries, each imported only when asked for.
 
 * :mod:`geofunc.contrib.zuko`: linear layers of normalizing flows built from geofunc spaces, as
-  `zuko <https://github.com/probabilists/zuko>`_ transforms (needs ``pip install geofunc[flows]``).
+  transforms of zuko (github.com/probabilists/zuko; needs ``pip install geofunc[flows]``).
 
 Nothing here is imported by ``import geofunc``.
 """

@@ -1,4 +1,4 @@
-r"""Linear layers of normalizing flows built from geofunc spaces, for `zuko`_.
+r"""Linear layers of normalizing flows built from geofunc spaces, for zuko (github.com/probabilists/zuko).
 
 A normalizing flow needs, for each layer :math:`y = W x`, the log-determinant
 :math:`\log\lvert\det W\rvert` (every density evaluation) and the inverse :math:`x = W^{-1} y` (every
@@ -37,8 +37,6 @@ Example::
 
 zuko is imported by this module only (``pip install geofunc[flows]``); ``import geofunc`` never
 imports it.
-
-.. _zuko: https://github.com/probabilists/zuko
 """
 
 from __future__ import annotations
