@@ -183,8 +183,15 @@ def test_every_public_name_is_on_the_site(built_site) -> None:
     anchors = set()
     for page in site.rglob("index.html"):
         anchors |= set(re.findall(r'id="(geofunc[\w.]*)"', page.read_text()))
+    modules = [gf, gf.nn, gf.optim, gf.testing]
+    try:
+        import geofunc.contrib.zuko
+
+        modules.append(geofunc.contrib.zuko)
+    except ImportError:  # zuko is not installed: its page is still built, from the source
+        pass
     missing = []
-    for mod in (gf, gf.nn, gf.optim, gf.testing):
+    for mod in modules:
         for name in mod.__all__:
             obj = getattr(mod, name)
             if isinstance(obj, type(gf)) or not callable(obj):
@@ -192,7 +199,7 @@ def test_every_public_name_is_on_the_site(built_site) -> None:
             if not getattr(obj, "__module__", "geofunc").startswith("geofunc"):
                 # a PyTorch object re-exported as is (gf.nn.cached): the reference cannot render
                 # it, so the page of its module must name it.
-                page = _page_html(site, "api/" + mod.__name__.split(".")[-1]) if mod is not gf else ""
+                page = _page_html(site, "api/" + mod.__name__.split(".")[1]) if mod is not gf else ""
                 if f"{name}" not in re.sub(r"<[^>]+>", "", page):
                     missing.append(f"{mod.__name__}.{name} (re-exported from {obj.__module__}, not mentioned)")
                 continue
@@ -367,3 +374,16 @@ def test_page_in_a_browser(browser, url: str) -> None:
         if r["images"] < n_plots:
             problems.append(f"{r['images']} images shown for {n_plots} figures")
     assert not problems, f"/{url}:\n  " + "\n  ".join(problems)
+
+
+def test_install_commands_pin_torch_as_ci_does() -> None:
+    """Every ``pip install -e`` in the README, CONTRIBUTING and the docs pages first installs the
+    pinned CPU torch that .ci/run installs (the docs home page once installed with no pin)."""
+    pin = re.search(r"pip install (torch==[\w.]+)", (ROOT / ".ci" / "run").read_text()).group(1)
+    bad = []
+    for page in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.rglob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                if "pip install -e" in line and f"pip install {pin} &&" not in line.split("pip install -e")[0]:
+                    bad.append(f"{page.relative_to(ROOT)}: {line.strip()}")
+    assert not bad, f"installs without `pip install {pin} &&` first:\n  " + "\n  ".join(bad)

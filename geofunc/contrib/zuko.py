@@ -35,8 +35,8 @@ Example::
     >>> flow().log_prob(torch.randn(5, 2)).shape
     torch.Size([5])
 
-zuko is imported by this module only (``pip install geofunc[flows]``); ``import geofunc`` never
-imports it.
+zuko is imported by this module only (the ``flows`` extra:
+``python -m pip install -e ".[flows]"``); ``import geofunc`` never imports it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ try:
     from zuko.lazy import LazyTransform
 except ImportError as exc:  # pragma: no cover (depends on the environment)
     raise ImportError(
-        "geofunc.contrib.zuko needs zuko: `python -m pip install zuko` (or the `flows` extra of geofunc)"
+        "geofunc.contrib.zuko needs zuko: the `flows` extra (python -m pip install -e \".[flows]\") or `pip install zuko`"
     ) from exc
 
 from .. import spaces as S
@@ -119,8 +119,15 @@ class LinearTransform(Transform):
             raise ManifoldError(f"LinearTransform: expected a geofunc space, got {type(space).__name__}")
         self.space, self.Z, self.base = space, Z, base
         self.ladj = space.logabsdet(Z, base)  # validates: square, full rank, a logabsdet exists
-        self.weight = space.to_manifold(Z, base)
+        self._weight: Optional[Tensor] = None  # W, formed on first use
         self._inverse_factors: Optional[tuple] = None
+
+    @property
+    def weight(self) -> Tensor:
+        """The matrix ``W = space.to_manifold(Z, base)``."""
+        if self._weight is None:
+            self._weight = self.space.to_manifold(self.Z, self.base)
+        return self._weight
 
     def __repr__(self) -> str:
         return f"LinearTransform({self.space!r}, n={self.weight.shape[-1]})"
@@ -139,17 +146,24 @@ class LinearTransform(Transform):
     def _factors(self) -> tuple:
         """``("orthogonal",)``, ``("svd", U, σ, V)``, ``("eig", Q, λ)`` or ``("solve",)``."""
         if self._inverse_factors is None:
-            M, W = self.space, self.weight
+            M = self.space
             if isinstance(M, ORTHOGONAL):
                 self._inverse_factors = ("orthogonal",)
-            elif isinstance(M, SVD_FAMILY):
-                _, (U, V) = M.rebase(self.Z, self.base)
-                sigma = ((U.mT @ W) * V.mT).sum(-1)  # σᵢ = uᵢᵀ W vᵢ
-                self._inverse_factors = ("svd", U, sigma, V)
-            elif isinstance(M, EIG_FAMILY):
-                _, Q = M.rebase(self.Z, self.base)
-                lam = ((Q.mT @ W) * Q.mT).sum(-1)  # λᵢ = qᵢᵀ W qᵢ
-                self._inverse_factors = ("eig", Q, lam)
+            elif isinstance(M, SVD_FAMILY + EIG_FAMILY):
+                # The chart re-centred at W: its base holds the frames, its raw tensor only the
+                # values, so W there is cheap to form when only the inverse is wanted (sampling).
+                Z2, frames = M.rebase(self.Z, self.base)
+                if self._weight is None:
+                    self._weight = M.to_manifold(Z2, frames)
+                W = self._weight
+                if isinstance(M, SVD_FAMILY):
+                    U, V = frames
+                    sigma = ((U.mT @ W) * V.mT).sum(-1)  # σᵢ = uᵢᵀ W vᵢ
+                    self._inverse_factors = ("svd", U, sigma, V)
+                else:
+                    Q = frames
+                    lam = ((Q.mT @ W) * Q.mT).sum(-1)  # λᵢ = qᵢᵀ W qᵢ
+                    self._inverse_factors = ("eig", Q, lam)
             else:
                 self._inverse_factors = ("solve",)
         return self._inverse_factors

@@ -183,7 +183,7 @@ plt.show()
 # layers: $x \mapsto W x$ with $W$ on the space, $\log|\det W|$ from `space.logabsdet` and the
 # inverse (used to sample) from the same factorization, $W^{-1} = V\,\mathrm{diag}(\sigma)^{-1} U^\top$
 # for `GLp` and $W^\top$ for `SO`, with no solve. Here two `GLp` layers and a rotation are
-# interleaved with zuko's own masked autoregressive transforms (`pip install geofunc[flows]`).
+# interleaved with zuko's own masked autoregressive transforms (the `flows` extra).
 
 # %%
 import zuko
