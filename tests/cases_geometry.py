@@ -6,6 +6,8 @@ independently of the spaces' own ``contains``/``_violations``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from helpers import SHAPES_SQUARE, SHAPES_VECTOR, TOL
 
@@ -69,8 +71,82 @@ def _break_marginals(X: Tensor) -> Tensor:
     return X + E
 
 
+
+def _ball_dim(ps: tuple[int, ...]) -> int:
+    return ps[-1]
+
+
+def _hyperboloid_dim(ps: tuple[int, ...]) -> int:
+    return ps[-1] - 1
+
+
+def _birkhoff_dim(ps: tuple[int, ...]) -> int:
+    return (ps[-1] - 1) ** 2
+
+
+def _ball_moments(c: float):
+    """``sample = expmap0(v/2)``, ``v ~ N(0, I/n)``: recover ``v = 2 artanh(√c‖x‖) x/(√c‖x‖)``."""
+
+    def moments(X: Tensor):
+        n = X.shape[-1]
+        r = c**0.5 * torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+        v = 2.0 * torch.atanh(r) / r * X
+        return {"v": (v, 0.0), "v vᵀ": (v.unsqueeze(-1) * v.unsqueeze(-2), torch.eye(n, dtype=X.dtype) / n)}
+
+    return moments
+
+
+def _hyperboloid_moments(k: float):
+    """``sample = exp_o((0, v))``, ``v ~ N(0, I/n)``: ``v = d(o, x) x̄/‖x̄‖``, ``d = √k arcosh(x₀/√k)``."""
+
+    def moments(X: Tensor):
+        n = X.shape[-1] - 1
+        d = k**0.5 * torch.acosh(X[..., :1] / k**0.5)
+        v = d * X[..., 1:] / torch.linalg.vector_norm(X[..., 1:], dim=-1, keepdim=True)
+        return {"v": (v, 0.0), "v vᵀ": (v.unsqueeze(-1) * v.unsqueeze(-2), torch.eye(n, dtype=X.dtype) / n)}
+
+    return moments
+
+
+def _scale_hyperboloid(k: float):
+    """``s·X`` with ``|⟨sX, sX⟩_L + k| / (k + ‖sX‖²)`` equal to ``amount`` (``s > 1``)."""
+
+    def perturb(X: Tensor, amount: float) -> Tensor:
+        n2 = (X * X).sum(-1, keepdim=True)
+        s2 = k * (1.0 + amount) / (k - amount * n2)
+        return torch.sqrt(s2) * X
+
+    return perturb
+
+
+def _birkhoff_moments(X: Tensor):
+    n = X.shape[-1]
+    return {"X": (X, 1.0 / n)}  # rows and columns are exchangeable
+
+
+def _perturb_marginals(X: Tensor, amount: float) -> Tensor:
+    E = torch.zeros_like(X)
+    E[..., 0, 0] = amount
+    return X + E
+
+
+_OPEN_BALL = ("the ball is open: membership is the strict inequality c‖x‖² < 1 with no tolerance, "
+              "so there is no violation of a given size")
+_CANONICAL_PROJECT = "project is a canonical point"
+
+
+_FIELDS = {f.name for f in dataclasses.fields(SpaceCase)}
+
+
+def _case(*args, **kwargs) -> SpaceCase:
+    """A ``SpaceCase`` with the geometry fields (``dim``, ``perturb``, ``moments``, ``project_slack``,
+    ``skip``) of the conformance harness of issue 12; a ``SpaceCase`` without them (before that
+    harness lands) gets the others only."""
+    return SpaceCase(*args, **{k: v for k, v in kwargs.items() if k in _FIELDS})
+
+
 GEOMETRY_CASES = [
-    SpaceCase(
+    _case(
         "PoincareBall",
         gf.PoincareBall(),
         shapes=SHAPES_VECTOR,
@@ -79,8 +155,14 @@ GEOMETRY_CASES = [
         rebase_zeroes=True,
         off_manifold=_outside_ball(1.0),
         smoke_shape=(2, 3),
+        dim=_ball_dim,
+        moments=_ball_moments(1.0),
+        project_slack=8 * torch.finfo(torch.float64).eps,
+        skip={"membership": _OPEN_BALL,
+              "project_normal": "project returns the nearest point of the closed ball √c‖x‖ ≤ 1 − δ (a set with a "
+                                "boundary, where Y − project(Y) is normal to the sphere, not to the ball's tangent space ℝⁿ)"},
     ),
-    SpaceCase(
+    _case(
         "PoincareBall-c0.5",
         gf.PoincareBall(c=0.5),
         shapes=((1,), (6,), (2, 3, 4)),
@@ -89,8 +171,14 @@ GEOMETRY_CASES = [
         rebase_zeroes=True,
         off_manifold=_outside_ball(0.5),
         smoke_shape=(2, 3),
+        dim=_ball_dim,
+        moments=_ball_moments(0.5),
+        project_slack=8 * torch.finfo(torch.float64).eps / 0.5**0.5,
+        skip={"membership": _OPEN_BALL,
+              "project_normal": "project returns the nearest point of the closed ball √c‖x‖ ≤ 1 − δ (a set with a "
+                                "boundary, where Y − project(Y) is normal to the sphere, not to the ball's tangent space ℝⁿ)"},
     ),
-    SpaceCase(
+    _case(
         "Lorentz",
         gf.Lorentz(),
         shapes=((2,), (5,), (3, 4), (2, 3, 3)),
@@ -100,8 +188,13 @@ GEOMETRY_CASES = [
         off_manifold=lambda X: 1.5 * X,
         linearized=_minkowski_normal,
         smoke_shape=(2, 3),
+        dim=_hyperboloid_dim,
+        perturb=_scale_hyperboloid(1.0),
+        moments=_hyperboloid_moments(1.0),
+        skip={"project_normal": _CANONICAL_PROJECT + " (the vertical projection (√(k + ‖ȳ‖²), ȳ)), not the Euclidean nearest",
+              "project_nearest": _CANONICAL_PROJECT + " (the vertical projection (√(k + ‖ȳ‖²), ȳ)), not the Euclidean nearest"},
     ),
-    SpaceCase(
+    _case(
         "Lorentz-k2",
         gf.Lorentz(k=2.0),
         shapes=((2,), (6,), (2, 3, 4)),
@@ -111,8 +204,13 @@ GEOMETRY_CASES = [
         off_manifold=lambda X: 1.5 * X,
         linearized=_minkowski_normal,
         smoke_shape=(2, 3),
+        dim=_hyperboloid_dim,
+        perturb=_scale_hyperboloid(2.0),
+        moments=_hyperboloid_moments(2.0),
+        skip={"project_normal": _CANONICAL_PROJECT + " (the vertical projection (√(k + ‖ȳ‖²), ȳ)), not the Euclidean nearest",
+              "project_nearest": _CANONICAL_PROJECT + " (the vertical projection (√(k + ‖ȳ‖²), ȳ)), not the Euclidean nearest"},
     ),
-    SpaceCase(
+    _case(
         "Birkhoff",
         gf.Birkhoff(),
         shapes=SHAPES_SQUARE,
@@ -122,5 +220,12 @@ GEOMETRY_CASES = [
         off_manifold=_break_marginals,
         linearized=_zero_marginals,
         smoke_shape=(3, 3),
+        dim=_birkhoff_dim,
+        perturb=_perturb_marginals,
+        moments=_birkhoff_moments,
+        skip={"project_normal": _CANONICAL_PROJECT + " (Sinkhorn balancing of max(Y, ε·max|Y|)): the Euclidean nearest "
+                                "point of the closed polytope lies on its boundary for most Y",
+              "project_nearest": _CANONICAL_PROJECT + " (Sinkhorn balancing of max(Y, ε·max|Y|)): the Euclidean nearest "
+                                 "point of the closed polytope lies on its boundary for most Y"},
     ),
 ]
