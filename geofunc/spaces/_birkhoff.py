@@ -8,12 +8,18 @@ from typing import Any, Optional
 
 import torch
 
-from .._linalg import _randn
 from ._base import AbstractSpace
 
 __all__ = ["Birkhoff"]
 
 Tensor = torch.Tensor
+
+
+def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
+    """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
 
 # Note [Sinkhorn with a fixed step count]
 # to_manifold(Z) = S(exp Z), the doubly stochastic matrix diag(a) exp(Z) diag(b). No fixed
@@ -287,7 +293,7 @@ class Birkhoff(AbstractSpace):
         device: Any = None,
     ) -> Tensor:
         """``S(exp Z)`` with ``Z`` standard Gaussian."""
-        return sinkhorn(_randn(self._sample_shape(shape, dtype), generator, dtype, device))
+        return sinkhorn(_gaussian(self._sample_shape(shape, dtype), generator, dtype, device))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         return {

@@ -10,13 +10,19 @@ from typing import ClassVar, Optional
 import torch
 
 from .._errors import describe, error
-from .._linalg import _randn
 from ..hyperbolic import _arcoshc, _ARG_MAX, _cosh_sinhc
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Lorentz"]
 
 Tensor = torch.Tensor
+
+
+def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
+    """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
 
 
 def _max_distance(dtype: torch.dtype) -> float:
@@ -248,7 +254,7 @@ class Lorentz(AbstractSpace):
     ) -> Tensor:
         """The wrapped normal at the origin: ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``."""
         shape = self._sample_shape(shape, dtype)
-        v = _randn(shape, generator, dtype, device)
+        v = _gaussian(shape, generator, dtype, device)
         V = torch.cat([torch.zeros_like(v[..., :1]), v[..., 1:]], dim=-1) / math.sqrt(shape[-1] - 1)
         return self._expmap(self._origin(V).expand(V.shape), V)
 

@@ -11,12 +11,18 @@ import torch
 
 from .. import hyperbolic as hyp
 from .._errors import describe, error
-from .._linalg import _randn
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["PoincareBall"]
 
 Tensor = torch.Tensor
+
+
+def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
+    """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
 
 
 def _margin(X: Tensor) -> float:
@@ -155,7 +161,7 @@ class PoincareBall(AbstractSpace):
     ) -> Tensor:
         """The wrapped normal at the origin: ``expmap0(v/2)``, ``v ~ N(0, I/n)`` (``E d(0, x)² = 1``)."""
         shape = self._sample_shape(shape, dtype)
-        v = _randn(shape, generator, dtype, device)
+        v = _gaussian(shape, generator, dtype, device)
         v = v / (2.0 * math.sqrt(max(shape[-1], 1)))
         return hyp._expmap0(v, self.c, _margin(v))
 
