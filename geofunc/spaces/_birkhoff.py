@@ -264,7 +264,7 @@ class Birkhoff(AbstractSpace):
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
         """The Fisher metric ``Σ U V / X`` (``X`` floored at the smallest normal number), batch-shaped."""
         self._check_pair(X, U, "U")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:

@@ -196,7 +196,7 @@ class Lorentz(AbstractSpace):
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
         """``⟨U, V⟩_L = −U₀V₀ + Σ Uᵢ Vᵢ``, batch-shaped."""
         self._check_pair(X, U, "U")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return (_minkowski(U, V) + 0.0 * X[..., :1]).squeeze(-1)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
@@ -234,7 +234,7 @@ class Lorentz(AbstractSpace):
         ``⟨Y, V⟩_L = ⟨D, V⟩_L`` (``V`` tangent at ``X``) and ``k − ⟨X, Y⟩_L = 2k + ⟨D, D⟩_L/2 ≥ 2k``,
         so nearby points (and ``X = Y``, where it is the identity) lose nothing to cancellation."""
         self._check_pair(X, Y, "Y")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         D = Y - X
         den = 2.0 * self.k + 0.5 * _minkowski(D, D).clamp(min=0.0)
         return V + (_minkowski(D, V) / den) * (X + Y)

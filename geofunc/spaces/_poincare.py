@@ -116,7 +116,7 @@ class PoincareBall(AbstractSpace):
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
         """``λ_x² ⟨U, V⟩``, batch-shaped."""
         self._check_pair(X, U, "U")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         g = hyp._gap(X, self.c)
         return (4.0 * (U * V).sum(-1, keepdim=True) / (g * g)).squeeze(-1)
 
@@ -143,7 +143,7 @@ class PoincareBall(AbstractSpace):
     def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
         """Parallel transport along the geodesic: ``(λ_X/λ_Y) gyr[Y, −X] V``."""
         self._check_pair(X, Y, "Y")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         return hyp._transport(X, Y, V, self.c)
 
     def project(self, Y: Tensor) -> Tensor:
