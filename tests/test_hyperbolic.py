@@ -390,3 +390,20 @@ def test_bad_input_raises_manifold_error():
             gf.Lorentz(k=bad)
     with pytest.raises(gf.ManifoldError, match="n ≥ 1"):
         gf.Lorentz().to_manifold(torch.zeros(4, 1))
+
+
+def test_learnable_curvature(generator):
+    """``c`` may be a 0-d tensor: the maps equal those at the float value, and the gradient in
+    ``c`` equals central finite differences (float64)."""
+    x, y = _ball_points((4, 3), 0.5, generator), _ball_points((4, 3), 0.5, generator)
+    M = torch.randn(2, 3, generator=generator, dtype=F64)
+
+    def f(c):
+        h = hyp.mobius_add(hyp.mobius_matvec(M, x, c=c), hyp.expmap0(y[:, :2], c=c), c=c)
+        return hyp.dist(h, hyp.logmap0(h, c=c), c=c).sum() + hyp.dist2plane(x, y, y, c=c).sum()
+
+    c = torch.tensor(0.7, dtype=F64)
+    _close(f(c), f(0.7))
+    g = grad(f)(c)
+    h = 1e-6
+    torch.testing.assert_close(g, (f(c + h) - f(c - h)) / (2 * h), atol=1e-6, rtol=1e-6)
