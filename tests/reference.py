@@ -70,7 +70,8 @@ def orthonormal(X: Tensor, atol: float) -> Tensor:
 
 
 def special_orthogonal(X: Tensor, atol: float) -> Tensor:
-    return orthonormal(X, atol) & (torch.linalg.det(X) > 0.5)
+    # the sign from slogdet: det itself underflows to ±0 for large float32 matrices
+    return orthonormal(X, atol) & (torch.linalg.slogdet(X)[0] > 0)
 
 
 def _scale(s: Tensor) -> Tensor:
