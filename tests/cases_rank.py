@@ -173,7 +173,7 @@ _RANK2 = ((4, 4), (6, 3), (3, 6), (2, 3, 5, 2))
 _OPEN = "an open set: project returns the nearest point of the closure pushed inside by the floor, so Y − project(Y) is not normal to a tangent space"
 _BOUNDARY = "a set with boundary: project(Y) of a Gaussian Y lands on the boundary (clipped values), where the normal cone is not the normal space"
 _SINGULAR = "project(Y) of a Gaussian Y may have rank < r, a singular point of the rank ≤ r set where `tangent` is not its tangent space"
-_NO_TOL = "an open set whose membership (σ above the floor of f, det > 0) has no tolerance-sized boundary"
+_NO_TOL = "an open set whose membership (σ_min above the floor of f; GLp: det > 0) has no tolerance-sized boundary"
 _SLACK = 1e-6  # the float64 clamp level √ε·max(1, σ₁) ~ 1.5e-8 σ₁ per value, relative to ‖Y‖
 # softplus + ε with ε = √ε_dtype: the float32 map differs from the float64 one by ~3.5e-4 by design.
 _SOFTPLUS = 2e-3
@@ -191,14 +191,14 @@ RANK_CASES: list[SpaceCase] = [
               smoke_shape=(3, 3), dim=ref.dim_full, moments=ref.moments_rank(3),
               skip={"membership": "rank ≤ 3 on 3×3 matrices is every matrix: no tolerance to flip at"}),
     SpaceCase("FixedRank-1", gf.FixedRank(rank=1), SHAPES_MATRIX, _fixed_rank(1), TOL, off_manifold=_zero,
-              smoke_shape=(4, 3), dim=ref.dim_rank(1), perturb=ref.perturb_rank(1), moments=ref.moments_rank(1, det_positive=True),
+              smoke_shape=(4, 3), dim=ref.dim_rank(1), perturb=ref.perturb_rank(1), moments=ref.moments_rank(1, det_positive=None),
               project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
     SpaceCase("FixedRank-2", gf.FixedRank(rank=2), ((2, 2), *_RANK2), _fixed_rank(2), TOL, off_manifold=_zero,
-              smoke_shape=(4, 3), dim=ref.dim_rank(2), perturb=ref.perturb_rank(2), moments=ref.moments_rank(2, det_positive=True),
+              smoke_shape=(4, 3), dim=ref.dim_rank(2), perturb=ref.perturb_rank(2), moments=ref.moments_rank(2, det_positive=None),
               project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
-    SpaceCase("FixedRank-square", gf.FixedRank(rank=3), ((3, 3), (2, 3, 3)), _glp, TOL,
-              off_manifold=_negate_first_row, has_logabsdet=True, smoke_shape=(3, 3), dim=ref.dim_full,
-              moments=ref.moments_rank(3, det_positive=True), project_slack=_SLACK,
+    SpaceCase("FixedRank-square", gf.FixedRank(rank=3), ((3, 3), (2, 3, 3)), _fixed_rank(3), TOL,
+              off_manifold=_zero, has_logabsdet=True, smoke_shape=(3, 3), dim=ref.dim_full,
+              moments=ref.moments_rank(3, det_positive=None), project_slack=_SLACK,
               float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN, "membership": _NO_TOL}),
     SpaceCase("FixedRank-exp", gf.FixedRank(rank=2, f=EXP), ((4, 3), (2, 5)), _fixed_rank(2), TOL,
               off_manifold=_zero, raw_scales=(1.0,), smoke_shape=(4, 3), dim=ref.dim_rank(2),
