@@ -6,8 +6,8 @@ Membership predicates, dimensions, boundary perturbations and sample moments com
 
 from __future__ import annotations
 
-import torch
 import reference as ref
+import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL_LOOSE
 
 import geofunc as gf

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import torch
 import reference as ref
+import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL
 
 import geofunc as gf

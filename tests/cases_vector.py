@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 import reference as ref
+import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, SHAPES_VECTOR, TOL
 
 import geofunc as gf

@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from reference import member
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import geofunc as gf
 import geofunc.nn as gnn
-from reference import member
 
 WORLD = 2
 STEPS = 6

@@ -7,10 +7,10 @@ import copy
 import optree
 import pytest
 import torch
+from reference import member
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
 
 import geofunc as gf
-from reference import member
 
 F64 = torch.float64
 

@@ -9,12 +9,12 @@ import io
 import pytest
 import torch
 import torch.nn.utils.parametrize as P
+from reference import member
 from torch import nn
 from torch.func import functional_call, vmap
 
 import geofunc as gf
 import geofunc.nn as gnn
-from reference import member
 
 to_manifold = gf.to_manifold
 

@@ -6,10 +6,10 @@ import optree
 import pytest
 import torch
 from cases import CASES
+from reference import member, on_spaces
 from torch.func import grad, vmap
 
 import geofunc as gf
-from reference import member, on_spaces
 
 F64 = torch.float64
 

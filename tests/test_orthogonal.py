@@ -7,10 +7,10 @@ descent identities, the cost of the tall chart, bad input.
 
 import pytest
 import torch
+from reference import member
 from torch.func import grad
 
 import geofunc as gf
-from reference import member
 from geofunc._linalg import cayley, expm
 
 F64 = torch.float64

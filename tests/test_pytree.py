@@ -5,11 +5,11 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
+from reference import member, on_spaces
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as torch_pytree
 
 import geofunc as gf
-from reference import member, on_spaces
 
 F64 = torch.float64
 

@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
+from reference import member
 from torch.func import grad, jacfwd, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import geofunc as gf
-from reference import member
 from geofunc._linalg import _polar_factor, stiefel_chart, stiefel_packed_chart
 from geofunc.spaces._factorized import floor_eps, softplus_eps, softplus_eps_inverse
 

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 from helpers import TIGHT
+from reference import member
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import geofunc as gf
-from reference import member
 from geofunc.spaces._sphere import _S_SMALL, _cos_sinc_sqrt
 from geofunc.testing import no_vmap_fallback
 
