@@ -46,3 +46,19 @@ def test_builtin_cases_pin_their_geometry() -> None:
     for case in (*VECTOR_CASES, *ORTHOGONAL_CASES, *RANK_CASES):
         assert case.dim is not None and case.moments is not None, case.id
         assert case.perturb is not None or "membership" in case.skip, case.id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "case_id, shape", [("Sphere", (3, 1024)), ("Stiefel", (300, 4)), ("Oblique", (2, 256, 3)), ("LowRank-2", (260, 6))]
+)
+def test_membership_tolerance_grows_with_the_size(case_id: str, shape: tuple, dtype: torch.dtype, generator) -> None:
+    """The documented tolerance grows like √(size/64) above 64 (README, "Tolerances"): at these sizes
+    (factors 2 to 4) ``check_membership`` flips at the grown tolerance, not at the base one."""
+    import dataclasses
+
+    from cases import CASES
+    from geofunc.testing import check_membership
+
+    case = next(c for c in CASES if c.id == case_id)
+    check_membership(dataclasses.replace(case, shapes=(shape,)), dtype, generator=generator)

@@ -390,3 +390,18 @@ def test_mutants_leave_the_classes_as_they_were() -> None:
             pass
     assert {k: k[0].__dict__.get(k[1]) for k in before} == before
     assert dict(space_base._ATOL) == atol
+
+
+def test_size_blind_tolerance_is_caught() -> None:
+    """A default tolerance that forgets its documented √(size/64) growth fails the large-size
+    membership test of tests/test_conformance.py (which passes without the mutant)."""
+    import dataclasses
+
+    from geofunc.testing import check_membership
+
+    case = dataclasses.replace(_CASES["Sphere"], shapes=((3, 1024),))
+    blind = mock.patch.object(space_base, "default_atol", lambda dtype, size=1: space_base._ATOL[dtype])
+    for dtype in (f64, torch.float32):
+        with blind, pytest.raises(AssertionError, match="contains refuses"):
+            check_membership(case, dtype, generator=torch.Generator().manual_seed(SEED))
+        check_membership(case, dtype, generator=torch.Generator().manual_seed(SEED))
