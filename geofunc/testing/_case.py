@@ -83,7 +83,7 @@ class SpaceCase:
         dim: ``dim(point_shape) -> int``, the dimension of the manifold at a generic point,
             computed independently of the space (e.g. ``n(n − 1)/2`` for ``SO(n)``):
             ``check_tangent_space`` asserts that the tangent projection has this rank and that
-            the chart's differential has it at random raw points. ``None``: only the image of the
+            the projected differential of the chart has it at random raw points. ``None``: only the image of the
             chart's differential is checked to be fixed by the projection.
         quotient: points are representatives of equivalence classes (the Grassmannian's frames
             of a subspace): ``tangent`` is the horizontal projection, and away from its centre
@@ -92,8 +92,8 @@ class SpaceCase:
             in the space's documented measure (e.g. ``X·(1 + amount)`` for the unit sphere's
             ``|‖x‖ − 1|``), for points ``X`` (``None`` for a shape with no such violation, e.g.
             rank ≤ r at full rank). ``check_membership`` asserts that ``contains``/``check``
-            accept ``amount = 0.1·atol`` and refuse ``10·atol`` (``atol`` documented, per
-            dtype). ``None``: that property does not apply.
+            accept ``amount ∈ {0.1, 0.5}·atol`` and refuse ``{2, 10}·atol`` (``atol`` the
+            documented default, per dtype). ``None``: that property does not apply.
         project_slack: ``project(Y)`` is the nearest point of the space (of its closure, for an
             open space whose ``project`` pushes points inside by a documented margin) up to
             ``project_slack·max(1, ‖Y‖)``: no point of the space is closer to ``Y`` by more.
