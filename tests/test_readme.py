@@ -108,7 +108,8 @@ def test_every_checker_finds_its_block():
     assert not missing, f"README blocks changed; update tests/test_readme.py checkers for: {missing}"
 
 
-def test_demo_runs(capsys):
+def test_demo_runs(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["examples/demo.py"])  # the demo parses its command line
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "all on the manifold = True" in out
