@@ -192,8 +192,7 @@ def _check_c(c: Any, fn: str) -> Curvature:
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 1 or x.shape[-1] == 0:
-        got = describe(x) if isinstance(x, torch.Tensor) or not hasattr(x, "shape") else describe(x)
-        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected `{what}` to be a floating tensor of vectors (..., n), got {got}.")
+        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}.")
 
 
 def _sqrt_c(c: Curvature) -> Curvature:
