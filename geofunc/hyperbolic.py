@@ -186,13 +186,17 @@ def _check_c(c: Any, fn: str) -> Curvature:
     if isinstance(c, torch.Tensor):
         return c
     if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
-        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}.")
+        raise ManifoldError(
+            f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}."
+        )
     return float(c)
 
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 1 or x.shape[-1] == 0:
-        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}.")
+        raise ManifoldError(
+            f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}."
+        )
 
 
 def _sqrt_c(c: Curvature) -> Curvature:
@@ -315,7 +319,11 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
 
 
 def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
-    r"""Möbius matrix-vector product :math:`M \otimes_c x = \tanh\!\big(\tfrac{\|Mx\|}{\|x\|}\operatorname{artanh}(\sqrt c\|x\|)\big)\frac{Mx}{\sqrt c\|Mx\|}`.
+    r"""Möbius matrix-vector product :math:`M \otimes_c x`.
+
+    .. math::
+
+        M \otimes_c x = \tanh\!\Big(\frac{\|Mx\|}{\|x\|}\operatorname{artanh}(\sqrt c\|x\|)\Big)\frac{Mx}{\sqrt c\|Mx\|}
 
     ``M`` has shape ``(*batch, m, n)``, ``x`` ``(*batch, n)``; the result ``(*batch, m)``
     lies in the m-dimensional ball. Written as :math:`A\,T(c\|Mx\|^2 A^2)\,Mx` with
@@ -334,9 +342,15 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The gyration :math:`\mathrm{gyr}[u, v]\,w = \ominus(u \oplus v) \oplus (u \oplus (v \oplus w))`.
 
     A rotation of ``w`` in the plane of ``u`` and ``v``, in closed form (Ungar 2008):
-    :math:`w + 2(A u + B v)/D` with :math:`A = -c^2\langle u,w\rangle\|v\|^2 + c\langle v,w\rangle + 2c^2\langle u,v\rangle\langle v,w\rangle`,
-    :math:`B = -c^2\langle v,w\rangle\|u\|^2 - c\langle u,w\rangle`,
-    :math:`D = (1 - c\|u\|^2)(1 - c\|v\|^2) + c\|u + v\|^2`.
+
+    .. math::
+
+        \mathrm{gyr}[u, v]\,w = w + \frac{2(A u + B v)}{D}, \qquad D = (1 - c\|u\|^2)(1 - c\|v\|^2) + c\|u + v\|^2,
+
+    .. math::
+
+        A = -c^2\langle u,w\rangle\|v\|^2 + c\langle v,w\rangle + 2c^2\langle u,v\rangle\langle v,w\rangle, \qquad
+        B = -c^2\langle v,w\rangle\|u\|^2 - c\langle u,w\rangle .
     """
     c = _check_c(c, "gyration")
     for t, name in ((u, "u"), (v, "v"), (w, "w")):
@@ -372,7 +386,11 @@ def _dist(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
 
 
 def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
-    r"""The exponential map :math:`\exp_x(v) = x \oplus_c \Big(\tanh\!\big(\tfrac{\sqrt c\,\lambda_x\|v\|}{2}\big)\tfrac{v}{\sqrt c\|v\|}\Big)`.
+    r"""The exponential map at ``x``.
+
+    .. math::
+
+        \exp_x(v) = x \oplus_c \Big(\tanh\!\big(\tfrac{\sqrt c\,\lambda_x\|v\|}{2}\big)\frac{v}{\sqrt c\|v\|}\Big)
 
     ``v`` is a tangent vector at ``x`` in ambient coordinates (its Riemannian norm is
     :math:`\lambda_x\|v\|`). Smooth in ``v``, at ``v = 0`` included; the gap of the second
@@ -407,10 +425,14 @@ def _expmap0(v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
 
 
 def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
-    r"""The logarithm :math:`\log_x(y) = \frac{2}{\sqrt c\,\lambda_x}\operatorname{artanh}(\sqrt c\|w\|)\frac{w}{\|w\|}`, :math:`w = (-x) \oplus_c y`.
+    r"""The logarithm at ``x``: the inverse of :func:`expmap`.
 
-    The inverse of :func:`expmap` (a tangent vector at ``x`` in ambient coordinates, of
-    Riemannian norm :math:`d_c(x, y)`); smooth in ``y``, at ``y = x`` included.
+    .. math::
+
+        \log_x(y) = \frac{2}{\sqrt c\,\lambda_x}\operatorname{artanh}(\sqrt c\|w\|)\frac{w}{\|w\|}, \qquad w = (-x) \oplus_c y
+
+    A tangent vector at ``x`` in ambient coordinates, of Riemannian norm :math:`d_c(x, y)`;
+    smooth in ``y``, at ``y = x`` included.
     """
     c = _check_c(c, "logmap")
     _check_vec(x, "logmap", "x")
@@ -433,7 +455,7 @@ def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
 
 
 def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
-    r"""Parallel transport of ``v ∈ T_x`` to ``T_y`` along the geodesic: :math:`\frac{\lambda_x}{\lambda_y}\,\mathrm{gyr}[y, -x]\,v`.
+    r"""Parallel transport of ``v ∈ T_x`` to ``T_y`` along the geodesic: :math:`\frac{\lambda_x}{\lambda_y}\mathrm{gyr}[y, -x]\,v`.
 
     An isometry :math:`T_x \to T_y` (it preserves :math:`\lambda^2\langle\cdot,\cdot\rangle`); the
     gyration is written with ``y − x`` (Note [stable gyrovector formulas]).
@@ -505,7 +527,9 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
         raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `x` of shape (..., m, n), got {describe(x)}.")
     w = torch.ones_like(x[..., 0]) if weights is None else weights
     if not isinstance(w, torch.Tensor) or tuple(w.shape[-1:]) != tuple(x.shape[-2:-1]):
-        raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}), got {describe(w)}.")
+        raise ManifoldError(
+            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}), got {describe(w)}."
+        )
     g = _gap(x, c)
     w = w.unsqueeze(-1)
     num = (w * (2.0 / g) * x).sum(-2)

@@ -21,6 +21,7 @@ def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtyp
         device = generator.device
     return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
 
+
 # Note [Sinkhorn with a fixed step count]
 # to_manifold(Z) = S(exp Z), the doubly stochastic matrix diag(a) exp(Z) diag(b). No fixed
 # number of Sinkhorn sweeps suffices for every Z: the asymptotic rate is σ₂(S)² (Knight 2008),
