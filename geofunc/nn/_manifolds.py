@@ -150,10 +150,14 @@ class _Manifold(Parametrization):
         size = None if size is None else tuple(int(d) for d in size)
         base = None
         if size is not None:
-            # A base of the right structure, drawn like GeoTorch's (a random point of the space);
-            # registration and assignment overwrite it.
+            # A base of the right structure, drawn like GeoTorch's (a random point of the space; no
+            # call of a custom triv, which GeoTorch checks lazily); without an inverse of f, the
+            # canonical base. Registration and assignment overwrite it.
             with torch.no_grad():
-                base = space._from_manifold(space.sample(size))[1]
+                try:
+                    base = space._from_manifold(space.sample(size))[1]
+                except ManifoldError:
+                    base = space.rebase(torch.zeros(size), None)[1]
         super().__init__(space, base, where=type(self).__name__, shape=size)
         self.register_buffer("_reference", torch.empty(0), persistent=False)
 
@@ -494,9 +498,13 @@ class Sphere(_Manifold):
         super().__init__(self._space_cls(radius=radius), size)
         self.n, self.tensorial_size, self.radius = (size[-1] if size else 1), size[:-1], radius
 
-    def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
+    def in_manifold(self, x: Any, eps: float = 1e-5) -> bool:
         """``max |‖x‖ − r| < eps`` over the batch (strict), and the size."""
-        return _in_sphere(X, self._require_size(), self.radius, eps, self._eps)
+        return _in_sphere(x, self._require_size(), self.radius, eps, self._eps)
+
+    def right_inverse(self, x: Any, check_in_manifold: bool = True) -> Tensor:
+        """Raw tensor of the point ``x`` (see :meth:`SO.right_inverse`); GeoTorch's argument name."""
+        return super().right_inverse(x, check_in_manifold)
 
     def sample(self) -> Tensor:
         """Uniform on the sphere of radius ``radius`` (a normalized Gaussian)."""
@@ -575,13 +583,21 @@ class _Triangle(_Manifold):
 
     def _in(self, X: Any, sign: float, eps: Optional[float]) -> bool:
         X = _as_matrix(X)
-        if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-2] != X.shape[-1]:
+        if self.shape is not None and (not isinstance(X, Tensor) or tuple(X.shape) != self.shape):
             return False
-        if self.shape is not None and tuple(X.shape) != self.shape:
-            return False
-        Xf, _ = _lift(self, X)
-        atol = 1e-8 if eps is None else eps
-        return bool(torch.allclose(Xf, sign * Xf.transpose(-2, -1), atol=self._eps(atol, X)))
+        return _triangle_in(X, sign, eps)
+
+
+def _triangle_in(X: Any, sign: float, eps: Optional[float]) -> bool:
+    """``X`` square and ``allclose(X, sign·Xᵀ, atol=eps)`` (GeoTorch's default atol when ``eps`` is None)."""
+    X = _as_matrix(X)
+    if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-2] != X.shape[-1]:
+        return False
+    Xf = X.float() if X.dtype in LOW_PRECISION else X
+    atol = 1e-8 if eps is None else eps
+    if X.dtype in LOW_PRECISION:
+        atol = max(atol, default_atol(X.dtype, X.shape[-1]))
+    return bool(torch.allclose(Xf, sign * Xf.transpose(-2, -1), atol=atol))
 
 
 class Skew(_Triangle):
@@ -606,9 +622,13 @@ class Skew(_Triangle):
     def __init__(self, size: Any = None, lower: bool = True) -> None:
         super().__init__(size, lower)
 
-    def in_manifold(self, X: Any, eps: Optional[float] = None) -> bool:
-        """``allclose(X, −Xᵀ)`` (GeoTorch's default tolerances unless ``eps`` is given), square."""
-        return self._in(X, -1.0, eps)
+    @staticmethod
+    def in_manifold(X: Any, eps: Optional[float] = None) -> bool:
+        """``allclose(X, −Xᵀ)`` (GeoTorch's default tolerances unless ``eps`` is given), square.
+
+        A static method, as GeoTorch's (``Skew.in_manifold(X)``).
+        """
+        return _triangle_in(X, -1.0, eps)
 
     def right_inverse(self, X: Any, check_in_manifold: bool = True, tol: float = 1e-4) -> Tensor:
         """The strict triangle of ``X``; :class:`InManifoldError` unless ``allclose(X, −Xᵀ, atol=tol)``."""
@@ -653,9 +673,10 @@ class Symmetric(_Triangle):
     def __init__(self, lower: bool = True, size: Any = None) -> None:
         super().__init__(size, lower)
 
-    def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
-        """``allclose(X, Xᵀ, atol=eps)``, square."""
-        return self._in(X, 1.0, eps)
+    @staticmethod
+    def in_manifold(X: Any, eps: float = 1e-6) -> bool:
+        """``allclose(X, Xᵀ, atol=eps)``, square. A static method, as GeoTorch's."""
+        return _triangle_in(X, 1.0, eps)
 
     def right_inverse(self, X: Any, check_in_manifold: bool = True) -> Tensor:
         """``X`` itself (the raw tensor whose symmetrization is the value; see the class docstring).
@@ -667,7 +688,7 @@ class Symmetric(_Triangle):
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
         registering = isinstance(X, nn.Parameter)
-        if check_in_manifold and not registering and not X.is_meta and not self.in_manifold(X):
+        if check_in_manifold and not registering and not X.is_meta and not self._in(X, 1.0, 1e-6):
             raise InManifoldError(X, self, "X is not symmetric")
         try:
             self._check_value(X)
@@ -750,6 +771,29 @@ class _SVDManifold(_Manifold):
                                                f"({self.space!r} keeps det > 0)")
 
 
+def _det_positive_v(U: Tensor, V: Tensor) -> Tensor:
+    """``V`` with its first row negated where ``det(U Vᵀ) < 0``: the first column of ``U S Vᵀ``
+    flipped, which is how GeoTorch's SL sample fixes the sign."""
+    sign = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(V)[0]
+    return torch.cat([V[..., :1, :] * sign[..., None, None], V[..., 1:, :]], dim=-2)
+
+
+_NEGATIVE_DET: dict = {}
+
+
+def _reaches_negative_det(space: AbstractSpace) -> bool:
+    """Whether a square full-rank SVD space represents a det < 0 point (probed once per space)."""
+    if space not in _NEGATIVE_DET:
+        X = torch.diag(torch.tensor([-2.0, 1.0], dtype=torch.float64))
+        try:
+            probe = dataclasses.replace(space, rank=2) if hasattr(space, "rank") else space
+            Y = probe.to_manifold(*probe._from_manifold(X))
+            _NEGATIVE_DET[space] = bool(torch.linalg.det(Y) < 0) and bool(torch.allclose(Y, X, atol=1e-6))
+        except Exception:  # noqa: BLE001 - a probe: any failure means "not reachable"
+            _NEGATIVE_DET[space] = False
+    return _NEGATIVE_DET[space]
+
+
 class LowRank(_SVDManifold):
     r"""Matrices ``(*, n, k)`` of rank at most ``rank`` (GeoTorch's ``LowRank``), over :class:`geofunc.LowRank`.
 
@@ -830,11 +874,18 @@ class FixedRank(_SVDManifold):
         return self.space.f
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
-        """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it."""
+        """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it.
+
+        Square and of full rank, where the space reaches only ``det > 0`` (geofunc's ``FixedRank``
+        before it takes both signs through its bases), the first column of the matrix is
+        flipped where ``det < 0``, as :class:`GLp` does.
+        """
         self._require_size()
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, 2.0 * self._floor()))
+            if self.n == self.k == self.rank and not _reaches_negative_det(self.space):
+                V = _det_positive_v(U, V)
             return self._emit(U, s, V, factorized)
 
 
@@ -873,14 +924,12 @@ class GLp(FixedRank):
         return bool((torch.linalg.slogdet(_lift(self, _as_matrix(X))[0])[0] > 0).all())
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
-        """As :meth:`FixedRank.sample`, with the first column of ``U`` flipped where ``det < 0``."""
+        """As :meth:`FixedRank.sample`, with the first column flipped where ``det < 0`` (as GeoTorch's SL)."""
         self._require_size()
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, 2.0 * self._floor()))
-            sign = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(V)[0]
-            U = torch.cat([U[..., :1] * sign[..., None, None], U[..., 1:]], dim=-1)
-            return self._emit(U, s, V, factorized)
+            return self._emit(U, s, _det_positive_v(U, V), factorized)
 
 
 class SL(FixedRank):
@@ -930,8 +979,7 @@ class SL(FixedRank):
             s = s.clamp(min=max(eps, math.sqrt(torch.finfo(s.dtype).eps * self.n)))
             logs = s.log()
             s = (logs - logs.mean(-1, keepdim=True)).exp()
-            sign = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(V)[0]
-            U = torch.cat([U[..., :1] * sign[..., None, None], U[..., 1:]], dim=-1)
+            V = _det_positive_v(U, V)
             s = s * torch.exp(-torch.linalg.slogdet(_svd_factors(U, s, V))[1] / self.n)[..., None]
             return self._emit(U, s, V, factorized)
 
@@ -1206,6 +1254,10 @@ class Hurwitz(_Manifold):
     @alpha.setter
     def alpha(self, value: Any) -> None:
         self.space = dataclasses.replace(self.space, alpha=float(value))
+
+    def right_inverse(self, A: Any, check_in_manifold: bool = True) -> Tensor:
+        """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
+        return super().right_inverse(A, check_in_manifold)
 
     def in_manifold_eigen(self, X: Any, eps: float = 1e-6) -> bool:
         """``max Re λ(X) ≤ −alpha + eps`` over the batch."""
