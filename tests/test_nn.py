@@ -37,6 +37,8 @@ GEOTORCH_SIGNATURES = {
     "positive_semidefinite": "(module, tensor_name='weight', triv='expm')",
     "positive_semidefinite_low_rank": "(module, tensor_name, rank, triv='expm')",
     "positive_semidefinite_fixed_rank": "(module, tensor_name, rank, f='softplus', triv='expm')",
+    "sln": "(module, tensor_name='weight', f='softplus', triv='expm')",
+    "alpha_stable": "(module, tensor_name='weight', alpha=0.001)",
 }
 
 
