@@ -42,6 +42,13 @@ try:  # optional anchor (the `bench` extra)
 except Exception:  # pragma: no cover (depends on the environment)
     geotorch = None
 
+try:  # optional anchor (the `flows` extra): zuko's own linear flow layers
+    import zuko  # type: ignore[import-not-found]
+
+    from geofunc.contrib.zuko import LinearTransform as GFLinear
+except Exception:  # pragma: no cover (depends on the environment)
+    zuko = None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 GF, GT, PT = "geofunc", "geotorch", "torch.param"
 
@@ -347,6 +354,46 @@ def hurwitz_case(b: Bench, n: int) -> Row:
         b.dtype = dtype
 
 
+def zuko_cases(b: Bench, n: int, batch: int) -> list[Row]:
+    """A flow's linear layer on a batch of ``batch`` vectors, geofunc (``geofunc.contrib.zuko``)
+    against zuko's layers, each building its matrix from its raw parameter on every call as a
+    flow does. Density (training): y, log|det| and the backward of ``Σ y² + Σ log|det|`` to the
+    raw parameter. Sampling: the inverse map, forward only."""
+    if zuko is None:
+        return []
+    rows = []
+    x = b.randn(batch, n)
+    Z = b.raw(n, n)
+    so, glp = gf.SO(), gf.GLp()
+    _, glp_base = glp.from_manifold(glp.sample((n, n), generator=b.gen, dtype=torch.float64).to(b.dtype))
+    lu = torch.linalg.lu_factor(glp.to_manifold(Z.detach(), glp_base))[0].requires_grad_()  # a packed LU of the same size
+
+    def density(make):
+        def step():
+            y, ladj = make().call_and_ladj(x)
+            return torch.autograd.grad(y.square().sum() + ladj.sum(), [Z] if make is not lu_t else [lu])
+        return step
+
+    so_t = lambda: GFLinear(so, Z)
+    rot_t = lambda: zuko.transforms.RotationTransform(torch.tril(Z, -1))  # the same matrix as so_t
+    glp_t = lambda: GFLinear(glp, Z, glp_base)
+    lu_t = lambda: zuko.transforms.LULinearTransform(lu)
+    rows.append(b.run(f"flow layer SO({n}), density", f"{n}×{n}, batch {batch}", n,
+                      {GF: density(so_t), "zuko Rotation": density(rot_t)},
+                      note="y = W x, log|det W| and their backward; zuko RotationTransform = expm(A − Aᵀ) by torch.linalg.matrix_exp"))
+    rows.append(b.run(f"flow layer GLp({n}), density", f"{n}×{n}, batch {batch}", n,
+                      {GF: density(glp_t), "zuko LULinear": density(lu_t)},
+                      note="GLp: two SO charts + Σ log f(sᵢ); zuko LULinearTransform: W = L U (one matmul), Σ log|Lᵢᵢ|"))
+    with torch.no_grad():
+        rows.append(b.run(f"flow layer SO({n}), sampling", f"{n}×{n}, batch {batch}", n,
+                          {GF: lambda: so_t().inv(x), "zuko Rotation": lambda: rot_t().inv(x)},
+                          note="the inverse map: Wᵀ y for both"))
+        rows.append(b.run(f"flow layer GLp({n}), sampling", f"{n}×{n}, batch {batch}", n,
+                          {GF: lambda: glp_t().inv(x), "zuko LULinear": lambda: lu_t().inv(x), "GLp + solve": lambda: torch.linalg.solve(glp.to_manifold(Z, glp_base), x.mT)},
+                          note="geofunc: V diag(1/σ) Uᵀ y from rebase's frames; zuko: two triangular solves; 'GLp + solve': the LU route on geofunc's matrix"))
+    return rows
+
+
 # ------------------------------------------------------------------ training steps
 def _mlp(width: int, depth: int, device, dtype) -> torch.nn.Sequential:
     layers: list[torch.nn.Module] = []
@@ -650,6 +697,9 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if want("hurwitz"):
         for n in ([16] if q else ([64, 256, 1024] if cuda else [64, 256])):
             hurwitz_case(b, n)
+    if want("zuko"):
+        for n in ([16] if q else ([256, 1024] if cuda else [64, 256])):
+            zuko_cases(b, n, 64 if q else 256)
     elapsed = time.perf_counter() - t0
     write_results(b, out, args, elapsed)
     msg = plot(b, png)

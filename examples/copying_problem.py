@@ -14,7 +14,7 @@ the time loop (what ``cached()`` does in GeoTorch). ``base`` starts at a random 
 diagonal rotation (Henaff initialization). With ``--rgd`` the optimizer is SGD with a
 ``rebase`` after every step, i.e. Riemannian gradient descent.
 
-Run:    python examples/copying_problem.py                       # L = 100, about a minute on CPU
+Run:    python examples/copying_problem.py                       # L = 100: about 1.5 minutes on one CPU core
         python examples/copying_problem.py --L 1000 --hidden 190 --iters 4000 --batch 128   # paper size
 """
 

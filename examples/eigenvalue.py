@@ -52,16 +52,22 @@ def main(argv=None) -> float:
     t_eig = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bar = tqdm(range(1, args.max_iters + 1), desc="Riemannian ascent", unit="it")
-    for it in bar:
+    bar = tqdm(total=args.max_iters, desc="Riemannian ascent", unit="it")
+    for it in range(1, args.max_iters + 1):
         z = z.detach().requires_grad_()
         f = rayleigh(z, base)
         (gz,) = torch.autograd.grad(f, z)
         with torch.no_grad():
             z, base = S.rebase(z + lr * gz, base)  # ascent step on z, then re-centre at the new point
         est = f.item()
+        bar.update(1)
         bar.set_postfix(estimate=f"{est:.4f}", error=f"{abs(est - lam_true):.1e}")
         if abs(est - lam_true) <= args.tol:
+            # Converged early: end the bar full at this iteration ("7/7", not "7/500", which
+            # reads as an abort).
+            bar.total = it
+            bar.set_description("Riemannian ascent: converged")
+            bar.refresh()
             break
     bar.close()
     t_opt = time.perf_counter() - t0

@@ -28,3 +28,17 @@ SEED = 20240607
 def generator() -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with a fixed seed (fresh for every test)."""
     return torch.Generator().manual_seed(SEED)
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory: pytest.TempPathFactory):
+    """The documentation site, built once per session with ``mkdocs build --strict``
+    (``tests/site_tools.py``). Returns ``(site_dir, completed_process)``; a failed build is
+    reported by ``tests/test_docs.py::test_mkdocs_build_strict``."""
+    from site_tools import build_site, missing_doc_plugins, require
+
+    missing = missing_doc_plugins()
+    require(not missing, f"the docs tool chain is not installed (pip install -e .[docs]): missing {missing}")
+    work = tmp_path_factory.mktemp("docs-build")
+    proc = build_site(work / "site", work)
+    return work / "site", proc

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import os
 import re
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
@@ -18,33 +14,17 @@ import geofunc.optim
 import geofunc.testing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOC_PLUGINS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "mkdocs_jupyter")
 
 
-def _missing_plugins() -> list[str]:
-    missing = []
-    for name in DOC_PLUGINS:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
-@pytest.mark.skipif(bool(_missing_plugins()), reason="the docs tool chain is not installed (pip install -e .[docs])")
-def test_mkdocs_build_strict(tmp_path: pathlib.Path) -> None:
-    """``mkdocs build --strict``: a broken link, reference or docstring is an error."""
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env,  # mkdocs-jupyter's .cache/ lands in tmp_path
-    )
+def test_mkdocs_build_strict(built_site) -> None:
+    """``mkdocs build --strict``: a broken link, reference or docstring is an error.
+    (The site is built once per session by the ``built_site`` fixture; tests/test_site.py
+    checks what it contains and how a browser renders it.)"""
+    site, proc = built_site
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr[-6000:]}"
-    assert (tmp_path / "site" / "index.html").exists()
+    assert (site / "index.html").exists()
     for page in ("spaces/orthogonal", "api/optim", "notebooks/quickstart"):
-        assert (tmp_path / "site" / page / "index.html").exists(), page
+        assert (site / page / "index.html").exists(), page
 
 
 def _own_doc(obj: object) -> str | None:

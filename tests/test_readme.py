@@ -15,7 +15,8 @@ def test_readme_block_runs(index):
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
 
 
-def test_demo_runs(capsys):
+def test_demo_runs(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["examples/demo.py"])  # the demo parses its command line
     runpy.run_path(str(ROOT / "examples" / "demo.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "all on the manifold = True" in out
