@@ -292,6 +292,14 @@ def test_hurwitz_alpha_is_assignable_and_checked():
         M.right_inverse(X)
     with pytest.raises(ValueError):
         gnn.Hurwitz((4, 4), alpha=-0.1)
+    # GeoTorch's factors of a point, with Q = I here
+    M = gnn.Hurwitz((2, 4, 4), alpha=0.2)
+    A = M.sample().double()
+    Q, Pinv, S = M.submersion_inv(A)
+    torch.testing.assert_close(Pinv @ (S - 0.5 * Q) - 0.2 * torch.eye(4, dtype=A.dtype), A, atol=1e-10, rtol=0)
+    assert bool((torch.linalg.eigvalsh(Pinv) > 0).all()) and torch.equal(S, -S.mT)
+    with pytest.raises(gnn.InManifoldError):
+        M.submersion_inv(torch.eye(4).expand(2, 4, 4))
 
 
 # ----------------------------------------------------------------------------- errors at GeoTorch's places

@@ -25,6 +25,7 @@ from torch import nn
 from .. import spaces as S
 from .._errors import ManifoldError
 from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
+from ..spaces._hurwitz import lyapunov
 from ._adapter import Parametrization
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 
@@ -123,13 +124,16 @@ def _eig_factors(L: Tensor, Q: Tensor) -> Tensor:
 
 def _as_matrix(X: Any) -> Any:
     """A factorized sample (``(U, S, V)`` with ``U diag(S) Vᵀ`` the matrix, or ``(L, Q)`` with
-    ``Q diag(L) Qᵀ``) multiplied out; anything else as is."""
+    ``Q diag(L) Qᵀ``) multiplied out; anything else as is. Tensors are detached: membership
+    tests and inverses take no gradient (and reading a verdict from a tensor that requires
+    grad would warn)."""
     if isinstance(X, (tuple, list)) and all(isinstance(t, Tensor) for t in X):
+        X = tuple(t.detach() for t in X)
         if len(X) == 3:
             return _svd_factors(*X)
         if len(X) == 2:
             return _eig_factors(*X)
-    return X
+    return X.detach() if isinstance(X, Tensor) else X
 
 
 # Note [update_base on the class]
@@ -684,10 +688,10 @@ class Symmetric(_Triangle):
         At registration (``X`` is the registered ``nn.Parameter`` itself) any values are kept, as
         GeoTorch does; an assigned value must be symmetric (:class:`InManifoldError` otherwise).
         """
+        registering = isinstance(X, nn.Parameter)
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
-        registering = isinstance(X, nn.Parameter)
         if check_in_manifold and not registering and not X.is_meta and not self._in(X, 1.0, 1e-6):
             raise InManifoldError(X, self, "X is not symmetric")
         try:
@@ -1258,6 +1262,19 @@ class Hurwitz(_Manifold):
     def right_inverse(self, A: Any, check_in_manifold: bool = True) -> Tensor:
         """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
         return super().right_inverse(A, check_in_manifold)
+
+    def submersion_inv(self, A: Tensor, check_in_manifold: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """GeoTorch's factors ``(Q, P⁻¹, S)`` of ``A = P⁻¹(−Q/2 + S) − αI``, here with ``Q = I``
+        (``P`` from the O(n³) Lyapunov solve); :class:`InManifoldError` off the space."""
+        if check_in_manifold and not self.in_manifold_eigen(A):
+            raise InManifoldError(A, self, self._why(A))
+        with torch.no_grad():
+            B = A + self.alpha * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+            P, _ = lyapunov(B)
+            PB = P @ B
+            S = 0.5 * (PB - PB.transpose(-2, -1))
+            eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+            return eye.clone(), torch.linalg.inv(P), S
 
     def in_manifold_eigen(self, X: Any, eps: float = 1e-6) -> bool:
         """``max Re λ(X) ≤ −alpha + eps`` over the batch."""
