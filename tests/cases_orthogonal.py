@@ -1,11 +1,12 @@
 """Conformance cases of the orthogonal family (SO, Stiefel, Grassmannian).
 
-Membership predicates are written with ``torch.linalg`` independently of the spaces'
-own ``contains``/``_violations``.
+Membership predicates, dimensions, boundary perturbations and sample moments come from
+``tests/reference.py`` (written with ``torch.linalg``, independently of the spaces).
 """
 
 from __future__ import annotations
 
+import reference as ref
 import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL_LOOSE
 
@@ -15,15 +16,8 @@ from geofunc.testing import SpaceCase
 Tensor = torch.Tensor
 
 
-def _orthonormal(X: Tensor, atol: float) -> Tensor:
-    Xt = X if X.shape[-2] >= X.shape[-1] else X.mT
-    k = Xt.shape[-1]
-    gram = Xt.mT @ Xt
-    return torch.linalg.matrix_norm(gram - torch.eye(k, dtype=X.dtype), ord=2) <= atol
-
-
-def _special_orthogonal(X: Tensor, atol: float) -> Tensor:
-    return _orthonormal(X, atol) & (torch.linalg.det(X) > 0.5)
+_orthonormal = ref.orthonormal
+_special_orthogonal = ref.special_orthogonal
 
 
 def _scale(X: Tensor) -> Tensor | None:
@@ -37,6 +31,13 @@ def _flip(X: Tensor) -> Tensor:
 def _linearized_stiefel(X: Tensor, V: Tensor) -> Tensor:
     Xt, Vt = (X, V) if X.shape[-2] >= X.shape[-1] else (X.mT, V.mT)
     return Xt.mT @ Vt + Vt.mT @ Xt
+
+
+def _horizontal(X: Tensor, V: Tensor) -> Tensor:
+    """The Grassmannian's tangent (horizontal) vectors at a frame ``X``: ``XᵀV = 0``, stronger
+    than the Stiefel condition ``XᵀV + VᵀX = 0``."""
+    Xt, Vt = (X, V) if X.shape[-2] >= X.shape[-1] else (X.mT, V.mT)
+    return Xt.mT @ Vt
 
 
 # The chart applies expm/Cayley to raw tensors of scale 100 too: float32 rounding there is
@@ -53,6 +54,9 @@ ORTHOGONAL_CASES = [
         linearized=_linearized_stiefel,
         has_logabsdet=True,
         smoke_shape=(3, 3),
+        dim=ref.dim_skew,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_so,
     ),
     SpaceCase(
         "SO-cayley",
@@ -65,6 +69,9 @@ ORTHOGONAL_CASES = [
         linearized=_linearized_stiefel,
         has_logabsdet=True,
         smoke_shape=(3, 3),
+        dim=ref.dim_skew,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_so,
     ),
     SpaceCase(
         "Stiefel",
@@ -76,6 +83,9 @@ ORTHOGONAL_CASES = [
         off_manifold=_scale,
         linearized=_linearized_stiefel,
         smoke_shape=(5, 2),
+        dim=ref.dim_stiefel,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_frames,
     ),
     SpaceCase(
         "Stiefel-cayley",
@@ -87,6 +97,9 @@ ORTHOGONAL_CASES = [
         off_manifold=_scale,
         linearized=_linearized_stiefel,
         smoke_shape=(5, 2),
+        dim=ref.dim_stiefel,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_frames,
     ),
     SpaceCase(
         "Grassmannian",
@@ -96,7 +109,11 @@ ORTHOGONAL_CASES = [
         rebase_zeroes=True,
         tol=TOL_LOOSE,
         off_manifold=_scale,
-        linearized=_linearized_stiefel,
+        linearized=_horizontal,
         smoke_shape=(5, 2),
+        dim=ref.dim_grassmannian,
+        quotient=True,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_frames,
     ),
 ]

@@ -1,8 +1,9 @@
 """Conformance cases of the rank family (LowRank, FixedRank, GLp, AlmostOrthogonal, PSD, PSSD,
 PSSDLowRank, PSSDFixedRank, Product).
 
-Owner: rank engineer. Membership predicates use ``torch.linalg`` (``svdvals``, ``eigvalsh``,
-``slogdet``) independently of the spaces' own ``contains``. ``Product`` points are tuples, which
+Membership predicates, dimensions, boundary perturbations and sample moments come from
+``tests/reference.py`` (``torch.linalg``: ``svdvals``, ``eigvalsh``, ``slogdet``, independently of
+the spaces' own ``contains``). ``Product`` points are tuples, which
 the tensor-based suite cannot draw, so it runs through ``_Columns``: a test adapter that lays the
 factors side by side as column blocks of one tensor and calls ``Product``'s maps on the blocks.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import reference as ref
 import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, TOL
 
@@ -26,54 +28,11 @@ EXP = (torch.exp, torch.log)
 
 
 # ------------------------------------------------------------------ membership predicates
-def _scale(s: Tensor) -> Tensor:
-    return s[..., :1].clamp(min=1.0)
-
-
-def _low_rank(r: int):
-    def member(X: Tensor, atol: float) -> Tensor:
-        s = torch.linalg.svdvals(X)
-        return (s[..., r:] <= atol * _scale(s)).all(-1)
-
-    return member
-
-
-def _fixed_rank(r: int):
-    low = _low_rank(r)
-
-    def member(X: Tensor, atol: float) -> Tensor:
-        return low(X, atol) & (torch.linalg.svdvals(X)[..., r - 1] > 0)
-
-    return member
-
-
-def _glp(X: Tensor, atol: float) -> Tensor:
-    return (torch.linalg.svdvals(X)[..., -1] > 0) & (torch.linalg.slogdet(X)[0] > 0)
-
-
-def _almost_orthogonal(lam: float):
-    def member(X: Tensor, atol: float) -> Tensor:
-        s = torch.linalg.svdvals(X)
-        return ((s - 1.0).abs() <= lam + atol).all(-1)
-
-    return member
-
-
-def _pssd(r: int | None = None, positive: bool = False):
-    def member(X: Tensor, atol: float) -> Tensor:
-        n = X.shape[-1]
-        rr = n if r is None else r
-        lam = torch.linalg.eigvalsh(0.5 * (X + X.mT))
-        scale = lam.abs().amax(-1).clamp(min=1.0)
-        ok = (X - X.mT).abs().amax((-2, -1)) <= atol * scale
-        ok = ok & (lam[..., 0] >= -atol * scale)
-        if rr < n:
-            ok = ok & (lam[..., : n - rr].abs().amax(-1) <= atol * scale)
-        if positive:
-            ok = ok & (lam[..., n - rr] > 0)
-        return ok
-
-    return member
+_low_rank = ref.low_rank
+_fixed_rank = ref.fixed_rank
+_glp = ref.glp
+_almost_orthogonal = ref.almost_orthogonal
+_pssd = ref.pssd
 
 
 # ------------------------------------------------------------------- off-manifold inputs
@@ -186,56 +145,113 @@ def _product_off(X: Tensor) -> Tensor:
     return torch.cat([_negate_first_row(X[..., :3]), X[..., 3:]], dim=-1)
 
 
+def _product_dim(ps: tuple[int, ...]) -> int:
+    return ref.dim_full((3, 3)) + ref.dim_psd_rank()((3, 3)) + ref.dim_rank(1)((3, 2)) + ref.dim_full((3, 4))
+
+
+def _product_perturb(X: Tensor, a: float) -> Tensor:
+    """The LowRank(1) factor (columns 6:8) off by ``a`` (the other factors are open sets)."""
+    return torch.cat([X[..., :6], ref.perturb_rank(1)(X[..., 6:8], a), X[..., 8:]], dim=-1)
+
+
+def _product_moments(X: Tensor) -> dict:
+    """Independent factors, each with its own documented distribution."""
+    parts = _PRODUCT._split(X)
+    out = {}
+    for name, fn, x in (("GLp", ref.moments_rank(det_positive=True), parts[0]), ("PSD", ref.moments_psd(), parts[1]),
+                        ("LowRank(1)", ref.moments_rank(1), parts[2]),
+                        ("AlmostOrthogonal(0.5)", ref.moments_almost_orthogonal(0.5), parts[3])):
+        out.update({f"{name}: {k}": v for k, v in fn(x).items()})
+    return out
+
+
 _SQUARE_FULL = ((1, 1), (2, 2), (3, 3), (2, 3, 3))
 _RANK2 = ((4, 4), (6, 3), (3, 6), (2, 3, 5, 2))
+
+# Open sets: `project` clamps values up to max(floor, √ε·σ₁) (and flips the sign of the smallest
+# for det < 0): the nearest point of the closure pushed inside by that margin, not a nearest point.
+_OPEN = "an open set: project returns the nearest point of the closure pushed inside by the floor, so Y − project(Y) is not normal to a tangent space"
+_BOUNDARY = "a set with boundary: project(Y) of a Gaussian Y lands on the boundary (clipped values), where the normal cone is not the normal space"
+_SINGULAR = "project(Y) of a Gaussian Y may have rank < r, a singular point of the rank ≤ r set where `tangent` is not its tangent space"
+_NO_TOL = "an open set whose membership (σ_min above the floor of f; GLp: det > 0) has no tolerance-sized boundary"
+_SLACK = 1e-6  # the float64 clamp level √ε·max(1, σ₁) ~ 1.5e-8 σ₁ per value, relative to ‖Y‖
+# softplus + ε with ε = √ε_dtype: the float32 map differs from the float64 one by ~3.5e-4 by design.
+_SOFTPLUS = 2e-3
 
 RANK_CASES: list[SpaceCase] = [
     # ------------------------------------------------------------------ SVD type
     SpaceCase("LowRank-1", gf.LowRank(rank=1), SHAPES_MATRIX, _low_rank(1), TOL, off_manifold=_raise_rank(1),
-              smoke_shape=(4, 3)),
+              smoke_shape=(4, 3), dim=ref.dim_rank(1), perturb=ref.perturb_rank(1), moments=ref.moments_rank(1)),
     SpaceCase("LowRank-2", gf.LowRank(rank=2), _RANK2, _low_rank(2), TOL, off_manifold=_raise_rank(2),
-              smoke_shape=(4, 3)),
+              smoke_shape=(4, 3), dim=ref.dim_rank(2), perturb=ref.perturb_rank(2), moments=ref.moments_rank(2)),
     SpaceCase("LowRank-2-cayley", gf.LowRank(rank=2, triv="cayley"), ((5, 3), (3, 5)), _low_rank(2), TOL,
-              off_manifold=_raise_rank(2), smoke_shape=(4, 3)),
+              off_manifold=_raise_rank(2), smoke_shape=(4, 3), dim=ref.dim_rank(2), perturb=ref.perturb_rank(2),
+              moments=ref.moments_rank(2)),
     SpaceCase("LowRank-full", gf.LowRank(rank=3), ((3, 3), (2, 3, 3)), _low_rank(3), TOL, has_logabsdet=True,
-              smoke_shape=(3, 3)),
+              smoke_shape=(3, 3), dim=ref.dim_full, moments=ref.moments_rank(3),
+              skip={"membership": "rank ≤ 3 on 3×3 matrices is every matrix: no tolerance to flip at"}),
     SpaceCase("FixedRank-1", gf.FixedRank(rank=1), SHAPES_MATRIX, _fixed_rank(1), TOL, off_manifold=_zero,
-              smoke_shape=(4, 3)),
+              smoke_shape=(4, 3), dim=ref.dim_rank(1), perturb=ref.perturb_rank(1), moments=ref.moments_rank(1, det_positive=None),
+              project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
     SpaceCase("FixedRank-2", gf.FixedRank(rank=2), ((2, 2), *_RANK2), _fixed_rank(2), TOL, off_manifold=_zero,
-              smoke_shape=(4, 3)),
-    SpaceCase("FixedRank-square", gf.FixedRank(rank=3), ((3, 3), (2, 3, 3)), _glp, TOL,
-              off_manifold=_negate_first_row, has_logabsdet=True, smoke_shape=(3, 3)),
+              smoke_shape=(4, 3), dim=ref.dim_rank(2), perturb=ref.perturb_rank(2), moments=ref.moments_rank(2, det_positive=None),
+              project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
+    SpaceCase("FixedRank-square", gf.FixedRank(rank=3), ((3, 3), (2, 3, 3)), _fixed_rank(3), TOL,
+              off_manifold=_zero, has_logabsdet=True, smoke_shape=(3, 3), dim=ref.dim_full,
+              moments=ref.moments_rank(3, det_positive=None), project_slack=_SLACK,
+              float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN, "membership": _NO_TOL}),
     SpaceCase("FixedRank-exp", gf.FixedRank(rank=2, f=EXP), ((4, 3), (2, 5)), _fixed_rank(2), TOL,
-              off_manifold=_zero, raw_scales=(1.0,), smoke_shape=(4, 3)),
+              off_manifold=_zero, raw_scales=(1.0,), smoke_shape=(4, 3), dim=ref.dim_rank(2),
+              perturb=ref.perturb_rank(2), moments=ref.moments_rank(2), project_slack=_SLACK,
+              skip={"project_normal": _OPEN}),
     SpaceCase("GLp", gf.GLp(), SHAPES_SQUARE, _glp, TOL, off_manifold=_negate_first_row, has_logabsdet=True,
-              smoke_shape=(3, 3)),
+              smoke_shape=(3, 3), dim=ref.dim_full, moments=ref.moments_rank(det_positive=True), project_slack=_SLACK,
+              float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN, "membership": _NO_TOL}),
     SpaceCase("GLp-exp-cayley", gf.GLp(f=EXP, triv="cayley"), _SQUARE_FULL, _glp, TOL,
-              off_manifold=_negate_first_row, has_logabsdet=True, raw_scales=(1.0,), smoke_shape=(3, 3)),
+              off_manifold=_negate_first_row, has_logabsdet=True, raw_scales=(1.0,), smoke_shape=(3, 3),
+              dim=ref.dim_full, moments=ref.moments_rank(det_positive=True), project_slack=_SLACK,
+              skip={"project_normal": _OPEN, "membership": _NO_TOL}),
     SpaceCase("AlmostOrthogonal", gf.AlmostOrthogonal(lam=0.5), SHAPES_MATRIX, _almost_orthogonal(0.5), TOL,
-              off_manifold=_times4, smoke_shape=(4, 3)),
+              off_manifold=_times4, smoke_shape=(4, 3), dim=ref.dim_full,
+              perturb=ref.perturb_singular_band(0.5), moments=ref.moments_almost_orthogonal(0.5),
+              skip={"project_normal": _BOUNDARY}),
     SpaceCase("AlmostOrthogonal-square", gf.AlmostOrthogonal(lam=0.3, f="sigmoid"), _SQUARE_FULL,
-              _almost_orthogonal(0.3), TOL, off_manifold=_times4, has_logabsdet=True, smoke_shape=(3, 3)),
+              _almost_orthogonal(0.3), TOL, off_manifold=_times4, has_logabsdet=True, smoke_shape=(3, 3),
+              dim=ref.dim_full, perturb=ref.perturb_singular_band(0.3),
+              moments=ref.moments_almost_orthogonal(0.3), skip={"project_normal": _BOUNDARY}),
     SpaceCase("AlmostOrthogonal-0", gf.AlmostOrthogonal(lam=0.0), ((1, 1), (4, 4), (5, 2), (2, 5), (2, 3, 4, 3)),
-              _almost_orthogonal(0.0), TOL, off_manifold=_times4, smoke_shape=(4, 3)),
+              _almost_orthogonal(0.0), TOL, off_manifold=_times4, smoke_shape=(4, 3), dim=ref.dim_stiefel,
+              perturb=ref.perturb_singular_band(0.0), moments=ref.moments_almost_orthogonal(0.0)),
     SpaceCase("AlmostOrthogonal-1-tanh", gf.AlmostOrthogonal(lam=1.0, f="tanh"), ((3, 3), (5, 2), (2, 5)),
-              _almost_orthogonal(1.0), TOL, off_manifold=_times4, smoke_shape=(4, 3)),
+              _almost_orthogonal(1.0), TOL, off_manifold=_times4, smoke_shape=(4, 3), dim=ref.dim_full,
+              perturb=ref.perturb_singular_band(1.0), moments=ref.moments_almost_orthogonal(1.0),
+              skip={"project_normal": _BOUNDARY}),
     # ---------------------------------------------------------------- eigen type
     SpaceCase("PSD", gf.PSD(), SHAPES_SQUARE, _pssd(positive=True), TOL, off_manifold=_negate, has_logabsdet=True,
-              smoke_shape=(3, 3)),
+              smoke_shape=(3, 3), dim=ref.dim_psd_rank(), perturb=ref.perturb_spectral_symmetry,
+              moments=ref.moments_psd(), project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
     SpaceCase("PSD-exp-cayley", gf.PSD(f=EXP, triv="cayley"), _SQUARE_FULL, _pssd(positive=True), TOL,
-              off_manifold=_negate, has_logabsdet=True, raw_scales=(1.0,), smoke_shape=(3, 3)),
+              off_manifold=_negate, has_logabsdet=True, raw_scales=(1.0,), smoke_shape=(3, 3),
+              dim=ref.dim_psd_rank(), perturb=ref.perturb_spectral_symmetry, moments=ref.moments_psd(),
+              project_slack=_SLACK, skip={"project_normal": _OPEN}),
     SpaceCase("PSSD", gf.PSSD(), SHAPES_SQUARE, _pssd(), TOL, off_manifold=_negate, has_logabsdet=True,
-              smooth=False, smoke_shape=(3, 3)),
+              smooth=False, smoke_shape=(3, 3), dim=ref.dim_psd_rank(), perturb=ref.perturb_psd(),
+              moments=ref.moments_psd(), skip={"project_normal": _BOUNDARY}),
     SpaceCase("PSSDLowRank-1", gf.PSSDLowRank(rank=1), SHAPES_SQUARE, _pssd(1), TOL, off_manifold=_negate,
-              smooth=False, smoke_shape=(3, 3)),
+              smooth=False, smoke_shape=(3, 3), dim=ref.dim_psd_rank(1), perturb=ref.perturb_psd(1),
+              moments=ref.moments_psd(1), skip={"project_normal": _SINGULAR}),
     SpaceCase("PSSDLowRank-2", gf.PSSDLowRank(rank=2), ((2, 2), (4, 4), (2, 3, 5, 5)), _pssd(2), TOL,
-              off_manifold=_negate, smooth=False, smoke_shape=(4, 4)),
+              off_manifold=_negate, smooth=False, smoke_shape=(4, 4), dim=ref.dim_psd_rank(2),
+              perturb=ref.perturb_psd(2), moments=ref.moments_psd(2), skip={"project_normal": _SINGULAR}),
     SpaceCase("PSSDFixedRank-2", gf.PSSDFixedRank(rank=2), ((2, 2), (4, 4), (2, 3, 5, 5)), _pssd(2, positive=True),
-              TOL, off_manifold=_negate, smoke_shape=(4, 4)),
+              TOL, off_manifold=_negate, smoke_shape=(4, 4), dim=ref.dim_psd_rank(2), perturb=ref.perturb_psd_fixed(2),
+              moments=ref.moments_psd(2), project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
     SpaceCase("PSSDFixedRank-full", gf.PSSDFixedRank(rank=3), ((3, 3), (2, 3, 3)), _pssd(3, positive=True), TOL,
-              off_manifold=_negate, has_logabsdet=True, smoke_shape=(3, 3)),
+              off_manifold=_negate, has_logabsdet=True, smoke_shape=(3, 3), dim=ref.dim_psd_rank(),
+              perturb=ref.perturb_psd_fixed(3), moments=ref.moments_psd(3), project_slack=_SLACK,
+              float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
     # ---------------------------------------------------------------------- Product
     SpaceCase("Product", _PRODUCT, ((3, 12), (2, 3, 12)), _product_member, TOL, off_manifold=_product_off,
-              smoke_shape=(3, 12)),
+              smoke_shape=(3, 12), dim=_product_dim, perturb=_product_perturb, moments=_product_moments,
+              project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
 ]
-

@@ -1,13 +1,14 @@
 """Conformance cases of the vector spaces: Rn, Sym, Skew, Sphere, Oblique.
 
-Membership predicates are written with ``torch.linalg`` independently of the spaces'
-own ``contains``/``_violations``.
+Membership predicates, dimensions, boundary perturbations and sample moments come from
+``tests/reference.py`` (written with ``torch.linalg``, independently of the spaces).
 """
 
 from __future__ import annotations
 
 import math
 
+import reference as ref
 import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, SHAPES_VECTOR, TOL
 
@@ -18,29 +19,11 @@ from geofunc.testing import SpaceCase
 Tensor = torch.Tensor
 
 
-def _finite(X: Tensor, atol: float) -> Tensor:
-    return torch.isfinite(X)
-
-
-def _symmetric(X: Tensor, atol: float) -> Tensor:
-    err = torch.linalg.matrix_norm(X - X.mT, ord=math.inf)
-    return err <= atol * torch.linalg.matrix_norm(X, ord=math.inf).clamp(min=1.0)
-
-
-def _skew(X: Tensor, atol: float) -> Tensor:
-    err = torch.linalg.matrix_norm(X + X.mT, ord=math.inf)
-    return err <= atol * torch.linalg.matrix_norm(X, ord=math.inf).clamp(min=1.0)
-
-
-def _on_sphere(radius: float):
-    def member(X: Tensor, atol: float) -> Tensor:
-        return (torch.linalg.vector_norm(X, dim=-1) - radius).abs() <= atol * radius
-
-    return member
-
-
-def _unit_columns(X: Tensor, atol: float) -> Tensor:
-    return ((torch.linalg.vector_norm(X, dim=-2) - 1.0).abs() <= atol).all(-1)
+_finite = ref.finite
+_symmetric = ref.symmetric
+_skew = ref.skew
+_on_sphere = ref.on_sphere
+_unit_columns = ref.unit_columns
 
 
 def _break_symmetry(X: Tensor) -> Tensor | None:
@@ -62,6 +45,9 @@ VECTOR_CASES = [
         tol=TOL,
         off_manifold=lambda X: torch.full_like(X, math.inf),
         smoke_shape=(2, 3),
+        dim=ref.dim_rn,
+        moments=ref.moments_rn,
+        skip={"membership": "every finite tensor is a point: membership has no tolerance to flip at"},
     ),
     SpaceCase(
         "Sym",
@@ -71,6 +57,9 @@ VECTOR_CASES = [
         tol=TOL,
         off_manifold=_break_symmetry,
         smoke_shape=(3, 3),
+        dim=ref.dim_sym,
+        perturb=ref.perturb_symmetry,
+        moments=ref.moments_sym,
     ),
     SpaceCase(
         "Sym-upper",
@@ -80,6 +69,9 @@ VECTOR_CASES = [
         tol=TOL,
         off_manifold=_break_symmetry,
         smoke_shape=(3, 3),
+        dim=ref.dim_sym,
+        perturb=ref.perturb_symmetry,
+        moments=ref.moments_sym,
     ),
     SpaceCase(
         "Skew",
@@ -89,6 +81,9 @@ VECTOR_CASES = [
         tol=TOL,
         off_manifold=_break_skew,
         smoke_shape=(3, 3),
+        dim=ref.dim_skew,
+        perturb=ref.perturb_skew,
+        moments=ref.moments_skew,
     ),
     SpaceCase(
         "Skew-upper",
@@ -98,6 +93,9 @@ VECTOR_CASES = [
         tol=TOL,
         off_manifold=_break_skew,
         smoke_shape=(3, 3),
+        dim=ref.dim_skew,
+        perturb=ref.perturb_skew,
+        moments=ref.moments_skew,
     ),
     SpaceCase(
         "Sphere",
@@ -108,6 +106,9 @@ VECTOR_CASES = [
         rebase_zeroes=True,
         off_manifold=lambda X: 1.5 * X,
         smoke_shape=(2, 4),
+        dim=ref.dim_sphere,
+        perturb=ref.perturb_norm,
+        moments=ref.moments_sphere(1.0),
     ),
     SpaceCase(
         "Sphere-r2.5",
@@ -118,6 +119,9 @@ VECTOR_CASES = [
         rebase_zeroes=True,
         off_manifold=lambda X: 0.5 * X,
         smoke_shape=(2, 4),
+        dim=ref.dim_sphere,
+        perturb=ref.perturb_norm,
+        moments=ref.moments_sphere(2.5),
     ),
     SpaceCase(
         "Oblique",
@@ -128,6 +132,9 @@ VECTOR_CASES = [
         rebase_zeroes=True,
         off_manifold=lambda X: 1.5 * X,
         smoke_shape=(4, 3),
+        dim=ref.dim_oblique,
+        perturb=ref.perturb_norm,
+        moments=ref.moments_oblique,
     ),
 ]
 
@@ -143,5 +150,8 @@ VECTOR_CASES.append(
         off_manifold=lambda X: 0.5 * X,
         defined_at_zero=False,
         smoke_shape=(2, 4),
+        dim=ref.dim_sphere,
+        perturb=ref.perturb_norm,
+        moments=ref.moments_sphere(2.0),
     )
 )

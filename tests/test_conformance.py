@@ -26,3 +26,39 @@ def _params():
 @pytest.mark.parametrize(("case", "prop", "dtype"), list(_params()))
 def test_conformance(case: SpaceCase, prop: Property, dtype: torch.dtype, generator: torch.Generator) -> None:
     prop.fn(case, dtype, generator=generator)
+
+
+def test_cases_skip_only_known_properties_with_a_reason() -> None:
+    names = {p.name for p in PROPERTIES}
+    for case in CASES:
+        assert set(case.skip) <= names, (case.id, sorted(set(case.skip) - names))
+        assert all(isinstance(r, str) and r.strip() for r in case.skip.values()), case.id
+
+
+def test_builtin_cases_pin_their_geometry() -> None:
+    """Every case of the built-in spaces gives its dimension and sample moments, and a boundary
+    perturbation unless membership has no tolerance (then a reason): no property is left out
+    silently for them."""
+    from cases_orthogonal import ORTHOGONAL_CASES
+    from cases_rank import RANK_CASES
+    from cases_vector import VECTOR_CASES
+
+    for case in (*VECTOR_CASES, *ORTHOGONAL_CASES, *RANK_CASES):
+        assert case.dim is not None and case.moments is not None, case.id
+        assert case.perturb is not None or "membership" in case.skip, case.id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "case_id, shape", [("Sphere", (3, 1024)), ("Stiefel", (300, 4)), ("Oblique", (2, 256, 3)), ("LowRank-2", (260, 6))]
+)
+def test_membership_tolerance_grows_with_the_size(case_id: str, shape: tuple, dtype: torch.dtype, generator) -> None:
+    """The documented tolerance grows like √(size/64) above 64 (README, "Tolerances"): at these sizes
+    (factors 2 to 4) ``check_membership`` flips at the grown tolerance, not at the base one."""
+    import dataclasses
+
+    from cases import CASES
+    from geofunc.testing import check_membership
+
+    case = next(c for c in CASES if c.id == case_id)
+    check_membership(dataclasses.replace(case, shapes=(shape,)), dtype, generator=generator)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from helpers import TIGHT
+from reference import member
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import geofunc as gf
@@ -280,8 +281,8 @@ def test_long_rebase_runs_do_not_drift(generator):
 def test_sphere_large_raw_input_stays_on_the_sphere(generator):
     S = gf.Sphere()
     Z = 1e4 * torch.randn(100, 7, generator=generator)
-    assert bool(S.contains(S.to_manifold(Z)).all())
-    assert bool(gf.Oblique().contains(gf.Oblique().to_manifold(Z)).all())
+    assert member(S, S.to_manifold(Z))
+    assert member(gf.Oblique(), gf.Oblique().to_manifold(Z))
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-42, 1e20, 1e30])

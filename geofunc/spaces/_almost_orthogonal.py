@@ -32,8 +32,9 @@ class AlmostOrthogonal(SVDSpace):
     * ``from_manifold``: SVD, ``s = f⁻¹((σ − 1)/λ)`` (0 if λ = 0); ``rebase`` keeps ``diag(Z)``.
     * ``tangent``: ``G`` for λ > 0 (the set has interior), Stiefel's ``G − X sym(XᵀG)`` for λ = 0;
       ``project(Y)`` = ``U clamp(σ, 1 − λ, 1 + λ) Vᵀ``, the nearest point (the polar factor for λ = 0);
-      ``retract(X, V) = project(X + V)``. ``sample``: Haar frames, singular values spread over
-      [1 − 0.9λ, 1 + 0.9λ].
+      ``retract(X, V) = project(X + V)``. ``sample``: ``U diag(σ) Vᵀ`` with independent Haar
+      frames and ``σ_i = 1 + 0.9λ(2t_i − 1)``, ``t_i`` independent and uniform on
+      ``((r − i + ½)/r, (r − i + 1)/r]``, i = 1..r, r = min(n, k) (spread over [1 − 0.9λ, 1 + 0.9λ]).
     * ``logabsdet`` (square only) ``= Σ log|1 + λ f(sᵢ)|``.
 
     Example::

@@ -43,7 +43,8 @@ class FixedRank(PositiveValues, SVDSpace):
     * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε, √ε·σ₁)``
       (square full rank: the smallest sign-flipped when ``det < 0``): a canonical point, the
       set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));
-      ``retract(X, V) = project(X + V)``.
+      ``retract(X, V) = project(X + V)``. ``sample``: as :class:`LowRank`'s (square full rank: the
+      last column of ``V`` multiplied by ``det U det V``, so that ``det X > 0``).
 
     Example::
 

@@ -37,7 +37,9 @@ class GLp(PositiveValues, SVDSpace):
     * ``tangent(X, G) = G`` (open set); ``project(Y)``: SVD, singular values clamped up to
       ``max(ε, √ε·σ₁)`` and, where ``det Y ≤ 0``, the smallest replaced by ``−that`` (the nearest
       point of the closure, pushed inside): a canonical point; ``retract(X, V) = project(X + V)``
-      (``= X + V`` for small ``V``). ``sample``: Haar frames with det product +1, singular values in (0.5, 1.5].
+      (``= X + V`` for small ``V``). ``sample``: ``U diag(σ) Vᵀ``, ``U, V`` Haar on O(n)
+      with the last column of ``V`` multiplied by ``det U det V``, ``σ_i = 0.5 + t_i``, ``t_i``
+      independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 
     Example::
 

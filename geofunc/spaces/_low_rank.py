@@ -32,7 +32,9 @@ class LowRank(SVDSpace):
       ``rebase`` keeps ``diag(Z)[:r]`` and moves the frames into the base (no SVD).
     * ``tangent`` at a rank-r point: ``P_U G + G P_V − P_U G P_V`` (the fixed-rank tangent space);
       ``project`` = truncated SVD (the nearest point, Eckart–Young); ``retract(X, V) =
-      project(X + V)``. ``sample``: Haar ``U``, ``V`` and separated singular values in (0.5, 1.5].
+      project(X + V)``. ``sample``: ``U diag(σ) Vᵀ`` with independent Haar frames ``U`` (n×r), ``V``
+      (k×r) and singular values ``σ_i = 0.5 + t_i``, ``t_i`` independent and uniform on ``((r − i + ½)/r, (r − i + 1)/r]``, i = 1..r
+      (so 1.5 ≥ σ₁ > … > σ_r > 0.5, gaps of at least 1/(2r)).
     * ``logabsdet`` (n = k = r only) ``= Σ log|sᵢ|``.
 
     Example::

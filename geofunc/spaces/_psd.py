@@ -28,7 +28,8 @@ class PSD(PositiveEigValues, EigSpace):
     * ``logabsdet(Z, base) = Σ log f(λᵢ)`` (exact, O(n) after reading the diagonal).
     * ``tangent(X, G) = sym(G)`` (open in the symmetric matrices); ``project(Y)``: eigenvalues of
       ``sym(Y)`` clamped up to ``max(ε, √ε·λ_max)`` (a canonical point); ``retract(X, V) = project(X + V)``
-      (``= X + V`` for small symmetric ``V``). ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+      (``= X + V`` for small symmetric ``V``). ``sample``: ``Q diag(0.5 + t) Qᵀ``, ``Q`` Haar on O(n),
+      ``t_i`` independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 
     Example::
 

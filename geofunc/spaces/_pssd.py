@@ -24,7 +24,7 @@ class PSSD(AbsEigValues, EigSpace):
 
     * ``from_manifold``: ``eigh``, ``base = Q``, ``diag(Z) = λ``; ``rebase`` keeps ``diag(Z)``.
     * ``tangent(X, G) = sym(G)``; ``project(Y)``: eigenvalues of ``sym(Y)`` clipped at 0 (the nearest
-      point); ``retract(X, V) = project(X + V)``. ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+      point); ``retract(X, V) = project(X + V)``. ``sample``: as :class:`PSD`'s.
     * ``logabsdet = Σ log|λᵢ|``.
 
     Example::

@@ -55,7 +55,8 @@ class PSSDFixedRank(PositiveEigValues, EigSpace):
       least ε less the rounding ``ε_dtype·√n·λ_max`` of a computed eigenvalue, and above that rounding.
     * ``tangent``: as :class:`PSSDLowRank` (``sym(G)`` when r = n); ``project(Y)``: top r eigenvalues of
       ``sym(Y)`` clamped up to ``max(ε, √ε·λ_max)`` (a canonical point of the open set);
-      ``retract(X, V) = project(X + V)``. ``logabsdet`` (r = n) ``= Σ log f(λᵢ)``.
+      ``retract(X, V) = project(X + V)``. ``logabsdet`` (r = n) ``= Σ log f(λᵢ)``. ``sample``: as
+      :class:`PSSDLowRank`'s.
 
     Example::
 

@@ -49,7 +49,8 @@ class PSSDLowRank(AbsEigValues, EigSpace):
       ``diag(Z)[:r]`` and moves ``Q`` into the base (no ``eigh``).
     * ``tangent(X, G) = P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` (the tangent space of the rank-r
       stratum; ``sym(G)`` when r = n); ``project(Y)``: top-r eigenvalues of ``sym(Y)`` clipped at 0 (the
-      nearest point); ``retract(X, V) = project(X + V)``. ``sample``: Haar ``Q``, eigenvalues in (0.5, 1.5].
+      nearest point); ``retract(X, V) = project(X + V)``. ``sample``: ``Q diag(0.5 + t) Qᵀ``, ``Q`` a Haar n×r frame,
+      ``t_i`` independent and uniform on ``((r − i + ½)/r, (r − i + 1)/r]``, i = 1..r.
     * ``logabsdet`` (r = n only) ``= Σ log|λᵢ|``.
 
     Example::

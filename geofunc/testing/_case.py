@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 from typing import Any, Callable, Mapping, Optional
 
@@ -10,7 +11,7 @@ import torch
 
 from ..spaces._base import AbstractSpace
 
-__all__ = ["SpaceCase", "DEFAULT_TOL"]
+__all__ = ["SpaceCase", "DEFAULT_TOL", "MEMBERSHIP_ATOL", "documented_atol"]
 
 Tensor = torch.Tensor
 
@@ -19,8 +20,25 @@ Tensor = torch.Tensor
 DEFAULT_TOL: Mapping[torch.dtype, float] = types.MappingProxyType({torch.float32: 1e-4, torch.float64: 1e-9})
 
 
+#: The default ``atol`` of ``contains``/``check`` that geofunc documents (README, "Tolerances"):
+#: ``1e-4`` in float32 and ``1e-9`` in float64 for a point of size ≤ 64, growing like
+#: ``√(size/64)`` above (size: the largest point dimension). Written here independently of the
+#: library's own table, so that a loosened default is caught (``check_membership``).
+MEMBERSHIP_ATOL: Mapping[torch.dtype, float] = types.MappingProxyType({torch.float32: 1e-4, torch.float64: 1e-9})
+
+
+def documented_atol(dtype: torch.dtype, point_shape: tuple[int, ...]) -> float:
+    """The documented default membership tolerance for a point of shape ``point_shape``."""
+    size = max(point_shape) if point_shape else 1
+    return MEMBERSHIP_ATOL[dtype] * max(1.0, math.sqrt(size / 64.0))
+
+
 def _default_tol() -> Mapping[torch.dtype, float]:
     return DEFAULT_TOL
+
+
+def _no_skip() -> Mapping[str, str]:
+    return types.MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +78,38 @@ class SpaceCase:
             ``gradcheck`` always run in float64).
         smoke_shape: the one shape of the expensive properties (gradcheck, jacobians,
             hessian, compile, vmap of grad, finite differences); default ``shapes[0]``.
+            Gradcheck, hessian and compile also run on its transpose (a wide shape for a tall
+            one) where the space takes it.
+        dim: ``dim(point_shape) -> int``, the dimension of the manifold at a generic point,
+            computed independently of the space (e.g. ``n(n − 1)/2`` for ``SO(n)``):
+            ``check_tangent_space`` asserts that the tangent projection has this rank and that
+            the projected differential of the chart has it at random raw points. ``None``: only the image of the
+            chart's differential is checked to be fixed by the projection.
+        quotient: points are representatives of equivalence classes (the Grassmannian's frames
+            of a subspace): ``tangent`` is the horizontal projection, and away from its centre
+            the chart's differential has a vertical part that it removes.
+        perturb: ``perturb(X, amount) -> Y``: ``Y`` violates the constraint by exactly ``amount``
+            in the space's documented measure (e.g. ``X·(1 + amount)`` for the unit sphere's
+            ``|‖x‖ − 1|``), for points ``X`` (``None`` for a shape with no such violation, e.g.
+            rank ≤ r at full rank). ``check_membership`` asserts that ``contains``/``check``
+            accept ``amount ∈ {0.1, 0.5}·atol`` and refuse ``{2, 10}·atol`` (``atol`` the
+            documented default, per dtype). ``None``: that property does not apply.
+        project_slack: ``project(Y)`` is the nearest point of the space (of its closure, for an
+            open space whose ``project`` pushes points inside by a documented margin) up to
+            ``project_slack·max(1, ‖Y‖)``: no point of the space is closer to ``Y`` by more.
+        moments: ``moments(X) -> {name: (values, expected)}`` for ``N`` samples ``X`` of shape
+            ``(N, *point_shape)``: per-sample statistics ``values`` (leading dim ``N``) whose
+            exact expectation under the documented distribution of ``sample`` is ``expected``
+            (broadcastable to ``values[0]``). ``check_sample_distribution`` z-tests every one.
+            ``None``: that property does not apply.
+        float32_shift: how far the float32 maps are from the float64 ones *by design*, not by
+            rounding (relative), e.g. ``2e-3`` where a value floor depends on the dtype (the
+            softplus floor ``√ε``: 3.5e-4 in float32, 1.5e-8 in float64); added to
+            ``tol[float32]`` when float32 derivatives are compared with float64 ones.
+        logabsdet_shapes: the shapes ``check_logabsdet`` runs on (default: ``shapes`` and the
+            square sizes 1, 2, 3, 5, 8 that the space takes).
+        skip: ``{property name: reason}``: properties that do not apply to this space, each with
+            the reason (e.g. ``{"project_normal": "a set with boundary: ..."}``).
     """
 
     id: str
@@ -77,6 +127,14 @@ class SpaceCase:
     project_fixes_points: bool = True
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
     smoke_shape: Optional[tuple[int, ...]] = None
+    dim: Optional[Callable[[tuple[int, ...]], int]] = None
+    quotient: bool = False
+    perturb: Optional[Callable[[Tensor, float], Optional[Tensor]]] = None
+    project_slack: float = 0.0
+    moments: Optional[Callable[[Tensor], Mapping[str, tuple[Tensor, Any]]]] = None
+    float32_shift: float = 0.0
+    logabsdet_shapes: Optional[tuple[tuple[int, ...], ...]] = None
+    skip: Mapping[str, str] = dataclasses.field(default_factory=_no_skip)
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -85,11 +143,25 @@ class SpaceCase:
         for dtype in (*self.dtypes, torch.float64):
             if dtype not in self.tol:
                 raise ValueError(f"SpaceCase {self.id!r}: `tol` has no entry for {dtype}")
+        for name, reason in self.skip.items():
+            if not (isinstance(reason, str) and reason.strip()):
+                raise ValueError(f"SpaceCase {self.id!r}: skipping {name!r} needs a reason, got {reason!r}")
 
     @property
     def smoke(self) -> tuple[int, ...]:
         """The shape of the expensive properties."""
         return tuple(self.smoke_shape) if self.smoke_shape is not None else self.shapes[0]
+
+    @property
+    def point_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The distinct point shapes (trailing ``space.point_ndim`` dims) of ``shapes``, in order."""
+        p = self.space.point_ndim
+        out: list[tuple[int, ...]] = []
+        for s in self.shapes:
+            ps = s[len(s) - p :] if p else ()
+            if ps not in out:
+                out.append(ps)
+        return tuple(out)
 
     def __str__(self) -> str:
         return self.id

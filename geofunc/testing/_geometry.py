@@ -1,0 +1,335 @@
+"""Properties that pin the geometry, not just the plumbing: the tangent space is the whole tangent
+space, ``project`` is the nearest point, ``contains`` flips at the documented tolerance, and
+``sample`` follows its documented distribution."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Callable, Optional
+
+import torch
+from torch.func import grad, jacfwd
+
+from .._errors import ManifoldError
+from ._case import SpaceCase, documented_atol
+from ._properties import _close, _ctx, _derivative_shapes, _fail, _gen, _point_and_base, _randn, _require_f64, f64
+
+__all__ = [
+    "FALSE_ALARM",
+    "check_grad_float32",
+    "check_membership",
+    "check_project_nearest",
+    "check_project_normal",
+    "check_sample_distribution",
+    "check_tangent_space",
+]
+
+Tensor = torch.Tensor
+f32 = torch.float32
+
+# Points with more entries than this are not differentiated into full Jacobians.
+_JACOBIAN_MAX = 64
+# Samples per point shape of the distribution test.
+_N_SAMPLES = 4000
+#: Probability that ``check_sample_distribution`` fails on a correct ``sample``, per case and
+#: point shape (Bonferroni over its statistics, normal approximation of the sample means).
+FALSE_ALARM = 1e-6
+
+
+def _point_norm(A: Tensor, point_ndim: int) -> Tensor:
+    """Frobenius norm over the point dims: batch-shaped."""
+    if point_ndim == 0:
+        return A.abs()
+    return torch.linalg.vector_norm(A.flatten(start_dim=A.ndim - point_ndim), dim=-1)
+
+
+def _worst(bad: Tensor) -> str:
+    return f"(first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})" if bad.ndim else ""
+
+
+# ------------------------------------------------------------------------- tangent space
+def check_tangent_space(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``tangent`` projects onto the *whole* tangent space, and onto nothing more (float64).
+
+    At points ``X = to_manifold(Z, base)``, with ``J`` the Jacobian of the chart ``Z ↦
+    to_manifold(Z, base)`` and ``P`` the matrix of ``G ↦ tangent(X, G)`` (both formed with
+    ``torch.func.jacfwd``, on every point shape of the case with at most 64 entries, unbatched):
+
+    * ``P J = J``: the projection fixes every vector in the image of the chart's differential
+      (a projection onto part of the tangent space, such as ``0·G``, fails);
+    * ``rank P = dim M`` (``case.dim``), and ``rank P J = dim M`` except at ``Z = 0`` with
+      ``base=None`` (a singular point of a rank-constrained set): the image is the whole
+      tangent space and nothing more (the Grassmannian's horizontal space is smaller than
+      the Stiefel tangent space it sits in).
+
+    For a quotient (``case.quotient``: points are representatives, as the Grassmannian's
+    frames) the chart's differential away from its centre has a vertical part that ``tangent``
+    removes, so there only the rank of ``P J`` is asserted; ``P J = J`` at the centres.
+
+    The points: a random ``Z`` at ``base=None`` and at a sampled base, the chart centre at a
+    sampled base (``from_manifold(sample)``) and ``Z = 0`` at ``base=None`` (if
+    ``case.defined_at_zero``).
+    """
+    _require_f64("tangent_space", dtype)
+    g = _gen(generator)
+    M = case.space
+    ran = False
+    for ps in case.point_shapes:
+        n = math.prod(ps)
+        if n == 0 or n > _JACOBIAN_MAX:
+            continue
+        ran = True
+        ctx = _ctx(case, ps, f64)
+        _, Zc, base = _point_and_base(case, ps, f64, g)
+        # (name, Z, base, generic: rank J = dim M expected, centre: Z is a chart centre)
+        points: list[tuple[str, Tensor, Any, bool, bool]] = [
+            ("a random Z", _randn(ps, f64, g), None, True, False),
+            ("a random Z at a sampled base", Zc + 0.5 * _randn(ps, f64, g), base, True, False),
+            ("the chart centre at a sampled base", Zc, base, True, True),
+        ]
+        if case.defined_at_zero:
+            points.append(("Z = 0", torch.zeros(ps, dtype=f64), None, False, True))
+        d = None if case.dim is None else int(case.dim(ps))
+        for name, Z, b, generic, centre in points:
+
+            def chart(z: Tensor, b: Any = b) -> Tensor:
+                return M.to_manifold(z, b)
+
+            X = chart(Z)
+            J = jacfwd(chart)(Z).reshape(n, n)
+            P = jacfwd(lambda G: M.tangent(X, G))(torch.zeros_like(X)).reshape(n, n)
+            if not (bool(torch.isfinite(J).all()) and bool(torch.isfinite(P).all())):
+                raise _fail(ctx, f"the chart's Jacobian or the tangent projection at {name} is not finite")
+            PJ = P @ J
+            if centre or not case.quotient:
+                err = float((PJ - J).abs().max())
+                scale = max(1.0, float(J.abs().max()))
+                if err > 1e-8 * scale:
+                    raise _fail(ctx, f"tangent(X, ·) does not fix the image of the chart's differential at {name}: "
+                                f"max |P J − J| = {err:.3g} (|J| ≤ {scale:.3g}); the projection misses part of the tangent space")
+            if d is None:
+                continue
+            rp = int((torch.linalg.svdvals(P) > 0.5).sum())
+            if rp != d:
+                raise _fail(ctx, f"the tangent projection at {name} has rank {rp}, expected dim M = {d}")
+            if generic:
+                s = torch.linalg.svdvals(PJ)
+                rj = int((s > 1e-7 * s[0]).sum()) if bool(s[0] > 0) else 0
+                if rj != d:
+                    raise _fail(ctx, f"the projected differential of the chart at {name} has rank {rj}, expected dim M = {d}")
+    if not ran:
+        raise _fail(_ctx(case, case.shapes[0], f64), f"no point shape with at most {_JACOBIAN_MAX} entries to form Jacobians on")
+
+
+# ------------------------------------------------------------------------ nearest point
+def _project_inputs(case: SpaceCase, shape: tuple[int, ...], g: torch.Generator) -> list[tuple[str, Tensor]]:
+    X = case.space.sample(shape, generator=g, dtype=f64)
+    return [("a Gaussian Y", _randn(shape, f64, g)),
+            ("Y = X + 0.1 G near a point X", X + 0.1 * _randn(shape, f64, g)),
+            ("Y = −X + 0.1 G far from the space", -X + 0.1 * _randn(shape, f64, g))]
+
+
+def check_project_normal(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """First-order optimality of ``project`` (float64): ``Y − project(Y)`` is normal to the tangent
+    space at ``project(Y)``, i.e. ``‖tangent(P, Y − P)‖ ≤ 10·tol·max(1, ‖Y‖)`` per point.
+
+    Inputs: a Gaussian ``Y``, ``X + 0.1 G`` and ``−X + 0.1 G`` for sampled ``X``. Holds where
+    ``project`` is the nearest point and ``project(Y)`` a smooth point of the space; a set with
+    a boundary (``project`` lands on it, where the normal cone is not the normal space) or an
+    open set whose ``project`` pushes points inside skips it with the reason (``case.skip``).
+    """
+    _require_f64("project_normal", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = 10.0 * case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        for name, Y in _project_inputs(case, shape, g):
+            P = M.project(Y)
+            T = M.tangent(P, Y - P)
+            nT = _point_norm(T, p)
+            bound = tol * _point_norm(Y, p).clamp(min=1.0)
+            bad = ~(nT <= bound)
+            if bool(bad.any()):
+                raise _fail(ctx, f"Y − project(Y) is not normal to the tangent space at project(Y) for {name}: "
+                            f"‖tangent(P, Y − P)‖ = {float(nT.max()):.3g} > {float(bound.max()):.3g} {_worst(bad)}")
+
+
+def check_project_nearest(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``project(Y)`` is the nearest point: no point of the space comes closer to ``Y`` (float64).
+
+    With ``P = project(Y)``, every candidate ``X`` must satisfy ``‖Y − X‖ ≥ ‖Y − P‖ −
+    (case.project_slack + tol)·max(1, ‖Y‖)`` per point. Candidates: retractions
+    ``retract(P, tV)`` for ``t ∈ {1e-3, 1e-2, 0.1, 0.5, 1}`` along the descent direction
+    ``V = tangent(P, Y − P)`` and two random tangent directions, and samples. Inputs as in
+    :func:`check_project_normal`. For an open space whose ``project`` returns the nearest point of
+    the closure pushed inside by a documented margin, ``case.project_slack`` is that margin
+    (relative to ``max(1, ‖Y‖)``).
+    """
+    _require_f64("project_nearest", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    slack = case.project_slack + case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        for name, Y in _project_inputs(case, shape, g):
+            P = M.project(Y)
+            d0 = _point_norm(Y - P, p)
+            bound = d0 - slack * _point_norm(Y, p).clamp(min=1.0)
+            candidates: list[tuple[str, Tensor]] = [("a sample", M.sample(shape, generator=g, dtype=f64))]
+            directions = [("the descent direction tangent(P, Y − P)", M.tangent(P, Y - P))]
+            directions += [(f"random tangent direction {i}", M.tangent(P, _randn(shape, f64, g))) for i in (1, 2)]
+            for dname, V in directions:
+                for t in (1e-3, 1e-2, 0.1, 0.5, 1.0):
+                    candidates.append((f"retract(P, {t:g}·V) along {dname}", M.retract(P, t * V)))
+            for cname, X in candidates:
+                d = _point_norm(Y - X, p)
+                bad = d < bound
+                if bool(bad.any()):
+                    i = torch.nonzero(bad)[0] if bad.ndim else ()
+                    i = tuple(int(j) for j in i)
+                    raise _fail(ctx, f"project is not the nearest point for {name}: {cname} is at distance "
+                                f"{float(d[i]):.6g} < ‖Y − project(Y)‖ = {float(d0[i]):.6g} {_worst(bad)}")
+
+
+# ----------------------------------------------------------------------- membership
+def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``contains`` and ``check`` flip at the documented tolerance, per dtype: between 0.5× and 2×
+    of it (so certainly between 0.1× and 10×).
+
+    For sampled points ``X`` and ``atol =`` :func:`~geofunc.testing.documented_atol` ``(dtype,
+    point shape)`` (``1e-4`` float32, ``1e-9`` float64, written independently of the library),
+    ``Y = case.perturb(X, c·atol)`` violates the constraint by exactly ``c·atol``: for
+    ``c ∈ {0.1, 0.5}`` every point is accepted by ``contains(Y)`` and ``check(Y)`` passes; for
+    ``c ∈ {2, 10}`` every point is refused and ``check(Y)`` raises ``ManifoldError``. The case's own
+    ``member`` predicate must agree at ``atol`` (else the case is wrong). Applies where the case
+    gives ``perturb``.
+    """
+    if case.perturb is None:
+        raise ValueError(f"{case.id}: check_membership needs `case.perturb`")
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    ran = False
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X = M.sample(shape, generator=g, dtype=dtype)
+        atol = documented_atol(dtype, tuple(shape[len(shape) - p:]) if p else ())
+        for c, inside in ((0.1, True), (0.5, True), (2.0, False), (10.0, False)):
+            Y = case.perturb(X, c * atol)
+            if Y is None:
+                continue
+            ran = True
+            what = f"a point perturbed by {c:g}× the documented atol {atol:g}"
+            if bool(torch.as_tensor(case.member(Y, atol)).all()) != inside:
+                raise _fail(ctx, f"the case's `member` predicate {'refuses' if inside else 'accepts'} {what} (a bad case)")
+            got = M.contains(Y)
+            if inside and not bool(got.all()):
+                raise _fail(ctx, f"contains refuses {what} {_worst(~got)}")
+            if not inside and bool(got.any()):
+                raise _fail(ctx, f"contains accepts {what} {_worst(got)}: the tolerance is looser than documented")
+            try:
+                M.check(Y)
+            except ManifoldError as e:
+                if inside:
+                    raise _fail(ctx, f"check raises on {what}: {e}") from None
+            else:
+                if not inside:
+                    raise _fail(ctx, f"check passes {what}")
+    if not ran:
+        raise _fail(_ctx(case, case.shapes[0], dtype), "case.perturb gave no perturbation at any shape "
+                    "(skip the property with a reason instead)")
+
+
+# ----------------------------------------------------------------------- distribution
+def _z_threshold(m: int) -> float:
+    """The two-sided normal quantile at ``FALSE_ALARM / m`` (Bonferroni over ``m`` statistics)."""
+    return statistics.NormalDist().inv_cdf(1.0 - FALSE_ALARM / (2.0 * m))
+
+
+def check_sample_distribution(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``sample`` follows its documented distribution, by moments (float64).
+
+    For every point shape of the case, ``N = 4000`` samples are drawn in one call and every
+    statistic of ``case.moments`` (e.g. ``E[X_ij] = 0``, ``E[X_ij²] = 1/n`` and trace moments for
+    Haar measure; ``E[x] = 0``, ``E[x xᵀ] = r² I/n`` and ``P(x_i > 0) = 1/2`` for the uniform
+    sphere) is z-tested: ``|mean − expected| · √N / sd ≤ z*``, ``sd`` the sample standard deviation
+    and ``z*`` the two-sided normal quantile at ``FALSE_ALARM / m`` for ``m`` statistics
+    (Bonferroni; ``z* ≈ 5.3`` for ``m = 10``, ``5.7`` for ``m = 100``). So a correct ``sample``
+    fails with probability below ``FALSE_ALARM = 1e-6`` per case and point shape (under the
+    normal approximation of a mean of 4000 draws); the fixed seed makes each run reproducible.
+    A statistic with ``sd = 0`` must equal its expectation to ``1e-9``.
+    """
+    _require_f64("sample_distribution", dtype)
+    if case.moments is None:
+        raise ValueError(f"{case.id}: check_sample_distribution needs `case.moments`")
+    g = _gen(generator)
+    M = case.space
+    N = _N_SAMPLES
+    for ps in case.point_shapes:
+        ctx = _ctx(case, (N, *ps), f64)
+        X = M.sample((N, *ps), generator=g, dtype=f64)
+        stats = case.moments(X)
+        rows: list[tuple[str, Tensor, Tensor]] = []
+        for name, (values, expected) in stats.items():
+            v = values.reshape(N, -1).to(f64)
+            mu = torch.as_tensor(expected, dtype=f64).expand(values.shape[1:]).reshape(-1)
+            rows.append((name, v, mu))
+        m = sum(v.shape[1] for _, v, _ in rows)
+        if m == 0:
+            raise _fail(ctx, "case.moments gave no statistic")
+        zstar = _z_threshold(m)
+        for name, v, mu in rows:
+            mean, sd = v.mean(0), v.std(0)
+            const = sd <= 1e-12 * mu.abs().clamp(min=1.0)
+            z = torch.where(const, torch.zeros_like(mean), (mean - mu) * math.sqrt(N) / torch.where(const, torch.ones_like(sd), sd))
+            off = const & ((mean - mu).abs() > 1e-9 * mu.abs().clamp(min=1.0))
+            if bool(off.any()):
+                j = int(torch.nonzero(off)[0])
+                raise _fail(ctx, f"sample statistic {name}[{j}] is constant {float(mean[j]):.6g} over {N} draws, "
+                            f"expected {float(mu[j]):.6g}: not the documented distribution")
+            j = int(z.abs().argmax())
+            if float(z[j].abs()) > zstar:
+                raise _fail(ctx, f"sample statistic {name}[{j}]: mean {float(mean[j]):.5g} over {N} draws, expected "
+                            f"{float(mu[j]):.5g} (z = {float(z[j]):.2f}, |z| > {zstar:.2f}: false-alarm rate "
+                            f"{FALSE_ALARM:g} per check): not the documented distribution")
+
+
+# ------------------------------------------------------------------- float32 derivatives
+def check_grad_float32(case: SpaceCase, dtype: torch.dtype = f32, *, generator: Optional[torch.Generator] = None) -> None:
+    """float32 derivatives are float64's, rounded: the gradient of ``⟨C, to_manifold(Z, base)⟩``
+    and of ``⟨C, retract(X, V)⟩`` (in ``X`` and ``V``) computed in float32 equals the one computed in
+    float64 at the same (rounded) inputs within ``(tol[float32] + case.float32_shift)·max(1,
+    max|grad|)``, on the smoke shape and its transpose. Applies to cases that run float32."""
+    if dtype != f32:
+        raise ValueError(f"grad_float32 runs in float32 only, got {dtype}")
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f32] + case.float32_shift
+    for shape in _derivative_shapes(case):
+        ctx = _ctx(case, shape, f32)
+        X, Zc, base = _point_and_base(case, shape, f32, g)
+        Z, C, G = (_randn(shape, f32, g) for _ in range(3))
+        V = M.tangent(X, G)
+
+        def lift(t: Any) -> Any:
+            return torch.utils._pytree.tree_map(lambda a: a.to(f64) if isinstance(a, Tensor) else a, t)
+
+        checks: list[tuple[str, Callable[..., Tensor], tuple]] = [
+            ("to_manifold at a random Z", lambda z, b: (M.to_manifold(z, b) * C.to(z.dtype)).sum(), (Z, None)),
+            ("to_manifold at a random Z at a sampled base", lambda z, b: (M.to_manifold(z, b) * C.to(z.dtype)).sum(),
+             (Zc + 0.5 * Z, base)),
+            ("retract in (X, V)", lambda x, v: (M.retract(x, v) * C.to(x.dtype)).sum(), (X, 0.5 * V)),
+        ]
+        for name, fn, args in checks:
+            argnums = (0, 1) if name.startswith("retract") else 0
+            g32 = grad(fn, argnums=argnums)(*args)
+            g64 = grad(fn, argnums=argnums)(*lift(args))
+            for a, b in zip(torch.utils._pytree.tree_leaves(g32), torch.utils._pytree.tree_leaves(g64)):
+                if not bool(torch.isfinite(a).all()):
+                    raise _fail(ctx, f"the float32 gradient of {name} is not finite")
+                scale = max(1.0, float(b.abs().max()))
+                _close(a.to(f64), b, tol * scale, ctx, f"the float32 gradient of {name} != the float64 one")
