@@ -40,6 +40,35 @@ def _hurwitz(alpha: float):
     return member
 
 
+def _perturb_sl(X: Tensor, a: float) -> Tensor:
+    """``c·X`` with ``|log det(cX)| = a·‖X‖_F‖X⁻¹‖_F`` (the measure is blind to the scale ``c``)."""
+    n = X.shape[-1]
+    K = torch.linalg.matrix_norm(X) * torch.linalg.matrix_norm(torch.linalg.inv(X))
+    return X * torch.exp(a * K / n)[..., None, None]
+
+
+def _perturb_hurwitz(alpha: float):
+    def perturb(X: Tensor, a: float) -> Tensor:
+        """``X + tI`` with ``max Re λ + alpha = a·max(1, ‖X + tI‖_F)`` (a shift moves every eigenvalue by t)."""
+        eye = torch.eye(X.shape[-1], dtype=X.dtype)
+        top = torch.linalg.eigvals(X.double()).real.amax(-1).to(X.dtype)
+        t = torch.zeros_like(top)
+        for _ in range(4):  # ‖X + tI‖ barely moves with t: a fixed point in a few steps
+            scale = torch.linalg.matrix_norm(X + t[..., None, None] * eye).clamp(min=1.0)
+            t = a * scale - alpha - top
+        return X + t[..., None, None] * eye
+
+    return perturb
+
+
+def _dim_sl(ps: tuple) -> int:
+    return ps[-1] * ps[-1] - 1
+
+
+def _dim_open(ps: tuple) -> int:
+    return ps[-1] * ps[-1]
+
+
 def _zero_residual(X: Tensor, V: Tensor) -> Tensor:
     """An open subset of the n×n matrices: no linear constraint on tangent vectors."""
     return torch.zeros_like(V[..., 0, 0])
@@ -65,15 +94,27 @@ def _unstable(alpha: float):
     return off
 
 
+_CANONICAL_SL = ("project is a canonical point (GLp's canonical point rescaled to det = 1, as DESIGN allows), "
+                 "not the nearest point of {det = 1}")
+_CANONICAL_HURWITZ = ("project is a canonical point (the least shift of the spectrum inside), not the nearest "
+                      "point of the (non-convex) set of alpha-stable matrices")
+_SKIP_SL = {"project_normal": _CANONICAL_SL, "project_nearest": _CANONICAL_SL}
+_SKIP_HURWITZ = {"project_normal": _CANONICAL_HURWITZ, "project_nearest": _CANONICAL_HURWITZ}
+# softplus + ε with ε = √ε_dtype: the float32 map differs from the float64 one by ~3.5e-4 by design.
+_SOFTPLUS = 2e-3
+
 GEOTORCH_CASES: list[SpaceCase] = [
     SpaceCase("SL", gf.SL(), SHAPES_SQUARE, _sl, TOL, off_manifold=_times2, linearized=_linearized_sl,
-              has_logabsdet=True, project_fixes_points=False, smoke_shape=(3, 3)),
+              has_logabsdet=True, project_fixes_points=False, smoke_shape=(3, 3), dim=_dim_sl, perturb=_perturb_sl,
+              float32_shift=_SOFTPLUS, skip=_SKIP_SL),
     SpaceCase("SL-exp-cayley", gf.SL(f=EXP, triv="cayley"), ((2, 2), (3, 3), (2, 3, 3)), _sl, TOL,
               off_manifold=_negate_first_row, linearized=_linearized_sl, has_logabsdet=True,
-              project_fixes_points=False, raw_scales=(1.0,), smoke_shape=(3, 3)),
+              project_fixes_points=False, raw_scales=(1.0,), smoke_shape=(3, 3), dim=_dim_sl, perturb=_perturb_sl,
+              skip=_SKIP_SL),
     SpaceCase("Hurwitz", gf.Hurwitz(), SHAPES_SQUARE, _hurwitz(0.0), TOL_LOOSE, off_manifold=_unstable(0.0),
-              linearized=_zero_residual, smoke_shape=(3, 3)),
+              linearized=_zero_residual, smoke_shape=(3, 3), dim=_dim_open, perturb=_perturb_hurwitz(0.0),
+              skip=_SKIP_HURWITZ),
     SpaceCase("Hurwitz-alpha-cayley", gf.Hurwitz(alpha=0.5, triv="cayley"), ((1, 1), (3, 3), (2, 4, 4)),
               _hurwitz(0.5), TOL_LOOSE, off_manifold=_unstable(0.5), linearized=_zero_residual,
-              smoke_shape=(3, 3)),
+              smoke_shape=(3, 3), dim=_dim_open, perturb=_perturb_hurwitz(0.5), skip=_SKIP_HURWITZ),
 ]
