@@ -325,6 +325,35 @@ def logabsdet_case(b: Bench, n: int, targets: bool) -> Row:
     )
 
 
+def hurwitz_case(b: Bench, n: int) -> Row:
+    """``Hurwitz.from_manifold`` (a Lyapunov solve) against GeoTorch's ``Hurwitz.right_inverse``, float64.
+
+    GeoTorch builds the n²×n² Kronecker system ``I⊗Aᵀ + Aᵀ⊗I`` and solves it densely: n⁴ entries
+    and O(n⁶) flops. Where that matrix would not fit (n = 256: 4.3e9 entries, 34 GB) it is not
+    run, and the row says how much memory it would have needed. Float64 because GeoTorch's
+    inverse checks an absolute residual of 1e-4, which its float32 solve misses from n ≈ 64.
+    """
+    dtype = b.dtype
+    b.dtype = torch.float64  # the row's matmul anchor too
+    try:
+        M = gf.Hurwitz()
+        X = M.sample((n, n), generator=b.gen, dtype=torch.float64).to(b.device)
+        nn_M = gf.nn.Hurwitz((n, n)).to(X)
+        fns = {GF: lambda: M.from_manifold(X), GF + " nn": lambda: nn_M.right_inverse(X)}
+        need = n**4 * 8
+        note = ("float64; geofunc: the matrix sign function's Newton iteration, O(n³); geofunc nn: the whole "
+                "gf.nn.Hurwitz.right_inverse (GeoTorch's membership test, the solve, the PSD chart's eigh)")
+        if geotorch is not None and need <= 2**30:
+            Mg = geotorch.Hurwitz((n, n)).to(device=b.device, dtype=torch.float64)
+            fns[GT] = lambda: Mg.right_inverse(X)
+        elif geotorch is not None:
+            note += (f"; GeoTorch not run: its n²×n² Kronecker system has n⁴ = {n**4:.3g} entries, "
+                     f"{need / 1e9:.0f} GB in float64")
+        return b.run(f"Hurwitz({n}).from_manifold", f"{n}×{n}", n, fns, note=note)
+    finally:
+        b.dtype = dtype
+
+
 def zuko_cases(b: Bench, n: int, batch: int) -> list[Row]:
     """A flow's linear layer on a batch of ``batch`` vectors, geofunc (``geofunc.contrib.zuko``)
     against zuko's layers, each building its matrix from its raw parameter on every call as a
@@ -665,6 +694,9 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
             logabsdet_case(b, 1024, False)
     if want("sphere"):
         sphere_case(b, 64 if q else 1024, targets)
+    if want("hurwitz"):
+        for n in ([16] if q else ([64, 256, 1024] if cuda else [64, 256])):
+            hurwitz_case(b, n)
     if want("zuko"):
         for n in ([16] if q else ([256, 1024] if cuda else [64, 256])):
             zuko_cases(b, n, 64 if q else 256)

@@ -25,6 +25,7 @@ from ._pytree import (
 from .spaces import (
     PSD as PSD,
     PSSD as PSSD,
+    SL as SL,
     SO as SO,
     AbstractSpace as AbstractSpace,
     AlmostOrthogonal as AlmostOrthogonal,
@@ -32,6 +33,7 @@ from .spaces import (
     FixedRank as FixedRank,
     GLp as GLp,
     Grassmannian as Grassmannian,
+    Hurwitz as Hurwitz,
     Lorentz as Lorentz,
     LowRank as LowRank,
     Oblique as Oblique,
@@ -51,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PSD",
     "PSSD",
+    "SL",
     "SO",
     "AbstractSpace",
     "AlmostOrthogonal",
@@ -58,6 +61,7 @@ __all__ = [
     "FixedRank",
     "GLp",
     "Grassmannian",
+    "Hurwitz",
     "Lorentz",
     "LowRank",
     "ManifoldError",

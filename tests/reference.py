@@ -129,10 +129,25 @@ def pssd(r: Optional[int] = None, positive: bool = False) -> Callable[[Tensor, f
     return pred
 
 
+def det_one(X: Tensor, atol: float) -> Tensor:
+    """``det X > 0`` and ``|log det X| ≤ atol·‖X‖_F‖X⁻¹‖_F`` (first-order backward error of det = 1)."""
+    sign, lad = torch.linalg.slogdet(X)
+    return (sign > 0) & (lad.abs() <= atol * torch.linalg.matrix_norm(X) * torch.linalg.matrix_norm(torch.linalg.inv(X)))
+
+
+def alpha_stable(alpha: float) -> Callable[[Tensor, float], Tensor]:
+    """``max Re λ(X) ≤ −alpha + atol·max(1, ‖X‖_F)``."""
+
+    def pred(X: Tensor, atol: float) -> Tensor:
+        return torch.linalg.eigvals(X).real.amax(-1) + alpha <= atol * torch.linalg.matrix_norm(X).clamp(min=1.0)
+
+    return pred
+
+
 def predicate(space: Any) -> Callable[[Tensor, float], Any]:
     """The independent membership predicate of a geofunc space instance."""
     table: list[tuple[type, Callable[[Any], Callable[[Tensor, float], Any]]]] = [
-        (gnn.SphereEmbedded, lambda M: on_sphere(M.radius)),
+        (gnn.SphereEmbeddedSpace, lambda M: on_sphere(M.radius)),
         (gf.Rn, lambda M: finite),
         (gf.Sym, lambda M: symmetric),
         (gf.Skew, lambda M: skew),
@@ -149,6 +164,8 @@ def predicate(space: Any) -> Callable[[Tensor, float], Any]:
         (gf.PSSD, lambda M: pssd()),
         (gf.PSSDLowRank, lambda M: pssd(M.rank)),
         (gf.PSSDFixedRank, lambda M: pssd(M.rank, positive=True)),
+        (gf.SL, lambda M: det_one),
+        (gf.Hurwitz, lambda M: alpha_stable(M.alpha)),
         (gf.Product, lambda M: _product_predicate(M)),
         (gf.PoincareBall, lambda M: in_ball(M.c)),
         (gf.Lorentz, lambda M: on_hyperboloid(M.k)),

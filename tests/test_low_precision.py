@@ -91,6 +91,11 @@ _CONSTRAINTS = [
     ("almost_orthogonal", lambda m: gnn.almost_orthogonal(m, "weight", lam=0.3), (7, 4),
      lambda W, a: bool(((torch.linalg.svdvals(W) - 1).abs() <= 0.3 + a).all())),
     ("invertible", lambda m: gnn.invertible(m, "weight"), (5, 5), lambda W, a: torch.linalg.slogdet(W)[0] > 0),
+    ("sln", lambda m: gnn.sln(m, "weight"), (5, 5),
+     lambda W, a: torch.linalg.slogdet(W)[0] > 0 and abs(float(torch.linalg.slogdet(W)[1])) <= a * float(
+         torch.linalg.matrix_norm(W) * torch.linalg.matrix_norm(torch.linalg.inv(W)))),
+    ("alpha_stable", lambda m: gnn.alpha_stable(m, "weight", alpha=0.1), (5, 5),
+     lambda W, a: float(torch.linalg.eigvals(W).real.max()) <= -0.1 + a * float(torch.linalg.matrix_norm(W).clamp(min=1))),
     ("low_rank", lambda m: gnn.low_rank(m, "weight", rank=2), (7, 5), lambda W, a: _rank_le(W, 2, a)),
     ("fixed_rank", lambda m: gnn.fixed_rank(m, "weight", rank=2), (7, 5),
      lambda W, a: _rank_le(W, 2, a) and torch.linalg.svdvals(W)[1] > a),

@@ -81,7 +81,7 @@ def test_sphere_shapes():
     _raises(lambda: gf.Oblique().to_manifold(torch.zeros(3, 2), torch.zeros(2, 3)), "base")
 
 
-@pytest.mark.parametrize("space", [gf.Rn(), gf.Sym(), gf.Skew(), gf.nn.SphereEmbedded()], ids=repr)
+@pytest.mark.parametrize("space", [gf.Rn(), gf.Sym(), gf.Skew(), gf.nn.SphereEmbeddedSpace()], ids=repr)
 def test_static_spaces_reject_a_base(space):
     Z = torch.zeros(3, 3)
     _raises(lambda: space.to_manifold(Z, Z), repr(space), "base", "None")

@@ -1,18 +1,32 @@
-"""``geofunc.nn``: GeoTorch's constraint one-liners for ``nn.Module`` users.
+"""``geofunc.nn``: GeoTorch 0.4.0's public API for ``nn.Module`` users, on geofunc's spaces.
 
-A drop-in for GeoTorch 0.4.0: ``import geofunc.nn as geotorch`` and every ``geotorch.orthogonal(
-module, "weight")``-style call registers the matching geofunc space on the tensor through
-``torch.nn.utils.parametrize`` (one :class:`Parametrization` adapter around any space; the chart's
-base is a buffer of the adapter). Assigning ``module.weight = X`` goes through
-``space.from_manifold`` and raises :class:`geofunc.ManifoldError` (leaving the module unchanged)
-for a point off the space. ``state_dict``, ``.to()``, ``torch.save``, ``DistributedDataParallel``
-and ``torch.compile`` work as for any module.
+``import geofunc.nn as geotorch`` serves code written against every name of GeoTorch 0.4.0's
+``__all__``:
 
-The bridge to the functional API: :func:`functional` returns ``(constraints, raw, bases)`` keyed
-by the plain parameter names, :func:`plain` an unparametrized copy for
-``torch.func.functional_call``, :func:`stack` stacks K constrained modules for ``vmap``.
+* the 15 constraint one-liners (``orthogonal``, ``low_rank``, ..., ``sln``, ``alpha_stable``),
+  with GeoTorch's argument names and defaults, which register GeoTorch's class for the tensor
+  through ``torch.nn.utils.parametrize`` and start it at GeoTorch's ``sample()``;
+* the 19 classes (``SO(size, triv, lower)``, ``Stiefel``, ..., ``Hurwitz(size, alpha, triv)``,
+  ``ProductManifold``) as parametrization modules with ``forward``, ``right_inverse``,
+  ``sample(...)``, ``in_manifold(X, eps)`` and ``update_base``: each an adapter over a pure
+  geofunc space (``M.space``), so the maths lives once;
+* ``update_base(layer, tensor_name)``, ``torus_init_``, ``parametrize.cached()`` and the
+  exception classes ``VectorError``, ``NonSquareError``, ``RankError``, ``InManifoldError``,
+  ``InverseError`` (each a :class:`geofunc.ManifoldError`).
+
+Assigning ``module.weight = X`` goes through ``right_inverse`` and raises
+:class:`InManifoldError` (leaving the module unchanged) for a point off the space.
+``state_dict``, ``.to()``, ``torch.save``, ``DistributedDataParallel`` and ``torch.compile``
+work as for any module.
+
+Beyond GeoTorch: :func:`constrain` puts any geofunc space on a tensor (one
+:class:`Parametrization` adapter), and the bridge to the functional API: :func:`functional`
+returns ``(constraints, raw, bases)`` keyed by the plain parameter names, :func:`plain` an
+unparametrized copy for ``torch.func.functional_call``, :func:`stack` stacks K constrained
+modules for ``vmap``.
 """
 
+from . import parametrize as parametrize
 from ._adapter import (
     Parametrization as Parametrization,
     cached as cached,
@@ -22,8 +36,8 @@ from ._adapter import (
     update_base as update_base,
 )
 from ._constraints import (
-    SphereEmbedded as SphereEmbedded,
     almost_orthogonal as almost_orthogonal,
+    alpha_stable as alpha_stable,
     fixed_rank as fixed_rank,
     grassmannian as grassmannian,
     invertible as invertible,
@@ -34,8 +48,16 @@ from ._constraints import (
     positive_semidefinite_fixed_rank as positive_semidefinite_fixed_rank,
     positive_semidefinite_low_rank as positive_semidefinite_low_rank,
     skew as skew,
+    sln as sln,
     sphere as sphere,
     symmetric as symmetric,
+)
+from ._exceptions import (
+    InManifoldError as InManifoldError,
+    InverseError as InverseError,
+    NonSquareError as NonSquareError,
+    RankError as RankError,
+    VectorError as VectorError,
 )
 from ._functional import (
     functional as functional,
@@ -44,11 +66,59 @@ from ._functional import (
     plain as plain,
     stack as stack,
 )
+from ._manifolds import (
+    PSD as PSD,
+    PSSD as PSSD,
+    SL as SL,
+    SO as SO,
+    AlmostOrthogonal as AlmostOrthogonal,
+    FixedRank as FixedRank,
+    GLp as GLp,
+    Grassmannian as Grassmannian,
+    Hurwitz as Hurwitz,
+    LowRank as LowRank,
+    ProductManifold as ProductManifold,
+    PSSDFixedRank as PSSDFixedRank,
+    PSSDLowRank as PSSDLowRank,
+    Rn as Rn,
+    Skew as Skew,
+    Sphere as Sphere,
+    SphereEmbedded as SphereEmbedded,
+    SphereEmbeddedSpace as SphereEmbeddedSpace,
+    Stiefel as Stiefel,
+    Symmetric as Symmetric,
+    torus_init_ as torus_init_,
+)
 
 __all__ = [
+    "PSD",
+    "PSSD",
+    "SL",
+    "SO",
+    "AlmostOrthogonal",
+    "FixedRank",
+    "GLp",
+    "Grassmannian",
+    "Hurwitz",
+    "InManifoldError",
+    "InverseError",
+    "LowRank",
+    "NonSquareError",
+    "PSSDFixedRank",
+    "PSSDLowRank",
     "Parametrization",
+    "ProductManifold",
+    "RankError",
+    "Rn",
+    "Skew",
+    "Sphere",
     "SphereEmbedded",
+    "SphereEmbeddedSpace",
+    "Stiefel",
+    "Symmetric",
+    "VectorError",
     "almost_orthogonal",
+    "alpha_stable",
     "cached",
     "constrain",
     "fixed_rank",
@@ -61,14 +131,17 @@ __all__ = [
     "module_state",
     "orthogonal",
     "parametrization_of",
+    "parametrize",
     "plain",
     "positive_definite",
     "positive_semidefinite",
     "positive_semidefinite_fixed_rank",
     "positive_semidefinite_low_rank",
     "skew",
+    "sln",
     "sphere",
     "stack",
     "symmetric",
+    "torus_init_",
     "update_base",
 ]

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from .._errors import ManifoldError, describe
 from ..spaces._base import AbstractSpace
 
-__all__ = ["Parametrization", "constrain", "update_base", "cached", "is_constrained", "parametrization_of"]
+__all__ = ["Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of"]
 
 Tensor = torch.Tensor
 
@@ -58,6 +58,9 @@ class Parametrization(nn.Module):
         where: what the parametrization constrains, e.g. ``"Linear.weight"``, for error messages.
         shape: the shape of the constrained tensor; assignments of another shape are refused.
     """
+
+    #: Whether ``forward``'s input is the space's own raw tensor (the functional bridge needs it).
+    _identity_raw = True
 
     def __init__(self, space: AbstractSpace, base: Any = None, *, where: str = "tensor", shape: Any = None) -> None:
         super().__init__()
@@ -274,11 +277,23 @@ def constrain(
             f"dtype {T.dtype}, got {describe(X)}."
         )
     adapter = Parametrization(space, base, where=where, shape=T.shape)
+    return attach(module, tensor_name, adapter, Z, X)
+
+
+def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | None, X: Tensor) -> nn.Module:
+    """Register ``adapter`` on ``module.<tensor_name>`` so that its value becomes the point ``X``.
+
+    ``Z`` is ``X``'s raw tensor if already known (needed only when the tensor is already
+    parametrized: the existing chain must then output ``Z``); otherwise the adapter's
+    ``right_inverse`` computes it. A failure leaves the module as it was. The parametrized class
+    is made picklable.
+    """
+    T = getattr(module, tensor_name)
     chained = parametrize.is_parametrized(module, tensor_name)
     with torch.no_grad():
         if chained:
             # The existing chain must output Z so that ours outputs X.
-            setattr(module, tensor_name, Z.to(T.device))
+            setattr(module, tensor_name, (adapter.right_inverse(X) if Z is None else Z).to(T.device))
         else:
             saved = T.detach().clone()
             T.copy_(X)  # torch calls adapter.right_inverse on it
@@ -310,26 +325,34 @@ def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
     return any(isinstance(p, Parametrization) for n in names for p in module.parametrizations[n])
 
 
-def update_base(module: nn.Module, tensor_name: str = "weight") -> nn.Module:
-    """Dynamic trivialization: re-centre the chart of ``module.<tensor_name>`` at its current value.
+def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, module: nn.Module | None = None) -> nn.Module:
+    """Dynamic trivialization: re-centre the chart of ``layer.<tensor_name>`` at its current value.
 
-    The value of the tensor does not change (exactly, for the orthogonal family and spheres;
-    to rounding for factorized spaces); the raw parameter becomes ``space.rebase``'s new
-    coordinates (zero for SO, Stiefel, Grassmannian, Sphere) and the base buffers the new base.
-    The raw parameter is updated in place, so optimizers keep tracking it; their state (momentum,
-    Adam moments) is kept as is, as in GeoTorch: reset it if the chart moved far.
+    GeoTorch's ``update_base(layer, tensor_name)`` (``tensor_name`` defaults to ``"weight"``;
+    ``module=`` is accepted for ``layer``, geofunc's earlier name). The value of the tensor does
+    not change (exactly, for the orthogonal family and spheres; to rounding for factorized
+    spaces); the raw parameter becomes ``space.rebase``'s new coordinates (zero for SO, Stiefel,
+    Grassmannian, Sphere) and the base buffers the new base. The raw parameter is updated in
+    place, so optimizers keep tracking it; their state (momentum, Adam moments) is kept as is,
+    as in GeoTorch: reset it if the chart moved far. Returns the module.
 
     The current value is computed from the raw parameter, never read from a
     :func:`cached` value, and the cached entry (if any) is dropped.
     """
+    if module is not None:
+        if layer is not None and layer is not module:
+            raise TypeError("update_base: give the module once (as `layer`; `module=` is its old name)")
+        layer = module
+    if layer is None:
+        raise TypeError("update_base() missing the module: update_base(layer, tensor_name)")
+    module = layer
     if not parametrize.is_parametrized(module, tensor_name):
         raise ValueError(f"{_owner_name(module, tensor_name)} is not constrained by geofunc")
     plist = module.parametrizations[tensor_name]
     first = plist[0]
     with torch.no_grad():
         if isinstance(first, Parametrization) and plist.is_tensor:
-            Z2 = first.rebase(plist.original)
-            plist.original.copy_(Z2)
+            plist.original.copy_(first.rebase(plist.original))
         else:
             parametrization_of(module, tensor_name)  # raises if geofunc is not involved
             setattr(module, tensor_name, plist().detach())

@@ -1,26 +1,43 @@
-"""GeoTorch's constraint one-liners (0.4.0 names, argument names and defaults) on geofunc spaces.
+"""GeoTorch's 15 constraint one-liners (0.4.0 names, argument names and defaults).
 
-``import geofunc.nn as geotorch`` is a drop-in: each function registers the matching geofunc
-space on ``module.<tensor_name>`` through :func:`geofunc.nn.constrain`, initializes the tensor
-with a sample of the space on the tensor's own dtype and device, and returns the module.
+``import geofunc.nn as geotorch`` is a drop-in: each function builds GeoTorch's class for the
+tensor's size (``geofunc.nn.SO``, ``Stiefel``, ...: adapters over geofunc's spaces), moves it to
+the tensor's dtype and device, draws its ``sample()`` (GeoTorch's distribution), assigns it
+through the parametrization and returns the module, as GeoTorch 0.4.0 does. After the call,
+``module.parametrizations.<tensor_name>[0]`` is that class.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import spaces as S
 from .._errors import ManifoldError
-from ..spaces._base import AbstractSpace
-from ._adapter import _owner_name, _resolve_tensor, constrain
+from ._adapter import _owner_name, _resolve_tensor, attach
+from ._manifolds import (
+    PSD,
+    PSSD,
+    SL,
+    AlmostOrthogonal,
+    FixedRank,
+    GLp,
+    Grassmannian,
+    Hurwitz,
+    LowRank,
+    PSSDFixedRank,
+    PSSDLowRank,
+    Skew,
+    Sphere,
+    SphereEmbedded,
+    Stiefel,
+    Symmetric,
+)
 
 __all__ = [
-    "SphereEmbedded",
     "almost_orthogonal",
+    "alpha_stable",
     "fixed_rank",
     "grassmannian",
     "invertible",
@@ -31,132 +48,231 @@ __all__ = [
     "positive_semidefinite_fixed_rank",
     "positive_semidefinite_low_rank",
     "skew",
+    "sln",
     "sphere",
     "symmetric",
 ]
 
-Tensor = torch.Tensor
 
-
-@dataclasses.dataclass(frozen=True)
-class SphereEmbedded(S.Sphere):
-    r"""Vectors (last dimension) of norm ``radius`` through the projection chart ``X = r Z/‖Z‖``.
-
-    The static chart of ``geotorch.sphere(..., embedded=True)``: no base, ``from_manifold(X) =
-    (X / r, None)``. It is singular at ``Z = 0`` (the chart of :class:`geofunc.Sphere`, the
-    exponential map at a base, is not); prefer ``Sphere`` unless you want GeoTorch's exact chart.
-    Everything but the chart (``tangent``, ``retract``, ``project``, ``sample``, membership,
-    the ``radius`` check) is :class:`geofunc.Sphere`'s.
-    """
-
-    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        """``r Z / ‖Z‖`` (the chart has no base: ``base`` must be None)."""
-        self._check_shape(Z, "Z")
-        self._require_no_base(base)
-        return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
-
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        return X / self.radius, None
-
-
-def _register(
-    module: nn.Module,
-    tensor_name: str,
-    make: Callable[[], AbstractSpace],
-    init: Callable[[AbstractSpace], Any] | None = None,
-) -> nn.Module:
-    # Unknown names first (as GeoTorch, which reads the size before building the space), then
-    # hyperparameter errors, prefixed with the tensor they were meant for.
-    _resolve_tensor(module, tensor_name, "a geofunc space")
+def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: Any, sample: bool = True,
+                       **kwargs: Any) -> nn.Module:
+    """GeoTorch's registration: ``M = cls(size, *args, **kwargs)`` on the tensor's dtype and device,
+    the tensor set to ``M.sample()`` (or kept, ``sample=False``), ``M`` registered."""
+    T = _resolve_tensor(module, tensor_name, cls.__name__)
+    where = _owner_name(module, tensor_name)
+    what = f"{where} (a tensor of shape {tuple(T.shape)} and dtype {T.dtype})"
     try:
-        space = make()
+        M = cls(lower=args[0], size=tuple(T.shape)) if cls is Symmetric else cls(tuple(T.shape), *args, **kwargs)
     except ManifoldError as e:
-        raise ManifoldError(f"cannot constrain {_owner_name(module, tensor_name)}: {e}") from None
-    return constrain(module, tensor_name, space, init=None if init is None else init(space))
+        # Keep GeoTorch's class (VectorError, RankError, ...), say which tensor it was for.
+        e.args = (f"cannot constrain {what}: {e}",)
+        raise
+    M = M.to(device=T.device, dtype=T.dtype)
+    M.where = where
+    with torch.no_grad():
+        if not sample:
+            X = T.detach()
+        elif T.is_meta:  # deferred initialization: no values to draw
+            X = torch.empty_like(T)
+        else:
+            X = M.sample()
+    return attach(module, tensor_name, M, None, X)
 
 
-def orthogonal(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
-    """Orthonormal columns (rows if wide): :class:`geofunc.Stiefel`, Haar-uniform initialization.
+def symmetric(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
+    """Symmetric (:class:`Symmetric`); keeps the layer's own values, symmetrized as GeoTorch does.
 
-    As in GeoTorch, a square weight gets ``Stiefel`` (the whole orthogonal group O(n), det ±1,
-    so that ``module.weight = Q`` accepts every orthogonal ``Q``, e.g. from
-    ``nn.init.orthogonal_``), not ``SO``; the chart ``base · φ(A)`` stays in the connected
-    component of its base. Use ``constrain(module, name, geofunc.SO())`` for det +1.
+    The new value is the lower (``lower=True``) or upper triangle of the current value mirrored,
+    exactly GeoTorch's value; the raw tensor is the current value.
+
+    Example::
+
+        >>> layer = symmetric(torch.nn.Linear(3, 3))
+        >>> torch.equal(layer.weight, layer.weight.T)
+        True
     """
-    return _register(module, tensor_name, lambda: S.Stiefel(triv=triv))
+    return _register_manifold(module, tensor_name, Symmetric, lower, sample=False)
 
 
-def grassmannian(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
-    """An orthonormal frame of a subspace (:class:`geofunc.Grassmannian`)."""
-    return _register(module, tensor_name, lambda: S.Grassmannian(triv=triv))
+def skew(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
+    """Skew-symmetric (:class:`Skew`), initialized with ``W − Wᵀ``, ``W`` Xavier normal (GeoTorch's sample).
 
+    Example::
 
-def almost_orthogonal(
-    module: nn.Module, tensor_name: str = "weight", lam: float = 0.1, f: Any = "sin", triv: Any = "expm"
-) -> nn.Module:
-    """Singular values in ``[1 - lam, 1 + lam]`` (:class:`geofunc.AlmostOrthogonal`)."""
-    return _register(module, tensor_name, lambda: S.AlmostOrthogonal(lam=lam, f=f, triv=triv))
-
-
-def low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
-    """Rank at most ``rank`` (:class:`geofunc.LowRank`); on a Conv2d weight, every kernel."""
-    return _register(module, tensor_name, lambda: S.LowRank(rank=rank, triv=triv))
-
-
-def fixed_rank(module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm") -> nn.Module:
-    """Rank exactly ``rank`` (:class:`geofunc.FixedRank`)."""
-    return _register(module, tensor_name, lambda: S.FixedRank(rank=rank, f=f, triv=triv))
-
-
-def invertible(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> nn.Module:
-    """Invertible with positive determinant (:class:`geofunc.GLp`)."""
-    return _register(module, tensor_name, lambda: S.GLp(f=f, triv=triv))
-
-
-def positive_definite(
-    module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm"
-) -> nn.Module:
-    """Symmetric positive definite (:class:`geofunc.PSD`)."""
-    return _register(module, tensor_name, lambda: S.PSD(f=f, triv=triv))
-
-
-def positive_semidefinite(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
-    """Symmetric positive semidefinite (:class:`geofunc.PSSD`)."""
-    return _register(module, tensor_name, lambda: S.PSSD(triv=triv))
-
-
-def positive_semidefinite_low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
-    """Positive semidefinite of rank at most ``rank`` (:class:`geofunc.PSSDLowRank`)."""
-    return _register(module, tensor_name, lambda: S.PSSDLowRank(rank=rank, triv=triv))
-
-
-def positive_semidefinite_fixed_rank(
-    module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm"
-) -> nn.Module:
-    """Positive semidefinite of rank exactly ``rank`` (:class:`geofunc.PSSDFixedRank`)."""
-    return _register(module, tensor_name, lambda: S.PSSDFixedRank(rank=rank, f=f, triv=triv))
+        >>> layer = skew(torch.nn.Linear(3, 3))
+        >>> torch.equal(layer.weight, -layer.weight.T)
+        True
+    """
+    return _register_manifold(module, tensor_name, Skew, lower=lower)
 
 
 def sphere(module: nn.Module, tensor_name: str = "weight", radius: float = 1.0, embedded: bool = False) -> nn.Module:
     """Every vector along the last dimension (each row of a Linear weight) of norm ``radius``.
 
-    ``embedded=False``: :class:`geofunc.Sphere` (exponential map at a base, dynamic);
-    ``embedded=True``: :class:`SphereEmbedded` (``X = r Z/‖Z‖``, static), as GeoTorch.
+    ``embedded=False``: :class:`Sphere` (exponential map at a base, dynamic);
+    ``embedded=True``: :class:`SphereEmbedded` (``X = r Z/‖Z‖``, static), as GeoTorch. Uniform start.
+
+    Example::
+
+        >>> layer = sphere(torch.nn.Linear(4, 3), radius=2.0)
+        >>> torch.allclose(layer.weight.norm(dim=-1), torch.full((3,), 2.0))
+        True
     """
-    return _register(
-        module, tensor_name, (lambda: SphereEmbedded(radius=radius)) if embedded else (lambda: S.Sphere(radius=radius))
-    )
+    return _register_manifold(module, tensor_name, SphereEmbedded if embedded else Sphere, radius=radius)
 
 
-def skew(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
-    """Skew-symmetric (:class:`geofunc.Skew`), initialized with a sample of the space."""
-    return _register(module, tensor_name, lambda: S.Skew(lower=lower))
+def orthogonal(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+    """Orthonormal columns (rows if wide): :class:`Stiefel`, Haar-uniform start.
 
+    As in GeoTorch, a square weight gets ``Stiefel`` (the whole orthogonal group O(n), det ±1,
+    so that ``module.weight = Q`` accepts every orthogonal ``Q``, e.g. from
+    ``nn.init.orthogonal_``), not ``SO``; the random start has det +1 (as GeoTorch's) and the
+    chart ``base · φ(A)`` stays in the connected component of its base.
 
-def symmetric(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
-    """Symmetric (:class:`geofunc.Sym`); keeps the layer's own values, symmetrized as GeoTorch does.
+    Example::
 
-    The new value is ``Sym(lower).to_manifold(W)`` of the current value ``W``: its lower (upper)
-    triangle mirrored, exactly GeoTorch's value.
+        >>> layer = orthogonal(torch.nn.Linear(3, 5))
+        >>> torch.allclose(layer.weight.T @ layer.weight, torch.eye(3), atol=1e-6)
+        True
     """
-    return _register(module, tensor_name, lambda: S.Sym(lower=lower), init=lambda space: space.to_manifold)
+    return _register_manifold(module, tensor_name, Stiefel, triv=triv)
+
+
+def grassmannian(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+    """An orthonormal frame of a subspace (:class:`Grassmannian`), Haar-uniform start.
+
+    Example::
+
+        >>> layer = grassmannian(torch.nn.Linear(2, 5))
+        >>> torch.allclose(layer.weight.T @ layer.weight, torch.eye(2), atol=1e-6)
+        True
+    """
+    return _register_manifold(module, tensor_name, Grassmannian, triv=triv)
+
+
+def almost_orthogonal(
+    module: nn.Module, tensor_name: str = "weight", lam: float = 0.1, f: Any = "sin", triv: Any = "expm"
+) -> nn.Module:
+    """Singular values in ``[1 - lam, 1 + lam]`` (:class:`AlmostOrthogonal`); starts at an
+    orthogonal matrix (singular values exactly 1), as GeoTorch.
+
+    Example::
+
+        >>> layer = almost_orthogonal(torch.nn.Linear(4, 4), lam=0.5)
+        >>> bool(((torch.linalg.svdvals(layer.weight) - 1).abs() <= 0.5).all())
+        True
+    """
+    return _register_manifold(module, tensor_name, AlmostOrthogonal, lam, f, triv)
+
+
+def low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
+    """Rank at most ``rank`` (:class:`LowRank`); on a Conv2d weight, every kernel. Starts at the
+    truncated SVD of a Xavier-normal matrix, as GeoTorch.
+
+    Example::
+
+        >>> layer = low_rank(torch.nn.Linear(5, 4), "weight", rank=2)
+        >>> int((torch.linalg.svdvals(layer.weight) > 1e-5).sum())
+        2
+    """
+    return _register_manifold(module, tensor_name, LowRank, rank, triv)
+
+
+def fixed_rank(module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+    """Rank exactly ``rank`` (:class:`FixedRank`); starts at a truncated SVD of a Xavier-normal matrix.
+
+    Example::
+
+        >>> layer = fixed_rank(torch.nn.Linear(5, 4), "weight", rank=2)
+        >>> int((torch.linalg.svdvals(layer.weight) > 1e-5).sum())
+        2
+    """
+    return _register_manifold(module, tensor_name, FixedRank, rank, f, triv)
+
+
+def invertible(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+    """Invertible with positive determinant (:class:`GLp`); starts at a Xavier-normal matrix's SVD.
+
+    Example::
+
+        >>> layer = invertible(torch.nn.Linear(4, 4))
+        >>> bool(torch.linalg.det(layer.weight) > 0)
+        True
+    """
+    return _register_manifold(module, tensor_name, GLp, f, triv)
+
+
+def sln(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+    """Determinant one (:class:`SL`); starts at GeoTorch's SL sample.
+
+    Example::
+
+        >>> layer = sln(torch.nn.Linear(4, 4))
+        >>> round(float(torch.linalg.det(layer.weight)), 4)
+        1.0
+    """
+    return _register_manifold(module, tensor_name, SL, f, triv)
+
+
+def positive_definite(
+    module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm"
+) -> nn.Module:
+    """Symmetric positive definite (:class:`PSD`); starts at a Wishart matrix ``WWᵀ``, ``W`` Xavier normal.
+
+    Example::
+
+        >>> layer = positive_definite(torch.nn.Linear(3, 3))
+        >>> bool((torch.linalg.eigvalsh(layer.weight) > 0).all())
+        True
+    """
+    return _register_manifold(module, tensor_name, PSD, f, triv)
+
+
+def positive_semidefinite(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+    """Symmetric positive semidefinite (:class:`PSSD`); starts at a Wishart matrix.
+
+    Example::
+
+        >>> layer = positive_semidefinite(torch.nn.Linear(3, 3))
+        >>> bool((torch.linalg.eigvalsh(layer.weight) > -1e-6).all())
+        True
+    """
+    return _register_manifold(module, tensor_name, PSSD, triv)
+
+
+def positive_semidefinite_low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
+    """Positive semidefinite of rank at most ``rank`` (:class:`PSSDLowRank`); starts at a Wishart's top ``rank``.
+
+    Example::
+
+        >>> layer = positive_semidefinite_low_rank(torch.nn.Linear(4, 4), "weight", 2)
+        >>> int((torch.linalg.eigvalsh(layer.weight) > 1e-5).sum())
+        2
+    """
+    return _register_manifold(module, tensor_name, PSSDLowRank, rank, triv)
+
+
+def positive_semidefinite_fixed_rank(
+    module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm"
+) -> nn.Module:
+    """Positive semidefinite of rank exactly ``rank`` (:class:`PSSDFixedRank`); starts at a Wishart's top ``rank``.
+
+    Example::
+
+        >>> layer = positive_semidefinite_fixed_rank(torch.nn.Linear(4, 4), "weight", 2)
+        >>> int((torch.linalg.eigvalsh(layer.weight) > 1e-5).sum())
+        2
+    """
+    return _register_manifold(module, tensor_name, PSSDFixedRank, rank, f, triv)
+
+
+def alpha_stable(module: nn.Module, tensor_name: str = "weight", alpha: float = 1e-3) -> nn.Module:
+    """Every eigenvalue with real part at most ``-alpha`` (:class:`Hurwitz`); starts at GeoTorch's sample.
+
+    Example::
+
+        >>> layer = alpha_stable(torch.nn.Linear(4, 4), alpha=0.5)
+        >>> bool(torch.linalg.eigvals(layer.weight).real.max() <= -0.5)
+        True
+    """
+    return _register_manifold(module, tensor_name, Hurwitz, alpha=alpha)

@@ -53,6 +53,11 @@ def _geofunc_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, Param
                     f"{key} ({_owner_name(sub, tname)}) is parametrized by {[type(p).__name__ for p in plist]}: "
                     "the functional bridge supports tensors parametrized by exactly one geofunc Parametrization."
                 )
+            if not plist[0]._identity_raw:
+                raise ValueError(
+                    f"{key} ({_owner_name(sub, tname)}) is parametrized by {plist[0]!r}, whose raw tensor is not its "
+                    "space's (SO(lower=False) reads the upper triangle): use lower=True for the functional bridge."
+                )
             out[key] = (sub, tname, plist[0])
     return out
 

@@ -6,6 +6,7 @@ from ._birkhoff import Birkhoff as Birkhoff
 from ._fixed_rank import FixedRank as FixedRank
 from ._glp import GLp as GLp
 from ._grassmannian import Grassmannian as Grassmannian
+from ._hurwitz import Hurwitz as Hurwitz
 from ._lorentz import Lorentz as Lorentz
 from ._low_rank import LowRank as LowRank
 from ._oblique import Oblique as Oblique
@@ -16,6 +17,7 @@ from ._pssd import PSSD as PSSD
 from ._pssd_fixed_rank import PSSDFixedRank as PSSDFixedRank
 from ._pssd_low_rank import PSSDLowRank as PSSDLowRank
 from ._rn import Rn as Rn
+from ._sl import SL as SL
 from ._skew import Skew as Skew
 from ._so import SO as SO
 from ._sphere import Sphere as Sphere
@@ -25,6 +27,7 @@ from ._sym import Sym as Sym
 __all__ = [
     "PSD",
     "PSSD",
+    "SL",
     "SO",
     "AbstractSpace",
     "AlmostOrthogonal",
@@ -32,6 +35,7 @@ __all__ = [
     "FixedRank",
     "GLp",
     "Grassmannian",
+    "Hurwitz",
     "Lorentz",
     "LowRank",
     "Oblique",

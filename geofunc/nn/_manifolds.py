@@ -1,0 +1,1350 @@
+"""GeoTorch 0.4.0's space classes as ``nn.Module`` parametrizations, each an adapter over a pure space.
+
+Every class here is a :class:`~geofunc.nn.Parametrization` (the one adapter between a geofunc
+space and ``torch.nn.utils.parametrize``) built from GeoTorch's constructor arguments (``size``
+first, then GeoTorch's hyperparameters). The maths lives in the space (``self.space``):
+``forward`` is ``space.to_manifold``, ``right_inverse`` is ``space.from_manifold`` (after
+GeoTorch's own membership test ``in_manifold``), ``update_base`` is ``space.rebase``. What is
+GeoTorch's and not geofunc's lives here: the size checks and their exception classes,
+``in_manifold`` with GeoTorch's tolerances, and ``sample`` with GeoTorch's distributions and
+arguments (``init_``, ``eps``, ``factorized``, ``distribution="uniform" | "torus"``), drawn from
+the global RNG as GeoTorch (and ``torch.nn.init``) do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import spaces as S
+from .._errors import ManifoldError
+from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
+from ..spaces._hurwitz import lyapunov
+from ._adapter import Parametrization
+from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
+
+__all__ = [
+    "AlmostOrthogonal",
+    "FixedRank",
+    "GLp",
+    "Grassmannian",
+    "Hurwitz",
+    "LowRank",
+    "PSD",
+    "PSSD",
+    "PSSDFixedRank",
+    "PSSDLowRank",
+    "ProductManifold",
+    "Rn",
+    "SL",
+    "SO",
+    "Skew",
+    "Sphere",
+    "SphereEmbedded",
+    "SphereEmbeddedSpace",
+    "Stiefel",
+    "Symmetric",
+    "torus_init_",
+]
+
+Tensor = torch.Tensor
+
+xavier_normal_ = nn.init.xavier_normal_
+
+
+# ----------------------------------------------------------------------------- the embedded sphere
+@dataclasses.dataclass(frozen=True)
+class SphereEmbeddedSpace(S.Sphere):
+    r"""Vectors (last dimension) of norm ``radius`` through the projection chart ``X = r Z/‖Z‖``.
+
+    The pure space behind :class:`SphereEmbedded` (``geotorch.sphere(..., embedded=True)``): no
+    base, ``from_manifold(X) = (X / r, None)``. It is singular at ``Z = 0`` (the chart of
+    :class:`geofunc.Sphere`, the exponential map at a base, is not); prefer ``Sphere`` unless you
+    want GeoTorch's exact chart. Everything but the chart (``tangent``, ``retract``, ``project``,
+    ``sample``, membership, the ``radius`` check) is :class:`geofunc.Sphere`'s.
+
+    Example::
+
+        >>> X = SphereEmbeddedSpace(radius=2.0).to_manifold(torch.tensor([3.0, 4.0]))
+        >>> X
+        tensor([1.2000, 1.6000])
+    """
+
+    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
+        """``r Z / ‖Z‖`` (the chart has no base: ``base`` must be None)."""
+        self._check_shape(Z, "Z")
+        self._require_no_base(base)
+        return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        return X / self.radius, None
+
+
+# ----------------------------------------------------------------------------- helpers
+def _matrix_size(name: str, size: Any, square: bool = False) -> tuple[int, int, tuple, bool]:
+    """``(n, k, tensorial_size, transposed)`` of a matrix ``size``; GeoTorch's size errors."""
+    size = tuple(size)
+    if len(size) < 2:
+        raise VectorError(name, size)
+    r, c = int(size[-2]), int(size[-1])
+    if square and r != c:
+        raise NonSquareError(name, size)
+    return max(r, c), min(r, c), size[:-2], r < c
+
+
+def _check_rank(name: str, n: int, k: int, rank: Any) -> int:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > min(n, k):
+        raise RankError(n, k, rank, name)
+    return rank
+
+
+def _lift(M: Any, X: Tensor) -> tuple[Tensor, torch.dtype]:
+    """``X`` in float32 if low precision (LAPACK has no bf16/fp16 kernels), and its own dtype."""
+    return (X.float() if X.dtype in LOW_PRECISION else X), X.dtype
+
+
+def _allclose_eye(XtX: Tensor, eps: float) -> bool:
+    eye = torch.eye(XtX.shape[-1], dtype=XtX.dtype, device=XtX.device)
+    return bool(torch.allclose(XtX, eye.expand_as(XtX), atol=eps))
+
+
+def _svd_factors(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+    return (U * S.unsqueeze(-2)) @ V.transpose(-2, -1)
+
+
+def _eig_factors(L: Tensor, Q: Tensor) -> Tensor:
+    return (Q * L.unsqueeze(-2)) @ Q.transpose(-2, -1)
+
+
+def _as_matrix(X: Any) -> Any:
+    """A factorized sample (``(U, S, V)`` with ``U diag(S) Vᵀ`` the matrix, or ``(L, Q)`` with
+    ``Q diag(L) Qᵀ``) multiplied out; anything else as is. Tensors are detached: membership
+    tests and inverses take no gradient (and reading a verdict from a tensor that requires
+    grad would warn)."""
+    if isinstance(X, (tuple, list)) and all(isinstance(t, Tensor) for t in X):
+        X = tuple(t.detach() for t in X)
+        if len(X) == 3:
+            return _svd_factors(*X)
+        if len(X) == 2:
+            return _eig_factors(*X)
+    return X.detach() if isinstance(X, Tensor) else X
+
+
+# Note [update_base on the class]
+# GeoTorch's classes are plain parametrizations: the raw tensor belongs to torch's
+# ParametrizationList, not to them. So that ``M.update_base()`` works without arguments, forward
+# remembers (weakly, outside the module so that pickling and deepcopy are untouched) the raw
+# Parameter it was last evaluated on; ``geofunc.nn.update_base(module, name)`` needs none of this.
+_LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+class _Manifold(Parametrization):
+    """Abstract: a GeoTorch class over a geofunc space (see the module docstring)."""
+
+    #: Whether ``forward``'s input is the space's own raw tensor (False for ``SO(lower=False)``).
+    _identity_raw: ClassVar[bool] = True
+
+    def __init__(self, space: AbstractSpace, size: Any) -> None:
+        size = None if size is None else tuple(int(d) for d in size)
+        base = None
+        if size is not None:
+            # A base of the right structure, drawn like GeoTorch's (a random point of the space; no
+            # call of a custom triv, which GeoTorch checks lazily); without an inverse of f, the
+            # canonical base. Registration and assignment overwrite it.
+            with torch.no_grad():
+                try:
+                    base = space._from_manifold(space.sample(size))[1]
+                except ManifoldError:
+                    base = space.rebase(torch.zeros(size), None)[1]
+        super().__init__(space, base, where=type(self).__name__, shape=size)
+        self.register_buffer("_reference", torch.empty(0), persistent=False)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def size(self) -> Optional[tuple[int, ...]]:
+        """The size of the constrained tensor (``None`` for a class built without one)."""
+        return self.shape
+
+    def _empty(self, shape: tuple) -> Tensor:
+        """An uninitialized tensor of the module's dtype and device (float32 if that is low precision)."""
+        ref = self._reference
+        return ref.new_empty(shape, dtype=torch.float32 if ref.dtype in LOW_PRECISION else ref.dtype)
+
+    def _out(self, X: Any) -> Any:
+        """A sample in the module's dtype (samplers work in float32 for bf16/fp16 modules)."""
+        dtype = self._reference.dtype
+        if isinstance(X, tuple):
+            return tuple(t.to(dtype) for t in X)
+        return X.to(dtype)
+
+    def _require_size(self) -> tuple[int, ...]:
+        if self.shape is None:
+            raise ManifoldError(f"{type(self).__name__}: expected a class built with a `size` to sample from, got none.")
+        return self.shape
+
+    def _eps(self, eps: float, X: Tensor) -> float:
+        """GeoTorch's tolerance, widened to the rounding of a bf16/fp16 point (Note [Low precision])."""
+        if X.dtype in LOW_PRECISION:
+            return max(eps, default_atol(X.dtype, max(X.shape[-2:]) if X.ndim >= 2 else X.shape[-1]))
+        return eps
+
+    def _raw_in(self, Z: Tensor) -> Tensor:
+        return Z
+
+    def _raw_out(self, Z: Tensor) -> Tensor:
+        return Z
+
+    def _f(self) -> Any:
+        return getattr(self.space, "f", None)
+
+    def _require_inverse(self) -> None:
+        f = self._f()
+        if f is not None and not isinstance(f, (str, tuple, list)) and callable(f):
+            raise InverseError(self)
+
+    # ----------------------------------------------------------------- the maps
+    def forward(self, Z: Tensor) -> Tensor:
+        """The point ``space.to_manifold(Z, base)`` of the raw tensor ``Z``."""
+        if isinstance(Z, nn.Parameter) and not torch.compiler.is_compiling():
+            _LAST_RAW[self] = weakref.ref(Z)  # Note [update_base on the class]
+        return self.space.to_manifold(self._raw_in(Z), self.get_base())
+
+    def right_inverse(self, X: Any, check_in_manifold: bool = True) -> Tensor:
+        """Raw tensor of the point ``X`` (a tensor, or a factorized sample), re-centring the base.
+
+        Raises :class:`InManifoldError` if ``check_in_manifold`` and ``in_manifold(X)`` is False
+        (or ``X`` has the wrong size, dtype or device), :class:`InverseError` if ``f`` has no
+        inverse. Nothing is changed when it raises.
+        """
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor):
+            raise InManifoldError(X, self, "expected a tensor")
+        try:
+            self._check_value(X)
+        except ManifoldError as e:
+            raise InManifoldError(X, self, str(e)) from None
+        if X.is_meta:  # deferred initialization: shapes only
+            Z, base = self.space._from_manifold(X)
+        else:
+            self._require_inverse()
+            if check_in_manifold and not bool(self.in_manifold(X)):
+                raise InManifoldError(X, self, self._why(X))
+            try:
+                Z, base = self.space._from_manifold(X)
+            except ManifoldError as e:
+                raise InManifoldError(X, self, str(e)) from None
+            if can_check(X):
+                self._verify(X, Z, base)
+        Z = self._raw_out(Z)
+        self._check_base(base)
+        self._set_base(base)
+        return Z.detach().clone()
+
+    def _why(self, X: Tensor) -> str:
+        """geofunc's measured violation of ``X``, for the message of an ``InManifoldError``."""
+        try:
+            self.space.check(X)
+        except ManifoldError as e:
+            return f"{type(self).__name__}.in_manifold is False; geofunc measures: {str(e).partition(', got ')[2].rstrip('.')}"
+        except Exception:  # noqa: BLE001 - a message helper must not mask the real error
+            pass
+        return f"{type(self).__name__}.in_manifold is False"
+
+    def _verify(self, X: Tensor, Z: Tensor, base: Any) -> None:
+        """Eager: refuse (rather than silently change) a point the space's chart cannot represent."""
+        leaves = [Z] + [b for b in torch.utils._pytree.tree_leaves(base) if isinstance(b, Tensor)]
+        if not all(bool(torch.isfinite(t).all()) for t in leaves):
+            raise InManifoldError(X, self, "the space's inverse gave non-finite raw coordinates: the point is not "
+                                           "representable by its chart (on or too near the boundary)")
+
+    def rebase(self, Z: Tensor) -> Tensor:
+        """Re-centre the chart at the current point ``forward(Z)``; return the new raw tensor."""
+        with torch.no_grad():
+            Z2, base = self.space.rebase(self._raw_in(Z), self.get_base())
+            self._check_base(base)
+            self._set_base(base)
+        return self._raw_out(Z2)
+
+    def update_base(self, Z: Optional[Tensor] = None) -> Tensor:
+        """Dynamic trivialization: re-centre the chart at the current point, in place.
+
+        ``Z`` is the raw tensor (``module.parametrizations.<name>.original``); by default the one
+        this parametrization was last evaluated on. The point does not change; the raw tensor
+        becomes ``space.rebase``'s (zero for SO, Stiefel, Grassmannian, Sphere). Same as
+        ``geofunc.nn.update_base(module, tensor_name)``. Returns the raw tensor.
+        """
+        if Z is None:
+            ref = _LAST_RAW.get(self)
+            Z = ref() if ref is not None else None
+            if Z is None:
+                raise ValueError(
+                    f"{type(self).__name__}.update_base(): no raw tensor known yet; evaluate the parametrized "
+                    "tensor once, pass it (module.parametrizations.<name>.original), or call "
+                    "geofunc.nn.update_base(module, tensor_name)."
+                )
+        with torch.no_grad():
+            Z.copy_(self.rebase(Z))
+        return Z
+
+    # ----------------------------------------------------------------- GeoTorch's API
+    def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
+        """Whether ``X`` is on the space, with GeoTorch's tolerance (all batch entries)."""
+        raise NotImplementedError
+
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        """A random point with GeoTorch's distribution (global RNG)."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        size = "" if self.shape is None else f"size={self.shape}, "
+        where = "" if self.where == type(self).__name__ else f", where={self.where!r}"
+        return f"{size}space={self.space!r}{where}"
+
+
+# ----------------------------------------------------------------------------- orthogonal family
+def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None, triv: Any = "expm") -> Tensor:
+    r"""Fill the square ``tensor`` (or batch) in place with a block-diagonal rotation ``φ(A)``.
+
+    ``A`` is skew-symmetric with 2×2 blocks :math:`\begin{pmatrix}0 & -b_i\\ b_i & 0\end{pmatrix}`
+    (and a trailing zero if n is odd): ``b`` has ``n // 2`` entries, drawn from ``init_`` (a
+    function filling a tensor in place; default ``Uniform(−π, π)``); ``φ`` is ``triv``
+    (``"expm"``, ``"cayley"`` or a callable), so with ``"expm"`` the eigenvalues are
+    ``e^{±i b_i}`` (and 1). GeoTorch's initialization for recurrent kernels. Returns ``tensor``.
+
+    Raises :class:`VectorError` / :class:`NonSquareError` (``ValueError``s) for fewer than two
+    dimensions or a non-square tensor.
+
+    Example::
+
+        >>> W = torus_init_(torch.empty(4, 4))
+        >>> torch.allclose(W.T @ W, torch.eye(4), atol=1e-6)
+        True
+    """
+    if tensor.ndim < 2:
+        raise VectorError("torus_init_", tensor.shape)
+    if tensor.shape[-1] != tensor.shape[-2]:
+        raise NonSquareError("torus_init_", tensor.shape)
+    n = tensor.shape[-1]
+    batch = tuple(tensor.shape[:-2])
+    work = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+    b = tensor.new_empty(batch + (n // 2,), dtype=work)
+    if init_ is None:
+        nn.init.uniform_(b, -math.pi, math.pi)
+    else:
+        init_(b)
+    with torch.no_grad():
+        d = torch.zeros(batch + (max(n - 1, 0),), dtype=work, device=tensor.device)
+        d[..., ::2] = b.detach()
+        L = torch.diag_embed(d, offset=-1)
+        tensor.copy_(S.SO(triv=triv).to_manifold(L))
+    return tensor
+
+
+def _frame_sample(M: "_Manifold", distribution: str, init_: Any, triv: Any) -> Tensor:
+    """GeoTorch's orthogonal samples of ``M``'s size: Haar (``"uniform"``) or the first k columns
+    (rows if wide) of an n×n :func:`torus_init_` (``"torus"``)."""
+    size = M._require_size()
+    with torch.no_grad():
+        if distribution == "uniform":
+            frames = S.SO() if M.n == M.k else S.Stiefel()  # square: det +1, as GeoTorch
+            return M._out(frames.sample(size, dtype=M._empty(()).dtype, device=M._reference.device))
+        if distribution == "torus":
+            Q = torus_init_(M._empty(tuple(M.tensorial_size) + (M.n, M.n)), init_, triv)
+            if M.n != M.k:
+                Q = Q[..., : M.k, :] if M.transposed else Q[..., : M.k]
+            return M._out(Q)
+    raise ValueError(f'{type(M).__name__}.sample: expected distribution "uniform" or "torus", got {distribution!r}.')
+
+
+class SO(_Manifold):
+    r"""Special orthogonal matrices ``(*, n, n)`` (GeoTorch's ``SO``), over :class:`geofunc.SO`.
+
+    ``forward(Z) = base · φ(A)``, ``A = L − Lᵀ`` with ``L`` the strict lower triangle of ``Z``
+    (the upper one if ``lower=False``); ``right_inverse(X)`` sets ``base = X``, returns zeros.
+    As in GeoTorch, ``in_manifold`` checks orthogonality only (``in_so=True`` adds ``det > 0``) and
+    a det −1 orthogonal matrix is accepted: the chart then stays in that component.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        triv: ``"expm"``, ``"cayley"`` or a callable mapping skew to orthogonal matrices.
+        lower: which strict triangle of the raw tensor holds the coordinates.
+
+    Example::
+
+        >>> M = SO((3, 3))
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    def __init__(self, size: Any, triv: Any = "expm", lower: bool = True) -> None:
+        n, k, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(S.SO(triv=triv), size)
+        self.n, self.k, self.tensorial_size, self.lower, self.triv = n, k, ts, lower, triv
+        self.transposed = False
+        self._identity_raw = bool(lower)
+
+    def _raw_in(self, Z: Tensor) -> Tensor:
+        return Z if self.lower else -Z.transpose(-2, -1)
+
+    _raw_out = _raw_in  # an involution
+
+    def in_manifold(self, X: Any, in_so: bool = False, eps: float = 1e-4) -> bool:
+        """``XᵀX ≈ I`` (``allclose``, ``atol=eps``) and the size; ``in_so`` also asks ``det X > 0``."""
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size():
+            return False
+        Xf, _ = _lift(self, X)
+        ok = _allclose_eye(Xf.transpose(-2, -1) @ Xf, self._eps(eps, X))
+        return ok and (not in_so or bool((torch.linalg.slogdet(Xf)[0] > 0).all()))
+
+    def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None) -> Tensor:
+        """``"uniform"``: Haar on SO(n); ``"torus"``: :func:`torus_init_` with ``init_`` and ``triv``."""
+        return _frame_sample(self, distribution, init_, self.triv)
+
+
+class Stiefel(_Manifold):
+    r"""Matrices ``(*, n, k)`` with orthonormal columns (rows if wide), over :class:`geofunc.Stiefel`.
+
+    GeoTorch's ``Stiefel``: square sizes give all of O(n) (the chart stays in the component of
+    its base). ``right_inverse(X)`` sets ``base = X`` and returns zeros.
+
+    Args:
+        size: the size of the tensor, ``(*, n, k)``.
+        triv: ``"expm"``, ``"cayley"`` or a callable mapping skew to orthogonal matrices.
+
+    Example::
+
+        >>> M = Stiefel((5, 3))
+        >>> M.in_manifold(M.sample("torus"))
+        True
+    """
+
+    _space_cls: ClassVar[type] = S.Stiefel
+
+    def __init__(self, size: Any, triv: Any = "expm") -> None:
+        n, k, ts, tr = _matrix_size(type(self).__name__, size)
+        super().__init__(self._space_cls(triv=triv), size)
+        self.n, self.k, self.tensorial_size, self.transposed, self.triv = n, k, ts, tr, triv
+
+    def in_manifold(self, X: Any, eps: float = 1e-4) -> bool:
+        """Orthonormal columns (rows if wide): ``allclose(XᵀX, I, atol=eps)``, and the size."""
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or X.ndim < 2:
+            return False
+        Xt = X.transpose(-2, -1) if X.shape[-1] > X.shape[-2] else X
+        if tuple(Xt.shape) != tuple(self.tensorial_size) + (self.n, self.k):
+            return False
+        Xf, _ = _lift(self, Xt)
+        return _allclose_eye(Xf.transpose(-2, -1) @ Xf, self._eps(eps, X))
+
+    def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None) -> Tensor:
+        """``"uniform"``: Haar; ``"torus"``: the first k columns (rows) of an n×n :func:`torus_init_`."""
+        return _frame_sample(self, distribution, init_, self.triv)
+
+
+class Grassmannian(Stiefel):
+    r"""k-dimensional subspaces of ``Rⁿ`` as orthonormal frames ``(*, n, k)``, over :class:`geofunc.Grassmannian`.
+
+    GeoTorch's ``Grassmannian``: the same membership and samples as :class:`Stiefel`, the
+    horizontal chart (a frame is any orthonormal basis of its subspace).
+
+    Args:
+        size: the size of the tensor, ``(*, n, k)``.
+        triv: ``"expm"``, ``"cayley"`` or a callable mapping skew to orthogonal matrices.
+
+    Example::
+
+        >>> M = Grassmannian((5, 2))
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    _space_cls: ClassVar[type] = S.Grassmannian
+
+
+# ----------------------------------------------------------------------------- spheres and vectors
+def _in_sphere(X: Any, size: tuple, radius: float, eps: float, dtype_eps: Callable[[float, Tensor], float]) -> bool:
+    if not isinstance(X, Tensor) or tuple(X.shape) != size:
+        return False
+    Xf = X.float() if X.dtype in LOW_PRECISION else X
+    norm = torch.linalg.vector_norm(Xf, dim=-1)
+    return bool(((norm - radius).abs() < dtype_eps(eps, X)).all())
+
+
+class Sphere(_Manifold):
+    r"""Vectors (last dimension) of norm ``radius``, over :class:`geofunc.Sphere` (exponential map at a base).
+
+    GeoTorch's ``Sphere``: ``forward(v) = r(cos‖v_t‖ x + sinc‖v_t‖ v_t)`` at the base ``x``,
+    ``right_inverse(X)`` sets the base, returns zeros; each vector along the last dimension (each
+    row of a Linear weight) is one point.
+
+    Args:
+        size: the size of the tensor, ``(*, n)``.
+        radius: the radius, > 0.
+
+    Example::
+
+        >>> M = Sphere((4,), radius=2.0)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    _space_cls: ClassVar[type] = S.Sphere
+
+    def __init__(self, size: Any, radius: float = 1.0) -> None:
+        size = tuple(size)
+        super().__init__(self._space_cls(radius=radius), size)
+        self.n, self.tensorial_size, self.radius = (size[-1] if size else 1), size[:-1], radius
+
+    def in_manifold(self, x: Any, eps: float = 1e-5) -> bool:
+        """``max |‖x‖ − r| < eps`` over the batch (strict), and the size."""
+        return _in_sphere(x, self._require_size(), self.radius, eps, self._eps)
+
+    def right_inverse(self, x: Any, check_in_manifold: bool = True) -> Tensor:
+        """Raw tensor of the point ``x`` (see :meth:`SO.right_inverse`); GeoTorch's argument name."""
+        return super().right_inverse(x, check_in_manifold)
+
+    def sample(self) -> Tensor:
+        """Uniform on the sphere of radius ``radius`` (a normalized Gaussian)."""
+        size = self._require_size()
+        with torch.no_grad():
+            X = self.space.sample(size, dtype=self._empty(()).dtype, device=self._reference.device)
+        return self._out(X)
+
+
+class SphereEmbedded(Sphere):
+    r"""Vectors (last dimension) of norm ``radius`` by the projection ``X = r v/‖v‖`` (no base).
+
+    GeoTorch's ``SphereEmbedded``, over :class:`SphereEmbeddedSpace`: ``right_inverse(X) = X/r``.
+
+    Args:
+        size: the size of the tensor, ``(*, n)``.
+        radius: the radius, > 0.
+
+    Example::
+
+        >>> M = SphereEmbedded((3,))
+        >>> M.in_manifold(M(torch.tensor([3.0, 0.0, 4.0])))
+        True
+    """
+
+    _space_cls: ClassVar[type] = SphereEmbeddedSpace
+
+
+class Rn(_Manifold):
+    r"""Unconstrained tensors (GeoTorch's ``Rn``), over :class:`geofunc.Rn`: ``forward`` is the identity.
+
+    Args:
+        size: the size of the tensor.
+
+    Example::
+
+        >>> Rn((3,)).in_manifold(torch.zeros(3))
+        True
+    """
+
+    def __init__(self, size: Any) -> None:
+        size = tuple(size)
+        super().__init__(S.Rn(), size)
+        self.n, self.tensorial_size = (size[-1] if size else 1), size[:-1]
+
+    def in_manifold(self, X: Any, eps: float = 0.0) -> bool:
+        """The size only (every tensor of the size is a point)."""
+        return isinstance(X, Tensor) and tuple(X.shape) == self._require_size()
+
+    def sample(self) -> Tensor:
+        """A standard Gaussian tensor of the size (GeoTorch's ``Rn`` has no sampler)."""
+        return self._out(torch.randn(self._require_size(), dtype=self._empty(()).dtype, device=self._reference.device))
+
+
+class _Triangle(_Manifold):
+    """Skew and Symmetric: GeoTorch's input checks in ``forward``, an optional size."""
+
+    _space_cls: ClassVar[type]
+
+    def __init__(self, size: Any, lower: bool) -> None:
+        if isinstance(size, bool):  # GeoTorch < 0.4 took ``lower`` first
+            size, lower = None, size
+        if size is not None:
+            n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+            self.n, self.tensorial_size = n, ts
+        super().__init__(self._space_cls(lower=lower), size)
+        self.lower = lower
+
+    def forward(self, X: Tensor) -> Tensor:
+        """The point of the raw tensor's triangle; a vector or non-square input raises GeoTorch's errors."""
+        if X.ndim < 2:
+            raise VectorError(type(self).__name__, X.shape)
+        if X.shape[-2] != X.shape[-1]:
+            raise NonSquareError(type(self).__name__, X.shape)
+        return super().forward(X)
+
+    def _in(self, X: Any, sign: float, eps: Optional[float]) -> bool:
+        X = _as_matrix(X)
+        if self.shape is not None and (not isinstance(X, Tensor) or tuple(X.shape) != self.shape):
+            return False
+        return _triangle_in(X, sign, eps)
+
+
+def _triangle_in(X: Any, sign: float, eps: Optional[float]) -> bool:
+    """``X`` square and ``allclose(X, sign·Xᵀ, atol=eps)`` (GeoTorch's default atol when ``eps`` is None)."""
+    X = _as_matrix(X)
+    if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-2] != X.shape[-1]:
+        return False
+    Xf = X.float() if X.dtype in LOW_PRECISION else X
+    atol = 1e-8 if eps is None else eps
+    if X.dtype in LOW_PRECISION:
+        atol = max(atol, default_atol(X.dtype, X.shape[-1]))
+    return bool(torch.allclose(Xf, sign * Xf.transpose(-2, -1), atol=atol))
+
+
+class Skew(_Triangle):
+    r"""Skew-symmetric matrices ``(*, n, n)`` from a strict triangle (GeoTorch's ``Skew``), over :class:`geofunc.Skew`.
+
+    ``forward(X) = L − Lᵀ`` with ``L`` the strict lower (upper if ``lower=False``) triangle;
+    ``right_inverse`` returns that triangle (after ``allclose(X, −Xᵀ, atol=tol)``).
+
+    Args:
+        size: the size of the tensor ``(*, n, n)``; optional (needed by ``sample``).
+        lower: which strict triangle holds the coordinates.
+
+    Example::
+
+        >>> M = Skew((3, 3))
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    _space_cls: ClassVar[type] = S.Skew
+
+    def __init__(self, size: Any = None, lower: bool = True) -> None:
+        super().__init__(size, lower)
+
+    @staticmethod
+    def in_manifold(X: Any, eps: Optional[float] = None) -> bool:
+        """``allclose(X, −Xᵀ)`` (GeoTorch's default tolerances unless ``eps`` is given), square.
+
+        A static method, as GeoTorch's (``Skew.in_manifold(X)``).
+        """
+        return _triangle_in(X, -1.0, eps)
+
+    def right_inverse(self, X: Any, check_in_manifold: bool = True, tol: float = 1e-4) -> Tensor:
+        """The strict triangle of ``X``; :class:`InManifoldError` unless ``allclose(X, −Xᵀ, atol=tol)``."""
+        X = _as_matrix(X)
+        meta = isinstance(X, Tensor) and X.is_meta
+        if check_in_manifold and not meta and not self._in(X, -1.0, tol):
+            raise InManifoldError(X, self, f"X is not skew-symmetric to atol {tol:g}")
+        return super().right_inverse(X, check_in_manifold=False)
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, lower: bool = True) -> Tensor:
+        """``W − Wᵀ`` for ``W`` the strict lower (upper) triangle of a tensor filled by ``init_``."""
+        size = self._require_size()
+        with torch.no_grad():
+            W = self._empty(size)
+            init_(W)
+            W = W.tril(-1) if lower else W.triu(1)
+            return self._out(W - W.transpose(-2, -1))
+
+
+class Symmetric(_Triangle):
+    r"""Symmetric matrices ``(*, n, n)`` from a triangle (GeoTorch's ``Symmetric``), over :class:`geofunc.Sym`.
+
+    ``forward(X) = tril(X) + tril(X, −1)ᵀ`` (``triu`` if ``lower=False``). GeoTorch's class has
+    no right inverse, so registering it keeps the tensor's values as the raw tensor; here too
+    (registration hands ``right_inverse`` the ``nn.Parameter`` itself, whose values are kept),
+    while an assigned matrix must be symmetric (:class:`InManifoldError` otherwise) and is
+    given back exactly (``right_inverse(X) = X``).
+
+    Args:
+        lower: which triangle holds the coordinates.
+        size: optional size ``(*, n, n)`` (GeoTorch takes none; needed by ``sample``).
+
+    Example::
+
+        >>> M = Symmetric()
+        >>> M.in_manifold(M(torch.randn(3, 3)))
+        True
+    """
+
+    _space_cls: ClassVar[type] = S.Sym
+
+    def __init__(self, lower: bool = True, size: Any = None) -> None:
+        super().__init__(size, lower)
+
+    @staticmethod
+    def in_manifold(X: Any, eps: float = 1e-6) -> bool:
+        """``allclose(X, Xᵀ, atol=eps)``, square. A static method, as GeoTorch's."""
+        return _triangle_in(X, 1.0, eps)
+
+    def right_inverse(self, X: Any, check_in_manifold: bool = True) -> Tensor:
+        """``X`` itself (the raw tensor whose symmetrization is the value; see the class docstring).
+
+        At registration (``X`` is the registered ``nn.Parameter`` itself) any values are kept, as
+        GeoTorch does; an assigned value must be symmetric (:class:`InManifoldError` otherwise).
+        """
+        registering = isinstance(X, nn.Parameter)
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor):
+            raise InManifoldError(X, self, "expected a tensor")
+        if check_in_manifold and not registering and not X.is_meta and not self._in(X, 1.0, 1e-6):
+            raise InManifoldError(X, self, "X is not symmetric")
+        try:
+            self._check_value(X)
+        except ManifoldError as e:
+            raise InManifoldError(X, self, str(e)) from None
+        return X.detach().clone()
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_) -> Tensor:
+        """The symmetrization of a tensor filled by ``init_`` (GeoTorch's ``Symmetric`` has no sampler)."""
+        size = self._require_size()
+        with torch.no_grad():
+            W = self._empty(size)
+            init_(W)
+            return self._out(self.space.to_manifold(W))
+
+
+# ----------------------------------------------------------------------------- SVD family
+class _SVDManifold(_Manifold):
+    """LowRank, FixedRank, GLp, SL, AlmostOrthogonal: size, rank, GeoTorch's SVD sampler."""
+
+    _square: ClassVar[bool] = False
+    _positive: ClassVar[bool] = False  # the kept singular values must be > eps (FixedRank, GLp)
+
+    def _setup(self, size: Any, rank: Optional[int]) -> tuple[int, int, tuple, bool, int]:
+        n, k, ts, tr = _matrix_size(type(self).__name__, size, square=self._square)
+        r = min(n, k) if rank is None else _check_rank(type(self).__name__, n, k, rank)
+        return n, k, ts, tr, r
+
+    def _finish(self, n: int, k: int, ts: tuple, tr: bool, r: int, triv: Any) -> None:
+        self.n, self.k, self.tensorial_size, self.transposed, self.rank, self.triv = n, k, ts, tr, r, triv
+
+    def _singular_values(self, X: Any) -> Optional[Tensor]:
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or X.ndim < 2:
+            return None
+        Xt = X.transpose(-2, -1) if X.shape[-1] > X.shape[-2] else X
+        if tuple(Xt.shape) != tuple(self.tensorial_size) + (self.n, self.k) or not bool(torch.isfinite(Xt).all()):
+            return None
+        return torch.linalg.svdvals(_lift(self, Xt)[0])
+
+    def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5) -> bool:
+        """GeoTorch's test on (descending) singular values: ``max |σ_{rank+1..}| < eps``."""
+        if S.shape[-1] > self.rank and bool((S[..., self.rank :].abs().amax(-1) >= eps).any()):
+            return False
+        return not self._positive or bool((S[..., : self.rank] > eps).all())
+
+    def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
+        """The size and :meth:`in_manifold_singular_values` of ``X``'s singular values."""
+        s = self._singular_values(X)
+        return s is not None and self.in_manifold_singular_values(s, self._eps(eps, _as_matrix(X)))
+
+    def _floor(self) -> float:
+        """The least singular value geofunc's ``"softplus"`` map reaches (√ε of the module's dtype)."""
+        f = self._f()
+        return math.sqrt(torch.finfo(self._reference.dtype).eps) if isinstance(f, str) and f == "softplus" else 0.0
+
+    def _svd_sample(self, init_: Callable[[Tensor], Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Truncated SVD ``(U, S, V)`` (tall form) of a tensor filled by ``init_``."""
+        W = self._empty(tuple(self.tensorial_size) + (self.n, self.k))
+        init_(W)
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        r = self.rank
+        return U[..., :r], s[..., :r], Vh[..., :r, :].transpose(-2, -1)
+
+    def _emit(self, U: Tensor, s: Tensor, V: Tensor, factorized: bool) -> Any:
+        if factorized:
+            return self._out((V, s, U) if self.transposed else (U, s, V))
+        X = _svd_factors(U, s, V)
+        return self._out(X.transpose(-2, -1) if self.transposed else X)
+
+    def _verify(self, X: Tensor, Z: Tensor, base: Any) -> None:
+        super()._verify(X, Z, base)
+        if self.n == self.k == self.rank:
+            # A square full-rank chart reaches the det sign of its bases only: refuse, never flip.
+            Y = self.space.to_manifold(Z, base)
+            want = torch.linalg.slogdet(_lift(self, X)[0])[0]
+            got = torch.linalg.slogdet(_lift(self, Y)[0])[0]
+            if bool((want != got).any()):
+                raise InManifoldError(X, self, "its determinant sign is not reachable by this chart "
+                                               f"({self.space!r} keeps det > 0)")
+
+
+def _det_positive_v(U: Tensor, V: Tensor) -> Tensor:
+    """``V`` with its first row negated where ``det(U Vᵀ) < 0``: the first column of ``U S Vᵀ``
+    flipped, which is how GeoTorch's SL sample fixes the sign."""
+    sign = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(V)[0]
+    return torch.cat([V[..., :1, :] * sign[..., None, None], V[..., 1:, :]], dim=-2)
+
+
+_NEGATIVE_DET: dict = {}
+
+
+def _reaches_negative_det(space: AbstractSpace) -> bool:
+    """Whether a square full-rank SVD space represents a det < 0 point (probed once per space)."""
+    if space not in _NEGATIVE_DET:
+        X = torch.diag(torch.tensor([-2.0, 1.0], dtype=torch.float64))
+        try:
+            probe = dataclasses.replace(space, rank=2) if hasattr(space, "rank") else space
+            Y = probe.to_manifold(*probe._from_manifold(X))
+            _NEGATIVE_DET[space] = bool(torch.linalg.det(Y) < 0) and bool(torch.allclose(Y, X, atol=1e-6))
+        except Exception:  # noqa: BLE001 - a probe: any failure means "not reachable"
+            _NEGATIVE_DET[space] = False
+    return _NEGATIVE_DET[space]
+
+
+class LowRank(_SVDManifold):
+    r"""Matrices ``(*, n, k)`` of rank at most ``rank`` (GeoTorch's ``LowRank``), over :class:`geofunc.LowRank`.
+
+    ``forward(Z) = U diag(s) Vᵀ`` with ``U``, ``V`` Stiefel charts and ``s`` the first ``rank``
+    diagonal entries of ``Z`` (GeoTorch's packing). ``sample``: the truncated SVD of a tensor
+    filled by ``init_`` (default Xavier normal), as GeoTorch.
+
+    Args:
+        size: the size of the tensor, ``(*, n, k)``.
+        rank: ``1 ≤ rank ≤ min(n, k)``.
+        triv: the trivialization of the frames.
+
+    Example::
+
+        >>> M = LowRank((5, 4), rank=2)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    def __init__(self, size: Any, rank: int, triv: Any = "expm") -> None:
+        n, k, ts, tr, r = self._setup(size, rank)
+        super().__init__(S.LowRank(rank=r, triv=triv), size)
+        self._finish(n, k, ts, tr, r, triv)
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, factorized: bool = False) -> Any:
+        """The truncated SVD of ``init_``'s tensor: ``(U, S, V)`` if ``factorized`` (``U diag(S) Vᵀ``
+        is the matrix), else the matrix."""
+        self._require_size()
+        with torch.no_grad():
+            return self._emit(*self._svd_sample(init_), factorized)
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """geofunc's ``"softplus"``: ``softplus(x) + √ε`` of the dtype."""
+    return F.softplus(x) + math.sqrt(torch.finfo(x.dtype).eps)
+
+
+def _softplus_inverse(y: Tensor) -> Tensor:
+    x = (y - math.sqrt(torch.finfo(y.dtype).eps)).clamp(min=torch.finfo(y.dtype).tiny)
+    return x + torch.log(-torch.expm1(-x))
+
+
+class FixedRank(_SVDManifold):
+    r"""Matrices ``(*, n, k)`` of rank exactly ``rank`` (GeoTorch's ``FixedRank``), over :class:`geofunc.FixedRank`.
+
+    ``forward(Z) = U diag(f(s)) Vᵀ``; ``f`` is ``"softplus"`` (geofunc's: ``softplus + √ε``), a
+    callable (then assignment raises :class:`InverseError`) or a pair ``(f, f_inverse)``.
+    ``sample``: truncated SVD of ``init_``'s tensor, singular values clamped up to ``eps`` (and to
+    the floor of ``f``).
+
+    Args:
+        size: the size of the tensor, ``(*, n, k)``.
+        rank: ``1 ≤ rank ≤ min(n, k)``.
+        f: the singular value map.
+        triv: the trivialization of the frames.
+
+    Example::
+
+        >>> M = FixedRank((5, 4), rank=2)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    #: GeoTorch's table of named value maps (geofunc's versions of them).
+    fs: ClassVar[dict] = {"softplus": (_softplus, _softplus_inverse)}
+    _positive: ClassVar[bool] = True
+
+    def __init__(self, size: Any, rank: int, f: Any = "softplus", triv: Any = "expm") -> None:
+        n, k, ts, tr, r = self._setup(size, rank)
+        super().__init__(self._make(r, f, triv), size)
+        self._finish(n, k, ts, tr, r, triv)
+        self.f = f
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.FixedRank(rank=r, f=f, triv=triv)
+
+    def _f(self) -> Any:
+        return self.space.f
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
+        """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it.
+
+        Square and of full rank, where the space reaches only ``det > 0`` (geofunc's ``FixedRank``
+        before it takes both signs through its bases), the first column of the matrix is
+        flipped where ``det < 0``, as :class:`GLp` does.
+        """
+        self._require_size()
+        with torch.no_grad():
+            U, s, V = self._svd_sample(init_)
+            s = s.clamp(min=max(eps, 2.0 * self._floor()))
+            if self.n == self.k == self.rank and not _reaches_negative_det(self.space):
+                V = _det_positive_v(U, V)
+            return self._emit(U, s, V, factorized)
+
+
+class GLp(FixedRank):
+    r"""Invertible matrices ``(*, n, n)`` with positive determinant (GeoTorch's ``GLp``), over :class:`geofunc.GLp`.
+
+    ``forward(Z) = U diag(f(s)) Vᵀ`` with SO charts ``U``, ``V``. Unlike GeoTorch (whose
+    ``in_manifold`` reads the singular values only, so a det < 0 assignment silently lives in the
+    other component), ``in_manifold`` also asks ``det X > 0``.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        f: the singular value map (as :class:`FixedRank`).
+        triv: the trivialization of the frames.
+
+    Example::
+
+        >>> M = GLp((3, 3))
+        >>> bool(torch.linalg.det(M.sample()) > 0)
+        True
+    """
+
+    _square: ClassVar[bool] = True
+
+    def __init__(self, size: Any, f: Any = "softplus", triv: Any = "expm") -> None:
+        n, _, _, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(size, n, f, triv)
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.GLp(f=f, triv=triv)
+
+    def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
+        """Singular values ``> eps`` (GeoTorch's test) and ``det X > 0``."""
+        if not super().in_manifold(X, eps):
+            return False
+        return bool((torch.linalg.slogdet(_lift(self, _as_matrix(X))[0])[0] > 0).all())
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
+        """As :meth:`FixedRank.sample`, with the first column flipped where ``det < 0`` (as GeoTorch's SL)."""
+        self._require_size()
+        with torch.no_grad():
+            U, s, V = self._svd_sample(init_)
+            s = s.clamp(min=max(eps, 2.0 * self._floor()))
+            return self._emit(U, s, _det_positive_v(U, V), factorized)
+
+
+class SL(FixedRank):
+    r"""Matrices ``(*, n, n)`` of determinant one (GeoTorch's ``SL``), over :class:`geofunc.SL`.
+
+    ``forward(Z) = U diag(σ) Vᵀ``, ``σ = exp(log f(s) − mean log f(s))``; ``in_manifold``:
+    ``det > 0`` and ``|log det X| < max(eps, 8√(ε·n))`` (GeoTorch's test). ``sample``: GeoTorch's
+    (a clamped truncated SVD of ``init_``'s tensor, log-normalized, the sign of ``det`` fixed on
+    the first column, rescaled to ``det = 1``).
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        f: the singular value map before normalization (as :class:`FixedRank`).
+        triv: the trivialization of the frames.
+
+    Example::
+
+        >>> M = SL((3, 3))
+        >>> round(float(torch.linalg.det(M.sample())), 4)
+        1.0
+    """
+
+    _square: ClassVar[bool] = True
+
+    def __init__(self, size: Any, f: Any = "softplus", triv: Any = "expm") -> None:
+        n, _, _, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(size, n, f, triv)
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.SL(f=f, triv=triv)
+
+    def in_manifold(self, X: Any, eps: float = 5e-3) -> bool:
+        """``det X > 0`` and ``|log det X| < max(eps, 8√(ε_dtype·n))``, and the size."""
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size() or not bool(torch.isfinite(X).all()):
+            return False
+        Xf, _ = _lift(self, X)
+        sign, lad = torch.linalg.slogdet(Xf)
+        tol = max(self._eps(eps, X), 8.0 * math.sqrt(torch.finfo(X.dtype).eps * self.n))
+        return bool(((sign > 0) & (lad.abs() < tol)).all())
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
+        """GeoTorch's SL sample (see the class docstring); ``factorized`` gives ``(U, S, V)``."""
+        self._require_size()
+        with torch.no_grad():
+            U, s, V = self._svd_sample(init_)
+            s = s.clamp(min=max(eps, math.sqrt(torch.finfo(s.dtype).eps * self.n)))
+            logs = s.log()
+            s = (logs - logs.mean(-1, keepdim=True)).exp()
+            V = _det_positive_v(U, V)
+            s = s * torch.exp(-torch.linalg.slogdet(_svd_factors(U, s, V))[1] / self.n)[..., None]
+            return self._emit(U, s, V, factorized)
+
+    def in_manifold_singular_values(self, S: Tensor, eps: float = 5e-3) -> bool:
+        """``|Σ log σᵢ| < max(eps, 8√(ε·n))`` with every ``σᵢ > 0`` (GeoTorch's test on singular values)."""
+        tol = max(eps, 8.0 * math.sqrt(torch.finfo(S.dtype).eps * self.n))
+        return bool((S > 0).all()) and bool((S.log().sum(-1).abs() < tol).all())
+
+
+def _scaled_sigmoid(t: Tensor) -> Tensor:
+    return torch.tanh(0.5 * t)
+
+
+def _inv_scaled_sigmoid(y: Tensor) -> Tensor:
+    return 2.0 * torch.atanh(y)
+
+
+class AlmostOrthogonal(_SVDManifold):
+    r"""Matrices ``(*, n, k)`` with singular values in ``[1 − lam, 1 + lam]`` (GeoTorch's ``AlmostOrthogonal``).
+
+    Over :class:`geofunc.AlmostOrthogonal`: ``forward(Z) = U diag(1 + lam·f(s)) Vᵀ``, ``f`` one of
+    ``"sin"``, ``"tanh"``, ``"scaled_sigmoid"``, a callable or a pair. ``sample``: an orthogonal
+    matrix (singular values exactly 1) from :class:`Stiefel`'s ``"uniform"`` or ``"torus"``
+    distribution, for every shape (GeoTorch's fails on non-square ones).
+
+    Args:
+        size: the size of the tensor, ``(*, n, k)``.
+        lam: the radius of the interval, in ``[0, 1]``.
+        f: the map of the raw values into ``[−1, 1]``.
+        triv: the trivialization of the frames.
+
+    Example::
+
+        >>> M = AlmostOrthogonal((4, 4), lam=0.5)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    #: GeoTorch's table of named maps.
+    fs: ClassVar[dict] = {
+        "scaled_sigmoid": (_scaled_sigmoid, _inv_scaled_sigmoid),
+        "tanh": (torch.tanh, torch.atanh),
+        "sin": (torch.sin, torch.asin),
+    }
+
+    def __init__(self, size: Any, lam: float, f: Any = "sin", triv: Any = "expm") -> None:
+        n, k, ts, tr, r = self._setup(size, None)
+        super().__init__(S.AlmostOrthogonal(lam=lam, f=f, triv=triv), size)
+        self._finish(n, k, ts, tr, r, triv)
+        self.lam, self.f = lam, f
+
+    def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5) -> bool:
+        """``|σᵢ − 1| ≤ max(lam, eps)`` for every singular value."""
+        return bool(((S - 1.0).abs() <= max(self.lam, eps)).all())
+
+    def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None,
+               factorized: bool = False) -> Any:
+        """An orthogonal matrix (:meth:`Stiefel.sample`); ``factorized``: ``(X, ones, I)``-style factors."""
+        X = _frame_sample(self, distribution, init_, self.triv)
+        if not factorized:
+            return X
+        U = X.transpose(-2, -1) if self.transposed else X
+        ones = U.new_ones(U.shape[:-2] + (self.k,))
+        eye = torch.eye(self.k, dtype=U.dtype, device=U.device).expand(U.shape[:-2] + (self.k, self.k))
+        return (eye, ones, U) if self.transposed else (U, ones, eye)
+
+
+# ----------------------------------------------------------------------------- eigen family
+class _EigManifold(_Manifold):
+    """PSSDLowRank, PSSD, PSSDFixedRank, PSD: GeoTorch's eigenvalue tests and Wishart sampler."""
+
+    _positive: ClassVar[bool] = False
+
+    def _setup(self, size: Any, rank: Optional[int]) -> tuple[int, tuple, int]:
+        n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+        r = n if rank is None else _check_rank(type(self).__name__, n, n, rank)
+        return n, ts, r
+
+    def _finish(self, n: int, ts: tuple, r: int, triv: Any) -> None:
+        self.n, self.k, self.tensorial_size, self.rank, self.triv = n, n, ts, r, triv
+
+    def in_manifold_eigen(self, L: Tensor, eps: float = 1e-6) -> bool:
+        """GeoTorch's test on ascending eigenvalues: the ``n − rank`` smallest within ``5·eps`` of 0,
+        the top ``rank`` at least ``−eps`` (at least ``eps`` for the fixed-rank spaces)."""
+        if tuple(L.shape[:-1]) != tuple(self.tensorial_size):
+            return False
+        r = self.rank
+        if L.shape[-1] > r and bool((L[..., :-r].abs().amax(-1) > 5.0 * eps).any()):
+            return False
+        top = L[..., -r:]
+        return bool((top >= -eps).all()) and (not self._positive or bool((top >= eps).all()))
+
+    def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
+        """The size, ``allclose(X, Xᵀ, atol=eps)`` and :meth:`in_manifold_eigen` of its eigenvalues."""
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size() or not bool(torch.isfinite(X).all()):
+            return False
+        Xf, _ = _lift(self, X)
+        e = self._eps(eps, X)
+        if not bool(torch.allclose(Xf, Xf.transpose(-2, -1), atol=e)):
+            return False
+        return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e)
+
+    def _floor(self) -> float:
+        f = self._f()
+        return math.sqrt(torch.finfo(self._reference.dtype).eps) if isinstance(f, str) and f == "softplus" else 0.0
+
+    def _wishart(self, init_: Callable[[Tensor], Any]) -> tuple[Tensor, Tensor]:
+        """Top-``rank`` eigenpairs ``(L, Q)`` of ``WWᵀ``, ``W`` filled by ``init_``."""
+        W = self._empty(tuple(self.tensorial_size) + (self.n, self.n))
+        init_(W)
+        L, Q = torch.linalg.eigh(W @ W.transpose(-2, -1))
+        return L[..., -self.rank :], Q[..., -self.rank :]
+
+    def _emit(self, L: Tensor, Q: Tensor, factorized: bool) -> Any:
+        return self._out((L, Q)) if factorized else self._out(_eig_factors(L, Q))
+
+
+class PSSDLowRank(_EigManifold):
+    r"""Positive semidefinite matrices ``(*, n, n)`` of rank at most ``rank`` (GeoTorch's ``PSSDLowRank``).
+
+    Over :class:`geofunc.PSSDLowRank`: ``forward(Z) = Q diag(|λ|) Qᵀ``, ``Q`` an n×rank Stiefel
+    chart. ``sample``: the top-``rank`` part of a Wishart matrix ``WWᵀ`` (``W`` from ``init_``).
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        rank: ``1 ≤ rank ≤ n``.
+        triv: the trivialization of the frame.
+
+    Example::
+
+        >>> M = PSSDLowRank((4, 4), rank=2)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    def __init__(self, size: Any, rank: int, triv: Any = "expm") -> None:
+        n, ts, r = self._setup(size, rank)
+        super().__init__(self._make(r, None, triv), size)
+        self._finish(n, ts, r, triv)
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.PSSDLowRank(rank=r, triv=triv)
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, factorized: bool = False) -> Any:
+        """The top-``rank`` part of ``WWᵀ``: ``(L, Q)`` if ``factorized`` (``Q diag(L) Qᵀ``), else the matrix."""
+        self._require_size()
+        with torch.no_grad():
+            return self._emit(*self._wishart(init_), factorized)
+
+
+class PSSD(PSSDLowRank):
+    r"""Positive semidefinite matrices ``(*, n, n)`` (GeoTorch's ``PSSD``), over :class:`geofunc.PSSD`.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        triv: the trivialization of the frame.
+
+    Example::
+
+        >>> M = PSSD((3, 3))
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    def __init__(self, size: Any, triv: Any = "expm") -> None:
+        n, _, _, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(size, n, triv)
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.PSSD(triv=triv)
+
+
+class PSSDFixedRank(_EigManifold):
+    r"""Positive semidefinite matrices ``(*, n, n)`` of rank exactly ``rank`` (GeoTorch's ``PSSDFixedRank``).
+
+    Over :class:`geofunc.PSSDFixedRank`: ``forward(Z) = Q diag(f(λ)) Qᵀ``; ``f`` as for
+    :class:`FixedRank`. ``sample``: Wishart top-``rank``, eigenvalues clamped up to ``eps``.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        rank: ``1 ≤ rank ≤ n``.
+        f: the eigenvalue map.
+        triv: the trivialization of the frame.
+
+    Example::
+
+        >>> M = PSSDFixedRank((4, 4), rank=2)
+        >>> M.in_manifold(M.sample())
+        True
+    """
+
+    fs: ClassVar[dict] = FixedRank.fs
+    _positive: ClassVar[bool] = True
+
+    def __init__(self, size: Any, rank: int, f: Any = "softplus", triv: Any = "expm") -> None:
+        n, ts, r = self._setup(size, rank)
+        super().__init__(self._make(r, f, triv), size)
+        self._finish(n, ts, r, triv)
+        self.f = f
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.PSSDFixedRank(rank=r, f=f, triv=triv)
+
+    def _f(self) -> Any:
+        return self.space.f
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
+        """Wishart top-``rank``, eigenvalues below ``eps`` (or the floor of ``f``) raised to it."""
+        self._require_size()
+        with torch.no_grad():
+            L, Q = self._wishart(init_)
+            return self._emit(L.clamp(min=max(eps, 2.0 * self._floor())), Q, factorized)
+
+
+class PSD(PSSDFixedRank):
+    r"""Symmetric positive definite matrices ``(*, n, n)`` (GeoTorch's ``PSD``), over :class:`geofunc.PSD`.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        f: the eigenvalue map (as :class:`FixedRank`).
+        triv: the trivialization of the frame.
+
+    Example::
+
+        >>> M = PSD((3, 3))
+        >>> bool((torch.linalg.eigvalsh(M.sample()) > 0).all())
+        True
+    """
+
+    def __init__(self, size: Any, f: Any = "softplus", triv: Any = "expm") -> None:
+        n, _, _, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(size, n, f, triv)
+
+    def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
+        return S.PSD(f=f, triv=triv)
+
+
+# ----------------------------------------------------------------------------- Hurwitz
+class Hurwitz(_Manifold):
+    r"""Matrices ``(*, n, n)`` whose eigenvalues have real part ≤ −``alpha`` (GeoTorch's ``Hurwitz``).
+
+    Over :class:`geofunc.Hurwitz`: one raw tensor (not GeoTorch's three), ``forward(Z) =
+    W(S − I/2) − αI`` with ``W`` positive definite from the lower triangle and diagonal, ``S``
+    skew from the strict upper triangle; ``right_inverse`` solves a Lyapunov equation in O(n³).
+    ``in_manifold``: ``max Re λ(X) ≤ −alpha + eps`` (GeoTorch's ``in_manifold_eigen``).
+    ``sample``: GeoTorch's ``P(S − Q/2) − αI`` with ``P, Q`` Wishart matrices (from ``init_``)
+    plus the identity and ``S`` the skew part of ``init_``'s tensor. ``alpha`` can be reassigned.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        alpha: ``≥ 0``.
+        triv: the trivialization of ``W``'s eigenframe.
+
+    Example::
+
+        >>> M = Hurwitz((3, 3), alpha=0.5)
+        >>> bool(torch.linalg.eigvals(M.sample()).real.max() <= -0.5)
+        True
+    """
+
+    def __init__(self, size: Any, alpha: float = 0.0, triv: Any = "expm") -> None:
+        n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+        super().__init__(S.Hurwitz(alpha=alpha, triv=triv), size)
+        self.n, self.k, self.tensorial_size, self.triv = n, n, ts, triv
+
+    @property
+    def alpha(self) -> float:
+        """The bound: every eigenvalue has real part ≤ −alpha (assignable, as GeoTorch's buffer)."""
+        return self.space.alpha
+
+    @alpha.setter
+    def alpha(self, value: Any) -> None:
+        self.space = dataclasses.replace(self.space, alpha=float(value))
+
+    def right_inverse(self, A: Any, check_in_manifold: bool = True) -> Tensor:
+        """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
+        return super().right_inverse(A, check_in_manifold)
+
+    def submersion_inv(self, A: Tensor, check_in_manifold: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """GeoTorch's factors ``(Q, P⁻¹, S)`` of ``A = P⁻¹(−Q/2 + S) − αI``, here with ``Q = I``
+        (``P`` from the O(n³) Lyapunov solve); :class:`InManifoldError` off the space."""
+        if check_in_manifold and not self.in_manifold_eigen(A):
+            raise InManifoldError(A, self, self._why(A))
+        with torch.no_grad():
+            B = A + self.alpha * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+            P, _ = lyapunov(B)
+            PB = P @ B
+            S = 0.5 * (PB - PB.transpose(-2, -1))
+            eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+            return eye.clone(), torch.linalg.inv(P), S
+
+    def in_manifold_eigen(self, X: Any, eps: float = 1e-6) -> bool:
+        """``max Re λ(X) ≤ −alpha + eps`` over the batch."""
+        X = _as_matrix(X)
+        if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-1] != X.shape[-2] or not bool(torch.isfinite(X).all()):
+            return False
+        re = torch.linalg.eigvals(_lift(self, X)[0]).real
+        return bool((re <= -self.alpha + self._eps(eps, X)).all())
+
+    def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
+        """The size and :meth:`in_manifold_eigen`."""
+        X = _as_matrix(X)
+        return isinstance(X, Tensor) and tuple(X.shape) == self._require_size() and self.in_manifold_eigen(X, eps)
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_) -> Tensor:
+        """GeoTorch's sample (see the class docstring)."""
+        size = self._require_size()
+        with torch.no_grad():
+            eye = torch.eye(self.n, dtype=self._empty(()).dtype, device=self._reference.device)
+
+            def wishart() -> Tensor:
+                W = self._empty(size)
+                init_(W)
+                return W @ W.transpose(-2, -1) + eye
+
+            P, Q = wishart(), wishart()
+            W = self._empty(size)
+            init_(W)
+            L = W.tril(-1)
+            A = P @ (L - L.transpose(-2, -1) - 0.5 * Q) - self.alpha * eye
+            return self._out(A)
+
+
+# ----------------------------------------------------------------------------- products
+class ProductManifold(nn.ModuleList):
+    r"""The product ``M₁ × … × Mₖ`` of parametrizations (GeoTorch's ``ProductManifold``), over :class:`geofunc.Product`.
+
+    An ``nn.ModuleList`` (indexable): ``forward`` and ``right_inverse`` act on tuples, one entry
+    per factor. As in GeoTorch it is a building block, not registrable on a single tensor.
+
+    Args:
+        manifolds: an iterable of the factors (geofunc.nn parametrizations).
+
+    Example::
+
+        >>> M = ProductManifold([SO((3, 3)), Sphere((4,))])
+        >>> [t.shape for t in M((torch.zeros(3, 3), torch.zeros(4)))]
+        [torch.Size([3, 3]), torch.Size([4])]
+    """
+
+    def __init__(self, manifolds: Any) -> None:
+        super().__init__(manifolds)
+
+    @property
+    def space(self) -> AbstractSpace:
+        """The pure :class:`geofunc.Product` of the factors' spaces."""
+        return S.Product(*(m.space for m in self))
+
+    def forward(self, Xs: Any) -> tuple:
+        """Each factor's ``forward`` on its entry."""
+        return tuple(m(X) for m, X in zip(self, Xs))
+
+    def right_inverse(self, Xs: Any, check_in_manifold: bool = True) -> tuple:
+        """Each factor's ``right_inverse`` on its entry."""
+        return tuple(m.right_inverse(X, check_in_manifold) for m, X in zip(self, Xs))
+
+    def in_manifold(self, Xs: Any) -> bool:
+        """Every entry on its factor."""
+        return len(Xs) == len(self) and all(m.in_manifold(X) for m, X in zip(self, Xs))
+
+    def sample(self) -> tuple:
+        """A sample of every factor (each with its default arguments)."""
+        return tuple(m.sample() for m in self)

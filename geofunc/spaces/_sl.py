@@ -1,0 +1,176 @@
+"""The special linear group SL(n): square matrices of determinant one."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import optree
+import torch
+
+from .._errors import ManifoldError, describe, error
+from .._linalg import Triv, expm, nan_poison, sanitize
+from ._base import AbstractSpace
+from ._glp import GLp
+
+__all__ = ["SL"]
+
+Tensor = torch.Tensor
+
+# ``from_manifold`` lifts the smallest singular value of an SL point to at least this before
+# handing it to GLp's inverse (the chart does not see the scale, see the class docstring): far
+# above the floor of every value map (√ε of the stored dtype: 0.09 in bf16, 3.5e-4 in float32).
+_LIFT = 0.25
+
+
+def _reword(space: Any, e: ManifoldError) -> ManifoldError:
+    """The message of an inner space's ``ManifoldError`` restated for ``space``."""
+    msg = str(e)
+    head, sep, tail = msg.partition(": expected ")
+    return ManifoldError(f"{space!r}: expected {tail}" if sep else f"{space!r}: {msg}")
+
+
+def _inverse(X: Tensor) -> Tensor:
+    """``X⁻¹`` without LAPACK's singular-matrix exception (a singular or non-finite ``X`` gives inf/NaN)."""
+    return torch.linalg.inv_ex(sanitize(X)).inverse + nan_poison(X)
+
+
+@dataclasses.dataclass(frozen=True)
+class SL(AbstractSpace):
+    r"""The special linear group: :math:`SL(n) = \{X \in \mathbb{R}^{n\times n} : \det X = 1\}`.
+
+    Points are ``(*batch, n, n)`` tensors. The chart is :class:`GLp`'s, normalized in log scale:
+
+    .. math::
+
+        X = U \operatorname{diag}(\sigma) V^\top,\qquad
+        \sigma_i = \exp\Big(\log f(s_i) - \tfrac1n \textstyle\sum_j \log f(s_j)\Big),
+
+    i.e. ``to_manifold(Z, base) = Y · exp(−logabsdet_GLp(Z, base)/n)`` with ``Y =
+    GLp(f, triv).to_manifold(Z, base)`` (``U``, ``V`` SO charts at ``base = (U_b, V_b)``, ``s =
+    diag(Z)``; ``f`` as for :class:`GLp`: ``"softplus"``, a callable, or a pair ``(f, f_inverse)``).
+    The geometric mean of the values is divided out, so ``det X = 1`` exactly in exact
+    arithmetic and for every ``f`` (the values' common scale is the one direction of ``Z`` the
+    chart does not see).
+
+    * ``logabsdet(Z, base) = 0``, batch-shaped (NaN where ``Z`` or the base is not finite),
+      with a zero gradient.
+    * ``from_manifold(X)``: GLp's inverse of ``c·X``, ``c = max(1, 0.25/σ_min(X))`` (the chart
+      is blind to ``c``: it only keeps the smallest singular value above the floor of ``f``);
+      ``rebase`` is GLp's (the same GLp point, so the same SL point).
+    * ``tangent(X, G) = G − (tr(X⁻¹G)/‖X⁻¹‖²_F) X⁻ᵀ``: the orthogonal projection onto
+      ``T_X SL = {V : tr(X⁻¹V) = 0}`` (``X⁻ᵀ`` is the normal of ``det = 1``).
+    * ``project(Y)``: a canonical point, not the nearest one: GLp's ``project`` (the det > 0
+      component, singular values clamped above its floor) rescaled by ``|det|^{−1/n}``;
+      ``retract(X, V) = X expm(X⁻¹ tangent(X, V))`` (on SL for every ``V``, smooth, first order
+      ``X + V`` for tangent ``V``).
+    * ``sample``: GLp's sample (Haar frames) rescaled to determinant one.
+    * Membership: ``det X > 0`` and ``|log det X| / (‖X‖_F ‖X⁻¹‖_F) ≤ atol``: the relative
+      distance to ``det = 1`` to first order (a computed ``det`` of an ill-conditioned matrix
+      is only known to ``ε·n·cond(X)``).
+
+    Example::
+
+        >>> M = SL()
+        >>> X = M.to_manifold(torch.randn(4, 4, dtype=torch.float64))
+        >>> round(float(torch.linalg.det(X)), 6)
+        1.0
+    """
+
+    f: Any = "softplus"
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        try:
+            glp = GLp(f=self.f, triv=self.triv)
+        except ManifoldError as e:
+            raise _reword(self, e) from None
+        object.__setattr__(self, "f", glp.f)
+        object.__setattr__(self, "_glp", glp)
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what, square=True)
+
+    def _check_base(self, Z: Tensor, base: Any) -> None:
+        if base is None:
+            return
+        n = Z.shape[-1]
+        ok = isinstance(base, (tuple, list)) and len(base) == 2 and all(
+            b is None or (isinstance(b, torch.Tensor) and b.ndim >= 2 and tuple(b.shape[-2:]) == (n, n)) for b in base
+        )
+        if not ok:
+            raise error(self, f"`base` to be None or a pair (U, V) of ({n}, {n}) frames (as from_manifold returns)",
+                        describe(base))
+
+    # ------------------------------------------------------------------ the maps
+    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
+        """``GLp.to_manifold(Z, base) · exp(−GLp.logabsdet(Z, base)/n)``."""
+        self._check_shape(Z, "Z")
+        self._check_base(Z, base)
+        glp: GLp = self._glp  # type: ignore[attr-defined]
+        Y = glp.to_manifold(Z, base)
+        scale = torch.exp(glp.logabsdet(Z, base) / -Z.shape[-1])
+        return Y * scale[..., None, None]
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        smin = torch.linalg.svdvals(sanitize(X.detach()))[..., -1]
+        c = (_LIFT / smin).clamp(min=1.0)
+        return self._glp.from_manifold(X * c[..., None, None])  # type: ignore[attr-defined]
+
+    def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
+        """GLp's ``rebase``: the same GLp point, hence the same SL point."""
+        self._check_shape(Z, "Z")
+        self._check_base(Z, base)
+        return self._glp.rebase(Z, base)  # type: ignore[attr-defined]
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """``G − (tr(X⁻¹G)/‖X⁻¹‖²_F) X⁻ᵀ``, the orthogonal projection onto ``{V : tr(X⁻¹V) = 0}``."""
+        self._check_pair(X, G, "G")
+        N = _inverse(X).mT  # the normal of det = 1 at X
+        coef = (N * G).sum(dim=(-2, -1)) / (N * N).sum(dim=(-2, -1))
+        return G - coef[..., None, None] * N
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X expm(X⁻¹ tangent(X, V))``: on SL for every ``V`` (``det expm(A) = e^{tr A}`` and
+        ``tr(X⁻¹ tangent(X, V)) = 0``), ``X + V`` to first order for tangent ``V``."""
+        self._check_pair(X, V, "V")
+        Vt = self.tangent(X, V)
+        return X @ expm(_inverse(X) @ Vt)
+
+    def project(self, Y: Tensor) -> Tensor:
+        """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
+        self._check_shape(Y, "Y")
+        P = self._glp.project(Y)  # type: ignore[attr-defined]
+        lad = torch.linalg.slogdet(sanitize(P))[1]
+        return P * torch.exp(lad / -Y.shape[-1])[..., None, None] + nan_poison(P)
+
+    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+        """GLp's sample (Haar frames, separated singular values) rescaled to ``det = 1``."""
+        shape = self._sample_shape(shape, dtype)
+        P = self._glp.sample(shape, generator=generator, dtype=dtype, device=device)  # type: ignore[attr-defined]
+        lad = torch.linalg.slogdet(P)[1]
+        return P * torch.exp(lad / -shape[-1])[..., None, None]
+
+    def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
+        """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient)."""
+        self._check_shape(Z, "Z")
+        self._check_base(Z, base)
+        out = 0.0 * Z.sum(dim=(-2, -1))
+        for b in optree.tree_leaves(base, none_is_leaf=False):
+            out = out + 0.0 * b.detach().sum(dim=(-2, -1))
+        return out
+
+    # ------------------------------------------------------------------ membership
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        Xs = sanitize(X)
+        bad = ~torch.isfinite(X).flatten(start_dim=-2).all(-1)
+        sign, lad = torch.linalg.slogdet(Xs)
+        inf = torch.full_like(lad, math.inf)
+        cond = torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs))
+        rel = lad.abs() / cond
+        rel = torch.where(torch.isnan(rel), inf, rel)  # singular: |−inf| / inf
+        return {
+            "det(X) ≤ 0 (inf if so)": torch.where(bad | (sign <= 0), inf, torch.zeros_like(lad)),
+            "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(bad, inf, rel),
+        }

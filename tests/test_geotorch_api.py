@@ -1,0 +1,545 @@
+"""geofunc.nn as GeoTorch 0.4.0's public API: names, signatures, the class API of every space,
+errors at GeoTorch's places with GeoTorch's classes, default starts, and differential tests
+against the installed geotorch where the maths is the same.
+
+Membership is asserted with ``torch.linalg`` predicates written here (never ``contains`` or the
+class's own ``in_manifold``, which is itself under test).
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+import geofunc as gf
+import geofunc.nn as gnn
+
+# GeoTorch 0.4.0's __all__.
+GEOTORCH_ALL = (
+    "ProductManifold", "Grassmannian", "LowRank", "Rn", "Skew", "Symmetric", "SO", "Sphere", "SphereEmbedded",
+    "Stiefel", "AlmostOrthogonal", "GLp", "SL", "FixedRank", "PSD", "PSSD", "PSSDLowRank", "PSSDFixedRank",
+    "Hurwitz", "skew", "symmetric", "sphere", "orthogonal", "grassmannian", "low_rank", "fixed_rank",
+    "almost_orthogonal", "invertible", "sln", "positive_definite", "positive_semidefinite",
+    "positive_semidefinite_low_rank", "positive_semidefinite_fixed_rank", "alpha_stable", "update_base",
+)  # fmt: skip
+
+TOL32 = 1e-5
+
+
+# ----------------------------------------------------------------------------- independent predicates
+def orthonormal(X, atol=TOL32):
+    Xt = X if X.shape[-2] >= X.shape[-1] else X.mT
+    return bool(((Xt.mT @ Xt - torch.eye(Xt.shape[-1], dtype=X.dtype)).abs() <= atol).all())
+
+
+def rank_at_most(r):
+    def pred(X, atol=TOL32):
+        s = torch.linalg.svdvals(X)
+        return bool((s[..., r:] <= atol * s[..., :1].clamp(min=1)).all())
+
+    return pred
+
+
+def rank_exactly(r):
+    low = rank_at_most(r)
+    return lambda X, atol=TOL32: low(X, atol) and bool((torch.linalg.svdvals(X)[..., r - 1] > atol).all())
+
+
+def det_positive(X, atol=TOL32):
+    return bool((torch.linalg.svdvals(X)[..., -1] > atol).all() and (torch.linalg.slogdet(X)[0] > 0).all())
+
+
+def det_one(X, atol=1e-4):
+    sign, lad = torch.linalg.slogdet(X)
+    return bool(((sign > 0) & (lad.abs() <= atol)).all())
+
+
+def psd(r=None, positive=False):
+    def pred(X, atol=TOL32):
+        n = X.shape[-1]
+        lam = torch.linalg.eigvalsh(0.5 * (X + X.mT))
+        ok = bool(((X - X.mT).abs() <= atol).all()) and bool((lam[..., 0] >= -atol).all())
+        if r is not None and r < n:
+            ok = ok and bool((lam[..., : n - r].abs() <= atol * lam.abs().amax(-1, keepdim=True).clamp(min=1)).all())
+        if positive:
+            ok = ok and bool((lam[..., -(r or n)] > 0).all())
+        return ok
+
+    return pred
+
+
+def almost_orthogonal(lam):
+    return lambda X, atol=TOL32: bool(((torch.linalg.svdvals(X) - 1).abs() <= lam + atol).all())
+
+
+def on_sphere(radius):
+    return lambda X, atol=TOL32: bool(((torch.linalg.vector_norm(X, dim=-1) - radius).abs() <= atol).all())
+
+
+def skew_symmetric(X, atol=TOL32):
+    return bool(((X + X.mT).abs() <= atol).all())
+
+
+def symmetric(X, atol=TOL32):
+    return bool(((X - X.mT).abs() <= atol).all())
+
+
+def hurwitz(alpha):
+    return lambda X, atol=TOL32: bool((torch.linalg.eigvals(X).real <= -alpha + atol).all())
+
+
+def anything(X, atol=0.0):
+    return bool(torch.isfinite(X).all())
+
+
+# ----------------------------------------------------------------------------- names and signatures
+def test_every_geotorch_name_is_exported():
+    missing = [n for n in GEOTORCH_ALL if not hasattr(gnn, n)]
+    assert not missing
+    for name in ("torus_init_", "parametrize", "VectorError", "NonSquareError", "RankError", "InManifoldError",
+                 "InverseError"):
+        assert hasattr(gnn, name)
+    assert callable(gnn.parametrize.cached)
+
+
+def _params(fn):
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _extends(ours, theirs):
+    """``theirs`` is a prefix of ``ours`` by name, and every default GeoTorch has we have too."""
+    names = [n for n, _ in ours][: len(theirs)]
+    if names != [n for n, _ in theirs]:
+        return False
+    return all(d is inspect.Parameter.empty or od == d for (_, od), (_, d) in zip(ours, theirs))
+
+
+def test_signatures_extend_geotorchs():
+    geotorch = pytest.importorskip("geotorch")
+    bad = []
+    for name in geotorch.__all__:
+        theirs, ours = getattr(geotorch, name), getattr(gnn, name)
+        pairs = [(theirs.__init__, ours.__init__)] if inspect.isclass(theirs) else [(theirs, ours)]
+        if inspect.isclass(theirs):
+            for meth in ("sample", "in_manifold", "right_inverse"):
+                if hasattr(theirs, meth):
+                    pairs.append((getattr(theirs, meth), getattr(ours, meth)))
+        for t, o in pairs:
+            if not _extends(_params(o), _params(t)):
+                bad.append(f"{name}.{t.__name__}: ours {_params(o)} vs GeoTorch {_params(t)}")
+    assert not bad, "\n".join(bad)
+
+
+def test_new_constraint_functions_signatures():
+    assert _params(gnn.sln) == [("module", inspect.Parameter.empty), ("tensor_name", "weight"), ("f", "softplus"),
+                                ("triv", "expm")]
+    assert _params(gnn.alpha_stable) == [("module", inspect.Parameter.empty), ("tensor_name", "weight"), ("alpha", 1e-3)]
+    assert [n for n, _ in _params(gnn.update_base)][:2] == ["layer", "tensor_name"]
+
+
+@pytest.mark.parametrize("cls", [gnn.VectorError, gnn.NonSquareError, gnn.RankError, gnn.InManifoldError,
+                                 gnn.InverseError])
+def test_exception_classes_are_manifold_errors(cls):
+    assert issubclass(cls, gf.ManifoldError) and issubclass(cls, ValueError)
+
+
+# ----------------------------------------------------------------------------- the class API, per space
+# (id, factory of the class for a size, size, independent predicate, sample kwargs)
+CLASSES = [
+    ("SO", lambda s: gnn.SO(s), (4, 4), orthonormal, [{}, {"distribution": "torus"}]),
+    ("SO-cayley-upper", lambda s: gnn.SO(s, triv="cayley", lower=False), (2, 3, 3), orthonormal, [{}]),
+    ("Stiefel", lambda s: gnn.Stiefel(s), (5, 3), orthonormal, [{}, {"distribution": "torus"}]),
+    ("Stiefel-wide", lambda s: gnn.Stiefel(s, triv="cayley"), (3, 5), orthonormal, [{"distribution": "torus"}]),
+    ("Grassmannian", lambda s: gnn.Grassmannian(s), (5, 2), orthonormal, [{}]),
+    ("Sphere", lambda s: gnn.Sphere(s, radius=2.0), (3, 4), on_sphere(2.0), [{}]),
+    ("SphereEmbedded", lambda s: gnn.SphereEmbedded(s), (4,), on_sphere(1.0), [{}]),
+    ("Rn", lambda s: gnn.Rn(s), (3, 4), anything, [{}]),
+    ("Skew", lambda s: gnn.Skew(s), (4, 4), skew_symmetric, [{}, {"lower": False}]),
+    ("Symmetric", lambda s: gnn.Symmetric(size=s), (4, 4), symmetric, [{}]),
+    ("AlmostOrthogonal", lambda s: gnn.AlmostOrthogonal(s, 0.3), (5, 3), almost_orthogonal(0.3),
+     [{}, {"distribution": "torus", "factorized": True}]),
+    ("LowRank", lambda s: gnn.LowRank(s, 2), (5, 4), rank_at_most(2), [{}, {"factorized": True}]),
+    ("LowRank-wide", lambda s: gnn.LowRank(s, 2), (3, 6), rank_at_most(2), [{"factorized": True}]),
+    ("FixedRank", lambda s: gnn.FixedRank(s, 2), (4, 5), rank_exactly(2), [{}, {"factorized": True}]),
+    ("GLp", lambda s: gnn.GLp(s), (4, 4), det_positive, [{}]),
+    ("SL", lambda s: gnn.SL(s), (4, 4), det_one, [{}]),
+    ("PSD", lambda s: gnn.PSD(s), (4, 4), psd(positive=True), [{}]),
+    ("PSSD", lambda s: gnn.PSSD(s), (4, 4), psd(), [{}, {"factorized": True}]),
+    ("PSSDLowRank", lambda s: gnn.PSSDLowRank(s, 2), (4, 4), psd(2), [{"factorized": True}]),
+    ("PSSDFixedRank", lambda s: gnn.PSSDFixedRank(s, 2), (4, 4), psd(2, positive=True), [{}]),
+    ("Hurwitz", lambda s: gnn.Hurwitz(s, alpha=0.5), (4, 4), hurwitz(0.5), [{}]),
+]
+
+
+def _dense(X, M):
+    if not isinstance(X, tuple):
+        return X
+    if len(X) == 2:
+        L, Q = X
+        return Q @ torch.diag_embed(L) @ Q.mT
+    U, S, V = X
+    return U @ torch.diag_embed(S) @ V.mT
+
+
+def _layer(size):
+    if len(size) == 1:
+        return nn.Linear(3, size[0]), "bias"
+    lin = nn.Linear(size[-1], size[-2], bias=False)
+    if len(size) > 2:  # a batch of matrices: a buffer of that shape
+        m = nn.Module()
+        m.weight = nn.Parameter(torch.randn(size))
+        return m, "weight"
+    return lin, "weight"
+
+
+@pytest.mark.parametrize("case", CLASSES, ids=lambda c: c[0])
+def test_class_api(case):
+    name, make, size, member, sample_kwargs = case
+    torch.manual_seed(0)
+    M = make(size)
+    assert M.space is not None and isinstance(M.space, gf.AbstractSpace)
+    repr(M)
+    for kw in sample_kwargs:
+        X = M.sample(**kw)
+        Xd = _dense(X, M)
+        assert tuple(Xd.shape) == size and not Xd.requires_grad
+        assert member(Xd), f"{name}.sample({kw}) is off the space"
+        assert M.in_manifold(X)
+    # register as GeoTorch's tests do: sample, copy into the raw tensor, register the class
+    layer, tname = _layer(size)
+    X = _dense(M.sample(**sample_kwargs[0]), M)
+    with torch.no_grad():
+        getattr(layer, tname).copy_(X)
+    P.register_parametrization(layer, tname, M)
+    assert layer.parametrizations[tname][0] is M
+    torch.testing.assert_close(getattr(layer, tname), X, atol=1e-5, rtol=0)
+    # assign another point (a factorized one where the class gives them)
+    Y = M.sample(**sample_kwargs[-1])
+    setattr(layer, tname, Y)
+    torch.testing.assert_close(getattr(layer, tname), _dense(Y, M), atol=1e-5, rtol=0)
+    # a few SGD steps stay on the space
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        loss = (getattr(layer, tname) * torch.linspace(-1, 1, math.prod(size)).reshape(size)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        W = getattr(layer, tname).detach()
+        assert member(W) and M.in_manifold(W)
+    # update_base: the function (GeoTorch's argument names) and the method keep the value
+    W = getattr(layer, tname).detach().clone()
+    gnn.update_base(layer=layer, tensor_name=tname)
+    torch.testing.assert_close(getattr(layer, tname), W, atol=1e-5, rtol=0)
+    M.update_base()
+    torch.testing.assert_close(getattr(layer, tname), W, atol=1e-5, rtol=0)
+    # state_dict round trip into a freshly built copy
+    torch.manual_seed(1)
+    M2 = make(size)
+    layer2, _ = _layer(size)
+    with torch.no_grad():
+        getattr(layer2, tname).copy_(_dense(M2.sample(**sample_kwargs[0]), M2))
+    P.register_parametrization(layer2, tname, M2)
+    layer2.load_state_dict(layer.state_dict())
+    assert torch.equal(getattr(layer2, tname), getattr(layer, tname))
+    # an off-space point is refused with GeoTorch's class and changes nothing
+    if name != "Rn":
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        with pytest.raises(gnn.InManifoldError):
+            setattr(layer, tname, torch.full(size, float("nan")))
+        assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+def test_registration_of_a_non_member_raises_like_geotorch():
+    with pytest.raises(gnn.InManifoldError):
+        P.register_parametrization(nn.Linear(3, 3), "weight", gnn.SO((3, 3)))
+    # Symmetric keeps the tensor's values at registration (GeoTorch's has no right inverse)
+    lin = nn.Linear(3, 3)
+    W0 = lin.weight.detach().clone()
+    P.register_parametrization(lin, "weight", gnn.Symmetric())
+    assert torch.equal(lin.weight, W0.tril() + W0.tril(-1).mT)
+    with pytest.raises(gnn.InManifoldError):  # but an assigned value must be symmetric
+        lin.weight = torch.randn(3, 3) + torch.triu(torch.ones(3, 3), 1)
+
+
+def test_product_manifold():
+    M = gnn.ProductManifold([gnn.SO((3, 3)), gnn.Sphere((4,))])
+    assert len(M) == 2 and isinstance(M[0], gnn.SO)
+    Xs = M.sample()
+    assert M.in_manifold(Xs) and orthonormal(Xs[0]) and on_sphere(1.0)(Xs[1])
+    Zs = M.right_inverse(Xs)
+    out = M(Zs)
+    assert torch.equal(out[0], Xs[0]) and torch.allclose(out[1], Xs[1], atol=1e-6)
+    assert M.space == gf.Product(gf.SO(), gf.Sphere())
+    assert isinstance(gnn.ProductManifold((gnn.SO((2, 2)), gnn.SO((2, 2)))), nn.ModuleList)
+
+
+def test_hurwitz_alpha_is_assignable_and_checked():
+    M = gnn.Hurwitz((4, 4), alpha=0.1)
+    X = M.sample()
+    a = float(torch.linalg.eigvals(X).real.max())
+    M.alpha = torch.tensor(-a - 1e-3)  # GeoTorch keeps alpha in a buffer; a tensor is fine
+    assert M.space.alpha == pytest.approx(-a - 1e-3) and M.in_manifold(X)
+    M.alpha = -a + 1e-2
+    assert not M.in_manifold(X)
+    with pytest.raises(gnn.InManifoldError):
+        M.right_inverse(X)
+    with pytest.raises(ValueError):
+        gnn.Hurwitz((4, 4), alpha=-0.1)
+    # GeoTorch's factors of a point, with Q = I here
+    M = gnn.Hurwitz((2, 4, 4), alpha=0.2)
+    A = M.sample().double()
+    Q, Pinv, S = M.submersion_inv(A)
+    torch.testing.assert_close(Pinv @ (S - 0.5 * Q) - 0.2 * torch.eye(4, dtype=A.dtype), A, atol=1e-10, rtol=0)
+    assert bool((torch.linalg.eigvalsh(Pinv) > 0).all()) and torch.equal(S, -S.mT)
+    with pytest.raises(gnn.InManifoldError):
+        M.submersion_inv(torch.eye(4).expand(2, 4, 4))
+
+
+# ----------------------------------------------------------------------------- errors at GeoTorch's places
+ERRORS = [
+    (lambda: gnn.SO((7,)), gnn.VectorError),
+    (lambda: gnn.SO((7, 3, 2)), gnn.NonSquareError),
+    (lambda: gnn.Stiefel((7,)), gnn.VectorError),
+    (lambda: gnn.Grassmannian((7,)), gnn.VectorError),
+    (lambda: gnn.SO((3, 3), triv="wrong"), ValueError),
+    (lambda: gnn.Stiefel((3, 3), triv="wrong"), ValueError),
+    (lambda: gnn.Sphere((5,), radius=-1.0), ValueError),
+    (lambda: gnn.SphereEmbedded((4,), radius=0.0), ValueError),
+    (lambda: gnn.LowRank((4, 3), 5), gnn.RankError),
+    (lambda: gnn.FixedRank((2, 3), 3), gnn.RankError),
+    (lambda: gnn.LowRank((5,), 1), gnn.VectorError),
+    (lambda: gnn.FixedRank((5, 3), 2, f=3), ValueError),
+    (lambda: gnn.FixedRank((5, 3), 2, f="wrong"), ValueError),
+    (lambda: gnn.GLp((4, 3)), gnn.NonSquareError),
+    (lambda: gnn.GLp((5,)), gnn.VectorError),
+    (lambda: gnn.SL((4, 3)), gnn.NonSquareError),
+    (lambda: gnn.SL((5,)), gnn.VectorError),
+    (lambda: gnn.AlmostOrthogonal((5,), 0.5), gnn.VectorError),
+    (lambda: gnn.AlmostOrthogonal((5, 4), 0.5, f="fail"), ValueError),
+    (lambda: gnn.AlmostOrthogonal((5, 4), 2), ValueError),
+    (lambda: gnn.AlmostOrthogonal((5, 4), -1), ValueError),
+    (lambda: gnn.PSSDLowRank((4, 4), 5), gnn.RankError),
+    (lambda: gnn.PSSDFixedRank((3, 3), 0), gnn.RankError),
+    (lambda: gnn.PSSDLowRank((3, 6), 2), gnn.NonSquareError),
+    (lambda: gnn.PSSD((5,)), gnn.VectorError),
+    (lambda: gnn.PSD((5, 3)), gnn.NonSquareError),
+    (lambda: gnn.PSSDFixedRank((5, 3), 2, f="fail"), ValueError),
+    (lambda: gnn.Hurwitz((5, 3)), gnn.NonSquareError),
+    (lambda: gnn.Hurwitz((5,)), gnn.VectorError),
+    (lambda: gnn.Skew((4, 3)), gnn.NonSquareError),
+    (lambda: gnn.Skew()(torch.zeros(3, 2)), gnn.NonSquareError),
+    (lambda: gnn.Symmetric()(torch.zeros(4)), gnn.VectorError),
+    (lambda: gnn.SO((3, 3)).sample("wrong"), ValueError),
+    (lambda: gnn.torus_init_(torch.empty(3, 4)), ValueError),
+    (lambda: gnn.torus_init_(torch.empty(3)), ValueError),
+    (lambda: gnn.torus_init_(torch.empty(0)), ValueError),
+    (lambda: gnn.low_rank(nn.Conv2d(2, 2, 3), "weight", 4), gnn.RankError),
+    (lambda: gnn.orthogonal(nn.Linear(2, 3), "bias"), gnn.VectorError),
+    (lambda: gnn.invertible(nn.Linear(2, 3)), gnn.NonSquareError),
+    (lambda: gnn.alpha_stable(nn.Linear(2, 3)), gnn.NonSquareError),
+]
+
+
+@pytest.mark.parametrize("i", range(len(ERRORS)))
+def test_errors_at_geotorchs_places(i):
+    fn, exc = ERRORS[i]
+    with pytest.raises(exc) as info:
+        fn()
+    assert isinstance(info.value, ValueError)
+
+
+def test_custom_triv_is_not_called_at_construction():
+    for cls in (gnn.SO, gnn.Stiefel, gnn.Grassmannian):
+        cls(size=(3, 3), triv=lambda: 3)  # GeoTorch validates callables lazily
+
+
+def test_inverse_error_for_a_single_callable_f():
+    lin = nn.Linear(4, 4)
+    M = gnn.GLp((4, 4), f=torch.exp)
+    X = gnn.GLp((4, 4)).sample()
+    with torch.no_grad():
+        lin.weight.copy_(X)
+    with pytest.raises(gnn.InverseError):
+        P.register_parametrization(lin, "weight", M)
+    with pytest.raises(gnn.InverseError):
+        gnn.positive_definite(nn.Linear(3, 3), f=torch.exp)
+    lin = gnn.almost_orthogonal(nn.Linear(3, 3), lam=0.5, f=(torch.tanh, torch.atanh))  # a pair inverts
+    assert almost_orthogonal(0.5)(lin.weight.detach())
+
+
+def test_in_manifold_error_names_the_parameter_and_space():
+    lin = gnn.orthogonal(nn.Linear(3, 5))
+    with pytest.raises(gnn.InManifoldError, match=r"Linear\.weight.*Stiefel.*expected a point on the space.*shape \(5, 3\)"):
+        lin.weight = 2 * torch.eye(5, 3)
+
+
+# ----------------------------------------------------------------------------- default starts
+@pytest.mark.parametrize(
+    "make,fill",
+    [
+        (lambda: gnn.LowRank((6, 4), 2), "svd"),
+        (lambda: gnn.FixedRank((4, 6), 3), "svd"),
+        (lambda: gnn.PSSDLowRank((5, 5), 2), "wishart"),
+        (lambda: gnn.PSD((4, 4)), "wishart"),
+    ],
+    ids=["LowRank", "FixedRank-wide", "PSSDLowRank", "PSD"],
+)
+def test_samples_are_geotorchs_distribution_exactly(make, fill):
+    """Only ``init_`` draws: seeded alike, the sample is the truncated SVD of the Xavier-normal
+    tensor (rank family) or the top eigenpairs of its Wishart matrix (PSD family)."""
+    M = make()
+    torch.manual_seed(3)
+    X = M.sample()
+    torch.manual_seed(3)
+    W = torch.empty(M.n, M.k) if fill == "svd" else torch.empty(M.n, M.n)
+    nn.init.xavier_normal_(W)
+    if fill == "svd":
+        U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+        ref = U[:, : M.rank] @ torch.diag(s[: M.rank]) @ Vh[: M.rank]
+        ref = ref.T if M.transposed else ref
+    else:
+        L, Q = torch.linalg.eigh(W @ W.T)
+        ref = Q[:, -M.rank :] @ torch.diag(L[-M.rank :]) @ Q[:, -M.rank :].T
+    torch.testing.assert_close(X, ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn,args", [(gnn.low_rank, ("weight", 3)), (gnn.invertible, ()), (gnn.skew, ()),
+                                     (gnn.positive_definite, ()), (gnn.sln, ()), (gnn.alpha_stable, ())],
+                         ids=lambda v: getattr(v, "__name__", ""))
+def test_constraint_functions_start_at_the_class_sample(fn, args):
+    """GeoTorch's registration: build the class on the tensor, then assign its ``sample()``."""
+    torch.manual_seed(5)
+    m = fn(nn.Linear(6, 6), *args)
+    cls = type(m.parametrizations.weight[0])
+    torch.manual_seed(5)
+    nn.Linear(6, 6)  # the same draws as the layer's own init
+    extra = {"low_rank": (3,), "invertible": (), "skew": (), "positive_definite": (), "sln": (),
+             "alpha_stable": (1e-3,)}[fn.__name__]
+    M = cls((6, 6), *extra)
+    torch.testing.assert_close(m.weight, M.sample(), atol=2e-5, rtol=0)
+
+
+def test_almost_orthogonal_starts_orthogonal_and_low_rank_like_xavier():
+    torch.manual_seed(0)
+    m = gnn.almost_orthogonal(nn.Linear(7, 4), lam=0.2)
+    assert torch.allclose(torch.linalg.svdvals(m.weight.detach()), torch.ones(4), atol=1e-6)
+    # a 128×128 full-rank low_rank start has the spectral radius of a Xavier-normal matrix (≈ 1,
+    # the circular law), not that of singular values spread in (0.5, 1.5] (> 1: an RNN explodes)
+    m = gnn.low_rank(nn.Linear(128, 128, bias=False), "weight", 128)
+    rho = float(torch.linalg.eigvals(m.weight.detach()).abs().max())
+    assert 0.85 < rho < 1.15
+
+
+def test_square_orthogonal_starts_in_so():
+    for seed in range(8):
+        torch.manual_seed(seed)
+        m = gnn.orthogonal(nn.Linear(5, 5))
+        assert torch.linalg.det(m.weight.detach()) > 0
+
+
+# ----------------------------------------------------------------------------- differential tests
+def _boundary_points():
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(6, 3))[0]
+    U = torch.linalg.qr(torch.randn(5, 5))[0]
+    V = torch.linalg.qr(torch.randn(4, 4))[0]
+    x = torch.nn.functional.normalize(torch.randn(5), dim=0)
+    O = torch.linalg.qr(torch.randn(4, 4))[0]
+
+    def svd(*s):
+        return U[:, :4] @ torch.diag(torch.tensor(s, dtype=torch.float32)) @ V.T
+
+    def sym(*lam):
+        return O @ torch.diag(torch.tensor(lam, dtype=torch.float32)) @ O.T
+
+    A = torch.tensor([[-1.0, 3.0, 0.0], [0.0, -2.0, 1.0], [0.0, 0.0, -0.5]])
+    return [
+        ("Stiefel", lambda g: g.Stiefel((6, 3)), [(1 + 4e-5) * Q, (1 + 6e-5) * Q, Q]),
+        ("SphereEmbedded", lambda g: g.SphereEmbedded((5,)), [(1 + 9e-6) * x, (1 + 2e-5) * x]),
+        ("Sphere", lambda g: g.Sphere((5,), radius=2.0), [2 * x, 2 * (1 + 6e-6) * x, 2 * (1 + 2e-5) * x]),
+        ("LowRank", lambda g: g.LowRank((5, 4), 2), [svd(2, 1, 9e-6, 0), svd(2, 1, 2e-5, 0), svd(2, 1, 0, 0)]),
+        ("FixedRank", lambda g: g.FixedRank((5, 4), 2), [svd(2, 2e-5, 0, 0), svd(2, 5e-6, 0, 0)]),
+        ("AlmostOrthogonal", lambda g: g.AlmostOrthogonal((5, 4), 0.25), [svd(1.2, 1, 0.8, 0.9), svd(1.3, 1, 1, 1)]),
+        ("PSD", lambda g: g.PSD((4, 4)), [sym(2e-6, 1, 2, 3), sym(5e-7, 1, 2, 3)]),
+        ("PSSDLowRank", lambda g: g.PSSDLowRank((4, 4), 2), [sym(0, 4e-6, 1, 2), sym(0, 6e-6, 1, 2)]),
+        ("SL", lambda g: g.SL((4, 4)), [sym(0.5, 1, 1, 2.0 * (1 + 4e-3)), sym(0.5, 1, 1, 2.0 * (1 + 6e-3)),
+                                        sym(-0.5, 1, 1, 2.0)]),
+        ("SO", lambda g: g.SO((4, 4)), [O, (1 + 6e-5) * O]),
+        ("Skew", lambda g: g.Skew((3, 3)), [A - A.T, A - 0.99999 * A.T]),
+        ("Hurwitz", lambda g: g.Hurwitz((3, 3), alpha=0.5), [A, A + 0.5 * torch.eye(3), A + 0.4 * torch.eye(3)]),
+    ]
+
+
+@pytest.mark.parametrize("case", _boundary_points(), ids=lambda c: c[0])
+def test_in_manifold_verdicts_match_geotorch_on_boundary_points(case):
+    geotorch = pytest.importorskip("geotorch")
+    name, make, points = case
+    Mg, Mf = make(geotorch), make(gnn)
+    for X in points:
+        theirs = (Mg.in_manifold_eigen(X) if name == "Hurwitz" else Mg.in_manifold(X))
+        assert bool(Mf.in_manifold(X)) == bool(theirs), f"{name}: GeoTorch says {bool(theirs)}"
+
+
+def test_torus_init_spectrum_matches_geotorch():
+    geotorch = pytest.importorskip("geotorch")
+    from geotorch.so import torus_init_ as gt_torus
+
+    angles = torch.tensor([0.3, -1.2, 2.5])
+
+    def fill(b):
+        with torch.no_grad():
+            b.copy_(angles)
+
+    for n in (6, 7):
+        ours = gnn.torus_init_(torch.empty(2, n, n, dtype=torch.float64), init_=fill)
+        ref = gt_torus(torch.empty(2, n, n, dtype=torch.float64), init_=fill)
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+        ev = torch.linalg.eigvals(ours[0])
+        assert torch.allclose(ev.abs(), torch.ones(n, dtype=torch.float64))
+        got = sorted(float(a) for a in ev.angle() if float(a) > 1e-9)
+        assert got == pytest.approx(sorted(abs(float(a)) for a in angles), abs=1e-12)
+    # the Cayley trivialization as a callable, as GeoTorch passes it
+    W = gnn.torus_init_(torch.empty(4, 4), triv="cayley")
+    assert orthonormal(W)
+
+
+@pytest.mark.parametrize(
+    "name,args",
+    [("LowRank", ((5, 4), 2)), ("FixedRank", ((4, 6), 3)), ("PSSD", ((4, 4),)), ("PSD", ((4, 4),)), ("Skew", ((4, 4),)),
+     ("SL", ((4, 4),)), ("Hurwitz", ((4, 4), 0.3))],
+)
+def test_samples_match_geotorchs_for_the_same_seed(name, args):
+    geotorch = pytest.importorskip("geotorch")
+    Mg, Mf = getattr(geotorch, name)(*args), getattr(gnn, name)(*args)
+    torch.manual_seed(11)
+    a = Mg.sample()
+    torch.manual_seed(11)
+    b = Mf.sample()
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+
+
+def test_alpha_stable_and_sln_register_like_geotorch():
+    torch.manual_seed(0)
+    lin = gnn.alpha_stable(nn.Linear(5, 5), "weight", alpha=0.5)
+    assert hurwitz(0.5)(lin.weight.detach())
+    assert isinstance(lin.parametrizations.weight[0], gnn.Hurwitz)
+    assert set(lin.state_dict()) == {"bias", "parametrizations.weight.original", "parametrizations.weight.0.base"}
+    opt = torch.optim.Adam(lin.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        (lin(torch.randn(8, 5)) ** 2).sum().backward()
+        opt.step()
+        assert hurwitz(0.5)(lin.weight.detach())
+    lin = gnn.sln(nn.Linear(4, 4))
+    assert det_one(lin.weight.detach()) and isinstance(lin.parametrizations.weight[0], gnn.SL)
+    buf = io.BytesIO()
+    torch.save(lin, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False).weight, lin.weight)
