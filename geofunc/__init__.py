@@ -6,6 +6,7 @@ pure function of tensors, so every constraint composes with ``torch.func`` (``vm
 ``torch.compile``.
 """
 
+from . import hyperbolic as hyperbolic
 from . import nn as nn
 from . import optim as optim
 from . import testing as testing
@@ -28,14 +29,17 @@ from .spaces import (
     SO as SO,
     AbstractSpace as AbstractSpace,
     AlmostOrthogonal as AlmostOrthogonal,
+    Birkhoff as Birkhoff,
     FixedRank as FixedRank,
     GLp as GLp,
     Grassmannian as Grassmannian,
     Hurwitz as Hurwitz,
+    Lorentz as Lorentz,
     LowRank as LowRank,
     Oblique as Oblique,
     PSSDFixedRank as PSSDFixedRank,
     PSSDLowRank as PSSDLowRank,
+    PoincareBall as PoincareBall,
     Product as Product,
     Rn as Rn,
     Skew as Skew,
@@ -53,15 +57,18 @@ __all__ = [
     "SO",
     "AbstractSpace",
     "AlmostOrthogonal",
+    "Birkhoff",
     "FixedRank",
     "GLp",
     "Grassmannian",
     "Hurwitz",
+    "Lorentz",
     "LowRank",
     "ManifoldError",
     "Oblique",
     "PSSDFixedRank",
     "PSSDLowRank",
+    "PoincareBall",
     "Product",
     "Rn",
     "Skew",
@@ -71,6 +78,7 @@ __all__ = [
     "contains",
     "egrad_to_rgrad",
     "from_manifold",
+    "hyperbolic",
     "nn",
     "optim",
     "rebase",

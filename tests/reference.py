@@ -167,6 +167,9 @@ def predicate(space: Any) -> Callable[[Tensor, float], Any]:
         (gf.SL, lambda M: det_one),
         (gf.Hurwitz, lambda M: alpha_stable(M.alpha)),
         (gf.Product, lambda M: _product_predicate(M)),
+        (gf.PoincareBall, lambda M: in_ball(M.c)),
+        (gf.Lorentz, lambda M: on_hyperboloid(M.k)),
+        (gf.Birkhoff, lambda M: doubly_stochastic),
     ]
     for cls, make in table:
         if isinstance(space, cls):
@@ -521,6 +524,101 @@ def moments_psd(r: Optional[int] = None) -> Callable[[Tensor], Moments]:
         return out
 
     return moments
+
+
+# ================================================ hyperbolic spaces, doubly stochastic matrices
+def in_ball(c: float) -> Callable[[Tensor, float], Tensor]:
+    """The open ball ``c‖x‖² < 1`` (finite entries); open, so ``atol`` plays no role."""
+
+    def pred(X: Tensor, atol: float) -> Tensor:
+        del atol
+        r2 = c * torch.linalg.vector_norm(X, dim=-1) ** 2
+        return torch.isfinite(X).all(-1) & (r2 < 1.0)
+
+    return pred
+
+
+def on_hyperboloid(k: float) -> Callable[[Tensor, float], Tensor]:
+    """``−x₀² + ‖x̄‖² = −k`` to a relative ``atol`` (of ``k + ‖x‖²``), and ``x₀ > 0``."""
+
+    def pred(X: Tensor, atol: float) -> Tensor:
+        q = -X[..., 0] ** 2 + torch.linalg.vector_norm(X[..., 1:], dim=-1) ** 2
+        scale = k + torch.linalg.vector_norm(X, dim=-1) ** 2
+        return ((q + k).abs() <= atol * scale) & (X[..., 0] > 0)
+
+    return pred
+
+
+def doubly_stochastic(X: Tensor, atol: float) -> Tensor:
+    """Unit row and column sums and non-negative entries, to ``atol``."""
+    ones = torch.ones(X.shape[-1], dtype=X.dtype)
+    rows = torch.linalg.vector_norm(X @ ones - 1.0, ord=math.inf, dim=-1)
+    cols = torch.linalg.vector_norm(X.mT @ ones - 1.0, ord=math.inf, dim=-1)
+    return (rows <= atol) & (cols <= atol) & (X.amin((-2, -1)) >= -atol)
+
+
+def dim_ball(ps: tuple[int, ...]) -> int:
+    return ps[-1]
+
+
+def dim_hyperboloid(ps: tuple[int, ...]) -> int:
+    return ps[-1] - 1
+
+
+def dim_birkhoff(ps: tuple[int, ...]) -> int:
+    return (ps[-1] - 1) ** 2
+
+
+def perturb_hyperboloid(k: float) -> Callable[[Tensor, float], Tensor]:
+    """``s X`` with ``|⟨sX, sX⟩_L + k| / (k + ‖sX‖²) = a``: ``s² = k(1 + a)/(k − a‖X‖²)``."""
+
+    def perturb(X: Tensor, a: float) -> Tensor:
+        n2 = (X * X).sum(-1, keepdim=True)
+        return torch.sqrt(k * (1.0 + a) / (k - a * n2)) * X
+
+    return perturb
+
+
+def perturb_marginals(X: Tensor, a: float) -> Tensor:
+    """Row 0 and column 0 sum to ``1 + a``: ``X[0, 0]`` moved by ``a``."""
+    E = torch.zeros_like(X)
+    E[..., 0, 0] = a
+    return X + E
+
+
+def _wrapped_normal_moments(v: Tensor) -> Moments:
+    """``v ~ N(0, I/n)`` (Riemannian coordinates at the origin): Gaussian entries of variance
+    ``1/n``, uncorrelated."""
+    n = v.shape[-1]
+    out = gaussian_moments(v, 1.0 / n)
+    out["E[v vᵀ]"] = (v[..., :, None] * v[..., None, :], torch.eye(n, dtype=v.dtype) / n)
+    return out
+
+
+def moments_ball(c: float) -> Callable[[Tensor], Moments]:
+    """``PoincareBall.sample = exp₀(v/2)``, ``v ~ N(0, I/n)``: ``v = 2 artanh(√c‖x‖) x/(√c‖x‖)``."""
+
+    def moments(X: Tensor) -> Moments:
+        r = math.sqrt(c) * torch.linalg.vector_norm(X, dim=-1, keepdim=True)
+        return _wrapped_normal_moments(2.0 * torch.atanh(r) / r * X)
+
+    return moments
+
+
+def moments_hyperboloid(k: float) -> Callable[[Tensor], Moments]:
+    """``Lorentz.sample = exp_o((0, v))``, ``v ~ N(0, I/n)``: ``v = d(o, x) x̄/‖x̄‖``,
+    ``d = √k arcosh(x₀/√k)``."""
+
+    def moments(X: Tensor) -> Moments:
+        d = math.sqrt(k) * torch.acosh(X[..., :1] / math.sqrt(k))
+        return _wrapped_normal_moments(d * X[..., 1:] / torch.linalg.vector_norm(X[..., 1:], dim=-1, keepdim=True))
+
+    return moments
+
+
+def moments_birkhoff(X: Tensor) -> Moments:
+    """``Birkhoff.sample = S(exp Z)``, ``Z`` Gaussian: rows and columns are exchangeable, so ``E X = 11ᵀ/n``."""
+    return {"E[X]": (X, 1.0 / X.shape[-1])}
 
 
 def on_spaces(constraints: dict, params: dict, atol: Optional[float] = None) -> dict[str, bool]:

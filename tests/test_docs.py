@@ -36,7 +36,7 @@ def _own_doc(obj: object) -> str | None:
 
 def _public_names() -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
-    for mod in (gf, gf.optim, gf.nn, gf.testing):
+    for mod in (gf, gf.optim, gf.nn, gf.testing, gf.hyperbolic):
         for name in mod.__all__:
             obj = getattr(mod, name)
             if not (callable(obj) or inspect.ismodule(obj)):

@@ -2,12 +2,15 @@
 
 from ._almost_orthogonal import AlmostOrthogonal as AlmostOrthogonal
 from ._base import AbstractSpace as AbstractSpace
+from ._birkhoff import Birkhoff as Birkhoff
 from ._fixed_rank import FixedRank as FixedRank
 from ._glp import GLp as GLp
 from ._grassmannian import Grassmannian as Grassmannian
 from ._hurwitz import Hurwitz as Hurwitz
+from ._lorentz import Lorentz as Lorentz
 from ._low_rank import LowRank as LowRank
 from ._oblique import Oblique as Oblique
+from ._poincare import PoincareBall as PoincareBall
 from ._product import Product as Product
 from ._psd import PSD as PSD
 from ._pssd import PSSD as PSSD
@@ -28,14 +31,17 @@ __all__ = [
     "SO",
     "AbstractSpace",
     "AlmostOrthogonal",
+    "Birkhoff",
     "FixedRank",
     "GLp",
     "Grassmannian",
     "Hurwitz",
+    "Lorentz",
     "LowRank",
     "Oblique",
     "PSSDFixedRank",
     "PSSDLowRank",
+    "PoincareBall",
     "Product",
     "Rn",
     "Skew",

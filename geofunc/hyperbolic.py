@@ -1,0 +1,563 @@
+r"""Hyperbolic geometry in the Poincaré ball, as pure functions of tensors.
+
+The Poincaré ball of curvature :math:`-c` (``c > 0``) is the open ball
+
+.. math::
+
+    \mathbb{D}^n_c = \{x \in \mathbb{R}^n : c\|x\|^2 < 1\}, \qquad
+    g_x = \lambda_x^2\, g^E, \quad \lambda_x = \frac{2}{1 - c\|x\|^2}
+
+on the **last** dimension of a tensor (leading dimensions are a batch). Every function takes
+the curvature as the keyword ``c`` (a positive Python number, or a 0-d tensor for a learnable
+curvature) and composes with ``torch.func`` (``vmap``, ``grad``, ``jvp``, ``jacfwd``,
+``jacrev``, ``hessian``) and ``torch.compile``: no Python branching on tensor values, and
+every map is smooth where its formula is (``expmap``, ``logmap``, the Möbius operations at
+0 included).
+
+**Numerics near the boundary** (Note [stable gyrovector formulas]). The textbook formulas
+subtract numbers of size 1 to get quantities of size ``1 − c‖x‖²``, which float32 cannot
+resolve near the boundary (geoopt therefore keeps float32 points at ``√c‖x‖ ≤ 1 − 4·10⁻³``).
+Here every formula is rewritten in terms of the *gaps* ``g_x = 1 − c‖x‖²`` and differences
+``y − x``, so that no such cancellation occurs; e.g.
+
+.. math::
+
+    u \oplus_c y = \frac{g_u (u + y) + c\|u + y\|^2 u}{g_u g_y + c\|u + y\|^2}, \qquad
+    1 - c\|u \oplus_c y\|^2 = \frac{g_u g_y}{g_u g_y + c\|u + y\|^2}
+
+(a sum of non-negative terms in the denominator). Values and gradients stay finite and
+accurate in float32 for points with ``c‖x‖² = 1 − 10⁻⁵`` and beyond.
+
+**Stated clamps** (the only places where a value is changed):
+
+* the gap ``1 − c‖x‖²`` of an *input* is clamped at ``≥ ε`` (machine epsilon of the dtype),
+  which only touches inputs on or beyond the float boundary of the ball;
+* every map that *returns a point* (``mobius_add``, ``mobius_scalar_mul``,
+  ``mobius_matvec``, ``expmap``, ``expmap0``, ``weighted_midpoint``, ``project``,
+  ``lorentz_to_poincare``) clamps it into ``√c‖x‖ ≤ 1 − δ`` with the margin
+  ``δ = ball_margin(dtype) = 8ε`` (``9.5·10⁻⁷`` in float32, ``1.8·10⁻¹⁵`` in float64), i.e.
+  hyperbolic distance ≤ ``log(2/δ)/√c`` from the origin (15.2 and 34.7 for ``c = 1``); where
+  the point is inside the margin nothing changes;
+* hyperbolic arguments (``tanh``, ``cosh``) are capped at 40 (``tanh(40) = 1`` in every
+  float dtype), so that no ``inf`` reaches a gradient.
+
+NaN or inf input gives NaN output, never a plausible point.
+
+Example:
+    >>> import torch
+    >>> from geofunc import hyperbolic as hyp
+    >>> x, y = torch.tensor([0.3, 0.1]), torch.tensor([-0.2, 0.5])
+    >>> z = hyp.expmap(x, hyp.logmap(x, y))            # the exponential inverts the logarithm
+    >>> bool(torch.allclose(z, y, atol=1e-6))
+    True
+    >>> float(hyp.dist(x, y)) > 0
+    True
+
+References:
+    A. A. Ungar, *A Gyrovector Space Approach to Hyperbolic Geometry*, 2008.
+    O.-E. Ganea, G. Bécigneul, T. Hofmann, *Hyperbolic Neural Networks*, NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, Optional, Union
+
+import torch
+
+from ._errors import ManifoldError, describe
+
+__all__ = [
+    "ball_margin",
+    "conformal_factor",
+    "dist",
+    "dist2plane",
+    "expmap",
+    "expmap0",
+    "gyration",
+    "logmap",
+    "logmap0",
+    "lorentz_to_poincare",
+    "mobius_add",
+    "mobius_matvec",
+    "mobius_scalar_mul",
+    "parallel_transport",
+    "poincare_to_lorentz",
+    "project",
+    "weighted_midpoint",
+]
+
+Tensor = torch.Tensor
+Curvature = Union[float, Tensor]
+
+# ----------------------------------------------------------------------------- smooth series
+# Note [sqrt-free hyperbolic functions]
+# The maps need tanh(r)/r, artanh(r)/r, cosh(r), sinh(r)/r and arcosh(1+u)/sqrt(u(u+2)) at
+# r = sqrt(t). As functions of t (or u) these are analytic at 0, so they are evaluated as
+# truncated power series below _T_SMALL (no sqrt there: every derivative, hessians included,
+# is finite and exact at t = 0) and with the closed form above it. Both branches run on a
+# masked copy of t ("double where"), so neither leaks inf/NaN into the other's gradient.
+# With t < 0.01 the first omitted term is below 1e-17 relative for every series (the tanh
+# series' ratio tends to -4/π², the arcosh one's to -1/2).
+_T_SMALL = 0.01
+_TANHC = (1.0, -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075, -929569 / 638512875)
+_ARTANHC = tuple(1.0 / (2 * k + 1) for k in range(9))
+_COSH = tuple(1.0 / math.factorial(2 * k) for k in range(8))
+_SINHC = tuple(1.0 / math.factorial(2 * k + 1) for k in range(8))
+# arcosh(1 + u) / sqrt(u (u + 2)) = θ / sinh θ with u = cosh θ − 1: (−1)^k (k!)² 2^k / (2k + 1)!.
+_ARCOSHC = tuple((-1) ** k * math.factorial(k) ** 2 * 2**k / math.factorial(2 * k + 1) for k in range(9))
+# Largest argument of tanh/cosh/sinh: tanh(40) == 1 in float64, and cosh(40)² ≈ 5.5e33 is finite in float32.
+_ARG_MAX = 40.0
+
+
+def _horner(t: Tensor, coefs: tuple[float, ...]) -> Tensor:
+    out = torch.full_like(t, coefs[-1])
+    for a in reversed(coefs[:-1]):
+        out = out * t + a
+    return out
+
+
+def _series_or(t: Tensor, coefs: tuple[float, ...], direct: Callable[[Tensor], Tensor]) -> Tensor:
+    """``Σ coefs[k] t^k`` for ``t < _T_SMALL``, ``direct(t)`` elsewhere (Note [sqrt-free hyperbolic functions])."""
+    small = t < _T_SMALL  # False for NaN: NaN takes the direct branch and stays NaN
+    series = _horner(torch.where(small, t, torch.zeros_like(t)), coefs)
+    return torch.where(small, series, direct(torch.where(small, torch.ones_like(t), t)))
+
+
+def _tanhc(t: Tensor) -> Tensor:
+    """``tanh(√t)/√t`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+
+    def direct(t: Tensor) -> Tensor:
+        r = torch.sqrt(t)
+        return torch.tanh(r.clamp(max=_ARG_MAX)) / r
+
+    return _series_or(t, _TANHC, direct)
+
+
+def _artanhc(t: Tensor, gap: Tensor) -> Tensor:
+    """``artanh(√t)/√t`` for ``0 ≤ t < 1``, with ``gap = 1 − t`` supplied accurately.
+
+    ``artanh r = ½ log1p(2r(1 + r)/(1 − r²))`` is accurate for every ``r < 1`` given the gap
+    ``1 − r²`` (computed by the caller without cancellation), unlike ``atanh(r)`` near 1.
+    """
+    small = t < _T_SMALL
+    series = _horner(torch.where(small, t, torch.zeros_like(t)), _ARTANHC)
+    tb = torch.where(small, torch.ones_like(t), t)
+    gb = torch.where(small, torch.ones_like(gap), gap)
+    r = torch.sqrt(tb)
+    return torch.where(small, series, 0.5 * torch.log1p(2.0 * r * (1.0 + r) / gb) / r)
+
+
+def _cosh_sinhc(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cosh √t, sinh √t / √t)`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+
+    def cosh(t: Tensor) -> Tensor:
+        return torch.cosh(torch.sqrt(t).clamp(max=_ARG_MAX))
+
+    def sinhc(t: Tensor) -> Tensor:
+        r = torch.sqrt(t)
+        return torch.sinh(r.clamp(max=_ARG_MAX)) / r
+
+    return _series_or(t, _COSH, cosh), _series_or(t, _SINHC, sinhc)
+
+
+def _arcoshc(u: Tensor) -> Tensor:
+    """``arcosh(1 + u) / √(u(u + 2))`` for ``u ≥ 0`` (= θ / sinh θ), smooth at 0."""
+
+    def direct(u: Tensor) -> Tensor:
+        w = torch.sqrt(u * (u + 2.0))
+        return torch.log1p(u + w) / w
+
+    return _series_or(u, _ARCOSHC, direct)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _sq(x: Tensor) -> Tensor:
+    return (x * x).sum(-1, keepdim=True)
+
+
+def _dot(x: Tensor, y: Tensor) -> Tensor:
+    return (x * y).sum(-1, keepdim=True)
+
+
+def _check_c(c: Any, fn: str) -> Curvature:
+    """A Python number must be finite and > 0; a tensor is taken as given (no data-dependent check)."""
+    if isinstance(c, torch.Tensor):
+        return c
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
+        raise ManifoldError(
+            f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}."
+        )
+    return float(c)
+
+
+def _check_vec(x: Any, fn: str, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 1 or x.shape[-1] == 0:
+        raise ManifoldError(
+            f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}."
+        )
+
+
+def _sqrt_c(c: Curvature) -> Curvature:
+    return c**0.5
+
+
+def ball_margin(dtype: torch.dtype) -> float:
+    """The margin ``δ = 8ε`` of the dtype: points are kept at ``√c‖x‖ ≤ 1 − δ`` (module docstring)."""
+    return 8.0 * torch.finfo(dtype).eps
+
+
+def _gap(x: Tensor, c: Curvature) -> Tensor:
+    """``1 − c‖x‖²`` clamped at ``≥ ε`` (a stated clamp: touches only points on or beyond the float boundary).
+
+    For float32 (and lower) input the squared norm is accumulated in float64 (Note [the gap in
+    double precision]).
+    """
+    if x.dtype != torch.float64 and x.device.type != "mps":  # MPS has no float64
+        g = (1.0 - c * _sq(x.double())).to(x.dtype)
+    else:
+        g = 1.0 - c * _sq(x)
+    return g.clamp(min=torch.finfo(x.dtype).eps)
+
+
+# Note [the gap in double precision]
+# Near the boundary everything hinges on g = 1 − c‖x‖². A float32 point with g = 1e-5 has a
+# well-defined gap, but computing it in float32 rounds ‖x‖² (≈ 1) to ~n·6e-8 absolute: ~2% of
+# g (20% at g = 1e-6), i.e. distances off by up to ~0.01–0.05 at d ≈ 10–20. Accumulating ‖x‖²
+# in float64 (n multiply-adds per point, negligible next to the rest) gives the gap of the
+# stored point to float32 precision, and every formula downstream is cancellation-free, so
+# float32 distances near the boundary are accurate to ~1e-6 relative
+# (tests/test_hyperbolic.py). Gradients flow through the cast unchanged.
+
+
+def _clamp_into_ball(x: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
+    """``x`` rescaled into ``√c‖x‖ ≤ 1 − δ``; unchanged (value and derivatives) where it is inside."""
+    m = 1.0 - (ball_margin(x.dtype) if margin is None else margin)
+    r2 = c * _sq(x)
+    inside = r2 <= m * m  # False for NaN: NaN goes through the division and stays NaN
+    scale = torch.where(inside, torch.ones_like(r2), m / torch.sqrt(torch.where(inside, torch.ones_like(r2), r2)))
+    return x * scale
+
+
+def _add(u: Tensor, y: Tensor, gu: Tensor, gy: Tensor, c: Curvature) -> tuple[Tensor, Tensor]:
+    """``(u ⊕ y, 1 − c‖u ⊕ y‖²)`` from the gaps ``gu``, ``gy`` (Note [stable gyrovector formulas])."""
+    s = u + y
+    cs2 = c * _sq(s)
+    den = gu * gy + cs2
+    return (gu * s + cs2 * u) / den, gu * gy / den
+
+
+def _neg_add(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, c: Curvature) -> tuple[Tensor, Tensor, Tensor]:
+    """``(N, D, gap)`` with ``(−x) ⊕ y = N / D``, written with ``y − x`` so that nearby points lose nothing."""
+    d = y - x
+    cd2 = c * _sq(d)
+    den = gx * gy + cd2
+    return gx * d - cd2 * x, den, gx * gy / den
+
+
+# Note [stable gyrovector formulas]
+# With gaps g = 1 − c‖·‖², Möbius addition is
+#   u ⊕ y = (g_u (u + y) + c‖u + y‖² u) / (g_u g_y + c‖u + y‖²),
+# algebraically equal to Ungar's ((1 + 2c⟨u,y⟩ + c‖y‖²) u + g_u y) / (1 + 2c⟨u,y⟩ + c²‖u‖²‖y‖²)
+# but with a denominator that is a sum of non-negative terms: for u ≈ −y near the boundary
+# the textbook denominator 1 + 2c⟨u,y⟩ + c²‖u‖²‖y‖² is a difference of O(1) numbers equal to
+# O(g²) (≈ 1e-10 at c‖x‖² = 1 − 1e-5, below float32 resolution), which is what makes
+# distances between nearby boundary points NaN or garbage in float32 elsewhere. The gap of a
+# sum is exact from the gaps: 1 − c‖u ⊕ y‖² = g_u g_y / (g_u g_y + c‖u + y‖²), so chained maps
+# never recompute a gap from a point near the boundary. The same rewriting gives
+#   gyr[y, −x] z = z + 2((c g_x ⟨d, z⟩ − c²‖d‖²⟨x, z⟩) x
+#                        + (−c g_x ⟨x, z⟩ − c²‖x‖²⟨d, z⟩ + 2c²⟨x, d⟩⟨x, z⟩) d) / (g_x g_y + c‖d‖²)
+# with d = y − x: every term of the numerator is O(‖d‖), so parallel transport between nearby
+# points near the boundary is accurate too.
+
+
+# ------------------------------------------------------------------------ the public maps
+def conformal_factor(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The conformal factor :math:`\lambda_x = 2 / (1 - c\|x\|^2)`, shape ``(*batch, 1)``.
+
+    The metric at ``x`` is :math:`\lambda_x^2` times the Euclidean one. The gap is clamped at ``≥ ε``.
+    """
+    c = _check_c(c, "conformal_factor")
+    _check_vec(x, "conformal_factor", "x")
+    return 2.0 / _gap(x, c)
+
+
+def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""Möbius addition :math:`x \oplus_c y` (last dimension; batch dimensions broadcast).
+
+    .. math::
+
+        x \oplus_c y = \frac{(1 + 2c\langle x, y\rangle + c\|y\|^2)\,x + (1 - c\|x\|^2)\,y}
+                            {1 + 2c\langle x, y\rangle + c^2\|x\|^2\|y\|^2}
+
+    evaluated in the cancellation-free form of Note [stable gyrovector formulas]; the result
+    is clamped into the ball's margin. Not commutative: :math:`x \oplus y = \mathrm{gyr}[x, y](y \oplus x)`.
+    """
+    c = _check_c(c, "mobius_add")
+    _check_vec(x, "mobius_add", "x")
+    _check_vec(y, "mobius_add", "y")
+    return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c)[0], c)
+
+
+def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""Möbius scalar multiplication :math:`r \otimes_c x = \tanh(r\,\operatorname{artanh}(\sqrt c\|x\|))\,\frac{x}{\sqrt c\|x\|}`.
+
+    ``r`` is a number or a tensor of the batch shape ``(*batch)``. Written as
+    :math:`r\,A\,T(r^2 c\|x\|^2 A^2)\,x` with :math:`A = \operatorname{artanh}(\rho)/\rho`,
+    :math:`T(t) = \tanh(\sqrt t)/\sqrt t`, so it is smooth at ``x = 0``. ``1 ⊗ x = x``,
+    ``(r + s) ⊗ x = (r ⊗ x) ⊕ (s ⊗ x)``.
+    """
+    c = _check_c(c, "mobius_scalar_mul")
+    _check_vec(x, "mobius_scalar_mul", "x")
+    if isinstance(r, torch.Tensor):
+        r = r.unsqueeze(-1)
+    gx = _gap(x, c)
+    rho2 = c * _sq(x)
+    a = _artanhc(rho2, gx)
+    return _clamp_into_ball(r * a * _tanhc(r * r * rho2 * a * a) * x, c)
+
+
+def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""Möbius matrix-vector product :math:`M \otimes_c x`.
+
+    .. math::
+
+        M \otimes_c x = \tanh\!\Big(\frac{\|Mx\|}{\|x\|}\operatorname{artanh}(\sqrt c\|x\|)\Big)\frac{Mx}{\sqrt c\|Mx\|}
+
+    ``M`` has shape ``(*batch, m, n)``, ``x`` ``(*batch, n)``; the result ``(*batch, m)``
+    lies in the m-dimensional ball. Written as :math:`A\,T(c\|Mx\|^2 A^2)\,Mx` with
+    :math:`A = \operatorname{artanh}(\sqrt c\|x\|)/(\sqrt c\|x\|)`: smooth, ``0`` where ``Mx = 0``.
+    """
+    c = _check_c(c, "mobius_matvec")
+    _check_vec(x, "mobius_matvec", "x")
+    if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
+    Mx = (M @ x.unsqueeze(-1)).squeeze(-1)
+    a = _artanhc(c * _sq(x), _gap(x, c))
+    return _clamp_into_ball(a * _tanhc(c * _sq(Mx) * a * a) * Mx, c)
+
+
+def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The gyration :math:`\mathrm{gyr}[u, v]\,w = \ominus(u \oplus v) \oplus (u \oplus (v \oplus w))`.
+
+    A rotation of ``w`` in the plane of ``u`` and ``v``, in closed form (Ungar 2008):
+
+    .. math::
+
+        \mathrm{gyr}[u, v]\,w = w + \frac{2(A u + B v)}{D}, \qquad D = (1 - c\|u\|^2)(1 - c\|v\|^2) + c\|u + v\|^2,
+
+    .. math::
+
+        A = -c^2\langle u,w\rangle\|v\|^2 + c\langle v,w\rangle + 2c^2\langle u,v\rangle\langle v,w\rangle, \qquad
+        B = -c^2\langle v,w\rangle\|u\|^2 - c\langle u,w\rangle .
+    """
+    c = _check_c(c, "gyration")
+    for t, name in ((u, "u"), (v, "v"), (w, "w")):
+        _check_vec(t, "gyration", name)
+    uw, vw, uv = _dot(u, w), _dot(v, w), _dot(u, v)
+    A = -c * c * uw * _sq(v) + c * vw + 2 * c * c * uv * vw
+    B = -c * c * vw * _sq(u) - c * uw
+    D = _gap(u, c) * _gap(v, c) + c * _sq(u + v)
+    return w + 2 * (A * u + B * v) / D
+
+
+def dist(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The geodesic distance :math:`d_c(x, y) = \frac{2}{\sqrt c}\operatorname{artanh}(\sqrt c\,\|(-x) \oplus_c y\|)`, shape ``(*batch)``.
+
+    Computed from ``y − x`` and the gaps (Note [stable gyrovector formulas]): accurate for
+    nearby points near the boundary in float32. Its gradient at ``x = y`` (where ``d`` is not
+    differentiable) is 0.
+    """
+    c = _check_c(c, "dist")
+    _check_vec(x, "dist", "x")
+    _check_vec(y, "dist", "y")
+    return _dist(x, y, c).squeeze(-1)
+
+
+def _dist(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
+    # d = (2/√c) artanh ρ = (1/√c) log1p(2ρ(1 + ρ)/(1 − ρ²)), ρ = √c‖N‖/D, 1 − ρ² = gap (exact).
+    N, D, gap = _neg_add(x, y, _gap(x, c), _gap(y, c), c)
+    rho2 = c * _sq(N) / (D * D)
+    pos = rho2 > 0  # d is not differentiable at x = y: the double where gives it gradient 0 there
+    rho = torch.sqrt(torch.where(pos, rho2, torch.ones_like(rho2)))
+    d = torch.log1p(2.0 * rho * (1.0 + rho) / gap) / _sqrt_c(c)
+    return torch.where(pos | torch.isnan(rho2), d, torch.zeros_like(d))
+
+
+def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The exponential map at ``x``.
+
+    .. math::
+
+        \exp_x(v) = x \oplus_c \Big(\tanh\!\big(\tfrac{\sqrt c\,\lambda_x\|v\|}{2}\big)\frac{v}{\sqrt c\|v\|}\Big)
+
+    ``v`` is a tangent vector at ``x`` in ambient coordinates (its Riemannian norm is
+    :math:`\lambda_x\|v\|`). Smooth in ``v``, at ``v = 0`` included; the gap of the second
+    summand is :math:`1/\cosh^2(\cdot)` (exact), and the result is clamped into the margin.
+    """
+    c = _check_c(c, "expmap")
+    _check_vec(x, "expmap", "x")
+    _check_vec(v, "expmap", "v")
+    return _expmap(x, v, c)
+
+
+def _expmap(x: Tensor, v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
+    gx = _gap(x, c)
+    t = c * _sq(v) / (gx * gx)  # θ² with θ = √c λ_x ‖v‖ / 2
+    t = t.clamp(max=_ARG_MAX * _ARG_MAX)  # a stated clamp: tanh θ = 1 in every dtype beyond
+    y = _tanhc(t) * v / gx
+    cosh, _ = _cosh_sinhc(t)
+    gy = 1.0 / (cosh * cosh)
+    return _clamp_into_ball(_add(x, y, gx, gy, c)[0], c, margin)
+
+
+def expmap0(v: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r""":math:`\exp_0(v) = \tanh(\sqrt c\|v\|)\,\frac{v}{\sqrt c\|v\|}` (the exponential map at the origin, where :math:`\lambda_0 = 2`)."""
+    c = _check_c(c, "expmap0")
+    _check_vec(v, "expmap0", "v")
+    return _expmap0(v, c)
+
+
+def _expmap0(v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
+    t = (c * _sq(v)).clamp(max=_ARG_MAX * _ARG_MAX)
+    return _clamp_into_ball(_tanhc(t) * v, c, margin)
+
+
+def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The logarithm at ``x``: the inverse of :func:`expmap`.
+
+    .. math::
+
+        \log_x(y) = \frac{2}{\sqrt c\,\lambda_x}\operatorname{artanh}(\sqrt c\|w\|)\frac{w}{\|w\|}, \qquad w = (-x) \oplus_c y
+
+    A tangent vector at ``x`` in ambient coordinates, of Riemannian norm :math:`d_c(x, y)`;
+    smooth in ``y``, at ``y = x`` included.
+    """
+    c = _check_c(c, "logmap")
+    _check_vec(x, "logmap", "x")
+    _check_vec(y, "logmap", "y")
+    return _logmap(x, y, c)
+
+
+def _logmap(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
+    gx = _gap(x, c)
+    N, D, gap = _neg_add(x, y, gx, _gap(y, c), c)
+    w = N / D
+    return gx * _artanhc(c * _sq(w), gap) * w
+
+
+def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r""":math:`\log_0(y) = \operatorname{artanh}(\sqrt c\|y\|)\,\frac{y}{\sqrt c\|y\|}` (the inverse of :func:`expmap0`)."""
+    c = _check_c(c, "logmap0")
+    _check_vec(y, "logmap0", "y")
+    return _artanhc(c * _sq(y), _gap(y, c)) * y
+
+
+def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""Parallel transport of ``v ∈ T_x`` to ``T_y`` along the geodesic: :math:`\frac{\lambda_x}{\lambda_y}\mathrm{gyr}[y, -x]\,v`.
+
+    An isometry :math:`T_x \to T_y` (it preserves :math:`\lambda^2\langle\cdot,\cdot\rangle`); the
+    gyration is written with ``y − x`` (Note [stable gyrovector formulas]).
+    """
+    c = _check_c(c, "parallel_transport")
+    for t, name in ((x, "x"), (y, "y"), (v, "v")):
+        _check_vec(t, "parallel_transport", name)
+    return _transport(x, y, v, c)
+
+
+def _transport(x: Tensor, y: Tensor, v: Tensor, c: Curvature) -> Tensor:
+    gx, gy = _gap(x, c), _gap(y, c)
+    d = y - x
+    d2, xd, xz, dz = _sq(d), _dot(x, d), _dot(x, v), _dot(d, v)
+    num = (c * gx * dz - c * c * d2 * xz) * x + (-c * gx * xz - c * c * _sq(x) * dz + 2 * c * c * xd * xz) * d
+    gyr = v + 2.0 * num / (gx * gy + c * d2)
+    return (gy / gx) * gyr
+
+
+def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) -> Tensor:
+    r"""``x`` rescaled into the closed ball :math:`\sqrt c\|x\| \le 1 - \delta` (``δ = margin``, default :func:`ball_margin`).
+
+    The nearest point of that ball; points inside are returned unchanged.
+    """
+    c = _check_c(c, "project")
+    _check_vec(x, "project", "x")
+    return _clamp_into_ball(x, c, margin)
+
+
+def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: bool = False) -> Tensor:
+    r"""Distance from ``x`` to the gyroplane through ``p`` with normal ``a ∈ T_p`` (Ganea et al. 2018).
+
+    .. math::
+
+        d_c(x, H_{a,p}) = \frac{1}{\sqrt c}\operatorname{arsinh}\!\Big(
+            \frac{2\sqrt c\,|\langle z, a\rangle|}{(1 - c\|z\|^2)\,\|a\|}\Big), \qquad z = (-p) \oplus_c x,
+
+    evaluated as :math:`\langle z, a\rangle / (1 - c\|z\|^2) = \langle N, a\rangle / (g_p g_x)` with
+    ``N`` the numerator of ``z`` (no cancellation). ``signed=True`` keeps the sign of
+    :math:`\langle z, a\rangle` (the side of the plane), as hyperbolic multinomial logistic
+    regression uses it. ``a`` must be non-zero. Shape ``(*batch)``.
+    """
+    c = _check_c(c, "dist2plane")
+    for t, name in ((x, "x"), (p, "p"), (a, "a")):
+        _check_vec(t, "dist2plane", name)
+    gx, gp = _gap(x, c), _gap(p, c)
+    N, _, _ = _neg_add(p, x, gp, gx, c)
+    sc = _sqrt_c(c)
+    s = 2.0 * sc * _dot(N, a) / (gp * gx * torch.linalg.vector_norm(a, dim=-1, keepdim=True))
+    if not signed:
+        s = s.abs()
+    return (torch.asinh(s) / sc).squeeze(-1)
+
+
+def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvature = 1.0) -> Tensor:
+    r"""The weighted gyromidpoint (Einstein midpoint) of the points ``x[..., i, :]``.
+
+    .. math::
+
+        m = \tfrac12 \otimes_c \frac{\sum_i w_i \lambda_{x_i} x_i}{\sum_i w_i (\lambda_{x_i} - 1)}
+
+    (Ungar 2008, eq. 6.91; the Einstein midpoint of the Klein model, mapped to the ball).
+    ``x`` has shape ``(*batch, m, n)``, ``weights`` ``(*batch, m)`` (non-negative, not all
+    zero; default equal), the result ``(*batch, n)``. For two points it is the midpoint of the
+    geodesic; it commutes with the ball's isometries (Möbius gyrotranslations and rotations).
+    """
+    c = _check_c(c, "weighted_midpoint")
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 2:
+        raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `x` of shape (..., m, n), got {describe(x)}.")
+    w = torch.ones_like(x[..., 0]) if weights is None else weights
+    if not isinstance(w, torch.Tensor) or tuple(w.shape[-1:]) != tuple(x.shape[-2:-1]):
+        raise ManifoldError(
+            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}), got {describe(w)}."
+        )
+    g = _gap(x, c)
+    w = w.unsqueeze(-1)
+    num = (w * (2.0 / g) * x).sum(-2)
+    den = (w * (1.0 + c * _sq(x)) / g).sum(-2)
+    return mobius_scalar_mul(0.5, num / den, c=c)
+
+
+def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The isometry from the Poincaré ball of curvature ``−c`` to the hyperboloid :class:`~geofunc.Lorentz` ``(k = 1/c)``.
+
+    :math:`x \mapsto \Big(\frac{\sqrt k\,(1 + c\|x\|^2)}{1 - c\|x\|^2},\ \frac{2x}{1 - c\|x\|^2}\Big)`,
+    shape ``(*batch, n)`` to ``(*batch, n + 1)``.
+    """
+    c = _check_c(c, "poincare_to_lorentz")
+    _check_vec(x, "poincare_to_lorentz", "x")
+    g = _gap(x, c)
+    x0 = (1.0 + c * _sq(x)) / (_sqrt_c(c) * g)
+    return torch.cat([x0, 2.0 * x / g], dim=-1)
+
+
+def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
+    r"""The inverse of :func:`poincare_to_lorentz`: :math:`(x_0, \bar x) \mapsto \bar x / (1 + \sqrt c\,x_0)`.
+
+    ``x`` on the hyperboloid :math:`-x_0^2 + \|\bar x\|^2 = -1/c`, ``x_0 > 0``; the result is
+    clamped into the ball's margin.
+    """
+    c = _check_c(c, "lorentz_to_poincare")
+    _check_vec(x, "lorentz_to_poincare", "x")
+    if x.shape[-1] < 2:
+        raise ManifoldError(f"geofunc.hyperbolic.lorentz_to_poincare: expected vectors (..., n + 1) with n ≥ 1, got {describe(x)}.")
+    return _clamp_into_ball(x[..., 1:] / (1.0 + _sqrt_c(c) * x[..., :1]), c)

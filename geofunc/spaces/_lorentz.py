@@ -1,0 +1,266 @@
+"""The Lorentz (hyperboloid) model: hyperbolic space of curvature −1/k in Minkowski space."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import ClassVar, Optional
+
+import torch
+
+from .._errors import describe, error
+from ..hyperbolic import _arcoshc, _ARG_MAX, _cosh_sinhc
+from ._base import AbstractSpace, rounding_dtype
+
+__all__ = ["Lorentz"]
+
+Tensor = torch.Tensor
+
+
+def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
+    """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    if device is None and generator is not None:
+        device = generator.device
+    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def _max_distance(dtype: torch.dtype) -> float:
+    """``T``: points are kept within distance ``T√k`` of the origin (Note [the hyperboloid's precision]).
+
+    ``T = min(½ log(1/ε) + log 2, log(max_stored) − 4)``: 8.66 in float32 and bfloat16 (computed
+    in float32), 18.7 in float64, 7.1 in float16.
+    """
+    eps = torch.finfo(dtype).eps
+    return min(0.5 * math.log(1.0 / eps) + math.log(2.0), math.log(torch.finfo(rounding_dtype(dtype)).max) - 4.0)
+
+
+# Note [the hyperboloid's precision]
+# A point at distance d from the origin has coordinates of size x₀ ≈ √k e^{d/√k}/2, and the
+# Minkowski forms that measure anything near it (⟨x − y, x − y⟩_L for distances, ⟨x, v⟩_L for
+# tangency) are differences of terms of size x₀²|·|², so their relative rounding error is ε·x₀²
+# (k = 1). At x₀ = 1/√ε it is 1: nothing about the neighbourhood of the point is resolved any
+# more, and an optimizer's momentum, transported there, grows by that factor every step until
+# it overflows (observed: rsgd with momentum on random gradients, NaN after 15 steps with a
+# cap at the float64 overflow limit). So every point returned is kept at x₀ ≤ √k/√ε, i.e. at
+# distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (15.2 in float32).
+
+
+def _max_norm(dtype: torch.dtype) -> float:
+    """``√max / 10³``: vectors are capped at this Euclidean norm, so that squared norms stay finite."""
+    return math.sqrt(torch.finfo(dtype).max) * 1e-3
+
+
+def _cap(Y: Tensor, bound: float) -> Tensor:
+    """``Y`` rescaled to Euclidean norm ``≤ bound`` (last dim), without overflow in the norm.
+
+    The norm is taken of ``Y / max|Y|`` (its squares cannot overflow); where ``Y`` is within the
+    bound nothing changes (value and derivatives). NaN or inf entries give NaN.
+    """
+    m = Y.detach().abs().amax(-1, keepdim=True)
+    one = torch.ones_like(m)
+    safe = torch.where(m > 0, m, one)
+    norm = m * torch.linalg.vector_norm(Y / safe, dim=-1, keepdim=True)
+    inside = norm <= bound  # False for NaN (and for inf entries: inf/inf)
+    return Y * torch.where(inside, one, bound / torch.where(inside, one, norm))
+
+
+def _minkowski(U: Tensor, V: Tensor) -> Tensor:
+    """``⟨U, V⟩_L = −U₀V₀ + Σ_{i≥1} U_i V_i`` along the last dim, keepdim."""
+    P = U * V
+    return P[..., 1:].sum(-1, keepdim=True) - P[..., :1]
+
+
+def _flip(X: Tensor) -> Tensor:
+    """``J X`` with ``J = diag(−1, 1, …, 1)``."""
+    return torch.cat([-X[..., :1], X[..., 1:]], dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lorentz(AbstractSpace):
+    r"""The hyperboloid model of hyperbolic space of curvature :math:`-1/k` (last dimension).
+
+    .. math::
+
+        \mathbb{H}^n_k = \{x \in \mathbb{R}^{n+1} : \langle x, x\rangle_L = -k,\ x_0 > 0\}, \qquad
+        \langle u, v\rangle_L = -u_0 v_0 + \textstyle\sum_{i \ge 1} u_i v_i
+
+    with the metric :math:`\langle\cdot,\cdot\rangle_L` on the tangent spaces
+    :math:`T_x = \{v : \langle x, v\rangle_L = 0\}`. Points are ``(*batch, n + 1)`` tensors,
+    ``n ≥ 1``; the origin is :math:`o = (\sqrt k, 0, \dots, 0)`.
+    :func:`geofunc.hyperbolic.lorentz_to_poincare` (with ``c = 1/k``) is the isometry to
+    :class:`PoincareBall`.
+
+    * ``to_manifold(Z, base) = expmap(base, tangent(base, Z))``: the raw vector is made
+      tangent by the Euclidean orthogonal projection onto :math:`T_{\text{base}}` (at the
+      origin: ``Z₀`` is dropped), then
+      :math:`\exp_x(v) = \cosh(\|v\|_L/\sqrt k)\,x + \sqrt k\sinh(\|v\|_L/\sqrt k)\,v/\|v\|_L`,
+      evaluated as power series in :math:`\|v\|_L^2` near 0 (smooth at ``Z = 0``, every
+      order). ``base=None`` is the origin.
+    * ``from_manifold(X) = (0, X)``; ``rebase(Z, base) = (0, to_manifold(Z, base))``.
+    * ``tangent(X, G) = G − (⟨x, G⟩_L/‖x‖²) Jx`` (``J = diag(−1, 1, …, 1)``, ``Jx`` the
+      Euclidean normal): the Euclidean orthogonal projection onto :math:`T_x`.
+    * ``egrad_to_rgrad(X, G) = JG + (⟨x, G⟩/k) x``: the Riemannian gradient for the
+      Minkowski metric (``⟨egrad_to_rgrad(X, G), V⟩_L = ⟨G, V⟩`` for tangent ``V``);
+      ``inner(X, U, V) = ⟨U, V⟩_L``.
+    * ``retract(X, V) = expmap(X, tangent(X, V))`` (exact for tangent ``V``); ``transport``:
+      parallel transport :math:`v + \frac{\langle y - x, v\rangle_L}{k - \langle x, y\rangle_L}(x + y)`;
+      ``dist`` :math:`= \sqrt k\,\operatorname{arcosh}(-\langle x, y\rangle_L/k)`, evaluated as
+      ``arcosh(1 + u)``, :math:`u = \langle x - y, x - y\rangle_L / 2k` (no cancellation for
+      nearby points); ``logmap`` :math:`= \frac{d}{\sqrt k \sinh(d/\sqrt k)}\,(y - x - u\,x)`.
+    * ``project(Y) = (√(k + ‖Ȳ‖²), Ȳ)`` (``Ȳ = Y[..., 1:]``): the vertical projection onto the
+      upper sheet, which fixes points; every map that returns a point ends with it, so
+      rounding never drifts off the hyperboloid. It is a canonical point, not the Euclidean
+      nearest one.
+    * ``sample``: the wrapped normal at the origin, ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``
+      (Riemannian units: ``d(o, x) = ‖v‖``, ``E d(o, x)² = 1``); rotation invariant.
+
+    Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap``, vectors at Euclidean norm
+    ``√max/10³``, and every point returned is kept within distance ``T√k`` of the origin
+    (``‖x̄‖ ≤ √k sinh T``, ``T = ½ log(1/ε) + log 2``: 8.66 in float32 and bfloat16, 18.7 in
+    float64, 7.1 in float16), beyond which the rounding of ``⟨·,·⟩_L`` exceeds the quantities it
+    measures (relative error ``ε x₀²``). Membership: the relative residual
+    ``|⟨x, x⟩_L + k| / (k + ‖x‖²) ≤ atol`` and ``x₀ > 0``. NaN or inf raw input gives NaN.
+    The model is ill-conditioned far from the origin (coordinates grow like ``e^d``): for
+    larger radii use float64, or :class:`PoincareBall` (15.2 in float32, 34.7 in float64).
+
+    Example:
+        >>> import torch, geofunc as gf
+        >>> H = gf.Lorentz(k=1.0)
+        >>> x = H.to_manifold(torch.tensor([0.0, 1.0, 0.0]))   # distance 1 from (1, 0, 0)
+        >>> bool(torch.allclose(H.dist(H.to_manifold(torch.zeros(3)), x), torch.tensor(1.0)))
+        True
+
+    Reference: M. Nickel, D. Kiela, *Learning Continuous Hierarchies in the Lorentz Model of
+    Hyperbolic Geometry*, ICML 2018.
+    """
+
+    k: float = 1.0
+
+    point_ndim: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k <= 0:
+            raise error(self, "`k` > 0 (a finite Python number; the curvature is −1/k)", describe(k))
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        n = self._require_vector(X, what)
+        if n < 2:
+            raise error(self, f"`{what}` to be vectors (..., n + 1) with n ≥ 1", f"shape {tuple(X.shape)}")
+
+    def _origin(self, like: Tensor) -> Tensor:
+        e0 = (torch.arange(like.shape[-1], device=like.device) == 0).to(like.dtype)
+        return math.sqrt(self.k) * e0
+
+    # ------------------------------------------------------------------ maps
+    def _vertical(self, Y: Tensor) -> Tensor:
+        """``(√(k + ‖ȳ‖²), ȳ)`` with ``ȳ`` capped at ``‖ȳ‖ ≤ √k sinh T`` (:func:`_max_distance`)."""
+        ys = _cap(Y[..., 1:], math.sqrt(self.k) * math.sinh(_max_distance(Y.dtype)))
+        return torch.cat([torch.sqrt(self.k + (ys * ys).sum(-1, keepdim=True)), ys], dim=-1)
+
+    def _tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        return G - (_minkowski(X, G) / (X * X).sum(-1, keepdim=True)) * _flip(X)
+
+    def _expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        k = self.k
+        V = _cap(V, _max_norm(V.dtype))
+        t = (_minkowski(V, V) / k).clamp(min=0.0, max=_ARG_MAX * _ARG_MAX)  # (‖v‖_L/√k)², ≥ 0 up to rounding
+        cosh, sinhc = _cosh_sinhc(t)
+        return self._vertical(cosh * X + sinhc * V)
+
+    def to_manifold(self, Z: Tensor, base: Optional[Tensor] = None) -> Tensor:
+        """``expmap(base, tangent(base, Z))``; ``base=None`` is the origin ``(√k, 0, …, 0)``."""
+        self._check_shape(Z, "Z")
+        if base is None:
+            X = self._origin(Z).expand(Z.shape)
+            V = torch.cat([torch.zeros_like(Z[..., :1]), Z[..., 1:]], dim=-1)
+        else:
+            self._require_base(Z, base)
+            X, V = base, self._tangent(base, Z)
+        return self._expmap(X, V)
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(X), X
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        """``G − (⟨x, G⟩_L/‖x‖²) Jx``: the Euclidean orthogonal projection onto ``T_x``."""
+        self._check_pair(X, G, "G")
+        return self._tangent(X, G)
+
+    def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
+        """``JG + (⟨x, G⟩/k) x`` (the Minkowski-metric gradient; ``J = diag(−1, 1, …, 1)``)."""
+        self._check_pair(X, G, "G")
+        return _flip(G) + ((X * G).sum(-1, keepdim=True) / self.k) * X
+
+    def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        """``⟨U, V⟩_L = −U₀V₀ + Σ Uᵢ Vᵢ``, batch-shaped."""
+        self._check_pair(X, U, "U")
+        self._check_pair(X, V, "V")
+        return (_minkowski(U, V) + 0.0 * X[..., :1]).squeeze(-1)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``expmap(X, tangent(X, V))``."""
+        self._check_pair(X, V, "V")
+        return self._expmap(X, self._tangent(X, V))
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """``cosh(‖V‖_L/√k) X + √k sinh(‖V‖_L/√k) V/‖V‖_L`` for tangent ``V``, then the vertical projection."""
+        self._check_pair(X, V, "V")
+        return self._expmap(X, V)
+
+    def _u(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``u = −⟨x, y⟩_L/k − 1 = ⟨x − y, x − y⟩_L / 2k ≥ 0``."""
+        D = Y - X
+        return (_minkowski(D, D) / (2.0 * self.k)).clamp(min=0.0)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``ψ(u)(y − x − u x)``, ``ψ(u) = arcosh(1 + u)/√(u(u + 2))`` (smooth at ``Y = X``)."""
+        self._check_pair(X, Y, "Y")
+        u = self._u(X, Y)
+        return _arcoshc(u) * (Y - X - u * X)
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``√k arcosh(1 + u)``, ``u = ⟨x − y, x − y⟩_L/2k``, batch-shaped (gradient 0 at ``X = Y``)."""
+        self._check_pair(X, Y, "Y")
+        u = self._u(X, Y)
+        pos = u > 0
+        w = torch.sqrt(torch.where(pos, u * (u + 2.0), torch.ones_like(u)))
+        d = math.sqrt(self.k) * torch.log1p(u + w)
+        return torch.where(pos | torch.isnan(u), d, torch.zeros_like(d)).squeeze(-1)
+
+    def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+        """Parallel transport ``V + ⟨Y, V⟩_L/(k − ⟨X, Y⟩_L) (X + Y)``, written with ``D = Y − X``:
+        ``⟨Y, V⟩_L = ⟨D, V⟩_L`` (``V`` tangent at ``X``) and ``k − ⟨X, Y⟩_L = 2k + ⟨D, D⟩_L/2 ≥ 2k``,
+        so nearby points (and ``X = Y``, where it is the identity) lose nothing to cancellation."""
+        self._check_pair(X, Y, "Y")
+        self._check_pair(X, V, "V")
+        D = Y - X
+        den = 2.0 * self.k + 0.5 * _minkowski(D, D).clamp(min=0.0)
+        return V + (_minkowski(D, V) / den) * (X + Y)
+
+    def project(self, Y: Tensor) -> Tensor:
+        """``(√(k + ‖Ȳ‖²), Ȳ)``: the vertical projection onto the upper sheet."""
+        self._check_shape(Y, "Y")
+        return self._vertical(Y)
+
+    def sample(
+        self,
+        shape: tuple[int, ...],
+        *,
+        generator: Optional[torch.Generator] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> Tensor:
+        """The wrapped normal at the origin: ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``."""
+        shape = self._sample_shape(shape, dtype)
+        v = _gaussian(shape, generator, dtype, device)
+        V = torch.cat([torch.zeros_like(v[..., :1]), v[..., 1:]], dim=-1) / math.sqrt(shape[-1] - 1)
+        return self._expmap(self._origin(V).expand(V.shape), V)
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        q = _minkowski(X, X).squeeze(-1)
+        rel = (q + self.k).abs() / (self.k + (X * X).sum(-1))
+        x0 = X[..., 0]
+        sheet = torch.where(x0 > 0, torch.zeros_like(x0), torch.full_like(x0, math.inf))
+        return {"|⟨x, x⟩_L + k| / (k + ‖x‖²)": rel, "x₀ ≤ 0 (lower sheet; inf if so)": sheet}

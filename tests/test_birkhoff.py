@@ -1,0 +1,206 @@
+"""Birkhoff: Sinkhorn balancing to the exact limit, its implicit derivatives, the Fisher metric,
+robustness at the vertices, and geoopt's BirkhoffPolytope as a reference.
+
+Exactness of the balancing is checked by the characterisation of the limit (Sinkhorn's
+theorem), written independently of the implementation: ``P = S(exp Z)`` iff ``P`` has unit
+marginals and ``log P − Z = u 1ᵀ + 1 vᵀ``, i.e. every double difference
+``E_ij − E_i0 − E_0j + E_00`` of ``E = log P − Z`` vanishes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import grad, hessian
+
+import geofunc as gf
+
+F64, F32 = torch.float64, torch.float32
+B = gf.Birkhoff()
+#: marginal tolerance of the output, per dtype (n·ε: the rounding step's guarantee)
+MARGINAL = {F32: 1e-6, F64: 1e-13}
+
+
+def _marginal_error(P):
+    return torch.maximum((P.sum(-1) - 1).abs().amax(-1), (P.sum(-2) - 1).abs().amax(-1))
+
+
+def _structure_error(P, Z):
+    """max |E_ij − E_i0 − E_0j + E_00| over entries P_ij ≥ 1e-4 (log P is exact there)."""
+    E = torch.log(P.double()) - Z.double()
+    D = E - E[..., :, :1] - E[..., :1, :] + E[..., :1, :1]
+    ok = (P >= 1e-4) & (P[..., :, :1] >= 1e-4) & (P[..., :1, :] >= 1e-4) & (P[..., :1, :1] >= 1e-4)
+    return torch.where(ok, D.abs(), torch.zeros_like(D)).amax((-2, -1))
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 10.0])
+def test_balancing_reaches_the_exact_limit(scale, generator):
+    """Raw scales up to 10 (where plain Sinkhorn needs > 3000 sweeps for some inputs), n ≤ 16:
+    in float64 the output has the additive log structure of the limit to 1e-10 and unit
+    marginals to 1e-13; in float32 it is within 1e-6·(1 + max|Z|) of the float64 limit (the
+    rounding of Z itself moves the limit by ~1e-7·max|Z|)."""
+    for n in (2, 3, 5, 8, 16):
+        Z = scale * torch.randn(40, n, n, generator=generator, dtype=F64)
+        P = B.to_manifold(Z)
+        size = 1 + Z.abs().amax((-2, -1))
+        assert float(_marginal_error(P).max()) <= MARGINAL[F64], (n, scale)
+        assert float(P.min()) >= 0
+        assert float((_structure_error(P, Z) / size).max()) <= 1e-10, (n, scale)
+        P32 = B.to_manifold(Z.float())
+        assert float(_marginal_error(P32).max()) <= MARGINAL[F32], (n, scale)
+        assert float(((P32.double() - P).abs().amax((-2, -1)) / size).max()) <= 1e-6, (n, scale)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_any_raw_scale_gives_exact_marginals(dtype, generator):
+    """Beyond the convergence range (scale 30, 100, 1000) the rounding step still makes the
+    output doubly stochastic: finite, non-negative, unit marginals."""
+    for scale in (30.0, 100.0, 1000.0):
+        Z = (scale * torch.randn(20, 6, 6, generator=generator, dtype=F64)).to(dtype)
+        P = B.to_manifold(Z)
+        assert bool(torch.isfinite(P).all()) and float(P.min()) >= 0
+        assert float(_marginal_error(P).max()) <= MARGINAL[dtype], scale
+
+
+def test_two_by_two_closed_form():
+    # S([[p, q], [r, s]]) = [[a, 1 − a], [1 − a, a]] with a/(1 − a) = √(ps/(qr)).
+    for eps in (1e-2, 1e-6, 1e-12):
+        A = torch.tensor([[1.0, 1.0], [eps, 1.0]], dtype=F64)
+        a = 1.0 / (1.0 + math.sqrt(eps))
+        expected = torch.tensor([[a, 1 - a], [1 - a, a]], dtype=F64)
+        torch.testing.assert_close(B.project(A), expected, atol=1e-14, rtol=0)
+        torch.testing.assert_close(B.to_manifold(torch.log(A)), expected, atol=1e-14, rtol=0)
+
+
+def _unrolled(Z, sweeps=300):
+    """Plain Sinkhorn in the log domain, differentiated by unrolling (an independent reference)."""
+    L = Z
+    for _ in range(sweeps):
+        L = L - torch.logsumexp(L, -1, keepdim=True)
+        L = L - torch.logsumexp(L, -2, keepdim=True)
+    return L.exp()
+
+
+def test_implicit_derivatives_equal_unrolled_sinkhorn(generator):
+    """First and second derivatives of the chart equal those of 300 unrolled sweeps (converged
+    to rounding at raw scale 1): the implicit formula Π_P(P ⊙ dZ) is exact to every order."""
+    Z = torch.randn(4, 4, generator=generator, dtype=F64)
+    C = torch.randn(4, 4, generator=generator, dtype=F64)
+    D = torch.randn(4, 4, generator=generator, dtype=F64)
+
+    def loss(f):
+        return lambda z: (f(z) * C).sum() + (f(z) * D).sum() ** 2
+
+    ours, ref = loss(B.to_manifold), loss(_unrolled)
+    torch.testing.assert_close(B.to_manifold(Z), _unrolled(Z), atol=1e-13, rtol=0)
+    torch.testing.assert_close(grad(ours)(Z), grad(ref)(Z), atol=1e-11, rtol=1e-9)
+    torch.testing.assert_close(hessian(ours)(Z), hessian(ref)(Z), atol=1e-9, rtol=1e-7)
+    # the VJP is self-adjoint: it is also the JVP, and it maps into the tangent space
+    J = torch.func.jacrev(B.to_manifold)(Z).reshape(16, 16)
+    torch.testing.assert_close(J, J.T, atol=1e-12, rtol=0)
+    torch.testing.assert_close(J.reshape(4, 4, 4, 4).sum(0), torch.zeros(4, 4, 4, dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_every_transform_order_gives_the_same_derivatives(generator):
+    """Third derivatives by every composition of forward and reverse mode equal those of unrolled
+    Sinkhorn (float64, raw scale 1). Nested forward mode (``jacfwd(jacfwd(...))``), where PyTorch drops
+    a custom Function's second-order ``jvp`` term, goes through three Newton steps from the detached
+    limit instead (exact to third order)."""
+    Z = torch.randn(3, 3, generator=generator, dtype=F64)
+
+    def loss(f):
+        return lambda z: (f(z) ** 2).sum() + f(z)[0, 1] ** 3
+
+    jf, jr = torch.func.jacfwd, torch.func.jacrev
+    ref = jf(jr(jr(loss(_unrolled))))(Z)
+    for outer, middle, inner in ((jr, jr, jr), (jf, jr, jr), (jf, jf, jr), (jf, jf, jf), (jr, jf, jf)):
+        torch.testing.assert_close(outer(middle(inner(loss(B.to_manifold))))(Z), ref, atol=1e-9, rtol=1e-7)
+
+
+# ----------------------------------------------------------------------- the Fisher metric
+def test_fisher_gradient_and_projection(generator):
+    X = B.sample((3, 5, 5), generator=generator, dtype=F64)
+    G = torch.randn(3, 5, 5, generator=generator, dtype=F64)
+    V = B.tangent(X, torch.randn(3, 5, 5, generator=generator, dtype=F64))
+    R = B.egrad_to_rgrad(X, G)
+    zero = torch.zeros(3, 5, dtype=F64)
+    torch.testing.assert_close(R.sum(-1), zero, atol=1e-12, rtol=0)
+    torch.testing.assert_close(R.sum(-2), zero, atol=1e-12, rtol=0)
+    # the defining property ⟨rgrad, V⟩_X = ⟨G, V⟩ for tangent V, and X ⊙ G − rgrad ⊥_Fisher T_X
+    torch.testing.assert_close(B.inner(X, R, V), (G * V).sum((-2, -1)), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(((X * G - R) * V / X).sum((-2, -1)), torch.zeros(3, dtype=F64), atol=1e-11, rtol=0)
+    # the chart's derivative at its centre is the same Fisher map: d/dt to_manifold(tG, X) = Π_X(X ⊙ G)
+    _, dX = torch.func.jvp(lambda t: B.to_manifold(t * G, X), (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    torch.testing.assert_close(dX, R, atol=1e-11, rtol=0)
+
+
+def test_riemannian_step_is_exponentiated_gradient(generator):
+    """retract(X, −η egrad_to_rgrad(X, G)) = S(X ⊙ exp(−ηG)): the row and column terms of the
+    Fisher gradient are absorbed by the balancing (entropic mirror descent)."""
+    X = B.sample((2, 4, 4), generator=generator, dtype=F64)
+    G = torch.randn(2, 4, 4, generator=generator, dtype=F64)
+    for eta in (0.1, 1.0):
+        step = B.retract(X, -eta * B.egrad_to_rgrad(X, G))
+        torch.testing.assert_close(step, _unrolled(torch.log(X) - eta * G), atol=1e-12, rtol=0)
+
+
+def test_vertices_are_finite_where_geoopt_fails(generator):
+    """At a permutation matrix (a vertex of the closed polytope) every map is finite and the
+    results are right; geoopt raises (singular solve) in egrad2rgrad and gives NaN in retr."""
+    P = torch.eye(5, dtype=F64)[[3, 0, 4, 1, 2]]
+    G = torch.randn(5, 5, generator=generator, dtype=F64)
+    assert bool(B.contains(P))
+    torch.testing.assert_close(B.egrad_to_rgrad(P, G), torch.zeros_like(P), atol=1e-12, rtol=0)  # no tangent direction inside
+    V = B.tangent(P, G)
+    for out in (B.retract(P, 0.1 * V), B.retract(P, -0.1 * B.egrad_to_rgrad(P, G)), B.to_manifold(torch.zeros_like(P), P), B.project(P)):
+        assert bool(torch.isfinite(out).all()) and bool(B.contains(out))
+    torch.testing.assert_close(B.project(P), P, atol=1e-12, rtol=0)
+    torch.testing.assert_close(B.to_manifold(torch.zeros_like(P), P), P, atol=1e-12, rtol=0)
+    # the chart at a vertex base: finite gradients
+    Z = torch.randn(5, 5, generator=generator, dtype=F64, requires_grad=True)
+    (g,) = torch.autograd.grad((B.to_manifold(Z, P) * G).sum(), Z)
+    assert bool(torch.isfinite(g).all())
+    assert float(B.inner(P, B.egrad_to_rgrad(P, G), B.egrad_to_rgrad(P, G))) == 0.0
+    geoopt = pytest.importorskip("geoopt")
+    R = geoopt.BirkhoffPolytope()
+    with pytest.raises(RuntimeError, match="singular"):
+        R.egrad2rgrad(P, G)
+    assert bool(torch.isnan(R.retr(P, 0.1 * V)).all())
+
+
+def test_marginals_beat_geoopt(generator):
+    """geoopt's projx (100 iterations, tol 1e-5) leaves marginal residuals of 4.8e-3 on
+    [[1, 1], [1e-6, 1]] and 3.9e-4 on tril(ones(4)) + 1e-6 (nearly decomposable: Sinkhorn's slow
+    case) in float32; ours is within 1e-6 there and on exp(3·N(0,1)) 5×5 matrices, at the exact
+    limit (its float64 counterpart has the additive log structure to 1e-10)."""
+    geoopt = pytest.importorskip("geoopt")
+    R = geoopt.BirkhoffPolytope()
+    for A in (torch.tensor([[1.0, 1.0], [1e-6, 1.0]]), torch.tril(torch.ones(4, 4)) + 1e-6):
+        assert float(_marginal_error(B.project(A))) <= MARGINAL[F32]
+        assert float(_marginal_error(R.projx(A))) > 100 * MARGINAL[F32]
+        torch.testing.assert_close(B.project(A).double(), B.project(A.double()), atol=1e-6, rtol=0)
+    Z = 3.0 * torch.randn(50, 5, 5, generator=generator)
+    ours = B.to_manifold(Z)  # = S(exp Z); project(exp Z) would first floor entries below ε·max
+    assert float(_marginal_error(ours).max()) <= MARGINAL[F32]
+    exact = B.to_manifold(Z.double())
+    assert float((_structure_error(exact, Z.double()) / (1 + Z.abs().amax((-2, -1)).double())).max()) <= 1e-10
+    torch.testing.assert_close(ours.double(), exact, atol=1e-5, rtol=0)
+
+
+def test_fisher_metric_equals_geoopt(generator):
+    geoopt = pytest.importorskip("geoopt")
+    R = geoopt.BirkhoffPolytope()
+    X = B.sample((3, 4, 4), generator=generator, dtype=F64)
+    G = torch.randn(3, 4, 4, generator=generator, dtype=F64)
+    U, V = (B.tangent(X, torch.randn(3, 4, 4, generator=generator, dtype=F64)) for _ in range(2))
+    torch.testing.assert_close(B.egrad_to_rgrad(X, G), R.egrad2rgrad(X, G), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(B.inner(X, U, V), 4 * R.inner(X, U, V), atol=1e-12, rtol=1e-10)  # geoopt divides by n
+
+
+def test_low_precision_keeps_marginals(generator):
+    Z = torch.randn(3, 6, 6, generator=generator)
+    for dtype, tol in ((torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
+        P = B.to_manifold(Z.to(dtype))
+        assert P.dtype == dtype and float(_marginal_error(P.float()).max()) <= tol
