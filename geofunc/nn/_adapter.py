@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
 from ..spaces._base import AbstractSpace
 
@@ -110,6 +111,9 @@ class Parametrization(nn.Module):
                 )
 
     # -------------------------------------------------------------------- maps
+    # A sharded raw tensor (a DTensor: the parameter of a module under FSDP2, outside forward) is
+    # gathered once and the results sharded like it; the base buffers are replicated plain tensors.
+    @gathered
     def forward(self, Z: Tensor) -> Tensor:
         return self.space.to_manifold(Z, self.get_base())
 
@@ -129,6 +133,7 @@ class Parametrization(nn.Module):
                 f"got dtype {X.dtype} on {X.device}."
             )
 
+    @gathered
     def right_inverse(self, X: Tensor) -> Tensor:
         """Raw coordinates of the point ``X``; re-centres the base at ``X`` (mutates the buffers).
 
@@ -143,8 +148,10 @@ class Parametrization(nn.Module):
         self._check_base(base)
         self._set_base(base)
         # torch stores the result with ``original.set_(Z)``: never let it alias the caller's tensor.
-        return Z.detach().clone()
+        # Contiguous: a wide space's raw tensor is a transposed view, which FSDP2 cannot shard.
+        return Z.detach().clone(memory_format=torch.contiguous_format)
 
+    @gathered
     def rebase(self, Z: Tensor) -> Tensor:
         """Re-centre the chart at the current point ``to_manifold(Z, base)``; return the new ``Z``."""
         with torch.no_grad():
@@ -296,7 +303,7 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             setattr(module, tensor_name, (adapter.right_inverse(X) if Z is None else Z).to(T.device))
         else:
             saved = T.detach().clone()
-            T.copy_(X)  # torch calls adapter.right_inverse on it
+            T.copy_(like(X, T) if isinstance(T, DTensor) else X)  # torch calls adapter.right_inverse on it
     try:
         parametrize.register_parametrization(module, tensor_name, adapter)
     except Exception:
@@ -304,8 +311,32 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             with torch.no_grad():
                 T.copy_(saved)
         raise
+    if isinstance(T, DTensor) and not chained:
+        _follow_fsdp(module, tensor_name, T)
     _make_picklable(module)
     return module
+
+
+def _follow_fsdp(module: nn.Module, tensor_name: str, T: Tensor) -> None:
+    """Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
+    at ``fully_shard`` time (``module.weight``), which is now the parametrized property; point it
+    at the raw parameter ``module.parametrizations.<tensor_name>.original`` instead."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+
+    plist = module.parametrizations[tensor_name]
+    state = _get_module_fsdp_state(module)
+    group = None if state is None else state._fsdp_param_group
+    for p in [] if group is None else group.fsdp_params:
+        if p.sharded_param is plist.original:
+            p._module_info.module, p._module_info.param_name = plist, "original"
+            return
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    raise ManifoldError(
+        f"cannot constrain {_owner_name(module, tensor_name)}: expected the module itself to be sharded with "
+        "fully_shard (its parameter is a DTensor of a sharded ancestor, whose FSDP2 state geofunc cannot "
+        "update), got a DTensor parameter of an unsharded module. Constrain before fully_shard, or call "
+        "fully_shard(module) on the constrained module itself."
+    )
 
 
 def parametrization_of(module: nn.Module, tensor_name: str = "weight") -> Parametrization:

@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
+from .._dtensor import distributed
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -429,11 +430,12 @@ class AbstractSpace:
 
 
 def _apply_policy(cls: type) -> None:
-    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])."""
-    for name in _POLICY_METHODS:
+    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])
+    inside the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``)."""
+    for name in (*_POLICY_METHODS, "_violations"):
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
-            setattr(cls, name, _in_float32(fn))
+            setattr(cls, name, distributed(fn if name == "_violations" else _in_float32(fn)))
     fn = cls.__dict__.get("sample")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
         setattr(cls, "sample", _sample_in_float32(fn))

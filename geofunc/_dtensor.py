@@ -1,0 +1,158 @@
+"""DTensor arguments to the maps of a space: local work where the maths allows, else one gather.
+
+Note [DTensor]
+A ``torch.distributed.tensor.DTensor`` given to a linear-algebra op (``matrix_exp``, ``qr``,
+``svd``, ``eigh``, ``solve``, ...) is silently replicated by PyTorch: every rank all-gathers
+it and does the whole work. The maps of a space never let that happen implicitly; every map
+(the ``_POLICY_METHODS`` of ``spaces/_base.py`` and the membership measures) takes one of two
+explicit routes, chosen from the placements alone (never from values):
+
+* **local** (no communication): every DTensor argument is sharded on *batch* dimensions only
+  (``Shard(d)`` with ``d`` before the point's dimensions, or ``Replicate``), with the same
+  mesh and placements; plain tensors are replicated values that broadcast along the sharded
+  dimensions. A map is per point, so each rank maps its own shard: the result is a DTensor
+  with the same placements.
+* **gathered once**: otherwise (a point's own rows or columns are split across ranks, as FSDP2
+  does with ``Shard(0)`` of a weight), each DTensor argument is all-gathered once
+  (``full_tensor``), the map runs on plain tensors on every rank, and each tensor result is
+  returned as a DTensor on the same mesh: with the placements of the leading DTensor argument
+  when it has that argument's shape (a local slice, no communication), replicated otherwise.
+  Gradients flow back through the gather as a reduce-scatter.
+
+The gather costs one all-gather of the point per call, and the compute is replicated: a
+model whose constrained matrices are too large for one device needs a row-sharded algorithm
+(a Gram matrix ``XᵀX = Σᵢ XᵢᵀXᵢ`` for tall Stiefel frames, Newton–Schulz polar factors), which
+geofunc does not have yet (README, "Past one machine").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import optree
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    _AVAILABLE = True
+except ImportError:  # torch built without distributed support: no tensor is a DTensor
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stand-in for ``isinstance`` checks (never instantiated)."""
+
+    _AVAILABLE = False
+
+__all__ = ["DTensor", "distributed", "gather", "gathered", "like"]
+
+Tensor = torch.Tensor
+
+
+def _dtensor_args(args: tuple, kwargs: dict) -> list:
+    """The DTensor arguments, at the top level or one container deep (bases are tuples)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, DTensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            found.extend(t for t in a if isinstance(t, DTensor))
+    return found
+
+
+def gather(tree: Any) -> Any:
+    """``tree`` with every DTensor all-gathered into a plain tensor (``full_tensor``, differentiable)."""
+    return optree.tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, tree, none_is_leaf=True)
+
+
+def like(tree: Any, lead: Any) -> Any:
+    """Plain tensors of ``tree`` (the same values on every rank) as DTensors on ``lead``'s mesh:
+    with ``lead``'s placements where a tensor has ``lead``'s shape, replicated otherwise (no
+    communication either way: a replicated tensor is sliced locally)."""
+    mesh = lead.device_mesh
+    replicated = [Replicate()] * mesh.ndim
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, Tensor) or isinstance(t, DTensor):
+            return t
+        out = DTensor.from_local(t, mesh, replicated, run_check=False)
+        return out.redistribute(mesh, lead.placements) if t.shape == lead.shape else out
+
+    return optree.tree_map(wrap, tree, none_is_leaf=True)
+
+
+def _local_route(dts: list, args: tuple, kwargs: dict, point_ndim: int) -> bool:
+    """Whether every sharding is along batch dimensions only (Note [DTensor], local route)."""
+    lead = dts[0]
+    for t in dts:
+        if t.device_mesh != lead.device_mesh or tuple(t.placements) != tuple(lead.placements):
+            return False
+        if t.ndim != lead.ndim:
+            return False
+    sharded = [p.dim for p in lead.placements if isinstance(p, Shard)]
+    if not all(isinstance(p, (Shard, Replicate)) for p in lead.placements):
+        return False  # Partial: a sum still to be reduced
+    if any(d < 0 or d >= lead.ndim - point_ndim for d in sharded):
+        return False
+    # Plain tensors must broadcast along the sharded dims (aligned from the right).
+    for a in optree.tree_leaves((args, kwargs), none_is_leaf=False):
+        if isinstance(a, Tensor) and not isinstance(a, DTensor):
+            for d in sharded:
+                j = d - (lead.ndim - a.ndim)
+                if j >= 0 and a.shape[j] != 1:
+                    return False
+    return True
+
+
+def _from_local(tree: Any, lead: Any) -> Any:
+    """Results of the local route as DTensors with ``lead``'s placements; the global size of a
+    sharded (batch) dimension is ``lead``'s, the others are the local ones."""
+    mesh, placements = lead.device_mesh, lead.placements
+    sharded = {p.dim for p in placements if isinstance(p, Shard)}
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, Tensor) or isinstance(t, DTensor):
+            return t
+        if any(d >= t.ndim for d in sharded):  # a result without lead's batch dims
+            return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        shape = torch.Size(lead.shape[d] if d in sharded else n for d, n in enumerate(t.shape))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    return optree.tree_map(wrap, tree, none_is_leaf=True)
+
+
+def distributed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a space map so that DTensor arguments take the routes of Note [DTensor]."""
+    if not _AVAILABLE:
+        return fn
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        dts = _dtensor_args(args, kwargs)
+        if not dts:
+            return fn(self, *args, **kwargs)
+        lead = dts[0]
+        if _local_route(dts, args, kwargs, self.point_ndim):
+            unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+            out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),
+                     **optree.tree_map(unwrap, kwargs, none_is_leaf=True))
+            return _from_local(out, lead)
+        return like(fn(self, *gather(args), **gather(kwargs)), lead)
+
+    return method
+
+
+def gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a method so that DTensor arguments are gathered once and its tensor results returned
+    like the first of them (the gathered route of Note [DTensor], always): for the ``nn``
+    adapters, whose base buffers are replicated plain tensors."""
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        dts = _dtensor_args(args, kwargs)
+        if not dts:
+            return fn(self, *args, **kwargs)
+        return like(fn(self, *gather(args), **gather(kwargs)), dts[0])
+
+    return method
