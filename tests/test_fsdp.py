@@ -139,11 +139,62 @@ def _bf16_scenario(rank: int) -> dict:
     return {"losses": losses, "bf16_weights": seen, "weights": _weights(model)}
 
 
+#: The pure maps on DTensors: (space, point shape, placement of the points).
+PURE = {
+    "Stiefel, batch-sharded": (gf.Stiefel(), (4, 8, 3), 0),  # Shard(0) of a batch: local
+    "SO, batch-sharded": (gf.SO(), (2, 2, 4, 4), 1),
+    "Sphere, batch-sharded": (gf.Sphere(), (6, 5), 0),
+    "Stiefel, row-sharded": (gf.Stiefel(), (8, 3), 0),  # a frame's own rows split: one gather
+    "PSD, row-sharded": (gf.PSD(), (4, 4), 0),
+    "LowRank, column-sharded": (gf.LowRank(rank=2), (6, 4), 1),
+}
+
+
+def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
+    """Each map on DTensors sharded on ``dim`` vs on the plain tensors: values, placements,
+    gradients and the number of collectives (``CommDebugMode``)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(7)  # the same tensors on every rank
+    X = M.sample(shape, generator=g)
+    Z, G = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    W = torch.randn(shape, generator=g)  # weights of a scalar loss, for gradients
+    d = lambda t: distribute_tensor(t, mesh, [Shard(dim)], src_data_rank=None)  # noqa: E731
+    calls = {
+        "to_manifold": lambda Z, X, G: M.to_manifold(Z),
+        "tangent": lambda Z, X, G: M.tangent(X, G),
+        "retract": lambda Z, X, G: M.retract(X, 0.1 * M.tangent(X, G)),
+        "project": lambda Z, X, G: M.project(Z),
+        "round trip": lambda Z, X, G: M.to_manifold(*M.from_manifold(X)),
+    }
+    out = {}
+    for name, f in calls.items():
+        dargs = [d(t).requires_grad_() for t in (Z, X, G)]
+        with CommDebugMode() as comm:
+            Y = f(*dargs)
+        dgrads = torch.autograd.grad((Y * d(W)).sum(), dargs, allow_unused=True)
+        pargs = [t.clone().requires_grad_() for t in (Z, X, G)]
+        Yp = f(*pargs)
+        pgrads = torch.autograd.grad((Yp * W).sum(), pargs, allow_unused=True)
+        out[name] = {
+            "placements": str(Y.placements),
+            "error": float((Y.full_tensor() - Yp).detach().abs().max()),
+            "grad error": max(float((a.full_tensor() - b).abs().max()) for a, b in zip(dgrads, pgrads) if b is not None),
+            "collectives": comm.get_total_counts(),
+        }
+    out["contains"] = bool(M.contains(d(X)).full_tensor().all())
+    return out
+
+
 def worker(rank: int, world: int, outdir: str) -> None:
     results = {
         "constrain, shard": _scenario("constrain, shard", rank),
         "shard, constrain": _scenario("shard, constrain", rank),
         "bf16": _bf16_scenario(rank),
+        "pure": {k: _pure_maps(*v) for k, v in PURE.items()},
     }
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
@@ -185,3 +236,26 @@ def test_fsdp_bf16_mixed_precision_stays_on_the_spaces(results):
             # on the space within the documented bf16 tolerance (Note [Low precision])
             assert member(space, Wb.float(), default_atol(Wb.dtype, max(Wb.shape))), (i, space)
             assert member(space, out["weights"][i]), (i, space)  # the float32 parameters: float32's
+
+
+@pytest.mark.parametrize("case", list(PURE))
+def test_pure_maps_on_dtensors(results, case):
+    """Batch-sharded: every rank maps its own points, no collective. A point's own rows or columns
+    sharded: one all-gather per DTensor argument (Note [DTensor]), results sharded like the input.
+    Values and gradients equal the plain maps' (float32: the same kernels on the same numbers,
+    except the local route's smaller batches)."""
+    M, shape, dim = PURE[case]
+    batch = dim < len(shape) - M.point_ndim
+    for r in results:
+        out = r["pure"][case]
+        assert out.pop("contains")
+        for name, o in out.items():
+            assert o["placements"] == f"(Shard(dim={dim}),)", name
+            assert o["error"] <= 1e-6 and o["grad error"] <= 1e-5, (name, o)
+            # at most one all-gather per sharded argument of each call (retract: tangent's two, then
+            # X and V; round trip: X, then Z and a base sharded like X)
+            gathers = {"to_manifold": 1, "tangent": 2, "retract": 4, "project": 1, "round trip": 3}[name]
+            if batch:
+                assert o["collectives"] == 0, (name, o)
+            else:
+                assert 1 <= o["collectives"] <= gathers, (name, o)
