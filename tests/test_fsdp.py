@@ -15,13 +15,18 @@ tests compare them with a single-process run on the concatenated data, computed 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from distributed_tools import requires_gloo, spawn
 from reference import member
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 import geofunc as gf
 import geofunc.nn as gnn
@@ -98,14 +103,14 @@ def _shard(model: nn.Module, **kwargs) -> None:
     fully_shard(model, **kwargs)
 
 
-def _scenario(order: str, rank: int, **fsdp) -> dict:
+def _scenario(order: str, rank: int, checkpoint: str | None = None) -> dict:
     torch.manual_seed(0)  # the same initialization on every rank, and as the reference's
     model = _model()
     if order == "constrain, shard":
         _constrain(model)
-        _shard(model, **fsdp)
+        _shard(model)
     else:
-        _shard(model, **fsdp)
+        _shard(model)
         _constrain(model)
     rows = slice(rank * BATCH, (rank + 1) * BATCH)
     out = {"losses": _train(model, rows)}
@@ -117,7 +122,39 @@ def _scenario(order: str, rank: int, **fsdp) -> dict:
         with gnn.cached():
             out["cached_vs_plain"] = float((model(x) - plain).abs().max())
     out["weights"] = _weights(model)
+    if checkpoint is not None:
+        dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint)
     return out
+
+
+@contextlib.contextmanager
+def _single_process():
+    """DCP warns that it assumes a single process when there is no process group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _load(model: nn.Module, checkpoint: str) -> None:
+    """``torch.distributed.checkpoint`` load into ``model`` (sharded or not), in place."""
+    state = get_model_state_dict(model)
+    with _single_process():
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, state)
+
+
+def _load_scenario(checkpoint: str) -> dict:
+    """A checkpoint of one process loaded into a sharded model of another initialization."""
+    torch.manual_seed(5)
+    model = _model()
+    _constrain(model)
+    _shard(model)
+    _load(model, checkpoint)
+    return {"weights": _weights(model), "state": _full_state(model)}
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: _full(v).detach().clone() for k, v in model.state_dict().items()}
 
 
 def _bf16_scenario(rank: int) -> dict:
@@ -191,7 +228,8 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
 
 def worker(rank: int, world: int, outdir: str) -> None:
     results = {
-        "constrain, shard": _scenario("constrain, shard", rank),
+        "constrain, shard": _scenario("constrain, shard", rank, os.path.join(outdir, "checkpoint-2")),
+        "1 → 2": _load_scenario(os.path.join(outdir, "checkpoint-1")),
         "shard, constrain": _scenario("shard, constrain", rank),
         "bf16": _bf16_scenario(rank),
         "pure": {k: _pure_maps(*v) for k, v in PURE.items()},
@@ -199,9 +237,29 @@ def worker(rank: int, world: int, outdir: str) -> None:
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
+def _one_process_checkpoint(checkpoint: str) -> dict:
+    """A trained single-process model, saved with ``torch.distributed.checkpoint`` (no process group)."""
+    torch.manual_seed(1)
+    model = _model()
+    _constrain(model)
+    _train(model, slice(None))
+    with _single_process():
+        dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint, no_dist=True)
+    return {"weights": _weights(model), "state": _full_state(model)}
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fsdp")
+def outdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def saved_by_one(outdir):
+    return _one_process_checkpoint(str(outdir / "checkpoint-1"))
+
+
+@pytest.fixture(scope="module")
+def results(outdir, saved_by_one):
     spawn(worker, WORLD, outdir, timeout=180)
     return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
 
@@ -259,3 +317,25 @@ def test_pure_maps_on_dtensors(results, case):
                 assert o["collectives"] == 0, (name, o)
             else:
                 assert 1 <= o["collectives"] <= gathers, (name, o)
+
+
+def test_checkpoint_2_processes_to_1(results, outdir):
+    """``torch.distributed.checkpoint`` of the sharded model, loaded into one unsharded process."""
+    torch.manual_seed(9)
+    model = _model()
+    _constrain(model)
+    _load(model, str(outdir / "checkpoint-2"))
+    saved = results[0]["constrain, shard"]["weights"]
+    for i in SPACES:
+        assert torch.equal(model[i].weight.detach(), saved[i]), i
+
+
+def test_checkpoint_1_process_to_2(results, saved_by_one):
+    """A single-process checkpoint loaded into the sharded model: raw tensors and bases bit-equal."""
+    for r in results:
+        loaded = r["1 → 2"]
+        assert loaded["state"].keys() == saved_by_one["state"].keys()
+        for k, v in saved_by_one["state"].items():
+            assert torch.equal(loaded["state"][k], v), k
+        for i in SPACES:
+            assert torch.equal(loaded["weights"][i], saved_by_one["weights"][i]), i
