@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
+import signal
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from distributed_tools import requires_gloo, spawn
+from distributed_tools import loopback_interface, requires_gloo, spawn
 from reference import member
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
@@ -339,3 +343,26 @@ def test_checkpoint_1_process_to_2(results, saved_by_one):
             assert torch.equal(loaded["state"][k], v), k
         for i in SPACES:
             assert torch.equal(loaded["weights"][i], saved_by_one["weights"][i]), i
+
+
+def test_fsdp_train_example_under_torchrun():
+    """``examples/fsdp_train.py`` under ``torchrun --standalone --nproc-per-node 2`` (gloo, loopback),
+    a few bf16 steps with an ``update_base``: weights on their spaces, the checkpoint reloads equal.
+    The launcher and its workers are one process group, killed together if it overruns."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=loopback_interface(), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(root / "examples" / "fsdp_train.py"), "--steps", "4", "--rebase-every", "2", "--bf16"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("torchrun did not finish within 150 s")
+    assert proc.returncode == 0, out
+    assert "== fsdp_train.py report ==" in out, out
+    assert out.count("on the space: True") == 4 and "on the space: False" not in out, out
+    assert "weights equal: True" in out, out
