@@ -44,7 +44,7 @@ except ImportError:  # torch built without distributed support: no tensor is a D
 
     _AVAILABLE = False
 
-__all__ = ["DTensor", "distributed", "gather", "gathered", "like"]
+__all__ = ["DTensor", "distributed", "gather", "gathered", "like", "route"]
 
 Tensor = torch.Tensor
 
@@ -122,23 +122,30 @@ def _from_local(tree: Any, lead: Any) -> Any:
     return optree.tree_map(wrap, tree, none_is_leaf=True)
 
 
+def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
+    """Call the space map ``fn`` on DTensor arguments by the routes of Note [DTensor]."""
+    dts = _dtensor_args(args, kwargs)
+    if not dts:
+        return fn(self, *args, **kwargs)
+    lead = dts[0]
+    if _local_route(dts, args, kwargs, self.point_ndim):
+        unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),
+                 **optree.tree_map(unwrap, kwargs, none_is_leaf=True))
+        return _from_local(out, lead)
+    return like(fn(self, *gather(args), **gather(kwargs)), lead)
+
+
 def distributed(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a space map so that DTensor arguments take the routes of Note [DTensor]."""
+    """Wrap a space map whose first argument is a point so that a DTensor point takes :func:`route`."""
     if not _AVAILABLE:
         return fn
 
     @functools.wraps(fn)
-    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        dts = _dtensor_args(args, kwargs)
-        if not dts:
-            return fn(self, *args, **kwargs)
-        lead = dts[0]
-        if _local_route(dts, args, kwargs, self.point_ndim):
-            unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
-            out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),
-                     **optree.tree_map(unwrap, kwargs, none_is_leaf=True))
-            return _from_local(out, lead)
-        return like(fn(self, *gather(args), **gather(kwargs)), lead)
+    def method(self: Any, X: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(X, DTensor):
+            return route(fn, self, (X, *args), kwargs)
+        return fn(self, X, *args, **kwargs)
 
     return method
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
-from .._dtensor import distributed
+from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -158,6 +158,8 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         lead = _lead(args)
         if lead is None:
             return fn(self, *args, **kwargs)
+        if isinstance(lead, DTensor):  # local or gathered once (Note [DTensor] in geofunc/_dtensor.py)
+            return route(method, self, args, kwargs)
         low = lead.dtype in LOW_PRECISION
         if not low and (_any_autocast is not None and not _any_autocast()):
             return fn(self, *args, **kwargs)
@@ -431,11 +433,15 @@ class AbstractSpace:
 
 def _apply_policy(cls: type) -> None:
     """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])
-    inside the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``)."""
-    for name in (*_POLICY_METHODS, "_violations"):
+    and the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``; the measures of ``contains``
+    and ``check`` take the routes only)."""
+    for name in _POLICY_METHODS:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
-            setattr(cls, name, distributed(fn if name == "_violations" else _in_float32(fn)))
+            setattr(cls, name, _in_float32(fn))
+    fn = cls.__dict__.get("_violations")
+    if fn is not None and not getattr(fn, "_low_precision_policy", False):
+        setattr(cls, "_violations", distributed(fn))
     fn = cls.__dict__.get("sample")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
         setattr(cls, "sample", _sample_in_float32(fn))
