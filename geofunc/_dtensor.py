@@ -19,10 +19,15 @@ explicit routes, chosen from the placements alone (never from values):
   when it has that argument's shape (a local slice, no communication), replicated otherwise.
   Gradients flow back through the gather as a reduce-scatter.
 
-The gather costs one all-gather of the point per call, and the compute is replicated: a
-model whose constrained matrices are too large for one device needs a row-sharded algorithm
-(a Gram matrix ``XᵀX = Σᵢ XᵢᵀXᵢ`` for tall Stiefel frames, Newton–Schulz polar factors), which
-geofunc does not have yet (README, "Past one machine").
+* **row-sharded frames** (before the gather): a tall ``Stiefel``/``Grassmannian`` frame whose
+  rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
+  work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
+  all-reduce each; its backward all-reduces the gradient): ``tangent`` (one), ``retract``
+  (CholeskyQR2: two) and the measure of ``contains``/``check`` (one). A NaN on any rank reaches
+  every rank through the reduced Gram matrix.
+
+The gather costs one all-gather of the point per call, and the compute is replicated. The
+other maps of tall frames (the chart, the polar ``project``) and every other space gather.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import optree
 import torch
 
 try:
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     _AVAILABLE = True
@@ -122,12 +128,75 @@ def _from_local(tree: Any, lead: Any) -> Any:
     return optree.tree_map(wrap, tree, none_is_leaf=True)
 
 
+# ----------------------------------------------------------------------------- row-sharded frames
+class _SumOverRanks(torch.autograd.Function):
+    """An all-reduce (sum); its gradient is the sum of the ranks' gradients, an all-reduce too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+        g = g.clone()
+        dist.all_reduce(g)
+        return g
+
+
+def _gram(A: Tensor, B: Tensor) -> Tensor:
+    """``AᵀB`` of two row-sharded matrices from their local rows: one all-reduce (differentiable)."""
+    return _SumOverRanks.apply(A.mT @ B)
+
+
+def _frame_tangent(space: Any, X: Tensor, G: Tensor) -> Tensor:
+    S = _gram(X, G)
+    return G - X @ (0.5 * (S + S.mT) if type(space).__name__ == "Stiefel" else S)
+
+
+def _frame_retract(space: Any, X: Tensor, V: Tensor) -> Tensor:
+    Y = X + V  # CholeskyQR2, as geofunc._linalg.chol_qr: Y R⁻¹ is row-wise, RᵀR = YᵀY is a Gram matrix
+    for _ in range(2):
+        R, _ = torch.linalg.cholesky_ex(_gram(Y, Y), upper=True)
+        Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    return Y
+
+
+def _frame_violations(space: Any, X: Tensor) -> dict[str, Tensor]:
+    k = X.shape[-1]
+    return {"max|XᵀX − I|": (_gram(X, X) - torch.eye(k, dtype=X.dtype, device=X.device)).abs().amax(dim=(-2, -1))}
+
+
+_ROW_SHARDED = {"tangent": _frame_tangent, "retract": _frame_retract, "_violations": _frame_violations}
+
+
+def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+    """The row-sharded implementation of ``self.name`` for these arguments, if it applies."""
+    if name not in _ROW_SHARDED or kwargs or type(self).__name__ not in ("Stiefel", "Grassmannian"):
+        return None
+    lead = dts[0]
+    if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:
+        return None
+    if tuple(lead.placements) != (Shard(lead.ndim - 2),) or lead.dtype not in (torch.float32, torch.float64):
+        return None
+    if len(dts) != len(args) or any(t.shape != lead.shape or t.placements != lead.placements for t in dts):
+        return None
+    return _ROW_SHARDED[name]
+
+
 def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
     """Call the space map ``fn`` on DTensor arguments by the routes of Note [DTensor]."""
     dts = _dtensor_args(args, kwargs)
     if not dts:
         return fn(self, *args, **kwargs)
     lead = dts[0]
+    rows = _row_sharded(self, fn.__name__, dts, args, kwargs)
+    if rows is not None:
+        self._check_shape(lead, "X")
+        with torch.autocast(lead.device.type, enabled=False):
+            out = rows(self, *(t.to_local() for t in args))
+        return _from_local(out, lead)
     if _local_route(dts, args, kwargs, self.point_ndim):
         unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
         out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),

@@ -185,7 +185,9 @@ PURE = {
     "Stiefel, batch-sharded": (gf.Stiefel(), (4, 8, 3), 0),  # Shard(0) of a batch: local
     "SO, batch-sharded": (gf.SO(), (2, 2, 4, 4), 1),
     "Sphere, batch-sharded": (gf.Sphere(), (6, 5), 0),
-    "Stiefel, row-sharded": (gf.Stiefel(), (8, 3), 0),  # a frame's own rows split: one gather
+    "Stiefel, row-sharded": (gf.Stiefel(), (8, 3), 0),  # a frame's own rows split: Gram all-reduces
+    "Grassmannian, batched and row-sharded": (gf.Grassmannian(), (2, 9, 2), 1),
+    "Stiefel, column-sharded": (gf.Stiefel(), (8, 3), 1),  # one gather per argument
     "PSD, row-sharded": (gf.PSD(), (4, 4), 0),
     "LowRank, column-sharded": (gf.LowRank(rank=2), (6, 4), 1),
 }
@@ -226,7 +228,10 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
             "grad error": max(float((a.full_tensor() - b).abs().max()) for a, b in zip(dgrads, pgrads) if b is not None),
             "collectives": comm.get_total_counts(),
         }
-    out["contains"] = bool(M.contains(d(X)).full_tensor().all())
+    with CommDebugMode() as comm:
+        inside = M.contains(d(X))
+    out["contains"] = bool(inside.full_tensor().all())
+    out["contains collectives"] = {str(k): v for k, v in comm.get_comm_counts().items()}
     return out
 
 
@@ -308,19 +313,28 @@ def test_pure_maps_on_dtensors(results, case):
     except the local route's smaller batches)."""
     M, shape, dim = PURE[case]
     batch = dim < len(shape) - M.point_ndim
+    rows = isinstance(M, (gf.Stiefel, gf.Grassmannian)) and dim == len(shape) - 2
     for r in results:
         out = r["pure"][case]
         assert out.pop("contains")
+        contains_collectives = out.pop("contains collectives")
         for name, o in out.items():
             assert o["placements"] == f"(Shard(dim={dim}),)", name
             assert o["error"] <= 1e-6 and o["grad error"] <= 1e-5, (name, o)
             # at most one all-gather per sharded argument of each call (retract: tangent's two, then
-            # X and V; round trip: X, then Z and a base sharded like X)
+            # X and V; round trip: X, then Z and a base sharded like X); a row-sharded frame's
+            # tangent and retract: k×k all-reduces only (1, then 1 + 2)
             gathers = {"to_manifold": 1, "tangent": 2, "retract": 4, "project": 1, "round trip": 3}[name]
             if batch:
                 assert o["collectives"] == 0, (name, o)
+            elif rows and name in ("tangent", "retract"):
+                assert o["collectives"] == {"tangent": 1, "retract": 3}[name], (name, o)
             else:
                 assert 1 <= o["collectives"] <= gathers, (name, o)
+        if batch:
+            assert contains_collectives == {}
+        elif rows:  # the Gram matrix, reduced once
+            assert sum(contains_collectives.values()) == 1 and "gather" not in str(contains_collectives)
 
 
 def test_checkpoint_2_processes_to_1(results, outdir):
