@@ -4,8 +4,8 @@ Note [DTensor]
 A ``torch.distributed.tensor.DTensor`` given to a linear-algebra op (``matrix_exp``, ``qr``,
 ``svd``, ``eigh``, ``solve``, ...) is silently replicated by PyTorch: every rank all-gathers
 it and does the whole work. The maps of a space never let that happen implicitly; every map
-(the ``_POLICY_METHODS`` of ``spaces/_base.py`` and the membership measures) takes one of two
-explicit routes, chosen from the placements alone (never from values):
+(the ``_POLICY_METHODS`` of ``spaces/_base.py`` and the membership measures) takes one of three
+explicit routes, chosen from the placements and shapes alone (never from values):
 
 * **local** (no communication): every DTensor argument is sharded on *batch* dimensions only
   (``Shard(d)`` with ``d`` before the point's dimensions, or ``Replicate``), with the same
@@ -18,7 +18,6 @@ explicit routes, chosen from the placements alone (never from values):
   returned as a DTensor on the same mesh: with the placements of the leading DTensor argument
   when it has that argument's shape (a local slice, no communication), replicated otherwise.
   Gradients flow back through the gather as a reduce-scatter.
-
 * **row-sharded frames** (before the gather): a tall ``Stiefel``/``Grassmannian`` frame whose
   rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
   work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
@@ -28,6 +27,8 @@ explicit routes, chosen from the placements alone (never from values):
 
 The gather costs one all-gather of the point per call, and the compute is replicated. The
 other maps of tall frames (the chart, the polar ``project``) and every other space gather.
+``check`` (and the eager validation of ``from_manifold``) gathers the batch-shaped measures of
+``contains``, so that every rank raises the same ``ManifoldError``.
 """
 
 from __future__ import annotations
@@ -130,42 +131,44 @@ def _from_local(tree: Any, lead: Any) -> Any:
 
 # ----------------------------------------------------------------------------- row-sharded frames
 class _SumOverRanks(torch.autograd.Function):
-    """An all-reduce (sum); its gradient is the sum of the ranks' gradients, an all-reduce too."""
+    """An all-reduce (sum) over ``group``; its gradient is the sum of the ranks' gradients."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, group=group)
         return x
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         g = g.clone()
-        dist.all_reduce(g)
-        return g
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
 
 
-def _gram(A: Tensor, B: Tensor) -> Tensor:
-    """``AᵀB`` of two row-sharded matrices from their local rows: one all-reduce (differentiable)."""
-    return _SumOverRanks.apply(A.mT @ B)
+def _frame_tangent(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor) -> Tensor:
+    """``G − X sym(XᵀG)`` (Stiefel) or ``G − X XᵀG`` (Grassmannian), as their ``tangent``."""
+    from .spaces import Stiefel
+
+    S = gram(X, G)
+    return G - X @ (0.5 * (S + S.mT) if isinstance(space, Stiefel) else S)
 
 
-def _frame_tangent(space: Any, X: Tensor, G: Tensor) -> Tensor:
-    S = _gram(X, G)
-    return G - X @ (0.5 * (S + S.mT) if type(space).__name__ == "Stiefel" else S)
-
-
-def _frame_retract(space: Any, X: Tensor, V: Tensor) -> Tensor:
-    Y = X + V  # CholeskyQR2, as geofunc._linalg.chol_qr: Y R⁻¹ is row-wise, RᵀR = YᵀY is a Gram matrix
+def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor) -> Tensor:
+    """CholeskyQR2 of ``X + V``, as ``geofunc._linalg.chol_qr``: ``Y R⁻¹`` is row-wise and
+    ``RᵀR = YᵀY`` a Gram matrix."""
+    Y = X + V
     for _ in range(2):
-        R, _ = torch.linalg.cholesky_ex(_gram(Y, Y), upper=True)
+        R, _ = torch.linalg.cholesky_ex(gram(Y, Y), upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
     return Y
 
 
-def _frame_violations(space: Any, X: Tensor) -> dict[str, Tensor]:
-    k = X.shape[-1]
-    return {"max|XᵀX − I|": (_gram(X, X) - torch.eye(k, dtype=X.dtype, device=X.device)).abs().amax(dim=(-2, -1))}
+def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dict[str, Tensor]:
+    """``max |XᵀX − I|``, as ``FrameSpace._violations`` (the same name)."""
+    I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)  # noqa: E741
+    return {"max|XᵀX − I|": (gram(X, X) - I).abs().amax(dim=(-2, -1))}
 
 
 _ROW_SHARDED = {"tangent": _frame_tangent, "retract": _frame_retract, "_violations": _frame_violations}
@@ -173,7 +176,9 @@ _ROW_SHARDED = {"tangent": _frame_tangent, "retract": _frame_retract, "_violatio
 
 def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
     """The row-sharded implementation of ``self.name`` for these arguments, if it applies."""
-    if name not in _ROW_SHARDED or kwargs or type(self).__name__ not in ("Stiefel", "Grassmannian"):
+    from .spaces import Grassmannian, Stiefel
+
+    if name not in _ROW_SHARDED or kwargs or not isinstance(self, (Stiefel, Grassmannian)):
         return None
     lead = dts[0]
     if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:
@@ -194,8 +199,10 @@ def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
     rows = _row_sharded(self, fn.__name__, dts, args, kwargs)
     if rows is not None:
         self._check_shape(lead, "X")
+        group = lead.device_mesh.get_group()
+        gram = lambda A, B: _SumOverRanks.apply(A.mT @ B, group)  # noqa: E731  XᵀY = Σᵢ XᵢᵀYᵢ
         with torch.autocast(lead.device.type, enabled=False):
-            out = rows(self, *(t.to_local() for t in args))
+            out = rows(self, gram, *(t.to_local() for t in args))
         return _from_local(out, lead)
     if _local_route(dts, args, kwargs, self.point_ndim):
         unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731

@@ -231,6 +231,12 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     with CommDebugMode() as comm:
         inside = M.contains(d(X))
     out["contains"] = bool(inside.full_tensor().all())
+    out["measures"] = len(M._violations(X))  # the named measures of contains/check
+    try:  # an off point is refused as in eager mode on plain tensors
+        M.from_manifold(d(-2 * X - 1))
+        out["off point refused"] = False
+    except gf.ManifoldError:
+        out["off point refused"] = True
     out["contains collectives"] = {str(k): v for k, v in comm.get_comm_counts().items()}
     return out
 
@@ -316,17 +322,18 @@ def test_pure_maps_on_dtensors(results, case):
     rows = isinstance(M, (gf.Stiefel, gf.Grassmannian)) and dim == len(shape) - 2
     for r in results:
         out = r["pure"][case]
-        assert out.pop("contains")
+        assert out.pop("contains") and out.pop("off point refused")
+        measures = out.pop("measures")
         contains_collectives = out.pop("contains collectives")
         for name, o in out.items():
             assert o["placements"] == f"(Shard(dim={dim}),)", name
             assert o["error"] <= 1e-6 and o["grad error"] <= 1e-5, (name, o)
             # at most one all-gather per sharded argument of each call (retract: tangent's two, then
-            # X and V; round trip: X, then Z and a base sharded like X); a row-sharded frame's
-            # tangent and retract: k×k all-reduces only (1, then 1 + 2)
-            gathers = {"to_manifold": 1, "tangent": 2, "retract": 4, "project": 1, "round trip": 3}[name]
-            if batch:
-                assert o["collectives"] == 0, (name, o)
+            # X and V; round trip: X for the check, X, then Z and a base sharded like X); a
+            # row-sharded frame's tangent and retract: k×k all-reduces only (1, then 1 + 2)
+            gathers = {"to_manifold": 1, "tangent": 2, "retract": 4, "project": 1, "round trip": 4}[name]
+            if batch:  # from_manifold's check gathers each per-point measure (SO: 2), so every rank raises
+                assert o["collectives"] == (measures if name == "round trip" else 0), (name, o)
             elif rows and name in ("tangent", "retract"):
                 assert o["collectives"] == {"tangent": 1, "retract": 3}[name], (name, o)
             else:

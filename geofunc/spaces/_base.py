@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
-from .._dtensor import DTensor, distributed, route
+from .._dtensor import DTensor, distributed, gather, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -68,7 +68,7 @@ def can_check(tree: Any) -> bool:
         if isinstance(leaf, torch.Tensor):
             if torch._C._functorch.is_functorch_wrapped_tensor(leaf):
                 return False
-            if type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
+            if type(leaf) is not torch.Tensor and not isinstance(leaf, (torch.nn.Parameter, DTensor)):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
                 return False
             if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
@@ -415,7 +415,7 @@ class AbstractSpace:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
-        for name, v in self._measure(X).items():
+        for name, v in gather(self._measure(X)).items():  # batch-shaped: a DTensor's is small
             bad = ~(v <= tol)
             if bool(bad.any()):
                 vd = v.detach()
