@@ -128,6 +128,15 @@ def _scenario(order: str, rank: int, checkpoint: str | None = None) -> dict:
     out["weights"] = _weights(model)
     if checkpoint is not None:
         dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint)
+    # GeoTorch's M.update_base(): the raw tensor forward last saw was FSDP's freed unsharded copy
+    M, raw = model[0].parametrizations.weight[0], model[0].parametrizations.weight.original
+    try:
+        M.update_base()
+        out["class update_base refused"] = False
+    except ValueError:
+        out["class update_base refused"] = True
+    M.update_base(raw)  # the sharded raw parameter itself: gathered once, the point kept
+    out["class update_base moved"] = float((_full(model[0].weight) - out["weights"][0]).abs().max())
     return out
 
 
@@ -296,6 +305,8 @@ def test_fsdp_weight_outside_forward_and_cached(results, order):
         out = r[order]
         assert out["outside_type"] == "DTensor" and "Shard(dim=0)" in out["outside_placements"]
         assert out["cached_vs_plain"] == 0.0
+        assert out["class update_base refused"]  # never a silent update of a freed copy
+        assert out["class update_base moved"] <= 1e-6
 
 
 def test_fsdp_bf16_mixed_precision_stays_on_the_spaces(results):

@@ -26,7 +26,7 @@ from .. import spaces as S
 from .._errors import ManifoldError
 from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
-from .._dtensor import gather, gathered
+from .._dtensor import DTensor, gather, gathered
 from ._adapter import Parametrization
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 
@@ -291,6 +291,12 @@ class _Manifold(Parametrization):
                     f"{type(self).__name__}.update_base(): no raw tensor known yet; evaluate the parametrized "
                     "tensor once, pass it (module.parametrizations.<name>.original), or call "
                     "geofunc.nn.update_base(module, tensor_name)."
+                )
+            if Z.numel() and not isinstance(Z, DTensor) and Z.untyped_storage().size() == 0:
+                raise ValueError(
+                    f"{type(self).__name__}.update_base(): the raw tensor last seen by forward was FSDP2's "
+                    "temporary unsharded copy, freed since; pass module.parametrizations.<name>.original, or "
+                    "call geofunc.nn.update_base(module, tensor_name)."
                 )
         with torch.no_grad():
             Z.copy_(self.rebase(Z))
