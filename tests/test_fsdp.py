@@ -1,16 +1,20 @@
-"""FSDP2 (``fully_shard``) over geofunc-constrained modules: 2 gloo processes on 127.0.0.1.
+"""FSDP2, DTensors, mixed precision and distributed checkpoints: 2 gloo processes on 127.0.0.1.
 
-One 2-process job runs every scenario (one spawn for the module) and writes its results; the
-tests compare them with a single-process run on the concatenated data, computed here:
+One 2-process job runs every scenario (one spawn for the module, ``tests/distributed_tools.py``)
+and writes its results; the tests compare them with single-process runs computed here:
 
 * constrain then shard, and shard then constrain, in float32: Adam steps, an ``update_base`` on
   every rank mid-training, the weight read outside forward (a DTensor sharded like the raw
-  parameter), ``cached()``; the weights equal the single-process run's within ``ATOL_F32``
-  (gradients are averaged over the ranks in another order: rounding only) and lie on their
-  spaces;
+  parameter), ``cached()``; the weights equal a single-process run on the concatenated data
+  within ``ATOL_F32`` (the ranks' gradients are averaged in another order: rounding only) and
+  lie on their spaces;
 * ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``: the bf16 weights seen
   by forward lie on their spaces within the documented bf16 tolerance, the float32 sharded
-  parameters within float32's.
+  parameters within float32's;
+* ``torch.distributed.checkpoint``: 2 processes → 1 and 1 → 2, bit-equal;
+* the pure maps on DTensors (Note [DTensor] in ``geofunc/_dtensor.py``): values, gradients,
+  placements and the number of collectives;
+* ``examples/fsdp_train.py`` under ``torchrun --nproc-per-node 2``.
 """
 
 from __future__ import annotations
@@ -66,7 +70,7 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(WORLD * BATCH, 6, generator=g), torch.randn(WORLD * BATCH, 3, generator=g)
 
 
-def _train(model: nn.Module, rows: slice, step_hook=None) -> list[float]:
+def _train(model: nn.Module, rows: slice) -> list[float]:
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     losses = []
     for step in range(STEPS):
@@ -234,7 +238,8 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
         out[name] = {
             "placements": str(Y.placements),
             "error": float((Y.full_tensor() - Yp).detach().abs().max()),
-            "grad error": max(float((a.full_tensor() - b).abs().max()) for a, b in zip(dgrads, pgrads) if b is not None),
+            "grad error": max(float((a.full_tensor() - b).abs().max())
+                              for a, b in zip(dgrads, pgrads) if b is not None),
             "collectives": comm.get_total_counts(),
         }
     with CommDebugMode() as comm:
