@@ -255,8 +255,25 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     return out
 
 
+def _ancestor_sharded() -> dict:
+    """Shard then constrain where only an ancestor was passed to fully_shard: refused, unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = nn.Sequential(nn.Linear(4, 6))
+    fully_shard(model)
+    before = model[0].weight.full_tensor().detach().clone()
+    try:
+        gnn.orthogonal(model[0])
+        refused = False
+    except gf.ManifoldError:
+        refused = True
+    after = model[0].weight.full_tensor()
+    return {"refused": refused, "unchanged": torch.equal(before, after), "plain": not gnn.is_constrained(model[0])}
+
+
 def worker(rank: int, world: int, outdir: str) -> None:
     results = {
+        "ancestor sharded": _ancestor_sharded(),
         "constrain, shard": _scenario("constrain, shard", rank, os.path.join(outdir, "checkpoint-2")),
         "1 → 2": _load_scenario(os.path.join(outdir, "checkpoint-1")),
         "shard, constrain": _scenario("shard, constrain", rank),
@@ -302,6 +319,11 @@ def test_fsdp_training_equals_one_process(results, order):
         assert torch.equal(r0["weights"][i], r1["weights"][i]), i  # one model, gathered alike
         torch.testing.assert_close(r0["weights"][i], ref[i], atol=ATOL_F32, rtol=0)
         assert member(space, r0["weights"][i]), (i, space)
+
+
+def test_shard_then_constrain_needs_the_module_itself_sharded(results):
+    for r in results:
+        assert r["ancestor sharded"] == {"refused": True, "unchanged": True, "plain": True}
 
 
 @pytest.mark.parametrize("order", ["constrain, shard", "shard, constrain"])

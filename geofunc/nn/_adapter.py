@@ -297,6 +297,7 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
     """
     T = getattr(module, tensor_name)
     chained = parametrize.is_parametrized(module, tensor_name)
+    fsdp = _fsdp_param(module, tensor_name, T) if isinstance(T, DTensor) and not chained else None
     with torch.no_grad():
         if chained:
             # The existing chain must output Z so that ours outputs X.
@@ -311,26 +312,25 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             with torch.no_grad():
                 T.copy_(saved)
         raise
-    if isinstance(T, DTensor) and not chained:
-        _follow_fsdp(module, tensor_name, T)
+    if fsdp is not None:
+        # Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
+        # at fully_shard time (module.weight, now the parametrized property); the parameter itself
+        # (the same object) is now the raw tensor parametrizations.<tensor_name>.original.
+        fsdp._module_info.module, fsdp._module_info.param_name = module.parametrizations[tensor_name], "original"
     _make_picklable(module)
     return module
 
 
-def _follow_fsdp(module: nn.Module, tensor_name: str, T: Tensor) -> None:
-    """Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
-    at ``fully_shard`` time (``module.weight``), which is now the parametrized property; point it
-    at the raw parameter ``module.parametrizations.<tensor_name>.original`` instead."""
+def _fsdp_param(module: nn.Module, tensor_name: str, T: Tensor) -> Any:
+    """FSDP2's record of ``module``'s sharded parameter ``T`` (private to PyTorch: README, deviations);
+    raises ``ManifoldError`` if ``module`` itself was not passed to ``fully_shard``."""
     from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
 
-    plist = module.parametrizations[tensor_name]
     state = _get_module_fsdp_state(module)
     group = None if state is None else state._fsdp_param_group
     for p in [] if group is None else group.fsdp_params:
-        if p.sharded_param is plist.original:
-            p._module_info.module, p._module_info.param_name = plist, "original"
-            return
-    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+        if p.sharded_param is T:
+            return p
     raise ManifoldError(
         f"cannot constrain {_owner_name(module, tensor_name)}: expected the module itself to be sharded with "
         "fully_shard (its parameter is a DTensor of a sharded ancestor, whose FSDP2 state geofunc cannot "

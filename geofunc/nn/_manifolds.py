@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import spaces as S
+from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
 from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
-from .._dtensor import DTensor, gather, gathered
 from ._adapter import Parametrization
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 

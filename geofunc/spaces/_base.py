@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
-from .._dtensor import DTensor, distributed, gather, route
+from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -415,7 +415,9 @@ class AbstractSpace:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
-        for name, v in gather(self._measure(X)).items():  # batch-shaped: a DTensor's is small
+        for name, v in self._measure(X).items():
+            if isinstance(v, DTensor):  # batch-shaped, small: every rank then raises alike
+                v = v.full_tensor()
             bad = ~(v <= tol)
             if bool(bad.any()):
                 vd = v.detach()
