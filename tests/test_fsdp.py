@@ -140,7 +140,7 @@ def _scenario(order: str, rank: int, checkpoint: str | None = None) -> dict:
     except ValueError:
         out["class update_base refused"] = True
     M.update_base(raw)  # the sharded raw parameter itself: gathered once, the point kept
-    out["class update_base moved"] = float((_full(model[0].weight) - out["weights"][0]).abs().max())
+    out["class update_base moved"] = float((_full(model[0].weight).detach() - out["weights"][0]).abs().max())
     return out
 
 
@@ -255,6 +255,52 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     return out
 
 
+#: Every constraint function, for FSDP2's bf16 policy: (name, call, weight shape (out, in)).
+CONSTRAINTS = [
+    ("orthogonal, tall", gnn.orthogonal, (8, 3)),
+    ("orthogonal, wide", gnn.orthogonal, (3, 8)),
+    ("orthogonal, square", gnn.orthogonal, (5, 5)),
+    ("grassmannian", gnn.grassmannian, (8, 3)),
+    ("almost_orthogonal", lambda m: gnn.almost_orthogonal(m, "weight", 0.3), (6, 4)),
+    ("invertible", gnn.invertible, (5, 5)),
+    ("sln", gnn.sln, (5, 5)),
+    ("alpha_stable", lambda m: gnn.alpha_stable(m, "weight", alpha=0.1), (5, 5)),
+    ("low_rank", lambda m: gnn.low_rank(m, "weight", 2), (5, 8)),
+    ("fixed_rank", lambda m: gnn.fixed_rank(m, "weight", 2), (8, 5)),
+    ("positive_definite", gnn.positive_definite, (5, 5)),
+    ("positive_semidefinite", gnn.positive_semidefinite, (5, 5)),
+    ("positive_semidefinite_low_rank", lambda m: gnn.positive_semidefinite_low_rank(m, "weight", 2), (5, 5)),
+    ("positive_semidefinite_fixed_rank", lambda m: gnn.positive_semidefinite_fixed_rank(m, "weight", 2), (5, 5)),
+    ("sphere", gnn.sphere, (4, 6)),
+    ("skew", gnn.skew, (5, 5)),
+    ("symmetric", gnn.symmetric, (5, 5)),
+]
+
+
+def _bf16_every_constraint() -> dict:
+    """Each constraint function on a Linear under ``MixedPrecisionPolicy(bf16, float32)``, constrain
+    then shard: two SGD steps; the bf16 weight forward sees, and the float32 one after."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = {}
+    for name, constrain, (n_out, n_in) in CONSTRAINTS:
+        torch.manual_seed(0)
+        layer = nn.Linear(n_in, n_out, bias=False)
+        constrain(layer)
+        fully_shard(layer, mp_policy=policy)
+        seen = []
+        layer.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
+        opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+        x = torch.randn(4, n_in)
+        for _ in range(2):
+            opt.zero_grad()
+            layer(x).float().pow(2).mean().backward()
+            opt.step()
+        out[name] = {"bf16": seen[-1], "float32": _full(layer.weight).detach().clone()}
+    return out
+
+
 def _ancestor_sharded() -> dict:
     """Shard then constrain where only an ancestor was passed to fully_shard: refused, unchanged."""
     from torch.distributed.fsdp import fully_shard
@@ -278,6 +324,7 @@ def worker(rank: int, world: int, outdir: str) -> None:
         "1 → 2": _load_scenario(os.path.join(outdir, "checkpoint-1")),
         "shard, constrain": _scenario("shard, constrain", rank),
         "bf16": _bf16_scenario(rank),
+        "bf16, every constraint": _bf16_every_constraint(),
         "pure": {k: _pure_maps(*v) for k, v in PURE.items()},
     }
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
@@ -319,6 +366,20 @@ def test_fsdp_training_equals_one_process(results, order):
         assert torch.equal(r0["weights"][i], r1["weights"][i]), i  # one model, gathered alike
         torch.testing.assert_close(r0["weights"][i], ref[i], atol=ATOL_F32, rtol=0)
         assert member(space, r0["weights"][i]), (i, space)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CONSTRAINTS])
+def test_fsdp_bf16_policy_every_constraint(results, name):
+    """Every constraint function under FSDP2's bf16 policy: the bf16 weight forward sees within the
+    documented bf16 tolerance, the float32 sharded parameters' weight within float32's."""
+    _, constrain, (n_out, n_in) = next(c for c in CONSTRAINTS if c[0] == name)
+    space = gnn.parametrization_of(constrain(nn.Linear(n_in, n_out, bias=False))).space
+    for r in results:
+        out = r["bf16, every constraint"][name]
+        Wb, W = out["bf16"], out["float32"]
+        assert Wb.dtype == torch.bfloat16 and W.dtype == torch.float32
+        assert member(space, Wb.float(), default_atol(Wb.dtype, max(Wb.shape))), space
+        assert member(space, W), space
 
 
 def test_shard_then_constrain_needs_the_module_itself_sharded(results):
