@@ -21,9 +21,10 @@ explicit routes, chosen from the placements and shapes alone (never from values)
 * **row-sharded frames** (before the gather): a tall ``Stiefel``/``Grassmannian`` frame whose
   rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
   work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
-  all-reduce each; its backward all-reduces the gradient): ``tangent`` (one), ``retract``
-  (CholeskyQR2: two) and the measure of ``contains``/``check`` (one). A NaN on any rank reaches
-  every rank through the reduced Gram matrix.
+  all-reduce each; its backward all-reduces the gradient): ``tangent``, ``egrad_to_rgrad``,
+  ``transport`` and ``inner`` (one), ``retract`` (CholeskyQR2: two) and the measure of
+  ``contains``/``check`` (one), so ``geofunc.optim`` steps on such frames without a gather. A
+  NaN on any rank reaches every rank through the reduced Gram matrix.
 
 The gather costs one all-gather of the point per call, and the compute is replicated. The
 other maps of tall frames (the chart, the polar ``project``) and every other space gather.
@@ -171,7 +172,24 @@ def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dic
     return {"max|XᵀX − I|": (gram(X, X) - I).abs().amax(dim=(-2, -1))}
 
 
-_ROW_SHARDED = {"tangent": _frame_tangent, "retract": _frame_retract, "_violations": _frame_violations}
+def _frame_transport(space: Any, gram: Callable[..., Tensor], X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``tangent(Y, V)``, the default transport of the embedded metric."""
+    return _frame_tangent(space, gram, Y, V)
+
+
+def _frame_inner(space: Any, gram: Callable[..., Tensor], X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """``tr(UᵀV)``, the embedded metric."""
+    return gram(U, V).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+_ROW_SHARDED = {
+    "tangent": _frame_tangent,
+    "egrad_to_rgrad": _frame_tangent,  # the embedded metric's: the tangent projection
+    "transport": _frame_transport,
+    "inner": _frame_inner,
+    "retract": _frame_retract,
+    "_violations": _frame_violations,
+}
 
 
 def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
