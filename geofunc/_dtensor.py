@@ -29,7 +29,9 @@ explicit routes, chosen from the placements and shapes alone (never from values)
 The gather costs one all-gather of the point per call, and the compute is replicated. The
 other maps of tall frames (the chart, the polar ``project``) and every other space gather.
 ``check`` (and the eager validation of ``from_manifold``) gathers the batch-shaped measures of
-``contains``, so that every rank raises the same ``ManifoldError``.
+``contains``, so that every rank raises the same ``ManifoldError``. The leading tensor argument
+(``Z``, ``X`` or ``Y``) decides whether a call takes these routes: a plain one with DTensors
+after it is PyTorch's error (mixed ``torch.Tensor`` and ``DTensor``), never a silent gather.
 """
 
 from __future__ import annotations
