@@ -33,6 +33,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
+from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -67,7 +68,7 @@ def can_check(tree: Any) -> bool:
         if isinstance(leaf, torch.Tensor):
             if torch._C._functorch.is_functorch_wrapped_tensor(leaf):
                 return False
-            if type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
+            if type(leaf) is not torch.Tensor and not isinstance(leaf, (torch.nn.Parameter, DTensor)):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
                 return False
             if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
@@ -171,6 +172,8 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         lead = _lead(args)
         if lead is None:
             return fn(self, *args, **kwargs)
+        if isinstance(lead, DTensor):  # local or gathered once (Note [DTensor] in geofunc/_dtensor.py)
+            return route(method, self, args, kwargs)
         low = lead.dtype in LOW_PRECISION
         if not low and (_any_autocast is not None and not _any_autocast()):
             return fn(self, *args, **kwargs)
@@ -439,6 +442,8 @@ class AbstractSpace:
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
         for name, v in self._measure(X).items():
+            if isinstance(v, DTensor):  # batch-shaped, small: every rank then raises alike
+                v = v.full_tensor()
             bad = ~(v <= tol)
             if bool(bad.any()):
                 vd = v.detach()
@@ -455,11 +460,16 @@ class AbstractSpace:
 
 
 def _apply_policy(cls: type) -> None:
-    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])."""
+    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])
+    and the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``; the measures of ``contains``
+    and ``check`` take the routes only)."""
     for name in _POLICY_METHODS:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
             setattr(cls, name, _in_float32(fn))
+    fn = cls.__dict__.get("_violations")
+    if fn is not None and not getattr(fn, "_low_precision_policy", False):
+        setattr(cls, "_violations", distributed(fn))
     fn = cls.__dict__.get("sample")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
         setattr(cls, "sample", _sample_in_float32(fn))
