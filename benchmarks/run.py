@@ -116,6 +116,7 @@ class Row:
     check: Optional[Callable[["Row"], Optional[bool]]] = None
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    ref: str = ""  # the anchor of the row's target ratio (functional rows): geofunc ÷ ref is reported
 
     def ratio(self, other: str, base: str = GF) -> Optional[float]:
         if other not in self.times or base not in self.times:
@@ -540,6 +541,8 @@ def format_row(r: Row) -> str:
         parts.append(f"{k}={_fmt_t(v)} ({v / r.mm:.1f} mm)")
     if GT in r.times:
         parts.append(f"GT/gf={r.ratio(GT):.1f}x")
+    if r.ref:
+        parts.append(f"gf/{r.ref}={r.times[GF] / r.times[r.ref]:.2f}x")
     m = r.met()
     if m is not None:
         parts.append("MET" if m else "NOT MET")
@@ -596,6 +599,24 @@ def write_results(b: Bench, path: str, args, elapsed: float) -> None:
             f"{_fmt(r.mmeq(GT))} | {_fmt(r.ratio(GT), '.2f')} | {'; '.join(others)} | {r.target} | "
             f"{'' if m is None else ('yes' if m else '**no**')} |"
         )
+    functional = [r for r in b.rows if r.ref]
+    if functional:
+        lines += [
+            "",
+            "Functional path (issue 13): each contender's time ÷ the row's reference (its `ref`), side by side.",
+            "",
+            "| case | size | contender | time | ÷ reference | target | met |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in functional:
+            m = r.met()
+            for i, (k, v) in enumerate(r.times.items()):
+                first = i == 0
+                lines.append(
+                    f"| {r.case if first else ''} | {r.size if first else ''} | {k}{' (ref)' if k == r.ref else ''} | "
+                    f"{_fmt_t(v)} | {v / r.times[r.ref]:.2f} | {r.target if first else ''} | "
+                    f"{'' if m is None or not first else ('yes' if m else '**no**')} |"
+                )
     notes = [f"* {r.case}: {r.note}" for r in b.rows if r.note]
     if notes:
         lines += ["", "Notes:", ""] + notes
@@ -694,6 +715,10 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
             logabsdet_case(b, 1024, False)
     if want("sphere"):
         sphere_case(b, 64 if q else 1024, targets)
+    if want("functional"):
+        from benchmarks.functional import functional_cases
+
+        functional_cases(b, targets)
     if want("hurwitz"):
         for n in ([16] if q else ([64, 256, 1024] if cuda else [64, 256])):
             hurwitz_case(b, n)
