@@ -35,7 +35,6 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 import torch
 
 import geofunc as gf
-from geofunc._expm import cayley as fast_cayley
 
 try:  # optional anchor (the `bench` extra)
     import geotorch  # type: ignore[import-not-found]
@@ -200,10 +199,6 @@ def so_case(b: Bench, n: int, triv: str, targets: bool) -> Row:
         geotorch.orthogonal(lin, "weight", triv=triv)
         b.set_original(lin, "weight", Z.detach())
         fns[GT] = b.module_fb(lin, "weight", G)
-    if triv == "cayley":
-        # the inverse-based Cayley of geofunc._expm (proposed as the default of _linalg.cayley)
-        M2 = gf.SO(triv=fast_cayley)
-        fns[GF + " inv-cayley"] = b.fb(lambda: M2.to_manifold(Z, base), [Z], G)
     lin2 = b.linear(n, n)
     torch.nn.utils.parametrizations.orthogonal(lin2, "weight", orthogonal_map="matrix_exp" if triv == "expm" else "cayley")
     b.set_original(lin2, "weight", Z.detach())
