@@ -8,6 +8,7 @@ transforms, not arithmetic, so the ``mm`` anchor of a row is only nominal.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any, Callable
@@ -25,8 +26,9 @@ Step = Callable[[], object]
 # ------------------------------------------------------------------ the README's program
 def _twenty_lines(b: Bench, batch: int = 32):
     """The README's model, constraints and data (Linear 64→128 Stiefel, Linear 128→10 LowRank(4))."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(b.dtype)
+    with torch.random.fork_rng():  # the layers' default init, reproducible, the global RNG untouched
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(b.dtype)
     c = {"0.weight": gf.Stiefel(), "2.weight": gf.LowRank(rank=4)}
     params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=b.gen)
     raw, bases = gf.from_manifold(c, params)
@@ -78,15 +80,15 @@ def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: f
 
 
 def _constrained_module(lib: Any, model: torch.nn.Module, params: dict) -> torch.nn.Module:
-    """``model`` with GeoTorch's one-liners from ``lib`` (``geofunc.nn`` or ``geotorch``), at ``params``."""
-    m = type(model)(*[type(l)(l.in_features, l.out_features) if isinstance(l, torch.nn.Linear) else l for l in model])
-    m = m.to(next(model.parameters()).dtype)
-    lib.orthogonal(m[0], "weight")
-    lib.low_rank(m[2], "weight", 4)
+    """A copy of ``model`` with GeoTorch's one-liners from ``lib`` (``geofunc.nn`` or ``geotorch``), at ``params``."""
+    m = copy.deepcopy(model)
+    with torch.random.fork_rng():  # the one-liners draw an initial point from the global RNG
+        lib.orthogonal(m[0], "weight")
+        lib.low_rank(m[2], "weight", 4)
     with torch.no_grad():
-        for k, v in params.items():
-            layer, name = k.split(".")
-            setattr(m[int(layer)], name, v.clone()) if name == "weight" else getattr(m[int(layer)], name).copy_(v)
+        m[0].weight, m[2].weight = params["0.weight"].clone(), params["2.weight"].clone()
+        m[0].bias.copy_(params["0.bias"])
+        m[2].bias.copy_(params["2.bias"])
     return m
 
 
@@ -177,9 +179,10 @@ def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained
     ``inner_steps`` plain gradient steps on every raw tensor from the support set, then returns the
     query loss. ``vmap`` it over tasks and take its ``grad`` for the meta-gradient (grad of grad).
     """
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                                torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(dtype)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                    torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(dtype)
     c = {"2.weight": gf.SO()} if constrained else {}
     params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=generator)
     raw, bases = gf.from_manifold(c, params)
