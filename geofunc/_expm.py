@@ -17,16 +17,18 @@ forward + backward ≈ 3 × (#products + s) matmuls, and more accurate.
 Transforms. ``m`` and ``s`` are data dependent, so the choice happens on concrete
 tensors inside a ``torch.autograd.Function``:
 
-* ``backward`` is written in torch ops. With ``create_graph`` (double backward, and
-  every ``torch.func`` ``grad``/``vjp``, which always build a graph) it recomputes the
-  intermediates from the saved input so that higher derivatives are exact; otherwise
-  it reuses the forward's intermediates.
-* ``jvp`` (forward mode) recomputes the intermediates from the saved input the same
-  way (correct under nested transforms) and propagates the tangent through them.
+* ``backward`` reuses the forward's intermediates. With ``create_graph`` (double backward,
+  and every ``torch.func`` ``grad``/``vjp``, which always build a graph) it is one more
+  Function of ``(A, G)`` with the same value, whose own derivatives differentiate the
+  evaluation at a higher degree, so that higher derivatives are exact (Note [Adjoint node]).
+* ``jvp`` (forward mode) recomputes the intermediates from the saved input
+  (correct under nested transforms) and propagates the tangent through them.
 * ``vmap`` calls the Function again on the batch moved to the front: the op is
   batched over leading dimensions, so no per-sample fallback is needed.
-* under ``torch.compile`` (and for dtypes/devices not handled here) ``expm`` falls back
-  to ``torch.linalg.matrix_exp``, which the compiler traces.
+* under ``torch.compile``, for tensor subclasses (DTensor) and under nested forward mode,
+  ``expm`` evaluates a tensor-only schedule in plain torch ops (Note [Static schedule]):
+  the compiler traces the fast exponential and its adjoint into the graph. Complex, empty
+  and meta inputs go to ``torch.linalg.matrix_exp``.
 
 The thresholds ``θ_m`` are computed here (no tables copied): the largest ``θ`` with
 ``Σ_k |c_k| θ^(k-1) ≤ u`` for the series ``log(e^{-x} T_m(x)) = Σ_{k>m} c_k x^k``
