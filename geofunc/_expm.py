@@ -473,7 +473,7 @@ def _expm_static(A: Tensor) -> Tensor:
     alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
     s = torch.ceil(torch.log2(alpha / theta)).clamp(0, _STATIC_S)  # NaN for a non-finite input
     sc = torch.exp2(-torch.nan_to_num(s))[..., None, None]
-    X, _ = _taylor([None] + [P[j] * sc**j for j in range(1, 5)], m)
+    X, _ = _taylor([None] + [P[j] * sc**j for j in range(1, len(P))], m)
     for i in range(_STATIC_S):
         X = torch.where(s[..., None, None] > i, X @ X, X)
     bad = ~(alpha <= theta * 2.0**_STATIC_S)  # too large, or NaN/inf
