@@ -71,6 +71,7 @@ def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> St
 
 
 def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Step:
+    """A constrained module's step: cross-entropy ``backward()``, then Adam on its parameters."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
 
     def step() -> None:
@@ -95,6 +96,7 @@ def _constrained_module(lib: Any, model: torch.nn.Module, params: dict) -> torch
 
 
 def twenty_line_rows(b: Bench, targets: bool, compile_: bool) -> list[Row]:
+    """The README's step under ``torch.func.grad`` beside its anchors (and compiled, if ``compile_``)."""
     model, c, params, raw, bases, x, y = _twenty_lines(b)
 
     def loss(raw, bases, x, y):
@@ -214,6 +216,7 @@ def meta_loss(task_loss: Callable) -> Callable:
 
 
 def maml_row(b: Bench, targets: bool, n_tasks: int, width: int) -> Row:
+    """One MAML meta-step (grad of the vmapped task losses, Adam) beside the unconstrained one."""
     tasks = sinusoid_tasks(n_tasks, 10, b.gen, b.dtype)
     fns = {}
     for name, constrained in ((GF, True), ("unconstrained", False)):
@@ -262,6 +265,7 @@ def space_row(b: Bench, name: str, M: gf.AbstractSpace, shape: tuple[int, int], 
 
 
 def functional_cases(b: Bench, targets: bool) -> list[Row]:
+    """Every row of issue 13 (the compiled step only in a full run: compiling takes minutes)."""
     q = b.quick
     rows = twenty_line_rows(b, targets, compile_=not q)
     rows.append(maml_row(b, targets, 4 if q else 25, 8 if q else 40))
