@@ -419,14 +419,32 @@ class _ExpmAdjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, A: Tensor, G: Tensor, m: int, s: int, holder: _Holder) -> tuple[Tensor, int]:
-        def front(T: Tensor, d: Any) -> Tensor:
-            return T.expand(info.batch_size, *T.shape) if d is None else T.movedim(d, 0)
-
-        return _ExpmAdjoint.apply(front(A, in_dims[0]), front(G, in_dims[1]), m, s, holder), 0
+        # An unbatched A (jacrev: a batch of cotangents) stays unbatched: its intermediates are
+        # computed once and broadcast against the batch of G. Not under forward mode (hessian =
+        # jacfwd(jacrev)), whose tangent of the output must have the batched output's shape.
+        dA, dG = in_dims[:2]
+        if dA is not None:
+            A = A.movedim(dA, 0)
+        elif _forward_levels() > 0:
+            A = A.expand(info.batch_size, *A.shape)
+        G = G.expand(info.batch_size, *G.shape) if dG is None else G.movedim(dG, 0)
+        return _ExpmAdjoint.apply(A, G, m, s, holder), 0
 
 
 def _plain(A: Tensor) -> bool:
     return A.dtype in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
+
+
+def _forward_levels() -> int:
+    """The number of ``torch.func`` forward-mode (jvp) levels active (all of them if the private API moved)."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+
+        interpreters = retrieve_all_functorch_interpreters()
+    except Exception:  # pragma: no cover (private API moved: be safe)
+        return 2
+    return sum(1 for i in interpreters if i.key() == TransformType.Jvp)
 
 
 def _nested_forward_mode() -> bool:
@@ -438,14 +456,7 @@ def _nested_forward_mode() -> bool:
     Function). There, ``expm`` uses the static schedule (Note [Static schedule]): torch ops only,
     whose rules are exact.
     """
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
-
-        interpreters = retrieve_all_functorch_interpreters()
-    except Exception:  # pragma: no cover (private API moved: be safe)
-        return True
-    return sum(1 for i in interpreters if i.key() == TransformType.Jvp) >= 2
+    return _forward_levels() >= 2
 
 
 # Note [Static schedule]
