@@ -471,23 +471,23 @@ def _svd_moments(X: Tensor, r: int, lo: Tensor, hi: Tensor) -> Moments:
     return out
 
 
-def moments_rank(r: Optional[int] = None, det_positive: Optional[bool] = False) -> Callable[[Tensor], Moments]:
+def moments_rank(r: Optional[int] = None, det_positive: bool = False) -> Callable[[Tensor], Moments]:
     """LowRank/FixedRank/GLp (r = None: full rank): singular values ``0.5 + t_i`` (``t`` as in
     :func:`separated_bounds`), Haar frames. With ``det_positive`` (GLp: the frames' determinants
     multiply to +1) the law is still invariant under ``X ↦ R X S`` for rotations ``R, S``, so the
-    moments are the same, except at 1×1 where ``X = σ > 0``. ``det_positive=None`` leaves the sign
-    of a 1×1 point unpinned (``E|X| = E σ``): square ``FixedRank`` of full rank is the det > 0
-    component before DESIGN §6.1 and all of GL(n) after; tests/test_rank.py pins its sign."""
+    moments are the same, except at 1×1 where ``X = σ > 0``. At n = k = r also the sign of the
+    determinant: ``P(det X > 0)`` is 1 with ``det_positive`` and ½ without (independent Haar
+    frames on O(n): square ``FixedRank`` of full rank is all of GL(n), DESIGN §6.1)."""
 
     def moments(X: Tensor) -> Moments:
-        rr = min(X.shape[-2:]) if r is None else r
+        n, k = X.shape[-2:]
+        rr = min(n, k) if r is None else r
         lo, hi = separated_bounds(rr)
         out = _svd_moments(X, rr, 0.5 + lo, 0.5 + hi)
-        if tuple(X.shape[-2:]) == (1, 1):
-            if det_positive is None:
-                out["E[X]"] = (X.abs(), (1.0 + lo + hi) / 2)
-            elif det_positive:
-                out["E[X]"] = (X, (1.0 + lo + hi) / 2)
+        if n == k == rr:
+            out["P(det X > 0)"] = ((torch.linalg.slogdet(X)[0] > 0).to(X.dtype), 1.0 if det_positive else 0.5)
+        if (n, k) == (1, 1) and det_positive:
+            out["E[X]"] = (X, (1.0 + lo + hi) / 2)
         return out
 
     return moments

@@ -280,6 +280,38 @@ def test_product_manifold():
     assert isinstance(gnn.ProductManifold((gnn.SO((2, 2)), gnn.SO((2, 2)))), nn.ModuleList)
 
 
+def test_square_fixed_rank_takes_both_determinant_signs():
+    """n = k = rank is GL(n), as in GeoTorch: a det −2 matrix is assigned, read back, trained and
+    re-based in its component; GLp (det > 0) still refuses it."""
+    X = torch.diag(torch.tensor([-2.0, 1.0, 1.0])) @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    assert torch.allclose(torch.linalg.det(X), torch.tensor(-2.0))
+    M = gnn.FixedRank((3, 3), 3)
+    assert M.in_manifold(X)
+    lin = nn.Linear(3, 3, bias=False)
+    P.register_parametrization(lin, "weight", M)
+    lin.weight = X
+    torch.testing.assert_close(lin.weight, X, atol=1e-5, rtol=0)
+    opt = torch.optim.SGD(lin.parameters(), lr=1e-2)
+    for _ in range(3):
+        lin.weight.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.linalg.det(lin.weight) < 0
+    W = lin.weight.detach().clone()
+    gnn.update_base(lin, "weight")
+    torch.testing.assert_close(lin.weight, W, atol=1e-5, rtol=0)
+    # the constraint function, at the first assignment
+    m = gnn.fixed_rank(nn.Linear(3, 3), "weight", rank=3)
+    m.weight = X
+    torch.testing.assert_close(m.weight, X, atol=1e-5, rtol=0)
+    # samples of both signs (N = 200: all of one sign with probability 2⁻¹⁹⁹)
+    torch.manual_seed(0)
+    signs = torch.stack([torch.linalg.det(M.sample()).sign() for _ in range(200)])
+    assert (signs > 0).any() and (signs < 0).any()
+    with pytest.raises(gnn.InManifoldError):
+        gnn.invertible(nn.Linear(3, 3)).weight = X
+
+
 def test_hurwitz_alpha_is_assignable_and_checked():
     M = gnn.Hurwitz((4, 4), alpha=0.1)
     X = M.sample()

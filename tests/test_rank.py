@@ -2,7 +2,7 @@
 PSSDLowRank, PSSDFixedRank) and of Product.
 
 The generic properties (membership, round trips, tangent projection, retraction, transforms) are
-in the conformance suite (tests/cases_rank.py); here: bad input, the det > 0 component, value
+in the conformance suite (tests/cases_rank.py); here: bad input, the det > 0 component, GL(n), value
 maps given as callables or pairs, rectangular AlmostOrthogonal and λ ∈ {0, 1}, the cost of the
 LowRank chart by op shapes, extreme raw values, rebase without decompositions, finite gradients
 of the spectral maps at repeated singular values.
@@ -114,9 +114,9 @@ def test_bad_bases():
         gf.PSD().to_manifold(torch.zeros(3, 3), (torch.eye(3), torch.eye(3)))
 
 
-# ------------------------------------------------------------------ det > 0
-@pytest.mark.parametrize("space", [gf.GLp(), gf.FixedRank(rank=3)], ids=repr)
-def test_negative_determinant_is_rejected(space):
+# ------------------------------------------------------------------ det > 0 (GLp) and GL(n) (square FixedRank)
+def test_negative_determinant_is_rejected_by_glp():
+    space = gf.GLp()
     X = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=F64))
     assert not space.contains(X)
     with pytest.raises(gf.ManifoldError, match=r"det\(X\) ≤ 0"):
@@ -126,8 +126,8 @@ def test_negative_determinant_is_rejected(space):
     assert torch.allclose(P[1:, 1:], X[1:, 1:])
 
 
-@pytest.mark.parametrize("space", [gf.GLp(), gf.GLp(triv="cayley"), gf.FixedRank(rank=4)], ids=repr)
-def test_from_manifold_bases_keep_det_positive(space):
+@pytest.mark.parametrize("space", [gf.GLp(), gf.GLp(triv="cayley")], ids=repr)
+def test_glp_bases_keep_det_positive(space):
     g = _gen(3)
     for _ in range(5):
         A = torch.randn(6, 4, 4, generator=g, dtype=F64)
@@ -142,6 +142,54 @@ def test_from_manifold_bases_keep_det_positive(space):
         assert (torch.linalg.det(X) > 0).all()
     S = space.sample((50, 4, 4), generator=g, dtype=F32)
     assert (torch.linalg.slogdet(S.double())[0] > 0).all()
+
+
+def test_square_fixed_rank_is_all_of_gl_n():
+    """n = k = rank: a det −2 matrix is a point (DESIGN §6.1); its sign lives in the bases."""
+    M = gf.FixedRank(rank=3)
+    X = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 2.0]], dtype=F64) @ torch.diag(
+        torch.tensor([1.0, -1.0, 1.0], dtype=F64))
+    assert torch.allclose(torch.linalg.det(X), torch.tensor(-4.0, dtype=F64)) and member(M, X)
+    X = X / 2 ** (1 / 3)  # det −2
+    assert M.contains(X) and torch.allclose(torch.linalg.det(X), torch.tensor(-2.0, dtype=F64))
+    Z, (U, V) = M.from_manifold(X)
+    assert torch.linalg.det(U) * torch.linalg.det(V) < 0
+    torch.testing.assert_close(M.to_manifold(Z, (U, V)), X, atol=1e-10, rtol=0)
+    torch.testing.assert_close(M.logabsdet(Z, (U, V)), torch.log(torch.tensor(2.0, dtype=F64)), atol=1e-12, rtol=0)
+    Z2, base2 = M.rebase(Z + 0.3 * _randn(3, 3, seed=1), (U, V))
+    assert torch.linalg.det(M.to_manifold(Z2, base2)) < 0
+    torch.testing.assert_close(M.to_manifold(Z2, base2), M.to_manifold(Z + 0.3 * _randn(3, 3, seed=1), (U, V)),
+                               atol=1e-10, rtol=0)
+    # project no longer flips a sign: an invertible matrix with σ_min above the clamp level is fixed.
+    torch.testing.assert_close(M.project(X), X, atol=1e-12, rtol=0)
+    # Every raw step from the det < 0 bases keeps det < 0.
+    g = _gen(4)
+    steps = 3 * torch.randn((20, 3, 3), generator=g, dtype=F64)
+    assert (torch.linalg.det(M.to_manifold(Z + steps, (U, V))) < 0).all()
+
+
+def test_square_fixed_rank_samples_both_signs():
+    """Haar frames on O(n): det X > 0 with probability ½. With N = 400 the count of det > 0 is
+    Binomial(400, ½) (mean 200, sd 10); the band [140, 260] is ±6 sd: false alarm < 2e-9."""
+    S = gf.FixedRank(rank=3).sample((400, 3, 3), generator=_gen(5))
+    positive = int((torch.linalg.slogdet(S)[0] > 0).sum())
+    assert 140 <= positive <= 260
+
+
+def test_rsgd_on_square_fixed_rank_stays_in_the_det_negative_component():
+    """The retraction clamps singular values and keeps the sign (the det > 0 flip of GLp's
+    ``project`` would move the first step into the other component)."""
+    M = gf.FixedRank(rank=3)
+    target = torch.tensor([[-2.0, 0.5, 0.0], [0.3, 1.0, 0.2], [0.0, 0.4, 0.5]], dtype=F64)  # det −0.915
+    X = torch.diag(torch.tensor([-1.0, 1.0, 1.0], dtype=F64))  # det −1; det < 0 on the segment to target
+    opt = gf.optim.rsgd({"w": M}, lr=0.1)
+    params = {"w": X}
+    state = opt.init(params)
+    for _ in range(100):
+        grads = {"w": params["w"] - target}  # ∇ ½‖X − target‖²
+        params, state = opt.update(grads, state, params)
+        assert torch.linalg.det(params["w"]) < 0
+    torch.testing.assert_close(params["w"], target, atol=1e-3, rtol=0)
 
 
 # ------------------------------------------------------------------ f: names, callables, pairs

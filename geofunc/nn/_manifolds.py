@@ -763,39 +763,12 @@ class _SVDManifold(_Manifold):
         X = _svd_factors(U, s, V)
         return self._out(X.transpose(-2, -1) if self.transposed else X)
 
-    def _verify(self, X: Tensor, Z: Tensor, base: Any) -> None:
-        super()._verify(X, Z, base)
-        if self.n == self.k == self.rank:
-            # A square full-rank chart reaches the det sign of its bases only: refuse, never flip.
-            Y = self.space.to_manifold(Z, base)
-            want = torch.linalg.slogdet(_lift(self, X)[0])[0]
-            got = torch.linalg.slogdet(_lift(self, Y)[0])[0]
-            if bool((want != got).any()):
-                raise InManifoldError(X, self, "its determinant sign is not reachable by this chart "
-                                               f"({self.space!r} keeps det > 0)")
-
 
 def _det_positive_v(U: Tensor, V: Tensor) -> Tensor:
     """``V`` with its first row negated where ``det(U Vᵀ) < 0``: the first column of ``U S Vᵀ``
     flipped, which is how GeoTorch's SL sample fixes the sign."""
     sign = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(V)[0]
     return torch.cat([V[..., :1, :] * sign[..., None, None], V[..., 1:, :]], dim=-2)
-
-
-_NEGATIVE_DET: dict = {}
-
-
-def _reaches_negative_det(space: AbstractSpace) -> bool:
-    """Whether a square full-rank SVD space represents a det < 0 point (probed once per space)."""
-    if space not in _NEGATIVE_DET:
-        X = torch.diag(torch.tensor([-2.0, 1.0], dtype=torch.float64))
-        try:
-            probe = dataclasses.replace(space, rank=2) if hasattr(space, "rank") else space
-            Y = probe.to_manifold(*probe._from_manifold(X))
-            _NEGATIVE_DET[space] = bool(torch.linalg.det(Y) < 0) and bool(torch.allclose(Y, X, atol=1e-6))
-        except Exception:  # noqa: BLE001 - a probe: any failure means "not reachable"
-            _NEGATIVE_DET[space] = False
-    return _NEGATIVE_DET[space]
 
 
 class LowRank(_SVDManifold):
@@ -878,18 +851,12 @@ class FixedRank(_SVDManifold):
         return self.space.f
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
-        """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it.
-
-        Square and of full rank, where the space reaches only ``det > 0`` (geofunc's ``FixedRank``
-        before it takes both signs through its bases), the first column of the matrix is
-        flipped where ``det < 0``, as :class:`GLp` does.
-        """
+        """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it
+        (square and of full rank: both signs of the determinant, as GeoTorch)."""
         self._require_size()
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, 2.0 * self._floor()))
-            if self.n == self.k == self.rank and not _reaches_negative_det(self.space):
-                V = _det_positive_v(U, V)
             return self._emit(U, s, V, factorized)
 
 

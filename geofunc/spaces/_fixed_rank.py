@@ -34,17 +34,17 @@ class FixedRank(PositiveValues, SVDSpace):
     inverse ``y ↦ x + log(−expm1(−x))``, ``x = y − ε``), a callable (then ``from_manifold``
     raises) or a pair ``(f, f_inverse)``.
 
-    * Square full rank (n = k = r): the component with ``det X > 0`` (GeoTorch's GLp):
-      ``sign det X = det(U_b) det(V_b)``, ``from_manifold`` returns bases with product +1 and
-      rejects ``det X < 0``; ``logabsdet = Σ log f(sᵢ)``.
+    * Square full rank (n = k = r): all of GL(n), both signs of the determinant, reached through
+      the bases: ``sign det X = det(U_b) det(V_b)``, so ``from_manifold`` (bases from the SVD) and
+      ``rebase`` keep the sign of the point and every raw step keeps it too; ``base=None`` is
+      ``det > 0`` (:class:`GLp` is that component). ``logabsdet = Σ log f(sᵢ)``.
     * Membership: ``σ_{r+1} ≤ atol·max(1, σ₁)`` and ``σ_r`` at least the floor ε less the
       rounding ``δ = ε_dtype·√n·σ₁`` of a computed singular value, and above ``δ`` (for a user
       ``f``: above ``δ``).
-    * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε, √ε·σ₁)``
-      (square full rank: the smallest sign-flipped when ``det < 0``): a canonical point, the
-      set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));
-      ``retract(X, V) = project(X + V)``. ``sample``: as :class:`LowRank`'s (square full rank: the
-      last column of ``V`` multiplied by ``det U det V``, so that ``det X > 0``).
+    * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε, √ε·σ₁)``:
+      a canonical point, the set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));
+      ``retract(X, V) = project(X + V)``. ``sample``: as :class:`LowRank`'s (square full rank: both
+      signs of the determinant, each with probability ½).
 
     Example::
 
@@ -64,9 +64,6 @@ class FixedRank(PositiveValues, SVDSpace):
 
     def _rank(self, n: int, k: int) -> int:
         return self.rank
-
-    def _det_positive(self, n: int, k: int) -> bool:
-        return n == k == self.rank
 
     def _project_values(self, s, r, d):
         keep = (torch.arange(s.shape[-1], device=s.device) < r).expand_as(s)
