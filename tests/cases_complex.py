@@ -1,5 +1,5 @@
-"""Conformance cases of the complex spaces: Unitary, Hermitian, and Stiefel, Grassmannian, Sphere,
-Oblique on complex tensors.
+"""Conformance cases of the complex spaces: Unitary, Hermitian, and PSD, PSSD, Stiefel, Grassmannian,
+Sphere, Oblique on complex tensors.
 
 A complex manifold is the real manifold of the same points, with the metric ``Re tr(UᴴV)``
 (Note [Complex] in ``geofunc/spaces/_base.py``). So each case runs through ``_Realified``, a test
@@ -7,7 +7,7 @@ adapter that hands the space ``X[..., 0] + i X[..., 1]`` for a real ``(*batch, *
 ``X`` and returns real and imaginary parts the same way: every property of the harness (written for
 real dtypes, float32 and float64) then runs on the complex maps, complex64 and complex128, and
 every transform (vmap, grad, jvp, jacfwd/jacrev, hessian, compile) goes through them. The real
-dimension (Unitary n², Hermitian n², Stiefel 2nk − k², Grassmannian 2k(n − k), Sphere 2n − 1,
+dimension (Unitary n², Hermitian, PSD and PSSD n², Stiefel 2nk − k², Grassmannian 2k(n − k), Sphere 2n − 1,
 Oblique k(2n − 1)) is what ``check_tangent_space`` pins.
 
 Membership predicates, dimensions, perturbations and moments below are written with
@@ -147,6 +147,20 @@ def hermitian(Xr: Tensor, atol: float) -> Tensor:
     return (X - X.mH).abs().amax((-2, -1)) <= atol * scale
 
 
+def hermitian_psd(positive: bool) -> Callable[[Tensor, float], Tensor]:
+    """Hermitian (``max|X − Xᴴ| ≤ atol·s``), ``λ_min ≥ −atol·s`` (``s = max(1, ‖X‖₂)``), and ``λ_min > 0``
+    with ``positive``."""
+
+    def pred(Xr: Tensor, atol: float) -> Tensor:
+        X = _c(Xr)
+        lam = torch.linalg.eigvalsh(0.5 * (X + X.mH))
+        scale = lam.abs().amax(-1).clamp(min=1.0)
+        ok = ((X - X.mH).abs().amax((-2, -1)) <= atol * scale) & (lam[..., 0] >= -atol * scale)
+        return ok & (lam[..., 0] > 0) if positive else ok
+
+    return pred
+
+
 def on_complex_sphere(Xr: Tensor, atol: float) -> Tensor:
     return (torch.linalg.vector_norm(_c(Xr), dim=-1) - 1.0).abs() <= atol
 
@@ -242,6 +256,29 @@ def perturb_hermitian(Xr: Tensor, a: float) -> Tensor:
     return _r(X + (a * X.abs().amax((-2, -1)).clamp(min=1.0))[..., None, None] * E)
 
 
+def perturb_spectral_hermitian(Xr: Tensor, a: float) -> Tensor:
+    """``max|X − Xᴴ| = a·max(1, ‖sym X‖₂)`` (the PSD family's measure): ``i·a·s/2`` added to ``X[0, 0]``
+    (the Hermitian part, hence ``s``, is unchanged)."""
+    X = _c(Xr)
+    s = torch.linalg.eigvalsh(0.5 * (X + X.mH)).abs().amax(-1).clamp(min=1.0)
+    E = torch.zeros_like(X)
+    E[..., 0, 0] = 0.5j
+    return _r(X + (a * s)[..., None, None] * E)
+
+
+def perturb_negative_eigenvalue(Xr: Tensor, a: float) -> Tensor:
+    """The smallest eigenvalue moved to ``−a·max(1, ‖X‖₂)`` (PSSD's measure)."""
+    X = _c(Xr)
+    lam, Q = torch.linalg.eigh(X)
+    s = lam.abs().amax(-1).clamp(min=1.0)
+    q = Q[..., :, :1]
+    return _r(X + (-a * s - lam[..., 0])[..., None, None] * (q @ q.mH))
+
+
+def _negate(Xr: Tensor) -> Tensor:
+    return -Xr
+
+
 def _off_hermitian(Xr: Tensor) -> Tensor:
     X = _c(Xr)
     return _r(X + 1j * _eye(X, X.shape[-1]))
@@ -285,6 +322,19 @@ def moments_hermitian(Xr: Tensor) -> Moments:
     return out
 
 
+def moments_hermitian_psd(Xr: Tensor) -> Moments:
+    """``Q diag(0.5 + t) Qᴴ``, ``Q`` Haar on U(n), ``t_i`` uniform on ``((n − i − ½)/n, (n − i)/n]``
+    (i = 0 .. n−1, descending): the eigenvalue means and ``E[X] = (Σ E[λ]/n) I``."""
+    X = _c(Xr)
+    n = X.shape[-1]
+    i = torch.arange(n, dtype=torch.float64)
+    m1 = 0.5 + (n - i - 0.25) / n  # the midpoints of the intervals
+    lam = torch.linalg.eigvalsh(X)
+    out = {"E[λ_i] (descending)": (lam.flip(-1), m1)}
+    out.update(_parts("E[X]", X, m1.sum() / n * torch.eye(n, dtype=torch.complex128)))
+    return out
+
+
 def moments_complex_sphere(Xr: Tensor) -> Moments:
     """Uniform on the unit sphere of Cⁿ (S^{2n−1}): ``E[x] = 0``, ``E[x xᴴ] = I/n``, ``E[x_i²] = 0``,
     ``E|x_i|⁴ = 2/(n(n + 1))``, ``P(Re x_i > 0) = ½``."""
@@ -308,6 +358,11 @@ def moments_complex_oblique(Xr: Tensor) -> Moments:
 
 
 # ----------------------------------------------------------------------------------------- cases
+# As for the real PSD family (tests/cases_rank.py): project clamps eigenvalues up to a floor.
+_OPEN = "an open set: project returns the nearest point of the closure pushed inside by the floor, so Y − project(Y) is not normal to a tangent space"
+_BOUNDARY = "a set with boundary: project(Y) of a Gaussian Y lands on the boundary (clipped values), where the normal cone is not the normal space"
+_SLACK = 1e-6  # the float64 clamp level √ε·max(1, λ₁), relative to ‖Y‖
+_SOFTPLUS = 2e-3  # softplus + ε, ε = √ε_dtype: float32 differs from float64 by ~3.5e-4 by design
 def _shapes(*shapes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple((*s, 2) for s in shapes)
 
@@ -367,6 +422,36 @@ COMPLEX_CASES = [
         dim=dim_hermitian,
         perturb=perturb_hermitian,
         moments=moments_hermitian,
+    ),
+    SpaceCase(
+        "PSD-complex",
+        _Realified(gf.PSD()),
+        shapes=_SQUARE,
+        member=hermitian_psd(positive=True),
+        tol=TOL,
+        off_manifold=_negate,
+        linearized=_hermitian_linearized,
+        smoke_shape=(3, 3, 2),
+        dim=dim_hermitian,
+        perturb=perturb_spectral_hermitian,
+        moments=moments_hermitian_psd,
+        project_slack=_SLACK,
+        float32_shift=_SOFTPLUS,
+        skip={"project_normal": _OPEN},
+    ),
+    SpaceCase(
+        "PSSD-complex",
+        _Realified(gf.PSSD()),
+        shapes=_SQUARE,
+        member=hermitian_psd(positive=False),
+        tol=TOL,
+        off_manifold=_negate,
+        smooth=False,
+        smoke_shape=(3, 3, 2),
+        dim=dim_hermitian,
+        perturb=perturb_negative_eigenvalue,
+        moments=moments_hermitian_psd,
+        skip={"project_normal": _BOUNDARY},
     ),
     _frames("Stiefel-complex", gf.Stiefel(), _MATRIX),
     _frames("Stiefel-complex-cayley", gf.Stiefel(triv="cayley"), _shapes((4, 4), (6, 3), (3, 6))),

@@ -208,6 +208,28 @@ def test_gradcheck_in_complex128(space, shape, generator) -> None:
         assert torch.autograd.gradgradcheck(fn, args), name
 
 
+def test_pssd_project_is_numpy_eigenvalue_clipping(generator) -> None:
+    """The nearest Hermitian PSD matrix: the Hermitian part's negative eigenvalues set to 0."""
+    import numpy as np
+
+    Y = _crandn(2, 5, 5, generator=generator)
+    H = 0.5 * (_np(Y) + np.conj(np.swapaxes(_np(Y), -1, -2)))
+    w, Q = np.linalg.eigh(H)
+    expected = (Q * np.clip(w, 0, None)[..., None, :]) @ np.conj(np.swapaxes(Q, -1, -2))
+    torch.testing.assert_close(gf.PSSD().project(Y), torch.from_numpy(expected), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("space", [gf.PSD(), gf.PSD(f=(torch.exp, torch.log)), gf.PSSD()], ids=repr)
+def test_hermitian_psd_logabsdet_and_round_trip(space, generator) -> None:
+    Z = _crandn(2, 4, 4, generator=generator)
+    X = space.to_manifold(Z)
+    torch.testing.assert_close(space.logabsdet(Z), torch.linalg.slogdet(X)[1], atol=1e-12, rtol=0)
+    Z0, base = space.from_manifold(X)
+    assert Z0.dtype == C128
+    torch.testing.assert_close(space.to_manifold(Z0, base), X, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda z: space.to_manifold(z, base), (Z0.clone().requires_grad_(),))
+
+
 def test_unitary_logabsdet_is_slogdet(generator) -> None:
     M = gf.Unitary()
     Z = 3.0 * _crandn(2, 4, 4, generator=generator)
