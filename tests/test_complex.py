@@ -309,3 +309,67 @@ def test_unitary_procrustes_reaches_the_svd_solution(space, n, k, opt_name, gene
     torch.testing.assert_close(f(p), best, atol=1e-8, rtol=0)
     torch.testing.assert_close(p["U"], W @ Vh, atol=1e-5, rtol=0)
     assert bool(space.contains(p["U"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The complex conformance cases catch complex-specific mistakes: each mutant below (a transpose
+# where the conjugate transpose belongs, Haar sampling without the phase correction, u(n) without
+# its imaginary diagonal) fails a property that passes without it (tests/test_testing.py does the
+# same for the real spaces).
+
+
+def _tangent_without_conj(self, X, G):
+    B = X.mT @ G
+    return X @ (0.5 * (B - B.mT))
+
+
+def _qr_without_phases(shape, generator=None, dtype=None, device=None):
+    return torch.linalg.qr(torch.randn(shape, generator=generator, dtype=dtype, device=device))[0]
+
+
+def _skew_without_imaginary_diagonal(Z, lower=True):
+    L = torch.tril(Z, -1)
+    return L - L.mH
+
+
+def _dot_without_conj(A, B):
+    return (A * B).real.sum(-1, keepdim=True)
+
+
+def _hermitian_part_without_conj(self, G):
+    return 0.5 * (G + G.mT)
+
+
+def _complex_mutants():
+    from unittest import mock
+
+    import geofunc.spaces._sphere as sphere
+    import geofunc.spaces._unitary as unitary
+
+    return [
+        ("Unitary.tangent-transpose", lambda: mock.patch.object(gf.Unitary, "tangent", _tangent_without_conj),
+         "Unitary", "tangent_space", "does not fix the image of the chart's differential"),
+        ("Unitary.sample-no-phase-fix", lambda: mock.patch.object(unitary, "haar_stiefel", _qr_without_phases),
+         "Unitary", "sample_distribution", "not the documented distribution|over 4000 draws"),
+        ("Unitary-chart-no-imaginary-diagonal",
+         lambda: mock.patch.object(unitary, "skew_lower", _skew_without_imaginary_diagonal),
+         "Unitary", "tangent_space", "projected differential of the chart"),
+        ("Sphere-inner-without-conj", lambda: mock.patch.object(sphere, "_dot", _dot_without_conj),
+         "Sphere-complex", "tangent", "not idempotent"),
+        ("Hermitian.project-transpose", lambda: mock.patch.object(gf.Hermitian, "_part", _hermitian_part_without_conj),
+         "Hermitian", "project", "not on the space"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_complex_mutants())), ids=[m[0] for m in _complex_mutants()])
+def test_complex_mutant_is_caught(index) -> None:
+    from cases_complex import COMPLEX_CASES
+
+    from geofunc.testing import PROPERTIES
+
+    _, patch, case_id, prop_name, match = _complex_mutants()[index]
+    case = next(c for c in COMPLEX_CASES if c.id == case_id)
+    prop = next(p for p in PROPERTIES if p.name == prop_name)
+    with patch(), pytest.raises(AssertionError, match=match):
+        prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))
+    prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))  # the control passes
