@@ -6,7 +6,9 @@ A complex manifold is the real manifold of the same points, with the metric ``Re
 adapter that hands the space ``X[..., 0] + i X[..., 1]`` for a real ``(*batch, *point, 2)`` tensor
 ``X`` and returns real and imaginary parts the same way: every property of the harness (written for
 real dtypes, float32 and float64) then runs on the complex maps, complex64 and complex128, and
-every transform (vmap, grad, jvp, jacfwd/jacrev, hessian, compile) goes through them. The real
+every transform (vmap, grad, jvp, jacfwd/jacrev, hessian, compile) goes through them (torch's
+``jacrev``/``jacfwd`` refuse complex *inputs*; on the real parts they apply, and that real Jacobian
+is the one a non-holomorphic map has: tests/test_complex.py). The real
 dimension (Unitary n², Hermitian, PSD and PSSD n², Stiefel 2nk − k², Grassmannian 2k(n − k), Sphere 2n − 1,
 Oblique k(2n − 1)) is what ``check_tangent_space`` pins.
 

@@ -373,3 +373,26 @@ def test_complex_mutant_is_caught(index) -> None:
     with patch(), pytest.raises(AssertionError, match=match):
         prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))
     prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))  # the control passes
+
+
+def test_jacobians_of_complex_maps_are_taken_on_the_real_parts(generator) -> None:
+    """torch 2.13's ``jacrev``/``jacfwd`` (hence ``hessian``) refuse complex inputs ("Expected all
+    inputs to be real"); ``grad``, ``jvp`` and ``vmap`` take them. A map of complex matrices that is
+    not holomorphic has no complex Jacobian anyway: its Jacobian is that of the real map on
+    ``(Re Z, Im Z)`` (what tests/cases_complex.py checks, for every transform), here equal to the
+    directional derivatives from ``jvp`` on the complex map."""
+    M = gf.Unitary()
+    Z = _crandn(3, 3, generator=generator)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match="Expected all inputs to be real"):
+            jac(M.to_manifold)(Z)
+
+    def real_map(Zr):
+        return torch.view_as_real(M.to_manifold(torch.view_as_complex(Zr)).resolve_conj())
+
+    J = torch.func.jacrev(real_map)(torch.view_as_real(Z))  # (3, 3, 2, 3, 3, 2)
+    D = _crandn(3, 3, generator=generator)
+    _, dX = torch.func.jvp(M.to_manifold, (Z,), (D,))
+    torch.testing.assert_close(torch.einsum("abcijk,ijk->abc", J, torch.view_as_real(D)), torch.view_as_real(dX),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.func.jacfwd(real_map)(torch.view_as_real(Z)), J, atol=1e-12, rtol=0)
