@@ -33,6 +33,7 @@ from .spaces import (
     FixedRank as FixedRank,
     GLp as GLp,
     Grassmannian as Grassmannian,
+    Hermitian as Hermitian,
     Hurwitz as Hurwitz,
     Lorentz as Lorentz,
     LowRank as LowRank,
@@ -46,6 +47,7 @@ from .spaces import (
     Sphere as Sphere,
     Stiefel as Stiefel,
     Sym as Sym,
+    Unitary as Unitary,
 )
 
 __version__ = "0.1.0"
@@ -61,6 +63,7 @@ __all__ = [
     "FixedRank",
     "GLp",
     "Grassmannian",
+    "Hermitian",
     "Hurwitz",
     "Lorentz",
     "LowRank",
@@ -75,6 +78,7 @@ __all__ = [
     "Sphere",
     "Stiefel",
     "Sym",
+    "Unitary",
     "contains",
     "egrad_to_rgrad",
     "from_manifold",

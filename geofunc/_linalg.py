@@ -39,7 +39,9 @@ __all__ = [
 
 
 def transpose(X: Tensor) -> Tensor:
-    return X.transpose(-2, -1)
+    """``Xᵀ`` of the last two dims; the conjugate transpose ``Xᴴ`` for complex ``X`` (Note [Complex]
+    in ``geofunc/spaces/_base.py``), so every map written with it serves both."""
+    return X.mH
 
 
 def eye_like(X: Tensor, n: int | None = None) -> Tensor:
@@ -48,14 +50,22 @@ def eye_like(X: Tensor, n: int | None = None) -> Tensor:
 
 
 def skew_lower(Z: Tensor, lower: bool = True) -> Tensor:
-    """The skew-symmetric matrix ``L - Lᵀ`` of the strict lower (or upper) triangle ``L`` of ``Z``."""
+    """The skew-symmetric matrix ``L - Lᵀ`` of the strict lower (or upper) triangle ``L`` of ``Z``.
+
+    Complex ``Z``: the skew-Hermitian ``L − Lᴴ + i·diag(Im Z)`` (the n² real coordinates of u(n)).
+    """
     L = torch.tril(Z, -1) if lower else torch.triu(Z, 1)
-    return L - transpose(L)
+    A = L - transpose(L)
+    if Z.is_complex():
+        A = A + torch.diag_embed(1j * torch.diagonal(Z, dim1=-2, dim2=-1).imag)
+    return A
 
 
 def skew_lower_inverse(A: Tensor, lower: bool = True) -> Tensor:
-    """Right inverse of :func:`skew_lower` on skew matrices: their strict lower (upper) triangle."""
-    return torch.tril(A, -1) if lower else torch.triu(A, 1)
+    """Right inverse of :func:`skew_lower` on skew matrices: their strict lower (upper) triangle
+    (with the imaginary diagonal for complex skew-Hermitian ``A``)."""
+    d = 0 if A.is_complex() else 1
+    return torch.tril(A, -d) if lower else torch.triu(A, d)
 
 
 def sym_part(X: Tensor) -> Tensor:
@@ -102,11 +112,22 @@ def _sign_nonzero(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+def _phase(x: Tensor) -> Tensor:
+    """``x/|x|`` (1 where ``x = 0``): the complex counterpart of :func:`_sign_nonzero`."""
+    a = x.abs()
+    return torch.where(a > 0, x / torch.where(a > 0, a, torch.ones_like(a)), torch.ones_like(x))
+
+
 def haar_stiefel(shape, generator=None, dtype=None, device=None) -> Tensor:
-    """Haar-uniform tall frames of shape ``(..., n, k)``, ``n >= k`` (QR of a Gaussian, signs fixed)."""
+    """Haar-uniform tall frames of shape ``(..., n, k)``, ``n >= k`` (QR of a Gaussian, signs fixed).
+
+    Complex ``dtype``: QR of a complex Ginibre matrix with the phases of ``diag R`` moved into
+    ``Q`` (Mezzadri, "How to generate random matrices from the classical compact groups", 2007).
+    """
     G = _randn(shape, generator, dtype, device)
     Q, R = torch.linalg.qr(G)
-    d = _sign_nonzero(torch.diagonal(R, dim1=-2, dim2=-1))
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    d = _phase(diag) if diag.is_complex() else _sign_nonzero(diag)
     return Q * d.unsqueeze(-2)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import CASES
+from cases_complex import COMPLEX_CASES
 
 import geofunc as gf
 import geofunc.nn as gnn
@@ -29,7 +30,11 @@ def _tol(dtype: torch.dtype, X: torch.Tensor) -> float:
 
 
 def _cases():
+    # The complex cases are left out: torch has no complex bfloat16, and complex32 (complex float16)
+    # is not supported by the complex spaces (Note [Complex]; they refuse it with a ManifoldError).
     for case in CASES:
+        if case in COMPLEX_CASES:
+            continue
         for dtype in LOW:
             yield pytest.param(case, dtype, id=f"{case.id}-{_NAMES[dtype]}")
 

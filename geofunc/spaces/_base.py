@@ -48,6 +48,8 @@ _ATOL = {
     torch.bfloat16: 5e-2,
     torch.float32: 1e-4,
     torch.float64: 1e-9,
+    torch.complex64: 1e-4,  # those of the real dtype of the parts (Note [Complex])
+    torch.complex128: 1e-9,
 }
 
 
@@ -231,6 +233,11 @@ class AbstractSpace:
         if not (X.dtype.is_floating_point or X.dtype.is_complex):
             kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
             raise error(self, f"`{what}` of a floating dtype ({kinds})", describe(X))
+
+    def _require_complex(self, X: Tensor, what: str) -> None:
+        """For spaces of complex points only (Unitary, Hermitian): ``X`` must be complex64/complex128."""
+        if not X.dtype.is_complex:
+            raise error(self, f"`{what}` of a complex dtype (complex64 or complex128)", describe(X))
 
     def _require_matrix(self, X: Any, what: str = "X", square: bool = False) -> tuple[int, int]:
         """Check ``X`` is a (batch of) floating matrices, square if asked; return ``(n, k)``."""

@@ -212,13 +212,13 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     lam, Q = torch.linalg.eigh(Ss)
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
-    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mT)
+    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mH)
     D = S - S0
-    E = Q.mT @ D @ Q
+    E = Q.mH @ D @ Q
     tol = _tie_tol(lam).unsqueeze(-1)
     gam = _divided(g.unsqueeze(-1) - g.unsqueeze(-2), dg.unsqueeze(-1), dg.unsqueeze(-2),
                    lam.unsqueeze(-1) - lam.unsqueeze(-2), tol)
-    return out + sym_part(Q @ (E * gam) @ Q.mT)
+    return out + sym_part(Q @ (E * gam) @ Q.mH)
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -301,7 +301,8 @@ def _nan_where_not_finite(*tensors: Optional[Tensor]) -> Tensor:
     out = None
     for T in tensors:
         if T is not None:
-            t = T.detach().sum(dim=(-2, -1))
+            t = T.detach()
+            t = (t.abs() if t.is_complex() else t).sum(dim=(-2, -1))
             out = t if out is None else out + t
     assert out is not None
     return out * 0.0
@@ -625,13 +626,13 @@ class EigSpace(AbstractSpace):
         r = self._rank(n)
         Qb = self._base(base, n, r)
         Qc = torch.tril(Z[..., :, :r], -1)
-        lam = torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r]
+        lam = torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
         st: Stiefel = self._stiefel  # type: ignore[attr-defined]
         return frame_chart_packed(st, Qc, Qb), lam
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
-        return sym_part((Q * (self._values(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mT)  # NaN for ±inf raw values
+        return sym_part((Q * (self._values(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mH)  # NaN for ±inf raw values
 
     def _pack(self, lam_raw: Tensor, n: int) -> Tensor:
         r = lam_raw.shape[-1]
@@ -642,13 +643,13 @@ class EigSpace(AbstractSpace):
         r = self._rank(n)
         lam, Q = torch.linalg.eigh(_finite_or_zero(sym_part(X))[0])
         lam, Q = lam[..., -r:].flip(-1), Q[..., -r:].flip(-1)  # top r, descending
-        nan = _nan_like_batch(X)
-        return self._pack(self._values_inverse(lam) + nan[..., None], n), Q + nan[..., None, None]
+        nan = _nan_like_batch(X.abs() if X.is_complex() else X)
+        return self._pack(self._values_inverse(lam) + nan[..., None], n).to(X.dtype), Q + nan[..., None, None]
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """Keep the eigenvalue coordinates, move the Q coordinates into the base (no eigh)."""
         Q, lam = self._factors(Z, base)
-        return self._pack(lam, Z.shape[-1]), Q
+        return self._pack(lam, Z.shape[-1]).to(Z.dtype), Q
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         self._check_pair(X, G, "G")
@@ -675,8 +676,8 @@ class EigSpace(AbstractSpace):
         n = shape[-1]
         r = self._rank(n)
         Q = haar_stiefel(shape[:-2] + (n, r), generator, dtype, device)
-        t = separated_values(shape[:-2], r, generator, dtype, Q.device)
-        return sym_part((Q * (0.5 + t).unsqueeze(-2)) @ Q.mT)
+        t = separated_values(shape[:-2], r, generator, Q.real.dtype, Q.device)
+        return sym_part((Q * (0.5 + t).unsqueeze(-2)) @ Q.mH)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``Σ log|f(λᵢ)|`` of the eigenvalue coordinates (rank = n only): O(n) after the raw map."""
@@ -686,7 +687,7 @@ class EigSpace(AbstractSpace):
         if r != n:
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
         Qb = self._base(base, n, r)
-        return _log_values(self, torch.diagonal(Z, dim1=-2, dim2=-1)) + _nan_where_not_finite(Z, Qb)
+        return _log_values(self, torch.diagonal(Z, dim1=-2, dim2=-1).real) + _nan_where_not_finite(Z, Qb)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs, bad = _finite_or_zero(X)
@@ -694,7 +695,7 @@ class EigSpace(AbstractSpace):
         lam = torch.linalg.eigvalsh(S)
         n = X.shape[-1]
         scale = lam.abs().amax(-1).clamp(min=1.0)
-        out = {"max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mT).abs().amax(dim=(-2, -1)) / scale}
+        out = {"max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mH).abs().amax(dim=(-2, -1)) / scale}
         out.update(self._value_violations(lam, self._rank(n), n))
         return {name: _flag(bad, v) for name, v in out.items()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,9 @@ class PSSD(AbsEigValues, EigSpace):
     * ``from_manifold``: ``eigh``, ``base = Q``, ``diag(Z) = λ``; ``rebase`` keeps ``diag(Z)``.
     * ``tangent(X, G) = sym(G)``; ``project(Y)``: eigenvalues of ``sym(Y)`` clipped at 0 (the nearest
       point); ``retract(X, V) = project(X + V)``. ``sample``: as :class:`PSD`'s.
+
+    Complex tensors: Hermitian positive semidefinite matrices ``Q diag(|λ|) Qᴴ``, ``Q`` unitary,
+    ``λ = Re diag(Z)``, as for :class:`PSD` (Note [Complex]).
     * ``logabsdet = Σ log|λᵢ|``.
 
     Example::
@@ -35,6 +39,7 @@ class PSSD(AbsEigValues, EigSpace):
     """
 
     triv: Triv = "expm"
+    accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self._init_frames()
