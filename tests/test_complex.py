@@ -311,6 +311,24 @@ def test_unitary_procrustes_reaches_the_svd_solution(space, n, k, opt_name, gene
     assert bool(space.contains(p["U"]))
 
 
+def test_radam_on_unconstrained_complex_entries_uses_the_modulus(generator) -> None:
+    """Adam's second moment of a complex entry is ``|g|²`` (real), so an update is equivariant under
+    a phase: the step for ``i·g`` is ``i`` times the step for ``g``, and a complex least-squares
+    problem converges (``g·g`` would be complex, its root rotate the step)."""
+    g = torch.randn(4, 3, dtype=torch.float64, generator=generator).to(C128)
+    p = {"w": _crandn(4, 3, generator=generator)}
+    opt = gf.optim.radam({"w": None}, lr=0.1)
+    step = {ph: opt.update({"w": ph * g}, opt.init(p), p)[0]["w"] - p["w"] for ph in (1, 1j)}
+    torch.testing.assert_close(step[1j], 1j * step[1], atol=1e-15, rtol=0)
+    A, b = _crandn(6, 4, generator=generator), _crandn(6, generator=generator)
+    x = {"x": torch.zeros(4, dtype=C128)}
+    opt = gf.optim.radam({"x": None}, lr=0.05)
+    state = opt.init(x)
+    for _ in range(2000):
+        x, state = opt.update(torch.func.grad(lambda q: (A @ q["x"] - b).abs().pow(2).sum())(x), state, x)
+    torch.testing.assert_close(x["x"], torch.linalg.lstsq(A, b[:, None]).solution[:, 0], atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # The complex conformance cases catch complex-specific mistakes: each mutant below (a transpose
 # where the conjugate transpose belongs, Haar sampling without the phase correction, u(n) without

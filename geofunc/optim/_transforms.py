@@ -116,11 +116,16 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
+def _abs2(v: Tensor) -> Tensor:
+    """``|v|²`` elementwise: real for complex ``v`` (``v * v`` would be complex, its root wrong)."""
+    return v.real * v.real + v.imag * v.imag if v.is_complex() else v * v
+
+
 def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
     """Squared Riemannian norm ``inner(X, V, V)`` per point, keeping the point's dims as size 1;
-    elementwise square when unconstrained."""
+    elementwise ``|v|²`` when unconstrained."""
     if space is None:
-        return _map(lambda v: v * v, V)
+        return _map(_abs2, V)
     if isinstance(V, Tensor):
         d = space.point_ndim
         sq = space.inner(X, V, V)
@@ -128,7 +133,7 @@ def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
     factors = getattr(space, "factors", None) or getattr(space, "spaces", None)
     if factors is not None and len(factors) == len(V):  # a Product: one statistic per factor point
         return type(V)(_point_sq_norm(f, x, v) for f, x, v in zip(factors, X, V))
-    return _map(lambda v: v * v, V)
+    return _map(_abs2, V)
 
 
 def scale_by_adam(
