@@ -44,6 +44,7 @@ from .spaces import (
     Rn as Rn,
     Skew as Skew,
     Sphere as Sphere,
+    SphereEmbedded as SphereEmbedded,
     Stiefel as Stiefel,
     Sym as Sym,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "Rn",
     "Skew",
     "Sphere",
+    "SphereEmbedded",
     "Stiefel",
     "Sym",
     "contains",

@@ -21,6 +21,7 @@ from ._sl import SL as SL
 from ._skew import Skew as Skew
 from ._so import SO as SO
 from ._sphere import Sphere as Sphere
+from ._sphere_embedded import SphereEmbedded as SphereEmbedded
 from ._stiefel import Stiefel as Stiefel
 from ._sym import Sym as Sym
 
@@ -46,6 +47,7 @@ __all__ = [
     "Rn",
     "Skew",
     "Sphere",
+    "SphereEmbedded",
     "Stiefel",
     "Sym",
 ]

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import final
 
 import torch
 
 from .._linalg import transpose
 from ._base import AbstractSpace
-from ._sphere import _e1, _exp_chart, _normalize, _tangent, _unit_base
+from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_tangent
 
 __all__ = ["Oblique"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Oblique(AbstractSpace):
     r"""``n×k`` matrices whose columns have unit norm.
@@ -77,17 +79,17 @@ class Oblique(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − X diag(XᵀG)``."""
         self._check_pair(X, G, "G")
-        return transpose(_tangent(transpose(X), transpose(G), 1.0))
+        return transpose(sphere_tangent(transpose(X), transpose(G), 1.0))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """The columns of ``X + V`` normalized."""
         self._check_pair(X, V, "V")
-        return transpose(_normalize(transpose(X + V), 1.0))
+        return transpose(normalize(transpose(X + V), 1.0))
 
     def project(self, Y: Tensor) -> Tensor:
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""
         self._check_shape(Y, "Y")
-        return transpose(_normalize(transpose(Y), 1.0))
+        return transpose(normalize(transpose(Y), 1.0))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         err = (torch.linalg.vector_norm(X, dim=-2) - 1.0).abs()
