@@ -565,7 +565,8 @@ def write_results(b: Bench, path: str, args, elapsed: float) -> None:
     lines = [
         "# geofunc benchmarks" + (" (quick smoke run)" if b.quick else ""),
         "",
-        f"* device: **{device_name(b.device)}**; dtype float32; torch {torch.__version__}; "
+        f"* device: **{device_name(b.device)}**; dtype {str(b.dtype).removeprefix('torch.')} unless a row's note names "
+        f"another; torch {torch.__version__}; "
         f"torch.set_num_threads({torch.get_num_threads()}); geotorch {getattr(geotorch, '__version__', 'not installed')}",
         f"* {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s, command: `python -m benchmarks {' '.join(sys.argv[1:])}`",
         "* medians of interleaved rounds after warm-up; **mm-eq** = time ÷ one n×n `torch.mm` timed alongside; "

@@ -79,6 +79,20 @@ def can_check(tree: Any) -> bool:
     return True
 
 
+# Note [Complex]
+# A space that sets ``accepts_complex = True`` takes complex64/complex128 tensors (and says so in
+# its docstring): there ``ᵀ`` becomes ``ᴴ`` and the metric is the real inner product
+# ``⟨U, V⟩ = Re tr(UᴴV)`` of Cⁿ ≅ R²ⁿ, so the complex space is the real manifold of the same
+# points. Every other space refuses complex tensors in ``_require_float`` (every shape check
+# goes through it), so to_manifold, from_manifold, tangent, retract, project, contains, check
+# and sample(dtype=complex…) raise ``ManifoldError`` naming the space and the dtype.
+# Gradients: for a real loss L of a complex tensor Z = X + iY, torch's autograd returns
+# G = ∂L/∂X + i ∂L/∂Y (twice the conjugate Wirtinger derivative ∂L/∂Z̄), the gradient of L
+# for that real inner product. So the embedded defaults below hold unchanged:
+# egrad_to_rgrad(X, G) = tangent(X, G) and transport(X, Y, V) = tangent(Y, V)
+# (tests/test_complex.py checks both against finite differences).
+
+
 # Note [Low precision]
 # bfloat16/float16 have no CPU kernels for QR, SVD, eigh, solve or slogdet, and
 # torch.linalg.matrix_exp returns NaN (or, through a chart, an all-zero "point") in bfloat16.
@@ -204,6 +218,8 @@ class AbstractSpace(_Space, abc.ABC):
 
     #: Number of trailing dimensions a point occupies (2 for matrices, 1 for vectors).
     point_ndim: ClassVar[int] = 2
+    #: Whether the space takes complex tensors (Note [Complex]); False: they raise ``ManifoldError``.
+    accepts_complex: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -215,10 +231,20 @@ class AbstractSpace(_Space, abc.ABC):
         """Raise ``ManifoldError`` if the trailing dimensions of ``X`` are not a point's."""
 
     def _require_float(self, X: Any, what: str) -> None:
+        """``X`` must be a floating tensor; complex too where the space accepts it (Note [Complex])."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
-        if not X.dtype.is_floating_point:
-            raise error(self, f"`{what}` of a floating dtype (float32 or float64)", describe(X))
+        if X.dtype == torch.complex32 and self.accepts_complex:
+            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", describe(X))
+        if X.dtype.is_complex and not self.accepts_complex:
+            raise error(
+                self,
+                f"`{what}` of a real floating dtype (float32 or float64); {type(self).__name__} is a real space",
+                describe(X),
+            )
+        if not (X.dtype.is_floating_point or X.dtype.is_complex):
+            kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
+            raise error(self, f"`{what}` of a floating dtype ({kinds})", describe(X))
 
     def _require_matrix(self, X: Any, what: str = "X", square: bool = False) -> tuple[int, int]:
         """Check ``X`` is a (batch of) floating matrices, square if asked; return ``(n, k)``."""

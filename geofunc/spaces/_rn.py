@@ -31,7 +31,8 @@ class Rn(AbstractSpace):
     * ``tangent(X, G) = G``; ``retract(X, V) = X + V``; ``project(Y) = Y``.
     * ``sample``: a standard Gaussian.
 
-    Any floating tensor is accepted, 0-d included; NaN and inf pass through unchanged
+    Any floating tensor is accepted, complex ones too (Cⁿ as R²ⁿ, metric ``Re tr(UᴴV)``),
+    0-d included; NaN and inf pass through unchanged
     (identity maps) and are reported by :meth:`contains` (False) and :meth:`check`.
     A non-floating tensor, or a ``base`` that is not None, raises
     :class:`~geofunc.ManifoldError`. Useful as a factor of :class:`Product` and as the
@@ -45,6 +46,7 @@ class Rn(AbstractSpace):
     """
 
     point_ndim: ClassVar[int] = 0
+    accepts_complex: ClassVar[bool] = True
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_float(X, what)
@@ -83,5 +85,6 @@ class Rn(AbstractSpace):
         return Y
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        bad = torch.full_like(X, float("inf"))
-        return {"non-finite entries": torch.where(torch.isfinite(X), torch.zeros_like(X), bad)}
+        R = X.real  # X itself when real; the real dtype of a complex X
+        bad = torch.full_like(R, float("inf"))
+        return {"non-finite entries": torch.where(torch.isfinite(X), torch.zeros_like(R), bad)}
