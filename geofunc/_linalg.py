@@ -129,16 +129,13 @@ def haar_so(shape, generator=None, dtype=None, device=None) -> Tensor:
 
 # Note [NaN policy]
 # A point with a NaN or inf entry has no well-defined image, and no map may return a plausible
-# point for it (DESIGN §5: nothing fails silently); yet LAPACK-backed calls (svd, eigh, qr,
-# cholesky, solve, slogdet) raise on it or return finite garbage. So every map that calls one
-# computes ``f(sanitize(Y)) + poison(Y)``: the decomposition reads finite numbers, and the result
-# is NaN exactly at the points whose input was not finite. ``poison`` is ``Σ 0·y`` over the
-# entries of each point (``0·inf = NaN``; no overflow, unlike ``0·Σ y``): traced by vmap and
-# compile, no Python branch on values, and a zero derivative that keeps the result in the
-# autograd graph (a constant ``logabsdet`` of SO still has a gradient, zero). Membership measures use the
-# same pair: a violation plus ``poison(X)`` is NaN, which ``contains`` reads as False and
-# ``check`` reports as inf. Charts made of matrix products and elementwise maps need neither
-# (NaN propagates by itself).
+# point for it (DESIGN §5); yet LAPACK-backed calls (svd, eigh, qr, cholesky, solve, slogdet)
+# raise on it or return finite garbage. So every map that calls one computes
+# ``f(sanitize(Y)) + poison(Y)``: the decomposition reads finite numbers, and the result is NaN
+# exactly at the points whose input was not finite. ``poison`` is ``Σ 0·y`` per point (``0·inf =
+# NaN``, no overflow): traceable, no branch on values, a zero derivative (so a constant
+# ``logabsdet`` still has a gradient). A violation plus ``poison(X)`` is NaN, which ``contains``
+# reads as False and ``check`` reports as inf. Products and elementwise maps need neither.
 def sanitize(Y: Tensor) -> Tensor:
     """``Y`` with non-finite entries replaced by 0, for a LAPACK call (Note [NaN policy])."""
     return torch.where(torch.isfinite(Y), Y, torch.zeros_like(Y))

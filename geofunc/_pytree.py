@@ -206,23 +206,6 @@ def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise ManifoldError(f"parameter {name!r}: {e}") from None
 
 
-def _check_bases(bases: Any) -> Bases:
-    if bases is None:
-        return {}
-    if not isinstance(bases, Mapping):
-        raise ManifoldError(
-            f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
-        )
-    return bases  # type: ignore[return-value]
-
-
-def _check_base_names(bases: Bases, names: set[str]) -> None:
-    if not torch.compiler.is_compiling():
-        for key in bases:
-            if key not in names:
-                raise ManifoldError(f"`bases` has an entry {key!r} that no constraint names (constrained: {sorted(names)}).")
-
-
 def _shape_of(X: Any) -> Any:
     if isinstance(X, torch.Tensor):
         return X.shape
@@ -233,14 +216,6 @@ def _first_leaf(X: Any) -> torch.Tensor:
     return optree.tree_leaves(X)[0]
 
 
-def _first(X: Any, *rest: Any) -> Any:
-    return X
-
-
-def _last(*args: Any) -> Any:
-    return args[-1]
-
-
 def _map(
     constraints: Constraints,
     fn: Callable[..., Any],
@@ -248,7 +223,7 @@ def _map(
     *rests: PyTree,
     names: tuple[str, ...] = ("params",),
     check: str | None = None,
-    free: Callable[..., Any] = _first,
+    free: Callable[..., Any] = lambda X, *rest: X,
 ) -> PyTree:
     """The one lift: ``fn(entry, *subtrees)`` at every constrained entry, ``free(*subtrees)`` elsewhere.
 
@@ -307,18 +282,31 @@ def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bas
     return _map(constraints, inverse, params, check="X"), bases
 
 
-def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
-    """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
-    bases = _check_bases(bases)
+def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Callable[..., Any]) -> PyTree:
+    """``_map`` of ``fn(entry, Z, base)`` over ``raw`` with each entry's base; every key of
+    ``bases`` must name a constrained entry (checked in eager mode)."""
+    if bases is None:
+        bases = {}
+    elif not isinstance(bases, Mapping):
+        raise ManifoldError(
+            f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
+        )
     names: set[str] = set()
 
-    def chart(e: _Entry, Z: Any) -> Any:
+    def call(e: _Entry, Z: Any) -> Any:
         names.add(e.name)
-        return e.space.to_manifold(Z, bases.get(e.name))
+        return fn(e, Z, bases.get(e.name))
 
-    out = _map(constraints, chart, raw, names=("raw",), check="Z")
-    _check_base_names(bases, names)
+    out = _map(constraints, call, raw, names=("raw",), check="Z")
+    unknown = [] if torch.compiler.is_compiling() else [key for key in bases if key not in names]
+    if unknown:
+        raise ManifoldError(f"`bases` has an entry {unknown[0]!r} that no constraint names (constrained: {sorted(names)}).")
     return out
+
+
+def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
+    """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
+    return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
 
 
 def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:
@@ -329,20 +317,14 @@ def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) ->
     Oblique the new raw entries are zero and the bases are the points themselves.
     Unconstrained entries pass through.
     """
-    bases = _check_bases(bases)
-    names: set[str] = set()
     new_bases: Bases = {}
 
-    def recentre(e: _Entry, Z: Any) -> Any:
-        names.add(e.name)
-        Z2, base = e.space.rebase(Z, bases.get(e.name))
-        if base is not None:
-            new_bases[e.name] = base
+    def recentre(e: _Entry, Z: Any, base: Any) -> Any:
+        Z2, new_bases[e.name] = e.space.rebase(Z, base)
         return Z2
 
-    out = _map(constraints, recentre, raw, names=("raw",), check="Z")
-    _check_base_names(bases, names)
-    return out, new_bases
+    out = _centred(constraints, raw, bases, recentre)
+    return out, {k: b for k, b in new_bases.items() if b is not None}
 
 
 def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
@@ -350,21 +332,21 @@ def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
 
     For Euclidean gradients this is the Riemannian gradient of the embedded metric.
     """
-    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=_last)
+    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=lambda X, G: G)
 
 
 def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
     """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
     identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
     return _map(constraints, lambda e, X, G: e.space.egrad_to_rgrad(X, G), params, grads, names=("params", "grads"),
-                free=_last)
+                free=lambda X, G: G)
 
 
 def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
     """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
     on unconstrained entries)."""
     return _map(constraints, lambda e, X, Y, V: e.space.transport(X, Y, V), params, new_params, vectors,
-                names=("params", "new_params", "vectors"), free=_last)
+                names=("params", "new_params", "vectors"), free=lambda X, Y, V: V)
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:

@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 import torch
 
 import geofunc as gf
-import geofunc.nn as gnn
 from geofunc.testing import documented_atol
 
 Tensor = torch.Tensor

@@ -10,17 +10,9 @@ regions, as GeoTorch's frame does: the U-coordinates are the first r columns of 
 lower triangle, the values the first r diagonal entries, the V-coordinates the strict upper
 triangle of the first r rows (transposed). Only O((n + k) r) entries are read.
 
-Frame charts. A square frame (r = rows) uses :class:`~geofunc.Stiefel`'s SO chart
-``B φ(skew(tril(P, −1)))``. A tall frame's packed coordinates ``P`` (n×r: top r×r strictly lower,
-bottom (n−r)×r free, exactly dim St(n, r) numbers) are read in an orthonormal basis adapted to
-the base frame ``B`` (:func:`geofunc._linalg.frame_chart`, ``packed=True``): the ambient direction is
-``Δ = B tril(P_top, −1) + N P_bot`` with ``N`` the orthonormal complement of ``range(B)`` given by
-a block Householder completion of ``B`` (from the polar factor of its top r×r block), applied
-implicitly in O(n r²), then Stiefel's expm/Cayley chart at ``B``. So at every base (not only at
-``I[:, :r]``, where this is GeoTorch's chart, nor only where ``B_top`` is invertible) the chart's
-differential at ``P = 0`` is an isometry onto ``T_B St(n, r)`` (canonical metric), and one SGD
-step on raw at zero followed by ``rebase`` is a Riemannian gradient step. Raw derivatives are
-exact to all orders; derivatives in the base are exact to first order.
+The frames' chart is :func:`geofunc._linalg.frame_chart` in packed coordinates: its differential at
+0 is an isometry at every base, so one SGD step on raw at zero then ``rebase`` is a Riemannian
+gradient step.
 
 Spectral maps (``project``, ``retract``) and the frames used by ``tangent`` take their *value*
 from a decomposition of the detached input and their *derivative* from the closed-form first
@@ -178,12 +170,8 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------- the two families
 class _Factorized(AbstractSpace):
-    """Abstract: the rank/PSD family, ``frames · diag(values) · frames`` (not a dataclass: the
-    concrete spaces declare their hyperparameters, ``triv`` among them).
-
-    A concrete space implements ``_rank`` and ``_value_map`` (its :class:`~geofunc.spaces._values.ValueMap`,
-    derived from its hyperparameters); the two families below implement the maps.
-    """
+    """Abstract: ``frames · diag(values) · frames``; a concrete space declares its hyperparameters
+    (``triv`` among them) and implements ``_rank`` and ``_value_map``."""
 
     triv: Any
 

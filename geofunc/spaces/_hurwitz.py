@@ -266,11 +266,9 @@ class Hurwitz(AbstractSpace):
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs = sanitize(X)
-        bad = ~torch.isfinite(X).flatten(start_dim=-2).all(-1)
         a = torch.linalg.eigvals(Xs).real.amax(-1)
-        scale = torch.linalg.matrix_norm(Xs).clamp(min=1.0)
-        v = (a + self.alpha).clamp(min=0.0) / scale
-        return {"(max Re λ(X) + alpha)/max(1, ‖X‖_F)": torch.where(bad, torch.full_like(v, math.inf), v)}
+        v = (a + self.alpha).clamp(min=0.0) / torch.linalg.matrix_norm(Xs).clamp(min=1.0)
+        return {"(max Re λ(X) + alpha)/max(1, ‖X‖_F)": v + poison(X)[..., 0, 0]}
 
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation; the message names the largest eigenvalue real part of the first bad point."""

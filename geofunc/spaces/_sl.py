@@ -160,21 +160,15 @@ class SL(AbstractSpace):
         """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        out = 0.0 * Z.sum(dim=(-2, -1))
-        for b in optree.tree_leaves(base, none_is_leaf=False):
-            out = out + 0.0 * b.detach().sum(dim=(-2, -1))
-        return out
+        return poison(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0]
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        Xs = sanitize(X)
-        bad = ~torch.isfinite(X).flatten(start_dim=-2).all(-1)
+        Xs, nan = sanitize(X), poison(X)[..., 0, 0]
         sign, lad = torch.linalg.slogdet(Xs)
         inf = torch.full_like(lad, math.inf)
-        cond = torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs))
-        rel = lad.abs() / cond
-        rel = torch.where(torch.isnan(rel), inf, rel)  # singular: |−inf| / inf
+        rel = lad.abs() / (torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs)))
         return {
-            "det(X) ≤ 0 (inf if so)": torch.where(bad | (sign <= 0), inf, torch.zeros_like(lad)),
-            "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(bad, inf, rel),
+            "det(X) ≤ 0 (inf if so)": torch.where(sign <= 0, inf, torch.zeros_like(lad)) + nan,
+            "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(torch.isnan(rel), inf, rel) + nan,  # singular: |−inf|/inf
         }

@@ -18,13 +18,8 @@ Tensor = torch.Tensor
 @final
 @dataclasses.dataclass(frozen=True)
 class SphereEmbedded(AbstractSpace):
-    r"""Vectors (last dimension) of norm ``radius`` through the projection chart ``X = r Z/‖Z‖``.
-
-    .. math::
-
-        S^{n-1}_r = \{x \in \mathbb{R}^n : \|x\| = r\}
-
-    GeoTorch's ``SphereEmbedded`` (``geotorch.sphere(..., embedded=True)``) as a pure space: no
+    r"""Vectors (last dimension) of norm ``radius``, :math:`\{x : \|x\| = r\}`, through the projection
+    chart ``X = r Z/‖Z‖``: GeoTorch's ``SphereEmbedded`` (``geotorch.sphere(..., embedded=True)``) as a pure space: no
     base, ``from_manifold(X) = (X / r, None)``. The chart is singular at ``Z = 0`` (the chart of
     :class:`Sphere`, the exponential map at a base, is not); prefer ``Sphere`` unless you want
     GeoTorch's exact chart. ``tangent``, ``retract``, ``project``, ``sample`` and membership are
@@ -48,7 +43,6 @@ class SphereEmbedded(AbstractSpace):
         self._require_vector(X, what)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        """``r Z / ‖Z‖`` (the chart has no base: ``base`` must be None)."""
         self._check_shape(Z, "Z")
         self._require_no_base(base)
         return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
@@ -57,17 +51,14 @@ class SphereEmbedded(AbstractSpace):
         return X / self.radius, None
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        """``G − ⟨G, X⟩ X / r²``."""
         self._check_pair(X, G, "G")
         return sphere_tangent(X, G, self.radius)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``r (X + V) / ‖X + V‖`` (``r e_1`` where ``X + V = 0``)."""
         self._check_pair(X, V, "V")
         return normalize(X + V, self.radius)
 
     def project(self, Y: Tensor) -> Tensor:
-        """``r Y / ‖Y‖``; the canonical point ``r e_1`` where ``Y = 0``."""
         self._check_shape(Y, "Y")
         return normalize(Y, self.radius)
 

@@ -1,19 +1,9 @@
-"""Value maps: what a factorized space (the rank/PSD family) does with its singular values or
-eigenvalues.
+"""Value maps: what a space of the rank/PSD family does with its singular values or eigenvalues.
 
-A factorized point is ``frames · diag(values) · frames``; the frames' chart is the same for the
-whole family (:func:`geofunc._linalg.frame_chart`), and a space differs from the others only in
-its rank and in its *value map*, a small immutable object it holds (derived from its
-hyperparameters): the map ``f`` from raw coordinates to values and its inverse, the projection of
-values (with its derivative) used by ``project``, the violations of the values that membership
-measures, the distribution of ``sample``'s values, and ``Σ log|f|`` for ``logabsdet``.
-
-* :class:`Identity` (``LowRank``): ``f(s) = s``, any sign; ``project`` truncates.
-* :class:`Abs` (``PSSD``, ``PSSDLowRank``): ``f(λ) = |λ|``; ``project`` clips at 0 (the nearest point).
-* :class:`Positive` (``FixedRank``, ``GLp``, ``PSD``, ``PSSDFixedRank``): ``f(s) > 0`` above a floor;
-  ``project`` clamps up to it (a canonical point of an open set).
-* :class:`Unit` (``AlmostOrthogonal``): ``1 + λ f(s)`` with ``f`` into ``[−1, 1]``; ``project`` clamps
-  to ``[1 − λ, 1 + λ]`` (the nearest point).
+Such a space is its rank plus a value map (derived from its hyperparameters): ``f`` and its
+inverse, the projection of values used by ``project``, their violations, the floor, the values
+of ``sample`` and ``Σ log|f|``. :class:`Identity` (LowRank), :class:`Abs` (PSSD, PSSDLowRank),
+:class:`Positive` (FixedRank, GLp, PSD, PSSDFixedRank), :class:`Unit` (AlmostOrthogonal).
 """
 
 from __future__ import annotations
@@ -32,8 +22,7 @@ from ._base import rounding_dtype
 Tensor = torch.Tensor
 Fn = Callable[[Tensor], Tensor]
 
-__all__ = ["ValueMap", "Identity", "Abs", "Positive", "Unit", "floor_eps", "softplus_eps", "softplus_eps_inverse",
-           "normalize_f", "POSITIVE_MAPS", "UNIT_MAPS", "floor_violation"]
+__all__ = ["ValueMap", "Identity", "Abs", "Positive", "Unit", "normalize_f", "POSITIVE_MAPS", "UNIT_MAPS"]
 
 
 # ------------------------------------------------------------------------- the named maps f
@@ -116,15 +105,12 @@ def _resolve(f: Any, table: dict) -> tuple[Fn, Optional[Fn]]:
 
 # ----------------------------------------------------------------------------- violations
 def floor_violation(v_min: Tensor, v_max: Tensor, floor: float, n: int, k: int) -> dict[str, Tensor]:
-    """The smallest kept value must be clearly positive: ``max(0, c − v_min)/c`` with
-    ``c = max(0.999·floor − δ, δ)``, ``δ = ε √max(n, k) · v_max`` the rounding error of a computed
-    singular value (or eigenvalue; ``floor`` = the floor of the value map, 0 for a user map).
+    """The smallest kept value must be clearly positive: ``max(0, c − v_min)/c``, ``c = max(0.999·floor − δ, δ)``.
 
-    ``δ`` is subtracted from the floor because a point that ``to_manifold`` built with its
-    smallest value exactly at the floor has a *computed* ``v_min`` off by up to ``δ``: with
-    ``σ₁ ~ 100`` in float32 (raw values ~50) that is a third of the floor, and without the
-    slack ``from_manifold`` rejected the library's own points. ``v_min > δ`` still means the
-    rank is numerically certain.
+    ``δ = ε √max(n, k) · v_max`` is the rounding error of a computed singular value: a point built
+    with its smallest value at the floor (of the value map; 0 for a user map) has a computed
+    ``v_min`` off by up to ``δ`` (a third of the floor at ``σ₁ ~ 100`` in float32), so the floor is
+    lowered by it; ``v_min > δ`` still makes the rank numerically certain.
     """
     delta = torch.finfo(rounding_dtype(v_min.dtype)).eps * math.sqrt(max(n, k)) * v_max
     c = torch.maximum(0.999 * floor - delta, delta).clamp(min=torch.finfo(v_min.dtype).tiny)
@@ -134,12 +120,8 @@ def floor_violation(v_min: Tensor, v_max: Tensor, floor: float, n: int, k: int) 
 # ----------------------------------------------------------------------------- value maps
 @dataclasses.dataclass(frozen=True)
 class ValueMap(abc.ABC):
-    """Abstract: the values of a factorized space (see the module docstring).
-
-    ``keep`` below is the boolean mask of the values a point of rank r keeps (the r largest);
-    ``d`` (or None) the sign ``det U · det V`` of a square SVD whose space is the det > 0
-    component, where ``project`` must fix the sign.
-    """
+    """Abstract. ``keep``: the mask of the values a point of rank r keeps (the r largest); ``d``:
+    None, or the sign ``det U · det V`` of a square SVD whose ``project`` must fix it (GLp)."""
 
     @abc.abstractmethod
     def __call__(self, t: Tensor) -> Tensor:
