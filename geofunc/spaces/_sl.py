@@ -160,7 +160,7 @@ class SL(AbstractSpace):
         """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        return poison(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0]
+        return poison(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0] + 0.0 * Z[..., 0, 0]
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
