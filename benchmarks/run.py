@@ -35,7 +35,6 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`
 import torch
 
 import geofunc as gf
-from geofunc._expm import cayley as fast_cayley
 
 try:  # optional anchor (the `bench` extra)
     import geotorch  # type: ignore[import-not-found]
@@ -116,6 +115,7 @@ class Row:
     check: Optional[Callable[["Row"], Optional[bool]]] = None
     note: str = ""
     extra: dict[str, float] = field(default_factory=dict)
+    ref: str = ""  # the anchor of the row's target ratio (functional rows): geofunc ÷ ref is reported
 
     def ratio(self, other: str, base: str = GF) -> Optional[float]:
         if other not in self.times or base not in self.times:
@@ -199,10 +199,6 @@ def so_case(b: Bench, n: int, triv: str, targets: bool) -> Row:
         geotorch.orthogonal(lin, "weight", triv=triv)
         b.set_original(lin, "weight", Z.detach())
         fns[GT] = b.module_fb(lin, "weight", G)
-    if triv == "cayley":
-        # the inverse-based Cayley of geofunc._expm (proposed as the default of _linalg.cayley)
-        M2 = gf.SO(triv=fast_cayley)
-        fns[GF + " inv-cayley"] = b.fb(lambda: M2.to_manifold(Z, base), [Z], G)
     lin2 = b.linear(n, n)
     torch.nn.utils.parametrizations.orthogonal(lin2, "weight", orthogonal_map="matrix_exp" if triv == "expm" else "cayley")
     b.set_original(lin2, "weight", Z.detach())
@@ -540,6 +536,8 @@ def format_row(r: Row) -> str:
         parts.append(f"{k}={_fmt_t(v)} ({v / r.mm:.1f} mm)")
     if GT in r.times:
         parts.append(f"GT/gf={r.ratio(GT):.1f}x")
+    if r.ref:
+        parts.append(f"gf/{r.ref}={r.times[GF] / r.times[r.ref]:.2f}x")
     m = r.met()
     if m is not None:
         parts.append("MET" if m else "NOT MET")
@@ -597,6 +595,24 @@ def write_results(b: Bench, path: str, args, elapsed: float) -> None:
             f"{_fmt(r.mmeq(GT))} | {_fmt(r.ratio(GT), '.2f')} | {'; '.join(others)} | {r.target} | "
             f"{'' if m is None else ('yes' if m else '**no**')} |"
         )
+    functional = [r for r in b.rows if r.ref]
+    if functional:
+        lines += [
+            "",
+            "Functional path (issue 13): each contender's time ÷ the row's reference (its `ref`), side by side.",
+            "",
+            "| case | size | contender | time | ÷ reference | target | met |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in functional:
+            m = r.met()
+            for i, (k, v) in enumerate(r.times.items()):
+                first = i == 0
+                lines.append(
+                    f"| {r.case if first else ''} | {r.size if first else ''} | {k}{' (ref)' if k == r.ref else ''} | "
+                    f"{_fmt_t(v)} | {v / r.times[r.ref]:.2f} | {r.target if first else ''} | "
+                    f"{'' if m is None or not first else ('yes' if m else '**no**')} |"
+                )
     notes = [f"* {r.case}: {r.note}" for r in b.rows if r.note]
     if notes:
         lines += ["", "Notes:", ""] + notes
@@ -695,6 +711,10 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
             logabsdet_case(b, 1024, False)
     if want("sphere"):
         sphere_case(b, 64 if q else 1024, targets)
+    if want("functional"):
+        from benchmarks.functional import functional_cases
+
+        functional_cases(b, targets)
     if want("hurwitz"):
         for n in ([16] if q else ([64, 256, 1024] if cuda else [64, 256])):
             hurwitz_case(b, n)

@@ -33,6 +33,7 @@ from .spaces import (
     FixedRank as FixedRank,
     GLp as GLp,
     Grassmannian as Grassmannian,
+    Hermitian as Hermitian,
     Hurwitz as Hurwitz,
     Lorentz as Lorentz,
     LowRank as LowRank,
@@ -47,6 +48,7 @@ from .spaces import (
     SphereEmbedded as SphereEmbedded,
     Stiefel as Stiefel,
     Sym as Sym,
+    Unitary as Unitary,
 )
 
 __version__ = "0.1.0"
@@ -62,6 +64,7 @@ __all__ = [
     "FixedRank",
     "GLp",
     "Grassmannian",
+    "Hermitian",
     "Hurwitz",
     "Lorentz",
     "LowRank",
@@ -77,6 +80,7 @@ __all__ = [
     "SphereEmbedded",
     "Stiefel",
     "Sym",
+    "Unitary",
     "contains",
     "egrad_to_rgrad",
     "from_manifold",

@@ -17,16 +17,18 @@ forward + backward ≈ 3 × (#products + s) matmuls, and more accurate.
 Transforms. ``m`` and ``s`` are data dependent, so the choice happens on concrete
 tensors inside a ``torch.autograd.Function``:
 
-* ``backward`` is written in torch ops. With ``create_graph`` (double backward, and
-  every ``torch.func`` ``grad``/``vjp``, which always build a graph) it recomputes the
-  intermediates from the saved input so that higher derivatives are exact; otherwise
-  it reuses the forward's intermediates.
-* ``jvp`` (forward mode) recomputes the intermediates from the saved input the same
-  way (correct under nested transforms) and propagates the tangent through them.
+* ``backward`` reuses the forward's intermediates. With ``create_graph`` (double backward,
+  and every ``torch.func`` ``grad``/``vjp``, which always build a graph) it is one more
+  Function of ``(A, G)`` with the same value, whose own derivatives differentiate the
+  evaluation at a higher degree, so that higher derivatives are exact (Note [Adjoint node]).
+* ``jvp`` (forward mode) recomputes the intermediates from the saved input
+  (correct under nested transforms) and propagates the tangent through them.
 * ``vmap`` calls the Function again on the batch moved to the front: the op is
   batched over leading dimensions, so no per-sample fallback is needed.
-* under ``torch.compile`` (and for dtypes/devices not handled here) ``expm`` falls back
-  to ``torch.linalg.matrix_exp``, which the compiler traces.
+* under ``torch.compile``, for tensor subclasses (DTensor) and under nested forward mode,
+  ``expm`` evaluates a tensor-only schedule in plain torch ops (Note [Static schedule]):
+  the compiler traces the fast exponential and its adjoint into the graph. Complex, empty
+  and meta inputs go to ``torch.linalg.matrix_exp``.
 
 The thresholds ``θ_m`` are computed here (no tables copied): the largest ``θ`` with
 ``Σ_k |c_k| θ^(k-1) ≤ u`` for the series ``log(e^{-x} T_m(x)) = Σ_{k>m} c_k x^k``
@@ -44,7 +46,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["expm", "expm_frechet", "choose_degree", "cayley"]
+__all__ = ["expm", "expm_frechet", "choose_degree"]
 
 # Degrees with the Paterson–Stockmeyer block size q and the number of matrix products.
 # q = 4 for m ≥ 8: the powers B², B³, B⁴ (3 products) then m/4 - 1 Horner steps in B⁴.
@@ -189,12 +191,7 @@ def _powers(B: Tensor, q: int) -> list[Any]:
 
 
 def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False) -> tuple[Tensor, dict]:
-    """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only).
-
-    Paterson–Stockmeyer with ``q | m``: ``C_i = Σ_{j<q} c_{iq+j} B^j``,
-    ``H_{r-1} = C_{r-1} + c_m B^q``, ``H_i = C_i + H_{i+1} B^q`` down to ``H_0 = T_m(B)``.
-    ``inplace`` (plain tensors, no graph being built) saves memory passes.
-    """
+    """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only)."""
     q = _Q[m]
     if pre is not None:
         t, Pt = pre
@@ -203,6 +200,22 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
     else:
         B = A * 2.0**-s if s else A
         P = _powers(B, q)
+    X, Hs = _taylor(P, m, inplace)
+    Xs = []
+    for _ in range(s):
+        Xs.append(X)
+        X = X @ X
+    return X, {"P": P, "Hs": Hs, "Xs": Xs}
+
+
+def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """``T_m(B)`` from the powers ``P = [None, B, …, B^q]`` and the Horner left factors.
+
+    Paterson–Stockmeyer with ``q | m``: ``C_i = Σ_{j<q} c_{iq+j} B^j``,
+    ``H_{r-1} = C_{r-1} + c_m B^q``, ``H_i = C_i + H_{i+1} B^q`` down to ``H_0 = T_m(B)``.
+    ``inplace`` (plain tensors, no graph being built) saves memory passes.
+    """
+    q = _Q[m]
     c = _coefs(m)
     r = m // q
     if q == 1:  # m = 1: I + B
@@ -214,12 +227,7 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
     for i in range(r - 2, -1, -1):
         Hs.append(H)
         H = _mm_add(_block(c[i * q : (i + 1) * q], P, inplace), H, P[q])
-    X = H
-    Xs = []
-    for _ in range(s):
-        Xs.append(X)
-        X = X @ X
-    return X, {"P": P, "Hs": Hs, "Xs": Xs}
+    return H, Hs
 
 
 def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> Tensor:
@@ -334,21 +342,19 @@ class _Expm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         A, holder = inputs
-        ctx.m, ctx.s, ctx.cache = holder.m, holder.s, holder.cache
+        ctx.m, ctx.s, ctx.holder = holder.m, holder.s, holder
         ctx.save_for_backward(A)
         ctx.save_for_forward(A)
 
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (A,) = ctx.saved_tensors
-        if not torch.is_grad_enabled() and ctx.cache is not None:
-            return _adjoint(ctx.cache, G, ctx.m, ctx.s, inplace=True), None
-        # Building a graph (double backward, torch.func.grad): recompute the intermediates
-        # from A so that the graph reaches A through them, with a degree whose second
-        # derivatives are accurate too.
-        m = _derivative_degree(ctx.m)
-        _, cache = _evaluate(A, m, ctx.s)
-        return _adjoint(cache, G, m, ctx.s), None
+        if not torch.is_grad_enabled():
+            return _adjoint(ctx.holder.cache, G, ctx.m, ctx.s, inplace=True), None
+        # Building a graph (double backward, and every torch.func grad/vjp, which always do):
+        # the adjoint is one node whose value reuses the forward's intermediates and whose own
+        # derivatives differentiate the evaluation (Note [Adjoint node]).
+        return _ExpmAdjoint.apply(A, G, ctx.m, ctx.s, ctx.holder), None
 
     @staticmethod
     def jvp(ctx: Any, E: Tensor, _holder: Any) -> Tensor:  # type: ignore[override]
@@ -366,8 +372,79 @@ class _Expm(torch.autograd.Function):
         return _Expm.apply(A.movedim(d, 0), holder), 0
 
 
+# Note [Adjoint node]
+# torch.func.grad/vjp always run backward rules with create_graph, so a backward written in
+# differentiable torch ops is recorded op by op (and, to make second derivatives exact, had to
+# re-evaluate the exponential from A at a higher degree). Instead the adjoint is itself one
+# autograd.Function of (A, G): its value is the plain adjoint of the forward evaluation, from the
+# intermediates the forward left in the holder (recomputed when the holder's batch layout is not
+# A's), and only its own derivatives (asked for by double backward, MAML, hessian) run the
+# differentiable chain ``adjoint(evaluate(A, m'), G)`` at the derivative degree m' (through
+# torch.func.vjp / jvp, so they compose to every order).
+
+
+def _adjoint_chain(A: Tensor, G: Tensor, m: int, s: int) -> Tensor:
+    """The adjoint as differentiable torch ops, at the derivative degree of ``m``."""
+    m = _derivative_degree(m)
+    return _adjoint(_evaluate(A, m, s)[1], G, m, s)
+
+
+class _ExpmAdjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(A: Tensor, G: Tensor, m: int, s: int, holder: _Holder) -> Tensor:  # type: ignore[override]
+        cache = holder.cache
+        if cache is None or cache["P"][1].shape != A.shape:
+            cache = _evaluate(A, m, s, inplace=True)[1]
+        out = _adjoint(cache, G, m, s, inplace=not G._is_zerotensor())  # ZeroTensors are immutable
+        return out.clone() if out is G else out  # m = 1: the adjoint is G itself
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        A, G, ctx.m, ctx.s, _ = inputs
+        ctx.save_for_backward(A, G)
+        ctx.save_for_forward(A, G)
+
+    @staticmethod
+    def backward(ctx: Any, H: Tensor) -> tuple:  # type: ignore[override]
+        A, G = ctx.saved_tensors
+        _, vjp = torch.func.vjp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), A, G)
+        return (*vjp(H), None, None, None)
+
+    @staticmethod
+    def jvp(ctx: Any, dA: Tensor, dG: Tensor, *_: Any) -> Tensor:  # type: ignore[override]
+        A, G = ctx.saved_tensors
+        dA = torch.zeros_like(A) if dA is None else dA
+        dG = torch.zeros_like(G) if dG is None else dG
+        return torch.func.jvp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), (A, G), (dA, dG))[1]
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, A: Tensor, G: Tensor, m: int, s: int, holder: _Holder) -> tuple[Tensor, int]:
+        # An unbatched A (jacrev: a batch of cotangents) stays unbatched: its intermediates are
+        # computed once and broadcast against the batch of G. Not under forward mode (hessian =
+        # jacfwd(jacrev)), whose tangent of the output must have the batched output's shape.
+        dA, dG = in_dims[:2]
+        if dA is not None:
+            A = A.movedim(dA, 0)
+        elif _forward_levels() > 0:
+            A = A.expand(info.batch_size, *A.shape)
+        G = G.expand(info.batch_size, *G.shape) if dG is None else G.movedim(dG, 0)
+        return _ExpmAdjoint.apply(A, G, m, s, holder), 0
+
+
 def _plain(A: Tensor) -> bool:
     return A.dtype in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
+
+
+def _forward_levels() -> int:
+    """The number of ``torch.func`` forward-mode (jvp) levels active (all of them if the private API moved)."""
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        from torch._C._functorch import TransformType
+
+        interpreters = retrieve_all_functorch_interpreters()
+    except Exception:  # pragma: no cover (private API moved: be safe)
+        return 2
+    return sum(1 for i in interpreters if i.key() == TransformType.Jvp)
 
 
 def _nested_forward_mode() -> bool:
@@ -376,22 +453,50 @@ def _nested_forward_mode() -> bool:
     PyTorch runs an ``autograd.Function``'s ``jvp`` without recording it at an outer
     forward-mode level, so ``jvp(jvp(...))`` (``jacfwd(jacfwd(...))``) of a custom Function
     silently loses the second-order term (checked on torch 2.13 with a one-line ``sin``
-    Function). There, ``expm`` uses ``torch.linalg.matrix_exp``, whose rules are exact.
+    Function). There, ``expm`` uses the static schedule (Note [Static schedule]): torch ops only,
+    whose rules are exact.
     """
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-        from torch._C._functorch import TransformType
+    return _forward_levels() >= 2
 
-        interpreters = retrieve_all_functorch_interpreters()
-    except Exception:  # pragma: no cover (private API moved: be safe)
-        return True
-    return sum(1 for i in interpreters if i.key() == TransformType.Jvp) >= 2
+
+# Note [Static schedule]
+# Under torch.compile (and for tensor subclasses such as DTensor, whose values cannot be read
+# into Python) the degree and the squarings cannot be chosen by reading norms. There, every
+# matrix gets a fixed degree (_STATIC_M: 16 in float32, 24 in float64, both θ ≈ 2.2–2.5) and a
+# per-matrix number of squarings
+# s = ⌈log₂(α₃/θ)⌉ ∈ [0, _STATIC_S] held in a tensor (α₃ from the powers A³, A⁴ that the
+# evaluation needs anyway, B^j = A^j 2^(−sj) exact); the _STATIC_S squarings are all computed
+# and the ones beyond s are discarded by torch.where. Same backward error bound (≤ u) as the
+# eager choice for α₃ ≤ θ_m 2^_STATIC_S (float32: ≈ 2500, float64: ≈ 2300, i.e. far beyond any
+# generator that rebase leaves); larger (or non-finite) inputs give NaN, never an inaccurate
+# point. Pure torch ops: every transform differentiates it to all orders, and torch.compile
+# traces it into one graph (no matrix_exp, whose backward is a 2n×2n exponential).
+_STATIC_M = {torch.float32: 16, torch.float64: 24}
+_STATIC_S = 10
+_STATIC_THETA = {dtype: _theta(m, _UNIT_ROUNDOFF[dtype]) for dtype, m in _STATIC_M.items()}  # constants for the tracer
+
+
+def _expm_static(A: Tensor) -> Tensor:
+    """:func:`expm` with the tensor-only schedule of Note [Static schedule] (any transform, compile)."""
+    m, theta = _STATIC_M[A.dtype], _STATIC_THETA[A.dtype]
+    P = _powers(A, _Q[m])
+    norms = [P[j].detach().abs().sum(dim=-2).amax(dim=-1) for j in (3, 4)]
+    alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
+    s = torch.ceil(torch.log2(alpha / theta)).clamp(0, _STATIC_S)  # NaN for a non-finite input
+    sc = torch.exp2(-torch.nan_to_num(s))[..., None, None]
+    X, _ = _taylor([None] + [P[j] * sc**j for j in range(1, len(P))], m)
+    for i in range(_STATIC_S):
+        X = torch.where(s[..., None, None] > i, X @ X, X)
+    bad = ~(alpha <= theta * 2.0**_STATIC_S)  # too large, or NaN/inf
+    return torch.where(bad[..., None, None], torch.full_like(X, float("nan")), X)
 
 
 def expm(A: Tensor) -> Tensor:
     """Matrix exponential of a batch of square matrices ``(..., n, n)``; differentiable."""
-    if torch.compiler.is_compiling() or not _plain(A) or _nested_forward_mode():
+    if not _plain(A):
         return torch.linalg.matrix_exp(A)
+    if torch.compiler.is_compiling() or type(A) not in (Tensor, torch.nn.Parameter) or _nested_forward_mode():
+        return _expm_static(A)
     return _Expm.apply(A, _Holder())
 
 
@@ -401,16 +506,3 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
     m = _derivative_degree(m)
     _, cache = _evaluate(A, m, s)
     return _tangent(cache, E, m, s)
-
-
-def cayley(A: Tensor) -> Tensor:
-    """Cayley map ``(I − A/2)⁻¹(I + A/2)`` as ``2 (I − A/2)⁻¹ − I`` (the same matrix, for any ``A``).
-
-    ``I + A/2 = 2I − (I − A/2)``, so one inverse replaces the solve with n right-hand sides,
-    and the backward of ``inv`` (``−M⁻ᵀ G M⁻ᵀ``, two matmuls, reusing ``M⁻¹ = (I + φ(A))/2``)
-    replaces a transposed solve plus a matmul: ~1.2× faster forward + backward on CPU at
-    n = 256…1024, same accuracy (``I − A/2`` has singular values ≥ 1 for skew ``A``).
-    Pure torch ops: every transform and ``torch.compile`` apply as they are.
-    """
-    I = _eye(A)
-    return 2.0 * torch.linalg.inv(I - 0.5 * A) - I

@@ -12,6 +12,8 @@ from typing import Callable, Union
 
 import torch
 
+from ._expm import expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
 
@@ -36,7 +38,9 @@ __all__ = [
 
 
 def transpose(X: Tensor) -> Tensor:
-    return X.transpose(-2, -1)
+    """``Xᵀ`` of the last two dims; the conjugate transpose ``Xᴴ`` for complex ``X`` (Note [Complex]
+    in ``geofunc/spaces/_base.py``), so every map written with it serves both."""
+    return X.mH
 
 
 def eye_like(X: Tensor, n: int | None = None) -> Tensor:
@@ -45,14 +49,22 @@ def eye_like(X: Tensor, n: int | None = None) -> Tensor:
 
 
 def skew_lower(Z: Tensor, lower: bool = True) -> Tensor:
-    """The skew-symmetric matrix ``L - Lᵀ`` of the strict lower (or upper) triangle ``L`` of ``Z``."""
+    """The skew-symmetric matrix ``L - Lᵀ`` of the strict lower (or upper) triangle ``L`` of ``Z``.
+
+    Complex ``Z``: the skew-Hermitian ``L − Lᴴ + i·diag(Im Z)`` (the n² real coordinates of u(n)).
+    """
     L = torch.tril(Z, -1) if lower else torch.triu(Z, 1)
-    return L - transpose(L)
+    A = L - transpose(L)
+    if Z.is_complex():
+        A = A + torch.diag_embed(1j * torch.diagonal(Z, dim1=-2, dim2=-1).imag)
+    return A
 
 
 def skew_lower_inverse(A: Tensor, lower: bool = True) -> Tensor:
-    """Right inverse of :func:`skew_lower` on skew matrices: their strict lower (upper) triangle."""
-    return torch.tril(A, -1) if lower else torch.triu(A, 1)
+    """Right inverse of :func:`skew_lower` on skew matrices: their strict lower (upper) triangle
+    (with the imaginary diagonal for complex skew-Hermitian ``A``)."""
+    d = 0 if A.is_complex() else 1
+    return torch.tril(A, -d) if lower else torch.triu(A, d)
 
 
 def sym_part(X: Tensor) -> Tensor:
@@ -63,26 +75,19 @@ def skew_part(X: Tensor) -> Tensor:
     return 0.5 * (X - transpose(X))
 
 
-def expm(A: Tensor) -> Tensor:
-    """Matrix exponential (scaling and squaring), batched and differentiable.
-
-    Taylor + scaling and squaring with an exact, cheap backward: see :mod:`geofunc._expm`.
-    """
-    from ._expm import expm as _fast_expm
-
-    return _fast_expm(A)
-
-
 def cayley(A: Tensor) -> Tensor:
-    """Cayley map ``(I - A/2)^{-1} (I + A/2)``: orthogonal for skew ``A``, with ``dφ_0 = Id``.
+    """Cayley map ``(I − A/2)⁻¹(I + A/2)``: orthogonal for skew ``A``, with ``dφ_0 = Id``.
 
-    Evaluated as ``2 (I − A/2)⁻¹ − I`` (the same matrix): one inverse instead of a solve
-    with n right-hand sides, and a cheaper backward (see :func:`geofunc._expm.cayley`).
+    Evaluated as ``2 (I − A/2)⁻¹ − I`` (the same matrix, for any ``A``): ``I + A/2 = 2I − (I − A/2)``,
+    so one inverse replaces the solve with n right-hand sides, and the backward of ``inv``
+    (``−M⁻ᵀ G M⁻ᵀ``, two matmuls, reusing ``M⁻¹ = (I + φ(A))/2``) replaces a transposed solve plus
+    a matmul: ~1.2× faster forward + backward on CPU at n = 256…1024, same accuracy (``I − A/2``
+    has singular values ≥ 1 for skew ``A``). Pure torch ops: every transform and
+    ``torch.compile`` apply as they are.
     """
-    from ._expm import cayley as _cayley
-
+    I = eye_like(A)
     # inv() of a matrix with ±inf entries can return a finite, plausible matrix: poison it.
-    return _cayley(A) + poison(A)
+    return 2.0 * torch.linalg.inv(I - 0.5 * A) - I + poison(A)
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -106,11 +111,22 @@ def _sign_nonzero(x: Tensor) -> Tensor:
     return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
 
 
+def _phase(x: Tensor) -> Tensor:
+    """``x/|x|`` (1 where ``x = 0``): the complex counterpart of :func:`_sign_nonzero`."""
+    a = x.abs()
+    return torch.where(a > 0, x / torch.where(a > 0, a, torch.ones_like(a)), torch.ones_like(x))
+
+
 def haar_stiefel(shape, generator=None, dtype=None, device=None) -> Tensor:
-    """Haar-uniform tall frames of shape ``(..., n, k)``, ``n >= k`` (QR of a Gaussian, signs fixed)."""
+    """Haar-uniform tall frames of shape ``(..., n, k)``, ``n >= k`` (QR of a Gaussian, signs fixed).
+
+    Complex ``dtype``: QR of a complex Ginibre matrix with the phases of ``diag R`` moved into
+    ``Q`` (Mezzadri, "How to generate random matrices from the classical compact groups", 2007).
+    """
     G = _randn(shape, generator, dtype, device)
     Q, R = torch.linalg.qr(G)
-    d = _sign_nonzero(torch.diagonal(R, dim1=-2, dim2=-1))
+    diag = torch.diagonal(R, dim1=-2, dim2=-1)
+    d = _phase(diag) if diag.is_complex() else _sign_nonzero(diag)
     return Q * d.unsqueeze(-2)
 
 
@@ -155,7 +171,8 @@ def poison(*tensors: Tensor | None, ndim: int = 2) -> Tensor:
     out = None
     for T in tensors:
         if T is not None:
-            t = T.detach().sum(dim=dims, keepdim=True) * 0.0
+            t = T.detach()
+            t = (t.abs() if t.is_complex() else t).sum(dim=dims, keepdim=True) * 0.0  # real, also for complex T
             out = t if out is None else out + t
     assert out is not None
     return out

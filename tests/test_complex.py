@@ -131,3 +131,268 @@ def test_low_precision_policy_keeps_complex_dtypes() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert M.retract(Z, Z).dtype == torch.complex64
         assert M.inner(Z, Z, Z).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# The complex spaces against independent computations (numpy / scipy), in complex128.
+
+C128 = torch.complex128
+
+
+def _crandn(*shape, generator):
+    return torch.randn(*shape, generator=generator, dtype=C128)
+
+
+def _np(X):
+    return X.detach().numpy()
+
+
+def test_unitary_chart_is_scipy_expm_of_the_skew_hermitian_generator(generator) -> None:
+    import numpy as np
+    import scipy.linalg
+
+    Z = _crandn(4, 4, generator=generator)
+    L = np.tril(_np(Z), -1)
+    A = L - L.conj().T + 1j * np.diag(_np(Z).imag.diagonal())
+    base = gf.Unitary().sample((4, 4), generator=generator, dtype=C128)
+    expected = _np(base) @ scipy.linalg.expm(A)
+    torch.testing.assert_close(gf.Unitary().to_manifold(Z, base), torch.from_numpy(expected), atol=1e-12, rtol=0)
+    cay = np.linalg.solve(np.eye(4) - A / 2, np.eye(4) + A / 2)
+    torch.testing.assert_close(gf.Unitary(triv="cayley").to_manifold(Z), torch.from_numpy(cay), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("space, shape", [(gf.Unitary(), (5, 5)), (gf.Stiefel(), (6, 3)), (gf.Stiefel(), (3, 6)),
+                                          (gf.Grassmannian(), (6, 3))], ids=["Unitary", "Stiefel", "Stiefel-wide",
+                                                                              "Grassmannian"])
+def test_project_is_scipy_polar_factor(space, shape, generator) -> None:
+    import scipy.linalg
+
+    Y = _crandn(*shape, generator=generator)
+    tall = shape[0] >= shape[1]
+    Up, _ = scipy.linalg.polar(_np(Y) if tall else _np(Y).conj().T)
+    expected = torch.from_numpy(Up if tall else Up.conj().T)
+    torch.testing.assert_close(space.project(Y), expected, atol=1e-12, rtol=0)
+
+
+def test_stiefel_retraction_is_the_q_factor_with_positive_diagonal(generator) -> None:
+    import numpy as np
+
+    M = gf.Stiefel()
+    X = M.sample((6, 3), generator=generator, dtype=C128)
+    V = M.tangent(X, _crandn(6, 3, generator=generator))
+    Q, R = np.linalg.qr(_np(X + V))
+    phase = np.diag(R) / np.abs(np.diag(R))
+    torch.testing.assert_close(M.retract(X, V), torch.from_numpy(Q * phase), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.Unitary(), (3, 3)), (gf.Unitary(triv="cayley"), (3, 3)), (gf.Hermitian(), (3, 3)), (gf.Stiefel(), (4, 2)),
+     (gf.Stiefel(), (2, 4)), (gf.Grassmannian(), (4, 2)), (gf.Sphere(), (2, 3)), (gf.Oblique(), (3, 2))],
+    ids=["Unitary", "Unitary-cayley", "Hermitian", "Stiefel", "Stiefel-wide", "Grassmannian", "Sphere", "Oblique"],
+)
+def test_gradcheck_in_complex128(space, shape, generator) -> None:
+    """``torch.autograd.gradcheck`` on complex inputs checks the conjugate-Wirtinger convention of
+    every map against finite differences, first and second order (``gradgradcheck``)."""
+    X = space.sample(shape, generator=generator, dtype=C128)
+    Z = 0.5 * _crandn(*shape, generator=generator)
+    G = _crandn(*shape, generator=generator)
+    Z0, base = space.from_manifold(X)
+    fns = {
+        "to_manifold": (lambda z: space.to_manifold(z, base), (Z.requires_grad_(),)),
+        "tangent": (lambda x, g: space.tangent(x, g), (X.clone().requires_grad_(), G.clone().requires_grad_())),
+        "retract": (lambda v: space.retract(X, v), (0.3 * space.tangent(X, G).requires_grad_(),)),
+    }
+    for name, (fn, args) in fns.items():
+        assert torch.autograd.gradcheck(fn, args), name
+        assert torch.autograd.gradgradcheck(fn, args), name
+
+
+def test_pssd_project_is_numpy_eigenvalue_clipping(generator) -> None:
+    """The nearest Hermitian PSD matrix: the Hermitian part's negative eigenvalues set to 0."""
+    import numpy as np
+
+    Y = _crandn(2, 5, 5, generator=generator)
+    H = 0.5 * (_np(Y) + np.conj(np.swapaxes(_np(Y), -1, -2)))
+    w, Q = np.linalg.eigh(H)
+    expected = (Q * np.clip(w, 0, None)[..., None, :]) @ np.conj(np.swapaxes(Q, -1, -2))
+    torch.testing.assert_close(gf.PSSD().project(Y), torch.from_numpy(expected), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("space", [gf.PSD(), gf.PSD(f=(torch.exp, torch.log)), gf.PSSD()], ids=repr)
+def test_hermitian_psd_logabsdet_and_round_trip(space, generator) -> None:
+    Z = _crandn(2, 4, 4, generator=generator)
+    X = space.to_manifold(Z)
+    torch.testing.assert_close(space.logabsdet(Z), torch.linalg.slogdet(X)[1], atol=1e-12, rtol=0)
+    Z0, base = space.from_manifold(X)
+    assert Z0.dtype == C128
+    torch.testing.assert_close(space.to_manifold(Z0, base), X, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda z: space.to_manifold(z, base), (Z0.clone().requires_grad_(),))
+
+
+def test_unitary_logabsdet_is_slogdet(generator) -> None:
+    M = gf.Unitary()
+    Z = 3.0 * _crandn(2, 4, 4, generator=generator)
+    base = M.sample((2, 4, 4), generator=generator, dtype=C128)
+    lad = M.logabsdet(Z, base)
+    assert lad.dtype == torch.float64 and lad.shape == (2,)
+    torch.testing.assert_close(lad, torch.linalg.slogdet(M.to_manifold(Z, base))[1], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("space, shape", [(gf.Unitary(), (4, 4)), (gf.Stiefel(), (5, 2)), (gf.Grassmannian(), (5, 2)),
+                                          (gf.Sphere(), (4,)), (gf.Oblique(), (3, 2))],
+                         ids=["Unitary", "Stiefel", "Grassmannian", "Sphere", "Oblique"])
+def test_riemannian_gradient_gives_the_directional_derivative(space, shape, generator) -> None:
+    """``inner(X, egrad_to_rgrad(X, ∇L), V) = d/dt L(retract(X, tV))`` at 0 for tangent ``V``,
+    with ``∇L`` torch's gradient of a real loss of a complex point."""
+    A = _crandn(*shape, generator=generator)
+
+    def loss(X):
+        return (A.conj() * X).real.sum() ** 2 + (X.abs() ** 4).sum()
+
+    X = space.sample(shape, generator=generator, dtype=C128)
+    V = space.tangent(X, _crandn(*shape, generator=generator))
+    rgrad = space.egrad_to_rgrad(X, torch.func.grad(loss)(X))
+    d = torch.func.jvp(lambda t: loss(space.retract(X, t * V)), (torch.zeros((), dtype=torch.float64),),
+                       (torch.ones((), dtype=torch.float64),))[1]
+    torch.testing.assert_close(space.inner(X, rgrad, V), d, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(space.tangent(X, rgrad), rgrad, atol=1e-12, rtol=0)
+    # transport lands in the tangent space of the new point
+    Y = space.retract(X, 0.1 * V)
+    W = space.transport(X, Y, V)
+    torch.testing.assert_close(space.tangent(Y, W), W, atol=1e-12, rtol=0)
+
+
+def test_unitary_and_hermitian_refuse_real_tensors() -> None:
+    for M in (gf.Unitary(), gf.Hermitian()):
+        with pytest.raises(ManifoldError, match="complex dtype.*float64"):
+            M.to_manifold(torch.zeros(2, 2, dtype=torch.float64))
+        assert M.sample((2, 2)).dtype == torch.complex64
+        assert M.sample((2, 2), dtype=torch.float64).dtype == C128
+
+
+def test_real_frames_are_unchanged_by_the_complex_code_path(generator) -> None:
+    """The real maps of the frame spaces are those of the real formulas (no conjugation slipped in):
+    a complex point with zero imaginary part maps as the real point does."""
+    for M, shape in ((gf.Stiefel(), (5, 2)), (gf.Stiefel(), (2, 5)), (gf.Grassmannian(), (5, 2)), (gf.Sphere(), (4,)),
+                     (gf.Oblique(), (3, 2))):
+        Z = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        G = torch.randn(*shape, generator=generator, dtype=torch.float64)
+        X = M.to_manifold(Z)
+        torch.testing.assert_close(M.to_manifold(Z.to(C128)), X.to(C128), atol=1e-13, rtol=0)
+        torch.testing.assert_close(M.tangent(X.to(C128), G.to(C128)), M.tangent(X, G).to(C128), atol=1e-13, rtol=0)
+        torch.testing.assert_close(M.project(G.to(C128)), M.project(G).to(C128), atol=1e-13, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizers: the unitary Procrustes problem min ‖UA − B‖ has the closed-form minimiser W Vᴴ for
+# B Aᴴ = W Σ Vᴴ (max Re tr(Uᴴ B Aᴴ)), on U(n) and on the complex Stiefel manifold.
+
+
+@pytest.mark.parametrize("opt_name", ["rsgd-momentum", "radam"])
+@pytest.mark.parametrize("space, n, k", [(gf.Unitary(), 5, 5), (gf.Stiefel(), 6, 3)], ids=["Unitary", "Stiefel"])
+def test_unitary_procrustes_reaches_the_svd_solution(space, n, k, opt_name, generator) -> None:
+    A = _crandn(k, 8, generator=generator)
+    B = _crandn(n, 8, generator=generator)
+    W, S, Vh = torch.linalg.svd(B @ A.mH, full_matrices=False)
+    best = (A.abs() ** 2).sum() + (B.abs() ** 2).sum() - 2 * S.sum()
+    c = {"U": space}
+    opt = {"rsgd-momentum": gf.optim.rsgd(c, lr=0.01, momentum=0.9), "radam": gf.optim.radam(c, lr=0.1, betas=(0.9, 0.99))}[opt_name]
+    p = gf.sample(c, {"U": torch.empty(n, k, dtype=C128)}, generator=generator)
+    state = opt.init(p)
+
+    def f(p):
+        return (p["U"] @ A - B).abs().pow(2).sum()
+
+    for _ in range(1000):
+        p, state = opt.update(torch.func.grad(f)(p), state, p)
+    torch.testing.assert_close(f(p), best, atol=1e-8, rtol=0)
+    torch.testing.assert_close(p["U"], W @ Vh, atol=1e-5, rtol=0)
+    assert bool(space.contains(p["U"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# The complex conformance cases catch complex-specific mistakes: each mutant below (a transpose
+# where the conjugate transpose belongs, Haar sampling without the phase correction, u(n) without
+# its imaginary diagonal) fails a property that passes without it (tests/test_testing.py does the
+# same for the real spaces).
+
+
+def _tangent_without_conj(self, X, G):
+    B = X.mT @ G
+    return X @ (0.5 * (B - B.mT))
+
+
+def _qr_without_phases(shape, generator=None, dtype=None, device=None):
+    return torch.linalg.qr(torch.randn(shape, generator=generator, dtype=dtype, device=device))[0]
+
+
+def _skew_without_imaginary_diagonal(Z, lower=True):
+    L = torch.tril(Z, -1)
+    return L - L.mH
+
+
+def _dot_without_conj(A, B):
+    return (A * B).real.sum(-1, keepdim=True)
+
+
+def _hermitian_part_without_conj(self, G):
+    return 0.5 * (G + G.mT)
+
+
+def _complex_mutants():
+    from unittest import mock
+
+    import geofunc.spaces._sphere as sphere
+    import geofunc.spaces._unitary as unitary
+
+    return [
+        ("Unitary.tangent-transpose", lambda: mock.patch.object(gf.Unitary, "tangent", _tangent_without_conj),
+         "Unitary", "tangent_space", "does not fix the image of the chart's differential"),
+        ("Unitary.sample-no-phase-fix", lambda: mock.patch.object(unitary, "haar_stiefel", _qr_without_phases),
+         "Unitary", "sample_distribution", "not the documented distribution|over 4000 draws"),
+        ("Unitary-chart-no-imaginary-diagonal",
+         lambda: mock.patch.object(unitary, "skew_lower", _skew_without_imaginary_diagonal),
+         "Unitary", "tangent_space", "projected differential of the chart"),
+        ("Sphere-inner-without-conj", lambda: mock.patch.object(sphere, "_dot", _dot_without_conj),
+         "Sphere-complex", "tangent", "not idempotent"),
+        ("Hermitian.project-transpose", lambda: mock.patch.object(gf.Hermitian, "_part", _hermitian_part_without_conj),
+         "Hermitian", "project", "not on the space"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_complex_mutants())), ids=[m[0] for m in _complex_mutants()])
+def test_complex_mutant_is_caught(index) -> None:
+    from cases_complex import COMPLEX_CASES
+
+    from geofunc.testing import PROPERTIES
+
+    _, patch, case_id, prop_name, match = _complex_mutants()[index]
+    case = next(c for c in COMPLEX_CASES if c.id == case_id)
+    prop = next(p for p in PROPERTIES if p.name == prop_name)
+    with patch(), pytest.raises(AssertionError, match=match):
+        prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))
+    prop.fn(case, torch.float64, generator=torch.Generator().manual_seed(0))  # the control passes
+
+
+def test_jacobians_of_complex_maps_are_taken_on_the_real_parts(generator) -> None:
+    """torch 2.13's ``jacrev``/``jacfwd`` (hence ``hessian``) refuse complex inputs ("Expected all
+    inputs to be real"); ``grad``, ``jvp`` and ``vmap`` take them. A map of complex matrices that is
+    not holomorphic has no complex Jacobian anyway: its Jacobian is that of the real map on
+    ``(Re Z, Im Z)`` (what tests/cases_complex.py checks, for every transform), here equal to the
+    directional derivatives from ``jvp`` on the complex map."""
+    M = gf.Unitary()
+    Z = _crandn(3, 3, generator=generator)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        with pytest.raises(RuntimeError, match="Expected all inputs to be real"):
+            jac(M.to_manifold)(Z)
+
+    def real_map(Zr):
+        return torch.view_as_real(M.to_manifold(torch.view_as_complex(Zr)).resolve_conj())
+
+    J = torch.func.jacrev(real_map)(torch.view_as_real(Z))  # (3, 3, 2, 3, 3, 2)
+    D = _crandn(3, 3, generator=generator)
+    _, dX = torch.func.jvp(M.to_manifold, (Z,), (D,))
+    torch.testing.assert_close(torch.einsum("abcijk,ijk->abc", J, torch.view_as_real(D)), torch.view_as_real(dX),
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.func.jacfwd(real_map)(torch.view_as_real(Z)), J, atol=1e-12, rtol=0)

@@ -39,12 +39,13 @@ def test_builtin_cases_pin_their_geometry() -> None:
     """Every case of the built-in spaces gives its dimension and sample moments, and a boundary
     perturbation unless membership has no tolerance (then a reason): no property is left out
     silently for them."""
+    from cases_complex import COMPLEX_CASES
     from cases_geometry import GEOMETRY_CASES
     from cases_orthogonal import ORTHOGONAL_CASES
     from cases_rank import RANK_CASES
     from cases_vector import VECTOR_CASES
 
-    for case in (*VECTOR_CASES, *ORTHOGONAL_CASES, *RANK_CASES, *GEOMETRY_CASES):
+    for case in (*VECTOR_CASES, *ORTHOGONAL_CASES, *RANK_CASES, *GEOMETRY_CASES, *COMPLEX_CASES):
         assert case.dim is not None and case.moments is not None, case.id
         assert case.perturb is not None or "membership" in case.skip, case.id
 

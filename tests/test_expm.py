@@ -14,7 +14,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
-from geofunc._expm import _products, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _products, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
 from geofunc._linalg import skew_lower
 from geofunc.testing import no_vmap_fallback
 
@@ -156,6 +156,67 @@ def test_compile_fullgraph(generator):
     torch.testing.assert_close(cf(A), f(A), rtol=1e-10, atol=1e-10)
     cg = torch.compile(grad(f), fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(cg(A), grad(f)(A), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- static schedule
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.0, 1e-8, 1e-3, 0.3, 1.0, 4.0, 30.0, 300.0])
+def test_static_schedule_matches_matrix_exp(scale, dtype, generator):
+    """The compile-time schedule (fixed degree, squarings chosen by torch.where) is as accurate as the eager one."""
+    for shape in ((1, 1), (3, 3), (2, 8, 8), (2, 1, 5, 5), (40, 40)):
+        A = _rand(shape, scale, generator, dtype)
+        if scale >= 30.0:
+            A = A - A.mT
+        X = _expm_static(A)
+        R = ref_expm(A.double())
+        tol = 1e-5 if dtype == torch.float32 else 1e-11
+        err = ((X.double() - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
+        assert err < tol * max(1.0, scale) ** 0.5, (shape, scale, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_static_schedule_beyond_its_bound_is_nan_per_matrix(dtype):
+    limit = _STATIC_THETA[dtype] * 2.0**_STATIC_S
+    A = torch.zeros(3, 2, 2, dtype=dtype)
+    A[0, 0, 1], A[0, 1, 0] = 0.9 * limit, -0.9 * limit  # a rotation by 0.9·limit: in range
+    A[1, 0, 1], A[1, 1, 0] = 1.1 * limit, -1.1 * limit  # beyond: NaN, not an inaccurate point
+    A[2, 0, 0] = float("nan")
+    X = _expm_static(A)
+    assert torch.isnan(X[1]).all() and torch.isnan(X[2]).all()
+    tol = (1e-5 if dtype == torch.float32 else 1e-11) * limit**0.5  # the rule of test_matches_matrix_exp
+    torch.testing.assert_close(X[0].double(), ref_expm(A[0].double()), rtol=0, atol=tol)
+
+
+def test_static_schedule_under_transforms(generator):
+    A = _rand((3, 5, 5), 6.0, generator)
+    W = _rand((5, 5), 1.0, generator)
+    f, fr = _loss(_expm_static, W), _loss(ref_expm, W)
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    with no_vmap_fallback():
+        close(vmap(_expm_static)(A), ref_expm(A))
+        close(vmap(grad(f))(A), vmap(grad(fr))(A))
+        close(hessian(f)(A[0]), hessian(fr)(A[0]))
+        close(jacfwd(jacfwd(f))(A[0]), hessian(fr)(A[0]))
+
+
+def test_compiled_graph_has_the_fast_exponential(generator):
+    """Inside torch.compile the static schedule is traced (no matrix_exp, no graph break), forward and backward."""
+    A = _rand((2, 6, 6), 3.0, generator)
+    W = _rand((6, 6), 1.0, generator)
+    f = _loss(expm, W)
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    torch._dynamo.reset()
+    g = torch.compile(grad(lambda a: f(a).sum()), fullgraph=True, backend=backend)(A)
+    torch.testing.assert_close(g, grad(lambda a: _loss(ref_expm, W)(a).sum())(A), rtol=1e-9, atol=1e-9)
+    assert targets and not any("matrix_exp" in t for t in targets)
+    assert any("where" in t for t in targets)
 
 
 # ----------------------------------------------------------------------------- accuracy

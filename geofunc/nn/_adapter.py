@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
 from ..spaces._base import AbstractSpace
 
@@ -110,6 +111,9 @@ class Parametrization(nn.Module):
                 )
 
     # -------------------------------------------------------------------- maps
+    # A sharded raw tensor (a DTensor: the parameter of a module under FSDP2, outside forward) is
+    # gathered once and the results sharded like it; the base buffers are replicated plain tensors.
+    @gathered
     def forward(self, Z: Tensor) -> Tensor:
         return self.space.to_manifold(Z, self.get_base())
 
@@ -129,6 +133,7 @@ class Parametrization(nn.Module):
                 f"got dtype {X.dtype} on {X.device}."
             )
 
+    @gathered
     def right_inverse(self, X: Tensor) -> Tensor:
         """Raw coordinates of the point ``X``; re-centres the base at ``X`` (mutates the buffers).
 
@@ -143,8 +148,10 @@ class Parametrization(nn.Module):
         self._check_base(base)
         self._set_base(base)
         # torch stores the result with ``original.set_(Z)``: never let it alias the caller's tensor.
-        return Z.detach().clone()
+        # Contiguous: a wide space's raw tensor is a transposed view, which FSDP2 cannot shard.
+        return Z.detach().clone(memory_format=torch.contiguous_format)
 
+    @gathered
     def rebase(self, Z: Tensor) -> Tensor:
         """Re-centre the chart at the current point ``to_manifold(Z, base)``; return the new ``Z``."""
         with torch.no_grad():
@@ -290,13 +297,14 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
     """
     T = getattr(module, tensor_name)
     chained = parametrize.is_parametrized(module, tensor_name)
+    fsdp = _fsdp_param(module, tensor_name, T) if isinstance(T, DTensor) and not chained else None
     with torch.no_grad():
         if chained:
             # The existing chain must output Z so that ours outputs X.
             setattr(module, tensor_name, (adapter.right_inverse(X) if Z is None else Z).to(T.device))
         else:
             saved = T.detach().clone()
-            T.copy_(X)  # torch calls adapter.right_inverse on it
+            T.copy_(like(X, T) if isinstance(T, DTensor) else X)  # torch calls adapter.right_inverse on it
     try:
         parametrize.register_parametrization(module, tensor_name, adapter)
     except Exception:
@@ -304,8 +312,31 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             with torch.no_grad():
                 T.copy_(saved)
         raise
+    if fsdp is not None:
+        # Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
+        # at fully_shard time (module.weight, now the parametrized property); the parameter itself
+        # (the same object) is now the raw tensor parametrizations.<tensor_name>.original.
+        fsdp._module_info.module, fsdp._module_info.param_name = module.parametrizations[tensor_name], "original"
     _make_picklable(module)
     return module
+
+
+def _fsdp_param(module: nn.Module, tensor_name: str, T: Tensor) -> Any:
+    """FSDP2's record of ``module``'s sharded parameter ``T`` (private to PyTorch: README, deviations);
+    raises ``ManifoldError`` if ``module`` itself was not passed to ``fully_shard``."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import _get_module_fsdp_state
+
+    state = _get_module_fsdp_state(module)
+    group = None if state is None else state._fsdp_param_group
+    for p in [] if group is None else group.fsdp_params:
+        if p.sharded_param is T:
+            return p
+    raise ManifoldError(
+        f"cannot constrain {_owner_name(module, tensor_name)}: expected the module itself to be sharded with "
+        "fully_shard (its parameter is a DTensor of a sharded ancestor, whose FSDP2 state geofunc cannot "
+        "update), got a DTensor parameter of an unsharded module. Constrain before fully_shard, or call "
+        "fully_shard(module) on the constrained module itself."
+    )
 
 
 def parametrization_of(module: nn.Module, tensor_name: str = "weight") -> Parametrization:

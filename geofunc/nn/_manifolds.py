@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import spaces as S
+from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
 from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
@@ -180,12 +181,14 @@ class _Manifold(Parametrization):
             raise InverseError(self)
 
     # ----------------------------------------------------------------- the maps
+    @gathered
     def forward(self, Z: Tensor) -> Tensor:
         """The point ``space.to_manifold(Z, base)`` of the raw tensor ``Z``."""
         if isinstance(Z, nn.Parameter) and not torch.compiler.is_compiling():
             _LAST_RAW[self] = weakref.ref(Z)  # Note [update_base on the class]
         return self.space.to_manifold(self._raw_in(Z), self.get_base())
 
+    @gathered
     def right_inverse(self, X: Any, check_in_manifold: bool = True) -> Tensor:
         """Raw tensor of the point ``X`` (a tensor, or a factorized sample), re-centring the base.
 
@@ -215,7 +218,7 @@ class _Manifold(Parametrization):
         Z = self._raw_out(Z)
         self._check_base(base)
         self._set_base(base)
-        return Z.detach().clone()
+        return Z.detach().clone(memory_format=torch.contiguous_format)  # FSDP2 shards contiguous only
 
     def _why(self, X: Tensor) -> str:
         """geofunc's measured violation of ``X``, for the message of an ``InManifoldError``."""
@@ -234,6 +237,7 @@ class _Manifold(Parametrization):
             raise InManifoldError(X, self, "the space's inverse gave non-finite raw coordinates: the point is not "
                                            "representable by its chart (on or too near the boundary)")
 
+    @gathered
     def rebase(self, Z: Tensor) -> Tensor:
         """Re-centre the chart at the current point ``forward(Z)``; return the new raw tensor."""
         with torch.no_grad():
@@ -258,6 +262,12 @@ class _Manifold(Parametrization):
                     f"{type(self).__name__}.update_base(): no raw tensor known yet; evaluate the parametrized "
                     "tensor once, pass it (module.parametrizations.<name>.original), or call "
                     "geofunc.nn.update_base(module, tensor_name)."
+                )
+            if Z.numel() and not isinstance(Z, DTensor) and Z.untyped_storage().size() == 0:
+                raise ValueError(
+                    f"{type(self).__name__}.update_base(): the raw tensor last seen by forward was FSDP2's "
+                    "temporary unsharded copy, freed since; pass module.parametrizations.<name>.original, or "
+                    "call geofunc.nn.update_base(module, tensor_name)."
                 )
         with torch.no_grad():
             Z.copy_(self.rebase(Z))
@@ -605,6 +615,7 @@ class Skew(_Triangle):
         """
         return _triangle_in(X, -1.0, eps)
 
+    @gathered
     def right_inverse(self, X: Any, check_in_manifold: bool = True, tol: float = 1e-4) -> Tensor:
         """The strict triangle of ``X``; :class:`InManifoldError` unless ``allclose(X, −Xᵀ, atol=tol)``."""
         X = _as_matrix(X)
@@ -663,7 +674,7 @@ class Symmetric(_Triangle):
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
-        if check_in_manifold and not registering and not X.is_meta and not self._in(X, 1.0, 1e-6):
+        if check_in_manifold and not registering and not X.is_meta and not self._in(gather(X), 1.0, 1e-6):
             raise InManifoldError(X, self, "X is not symmetric")
         try:
             self._check_value(X)

@@ -6,6 +6,7 @@ from ._birkhoff import Birkhoff as Birkhoff
 from ._fixed_rank import FixedRank as FixedRank
 from ._glp import GLp as GLp
 from ._grassmannian import Grassmannian as Grassmannian
+from ._hermitian import Hermitian as Hermitian
 from ._hurwitz import Hurwitz as Hurwitz
 from ._lorentz import Lorentz as Lorentz
 from ._low_rank import LowRank as LowRank
@@ -24,6 +25,7 @@ from ._sphere import Sphere as Sphere
 from ._sphere_embedded import SphereEmbedded as SphereEmbedded
 from ._stiefel import Stiefel as Stiefel
 from ._sym import Sym as Sym
+from ._unitary import Unitary as Unitary
 
 __all__ = [
     "PSD",
@@ -36,6 +38,7 @@ __all__ = [
     "FixedRank",
     "GLp",
     "Grassmannian",
+    "Hermitian",
     "Hurwitz",
     "Lorentz",
     "LowRank",
@@ -50,4 +53,5 @@ __all__ = [
     "SphereEmbedded",
     "Stiefel",
     "Sym",
+    "Unitary",
 ]

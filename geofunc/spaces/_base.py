@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import optree
 import torch
 
+from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
@@ -51,6 +52,8 @@ _ATOL = {
     torch.bfloat16: 5e-2,
     torch.float32: 1e-4,
     torch.float64: 1e-9,
+    torch.complex64: 1e-4,  # those of the real dtype of the parts (Note [Complex])
+    torch.complex128: 1e-9,
 }
 
 
@@ -71,7 +74,7 @@ def can_check(tree: Any) -> bool:
         if isinstance(leaf, torch.Tensor):
             if torch._C._functorch.is_functorch_wrapped_tensor(leaf):
                 return False
-            if type(leaf) is not torch.Tensor and not isinstance(leaf, torch.nn.Parameter):
+            if type(leaf) is not torch.Tensor and not isinstance(leaf, (torch.nn.Parameter, DTensor)):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
                 return False
             if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
@@ -175,6 +178,8 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         lead = _lead(args)
         if lead is None:
             return fn(self, *args, **kwargs)
+        if isinstance(lead, DTensor):  # local or gathered once (Note [DTensor] in geofunc/_dtensor.py)
+            return route(method, self, args, kwargs)
         low = lead.dtype in LOW_PRECISION
         if not low and (_any_autocast is not None and not _any_autocast()):
             return fn(self, *args, **kwargs)
@@ -245,6 +250,11 @@ class AbstractSpace(_Space, abc.ABC):
         if not (X.dtype.is_floating_point or X.dtype.is_complex):
             kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
             raise error(self, f"`{what}` of a floating dtype ({kinds})", describe(X))
+
+    def _require_complex(self, X: Tensor, what: str) -> None:
+        """For spaces of complex points only (Unitary, Hermitian): ``X`` must be complex64/complex128."""
+        if not X.dtype.is_complex:
+            raise error(self, f"`{what}` of a complex dtype (complex64 or complex128)", describe(X))
 
     def _require_matrix(self, X: Any, what: str = "X", square: bool = False) -> tuple[int, int]:
         """Check ``X`` is a (batch of) floating matrices, square if asked; return ``(n, k)``."""
@@ -456,6 +466,8 @@ class AbstractSpace(_Space, abc.ABC):
         self._check_shape(X, "X")
         tol = self._atol(X, atol)
         for name, v in self._measure(X).items():
+            if isinstance(v, DTensor):  # batch-shaped, small: every rank then raises alike
+                v = v.full_tensor()
             bad = ~(v <= tol)
             if bool(bad.any()):
                 vd = v.detach()
@@ -472,11 +484,16 @@ class AbstractSpace(_Space, abc.ABC):
 
 
 def _apply_policy(cls: type) -> None:
-    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])."""
+    """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])
+    and the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``; the measures of ``contains``
+    and ``check`` take the routes only)."""
     for name in _POLICY_METHODS:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
             setattr(cls, name, _in_float32(fn))
+    fn = cls.__dict__.get("_violations")
+    if fn is not None and not getattr(fn, "_low_precision_policy", False):
+        setattr(cls, "_violations", distributed(fn))
     fn = cls.__dict__.get("sample")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
         setattr(cls, "sample", _sample_in_float32(fn))

@@ -110,13 +110,13 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     lam, Q = torch.linalg.eigh(sanitize(S0))
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
-    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mT)
+    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mH)
     D = S - S0
-    E = Q.mT @ D @ Q
+    E = Q.mH @ D @ Q
     tol = _tie_tol(lam).unsqueeze(-1)
     gam = _divided(g.unsqueeze(-1) - g.unsqueeze(-2), dg.unsqueeze(-1), dg.unsqueeze(-2),
                    lam.unsqueeze(-1) - lam.unsqueeze(-2), tol)
-    return out + sym_part(Q @ (E * gam) @ Q.mT)
+    return out + sym_part(Q @ (E * gam) @ Q.mH)
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -359,11 +359,11 @@ class EigSpace(_Factorized):
         n = Z.shape[-1]
         r = self._rank(n)
         Q = self._frame(torch.tril(Z[..., :, :r], -1), self._base(base, n, r))
-        return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r]
+        return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
-        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mT)  # NaN for ±inf raw values
+        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mH)  # NaN for ±inf raw values
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
@@ -371,12 +371,12 @@ class EigSpace(_Factorized):
         lam, Q = torch.linalg.eigh(sanitize(sym_part(X)))
         lam, Q = lam[..., -r:].flip(-1), Q[..., -r:].flip(-1)  # top r, descending
         nan = poison(X)
-        return _pack(self._value_map.inverse(self, lam) + nan[..., 0], (n, n)), Q + nan
+        return _pack(self._value_map.inverse(self, lam) + nan[..., 0], (n, n)).to(X.dtype), Q + nan
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """Keep the eigenvalue coordinates, move the Q coordinates into the base (no eigh)."""
         Q, lam = self._factors(Z, base)
-        return _pack(lam, (Z.shape[-1], Z.shape[-1])), Q
+        return _pack(lam, (Z.shape[-1], Z.shape[-1])).to(Z.dtype), Q
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` (the rank-r stratum; ``sym(G)`` at r = n)."""
@@ -403,8 +403,8 @@ class EigSpace(_Factorized):
         n = shape[-1]
         r = self._rank(n)
         Q = haar_stiefel(shape[:-2] + (n, r), generator, dtype, device)
-        t = separated_values(shape[:-2], r, generator, dtype, Q.device)
-        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ Q.mT)
+        t = separated_values(shape[:-2], r, generator, Q.real.dtype, Q.device)
+        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ Q.mH)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``Σ log|f(λᵢ)|`` of the eigenvalue coordinates (rank = n only): O(n) after the raw map."""
@@ -414,7 +414,7 @@ class EigSpace(_Factorized):
         if r != n:
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
         Qb = self._base(base, n, r)
-        return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1)) + poison(Z, Qb)[..., 0, 0]
+        return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1).real) + poison(Z, Qb)[..., 0, 0]
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         """Symmetric, no eigenvalue below 0, the n − r smallest vanish (relative to ‖X‖₂), and the
@@ -425,7 +425,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         scale = lam.abs().amax(-1).clamp(min=1.0)
         out = {
-            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mT).abs().amax(dim=(-2, -1)) / scale,
+            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mH).abs().amax(dim=(-2, -1)) / scale,
             "max(0, −λ_min)/max(1, ‖X‖₂)": (-lam[..., 0]).clamp(min=0.0) / scale,
         }
         if r < n:

@@ -34,6 +34,9 @@ class Grassmannian(FrameSpace):
     * ``tangent(X, G) = (I − XXᵀ) G`` (the horizontal space); ``retract(X, V) = qf(X + V)``;
       ``project(Y)`` = polar factor; ``sample`` = Haar-uniform frame (uniform subspace).
 
+    Complex frames (subspaces of Cⁿ, real dimension 2k(n − k)) are accepted: ``ᵀ`` reads ``ᴴ``
+    above, tangent vectors satisfy ``XᴴV = 0`` (Note [Complex]).
+
     Example::
 
         >>> X = Grassmannian().to_manifold(torch.randn(5, 2))

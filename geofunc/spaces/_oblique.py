@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import final
+from typing import ClassVar, final
 
 import torch
 
-from .._linalg import transpose
 from ._base import AbstractSpace
 from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_tangent
 
 __all__ = ["Oblique"]
 
 Tensor = torch.Tensor
+
+
+def _columns(X: Tensor) -> Tensor:
+    """The columns as the last dim (a plain transpose, no conjugation: complex columns stay as they are)."""
+    return X.mT
 
 
 @final
@@ -42,6 +46,9 @@ class Oblique(AbstractSpace):
       ``e_1`` (a canonical point, zero gradient, never NaN).
     * ``sample``: uniform (normalized standard Gaussian columns).
 
+    Complex matrices (unit columns in Cⁿ) are accepted, with ``⟨a, b⟩ = Re(aᴴb)``:
+    ``tangent(X, G) = G − X diag(Re(XᴴG))`` (Note [Complex]).
+
     NaN or inf raw input gives NaN in the affected columns, never a plausible point;
     :meth:`contains` is False on them. A vector (``ndim < 2``) or an empty matrix raises
     :class:`~geofunc.ManifoldError`.
@@ -59,19 +66,21 @@ class Oblique(AbstractSpace):
                 [0.8000, 0.0000]])
     """
 
+    accepts_complex: ClassVar[bool] = True
+
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what)
 
     def to_manifold(self, Z: Tensor, base: Tensor | None = None) -> Tensor:
         """Each column of ``Z`` mapped by the exponential chart of its sphere at ``base``'s column."""
         self._check_shape(Z, "Z")
-        Zt = transpose(Z)
+        Zt = _columns(Z)
         if base is None:
             U = _e1(Zt)
         else:
             self._require_base(Z, base)
-            U = _unit_base(transpose(base))
-        return transpose(_exp_chart(Zt, U, 1.0))
+            U = _unit_base(_columns(base))
+        return _columns(_exp_chart(Zt, U, 1.0))
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
@@ -79,17 +88,17 @@ class Oblique(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − X diag(XᵀG)``."""
         self._check_pair(X, G, "G")
-        return transpose(sphere_tangent(transpose(X), transpose(G), 1.0))
+        return _columns(sphere_tangent(_columns(X), _columns(G), 1.0))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """The columns of ``X + V`` normalized."""
         self._check_pair(X, V, "V")
-        return transpose(normalize(transpose(X + V), 1.0))
+        return _columns(normalize(_columns(X + V), 1.0))
 
     def project(self, Y: Tensor) -> Tensor:
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""
         self._check_shape(Y, "Y")
-        return transpose(normalize(transpose(Y), 1.0))
+        return _columns(normalize(_columns(Y), 1.0))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         err = (torch.linalg.vector_norm(X, dim=-2) - 1.0).abs()

@@ -3,7 +3,7 @@ frame space that Stiefel and Grassmannian specialise (they differ only in the ch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,7 +25,7 @@ def validate_triv(space: Any, triv: Any) -> None:
 
 
 def orthonormality_error(X: Tensor) -> Tensor:
-    """``max |XᵀX − I|`` per matrix of a tall (n ≥ k) batch."""
+    """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch."""
     k = X.shape[-1]
     return (transpose(X) @ X - eye_like(X, k)).abs().amax(dim=(-2, -1))
 
@@ -38,19 +38,23 @@ def tall(X: Tensor) -> tuple[Tensor, bool]:
 
 
 def untall(X: Tensor, transposed: bool) -> Tensor:
-    return transpose(X) if transposed else X
+    # resolve_conj: a complex result is not a lazy conjugate view (whose .imag has no batching
+    # rule under vmap); a no-op for real tensors
+    return transpose(X).resolve_conj() if transposed else X
 
 
 @dataclasses.dataclass(frozen=True)
 class FrameSpace(AbstractSpace):
     """Abstract: n×k orthonormal frames (wide ones transposed), base = the frame itself.
 
+    Complex frames (``XᴴX = I``) too: ``ᵀ`` reads ``ᴴ`` throughout (Note [Complex]).
     Subclasses implement ``to_manifold`` and ``tangent``; everything else is shared:
     ``from_manifold(X) = (0, X)``, ``rebase = (0, to_manifold(Z, base))``, the QR retraction
     (CholeskyQR2, O(n k²)), the polar projection, Haar sampling and the orthonormality check.
     """
 
     triv: Triv = "expm"
+    accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_triv(self, self.triv)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -34,6 +34,11 @@ class PSD(EigSpace):
       (``= X + V`` for small symmetric ``V``). ``sample``: ``Q diag(0.5 + t) Qᵀ``, ``Q`` Haar on O(n),
       ``t_i`` independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 
+    Complex tensors: Hermitian positive definite matrices ``Q diag(f(λ)) Qᴴ`` with ``Q`` unitary
+    (the Unitary chart of the strict lower triangle: the column phases of ``Q`` do not change
+    ``X``), ``λ = Re diag(Z)``, ``sym(G) = (G + Gᴴ)/2``; ``sample`` draws ``Q`` Haar on U(n)
+    (Note [Complex]).
+
     Example::
 
         >>> X = PSD().to_manifold(torch.randn(3, 3))
@@ -43,6 +48,7 @@ class PSD(EigSpace):
 
     f: Any = "softplus"
     triv: Triv = "expm"
+    accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))

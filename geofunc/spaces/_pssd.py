@@ -28,6 +28,9 @@ class PSSD(EigSpace):
     * ``from_manifold``: ``eigh``, ``base = Q``, ``diag(Z) = λ``; ``rebase`` keeps ``diag(Z)``.
     * ``tangent(X, G) = sym(G)``; ``project(Y)``: eigenvalues of ``sym(Y)`` clipped at 0 (the nearest
       point); ``retract(X, V) = project(X + V)``. ``sample``: as :class:`PSD`'s.
+
+    Complex tensors: Hermitian positive semidefinite matrices ``Q diag(|λ|) Qᴴ``, ``Q`` unitary,
+    ``λ = Re diag(Z)``, as for :class:`PSD` (Note [Complex]).
     * ``logabsdet = Σ log|λᵢ|``.
 
     Example::
@@ -38,6 +41,7 @@ class PSSD(EigSpace):
     """
 
     triv: Triv = "expm"
+    accepts_complex: ClassVar[bool] = True
 
     _value_map: ClassVar[ValueMap] = Abs()
 

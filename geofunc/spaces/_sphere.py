@@ -55,6 +55,9 @@ def _e1(like: Tensor) -> Tensor:
 
 
 def _dot(A: Tensor, B: Tensor) -> Tensor:
+    """``Re⟨A, B⟩`` along the last dim (the real inner product, Note [Complex])."""
+    if A.is_complex():
+        return (A.conj() * B).real.sum(-1, keepdim=True)
     return (A * B).sum(-1, keepdim=True)
 
 
@@ -241,6 +244,10 @@ class Sphere(AbstractSpace):
     ``P_u = I − u uᵀ``, ``g`` the Euclidean gradient in ``x`` (the chart's differential at 0
     is ``r P_u``; a step of ``η`` on ``Z`` is a Riemannian step of ``η r²`` on ``x``).
 
+    Complex vectors (``x ∈ Cⁿ``, ``‖x‖ = r``: the sphere S^{2n−1} of R²ⁿ) are accepted with the
+    real inner product ``⟨a, b⟩ = Re(aᴴb)`` in every formula above (Note [Complex]);
+    ``sample(dtype=complex…)`` is uniform on that sphere.
+
     NaN or inf raw input (``Z``, ``Y``, ``V``) gives NaN in the affected points, never a
     plausible point; :meth:`contains` is False on them. Errors: ``radius <= 0`` (or not a
     finite real number) raises :class:`~geofunc.ManifoldError` at construction, a 0-d or
@@ -263,6 +270,7 @@ class Sphere(AbstractSpace):
     radius: float = 1.0
 
     point_ndim: ClassVar[int] = 1
+    accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate_radius(self)

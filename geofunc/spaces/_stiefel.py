@@ -40,6 +40,10 @@ class Stiefel(FrameSpace):
       ``Y = U S Vᵀ``; ``sample`` is Haar-uniform.
     * ``logabsdet`` (square only) is 0.
 
+    Complex frames (``XᴴX = I``, real dimension 2nk − k²) are accepted: ``ᵀ`` reads ``ᴴ``
+    above, ``Ω`` is skew-Hermitian (its imaginary diagonal read from ``Im diag(YᴴZ)``),
+    ``sample`` is Haar (QR of a complex Gaussian with the phases fixed) (Note [Complex]).
+
     Example::
 
         >>> X = Stiefel().to_manifold(torch.randn(5, 2))

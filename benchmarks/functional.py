@@ -1,0 +1,274 @@
+"""The functional path at small sizes (issue 13): ``torch.func.grad``, MAML and ``torch.compile``.
+
+Each row times one training step (or one forward + backward of a single space) side by side
+with the anchors it is judged against; ``ref`` names the anchor of the row's target ratio.
+At these sizes the cost is the number of ops and the per-op overhead of autograd and the
+transforms, not arithmetic, so the ``mm`` anchor of a row is only nominal.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch._functorch.config
+import torch._inductor.config
+from torch.func import functional_call, grad, vmap
+
+import geofunc as gf
+
+from .run import GF, GT, Bench, Row, geotorch
+
+Step = Callable[[], object]
+
+
+# ------------------------------------------------------------------ the README's program
+def _twenty_lines(b: Bench, batch: int = 32):
+    """The README's model, constraints and data (Linear 64→128 Stiefel, Linear 128→10 LowRank(4))."""
+    with torch.random.fork_rng():  # the layers' default init, reproducible, the global RNG untouched
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(b.dtype)
+    c = {"0.weight": gf.Stiefel(), "2.weight": gf.LowRank(rank=4)}
+    params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=b.gen)
+    raw, bases = gf.from_manifold(c, params)
+    x = b.randn(batch, 64)
+    y = torch.randint(0, 10, (batch,), generator=b.gen)
+    return model, c, params, raw, bases, x, y
+
+
+def _adam_step(tensors: list[torch.Tensor], grads: Any, opt: torch.optim.Optimizer) -> None:
+    for t, g in zip(tensors, grads):
+        t.grad = g
+    opt.step()
+
+
+def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> Step:
+    """The README's loop body: ``g = g_fn(raw, *args)`` (``grad(loss)``, maybe compiled), then Adam on ``raw``."""
+    raw = {k: v.detach().clone() for k, v in raw.items()}
+    opt = torch.optim.Adam(list(raw.values()), lr=lr)
+
+    def step() -> None:
+        g = g_fn(raw, *args)
+        _adam_step(list(raw.values()), [g[k] for k in raw], opt)
+
+    return step
+
+
+def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> Step:
+    """The same loss and optimizer with ``loss(raw, *args).backward()``."""
+    raw = {k: v.detach().clone().requires_grad_() for k, v in raw.items()}
+    opt = torch.optim.Adam(list(raw.values()), lr=lr)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss(raw, *args).backward()
+        opt.step()
+
+    return step
+
+
+def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Step:
+    """A constrained module's step: cross-entropy ``backward()``, then Adam on its parameters."""
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(module(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def _constrained_module(lib: Any, model: torch.nn.Module, params: dict) -> torch.nn.Module:
+    """A copy of ``model`` with GeoTorch's one-liners from ``lib`` (``geofunc.nn`` or ``geotorch``), at ``params``."""
+    m = copy.deepcopy(model)
+    with torch.random.fork_rng():  # the one-liners draw an initial point from the global RNG
+        lib.orthogonal(m[0], "weight")
+        lib.low_rank(m[2], "weight", 4)
+    with torch.no_grad():
+        m[0].weight, m[2].weight = params["0.weight"].clone(), params["2.weight"].clone()
+        m[0].bias.copy_(params["0.bias"])
+        m[2].bias.copy_(params["2.bias"])
+    return m
+
+
+def twenty_line_rows(b: Bench, targets: bool, compile_: bool) -> list[Row]:
+    """The README's step under ``torch.func.grad`` beside its anchors (and compiled, if ``compile_``)."""
+    model, c, params, raw, bases, x, y = _twenty_lines(b)
+
+    def loss(raw, bases, x, y):
+        p = gf.to_manifold(c, raw, bases)
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    def plain_loss(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    plain = {k: v.detach().clone() for k, v in model.named_parameters()}
+    fns: dict[str, Step] = {
+        GF: grad_step(grad(loss), raw, bases, x, y),
+        "unconstrained": grad_step(grad(plain_loss), plain, x, y),
+        "backward()": backward_step(loss, raw, bases, x, y),
+        "gf.nn module": module_step(_constrained_module(gf.nn, model, params), x, y),
+    }
+    if geotorch is not None:
+        fns[GT + " module"] = module_step(_constrained_module(geotorch, model, params), x, y)
+    rows = [
+        b.run(
+            "twenty-line step, torch.func.grad",
+            "batch 32",
+            128,
+            fns,
+            heavy=False,
+            ref="unconstrained",
+            target="≤ 5× unconstrained; ≤ 1.2× backward()" if targets else "",
+            check=(lambda r: r.times[GF] <= 5 * r.times["unconstrained"] and r.times[GF] <= 1.2 * r.times["backward()"])
+            if targets
+            else None,
+            note="README's program (Linear 64→128 Stiefel, Linear 128→10 LowRank(4), batch 32, Adam); "
+            "'unconstrained': the same step without constraints; 'backward()': the same loss, loss.backward(); "
+            "modules: one-liners (gf.nn, GeoTorch) and loss.backward()",
+        )
+    ]
+    if compile_:
+        rows.append(_compiled_row(b, loss, plain_loss, raw, bases, plain, x, y, targets))
+    return rows
+
+
+def _compiled_row(b, loss, plain_loss, raw, bases, plain, x, y, targets: bool) -> Row:
+    """``torch.compile(grad(loss), fullgraph=True)``; the compile time is a cold one (no on-disk caches)."""
+    torch._dynamo.reset()
+    compiled = {}
+    for name, (f, args) in {GF: (loss, (raw, bases, x, y)), "plain compiled": (plain_loss, (plain, x, y))}.items():
+        cg = torch.compile(grad(f), fullgraph=True)
+        with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            t0 = time.perf_counter()
+            cg(*args)
+            compiled[name] = (cg, time.perf_counter() - t0)
+    fns = {
+        GF: grad_step(compiled[GF][0], raw, bases, x, y),
+        "eager": grad_step(grad(loss), raw, bases, x, y),
+        "plain compiled": grad_step(compiled["plain compiled"][0], plain, x, y),
+    }
+    return b.run(
+        "twenty-line step, torch.compile(grad)",
+        "batch 32",
+        128,
+        fns,
+        heavy=False,
+        ref="eager",
+        target="eager ÷ compiled ≥ 3" if targets else "",
+        check=(lambda r: r.times["eager"] >= 3 * r.times[GF]) if targets else None,
+        note=f"torch.compile(grad(loss), fullgraph=True), inductor; cold compile time (first call, on-disk caches off) geofunc "
+        f"{compiled[GF][1]:.0f} s, plain {compiled['plain compiled'][1]:.0f} s; 'eager': geofunc's torch.func.grad step",
+        extra={"compile_s": compiled[GF][1]},
+    )
+
+
+# ------------------------------------------------------------------ MAML
+def sinusoid_tasks(n_tasks: int, k: int, generator: torch.Generator, dtype: torch.dtype):
+    """``n_tasks`` sinusoid regression tasks (amplitude, phase random), ``k`` support and ``k`` query points."""
+    amp = torch.rand(n_tasks, 1, 1, generator=generator, dtype=dtype) * 4.9 + 0.1
+    phase = torch.rand(n_tasks, 1, 1, generator=generator, dtype=dtype) * math.pi
+    xs = torch.rand(n_tasks, 2 * k, 1, generator=generator, dtype=dtype) * 10 - 5
+    ys = amp * torch.sin(xs + phase)
+    return xs[:, :k], ys[:, :k], xs[:, k:], ys[:, k:]
+
+
+def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained: bool = True,
+         dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+    """MAML on sinusoids: an MLP 1-``width``-``width``-1 whose hidden weight is on ``SO`` (or free).
+
+    Returns ``(task_loss, raw, bases)``: ``task_loss(raw, bases, xs, ys, xq, yq)`` takes
+    ``inner_steps`` plain gradient steps on every raw tensor from the support set, then returns the
+    query loss. ``vmap`` it over tasks and take its ``grad`` for the meta-gradient (grad of grad).
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                    torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(dtype)
+    c = {"2.weight": gf.SO()} if constrained else {}
+    params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=generator)
+    raw, bases = gf.from_manifold(c, params)
+
+    def loss(raw, bases, x, y):
+        p = gf.to_manifold(c, raw, bases)
+        return torch.nn.functional.mse_loss(functional_call(model, p, (x,)), y)
+
+    def task_loss(raw, bases, xs, ys, xq, yq):
+        for _ in range(inner_steps):
+            g = grad(loss)(raw, bases, xs, ys)
+            raw = {k: raw[k] - alpha * g[k] for k in raw}
+        return loss(raw, bases, xq, yq)
+
+    return task_loss, raw, bases
+
+
+def meta_loss(task_loss: Callable) -> Callable:
+    """The mean query loss over a batch of tasks (``vmap`` over the tasks' leading dimension)."""
+
+    def f(raw, bases, xs, ys, xq, yq):
+        return vmap(task_loss, in_dims=(None, None, 0, 0, 0, 0))(raw, bases, xs, ys, xq, yq).mean()
+
+    return f
+
+
+def maml_row(b: Bench, targets: bool, n_tasks: int, width: int) -> Row:
+    """One MAML meta-step (grad of the vmapped task losses, Adam) beside the unconstrained one."""
+    tasks = sinusoid_tasks(n_tasks, 10, b.gen, b.dtype)
+    fns = {}
+    for name, constrained in ((GF, True), ("unconstrained", False)):
+        task_loss, raw, bases = maml(width, constrained=constrained, dtype=b.dtype, generator=b.gen)
+        fns[name] = grad_step(grad(meta_loss(task_loss)), raw, bases, *tasks)
+    return b.run(
+        f"MAML, MLP 1-{width}-{width}-1, SO hidden",
+        f"{n_tasks} tasks, 5 inner steps",
+        width,
+        fns,
+        heavy=False,
+        ref="unconstrained",
+        target="≤ 3× unconstrained" if targets else "",
+        check=(lambda r: r.times[GF] <= 3 * r.times["unconstrained"]) if targets else None,
+        note="grad of (vmap over tasks of 5 inner grad steps on raw, then the query loss), Adam meta-step; "
+        "'unconstrained': the same MLP without SO",
+    )
+
+
+# ------------------------------------------------------------------ single spaces
+def space_row(b: Bench, name: str, M: gf.AbstractSpace, shape: tuple[int, int], targets: bool,
+              forward: bool = False) -> Row:
+    """One space alone: ``⟨G, to_manifold(Z, base)⟩`` differentiated by ``torch.func.grad`` and by autograd."""
+    Z = b.raw(*shape).detach()
+    G = b.randn(*shape)
+    _, base = M.from_manifold(M.sample(shape, generator=b.gen, dtype=b.dtype))
+
+    def f(Z):
+        return (M.to_manifold(Z, base) * G).sum()
+
+    Zg = Z.clone().requires_grad_()
+    fns: dict[str, Step] = {GF: lambda: grad(f)(Z), "autograd": lambda: torch.autograd.grad(f(Zg), [Zg])}
+    if forward:
+        fns["forward, no grad"] = lambda: M.to_manifold(Z, base)
+    return b.run(
+        f"{name}, torch.func.grad",
+        f"{shape[0]}×{shape[1]}",
+        max(shape),
+        fns,
+        heavy=False,
+        ref="autograd",
+        target="≤ 1.2× autograd" if targets else "",
+        check=(lambda r: r.times[GF] <= 1.2 * r.times["autograd"]) if targets else None,
+        note="forward + backward of ⟨G, to_manifold(Z, base)⟩: grad(f)(Z) vs torch.autograd.grad",
+    )
+
+
+def functional_cases(b: Bench, targets: bool) -> list[Row]:
+    """Every row of issue 13 (the compiled step only in a full run: compiling takes minutes)."""
+    q = b.quick
+    rows = twenty_line_rows(b, targets, compile_=not q)
+    rows.append(maml_row(b, targets, 4 if q else 25, 8 if q else 40))
+    rows.append(space_row(b, "Stiefel", gf.Stiefel(), (128, 64), targets))
+    rows.append(space_row(b, "LowRank(4)", gf.LowRank(rank=4), (10, 128), targets, forward=True))
+    return rows

@@ -1,0 +1,261 @@
+"""DTensor arguments to the maps of a space: local work where the maths allows, else one gather.
+
+Note [DTensor]
+A ``torch.distributed.tensor.DTensor`` given to a linear-algebra op (``matrix_exp``, ``qr``,
+``svd``, ``eigh``, ``solve``, ...) is silently replicated by PyTorch: every rank all-gathers
+it and does the whole work. The maps of a space never let that happen implicitly; every map
+(the ``_POLICY_METHODS`` of ``spaces/_base.py`` and the membership measures) takes one of three
+explicit routes, chosen from the placements and shapes alone (never from values):
+
+* **local** (no communication): every DTensor argument is sharded on *batch* dimensions only
+  (``Shard(d)`` with ``d`` before the point's dimensions, or ``Replicate``), with the same
+  mesh and placements; plain tensors are replicated values that broadcast along the sharded
+  dimensions. A map is per point, so each rank maps its own shard: the result is a DTensor
+  with the same placements.
+* **gathered once**: otherwise (a point's own rows or columns are split across ranks, as FSDP2
+  does with ``Shard(0)`` of a weight), each DTensor argument is all-gathered once
+  (``full_tensor``), the map runs on plain tensors on every rank, and each tensor result is
+  returned as a DTensor on the same mesh: with the placements of the leading DTensor argument
+  when it has that argument's shape (a local slice, no communication), replicated otherwise.
+  Gradients flow back through the gather as a reduce-scatter.
+* **row-sharded frames** (before the gather): a tall ``Stiefel``/``Grassmannian`` frame whose
+  rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
+  work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
+  all-reduce each; its backward all-reduces the gradient): ``tangent``, ``egrad_to_rgrad``,
+  ``transport`` and ``inner`` (one), ``retract`` (CholeskyQR2: two) and the measure of
+  ``contains``/``check`` (one), so ``geofunc.optim`` steps on such frames without a gather. A
+  NaN on any rank reaches every rank through the reduced Gram matrix.
+
+The gather costs one all-gather of the point per call, and the compute is replicated. The
+other maps of tall frames (the chart, the polar ``project``) and every other space gather.
+``check`` (and the eager validation of ``from_manifold``) gathers the batch-shaped measures of
+``contains``, so that every rank raises the same ``ManifoldError``. The leading tensor argument
+(``Z``, ``X`` or ``Y``) decides whether a call takes these routes: a plain one with DTensors
+after it is PyTorch's error (mixed ``torch.Tensor`` and ``DTensor``), never a silent gather.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import optree
+import torch
+
+try:
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    _AVAILABLE = True
+except ImportError:  # torch built without distributed support: no tensor is a DTensor
+
+    class DTensor:  # type: ignore[no-redef]
+        """Stand-in for ``isinstance`` checks (never instantiated)."""
+
+    _AVAILABLE = False
+
+__all__ = ["DTensor", "distributed", "gather", "gathered", "like", "route"]
+
+Tensor = torch.Tensor
+
+
+def _dtensor_args(args: tuple, kwargs: dict) -> list:
+    """The DTensor arguments, at the top level or one container deep (bases are tuples)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, DTensor):
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            found.extend(t for t in a if isinstance(t, DTensor))
+    return found
+
+
+def gather(tree: Any) -> Any:
+    """``tree`` with every DTensor all-gathered into a plain tensor (``full_tensor``, differentiable)."""
+    return optree.tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, tree, none_is_leaf=True)
+
+
+def like(tree: Any, lead: Any) -> Any:
+    """Plain tensors of ``tree`` (the same values on every rank) as DTensors on ``lead``'s mesh:
+    with ``lead``'s placements where a tensor has ``lead``'s shape, replicated otherwise (no
+    communication either way: a replicated tensor is sliced locally)."""
+    mesh = lead.device_mesh
+    replicated = [Replicate()] * mesh.ndim
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, Tensor) or isinstance(t, DTensor):
+            return t
+        out = DTensor.from_local(t, mesh, replicated, run_check=False)
+        return out.redistribute(mesh, lead.placements) if t.shape == lead.shape else out
+
+    return optree.tree_map(wrap, tree, none_is_leaf=True)
+
+
+def _local_route(dts: list, args: tuple, kwargs: dict, point_ndim: int) -> bool:
+    """Whether every sharding is along batch dimensions only (Note [DTensor], local route)."""
+    lead = dts[0]
+    for t in dts:
+        if t.device_mesh != lead.device_mesh or tuple(t.placements) != tuple(lead.placements):
+            return False
+        if t.ndim != lead.ndim:
+            return False
+    sharded = [p.dim for p in lead.placements if isinstance(p, Shard)]
+    if not all(isinstance(p, (Shard, Replicate)) for p in lead.placements):
+        return False  # Partial: a sum still to be reduced
+    if any(d < 0 or d >= lead.ndim - point_ndim for d in sharded):
+        return False
+    # Plain tensors must broadcast along the sharded dims (aligned from the right).
+    for a in optree.tree_leaves((args, kwargs), none_is_leaf=False):
+        if isinstance(a, Tensor) and not isinstance(a, DTensor):
+            for d in sharded:
+                j = d - (lead.ndim - a.ndim)
+                if j >= 0 and a.shape[j] != 1:
+                    return False
+    return True
+
+
+def _from_local(tree: Any, lead: Any) -> Any:
+    """Results of the local route as DTensors with ``lead``'s placements; the global size of a
+    sharded (batch) dimension is ``lead``'s, the others are the local ones."""
+    mesh, placements = lead.device_mesh, lead.placements
+    sharded = {p.dim for p in placements if isinstance(p, Shard)}
+
+    def wrap(t: Any) -> Any:
+        if not isinstance(t, Tensor) or isinstance(t, DTensor):
+            return t
+        if any(d >= t.ndim for d in sharded):  # a result without lead's batch dims
+            return DTensor.from_local(t, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        shape = torch.Size(lead.shape[d] if d in sharded else n for d, n in enumerate(t.shape))
+        stride = torch.empty(shape, device="meta").stride()
+        return DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+
+    return optree.tree_map(wrap, tree, none_is_leaf=True)
+
+
+# ----------------------------------------------------------------------------- row-sharded frames
+class _SumOverRanks(torch.autograd.Function):
+    """An all-reduce (sum) over ``group``; its gradient is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _frame_tangent(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor) -> Tensor:
+    """``G − X sym(XᵀG)`` (Stiefel) or ``G − X XᵀG`` (Grassmannian), as their ``tangent``."""
+    from .spaces import Stiefel
+
+    S = gram(X, G)
+    return G - X @ (0.5 * (S + S.mT) if type(space) is Stiefel else S)  # final classes: no ABCMeta check
+
+
+def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor) -> Tensor:
+    """CholeskyQR2 of ``X + V``, as ``geofunc._linalg.chol_qr``: ``Y R⁻¹`` is row-wise and
+    ``RᵀR = YᵀY`` a Gram matrix."""
+    Y = X + V
+    for _ in range(2):
+        R, _ = torch.linalg.cholesky_ex(gram(Y, Y), upper=True)
+        Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
+    return Y
+
+
+def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dict[str, Tensor]:
+    """``max |XᵀX − I|``, as ``FrameSpace._violations`` (the same name)."""
+    I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)  # noqa: E741
+    return {"max|XᵀX − I|": (gram(X, X) - I).abs().amax(dim=(-2, -1))}
+
+
+def _frame_transport(space: Any, gram: Callable[..., Tensor], X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``tangent(Y, V)``, the default transport of the embedded metric."""
+    return _frame_tangent(space, gram, Y, V)
+
+
+def _frame_inner(space: Any, gram: Callable[..., Tensor], X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """``tr(UᵀV)``, the embedded metric."""
+    return gram(U, V).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+_ROW_SHARDED = {
+    "tangent": _frame_tangent,
+    "egrad_to_rgrad": _frame_tangent,  # the embedded metric's: the tangent projection
+    "transport": _frame_transport,
+    "inner": _frame_inner,
+    "retract": _frame_retract,
+    "_violations": _frame_violations,
+}
+
+
+def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
+    """The row-sharded implementation of ``self.name`` for these arguments, if it applies."""
+    from .spaces import Grassmannian, Stiefel
+
+    if name not in _ROW_SHARDED or kwargs or type(self) not in (Stiefel, Grassmannian):
+        return None
+    lead = dts[0]
+    if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:
+        return None
+    if tuple(lead.placements) != (Shard(lead.ndim - 2),) or lead.dtype not in (torch.float32, torch.float64):
+        return None
+    if len(dts) != len(args) or any(t.shape != lead.shape or t.placements != lead.placements for t in dts):
+        return None
+    return _ROW_SHARDED[name]
+
+
+def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
+    """Call the space map ``fn`` on DTensor arguments by the routes of Note [DTensor]."""
+    dts = _dtensor_args(args, kwargs)
+    if not dts:
+        return fn(self, *args, **kwargs)
+    lead = dts[0]
+    rows = _row_sharded(self, fn.__name__, dts, args, kwargs)
+    if rows is not None:
+        self._check_shape(lead, "X")
+        group = lead.device_mesh.get_group()
+        gram = lambda A, B: _SumOverRanks.apply(A.mT @ B, group)  # noqa: E731  XᵀY = Σᵢ XᵢᵀYᵢ
+        with torch.autocast(lead.device.type, enabled=False):
+            out = rows(self, gram, *(t.to_local() for t in args))
+        return _from_local(out, lead)
+    if _local_route(dts, args, kwargs, self.point_ndim):
+        unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+        out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),
+                 **optree.tree_map(unwrap, kwargs, none_is_leaf=True))
+        return _from_local(out, lead)
+    return like(fn(self, *gather(args), **gather(kwargs)), lead)
+
+
+def distributed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a space map whose first argument is a point so that a DTensor point takes :func:`route`."""
+    if not _AVAILABLE:
+        return fn
+
+    @functools.wraps(fn)
+    def method(self: Any, X: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(X, DTensor):
+            return route(fn, self, (X, *args), kwargs)
+        return fn(self, X, *args, **kwargs)
+
+    return method
+
+
+def gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a method so that DTensor arguments are gathered once and its tensor results returned
+    like the first of them (the gathered route of Note [DTensor], always): for the ``nn``
+    adapters, whose base buffers are replicated plain tensors."""
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        dts = _dtensor_args(args, kwargs)
+        if not dts:
+            return fn(self, *args, **kwargs)
+        return like(fn(self, *gather(args), **gather(kwargs)), dts[0])
+
+    return method
