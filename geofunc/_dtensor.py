@@ -155,7 +155,7 @@ def _frame_tangent(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor
     from .spaces import Stiefel
 
     S = gram(X, G)
-    return G - X @ (0.5 * (S + S.mT) if isinstance(space, Stiefel) else S)
+    return G - X @ (0.5 * (S + S.mT) if type(space) is Stiefel else S)  # final classes: no ABCMeta check
 
 
 def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> 
     """The row-sharded implementation of ``self.name`` for these arguments, if it applies."""
     from .spaces import Grassmannian, Stiefel
 
-    if name not in _ROW_SHARDED or kwargs or not isinstance(self, (Stiefel, Grassmannian)):
+    if name not in _ROW_SHARDED or kwargs or type(self) not in (Stiefel, Grassmannian):
         return None
     lead = dts[0]
     if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:

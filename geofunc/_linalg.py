@@ -29,10 +29,9 @@ __all__ = [
     "haar_so",
     "chol_qr",
     "polar",
-    "nan_poison",
+    "poison",
     "sanitize",
-    "stiefel_chart",
-    "stiefel_packed_chart",
+    "frame_chart",
     "eye_like",
     "transpose",
 ]
@@ -88,7 +87,7 @@ def cayley(A: Tensor) -> Tensor:
     """
     I = eye_like(A)
     # inv() of a matrix with ±inf entries can return a finite, plausible matrix: poison it.
-    return 2.0 * torch.linalg.inv(I - 0.5 * A) - I + nan_poison(A)
+    return 2.0 * torch.linalg.inv(I - 0.5 * A) - I + poison(A)
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -144,18 +143,39 @@ def haar_so(shape, generator=None, dtype=None, device=None) -> Tensor:
     return Q * flip.unsqueeze(-2)
 
 
-def nan_poison(Y: Tensor, dims: tuple[int, ...] = (-2, -1)) -> Tensor:
-    """``0`` per point of ``Y``, ``NaN`` where the point has a NaN or inf entry (broadcastable).
-
-    Added to the output of a LAPACK-backed map that was fed a sanitized input, it makes NaN
-    input give NaN output instead of an exception or a plausible point.
-    """
-    return (Y * 0.0).sum(dim=dims, keepdim=True)
-
-
+# Note [NaN policy]
+# A point with a NaN or inf entry has no well-defined image, and no map may return a plausible
+# point for it (DESIGN §5); yet LAPACK-backed calls (svd, eigh, qr, cholesky, solve, slogdet)
+# raise on it or return finite garbage. So every map that calls one computes
+# ``f(sanitize(Y)) + poison(Y)``: the decomposition reads finite numbers, and the result is NaN
+# exactly at the points whose input was not finite. ``poison`` is ``0·Σ y`` per point of the
+# detached input: one pass, no allocation, traceable, no branch on values, no autograd node
+# (``GLp.logabsdet`` reads n of n² raw entries: a backward through ``0·Z`` cost it 4× at n = 1024,
+# ``Σ 0·y`` 1.5×). The sum overflows only for entries within a factor of the point's size of the
+# largest float (3e32 in a float32 1024×1024), which count as not finite. A map whose value is
+# constant adds ``0·z`` of one entry to stay in the graph. A violation plus ``poison(X)`` is NaN,
+# which ``contains`` reads as False and ``check`` reports as inf. Products and elementwise maps
+# need neither.
 def sanitize(Y: Tensor) -> Tensor:
-    """``Y`` with non-finite entries replaced by 0 (use with :func:`nan_poison`)."""
+    """``Y`` with non-finite entries replaced by 0, for a LAPACK call (Note [NaN policy])."""
     return torch.where(torch.isfinite(Y), Y, torch.zeros_like(Y))
+
+
+def poison(*tensors: Tensor | None, ndim: int = 2) -> Tensor:
+    """0 per point, NaN where a point of any given tensor has a NaN/inf entry (Note [NaN policy]).
+
+    A point is the last ``ndim`` dimensions; they are kept with size 1, so the result broadcasts
+    against the points (``[..., 0, 0]`` is batch-shaped). ``None`` tensors are skipped.
+    """
+    dims = tuple(range(-ndim, 0))
+    out = None
+    for T in tensors:
+        if T is not None:
+            t = T.detach()
+            t = (t.abs() if t.is_complex() else t).sum(dim=dims, keepdim=True) * 0.0  # real, also for complex T
+            out = t if out is None else out + t
+    assert out is not None
+    return out
 
 
 def chol_qr(Y: Tensor) -> Tensor:
@@ -166,12 +186,12 @@ def chol_qr(Y: Tensor) -> Tensor:
     rank-deficient or non-finite ``Y`` (no QR factor) gives non-finite entries, never an
     exception or a plausible frame.
     """
-    poison = nan_poison(Y)
+    nan = poison(Y)
     Y = sanitize(Y)
     for _ in range(2):
         R, _ = torch.linalg.cholesky_ex(transpose(Y) @ Y, upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y + poison
+    return Y + nan
 
 
 def polar(Y: Tensor) -> Tensor:
@@ -180,10 +200,35 @@ def polar(Y: Tensor) -> Tensor:
     NaN/inf entries give a NaN point (LAPACK would raise).
     """
     U, _, Vh = torch.linalg.svd(sanitize(Y), full_matrices=False)
-    return U @ Vh + nan_poison(Y)
+    return U @ Vh + poison(Y)
 
 
-def stiefel_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool = False) -> Tensor:
+def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool = False, packed: bool = False) -> Tensor:
+    """The chart of tall n×k frames (n ≥ k) centred at ``base`` (None: ``I[:, :k]``): the one frame
+    chart of Stiefel, Grassmannian and the rank/PSD family.
+
+    * Square (n = k): ``base · φ(skew_lower(Z))``; ``horizontal`` (a square frame spans all of
+      Rⁿ): the constant ``base``, written from ``Z`` so that NaN propagates.
+    * Tall: ``φ(W(Z)) base`` with the skew generator of :func:`_tall_chart`, O(n k²).
+    * ``packed``: ``Z`` holds coordinates in an orthonormal basis adapted to ``base``
+      (:func:`_packed_direction`), so that the chart's differential at ``Z = 0`` is an isometry
+      onto the tangent space at every base; at ``base = None`` the two readings agree.
+    """
+    n, k = Z.shape[-2], Z.shape[-1]
+    if n == k:
+        if horizontal:
+            Y = eye_like(Z).expand_as(Z) if base is None else base
+            return Y + 0.0 * Z  # constant map; keeps NaN propagation and a (zero) gradient
+        R = resolve_triv(triv)(skew_lower(Z))
+        return R if base is None else base @ R
+    if base is None:
+        base = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
+    elif packed:
+        Z = _packed_direction(base, Z)
+    return _tall_chart(base, Z, triv, horizontal)
+
+
+def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> Tensor:
     """The Stiefel chart at a tall frame ``Y`` (n×k, n > k): ``φ(W(Z)) Y``.
 
     ``W(Z) = Y Ω Yᵀ + C Yᵀ − Y Cᵀ`` with ``Ω`` the skew matrix of the strict lower
@@ -229,7 +274,7 @@ def _polar_factor(A: Tensor) -> Tensor:
     """
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0))
-    Up = U @ Vh + nan_poison(A0)
+    Up = U @ Vh + poison(A0)
     V = transpose(Vh)
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
     M = Vh @ transpose(Up) @ D @ V
@@ -239,23 +284,22 @@ def _polar_factor(A: Tensor) -> Tensor:
     return Up + Up @ (V @ (B / den) @ Vh)
 
 
-def stiefel_packed_chart(Y: Tensor, P: Tensor, triv: Triv) -> Tensor:
-    """Chart of a tall frame at ``Y`` (n×r, n > r) in *packed* coordinates ``P`` (n×r, top r×r strictly lower).
+def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
+    """The ambient direction ``Δ`` of *packed* coordinates ``P`` (n×r, top r×r strictly lower) at a tall frame ``Y``.
 
     The ``dim St(n, r)`` numbers of ``P`` are coordinates in an orthonormal basis adapted to ``Y``:
-    ``L = tril(P[:r], −1)`` (r×r) and ``C_b = P[r:]`` ((n−r)×r) give the ambient direction
-    ``Δ = Y L + N C_b``, where ``N`` (n×(n−r)) is an orthonormal basis of ``range(Y)⊥``: the last n − r
-    columns of the block Householder reflection ``H = I − W (I + P_Y)⁻¹ Wᵀ``, ``W = E S − Y``,
-    ``E = I[:, :r]``, ``S = −U_p`` with ``Y_top = U_p P_Y`` the polar decomposition of the top r×r block
+    ``L = tril(P[:r], −1)`` (r×r) and ``C_b = P[r:]`` ((n−r)×r) give ``Δ = Y L + N C_b``, where ``N``
+    (n×(n−r)) is an orthonormal basis of ``range(Y)⊥``: the last n − r columns of the block
+    Householder reflection ``H = I − W (I + P_Y)⁻¹ Wᵀ``, ``W = E S − Y``, ``E = I[:, :r]``,
+    ``S = −U_p`` with ``Y_top = U_p P_Y`` the polar decomposition of the top r×r block
     (``SᵀY_top = −P_Y`` is symmetric, so ``WᵀW = 2(I + P_Y) ⪰ 2I`` and ``H E S = Y``). Applied
     implicitly, ``N C_b = [0; C_b] + W T`` with ``T = (I + P_Y)⁻¹ Y_botᵀ C_b``, so
     ``Δ = Y (L − T) + [S T; C_b]``: O(n r²), no n×n matrix, for any ``Y`` (also where ``Y_top`` is
-    singular). Then ``X =`` :func:`stiefel_chart` ``(Y, Δ, triv)``, whose
-    ``Ω = L − Lᵀ`` and ``C = N C_b``: the differential at ``P = 0`` maps the packed coordinates
-    isometrically onto ``T_Y St(n, r)`` with the canonical metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2
-    on the ``L`` entries, 1 on ``C_b``), at every base. At ``Y = I[:, :r]`` (``N = [0; I]``) it is
-    the GeoTorch chart ``stiefel_chart(Y, P)``. Exact to all orders in ``P``; in ``Y`` exact to
-    first order (``U_p`` from :func:`_polar_factor`).
+    singular). The tall chart of ``Δ`` then has ``Ω = L − Lᵀ`` and ``C = N C_b``: its differential
+    at ``P = 0`` maps the packed coordinates isometrically onto ``T_Y St(n, r)`` with the canonical
+    metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2 on the ``L`` entries, 1 on ``C_b``), at every base. At
+    ``Y = I[:, :r]`` (``N = [0; I]``) ``Δ = P``: GeoTorch's chart. Exact to all orders in ``P``; in
+    ``Y`` exact to first order (``U_p`` from :func:`_polar_factor`).
     """
     r = Y.shape[-1]
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
@@ -265,4 +309,4 @@ def stiefel_packed_chart(Y: Tensor, P: Tensor, triv: Triv) -> Tensor:
     T = torch.linalg.solve(K, transpose(Ybot) @ Cb)
     # Δ = Y L + [0; C_b] + (E S − Y) T = Y (L − T) + [S T; C_b]  (T has the common batch shape)
     ST_Cb = torch.cat([S @ T, Cb.expand(T.shape[:-2] + Cb.shape[-2:])], dim=-2)
-    return stiefel_chart(Y, Y @ (torch.tril(P[..., :r, :], -1) - T) + ST_Cb, triv)
+    return Y @ (torch.tril(P[..., :r, :], -1) - T) + ST_Cb

@@ -44,7 +44,7 @@ import torch
 
 from ._errors import ManifoldError
 from .spaces import Product
-from .spaces._base import AbstractSpace
+from .spaces._base import AbstractSpace, is_space
 
 __all__ = ["sample", "from_manifold", "to_manifold", "rebase", "tangent", "retract", "contains"]
 
@@ -116,8 +116,8 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
     if c is None:
         return _FREE
     node = _children(p)
-    if isinstance(c, AbstractSpace):
-        if node is None or isinstance(c, Product):
+    if is_space(c):
+        if node is None or type(c) is Product:
             return _Entry(_join(path), c)
         # a tensor space at an inner node: every tensor below is its own constrained entry
         entries, kids, rebuild = node
@@ -206,32 +206,6 @@ def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise ManifoldError(f"parameter {name!r}: {e}") from None
 
 
-def _validate(entry: _Entry, X: Any, what: str) -> None:
-    """Shape check of a constrained entry, raising with the parameter's name (eager mode).
-
-    Also for a non-tensor entry (``None``, a tuple under a non-``Product`` space, ...): the
-    space's check names what it expected instead of a later IndexError/AttributeError.
-    """
-    if torch.compiler.is_compiling():
-        return
-    _named(entry.name, entry.space._check_shape, X, what)
-
-
-def _check_bases(bases: Any, leaves: list[Any]) -> Bases:
-    if bases is None:
-        return {}
-    if not isinstance(bases, Mapping):
-        raise ManifoldError(
-            f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
-        )
-    if not torch.compiler.is_compiling():
-        names = {e.name for e in leaves if isinstance(e, _Entry)}
-        for key in bases:
-            if key not in names:
-                raise ManifoldError(f"`bases` has an entry {key!r} that no constraint names (constrained: {sorted(names)}).")
-    return bases  # type: ignore[return-value]
-
-
 def _shape_of(X: Any) -> Any:
     if isinstance(X, torch.Tensor):
         return X.shape
@@ -240,6 +214,36 @@ def _shape_of(X: Any) -> Any:
 
 def _first_leaf(X: Any) -> torch.Tensor:
     return optree.tree_leaves(X)[0]
+
+
+def _map(
+    constraints: Constraints,
+    fn: Callable[..., Any],
+    tree: PyTree,
+    *rests: PyTree,
+    names: tuple[str, ...] = ("params",),
+    check: str | None = None,
+    free: Callable[..., Any] = lambda X, *rest: X,
+) -> PyTree:
+    """The one lift: ``fn(entry, *subtrees)`` at every constrained entry, ``free(*subtrees)`` elsewhere.
+
+    ``rests`` have the structure of ``tree`` (``names`` name ``tree`` and each of them in error
+    messages); ``check`` names the first subtree in the eager shape check of its space (``None``:
+    no check). A ``ManifoldError`` of ``fn`` is prefixed with the parameter's name.
+    """
+    leaves, spec, subs = _flatten(constraints, tree, names[0])
+    cols = [subs] + [_up_to(spec, r, n, names[0]) for r, n in zip(rests, names[1:])]
+    out = []
+    for e, *args in zip(leaves, *cols):
+        if isinstance(e, _Free):
+            out.append(free(*args))
+            continue
+        if check is not None and not torch.compiler.is_compiling():
+            # also for a non-tensor entry (None, a tuple under a non-Product space, ...): the
+            # space's check names what it expected instead of a later IndexError/AttributeError.
+            _named(e.name, e.space._check_shape, args[0], check)
+        out.append(_named(e.name, fn, e, *args))
+    return spec.unflatten(out)
 
 
 # --------------------------------------------------------------------------- public API
@@ -251,18 +255,12 @@ def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generat
     points); unconstrained entries are returned as they are. Draws come from
     ``generator`` only (``None``: the global generator).
     """
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    out = []
-    for e, X in zip(leaves, subs):
-        if isinstance(e, _Free):
-            out.append(X)
-            continue
-        _validate(e, X, "X")
+
+    def draw(e: _Entry, X: Any) -> Any:
         ref = _first_leaf(X)
-        out.append(
-            _named(e.name, e.space.sample, _shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
-        )
-    return spec.unflatten(out)
+        return e.space.sample(_shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+
+    return _map(constraints, draw, params, check="X")
 
 
 def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bases]:
@@ -273,32 +271,42 @@ def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bas
     Raises ``ManifoldError`` naming the parameter if a constrained entry is off its space
     (in eager mode).
     """
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    raw, bases = [], {}
-    for e, X in zip(leaves, subs):
-        if isinstance(e, _Free):
-            raw.append(X)
-            continue
-        _validate(e, X, "X")
-        Z, base = _named(e.name, e.space.from_manifold, X)
-        raw.append(Z)
+    bases: Bases = {}
+
+    def inverse(e: _Entry, X: Any) -> Any:
+        Z, base = e.space.from_manifold(X)
         if base is not None:
             bases[e.name] = base
-    return spec.unflatten(raw), bases
+        return Z
+
+    return _map(constraints, inverse, params, check="X"), bases
+
+
+def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Callable[..., Any]) -> PyTree:
+    """``_map`` of ``fn(entry, Z, base)`` over ``raw`` with each entry's base; every key of
+    ``bases`` must name a constrained entry (checked in eager mode)."""
+    if bases is None:
+        bases = {}
+    elif not isinstance(bases, Mapping):
+        raise ManifoldError(
+            f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
+        )
+    names: set[str] = set()
+
+    def call(e: _Entry, Z: Any) -> Any:
+        names.add(e.name)
+        return fn(e, Z, bases.get(e.name))
+
+    out = _map(constraints, call, raw, names=("raw",), check="Z")
+    unknown = [] if torch.compiler.is_compiling() else [key for key in bases if key not in names]
+    if unknown:
+        raise ManifoldError(f"`bases` has an entry {unknown[0]!r} that no constraint names (constrained: {sorted(names)}).")
+    return out
 
 
 def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
     """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
-    leaves, spec, subs = _flatten(constraints, raw, "raw")
-    bases = _check_bases(bases, leaves)
-    out = []
-    for e, Z in zip(leaves, subs):
-        if isinstance(e, _Free):
-            out.append(Z)
-            continue
-        _validate(e, Z, "Z")
-        out.append(_named(e.name, e.space.to_manifold, Z, bases.get(e.name)))
-    return spec.unflatten(out)
+    return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
 
 
 def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:
@@ -309,19 +317,14 @@ def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) ->
     Oblique the new raw entries are zero and the bases are the points themselves.
     Unconstrained entries pass through.
     """
-    leaves, spec, subs = _flatten(constraints, raw, "raw")
-    bases = _check_bases(bases, leaves)
-    out, new_bases = [], {}
-    for e, Z in zip(leaves, subs):
-        if isinstance(e, _Free):
-            out.append(Z)
-            continue
-        _validate(e, Z, "Z")
-        Z2, base = _named(e.name, e.space.rebase, Z, bases.get(e.name))
-        out.append(Z2)
-        if base is not None:
-            new_bases[e.name] = base
-    return spec.unflatten(out), new_bases
+    new_bases: Bases = {}
+
+    def recentre(e: _Entry, Z: Any, base: Any) -> Any:
+        Z2, new_bases[e.name] = e.space.rebase(Z, base)
+        return Z2
+
+    out = _centred(constraints, raw, bases, recentre)
+    return out, {k: b for k, b in new_bases.items() if b is not None}
 
 
 def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
@@ -329,48 +332,27 @@ def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
 
     For Euclidean gradients this is the Riemannian gradient of the embedded metric.
     """
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    gsubs = _up_to(spec, grads, "grads", "params")
-    out = []
-    for e, X, G in zip(leaves, subs, gsubs):
-        out.append(G if isinstance(e, _Free) else _named(e.name, e.space.tangent, X, G))
-    return spec.unflatten(out)
+    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=lambda X, G: G)
 
 
 def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
     """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
     identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    gsubs = _up_to(spec, grads, "grads", "params")
-    out = []
-    for e, X, G in zip(leaves, subs, gsubs):
-        out.append(G if isinstance(e, _Free) else _named(e.name, e.space.egrad_to_rgrad, X, G))
-    return spec.unflatten(out)
+    return _map(constraints, lambda e, X, G: e.space.egrad_to_rgrad(X, G), params, grads, names=("params", "grads"),
+                free=lambda X, G: G)
 
 
 def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
     """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
     on unconstrained entries)."""
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    ysubs = _up_to(spec, new_params, "new_params", "params")
-    vsubs = _up_to(spec, vectors, "vectors", "params")
-    out = []
-    for e, X, Y, V in zip(leaves, subs, ysubs, vsubs):
-        out.append(V if isinstance(e, _Free) else _named(e.name, e.space.transport, X, Y, V))
-    return spec.unflatten(out)
+    return _map(constraints, lambda e, X, Y, V: e.space.transport(X, Y, V), params, new_params, vectors,
+                names=("params", "new_params", "vectors"), free=lambda X, Y, V: V)
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
     """Move ``params`` along ``vectors``: ``space.retract`` on constrained entries, ``X + V`` elsewhere."""
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    vsubs = _up_to(spec, vectors, "vectors", "params")
-    out = []
-    for e, X, V in zip(leaves, subs, vsubs):
-        if isinstance(e, _Free):
-            out.append(optree.tree_map(torch.add, X, V, none_is_leaf=False))
-        else:
-            out.append(_named(e.name, e.space.retract, X, V))
-    return spec.unflatten(out)
+    return _map(constraints, lambda e, X, V: e.space.retract(X, V), params, vectors, names=("params", "vectors"),
+                free=lambda X, V: optree.tree_map(torch.add, X, V, none_is_leaf=False))
 
 
 def contains(constraints: Constraints, params: PyTree, atol: float | None = None) -> dict[str, torch.Tensor]:
@@ -379,31 +361,21 @@ def contains(constraints: Constraints, params: PyTree, atol: float | None = None
     Usable under ``vmap``; ``all(bool(v.all()) for v in gf.contains(c, p).values())`` is the
     eager verdict.
     """
-    leaves, spec, subs = _flatten(constraints, params, "params")
-    out = {}
-    for e, X in zip(leaves, subs):
-        if isinstance(e, _Entry):
-            _validate(e, X, "X")
-            out[e.name] = _named(e.name, e.space.contains, X, atol)
+    out: dict[str, torch.Tensor] = {}
+
+    def member(e: _Entry, X: Any) -> None:
+        out[e.name] = e.space.contains(X, atol)
+
+    _map(constraints, member, params, check="X")
     return out
 
 
-def lift(
-    constraints: Constraints,
-    fn: Callable[..., Any],
-    tree: PyTree,
-    *rests: PyTree,
-) -> PyTree:
+def lift(constraints: Constraints, fn: Callable[..., Any], tree: PyTree, *rests: PyTree) -> PyTree:
     """``fn(space, *subtrees)`` at every entry of ``tree`` (``space`` is None where unconstrained).
 
     The generic lift behind the optimizers' per-point statistics: ``rests`` have the
     structure of ``tree``; the result has the structure of ``tree`` down to the entries.
     Library-internal (not re-exported at the top level).
     """
-    leaves, spec, subs = _flatten(constraints, tree, "params")
-    rsubs = [_up_to(spec, r, "tree", "params") for r in rests]
-    out = []
-    for i, e in enumerate(leaves):
-        args = [subs[i]] + [r[i] for r in rsubs]
-        out.append(fn(None, *args) if isinstance(e, _Free) else _named(e.name, fn, e.space, *args))
-    return spec.unflatten(out)
+    return _map(constraints, lambda e, *args: fn(e.space, *args), tree, *rests,
+                names=("params",) + ("tree",) * len(rests), free=lambda *args: fn(None, *args))

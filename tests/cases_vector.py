@@ -143,7 +143,7 @@ VECTOR_CASES = [
 VECTOR_CASES.append(
     SpaceCase(
         "SphereEmbedded",
-        gnn.SphereEmbeddedSpace(radius=2.0),
+        gf.SphereEmbedded(radius=2.0),
         shapes=((1,), (6,), (2, 3, 4)),
         member=_on_sphere(2.0),
         tol=TOL,

@@ -21,7 +21,6 @@ from typing import Any, Callable, Optional
 import torch
 
 import geofunc as gf
-import geofunc.nn as gnn
 from geofunc.testing import documented_atol
 
 Tensor = torch.Tensor
@@ -147,7 +146,7 @@ def alpha_stable(alpha: float) -> Callable[[Tensor, float], Tensor]:
 def predicate(space: Any) -> Callable[[Tensor, float], Any]:
     """The independent membership predicate of a geofunc space instance."""
     table: list[tuple[type, Callable[[Any], Callable[[Tensor, float], Any]]]] = [
-        (gnn.SphereEmbeddedSpace, lambda M: on_sphere(M.radius)),
+        (gf.SphereEmbedded, lambda M: on_sphere(M.radius)),
         (gf.Rn, lambda M: finite),
         (gf.Sym, lambda M: symmetric),
         (gf.Skew, lambda M: skew),

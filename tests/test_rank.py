@@ -19,8 +19,8 @@ from torch.func import grad, jacfwd, jvp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import geofunc as gf
-from geofunc._linalg import _polar_factor, stiefel_chart, stiefel_packed_chart
-from geofunc.spaces._factorized import floor_eps, softplus_eps, softplus_eps_inverse
+from geofunc._linalg import _polar_factor, frame_chart
+from geofunc.spaces._values import floor_eps, softplus_eps, softplus_eps_inverse
 
 F64 = torch.float64
 F32 = torch.float32
@@ -394,7 +394,7 @@ def test_packed_chart_differential_is_an_isometry_at_every_base(which, triv):
     n, r = _N, _R
     Y = _BASES[which]()
     dim = n * r - r * (r + 1) // 2
-    J = jacfwd(lambda p: stiefel_packed_chart(Y, _unpack_coords(p, n, r), triv))(torch.zeros(dim, dtype=F64))
+    J = jacfwd(lambda p: frame_chart(_unpack_coords(p, n, r), Y, triv, packed=True))(torch.zeros(dim, dtype=F64))
     expected = torch.tensor([math.sqrt(2.0)] * (r * (r - 1) // 2) + [1.0] * ((n - r) * r), dtype=F64)
     assert torch.allclose(torch.linalg.svdvals(J.reshape(n * r, dim)), expected, atol=1e-12)
     Xi = J.permute(2, 0, 1)  # the dim tangent vectors, n×r each
@@ -415,15 +415,15 @@ def test_packed_chart_at_the_canonical_base_is_geotorchs():
     P = torch.tril(_randn(n, r, seed=22), -1)
     E = torch.eye(n, r, dtype=F64)
     for triv in ("expm", "cayley"):
-        assert torch.allclose(stiefel_packed_chart(E, P, triv), stiefel_chart(E, P, triv), atol=1e-14)
-        X = stiefel_packed_chart(gf.Stiefel().sample((4, n, r), generator=_gen(23), dtype=F64), 3 * P, triv)
+        assert torch.allclose(frame_chart(P, E, triv, packed=True), frame_chart(P, None, triv), atol=1e-14)
+        X = frame_chart(3 * P, gf.Stiefel().sample((4, n, r), generator=_gen(23), dtype=F64), triv, packed=True)
         assert member(gf.Stiefel(), X)
     M = gf.LowRank(rank=r)
     Z = _randn(n, 5, seed=24)
     assert torch.allclose(M.to_manifold(Z, (E, torch.eye(5, r, dtype=F64))), M.to_manifold(Z), atol=1e-14)
     bad = E.clone()
     bad[0, 0] = math.nan
-    assert torch.isnan(stiefel_packed_chart(bad, P, "expm")).all()
+    assert torch.isnan(frame_chart(P, bad, "expm", packed=True)).all()
 
 
 def test_low_rank_sgd_plus_rebase_is_riemannian_gradient_descent():
@@ -466,7 +466,7 @@ def test_first_derivatives_in_the_base_are_exact(space, shape):
     assert torch.autograd.gradcheck(_polar_factor, (A,), check_forward_ad=True)
     # finite (not exact: the polar factor jumps there) at a base whose top block is singular
     Y = torch.eye(5, dtype=F64)[:, -2:].requires_grad_()
-    g = torch.autograd.grad(stiefel_packed_chart(Y, _randn(5, 2, seed=30), "expm").sum(), Y)[0]
+    g = torch.autograd.grad(frame_chart(_randn(5, 2, seed=30), Y, "expm", packed=True).sum(), Y)[0]
     assert torch.isfinite(g).all()
 
 

@@ -84,11 +84,11 @@ from ._manifolds import (
     Skew as Skew,
     Sphere as Sphere,
     SphereEmbedded as SphereEmbedded,
-    SphereEmbeddedSpace as SphereEmbeddedSpace,
     Stiefel as Stiefel,
     Symmetric as Symmetric,
     torus_init_ as torus_init_,
 )
+from ..spaces import SphereEmbedded as SphereEmbeddedSpace  # the earlier name of gf.SphereEmbedded
 
 __all__ = [
     "PSD",

@@ -48,7 +48,6 @@ __all__ = [
     "Skew",
     "Sphere",
     "SphereEmbedded",
-    "SphereEmbeddedSpace",
     "Stiefel",
     "Symmetric",
     "torus_init_",
@@ -57,34 +56,6 @@ __all__ = [
 Tensor = torch.Tensor
 
 xavier_normal_ = nn.init.xavier_normal_
-
-
-# ----------------------------------------------------------------------------- the embedded sphere
-@dataclasses.dataclass(frozen=True)
-class SphereEmbeddedSpace(S.Sphere):
-    r"""Vectors (last dimension) of norm ``radius`` through the projection chart ``X = r Z/‖Z‖``.
-
-    The pure space behind :class:`SphereEmbedded` (``geotorch.sphere(..., embedded=True)``): no
-    base, ``from_manifold(X) = (X / r, None)``. It is singular at ``Z = 0`` (the chart of
-    :class:`geofunc.Sphere`, the exponential map at a base, is not); prefer ``Sphere`` unless you
-    want GeoTorch's exact chart. Everything but the chart (``tangent``, ``retract``, ``project``,
-    ``sample``, membership, the ``radius`` check) is :class:`geofunc.Sphere`'s.
-
-    Example::
-
-        >>> X = SphereEmbeddedSpace(radius=2.0).to_manifold(torch.tensor([3.0, 4.0]))
-        >>> X
-        tensor([1.2000, 1.6000])
-    """
-
-    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        """``r Z / ‖Z‖`` (the chart has no base: ``base`` must be None)."""
-        self._check_shape(Z, "Z")
-        self._require_no_base(base)
-        return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
-
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        return X / self.radius, None
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -531,7 +502,7 @@ class Sphere(_Manifold):
 class SphereEmbedded(Sphere):
     r"""Vectors (last dimension) of norm ``radius`` by the projection ``X = r v/‖v‖`` (no base).
 
-    GeoTorch's ``SphereEmbedded``, over :class:`SphereEmbeddedSpace`: ``right_inverse(X) = X/r``.
+    GeoTorch's ``SphereEmbedded``, over :class:`geofunc.SphereEmbedded`: ``right_inverse(X) = X/r``.
 
     Args:
         size: the size of the tensor, ``(*, n)``.
@@ -544,7 +515,7 @@ class SphereEmbedded(Sphere):
         True
     """
 
-    _space_cls: ClassVar[type] = SphereEmbeddedSpace
+    _space_cls: ClassVar[type] = S.SphereEmbedded
 
 
 class Rn(_Manifold):

@@ -22,6 +22,7 @@ from ._sl import SL as SL
 from ._skew import Skew as Skew
 from ._so import SO as SO
 from ._sphere import Sphere as Sphere
+from ._sphere_embedded import SphereEmbedded as SphereEmbedded
 from ._stiefel import Stiefel as Stiefel
 from ._sym import Sym as Sym
 from ._unitary import Unitary as Unitary
@@ -49,6 +50,7 @@ __all__ = [
     "Rn",
     "Skew",
     "Sphere",
+    "SphereEmbedded",
     "Stiefel",
     "Sym",
     "Unitary",

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, final
 
 import torch
 
 from .._errors import error
 from .._linalg import Triv
-from ._factorized import UNIT_MAPS, SVDSpace, missing_inverse, normalize_f, resolve_f
+from ._factorized import SVDSpace
+from ._orthogonal import validate_triv
+from ._values import UNIT_MAPS, Unit, normalize_f
 
 __all__ = ["AlmostOrthogonal"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class AlmostOrthogonal(SVDSpace):
     r"""Almost orthogonal matrices: :math:`\{X \in \mathbb{R}^{n\times k} : \sigma_i(X) \in [1-\lambda, 1+\lambda]\}`.
@@ -53,36 +57,11 @@ class AlmostOrthogonal(SVDSpace):
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
             raise error(self, "`lam` to be a number in [0, 1]", repr(lam))
         object.__setattr__(self, "f", normalize_f(self, self.f, UNIT_MAPS))
-        self._init_frames()
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _value_map(self) -> Unit:
+        return Unit(self.lam, self.f)
 
     def _rank(self, n: int, k: int) -> int:
         return k
-
-    def _tangent_kind(self, n: int, k: int) -> str:
-        return "stiefel" if self.lam == 0 else "identity"
-
-    def _has_logabsdet(self, n: int, k: int) -> bool:
-        return n == k
-
-    def _values(self, s: Tensor) -> Tensor:
-        return 1.0 + self.lam * resolve_f(self.f, UNIT_MAPS)[0](s)
-
-    def _values_inverse(self, sigma: Tensor) -> Tensor:
-        inv = resolve_f(self.f, UNIT_MAPS)[1]
-        if inv is None:
-            raise missing_inverse(self, self.f)
-        if self.lam == 0:
-            return 0.0 * sigma
-        return inv((sigma - 1.0) / self.lam)
-
-    def _project_values(self, s, r, d):
-        lo, hi = 1.0 - self.lam, 1.0 + self.lam
-        return s.clamp(lo, hi), ((s > lo) & (s < hi)).to(s.dtype)
-
-    def _value_violations(self, s, r, n, k):
-        return {f"max(0, max|σ − 1| − lam), lam = {self.lam:g}": ((s - 1.0).abs() - self.lam).clamp(min=0.0).amax(-1)}
-
-    def _sample_values(self, t: Tensor) -> Tensor:
-        return 1.0 + 0.9 * self.lam * (2.0 * t - 1.0)
-
-

@@ -17,13 +17,17 @@ Conventions shared by every space (see DESIGN.md section 2):
   :meth:`from_manifold`, which are skipped under ``torch.func`` transforms and
   ``torch.compile`` (where no data-dependent error can be raised).
 
-A subclass implements ``_check_shape``, ``to_manifold``, ``_from_manifold``, ``tangent``,
-``retract``, ``project``, ``sample`` and ``_violations``; it may override ``rebase`` (the
-default re-centres through ``_from_manifold``) and ``logabsdet``.
+:class:`AbstractSpace` is an abstract base (``abc``): a concrete space implements the abstract
+methods ``_check_shape``, ``to_manifold``, ``_from_manifold``, ``tangent``, ``retract``,
+``project`` and ``_violations`` (it cannot be instantiated otherwise), and may override
+``sample``, ``rebase`` (the default re-centres through ``_from_manifold``), ``logabsdet`` and
+the metric (``egrad_to_rgrad``, ``transport``, ``inner``, ``dist``, ``expmap``, ``logmap``). Every
+concrete space is ``typing.final``: a variant is a constructor argument, never a subclass.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -37,7 +41,7 @@ from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._linalg import _randn
 
-__all__ = ["AbstractSpace", "default_atol", "can_check", "LOW_PRECISION", "rounding_dtype"]
+__all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
 
 Tensor = torch.Tensor
 
@@ -200,8 +204,21 @@ def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
+class _Space:
+    """The plain (non-ABC) root of :class:`AbstractSpace`, for :func:`is_space`."""
+
+    __slots__ = ()
+
+
+def is_space(x: Any) -> bool:
+    """Whether ``x`` is a space: ``isinstance(x, AbstractSpace)`` written so that Dynamo traces it
+    (it cannot trace ``ABCMeta.__instancecheck__``, which ``isinstance`` on an ABC calls; the
+    plain root class has no such hook)."""
+    return isinstance(x, _Space)
+
+
 @dataclasses.dataclass(frozen=True)
-class AbstractSpace:
+class AbstractSpace(_Space, abc.ABC):
     """A manifold (or constraint set) as pure functions of tensors. Abstract."""
 
     #: Number of trailing dimensions a point occupies (2 for matrices, 1 for vectors).
@@ -214,9 +231,9 @@ class AbstractSpace:
         _apply_policy(cls)
 
     # ------------------------------------------------------------------ shapes
+    @abc.abstractmethod
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         """Raise ``ManifoldError`` if the trailing dimensions of ``X`` are not a point's."""
-        raise NotImplementedError
 
     def _require_float(self, X: Any, what: str) -> None:
         """``X`` must be a floating tensor; complex too where the space accepts it (Note [Complex])."""
@@ -313,9 +330,9 @@ class AbstractSpace:
             )
 
     # --------------------------------------------------------------- the maps
+    @abc.abstractmethod
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         """The trivialization: a raw tensor ``Z`` (the point's shape) to a point on the space."""
-        raise NotImplementedError
 
     def from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         """Right inverse of :meth:`to_manifold`: ``to_manifold(*from_manifold(X)) == X``.
@@ -328,21 +345,21 @@ class AbstractSpace:
             self.check(X)
         return self._from_manifold(X)
 
+    @abc.abstractmethod
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         """:meth:`from_manifold` without the membership check (pure, traceable)."""
-        raise NotImplementedError
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """The same point re-centred: ``to_manifold(*rebase(Z, base)) == to_manifold(Z, base)``."""
         return self._from_manifold(self.to_manifold(Z, base))
 
+    @abc.abstractmethod
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """Orthogonal projection of the ambient ``G`` onto the tangent space at ``X``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """A retraction: a point near ``X + V``, equal to it to first order."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------ the metric
     # Embedded defaults: the metric is the ambient (Frobenius) one restricted to the tangent
@@ -383,9 +400,9 @@ class AbstractSpace:
         """The Riemannian logarithm at ``X`` of ``Y`` (only where it has a closed form)."""
         raise ManifoldError(f"{self!r}: logmap has no closed form implemented for this space.")
 
+    @abc.abstractmethod
     def project(self, Y: Tensor) -> Tensor:
         """The nearest point to ``Y`` on the space (a canonical point for open spaces)."""
-        raise NotImplementedError
 
     def sample(
         self,
@@ -407,9 +424,9 @@ class AbstractSpace:
         raise ManifoldError(f"{self!r}: logabsdet is only defined for square spaces with a factorized determinant.")
 
     # ------------------------------------------------------------- membership
+    @abc.abstractmethod
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         """Named, batch-shaped, non-negative measures of how far ``X`` is off the space."""
-        raise NotImplementedError
 
     def _measure(self, X: Tensor) -> dict[str, Tensor]:
         """``_violations`` of ``X`` computed in float32 for low-precision ``X`` (Note [Low precision]);

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Optional, final
 
 import torch
 
@@ -227,6 +227,7 @@ def _safe_log(X: Tensor) -> Tensor:
     return torch.log(X.clamp(min=torch.finfo(X.dtype).tiny))
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Birkhoff(AbstractSpace):
     r"""Doubly stochastic matrices: the interior of the Birkhoff polytope (last two dimensions).

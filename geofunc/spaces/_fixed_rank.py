@@ -3,30 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import (
-    POSITIVE_MAPS,
-    PositiveValues,
-    SVDSpace,
-    excess_violation,
-    floor_violation,
-    normalize_f,
-    positive_project_values,
-    validate_rank,
-    value_floor,
-)
+from ._factorized import SVDSpace, validate_rank
+from ._orthogonal import validate_triv
+from ._values import POSITIVE_MAPS, Positive, normalize_f
 
 __all__ = ["FixedRank"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
-class FixedRank(PositiveValues, SVDSpace):
+class FixedRank(SVDSpace):
     r"""Matrices of rank exactly r: :math:`\{X \in \mathbb{R}^{n\times k} : \operatorname{rank} X = r\}`.
 
     As :class:`LowRank` with singular values ``f(s) > 0``: ``X = U diag(f(s)) Vᵀ``. ``f`` is
@@ -60,16 +54,11 @@ class FixedRank(PositiveValues, SVDSpace):
     def __post_init__(self) -> None:
         validate_rank(self, self.rank)
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
-        self._init_frames()
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _value_map(self) -> Positive:
+        return Positive(self.f)
 
     def _rank(self, n: int, k: int) -> int:
         return self.rank
-
-    def _project_values(self, s, r, d):
-        keep = (torch.arange(s.shape[-1], device=s.device) < r).expand_as(s)
-        return positive_project_values(s, keep, value_floor(self.f, s.dtype), d, last=r - 1)
-
-    def _value_violations(self, s, r, n, k):
-        out = excess_violation(s, r)
-        out.update(floor_violation(s[..., r - 1], s[..., 0], value_floor(self.f, s.dtype), n, k))
-        return out

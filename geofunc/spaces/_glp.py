@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import (
-    POSITIVE_MAPS,
-    PositiveValues,
-    SVDSpace,
-    floor_violation,
-    normalize_f,
-    positive_project_values,
-    value_floor,
-)
+from ._factorized import SVDSpace
+from ._orthogonal import validate_triv
+from ._values import POSITIVE_MAPS, Positive, normalize_f
 
 __all__ = ["GLp"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
-class GLp(PositiveValues, SVDSpace):
+class GLp(SVDSpace):
     r"""Invertible matrices with positive determinant: :math:`GL^+(n) = \{X \in \mathbb{R}^{n\times n} : \det X > 0\}`.
 
     ``X = U diag(f(s)) Vᵀ`` with ``U = U_b φ(skew(tril(Z, −1)))``, ``V = V_b φ(skew(triu(Z, 1)ᵀ))``
@@ -52,21 +48,15 @@ class GLp(PositiveValues, SVDSpace):
     f: Any = "softplus"
     triv: Triv = "expm"
 
-    _square_only = True
+    _det_positive: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
-        self._init_frames()
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _value_map(self) -> Positive:
+        return Positive(self.f)
 
     def _rank(self, n: int, k: int) -> int:
         return n
-
-    def _det_positive(self, n: int, k: int) -> bool:
-        return True
-
-    def _project_values(self, s, r, d):
-        keep = torch.ones_like(s, dtype=torch.bool)
-        return positive_project_values(s, keep, value_floor(self.f, s.dtype), d, last=-1)
-
-    def _value_violations(self, s, r, n, k):
-        return floor_violation(s[..., -1], s[..., 0], value_floor(self.f, s.dtype), n, k)

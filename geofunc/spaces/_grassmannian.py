@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, final
 
 import torch
 
-from .._linalg import transpose
+from .._linalg import frame_chart, transpose
 from ._orthogonal import FrameSpace, tall, untall
-from ._stiefel import frame_chart
 
 __all__ = ["Grassmannian"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Grassmannian(FrameSpace):
     r"""k-dimensional subspaces of Rⁿ, :math:`\mathrm{Gr}(n, k) = \mathrm{St}(n, k) / O(k)`.

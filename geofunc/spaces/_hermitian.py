@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
@@ -16,6 +16,7 @@ __all__ = ["Hermitian"]
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Hermitian(TriangleSpace):
     r"""Hermitian ``n×n`` matrices.

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, final
 
 import torch
 import torch.nn.functional as F
 
 from .._errors import ManifoldError, describe, error
-from .._linalg import Triv, eye_like, nan_poison, sanitize
+from .._linalg import Triv, eye_like, poison, sanitize
 from ._base import LOW_PRECISION, AbstractSpace, can_check
 from ._psd import PSD
+from ._orthogonal import validate_triv
 from ._skew import Skew
 
 __all__ = ["Hurwitz", "lyapunov"]
@@ -65,8 +67,8 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
                     break
                 extra -= 1
     err = torch.linalg.matrix_norm(A + eye) / math.sqrt(n)
-    P = 0.25 * (Fk + Fk.mT) + nan_poison(B)
-    return P, err + nan_poison(B)[..., 0, 0]
+    P = 0.25 * (Fk + Fk.mT) + poison(B)
+    return P, err + poison(B)[..., 0, 0]
 
 
 def _softplus_inverse(y: Tensor) -> Tensor:
@@ -96,8 +98,10 @@ def _abscissa(Y: Tensor) -> Tensor:
 #: The value map of the factor W: softplus with no floor, so that W ≻ 0 reaches every positive
 #: definite matrix (the chart's reach is then limited by the conditioning only, not by a scale).
 _W_MAP = (F.softplus, _softplus_inverse)
+_SKEW = Skew(lower=False)  # the chart of S: the strict upper triangle of Z
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Hurwitz(AbstractSpace):
     r"""Alpha-stable (Hurwitz) matrices: :math:`\{X \in \mathbb{R}^{n\times n} : \operatorname{Re}\lambda_i(X) \le -\alpha\ \forall i\}`.
@@ -153,13 +157,12 @@ class Hurwitz(AbstractSpace):
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
             raise error(self, "`alpha` to be a finite real number ≥ 0", repr(a))
         object.__setattr__(self, "alpha", float(a))
-        try:
-            psd = PSD(f=_W_MAP, triv=self.triv)
-        except ManifoldError as e:
-            raise error(self, '`triv` to be "expm", "cayley" or a callable mapping skew to orthogonal matrices',
-                        repr(self.triv)) from e
-        object.__setattr__(self, "_psd", psd)
-        object.__setattr__(self, "_skew", Skew(lower=False))
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _psd(self) -> PSD:
+        """The chart of ``W`` (derived from the hyperparameters)."""
+        return PSD(f=_W_MAP, triv=self.triv)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)
@@ -180,8 +183,8 @@ class Hurwitz(AbstractSpace):
         """``W(S − I/2) − αI`` with ``W`` the PSD chart of ``tril(Z)``, ``S`` the skew chart of ``triu(Z, 1)``."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        W = self._psd.to_manifold(Z, base)  # type: ignore[attr-defined]
-        S = self._skew.to_manifold(Z)  # type: ignore[attr-defined]
+        W = self._psd.to_manifold(Z, base)
+        S = _SKEW.to_manifold(Z)
         return self._shift(W @ S - 0.5 * W)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
@@ -217,17 +220,17 @@ class Hurwitz(AbstractSpace):
         B = X + self.alpha * eye_like(X, X.shape[-1])
         PB = P @ B
         S = 0.5 * (PB - PB.mT)
-        W = torch.cholesky_inverse(torch.linalg.cholesky_ex(sanitize(P)).L) + nan_poison(P)
+        W = torch.cholesky_inverse(torch.linalg.cholesky_ex(sanitize(P)).L) + poison(P)
         W = 0.5 * (W + W.mT)
-        Zw, base = self._psd.from_manifold(W)  # type: ignore[attr-defined]
-        Zs, _ = self._skew.from_manifold(S)  # type: ignore[attr-defined]
+        Zw, base = self._psd.from_manifold(W)
+        Zs, _ = _SKEW.from_manifold(S)
         return torch.tril(Zw) + torch.triu(Zs, 1), base
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """:class:`PSD`'s ``rebase`` of the ``W`` coordinates; the ``S`` coordinates are kept."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        Zw, base2 = self._psd.rebase(Z, base)  # type: ignore[attr-defined]
+        Zw, base2 = self._psd.rebase(Z, base)
         return torch.tril(Zw) + torch.triu(Z, 1), base2
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
@@ -251,7 +254,7 @@ class Hurwitz(AbstractSpace):
         spread = torch.linalg.matrix_norm(sanitize(Y) - trace * eye, keepdim=True)
         c = spread.clamp(min=1.0) * math.sqrt(torch.finfo(Y.dtype).eps)
         t = (_abscissa(Y)[..., None, None] + self.alpha + c).clamp(min=0.0)
-        return Y - t * eye + nan_poison(Y)
+        return Y - t * eye + poison(Y)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """``W(S − I/2) − αI`` with ``W`` :class:`PSD`'s sample and ``S`` :class:`Skew`'s."""
@@ -263,11 +266,9 @@ class Hurwitz(AbstractSpace):
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs = sanitize(X)
-        bad = ~torch.isfinite(X).flatten(start_dim=-2).all(-1)
         a = torch.linalg.eigvals(Xs).real.amax(-1)
-        scale = torch.linalg.matrix_norm(Xs).clamp(min=1.0)
-        v = (a + self.alpha).clamp(min=0.0) / scale
-        return {"(max Re λ(X) + alpha)/max(1, ‖X‖_F)": torch.where(bad, torch.full_like(v, math.inf), v)}
+        v = (a + self.alpha).clamp(min=0.0) / torch.linalg.matrix_norm(Xs).clamp(min=1.0)
+        return {"(max Re λ(X) + alpha)/max(1, ‖X‖_F)": v + poison(X)[..., 0, 0]}
 
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation; the message names the largest eigenvalue real part of the first bad point."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, final
 
 import torch
 
@@ -76,6 +76,7 @@ def _flip(X: Tensor) -> Tensor:
     return torch.cat([-X[..., :1], X[..., 1:]], dim=-1)
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Lorentz(AbstractSpace):
     r"""The hyperboloid model of hyperbolic space of curvature :math:`-1/k` (last dimension).

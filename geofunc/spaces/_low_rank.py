@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import SVDSpace, excess_violation, validate_rank
+from ._factorized import SVDSpace, validate_rank
+from ._orthogonal import validate_triv
+from ._values import Identity, ValueMap
 
 __all__ = ["LowRank"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class LowRank(SVDSpace):
     r"""Matrices of rank at most r: :math:`\{X \in \mathbb{R}^{n\times k} : \operatorname{rank} X \le r\}`.
@@ -47,22 +51,11 @@ class LowRank(SVDSpace):
     rank: int
     triv: Triv = "expm"
 
+    _value_map: ClassVar[ValueMap] = Identity()
+
     def __post_init__(self) -> None:
         validate_rank(self, self.rank)
-        self._init_frames()
+        validate_triv(self, self.triv)
 
     def _rank(self, n: int, k: int) -> int:
         return self.rank
-
-    def _values(self, s: Tensor) -> Tensor:
-        return s
-
-    def _values_inverse(self, sigma: Tensor) -> Tensor:
-        return sigma
-
-    def _project_values(self, s, r, d):
-        keep = (torch.arange(s.shape[-1], device=s.device) < r).to(s.dtype)
-        return s * keep, keep.expand_as(s)
-
-    def _value_violations(self, s, r, n, k):
-        return excess_violation(s, r)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
 from ._base import AbstractSpace
-from ._sphere import _e1, _exp_chart, _normalize, _tangent, _unit_base
+from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_tangent
 
 __all__ = ["Oblique"]
 
@@ -20,6 +20,7 @@ def _columns(X: Tensor) -> Tensor:
     return X.mT
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Oblique(AbstractSpace):
     r"""``n×k`` matrices whose columns have unit norm.
@@ -87,17 +88,17 @@ class Oblique(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − X diag(XᵀG)``."""
         self._check_pair(X, G, "G")
-        return _columns(_tangent(_columns(X), _columns(G), 1.0))
+        return _columns(sphere_tangent(_columns(X), _columns(G), 1.0))
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """The columns of ``X + V`` normalized."""
         self._check_pair(X, V, "V")
-        return _columns(_normalize(_columns(X + V), 1.0))
+        return _columns(normalize(_columns(X + V), 1.0))
 
     def project(self, Y: Tensor) -> Tensor:
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""
         self._check_shape(Y, "Y")
-        return _columns(_normalize(_columns(Y), 1.0))
+        return _columns(normalize(_columns(Y), 1.0))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         err = (torch.linalg.vector_norm(X, dim=-2) - 1.0).abs()

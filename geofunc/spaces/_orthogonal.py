@@ -24,15 +24,6 @@ def validate_triv(space: Any, triv: Any) -> None:
         raise error(space, '`triv` to be "expm", "cayley" or a callable mapping skew to orthogonal matrices', repr(triv))
 
 
-def zero_logabsdet(Z: Tensor, base: Any) -> Tensor:
-    """``log|det| = 0`` of an orthogonal point, batch-shaped and written from ``Z`` (and ``base``)
-    so that NaN propagates and the gradient is zero."""
-    out = 0.0 * Z.sum(dim=(-2, -1))
-    if base is not None:
-        out = out + 0.0 * base.sum(dim=(-2, -1))
-    return out
-
-
 def orthonormality_error(X: Tensor) -> Tensor:
     """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch."""
     k = X.shape[-1]

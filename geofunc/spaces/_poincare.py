@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, final
 
 import torch
 
@@ -31,6 +31,7 @@ def _margin(X: Tensor) -> float:
     return hyp.ball_margin(rounding_dtype(X.dtype))
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class PoincareBall(AbstractSpace):
     r"""The Poincaré ball of curvature :math:`-c`: hyperbolic space as an open ball (last dimension).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 import torch
 
@@ -15,6 +15,7 @@ __all__ = ["Product"]
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
 class Product(AbstractSpace):
     r"""The product :math:`M_1 \times \dots \times M_k`: points are tuples ``(X_1, ..., X_k)``, ``X_i ∈ M_i``.

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import functools
+from typing import Any, ClassVar, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import POSITIVE_MAPS, EigSpace, normalize_f
-from ._pssd_fixed_rank import PositiveEigValues
+from ._factorized import EigSpace
+from ._orthogonal import validate_triv
+from ._values import POSITIVE_MAPS, Positive, normalize_f
 
 __all__ = ["PSD"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
-class PSD(PositiveEigValues, EigSpace):
+class PSD(EigSpace):
     r"""Symmetric positive definite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succ 0\}`.
 
     ``X = Q diag(f(λ)) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`),
@@ -49,8 +52,11 @@ class PSD(PositiveEigValues, EigSpace):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
-        self._init_frames()
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _value_map(self) -> Positive:
+        return Positive(self.f)
 
     def _rank(self, n: int) -> int:
         return n
-

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
 from .._linalg import Triv
 from ._factorized import EigSpace
-from ._pssd_low_rank import AbsEigValues
+from ._orthogonal import validate_triv
+from ._values import Abs, ValueMap
 
 __all__ = ["PSSD"]
 
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
-class PSSD(AbsEigValues, EigSpace):
+class PSSD(EigSpace):
     r"""Positive semidefinite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succeq 0\}`.
 
     ``X = Q diag(|λ|) Qᵀ`` with ``Q = base · φ(skew(tril(Z, −1)))`` (the SO chart of :class:`Stiefel`)
@@ -41,8 +43,10 @@ class PSSD(AbsEigValues, EigSpace):
     triv: Triv = "expm"
     accepts_complex: ClassVar[bool] = True
 
+    _value_map: ClassVar[ValueMap] = Abs()
+
     def __post_init__(self) -> None:
-        self._init_frames()
+        validate_triv(self, self.triv)
 
     def _rank(self, n: int) -> int:
         return n

@@ -3,46 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import (
-    POSITIVE_MAPS,
-    PositiveValues,
-    EigSpace,
-    eig_excess_violations,
-    floor_violation,
-    normalize_f,
-    positive_project_values,
-    validate_rank,
-    value_floor,
-)
+from ._factorized import EigSpace, validate_rank
+from ._orthogonal import validate_triv
+from ._values import POSITIVE_MAPS, Positive, normalize_f
 
 __all__ = ["PSSDFixedRank"]
 
 Tensor = torch.Tensor
 
 
-class PositiveEigValues(PositiveValues):
-    """Mixin of PSD and PSSDFixedRank: the top ``r`` eigenvalues are ``f(λ) > 0`` (ascending
-    ``lam``), kept above the floor of ``f`` by ``project``, the others 0."""
-
-    def _project_values(self, lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
-        n = lam.shape[-1]
-        top = (torch.arange(n, device=lam.device) >= n - r).expand_as(lam)
-        return positive_project_values(lam, top, value_floor(self.f, lam.dtype))  # type: ignore[attr-defined]
-
-    def _value_violations(self, lam: Tensor, r: int, n: int) -> dict[str, Tensor]:
-        out = eig_excess_violations(lam, r, n)
-        floor = value_floor(self.f, lam.dtype)  # type: ignore[attr-defined]
-        out.update(floor_violation(lam[..., n - r], lam.abs().amax(-1), floor, n, n))
-        return out
-
-
+@final
 @dataclasses.dataclass(frozen=True)
-class PSSDFixedRank(PositiveEigValues, EigSpace):
+class PSSDFixedRank(EigSpace):
     r"""Positive semidefinite matrices of rank exactly r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X = r\}`.
 
     ``X = Q diag(f(λ)) Qᵀ`` with ``Q = Stiefel.to_manifold(tril(Z, −1)[:, :r], base)`` (n×r) and
@@ -72,8 +50,11 @@ class PSSDFixedRank(PositiveEigValues, EigSpace):
     def __post_init__(self) -> None:
         validate_rank(self, self.rank)
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
-        self._init_frames()
+        validate_triv(self, self.triv)
+
+    @functools.cached_property
+    def _value_map(self) -> Positive:
+        return Positive(self.f)
 
     def _rank(self, n: int) -> int:
         return self.rank
-

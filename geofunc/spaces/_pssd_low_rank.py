@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar, final
 
 import torch
 
 from .._linalg import Triv
-from ._factorized import EigSpace, eig_excess_violations, validate_rank
+from ._factorized import EigSpace, validate_rank
+from ._orthogonal import validate_triv
+from ._values import Abs, ValueMap
 
 __all__ = ["PSSDLowRank"]
 
 Tensor = torch.Tensor
 
 
-class AbsEigValues:
-    """Mixin of PSSD and PSSDLowRank: eigenvalues ``|λ|``; ``project`` keeps the top ``r``
-    eigenvalues (ascending ``lam``) clipped at 0, the others 0."""
-
-    def _values(self, lam: Tensor) -> Tensor:
-        return lam.abs()
-
-    def _values_inverse(self, mu: Tensor) -> Tensor:
-        return mu.abs()
-
-    def _project_values(self, lam: Tensor, r: int) -> tuple[Tensor, Tensor]:
-        n = lam.shape[-1]
-        top = torch.arange(n, device=lam.device) >= n - r
-        g = torch.where(top, lam.clamp(min=0.0), torch.zeros_like(lam))
-        return g, (top & (lam > 0)).to(lam.dtype)
-
-    def _value_violations(self, lam: Tensor, r: int, n: int) -> dict[str, Tensor]:
-        return eig_excess_violations(lam, r, n)
-
-
+@final
 @dataclasses.dataclass(frozen=True)
-class PSSDLowRank(AbsEigValues, EigSpace):
+class PSSDLowRank(EigSpace):
     r"""Positive semidefinite matrices of rank at most r: :math:`\{X = X^\top \succeq 0,\ \operatorname{rank} X \le r\}`.
 
     Square points ``(*batch, n, n)``.
@@ -63,9 +47,11 @@ class PSSDLowRank(AbsEigValues, EigSpace):
     rank: int
     triv: Triv = "expm"
 
+    _value_map: ClassVar[ValueMap] = Abs()
+
     def __post_init__(self) -> None:
         validate_rank(self, self.rank)
-        self._init_frames()
+        validate_triv(self, self.triv)
 
     def _rank(self, n: int) -> int:
         return self.rank

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
@@ -14,6 +14,7 @@ __all__ = ["Rn"]
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Rn(AbstractSpace):
     r"""Unconstrained tensors of any shape (the identity constraint).

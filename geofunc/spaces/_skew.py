@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
@@ -15,6 +15,7 @@ __all__ = ["Skew"]
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Skew(TriangleSpace):
     r"""Skew-symmetric ``n×n`` matrices.

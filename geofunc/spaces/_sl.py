@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, final
 
 import optree
 import torch
 
 from .._errors import ManifoldError, describe, error
-from .._linalg import Triv, expm, nan_poison, sanitize
+from .._linalg import Triv, expm, poison, sanitize
 from ._base import AbstractSpace
 from ._glp import GLp
 
@@ -33,9 +34,10 @@ def _reword(space: Any, e: ManifoldError) -> ManifoldError:
 
 def _inverse(X: Tensor) -> Tensor:
     """``X⁻¹`` without LAPACK's singular-matrix exception (a singular or non-finite ``X`` gives inf/NaN)."""
-    return torch.linalg.inv_ex(sanitize(X)).inverse + nan_poison(X)
+    return torch.linalg.inv_ex(sanitize(X)).inverse + poison(X)
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class SL(AbstractSpace):
     r"""The special linear group: :math:`SL(n) = \{X \in \mathbb{R}^{n\times n} : \det X = 1\}`.
@@ -82,12 +84,15 @@ class SL(AbstractSpace):
     triv: Triv = "expm"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "f", self._glp.f)  # validated (and normalized) by GLp
+
+    @functools.cached_property
+    def _glp(self) -> GLp:
+        """The GLp whose chart SL normalizes (derived from the hyperparameters)."""
         try:
-            glp = GLp(f=self.f, triv=self.triv)
+            return GLp(f=self.f, triv=self.triv)
         except ManifoldError as e:
             raise _reword(self, e) from None
-        object.__setattr__(self, "f", glp.f)
-        object.__setattr__(self, "_glp", glp)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)
@@ -108,21 +113,20 @@ class SL(AbstractSpace):
         """``GLp.to_manifold(Z, base) · exp(−GLp.logabsdet(Z, base)/n)``."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        glp: GLp = self._glp  # type: ignore[attr-defined]
-        Y = glp.to_manifold(Z, base)
-        scale = torch.exp(glp.logabsdet(Z, base) / -Z.shape[-1])
+        Y = self._glp.to_manifold(Z, base)
+        scale = torch.exp(self._glp.logabsdet(Z, base) / -Z.shape[-1])
         return Y * scale[..., None, None]
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         smin = torch.linalg.svdvals(sanitize(X.detach()))[..., -1]
         c = (_LIFT / smin).clamp(min=1.0)
-        return self._glp.from_manifold(X * c[..., None, None])  # type: ignore[attr-defined]
+        return self._glp.from_manifold(X * c[..., None, None])
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """GLp's ``rebase``: the same GLp point, hence the same SL point."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        return self._glp.rebase(Z, base)  # type: ignore[attr-defined]
+        return self._glp.rebase(Z, base)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − (tr(X⁻¹G)/‖X⁻¹‖²_F) X⁻ᵀ``, the orthogonal projection onto ``{V : tr(X⁻¹V) = 0}``."""
@@ -141,14 +145,14 @@ class SL(AbstractSpace):
     def project(self, Y: Tensor) -> Tensor:
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
         self._check_shape(Y, "Y")
-        P = self._glp.project(Y)  # type: ignore[attr-defined]
+        P = self._glp.project(Y)
         lad = torch.linalg.slogdet(sanitize(P))[1]
-        return P * torch.exp(lad / -Y.shape[-1])[..., None, None] + nan_poison(P)
+        return P * torch.exp(lad / -Y.shape[-1])[..., None, None] + poison(P)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """GLp's sample (Haar frames, separated singular values) rescaled to ``det = 1``."""
         shape = self._sample_shape(shape, dtype)
-        P = self._glp.sample(shape, generator=generator, dtype=dtype, device=device)  # type: ignore[attr-defined]
+        P = self._glp.sample(shape, generator=generator, dtype=dtype, device=device)
         lad = torch.linalg.slogdet(P)[1]
         return P * torch.exp(lad / -shape[-1])[..., None, None]
 
@@ -156,21 +160,15 @@ class SL(AbstractSpace):
         """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        out = 0.0 * Z.sum(dim=(-2, -1))
-        for b in optree.tree_leaves(base, none_is_leaf=False):
-            out = out + 0.0 * b.detach().sum(dim=(-2, -1))
-        return out
+        return poison(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0] + 0.0 * Z[..., 0, 0]
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        Xs = sanitize(X)
-        bad = ~torch.isfinite(X).flatten(start_dim=-2).all(-1)
+        Xs, nan = sanitize(X), poison(X)[..., 0, 0]
         sign, lad = torch.linalg.slogdet(Xs)
         inf = torch.full_like(lad, math.inf)
-        cond = torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs))
-        rel = lad.abs() / cond
-        rel = torch.where(torch.isnan(rel), inf, rel)  # singular: |−inf| / inf
+        rel = lad.abs() / (torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs)))
         return {
-            "det(X) ≤ 0 (inf if so)": torch.where(bad | (sign <= 0), inf, torch.zeros_like(lad)),
-            "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(bad, inf, rel),
+            "det(X) ≤ 0 (inf if so)": torch.where(sign <= 0, inf, torch.zeros_like(lad)) + nan,
+            "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(torch.isnan(rel), inf, rel) + nan,  # singular: |−inf|/inf
         }

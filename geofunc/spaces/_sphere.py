@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, final
 
 import torch
 
@@ -171,7 +171,7 @@ def _exp_chart(Z: Tensor, U: Tensor, r: float) -> Tensor:
     return _chart_values(Z, U, r)
 
 
-def _normalize(Y: Tensor, r: float) -> Tensor:
+def normalize(Y: Tensor, r: float) -> Tensor:
     """``r Y / ‖Y‖`` along the last dim; ``r e_1`` where ``Y = 0`` (finite value and gradient there).
 
     ``Y`` is first divided by its largest entry (detached): ``‖Y‖`` itself underflows to 0 for
@@ -191,11 +191,25 @@ def _unit_base(base: Tensor) -> Tensor:
     return base / torch.linalg.vector_norm(base, dim=-1, keepdim=True)
 
 
-def _tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
+def sphere_tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
     """``G − ⟨G, X⟩ X / r²`` along the last dim."""
     return G - _dot(G, X) * X / (r * r)
 
 
+def validate_radius(space: Any) -> None:
+    """``radius`` must be a finite real number > 0; stored as a float (a hyperparameter, normalized)."""
+    r = space.radius
+    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r <= 0:
+        raise error(space, "`radius` to be a finite real number > 0 (a Python number)", describe(r))
+    object.__setattr__(space, "radius", float(r))
+
+
+def sphere_violations(X: Tensor, r: float) -> dict[str, Tensor]:
+    """``|‖x‖ − r| / r`` along the last dim."""
+    return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(X, dim=-1) - r).abs() / r}
+
+
+@final
 @dataclasses.dataclass(frozen=True)
 class Sphere(AbstractSpace):
     r"""Vectors (last dimension) of norm ``radius``.
@@ -259,10 +273,7 @@ class Sphere(AbstractSpace):
     accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        r = self.radius
-        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r <= 0:
-            raise error(self, "`radius` to be a finite real number > 0 (a Python number)", describe(r))
-        object.__setattr__(self, "radius", float(r))
+        validate_radius(self)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_vector(X, what)
@@ -283,18 +294,17 @@ class Sphere(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − ⟨G, X⟩ X / r²``."""
         self._check_pair(X, G, "G")
-        return _tangent(X, G, self.radius)
+        return sphere_tangent(X, G, self.radius)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``r (X + V) / ‖X + V‖`` (``r e_1`` where ``X + V = 0``)."""
         self._check_pair(X, V, "V")
-        return _normalize(X + V, self.radius)
+        return normalize(X + V, self.radius)
 
     def project(self, Y: Tensor) -> Tensor:
         """``r Y / ‖Y‖``; the canonical point ``r e_1`` where ``Y = 0``."""
         self._check_shape(Y, "Y")
-        return _normalize(Y, self.radius)
+        return normalize(Y, self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        r = self.radius
-        return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(X, dim=-1) - r).abs() / r}
+        return sphere_violations(X, self.radius)

@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, final
 
 import torch
 
-from .._linalg import Triv, eye_like, resolve_triv, skew_lower, stiefel_chart, sym_part, transpose
-from ._orthogonal import FrameSpace, zero_logabsdet, tall, untall
+from .._linalg import frame_chart, poison, sym_part, transpose
+from ._orthogonal import FrameSpace, tall, untall
 
-__all__ = ["Stiefel", "frame_chart"]
+__all__ = ["Stiefel"]
 
 Tensor = torch.Tensor
 
 
-def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool) -> Tensor:
-    """The chart of a tall frame (shared by Stiefel and Grassmannian; tall inputs only).
-
-    Square: ``base · φ(skew_lower(Z))`` (``base`` if ``horizontal``: a square frame spans
-    all of Rⁿ). Tall: :func:`geofunc._linalg.stiefel_chart`, O(n k²).
-    """
-    n, k = Z.shape[-2], Z.shape[-1]
-    if n == k:
-        if horizontal:
-            Y = eye_like(Z).expand_as(Z) if base is None else base
-            return Y + 0.0 * Z  # constant map; keeps NaN propagation and a (zero) gradient
-        R = resolve_triv(triv)(skew_lower(Z))
-        return R if base is None else base @ R
-    if base is None:
-        base = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
-    return stiefel_chart(base, Z, triv, horizontal=horizontal)
-
-
+@final
 @dataclasses.dataclass(frozen=True)
 class Stiefel(FrameSpace):
     r"""Orthonormal frames: :math:`\mathrm{St}(n, k) = \{X \in \mathbb{R}^{n\times k} : X^\top X = I_k\}`.
@@ -85,4 +68,4 @@ class Stiefel(FrameSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
         self._require_base(Z, base)
-        return zero_logabsdet(Z, base)
+        return poison(Z, base)[..., 0, 0] + 0.0 * Z[..., 0, 0]  # 0 (NaN where the point is), in Z's graph

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 
@@ -15,6 +15,7 @@ __all__ = ["Sym"]
 Tensor = torch.Tensor
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Sym(TriangleSpace):
     r"""Symmetric ``n×n`` matrices.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import ClassVar
 
@@ -34,11 +35,13 @@ class TriangleSpace(AbstractSpace):
         if not isinstance(self.lower, bool):
             raise error(self, "`lower` to be a bool", repr(self.lower))
 
+    @abc.abstractmethod
     def _frame(self, Z: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The point of the triangle of ``Z``."""
 
+    @abc.abstractmethod
     def _coords(self, X: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The triangle of the point ``X`` (right inverse of :meth:`_frame`)."""
 
     def _part(self, G: Tensor) -> Tensor:
         return 0.5 * (G + self._sign * transpose(G))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import torch
 
-from .._linalg import Triv, haar_stiefel, polar, resolve_triv, skew_lower, skew_part, transpose
+from .._linalg import Triv, haar_stiefel, poison, polar, resolve_triv, skew_lower, skew_part, transpose
 from ._base import AbstractSpace
-from ._orthogonal import orthonormality_error, validate_triv, zero_logabsdet
+from ._orthogonal import orthonormality_error, validate_triv
 
 __all__ = ["Unitary", "complex_dtype"]
 
@@ -25,6 +25,7 @@ def complex_dtype(dtype: torch.dtype | None) -> torch.dtype:
     return _COMPLEX.get(dtype, dtype)
 
 
+@final
 @dataclasses.dataclass(frozen=True)
 class Unitary(AbstractSpace):
     r"""Unitary matrices: :math:`U(n) = \{X \in \mathbb{C}^{n\times n} : X^H X = I\}`.
@@ -96,4 +97,4 @@ class Unitary(AbstractSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_base(Z, base)
-        return zero_logabsdet(Z, base).real
+        return (poison(Z, base)[..., 0, 0] + 0.0 * Z[..., 0, 0]).real  # 0 (NaN where the point is), in Z's graph

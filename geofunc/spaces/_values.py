@@ -1,0 +1,270 @@
+"""Value maps: what a space of the rank/PSD family does with its singular values or eigenvalues.
+
+Such a space is its rank plus a value map (derived from its hyperparameters): ``f`` and its
+inverse, the projection of values used by ``project``, their violations, the floor, the values
+of ``sample`` and ``Σ log|f|``. :class:`Identity` (LowRank), :class:`Abs` (PSSD, PSSDLowRank),
+:class:`Positive` (FixedRank, GLp, PSD, PSSDFixedRank), :class:`Unit` (AlmostOrthogonal).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from typing import Any, Callable, Optional, final
+
+import torch
+import torch.nn.functional as F
+
+from .._errors import error
+from ._base import rounding_dtype
+
+Tensor = torch.Tensor
+Fn = Callable[[Tensor], Tensor]
+
+__all__ = ["ValueMap", "Identity", "Abs", "Positive", "Unit", "normalize_f", "POSITIVE_MAPS", "UNIT_MAPS"]
+
+
+# ------------------------------------------------------------------------- the named maps f
+def floor_eps(dtype: torch.dtype) -> float:
+    """The floor of ``"softplus"``: √ε of the dtype (float32 3.5e-4, float64 1.5e-8).
+
+    A singular value at the floor is still resolved to ~√ε relative accuracy for unit-scale
+    matrices, so that rank and determinant sign stay numerically certain, also in float32.
+    """
+    dtype = rounding_dtype(dtype)  # a bf16 result keeps √ε of bf16 (Note [Low precision])
+    out = _FLOOR_EPS.get(dtype)
+    if out is None:
+        out = _FLOOR_EPS[dtype] = math.sqrt(torch.finfo(dtype).eps)
+    return out
+
+
+_FLOOR_EPS: dict[torch.dtype, float] = {}  # torch.finfo costs microseconds per call
+
+
+def softplus_eps(t: Tensor) -> Tensor:
+    """``softplus(t) + ε`` with ``ε = floor_eps(dtype)``; linear above 20 (no overflow)."""
+    return F.softplus(t) + floor_eps(t.dtype)
+
+
+def softplus_eps_inverse(y: Tensor) -> Tensor:
+    """Inverse of :func:`softplus_eps`: ``x + log(−expm1(−x))``, ``x = y − ε`` clamped up to the smallest
+    normal number (so values at or below the floor give a finite, very negative coordinate)."""
+    x = (y - floor_eps(y.dtype)).clamp(min=torch.finfo(y.dtype).tiny)
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _asin(y: Tensor) -> Tensor:
+    return torch.asin(y.clamp(-1.0, 1.0))
+
+
+def _atanh(y: Tensor) -> Tensor:
+    b = 1.0 - torch.finfo(y.dtype).eps
+    return torch.atanh(y.clamp(-b, b))
+
+
+def _scaled_sigmoid(t: Tensor) -> Tensor:
+    """``2σ(t) − 1 = tanh(t/2)``, accurate near 0."""
+    return torch.tanh(0.5 * t)
+
+
+def _scaled_sigmoid_inverse(y: Tensor) -> Tensor:
+    return 2.0 * _atanh(y)
+
+
+POSITIVE_MAPS: dict[str, tuple[Fn, Fn]] = {"softplus": (softplus_eps, softplus_eps_inverse)}
+UNIT_MAPS: dict[str, tuple[Fn, Fn]] = {
+    "sin": (torch.sin, _asin),
+    "tanh": (torch.tanh, _atanh),
+    "sigmoid": (_scaled_sigmoid, _scaled_sigmoid_inverse),
+    "scaled_sigmoid": (_scaled_sigmoid, _scaled_sigmoid_inverse),
+}
+
+
+def normalize_f(space: Any, f: Any, table: dict) -> Any:
+    """Validate ``f`` (a name of ``table``, a callable or a pair ``(f, f_inverse)``); lists become tuples."""
+    if isinstance(f, str):
+        if f in table:
+            return f
+    elif callable(f):
+        return f
+    elif isinstance(f, (tuple, list)) and len(f) == 2 and callable(f[0]) and callable(f[1]):
+        return tuple(f)
+    names = ", ".join(repr(k) for k in table)
+    raise error(space, f"`f` to be one of {names}, a callable or a pair (f, f_inverse) of callables", repr(f))
+
+
+def _resolve(f: Any, table: dict) -> tuple[Fn, Optional[Fn]]:
+    """``(f, f_inverse)`` of a normalized ``f``; ``f_inverse`` is None for a single callable."""
+    if isinstance(f, str):
+        return table[f]
+    if callable(f):
+        return f, None
+    return f[0], f[1]
+
+
+# ----------------------------------------------------------------------------- violations
+def floor_violation(v_min: Tensor, v_max: Tensor, floor: float, n: int, k: int) -> dict[str, Tensor]:
+    """The smallest kept value must be clearly positive: ``max(0, c − v_min)/c``, ``c = max(0.999·floor − δ, δ)``.
+
+    ``δ = ε √max(n, k) · v_max`` is the rounding error of a computed singular value: a point built
+    with its smallest value at the floor (of the value map; 0 for a user map) has a computed
+    ``v_min`` off by up to ``δ`` (a third of the floor at ``σ₁ ~ 100`` in float32), so the floor is
+    lowered by it; ``v_min > δ`` still makes the rank numerically certain.
+    """
+    delta = torch.finfo(rounding_dtype(v_min.dtype)).eps * math.sqrt(max(n, k)) * v_max
+    c = torch.maximum(0.999 * floor - delta, delta).clamp(min=torch.finfo(v_min.dtype).tiny)
+    return {"(c − σ_rank)/c, c = max(floor of f − δ, δ), δ = ε√n·σ₁": (c - v_min).clamp(min=0.0) / c}
+
+
+# ----------------------------------------------------------------------------- value maps
+@dataclasses.dataclass(frozen=True)
+class ValueMap(abc.ABC):
+    """Abstract. ``keep``: the mask of the values a point of rank r keeps (the r largest); ``d``:
+    None, or the sign ``det U · det V`` of a square SVD whose ``project`` must fix it (GLp)."""
+
+    @abc.abstractmethod
+    def __call__(self, t: Tensor) -> Tensor:
+        """The values ``f(t)`` of raw coordinates ``t``."""
+
+    @abc.abstractmethod
+    def inverse(self, space: Any, v: Tensor) -> Tensor:
+        """Raw coordinates of the values ``v`` (``ManifoldError`` naming ``space`` if ``f`` has no inverse)."""
+
+    @abc.abstractmethod
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """``(g, g')``: the projected values of ``s`` and their derivative (for the spectral maps)."""
+
+    def violations(self, kept: Tensor, v_max: Tensor, n: int, k: int) -> dict[str, Tensor]:
+        """Named violations of the kept values (``v_max`` the largest |value|)."""
+        return {}
+
+    def pinned(self) -> bool:
+        """Whether the values are fixed (AlmostOrthogonal at λ = 0): the tangent space of a
+        full-rank point is then the frames' only."""
+        return False
+
+    def sample(self, t: Tensor) -> Tensor:
+        """``sample``'s values from separated ``t`` in (0, 1]: in (0.5, 1.5]."""
+        return 0.5 + t
+
+    def log_abs(self, t: Tensor) -> Tensor:
+        """``Σ log|f(tᵢ)|`` (for ``logabsdet``)."""
+        return torch.log(self(t).abs()).sum(-1)
+
+
+def _missing_inverse(space: Any, f: Any) -> Exception:
+    return error(space, "`f` given as a pair (f, f_inverse) (or a name) so that from_manifold can invert it",
+                 f"the single callable {f!r}: no inverse was given")
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Identity(ValueMap):
+    """``f(s) = s`` (any sign); ``project`` keeps the r largest and zeroes the others (truncated SVD)."""
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t
+
+    def inverse(self, space: Any, v: Tensor) -> Tensor:
+        return v
+
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        k = keep.to(s.dtype)
+        return s * k, k.expand_as(s)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Abs(ValueMap):
+    """``f(λ) = |λ|``; ``project`` clips the kept values at 0 and zeroes the others (the nearest point)."""
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return t.abs()
+
+    def inverse(self, space: Any, v: Tensor) -> Tensor:
+        return v.abs()
+
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return torch.where(keep, s.clamp(min=0.0), torch.zeros_like(s)), (keep & (s > 0)).to(s.dtype)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Positive(ValueMap):
+    """``f(t) > 0``: ``f`` a name of :data:`POSITIVE_MAPS` (``"softplus"`` = ``softplus + √ε``), a
+    callable or a pair ``(f, f_inverse)``. The floor is √ε for ``"softplus"``, 0 for a user map.
+
+    ``project`` clamps the kept values up to ``max(floor, √ε · max(1, σ₁))`` (far above the
+    numerical rank tolerance) and zeroes the others; with ``d``, the smallest kept value becomes
+    ``−that`` where ``d < 0``: the nearest point of the closure of the det > 0 component, pushed
+    inside. A canonical point of the open set, not a nearest point.
+    """
+
+    f: Any
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return _resolve(self.f, POSITIVE_MAPS)[0](t)
+
+    def inverse(self, space: Any, v: Tensor) -> Tensor:
+        inv = _resolve(self.f, POSITIVE_MAPS)[1]
+        if inv is None:
+            raise _missing_inverse(space, self.f)
+        return inv(v)
+
+    def floor(self, dtype: torch.dtype) -> float:
+        return floor_eps(dtype) if isinstance(self.f, str) else 0.0
+
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        smax = s.abs().amax(-1, keepdim=True)
+        c = (math.sqrt(torch.finfo(rounding_dtype(s.dtype)).eps) * smax.clamp(min=1.0)).clamp(min=self.floor(s.dtype))
+        g = torch.where(keep, torch.maximum(s, c), torch.zeros_like(s))
+        dg = (keep & (s > c)).to(s.dtype)
+        if d is not None:  # the smallest kept value (the last kept index) takes the sign
+            last = keep & (torch.arange(s.shape[-1], device=s.device) == keep.sum(-1, keepdim=True) - 1)
+            neg = (d < 0).unsqueeze(-1) & last
+            g = torch.where(neg, -c.expand_as(s), g)
+            dg = torch.where(neg, torch.zeros_like(dg), dg)
+        return g, dg
+
+    def violations(self, kept: Tensor, v_max: Tensor, n: int, k: int) -> dict[str, Tensor]:
+        return floor_violation(kept.amin(-1), v_max, self.floor(kept.dtype), n, k)
+
+    def log_abs(self, t: Tensor) -> Tensor:
+        v = self(t)  # a named map is positive by construction: no abs, one autograd node less
+        return torch.log(v if isinstance(self.f, str) else v.abs()).sum(-1)
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Unit(ValueMap):
+    """``1 + λ f(t)`` with ``f`` into ``[−1, 1]`` (a name of :data:`UNIT_MAPS`, a callable or a pair);
+    ``project`` clamps to ``[1 − λ, 1 + λ]`` (the nearest point); at ``λ = 0`` the values are pinned at 1."""
+
+    lam: float
+    f: Any
+
+    def pinned(self) -> bool:
+        return self.lam == 0
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return 1.0 + self.lam * _resolve(self.f, UNIT_MAPS)[0](t)
+
+    def inverse(self, space: Any, v: Tensor) -> Tensor:
+        inv = _resolve(self.f, UNIT_MAPS)[1]
+        if inv is None:
+            raise _missing_inverse(space, self.f)
+        if self.lam == 0:
+            return 0.0 * v
+        return inv((v - 1.0) / self.lam)
+
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        lo, hi = 1.0 - self.lam, 1.0 + self.lam
+        return s.clamp(lo, hi), ((s > lo) & (s < hi)).to(s.dtype)
+
+    def violations(self, kept: Tensor, v_max: Tensor, n: int, k: int) -> dict[str, Tensor]:
+        return {f"max(0, max|σ − 1| − lam), lam = {self.lam:g}": ((kept - 1.0).abs() - self.lam).clamp(min=0.0).amax(-1)}
+
+    def sample(self, t: Tensor) -> Tensor:
+        """Spread over ``[1 − 0.9λ, 1 + 0.9λ]``: ``1 + 0.9λ(2t − 1)``."""
+        return 1.0 + 0.9 * self.lam * (2.0 * t - 1.0)

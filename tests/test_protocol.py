@@ -1,0 +1,106 @@
+"""The space protocol itself (DESIGN.md §6.3): an abstract base with final spaces, and the
+metric methods' embedded defaults on every conformance case.
+
+Points, tangent vectors and the embedded metric are computed here from the spaces' public maps
+and plain tensor sums; the comparisons are exact up to rounding (float64, 1e-12 relative).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
+
+import pytest
+import torch
+from cases import CASES
+
+import geofunc as gf
+import geofunc.nn as gnn
+from geofunc.spaces import AbstractSpace
+
+F64 = torch.float64
+
+SPACE_CLASSES = [getattr(gf, name) for name in gf.spaces.__all__ if name != "AbstractSpace"]
+
+# Spaces whose metric is not the ambient one restricted to the tangent spaces: their own tests
+# pin inner/egrad_to_rgrad/transport (tests/test_hyperbolic.py, tests/test_birkhoff.py).
+NON_EMBEDDED = (gf.PoincareBall, gf.Lorentz, gf.Birkhoff)
+
+
+def test_abstract_space_cannot_be_instantiated() -> None:
+    with pytest.raises(TypeError, match="abstract"):
+        AbstractSpace()  # type: ignore[abstract]
+
+    @dataclasses.dataclass(frozen=True)
+    class NoRetract(AbstractSpace):
+        def _check_shape(self, X: Any, what: str = "X") -> None: ...
+        def to_manifold(self, Z: Any, base: Any = None) -> Any: ...
+        def _from_manifold(self, X: Any) -> Any: ...
+        def tangent(self, X: Any, G: Any) -> Any: ...
+        def project(self, Y: Any) -> Any: ...
+        def _violations(self, X: Any) -> Any: ...
+
+    with pytest.raises(TypeError, match="retract"):
+        NoRetract()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize("cls", SPACE_CLASSES, ids=lambda c: c.__name__)
+def test_every_space_is_final_and_holds_hyperparameters_only(cls: type) -> None:
+    assert getattr(cls, "__final__", False), f"{cls.__name__} is not typing.final"
+    assert not inspect.isabstract(cls)
+    assert dataclasses.is_dataclass(cls) and cls.__dataclass_params__.frozen
+    # no concrete space derives from another concrete one
+    assert not any(getattr(base, "__final__", False) for base in cls.__mro__[1:])
+    # the fields are the constructor's keyword arguments: nothing hidden in them
+    params = set(inspect.signature(cls).parameters) - {"factors"}
+    assert {f.name for f in dataclasses.fields(cls) if f.init} - {"factors"} == params
+    assert all(not f.name.startswith("_") for f in dataclasses.fields(cls))
+
+
+def test_sphere_embedded_is_a_pure_space_beside_the_others() -> None:
+    assert gnn.SphereEmbeddedSpace is gf.SphereEmbedded
+    assert gnn.SphereEmbedded is not gf.SphereEmbedded  # GeoTorch's class keeps its name
+    assert not issubclass(gf.SphereEmbedded, gf.Sphere)
+    M = gf.SphereEmbedded(radius=2.0)
+    Z = torch.tensor([[3.0, 4.0], [0.0, -1.0]], dtype=F64)
+    torch.testing.assert_close(M.to_manifold(Z), torch.tensor([[1.2, 1.6], [0.0, -2.0]], dtype=F64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(M.to_manifold(*M.from_manifold(M.to_manifold(Z))), M.to_manifold(Z), atol=1e-15, rtol=0)
+
+
+def _points_and_vectors(case, g: torch.Generator) -> tuple[Any, Any, Any, Any]:
+    shape = case.smoke
+    M = case.space
+    X = M.sample(shape, generator=g, dtype=F64)
+    Y = M.sample(shape, generator=g, dtype=F64)
+    U = M.tangent(X, torch.randn(shape, generator=g, dtype=F64))
+    V = M.tangent(X, torch.randn(shape, generator=g, dtype=F64))
+    return X, Y, U, V
+
+
+EMBEDDED = [c for c in CASES if not isinstance(c.space, NON_EMBEDDED)]
+
+
+@pytest.mark.parametrize("case", EMBEDDED, ids=lambda c: c.id)
+def test_embedded_metric_defaults(case, generator) -> None:
+    """``inner`` is ``Σ U∘V`` over the point's dims, ``egrad_to_rgrad`` is ``tangent``, and
+    ``transport(X, Y, V)`` is ``tangent(Y, V)``, a tangent vector at ``Y`` (fixed by ``tangent``)."""
+    M = case.space
+    X, Y, U, V = _points_and_vectors(case, generator)
+    p = M.point_ndim
+    embedded = (U * V).sum(dim=tuple(range(-p, 0))) if p else U * V  # Rn: every entry is a point
+    torch.testing.assert_close(M.inner(X, U, V), embedded, atol=1e-12 * (1.0 + float((U * V).abs().sum())), rtol=1e-12)
+    G = torch.randn(X.shape, generator=generator, dtype=F64)
+    torch.testing.assert_close(M.egrad_to_rgrad(X, G), M.tangent(X, G), atol=1e-12, rtol=1e-12)
+    T = M.transport(X, Y, V)
+    torch.testing.assert_close(T, M.tangent(Y, V), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(M.tangent(Y, T), T, atol=1e-9, rtol=1e-9)
+
+
+def test_every_space_class_has_a_case_for_the_metric() -> None:
+    """No space slips through the list above: each class is under test here or in NON_EMBEDDED."""
+    # (a complex space's case wraps it in tests/cases_complex.py's real adapter, as ``.space``)
+    covered = {type(getattr(c.space, "space", c.space)) for c in EMBEDDED} | set(NON_EMBEDDED)
+    product_factors = {type(f) for c in CASES if hasattr(c.space, "product") for f in c.space.product.factors}
+    missing = [cls.__name__ for cls in SPACE_CLASSES if cls not in covered | product_factors and cls is not gf.Product]
+    assert not missing, missing
