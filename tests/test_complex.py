@@ -361,6 +361,7 @@ def _hermitian_part_without_conj(self, G):
 def _complex_mutants():
     from unittest import mock
 
+    import geofunc.spaces._orthogonal as group  # the chart U(n) shares with SO(n)
     import geofunc.spaces._sphere as sphere
     import geofunc.spaces._unitary as unitary
 
@@ -370,7 +371,7 @@ def _complex_mutants():
         ("Unitary.sample-no-phase-fix", lambda: mock.patch.object(unitary, "haar_stiefel", _qr_without_phases),
          "Unitary", "sample_distribution", "not the documented distribution|over 4000 draws"),
         ("Unitary-chart-no-imaginary-diagonal",
-         lambda: mock.patch.object(unitary, "skew_lower", _skew_without_imaginary_diagonal),
+         lambda: mock.patch.object(group, "skew_lower", _skew_without_imaginary_diagonal),
          "Unitary", "tangent_space", "projected differential of the chart"),
         ("Sphere-inner-without-conj", lambda: mock.patch.object(sphere, "_dot", _dot_without_conj),
          "Sphere-complex", "tangent", "not idempotent"),

@@ -1,5 +1,7 @@
-"""Shared pieces of the orthogonal family (SO, Stiefel, Grassmannian): checks, and the abstract
-frame space that Stiefel and Grassmannian specialise (they differ only in the chart and tangent)."""
+"""Shared pieces of the orthogonal family (SO, Unitary, Stiefel, Grassmannian): checks, the
+abstract matrix group that SO and Unitary specialise (they differ in the projection, sampling and
+membership), and the abstract frame space that Stiefel and Grassmannian specialise (they differ
+only in the chart and tangent)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, transpose
+from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, skew_part, transpose
 from ._base import AbstractSpace
 
 Tensor = torch.Tensor
@@ -41,6 +43,42 @@ def untall(X: Tensor, transposed: bool) -> Tensor:
     # resolve_conj: a complex result is not a lazy conjugate view (whose .imag has no batching
     # rule under vmap); a no-op for real tensors
     return transpose(X).resolve_conj() if transposed else X
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixGroup(AbstractSpace):
+    """Abstract: a group of square matrices with the chart ``base · φ(A)`` on skew(-Hermitian)
+    generators ``A`` read from the strict lower triangle of ``Z`` (and the imaginary diagonal if
+    complex), base = the point itself. Shared: the chart, ``from_manifold(X) = (0, X)``,
+    ``tangent(X, G) = X skew(XᴴG)``, ``retract(X, V) = X φ(skew(XᴴV))``. Subclasses (SO, Unitary)
+    implement ``project``, ``sample``, ``_violations``, ``logabsdet`` and the dtype check.
+    """
+
+    triv: Triv = "expm"
+
+    def __post_init__(self) -> None:
+        validate_triv(self, self.triv)
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_matrix(X, what, square=True)
+
+    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
+        self._check_shape(Z, "Z")
+        self._require_base(Z, base)
+        R = resolve_triv(self.triv)(skew_lower(Z))
+        return R if base is None else base @ R
+
+    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        return torch.zeros_like(X), X
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        self._check_pair(X, G, "G")
+        return X @ skew_part(transpose(X) @ G)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        self._check_pair(X, V, "V")
+        phi = resolve_triv("expm" if callable(self.triv) else self.triv)
+        return X @ phi(skew_part(transpose(X) @ V))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,9 +7,8 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import Triv, haar_so, poison, resolve_triv, sanitize, skew_lower, skew_part, transpose
-from ._base import AbstractSpace
-from ._orthogonal import orthonormality_error, validate_triv
+from .._linalg import haar_so, poison, sanitize
+from ._orthogonal import MatrixGroup, orthonormality_error
 
 __all__ = ["SO"]
 
@@ -18,7 +17,7 @@ Tensor = torch.Tensor
 
 @final
 @dataclasses.dataclass(frozen=True)
-class SO(AbstractSpace):
+class SO(MatrixGroup):
     r"""Special orthogonal matrices: :math:`SO(n) = \{X \in \mathbb{R}^{n\times n} : X^\top X = I,\ \det X = 1\}`.
 
     Points are ``(*batch, n, n)`` tensors.
@@ -45,35 +44,6 @@ class SO(AbstractSpace):
         >>> bool(M.contains(X))
         True
     """
-
-    triv: Triv = "expm"
-
-    def __post_init__(self) -> None:
-        validate_triv(self, self.triv)
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_matrix(X, what, square=True)
-
-    def _phi(self, A: Tensor) -> Tensor:
-        return resolve_triv(self.triv)(A)
-
-    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        self._check_shape(Z, "Z")
-        self._require_base(Z, base)
-        R = self._phi(skew_lower(Z))
-        return R if base is None else base @ R
-
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        return torch.zeros_like(X), X
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_pair(X, G, "G")
-        return X @ skew_part(transpose(X) @ G)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_pair(X, V, "V")
-        phi = resolve_triv("expm" if callable(self.triv) else self.triv)
-        return X @ phi(skew_part(transpose(X) @ V))
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")

@@ -7,9 +7,8 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._linalg import Triv, haar_stiefel, poison, polar, resolve_triv, skew_lower, skew_part, transpose
-from ._base import AbstractSpace
-from ._orthogonal import orthonormality_error, validate_triv
+from .._linalg import haar_stiefel, poison, polar
+from ._orthogonal import MatrixGroup, orthonormality_error
 
 __all__ = ["Unitary", "complex_dtype"]
 
@@ -27,7 +26,7 @@ def complex_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 @final
 @dataclasses.dataclass(frozen=True)
-class Unitary(AbstractSpace):
+class Unitary(MatrixGroup):
     r"""Unitary matrices: :math:`U(n) = \{X \in \mathbb{C}^{n\times n} : X^H X = I\}`.
 
     Points are complex ``(*batch, n, n)`` tensors (complex64 or complex128; a real tensor raises
@@ -55,33 +54,11 @@ class Unitary(AbstractSpace):
         True
     """
 
-    triv: Triv = "expm"
     accepts_complex: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        validate_triv(self, self.triv)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)
         self._require_complex(X, what)
-
-    def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        self._check_shape(Z, "Z")
-        self._require_base(Z, base)
-        R = resolve_triv(self.triv)(skew_lower(Z))
-        return R if base is None else base @ R
-
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        return torch.zeros_like(X), X
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_pair(X, G, "G")
-        return X @ skew_part(transpose(X) @ G)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_pair(X, V, "V")
-        phi = resolve_triv("expm" if callable(self.triv) else self.triv)
-        return X @ phi(skew_part(transpose(X) @ V))
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
