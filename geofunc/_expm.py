@@ -61,6 +61,12 @@ def _products(m: int) -> int:
 
 
 _UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+_REAL = {torch.complex128: torch.float64, torch.complex64: torch.float32}
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype whose tables (unit roundoff, static degree) serve ``dtype`` (Note [Complex])."""
+    return _REAL.get(dtype, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,7 +129,7 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
     norms are measured; ``B^j = A_t^j 2^((t-s)j)`` is exact).
     Reads tensor values: concrete tensors only.
     """
-    u = _UNIT_ROUNDOFF[A.dtype]
+    u = _UNIT_ROUNDOFF[_real(A.dtype)]
     with torch.no_grad():
         a1 = float(_opnorm1(A))
         for m in _LOW:
@@ -238,7 +244,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     for X in reversed(Xs):
-        Xt = X.mT
+        Xt = X.mH
         G = _mm_add(G @ Xt, Xt, G)
     c = _coefs(m)
     r = m // q
@@ -260,20 +266,20 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
         i = r - 2 - k
         for j in range(1, q):
             acc(j, GH, c[i * q + j])
-        acc_mm(q, Hs[k].mT, GH)
-        GH = GH @ P[q].mT
+        acc_mm(q, Hs[k].mH, GH)
+        GH = GH @ P[q].mH
     for j in range(1, q):  # H_{r-1} = C_{r-1} + c_m B^q
         acc(j, GH, c[(r - 1) * q + j])
     acc(q, GH, c[m])
     if q >= 4:
-        acc_mm(2, GP[4], P[2].mT)
-        acc_mm(2, P[2].mT, GP[4])
+        acc_mm(2, GP[4], P[2].mH)
+        acc_mm(2, P[2].mH, GP[4])
     if q >= 3:
-        acc_mm(2, GP[3], P[1].mT)
-        acc_mm(1, P[2].mT, GP[3])
+        acc_mm(2, GP[3], P[1].mH)
+        acc_mm(1, P[2].mH, GP[3])
     if q >= 2:
-        acc_mm(1, GP[2], P[1].mT)
-        acc_mm(1, P[1].mT, GP[2])
+        acc_mm(1, GP[2], P[1].mH)
+        acc_mm(1, P[1].mH, GP[2])
     G1 = GP[1]
     return G1 * 2.0**-s if s else G1
 
@@ -432,7 +438,7 @@ class _ExpmAdjoint(torch.autograd.Function):
 
 
 def _plain(A: Tensor) -> bool:
-    return A.dtype in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
+    return _real(A.dtype) in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
 
 
 def _forward_levels() -> int:
@@ -478,7 +484,7 @@ _STATIC_THETA = {dtype: _theta(m, _UNIT_ROUNDOFF[dtype]) for dtype, m in _STATIC
 
 def _expm_static(A: Tensor) -> Tensor:
     """:func:`expm` with the tensor-only schedule of Note [Static schedule] (any transform, compile)."""
-    m, theta = _STATIC_M[A.dtype], _STATIC_THETA[A.dtype]
+    m, theta = _STATIC_M[_real(A.dtype)], _STATIC_THETA[_real(A.dtype)]
     P = _powers(A, _Q[m])
     norms = [P[j].detach().abs().sum(dim=-2).amax(dim=-1) for j in (3, 4)]
     alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
