@@ -27,8 +27,11 @@ tensors inside a ``torch.autograd.Function``:
   batched over leading dimensions, so no per-sample fallback is needed.
 * under ``torch.compile``, for tensor subclasses (DTensor) and under nested forward mode,
   ``expm`` evaluates a tensor-only schedule in plain torch ops (Note [Static schedule]):
-  the compiler traces the fast exponential and its adjoint into the graph. Complex, empty
-  and meta inputs go to ``torch.linalg.matrix_exp``.
+  the compiler traces the fast exponential and its adjoint into the graph. Empty and meta
+  inputs go to ``torch.linalg.matrix_exp``.
+
+Complex inputs (complex64, complex128; the skew-Hermitian generators of ``Unitary``) take
+every path above (Note [Complex]).
 
 The thresholds ``θ_m`` are computed here (no tables copied): the largest ``θ`` with
 ``Σ_k |c_k| θ^(k-1) ≤ u`` for the series ``log(e^{-x} T_m(x)) = Σ_{k>m} c_k x^k``
@@ -119,6 +122,17 @@ def _opnorm1(X: Tensor) -> Tensor:
 
 def _eye(A: Tensor) -> Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+# Note [Complex]
+# The Taylor coefficients are real and the backward error analysis (Al-Mohy and Higham) is
+# stated for complex matrices in the 1-norm of |entries|, so a complex A gets the degree, the
+# squarings and the static schedule of its real dtype (_real: complex64 → float32's unit
+# roundoff and thresholds). The evaluation and its Fréchet derivative (_tangent, forward mode)
+# are polynomials in A and E, holomorphic, unchanged. The adjoint follows PyTorch's convention
+# for complex gradients, ⟨G, dX⟩ = Re tr(Gᴴ dX): the reverse of X = Y Z is (G Zᴴ, Yᴴ G), so
+# _adjoint transposes with .mH, which for a real tensor is the same view as .mT (real results
+# are bit-identical).
 
 
 def choose_degree(A: Tensor) -> tuple[int, int, Any]:
