@@ -251,7 +251,8 @@ def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[T
 
 
 def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> Tensor:
-    """The gradient of ``⟨G, T_m(A/2^s)^(2^s)⟩`` with respect to ``A`` (reverse of :func:`_evaluate`).
+    """The gradient of ``⟨G, T_m(A/2^s)^(2^s)⟩`` with respect to ``A`` (reverse of :func:`_evaluate`;
+    ``⟨G, X⟩ = Re tr(GᴴX)``, Note [Complex]).
 
     ``inplace`` accumulates into fresh buffers (only when no graph is being built).
     """
@@ -512,7 +513,7 @@ def _expm_static(A: Tensor) -> Tensor:
 
 
 def expm(A: Tensor) -> Tensor:
-    """Matrix exponential of a batch of square matrices ``(..., n, n)``; differentiable."""
+    """Matrix exponential of a batch of square matrices ``(..., n, n)``, real or complex; differentiable."""
     if not _plain(A):
         return torch.linalg.matrix_exp(A)
     if torch.compiler.is_compiling() or type(A) not in (Tensor, torch.nn.Parameter) or _nested_forward_mode():

@@ -357,8 +357,9 @@ def test_second_derivatives_at_tiny_generators(scale, generator):
     torch.testing.assert_close(torch.autograd.grad((g * E).sum(), A)[0], torch.autograd.grad((gr * E).sum(), A)[0])
 
 
-def test_non_finite_matrix_does_not_change_its_neighbours(generator):
-    A = _rand((2, 6, 6), 8.0, generator)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_non_finite_matrix_does_not_change_its_neighbours(dtype, generator):
+    A = _rand((2, 6, 6), 8.0, generator, dtype)
     A[0, 2, 3] = float("nan")
     X = expm(A)
     assert torch.isnan(X[0]).any()
