@@ -212,6 +212,22 @@ def so_case(b: Bench, n: int, triv: str, targets: bool) -> Row:
     return b.run(f"SO({n}) {triv}", f"{n}×{n}", n, fns, target=target if targets else "", check=check if targets else None)
 
 
+def unitary_case(b: Bench, n: int) -> Row:
+    """U(n) in the complex dtype of the bench's: geofunc's exponential against torch's unitary
+    parametrization (matrix_exp). The mm-eq column is in real n×n matmuls (a complex one costs ~4)."""
+    c = torch.complex64 if b.dtype == torch.float32 else torch.complex128
+    crandn = lambda scale: (torch.randn(n, n, generator=b.gen, dtype=c) * scale).to(b.device)
+    Z, G = crandn(1.0 / math.sqrt(n)).requires_grad_(), crandn(1.0)
+    M = gf.Unitary()
+    base = M.sample((n, n), generator=b.gen, dtype=c).to(b.device)
+    fns = {GF: b.fb(lambda: M.to_manifold(Z, base), [Z], G)}
+    lin = torch.nn.Linear(n, n, bias=False, device=b.device, dtype=c)
+    torch.nn.utils.parametrizations.orthogonal(lin, "weight", orthogonal_map="matrix_exp")
+    b.set_original(lin, "weight", Z.detach())
+    fns[PT] = b.module_fb(lin, "weight", G)
+    return b.run(f"Unitary({n}) expm, {str(c).removeprefix('torch.')}", f"{n}×{n}", n, fns)
+
+
 def stiefel_case(b: Bench, n: int, k: int, targets: bool, need: float) -> Row:
     Z = b.raw(n, k)
     G = b.randn(n, k)
@@ -689,6 +705,9 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     if want("cayley"):
         for n in ([64] if q else ([1024, 4096] if cuda else [256, 1024])):
             so_case(b, n, "cayley", targets)
+    if want("unitary"):
+        for n in ([32] if q else ([256, 1024] if cuda else [64, 256])):
+            unitary_case(b, n)
     if want("stiefel"):
         for n, k, need in ([(128, 16, 1)] if q else ([(1024, 256, 25), (1024, 16, 1), (4096, 1024, 25)] if cuda else [(1024, 256, 25), (1024, 16, 1)])):
             stiefel_case(b, n, k, targets, need)

@@ -27,8 +27,11 @@ tensors inside a ``torch.autograd.Function``:
   batched over leading dimensions, so no per-sample fallback is needed.
 * under ``torch.compile``, for tensor subclasses (DTensor) and under nested forward mode,
   ``expm`` evaluates a tensor-only schedule in plain torch ops (Note [Static schedule]):
-  the compiler traces the fast exponential and its adjoint into the graph. Complex, empty
-  and meta inputs go to ``torch.linalg.matrix_exp``.
+  the compiler traces the fast exponential and its adjoint into the graph. Empty and meta
+  inputs go to ``torch.linalg.matrix_exp``.
+
+Complex inputs (complex64, complex128; the skew-Hermitian generators of ``Unitary``) take
+every path above (Note [Complex]).
 
 The thresholds ``θ_m`` are computed here (no tables copied): the largest ``θ`` with
 ``Σ_k |c_k| θ^(k-1) ≤ u`` for the series ``log(e^{-x} T_m(x)) = Σ_{k>m} c_k x^k``
@@ -61,6 +64,12 @@ def _products(m: int) -> int:
 
 
 _UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24}
+_REAL = {torch.complex128: torch.float64, torch.complex64: torch.float32}
+
+
+def _real(dtype: torch.dtype) -> torch.dtype:
+    """The real dtype whose tables (unit roundoff, static degree) serve ``dtype`` (Note [Complex])."""
+    return _REAL.get(dtype, dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,6 +124,17 @@ def _eye(A: Tensor) -> Tensor:
     return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
 
 
+# Note [Complex]
+# The Taylor coefficients are real and the backward error analysis (Al-Mohy and Higham) is
+# stated for complex matrices in the 1-norm of |entries|, so a complex A gets the degree, the
+# squarings and the static schedule of its real dtype (_real: complex64 → float32's unit
+# roundoff and thresholds). The evaluation and its Fréchet derivative (_tangent, forward mode)
+# are polynomials in A and E, holomorphic, unchanged. The adjoint follows PyTorch's convention
+# for complex gradients, ⟨G, dX⟩ = Re tr(Gᴴ dX): the reverse of X = Y Z is (G Zᴴ, Yᴴ G), so
+# _adjoint transposes with .mH, which for a real tensor is the same view as .mT (real results
+# are bit-identical).
+
+
 def choose_degree(A: Tensor) -> tuple[int, int, Any]:
     """``(m, s, pre)``: Taylor degree, number of squarings, and precomputed powers.
 
@@ -123,7 +143,7 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
     norms are measured; ``B^j = A_t^j 2^((t-s)j)`` is exact).
     Reads tensor values: concrete tensors only.
     """
-    u = _UNIT_ROUNDOFF[A.dtype]
+    u = _UNIT_ROUNDOFF[_real(A.dtype)]
     with torch.no_grad():
         a1 = float(_opnorm1(A))
         for m in _LOW:
@@ -231,14 +251,15 @@ def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[T
 
 
 def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> Tensor:
-    """The gradient of ``⟨G, T_m(A/2^s)^(2^s)⟩`` with respect to ``A`` (reverse of :func:`_evaluate`).
+    """The gradient of ``⟨G, T_m(A/2^s)^(2^s)⟩`` with respect to ``A`` (reverse of :func:`_evaluate`;
+    ``⟨G, X⟩ = Re tr(GᴴX)``, Note [Complex]).
 
     ``inplace`` accumulates into fresh buffers (only when no graph is being built).
     """
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     for X in reversed(Xs):
-        Xt = X.mT
+        Xt = X.mH
         G = _mm_add(G @ Xt, Xt, G)
     c = _coefs(m)
     r = m // q
@@ -260,20 +281,20 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
         i = r - 2 - k
         for j in range(1, q):
             acc(j, GH, c[i * q + j])
-        acc_mm(q, Hs[k].mT, GH)
-        GH = GH @ P[q].mT
+        acc_mm(q, Hs[k].mH, GH)
+        GH = GH @ P[q].mH
     for j in range(1, q):  # H_{r-1} = C_{r-1} + c_m B^q
         acc(j, GH, c[(r - 1) * q + j])
     acc(q, GH, c[m])
     if q >= 4:
-        acc_mm(2, GP[4], P[2].mT)
-        acc_mm(2, P[2].mT, GP[4])
+        acc_mm(2, GP[4], P[2].mH)
+        acc_mm(2, P[2].mH, GP[4])
     if q >= 3:
-        acc_mm(2, GP[3], P[1].mT)
-        acc_mm(1, P[2].mT, GP[3])
+        acc_mm(2, GP[3], P[1].mH)
+        acc_mm(1, P[2].mH, GP[3])
     if q >= 2:
-        acc_mm(1, GP[2], P[1].mT)
-        acc_mm(1, P[1].mT, GP[2])
+        acc_mm(1, GP[2], P[1].mH)
+        acc_mm(1, P[1].mH, GP[2])
     G1 = GP[1]
     return G1 * 2.0**-s if s else G1
 
@@ -432,7 +453,7 @@ class _ExpmAdjoint(torch.autograd.Function):
 
 
 def _plain(A: Tensor) -> bool:
-    return A.dtype in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
+    return _real(A.dtype) in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
 
 
 def _forward_levels() -> int:
@@ -478,7 +499,7 @@ _STATIC_THETA = {dtype: _theta(m, _UNIT_ROUNDOFF[dtype]) for dtype, m in _STATIC
 
 def _expm_static(A: Tensor) -> Tensor:
     """:func:`expm` with the tensor-only schedule of Note [Static schedule] (any transform, compile)."""
-    m, theta = _STATIC_M[A.dtype], _STATIC_THETA[A.dtype]
+    m, theta = _STATIC_M[_real(A.dtype)], _STATIC_THETA[_real(A.dtype)]
     P = _powers(A, _Q[m])
     norms = [P[j].detach().abs().sum(dim=-2).amax(dim=-1) for j in (3, 4)]
     alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
@@ -492,7 +513,7 @@ def _expm_static(A: Tensor) -> Tensor:
 
 
 def expm(A: Tensor) -> Tensor:
-    """Matrix exponential of a batch of square matrices ``(..., n, n)``; differentiable."""
+    """Matrix exponential of a batch of square matrices ``(..., n, n)``, real or complex; differentiable."""
     if not _plain(A):
         return torch.linalg.matrix_exp(A)
     if torch.compiler.is_compiling() or type(A) not in (Tensor, torch.nn.Parameter) or _nested_forward_mode():

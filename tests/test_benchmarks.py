@@ -37,7 +37,7 @@ def test_quick_run_writes_table_and_plot(runner, tmp_path):
     text = out.read_text()
     assert "| case |" in text and "torch.set_num_threads(" in text and "device:" in text
     names = {r.case.split(" ")[0].split("(")[0] for r in rows}
-    assert {"SO", "Stiefel", "LowRank", "PSD", "GLp", "ensemble", "train", "Sphere"} <= names
+    assert {"SO", "Unitary", "Stiefel", "LowRank", "PSD", "GLp", "ensemble", "train", "Sphere"} <= names
     for r in rows:
         assert r.mm > 0 and all(t > 0 for t in r.times.values())
         assert runner.GF in r.times, r.times  # every row times geofunc itself

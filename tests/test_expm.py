@@ -14,12 +14,22 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
-from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _products, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
-from geofunc._linalg import skew_lower
+from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._linalg import cayley, skew_lower
 from geofunc.testing import no_vmap_fallback
 
 ref_expm = torch.linalg.matrix_exp
+DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128]
 
+
+def _tol(dtype):
+    """The accuracy asked of a value, relative to its largest entry (complex: that of its real dtype)."""
+    return 1e-5 if _real(dtype) == torch.float32 else 1e-11
+
+
+def _hi(dtype):
+    """The double-precision dtype of the same kind (the reference's)."""
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 def _rand(shape, scale, generator, dtype=torch.float64):
@@ -56,17 +66,17 @@ def test_choice_uses_power_norms(generator):
 # ----------------------------------------------------------------------------- values
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [0.0, 1e-8, 1e-3, 0.3, 1.0, 4.0, 30.0, 1e3])
 def test_matches_matrix_exp(scale, dtype, generator):
     for shape in ((1, 1), (3, 3), (2, 8, 8), (2, 1, 5, 5), (40, 40)):
         A = _rand(shape, scale, generator, dtype)
-        if scale >= 30.0:  # keep the exponential in range: skew (orthogonal result)
-            A = A - A.mT
+        if scale >= 30.0:  # keep the exponential in range: skew(-Hermitian) (orthogonal/unitary result)
+            A = A - A.mH
         X = expm(A)
-        R = ref_expm(A.double())
-        tol = 1e-5 if dtype == torch.float32 else 1e-11
-        err = ((X.double() - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
+        R = ref_expm(A.to(_hi(dtype)))
+        tol = _tol(dtype)
+        err = ((X.to(_hi(dtype)) - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
         assert err < tol * max(1.0, scale) ** 0.5, (shape, scale, err)
 
 
@@ -79,14 +89,14 @@ def test_nan_and_inf_propagate():
     assert not torch.isfinite(X[1]).all()
 
 
-def test_empty_and_non_float_inputs_fall_back():
+def test_empty_and_meta_inputs_fall_back():
     assert expm(torch.zeros(0, 3, 3)).shape == (0, 3, 3)
-    A = torch.randn(3, 3, dtype=torch.complex64)
-    torch.testing.assert_close(expm(A), ref_expm(A))
+    assert expm(torch.zeros(2, 3, 3, device="meta")).shape == (2, 3, 3)
 
 
-def test_linalg_expm_is_the_fast_one(generator):
-    A = _rand((6, 6), 1.0, generator).requires_grad_()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linalg_expm_is_the_fast_one(dtype, generator):
+    A = _rand((6, 6), 1.0, generator, dtype).requires_grad_()
     X = gf._linalg.expm(A)
     assert type(X.grad_fn).__name__.startswith("_ExpmBackward")
 
@@ -94,17 +104,20 @@ def test_linalg_expm_is_the_fast_one(generator):
 # ----------------------------------------------------------------------------- derivatives
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 @pytest.mark.parametrize("scale", [0.0, 1e-3, 0.5, 3.0, 20.0])
-def test_gradcheck_gradgradcheck(scale, generator):
-    A = _rand((2, 5, 5), scale, generator).requires_grad_()
+def test_gradcheck_gradgradcheck(scale, dtype, generator):
+    """Complex: gradcheck checks both Wirtinger derivatives (the adjoint's conjugate transposes)."""
+    A = _rand((2, 5, 5), scale, generator, dtype).requires_grad_()
     assert torch.autograd.gradcheck(expm, (A,))
     assert torch.autograd.gradgradcheck(expm, (A,))
     assert torch.autograd.gradcheck(expm, (A,), check_forward_ad=True, check_backward_ad=False, check_batched_grad=False)
 
 
-def test_jvp_matches_finite_differences(generator):
-    A = _rand((6, 6), 2.0, generator)
-    E = _rand((6, 6), 1.0, generator)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_jvp_matches_finite_differences(dtype, generator):
+    A = _rand((6, 6), 2.0, generator, dtype)
+    E = _rand((6, 6), 1.0, generator, dtype)
     _, t = jvp(expm, (A,), (E,))
     h = 1e-6
     fd = (ref_expm(A + h * E) - ref_expm(A - h * E)) / (2 * h)
@@ -113,7 +126,8 @@ def test_jvp_matches_finite_differences(generator):
 
 
 def _loss(f, W):
-    return lambda a: (f(a) * W).sum() + (f(a) ** 2).sum()
+    """A real loss, not holomorphic for complex ``a`` (``.real`` is the identity on real tensors)."""
+    return lambda a: ((f(a) * W).sum() + (f(a) ** 2).sum()).real
 
 
 def test_transforms_agree_with_matrix_exp(generator):
@@ -138,6 +152,47 @@ def test_transforms_agree_with_matrix_exp(generator):
         close(vmap(hessian(f))(A[:2]), vmap(hessian(fr))(A[:2]))
 
 
+@pytest.mark.parametrize("scale", [1e-9, 2.0])
+def test_complex_transforms_agree_with_matrix_exp(scale, generator):
+    """Complex generators under every transform that takes them; the second derivatives (the
+    adjoint node's own rules, and the static schedule under nested forward mode) on real views,
+    since jacrev/jacfwd refuse complex inputs."""
+    C = torch.complex128
+    A = _rand((4, 5, 5), scale, generator, C)
+    E = _rand((5, 5), 1.0, generator, C)
+    W = _rand((5, 5), 1.0, generator, C)
+    f, fr = _loss(expm, W), _loss(ref_expm, W)
+    a = A[0]
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    real = lambda g: lambda ar: g(torch.view_as_complex(ar))
+    with no_vmap_fallback():
+        close(vmap(expm)(A), ref_expm(A))
+        close(vmap(expm, in_dims=1)(A.transpose(0, 1)), ref_expm(A))
+        close(grad(f)(a), grad(fr)(a))
+        close(vmap(grad(f))(A), vmap(grad(fr))(A))
+        close(jvp(expm, (a,), (E,))[1], jvp(ref_expm, (a,), (E,))[1])
+        close(vmap(lambda x: jvp(expm, (x,), (E,))[1])(A), vmap(lambda x: jvp(ref_expm, (x,), (E,))[1])(A))
+        ar = torch.view_as_real(a)
+        H = hessian(real(fr))(ar)
+        close(hessian(real(f))(ar), H)
+        close(jacrev(jacrev(real(f)))(ar), H)
+        close(jacfwd(jacfwd(real(f)))(ar), H)
+
+
+def test_complex_matches_scipy_with_squarings(generator):
+    """complex128 values against scipy's Padé exponential, up to norms that need 10 squarings."""
+    import scipy.linalg
+
+    for scale in (0.5, 30.0, 1e3):
+        A = _rand((12, 12), scale, generator, torch.complex128)
+        A = A - A.mH if scale > 1.0 else A
+        s = choose_degree(A)[1]
+        assert s >= {0.5: 0, 30.0: 4, 1e3: 9}[scale]
+        R = torch.from_numpy(scipy.linalg.expm(A.numpy()))
+        err = ((expm(A) - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
+        assert err < 1e-11 * max(1.0, scale) ** 0.5, (scale, err)
+
+
 def test_grad_inside_vmap_over_so(generator):
     Z = _rand((3, 6, 6), 1.0, generator)
     W = _rand((6, 6), 1.0, generator)
@@ -147,9 +202,40 @@ def test_grad_inside_vmap_over_so(generator):
         torch.testing.assert_close(vmap(grad(f))(Z), vmap(grad(fr))(Z), rtol=1e-9, atol=1e-9)
 
 
-def test_compile_fullgraph(generator):
-    A = _rand((5, 5), 1.0, generator)
-    W = _rand((5, 5), 1.0, generator)
+def _graph_nodes(fn) -> set[str]:
+    """The names of the autograd nodes reachable from ``fn``."""
+    seen, todo = {}, [fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and id(fn) not in seen:
+            seen[id(fn)] = type(fn).__name__
+            todo.extend(f for f, _ in fn.next_functions)
+    return set(seen.values())
+
+
+def test_unitary_chart_is_the_fast_exponential(generator):
+    """``Unitary``'s chart and retraction use the fast exponential (fails if complex falls back to matrix_exp)."""
+    C = torch.complex128
+    Z = _rand((3, 6, 6), 1.0, generator, C)
+    W = _rand((6, 6), 1.0, generator, C)
+    U = gf.Unitary()
+    X = U.to_manifold(Z.clone().requires_grad_())
+    assert type(X.grad_fn).__name__.startswith("_ExpmBackward")
+    base = U.sample((3, 6, 6), generator=generator, dtype=C)
+    V = U.tangent(base, W).requires_grad_()
+    for Y in (U.to_manifold(Z.clone().requires_grad_(), base), U.retract(base, V)):
+        names = _graph_nodes(Y.grad_fn)
+        assert any(n.startswith("_ExpmBackward") for n in names) and not any("MatrixExp" in n for n in names)
+    f = lambda z: (U.to_manifold(z) * W).sum().real
+    fr = lambda z: (ref_expm(skew_lower(z)) * W).sum().real
+    with no_vmap_fallback():
+        torch.testing.assert_close(vmap(grad(f))(Z), vmap(grad(fr))(Z), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_compile_fullgraph(dtype, generator):
+    A = _rand((5, 5), 1.0, generator, dtype)
+    W = _rand((5, 5), 1.0, generator, dtype)
     f = _loss(expm, W)
     torch._dynamo.reset()
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -161,32 +247,32 @@ def test_compile_fullgraph(generator):
 # ----------------------------------------------------------------------------- static schedule
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("scale", [0.0, 1e-8, 1e-3, 0.3, 1.0, 4.0, 30.0, 300.0])
 def test_static_schedule_matches_matrix_exp(scale, dtype, generator):
     """The compile-time schedule (fixed degree, squarings chosen by torch.where) is as accurate as the eager one."""
     for shape in ((1, 1), (3, 3), (2, 8, 8), (2, 1, 5, 5), (40, 40)):
         A = _rand(shape, scale, generator, dtype)
         if scale >= 30.0:
-            A = A - A.mT
+            A = A - A.mH
         X = _expm_static(A)
-        R = ref_expm(A.double())
-        tol = 1e-5 if dtype == torch.float32 else 1e-11
-        err = ((X.double() - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
+        R = ref_expm(A.to(_hi(dtype)))
+        tol = _tol(dtype)
+        err = ((X.to(_hi(dtype)) - R).abs().amax() / R.abs().amax().clamp(min=1)).item()
         assert err < tol * max(1.0, scale) ** 0.5, (shape, scale, err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_static_schedule_beyond_its_bound_is_nan_per_matrix(dtype):
-    limit = _STATIC_THETA[dtype] * 2.0**_STATIC_S
+    limit = _STATIC_THETA[_real(dtype)] * 2.0**_STATIC_S
     A = torch.zeros(3, 2, 2, dtype=dtype)
     A[0, 0, 1], A[0, 1, 0] = 0.9 * limit, -0.9 * limit  # a rotation by 0.9·limit: in range
     A[1, 0, 1], A[1, 1, 0] = 1.1 * limit, -1.1 * limit  # beyond: NaN, not an inaccurate point
     A[2, 0, 0] = float("nan")
     X = _expm_static(A)
     assert torch.isnan(X[1]).all() and torch.isnan(X[2]).all()
-    tol = (1e-5 if dtype == torch.float32 else 1e-11) * limit**0.5  # the rule of test_matches_matrix_exp
-    torch.testing.assert_close(X[0].double(), ref_expm(A[0].double()), rtol=0, atol=tol)
+    tol = _tol(dtype) * limit**0.5  # the rule of test_matches_matrix_exp
+    torch.testing.assert_close(X[0].to(_hi(dtype)), ref_expm(A[0].to(_hi(dtype))), rtol=0, atol=tol)
 
 
 def test_static_schedule_under_transforms(generator):
@@ -201,10 +287,11 @@ def test_static_schedule_under_transforms(generator):
         close(jacfwd(jacfwd(f))(A[0]), hessian(fr)(A[0]))
 
 
-def test_compiled_graph_has_the_fast_exponential(generator):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_compiled_graph_has_the_fast_exponential(dtype, generator):
     """Inside torch.compile the static schedule is traced (no matrix_exp, no graph break), forward and backward."""
-    A = _rand((2, 6, 6), 3.0, generator)
-    W = _rand((6, 6), 1.0, generator)
+    A = _rand((2, 6, 6), 3.0, generator, dtype)
+    W = _rand((6, 6), 1.0, generator, dtype)
     f = _loss(expm, W)
     targets = []
 
@@ -222,31 +309,34 @@ def test_compiled_graph_has_the_fast_exponential(generator):
 # ----------------------------------------------------------------------------- accuracy
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 @pytest.mark.parametrize("n,scale", [(16, 5.0), (64, 1.0), (64, 5.0), (128, 1.0)])
-def test_float32_gradient_accuracy(n, scale, generator):
-    """float32 gradients of the SO expm map within 1e-5 (relative) of float64."""
-    Z = _rand((n, n), scale, generator)
-    W = torch.randn(n, n, generator=generator, dtype=torch.float64)
+def test_float32_gradient_accuracy(n, scale, dtype, generator):
+    """float32 (complex64) gradients of the SO (U(n)) expm map within 1e-5 (relative) of double precision."""
+    hi = _hi(dtype)
+    Z = _rand((n, n), scale, generator, hi)
+    W = torch.randn(n, n, generator=generator, dtype=hi)
 
     def g(Z, f):
         Z = Z.clone().requires_grad_()
-        (f(skew_lower(Z)) * W.to(Z.dtype)).sum().backward()
-        return Z.grad.double()
+        (f(skew_lower(Z)) * W.to(Z.dtype)).sum().real.backward()
+        return Z.grad.to(hi)
 
     ref = g(Z, ref_expm)
-    rel = ((g(Z.float(), expm) - ref).norm() / ref.norm()).item()
+    rel = ((g(Z.to(dtype), expm) - ref).norm() / ref.norm()).item()
     assert rel < 1e-5
 
 
+@pytest.mark.parametrize("space,dtype", [(gf.SO(), torch.float32), (gf.Unitary(), torch.complex64)], ids=["SO", "Unitary"])
 @pytest.mark.parametrize("n", [8, 64, 128])
 @pytest.mark.parametrize("norm", [1.0, 10.0, 50.0, 200.0])
-def test_float32_orthogonality_large_raw_norms(n, norm, generator):
-    Z = torch.randn(n, n, generator=generator)
+def test_float32_orthogonality_large_raw_norms(n, norm, space, dtype, generator):
+    Z = torch.randn(n, n, generator=generator, dtype=dtype)
     Z = Z / Z.norm() * norm
-    X = gf.SO().to_manifold(Z)
-    err = (X.mT @ X - torch.eye(n)).abs().amax().item()
+    X = space.to_manifold(Z)
+    err = (X.mH @ X - torch.eye(n)).abs().amax().item()
     assert err <= 2e-5
-    torch.testing.assert_close(X.double(), ref_expm(skew_lower(Z.double())), rtol=0, atol=1e-4)
+    torch.testing.assert_close(X.to(_hi(dtype)), ref_expm(skew_lower(Z.to(_hi(dtype)))), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-4])
@@ -267,9 +357,35 @@ def test_second_derivatives_at_tiny_generators(scale, generator):
     torch.testing.assert_close(torch.autograd.grad((g * E).sum(), A)[0], torch.autograd.grad((gr * E).sum(), A)[0])
 
 
-def test_non_finite_matrix_does_not_change_its_neighbours(generator):
-    A = _rand((2, 6, 6), 8.0, generator)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_non_finite_matrix_does_not_change_its_neighbours(dtype, generator):
+    A = _rand((2, 6, 6), 8.0, generator, dtype)
     A[0, 2, 3] = float("nan")
     X = expm(A)
     assert torch.isnan(X[0]).any()
     torch.testing.assert_close(X[1], ref_expm(A[1]), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the Cayley map
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
+def test_cayley_of_skew_hermitian_is_unitary(dtype, generator):
+    """``cayley`` on complex skew-Hermitian generators: a unitary point, the solve's value,
+    exact gradients (gradcheck in complex128), batched under vmap without fallback."""
+    A = skew_lower(_rand((3, 7, 7), 4.0, generator, dtype))
+    X = cayley(A)
+    I = torch.eye(7, dtype=dtype)
+    assert (X.mH @ X - I).abs().amax().item() <= (2e-6 if _real(dtype) == torch.float32 else 1e-14)
+    Ah = A.to(_hi(dtype))
+    R = torch.linalg.solve(I.to(Ah.dtype) - Ah / 2, I.to(Ah.dtype) + Ah / 2)
+    torch.testing.assert_close(X.to(_hi(dtype)), R, rtol=0, atol=1e-6 if _real(dtype) == torch.float32 else 1e-14)
+    if dtype == torch.complex128:
+        A = A.requires_grad_()
+        assert torch.autograd.gradcheck(cayley, (A,))
+        assert torch.autograd.gradgradcheck(cayley, (A,))
+        W = _rand((7, 7), 1.0, generator, dtype)
+        f = lambda a: (cayley(a) * W).sum().real
+        fr = lambda a: (torch.linalg.solve(I - a / 2, I + a / 2) * W).sum().real
+        with no_vmap_fallback():
+            torch.testing.assert_close(vmap(grad(f))(A.detach()), vmap(grad(fr))(A.detach()), rtol=1e-10, atol=1e-10)
