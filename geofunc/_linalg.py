@@ -32,6 +32,7 @@ __all__ = [
     "poison",
     "sanitize",
     "frame_chart",
+    "frame_charts",
     "eye_like",
     "transpose",
 ]
@@ -214,13 +215,36 @@ def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool 
       (:func:`_packed_direction`), so that the chart's differential at ``Z = 0`` is an isometry
       onto the tangent space at every base; at ``base = None`` the two readings agree.
     """
+    return frame_charts([(Z, base)], triv, horizontal=horizontal, packed=packed)[0]
+
+
+def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horizontal: bool = False,
+                 packed: bool = False) -> list[Tensor]:
+    """:func:`frame_chart` of several ``(Z, base)`` pairs (the U and V frames of an SVD-type point).
+
+    The same maps; the generators of equal size go through ``φ`` (``expm``, ``cayley``) as one
+    batch: one call instead of one per frame (under ``torch.func`` each ``expm`` call has a fixed
+    cost of ~1 ms, more than an 8×8 exponential's arithmetic). ``expm`` picks its degree and
+    squarings for the whole batch, so a frame may be evaluated at a higher degree: the same point
+    to rounding.
+    """
+    parts = [_chart_parts(Z, base, triv, horizontal, packed) for Z, base in pairs]
+    gens = [A for A, _ in parts if A is not None]
+    if callable(triv) or len(gens) < 2 or len({A.shape[-1] for A in gens}) > 1:
+        return [finish(None if A is None else resolve_triv(triv)(A)) for A, finish in parts]
+    F = resolve_triv(triv)(torch.stack(torch.broadcast_tensors(*gens)))
+    Fs = iter(F.unbind(0))
+    return [finish(None if A is None else next(Fs)) for A, finish in parts]
+
+
+def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, packed: bool):
+    """``(A, finish)``: the frame chart of ``Z`` at ``base`` is ``finish(φ(A))`` (``A`` None: no ``φ``)."""
     n, k = Z.shape[-2], Z.shape[-1]
     if n == k:
         if horizontal:
             Y = eye_like(Z).expand_as(Z) if base is None else base
-            return Y + 0.0 * Z  # constant map; keeps NaN propagation and a (zero) gradient
-        R = resolve_triv(triv)(skew_lower(Z))
-        return R if base is None else base @ R
+            return None, lambda _: Y + 0.0 * Z  # constant map; keeps NaN propagation and a (zero) gradient
+        return skew_lower(Z), lambda R: R if base is None else base @ R
     if base is None:
         base = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
     elif packed:
@@ -228,8 +252,8 @@ def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool 
     return _tall_chart(base, Z, triv, horizontal)
 
 
-def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> Tensor:
-    """The Stiefel chart at a tall frame ``Y`` (n×k, n > k): ``φ(W(Z)) Y``.
+def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool):
+    """The Stiefel chart at a tall frame ``Y`` (n×k, n > k), ``φ(W(Z)) Y``, as ``(A, finish)`` (:func:`_chart_parts`).
 
     ``W(Z) = Y Ω Yᵀ + C Yᵀ − Y Cᵀ`` with ``Ω`` the skew matrix of the strict lower
     triangle of ``YᵀZ`` (zero if ``horizontal``, the Grassmannian) and
@@ -249,7 +273,7 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> Tensor:
         Omega = skew_lower(S)
     if callable(triv):
         W = Y @ Omega @ transpose(Y) + C @ transpose(Y) - Y @ transpose(C)
-        return triv(W) @ Y
+        return W, lambda R: R @ Y
     # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
     # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
     CtC = transpose(C) @ C
@@ -258,8 +282,7 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> Tensor:
     top = torch.cat([Omega, -CtC / c], dim=-1)
     bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)
     M = torch.cat([top, bottom], dim=-2)
-    F = resolve_triv(triv)(M)[..., :, :k]
-    return Y @ F[..., :k, :] + (C / c) @ F[..., k:, :]
+    return M, lambda F: Y @ F[..., :k, :k] + (C / c) @ F[..., k:, :k]
 
 
 def _polar_factor(A: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
-from .._linalg import frame_chart, haar_stiefel, poison, sanitize, sym_part
+from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
 from ._values import ValueMap
@@ -186,9 +186,10 @@ class _Factorized(AbstractSpace):
         self._check_pair(X, V, "V")
         return self.project(X + V)
 
-    def _frame(self, P: Tensor, base: Optional[Tensor]) -> Tensor:
-        """The frame of packed coordinates ``P`` at ``base`` (Note on frame charts above)."""
-        return frame_chart(P, base, self.triv, packed=True)
+    def _frames(self, *pairs: tuple[Tensor, Optional[Tensor]]) -> list[Tensor]:
+        """The frames of packed coordinates ``P`` at ``base`` for each pair ``(P, base)`` (module
+        docstring), their exponentials evaluated as one batch."""
+        return frame_charts(list(pairs), self.triv, packed=True)
 
 
 def _pack(s: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -236,8 +237,7 @@ class SVDSpace(_Factorized):
         n, k = Zt.shape[-2:]
         r = self._rank(n, k)
         Ub, Vb = self._bases(base, n, k, r)
-        U = self._frame(torch.tril(Zt[..., :, :r], -1), Ub)
-        V = self._frame(torch.triu(Zt[..., :r, :], 1).mT, Vb)
+        U, V = self._frames((torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb))
         return U, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r], V, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
@@ -358,7 +358,7 @@ class EigSpace(_Factorized):
         self._check_shape(Z, "Z")
         n = Z.shape[-1]
         r = self._rank(n)
-        Q = self._frame(torch.tril(Z[..., :, :r], -1), self._base(base, n, r))
+        (Q,) = self._frames((torch.tril(Z[..., :, :r], -1), self._base(base, n, r)))
         return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
