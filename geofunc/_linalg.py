@@ -316,9 +316,9 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     Householder reflection ``H = I − W (I + P_Y)⁻¹ Wᵀ``, ``W = E S − Y``, ``E = I[:, :r]``,
     ``S = −U_p`` with ``Y_top = U_p P_Y`` the polar decomposition of the top r×r block
     (``SᵀY_top = −P_Y`` is symmetric, so ``WᵀW = 2(I + P_Y) ⪰ 2I`` and ``H E S = Y``). Applied
-    implicitly, ``N C_b = [0; C_b] + W T`` with ``T = (I + P_Y)⁻¹ Y_botᵀ C_b``, so
-    ``Δ = Y (L − T) + [S T; C_b]``: O(n r²), no n×n matrix, for any ``Y`` (also where ``Y_top`` is
-    singular). The tall chart of ``Δ`` then has ``Ω = L − Lᵀ`` and ``C = N C_b``: its differential
+    implicitly, ``N C_b = [0; C_b] + W J C_b`` with ``J = (I + P_Y)⁻¹ Y_botᵀ`` (r×(n−r), from the base
+    alone), so ``Δ = Y L + [0; C_b] + W (J C_b)``: O(n r²), no n×n matrix, for any ``Y`` (also where
+    ``Y_top`` is singular). The tall chart of ``Δ`` then has ``Ω = L − Lᵀ`` and ``C = N C_b``: its differential
     at ``P = 0`` maps the packed coordinates isometrically onto ``T_Y St(n, r)`` with the canonical
     metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2 on the ``L`` entries, 1 on ``C_b``), at every base. At
     ``Y = I[:, :r]`` (``N = [0; I]``) ``Δ = P``: GeoTorch's chart. Exact to all orders in ``P``; in
@@ -328,8 +328,8 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
     S = -_polar_factor(Ytop)
     K = eye_like(S, r) - sym_part(transpose(S) @ Ytop)  # I + P_Y
+    # Base-only factors first, so that P meets three products and no solve: Δ = Y L + [0; C_b] + W (J C_b).
+    J = torch.linalg.inv(K) @ transpose(Ybot)  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
+    W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
     Cb = P[..., r:, :]
-    T = torch.linalg.solve(K, transpose(Ybot) @ Cb)
-    # Δ = Y L + [0; C_b] + (E S − Y) T = Y (L − T) + [S T; C_b]  (T has the common batch shape)
-    ST_Cb = torch.cat([S @ T, Cb.expand(T.shape[:-2] + Cb.shape[-2:])], dim=-2)
-    return Y @ (torch.tril(P[..., :r, :], -1) - T) + ST_Cb
+    return Y @ torch.tril(P[..., :r, :], -1) + W @ (J @ Cb) + torch.nn.functional.pad(Cb, (0, 0, r, 0))
