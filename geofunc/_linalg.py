@@ -298,13 +298,12 @@ def _polar_factor(A: Tensor) -> Tensor:
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0))
     Up = U @ Vh + poison(A0)
-    V = transpose(Vh)
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
-    M = Vh @ transpose(Up) @ D @ V
+    M = transpose(U) @ D @ transpose(Vh)  # Vᵀ U_pᵀ D V (U_p V = U)
     B = M - transpose(M)  # Vᵀ(U_pᵀ D − Dᵀ U_p)V
     tol = math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)
     den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol.unsqueeze(-1))
-    return Up + Up @ (V @ (B / den) @ Vh)
+    return Up + U @ (B / den) @ Vh  # U_p Ξ = U_p V Ξ̃ Vᵀ = U Ξ̃ Vᵀ
 
 
 def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
