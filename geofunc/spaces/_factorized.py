@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
-from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part
+from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part, transpose
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
 from ._values import ValueMap
@@ -110,13 +110,13 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     lam, Q = torch.linalg.eigh(sanitize(S0))
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
-    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mH)
+    out = sym_part((Q * g.unsqueeze(-2)) @ transpose(Q))
     D = S - S0
-    E = Q.mH @ D @ Q
+    E = transpose(Q) @ D @ Q
     tol = _tie_tol(lam).unsqueeze(-1)
     gam = _divided(g.unsqueeze(-1) - g.unsqueeze(-2), dg.unsqueeze(-1), dg.unsqueeze(-2),
                    lam.unsqueeze(-1) - lam.unsqueeze(-2), tol)
-    return out + sym_part(Q @ (E * gam) @ Q.mH)
+    return out + sym_part(Q @ (E * gam) @ transpose(Q))
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -363,7 +363,7 @@ class EigSpace(_Factorized):
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
-        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mH)  # NaN for ±inf raw values
+        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ transpose(Q))  # NaN for ±inf raw values
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
@@ -404,7 +404,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         Q = haar_stiefel(shape[:-2] + (n, r), generator, dtype, device)
         t = separated_values(shape[:-2], r, generator, Q.real.dtype, Q.device)
-        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ Q.mH)
+        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ transpose(Q))
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``Σ log|f(λᵢ)|`` of the eigenvalue coordinates (rank = n only): O(n) after the raw map."""
@@ -425,7 +425,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         scale = lam.abs().amax(-1).clamp(min=1.0)
         out = {
-            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mH).abs().amax(dim=(-2, -1)) / scale,
+            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - transpose(Xs)).abs().amax(dim=(-2, -1)) / scale,
             "max(0, −λ_min)/max(1, ‖X‖₂)": (-lam[..., 0]).clamp(min=0.0) / scale,
         }
         if r < n:
