@@ -8,7 +8,7 @@ transforms and ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -16,6 +16,7 @@ from ._expm import expm  # the matrix exponential's one home (re-exported: the "
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
+Finish = Callable[[Optional[Tensor]], Tensor]  # a frame from φ(generator) (frame_charts)
 
 __all__ = [
     "skew_lower",
@@ -224,8 +225,8 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
     """:func:`frame_chart` of several ``(Z, base)`` pairs (the U and V frames of an SVD-type point).
 
     The same maps; the generators of equal size go through ``φ`` (``expm``, ``cayley``) as one
-    batch: one call instead of one per frame (under ``torch.func`` each ``expm`` call has a fixed
-    cost of ~1 ms, more than an 8×8 exponential's arithmetic). ``expm`` picks its degree and
+    batch: one call instead of one per frame (one degree choice; each call has a fixed cost, under
+    ``torch.func`` more than an 8×8 exponential's arithmetic). ``expm`` picks its degree and
     squarings for the whole batch, so a frame may be evaluated at a higher degree: the same point
     to rounding.
     """
@@ -238,7 +239,7 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
     return [finish(None if A is None else next(Fs)) for A, finish in parts]
 
 
-def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, packed: bool):
+def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, packed: bool) -> tuple[Tensor | None, Finish]:
     """``(A, finish)``: the frame chart of ``Z`` at ``base`` is ``finish(φ(A))`` (``A`` None: no ``φ``)."""
     n, k = Z.shape[-2], Z.shape[-1]
     if n == k:
@@ -253,7 +254,7 @@ def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, p
     return _tall_chart(base, Z, triv, horizontal)
 
 
-def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool):
+def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Tensor, Finish]:
     """The Stiefel chart at a tall frame ``Y`` (n×k, n > k), ``φ(W(Z)) Y``, as ``(A, finish)`` (:func:`_chart_parts`).
 
     ``W(Z) = Y Ω Yᵀ + C Yᵀ − Y Cᵀ`` with ``Ω`` the skew matrix of the strict lower
