@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
-from .._linalg import frame_chart, haar_stiefel, poison, sanitize, sym_part
+from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part, transpose
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
 from ._values import ValueMap
@@ -110,13 +110,13 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     lam, Q = torch.linalg.eigh(sanitize(S0))
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
-    out = sym_part((Q * g.unsqueeze(-2)) @ Q.mH)
+    out = sym_part((Q * g.unsqueeze(-2)) @ transpose(Q))
     D = S - S0
-    E = Q.mH @ D @ Q
+    E = transpose(Q) @ D @ Q
     tol = _tie_tol(lam).unsqueeze(-1)
     gam = _divided(g.unsqueeze(-1) - g.unsqueeze(-2), dg.unsqueeze(-1), dg.unsqueeze(-2),
                    lam.unsqueeze(-1) - lam.unsqueeze(-2), tol)
-    return out + sym_part(Q @ (E * gam) @ Q.mH)
+    return out + sym_part(Q @ (E * gam) @ transpose(Q))
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -186,9 +186,10 @@ class _Factorized(AbstractSpace):
         self._check_pair(X, V, "V")
         return self.project(X + V)
 
-    def _frame(self, P: Tensor, base: Optional[Tensor]) -> Tensor:
-        """The frame of packed coordinates ``P`` at ``base`` (Note on frame charts above)."""
-        return frame_chart(P, base, self.triv, packed=True)
+    def _frames(self, *pairs: tuple[Tensor, Optional[Tensor]]) -> list[Tensor]:
+        """The frames of packed coordinates ``P`` at ``base`` for each pair ``(P, base)`` (module
+        docstring), their exponentials evaluated as one batch."""
+        return frame_charts(list(pairs), self.triv, packed=True)
 
 
 def _pack(s: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -236,8 +237,7 @@ class SVDSpace(_Factorized):
         n, k = Zt.shape[-2:]
         r = self._rank(n, k)
         Ub, Vb = self._bases(base, n, k, r)
-        U = self._frame(torch.tril(Zt[..., :, :r], -1), Ub)
-        V = self._frame(torch.triu(Zt[..., :r, :], 1).mT, Vb)
+        U, V = self._frames((torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb))
         return U, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r], V, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
@@ -358,12 +358,12 @@ class EigSpace(_Factorized):
         self._check_shape(Z, "Z")
         n = Z.shape[-1]
         r = self._rank(n)
-        Q = self._frame(torch.tril(Z[..., :, :r], -1), self._base(base, n, r))
+        (Q,) = self._frames((torch.tril(Z[..., :, :r], -1), self._base(base, n, r)))
         return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
-        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ Q.mH)  # NaN for ±inf raw values
+        return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ transpose(Q))  # NaN for ±inf raw values
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
@@ -404,7 +404,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         Q = haar_stiefel(shape[:-2] + (n, r), generator, dtype, device)
         t = separated_values(shape[:-2], r, generator, Q.real.dtype, Q.device)
-        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ Q.mH)
+        return sym_part((Q * self._value_map.sample(t).unsqueeze(-2)) @ transpose(Q))
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``Σ log|f(λᵢ)|`` of the eigenvalue coordinates (rank = n only): O(n) after the raw map."""
@@ -425,7 +425,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         scale = lam.abs().amax(-1).clamp(min=1.0)
         out = {
-            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - Xs.mH).abs().amax(dim=(-2, -1)) / scale,
+            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - transpose(Xs)).abs().amax(dim=(-2, -1)) / scale,
             "max(0, −λ_min)/max(1, ‖X‖₂)": (-lam[..., 0]).clamp(min=0.0) / scale,
         }
         if r < n:
