@@ -13,7 +13,6 @@ import torch
 from helpers import SHAPES_MATRIX, SHAPES_SQUARE, SHAPES_VECTOR, TOL
 
 import geofunc as gf
-import geofunc.nn as gnn
 from geofunc.testing import SpaceCase
 
 Tensor = torch.Tensor

@@ -6,7 +6,6 @@ import inspect
 import re
 import pathlib
 
-import pytest
 
 import geofunc as gf
 import geofunc.nn

@@ -520,7 +520,7 @@ def test_in_manifold_verdicts_match_geotorch_on_boundary_points(case):
 
 
 def test_torus_init_spectrum_matches_geotorch():
-    geotorch = pytest.importorskip("geotorch")
+    pytest.importorskip("geotorch")
     from geotorch.so import torus_init_ as gt_torus
 
     angles = torch.tensor([0.3, -1.2, 2.5])
