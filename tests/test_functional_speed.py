@@ -12,6 +12,7 @@ import os
 import optree
 import pytest
 import torch
+from reference import member
 from torch.func import grad
 
 import geofunc as gf
@@ -49,7 +50,7 @@ def test_twenty_line_contenders_compute_the_same_gradient(fb):
 
     b = Bench(torch.device("cpu"), quick=True, dtype=F64)
     model, c, params, raw, bases, x, y = fb._twenty_lines(b)
-    assert params["0.weight"].dtype == F64 and gf.contains(c, params) == {k: True for k in c}
+    assert params["0.weight"].dtype == F64 and all(member(c[k], params[k]) for k in c)  # independent predicates
 
     def loss(raw, bases, x, y):
         p = gf.to_manifold(c, raw, bases)
