@@ -204,14 +204,44 @@ def validate_radius(space: Any) -> None:
     object.__setattr__(space, "radius", float(r))
 
 
-def sphere_violations(X: Tensor, r: float) -> dict[str, Tensor]:
-    """``|‖x‖ − r| / r`` along the last dim."""
-    return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(X, dim=-1) - r).abs() / r}
+@dataclasses.dataclass(frozen=True)
+class RadiusSphere(AbstractSpace):
+    """Abstract: vectors (last dimension) of norm ``radius``. Everything but the chart is shared by
+    :class:`Sphere` and :class:`~geofunc.SphereEmbedded`: ``tangent(X, G) = G − ⟨G, X⟩ X / r²``,
+    ``retract(X, V) = r (X + V) / ‖X + V‖``, ``project(Y) = r Y / ‖Y‖`` (``r e_1`` where the
+    vector is 0), uniform ``sample`` (the default: ``project`` of a Gaussian) and the membership
+    measure ``|‖x‖ − r| / r``. Subclasses implement ``to_manifold`` and ``_from_manifold``.
+    """
+
+    radius: float = 1.0
+
+    point_ndim: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        validate_radius(self)
+
+    def _check_shape(self, X: Tensor, what: str = "X") -> None:
+        self._require_vector(X, what)
+
+    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
+        self._check_pair(X, G, "G")
+        return sphere_tangent(X, G, self.radius)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        self._check_pair(X, V, "V")
+        return normalize(X + V, self.radius)
+
+    def project(self, Y: Tensor) -> Tensor:
+        self._check_shape(Y, "Y")
+        return normalize(Y, self.radius)
+
+    def _violations(self, X: Tensor) -> dict[str, Tensor]:
+        return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(X, dim=-1) - self.radius).abs() / self.radius}
 
 
 @final
 @dataclasses.dataclass(frozen=True)
-class Sphere(AbstractSpace):
+class Sphere(RadiusSphere):
     r"""Vectors (last dimension) of norm ``radius``.
 
     .. math::
@@ -267,16 +297,7 @@ class Sphere(AbstractSpace):
     manifolds", NeurIPS 2019 (dynamic trivializations).
     """
 
-    radius: float = 1.0
-
-    point_ndim: ClassVar[int] = 1
     accepts_complex: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        validate_radius(self)
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_vector(X, what)
 
     def to_manifold(self, Z: Tensor, base: Tensor | None = None) -> Tensor:
         """``r Exp_u(Z − ⟨Z, u⟩ u)``, ``u = base / ‖base‖`` (``e_1`` if ``base`` is None)."""
@@ -290,21 +311,3 @@ class Sphere(AbstractSpace):
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        """``G − ⟨G, X⟩ X / r²``."""
-        self._check_pair(X, G, "G")
-        return sphere_tangent(X, G, self.radius)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``r (X + V) / ‖X + V‖`` (``r e_1`` where ``X + V = 0``)."""
-        self._check_pair(X, V, "V")
-        return normalize(X + V, self.radius)
-
-    def project(self, Y: Tensor) -> Tensor:
-        """``r Y / ‖Y‖``; the canonical point ``r e_1`` where ``Y = 0``."""
-        self._check_shape(Y, "Y")
-        return normalize(Y, self.radius)
-
-    def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return sphere_violations(X, self.radius)

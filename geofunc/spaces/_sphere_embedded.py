@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, final
+from typing import Any, final
 
 import torch
 
-from ._base import AbstractSpace
-from ._sphere import normalize, sphere_tangent, sphere_violations, validate_radius
+from ._sphere import RadiusSphere
 
 __all__ = ["SphereEmbedded"]
 
@@ -17,7 +16,7 @@ Tensor = torch.Tensor
 
 @final
 @dataclasses.dataclass(frozen=True)
-class SphereEmbedded(AbstractSpace):
+class SphereEmbedded(RadiusSphere):
     r"""Vectors (last dimension) of norm ``radius``, :math:`\{x : \|x\| = r\}`, through the projection
     chart ``X = r Z/‖Z‖``: GeoTorch's ``SphereEmbedded`` (``geotorch.sphere(..., embedded=True)``) as a pure space: no
     base, ``from_manifold(X) = (X / r, None)``. The chart is singular at ``Z = 0`` (the chart of
@@ -32,16 +31,6 @@ class SphereEmbedded(AbstractSpace):
         tensor([1.2000, 1.6000])
     """
 
-    radius: float = 1.0
-
-    point_ndim: ClassVar[int] = 1
-
-    def __post_init__(self) -> None:
-        validate_radius(self)
-
-    def _check_shape(self, X: Tensor, what: str = "X") -> None:
-        self._require_vector(X, what)
-
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_no_base(base)
@@ -49,18 +38,3 @@ class SphereEmbedded(AbstractSpace):
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         return X / self.radius, None
-
-    def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        self._check_pair(X, G, "G")
-        return sphere_tangent(X, G, self.radius)
-
-    def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        self._check_pair(X, V, "V")
-        return normalize(X + V, self.radius)
-
-    def project(self, Y: Tensor) -> Tensor:
-        self._check_shape(Y, "Y")
-        return normalize(Y, self.radius)
-
-    def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return sphere_violations(X, self.radius)
