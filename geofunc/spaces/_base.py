@@ -39,6 +39,7 @@ import torch
 
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
+from .._fused import one_node
 from .._linalg import _randn
 
 __all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
@@ -108,6 +109,7 @@ def can_check(tree: Any) -> bool:
 # defines (``__init_subclass__``), so no space can forget it.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+_ONE_NODE_METHODS = ("to_manifold", "logabsdet")  # the maps a training step differentiates
 _POLICY_METHODS = (
     "to_manifold",
     "_from_manifold",
@@ -490,7 +492,10 @@ def _apply_policy(cls: type) -> None:
     for name in _POLICY_METHODS:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
-            setattr(cls, name, _in_float32(fn))
+            fn = _in_float32(fn)
+            if name in _ONE_NODE_METHODS:  # Note [One node under torch.func.grad] (geofunc/_fused.py)
+                fn = one_node(fn)
+            setattr(cls, name, fn)
     fn = cls.__dict__.get("_violations")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
         setattr(cls, "_violations", distributed(fn))
