@@ -111,16 +111,16 @@ def _final_backward(grad_frame: int) -> bool:
 
 
 class _Call:
-    """What the two nodes share: the map, its arguments (flattened) and the private graph."""
+    """What the nodes share: the map, its arguments (flattened), its output's structure and the private graph."""
 
-    __slots__ = ("fn", "treedef", "flat", "diff", "frame", "leaves", "out")
+    __slots__ = ("fn", "treedef", "flat", "diff", "frame", "leaves", "outs", "out_treedef")
 
-    def recompute(self, flat: list) -> Any:
-        """The map as torch ops on ``flat`` (at whatever transform level is active)."""
+    def recompute(self, flat: list) -> list:
+        """The map's output leaves as torch ops on ``flat`` (at whatever transform level is active)."""
         _OFF[0] += 1
         try:
             args, kwargs = optree.tree_unflatten(self.treedef, flat)
-            return self.fn(*args, **kwargs)
+            return optree.tree_leaves(self.fn(*args, **kwargs), none_is_leaf=True)
         finally:
             _OFF[0] -= 1
 
@@ -128,94 +128,100 @@ class _Call:
         """The differentiable arguments (at the grad level)."""
         return [t for t, d in zip(self.flat, self.diff) if d]
 
-    def vjp_chain(self, G: Tensor, create_graph: bool) -> tuple:
+    def vjp_chain(self, Gs: tuple, create_graph: bool) -> tuple:
         """The vector-Jacobian product by recomputing the map as torch ops (exact to every order)."""
         xs = self.xs()
         with torch.enable_grad():
-            out = self.recompute(list(self.flat))
-            return torch.autograd.grad(out, xs, G, create_graph=create_graph, allow_unused=True)
+            pairs = [(o, g) for o, g in zip(self.recompute(list(self.flat)), Gs) if o.requires_grad and g is not None]
+            if not pairs:
+                return (None,) * len(xs)
+            return torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], create_graph=create_graph,
+                                       allow_unused=True)
 
 
 if AVAILABLE:
 
     class _Fused(_SingleLevelFunction):
         @staticmethod
-        def forward(call: _Call, *flat: Any) -> Tensor:  # type: ignore[override]
+        def forward(call: _Call, *flat: Any) -> tuple:  # type: ignore[override]
             inner = [_unwrap_for_grad(t, 1) if isinstance(t, Tensor) else t for t in flat]
             layer, mode = _lower()
             try:
                 leaves = [t.detach().requires_grad_() if d else t for t, d in zip(inner, call.diff)]
                 args, kwargs = optree.tree_unflatten(call.treedef, leaves)
-                out = call.fn(*args, **kwargs)
-                value = out.detach()
-                if any(value.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-                       for t in leaves if isinstance(t, Tensor)):
-                    value = value.clone()  # never alias an input (a custom Function's output is new)
+                outs, call.out_treedef = optree.tree_flatten(call.fn(*args, **kwargs), none_is_leaf=True)
+                if not all(isinstance(o, Tensor) for o in outs):
+                    raise TypeError("one_node: the map must return tensors")
+                ptrs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, Tensor)}
+                # never alias an input (a custom Function's outputs are new tensors)
+                values = [o.detach().clone() if o.untyped_storage().data_ptr() in ptrs else o.detach() for o in outs]
             finally:
                 _restore(layer, mode)
-            call.leaves, call.out = leaves, out
-            return _wrap_for_grad(value, 1)
+            call.leaves, call.outs = leaves, outs
+            return tuple(_wrap_for_grad(v, 1) for v in values)
 
         @staticmethod
-        def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
             ctx.call = inputs[0]
 
         @staticmethod
-        def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
+        def backward(ctx: Any, *Gs: Tensor) -> tuple:  # type: ignore[override]
             call: _Call = ctx.call
-            if not call.out.requires_grad:  # the value does not depend on the differentiable inputs
+            if not any(o.requires_grad for o in call.outs):  # the value does not depend on the differentiable inputs
                 return (None,) * (len(call.flat) + 1)
             top = peek_interpreter_stack()
             if top is None or top.level() != 1 or top.key() != _GRAD_KEY:  # pragma: no cover (not reached by grad)
-                grads = call.vjp_chain(G, torch.is_grad_enabled())
+                grads = call.vjp_chain(Gs, torch.is_grad_enabled())
             elif torch.is_grad_enabled() and not _final_backward(call.frame):  # a graph is asked for: one more node
                 with enable_single_level_autograd_function():
-                    grads = _FusedAdjoint.apply(call, G, *call.xs())
+                    grads = _FusedAdjoint.apply(call, len(Gs), *Gs, *call.xs())
             else:
-                grads = _private_vjp(call, G)
+                grads = _private_vjp(call, Gs)
             it = iter(grads)
             return (None, *[next(it) if d else None for d in call.diff])
 
-    def _private_vjp(call: _Call, G: Tensor) -> tuple:
+    def _private_vjp(call: _Call, Gs: tuple) -> tuple:
         """The vector-Jacobian product from the private graph, wrapped at the grad level."""
-        g = _unwrap_for_grad(G, 1)
+        pairs = [(o, _unwrap_for_grad(g, 1)) for o, g in zip(call.outs, Gs) if o.requires_grad and g is not None]
         xs = tuple(t for t, d in zip(call.leaves, call.diff) if d)
         layer, mode = _lower()
         try:  # torch.autograd.grad without its Python argument handling (~30 µs): the engine itself
-            vals = _ENGINE.run_backward((call.out,), (g,), True, False, xs, True, False)
+            vals = _ENGINE.run_backward(tuple(o for o, _ in pairs), tuple(g for _, g in pairs), True, False, xs, True, False)
             vals = [torch.zeros_like(x) if v is None else v for v, x in zip(vals, xs)]
         finally:
             _restore(layer, mode)
         return tuple(_wrap_for_grad(v, 1) for v in vals)
 
     class _FusedAdjoint(_SingleLevelFunction):
-        """The backward of :class:`_Fused` as one node of ``(G, *inputs)``: its value from the private
-        graph, its own derivatives (a double backward) from the map recomputed as torch ops."""
+        """The backward of :class:`_Fused` as one node of ``(cotangents, inputs)``: its value from the
+        private graph, its own derivatives (a double backward) from the map recomputed as torch ops."""
 
         @staticmethod
-        def forward(call: _Call, G: Tensor, *xs: Tensor) -> tuple:  # type: ignore[override]
-            return _private_vjp(call, G)
+        def forward(call: _Call, n: int, *Gs_xs: Tensor) -> tuple:  # type: ignore[override]
+            return _private_vjp(call, Gs_xs[:n])
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-            ctx.call, ctx.G = inputs[0], inputs[1]
+            ctx.call, n = inputs[0], inputs[1]
+            ctx.Gs = inputs[2 : 2 + n]
 
         @staticmethod
         def backward(ctx: Any, *H: Tensor) -> tuple:  # type: ignore[override]
-            call, G = ctx.call, ctx.G
+            call, Gs = ctx.call, ctx.Gs
             xs = call.xs()
-            want_g = ctx.needs_input_grad[1]
+            want = [i for i, g in enumerate(Gs) if ctx.needs_input_grad[2 + i]]
             with torch.enable_grad():
-                if want_g and not G.requires_grad:  # pragma: no cover (needs_input_grad implies requires_grad)
-                    want_g = False
-                v = call.vjp_chain(G, create_graph=True)
+                v = call.vjp_chain(Gs, create_graph=True)
                 pairs = [(vi, hi) for vi, hi in zip(v, H) if vi is not None and hi is not None and vi.requires_grad]
                 if not pairs:
-                    return (None,) * (len(xs) + 2)
-                wrt = xs + [G] if want_g else xs
+                    return (None,) * (len(Gs) + len(xs) + 2)
+                wrt = xs + [Gs[i] for i in want]
                 d = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs],
                                         create_graph=torch.is_grad_enabled(), allow_unused=True)
-            return (None, d[-1] if want_g else None, *d[: len(xs)])
+            dG = [None] * len(Gs)
+            for i, di in zip(want, d[len(xs):]):
+                dG[i] = di
+            return (None, None, *dG, *d[: len(xs)])
 
 
 def _fusable(flat: list) -> list | None:
@@ -238,7 +244,7 @@ def _fusable(flat: list) -> list | None:
 
 
 def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a map returning one tensor so that it is one node under ``torch.func.grad``
+    """Wrap a map returning a tensor (or a pytree of tensors) so that it is one node under ``torch.func.grad``
     (Note [One node under torch.func.grad]); elsewhere it is called directly."""
     if not AVAILABLE:  # pragma: no cover
         return fn
@@ -257,6 +263,7 @@ def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
         call = _Call()
         call.fn, call.treedef, call.flat, call.diff, call.frame = fn, treedef, flat, diff, frame
         with enable_single_level_autograd_function():
-            return _Fused.apply(call, *flat)
+            outs = _Fused.apply(call, *flat)
+        return optree.tree_unflatten(call.out_treedef, outs)
 
     return method

@@ -43,6 +43,7 @@ import optree
 import torch
 
 from ._errors import ManifoldError
+from ._fused import one_node
 from .spaces import Product
 from .spaces._base import AbstractSpace, is_space
 
@@ -306,7 +307,15 @@ def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Cal
 
 def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
     """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
+    return _to_manifold_node(constraints, raw, bases)
+
+
+def _to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None) -> PyTree:
     return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
+
+
+# Under torch.func.grad the whole pytree is one node (Note [One node under torch.func.grad]).
+_to_manifold_node = one_node(_to_manifold)
 
 
 def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:
