@@ -142,6 +142,11 @@ def test_errors_and_constants_under_grad(generator):
     Z = torch.randn(4, 3, generator=generator, dtype=F64)
     g = grad(lambda Z: (gf.Rn().to_manifold(Z) * 2.0).sum())(Z)
     _close(g, torch.full_like(Z, 2.0))
+    # grad inside torch.no_grad() still differentiates (functorch's rule), through the node too
+    with torch.no_grad():
+        g = grad(lambda Z: gf.Stiefel().to_manifold(Z).sin().sum())(Z)
+    Zg = Z.clone().requires_grad_()
+    _close(g, torch.autograd.grad(gf.Stiefel().to_manifold(Zg).sin().sum(), Zg)[0])
     # the README's pytree call: one node for the whole pytree, gradients as with autograd
     c = {"a": gf.Stiefel(), "b": gf.LowRank(rank=2)}
     params = gf.sample(c, {"a": torch.empty(6, 3, dtype=F64), "b": torch.empty(5, 4, dtype=F64)}, generator=generator)
