@@ -524,7 +524,10 @@ def _expm_static(A: Tensor) -> Tensor:
 # evaluation runs as plain torch ops at the derivative degree (_derivative_degree: second
 # derivatives as accurate as the first, as the Function's adjoint node gives them). Measured (1 thread, f32, grad of ⟨G, expm(A)⟩, Function → ops): 8×8 1.37 → 0.95 ms,
 # 2×8×8 1.36 → 1.03, 32×32 1.52 → 1.08, 64×64 2.17 → 1.72, 128×128 3.98 → 3.72 (autograd: 0.98–1.06×,
-# hence the bound). Plain autograd, vmap and compile keep their paths.
+# hence the bound). Plain autograd, vmap and compile keep their paths. Under exactly one grad level
+# the space maps do not get here with transformed tensors: they are one node whose maths runs under
+# plain autograd (Note [One node under torch.func.grad] in geofunc/_fused.py); this path serves
+# direct calls of expm and nested grad/jvp.
 _CHAIN_N = 64
 
 
