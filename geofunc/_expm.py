@@ -116,8 +116,12 @@ def _opnorm1(X: Tensor) -> Tensor:
     A NaN/inf matrix in a batch gets a NaN/inf result anyway; it must not change the
     degree and squarings of its finite neighbours (a 0-d tensor, read once by the caller).
     """
-    norms = X.abs().sum(dim=-2).amax(dim=-1)
-    return torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax()
+    return _finite_max(X.abs().sum(dim=-2).amax(dim=-1))
+
+
+def _finite_max(norms: Tensor) -> Tensor:
+    """The largest finite entry of ``norms`` (0 if none): non-finite ones read as 0."""
+    return norms.nan_to_num(0.0, 0.0, 0.0).amax()
 
 
 def _eye(A: Tensor) -> Tensor:
@@ -154,7 +158,9 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
         P2 = A_t @ A_t
         P3 = P2 @ A_t
         P4 = P2 @ P2
-        norms = torch.stack([_opnorm1(P3), _opnorm1(P4)]).tolist()
+        # both 1-norms in one pass over the stacked powers, one read into Python
+        col = torch.stack([P3, P4]).abs().sum(dim=-2).amax(dim=-1).reshape(2, -1)
+        norms = col.nan_to_num(0.0, 0.0, 0.0).amax(dim=1).tolist()
         pre = (t, [A_t, P2, P3, P4])
         alpha = max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t
         best = None

@@ -172,7 +172,10 @@ if AVAILABLE:
             top = peek_interpreter_stack()
             if top is None or top.level() != 1 or top.key() != _GRAD_KEY:  # pragma: no cover (not reached by grad)
                 grads = call.vjp_chain(Gs, torch.is_grad_enabled())
-            elif torch.is_grad_enabled() and not _final_backward(call.frame):  # a graph is asked for: one more node
+            elif _final_backward(call.frame):  # grad's own backward, run once: the private graph is freed
+                grads = _private_vjp(call, Gs, retain=False)
+                call.leaves = call.outs = None
+            elif torch.is_grad_enabled():  # a graph is asked for: one more node
                 with enable_single_level_autograd_function():
                     grads = _FusedAdjoint.apply(call, len(Gs), *Gs, *call.xs())
             else:
@@ -180,13 +183,14 @@ if AVAILABLE:
             it = iter(grads)
             return (None, *[next(it) if d else None for d in call.diff])
 
-    def _private_vjp(call: _Call, Gs: tuple) -> tuple:
-        """The vector-Jacobian product from the private graph, wrapped at the grad level."""
+    def _private_vjp(call: _Call, Gs: tuple, retain: bool = True) -> tuple:
+        """The vector-Jacobian product from the private graph, wrapped at the grad level (``retain``: keep
+        the graph for another backward)."""
         pairs = [(o, _unwrap_for_grad(g, 1)) for o, g in zip(call.outs, Gs) if o.requires_grad and g is not None]
         xs = tuple(t for t, d in zip(call.leaves, call.diff) if d)
         layer, mode = _lower()
         try:  # torch.autograd.grad without its Python argument handling (~30 µs): the engine itself
-            vals = _ENGINE.run_backward(tuple(o for o, _ in pairs), tuple(g for _, g in pairs), True, False, xs, True, False)
+            vals = _ENGINE.run_backward(tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain, False, xs, True, False)
             vals = [torch.zeros_like(x) if v is None else v for v, x in zip(vals, xs)]
         finally:
             _restore(layer, mode)

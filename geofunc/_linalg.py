@@ -13,6 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ._expm import expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from ._fastpath import eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -300,6 +301,8 @@ def _polar_factor(A: Tensor) -> Tensor:
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0))
     Up = U @ Vh + poison(A0)
+    if eager_fast(A) and not tracks_derivatives(A):  # a constant base (the usual case): the term is 0 in value
+        return Up
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
     M = transpose(U) @ D @ transpose(Vh)  # Vᵀ U_pᵀ D V (U_p V = U)
     B = M - transpose(M)  # Vᵀ(U_pᵀ D − Dᵀ U_p)V
