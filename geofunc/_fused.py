@@ -17,9 +17,12 @@ nothing below it tracks derivatives, it becomes one node at that level (a functo
   plain autograd on detached copies of the differentiable ones (a private graph), and the
   detached value is wrapped back;
 * backward: the cotangent is unwrapped, the private graph gives the vector-Jacobian product at
-  plain autograd's cost, and the result is wrapped back through a second node whose own
-  derivatives (only asked for by a double backward inside the transformed function) recompute
-  the map as torch ops at the transform's level: the exact chain, to every order.
+  plain autograd's cost, and the result is wrapped back. When that backward is ``grad``'s own (its
+  ``_autograd_grad`` frame, called from the frame that ran the forward, is on the stack), nothing
+  will differentiate it and the private graph is freed. Any other backward at that level (a user's
+  ``torch.autograd.grad(..., create_graph=True)`` inside the transformed function) gets the values
+  through a second node whose own derivatives recompute the map as torch ops at the transform's
+  level: the exact chain, to every order.
 
 Everything else (no transform, ``vmap``, ``jvp``, ``vjp``/``jacrev``, nested transforms, MAML's
 grad of grad, ``torch.compile``, forward-mode AD, tensor subclasses, inputs whose plain tensors
@@ -27,8 +30,10 @@ require grad) calls the map directly, as before. The decision is made per call f
 functorch interpreter stack and the Python frame of ``grad_and_value`` (so a ``vjp`` level,
 whose backward may run after the level has exited, never takes this path). If PyTorch's
 private functorch API moves, the import fails and every call takes the direct path.
-Measured (1 thread, float32, ``grad`` of ⟨G, to_manifold(Z, base)⟩; plain autograd in brackets):
-Stiefel 128×64 2.9 → 2.1 ms (1.9), LowRank(4) 10×128 2.6 → 1.6 ms (1.3).
+Measured (1 thread, float32, ``grad`` of ⟨G, to_manifold(Z, base)⟩, A/B in one process; plain
+autograd in brackets): Stiefel 128×64 3.58 → 2.45 ms (1.95), LowRank(4) 10×128 3.30 → 2.60 ms (1.64).
+What remains under ``grad`` is functorch's own cost around the node (~75 µs per call, the ops of the
+loss, and the reference cycles torch's pytree leaves per call for the garbage collector).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import threading
 from typing import Any, Callable
 
 import optree
@@ -45,7 +51,7 @@ import torch.autograd.forward_ad as _fw_ad
 Tensor = torch.Tensor
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-try:  # private functorch API (torch ≥ 2.1); absent or moved: the direct path only
+try:  # private functorch API (tested on torch 2.13); absent or moved: the direct path only
     from torch._C._functorch import (
         _unwrap_for_grad,
         _wrap_for_grad,
@@ -65,7 +71,11 @@ try:  # private functorch API (torch ≥ 2.1); absent or moved: the direct path 
 except Exception:  # pragma: no cover (depends on the torch version)
     AVAILABLE = False
 
-_OFF = [0]  # > 0 while a map is recomputed as torch ops (the higher-derivative path)
+class _Off(threading.local):
+    depth = 0  # > 0 while this thread recomputes a map as torch ops (the higher-derivative path)
+
+
+_OFF = _Off()
 _MAX_FRAMES = 200  # how far up the Python stack grad_and_value's frame is looked for
 
 
@@ -117,12 +127,12 @@ class _Call:
 
     def recompute(self, flat: list) -> list:
         """The map's output leaves as torch ops on ``flat`` (at whatever transform level is active)."""
-        _OFF[0] += 1
+        _OFF.depth += 1
         try:
             args, kwargs = optree.tree_unflatten(self.treedef, flat)
             return optree.tree_leaves(self.fn(*args, **kwargs), none_is_leaf=True)
         finally:
-            _OFF[0] -= 1
+            _OFF.depth -= 1
 
     def xs(self) -> list:
         """The differentiable arguments (at the grad level)."""
@@ -255,7 +265,7 @@ def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def method(*args: Any, **kwargs: Any) -> Any:
-        if peek_interpreter_stack() is None or _OFF[0] or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or _OFF.depth or peek_interpreter_stack() is None:
             return fn(*args, **kwargs)
         frame = _grad_frame()
         if frame is None:
