@@ -158,8 +158,8 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
         P2 = A_t @ A_t
         P3 = P2 @ A_t
         P4 = P2 @ P2
-        # both 1-norms in one pass over the stacked powers, one read into Python
-        col = torch.stack([P3, P4]).abs().sum(dim=-2).amax(dim=-1).reshape(2, -1)
+        # both 1-norms' finite maxima in one reduction and one read into Python (no copy of the powers)
+        col = torch.stack([P.abs().sum(dim=-2).amax(dim=-1) for P in (P3, P4)]).reshape(2, -1)
         norms = col.nan_to_num(0.0, 0.0, 0.0).amax(dim=1).tolist()
         pre = (t, [A_t, P2, P3, P4])
         alpha = max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t
