@@ -71,6 +71,7 @@ try:  # private functorch API (tested on torch 2.13); absent or moved: the direc
 except Exception:  # pragma: no cover (depends on the torch version)
     AVAILABLE = False
 
+
 class _Off(threading.local):
     depth = 0  # > 0 while this thread recomputes a map as torch ops (the higher-derivative path)
 
@@ -123,14 +124,15 @@ def _final_backward(grad_frame: int) -> bool:
 class _Call:
     """What the nodes share: the map, its arguments (flattened), its output's structure and the private graph."""
 
-    __slots__ = ("fn", "treedef", "flat", "diff", "frame", "leaves", "outs", "out_treedef")
+    __slots__ = ("fn", "treedef", "flat", "diff", "frame", "leaves", "outs", "out_treedef", "out_mask", "out_static")
 
     def recompute(self, flat: list) -> list:
         """The map's output leaves as torch ops on ``flat`` (at whatever transform level is active)."""
         _OFF.depth += 1
         try:
             args, kwargs = optree.tree_unflatten(self.treedef, flat)
-            return optree.tree_leaves(self.fn(*args, **kwargs), none_is_leaf=True)
+            leaves = optree.tree_leaves(self.fn(*args, **kwargs), none_is_leaf=True)
+            return [o for o, m in zip(leaves, self.out_mask) if m]
         finally:
             _OFF.depth -= 1
 
@@ -159,9 +161,10 @@ if AVAILABLE:
             try:
                 leaves = [t.detach().requires_grad_() if d else t for t, d in zip(inner, call.diff)]
                 args, kwargs = optree.tree_unflatten(call.treedef, leaves)
-                outs, call.out_treedef = optree.tree_flatten(call.fn(*args, **kwargs), none_is_leaf=True)
-                if not all(isinstance(o, Tensor) for o in outs):
-                    raise TypeError("one_node: the map must return tensors")
+                out_leaves, call.out_treedef = optree.tree_flatten(call.fn(*args, **kwargs), none_is_leaf=True)
+                call.out_mask = [isinstance(o, Tensor) for o in out_leaves]  # other leaves (None, numbers) pass through
+                call.out_static = [o for o, m in zip(out_leaves, call.out_mask) if not m]
+                outs = [o for o, m in zip(out_leaves, call.out_mask) if m]
                 ptrs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, Tensor)}
                 # never alias an input (a custom Function's outputs are new tensors)
                 values = [o.detach().clone() if o.untyped_storage().data_ptr() in ptrs else o.detach() for o in outs]
@@ -177,11 +180,11 @@ if AVAILABLE:
         @staticmethod
         def backward(ctx: Any, *Gs: Tensor) -> tuple:  # type: ignore[override]
             call: _Call = ctx.call
-            if not any(o.requires_grad for o in call.outs):  # the value does not depend on the differentiable inputs
+            if call.outs is not None and not any(o.requires_grad for o in call.outs):  # a constant of the inputs
                 return (None,) * (len(call.flat) + 1)
             top = peek_interpreter_stack()
-            if top is None or top.level() != 1 or top.key() != _GRAD_KEY:  # pragma: no cover (not reached by grad)
-                grads = call.vjp_chain(Gs, torch.is_grad_enabled())
+            if call.outs is None or top is None or top.level() != 1 or top.key() != _GRAD_KEY:  # pragma: no cover
+                grads = call.vjp_chain(Gs, torch.is_grad_enabled())  # (not reached by grad: the exact chain)
             elif _final_backward(call.frame):  # grad's own backward, run once: the private graph is freed
                 grads = _private_vjp(call, Gs, retain=False)
                 call.leaves = call.outs = None
@@ -277,7 +280,8 @@ def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
         call = _Call()
         call.fn, call.treedef, call.flat, call.diff, call.frame = fn, treedef, flat, diff, frame
         with enable_single_level_autograd_function():
-            outs = _Fused.apply(call, *flat)
-        return optree.tree_unflatten(call.out_treedef, outs)
+            outs = iter(_Fused.apply(call, *flat))
+        static = iter(call.out_static)
+        return optree.tree_unflatten(call.out_treedef, [next(outs) if m else next(static) for m in call.out_mask])
 
     return method

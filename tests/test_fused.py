@@ -167,3 +167,21 @@ def test_errors_and_constants_under_grad(generator):
     assert len({id(n) for n in nodes}) == 1 and type(nodes[0]).__name__ == "_FusedBackward"
     for k, e in zip(rg, expected):
         _close(got[k], e)
+
+
+def test_pytree_with_leaves_that_are_not_tensors(generator):
+    """``gf.to_manifold`` passes None and numbers through; under ``grad`` the node keeps them."""
+    c = {"a": gf.Stiefel()}
+    _, bases = gf.from_manifold(c, {"a": gf.Stiefel().sample((5, 2), generator=generator, dtype=F64)})
+    raw = {"a": 0.1 * torch.randn(5, 2, generator=generator, dtype=F64), "b": None, "n": 3}
+    seen = []
+
+    def loss(a):
+        p = gf.to_manifold(c, {**raw, "a": a}, bases)
+        seen.append((p["b"], p["n"], type(p["a"].grad_fn).__name__))
+        return p["a"].sin().sum()
+
+    g = grad(loss)(raw["a"])
+    assert seen == [(None, 3, "_FusedBackward")]
+    a = raw["a"].clone().requires_grad_()
+    _close(g, torch.autograd.grad(loss(a), a)[0])
