@@ -119,9 +119,10 @@ def _opnorm1(X: Tensor) -> Tensor:
     return _finite_max(X.abs().sum(dim=-2).amax(dim=-1))
 
 
-def _finite_max(norms: Tensor) -> Tensor:
-    """The largest finite entry of ``norms`` (0 if none): non-finite ones read as 0."""
-    return norms.nan_to_num(0.0, 0.0, 0.0).amax()
+def _finite_max(norms: Tensor, dim: int | None = None) -> Tensor:
+    """The largest finite entry of ``norms`` (over ``dim``, or all; 0 if none): non-finite ones read as 0."""
+    finite = norms.nan_to_num(0.0, 0.0, 0.0)
+    return finite.amax() if dim is None else finite.amax(dim=dim)
 
 
 def _eye(A: Tensor) -> Tensor:
@@ -160,7 +161,7 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
         P4 = P2 @ P2
         # both 1-norms' finite maxima in one reduction and one read into Python (no copy of the powers)
         col = torch.stack([P.abs().sum(dim=-2).amax(dim=-1) for P in (P3, P4)]).reshape(2, -1)
-        norms = col.nan_to_num(0.0, 0.0, 0.0).amax(dim=1).tolist()
+        norms = _finite_max(col, dim=1).tolist()
         pre = (t, [A_t, P2, P3, P4])
         alpha = max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t
         best = None

@@ -48,8 +48,9 @@ import optree
 import torch
 import torch.autograd.forward_ad as _fw_ad
 
+from ._fastpath import _PLAIN_TYPES
+
 Tensor = torch.Tensor
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 try:  # private functorch API (tested on torch 2.13); absent or moved: the direct path only
     from torch._C._functorch import (

@@ -57,8 +57,5 @@ class Hermitian(TriangleSpace):
         strict = torch.tril(Z, -1) if self.lower else torch.triu(Z, 1)
         return strict + transpose(strict) + torch.diag_embed(torch.diagonal(Z, dim1=-2, dim2=-1).real.to(Z.dtype))
 
-    def _coords(self, X: Tensor) -> Tensor:
-        return torch.tril(X) if self.lower else torch.triu(X)
-
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         return super().sample(shape, generator=generator, dtype=complex_dtype(dtype), device=device)

@@ -58,6 +58,3 @@ class Sym(TriangleSpace):
         triangle = torch.tril(Z) if self.lower else torch.triu(Z)
         strict = torch.tril(Z, -1) if self.lower else torch.triu(Z, 1)
         return triangle + transpose(strict)
-
-    def _coords(self, X: Tensor) -> Tensor:
-        return torch.tril(X) if self.lower else torch.triu(X)

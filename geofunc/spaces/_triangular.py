@@ -24,7 +24,7 @@ class TriangleSpace(AbstractSpace):
     A linear subspace: the chart copies a triangle of ``Z`` (``_frame``), ``from_manifold``
     reads it back (``_coords``), ``tangent``/``project`` are the orthogonal projection
     ``(G + s·Gᵀ)/2`` and ``retract(X, V) = X + (V + s·Vᵀ)/2``. There is no base.
-    Subclasses set ``_sign`` and implement ``_frame`` and ``_coords``.
+    Subclasses set ``_sign`` and implement ``_frame`` (and ``_coords`` if not the closed triangle).
     """
 
     lower: bool = True
@@ -39,9 +39,10 @@ class TriangleSpace(AbstractSpace):
     def _frame(self, Z: Tensor) -> Tensor:
         """The point of the triangle of ``Z``."""
 
-    @abc.abstractmethod
     def _coords(self, X: Tensor) -> Tensor:
-        """The triangle of the point ``X`` (right inverse of :meth:`_frame`)."""
+        """The triangle of the point ``X`` (right inverse of :meth:`_frame`): the closed triangle
+        (``Skew``, whose diagonal is zero, keeps the strict one)."""
+        return torch.tril(X) if self.lower else torch.triu(X)
 
     def _part(self, G: Tensor) -> Tensor:
         return 0.5 * (G + self._sign * transpose(G))
