@@ -287,23 +287,97 @@ def test_static_schedule_under_transforms(generator):
         close(jacfwd(jacfwd(f))(A[0]), hessian(fr)(A[0]))
 
 
+# ----------------------------------------------------------------------------- compiled exponential
+
+
+def _recording(targets):
+    """A torch.compile backend that records the targets of AOTAutograd's forward and backward graphs."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=record, bw_compiler=record)
+
+
+def _assert_kernels(targets):
+    assert "geofunc.expm.default" in targets and "geofunc.expm_vjp.default" in targets, targets
+    assert not any("matrix_exp" in t or "where" in t for t in targets)  # neither matrix_exp nor the static schedule
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_compiled_graph_has_the_fast_exponential(dtype, generator):
-    """Inside torch.compile the static schedule is traced (no matrix_exp, no graph break), forward and backward."""
+    """Inside torch.compile the exponential and its adjoint are the geofunc::expm / expm_vjp kernels, which
+    choose the eager schedule from the values at run time (Note [Compiled exponential]): one graph, no
+    matrix_exp, no static schedule; under torch.func.grad and with backward() outside the compiled forward."""
     A = _rand((2, 6, 6), 3.0, generator, dtype)
     W = _rand((6, 6), 1.0, generator, dtype)
-    f = _loss(expm, W)
+    f, fr = _loss(expm, W), _loss(ref_expm, W)
     targets = []
-
-    def backend(gm, example_inputs):
-        targets.extend(str(node.target) for node in gm.graph.nodes)
-        return gm.forward
-
     torch._dynamo.reset()
-    g = torch.compile(grad(lambda a: f(a).sum()), fullgraph=True, backend=backend)(A)
-    torch.testing.assert_close(g, grad(lambda a: _loss(ref_expm, W)(a).sum())(A), rtol=1e-9, atol=1e-9)
-    assert targets and not any("matrix_exp" in t for t in targets)
-    assert any("where" in t for t in targets)
+    g = torch.compile(grad(f), fullgraph=True, backend=_recording(targets))(A)
+    torch.testing.assert_close(g, grad(fr)(A), rtol=1e-9, atol=1e-9)
+    _assert_kernels(targets)
+    targets.clear()
+    torch._dynamo.reset()
+    a = A.clone().requires_grad_()
+    value = torch.compile(f, fullgraph=True, backend=_recording(targets))(a)
+    value.backward()
+    torch.testing.assert_close(value, fr(A), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(a.grad, grad(fr)(A), rtol=1e-9, atol=1e-9)
+    _assert_kernels(targets)
+
+
+def _transformed(name, e, W):
+    """``name``'s transform of the exponential ``e`` (or of a real loss of it) as a function of a batch ``a``."""
+    f = _loss(e, W)
+    return {
+        "grad": grad(f),
+        "vmap": vmap(e),
+        "vmap(grad)": vmap(grad(f)),
+        "grad(vmap)": grad(lambda a: vmap(f)(a).sum()),
+        "jacrev": lambda a: jacrev(e)(a[0]),
+        "jvp": lambda a: jvp(f, (a[0],), (a[1],))[1],
+        "hessian": lambda a: hessian(f)(a[0]),
+        "jacfwd(jacfwd)": lambda a: jacfwd(jacfwd(f))(a[0]),
+        "grad(grad)": lambda a: grad(lambda b: (grad(f)(b) * W).sum().real)(a[0]),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name", ["grad", "vmap", "vmap(grad)", "grad(vmap)", "jacrev", "jvp", "hessian", "jacfwd(jacfwd)", "grad(grad)"]
+)
+def test_compiled_exponential_under_transforms(name, generator):
+    """Every torch.func transform inside torch.compile (fullgraph) agrees with matrix_exp: first derivatives run
+    the kernels, their derivatives and forward mode the static schedule's ops (exact to every order)."""
+    A = _rand((3, 4, 4), 2.0, generator)
+    W = _rand((4, 4), 1.0, generator)
+    torch._dynamo.reset()
+    out = torch.compile(_transformed(name, expm, W), fullgraph=True, backend="aot_eager")(A)
+    torch.testing.assert_close(out, _transformed(name, ref_expm, W)(A), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["vmap(grad)", "grad(grad)"])
+def test_compiled_exponential_complex(name, generator):
+    A = _rand((3, 4, 4), 2.0, generator, torch.complex128)
+    W = _rand((4, 4), 1.0, generator, torch.complex128)
+    torch._dynamo.reset()
+    out = torch.compile(_transformed(name, expm, W), fullgraph=True, backend="aot_eager")(A)
+    torch.testing.assert_close(out, _transformed(name, ref_expm, W)(A), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_kernels_pass_opcheck(dtype, generator):
+    """torch.library.opcheck: schema, fake (meta) kernels, autograd registration, AOT dispatch; batched inputs."""
+    A = _rand((2, 5, 5), 2.0, generator, dtype).requires_grad_()
+    G = _rand((2, 5, 5), 1.0, generator, dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.geofunc.expm.default, (A,))
+    torch.library.opcheck(torch.ops.geofunc.expm_vjp.default, (A, G))
+    with torch.no_grad():  # the kernels themselves: the eager schedule's value and adjoint
+        torch.testing.assert_close(torch.ops.geofunc.expm(A), expm(A), rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.geofunc.expm_vjp(A, G), torch.func.vjp(expm, A)[1](G)[0], rtol=1e-12 if _real(dtype) == torch.float64 else 1e-5, atol=1e-12 if _real(dtype) == torch.float64 else 1e-5)
 
 
 # ----------------------------------------------------------------------------- accuracy
