@@ -25,8 +25,8 @@ tensors inside a ``torch.autograd.Function``:
   (correct under nested transforms) and propagates the tangent through them.
 * ``vmap`` calls the Function again on the batch moved to the front: the op is
   batched over leading dimensions, so no per-sample fallback is needed.
-* under ``torch.compile`` the exponential and its adjoint are two custom operators,
-  ``geofunc::expm`` and ``geofunc::expm_vjp``, whose kernels choose the degree and squarings
+* under ``torch.compile`` the exponential and its adjoint are custom operators
+  (``geofunc::expm``, ``expm_powers``, ``expm_vjp``) whose kernels choose the degree and squarings
   from the values at run time, as above (Note [Compiled exponential]): one graph, no Python
   branching traced.
 * for tensor subclasses (DTensor), under nested forward mode, and for the derivatives of the
@@ -144,12 +144,14 @@ def _eye(A: Tensor) -> Tensor:
 # are bit-identical).
 
 
-def choose_degree(A: Tensor) -> tuple[int, int, Any]:
+def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
     """``(m, s, pre)``: Taylor degree, number of squarings, and precomputed powers.
 
     ``pre`` is ``None`` or ``(t, [A_t, A_t², A_t³, A_t⁴])`` with ``A_t = A / 2^t``
     (``t > 0`` only for ``‖A‖₁ > 2¹⁶``, so that the powers cannot overflow while the
     norms are measured; ``B^j = A_t^j 2^((t-s)j)`` is exact).
+    ``powers``: ``(A_t², A_t³, A_t⁴)`` from an earlier call on the same ``A`` (the compiled adjoint,
+    Note [Compiled exponential]), which then gives the same choice without the 3 products.
     Reads tensor values: concrete tensors only.
     """
     u = _UNIT_ROUNDOFF[_real(A.dtype)]
@@ -160,9 +162,12 @@ def choose_degree(A: Tensor) -> tuple[int, int, Any]:
                 return m, 0, None
         t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
         A_t = A * 2.0**-t if t else A
-        P2 = A_t @ A_t
-        P3 = P2 @ A_t
-        P4 = P2 @ P2
+        if powers is None:
+            P2 = A_t @ A_t
+            P3 = P2 @ A_t
+            P4 = P2 @ P2
+        else:
+            P2, P3, P4 = powers
         # both 1-norms' finite maxima in one reduction and one read into Python (no copy of the powers)
         col = torch.stack([P.abs().sum(dim=-2).amax(dim=-1) for P in (P3, P4)]).reshape(2, -1)
         norms = _finite_max(col, dim=1).tolist()
@@ -530,15 +535,18 @@ def _expm_static(A: Tensor) -> Tensor:
 
 
 # Note [Compiled exponential]
-# Under torch.compile (plain tensors) the exponential and its adjoint are two custom operators,
-# geofunc::expm and geofunc::expm_vjp, opaque to the compiler, whose kernels choose the degree
-# and the squarings from the values exactly as eager mode does. The compiled graph thus holds the
-# fast exponential at the eager schedule and no data-dependent Python is traced (fullgraph=True
-# holds: the branching happens inside the kernel, at run time). At the README step's operating
-# point (a rebased 128×128 generator: degree 8, no squaring) that is 4 products forward and 12
-# backward (the adjoint re-evaluates the powers: an operator returns tensors, not the forward's
-# intermediates), where the static schedule, valid for any generator up to its bound, computes
-# ~48. Measured (README step, inductor, 1 thread): compiled 3.7 → 2.3 ms, compile 60 → 30 s.
+# Under torch.compile (plain tensors) the exponential is a custom operator, geofunc::expm, opaque
+# to the compiler, whose kernel chooses the degree and the squarings from the values exactly as
+# eager mode does. The compiled graph thus holds the fast exponential at the eager schedule and no
+# data-dependent Python is traced (fullgraph=True holds: the branching happens inside the kernel,
+# at run time). Where a backward is recorded, the forward is geofunc::expm_powers, which also
+# returns the powers A_t², A_t³, A_t⁴ that the degree choice computed (an operator returns
+# tensors, not the forward's intermediates), and the adjoint geofunc::expm_vjp(A, P, G) makes the
+# same choice from them and re-evaluates only the Horner steps and squarings. At the README step's
+# operating point (a rebased 128×128 generator: degree 8, no squaring) that is 4 products forward
+# and 9 backward, where the static schedule, valid for any generator up to its bound, computes
+# ~48. Measured (README step, inductor, 1 thread): compiled 3.7 → 2.3 ms and compile 60 → 30 s
+# with the operators; reusing the powers, 2.02 → 1.81 ms (interleaved in one process).
 # Autograd: each operator has a Python kernel at the Autograd key that applies a single-level
 # Function (as functorch's own generated Functions are applied: the dispatcher reaches it with the
 # tensors of functorch's current level; torch 2.13's register_autograd does not compose with
@@ -546,8 +554,11 @@ def _expm_static(A: Tensor) -> Tensor:
 # levels record the operator too (nested grad). With nothing to record (the compiled graph at run
 # time) the kernel goes straight below autograd. The adjoint's own derivatives (double backward,
 # hessian, MAML) and forward mode (a Function's jvp rule cannot nest torch.func.jvp) run the static
-# schedule's torch ops (Note [Static schedule]), exact to every order. vmap: both kernels are
+# schedule's torch ops (Note [Static schedule]), exact to every order. vmap: the kernels are
 # batched over leading dimensions, so their vmap rules move the batch to the front.
+# Measured and dropped: the static schedule for n ≤ 32 inside compile (fused by the compiler; a
+# kernel's fixed cost is ~0.05 ms more at 2×8×8 alone): the README step, whose rank chart has two
+# 8×8 exponentials, was 1.70 vs 1.71 ms (interleaved), so one path serves every size.
 
 
 def _expm_kernel(A: Tensor) -> Tensor:
@@ -555,8 +566,18 @@ def _expm_kernel(A: Tensor) -> Tensor:
     return _evaluate(A, m, s, pre, inplace=True)[0]
 
 
-def _expm_vjp_kernel(A: Tensor, G: Tensor) -> Tensor:
+def _expm_powers_kernel(A: Tensor) -> tuple[Tensor, Tensor]:
+    """The exponential and ``(…, 3, n, n)``: the powers ``A_t², A_t³, A_t⁴`` its degree choice computed
+    (zeros where the choice needed none: it is then made from ‖A‖₁ alone, again by the adjoint)."""
     m, s, pre = choose_degree(A)
+    X = _evaluate(A, m, s, pre, inplace=True)[0]
+    n = A.shape[-1]
+    P = torch.stack(pre[1][1:], dim=-3) if pre is not None else A.new_zeros(*A.shape[:-2], 3, n, n)
+    return X, P
+
+
+def _expm_vjp_kernel(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
+    m, s, pre = choose_degree(A, P.unbind(-3))
     cache = _evaluate(A, m, s, pre, inplace=True)[1]
     out = _adjoint(cache, G, m, s, inplace=True)
     return out.clone() if out is G else out  # m = 1: the adjoint is G itself (no aliasing)
@@ -572,7 +593,7 @@ def _front(x: Tensor, d: int | None, size: int) -> Tensor:
 
 
 def _register_compiled_ops() -> bool:
-    """Define geofunc::expm and geofunc::expm_vjp (Note [Compiled exponential]); False where the
+    """Define geofunc::expm, expm_powers and expm_vjp (Note [Compiled exponential]); False where the
     private functorch names they need are missing (then compile takes the static schedule)."""
     try:
         from torch._functorch.utils import enable_single_level_autograd_function
@@ -592,33 +613,35 @@ def _register_compiled_ops() -> bool:
 
     class _CompiledExpm(_SingleLevelFunction):
         @staticmethod
-        def forward(A: Tensor) -> Tensor:  # type: ignore[override]
+        def forward(A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
             with _below():
-                return ops.expm(A)
+                return ops.expm_powers(A)
 
         @staticmethod
-        def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-            ctx.save_for_backward(inputs[0])
+        def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+            ctx.mark_non_differentiable(output[1])
+            ctx.save_for_backward(inputs[0], output[1])
 
         @staticmethod
-        def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
-            (A,) = ctx.saved_tensors
-            return ops.expm_vjp(A, G)
+        def backward(ctx: Any, G: Tensor, _: Any) -> Tensor:  # type: ignore[override]
+            A, P = ctx.saved_tensors
+            return ops.expm_vjp(A, P, G)
 
     class _CompiledExpmVjp(_SingleLevelFunction):
         @staticmethod
-        def forward(A: Tensor, G: Tensor) -> Tensor:  # type: ignore[override]
+        def forward(A: Tensor, P: Tensor, G: Tensor) -> Tensor:  # type: ignore[override]
             with _below():
-                return ops.expm_vjp(A, G)
+                return ops.expm_vjp(A, P, G)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-            ctx.save_for_backward(*inputs)
+            ctx.save_for_backward(inputs[0], inputs[2])
 
         @staticmethod
-        def backward(ctx: Any, H: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        def backward(ctx: Any, H: Tensor) -> tuple[Tensor, None, Tensor]:  # type: ignore[override]
             A, G = ctx.saved_tensors
-            return torch.func.vjp(_static_vjp, A, G)[1](H)
+            dA, dG = torch.func.vjp(_static_vjp, A, G)[1](H)
+            return dA, None, dG
 
     # The Autograd kernels apply the Functions as single-level nodes: the dispatcher reaches them
     # with the tensors of functorch's current level already unwrapped (Function.apply would
@@ -643,35 +666,52 @@ def _register_compiled_ops() -> bool:
         if forward_mode():
             return _expm_static(A)
         with enable_single_level_autograd_function():
+            return _CompiledExpm.apply(A)[0]
+
+    def expm_powers_autograd(A: Tensor) -> tuple[Tensor, Tensor]:
+        # only called below _CompiledExpm's level (a lower functorch level: nested grad), where the
+        # forward-mode check above has already sent any forward mode to the static schedule
+        if no_graph(A):
+            with torch._C._AutoDispatchBelowAutograd():
+                return ops.expm_powers(A)
+        with enable_single_level_autograd_function():
             return _CompiledExpm.apply(A)
 
-    def expm_vjp_autograd(A: Tensor, G: Tensor) -> Tensor:
+    def expm_vjp_autograd(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
         if no_graph(A, G):
             with torch._C._AutoDispatchBelowAutograd():
-                return ops.expm_vjp(A, G)
+                return ops.expm_vjp(A, P, G)
         if forward_mode():
             return _static_vjp(A, G)
         with enable_single_level_autograd_function():
-            return _CompiledExpmVjp.apply(A, G)
+            return _CompiledExpmVjp.apply(A, P, G)
 
     def expm_vmap(info: Any, in_dims: tuple, A: Tensor) -> tuple[Tensor, int]:
         return ops.expm(_front(A, in_dims[0], info.batch_size)), 0
 
-    def expm_vjp_vmap(info: Any, in_dims: tuple, A: Tensor, G: Tensor) -> tuple[Tensor, int]:
-        n = info.batch_size
-        return ops.expm_vjp(_front(A, in_dims[0], n), _front(G, in_dims[1], n)), 0
+    def expm_powers_vmap(info: Any, in_dims: tuple, A: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        return ops.expm_powers(_front(A, in_dims[0], info.batch_size)), (0, 0)
 
-    def fake(A: Tensor, G: Tensor | None = None) -> Tensor:
-        return torch.empty_like(A, memory_format=torch.contiguous_format)
+    def expm_vjp_vmap(info: Any, in_dims: tuple, A: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, int]:
+        n = info.batch_size
+        return ops.expm_vjp(*(_front(x, d, n) for x, d in zip((A, P, G), in_dims))), 0
+
+    def powers_like(A: Tensor) -> Tensor:
+        return A.new_empty(*A.shape[:-2], 3, A.shape[-1], A.shape[-1])
 
     lib = torch.library.Library("geofunc", "DEF")  # noqa: TOR901 (lives as long as the module)
     lib.define("expm(Tensor A) -> Tensor")
-    lib.define("expm_vjp(Tensor A, Tensor G) -> Tensor")
-    lib.impl("expm", _expm_kernel, "CompositeExplicitAutograd")
-    lib.impl("expm_vjp", _expm_vjp_kernel, "CompositeExplicitAutograd")
-    lib.impl("expm", expm_autograd, "Autograd")
-    lib.impl("expm_vjp", expm_vjp_autograd, "Autograd")
-    for name, vmap_rule in (("expm", expm_vmap), ("expm_vjp", expm_vjp_vmap)):
+    lib.define("expm_powers(Tensor A) -> (Tensor, Tensor)")
+    lib.define("expm_vjp(Tensor A, Tensor P, Tensor G) -> Tensor")
+    for name, kernel, autograd_kernel, fake, vmap_rule in (
+        ("expm", _expm_kernel, expm_autograd, lambda A: torch.empty_like(A, memory_format=torch.contiguous_format), expm_vmap),
+        ("expm_powers", _expm_powers_kernel, expm_powers_autograd,
+         lambda A: (torch.empty_like(A, memory_format=torch.contiguous_format), powers_like(A)), expm_powers_vmap),
+        ("expm_vjp", _expm_vjp_kernel, expm_vjp_autograd,
+         lambda A, P, G: torch.empty_like(A, memory_format=torch.contiguous_format), expm_vjp_vmap),
+    ):
+        lib.impl(name, kernel, "CompositeExplicitAutograd")
+        lib.impl(name, autograd_kernel, "Autograd")
         torch.library.register_fake(f"geofunc::{name}", fake, lib=lib)
         torch.library.register_vmap(f"geofunc::{name}", vmap_rule, lib=lib)
     globals()["_OPS_LIBRARY"] = lib

@@ -303,7 +303,7 @@ def _recording(targets):
 
 
 def _assert_kernels(targets):
-    assert "geofunc.expm.default" in targets and "geofunc.expm_vjp.default" in targets, targets
+    assert "geofunc.expm_powers.default" in targets and "geofunc.expm_vjp.default" in targets, targets
     assert not any("matrix_exp" in t or "where" in t for t in targets)  # neither matrix_exp nor the static schedule
 
 
@@ -369,15 +369,30 @@ def test_compiled_exponential_complex(name, generator):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_compiled_kernels_pass_opcheck(dtype, generator):
-    """torch.library.opcheck: schema, fake (meta) kernels, autograd registration, AOT dispatch; batched inputs."""
-    A = _rand((2, 5, 5), 2.0, generator, dtype).requires_grad_()
+@pytest.mark.parametrize("scale", [1e-6, 2.0, 40.0])  # a small degree (no powers), degree ≥ 8, squarings
+def test_compiled_kernels_pass_opcheck(dtype, scale, generator):
+    """torch.library.opcheck (schema, fake kernels, autograd registration, AOT dispatch) on batched inputs;
+    the kernels' values are the eager schedule's: the exponential, the powers its degree choice read (zeros
+    for the small degrees chosen from ‖A‖₁), and the adjoint (from those powers, as from scratch)."""
+    A = _rand((2, 5, 5), scale, generator, dtype).requires_grad_()
     G = _rand((2, 5, 5), 1.0, generator, dtype).requires_grad_()
-    torch.library.opcheck(torch.ops.geofunc.expm.default, (A,))
-    torch.library.opcheck(torch.ops.geofunc.expm_vjp.default, (A, G))
-    with torch.no_grad():  # the kernels themselves: the eager schedule's value and adjoint
-        torch.testing.assert_close(torch.ops.geofunc.expm(A), expm(A), rtol=0, atol=0)
-    torch.testing.assert_close(torch.ops.geofunc.expm_vjp(A, G), torch.func.vjp(expm, A)[1](G)[0], rtol=1e-12 if _real(dtype) == torch.float64 else 1e-5, atol=1e-12 if _real(dtype) == torch.float64 else 1e-5)
+    ops = torch.ops.geofunc
+    with torch.no_grad():
+        X, P = ops.expm_powers(A)
+    torch.library.opcheck(ops.expm.default, (A,))
+    torch.library.opcheck(ops.expm_powers.default, (A,))
+    torch.library.opcheck(ops.expm_vjp.default, (A, P, G))
+    tol = 1e-12 if _real(dtype) == torch.float64 else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(ops.expm(A), expm(A), rtol=0, atol=0)
+        torch.testing.assert_close(X, expm(A), rtol=0, atol=0)
+        m, s, pre = choose_degree(A)
+        if pre is None:
+            assert not P.any()
+        else:
+            assert torch.equal(P, torch.stack(pre[1][1:], dim=-3))
+        vjp = torch.func.vjp(expm, A.detach())[1](G.detach())[0]
+        torch.testing.assert_close(ops.expm_vjp(A, P, G), vjp, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- accuracy
