@@ -603,6 +603,8 @@ def _register_compiled_ops() -> bool:
         return False
 
     ops = torch.ops.geofunc
+    if hasattr(ops, "expm_vjp"):  # this module imported again (importlib.reload): already registered
+        return True
 
     @contextlib.contextmanager
     def _below() -> Any:
