@@ -701,6 +701,9 @@ def _register_compiled_ops() -> bool:
     def powers_like(A: Tensor) -> Tensor:
         return A.new_empty(*A.shape[:-2], 3, A.shape[-1], A.shape[-1])
 
+    # To change an operator's schema or what its autograd kernel records, rename the operators:
+    # inductor's on-disk cache keys a compiled backward on the Dynamo graph, which names only
+    # geofunc::expm, so a warm cache would call the old schema.
     lib = torch.library.Library("geofunc", "DEF")  # noqa: TOR901 (lives as long as the module)
     lib.define("expm(Tensor A) -> Tensor")
     lib.define("expm_powers(Tensor A) -> (Tensor, Tensor)")
