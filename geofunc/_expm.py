@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 
+from ._fastpath import tracks_derivatives
+
 Tensor = torch.Tensor
 
 __all__ = ["expm", "expm_frechet", "choose_degree"]
@@ -120,7 +122,12 @@ def _opnorm1(X: Tensor) -> Tensor:
     A NaN/inf matrix in a batch gets a NaN/inf result anyway; it must not change the
     degree and squarings of its finite neighbours (a 0-d tensor, read once by the caller).
     """
-    return _finite_max(X.abs().sum(dim=-2).amax(dim=-1))
+    return _finite_max(_colnorm1(X))
+
+
+def _colnorm1(X: Tensor) -> Tensor:
+    """The 1-norm (largest column sum of |entries|) of each matrix of the batch."""
+    return X.abs().sum(dim=-2).amax(dim=-1)
 
 
 def _finite_max(norms: Tensor, dim: int | None = None) -> Tensor:
@@ -169,7 +176,7 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
         else:
             P2, P3, P4 = powers
         # both 1-norms' finite maxima in one reduction and one read into Python (no copy of the powers)
-        col = torch.stack([P.abs().sum(dim=-2).amax(dim=-1) for P in (P3, P4)]).reshape(2, -1)
+        col = torch.stack([_colnorm1(P) for P in (P3, P4)]).reshape(2, -1)
         norms = _finite_max(col, dim=1).tolist()
         pre = (t, [A_t, P2, P3, P4])
         alpha = max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t
@@ -420,6 +427,12 @@ class _Expm(torch.autograd.Function):
 # torch.func.vjp / jvp, so they compose to every order).
 
 
+def _adjoint_value(cache: dict, G: Tensor, m: int, s: int) -> Tensor:
+    """:func:`_adjoint` of plain tensors, no graph built, as a new tensor (m = 1: the adjoint is G itself)."""
+    out = _adjoint(cache, G, m, s, inplace=not G._is_zerotensor())  # ZeroTensors are immutable
+    return out.clone() if out is G else out
+
+
 def _adjoint_chain(A: Tensor, G: Tensor, m: int, s: int) -> Tensor:
     """The adjoint as differentiable torch ops, at the derivative degree of ``m``."""
     m = _derivative_degree(m)
@@ -432,8 +445,7 @@ class _ExpmAdjoint(torch.autograd.Function):
         cache = holder.cache
         if cache is None or cache["P"][1].shape != A.shape:
             cache = _evaluate(A, m, s, inplace=True)[1]
-        out = _adjoint(cache, G, m, s, inplace=not G._is_zerotensor())  # ZeroTensors are immutable
-        return out.clone() if out is G else out  # m = 1: the adjoint is G itself
+        return _adjoint_value(cache, G, m, s)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -523,7 +535,7 @@ def _expm_static(A: Tensor) -> Tensor:
     """:func:`expm` with the tensor-only schedule of Note [Static schedule] (any transform, compile)."""
     m, theta = _STATIC_M[_real(A.dtype)], _STATIC_THETA[_real(A.dtype)]
     P = _powers(A, _Q[m])
-    norms = [P[j].detach().abs().sum(dim=-2).amax(dim=-1) for j in (3, 4)]
+    norms = [_colnorm1(P[j].detach()) for j in (3, 4)]
     alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
     s = torch.ceil(torch.log2(alpha / theta)).clamp(0, _STATIC_S)  # NaN for a non-finite input
     sc = torch.exp2(-torch.nan_to_num(s))[..., None, None]
@@ -578,9 +590,7 @@ def _expm_powers_kernel(A: Tensor) -> tuple[Tensor, Tensor]:
 
 def _expm_vjp_kernel(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
     m, s, pre = choose_degree(A, P.unbind(-3))
-    cache = _evaluate(A, m, s, pre, inplace=True)[1]
-    out = _adjoint(cache, G, m, s, inplace=True)
-    return out.clone() if out is G else out  # m = 1: the adjoint is G itself (no aliasing)
+    return _adjoint_value(_evaluate(A, m, s, pre, inplace=True)[1], G, m, s)
 
 
 def _static_vjp(A: Tensor, G: Tensor) -> Tensor:
@@ -652,14 +662,15 @@ def _register_compiled_ops() -> bool:
     # schedule's torch ops, recorded here as a composite would be: a Function's jvp rule cannot nest
     # torch.func.jvp, and forward mode over a Function loses the second-order term
     # (_nested_forward_mode).
-    def forward_mode() -> bool:
-        if torch.autograd.forward_ad._current_level >= 0:
-            return True
+    def jvp_level() -> bool:
         return torch._C._functorch.peek_interpreter_stack() is not None and _forward_levels() > 0
+
+    def forward_mode() -> bool:
+        return torch.autograd.forward_ad._current_level >= 0 or jvp_level()
 
     def no_graph(*ts: Tensor) -> bool:
         # nothing to record (the compiled graph calls the op at run time with plain tensors)
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and not forward_mode()
+        return not tracks_derivatives(*ts) and not jvp_level()
 
     def expm_autograd(A: Tensor) -> Tensor:
         if no_graph(A):

@@ -94,32 +94,34 @@ def _restore(layer: Any, mode: bool) -> None:
     push_dynamic_layer_stack(layer)
 
 
-def _grad_frame() -> int | None:
-    """``id`` of the frame of ``grad_and_value`` if the functorch stack is exactly its one level, else None."""
+def _only_grad_level() -> bool:
+    """Whether the functorch stack is exactly one ``grad`` level."""
     top = peek_interpreter_stack()
-    if top is None or top.level() != 1 or top.key() != _GRAD_KEY:
-        return None
-    f = sys._getframe(2)
+    return top is not None and top.level() == 1 and top.key() == _GRAD_KEY
+
+
+def _up(code: Any, f: Any) -> Any:
+    """The nearest frame running ``code`` from ``f`` up (at most _MAX_FRAMES), or None."""
     for _ in range(_MAX_FRAMES):
-        if f is None:
-            return None
-        if f.f_code is _GRAD_CODE:
-            return id(f)
+        if f is None or f.f_code is code:
+            return f
         f = f.f_back
     return None
+
+
+def _grad_frame() -> int | None:
+    """``id`` of the frame of ``grad_and_value`` if the functorch stack is exactly its one level, else None."""
+    if not _only_grad_level():
+        return None
+    f = _up(_GRAD_CODE, sys._getframe(2))
+    return None if f is None else id(f)
 
 
 def _final_backward(grad_frame: int) -> bool:
     """Whether the running backward is ``grad_and_value``'s own (the one whose graph nobody differentiates):
     its ``_autograd_grad`` frame, called from the frame that saw the forward, is on this thread's stack."""
-    f = sys._getframe(2)
-    for _ in range(_MAX_FRAMES):
-        if f is None:
-            return False
-        if f.f_code is _AUTOGRAD_GRAD_CODE:
-            return f.f_back is not None and id(f.f_back) == grad_frame
-        f = f.f_back
-    return False
+    f = _up(_AUTOGRAD_GRAD_CODE, sys._getframe(2))
+    return f is not None and f.f_back is not None and id(f.f_back) == grad_frame
 
 
 class _Call:
@@ -183,8 +185,7 @@ if AVAILABLE:
             call: _Call = ctx.call
             if call.outs is not None and not any(o.requires_grad for o in call.outs):  # a constant of the inputs
                 return (None,) * (len(call.flat) + 1)
-            top = peek_interpreter_stack()
-            if call.outs is None or top is None or top.level() != 1 or top.key() != _GRAD_KEY:  # pragma: no cover
+            if call.outs is None or not _only_grad_level():  # pragma: no cover
                 grads = call.vjp_chain(Gs, torch.is_grad_enabled())  # (not reached by grad: the exact chain)
             elif _final_backward(call.frame):  # grad's own backward, run once: the private graph is freed
                 grads = _private_vjp(call, Gs, retain=False)
