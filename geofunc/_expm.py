@@ -170,9 +170,9 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
         t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
         A_t = A * 2.0**-t if t else A
         if powers is None:
-            P2 = A_t @ A_t
-            P3 = P2 @ A_t
-            P4 = P2 @ P2
+            P2 = _mm(A_t, A_t)
+            P3 = _mm(P2, A_t)
+            P4 = _mm(P2, P2)
         else:
             P2, P3, P4 = powers
         # both 1-norms' finite maxima in one reduction and one read into Python (no copy of the powers)
@@ -191,13 +191,22 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
         return best[1], best[2], pre
 
 
-def _mm_add(C: Tensor, X: Tensor, Y: Tensor) -> Tensor:
-    """``C + X @ Y``, fused (one pass fewer over memory) when the shapes allow."""
+def _mm(X: Tensor, Y: Tensor) -> Tensor:
+    """``X @ Y``; ``mm``/``bmm`` where both are 2-D, or 3-D with one batch size. On 3-D tensors ``@``
+    is four ops (expand, view, bmm, view) and its backward more: at the sizes of a rank chart's
+    frames (8×8) the ops cost more than the product."""
+    if X.ndim == Y.ndim == 3 and X.shape[0] == Y.shape[0]:
+        return torch.bmm(X, Y)
+    return X @ Y
+
+
+def _mm_add(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``C + alpha · X @ Y``, fused (one op, one pass fewer over memory) when the shapes allow."""
     if C.ndim == X.ndim == Y.ndim == 2:
-        return torch.addmm(C, X, Y)
+        return torch.addmm(C, X, Y, alpha=alpha)
     if C.ndim == X.ndim == Y.ndim == 3 and C.shape[0] == X.shape[0] == Y.shape[0]:
-        return torch.baddbmm(C, X, Y)
-    return C + X @ Y
+        return torch.baddbmm(C, X, Y, alpha=alpha)
+    return C + X @ Y if alpha == 1.0 else C + alpha * (X @ Y)
 
 
 def _add_identity(X: Tensor, c: float, inplace: bool) -> Tensor:
@@ -225,11 +234,11 @@ def _powers(B: Tensor, q: int) -> list[Any]:
     """``[None, B, B², ..., B^q]`` for q ≤ 4 (B⁴ = B² B²)."""
     P: list[Any] = [None, B]
     if q >= 2:
-        P.append(B @ B)
+        P.append(_mm(B, B))
     if q >= 3:
-        P.append(P[2] @ B)
+        P.append(_mm(P[2], B))
     if q >= 4:
-        P.append(P[2] @ P[2])
+        P.append(_mm(P[2], P[2]))
     return P
 
 
@@ -247,7 +256,7 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
     Xs = []
     for _ in range(s):
         Xs.append(X)
-        X = X @ X
+        X = _mm(X, X)
     return X, {"P": P, "Hs": Hs, "Xs": Xs}
 
 
@@ -283,7 +292,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     for X in reversed(Xs):
         Xt = X.mH
-        G = _mm_add(G @ Xt, Xt, G)
+        G = _mm_add(_mm(G, Xt), Xt, G)
     c = _coefs(m)
     r = m // q
     GP: list[Any] = [None] * (q + 1)
@@ -297,7 +306,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
             GP[j] = GP[j].add(val, alpha=alpha)
 
     def acc_mm(j: int, X: Tensor, Y: Tensor) -> None:
-        GP[j] = X @ Y if GP[j] is None else _mm_add(GP[j], X, Y)
+        GP[j] = _mm(X, Y) if GP[j] is None else _mm_add(GP[j], X, Y)
 
     GH = G  # gradient with respect to H_i, i = 0, 1, ...
     for k in range(len(Hs) - 1, -1, -1):
@@ -305,7 +314,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
         for j in range(1, q):
             acc(j, GH, c[i * q + j])
         acc_mm(q, Hs[k].mH, GH)
-        GH = GH @ P[q].mH
+        GH = _mm(GH, P[q].mH)
     for j in range(1, q):  # H_{r-1} = C_{r-1} + c_m B^q
         acc(j, GH, c[(r - 1) * q + j])
     acc(q, GH, c[m])
@@ -329,11 +338,11 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     dB = E * 2.0**-s if s else E
     dP: list[Any] = [None, dB]
     if q >= 2:
-        dP.append(dB @ P[1] + P[1] @ dB)
+        dP.append(_mm_add(_mm(dB, P[1]), P[1], dB))
     if q >= 3:
-        dP.append(dP[2] @ P[1] + P[2] @ dB)
+        dP.append(_mm_add(_mm(dP[2], P[1]), P[2], dB))
     if q >= 4:
-        dP.append(dP[2] @ P[2] + P[2] @ dP[2])
+        dP.append(_mm_add(_mm(dP[2], P[2]), P[2], dP[2]))
     c = _coefs(m)
     r = m // q
 
@@ -347,12 +356,12 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     if q > 1:
         dH = dH + dblock(r - 1)
     for k, i in enumerate(range(r - 2, -1, -1)):
-        dH = dH @ P[q] + Hs[k] @ dP[q]
+        dH = _mm_add(_mm(dH, P[q]), Hs[k], dP[q])
         if q > 1:
             dH = dH + dblock(i)
     dX = dH
     for X in Xs:
-        dX = dX @ X + X @ dX
+        dX = _mm_add(_mm(dX, X), X, dX)
     return dX
 
 
