@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ._expm import expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from ._expm import _mm, _mm_add, expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
 from ._fastpath import eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -231,6 +231,8 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
     squarings for the whole batch, so a frame may be evaluated at a higher degree: the same point
     to rounding.
     """
+    if not callable(triv) and _stackable(pairs):
+        return _stacked_tall_charts(pairs, triv, horizontal, packed)
     parts = [_chart_parts(Z, base, triv, horizontal, packed) for Z, base in pairs]
     gens = [A for A, _ in parts if A is not None]
     if callable(triv) or len(gens) < 2 or len({A.shape[-1] for A in gens}) > 1:
@@ -238,6 +240,57 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
     F = resolve_triv(triv)(torch.stack(torch.broadcast_tensors(*gens)))
     Fs = iter(F.unbind(0))
     return [finish(None if A is None else next(Fs)) for A, finish in parts]
+
+
+def _stackable(pairs: list[tuple[Tensor, Tensor | None]]) -> bool:
+    """Whether :func:`_stacked_tall_charts` applies: two or more tall frames (n > k) of one width,
+    dtype and device, all plain real or complex tensors of one kind."""
+    if len(pairs) < 2:
+        return False
+    Z0 = pairs[0][0]
+    k = Z0.shape[-1]
+    for Z, base in pairs:
+        for T in (Z, base):
+            if T is None:
+                continue
+            if type(T) is not torch.Tensor or T.dtype != Z0.dtype or T.device != Z0.device:
+                return False
+        if Z.shape[-1] != k or Z.shape[-2] <= k:
+            return False
+    return True
+
+
+def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, horizontal: bool,
+                         packed: bool) -> list[Tensor]:
+    """:func:`frame_charts` of tall frames of one width k as one batch: every frame's maths is a
+    handful of small ops, so the U and V frames of a rank-type point (n×r and k×r) cost one set of
+    ops instead of two (Note [Stacked frames])."""
+    # Note [Stacked frames]
+    # Frames of different heights m ≤ n are zero-padded to n rows: with Y = [Y; 0] and Z = [Z; 0]
+    # every step of the chart (the packed direction, whose polar factor and (I + P_Y)⁻¹ read only
+    # the top k×k block and the Gram matrices YᵀΔ, CᵀC) gives [frame; 0], exactly (the padding
+    # adds exact zeros to each sum), so the first m rows are the frame. A missing base is the
+    # identity frame, where the packed and plain readings agree (Δ = Z, with exact zeros), so a
+    # pair with a base and one without share the packed path.
+    rows = [Z.shape[-2] for Z, _ in pairs]
+    n, k = max(rows), pairs[0][0].shape[-1]
+    batch = torch.broadcast_shapes(*(T.shape[:-2] for pair in pairs for T in pair if T is not None))
+
+    def stack(Ts: list[Tensor]) -> Tensor:
+        Ts = [T.expand(batch + T.shape[-2:]) for T in Ts]
+        return torch.stack([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
+
+    Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
+    if all(base is None for _, base in pairs):
+        Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
+    else:
+        Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
+                   for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
+        if packed:
+            Z = _packed_direction(Y, Z)
+    A, finish = _tall_chart(Y, Z, triv, horizontal)
+    X = finish(resolve_triv(triv)(A)).reshape((len(pairs),) + batch + (n, k))
+    return [X[i, ..., :m, :] for i, m in enumerate(rows)]
 
 
 def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, packed: bool) -> tuple[Tensor | None, Finish]:
@@ -268,8 +321,8 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     promises skew → orthogonal on n×n matrices, so it gets the full ``W``.
     """
     k = Y.shape[-1]
-    S = transpose(Y) @ Z
-    C = Z - Y @ S
+    S = _mm(transpose(Y), Z)
+    C = _mm_add(Z, Y, S, alpha=-1.0)
     if horizontal:
         Omega = torch.zeros_like(S)
     else:
@@ -279,13 +332,13 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
         return W, lambda R: R @ Y
     # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
     # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
-    CtC = transpose(C) @ C
+    CtC = _mm(transpose(C), C)
     c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
     I = eye_like(S, k).expand_as(S)
     top = torch.cat([Omega, -CtC / c], dim=-1)
     bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)
     M = torch.cat([top, bottom], dim=-2)
-    return M, lambda F: Y @ F[..., :k, :k] + (C / c) @ F[..., k:, :k]
+    return M, lambda F: _mm_add(_mm(Y, F[..., :k, :k]), C / c, F[..., k:, :k])
 
 
 def _polar_factor(A: Tensor) -> Tensor:
@@ -300,7 +353,7 @@ def _polar_factor(A: Tensor) -> Tensor:
     """
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0))
-    Up = U @ Vh + poison(A0)
+    Up = _mm(U, Vh) + poison(A0)
     if eager_fast(A) and not tracks_derivatives(A):  # a constant base (the usual case): the term is 0 in value
         return Up
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
@@ -331,9 +384,9 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     r = Y.shape[-1]
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
     S = -_polar_factor(Ytop)
-    K = eye_like(S, r) - sym_part(transpose(S) @ Ytop)  # I + P_Y
+    K = eye_like(S, r) - sym_part(_mm(transpose(S), Ytop))  # I + P_Y
     # Base-only factors first, so that P meets three products and no solve: Δ = Y L + [0; C_b] + W (J C_b).
-    J = torch.linalg.inv(K) @ transpose(Ybot)  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
+    J = _mm(torch.linalg.inv(K), transpose(Ybot))  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
     W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
     Cb = P[..., r:, :]
-    return Y @ torch.tril(P[..., :r, :], -1) + W @ (J @ Cb) + torch.nn.functional.pad(Cb, (0, 0, r, 0))
+    return _mm_add(_mm_add(torch.nn.functional.pad(Cb, (0, 0, r, 0)), Y, torch.tril(P[..., :r, :], -1)), W, _mm(J, Cb))

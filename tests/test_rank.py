@@ -327,8 +327,9 @@ _DECOMPOSITIONS = ("svd", "eigh", "eig.", "geqrf", "linalg_qr", "lstsq", "choles
 
 def _decompositions_above(ops, r):
     """Decompositions with an input larger than r×r: the packed chart at a base may only do the
-    r×r ones (the polar factor of the base's top block and a solve with ``I + P_Y``)."""
-    return [op for op in ops if any(d in op[0] for d in _DECOMPOSITIONS) and any(math.prod(sh) > r * r for sh in op[2])]
+    r×r ones (the polar factor of the base's top block and a solve with ``I + P_Y``), per matrix:
+    the U and V frames' r×r problems may be one batch (Note [Stacked frames])."""
+    return [op for op in ops if any(d in op[0] for d in _DECOMPOSITIONS) and any(math.prod(sh[-2:]) > r * r for sh in op[2])]
 
 
 @pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.FixedRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
