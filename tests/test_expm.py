@@ -202,6 +202,29 @@ def test_grad_inside_vmap_over_so(generator):
         torch.testing.assert_close(vmap(grad(f))(Z), vmap(grad(fr))(Z), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("in_dims", [0, 1])
+def test_vmap_under_grad_reads_every_batch_entry(in_dims, generator):
+    """Under vmap and grad together (MAML's inner steps, per-sample gradients) small exponentials
+    run as torch ops whose degree and squarings are read through the transforms' wrappers: the
+    largest norm of the whole batch must set them. One matrix of norm ~40 (squarings needed)
+    among small ones: every entry's gradient and second derivative agree with matrix_exp's."""
+    A = _rand((4, 6, 6), 0.05, generator)
+    A[2] = _rand((6, 6), 40.0, generator)
+    W = _rand((6, 6), 1.0, generator)
+    f, fr = _loss(expm, W), _loss(ref_expm, W)
+    X = A if in_dims == 0 else A.transpose(0, 1)
+
+    def g_of(loss):  # each entry's gradient, from a grad level inside the vmap
+        return vmap(grad(loss), in_dims=in_dims)(X)
+
+    def gg_of(loss):  # outer grad of the vmapped inner grads (grad of grad, as in MAML)
+        return grad(lambda X: (vmap(grad(loss), in_dims=in_dims)(X) * W).sum())(X)
+
+    with no_vmap_fallback():
+        for got, ref in ((g_of(f), g_of(fr)), (gg_of(f), gg_of(fr))):
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+
+
 def _graph_nodes(fn) -> set[str]:
     """The names of the autograd nodes reachable from ``fn``."""
     seen, todo = {}, [fn]
