@@ -116,15 +116,6 @@ def _theta(m: int, u: float) -> float:
     return lo
 
 
-def _opnorm1(X: Tensor) -> Tensor:
-    """Largest 1-norm (max column sum) over the batch, ignoring non-finite matrices.
-
-    A NaN/inf matrix in a batch gets a NaN/inf result anyway; it must not change the
-    degree and squarings of its finite neighbours (a 0-d tensor, read once by the caller).
-    """
-    return _finite_max(_colnorm1(X))
-
-
 def _colnorm1(X: Tensor) -> Tensor:
     """The 1-norm (largest column sum of |entries|) of each matrix of the batch."""
     return X.abs().sum(dim=-2).amax(dim=-1)
@@ -147,7 +138,10 @@ def _values(t: Tensor) -> Tensor:
 
 
 def _read_max(norms: Tensor) -> float:
-    """The largest finite entry of ``norms`` over every batch entry, also under ``vmap``."""
+    """The largest finite entry of ``norms`` over every batch entry, also under ``vmap``, as a float.
+
+    A NaN/inf matrix in a batch gets a NaN/inf result anyway; it must not change the degree and
+    squarings of its finite neighbours."""
     return float(_finite_max(_values(norms)))
 
 
