@@ -24,6 +24,13 @@ from .run import GF, GT, Bench, Row, geotorch
 
 Step = Callable[[], object]
 
+# Interleaved rounds per row (a full run): these rows are ratios of milliseconds on a shared box, where
+# a burst of load moves one round's sample by 20%; the median of 25 rounds (a few seconds a row) moves
+# less. Each sample follows an untimed call of the same step (Timer.interleaved's ``warm``): a training
+# loop runs its step back to back, and the first call after another contender paid for that one's
+# caches and allocator state (the grad step ~0.1× of backward() more, measured with and without).
+ROUNDS = 25
+
 
 # ------------------------------------------------------------------ the README's program
 def _twenty_lines(b: Bench, batch: int = 32):
@@ -45,7 +52,51 @@ def _adam_step(tensors: list[torch.Tensor], grads: Any, opt: torch.optim.Optimiz
     opt.step()
 
 
-def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> Step:
+class TrainStep:
+    """A contender's training step that can restart from a remembered state.
+
+    Training moves the raw tensors away from their chart's centre (no ``rebase`` in the README's
+    loop), so the exponential's degree, and the step's cost, grow with the number of steps taken:
+    MAML's meta-step took 42 ms after 10 steps, 49 ms after 100 and 68 ms after 300 (degree 8,
+    12, 16). ``settle(n)`` takes ``n`` steps and remembers the trained tensors and the optimizer's
+    state; ``restore()`` (untimed, before each sample: ``Timer.interleaved``) puts them back, so every
+    sample times the step at the same operating point, whatever the number of rounds.
+    """
+
+    def __init__(self, step: Callable[[], None], tensors: list[torch.Tensor], opt: torch.optim.Optimizer):
+        self.step, self.tensors, self.opt = step, tensors, opt
+        self.saved: Any = None
+
+    def __call__(self) -> None:
+        self.step()
+
+    def settle(self, n: int) -> None:
+        for _ in range(n):
+            self.step()
+        self.saved = ([t.detach().clone() for t in self.tensors], copy.deepcopy(self.opt.state_dict()))
+
+    def restore(self) -> None:
+        if self.saved is None:
+            return
+        values, state = self.saved
+        with torch.no_grad():
+            for t, v in zip(self.tensors, values):
+                t.copy_(v)
+        self.opt.load_state_dict(copy.deepcopy(state))
+
+
+SETTLE = 100  # steps before the operating point is fixed: the README program's loop
+
+
+def settle(fns: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Take every training step ``SETTLE`` times (2 in a quick run) and fix its operating point there."""
+    for f in fns.values():
+        if isinstance(f, TrainStep):
+            f.settle(2 if quick else SETTLE)
+    return fns
+
+
+def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> TrainStep:
     """The README's loop body: ``g = g_fn(raw, *args)`` (``grad(loss)``, maybe compiled), then Adam on ``raw``."""
     raw = {k: v.detach().clone() for k, v in raw.items()}
     opt = torch.optim.Adam(list(raw.values()), lr=lr)
@@ -54,10 +105,10 @@ def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> Step:
         g = g_fn(raw, *args)
         _adam_step(list(raw.values()), [g[k] for k in raw], opt)
 
-    return step
+    return TrainStep(step, list(raw.values()), opt)
 
 
-def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> Step:
+def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> TrainStep:
     """The same loss and optimizer with ``loss(raw, *args).backward()``."""
     raw = {k: v.detach().clone().requires_grad_() for k, v in raw.items()}
     opt = torch.optim.Adam(list(raw.values()), lr=lr)
@@ -67,10 +118,10 @@ def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> St
         loss(raw, *args).backward()
         opt.step()
 
-    return step
+    return TrainStep(step, list(raw.values()), opt)
 
 
-def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Step:
+def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> TrainStep:
     """A constrained module's step: cross-entropy ``backward()``, then Adam on its parameters."""
     opt = torch.optim.Adam(module.parameters(), lr=lr)
 
@@ -79,7 +130,7 @@ def module_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: f
         torch.nn.functional.cross_entropy(module(x), y).backward()
         opt.step()
 
-    return step
+    return TrainStep(step, list(module.parameters()) + list(module.buffers()), opt)
 
 
 def _constrained_module(lib: Any, model: torch.nn.Module, params: dict) -> torch.nn.Module:
@@ -120,8 +171,9 @@ def twenty_line_rows(b: Bench, targets: bool, compile_: bool) -> list[Row]:
             "twenty-line step, torch.func.grad",
             "batch 32",
             128,
-            fns,
+            settle(fns, b.quick),
             heavy=False,
+        rounds=ROUNDS,
             ref="unconstrained",
             target="≤ 5× unconstrained; ≤ 1.2× backward()" if targets else "",
             check=(lambda r: r.times[GF] <= 5 * r.times["unconstrained"] and r.times[GF] <= 1.2 * r.times["backward()"])
@@ -129,7 +181,8 @@ def twenty_line_rows(b: Bench, targets: bool, compile_: bool) -> list[Row]:
             else None,
             note="README's program (Linear 64→128 Stiefel, Linear 128→10 LowRank(4), batch 32, Adam); "
             "'unconstrained': the same step without constraints; 'backward()': the same loss, loss.backward(); "
-            "modules: one-liners (gf.nn, GeoTorch) and loss.backward()",
+            "modules: one-liners (gf.nn, GeoTorch) and loss.backward(); every sample starts after 100 Adam steps (lr 1e-3) "
+            "from the sampled point, no rebase (TrainStep)",
         )
     ]
     if compile_:
@@ -156,13 +209,15 @@ def _compiled_row(b, loss, plain_loss, raw, bases, plain, x, y, targets: bool) -
         "twenty-line step, torch.compile(grad)",
         "batch 32",
         128,
-        fns,
+        settle(fns, b.quick),
         heavy=False,
+        rounds=ROUNDS,
         ref="eager",
         target="eager ÷ compiled ≥ 3" if targets else "",
         check=(lambda r: r.times["eager"] >= 3 * r.times[GF]) if targets else None,
         note=f"torch.compile(grad(loss), fullgraph=True), inductor; cold compile time (first call, on-disk caches off) geofunc "
-        f"{compiled[GF][1]:.0f} s, plain {compiled['plain compiled'][1]:.0f} s; 'eager': geofunc's torch.func.grad step",
+        f"{compiled[GF][1]:.0f} s, plain {compiled['plain compiled'][1]:.0f} s; 'eager': geofunc's torch.func.grad step; "
+        "every sample starts after 100 Adam steps, as in the row above",
         extra={"compile_s": compiled[GF][1]},
     )
 
@@ -226,13 +281,14 @@ def maml_row(b: Bench, targets: bool, n_tasks: int, width: int) -> Row:
         f"MAML, MLP 1-{width}-{width}-1, SO hidden",
         f"{n_tasks} tasks, 5 inner steps",
         width,
-        fns,
+        settle(fns, b.quick),
         heavy=False,
+        rounds=ROUNDS,
         ref="unconstrained",
         target="≤ 3× unconstrained" if targets else "",
         check=(lambda r: r.times[GF] <= 3 * r.times["unconstrained"]) if targets else None,
         note="grad of (vmap over tasks of 5 inner grad steps on raw, then the query loss), Adam meta-step; "
-        "'unconstrained': the same MLP without SO",
+        "'unconstrained': the same MLP without SO; every sample starts after 100 meta-steps, no rebase (TrainStep)",
     )
 
 
@@ -257,6 +313,7 @@ def space_row(b: Bench, name: str, M: gf.AbstractSpace, shape: tuple[int, int], 
         max(shape),
         fns,
         heavy=False,
+        rounds=ROUNDS,
         ref="autograd",
         target="≤ 1.2× autograd" if targets else "",
         check=(lambda r: r.times[GF] <= 1.2 * r.times["autograd"]) if targets else None,

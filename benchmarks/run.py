@@ -77,13 +77,17 @@ class Timer:
         return (time.perf_counter() - t0) / inner
 
     def interleaved(
-        self, fns: dict[str, Callable[[], object]], warmup: int, repeats: int, budget: float, sample: float = 0.02
+        self, fns: dict[str, Callable[[], object]], warmup: int, repeats: int, budget: float, sample: float = 0.02,
+        warm: bool = False,
     ) -> dict[str, float]:
         """Per-call medians of ``repeats`` round-robin rounds after ``warmup`` calls each.
 
         A sample of a fast function repeats it ``inner`` times (calibrated in the warm-up so
         that a sample lasts ≥ ``sample`` seconds): microsecond-scale calls are not timed one
         by one. Stops early (after 3 rounds at least) once ``budget`` seconds are spent.
+        ``warm``: one untimed call before each sample, so that a sample measures the steady state
+        of back-to-back calls (a training loop's) rather than the first call after another
+        contender left the caches and the allocator in its own state.
         """
         names = list(fns)
         inner = {}
@@ -97,6 +101,11 @@ class Timer:
         for r in range(repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
+                restore = getattr(fns[name], "restore", None)  # a training step's fixed operating point
+                if restore is not None:
+                    restore()
+                if warm:
+                    fns[name]()
                 times[name].append(self.many(fns[name], inner[name]))
             if r >= 2 and time.perf_counter() - start > budget:
                 break
@@ -167,15 +176,20 @@ class Bench:
             getattr(module.parametrizations, name).original.copy_(Z)
 
     def run(
-        self, case: str, size: str, n_ref: int, fns: dict[str, Callable[[], object]], heavy: bool = True, **kw
+        self, case: str, size: str, n_ref: int, fns: dict[str, Callable[[], object]], heavy: bool = True,
+        rounds: int | None = None, **kw
     ) -> Row:
         """Time ``fns`` and a ``n_ref``×``n_ref`` matmul interleaved. ``heavy=False``: a case whose
-        functions are cheap at any n (only the matmul anchor is slow) keeps the full repeats."""
+        functions are cheap at any n (only the matmul anchor is slow) keeps the full repeats;
+        ``rounds``: that many interleaved rounds instead, each sample after an untimed call (a full run
+        only; still within the budget)."""
         fns = dict(fns)
         fns["mm"] = self.mm_fn(n_ref)
         big = heavy and n_ref >= 1024 and self.device.type == "cpu"
+        repeats = 3 if big else (rounds if rounds and not self.quick else self.repeats)
         t = self.timer.interleaved(
-            fns, 1 if big else self.warmup, 3 if big else self.repeats, self.budget, 0.002 if self.quick else 0.02
+            fns, 1 if big else self.warmup, repeats, self.budget, 0.002 if self.quick else 0.02,
+            warm=bool(rounds) and not self.quick,
         )
         mm = t.pop("mm")
         row = Row(case, size, n_ref, t, mm, **kw)
