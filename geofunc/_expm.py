@@ -758,10 +758,10 @@ _COMPILED_OPS = _register_compiled_ops()
 
 
 # Note [Op chain under torch.func]
-# Under torch.func.grad/jvp without vmap, an autograd.Function pays a fixed Python cost per call
-# (functorch builds a Function class per level and reads signatures): ~0.4 ms per exponential
-# plus its adjoint node, more than the arithmetic of a small one. There the values can be read
-# (no vmap), so for n ≤ _CHAIN_N the degree and squarings are chosen as in eager mode and the
+# Under torch.func.grad/jvp, an autograd.Function pays a fixed Python cost per call (functorch
+# builds a Function class per level and reads signatures): ~0.4 ms per exponential plus its
+# adjoint node, more than the arithmetic of a small one. There the values can be read (through
+# vmap's wrappers too, see below), so for n ≤ _CHAIN_N the degree and squarings are chosen as in eager mode and the
 # evaluation runs as plain torch ops at the derivative degree (_derivative_degree: second
 # derivatives as accurate as the first, as the Function's adjoint node gives them). Measured (1 thread, f32, grad of ⟨G, expm(A)⟩, Function → ops): 8×8 1.37 → 0.95 ms,
 # 2×8×8 1.36 → 1.03, 32×32 1.52 → 1.08, 64×64 2.17 → 1.72, 128×128 3.98 → 3.72 (autograd: 0.98–1.06×,
