@@ -173,7 +173,7 @@ def twenty_line_rows(b: Bench, targets: bool, compile_: bool) -> list[Row]:
             128,
             settle(fns, b.quick),
             heavy=False,
-        rounds=ROUNDS,
+            rounds=ROUNDS,
             ref="unconstrained",
             target="≤ 5× unconstrained; ≤ 1.2× backward()" if targets else "",
             check=(lambda r: r.times[GF] <= 5 * r.times["unconstrained"] and r.times[GF] <= 1.2 * r.times["backward()"])
