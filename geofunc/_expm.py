@@ -765,13 +765,17 @@ _COMPILED_OPS = _register_compiled_ops()
 # evaluation runs as plain torch ops at the derivative degree (_derivative_degree: second
 # derivatives as accurate as the first, as the Function's adjoint node gives them). Measured (1 thread, f32, grad of ⟨G, expm(A)⟩, Function → ops): 8×8 1.37 → 0.95 ms,
 # 2×8×8 1.36 → 1.03, 32×32 1.52 → 1.08, 64×64 2.17 → 1.72, 128×128 3.98 → 3.72 (autograd: 0.98–1.06×,
-# hence the bound). The same under vmap together with grad/jvp (MAML's inner steps inside vmap over
-# tasks, per-sample gradients, jacfwd, hessian): there a Function costs more still (functorch
-# generates one Function class per level per call, ~0.3–0.9 ms each), and the norms are read
-# through the transforms' wrappers (_values: the whole batch's largest, the degree and squarings
-# the Function's vmap rule would have chosen for the batch). MAML (issue 13's row, 25 tasks,
-# 40×40 SO, A/B in one process): 78 → 64 ms, 4.97× → 4.05× the unconstrained step. Plain
-# autograd, vmap alone (ensembles) and compile keep their paths. Under exactly one grad level
+# hence the bound). Under vmap the same where two or more derivative levels are active (MAML's
+# inner steps, vmap inside grad inside grad; hessian): there the Function costs more still
+# (functorch generates one Function class per level per call, ~0.3–0.9 ms each) and its adjoint's
+# own derivatives are a chain anyway; the norms are read through the transforms' wrappers
+# (_values: the whole batch's largest, the degree and squarings the Function's vmap rule would
+# have chosen for the batch). MAML (issue 13's row, 25 tasks, 40×40 SO, A/B in one process):
+# 78 → 64 ms, 4.97× → 4.05× the unconstrained step; grad of vmap(grad) of SO charts 0.70–0.85×
+# (16×16 and 64×64, batches of 8 to 256). With one derivative level under vmap (per-sample
+# gradients) the Function's adjoint, which reuses the forward's intermediates at the value's
+# degree, wins on large batches (the chain: 1.16× at 256×16×16, 1.41× at 64×64×64), so it stays.
+# Plain autograd, vmap alone (ensembles) and compile keep their paths. Under exactly one grad level
 # the space maps do not get here with transformed tensors: they are one node whose maths runs under
 # plain autograd (Note [One node under torch.func.grad] in geofunc/_fused.py); this path serves
 # direct calls of expm and nested grad/jvp.
@@ -789,7 +793,9 @@ def expm(A: Tensor) -> Tensor:
     kinds = _transforms()
     if kinds.count("Jvp") >= 2:  # nested forward mode (see _nested_forward_mode)
         return _expm_static(A)
-    if kinds and set(kinds) <= {"Grad", "Jvp", "Vmap"} and kinds != ["Vmap"] * len(kinds) and A.shape[-1] <= _CHAIN_N:  # Note [Op chain under torch.func]
+    orders = len(kinds) - kinds.count("Vmap")  # derivative levels
+    if (kinds and set(kinds) <= {"Grad", "Jvp", "Vmap"} and orders >= (2 if "Vmap" in kinds else 1)
+            and A.shape[-1] <= _CHAIN_N):  # Note [Op chain under torch.func]
         m, s, _ = choose_degree(A)
         return _evaluate(A, _derivative_degree(m), s)[0]
     return _Expm.apply(A, _Holder())

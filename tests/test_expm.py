@@ -204,10 +204,11 @@ def test_grad_inside_vmap_over_so(generator):
 
 @pytest.mark.parametrize("in_dims", [0, 1])
 def test_vmap_under_grad_reads_every_batch_entry(in_dims, generator):
-    """Under vmap and grad together (MAML's inner steps, per-sample gradients) small exponentials
+    """Under vmap with two derivative levels (MAML: grad of vmapped inner grads) small exponentials
     run as torch ops whose degree and squarings are read through the transforms' wrappers: the
     largest norm of the whole batch must set them. One matrix of norm ~40 (squarings needed)
-    among small ones: every entry's gradient and second derivative agree with matrix_exp's."""
+    among small ones: every entry's gradient (vmap of grad: the Function) and grad of grad (the
+    op chain) agree with matrix_exp's."""
     A = _rand((4, 6, 6), 0.05, generator)
     A[2] = _rand((6, 6), 40.0, generator)
     W = _rand((6, 6), 1.0, generator)
