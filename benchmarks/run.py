@@ -186,10 +186,10 @@ class Bench:
         fns = dict(fns)
         fns["mm"] = self.mm_fn(n_ref)
         big = heavy and n_ref >= 1024 and self.device.type == "cpu"
-        repeats = 3 if big else (rounds if rounds and not self.quick else self.repeats)
+        rounds = None if self.quick or big else rounds
         t = self.timer.interleaved(
-            fns, 1 if big else self.warmup, repeats, self.budget, 0.002 if self.quick else 0.02,
-            warm=bool(rounds) and not self.quick,
+            fns, 1 if big else self.warmup, 3 if big else rounds or self.repeats, self.budget,
+            0.002 if self.quick else 0.02, warm=rounds is not None,
         )
         mm = t.pop("mm")
         row = Row(case, size, n_ref, t, mm, **kw)

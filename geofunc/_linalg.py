@@ -13,7 +13,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ._expm import _mm, _mm_add, expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
-from ._fastpath import eager_fast, tracks_derivatives
+from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -249,7 +249,7 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
 
 def _stackable(pairs: list[tuple[Tensor, Tensor | None]]) -> bool:
     """Whether :func:`_stacked_tall_charts` applies: two or more tall frames (n > k) of one width,
-    dtype and device, all plain real or complex tensors of one kind."""
+    dtype and device, all plain tensors or parameters (no subclass such as DTensor)."""
     if len(pairs) < 2:
         return False
     Z0 = pairs[0][0]
@@ -258,7 +258,7 @@ def _stackable(pairs: list[tuple[Tensor, Tensor | None]]) -> bool:
         for T in (Z, base):
             if T is None:
                 continue
-            if type(T) is not torch.Tensor or T.dtype != Z0.dtype or T.device != Z0.device:
+            if type(T) not in _PLAIN_TYPES or T.dtype != Z0.dtype or T.device != Z0.device:
                 return False
         if Z.shape[-1] != k or Z.shape[-2] <= k:
             return False
