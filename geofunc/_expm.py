@@ -29,6 +29,9 @@ tensors inside a ``torch.autograd.Function``:
   (``geofunc::expm``, ``expm_powers``, ``expm_vjp``) whose kernels choose the degree and squarings
   from the values at run time, as above (Note [Compiled exponential]): one graph, no Python
   branching traced.
+* in plain eager mode with nothing to record, the values are evaluated directly, and with a graph
+  the Function is applied without ``Function.apply``'s per-call argument binding (Note [Plain eager
+  calls]).
 * for tensor subclasses (DTensor), under nested forward mode, and for the derivatives of the
   compiled adjoint, ``expm`` evaluates a tensor-only schedule in plain torch ops (Note
   [Static schedule]). Empty and meta inputs go to ``torch.linalg.matrix_exp``.
@@ -782,6 +785,20 @@ _COMPILED_OPS = _register_compiled_ops()
 _CHAIN_N = 64
 
 
+# Note [Plain eager calls]
+# Outside torch.func transforms and compile, with nothing to record (no_grad, or no input requiring
+# grad, and no forward-mode level), expm evaluates directly: the Function's machinery is ~40 µs per
+# call, more than a small exponential. With something to record, the Function is applied through the
+# base class's apply: torch.autograd.Function.apply binds the arguments through inspect.signature on
+# every call (~20 µs) before calling it, which only matters for default arguments (forward has
+# none) and under functorch transforms (excluded here; a functorch wrapper that outlived its
+# transform also takes Function.apply, which unwraps it).
+try:
+    _EXPM_APPLY = super(torch.autograd.Function, _Expm).apply
+except AttributeError:  # pragma: no cover (depends on the torch version)
+    _EXPM_APPLY = _Expm.apply
+
+
 def expm(A: Tensor) -> Tensor:
     """Matrix exponential of a batch of square matrices ``(..., n, n)``, real or complex; differentiable."""
     if not _plain(A):
@@ -790,6 +807,12 @@ def expm(A: Tensor) -> Tensor:
         return _expm_static(A)
     if torch.compiler.is_compiling():  # Note [Compiled exponential]
         return torch.ops.geofunc.expm(A) if _COMPILED_OPS else _expm_static(A)
+    if torch._C._functorch.peek_interpreter_stack() is None and not torch._C._functorch.is_functorch_wrapped_tensor(A):
+        # Plain eager mode (Note [Plain eager calls])
+        if not tracks_derivatives(A):
+            m, s, pre = choose_degree(A)
+            return _evaluate(A, m, s, pre, inplace=True)[0]
+        return _EXPM_APPLY(A, _Holder())
     kinds = _transforms()
     if kinds.count("Jvp") >= 2:  # nested forward mode (see _nested_forward_mode)
         return _expm_static(A)

@@ -101,6 +101,28 @@ def test_linalg_expm_is_the_fast_one(dtype, generator):
     assert type(X.grad_fn).__name__.startswith("_ExpmBackward")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plain_calls_agree_with_the_function(dtype, generator):
+    """Note [Plain eager calls]: with nothing to record the values are evaluated directly, bit for bit
+    the Function's; with a graph, a forward-mode level, or a functorch wrapper that outlived its
+    transform, the Function runs (and records what each asks for)."""
+    A = _rand((3, 6, 6), 3.0, generator, dtype)
+    with_graph = expm(A.clone().requires_grad_())
+    assert type(with_graph.grad_fn).__name__.startswith("_ExpmBackward")
+    direct = expm(A)
+    assert direct.grad_fn is None and torch.equal(direct, with_graph.detach())
+    with torch.no_grad():
+        assert torch.equal(expm(A.clone().requires_grad_()), direct)
+    E = _rand((3, 6, 6), 1.0, generator, dtype)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(expm(torch.autograd.forward_ad.make_dual(A, E))).tangent
+    torch.testing.assert_close(tangent, expm_frechet(A, E), rtol=0, atol=0)
+    leaked = []
+    grad(lambda a: (leaked.append(a), a.sum().real)[1])(A)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    assert torch.equal(expm(leaked[0]), direct)
+
+
 # ----------------------------------------------------------------------------- derivatives
 
 
