@@ -597,6 +597,7 @@ def _expm_static(A: Tensor) -> Tensor:
 
 
 def _expm_kernel(A: Tensor) -> Tensor:
+    """The values alone, no graph (the compiled operator's kernel; plain eager calls with nothing to record)."""
     m, s, pre = choose_degree(A)
     return _evaluate(A, m, s, pre, inplace=True)[0]
 
@@ -809,10 +810,7 @@ def expm(A: Tensor) -> Tensor:
         return torch.ops.geofunc.expm(A) if _COMPILED_OPS else _expm_static(A)
     if torch._C._functorch.peek_interpreter_stack() is None and not torch._C._functorch.is_functorch_wrapped_tensor(A):
         # Plain eager mode (Note [Plain eager calls])
-        if not tracks_derivatives(A):
-            m, s, pre = choose_degree(A)
-            return _evaluate(A, m, s, pre, inplace=True)[0]
-        return _EXPM_APPLY(A, _Holder())
+        return _EXPM_APPLY(A, _Holder()) if tracks_derivatives(A) else _expm_kernel(A)
     kinds = _transforms()
     if kinds.count("Jvp") >= 2:  # nested forward mode (see _nested_forward_mode)
         return _expm_static(A)
