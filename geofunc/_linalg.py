@@ -11,8 +11,9 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
+import torch.autograd.forward_ad as _fw_ad
 
-from ._expm import _mm, _mm_add, expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from ._expm import _mm, _mm_add, expm, frame_expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
 from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -294,7 +295,7 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
         if packed:
             Z = _packed_direction(Y, Z)
     A, finish = _tall_chart(Y, Z, triv, horizontal)
-    X = finish(resolve_triv(triv)(A)).reshape((len(pairs),) + batch + (n, k))
+    X = finish(None if A is None else resolve_triv(triv)(A)).reshape((len(pairs),) + batch + (n, k))
     return [X[i, ..., :m, :] for i, m in enumerate(rows)]
 
 
@@ -313,6 +314,9 @@ def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, p
     return _tall_chart(base, Z, triv, horizontal)
 
 
+_FRAME_K = 32  # frames at least this wide take frame_expm in plain eager mode (narrower: slower, see its Note)
+
+
 def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Tensor, Finish]:
     """The Stiefel chart at a tall frame ``Y`` (n×k, n > k), ``φ(W(Z)) Y``, as ``(A, finish)`` (:func:`_chart_parts`).
 
@@ -323,7 +327,10 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     analytic ``φ`` (``expm``, ``cayley``): O(n k²) work plus a 2k×2k problem, smooth at
     ``Z = 0`` (no QR of ``C``). ``c = max(10⁻³, √‖CᵀC‖₁)`` (detached; the result does not
     depend on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
-    promises skew → orthogonal on n×n matrices, so it gets the full ``W``.
+    promises skew → orthogonal on n×n matrices, so it gets the full ``W``. For ``expm`` on frames of
+    ``_FRAME_K`` or more columns in plain eager mode, ``expm(M)[:, :k]`` is evaluated by blocks on
+    those k columns (:func:`geofunc._expm.frame_expm`, Note [Frame exponential]); then ``A`` is None
+    and ``finish`` ignores its argument.
     """
     k = Y.shape[-1]
     S = _mm(transpose(Y), Z)
@@ -339,6 +346,10 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
     CtC = _mm(transpose(C), C)
     c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
+    if triv == "expm" and k >= _FRAME_K and eager_fast(Omega, CtC) and _fw_ad._current_level < 0:
+        # only the first k columns of expm(M), by blocks (Note [Frame exponential] in geofunc/_expm.py)
+        F = frame_expm(Omega, -CtC / c, c)
+        return None, lambda _: _mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :])
     I = eye_like(S, k).expand_as(S)
     top = torch.cat([Omega, -CtC / c], dim=-1)
     bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)

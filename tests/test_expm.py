@@ -14,7 +14,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
-from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _frame_forward, _frame_matrix, frame_expm, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
 from geofunc._linalg import cayley, skew_lower
 from geofunc.testing import no_vmap_fallback
 
@@ -524,3 +524,177 @@ def test_cayley_of_skew_hermitian_is_unitary(dtype, generator):
         fr = lambda a: (torch.linalg.solve(I - a / 2, I + a / 2) * W).sum().real
         with no_vmap_fallback():
             torch.testing.assert_close(vmap(grad(f))(A.detach()), vmap(grad(fr))(A.detach()), rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the frame exponential
+# frame_expm(T, R, c) = expm(M)[..., :k] for M = [[T, R], [c I, 0]], by blocks and on k columns
+# (Note [Frame exponential]): the tall frame chart's exponential in plain eager mode.
+
+
+def _frame_inputs(k, scale, generator, dtype, batch=()):
+    """``(T, R, c)`` as the tall frame chart builds them from a raw ``Z`` of norm ~``scale``."""
+    n = 3 * k
+    Z = torch.randn(batch + (n, k), generator=generator, dtype=torch.float64) * scale / math.sqrt(n)
+    Y = torch.linalg.qr(torch.randn(batch + (n, k), generator=generator, dtype=torch.float64))[0]
+    S = Y.mT @ Z
+    C = Z - Y @ S
+    CtC = C.mT @ C
+    c = torch.linalg.matrix_norm(CtC, ord=1).sqrt().clamp(min=1e-3)[..., None, None]
+    return skew_lower(S).to(dtype), (-CtC / c).to(dtype), c.to(dtype)
+
+
+def _frame_case(T, R, c):
+    """(m, s, by blocks on k columns?) of frame_expm's evaluation."""
+    cache = _frame_forward(T.detach(), R.detach(), c)[1]
+    return cache["m"], cache["s"], cache["full"] is None
+
+
+# scales reaching every branch: a low degree from ‖M‖₁ alone, degrees 8-20 without squaring (by
+# blocks), squarings (the whole exponential from the block powers), and ‖M‖₁ > 2¹⁶ (expm's choice)
+FRAME_SCALES = {1e-3: "low degree", 0.3: "blocks", 0.6: "blocks", 8.0: "squarings", 1e6: "huge"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", list(FRAME_SCALES), ids=list(FRAME_SCALES.values()))
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)], ids=["2d", "3d", "4d"])
+def test_frame_expm_is_expm_first_columns(scale, batch, dtype, generator):
+    """Values and gradients (T, R) of frame_expm against ``expm(M)[..., :k]`` and ``matrix_exp`` in
+    float64, each branch of the evaluation reached."""
+    k = 6
+    T, R, c = _frame_inputs(k, scale, generator, dtype, batch)
+    kind = FRAME_SCALES[scale]
+    if kind == "low degree":  # c ≥ 10⁻³ in the chart: ‖M‖₁ reaches float64's θ₄ only with a smaller c
+        T, R, c = T * 1e-6, R * 1e-6, c * 1e-6
+    m, s, blocks = _frame_case(T, R, c)
+    assert blocks == (kind == "blocks") and (m >= 8) == (kind != "low degree") and (s > 0) == (kind in ("squarings", "huge"))
+    T, R = T.requires_grad_(), R.requires_grad_()
+    G = torch.randn(batch + (2 * k, k), generator=generator, dtype=dtype)
+    F = frame_expm(T, R, c)
+    gT, gR = torch.autograd.grad((F * G).sum(), [T, R])
+    F2 = expm(_frame_matrix(T, R, c))[..., :k]
+    gT2, gR2 = torch.autograd.grad((F2 * G).sum(), [T, R])
+    Th, Rh = T.detach().double().requires_grad_(), R.detach().double().requires_grad_()
+    Fr = ref_expm(_frame_matrix(Th, Rh, c.double()))[..., :k]
+    gTr, gRr = torch.autograd.grad((Fr * G.double()).sum(), [Th, Rh])
+    for new, old, ref in ((F, F2, Fr), (gT, gT2, gTr), (gR, gR2, gRr)):
+        scale_ = max(1.0, ref.detach().abs().amax().item())
+        tol = _tol(dtype) * scale_
+        torch.testing.assert_close(new, old, rtol=0, atol=tol)
+        if kind != "huge":  # exp of a non-normal M at ‖M‖₁ ~ 10⁶ is ill-conditioned: there the claim is expm's columns
+            torch.testing.assert_close(new.double(), ref, rtol=0, atol=tol)
+    # nothing to record: the values alone, the same
+    torch.testing.assert_close(frame_expm(T.detach(), R.detach(), c), F.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.6, 1.2, 8.0])
+def test_frame_expm_gradcheck_gradgradcheck(scale, generator):
+    """Exact first derivatives of the block evaluation, and second ones (a backward that builds a
+    graph goes through expm's adjoint node: exact to every order)."""
+    T, R, c = _frame_inputs(4, scale, generator, torch.float64, (2,))
+    f = lambda T, R: frame_expm(T, R, c)  # noqa: E731
+    args = (T.requires_grad_(), R.requires_grad_())
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-4])
+def test_frame_expm_second_derivatives_at_tiny_generators(scale, generator):
+    """Near the chart's centre the value is a degree 1-4 polynomial; second derivatives are exp's."""
+    T, R, c = _frame_inputs(4, scale, generator, torch.float64)
+    W = torch.randn(8, 4, generator=generator, dtype=torch.float64)
+    E = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+
+    def second(f):
+        T_ = T.clone().requires_grad_()
+        g = torch.autograd.grad(((f(T_) * W).sum() + (f(T_) ** 2).sum()), T_, create_graph=True)[0]
+        return torch.autograd.grad((g * E).sum(), T_)[0]
+
+    torch.testing.assert_close(second(lambda T: frame_expm(T, R, c)),
+                               second(lambda T: ref_expm(_frame_matrix(T, R, c))[..., :4]), rtol=1e-9, atol=1e-9)
+
+
+def test_frame_expm_float32_accuracy_is_expm_s(generator):
+    """float32 values and gradients as close to float64 as ``expm(M)[..., :k]``'s (same degree and
+    squarings; the block evaluation only reorders the rounding), at norms where the chart runs
+    without and with squarings (README program, 128×64 Stiefel: degree 16, no squaring)."""
+    errs = {"new": [[], [], []], "old": [[], [], []]}
+    for scale in (0.5, 0.7, 0.9, 1.1, 1.3, 2.0, 3.0):
+        for _ in range(3):
+            T, R, c = _frame_inputs(32, scale, generator, torch.float32)
+            G = torch.randn(64, 32, generator=generator, dtype=torch.float64)
+            Th, Rh = T.double().requires_grad_(), R.double().requires_grad_()
+            Fr = expm(_frame_matrix(Th, Rh, c.double()))[..., :32]
+            ref = (Fr.detach(), *torch.autograd.grad((Fr * G).sum(), [Th, Rh]))
+            for name, f in (("new", frame_expm), ("old", lambda T, R, c: expm(_frame_matrix(T, R, c))[..., :32])):
+                Tf, Rf = T.clone().requires_grad_(), R.clone().requires_grad_()
+                F = f(Tf, Rf, c)
+                out = (F.detach(), *torch.autograd.grad((F * G.float()).sum(), [Tf, Rf]))
+                for i, (a, b) in enumerate(zip(out, ref)):
+                    errs[name][i].append(((a.double() - b).norm() / b.norm()).item())
+    for i in range(3):
+        new, old = sum(errs["new"][i]), sum(errs["old"][i])
+        assert max(errs["new"][i]) < 1e-5
+        assert new <= 1.1 * old, (i, new, old)
+
+
+def test_frame_expm_non_finite_matrix_does_not_change_its_neighbours(generator):
+    T, R, c = _frame_inputs(4, 1.5, generator, torch.float64, (2,))
+    T[0, 1, 0] = float("nan")
+    F = frame_expm(T, R, c)
+    assert torch.isnan(F[0]).any()
+    torch.testing.assert_close(F[1], ref_expm(_frame_matrix(T[1], R[1], c[1]))[..., :4], rtol=1e-10, atol=1e-10)
+
+
+def _chart_case(space, shape, generator):
+    Z = torch.randn(shape, generator=generator, dtype=torch.float64) * 2.0 / math.sqrt(max(shape[-2:]))
+    _, base = space.from_manifold(space.sample(shape, generator=generator, dtype=torch.float64))
+    G = torch.randn(shape, generator=generator, dtype=torch.float64)
+    return Z, base, G
+
+
+FRAME_SPACES = {"Stiefel": gf.Stiefel(), "Grassmannian": gf.Grassmannian(), "LowRank(32)": gf.LowRank(rank=32)}
+
+
+@pytest.mark.parametrize("name", list(FRAME_SPACES))
+@pytest.mark.parametrize("shape", [(80, 32), (32, 80), (2, 70, 33)], ids=["tall", "wide", "batched"])
+def test_frames_of_32_or_more_columns_take_the_frame_exponential(name, shape, generator, monkeypatch):
+    """The frame charts of 32 or more columns call frame_expm in plain eager mode (also inside the one
+    node under ``torch.func.grad``) and give the points, gradients and second derivatives of the
+    ``expm(M)`` path, which every other mode (vmap, forward mode) still takes."""
+    import geofunc._linalg as L
+
+    space = FRAME_SPACES[name]
+    if name.startswith("LowRank") and len(shape) == 3:
+        shape = (2, 80, 40)
+    Z, base, G = _chart_case(space, shape, generator)
+    calls = []
+    monkeypatch.setattr(L, "frame_expm", lambda *a: calls.append(1) or frame_expm(*a))
+
+    def f(Z):
+        return (space.to_manifold(Z, base) * G).sum()
+
+    def derivatives():
+        Zg = Z.clone().requires_grad_()
+        g = torch.autograd.grad(f(Zg), Zg, create_graph=True)[0]
+        h = torch.autograd.grad((g * G).sum(), Zg)[0]  # a Hessian-vector product
+        return space.to_manifold(Z, base), g.detach(), h, grad(f)(Z)
+
+    fast = derivatives()
+    assert calls
+    n_calls = len(calls)
+    # vmap and forward mode take expm(M)
+    if len(shape) == 3:
+        torch.testing.assert_close(vmap(lambda Z, base: space.to_manifold(Z, base))(Z, base), fast[0], rtol=1e-12, atol=1e-12)
+    _, tangent = jvp(lambda Z: space.to_manifold(Z, base), (Z,), (G,))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual_tangent = fwAD.unpack_dual(space.to_manifold(fwAD.make_dual(Z, G), base)).tangent
+    torch.testing.assert_close(dual_tangent, tangent, rtol=1e-11, atol=1e-11)
+    assert len(calls) == n_calls
+    monkeypatch.setattr(L, "_FRAME_K", 10**9)  # every frame through expm(M)
+    slow = derivatives()
+    assert len(calls) == n_calls
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(tangent, jvp(lambda Z: space.to_manifold(Z, base), (Z,), (G,))[1])
