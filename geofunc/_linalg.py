@@ -11,9 +11,8 @@ import math
 from typing import Callable, Optional, Union
 
 import torch
-import torch.autograd.forward_ad as _fw_ad
 
-from ._expm import _mm, _mm_add, expm, frame_expm  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from ._expm import _mm, _mm_add, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
 from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -329,7 +328,8 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     depend on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
     promises skew → orthogonal on n×n matrices, so it gets the full ``W``. For ``expm`` on frames of
     ``_FRAME_K`` or more columns in plain eager mode, ``expm(M)[:, :k]`` is evaluated by blocks on
-    those k columns (:func:`geofunc._expm.frame_expm`, Note [Frame exponential]); then ``A`` is None
+    those k columns (:func:`geofunc._expm.frame_columns`, Note [Frame exponential]; under ``torch.compile`` as
+    operators); then ``A`` is None
     and ``finish`` ignores its argument.
     """
     k = Y.shape[-1]
@@ -346,10 +346,11 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
     CtC = _mm(transpose(C), C)
     c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
-    if triv == "expm" and k >= _FRAME_K and eager_fast(Omega, CtC) and _fw_ad._current_level < 0:
+    if triv == "expm" and k >= _FRAME_K:
         # only the first k columns of expm(M), by blocks (Note [Frame exponential] in geofunc/_expm.py)
-        F = frame_expm(Omega, -CtC / c, c)
-        return None, lambda _: _mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :])
+        F = frame_columns(Omega, -CtC / c, c)
+        if F is not None:
+            return None, lambda _: _mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :])
     I = eye_like(S, k).expand_as(S)
     top = torch.cat([Omega, -CtC / c], dim=-1)
     bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)

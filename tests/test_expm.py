@@ -14,7 +14,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
-from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _frame_forward, _frame_matrix, frame_expm, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _frame_forward, _frame_matrix, frame_columns, frame_expm, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
 from geofunc._linalg import cayley, skew_lower
 from geofunc.testing import no_vmap_fallback
 
@@ -668,7 +668,7 @@ def test_frames_of_32_or_more_columns_take_the_frame_exponential(name, shape, ge
         shape = (2, 80, 40)
     Z, base, G = _chart_case(space, shape, generator)
     calls = []
-    monkeypatch.setattr(L, "frame_expm", lambda *a: calls.append(1) or frame_expm(*a))
+    monkeypatch.setattr(gf._expm, "frame_expm", lambda *a: calls.append(1) or frame_expm(*a))
 
     def f(Z):
         return (space.to_manifold(Z, base) * G).sum()
@@ -698,3 +698,88 @@ def test_frames_of_32_or_more_columns_take_the_frame_exponential(name, shape, ge
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(tangent, jvp(lambda Z: space.to_manifold(Z, base), (Z,), (G,))[1])
+
+
+def _frame_fn(fn, R, c):
+    """``T ↦ fn(T, R, c)`` with ``R`` and ``c`` broadcast to ``T``'s batch."""
+    return lambda T: fn(T, R.expand_as(T), c.expand(T.shape[:-2] + (1, 1)))
+
+
+def _frame_ref(T, R, c):
+    return ref_expm(_frame_matrix(T, R, c))[..., : T.shape[-1]]
+
+
+def test_compiled_frame_chart_has_the_frame_kernels(generator):
+    """Under torch.compile a frame chart of ≥ 32 columns runs the geofunc::frame_expm operators (Note
+    [Compiled frame exponential]), not the 2k×2k exponential: under torch.func.grad and with backward()
+    outside the compiled forward, the eager gradients."""
+    space = gf.Stiefel()
+    Z, base, G = _chart_case(space, (80, 32), generator)
+
+    def f(Z):
+        return (space.to_manifold(Z, base) * G).sum()
+
+    for how in ("grad", "backward"):
+        targets = []
+        torch._dynamo.reset()
+        if how == "grad":
+            g = torch.compile(grad(f), fullgraph=True, backend=_recording(targets))(Z)
+        else:
+            z = Z.clone().requires_grad_()
+            torch.compile(f, fullgraph=True, backend=_recording(targets))(z).backward()
+            g = z.grad
+        torch.testing.assert_close(g, grad(f)(Z), rtol=1e-11, atol=1e-11)
+        assert "geofunc.frame_expm_powers.default" in targets and "geofunc.frame_expm_vjp.default" in targets, targets
+        assert not any("expm_powers" in t and "frame" not in t for t in targets)
+        assert not any("matrix_exp" in t or "where" in t for t in targets)
+
+
+@pytest.mark.parametrize(
+    "name", ["grad", "vmap", "vmap(grad)", "grad(vmap)", "jacrev", "jvp", "hessian", "jacfwd(jacfwd)", "grad(grad)"]
+)
+def test_compiled_frame_exponential_under_transforms(name, generator):
+    """Every torch.func transform of frame_columns inside torch.compile (fullgraph) agrees with matrix_exp's
+    columns: first derivatives run the frame kernels, their derivatives and forward mode the static schedule."""
+    T, R, c = _frame_inputs(4, 1.0, generator, torch.float64, (3,))
+    W = torch.randn(8, 4, generator=generator, dtype=torch.float64)
+    V = torch.randn(4, 4, generator=generator, dtype=torch.float64)
+    e, er = _frame_fn(frame_columns, R[0], c[0]), _frame_fn(_frame_ref, R[0], c[0])
+
+    def transformed(e):
+        if name == "grad(grad)":  # the inner gradient has T's shape, not the output's
+            f = _loss(e, W)
+            return lambda a: grad(lambda b: (grad(f)(b) * V).sum())(a[0])
+        return _transformed(name, e, W)
+
+    torch._dynamo.reset()
+    out = torch.compile(transformed(e), fullgraph=True, backend="aot_eager")(T)
+    torch.testing.assert_close(out, transformed(er)(T), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", list(FRAME_SCALES), ids=list(FRAME_SCALES.values()))
+def test_compiled_frame_kernels_pass_opcheck(dtype, scale, generator):
+    """torch.library.opcheck on the frame operators; their values are frame_expm's, the powers its degree
+    choice read (zeros where none), and its adjoint (from those powers, as from scratch)."""
+    T, R, c = _frame_inputs(4, scale, generator, dtype, (2,))
+    if FRAME_SCALES[scale] == "low degree":
+        T, R, c = T * 1e-6, R * 1e-6, c * 1e-6
+    T, R = T.requires_grad_(), R.requires_grad_()
+    G = torch.randn(2, 8, 4, generator=generator, dtype=dtype).requires_grad_()
+    ops = torch.ops.geofunc
+    with torch.no_grad():
+        F, P = ops.frame_expm_powers(T, R, c)
+    torch.library.opcheck(ops.frame_expm.default, (T, R, c))
+    torch.library.opcheck(ops.frame_expm_powers.default, (T, R, c))
+    if FRAME_SCALES[scale] != "huge":  # the adjoint's own derivatives (static schedule) are NaN past its bound, by design
+        torch.library.opcheck(ops.frame_expm_vjp.default, (T, R, c, P, G))
+    with torch.no_grad():
+        torch.testing.assert_close(ops.frame_expm(T, R, c), frame_expm(T, R, c), rtol=0, atol=0)
+        torch.testing.assert_close(F, frame_expm(T, R, c), rtol=0, atol=0)
+        powers = _frame_forward(T, R, c)[1]["powers"]
+        assert torch.equal(P, torch.stack(list(powers), dim=-3)) if powers is not None else not P.any()
+    Tg, Rg = T.detach().requires_grad_(), R.detach().requires_grad_()
+    ref = torch.autograd.grad((frame_expm(Tg, Rg, c) * G.detach()).sum(), [Tg, Rg])
+    with torch.no_grad():
+        for a, b in zip(ops.frame_expm_vjp(T, R, c, P, G), ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
