@@ -636,31 +636,68 @@ def _front(x: Tensor, d: int | None, size: int) -> Tensor:
     return x.expand(size, *x.shape) if d is None else x.movedim(d, 0)
 
 
+try:  # private (torch 2.13); absent: the custom operators are not registered (static schedule)
+    from torch.autograd.forward_ad import _set_fwd_grad_enabled
+except Exception:  # pragma: no cover (depends on the torch version)
+    _set_fwd_grad_enabled = None
+
+
+# The Autograd kernels of the custom operators (expm's and the frame chart's) apply single-level
+# Functions: the dispatcher reaches them with the tensors of functorch's current level already
+# unwrapped (Function.apply would re-enter functorch), as functorch's own generated Functions are
+# applied. Forward mode (a jvp level, or a dual level of torch.autograd.forward_ad) takes the static
+# schedule's torch ops, recorded there as a composite would be: a Function's jvp rule cannot nest
+# torch.func.jvp, and forward mode over a Function loses the second-order term
+# (_nested_forward_mode).
+@contextlib.contextmanager
+def _below_autograd() -> Any:
+    """The kernel of the next dispatch key. Gradients back on (a Function's forward runs without
+    them): below a functorch level, the lower levels record the op (nested grad, jacfwd)."""
+    with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
+        yield
+
+
+def _jvp_level() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None and _forward_levels() > 0
+
+
+def _forward_mode() -> bool:
+    return torch.autograd.forward_ad._current_level >= 0 or _jvp_level()
+
+
+def _no_graph(*ts: Tensor) -> bool:
+    """Nothing to record (the compiled graph calls the op at run time with plain tensors)."""
+    return not tracks_derivatives(*ts) and not _jvp_level()
+
+
+def _register_ops(lib: Any, table: tuple) -> None:
+    """Each ``(name, kernel, autograd kernel, fake kernel, vmap rule)`` of ``table`` on ``lib``'s operators."""
+    for name, kernel, autograd_kernel, fake, vmap_rule in table:
+        lib.impl(name, kernel, "CompositeExplicitAutograd")
+        lib.impl(name, autograd_kernel, "Autograd")
+        torch.library.register_fake(f"geofunc::{name}", fake, lib=lib)
+        torch.library.register_vmap(f"geofunc::{name}", vmap_rule, lib=lib)
+
+
 def _register_compiled_ops() -> bool:
     """Define geofunc::expm, expm_powers and expm_vjp (Note [Compiled exponential]); False where the
     private functorch names they need are missing (then compile takes the static schedule)."""
     try:
         from torch._functorch.utils import enable_single_level_autograd_function
-        from torch.autograd.forward_ad import _set_fwd_grad_enabled
         from torch.autograd.function import _SingleLevelFunction
     except Exception:  # pragma: no cover (depends on the torch version)
+        return False
+    if _set_fwd_grad_enabled is None:  # pragma: no cover (depends on the torch version)
         return False
 
     ops = torch.ops.geofunc
     if hasattr(ops, "expm_vjp"):  # this module imported again (importlib.reload): already registered
         return True
 
-    @contextlib.contextmanager
-    def _below() -> Any:
-        # The kernel of the next dispatch key. Gradients back on (a Function's forward runs without
-        # them): below a functorch level, the lower levels record this op (nested grad, jacfwd).
-        with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
-            yield
-
     class _CompiledExpm(_SingleLevelFunction):
         @staticmethod
         def forward(A: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-            with _below():
+            with _below_autograd():
                 return ops.expm_powers(A)
 
         @staticmethod
@@ -676,7 +713,7 @@ def _register_compiled_ops() -> bool:
     class _CompiledExpmVjp(_SingleLevelFunction):
         @staticmethod
         def forward(A: Tensor, P: Tensor, G: Tensor) -> Tensor:  # type: ignore[override]
-            with _below():
+            with _below_autograd():
                 return ops.expm_vjp(A, P, G)
 
         @staticmethod
@@ -689,28 +726,11 @@ def _register_compiled_ops() -> bool:
             dA, dG = torch.func.vjp(_static_vjp, A, G)[1](H)
             return dA, None, dG
 
-    # The Autograd kernels apply the Functions as single-level nodes: the dispatcher reaches them
-    # with the tensors of functorch's current level already unwrapped (Function.apply would
-    # re-enter functorch), as functorch's own generated Functions are applied.
-    # Forward mode (a jvp level, or a dual level of torch.autograd.forward_ad) takes the static
-    # schedule's torch ops, recorded here as a composite would be: a Function's jvp rule cannot nest
-    # torch.func.jvp, and forward mode over a Function loses the second-order term
-    # (_nested_forward_mode).
-    def jvp_level() -> bool:
-        return torch._C._functorch.peek_interpreter_stack() is not None and _forward_levels() > 0
-
-    def forward_mode() -> bool:
-        return torch.autograd.forward_ad._current_level >= 0 or jvp_level()
-
-    def no_graph(*ts: Tensor) -> bool:
-        # nothing to record (the compiled graph calls the op at run time with plain tensors)
-        return not tracks_derivatives(*ts) and not jvp_level()
-
     def expm_autograd(A: Tensor) -> Tensor:
-        if no_graph(A):
+        if _no_graph(A):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.expm(A)
-        if forward_mode():
+        if _forward_mode():
             return _expm_static(A)
         with enable_single_level_autograd_function():
             return _CompiledExpm.apply(A)[0]
@@ -718,17 +738,17 @@ def _register_compiled_ops() -> bool:
     def expm_powers_autograd(A: Tensor) -> tuple[Tensor, Tensor]:
         # only called below _CompiledExpm's level (a lower functorch level: nested grad), where the
         # forward-mode check above has already sent any forward mode to the static schedule
-        if no_graph(A):
+        if _no_graph(A):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.expm_powers(A)
         with enable_single_level_autograd_function():
             return _CompiledExpm.apply(A)
 
     def expm_vjp_autograd(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
-        if no_graph(A, G):
+        if _no_graph(A, G):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.expm_vjp(A, P, G)
-        if forward_mode():
+        if _forward_mode():
             return _static_vjp(A, G)
         with enable_single_level_autograd_function():
             return _CompiledExpmVjp.apply(A, P, G)
@@ -753,17 +773,13 @@ def _register_compiled_ops() -> bool:
     lib.define("expm(Tensor A) -> Tensor")
     lib.define("expm_powers(Tensor A) -> (Tensor, Tensor)")
     lib.define("expm_vjp(Tensor A, Tensor P, Tensor G) -> Tensor")
-    for name, kernel, autograd_kernel, fake, vmap_rule in (
+    _register_ops(lib, (
         ("expm", _expm_kernel, expm_autograd, lambda A: torch.empty_like(A, memory_format=torch.contiguous_format), expm_vmap),
         ("expm_powers", _expm_powers_kernel, expm_powers_autograd,
          lambda A: (torch.empty_like(A, memory_format=torch.contiguous_format), powers_like(A)), expm_powers_vmap),
         ("expm_vjp", _expm_vjp_kernel, expm_vjp_autograd,
          lambda A, P, G: torch.empty_like(A, memory_format=torch.contiguous_format), expm_vjp_vmap),
-    ):
-        lib.impl(name, kernel, "CompositeExplicitAutograd")
-        lib.impl(name, autograd_kernel, "Autograd")
-        torch.library.register_fake(f"geofunc::{name}", fake, lib=lib)
-        torch.library.register_vmap(f"geofunc::{name}", vmap_rule, lib=lib)
+    ))
     globals()["_OPS_LIBRARY"] = lib
     return True
 
@@ -870,8 +886,10 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
 #
 # Measured (1 thread, float32, A/B in one process, Stiefel at a base, raw entries ~ N(0, 1/n)):
 # forward + backward 128×64 0.71–0.73× (degree 20, no squaring), under torch.func.grad 0.76–0.78×,
-# forward alone 0.79×; 512×128 0.60–0.65×; 128×32 0.93–0.97×; the README step (128×64 at degree 16)
-# 0.91–0.96× under grad, 0.86–0.87× with backward(). Frames of 8 and 16 columns were 2–16% slower
+# forward alone 0.79×; 512×128 0.60–0.65×; 128×32 0.93–0.97×; 128×64 at the README step's operating
+# point (degree 16) 0.71–0.79× (0.41–0.51 ms saved, grad and autograd alike); the README step
+# itself 0.86–1.03× under grad, 0.82–0.99× with backward() (six runs: the box's noise is as large
+# as the saving there). Frames of 8 and 16 columns were 2–16% slower
 # (the extra small ops cost more than the products saved), hence _FRAME_K = 32 in _linalg.py.
 # float32 accuracy against float64 (1,400 generators, k = 32 and 64, every (m, s) from (12, 0) to
 # (20, 1)): values 1.00–1.05× expm(M)[:, :k]'s error (median per degree), gradients 0.87–1.00×. The
@@ -885,7 +903,6 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
 
 def _frame_matrix(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
     """``M = [[T, R], [c I, 0]]`` (…, 2k, 2k)."""
-    k = T.shape[-1]
     bottom = torch.cat([c * _eye(T).expand_as(T), torch.zeros_like(T)], dim=-1)
     return torch.cat([torch.cat([T, R], dim=-1), bottom], dim=-2)
 
@@ -1072,26 +1089,17 @@ def _register_frame_ops() -> bool:
     exponential]); False where that is not possible (then the chart takes expm(M) under compile)."""
     if not _COMPILED_OPS:
         return False
-    try:
-        from torch._functorch.utils import enable_single_level_autograd_function
-        from torch.autograd.forward_ad import _set_fwd_grad_enabled
-        from torch.autograd.function import _SingleLevelFunction
-    except Exception:  # pragma: no cover (depends on the torch version)
-        return False
+    from torch._functorch.utils import enable_single_level_autograd_function  # present: _COMPILED_OPS
+    from torch.autograd.function import _SingleLevelFunction
 
     ops = torch.ops.geofunc
     if hasattr(ops, "frame_expm_vjp"):  # this module imported again: already registered
         return True
 
-    @contextlib.contextmanager
-    def _below() -> Any:
-        with torch.enable_grad(), _set_fwd_grad_enabled(True), torch._C._AutoDispatchBelowAutograd():
-            yield
-
     class _CompiledFrame(_SingleLevelFunction):
         @staticmethod
         def forward(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-            with _below():
+            with _below_autograd():
                 return ops.frame_expm_powers(T, R, c)
 
         @staticmethod
@@ -1108,7 +1116,7 @@ def _register_frame_ops() -> bool:
     class _CompiledFrameVjp(_SingleLevelFunction):
         @staticmethod
         def forward(T: Tensor, R: Tensor, c: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-            with _below():
+            with _below_autograd():
                 return ops.frame_expm_vjp(T, R, c, P, G)
 
         @staticmethod
@@ -1122,36 +1130,27 @@ def _register_frame_ops() -> bool:
             dT, dR, dG = torch.func.vjp(lambda T, R, G: _frame_static_vjp(T, R, c, G), T, R, G)[1]((HT, HR))
             return dT, dR, None, None, dG
 
-    def jvp_level() -> bool:
-        return torch._C._functorch.peek_interpreter_stack() is not None and _forward_levels() > 0
-
-    def forward_mode() -> bool:
-        return torch.autograd.forward_ad._current_level >= 0 or jvp_level()
-
-    def no_graph(*ts: Tensor) -> bool:
-        return not tracks_derivatives(*ts) and not jvp_level()
-
     def frame_autograd(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
-        if no_graph(T, R):
+        if _no_graph(T, R):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.frame_expm(T, R, c)
-        if forward_mode():
+        if _forward_mode():
             return _frame_static(T, R, c)
         with enable_single_level_autograd_function():
             return _CompiledFrame.apply(T, R, c)[0]
 
     def frame_powers_autograd(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        if no_graph(T, R):
+        if _no_graph(T, R):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.frame_expm_powers(T, R, c)
         with enable_single_level_autograd_function():
             return _CompiledFrame.apply(T, R, c)
 
     def frame_vjp_autograd(T: Tensor, R: Tensor, c: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-        if no_graph(T, R, G):
+        if _no_graph(T, R, G):
             with torch._C._AutoDispatchBelowAutograd():
                 return ops.frame_expm_vjp(T, R, c, P, G)
-        if forward_mode():
+        if _forward_mode():
             return _frame_static_vjp(T, R, c, G)
         with enable_single_level_autograd_function():
             return _CompiledFrameVjp.apply(T, R, c, P, G)
@@ -1182,17 +1181,13 @@ def _register_frame_ops() -> bool:
     lib.define("frame_expm(Tensor T, Tensor R, Tensor c) -> Tensor")
     lib.define("frame_expm_powers(Tensor T, Tensor R, Tensor c) -> (Tensor, Tensor)")
     lib.define("frame_expm_vjp(Tensor T, Tensor R, Tensor c, Tensor P, Tensor G) -> (Tensor, Tensor)")
-    for name, kernel, autograd_kernel, fake, vmap_rule in (
+    _register_ops(lib, (
         ("frame_expm", _frame_kernel, frame_autograd, lambda T, R, c: cols(T), frame_vmap),
         ("frame_expm_powers", _frame_powers_kernel, frame_powers_autograd, lambda T, R, c: (cols(T), powers_like(T)),
          frame_powers_vmap),
         ("frame_expm_vjp", _frame_vjp_kernel, frame_vjp_autograd, lambda T, R, c, P, G: (square(T), square(R)),
          frame_vjp_vmap),
-    ):
-        lib.impl(name, kernel, "CompositeExplicitAutograd")
-        lib.impl(name, autograd_kernel, "Autograd")
-        torch.library.register_fake(f"geofunc::{name}", fake, lib=lib)
-        torch.library.register_vmap(f"geofunc::{name}", vmap_rule, lib=lib)
+    ))
     globals()["_FRAME_OPS_LIBRARY"] = lib
     return True
 
@@ -1210,5 +1205,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
     if torch.compiler.is_compiling():
         return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS else None
     if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(X) for X in (T, R)):  # outlived its transform
         return None
     return frame_expm(T, R, c)

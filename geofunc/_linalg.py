@@ -313,7 +313,7 @@ def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, p
     return _tall_chart(base, Z, triv, horizontal)
 
 
-_FRAME_K = 32  # frames at least this wide take frame_expm in plain eager mode (narrower: slower, see its Note)
+_FRAME_K = 32  # frames at least this wide take frame_columns (narrower ones were slower: Note [Frame exponential])
 
 
 def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Tensor, Finish]:
@@ -327,10 +327,9 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     ``Z = 0`` (no QR of ``C``). ``c = max(10⁻³, √‖CᵀC‖₁)`` (detached; the result does not
     depend on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
     promises skew → orthogonal on n×n matrices, so it gets the full ``W``. For ``expm`` on frames of
-    ``_FRAME_K`` or more columns in plain eager mode, ``expm(M)[:, :k]`` is evaluated by blocks on
-    those k columns (:func:`geofunc._expm.frame_columns`, Note [Frame exponential]; under ``torch.compile`` as
-    operators); then ``A`` is None
-    and ``finish`` ignores its argument.
+    ``_FRAME_K`` or more columns, in plain eager mode and under ``torch.compile``, ``expm(M)[:, :k]``
+    is evaluated by blocks on those k columns (:func:`geofunc._expm.frame_columns`, Note [Frame
+    exponential]); then ``A`` is None and ``finish`` ignores its argument.
     """
     k = Y.shape[-1]
     S = _mm(transpose(Y), Z)
