@@ -783,3 +783,15 @@ def test_compiled_frame_kernels_pass_opcheck(dtype, scale, generator):
     with torch.no_grad():
         for a, b in zip(ops.frame_expm_vjp(T, R, c, P, G), ref):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_frame_columns_leaves_leftover_wrappers_to_expm(generator):
+    """A functorch wrapper that outlived its transform goes to expm (whose Function.apply unwraps it):
+    the same columns as the plain tensors give."""
+    T, R, c = _frame_inputs(4, 1.0, generator, torch.float64)
+    leaked = []
+    grad(lambda t: (leaked.append(t), t.sum())[1])(T)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(leaked[0])
+    assert frame_columns(leaked[0], R, c) is None
+    assert frame_columns(T, R, c) is not None
+    torch.testing.assert_close(expm(_frame_matrix(leaked[0], R, c))[..., :4], frame_columns(T, R, c), rtol=1e-12, atol=1e-12)
