@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from ._fastpath import tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, tracks_derivatives
 
 Tensor = torch.Tensor
 
@@ -180,9 +180,9 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
     u = _UNIT_ROUNDOFF[_real(A.dtype)]
     with torch.no_grad():
         a1 = _read_max(_colnorm1(A))
-        for m in _LOW:
-            if a1 <= _theta(m, u):
-                return m, 0, None
+        m = _low_degree(a1, u)
+        if m is not None:
+            return m, 0, None
         t = max(0, math.ceil(math.log2(a1 / 2.0**16))) if a1 > 2.0**16 else 0
         A_t = A * 2.0**-t if t else A
         if powers is None:
@@ -191,19 +191,25 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
             P4 = _mm(P2, P2)
         else:
             P2, P3, P4 = powers
-        if _values(A) is A:  # both 1-norms' finite maxima in one reduction and one read (no copy of the powers)
-            col = torch.stack([_colnorm1(P) for P in (P3, P4)]).reshape(2, -1)
-            norms = _finite_max(col, dim=1).tolist()
-        else:  # under vmap the batch dimensions may sit anywhere in the plain tensor: one read each
-            norms = [_read_max(_colnorm1(P)) for P in (P3, P4)]
-        pre = (t, [A_t, P2, P3, P4])
-        m, s = _pick(max(norms[0] ** (1.0 / 3.0), norms[1] ** 0.25) * 2.0**t, u)
-        return m, s, pre
+        m, s = _high_degree(A, P3, P4, u, 2.0**t)
+        return m, s, (t, [A_t, P2, P3, P4])
 
 
-def _pick(alpha: float, u: float) -> tuple[int, int]:
-    """The degree ``m ∈ _HIGH`` and squarings ``s`` for ``α₃ = alpha`` at unit roundoff ``u``: the
+def _low_degree(a1: float, u: float) -> int | None:
+    """The degree of ``_LOW`` that ``‖A‖₁ = a1`` alone allows at unit roundoff ``u`` (no powers needed), or None."""
+    return next((m for m in _LOW if a1 <= _theta(m, u)), None)
+
+
+def _high_degree(A: Tensor, P3: Tensor, P4: Tensor, u: float, scale: float = 1.0) -> tuple[int, int]:
+    """The degree ``m ∈ _HIGH`` and squarings ``s`` from the largest finite 1-norms of ``A``'s powers
+    ``P3``, ``P4`` (``α₃ = scale · max(‖P3‖^⅓, ‖P4‖^¼)`` over the batch) at unit roundoff ``u``: the
     fewest matrix products, then the fewest squarings."""
+    if _values(A) is A:  # both 1-norms' finite maxima in one reduction and one read (no copy of the powers)
+        col = torch.stack([_colnorm1(P) for P in (P3, P4)]).reshape(2, -1)
+        n3, n4 = _finite_max(col, dim=1).tolist()
+    else:  # under vmap the batch dimensions may sit anywhere in the plain tensor: one read each
+        n3, n4 = (_read_max(_colnorm1(P)) for P in (P3, P4))
+    alpha = max(n3 ** (1.0 / 3.0), n4**0.25) * scale
     best = None
     for m in _HIGH:
         th = _theta(m, u)
@@ -920,10 +926,10 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
     M = _frame_matrix(T, R, c)
     u = _UNIT_ROUNDOFF[_real(M.dtype)]
     a1 = _read_max(_colnorm1(M))
-    for m in _LOW:
-        if a1 <= _theta(m, u):
-            X, cache = _evaluate(M, m, 0, inplace=True)
-            return X[..., :k], {"M": M, "m": m, "s": 0, "full": cache, "powers": None}
+    m = _low_degree(a1, u)
+    if m is not None:
+        X, cache = _evaluate(M, m, 0, inplace=True)
+        return X[..., :k], {"M": M, "m": m, "s": 0, "full": cache, "powers": None}
     if a1 > 2.0**16:  # powers could overflow: expm's own choice, which rescales first (rare)
         m, s, pre = choose_degree(M, powers)
     else:
@@ -936,9 +942,7 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
             P3 = _mm(P2[..., :k], M[..., :k, :])  # M² M: M's rows below k are [c I, 0]
             P3[..., :k].add_(P2[..., k:] * c)
             P4 = _mm(P2, P2)
-        col = torch.stack([_colnorm1(P3), _colnorm1(P4)]).reshape(2, -1)
-        n3, n4 = _finite_max(col, dim=1).tolist()
-        m, s = _pick(max(n3 ** (1.0 / 3.0), n4**0.25), u)
+        m, s = _high_degree(M, P3, P4, u)
         pre = (0, [M, P2, P3, P4])
     if s > 0 or pre[0] != 0:
         X, cache = _evaluate(M, m, s, pre, inplace=True)
@@ -1200,7 +1204,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
     eager mode: :func:`frame_expm`; ``torch.compile``: the frame operators), else None (the caller
     takes ``expm(M)``). Plain tensors of float32/float64 only; no gradient through ``c``."""
     for X in (T, R, c):
-        if type(X) not in (Tensor, torch.nn.Parameter) or X.dtype not in (torch.float32, torch.float64) or X.is_meta:
+        if type(X) not in _PLAIN_TYPES or X.dtype not in _FAST_DTYPES or X.is_meta:
             return None
     if torch.compiler.is_compiling():
         return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS else None
