@@ -8,11 +8,12 @@ transforms and ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ._expm import _mm, _mm_add, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from . import _expm
+from ._expm import _adjoint_value, _evaluate, _frame_matrix, _mm, _mm_add, choose_degree, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
 from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -288,13 +289,17 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
     Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
     if all(base is None for _, base in pairs):
         Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
+        packed = False  # at the identity frame the packed and plain readings agree
     else:
         Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
                    for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
+    X = _one_node_chart(Y, Z, triv, packed, horizontal)
+    if X is None:
         if packed:
             Z = _packed_direction(Y, Z)
-    A, finish = _tall_chart(Y, Z, triv, horizontal)
-    X = finish(None if A is None else resolve_triv(triv)(A)).reshape((len(pairs),) + batch + (n, k))
+        A, finish = _tall_chart(Y, Z, triv, horizontal)
+        X = finish(None if A is None else resolve_triv(triv)(A))
+    X = X.reshape((len(pairs),) + batch + (n, k))
     return [X[i, ..., :m, :] for i, m in enumerate(rows)]
 
 
@@ -308,7 +313,11 @@ def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, p
         return skew_lower(Z), lambda R: R if base is None else base @ R
     if base is None:
         base = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
-    elif packed:
+        packed = False  # at the identity frame the packed and plain readings agree
+    X = _one_node_chart(base, Z, triv, packed, horizontal)
+    if X is not None:
+        return None, lambda _: X
+    if packed:
         Z = _packed_direction(base, Z)
     return _tall_chart(base, Z, triv, horizontal)
 
@@ -332,29 +341,157 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     exponential]); then ``A`` is None and ``finish`` ignores its argument.
     """
     k = Y.shape[-1]
-    S = _mm(transpose(Y), Z)
-    C = _mm_add(Z, Y, S, alpha=-1.0)
-    if horizontal:
-        Omega = torch.zeros_like(S)
-    else:
-        Omega = skew_lower(S)
     if callable(triv):
+        S = _mm(transpose(Y), Z)
+        C = _mm_add(Z, Y, S, alpha=-1.0)
+        Omega = torch.zeros_like(S) if horizontal else skew_lower(S)
         W = Y @ Omega @ transpose(Y) + C @ transpose(Y) - Y @ transpose(C)
         return W, lambda R: R @ Y
-    # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
-    # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
-    CtC = _mm(transpose(C), C)
-    c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
+    C, Omega, CtC, c = _tall_generator(Y, Z, horizontal)
     if triv == "expm" and k >= _FRAME_K:
         # only the first k columns of expm(M), by blocks (Note [Frame exponential] in geofunc/_expm.py)
         F = frame_columns(Omega, -CtC / c, c)
         if F is not None:
             return None, lambda _: _mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :])
-    I = eye_like(S, k).expand_as(S)
-    top = torch.cat([Omega, -CtC / c], dim=-1)
-    bottom = torch.cat([c * I, torch.zeros_like(S)], dim=-1)
-    M = torch.cat([top, bottom], dim=-2)
-    return M, lambda F: _mm_add(_mm(Y, F[..., :k, :k]), C / c, F[..., k:, :k])
+    return _frame_matrix(Omega, -CtC / c, c), lambda F: _mm_add(_mm(Y, F[..., :k, :k]), C / c, F[..., k:, :k])
+
+
+# Note [One-node tall chart]
+# In plain eager mode the tall chart at a constant base (the usual case: bases are data, only the raw
+# coordinates are trained) is one autograd node (_TallChart) with a hand-written adjoint, instead of
+# the ~40 differentiable ops of the packed direction, the generator, the 2k×2k exponential's blocks and
+# the finish (and their ~60 backward nodes): at a rank chart's sizes (8×8 exponentials) those ops'
+# fixed costs were the chart's cost. The forward runs the chain's ops on plain tensors, keeping what
+# the adjoint needs, except that a constant base's (I + P_Y)⁻¹ is read off the polar factor's SVD
+# (_constant_packed_basis: the same to rounding, one inverse fewer); the adjoint is the reverse of
+# each step:
+#
+#   out = Y F₁ + (C/c) F₂ with F = expm(M)[:, :k]:  Ḡ_F = [Yᵀ; (C/c)ᵀ] G,  Ḡ_C = G F₂ᵀ / c
+#   M = [[Ω, R], [c I, 0]] (c constant):            (Ḡ_Ω, Ḡ_R) from expm's adjoint (or the frame one's)
+#   R = −CᵀC/c:                                     Ḡ_C −= C (Ḡ_R + Ḡ_Rᵀ) / c
+#   Ω = skew(tril(S, −1)):                          Ḡ_S = tril(Ḡ_Ω − Ḡ_Ωᵀ, −1)   (0 if horizontal)
+#   C = Δ − Y S,  S = Yᵀ Δ:                         Ḡ_S −= Yᵀ Ḡ_C,  Ḡ_Δ = Ḡ_C + Y Ḡ_S
+#   Δ = Y tril(P_top, −1) + [0; C_b] + W J C_b:     Ḡ_P = [tril(Yᵀ Ḡ_Δ, −1); Ḡ_Δ,bot + Jᵀ Wᵀ Ḡ_Δ]
+#
+# A backward that builds a graph (double backward, Hessian-vector products, the higher-derivative
+# node under torch.func.grad) differentiates the chain recomputed from the saved input, so every
+# derivative order is the chain's. Everything else takes the chain: a base that requires grad,
+# torch.func transforms (though the one node under grad runs this inside, on plain tensors),
+# forward mode, torch.compile (inductor fuses the chain), tensor subclasses, complex dtypes, the
+# Cayley map and user maps.
+
+_ONE_NODE = True  # tests switch it off to compare with the chain
+
+
+def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool) -> Optional[Tensor]:
+    """The tall chart at a constant base as one node (Note [One-node tall chart]), or None: take the chain."""
+    if not _ONE_NODE or triv != "expm" or not eager_fast(Y, Z) or torch.autograd.forward_ad._current_level >= 0:
+        return None
+    if torch._C._functorch.is_functorch_wrapped_tensor(Z) or torch._C._functorch.is_functorch_wrapped_tensor(Y):
+        return None  # a wrapper that outlived its transform
+    grad_mode = torch.is_grad_enabled()
+    if grad_mode and Y.requires_grad:
+        return None
+    if not (grad_mode and Z.requires_grad):
+        return _tall_forward(Y, Z, packed, horizontal)[0]
+    return _TALL_APPLY(Z, Y, packed, horizontal)
+
+
+def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool) -> tuple[Tensor, dict]:
+    """The tall chart's frame from plain tensors (the chain's ops, no graph) and what its adjoint needs."""
+    k = Y.shape[-1]
+    W = J = None
+    if packed:
+        W, J = _constant_packed_basis(Y)
+        D = _packed_apply(Y, W, J, P)
+    else:
+        D = P
+    C, Omega, CtC, c = _tall_generator(Y, D, horizontal)
+    R = -CtC / c
+    if k >= _FRAME_K:
+        F, cache = _expm._frame_forward(Omega, R, c)
+        full = None
+    else:
+        M = _frame_matrix(Omega, R, c)
+        m, s, pre = choose_degree(M)
+        X, full = _evaluate(M, m, s, pre, inplace=True)
+        F, cache = X[..., :k], {"m": m, "s": s, "full": full}
+    Cc = C / c
+    out = _mm_add(_mm(Y, F[..., :k, :]), Cc, F[..., k:, :])
+    return out, {"Y": Y, "W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
+                 "frame": full is None, "packed": packed, "horizontal": horizontal}
+
+
+def _tall_adjoint(st: dict, G: Tensor) -> Tensor:
+    """The gradient of ``⟨G, chart⟩`` with respect to the chart's coordinates (Note [One-node tall chart])."""
+    Y, C, Cc, c, F = st["Y"], st["C"], st["Cc"], st["c"], st["F"]
+    k = Y.shape[-1]
+    GF = torch.cat([_mm(Y.mT, G), _mm(Cc.mT, G)], dim=-2)
+    cache = st["cache"]
+    if st["frame"]:
+        GO, GR = _expm._frame_adjoint(st["Omega"], st["R"], c, cache, GF)
+    else:
+        GM = _adjoint_value(cache["full"], torch.cat([GF, torch.zeros_like(GF)], dim=-1), cache["m"], cache["s"])
+        GO, GR = GM[..., :k, :k], GM[..., :k, k:]
+    GC = _mm_add(_mm(G, F[..., k:, :].mT), C, GR + GR.mT, alpha=-1.0) / c
+    GS = -_mm(Y.mT, GC)
+    if not st["horizontal"]:
+        GS = GS + torch.tril(GO - GO.mT, -1)
+    GD = _mm_add(GC, Y, GS)
+    if not st["packed"]:
+        return GD
+    W, J = st["W"], st["J"]
+    top = torch.tril(_mm(Y.mT, GD), -1)
+    bottom = _mm_add(GD[..., k:, :], J.mT, _mm(W.mT, GD))
+    return torch.cat([top, bottom], dim=-2)
+
+
+def _tall_chain(Y: Tensor, Z: Tensor, packed: bool, horizontal: bool) -> Tensor:
+    """The tall chart as differentiable torch ops (``expm``)."""
+    if packed:
+        Z = _packed_direction(Y, Z)
+    A, finish = _tall_chart(Y, Z, "expm", horizontal)
+    return finish(None if A is None else expm(A))
+
+
+class _TallChart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, P: Tensor, Y: Tensor, packed: bool, horizontal: bool) -> Tensor:  # type: ignore[override]
+        out, ctx.st = _tall_forward(Y, P, packed, horizontal)
+        ctx.save_for_backward(P)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
+        (P,) = ctx.saved_tensors
+        st = ctx.st
+        if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
+            with torch.enable_grad():
+                out = _tall_chain(st["Y"], P, st["packed"], st["horizontal"])
+                GP = torch.autograd.grad(out, P, G, create_graph=True)[0]
+        else:
+            GP = _tall_adjoint(st, G)
+            if GP.shape != P.shape:  # a base with more batch dimensions than the coordinates
+                GP = GP.sum_to_size(P.shape)
+        return GP, None, None, None
+
+
+try:  # the C++ apply, without Function.apply's per-call argument binding (as _expm's _FRAME_APPLY)
+    _TALL_APPLY = super(torch.autograd.Function, _TallChart).apply
+except AttributeError:  # pragma: no cover (depends on the torch version)
+    _TALL_APPLY = _TallChart.apply
+
+
+def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(C, Ω, CᵀC, c)`` of the tall chart's ``M = [[Ω, −CᵀC/c], [c I, 0]]`` (:func:`_tall_chart`)."""
+    S = _mm(transpose(Y), Z)
+    C = _mm_add(Z, Y, S, alpha=-1.0)
+    Omega = torch.zeros_like(S) if horizontal else skew_lower(S)
+    # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
+    # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
+    CtC = _mm(transpose(C), C)
+    c = torch.linalg.matrix_norm(CtC.detach(), ord=1).sqrt().clamp(min=1e-3)[..., None, None]
+    return C, Omega, CtC, c
 
 
 def _polar_factor(A: Tensor) -> Tensor:
@@ -397,6 +534,13 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     ``Y = I[:, :r]`` (``N = [0; I]``) ``Δ = P``: GeoTorch's chart. Exact to all orders in ``P``; in
     ``Y`` exact to first order (``U_p`` from :func:`_polar_factor`).
     """
+    W, J = _packed_basis(Y)
+    return _packed_apply(Y, W, J, P)
+
+
+def _packed_basis(Y: Tensor) -> tuple[Tensor, Tensor]:
+    """The base-only factors ``(W, J)`` of :func:`_packed_direction`: ``W = E S − Y`` (n×r) and
+    ``J = (I + P_Y)⁻¹ Y_botᵀ`` (r×(n−r))."""
     r = Y.shape[-1]
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
     S = -_polar_factor(Ytop)
@@ -404,5 +548,23 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     # Base-only factors first, so that P meets three products and no solve: Δ = Y L + [0; C_b] + W (J C_b).
     J = _mm(torch.linalg.inv(K), transpose(Ybot))  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
     W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
+    return W, J
+
+
+def _constant_packed_basis(Y: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_packed_basis` of a constant base (no derivative through it): ``(I + P_Y)⁻¹`` from the polar
+    factor's SVD ``Y_top = U Σ Vᵀ`` (``P_Y = V Σ Vᵀ``, so ``(I + P_Y)⁻¹ = V (I + Σ)⁻¹ Vᵀ``) instead of an inverse."""
+    r = Y.shape[-1]
+    Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
+    U, sv, Vh = torch.linalg.svd(sanitize(Ytop))
+    S = -_mm(U, Vh) - poison(Ytop)
+    J = _mm(Vh.mT * (1.0 / (1.0 + sv)).unsqueeze(-2), _mm(Vh, Ybot.mT))
+    W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
+    return W, J
+
+
+def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
+    """``Δ = Y L + [0; C_b] + W (J C_b)`` from the base's factors (:func:`_packed_basis`)."""
+    r = Y.shape[-1]
     Cb = P[..., r:, :]
     return _mm_add(_mm_add(torch.nn.functional.pad(Cb, (0, 0, r, 0)), Y, torch.tril(P[..., :r, :], -1)), W, _mm(J, Cb))

@@ -157,3 +157,166 @@ def test_sphere_fast_chart_under_autograd_functional_vectorized(generator):
         torch.testing.assert_close(J, torch.func.jacrev(f)(z), rtol=0, atol=1e-14)
         torch.testing.assert_close(H, torch.func.hessian(h)(z), rtol=0, atol=1e-14)
         assert torch.autograd.gradcheck(f, (z.clone().requires_grad_(),), check_batched_grad=True)
+
+
+# --------------------------------------------------------------------------- tall frame chart
+# Note [One-node tall chart] (geofunc/_linalg.py): the frame chart of Stiefel, Grassmannian and the
+# rank/PSD family at a constant base is one autograd node in plain eager mode; the reference is the
+# op chain (geofunc._linalg._ONE_NODE off), which every other mode runs.
+from geofunc import _linalg  # noqa: E402
+
+FRAME_TOL = {F64: 1e-11, F32: 2e-5}
+FRAME_SPACES = {
+    "Stiefel": gf.Stiefel(),
+    "Grassmannian": gf.Grassmannian(),
+    "LowRank(3)": gf.LowRank(rank=3),
+    "LowRank(32)": gf.LowRank(rank=32),  # k ≥ 32: the frame exponential's blocks
+    "FixedRank(2)": gf.FixedRank(rank=2),
+    "PSSDLowRank(3)": gf.PSSDLowRank(rank=3),
+}
+FRAME_SHAPES = {"tall": (40, 6), "wide": (6, 40), "batched": (2, 30, 5)}
+
+
+def _graph_nodes(t):
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _frame_close(a, b, dtype, what):
+    a, b = a.detach(), b.detach()
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max()) / scale
+    assert err <= FRAME_TOL[dtype], f"{what}: max relative error {err:.2e} > {FRAME_TOL[dtype]:.0e}"
+
+
+def _frame_case(space, shape, scale, dtype, generator):
+    if getattr(space, "rank", 0) >= 32:
+        shape = shape[:-2] + ((80, 40) if shape[-2] >= shape[-1] else (40, 80))
+    if isinstance(space, gf.PSSDLowRank):
+        shape = shape[:-1] + (shape[-2],)
+    Z = torch.randn(shape, generator=generator, dtype=F64) * scale / math.sqrt(max(shape[-2:]))
+    _, base = space.from_manifold(space.sample(shape, generator=generator, dtype=F64))
+    G = torch.randn(shape, generator=generator, dtype=F64)
+    cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    base = tuple(cast(b) for b in base) if isinstance(base, tuple) else cast(base)
+    return Z.to(dtype), base, G.to(dtype)
+
+
+def _frame_derivatives(space, Z, base, G):
+    """Value, gradient, a Hessian-vector product (create_graph) and torch.func.grad's gradient."""
+    z = Z.clone().requires_grad_()
+    X = space.to_manifold(z, base)
+    g = torch.autograd.grad((X * G).sum(), z, create_graph=True)[0]
+    h = torch.autograd.grad((g * G).sum(), z)[0]
+    fg = torch.func.grad(lambda z: (space.to_manifold(z, base) * G).sum())(Z)
+    return X, g, h, fg, _graph_nodes(X)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("shape", list(FRAME_SHAPES.values()), ids=list(FRAME_SHAPES))
+@pytest.mark.parametrize("name", list(FRAME_SPACES))
+def test_tall_chart_node_matches_the_op_chain(name, shape, dtype, generator, monkeypatch):
+    space = FRAME_SPACES[name]
+    for scale in (0.0, 0.3, 3.0, 40.0):  # 40: squarings
+        for with_base in (True, False):
+            Z, base, G = _frame_case(space, shape, scale, dtype, generator)
+            base = base if with_base else None
+            fast = _frame_derivatives(space, Z, base, G)
+            assert "_TallChartBackward" in fast[-1], (name, fast[-1])
+            monkeypatch.setattr(_linalg, "_ONE_NODE", False)
+            slow = _frame_derivatives(space, Z, base, G)
+            monkeypatch.setattr(_linalg, "_ONE_NODE", True)
+            assert "_TallChartBackward" not in slow[-1]
+            ctx = f"{name} {shape} scale {scale} base {with_base} {dtype}"
+            for a, b, what in zip(fast[:4], slow[:4], ("value", "gradient", "Hessian-vector product", "torch.func.grad")):
+                _frame_close(a, b, dtype, f"{what} ({ctx})")
+            with torch.no_grad():
+                _frame_close(space.to_manifold(Z, base), slow[0], dtype, f"value under no_grad ({ctx})")
+
+
+@pytest.mark.parametrize("horizontal", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("k", [3, 32])
+@pytest.mark.parametrize("scale", [0.0, 1e-4, 1.0, 30.0])
+def test_tall_chart_node_against_finite_differences(scale, k, packed, horizontal, generator):
+    n, b = k + 3, (2,) if k < 32 else ()
+    Y = gf.Stiefel().sample(b + (n, k), generator=generator, dtype=F64)
+    Z = (scale * torch.randn(b + (n, k), generator=generator, dtype=F64) / math.sqrt(n)).requires_grad_()
+
+    def chart(Z):
+        X = _linalg.frame_chart(Z, Y, "expm", horizontal=horizontal, packed=packed)
+        assert "_TallChartBackward" in _graph_nodes(X) or not torch.is_grad_enabled()
+        return X
+
+    fast = k >= 32  # ~1,100 inputs: random projections of the Jacobians (gradcheck's fast mode)
+    assert torch.autograd.gradcheck(chart, (Z,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(chart, (Z,), fast_mode=fast)
+
+
+@pytest.mark.parametrize("zshape,bshape", [((3, 20, 6), (20, 6)), ((20, 6), (3, 20, 6)), ((2, 1, 20, 6), (4, 20, 6))], ids=str)
+def test_tall_chart_node_broadcasts_the_base(zshape, bshape, generator, monkeypatch):
+    S = gf.Stiefel()
+    Z = (0.5 * torch.randn(zshape, generator=generator, dtype=F64)).requires_grad_()
+    base = S.sample(bshape, generator=generator, dtype=F64)
+    X = S.to_manifold(Z, base)
+    assert "_TallChartBackward" in _graph_nodes(X)
+    G = torch.randn(X.shape, generator=generator, dtype=F64)
+    g = torch.autograd.grad(X, Z, G)[0]
+    monkeypatch.setattr(_linalg, "_ONE_NODE", False)
+    Xs = S.to_manifold(Z, base)
+    assert g.shape == Z.shape
+    _frame_close(X, Xs, F64, "value")
+    _frame_close(g, torch.autograd.grad(Xs, Z, G)[0], F64, "gradient")
+
+
+def test_tall_chart_node_only_for_constant_bases_in_plain_eager_mode(generator):
+    S = gf.Stiefel()
+    Z = torch.randn(20, 6, generator=generator, dtype=F64, requires_grad=True)
+    base = S.sample((20, 6), generator=generator, dtype=F64)
+    assert "_TallChartBackward" in _graph_nodes(S.to_manifold(Z, base))
+    # a base that requires grad: the op chain, and its gradient
+    b = base.clone().requires_grad_()
+    X = S.to_manifold(Z, b)
+    assert "_TallChartBackward" not in _graph_nodes(X)
+    assert torch.autograd.grad(X.sum(), b)[0].abs().sum() > 0
+    # the Cayley map and user maps: the op chain
+    assert "_TallChartBackward" not in _graph_nodes(gf.Stiefel(triv="cayley").to_manifold(Z, base))
+    # forward mode: the chain's tangents
+    dZ = torch.randn(20, 6, generator=generator, dtype=F64)
+    with fwad.dual_level():
+        t = fwad.unpack_dual(S.to_manifold(fwad.make_dual(Z.detach(), dZ), base)).tangent
+    torch.testing.assert_close(t, torch.func.jvp(lambda z: S.to_manifold(z, base), (Z.detach(),), (dZ,))[1], rtol=1e-12, atol=1e-12)
+    # vmap over models and torch.autograd.functional's vectorized backward
+    Zb = torch.randn(3, 20, 6, generator=generator, dtype=F64)
+    torch.testing.assert_close(vmap(lambda z: S.to_manifold(z, base))(Zb), S.to_manifold(Zb, base), rtol=1e-12, atol=1e-12)
+    f = lambda z: gf.LowRank(rank=2).to_manifold(z, lr_base)  # noqa: E731
+    lr_base = gf.LowRank(rank=2).from_manifold(gf.LowRank(rank=2).sample((7, 5), generator=generator, dtype=F64))[1]
+    z = 0.4 * torch.randn(7, 5, generator=generator, dtype=F64)
+    J = torch.autograd.functional.jacobian(f, z, vectorize=True)
+    torch.testing.assert_close(J, torch.func.jacrev(f)(z), rtol=1e-11, atol=1e-11)
+    h = lambda z: (f(z) * torch.arange(35, dtype=F64).reshape(7, 5)).sum()  # noqa: E731
+    H = torch.autograd.functional.hessian(h, z, vectorize=True)
+    torch.testing.assert_close(H, torch.func.hessian(h)(z), rtol=1e-10, atol=1e-10)
+
+
+def test_tall_chart_node_non_finite_input_gives_nan(generator):
+    S = gf.Stiefel()
+    base = S.sample((2, 20, 6), generator=generator)
+    for bad in (math.nan, math.inf):
+        Z = torch.randn(2, 20, 6, generator=generator)
+        Z[1, 3, 2] = bad
+        Z.requires_grad_()
+        X = S.to_manifold(Z, base)
+        assert "_TallChartBackward" in _graph_nodes(X)
+        assert X[1].isnan().all() and X[0].isfinite().all()
+        B = base.clone()
+        B[0, 0, 0] = bad
+        X = gf.LowRank(rank=3).to_manifold(torch.randn(20, 6, generator=generator, requires_grad=True), (B[0, :, :3], B[1, :6, :3]))
+        assert X.isnan().all()
