@@ -320,3 +320,28 @@ def test_tall_chart_node_non_finite_input_gives_nan(generator):
         B[0, 0, 0] = bad
         X = gf.LowRank(rank=3).to_manifold(torch.randn(20, 6, generator=generator, requires_grad=True), (B[0, :, :3], B[1, :6, :3]))
         assert X.isnan().all()
+
+
+@pytest.mark.parametrize("name,shape", [("LowRank(3)", (10, 64)), ("LowRank(3)", (40, 30)), ("Stiefel", (48, 16)),
+                                        ("Grassmannian", (40, 8)), ("LowRank(32)", (80, 40))])
+def test_tall_chart_node_float32_accuracy_is_the_chains(name, shape, generator, monkeypatch):
+    """float32 values and gradients of the node are as close to float64 as the chain's (summed over
+    cases, within 10%): the node's reordered adjoint and its Cholesky solve cost no accuracy."""
+    space = FRAME_SPACES[name]
+    err = {True: [0.0, 0.0], False: [0.0, 0.0]}
+    for trial in range(24):
+        Z, base, G = _frame_case(space, shape, 0.3 + trial / 8, F64, generator)
+        monkeypatch.setattr(_linalg, "_ONE_NODE", False)
+        z = Z.clone().requires_grad_()
+        X64 = space.to_manifold(z, base)
+        g64 = torch.autograd.grad((X64 * G).sum(), z)[0]
+        b32 = tuple(b.float() for b in base) if isinstance(base, tuple) else base.float()
+        for on in (True, False):
+            monkeypatch.setattr(_linalg, "_ONE_NODE", on)
+            z = Z.float().requires_grad_()
+            X = space.to_manifold(z, b32)
+            g = torch.autograd.grad((X * G.float()).sum(), z)[0]
+            err[on][0] += float((X.detach().double() - X64.detach()).norm())
+            err[on][1] += float((g.double() - g64).norm())
+    assert err[True][0] <= 1.1 * err[False][0], err
+    assert err[True][1] <= 1.1 * err[False][1], err
