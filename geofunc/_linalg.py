@@ -359,9 +359,10 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
 # Note [One-node tall chart]
 # In plain eager mode the tall chart at a constant base (the usual case: bases are data, only the raw
 # coordinates are trained) is one autograd node (_TallChart) with a hand-written adjoint, instead of
-# the ~40 differentiable ops of the packed direction, the generator, the 2k×2k exponential's blocks and
-# the finish (and their ~60 backward nodes): at a rank chart's sizes (8×8 exponentials) those ops'
-# fixed costs were the chart's cost. The forward runs the chain's ops on plain tensors, keeping what
+# the differentiable ops of the packed direction, the generator, the 2k×2k exponential and the finish
+# (25 of the 51 autograd nodes of a LowRank(4) point, 14 of a Stiefel point's 16, each an op forward
+# and one backward): at a rank chart's sizes (8×8 exponentials) those ops' fixed costs were the
+# chart's cost. The forward runs the chain's ops on plain tensors, keeping what
 # the adjoint needs, except that a constant base's (I + P_Y)⁻¹ Y_botᵀ is a Cholesky solve instead of
 # an inverse (_constant_packed_basis: the same to rounding); the adjoint is the reverse of each step:
 #
@@ -460,16 +461,16 @@ class _TallChart(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, P: Tensor, Y: Tensor, packed: bool, horizontal: bool) -> Tensor:  # type: ignore[override]
         out, ctx.st = _tall_forward(Y, P, packed, horizontal)
-        ctx.save_for_backward(P)
+        ctx.save_for_backward(P, Y)  # Y too: an in-place change of the base before the backward is an error
         return out
 
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        (P,) = ctx.saved_tensors
+        P, Y = ctx.saved_tensors
         st = ctx.st
         if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
             with torch.enable_grad():
-                out = _tall_chain(st["Y"], P, st["packed"], st["horizontal"])
+                out = _tall_chain(Y, P, st["packed"], st["horizontal"])
                 GP = torch.autograd.grad(out, P, G, create_graph=True)[0]
         else:
             GP = _tall_adjoint(st, G)

@@ -286,6 +286,12 @@ def test_tall_chart_node_only_for_constant_bases_in_plain_eager_mode(generator):
     X = S.to_manifold(Z, b)
     assert "_TallChartBackward" not in _graph_nodes(X)
     assert torch.autograd.grad(X.sum(), b)[0].abs().sum() > 0
+    # the base is saved for the backward: changing it in place in between is an error, as in the chain
+    b = base.clone()
+    X = S.to_manifold(Z, b)
+    b.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        X.sum().backward()
     # the Cayley map and user maps: the op chain
     assert "_TallChartBackward" not in _graph_nodes(gf.Stiefel(triv="cayley").to_manifold(Z, base))
     # forward mode: the chain's tangents
