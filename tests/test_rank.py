@@ -328,8 +328,13 @@ _DECOMPOSITIONS = ("svd", "eigh", "eig.", "geqrf", "linalg_qr", "lstsq", "choles
 def _decompositions_above(ops, r):
     """Decompositions with an input larger than r×r: the packed chart at a base may only do the
     r×r ones (the polar factor of the base's top block and a solve with ``I + P_Y``), per matrix:
-    the U and V frames' r×r problems may be one batch (Note [Stacked frames])."""
-    return [op for op in ops if any(d in op[0] for d in _DECOMPOSITIONS) and any(math.prod(sh[-2:]) > r * r for sh in op[2])]
+    the U and V frames' r×r problems may be one batch (Note [Stacked frames]). A Cholesky solve's
+    right-hand side may be r×(n − r) (O(n r²) work, Note [One-node tall chart]): only its factor counts."""
+
+    def matrices(op):
+        return op[2][1:] if op[0].startswith("cholesky_solve") else op[2]
+
+    return [op for op in ops if any(d in op[0] for d in _DECOMPOSITIONS) and any(math.prod(sh[-2:]) > r * r for sh in matrices(op))]
 
 
 @pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.FixedRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
