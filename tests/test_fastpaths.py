@@ -1,5 +1,6 @@
-"""The eager one-node fast path (geofunc/_fastpath.py) of the sphere's exponential chart
-(Sphere, Oblique) against the differentiable op chain it stands in for.
+"""The eager one-node fast paths against the differentiable op chains they stand in for: the
+sphere's exponential chart (geofunc/_fastpath.py; Sphere, Oblique) and the tall frame chart at a
+constant base (Note [One-node tall chart] in geofunc/_linalg.py; Stiefel, Grassmannian, the rank family).
 
 In plain eager mode the fast path runs (its node is checked by name, so a refactor cannot
 silently fall back); the reference is the op chain, which is also what runs under
