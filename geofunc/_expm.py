@@ -971,6 +971,16 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
     return h, {"M": M, "m": m, "s": 0, "full": None, "P2": pre[1][1], "P4": P4, "hs": hs, "powers": pre[1][1:]}
 
 
+def _frame_full(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, dict]:
+    """``expm(M)[..., :k]`` evaluated whole, as :func:`expm` evaluates ``M`` (its degree and squarings),
+    with a cache in :func:`_frame_forward`'s form, so that :func:`_frame_adjoint` serves both (the tall
+    chart's narrow frames, Note [One-node tall chart] in ``geofunc/_linalg.py``). Plain tensors, no graph."""
+    M = _frame_matrix(T, R, c)
+    m, s, pre = choose_degree(M)
+    X, full = _evaluate(M, m, s, pre, inplace=True)
+    return X[..., : T.shape[-1]], {"M": M, "m": m, "s": s, "full": full}
+
+
 def _frame_adjoint(T: Tensor, R: Tensor, c: Tensor, cache: dict, G: Tensor) -> tuple[Tensor, Tensor]:
     """The gradients with respect to ``T`` and ``R`` of ``⟨G, expm(M)[:, :k]⟩`` (reverse of
     :func:`_frame_forward`; real dtypes, no graph)."""

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import _expm
-from ._expm import _adjoint_value, _evaluate, _frame_matrix, _mm, _mm_add, choose_degree, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+from ._expm import _frame_matrix, _mm, _mm_add, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
 from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -295,10 +295,7 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
                    for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
     X = _one_node_chart(Y, Z, triv, packed, horizontal)
     if X is None:
-        if packed:
-            Z = _packed_direction(Y, Z)
-        A, finish = _tall_chart(Y, Z, triv, horizontal)
-        X = finish(None if A is None else resolve_triv(triv)(A))
+        X = _tall_chain(Y, Z, triv, packed, horizontal)
     X = X.reshape((len(pairs),) + batch + (n, k))
     return [X[i, ..., :m, :] for i, m in enumerate(rows)]
 
@@ -364,7 +361,7 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
 # and one backward): at a rank chart's sizes (8×8 exponentials) those ops' fixed costs were the
 # chart's cost. The forward runs the chain's ops on plain tensors, keeping what
 # the adjoint needs, except that a constant base's (I + P_Y)⁻¹ Y_botᵀ is a Cholesky solve instead of
-# an inverse (_constant_packed_basis: the same to rounding); the adjoint is the reverse of each step:
+# an inverse (_packed_basis: the same to rounding); the adjoint is the reverse of each step:
 #
 #   out = Y F₁ + (C/c) F₂ with F = expm(M)[:, :k]:  Ḡ_F = [Yᵀ; (C/c)ᵀ] G,  Ḡ_C = G F₂ᵀ / c
 #   M = [[Ω, R], [c I, 0]] (c constant):            (Ḡ_Ω, Ḡ_R) from expm's adjoint (or the frame one's)
@@ -402,37 +399,27 @@ def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool) -> tuple
     k = Y.shape[-1]
     W = J = None
     if packed:
-        W, J = _constant_packed_basis(Y)
+        W, J = _packed_basis(Y, constant=True)
         D = _packed_apply(Y, W, J, P)
     else:
         D = P
     C, Omega, CtC, c = _tall_generator(Y, D, horizontal)
     R = -CtC / c
-    if k >= _FRAME_K:
-        F, cache = _expm._frame_forward(Omega, R, c)
-        full = None
-    else:
-        M = _frame_matrix(Omega, R, c)
-        m, s, pre = choose_degree(M)
-        X, full = _evaluate(M, m, s, pre, inplace=True)
-        F, cache = X[..., :k], {"m": m, "s": s, "full": full}
+    # expm(M)'s first k columns as the chain takes them: by blocks from _FRAME_K columns on, else whole
+    F, cache = (_expm._frame_forward if k >= _FRAME_K else _expm._frame_full)(Omega, R, c)
     Cc = C / c
     out = _mm_add(_mm(Y, F[..., :k, :]), Cc, F[..., k:, :])
-    return out, {"Y": Y, "W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
-                 "frame": full is None, "packed": packed, "horizontal": horizontal}
+    return out, {"W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
+                 "packed": packed, "horizontal": horizontal}
 
 
-def _tall_adjoint(st: dict, G: Tensor) -> Tensor:
-    """The gradient of ``⟨G, chart⟩`` with respect to the chart's coordinates (Note [One-node tall chart])."""
-    Y, C, Cc, c, F = st["Y"], st["C"], st["Cc"], st["c"], st["F"]
+def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
+    """The gradient of ``⟨G, chart⟩`` with respect to the chart's coordinates at the base ``Y`` (Note
+    [One-node tall chart])."""
+    C, Cc, c, F = st["C"], st["Cc"], st["c"], st["F"]
     k = Y.shape[-1]
     GF = torch.cat([_mm(Y.mT, G), _mm(Cc.mT, G)], dim=-2)
-    cache = st["cache"]
-    if st["frame"]:
-        GO, GR = _expm._frame_adjoint(st["Omega"], st["R"], c, cache, GF)
-    else:
-        GM = _adjoint_value(cache["full"], torch.cat([GF, torch.zeros_like(GF)], dim=-1), cache["m"], cache["s"])
-        GO, GR = GM[..., :k, :k], GM[..., :k, k:]
+    GO, GR = _expm._frame_adjoint(st["Omega"], st["R"], c, st["cache"], GF)
     # The sums in the chain's order (products first, then added): fusing GC + Y GS into one addmm left
     # float32 gradients ~14% further from float64 (Grassmannian 40×8), GD being a projection of GC.
     GCtC = -GR / c
@@ -449,12 +436,12 @@ def _tall_adjoint(st: dict, G: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
-def _tall_chain(Y: Tensor, Z: Tensor, packed: bool, horizontal: bool) -> Tensor:
-    """The tall chart as differentiable torch ops (``expm``)."""
+def _tall_chain(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool) -> Tensor:
+    """The tall chart as differentiable torch ops (what every mode but the one node runs)."""
     if packed:
         Z = _packed_direction(Y, Z)
-    A, finish = _tall_chart(Y, Z, "expm", horizontal)
-    return finish(None if A is None else expm(A))
+    A, finish = _tall_chart(Y, Z, triv, horizontal)
+    return finish(None if A is None else resolve_triv(triv)(A))
 
 
 class _TallChart(torch.autograd.Function):
@@ -470,10 +457,10 @@ class _TallChart(torch.autograd.Function):
         st = ctx.st
         if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
             with torch.enable_grad():
-                out = _tall_chain(Y, P, st["packed"], st["horizontal"])
+                out = _tall_chain(Y, P, "expm", st["packed"], st["horizontal"])
                 GP = torch.autograd.grad(out, P, G, create_graph=True)[0]
         else:
-            GP = _tall_adjoint(st, G)
+            GP = _tall_adjoint(st, Y, G)
             if GP.shape != P.shape:  # a base with more batch dimensions than the coordinates
                 GP = GP.sum_to_size(P.shape)
         return GP, None, None, None
@@ -541,31 +528,24 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     return _packed_apply(Y, W, J, P)
 
 
-def _packed_basis(Y: Tensor) -> tuple[Tensor, Tensor]:
+def _packed_basis(Y: Tensor, constant: bool = False) -> tuple[Tensor, Tensor]:
     """The base-only factors ``(W, J)`` of :func:`_packed_direction`: ``W = E S − Y`` (n×r) and
-    ``J = (I + P_Y)⁻¹ Y_botᵀ`` (r×(n−r))."""
+    ``J = (I + P_Y)⁻¹ Y_botᵀ`` (r×(n−r)).
+
+    ``constant`` (a base nothing differentiates, Note [One-node tall chart]): ``J`` by a Cholesky solve
+    (``I + P_Y`` is symmetric, its eigenvalues in [1, 2] for an orthonormal base) instead of an inverse
+    and a product, ~3× cheaper at r = 4. Either way ``I + P_Y`` is formed from the computed polar
+    factor: read off its SVD (``V (I + Σ)⁻¹ Vᵀ``) it disagreed with ``W`` by rounding, and float32
+    gradients came out ~12% further from float64."""
     r = Y.shape[-1]
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
     S = -_polar_factor(Ytop)
     K = eye_like(S, r) - sym_part(_mm(transpose(S), Ytop))  # I + P_Y
     # Base-only factors first, so that P meets three products and no solve: Δ = Y L + [0; C_b] + W (J C_b).
-    J = _mm(torch.linalg.inv(K), transpose(Ybot))  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
-    W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
-    return W, J
-
-
-def _constant_packed_basis(Y: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_packed_basis` of a constant base (no derivative through it), with ``(I + P_Y)⁻¹ Y_botᵀ`` from a
-    Cholesky factor of ``I + P_Y`` (symmetric, eigenvalues in [1, 2] for an orthonormal base) instead of an
-    inverse: ~3× cheaper at r = 4. ``I + P_Y`` is formed from the computed polar factor, as the chain does:
-    read off its SVD (``V (I + Σ)⁻¹ Vᵀ``) it disagreed with ``W`` by rounding, and float32 gradients came
-    out ~12% further from float64."""
-    r = Y.shape[-1]
-    Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
-    U, _, Vh = torch.linalg.svd(sanitize(Ytop))
-    S = -_mm(U, Vh) - poison(Ytop)
-    K = eye_like(S, r) - sym_part(_mm(S.mT, Ytop))  # I + P_Y
-    J = torch.cholesky_solve(Ybot.mT, torch.linalg.cholesky_ex(K)[0])
+    if constant:
+        J = torch.cholesky_solve(transpose(Ybot), torch.linalg.cholesky_ex(K)[0])
+    else:
+        J = _mm(torch.linalg.inv(K), transpose(Ybot))  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
     W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
     return W, J
 
