@@ -262,9 +262,11 @@ def _fusable(flat: list) -> list | None:
     return diff if any(diff) else None
 
 
-def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
+def one_node(fn: Callable[..., Any], worth: Callable[..., bool] | None = None) -> Callable[..., Any]:
     """Wrap a map returning a tensor (or a pytree of tensors) so that it is one node under ``torch.func.grad``
-    (Note [One node under torch.func.grad]); elsewhere it is called directly."""
+    (Note [One node under torch.func.grad]); elsewhere it is called directly. ``worth(*args, **kwargs)``,
+    if given, is asked under ``grad`` whether this call's maths is worth a node (False: a few ops,
+    cheaper as they are)."""
     if not AVAILABLE:  # pragma: no cover
         return fn
 
@@ -273,7 +275,7 @@ def one_node(fn: Callable[..., Any]) -> Callable[..., Any]:
         if torch.compiler.is_compiling() or _OFF.depth or peek_interpreter_stack() is None:
             return fn(*args, **kwargs)
         frame = _grad_frame()
-        if frame is None:
+        if frame is None or (worth is not None and not worth(*args, **kwargs)):
             return fn(*args, **kwargs)
         flat, treedef = optree.tree_flatten((args, kwargs), none_is_leaf=True)
         diff = _fusable(flat)

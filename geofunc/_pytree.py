@@ -314,8 +314,14 @@ def _to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None) -> 
     return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
 
 
+def _worth_a_node(constraints: Constraints, raw: PyTree, bases: Bases | None) -> bool:
+    """Whether a space of ``constraints`` fuses its map (``AbstractSpace._one_node``): a tree of only
+    cheap maps (``Rn``, ``Sym``, ...) is cheaper as their few ops under ``torch.func.grad``."""
+    return any(is_space(c) and c._one_node for c in optree.tree_leaves(constraints, is_leaf=is_space))
+
+
 # Under torch.func.grad the whole pytree is one node (Note [One node under torch.func.grad]).
-_to_manifold_node = one_node(_to_manifold)
+_to_manifold_node = one_node(_to_manifold, worth=_worth_a_node)
 
 
 def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:

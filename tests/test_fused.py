@@ -1,6 +1,8 @@
 """Under ``torch.func.grad`` a chart is one autograd node (Note [One node under torch.func.grad]).
 
-Every space of the registry: the node is taken, and the value, the gradient (with respect to the
+Every space of the registry: the node is taken where the space asks for it (``_one_node``; the
+maps of a few ops, ``Rn``, ``Sym``, ``Skew``, ``Hermitian``, ``SphereEmbedded``, run as their ops),
+and the value, the gradient (with respect to the
 raw tensor and to the base), the double backward inside the transform and the paths that must not
 take the node (nested transforms, an outer autograd graph, vjp) equal plain autograd on the same
 maths, in float64 to rounding.
@@ -58,7 +60,8 @@ def test_one_node_gradient_equals_autograd(case, generator):
         return _inner(G, X)
 
     g, v = grad_and_value(f)(Z)
-    assert nodes == ["_FusedBackward"]
+    fused = nodes == ["_FusedBackward"]
+    assert fused == type(M)._one_node, nodes
     Zg = Z.clone().requires_grad_()
     expected = torch.autograd.grad(_inner(G, M.to_manifold(Zg, base)), Zg)[0]
     _close(v, _inner(G, M.to_manifold(Z, base)))
@@ -142,9 +145,12 @@ def test_errors_and_constants_under_grad(generator):
     M = gf.Stiefel()
     with pytest.raises(gf.ManifoldError):
         grad(lambda Z: M.to_manifold(Z, torch.eye(5, 2, dtype=F64)).sum())(torch.zeros(6, 3, dtype=F64))
-    # the identity chart returns its input: the node's value must not alias it
+    # a map that returns its input: the node's value must not alias it
     Z = torch.randn(4, 3, generator=generator, dtype=F64)
-    g = grad(lambda Z: (gf.Rn().to_manifold(Z) * 2.0).sum())(Z)
+    identity = _fused.one_node(lambda Z: Z)
+    g = grad(lambda Z: (identity(Z) * 2.0).sum())(Z)
+    _close(g, torch.full_like(Z, 2.0))
+    g = grad(lambda Z: (gf.Rn().to_manifold(Z) * 2.0).sum())(Z)  # Rn: no node, the identity itself
     _close(g, torch.full_like(Z, 2.0))
     # grad inside torch.no_grad() still differentiates (functorch's rule), through the node too
     with torch.no_grad():
@@ -171,6 +177,27 @@ def test_errors_and_constants_under_grad(generator):
     assert len({id(n) for n in nodes}) == 1 and type(nodes[0]).__name__ == "_FusedBackward"
     for k, e in zip(rg, expected):
         _close(got[k], e)
+
+
+def test_pytree_of_cheap_maps_takes_no_node(generator):
+    """A tree whose spaces all run as their ops (``_one_node`` False) is not one node: its maps are
+    cheaper as a few ops under ``grad``; one fusing space makes the whole tree one node again."""
+    cheap = {"s": gf.Sym(), "r": gf.Rn(), "e": gf.SphereEmbedded()}
+    shapes = {"s": (4, 4), "r": (3,), "e": (5,), "f": (6, 3)}
+    raw = {k: torch.randn(v, generator=generator, dtype=F64) for k, v in shapes.items()}
+    for c, fused in ((cheap, False), ({**cheap, "f": gf.Stiefel()}, True)):
+        nodes = []
+
+        def loss(raw):
+            p = gf.to_manifold(c, raw)
+            nodes.extend(type(p[k].grad_fn).__name__ for k in c)
+            return sum(p[k].sin().sum() for k in p)
+
+        got = grad(loss)(raw)
+        assert (set(nodes) == {"_FusedBackward"}) == fused and ("_FusedBackward" in nodes) == fused, nodes
+        rg = {k: v.clone().requires_grad_() for k, v in raw.items()}
+        for k, e in zip(rg, torch.autograd.grad(loss(rg), list(rg.values()))):
+            _close(got[k], e)
 
 
 def test_pytree_with_leaves_that_are_not_tensors(generator):

@@ -227,6 +227,11 @@ class AbstractSpace(_Space, abc.ABC):
     point_ndim: ClassVar[int] = 2
     #: Whether the space takes complex tensors (Note [Complex]); False: they raise ``ManifoldError``.
     accepts_complex: ClassVar[bool] = False
+    #: Whether ``to_manifold``/``logabsdet`` become one autograd node under ``torch.func.grad`` (Note
+    #: [One node under torch.func.grad], ``geofunc/_fused.py``). False for maps of a few ops (a copy of
+    #: a triangle, a normalization), where the node's fixed cost is more than the transform's cost
+    #: for those ops. Read when the class is created, so set it in the class body.
+    _one_node: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -493,7 +498,7 @@ def _apply_policy(cls: type) -> None:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
             fn = _in_float32(fn)
-            if name in _ONE_NODE_METHODS:  # Note [One node under torch.func.grad] (geofunc/_fused.py)
+            if name in _ONE_NODE_METHODS and cls._one_node:  # Note [One node under torch.func.grad] (geofunc/_fused.py)
                 fn = one_node(fn)
             setattr(cls, name, fn)
     fn = cls.__dict__.get("_violations")

@@ -47,6 +47,7 @@ class Rn(AbstractSpace):
 
     point_ndim: ClassVar[int] = 0
     accepts_complex: ClassVar[bool] = True
+    _one_node: ClassVar[bool] = False  # the identity: nothing to fuse under torch.func.grad
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_float(X, what)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -30,6 +30,8 @@ class SphereEmbedded(RadiusSphere):
         >>> X
         tensor([1.2000, 1.6000])
     """
+
+    _one_node: ClassVar[bool] = False  # a normalization: cheaper as its few ops under torch.func.grad
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")

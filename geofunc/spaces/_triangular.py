@@ -30,6 +30,7 @@ class TriangleSpace(AbstractSpace):
     lower: bool = True
 
     _sign: ClassVar[float] = 1.0
+    _one_node: ClassVar[bool] = False  # a copy of a triangle: cheaper as its few ops under torch.func.grad
 
     def __post_init__(self) -> None:
         if not isinstance(self.lower, bool):
