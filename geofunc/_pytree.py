@@ -314,10 +314,15 @@ def _to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None) -> 
     return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
 
 
-def _worth_a_node(constraints: Constraints, raw: PyTree, bases: Bases | None) -> bool:
+def _worth_a_node(constraints: Constraints, raw: PyTree = None, bases: Bases | None = None) -> bool:
     """Whether a space of ``constraints`` fuses its map (``AbstractSpace._one_node``): a tree of only
     cheap maps (``Rn``, ``Sym``, ...) is cheaper as their few ops under ``torch.func.grad``."""
-    return any(is_space(c) and c._one_node for c in optree.tree_leaves(constraints, is_leaf=is_space))
+    if is_space(constraints):
+        return constraints._one_node
+    if isinstance(constraints, Mapping):
+        return any(_worth_a_node(c) for c in constraints.values())
+    node = _children(constraints)  # any other container (a list, a tuple, a registered pytree node)
+    return node is not None and any(_worth_a_node(c) for c in node[1])
 
 
 # Under torch.func.grad the whole pytree is one node (Note [One node under torch.func.grad]).

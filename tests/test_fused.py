@@ -198,6 +198,18 @@ def test_pytree_of_cheap_maps_takes_no_node(generator):
         rg = {k: v.clone().requires_grad_() for k, v in raw.items()}
         for k, e in zip(rg, torch.autograd.grad(loss(rg), list(rg.values()))):
             _close(got[k], e)
+    # other containers of constraints: a tuple of spaces, nested in a list
+    pair = (torch.randn(4, 4, generator=generator, dtype=F64), torch.randn(6, 3, generator=generator, dtype=F64))
+    for c, fused in (([(gf.Sym(), gf.Rn())], False), ([(gf.Sym(), gf.Stiefel())], True)):
+        nodes = []
+
+        def loss2(pair):
+            p = gf.to_manifold(c, [pair])[0]
+            nodes.extend(type(t.grad_fn).__name__ for t in p)
+            return sum(t.sin().sum() for t in p)
+
+        grad(loss2)(pair)
+        assert ("_FusedBackward" in nodes) == fused, nodes
 
 
 def test_pytree_with_leaves_that_are_not_tensors(generator):
