@@ -230,7 +230,8 @@ class AbstractSpace(_Space, abc.ABC):
     #: Whether ``to_manifold``/``logabsdet`` become one autograd node under ``torch.func.grad`` (Note
     #: [One node under torch.func.grad], ``geofunc/_fused.py``). False for maps of a few ops (a copy of
     #: a triangle, a normalization), where the node's fixed cost is more than the transform's cost
-    #: for those ops. Read when the class is created, so set it in the class body.
+    #: for those ops. Read when a class is created, for the maps that class itself defines: set it in
+    #: the body of the class that defines ``to_manifold``.
     _one_node: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
