@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from . import _expm
-from ._expm import _frame_matrix, _mm, _mm_add, expm, frame_columns  # the matrix exponential's one home (re-exported: the "expm" trivialization)
+# the matrix exponential's one home (expm re-exported: the "expm" trivialization)
+from ._expm import _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, expm, frame_columns
 from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -406,7 +406,7 @@ def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool) -> tuple
     C, Omega, CtC, c = _tall_generator(Y, D, horizontal)
     R = -CtC / c
     # expm(M)'s first k columns as the chain takes them: by blocks from _FRAME_K columns on, else whole
-    F, cache = (_expm._frame_forward if k >= _FRAME_K else _expm._frame_full)(Omega, R, c)
+    F, cache = (_frame_forward if k >= _FRAME_K else _frame_full)(Omega, R, c)
     Cc = C / c
     out = _mm_add(_mm(Y, F[..., :k, :]), Cc, F[..., k:, :])
     return out, {"W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
@@ -419,7 +419,7 @@ def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
     C, Cc, c, F = st["C"], st["Cc"], st["c"], st["F"]
     k = Y.shape[-1]
     GF = torch.cat([_mm(Y.mT, G), _mm(Cc.mT, G)], dim=-2)
-    GO, GR = _expm._frame_adjoint(st["Omega"], st["R"], c, st["cache"], GF)
+    GO, GR = _frame_adjoint(st["Omega"], st["R"], c, st["cache"], GF)
     # The sums in the chain's order (products first, then added): fusing GC + Y GS into one addmm left
     # float32 gradients ~14% further from float64 (Grassmannian 40×8), GD being a projection of GC.
     GCtC = -GR / c
