@@ -179,6 +179,10 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
     """
     u = _UNIT_ROUNDOFF[_real(A.dtype)]
     with torch.no_grad():
+        if powers is None and A.shape[-1] <= _SPECULATE_N and _values(A) is A:
+            choice = _small_choice(A, u)
+            if choice is not None:
+                return choice
         a1 = _read_max(_colnorm1(A))
         m = _low_degree(a1, u)
         if m is not None:
@@ -195,6 +199,34 @@ def choose_degree(A: Tensor, powers: Any = None) -> tuple[int, int, Any]:
         return m, s, (t, [A_t, P2, P3, P4])
 
 
+# Note [Small degree choice]
+# For a small plain matrix (n ≤ _SPECULATE_N, the rank charts' 2r×2r frames) choose_degree computes
+# the powers A², A³, A⁴ before it knows whether ‖A‖₁ alone decides (three products of a few hundred
+# flops each), then reads the three 1-norms' batch maxima in one reduction and one transfer to
+# Python: ~9 ops where the two-step choice took ~18 (the fixed cost of an op, ~1–5 µs, is the cost
+# here). Same degree, squarings and powers, bit for bit. Past ‖A‖₁ = 2¹⁶ (the powers might overflow)
+# it falls back to the two-step choice, which rescales first. Under vmap the batch dimensions may
+# sit anywhere in the plain tensor, so the norms are read one by one there (_read_max).
+_SPECULATE_N = 16
+
+
+def _small_choice(A: Tensor, u: float) -> tuple[int, int, Any] | None:
+    """:func:`choose_degree` of a small plain ``A`` with its powers computed first (Note [Small degree
+    choice]), or None past ‖A‖₁ = 2¹⁶."""
+    P2 = _mm(A, A)
+    P3 = _mm(P2, A)
+    P4 = _mm(P2, P2)
+    norms = _colnorm1(torch.stack([A, P3, P4])).reshape(3, -1)
+    a1, n3, n4 = _finite_max(norms, dim=1).tolist()
+    if a1 > 2.0**16:
+        return None
+    m = _low_degree(a1, u)
+    if m is not None:
+        return m, 0, None
+    m, s = _pick_degree(max(n3 ** (1.0 / 3.0), n4**0.25), u)
+    return m, s, (0, [A, P2, P3, P4])
+
+
 def _low_degree(a1: float, u: float) -> int | None:
     """The degree of ``_LOW`` that ``‖A‖₁ = a1`` alone allows at unit roundoff ``u`` (no powers needed), or None."""
     return next((m for m in _LOW if a1 <= _theta(m, u)), None)
@@ -209,7 +241,12 @@ def _high_degree(A: Tensor, P3: Tensor, P4: Tensor, u: float, scale: float = 1.0
         n3, n4 = _finite_max(col, dim=1).tolist()
     else:  # under vmap the batch dimensions may sit anywhere in the plain tensor: one read each
         n3, n4 = (_read_max(_colnorm1(P)) for P in (P3, P4))
-    alpha = max(n3 ** (1.0 / 3.0), n4**0.25) * scale
+    return _pick_degree(max(n3 ** (1.0 / 3.0), n4**0.25) * scale, u)
+
+
+def _pick_degree(alpha: float, u: float) -> tuple[int, int]:
+    """The degree ``m ∈ _HIGH`` and squarings ``s`` for ``α₃ = alpha``: the fewest matrix products, then
+    the fewest squarings."""
     best = None
     for m in _HIGH:
         th = _theta(m, u)

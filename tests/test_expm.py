@@ -63,6 +63,38 @@ def test_choice_uses_power_norms(generator):
     torch.testing.assert_close(expm(N), ref_expm(N), rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_small_choice_is_the_two_step_choice(dtype, generator, monkeypatch):
+    """Note [Small degree choice]: small matrices get their powers before the choice; the degree, the
+    squarings and the powers are those of the two-step choice, across every branch (low degrees from
+    ‖A‖₁, high ones from α₃, squarings, the rescaled fallback past 2¹⁶, a NaN/inf matrix in the batch)."""
+    import geofunc._expm as E
+
+    seen = set()
+    for n in (1, 2, 8, 16):
+        for scale in (0.0, 1e-7, 1e-3, 0.04, 0.3, 1.5, 8.0, 300.0, 1e6):
+            A = _rand((3, n, n), scale, generator, dtype)
+            for X in (A, A[0], A.mT):
+                Y = X.clone()
+                if X.ndim == 3:
+                    Y[1, 0, 0] = float("nan")
+                    Y[2, -1, 0] = float("inf")
+                for Z in (X, Y):
+                    small = E._small_choice(Z, E._UNIT_ROUNDOFF[_real(dtype)])
+                    fast = choose_degree(Z)
+                    monkeypatch.setattr(E, "_SPECULATE_N", 0)
+                    slow = choose_degree(Z)
+                    monkeypatch.setattr(E, "_SPECULATE_N", 16)
+                    assert fast[:2] == slow[:2], (n, scale)
+                    assert (fast[2] is None) == (slow[2] is None)
+                    if fast[2] is not None:
+                        assert fast[2][0] == slow[2][0]
+                        for P, Q in zip(fast[2][1], slow[2][1]):
+                            assert torch.equal(P.nan_to_num(0.0, 0.0, 0.0), Q.nan_to_num(0.0, 0.0, 0.0))
+                    seen.add("fallback" if small is None else ("low" if fast[2] is None else f"s={fast[1] > 0}"))
+    assert seen == {"low", "s=False", "s=True", "fallback"}
+
+
 # ----------------------------------------------------------------------------- values
 
 
