@@ -8,6 +8,7 @@ from typing import Any, Optional, final
 
 import torch
 
+from .._linalg import poison
 from ._base import AbstractSpace
 
 __all__ = ["Birkhoff"]
@@ -269,8 +270,9 @@ class Birkhoff(AbstractSpace):
       ``E X = 11ᵀ/n``).
 
     Membership: row and column sums equal to 1 within ``atol`` and entries ``≥ −atol`` (an
-    entry of an interior point can underflow to 0 in floating point). NaN or inf raw input
-    gives NaN.
+    entry of an interior point can underflow to 0 in floating point, as one of ``exp(−1e30)`` does).
+    NaN or inf raw input (``Z``, ``base``, ``Y``, or ``X``, ``V`` of ``retract``; ``−inf`` included)
+    gives NaN in the matrices it is in.
 
     Example:
         >>> import torch, geofunc as gf
@@ -294,7 +296,9 @@ class Birkhoff(AbstractSpace):
         if base is not None:
             self._require_base(Z, base)
             Z = Z + _safe_log(base)
-        return sinkhorn(Z)
+        # A −inf entry is a finite zero of exp(Z) to the balancing (a plausible point): poison the
+        # matrices with a non-finite entry in Z or base (Note [NaN policy]).
+        return sinkhorn(Z) + poison(Z, base)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
@@ -324,7 +328,8 @@ class Birkhoff(AbstractSpace):
         # An entry that underflowed to 0 (a face of the polytope) has V/X = ±inf: the cap keeps
         # it below √tiny, so the retraction stays finite and on that face.
         cap = 0.5 * math.log(1.0 / tiny)
-        return sinkhorn(torch.log(Xs) + (V / Xs).clamp(min=-cap, max=cap))
+        # The cap would also turn V = ±inf into a finite step: non-finite X or V gives NaN instead.
+        return sinkhorn(torch.log(Xs) + (V / Xs).clamp(min=-cap, max=cap)) + poison(X, V)
 
     def project(self, Y: Tensor) -> Tensor:
         """``S(max(Y, ε·max|Y|))``, a canonical doubly stochastic matrix (``Y`` itself on the space)."""

@@ -50,7 +50,8 @@ class Oblique(AbstractSpace):
     ``tangent(X, G) = G − X diag(Re(XᴴG))`` (Note [Complex]).
 
     NaN or inf raw input gives NaN in the affected columns, never a plausible point;
-    :meth:`contains` is False on them. A vector (``ndim < 2``) or an empty matrix raises
+    :meth:`contains` is False on them; finite raw input of any scale gives a point (as for
+    :class:`Sphere`). A vector (``ndim < 2``) or an empty matrix raises
     :class:`~geofunc.ManifoldError`.
 
     Example:

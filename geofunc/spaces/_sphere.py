@@ -38,12 +38,14 @@ def _series(s: Tensor, coefs: tuple[float, ...]) -> Tensor:
     return out
 
 
-def _cos_sinc_sqrt(s: Tensor) -> tuple[Tensor, Tensor]:
-    """``(cos √s, sin √s / √s)`` for ``s >= 0``, smooth at ``s = 0`` (Note [sqrt-free cos and sinc])."""
+def _cos_sinc_sqrt(s: Tensor, m: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``(cos t, sin t / t)``, ``t = m √s``, for ``s >= 0``, smooth at ``s = 0`` (Note [sqrt-free cos
+    and sinc]). ``m`` (default 1) is the detached scale of :func:`_scale`: ``s`` is then the squared
+    norm of the scaled vector, ``s ≥ 1`` wherever ``m > 1``, so the series branch sees ``m = 1`` only."""
     small = s < _S_SMALL  # False for NaN: NaN goes through the exact branch and stays NaN
     s_series = torch.where(small, s, torch.zeros_like(s))
     s_exact = torch.where(small, torch.ones_like(s), s)
-    t = torch.sqrt(s_exact)
+    t = torch.sqrt(s_exact) if m is None else m * torch.sqrt(s_exact)
     cos = torch.where(small, _series(s_series, _COS_COEFS), torch.cos(t))
     sinc = torch.where(small, _series(s_series, _SINC_COEFS), torch.sin(t) / t)
     return cos, sinc
@@ -61,10 +63,28 @@ def _dot(A: Tensor, B: Tensor) -> Tensor:
     return (A * B).sum(-1, keepdim=True)
 
 
+# Note [the chart at extreme scales]
+# ‖v‖² overflows for ‖v‖ ≳ 1.8e19 in float32 (1.3e154 in float64), and cos(inf) is NaN: a finite
+# raw tensor became NaN. So the op chain computes ‖v‖ as m ‖v/m‖ with m = max(1, max_i |v_i|)
+# (_scale): nothing overflows below the largest float, and for ‖v‖∞ ≤ 1 (m = 1) the arithmetic is
+# the unscaled one. Underflow needs nothing: where ‖v‖² underflows the chart is u + v to
+# rounding, which cos = sinc = 1 gives. m is detached: ‖v‖ = m ‖v/m‖ for every constant m, so
+# every derivative is the exact one; the series branch (s < 0.1) only ever sees m = 1. The fast
+# path reads ‖v‖ from _norm_values (float64 sums for float32; a one-op scale for float64), and
+# its backward and jvp are written with t = ‖v‖ rather than s = t², as (c − σ)/t · ⟨G, v⟩/t · v,
+# so no intermediate overflows or underflows either. Past ‖v‖ ~ 1/ε (1.7e7 in float32) the point
+# is on the sphere but is the rounding's: the ulp of t exceeds 1, so cos t is any value.
+def _scale(V: Tensor) -> Tensor:
+    """``max(1, max_i |V_i|)`` along the last dim, detached (Note [the chart at extreme scales])."""
+    return V.detach().abs().amax(-1, keepdim=True).clamp(min=1.0)
+
+
 def _exp_chart_smooth(Z: Tensor, U: Tensor, r: float) -> Tensor:
     """:func:`_exp_chart` as differentiable torch ops, exact to every order at ``v = 0``."""
     V = Z - _dot(Z, U) * U
-    cos, sinc = _cos_sinc_sqrt(_dot(V, V))
+    m = _scale(V)
+    W = V / m
+    cos, sinc = _cos_sinc_sqrt(_dot(W, W), m)
     return r * (cos * U + sinc * V)
 
 
@@ -75,27 +95,39 @@ def _exp_chart_smooth(Z: Tensor, U: Tensor, r: float) -> Tensor:
 # vector-Jacobian product below, O(n) and a dozen ops. With x = r(c u + σ v), v = z − a u,
 # a = ⟨z, u⟩, s = ⟨v, v⟩, t = √s, c = cos t, σ = sinc t and g = (c − σ)/s (g(0) = −1/3):
 #   dx/r = (g v − σ u)⟨v, dv⟩ + σ dv + c du,   dv = dz − ⟨dz, u⟩u − ⟨z, du⟩u − a du.
-# g is computed as (c − σ)/max(s, 1e-30) without a series: its absolute error ~ε/s is
-# multiplied by ⟨G, v⟩ v = O(s), so the gradient keeps an absolute error ~ε‖G‖ for every s
-# (below 1e-30 the whole term is < 1e-30 ‖G‖; the clamp keeps it finite, 0/0 at v = 0
-# included, in float32 too). When a graph is being built (create_graph=True: second
+# g ⟨G, v⟩ is computed as (c − σ)/t̂ · ⟨G, v⟩/t̂, t̂ = max(t, 1e-15), without a series (and
+# without s, which overflows: Note [the chart at extreme scales]): the absolute error ~ε/t of
+# the first factor is multiplied by ⟨G, v⟩ v/t̂ = O(t), so the gradient keeps an absolute error
+# ~ε‖G‖ for every t (below 1e-15 the whole term is < 1e-30 ‖G‖; the clamp keeps it finite, 0/0
+# at v = 0 included, in float32 too). When a graph is being built (create_graph=True: second
 # derivatives are wanted) the backward differentiates _exp_chart_smooth instead, so higher
 # derivatives stay exact at v = 0. Under torch.func transforms, torch.compile, other dtypes
 # or tensor subclasses the smooth ops run directly (geofunc/_fastpath.py).
-_S_TINY = 1e-30
+_T_TINY = 1e-15
+
+
+def _norm_values(V: Tensor) -> Tensor:
+    """``‖V‖`` (last dim, kept) of float32/float64 values, without overflow or underflow (Note [the
+    chart at extreme scales]); the fast path's, about as cheap as the ``√⟨v, v⟩`` it replaced. A
+    float32 vector's squares are summed in float64, where no float32 square overflows or
+    underflows. Float64 is scaled by ``m = max(1, ‖v‖₁)`` (one op, where ``max|v_i|`` is two):
+    ``‖v/m‖ ≥ 1/√n`` when ``m > 1``, so only entries below 1e-154 of the largest are lost."""
+    if V.dtype == torch.float32:
+        return torch.linalg.vector_norm(V, dim=-1, keepdim=True, dtype=torch.float64).float()
+    m = torch.linalg.vector_norm(V, 1, dim=-1, keepdim=True).clamp_(min=1.0)
+    return torch.linalg.vector_norm(V / m, dim=-1, keepdim=True).mul_(m)
 
 
 def _chart_parts(Z: Tensor, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(a, v, s, c, σ)`` of Note [the sphere chart's fast path] (values, no graph)."""
+    """``(a, v, t, c, σ)`` of Note [the sphere chart's fast path] (values, no graph)."""
     a = _dot(Z, U)
     V = torch.addcmul(Z, a, U, value=-1.0)
-    s = _dot(V, V)
-    t = torch.sqrt(s)
+    t = _norm_values(V)
     c = torch.cos(t)
     # sin(t)/t, not special.sinc(t/π): the rounding of t/π (~ε t) would make c and σ disagree
     # for large t (‖x‖ off by 4e-3 at t = 3e4 in float32).
     sinc = torch.where(t == 0, 1.0, torch.sin(t) / t)
-    return a, V, s, c, sinc
+    return a, V, t, c, sinc
 
 
 def _chart_values(Z: Tensor, U: Tensor, r: float) -> Tensor:
@@ -104,8 +136,11 @@ def _chart_values(Z: Tensor, U: Tensor, r: float) -> Tensor:
     return X if r == 1.0 else X * r
 
 
-def _g(s: Tensor, c: Tensor, sinc: Tensor) -> Tensor:
-    return (c - sinc) / s.clamp(min=_S_TINY)
+def _radial(t: Tensor, c: Tensor, sinc: Tensor, p: Tensor) -> Tensor:
+    """``g p = (c − σ) p / t²`` as ``(c − σ)/t̂ · p/t̂``, ``t̂ = max(t, 1e-15)`` (``p = ⟨·, v⟩``;
+    Note [the sphere chart's fast path])."""
+    tc = t.clamp(min=_T_TINY)
+    return (c - sinc) / tc * (p / tc)
 
 
 class _ExpChart(torch.autograd.Function):
@@ -117,11 +152,11 @@ class _ExpChart(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, Z: Tensor, U: Tensor, r: float) -> Tensor:  # type: ignore[override]
-        a, V, s, c, sinc = _chart_parts(Z, U)
+        a, V, t, c, sinc = _chart_parts(Z, U)
         ctx.save_for_backward(Z, U)
         ctx.save_for_forward(Z, U)
         ctx.r = r
-        ctx.parts = (a, V, s, c, sinc)
+        ctx.parts = (a, V, t, c, sinc)
         X = torch.addcmul(c * U, sinc, V)
         return X if r == 1.0 else X * r
 
@@ -135,12 +170,11 @@ class _ExpChart(torch.autograd.Function):
             wrt = [T for T, need in ((Z, need_z), (U, need_u)) if need]
             grads = iter(torch.autograd.grad(_exp_chart_smooth(Z, U, r), wrt, G, create_graph=True, allow_unused=True))
             return (next(grads) if need_z else None), (next(grads) if need_u else None), None
-        a, V, s, c, sinc = ctx.parts
+        a, V, t, c, sinc = ctx.parts
         if r != 1.0:
             G = G * r
         Gu = _dot(G, U)
-        Gv = _dot(G, V)
-        k = _g(s, c, sinc) * Gv - sinc * Gu  # the coefficient of ⟨v, dv⟩
+        k = _radial(t, c, sinc, _dot(G, V)) - sinc * Gu  # the coefficient of ⟨v, dv⟩
         gz = gu = None
         if need_z:
             # P(σ G + k v) with P = I − u uᵀ (dv = P dz), using P v = v (v ⊥ u to rounding).
@@ -152,11 +186,12 @@ class _ExpChart(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dZ: Optional[Tensor], dU: Optional[Tensor], _dr: Any) -> Tensor:  # type: ignore[override]
         Z, U = ctx.saved_tensors
-        a, V, s, c, sinc = ctx.parts
+        a, V, t, c, sinc = ctx.parts
         dV = torch.zeros_like(V) if dZ is None else dZ - _dot(dZ, U) * U
         if dU is not None:
             dV = dV - _dot(Z, dU) * U - a * dU
-        dX = (_g(s, c, sinc) * V - sinc * U) * _dot(V, dV) + sinc * dV
+        p = _dot(V, dV)
+        dX = _radial(t, c, sinc, p) * V - (sinc * p) * U + sinc * dV
         if dU is not None:
             dX = dX + c * dU
         return dX if ctx.r == 1.0 else dX * ctx.r
@@ -185,15 +220,22 @@ def normalize(Y: Tensor, r: float) -> Tensor:
     return r * Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
 
 
-def _unit_base(base: Tensor) -> Tensor:
+def _unit_base(base: Tensor, r: float = 1.0) -> Tensor:
     # base / ‖base‖ equals base / r for a valid base; normalising (rather than dividing by r)
-    # keeps the rounding error of long runs of `rebase` from accumulating in the norm.
+    # keeps the rounding error of long runs of `rebase` from accumulating in the norm. A radius
+    # other than 1 is divided out first: ‖base‖ overflows (underflows) in float32 for r ≳ 1e19
+    # (r ≲ 1e-19), which made a valid base the zero vector.
+    if r != 1.0:
+        base = base / r
     return base / torch.linalg.vector_norm(base, dim=-1, keepdim=True)
 
 
 def sphere_tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
-    """``G − ⟨G, X⟩ X / r²`` along the last dim."""
-    return G - _dot(G, X) * X / (r * r)
+    """``G − ⟨G, X⟩ X / r²`` along the last dim (as ``G − ⟨G, u⟩ u``, ``u = X / r``: ``r²`` overflows
+    float32 for ``r ≳ 1e19``)."""
+    if r != 1.0:
+        X = X / r
+    return G - _dot(G, X) * X
 
 
 def validate_radius(space: Any) -> None:
@@ -236,7 +278,9 @@ class RadiusSphere(AbstractSpace):
         return normalize(Y, self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(X, dim=-1) - self.radius).abs() / self.radius}
+        # ‖x/r‖ rather than ‖x‖/r: ‖x‖ of a valid point overflows float32 for r ≳ 1e19.
+        Xu = X if self.radius == 1.0 else X / self.radius
+        return {"|‖x‖ − r| / r": (torch.linalg.vector_norm(Xu, dim=-1) - 1.0).abs()}
 
 
 @final
@@ -279,7 +323,9 @@ class Sphere(RadiusSphere):
     ``sample(dtype=complex…)`` is uniform on that sphere.
 
     NaN or inf raw input (``Z``, ``Y``, ``V``) gives NaN in the affected points, never a
-    plausible point; :meth:`contains` is False on them. Errors: ``radius <= 0`` (or not a
+    plausible point; :meth:`contains` is False on them. Finite raw input of any scale (1e-30 to
+    1e30 in float32, 1e-300 to 1e300 in float64) gives a point; past ``‖v‖ ~ 1/ε`` it is the
+    rounding's (cos of a number whose ulp exceeds 1). Errors: ``radius <= 0`` (or not a
     finite real number) raises :class:`~geofunc.ManifoldError` at construction, a 0-d or
     empty tensor at the first call.
 
@@ -306,7 +352,7 @@ class Sphere(RadiusSphere):
             U = _e1(Z)
         else:
             self._require_base(Z, base)
-            U = _unit_base(base)
+            U = _unit_base(base, self.radius)
         return _exp_chart(Z, U, self.radius)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,9 +19,10 @@ Tensor = torch.Tensor
 class SphereEmbedded(RadiusSphere):
     r"""Vectors (last dimension) of norm ``radius``, :math:`\{x : \|x\| = r\}`, through the projection
     chart ``X = r Z/‖Z‖``: GeoTorch's ``SphereEmbedded`` (``geotorch.sphere(..., embedded=True)``) as a pure space: no
-    base, ``from_manifold(X) = (X / r, None)``. The chart is singular at ``Z = 0`` (the chart of
-    :class:`Sphere`, the exponential map at a base, is not); prefer ``Sphere`` unless you want
-    GeoTorch's exact chart. ``tangent``, ``retract``, ``project``, ``sample`` and membership are
+    base, ``from_manifold(X) = (X / r, None)``. The chart is singular at ``Z = 0`` (NaN there; the
+    chart of :class:`Sphere`, the exponential map at a base, is not); every other finite ``Z``, of
+    any scale (1e-300 to 1e300 in float64), gives a point, and NaN or inf entries give NaN. Prefer
+    ``Sphere`` unless you want GeoTorch's exact chart. ``tangent``, ``retract``, ``project``, ``sample`` and membership are
     :class:`Sphere`'s: ``G − ⟨G, X⟩X/r²``, ``r(X + V)/‖X + V‖``, ``rY/‖Y‖``, uniform.
 
     Example::
@@ -36,7 +37,12 @@ class SphereEmbedded(RadiusSphere):
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_no_base(base)
-        return self.radius * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
+        # ‖Z‖ overflows (1e20 in float32 became 0) and underflows (1e-25 became inf): Z is first
+        # divided by its largest entry, detached, which the map is invariant to (so every derivative
+        # is the exact one). Z = 0 stays singular (0/0: NaN); NaN/inf entries give NaN.
+        Y = Z / Z.detach().abs().amax(-1, keepdim=True)  # (2× faster than vector_norm(ord=inf))
+        X = Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
+        return X if self.radius == 1.0 else self.radius * X  # (one node fewer at the default radius)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         return X / self.radius, None

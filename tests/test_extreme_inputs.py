@@ -1,0 +1,337 @@
+"""Extreme raw inputs: finite raw tensors of every scale give points, non-finite ones give NaN.
+
+The library rule (README, Conventions): a NaN/±inf raw entry gives NaN in its point (never a
+plausible point), a finite raw tensor in a supported dtype gives a point on the manifold (never
+all-zero, inf or NaN). Found by a fuzz pass and pinned here:
+
+* Birkhoff turned a −inf entry of ``Z`` (or of ``V`` in ``retract``) into a finite point that
+  ``contains`` accepted (exp(−inf) = 0 is a valid zero entry to the balancing). A finite −1e30
+  giving an exact 0 entry is allowed (an interior point's entry may underflow to 0).
+* SphereEmbedded's ``‖Z‖`` overflowed (1e20 in float32 became the zero vector) or underflowed
+  (1e-25 became inf); Sphere's and Oblique's chart squared ``‖v‖`` (NaN from 1e20 in float32, 1e155
+  in float64).
+
+Checked in eager mode (the sphere's one-node fast path and its no-grad value path), under
+``vmap``/``grad``/``jvp`` (the op chain) and ``torch.compile``; gradients at a normal scale against
+finite differences; the scaled op chain's derivatives equal the unscaled formula's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.func import grad, hessian, jvp, vmap
+
+import geofunc as gf
+from geofunc.spaces import _sphere
+from geofunc.testing import no_vmap_fallback
+
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+B = gf.Birkhoff()
+SPHERES = [gf.Sphere(), gf.Sphere(radius=2.5), gf.SphereEmbedded(), gf.SphereEmbedded(radius=0.5), gf.Oblique()]
+#: scales 1e-30..1e30 (float32 and bfloat16), 1e-300..1e300 (float64)
+SCALES = {
+    F32: [10.0**e for e in range(-30, 31, 5)],
+    BF16: [10.0**e for e in range(-30, 31, 10)],
+    F64: [10.0**e for e in range(-300, 301, 25)],
+}
+
+
+def _raw(space, scale, dtype, g, batch=4):
+    shape = (batch, 5, 3) if isinstance(space, gf.Oblique) else (batch, 6)
+    Z = torch.randn(shape, generator=g, dtype=F64)
+    Z[0] = Z[0].abs()  # one point with all entries of one sign, and one with a single entry
+    Z[1] = 0.0
+    Z[1, ..., 2] = 1.0
+    return (scale * Z).to(dtype)
+
+
+def _on_manifold(space, X, what):
+    assert bool(torch.isfinite(X).all()), f"{what}: non-finite output"
+    assert bool((X != 0).any(-1).all()), f"{what}: an all-zero vector"
+    assert bool(space.contains(X).all()), f"{what}: off the manifold, {space.check(X)}"
+
+
+# --------------------------------------------------------------------------- the sphere family
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+@pytest.mark.parametrize("space", SPHERES, ids=repr)
+def test_spheres_give_a_point_at_every_finite_scale(space, dtype, generator):
+    with_base = not isinstance(space, gf.SphereEmbedded)
+    for scale in SCALES[dtype]:
+        Z = _raw(space, scale, dtype, generator)
+        bases = [None]
+        if with_base:
+            bases.append(space.sample(Z.shape[1:], generator=generator, dtype=dtype))
+        for base in bases:
+            what = f"{space} at scale {scale:g}, {dtype}, base {'given' if base is not None else 'None'}"
+            with torch.no_grad():  # the value path
+                _on_manifold(space, space.to_manifold(Z, base), what + " (no grad)")
+            Zg = Z.clone().requires_grad_()
+            X = space.to_manifold(Zg, base)  # the one-node fast path (float32/float64)
+            _on_manifold(space, X.detach(), what)
+            (g,) = torch.autograd.grad((X * torch.linspace(-1, 1, X.shape[-1], dtype=dtype)).sum(), Zg)
+            assert bool(torch.isfinite(g).all()), f"{what}: non-finite gradient"
+            with no_vmap_fallback():  # the op chain
+                Xv = vmap(lambda z: space.to_manifold(z, base))(Z)
+            _on_manifold(space, Xv, what + " (vmap)")
+            gv = vmap(grad(lambda z: (space.to_manifold(z, base) * torch.linspace(-1, 1, Z.shape[-1], dtype=dtype)).sum()))(Z)
+            assert bool(torch.isfinite(gv).all()), f"{what}: non-finite gradient under vmap(grad)"
+            # project and retract (already scaled) stay on the manifold too
+            _on_manifold(space, space.project(Z), what + " (project)")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_sphere_embedded_is_scale_invariant_to_the_last_bit(dtype, generator):
+    # Division by the largest entry (a power of ten times the same mantissas is not exact, but the
+    # result is the same unit vector to rounding) and the gradient scales as 1/c: ∇f(cZ) = ∇f(Z)/c.
+    M = gf.SphereEmbedded(radius=2.0)
+    Z = torch.randn(3, 7, generator=generator, dtype=F64)
+    C = torch.randn(3, 7, generator=generator, dtype=F64)
+    ref = M.to_manifold(Z)
+    (g_ref,) = torch.autograd.grad((M.to_manifold(Z.requires_grad_()) * C).sum(), Z)
+    Z = Z.detach()
+    lo, hi = (-30, 30) if dtype == F32 else (-300, 300)
+    tol = 1e-5 if dtype == F32 else 1e-13
+    for e in range(lo, hi + 1, 10):
+        c = 10.0**e
+        Zc = (c * Z).to(dtype).requires_grad_()
+        X = M.to_manifold(Zc)
+        torch.testing.assert_close(X.double(), ref, atol=tol, rtol=tol)
+        (g,) = torch.autograd.grad((X * C.to(dtype)).sum(), Zc)
+        torch.testing.assert_close(g.double() * c, g_ref, atol=tol * 10, rtol=tol * 10)
+
+
+def test_sphere_embedded_at_zero_stays_singular():
+    # Documented: the projection chart is singular at Z = 0 (NaN there, as GeoTorch's).
+    X = gf.SphereEmbedded().to_manifold(torch.tensor([[0.0, 0.0, 0.0], [1e-30, 0.0, 0.0]]))
+    assert bool(X[0].isnan().all())
+    torch.testing.assert_close(X[1], torch.tensor([1.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+@pytest.mark.parametrize("space", SPHERES, ids=repr)
+def test_spheres_non_finite_raw_gives_nan(space, dtype, generator):
+    for bad in (math.nan, math.inf, -math.inf):
+        Z = _raw(space, 1.0, dtype, generator, batch=3)
+        Z[1, ..., 0] = bad
+        cols = isinstance(space, gf.Oblique)  # a bad entry poisons its column only
+        for how, f in (
+            ("no grad", lambda z: space.to_manifold(z)),
+            ("grad", lambda z: space.to_manifold(z.clone().requires_grad_())),
+            ("vmap", vmap(space.to_manifold)),
+        ):
+            with torch.no_grad() if how == "no grad" else torch.enable_grad():
+                X = f(Z).detach()
+            what = f"{space}, {bad} entry, {dtype}, {how}"
+            bad_part = X[1, ..., 0] if cols else X[1]
+            assert bool(bad_part.isnan().all()), what
+            assert bool(torch.isfinite(X[[0, 2]]).all()), what
+            assert not bool(space.contains(X)[1]), what
+        V = torch.zeros_like(Z)
+        V[1, ..., 0] = bad
+        R = space.retract(space.sample(Z.shape[1:], generator=generator, dtype=dtype), V)
+        assert bool((R[1, ..., 0] if cols else R[1]).isnan().all()) and bool(torch.isfinite(R[[0, 2]]).all())
+
+
+def _chart_unscaled(Z, U):
+    """The chart as it was written before the rescaling (exact where ‖v‖² does not overflow)."""
+    V = Z - _sphere._dot(Z, U) * U
+    cos, sinc = _sphere._cos_sinc_sqrt(_sphere._dot(V, V))
+    return cos * U + sinc * V
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-3, 0.2, 3.0, 40.0])  # ≥ 3: max|v_i| > 1, the scale m > 1
+def test_scaled_chart_has_the_exact_derivatives(scale, generator):
+    U = torch.randn(5, generator=generator, dtype=F64)
+    U = U / U.norm()
+    z = scale * torch.randn(5, generator=generator, dtype=F64)
+    w = torch.randn(5, generator=generator, dtype=F64)
+    f = lambda z: (_sphere._exp_chart_smooth(z, U, 1.0) * w).sum()  # noqa: E731
+    f0 = lambda z: (_chart_unscaled(z, U) * w).sum()  # noqa: E731
+    torch.testing.assert_close(grad(f)(z), grad(f0)(z), atol=1e-13, rtol=1e-12)
+    torch.testing.assert_close(hessian(f)(z), hessian(f0)(z), atol=1e-12, rtol=1e-11)
+    # finite differences, of the op chain (torch.func), the fast node and SphereEmbedded
+    Zb = (scale * torch.randn(2, 5, generator=generator, dtype=F64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: _sphere._exp_chart_smooth(z, U, 1.5), (Zb,), check_forward_ad=True)
+    assert torch.autograd.gradcheck(lambda z: _sphere._exp_chart(z, U, 1.5), (Zb,), check_forward_ad=True)
+    if scale > 0:
+        Ze = (Zb.detach() + 0.1).requires_grad_()
+        assert torch.autograd.gradcheck(gf.SphereEmbedded(radius=2.0).to_manifold, (Ze,), check_forward_ad=True)
+        assert torch.autograd.gradgradcheck(gf.SphereEmbedded(radius=2.0).to_manifold, (Ze,))
+        Zo = (scale * torch.randn(4, 3, generator=generator, dtype=F64)).requires_grad_()
+        assert torch.autograd.gradcheck(gf.Oblique().to_manifold, (Zo,), check_forward_ad=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_sphere_derivatives_at_huge_scales_are_tangent_and_bounded(dtype, generator):
+    # At ‖v‖ = 1e20 (1e200) the point's value is the rounding's (cos of a number with an ulp of 1e13),
+    # but the chart's differential must still be the one of a map onto the sphere: tangent at x and
+    # of norm ≤ 1 (its singular values are 1 radially and |sinc ‖v‖| across), in both the fast
+    # node (backward and jvp) and the op chain (torch.func).
+    S = gf.Sphere()
+    for scale in ((1e20, 1e30) if dtype == F32 else (1e20, 1e200, 1e300)):
+        Z = (scale * torch.randn(4, 6, generator=generator, dtype=F64)).to(dtype)
+        dZ = torch.randn(4, 6, generator=generator, dtype=dtype)
+        with fwad.dual_level():
+            X, dX = fwad.unpack_dual(S.to_manifold(fwad.make_dual(Z, dZ)))
+        X2, dX2 = jvp(S.to_manifold, (Z,), (dZ,))
+        for x, dx, how in ((X, dX, "fast jvp"), (X2, dX2, "torch.func.jvp")):
+            assert bool(torch.isfinite(dx).all()), how
+            nrm = dx.norm(dim=-1)
+            assert bool((nrm <= 1.001 * dZ.norm(dim=-1)).all()), (how, scale)
+            assert float(((x * dx).sum(-1).abs() / nrm.clamp(min=1e-30)).max()) < 1e-3, (how, scale)
+        Zg = Z.clone().requires_grad_()
+        (g,) = torch.autograd.grad(S.to_manifold(Zg), Zg, dZ)
+        assert bool(torch.isfinite(g).all()) and bool((g.norm(dim=-1) <= 1.001 * dZ.norm(dim=-1)).all())
+
+
+@pytest.mark.parametrize("space", SPHERES, ids=repr)
+def test_spheres_vmap_equals_the_loop(space, generator):
+    # At a normal scale the op chain (vmap) and the fast path (loop) agree to rounding; at extreme
+    # scales SphereEmbedded (scale-invariant) still does, the exponential chart is on the sphere
+    # either way (cos of a huge ‖v‖ is the rounding's, test_spheres_give_a_point_at_every_finite_scale).
+    for dtype, scales in ((F64, (1.0, 5.0, 1e-300, 1e300)), (F32, (1.0, 5.0, 1e-30, 1e30))):
+        for scale in scales:
+            if scale not in (1.0, 5.0) and not isinstance(space, gf.SphereEmbedded):
+                continue
+            Z = _raw(space, scale, dtype, generator)
+            C = torch.randn(Z.shape, generator=generator, dtype=dtype)
+            with no_vmap_fallback():
+                got = vmap(space.to_manifold)(Z)
+                gg = vmap(grad(lambda z, c: (space.to_manifold(z) * c).sum()))(Z, C)
+            loop = torch.stack([space.to_manifold(z) for z in Z])
+            gl = torch.stack([torch.autograd.grad((space.to_manifold(z) * c).sum(), z)[0]
+                              for z, c in zip(Z.clone().requires_grad_(), C)])
+            tol = 1e-12 if dtype == F64 else 1e-5
+            torch.testing.assert_close(got, loop, atol=tol, rtol=tol)
+            torch.testing.assert_close(gg * scale, gl * scale, atol=tol * 10, rtol=tol * 10)
+
+
+def test_spheres_under_compile_at_extreme_scales():
+    S, E = gf.Sphere(), gf.SphereEmbedded()
+    Z = torch.tensor([[1e30, 2e30, -1e30], [1e-30, 0.0, 3e-30], [1.0, math.nan, 0.0]])
+    torch._dynamo.reset()
+    try:
+        for M in (S, E):
+            X = torch.compile(M.to_manifold, fullgraph=True, backend="aot_eager")(Z)
+            _on_manifold(M, X[:2], f"{M} compiled")
+            assert bool(X[2].isnan().all())
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_spheres_of_extreme_radius(dtype, generator):
+    # ‖x‖ of a valid point overflowed float32 at r = 1e20 (contains was False on sample's points,
+    # and a base of that radius became the zero vector), as did r² in tangent.
+    radii = (1e-30, 1e-20, 1e20, 1e30) if dtype == F32 else (1e-300, 1e300)
+    for r in radii:
+        for M in (gf.Sphere(radius=r), gf.SphereEmbedded(radius=r)):
+            X = M.sample((4, 5), generator=generator, dtype=dtype)
+            Z = torch.randn(4, 5, generator=generator, dtype=dtype)
+            assert bool(M.contains(X).all()), (M, dtype)
+            Y = M.to_manifold(Z, X) if isinstance(M, gf.Sphere) else M.to_manifold(Z)
+            _on_manifold(M, Y, f"{M} to_manifold")
+            T = M.tangent(X, Z)
+            assert float(((T * X).sum(-1).abs() / (r * T.norm(dim=-1))).max()) < 1e-5, (M, dtype)
+            _on_manifold(M, M.retract(X, T), f"{M} retract")
+            if isinstance(M, gf.Sphere):
+                _, base = M.rebase(Z, X)
+                _on_manifold(M, base, f"{M} rebase")
+
+
+# --------------------------------------------------------------------------- Birkhoff
+def _bad_batch(bad, generator, dtype=F64):
+    Z = torch.randn(3, 4, 4, generator=generator, dtype=dtype)
+    Zbad = Z.clone()
+    Zbad[1, 2, 1] = bad
+    return Z, Zbad
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan], ids=str)
+def test_birkhoff_non_finite_raw_gives_nan_per_matrix(bad, generator):
+    Z, Zbad = _bad_batch(bad, generator)
+    ref = B.to_manifold(Z)
+    C = torch.randn(3, 4, 4, generator=generator, dtype=F64)
+    keep = [0, 2]
+
+    def check(X, how):
+        assert bool(X[1].isnan().all()), how
+        torch.testing.assert_close(X[keep], ref[keep], atol=1e-14, rtol=0, msg=how)
+        assert B.contains(X).tolist() == [True, False, True], how
+
+    check(B.to_manifold(Zbad), "eager")
+    with torch.no_grad():
+        check(B.to_manifold(Zbad), "no grad")
+    with no_vmap_fallback():
+        check(vmap(B.to_manifold)(Zbad), "vmap")
+    # gradients and tangents of the finite neighbours are unchanged
+    Zg = Zbad.clone().requires_grad_()
+    X = B.to_manifold(Zg)
+    check(X.detach(), "autograd")
+    (g,) = torch.autograd.grad((X[keep] * C[keep]).sum(), Zg)
+    Zr = Z.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad((B.to_manifold(Zr)[keep] * C[keep]).sum(), Zr)
+    torch.testing.assert_close(g[keep], g_ref[keep], atol=1e-12, rtol=1e-10)
+    gf_ = grad(lambda z: (B.to_manifold(z)[keep] * C[keep]).sum())(Zbad)
+    torch.testing.assert_close(gf_[keep], g_ref[keep], atol=1e-12, rtol=1e-10)
+    X, dX = jvp(B.to_manifold, (Zbad,), (C,))
+    check(X, "jvp")
+    torch.testing.assert_close(dX[keep], jvp(B.to_manifold, (Z,), (C,))[1][keep], atol=1e-12, rtol=1e-10)
+    # retract: a non-finite V (or X) entry gives NaN; project: a non-finite Y entry too
+    Xp = B.sample((3, 4, 4), generator=generator, dtype=F64)
+    V = B.tangent(Xp, C) * 0.1
+    Vbad = V.clone()
+    Vbad[1, 2, 1] = bad
+    R, Rref = B.retract(Xp, Vbad), B.retract(Xp, V)
+    assert bool(R[1].isnan().all()) and B.contains(R).tolist() == [True, False, True]
+    torch.testing.assert_close(R[keep], Rref[keep], atol=1e-14, rtol=0)
+    Xbad = Xp.clone()
+    Xbad[1, 0, 0] = bad
+    assert B.contains(B.retract(Xbad, V)).tolist() == [True, False, True]
+    assert B.contains(B.project(Zbad)).tolist() == [True, False, True]
+    # a non-finite base
+    base = B.sample((3, 4, 4), generator=generator, dtype=F64)
+    base[1, 3, 3] = bad
+    assert B.contains(B.to_manifold(Z, base)).tolist() == [True, False, True]
+
+
+def test_birkhoff_minus_inf_under_compile(generator):
+    Z, Zbad = _bad_batch(-math.inf, generator)
+    torch._dynamo.reset()
+    try:
+        Zg = Zbad.clone().requires_grad_()
+        X = torch.compile(B.to_manifold, fullgraph=True, backend="aot_eager")(Zg)
+        assert bool(X[1].isnan().all())
+        torch.testing.assert_close(X[[0, 2]].detach(), B.to_manifold(Z)[[0, 2]], atol=1e-12, rtol=0)
+        (g,) = torch.autograd.grad((X[[0, 2]] ** 2).sum(), Zg)
+        assert bool(torch.isfinite(g[[0, 2]]).all())
+        V = torch.zeros_like(Zbad)
+        V[1, 0, 0] = -math.inf
+        R = torch.compile(B.retract, fullgraph=True, backend="aot_eager")(B.to_manifold(Z), V)
+        assert B.contains(R).tolist() == [True, False, True]
+    finally:
+        torch._dynamo.reset()
+
+
+def test_birkhoff_huge_negative_raw_entry_is_an_allowed_zero():
+    # Not a bug: exp(−1e30) = 0 is an entry of the closed polytope, and an interior point's
+    # entry may underflow to 0 (the docstring's membership allows it).
+    Z = torch.zeros(3, 3)
+    Z[0, 0] = -1e30
+    X = B.to_manifold(Z)
+    assert float(X[0, 0]) == 0.0 and bool(B.contains(X))
+    torch.testing.assert_close(X, torch.tensor([[0.0, 0.5, 0.5], [0.5, 0.25, 0.25], [0.5, 0.25, 0.25]]))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+def test_birkhoff_gives_a_point_at_every_finite_scale(dtype, generator):
+    for scale in SCALES[dtype]:
+        Z = (scale * torch.randn(3, 5, 5, generator=generator, dtype=F64)).to(dtype)
+        X = B.sample((3, 5, 5), generator=generator, dtype=dtype)
+        for what, P in (("to_manifold", B.to_manifold(Z)), ("retract", B.retract(X, B.tangent(X, Z))),
+                        ("project", B.project(Z))):
+            assert bool(torch.isfinite(P).all()) and bool(B.contains(P).all()), (what, scale, dtype)
