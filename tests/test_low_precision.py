@@ -223,3 +223,78 @@ def test_autocast_training_keeps_float32_weights_on_their_spaces(dtype) -> None:
     assert _orthonormal(W0, _tol(torch.float32, W0))
     assert _sym_psd(W2, _tol(torch.float32, W2), True)
     assert _rank_le(W4, 2, _tol(torch.float32, W4))
+
+
+# ----------------------------------------------------------------------------- the PSD family's floor
+# Regression: a bf16 PSD point is the rounding of a float32 point whose smallest eigenvalue is at
+# least the floor √ε_bf16 ≈ 0.088 of "softplus"; membership lowered that floor by the rounding
+# allowance ε√n·σ₁ (~0.25 at n = 128) and then required the eigenvalue above the allowance itself,
+# so gf.PSD().to_manifold(randn(64, 64).bfloat16()) was refused by its own contains/from_manifold
+# (2 of 5 seeds at 64×64, all at 128). The rank certainty is now judged with the ε of the float32
+# computation (the stored bf16 matrix is exactly what its eigenvalues are computed from).
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+def test_psd_outputs_pass_their_own_membership_at_every_size(dtype) -> None:
+    M = gf.PSD()
+    for n in range(2, 257):
+        g = torch.Generator().manual_seed(n)
+        Z = torch.randn(2, n, n, generator=g)
+        Z[1].diagonal().sub_(30.0 * (torch.arange(n) % 2))  # half the eigenvalues at the floor
+        X = M.to_manifold(Z.to(dtype))
+        assert bool(M.contains(X).all()), f"n = {n}"
+        M.from_manifold(X)  # raises off the space
+        if n % 32 == 0:
+            for Y in (M.sample((n, n), generator=g, dtype=dtype), M.project(torch.randn(n, n, generator=g).to(dtype))):
+                assert bool(M.contains(Y)), f"n = {n}"
+                M.from_manifold(Y)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("space", [gf.PSD(), gf.PSSDFixedRank(rank=3), gf.FixedRank(rank=3), gf.GLp(), gf.SL()], ids=repr)
+def test_open_rank_spaces_accept_their_outputs_at_large_sizes(space, dtype) -> None:
+    for n in (48, 96, 160, 256):
+        g = torch.Generator().manual_seed(n)
+        Z = 2.0 * torch.randn(n, n, generator=g)
+        Z.diagonal()[::2] = -30.0  # values at the floor, next to large ones
+        for X in (space.to_manifold(Z.to(dtype)), space.sample((n, n), generator=g, dtype=dtype)):
+            assert bool(space.contains(X)), f"n = {n}"
+            space.from_manifold(X)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+def test_psd_rejects_clearly_indefinite_low_precision_matrices(dtype) -> None:
+    for n in (2, 8, 64, 256):
+        g = torch.Generator().manual_seed(n)
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g))[0]
+        for neg in (-0.5, -0.05, -0.01):
+            lam = torch.linspace(0.2, 2.0, n)
+            lam[0] = neg * 2.0  # an eigenvalue of −0.5σ₁ (and smaller ones)
+            X = ((Q * lam) @ Q.mT).to(dtype)
+            assert not bool(gf.PSD().contains(X)), (n, neg)
+            with pytest.raises(gf.ManifoldError):
+                gf.PSD().from_manifold(X)
+            m = torch.nn.Linear(n, n, bias=False).to(dtype)
+            gnn.positive_definite(m, "weight")
+            with pytest.raises(gnn.InManifoldError):
+                m.weight = X
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("n", [16, 64, 128, 256])
+def test_positive_definite_module_accepts_its_own_weight(n, dtype) -> None:
+    """The module path: the weight (also with eigenvalues at the floor) is on the space, GeoTorch's
+    ``in_manifold`` accepts it (its lower bound is not widened above the floor), and assigning it
+    back works."""
+    torch.manual_seed(n)
+    m = torch.nn.Linear(n, n, bias=False).to(dtype)
+    gnn.positive_definite(m, "weight")
+    M = m.parametrizations.weight[0]
+    for floor in (False, True):
+        if floor:
+            with torch.no_grad():
+                m.parametrizations.weight.original.diagonal()[::2] = -30.0
+        W = m.weight.detach()
+        assert bool(gf.PSD().contains(W)) and M.in_manifold(W)
+        m.weight = W
+        assert bool(gf.PSD().contains(m.weight.detach()))

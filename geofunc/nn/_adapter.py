@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -25,11 +26,17 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .. import spaces as S
 from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
-from ..spaces._base import AbstractSpace
+from .._linalg import polar
+from ..spaces._base import LOW_PRECISION, AbstractSpace, default_atol
+from ..spaces._factorized import EigSpace, SVDSpace
+from ..spaces._orthogonal import FrameSpace, MatrixGroup, orthonormality_error, tall
 
-__all__ = ["Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of"]
+__all__ = [
+    "Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of", "refine_base",
+]
 
 Tensor = torch.Tensor
 
@@ -46,6 +53,84 @@ def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
         space._check_shape(X, "X")
         return space._from_manifold(X)
     return space.from_manifold(X)
+
+
+# Note [Bases across dtypes]
+# A base buffer holds a point (or frames) to the accuracy of the dtype it was computed in. Cast to
+# a more precise dtype (``.double()``, a bf16 -> float32 round trip), it keeps the old rounding: a
+# float32 frame is orthonormal to ~1e-7, off the float64 tolerance 1e-9, and every point the chart
+# gives from it (and, through ``right_inverse``, every point assigned from those) stays that far
+# off for good. So a base is re-made valid in its dtype whenever it is not valid there with a
+# margin (violation above a quarter of ``default_atol`` of its dtype): after every dtype change
+# of the module (``Parametrization._apply``) and in ``update_base``. The point moves by the
+# base's error, i.e. by the rounding of the dtype the base came from, which is all the accuracy
+# the old point had anyway. A valid base is left bit for bit as it is.
+#
+# What a base is, by family (the second output of each space's ``_from_manifold``):
+# * frames, orthonormalized by the polar factor (SVD; computed in float32 for bf16/fp16), which
+#   keeps the sign of a square frame's determinant (SO's det +1, the det -1 component GeoTorch's
+#   SO class accepts, GLp's det U det V = 1): the orthogonal family (the base is the point) and
+#   the rank/PSD family's U, V or Q (SL through GLp, Hurwitz through the PSD chart of W);
+# * the point itself, re-made by ``space.project`` (the point itself when already on the space):
+#   Sphere, Oblique, Lorentz, PoincareBall, Birkhoff;
+# * a tuple of the factors' bases: Product; no base (None): Rn, Sym, Skew, Hermitian, SphereEmbedded.
+# A space outside geofunc's own has an unknown base: it is left as is, with a warning on a dtype
+# change (its points keep the old dtype's accuracy).
+_FRAME_BASES = (FrameSpace, MatrixGroup, SVDSpace, EigSpace)
+_POINT_BASES = (S.Sphere, S.Oblique, S.Lorentz, S.PoincareBall, S.Birkhoff)
+_MARGIN = 0.25
+
+
+def _plain(t: Any) -> bool:
+    """A concrete tensor whose values may be read (not meta, fake, functorch-wrapped or a DTensor)."""
+    return (
+        type(t) is torch.Tensor
+        and not t.is_meta
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and (t.is_floating_point() or t.is_complex())
+    )
+
+
+def _refine_frame(B: Tensor, force: bool) -> Tensor:
+    low = B.dtype in LOW_PRECISION
+    Bf = B.float() if low else B
+    if not force:
+        tol = _MARGIN * default_atol(B.dtype, max(B.shape[-2:]))
+        if bool((orthonormality_error(tall(Bf)[0]) <= tol).all()):
+            return B
+    return polar(Bf).to(B.dtype)
+
+
+def _known(space: AbstractSpace) -> bool:
+    if isinstance(space, S.Product):
+        return all(_known(M) for M in space.factors)
+    return isinstance(space, (*_FRAME_BASES, *_POINT_BASES, S.SL, S.Hurwitz))
+
+
+def refine_base(space: AbstractSpace, base: Any, *, force: bool = False) -> Any:
+    """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes]).
+
+    Without ``force`` a base already valid with a margin is returned as is (the same tensors).
+    Tensors that cannot be read (meta, fake, under ``torch.func``, DTensors) and the bases of
+    spaces not of geofunc are returned as they are.
+    """
+    if base is None:
+        return None
+    if isinstance(space, S.Product):
+        return tuple(refine_base(M, b, force=force) for M, b in zip(space.factors, space._bases(base)))
+    if isinstance(space, S.SL):
+        return refine_base(space._glp, base, force=force)
+    if isinstance(space, S.Hurwitz):
+        return refine_base(space._psd, base, force=force)
+    if isinstance(space, _FRAME_BASES):
+        return pytree.tree_map(lambda B: _refine_frame(B, force) if _plain(B) and B.ndim >= 2 else B, base)
+    if isinstance(space, _POINT_BASES) and _plain(base):
+        if not force:
+            tol = _MARGIN * default_atol(base.dtype, space._size(base))
+            if bool(space.contains(base, atol=tol).all()):
+                return base
+        return space.project(base)
+    return base
 
 
 class Parametrization(nn.Module):
@@ -92,6 +177,39 @@ class Parametrization(nn.Module):
             for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
                 if name is not None:
                     getattr(self, name).copy_(leaf)
+
+    def _base_names(self) -> list[str]:
+        return [n for n in pytree.tree_leaves(self._template) if n is not None]
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Parametrization":
+        """``nn.Module._apply`` (``.to()``, ``.double()``, ``.float()``, ...), then, if a base buffer
+        changed dtype, the base re-made valid in its new dtype (Note [Bases across dtypes]): the
+        point moves by the old dtype's rounding. The raw tensor (owned by the enclosing
+        ``ParametrizationList``, converted after this module) is not needed: every chart maps a
+        valid base and any raw tensor to a point."""
+        before = {n: self._buffers[n].dtype for n in self._base_names() if self._buffers.get(n) is not None}
+        out = super()._apply(fn, recurse)
+        moved = [n for n, d in before.items() if self._buffers[n] is not None and self._buffers[n].dtype != d]
+        if moved and all(_plain(self._buffers[n]) for n in moved):
+            if _known(self.space):
+                self._refresh_base()
+            else:
+                warnings.warn(
+                    f"{self.where} constrained to {self.space!r}: its base changed dtype to "
+                    f"{self._buffers[moved[0]].dtype} and geofunc.nn cannot re-make the base of a space that is not "
+                    "geofunc's valid in it; its points keep the accuracy of the old dtype. Assign a point of the "
+                    "new dtype (module.<name> = space.project(module.<name>)) to re-centre the chart.",
+                    stacklevel=2,
+                )
+        return out
+
+    def _refresh_base(self) -> None:
+        """Re-make the base valid in its current dtype if it is not (Note [Bases across dtypes])."""
+        with torch.no_grad():
+            base = self.get_base()
+            new = refine_base(self.space, base)
+            if any(a is not b for a, b in zip(pytree.tree_leaves(base), pytree.tree_leaves(new))):
+                self._set_base(new)
 
     def _check_base(self, base: Any) -> None:
         new = pytree.tree_structure(base)
@@ -153,11 +271,12 @@ class Parametrization(nn.Module):
 
     @gathered
     def rebase(self, Z: Tensor) -> Tensor:
-        """Re-centre the chart at the current point ``to_manifold(Z, base)``; return the new ``Z``."""
+        """Re-centre the chart at the current point ``to_manifold(Z, base)``; return the new ``Z``.
+        The new base is re-made valid in its dtype if it is not (Note [Bases across dtypes])."""
         with torch.no_grad():
             Z2, base = self.space.rebase(Z, self.get_base())
             self._check_base(base)
-            self._set_base(base)
+            self._set_base(refine_base(self.space, base))  # valid in the current dtype (Note [Bases across dtypes])
         return Z2
 
     def extra_repr(self) -> str:
@@ -362,7 +481,9 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
     GeoTorch's ``update_base(layer, tensor_name)`` (``tensor_name`` defaults to ``"weight"``;
     ``module=`` is accepted for ``layer``, geofunc's earlier name). The value of the tensor does
     not change (exactly, for the orthogonal family and spheres; to rounding for factorized
-    spaces); the raw parameter becomes ``space.rebase``'s new coordinates (zero for SO, Stiefel,
+    spaces), unless the base was not valid in its dtype (a float32 base loaded into a float64
+    module): it is then re-made valid there, moving the point by its error (Note [Bases across
+    dtypes]); the raw parameter becomes ``space.rebase``'s new coordinates (zero for SO, Stiefel,
     Grassmannian, Sphere) and the base buffers the new base. The raw parameter is updated in
     place, so optimizers keep tracking it; their state (momentum, Adam moments) is kept as is,
     as in GeoTorch: reset it if the chart moved far. Returns the module.

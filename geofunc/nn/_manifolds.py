@@ -27,7 +27,7 @@ from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
 from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
-from ._adapter import Parametrization
+from ._adapter import Parametrization, refine_base
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 
 __all__ = [
@@ -243,14 +243,15 @@ class _Manifold(Parametrization):
         with torch.no_grad():
             Z2, base = self.space.rebase(self._raw_in(Z), self.get_base())
             self._check_base(base)
-            self._set_base(base)
+            self._set_base(refine_base(self.space, base))  # valid in the current dtype (Note [Bases across dtypes])
         return self._raw_out(Z2)
 
     def update_base(self, Z: Optional[Tensor] = None) -> Tensor:
         """Dynamic trivialization: re-centre the chart at the current point, in place.
 
         ``Z`` is the raw tensor (``module.parametrizations.<name>.original``); by default the one
-        this parametrization was last evaluated on. The point does not change; the raw tensor
+        this parametrization was last evaluated on. The point does not change (unless the base
+        was not valid in its dtype: Note [Bases across dtypes] in ``_adapter.py``); the raw tensor
         becomes ``space.rebase``'s (zero for SO, Stiefel, Grassmannian, Sphere). Same as
         ``geofunc.nn.update_base(module, tensor_name)``. Returns the raw tensor.
         """
@@ -715,16 +716,24 @@ class _SVDManifold(_Manifold):
             return None
         return torch.linalg.svdvals(_lift(self, Xt)[0])
 
-    def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5) -> bool:
-        """GeoTorch's test on (descending) singular values: ``max |σ_{rank+1..}| < eps``."""
+    def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5, *, floor: Optional[float] = None) -> bool:
+        """GeoTorch's test on (descending) singular values: ``max |σ_{rank+1..}| < eps`` (and the
+        kept ones ``> floor``, default ``eps``, for FixedRank and GLp)."""
         if S.shape[-1] > self.rank and bool((S[..., self.rank :].abs().amax(-1) >= eps).any()):
             return False
-        return not self._positive or bool((S[..., : self.rank] > eps).all())
+        return not self._positive or bool((S[..., : self.rank] > (eps if floor is None else floor)).all())
 
     def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
-        """The size and :meth:`in_manifold_singular_values` of ``X``'s singular values."""
+        """The size and :meth:`in_manifold_singular_values` of ``X``'s singular values.
+
+        A bf16/fp16 ``X``: the tolerance of the vanishing values is widened to its rounding, the
+        lower bound of the kept ones stays ``eps`` (a widened lower bound would be stricter, and
+        bf16's exceeds geofunc's own floor √ε from n ~ 200)."""
         s = self._singular_values(X)
-        return s is not None and self.in_manifold_singular_values(s, self._eps(eps, _as_matrix(X)))
+        if s is None:
+            return False
+        e = self._eps(eps, _as_matrix(X))
+        return self.in_manifold_singular_values(s, e, floor=eps) if self._positive else self.in_manifold_singular_values(s, e)
 
     def _floor(self) -> float:
         """The least singular value geofunc's ``"softplus"`` map reaches (√ε of the module's dtype)."""
@@ -1014,19 +1023,24 @@ class _EigManifold(_Manifold):
     def _finish(self, n: int, ts: tuple, r: int, triv: Any) -> None:
         self.n, self.k, self.tensorial_size, self.rank, self.triv = n, n, ts, r, triv
 
-    def in_manifold_eigen(self, L: Tensor, eps: float = 1e-6) -> bool:
+    def in_manifold_eigen(self, L: Tensor, eps: float = 1e-6, *, floor: Optional[float] = None) -> bool:
         """GeoTorch's test on ascending eigenvalues: the ``n − rank`` smallest within ``5·eps`` of 0,
-        the top ``rank`` at least ``−eps`` (at least ``eps`` for the fixed-rank spaces)."""
+        the top ``rank`` at least ``−eps`` (at least ``floor``, default ``eps``, for the fixed-rank spaces)."""
         if tuple(L.shape[:-1]) != tuple(self.tensorial_size):
             return False
         r = self.rank
         if L.shape[-1] > r and bool((L[..., :-r].abs().amax(-1) > 5.0 * eps).any()):
             return False
         top = L[..., -r:]
-        return bool((top >= -eps).all()) and (not self._positive or bool((top >= eps).all()))
+        floor = eps if floor is None else floor
+        return bool((top >= -eps).all()) and (not self._positive or bool((top >= floor).all()))
 
     def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
-        """The size, ``allclose(X, Xᵀ, atol=eps)`` and :meth:`in_manifold_eigen` of its eigenvalues."""
+        """The size, ``allclose(X, Xᵀ, atol=eps)`` and :meth:`in_manifold_eigen` of its eigenvalues.
+
+        A bf16/fp16 ``X``: the tolerances are widened to its rounding, except the lower bound of
+        the kept eigenvalues (fixed-rank spaces), which stays ``eps`` (a widened lower bound would
+        be stricter, and bf16's exceeds geofunc's own floor √ε from n ~ 200)."""
         X = _as_matrix(X)
         if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size() or not bool(torch.isfinite(X).all()):
             return False
@@ -1034,7 +1048,7 @@ class _EigManifold(_Manifold):
         e = self._eps(eps, X)
         if not bool(torch.allclose(Xf, Xf.transpose(-2, -1), atol=e)):
             return False
-        return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e)
+        return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e, floor=eps)
 
     def _floor(self) -> float:
         f = self._f()

@@ -105,16 +105,26 @@ def _resolve(f: Any, table: dict) -> tuple[Fn, Optional[Fn]]:
 
 # ----------------------------------------------------------------------------- violations
 def floor_violation(v_min: Tensor, v_max: Tensor, floor: float, n: int, k: int) -> dict[str, Tensor]:
-    """The smallest kept value must be clearly positive: ``max(0, c − v_min)/c``, ``c = max(0.999·floor − δ, δ)``.
+    """The smallest kept value must be clearly positive: ``max(0, c − v_min)/c``, ``c = max(0.999·floor − δ, δ₀)``.
 
     ``δ = ε √max(n, k) · v_max`` is the rounding error of a computed singular value: a point built
     with its smallest value at the floor (of the value map; 0 for a user map) has a computed
     ``v_min`` off by up to ``δ`` (a third of the floor at ``σ₁ ~ 100`` in float32), so the floor is
-    lowered by it; ``v_min > δ`` still makes the rank numerically certain.
+    lowered by it; ``v_min > δ₀`` still makes the rank numerically certain.
+
+    ``ε`` is that of the dtype the point is stored in, ``δ₀`` the same bound with the ``ε`` of the
+    dtype ``v_min`` was computed in. They differ for a bf16/fp16 point (Note [Low precision]): its
+    values are computed in float32 from the stored matrix (to δ₀), but the stored matrix is the
+    rounding of a float32 point, which moves its values by up to ``δ`` (bf16: ``δ`` exceeds the
+    floor √ε from n ~ 64 at σ₁ ~ 2). Where it does, a low-precision point is required to be
+    numerically certainly of full rank as stored, no more: its values are only known to that
+    rounding.
     """
-    delta = torch.finfo(rounding_dtype(v_min.dtype)).eps * math.sqrt(max(n, k)) * v_max
-    c = torch.maximum(0.999 * floor - delta, delta).clamp(min=torch.finfo(v_min.dtype).tiny)
-    return {"(c − σ_rank)/c, c = max(floor of f − δ, δ), δ = ε√n·σ₁": (c - v_min).clamp(min=0.0) / c}
+    sqrt_n = math.sqrt(max(n, k))
+    delta = torch.finfo(rounding_dtype(v_min.dtype)).eps * sqrt_n * v_max
+    delta0 = torch.finfo(v_min.dtype).eps * sqrt_n * v_max
+    c = torch.maximum(0.999 * floor - delta, delta0).clamp(min=torch.finfo(v_min.dtype).tiny)
+    return {"(c − σ_rank)/c, c = max(floor of f − δ, δ₀), δ = ε√n·σ₁": (c - v_min).clamp(min=0.0) / c}
 
 
 # ----------------------------------------------------------------------------- value maps
