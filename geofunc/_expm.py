@@ -129,7 +129,10 @@ def _colnorm1(X: Tensor) -> Tensor:
 
 
 def _finite_max(norms: Tensor, dim: int | None = None) -> Tensor:
-    """The largest finite entry of ``norms`` (over ``dim``, or all; 0 if none): non-finite ones read as 0."""
+    """The largest finite entry of ``norms`` (over ``dim``, or all; 0 if none): non-finite ones read as 0.
+    An empty batch (no norm) reads 0 too: ``amax`` refuses an empty reduction."""
+    if norms.numel() == 0:
+        return norms.new_zeros(()) if dim is None else norms.sum(dim=dim)
     finite = norms.nan_to_num(0.0, 0.0, 0.0)
     return finite.amax() if dim is None else finite.amax(dim=dim)
 
@@ -309,6 +312,25 @@ def _powers(B: Tensor, q: int) -> list[Any]:
     return P
 
 
+# Note [Low degrees and NaN]
+# The degree choice reads a matrix with a NaN/inf entry as norm 0 (_finite_max: it must not change the
+# degree of its finite neighbours), so a lone non-finite matrix, or one among small neighbours, gets a
+# low degree: T_1(B) = I + B is NaN only at B's own NaN entries (a plausible point elsewhere), and its
+# adjoint is G itself, which reads nothing of B: finite gradients for a NaN input. From degree 4 on,
+# the products with B² (whose NaN rows and columns spread to every entry) make the value and the
+# adjoint NaN across the whole matrix. So degrees ≤ _MIX_DEGREE add, to the value and to the adjoint,
+# 0 per matrix (NaN where B is not finite): one sum over B and one add, on the cheapest evaluations
+# (m ≤ 2 means ‖B‖₁ ≤ θ₂ for every finite matrix of the batch, so the sum cannot overflow there).
+_MIX_DEGREE = 2
+
+
+def _poisoned(X: Tensor, B: Tensor, inplace: bool) -> Tensor:
+    """``X`` plus 0 per matrix, NaN per matrix where ``B`` has a non-finite entry (Note [Low degrees and
+    NaN]; ``_linalg.poison`` without the import cycle). ``inplace``: ``X`` is a fresh buffer."""
+    nan = B.detach().sum(dim=(-2, -1), keepdim=True)
+    return X.add_(nan, alpha=0.0) if inplace else X.add(nan, alpha=0.0)
+
+
 def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False) -> tuple[Tensor, dict]:
     """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only)."""
     q = _Q[m]
@@ -320,6 +342,8 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
         B = A * 2.0**-s if s else A
         P = _powers(B, q)
     X, Hs = _taylor(P, m, inplace)
+    if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]
+        X = _poisoned(X, P[1], inplace)
     Xs = []
     for _ in range(s):
         Xs.append(X)
@@ -395,6 +419,8 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
         acc_mm(1, GP[2], P[1].mH)
         acc_mm(1, P[1].mH, GP[2])
     G1 = GP[1]
+    if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]: the adjoint of I + B (+ B²/2) reads little or nothing of B
+        G1 = _poisoned(G1, P[1], inplace and G1 is not G)
     return G1 * 2.0**-s if s else G1
 
 
@@ -619,7 +645,10 @@ def _expm_static(A: Tensor) -> Tensor:
     for i in range(_STATIC_S):
         X = torch.where(s[..., None, None] > i, X @ X, X)
     bad = ~(alpha <= theta * 2.0**_STATIC_S)  # too large, or NaN/inf
-    return torch.where(bad[..., None, None], torch.full_like(X, float("nan")), X)
+    # NaN by a factor (1 elsewhere, exact), not torch.where: the gradient and the tangent of a bad
+    # matrix are then NaN too, where a where() would give them 0 (finite numbers for a NaN input)
+    nan = torch.where(bad, torch.full_like(alpha, float("nan")), torch.ones_like(alpha))
+    return X * nan[..., None, None]
 
 
 # Note [Compiled exponential]

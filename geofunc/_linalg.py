@@ -91,8 +91,15 @@ def cayley(A: Tensor) -> Tensor:
     ``torch.compile`` apply as they are.
     """
     I = eye_like(A)
-    # inv() of a matrix with ±inf entries can return a finite, plausible matrix: poison it.
-    return 2.0 * torch.linalg.inv(I - 0.5 * A) - I + poison(A)
+    # inv() of a matrix with ±inf entries can return a finite, plausible matrix (and a zero gradient):
+    # poison both, with a term 0 in value and derivative per matrix, NaN in both where A is not finite
+    # (Note [NaN policy]; poison(A) alone is detached: the gradient stayed 0). And inv() raises on an
+    # exactly zero pivot, which a non-finite A (or one whose LU overflows, a raw scale ~1e30 in
+    # float32) can produce: inv_ex is the same op (inv's value and derivatives, no error check, no
+    # device sync) and leaves inf/NaN there instead (for a finite skew A, I − A/2 has singular
+    # values ≥ 1 and never gets there).
+    total = A.sum(dim=(-2, -1), keepdim=True)
+    return 2.0 * torch.linalg.inv_ex(I - 0.5 * A)[0] - I + total * (total.detach() * 0.0)
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}

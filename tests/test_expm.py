@@ -126,6 +126,60 @@ def test_empty_and_meta_inputs_fall_back():
     assert expm(torch.zeros(2, 3, 3, device="meta")).shape == (2, 3, 3)
 
 
+@pytest.mark.parametrize("n", [2, 8, 20])
+def test_empty_batch_degree_choice_and_frame_exponential(n):
+    """An empty batch has no norm to read (amax refuses an empty reduction): the degree choice reads
+    0, and the frame exponential, which the tall chart calls without expm's fallback, maps it (the
+    empty-batch crash of the rank family and of narrow frames)."""
+    assert choose_degree(torch.zeros(0, n, n))[:2] == (1, 0)
+    assert choose_degree(torch.zeros(0, 2, n, n, dtype=torch.complex128))[:2] == (1, 0)
+    T = torch.zeros(0, n, n, requires_grad=True)
+    R = torch.zeros(0, n, n, requires_grad=True)
+    F = frame_expm(T, R, torch.ones(0, 1, 1))
+    assert F.shape == (0, 2 * n, n)
+    F.sum().backward()
+    assert T.grad.shape == (0, n, n) and R.grad.shape == (0, n, n)
+
+
+# Note [Low degrees and NaN]: a non-finite matrix reads as norm 0 in the degree choice, so beside small
+# (or no) neighbours it gets degree 1 or 2, whose value and adjoint hardly read it.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-5, 1.0], ids=["zero", "degree1", "degree2", "high"])
+def test_nan_matrix_has_nan_value_and_gradient_at_every_degree(scale, dtype, generator):
+    n = 5
+    A = _rand((3, n, n), scale, generator, dtype)
+    A[0, 3, 1] = float("nan")
+    A[2, 0, 4] = float("inf")
+    G = _rand((3, n, n), 1.0, generator, dtype)
+    f = lambda A: (expm(A) * G.conj()).sum().real  # noqa: E731
+    Ag = A.clone().requires_grad_()
+    X = expm(Ag)
+    X.backward(G)
+    gf_ = grad(f)(A)
+    gv = vmap(grad(lambda a, g: (expm(a) * g.conj()).sum().real))(A, G)
+    tangent = jvp(expm, (A,), (G,))[1]
+    for what, out in (("value", X.detach()), ("autograd", Ag.grad), ("grad", gf_), ("vmap(grad)", gv), ("jvp", tangent)):
+        assert torch.isnan(out[0]).all() and not torch.isfinite(out[2]).any(), what  # every entry, not only A's NaN
+        assert torch.isfinite(out[1]).all(), what
+    # the finite neighbour is computed as alone (the same degree: non-finite matrices read as 0)
+    a = A[1:2].clone().requires_grad_()
+    expm(a).backward(G[1:2])
+    assert choose_degree(A)[:2] == choose_degree(A[1:2])[:2]
+    torch.testing.assert_close(X[1:2].detach(), expm(A[1:2]), rtol=0, atol=0)
+    torch.testing.assert_close(Ag.grad[1:2], a.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1.0])
+def test_frame_exponential_of_a_nan_matrix_has_nan_gradients(scale, generator):
+    T, R, c = _frame_inputs(4, scale, generator, torch.float64, (2,))
+    T[0, 1, 0] = float("nan")
+    T, R = T.requires_grad_(), R.requires_grad_()
+    F = frame_expm(T, R, c)
+    F.backward(torch.ones_like(F))
+    assert torch.isnan(F[0]).all() and torch.isnan(T.grad[0]).all() and torch.isnan(R.grad[0]).all()
+    assert torch.isfinite(F[1]).all() and torch.isfinite(T.grad[1]).all() and torch.isfinite(R.grad[1]).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linalg_expm_is_the_fast_one(dtype, generator):
     A = _rand((6, 6), 1.0, generator, dtype).requires_grad_()
@@ -353,6 +407,24 @@ def test_static_schedule_beyond_its_bound_is_nan_per_matrix(dtype):
     torch.testing.assert_close(X[0].to(_hi(dtype)), ref_expm(A[0].to(_hi(dtype))), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_static_schedule_derivatives_are_nan_where_the_value_is(dtype, generator):
+    """Beyond its bound or at a NaN input the static schedule's value is NaN, and so are its gradient
+    and its tangent (a torch.where would have given them 0: finite numbers for a NaN input)."""
+    limit = _STATIC_THETA[_real(dtype)] * 2.0**_STATIC_S
+    A = _rand((3, 3, 3), 1.0, generator, dtype)
+    A[1, 0, 1], A[1, 1, 0] = 1.1 * limit, -1.1 * limit
+    A[2, 2, 1] = float("nan")
+    G = _rand((3, 3, 3), 1.0, generator, dtype)
+    g = grad(lambda a: (_expm_static(a) * G.conj()).sum().real)(A)
+    t = jvp(_expm_static, (A,), (G,))[1]
+    for out in (g, t):
+        assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+        assert torch.isfinite(out[0]).all()
+    g0 = grad(lambda a: (_expm_static(a) * G[:1].conj()).sum().real)(A[:1])
+    torch.testing.assert_close(g[:1], g0, rtol=1e-12, atol=1e-12)
+
+
 def test_static_schedule_under_transforms(generator):
     A = _rand((3, 5, 5), 6.0, generator)
     W = _rand((5, 5), 1.0, generator)
@@ -536,6 +608,23 @@ def test_non_finite_matrix_does_not_change_its_neighbours(dtype, generator):
 # ----------------------------------------------------------------------------- the Cayley map
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cayley_of_non_finite_or_overflowing_input_is_nan_not_an_error(dtype, generator):
+    """inv() raises on an exactly zero pivot, which a non-finite generator (or one whose LU overflows)
+    can produce: cayley gives NaN there (Note [NaN policy]), its finite neighbours unchanged."""
+    A = skew_lower(_rand((4, 6, 6), 1.0, generator, dtype))
+    A[1] = A[1] * torch.finfo(dtype).max  # entries ±inf (and ±max)
+    A[2, 4, 1], A[2, 1, 4] = float("inf"), -float("inf")
+    A[3, 2, 0] = float("nan")
+    A = A.requires_grad_()
+    X = cayley(A)
+    X.backward(torch.ones_like(X))
+    for i in (1, 2, 3):
+        assert torch.isnan(X[i]).any() and not torch.isfinite(A.grad[i]).all()
+    torch.testing.assert_close(X[0], cayley(A[0].detach()), rtol=0, atol=0)
+    assert torch.isfinite(A.grad[0]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.complex128])
 def test_cayley_of_skew_hermitian_is_unitary(dtype, generator):
     """``cayley`` on complex skew-Hermitian generators: a unitary point, the solve's value,
@@ -697,7 +786,7 @@ def test_frames_of_32_or_more_columns_take_the_frame_exponential(name, shape, ge
 
     space = FRAME_SPACES[name]
     if name.startswith("LowRank") and len(shape) == 3:
-        shape = (2, 80, 40)
+        shape = (2, 80, 72)  # both frames at least 2k rows tall: the 2k×2k route (Note [Reduced tall chart])
     Z, base, G = _chart_case(space, shape, generator)
     calls = []
     monkeypatch.setattr(gf._expm, "frame_expm", lambda *a: calls.append(1) or frame_expm(*a))

@@ -209,3 +209,66 @@ def test_spaces_are_hashable_values():
     assert len({gf.SO(), gf.SO(), gf.Grassmannian()}) == 2
     with pytest.raises(Exception):
         gf.SO().triv = "cayley"
+
+
+# ------------------------------------------- NaN raw input: NaN gradients on every path
+_NAN_SPACES = [gf.SO(), gf.SO(triv="cayley"), gf.Stiefel(), gf.Stiefel(triv="cayley"), gf.Grassmannian(),
+               gf.Grassmannian(triv="cayley"), gf.Unitary(), gf.Unitary(triv="cayley"), gf.AlmostOrthogonal(lam=0.5),
+               gf.AlmostOrthogonal(lam=0.5, triv="cayley")]
+
+
+def _nan_batch(space, scale, where):
+    """A batch of two square raw tensors: [0] with a NaN at ``where`` (an entry every chart reads), [1]
+    finite at ``scale`` (1e-9: the exponential's degree 1, where its adjoint reads nothing of A)."""
+    dtype = torch.complex128 if isinstance(space, gf.Unitary) else F64
+    g = _gen(3)
+    Z = (scale * torch.randn(2, 4, 4, generator=g, dtype=F64)).to(dtype)
+    Z[0][where] = float(where[1] == 0 and "nan" or "inf")
+    W = torch.randn(2, 4, 4, generator=g, dtype=F64).to(dtype)
+    return Z, W
+
+
+@pytest.mark.parametrize("where", [(1, 0), (3, 2)], ids=["nan", "inf"])
+@pytest.mark.parametrize("scale", [1.0, 1e-9, 0.0], ids=["random", "tiny", "zero"])
+@pytest.mark.parametrize("space", _NAN_SPACES, ids=repr)
+def test_nan_raw_input_gives_nan_gradients_on_every_path(space, scale, where):
+    """NaN/inf raw input: NaN value and NaN gradient (never finite wrong numbers) under plain autograd,
+    torch.func.grad (the one-node path), vmap of grad and jvp; the finite neighbour's gradient is its
+    gradient alone. (The exponential read a NaN matrix as norm 0: degree 1, adjoint G itself.)"""
+    Z, W = _nan_batch(space, scale, where)
+    loss = lambda z, w: (space.to_manifold(z) * w.conj()).sum().real  # noqa: E731
+    z = Z.clone().requires_grad_()
+    X = space.to_manifold(z)
+    (X * W.conj()).sum().real.backward()
+    grads = {"autograd": z.grad, "grad": grad(loss)(Z, W), "vmap(grad)": torch.vmap(grad(loss))(Z, W),
+             "jvp": torch.func.jvp(space.to_manifold, (Z,), (W,))[1]}
+    alone = grad(loss)(Z[1:], W[1:])
+    assert torch.isnan(X[0]).any() and torch.isfinite(X[1]).all()
+    for path, g in grads.items():
+        assert not torch.isfinite(g[0][where]), path  # the non-finite entry's own derivative
+        assert torch.isfinite(g[1]).all(), path
+        if path != "jvp":
+            torch.testing.assert_close(g[1:], alone, rtol=1e-12, atol=1e-12, msg=path)
+
+
+@pytest.mark.parametrize("space", [gf.SO(), gf.Unitary()], ids=repr)
+def test_nan_raw_input_gives_nan_gradients_under_compile(space):
+    """The compiled exponential's adjoint (geofunc::expm_vjp's kernel) too."""
+    Z, W = _nan_batch(space, 1e-9, (1, 0))
+    f = torch.compile(lambda z, w: (space.to_manifold(z) * w.conj()).sum().real, fullgraph=True, backend="aot_eager")
+    z = Z.clone().requires_grad_()
+    f(z, W).backward()
+    assert torch.isnan(z.grad[0][1, 0]) and torch.isfinite(z.grad[1]).all()
+    torch.testing.assert_close(z.grad[1:], grad(lambda z: (space.to_manifold(z) * W[1:].conj()).sum().real)(Z[1:]))
+
+
+@pytest.mark.parametrize("space", [gf.Stiefel(triv="cayley"), gf.Grassmannian(triv="cayley"), gf.SO(triv="cayley")], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cayley_chart_at_overflowing_raw_scales_is_nan_or_a_point_never_an_error(space, dtype):
+    """Raw ~1e30 (float32; CᵀC overflows) used to raise torch.linalg's LinAlgError from inv()."""
+    g = _gen(4)
+    shape = (64, 5, 5) if isinstance(space, gf.SO) else (64, 5, 3)
+    Z = torch.randn(shape, generator=g, dtype=dtype) * (1e30 if dtype == torch.float32 else 1e300)
+    X = space.to_manifold(Z)
+    if not isinstance(space, gf.SO):  # SO's inverse of a huge skew matrix has only a known limitation's accuracy
+        assert (torch.isnan(X).flatten(-2).any(-1) | space.contains(X)).all()

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+import optree
 import pytest
 import torch
 from cases import CASES
@@ -104,3 +105,63 @@ def test_every_space_class_has_a_case_for_the_metric() -> None:
     product_factors = {type(f) for c in CASES if hasattr(c.space, "product") for f in c.space.product.factors}
     missing = [cls.__name__ for cls in SPACE_CLASSES if cls not in covered | product_factors and cls is not gf.Product]
     assert not missing, missing
+
+
+# ------------------------------------------------------------------ empty batches, base dtypes
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_every_map_takes_an_empty_batch(case) -> None:
+    """A batch of zero points maps to an empty result of the right shape, differentiably (the degree
+    choice of the exponential read a largest norm with ``amax``, which refuses an empty reduction)."""
+    M = case.space
+    for shape in case.shapes:
+        full = (0, *shape)
+        batch = full[: len(full) - M.point_ndim]
+        Z = torch.zeros(full, dtype=F64)
+        assert M.to_manifold(Z).shape == full
+        z = Z.clone().requires_grad_()
+        M.to_manifold(z).sum().backward()
+        assert z.grad.shape == full
+        assert torch.func.grad(lambda z: M.to_manifold(z).sum())(Z).shape == full
+        X = M.sample(full, dtype=F64)
+        assert X.shape == full
+        Zb, base = M.from_manifold(X)
+        assert M.to_manifold(Zb, base).shape == full
+        assert torch.func.grad(lambda z: M.to_manifold(z, base).sum())(Zb).shape == full
+        assert M.to_manifold(*M.rebase(Zb, base)).shape == full
+        assert M.project(Z).shape == full
+        assert M.contains(X).shape == batch
+        M.check(X)
+        V = M.tangent(X, Z)
+        assert V.shape == full and M.retract(X, V).shape == full
+        if case.has_logabsdet and shape[-1] == shape[-2]:
+            assert M.logabsdet(Z).shape == full[:-2]
+
+
+_OTHER = {torch.float64: torch.float32, torch.float32: torch.float64, torch.complex128: torch.complex64}
+
+
+def _cast(tree: Any) -> Any:
+    return optree.tree_map(lambda t: t.to(_OTHER[t.dtype]), tree, none_is_leaf=False)
+
+
+BASED = [c for c in CASES if optree.tree_leaves(c.space.from_manifold(c.space.sample(c.smoke, dtype=F64))[1])]
+
+
+@pytest.mark.parametrize("case", BASED, ids=lambda c: c.id)
+def test_a_base_of_another_dtype_is_a_manifold_error(case) -> None:
+    """A base whose dtype is not ``Z``'s is refused by name in every space that takes a base (it was a
+    raw RuntimeError from a product in some, a silent promotion in others); the same pair in one
+    dtype works, complex ones included."""
+    M = case.space
+    inner = getattr(M, "space", M)  # a complex case's real adapter: the complex space raises
+    X = M.sample(case.smoke, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Z, base = M.from_manifold(X)
+    torch.testing.assert_close(M.to_manifold(Z, base), X, atol=1e-9, rtol=1e-9)
+    for what, call in (("to_manifold", lambda: M.to_manifold(Z, _cast(base))),
+                       ("to_manifold of Z in float32", lambda: M.to_manifold(_cast(Z), base)),
+                       ("rebase", lambda: M.rebase(Z, _cast(base))),
+                       ("grad of to_manifold", lambda: torch.func.grad(lambda z: M.to_manifold(z, _cast(base)).sum())(Z))):
+        with pytest.raises(gf.ManifoldError) as info:
+            call()
+        msg = str(info.value)
+        assert repr(inner) in msg and "dtype" in msg and "tensor(" not in msg, (what, msg)

@@ -315,6 +315,15 @@ class AbstractSpace(_Space, abc.ABC):
             raise error(self, "`base` to be None or a tensor (a point of the space)", describe(base))
         self._check_shape(base, "base")
         self._require_same_shape(Z, base, "Z", "base")
+        self._require_base_dtype(Z, base)
+
+    def _require_base_dtype(self, Z: Tensor, base: Tensor, what: str = "base") -> None:
+        """A base tensor has ``Z``'s dtype: a mixed pair would otherwise fail inside a product with a raw
+        ``RuntimeError`` or be silently promoted, depending on the space. A dtype comparison only (no
+        values read: traceable, vmap-safe; a DTensor's dtype is its local one). Low-precision
+        arguments are compared after the float32 upcast (Note [Low precision])."""
+        if base.dtype != Z.dtype:
+            raise error(self, f"`{what}` of the dtype of `Z` ({Z.dtype})", describe(base))
 
     def _require_no_base(self, base: Any) -> None:
         """A space whose chart has no centre takes ``base=None`` only."""

@@ -218,15 +218,21 @@ class SVDSpace(_Factorized):
         if r > min(n, k):
             raise error(self, f"`{what}` of matrices with min(n, k) ≥ rank = {r}", f"shape {tuple(X.shape)}")
 
-    def _bases(self, base: Any, n: int, k: int, r: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _bases(self, base: Any, Z: Tensor, r: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """The frames ``(U_b, V_b)`` of ``base`` for the tall raw tensor ``Z`` (n×k), checked: shapes
+        ``(…, n, r)`` and ``(…, k, r)``, ``Z``'s dtype."""
         if base is None:
             return None, None
+        n, k = Z.shape[-2:]
         expected = f"`base` to be None or a pair (U, V) of frames of shapes (..., {n}, {r}) and (..., {k}, {r}) (tall form, as from_manifold returns)"
         if not isinstance(base, (tuple, list)) or len(base) != 2:
             raise error(self, expected, describe(base))
         for B, shape in zip(base, ((n, r), (k, r))):
             if B is not None and (not isinstance(B, torch.Tensor) or B.ndim < 2 or tuple(B.shape[-2:]) != shape):
                 raise error(self, expected, f"({describe(base[0])}, {describe(base[1])})")
+        for B, what in zip(base, ("base[0]", "base[1]")):
+            if B is not None:
+                self._require_base_dtype(Z, B, what)
         return base[0], base[1]
 
     # ------------------------------------------------------------ the maps
@@ -236,7 +242,7 @@ class SVDSpace(_Factorized):
         Zt, tr = tall(Z)
         n, k = Zt.shape[-2:]
         r = self._rank(n, k)
-        Ub, Vb = self._bases(base, n, k, r)
+        Ub, Vb = self._bases(base, Zt, r)
         U, V = self._frames((torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb))
         return U, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r], V, tr
 
@@ -311,7 +317,7 @@ class SVDSpace(_Factorized):
         n, k = Z.shape[-2:]
         if not n == k == self._rank(n, k):
             raise error(self, "square raw tensors of full rank (n = k = rank) for logabsdet", f"shape {tuple(Z.shape)}")
-        Ub, Vb = self._bases(base, n, k, n)
+        Ub, Vb = self._bases(base, Z, n)
         # NaN/inf anywhere in Z or a base makes the point NaN: say so (Note [NaN policy]).
         return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1)) + poison(Z, Ub, Vb)[..., 0, 0]
 
@@ -347,18 +353,21 @@ class EigSpace(_Factorized):
         if r > n:
             raise error(self, f"`{what}` with n ≥ rank = {r}", f"shape {tuple(X.shape)}")
 
-    def _base(self, base: Any, n: int, r: int) -> Optional[Tensor]:
+    def _base(self, base: Any, Z: Tensor, r: int) -> Optional[Tensor]:
+        """The frame ``Q_b`` of ``base`` for the raw tensor ``Z`` (n×n), checked: shape ``(…, n, r)``, ``Z``'s dtype."""
         if base is None:
             return None
+        n = Z.shape[-1]
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, r):
             raise error(self, f"`base` to be None or a frame Q of shape (..., {n}, {r}) (as from_manifold returns)", describe(base))
+        self._require_base_dtype(Z, base)
         return base
 
     def _factors(self, Z: Tensor, base: Any) -> tuple[Tensor, Tensor]:
         self._check_shape(Z, "Z")
         n = Z.shape[-1]
         r = self._rank(n)
-        (Q,) = self._frames((torch.tril(Z[..., :, :r], -1), self._base(base, n, r)))
+        (Q,) = self._frames((torch.tril(Z[..., :, :r], -1), self._base(base, Z, r)))
         return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
@@ -413,7 +422,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         if r != n:
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
-        Qb = self._base(base, n, r)
+        Qb = self._base(base, Z, r)
         return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1).real) + poison(Z, Qb)[..., 0, 0]
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:

@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, transpose
+from .._linalg import frame_chart, poison, transpose
 from ._orthogonal import FrameSpace, tall, untall
 
 __all__ = ["Grassmannian"]
@@ -50,7 +50,12 @@ class Grassmannian(FrameSpace):
         self._require_base(Z, base)
         Zt, tr = tall(Z)
         Bt = None if base is None else tall(base)[0]
-        return untall(frame_chart(Zt, Bt, self.triv, horizontal=True), tr)
+        X = frame_chart(Zt, Bt, self.triv, horizontal=True)
+        if Zt.shape[-2] == Zt.shape[-1]:
+            # Gr(n, n) is one point: the constant chart's gradient is 0, except at a NaN/inf raw tensor,
+            # whose point and gradient are NaN (Note [NaN policy]); a term 0 in value and derivative
+            X = X + Zt.sum(dim=(-2, -1), keepdim=True) * poison(Zt)
+        return untall(X, tr)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         self._check_pair(X, G, "G")

@@ -107,6 +107,9 @@ class SL(AbstractSpace):
         if not ok:
             raise error(self, f"`base` to be None or a pair (U, V) of ({n}, {n}) frames (as from_manifold returns)",
                         describe(base))
+        for b, what in zip(base, ("base[0]", "base[1]")):
+            if b is not None:
+                self._require_base_dtype(Z, b, what)
 
     # ------------------------------------------------------------------ the maps
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
