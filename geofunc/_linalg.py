@@ -257,7 +257,8 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
 
 def _stackable(pairs: list[tuple[Tensor, Tensor | None]]) -> bool:
     """Whether :func:`_stacked_tall_charts` applies: two or more tall frames (n > k) of one width,
-    dtype and device, all plain tensors or parameters (no subclass such as DTensor)."""
+    dtype and device, all plain tensors or parameters (no subclass such as DTensor), either all at
+    least 2k rows tall or none taller than 4k rows."""
     if len(pairs) < 2:
         return False
     Z0 = pairs[0][0]
@@ -270,7 +271,10 @@ def _stackable(pairs: list[tuple[Tensor, Tensor | None]]) -> bool:
                 return False
         if Z.shape[-1] != k or Z.shape[-2] <= k:
             return False
-    return True
+    # frames narrower than 2k take the n×n generator (Note [Reduced tall chart]): stacked, padded to the
+    # tallest frame, only while that stays small
+    rows = [Z.shape[-2] for Z, _ in pairs]
+    return min(rows) >= 2 * k or max(rows) < 4 * k
 
 
 def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, horizontal: bool,
@@ -300,9 +304,10 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
     else:
         Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
                    for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
-    X = _one_node_chart(Y, Z, triv, packed, horizontal)
+    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
+    X = _one_node_chart(Y, Z, triv, packed, horizontal) if reduced else None
     if X is None:
-        X = _tall_chain(Y, Z, triv, packed, horizontal)
+        X = _tall_chain(Y, Z, triv, packed, horizontal, reduced)
     X = X.reshape((len(pairs),) + batch + (n, k))
     return [X[i, ..., :m, :] for i, m in enumerate(rows)]
 
@@ -329,7 +334,33 @@ def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, p
 _FRAME_K = 32  # frames at least this wide take frame_columns (narrower ones were slower: Note [Frame exponential])
 
 
-def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Tensor, Finish]:
+# Note [Reduced tall chart]
+# The 2k×2k matrix M = [[Ω, −CᵀC/c], [c I, 0]] of the tall chart represents W on the basis
+# A = [Y, C/c], which is singular where C = (I − YYᵀ)Z has rank < k: always when n < 2k (rank C ≤
+# n − k). Along a null vector v of CᵀC the bottom block only receives (y' = c x): exp(M)'s entries
+# there grow like c, are multiplied by C/c's rounding-level component along v, and the squarings
+# (s ≈ log₂ ‖M‖) amplify that error. Measured (float64, Stiefel 5×3, 7×4, 9×5, 33×32; Z ~ N(0, 1)
+# times a scale): ‖XᵀX − I‖ 1e-8 at scale 1e4, 1e-2 at 1e6, 1e18 at 1e8 (a finite, wrong point);
+# float32 2e-2 to 7e-2 at scale 1e3. So frames with n < 2k take W itself, an n×n matrix (no larger
+# than M), built skew to the last bit (B − Bᵀ): its exponential is orthogonal up to the exponential's
+# own backward error, ~u‖W‖ (float64 1e-8 at scale 1e8, float32 ~2e-5 at scale 1e3), as
+# torch.linalg.matrix_exp's. For Stiefel this was also faster (no 2k×2k matrix: 5×3, 9×5, 48×32, 7×4
+# Grassmannian forward and backward 0.76–0.82×). The rank family's U and V frames stack on this route
+# (padded with zero rows, exact as in Note [Stacked frames]) while the tallest is under 4k rows; a
+# tall frame beside a narrow one otherwise takes its own path.
+# Frames with n ≥ 2k keep M: C generically has rank k. Where it does not (a raw tensor whose part
+# outside the base is of low rank, e.g. one rank-1 SGD step from a rebase), M degrades the same way,
+# but only far out: float64 ‖XᵀX − I‖ 2e-7 at raw norm ~1e5 (20×4 and 64×16, C of rank 1 and 3),
+# float32 ≤ 5e-5 up to raw norm 300 and 8e-4 at 1e3 (the README's "Extreme raw scales").
+
+
+def _reduced(Y: Tensor) -> bool:
+    """Whether the tall chart at the n×k frame ``Y`` takes the 2k×2k matrix ``M`` (n ≥ 2k) rather than the
+    n×n generator ``W`` (Note [Reduced tall chart])."""
+    return Y.shape[-2] >= 2 * Y.shape[-1]
+
+
+def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool, reduced: bool | None = None) -> tuple[Tensor, Finish]:
     """The Stiefel chart at a tall frame ``Y`` (n×k, n > k), ``φ(W(Z)) Y``, as ``(A, finish)`` (:func:`_chart_parts`).
 
     ``W(Z) = Y Ω Yᵀ + C Yᵀ − Y Cᵀ`` with ``Ω`` the skew matrix of the strict lower
@@ -339,18 +370,25 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool) -> tuple[Ten
     analytic ``φ`` (``expm``, ``cayley``): O(n k²) work plus a 2k×2k problem, smooth at
     ``Z = 0`` (no QR of ``C``). ``c = max(10⁻³, √‖CᵀC‖₁)`` (detached; the result does not
     depend on it) balances ``M`` so that its norm is that of ``W``. A user callable ``triv`` only
-    promises skew → orthogonal on n×n matrices, so it gets the full ``W``. For ``expm`` on frames of
+    promises skew → orthogonal on n×n matrices, so it gets the full ``W``; so do frames with n < 2k
+    (``reduced`` False; None: decided from ``Y``'s shape), where ``A`` is singular and ``M`` loses
+    orthogonality at large generators (Note [Reduced tall chart]). For ``expm`` on frames of
     ``_FRAME_K`` or more columns, in plain eager mode and under ``torch.compile``, ``expm(M)[:, :k]``
     is evaluated by blocks on those k columns (:func:`geofunc._expm.frame_columns`, Note [Frame
     exponential]); then ``A`` is None and ``finish`` ignores its argument.
     """
     k = Y.shape[-1]
-    if callable(triv):
+    if callable(triv) or not (_reduced(Y) if reduced is None else reduced):
         S = _mm(transpose(Y), Z)
         C = _mm_add(Z, Y, S, alpha=-1.0)
-        Omega = torch.zeros_like(S) if horizontal else skew_lower(S)
-        W = Y @ Omega @ transpose(Y) + C @ transpose(Y) - Y @ transpose(C)
-        return W, lambda R: R @ Y
+        if horizontal:
+            B = C @ transpose(Y)
+        else:  # W = B − Bᵀ = Y Ω Yᵀ + C Yᵀ − Y Cᵀ with Ω = skew_lower(S) = L − Lᵀ (+ i·diag(Im S) if complex)
+            L = torch.tril(S, -1)
+            if S.is_complex():
+                L = L + torch.diag_embed(0.5j * torch.diagonal(S, dim1=-2, dim2=-1).imag)
+            B = (Y @ L + C) @ transpose(Y)
+        return B - transpose(B), lambda R: R @ Y  # skew to the last bit (B − Bᵀ), so φ(W) is orthogonal to rounding
     C, Omega, CtC, c = _tall_generator(Y, Z, horizontal)
     if triv == "expm" and k >= _FRAME_K:
         # only the first k columns of expm(M), by blocks (Note [Frame exponential] in geofunc/_expm.py)
@@ -389,7 +427,7 @@ _ONE_NODE = True  # tests switch it off to compare with the chain
 
 def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool) -> Optional[Tensor]:
     """The tall chart at a constant base as one node (Note [One-node tall chart]), or None: take the chain."""
-    if not _ONE_NODE or triv != "expm" or not eager_fast(Y, Z) or torch.autograd.forward_ad._current_level >= 0:
+    if not _ONE_NODE or triv != "expm" or not _reduced(Y) or not eager_fast(Y, Z) or torch.autograd.forward_ad._current_level >= 0:
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(Z) or torch._C._functorch.is_functorch_wrapped_tensor(Y):
         return None  # a wrapper that outlived its transform
@@ -443,11 +481,11 @@ def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
     return torch.cat([top, bottom], dim=-2)
 
 
-def _tall_chain(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool) -> Tensor:
+def _tall_chain(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool, reduced: bool | None = None) -> Tensor:
     """The tall chart as differentiable torch ops (what every mode but the one node runs)."""
     if packed:
         Z = _packed_direction(Y, Z)
-    A, finish = _tall_chart(Y, Z, triv, horizontal)
+    A, finish = _tall_chart(Y, Z, triv, horizontal, reduced)
     return finish(None if A is None else resolve_triv(triv)(A))
 
 

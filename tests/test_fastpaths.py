@@ -199,7 +199,7 @@ def _frame_close(a, b, dtype, what):
 
 def _frame_case(space, shape, scale, dtype, generator):
     if getattr(space, "rank", 0) >= 32:
-        shape = shape[:-2] + ((80, 40) if shape[-2] >= shape[-1] else (40, 80))
+        shape = shape[:-2] + ((80, 72) if shape[-2] >= shape[-1] else (72, 80))  # both frames ≥ 2k rows: the node
     if isinstance(space, gf.PSSDLowRank):
         shape = shape[:-1] + (shape[-2],)
     Z = torch.randn(shape, generator=generator, dtype=F64) * scale / math.sqrt(max(shape[-2:]))
@@ -247,7 +247,7 @@ def test_tall_chart_node_matches_the_op_chain(name, shape, dtype, generator, mon
 @pytest.mark.parametrize("k", [3, 32])
 @pytest.mark.parametrize("scale", [0.0, 1e-4, 1.0, 30.0])
 def test_tall_chart_node_against_finite_differences(scale, k, packed, horizontal, generator):
-    n, b = k + 3, (2,) if k < 32 else ()
+    n, b = max(k + 3, 2 * k), (2,) if k < 32 else ()  # n ≥ 2k: the 2k×2k reduction (Note [Reduced tall chart])
     Y = gf.Stiefel().sample(b + (n, k), generator=generator, dtype=F64)
     Z = (scale * torch.randn(b + (n, k), generator=generator, dtype=F64) / math.sqrt(n)).requires_grad_()
 

@@ -134,6 +134,52 @@ def test_tall_stiefel_chart_has_no_square_intermediate():
     assert member(space, X.detach())
 
 
+def _frame_error(X):
+    X = X.double()
+    return (X.mT @ X - torch.eye(X.shape[-1], dtype=F64)).abs().max().item()
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (7, 4), (9, 5), (3, 2), (33, 32), (6, 3), (12, 8)], ids=str)
+@pytest.mark.parametrize("space", [gf.Stiefel(), gf.Grassmannian()], ids=repr)
+def test_narrow_frames_stay_orthonormal_at_large_raw_scales(space, shape):
+    """Note [Reduced tall chart]: frames with n < 2k (C = (I − YYᵀ)Z of rank < k) took the 2k×2k matrix,
+    which was 1e-2 off at raw scale 1e6 and finite garbage (‖XᵀX − I‖ ~ 1e18) at 1e8 in float64."""
+    g = _gen(11)
+    Z = torch.randn(shape, generator=g, dtype=F64)
+    Y = gf.Stiefel().sample(shape, generator=g, dtype=F64)
+    for base in (None, Y):
+        for scale, tol in ((1.0, 1e-14), (1e4, 1e-10), (1e6, 1e-8), (1e8, 1e-6)):
+            assert _frame_error(space.to_manifold(scale * Z, base)) < tol, (scale, base is None)
+        # float32 at raw scale 1e2 (5×3: was 5e-5, 2e-2 at 1e3); the README's "Extreme raw scales" bound
+        assert _frame_error(space.to_manifold((1e2 * Z).float(), None if base is None else Y.float())) < 3e-4
+
+
+@pytest.mark.parametrize("rank,shape", [(3, (5, 8)), (4, (6, 6)), (2, (3, 40)), (3, (4, 4))], ids=str)
+def test_rank_family_narrow_frames_stay_orthonormal(rank, shape):
+    """The rank family's U and V frames (n×r, k×r) with a side under 2r rows: the n×n generator,
+    stacked with the other frame while both are short (Note [Reduced tall chart])."""
+    from geofunc import _linalg
+
+    g = _gen(12)
+    space = gf.LowRank(rank=rank)
+    _, base = space.from_manifold(space.sample(shape, generator=g, dtype=F64))
+    Z = torch.randn(shape, generator=g, dtype=F64)
+    for scale in (1.0, 1e4, 1e8):
+        U, _, V, _ = space._factors(scale * Z, base)
+        assert max(_frame_error(U), _frame_error(V)) < 1e-6, scale
+    # the stacked frames are the frames charted one by one (the same maps)
+    Zt = Z if shape[0] >= shape[1] else Z.mT
+    Ub, Vb = base  # tall form, as from_manifold returns it
+    pairs = [(torch.tril(Zt[:, :rank], -1), Ub), (torch.triu(Zt[:rank, :], 1).mT, Vb)]
+    together = _linalg.frame_charts(pairs, "expm", packed=True)
+    apart = [_linalg.frame_charts([p], "expm", packed=True)[0] for p in pairs]
+    for a, b in zip(together, apart):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    # derivatives of the stacked narrow-frame route, against finite differences
+    z = (0.5 * Z).requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: space.to_manifold(z, base), (z,))
+
+
 def test_callable_triv_is_used():
     calls = []
 

@@ -27,8 +27,10 @@ class Stiefel(FrameSpace):
       ``Ω`` the skew matrix of the strict lower triangle of ``YᵀZ`` and ``C = (I − YYᵀ)Z``,
       ``X = φ(W) Y`` with the skew generator ``W = YΩYᵀ + CYᵀ − YCᵀ`` and ``φ`` = ``triv``
       (``"expm"``, ``"cayley"`` or a callable skew → orthogonal). ``W`` has rank ≤ 2k, so
-      ``φ(W)Y`` costs O(n k²) plus a 2k×2k exponential (or solve), never an n×n one (except
-      for a callable ``triv``, which receives the n×n ``W``). For n = k the chart is SO's:
+      ``φ(W)Y`` costs O(n k²) plus a 2k×2k exponential (or solve), never an n×n one where
+      n ≥ 2k (a callable ``triv`` receives the n×n ``W``; so do frames with n < 2k, where ``W``
+      is the smaller matrix and the 2k×2k one is not orthogonal to rounding at large raw
+      scales). For n = k the chart is SO's:
       ``X = Y φ(skew_lower(Z))``.
     * ``from_manifold(X) = (0, X)``, ``rebase(Z, base) = (0, to_manifold(Z, base))``: the base is
       the frame itself, no completion to a square matrix is needed. Riemannian gradient
