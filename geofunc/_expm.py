@@ -348,7 +348,35 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
     for _ in range(s):
         Xs.append(X)
         X = _mm(X, X)
-    return X, {"P": P, "Hs": Hs, "Xs": Xs}
+    far = _far(P, m, s, A.dtype)
+    if far is not None:  # Note [Too far to be a point]
+        X = X.mul_(far) if inplace else X * far
+    return X, {"P": P, "Hs": Hs, "Xs": Xs, "far": far}
+
+
+# Note [Too far to be a point]
+# Scaling and squaring has a backward error of ~u per unit of ‖A‖ (relative, Higham's criterion), and
+# for a skew generator the s squarings double the orthogonality error of T_m(A/2^s) each time: the
+# result is off its group by ~u·α (α ≈ θ_m 2^s), like torch.linalg.matrix_exp's. Past u·α = 1/64
+# (float32: α ≈ 2.6e5, raw scales ~1e5; float64: α ≈ 1.4e14) the "point" is off by more than 1%,
+# and soon finite noise: SO(6) at raw scale 1e8 in float32 was 6e3 off, at 1e16 in float64 2 off
+# (Stiefel 20×4 in float32 at 1e5: 0.1). There every matrix of the batch whose own
+# α_i = 2^s max(‖B_i³‖₁^⅓, ‖B_i⁴‖₁^¼) is that far gets NaN (value, adjoint and tangent: a factor,
+# NaN or 1, per matrix), as the static schedule gives NaN beyond its bound (Note [Static schedule]):
+# never a finite wrong point. Below that bound (float32 raw norms ~1e3 to 1e5) points are off the
+# manifold by ~u·α, as README's "Extreme raw scales" says. Cost: nothing unless s is that large.
+_FAR = 2.0**-6
+
+
+def _far(P: list[Any], m: int, s: int, dtype: torch.dtype) -> Tensor | None:
+    """None, or per matrix 1 (finite) or NaN where ``u·α_i > _FAR`` (Note [Too far to be a point])."""
+    u = _UNIT_ROUNDOFF[_real(dtype)]
+    if s == 0 or u * 2.0**s * _theta(m, u) <= _FAR or len(P) < 5:
+        return None
+    with torch.no_grad():
+        alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25) * 2.0**s
+        ones = torch.ones_like(alpha)
+        return torch.where(alpha * u > _FAR, ones * float("nan"), ones)[..., None, None].to(P[1].dtype)
 
 
 def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -421,6 +449,8 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     G1 = GP[1]
     if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]: the adjoint of I + B (+ B²/2) reads little or nothing of B
         G1 = _poisoned(G1, P[1], inplace and G1 is not G)
+    if cache.get("far") is not None:  # Note [Too far to be a point]
+        G1 = G1 * cache["far"]
     return G1 * 2.0**-s if s else G1
 
 
@@ -455,6 +485,8 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     dX = dH
     for X in Xs:
         dX = _mm_add(_mm(dX, X), X, dX)
+    if cache.get("far") is not None:  # Note [Too far to be a point]
+        dX = dX * cache["far"]
     return dX
 
 

@@ -605,6 +605,43 @@ def test_non_finite_matrix_does_not_change_its_neighbours(dtype, generator):
     torch.testing.assert_close(X[1], ref_expm(A[1]), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_generators_too_far_to_give_a_point_give_nan(dtype, generator):
+    """Note [Too far to be a point]: a skew generator with u·α past 1/64 has no point to give (SO(6) at
+    raw scale 1e8 in float32 was 6e3 off its group, finite): NaN in value, gradient and tangent, per
+    matrix (its neighbours unchanged), on every path; just below, a finite point off by ~u·α."""
+    import geofunc._expm as E
+
+    u = E._UNIT_ROUNDOFF[_real(dtype)]
+    S = skew_lower(_rand((3, 6, 6), 1.0, generator, _hi(dtype)))
+    S = S / torch.linalg.matrix_norm(S, ord=2)[:, None, None]  # ‖S‖₂ = 1: α ≈ the scale
+    far, near = 8 * E._FAR / u, E._FAR / (8 * u)
+    A = (S * torch.tensor([far, near, 1.0], dtype=S.dtype)[:, None, None]).to(dtype)
+    W = _rand((6, 6), 1.0, generator, dtype)
+
+    def check(X, what):
+        assert torch.isnan(X[0]).all(), what
+        assert torch.isfinite(X[1:]).all(), what
+
+    X = expm(A)
+    check(X, "value")
+    err = (X[1:].mH @ X[1:] - torch.eye(6, dtype=dtype)).abs().amax()
+    assert err < 0.1, err  # the one below the bound: off by ~u·α ≤ 1/512, not noise
+    # the neighbours stay points: the batch shares the far matrix's squarings (one degree choice per
+    # batch), which costs them accuracy (float32 ~1e-4), as a large neighbour always did
+    tol = 2e-3 if _real(dtype) == torch.float32 else 1e-7
+    torch.testing.assert_close(X[2], ref_expm(A[2].to(_hi(dtype))).to(dtype), rtol=0, atol=tol)
+    Ag = A.clone().requires_grad_()
+    check(torch.autograd.grad((expm(Ag) * W).real.sum(), Ag)[0], "autograd")
+    check(grad(lambda A: (expm(A) * W).real.sum())(A), "torch.func.grad")
+    check(jvp(expm, (A,), (A / far,))[1], "jvp")
+    check(vmap(grad(lambda a: (expm(a) * W).real.sum()))(A), "vmap(grad)")
+    check(expm_frechet(A, A / far), "expm_frechet")
+    if not dtype.is_complex:
+        torch._dynamo.reset()
+        check(torch.compile(expm, fullgraph=True, backend="aot_eager")(A), "compile")
+
+
 # ----------------------------------------------------------------------------- the Cayley map
 
 
@@ -672,7 +709,7 @@ def _frame_case(T, R, c):
 
 # scales reaching every branch: a low degree from ‖M‖₁ alone, degrees 8-20 without squaring (by
 # blocks), squarings (the whole exponential from the block powers), and ‖M‖₁ > 2¹⁶ (expm's choice)
-FRAME_SCALES = {1e-3: "low degree", 0.3: "blocks", 0.6: "blocks", 8.0: "squarings", 1e6: "huge"}
+FRAME_SCALES = {1e-3: "low degree", 0.3: "blocks", 0.6: "blocks", 8.0: "squarings", 1e5: "huge"}  # huge: ‖M‖₁ ~ 3e5 > 2¹⁶, below Note [Too far to be a point]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
