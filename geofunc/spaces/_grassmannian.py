@@ -27,7 +27,8 @@ class Grassmannian(FrameSpace):
       identity), ``C = (I − YYᵀ)Z`` and the horizontal generator ``W = CYᵀ − YCᵀ``: the
       Stiefel chart without the vertical part ``Ω`` (the component of ``Z`` along ``Y`` is not
       read; with ``base=None`` that is the top k×k block, as in GeoTorch). O(n k²) plus a
-      2k×2k problem. For n = k the space is a single point and the map is constant.
+      2k×2k problem (for n < 2k, the n×n ``W``: Note [Reduced tall chart]). For n = k the space
+      is a single point and the map is constant.
     * ``from_manifold(X) = (0, X)``; ``rebase(Z, base) = (0, to_manifold(Z, base))``; one SGD
       step of size η on ``Z = 0`` then ``rebase`` is ``X⁺ = φ(−η(G Xᵀ − X Gᵀ)) X`` with ``G``
       replaced by its horizontal part ``(I − XXᵀ)G``.
