@@ -345,7 +345,7 @@ _FRAME_K = 32  # frames at least this wide take frame_columns (narrower ones wer
 # than M), built skew to the last bit (B − Bᵀ): its exponential is orthogonal up to the exponential's
 # own backward error, ~u‖W‖ (float64 1e-8 at scale 1e8, float32 ~2e-5 at scale 1e3), as
 # torch.linalg.matrix_exp's. For Stiefel this was also faster (no 2k×2k matrix: 5×3, 9×5, 48×32, 7×4
-# Grassmannian forward and backward 0.76–0.82×). The rank family's U and V frames stack on this route
+# Grassmannian forward and backward 0.74–0.92×). The rank family's U and V frames stack on this route
 # (padded with zero rows, exact as in Note [Stacked frames]) while the tallest is under 4k rows; a
 # tall frame beside a narrow one otherwise takes its own path.
 # Frames with n ≥ 2k keep M: C generically has rank k. Where it does not (a raw tensor whose part
