@@ -111,6 +111,28 @@ def test_logabsdet_nan_propagates_and_base_is_checked():
         gf.GLp().logabsdet(torch.zeros(3, 3), torch.eye(3))
 
 
+@pytest.mark.parametrize("space", [gf.SO(), gf.Stiefel(), gf.Unitary()], ids=repr)
+def test_volume_preserving_logabsdet_is_zero_with_nan_gradients_at_nan_input(space):
+    """log|det| of the orthogonal groups is 0 in Z's graph: its gradient is 0, except at a point
+    with a NaN/inf raw entry, where value and gradient are NaN (they were 0: a finite gradient for
+    a NaN input), per point of the batch."""
+    dtype = torch.complex128 if isinstance(space, gf.Unitary) else F64
+    Z = torch.randn(3, 4, 4, generator=_gen(5), dtype=dtype)
+    Z[1, 2, 0] = float("nan")
+    Z[2, 0, 3] = 1e300  # finite and huge: still 0, no overflow
+
+    def f(z):
+        return space.logabsdet(z).sum()
+
+    out = space.logabsdet(Z)
+    assert out[1].isnan() and (out[[0, 2]] == 0).all()
+    for g in (grad(f)(Z), vmap(grad(lambda z: space.logabsdet(z)))(Z)):
+        assert g[1].isnan().all() and (g[[0, 2]] == 0).all()
+    Zg = Z.clone().requires_grad_()
+    g = torch.autograd.grad(space.logabsdet(Zg).sum(), Zg)[0]
+    assert g[1].isnan().all() and (g[[0, 2]] == 0).all()
+
+
 def _raw_and_base(space, g, batch=(4,)):
     Z0, base = space.from_manifold(space.sample(batch + (4, 4), generator=g, dtype=F64))
     return Z0 + 0.5 * torch.randn(Z0.shape, generator=g, dtype=F64), base

@@ -70,4 +70,5 @@ class Stiefel(FrameSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
         self._require_base(Z, base)
-        return poison(Z, base)[..., 0, 0] + 0.0 * Z[..., 0, 0]  # 0 (NaN where the point is), in Z's graph
+        # 0, in Z's graph; NaN in value and gradient where the point is (Note [NaN policy])
+        return (Z * poison(Z, base)).sum(dim=(-2, -1))

@@ -74,4 +74,5 @@ class Unitary(MatrixGroup):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_base(Z, base)
-        return (poison(Z, base)[..., 0, 0] + 0.0 * Z[..., 0, 0]).real  # 0 (NaN where the point is), in Z's graph
+        # 0, in Z's graph; NaN in value and gradient where the point is (Note [NaN policy])
+        return (Z * poison(Z, base)).sum(dim=(-2, -1)).real
