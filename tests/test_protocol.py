@@ -165,3 +165,17 @@ def test_a_base_of_another_dtype_is_a_manifold_error(case) -> None:
             call()
         msg = str(info.value)
         assert repr(inner) in msg and "dtype" in msg and "tensor(" not in msg, (what, msg)
+
+
+@pytest.mark.parametrize("case", BASED, ids=lambda c: c.id)
+def test_a_base_on_another_device_is_a_manifold_error(case) -> None:
+    """A base on another device than ``Z`` (here ``meta`` against the CPU: no accelerator needed) is
+    refused by name, not left to torch's device error, which names neither the space nor the argument."""
+    M = case.space
+    inner = getattr(M, "space", M)
+    Z, base = M.from_manifold(M.sample(case.smoke, generator=torch.Generator().manual_seed(0), dtype=F64))
+    meta = optree.tree_map(lambda t: t.to("meta"), base, none_is_leaf=False)
+    with pytest.raises(gf.ManifoldError) as info:
+        M.to_manifold(Z, meta)
+    msg = str(info.value)
+    assert repr(inner) in msg and "device" in msg and "meta" in msg, msg

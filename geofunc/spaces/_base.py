@@ -318,12 +318,14 @@ class AbstractSpace(_Space, abc.ABC):
         self._require_base_dtype(Z, base)
 
     def _require_base_dtype(self, Z: Tensor, base: Tensor, what: str = "base") -> None:
-        """A base tensor has ``Z``'s dtype: a mixed pair would otherwise fail inside a product with a raw
+        """A base tensor has ``Z``'s dtype and device: a mixed pair would otherwise fail inside a product with a raw
         ``RuntimeError`` or be silently promoted, depending on the space. A dtype comparison only (no
         values read: traceable, vmap-safe; a DTensor's dtype is its local one). Low-precision
         arguments are compared after the float32 upcast (Note [Low precision])."""
         if base.dtype != Z.dtype:
             raise error(self, f"`{what}` of the dtype of `Z` ({Z.dtype})", describe(base))
+        if base.device != Z.device:  # torch's own error names neither the space nor the argument
+            raise error(self, f"`{what}` on the device of `Z` ({Z.device})", f"{describe(base)} on {base.device}")
 
     def _require_no_base(self, base: Any) -> None:
         """A space whose chart has no centre takes ``base=None`` only."""
