@@ -541,13 +541,21 @@ def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The isometry from the Poincaré ball of curvature ``−c`` to the hyperboloid :class:`~geofunc.Lorentz` ``(k = 1/c)``.
 
     :math:`x \mapsto \Big(\frac{\sqrt k\,(1 + c\|x\|^2)}{1 - c\|x\|^2},\ \frac{2x}{1 - c\|x\|^2}\Big)`,
-    shape ``(*batch, n)`` to ``(*batch, n + 1)``.
+    shape ``(*batch, n)`` to ``(*batch, n + 1)``. The result is a point of :class:`~geofunc.Lorentz`
+    under that space's stated clamp: within distance ``T√k`` of the origin (``T`` = 8.66 in
+    float32, 18.7 in float64), beyond which the hyperboloid's rounding exceeds what it measures
+    (Note [the hyperboloid's precision] in ``geofunc/spaces/_lorentz.py``). Unclamped, a float32
+    point at ball radius 0.99999 (distance 12.2) was accepted by ``Lorentz.contains`` and at
+    ``Lorentz.dist`` 0 from one at 0.999 (4.6 in the ball). Farther points: the ball, or float64.
     """
+    from .spaces._lorentz import _cap, _max_distance  # (that module imports this one)
+
     c = _check_c(c, "poincare_to_lorentz")
     _check_vec(x, "poincare_to_lorentz", "x")
     g = _gap(x, c)
-    x0 = (1.0 + c * _sq(x)) / (_sqrt_c(c) * g)
-    return torch.cat([x0, 2.0 * x / g], dim=-1)
+    xb = _cap(2.0 * x / g, math.sinh(_max_distance(x.dtype)) / _sqrt_c(c))
+    x0 = torch.sqrt(1.0 / c + _sq(xb))  # = √k (1 + c‖x‖²)/(1 − c‖x‖²) where not capped
+    return torch.cat([x0, xb], dim=-1)
 
 
 def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:

@@ -407,3 +407,24 @@ def test_learnable_curvature(generator):
     g = grad(f)(c)
     h = 1e-6
     torch.testing.assert_close(g, (f(c + h) - f(c - h)) / (2 * h), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poincare_to_lorentz_keeps_the_lorentz_clamp(dtype):
+    """The isometry's result is a Lorentz point under that space's stated clamp (distance ≤ T√k from
+    the origin): unclamped, a float32 point at ball radius 0.99999 (distance 12.2) was accepted by
+    ``Lorentz.contains`` and at Lorentz distance 0 from one at 0.999. Inside the clamp it is exact."""
+    from geofunc.spaces._lorentz import _max_distance
+
+    for c in (1.0, 2.0):
+        H = gf.Lorentz(k=1.0 / c)
+        T = _max_distance(dtype) / c**0.5
+        o = H.to_manifold(torch.zeros(4, dtype=dtype))
+        far = torch.tensor([[1 - 1e-5, 0.0, 0.0], [0.0, 0.0, -(1 - 1e-12)]], dtype=dtype) / c**0.5
+        L = hyp.poincare_to_lorentz(far, c=c)
+        assert H.contains(L).all()
+        assert (H.dist(o, L) <= T * (1 + 1e-3)).all()
+        near = torch.tensor([[0.3, -0.2, 0.1]], dtype=dtype) / c**0.5
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(H.dist(o, hyp.poincare_to_lorentz(near, c=c)), hyp.dist(torch.zeros_like(near), near, c=c),
+                                   atol=tol, rtol=tol)
