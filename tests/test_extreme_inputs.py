@@ -335,3 +335,27 @@ def test_birkhoff_gives_a_point_at_every_finite_scale(dtype, generator):
         for what, P in (("to_manifold", B.to_manifold(Z)), ("retract", B.retract(X, B.tangent(X, Z))),
                         ("project", B.project(Z))):
             assert bool(torch.isfinite(P).all()) and bool(B.contains(P).all()), (what, scale, dtype)
+
+
+def test_sl_retract_gives_nan_not_a_non_member_where_the_point_is_unrepresentable():
+    """``SL.retract(X, V) = X expm(X⁻¹V)`` has cond ~e^{2‖X⁻¹V‖}: past ~1/u the computed matrix is no
+    point of SL (det −1e5 at a generator norm ~54 in float64, reached by rsgd with momentum
+    diverging). There it is NaN, per matrix; below, a member; never a finite matrix off SL by more
+    than √ of the default tolerance (the loose bound retract judges by, so that an X off SL by a
+    finite-difference step is still extended smoothly)."""
+    from geofunc.spaces._base import default_atol
+
+    M = gf.SL()
+    g = torch.Generator().manual_seed(1)
+    F64 = torch.float64
+    X = M.sample((60, 4, 4), generator=g, dtype=F64)
+    A = torch.randn(60, 4, 4, generator=g, dtype=F64)
+    A = A - torch.eye(4, dtype=F64) * A.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    norms = torch.linspace(1.0, 60.0, 60, dtype=F64)
+    A = A / torch.linalg.matrix_norm(A, 2)[:, None, None] * norms[:, None, None]
+    R = M.retract(X, X @ A)
+    finite = torch.isfinite(R).flatten(-2).all(-1)
+    assert M.contains(R[finite], atol=default_atol(F64, 4) ** 0.5).all()  # never a finite non-member
+    assert M.contains(R[:10]).all()  # small steps: members at the default tolerance
+    assert finite[:10].all() and not finite.all()  # small steps are points; some far ones are NaN
+    torch.testing.assert_close(torch.vmap(M.retract)(X, X @ A), R, equal_nan=True)

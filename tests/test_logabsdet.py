@@ -111,7 +111,7 @@ def test_logabsdet_nan_propagates_and_base_is_checked():
         gf.GLp().logabsdet(torch.zeros(3, 3), torch.eye(3))
 
 
-@pytest.mark.parametrize("space", [gf.SO(), gf.Stiefel(), gf.Unitary()], ids=repr)
+@pytest.mark.parametrize("space", [gf.SO(), gf.Stiefel(), gf.Unitary(), gf.SL()], ids=repr)
 def test_volume_preserving_logabsdet_is_zero_with_nan_gradients_at_nan_input(space):
     """log|det| of the orthogonal groups is 0 in Z's graph: its gradient is 0, except at a point
     with a NaN/inf raw entry, where value and gradient are NaN (they were 0: a finite gradient for

@@ -12,7 +12,7 @@ import torch
 
 from .._errors import ManifoldError, describe, error
 from .._linalg import Triv, expm, poison, sanitize
-from ._base import AbstractSpace
+from ._base import AbstractSpace, default_atol
 from ._glp import GLp
 
 __all__ = ["SL"]
@@ -140,10 +140,22 @@ class SL(AbstractSpace):
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``X expm(X⁻¹ tangent(X, V))``: on SL for every ``V`` (``det expm(A) = e^{tr A}`` and
-        ``tr(X⁻¹ tangent(X, V)) = 0``), ``X + V`` to first order for tangent ``V``."""
+        ``tr(X⁻¹ tangent(X, V)) = 0``), ``X + V`` to first order for tangent ``V``. NaN for a
+        matrix whose exact point the dtype cannot represent (cond ≳ 1/u, from ‖X⁻¹V‖ ≳ 25 in
+        float64), never a finite matrix off SL."""
         self._check_pair(X, V, "V")
         Vt = self.tangent(X, V)
-        return X @ expm(_inverse(X) @ Vt)
+        R = X @ expm(_inverse(X) @ Vt)
+        # The exact point can be beyond what the dtype represents: cond(R) grows like e^{2‖X⁻¹V‖}, and
+        # past ~1/u the computed R is no point of SL (det −1e5 from a generator of norm ~54 in float64,
+        # found by rsgd with momentum diverging; ~28 suffices at n = 4). There R is NaN, per matrix,
+        # rather than a finite non-member, judged by the membership test at √ of its default
+        # tolerance (loose, so that an X off SL by rounding or a finite-difference step, which retract
+        # extends smoothly, is not caught; det ≤ 0 always is), with no Python branching.
+        with torch.no_grad():
+            tol = default_atol(R.dtype, self._size(R)) ** 0.5
+            out = functools.reduce(torch.logical_or, (v > tol for v in self._violations(R).values()))
+        return R * torch.where(out, torch.full_like(out, math.nan, dtype=R.dtype), torch.ones_like(out, dtype=R.dtype))[..., None, None]
 
     def project(self, Y: Tensor) -> Tensor:
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
@@ -160,10 +172,11 @@ class SL(AbstractSpace):
         return P * torch.exp(lad / -shape[-1])[..., None, None]
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
-        """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient)."""
+        """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient, NaN there)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        return poison(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0] + 0.0 * Z[..., 0, 0]
+        # 0, in Z's graph; NaN in value and gradient where Z or the base is not finite (Note [NaN policy])
+        return (Z * poison(Z, *optree.tree_leaves(base, none_is_leaf=False))).sum(dim=(-2, -1))
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
