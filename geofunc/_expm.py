@@ -325,10 +325,12 @@ _MIX_DEGREE = 2
 
 
 def _poisoned(X: Tensor, B: Tensor, inplace: bool) -> Tensor:
-    """``X`` plus 0 per matrix, NaN per matrix where ``B`` has a non-finite entry (Note [Low degrees and
-    NaN]; ``_linalg.poison`` without the import cycle). ``inplace``: ``X`` is a fresh buffer."""
-    nan = B.detach().sum(dim=(-2, -1), keepdim=True)
-    return X.add_(nan, alpha=0.0) if inplace else X.add(nan, alpha=0.0)
+    """``X + poison(B)``: 0 per matrix, NaN where ``B`` has a non-finite entry (Note [Low degrees and
+    NaN]). ``inplace``: ``X`` is a fresh buffer."""
+    from ._linalg import poison  # (geofunc._linalg imports this module)
+
+    p = poison(B)
+    return X.add_(p) if inplace else X + p
 
 
 def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False) -> tuple[Tensor, dict]:

@@ -92,14 +92,12 @@ def cayley(A: Tensor) -> Tensor:
     """
     I = eye_like(A)
     # inv() of a matrix with ±inf entries can return a finite, plausible matrix (and a zero gradient):
-    # poison both, with a term 0 in value and derivative per matrix, NaN in both where A is not finite
-    # (Note [NaN policy]; poison(A) alone is detached: the gradient stayed 0). And inv() raises on an
+    # poison both (poisoned_zero: poison(A) alone is detached, so the gradient stayed 0). And inv() raises on an
     # exactly zero pivot, which a non-finite A (or one whose LU overflows, a raw scale ~1e30 in
     # float32) can produce: inv_ex is the same op (inv's value and derivatives, no error check, no
     # device sync) and leaves inf/NaN there instead (for a finite skew A, I − A/2 has singular
     # values ≥ 1 and never gets there).
-    total = A.sum(dim=(-2, -1), keepdim=True)
-    return 2.0 * torch.linalg.inv_ex(I - 0.5 * A)[0] - I + total * (total.detach() * 0.0)
+    return 2.0 * torch.linalg.inv_ex(I - 0.5 * A)[0] - I + poisoned_zero(A)
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -193,6 +191,14 @@ def poison(*tensors: Tensor | None, ndim: int = 2) -> Tensor:
             out = t if out is None else out + t
     assert out is not None
     return out
+
+
+def poisoned_zero(Z: Tensor, *others: Tensor | None) -> Tensor:
+    """0 per matrix, in ``Z``'s graph, ``(…, 1, 1)``: its value and its derivative are 0 where the point
+    is finite and NaN where ``Z`` or one of ``others`` has a NaN/inf entry (Note [NaN policy]). Added to a
+    map whose value does not read every entry of ``Z`` (a constant, a determinant of 1), it makes its
+    gradient NaN there too, where ``poison`` alone (detached) leaves it finite."""
+    return (Z * poison(Z, *others)).sum(dim=(-2, -1), keepdim=True)
 
 
 def chol_qr(Y: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
+from reference import member
 from geofunc import hyperbolic as hyp
 
 F64 = torch.float64
@@ -422,7 +423,7 @@ def test_poincare_to_lorentz_keeps_the_lorentz_clamp(dtype):
         o = H.to_manifold(torch.zeros(4, dtype=dtype))
         far = torch.tensor([[1 - 1e-5, 0.0, 0.0], [0.0, 0.0, -(1 - 1e-12)]], dtype=dtype) / c**0.5
         L = hyp.poincare_to_lorentz(far, c=c)
-        assert H.contains(L).all()
+        assert H.contains(L).all() and member(H, L)
         assert (H.dist(o, L) <= T * (1 + 1e-3)).all()
         near = torch.tensor([[0.3, -0.2, 0.1]], dtype=dtype) / c**0.5
         tol = 1e-5 if dtype == torch.float32 else 1e-12

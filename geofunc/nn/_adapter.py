@@ -26,13 +26,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import spaces as S
 from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
-from .._linalg import polar
-from ..spaces._base import LOW_PRECISION, AbstractSpace, default_atol
-from ..spaces._factorized import EigSpace, SVDSpace
-from ..spaces._orthogonal import FrameSpace, MatrixGroup, orthonormality_error, tall
+from ..spaces._base import AbstractSpace, _readable
 
 __all__ = [
     "Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of", "refine_base",
@@ -66,71 +62,20 @@ def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
 # base's error, i.e. by the rounding of the dtype the base came from, which is all the accuracy
 # the old point had anyway. A valid base is left bit for bit as it is.
 #
-# What a base is, by family (the second output of each space's ``_from_manifold``):
-# * frames, orthonormalized by the polar factor (SVD; computed in float32 for bf16/fp16), which
-#   keeps the sign of a square frame's determinant (SO's det +1, the det -1 component GeoTorch's
-#   SO class accepts, GLp's det U det V = 1): the orthogonal family (the base is the point) and
-#   the rank/PSD family's U, V or Q (SL through GLp, Hurwitz through the PSD chart of W);
-# * the point itself, re-made by ``space.project`` (the point itself when already on the space):
-#   Sphere, Oblique, Lorentz, PoincareBall, Birkhoff;
-# * a tuple of the factors' bases: Product; no base (None): Rn, Sym, Skew, Hermitian, SphereEmbedded.
-# A space outside geofunc's own has an unknown base: it is left as is, with a warning on a dtype
-# change (its points keep the old dtype's accuracy).
-_FRAME_BASES = (FrameSpace, MatrixGroup, SVDSpace, EigSpace)
-_POINT_BASES = (S.Sphere, S.Oblique, S.Lorentz, S.PoincareBall, S.Birkhoff)
-_MARGIN = 0.25
-
-
-def _plain(t: Any) -> bool:
-    """A concrete tensor whose values may be read (not meta, fake, functorch-wrapped or a DTensor)."""
-    return (
-        type(t) is torch.Tensor
-        and not t.is_meta
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-        and (t.is_floating_point() or t.is_complex())
-    )
-
-
-def _refine_frame(B: Tensor, force: bool) -> Tensor:
-    low = B.dtype in LOW_PRECISION
-    Bf = B.float() if low else B
-    if not force:
-        tol = _MARGIN * default_atol(B.dtype, max(B.shape[-2:]))
-        if bool((orthonormality_error(tall(Bf)[0]) <= tol).all()):
-            return B
-    return polar(Bf).to(B.dtype)
-
-
-def _known(space: AbstractSpace) -> bool:
-    if isinstance(space, S.Product):
-        return all(_known(M) for M in space.factors)
-    return isinstance(space, (*_FRAME_BASES, *_POINT_BASES, S.SL, S.Hurwitz))
+# What a base is, each space says (``_base_kind`` and ``AbstractSpace._refine_base``, the second output of
+# its ``_from_manifold``): frames, orthonormalized by the polar factor (which keeps the sign of a
+# square frame's determinant: SO's det +1, the det -1 component GeoTorch's SO class accepts, GLp's
+# det U det V = 1), for the orthogonal family and the rank/PSD family's U, V or Q; the point itself,
+# re-made by ``project``, for Sphere, Oblique, Lorentz, PoincareBall and Birkhoff; the factors' for
+# Product, GLp's for SL, PSD's for Hurwitz. A space that does not say (one outside geofunc) keeps
+# its base as is, with a warning on a dtype change (its points keep the old dtype's accuracy).
 
 
 def refine_base(space: AbstractSpace, base: Any, *, force: bool = False) -> Any:
-    """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes]).
-
-    Without ``force`` a base already valid with a margin is returned as is (the same tensors).
-    Tensors that cannot be read (meta, fake, under ``torch.func``, DTensors) and the bases of
-    spaces not of geofunc are returned as they are.
-    """
-    if base is None:
-        return None
-    if isinstance(space, S.Product):
-        return tuple(refine_base(M, b, force=force) for M, b in zip(space.factors, space._bases(base)))
-    if isinstance(space, S.SL):
-        return refine_base(space._glp, base, force=force)
-    if isinstance(space, S.Hurwitz):
-        return refine_base(space._psd, base, force=force)
-    if isinstance(space, _FRAME_BASES):
-        return pytree.tree_map(lambda B: _refine_frame(B, force) if _plain(B) and B.ndim >= 2 else B, base)
-    if isinstance(space, _POINT_BASES) and _plain(base):
-        if not force:
-            tol = _MARGIN * default_atol(base.dtype, space._size(base))
-            if bool(space.contains(base, atol=tol).all()):
-                return base
-        return space.project(base)
-    return base
+    """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes]): the space's
+    ``_refine_base``, or ``base`` as it is where the space cannot tell."""
+    out = space._refine_base(base, force)
+    return base if out is NotImplemented else out
 
 
 class Parametrization(nn.Module):
@@ -190,10 +135,8 @@ class Parametrization(nn.Module):
         before = {n: self._buffers[n].dtype for n in self._base_names() if self._buffers.get(n) is not None}
         out = super()._apply(fn, recurse)
         moved = [n for n, d in before.items() if self._buffers[n] is not None and self._buffers[n].dtype != d]
-        if moved and all(_plain(self._buffers[n]) for n in moved):
-            if _known(self.space):
-                self._refresh_base()
-            else:
+        if moved and all(_readable(self._buffers[n]) for n in moved):
+            if not self._refresh_base():
                 warnings.warn(
                     f"{self.where} constrained to {self.space!r}: its base changed dtype to "
                     f"{self._buffers[moved[0]].dtype} and geofunc.nn cannot re-make the base of a space that is not "
@@ -203,13 +146,17 @@ class Parametrization(nn.Module):
                 )
         return out
 
-    def _refresh_base(self) -> None:
-        """Re-make the base valid in its current dtype if it is not (Note [Bases across dtypes])."""
+    def _refresh_base(self) -> bool:
+        """Re-make the base valid in its current dtype if it is not (Note [Bases across dtypes]); False
+        where the space cannot tell what its base is."""
         with torch.no_grad():
             base = self.get_base()
-            new = refine_base(self.space, base)
+            new = self.space._refine_base(base)
+            if new is NotImplemented:
+                return False
             if any(a is not b for a, b in zip(pytree.tree_leaves(base), pytree.tree_leaves(new))):
                 self._set_base(new)
+        return True
 
     def _check_base(self, base: Any) -> None:
         new = pytree.tree_structure(base)

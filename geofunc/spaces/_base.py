@@ -40,7 +40,7 @@ import torch
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._fused import one_node
-from .._linalg import _randn
+from .._linalg import _randn, polar, transpose
 
 __all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
 
@@ -219,6 +219,25 @@ def is_space(x: Any) -> bool:
     return isinstance(x, _Space)
 
 
+def _readable(t: Any) -> bool:
+    """A concrete floating tensor whose values may be read (not meta, fake, functorch-wrapped or a DTensor)."""
+    return (type(t) is torch.Tensor and not t.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+            and (t.is_floating_point() or t.is_complex()))
+
+
+def _refine_frame(B: Tensor, force: bool) -> Tensor:
+    """An orthonormal frame (tall or wide) re-made orthonormal in its dtype by its polar factor, unless it
+    already is with a margin (:meth:`AbstractSpace._refine_base`); bf16/fp16 in float32."""
+    Bf = B.float() if B.dtype in LOW_PRECISION else B
+    if not force:
+        Bt = Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT
+        k = Bt.shape[-1]
+        err = (transpose(Bt) @ Bt - torch.eye(k, dtype=Bt.dtype, device=Bt.device)).abs().amax(dim=(-2, -1))
+        if bool((err <= 0.25 * default_atol(B.dtype, max(B.shape[-2:]))).all()):
+            return B
+    return polar(Bf).to(B.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class AbstractSpace(_Space, abc.ABC):
     """A manifold (or constraint set) as pure functions of tensors. Abstract."""
@@ -233,6 +252,11 @@ class AbstractSpace(_Space, abc.ABC):
     #: for those ops. Read when a class is created, for the maps that class itself defines: set it in
     #: the body of the class that defines ``to_manifold``.
     _one_node: ClassVar[bool] = True
+
+    #: What a base of this space is, for :meth:`_refine_base`: ``"frames"`` (every base tensor an
+    #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or
+    #: None (no base, or a composite space that overrides :meth:`_refine_base`).
+    _base_kind: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -315,9 +339,9 @@ class AbstractSpace(_Space, abc.ABC):
             raise error(self, "`base` to be None or a tensor (a point of the space)", describe(base))
         self._check_shape(base, "base")
         self._require_same_shape(Z, base, "Z", "base")
-        self._require_base_dtype(Z, base)
+        self._require_base_like(Z, base)
 
-    def _require_base_dtype(self, Z: Tensor, base: Tensor, what: str = "base") -> None:
+    def _require_base_like(self, Z: Tensor, base: Tensor, what: str = "base") -> None:
         """A base tensor has ``Z``'s dtype and device: a mixed pair would otherwise fail inside a product with a raw
         ``RuntimeError`` or be silently promoted, depending on the space. A dtype comparison only (no
         values read: traceable, vmap-safe; a DTensor's dtype is its local one). Low-precision
@@ -326,6 +350,23 @@ class AbstractSpace(_Space, abc.ABC):
             raise error(self, f"`{what}` of the dtype of `Z` ({Z.dtype})", describe(base))
         if base.device != Z.device:  # torch's own error names neither the space nor the argument
             raise error(self, f"`{what}` on the device of `Z` ({Z.device})", f"{describe(base)} on {base.device}")
+
+    def _refine_base(self, base: Any, force: bool = False) -> Any:
+        """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes] in
+        ``geofunc/nn/_adapter.py``): frames by their polar factor (which keeps the sign of a square
+        frame's determinant), a point by :meth:`project`. Without ``force`` a base already valid with a
+        margin (a quarter of the default tolerance) is returned as is, the same tensors. Tensors whose
+        values cannot be read (meta, fake, under ``torch.func``, DTensors) are returned as they are.
+        ``NotImplemented`` where the space does not say what its base is (``_base_kind`` None)."""
+        if base is None:
+            return None
+        if self._base_kind == "frames":
+            return optree.tree_map(lambda B: _refine_frame(B, force) if _readable(B) and B.ndim >= 2 else B, base)
+        if self._base_kind == "point":
+            if not _readable(base) or (not force and bool(self.contains(base, atol=0.25 * self._atol(base, None)).all())):
+                return base
+            return self.project(base)
+        return NotImplemented
 
     def _require_no_base(self, base: Any) -> None:
         """A space whose chart has no centre takes ``base=None`` only."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, final
+from typing import Any, ClassVar, Optional, final
 
 import torch
 
@@ -286,6 +286,8 @@ class Birkhoff(AbstractSpace):
     Stochastic Matrices: A Second-Order Geometry*, 2018; J. Altschuler, J. Weed, P. Rigollet,
     *Near-linear time approximation algorithms for optimal transport via Sinkhorn iteration*, 2017.
     """
+
+    _base_kind: ClassVar[str | None] = "point"  # what its base is (AbstractSpace._refine_base)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)

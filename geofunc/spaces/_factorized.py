@@ -173,6 +173,8 @@ class _Factorized(AbstractSpace):
     """Abstract: ``frames · diag(values) · frames``; a concrete space declares its hyperparameters
     (``triv`` among them) and implements ``_rank`` and ``_value_map``."""
 
+    _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
+
     triv: Any
 
     @property
@@ -232,7 +234,7 @@ class SVDSpace(_Factorized):
                 raise error(self, expected, f"({describe(base[0])}, {describe(base[1])})")
         for B, what in zip(base, ("base[0]", "base[1]")):
             if B is not None:
-                self._require_base_dtype(Z, B, what)
+                self._require_base_like(Z, B, what)
         return base[0], base[1]
 
     # ------------------------------------------------------------ the maps
@@ -360,7 +362,7 @@ class EigSpace(_Factorized):
         n = Z.shape[-1]
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, r):
             raise error(self, f"`base` to be None or a frame Q of shape (..., {n}, {r}) (as from_manifold returns)", describe(base))
-        self._require_base_dtype(Z, base)
+        self._require_base_like(Z, base)
         return base
 
     def _factors(self, Z: Tensor, base: Any) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poison, transpose
+from .._linalg import frame_chart, poisoned_zero, transpose
 from ._orthogonal import FrameSpace, tall, untall
 
 __all__ = ["Grassmannian"]
@@ -55,7 +55,7 @@ class Grassmannian(FrameSpace):
         if Zt.shape[-2] == Zt.shape[-1]:
             # Gr(n, n) is one point: the constant chart's gradient is 0, except at a NaN/inf raw tensor,
             # whose point and gradient are NaN (Note [NaN policy]); a term 0 in value and derivative
-            X = X + Zt.sum(dim=(-2, -1), keepdim=True) * poison(Zt)
+            X = X + poisoned_zero(Zt)
         return untall(X, tr)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:

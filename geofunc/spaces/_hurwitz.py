@@ -174,7 +174,7 @@ class Hurwitz(AbstractSpace):
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, n):
             raise error(self, f"`base` to be None or an orthogonal ({n}, {n}) frame of W (as from_manifold returns)",
                         describe(base))
-        self._require_base_dtype(Z, base)
+        self._require_base_like(Z, base)
 
     def _shift(self, B: Tensor) -> Tensor:
         return B - self.alpha * eye_like(B, B.shape[-1]) if self.alpha else B
@@ -187,6 +187,10 @@ class Hurwitz(AbstractSpace):
         W = self._psd.to_manifold(Z, base)
         S = _SKEW.to_manifold(Z)
         return self._shift(W @ S - 0.5 * W)
+
+    def _refine_base(self, base: Any, force: bool = False) -> Any:
+        """PSD's (the base is the frame of ``W``'s PSD chart)."""
+        return self._psd._refine_base(base, force)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]

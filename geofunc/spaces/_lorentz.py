@@ -136,6 +136,8 @@ class Lorentz(AbstractSpace):
     Hyperbolic Geometry*, ICML 2018.
     """
 
+    _base_kind: ClassVar[str | None] = "point"  # what its base is (AbstractSpace._refine_base)
+
     k: float = 1.0
 
     point_ndim: ClassVar[int] = 1

@@ -67,6 +67,8 @@ class Oblique(AbstractSpace):
                 [0.8000, 0.0000]])
     """
 
+    _base_kind: ClassVar[str | None] = "point"  # what its base is (AbstractSpace._refine_base)
+
     accepts_complex: ClassVar[bool] = True
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:

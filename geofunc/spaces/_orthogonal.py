@@ -54,6 +54,8 @@ class MatrixGroup(AbstractSpace):
     implement ``project``, ``sample``, ``_violations``, ``logabsdet`` and the dtype check.
     """
 
+    _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
+
     triv: Triv = "expm"
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class FrameSpace(AbstractSpace):
     ``from_manifold(X) = (0, X)``, ``rebase = (0, to_manifold(Z, base))``, the QR retraction
     (CholeskyQR2, O(n k²)), the polar projection, Haar sampling and the orthonormality check.
     """
+
+    _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
 
     triv: Triv = "expm"
     accepts_complex: ClassVar[bool] = True

@@ -80,6 +80,8 @@ class PoincareBall(AbstractSpace):
     Representations*, NeurIPS 2017; O.-E. Ganea et al., *Hyperbolic Neural Networks*, 2018.
     """
 
+    _base_kind: ClassVar[str | None] = "point"  # what its base is (AbstractSpace._refine_base)
+
     c: float = 1.0
 
     point_ndim: ClassVar[int] = 1

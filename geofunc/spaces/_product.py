@@ -62,6 +62,11 @@ class Product(AbstractSpace):
     def _bases(self, base: Any) -> tuple:
         return (None,) * len(self.factors) if base is None else self._tuple(base, "base")
 
+    def _refine_base(self, base: Any, force: bool = False) -> Any:
+        """Each factor's :meth:`~AbstractSpace._refine_base` (NotImplemented if one factor's is)."""
+        out = tuple(M._refine_base(b, force) for M, b in zip(self.factors, self._bases(base)))
+        return NotImplemented if any(b is NotImplemented for b in out) else out
+
     def _each(self, fn: Callable[..., Any], *args: tuple) -> tuple:
         out = []
         for i, (M, *a) in enumerate(zip(self.factors, *args)):

@@ -11,8 +11,8 @@ import optree
 import torch
 
 from .._errors import ManifoldError, describe, error
-from .._linalg import Triv, expm, poison, sanitize
-from ._base import AbstractSpace, default_atol
+from .._linalg import Triv, expm, poison, poisoned_zero, sanitize
+from ._base import AbstractSpace
 from ._glp import GLp
 
 __all__ = ["SL"]
@@ -109,7 +109,7 @@ class SL(AbstractSpace):
                         describe(base))
         for b, what in zip(base, ("base[0]", "base[1]")):
             if b is not None:
-                self._require_base_dtype(Z, b, what)
+                self._require_base_like(Z, b, what)
 
     # ------------------------------------------------------------------ the maps
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
@@ -130,6 +130,10 @@ class SL(AbstractSpace):
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
         return self._glp.rebase(Z, base)
+
+    def _refine_base(self, base: Any, force: bool = False) -> Any:
+        """GLp's (the base is GLp's frames)."""
+        return self._glp._refine_base(base, force)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − (tr(X⁻¹G)/‖X⁻¹‖²_F) X⁻ᵀ``, the orthogonal projection onto ``{V : tr(X⁻¹V) = 0}``."""
@@ -153,9 +157,8 @@ class SL(AbstractSpace):
         # tolerance (loose, so that an X off SL by rounding or a finite-difference step, which retract
         # extends smoothly, is not caught; det ≤ 0 always is), with no Python branching.
         with torch.no_grad():
-            tol = default_atol(R.dtype, self._size(R)) ** 0.5
-            out = functools.reduce(torch.logical_or, (v > tol for v in self._violations(R).values()))
-        return R * torch.where(out, torch.full_like(out, math.nan, dtype=R.dtype), torch.ones_like(out, dtype=R.dtype))[..., None, None]
+            on = self.contains(R, atol=self._atol(R, None) ** 0.5)
+        return R * torch.where(on, 1.0, math.nan).to(R.dtype)[..., None, None]
 
     def project(self, Y: Tensor) -> Tensor:
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
@@ -175,8 +178,7 @@ class SL(AbstractSpace):
         """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient, NaN there)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        # 0, in Z's graph; NaN in value and gradient where Z or the base is not finite (Note [NaN policy])
-        return (Z * poison(Z, *optree.tree_leaves(base, none_is_leaf=False))).sum(dim=(-2, -1))
+        return poisoned_zero(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0]
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:

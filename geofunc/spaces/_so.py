@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import haar_so, poison, sanitize
+from .._linalg import haar_so, poison, poisoned_zero, sanitize
 from ._orthogonal import MatrixGroup, orthonormality_error
 
 __all__ = ["SO"]
@@ -65,6 +65,5 @@ class SO(MatrixGroup):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_base(Z, base)
-        # 0, in Z's graph; NaN in value and gradient where the point is (Note [NaN policy])
-        return (Z * poison(Z, base)).sum(dim=(-2, -1))
+        return poisoned_zero(Z, base)[..., 0, 0]
 

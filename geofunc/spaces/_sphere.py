@@ -343,6 +343,8 @@ class Sphere(RadiusSphere):
     manifolds", NeurIPS 2019 (dynamic trivializations).
     """
 
+    _base_kind: ClassVar[str | None] = "point"  # what its base is (AbstractSpace._refine_base)
+
     accepts_complex: ClassVar[bool] = True
 
     def to_manifold(self, Z: Tensor, base: Tensor | None = None) -> Tensor:

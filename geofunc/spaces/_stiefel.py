@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poison, sym_part, transpose
+from .._linalg import frame_chart, poisoned_zero, sym_part, transpose
 from ._orthogonal import FrameSpace, tall, untall
 
 __all__ = ["Stiefel"]
@@ -70,5 +70,4 @@ class Stiefel(FrameSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
         self._require_base(Z, base)
-        # 0, in Z's graph; NaN in value and gradient where the point is (Note [NaN policy])
-        return (Z * poison(Z, base)).sum(dim=(-2, -1))
+        return poisoned_zero(Z, base)[..., 0, 0]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._linalg import haar_stiefel, poison, polar
+from .._linalg import haar_stiefel, poisoned_zero, polar
 from ._orthogonal import MatrixGroup, orthonormality_error
 
 __all__ = ["Unitary", "complex_dtype"]
@@ -74,5 +74,4 @@ class Unitary(MatrixGroup):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
         self._require_base(Z, base)
-        # 0, in Z's graph; NaN in value and gradient where the point is (Note [NaN policy])
-        return (Z * poison(Z, base)).sum(dim=(-2, -1)).real
+        return poisoned_zero(Z, base)[..., 0, 0].real
