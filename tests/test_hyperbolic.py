@@ -429,3 +429,76 @@ def test_poincare_to_lorentz_keeps_the_lorentz_clamp(dtype):
         tol = 1e-5 if dtype == torch.float32 else 1e-12
         torch.testing.assert_close(H.dist(o, hyp.poincare_to_lorentz(near, c=c)), hyp.dist(torch.zeros_like(near), near, c=c),
                                    atol=tol, rtol=tol)
+
+
+def _fd_hessian(f, x: torch.Tensor, h: float = 1e-5) -> torch.Tensor:
+    """Central finite differences of ``grad(f)`` (float64), one column per entry of ``x``."""
+    g = grad(f)
+    E = torch.eye(x.numel(), dtype=x.dtype).reshape(-1, *x.shape)
+    return torch.stack([((g(x + h * e) - g(x - h * e)) / (2 * h)).reshape(-1) for e in E], dim=1)
+
+
+def _second_derivatives(f, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``f``'s hessian at ``x`` four ways: forward-over-reverse, reverse-over-reverse, ``grad(grad)``
+    along each axis, and a double backward under plain autograd."""
+    n = x.numel()
+    xr = x.detach().clone().requires_grad_()
+    (g1,) = torch.autograd.grad(f(xr), xr, create_graph=True)
+    eager = torch.stack([torch.autograd.grad(g1.reshape(-1)[i], xr, retain_graph=True)[0].reshape(-1) for i in range(n)])
+    E = torch.eye(n, dtype=x.dtype).reshape(-1, *x.shape)
+    return {
+        "hessian": hessian(f)(x).reshape(n, n),
+        "jacrev(jacrev)": jacrev(jacrev(f))(x).reshape(n, n),
+        "grad(grad)": torch.stack([grad(lambda z, e=e: (grad(f)(z) * e).sum())(x).reshape(-1) for e in E]),
+        "double backward": eager,
+    }
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_lorentz_second_derivatives_at_the_chart_centre(with_base, generator):
+    """At Z = 0 (where every step after a rebase is differentiated) each way of taking the hessian
+    equals finite differences of the gradient. Regressions: reverse-over-reverse was NaN there (the
+    norm's 0/0 derivative in the overflow cap), and on torch 2.14 the forward-over-reverse hessian
+    lost a term, clamp(min=0)'s derivative at 0 having changed from 1 to 0 (Note [Derivatives at the
+    boundary of a clamp] in geofunc/spaces/_lorentz.py)."""
+    d = torch.float64
+    for k in (1.0, 2.0):
+        M = gf.Lorentz(k=k)
+        shape = (2, 4)
+        base = M.from_manifold(M.sample(shape, generator=generator, dtype=d))[1] if with_base else None
+        C, D = torch.randn(shape, generator=generator, dtype=d), torch.randn(shape, generator=generator, dtype=d)
+
+        def loss(z, M=M, base=base, C=C, D=D):
+            X = M.to_manifold(z, base)
+            return (X * C).sum() + (X * D).sum() ** 2
+
+        Z = torch.zeros(shape, dtype=d)
+        fd = _fd_hessian(loss, Z)
+        assert fd.abs().amax() > 0.1  # the term a wrong convention drops is not small
+        for name, H in _second_derivatives(loss, Z).items():
+            assert torch.isfinite(H).all(), name
+            torch.testing.assert_close(H, fd, atol=1e-6 * max(1.0, float(fd.abs().amax())), rtol=0, msg=name)
+
+
+def test_lorentz_logmap_and_transport_second_derivatives_at_coincident_points(generator):
+    """``logmap(X, Y)`` and ``transport(X, Y, V)`` as ``Y = to_manifold(z, X)`` passes through ``X``
+    (z = 0): ⟨x − y, x − y⟩_L is 0 there (≥ 0 for every Y on the sheet, quadratic in z), and its
+    clamp's derivative convention must not decide their second derivatives."""
+    d = torch.float64
+    M = gf.Lorentz(k=1.5)
+    X = M.sample((3, 4), generator=generator, dtype=d)
+    V = M.tangent(X, torch.randn(3, 4, generator=generator, dtype=d))
+    C, D = torch.randn(3, 4, generator=generator, dtype=d), torch.randn(3, 4, generator=generator, dtype=d)
+    maps = {"logmap": lambda y: M.logmap(X, y), "transport": lambda y: M.transport(X, y, V)}
+    for name, fn in maps.items():
+
+        def loss(z, fn=fn):
+            W = fn(M.to_manifold(z, X))
+            return (W * C).sum() + (W * D).sum() ** 2
+
+        Z = torch.zeros(3, 4, dtype=d)
+        fd = _fd_hessian(loss, Z)
+        assert fd.abs().amax() > 0.1
+        for how, H in _second_derivatives(loss, Z).items():
+            assert torch.isfinite(H).all(), (name, how)
+            torch.testing.assert_close(H, fd, atol=1e-6 * max(1.0, float(fd.abs().amax())), rtol=0, msg=f"{name}: {how}")

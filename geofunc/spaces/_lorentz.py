@@ -59,10 +59,29 @@ def _cap(Y: Tensor, bound: float) -> Tensor:
     """
     m = Y.detach().abs().amax(-1, keepdim=True)
     one = torch.ones_like(m)
-    safe = torch.where(m > 0, m, one)
-    norm = m * torch.linalg.vector_norm(Y / safe, dim=-1, keepdim=True)
-    inside = norm <= bound  # False for NaN (and for inf entries: inf/inf)
+    # Certainly inside (‖Y‖ ≤ √d·max|Y|): the norm is not taken there, so it adds nothing to the
+    # graph. Its derivatives at Y = 0 (the chart centre) are 0/0: a double backward through them
+    # was NaN there, though the norm's value is never used inside the bound (Note [Derivatives at
+    # the boundary of a clamp]).
+    sure = m * math.sqrt(Y.shape[-1]) <= bound  # False for NaN and inf
+    Ys = torch.where(sure, torch.ones_like(Y), Y / torch.where(m > 0, m, one))
+    norm = m * torch.linalg.vector_norm(Ys, dim=-1, keepdim=True)
+    inside = sure | (norm <= bound)  # False for NaN (and for inf entries: inf/inf)
     return Y * torch.where(inside, one, bound / torch.where(inside, one, norm))
+
+
+# Note [Derivatives at the boundary of a clamp]
+# Several Minkowski forms here are ≥ 0 in exact arithmetic and clamped at 0 against rounding:
+# ⟨v, v⟩_L of a tangent vector (0 at the chart centre v = 0, the point where every step after a
+# rebase is differentiated) and ⟨x − y, x − y⟩_L (0 at y = x). The clamp's derivative exactly at
+# its bound is a convention that torch changed: 1 up to 2.13, 0 from 2.14 (and 0.5 for a tensor
+# bound), so on torch 2.14 the hessian of the chart at its centre lost the cosh″ term (2.3 off in
+# float64; tests/test_conformance.py's hessian at Z = 0 caught it). These forms are quadratic at
+# 0, so their first derivative vanishes there either way, but the second does not: _nonneg keeps
+# the identity's derivative at 0 on every version (where(t < 0, 0, t) selects t itself at 0).
+def _nonneg(t: Tensor) -> Tensor:
+    """``max(t, 0)`` with derivative 1 at ``t = 0`` on every torch version (NaN stays NaN)."""
+    return torch.where(t < 0, torch.zeros_like(t), t)
 
 
 def _minkowski(U: Tensor, V: Tensor) -> Tensor:
@@ -168,7 +187,7 @@ class Lorentz(AbstractSpace):
     def _expmap(self, X: Tensor, V: Tensor) -> Tensor:
         k = self.k
         V = _cap(V, _max_norm(V.dtype))
-        t = (_minkowski(V, V) / k).clamp(min=0.0, max=_ARG_MAX * _ARG_MAX)  # (‖v‖_L/√k)², ≥ 0 up to rounding
+        t = _nonneg(_minkowski(V, V) / k).clamp(max=_ARG_MAX * _ARG_MAX)  # (‖v‖_L/√k)², ≥ 0 up to rounding
         cosh, sinhc = _cosh_sinhc(t)
         return self._vertical(cosh * X + sinhc * V)
 
@@ -215,7 +234,7 @@ class Lorentz(AbstractSpace):
     def _u(self, X: Tensor, Y: Tensor) -> Tensor:
         """``u = −⟨x, y⟩_L/k − 1 = ⟨x − y, x − y⟩_L / 2k ≥ 0``."""
         D = Y - X
-        return (_minkowski(D, D) / (2.0 * self.k)).clamp(min=0.0)
+        return _nonneg(_minkowski(D, D) / (2.0 * self.k))
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``ψ(u)(y − x − u x)``, ``ψ(u) = arcosh(1 + u)/√(u(u + 2))`` (smooth at ``Y = X``)."""
@@ -239,7 +258,7 @@ class Lorentz(AbstractSpace):
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
         D = Y - X
-        den = 2.0 * self.k + 0.5 * _minkowski(D, D).clamp(min=0.0)
+        den = 2.0 * self.k + 0.5 * _nonneg(_minkowski(D, D))
         return V + (_minkowski(D, V) / den) * (X + Y)
 
     def project(self, Y: Tensor) -> Tensor:
