@@ -21,8 +21,12 @@ nothing below it tracks derivatives, it becomes one node at that level (a functo
   ``_autograd_grad`` frame, called from the frame that ran the forward, is on the stack), nothing
   will differentiate it and the private graph is freed. Any other backward at that level (a user's
   ``torch.autograd.grad(..., create_graph=True)`` inside the transformed function) gets the values
-  through a second node whose own derivatives recompute the map as torch ops at the transform's
-  level: the exact chain, to every order.
+  through a second node, u = J(xs)ᵀ G of (cotangents G, inputs xs), whose own derivatives recompute
+  the map as torch ops at the transform's level: the exact chain, to every order. They are the two
+  partials, ∂/∂xs ⟨J(xs)ᵀ G, H⟩ with G held fixed and ∂/∂G = J(xs) H, taken on fresh aliases of xs
+  and G. G usually depends on xs (a loss nonlinear in the point): the engine follows that path from
+  the G-partial, so the xs-partial must not (it once did, counting Jᵀ L″ J V twice); and the results
+  must stay functions of xs, G and H (not of detached copies) for a third derivative.
 
 A map of a few ops is cheaper without the node (its fixed cost, ~50 µs, is more than the transform
 costs for one to three ops): a space says so with ``_one_node = False`` (``Rn``, ``Sym``, ``Skew``,
@@ -148,11 +152,13 @@ class _Call:
         """The differentiable arguments (at the grad level)."""
         return [t for t, d in zip(self.flat, self.diff) if d]
 
-    def vjp_chain(self, Gs: tuple, create_graph: bool) -> tuple:
-        """The vector-Jacobian product by recomputing the map as torch ops (exact to every order)."""
-        xs = self.xs()
+    def vjp_chain(self, Gs: tuple | list, create_graph: bool, flat: list | None = None) -> tuple:
+        """The vector-Jacobian product by recomputing the map as torch ops (exact to every order), with
+        respect to the differentiable entries of ``flat`` (default: the arguments themselves)."""
+        flat = list(self.flat) if flat is None else flat
+        xs = [t for t, d in zip(flat, self.diff) if d]
         with torch.enable_grad():
-            pairs = [(o, g) for o, g in zip(self.recompute(list(self.flat)), Gs) if o.requires_grad and g is not None]
+            pairs = [(o, g) for o, g in zip(self.recompute(flat), Gs) if o.requires_grad and g is not None]
             if not pairs:
                 return (None,) * len(xs)
             return torch.autograd.grad([o for o, _ in pairs], xs, [g for _, g in pairs], create_graph=create_graph,
@@ -231,21 +237,32 @@ if AVAILABLE:
 
         @staticmethod
         def backward(ctx: Any, *H: Tensor) -> tuple:  # type: ignore[override]
+            # The node is u = J(xs)ᵀ G. Its derivatives are two partials: ∂/∂xs ⟨J(xs)ᵀ G, H⟩ with G held
+            # fixed, and ∂/∂G = J(xs) H. G usually depends on xs itself (through the loss and _Fused's
+            # output): the engine adds that path from the G-part, so the xs-part must not contain it, or
+            # the loss-curvature term Jᵀ L″ J V is counted twice. Both partials come from one chain on
+            # fresh aliases of xs and G: the only paths to an alias run through the recomputed chain, yet
+            # the aliases (so both results) stay functions of xs, G and H for the next order.
             call, Gs = ctx.call, ctx.Gs
-            xs = call.xs()
+            higher = torch.is_grad_enabled()  # create_graph of the backward that runs this one
             want = [i for i, g in enumerate(Gs) if ctx.needs_input_grad[2 + i]]
+            n_x = sum(call.diff)
             with torch.enable_grad():
-                v = call.vjp_chain(Gs, create_graph=True)
+                flat = [t.view_as(t) if d else t for t, d in zip(call.flat, call.diff)]
+                Ga = list(Gs)
+                for i in want:
+                    Ga[i] = Gs[i].view_as(Gs[i])
+                v = call.vjp_chain(Ga, create_graph=True, flat=flat)
                 pairs = [(vi, hi) for vi, hi in zip(v, H) if vi is not None and hi is not None and vi.requires_grad]
                 if not pairs:
-                    return (None,) * (len(Gs) + len(xs) + 2)
-                wrt = xs + [Gs[i] for i in want]
-                d = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs],
-                                        create_graph=torch.is_grad_enabled(), allow_unused=True)
+                    return (None,) * (len(Gs) + n_x + 2)
+                wrt = [t for t, d in zip(flat, call.diff) if d] + [Ga[i] for i in want]
+                d = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs], create_graph=higher,
+                                        allow_unused=True)
             dG = [None] * len(Gs)
-            for i, di in zip(want, d[len(xs):]):
+            for i, di in zip(want, d[n_x:]):
                 dG[i] = di
-            return (None, None, *dG, *d[: len(xs)])
+            return (None, None, *dG, *d[:n_x])
 
 
 def _fusable(flat: list) -> list | None:

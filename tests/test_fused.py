@@ -3,9 +3,10 @@
 Every space of the registry: the node is taken where the space asks for it (``_one_node``; the
 maps of a few ops, ``Rn``, ``Sym``, ``Skew``, ``Hermitian``, ``SphereEmbedded``, run as their ops),
 and the value, the gradient (with respect to the
-raw tensor and to the base), the double backward inside the transform and the paths that must not
-take the node (nested transforms, an outer autograd graph, vjp) equal plain autograd on the same
-maths, in float64 to rounding.
+raw tensor and to the base), the double backward inside the transform (also with a loss nonlinear in
+the point, and to third order, against central differences too) and the paths that must not take the
+node (nested transforms, an outer autograd graph, vjp) equal plain autograd on the same maths, in
+float64 to rounding.
 """
 
 from __future__ import annotations
@@ -249,3 +250,192 @@ def test_one_node_on_complex_tensors(space, generator):
     assert nodes == ["_FusedBackward"] and g.is_complex()
     Zg = Z.clone().requires_grad_()
     _close(g, torch.autograd.grad(_inner(G, space.to_manifold(Zg, base)), Zg)[0])
+
+
+# --- Higher derivatives through the node with a loss that is NONLINEAR in the point -------------------
+# A linear loss ⟨G, X⟩ (test_double_backward_inside_grad_equals_autograd) has a constant cotangent, so
+# the loss-curvature term Jᵀ L″ J V of the double backward is zero there; these losses make it count.
+
+_NONLINEAR_IDS = ["SO", "Stiefel", "Stiefel-cayley", "LowRank-2", "FixedRank-2", "Sphere", "GLp", "PSD", "Birkhoff",
+                  "Unitary"]
+_NONLINEAR_CASES = [c for c in CASES if c.id in _NONLINEAR_IDS]
+FD_EPS, FD_TOL, AD_TOL = 1e-5, 1e-7, 1e-10
+
+
+def _cubic(C: torch.Tensor):
+    """A loss with a nonzero, point-dependent second derivative."""
+    return lambda X: (X**3).sum() / 3 + (X * C).sum() ** 2
+
+
+def _rel_close(a, b, tol):
+    err = float((a - b).norm() / max(float(b.norm()), 1e-300))
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _directional(f, Zs, Vs, create_graph):
+    """⟨∇f(Zs), Vs⟩ from ``torch.autograd.grad`` (``create_graph``: differentiable again)."""
+    gs = torch.autograd.grad(f(*Zs), Zs, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+    return sum((g * v).sum() for g, v in zip(gs, Vs))
+
+
+def _hvp_under_grad(f, Zs, Vs):
+    """∇²f·V, as a user writes it inside the transform: ``autograd.grad(create_graph=True)`` then ``grad``."""
+    out = grad(lambda *Zs: _directional(f, Zs, Vs, True), argnums=tuple(range(len(Zs))))(*Zs)
+    return list(out)
+
+
+def _hvp_autograd(f, Zs, Vs):
+    Zg = [Z.clone().requires_grad_() for Z in Zs]
+    return list(torch.autograd.grad(_directional(f, Zg, Vs, True), Zg, allow_unused=True, materialize_grads=True))
+
+
+def _grad_autograd(f, Zs):
+    Zg = [Z.clone().requires_grad_() for Z in Zs]
+    return torch.autograd.grad(f(*Zg), Zg, allow_unused=True, materialize_grads=True)
+
+
+def _hvp_fd(f, Zs, Vs, eps=FD_EPS):
+    """Central differences of the (plain autograd) gradient along V."""
+    plus = _grad_autograd(f, [Z + eps * V for Z, V in zip(Zs, Vs)])
+    minus = _grad_autograd(f, [Z - eps * V for Z, V in zip(Zs, Vs)])
+    return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+
+
+def _check_hvp(f, Zs, Vs, nodes):
+    inside = _hvp_under_grad(f, Zs, Vs)
+    assert "_FusedBackward" in nodes, nodes  # the node (and so its adjoint) was taken
+    nodes.clear()
+    plain, fd = _hvp_autograd(f, Zs, Vs), _hvp_fd(f, Zs, Vs)
+    assert "_FusedBackward" not in nodes, nodes
+    assert sum(float(p.norm()) for p in plain) > 1e-3  # a real second derivative
+    for a, p, d in zip(inside, plain, fd):
+        _rel_close(p, d, FD_TOL)  # the reference itself
+        _rel_close(a, p, AD_TOL)
+        _rel_close(a, d, FD_TOL)
+
+
+@pytest.mark.parametrize("case", _NONLINEAR_CASES, ids=lambda c: c.id)
+def test_double_backward_inside_grad_nonlinear_loss(case, generator):
+    """Hessian·V of a nonlinear loss of the point, with the user's ``autograd.grad(create_graph=True)``
+    inside ``grad``: equals plain autograd and central differences of the gradient (the adjoint node
+    once counted the loss-curvature term twice)."""
+    M, Z, base, C = _setup(case, generator)
+    V = torch.randn(Z.shape, generator=generator, dtype=F64)
+    L, nodes = _cubic(C), []
+
+    def f(Z):
+        X = M.to_manifold(Z, base)
+        nodes.append(type(X.grad_fn).__name__)
+        return L(X)
+
+    _check_hvp(f, [Z], [V], nodes)
+
+
+def test_double_backward_inside_grad_nonlinear_loss_and_the_base(generator):
+    """The same with respect to the raw tensor and the base together (both inputs of the node)."""
+    M = gf.Stiefel()
+    _, base = M.from_manifold(M.sample((5, 2), generator=generator, dtype=F64))
+    Z, C, VZ, VB = (torch.randn(5, 2, generator=generator, dtype=F64) for _ in range(4))
+    Z = 0.3 * Z
+    L, nodes = _cubic(C), []
+
+    def f(Z, base):
+        X = M.to_manifold(Z, base)
+        nodes.append(type(X.grad_fn).__name__)
+        return L(X)
+
+    _check_hvp(f, [Z, base], [VZ, VB], nodes)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("GLp", "GLp-exp-cayley", "PSD", "LowRank-full")],
+                         ids=lambda c: c.id)
+def test_double_backward_inside_grad_of_logabsdet_squared(case, generator):
+    """``logabsdet`` is a node too: the Hessian of ld²/2 (nonlinear in ld) inside ``grad`` (spaces whose
+    log|det| varies; SO's and SL's are 0)."""
+    M, Z, base, _ = _setup(case, generator)
+    V = torch.randn(Z.shape, generator=generator, dtype=F64)
+    nodes = []
+
+    def f(Z):
+        ld = M.logabsdet(Z, base)
+        nodes.append(type(ld.grad_fn).__name__)
+        return (ld**2).sum() / 2
+
+    _check_hvp(f, [Z], [V], nodes)
+
+
+def test_double_backward_inside_grad_of_a_pytree_with_an_unconstrained_leaf(generator):
+    """``gf.to_manifold`` of a pytree: one node, a constrained entry, an unconstrained pass-through entry
+    (once given twice its second derivative) and an output the loss does not use."""
+    c = {"a": gf.Stiefel(), "b": gf.LowRank(rank=2)}
+    shapes = {"a": (5, 2), "b": (4, 3), "w": (3, 2)}
+    _, bases = gf.from_manifold(c, gf.sample(c, {k: torch.empty(shapes[k], dtype=F64) for k in c}, generator=generator))
+    Zs = [0.3 * torch.randn(shapes[k], generator=generator, dtype=F64) for k in ("a", "b", "w")]
+    Vs = [torch.randn(Z.shape, generator=generator, dtype=F64) for Z in Zs]
+    Cs = [torch.randn(Z.shape, generator=generator, dtype=F64) for Z in Zs]
+    nodes = []
+
+    def f(a, b, w, use_b=True):
+        p = gf.to_manifold(c, {"a": a, "b": b, "w": w}, bases)
+        nodes.extend(type(p[k].grad_fn).__name__ for k in ("a", "w"))
+        keys = ("a", "b", "w") if use_b else ("a", "w")
+        return sum(_cubic(C)(p[k]) for k, C in zip(("a", "b", "w"), Cs) if k in keys)
+
+    _check_hvp(f, Zs, Vs, nodes)
+    nodes.clear()
+    _check_hvp(lambda a, b, w: f(a, b, w, use_b=False), Zs, Vs, nodes)
+    # the pass-through leaf alone: its second derivative is exactly the loss's, 2·diag(w)·V + 2⟨C, V⟩C
+    w, V, C = Zs[2], Vs[2], Cs[2]
+    _close(_hvp_under_grad(f, Zs, [torch.zeros_like(Zs[0]), torch.zeros_like(Zs[1]), V])[2],
+           2 * w * V + 2 * (C * V).sum() * C, 1e-12)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("Stiefel", "LowRank-2", "GLp")], ids=lambda c: c.id)
+def test_third_derivative_inside_grad(case, generator):
+    """Two nested ``autograd.grad(create_graph=True)`` inside ``grad``: D³f[V, W, ·] through the adjoint
+    node's own backward, against plain autograd and central differences of the plain Hessian·V."""
+    M, Z, base, C = _setup(case, generator)
+    V, W = (torch.randn(Z.shape, generator=generator, dtype=F64) for _ in range(2))
+    L, nodes = _cubic(C), []
+
+    def f(Z):
+        X = M.to_manifold(Z, base)
+        nodes.append(type(X.grad_fn).__name__)
+        return L(X)
+
+    def h3(Z):
+        hv = torch.autograd.grad(_directional(f, (Z,), (V,), True), Z, create_graph=True)[0]
+        return (hv * W).sum()
+
+    inside = grad(h3)(Z)
+    assert "_FusedBackward" in nodes, nodes
+    Zg = Z.clone().requires_grad_()
+    plain = torch.autograd.grad(h3(Zg), Zg)[0]
+    fd = [(p - m) / (2 * FD_EPS) for p, m in zip(_hvp_autograd(f, [Z + FD_EPS * W], [V]),
+                                                    _hvp_autograd(f, [Z - FD_EPS * W], [V]))][0]
+    _rel_close(plain, fd, FD_TOL)
+    _rel_close(inside, plain, AD_TOL)
+    _rel_close(inside, fd, FD_TOL)
+
+
+def test_higher_derivatives_with_an_unused_input_and_output(generator):
+    """A node with an argument its map ignores and an output the loss ignores: second and third derivatives
+    inside ``grad`` (the unused input's are zero) equal plain autograd."""
+    node = _fused.one_node(lambda a, b: {"p": a.sin() * a, "q": a.exp()})
+    a, b, V = (torch.randn(4, generator=generator, dtype=F64) for _ in range(3))
+    nodes = []
+
+    def h(a, b):
+        o = node(a, b)
+        nodes.append(type(o["p"].grad_fn).__name__)
+        ga, _ = torch.autograd.grad((o["p"] ** 3).sum(), (a, b), create_graph=True, allow_unused=True,
+                                    materialize_grads=True)
+        hv = torch.autograd.grad((ga * V).sum(), a, create_graph=True)[0]
+        return (hv**2).sum() + (ga * V).sum()
+
+    got = grad(h, argnums=(0, 1))(a, b)
+    assert nodes == ["_FusedBackward"], nodes
+    ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
+    expected = torch.autograd.grad(h(ag, bg), (ag, bg), allow_unused=True, materialize_grads=True)
+    _rel_close(got[0], expected[0], AD_TOL)
+    assert torch.equal(got[1], torch.zeros_like(b))
