@@ -15,10 +15,11 @@ import torch
 torch.set_num_threads(1)
 
 # torch.func.jvp loads its forward-AD decompositions lazily through torch.jit.script, which
-# warns DeprecationWarning (torch 2.13); with filterwarnings = error that would fail the first
-# test that calls jvp. Load them once here, with that warning silenced.
+# warns DeprecationWarning (torch 2.13; FutureWarning from 2.14); with filterwarnings = error that
+# would fail the first test that calls jvp. Load them once here, with that warning silenced.
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore", FutureWarning)
     torch.autograd.forward_ad._maybe_load_decompositions()
 
 SEED = 20240607
