@@ -14,7 +14,8 @@ space is built on, with no :math:`O(n^3)` decomposition of :math:`W`:
   :math:`Q \operatorname{diag}(\lambda)^{-1} Q^\top y` (the eigen family). The frames are the bases
   that ``M.rebase(Z, base)`` returns (the chart re-centred at the point: the same :math:`W`), and
   :math:`\sigma_i = u_i^\top W v_i`. Any other square space with a ``logabsdet`` is inverted by
-  ``torch.linalg.solve``.
+  ``torch.linalg.solve`` (by the inverse under ``torch.func`` transforms, where ``solve``'s second
+  derivatives are wrong on torch 2.13–2.14 under ``vmap``).
 
 :class:`LinearTransform` is the transform itself (a :class:`torch.distributions.Transform`, which
 is what zuko's transforms are); :class:`SpaceLinear` is the zuko lazy transform (an ``nn.Module``
@@ -58,6 +59,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 
 from .. import spaces as S
 from .._errors import ManifoldError
+from .._linalg import solve_vec
 
 __all__ = ["LinearTransform", "SpaceLinear"]
 
@@ -178,7 +180,7 @@ class LinearTransform(Transform):
         if kind == "eig":
             Q, lam = f
             return _apply(Q, _apply_t(Q, y) / lam)
-        return torch.linalg.solve(self.weight, y.unsqueeze(-1)).squeeze(-1)
+        return solve_vec(self.weight, y)  # Note [Solves under torch.func]
 
 
 class SpaceLinear(LazyTransform):

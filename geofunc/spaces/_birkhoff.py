@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._linalg import poison
+from .._linalg import poison, solve_vec
 from ._base import AbstractSpace
 
 __all__ = ["Birkhoff"]
@@ -55,20 +55,6 @@ def _rows(L: Tensor) -> Tensor:
 
 def _cols(L: Tensor) -> Tensor:
     return L - torch.logsumexp(L, dim=-2, keepdim=True)
-
-
-# torch.linalg.solve (and solve_ex) give wrong second derivatives under vmap(hessian) and
-# vmap(jacfwd(jacrev)) in torch 2.13 and 2.14 (a 3×3 system: 1.4e4 relative error against a loop),
-# which made Birkhoff's vmap(hessian) 2.6e3 off; lu_factor_ex + lu_solve here was wrong too (8.6e6,
-# and under vmap(jacrev(jacrev))). The inverse is right under every transform, so under torch.func
-# transforms and torch.compile the derivative paths solve through it (any solution of the singular
-# directions gives the same projection, see fisher_project). Plain eager mode keeps solve_ex, which
-# is right there and cheaper (backward at 16×128×128: inv 1.04–1.10× solve's time).
-def _inv_solve(A: Tensor, b: Tensor) -> Tensor:
-    """``A⁻¹ b`` (``b``: ``(..., n)``); a singular ``A`` gives inf/NaN, no error."""
-    if torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_compiling():
-        return torch.linalg.solve_ex(A, b.unsqueeze(-1))[0].squeeze(-1)
-    return (torch.linalg.inv_ex(A)[0] @ b.unsqueeze(-1)).squeeze(-1)
 
 
 def _newton_step(L: Tensor) -> Tensor:
@@ -131,7 +117,7 @@ def fisher_project(P: Tensor, W: Tensor) -> Tensor:
     r, c = W.sum(-1), W.sum(-2)
     M = torch.eye(n, dtype=P.dtype, device=P.device) * (1.0 + torch.finfo(P.dtype).eps) - P.mT @ P + 1.0 / n
     rhs = c - (P.mT @ r.unsqueeze(-1)).squeeze(-1)
-    beta = _inv_solve(M, rhs)
+    beta = solve_vec(M, rhs)
     alpha = r - (P @ beta.unsqueeze(-1)).squeeze(-1)
     return W - (alpha.unsqueeze(-1) + beta.unsqueeze(-2)) * P
 
@@ -210,7 +196,7 @@ def _sinkhorn_ops(L: Tensor) -> Tensor:
         P = _rows(L + v.unsqueeze(-2)).exp()
         c = P.sum(-2)
         H = torch.diag_embed(c) - P.mT @ P + 1.0 / n + torch.finfo(L.dtype).eps * eye
-        v = v + _inv_solve(H, 1.0 - c)
+        v = v + solve_vec(H, 1.0 - c)
     P = _rows(L + v.unsqueeze(-2)).exp()
     return value + (P - P.detach())
 
