@@ -24,7 +24,8 @@ tensors inside a ``torch.autograd.Function``:
 * ``jvp`` (forward mode) recomputes the intermediates from the saved input
   (correct under nested transforms) and propagates the tangent through them.
 * ``vmap`` calls the Function again on the batch moved to the front: the op is
-  batched over leading dimensions, so no per-sample fallback is needed.
+  batched over leading dimensions, so no per-sample fallback is needed (the adjoint's unbatched
+  ``A`` takes a dim of size 1 there, so that nested levels line up: Note [Adjoint vmap rule]).
 * under ``torch.compile`` the exponential and its adjoint are custom operators
   (``geofunc::expm``, ``expm_powers``, ``expm_vjp``) whose kernels choose the degree and squarings
   from the values at run time, as above (Note [Compiled exponential]): one graph, no Python
@@ -557,10 +558,26 @@ class _Expm(torch.autograd.Function):
 # differentiable torch ops is recorded op by op (and, to make second derivatives exact, had to
 # re-evaluate the exponential from A at a higher degree). Instead the adjoint is itself one
 # autograd.Function of (A, G): its value is the plain adjoint of the forward evaluation, from the
-# intermediates the forward left in the holder (recomputed when the holder's batch layout is not
-# A's), and only its own derivatives (asked for by double backward, MAML, hessian) run the
-# differentiable chain ``adjoint(evaluate(A, m'), G)`` at the derivative degree m' (through
-# torch.func.vjp / jvp, so they compose to every order).
+# intermediates the forward left in the holder (viewed with the dims of size 1 that its vmap rule
+# gives an unbatched A, Note [Adjoint vmap rule]; recomputed for any other batch layout), and only
+# its own derivatives (asked for by double backward, MAML, hessian) run the differentiable chain
+# ``adjoint(evaluate(A, m'), G)`` at the derivative degree m' (through torch.func.vjp / jvp, so
+# they compose to every order).
+
+
+# Note [Adjoint vmap rule]
+# The adjoint node is batched over leading dimensions and broadcasts A against G, so its vmap rule
+# moves each batched operand's dim to the front and expands an unbatched G. An unbatched A (jacrev:
+# a batch of cotangents G of one A) is not expanded: it gets a dim of size 1 at the front, its
+# intermediates are those of the forward (the holder's, viewed with the 1s: _cache_for) and broadcast
+# against the batch of G. A dim of size 1, not none: A and G must keep one rank, each level's dim at
+# the same place in both, for the next (outer) level's rule to line them up. With A left (n, n)
+# against G's (K, n, n), an outer vmap (vmap(jacrev): per-sample Jacobians) put its dim B in front
+# of both and (B, n, n) met (B, K, n, n) from the right, B against K: wrong numbers where B == K,
+# a shape error elsewhere (fixed; tests/test_vmap_rules.py). Under forward mode (hessian =
+# jacfwd(jacrev)) an unbatched A is expanded to the batch, whose tangent of the output must have
+# the batched output's shape. The custom operators' rules (Note [Compiled exponential]) expand
+# every unbatched operand (_front): one rank too.
 
 
 def _adjoint_value(cache: dict, G: Tensor, m: int, s: int) -> Tensor:
@@ -575,11 +592,34 @@ def _adjoint_chain(A: Tensor, G: Tensor, m: int, s: int) -> Tensor:
     return _adjoint(_evaluate(A, m, s)[1], G, m, s)
 
 
+def _cache_for(cache: dict | None, A: Tensor) -> dict | None:
+    """The forward's intermediates ``cache`` as those of ``A``, or None (then recomputed). ``A`` may be
+    the forward's input with dims of size 1 inserted in its batch (Note [Adjoint vmap rule]): the
+    same matrices, in the same order (the vmap rules put each level's dim in front, outer levels
+    first, in the forward and in the adjoint alike), so the intermediates are viewed with A's batch
+    shape. Any other batch layout (forward mode's expanded A) recomputes them."""
+    if cache is None:
+        return None
+    shape = cache["P"][1].shape
+    if shape == A.shape:
+        return cache
+    if shape[-2:] != A.shape[-2:] or [d for d in shape[:-2] if d != 1] != [d for d in A.shape[:-2] if d != 1]:
+        return None
+    batch = A.shape[:-2]
+
+    def fit(X: Tensor) -> Tensor:
+        return X.reshape(*batch, *X.shape[-2:])
+
+    far = cache.get("far")
+    return {"P": [None] + [fit(X) for X in cache["P"][1:]], "Hs": [fit(X) for X in cache["Hs"]],
+            "Xs": [fit(X) for X in cache["Xs"]], "far": None if far is None else fit(far)}
+
+
 class _ExpmAdjoint(torch.autograd.Function):
     @staticmethod
     def forward(A: Tensor, G: Tensor, m: int, s: int, holder: _Holder) -> Tensor:  # type: ignore[override]
-        cache = holder.cache
-        if cache is None or cache["P"][1].shape != A.shape:
+        cache = _cache_for(holder.cache, A)
+        if cache is None:
             cache = _evaluate(A, m, s, inplace=True)[1]
         return _adjoint_value(cache, G, m, s)
 
@@ -604,14 +644,14 @@ class _ExpmAdjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, A: Tensor, G: Tensor, m: int, s: int, holder: _Holder) -> tuple[Tensor, int]:
-        # An unbatched A (jacrev: a batch of cotangents) stays unbatched: its intermediates are
-        # computed once and broadcast against the batch of G. Not under forward mode (hessian =
-        # jacfwd(jacrev)), whose tangent of the output must have the batched output's shape.
+        # Note [Adjoint vmap rule]: an unbatched A gets a dim of size 1 here (forward mode: the batch)
         dA, dG = in_dims[:2]
         if dA is not None:
             A = A.movedim(dA, 0)
         elif _forward_levels() > 0:
             A = A.expand(info.batch_size, *A.shape)
+        else:
+            A = A.unsqueeze(0)
         G = G.expand(info.batch_size, *G.shape) if dG is None else G.movedim(dG, 0)
         return _ExpmAdjoint.apply(A, G, m, s, holder), 0
 
@@ -706,7 +746,8 @@ def _expm_static(A: Tensor) -> Tensor:
 # time) the kernel goes straight below autograd. The adjoint's own derivatives (double backward,
 # hessian, MAML) and forward mode (a Function's jvp rule cannot nest torch.func.jvp) run the static
 # schedule's torch ops (Note [Static schedule]), exact to every order. vmap: the kernels are
-# batched over leading dimensions, so their vmap rules move the batch to the front.
+# batched over leading dimensions, so their vmap rules move the batch to the front and expand an
+# unbatched operand to the batch (_front: every operand keeps one rank, Note [Adjoint vmap rule]).
 # Measured and dropped: the static schedule for n ≤ 32 inside compile (fused by the compiler; a
 # kernel's fixed cost is ~0.05 ms more at 2×8×8 alone): the README step, whose rank chart has two
 # 8×8 exponentials, was 1.70 vs 1.71 ms (interleaved), so one path serves every size.
