@@ -415,3 +415,87 @@ def test_jacobians_of_complex_maps_are_taken_on_the_real_parts(generator) -> Non
     torch.testing.assert_close(torch.einsum("abcijk,ijk->abc", J, torch.view_as_real(D)), torch.view_as_real(dX),
                                atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.func.jacfwd(real_map)(torch.view_as_real(Z)), J, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wide complex frames under vmap-based transforms. The wide chart reads Zᴴ (tall form); as the lazy
+# view Z.mH its derivative was a lazy conjugate whose real/imaginary parts (torch.complex's reverse,
+# .imag) are a negative view without a batching rule: vmap(grad), jacrev and hessian raised "Batching
+# rule not implemented for aten::_neg_view" (tall frames and plain grad did not).
+
+_WIDE = [(gf.Stiefel(), (3, 6)), (gf.Stiefel(), (2, 5)), (gf.Grassmannian(), (3, 6)), (gf.Grassmannian(), (2, 5)),
+         (gf.Stiefel(triv="cayley"), (3, 6)), (gf.Stiefel(), (6, 3))]
+
+
+def _re_im_stack(X):
+    return torch.stack((X.real, X.imag), dim=-1)
+
+
+def _complex_of(Xr):
+    return torch.complex(Xr[..., 0], Xr[..., 1])
+
+
+@pytest.mark.parametrize("space, shape", _WIDE, ids=[f"{type(s).__name__}-{s.triv}-{n}x{k}" for s, (n, k) in _WIDE])
+def test_wide_complex_frames_compose_with_vmap_transforms(space, shape, generator) -> None:
+    """vmap(grad), vmap(jacrev), jacrev, hessian and vmap(hessian) of complex128 frame charts on their real
+    parts (per-sample bases; gradients with respect to Z and to the base; the tangent projection) agree
+    with a Python loop, with the other mode, and with central finite differences, with vmap's per-sample
+    fallback disabled."""
+    from torch.func import grad, hessian, jacfwd, jacrev, vmap
+
+    from geofunc.testing import no_vmap_fallback
+
+    B, h = 3, 1e-6
+    _, bases = space.from_manifold(space.sample((B, *shape), generator=generator, dtype=C128))
+    Br = _re_im_stack(bases)
+    Zr = 0.3 * torch.randn(B, *shape, 2, generator=generator, dtype=torch.float64)
+    W = _crandn(*shape, generator=generator)
+    V = torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def f(zr, br):  # a real loss reading the real part, the modulus and the imaginary part of the point
+        X = space.to_manifold(_complex_of(zr), _complex_of(br))
+        return (W.conj() * X).sum().real + (X.abs() ** 2 * V).sum() + (X.imag * V).sum()
+
+    def chart(zr, br):
+        return _re_im_stack(space.to_manifold(_complex_of(zr), _complex_of(br)))
+
+    def tangent(xr, gr):
+        return _re_im_stack(space.tangent(_complex_of(xr), _complex_of(gr)))
+
+    def loop(fn, *args):
+        return torch.stack([fn(*(a[i] for a in args)) for i in range(B)])
+
+    close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)  # noqa: E731
+    with no_vmap_fallback():
+        g = vmap(grad(f))(Zr, Br)
+        close(g, loop(grad(f), Zr, Br))
+        close(vmap(grad(f, argnums=1))(Zr, Br), loop(grad(f, argnums=1), Zr, Br))
+        J = vmap(jacrev(chart))(Zr, Br)
+        close(J, loop(jacfwd(chart), Zr, Br))
+        H = vmap(hessian(f))(Zr, Br)
+        close(H, loop(jacrev(jacrev(f)), Zr, Br))
+        close(vmap(jacrev(tangent))(Zr, Zr.flip(0)), loop(jacfwd(tangent), Zr, Zr.flip(0)))
+    D = torch.randn(Zr.shape[1:], generator=generator, dtype=torch.float64)
+    z, b = Zr[0], Br[0]
+    fd = (f(z + h * D, b) - f(z - h * D, b)) / (2 * h)
+    torch.testing.assert_close((g[0] * D).sum(), fd, rtol=1e-7, atol=1e-8)
+    fd_g = (grad(f)(z + h * D, b) - grad(f)(z - h * D, b)) / (2 * h)
+    torch.testing.assert_close(torch.einsum("abcijk,ijk->abc", H[0], D), fd_g, rtol=1e-6, atol=1e-7)
+    fd_x = (chart(z + h * D, b) - chart(z - h * D, b)) / (2 * h)
+    torch.testing.assert_close(torch.einsum("abcijk,ijk->abc", J[0], D), fd_x, rtol=1e-7, atol=1e-8)
+
+
+def test_real_wide_frames_keep_the_transpose_view() -> None:
+    """The wide chart's tall form of a real tensor is the view ``mT`` (no copy, no conjugation: the real
+    path is the one it was); a complex one is ``conj(X)ᵀ`` as a plain tensor (no lazy conjugate bit)."""
+    from geofunc.spaces._orthogonal import tall
+
+    X = torch.randn(3, 5, dtype=torch.float64)
+    Xt, tr = tall(X)
+    assert tr and Xt.data_ptr() == X.data_ptr() and Xt.stride() == X.mT.stride()
+    T = torch.randn(5, 3, dtype=torch.float64)
+    assert tall(T) == (T, False)
+    Xc = torch.randn(3, 5, dtype=C128)
+    Xct, tr = tall(Xc)
+    assert tr and not Xct.is_conj() and not Xct.is_neg()
+    torch.testing.assert_close(Xct, Xc.mH.resolve_conj(), rtol=0, atol=0)

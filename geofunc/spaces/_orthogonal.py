@@ -33,9 +33,15 @@ def orthonormality_error(X: Tensor) -> Tensor:
 
 
 def tall(X: Tensor) -> tuple[Tensor, bool]:
-    """The tall form of a matrix batch and whether it was transposed (a static shape branch)."""
+    """The tall form of a matrix batch and whether it was transposed (a static shape branch).
+
+    A wide complex ``X``'s ``Xᴴ`` is ``conj(X)ᵀ`` by torch ops that vmap batches
+    (``torch.complex(Re X, −Im X)``), not the lazy conjugate view ``X.mH``: that view's derivative is a
+    lazy conjugate too, and the reverse of ``.imag``/``torch.complex`` on it (a complex point read from
+    real parts) makes a negative view, which has no batching rule: ``vmap(grad)``, ``jacrev`` and
+    ``hessian`` of a complex wide chart raised. Real tensors take ``mT`` (a view)."""
     if X.shape[-2] < X.shape[-1]:
-        return transpose(X), True
+        return (torch.complex(X.real, -X.imag).mT if X.is_complex() else X.mT), True
     return X, False
 
 
