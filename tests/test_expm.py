@@ -480,6 +480,22 @@ def test_compiled_graph_has_the_fast_exponential(dtype, generator):
     _assert_kernels(targets)
 
 
+# Nested forward mode inside torch.compile: the trace of the geofunc:: operators hits an internal
+# assert in aten::_fw_primal during FakeTensor propagation when no forward-mode program has been
+# compiled since the last torch._dynamo.reset() (torch 2.13 and 2.14; a compiled jvp of plain torch
+# ops before it avoids it). A documented limitation (README, "Known limitations"); these tests warm
+# up that way so that they do not depend on which test ran before.
+_COMPILED_TRANSFORMS = ["grad", "vmap", "vmap(grad)", "grad(vmap)", "jacrev", "jvp", "hessian", "jacfwd(jacfwd)", "grad(grad)"]
+
+
+def _warm_forward_mode(name: str) -> None:
+    """Compile a forward-mode program of plain torch ops first (see _NESTED_FORWARD_IN_COMPILE), so
+    that the nested forward-mode case does not depend on which test ran before it."""
+    if name == "jacfwd(jacfwd)":
+        x = torch.ones(2, dtype=torch.float64)
+        torch.compile(lambda a: jvp(lambda y: y.sin().sum(), (a,), (a,))[1], fullgraph=True, backend="aot_eager")(x)
+
+
 def _transformed(name, e, W):
     """``name``'s transform of the exponential ``e`` (or of a real loss of it) as a function of a batch ``a``."""
     f = _loss(e, W)
@@ -496,15 +512,14 @@ def _transformed(name, e, W):
     }[name]
 
 
-@pytest.mark.parametrize(
-    "name", ["grad", "vmap", "vmap(grad)", "grad(vmap)", "jacrev", "jvp", "hessian", "jacfwd(jacfwd)", "grad(grad)"]
-)
+@pytest.mark.parametrize("name", _COMPILED_TRANSFORMS)
 def test_compiled_exponential_under_transforms(name, generator):
     """Every torch.func transform inside torch.compile (fullgraph) agrees with matrix_exp: first derivatives run
     the kernels, their derivatives and forward mode the static schedule's ops (exact to every order)."""
     A = _rand((3, 4, 4), 2.0, generator)
     W = _rand((4, 4), 1.0, generator)
     torch._dynamo.reset()
+    _warm_forward_mode(name)
     out = torch.compile(_transformed(name, expm, W), fullgraph=True, backend="aot_eager")(A)
     torch.testing.assert_close(out, _transformed(name, ref_expm, W)(A), rtol=1e-9, atol=1e-9)
 
@@ -892,9 +907,7 @@ def test_compiled_frame_chart_has_the_frame_kernels(generator):
         assert not any("matrix_exp" in t or "where" in t for t in targets)
 
 
-@pytest.mark.parametrize(
-    "name", ["grad", "vmap", "vmap(grad)", "grad(vmap)", "jacrev", "jvp", "hessian", "jacfwd(jacfwd)", "grad(grad)"]
-)
+@pytest.mark.parametrize("name", _COMPILED_TRANSFORMS)
 def test_compiled_frame_exponential_under_transforms(name, generator):
     """Every torch.func transform of frame_columns inside torch.compile (fullgraph) agrees with matrix_exp's
     columns: first derivatives run the frame kernels, their derivatives and forward mode the static schedule."""
@@ -910,6 +923,7 @@ def test_compiled_frame_exponential_under_transforms(name, generator):
         return _transformed(name, e, W)
 
     torch._dynamo.reset()
+    _warm_forward_mode(name)
     out = torch.compile(transformed(e), fullgraph=True, backend="aot_eager")(T)
     torch.testing.assert_close(out, transformed(er)(T), rtol=1e-9, atol=1e-9)
 
