@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -28,7 +29,10 @@ from torch.nn.utils import parametrize
 
 from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
-from ..spaces._base import AbstractSpace, _readable
+from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable
+from ..spaces._factorized import EigSpace, SVDSpace
+from ..spaces._sl import SL
+from ..spaces._values import Positive, floor_eps
 
 __all__ = [
     "Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of", "refine_base",
@@ -76,6 +80,45 @@ def refine_base(space: AbstractSpace, base: Any, *, force: bool = False) -> Any:
     ``_refine_base``, or ``base`` as it is where the space cannot tell."""
     out = space._refine_base(base, force)
     return base if out is NotImplemented else out
+
+
+# The raw tensor (``parametrizations.<name>.original``) of a GeoTorch class registered directly with
+# ``register_parametrization``, where known for sure (Note [Raw tensors across dtypes]): the Parameter
+# torch hands ``right_inverse`` at registration, confirmed when torch then evaluates the class on that
+# same Parameter; forgotten (the adapter is then "lost") when the class is evaluated on another
+# Parameter (FSDP2's unsharded copy, ``functional_call``, a replaced raw tensor), so that a stale one
+# is never written to. Strong references: a weak reference on a tensor makes ``torch.utils.swap_tensors``
+# (``torch.__future__.set_swap_module_params_on_conversion``, DTensor parameters) refuse it.
+_RAW: "weakref.WeakKeyDictionary[nn.Module, Tensor]" = weakref.WeakKeyDictionary()
+_TENTATIVE: "weakref.WeakKeyDictionary[nn.Module, Tensor]" = weakref.WeakKeyDictionary()
+_LOST: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# Adapters registered by ``attach``: their constrained module's own ``_apply`` converts their raw tensors.
+_ATTACHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+# ids of the adapters whose raw tensors a constrained module's own ``_apply`` is converting.
+_HANDLED: set[int] = set()
+# The raw Parameter a GeoTorch class was last evaluated on (Note [update_base on the class] in
+# ``_manifolds.py``), weakly; a constrained module's ``_apply`` holds them strongly while it converts
+# (``torch.utils.swap_tensors`` refuses a tensor with a weak reference).
+_LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _note_registration(adapter: nn.Module, X: Tensor) -> None:
+    """``right_inverse`` was handed a Parameter: maybe the one being registered (confirmed by :func:`_note_raw`)."""
+    if adapter not in _RAW and adapter not in _ATTACHED:
+        _TENTATIVE[adapter] = X
+
+
+def _note_raw(adapter: nn.Module, Z: Tensor) -> None:
+    """``forward`` was evaluated (eagerly) on the Parameter ``Z``."""
+    known = _RAW.get(adapter)
+    if known is Z:
+        return
+    if known is None and _TENTATIVE.get(adapter) is Z:
+        _RAW[adapter] = Z
+        del _TENTATIVE[adapter]
+    elif known is not None:
+        del _RAW[adapter]
+        _LOST.add(adapter)
 
 
 class Parametrization(nn.Module):
@@ -130,11 +173,38 @@ class Parametrization(nn.Module):
         """``nn.Module._apply`` (``.to()``, ``.double()``, ``.float()``, ...), then, if a base buffer
         changed dtype, the base re-made valid in its new dtype (Note [Bases across dtypes]): the
         point moves by the old dtype's rounding. The raw tensor (owned by the enclosing
-        ``ParametrizationList``, converted after this module) is not needed: every chart maps a
-        valid base and any raw tensor to a point."""
+        ``ParametrizationList``, converted after this module) is re-expressed in the new dtype's
+        coordinates by the constrained module, or here for a GeoTorch class registered directly with
+        ``register_parametrization`` (Note [Raw tensors across dtypes])."""
         before = {n: self._buffers[n].dtype for n in self._base_names() if self._buffers.get(n) is not None}
+        # A GeoTorch class registered directly with register_parametrization: no constrained-module
+        # override converts its raw tensor (Note [Raw tensors across dtypes]); it is re-expressed here.
+        handled = id(self) in _HANDLED or not self._identity_raw
+        raw = None if handled else _RAW.get(self)
+        view = _value_coords(self.space, raw) if raw is not None and _concrete(raw) else None
+        old = raw.dtype if view is not None else None
+        if view is not None:
+            view = view.detach().clone()
         out = super()._apply(fn, recurse)
         moved = [n for n, d in before.items() if self._buffers[n] is not None and self._buffers[n].dtype != d]
+        new = self._buffers[moved[0]].dtype if moved else None
+        if view is not None and moved and raw.dtype == old and new != old:
+            # Not converted yet: ParametrizationList._apply converts its parameters after its children, so
+            # the coordinates of the new dtype are written now, in the old dtype, and torch casts them.
+            _write_values(self.where, self.space, _value_coords(self.space, raw), view, old, new)
+        elif (moved and not handled and raw is None and (self in _LOST or self in _TENTATIVE or self in _ATTACHED)
+              and _value_coords(self.space, torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
+              and floor_eps(before[moved[0]]) != floor_eps(new)):
+            warnings.warn(
+                f"{self.where} constrained to {self.space!r}: its base changed dtype to {new} but geofunc.nn does not "
+                "know its raw tensor (a class registered with register_parametrization, then evaluated on another "
+                "tensor than the one registered; or .to() called on module.parametrizations rather than on the "
+                "module), so the raw values are not re-expressed in the new dtype and every "
+                f"value moves by the difference of the floors of \"softplus\" ({floor_eps(before[moved[0]]):.2g} -> "
+                f"{floor_eps(new):.2g}). Use the geofunc.nn constraint functions or gf.nn.constrain, or assign the "
+                "weight again after the cast.",
+                stacklevel=2,
+            )
         if moved and all(_readable(self._buffers[n]) for n in moved):
             if not self._refresh_base():
                 warnings.warn(
@@ -182,7 +252,9 @@ class Parametrization(nn.Module):
     def forward(self, Z: Tensor) -> Tensor:
         return self.space.to_manifold(Z, self.get_base())
 
-    def _check_value(self, X: Any) -> None:
+    def _check_value(self, X: Any, registering: bool = False) -> None:
+        """Type, shape and (unless ``registering``) the dtype and device of the base buffers; only
+        real base buffers are compared (a space without a base takes any dtype, as GeoTorch's)."""
         space = self.space
         if not isinstance(X, torch.Tensor):
             raise ManifoldError(f"{self.where} constrained to {space!r}: expected a tensor, got {describe(X)}.")
@@ -191,12 +263,27 @@ class Parametrization(nn.Module):
                 f"{self.where} constrained to {space!r}: expected a tensor of shape {self.shape}, "
                 f"got shape {tuple(X.shape)}."
             )
-        ref = next(iter(self._buffers.values()), None)
-        if ref is not None and (X.dtype != ref.dtype or X.device != ref.device):
+        ref = next(iter(self._base_buffers()), None)
+        if ref is not None and not registering and (X.dtype != ref.dtype or X.device != ref.device):
             raise ManifoldError(
                 f"{self.where} constrained to {space!r}: expected dtype {ref.dtype} on {ref.device}, "
                 f"got dtype {X.dtype} on {X.device}."
             )
+
+    def _base_buffers(self) -> list[Tensor]:
+        return [self._buffers[n] for n in self._base_names() if self._buffers.get(n) is not None]
+
+    def _follow(self, X: Tensor) -> None:
+        """At registration on a tensor of another dtype or device than the buffers (a class built in
+        the default dtype, registered on a float64 weight without ``.to()``): re-make the buffers in
+        the tensor's dtype and device, as ``.to()`` would (Note [Bases across dtypes]); the base is
+        then overwritten with ``X``'s own, computed in ``X``'s dtype. Call only after every check has
+        passed (a failed registration changes nothing)."""
+        for name, buf in list(self._buffers.items()):
+            if buf is None or not (buf.is_floating_point() or buf.is_complex()):
+                continue
+            if buf.dtype != X.dtype or buf.device != X.device:
+                self._buffers[name] = buf.to(device=X.device, dtype=X.dtype)
 
     @gathered
     def right_inverse(self, X: Tensor) -> Tensor:
@@ -205,12 +292,15 @@ class Parametrization(nn.Module):
         Raises ``ManifoldError`` (and changes nothing) if ``X`` has the wrong shape, dtype or
         device, or lies off the space.
         """
-        self._check_value(X)
+        registering = isinstance(X, nn.Parameter)  # torch hands right_inverse the tensor being registered
+        self._check_value(X, registering)
         try:
             Z, base = _from_manifold(self.space, X)
         except ManifoldError as e:
             raise ManifoldError(f"{self.where}: {e}") from None
         self._check_base(base)
+        if registering:
+            self._follow(X)
         self._set_base(base)
         # torch stores the result with ``original.set_(Z)``: never let it alias the caller's tensor.
         # Contiguous: a wide space's raw tensor is a transposed view, which FSDP2 cannot shard.
@@ -248,6 +338,7 @@ def _restore_parametrized(obj: nn.Module, state: dict) -> None:
     for tensor_name in obj.parametrizations:
         parametrize._inject_property(obj, tensor_name)
     _make_picklable(obj)
+    _ATTACHED.update(M for _, _, M in _geofunc_plists(obj))
 
 
 def _reduce_ex(self: nn.Module, protocol: int):
@@ -265,13 +356,171 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
 
 
 def _make_picklable(module: nn.Module) -> None:
+    """Make the parametrized class of ``module`` picklable, and let its dtype changes and
+    ``load_state_dict`` keep its points (Note [Raw tensors across dtypes])."""
     cls = type(module)
     if cls.__dict__.get("__reduce_ex__") is not _reduce_ex:
         cls.__reduce_ex__ = _reduce_ex
         cls.__deepcopy__ = _deepcopy
+    if cls.__dict__.get("_apply") is not _apply_keeping_points:
+        cls._apply = _apply_keeping_points
+        cls._load_from_state_dict = _load_keeping_points
+
+
+# ----------------------------------------------------------------------------- raw tensors across dtypes
+# Note [Raw tensors across dtypes]
+# The value coordinates of the "softplus" spaces (FixedRank, GLp, PSD, PSSDFixedRank, and SL through
+# its GLp) are raw numbers s whose value is softplus(s) + ε, ε = √eps of the raw tensor's dtype (of
+# the stored dtype for bf16/fp16: Note [Low precision]). The same s is another value in another
+# dtype: cast alone, every singular value or eigenvalue would move by the difference of the floors
+# (+0.088 to bfloat16, −3.4e-4 to float64), far beyond the rounding. So when the raw tensor of such a
+# space changes dtype (``.to()``, ``.double()``, ``.bfloat16()``, ...), its value coordinates are
+# re-expressed: s' = f_new⁻¹(f_old(s)), computed in float64 from the values before the cast. The
+# point then changes by the new dtype's rounding only, except that a value below the new dtype's
+# floor is lifted to it (one unit of the new dtype's rounding above it, so that its coordinate is
+# finite and still trains): the documented allowance of bf16/fp16 (README, Known limitations), and a
+# warning for float32/float64 (a float64 value below float32's floor). The raw tensor is changed in
+# place after torch's own conversion, so it stays the Parameter object torch's ``_apply`` keeps
+# (optimizers hold it; their state is left as torch leaves it), by the constrained module's own
+# ``_apply`` (installed with the pickling support on the class torch injects, so deep copies and
+# unpickled modules have it too). A GeoTorch class registered directly with
+# ``register_parametrization`` has no such module override: its adapter writes the new coordinates
+# into its raw tensor (known as ``_RAW`` above) just before ``ParametrizationList._apply`` casts it,
+# and warns where it does not know the raw tensor. A ``state_dict`` whose raw tensor has
+# another dtype than the module's is re-expressed alike when it is loaded (``load_state_dict``
+# would otherwise cast it); its bases are cast by torch and re-made valid by ``update_base``
+# (Note [Bases across dtypes]). The frames and every other space's coordinates do not depend on the
+# dtype and are left to torch.
+
+
+def _concrete(t: Any) -> bool:
+    """A plain tensor or Parameter whose values can be read and written (not meta, fake, a DTensor or under torch.func)."""
+    return (type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t) and (t.is_floating_point() or t.is_complex()))
+
+
+def _value_coords(space: Any, Z: Tensor) -> Tensor | None:
+    """The view of the raw tensor ``Z`` that holds the value coordinates of a space whose values have a
+    dtype-dependent floor (``f="softplus"`` of the rank and PSD families, SL through its GLp); None for
+    every other space."""
+    target = space._glp if isinstance(space, SL) else space
+    vm = getattr(target, "_value_map", None) if isinstance(target, (SVDSpace, EigSpace)) else None
+    if not isinstance(vm, Positive) or not isinstance(vm.f, str) or Z.ndim < 2:
+        return None
+    if isinstance(target, SVDSpace):
+        r = target._rank(max(Z.shape[-2:]), min(Z.shape[-2:]))
+    else:
+        r = target._rank(Z.shape[-1])
+    d = Z.diagonal(dim1=-2, dim2=-1)[..., :r]  # tall or wide: the values are on the diagonal (packing)
+    return d.real if d.is_complex() else d
+
+
+def _reexpress(s: Tensor, old: torch.dtype, new: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Value coordinates ``s`` of a raw tensor of dtype ``old`` re-expressed for a raw tensor of dtype
+    ``new`` (float64 work): ``(s', lifted)``, ``lifted`` marking values below ``new``'s floor."""
+    f_old, f_new = floor_eps(old), floor_eps(new)
+    x = torch.nn.functional.softplus(s.detach().to(torch.float64)) + (f_old - f_new)
+    x_min = f_new * torch.finfo(new).eps  # one unit of the new dtype's rounding above its floor
+    lifted = x < x_min
+    x = x.clamp(min=x_min)
+    return x + torch.log(-torch.expm1(-x)), lifted
+
+
+def _write_values(where: str, space: Any, view: Tensor | None, s_old: Tensor, old: torch.dtype, new: torch.dtype) -> None:
+    """Overwrite the value coordinates ``view`` (of a raw tensor) with ``s_old``, coordinates of a raw
+    tensor of dtype ``old``, re-expressed for dtype ``new``; warn where a value is lifted to the floor of
+    a float32/float64 ``new`` (Note [Raw tensors across dtypes])."""
+    if view is None or floor_eps(old) == floor_eps(new):
+        return
+    s_new, lifted = _reexpress(s_old, old, new)
+    with torch.no_grad():
+        view.copy_(s_new.to(device=view.device))
+    if new not in LOW_PRECISION and bool(lifted.any()):
+        lowest = float((torch.nn.functional.softplus(s_old.detach().double()) + floor_eps(old))[lifted].min())
+        warnings.warn(
+            f"{where} constrained to {space!r}: a value {lowest:.3g} is below the floor {floor_eps(new):.3g} of "
+            f"geofunc's \"softplus\" in {new} (softplus + √eps of the dtype) and was lifted to it when the raw tensor "
+            f"changed dtype from {old} to {new}.",
+            stacklevel=4,
+        )
+
+
+def _geofunc_plists(module: nn.Module) -> list[tuple[str, nn.Module, Parametrization]]:
+    """``(tensor_name, ParametrizationList, adapter)`` of every tensor of ``module`` whose raw tensor is a geofunc space's."""
+    plists = module._modules.get("parametrizations")
+    out = []
+    for name, plist in ([] if plists is None else plists.items()):
+        first = plist[0] if len(plist) else None
+        if getattr(plist, "is_tensor", False) and isinstance(first, Parametrization) and first._identity_raw:
+            out.append((name, plist, first))
+    return out
+
+
+def _super(self: nn.Module, name: str, ours: Callable[..., Any]) -> Any:
+    """``super()`` past the class that holds ``ours`` as ``name`` (the parametrized class torch injected):
+    ``type(self)`` may be a subclass of it (FSDP2's ``fully_shard`` subclasses the module's class)."""
+    for cls in type(self).__mro__:
+        if cls.__dict__.get(name) is ours:
+            return super(cls, self)
+    return super(type(self), self)
+
+
+def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply`` of a constrained module, whose raw tensors keep their points across a dtype
+    change (Note [Raw tensors across dtypes])."""
+    snaps, handled = [], []
+    for name, plist, M in _geofunc_plists(self) if recurse else []:
+        Z = plist.original
+        view = _value_coords(M.space, Z) if _concrete(Z) else None
+        if view is not None:
+            snaps.append((name, Z.dtype, view.detach().clone()))
+            handled.append(id(M))
+    view = Z = None  # a view holds its base: torch.utils.swap_tensors (.to() under swap semantics) refuses shared tensors
+    # Nor may a weak reference exist while torch swaps: held strongly meanwhile, made weak again after.
+    last = {M: _LAST_RAW.pop(M)() for _, _, M in _geofunc_plists(self) if M in _LAST_RAW}
+    _HANDLED.update(handled)
+    try:
+        out = _super(self, "_apply", _apply_keeping_points)._apply(fn, recurse)
+    finally:
+        _HANDLED.difference_update(handled)
+        for M, T in last.items():
+            if T is not None:
+                _LAST_RAW[M] = weakref.ref(T)
+    for name, old, s_old in snaps:
+        plist = self.parametrizations[name]
+        Z, M = plist.original, plist[0]
+        if Z.dtype != old and _concrete(Z):
+            _write_values(M.where, M.space, _value_coords(M.space, Z), s_old, old, Z.dtype)
+    return out
+
+
+def _load_keeping_points(self: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
+    """``nn.Module._load_from_state_dict`` of a constrained module: a saved raw tensor of another dtype
+    than the module's is re-expressed in the module's dtype before torch casts it (Note [Raw tensors
+    across dtypes]). ``state_dict`` is ``load_state_dict``'s own copy; the saved tensor is not modified."""
+    if not local_metadata.get("assign_to_params_buffers", False):
+        for name, plist, M in _geofunc_plists(self):
+            key = f"{prefix}parametrizations.{name}.original"
+            saved, Z = state_dict.get(key), plist.original
+            if not (_concrete(saved) and _concrete(Z)) or saved.dtype == Z.dtype or saved.shape != Z.shape:
+                continue
+            if saved.is_complex() != Z.is_complex():
+                continue
+            view = _value_coords(M.space, saved)
+            if view is None:
+                continue
+            new = saved.detach().to(dtype=Z.dtype, copy=True)
+            _write_values(M.where, M.space, _value_coords(M.space, new), view, saved.dtype, Z.dtype)
+            state_dict[key] = new
+    _super(self, "_load_from_state_dict", _load_keeping_points)._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
 
 # ----------------------------------------------------------------------------- registration
+
+
+class NoSuchTensorError(AttributeError, ValueError):
+    """``module`` has no tensor of that name: an ``AttributeError`` as GeoTorch's (its one-liners
+    read ``getattr(module, tensor_name)``) and a ``ValueError`` as ``register_parametrization``'s."""
 
 
 def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
@@ -289,8 +538,8 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
         if parametrize.is_parametrized(module):
             names += list(module.parametrizations.keys())
         names = [n for n in names if not n.startswith("parametrizations.")]
-        # The error type and wording of torch.nn.utils.parametrize.register_parametrization.
-        raise ValueError(
+        # The wording of torch.nn.utils.parametrize.register_parametrization; GeoTorch's class too.
+        raise NoSuchTensorError(
             f"Module '{parametrize.type_before_parametrizations(module).__name__}' does not have a parameter, "
             f"a buffer, or a parametrized element with name '{tensor_name}' (cannot constrain it to {space!r}; "
             f"its tensors are: {', '.join(names) or 'none'})."
@@ -326,7 +575,8 @@ def constrain(
     Raises:
         ManifoldError: the space cannot take the tensor's shape, or the initial point is off it;
             the message names the module's tensor, the space, what was expected and what was got.
-        ValueError: ``module`` has no tensor ``tensor_name`` (as ``register_parametrization``).
+        ValueError: ``module`` has no tensor ``tensor_name`` (as ``register_parametrization``; also an
+            ``AttributeError``, as GeoTorch's).
     """
     if not isinstance(space, AbstractSpace):
         raise TypeError(f"expected a geofunc space, got {space!r}")
@@ -358,16 +608,26 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
 
     ``Z`` is ``X``'s raw tensor if already known (needed only when the tensor is already
     parametrized: the existing chain must then output ``Z``); otherwise the adapter's
-    ``right_inverse`` computes it. A failure leaves the module as it was. The parametrized class
-    is made picklable.
+    ``right_inverse`` computes it, and where the existing chain cannot output it (``orthogonal``
+    twice: the first Stiefel cannot output the second's zero raw tensor), ``X`` itself is assigned
+    through the existing chain and the adapter maps the chain's value to its point, as GeoTorch's
+    registration does (the value is then a point of the adapter's space, not ``X``; an ``X`` the
+    existing chain refuses raises, as in GeoTorch). A failure leaves the module as it was. The
+    parametrized class is made picklable.
     """
     T = getattr(module, tensor_name)
     chained = parametrize.is_parametrized(module, tensor_name)
     fsdp = _fsdp_param(module, tensor_name, T) if isinstance(T, DTensor) and not chained else None
     with torch.no_grad():
-        if chained:
-            # The existing chain must output Z so that ours outputs X.
-            setattr(module, tensor_name, (adapter.right_inverse(X) if Z is None else Z).to(T.device))
+        if chained and Z is None:
+            # The existing chain should output Z so that ours outputs X; else GeoTorch's way.
+            Z = adapter.right_inverse(X).to(T.device)  # raises if X is off the adapter's space
+            try:
+                setattr(module, tensor_name, Z)
+            except ManifoldError:
+                setattr(module, tensor_name, X.to(T.device))
+        elif chained:
+            setattr(module, tensor_name, Z.to(T.device))
         else:
             saved = T.detach().clone()
             T.copy_(like(X, T) if isinstance(T, DTensor) else X)  # torch calls adapter.right_inverse on it
@@ -378,6 +638,11 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             with torch.no_grad():
                 T.copy_(saved)
         raise
+    if parametrize.is_parametrized(module, tensor_name) and module.parametrizations[tensor_name][0] is adapter:
+        # The module's own _apply / _load_from_state_dict keep its points (Note [Raw tensors across dtypes]).
+        _ATTACHED.add(adapter)
+        _RAW.pop(adapter, None)
+        _TENTATIVE.pop(adapter, None)
     if fsdp is not None:
         # Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
         # at fully_shard time (module.weight, now the parametrized property); the parameter itself

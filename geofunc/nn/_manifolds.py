@@ -25,9 +25,10 @@ from torch import nn
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
-from ..spaces._base import LOW_PRECISION, AbstractSpace, can_check, default_atol
+from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
-from ._adapter import Parametrization, refine_base
+from ..spaces._values import Positive, floor_violation
+from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, refine_base
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 
 __all__ = [
@@ -108,12 +109,64 @@ def _as_matrix(X: Any) -> Any:
     return X.detach() if isinstance(X, Tensor) else X
 
 
+# Note [Softplus floor on assignment]
+# GeoTorch's ``in_manifold`` asks the kept singular values (eigenvalues) of FixedRank, GLp, PSD and
+# PSSDFixedRank to exceed ``eps`` (1e-5, 1e-6); geofunc's ``"softplus"`` values never go below the
+# floor √eps of the dtype (3.45e-4 in float32). A point in between passed ``in_manifold`` and the
+# space's unchecked inverse then lifted it to the floor: a silently different weight (2.5e-4 off for
+# a value 1e-4 in float32). ``right_inverse`` now refuses it with the pure space's own measure
+# (``floor_violation`` at the default tolerance, as ``gf.FixedRank().from_manifold`` does): a value
+# below the floor by more than the rounding of a computed singular value (ε√n·σ₁ of the stored dtype)
+# is an ``InManifoldError`` naming the space, the floor and the value. In bf16/fp16 that rounding is
+# large (README, Known limitations): a value below the floor within it is lifted, a change within
+# the point's rounding. Samples (``sample()``, the constraint functions' starts) clamp their values
+# at twice the floor, so they are representable.
+
+
+def _softplus_floor(M: "_Manifold", dtype: torch.dtype) -> float:
+    """The floor of ``M``'s value map in ``dtype`` (√eps for ``"softplus"``; 0 for a user map, SL, or
+    a space without one)."""
+    vm = getattr(M.space, "_value_map", None)
+    return vm.floor(dtype) if isinstance(vm, Positive) else 0.0
+
+
+def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tensor, n: int, k: int, what: str) -> None:
+    """Raise :class:`InManifoldError` if ``kept_min`` (the smallest kept value of ``X``, batch-shaped,
+    computed in float32 for a bf16/fp16 ``X``) is below the floor of ``M``'s ``"softplus"`` by more than
+    its rounding (Note [Softplus floor on assignment])."""
+    floor = _softplus_floor(M, X.dtype)
+    if floor == 0.0 or not bool(torch.isfinite(kept_min).all()):
+        return
+    low = X.dtype in LOW_PRECISION
+    if low:
+        _ROUNDING.append(X.dtype)  # the rounding allowance of the stored dtype (Note [Low precision])
+    try:
+        violation = next(iter(floor_violation(kept_min, v_max, floor, n, k).values()))
+    finally:
+        if low:
+            _ROUNDING.pop()
+    bad = ~(violation <= default_atol(X.dtype, max(n, k)))
+    if not bool(bad.any()):
+        return
+    at = ""
+    if bad.ndim:
+        at = f" (first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})"
+    value = float(kept_min[bad].min())
+    raise InManifoldError(
+        X, M,
+        f"its {what} is {value:.3g}{at}, below {floor:.3g}, the floor of geofunc's \"softplus\" (softplus + √eps "
+        f"of {X.dtype}; GeoTorch's is 1e-6), by more than its rounding: the chart cannot represent it, and lifting "
+        "it to the floor would change the point. Assign it in float64 (floor 1.5e-8), or give f as a pair "
+        "(f, f_inverse) without a floor",
+    )
+
+
 # Note [update_base on the class]
 # GeoTorch's classes are plain parametrizations: the raw tensor belongs to torch's
 # ParametrizationList, not to them. So that ``M.update_base()`` works without arguments, forward
 # remembers (weakly, outside the module so that pickling and deepcopy are untouched) the raw
-# Parameter it was last evaluated on; ``geofunc.nn.update_base(module, name)`` needs none of this.
-_LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# Parameter it was last evaluated on (``_LAST_RAW`` in ``_adapter.py``); ``geofunc.nn.update_base(module,
+# name)`` needs none of this.
 
 
 class _Manifold(Parametrization):
@@ -186,6 +239,7 @@ class _Manifold(Parametrization):
         """The point ``space.to_manifold(Z, base)`` of the raw tensor ``Z``."""
         if isinstance(Z, nn.Parameter) and not torch.compiler.is_compiling():
             _LAST_RAW[self] = weakref.ref(Z)  # Note [update_base on the class]
+            _note_raw(self, Z)  # Note [Raw tensors across dtypes] in _adapter.py
         return self.space.to_manifold(self._raw_in(Z), self.get_base())
 
     @gathered
@@ -196,11 +250,13 @@ class _Manifold(Parametrization):
         (or ``X`` has the wrong size, dtype or device), :class:`InverseError` if ``f`` has no
         inverse. Nothing is changed when it raises.
         """
+        registering = isinstance(X, nn.Parameter)  # torch hands right_inverse the tensor being registered
+        raw = X
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
         try:
-            self._check_value(X)
+            self._check_value(X, registering)
         except ManifoldError as e:
             raise InManifoldError(X, self, str(e)) from None
         if X.is_meta:  # deferred initialization: shapes only
@@ -209,6 +265,8 @@ class _Manifold(Parametrization):
             self._require_inverse()
             if check_in_manifold and not bool(self.in_manifold(X)):
                 raise InManifoldError(X, self, self._why(X))
+            if can_check(X):
+                self._check_representable(X)
             try:
                 Z, base = self.space._from_manifold(X)
             except ManifoldError as e:
@@ -217,8 +275,17 @@ class _Manifold(Parametrization):
                 self._verify(X, Z, base)
         Z = self._raw_out(Z)
         self._check_base(base)
+        if registering:
+            self._follow(X)
+            _note_registration(self, raw)  # Note [Raw tensors across dtypes] in _adapter.py
         self._set_base(base)
         return Z.detach().clone(memory_format=torch.contiguous_format)  # FSDP2 shards contiguous only
+
+    def _check_representable(self, X: Tensor) -> None:
+        """Eager: refuse a point that GeoTorch's ``in_manifold`` accepts but the chart cannot represent
+        without changing it beyond its rounding (the floor of geofunc's ``"softplus"``: Note [Softplus
+        floor on assignment]). Runs whatever ``check_in_manifold`` says: it is not a membership test."""
+        return None
 
     def _why(self, X: Tensor) -> str:
         """geofunc's measured violation of ``X``, for the message of an ``InManifoldError``."""
@@ -618,12 +685,25 @@ class Skew(_Triangle):
 
     @gathered
     def right_inverse(self, X: Any, check_in_manifold: bool = True, tol: float = 1e-4) -> Tensor:
-        """The strict triangle of ``X``; :class:`InManifoldError` unless ``allclose(X, −Xᵀ, atol=tol)``."""
+        """The strict triangle of ``X``; :class:`InManifoldError` unless ``allclose(X, −Xᵀ, atol=tol)``.
+
+        As GeoTorch's, any square ``X`` (or batch of them) of any dtype is taken, whatever the
+        ``size`` (which is the size of :meth:`sample`); a vector or a non-square ``X`` is refused
+        with its shape."""
+        registering = isinstance(X, nn.Parameter)
         X = _as_matrix(X)
-        meta = isinstance(X, Tensor) and X.is_meta
-        if check_in_manifold and not meta and not self._in(X, -1.0, tol):
-            raise InManifoldError(X, self, f"X is not skew-symmetric to atol {tol:g}")
-        return super().right_inverse(X, check_in_manifold=False)
+        if not isinstance(X, Tensor):
+            raise InManifoldError(X, self, "expected a tensor")
+        if X.ndim < 2 or X.shape[-2] != X.shape[-1]:
+            raise InManifoldError(X, self, f"expected square matrices (..., n, n), got shape {tuple(X.shape)}")
+        if check_in_manifold and not X.is_meta and not _triangle_in(X, -1.0, tol):
+            Xf = X.float() if X.dtype in LOW_PRECISION else X
+            err = float((Xf + Xf.transpose(-2, -1)).abs().amax()) if X.numel() else 0.0
+            raise InManifoldError(X, self, f"X is not skew-symmetric to atol {tol:g}: max|X + Xᵀ| = {err:.3g}")
+        Z, _ = self.space._from_manifold(X)
+        if registering:
+            self._follow(X)  # samples in the registered tensor's dtype and device
+        return Z.detach().clone(memory_format=torch.contiguous_format)
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, lower: bool = True) -> Tensor:
         """``W − Wᵀ`` for ``W`` the strict lower (upper) triangle of a tensor filled by ``init_``."""
@@ -678,9 +758,11 @@ class Symmetric(_Triangle):
         if check_in_manifold and not registering and not X.is_meta and not self._in(gather(X), 1.0, 1e-6):
             raise InManifoldError(X, self, "X is not symmetric")
         try:
-            self._check_value(X)
+            self._check_value(X, registering)
         except ManifoldError as e:
             raise InManifoldError(X, self, str(e)) from None
+        if registering:
+            self._follow(X)  # samples in the registered tensor's dtype and device
         return X.detach().clone()
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_) -> Tensor:
@@ -734,6 +816,14 @@ class _SVDManifold(_Manifold):
             return False
         e = self._eps(eps, _as_matrix(X))
         return self.in_manifold_singular_values(s, e, floor=eps) if self._positive else self.in_manifold_singular_values(s, e)
+
+    def _check_representable(self, X: Tensor) -> None:
+        """The smallest kept singular value must be at the floor of ``"softplus"`` or above, to its
+        rounding (Note [Softplus floor on assignment])."""
+        s = self._singular_values(X) if _softplus_floor(self, X.dtype) else None
+        if s is not None:
+            _refuse_below_floor(self, X, s[..., self.rank - 1], s[..., 0], self.n, self.k,
+                                f"smallest kept singular value (σ_{self.rank})")
 
     def _floor(self) -> float:
         """The least singular value geofunc's ``"softplus"`` map reaches (√ε of the module's dtype)."""
@@ -933,8 +1023,9 @@ class SL(FixedRank):
         tol = max(self._eps(eps, X), 8.0 * math.sqrt(torch.finfo(X.dtype).eps * self.n))
         return bool(((sign > 0) & (lad.abs() < tol)).all())
 
-    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
-        """GeoTorch's SL sample (see the class docstring); ``factorized`` gives ``(U, S, V)``."""
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Tensor:
+        """GeoTorch's SL sample (see the class docstring): always the matrix (``factorized`` is accepted
+        and ignored, as in GeoTorch)."""
         self._require_size()
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
@@ -943,7 +1034,7 @@ class SL(FixedRank):
             s = (logs - logs.mean(-1, keepdim=True)).exp()
             V = _det_positive_v(U, V)
             s = s * torch.exp(-torch.linalg.slogdet(_svd_factors(U, s, V))[1] / self.n)[..., None]
-            return self._emit(U, s, V, factorized)
+            return self._emit(U, s, V, False)
 
     def in_manifold_singular_values(self, S: Tensor, eps: float = 5e-3) -> bool:
         """``|Σ log σᵢ| < max(eps, 8√(ε·n))`` with every ``σᵢ > 0`` (GeoTorch's test on singular values)."""
@@ -1049,6 +1140,17 @@ class _EigManifold(_Manifold):
         if not bool(torch.allclose(Xf, Xf.transpose(-2, -1), atol=e)):
             return False
         return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e, floor=eps)
+
+    def _check_representable(self, X: Tensor) -> None:
+        """The smallest kept eigenvalue must be at the floor of ``"softplus"`` or above, to its rounding
+        (Note [Softplus floor on assignment])."""
+        if not _softplus_floor(self, X.dtype) or not bool(torch.isfinite(X).all()):
+            return
+        Xf, _ = _lift(self, X)
+        lam = torch.linalg.eigvalsh(0.5 * (Xf + Xf.transpose(-2, -1)))
+        n = X.shape[-1]
+        _refuse_below_floor(self, X, lam[..., n - self.rank], lam.abs().amax(-1), n, n,
+                            f"smallest kept eigenvalue (number {self.rank} from the top)")
 
     def _floor(self) -> float:
         f = self._f()

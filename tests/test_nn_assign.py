@@ -1,0 +1,458 @@
+"""geofunc.nn: what an assignment, a registration or a dtype change does to the point.
+
+Regressions (a fuzz pass against GeoTorch 0.4.0, the behavioural reference where installed):
+
+1. Assigning to a ``"softplus"`` weight (``invertible``, ``positive_definite``, ``fixed_rank``,
+   ``positive_semidefinite_fixed_rank`` and their classes) a point whose smallest kept value lies
+   between GeoTorch's ``eps`` and geofunc's floor √eps (``diag(1e-4, 1, 2)`` in float32) passed
+   GeoTorch's ``in_manifold`` and was then silently lifted to the floor (``diag(3.45e-4, 1, 2)``).
+   It is refused now, as ``gf.GLp().from_manifold`` refuses it (Note [Softplus floor on
+   assignment] in ``geofunc/nn/_manifolds.py``); bf16/fp16 keep the documented rounding allowance.
+2. ``invertible(Linear(4, 4)).to(torch.bfloat16)`` moved every singular value by √eps of bf16
+   (0.088) and ``.double()`` by −3.4e-4: the raw values were cast, not re-expressed (Note [Raw
+   tensors across dtypes] in ``geofunc/nn/_adapter.py``). Also through ``load_state_dict``.
+3. ``Symmetric()``, ``Skew``, ``SphereEmbedded`` refused registration on a float64 tensor (a private
+   float32 buffer was compared); classes with a base refused too (GeoTorch fails there).
+4. ``orthogonal`` twice raised (GeoTorch appends the second).
+5. ``SL.sample(factorized=True)`` returned factors; an unknown tensor name raised ``ValueError``
+   only; ``Skew``'s message for a batch claimed "not skew-symmetric".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+import geofunc as gf
+import geofunc.nn as gnn
+
+F32_FLOOR = math.sqrt(torch.finfo(torch.float32).eps)  # 3.45e-4
+LOW = (torch.bfloat16, torch.float16)
+
+
+def _floor(dtype: torch.dtype) -> float:
+    return math.sqrt(torch.finfo(dtype).eps)
+
+
+def _values(W: torch.Tensor, eig: bool) -> torch.Tensor:
+    """Singular values (or eigenvalues), descending, in float64."""
+    W = W.detach().double()
+    return torch.linalg.eigvalsh(0.5 * (W + W.mT)).flip(-1) if eig else torch.linalg.svdvals(W)
+
+
+# ----------------------------------------------------------------------------- 1. the softplus floor
+# (id, constraint function, GeoTorch's same call, eigen family?)
+SOFTPLUS = [
+    ("invertible", lambda L, m: L.invertible(m), False),
+    ("positive_definite", lambda L, m: L.positive_definite(m), True),
+    ("fixed_rank", lambda L, m: L.fixed_rank(m, "weight", 3), False),
+    ("positive_semidefinite_fixed_rank", lambda L, m: L.positive_semidefinite_fixed_rank(m, "weight", 3), True),
+]
+SOFTPLUS_CLASSES = [
+    ("GLp", lambda L: L.GLp((3, 3))),
+    ("PSD", lambda L: L.PSD((3, 3))),
+    ("FixedRank", lambda L: L.FixedRank((3, 3), 3)),
+    ("PSSDFixedRank", lambda L: L.PSSDFixedRank((3, 3), 3)),
+]
+
+
+def _state(m: nn.Module) -> dict:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("case", SOFTPLUS, ids=lambda c: c[0])
+def test_a_point_below_the_float32_floor_is_refused_not_lifted(case) -> None:
+    _, constrain, _ = case
+    X = torch.diag(torch.tensor([1e-4, 1.0, 2.0]))
+    torch.manual_seed(0)
+    m = constrain(gnn, nn.Linear(3, 3))
+    assert m.parametrizations.weight[0].in_manifold(X)  # GeoTorch's test accepts it ...
+    before = _state(m)
+    with pytest.raises(gnn.InManifoldError, match=r"0\.0001.*below 0\.000345, the floor of geofunc's \"softplus\""):
+        m.weight = X  # ... the chart cannot represent it: refused, not moved to diag(3.45e-4, 1, 2)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    # the pure API refuses the same point
+    space = gnn.parametrization_of(m).space
+    with pytest.raises(gf.ManifoldError):
+        space.from_manifold(X)
+    # float64 (floor 1.5e-8) represents it: stored as GeoTorch stores it
+    m = constrain(gnn, nn.Linear(3, 3)).double()
+    m.weight = X.double()
+    torch.testing.assert_close(m.weight.detach(), X.double(), atol=1e-12, rtol=0)
+
+
+def test_geotorch_stores_the_point_geofunc_refuses() -> None:
+    """The reference: GeoTorch's in_manifold is True and it keeps 1e-4 (its floor is 1e-6)."""
+    geotorch = pytest.importorskip("geotorch")
+    X = torch.diag(torch.tensor([1e-4, 1.0, 2.0]))
+    for _, constrain, _ in SOFTPLUS:
+        torch.manual_seed(0)
+        mg, mf = constrain(geotorch, nn.Linear(3, 3)), constrain(gnn, nn.Linear(3, 3))
+        assert mg.parametrizations.weight[0].in_manifold(X) and mf.parametrizations.weight[0].in_manifold(X)
+        mg.weight = X
+        torch.testing.assert_close(mg.weight.detach(), X, atol=1e-6, rtol=0)
+        with pytest.raises(gnn.InManifoldError):
+            mf.weight = X
+
+
+@pytest.mark.parametrize("case", SOFTPLUS_CLASSES, ids=lambda c: c[0])
+def test_the_classes_refuse_it_too_also_without_the_membership_check(case) -> None:
+    _, make = case
+    X = torch.diag(torch.tensor([2.0, 1e-4, 1.0]))
+    M = make(gnn)
+    for check in (True, False):  # representability is not GeoTorch's membership test
+        with pytest.raises(gnn.InManifoldError, match=r"floor"):
+            M.right_inverse(X, check_in_manifold=check)
+    # a batch names the first offending matrix
+    Xb = torch.stack([torch.eye(3), X])
+    Mb = type(M)((2, 3, 3), *(() if type(M) in (gnn.GLp, gnn.PSD) else (3,)))
+    with pytest.raises(gnn.InManifoldError, match=r"first at batch index \(1,\)"):
+        Mb.right_inverse(Xb)
+
+
+@pytest.mark.parametrize("case", SOFTPLUS, ids=lambda c: c[0])
+def test_float32_values_at_the_floor_within_rounding_are_taken(case) -> None:
+    """The allowance of the pure space: a value 5e-4 relative below the floor (the rounding of a
+    computed singular value, ε√n·σ₁ ≈ 4e-7 here) is taken, moved by no more than that."""
+    _, constrain, _ = case
+    v = F32_FLOOR * (1 - 5e-4)
+    X = torch.diag(torch.tensor([v, 1.0, 2.0]))
+    m = constrain(gnn, nn.Linear(3, 3))
+    m.weight = X
+    torch.testing.assert_close(m.weight.detach(), X, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", SOFTPLUS, ids=lambda c: c[0])
+def test_low_precision_keeps_its_documented_allowance(case, dtype) -> None:
+    """bf16/fp16: a value below the floor within the point's rounding (ε√n·σ₁ of the dtype) is lifted
+    to the floor, as documented; one further below is refused; the verdicts are the pure space's."""
+    _, constrain, _ = case
+    fl = _floor(dtype)
+    delta = torch.finfo(dtype).eps * math.sqrt(3) * 2.0  # σ₁ = 2
+    m = constrain(gnn, nn.Linear(3, 3).to(dtype))
+    space = gnn.parametrization_of(m).space
+    inside = torch.diag(torch.tensor([fl - 0.5 * delta, 1.0, 2.0])).to(dtype)
+    m.weight = inside
+    space.from_manifold(inside)
+    W = m.weight.detach().double()
+    assert float((W - inside.double()).abs().max()) <= delta
+    outside = torch.diag(torch.tensor([max(fl - 3 * delta, 0.25 * fl), 1.0, 2.0])).to(dtype)
+    with pytest.raises(gnn.InManifoldError, match="floor"):
+        m.weight = outside
+    with pytest.raises(gf.ManifoldError):
+        space.from_manifold(outside)
+
+
+def test_low_precision_at_large_size_lifts_within_the_rounding() -> None:
+    """n = 64, bf16: the rounding (ε√n·σ₁ ≈ 0.125) exceeds the floor (0.088): a value 0.02 is lifted
+    to the floor, a change within the point's rounding (README, Known limitations)."""
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(64, 64))[0]
+    lam = torch.linspace(0.02, 2.0, 64)
+    X = ((Q * lam) @ Q.mT).to(torch.bfloat16)
+    m = gnn.positive_definite(nn.Linear(64, 64).to(torch.bfloat16))
+    m.weight = X
+    lam2 = torch.linalg.eigvalsh(m.weight.detach().float())
+    assert float(lam2[0]) >= 0.9 * _floor(torch.bfloat16)
+    assert float((m.weight.detach().float() - X.float()).abs().max()) <= torch.finfo(torch.bfloat16).eps * 8 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SOFTPLUS, ids=lambda c: c[0])
+def test_samples_and_starts_are_representable(case, dtype) -> None:
+    """Initialisation and ``sample`` go through the same right inverse: still valid points."""
+    _, constrain, eig = case
+    torch.manual_seed(0)
+    m = constrain(gnn, nn.Linear(3, 3).to(dtype))
+    M = m.parametrizations.weight[0]
+    m.weight = m.weight.detach()
+    for X in (M.sample(), M.sample(eps=1e-7)):  # eps below the floor: clamped at twice the floor
+        assert X.dtype == dtype
+        m.weight = X
+        assert float(_values(m.weight, eig)[2]) >= _floor(dtype) * (0.99 if dtype in LOW else 1.0)
+
+
+def test_sl_has_no_floor_to_refuse() -> None:
+    """SL normalizes the values of its GLp: a point with a tiny singular value is representable."""
+    X = torch.diag(torch.tensor([1e-4, 100.0, 100.0]))
+    m = gnn.sln(nn.Linear(3, 3))
+    m.weight = X
+    torch.testing.assert_close(m.weight.detach(), X, atol=1e-3, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2. dtype changes
+# (id, constraint, eigen family?, rank, floor applies (SL: its GLp values are >= 0.25))
+DTYPE_CASES = [
+    ("invertible", lambda m: gnn.invertible(m), False, 5, True),
+    ("positive_definite", lambda m: gnn.positive_definite(m), True, 5, True),
+    ("fixed_rank", lambda m: gnn.fixed_rank(m, "weight", 2), False, 2, True),
+    ("positive_semidefinite_fixed_rank", lambda m: gnn.positive_semidefinite_fixed_rank(m, "weight", 2), True, 2, True),
+    ("sln", lambda m: gnn.sln(m), False, 5, False),
+    ("constrain-GLp", lambda m: gnn.constrain(m, "weight", gf.GLp()), False, 5, True),
+    ("constrain-PSD", lambda m: gnn.constrain(m, "weight", gf.PSD()), True, 5, True),
+    ("constrain-FixedRank", lambda m: gnn.constrain(m, "weight", gf.FixedRank(rank=3)), False, 3, True),
+    ("GLp-class", lambda m: _register(m, gnn.GLp((5, 5))), False, 5, True),
+    ("PSSDFixedRank-class", lambda m: _register(m, gnn.PSSDFixedRank((5, 5), 2)), True, 2, True),
+]
+
+
+def _register(m: nn.Module, M: nn.Module) -> nn.Module:
+    """A GeoTorch class registered directly with torch's register_parametrization."""
+    with torch.no_grad():
+        m.weight.copy_(M.sample())
+    P.register_parametrization(m, "weight", M)
+    return m
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: c[0])
+def test_a_cast_to_low_precision_keeps_the_values(case, dtype) -> None:
+    """Each value changes by the dtype's rounding (≤ 2ε·σ₁; measured ≤ 0.9ε·σ₁), or is lifted to the
+    floor where it was below it; before, every value moved by √ε (0.088 bf16, 0.031 fp16)."""
+    _, constrain, eig, r, floored = case
+    for seed in range(4):
+        torch.manual_seed(seed)
+        m = constrain(nn.Linear(5, 5))
+        v = _values(m.weight, eig)[:r]
+        expected = v.clamp(min=_floor(dtype)) if floored else v
+        m.to(dtype)
+        assert m.weight.dtype == dtype
+        v2 = _values(m.weight.float(), eig)[:r]
+        torch.testing.assert_close(v2, expected, atol=2 * torch.finfo(dtype).eps * float(v[0]), rtol=0)
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES, ids=lambda c: c[0])
+def test_double_and_back_keep_the_point(case) -> None:
+    """``.double()`` moves the point by float32's rounding (before: by the floor, 3.4e-4)."""
+    _, constrain, _, _, _ = case
+    torch.manual_seed(0)
+    m = constrain(nn.Linear(5, 5))
+    W = m.weight.detach().double()
+    m.double()
+    torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+    m.float()
+    torch.testing.assert_close(m.weight.detach().double(), W, atol=2e-6, rtol=0)
+    m.to(torch.bfloat16).float()  # the round trip adds bf16's rounding once, not the floor twice
+    torch.testing.assert_close(m.weight.detach().double(), W, atol=0.05, rtol=0)
+
+
+@pytest.mark.parametrize("semantics", ["default", "overwrite", "swap"])
+def test_dtype_changes_keep_parameter_identity_as_torch_does(semantics) -> None:
+    """The raw tensor is ``parametrizations.weight.original``: after ``.double()`` it is the same
+    Parameter object (default and swap semantics, as torch keeps it) and the optimizer still holds
+    it; under swap semantics this raised before (a weak reference on the raw tensor)."""
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(semantics == "overwrite")
+    torch.__future__.set_swap_module_params_on_conversion(semantics == "swap")
+    try:
+        torch.manual_seed(0)
+        m = gnn.invertible(nn.Linear(4, 4))
+        p = m.parametrizations.weight.original
+        opt = torch.optim.SGD(m.parameters(), lr=1e-2)
+        m(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        W = m.weight.detach().double()
+        m.double()
+        q = m.parametrizations.weight.original
+        assert (q is p) == (semantics != "overwrite")
+        assert any(x is q for x in opt.param_groups[0]["params"]) == (semantics != "overwrite")
+        torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+        M = m.parametrizations.weight[0]
+        M.update_base()  # the class method still finds the raw tensor
+        torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
+@pytest.mark.parametrize("case", DTYPE_CASES[:8], ids=lambda c: c[0])
+def test_load_state_dict_across_dtypes_keeps_the_point(case) -> None:
+    """A float32 state_dict into a float64 module, a bf16 one into a float32 module: the raw values are
+    re-expressed, not cast (before: moved by the floor); the checkpoint itself is left as it was."""
+    _, constrain, eig, r, _ = case
+    torch.manual_seed(0)
+    src = constrain(nn.Linear(5, 5))
+    W = src.weight.detach().double()
+    sd = src.state_dict()
+    saved = {k: v.clone() for k, v in sd.items()}
+    torch.manual_seed(1)
+    dst = constrain(nn.Linear(5, 5)).double()
+    dst.load_state_dict(sd)
+    assert all(torch.equal(saved[k], v) for k, v in sd.items())
+    torch.testing.assert_close(dst.weight.detach(), W, atol=2e-6, rtol=0)
+    gnn.update_base(dst, "weight")  # still works, keeps the point
+    torch.testing.assert_close(dst.weight.detach(), W, atol=2e-6, rtol=0)
+    # bf16 -> float32: the values of the bf16 point, to its rounding (before: each moved by −0.088)
+    src.to(torch.bfloat16)
+    v = _values(src.weight.float(), eig)[:r]
+    torch.manual_seed(2)
+    dst = constrain(nn.Linear(5, 5))
+    dst.load_state_dict(src.state_dict())
+    assert dst.weight.dtype == torch.float32
+    v2 = _values(dst.weight, eig)[:r]
+    torch.testing.assert_close(v2, v, atol=2 * torch.finfo(torch.bfloat16).eps * float(v[0]), rtol=0)
+
+
+def test_a_subclass_of_the_parametrized_class_still_converts_and_loads() -> None:
+    """FSDP2's ``fully_shard`` subclasses the module's (parametrized) class: the overrides that keep the
+    points must call past themselves, not recurse."""
+    torch.manual_seed(0)
+    m = gnn.invertible(nn.Linear(4, 4))
+    m.__class__ = type("Wrapped" + type(m).__name__, (type(m),), {})
+    W = m.weight.detach().double()
+    sd = m.state_dict()
+    m.double()
+    torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+    m.load_state_dict(sd)
+    torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+
+
+def test_a_float64_value_below_the_float32_floor_warns_when_cast() -> None:
+    m = gnn.positive_definite(nn.Linear(3, 3).double())
+    m.weight = torch.diag(torch.tensor([1e-5, 1.0, 2.0], dtype=torch.float64))
+    with pytest.warns(UserWarning, match=r"below the floor 0\.000345.*lifted"):
+        m.float()
+    lam = torch.linalg.eigvalsh(m.weight.detach())
+    assert abs(float(lam[0]) - F32_FLOOR) < 1e-6
+
+
+def test_a_lifted_value_keeps_a_finite_trainable_coordinate() -> None:
+    torch.manual_seed(0)
+    m = gnn.invertible(nn.Linear(4, 4))
+    m.weight = torch.diag(torch.tensor([0.01, 1.0, 1.5, 2.0]))
+    m.to(torch.bfloat16)
+    raw = m.parametrizations.weight.original
+    assert bool(torch.isfinite(raw).all())
+    assert float(torch.linalg.svdvals(m.weight.detach().float())[-1]) == pytest.approx(_floor(torch.bfloat16), rel=0.02)
+    m.weight.float().diagonal().sum().backward()
+    assert float(raw.grad.diagonal().abs().min()) > 0
+
+
+def test_a_cast_of_the_parametrization_list_alone_is_not_silent() -> None:
+    m = gnn.invertible(nn.Linear(4, 4))
+    with pytest.warns(UserWarning, match="not re-expressed"):
+        m.parametrizations.weight.double()
+
+
+def test_dtype_changes_leave_other_spaces_alone() -> None:
+    """Spaces without a dtype-dependent floor: the raw tensor is cast as before (bit for bit)."""
+    for fn in (lambda m: gnn.orthogonal(m), lambda m: gnn.low_rank(m, "weight", 2),
+               lambda m: gnn.positive_definite(m, f=(torch.exp, torch.log)), lambda m: gnn.alpha_stable(m)):
+        torch.manual_seed(0)
+        m = fn(nn.Linear(4, 4))
+        raw = m.parametrizations.weight.original.detach().clone()
+        m.double()
+        assert torch.equal(m.parametrizations.weight.original.detach(), raw.double())
+
+
+# ----------------------------------------------------------------------------- 3. registration dtypes
+@pytest.mark.parametrize("name", ["Symmetric", "Skew", "SphereEmbedded"])
+def test_baseless_classes_register_on_float64_like_geotorch(name) -> None:
+    geotorch = pytest.importorskip("geotorch")
+    out = {}
+    for lib in (geotorch, gnn):
+        torch.manual_seed(0)
+        m = nn.Linear(3, 3, dtype=torch.float64)
+        with torch.no_grad():
+            if name == "Skew":
+                m.weight.copy_(m.weight - m.weight.T)
+            if name == "SphereEmbedded":
+                m.weight.copy_(m.weight / m.weight.norm(dim=-1, keepdim=True))
+        M = {"Symmetric": lambda: lib.Symmetric(), "Skew": lambda: lib.Skew((3, 3)),
+             "SphereEmbedded": lambda: lib.SphereEmbedded((3, 3))}[name]()
+        P.register_parametrization(m, "weight", M)
+        out[lib] = m.weight.detach()
+    assert out[gnn].dtype == torch.float64
+    torch.testing.assert_close(out[gnn], out[geotorch], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: gnn.Stiefel((4, 3)), lambda: gnn.SO((3, 3)), lambda: gnn.GLp((3, 3)),
+                                  lambda: gnn.Sphere((3, 3)), lambda: gnn.PSD((3, 3))],
+                         ids=["Stiefel", "SO", "GLp", "Sphere", "PSD"])
+def test_classes_with_a_base_register_on_float64(make) -> None:
+    """GeoTorch fails here (a float32 base against a float64 weight); the base is re-made in float64."""
+    torch.manual_seed(0)
+    M = make()
+    X = M.space.project(M.sample().double())  # a point of the space to float64's accuracy
+    m = nn.Linear(M.shape[-1], M.shape[-2], bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        m.weight.copy_(X)
+    P.register_parametrization(m, "weight", M)
+    assert all(b.dtype == torch.float64 for b in M._base_buffers())
+    torch.testing.assert_close(m.weight.detach(), X, atol=1e-12, rtol=0)
+    assert bool(M.space.contains(m.weight.detach()).all())  # at float64's tolerance (1e-9)
+    assert M.sample().dtype == torch.float64
+    before = _state(m)
+    with pytest.raises(gnn.InManifoldError, match="expected dtype torch.float64"):
+        m.weight = X.float()  # an assignment of another dtype is still refused, changing nothing
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- 4. constraining twice
+def test_orthogonal_twice_appends_as_geotorch() -> None:
+    geotorch = pytest.importorskip("geotorch")
+    for lib in (geotorch, gnn):
+        for second, ok in ((lambda m: lib.orthogonal(m), True), (lambda m: lib.grassmannian(m), True),
+                           (lambda m: lib.sphere(m), False)):
+            torch.manual_seed(0)
+            m = lib.orthogonal(nn.Linear(3, 5))
+            if not ok:  # a sphere sample is not orthonormal: the first constraint refuses it
+                with pytest.raises(Exception, match="Stiefel"):
+                    second(m)
+                continue
+            second(m)
+            assert len(m.parametrizations.weight) == 2
+            W = m.weight.detach()
+            torch.testing.assert_close(W.T @ W, torch.eye(3), atol=1e-5, rtol=0)
+            if lib is gnn:
+                opt = torch.optim.Adam(m.parameters(), lr=0.05)
+                for _ in range(3):
+                    opt.zero_grad()
+                    m(torch.randn(4, 3)).pow(2).sum().backward()
+                    opt.step()
+                W = m.weight.detach()
+                torch.testing.assert_close(W.T @ W, torch.eye(3), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- 5. small API differences
+def test_sl_sample_ignores_factorized_as_geotorch() -> None:
+    geotorch = pytest.importorskip("geotorch")
+    for lib in (geotorch, gnn):
+        torch.manual_seed(0)
+        X = lib.SL((3, 3)).sample(factorized=True)
+        assert isinstance(X, torch.Tensor) and X.shape == (3, 3)
+    torch.manual_seed(0)
+    a = gnn.SL((3, 3)).sample(factorized=True)
+    torch.manual_seed(0)
+    torch.testing.assert_close(a, gnn.SL((3, 3)).sample(), atol=0, rtol=0)
+
+
+def test_an_unknown_tensor_name_is_geotorchs_attribute_error() -> None:
+    geotorch = pytest.importorskip("geotorch")
+    with pytest.raises(AttributeError):
+        geotorch.orthogonal(nn.Linear(3, 3), "foo")
+    for call in (lambda: gnn.orthogonal(nn.Linear(3, 3), "foo"), lambda: gnn.constrain(nn.Linear(3, 3), "foo", gf.SO())):
+        with pytest.raises(AttributeError, match="does not have a parameter, a buffer, or a parametrized element"):
+            call()
+        with pytest.raises(ValueError):  # and still register_parametrization's ValueError
+            call()
+
+
+def test_skew_takes_any_square_batch_and_names_a_wrong_shape() -> None:
+    geotorch = pytest.importorskip("geotorch")
+    torch.manual_seed(0)
+    X = torch.randn(2, 4, 4)
+    X = X - X.mT
+    torch.testing.assert_close(gnn.Skew((4, 4)).right_inverse(X), geotorch.Skew((4, 4)).right_inverse(X), atol=0, rtol=0)
+    with pytest.raises(gnn.InManifoldError, match=r"expected square matrices \(\.\.\., n, n\), got shape \(4, 3\)"):
+        gnn.Skew((4, 4)).right_inverse(torch.randn(4, 3))
+    with pytest.raises(gnn.InManifoldError, match=r"not skew-symmetric to atol 0\.0001: max\|X \+ Xᵀ\| = "):
+        gnn.Skew((4, 4)).right_inverse(torch.randn(2, 4, 4))
