@@ -59,13 +59,12 @@ def _cap(Y: Tensor, bound: float) -> Tensor:
     """
     m = Y.detach().abs().amax(-1, keepdim=True)
     one = torch.ones_like(m)
-    # Certainly inside (‖Y‖ ≤ √d·max|Y|): the norm is not taken there, so it adds nothing to the
-    # graph. Its derivatives at Y = 0 (the chart centre) are 0/0: a double backward through them
-    # was NaN there, though the norm's value is never used inside the bound (Note [Derivatives at
-    # the boundary of a clamp]).
+    # Certainly inside (‖Y‖ ≤ √d·max|Y|): the square root is taken of 1 there, not of the sum of
+    # squares, whose root has an infinite derivative at Y = 0 (the chart centre): a double backward
+    # through vector_norm was NaN there, though the norm's value is never used inside the bound.
     sure = m * math.sqrt(Y.shape[-1]) <= bound  # False for NaN and inf
-    Ys = torch.where(sure, torch.ones_like(Y), Y / torch.where(m > 0, m, one))
-    norm = m * torch.linalg.vector_norm(Ys, dim=-1, keepdim=True)
+    Ys = Y / torch.where(m > 0, m, one)
+    norm = m * torch.sqrt(torch.where(sure, one, (Ys * Ys).sum(-1, keepdim=True)))
     inside = sure | (norm <= bound)  # False for NaN (and for inf entries: inf/inf)
     return Y * torch.where(inside, one, bound / torch.where(inside, one, norm))
 
