@@ -179,3 +179,33 @@ def test_a_base_on_another_device_is_a_manifold_error(case) -> None:
         M.to_manifold(Z, meta)
     msg = str(info.value)
     assert repr(inner) in msg and "device" in msg and "meta" in msg, msg
+
+
+_SOFTPLUS_SPACES = (gf.FixedRank, gf.GLp, gf.PSD, gf.PSSDFixedRank, gf.SL)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_dtype_coords_are_the_values_of_softplus(case) -> None:
+    """``_dtype_coords`` (what a module's dtype change re-expresses, Note [Raw tensors across dtypes])
+    names exactly the raw entries whose values are ``softplus(s) + √ε``: for the ``"softplus"`` spaces,
+    ``softplus`` of them plus float64's floor are the point's singular values (eigenvalues for ``PSD``;
+    for ``SL``, of its ``GLp`` point before normalization), computed here by ``svdvals``/``eigvalsh``;
+    None for every other space."""
+    M = getattr(case.space, "space", case.space)
+    X = case.space.sample(case.smoke, generator=torch.Generator().manual_seed(0), dtype=F64)
+    if M is not case.space:  # a complex space's real adapter: (re, im) pairs in the last dim
+        X = torch.view_as_complex(X.contiguous())
+    Z, base = M.from_manifold(X)
+    view = M._dtype_coords(Z) if isinstance(Z, torch.Tensor) else None
+    if not (isinstance(M, _SOFTPLUS_SPACES) and getattr(M, "f", None) == "softplus"):
+        assert view is None
+        return
+    assert view is not None
+    values = torch.nn.functional.softplus(view) + torch.finfo(F64).eps ** 0.5
+    W = M._glp.to_manifold(Z, base) if isinstance(M, gf.SL) else X
+    if isinstance(M, gf.PSD):
+        expected = torch.linalg.eigvalsh(W).flip(-1)
+    else:
+        expected = torch.linalg.svdvals(W)[..., : values.shape[-1]]
+    torch.testing.assert_close(values.sort(-1, descending=True).values, expected, atol=1e-9, rtol=1e-9)
+    assert view.data_ptr() == Z.diagonal(dim1=-2, dim2=-1).data_ptr()  # a view: writes reach Z

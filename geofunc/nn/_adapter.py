@@ -30,9 +30,7 @@ from torch.nn.utils import parametrize
 from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
 from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable
-from ..spaces._factorized import EigSpace, SVDSpace
-from ..spaces._sl import SL
-from ..spaces._values import Positive, floor_eps
+from ..spaces._values import floor_eps, softplus_inverse
 
 __all__ = [
     "Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of", "refine_base",
@@ -181,7 +179,7 @@ class Parametrization(nn.Module):
         # override converts its raw tensor (Note [Raw tensors across dtypes]); it is re-expressed here.
         handled = id(self) in _HANDLED or not self._identity_raw
         raw = None if handled else _RAW.get(self)
-        view = _value_coords(self.space, raw) if raw is not None and _concrete(raw) else None
+        view = self.space._dtype_coords(raw) if raw is not None and _concrete(raw) else None
         old = raw.dtype if view is not None else None
         if view is not None:
             view = view.detach().clone()
@@ -191,9 +189,9 @@ class Parametrization(nn.Module):
         if view is not None and moved and raw.dtype == old and new != old:
             # Not converted yet: ParametrizationList._apply converts its parameters after its children, so
             # the coordinates of the new dtype are written now, in the old dtype, and torch casts them.
-            _write_values(self.where, self.space, _value_coords(self.space, raw), view, old, new)
+            _write_values(self.where, self.space, self.space._dtype_coords(raw), view, old, new)
         elif (moved and not handled and raw is None and (self in _LOST or self in _TENTATIVE or self in _ATTACHED)
-              and _value_coords(self.space, torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
+              and self.space._dtype_coords(torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
               and floor_eps(before[moved[0]]) != floor_eps(new)):
             warnings.warn(
                 f"{self.where} constrained to {self.space!r}: its base changed dtype to {new} but geofunc.nn does not "
@@ -399,22 +397,6 @@ def _concrete(t: Any) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t) and (t.is_floating_point() or t.is_complex()))
 
 
-def _value_coords(space: Any, Z: Tensor) -> Tensor | None:
-    """The view of the raw tensor ``Z`` that holds the value coordinates of a space whose values have a
-    dtype-dependent floor (``f="softplus"`` of the rank and PSD families, SL through its GLp); None for
-    every other space."""
-    target = space._glp if isinstance(space, SL) else space
-    vm = getattr(target, "_value_map", None) if isinstance(target, (SVDSpace, EigSpace)) else None
-    if not isinstance(vm, Positive) or not isinstance(vm.f, str) or Z.ndim < 2:
-        return None
-    if isinstance(target, SVDSpace):
-        r = target._rank(max(Z.shape[-2:]), min(Z.shape[-2:]))
-    else:
-        r = target._rank(Z.shape[-1])
-    d = Z.diagonal(dim1=-2, dim2=-1)[..., :r]  # tall or wide: the values are on the diagonal (packing)
-    return d.real if d.is_complex() else d
-
-
 def _reexpress(s: Tensor, old: torch.dtype, new: torch.dtype) -> tuple[Tensor, Tensor]:
     """Value coordinates ``s`` of a raw tensor of dtype ``old`` re-expressed for a raw tensor of dtype
     ``new`` (float64 work): ``(s', lifted)``, ``lifted`` marking values below ``new``'s floor."""
@@ -423,7 +405,7 @@ def _reexpress(s: Tensor, old: torch.dtype, new: torch.dtype) -> tuple[Tensor, T
     x_min = f_new * torch.finfo(new).eps  # one unit of the new dtype's rounding above its floor
     lifted = x < x_min
     x = x.clamp(min=x_min)
-    return x + torch.log(-torch.expm1(-x)), lifted
+    return softplus_inverse(x), lifted
 
 
 def _write_values(where: str, space: Any, view: Tensor | None, s_old: Tensor, old: torch.dtype, new: torch.dtype) -> None:
@@ -471,7 +453,7 @@ def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     snaps, handled = [], []
     for name, plist, M in _geofunc_plists(self) if recurse else []:
         Z = plist.original
-        view = _value_coords(M.space, Z) if _concrete(Z) else None
+        view = M.space._dtype_coords(Z) if _concrete(Z) else None
         if view is not None:
             snaps.append((name, Z.dtype, view.detach().clone()))
             handled.append(id(M))
@@ -490,7 +472,7 @@ def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
         plist = self.parametrizations[name]
         Z, M = plist.original, plist[0]
         if Z.dtype != old and _concrete(Z):
-            _write_values(M.where, M.space, _value_coords(M.space, Z), s_old, old, Z.dtype)
+            _write_values(M.where, M.space, M.space._dtype_coords(Z), s_old, old, Z.dtype)
     return out
 
 
@@ -506,11 +488,11 @@ def _load_keeping_points(self: nn.Module, state_dict: dict, prefix: str, local_m
                 continue
             if saved.is_complex() != Z.is_complex():
                 continue
-            view = _value_coords(M.space, saved)
+            view = M.space._dtype_coords(saved)
             if view is None:
                 continue
             new = saved.detach().to(dtype=Z.dtype, copy=True)
-            _write_values(M.where, M.space, _value_coords(M.space, new), view, saved.dtype, Z.dtype)
+            _write_values(M.where, M.space, M.space._dtype_coords(new), view, saved.dtype, Z.dtype)
             state_dict[key] = new
     _super(self, "_load_from_state_dict", _load_keeping_points)._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 

@@ -27,7 +27,7 @@ from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
-from ..spaces._values import Positive, floor_violation
+from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, refine_base
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
 
@@ -890,8 +890,7 @@ def _softplus(x: Tensor) -> Tensor:
 
 
 def _softplus_inverse(y: Tensor) -> Tensor:
-    x = (y - math.sqrt(torch.finfo(y.dtype).eps)).clamp(min=torch.finfo(y.dtype).tiny)
-    return x + torch.log(-torch.expm1(-x))
+    return softplus_inverse((y - math.sqrt(torch.finfo(y.dtype).eps)).clamp(min=torch.finfo(y.dtype).tiny))
 
 
 class FixedRank(_SVDManifold):

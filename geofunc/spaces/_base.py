@@ -368,6 +368,12 @@ class AbstractSpace(_Space, abc.ABC):
             return self.project(base)
         return NotImplemented
 
+    def _dtype_coords(self, Z: Tensor) -> Tensor | None:
+        """The view of the raw tensor ``Z`` whose entries mean other points in another dtype (the values
+        ``softplus(s) + √ε`` of the dtype), which a dtype change of a module re-expresses (Note [Raw
+        tensors across dtypes] in ``geofunc/nn/_adapter.py``); None (the default) where there are none."""
+        return None
+
     def _require_no_base(self, base: Any) -> None:
         """A space whose chart has no centre takes ``base=None`` only."""
         if base is not None:

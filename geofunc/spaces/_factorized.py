@@ -188,6 +188,18 @@ class _Factorized(AbstractSpace):
         self._check_pair(X, V, "V")
         return self.project(X + V)
 
+    def _point_rank(self, Z: Tensor) -> int:
+        """The rank of points of ``Z``'s shape."""
+        raise NotImplementedError
+
+    def _dtype_coords(self, Z: Tensor) -> Tensor | None:
+        """The values' coordinates (the diagonal of the packed raw tensor, tall or wide) where the value
+        map depends on the dtype."""
+        if not self._value_map.dtype_dependent() or Z.ndim < 2:
+            return None
+        d = Z.diagonal(dim1=-2, dim2=-1)[..., : self._point_rank(Z)]
+        return d.real if d.is_complex() else d
+
     def _frames(self, *pairs: tuple[Tensor, Optional[Tensor]]) -> list[Tensor]:
         """The frames of packed coordinates ``P`` at ``base`` for each pair ``(P, base)`` (module
         docstring), their exponentials evaluated as one batch."""
@@ -212,6 +224,9 @@ class SVDSpace(_Factorized):
     @abc.abstractmethod
     def _rank(self, n: int, k: int) -> int:
         """The rank of points of tall shape n×k."""
+
+    def _point_rank(self, Z: Tensor) -> int:
+        return self._rank(max(Z.shape[-2:]), min(Z.shape[-2:]))
 
     # ------------------------------------------------------------ shapes
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
@@ -348,6 +363,9 @@ class EigSpace(_Factorized):
     @abc.abstractmethod
     def _rank(self, n: int) -> int:
         """The rank of points of shape n×n."""
+
+    def _point_rank(self, Z: Tensor) -> int:
+        return self._rank(Z.shape[-1])
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         n, _ = self._require_matrix(X, what, square=True)

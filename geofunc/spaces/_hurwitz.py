@@ -16,6 +16,7 @@ from ._base import LOW_PRECISION, AbstractSpace, can_check
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
+from ._values import softplus_inverse
 
 __all__ = ["Hurwitz", "lyapunov"]
 
@@ -71,11 +72,6 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return P, err + poison(B)[..., 0, 0]
 
 
-def _softplus_inverse(y: Tensor) -> Tensor:
-    """Inverse of ``softplus``: ``y + log(−expm1(−y))`` (stable for small and large ``y``)."""
-    return y + torch.log(-torch.expm1(-y))
-
-
 def _abscissa(Y: Tensor) -> Tensor:
     """The spectral abscissa ``max Re λ(Y)``, batch-shaped.
 
@@ -97,7 +93,7 @@ def _abscissa(Y: Tensor) -> Tensor:
 
 #: The value map of the factor W: softplus with no floor, so that W ≻ 0 reaches every positive
 #: definite matrix (the chart's reach is then limited by the conditioning only, not by a scale).
-_W_MAP = (F.softplus, _softplus_inverse)
+_W_MAP = (F.softplus, softplus_inverse)
 _SKEW = Skew(lower=False)  # the chart of S: the strict upper triangle of Z
 
 

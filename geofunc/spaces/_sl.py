@@ -125,6 +125,9 @@ class SL(AbstractSpace):
         c = (_LIFT / smin).clamp(min=1.0)
         return self._glp.from_manifold(X * c[..., None, None])
 
+    def _dtype_coords(self, Z: Tensor) -> Tensor | None:
+        return self._glp._dtype_coords(Z)  # GLp's raw tensor
+
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """GLp's ``rebase``: the same GLp point, hence the same SL point."""
         self._check_shape(Z, "Z")

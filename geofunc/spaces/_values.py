@@ -47,11 +47,15 @@ def softplus_eps(t: Tensor) -> Tensor:
     return F.softplus(t) + floor_eps(t.dtype)
 
 
+def softplus_inverse(y: Tensor) -> Tensor:
+    """Inverse of ``softplus`` for ``y > 0``: ``y + log(−expm1(−y))`` (stable for small and large ``y``)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
 def softplus_eps_inverse(y: Tensor) -> Tensor:
-    """Inverse of :func:`softplus_eps`: ``x + log(−expm1(−x))``, ``x = y − ε`` clamped up to the smallest
+    """Inverse of :func:`softplus_eps`: ``softplus_inverse(y − ε)``, ``y − ε`` clamped up to the smallest
     normal number (so values at or below the floor give a finite, very negative coordinate)."""
-    x = (y - floor_eps(y.dtype)).clamp(min=torch.finfo(y.dtype).tiny)
-    return x + torch.log(-torch.expm1(-x))
+    return softplus_inverse((y - floor_eps(y.dtype)).clamp(min=torch.finfo(y.dtype).tiny))
 
 
 def _asin(y: Tensor) -> Tensor:
@@ -154,6 +158,11 @@ class ValueMap(abc.ABC):
         full-rank point is then the frames' only."""
         return False
 
+    def dtype_dependent(self) -> bool:
+        """Whether ``f`` depends on the dtype (``"softplus"``: its floor is √ε of the dtype), so that
+        the same raw values mean other values in another dtype."""
+        return False
+
     def sample(self, t: Tensor) -> Tensor:
         """``sample``'s values from separated ``t`` in (0, 1]: in (0.5, 1.5]."""
         return 0.5 + t
@@ -224,6 +233,9 @@ class Positive(ValueMap):
 
     def floor(self, dtype: torch.dtype) -> float:
         return floor_eps(dtype) if isinstance(self.f, str) else 0.0
+
+    def dtype_dependent(self) -> bool:
+        return isinstance(self.f, str)
 
     def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         smax = s.abs().amax(-1, keepdim=True)
