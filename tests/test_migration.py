@@ -5,11 +5,9 @@ GeoTorch 0.4.0 itself (the ``bench`` extra), the others against geofunc. The tab
 things that exist: GeoTorch's column in GeoTorch 0.4.0, geofunc's columns in geofunc, and
 between them they cover GeoTorch's whole ``__all__``.
 
-Part of what the page shows (``geofunc.nn``'s GeoTorch classes with ``sample``/``in_manifold``,
-``sln``, ``alpha_stable``, ``torus_init_``, ``parametrize.cached``, the exception classes, and the
-spaces ``SL``/``Hurwitz``: DESIGN.md §6.1–6.2) lands with other branches. Until then the blocks and
-names that need it are skipped, saying so; once ``geofunc.nn.SO`` exists (the sign that §6.2 has
-landed) nothing here may skip or be missing.
+Nothing here skips: every name of DESIGN.md §6.1–6.2 the page shows (``geofunc.nn``'s GeoTorch
+classes, ``sln``, ``alpha_stable``, ``torus_init_``, ``parametrize.cached``, the exception classes,
+the spaces ``SL``/``Hurwitz``) must exist, and every block must run.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ PAGE = (ROOT / "docs" / "guide" / "migration.md").read_text()
 NN_GUIDE = (ROOT / "docs" / "guide" / "nn.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", PAGE, re.S)
 
-#: DESIGN.md §6.2's geofunc.nn names and §6.1's spaces, which other branches add.
+#: DESIGN.md §6.2's geofunc.nn names and §6.1's spaces: all must exist.
 CONTRACT_NN = (
     "SO", "Stiefel", "Grassmannian", "Sphere", "SphereEmbedded", "Rn", "Skew", "Symmetric", "AlmostOrthogonal",
     "LowRank", "FixedRank", "GLp", "SL", "PSD", "PSSD", "PSSDLowRank", "PSSDFixedRank", "Hurwitz", "ProductManifold",
@@ -39,7 +37,6 @@ CONTRACT_NN = (
     "InManifoldError", "InverseError",
 )
 CONTRACT_SPACES = ("SL", "Hurwitz")
-LANDED = hasattr(geofunc.nn, "SO")  # §6.2's classes are on this checkout
 PENDING_NN = [n for n in CONTRACT_NN if not hasattr(geofunc.nn, n)]
 PENDING_SPACES = [n for n in CONTRACT_SPACES if not hasattr(gf, n)]
 
@@ -57,12 +54,7 @@ def test_migration_block_runs(index: int) -> None:
         except ImportError:
             require(False, "GeoTorch 0.4.0 is not installed (pip install -e .[bench])")
     namespace = {"__name__": f"migration_block{index}"}
-    try:
-        exec(compile(block, f"docs/guide/migration.md block {index}", "exec"), namespace)
-    except AttributeError as exc:
-        if not _uses_geotorch(block) and not LANDED and PENDING_NN:
-            pytest.skip(f"needs DESIGN.md §6.2's geofunc.nn (not on this branch yet: {', '.join(PENDING_NN[:6])}, ...): {exc}")
-        raise
+    exec(compile(block, f"docs/guide/migration.md block {index}", "exec"), namespace)
 
 
 def test_blocks_come_in_before_after_pairs() -> None:
@@ -104,16 +96,15 @@ def test_geotorch_column_exists_in_geotorch() -> None:
 def test_geofunc_columns_exist() -> None:
     missing = []
     for name in _names(r"geofunc\.nn\.([A-Za-z_]\w*)"):
-        if not hasattr(geofunc.nn, name) and (LANDED or name not in CONTRACT_NN):
+        if not hasattr(geofunc.nn, name):
             missing.append(f"geofunc.nn.{name}")
     for name in _names(r"`gf\.([A-Z]\w*)"):
-        if not hasattr(gf, name) and (LANDED or name not in CONTRACT_SPACES):
+        if not hasattr(gf, name):
             missing.append(f"gf.{name}")
     assert not missing, f"named on the page but not in geofunc: {sorted(missing)}"
-    if LANDED:
-        assert not PENDING_NN and not PENDING_SPACES, f"§6.2 landed without {PENDING_NN + PENDING_SPACES}"
-        for name in ("VectorError", "NonSquareError", "RankError", "InManifoldError", "InverseError"):
-            assert issubclass(getattr(geofunc.nn, name), gf.ManifoldError) and issubclass(gf.ManifoldError, ValueError)
+    assert not PENDING_NN and not PENDING_SPACES, f"DESIGN.md §6.1/§6.2 names missing: {PENDING_NN + PENDING_SPACES}"
+    for name in ("VectorError", "NonSquareError", "RankError", "InManifoldError", "InverseError"):
+        assert issubclass(getattr(geofunc.nn, name), gf.ManifoldError) and issubclass(gf.ManifoldError, ValueError)
 
 
 # --------------------------------------------------------------------------- the nn guide
@@ -141,9 +132,7 @@ def test_nn_guide_lists_every_constraint_function_with_its_signature() -> None:
     assert set(functions) <= set(rows), f"rows without a signature: {sorted(set(functions) - set(rows))}"
     for name, params in rows.items():
         fn = getattr(geofunc.nn, name, None)
-        if fn is None:
-            assert name in CONTRACT_NN and not LANDED, f"the nn guide lists {name}, which geofunc.nn lacks"
-            continue
+        assert fn is not None, f"the nn guide lists {name}, which geofunc.nn lacks"
         actual = [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
         assert actual == params, f"{name}: the guide says {params}, geofunc.nn has {actual}"
     try:
