@@ -109,7 +109,8 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
 
 
 class ScaleByAdamState(NamedTuple):
-    """``count``: steps (int64 scalar); ``mu``: first moment (tangent vectors); ``nu``: second moment."""
+    """``count``: steps (int64 scalar); ``mu``: first moment (tangent vectors); ``nu``: second moment
+    (float32 for bfloat16/float16 entries: Note [Adam's statistics in low precision])."""
 
     count: Tensor
     mu: Any
@@ -121,19 +122,40 @@ def _abs2(v: Tensor) -> Tensor:
     return v.real * v.real + v.imag * v.imag if v.is_complex() else v * v
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _wide(t: Any) -> Any:
+    """``t`` in float32 if it is a half-precision tensor (Note [Adam's statistics in low precision])."""
+    return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
+
+
 def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
     """Squared Riemannian norm ``inner(X, V, V)`` per point, keeping the point's dims as size 1;
-    elementwise ``|v|²`` when unconstrained."""
+    elementwise ``|v|²`` when unconstrained. At least float32 (Note [Adam's statistics in low precision])."""
     if space is None:
-        return _map(_abs2, V)
+        return _map(lambda v: _abs2(_wide(v)), V)
     if isinstance(V, Tensor):
         d = space.point_ndim
-        sq = space.inner(X, V, V)
+        V = _wide(V)
+        sq = space.inner(_wide(X), V, V)
         return sq.reshape(sq.shape + (1,) * d)
     factors = getattr(space, "factors", None) or getattr(space, "spaces", None)
     if factors is not None and len(factors) == len(V):  # a Product: one statistic per factor point
         return type(V)(_point_sq_norm(f, x, v) for f, x, v in zip(factors, X, V))
-    return _map(_abs2, V)
+    return _map(lambda v: _abs2(_wide(v)), V)
+
+
+# Note [Adam's statistics in low precision]
+# For bfloat16/float16 entries the second moment v (a statistic: never transported, never added to a
+# point) is kept in float32, and the direction m / (√v̂ + ε) is formed in float32 and rounded once.
+# In the entry's own dtype Adam breaks three ways: the bias corrections 1 − β₂ᵗ round to 0 in bfloat16
+# (0.999 is 1.0 there), so every step was √v/0 → a zero step, and 0/0 = NaN at a zero gradient (geofunc
+# before this note: radam never moved a bf16 parameter, silently); β₂ v rounds back to v in bfloat16
+# (0.001 v is below half an ulp), so v stops decaying; and in float16 ε = 1e-8 and squares of gradients
+# below ~2e-4 underflow to 0, so a zero or small gradient gave NaN/inf (torch.optim.Adam on float16
+# parameters does the same). The first moment m is a tangent vector, transported with the point: it
+# stays in the entry's dtype. Float32, float64 and complex entries compute exactly as before.
 
 
 def scale_by_adam(
@@ -152,7 +174,9 @@ def scale_by_adam(
     frame, a row under ``Sphere``, a single entry under ``Rn``), so that ``u`` stays a
     tangent vector; each factor of a ``Product`` has its own. On an unconstrained entry the
     square is elementwise: plain Adam, with the operations in ``torch.optim.Adam``'s order.
-    ``m`` is transported to the new point; ``v`` is a scalar field and is kept.
+    ``m`` is transported to the new point; ``v`` is a scalar field and is kept. For bfloat16 and
+    float16 entries ``v`` is kept, and ``u`` formed, in float32 (in those dtypes ``1 − β₂ᵗ`` rounds to 0
+    or ``ε`` to 0); ``u`` is returned in the entry's dtype.
 
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
@@ -169,10 +193,10 @@ def scale_by_adam(
         nu = _map(lambda s, v: b2 * v + (1.0 - b2) * s, sq, state.nu)
 
         def direction(m: Tensor, v: Tensor) -> Tensor:
-            t = count.to(m.dtype)
+            t = count.to(v.dtype)  # v is real, at least float32 (Note [Adam's statistics in low precision])
             bc1 = 1.0 - torch.pow(b1, t)
             bc2 = 1.0 - torch.pow(b2, t)
-            return (m / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1
+            return ((_wide(m) / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
 
         return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
 
