@@ -311,22 +311,47 @@ def test_unitary_procrustes_reaches_the_svd_solution(space, n, k, opt_name, gene
     torch.testing.assert_close(p["U"].mH @ p["U"], torch.eye(k, dtype=C128), atol=1e-10, rtol=0)  # UᴴU = I
 
 
-def test_radam_on_unconstrained_complex_entries_uses_the_modulus(generator) -> None:
-    """Adam's second moment of a complex entry is ``|g|²`` (real), so an update is equivariant under
-    a phase: the step for ``i·g`` is ``i`` times the step for ``g``, and a complex least-squares
-    problem converges (``g·g`` would be complex, its root rotate the step)."""
+def test_radam_on_complex_rn_entries_uses_the_modulus(generator) -> None:
+    """Under ``Rn`` Adam's second moment of a complex entry is ``|g|²`` (one point, its Riemannian
+    norm), so an update is equivariant under a phase: the step for ``i·g`` is ``i`` times the step
+    for ``g``, and a complex least-squares problem converges (``g·g`` would be complex, its root
+    rotate the step)."""
     g = torch.randn(4, 3, dtype=torch.float64, generator=generator).to(C128)
     p = {"w": _crandn(4, 3, generator=generator)}
-    opt = gf.optim.radam({"w": None}, lr=0.1)
+    opt = gf.optim.radam({"w": gf.Rn()}, lr=0.1)
     step = {ph: opt.update({"w": ph * g}, opt.init(p), p)[0]["w"] - p["w"] for ph in (1, 1j)}
     torch.testing.assert_close(step[1j], 1j * step[1], atol=1e-15, rtol=0)
     A, b = _crandn(6, 4, generator=generator), _crandn(6, generator=generator)
     x = {"x": torch.zeros(4, dtype=C128)}
-    opt = gf.optim.radam({"x": None}, lr=0.05)
+    opt = gf.optim.radam({"x": gf.Rn()}, lr=0.05)
     state = opt.init(x)
     for _ in range(2000):
         x, state = opt.update(torch.func.grad(lambda q: (A @ q["x"] - b).abs().pow(2).sum())(x), state, x)
     torch.testing.assert_close(x["x"], torch.linalg.lstsq(A, b[:, None]).solution[:, 0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [C128, torch.complex64], ids=str)
+def test_radam_on_unconstrained_complex_entries_equals_torch_adam(dtype, generator) -> None:
+    """An unconstrained complex entry steps as ``torch.optim.Adam`` steps a complex parameter (its real
+    and imaginary parts apart, ``view_as_real``), step for step, as README promises for free entries."""
+    A = _crandn(6, 4, generator=generator).to(dtype)
+    b = _crandn(6, generator=generator).to(dtype)
+    x = {"x": _crandn(4, generator=generator).to(dtype)}
+    ref = x["x"].clone().requires_grad_(True)
+    torch_opt = torch.optim.Adam([ref], lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
+    opt = gf.optim.radam({"x": None}, lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
+    state = opt.init(x)
+
+    def f(q):
+        return (A @ q - b).abs().pow(2).sum()
+
+    tol = 1e-13 if dtype == C128 else 2e-6
+    for _ in range(30):
+        x, state = opt.update(torch.func.grad(lambda q: f(q["x"]))(x), state, x)
+        torch_opt.zero_grad()
+        f(ref).backward()
+        torch_opt.step()
+        torch.testing.assert_close(x["x"], ref.detach(), atol=tol, rtol=tol)
 
 
 # ------------------------------------------------------------------------------------------------

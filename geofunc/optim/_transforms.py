@@ -117,11 +117,6 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def _abs2(v: Tensor) -> Tensor:
-    """``|v|²`` elementwise: real for complex ``v`` (``v * v`` would be complex, its root wrong)."""
-    return v.real * v.real + v.imag * v.imag if v.is_complex() else v * v
-
-
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -130,11 +125,23 @@ def _wide(t: Any) -> Any:
     return t.float() if isinstance(t, Tensor) and t.dtype in _LOW else t
 
 
+def _free_sq(v: Tensor) -> Tensor:
+    """The second-moment statistic of an unconstrained entry: ``v²`` elementwise, and for a complex
+    entry the squares of its real and imaginary parts (a trailing dim of 2), as ``torch.optim.Adam``
+    treats complex parameters (``view_as_real``). At least float32."""
+    v = _wide(v)
+    if v.is_complex():
+        r = torch.view_as_real(v)
+        return r * r
+    return v * v
+
+
 def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
-    """Squared Riemannian norm ``inner(X, V, V)`` per point, keeping the point's dims as size 1;
-    elementwise ``|v|²`` when unconstrained. At least float32 (Note [Adam's statistics in low precision])."""
+    """Squared Riemannian norm ``inner(X, V, V)`` per point, keeping the point's dims as size 1
+    (a complex ``Rn`` entry: ``|v|²``); elementwise when unconstrained (:func:`_free_sq`). At least
+    float32 (Note [Adam's statistics in low precision])."""
     if space is None:
-        return _map(lambda v: _abs2(_wide(v)), V)
+        return _map(_free_sq, V)
     if isinstance(V, Tensor):
         d = space.point_ndim
         V = _wide(V)
@@ -143,7 +150,7 @@ def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
     factors = getattr(space, "factors", None) or getattr(space, "spaces", None)
     if factors is not None and len(factors) == len(V):  # a Product: one statistic per factor point
         return type(V)(_point_sq_norm(f, x, v) for f, x, v in zip(factors, X, V))
-    return _map(lambda v: _abs2(_wide(v)), V)
+    return _map(_free_sq, V)
 
 
 # Note [Adam's statistics in low precision]
@@ -172,8 +179,10 @@ def scale_by_adam(
     On a constrained entry ``g`` is the Riemannian gradient and the second moment ``v`` is
     one scalar per *point* (the squared Riemannian norm ``space.inner(X, g, g)`` over the point's dims, e.g. a whole Stiefel
     frame, a row under ``Sphere``, a single entry under ``Rn``), so that ``u`` stays a
-    tangent vector; each factor of a ``Product`` has its own. On an unconstrained entry the
-    square is elementwise: plain Adam, with the operations in ``torch.optim.Adam``'s order.
+    tangent vector; each factor of a ``Product`` has its own (a complex ``Rn`` entry: ``|g|²``, so
+    the step is equivariant under a phase). On an unconstrained entry the square is elementwise: plain
+    Adam, with the operations in ``torch.optim.Adam``'s order (a complex entry's real and imaginary
+    parts apart, as ``torch.optim.Adam`` does).
     ``m`` is transported to the new point; ``v`` is a scalar field and is kept. For bfloat16 and
     float16 entries ``v`` is kept, and ``u`` formed, in float32 (in those dtypes ``1 − β₂ᵗ`` rounds to 0
     or ``ε`` to 0); ``u`` is returned in the entry's dtype.
@@ -196,7 +205,11 @@ def scale_by_adam(
             t = count.to(v.dtype)  # v is real, at least float32 (Note [Adam's statistics in low precision])
             bc1 = 1.0 - torch.pow(b1, t)
             bc2 = 1.0 - torch.pow(b2, t)
-            return ((_wide(m) / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
+            w = _wide(m)
+            if v.ndim == w.ndim + 1:  # an unconstrained complex entry: real and imaginary parts apart
+                w = torch.view_as_real(w)
+                return torch.view_as_complex((w / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
+            return ((w / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
 
         return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
 
