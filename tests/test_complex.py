@@ -8,6 +8,7 @@ right for the spaces that accept them.
 
 from __future__ import annotations
 
+import optree
 import pytest
 import torch
 from cases import CASES
@@ -524,3 +525,25 @@ def test_real_wide_frames_keep_the_transpose_view() -> None:
     Xct, tr = tall(Xc)
     assert tr and not Xct.is_conj() and not Xct.is_neg()
     torch.testing.assert_close(Xct, Xc.mH.resolve_conj(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "space",
+    [gf.Stiefel(), gf.Unitary(), gf.PSD(), gf.PSSD(), gf.Product(gf.Unitary(), gf.Stiefel())],
+    ids=["Stiefel", "Unitary", "PSD", "PSSD", "Product"],
+)
+def test_complex_logabsdet_is_real_and_differentiable(space, generator) -> None:
+    """log|det X| of a complex square point is a real number (the square complex Stiefel returned a
+    complex zero, so ``.backward()`` on it failed, and so did a Product holding it); its value is
+    ``slogdet``'s."""
+    shape = ((4, 4), (4, 4)) if isinstance(space, gf.Product) else (4, 4)
+    X = gf.sample({"x": space}, {"x": tuple(torch.empty(s, dtype=C128) for s in shape)
+                                 if isinstance(space, gf.Product) else torch.empty(shape, dtype=C128)},
+                  generator=generator)["x"]
+    Z, base = space.from_manifold(X)
+    Z = optree.tree_map(lambda z: z.clone().requires_grad_(True), Z)
+    out = space.logabsdet(Z, base)
+    assert out.dtype == torch.float64
+    ref = sum(torch.linalg.slogdet(x)[1] for x in (X if isinstance(X, tuple) else (X,)))
+    torch.testing.assert_close(out.detach(), ref, atol=1e-10, rtol=0)
+    out.backward()

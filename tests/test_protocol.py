@@ -167,6 +167,41 @@ def test_a_base_of_another_dtype_is_a_manifold_error(case) -> None:
         assert repr(inner) in msg and "dtype" in msg and "tensor(" not in msg, (what, msg)
 
 
+REAL = [c for c in CASES if not hasattr(c.space, "space")]  # the complex cases are real adapters
+
+
+@pytest.mark.parametrize("case", REAL, ids=lambda c: c.id)
+def test_a_vector_of_another_dtype_is_a_manifold_error(case) -> None:
+    """``tangent``/``retract``/``egrad_to_rgrad``/``transport``/``inner`` refuse a vector whose dtype is
+    not the point's, by name (it was torch's unnamed dtype error in some spaces, a silent promotion in
+    others); a bfloat16 point takes a float32 vector (the low-precision policy upcasts the call, as for
+    bases) and returns bfloat16."""
+    M = case.space
+    g = torch.Generator().manual_seed(0)
+    X = M.sample(case.smoke, generator=g, dtype=F64)
+    G = torch.randn(X.shape, generator=g, dtype=F64)
+    V = M.tangent(X, G)
+    calls = {"tangent": lambda v: M.tangent(X, v), "retract": lambda v: M.retract(X, v),
+             "egrad_to_rgrad": lambda v: M.egrad_to_rgrad(X, v), "transport": lambda v: M.transport(X, X, v),
+             "inner": lambda v: M.inner(X, V, v)}
+    for what, call in calls.items():
+        with pytest.raises(gf.ManifoldError) as info:
+            call(V.float())
+        msg = str(info.value)
+        assert repr(M) in msg and "dtype" in msg and "tensor(" not in msg, (what, msg)
+    Xb = X.to(torch.bfloat16)
+    assert M.retract(Xb, M.tangent(Xb, G.float())).dtype == torch.bfloat16
+
+
+def test_a_complex_vector_at_a_real_point_is_a_manifold_error() -> None:
+    X = gf.Stiefel().sample((5, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+    for call in (lambda: gf.Stiefel().tangent(X, X.to(torch.complex128)),
+                 lambda: gf.Stiefel().tangent(X.to(torch.complex128), X),
+                 lambda: gf.Sphere().retract(X[:, 0], X[:, 1].to(torch.complex128))):
+        with pytest.raises(gf.ManifoldError, match="dtype"):
+            call()
+
+
 @pytest.mark.parametrize("case", BASED, ids=lambda c: c.id)
 def test_a_base_on_another_device_is_a_manifold_error(case) -> None:
     """A base on another device than ``Z`` (here ``meta`` against the CPU: no accelerator needed) is

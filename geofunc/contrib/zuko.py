@@ -89,7 +89,8 @@ class LinearTransform(Transform):
     r"""The bijection :math:`y = W x` on the last dimension, :math:`W = M(Z, \text{base})` a point of a
     square geofunc space ``M`` (``M.to_manifold(Z, base)``).
 
-    * ``log_abs_det_jacobian(x, y) = M.logabsdet(Z, base)`` (broadcast to ``x.shape[:-1]``);
+    * ``log_abs_det_jacobian(x, y) = M.logabsdet(Z, base)``, broadcast to the batch shape of
+      ``y = W x`` (``y.shape[:-1]``: the broadcast of ``Z``'s batch and ``x``'s);
     * the inverse by the factorization of ``W`` (see the module docstring); it is computed on first
       use and kept for the life of the transform.
 
@@ -139,11 +140,14 @@ class LinearTransform(Transform):
         return _apply(self.weight, x)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.ladj.expand(x.shape[:-1])
+        # The batch of y = W x is the broadcast of W's and x's (a batch of matrices acting on one
+        # vector, or on a batch of shape (2, 1)); the inverse calls this with x and y swapped.
+        return self.ladj.expand(torch.broadcast_shapes(self.ladj.shape, x.shape[:-1], y.shape[:-1]))
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(W x, log|det W|)``, the pair a zuko flow asks for."""
-        return self._call(x), self.log_abs_det_jacobian(x, x)
+        y = self._call(x)
+        return y, self.log_abs_det_jacobian(x, y)
 
     def _factors(self) -> tuple:
         """``("orthogonal",)``, ``("svd", U, σ, V)``, ``("eig", Q, λ)`` or ``("solve",)``."""

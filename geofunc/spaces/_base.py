@@ -326,10 +326,14 @@ class AbstractSpace(_Space, abc.ABC):
 
     def _check_pair(self, X: Tensor, Y: Tensor, what_y: str) -> None:
         """Shape checks of ``tangent(X, G)`` / ``retract(X, V)``: both points' shapes, ``Y``
-        with ``X``'s point shape and batch dims that broadcast."""
+        with ``X``'s point shape and batch dims that broadcast, and ``X``'s dtype and device (as
+        :meth:`_require_base_like`: a mixed pair would otherwise fail inside a product with torch's
+        unnamed error, or be silently promoted, depending on the space)."""
         self._check_shape(X, "X")
         self._check_shape(Y, what_y)
         self._require_same_shape(X, Y, "X", what_y)
+        if Y.dtype != X.dtype or Y.device != X.device:
+            self._require_base_like(X, Y, what_y, "X")
 
     def _require_base(self, Z: Tensor, base: Any) -> None:
         """A ``base`` is None or a tensor of ``Z``'s point shape whose batch dims broadcast."""
@@ -341,15 +345,16 @@ class AbstractSpace(_Space, abc.ABC):
         self._require_same_shape(Z, base, "Z", "base")
         self._require_base_like(Z, base)
 
-    def _require_base_like(self, Z: Tensor, base: Tensor, what: str = "base") -> None:
+    def _require_base_like(self, Z: Tensor, base: Tensor, what: str = "base", what_z: str = "Z") -> None:
         """A base tensor has ``Z``'s dtype and device: a mixed pair would otherwise fail inside a product with a raw
         ``RuntimeError`` or be silently promoted, depending on the space. A dtype comparison only (no
         values read: traceable, vmap-safe; a DTensor's dtype is its local one). Low-precision
-        arguments are compared after the float32 upcast (Note [Low precision])."""
+        arguments are compared after the float32 upcast of a low-precision leading argument (Note
+        [Low precision]): a bfloat16 ``Z`` takes a float32 ``base``, a float32 ``Z`` no bfloat16 one."""
         if base.dtype != Z.dtype:
-            raise error(self, f"`{what}` of the dtype of `Z` ({Z.dtype})", describe(base))
+            raise error(self, f"`{what}` of the dtype of `{what_z}` ({Z.dtype})", describe(base))
         if base.device != Z.device:  # torch's own error names neither the space nor the argument
-            raise error(self, f"`{what}` on the device of `Z` ({Z.device})", f"{describe(base)} on {base.device}")
+            raise error(self, f"`{what}` on the device of `{what_z}` ({Z.device})", f"{describe(base)} on {base.device}")
 
     def _refine_base(self, base: Any, force: bool = False) -> Any:
         """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes] in
@@ -449,7 +454,7 @@ class AbstractSpace(_Space, abc.ABC):
         Embedded metric (default): ``Re tr(UᴴV)``, summed over the point's dimensions.
         """
         self._check_pair(X, U, "U")
-        self._require_same_shape(X, V, "X", "V")
+        self._check_pair(X, V, "V")
         P = U.conj() * V if U.is_complex() else U * V
         out = P.sum(dim=tuple(range(-self.point_ndim, 0))) if self.point_ndim else P
         return out.real if out.is_complex() else out

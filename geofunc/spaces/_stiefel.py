@@ -70,4 +70,4 @@ class Stiefel(FrameSpace):
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
         self._require_base(Z, base)
-        return poisoned_zero(Z, base)[..., 0, 0]
+        return poisoned_zero(Z, base)[..., 0, 0].real  # real for complex frames too, as Unitary's
