@@ -169,9 +169,9 @@ def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor
 
 
 def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dict[str, Tensor]:
-    """``max |XᵀX − I|``, as ``FrameSpace._violations`` (the same name)."""
+    """``max |XᵀX − I|`` (``XᴴX`` if complex), as ``FrameSpace._violations`` (the same name)."""
     I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)  # noqa: E741
-    return {"max|XᵀX − I|": (gram(X, X) - I).abs().amax(dim=(-2, -1))}
+    return {("max|XᴴX − I|" if X.is_complex() else "max|XᵀX − I|"): (gram(X, X) - I).abs().amax(dim=(-2, -1))}
 
 
 def _frame_transport(space: Any, gram: Callable[..., Tensor], X: Tensor, Y: Tensor, V: Tensor) -> Tensor:

@@ -8,6 +8,8 @@ right for the spaces that accept them.
 
 from __future__ import annotations
 
+import re
+
 import optree
 import pytest
 import torch
@@ -547,3 +549,15 @@ def test_complex_logabsdet_is_real_and_differentiable(space, generator) -> None:
     ref = sum(torch.linalg.slogdet(x)[1] for x in (X if isinstance(X, tuple) else (X,)))
     torch.testing.assert_close(out.detach(), ref, atol=1e-10, rtol=0)
     out.backward()
+
+
+@pytest.mark.parametrize(
+    "space, shape, measure",
+    [(gf.Hermitian(), (3, 3), "max|X − Xᴴ|"), (gf.PSD(), (3, 3), "max|X − Xᴴ|"),
+     (gf.Stiefel(), (4, 2), "max|XᴴX − I|"), (gf.Grassmannian(), (4, 2), "max|XᴴX − I|")],
+    ids=["Hermitian", "PSD", "Stiefel", "Grassmannian"],
+)
+def test_complex_membership_errors_name_the_conjugate_transpose(space, shape, measure, generator) -> None:
+    """A complex point's membership error names the measure it computed (ᴴ, not ᵀ)."""
+    with pytest.raises(ManifoldError, match=re.escape(measure)):
+        space.check(_crandn(*shape, generator=generator))

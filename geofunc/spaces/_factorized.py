@@ -454,7 +454,7 @@ class EigSpace(_Factorized):
         r = self._rank(n)
         scale = lam.abs().amax(-1).clamp(min=1.0)
         out = {
-            "max|X − Xᵀ|/max(1, ‖X‖₂)": (Xs - transpose(Xs)).abs().amax(dim=(-2, -1)) / scale,
+            ("max|X − Xᴴ|/max(1, ‖X‖₂)" if X.is_complex() else "max|X − Xᵀ|/max(1, ‖X‖₂)"): (Xs - transpose(Xs)).abs().amax(dim=(-2, -1)) / scale,
             "max(0, −λ_min)/max(1, ‖X‖₂)": (-lam[..., 0]).clamp(min=0.0) / scale,
         }
         if r < n:

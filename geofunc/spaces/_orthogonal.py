@@ -132,4 +132,4 @@ class FrameSpace(AbstractSpace):
         return untall(haar_stiefel(tshape, generator, dtype, device), tr)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
-        return {"max|XᵀX − I|": orthonormality_error(tall(X)[0])}
+        return {("max|XᴴX − I|" if X.is_complex() else "max|XᵀX − I|"): orthonormality_error(tall(X)[0])}

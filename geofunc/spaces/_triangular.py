@@ -83,5 +83,6 @@ class TriangleSpace(AbstractSpace):
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         scale = X.abs().amax((-2, -1)).clamp(min=1.0)
-        name = "max|X − Xᵀ| / max(1, max|X|)" if self._sign > 0 else "max|X + Xᵀ| / max(1, max|X|)"
+        t = "ᴴ" if X.is_complex() else "ᵀ"  # the measure's name says which transpose it measured
+        name = f"max|X − X{t}| / max(1, max|X|)" if self._sign > 0 else f"max|X + X{t}| / max(1, max|X|)"
         return {name: (X - self._sign * transpose(X)).abs().amax((-2, -1)) / scale}
