@@ -136,7 +136,10 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
                 raise ManifoldError(TUPLE_KEY_MSG.format(key=key))
             i = _match(key, entries)
             if i is not None:
-                sub.setdefault(i, {})[None] = value
+                spec = sub.setdefault(i, {})
+                if None in spec:  # two keys naming one entry (0 and "0"): neither may silently win
+                    raise ManifoldError(f"constraints: parameter {_join(path + (entries[i],))!r} is constrained twice.")
+                spec[None] = value
                 continue
             hit = None
             if isinstance(key, str):  # a dotted name reaching into a nested entry

@@ -103,6 +103,24 @@ def test_nested_prefix_and_dotted_names(generator):
     assert set(gf.contains({"ws": gf.SO()}, s)) == {"ws.0", "ws.1"}
 
 
+@pytest.mark.parametrize(
+    "constraints, tree",
+    [
+        ({0: gf.SO(), "0": gf.Sym()}, [torch.zeros(3, 3, dtype=F64)]),  # an int and a str key, one list entry
+        ({"0": gf.Sym(), 0: gf.SO()}, [torch.zeros(3, 3, dtype=F64)]),  # either order
+        ({0: gf.SO(), "0": gf.Sym()}, {0: torch.zeros(3, 3, dtype=F64)}),  # a dict with int keys
+        ({"a.b": gf.SO(), "a": {"b": gf.Sym()}}, {"a": {"b": torch.zeros(3, 3, dtype=F64)}}),  # dotted and nested
+    ],
+    ids=["int-str", "str-int", "int-keyed-dict", "dotted-nested"],
+)
+def test_two_keys_for_one_entry_are_a_manifold_error(constraints, tree):
+    """Two constraint keys that name one parameter are refused, whatever their form and order (an int
+    and a str key used to let the last one win, silently)."""
+    for fn in (lambda: gf.sample(constraints, tree), lambda: gf.from_manifold(constraints, tree)):
+        with pytest.raises(gf.ManifoldError, match="constrained twice"):
+            fn()
+
+
 def test_product_on_a_subtree(generator):
     space = gf.Product(gf.SO(), gf.Sphere())
     tree = {"pair": (torch.zeros(3, 3, dtype=F64), torch.zeros(4, dtype=F64)), "b": torch.zeros(2, dtype=F64)}

@@ -10,6 +10,7 @@ written with ``slogdet`` and against finite differences, and ``rebase_`` keeping
 from __future__ import annotations
 
 import doctest
+import itertools
 
 import pytest
 import torch
@@ -239,3 +240,120 @@ def test_spaces_without_a_determinant_are_refused(space):
 def test_docstring_examples():
     result = doctest.testmod(gz, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def _slogdet_of_jacobian(f, x: torch.Tensor, batch: tuple) -> torch.Tensor:
+    """``log|det ∂f(x)_b/∂x_b|`` for every output batch index ``b``, from the full Jacobian of ``f``
+    (``torch.func.jacrev``): ``x_b`` is the entry of ``x`` that broadcasting pairs with ``b``."""
+    J = torch.func.jacrev(f)(x)  # shape batch + (n,) + x.shape
+    xb = x.shape[:-1]
+    out = torch.empty(batch, dtype=x.dtype)
+    for b in itertools.product(*(range(d) for d in batch)):
+        tail = b[len(b) - len(xb):] if xb else ()
+        xi = tuple(0 if d == 1 else i for i, d in zip(tail, xb))
+        out[b] = torch.linalg.slogdet(J[b + (slice(None),) + xi + (slice(None),)])[1]
+    return out
+
+
+@pytest.mark.parametrize("x_shape", [(N,), (1, N), (2, 1, N), (3, N)])
+def test_logdet_broadcasts_like_the_map(x_shape, generator):
+    """A batch of 3 matrices on a vector, a (1, n) batch or a (2, 1, n) batch: ``y = W x`` broadcasts
+    (to (3, n), (3, n), (2, 3, n)), and so must the log-determinant (it raised a RuntimeError from
+    ``expand(x.shape[:-1])``). Oracle: the Jacobian of the map, per output entry, by ``jacrev``."""
+    space = gf.GLp()
+    Z, base = _point_and_raw(space, generator, batch=(3,))
+    t = gz.LinearTransform(space, Z, base)
+    x = torch.randn(x_shape, generator=generator, dtype=F64)
+    y = t(x)
+    batch = torch.broadcast_shapes((3,), x.shape[:-1])
+    assert y.shape == batch + (N,)
+    expected = _slogdet_of_jacobian(t, x, batch)
+    ladj = t.log_abs_det_jacobian(x, y)
+    assert ladj.shape == batch
+    torch.testing.assert_close(ladj, expected, atol=1e-10, rtol=0)
+    y2, ladj2 = t.call_and_ladj(x)
+    torch.testing.assert_close(y2, y, atol=0, rtol=0)
+    torch.testing.assert_close(ladj2, expected, atol=1e-10, rtol=0)
+    # the inverse: x = W⁻¹ y, log|det| of its Jacobian
+    xi = t.inv(x)
+    assert xi.shape == batch + (N,)
+    torch.testing.assert_close(t.inv.log_abs_det_jacobian(x, xi), _slogdet_of_jacobian(t.inv, x, batch), atol=1e-9, rtol=0)
+
+
+# ----------------------------------------------------------------------------- dtype changes
+# A SpaceLinear of a "softplus" space (values softplus(s) + √ε of the dtype) keeps its matrix across
+# .float() / .double() / load_state_dict of another dtype (Note [SpaceLinear across dtypes]).
+# Values (0.69, 2.5e-3, 9.1e-4): above float32's floor 3.5e-4, so representable in both dtypes;
+# cast alone they moved by the floors' difference (log|det| by ~0.45 nats).
+DTYPE_SPACES = {"GLp": gf.GLp(), "PSD": gf.PSD(), "FixedRank": gf.FixedRank(rank=N), "SO": gf.SO()}
+
+
+def _small_valued_layer(space, generator) -> "gz.SpaceLinear":
+    layer = gz.SpaceLinear(space, N).double()
+    with torch.no_grad():
+        Z = 0.1 * torch.randn(N, N, generator=generator, dtype=F64)
+        Z.diagonal().copy_(torch.tensor([0.0, -6.0, -7.0, 1.0, -1.0], dtype=F64))
+        layer.raw.copy_(Z)
+    return layer
+
+
+def _logdet(W: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.slogdet(W.double())[1]
+
+
+@pytest.mark.parametrize("name", DTYPE_SPACES)
+def test_dtype_change_keeps_the_matrix(name, generator):
+    space = DTYPE_SPACES[name]
+    layer = _small_valued_layer(space, generator)
+    W = layer.weight.detach().clone()
+    assert torch.linalg.svdvals(W).min() > 5e-4  # above float32's floor: representable there
+    raw = layer.raw
+    layer.float()
+    assert layer.raw is raw and layer.raw.dtype == torch.float32  # the same Parameter (optimizers hold it)
+    W32 = layer.weight.detach()
+    assert W32.dtype == torch.float32
+    torch.testing.assert_close(W32.double(), W, atol=5e-7, rtol=0)  # float32 rounding
+    torch.testing.assert_close(_logdet(W32), _logdet(W), atol=1e-4, rtol=0)
+    torch.testing.assert_close(layer().ladj.double(), _logdet(W), atol=1e-4, rtol=0)
+    layer.double()
+    W64 = layer.weight.detach()
+    torch.testing.assert_close(W64, W, atol=5e-7, rtol=0)  # float32's rounding, not the floors' 3.5e-4
+    torch.testing.assert_close(_logdet(W64), _logdet(W), atol=1e-4, rtol=0)
+    # the base is valid in float64 again (Note [Bases across dtypes])
+    assert bool(space.contains(W64))
+
+
+@pytest.mark.parametrize("name", ["GLp", "PSD", "SO"])
+def test_state_dict_of_another_dtype_keeps_the_matrix(name, generator):
+    space = DTYPE_SPACES[name]
+    layer = _small_valued_layer(space, generator)
+    W = layer.weight.detach().clone()
+    state = layer.state_dict()
+    saved = {k: v.clone() for k, v in state.items()}
+    into32 = gz.SpaceLinear(space, N)
+    into32.load_state_dict(state)
+    assert into32.raw.dtype == torch.float32
+    torch.testing.assert_close(into32.weight.detach().double(), W, atol=5e-7, rtol=0)
+    torch.testing.assert_close(_logdet(into32.weight.detach()), _logdet(W), atol=1e-4, rtol=0)
+    for k, v in state.items():  # the caller's state_dict is not modified
+        assert torch.equal(v, saved[k])
+    into64 = gz.SpaceLinear(space, N).double()
+    into64.load_state_dict(into32.state_dict())
+    W64 = into64.weight.detach()
+    torch.testing.assert_close(W64, W, atol=5e-7, rtol=0)
+    assert bool(space.contains(W64))  # the float32 base re-made valid in float64
+
+
+def test_values_below_the_float32_floor_are_lifted_with_a_warning():
+    """A float64 value below float32's floor (√ε = 3.5e-4) cannot be represented in float32: it is
+    lifted to the floor, with a warning, as geofunc.nn does (README, Known limitations)."""
+    layer = gz.SpaceLinear(gf.GLp(), 3).double()
+    with torch.no_grad():
+        layer.raw.copy_(torch.diag(torch.tensor([0.0, -6.0, -10.0], dtype=F64)))
+    s64 = torch.linalg.svdvals(layer.weight.detach())
+    with pytest.warns(UserWarning, match="below the floor"):
+        layer.float()
+    s32 = torch.linalg.svdvals(layer.weight.detach()).double()
+    floor = torch.finfo(torch.float32).eps ** 0.5
+    torch.testing.assert_close(s32[:2], s64[:2], atol=1e-6, rtol=0)
+    torch.testing.assert_close(s32[2], torch.tensor(floor, dtype=F64), atol=1e-7, rtol=0)
