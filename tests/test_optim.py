@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import optree
 import pytest
 import torch
@@ -305,3 +307,21 @@ def test_radam_state_of_half_precision_entries():
                if isinstance(s, gf.optim.ScaleByAdamState)]
     assert adam.mu["x"].dtype == torch.bfloat16 and adam.mu["y"].dtype == torch.float16  # transported with the point
     assert adam.nu["x"].dtype == torch.float32 and adam.nu["y"].dtype == torch.float32  # a statistic: float32
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_missing_gradient_is_a_manifold_error_naming_it(name):
+    """A ``None`` gradient (a frozen parameter) or a missing or extra entry names the parameter (an
+    unconstrained one was optree's bare "Expected None, got tensor(...)")."""
+    c = {"enc.w": gf.Sphere()}
+    params = {"enc": {"w": torch.nn.functional.normalize(torch.ones(3, 4), dim=-1), "b": torch.zeros(2)}, "out": [torch.zeros(3)]}
+    opt = OPTIMIZERS[name](c)
+    state = opt.init(params)
+    good = {"enc": {"w": torch.ones(3, 4), "b": torch.ones(2)}, "out": [torch.ones(3)]}
+    opt.update(good, state, params)  # the structures agree: no error
+    for grads, named in (({"enc": {"w": torch.ones(3, 4), "b": None}, "out": [torch.ones(3)]}, "'enc.b'"),
+                         ({"enc": {"w": None, "b": torch.ones(2)}, "out": [torch.ones(3)]}, "'enc.w'"),
+                         ({"enc": {"w": torch.ones(3, 4), "b": torch.ones(2)}, "out": [None]}, "'out.0'"),
+                         ({"enc": {"w": torch.ones(3, 4), "b": torch.ones(2)}, "out": [torch.ones(3)], "x": torch.ones(1)}, "'x'")):
+        with pytest.raises(gf.ManifoldError, match=re.escape(named)):
+            opt.update(grads, state, params)

@@ -60,6 +60,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 from .. import spaces as S
 from .._errors import ManifoldError
 from .._linalg import solve_vec
+from ..nn._adapter import _concrete, _write_values, refine_base
 
 __all__ = ["LinearTransform", "SpaceLinear"]
 
@@ -89,7 +90,8 @@ class LinearTransform(Transform):
     r"""The bijection :math:`y = W x` on the last dimension, :math:`W = M(Z, \text{base})` a point of a
     square geofunc space ``M`` (``M.to_manifold(Z, base)``).
 
-    * ``log_abs_det_jacobian(x, y) = M.logabsdet(Z, base)`` (broadcast to ``x.shape[:-1]``);
+    * ``log_abs_det_jacobian(x, y) = M.logabsdet(Z, base)``, broadcast to the batch shape of
+      ``y = W x`` (``y.shape[:-1]``: the broadcast of ``Z``'s batch and ``x``'s);
     * the inverse by the factorization of ``W`` (see the module docstring); it is computed on first
       use and kept for the life of the transform.
 
@@ -139,11 +141,14 @@ class LinearTransform(Transform):
         return _apply(self.weight, x)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.ladj.expand(x.shape[:-1])
+        # The batch of y = W x is the broadcast of W's and x's (a batch of matrices acting on one
+        # vector, or on a batch of shape (2, 1)); the inverse calls this with x and y swapped.
+        return self.ladj.expand(torch.broadcast_shapes(self.ladj.shape, x.shape[:-1], y.shape[:-1]))
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(W x, log|det W|)``, the pair a zuko flow asks for."""
-        return self._call(x), self.log_abs_det_jacobian(x, x)
+        y = self._call(x)
+        return y, self.log_abs_det_jacobian(x, y)
 
     def _factors(self) -> tuple:
         """``("orthogonal",)``, ``("svd", U, σ, V)``, ``("eig", Q, λ)`` or ``("solve",)``."""
@@ -190,7 +195,10 @@ class SpaceLinear(LazyTransform):
     Holds the raw parameter ``raw`` (``n × n``) and the chart's base (buffers ``base0``, ``base1``,
     ..., as the space's base pytree has leaves); ``forward(c)`` ignores the context and returns a
     :class:`LinearTransform`. The layer starts at ``init`` (default: the identity, a point of
-    ``SO``, ``GLp``, ``PSD``, ... ; any point of the space may be given).
+    ``SO``, ``GLp``, ``PSD``, ... ; any point of the space may be given). A dtype change
+    (``.double()``, ``.float()``, ``.to()``) or a ``load_state_dict`` of another dtype keeps the
+    matrix up to the new dtype's rounding, as ``geofunc.nn`` modules do (Note [SpaceLinear across
+    dtypes]).
 
     Args:
         space: a square space with ``logabsdet``.
@@ -223,10 +231,71 @@ class SpaceLinear(LazyTransform):
         for i, leaf in enumerate(leaves):
             self.register_buffer(f"base{i}", leaf.detach().clone())
 
+    def _base_leaves(self) -> list[Tensor]:
+        return [getattr(self, f"base{i}") for i in range(self._n_base)]
+
+    # Note [SpaceLinear across dtypes]
+    # The layer holds its raw tensor and base itself, not through a geofunc.nn parametrization, so
+    # it does on a dtype change what a constrained module does (Notes [Raw tensors across dtypes]
+    # and [Bases across dtypes] in geofunc/nn/_adapter.py), with the same helpers: the raw entries
+    # whose meaning depends on the dtype (the space's ``_dtype_coords``: the values
+    # ``softplus(s) + √ε`` of GLp, PSD, square FixedRank, ...) are re-expressed in the new dtype's
+    # coordinates, and a base that changed dtype is re-made valid in it. Cast alone, a float64
+    # GLp layer with singular values (0.69, 3.4e-4, 4.5e-5) became (0.69, 6.8e-4, 3.9e-4) in
+    # float32: log|det W| moved by +2.86 nats. Now the matrix moves by the new dtype's rounding
+    # only; a value below float32's floor (√ε = 3.5e-4) is lifted to it, with a warning, as in
+    # geofunc.nn. A ``state_dict`` whose raw tensor has another dtype is re-expressed alike before
+    # torch casts it, and the base is re-made valid after it is loaded.
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "SpaceLinear":
+        """``nn.Module._apply`` (``.to()``, ``.double()``, ...) keeping the matrix across a dtype
+        change (Note [SpaceLinear across dtypes])."""
+        view = self.space._dtype_coords(self.raw) if _concrete(self.raw) else None
+        old, s_old = self.raw.dtype, (None if view is None else view.detach().clone())
+        view = None  # a view holds its base: torch.utils.swap_tensors (.to() under swap semantics) refuses it
+        before = [b.dtype for b in self._base_leaves()]
+        out = super()._apply(fn, recurse)
+        Z = self.raw
+        if s_old is not None and Z.dtype != old and _concrete(Z):
+            _write_values(f"{type(self).__name__}.raw", self.space, self.space._dtype_coords(Z), s_old, old, Z.dtype)
+        if [b.dtype for b in self._base_leaves()] != before:
+            self._refine_base()
+        return out
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
+        """``nn.Module._load_from_state_dict``; a saved raw tensor of another dtype than the layer's is
+        re-expressed in the layer's dtype before torch casts it, and a base saved in another dtype is
+        re-made valid in the layer's (Note [SpaceLinear across dtypes]). ``state_dict`` is
+        ``load_state_dict``'s own copy: the caller's tensors are not modified."""
+        key, Z = f"{prefix}raw", self.raw
+        saved = state_dict.get(key)
+        if (not local_metadata.get("assign_to_params_buffers", False) and _concrete(saved) and _concrete(Z)
+                and saved.dtype != Z.dtype and saved.shape == Z.shape and saved.is_complex() == Z.is_complex()):
+            view = self.space._dtype_coords(saved)
+            if view is not None:
+                new = saved.detach().to(dtype=Z.dtype, copy=True)
+                _write_values(f"{type(self).__name__}.raw", self.space, self.space._dtype_coords(new), view,
+                              saved.dtype, Z.dtype)
+                state_dict[key] = new
+        cast = any(isinstance(state_dict.get(f"{prefix}base{i}"), Tensor) and state_dict[f"{prefix}base{i}"].dtype != b.dtype
+                   for i, b in enumerate(self._base_leaves()))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+        if cast:
+            self._refine_base()
+
+    @torch.no_grad()
+    def _refine_base(self) -> None:
+        """Re-make the base valid in its current dtype if it is not (a valid base is kept bit for bit)."""
+        leaves = self._base_leaves()
+        new = _pytree.tree_leaves(refine_base(self.space, self.base))
+        for buf, leaf in zip(leaves, new):
+            if leaf is not buf:
+                buf.copy_(leaf)
+
     @property
     def base(self) -> Any:
         """The chart's base, rebuilt from the buffers."""
-        return _pytree.tree_unflatten([getattr(self, f"base{i}") for i in range(self._n_base)], self._base_spec)
+        return _pytree.tree_unflatten(self._base_leaves(), self._base_spec)
 
     @property
     def weight(self) -> Tensor:

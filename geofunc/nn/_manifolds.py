@@ -29,7 +29,7 @@ from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, d
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, refine_base
-from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError
+from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError, _name
 
 __all__ = [
     "AlmostOrthogonal",
@@ -88,11 +88,11 @@ def _allclose_eye(XtX: Tensor, eps: float) -> bool:
 
 
 def _svd_factors(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
-    return (U * S.unsqueeze(-2)) @ V.transpose(-2, -1)
+    return (U * S.unsqueeze(-2)) @ V.mH
 
 
 def _eig_factors(L: Tensor, Q: Tensor) -> Tensor:
-    return (Q * L.unsqueeze(-2)) @ Q.transpose(-2, -1)
+    return (Q * L.unsqueeze(-2)) @ Q.mH
 
 
 def _as_matrix(X: Any) -> Any:
@@ -169,6 +169,19 @@ def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tens
 # name)`` needs none of this.
 
 
+# Note [Complex weights]
+# GeoTorch has no complex tensors; here a class takes them where its pure space does (Stiefel,
+# Grassmannian, Sphere, PSD, PSSD and Rn: ``space.accepts_complex``), read as the space reads them
+# (Note [Complex] in ``spaces/_base.py``): ``ᵀ`` is ``ᴴ`` in the membership tests (``XᴴX = I``,
+# ``X = Xᴴ``) and in the samplers (the Wishart matrix ``WWᴴ``, Hermitian positive semidefinite), and
+# the Haar sample of a square frame is Haar on U(n) (a connected group: no det +1 component to pick,
+# so ``gf.Stiefel``'s sampler, not ``gf.SO``'s, which is real). ``.mH`` of a real tensor is its
+# transpose, so real weights take the same operations and the same random draws as before. A class
+# over a real space refuses a complex dtype with a ManifoldError naming it, in ``sample`` (whose
+# dtype is the module's: a constraint function moves the class to the weight's dtype first) and in
+# ``right_inverse``, instead of a torch error on the dtype of the raw tensor or a failed membership.
+
+
 class _Manifold(Parametrization):
     """Abstract: a GeoTorch class over a geofunc space (see the module docstring)."""
 
@@ -197,15 +210,37 @@ class _Manifold(Parametrization):
         return self.shape
 
     def _empty(self, shape: tuple) -> Tensor:
-        """An uninitialized tensor of the module's dtype and device (float32 if that is low precision)."""
+        """An uninitialized tensor of the module's dtype and device (float32 if that is low precision);
+        a complex dtype only where the space takes complex tensors (Note [Complex weights])."""
         ref = self._reference
+        self._require_dtype(ref.dtype)
         return ref.new_empty(shape, dtype=torch.float32 if ref.dtype in LOW_PRECISION else ref.dtype)
 
+    def _require_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ``ManifoldError`` for a complex ``dtype`` where the space is real (Note [Complex weights])."""
+        if self._refuses(dtype):
+            raise ManifoldError(f"{_name(self)}: expected a real floating dtype (float32, float64, bfloat16 or "
+                                f"float16), got dtype {dtype}: {self._real_space()}.")
+
+    def _refuses(self, dtype: torch.dtype) -> bool:
+        return dtype.is_complex and not self.space.accepts_complex
+
+    def _real_space(self) -> str:
+        return (f"{type(self.space).__name__} is a real space; of geofunc.nn's classes, Stiefel, Grassmannian, "
+                "Sphere, PSD, PSSD and Rn take complex tensors")
+
+    def _require_real_point(self, X: Tensor) -> None:
+        """Raise :class:`InManifoldError` for a complex ``X`` assigned to a real space (Note [Complex weights])."""
+        if self._refuses(X.dtype):
+            raise InManifoldError(X, self, self._real_space())
+
     def _out(self, X: Any) -> Any:
-        """A sample in the module's dtype (samplers work in float32 for bf16/fp16 modules)."""
+        """A sample in the module's dtype (samplers work in float32 for bf16/fp16 modules); the real
+        factors of a factorized sample (singular values, eigenvalues) of a complex module stay real."""
         dtype = self._reference.dtype
         if isinstance(X, tuple):
-            return tuple(t.to(dtype) for t in X)
+            real = dtype.to_real() if dtype.is_complex else dtype
+            return tuple(t.to(dtype if t.is_complex() else real) for t in X)
         return X.to(dtype)
 
     def _require_size(self) -> tuple[int, ...]:
@@ -255,6 +290,7 @@ class _Manifold(Parametrization):
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
+        self._require_real_point(X)
         try:
             self._check_value(X, registering)
         except ManifoldError as e:
@@ -364,7 +400,8 @@ def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None,
     (and a trailing zero if n is odd): ``b`` has ``n // 2`` entries, drawn from ``init_`` (a
     function filling a tensor in place; default ``Uniform(−π, π)``); ``φ`` is ``triv``
     (``"expm"``, ``"cayley"`` or a callable), so with ``"expm"`` the eigenvalues are
-    ``e^{±i b_i}`` (and 1). GeoTorch's initialization for recurrent kernels. Returns ``tensor``.
+    ``e^{±i b_i}`` (and 1). GeoTorch's initialization for recurrent kernels. A complex ``tensor``
+    gets the same real rotation (a unitary matrix; ``b`` real). Returns ``tensor``.
 
     Raises :class:`VectorError` / :class:`NonSquareError` (``ValueError``s) for fewer than two
     dimensions or a non-square tensor.
@@ -382,6 +419,7 @@ def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None,
     n = tensor.shape[-1]
     batch = tuple(tensor.shape[:-2])
     work = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+    work = work.to_real() if work.is_complex else work  # a rotation is a unitary matrix too
     b = tensor.new_empty(batch + (n // 2,), dtype=work)
     if init_ is None:
         nn.init.uniform_(b, -math.pi, math.pi)
@@ -401,8 +439,10 @@ def _frame_sample(M: "_Manifold", distribution: str, init_: Any, triv: Any) -> T
     size = M._require_size()
     with torch.no_grad():
         if distribution == "uniform":
-            frames = S.SO() if M.n == M.k else S.Stiefel()  # square: det +1, as GeoTorch
-            return M._out(frames.sample(size, dtype=M._empty(()).dtype, device=M._reference.device))
+            dtype = M._empty(()).dtype
+            # square: det +1, as GeoTorch; complex square: Haar on U(n) (Note [Complex weights])
+            frames = S.SO() if M.n == M.k and not dtype.is_complex else S.Stiefel()
+            return M._out(frames.sample(size, dtype=dtype, device=M._reference.device))
         if distribution == "torus":
             Q = torus_init_(M._empty(tuple(M.tensorial_size) + (M.n, M.n)), init_, triv)
             if M.n != M.k:
@@ -482,7 +522,8 @@ class Stiefel(_Manifold):
         self.n, self.k, self.tensorial_size, self.transposed, self.triv = n, k, ts, tr, triv
 
     def in_manifold(self, X: Any, eps: float = 1e-4) -> bool:
-        """Orthonormal columns (rows if wide): ``allclose(XᵀX, I, atol=eps)``, and the size."""
+        """Orthonormal columns (rows if wide): ``allclose(XᵀX, I, atol=eps)`` (``XᴴX`` if complex), and
+        the size."""
         X = _as_matrix(X)
         if not isinstance(X, Tensor) or X.ndim < 2:
             return False
@@ -490,7 +531,7 @@ class Stiefel(_Manifold):
         if tuple(Xt.shape) != tuple(self.tensorial_size) + (self.n, self.k):
             return False
         Xf, _ = _lift(self, Xt)
-        return _allclose_eye(Xf.transpose(-2, -1) @ Xf, self._eps(eps, X))
+        return _allclose_eye(Xf.mH @ Xf, self._eps(eps, X))
 
     def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None) -> Tensor:
         """``"uniform"``: Haar; ``"torus"``: the first k columns (rows) of an n×n :func:`torus_init_`."""
@@ -696,6 +737,7 @@ class Skew(_Triangle):
             raise InManifoldError(X, self, "expected a tensor")
         if X.ndim < 2 or X.shape[-2] != X.shape[-1]:
             raise InManifoldError(X, self, f"expected square matrices (..., n, n), got shape {tuple(X.shape)}")
+        self._require_real_point(X)
         if check_in_manifold and not X.is_meta and not _triangle_in(X, -1.0, tol):
             Xf = X.float() if X.dtype in LOW_PRECISION else X
             err = float((Xf + Xf.transpose(-2, -1)).abs().amax()) if X.numel() else 0.0
@@ -755,6 +797,7 @@ class Symmetric(_Triangle):
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
+        self._require_real_point(X)
         if check_in_manifold and not registering and not X.is_meta and not self._in(gather(X), 1.0, 1e-6):
             raise InManifoldError(X, self, "X is not symmetric")
         try:
@@ -1126,7 +1169,8 @@ class _EigManifold(_Manifold):
         return bool((top >= -eps).all()) and (not self._positive or bool((top >= floor).all()))
 
     def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
-        """The size, ``allclose(X, Xᵀ, atol=eps)`` and :meth:`in_manifold_eigen` of its eigenvalues.
+        """The size, ``allclose(X, Xᵀ, atol=eps)`` (``Xᴴ`` if complex) and :meth:`in_manifold_eigen` of
+        its eigenvalues.
 
         A bf16/fp16 ``X``: the tolerances are widened to its rounding, except the lower bound of
         the kept eigenvalues (fixed-rank spaces), which stays ``eps`` (a widened lower bound would
@@ -1136,7 +1180,7 @@ class _EigManifold(_Manifold):
             return False
         Xf, _ = _lift(self, X)
         e = self._eps(eps, X)
-        if not bool(torch.allclose(Xf, Xf.transpose(-2, -1), atol=e)):
+        if not bool(torch.allclose(Xf, Xf.mH, atol=e)):
             return False
         return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e, floor=eps)
 
@@ -1146,7 +1190,7 @@ class _EigManifold(_Manifold):
         if not _softplus_floor(self, X.dtype) or not bool(torch.isfinite(X).all()):
             return
         Xf, _ = _lift(self, X)
-        lam = torch.linalg.eigvalsh(0.5 * (Xf + Xf.transpose(-2, -1)))
+        lam = torch.linalg.eigvalsh(0.5 * (Xf + Xf.mH))
         n = X.shape[-1]
         _refuse_below_floor(self, X, lam[..., n - self.rank], lam.abs().amax(-1), n, n,
                             f"smallest kept eigenvalue (number {self.rank} from the top)")
@@ -1156,10 +1200,10 @@ class _EigManifold(_Manifold):
         return math.sqrt(torch.finfo(self._reference.dtype).eps) if isinstance(f, str) and f == "softplus" else 0.0
 
     def _wishart(self, init_: Callable[[Tensor], Any]) -> tuple[Tensor, Tensor]:
-        """Top-``rank`` eigenpairs ``(L, Q)`` of ``WWᵀ``, ``W`` filled by ``init_``."""
+        """Top-``rank`` eigenpairs ``(L, Q)`` of ``WWᵀ`` (``WWᴴ`` if complex), ``W`` filled by ``init_``."""
         W = self._empty(tuple(self.tensorial_size) + (self.n, self.n))
         init_(W)
-        L, Q = torch.linalg.eigh(W @ W.transpose(-2, -1))
+        L, Q = torch.linalg.eigh(W @ W.mH)
         return L[..., -self.rank :], Q[..., -self.rank :]
 
     def _emit(self, L: Tensor, Q: Tensor, factorized: bool) -> Any:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import optree
+
 from .. import _pytree
+from .._errors import ManifoldError
 from ._base import Optimizer, OptState, Params, TangentTransform, Vectors
 
 __all__ = ["retract_and_transport"]
@@ -31,9 +34,30 @@ def retract_and_transport(constraints: Any, transform: TangentTransform) -> Opti
         return transform.init(params)
 
     def update(grads: Vectors, state: OptState, params: Params) -> tuple[Params, OptState]:
-        vectors, state = transform.update(grads, state, params)
-        new_params = _pytree.retract(constraints, params, vectors)
+        try:
+            vectors, state = transform.update(grads, state, params)
+            new_params = _pytree.retract(constraints, params, vectors)
+        except (ValueError, TypeError):  # optree's structure mismatch (or an op on None) names no parameter: say which
+            _check_grads(grads, params)
+            raise
         state = transform.transport(state, lambda v: _pytree.transport(constraints, params, new_params, v))
         return new_params, state
 
     return Optimizer(init, update)
+
+
+def _check_grads(grads: Vectors, params: Params) -> None:
+    """Raise a ``ManifoldError`` naming the parameters whose gradient is missing (``None``, e.g. a
+    frozen parameter) or that ``grads`` has and ``params`` lacks; return if the structures agree."""
+    want = {_pytree._join(p) for p in optree.tree_paths(params, none_is_leaf=False)}
+    paths, leaves, _ = optree.tree_flatten_with_path(grads, none_is_leaf=True)
+    got = {_pytree._join(p) for p, g in zip(paths, leaves) if g is not None}
+    missing, extra = sorted(want - got), sorted(got - want)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no gradient (None or absent) for {', '.join(map(repr, missing))}: torch.optim skips such a "
+                         "parameter; here pass torch.zeros_like(it), or leave it out of params and of the optimizer state")
+        if extra:
+            parts.append(f"gradients for {', '.join(map(repr, extra))}, which params does not have")
+        raise ManifoldError("`grads` must have the structure of `params`: " + "; ".join(parts) + ".")
