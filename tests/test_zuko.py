@@ -1,10 +1,14 @@
 """geofunc spaces as zuko flow layers (``geofunc.contrib.zuko``), against torch.linalg and zuko itself.
 
-Float64 throughout. Checked: the log-determinant against ``slogdet`` of the formed matrix, the
-inverse (by the factorization) against ``torch.linalg.solve`` and as a round trip, agreement with
-zuko's own ``RotationTransform`` and ``LULinearTransform`` on the same matrix, a composed zuko flow's
-``log_prob`` against the change-of-variables formula written by hand, gradients against a reference
-written with ``slogdet`` and against finite differences, and ``rebase_`` keeping the layer.
+Float64 throughout (float32 where a test changes dtypes). Checked: the log-determinant against
+``slogdet`` of the formed matrix, the inverse (by the factorization) against ``torch.linalg.solve``
+and as a round trip, agreement with zuko's own ``RotationTransform`` and ``LULinearTransform`` on
+the same matrix, a composed zuko flow's ``log_prob`` against the change-of-variables formula
+written by hand, gradients against a reference written with ``slogdet`` and against finite
+differences, and ``rebase_`` keeping the layer. The log-determinant of a batch of matrices acting
+on broadcast inputs against ``slogdet`` of the map's Jacobian (``jacrev``), and ``SpaceLinear``
+keeping its matrix across ``.float()``/``.double()`` and a ``load_state_dict`` of another dtype
+(it moved by the difference of the softplus floors).
 """
 
 from __future__ import annotations

@@ -277,8 +277,8 @@ class SpaceLinear(LazyTransform):
                 _write_values(f"{type(self).__name__}.raw", self.space, self.space._dtype_coords(new), view,
                               saved.dtype, Z.dtype)
                 state_dict[key] = new
-        cast = any(isinstance(state_dict.get(f"{prefix}base{i}"), Tensor) and state_dict[f"{prefix}base{i}"].dtype != b.dtype
-                   for i, b in enumerate(self._base_leaves()))
+        saved_bases = [state_dict.get(f"{prefix}base{i}") for i in range(self._n_base)]
+        cast = any(isinstance(s, Tensor) and s.dtype != b.dtype for s, b in zip(saved_bases, self._base_leaves()))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
         if cast:
             self._refine_base()
