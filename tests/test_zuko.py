@@ -13,7 +13,9 @@ keeping its matrix across ``.float()``/``.double()`` and a ``load_state_dict`` o
 
 from __future__ import annotations
 
+import copy
 import doctest
+import io
 import itertools
 
 import pytest
@@ -222,6 +224,21 @@ def test_rebase_keeps_the_layer(name, generator):
     torch.testing.assert_close(layer.weight.detach(), W, atol=ATOL[F64], rtol=0)
     x = torch.randn(3, N, generator=generator, dtype=F64)
     torch.testing.assert_close(layer()(x), x @ W.mT, atol=ATOL[F64], rtol=0)
+
+
+@pytest.mark.parametrize("name", ["GLp", "SO", "PSD"])
+def test_deepcopy_and_pickle_keep_the_layer(name, generator):
+    """A layer deep-copies and pickles (whole module) to the same matrix, without a warning (the base's
+    torch TreeSpec raised torch 2.13's LeafSpec FutureWarning on deepcopy: an error under this suite)."""
+    layer = gz.SpaceLinear(SQUARE_SPACES[name], N).to(F64)
+    _set_raw(layer, generator)
+    layer.rebase_()  # an explicit base
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        torch.testing.assert_close(other.weight, layer.weight, atol=0, rtol=0)
+        other.rebase_()
 
 
 def test_identity_start_and_float32():

@@ -44,10 +44,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import optree
 import torch
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
-from torch.utils import _pytree
 
 try:
     import zuko
@@ -226,7 +226,7 @@ class SpaceLinear(LazyTransform):
         self._set_base(base)
 
     def _set_base(self, base: Any) -> None:
-        leaves, self._base_spec = _pytree.tree_flatten(base)
+        leaves, self._base_spec = optree.tree_flatten(base, none_is_leaf=False)
         self._n_base = len(leaves)
         for i, leaf in enumerate(leaves):
             self.register_buffer(f"base{i}", leaf.detach().clone())
@@ -287,7 +287,7 @@ class SpaceLinear(LazyTransform):
     def _refine_base(self) -> None:
         """Re-make the base valid in its current dtype if it is not (a valid base is kept bit for bit)."""
         leaves = self._base_leaves()
-        new = _pytree.tree_leaves(refine_base(self.space, self.base))
+        new = optree.tree_leaves(refine_base(self.space, self.base), none_is_leaf=False)
         for buf, leaf in zip(leaves, new):
             if leaf is not buf:
                 buf.copy_(leaf)
@@ -295,7 +295,7 @@ class SpaceLinear(LazyTransform):
     @property
     def base(self) -> Any:
         """The chart's base, rebuilt from the buffers."""
-        return _pytree.tree_unflatten(self._base_leaves(), self._base_spec)
+        return optree.tree_unflatten(self._base_spec, self._base_leaves())  # optree: its spec deep-copies without torch's LeafSpec warning
 
     @property
     def weight(self) -> Tensor:
@@ -313,7 +313,7 @@ class SpaceLinear(LazyTransform):
         unless it is plain SGD."""
         Z, base = self.space.rebase(self.raw, self.base)
         self.raw.copy_(Z)
-        leaves, spec = _pytree.tree_flatten(base)
+        leaves, spec = optree.tree_flatten(base, none_is_leaf=False)
         if spec == self._base_spec:
             for i, leaf in enumerate(leaves):
                 getattr(self, f"base{i}").copy_(leaf)
