@@ -27,7 +27,6 @@ import geofunc as gf
 import geofunc.nn as gnn
 
 # torch warns on every complex module conversion (``M.to(complex dtype)`` in the constraint functions).
-pytestmark = pytest.mark.filterwarnings("ignore:Complex modules are a new feature")
 
 COMPLEX = [torch.complex64, torch.complex128]
 TOL = {torch.complex64: 1e-5, torch.complex128: 1e-12}
@@ -96,6 +95,7 @@ def test_complex_weights_start_train_and_assign_on_the_space(case, dtype):
     torch.testing.assert_close(m.weight.detach(), V, atol=10 * TOL[dtype], rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a class itself
 @pytest.mark.parametrize("dtype", COMPLEX, ids=str)
 def test_complex_factorized_and_torus_samples(dtype):
     """``PSD.sample(factorized=True)``: real eigenvalues, a unitary ``Q``; ``Stiefel.sample("torus")``
@@ -115,6 +115,7 @@ def test_complex_factorized_and_torus_samples(dtype):
     torch.testing.assert_close(m.weight.detach(), T, atol=10 * TOL[dtype], rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a class itself
 @pytest.mark.parametrize("cls", [gnn.Stiefel, gnn.Grassmannian], ids=lambda c: c.__name__)
 def test_complex_square_sample_is_haar_on_the_unitary_group(cls):
     """Haar on U(n): ``E|X_ij|² = 1/n``, ``E X_ij² = 0`` and ``E det X = 0`` (the determinant's phase is

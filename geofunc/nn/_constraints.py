@@ -9,6 +9,7 @@ through the parametrization and returns the module, as GeoTorch 0.4.0 does. Afte
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -67,7 +68,9 @@ def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: An
         # Keep GeoTorch's class (VectorError, RankError, ...), say which tensor it was for.
         e.args = (f"cannot constrain {what}: {e}",)
         raise
-    M = M.to(device=T.device, dtype=T.dtype)
+    with warnings.catch_warnings():  # the parametrization's own buffers follow the weight's dtype: torch's
+        warnings.filterwarnings("ignore", "Complex modules are a new feature")  # notice is not the user's concern
+        M = M.to(device=T.device, dtype=T.dtype)
     M.where = where
     with torch.no_grad():
         if not sample:
