@@ -48,6 +48,25 @@ def transpose(X: Tensor) -> Tensor:
     return X.mH if X.is_complex() else X.mT
 
 
+def tall(X: Tensor) -> tuple[Tensor, bool]:
+    """The tall form of a matrix batch and whether it was transposed (a static shape branch).
+
+    A wide complex ``X``'s ``Xᴴ`` is ``conj(X)ᵀ`` by torch ops that vmap batches
+    (``torch.complex(Re X, −Im X)``), not the lazy conjugate view ``X.mH``: that view's derivative is a
+    lazy conjugate too, and the reverse of ``.imag``/``torch.complex`` on it (a complex point read from
+    real parts) makes a negative view, which has no batching rule: ``vmap(grad)``, ``jacrev`` and
+    ``hessian`` of a complex wide chart raised. Real tensors take ``mT`` (a view)."""
+    if X.shape[-2] < X.shape[-1]:
+        return (torch.complex(X.real, -X.imag).mT if X.is_complex() else X.mT), True
+    return X, False
+
+
+def untall(X: Tensor, transposed: bool) -> Tensor:
+    # resolve_conj: a complex result is not a lazy conjugate view (whose .imag has no batching
+    # rule under vmap); a no-op for real tensors
+    return transpose(X).resolve_conj() if transposed else X
+
+
 def eye_like(X: Tensor, n: int | None = None) -> Tensor:
     n = X.shape[-1] if n is None else n
     return torch.eye(n, dtype=X.dtype, device=X.device)
@@ -218,12 +237,13 @@ def chol_qr(Y: Tensor) -> Tensor:
 
 
 def polar(Y: Tensor) -> Tensor:
-    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ``: the nearest frame in Frobenius norm.
+    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ`` (tall, square or wide; ``ᴴ`` if complex): the
+    nearest frame in Frobenius norm (:func:`_polar_factor`: value from the SVD, exact first derivatives,
+    finite at repeated singular values, e.g. at every frame itself).
 
     NaN/inf entries give a NaN point (LAPACK would raise).
     """
-    U, _, Vh = torch.linalg.svd(sanitize(Y), full_matrices=False)
-    return U @ Vh + poison(Y)
+    return _polar_factor(Y)
 
 
 def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool = False, packed: bool = False) -> Tensor:
@@ -536,26 +556,44 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Ten
 
 
 def _polar_factor(A: Tensor) -> Tensor:
-    """Orthogonal polar factor ``U_p`` of a square ``A = U_p P`` (``P = (AᵀA)^{1/2}``), also where ``A`` is singular.
+    """Orthogonal polar factor ``U_p`` of ``A = U_p P`` (``P = (AᵀA)^{1/2}``; a tall or square ``A``, a wide
+    one by its transpose), also where ``A`` is singular.
 
-    Value ``U Vᵀ`` from the SVD ``U Σ Vᵀ`` of ``A.detach()``; exact first derivative (every transform)
-    added as a term that is zero in value: ``dU_p = U_p Ξ``, ``Ξ`` skew with ``PΞ + ΞP = U_pᵀdA − dAᵀU_p``,
-    i.e. ``Ξ = V Ξ̃ Vᵀ``, ``Ξ̃ᵢⱼ = (Vᵀ(U_pᵀdA − dAᵀU_p)V)ᵢⱼ / (σᵢ + σⱼ)``. Where ``σᵢ + σⱼ`` is below
-    ``√ε·max(1, σ₁)`` (two singular values at 0: the factor is not unique there, any choice is
-    orthogonal) the denominator is clamped to it, so derivatives stay finite. Second derivatives
-    are not those of the polar factor. NaN/inf input gives NaN.
+    Value ``U Vᵀ`` from the thin SVD ``U Σ Vᵀ`` of ``A.detach()``; exact first derivative (every
+    transform) added as a term that is zero in value (Note [Polar derivative]). Where ``σᵢ + σⱼ``
+    (or, tall, ``σᵢ``) is below ``√ε·max(1, σ₁)`` (rank deficient: the factor is not unique there,
+    any choice is orthogonal) the denominator is clamped to it, so derivatives stay finite. Second
+    derivatives are not those of the polar factor. NaN/inf input gives NaN.
     """
+    if A.shape[-2] < A.shape[-1]:
+        return untall(_polar_factor(tall(A)[0]), True)
     A0 = A.detach()
-    U, s, Vh = torch.linalg.svd(sanitize(A0))
+    U, s, Vh = torch.linalg.svd(sanitize(A0), full_matrices=False)
     Up = _mm(U, Vh) + poison(A0)
     if eager_fast(A) and not tracks_derivatives(A):  # a constant base (the usual case): the term is 0 in value
         return Up
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
-    M = transpose(U) @ D @ transpose(Vh)  # Vᵀ U_pᵀ D V (U_p V = U)
-    B = M - transpose(M)  # Vᵀ(U_pᵀ D − Dᵀ U_p)V
-    tol = math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)
-    den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol.unsqueeze(-1))
-    return Up + U @ (B / den) @ Vh  # U_p Ξ = U_p V Ξ̃ Vᵀ = U Ξ̃ Vᵀ
+    DV = D @ transpose(Vh)
+    M = transpose(U) @ DV  # Uᵀ dA V
+    B = M - transpose(M)  # Vᵀ(U_pᵀ dA − dAᵀ U_p)V
+    tol = (math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+    den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol)
+    out = Up + U @ (B / den) @ Vh  # U_p Ξ = U_p V Ξ̃ Vᵀ = U Ξ̃ Vᵀ
+    if A.shape[-2] > A.shape[-1]:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
+        out = out + ((DV - U @ M) / s.unsqueeze(-2).clamp(min=tol)) @ Vh
+    return out
+
+
+# Note [Polar derivative]
+# The polar factor Q = U Vᵀ of A = U Σ Vᵀ (n ≥ k, full rank) is smooth in A, also where singular
+# values repeat (at every frame itself: Σ = I), but torch.linalg.svd's backward divides by the gaps
+# σᵢ² − σⱼ² and is NaN or wrong there (project of SO, Stiefel, Grassmannian and Unitary at a point on
+# the space: NaN; near one, errors ~ε/δ² at distance δ; complex project under vmap(grad) raised in the
+# SVD backward's phase check). The first derivative in closed form: with E = Uᵀ dA V (ᴴ if complex),
+#   dQ = U Ξ̃ Vᵀ + (I − UUᵀ) dA V Σ⁻¹ Vᵀ,   Ξ̃ᵢⱼ = (E − Eᵀ)ᵢⱼ / (σᵢ + σⱼ),
+# from QᵀdA − dAᵀQ = ΩP + PΩ (Ω = QᵀdQ skew, P = V Σ Vᵀ) and the part of dA outside range(U) (tall).
+# It is added as a term that is zero in value (dA = A − A.detach()), so every transform sees it;
+# second derivatives are not the polar factor's (as for the spectral maps of the factorized spaces).
 
 
 def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:

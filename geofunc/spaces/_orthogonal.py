@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, skew_part, transpose
+from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, skew_part, tall, transpose, untall
 from ._base import AbstractSpace
 
 Tensor = torch.Tensor
@@ -30,25 +30,6 @@ def orthonormality_error(X: Tensor) -> Tensor:
     """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch."""
     k = X.shape[-1]
     return (transpose(X) @ X - eye_like(X, k)).abs().amax(dim=(-2, -1))
-
-
-def tall(X: Tensor) -> tuple[Tensor, bool]:
-    """The tall form of a matrix batch and whether it was transposed (a static shape branch).
-
-    A wide complex ``X``'s ``Xᴴ`` is ``conj(X)ᵀ`` by torch ops that vmap batches
-    (``torch.complex(Re X, −Im X)``), not the lazy conjugate view ``X.mH``: that view's derivative is a
-    lazy conjugate too, and the reverse of ``.imag``/``torch.complex`` on it (a complex point read from
-    real parts) makes a negative view, which has no batching rule: ``vmap(grad)``, ``jacrev`` and
-    ``hessian`` of a complex wide chart raised. Real tensors take ``mT`` (a view)."""
-    if X.shape[-2] < X.shape[-1]:
-        return (torch.complex(X.real, -X.imag).mT if X.is_complex() else X.mT), True
-    return X, False
-
-
-def untall(X: Tensor, transposed: bool) -> Tensor:
-    # resolve_conj: a complex result is not a lazy conjugate view (whose .imag has no batching
-    # rule under vmap); a no-op for real tensors
-    return transpose(X).resolve_conj() if transposed else X
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import haar_so, poison, poisoned_zero, sanitize
+from .._linalg import haar_so, poison, poisoned_zero
+from ._factorized import spectral_svd
 from ._orthogonal import MatrixGroup, orthonormality_error
 
 __all__ = ["SO"]
@@ -46,12 +47,17 @@ class SO(MatrixGroup):
     """
 
     def project(self, Y: Tensor) -> Tensor:
+        """The nearest rotation ``U diag(1, …, 1, det(UVᵀ)) Vᵀ`` of ``Y = U Σ Vᵀ``; value from the SVD,
+        exact first derivatives (finite at repeated singular values, e.g. at every rotation: Note
+        [Polar derivative] in ``geofunc/_linalg.py``), through the spectral map of the factorized spaces."""
         self._check_shape(Y, "Y")
-        U, _, Vh = torch.linalg.svd(sanitize(Y))
-        d = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(Vh)[0]
-        ones = torch.ones_like(U[..., 0, :])
-        flip = torch.cat([ones[..., :-1], d.unsqueeze(-1)], dim=-1)
-        return (U * flip.unsqueeze(-2)) @ Vh + poison(Y)
+
+        def g_fn(s: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+            d = torch.linalg.slogdet(U)[0] * torch.linalg.slogdet(Vh)[0]
+            ones = torch.ones_like(s)
+            return torch.cat([ones[..., :-1], d.unsqueeze(-1)], dim=-1), torch.zeros_like(s)
+
+        return spectral_svd(Y, g_fn) + poison(Y)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         shape = self._sample_shape(shape, dtype)
