@@ -650,7 +650,8 @@ def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
 # torch.linalg.solve (and solve_ex) give wrong second derivatives under vmap(hessian) and
 # vmap(jacfwd(jacrev)) in torch 2.13 and 2.14 (a 3×3 system: 1.4e4 relative error against a
 # loop), which made Birkhoff's vmap(hessian) 2.6e3 off; lu_factor_ex + lu_solve in Birkhoff's
-# projection was wrong too (8.6e6, and under vmap(jacrev(jacrev))). The inverse is right under
+# projection was wrong too (8.6e6, and under vmap(jacrev(jacrev))); torch.cholesky_inverse's forward-mode
+# derivative is wrong even without vmap (74% off −P⁻¹EP⁻¹; Hurwitz.from_manifold). The inverse is right under
 # every transform, so under torch.func transforms and torch.compile the solves of derivative paths
 # go through it. Plain eager mode keeps solve_ex, right there and cheaper (inverse: 1.04–1.10×
 # Birkhoff's backward at 16×128×128).

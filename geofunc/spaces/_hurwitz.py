@@ -221,7 +221,9 @@ class Hurwitz(AbstractSpace):
         B = X + self.alpha * eye_like(X, X.shape[-1])
         PB = P @ B
         S = 0.5 * (PB - PB.mT)
-        W = torch.cholesky_inverse(torch.linalg.cholesky_ex(sanitize(P)).L) + poison(P)
+        # P⁻¹ by inv: torch.cholesky_inverse's forward-mode derivative is wrong (torch 2.13: jvp of
+        # from_manifold 3–9% off; Note [Solves under torch.func] in geofunc/_linalg.py)
+        W = torch.linalg.inv_ex(sanitize(P))[0] + poison(P)
         W = 0.5 * (W + W.mT)
         Zw, base = self._psd.from_manifold(W)
         Zs, _ = _SKEW.from_manifold(S)
