@@ -39,9 +39,14 @@ accurate in float32 for points with ``c‖x‖² = 1 − 10⁻⁵`` and beyond.
   hyperbolic distance ≤ ``log(2/δ)/√c`` from the origin (15.2 and 34.7 for ``c = 1``); where
   the point is inside the margin nothing changes;
 * hyperbolic arguments (``tanh``, ``cosh``) are capped at 40 (``tanh(40) = 1`` in every
-  float dtype), so that no ``inf`` reaches a gradient.
+  float dtype), so that no ``inf`` reaches a gradient; a longer tangent vector is rescaled along
+  itself to that length, so ``expmap`` gives the boundary point of its geodesic (Note [long
+  tangent vectors]).
 
-NaN or inf input gives NaN output, never a plausible point.
+A huge finite vector to be mapped to a point (``project``'s, ``expmap``'s and ``expmap0``'s,
+``r`` of ``r ⊗ x``, ``Mx`` of ``M ⊗ x``) gives the boundary point in its direction, never the
+origin (``project([1e20, 1e20])`` in float32: Note [norms without overflow]); NaN or inf input
+gives NaN output, never a plausible point.
 
 Example:
     >>> import torch
@@ -67,6 +72,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ._errors import ManifoldError, describe
+from ._linalg import poison
 
 __all__ = [
     "ball_margin",
@@ -149,17 +155,24 @@ def _artanhc(t: Tensor, gap: Tensor) -> Tensor:
     return torch.where(small, series, 0.5 * torch.log1p(2.0 * r * (1.0 + r) / gb) / r)
 
 
-def _cosh_sinhc(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(cosh √t, sinh √t / √t)`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+def _cosh(t: Tensor) -> Tensor:
+    """``cosh √t`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+    return _series_or(t, _COSH, lambda t: torch.cosh(torch.sqrt(t).clamp(max=_ARG_MAX)))
 
-    def cosh(t: Tensor) -> Tensor:
-        return torch.cosh(torch.sqrt(t).clamp(max=_ARG_MAX))
 
-    def sinhc(t: Tensor) -> Tensor:
+def _sinhc(t: Tensor) -> Tensor:
+    """``sinh √t / √t`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+
+    def direct(t: Tensor) -> Tensor:
         r = torch.sqrt(t)
         return torch.sinh(r.clamp(max=_ARG_MAX)) / r
 
-    return _series_or(t, _COSH, cosh), _series_or(t, _SINHC, sinhc)
+    return _series_or(t, _SINHC, direct)
+
+
+def _cosh_sinhc(t: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cosh √t, sinh √t / √t)`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
+    return _cosh(t), _sinhc(t)
 
 
 def _arcoshc(u: Tensor) -> Tensor:
@@ -231,8 +244,52 @@ def _gap(x: Tensor, c: Curvature) -> Tensor:
 # (tests/test_hyperbolic.py). Gradients flow through the cast unchanged.
 
 
+# Note [norms without overflow]
+# ‖y‖² overflows for ‖y‖ ≳ 1.8e19 in float32 (1.3e154 in float64), and m/√inf = 0 rescaled a huge
+# finite vector to the origin: project([1e20, 1e20, 0]), expmap0([1e30, 0, 0]), 1e30 ⊗ x and
+# (1e25·I) ⊗ x were all [0, 0, 0] in float32. So a norm that decides a cap is taken as s‖y/s‖ with
+# s = ‖y‖₁ clamped into [1, largest float] (_scaled; one reduction, 2.4× faster than max_i |y_i|
+# on 16-vectors): |y_i/s| ≤ 1, so ‖y/s‖² ≤ n cannot overflow, ‖y/s‖² ≥ 1/n² where s > 1 (only
+# entries below ~1e-38 of the largest, float32, are lost), and for ‖y‖₁ ≤ 1 (s = 1) the
+# arithmetic is the unscaled one. s is detached: ‖y‖ = s‖y/s‖ for every constant s, so every
+# derivative is the exact one. A capped vector is rebuilt as (y/s)·b/‖y/s‖, never as y times a
+# factor b/‖y‖ that could underflow; quantities that hold s² are computed only where the vector is
+# inside its cap (s is replaced by 1 elsewhere, so that no inf reaches a derivative). NaN or inf
+# entries give NaN (inf/inf), never a plausible point. The final clamp of a map's result, a point
+# of the ball up to rounding, needs none of it (_clamp_into_ball).
+def _scaled(Y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Y/s, s, ‖Y/s‖²)`` with ``s = ‖Y‖₁`` clamped into ``[1, max]``, detached (Note [norms without overflow])."""
+    s = Y.detach().abs().sum(-1, keepdim=True).clamp(min=1.0, max=torch.finfo(Y.dtype).max)  # NaN stays NaN
+    Ys = Y / s
+    return Ys, s, _sq(Ys)
+
+
+def _cap(Y: Tensor, bound: Union[float, Tensor]) -> Tensor:
+    """``Y`` rescaled to Euclidean norm ``≤ bound`` (last dim), without overflow in the norm.
+
+    ``bound`` (> 0) is a number or a tensor that broadcasts against ``(*batch, 1)``. Where ``Y`` is
+    within the bound nothing changes, value and derivatives (Note [norms without overflow]);
+    beyond it the result is ``bound·Y/‖Y‖`` for every finite ``Y``. NaN or inf entries give NaN.
+    """
+    Ys, s, q = _scaled(Y)
+    b = bound / s
+    inside = q <= b * b  # False for NaN
+    one = torch.ones_like(q)
+    # the square root is taken of 1 inside: √q has an infinite derivative at Y = 0 (the chart centre)
+    return torch.where(inside, Y, Ys * (bound / torch.sqrt(torch.where(inside, one, q))))
+
+
+def _project(x: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
+    """``x`` rescaled into ``√c‖x‖ ≤ 1 − δ``, for every finite ``x`` (huge ones included); unchanged inside."""
+    return _cap(x, (1.0 - (ball_margin(x.dtype) if margin is None else margin)) / _sqrt_c(c))
+
+
 def _clamp_into_ball(x: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
-    """``x`` rescaled into ``√c‖x‖ ≤ 1 − δ``; unchanged (value and derivatives) where it is inside."""
+    """``x`` rescaled into ``√c‖x‖ ≤ 1 − δ``; unchanged (value and derivatives) where it is inside.
+
+    For a computed point of the ball (a map's result, within rounding of it): ``c‖x‖²`` must not
+    overflow. Raw input goes through :func:`_project` (Note [norms without overflow]).
+    """
     m = 1.0 - (ball_margin(x.dtype) if margin is None else margin)
     r2 = c * _sq(x)
     inside = r2 <= m * m  # False for NaN: NaN goes through the division and stays NaN
@@ -240,12 +297,11 @@ def _clamp_into_ball(x: Tensor, c: Curvature, margin: Optional[float] = None) ->
     return x * scale
 
 
-def _add(u: Tensor, y: Tensor, gu: Tensor, gy: Tensor, c: Curvature) -> tuple[Tensor, Tensor]:
-    """``(u ⊕ y, 1 − c‖u ⊕ y‖²)`` from the gaps ``gu``, ``gy`` (Note [stable gyrovector formulas])."""
+def _add(u: Tensor, y: Tensor, gu: Tensor, gy: Tensor, c: Curvature) -> Tensor:
+    """``u ⊕ y`` from the gaps ``gu``, ``gy`` (Note [stable gyrovector formulas]; its gap is ``gu gy / den``)."""
     s = u + y
     cs2 = c * _sq(s)
-    den = gu * gy + cs2
-    return (gu * s + cs2 * u) / den, gu * gy / den
+    return (gu * s + cs2 * u) / (gu * gy + cs2)
 
 
 def _neg_add(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, c: Curvature) -> tuple[Tensor, Tensor, Tensor]:
@@ -254,6 +310,13 @@ def _neg_add(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, c: Curvature) -> tupl
     cd2 = c * _sq(d)
     den = gx * gy + cd2
     return gx * d - cd2 * x, den, gx * gy / den
+
+
+def _gyr(x: Tensor, d: Tensor, gx: Tensor, gy: Tensor, z: Tensor, c: Curvature) -> Tensor:
+    """``gyr[x + d, −x] z`` from the gaps of ``x`` and ``x + d`` (Note [stable gyrovector formulas])."""
+    d2, xd, xz, dz = _sq(d), _dot(x, d), _dot(x, z), _dot(d, z)
+    num = (c * gx * dz - c * c * d2 * xz) * x + (-c * gx * xz - c * c * _sq(x) * dz + 2 * c * c * xd * xz) * d
+    return z + 2.0 * num / (gx * gy + c * d2)
 
 
 # Note [stable gyrovector formulas]
@@ -268,19 +331,25 @@ def _neg_add(x: Tensor, y: Tensor, gx: Tensor, gy: Tensor, c: Curvature) -> tupl
 # never recompute a gap from a point near the boundary. The same rewriting gives
 #   gyr[y, −x] z = z + 2((c g_x ⟨d, z⟩ − c²‖d‖²⟨x, z⟩) x
 #                        + (−c g_x ⟨x, z⟩ − c²‖x‖²⟨d, z⟩ + 2c²⟨x, d⟩⟨x, z⟩) d) / (g_x g_y + c‖d‖²)
-# with d = y − x: every term of the numerator is O(‖d‖), so parallel transport between nearby
-# points near the boundary is accurate too.
+# with d = y − x: every term of the numerator is O(‖d‖), and each of them over the denominator
+# is at most a few times ‖z‖ (no large numbers cancel), so parallel transport between nearby
+# points near the boundary is accurate too. The public gyration is the same function (_gyr):
+# gyr[u, v] = gyr[y, −x] with x = −v, y = u, d = u + v. In Ungar's form its A and B are
+# differences of O(c) numbers whose sum is O(‖u + v‖): at √c‖u‖ = 1 − 1e-5 in float32,
+# gyr[u, −u] w (the identity) had norm 147.8 for ‖w‖ = 0.79 (float64 at 1 − 1e-9: error 79‖w‖).
 
 
 # ------------------------------------------------------------------------ the public maps
 def conformal_factor(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The conformal factor :math:`\lambda_x = 2 / (1 - c\|x\|^2)`, shape ``(*batch, 1)``.
 
-    The metric at ``x`` is :math:`\lambda_x^2` times the Euclidean one. The gap is clamped at ``≥ ε``.
+    The metric at ``x`` is :math:`\lambda_x^2` times the Euclidean one. The gap is clamped at ``≥ ε``
+    (a finite point on or outside the boundary reads as one at the float boundary, as in every
+    map); NaN where ``x`` has a NaN or inf entry.
     """
     c = _check_c(c, "conformal_factor")
     _check_vec(x, "conformal_factor", "x")
-    return 2.0 / _gap(x, c)
+    return 2.0 / _gap(x, c) + poison(x, ndim=1)
 
 
 def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -297,25 +366,32 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     c = _check_c(c, "mobius_add")
     _check_vec(x, "mobius_add", "x")
     _check_vec(y, "mobius_add", "y")
-    return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c)[0], c)
+    return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c), c)
 
 
 def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Möbius scalar multiplication :math:`r \otimes_c x = \tanh(r\,\operatorname{artanh}(\sqrt c\|x\|))\,\frac{x}{\sqrt c\|x\|}`.
 
     ``r`` is a number or a tensor of the batch shape ``(*batch)``. Written as
-    :math:`r\,A\,T(r^2 c\|x\|^2 A^2)\,x` with :math:`A = \operatorname{artanh}(\rho)/\rho`,
-    :math:`T(t) = \tanh(\sqrt t)/\sqrt t`, so it is smooth at ``x = 0``. ``1 ⊗ x = x``,
-    ``(r + s) ⊗ x = (r ⊗ x) ⊕ (s ⊗ x)``.
+    :math:`\exp_0(r \log_0 x) = T(c\|v\|^2)\,v`, :math:`v = r A x`, with
+    :math:`A = \operatorname{artanh}(\rho)/\rho`, :math:`T(t) = \tanh(\sqrt t)/\sqrt t`, so it is
+    smooth at ``x = 0``; every finite ``r`` and ``x`` give a point (a huge ``r`` the boundary point
+    in the direction of ``r x``). ``1 ⊗ x = x``, ``(r + s) ⊗ x = (r ⊗ x) ⊕ (s ⊗ x)``.
     """
     c = _check_c(c, "mobius_scalar_mul")
     _check_vec(x, "mobius_scalar_mul", "x")
     if isinstance(r, torch.Tensor):
         r = r.unsqueeze(-1)
-    gx = _gap(x, c)
-    rho2 = c * _sq(x)
-    a = _artanhc(rho2, gx)
-    return _clamp_into_ball(r * a * _tanhc(r * r * rho2 * a * a) * x, c)
+    a = _artanhc(c * _sq(x), _gap(x, c))  # log_0(x) = a x, 1 ≤ a ≤ 20 (the gap is ≥ ε)
+    # r ⊗ x = exp_0(r a x), r a x scaled inside exp_0 (Note [norms without overflow]; not from ‖x‖²,
+    # which underflows: 1e25 ⊗ [1e-25, 0] is tanh(1) e₁ in float32). r is clipped where |r|·a‖x‖₁
+    # could overflow: there the result is the boundary point in the direction of r·x whatever r
+    # is. A number r that cannot overflow against a point (|r|·20/√c ≤ max/4) is used as it is.
+    top = torch.finfo(x.dtype).max / 4.0
+    if isinstance(r, torch.Tensor) or isinstance(c, torch.Tensor) or abs(r) * 20.0 / math.sqrt(c) > top:
+        big = top / (a.detach() * x.detach().abs().sum(-1, keepdim=True)).clamp(min=1.0)
+        r = torch.clamp(r if isinstance(r, torch.Tensor) else torch.full_like(big, float(r)), -big, big)
+    return _expmap0((r * a) * x, c)
 
 
 def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -326,16 +402,17 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
         M \otimes_c x = \tanh\!\Big(\frac{\|Mx\|}{\|x\|}\operatorname{artanh}(\sqrt c\|x\|)\Big)\frac{Mx}{\sqrt c\|Mx\|}
 
     ``M`` has shape ``(*batch, m, n)``, ``x`` ``(*batch, n)``; the result ``(*batch, m)``
-    lies in the m-dimensional ball. Written as :math:`A\,T(c\|Mx\|^2 A^2)\,Mx` with
-    :math:`A = \operatorname{artanh}(\sqrt c\|x\|)/(\sqrt c\|x\|)`: smooth, ``0`` where ``Mx = 0``.
+    lies in the m-dimensional ball. Written as :math:`\exp_0(A\,Mx) = A\,T(c\|Mx\|^2 A^2)\,Mx` with
+    :math:`A = \operatorname{artanh}(\sqrt c\|x\|)/(\sqrt c\|x\|)`: smooth, ``0`` where ``Mx = 0``,
+    and the boundary point in the direction of ``Mx`` however large ``Mx`` is (as long as ``M x``
+    itself is finite).
     """
     c = _check_c(c, "mobius_matvec")
     _check_vec(x, "mobius_matvec", "x")
     if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
     Mx = (M @ x.unsqueeze(-1)).squeeze(-1)
-    a = _artanhc(c * _sq(x), _gap(x, c))
-    return _clamp_into_ball(a * _tanhc(c * _sq(Mx) * a * a) * Mx, c)
+    return _expmap0(_artanhc(c * _sq(x), _gap(x, c)) * Mx, c)  # exp_0 of A·Mx
 
 
 def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -350,16 +427,18 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     .. math::
 
         A = -c^2\langle u,w\rangle\|v\|^2 + c\langle v,w\rangle + 2c^2\langle u,v\rangle\langle v,w\rangle, \qquad
-        B = -c^2\langle v,w\rangle\|u\|^2 - c\langle u,w\rangle .
+        B = -c^2\langle v,w\rangle\|u\|^2 - c\langle u,w\rangle ,
+
+    evaluated in the form of Note [stable gyrovector formulas] with ``d = u + v`` (``A`` and ``B``
+    are differences of O(c) numbers whose sum is O(‖u + v‖)): accurate for ``u ≈ −v`` near the
+    boundary, and ``gyr[u, −u] w = w`` exactly. An isometry: ``‖gyr[u, v] w‖ = ‖w‖``.
     """
     c = _check_c(c, "gyration")
     for t, name in ((u, "u"), (v, "v"), (w, "w")):
         _check_vec(t, "gyration", name)
-    uw, vw, uv = _dot(u, w), _dot(v, w), _dot(u, v)
-    A = -c * c * uw * _sq(v) + c * vw + 2 * c * c * uv * vw
-    B = -c * c * vw * _sq(u) - c * uw
-    D = _gap(u, c) * _gap(v, c) + c * _sq(u + v)
-    return w + 2 * (A * u + B * v) / D
+    # gyr[u, v] = gyr[y, −x] with x = −v, y = u, written with d = u + v: no cancellation for
+    # u ≈ −v near the boundary (Note [stable gyrovector formulas]); gyr[u, −u] w = w exactly.
+    return _gyr(-v, u + v, _gap(v, c), _gap(u, c), w, c)
 
 
 def dist(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -395,6 +474,9 @@ def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     ``v`` is a tangent vector at ``x`` in ambient coordinates (its Riemannian norm is
     :math:`\lambda_x\|v\|`). Smooth in ``v``, at ``v = 0`` included; the gap of the second
     summand is :math:`1/\cosh^2(\cdot)` (exact), and the result is clamped into the margin.
+    Beyond :math:`\theta = \sqrt c\,\lambda_x\|v\|/2 = 40` (where :math:`\tanh\theta = 1` in
+    every dtype) ``v`` is rescaled to :math:`\theta = 40`: the result is the boundary point of the
+    geodesic from ``x`` in the direction of ``v``, for every finite ``v`` (Note [long tangent vectors]).
     """
     c = _check_c(c, "expmap")
     _check_vec(x, "expmap", "x")
@@ -402,14 +484,31 @@ def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return _expmap(x, v, c)
 
 
+# Note [long tangent vectors]
+# tanh θ = 1 in every float dtype from θ = 20 on, so expmap caps θ = √c λ_x‖v‖/2 at _ARG_MAX = 40
+# (a stated clamp) to keep cosh θ and every derivative finite. The cap must rescale v itself
+# (without overflow: Note [norms without overflow]), not only θ inside tanh(θ)/θ: capping
+# t = θ² alone made the second summand tanh(40)/40 · v/g_x, of norm θ/40 > 1/√c, which left the
+# ball before x ⊕ (·) ran. exp_0([50, 0, 0]) and exp_x with θ = 50 were then points at distance
+# 2.2 instead of the boundary (34.7), in the wrong direction for x ≠ 0, and the map was not
+# monotone in ‖v‖. With v rescaled, exp_x(v) for θ ≥ 40 is x ⊕ (the ideal point in the direction
+# of v), the exact map to within e^(−80), then clamped into the ball's margin like every point.
+# expmap0 (and so r ⊗ x and M ⊗ x) needs no cosh: its cap is the margin's own, θ = artanh(1 − δ),
+# beyond which the clamped exact value (1 − δ) v/(√c‖v‖) is written directly.
 def _expmap(x: Tensor, v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
     gx = _gap(x, c)
-    t = c * _sq(v) / (gx * gx)  # θ² with θ = √c λ_x ‖v‖ / 2
-    t = t.clamp(max=_ARG_MAX * _ARG_MAX)  # a stated clamp: tanh θ = 1 in every dtype beyond
-    y = _tanhc(t) * v / gx
-    cosh, _ = _cosh_sinhc(t)
+    # v rescaled to θ = √c‖v‖/g_x ≤ 40 (Note [long tangent vectors]), without overflow (Note [norms
+    # without overflow]): v = s·vs, and where capped v = vs·f with ‖vs·f‖ = 40 g_x/√c.
+    vs, s, q = _scaled(v)
+    g2 = gx * gx
+    inside = q <= (_ARG_MAX * _ARG_MAX / c) * g2 / (s * s)
+    s = torch.where(inside, s, 1.0)
+    t = torch.where(inside, c * (s * s) * q / g2, _ARG_MAX * _ARG_MAX)  # θ²
+    f = torch.where(inside, s, (_ARG_MAX / _sqrt_c(c)) * gx / torch.sqrt(torch.where(inside, 1.0, q)))
+    y = vs * (_tanhc(t) * f / gx)  # tanh(θ) v/(√c‖v‖)
+    cosh = _cosh(t)
     gy = 1.0 / (cosh * cosh)
-    return _clamp_into_ball(_add(x, y, gx, gy, c)[0], c, margin)
+    return _clamp_into_ball(_add(x, y, gx, gy, c), c, margin)
 
 
 def expmap0(v: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -420,8 +519,20 @@ def expmap0(v: Tensor, *, c: Curvature = 1.0) -> Tensor:
 
 
 def _expmap0(v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
-    t = (c * _sq(v)).clamp(max=_ARG_MAX * _ARG_MAX)
-    return _clamp_into_ball(_tanhc(t) * v, c, margin)
+    return _exp0(*_scaled(v), c, margin)
+
+
+def _exp0(vs: Tensor, s: Tensor, q: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
+    """``exp_0(v)`` clamped into the margin, from ``v = s·vs`` (``s`` detached) and ``q = ‖vs‖²``."""
+    # tanh(θ) v/(√c‖v‖), θ = √c‖v‖, clamped into the margin: beyond θ = artanh(1 − δ) the result is
+    # (1 − δ) v/(√c‖v‖), the clamp of the exact value, written without overflow for every finite v
+    # (Note [norms without overflow]).
+    m = 1.0 - (ball_margin(vs.dtype) if margin is None else margin)
+    th = 0.5 * math.log((1.0 + m) / (1.0 - m))  # artanh(1 − δ) < 40
+    inside = q <= (th * th / c) / (s * s)
+    s = torch.where(inside, s, 1.0)
+    f = torch.where(inside, _tanhc(c * (s * s) * q) * s, (m / _sqrt_c(c)) / torch.sqrt(torch.where(inside, 1.0, q)))
+    return vs * f
 
 
 def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -468,11 +579,7 @@ def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -
 
 def _transport(x: Tensor, y: Tensor, v: Tensor, c: Curvature) -> Tensor:
     gx, gy = _gap(x, c), _gap(y, c)
-    d = y - x
-    d2, xd, xz, dz = _sq(d), _dot(x, d), _dot(x, v), _dot(d, v)
-    num = (c * gx * dz - c * c * d2 * xz) * x + (-c * gx * xz - c * c * _sq(x) * dz + 2 * c * c * xd * xz) * d
-    gyr = v + 2.0 * num / (gx * gy + c * d2)
-    return (gy / gx) * gyr
+    return (gy / gx) * _gyr(x, y - x, gx, gy, v, c)
 
 
 def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) -> Tensor:
@@ -482,7 +589,7 @@ def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) ->
     """
     c = _check_c(c, "project")
     _check_vec(x, "project", "x")
-    return _clamp_into_ball(x, c, margin)
+    return _project(x, c, margin)
 
 
 def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: bool = False) -> Tensor:
@@ -517,9 +624,11 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
 
         m = \tfrac12 \otimes_c \frac{\sum_i w_i \lambda_{x_i} x_i}{\sum_i w_i (\lambda_{x_i} - 1)}
 
-    (Ungar 2008, eq. 6.91; the Einstein midpoint of the Klein model, mapped to the ball).
-    ``x`` has shape ``(*batch, m, n)``, ``weights`` ``(*batch, m)`` (non-negative, not all
-    zero; default equal), the result ``(*batch, n)``. For two points it is the midpoint of the
+    (Ungar 2008, eq. 6.91; the Einstein midpoint of the Klein model, mapped to the ball),
+    evaluated without the Klein point, whose gap is the square of the ball's (Note [the Einstein
+    midpoint at the boundary]): accurate near the boundary, and the midpoint of one point is
+    that point. ``x`` has shape ``(*batch, m, n)``, ``weights`` ``(*batch, m)`` (non-negative, not
+    all zero; default equal), the result ``(*batch, n)``. For two points it is the midpoint of the
     geodesic; it commutes with the ball's isometries (Möbius gyrotranslations and rotations).
     """
     c = _check_c(c, "weighted_midpoint")
@@ -530,11 +639,27 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
         raise ManifoldError(
             f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}), got {describe(w)}."
         )
-    g = _gap(x, c)
     w = w.unsqueeze(-1)
-    num = (w * (2.0 / g) * x).sum(-2)
-    den = (w * (1.0 + c * _sq(x)) / g).sum(-2)
-    return mobius_scalar_mul(0.5, num / den, c=c)
+    a = w / _gap(x, c)  # w_i λ_i / 2
+    A, W = a.sum(-2), w.sum(-2)
+    mu = (a * x).sum(-2) / A
+    Q = W * W + 4.0 * c * A * (a * _sq(x - mu.unsqueeze(-2))).sum(-2)  # Note [the Einstein midpoint at the boundary]
+    den = 2.0 * A - W
+    return _project(2.0 * A * mu / (den + torch.copysign(torch.sqrt(Q), den)), c)
+
+
+# Note [the Einstein midpoint at the boundary]
+# The textbook midpoint ½ ⊗ (N/D), N = Σ w_i λ_i x_i, D = Σ w_i (λ_i − 1), goes through the Klein
+# point k = N/D, whose gap 1 − c‖k‖² is the *square* of the Poincaré gap: lost to rounding once
+# it is below ε (a float32 point at radius 0.9999, alone, came back 1.24 away, float64 at
+# 1 − 1e-12 9.61 away). But ½ ⊗ k = k/(1 + √(1 − c‖k‖²)) = N/(D + √Q) with Q = D² − c‖N‖², and Q
+# is −c⟨S, S⟩_L of the Lorentz sum S = Σ w_i X_i of the points (X_i = poincare_to_lorentz(x_i)):
+#   Q = Σ_ij w_i w_j cosh(√c d_ij) = W² + 2c Σ_ij α_i α_j ‖x_i − x_j‖² = W² + 4cA Σ_i α_i ‖x_i − μ‖²
+# with W = Σ w_i, α_i = w_i/g_i, A = Σ α_i, μ = Σ α_i x_i / A (cosh(√c d) = 1 + 2c‖x − y‖²/(g_x g_y)),
+# and N = 2Aμ, D = 2A − W. For non-negative weights every sum has terms of one sign, so each
+# quantity is accurate to rounding and the midpoint is as accurate as the points (of one point it
+# is the point itself, to rounding). √Q takes the sign of D, so the map keeps the textbook form's
+# invariance w → −w; weights for which Q < 0 (the Klein point outside the ball) give NaN.
 
 
 def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
@@ -548,7 +673,7 @@ def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     point at ball radius 0.99999 (distance 12.2) was accepted by ``Lorentz.contains`` and at
     ``Lorentz.dist`` 0 from one at 0.999 (4.6 in the ball). Farther points: the ball, or float64.
     """
-    from .spaces._lorentz import _cap, _max_distance  # (that module imports this one)
+    from .spaces._lorentz import _max_distance  # (that module imports this one)
 
     c = _check_c(c, "poincare_to_lorentz")
     _check_vec(x, "poincare_to_lorentz", "x")
@@ -562,10 +687,11 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The inverse of :func:`poincare_to_lorentz`: :math:`(x_0, \bar x) \mapsto \bar x / (1 + \sqrt c\,x_0)`.
 
     ``x`` on the hyperboloid :math:`-x_0^2 + \|\bar x\|^2 = -1/c`, ``x_0 > 0``; the result is
-    clamped into the ball's margin.
+    clamped into the ball's margin (NaN where ``x`` has a NaN or inf entry).
     """
     c = _check_c(c, "lorentz_to_poincare")
     _check_vec(x, "lorentz_to_poincare", "x")
     if x.shape[-1] < 2:
         raise ManifoldError(f"geofunc.hyperbolic.lorentz_to_poincare: expected vectors (..., n + 1) with n ≥ 1, got {describe(x)}.")
-    return _clamp_into_ball(x[..., 1:] / (1.0 + _sqrt_c(c) * x[..., :1]), c)
+    # (an inf x₀ would give the plausible point 0: poisoned, Note [NaN policy])
+    return _project(x[..., 1:] / (1.0 + _sqrt_c(c) * x[..., :1]), c) + poison(x, ndim=1)

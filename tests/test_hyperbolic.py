@@ -502,3 +502,276 @@ def test_lorentz_logmap_and_transport_second_derivatives_at_coincident_points(ge
         for how, H in _second_derivatives(loss, Z).items():
             assert torch.isfinite(H).all(), (name, how)
             torch.testing.assert_close(H, fd, atol=1e-6 * max(1.0, float(fd.abs().amax())), rtol=0, msg=f"{name}: {how}")
+
+
+# ------------------------------------------- against a 60-digit oracle (found by a fuzz pass)
+# Each test below failed on the code before it: the oracle is the textbook closed form in mpmath
+# at 60 digits, evaluated at the very (float) inputs geofunc received, or an exact identity.
+pytest.importorskip("mpmath")
+from mpmath.ctx_mp import MPContext  # noqa: E402
+
+mp = MPContext()  # a context of its own: 60 digits here, the global mpmath.mp untouched
+mp.dps = 60
+
+
+class _Exact:
+    """Ungar's closed forms at 60 digits (no rewriting: the precision resolves every cancellation)."""
+
+    def __init__(self, c):
+        self.c = mp.mpf(c)
+
+    @staticmethod
+    def vec(x):
+        return [mp.mpf(float(t)) for t in x]
+
+    @staticmethod
+    def dot(a, b):
+        return mp.fsum(x * y for x, y in zip(a, b))
+
+    def add(self, x, y):
+        c, xy, x2, y2 = self.c, self.dot(x, y), self.dot(x, x), self.dot(y, y)
+        den = 1 + 2 * c * xy + c * c * x2 * y2
+        return [((1 + 2 * c * xy + c * y2) * a + (1 - c * x2) * b) / den for a, b in zip(x, y)]
+
+    def dist(self, x, y):
+        w = self.add([-t for t in x], y)
+        return 2 / mp.sqrt(self.c) * mp.atanh(mp.sqrt(self.c * self.dot(w, w)))
+
+    def expmap(self, x, v):
+        sc, nv = mp.sqrt(self.c), mp.sqrt(self.dot(v, v))
+        lam = 2 / (1 - self.c * self.dot(x, x))
+        return self.add(x, [mp.tanh(sc * lam * nv / 2) / (sc * nv) * t for t in v])
+
+    def clamp(self, x, dtype):
+        """The stated clamp: ``x`` radially into ``√c‖x‖ ≤ 1 − ball_margin(dtype)``, as floats."""
+        m = 1 - mp.mpf(hyp.ball_margin(dtype))
+        r = mp.sqrt(self.c * self.dot(x, x))
+        return torch.tensor([float(t * m / r if r > m else t) for t in x], dtype=dtype)
+
+    def gyr(self, u, v, w):
+        return self.add([-t for t in self.add(u, v)], self.add(u, self.add(v, w)))
+
+    def midpoint(self, xs, ws):
+        num, den = [mp.mpf(0)] * len(xs[0]), mp.mpf(0)
+        for x, w in zip(xs, ws):
+            lam = 2 / (1 - self.c * self.dot(x, x))
+            num = [a + w * lam * b for a, b in zip(num, x)]
+            den += w * (lam - 1)
+        k = [t / den for t in num]  # the Klein point; ½ ⊗ k:
+        nk = mp.sqrt(self.c * self.dot(k, k))
+        return [mp.tanh(mp.atanh(nk) / 2) / nk * t for t in k]
+
+
+def _unit(n, generator):
+    u = torch.randn(n, generator=generator, dtype=F64)
+    return u / torch.linalg.vector_norm(u)
+
+
+@pytest.mark.parametrize("c", [1.0, 0.4])
+def test_expmap_beyond_the_tanh_cap_is_the_exact_map_then_the_clamp(c, generator):
+    """θ = √c λ_x‖v‖/2 > 40: the cap used to clamp θ inside tanh(θ)/θ without rescaling v, so the
+    second summand left the ball (exp_0([50, 0, 0]) was [0.8, 0, 0], distance 2.2 instead of 34.7;
+    the direction was wrong for x ≠ 0; not monotone in ‖v‖). Now: the exact map, clamped."""
+    E, sc = _Exact(c), math.sqrt(c)
+    B = gf.PoincareBall(c=c)
+    xs = [torch.zeros(3, dtype=F64), torch.tensor([0.999, 0.0, 0.0], dtype=F64), torch.tensor([0.3, 0.2, 0.0], dtype=F64)]
+    xs += [0.9 * _unit(3, generator) for _ in range(3)]
+    for x in xs:
+        x = x / sc
+        lam = float(hyp.conformal_factor(x, c=c))
+        for direction in (torch.tensor([-60.0, 10.0, 5.0], dtype=F64), _unit(3, generator)):
+            u = direction / torch.linalg.vector_norm(direction)
+            last = -1.0
+            for theta in (10.0, 30.0, 39.9, 40.1, 45.0, 50.0, 100.0, 1e4, 1e12):
+                v = (2 * theta / (sc * lam)) * u
+                got = hyp.expmap(x, v, c=c)
+                ref = E.clamp(E.expmap(E.vec(x), E.vec(v)), F64)
+                torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+                for out in (B.expmap(x, v), B.retract(x, v), B.to_manifold(v, x)):
+                    torch.testing.assert_close(out, got, atol=1e-15, rtol=0)
+                # monotone along the ray, up to the rounding of points at the clamp (~2ε/δ = 0.25)
+                d = float(hyp.dist(x, got, c=c))
+                assert d >= last - 0.3 / sc, (theta, d, last)
+                last = max(last, d)
+            # finite derivatives beyond the cap, in v and in x
+            vv, xx = v.clone().requires_grad_(), x.clone().requires_grad_()
+            gv, gx = torch.autograd.grad((hyp.expmap(xx, vv, c=c) * u.flip(0)).sum(), (vv, xx))
+            assert bool(torch.isfinite(gv).all() and torch.isfinite(gx).all())
+            assert bool(torch.isfinite(hessian(lambda w: (hyp.expmap(x, w, c=c) * u.flip(0)).sum())(v)).all())
+    # float32: the boundary point of the geodesic, in the direction of the exact map
+    x = torch.tensor([0.3, 0.2, 0.0]) / sc
+    v = torch.tensor([-60.0, 10.0, 5.0])
+    torch.testing.assert_close(hyp.expmap(x, v, c=c), E.clamp(E.expmap(E.vec(x), E.vec(v)), F32), atol=1e-6, rtol=0)
+
+
+def test_lorentz_expmap_beyond_the_cap_keeps_the_exact_direction():
+    """‖v‖_L/√k > 40: cosh and sinh θ/θ were taken at 40 while v kept its length, so the mix of x and
+    v (the direction of the result) was off (0.4° at 41, 19° at 100). Now the result is the capped
+    point in the direction of the exact exponential."""
+    for k in (1.0, 2.0):
+        H = gf.Lorentz(k=k)
+        x = H.to_manifold(torch.tensor([0.0, 2.0, 0.0], dtype=F64))
+        u = H.tangent(x, torch.tensor([0.0, 0.0, 1.0], dtype=F64))
+        u = u / H.inner(x, u, u).sqrt()
+        X = _Exact.vec(x)
+        for s in (30.0, 41.0, 60.0, 100.0, 1e3, 1e12):
+            v = s * math.sqrt(k) * u
+            V = _Exact.vec(v)
+            th = mp.mpf(s)
+            e = [mp.cosh(th) * a + mp.sinh(th) / th * b for a, b in zip(X[1:], V[1:])]
+            ne = mp.sqrt(_Exact.dot(e, e))
+            got = H.expmap(x, v)
+            gb = got[1:] / torch.linalg.vector_norm(got[1:])
+            torch.testing.assert_close(gb, torch.tensor([float(t / ne) for t in e], dtype=F64), atol=1e-12, rtol=0)
+            assert bool(H.contains(got))
+
+
+@pytest.mark.parametrize(("dtype", "gap"), [(F32, 1e-4), (F32, 1e-5), (F32, 1e-6), (F64, 1e-9), (F64, 1e-12)])
+def test_gyration_near_the_boundary(dtype, gap, generator):
+    """gyr[u, v] w for u ≈ −v near the boundary: A and B of Ungar's form are differences of O(c)
+    numbers (float32 at √c‖u‖ = 0.99999: gyr[u, −u] w had norm 147.8 for ‖w‖ = 0.79; float64 at
+    1 − 1e-9: relative error 79). Oracle: gyr[u, −u] = identity, and the 60-digit closed form."""
+    E = _Exact(1.0)
+    eps = torch.finfo(dtype).eps
+    # float64 gaps are computed in float64 (relative error ε/gap, the conditioning in the inputs)
+    tol = 2e-6 if dtype == F32 else 100 * eps / gap
+    for _ in range(6):
+        u = (_unit(3, generator) * math.sqrt(1 - gap)).to(dtype)
+        w = torch.randn(3, generator=generator, dtype=F64).to(dtype)
+        assert torch.equal(hyp.gyration(u, -u, w), w)
+        for eta in (1e-3, 1.0, 30.0):
+            v = -(u.double() + eta * gap * torch.randn(3, generator=generator, dtype=F64))
+            v = (v / torch.linalg.vector_norm(v) * math.sqrt(1 - 2 * gap)).to(dtype)
+            ref = torch.tensor([float(t) for t in E.gyr(E.vec(u), E.vec(v), E.vec(w))], dtype=F64)
+            got = hyp.gyration(u, v, w).double()
+            torch.testing.assert_close(got, ref, atol=tol * float(torch.linalg.vector_norm(w)), rtol=0)
+
+
+@pytest.mark.parametrize(("dtype", "gap"), [(F32, 1e-3), (F32, 1e-4), (F32, 1e-5), (F64, 1e-9), (F64, 1e-12)])
+def test_weighted_midpoint_near_the_boundary(dtype, gap, generator):
+    """The Klein point of the textbook form has gap (Poincaré gap)², lost to rounding: the midpoint
+    of one point at radius 0.9999 (float32) came back 1.24 away, 9.61 at 1 − 1e-12 (float64).
+    Oracle: the midpoint of one point (or of weights (0, 1)) is that point; the 60-digit closed form."""
+    eps = torch.finfo(dtype).eps
+    for _ in range(4):
+        y = (_unit(3, generator) * math.sqrt(1 - gap)).to(dtype)
+        x = torch.tensor([0.05, 0.0, 0.0], dtype=dtype)
+        for m in (hyp.weighted_midpoint(y[None]), hyp.weighted_midpoint(torch.stack([x, y]), torch.tensor([0.0, 1.0], dtype=dtype)),
+                  hyp.weighted_midpoint(torch.stack([y, y, y]), torch.tensor([0.2, 3.0, 0.7], dtype=dtype))):
+            torch.testing.assert_close(m, y, atol=4 * eps, rtol=0)
+    if dtype == F64:
+        return  # (several float64 points: the float64 gaps' rounding ε/gap dominates, as in every map)
+    E = _Exact(1.0)
+    for spread in (1e-3, 1e-2, 0.3):
+        d = _unit(3, generator)
+        xs = d + spread * torch.randn(5, 3, generator=generator, dtype=F64)
+        gaps = gap * (1 + 3 * torch.rand(5, 1, generator=generator, dtype=F64))
+        xs = (xs / torch.linalg.vector_norm(xs, dim=-1, keepdim=True) * (1 - gaps).sqrt()).to(dtype)
+        w = torch.rand(5, generator=generator, dtype=F64).to(dtype)
+        ref = E.midpoint([E.vec(t) for t in xs], E.vec(w))
+        lam = 2 / (1 - E.dot(ref, ref))
+        err = E.dist(E.vec(hyp.weighted_midpoint(xs, w)), ref)
+        assert float(err) <= 20 * eps * float(lam), (spread, float(err), 20 * eps * float(lam))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_lorentz_expmap_is_as_accurate_as_the_map_is_conditioned(dtype, generator):
+    """Long steps toward the origin: cosh θ x + sinh θ v/θ cancels terms of size x₀ sinh θ, and θ
+    from ⟨v, v⟩_L = ‖v̄‖² − v₀² carried a relative error ε x₀², so the sum left the geodesic (float64,
+    d(o, x) = 12: exp_x(log_x(y)) 24 away from y, the exact map of the same v 1.7e-3 away). The
+    map now goes through the origin (Note [the exponential map through the origin]): its distance
+    from the 60-digit exponential of the same stored x, v is within a few ε x₀ sinh θ, the rounding
+    that the map's conditioning amplifies (it was up to 1e7 times that)."""
+    eps = torch.finfo(dtype).eps
+    for k in (1.0, 2.0):
+        H, sk = gf.Lorentz(k=k), math.sqrt(k)
+        for D in ((2.0, 4.0, 6.0) if dtype == F32 else (4.0, 8.0, 12.0)):
+            for ratio in (0.0, 0.7, 1.0):
+                p = _unit(4, generator) * math.tanh(D / 2) * sk
+                q = _unit(4, generator) * math.tanh(ratio * D / 2) * sk
+                x, y = hyp.poincare_to_lorentz(p.to(dtype), c=1 / k), hyp.poincare_to_lorentz(q.to(dtype), c=1 / k)
+                v = H.logmap(x, y)
+                # the exact map of the stored spatial parts (x₀ and v₀ as the hyperboloid and tangency fix them)
+                xb, vb = _Exact.vec(x[1:]), _Exact.vec(v[1:])
+                x0 = mp.sqrt(k + _Exact.dot(xb, xb))
+                v0 = _Exact.dot(xb, vb) / x0
+                th = mp.sqrt(_Exact.dot(vb, vb) - v0 * v0) / sk
+                ch, shc = mp.cosh(th), mp.sinh(th) / th
+                e = [ch * x0 + shc * v0] + [ch * a + shc * b for a, b in zip(xb, vb)]
+                got = _Exact.vec(H.expmap(x, v)[1:])
+                got = [mp.sqrt(k + _Exact.dot(got, got))] + got
+                u = (mp.fsum(a * b for a, b in zip(got[1:], e[1:])) - got[0] * e[0]) / -k  # cosh of the distance / √k
+                err = float(sk * mp.acosh(max(u, mp.mpf(1))))
+                bound = 10 * eps * float(x0 / sk) * float(mp.sinh(th)) + 1e-12
+                assert err <= bound, (k, D, ratio, err, bound)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_huge_finite_inputs_give_boundary_points(dtype):
+    """‖y‖² overflowed (1e20 in float32, 1e155 in float64) and m/√inf = 0 made a huge finite input
+    the origin: project, expmap0, r ⊗ x, M ⊗ x, expmap. Now the boundary point in its direction
+    (Note [norms without overflow]), with finite gradients."""
+    B = gf.PoincareBall()
+    m = 1 - hyp.ball_margin(dtype)
+    x = torch.tensor([0.5, -0.2, 0.1], dtype=dtype)
+    xhat = x.double() / torch.linalg.vector_norm(x.double())
+    scales = [1e20, 1e30, 3e38] if dtype == F32 else [1e155, 1e200, 1e300, 1.7e308]
+    for s in scales:
+        v = torch.tensor([1.0, 1.0, -0.5], dtype=dtype) * s
+        vhat = torch.tensor([1.0, 1.0, -0.5], dtype=F64) / 1.5
+        cases = {
+            "project": (hyp.project(v), vhat),
+            "PoincareBall.project": (B.project(v), vhat),
+            "expmap0": (hyp.expmap0(v), vhat),
+            "to_manifold": (B.to_manifold(v), vhat),
+            "scalar_mul": (hyp.mobius_scalar_mul(s, x), xhat),
+            "scalar_mul (negative, tensor)": (hyp.mobius_scalar_mul(torch.tensor(-s, dtype=dtype), x), -xhat),
+            "matvec": (hyp.mobius_matvec(torch.eye(3, dtype=dtype) * (s / 10), x), xhat),
+        }
+        for name, (out, direction) in cases.items():
+            assert bool(torch.isfinite(out).all()) and bool(B.contains(out)), (name, s)
+            torch.testing.assert_close(out.double(), m * direction, atol=8 * torch.finfo(dtype).eps, rtol=0, msg=f"{name} at {s:g}")
+        # exp_x of a huge v: the exact map's boundary point, as for θ just above the cap
+        ref = hyp.expmap(x, (100 * vhat).to(dtype))
+        torch.testing.assert_close(hyp.expmap(x, v), ref, atol=8 * torch.finfo(dtype).eps, rtol=0)
+        torch.testing.assert_close(B.to_manifold(v, x), ref, atol=8 * torch.finfo(dtype).eps, rtol=0)
+        vv = v.clone().requires_grad_()
+        for f in (lambda w: hyp.expmap(x, w), lambda w: hyp.expmap0(w), lambda w: hyp.project(w)):
+            (g,) = torch.autograd.grad((f(vv) * x).sum(), vv)
+            assert bool(torch.isfinite(g).all())
+    # huge r against a tiny x, whose ‖x‖² underflows: r ⊗ x = tanh(r artanh‖x‖) x/‖x‖ (tanh(1) e₁)
+    tiny = 1e-25 if dtype == F32 else 1e-160
+    for r in (1.0 / tiny, torch.tensor(1.0 / tiny, dtype=dtype)):
+        out = hyp.mobius_scalar_mul(r, torch.tensor([tiny, 0.0, 0.0], dtype=dtype))
+        torch.testing.assert_close(out.double(), torch.tensor([math.tanh(1.0), 0.0, 0.0], dtype=F64),
+                                   atol=4 * torch.finfo(dtype).eps, rtol=0)
+    # Lorentz: huge raw tensors stay finite points at the distance cap, in the exact direction
+    H = gf.Lorentz()
+    Z = torch.tensor([0.0, 1.0, 1.0, -0.5], dtype=dtype) * scales[1]
+    X = H.to_manifold(Z)
+    assert bool(H.contains(X)) and bool(torch.isfinite(X).all())
+    torch.testing.assert_close(X[1:].double() / torch.linalg.vector_norm(X[1:].double()), vhat, atol=1e-6, rtol=0)
+
+
+def test_poincare_metric_at_non_finite_points_is_nan():
+    """egrad_to_rgrad and inner read X through its gap, clamped at ε: X = [0.1, inf] gave
+    3.6e-15·G, a plausible finite gradient (Note [NaN policy]). Non-finite X gives NaN; a finite X
+    on or outside the boundary reads as a point at the float boundary, as in every other map."""
+    B = gf.PoincareBall()
+    G = torch.tensor([1.0, -2.0])
+    for bad in (torch.tensor([0.1, math.inf]), torch.tensor([math.nan, 0.0]), torch.tensor([-math.inf, 0.0])):
+        assert bool(torch.isnan(B.egrad_to_rgrad(bad, G)).all())
+        assert bool(torch.isnan(B.inner(bad, G, G)))
+        assert bool(torch.isnan(B.tangent(bad, G)).all())
+        assert bool(torch.isnan(hyp.conformal_factor(bad)).all())
+    # finite, on or outside the boundary: the clamped gap ε (as dist, logmap and transport read it)
+    eps = torch.finfo(F32).eps
+    for out in (torch.tensor([0.1, 5.0]), torch.tensor([1.0, 0.0])):
+        torch.testing.assert_close(B.egrad_to_rgrad(out, G), 0.25 * eps**2 * G)
+        torch.testing.assert_close(B.inner(out, G, G), 4.0 * (G * G).sum() / eps**2)
+    # lorentz_to_poincare of an inf x₀ was the plausible point 0
+    assert bool(torch.isnan(hyp.lorentz_to_poincare(torch.tensor([math.inf, 1.0, 0.0]))).all())
+    # and a batch keeps its finite rows
+    X = torch.tensor([[0.1, 0.2], [0.1, math.inf]])
+    rg = B.egrad_to_rgrad(X, G.expand(2, 2))
+    assert bool(torch.isfinite(rg[0]).all()) and bool(torch.isnan(rg[1]).all())

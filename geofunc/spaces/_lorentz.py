@@ -10,7 +10,7 @@ from typing import ClassVar, Optional, final
 import torch
 
 from .._errors import describe, error
-from ..hyperbolic import _arcoshc, _ARG_MAX, _cosh_sinhc
+from ..hyperbolic import _arcoshc, _ARG_MAX, _cap, _cosh, _scaled, _sinhc
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Lorentz"]
@@ -46,43 +46,43 @@ def _max_distance(dtype: torch.dtype) -> float:
 # distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (15.2 in float32).
 
 
-def _max_norm(dtype: torch.dtype) -> float:
-    """``√max / 10³``: vectors are capped at this Euclidean norm, so that squared norms stay finite."""
-    return math.sqrt(torch.finfo(dtype).max) * 1e-3
-
-
-def _cap(Y: Tensor, bound: float) -> Tensor:
-    """``Y`` rescaled to Euclidean norm ``≤ bound`` (last dim), without overflow in the norm.
-
-    The norm is taken of ``Y / max|Y|`` (its squares cannot overflow); where ``Y`` is within the
-    bound nothing changes (value and derivatives). NaN or inf entries give NaN.
-    """
-    m = Y.detach().abs().amax(-1, keepdim=True)
-    one = torch.ones_like(m)
-    # Certainly inside (‖Y‖ ≤ √d·max|Y|): the square root is taken of 1 there, not of the sum of
-    # squares, whose root has an infinite derivative at Y = 0 (the chart centre): a double backward
-    # through vector_norm was NaN there, though the norm's value is never used inside the bound.
-    sure = m * math.sqrt(Y.shape[-1]) <= bound  # False for NaN and inf
-    Ys = Y / torch.where(m > 0, m, one)
-    norm = m * torch.sqrt(torch.where(sure, one, (Ys * Ys).sum(-1, keepdim=True)))
-    inside = sure | (norm <= bound)  # False for NaN (and for inf entries: inf/inf)
-    return Y * torch.where(inside, one, bound / torch.where(inside, one, norm))
-
-
 # Note [Derivatives at the boundary of a clamp]
-# Several Minkowski forms here are ≥ 0 in exact arithmetic and clamped at 0 against rounding:
-# ⟨v, v⟩_L of a tangent vector (0 at the chart centre v = 0, the point where every step after a
-# rebase is differentiated) and ⟨x − y, x − y⟩_L (0 at y = x). The clamp's derivative exactly at
-# its bound is a convention that torch changed: 1 up to 2.13, 0 from 2.14 (and 0.5 for a tensor
-# bound), so on torch 2.14 the hessian of the chart at its centre lost the cosh″ term (2.3 off in
-# float64; tests/test_conformance.py's hessian at Z = 0 caught it). These forms are quadratic at
-# 0, so their first derivative vanishes there either way, but the second does not: _nonneg keeps
-# the identity's derivative at 0 on every version (where(t < 0, 0, t) selects t itself at 0).
+# Minkowski forms that are ≥ 0 in exact arithmetic are clamped at 0 against rounding: ⟨x − y,
+# x − y⟩_L (0 at y = x), and formerly ⟨v, v⟩_L of a tangent vector in expmap (0 at the chart
+# centre v = 0, the point where every step after a rebase is differentiated; expmap now takes θ²
+# as a sum of squares, Note [the exponential map through the origin]). The clamp's derivative
+# exactly at its bound is a convention that torch changed: 1 up to 2.13, 0 from 2.14 (and 0.5 for
+# a tensor bound), so on torch 2.14 the hessian of the chart at its centre lost the cosh″ term (2.3
+# off in float64; tests/test_conformance.py's hessian at Z = 0 caught it). These forms are
+# quadratic at 0, so their first derivative vanishes there either way, but the second does not:
+# _nonneg keeps the identity's derivative at 0 on every version (where(t < 0, 0, t) selects t
+# itself at 0), and no other clamp may sit at such a point.
 def _nonneg(t: Tensor) -> Tensor:
     """``max(t, 0)`` with derivative 1 at ``t = 0`` on every torch version (NaN stays NaN)."""
     return torch.where(t < 0, torch.zeros_like(t), t)
 
 
+# Note [the exponential map through the origin]
+# exp_x(v) = cosh θ x + sinh θ v/θ (θ = ‖v‖_L/√k; k = 1 below) adds terms of size x₀ sinh θ that
+# cancel to a point of size y₀ when the geodesic heads back toward the origin, so θ must agree with
+# the v it multiplies to ~ε. But θ² = ‖v̄‖² − v₀² is itself a difference of terms of size (θx₀)²:
+# its relative error ~ε x₀² put the sum off the geodesic by ~ε x₀³ sinh θ. In float64 at
+# d(o, x) = 12, exp_x(log_x(y)) for y at d(o, y) = 8.4 was 24 away from y, where the exact map of
+# the same stored v is 1.7e-3 away (float32 at d = 6: 11 against 3.9e-2); the error was up to 1e7
+# times the map's own conditioning. So the map goes through the origin. The boost B_x (the isometry
+# o ↦ x that fixes the directions orthogonal to x̄) takes v to w = B_x⁻¹v = (0, v̄ − βx̄) with
+# β = ⟨x̄, v̄⟩/(x₀(x₀ + 1)) (v₀ = ⟨x̄, v̄⟩/x₀ by tangency), θ = ‖w‖ is a sum of squares, and
+#   exp_x(v) = B_x exp_o(w):   ȳ = z̄ + (⟨x̄, z̄⟩/(x₀ + 1) + cosh θ) x̄,   z̄ = sinh θ w/θ
+# (with k: β = ⟨x̄, v̄⟩/(x₀(x₀ + √k)), θ = ‖w‖/√k, ⟨x̄, z̄⟩/(√k(x₀ + √k))). Whatever w's rounding,
+# this is the exact exponential of the tangent vector B_x w, so θ and the direction always agree:
+# an error of w along the geodesic moves the point along it (by ~ε x₀ θ), one across it is of
+# the size of v's own rounding (ε‖v‖ ~ ε x₀ θ, which exp_x amplifies by sinh θ/θ). What is left is
+# the rounding of the two terms of ȳ, ~ε x₀ sinh θ: the map's own conditioning (measured: at most
+# 3·ε x₀ sinh θ from the exact map of the same stored x, v, against up to 1e7· before;
+# tests/test_hyperbolic.py). The map reads v̄ alone (v₀ is implied by tangency, as the result's
+# ȳ₀ is by the hyperboloid), and in exact arithmetic it is the same function of a tangent v, so
+# derivatives in v (and in Z of to_manifold) are unchanged. At the origin (base None, sample)
+# x̄ = 0 and it is z̄ alone.
 def _minkowski(U: Tensor, V: Tensor) -> Tensor:
     """``⟨U, V⟩_L = −U₀V₀ + Σ_{i≥1} U_i V_i`` along the last dim, keepdim."""
     P = U * V
@@ -134,8 +134,13 @@ class Lorentz(AbstractSpace):
     * ``sample``: the wrapped normal at the origin, ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``
       (Riemannian units: ``d(o, x) = ‖v‖``, ``E d(o, x)² = 1``); rotation invariant.
 
-    Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap``, vectors at Euclidean norm
-    ``√max/10³``, and every point returned is kept within distance ``T√k`` of the origin
+    ``expmap`` goes through the origin (``B_x exp_o(B_x⁻¹ v)`` with the boost ``B_x``: Note [the
+    exponential map through the origin]), so its error is that of the map's own conditioning,
+    ``~ε x₀ sinh(‖v‖_L/√k)``, and it reads the spatial part ``v̄`` of ``v`` (``v₀`` is implied by tangency).
+
+    Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap`` (``v`` rescaled along itself, so the
+    direction is the exact one; no intermediate overflows for any finite ``v``), and every point
+    returned is kept within distance ``T√k`` of the origin
     (``‖x̄‖ ≤ √k sinh T``, ``T = ½ log(1/ε) + log 2``: 8.66 in float32 and bfloat16, 18.7 in
     float64, 7.1 in float16), beyond which the rounding of ``⟨·,·⟩_L`` exceeds the quantities it
     measures (relative error ``ε x₀²``). Membership: the relative residual
@@ -177,29 +182,48 @@ class Lorentz(AbstractSpace):
     # ------------------------------------------------------------------ maps
     def _vertical(self, Y: Tensor) -> Tensor:
         """``(√(k + ‖ȳ‖²), ȳ)`` with ``ȳ`` capped at ``‖ȳ‖ ≤ √k sinh T`` (:func:`_max_distance`)."""
-        ys = _cap(Y[..., 1:], math.sqrt(self.k) * math.sinh(_max_distance(Y.dtype)))
+        return self._lift(Y[..., 1:])
+
+    def _lift(self, yb: Tensor) -> Tensor:
+        """The point ``(√(k + ‖ȳ‖²), ȳ)`` of the spatial part ``ȳ``, capped at ``‖ȳ‖ ≤ √k sinh T``."""
+        ys = _cap(yb, math.sqrt(self.k) * math.sinh(_max_distance(yb.dtype)))
         return torch.cat([torch.sqrt(self.k + (ys * ys).sum(-1, keepdim=True)), ys], dim=-1)
 
     def _tangent(self, X: Tensor, G: Tensor) -> Tensor:
         return G - (_minkowski(X, G) / (X * X).sum(-1, keepdim=True)) * _flip(X)
 
-    def _expmap(self, X: Tensor, V: Tensor) -> Tensor:
+    def _exp_origin(self, ws: Tensor, s: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sinh θ/θ · w, θ²)`` for ``w = s·ws`` (``q = ‖ws‖²``; Note [norms without overflow] in
+        ``geofunc/hyperbolic.py``), ``θ = ‖w‖/√k`` capped at 40 (the stated clamp): beyond it ``w`` is
+        rescaled along itself, so that the direction of the result is the exact one."""
         k = self.k
-        V = _cap(V, _max_norm(V.dtype))
-        t = _nonneg(_minkowski(V, V) / k).clamp(max=_ARG_MAX * _ARG_MAX)  # (‖v‖_L/√k)², ≥ 0 up to rounding
-        cosh, sinhc = _cosh_sinhc(t)
-        return self._vertical(cosh * X + sinhc * V)
+        inside = q <= (_ARG_MAX * _ARG_MAX * k) / (s * s)
+        s = torch.where(inside, s, 1.0)
+        t = torch.where(inside, (s * s) * q / k, _ARG_MAX * _ARG_MAX)  # θ², ≥ 0 exactly
+        f = torch.where(inside, s, (_ARG_MAX * math.sqrt(k)) / torch.sqrt(torch.where(inside, 1.0, q)))
+        return ws * (_sinhc(t) * f), t
+
+    def _expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        # Note [the exponential map through the origin]; v̄ = s·vs (Note [norms without overflow]).
+        sk = math.sqrt(self.k)
+        x0, xb = X[..., :1], X[..., 1:]
+        h = x0 + sk
+        vs, s, _ = _scaled(V[..., 1:])
+        ws = vs - ((xb * vs).sum(-1, keepdim=True) / (x0 * h)) * xb  # the transport of v to the origin, /s
+        zb, t = self._exp_origin(ws, s, (ws * ws).sum(-1, keepdim=True))  # the spatial part of exp_o(w)
+        return self._lift(zb + ((xb * zb).sum(-1, keepdim=True) / (sk * h) + _cosh(t)) * xb)
+
+    def _expmap_origin(self, Vb: Tensor) -> Tensor:
+        """``expmap(o, (0, v̄))`` from the spatial part ``v̄``: ``(√k cosh θ, √k sinh θ v̄/‖v̄‖)``, ``θ = ‖v̄‖/√k``."""
+        return self._lift(self._exp_origin(*_scaled(Vb))[0])
 
     def to_manifold(self, Z: Tensor, base: Optional[Tensor] = None) -> Tensor:
         """``expmap(base, tangent(base, Z))``; ``base=None`` is the origin ``(√k, 0, …, 0)``."""
         self._check_shape(Z, "Z")
         if base is None:
-            X = self._origin(Z).expand(Z.shape)
-            V = torch.cat([torch.zeros_like(Z[..., :1]), Z[..., 1:]], dim=-1)
-        else:
-            self._require_base(Z, base)
-            X, V = base, self._tangent(base, Z)
-        return self._expmap(X, V)
+            return self._expmap_origin(Z[..., 1:])
+        self._require_base(Z, base)
+        return self._expmap(base, self._tangent(base, Z))
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
@@ -226,7 +250,10 @@ class Lorentz(AbstractSpace):
         return self._expmap(X, self._tangent(X, V))
 
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
-        """``cosh(‖V‖_L/√k) X + √k sinh(‖V‖_L/√k) V/‖V‖_L`` for tangent ``V``, then the vertical projection."""
+        """``cosh(‖V‖_L/√k) X + √k sinh(‖V‖_L/√k) V/‖V‖_L`` for tangent ``V``, then the vertical projection.
+
+        Evaluated as ``B_X exp_o(B_X⁻¹ V)`` from ``V``'s spatial part (Note [the exponential map
+        through the origin]): accurate to the map's own conditioning far from the origin."""
         self._check_pair(X, V, "V")
         return self._expmap(X, V)
 
@@ -276,8 +303,7 @@ class Lorentz(AbstractSpace):
         """The wrapped normal at the origin: ``expmap(o, (0, v))``, ``v ~ N(0, I/n)``."""
         shape = self._sample_shape(shape, dtype)
         v = _gaussian(shape, generator, dtype, device)
-        V = torch.cat([torch.zeros_like(v[..., :1]), v[..., 1:]], dim=-1) / math.sqrt(shape[-1] - 1)
-        return self._expmap(self._origin(V).expand(V.shape), V)
+        return self._expmap_origin(v[..., 1:] / math.sqrt(shape[-1] - 1))
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         q = _minkowski(X, X).squeeze(-1)

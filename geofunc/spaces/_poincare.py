@@ -11,6 +11,7 @@ import torch
 
 from .. import hyperbolic as hyp
 from .._errors import describe, error
+from .._linalg import poison
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["PoincareBall"]
@@ -53,7 +54,9 @@ class PoincareBall(AbstractSpace):
       step of size ``η λ_x²`` (the chart is not an isometry at its centre: ``λ_x ≠ 1``).
     * ``tangent(X, G) = G`` (an open subset of ``ℝⁿ``: every vector is tangent; Euclidean
       orthogonal projection); ``egrad_to_rgrad(X, G) = G / λ_x² = ((1 − c‖x‖²)²/4) G``;
-      ``inner(X, U, V) = λ_x² ⟨U, V⟩``.
+      ``inner(X, U, V) = λ_x² ⟨U, V⟩`` (the gap clamped at ``≥ ε``, as in every map: a finite
+      ``X`` on or outside the boundary reads as a point at the float boundary; NaN at a
+      non-finite ``X``: Note [the metric off the ball]).
     * ``retract = expmap`` (exact); ``transport`` = parallel transport
       ``(λ_x/λ_y) gyr[y, −x] v``; ``dist``, ``expmap``, ``logmap`` in closed form.
     * ``project(Y)``: ``Y`` rescaled into ``√c‖x‖ ≤ 1 − δ``, ``δ = 8ε`` of the stored dtype
@@ -105,22 +108,28 @@ class PoincareBall(AbstractSpace):
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
 
+    # Note [the metric off the ball]
+    # egrad_to_rgrad and inner read X only through its gap 1 − c‖x‖², clamped at ≥ ε like in every
+    # map of geofunc.hyperbolic: a finite X on or outside the boundary reads as a point at the float
+    # boundary (as dist, logmap and transport read it). A NaN/inf entry made the clamped gap ε
+    # too, and so a plausible finite gradient (3.6e-15·G at X = [0.1, inf]): the point's poison
+    # (Note [NaN policy] in geofunc/_linalg.py) makes it NaN, as it does tangent's G.
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
-        """``G`` (every vector is tangent to an open subset of ℝⁿ)."""
+        """``G`` (every vector is tangent to an open subset of ℝⁿ); NaN where ``X`` is not finite."""
         self._check_pair(X, G, "G")
-        return G * torch.ones_like(X[..., :1])
+        return G + poison(X, ndim=1)
 
     def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
-        """``G / λ_x² = ((1 − c‖x‖²)² / 4) G``."""
+        """``G / λ_x² = ((1 − c‖x‖²)² / 4) G`` (the gap clamped at ``≥ ε``; NaN where ``X`` is not finite)."""
         self._check_pair(X, G, "G")
-        g = hyp._gap(X, self.c)
+        g = hyp._gap(X, self.c) + poison(X, ndim=1)
         return 0.25 * (g * g) * G
 
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
-        """``λ_x² ⟨U, V⟩``, batch-shaped."""
+        """``λ_x² ⟨U, V⟩``, batch-shaped (the gap clamped at ``≥ ε``; NaN where ``X`` is not finite)."""
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
-        g = hyp._gap(X, self.c)
+        g = hyp._gap(X, self.c) + poison(X, ndim=1)
         return (4.0 * (U * V).sum(-1, keepdim=True) / (g * g)).squeeze(-1)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
@@ -152,7 +161,7 @@ class PoincareBall(AbstractSpace):
     def project(self, Y: Tensor) -> Tensor:
         """``Y`` rescaled into ``√c‖x‖ ≤ 1 − δ`` (``Y`` itself inside that ball)."""
         self._check_shape(Y, "Y")
-        return hyp._clamp_into_ball(Y, self.c, _margin(Y))
+        return hyp._project(Y, self.c, _margin(Y))
 
     def sample(
         self,
