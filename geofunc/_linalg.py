@@ -236,16 +236,6 @@ def chol_qr(Y: Tensor) -> Tensor:
     return Y + nan
 
 
-def polar(Y: Tensor) -> Tensor:
-    """Orthogonal polar factor ``U Vᵀ`` of ``Y = U S Vᵀ`` (tall, square or wide; ``ᴴ`` if complex): the
-    nearest frame in Frobenius norm (:func:`_polar_factor`: value from the SVD, exact first derivatives,
-    finite at repeated singular values, e.g. at every frame itself).
-
-    NaN/inf entries give a NaN point (LAPACK would raise).
-    """
-    return _polar_factor(Y)
-
-
 def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool = False, packed: bool = False) -> Tensor:
     """The chart of tall n×k frames (n ≥ k) centred at ``base`` (None: ``I[:, :k]``): the one frame
     chart of Stiefel, Grassmannian and the rank/PSD family.
@@ -555,9 +545,10 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Ten
     return C, Omega, CtC, c
 
 
-def _polar_factor(A: Tensor) -> Tensor:
+def polar(A: Tensor) -> Tensor:
     """Orthogonal polar factor ``U_p`` of ``A = U_p P`` (``P = (AᵀA)^{1/2}``; a tall or square ``A``, a wide
-    one by its transpose), also where ``A`` is singular.
+    one by its transpose; ``ᴴ`` if complex): the nearest frame in Frobenius norm, also where ``A`` is
+    singular.
 
     Value ``U Vᵀ`` from the thin SVD ``U Σ Vᵀ`` of ``A.detach()``; exact first derivative (every
     transform) added as a term that is zero in value (Note [Polar derivative]). Where ``σᵢ + σⱼ``
@@ -566,7 +557,7 @@ def _polar_factor(A: Tensor) -> Tensor:
     derivatives are not those of the polar factor. NaN/inf input gives NaN.
     """
     if A.shape[-2] < A.shape[-1]:
-        return untall(_polar_factor(tall(A)[0]), True)
+        return untall(polar(tall(A)[0]), True)
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0), full_matrices=False)
     Up = _mm(U, Vh) + poison(A0)
@@ -611,7 +602,7 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     at ``P = 0`` maps the packed coordinates isometrically onto ``T_Y St(n, r)`` with the canonical
     metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2 on the ``L`` entries, 1 on ``C_b``), at every base. At
     ``Y = I[:, :r]`` (``N = [0; I]``) ``Δ = P``: GeoTorch's chart. Exact to all orders in ``P``; in
-    ``Y`` exact to first order (``U_p`` from :func:`_polar_factor`).
+    ``Y`` exact to first order (``U_p`` from :func:`polar`).
     """
     W, J = _packed_basis(Y)
     return _packed_apply(Y, W, J, P)
@@ -628,7 +619,7 @@ def _packed_basis(Y: Tensor, constant: bool = False) -> tuple[Tensor, Tensor]:
     gradients came out ~12% further from float64."""
     r = Y.shape[-1]
     Ytop, Ybot = Y[..., :r, :], Y[..., r:, :]
-    S = -_polar_factor(Ytop)
+    S = -polar(Ytop)
     K = eye_like(S, r) - sym_part(_mm(transpose(S), Ytop))  # I + P_Y
     # Base-only factors first, so that P meets three products and no solve: Δ = Y L + [0; C_b] + W (J C_b).
     if constant:

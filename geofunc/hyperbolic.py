@@ -170,11 +170,6 @@ def _sinhc(t: Tensor) -> Tensor:
     return _series_or(t, _SINHC, direct)
 
 
-def _cosh_sinhc(t: Tensor) -> tuple[Tensor, Tensor]:
-    """``(cosh √t, sinh √t / √t)`` for ``t ≥ 0``, smooth at 0; the argument is capped at ``_ARG_MAX``."""
-    return _cosh(t), _sinhc(t)
-
-
 def _arcoshc(u: Tensor) -> Tensor:
     """``arcosh(1 + u) / √(u(u + 2))`` for ``u ≥ 0`` (= θ / sinh θ), smooth at 0."""
 

@@ -25,6 +25,7 @@ from torch import nn
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError
+from .._expm import _real
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
@@ -239,7 +240,7 @@ class _Manifold(Parametrization):
         factors of a factorized sample (singular values, eigenvalues) of a complex module stay real."""
         dtype = self._reference.dtype
         if isinstance(X, tuple):
-            real = dtype.to_real() if dtype.is_complex else dtype
+            real = _real(dtype)
             return tuple(t.to(dtype if t.is_complex() else real) for t in X)
         return X.to(dtype)
 
@@ -419,7 +420,7 @@ def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None,
     n = tensor.shape[-1]
     batch = tuple(tensor.shape[:-2])
     work = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
-    work = work.to_real() if work.is_complex else work  # a rotation is a unitary matrix too
+    work = _real(work)  # a complex tensor gets the real rotation, a unitary matrix too
     b = tensor.new_empty(batch + (n // 2,), dtype=work)
     if init_ is None:
         nn.init.uniform_(b, -math.pi, math.pi)
