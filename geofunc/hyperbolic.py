@@ -397,8 +397,9 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
         M \otimes_c x = \tanh\!\Big(\frac{\|Mx\|}{\|x\|}\operatorname{artanh}(\sqrt c\|x\|)\Big)\frac{Mx}{\sqrt c\|Mx\|}
 
     ``M`` has shape ``(*batch, m, n)``, ``x`` ``(*batch, n)``; the result ``(*batch, m)``
-    lies in the m-dimensional ball. Written as :math:`\exp_0(A\,Mx) = A\,T(c\|Mx\|^2 A^2)\,Mx` with
-    :math:`A = \operatorname{artanh}(\sqrt c\|x\|)/(\sqrt c\|x\|)`: smooth, ``0`` where ``Mx = 0``,
+    lies in the m-dimensional ball. Written as :math:`\exp_0(A\,Mx)` with
+    :math:`A = \operatorname{artanh}(\rho)/\rho`, :math:`\rho = \sqrt c\|x\|`: smooth, ``0``
+    where ``Mx = 0``,
     and the boundary point in the direction of ``Mx`` however large ``Mx`` is (as long as ``M x``
     itself is finite).
     """
