@@ -8,13 +8,15 @@ transforms and ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, expm, frame_columns
-from ._fastpath import _PLAIN_TYPES, eager_fast, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -307,25 +309,94 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
     # pair with a base and one without share the packed path.
     rows = [Z.shape[-2] for Z, _ in pairs]
     n, k = max(rows), pairs[0][0].shape[-1]
-    batch = torch.broadcast_shapes(*(T.shape[:-2] for pair in pairs for T in pair if T is not None))
+    shapes = [tuple(T.shape[:-2]) for pair in pairs for T in pair if T is not None]
+    # one batch shape (the usual case) without torch.broadcast_shapes' Python (~5% of a LowRank(4) forward)
+    batch = torch.Size(shapes[0]) if shapes.count(shapes[0]) == len(shapes) else torch.broadcast_shapes(*shapes)
 
     def stack(Ts: list[Tensor]) -> Tensor:
-        Ts = [T.expand(batch + T.shape[-2:]) for T in Ts]
+        Ts = [T if T.shape[:-2] == batch else T.expand(batch + T.shape[-2:]) for T in Ts]
         return torch.stack([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
 
     Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
+    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
+    basis = None
     if all(base is None for _, base in pairs):
         Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
         packed = False  # at the identity frame the packed and plain readings agree
     else:
-        Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
-                   for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
-    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
-    X = _one_node_chart(Y, Z, triv, packed, horizontal) if reduced else None
+        cached = _cached_basis(pairs, n) if reduced and packed and _ONE_NODE and triv == "expm" else None
+        if cached is not None:
+            Y, basis = cached
+        else:
+            Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
+                       for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
+    X = _one_node_chart(Y, Z, triv, packed, horizontal, basis) if reduced else None
     if X is None:
         X = _tall_chain(Y, Z, triv, packed, horizontal, reduced)
     X = X.reshape((len(pairs),) + batch + (n, k))
     return [X[i, ..., :m, :] for i, m in enumerate(rows)]
+
+
+# Note [Base factor cache]
+# The rank family's U and V frames are charted at bases that are data: from_manifold's, the same
+# tensors step after step until a rebase. The stacked base Y and its packed basis (W, J) (the polar
+# factor of its top block by an SVD, a Cholesky solve: ~30 small ops, a quarter of a LowRank(4) chart's
+# forward at 10×128) are functions of the bases' values alone, so the one-node chart keeps them per
+# pair of base tensors and reuses them while those tensors hold the same values. The check is by value
+# (torch.equal against a copy, one op per base), not by the version counter, which writes through
+# ``.data`` or a NumPy view do not bump: a hit gives bit for bit the tensors the chart would compute.
+# Only calls on plain tensors (no torch.func level, no forward mode, not compiling) at constant bases on
+# the CPU use it (on an accelerator the comparison would wait for the device). Under torch.func.grad,
+# jvp or vmap that includes the README's step: the chart's node is a custom Function, whose forward
+# runs on the plain tensors below the transforms; a base that is differentiated carries a level or
+# requires grad and is never cached (tests/test_fastpaths.py compares every transform bit for bit).
+# At most _BASIS_CACHE_SIZE pairs are kept, each with weak references to its bases: an entry goes when
+# one of its bases is freed.
+# Measured (1 thread, float32, A/B in one process, a shared and loaded box): LowRank(4) 10×128 forward
+# 0.75×, forward and backward 0.64–0.81×, under torch.func.grad 0.64–0.92×; the README step 0.90–0.95×
+# (grad) and 0.92–0.95× (backward()), ~0.25 ms saved in each. Values and gradients are bit for bit the same.
+_BASIS_CACHE = True  # tests and benchmarks switch it off to compare
+_BASIS_CACHE_SIZE = 32
+_BASIS_ENTRIES: dict[tuple, tuple] = {}
+_BASIS_LOCK = threading.Lock()  # threads that share a module (DataParallel's replicas, a thread pool) share the cache
+
+
+def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
+    """``(Y, (W, J))`` of the stacked bases of ``pairs`` (Note [Base factor cache]), or None (not cacheable:
+    the caller stacks the bases and the chart computes the factors)."""
+    if (not _BASIS_CACHE or torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+            or torch.autograd.forward_ad._current_level >= 0):  # forward mode: the bases may carry tangents
+        return None
+    bases = [base for _, base in pairs]
+    Z0 = pairs[0][0]
+    grad_mode = torch.is_grad_enabled()
+    for B in bases:
+        if (B is None or type(B) is not torch.Tensor or B.device.type != "cpu" or B.dtype not in _FAST_DTYPES
+                or B.is_complex() or (grad_mode and B.requires_grad) or B.shape[:-2] != Z0.shape[:-2]):
+            return None
+    key = (n,) + tuple(id(B) for B in bases)
+    entry = _BASIS_ENTRIES.get(key)
+    if entry is not None:
+        refs, copies, Y, basis = entry
+        if all(r() is B for r, B in zip(refs, bases)) and all(
+                C.shape == B.shape and C.dtype == B.dtype and torch.equal(C, B) for C, B in zip(copies, bases)):
+            return Y, basis
+        _BASIS_ENTRIES.pop(key, None)
+    k = Z0.shape[-1]
+    with torch.no_grad():
+        copies = [B.detach().clone() for B in bases]
+        Y = torch.stack([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))
+                         for C in copies]).reshape(-1, n, k)
+        basis = _packed_basis(Y, constant=True)
+
+    def drop(_: Any) -> None:  # a base was freed: so is its entry
+        _BASIS_ENTRIES.pop(key, None)
+
+    with _BASIS_LOCK:
+        while len(_BASIS_ENTRIES) >= _BASIS_CACHE_SIZE:
+            _BASIS_ENTRIES.pop(next(iter(_BASIS_ENTRIES)), None)
+        _BASIS_ENTRIES[key] = ([weakref.ref(B, drop) for B in bases], copies, Y, basis)
+    return Y, basis
 
 
 def _chart_parts(Z: Tensor, base: Tensor | None, triv: Triv, horizontal: bool, packed: bool) -> tuple[Tensor | None, Finish]:
@@ -441,8 +512,10 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool, reduced: boo
 _ONE_NODE = True  # tests switch it off to compare with the chain
 
 
-def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool) -> Optional[Tensor]:
-    """The tall chart at a constant base as one node (Note [One-node tall chart]), or None: take the chain."""
+def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool,
+                    basis: tuple[Tensor, Tensor] | None = None) -> Optional[Tensor]:
+    """The tall chart at a constant base as one node (Note [One-node tall chart]), or None: take the chain.
+    ``basis``: the base's ``_packed_basis(Y, constant=True)``, already known (Note [Base factor cache])."""
     if not _ONE_NODE or triv != "expm" or not _reduced(Y) or not eager_fast(Y, Z) or torch.autograd.forward_ad._current_level >= 0:
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(Z) or torch._C._functorch.is_functorch_wrapped_tensor(Y):
@@ -451,16 +524,17 @@ def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: 
     if grad_mode and Y.requires_grad:
         return None
     if not (grad_mode and Z.requires_grad):
-        return _tall_forward(Y, Z, packed, horizontal)[0]
-    return _TALL_APPLY(Z, Y, packed, horizontal)
+        return _tall_forward(Y, Z, packed, horizontal, basis)[0]
+    return _TALL_APPLY(Z, Y, packed, horizontal, basis)
 
 
-def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool) -> tuple[Tensor, dict]:
+def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool,
+                  basis: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, dict]:
     """The tall chart's frame from plain tensors (the chain's ops, no graph) and what its adjoint needs."""
     k = Y.shape[-1]
     W = J = None
     if packed:
-        W, J = _packed_basis(Y, constant=True)
+        W, J = _packed_basis(Y, constant=True) if basis is None else basis
         D = _packed_apply(Y, W, J, P)
     else:
         D = P
@@ -507,8 +581,9 @@ def _tall_chain(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: bool
 
 class _TallChart(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, P: Tensor, Y: Tensor, packed: bool, horizontal: bool) -> Tensor:  # type: ignore[override]
-        out, ctx.st = _tall_forward(Y, P, packed, horizontal)
+    def forward(ctx: Any, P: Tensor, Y: Tensor, packed: bool, horizontal: bool,  # type: ignore[override]
+                basis: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        out, ctx.st = _tall_forward(Y, P, packed, horizontal, basis)
         ctx.save_for_backward(P, Y)  # Y too: an in-place change of the base before the backward is an error
         return out
 
@@ -524,7 +599,7 @@ class _TallChart(torch.autograd.Function):
             GP = _tall_adjoint(st, Y, G)
             if GP.shape != P.shape:  # a base with more batch dimensions than the coordinates
                 GP = GP.sum_to_size(P.shape)
-        return GP, None, None, None
+        return GP, None, None, None, None
 
 
 try:  # the C++ apply, without Function.apply's per-call argument binding (as _expm's _FRAME_APPLY)

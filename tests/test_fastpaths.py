@@ -352,3 +352,89 @@ def test_tall_chart_node_float32_accuracy_is_the_chains(name, shape, generator, 
             err[on][1] += float((g.double() - g64).norm())
     assert err[True][0] <= 1.1 * err[False][0], err
     assert err[True][1] <= 1.1 * err[False][1], err
+
+
+# --------------------------------------------------------------------------- base factor cache
+# Note [Base factor cache] (geofunc/_linalg.py): the rank family's packed basis at a constant base is
+# kept per pair of base tensors in plain eager mode and reused while they hold the same values.
+def _lowrank_case(generator, dtype=F64, shape=(10, 64), rank=4):
+    S = gf.LowRank(rank=rank)
+    Z, base = S.from_manifold(S.sample(shape, generator=generator, dtype=dtype))
+    return S, Z + 0.3 * torch.randn(shape, generator=generator, dtype=dtype), base
+
+
+def _value_and_grad(S, Z, base, G):
+    z = Z.clone().requires_grad_()
+    X = S.to_manifold(z, base)
+    return X.detach(), torch.autograd.grad((X * G).sum(), z)[0]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_base_factor_cache_is_bit_for_bit_the_computation(dtype, generator, monkeypatch):
+    S, Z, base = _lowrank_case(generator, dtype)
+    G = torch.randn(Z.shape, generator=generator, dtype=dtype)
+    monkeypatch.setattr(_linalg, "_BASIS_ENTRIES", {})
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", False)
+    ref = _value_and_grad(S, Z, base, G)
+    assert not _linalg._BASIS_ENTRIES
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", True)
+    for _ in range(3):  # a miss, then hits
+        got = _value_and_grad(S, Z, base, G)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        with torch.no_grad():
+            assert torch.equal(S.to_manifold(Z, base), ref[0])
+    assert len(_linalg._BASIS_ENTRIES) == 1
+
+
+def test_base_factor_cache_sees_every_change_of_the_base(generator, monkeypatch):
+    """A write through ``.data`` or a NumPy view does not bump the version counter: the cache
+    compares values, so the next chart is the new base's."""
+    S, Z, base = _lowrank_case(generator)
+    monkeypatch.setattr(_linalg, "_BASIS_ENTRIES", {})
+    G = torch.randn(Z.shape, generator=generator, dtype=F64)
+    _value_and_grad(S, Z, base, G)
+    _, _, other = _lowrank_case(generator)
+    for write in (lambda: base[0].data.copy_(other[0]), lambda: base[1].numpy().__setitem__(slice(None), other[1].numpy()),
+                  lambda: base[0].add_(1e-300)):  # a change below the chart's rounding: still a recomputation
+        write()
+        got = _value_and_grad(S, Z, base, G)
+        monkeypatch.setattr(_linalg, "_BASIS_CACHE", False)
+        ref = _value_and_grad(S, Z, tuple(b.clone() for b in base), G)
+        monkeypatch.setattr(_linalg, "_BASIS_CACHE", True)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_base_factor_cache_under_transforms_and_bounded(generator, monkeypatch):
+    """Under torch.func the chart's node runs on plain tensors (a custom Function's forward), so the
+    cache serves it too; derivatives in the base (the bases then carry a level or require grad) do
+    not use it. Every result is bit for bit the uncached one."""
+    S, Z, base = _lowrank_case(generator)
+    W = torch.randn(Z.shape, generator=generator, dtype=F64)
+    f = lambda z, b: (S.to_manifold(z, b) * W).sum()  # noqa: E731
+
+    def run():
+        out = [torch.func.grad(f)(Z, base), *torch.func.jvp(lambda z: S.to_manifold(z, base), (Z,), (W,)),
+               vmap(lambda z: S.to_manifold(z, base))(torch.stack([Z, 2 * Z])),
+               *torch.func.grad(f, argnums=1)(Z, base), torch.func.jacrev(lambda b0: S.to_manifold(Z, (b0, base[1])))(base[0])]
+        with fwad.dual_level():
+            out.append(fwad.unpack_dual(S.to_manifold(fwad.make_dual(Z, W), base)).tangent)
+        b = tuple(t.clone().requires_grad_() for t in base)
+        S.to_manifold(Z, b).mul(W).sum().backward()
+        return out + [t.grad for t in b]
+
+    monkeypatch.setattr(_linalg, "_BASIS_ENTRIES", {})
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", False)
+    ref = run()
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", True)
+    for _ in range(2):
+        got = run()
+        assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert len(_linalg._BASIS_ENTRIES) >= 1
+    # a freed base frees its entry; at most _BASIS_CACHE_SIZE entries
+    monkeypatch.setattr(_linalg, "_BASIS_ENTRIES", {})
+    bases = [tuple(t.clone() for t in base) for _ in range(_linalg._BASIS_CACHE_SIZE + 5)]
+    for bb in bases:
+        S.to_manifold(Z, bb)
+    assert len(_linalg._BASIS_ENTRIES) == _linalg._BASIS_CACHE_SIZE
+    del bb, bases
+    assert not _linalg._BASIS_ENTRIES
