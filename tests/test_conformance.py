@@ -38,7 +38,7 @@ def test_cases_skip_only_known_properties_with_a_reason() -> None:
 def test_builtin_cases_pin_their_geometry() -> None:
     """Every case of the built-in spaces gives its dimension and sample moments, and a boundary
     perturbation unless membership has no tolerance (then a reason): no property is left out
-    silently for them."""
+    silently for them (``check_space`` would report none as incomplete, and not warn)."""
     from cases_complex import COMPLEX_CASES
     from cases_geometry import GEOMETRY_CASES
     from cases_orthogonal import ORTHOGONAL_CASES
@@ -48,6 +48,8 @@ def test_builtin_cases_pin_their_geometry() -> None:
     for case in (*VECTOR_CASES, *ORTHOGONAL_CASES, *RANK_CASES, *GEOMETRY_CASES, *COMPLEX_CASES):
         assert case.dim is not None and case.moments is not None, case.id
         assert case.perturb is not None or "membership" in case.skip, case.id
+        incomplete = {p.name: why for p in PROPERTIES if p.name not in case.skip and (why := p.missing(case))}
+        assert not incomplete, (case.id, incomplete)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

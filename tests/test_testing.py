@@ -1,6 +1,6 @@
 """Self-test of the public conformance harness ``geofunc.testing``.
 
-Three parts, so the harness cannot silently rot into checks that cannot fail:
+Four parts, so the harness cannot silently rot into checks that cannot fail:
 
 * a space written here, outside the library, from the public protocol only, passes
   ``check_space`` (a user can check their own space);
@@ -12,7 +12,13 @@ Three parts, so the harness cannot silently rot into checks that cannot fail:
   Stiefel tangent for the Grassmannian, a QR "projection", a reflecting PSSD projection, a
   loosened default tolerance, a sampler confined to an orthant), each patched into the
   library, are caught by the conformance property of ``tests/cases.py`` that the suite runs
-  on those spaces (and that property passes without the mutant).
+  on those spaces (and that property passes without the mutant);
+* the gaps a fuzz pass found (``GAPS``: a wrong metric, an input changed in place, a retraction
+  wrong only for small steps, maps that do not vmap or compile, inf turned into a point, a dtype
+  changed on the way), each a mutant that the harness before them passed in full (checked
+  against that harness; here its checks of the broken map are run) and that one of the newer
+  properties catches; and ``check_space``'s report of what did not run, and the context an
+  unexpected exception gets.
 
 Mutants replace a method on the class (``unittest.mock.patch.object``) for the duration of
 one check: concrete spaces are final, so a mutant is never a subclass.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -38,6 +45,7 @@ import geofunc.spaces._base as space_base
 from geofunc.spaces._base import AbstractSpace
 from geofunc.testing import (
     PROPERTIES,
+    IncompleteCaseWarning,
     SpaceCase,
     check_bad_input,
     check_contains,
@@ -136,7 +144,11 @@ def _user_case(dtypes: tuple[torch.dtype, ...]) -> SpaceCase:
 
 
 def test_user_space_passes_check_space() -> None:
-    check_space(_user_case((f64,)))
+    report = check_space(_user_case((f64,)))
+    assert not report.incomplete  # (a warning would fail the test too)
+    assert report.skipped == {"logabsdet": "needs case.has_logabsdet",
+                              "grad_float32": "runs in torch.float32 only, which is not in case.dtypes"}
+    assert {name for name, _ in report.ran} == {p.name for p in PROPERTIES} - set(report.skipped)
 
 
 @pytest.mark.parametrize("prop", [p for p in PROPERTIES if not p.float64_only], ids=lambda p: p.name)
@@ -206,6 +218,7 @@ def _integer_type_error(self: Any, Z: Tensor, base: Any = None) -> Tensor:
 
 
 def _sphere_case(name: str, **kw: Any) -> SpaceCase:
+    kw.setdefault("dtypes", (f64,))
     return SpaceCase(
         name,
         gf.Sphere(),
@@ -213,7 +226,6 @@ def _sphere_case(name: str, **kw: Any) -> SpaceCase:
         member=_on_unit_sphere,
         rebase_zeroes=True,
         off_manifold=lambda X: 1.5 * X,
-        dtypes=(f64,),
         **kw,
     )
 
@@ -405,3 +417,270 @@ def test_size_blind_tolerance_is_caught() -> None:
         with blind, pytest.raises(AssertionError, match="contains refuses"):
             check_membership(case, dtype, generator=torch.Generator().manual_seed(SEED))
         check_membership(case, dtype, generator=torch.Generator().manual_seed(SEED))
+
+
+# ------------------------------------------------------------ the gaps of the fuzz pass
+# A fuzz pass of 84 broken spaces found 26 that the harness passed: a wrong metric, an input
+# changed in place, a retraction wrong only for small steps, maps other than to_manifold that do
+# not vmap or compile, inf input turned into a point, a dtype changed on the way. Each mutant
+# below is one of those defects. Every one passes the whole harness as it was before the
+# properties that catch it (every property of the earlier PROPERTIES, in every dtype of its case;
+# checked once against that harness's code); here the earlier checks of the broken map are run
+# with it (`passes`: `vmap` only where the earlier vmap check passes too, since `vmap` now also
+# covers the metric and logabsdet), and the property named must catch it with the message matched.
+_SPHERE_TANGENT = gf.Sphere.tangent
+_SPHERE_RETRACT = gf.Sphere.retract
+_SPHERE_PROJECT = gf.Sphere.project
+_SPHERE_CHECK = gf.Sphere.check
+_POINCARE_EGRAD = gf.PoincareBall.egrad_to_rgrad
+_GLP_LOGABSDET = gf.GLp.logabsdet
+
+
+def _norm(A: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(A, dim=-1, keepdim=True)
+
+
+def _rgrad_unprojected(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """``Sphere.egrad_to_rgrad → G``: ``⟨G, V⟩`` is right on tangent ``V``, but ``G`` is not tangent."""
+    return G
+
+
+def _rgrad_embedded(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """``PoincareBall.egrad_to_rgrad → tangent(X, G)``: the embedded default, without ``1/λ²``."""
+    return self.tangent(X, G)
+
+
+def _inner_euclidean(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """The Euclidean product in place of the space's metric (``λ²⟨U, V⟩``, ``⟨U, V⟩_L``)."""
+    return (U * V).sum(-1)
+
+
+def _transport_unmoved(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``Lorentz.transport → V``: the vector stays in ``T_X``."""
+    return V + 0.0 * Y
+
+
+def _transport_doubled(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``2·tangent(Y, V)``: in ``T_Y``, but ``transport(X, X, V) = 2V``."""
+    return 2.0 * self.tangent(Y, V)
+
+
+def _inner_negative(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    return -(U * V).sum(-1)
+
+
+def _rgrad_negative(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """With :func:`_inner_negative`: the gradient identity holds for ``−⟨U, V⟩``, which is no metric."""
+    return -self.tangent(X, G)
+
+
+def _inner_not_symmetric(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    return (U * V).sum(-1) + 0.5 * (U * torch.roll(V, 1, dims=-1)).sum(-1)
+
+
+def _inner_not_bilinear(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """Symmetric and positive, not bilinear."""
+    return (U * V).sum(-1) + 0.1 * (_norm(U) * _norm(V)).squeeze(-1)
+
+
+def _tangent_in_place(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """Projects ``G`` in place where neither autograd nor a ``torch.func`` transform would object (saves
+    an allocation), as the library's eager-only checks decide (``can_check``)."""
+    self._check_pair(X, G, "G")
+    if G.requires_grad or not space_base.can_check(G):
+        return _SPHERE_TANGENT(self, X, G)
+    return G.sub_((G * X).sum(-1, keepdim=True) * X / self.radius**2)
+
+
+def _check_sanitizes_in_place(self: Any, X: Tensor, atol: float | None = None) -> None:
+    """Sanitizes ``X`` in place before measuring it: a point's values stay as they were, its version
+    counter moves (and a NaN tensor of the caller's becomes zeros)."""
+    torch.nan_to_num_(X)
+    _SPHERE_CHECK(self, X, atol)
+
+
+def _project_in_place(self: Any, Y: Tensor) -> Tensor:
+    """Normalizes ``Y`` in place and returns it."""
+    self._check_shape(Y, "Y")
+    return Y.div_(_norm(Y) / self.radius)
+
+
+def _retract_dead_zone(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """Skips steps with ``0 < ‖V‖ < 1e-2``: right at 0 (value and jvp) and at large steps."""
+    n = _norm(V)
+    return torch.where((n > 0) & (n < 1e-2), X, _SPHERE_RETRACT(self, X, V))
+
+
+def _retract_first_order_off(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """``normalize(X + V + ‖V‖ W)``, ``W`` a fixed tangent direction: off by ``O(‖V‖)``, invisible to
+    the jvp at ``V = 0`` (torch differentiates ``‖tV‖`` to 0 there)."""
+    self._check_pair(X, V, "V")
+    W = self.tangent(X, torch.roll(X, 1, dims=-1))
+    return _SPHERE_RETRACT(self, X, V + _norm(V) * W)
+
+
+def _logabsdet_nan_guard(self: Any, Z: Tensor, base: Any = None) -> Tensor:
+    """``GLp.logabsdet`` with a Python branch on a value (a NaN guard): right in eager mode, no
+    ``vmap`` (``bool`` of a batched tensor) and no ``torch.compile(fullgraph=True)``."""
+    if bool(torch.isnan(Z).any()):
+        return torch.full(Z.shape[:-2], math.nan, dtype=Z.dtype)
+    return _GLP_LOGABSDET(self, Z, base)
+
+
+def _retract_graph_break(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """A call Dynamo cannot trace (an explicit graph break stands for it): vmaps, does not compile."""
+    torch._dynamo.graph_break()
+    return _SPHERE_RETRACT(self, X, V)
+
+
+def _project_clamps(self: Any, Y: Tensor) -> Tensor:
+    """Clamps huge input against overflow: NaN stays NaN, ``inf`` becomes a plausible point."""
+    self._check_shape(Y, "Y")
+    return _SPHERE_PROJECT(self, Y.clamp(-1e10, 1e10))
+
+
+def _retract_clamps(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """Clips huge steps: ``retract(X, inf)`` becomes a plausible point."""
+    self._check_pair(X, V, "V")
+    return _SPHERE_RETRACT(self, X, V.clamp(-1e10, 1e10))
+
+
+def _rgrad_zeroes_nan(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """``PoincareBall.egrad_to_rgrad`` with NaN entries of ``G`` zeroed: a NaN gradient becomes a finite one."""
+    return _POINCARE_EGRAD(self, X, torch.where(torch.isnan(G), torch.zeros_like(G), G))
+
+
+def _rgrad_float32(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    return self.tangent(X, G).float()
+
+
+def _tangent_default_dtype_weights(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """Weights made without ``dtype=``: float64 output for float32 input when the default is float64."""
+    return _SPHERE_TANGENT(self, X, G) * torch.ones(X.shape[-1])
+
+
+def _sphere(name: str, **kw: Any) -> Callable[[], SpaceCase]:
+    return lambda: _sphere_case(name, **kw)
+
+
+def _builtin(case_id: str) -> Callable[[], SpaceCase]:
+    return lambda: _CASES[case_id]
+
+
+# (id, [(class, method, replacement)], case, dtype, property that catches it, message match,
+#  old properties of that map that pass with the mutant)
+GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch.dtype, str, str, tuple[str, ...]]] = [
+    ("Sphere.egrad_to_rgrad-unprojected", [(gf.Sphere, "egrad_to_rgrad", _rgrad_unprojected)], _sphere("m"), f64,
+     "metric", r"egrad_to_rgrad\(X, G\) is not tangent", ("tangent", "vmap")),
+    ("PoincareBall.egrad_to_rgrad-embedded", [(gf.PoincareBall, "egrad_to_rgrad", _rgrad_embedded)],
+     _builtin("PoincareBall"), f64, "metric", "egrad_to_rgrad is not the gradient for inner", ("tangent",)),
+    ("PoincareBall.inner-Euclidean", [(gf.PoincareBall, "inner", _inner_euclidean)], _builtin("PoincareBall"), f64,
+     "metric", "egrad_to_rgrad is not the gradient for inner", ("tangent",)),
+    ("Lorentz.inner-Euclidean", [(gf.Lorentz, "inner", _inner_euclidean)], _builtin("Lorentz"), f64,
+     "metric", "egrad_to_rgrad is not the gradient for inner", ("tangent",)),
+    ("Lorentz.transport-unmoved", [(gf.Lorentz, "transport", _transport_unmoved)], _builtin("Lorentz"), f64,
+     "metric", r"transport\(X, Y, V\) is not tangent at Y", ("tangent",)),
+    ("Sphere.transport-doubled", [(gf.Sphere, "transport", _transport_doubled)], _sphere("m"), f64,
+     "metric", r"transport\(X, X, V\) != V", ("tangent",)),
+    ("Sphere.inner-negative", [(gf.Sphere, "inner", _inner_negative), (gf.Sphere, "egrad_to_rgrad", _rgrad_negative)],
+     _sphere("m"), f64, "metric", "inner is not positive on tangent vectors", ("tangent",)),
+    ("Sphere.inner-not-symmetric", [(gf.Sphere, "inner", _inner_not_symmetric)], _sphere("m"), f64,
+     "metric", "inner is not symmetric", ("tangent",)),
+    ("Sphere.inner-not-bilinear", [(gf.Sphere, "inner", _inner_not_bilinear)], _sphere("m"), f64,
+     "metric", "inner is not bilinear", ("tangent",)),
+    ("Sphere.tangent-in-place", [(gf.Sphere, "tangent", _tangent_in_place)], _sphere("m"), f64,
+     "pure", r"tangent\(X, G\) modified its input tensor #1 .* in place .*values changed",
+     ("tangent", "tangent_space", "nan", "gradcheck")),
+    ("Sphere.check-in-place", [(gf.Sphere, "check", _check_sanitizes_in_place)], _sphere("m"), f64,
+     "pure", r"(from_manifold|check)\(X\) modified its input tensor #0 .* in place \(version 0 -> 1; values equal\)",
+     ("check", "contains")),
+    ("Sphere.project-in-place", [(gf.Sphere, "project", _project_in_place)], _sphere("m"), f64,
+     "pure", r"project\(Y\) modified its input tensor #0 .*values changed", ("project", "project_nearest", "nan", "vmap")),
+    ("Sphere.retract-dead-zone", [(gf.Sphere, "retract", _retract_dead_zone)], _sphere("m"), f64,
+     "retract_small_steps", r"is not O\(t²\)", ("retract", "jvp_fd", "gradcheck", "project_nearest")),
+    ("Sphere.retract-first-order-off", [(gf.Sphere, "retract", _retract_first_order_off)], _sphere("m"), f64,
+     "retract_small_steps", r"is not O\(t²\)", ("retract", "jvp_fd", "gradcheck", "project_nearest")),
+    ("GLp.logabsdet-branches-on-a-value", [(gf.GLp, "logabsdet", _logabsdet_nan_guard)], _builtin("GLp"), f64,
+     "vmap", r"vmap of logabsdet\(Z, base\) failed", ("logabsdet", "compile")),
+    ("GLp.logabsdet-branches-on-a-value-compile", [(gf.GLp, "logabsdet", _logabsdet_nan_guard)], _builtin("GLp"), f64,
+     "compile_maps", r"torch.compile\(fullgraph=True\) of logabsdet failed", ("logabsdet", "compile")),
+    ("Sphere.retract-graph-break", [(gf.Sphere, "retract", _retract_graph_break)], _sphere("m"), f64,
+     "compile_maps", r"torch.compile\(fullgraph=True\) of retract failed", ("retract", "vmap", "compile")),
+    ("Sphere.project-clamps-inf", [(gf.Sphere, "project", _project_clamps)], _sphere("m"), f64,
+     "nonfinite", r"contains is True on project\(inf\)", ("project", "nan")),
+    ("Sphere.retract-clips-inf", [(gf.Sphere, "retract", _retract_clamps)], _sphere("m"), f64,
+     "nonfinite", r"contains is True on retract\(X, inf\)", ("retract", "nan")),
+    ("PoincareBall.egrad_to_rgrad-zeroes-NaN", [(gf.PoincareBall, "egrad_to_rgrad", _rgrad_zeroes_nan)],
+     _builtin("PoincareBall"), f64, "nonfinite", r"egrad_to_rgrad\(X, NaN\) has finite points", ("nan",)),
+    ("Sphere.egrad_to_rgrad-float32", [(gf.Sphere, "egrad_to_rgrad", _rgrad_float32)], _sphere("m"), f64,
+     "dtypes", r"egrad_to_rgrad\(X, G\) returned its result in torch.float32 .* for torch.float64 input", ("tangent",)),
+    ("Sphere.tangent-default-dtype-weights", [(gf.Sphere, "tangent", _tangent_default_dtype_weights)],
+     _sphere("m", dtypes=(torch.float32,)), torch.float32, "dtypes",
+     r"tangent\(X, G\) returned its result in torch.float64 .* for torch.float32 input", ("tangent", "retract", "vmap")),
+]
+
+
+@pytest.mark.parametrize(("patches", "make_case", "dtype", "prop", "match", "passes"), [g[1:] for g in GAPS],
+                         ids=[g[0] for g in GAPS])
+def test_fuzz_gap_is_caught(patches, make_case, dtype, prop, match, passes) -> None:
+    case = make_case()
+    gen = lambda: torch.Generator().manual_seed(SEED)  # noqa: E731
+    with _patch(*patches)():
+        for old in passes:  # the old harness's checks of the broken map pass with the mutant
+            _PROPS[old].fn(case, dtype if dtype in _PROPS[old].dtypes(case) else f64, generator=gen())
+        with pytest.raises(AssertionError, match=match) as info:
+            _PROPS[prop].fn(case, dtype, generator=gen())
+    assert case.id in str(info.value)  # the message names the case
+    _PROPS[prop].fn(case, dtype, generator=gen())  # the control: the property passes without the mutant
+
+
+def test_an_unexpected_exception_names_where_it_was_raised() -> None:
+    """A space that raises something other than an assertion (here a RuntimeError from ``tangent`` on
+    a batch) fails the property with an AssertionError naming the property, case, shape and dtype,
+    chained to the original; a property asked for what it cannot run stays a ValueError."""
+
+    def tangent_raises_on_a_batch(self: Any, X: Tensor, G: Tensor) -> Tensor:
+        if X.ndim > 1:
+            raise RuntimeError("boom")
+        return _SPHERE_TANGENT(self, X, G)
+
+    case = _sphere_case("raises")
+    with mock.patch.object(gf.Sphere, "tangent", tangent_raises_on_a_batch), \
+            pytest.raises(AssertionError, match=r"\[raises = Sphere\(radius=1\.0\), shape \(2, 4\), torch\.float64\] "
+                          r"property 'tangent' raised RuntimeError .*: boom") as info:
+        check_tangent(case, f64)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(ValueError, match="runs in float64 only"):
+        check_gradcheck(case, torch.float32)
+
+
+def test_check_space_reports_what_did_not_run() -> None:
+    """A case without ``dim``, ``perturb`` and ``moments`` leaves geometry unchecked: ``check_space``
+    warns naming the three properties, and its report lists them; listed in ``case.skip`` with a
+    reason, they are reported as skipped and there is no warning."""
+    props = ("sample", "tangent_space", "membership", "sample_distribution", "hessian")
+    bare = _sphere_case("bare")
+    with pytest.warns(IncompleteCaseWarning, match=r"tangent_space ran without its rank check.*needs case\.dim.*"
+                      r"membership did not run.*needs case\.perturb.*sample_distribution did not run.*needs case\.moments"):
+        report = check_space(bare, properties=props)
+    assert set(report.incomplete) == {"tangent_space", "membership", "sample_distribution"}
+    assert report.skipped["membership"] == "needs case.perturb"
+    assert ("tangent_space", f64) in report.ran and ("hessian", f64) in report.ran
+    assert "incomplete: membership" in str(report)
+
+    reasons = {"tangent_space": "a test of the report", "membership": "a test of the report",
+               "sample_distribution": "a test of the report"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = check_space(dataclasses.replace(bare, skip=reasons, smooth=False), properties=props)
+    assert not report.incomplete
+    assert report.skipped == {**{k: f"case.skip: {v}" for k, v in reasons.items()}, "hessian": "needs case.smooth"}
+    assert report.ran == (("sample", f64),)
+
+
+def test_gap_mutants_leave_the_classes_as_they_were() -> None:
+    before = {(cls, name): cls.__dict__.get(name) for _, patches, *_ in GAPS for cls, name, _ in patches}
+    for _, patches, *_ in GAPS:
+        with _patch(*patches)():
+            pass
+    assert {k: k[0].__dict__.get(k[1]) for k in before} == before

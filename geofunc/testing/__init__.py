@@ -15,16 +15,23 @@ case, shape, dtype and the failed property::
 
 Every property function has the signature ``fn(case, dtype=torch.float64, *, generator=None)``
 (``generator=None`` means a fresh generator seeded with 0). :data:`PROPERTIES` lists them
-with the dtypes each runs in; ``tests/test_conformance.py`` parametrizes over it.
+with the dtypes each runs in; ``tests/test_conformance.py`` parametrizes over it. An exception
+other than an AssertionError raised inside a property (a space's RuntimeError, a ManifoldError on
+valid input) is re-raised as an AssertionError naming the property, case, shape and dtype,
+chained to the original.
 
-Beyond the plumbing (round trips, ``vmap``, ``compile``, NaN policy, ...), the properties pin the
-geometry: ``tangent`` projects onto the whole tangent space (``check_tangent_space``, through the
-chart's Jacobian and ``case.dim``), ``project`` is the nearest point (``check_project_normal``,
-``check_project_nearest``), ``contains`` flips between 0.1× and 10× the documented tolerance
-(``check_membership``, from ``case.perturb``), and ``sample`` follows its documented
-distribution (``check_sample_distribution``, a z-test of ``case.moments`` with a false-alarm
-rate below :data:`FALSE_ALARM` per check). A property that does not apply to a space is listed
-in ``case.skip`` with the reason.
+Beyond the plumbing (round trips, ``vmap`` and ``compile`` of every map, the NaN/inf policy,
+purity, dtypes, ...), the properties pin the geometry: ``tangent`` projects onto the whole
+tangent space (``check_tangent_space``, through the chart's Jacobian and ``case.dim``),
+``retract`` is first-order at every step size (``check_retract_small_steps``), the metric is a
+metric and ``egrad_to_rgrad``/``transport`` agree with it (``check_metric``), ``project`` is the
+nearest point (``check_project_normal``, ``check_project_nearest``), ``contains`` flips between
+0.1× and 10× the documented tolerance (``check_membership``, from ``case.perturb``), and
+``sample`` follows its documented distribution (``check_sample_distribution``, a z-test of
+``case.moments`` with a false-alarm rate below :data:`FALSE_ALARM` per check). A property that
+does not apply to a space is listed in ``case.skip`` with the reason; :func:`check_space` returns
+a :class:`SpaceReport` of what ran and what did not, and warns (:class:`IncompleteCaseWarning`)
+when a case without ``dim``, ``perturb`` or ``moments`` leaves part of the geometry unchecked.
 """
 
 from ._case import (
@@ -37,8 +44,10 @@ from ._geometry import (
     FALSE_ALARM as FALSE_ALARM,
     check_grad_float32 as check_grad_float32,
     check_membership as check_membership,
+    check_metric as check_metric,
     check_project_nearest as check_project_nearest,
     check_project_normal as check_project_normal,
+    check_retract_small_steps as check_retract_small_steps,
     check_sample_distribution as check_sample_distribution,
     check_tangent_space as check_tangent_space,
 )
@@ -46,7 +55,9 @@ from ._properties import (
     check_bad_input as check_bad_input,
     check_check as check_check,
     check_compile as check_compile,
+    check_compile_maps as check_compile_maps,
     check_contains as check_contains,
+    check_dtypes as check_dtypes,
     check_from_manifold as check_from_manifold,
     check_gradcheck as check_gradcheck,
     check_hessian as check_hessian,
@@ -54,7 +65,9 @@ from ._properties import (
     check_jvp_fd as check_jvp_fd,
     check_logabsdet as check_logabsdet,
     check_nan as check_nan,
+    check_nonfinite as check_nonfinite,
     check_project as check_project,
+    check_pure as check_pure,
     check_rebase as check_rebase,
     check_retract as check_retract,
     check_sample as check_sample,
@@ -64,19 +77,29 @@ from ._properties import (
     check_vmap_grad as check_vmap_grad,
     no_vmap_fallback as no_vmap_fallback,
 )
-from ._registry import PROPERTIES as PROPERTIES, Property as Property, check_space as check_space
+from ._registry import (
+    PROPERTIES as PROPERTIES,
+    IncompleteCaseWarning as IncompleteCaseWarning,
+    Property as Property,
+    SpaceReport as SpaceReport,
+    check_space as check_space,
+)
 
 __all__ = [
     "DEFAULT_TOL",
     "FALSE_ALARM",
+    "IncompleteCaseWarning",
     "MEMBERSHIP_ATOL",
     "PROPERTIES",
     "Property",
     "SpaceCase",
+    "SpaceReport",
     "check_bad_input",
     "check_check",
     "check_compile",
+    "check_compile_maps",
     "check_contains",
+    "check_dtypes",
     "check_from_manifold",
     "check_grad_float32",
     "check_gradcheck",
@@ -85,12 +108,16 @@ __all__ = [
     "check_jvp_fd",
     "check_logabsdet",
     "check_membership",
+    "check_metric",
     "check_nan",
+    "check_nonfinite",
     "check_project",
     "check_project_nearest",
     "check_project_normal",
+    "check_pure",
     "check_rebase",
     "check_retract",
+    "check_retract_small_steps",
     "check_sample",
     "check_sample_distribution",
     "check_space",

@@ -13,7 +13,20 @@ from torch.func import grad, jacfwd
 
 from .._errors import ManifoldError
 from ._case import SpaceCase, documented_atol
-from ._properties import _close, _ctx, _derivative_shapes, _fail, _gen, _point_and_base, _randn, _require_f64, f64
+from ._properties import (
+    _close,
+    _ctx,
+    _derivative_shapes,
+    _fail,
+    _gen,
+    _point_and_base,
+    _property,
+    _randn,
+    _require_f64,
+    _UsageError,
+    _worst,
+    f64,
+)
 
 __all__ = [
     "FALSE_ALARM",
@@ -44,11 +57,8 @@ def _point_norm(A: Tensor, point_ndim: int) -> Tensor:
     return torch.linalg.vector_norm(A.flatten(start_dim=A.ndim - point_ndim), dim=-1)
 
 
-def _worst(bad: Tensor) -> str:
-    return f"(first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})" if bad.ndim else ""
-
-
 # ------------------------------------------------------------------------- tangent space
+@_property
 def check_tangent_space(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``tangent`` projects onto the *whole* tangent space, and onto nothing more (float64).
 
@@ -122,6 +132,164 @@ def check_tangent_space(case: SpaceCase, dtype: torch.dtype = f64, *, generator:
         raise _fail(_ctx(case, case.shapes[0], f64), f"no point shape with at most {_JACOBIAN_MAX} entries to form Jacobians on")
 
 
+# ------------------------------------------------------------------------------- metric
+def _euclid(A: Tensor, B: Tensor, point_ndim: int) -> Tensor:
+    """``Re ⟨A, B⟩`` of the ambient representation per point (``Re Σ conj(a) b``), batch-shaped."""
+    P = A.conj() * B if A.is_complex() else A * B
+    P = P.sum(dim=tuple(range(-point_ndim, 0))) if point_ndim else P
+    return P.real if P.is_complex() else P
+
+
+def _scalar_close(actual: Tensor, expected: Tensor, bound: Tensor, ctx: str, what: str) -> None:
+    """``|actual − expected| ≤ bound`` per point (batch-shaped tensors), NaN failing."""
+    err = (actual - expected).abs()
+    bad = ~(err <= bound)
+    if bool(bad.any()):
+        i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+        raise _fail(ctx, f"{what}: {float(actual[i]):.10g} != {float(expected[i]):.10g} (|difference| "
+                    f"{float(err[i]):.3g} > {float(bound[i]):.3g}) {_worst(bad)}")
+
+
+def _vectors_close(actual: Tensor, expected: Tensor, tol: float, ctx: str, what: str) -> None:
+    """``_close`` with ``atol`` scaled by ``max(1, max |expected|)``."""
+    _close(actual, expected, tol * max(1.0, float(expected.abs().max()) if expected.numel() else 1.0), ctx, what)
+
+
+@_property
+def check_metric(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """The metric is a metric, ``egrad_to_rgrad`` is the gradient for it, ``transport`` lands where it should.
+
+    At sampled points ``X``, for Gaussian ambient ``G`` and tangent ``U = tangent(X, ·)``,
+    ``V = tangent(X, ·)`` (``⟨·, ·⟩`` the Euclidean product of the ambient representation, the
+    real part ``Re Σ conj(a) b`` for complex tensors: Note [Complex] in
+    ``geofunc/spaces/_base.py``), per point:
+
+    * ``R = egrad_to_rgrad(X, G)`` is tangent, ``tangent(X, R) == R``, and it is the Riemannian
+      gradient for ``inner``: ``inner(X, R, V) == ⟨G, V⟩`` (``Df(X)[V]`` for ``G = ∇f(X)``; with
+      ``R`` tangent this pins ``R`` whatever the metric: the Poincaré ball's ``G/λ²``, the
+      Lorentz model's Minkowski gradient, Birkhoff's Fisher gradient, the projection for an
+      embedded metric);
+    * ``inner`` is batch-shaped, symmetric, bilinear (``inner(X, 2U − 3V, V) ==
+      2 inner(X, U, V) − 3 inner(X, V, V)``) and positive: ``inner(X, V, V) > 0`` where ``V ≠ 0``;
+    * ``T = transport(X, Y, V)`` is tangent at ``Y``, ``tangent(Y, T) == T``, for ``Y =
+      retract(X, W)`` (near) and a sampled ``Y`` (far); and ``transport(X, X, V) == V``.
+
+    Tolerances: ``tol = case.tol[dtype]``; scalar identities to ``tol·max(1, s)`` with ``s`` the
+    Cauchy–Schwarz bound of the terms (``‖G‖‖V‖`` for the gradient identity, ``|U|_X |V|_X`` in
+    the metric's own norm for symmetry and bilinearity); vector identities to ``tol`` relative to
+    ``max(1, max |entry|)``.
+    """
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        bshape = tuple(shape[: len(shape) - p])
+        X = M.sample(shape, generator=g, dtype=dtype)
+        G = _randn(shape, dtype, g)
+        U, V, W = (M.tangent(X, _randn(shape, dtype, g)) for _ in range(3))
+        # positivity first: the metric's norms scale the other bounds
+        uu, vv = M.inner(X, U, U), M.inner(X, V, V)
+        if tuple(vv.shape) != bshape:
+            raise _fail(ctx, f"inner returned shape {tuple(vv.shape)}, expected the batch shape {bshape}")
+        for name, A, aa in (("U", U, uu), ("V", V, vv)):
+            nonzero = _point_norm(A, p) > 0
+            bad = nonzero & ~(aa > 0)
+            if bool(bad.any()):
+                raise _fail(ctx, f"inner is not positive on tangent vectors: inner(X, {name}, {name}) = "
+                            f"{float(aa[bad].min()):.3g} ≤ 0 for a non-zero tangent {name} {_worst(bad)}")
+        nu, nv = uu.clamp(min=0).sqrt(), vv.clamp(min=0).sqrt()
+        one = torch.ones_like(nv)
+        _scalar_close(M.inner(X, U, V), M.inner(X, V, U), tol * torch.maximum(one, nu * nv), ctx,
+                      "inner is not symmetric: inner(X, U, V) != inner(X, V, U)")
+        _scalar_close(M.inner(X, 2.0 * U - 3.0 * V, V), 2.0 * M.inner(X, U, V) - 3.0 * vv,
+                      tol * torch.maximum(one, (2.0 * nu + 3.0 * nv) * nv), ctx,
+                      "inner is not bilinear: inner(X, 2U − 3V, V) != 2 inner(X, U, V) − 3 inner(X, V, V)")
+        # the Riemannian gradient
+        R = M.egrad_to_rgrad(X, G)
+        if tuple(R.shape) != shape or R.dtype != dtype:
+            raise _fail(ctx, f"egrad_to_rgrad returned shape {tuple(R.shape)}, {R.dtype}")
+        _vectors_close(M.tangent(X, R), R, tol, ctx,
+                       "egrad_to_rgrad(X, G) is not tangent: tangent(X, R) != R for R = egrad_to_rgrad(X, G)")
+        for name, A in (("V", V), ("W", W)):
+            _scalar_close(M.inner(X, R, A), _euclid(G, A, p),
+                          tol * torch.maximum(one, _point_norm(G, p) * _point_norm(A, p)), ctx,
+                          f"egrad_to_rgrad is not the gradient for inner: inner(X, egrad_to_rgrad(X, G), {name}) "
+                          f"!= ⟨G, {name}⟩ for a tangent {name}")
+        # transport
+        _vectors_close(M.transport(X, X, V), V, tol, ctx, "transport(X, X, V) != V")
+        for yname, Y in (("Y = retract(X, W) near X", M.retract(X, W)),
+                         ("a sampled Y", M.sample(shape, generator=g, dtype=dtype))):
+            T = M.transport(X, Y, V)
+            if tuple(T.shape) != shape or T.dtype != dtype:
+                raise _fail(ctx, f"transport returned shape {tuple(T.shape)}, {T.dtype}")
+            _vectors_close(M.tangent(Y, T), T, tol, ctx,
+                           f"transport(X, Y, V) is not tangent at Y for {yname}: tangent(Y, T) != T")
+
+
+# ------------------------------------------------------------------- small-step retraction
+# Note [the small-step test]
+# A retraction is first-order: e(t) = ‖retract(X, tV) − (X + tV)‖ = O(t²). check_retract looks at
+# t = 0 (value, and the derivative by jvp) and at two large steps; a map can be right there and
+# wrong in between: one that drops steps below a threshold (but not 0), or one off by c‖tV‖ in
+# some direction (torch differentiates ‖tV‖ to 0 at t = 0, so the jvp sees nothing), is off by
+# O(t). So e(t) is measured at t = 1e-1 … 1e-4 and held to the constant the map shows at the
+# largest step: e(t) ≤ 10·q·t² + floor, q = e(0.1)/0.1² (at least 1e-2, for flat spaces whose
+# retraction is exact). For a true retraction e(t)/t² tends to the size of its second-order term
+# and is nearly constant over these steps (the built-in spaces stay below 0.14 of the bound); an
+# O(t) error grows e(t)/t² by 10 per decade, past the factor 10 within one decade, and an error
+# that appears only below some step size is measured against the constant of the steps above it.
+# The floor, 1e3·ε·max(1, ‖X‖), is rounding: at t = 1e-4, t² = 1e-8 is far above it in float64,
+# which is why the property runs in float64 only. V is tangent(X, G) for a unit G, not a tangent
+# vector rescaled to unit norm: where the tangent space is {0} (Gr(n, n), a 1×1 Skew) that would
+# blow rounding up to a unit vector that no retraction follows.
+_STEPS = (1e-1, 1e-2, 1e-3, 1e-4)
+
+
+@_property
+def check_retract_small_steps(case: SpaceCase, dtype: torch.dtype = f64, *,
+                              generator: Optional[torch.Generator] = None) -> None:
+    """``retract`` is a retraction at every step size, not only at those of :func:`check_retract`
+    (float64).
+
+    For sampled ``X`` and ``V = tangent(X, G)`` with ``‖G‖ = 1`` per point (so ``‖V‖ ≤ 1``), at
+    ``t ∈ {1e-1, 1e-2, 1e-3, 1e-4}``: ``retract(X, tV)`` is on the space (``case.member``), and
+    per point ``e(t) = ‖retract(X, tV) − (X + tV)‖ ≤ 10·q·t² + 1e3·ε·max(1, ‖X‖)`` with
+    ``q = max(e(0.1)/0.1², 1e-2)``: the error is ``O(t²)``, with the constant the map shows at the
+    largest step (Note [the small-step test]). A retraction right at ``t = 0`` (value and ``jvp``,
+    which ``check_retract`` checks) and at large steps but wrong in between (a dead zone that drops
+    small steps, a step off by ``O(‖tV‖)``) fails. ``retract(X, 0) == X`` is ``check_retract``'s.
+    """
+    _require_f64("retract_small_steps", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    eps = torch.finfo(f64).eps
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        G = _randn(shape, f64, g)
+        V = M.tangent(X, G / _point_norm(G, p).reshape(tuple(G.shape[: G.ndim - p]) + (1,) * p))
+        floor = 1e3 * eps * _point_norm(X, p).clamp(min=1.0)
+        errs = []
+        for t in _STEPS:
+            Xt = M.retract(X, t * V)
+            if not (bool(torch.isfinite(Xt).all()) and bool(torch.as_tensor(case.member(Xt, case.tol[f64])).all())):
+                raise _fail(ctx, f"retract(X, tV) at t = {t:g} (‖V‖ ≤ 1) is not on the space by the case's `member`")
+            errs.append(_point_norm(Xt - (X + t * V), p))
+        q = torch.clamp(errs[0] / _STEPS[0] ** 2, min=1e-2)
+        for t, e in zip(_STEPS[1:], errs[1:]):
+            bound = 10.0 * q * t * t + floor
+            bad = ~(e <= bound)
+            if bool(bad.any()):
+                i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+                table = ", ".join(f"{s:g}: {float(err[i]):.3g}" for s, err in zip(_STEPS, errs))
+                raise _fail(ctx, f"retract(X, tV) − (X + tV) is not O(t²) (‖V‖ ≤ 1): at t = {t:g} the error is "
+                            f"{float(e[i]):.3g} > {float(bound[i]):.3g} = 10·(error at t = {_STEPS[0]:g})/t₀²·t² + "
+                            f"rounding {_worst(bad)}; errors by t: {table}")
+
+
 # ------------------------------------------------------------------------ nearest point
 def _project_inputs(case: SpaceCase, shape: tuple[int, ...], g: torch.Generator) -> list[tuple[str, Tensor]]:
     X = case.space.sample(shape, generator=g, dtype=f64)
@@ -130,6 +298,7 @@ def _project_inputs(case: SpaceCase, shape: tuple[int, ...], g: torch.Generator)
             ("Y = −X + 0.1 G far from the space", -X + 0.1 * _randn(shape, f64, g))]
 
 
+@_property
 def check_project_normal(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """First-order optimality of ``project`` (float64): ``Y − project(Y)`` is normal to the tangent
     space at ``project(Y)``, i.e. ``‖tangent(P, Y − P)‖ ≤ 10·tol·max(1, ‖Y‖)`` per point.
@@ -157,6 +326,7 @@ def check_project_normal(case: SpaceCase, dtype: torch.dtype = f64, *, generator
                             f"‖tangent(P, Y − P)‖ = {float(nT.max()):.3g} > {float(bound.max()):.3g} {_worst(bad)}")
 
 
+@_property
 def check_project_nearest(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``project(Y)`` is the nearest point: no point of the space comes closer to ``Y`` (float64).
 
@@ -196,6 +366,7 @@ def check_project_nearest(case: SpaceCase, dtype: torch.dtype = f64, *, generato
 
 
 # ----------------------------------------------------------------------- membership
+@_property
 def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``contains`` and ``check`` flip at the documented tolerance, per dtype: between 0.5× and 2×
     of it (so certainly between 0.1× and 10×).
@@ -209,7 +380,7 @@ def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Op
     gives ``perturb``.
     """
     if case.perturb is None:
-        raise ValueError(f"{case.id}: check_membership needs `case.perturb`")
+        raise _UsageError(f"{case.id}: check_membership needs `case.perturb`")
     g = _gen(generator)
     M = case.space
     p = M.point_ndim
@@ -250,6 +421,7 @@ def _z_threshold(m: int) -> float:
     return statistics.NormalDist().inv_cdf(1.0 - FALSE_ALARM / (2.0 * m))
 
 
+@_property
 def check_sample_distribution(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``sample`` follows its documented distribution, by moments (float64).
 
@@ -265,7 +437,7 @@ def check_sample_distribution(case: SpaceCase, dtype: torch.dtype = f64, *, gene
     """
     _require_f64("sample_distribution", dtype)
     if case.moments is None:
-        raise ValueError(f"{case.id}: check_sample_distribution needs `case.moments`")
+        raise _UsageError(f"{case.id}: check_sample_distribution needs `case.moments`")
     g = _gen(generator)
     M = case.space
     N = _N_SAMPLES
@@ -299,13 +471,14 @@ def check_sample_distribution(case: SpaceCase, dtype: torch.dtype = f64, *, gene
 
 
 # ------------------------------------------------------------------- float32 derivatives
+@_property
 def check_grad_float32(case: SpaceCase, dtype: torch.dtype = f32, *, generator: Optional[torch.Generator] = None) -> None:
     """float32 derivatives are float64's, rounded: the gradient of ``⟨C, to_manifold(Z, base)⟩``
     and of ``⟨C, retract(X, V)⟩`` (in ``X`` and ``V``) computed in float32 equals the one computed in
     float64 at the same (rounded) inputs within ``(tol[float32] + case.float32_shift)·max(1,
     max|grad|)``, on the smoke shape and its transpose. Applies to cases that run float32."""
     if dtype != f32:
-        raise ValueError(f"grad_float32 runs in float32 only, got {dtype}")
+        raise _UsageError(f"grad_float32 runs in float32 only, got {dtype}")
     g = _gen(generator)
     M = case.space
     tol = case.tol[f32] + case.float32_shift

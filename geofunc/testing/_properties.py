@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from typing import Any, Callable, Iterator, Optional
 
@@ -53,7 +55,51 @@ def _randn(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator, scale
 
 
 def _ctx(case: SpaceCase, shape: Any, dtype: torch.dtype) -> str:
-    return f"[{case.id} = {case.space!r}, shape {tuple(shape)}, {dtype}]"
+    ctx = f"[{case.id} = {case.space!r}, shape {tuple(shape)}, {dtype}]"
+    if _WHERE:  # the property being run is now at this shape (Note [Context of an unexpected exception])
+        _WHERE[-1] = ctx
+    return ctx
+
+
+# Note [Context of an unexpected exception]
+# A property fails with an AssertionError whose message names the case, shape and dtype (`_ctx`).
+# Any other exception raised inside one (a space's RuntimeError, a ManifoldError or TypeError on
+# valid input, an IndexError in a case's `member`) would reach the user from deep inside a torch
+# call with none of that. So every property is wrapped by `_property`, which re-raises such an
+# exception as an AssertionError naming the property, the case, the dtype and the shape the
+# property was at when it was raised (the last `_ctx` it formed: every property forms one per
+# shape before calling the space), chained to the original (`raise ... from e`: its traceback is
+# kept). An AssertionError passes unchanged, and so does a `_UsageError`: a property asked for
+# what it cannot run (a float64-only property in float32, a case without the field it reads) is
+# the caller's mistake, a ValueError, not a failure of the space. `_WHERE` is a stack (a property
+# may call another); the harness is single-threaded, like the test runs it serves.
+_WHERE: list[str] = []
+
+
+class _UsageError(ValueError):
+    """A property called with what it cannot run (Note [Context of an unexpected exception])."""
+
+
+def _property(fn: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a property so that an unexpected exception names where it was raised
+    (Note [Context of an unexpected exception])."""
+    name = fn.__name__.removeprefix("check_")
+    default = inspect.signature(fn).parameters["dtype"].default
+
+    @functools.wraps(fn)
+    def prop(case: SpaceCase, dtype: torch.dtype = default, *, generator: Optional[torch.Generator] = None) -> None:
+        _WHERE.append(f"[{case.id} = {case.space!r}, {dtype}]")
+        try:
+            fn(case, dtype, generator=generator)
+        except (AssertionError, _UsageError):
+            raise
+        except Exception as e:
+            raise AssertionError(f"{_WHERE[-1]} property {name!r} raised {type(e).__name__} (not an assertion "
+                                 f"of the harness: an error of the space or of the case): {e}") from e
+        finally:
+            _WHERE.pop()
+
+    return prop
 
 
 def _batch_shape(case: SpaceCase, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -83,6 +129,11 @@ def _member(case: SpaceCase, X: Tensor, dtype: torch.dtype, ctx: str, what: str)
 def _point_inner(A: Tensor, B: Tensor, point_ndim: int) -> Tensor:
     prod = A * B
     return prod.sum(dim=tuple(range(-point_ndim, 0))) if point_ndim else prod
+
+
+def _worst(bad: Tensor) -> str:
+    """Where the first True of a batch-shaped ``bad`` is, for a message ("" for a single point)."""
+    return f"(first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})" if bad.ndim else ""
 
 
 def _point_any(A: Tensor, point_ndim: int) -> Tensor:
@@ -119,10 +170,11 @@ def no_vmap_fallback() -> Iterator[None]:
 
 def _require_f64(name: str, dtype: torch.dtype) -> None:
     if dtype != f64:
-        raise ValueError(f"{name} runs in float64 only, got {dtype}")
+        raise _UsageError(f"{name} runs in float64 only, got {dtype}")
 
 
 # ------------------------------------------------------------------- per-dtype properties
+@_property
 def check_sample(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``sample`` lands on the space with the shape, dtype and device asked, reproducibly."""
     g = _gen(generator)
@@ -143,6 +195,7 @@ def check_sample(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
         raise _fail(_ctx(case, case.shapes[0], dtype), f"sample without dtype gave {D.dtype}")
 
 
+@_property
 def check_to_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``to_manifold(Z)`` and ``to_manifold(Z, base)`` land on the space for Gaussian ``Z`` at every raw scale."""
     g = _gen(generator)
@@ -163,6 +216,7 @@ def check_to_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
                 _member(case, X, dtype, ctx, f"to_manifold(Z at scale {scale:g}, base={name})")
 
 
+@_property
 def check_from_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``to_manifold(*from_manifold(X)) == X`` for sampled points and for images of ``to_manifold``."""
     g = _gen(generator)
@@ -178,6 +232,7 @@ def check_from_manifold(case: SpaceCase, dtype: torch.dtype = f64, *, generator:
             _close(M.to_manifold(Z, base), X, tol, ctx, f"to_manifold(*from_manifold(X)) != X for X = {name}")
 
 
+@_property
 def check_rebase(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``rebase`` keeps the point (and returns an all-zero raw tensor where ``case.rebase_zeroes``)."""
     g = _gen(generator)
@@ -196,6 +251,7 @@ def check_rebase(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
             raise _fail(ctx, f"rebase left a non-zero raw tensor (max |Z2| = {float(Z2.abs().max()):.3g})")
 
 
+@_property
 def check_tangent(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``tangent`` is linear, idempotent, self-adjoint, and its image satisfies the linearized constraint.
 
@@ -237,6 +293,7 @@ def check_tangent(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
                             f"{r1:.3g} at t = 1e-2, {r2:.3g} at t = 1e-3")
 
 
+@_property
 def check_retract(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``retract`` lands on the space, ``retract(X, 0) == X`` and ``d/dt retract(X, tV)|₀ == V`` (jvp)."""
     g = _gen(generator)
@@ -257,6 +314,7 @@ def check_retract(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
         _close(dX, V, tol, ctx, "d/dt retract(X, tV) at t = 0 (jvp) != V")
 
 
+@_property
 def check_project(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``project(Y)`` lands on the space; ``project(X) == X`` on it (if ``case.project_fixes_points``)."""
     g = _gen(generator)
@@ -276,6 +334,7 @@ def check_project(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
             _close(M.project(X), X, tol, ctx, "project(X) != X for a point X")
 
 
+@_property
 def check_contains(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``contains`` is batch-shaped boolean, True on points, False on NaN and off-manifold input."""
     g = _gen(generator)
@@ -300,6 +359,7 @@ def check_contains(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opti
                     raise _fail(ctx, "contains is True on off_manifold(X)")
 
 
+@_property
 def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``check`` passes on points; ``check`` and ``from_manifold`` raise ``ManifoldError`` naming the space
     and the measured violation (a key of ``space._violations``) on NaN / off-manifold input."""
@@ -327,6 +387,7 @@ def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optiona
                     raise _fail(ctx, f"{fn_name}({name}) did not raise ManifoldError")
 
 
+@_property
 def check_nan(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """NaN raw input gives NaN in every point; inf raw input is never a point.
 
@@ -358,11 +419,14 @@ def check_nan(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[
                 raise _fail(ctx, f"contains is True on {name}")
 
 
+@_property
 def check_vmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``vmap`` (no per-sample fallback) of every map equals the batched call.
 
     Covers ``to_manifold`` (with and without base), ``from_manifold``, ``rebase``,
-    ``tangent``, ``retract``, ``project`` and ``contains`` on a stack of points.
+    ``tangent``, ``retract``, ``project``, the metric (``egrad_to_rgrad``, ``inner``,
+    ``transport``), ``logabsdet`` (where ``case.has_logabsdet``) and ``contains`` on a stack of
+    points.
     """
     g = _gen(generator)
     M = case.space
@@ -386,6 +450,16 @@ def check_vmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
             ("retract", vmap(M.retract), (X, V), M.retract(X, V)),
             ("project", vmap(M.project), (Y,), M.project(Y)),
         ]
+        X2 = M.sample(bshape, generator=g, dtype=dtype)
+        W = M.tangent(X, _randn(bshape, dtype, g))
+        pairs += [
+            ("egrad_to_rgrad", vmap(M.egrad_to_rgrad), (X, G), M.egrad_to_rgrad(X, G)),
+            ("inner", vmap(M.inner), (X, V, W), M.inner(X, V, W)),
+            ("transport", vmap(M.transport), (X, X2, V), M.transport(X, X2, V)),
+        ]
+        if case.has_logabsdet:
+            pairs.append(("logabsdet(Z, base)", vmap(lambda z, b: M.logabsdet(z, b), in_dims=(0, bd)), (Z0 + Z, base),
+                          M.logabsdet(Z0 + Z, base)))
         with no_vmap_fallback():
             for name, fn, args, expected in pairs:
                 try:
@@ -396,6 +470,179 @@ def check_vmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
             c = vmap(M.contains)(X)
         if not torch.equal(c, M.contains(X)):
             raise _fail(ctx, "vmap(contains) != contains on the batch")
+
+
+# ------------------------------------------------------ every map: purity, dtypes, non-finite input
+def _map_calls(case: SpaceCase, shape: tuple[int, ...], dtype: torch.dtype,
+               g: torch.Generator) -> list[tuple[str, Callable[..., Any], tuple]]:
+    """One call of every map of the protocol on valid inputs of ``shape``: ``(name, fn, args)``."""
+    M = case.space
+    X, Z0, base = _point_and_base(case, shape, dtype, g)
+    Z, G, H, K, Y = (_randn(shape, dtype, g) for _ in range(5))
+    V, W = M.tangent(X, H), M.tangent(X, K)
+    X2 = M.sample(shape, generator=g, dtype=dtype)
+    calls: list[tuple[str, Callable[..., Any], tuple]] = [
+        ("to_manifold(Z)", M.to_manifold, (Z,)),
+        ("to_manifold(Z, base)", M.to_manifold, (Z0 + 0.5 * Z, base)),
+        ("from_manifold(X)", M.from_manifold, (X,)),
+        ("rebase(Z, base)", M.rebase, (Z0 + 0.5 * Z, base)),
+        ("tangent(X, G)", M.tangent, (X, G)),
+        ("retract(X, V)", M.retract, (X, V)),
+        ("project(Y)", M.project, (Y,)),
+        ("egrad_to_rgrad(X, G)", M.egrad_to_rgrad, (X, G)),
+        ("inner(X, V, W)", M.inner, (X, V, W)),
+        ("transport(X, X2, V)", M.transport, (X, X2, V)),
+        ("contains(X)", M.contains, (X,)),
+        ("check(X)", M.check, (X,)),
+    ]
+    if case.has_logabsdet:
+        calls.append(("logabsdet(Z, base)", M.logabsdet, (Z0 + 0.5 * Z, base)))
+    return calls
+
+
+def _leaves(tree: Any) -> list[Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+
+
+@_property
+def check_pure(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """No map changes its inputs: after ``to_manifold``, ``from_manifold``, ``rebase``, ``tangent``,
+    ``retract``, ``project``, ``egrad_to_rgrad``, ``inner``, ``transport``, ``contains``, ``check`` (and
+    ``logabsdet`` where ``case.has_logabsdet``), every input tensor (bases included) equals its copy
+    taken before the call, bit for bit, and its version counter (``Tensor._version``, which every
+    in-place op bumps) is unchanged: an in-place op that leaves the values as they were (``X /= ‖X‖``
+    on a unit vector) is caught too."""
+    g = _gen(generator)
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        for name, fn, args in _map_calls(case, shape, dtype, g):
+            args = pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, args)
+            inputs = _leaves(args)
+            copies = [t.clone() for t in inputs]
+            versions = [t._version for t in inputs]
+            fn(*args)
+            for i, (t, c, v) in enumerate(zip(inputs, copies, versions)):
+                if t._version != v or not torch.equal(t, c):
+                    raise _fail(ctx, f"{name} modified its input tensor #{i} of shape {tuple(t.shape)} in place "
+                                f"(version {v} -> {t._version}; values {'equal' if torch.equal(t, c) else 'changed'})")
+
+
+# Note [dtypes under the other default]
+# A map must return its input's dtype. A constant made without `dtype=` (torch.ones(n), a Python
+# scalar tensor) takes the *default* dtype, and the type promotion of a product with it then
+# decides the result's: float64 for a float32 input when the default is float64, float32 where
+# an explicit `.float()` slipped in. With the default equal to the input's dtype such a constant
+# changes nothing, so check_dtypes runs the maps with the default set to the other dtype of the
+# two (float64 for float32 input, float32 otherwise), restored afterwards.
+_OTHER_DEFAULT = {torch.float32: f64, f64: torch.float32}
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {torch.complex64: torch.float32, torch.complex128: f64}.get(dtype, dtype)
+
+
+@_property
+def check_dtypes(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """Every map returns its input's dtype and device: the tensors of ``to_manifold``,
+    ``from_manifold`` and ``rebase`` (raw tensors *and* every floating tensor of the bases),
+    ``tangent``, ``retract``, ``project``, ``egrad_to_rgrad``, ``transport`` and ``logabsdet`` have
+    ``dtype``; ``inner`` its real dtype and the batch shape; ``contains`` is ``bool``. The maps run
+    with the default dtype set to the other of float32/float64 (Note [dtypes under the other
+    default])."""
+    g = _gen(generator)
+    real = _real_dtype(dtype)
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        calls = _map_calls(case, shape, dtype, g)
+        device = calls[0][2][0].device
+        bshape = _batch_shape(case, shape)
+        with _default_dtype(_OTHER_DEFAULT.get(real, f64)):
+            for name, fn, args in calls:
+                out = fn(*args)
+                if name.startswith("check"):
+                    continue
+                want = (torch.bool if name.startswith("contains")
+                        else real if name.startswith(("inner", "logabsdet")) else dtype)
+                for i, t in enumerate(_leaves(out)):
+                    if not (t.is_floating_point() or t.is_complex() or name.startswith("contains")):
+                        continue  # an integer/bool tensor in a base (a permutation, a sign) has its own dtype
+                    if t.dtype != want or t.device != device:
+                        what = f"tensor #{i} of its result" if isinstance(out, tuple) else "its result"
+                        raise _fail(ctx, f"{name} returned {what} in {t.dtype} on {t.device} for {dtype} input on "
+                                    f"{device} (expected {want}; default dtype {torch.get_default_dtype()})")
+                if name.startswith("inner") and tuple(out.shape) != bshape:
+                    raise _fail(ctx, f"{name} returned shape {tuple(out.shape)}, expected the batch shape {bshape}")
+
+
+@_property
+def check_nonfinite(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """The NaN/inf policy (README, "NaN and inf") for the maps besides those of :func:`check_nan`:
+    no map turns inf or NaN input into a plausible value.
+
+    Inputs: ``+inf`` in every entry, ``−inf`` in every entry, and ``inf`` in the last entry of
+    every point (the rest Gaussian: a map may pass over an entry it does not read, as
+    ``Lorentz.project`` drops ``y₀`` and SO's chart the upper triangle, so the entry is the last,
+    which every map reads). Then, per point of the batch:
+
+    * ``project(Y)`` and ``retract(X, V)`` are refused by ``contains``, and so is
+      ``to_manifold(−inf)`` (``check_nan`` takes ``+inf``);
+    * ``tangent(X, G)``, ``egrad_to_rgrad(X, G)``, ``transport(X, Y, V)``, ``inner(X, U, V)`` (in
+      either vector) and ``logabsdet(Z)`` (where ``case.has_logabsdet``) have a non-finite entry
+      (NaN or inf: ``Rn.tangent(X, inf) = inf`` is no plausible vector either); for NaN input too,
+      except ``tangent``, which ``check_nan`` holds to NaN.
+
+    A chart that reads no entry of its input at a shape (the 1×1 ``Skew``) is exempt for
+    ``to_manifold`` and ``logabsdet``, as in ``check_nan``.
+    """
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X, _, base = _point_and_base(case, shape, dtype, g)
+        X2 = M.sample(shape, generator=g, dtype=dtype)
+        V = M.tangent(X, _randn(shape, dtype, g))
+        one = _randn(shape, dtype, g)
+        if p:
+            one.view(*one.shape[: one.ndim - p], -1)[..., -1] = math.inf
+        else:
+            one.fill_(math.inf)
+        bads = [("inf", torch.full(shape, math.inf, dtype=dtype)), ("−inf", torch.full(shape, -math.inf, dtype=dtype)),
+                ("inf in the last entry of every point", one)]
+        zero = torch.zeros(shape, dtype=dtype)
+        constant = torch.equal(M.to_manifold(_randn(shape, dtype, g), base), M.to_manifold(zero, base))
+        for bname, B in bads:
+            points = [(f"project({bname})", M.project(B)), (f"retract(X, {bname})", M.retract(X, B))]
+            if bname == "−inf" and not constant:
+                points.append((f"to_manifold({bname})", M.to_manifold(B)))
+            for name, out in points:
+                if bool(M.contains(out).any()):
+                    raise _fail(ctx, f"contains is True on {name} (a plausible point from non-finite input)")
+        nan = torch.full(shape, math.nan, dtype=dtype)
+        for bname, B in (*bads, ("NaN", nan)):
+            vectors = [(f"egrad_to_rgrad(X, {bname})", M.egrad_to_rgrad(X, B)),
+                       (f"transport(X, Y, {bname})", M.transport(X, X2, B)),
+                       (f"inner(X, {bname}, V)", M.inner(X, B, V)),
+                       (f"inner(X, V, {bname})", M.inner(X, V, B))]
+            if bname != "NaN":
+                vectors.append((f"tangent(X, {bname})", M.tangent(X, B)))
+            if case.has_logabsdet and not constant:
+                vectors.append((f"logabsdet({bname})", M.logabsdet(B)))
+            for name, out in vectors:
+                nd = p if tuple(out.shape) == shape else 0  # inner and logabsdet are batch-shaped
+                finite = ~_point_any(~torch.isfinite(out), nd)
+                if bool(finite.any()):
+                    raise _fail(ctx, f"{name} has finite points (a plausible value from non-finite input) {_worst(finite)}")
 
 
 # ----------------------------------------------------------------- float64-only properties
@@ -421,6 +668,7 @@ def _derivative_shapes(case: SpaceCase) -> list[tuple[int, ...]]:
     return out
 
 
+@_property
 def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``torch.autograd.gradcheck`` (float64) of ``to_manifold`` at random ``Z`` (and at ``Z = 0`` if
     smooth), of ``tangent`` in ``(X, G)`` and of ``retract`` in ``(X, V)``, on the smoke shape and
@@ -448,6 +696,7 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                 raise _fail(ctx, f"gradcheck of {name} failed: {e}") from None
 
 
+@_property
 def check_jvp_fd(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``jvp`` of ``to_manifold`` (in ``Z``) and of ``retract`` (in ``V``) equals central finite differences (float64)."""
     _require_f64("jvp_fd", dtype)
@@ -465,6 +714,7 @@ def check_jvp_fd(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
         _close(jv, fd, 1e-6 * max(1.0, float(fd.abs().max())), ctx, f"jvp of {name} != central finite differences")
 
 
+@_property
 def check_jacobians(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``jacfwd == jacrev`` of ``to_manifold`` at random ``Z`` and at ``Z = 0`` (float64, smooth spaces)."""
     _require_f64("jacobians", dtype)
@@ -488,6 +738,7 @@ def _derivative_points(case: SpaceCase, Z: Tensor) -> list[tuple[str, Tensor]]:
     return points
 
 
+@_property
 def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """The hessian of a scalar loss of ``to_manifold`` at random ``Z`` and at ``Z = 0`` is finite,
     symmetric, and equals central finite differences of the gradient along random directions
@@ -519,6 +770,7 @@ def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
                        f"hessian at {name} != finite differences of the gradient")
 
 
+@_property
 def check_vmap_grad(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``vmap(grad(loss))`` over a stack of raw tensors and bases equals the loop of ``grad(loss)``."""
     _require_f64("vmap_grad", dtype)
@@ -541,6 +793,7 @@ def check_vmap_grad(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
     _close(got, loop, 1e-10, ctx, "vmap(grad(loss)) != loop of grad(loss)")
 
 
+@_property
 def check_compile(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``torch.compile(fullgraph=True, backend="aot_eager")`` of ``to_manifold``: same value and
     gradient as eager. In float64 (to ``1e-10``) on the smoke shape; in the case's other dtype
@@ -579,6 +832,81 @@ def check_compile(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
             torch._dynamo.reset()
 
 
+# Note [Compiling the other maps]
+# check_compile traces to_manifold with backend="aot_eager", forward and backward, twice per case
+# (~1 s each on the CI box). The other maps need the same contract, torch.compile(fullgraph=True):
+# no graph break, which Dynamo decides (a branch on a tensor value, `.item()`, an untraceable
+# call), before any backend runs. So check_compile_maps traces them all in *one* function with
+# backend="eager" (Dynamo's graph, run as is): half of aot_eager's cost (measured over the
+# built-in cases: 29 s against 52 s), one compilation per case. What it leaves out is AOT
+# autograd's own tracing of those maps (functionalization, fake-tensor kernels), which
+# check_compile exercises on the linalg kernels the charts share with them.
+_MAPS_BACKEND = "eager"
+# The maps besides to_manifold that check_compile_maps compiles, in one graph.
+_COMPILED_MAPS = ("tangent", "retract", "project", "egrad_to_rgrad", "inner", "transport", "contains", "logabsdet")
+
+
+@_property
+def check_compile_maps(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.compile(fullgraph=True)`` of the maps besides ``to_manifold`` (:func:`check_compile`):
+    ``tangent``, ``retract``, ``project``, ``egrad_to_rgrad``, ``inner``, ``transport``,
+    ``contains`` and ``logabsdet`` (where ``case.has_logabsdet``), traced together as one function
+    (one compilation per case, ``backend="eager"``: Note [Compiling the other maps]): every value
+    equals eager to ``1e-10`` relative (float64, on the smoke shape). A graph break in any map
+    fails it; the failure names the first map that does not compile alone."""
+    _require_f64("compile_maps", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape = case.smoke
+    ctx = _ctx(case, shape, f64)
+    X, Z0, base = _point_and_base(case, shape, f64, g)
+    G, H, Y, Z = (_randn(shape, f64, g) for _ in range(4))
+    V = M.tangent(X, H)
+    X2 = M.sample(shape, generator=g, dtype=f64)
+    # The inputs are arguments of the compiled function, not constants it closes over.
+    args = (X, G, V, Y, X2, Z0 + 0.5 * Z, base)
+
+    def run(names: tuple[str, ...], X: Tensor, G: Tensor, V: Tensor, Y: Tensor, X2: Tensor, Zb: Tensor,
+            b: Any) -> dict[str, Any]:
+        table = {
+            "tangent": lambda: M.tangent(X, G),
+            "retract": lambda: M.retract(X, V),
+            "project": lambda: M.project(Y),
+            "egrad_to_rgrad": lambda: M.egrad_to_rgrad(X, G),
+            "inner": lambda: M.inner(X, V, V),
+            "transport": lambda: M.transport(X, X2, V),
+            "contains": lambda: M.contains(X),
+            "logabsdet": lambda: M.logabsdet(Zb, b),
+        }
+        return {n: table[n]() for n in names}
+
+    names = tuple(n for n in _COMPILED_MAPS if n != "logabsdet" or case.has_logabsdet)
+    expected = run(names, *args)
+    torch._dynamo.reset()
+    try:
+        try:
+            got = torch.compile(functools.partial(run, names), fullgraph=True, backend=_MAPS_BACKEND)(*args)
+        except Exception as e:
+            for n in names:  # which map: compile each alone (the failure path only)
+                torch._dynamo.reset()
+                try:
+                    torch.compile(functools.partial(run, (n,)), fullgraph=True, backend=_MAPS_BACKEND)(*args)
+                except Exception as e1:
+                    raise _fail(ctx, f"torch.compile(fullgraph=True) of {n} failed: {type(e1).__name__}: {e1}") from None
+            raise _fail(ctx, f"torch.compile(fullgraph=True) of {', '.join(names)} together failed "
+                        f"(each compiles alone): {type(e).__name__}: {e}") from None
+    finally:
+        torch._dynamo.reset()
+    for n in names:
+        for a, b in zip(_leaves(got[n]), _leaves(expected[n])):
+            if a.dtype == torch.bool:
+                if not torch.equal(a, b):
+                    raise _fail(ctx, f"compiled {n} != eager")
+            else:
+                scale = max(1.0, float(b.abs().max()) if b.numel() else 1.0)
+                _close(a, b, 1e-10 * scale, ctx, f"compiled {n} != eager")
+
+
 _LOGABSDET_SIZES = (1, 2, 3, 5, 8)
 
 
@@ -597,6 +925,7 @@ def _logabsdet_shapes(case: SpaceCase) -> list[tuple[int, ...]]:
     return out
 
 
+@_property
 def check_logabsdet(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``logabsdet(Z, base) == slogdet(to_manifold(Z, base))[1]``, values and gradients (float64),
     on ``case.logabsdet_shapes`` (default: the case's shapes and the square sizes 1, 2, 3, 5, 8)."""
@@ -620,6 +949,7 @@ def check_logabsdet(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
 _ODD_SHAPES = ((), (3,), (0, 3), (3, 0), (2, 3), (3, 2), (2, 2, 3))
 
 
+@_property
 def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """Odd shapes either work or raise ``ManifoldError`` naming the space (never another exception);
     an integer tensor, a ``sample`` shape that is not integers (an int ``n`` means ``(n,)``), and

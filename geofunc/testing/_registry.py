@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+import types
+import warnings
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -11,8 +13,10 @@ from ._case import SpaceCase
 from ._geometry import (
     check_grad_float32,
     check_membership,
+    check_metric,
     check_project_nearest,
     check_project_normal,
+    check_retract_small_steps,
     check_sample_distribution,
     check_tangent_space,
 )
@@ -20,7 +24,9 @@ from ._properties import (
     check_bad_input,
     check_check,
     check_compile,
+    check_compile_maps,
     check_contains,
+    check_dtypes,
     check_from_manifold,
     check_gradcheck,
     check_hessian,
@@ -28,7 +34,9 @@ from ._properties import (
     check_jvp_fd,
     check_logabsdet,
     check_nan,
+    check_nonfinite,
     check_project,
+    check_pure,
     check_rebase,
     check_retract,
     check_sample,
@@ -39,7 +47,7 @@ from ._properties import (
 )
 from ._properties import _gen
 
-__all__ = ["PROPERTIES", "Property", "check_space"]
+__all__ = ["IncompleteCaseWarning", "PROPERTIES", "Property", "SpaceReport", "check_space"]
 
 f64 = torch.float64
 f32 = torch.float32
@@ -47,6 +55,10 @@ f32 = torch.float32
 
 def _always(case: SpaceCase) -> bool:
     return True
+
+
+def _nothing_missing(case: SpaceCase) -> Optional[str]:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +77,12 @@ class Property:
     float64_only: bool = False
     applies: Callable[[SpaceCase], bool] = _always
     only: Optional[torch.dtype] = None
+    #: What ``applies`` asks of a case, for the report of :func:`check_space` (e.g. ``"case.smooth"``).
+    requires: str = ""
+    #: ``missing(case)``: what the case lacks for the property to pin the geometry in full (a
+    #: sentence naming the field), or None. :func:`check_space` reports it and warns
+    #: (:class:`IncompleteCaseWarning`) unless the case lists the property in ``case.skip``.
+    missing: Callable[[SpaceCase], Optional[str]] = _nothing_missing
 
     def dtypes(self, case: SpaceCase) -> tuple[torch.dtype, ...]:
         """The dtypes this property runs in for ``case`` (empty if it does not apply)."""
@@ -77,34 +95,100 @@ class Property:
         return tuple(case.dtypes)
 
 
+def _needs_dim(case: SpaceCase) -> Optional[str]:
+    return None if case.dim is not None else ("ran without its rank check (that `tangent` projects onto the whole "
+                                              "tangent space and nothing more): needs case.dim")
+
+
+def _needs_perturb(case: SpaceCase) -> Optional[str]:
+    return None if case.perturb is not None else ("did not run (that contains/check flip at the documented "
+                                                  "tolerance): needs case.perturb")
+
+
+def _needs_moments(case: SpaceCase) -> Optional[str]:
+    return None if case.moments is not None else ("did not run (that sample follows its documented "
+                                                  "distribution): needs case.moments")
+
+
 PROPERTIES: tuple[Property, ...] = (
     Property("sample", check_sample),
     Property("to_manifold", check_to_manifold),
     Property("from_manifold", check_from_manifold),
     Property("rebase", check_rebase),
     Property("tangent", check_tangent),
-    Property("tangent_space", check_tangent_space, float64_only=True),
+    Property("tangent_space", check_tangent_space, float64_only=True, missing=_needs_dim),
     Property("retract", check_retract),
+    Property("retract_small_steps", check_retract_small_steps, float64_only=True),
     Property("project", check_project),
     Property("project_normal", check_project_normal, float64_only=True),
     Property("project_nearest", check_project_nearest, float64_only=True),
+    Property("metric", check_metric),
     Property("contains", check_contains),
-    Property("membership", check_membership, applies=lambda case: case.perturb is not None),
+    Property("membership", check_membership, applies=lambda case: case.perturb is not None, requires="case.perturb",
+             missing=_needs_perturb),
     Property("check", check_check),
     Property("nan", check_nan),
+    Property("nonfinite", check_nonfinite),
+    Property("pure", check_pure),
+    Property("dtypes", check_dtypes),
     Property("vmap", check_vmap),
     Property("sample_distribution", check_sample_distribution, float64_only=True,
-             applies=lambda case: case.moments is not None),
+             applies=lambda case: case.moments is not None, requires="case.moments", missing=_needs_moments),
     Property("gradcheck", check_gradcheck, float64_only=True),
     Property("grad_float32", check_grad_float32, only=f32),
     Property("jvp_fd", check_jvp_fd, float64_only=True),
-    Property("jacobians", check_jacobians, float64_only=True, applies=lambda case: case.smooth),
-    Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth),
+    Property("jacobians", check_jacobians, float64_only=True, applies=lambda case: case.smooth,
+             requires="case.smooth"),
+    Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth, requires="case.smooth"),
     Property("vmap_grad", check_vmap_grad, float64_only=True),
     Property("compile", check_compile),
-    Property("logabsdet", check_logabsdet, float64_only=True, applies=lambda case: case.has_logabsdet),
+    Property("compile_maps", check_compile_maps, float64_only=True),
+    Property("logabsdet", check_logabsdet, float64_only=True, applies=lambda case: case.has_logabsdet,
+             requires="case.has_logabsdet"),
     Property("bad_input", check_bad_input, float64_only=True),
 )
+
+
+class IncompleteCaseWarning(UserWarning):
+    """:func:`check_space` ran a case that lacks what a geometry property needs (``dim``,
+    ``perturb``, ``moments``), so that property did not run, or ran only in part, and the case does
+    not list it in ``skip`` with a reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceReport:
+    """What :func:`check_space` ran on a case (every run passed: a failure raises).
+
+    Attributes:
+        case_id: the case's ``id``.
+        ran: ``(property name, dtype)`` of every property run.
+        skipped: ``{property name: reason}`` of the properties that did not run: listed in
+            ``case.skip`` (its reason), not applicable by a field of the case (``smooth=False``,
+            ``has_logabsdet=False``, no float32 in ``dtypes``), or missing a field.
+        incomplete: ``{property name: what is missing}``: the geometry properties that did not
+            run, or ran only in part, because the case lacks ``dim``, ``perturb`` or ``moments``
+            and does not list them in ``case.skip``. Non-empty: ``check_space`` warned
+            (:class:`IncompleteCaseWarning`).
+    """
+
+    case_id: str
+    ran: tuple[tuple[str, torch.dtype], ...]
+    skipped: Mapping[str, str]
+    incomplete: Mapping[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"{self.case_id}: {len(self.ran)} property runs passed"]
+        lines += [f"  incomplete: {name} {why}" for name, why in self.incomplete.items()]
+        lines += [f"  skipped: {name}: {why}" for name, why in self.skipped.items() if name not in self.incomplete]
+        return "\n".join(lines)
+
+
+def _not_run_reason(prop: Property, case: SpaceCase) -> str:
+    if prop.name in case.skip:
+        return f"case.skip: {case.skip[prop.name]}"
+    if not prop.applies(case):
+        return f"needs {prop.requires}" if prop.requires else "does not apply to the case"
+    return f"runs in {prop.only} only, which is not in case.dtypes"
 
 
 def check_space(
@@ -112,13 +196,20 @@ def check_space(
     *,
     properties: Optional[tuple[str, ...]] = None,
     generator: Optional[torch.Generator] = None,
-) -> None:
+) -> SpaceReport:
     """Run every property that applies to ``case`` (or those named in ``properties``).
 
-    Raises AssertionError at the first failure. Example::
+    Raises AssertionError at the first failure. Returns a :class:`SpaceReport`: what ran and
+    what did not, with the reason. A case without ``dim``, ``perturb`` or ``moments`` leaves part
+    of the geometry unchecked (``tangent_space``'s rank check, ``membership``,
+    ``sample_distribution``): unless it lists those properties in ``case.skip`` with a reason,
+    ``check_space`` warns (:class:`IncompleteCaseWarning`, naming them) and the report's
+    ``incomplete`` lists them. Example::
 
         from geofunc.testing import SpaceCase, check_space
-        check_space(SpaceCase("mine", MySpace(), shapes=((4, 4), (2, 5, 3)), member=my_member))
+        report = check_space(SpaceCase("mine", MySpace(), shapes=((4, 4), (2, 5, 3)), member=my_member,
+                                       dim=my_dim, perturb=my_perturb, moments=my_moments))
+        print(report)
     """
     names = {p.name for p in PROPERTIES}
     unknown_skips = set(case.skip) - names
@@ -128,8 +219,21 @@ def check_space(
         unknown = set(properties) - names
         if unknown:
             raise ValueError(f"unknown properties {sorted(unknown)}; known: {sorted(names)}")
-    for prop in PROPERTIES:
-        if properties is not None and prop.name not in properties:
-            continue
-        for dtype in prop.dtypes(case):
+    selected = [p for p in PROPERTIES if properties is None or p.name in properties]
+    incomplete = {p.name: why for p in selected if p.name not in case.skip and (why := p.missing(case)) is not None}
+    if incomplete:
+        warnings.warn(IncompleteCaseWarning(
+            f"check_space({case.id!r}): the case leaves geometry unchecked: "
+            + "; ".join(f"{name} {why}" for name, why in incomplete.items())
+            + ". Give the case those fields, or list the properties in case.skip with the reason they do not apply."),
+            stacklevel=2)
+    ran: list[tuple[str, torch.dtype]] = []
+    skipped: dict[str, str] = {}
+    for prop in selected:
+        dtypes = prop.dtypes(case)
+        if not dtypes:
+            skipped[prop.name] = _not_run_reason(prop, case)
+        for dtype in dtypes:
             prop.fn(case, dtype, generator=_gen(generator))
+            ran.append((prop.name, dtype))
+    return SpaceReport(case.id, tuple(ran), types.MappingProxyType(skipped), types.MappingProxyType(incomplete))
