@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional, final
 import torch
 
 from .._linalg import poison, solve_vec
-from ._base import AbstractSpace
+from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Birkhoff"]
 
@@ -103,6 +103,18 @@ def _balance(L: Tensor) -> Tensor:
     return _round(_balance_log(L).exp())
 
 
+# Note [the Fisher projection of a rounded point]
+# I − PᵀP is positive semidefinite for an exactly doubly stochastic P (σ₁(P) = 1), with a null
+# direction per block where P decomposes, and + εI makes M definite there. A point rounded to
+# bfloat16/float16 and read in float32 is doubly stochastic only to its rounding: near a vertex
+# (off-entries ~1e-7, row sums 1 + ε₃₂) I − PᵀP had an eigenvalue −ε that the shift cancelled
+# exactly, M was singular, and egrad_to_rgrad returned NaN for the whole matrix (rsgd with
+# momentum in bfloat16, n = 4: NaN from step 76 on, carried by the momentum). So for such points
+# the shift is 4nε (ε of float32, the compute dtype), which dominates the marginal error n·ε of a
+# computed point and the rounding of PᵀP, while staying far below what the stored rounding already
+# does to M (ε of bfloat16/float16 per entry). In float32 and float64 the shift stays ε: there a
+# larger one is not free (near a face, where the smallest eigenvalue λ of I − PᵀP on 1⊥ is ~1e-6,
+# 4nε moved β by 4nε/λ, and a float32 rsgd run, 7.5e-7 from float64 before, ended 0.84 away).
 def fisher_project(P: Tensor, W: Tensor) -> Tensor:
     """``W − (α1ᵀ + 1βᵀ) ⊙ P`` with zero row and column sums: the projection onto the tangent
     space orthogonal in the Fisher metric ``⟨U, V⟩_P = Σ UV/P``, for doubly stochastic ``P``.
@@ -111,11 +123,14 @@ def fisher_project(P: Tensor, W: Tensor) -> Tensor:
     ``(I − PᵀP)β = Wᵀ1 − PᵀW1``, singular along ``1`` (made definite by ``+ 11ᵀ/n``) and, where
     ``P`` decomposes (a permutation matrix), along each block: ``+ εI`` picks a solution there
     (every solution gives the same projection), so the map is finite on the whole closed
-    polytope, vertices included.
+    polytope, vertices included; ``+ 4nεI`` for a bfloat16/float16 point (computed in float32: Note
+    [the Fisher projection of a rounded point]).
     """
     n = P.shape[-1]
     r, c = W.sum(-1), W.sum(-2)
-    M = torch.eye(n, dtype=P.dtype, device=P.device) * (1.0 + torch.finfo(P.dtype).eps) - P.mT @ P + 1.0 / n
+    eps = torch.finfo(P.dtype).eps
+    shift = eps if rounding_dtype(P.dtype) == P.dtype else 4 * n * eps
+    M = torch.eye(n, dtype=P.dtype, device=P.device) * (1.0 + shift) - P.mT @ P + 1.0 / n
     rhs = c - (P.mT @ r.unsqueeze(-1)).squeeze(-1)
     beta = solve_vec(M, rhs)
     alpha = r - (P @ beta.unsqueeze(-1)).squeeze(-1)

@@ -28,11 +28,13 @@ def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtyp
 def _max_distance(dtype: torch.dtype) -> float:
     """``T``: points are kept within distance ``T√k`` of the origin (Note [the hyperboloid's precision]).
 
-    ``T = min(½ log(1/ε) + log 2, log(max_stored) − 4)``: 8.66 in float32 and bfloat16 (computed
-    in float32), 18.7 in float64, 7.1 in float16.
+    ``T = min(½ log(1/ε) + log 2, log(max) − 4)`` with ``ε`` and ``max`` of the dtype the result is
+    stored in (a bfloat16/float16 result is computed in float32: Note [the hyperboloid in low
+    precision]): 8.66 in float32, 18.7 in float64, 3.12 in bfloat16, 4.16 in float16 (the overflow
+    term binds for none of them).
     """
-    eps = torch.finfo(dtype).eps
-    return min(0.5 * math.log(1.0 / eps) + math.log(2.0), math.log(torch.finfo(rounding_dtype(dtype)).max) - 4.0)
+    stored = torch.finfo(rounding_dtype(dtype))
+    return min(0.5 * math.log(1.0 / stored.eps) + math.log(2.0), math.log(stored.max) - 4.0)
 
 
 # Note [the hyperboloid's precision]
@@ -44,6 +46,42 @@ def _max_distance(dtype: torch.dtype) -> float:
 # it overflows (observed: rsgd with momentum on random gradients, NaN after 15 steps with a
 # cap at the float64 overflow limit). So every point returned is kept at x₀ ≤ √k/√ε, i.e. at
 # distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (15.2 in float32).
+# There the stored point itself still resolves its neighbourhood to √ε (its rounding moves it by
+# up to ε x₀, across the radius), the floor the open spaces keep too (Note [Low precision] in
+# spaces/_base.py); ε is that of the dtype the point is stored in (Note [the hyperboloid in low
+# precision]).
+
+
+# Note [the hyperboloid in low precision]
+# A bfloat16/float16 point is computed in float32 and rounded (Note [Low precision] in
+# spaces/_base.py), and so is an optimizer's momentum; both are read back from the rounded copy.
+# Two things followed, measured with rsgd (momentum 0.9) minimizing d(x, t)²/2:
+# 1. The clamp was computed with float32's ε (T = 8.66 in bfloat16, 7.09 in float16 from the
+#    overflow term), where a stored bfloat16 point at x₀ = 2896 is off the hyperboloid by up to
+#    ε x₀² (9e3 measured) and its rounding can move it by 6 across the radius (ε x₀ = 23 to first
+#    order): it resolves nothing, and rsgd with momentum ran there and on to NaN. T now takes ε of
+#    the stored dtype (rounding_dtype; Note [the hyperboloid's precision]): 3.12 in bfloat16, 4.16
+#    in float16, the distances at which a stored point still resolves √ε (0.09, 0.03).
+# 2. The stored x₀ carries a rounding of ε x₀, so ⟨x, x⟩_L + k is off by ~ε x₀², and every
+#    Minkowski form evaluated at the stored point (⟨x − y, x − y⟩_L in dist and logmap, the
+#    transport's ⟨D, V⟩_L, tangency) inherits that error; so does ⟨u, v⟩_L from the rounding of the
+#    time coordinates u₀, v₀ of tangent vectors (≲ ε x₀²‖u‖_L‖v‖_L). So in a bfloat16/float16
+#    call a point is read as the lift (√(k + ‖x̄‖²), x̄) of its stored spatial part (the float32
+#    point on the hyperboloid within rounding of the stored one; not capped: an input is read as
+#    precisely as it is stored) and a tangent vector at it as (⟨x̄, v̄⟩/x₀, v̄), as expmap reads it
+#    anyway (Note [the exponential map through the origin]). The rounding of v̄ (≤ ε x₀‖v‖_L) then
+#    meets ū − (⟨x̄, ū⟩/x₀²) x̄, of size ≤ ‖u‖_L, so ⟨u, v⟩_L is off by ≲ ε x₀‖u‖_L‖v‖_L (float16 at
+#    x₀ = 7.4: 0.23 in 355, against 13.5 before). On points and tangent vectors both readings are the
+#    identity in exact arithmetic, so derivatives along the space are unchanged; in float32 and
+#    float64 they are skipped (a dtype test).
+# Before (d(o, t) = 4, 150 steps): bfloat16 ended at the clamp 8.66, 8.0 from t; float16 NaN (and
+# NaN within 1–170 steps on random gradients, in both). After: within 0.014 (bfloat16, d(o, t) ≤ 3)
+# and 0.003 (float16, d(o, t) ≤ 4) of the float64 run, at the clamp's sphere (d(x, t) = d(o, t) − T)
+# for farther targets, finite on random gradients (tests/test_hyperbolic.py). Limit: in float16 a
+# tangent vector at x₀ has ambient entries up to ~x₀ times its length, and egrad_to_rgrad scales a
+# Euclidean gradient by up to ~x₀² (1024 at the clamp), so a momentum buffer of random Euclidean
+# gradients with entries N(0, 10²) at the clamp overflowed float16 within 10 steps (inf, then NaN:
+# never a plausible point; entries N(0, 1): finite for 300 steps).
 
 
 # Note [Derivatives at the boundary of a clamp]
@@ -141,9 +179,11 @@ class Lorentz(AbstractSpace):
     Stated clamps: ``‖v‖_L/√k`` is capped at 40 in ``expmap`` (``v`` rescaled along itself, so the
     direction is the exact one; no intermediate overflows for any finite ``v``), and every point
     returned is kept within distance ``T√k`` of the origin
-    (``‖x̄‖ ≤ √k sinh T``, ``T = ½ log(1/ε) + log 2``: 8.66 in float32 and bfloat16, 18.7 in
-    float64, 7.1 in float16), beyond which the rounding of ``⟨·,·⟩_L`` exceeds the quantities it
-    measures (relative error ``ε x₀²``). Membership: the relative residual
+    (``‖x̄‖ ≤ √k sinh T``, ``T = ½ log(1/ε) + log 2``: 8.66 in float32, 18.7 in float64, 3.12 in
+    bfloat16, 4.16 in float16, with ``ε`` of the stored dtype), beyond which the rounding of
+    ``⟨·,·⟩_L`` exceeds the quantities it measures (relative error ``ε x₀²``). In a bfloat16/float16
+    call a point argument is read as the lift ``(√(k + ‖x̄‖²), x̄)`` of its stored spatial part and a
+    tangent vector as ``(⟨x̄, v̄⟩/x₀, v̄)`` (Note [the hyperboloid in low precision]). Membership: the relative residual
     ``|⟨x, x⟩_L + k| / (k + ‖x‖²) ≤ atol`` and ``x₀ > 0``. NaN or inf raw input gives NaN.
     The model is ill-conditioned far from the origin (coordinates grow like ``e^d``): for
     larger radii use float64, or :class:`PoincareBall` (15.2 in float32, 34.7 in float64).
@@ -189,6 +229,24 @@ class Lorentz(AbstractSpace):
         ys = _cap(yb, math.sqrt(self.k) * math.sinh(_max_distance(yb.dtype)))
         return torch.cat([torch.sqrt(self.k + (ys * ys).sum(-1, keepdim=True)), ys], dim=-1)
 
+    def _read(self, X: Tensor) -> Tensor:
+        """A point argument as the maps read it: ``X`` itself, except in a bfloat16/float16 call, where
+        it is the lift ``(√(k + ‖x̄‖²), x̄)`` of its stored spatial part (Note [the hyperboloid in low precision])."""
+        if rounding_dtype(X.dtype) == X.dtype:
+            return X
+        xb = X[..., 1:]
+        x0 = torch.sqrt(self.k + (xb * xb).sum(-1, keepdim=True)) + 0.0 * X[..., :1]  # a NaN or inf x₀ stays NaN
+        return torch.cat([x0, xb], dim=-1)
+
+    def _read_tangent(self, X: Tensor, V: Tensor) -> Tensor:
+        """A tangent vector at the (read) point ``X`` as the maps read it: ``V`` itself, except in a
+        bfloat16/float16 call, where ``v₀`` is implied by tangency, ``⟨x̄, v̄⟩/x₀`` (Note [the hyperboloid
+        in low precision])."""
+        if rounding_dtype(V.dtype) == V.dtype:
+            return V
+        vb = V[..., 1:]
+        return torch.cat([(X[..., 1:] * vb).sum(-1, keepdim=True) / X[..., :1] + 0.0 * V[..., :1], vb], dim=-1)
+
     def _tangent(self, X: Tensor, G: Tensor) -> Tensor:
         return G - (_minkowski(X, G) / (X * X).sum(-1, keepdim=True)) * _flip(X)
 
@@ -223,6 +281,7 @@ class Lorentz(AbstractSpace):
         if base is None:
             return self._expmap_origin(Z[..., 1:])
         self._require_base(Z, base)
+        base = self._read(base)
         return self._expmap(base, self._tangent(base, Z))
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
@@ -231,22 +290,27 @@ class Lorentz(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − (⟨x, G⟩_L/‖x‖²) Jx``: the Euclidean orthogonal projection onto ``T_x``."""
         self._check_pair(X, G, "G")
-        return self._tangent(X, G)
+        return self._tangent(self._read(X), G)
 
     def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
         """``JG + (⟨x, G⟩/k) x`` (the Minkowski-metric gradient; ``J = diag(−1, 1, …, 1)``)."""
         self._check_pair(X, G, "G")
+        X = self._read(X)
         return _flip(G) + ((X * G).sum(-1, keepdim=True) / self.k) * X
 
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
         """``⟨U, V⟩_L = −U₀V₀ + Σ Uᵢ Vᵢ``, batch-shaped."""
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
+        if rounding_dtype(X.dtype) != X.dtype:  # Note [the hyperboloid in low precision]
+            X = self._read(X)
+            U, V = self._read_tangent(X, U), self._read_tangent(X, V)
         return (_minkowski(U, V) + 0.0 * X[..., :1]).squeeze(-1)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``expmap(X, tangent(X, V))``."""
         self._check_pair(X, V, "V")
+        X = self._read(X)
         return self._expmap(X, self._tangent(X, V))
 
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
@@ -255,7 +319,7 @@ class Lorentz(AbstractSpace):
         Evaluated as ``B_X exp_o(B_X⁻¹ V)`` from ``V``'s spatial part (Note [the exponential map
         through the origin]): accurate to the map's own conditioning far from the origin."""
         self._check_pair(X, V, "V")
-        return self._expmap(X, V)
+        return self._expmap(self._read(X), V)
 
     def _u(self, X: Tensor, Y: Tensor) -> Tensor:
         """``u = −⟨x, y⟩_L/k − 1 = ⟨x − y, x − y⟩_L / 2k ≥ 0``."""
@@ -265,12 +329,14 @@ class Lorentz(AbstractSpace):
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``ψ(u)(y − x − u x)``, ``ψ(u) = arcosh(1 + u)/√(u(u + 2))`` (smooth at ``Y = X``)."""
         self._check_pair(X, Y, "Y")
+        X, Y = self._read(X), self._read(Y)
         u = self._u(X, Y)
         return _arcoshc(u) * (Y - X - u * X)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``√k arcosh(1 + u)``, ``u = ⟨x − y, x − y⟩_L/2k``, batch-shaped (gradient 0 at ``X = Y``)."""
         self._check_pair(X, Y, "Y")
+        X, Y = self._read(X), self._read(Y)
         u = self._u(X, Y)
         pos = u > 0
         w = torch.sqrt(torch.where(pos, u * (u + 2.0), torch.ones_like(u)))
@@ -283,6 +349,8 @@ class Lorentz(AbstractSpace):
         so nearby points (and ``X = Y``, where it is the identity) lose nothing to cancellation."""
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
+        X, Y = self._read(X), self._read(Y)
+        V = self._read_tangent(X, V)
         D = Y - X
         den = 2.0 * self.k + 0.5 * _nonneg(_minkowski(D, D))
         return V + (_minkowski(D, V) / den) * (X + Y)
