@@ -266,6 +266,29 @@ perturb_norm = scale_by(lambda a: 1.0 + a)
 perturb_gram = scale_by(lambda a: math.sqrt(1.0 + a))
 
 
+def perturb_one_column(X: Tensor, a: float) -> Tensor:
+    """The oblique manifold with only column 0 off: ``|‖X[:, 0]‖ − 1| = a``, the other columns unit
+    (a measure that averages over the columns instead of taking the worst one fails)."""
+    s = torch.ones(X.shape[-1], dtype=X.dtype, device=X.device)
+    s[0] = 1.0 + a
+    return X * s
+
+
+def perturb_orthogonality(X: Tensor, a: float) -> Optional[Tensor]:
+    """The orthogonal family with unit columns (tall form) and columns 0 and 1 at inner product ``a``:
+    ``XᵀX − I`` is ``a`` at (0, 1) and (1, 0), zero elsewhere, so ``‖XᵀX − I‖₂ = max|XᵀX − I| = a``
+    (a measure of the column norms alone fails). Column 1 is rotated towards column 0 by ``asin a``
+    in their plane (``det`` keeps its sign for small ``a``). None for one column."""
+    wide = X.shape[-2] < X.shape[-1]
+    Xt = X.mT if wide else X
+    if Xt.shape[-1] < 2:
+        return None
+    th = math.asin(a)
+    c1 = math.cos(th) * Xt[..., :, 1:2] + math.sin(th) * Xt[..., :, :1]
+    Y = torch.cat([Xt[..., :, :1], c1, Xt[..., :, 2:]], dim=-1)
+    return Y.mT if wide else Y
+
+
 def perturb_symmetry(X: Tensor, a: float) -> Optional[Tensor]:
     """``max|X − Xᵀ| = a·max(1, max|X|)``: ``X[0, 1]`` moved (None at 1×1)."""
     if X.shape[-1] < 2:

@@ -66,3 +66,25 @@ def test_membership_tolerance_grows_with_the_size(case_id: str, shape: tuple, dt
 
     case = next(c for c in CASES if c.id == case_id)
     check_membership(dataclasses.replace(case, shapes=(shape,)), dtype, generator=generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize(
+    "case_id, perturb",
+    [("Oblique", "perturb_one_column"), ("Stiefel", "perturb_orthogonality"), ("Stiefel-cayley", "perturb_orthogonality"),
+     ("Grassmannian", "perturb_orthogonality"), ("SO", "perturb_orthogonality"), ("SO-cayley", "perturb_orthogonality")],
+)
+def test_membership_flips_on_every_part_of_the_constraint(case_id: str, perturb: str, dtype: torch.dtype,
+                                                          generator) -> None:
+    """A case's ``perturb`` violates one part of the constraint (every column's norm at once, the
+    Gram matrix scaled): ``check_membership`` also flips at the documented tolerance with only one
+    column off (Oblique) and with unit columns that are not orthogonal (the orthogonal family; not
+    AlmostOrthogonal, whose constraint is a band on the singular values)."""
+    import dataclasses
+
+    import reference as ref
+
+    from geofunc.testing import check_membership
+
+    case = next(c for c in CASES if c.id == case_id)
+    check_membership(dataclasses.replace(case, perturb=getattr(ref, perturb)), dtype, generator=generator)

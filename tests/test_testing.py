@@ -17,8 +17,11 @@ Four parts, so the harness cannot silently rot into checks that cannot fail:
   wrong only for small steps, maps that do not vmap or compile, inf turned into a point, a dtype
   changed on the way), each a mutant that the harness before them passed in full (checked
   against that harness; here its checks of the broken map are run) and that one of the newer
-  properties catches; and ``check_space``'s report of what did not run, and the context an
-  unexpected exception gets.
+  properties catches (and those of a second pass: a retraction off the space at large steps, a
+  transport not linear, a verdict of ``contains``/``check`` for a whole batch, a map or sampler wrong
+  in float32 only, repeated samples, a size-blind tolerance, a ``project`` that is not the nearest
+  point behind a retraction through it, a membership measure blind to part of the constraint); and
+  ``check_space``'s report of what did not run, and the context an unexpected exception gets.
 
 Mutants replace a method on the class (``unittest.mock.patch.object``) for the duration of
 one check: concrete spaces are final, so a mutant is never a subclass.
@@ -146,8 +149,9 @@ def _user_case(dtypes: tuple[torch.dtype, ...]) -> SpaceCase:
 def test_user_space_passes_check_space() -> None:
     report = check_space(_user_case((f64,)))
     assert not report.incomplete  # (a warning would fail the test too)
-    assert report.skipped == {"logabsdet": "needs case.has_logabsdet",
-                              "grad_float32": "runs in torch.float32 only, which is not in case.dtypes"}
+    f32_only = "runs in torch.float32 only, which is not in case.dtypes"
+    assert report.skipped == {"logabsdet": "needs case.has_logabsdet", "grad_float32": f32_only,
+                              "float32_maps": f32_only, "sample_distribution_f32": f32_only}
     assert {name for name, _ in report.ran} == {p.name for p in PROPERTIES} - set(report.skipped)
 
 
@@ -559,6 +563,98 @@ def _tangent_default_dtype_weights(self: Any, X: Tensor, G: Tensor) -> Tensor:
     return _SPHERE_TANGENT(self, X, G) * torch.ones(X.shape[-1])
 
 
+# The gaps of a second fuzz pass (92 mutants, 13 passed the harness): each caught by a newer check.
+_SPHERE_TRANSPORT = gf.Sphere.transport
+_SPHERE_CONTAINS = gf.Sphere.contains
+_PSD_PROJECT = gf.PSD.project
+
+
+def _retract_unnormalized_large(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """``X + V`` (off the sphere) for steps with ``‖V‖ > 5``: right at every step a unit tangent
+    vector takes."""
+    self._check_pair(X, V, "V")
+    return torch.where(_norm(V) > 5.0, X + V, _SPHERE_RETRACT(self, X, V))
+
+
+def _transport_quadratic(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """A term quadratic in ``V``, tangent at ``Y`` and zero at ``Y = X``: not linear."""
+    return _SPHERE_TRANSPORT(self, X, Y, V) + 0.1 * _dot(V, V) * self.tangent(Y, X - Y)
+
+
+def _contains_whole_batch(self: Any, X: Tensor, atol: float | None = None) -> Tensor:
+    """One verdict for the whole batch (``all`` of its points), broadcast to the batch shape."""
+    c = _SPHERE_CONTAINS(self, X, atol)
+    return c.all().expand(c.shape) if c.ndim else c
+
+
+def _check_whole_batch(self: Any, X: Tensor, atol: float | None = None) -> None:
+    """Raises only when every point of the batch is off."""
+    if not bool(_SPHERE_CONTAINS(self, X, atol).any()):
+        _SPHERE_CHECK(self, X, atol)
+
+
+def _sym_violations_unclamped(self: Any, X: Tensor) -> dict[str, Tensor]:
+    """A relative measure without ``max(1, ·)``: 0/0 = NaN at ``X = 0``, the chart centre."""
+    return {"max|X − Xᵀ| / max|X|": (X - X.mT).abs().amax((-2, -1)) / X.abs().amax((-2, -1))}
+
+
+def _tangent_rank_deficient_float32(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """In float32 only, the projection onto a codimension-1 subspace of the tangent space (idempotent,
+    self-adjoint, tangent: only ``tangent_space``'s rank test, in float64, would see it)."""
+    P = _SPHERE_TANGENT(self, X, G)
+    if X.dtype != torch.float32:
+        return P
+    W = _SPHERE_TANGENT(self, X, torch.roll(X, 1, dims=-1) + 0.3)
+    W = W / _norm(W).clamp(min=1e-30)
+    return P - _dot(P, W) * W
+
+
+def _sample_pairs_repeated(self: Any, shape: Any, *, generator=None, dtype=None, device=None) -> Tensor:
+    """Points ``2i`` and ``2i + 1`` of the first batch dim are equal: each point is uniform, the batch
+    is not independent."""
+    X = _SPHERE_SAMPLE(self, shape, generator=generator, dtype=dtype, device=device)
+    if X.ndim >= 3 and X.shape[0] >= 2:
+        X = X[torch.arange(X.shape[0]) // 2 * 2]
+    return X
+
+
+def _sample_box_float32(self: Any, shape: Any, *, generator=None, dtype=None, device=None) -> Tensor:
+    """In float32 only, a normalized uniform box: not uniform on the sphere."""
+    if dtype != torch.float32:
+        return _SPHERE_SAMPLE(self, shape, generator=generator, dtype=dtype, device=device)
+    X = 2 * torch.rand(self._sample_shape(shape), generator=generator, dtype=dtype) - 1
+    return self.radius * _unit(X)
+
+
+def _atol_size_blind(self: Any, X: Tensor, atol: float | None) -> float:
+    """The default tolerance of a point of one entry at every size (no √(size/64) growth)."""
+    return space_base.default_atol(X.dtype, 1) if atol is None else float(atol)
+
+
+def _psd_project_floored(self: Any, Y: Tensor) -> Tensor:
+    """Eigenvalues floored at ``1e-3`` instead of 0: a PSD point, not the nearest one. PSD's
+    ``retract`` goes through ``project``, so ``project_nearest``'s retractions cannot find closer points."""
+    P = _PSD_PROJECT(self, Y)
+    Yf = torch.nan_to_num(Y, nan=0.0, posinf=0.0, neginf=0.0)
+    L, Q = torch.linalg.eigh(0.5 * (Yf + Yf.mT))
+    return (Q * L.clamp(min=1e-3).unsqueeze(-2)) @ Q.mT + 0.0 * P
+
+
+def _stiefel_violations_norms_only(self: Any, X: Tensor) -> dict[str, Tensor]:
+    """Measures the column norms only, not their orthogonality."""
+    Xt = X if X.shape[-2] >= X.shape[-1] else X.mT
+    return {"max|diag(XᵀX) − 1|": (torch.diagonal(Xt.mT @ Xt, dim1=-2, dim2=-1) - 1).abs().amax(-1)}
+
+
+def _oblique_violations_mean(self: Any, X: Tensor) -> dict[str, Tensor]:
+    """The mean over the columns instead of the worst column."""
+    return {"mean_j |‖X[:, j]‖ − 1|": (torch.linalg.vector_norm(X, dim=-2) - 1).abs().mean(-1)}
+
+
+def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
+    return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
+
+
 def _sphere(name: str, **kw: Any) -> Callable[[], SpaceCase]:
     return lambda: _sphere_case(name, **kw)
 
@@ -617,6 +713,36 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Sphere.tangent-default-dtype-weights", [(gf.Sphere, "tangent", _tangent_default_dtype_weights)],
      _sphere("m", dtypes=(torch.float32,)), torch.float32, "dtypes",
      r"tangent\(X, G\) returned its result in torch.float64 .* for torch.float32 input", ("tangent", "retract", "vmap")),
+    # the second fuzz pass
+    ("Sphere.retract-unnormalized-large-steps", [(gf.Sphere, "retract", _retract_unnormalized_large)], _sphere("m"),
+     f64, "retract", r"retract\(X, 10 V\), a large step, is a finite point off the space",
+     ("retract_small_steps", "jvp_fd", "gradcheck", "project_nearest")),
+    ("Sphere.transport-quadratic", [(gf.Sphere, "transport", _transport_quadratic)], _sphere("m"), f64,
+     "metric", "transport is not linear in V", ("tangent", "vmap")),
+    ("Sphere.contains-whole-batch", [(gf.Sphere, "contains", _contains_whole_batch)], _builtin("Sphere"), f64,
+     "contains_batch", "contains refuses points of a batch that are on the space", ("contains", "membership", "nan")),
+    ("Sphere.check-whole-batch", [(gf.Sphere, "check", _check_whole_batch)], _builtin("Sphere"), f64,
+     "contains_batch", "check passes a batch whose first point is off", ("check", "membership")),
+    ("Sym.violations-relative-unclamped", [(gf.Sym, "_violations", _sym_violations_unclamped)], _builtin("Sym"), f64,
+     "contains_batch", r"contains is False on to_manifold\(0", ("contains", "check", "membership")),
+    ("Sphere.tangent-rank-deficient-float32", [(gf.Sphere, "tangent", _tangent_rank_deficient_float32)],
+     _builtin("Sphere"), torch.float32, "float32_maps", r"float32 tangent\(X, G\) != float64 tangent\(X, G\)",
+     ("tangent", "tangent_space", "metric", "grad_float32")),
+    ("Sphere.sample-pairs-repeated", [(gf.Sphere, "sample", _sample_pairs_repeated)], _builtin("Sphere"), f64,
+     "sample_independent", "of one sample call are (correlated|not independent)", ("sample", "sample_distribution")),
+    ("Sphere.sample-box-float32", [(gf.Sphere, "sample", _sample_box_float32)], _builtin("Sphere"), torch.float32,
+     "sample_distribution_f32", "float32 sample statistic .*not the documented distribution",
+     ("sample", "sample_distribution")),
+    ("Sphere.atol-size-blind", [(gf.Sphere, "_atol", _atol_size_blind)], _builtin("Sphere"), f64,
+     "membership_large", "contains refuses a point perturbed by 0.5× the documented atol", ("membership", "contains")),
+    ("PSD.project-eigenvalue-floor", [(gf.PSD, "project", _psd_project_floored)], _builtin("PSD"), f64,
+     "project_nearest_chart", "project is not the nearest point", ("project", "project_nearest")),
+    ("Stiefel.violations-norms-only", [(gf.Stiefel, "_violations", _stiefel_violations_norms_only)],
+     _with_perturb("Stiefel", ref.perturb_orthogonality), f64, "membership", "contains accepts a point perturbed by 2×",
+     ("contains", "check")),
+    ("Oblique.violations-mean-over-columns", [(gf.Oblique, "_violations", _oblique_violations_mean)],
+     _with_perturb("Oblique", ref.perturb_one_column), f64, "membership", "contains accepts a point perturbed by 2×",
+     ("contains", "check")),
 ]
 
 

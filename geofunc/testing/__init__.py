@@ -23,12 +23,17 @@ chained to the original.
 Beyond the plumbing (round trips, ``vmap`` and ``compile`` of every map, the NaN/inf policy,
 purity, dtypes, ...), the properties pin the geometry: ``tangent`` projects onto the whole
 tangent space (``check_tangent_space``, through the chart's Jacobian and ``case.dim``),
-``retract`` is first-order at every step size (``check_retract_small_steps``), the metric is a
-metric and ``egrad_to_rgrad``/``transport`` agree with it (``check_metric``), ``project`` is the
-nearest point (``check_project_normal``, ``check_project_nearest``), ``contains`` flips between
-0.1× and 10× the documented tolerance (``check_membership``, from ``case.perturb``), and
-``sample`` follows its documented distribution (``check_sample_distribution``, a z-test of
-``case.moments`` with a false-alarm rate below :data:`FALSE_ALARM` per check). A property that
+``retract`` is first-order at every step size and lands on the space at large ones
+(``check_retract_small_steps``, ``check_retract``), the metric is a metric and
+``egrad_to_rgrad``/``transport`` agree with it, ``transport`` linear (``check_metric``), the
+float32 maps are the float64 ones rounded (``check_float32_maps``), ``project`` is the nearest point
+(``check_project_normal``, ``check_project_nearest``, ``check_project_nearest_chart``),
+``contains`` flips between 0.1× and 10× the documented tolerance (``check_membership``, from
+``case.perturb``; ``check_membership_large`` at a large point shape) and judges each point of a
+batch on its own (``check_contains_batch``), and ``sample`` follows its documented distribution
+(``check_sample_distribution``, ``check_sample_distribution_f32``: a z-test of ``case.moments``
+with a false-alarm rate below :data:`FALSE_ALARM` per check) with independent points
+(``check_sample_independent``). A property that
 does not apply to a space is listed in ``case.skip`` with the reason; :func:`check_space` returns
 a :class:`SpaceReport` of what ran and what did not, and warns (:class:`IncompleteCaseWarning`)
 when a case without ``dim``, ``perturb`` or ``moments`` leaves part of the geometry unchecked.
@@ -42,13 +47,19 @@ from ._case import (
 )
 from ._geometry import (
     FALSE_ALARM as FALSE_ALARM,
+    check_contains_batch as check_contains_batch,
+    check_float32_maps as check_float32_maps,
     check_grad_float32 as check_grad_float32,
     check_membership as check_membership,
+    check_membership_large as check_membership_large,
     check_metric as check_metric,
     check_project_nearest as check_project_nearest,
+    check_project_nearest_chart as check_project_nearest_chart,
     check_project_normal as check_project_normal,
     check_retract_small_steps as check_retract_small_steps,
     check_sample_distribution as check_sample_distribution,
+    check_sample_distribution_f32 as check_sample_distribution_f32,
+    check_sample_independent as check_sample_independent,
     check_tangent_space as check_tangent_space,
 )
 from ._properties import (
@@ -99,7 +110,9 @@ __all__ = [
     "check_compile",
     "check_compile_maps",
     "check_contains",
+    "check_contains_batch",
     "check_dtypes",
+    "check_float32_maps",
     "check_from_manifold",
     "check_grad_float32",
     "check_gradcheck",
@@ -108,11 +121,13 @@ __all__ = [
     "check_jvp_fd",
     "check_logabsdet",
     "check_membership",
+    "check_membership_large",
     "check_metric",
     "check_nan",
     "check_nonfinite",
     "check_project",
     "check_project_nearest",
+    "check_project_nearest_chart",
     "check_project_normal",
     "check_pure",
     "check_rebase",
@@ -120,6 +135,8 @@ __all__ = [
     "check_retract_small_steps",
     "check_sample",
     "check_sample_distribution",
+    "check_sample_distribution_f32",
+    "check_sample_independent",
     "check_space",
     "check_tangent",
     "check_tangent_space",

@@ -4,6 +4,7 @@ space, ``project`` is the nearest point, ``contains`` flips at the documented to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from typing import Any, Callable, Optional
@@ -14,6 +15,7 @@ from torch.func import grad, jacfwd
 from .._errors import ManifoldError
 from ._case import SpaceCase, documented_atol
 from ._properties import (
+    _batch_shape,
     _close,
     _ctx,
     _derivative_shapes,
@@ -30,11 +32,19 @@ from ._properties import (
 
 __all__ = [
     "FALSE_ALARM",
+    "check_contains_batch",
+    "check_float32_maps",
     "check_grad_float32",
     "check_membership",
+    "check_membership_large",
+    "check_metric",
     "check_project_nearest",
+    "check_project_nearest_chart",
     "check_project_normal",
+    "check_retract_small_steps",
     "check_sample_distribution",
+    "check_sample_distribution_f32",
+    "check_sample_independent",
     "check_tangent_space",
 ]
 
@@ -172,7 +182,10 @@ def check_metric(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
     * ``inner`` is batch-shaped, symmetric, bilinear (``inner(X, 2U − 3V, V) ==
       2 inner(X, U, V) − 3 inner(X, V, V)``) and positive: ``inner(X, V, V) > 0`` where ``V ≠ 0``;
     * ``T = transport(X, Y, V)`` is tangent at ``Y``, ``tangent(Y, T) == T``, for ``Y =
-      retract(X, W)`` (near) and a sampled ``Y`` (far); and ``transport(X, X, V) == V``.
+      retract(X, W)`` (near) and a sampled ``Y`` (far); ``transport(X, X, V) == V``; and
+      ``transport`` is linear in ``V`` (a vector transport is a linear map ``T_X → T_Y``):
+      ``transport(X, Y, 2U − 3V) == 2 transport(X, Y, U) − 3 transport(X, Y, V)`` at the sampled ``Y``
+      (a term quadratic in ``V`` that vanishes at ``Y = X`` fails).
 
     Tolerances: ``tol = case.tol[dtype]``; scalar identities to ``tol·max(1, s)`` with ``s`` the
     Cauchy–Schwarz bound of the terms (``‖G‖‖V‖`` for the gradient identity, ``|U|_X |V|_X`` in
@@ -226,6 +239,10 @@ def check_metric(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
                 raise _fail(ctx, f"transport returned shape {tuple(T.shape)}, {T.dtype}")
             _vectors_close(M.tangent(Y, T), T, tol, ctx,
                            f"transport(X, Y, V) is not tangent at Y for {yname}: tangent(Y, T) != T")
+        # linearity, at the last (sampled, far) Y
+        _vectors_close(M.transport(X, Y, 2.0 * U - 3.0 * V), 2.0 * M.transport(X, Y, U) - 3.0 * T, tol, ctx,
+                       "transport is not linear in V: transport(X, Y, 2U − 3V) != 2 transport(X, Y, U) − "
+                       "3 transport(X, Y, V) for a sampled Y")
 
 
 # ------------------------------------------------------------------- small-step retraction
@@ -439,35 +456,43 @@ def check_sample_distribution(case: SpaceCase, dtype: torch.dtype = f64, *, gene
     if case.moments is None:
         raise _UsageError(f"{case.id}: check_sample_distribution needs `case.moments`")
     g = _gen(generator)
-    M = case.space
     N = _N_SAMPLES
     for ps in case.point_shapes:
         ctx = _ctx(case, (N, *ps), f64)
-        X = M.sample((N, *ps), generator=g, dtype=f64)
-        stats = case.moments(X)
-        rows: list[tuple[str, Tensor, Tensor]] = []
-        for name, (values, expected) in stats.items():
-            v = values.reshape(N, -1).to(f64)
-            mu = torch.as_tensor(expected, dtype=f64).expand(values.shape[1:]).reshape(-1)
-            rows.append((name, v, mu))
-        m = sum(v.shape[1] for _, v, _ in rows)
-        if m == 0:
-            raise _fail(ctx, "case.moments gave no statistic")
-        zstar = _z_threshold(m)
-        for name, v, mu in rows:
-            mean, sd = v.mean(0), v.std(0)
-            const = sd <= 1e-12 * mu.abs().clamp(min=1.0)
-            z = torch.where(const, torch.zeros_like(mean), (mean - mu) * math.sqrt(N) / torch.where(const, torch.ones_like(sd), sd))
-            off = const & ((mean - mu).abs() > 1e-9 * mu.abs().clamp(min=1.0))
-            if bool(off.any()):
-                j = int(torch.nonzero(off)[0])
-                raise _fail(ctx, f"sample statistic {name}[{j}] is constant {float(mean[j]):.6g} over {N} draws, "
-                            f"expected {float(mu[j]):.6g}: not the documented distribution")
-            j = int(z.abs().argmax())
-            if float(z[j].abs()) > zstar:
-                raise _fail(ctx, f"sample statistic {name}[{j}]: mean {float(mean[j]):.5g} over {N} draws, expected "
-                            f"{float(mu[j]):.5g} (z = {float(z[j]):.2f}, |z| > {zstar:.2f}: false-alarm rate "
-                            f"{FALSE_ALARM:g} per check): not the documented distribution")
+        X = case.space.sample((N, *ps), generator=g, dtype=f64)
+        _moments_z_test(case, X, ctx, N, const_sd=1e-12, const_tol=1e-9, what="sample statistic")
+
+
+def _moments_z_test(case: SpaceCase, X: Tensor, ctx: str, N: int, *, const_sd: float, const_tol: float,
+                    what: str) -> None:
+    """The z-test of ``case.moments(X)`` for ``N`` float64 points ``X`` (``check_sample_distribution``):
+    a statistic with ``sd ≤ const_sd`` (relative to ``max(1, |expected|)``) must equal its expectation
+    to ``const_tol`` (relative)."""
+    assert case.moments is not None
+    stats = case.moments(X)
+    rows: list[tuple[str, Tensor, Tensor]] = []
+    for name, (values, expected) in stats.items():
+        v = values.reshape(N, -1).to(f64)
+        mu = torch.as_tensor(expected, dtype=f64).expand(values.shape[1:]).reshape(-1)
+        rows.append((name, v, mu))
+    m = sum(v.shape[1] for _, v, _ in rows)
+    if m == 0:
+        raise _fail(ctx, "case.moments gave no statistic")
+    zstar = _z_threshold(m)
+    for name, v, mu in rows:
+        mean, sd = v.mean(0), v.std(0)
+        const = sd <= const_sd * mu.abs().clamp(min=1.0)
+        z = torch.where(const, torch.zeros_like(mean), (mean - mu) * math.sqrt(N) / torch.where(const, torch.ones_like(sd), sd))
+        off = const & ((mean - mu).abs() > const_tol * mu.abs().clamp(min=1.0))
+        if bool(off.any()):
+            j = int(torch.nonzero(off)[0])
+            raise _fail(ctx, f"{what} {name}[{j}] is constant {float(mean[j]):.6g} over {N} draws, "
+                        f"expected {float(mu[j]):.6g}: not the documented distribution")
+        j = int(z.abs().argmax())
+        if float(z[j].abs()) > zstar:
+            raise _fail(ctx, f"{what} {name}[{j}]: mean {float(mean[j]):.5g} over {N} draws, expected "
+                        f"{float(mu[j]):.5g} (z = {float(z[j]):.2f}, |z| > {zstar:.2f}: false-alarm rate "
+                        f"{FALSE_ALARM:g} per check): not the documented distribution")
 
 
 # ------------------------------------------------------------------- float32 derivatives
@@ -506,3 +531,230 @@ def check_grad_float32(case: SpaceCase, dtype: torch.dtype = f32, *, generator: 
                     raise _fail(ctx, f"the float32 gradient of {name} is not finite")
                 scale = max(1.0, float(b.abs().max()))
                 _close(a.to(f64), b, tol * scale, ctx, f"the float32 gradient of {name} != the float64 one")
+
+
+@_property
+def check_float32_maps(case: SpaceCase, dtype: torch.dtype = f32, *, generator: Optional[torch.Generator] = None) -> None:
+    """float32 maps are float64's, rounded: ``tangent(X, G)``, ``egrad_to_rgrad(X, G)``,
+    ``transport(X, Y, V)`` and ``inner(X, V, W)`` computed in float32 equal the same maps computed in
+    float64 at the same (float32) inputs, within ``(tol[float32] + case.float32_shift)·max(1,
+    max|result|)``, on every shape of the case (``X``, ``Y`` sampled in float32, ``V``, ``W``
+    tangent). A map wrong in float32 only (a rank-deficient projection, a factor off, a branch on the
+    dtype) fails, where the float32 properties that test a map against itself do not. Applies to
+    cases that run float32."""
+    if dtype != f32:
+        raise _UsageError(f"float32_maps runs in float32 only, got {dtype}")
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f32] + case.float32_shift
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f32)
+        X = M.sample(shape, generator=g, dtype=f32)
+        Y = M.sample(shape, generator=g, dtype=f32)
+        G = _randn(shape, f32, g)
+        V = M.tangent(X, _randn(shape, f32, g))
+        W = M.tangent(X, _randn(shape, f32, g))
+        maps: list[tuple[str, Callable[..., Tensor], tuple[Tensor, ...]]] = [
+            ("tangent(X, G)", M.tangent, (X, G)), ("egrad_to_rgrad(X, G)", M.egrad_to_rgrad, (X, G)),
+            ("transport(X, Y, V)", M.transport, (X, Y, V)), ("inner(X, V, W)", M.inner, (X, V, W))]
+        for name, fn, args in maps:
+            a = fn(*args)
+            b = fn(*(t.to(f64) for t in args))
+            _vectors_close(a.to(f64), b, tol, ctx, f"float32 {name} != float64 {name} at the same inputs")
+
+
+# ------------------------------------------------------------------- membership, batched
+@_property
+def check_contains_batch(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``contains`` and ``check`` judge each point of a batch on its own, and accept the chart centres.
+
+    * ``contains(to_manifold(0, base))`` (``base`` from ``from_manifold`` of a sample) and, if
+      ``case.defined_at_zero``, ``contains(to_manifold(0))`` are True wherever the case's ``member``
+      accepts the point (a relative violation measure that divides by ``max|X|`` is 0/0 at ``X = 0``);
+    * on every batched shape, with only the first point ``X₀`` moved off the space along a normal
+      direction ``N = G − tangent(X₀, G)`` (``G`` Gaussian) by ``1e-2·max(1, ‖X₀‖)`` (100× the
+      float32 tolerance; a move ``member`` does not refuse is skipped): ``contains`` is False on
+      that point and True on every other, and ``check`` raises ``ManifoldError`` (a verdict for the
+      whole batch, ``all`` or ``any`` of its points, fails).
+    """
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    atol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        X, _, base = _point_and_base(case, shape, dtype, g)
+        zero = torch.zeros(shape, dtype=dtype)
+        centres = [("to_manifold(0, base)", M.to_manifold(zero, base))]
+        if case.defined_at_zero:
+            centres.append(("to_manifold(0)", M.to_manifold(zero)))
+        for name, P in centres:
+            if bool(torch.as_tensor(case.member(P, atol)).all()) and not bool(M.contains(P).all()):
+                raise _fail(ctx, f"contains is False on {name}, a point by the case's `member` {_worst(~M.contains(P))}")
+        if math.prod(_batch_shape(case, shape)) < 2:
+            continue
+        Xf = X.reshape(-1, *X.shape[X.ndim - p:])
+        G = _randn(tuple(Xf.shape[1:]), dtype, g)
+        N = G - M.tangent(Xf[0], G)
+        n = float(_point_norm(N, p))
+        if n == 0.0:
+            continue
+        Yf = Xf.clone()
+        Yf[0] = Xf[0] + 1e-2 * max(1.0, float(_point_norm(Xf[0], p))) * N / n
+        if bool(torch.as_tensor(case.member(Yf[:1], atol)).all()):
+            continue  # the move does not leave the space by the case's predicate: nothing to assert
+        Y = Yf.reshape(X.shape)
+        c = M.contains(Y).reshape(-1)
+        if bool(c[0]):
+            raise _fail(ctx, "contains accepts the first point of a batch moved off the space along a normal direction")
+        if not bool(c[1:].all()):
+            raise _fail(ctx, "contains refuses points of a batch that are on the space (only the first point is off): "
+                        "one verdict for the whole batch")
+        try:
+            M.check(Y)
+        except ManifoldError:
+            pass
+        else:
+            raise _fail(ctx, "check passes a batch whose first point is off the space (the others on it)")
+
+
+# Note [Large point shapes]
+# The documented tolerance grows like √(size/64) above 64 entries (documented_atol), a growth that
+# check_membership, run at the case's (small) shapes, never sees: a space that ignores it passes.
+# check_membership_large runs check_membership at one point shape per case where the growth is more
+# than 2× (so the 0.5×/2× flips tell the grown tolerance from the base one): the largest dim of a
+# point shape of the case raised to 1024, or, for a space that takes square points only (SO, Sym,
+# ...) every dim equal to the largest one raised to 300; the first such shape the space samples and
+# case.perturb perturbs. tests/test_conformance.py pins a few such shapes by hand as well.
+def _large_point_shapes(case: SpaceCase) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    for ps in case.point_shapes:
+        if not ps:
+            continue
+        m = max(ps)
+        i = list(ps).index(m)
+        for c in (tuple(1024 if j == i else d for j, d in enumerate(ps)), tuple(300 if d == m else d for d in ps)):
+            if c not in out:
+                out.append(c)
+    return out
+
+
+@_property
+def check_membership_large(case: SpaceCase, dtype: torch.dtype = f64, *,
+                           generator: Optional[torch.Generator] = None) -> None:
+    """:func:`check_membership` at one large point shape, where the documented tolerance has grown
+    by more than 2× (Note [Large point shapes]): ``contains`` and ``check`` flip between 0.5× and
+    2× of the *grown* tolerance ``documented_atol(dtype, shape)``. Applies where the case gives
+    ``perturb``; a case with no large shape that the space samples and ``perturb`` perturbs passes
+    without a check."""
+    if case.perturb is None:
+        raise _UsageError(f"{case.id}: check_membership_large needs `case.perturb`")
+    for big in _large_point_shapes(case):
+        try:
+            X = case.space.sample(big, generator=torch.Generator().manual_seed(0), dtype=dtype)
+        except ManifoldError:
+            continue  # a shape the space does not take
+        if case.perturb(X, 1e-3) is None:
+            continue
+        _ctx(case, big, dtype)
+        check_membership(dataclasses.replace(case, shapes=(big,)), dtype, generator=generator)
+        return
+
+
+# ------------------------------------------------------------------------ nearest point, chart
+@_property
+def check_project_nearest_chart(case: SpaceCase, dtype: torch.dtype = f64, *,
+                                generator: Optional[torch.Generator] = None) -> None:
+    """``project(Y)`` is the nearest point, against candidates reached through the chart (float64).
+
+    :func:`check_project_nearest` tries ``retract(P, tV)``; a space whose ``retract`` goes through
+    ``project`` can only reach points ``project`` gives, so a ``project`` that is not the nearest
+    point (an eigenvalue floor, a missing sign fix) hides there. Here the candidates are
+    ``to_manifold(Z − t·∇/‖∇‖, base)`` for ``(Z, base) = from_manifold(P)``, ``∇`` the gradient
+    of ``Z ↦ ‖to_manifold(Z, base) − Y‖²`` and ``t ∈ {1e-3, 1e-2, 0.1, 1}``, with the bound of
+    :func:`check_project_nearest`: ``‖Y − X‖ ≥ ‖Y − P‖ − (case.project_slack + tol)·max(1, ‖Y‖)``
+    per point. Inputs: a Gaussian ``Y`` and ``−X + 0.1 G`` for a sampled ``X``. Skipped with
+    ``project_nearest`` (``case.skip``).
+    """
+    _require_f64("project_nearest_chart", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    slack = case.project_slack + case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        for name, Y in (("a Gaussian Y", _randn(shape, f64, g)),
+                        ("Y = −X + 0.1 G far from the space", -X + 0.1 * _randn(shape, f64, g))):
+            P = M.project(Y)
+            Z, base = M.from_manifold(P)
+            d0 = _point_norm(Y - P, p)
+            bound = d0 - slack * _point_norm(Y, p).clamp(min=1.0)
+            D = grad(lambda z: ((M.to_manifold(z, base) - Y) ** 2).sum())(Z)
+            nD = _point_norm(D, p).clamp(min=1e-300)
+            D = D / (nD.reshape(tuple(nD.shape) + (1,) * p) if p else nD)
+            for t in (1e-3, 1e-2, 0.1, 1.0):
+                d = _point_norm(Y - M.to_manifold(Z - t * D, base), p)
+                bad = d < bound
+                if bool(bad.any()):
+                    i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+                    raise _fail(ctx, f"project is not the nearest point for {name}: the chart step of {t:g} from "
+                                f"project(Y) down the distance is at {float(d[i]):.6g} < ‖Y − project(Y)‖ = "
+                                f"{float(d0[i]):.6g} {_worst(bad)}")
+
+
+# ----------------------------------------------------------------------- distribution, more
+_N_PAIRS = 2000
+
+
+@_property
+def check_sample_independent(case: SpaceCase, dtype: torch.dtype = f64, *,
+                             generator: Optional[torch.Generator] = None) -> None:
+    """The points of one ``sample`` call are independent (float64): for every point shape, ``A =
+    sample((2000, 2, *ps))`` centred by its mean, the products ``⟨A[i, 0], A[i, 1]⟩`` (along the
+    inner batch dim) and ``⟨A[2j, 0], A[2j+1, 0]⟩`` (along the outer one) have mean 0, z-tested as
+    in :func:`check_sample_distribution` (false-alarm rate below ``FALSE_ALARM`` per case); if a
+    product is constant, it must be 0 (a space with one point). A sampler that repeats points along
+    a batch dim (``X[i // 2]``) or couples them fails; the moments of one point cannot tell."""
+    _require_f64("sample_independent", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    N = _N_PAIRS
+    zstar = _z_threshold(2 * len(case.point_shapes))
+    for ps in case.point_shapes:
+        ctx = _ctx(case, (N, 2, *ps), f64)
+        A = M.sample((N, 2, *ps), generator=g, dtype=f64)
+        A = A - A.mean(dim=(0, 1), keepdim=True)
+        for name, a, b in (("A[i, 0] and A[i, 1]", A[:, 0], A[:, 1]), ("A[2j, 0] and A[2j+1, 0]", A[0::2, 0], A[1::2, 0])):
+            s = _euclid(a, b, p).reshape(-1)
+            sd = float(s.std())
+            if sd == 0.0:
+                if float(s.abs().max()) > 1e-12:
+                    raise _fail(ctx, f"the points {name} of one sample call are not independent: ⟨a, b⟩ = "
+                                f"{float(s[0]):.6g} for every pair")
+                continue
+            z = float(s.mean()) * math.sqrt(s.numel()) / sd
+            if abs(z) > zstar:
+                raise _fail(ctx, f"the points {name} of one sample call are correlated: mean ⟨a, b⟩ = "
+                            f"{float(s.mean()):.5g} over {s.numel()} pairs (z = {z:.2f}, |z| > {zstar:.2f})")
+
+
+@_property
+def check_sample_distribution_f32(case: SpaceCase, dtype: torch.dtype = f32, *,
+                                  generator: Optional[torch.Generator] = None) -> None:
+    """:func:`check_sample_distribution` on float32 samples: ``sample`` follows its documented
+    distribution in float32 too (a sampler with a float32 branch). The statistics are computed in
+    float64 from the float32 points, the same z-test at the same false-alarm rate; a statistic with
+    ``sd ≤ 1e-6`` (relative) must equal its expectation to ``1e-4`` (float32 rounding). Applies to
+    cases that give ``moments`` and run float32."""
+    if dtype != f32:
+        raise _UsageError(f"sample_distribution_f32 runs in float32 only, got {dtype}")
+    if case.moments is None:
+        raise _UsageError(f"{case.id}: check_sample_distribution_f32 needs `case.moments`")
+    g = _gen(generator)
+    N = _N_SAMPLES
+    for ps in case.point_shapes:
+        ctx = _ctx(case, (N, *ps), f32)
+        X = case.space.sample((N, *ps), generator=g, dtype=f32).to(f64)
+        _moments_z_test(case, X, ctx, N, const_sd=1e-6, const_tol=1e-4, what="float32 sample statistic")

@@ -140,6 +140,10 @@ def _point_any(A: Tensor, point_ndim: int) -> Tensor:
     return A.flatten(start_dim=A.ndim - point_ndim).any(-1) if point_ndim else A
 
 
+def _point_all(A: Tensor, point_ndim: int) -> Tensor:
+    return A.flatten(start_dim=A.ndim - point_ndim).all(-1) if point_ndim else A
+
+
 def _tree_index(tree: Any, i: int) -> Any:
     return pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
@@ -293,21 +297,45 @@ def check_tangent(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
                             f"{r1:.3g} at t = 1e-2, {r2:.3g} at t = 1e-3")
 
 
+# Note [Large steps]
+# An optimizer with a large learning rate takes steps of many times the norm of a point, and a
+# retraction must still land on the space there, not only at the steps of a unit tangent vector:
+# check_retract also takes steps of 10× and 100× a Gaussian tangent vector (a map correct only for
+# small steps, e.g. one that stops normalizing past some norm, fails). A point of a large step may
+# be NaN: a space whose retraction overflows in the dtype past some step size (SL's expm-based
+# retraction gives NaN past ~25×, by design) returns NaN, never a finite non-point; only finite
+# points are held to `member`. The rows of a batch are judged one by one (a NaN row does not
+# excuse a finite row off the space).
 @_property
 def check_retract(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
-    """``retract`` lands on the space, ``retract(X, 0) == X`` and ``d/dt retract(X, tV)|₀ == V`` (jvp)."""
+    """``retract`` lands on the space, ``retract(X, 0) == X`` and ``d/dt retract(X, tV)|₀ == V`` (jvp).
+
+    For sampled ``X`` and ``V = tangent(X, G)`` (Gaussian ``G``): ``retract(X, sV)`` is on the space
+    (``case.member`` at ``case.tol[dtype]``) for ``s ∈ {0.1, 1}``; for the large steps ``s ∈ {10,
+    100}`` (an optimizer's large learning rate) every finite point of ``retract(X, sV)`` is on the
+    space, and a point may be NaN (Note [Large steps]); ``retract(X, 0) == X`` and the jvp to ``tol``.
+    """
     g = _gen(generator)
     M = case.space
+    p = M.point_ndim
     tol = case.tol[dtype]
     for shape in case.shapes:
         ctx = _ctx(case, shape, dtype)
         X = M.sample(shape, generator=g, dtype=dtype)
         V = M.tangent(X, _randn(shape, dtype, g))
-        for s in (0.1, 1.0):
+        for s in (0.1, 1.0, 10.0, 100.0):
             X2 = M.retract(X, s * V)
             if tuple(X2.shape) != shape or X2.dtype != dtype:
                 raise _fail(ctx, f"retract returned shape {tuple(X2.shape)}, {X2.dtype}")
-            _member(case, X2, dtype, ctx, f"retract(X, {s:g} V)")
+            if s <= 1.0:
+                _member(case, X2, dtype, ctx, f"retract(X, {s:g} V)")
+                continue
+            finite = _point_all(torch.isfinite(X2), p)
+            if bool(finite.any()):
+                ok = torch.as_tensor(case.member(X2[finite] if finite.ndim else X2, case.tol[dtype]))
+                if not bool(ok.all()):
+                    raise _fail(ctx, f"retract(X, {s:g} V), a large step, is a finite point off the space by the "
+                                f"case's `member` predicate (atol {case.tol[dtype]:g}; NaN would be allowed)")
         _close(M.retract(X, torch.zeros_like(V)), X, tol, ctx, "retract(X, 0) != X")
         t0, t1 = torch.zeros((), dtype=dtype), torch.ones((), dtype=dtype)
         _, dX = jvp(lambda t: M.retract(X, t * V), (t0,), (t1,))

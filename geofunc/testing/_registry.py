@@ -11,13 +11,19 @@ import torch
 
 from ._case import SpaceCase
 from ._geometry import (
+    check_contains_batch,
+    check_float32_maps,
     check_grad_float32,
     check_membership,
+    check_membership_large,
     check_metric,
     check_project_nearest,
+    check_project_nearest_chart,
     check_project_normal,
     check_retract_small_steps,
     check_sample_distribution,
+    check_sample_distribution_f32,
+    check_sample_independent,
     check_tangent_space,
 )
 from ._properties import (
@@ -110,6 +116,14 @@ def _needs_moments(case: SpaceCase) -> Optional[str]:
                                                   "distribution): needs case.moments")
 
 
+def _with(name: str, missing: Callable[[SpaceCase], Optional[str]]) -> Callable[[SpaceCase], Optional[str]]:
+    """``missing`` of a property that runs another one's check further (``membership_large``):
+    nothing is missing when the case skips that one (with its reason)."""
+    return lambda case: None if name in case.skip else missing(case)
+
+
+# A property that extends another (a larger shape, float32, other candidates) does not apply where
+# the case skips that one: the case's reason covers both.
 PROPERTIES: tuple[Property, ...] = (
     Property("sample", check_sample),
     Property("to_manifold", check_to_manifold),
@@ -122,10 +136,16 @@ PROPERTIES: tuple[Property, ...] = (
     Property("project", check_project),
     Property("project_normal", check_project_normal, float64_only=True),
     Property("project_nearest", check_project_nearest, float64_only=True),
+    Property("project_nearest_chart", check_project_nearest_chart, float64_only=True,
+             applies=lambda case: "project_nearest" not in case.skip, requires="project_nearest not in case.skip"),
     Property("metric", check_metric),
     Property("contains", check_contains),
     Property("membership", check_membership, applies=lambda case: case.perturb is not None, requires="case.perturb",
              missing=_needs_perturb),
+    Property("membership_large", check_membership_large,
+             applies=lambda case: case.perturb is not None and "membership" not in case.skip,
+             requires="case.perturb, and membership not in case.skip", missing=_with("membership", _needs_perturb)),
+    Property("contains_batch", check_contains_batch),
     Property("check", check_check),
     Property("nan", check_nan),
     Property("nonfinite", check_nonfinite),
@@ -134,8 +154,14 @@ PROPERTIES: tuple[Property, ...] = (
     Property("vmap", check_vmap),
     Property("sample_distribution", check_sample_distribution, float64_only=True,
              applies=lambda case: case.moments is not None, requires="case.moments", missing=_needs_moments),
+    Property("sample_distribution_f32", check_sample_distribution_f32, only=f32,
+             applies=lambda case: case.moments is not None and "sample_distribution" not in case.skip,
+             requires="case.moments, and sample_distribution not in case.skip",
+             missing=_with("sample_distribution", _needs_moments)),
+    Property("sample_independent", check_sample_independent, float64_only=True),
     Property("gradcheck", check_gradcheck, float64_only=True),
     Property("grad_float32", check_grad_float32, only=f32),
+    Property("float32_maps", check_float32_maps, only=f32),
     Property("jvp_fd", check_jvp_fd, float64_only=True),
     Property("jacobians", check_jacobians, float64_only=True, applies=lambda case: case.smooth,
              requires="case.smooth"),
