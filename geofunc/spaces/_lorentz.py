@@ -302,9 +302,8 @@ class Lorentz(AbstractSpace):
         """``⟨U, V⟩_L = −U₀V₀ + Σ Uᵢ Vᵢ``, batch-shaped."""
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
-        if rounding_dtype(X.dtype) != X.dtype:  # Note [the hyperboloid in low precision]
-            X = self._read(X)
-            U, V = self._read_tangent(X, U), self._read_tangent(X, V)
+        X = self._read(X)  # Note [the hyperboloid in low precision]: the identity in float32/float64
+        U, V = self._read_tangent(X, U), self._read_tangent(X, V)
         return (_minkowski(U, V) + 0.0 * X[..., :1]).squeeze(-1)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
