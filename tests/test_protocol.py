@@ -216,6 +216,30 @@ def test_a_base_on_another_device_is_a_manifold_error(case) -> None:
     assert repr(inner) in msg and "device" in msg and "meta" in msg, msg
 
 
+@pytest.mark.parametrize("case", BASED, ids=lambda c: c.id)
+def test_a_base_whose_batch_does_not_broadcast_is_a_manifold_error(case) -> None:
+    """A base of 3 points for 2 (or 0) raw tensors is refused by name in every space that takes a base (the
+    factorized spaces, SL and Hurwitz left it to torch's broadcast error inside a product); a base of
+    one point, or of 3 points for a raw batch (2, 1) or (1,), broadcasts."""
+    M = case.space
+    inner = getattr(M, "space", M)
+    g = torch.Generator().manual_seed(0)
+    shape = tuple(case.smoke)
+    Z, base = M.from_manifold(M.sample((3, *shape), generator=g, dtype=F64))
+    for batch in ((2,), (0,), (3, 2)):
+        Zx = torch.zeros((*batch, *Z.shape[1:]), dtype=Z.dtype)
+        for what, call in (("to_manifold", lambda: M.to_manifold(Zx, base)), ("rebase", lambda: M.rebase(Zx, base))):
+            with pytest.raises(gf.ManifoldError) as info:
+                call()
+            msg = str(info.value)
+            assert repr(inner) in msg and "broadcast" in msg and "tensor(" not in msg, (what, batch, msg)
+    X = M.to_manifold(Z[:1].expand(Z.shape), base)  # Z[0] at each of the 3 bases
+    for batch, out in (((2, 1), (2, 3)), ((1,), (3,))):
+        Y = M.to_manifold(Z[:1].expand(*batch, *Z.shape[1:]), base)
+        assert Y.shape == (*out, *X.shape[1:])
+        torch.testing.assert_close(Y.reshape(-1, *X.shape)[-1], X, atol=1e-12, rtol=1e-12)
+
+
 _SOFTPLUS_SPACES = (gf.FixedRank, gf.GLp, gf.PSD, gf.PSSDFixedRank, gf.SL)
 
 

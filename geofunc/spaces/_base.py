@@ -356,6 +356,16 @@ class AbstractSpace(_Space, abc.ABC):
         if base.device != Z.device:  # torch's own error names neither the space nor the argument
             raise error(self, f"`{what}` on the device of `{what_z}` ({Z.device})", f"{describe(base)} on {base.device}")
 
+    def _require_frame(self, Z: Tensor, B: Tensor, what: str, *others: Tensor | None) -> None:
+        """A frame ``B`` of a base (shape ``(…, n, r)``, already checked) has ``Z``'s dtype and device, and
+        batch dims that broadcast with those of the matrix ``Z`` and of the base's ``others`` frames: a
+        mismatch would otherwise fail inside a product with torch's unnamed error."""
+        self._require_base_like(Z, B, what)
+        for A, name in ((Z, "Z"), *((A, "the other frame") for A in others if A is not None)):
+            if not _broadcastable(A.shape[:-2], B.shape[:-2]):
+                raise error(self, f"`{what}` with batch dims broadcastable with those of {name} {tuple(A.shape[:-2])}",
+                            f"shape {tuple(B.shape)}")
+
     def _refine_base(self, base: Any, force: bool = False) -> Any:
         """``base`` re-made valid at the accuracy of its own dtype (Note [Bases across dtypes] in
         ``geofunc/nn/_adapter.py``): frames by their polar factor (which keeps the sign of a square

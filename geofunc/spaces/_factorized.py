@@ -247,9 +247,10 @@ class SVDSpace(_Factorized):
         for B, shape in zip(base, ((n, r), (k, r))):
             if B is not None and (not isinstance(B, torch.Tensor) or B.ndim < 2 or tuple(B.shape[-2:]) != shape):
                 raise error(self, expected, f"({describe(base[0])}, {describe(base[1])})")
-        for B, what in zip(base, ("base[0]", "base[1]")):
-            if B is not None:
-                self._require_base_like(Z, B, what)
+        if base[0] is not None:
+            self._require_frame(Z, base[0], "base[0]")
+        if base[1] is not None:
+            self._require_frame(Z, base[1], "base[1]", base[0])
         return base[0], base[1]
 
     # ------------------------------------------------------------ the maps
@@ -380,7 +381,7 @@ class EigSpace(_Factorized):
         n = Z.shape[-1]
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, r):
             raise error(self, f"`base` to be None or a frame Q of shape (..., {n}, {r}) (as from_manifold returns)", describe(base))
-        self._require_base_like(Z, base)
+        self._require_frame(Z, base, "base")
         return base
 
     def _factors(self, Z: Tensor, base: Any) -> tuple[Tensor, Tensor]:

@@ -170,7 +170,7 @@ class Hurwitz(AbstractSpace):
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, n):
             raise error(self, f"`base` to be None or an orthogonal ({n}, {n}) frame of W (as from_manifold returns)",
                         describe(base))
-        self._require_base_like(Z, base)
+        self._require_frame(Z, base, "base")
 
     def _shift(self, B: Tensor) -> Tensor:
         return B - self.alpha * eye_like(B, B.shape[-1]) if self.alpha else B

@@ -107,9 +107,10 @@ class SL(AbstractSpace):
         if not ok:
             raise error(self, f"`base` to be None or a pair (U, V) of ({n}, {n}) frames (as from_manifold returns)",
                         describe(base))
-        for b, what in zip(base, ("base[0]", "base[1]")):
-            if b is not None:
-                self._require_base_like(Z, b, what)
+        if base[0] is not None:
+            self._require_frame(Z, base[0], "base[0]")
+        if base[1] is not None:
+            self._require_frame(Z, base[1], "base[1]", base[0])
 
     # ------------------------------------------------------------------ the maps
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
