@@ -45,6 +45,8 @@ from conftest import SEED
 
 import geofunc as gf
 import geofunc.spaces._base as space_base
+from geofunc import hyperbolic as hyp
+from geofunc._linalg import poison
 from geofunc.spaces._base import AbstractSpace
 from geofunc.testing import (
     PROPERTIES,
@@ -146,13 +148,69 @@ def _user_case(dtypes: tuple[torch.dtype, ...]) -> SpaceCase:
     )
 
 
+_CLOSED_FORMS = {"dist": "needs the space to implement dist", "expmap": "needs the space to implement expmap",
+                 "expmap_geodesic": "needs the space to implement expmap and dist",
+                 "logmap": "needs the space to implement logmap and expmap",
+                 "logmap_dist": "needs the space to implement logmap and dist"}
+
+
 def test_user_space_passes_check_space() -> None:
     report = check_space(_user_case((f64,)))
     assert not report.incomplete  # (a warning would fail the test too)
     f32_only = "runs in torch.float32 only, which is not in case.dtypes"
     assert report.skipped == {"logabsdet": "needs case.has_logabsdet", "grad_float32": f32_only,
-                              "float32_maps": f32_only, "sample_distribution_f32": f32_only}
+                              "float32_maps": f32_only, "sample_distribution_f32": f32_only, **_CLOSED_FORMS}
     assert {name for name, _ in report.ran} == {p.name for p in PROPERTIES} - set(report.skipped)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeodesicSphere(ProjectiveChartSphere):
+    """:class:`ProjectiveChartSphere` with the closed forms of the unit sphere: ``dist`` (the angle,
+    by ``atan2``: accurate for nearby points), ``expmap`` and ``logmap``. Its retraction stays the
+    normalization, which is not ``expmap``: a positively curved space whose ``retract`` is only a
+    retraction."""
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        c = _dot(X, Y)
+        return torch.atan2(torch.linalg.vector_norm(Y - c * X, dim=-1), c.squeeze(-1))
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        t = _norm(V)
+        return _unit(torch.cos(t) * X + torch.sinc(t / math.pi) * V)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        U = Y - _dot(X, Y) * X  # ‖U‖ = sin θ
+        return U / torch.sinc(self.dist(X, Y).unsqueeze(-1) / math.pi)
+
+
+def test_user_space_with_closed_forms_passes_them() -> None:
+    """A user's space that implements ``dist``, ``expmap`` and ``logmap`` runs (and passes) the five
+    properties of the closed forms; a mutant of it with ``dist`` halved fails."""
+    case = dataclasses.replace(_user_case((f64,)), id="GeodesicSphere", space=GeodesicSphere())
+    report = check_space(case, properties=("metric", "retract_small_steps", *_CLOSED_FORMS))
+    assert not report.skipped
+    assert {name for name, _ in report.ran} == {"metric", "retract_small_steps", *_CLOSED_FORMS}
+    dist = GeodesicSphere.dist
+    with mock.patch.object(GeodesicSphere, "dist", lambda self, X, Y: 0.5 * dist(self, X, Y)), \
+            pytest.raises(AssertionError, match="GeodesicSphere.*dist does not agree with the metric"):
+        check_space(case, properties=("dist",))
+
+
+def test_a_closed_form_that_raises_fails() -> None:
+    """A space whose class overrides ``dist`` is checked, and a ``ManifoldError`` from its override
+    fails the property with the context of an unexpected exception: it is not taken for "not
+    implemented" (only ``AbstractSpace.dist`` is), so it does not pass silently."""
+    case = _sphere_case("dist-raises")
+    assert check_space(case, properties=("dist",)).skipped == {"dist": "needs the space to implement dist"}
+
+    def dist_raises(self: Any, X: Tensor, Y: Tensor) -> Tensor:
+        raise gf.ManifoldError(f"{self!r}: dist has no closed form implemented for this space.")
+
+    with mock.patch.object(gf.Sphere, "dist", dist_raises, create=True), \
+            pytest.raises(AssertionError, match=r"\[dist-raises = Sphere\(radius=1\.0\), shape \(2, 4\), torch\.float64\] "
+                          r"property 'dist' raised ManifoldError") as info:
+        check_space(case, properties=("dist",))
+    assert isinstance(info.value.__cause__, gf.ManifoldError)
 
 
 @pytest.mark.parametrize("prop", [p for p in PROPERTIES if not p.float64_only], ids=lambda p: p.name)
@@ -651,6 +709,41 @@ def _oblique_violations_mean(self: Any, X: Tensor) -> dict[str, Tensor]:
     return {"mean_j |‖X[:, j]‖ − 1|": (torch.linalg.vector_norm(X, dim=-2) - 1).abs().mean(-1)}
 
 
+# The gaps of the closed-form maps: the harness before check_dist, check_expmap(_geodesic) and
+# check_logmap(_dist) never called dist, expmap or logmap (test_earlier_harness_never_calls_the_closed_forms),
+# and it pinned the metric only by the agreement of inner and egrad_to_rgrad.
+_LORENTZ_EXPMAP = gf.Lorentz.expmap
+_POINCARE_DIST = gf.PoincareBall.dist
+
+
+def _inner_conformal_lambda(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """``PoincareBall.inner`` with the conformal factor ``λ`` in place of ``λ²`` (``λ = 2/(1 − c‖x‖²)``)."""
+    g = hyp._gap(X, self.c) + poison(X, ndim=1)
+    return (2.0 * (U * V).sum(-1, keepdim=True) / g).squeeze(-1)
+
+
+def _rgrad_conformal_lambda(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """``G/λ``: the Riemannian gradient for :func:`_inner_conformal_lambda`, so the two agree (on a metric
+    that is not the ball's, nor its ``dist``'s)."""
+    g = hyp._gap(X, self.c) + poison(X, ndim=1)
+    return 0.5 * g * G
+
+
+def _expmap_doubled(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """``Lorentz.expmap(X, 2V)``: on the hyperboloid, ``expmap(X, 0) = X``, twice the speed."""
+    return _LORENTZ_EXPMAP(self, X, 2.0 * V)
+
+
+def _logmap_chord(self: Any, X: Tensor, Y: Tensor) -> Tensor:
+    """``tangent(X, Y − X)``: tangent, 0 at ``Y = X``, right to first order, not the inverse of ``expmap``."""
+    return self.tangent(X, Y - X)
+
+
+def _dist_doubled(self: Any, X: Tensor, Y: Tensor) -> Tensor:
+    """``2·dist``: a distance (zero on the diagonal, symmetric, triangle inequality), not the metric's."""
+    return 2.0 * _POINCARE_DIST(self, X, Y)
+
+
 def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
@@ -662,6 +755,9 @@ def _sphere(name: str, **kw: Any) -> Callable[[], SpaceCase]:
 def _builtin(case_id: str) -> Callable[[], SpaceCase]:
     return lambda: _CASES[case_id]
 
+
+_LAMBDA_METRIC = [(gf.PoincareBall, "inner", _inner_conformal_lambda),
+                  (gf.PoincareBall, "egrad_to_rgrad", _rgrad_conformal_lambda)]
 
 # (id, [(class, method, replacement)], case, dtype, property that catches it, message match,
 #  old properties of that map that pass with the mutant)
@@ -743,6 +839,19 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Oblique.violations-mean-over-columns", [(gf.Oblique, "_violations", _oblique_violations_mean)],
      _with_perturb("Oblique", ref.perturb_one_column), f64, "membership", "contains accepts a point perturbed by 2×",
      ("contains", "check")),
+    # the closed-form maps
+    ("PoincareBall.metric-conformal-lambda", _LAMBDA_METRIC, _builtin("PoincareBall"), f64, "dist",
+     "dist does not agree with the metric", ("metric", "tangent", "vmap", "dtypes", "nonfinite")),
+    ("PoincareBall.metric-conformal-lambda-logmap", _LAMBDA_METRIC, _builtin("PoincareBall-c0.5"), f64, "logmap_dist",
+     r"inner\(X, L, L\) != dist\(X, Y\)²", ("metric", "tangent", "vmap", "dtypes", "nonfinite")),
+    ("Lorentz.expmap-doubled", [(gf.Lorentz, "expmap", _expmap_doubled)], _builtin("Lorentz"), f64, "expmap",
+     r"expmap\(X, tV\) − \(X \+ tV\) is not O\(t²\)", ("retract", "retract_small_steps", "to_manifold")),
+    ("Lorentz.expmap-doubled-geodesic", [(gf.Lorentz, "expmap", _expmap_doubled)], _builtin("Lorentz-k2"), f64,
+     "expmap_geodesic", "is not a geodesic at unit speed", ("retract", "retract_small_steps", "to_manifold")),
+    ("Lorentz.logmap-chord", [(gf.Lorentz, "logmap", _logmap_chord)], _builtin("Lorentz"), f64, "logmap",
+     "logmap is not the inverse of expmap", ()),
+    ("PoincareBall.dist-doubled", [(gf.PoincareBall, "dist", _dist_doubled)], _builtin("PoincareBall"), f64, "dist",
+     "dist does not agree with the metric", ()),
 ]
 
 
@@ -758,6 +867,35 @@ def test_fuzz_gap_is_caught(patches, make_case, dtype, prop, match, passes) -> N
             _PROPS[prop].fn(case, dtype, generator=gen())
     assert case.id in str(info.value)  # the message names the case
     _PROPS[prop].fn(case, dtype, generator=gen())  # the control: the property passes without the mutant
+
+
+_NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist")
+
+
+@pytest.mark.parametrize("case_id", ["PoincareBall-c0.5", "Lorentz-k2"])
+def test_earlier_harness_never_calls_the_closed_forms(case_id: str) -> None:
+    """The harness before the properties of the closed forms (every other property, in float64; the
+    compile properties compile a fixed list of maps without them) runs with ``dist``, ``expmap`` and
+    ``logmap`` raising: it never called them, so the closed-form mutants of ``GAPS`` passed it in full
+    (the metric mutant is checked there with the old properties of the metric)."""
+    calls: list[tuple[str, str]] = []
+
+    def trap(name: str) -> Callable[..., Tensor]:
+        def method(self: Any, *args: Any) -> Tensor:
+            calls.append((current, name))
+            raise AssertionError(f"the earlier harness called {name}")
+
+        return method
+
+    case = _CASES[case_id]
+    cls = type(case.space)
+    skip = {"compile", "compile_maps", *_NEW_CLOSED_FORM_PROPERTIES}
+    with _patch(*((cls, name, trap(name)) for name in ("dist", "expmap", "logmap")))():
+        for prop in PROPERTIES:
+            if prop.name not in skip and f64 in prop.dtypes(case):
+                current = prop.name
+                prop.fn(case, f64, generator=torch.Generator().manual_seed(SEED))
+    assert not calls  # (also where a property would have caught the error)
 
 
 def test_an_unexpected_exception_names_where_it_was_raised() -> None:

@@ -33,7 +33,13 @@ float32 maps are the float64 ones rounded (``check_float32_maps``), ``project`` 
 batch on its own (``check_contains_batch``), and ``sample`` follows its documented distribution
 (``check_sample_distribution``, ``check_sample_distribution_f32``: a z-test of ``case.moments``
 with a false-alarm rate below :data:`FALSE_ALARM` per check) with independent points
-(``check_sample_independent``). A property that
+(``check_sample_independent``). Where a space implements the closed forms (its class overrides
+``dist``, ``expmap``, ``logmap`` of ``AbstractSpace``, which raise ``ManifoldError``: :func:`implements`),
+``dist`` is a distance and the metric's to first order (``check_dist``: ``dist(X, retract(X, tV))/t →
+√inner(X, V, V)``, which pins ``inner`` itself), ``expmap`` is a retraction onto the space
+(``check_expmap``) that walks geodesics at unit speed (``check_expmap_geodesic``), and ``logmap``
+inverts it in the tangent space (``check_logmap``) with length ``dist`` (``check_logmap_dist``), all in
+float64 within ``case.geodesic_radius``; elsewhere they are reported skipped. A property that
 does not apply to a space is listed in ``case.skip`` with the reason; :func:`check_space` returns
 a :class:`SpaceReport` of what ran and what did not, and warns (:class:`IncompleteCaseWarning`)
 when a case without ``dim``, ``perturb`` or ``moments`` leaves part of the geometry unchecked.
@@ -61,6 +67,14 @@ from ._geometry import (
     check_sample_distribution_f32 as check_sample_distribution_f32,
     check_sample_independent as check_sample_independent,
     check_tangent_space as check_tangent_space,
+)
+from ._geodesic import (
+    check_dist as check_dist,
+    check_expmap as check_expmap,
+    check_expmap_geodesic as check_expmap_geodesic,
+    check_logmap as check_logmap,
+    check_logmap_dist as check_logmap_dist,
+    implements as implements,
 )
 from ._properties import (
     check_bad_input as check_bad_input,
@@ -111,7 +125,10 @@ __all__ = [
     "check_compile_maps",
     "check_contains",
     "check_contains_batch",
+    "check_dist",
     "check_dtypes",
+    "check_expmap",
+    "check_expmap_geodesic",
     "check_float32_maps",
     "check_from_manifold",
     "check_grad_float32",
@@ -120,6 +137,8 @@ __all__ = [
     "check_jacobians",
     "check_jvp_fd",
     "check_logabsdet",
+    "check_logmap",
+    "check_logmap_dist",
     "check_membership",
     "check_membership_large",
     "check_metric",
@@ -144,5 +163,6 @@ __all__ = [
     "check_vmap",
     "check_vmap_grad",
     "documented_atol",
+    "implements",
     "no_vmap_fallback",
 ]

@@ -110,6 +110,10 @@ class SpaceCase:
             square sizes 1, 2, 3, 5, 8 that the space takes).
         skip: ``{property name: reason}``: properties that do not apply to this space, each with
             the reason (e.g. ``{"project_normal": "a set with boundary: ..."}``).
+        geodesic_radius: the Riemannian length (in the space's own metric, ``inner``) of the
+            largest step of the closed-form geodesic properties (``expmap_geodesic``, ``logmap``,
+            ``logmap_dist``): they hold within the injectivity radius at the sampled points, so it
+            must be below it (the unit sphere's is π, hyperbolic space's infinite). Default 0.5.
     """
 
     id: str
@@ -135,10 +139,15 @@ class SpaceCase:
     float32_shift: float = 0.0
     logabsdet_shapes: Optional[tuple[tuple[int, ...], ...]] = None
     skip: Mapping[str, str] = dataclasses.field(default_factory=_no_skip)
+    geodesic_radius: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.shapes:
             raise ValueError(f"SpaceCase {self.id!r}: `shapes` is empty")
+        r = self.geodesic_radius
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < math.inf:
+            raise ValueError(f"SpaceCase {self.id!r}: `geodesic_radius` must be a finite number > 0, "
+                             f"got {self.geodesic_radius!r}")
         object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
         for dtype in (*self.dtypes, torch.float64):
             if dtype not in self.tol:

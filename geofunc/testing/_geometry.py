@@ -178,7 +178,9 @@ def check_metric(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
       gradient for ``inner``: ``inner(X, R, V) == ⟨G, V⟩`` (``Df(X)[V]`` for ``G = ∇f(X)``; with
       ``R`` tangent this pins ``R`` whatever the metric: the Poincaré ball's ``G/λ²``, the
       Lorentz model's Minkowski gradient, Birkhoff's Fisher gradient, the projection for an
-      embedded metric);
+      embedded metric). ``inner`` and ``egrad_to_rgrad`` that agree with each other on another
+      metric pass here: :func:`~geofunc.testing.check_dist` ties ``inner`` to ``dist`` where the
+      space implements it;
     * ``inner`` is batch-shaped, symmetric, bilinear (``inner(X, 2U − 3V, V) ==
       2 inner(X, U, V) − 3 inner(X, V, V)``) and positive: ``inner(X, V, V) > 0`` where ``V ≠ 0``;
     * ``T = transport(X, Y, V)`` is tangent at ``Y``, ``tangent(Y, T) == T``, for ``Y =
@@ -282,29 +284,38 @@ def check_retract_small_steps(case: SpaceCase, dtype: torch.dtype = f64, *,
     g = _gen(generator)
     M = case.space
     p = M.point_ndim
-    eps = torch.finfo(f64).eps
     for shape in case.shapes:
         ctx = _ctx(case, shape, f64)
         X = M.sample(shape, generator=g, dtype=f64)
         G = _randn(shape, f64, g)
         V = M.tangent(X, G / _point_norm(G, p).reshape(tuple(G.shape[: G.ndim - p]) + (1,) * p))
-        floor = 1e3 * eps * _point_norm(X, p).clamp(min=1.0)
-        errs = []
-        for t in _STEPS:
-            Xt = M.retract(X, t * V)
-            if not (bool(torch.isfinite(Xt).all()) and bool(torch.as_tensor(case.member(Xt, case.tol[f64])).all())):
-                raise _fail(ctx, f"retract(X, tV) at t = {t:g} (‖V‖ ≤ 1) is not on the space by the case's `member`")
-            errs.append(_point_norm(Xt - (X + t * V), p))
-        q = torch.clamp(errs[0] / _STEPS[0] ** 2, min=1e-2)
-        for t, e in zip(_STEPS[1:], errs[1:]):
-            bound = 10.0 * q * t * t + floor
-            bad = ~(e <= bound)
-            if bool(bad.any()):
-                i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
-                table = ", ".join(f"{s:g}: {float(err[i]):.3g}" for s, err in zip(_STEPS, errs))
-                raise _fail(ctx, f"retract(X, tV) − (X + tV) is not O(t²) (‖V‖ ≤ 1): at t = {t:g} the error is "
-                            f"{float(e[i]):.3g} > {float(bound[i]):.3g} = 10·(error at t = {_STEPS[0]:g})/t₀²·t² + "
-                            f"rounding {_worst(bad)}; errors by t: {table}")
+        _small_steps(case, ctx, "retract", M.retract, X, V)
+
+
+def _small_steps(case: SpaceCase, ctx: str, name: str, fn: Callable[[Tensor, Tensor], Tensor], X: Tensor,
+                 V: Tensor) -> None:
+    """Note [the small-step test] of the map ``fn`` (``retract``, ``expmap``) at float64 points ``X``
+    and tangent ``V`` with ``‖V‖ ≤ 1``: ``fn(X, tV)`` is on the space by ``case.member`` and
+    ``‖fn(X, tV) − (X + tV)‖ = O(t²)``, per point, at the steps ``_STEPS``."""
+    p = case.space.point_ndim
+    eps = torch.finfo(f64).eps
+    floor = 1e3 * eps * _point_norm(X, p).clamp(min=1.0)
+    errs = []
+    for t in _STEPS:
+        Xt = fn(X, t * V)
+        if not (bool(torch.isfinite(Xt).all()) and bool(torch.as_tensor(case.member(Xt, case.tol[f64])).all())):
+            raise _fail(ctx, f"{name}(X, tV) at t = {t:g} (‖V‖ ≤ 1) is not on the space by the case's `member`")
+        errs.append(_point_norm(Xt - (X + t * V), p))
+    q = torch.clamp(errs[0] / _STEPS[0] ** 2, min=1e-2)
+    for t, e in zip(_STEPS[1:], errs[1:]):
+        bound = 10.0 * q * t * t + floor
+        bad = ~(e <= bound)
+        if bool(bad.any()):
+            i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+            table = ", ".join(f"{s:g}: {float(err[i]):.3g}" for s, err in zip(_STEPS, errs))
+            raise _fail(ctx, f"{name}(X, tV) − (X + tV) is not O(t²) (‖V‖ ≤ 1): at t = {t:g} the error is "
+                        f"{float(e[i]):.3g} > {float(bound[i]):.3g} = 10·(error at t = {_STEPS[0]:g})/t₀²·t² + "
+                        f"rounding {_worst(bad)}; errors by t: {table}")
 
 
 # ------------------------------------------------------------------------ nearest point

@@ -26,6 +26,14 @@ from ._geometry import (
     check_sample_independent,
     check_tangent_space,
 )
+from ._geodesic import (
+    check_dist,
+    check_expmap,
+    check_expmap_geodesic,
+    check_logmap,
+    check_logmap_dist,
+    implements,
+)
 from ._properties import (
     check_bad_input,
     check_check,
@@ -116,6 +124,16 @@ def _needs_moments(case: SpaceCase) -> Optional[str]:
                                                   "distribution): needs case.moments")
 
 
+def _implementing(*maps: str) -> Callable[[SpaceCase], bool]:
+    """``applies`` of a property of the closed-form maps: the space implements all of ``maps``
+    (Note [Which spaces have the closed forms] in ``_geodesic.py``)."""
+    return lambda case: all(implements(case.space, m) for m in maps)
+
+
+def _requires_maps(*maps: str) -> str:
+    return "the space to implement " + " and ".join(maps)
+
+
 def _with(name: str, missing: Callable[[SpaceCase], Optional[str]]) -> Callable[[SpaceCase], Optional[str]]:
     """``missing`` of a property that runs another one's check further (``membership_large``):
     nothing is missing when the case skips that one (with its reason)."""
@@ -139,6 +157,15 @@ PROPERTIES: tuple[Property, ...] = (
     Property("project_nearest_chart", check_project_nearest_chart, float64_only=True,
              applies=lambda case: "project_nearest" not in case.skip, requires="project_nearest not in case.skip"),
     Property("metric", check_metric),
+    Property("dist", check_dist, float64_only=True, applies=_implementing("dist"), requires=_requires_maps("dist")),
+    Property("expmap", check_expmap, float64_only=True, applies=_implementing("expmap"),
+             requires=_requires_maps("expmap")),
+    Property("expmap_geodesic", check_expmap_geodesic, float64_only=True, applies=_implementing("expmap", "dist"),
+             requires=_requires_maps("expmap", "dist")),
+    Property("logmap", check_logmap, float64_only=True, applies=_implementing("logmap", "expmap"),
+             requires=_requires_maps("logmap", "expmap")),
+    Property("logmap_dist", check_logmap_dist, float64_only=True, applies=_implementing("logmap", "dist"),
+             requires=_requires_maps("logmap", "dist")),
     Property("contains", check_contains),
     Property("membership", check_membership, applies=lambda case: case.perturb is not None, requires="case.perturb",
              missing=_needs_perturb),

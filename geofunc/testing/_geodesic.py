@@ -1,0 +1,285 @@
+"""Properties of the closed-form geodesic maps ``dist``, ``expmap`` and ``logmap`` (float64), run on
+the spaces that implement them (Note [Which spaces have the closed forms])."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..spaces._base import AbstractSpace
+from ._case import SpaceCase
+from ._geometry import _STEPS, _point_norm, _scalar_close, _small_steps, _vectors_close
+from ._properties import _batch_shape, _close, _ctx, _fail, _gen, _member, _property, _randn, _require_f64, _worst, f64
+
+__all__ = [
+    "check_dist",
+    "check_expmap",
+    "check_expmap_geodesic",
+    "check_logmap",
+    "check_logmap_dist",
+    "implements",
+]
+
+Tensor = torch.Tensor
+
+# Note [Which spaces have the closed forms]
+# AbstractSpace.dist, .expmap and .logmap raise ManifoldError ("no closed form implemented"); a
+# space that has one overrides the method. So a property of these maps applies where the space's
+# class defines a method other than AbstractSpace's (`implements`), and is reported skipped
+# ("needs ...") elsewhere. An override is called, and anything it raises, a ManifoldError included,
+# fails the property with the context of Note [Context of an unexpected exception]: a space whose
+# override has no closed form in some configuration lists the property in `case.skip` with the
+# reason instead of passing silently.
+
+
+def implements(space: AbstractSpace, name: str) -> bool:
+    """Whether ``space`` implements the closed-form map ``name`` (``"dist"``, ``"expmap"`` or
+    ``"logmap"``): its class defines a method other than :class:`~geofunc.AbstractSpace`'s, which
+    raises ``ManifoldError`` (Note [Which spaces have the closed forms])."""
+    method = getattr(type(space), name, None)
+    return method is not None and method is not getattr(AbstractSpace, name)
+
+
+def _expand(a: Tensor, point_ndim: int) -> Tensor:
+    """A batch-shaped ``a`` with ``point_ndim`` trailing singleton dims, to scale points."""
+    return a.reshape(tuple(a.shape) + (1,) * point_ndim)
+
+
+def _unit_tangent(case: SpaceCase, X: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(V, ok)``: ``V = tangent(X, G)`` for a Gaussian ``G``, rescaled to unit length in the metric
+    (``inner(X, V, V) = 1``) where ``ok``; 0 where ``ok`` is False (batch-shaped): a point whose
+    tangent space is ``{0}`` (``Gr(n, n)``), where the projection of a unit ``G`` is rounding, or
+    whose ``inner`` is not positive (``check_metric``'s failure, not this property's)."""
+    M = case.space
+    p = M.point_ndim
+    G = _randn(tuple(X.shape), f64, g)
+    V = M.tangent(X, G / _expand(_point_norm(G, p), p))
+    s = M.inner(X, V, V)
+    ok = (_point_norm(V, p) > 1e-6) & (s > 0) & torch.isfinite(s)
+    r = torch.where(ok, torch.where(ok, s, torch.ones_like(s)).rsqrt(), torch.zeros_like(s))
+    return V * _expand(r, p), ok
+
+
+def _require_batch_shaped(case: SpaceCase, shape: tuple[int, ...], d: Tensor, ctx: str, what: str) -> None:
+    bshape = _batch_shape(case, shape)
+    if tuple(d.shape) != bshape or d.dtype != f64:
+        raise _fail(ctx, f"{what} returned shape {tuple(d.shape)}, {d.dtype}; expected the batch shape {bshape}, "
+                    "torch.float64")
+
+
+# ------------------------------------------------------------------------------------ dist
+# Note [dist and the metric]
+# A distance can be a metric and still not be the space's: 2·dist is one. What ties dist to
+# `inner` is its first order: for V of unit length in the metric, e(t) = |dist(X, retract(X, tV))/t
+# − 1| → 0, as O(t) for any retraction (the second-order term of the retraction against the
+# geodesic's), and to rounding for retract = expmap. As in Note [the small-step test], e(t) is
+# measured at t = 0.1, 0.01, 0.001 and held to the constant the map shows at the largest step:
+# e(t) ≤ 10·q·t + floor, q = max(e(0.1)/0.1, 1e-2). A distance off by a constant factor 1 + c has
+# e(t) = |c| at every t, past that bound within two decades of t (by the smallest step for every
+# c > 1e-4); a distance off only for small steps is measured against the steps above. The floor is
+# the rounding of a distance computed by a formula that cancels (arccos of an inner product, arcosh
+# of a Minkowski product): relative error ≲ ε·(max(1, ‖X‖)/(t‖V‖))², ‖V‖ the Euclidean norm,
+# with a factor 100; 2·10⁻⁶ at t = 1e-3 for the Poincaré ball's points, far below the bound.
+_DIST_STEPS = (1e-1, 1e-2, 1e-3)
+
+
+@_property
+def check_dist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``dist`` is a distance, and the one of the metric ``inner`` (float64; spaces that implement it).
+
+    On every shape of the case, at sampled points ``X``, ``Y``, ``W`` (``tol = case.tol[float64]``), per point:
+
+    * ``dist`` is batch-shaped; ``dist(X, X) = 0`` (to ``tol``); ``dist(X, Y) ≥ 0``; symmetric,
+      ``dist(Y, X) = dist(X, Y)`` (to ``tol·max(1, dist)``); the triangle inequality
+      ``dist(X, W) ≤ dist(X, Y) + dist(Y, W)`` (to ``tol·max(1, dist(X, Y) + dist(Y, W))``);
+    * it agrees with the metric to first order: for ``V = tangent(X, G)`` rescaled to unit length
+      in the metric (``inner(X, V, V) = 1``), ``e(t) = |dist(X, retract(X, tV))/t − 1|`` at
+      ``t ∈ {0.1, 0.01, 0.001}`` is ``O(t)``: ``e(t) ≤ 10·q·t + rounding`` with ``q = max(e(0.1)/0.1,
+      1e-2)`` (Note [dist and the metric]). A ``dist`` off by a constant factor fails, and so do
+      ``inner`` and ``egrad_to_rgrad`` that agree with each other on another metric (the Poincaré
+      ball's conformal factor ``λ`` in place of ``λ²``), which ``check_metric`` cannot tell.
+    """
+    _require_f64("dist", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = case.tol[f64]
+    eps = torch.finfo(f64).eps
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X, Y, W = (M.sample(shape, generator=g, dtype=f64) for _ in range(3))
+        dxx, dxy = M.dist(X, X), M.dist(X, Y)
+        _require_batch_shaped(case, shape, dxx, ctx, "dist(X, X)")
+        _require_batch_shaped(case, shape, dxy, ctx, "dist(X, Y)")
+        one = torch.ones_like(dxy)
+        _scalar_close(dxx, torch.zeros_like(dxx), tol * one, ctx, "dist(X, X) != 0")
+        bad = ~(dxy >= 0)
+        if bool(bad.any()):
+            raise _fail(ctx, f"dist is negative (or NaN) on sampled points: dist(X, Y) = {float(dxy[bad].min()):.3g} "
+                        f"{_worst(bad)}")
+        _scalar_close(M.dist(Y, X), dxy, tol * torch.maximum(one, dxy), ctx,
+                      "dist is not symmetric: dist(Y, X) != dist(X, Y)")
+        dyw, dxw = M.dist(Y, W), M.dist(X, W)
+        bad = ~(dxw <= dxy + dyw + tol * torch.maximum(one, dxy + dyw))
+        if bool(bad.any()):
+            i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+            raise _fail(ctx, f"dist breaks the triangle inequality on sampled X, Y, W: dist(X, W) = {float(dxw[i]):.10g} "
+                        f"> dist(X, Y) + dist(Y, W) = {float(dxy[i]):.10g} + {float(dyw[i]):.10g} {_worst(bad)}")
+        # the first order: dist(X, retract(X, tV))/t → √inner(X, V, V) = 1
+        V, ok = _unit_tangent(case, X, g)
+        ratio = _point_norm(X, p).clamp(min=1.0) / _point_norm(V, p).clamp(min=1e-300)
+        errs = []
+        for t in _DIST_STEPS:
+            d = M.dist(X, M.retract(X, t * V))
+            errs.append(torch.where(ok, (d / t - 1.0).abs(), torch.zeros_like(d)))
+        q = torch.clamp(errs[0] / _DIST_STEPS[0], min=1e-2)
+        for t, e in zip(_DIST_STEPS[1:], errs[1:]):
+            bound = 10.0 * q * t + 1e2 * eps * (ratio / t) ** 2
+            bad = ~(e <= bound)
+            if bool(bad.any()):
+                i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+                table = ", ".join(f"{s:g}: {float(err[i]):.3g}" for s, err in zip(_DIST_STEPS, errs))
+                raise _fail(ctx, f"dist does not agree with the metric: |dist(X, retract(X, tV))/t − √inner(X, V, V)| "
+                            f"with inner(X, V, V) = 1 is not O(t): at t = {t:g} it is {float(e[i]):.3g} > "
+                            f"{float(bound[i]):.3g} = 10·(its value at t = {_DIST_STEPS[0]:g})/t₀·t + rounding "
+                            f"{_worst(bad)}; by t: {table} (a dist scaled by a constant, or inner and egrad_to_rgrad "
+                            "on another metric than dist's)")
+
+
+# ---------------------------------------------------------------------------------- expmap
+@_property
+def check_expmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``expmap`` is a retraction onto the space (float64; spaces that implement it).
+
+    On every shape of the case, at sampled ``X``, for ``V = tangent(X, G)`` with ``‖G‖ = 1`` per point: ``expmap(X, 0) == X``
+    (to ``tol = case.tol[float64]``, relative to ``max(1, max|X|)``); ``expmap(X, tV)`` is on the space
+    by ``case.member`` and by ``contains`` at ``t ∈ {1e-1, 1e-2, 1e-3, 1e-4, 1}``; and it is first
+    order, ``d/dt expmap(X, tV)|₀ = V``, by the finite differences of :func:`check_retract_small_steps`:
+    ``‖expmap(X, tV) − (X + tV)‖ = O(t²)`` from ``t = 0.1`` down to ``1e-4`` (Note [the small-step
+    test]). An ``expmap`` with its step scaled (``expmap(X, 2V)``) or off to first order fails.
+    """
+    _require_f64("expmap", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        E0 = M.expmap(X, torch.zeros_like(X))
+        if tuple(E0.shape) != shape or E0.dtype != f64:
+            raise _fail(ctx, f"expmap returned shape {tuple(E0.shape)}, {E0.dtype}")
+        _vectors_close(E0, X, tol, ctx, "expmap(X, 0) != X")
+        G = _randn(shape, f64, g)
+        V = M.tangent(X, G / _expand(_point_norm(G, p), p))
+        _small_steps(case, ctx, "expmap", M.expmap, X, V)
+        _member(case, M.expmap(X, V), f64, ctx, "expmap(X, V) (‖V‖ ≤ 1)")  # _small_steps checks t ≤ 0.1
+        for t in (*_STEPS, 1.0):
+            c = M.contains(M.expmap(X, t * V))
+            if not bool(c.all()):
+                raise _fail(ctx, f"contains refuses expmap(X, {t:g} V) (‖V‖ ≤ 1), a point by the case's `member` "
+                            f"{_worst(~c)}")
+
+
+def _pairs(r: float) -> tuple[tuple[float, float], ...]:
+    """The ``(s, t)`` of :func:`check_expmap_geodesic`: both within ``r`` of 0."""
+    return ((0.0, r), (-0.5 * r, 0.5 * r), (0.25 * r, r), (0.0, 1e-3 * r))
+
+
+@_property
+def check_expmap_geodesic(case: SpaceCase, dtype: torch.dtype = f64, *,
+                          generator: Optional[torch.Generator] = None) -> None:
+    """``t ↦ expmap(X, tV)`` is a geodesic at unit speed for ``dist`` (float64; spaces that implement
+    ``expmap`` and ``dist``).
+
+    On every shape of the case, at sampled ``X``, for ``V = tangent(X, G)`` rescaled to unit length in the metric
+    (``inner(X, V, V) = 1``) and ``r = case.geodesic_radius`` (0.5 by default; within the injectivity
+    radius): ``dist(expmap(X, sV), expmap(X, tV)) = |t − s|`` for ``(s, t) ∈ {(0, r), (−r/2, r/2),
+    (r/4, r), (0, r/1000)}``, per point, to ``tol·max(1, |t − s|)`` with ``tol = case.tol[float64]``.
+    An ``expmap`` that walks the geodesic at another speed (its step scaled), a ``dist`` scaled, or an
+    ``inner`` on another metric than theirs fails.
+    """
+    _require_f64("expmap_geodesic", dtype)
+    g = _gen(generator)
+    M = case.space
+    p = M.point_ndim
+    tol = case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        V, ok = _unit_tangent(case, X, g)
+        for s, t in _pairs(case.geodesic_radius):
+            d = M.dist(M.expmap(X, s * V), M.expmap(X, t * V))
+            _require_batch_shaped(case, shape, d, ctx, "dist")
+            want = torch.full_like(d, abs(t - s))
+            _scalar_close(torch.where(ok, d, want), want, tol * want.clamp(min=1.0), ctx,
+                          f"expmap(X, tV) is not a geodesic at unit speed: dist(expmap(X, {s:g} V), expmap(X, {t:g} V)) "
+                          f"!= |t − s| for inner(X, V, V) = 1")
+
+
+# ---------------------------------------------------------------------------------- logmap
+@_property
+def check_logmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``logmap`` is the inverse of ``expmap`` and lands in the tangent space (float64; spaces that
+    implement ``logmap`` and ``expmap``).
+
+    On every shape of the case, at sampled ``X`` (``tol = case.tol[float64]``; vectors compared to ``tol`` relative to
+    ``max(1, max|expected|)``), per point: ``logmap(X, X) == 0``; for ``V = tangent(X, G)`` of
+    length ``a`` in the metric, ``a ∈ {r, r/100}`` (``r = case.geodesic_radius``, within the
+    injectivity radius), ``L = logmap(X, expmap(X, V)) == V``; and ``L`` and ``logmap(X, Y)`` for
+    ``Y = retract(X, W)``, ``W`` of length ``r``, are tangent: ``tangent(X, L) == L``. A ``logmap``
+    right only to first order (the chord ``tangent(X, Y − X)``) or scaled fails.
+    """
+    _require_f64("logmap", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    r = case.geodesic_radius
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        L0 = M.logmap(X, X)
+        if tuple(L0.shape) != shape or L0.dtype != f64:
+            raise _fail(ctx, f"logmap returned shape {tuple(L0.shape)}, {L0.dtype}")
+        _close(L0, torch.zeros_like(L0), tol * max(1.0, float(X.abs().max())), ctx, "logmap(X, X) != 0")
+        V, _ = _unit_tangent(case, X, g)
+        W, _ = _unit_tangent(case, X, g)
+        for a in (r, 1e-2 * r):
+            L = M.logmap(X, M.expmap(X, a * V))
+            _vectors_close(L, a * V, tol, ctx, f"logmap(X, expmap(X, V)) != V for V of length {a:g} in the metric: "
+                           "logmap is not the inverse of expmap")
+            _vectors_close(M.tangent(X, L), L, tol, ctx,
+                           f"logmap(X, Y) is not tangent at X for Y = expmap(X, V), V of length {a:g}: tangent(X, L) != L")
+        L = M.logmap(X, M.retract(X, r * W))
+        _vectors_close(M.tangent(X, L), L, tol, ctx,
+                       f"logmap(X, Y) is not tangent at X for Y = retract(X, W), W of length {r:g}: tangent(X, L) != L")
+
+
+@_property
+def check_logmap_dist(case: SpaceCase, dtype: torch.dtype = f64, *,
+                      generator: Optional[torch.Generator] = None) -> None:
+    """``logmap`` has the length ``dist`` in the metric (float64; spaces that implement ``logmap`` and
+    ``dist``): ``inner(X, L, L) = dist(X, Y)²`` for ``L = logmap(X, Y)``, on every shape of the case, at sampled ``X`` and
+    ``Y = retract(X, W)`` near it, ``W = tangent(X, G)`` of length ``a ∈ {r, r/100}`` in the metric
+    (``r = case.geodesic_radius``), per point, to ``tol·max(1, dist²)`` (``tol = case.tol[float64]``).
+    A ``logmap`` or ``dist`` scaled, or an ``inner`` on another metric than theirs, fails.
+    """
+    _require_f64("logmap_dist", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    r = case.geodesic_radius
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        W, _ = _unit_tangent(case, X, g)
+        for a in (r, 1e-2 * r):
+            Y = M.retract(X, a * W)
+            L = M.logmap(X, Y)
+            ll = M.inner(X, L, L)
+            d = M.dist(X, Y)
+            _require_batch_shaped(case, shape, d, ctx, "dist(X, Y)")
+            _scalar_close(ll, d * d, tol * (d * d).clamp(min=1.0), ctx,
+                          f"inner(X, L, L) != dist(X, Y)² for L = logmap(X, Y), Y = retract(X, W) with W of length "
+                          f"{a:g} in the metric")
