@@ -62,6 +62,7 @@ def _ball(case_id: str, c: float, shapes) -> SpaceCase:
         # the nearest point of the closure pushed inside by the margin δ = 8ε (float64)
         project_slack=8 * torch.finfo(torch.float64).eps / c**0.5,
         skip=_ball_skips(),
+        transport="parallel",
     )
 
 
@@ -80,6 +81,7 @@ def _hyperboloid(case_id: str, k: float, shapes) -> SpaceCase:
         perturb=ref.perturb_hyperboloid(k),
         moments=ref.moments_hyperboloid(k),
         skip=_canonical_project("the vertical projection (√(k + ‖ȳ‖²), ȳ)"),
+        transport="parallel",
     )
 
 

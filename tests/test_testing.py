@@ -152,6 +152,8 @@ _CLOSED_FORMS = {"dist": "needs the space to implement dist", "expmap": "needs t
                  "expmap_geodesic": "needs the space to implement expmap and dist",
                  "logmap": "needs the space to implement logmap and expmap",
                  "logmap_dist": "needs the space to implement logmap and dist"}
+_TRANSPORTS = {"transport_isometry": "needs case.transport = 'isometric' or 'parallel'",
+               "transport_parallel": "needs case.transport = 'parallel' and the space to implement expmap and logmap"}
 
 
 def test_user_space_passes_check_space() -> None:
@@ -159,16 +161,16 @@ def test_user_space_passes_check_space() -> None:
     assert not report.incomplete  # (a warning would fail the test too)
     f32_only = "runs in torch.float32 only, which is not in case.dtypes"
     assert report.skipped == {"logabsdet": "needs case.has_logabsdet", "grad_float32": f32_only,
-                              "float32_maps": f32_only, "sample_distribution_f32": f32_only, **_CLOSED_FORMS}
+                              "float32_maps": f32_only, "sample_distribution_f32": f32_only, **_CLOSED_FORMS, **_TRANSPORTS}
     assert {name for name, _ in report.ran} == {p.name for p in PROPERTIES} - set(report.skipped)
 
 
 @dataclasses.dataclass(frozen=True)
 class GeodesicSphere(ProjectiveChartSphere):
     """:class:`ProjectiveChartSphere` with the closed forms of the unit sphere: ``dist`` (the angle,
-    by ``atan2``: accurate for nearby points), ``expmap`` and ``logmap``. Its retraction stays the
-    normalization, which is not ``expmap``: a positively curved space whose ``retract`` is only a
-    retraction."""
+    by ``atan2``: accurate for nearby points), ``expmap``, ``logmap`` and the parallel transport along
+    the geodesic. Its retraction stays the normalization, which is not ``expmap``: a positively
+    curved space whose ``retract`` is only a retraction."""
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         c = _dot(X, Y)
@@ -182,14 +184,24 @@ class GeodesicSphere(ProjectiveChartSphere):
         U = Y - _dot(X, Y) * X  # ‖U‖ = sin θ
         return U / torch.sinc(self.dist(X, Y).unsqueeze(-1) / math.pi)
 
+    def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+        """``V − ⟨Y, V⟩/(1 + ⟨X, Y⟩) (X + Y)`` (not at antipodes)."""
+        return V - _dot(Y, V) / (1.0 + _dot(X, Y)) * (X + Y)
+
 
 def test_user_space_with_closed_forms_passes_them() -> None:
-    """A user's space that implements ``dist``, ``expmap`` and ``logmap`` runs (and passes) the five
-    properties of the closed forms; a mutant of it with ``dist`` halved fails."""
-    case = dataclasses.replace(_user_case((f64,)), id="GeodesicSphere", space=GeodesicSphere())
-    report = check_space(case, properties=("metric", "retract_small_steps", *_CLOSED_FORMS))
+    """A user's space that implements ``dist``, ``expmap``, ``logmap`` and the parallel transport (and
+    says so, ``case.transport``) runs (and passes) the properties of the closed forms and of the
+    transport; mutants of it with ``dist`` halved, or the transport by projection, fail."""
+    case = dataclasses.replace(_user_case((f64,)), id="GeodesicSphere", space=GeodesicSphere(), transport="parallel")
+    report = check_space(case, properties=("metric", "retract_small_steps", *_CLOSED_FORMS, *_TRANSPORTS))
     assert not report.skipped
-    assert {name for name, _ in report.ran} == {"metric", "retract_small_steps", *_CLOSED_FORMS}
+    assert {name for name, _ in report.ran} == {"metric", "retract_small_steps", *_CLOSED_FORMS, *_TRANSPORTS}
+    with mock.patch.object(GeodesicSphere, "transport", lambda self, X, Y, V: self.tangent(Y, V)), \
+            pytest.raises(AssertionError, match="GeodesicSphere.*transport is not an isometry"):
+        check_space(case, properties=("transport_isometry",))
+    with pytest.raises(ValueError, match="transport"):
+        dataclasses.replace(case, transport="isometry")
     dist = GeodesicSphere.dist
     with mock.patch.object(GeodesicSphere, "dist", lambda self, X, Y: 0.5 * dist(self, X, Y)), \
             pytest.raises(AssertionError, match="GeodesicSphere.*dist does not agree with the metric"):
@@ -744,6 +756,28 @@ def _dist_doubled(self: Any, X: Tensor, Y: Tensor) -> Tensor:
     return 2.0 * _POINCARE_DIST(self, X, Y)
 
 
+_POINCARE_TRANSPORT = gf.PoincareBall.transport
+
+
+def _transport_projected(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``Lorentz.transport`` as the protocol's default, the projection ``tangent(Y, V)``: a vector
+    transport (linear, into ``T_Y``, the identity at ``Y = X``), not an isometry."""
+    return self.tangent(Y, V)
+
+
+def _transport_rotating(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``PoincareBall.transport`` followed by a rotation of the first two coordinates by ``dist(X, Y)``:
+    linear, isometric (the metric at ``Y`` is a multiple of the Euclidean one), the identity at
+    ``Y = X``, and not the parallel transport."""
+    W = _POINCARE_TRANSPORT(self, X, Y, V)
+    if W.shape[-1] < 2:
+        return W
+    t = self.dist(X, Y).unsqueeze(-1)
+    c, s = torch.cos(t), torch.sin(t)
+    w0, w1 = W[..., :1], W[..., 1:2]
+    return torch.cat([c * w0 - s * w1, s * w0 + c * w1, W[..., 2:]], dim=-1)
+
+
 def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
@@ -852,6 +886,12 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
      "logmap is not the inverse of expmap", ()),
     ("PoincareBall.dist-doubled", [(gf.PoincareBall, "dist", _dist_doubled)], _builtin("PoincareBall"), f64, "dist",
      "dist does not agree with the metric", ()),
+    # the documented transports
+    ("Lorentz.transport-projected", [(gf.Lorentz, "transport", _transport_projected)], _builtin("Lorentz"), f64,
+     "transport_isometry", "transport is not an isometry", ("metric", "vmap", "dtypes", "nonfinite", "pure")),
+    ("PoincareBall.transport-rotating", [(gf.PoincareBall, "transport", _transport_rotating)],
+     _builtin("PoincareBall-c0.5"), f64, "transport_parallel", "not the parallel transport",
+     ("metric", "transport_isometry", "vmap", "dtypes", "nonfinite", "pure")),
 ]
 
 
@@ -869,7 +909,7 @@ def test_fuzz_gap_is_caught(patches, make_case, dtype, prop, match, passes) -> N
     _PROPS[prop].fn(case, dtype, generator=gen())  # the control: the property passes without the mutant
 
 
-_NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist")
+_NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist", "transport_parallel")
 
 
 @pytest.mark.parametrize("case_id", ["PoincareBall-c0.5", "Lorentz-k2"])

@@ -39,7 +39,10 @@ with a false-alarm rate below :data:`FALSE_ALARM` per check) with independent po
 √inner(X, V, V)``, which pins ``inner`` itself), ``expmap`` is a retraction onto the space
 (``check_expmap``) that walks geodesics at unit speed (``check_expmap_geodesic``), and ``logmap``
 inverts it in the tangent space (``check_logmap``) with length ``dist`` (``check_logmap_dist``), all in
-float64 within ``case.geodesic_radius``; elsewhere they are reported skipped. A property that
+float64 within ``case.geodesic_radius``; elsewhere they are reported skipped. A case whose
+``transport`` is documented as isometric or as the parallel transport says so
+(``case.transport``), and ``check_transport_isometry`` / ``check_transport_parallel`` hold it to
+that (the velocity of the geodesic carried to its velocity, composition along it). A property that
 does not apply to a space is listed in ``case.skip`` with the reason; :func:`check_space` returns
 a :class:`SpaceReport` of what ran and what did not, and warns (:class:`IncompleteCaseWarning`)
 when a case without ``dim``, ``perturb`` or ``moments`` leaves part of the geometry unchecked.
@@ -74,6 +77,8 @@ from ._geodesic import (
     check_expmap_geodesic as check_expmap_geodesic,
     check_logmap as check_logmap,
     check_logmap_dist as check_logmap_dist,
+    check_transport_isometry as check_transport_isometry,
+    check_transport_parallel as check_transport_parallel,
     implements as implements,
 )
 from ._properties import (
@@ -160,6 +165,8 @@ __all__ = [
     "check_tangent",
     "check_tangent_space",
     "check_to_manifold",
+    "check_transport_isometry",
+    "check_transport_parallel",
     "check_vmap",
     "check_vmap_grad",
     "documented_atol",

@@ -37,6 +37,10 @@ def _default_tol() -> Mapping[torch.dtype, float]:
     return DEFAULT_TOL
 
 
+#: The values of ``SpaceCase.transport``, weakest first.
+_TRANSPORTS = ("vector", "isometric", "parallel")
+
+
 def _no_skip() -> Mapping[str, str]:
     return types.MappingProxyType({})
 
@@ -114,6 +118,11 @@ class SpaceCase:
             largest step of the closed-form geodesic properties (``expmap_geodesic``, ``logmap``,
             ``logmap_dist``): they hold within the injectivity radius at the sampled points, so it
             must be below it (the unit sphere's is π, hyperbolic space's infinite). Default 0.5.
+        transport: what ``transport`` is documented to be: ``"vector"`` (a vector transport: linear,
+            into the tangent space at the target, ``check_metric``), ``"isometric"`` (also
+            preserves ``inner``: ``check_transport_isometry``) or ``"parallel"`` (the parallel
+            transport along the geodesic: also ``check_transport_parallel``, which needs ``expmap`` and
+            ``logmap``). Default ``"vector"``.
     """
 
     id: str
@@ -140,6 +149,7 @@ class SpaceCase:
     logabsdet_shapes: Optional[tuple[tuple[int, ...], ...]] = None
     skip: Mapping[str, str] = dataclasses.field(default_factory=_no_skip)
     geodesic_radius: float = 0.5
+    transport: str = "vector"
 
     def __post_init__(self) -> None:
         if not self.shapes:
@@ -148,6 +158,9 @@ class SpaceCase:
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < math.inf:
             raise ValueError(f"SpaceCase {self.id!r}: `geodesic_radius` must be a finite number > 0, "
                              f"got {self.geodesic_radius!r}")
+        if self.transport not in _TRANSPORTS:
+            raise ValueError(f"SpaceCase {self.id!r}: `transport` must be one of {', '.join(map(repr, _TRANSPORTS))}, "
+                             f"got {self.transport!r}")
         object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
         for dtype in (*self.dtypes, torch.float64):
             if dtype not in self.tol:

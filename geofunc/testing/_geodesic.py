@@ -18,6 +18,8 @@ __all__ = [
     "check_expmap_geodesic",
     "check_logmap",
     "check_logmap_dist",
+    "check_transport_isometry",
+    "check_transport_parallel",
     "implements",
 ]
 
@@ -283,3 +285,92 @@ def check_logmap_dist(case: SpaceCase, dtype: torch.dtype = f64, *,
             _scalar_close(ll, d * d, tol * (d * d).clamp(min=1.0), ctx,
                           f"inner(X, L, L) != dist(X, Y)² for L = logmap(X, Y), Y = retract(X, W) with W of length "
                           f"{a:g} in the metric")
+
+
+# ------------------------------------------------------------------------------- transport
+# Note [Which transports are checked]
+# check_metric holds every transport to what any vector transport is: linear in V and into the
+# tangent space at the target. Whether it preserves the metric, or is the parallel transport along
+# the geodesic, is a documented property of a space, not a consequence of the protocol (the default,
+# the projection tangent(Y, V), is neither): the case says so (`case.transport`), and the properties
+# below hold it to its word. The parallel transport is pinned by two facts about one geodesic from X
+# to Y (within the injectivity radius): it carries the geodesic's velocity to its velocity,
+# P(logmap(X, Y)) = −logmap(Y, X), and it composes along the geodesic, P_{Z→Y} P_{X→Z} = P_{X→Y} for
+# Z on it. An isometric transport that also rotates the tangent space by an angle growing with
+# dist(X, Y) passes the isometry and fails both.
+
+
+def _transport_pairs(case: SpaceCase, X: Tensor, g: torch.Generator) -> list[tuple[str, Tensor]]:
+    """Targets ``Y`` for transports from ``X``: near (``retract`` by ``r`` and ``r/100`` in the metric,
+    ``r = case.geodesic_radius``), and an independent sample (anywhere)."""
+    M = case.space
+    W, _ = _unit_tangent(case, X, g)
+    r = case.geodesic_radius
+    return [(f"Y = retract(X, W), W of length {a:g}", M.retract(X, a * W)) for a in (r, 1e-2 * r)] + [
+        ("Y sampled", M.sample(tuple(X.shape), generator=g, dtype=f64))]
+
+
+@_property
+def check_transport_isometry(case: SpaceCase, dtype: torch.dtype = f64, *,
+                             generator: Optional[torch.Generator] = None) -> None:
+    """``transport`` preserves the metric (float64; cases with ``transport`` ``"isometric"`` or
+    ``"parallel"``, Note [Which transports are checked]).
+
+    On every shape of the case, at sampled ``X``, for ``U``, ``V = tangent(X, G)`` of unit length in the
+    metric and targets ``Y`` near ``X`` and sampled independently: ``transport(X, X, V) == V`` and
+    ``inner(Y, transport(X, Y, U), transport(X, Y, V)) == inner(X, U, V)`` per point, to ``tol``
+    (``case.tol[float64]``) relative to ``max(1, max|V|)`` and to 1. The projection
+    ``tangent(Y, V)`` (the protocol's default transport) fails where the tangent spaces differ.
+    """
+    _require_f64("transport_isometry", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        U, ok_u = _unit_tangent(case, X, g)
+        V, ok_v = _unit_tangent(case, X, g)
+        _vectors_close(M.transport(X, X, V), V, tol, ctx, "transport(X, X, V) != V")
+        want = M.inner(X, U, V)
+        for name, Y in _transport_pairs(case, X, g):
+            got = M.inner(Y, M.transport(X, Y, U), M.transport(X, Y, V))
+            _require_batch_shaped(case, shape, got, ctx, "inner")
+            got = torch.where(ok_u & ok_v, got, want)
+            _scalar_close(got, want, tol * torch.ones_like(want), ctx,
+                          f"transport is not an isometry ({name}): inner(Y, T(U), T(V)) != inner(X, U, V) for U, V "
+                          "of unit length")
+
+
+@_property
+def check_transport_parallel(case: SpaceCase, dtype: torch.dtype = f64, *,
+                             generator: Optional[torch.Generator] = None) -> None:
+    """``transport`` is the parallel transport along the geodesic (float64; cases with ``transport``
+    ``"parallel"`` whose space implements ``expmap`` and ``logmap``, Note [Which transports are checked]).
+
+    On every shape of the case, at sampled ``X`` and ``Y = expmap(X, W)`` for ``W`` of length
+    ``a ∈ {r, r/100}`` in the metric (``r = case.geodesic_radius``), with ``Z = expmap(X, W/2)`` the
+    geodesic's midpoint and ``V = tangent(X, G)`` of unit length, per point, to ``tol``
+    (``case.tol[float64]``) relative to ``max(1, max|expected|)``:
+    ``transport(X, Y, logmap(X, Y)) == −logmap(Y, X)`` (the velocity is carried to the velocity) and
+    ``transport(Z, Y, transport(X, Z, V)) == transport(X, Y, V)`` (it composes along the geodesic).
+    """
+    _require_f64("transport_parallel", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    r = case.geodesic_radius
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        W, _ = _unit_tangent(case, X, g)
+        V, _ = _unit_tangent(case, X, g)
+        for a in (r, 1e-2 * r):
+            Y = M.expmap(X, a * W)
+            Z = M.expmap(X, 0.5 * a * W)
+            _vectors_close(M.transport(X, Y, M.logmap(X, Y)), -M.logmap(Y, X), tol, ctx,
+                           f"transport(X, Y, logmap(X, Y)) != −logmap(Y, X) for Y = expmap(X, W), W of length {a:g}: "
+                           "not the parallel transport along the geodesic (the velocity is not carried to the velocity)")
+            _vectors_close(M.transport(Z, Y, M.transport(X, Z, V)), M.transport(X, Y, V), tol, ctx,
+                           f"transport(Z, Y, transport(X, Z, V)) != transport(X, Y, V) for Z the midpoint of the geodesic "
+                           f"from X to Y = expmap(X, W), W of length {a:g}: not the parallel transport along it")

@@ -32,6 +32,8 @@ from ._geodesic import (
     check_expmap_geodesic,
     check_logmap,
     check_logmap_dist,
+    check_transport_isometry,
+    check_transport_parallel,
     implements,
 )
 from ._properties import (
@@ -166,6 +168,12 @@ PROPERTIES: tuple[Property, ...] = (
              requires=_requires_maps("logmap", "expmap")),
     Property("logmap_dist", check_logmap_dist, float64_only=True, applies=_implementing("logmap", "dist"),
              requires=_requires_maps("logmap", "dist")),
+    Property("transport_isometry", check_transport_isometry, float64_only=True,
+             applies=lambda case: case.transport in ("isometric", "parallel"),
+             requires="case.transport = 'isometric' or 'parallel'"),
+    Property("transport_parallel", check_transport_parallel, float64_only=True,
+             applies=lambda case: case.transport == "parallel" and all(implements(case.space, m) for m in ("expmap", "logmap")),
+             requires="case.transport = 'parallel' and the space to implement expmap and logmap"),
     Property("contains", check_contains),
     Property("membership", check_membership, applies=lambda case: case.perturb is not None, requires="case.perturb",
              missing=_needs_perturb),
