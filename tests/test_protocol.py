@@ -268,3 +268,27 @@ def test_dtype_coords_are_the_values_of_softplus(case) -> None:
         expected = torch.linalg.svdvals(W)[..., : values.shape[-1]]
     torch.testing.assert_close(values.sort(-1, descending=True).values, expected, atol=1e-9, rtol=1e-9)
     assert view.data_ptr() == Z.diagonal(dim1=-2, dim2=-1).data_ptr()  # a view: writes reach Z
+
+
+_ONE_CASE_PER_CLASS = list({type(c.space): c for c in reversed(REAL)}.values())
+
+
+@pytest.mark.parametrize("case", _ONE_CASE_PER_CLASS, ids=lambda c: c.id)
+def test_a_bad_atol_or_generator_is_a_manifold_error(case) -> None:
+    """``contains``/``check`` with a negative or NaN ``atol`` refused every point silently (``v <= atol``
+    is False), and a non-number raised torch's or Python's unnamed error; ``sample`` with a generator
+    that is not a ``torch.Generator`` raised an AttributeError. Now each is a ``ManifoldError`` naming
+    the argument; 0, inf and a one-element tensor are valid tolerances."""
+    M = case.space
+    X = M.sample(case.smoke, generator=torch.Generator().manual_seed(0), dtype=F64)
+    for atol in (-1.0, float("nan"), "x", [1e-3], torch.ones(2), True):
+        for call in (M.contains, M.check):
+            with pytest.raises(gf.ManifoldError, match="`atol`") as info:
+                call(X, atol=atol)
+            assert repr(M) in str(info.value)
+    assert bool(M.contains(X, atol=float("inf")).all())
+    assert M.contains(X, atol=0.0).shape == M.contains(X).shape
+    assert torch.equal(M.contains(X, atol=torch.tensor(1e-6)), M.contains(X, atol=1e-6))
+    for generator in (5, "seed", torch.Generator().get_state()):
+        with pytest.raises(gf.ManifoldError, match="`generator`"):
+            M.sample(case.smoke, generator=generator, dtype=F64)

@@ -529,7 +529,15 @@ class AbstractSpace(_Space, abc.ABC):
         return max(X.shape[-self.point_ndim :]) if X.ndim else 1
 
     def _atol(self, X: Tensor, atol: float | None) -> float:
-        return default_atol(X.dtype, self._size(X)) if atol is None else float(atol)
+        if atol is None:
+            return default_atol(X.dtype, self._size(X))
+        try:
+            tol = float(atol)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
+            tol = None
+        if tol is None or isinstance(atol, bool) or not tol >= 0.0:  # a negative or NaN atol refuses every point
+            raise error(self, "`atol` to be None or a number ≥ 0", describe(atol))
+        return tol
 
     def contains(self, X: Tensor, atol: float | None = None) -> Tensor:
         """Per-point membership test: a boolean tensor of the batch shape (vmap-able)."""
@@ -588,6 +596,8 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def sample(self: Any, shape: Any, *, generator: Any = None, dtype: Any = None, device: Any = None) -> Any:
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise error(self, "`generator` to be None or a torch.Generator", describe(generator))
         if dtype in LOW_PRECISION:
             _ROUNDING.append(dtype)
             try:
