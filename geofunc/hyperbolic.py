@@ -207,6 +207,25 @@ def _check_vec(x: Any, fn: str, what: str) -> None:
         )
 
 
+def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
+    """Each ``(tensor, name)`` a tensor of vectors (:func:`_check_vec`), all of one vector length,
+    dtype and device, with batch dims that broadcast: a mismatch would otherwise be torch's unnamed
+    size error inside a product, or a silent promotion of float32 to float64."""
+    for t, what in args:
+        _check_vec(t, fn, what)
+    (x, xname), rest = args[0], args[1:]
+    for t, what in rest:
+        if t.shape[-1] != x.shape[-1]:
+            expected = f"`{what}` of the vector length of `{xname}` ({x.shape[-1]})"
+        elif t.dtype != x.dtype or t.device != x.device:
+            expected = f"`{what}` of the dtype and device of `{xname}` ({x.dtype}, {x.device})"
+        elif any(a != b and a != 1 and b != 1 for a, b in zip(reversed(x.shape[:-1]), reversed(t.shape[:-1]))):
+            expected = f"`{what}` with batch dims broadcastable with those of `{xname}` {tuple(x.shape[:-1])}"
+        else:
+            continue
+        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected {expected}, got {describe(t)} on {t.device}.")
+
+
 def _sqrt_c(c: Curvature) -> Curvature:
     return c**0.5
 
@@ -359,8 +378,7 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     is clamped into the ball's margin. Not commutative: :math:`x \oplus y = \mathrm{gyr}[x, y](y \oplus x)`.
     """
     c = _check_c(c, "mobius_add")
-    _check_vec(x, "mobius_add", "x")
-    _check_vec(y, "mobius_add", "y")
+    _check_vecs("mobius_add", (x, "x"), (y, "y"))
     return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c), c)
 
 
@@ -407,6 +425,9 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     _check_vec(x, "mobius_matvec", "x")
     if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
+    if M.dtype != x.dtype or M.device != x.device:
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({x.dtype}, "
+                            f"{x.device}), got {describe(M)} on {M.device}.")
     Mx = (M @ x.unsqueeze(-1)).squeeze(-1)
     return _expmap0(_artanhc(c * _sq(x), _gap(x, c)) * Mx, c)  # exp_0 of A·Mx
 
@@ -430,8 +451,7 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     boundary, and ``gyr[u, −u] w = w`` exactly. An isometry: ``‖gyr[u, v] w‖ = ‖w‖``.
     """
     c = _check_c(c, "gyration")
-    for t, name in ((u, "u"), (v, "v"), (w, "w")):
-        _check_vec(t, "gyration", name)
+    _check_vecs("gyration", (u, "u"), (v, "v"), (w, "w"))
     # gyr[u, v] = gyr[y, −x] with x = −v, y = u, written with d = u + v: no cancellation for
     # u ≈ −v near the boundary (Note [stable gyrovector formulas]); gyr[u, −u] w = w exactly.
     return _gyr(-v, u + v, _gap(v, c), _gap(u, c), w, c)
@@ -445,8 +465,7 @@ def dist(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     differentiable) is 0.
     """
     c = _check_c(c, "dist")
-    _check_vec(x, "dist", "x")
-    _check_vec(y, "dist", "y")
+    _check_vecs("dist", (x, "x"), (y, "y"))
     return _dist(x, y, c).squeeze(-1)
 
 
@@ -475,8 +494,7 @@ def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     geodesic from ``x`` in the direction of ``v``, for every finite ``v`` (Note [long tangent vectors]).
     """
     c = _check_c(c, "expmap")
-    _check_vec(x, "expmap", "x")
-    _check_vec(v, "expmap", "v")
+    _check_vecs("expmap", (x, "x"), (v, "v"))
     return _expmap(x, v, c)
 
 
@@ -542,8 +560,7 @@ def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     smooth in ``y``, at ``y = x`` included.
     """
     c = _check_c(c, "logmap")
-    _check_vec(x, "logmap", "x")
-    _check_vec(y, "logmap", "y")
+    _check_vecs("logmap", (x, "x"), (y, "y"))
     return _logmap(x, y, c)
 
 
@@ -568,8 +585,7 @@ def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -
     gyration is written with ``y − x`` (Note [stable gyrovector formulas]).
     """
     c = _check_c(c, "parallel_transport")
-    for t, name in ((x, "x"), (y, "y"), (v, "v")):
-        _check_vec(t, "parallel_transport", name)
+    _check_vecs("parallel_transport", (x, "x"), (y, "y"), (v, "v"))
     return _transport(x, y, v, c)
 
 
@@ -602,8 +618,7 @@ def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: b
     regression uses it. ``a`` must be non-zero. Shape ``(*batch)``.
     """
     c = _check_c(c, "dist2plane")
-    for t, name in ((x, "x"), (p, "p"), (a, "a")):
-        _check_vec(t, "dist2plane", name)
+    _check_vecs("dist2plane", (x, "x"), (p, "p"), (a, "a"))
     gx, gp = _gap(x, c), _gap(p, c)
     N, _, _ = _neg_add(p, x, gp, gx, c)
     sc = _sqrt_c(c)
@@ -631,9 +646,11 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 2:
         raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `x` of shape (..., m, n), got {describe(x)}.")
     w = torch.ones_like(x[..., 0]) if weights is None else weights
-    if not isinstance(w, torch.Tensor) or tuple(w.shape[-1:]) != tuple(x.shape[-2:-1]):
+    if (not isinstance(w, torch.Tensor) or tuple(w.shape[-1:]) != tuple(x.shape[-2:-1]) or w.dtype != x.dtype
+            or w.device != x.device):
         raise ManifoldError(
-            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}), got {describe(w)}."
+            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}) and the dtype and "
+            f"device of `x` ({x.dtype}, {x.device}), got {describe(w)} on {w.device}."
         )
     w = w.unsqueeze(-1)
     a = w / _gap(x, c)  # w_i λ_i / 2

@@ -393,6 +393,33 @@ def test_bad_input_raises_manifold_error():
         gf.Lorentz().to_manifold(torch.zeros(4, 1))
 
 
+
+def test_mismatched_vectors_raise_manifold_error():
+    """Vectors of different lengths, dtypes or non-broadcasting batches were torch's unnamed size error
+    inside a product, or (float32 with float64) a silent promotion to float64; each function with
+    several vectors now names the argument. Broadcasting batches and equal dtypes still work."""
+    x = torch.full((4, 3), 0.1, dtype=F64)
+    calls = {
+        "mobius_add": lambda a, b: hyp.mobius_add(a, b),
+        "dist": lambda a, b: hyp.dist(a, b),
+        "expmap": lambda a, b: hyp.expmap(a, b),
+        "logmap": lambda a, b: hyp.logmap(a, b),
+        "gyration": lambda a, b: hyp.gyration(a, b, b),
+        "parallel_transport": lambda a, b: hyp.parallel_transport(a, b, b),
+        "dist2plane": lambda a, b: hyp.dist2plane(a, b, b),
+    }
+    bad = {"vector length": torch.full((4, 5), 0.1, dtype=F64), "dtype": x.float(),
+           "batch": torch.full((3, 3), 0.1, dtype=F64)}
+    for name, call in calls.items():
+        for what, y in bad.items():
+            with pytest.raises(gf.ManifoldError, match=f"geofunc.hyperbolic.{name}: expected .*{what}"):
+                call(x, y)
+        assert call(x, x[:1] * 2.0).shape[0] == 4  # a batch of 1 broadcasts
+    with pytest.raises(gf.ManifoldError, match="mobius_matvec: expected `M` of the dtype"):
+        hyp.mobius_matvec(torch.eye(3), x)
+    with pytest.raises(gf.ManifoldError, match="weighted_midpoint: expected `weights`"):
+        hyp.weighted_midpoint(x, torch.ones(4))
+
 def test_learnable_curvature(generator):
     """``c`` may be a 0-d tensor: the maps equal those at the float value, and the gradient in
     ``c`` equals central finite differences (float64)."""
