@@ -258,6 +258,18 @@ def test_spaces_without_a_determinant_are_refused(space):
         gz.LinearTransform(torch.nn.Linear(2, 2), torch.randn(2, 2))
 
 
+def test_bad_features_or_init_is_a_manifold_error():
+    """``features`` not a positive int was torch's error from ``eye``; an ``init`` of another size than
+    ``features × features`` silently made a layer of that size; a non-tensor ``init`` an AttributeError."""
+    for features in (0, -1, 3.0, True, "3"):
+        with pytest.raises(gf.ManifoldError, match="`features`"):
+            gz.SpaceLinear(gf.SO(), features)
+    for init in (torch.eye(4), torch.eye(3)[:, :2], [[1.0, 0.0], [0.0, 1.0]]):
+        with pytest.raises(gf.ManifoldError, match="`init`"):
+            gz.SpaceLinear(gf.SO(), 3, init=init)
+    assert gz.SpaceLinear(gf.SO(), 3, init=torch.eye(3)).raw.shape == (3, 3)
+
+
 def test_docstring_examples():
     result = doctest.testmod(gz, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0

@@ -218,6 +218,12 @@ class SpaceLinear(LazyTransform):
         super().__init__()
         if not isinstance(space, S.AbstractSpace):
             raise ManifoldError(f"SpaceLinear: expected a geofunc space, got {type(space).__name__}")
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise ManifoldError(f"SpaceLinear: expected `features` to be an int ≥ 1, got {features!r}")
+        if init is not None and (not isinstance(init, Tensor) or tuple(init.shape) != (features, features)):
+            got = f"a tensor of shape {tuple(init.shape)}" if isinstance(init, Tensor) else type(init).__name__
+            raise ManifoldError(f"SpaceLinear: expected `init` to be None or a tensor of shape ({features}, {features}) "
+                                f"(features × features), got {got}")
         self.space = space
         X = torch.eye(features) if init is None else init.detach()
         Z, base = space.from_manifold(X)
