@@ -585,7 +585,8 @@ def constrain(
     return attach(module, tensor_name, adapter, Z, X)
 
 
-def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | None, X: Tensor) -> nn.Module:
+def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | None, X: Tensor, *,
+           keep: bool = False) -> nn.Module:
     """Register ``adapter`` on ``module.<tensor_name>`` so that its value becomes the point ``X``.
 
     ``Z`` is ``X``'s raw tensor if already known (needed only when the tensor is already
@@ -595,13 +596,17 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
     through the existing chain and the adapter maps the chain's value to its point, as GeoTorch's
     registration does (the value is then a point of the adapter's space, not ``X``; an ``X`` the
     existing chain refuses raises, as in GeoTorch). A failure leaves the module as it was. The
-    parametrized class is made picklable.
+    parametrized class is made picklable. ``keep`` (an adapter that keeps the tensor's values, as
+    ``symmetric``): on an already parametrized tensor, nothing is assigned and the adapter is appended
+    to the chain as it is, as GeoTorch does with its ``Symmetric`` (which has no inverse).
     """
     T = getattr(module, tensor_name)
     chained = parametrize.is_parametrized(module, tensor_name)
     fsdp = _fsdp_param(module, tensor_name, T) if isinstance(T, DTensor) and not chained else None
     with torch.no_grad():
-        if chained and Z is None:
+        if chained and keep:
+            pass
+        elif chained and Z is None:
             # The existing chain should output Z so that ours outputs X; else GeoTorch's way.
             Z = adapter.right_inverse(X).to(T.device)  # raises if X is off the adapter's space
             try:

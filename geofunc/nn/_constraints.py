@@ -79,7 +79,7 @@ def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: An
             X = torch.empty_like(T)
         else:
             X = M.sample()
-    return attach(module, tensor_name, M, None, X)
+    return attach(module, tensor_name, M, None, X, keep=not sample)
 
 
 def symmetric(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import weakref
 from typing import Any, Callable, ClassVar, Optional
 
@@ -73,9 +74,31 @@ def _matrix_size(name: str, size: Any, square: bool = False) -> tuple[int, int, 
 
 
 def _check_rank(name: str, n: int, k: int, rank: Any) -> int:
+    """``rank`` as a Python int; :class:`RankError` unless an integer in ``[1, min(n, k)]``. Any integer
+    type is taken, as GeoTorch does (a NumPy integer, a 0-d integer tensor); not a bool or a float."""
+    if not isinstance(rank, bool):
+        try:
+            rank = operator.index(rank)
+        except TypeError:
+            pass
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1 or rank > min(n, k):
         raise RankError(n, k, rank, name)
     return rank
+
+
+def _number(x: Any) -> Any:
+    """A hyperparameter (``radius``, ``lam``, ``alpha``) given as a one-element tensor or a NumPy scalar, as
+    GeoTorch takes it, as a Python number (the pure spaces hold Python numbers); anything else as is (the
+    space validates it). A tensor that requires grad is left as is: its gradient would be lost."""
+    if isinstance(x, Tensor):
+        if x.numel() == 1 and not x.requires_grad and not x.is_complex() and not x.dtype == torch.bool:
+            return x.item()
+        return x
+    item = getattr(x, "item", None)
+    if type(x).__module__ == "numpy" and callable(item) and getattr(x, "ndim", None) == 0:
+        value = item()
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else x
+    return x
 
 
 def _lift(M: Any, X: Tensor) -> tuple[Tensor, torch.dtype]:
@@ -183,6 +206,16 @@ def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tens
 # ``right_inverse``, instead of a torch error on the dtype of the raw tensor or a failed membership.
 
 
+def _has_base(space: AbstractSpace, size: tuple) -> bool:
+    """Whether ``space`` keeps a base for tensors of ``size``: its inverse on the ``meta`` device (shapes
+    only, no values and no random draws); True where that cannot tell."""
+    try:
+        base = space._from_manifold(torch.empty(size, device="meta"))[1]
+    except Exception:  # noqa: BLE001 - undecided: draw a base as before
+        return True
+    return any(isinstance(leaf, Tensor) for leaf in torch.utils._pytree.tree_leaves(base))
+
+
 class _Manifold(Parametrization):
     """Abstract: a GeoTorch class over a geofunc space (see the module docstring)."""
 
@@ -192,10 +225,12 @@ class _Manifold(Parametrization):
     def __init__(self, space: AbstractSpace, size: Any) -> None:
         size = None if size is None else tuple(int(d) for d in size)
         base = None
-        if size is not None:
+        if size is not None and _has_base(space, size):
             # A base of the right structure, drawn like GeoTorch's (a random point of the space; no
             # call of a custom triv, which GeoTorch checks lazily); without an inverse of f, the
-            # canonical base. Registration and assignment overwrite it.
+            # canonical base. Registration and assignment overwrite it. A space without a base
+            # (Skew, Sym, SphereEmbedded, Rn) draws nothing: as GeoTorch's, its constructor leaves
+            # the global RNG alone (so a seeded ``skew(layer)`` starts where GeoTorch's does).
             with torch.no_grad():
                 try:
                     base = space._from_manifold(space.sample(size))[1]
@@ -560,8 +595,11 @@ class Grassmannian(Stiefel):
 
 
 # ----------------------------------------------------------------------------- spheres and vectors
-def _in_sphere(X: Any, size: tuple, radius: float, eps: float, dtype_eps: Callable[[float, Tensor], float]) -> bool:
-    if not isinstance(X, Tensor) or tuple(X.shape) != size:
+def _in_sphere(X: Any, radius: float, eps: float, dtype_eps: Callable[[float, Tensor], float]) -> bool:
+    """Every vector along the last dimension of ``X`` has norm ``radius`` to ``eps`` (strict). As
+    GeoTorch's, any leading dimensions are a batch: ``X`` need not have the class's size (a stack of
+    samples is checked too); an assignment still must (``right_inverse`` checks the size first)."""
+    if not isinstance(X, Tensor) or X.ndim < 1:
         return False
     Xf = X.float() if X.dtype in LOW_PRECISION else X
     norm = torch.linalg.vector_norm(Xf, dim=-1)
@@ -590,12 +628,28 @@ class Sphere(_Manifold):
 
     def __init__(self, size: Any, radius: float = 1.0) -> None:
         size = tuple(size)
+        radius = _number(radius)
         super().__init__(self._space_cls(radius=radius), size)
-        self.n, self.tensorial_size, self.radius = (size[-1] if size else 1), size[:-1], radius
+        self.n, self.tensorial_size = (size[-1] if size else 1), size[:-1]
+
+    @property
+    def radius(self) -> float:
+        """The radius (assignable, as GeoTorch's attribute: the map, ``in_manifold`` and ``sample`` follow)."""
+        return self.space.radius
+
+    @radius.setter
+    def radius(self, value: Any) -> None:
+        old = self.space.radius
+        self.space = dataclasses.replace(self.space, radius=_number(value))  # validated by the space
+        base = self._buffers.get("base")
+        if base is not None and self.space.radius != old:
+            with torch.no_grad():  # the base is a point of the sphere: of the new radius (same direction)
+                base.mul_(self.space.radius / old)
 
     def in_manifold(self, x: Any, eps: float = 1e-5) -> bool:
-        """``max |‖x‖ − r| < eps`` over the batch (strict), and the size."""
-        return _in_sphere(x, self._require_size(), self.radius, eps, self._eps)
+        """``max |‖x‖ − r| < eps`` over every vector along the last dimension (strict); any leading
+        dimensions are a batch, as in GeoTorch (``x`` need not have the class's size)."""
+        return _in_sphere(x, self.radius, eps, self._eps)
 
     def right_inverse(self, x: Any, check_in_manifold: bool = True) -> Tensor:
         """Raw tensor of the point ``x`` (see :meth:`SO.right_inverse`); GeoTorch's argument name."""
@@ -692,7 +746,8 @@ def _triangle_in(X: Any, sign: float, eps: Optional[float]) -> bool:
     atol = 1e-8 if eps is None else eps
     if X.dtype in LOW_PRECISION:
         atol = max(atol, default_atol(X.dtype, X.shape[-1]))
-    return bool(torch.allclose(Xf, sign * Xf.transpose(-2, -1), atol=atol))
+    Xt = Xf.transpose(-2, -1)  # negated, not scaled by a float: an integer X is compared as it is, as GeoTorch's
+    return bool(torch.allclose(Xf, Xt if sign > 0 else -Xt, atol=atol))
 
 
 class Skew(_Triangle):
@@ -1018,6 +1073,21 @@ class GLp(FixedRank):
             return False
         return bool((torch.linalg.slogdet(_lift(self, _as_matrix(X))[0])[0] > 0).all())
 
+    def _why(self, X: Tensor) -> str:
+        """The measured violation, and where the determinant is the problem, what to do: GeoTorch's
+        ``GLp`` takes a det < 0 matrix (e.g. the current weight of a fresh layer, at
+        ``register_parametrization``: about half of them), geofunc's cannot represent it."""
+        why = super()._why(X)
+        try:
+            negative = bool((torch.linalg.slogdet(_lift(self, X)[0])[0] < 0).any())
+        except Exception:  # noqa: BLE001 - a message helper must not mask the real error
+            negative = False
+        if negative:
+            why += ("; GLp is the matrices of positive determinant (GeoTorch's class also took det < 0 and stayed in "
+                    "that component): assign M.sample() or flip a column first; geofunc.nn.invertible(module) "
+                    "starts at a det > 0 sample")
+        return why
+
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
         """As :meth:`FixedRank.sample`, with the first column flipped where ``det < 0`` (as GeoTorch's SL)."""
         self._require_size()
@@ -1123,9 +1193,20 @@ class AlmostOrthogonal(_SVDManifold):
 
     def __init__(self, size: Any, lam: float, f: Any = "sin", triv: Any = "expm") -> None:
         n, k, ts, tr, r = self._setup(size, None)
+        lam = _number(lam)
         super().__init__(S.AlmostOrthogonal(lam=lam, f=f, triv=triv), size)
         self._finish(n, k, ts, tr, r, triv)
-        self.lam, self.f = lam, f
+        self.f = f
+
+    @property
+    def lam(self) -> float:
+        """The half-width of the interval of the singular values (assignable, as GeoTorch's attribute, e.g. to
+        anneal it: the map, ``in_manifold`` and the inverse follow; the raw tensor is kept)."""
+        return self.space.lam
+
+    @lam.setter
+    def lam(self, value: Any) -> None:
+        self.space = dataclasses.replace(self.space, lam=_number(value))  # validated by the space
 
     def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5) -> bool:
         """``|σᵢ − 1| ≤ max(lam, eps)`` for every singular value."""
@@ -1356,6 +1437,7 @@ class Hurwitz(_Manifold):
 
     def __init__(self, size: Any, alpha: float = 0.0, triv: Any = "expm") -> None:
         n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+        alpha = _number(alpha)
         super().__init__(S.Hurwitz(alpha=alpha, triv=triv), size)
         self.n, self.k, self.tensorial_size, self.triv = n, n, ts, triv
 

@@ -1,0 +1,228 @@
+"""Regressions from a differential fuzz pass of geofunc.nn against GeoTorch 0.4.0.
+
+Each test pins one behaviour a GeoTorch user hits where geofunc.nn used to differ. The GeoTorch
+side is written out as literals (so the tests run without GeoTorch), and, where GeoTorch is
+installed, also checked against it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import geofunc.nn as gnn
+
+
+def _geotorch():
+    try:
+        import geotorch
+    except ImportError:  # pragma: no cover - GeoTorch is a test extra
+        return None
+    return geotorch
+
+
+# ----------------------------------------------------------------------------- integer matrices
+def test_skew_symmetric_in_manifold_take_integer_tensors():
+    """``Skew.in_manifold`` / ``Symmetric.in_manifold`` of an integer tensor: a verdict, as GeoTorch's
+    (``torch.allclose`` of ``X`` and ``∓Xᵀ``), not a RuntimeError "Long did not match Float"."""
+    skew = torch.tensor([[0, 1], [-1, 0]])
+    sym = torch.tensor([[0, 1], [1, 0]])
+    assert gnn.Skew.in_manifold(skew) is True
+    assert gnn.Skew.in_manifold(sym) is False
+    assert gnn.Symmetric.in_manifold(sym) is True
+    assert gnn.Symmetric.in_manifold(skew) is False
+    gt = _geotorch()
+    if gt is not None:
+        for X in (skew, sym):
+            assert bool(gt.Skew.in_manifold(X)) == gnn.Skew.in_manifold(X)
+            assert bool(gt.Symmetric.in_manifold(X)) == gnn.Symmetric.in_manifold(X)
+
+
+def test_skew_assign_integer_tensor_raises_value_error():
+    """Assigning an integer skew matrix to a ``skew`` weight: a ``ValueError`` (GeoTorch: torch's
+    dtype check), not a RuntimeError from the membership test."""
+    layer = gnn.skew(nn.Linear(3, 3))
+    before = layer.weight.detach().clone()
+    X = torch.tensor([[0, 1, 2], [-1, 0, 3], [-2, -3, 0]])
+    with pytest.raises(ValueError):
+        layer.weight = X
+    assert torch.equal(layer.weight, before)
+
+
+# ----------------------------------------------------------------------------- Sphere.in_manifold
+@pytest.mark.parametrize("cls", ["Sphere", "SphereEmbedded"])
+def test_sphere_in_manifold_treats_leading_dims_as_batch(cls):
+    """GeoTorch's ``Sphere.in_manifold`` checks every vector along the last dimension, whatever the
+    leading dimensions ("the first dimensions are treated as batch dimensions"): a stack of samples
+    is on the sphere. geofunc.nn used to answer False for any shape but the class's size."""
+    torch.manual_seed(0)
+    M = getattr(gnn, cls)((3, 4), radius=2.0)
+    stack = torch.stack([M.sample() for _ in range(5)])  # (5, 3, 4)
+    assert M.in_manifold(stack)
+    assert M.in_manifold(stack[:, 0])  # (5, 4)
+    assert not M.in_manifold(0.5 * stack)
+    assert not M.in_manifold(torch.tensor(2.0))
+    gt = _geotorch()
+    if gt is not None:
+        G = getattr(gt, cls)((3, 4), radius=2.0)
+        assert bool(G.in_manifold(stack)) and bool(G.in_manifold(stack[:, 0])) and not bool(G.in_manifold(0.5 * stack))
+
+
+def test_sphere_assignment_still_checks_the_size():
+    """The lenient membership test does not let a batch through an assignment."""
+    layer = gnn.sphere(nn.Linear(4, 3))
+    X = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    with pytest.raises(gnn.InManifoldError):
+        layer.weight = X
+
+
+# ----------------------------------------------------------------------------- random draws
+@pytest.mark.parametrize("make", [
+    lambda: gnn.Skew((4, 4)),
+    lambda: gnn.Symmetric(size=(4, 4)),
+    lambda: gnn.SphereEmbedded((3, 4)),
+    lambda: gnn.Rn((3, 4)),
+])  # fmt: skip
+def test_classes_without_a_base_draw_nothing_at_construction(make):
+    """A class without a base (GeoTorch's Skew, Symmetric, SphereEmbedded, Rn) leaves the global RNG
+    alone when built, as GeoTorch's do; geofunc.nn used to draw a throwaway sample."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    make()
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_symmetric_and_skew_starts_follow_the_seed_as_geotorch():
+    """``symmetric(layer)`` does not move the global RNG, and ``skew(layer)`` starts at GeoTorch's
+    sample for the same seed (the draws of its ``sample()`` only)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    gnn.symmetric(layer)
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    nn.Linear(4, 4)
+    assert torch.equal(after, torch.rand(3))
+
+    torch.manual_seed(1)
+    layer = gnn.skew(nn.Linear(4, 4))
+    torch.manual_seed(1)
+    nn.Linear(4, 4)
+    W = torch.empty(4, 4)
+    nn.init.xavier_normal_(W)
+    L = W.tril(-1)
+    assert torch.equal(layer.weight.detach(), L - L.T)
+    gt = _geotorch()
+    if gt is not None:
+        torch.manual_seed(1)
+        ref = gt.skew(nn.Linear(4, 4))
+        assert torch.equal(layer.weight.detach(), ref.weight.detach())
+
+
+# ----------------------------------------------------------------------------- chains
+def test_symmetric_on_a_constrained_tensor_keeps_its_values():
+    """``symmetric`` on an already constrained tensor appends to the chain and keeps the values (GeoTorch's
+    ``Symmetric`` has no inverse: nothing is assigned), so ``skew`` then ``symmetric`` gives the
+    symmetrization of the skew value; geofunc.nn used to raise InManifoldError ("X is not symmetric")."""
+    torch.manual_seed(0)
+    layer = gnn.skew(nn.Linear(4, 4))
+    A = layer.weight.detach().clone()
+    gnn.symmetric(layer)
+    assert len(layer.parametrizations.weight) == 2
+    L = A.tril()
+    assert torch.equal(layer.weight.detach(), L + L.tril(-1).T)
+    gt = _geotorch()
+    if gt is not None:
+        torch.manual_seed(0)
+        ref = gt.symmetric(gt.skew(nn.Linear(4, 4)))
+        assert torch.equal(layer.weight.detach(), ref.weight.detach())
+
+
+# ----------------------------------------------------------------------------- GLp at registration
+def test_glp_registration_on_a_negative_determinant_weight_says_what_to_do():
+    """GeoTorch's ``register_parametrization(layer, "weight", GLp(size))`` takes the layer's current
+    weight whatever the sign of its determinant (about half of fresh layers have det < 0); geofunc's
+    GLp is det > 0 only (README), so it refuses, and the message says why and what to do instead."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    assert float(torch.linalg.det(layer.weight.detach())) < 0
+    with pytest.raises(gnn.InManifoldError, match=r"positive determinant.*M\.sample\(\).*invertible"):
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", gnn.GLp(layer.weight.size()))
+    M = gnn.GLp((3, 3))
+    with pytest.raises(gnn.InManifoldError) as info:  # singular, not negative: no hint about the sign
+        M.right_inverse(torch.zeros(3, 3))
+    assert "positive determinant" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- hyperparameter types
+@pytest.mark.parametrize("kind", ["np.int64", "np.int32", "tensor"])
+def test_rank_of_any_integer_type(kind):
+    """GeoTorch takes a NumPy integer or a 0-d integer tensor as ``rank``; geofunc.nn used to raise
+    RankError ("expected a rank with 1 <= rank <= 3, got rank np.int64(2)")."""
+    if kind == "tensor":
+        rank = torch.tensor(2)
+    else:
+        np = pytest.importorskip("numpy")
+        rank = getattr(np, kind[3:])(2)
+    layer = gnn.low_rank(nn.Linear(3, 4), "weight", rank)
+    assert int(torch.linalg.matrix_rank(layer.weight.detach())) == 2
+    assert layer.parametrizations.weight[0].rank == 2 and type(layer.parametrizations.weight[0].rank) is int
+    gnn.positive_semidefinite_fixed_rank(nn.Linear(3, 3), "weight", rank)
+    with pytest.raises(gnn.RankError):
+        gnn.low_rank(nn.Linear(3, 4), "weight", torch.tensor(4))
+    with pytest.raises(gnn.RankError):
+        gnn.low_rank(nn.Linear(3, 4), "weight", 2.0)
+
+
+def test_scalar_tensor_hyperparameters():
+    """``radius``, ``lam`` and ``alpha`` given as 0-d tensors or NumPy scalars (GeoTorch takes them)."""
+    layer = gnn.sphere(nn.Linear(3, 4), radius=torch.tensor(2.0))
+    assert torch.allclose(layer.weight.detach().norm(dim=-1), torch.full((4,), 2.0))
+    layer = gnn.almost_orthogonal(nn.Linear(3, 3), lam=torch.tensor(0.5))
+    assert layer.parametrizations.weight[0].lam == 0.5
+    layer = gnn.alpha_stable(nn.Linear(3, 3), alpha=torch.tensor(0.5))
+    assert float(torch.linalg.eigvals(layer.weight.detach()).real.max()) <= -0.5
+    with pytest.raises(ValueError):
+        gnn.sphere(nn.Linear(3, 4), radius=torch.tensor(-1.0))
+    np = pytest.importorskip("numpy")
+    layer = gnn.sphere(nn.Linear(3, 4), radius=np.float32(2.0))
+    assert layer.parametrizations.weight[0].radius == 2.0
+
+
+# ----------------------------------------------------------------------------- assignable hyperparameters
+def test_assigning_lam_changes_the_map_as_geotorch():
+    """GeoTorch's ``AlmostOrthogonal`` reads ``self.lam`` in its map: ``M.lam = 0.1`` (annealing) narrows the
+    singular values of the weight. geofunc.nn used to keep the old map and test membership with the new
+    ``lam`` (silently inconsistent)."""
+    torch.manual_seed(0)
+    layer = gnn.almost_orthogonal(nn.Linear(4, 4), lam=0.5)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(4, 4))
+    M = layer.parametrizations.weight[0]
+    assert float((torch.linalg.svdvals(layer.weight.detach()) - 1).abs().max()) > 0.2
+    M.lam = 0.1
+    s = torch.linalg.svdvals(layer.weight.detach())
+    assert float((s - 1).abs().max()) <= 0.1 + 1e-6
+    assert M.lam == 0.1 and M.in_manifold(layer.weight)
+    with pytest.raises(ValueError):
+        M.lam = 2.0
+
+
+@pytest.mark.parametrize("embedded", [False, True])
+def test_assigning_radius_changes_the_map_as_geotorch(embedded):
+    """GeoTorch's spheres read ``self.radius`` in their map: ``M.radius = 2`` scales the weight (the same
+    directions), ``sample`` and ``in_manifold`` follow."""
+    torch.manual_seed(0)
+    layer = gnn.sphere(nn.Linear(3, 4), embedded=embedded)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(0.3 * torch.randn(4, 3))
+    M = layer.parametrizations.weight[0]
+    W = layer.weight.detach().clone()
+    M.radius = 2.0
+    assert torch.allclose(layer.weight.detach(), 2.0 * W, atol=1e-6)
+    assert M.in_manifold(layer.weight) and M.in_manifold(M.sample()) and not M.in_manifold(W)
+    gnn.update_base(layer, "weight")
+    assert torch.allclose(layer.weight.detach(), 2.0 * W, atol=1e-6)
+    with pytest.raises(ValueError):
+        M.radius = -1.0
