@@ -17,14 +17,20 @@ explicit routes, chosen from the placements and shapes alone (never from values)
   (``full_tensor``), the map runs on plain tensors on every rank, and each tensor result is
   returned as a DTensor on the same mesh: with the placements of the leading DTensor argument
   when it has that argument's shape (a local slice, no communication), replicated otherwise.
-  Gradients flow back through the gather as a reduce-scatter.
+  Gradients flow back through the gather as a reduce-scatter. A ``Partial`` argument (a sum
+  still pending) takes this route too: its gather is the all-reduce, and its results are
+  ``Replicate`` where the leading argument's placement is ``Partial``.
 * **row-sharded frames** (before the gather): a tall ``Stiefel``/``Grassmannian`` frame whose
   rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
   work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
   all-reduce each; its backward all-reduces the gradient): ``tangent``, ``egrad_to_rgrad``,
   ``transport`` and ``inner`` (one), ``retract`` (CholeskyQR2: two) and the measure of
   ``contains``/``check`` (one), so ``geofunc.optim`` steps on such frames without a gather. A
-  NaN on any rank reaches every rank through the reduced Gram matrix.
+  NaN on any rank reaches every rank through the reduced Gram matrix. Where the result keeps
+  the rows (``tangent``, ``retract``, ...) each rank's gradient of a Gram matrix is its rows'
+  share and the backward all-reduces it; where the result is replicated (``inner``, the
+  measures) the gradient reaching the Gram matrix is already whole on every rank and passes
+  through unreduced.
 
 The gather costs one all-gather of the point per call, and the compute is replicated. The
 other maps of tall frames (the chart, the polar ``project``) and every other space gather.
@@ -77,16 +83,19 @@ def gather(tree: Any) -> Any:
 
 def like(tree: Any, lead: Any) -> Any:
     """Plain tensors of ``tree`` (the same values on every rank) as DTensors on ``lead``'s mesh:
-    with ``lead``'s placements where a tensor has ``lead``'s shape, replicated otherwise (no
-    communication either way: a replicated tensor is sliced locally)."""
+    with ``lead``'s placements where a tensor has ``lead``'s shape (``Replicate`` for a
+    ``Partial`` one), replicated otherwise (no communication either way: a replicated tensor is
+    sliced locally)."""
     mesh = lead.device_mesh
     replicated = [Replicate()] * mesh.ndim
+    # A Partial placement (a sum still pending) was reduced by the gather: its results are replicated.
+    placements = [Replicate() if p.is_partial() else p for p in lead.placements]
 
     def wrap(t: Any) -> Any:
         if not isinstance(t, Tensor) or isinstance(t, DTensor):
             return t
         out = DTensor.from_local(t, mesh, replicated, run_check=False)
-        return out.redistribute(mesh, lead.placements) if t.shape == lead.shape else out
+        return out.redistribute(mesh, placements) if t.shape == lead.shape else out
 
     return optree.tree_map(wrap, tree, none_is_leaf=True)
 
@@ -150,6 +159,23 @@ class _SumOverRanks(torch.autograd.Function):
         return g, None
 
 
+class _SumToReplicated(torch.autograd.Function):
+    """An all-reduce (sum) over ``group`` whose result leaves the map replicated (``inner``, the
+    measures): the gradient that reaches it is a replicated DTensor's, the whole gradient on every
+    rank, so it passes through unchanged (summing it, as :class:`_SumOverRanks` does for a Gram
+    matrix used by row-sharded results, counted it once per rank)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return g, None
+
+
 def _frame_tangent(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor) -> Tensor:
     """``G − X sym(XᵀG)`` (Stiefel) or ``G − X XᵀG`` (Grassmannian), as their ``tangent``."""
     from .spaces import Stiefel
@@ -192,6 +218,9 @@ _ROW_SHARDED = {
     "retract": _frame_retract,
     "_violations": _frame_violations,
 }
+#: The row-sharded maps whose results are replicated (no row dimension): their Gram matrices'
+#: gradients are whole on every rank already (:class:`_SumToReplicated`).
+_REPLICATED_RESULT = frozenset({"inner", "_violations"})
 
 
 def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> Callable[..., Any] | None:
@@ -220,7 +249,8 @@ def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
     if rows is not None:
         self._check_shape(lead, "X")
         group = lead.device_mesh.get_group()
-        gram = lambda A, B: _SumOverRanks.apply(A.mT @ B, group)  # noqa: E731  XᵀY = Σᵢ XᵢᵀYᵢ
+        reduce = _SumToReplicated if fn.__name__ in _REPLICATED_RESULT else _SumOverRanks
+        gram = lambda A, B: reduce.apply(A.mT @ B, group)  # noqa: E731  XᵀY = Σᵢ XᵢᵀYᵢ
         with torch.autocast(lead.device.type, enabled=False):
             out = rows(self, gram, *(t.to_local() for t in args))
         return _from_local(out, lead)

@@ -13,7 +13,8 @@ and writes its results; the tests compare them with single-process runs computed
   parameters within float32's;
 * ``torch.distributed.checkpoint``: 2 processes → 1 and 1 → 2, bit-equal;
 * the pure maps on DTensors (Note [DTensor] in ``geofunc/_dtensor.py``): values, gradients,
-  placements and the number of collectives;
+  placements and the number of collectives; replicated results of row-sharded frames (``inner``)
+  and ``Partial`` DTensors;
 * ``examples/fsdp_train.py`` under ``torchrun --nproc-per-node 2``.
 """
 
@@ -285,6 +286,49 @@ def _optimizers_on_dtensors() -> dict:
     return out
 
 
+def _replicated_results_and_partial() -> dict:
+    """Gradients of maps whose results are replicated on a row-sharded frame (``inner``: its Gram
+    matrix's gradient is whole on every rank, not to be summed over them), and maps of a ``Partial``
+    DTensor (a sum still pending, reduced by the gather): values, gradients and placements against
+    the plain maps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for M, shape in [(gf.Stiefel(), (8, 3)), (gf.Grassmannian(), (2, 9, 2))]:
+        X = M.sample(shape, generator=g)
+        U, V = M.tangent(X, torch.randn(shape, generator=g)), M.tangent(X, torch.randn(shape, generator=g))
+        dargs = [distribute_tensor(t, mesh, [Shard(len(shape) - 2)], src_data_rank=None).requires_grad_()
+                 for t in (U, V)]
+        val = M.inner(distribute_tensor(X, mesh, [Shard(len(shape) - 2)], src_data_rank=None), *dargs)
+        dgrads = torch.autograd.grad(val.sum(), dargs)
+        pargs = [t.clone().requires_grad_() for t in (U, V)]
+        pgrads = torch.autograd.grad(M.inner(X, *pargs).sum(), pargs)
+        out[f"{M!r} inner"] = {
+            "placements": str(val.placements),
+            "error": float((val.detach().full_tensor() - M.inner(X, U, V)).abs().max()),
+            "grad error": max(float((a.full_tensor() - b).abs().max()) for a, b in zip(dgrads, pgrads)),
+        }
+    for M, shape in [(gf.Sphere(), (4, 5)), (gf.Stiefel(), (6, 3)), (gf.PSD(), (2, 3, 3))]:
+        Z = torch.randn(shape, generator=g)
+        try:
+            dZ = DTensor.from_local(Z / WORLD, mesh, [Partial()], run_check=False).requires_grad_()
+            Y = M.to_manifold(dZ)
+            (dgrad,) = torch.autograd.grad(Y.full_tensor().sum(), dZ)
+            pZ = Z.clone().requires_grad_()
+            (pgrad,) = torch.autograd.grad(M.to_manifold(pZ).sum(), pZ)
+            out[f"{M!r} Partial"] = {
+                "placements": str(Y.placements),
+                "error": float((Y.detach().full_tensor() - M.to_manifold(Z)).abs().max()),
+                "grad error": float((dgrad.full_tensor() - pgrad).abs().max()),
+            }
+        except Exception as e:  # noqa: BLE001  (reported by the test)
+            out[f"{M!r} Partial"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 #: Every constraint function, for FSDP2's bf16 policy: (name, call, weight shape (out, in)).
 CONSTRAINTS = [
     ("orthogonal, tall", gnn.orthogonal, (8, 3)),
@@ -357,6 +401,7 @@ def worker(rank: int, world: int, outdir: str) -> None:
         "bf16, every constraint": _bf16_every_constraint(),
         "pure": {k: _pure_maps(*v) for k, v in PURE.items()},
         "optimizers": _optimizers_on_dtensors(),
+        "replicated results, Partial": _replicated_results_and_partial(),
     }
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
@@ -527,3 +572,15 @@ def test_riemannian_optimizers_on_dtensors(results):
         for name, o in r["optimizers"].items():
             assert o["error"] <= 1e-6, (name, o)
             assert o["collectives"] == {"c10d.allreduce_": {"rsgd": 8, "radam": 10}[name]}, (name, o)
+
+
+def test_replicated_results_and_partial_dtensors(results):
+    """``inner`` of a row-sharded frame (a replicated result of all-reduced Gram matrices): its
+    gradients equal the plain map's (they were ``WORLD`` times larger: the replicated gradient was
+    summed over the ranks). A ``Partial`` DTensor takes the gathered route (the gather reduces it)
+    and gives replicated results (it was PyTorch's error: no redistribution to ``Partial``)."""
+    for r in results:
+        for name, o in r["replicated results, Partial"].items():
+            assert isinstance(o, dict), (name, o)
+            assert o["placements"] == "(Replicate(),)", (name, o)
+            assert o["error"] <= 1e-6 and o["grad error"] <= 1e-5, (name, o)
