@@ -48,6 +48,7 @@ import geofunc.spaces._base as space_base
 from geofunc import hyperbolic as hyp
 from geofunc._linalg import poison
 from geofunc.spaces._base import AbstractSpace
+from geofunc.spaces._sphere import sphere_tangent
 from geofunc.testing import (
     PROPERTIES,
     IncompleteCaseWarning,
@@ -160,8 +161,10 @@ def test_user_space_passes_check_space() -> None:
     report = check_space(_user_case((f64,)))
     assert not report.incomplete  # (a warning would fail the test too)
     f32_only = "runs in torch.float32 only, which is not in case.dtypes"
+    compile_maps = "needs compile_aot in case.skip (compile_aot traces the same maps, through Dynamo and then AOT autograd)"
     assert report.skipped == {"logabsdet": "needs case.has_logabsdet", "grad_float32": f32_only,
-                              "float32_maps": f32_only, "sample_distribution_f32": f32_only, **_CLOSED_FORMS, **_TRANSPORTS}
+                              "float32_maps": f32_only, "sample_distribution_f32": f32_only, **_CLOSED_FORMS, **_TRANSPORTS,
+                              "compile_maps": compile_maps}
     assert {name for name, _ in report.ran} == {p.name for p in PROPERTIES} - set(report.skipped)
 
 
@@ -778,6 +781,50 @@ def _transport_rotating(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
     return torch.cat([c * w0 - s * w1, s * w0 + c * w1, W[..., 2:]], dim=-1)
 
 
+# The gap of AOT autograd's tracing: check_compile_maps compiles the maps with backend="eager", so
+# Dynamo's graph runs as is; a custom operator is opaque to Dynamo and its registered backward runs
+# in eager autograd, where a Python branch on a value is fine. AOT autograd (backend="aot_eager",
+# inductor) traces that backward with fake tensors, where it cannot branch: check_compile_aot.
+@torch.library.custom_op("geofunc_test::sphere_tangent", mutates_args=())
+def _sphere_tangent_op(X: Tensor, G: Tensor, radius: float) -> Tensor:
+    return sphere_tangent(X, G, radius)
+
+
+@_sphere_tangent_op.register_fake
+def _(X: Tensor, G: Tensor, radius: float) -> Tensor:
+    return torch.empty(torch.broadcast_shapes(X.shape, G.shape), dtype=torch.result_type(X, G), device=X.device)
+
+
+def _sphere_tangent_op_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    X, G, ctx.radius = inputs
+    ctx.save_for_backward(X, G)
+
+
+def _sphere_tangent_op_backward(ctx: Any, C: Tensor) -> tuple[Tensor, Tensor, None]:
+    """The exact vjp of ``G − ⟨G, X⟩X/r²``, with a shortcut for a zero cotangent (a frozen
+    parameter's): a Python branch on a value."""
+    X, G = ctx.saved_tensors
+    if not bool(C.any()):
+        return torch.zeros_like(X), torch.zeros_like(G), None
+    r2 = ctx.radius**2
+    gX = -(_dot(C, X) * G + _dot(G, X) * C) / r2
+    gG = C - _dot(C, X) * X / r2
+    return gX.sum_to_size(X.shape), gG.sum_to_size(G.shape), None
+
+
+_sphere_tangent_op.register_autograd(_sphere_tangent_op_backward, setup_context=_sphere_tangent_op_setup)
+
+
+def _tangent_custom_op(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    """``Sphere.tangent`` as the fused operator above in eager mode and inside ``torch.compile`` (as
+    geofunc's exponential is), the composite under ``torch.func`` transforms (the operator has no
+    forward-mode or vmap rule)."""
+    self._check_pair(X, G, "G")
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return sphere_tangent(X, G, self.radius)
+    return _sphere_tangent_op(X, G, self.radius)
+
+
 def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
@@ -892,6 +939,10 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("PoincareBall.transport-rotating", [(gf.PoincareBall, "transport", _transport_rotating)],
      _builtin("PoincareBall-c0.5"), f64, "transport_parallel", "not the parallel transport",
      ("metric", "transport_isometry", "vmap", "dtypes", "nonfinite", "pure")),
+    # AOT autograd's tracing
+    ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
+     f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',
+     ("tangent", "tangent_space", "metric", "gradcheck", "vmap", "pure", "compile", "compile_maps")),
 ]
 
 
@@ -929,7 +980,7 @@ def test_earlier_harness_never_calls_the_closed_forms(case_id: str) -> None:
 
     case = _CASES[case_id]
     cls = type(case.space)
-    skip = {"compile", "compile_maps", *_NEW_CLOSED_FORM_PROPERTIES}
+    skip = {"compile", "compile_maps", "compile_aot", *_NEW_CLOSED_FORM_PROPERTIES}
     with _patch(*((cls, name, trap(name)) for name in ("dist", "expmap", "logmap")))():
         for prop in PROPERTIES:
             if prop.name not in skip and f64 in prop.dtypes(case):

@@ -19,6 +19,7 @@ __all__ = [
     "check_bad_input",
     "check_check",
     "check_compile",
+    "check_compile_aot",
     "check_contains",
     "check_from_manifold",
     "check_gradcheck",
@@ -867,8 +868,9 @@ def check_compile(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
 # call), before any backend runs. So check_compile_maps traces them all in *one* function with
 # backend="eager" (Dynamo's graph, run as is): half of aot_eager's cost (measured over the
 # built-in cases: 29 s against 52 s), one compilation per case. What it leaves out is AOT
-# autograd's own tracing of those maps (functionalization, fake-tensor kernels), which
-# check_compile exercises on the linalg kernels the charts share with them.
+# autograd's own tracing of those maps (functionalization, fake-tensor kernels, the backward):
+# check_compile_aot (Note [AOT autograd's tracing of the maps]), which traces the same maps
+# through Dynamo first, so that check_space runs check_compile_maps only where a case skips it.
 _MAPS_BACKEND = "eager"
 # The maps besides to_manifold that check_compile_maps compiles, in one graph.
 _COMPILED_MAPS = ("tangent", "retract", "project", "egrad_to_rgrad", "inner", "transport", "contains", "logabsdet")
@@ -881,7 +883,9 @@ def check_compile_maps(case: SpaceCase, dtype: torch.dtype = f64, *, generator: 
     ``contains`` and ``logabsdet`` (where ``case.has_logabsdet``), traced together as one function
     (one compilation per case, ``backend="eager"``: Note [Compiling the other maps]): every value
     equals eager to ``1e-10`` relative (float64, on the smoke shape). A graph break in any map
-    fails it; the failure names the first map that does not compile alone."""
+    fails it; the failure names the first map that does not compile alone. :func:`check_compile_aot`
+    compiles the same maps through Dynamo and then AOT autograd; :func:`check_space` runs this one
+    only where the case skips that."""
     _require_f64("compile_maps", dtype)
     g = _gen(generator)
     M = case.space
@@ -933,6 +937,144 @@ def check_compile_maps(case: SpaceCase, dtype: torch.dtype = f64, *, generator: 
             else:
                 scale = max(1.0, float(b.abs().max()) if b.numel() else 1.0)
                 _close(a, b, 1e-10 * scale, ctx, f"compiled {n} != eager")
+
+
+
+# Note [AOT autograd's tracing of the maps]
+# check_compile_maps runs Dynamo's graph as is (backend="eager"): a graph break shows there, but
+# AOT autograd never traces the maps. A training step compiled whole (geofunc.optim's update in
+# tests/test_optim.py: backend="aot_eager"; inductor's default backend) runs them through it:
+# functionalization, the fake-tensor kernels, and the backward, traced ahead of time from the
+# derivative formulas and from a custom operator's registered backward, which Dynamo never looks
+# at (it leaves an operator opaque and the backward to eager autograd: a backward that branches
+# on a value runs there, and fails AOT's trace). So check_compile_aot compiles the differentiable
+# maps with backend="aot_eager" (fullgraph=True, dynamic=False) on inputs that require grad, so
+# that AOT autograd traces the joint forward and backward graph, and `contains` beside them
+# (forward only); the values and the gradients of a random linear functional of each map's
+# output must equal eager. Each map takes its own copies of the inputs (distinct leaves of the
+# one graph), so a wrong gradient names its map and argument.
+# Cost: all maps in one function, one trace per case on the smoke shape: ~1.6 s a case, ~90 s
+# over the built-in cases on a 2-core box, of which Dynamo's trace is ~35 s, the same as
+# check_compile_maps'. Since Dynamo's trace is the first half of this one (a graph break fails
+# both), check_space runs check_compile_maps only where a case skips check_compile_aot: ~55 s more
+# than check_compile_maps alone, not ~90 s. What that leaves out: the maps' Dynamo graph with
+# inputs that do not require grad (an optimizer's step) where it differs, which a space's branch
+# on requires_grad or grad mode would make; for the built-in spaces it is the same graph except
+# Birkhoff's (its Sinkhorn autograd.Function is one node of the graph with grad, inlined without),
+# checked once. Nor are from_manifold and rebase compiled (called at initialization and between
+# steps, not inside a compiled step; they would add ~35 s).
+_AOT_BACKEND = "aot_eager"
+# The maps check_compile_aot compiles, with their arguments' names; all but contains are
+# differentiated (logabsdet where case.has_logabsdet, in Z).
+_AOT_MAPS = {"tangent": ("X", "G"), "retract": ("X", "V"), "project": ("Y",), "egrad_to_rgrad": ("X", "G"),
+             "inner": ("X", "U", "V"), "transport": ("X", "Y", "V"), "logabsdet": ("Z", "base"), "contains": ("X",)}
+
+
+def _aot_inputs(case: SpaceCase, g: torch.Generator) -> dict[str, tuple[Any, ...]]:
+    """The arguments of the maps :func:`check_compile_aot` compiles (float64, the smoke shape)."""
+    M = case.space
+    shape = case.smoke
+    X, Z0, base = _point_and_base(case, shape, f64, g)
+    G, H, K, Y, Z = (_randn(shape, f64, g) for _ in range(5))
+    U, V = M.tangent(X, H), M.tangent(X, K)
+    X2 = M.sample(shape, generator=g, dtype=f64)
+    inputs: dict[str, tuple[Any, ...]] = {
+        "tangent": (X, G), "retract": (X, V), "project": (Y,), "egrad_to_rgrad": (X, G), "inner": (X, U, V),
+        "transport": (X, X2, V), "logabsdet": (Z0 + 0.5 * Z, base), "contains": (X,),
+    }
+    if not case.has_logabsdet:
+        del inputs["logabsdet"]
+    return inputs
+
+
+def _aot_leaves(inputs: dict[str, tuple[Any, ...]], names: Any) -> dict[str, tuple[Any, ...]]:
+    """Fresh copies of the maps' tensor arguments, leaves that require grad (not those of
+    ``contains``, nor bases: a tree of tensors passes unchanged)."""
+    def leaf(a: Any, grad: bool) -> Any:
+        return a.detach().clone().requires_grad_(grad) if isinstance(a, Tensor) else a
+
+    return {n: tuple(leaf(a, n != "contains" and _AOT_MAPS[n][i] != "base") for i, a in enumerate(inputs[n]))
+            for n in names}
+
+
+def _aot_run(M: Any, inputs: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    return {n: getattr(M, n)(*args) for n, args in inputs.items()}
+
+
+def _aot_grads(out: dict[str, Any], cots: dict[str, Tensor], inputs: dict[str, tuple[Any, ...]]
+               ) -> dict[str, Optional[Tensor]]:
+    """Gradients of ``Σ_maps ⟨out, cot⟩`` in every argument that requires grad, named
+    ``"map(…) in arg"`` (None: unused): one backward through the one graph."""
+    wrt = {f"{n}({', '.join(_AOT_MAPS[n])}) in {_AOT_MAPS[n][i]}": a
+           for n in cots for i, a in enumerate(inputs[n]) if isinstance(a, Tensor) and a.requires_grad}
+    terms = [(out[n] * cots[n]).sum() for n in cots if out[n].requires_grad]
+    if not terms:
+        return dict.fromkeys(wrt)
+    return dict(zip(wrt, torch.autograd.grad(sum(terms), list(wrt.values()), allow_unused=True)))
+
+
+def _aot_compile(M: Any, inputs: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    torch._dynamo.reset()
+    return torch.compile(functools.partial(_aot_run, M), fullgraph=True, dynamic=False, backend=_AOT_BACKEND)(inputs)
+
+
+def _aot_close(a: Tensor, b: Tensor, ctx: str, what: str) -> None:
+    if a.dtype == torch.bool:
+        if not torch.equal(a, b):
+            raise _fail(ctx, f"{what} compiled by AOT autograd != eager")
+        return
+    scale = max(1.0, float(b.abs().max()) if b.numel() else 1.0)
+    _close(a, b, 1e-10 * scale, ctx, f"{what} compiled by AOT autograd != eager")
+
+
+@_property
+def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.compile(fullgraph=True, dynamic=False, backend="aot_eager")`` of the maps besides
+    ``to_manifold`` (:func:`check_compile`), traced by AOT autograd, forward and backward (Note [AOT
+    autograd's tracing of the maps]): ``tangent``, ``retract``, ``project``, ``egrad_to_rgrad``,
+    ``inner``, ``transport`` and ``logabsdet`` (where ``case.has_logabsdet``) on inputs that require
+    grad, and ``contains``, as one function (float64, on the smoke shape). Every value, and the
+    gradient in every input of a random linear functional of each map's output, equals eager to
+    ``1e-10`` relative. A failure to compile names the first map that does not compile alone."""
+    _require_f64("compile_aot", dtype)
+    g = _gen(generator)
+    M = case.space
+    ctx = _ctx(case, case.smoke, f64)
+    inputs = _aot_inputs(case, g)
+    eager_in = _aot_leaves(inputs, inputs)
+    expected = _aot_run(M, eager_in)
+    cots = {n: _randn(tuple(expected[n].shape), f64, g) for n in inputs if n != "contains"}
+    compiled_in = _aot_leaves(inputs, inputs)
+    try:
+        try:
+            got = _aot_compile(M, compiled_in)
+        except Exception as e:
+            for n in inputs:  # which map: compile each alone (the failure path only)
+                try:
+                    _aot_compile(M, _aot_leaves(inputs, (n,)))
+                except Exception as e1:
+                    raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {n} failed: '
+                                f"{type(e1).__name__}: {e1}") from None
+            raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {", ".join(inputs)} together '
+                        f"failed (each compiles alone): {type(e).__name__}: {e}") from None
+        for n in inputs:
+            for a, b in zip(_leaves(got[n]), _leaves(expected[n])):
+                _aot_close(a.detach(), b.detach(), ctx, n)
+        try:
+            grads = _aot_grads(got, cots, compiled_in)
+        except Exception as e:
+            raise _fail(ctx, f"the backward of the maps compiled by AOT autograd failed: "
+                        f"{type(e).__name__}: {e}") from None
+    finally:
+        torch._dynamo.reset()
+    for what, b in _aot_grads(expected, cots, eager_in).items():
+        a = grads[what]
+        if a is None or b is None:  # an input the map does not use: no gradient, or a zero one
+            if (a is None) != (b is None) and bool(((b if a is None else a) != 0).any()):
+                raise _fail(ctx, f"the gradient of {what} is {'missing' if a is None else 'present'} compiled, "
+                            f"not in eager")
+            continue
+        _aot_close(a, b, ctx, f"the gradient of {what}")
 
 
 _LOGABSDET_SIZES = (1, 2, 3, 5, 8)

@@ -40,6 +40,7 @@ from ._properties import (
     check_bad_input,
     check_check,
     check_compile,
+    check_compile_aot,
     check_compile_maps,
     check_contains,
     check_dtypes,
@@ -203,7 +204,11 @@ PROPERTIES: tuple[Property, ...] = (
     Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth, requires="case.smooth"),
     Property("vmap_grad", check_vmap_grad, float64_only=True),
     Property("compile", check_compile),
-    Property("compile_maps", check_compile_maps, float64_only=True),
+    # compile_aot compiles the maps of compile_maps through Dynamo, then AOT autograd: a graph break
+    # fails both; compile_maps (Dynamo's graph only, half the cost) runs where a case skips compile_aot.
+    Property("compile_maps", check_compile_maps, float64_only=True, applies=lambda case: "compile_aot" in case.skip,
+             requires="compile_aot in case.skip (compile_aot traces the same maps, through Dynamo and then AOT autograd)"),
+    Property("compile_aot", check_compile_aot, float64_only=True),
     Property("logabsdet", check_logabsdet, float64_only=True, applies=lambda case: case.has_logabsdet,
              requires="case.has_logabsdet"),
     Property("bad_input", check_bad_input, float64_only=True),
