@@ -226,3 +226,18 @@ def test_assigning_radius_changes_the_map_as_geotorch(embedded):
     assert torch.allclose(layer.weight.detach(), 2.0 * W, atol=1e-6)
     with pytest.raises(ValueError):
         M.radius = -1.0
+
+
+@pytest.mark.parametrize("register", [gnn.skew, gnn.symmetric])
+@pytest.mark.parametrize("size", [(0, 0), (2, 0, 0)])
+def test_empty_square_weights_are_refused_with_a_manifold_error(register, size):
+    """A 0×0 weight: GeoTorch's ``skew`` fails with a ZeroDivisionError in its init (geofunc's did too);
+    both say which tensor and why."""
+    from geofunc import ManifoldError
+
+    layer = nn.Module()
+    layer.weight = nn.Parameter(torch.zeros(size))
+    with pytest.raises(ManifoldError, match="non-empty matrix dimensions"):
+        register(layer, "weight")
+    with pytest.raises(ManifoldError, match="non-empty matrix dimensions"):
+        (gnn.Skew if register is gnn.skew else gnn.Symmetric)(size=size)

@@ -718,6 +718,9 @@ class _Triangle(_Manifold):
             size, lower = None, size
         if size is not None:
             n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+            if n == 0:  # GeoTorch's Skew fails in its init's division by the fan (a ZeroDivisionError)
+                raise ManifoldError(f"{type(self).__name__}(lower={lower}): expected a size with non-empty matrix "
+                                    f"dimensions, got {tuple(size)}.")
             self.n, self.tensorial_size = n, ts
         super().__init__(self._space_cls(lower=lower), size)
         self.lower = lower
