@@ -63,6 +63,15 @@ def _unit_tangent(case: SpaceCase, X: Tensor, g: torch.Generator) -> tuple[Tenso
     return V * _expand(r, p), ok
 
 
+def _sampled(case: SpaceCase, generator: Optional[torch.Generator]):
+    """Per shape of the case: the generator, the shape, its context for messages and a point ``X``
+    sampled in float64 (drawn when the loop reaches the shape, so the draws interleave with the
+    loop body's as written)."""
+    g = _gen(generator)
+    for shape in case.shapes:
+        yield g, shape, _ctx(case, shape, f64), case.space.sample(shape, generator=g, dtype=f64)
+
+
 def _require_batch_shaped(case: SpaceCase, shape: tuple[int, ...], d: Tensor, ctx: str, what: str) -> None:
     bshape = _batch_shape(case, shape)
     if tuple(d.shape) != bshape or d.dtype != f64:
@@ -162,13 +171,8 @@ def check_expmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
     test]). An ``expmap`` with its step scaled (``expmap(X, 2V)``) or off to first order fails.
     """
     _require_f64("expmap", dtype)
-    g = _gen(generator)
-    M = case.space
-    p = M.point_ndim
-    tol = case.tol[f64]
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, p, tol = case.space, case.space.point_ndim, case.tol[f64]
+    for g, shape, ctx, X in _sampled(case, generator):
         E0 = M.expmap(X, torch.zeros_like(X))
         if tuple(E0.shape) != shape or E0.dtype != f64:
             raise _fail(ctx, f"expmap returned shape {tuple(E0.shape)}, {E0.dtype}")
@@ -203,13 +207,8 @@ def check_expmap_geodesic(case: SpaceCase, dtype: torch.dtype = f64, *,
     ``inner`` on another metric than theirs fails.
     """
     _require_f64("expmap_geodesic", dtype)
-    g = _gen(generator)
-    M = case.space
-    p = M.point_ndim
-    tol = case.tol[f64]
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, tol = case.space, case.tol[f64]
+    for g, shape, ctx, X in _sampled(case, generator):
         V, ok = _unit_tangent(case, X, g)
         for s, t in _pairs(case.geodesic_radius):
             d = M.dist(M.expmap(X, s * V), M.expmap(X, t * V))
@@ -234,13 +233,8 @@ def check_logmap(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
     right only to first order (the chord ``tangent(X, Y − X)``) or scaled fails.
     """
     _require_f64("logmap", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    r = case.geodesic_radius
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, tol, r = case.space, case.tol[f64], case.geodesic_radius
+    for g, shape, ctx, X in _sampled(case, generator):
         L0 = M.logmap(X, X)
         if tuple(L0.shape) != shape or L0.dtype != f64:
             raise _fail(ctx, f"logmap returned shape {tuple(L0.shape)}, {L0.dtype}")
@@ -268,13 +262,8 @@ def check_logmap_dist(case: SpaceCase, dtype: torch.dtype = f64, *,
     A ``logmap`` or ``dist`` scaled, or an ``inner`` on another metric than theirs, fails.
     """
     _require_f64("logmap_dist", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    r = case.geodesic_radius
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, tol, r = case.space, case.tol[f64], case.geodesic_radius
+    for g, shape, ctx, X in _sampled(case, generator):
         W, _ = _unit_tangent(case, X, g)
         for a in (r, 1e-2 * r):
             Y = M.retract(X, a * W)
@@ -323,12 +312,8 @@ def check_transport_isometry(case: SpaceCase, dtype: torch.dtype = f64, *,
     ``tangent(Y, V)`` (the protocol's default transport) fails where the tangent spaces differ.
     """
     _require_f64("transport_isometry", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, tol = case.space, case.tol[f64]
+    for g, shape, ctx, X in _sampled(case, generator):
         U, ok_u = _unit_tangent(case, X, g)
         V, ok_v = _unit_tangent(case, X, g)
         _vectors_close(M.transport(X, X, V), V, tol, ctx, "transport(X, X, V) != V")
@@ -356,13 +341,8 @@ def check_transport_parallel(case: SpaceCase, dtype: torch.dtype = f64, *,
     ``transport(Z, Y, transport(X, Z, V)) == transport(X, Y, V)`` (it composes along the geodesic).
     """
     _require_f64("transport_parallel", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    r = case.geodesic_radius
-    for shape in case.shapes:
-        ctx = _ctx(case, shape, f64)
-        X = M.sample(shape, generator=g, dtype=f64)
+    M, tol, r = case.space, case.tol[f64], case.geodesic_radius
+    for g, shape, ctx, X in _sampled(case, generator):
         W, _ = _unit_tangent(case, X, g)
         V, _ = _unit_tangent(case, X, g)
         for a in (r, 1e-2 * r):
