@@ -825,6 +825,26 @@ def _tangent_custom_op(self: Any, X: Tensor, G: Tensor) -> Tensor:
     return _sphere_tangent_op(X, G, self.radius)
 
 
+# The same gap for the maps compiled forward only (from_manifold, rebase: a training step compiled whole
+# may re-centre its charts): an operator registered without a fake kernel runs in eager mode and under
+# vmap (the composite there), and no earlier property compiled rebase.
+_SPHERE_REBASE = gf.Sphere.rebase
+
+
+@torch.library.custom_op("geofunc_test::sphere_rebase", mutates_args=())
+def _sphere_rebase_op(Z: Tensor, base: Tensor, radius: float) -> tuple[Tensor, Tensor]:
+    Z2, base2 = _SPHERE_REBASE(gf.Sphere(radius=radius), Z, base)
+    return Z2.clone(), base2.clone()
+
+
+def _rebase_custom_op(self: Any, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
+    """``Sphere.rebase`` as the operator above (no fake kernel) in eager mode and inside ``torch.compile``,
+    the composite under ``torch.func`` transforms and without a base."""
+    if base is None or (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None):
+        return _SPHERE_REBASE(self, Z, base)
+    return _sphere_rebase_op(Z, base, self.radius)
+
+
 def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
@@ -943,6 +963,9 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',
      ("tangent", "tangent_space", "metric", "gradcheck", "vmap", "pure", "compile", "compile_maps")),
+    ("Sphere.rebase-operator-without-fake-kernel", [(gf.Sphere, "rebase", _rebase_custom_op)], _builtin("Sphere"),
+     f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of rebase failed',
+     ("rebase", "vmap", "pure", "dtypes", "nonfinite", "compile", "compile_maps")),
 ]
 
 

@@ -961,13 +961,17 @@ def check_compile_maps(case: SpaceCase, dtype: torch.dtype = f64, *, generator: 
 # inputs that do not require grad (an optimizer's step) where it differs, which a space's branch
 # on requires_grad or grad mode would make; for the built-in spaces it is the same graph except
 # Birkhoff's (its Sinkhorn autograd.Function is one node of the graph with grad, inlined without),
-# checked once. Nor are from_manifold and rebase compiled (called at initialization and between
-# steps, not inside a compiled step; they would add ~35 s).
+# checked once. from_manifold and rebase are compiled in the same function, forward only, on
+# inputs that do not require grad: a training step compiled whole may re-centre its charts
+# (DESIGN's Riemannian gradient descent: any optimizer on Z, then rebase), and AOT autograd then
+# traces rebase too (+~5 s over the built-in cases: the same one trace per case).
 _AOT_BACKEND = "aot_eager"
-# The maps check_compile_aot compiles, with their arguments' names; all but contains are
+# The maps check_compile_aot compiles, with their arguments' names; all but _AOT_FORWARD are
 # differentiated (logabsdet where case.has_logabsdet, in Z).
 _AOT_MAPS = {"tangent": ("X", "G"), "retract": ("X", "V"), "project": ("Y",), "egrad_to_rgrad": ("X", "G"),
-             "inner": ("X", "U", "V"), "transport": ("X", "Y", "V"), "logabsdet": ("Z", "base"), "contains": ("X",)}
+             "inner": ("X", "U", "V"), "transport": ("X", "Y", "V"), "logabsdet": ("Z", "base"), "contains": ("X",),
+             "from_manifold": ("X",), "rebase": ("Z", "base")}
+_AOT_FORWARD = frozenset({"contains", "from_manifold", "rebase"})
 
 
 def _aot_inputs(case: SpaceCase, g: torch.Generator) -> dict[str, tuple[Any, ...]]:
@@ -981,6 +985,7 @@ def _aot_inputs(case: SpaceCase, g: torch.Generator) -> dict[str, tuple[Any, ...
     inputs: dict[str, tuple[Any, ...]] = {
         "tangent": (X, G), "retract": (X, V), "project": (Y,), "egrad_to_rgrad": (X, G), "inner": (X, U, V),
         "transport": (X, X2, V), "logabsdet": (Z0 + 0.5 * Z, base), "contains": (X,),
+        "from_manifold": (X,), "rebase": (Z0 + 0.5 * Z, base),
     }
     if not case.has_logabsdet:
         del inputs["logabsdet"]
@@ -988,12 +993,12 @@ def _aot_inputs(case: SpaceCase, g: torch.Generator) -> dict[str, tuple[Any, ...
 
 
 def _aot_leaves(inputs: dict[str, tuple[Any, ...]], names: Any) -> dict[str, tuple[Any, ...]]:
-    """Fresh copies of the maps' tensor arguments, leaves that require grad (not those of
-    ``contains``, nor bases: a tree of tensors passes unchanged)."""
+    """Fresh copies of the maps' tensor arguments, leaves that require grad (not those of the maps of
+    ``_AOT_FORWARD``, nor bases: a tree of tensors passes unchanged)."""
     def leaf(a: Any, grad: bool) -> Any:
         return a.detach().clone().requires_grad_(grad) if isinstance(a, Tensor) else a
 
-    return {n: tuple(leaf(a, n != "contains" and _AOT_MAPS[n][i] != "base") for i, a in enumerate(inputs[n]))
+    return {n: tuple(leaf(a, n not in _AOT_FORWARD and _AOT_MAPS[n][i] != "base") for i, a in enumerate(inputs[n]))
             for n in names}
 
 
@@ -1033,7 +1038,8 @@ def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
     ``to_manifold`` (:func:`check_compile`), traced by AOT autograd, forward and backward (Note [AOT
     autograd's tracing of the maps]): ``tangent``, ``retract``, ``project``, ``egrad_to_rgrad``,
     ``inner``, ``transport`` and ``logabsdet`` (where ``case.has_logabsdet``) on inputs that require
-    grad, and ``contains``, as one function (float64, on the smoke shape). Every value, and the
+    grad, and ``contains``, ``from_manifold`` and ``rebase`` (forward only), as one function (float64,
+    on the smoke shape). Every value, and the
     gradient in every input of a random linear functional of each map's output, equals eager to
     ``1e-10`` relative. A failure to compile names the first map that does not compile alone."""
     _require_f64("compile_aot", dtype)
@@ -1043,7 +1049,7 @@ def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
     inputs = _aot_inputs(case, g)
     eager_in = _aot_leaves(inputs, inputs)
     expected = _aot_run(M, eager_in)
-    cots = {n: _randn(tuple(expected[n].shape), f64, g) for n in inputs if n != "contains"}
+    cots = {n: _randn(tuple(expected[n].shape), f64, g) for n in inputs if n not in _AOT_FORWARD}
     compiled_in = _aot_leaves(inputs, inputs)
     try:
         try:
