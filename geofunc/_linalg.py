@@ -307,6 +307,27 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
     # adds exact zeros to each sum), so the first m rows are the frame. A missing base is the
     # identity frame, where the packed and plain readings agree (Δ = Z, with exact zeros), so a
     # pair with a base and one without share the packed path.
+    st = _stack_pairs(pairs, triv, packed)
+    Y, Z, basis, packed, rows, batch = st.Y, st.Z, st.basis, st.packed, st.rows, st.batch
+    n, k = Z.shape[-2:]
+    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
+    X = _one_node_chart(Y, Z, triv, packed, horizontal, basis) if reduced else None
+    if X is None:
+        X = _tall_chain(Y, Z, triv, packed, horizontal, reduced)
+    X = X.reshape((len(pairs),) + batch + (n, k))
+    return [X[i, ..., :m, :] for i, m in enumerate(rows)]
+
+
+class _Stacked:
+    """The frames of :func:`_stacked_tall_charts` as one batch: coordinates ``Z`` and bases ``Y``
+    (``(len(pairs)·B, n, k)``, zero-padded to the tallest frame's ``n`` rows), the cached packed basis
+    or None, whether the packed reading applies, each frame's rows and the common batch shape."""
+
+    __slots__ = ("Y", "Z", "basis", "packed", "rows", "batch")
+
+
+def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: bool) -> _Stacked:
+    """Stack the ``(coordinates, base)`` pairs of :func:`_stacked_tall_charts` (Note [Stacked frames])."""
     rows = [Z.shape[-2] for Z, _ in pairs]
     n, k = max(rows), pairs[0][0].shape[-1]
     shapes = [tuple(T.shape[:-2]) for pair in pairs for T in pair if T is not None]
@@ -317,24 +338,22 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
         Ts = [T if T.shape[:-2] == batch else T.expand(batch + T.shape[-2:]) for T in Ts]
         return torch.stack([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
 
-    Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
-    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
-    basis = None
+    st = _Stacked()
+    st.Z = Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
+    st.basis = None
     if all(base is None for _, base in pairs):
-        Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
+        st.Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
         packed = False  # at the identity frame the packed and plain readings agree
     else:
+        reduced = min(rows) >= 2 * k
         cached = _cached_basis(pairs, n) if reduced and packed and _ONE_NODE and triv == "expm" else None
         if cached is not None:
-            Y, basis = cached
+            st.Y, st.basis = cached
         else:
-            Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
-                       for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
-    X = _one_node_chart(Y, Z, triv, packed, horizontal, basis) if reduced else None
-    if X is None:
-        X = _tall_chain(Y, Z, triv, packed, horizontal, reduced)
-    X = X.reshape((len(pairs),) + batch + (n, k))
-    return [X[i, ..., :m, :] for i, m in enumerate(rows)]
+            st.Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
+                          for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
+    st.packed, st.rows, st.batch = packed, rows, batch
+    return st
 
 
 # Note [Base factor cache]

@@ -230,11 +230,13 @@ def test_tall_chart_node_matches_the_op_chain(name, shape, dtype, generator, mon
             Z, base, G = _frame_case(space, shape, scale, dtype, generator)
             base = base if with_base else None
             fast = _frame_derivatives(space, Z, base, G)
-            assert "_TallChartBackward" in fast[-1], (name, fast[-1])
+            # the rank family's whole chart is one node around the tall chart's where both frames are at
+            # least twice the rank tall (Note [One-node rank chart]); elsewhere the tall chart's node
+            assert {"_TallChartBackward", "_RankChartBackward"} & fast[-1], (name, fast[-1])
             monkeypatch.setattr(_linalg, "_ONE_NODE", False)
             slow = _frame_derivatives(space, Z, base, G)
             monkeypatch.setattr(_linalg, "_ONE_NODE", True)
-            assert "_TallChartBackward" not in slow[-1]
+            assert "_TallChartBackward" not in slow[-1] and "_RankChartBackward" not in slow[-1]
             ctx = f"{name} {shape} scale {scale} base {with_base} {dtype}"
             for a, b, what in zip(fast[:4], slow[:4], ("value", "gradient", "Hessian-vector product", "torch.func.grad")):
                 _frame_close(a, b, dtype, f"{what} ({ctx})")
@@ -438,3 +440,83 @@ def test_base_factor_cache_under_transforms_and_bounded(generator, monkeypatch):
     assert len(_linalg._BASIS_ENTRIES) == _linalg._BASIS_CACHE_SIZE
     del bb, bases
     assert not _linalg._BASIS_ENTRIES
+
+
+# --------------------------------------------------------------------------- the rank chart's node
+# Note [One-node rank chart] (geofunc/spaces/_factorized.py): U diag(f(s)) Vᵀ as one node around the
+# stacked tall chart; test_tall_chart_node_matches_the_op_chain compares it with the chain (values,
+# gradients, Hessian-vector products, torch.func.grad) for LowRank and FixedRank.
+def _rank_case(space, shape, generator, scale=0.5):
+    _, base = space.from_manifold(space.sample(shape, generator=generator, dtype=F64))
+    Z = torch.randn(shape, generator=generator, dtype=F64) * scale
+    return Z, base, torch.randn(shape, generator=generator, dtype=F64)
+
+
+@pytest.mark.parametrize("space,shape", [(gf.LowRank(rank=4), (10, 128)), (gf.LowRank(rank=2), (3, 9, 4)),
+                                         (gf.FixedRank(rank=3), (12, 7)), (gf.FixedRank(rank=2, f=(torch.exp, torch.log)), (8, 5))],
+                         ids=["LowRank(4)-wide", "LowRank(2)-batched", "FixedRank(3)", "FixedRank(2)-exp"])
+def test_rank_chart_node_is_taken_and_exact(space, shape, generator):
+    Z, base, G = _rank_case(space, shape, generator)
+    z = Z.clone().requires_grad_()
+    X = space.to_manifold(z, base)
+    assert "_RankChartBackward" in _graph_nodes(X)
+    assert torch.autograd.gradcheck(lambda z: space.to_manifold(z, base), (z,))
+    assert torch.autograd.gradgradcheck(lambda z: space.to_manifold(z, base), (z,))
+
+
+@pytest.mark.parametrize("case", ["base requires grad", "raw without grad", "cayley", "frames narrower than 2r",
+                                  "no grad mode", "forward mode"])
+def test_rank_chart_node_leaves_the_other_calls_to_the_chain(case, generator):
+    space = gf.LowRank(rank=3, triv="cayley") if case == "cayley" else gf.LowRank(rank=3)
+    shape = (20, 5) if case == "frames narrower than 2r" else (20, 6)
+    Z, (U, V), G = _rank_case(space, shape, generator)
+    z = Z.clone().requires_grad_(case != "raw without grad")
+    if case == "base requires grad":
+        U = U.clone().requires_grad_()
+    if case == "forward mode":
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            X = space.to_manifold(fwAD.make_dual(z, G), (U, V))
+            assert fwAD.unpack_dual(X).tangent is not None
+        return
+    with torch.set_grad_enabled(case != "no grad mode"):
+        X = space.to_manifold(z, (U, V))
+    assert "_RankChartBackward" not in _graph_nodes(X)
+
+
+@pytest.mark.parametrize("zshape,bshape", [((3, 20, 6), (20,)), ((20, 6), (3, 20,)), ((2, 1, 20, 6), (4, 20))], ids=str)
+def test_rank_chart_node_broadcasts_the_bases(zshape, bshape, generator, monkeypatch):
+    space = gf.LowRank(rank=3)
+    _, (U, V) = space.from_manifold(space.sample(bshape + (6,), generator=generator, dtype=F64))
+    Z = torch.randn(zshape, generator=generator, dtype=F64)
+    G = torch.randn(torch.broadcast_shapes(zshape, bshape + (6,)), generator=generator, dtype=F64)
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(_linalg, "_ONE_NODE", on)
+        z = Z.clone().requires_grad_()
+        X = space.to_manifold(z, (U, V))
+        assert ("_RankChartBackward" in _graph_nodes(X)) == on
+        out[on] = (X.detach(), torch.autograd.grad(X, z, G)[0])
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_rank_chart_node_non_finite_raw_values(generator, monkeypatch):
+    """A ±inf or NaN raw entry gives NaN in that point, as the chain does, its neighbours untouched."""
+    space = gf.FixedRank(rank=2)
+    Z, base, G = _rank_case(space, (3, 12, 5), generator)
+    for bad in (math.inf, -math.inf, math.nan):
+        for where in ((1, 0, 0), (1, 7, 1), (1, 0, 3)):  # the values, U's and V's coordinates
+            Zb = Z.clone()
+            Zb[where] = bad
+            out = {}
+            for on in (True, False):
+                monkeypatch.setattr(_linalg, "_ONE_NODE", on)
+                z = Zb.clone().requires_grad_()
+                X = space.to_manifold(z, base)
+                out[on] = (X.detach(), torch.autograd.grad(X, z, G)[0])
+            for a, b in zip(out[True], out[False]):
+                assert torch.equal(a.isnan(), b.isnan()), (bad, where)
+                torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+            assert out[True][0][1].isnan().all() and out[True][0][0].isfinite().all()

@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import describe, error
+from .. import _linalg
+from .._fastpath import eager_fast
 from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part, transpose
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
-from ._values import ValueMap
+from ._values import Identity, ValueMap
 
 Tensor = torch.Tensor
 
@@ -206,6 +208,104 @@ class _Factorized(AbstractSpace):
         return frame_charts(list(pairs), self.triv, packed=True)
 
 
+def _rank_chart(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, fmap: ValueMap, triv: Any) -> Tensor:
+    """``U diag(f(s)) Vᵀ`` of the tall raw tensor ``Zt`` (n×k) at the frames ``(Ub, Vb)``, as torch ops."""
+    U, V = frame_charts([(torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb)], triv, packed=True)
+    s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
+    return (U * (fmap(s) + (s - s)).unsqueeze(-2)) @ V.mT  # s − s: NaN for ±inf raw values
+
+
+# Note [One-node rank chart]
+# In plain eager mode (and so inside the one node under torch.func.grad, Note [One node under
+# torch.func.grad] in geofunc/_fused.py), when the raw tensor requires grad and the bases do not, the
+# rank family's chart X = U diag(f(s)) Vᵀ is one autograd node: the factor extraction (the strict
+# triangles and the diagonal of the raw tensor), the two frames stacked into the tall chart's one
+# evaluation (Note [Stacked frames], Note [One-node tall chart] in geofunc/_linalg.py), the values and
+# the product, with its adjoint written out:
+#   X = U F Vᵀ, F = diag(f(s)):   Ḡ_U = G V F,  Ḡ_V = Gᵀ U F,  Ḡ_f = diag(Uᵀ G V),  Ḡ_s = f′(s) Ḡ_f
+#   (U, V) = the stacked tall chart of (P_U, P_V):  Ḡ_P from its adjoint (_tall_adjoint)
+#   P_U = tril(Z[:, :r], −1), P_V = triu(Z[:r, :], 1)ᵀ, s = diag(Z)[:r]:  Ḡ_Z scatters the three back
+# (f′ by autograd on the r values, except for the identity of LowRank). The ~25 small nodes around the
+# tall chart's node were a third of a LowRank(4) 10×128 forward and backward. The forward runs the
+# chain's ops in the chain's order (the same values, bit for bit); a backward that builds a graph
+# (double backward) differentiates the chain recomputed from the saved raw tensor, so every
+# derivative order is the chain's. Everything else takes the chain: a base that requires grad, a raw
+# tensor that does not (then the tall chart's forward alone runs, without a graph), torch.func
+# transforms (but inside the node under grad), forward mode, compile, subclasses, complex dtypes,
+# Cayley and user maps, square frames (GLp, full rank) and frames narrower than twice the rank.
+class _RankChart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int,  # type: ignore[override]
+                fmap: ValueMap) -> Tensor:
+        n, k = Zt.shape[-2:]
+        st = _linalg._stack_pairs([(torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb)],
+                                  "expm", True)
+        out, tall_st = _linalg._tall_forward(st.Y, st.Z, st.packed, False, st.basis)
+        out = out.reshape((2,) + st.batch + (n, r))
+        U, V = out[0], out[1, ..., :k, :]
+        s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
+        s_leaf = fs_graph = None
+        if isinstance(fmap, Identity):
+            fs = s + (s - s)
+        else:
+            with torch.enable_grad():
+                s_leaf = s.detach().requires_grad_()
+                fs_graph = fmap(s_leaf)
+            fs = fs_graph.detach() + (s - s)
+        ctx.save_for_backward(Zt, Ub, Vb)  # the bases too: an in-place change before the backward is an error
+        ctx.r, ctx.fmap = r, fmap
+        ctx.state = (st, tall_st, U, V, fs, s_leaf, fs_graph)
+        return (U * fs.unsqueeze(-2)) @ V.mT
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
+        Zt, Ub, Vb = ctx.saved_tensors
+        r = ctx.r
+        if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
+            with torch.enable_grad():
+                X = _rank_chart(Zt, Ub, Vb, r, ctx.fmap, "expm")
+                return torch.autograd.grad(X, Zt, G, create_graph=True)[0], None, None, None, None
+        st, tall_st, U, V, fs, s_leaf, fs_graph = ctx.state
+        n, k = Zt.shape[-2:]
+        GV = G @ V
+        F_ = fs.unsqueeze(-2)
+        gf = (U * GV).sum(dim=-2)
+        if gf.shape != fs.shape:  # bases with more batch dimensions than the raw tensor
+            gf = gf.sum_to_size(fs.shape)
+        # f′ by autograd on the r values (kept: a backward may run more than once, as gradcheck's does)
+        gs = gf if s_leaf is None else torch.autograd.grad(fs_graph, s_leaf, gf, retain_graph=True)[0]
+        gout = torch.stack([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))]).reshape(-1, n, r)
+        gP = _linalg._tall_adjoint(tall_st, st.Y, gout).reshape((2,) + st.batch + (n, r))
+        gZ = gP.new_zeros(st.batch + (n, k))
+        gZ[..., :, :r] = torch.tril(gP[0], -1)
+        gZ[..., :r, :] += torch.triu(gP[1, ..., :k, :].mT, 1)
+        if gZ.shape != Zt.shape:
+            gZ = gZ.sum_to_size(Zt.shape)
+        gZ.diagonal(dim1=-2, dim2=-1)[..., :r] += gs  # gs has the raw tensor's batch shape already
+        return gZ, None, None, None, None
+
+
+try:  # the C++ apply, without Function.apply's per-call argument binding (as _linalg's _TALL_APPLY)
+    _RANK_APPLY = super(torch.autograd.Function, _RankChart).apply
+except AttributeError:  # pragma: no cover (depends on the torch version)
+    _RANK_APPLY = _RankChart.apply
+
+
+def _rank_chart_node(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, fmap: ValueMap,
+                     triv: Any) -> Optional[Tensor]:
+    """The chart as one node (Note [One-node rank chart]), or None: take the chain."""
+    if (triv != "expm" or not _linalg._ONE_NODE or not torch.is_grad_enabled() or not Zt.requires_grad
+            or torch.autograd.forward_ad._current_level >= 0 or not eager_fast(Zt, Ub, Vb)):
+        return None
+    for T in (Zt, Ub, Vb):
+        if T is not None and (torch._C._functorch.is_functorch_wrapped_tensor(T) or (T is not Zt and T.requires_grad)):
+            return None
+    n, k = Zt.shape[-2:]
+    if not (k > r and k >= 2 * r):  # both frames tall and reduced (n ≥ k): the stacked tall chart's node
+        return None
+    return _RANK_APPLY(Zt, Ub, Vb, r, fmap)
+
+
 def _pack(s: Tensor, shape: tuple[int, int]) -> Tensor:
     """The raw tensor of shape ``(*batch, n, k)`` holding ``s`` on its diagonal, zero elsewhere."""
     r = s.shape[-1]
@@ -265,8 +365,14 @@ class SVDSpace(_Factorized):
         return U, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r], V, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        U, s, V, tr = self._factors(Z, base)
-        X = (U * (self._value_map(s) + (s - s)).unsqueeze(-2)) @ V.mT  # s − s: NaN for ±inf raw values
+        self._check_shape(Z, "Z")
+        Zt, tr = tall(Z)
+        n, k = Zt.shape[-2:]
+        r = self._rank(n, k)
+        Ub, Vb = self._bases(base, Zt, r)
+        X = _rank_chart_node(Zt, Ub, Vb, r, self._value_map, self.triv)
+        if X is None:
+            X = _rank_chart(Zt, Ub, Vb, r, self._value_map, self.triv)
         return untall(X, tr)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
