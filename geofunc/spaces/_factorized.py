@@ -232,7 +232,8 @@ def _rank_chart(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, 
 # derivative order is the chain's. Everything else takes the chain: a base that requires grad, a raw
 # tensor that does not (then the tall chart's forward alone runs, without a graph), torch.func
 # transforms (but inside the node under grad), forward mode, compile, subclasses, complex dtypes,
-# Cayley and user maps, square frames (GLp, full rank) and frames narrower than twice the rank.
+# the Cayley map and user trivializations (a value map f of the user's is fine: f′ by autograd),
+# square frames (GLp, full rank) and frames narrower than twice the rank.
 class _RankChart(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int,  # type: ignore[override]
