@@ -520,3 +520,16 @@ def test_rank_chart_node_non_finite_raw_values(generator, monkeypatch):
                 assert torch.equal(a.isnan(), b.isnan()), (bad, where)
                 torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
             assert out[True][0][1].isnan().all() and out[True][0][0].isfinite().all()
+
+
+def test_softplus_derivative_in_closed_form_is_autograds():
+    """Positive("softplus").derivative (the rank chart node's f′) is autograd's derivative of softplus + ε,
+    across F.softplus's threshold (20), in both dtypes; None for maps without a closed form here."""
+    from geofunc.spaces._values import Positive
+
+    for dtype in (torch.float32, F64):
+        t = torch.tensor([-1e4, -50.0, -20.0, -1.0, 0.0, 1e-3, 1.0, 19.99, 20.0, 20.01, 50.0, 1e4], dtype=dtype)
+        t_ = t.clone().requires_grad_()
+        want = torch.autograd.grad(Positive("softplus")(t_).sum(), t_)[0]
+        torch.testing.assert_close(Positive("softplus").derivative(t), want, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert Positive((torch.exp, torch.log)).derivative(t) is None

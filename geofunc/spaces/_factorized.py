@@ -225,7 +225,7 @@ def _rank_chart(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, 
 #   X = U F Vᵀ, F = diag(f(s)):   Ḡ_U = G V F,  Ḡ_V = Gᵀ U F,  Ḡ_f = diag(Uᵀ G V),  Ḡ_s = f′(s) Ḡ_f
 #   (U, V) = the stacked tall chart of (P_U, P_V):  Ḡ_P from its adjoint (_tall_adjoint)
 #   P_U = tril(Z[:, :r], −1), P_V = triu(Z[:r, :], 1)ᵀ, s = diag(Z)[:r]:  Ḡ_Z scatters the three back
-# (f′ by autograd on the r values, except for the identity of LowRank). The ~25 small nodes around the
+# (f′ in closed form for LowRank's identity and "softplus", else by autograd on the r values). The ~25 small nodes around the
 # tall chart's node were a third of a LowRank(4) 10×128 forward and backward. The forward runs the
 # chain's ops in the chain's order (the same values, bit for bit); a backward that builds a graph
 # (double backward) differentiates the chain recomputed from the saved raw tensor, so every
@@ -247,15 +247,17 @@ class _RankChart(torch.autograd.Function):
         s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
         s_leaf = fs_graph = None
         if isinstance(fmap, Identity):
-            fs = s + (s - s)
-        else:
+            fs, df = s + (s - s), None
+        elif (df := fmap.derivative(s)) is not None:  # f′ in closed form ("softplus")
+            fs = fmap(s) + (s - s)
+        else:  # f′ by autograd on the r values
             with torch.enable_grad():
                 s_leaf = s.detach().requires_grad_()
                 fs_graph = fmap(s_leaf)
             fs = fs_graph.detach() + (s - s)
         ctx.save_for_backward(Zt, Ub, Vb)  # the bases too: an in-place change before the backward is an error
         ctx.r, ctx.fmap = r, fmap
-        ctx.state = (st, tall_st, U, V, fs, s_leaf, fs_graph)
+        ctx.state = (st, tall_st, U, V, fs, df, s_leaf, fs_graph)
         return (U * fs.unsqueeze(-2)) @ V.mT
 
     @staticmethod
@@ -266,15 +268,19 @@ class _RankChart(torch.autograd.Function):
             with torch.enable_grad():
                 X = _rank_chart(Zt, Ub, Vb, r, ctx.fmap, "expm")
                 return torch.autograd.grad(X, Zt, G, create_graph=True)[0], None, None, None, None
-        st, tall_st, U, V, fs, s_leaf, fs_graph = ctx.state
+        st, tall_st, U, V, fs, df, s_leaf, fs_graph = ctx.state
         n, k = Zt.shape[-2:]
         GV = G @ V
         F_ = fs.unsqueeze(-2)
         gf = (U * GV).sum(dim=-2)
         if gf.shape != fs.shape:  # bases with more batch dimensions than the raw tensor
             gf = gf.sum_to_size(fs.shape)
-        # f′ by autograd on the r values (kept: a backward may run more than once, as gradcheck's does)
-        gs = gf if s_leaf is None else torch.autograd.grad(fs_graph, s_leaf, gf, retain_graph=True)[0]
+        if df is not None:
+            gs = gf * df
+        elif s_leaf is not None:  # the graph is kept: a backward may run more than once, as gradcheck's does
+            gs = torch.autograd.grad(fs_graph, s_leaf, gf, retain_graph=True)[0]
+        else:
+            gs = gf
         gout = torch.stack([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))]).reshape(-1, n, r)
         gP = _linalg._tall_adjoint(tall_st, st.Y, gout).reshape((2,) + st.batch + (n, r))
         gZ = gP.new_zeros(st.batch + (n, k))

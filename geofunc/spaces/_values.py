@@ -171,6 +171,10 @@ class ValueMap(abc.ABC):
         """``Σ log|f(tᵢ)|`` (for ``logabsdet``)."""
         return torch.log(self(t).abs()).sum(-1)
 
+    def derivative(self, t: Tensor) -> Optional[Tensor]:
+        """``f′(t)`` where it has a closed form here, else None (the caller differentiates ``f``)."""
+        return None
+
 
 def _missing_inverse(space: Any, f: Any) -> Exception:
     return error(space, "`f` given as a pair (f, f_inverse) (or a name) so that from_manifold can invert it",
@@ -233,6 +237,10 @@ class Positive(ValueMap):
 
     def floor(self, dtype: torch.dtype) -> float:
         return floor_eps(dtype) if isinstance(self.f, str) else 0.0
+
+    def derivative(self, t: Tensor) -> Optional[Tensor]:
+        # softplus + ε: σ(t), and 1 past F.softplus's threshold of 20, where it is the identity
+        return torch.where(t > 20.0, torch.ones_like(t), torch.sigmoid(t)) if self.f == "softplus" else None
 
     def dtype_dependent(self) -> bool:
         return isinstance(self.f, str)
