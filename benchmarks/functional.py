@@ -96,14 +96,18 @@ def settle(fns: dict[str, Any], quick: bool) -> dict[str, Any]:
     return fns
 
 
-def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> TrainStep:
-    """The README's loop body: ``g = g_fn(raw, *args)`` (``grad(loss)``, maybe compiled), then Adam on ``raw``."""
+def grad_step(g_fn: Callable, raw: dict, *args: Any, lr: float = 1e-3,
+              after: Callable[[dict], None] | None = None) -> TrainStep:
+    """The README's loop body: ``g = g_fn(raw, *args)`` (``grad(loss)``, maybe compiled), then Adam on ``raw``
+    (then ``after(raw)``, if given, as part of the step)."""
     raw = {k: v.detach().clone() for k, v in raw.items()}
     opt = torch.optim.Adam(list(raw.values()), lr=lr)
 
     def step() -> None:
         g = g_fn(raw, *args)
         _adam_step(list(raw.values()), [g[k] for k in raw], opt)
+        if after is not None:
+            after(raw)
 
     return TrainStep(step, list(raw.values()), opt)
 
@@ -131,20 +135,17 @@ class RebaseStep(TrainStep):
 def grad_rebase_step(g_fn: Callable, constraints: dict, raw: dict, bases: dict, *args: Any, lr: float = 1e-3) -> RebaseStep:
     """:func:`grad_step`, then ``raw, bases = gf.rebase(constraints, raw, bases)`` (timed: it is part of the
     step); the new raw values are copied into the optimizer's tensors, whose Adam moments carry over."""
-    raw = {k: v.detach().clone() for k, v in raw.items()}
-    bases = dict(bases)
+    bases = dict(bases)  # the step's own, updated in place: g_fn reads it every call
 
-    def step() -> None:
-        g = g_fn(raw, bases, *args)
-        _adam_step(list(raw.values()), [g[k] for k in raw], opt)
+    def rebase(raw: dict) -> None:
         with torch.no_grad():
             new_raw, new_bases = gf.rebase(constraints, raw, bases)
             for k in raw:
                 raw[k].copy_(new_raw[k])
             bases.update(new_bases)
 
-    opt = torch.optim.Adam(list(raw.values()), lr=lr)
-    return RebaseStep(step, list(raw.values()), opt, bases)
+    s = grad_step(g_fn, raw, bases, *args, lr=lr, after=rebase)
+    return RebaseStep(s.step, s.tensors, s.opt, bases)
 
 
 def backward_step(loss: Callable, raw: dict, *args: Any, lr: float = 1e-3) -> TrainStep:
@@ -273,6 +274,10 @@ def sinusoid_tasks(n_tasks: int, k: int, generator: torch.Generator, dtype: torc
     return xs[:, :k], ys[:, :k], xs[:, k:], ys[:, k:]
 
 
+#: The constrained MAML model's constraint: its hidden weight on SO.
+MAML_CONSTRAINTS = {"2.weight": gf.SO()}
+
+
 def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained: bool = True,
          dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
     """MAML on sinusoids: an MLP 1-``width``-``width``-1 whose hidden weight is on ``SO`` (or free).
@@ -285,7 +290,7 @@ def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
                                     torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(dtype)
-    c = {"2.weight": gf.SO()} if constrained else {}
+    c = MAML_CONSTRAINTS if constrained else {}
     params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=generator)
     raw, bases = gf.from_manifold(c, params)
 
@@ -319,7 +324,7 @@ def maml_row(b: Bench, targets: bool, n_tasks: int, width: int) -> Row:
         task_loss, raw, bases = maml(width, constrained=constrained, dtype=b.dtype, generator=b.gen)
         fns[name] = grad_step(grad(meta_loss(task_loss)), raw, bases, *tasks)
         if constrained:
-            fns["geofunc + rebase"] = grad_rebase_step(grad(meta_loss(task_loss)), {"2.weight": gf.SO()}, raw, bases, *tasks)
+            fns["geofunc + rebase"] = grad_rebase_step(grad(meta_loss(task_loss)), MAML_CONSTRAINTS, raw, bases, *tasks)
     return b.run(
         f"MAML, MLP 1-{width}-{width}-1, SO hidden",
         f"{n_tasks} tasks, 5 inner steps",

@@ -308,22 +308,21 @@ def _stacked_tall_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, 
     # identity frame, where the packed and plain readings agree (Δ = Z, with exact zeros), so a
     # pair with a base and one without share the packed path.
     st = _stack_pairs(pairs, triv, packed)
-    Y, Z, basis, packed, rows, batch = st.Y, st.Z, st.basis, st.packed, st.rows, st.batch
-    n, k = Z.shape[-2:]
-    reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator (Note [Reduced tall chart])
-    X = _one_node_chart(Y, Z, triv, packed, horizontal, basis) if reduced else None
+    n, k = st.Z.shape[-2:]
+    X = _one_node_chart(st.Y, st.Z, triv, st.packed, horizontal, st.basis) if st.reduced else None
     if X is None:
-        X = _tall_chain(Y, Z, triv, packed, horizontal, reduced)
-    X = X.reshape((len(pairs),) + batch + (n, k))
-    return [X[i, ..., :m, :] for i, m in enumerate(rows)]
+        X = _tall_chain(st.Y, st.Z, triv, st.packed, horizontal, st.reduced)
+    X = X.reshape((len(pairs),) + st.batch + (n, k))
+    return [X[i, ..., :m, :] for i, m in enumerate(st.rows)]
 
 
 class _Stacked:
     """The frames of :func:`_stacked_tall_charts` as one batch: coordinates ``Z`` and bases ``Y``
     (``(len(pairs)·B, n, k)``, zero-padded to the tallest frame's ``n`` rows), the cached packed basis
-    or None, whether the packed reading applies, each frame's rows and the common batch shape."""
+    or None, whether the packed reading applies, each frame's rows, the common batch shape, and whether
+    every frame is at least 2k rows tall (else the n×n generator: Note [Reduced tall chart])."""
 
-    __slots__ = ("Y", "Z", "basis", "packed", "rows", "batch")
+    __slots__ = ("Y", "Z", "basis", "packed", "rows", "batch", "reduced")
 
 
 def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: bool) -> _Stacked:
@@ -340,13 +339,13 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
 
     st = _Stacked()
     st.Z = Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
+    st.reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator
     st.basis = None
     if all(base is None for _, base in pairs):
         st.Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
         packed = False  # at the identity frame the packed and plain readings agree
     else:
-        reduced = min(rows) >= 2 * k
-        cached = _cached_basis(pairs, n) if reduced and packed and _ONE_NODE and triv == "expm" else None
+        cached = _cached_basis(pairs, n) if st.reduced and packed and _ONE_NODE and triv == "expm" else None
         if cached is not None:
             st.Y, st.basis = cached
         else:

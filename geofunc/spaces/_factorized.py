@@ -208,10 +208,18 @@ class _Factorized(AbstractSpace):
         return frame_charts(list(pairs), self.triv, packed=True)
 
 
+def _rank_coords(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int) -> tuple[list, Tensor]:
+    """The U and V frames' ``(packed coordinates, base)`` pairs and the raw values ``s`` of the tall raw
+    tensor ``Zt`` (n×k): the strict lower triangle of its first r columns, the strict upper triangle of
+    its first r rows (transposed), its diagonal."""
+    pairs = [(torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb)]
+    return pairs, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
+
+
 def _rank_chart(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, fmap: ValueMap, triv: Any) -> Tensor:
     """``U diag(f(s)) Vᵀ`` of the tall raw tensor ``Zt`` (n×k) at the frames ``(Ub, Vb)``, as torch ops."""
-    U, V = frame_charts([(torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb)], triv, packed=True)
-    s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
+    pairs, s = _rank_coords(Zt, Ub, Vb, r)
+    U, V = frame_charts(pairs, triv, packed=True)
     return (U * (fmap(s) + (s - s)).unsqueeze(-2)) @ V.mT  # s − s: NaN for ±inf raw values
 
 
@@ -239,12 +247,11 @@ class _RankChart(torch.autograd.Function):
     def forward(ctx: Any, Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int,  # type: ignore[override]
                 fmap: ValueMap) -> Tensor:
         n, k = Zt.shape[-2:]
-        st = _linalg._stack_pairs([(torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb)],
-                                  "expm", True)
+        pairs, s = _rank_coords(Zt, Ub, Vb, r)
+        st = _linalg._stack_pairs(pairs, "expm", True)
         out, tall_st = _linalg._tall_forward(st.Y, st.Z, st.packed, False, st.basis)
         out = out.reshape((2,) + st.batch + (n, r))
         U, V = out[0], out[1, ..., :k, :]
-        s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
         s_leaf = fs_graph = None
         if isinstance(fmap, Identity):
             fs, df = s + (s - s), None
@@ -307,7 +314,7 @@ def _rank_chart_node(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: 
     for T in (Zt, Ub, Vb):
         if T is not None and (torch._C._functorch.is_functorch_wrapped_tensor(T) or (T is not Zt and T.requires_grad)):
             return None
-    n, k = Zt.shape[-2:]
+    k = Zt.shape[-1]
     if not (k > r and k >= 2 * r):  # both frames tall and reduced (n ≥ k): the stacked tall chart's node
         return None
     return _RANK_APPLY(Zt, Ub, Vb, r, fmap)
@@ -361,22 +368,22 @@ class SVDSpace(_Factorized):
         return base[0], base[1]
 
     # ------------------------------------------------------------ the maps
+    def _tall_raw(self, Z: Tensor, base: Any) -> tuple[Tensor, bool, int, Optional[Tensor], Optional[Tensor]]:
+        """``(Zt, transposed, r, U_b, V_b)``: the raw tensor checked and in tall form, the rank, the bases."""
+        self._check_shape(Z, "Z")
+        Zt, tr = tall(Z)
+        r = self._rank(*Zt.shape[-2:])
+        return (Zt, tr, r, *self._bases(base, Zt, r))
+
     def _factors(self, Z: Tensor, base: Any) -> tuple[Tensor, Tensor, Tensor, bool]:
         """``(U, s_raw, V, transposed)`` of a raw tensor."""
-        self._check_shape(Z, "Z")
-        Zt, tr = tall(Z)
-        n, k = Zt.shape[-2:]
-        r = self._rank(n, k)
-        Ub, Vb = self._bases(base, Zt, r)
-        U, V = self._frames((torch.tril(Zt[..., :, :r], -1), Ub), (torch.triu(Zt[..., :r, :], 1).mT, Vb))
-        return U, torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r], V, tr
+        Zt, tr, r, Ub, Vb = self._tall_raw(Z, base)
+        pairs, s = _rank_coords(Zt, Ub, Vb, r)
+        U, V = self._frames(*pairs)
+        return U, s, V, tr
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
-        self._check_shape(Z, "Z")
-        Zt, tr = tall(Z)
-        n, k = Zt.shape[-2:]
-        r = self._rank(n, k)
-        Ub, Vb = self._bases(base, Zt, r)
+        Zt, tr, r, Ub, Vb = self._tall_raw(Z, base)
         X = _rank_chart_node(Zt, Ub, Vb, r, self._value_map, self.triv)
         if X is None:
             X = _rank_chart(Zt, Ub, Vb, r, self._value_map, self.triv)
