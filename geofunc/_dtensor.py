@@ -197,7 +197,9 @@ def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor
 def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dict[str, Tensor]:
     """``max |XᵀX − I|`` (``XᴴX`` if complex), as ``FrameSpace._violations`` (the same name)."""
     I = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)  # noqa: E741
-    return {("max|XᴴX − I|" if X.is_complex() else "max|XᵀX − I|"): (gram(X, X) - I).abs().amax(dim=(-2, -1))}
+    E = (gram(X, X) - I).abs()
+    err = E.sum(dim=(-2, -1)) if X.shape[-1] == 0 else E.amax(dim=(-2, -1))  # 0 for the empty frame
+    return {("max|XᴴX − I|" if X.is_complex() else "max|XᵀX − I|"): err}
 
 
 def _frame_transport(space: Any, gram: Callable[..., Tensor], X: Tensor, Y: Tensor, V: Tensor) -> Tensor:

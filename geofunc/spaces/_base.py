@@ -228,6 +228,8 @@ def _readable(t: Any) -> bool:
 def _refine_frame(B: Tensor, force: bool) -> Tensor:
     """An orthonormal frame (tall or wide) re-made orthonormal in its dtype by its polar factor, unless it
     already is with a margin (:meth:`AbstractSpace._refine_base`); bf16/fp16 in float32."""
+    if 0 in B.shape[-2:]:  # the empty frame (St(n, 0)'s one point) is exact in every dtype
+        return B
     Bf = B.float() if B.dtype in LOW_PRECISION else B
     if not force:
         Bt = Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT
@@ -257,6 +259,11 @@ class AbstractSpace(_Space, abc.ABC):
     #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or
     #: None (no base, or a composite space that overrides :meth:`_refine_base`).
     _base_kind: ClassVar[str | None] = None
+
+    #: Whether a matrix with an empty dimension (n×0, 0×k) is a point shape: the space is then the
+    #: single empty matrix (St(n, 0), Gr(n, 0)), every map returns an empty tensor and every point is
+    #: on it. False: such shapes raise ``ManifoldError`` (GeoTorch fails on them in its own ways).
+    _empty_points: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -297,7 +304,7 @@ class AbstractSpace(_Space, abc.ABC):
         n, k = X.shape[-2], X.shape[-1]
         if square and n != k:
             raise error(self, f"`{what}` to be square matrices (..., n, n)", f"shape {tuple(X.shape)}")
-        if n == 0 or k == 0:
+        if (n == 0 or k == 0) and not self._empty_points:
             raise error(self, f"`{what}` with non-empty matrix dimensions", f"shape {tuple(X.shape)}")
         return n, k
 

@@ -8,7 +8,7 @@ from typing import Any, final
 import torch
 
 from .._linalg import frame_chart, poisoned_zero, transpose
-from ._orthogonal import FrameSpace, tall, untall
+from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Grassmannian"]
 
@@ -35,6 +35,9 @@ class Grassmannian(FrameSpace):
     * ``tangent(X, G) = (I − XXᵀ) G`` (the horizontal space); ``retract(X, V) = qf(X + V)``;
       ``project(Y)`` = polar factor; ``sample`` = Haar-uniform frame (uniform subspace).
 
+    An empty dimension (``n×0`` or ``0×k``, GeoTorch's ``nn.Linear(0, 3)``): the space is one point, the
+    empty frame; every map returns an empty tensor of the broadcast shape.
+
     Complex frames (subspaces of Cⁿ, real dimension 2k(n − k)) are accepted: ``ᵀ`` reads ``ᴴ``
     above, tangent vectors satisfy ``XᴴV = 0`` (Note [Complex]).
 
@@ -51,6 +54,9 @@ class Grassmannian(FrameSpace):
         self._require_base(Z, base)
         Zt, tr = tall(Z)
         Bt = None if base is None else tall(base)[0]
+        E = empty_frame(Zt, Bt)
+        if E is not None:
+            return untall(E, tr)
         X = frame_chart(Zt, Bt, self.triv, horizontal=True)
         if Zt.shape[-2] == Zt.shape[-1]:
             # Gr(n, n) is one point: the constant chart's gradient is 0, except at a NaN/inf raw tensor,

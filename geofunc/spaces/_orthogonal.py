@@ -27,9 +27,19 @@ def validate_triv(space: Any, triv: Any) -> None:
 
 
 def orthonormality_error(X: Tensor) -> Tensor:
-    """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch."""
+    """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch (0 for k = 0)."""
     k = X.shape[-1]
-    return (transpose(X) @ X - eye_like(X, k)).abs().amax(dim=(-2, -1))
+    E = (transpose(X) @ X - eye_like(X, k)).abs()
+    return E.sum(dim=(-2, -1)) if k == 0 else E.amax(dim=(-2, -1))  # amax has no value on an empty matrix
+
+
+def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
+    """The chart of a frame space at a tall ``Zt`` (n×k) with k = 0: St(n, 0) is the single empty frame,
+    returned with the broadcast shape of ``Zt`` and the base (still a function of ``Zt``, so a
+    gradient is an empty tensor, not None); None if k > 0."""
+    if Zt.shape[-1] != 0:
+        return None
+    return 0.0 * (Zt if Bt is None else Zt + Bt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +91,7 @@ class FrameSpace(AbstractSpace):
     """
 
     _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
+    _empty_points: ClassVar[bool] = True  # St(n, 0) and Gr(n, 0): one point, the empty frame (as GeoTorch)
 
     triv: Triv = "expm"
     accepts_complex: ClassVar[bool] = True
@@ -103,6 +114,8 @@ class FrameSpace(AbstractSpace):
     def project(self, Y: Tensor) -> Tensor:
         """The polar factor ``U Vᵀ`` of ``Y = U S Vᵀ`` (the nearest frame)."""
         self._check_shape(Y, "Y")
+        if 0 in Y.shape[-2:]:  # the empty frame (its polar factor has no singular values to read)
+            return 0.0 * Y
         return polar(Y)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any, final
 import torch
 
 from .._linalg import frame_chart, poisoned_zero, sym_part, transpose
-from ._orthogonal import FrameSpace, tall, untall
+from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Stiefel"]
 
@@ -42,6 +42,9 @@ class Stiefel(FrameSpace):
       ``Y = U S Vᵀ``; ``sample`` is Haar-uniform.
     * ``logabsdet`` (square only) is 0.
 
+    An empty dimension (``n×0`` or ``0×k``, GeoTorch's ``nn.Linear(0, 3)``): the space is one point, the
+    empty frame; every map returns an empty tensor of the broadcast shape.
+
     Complex frames (``XᴴX = I``, real dimension 2nk − k²) are accepted: ``ᵀ`` reads ``ᴴ``
     above, ``Ω`` is skew-Hermitian (its imaginary diagonal read from ``Im diag(YᴴZ)``),
     ``sample`` is Haar (QR of a complex Gaussian with the phases fixed) (Note [Complex]).
@@ -59,6 +62,9 @@ class Stiefel(FrameSpace):
         self._require_base(Z, base)
         Zt, tr = tall(Z)
         Bt = None if base is None else tall(base)[0]
+        E = empty_frame(Zt, Bt)
+        if E is not None:
+            return untall(E, tr)
         return untall(frame_chart(Zt, Bt, self.triv, horizontal=False), tr)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
