@@ -187,11 +187,13 @@ def _frame_tangent(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor
 def _frame_retract(space: Any, gram: Callable[..., Tensor], X: Tensor, V: Tensor) -> Tensor:
     """CholeskyQR2 of ``X + V``, as ``geofunc._linalg.chol_qr``: ``Y R⁻¹`` is row-wise and
     ``RᵀR = YᵀY`` a Gram matrix."""
+    from ._linalg import qr_trust
+
     Y = X + V
     for _ in range(2):
         R, _ = torch.linalg.cholesky_ex(gram(Y, Y), upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y
+    return Y * qr_trust(R)  # NaN where there is no QR factor (Note [Numerically rank-deficient QR])
 
 
 def _frame_violations(space: Any, gram: Callable[..., Tensor], X: Tensor) -> dict[str, Tensor]:

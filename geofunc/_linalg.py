@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
-from ._expm import _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, expm, frame_columns
+from ._expm import (_FAR, _UNIT_ROUNDOFF, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _read_max,
+                    _real, _values, expm, frame_columns)
 from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -117,8 +118,32 @@ def cayley(A: Tensor) -> Tensor:
     # exactly zero pivot, which a non-finite A (or one whose LU overflows, a raw scale ~1e30 in
     # float32) can produce: inv_ex is the same op (inv's value and derivatives, no error check, no
     # device sync) and leaves inf/NaN there instead (for a finite skew A, I − A/2 has singular
-    # values ≥ 1 and never gets there).
-    return 2.0 * torch.linalg.inv_ex(I - 0.5 * A)[0] - I + poisoned_zero(A)
+    # values ≥ 1 and never gets there in exact arithmetic; in floating point, see _cayley_far).
+    return (2.0 * torch.linalg.inv_ex(I - 0.5 * A)[0] - I) * _cayley_far(A) + poisoned_zero(A)
+
+
+# Note [Cayley too far to be a point]
+# I − A/2 has condition number ≤ 1 + ‖A‖₂/2 for skew A, so the computed inverse, and the Cayley
+# point, is off its group by ~u‖A‖/2. Past that of expm's bound (Note [Too far to be a point] in
+# geofunc/_expm.py: u·α > 1/64, float32 ‖A‖₁ ≈ 5e5) the point is finite noise: once u‖A‖ > 1 the
+# identity is lost in I − A/2, which for odd n is then a singular skew matrix, and SO(3) at raw
+# scale 1e15 in float32 (1e30 in float64) gave entries ~1e20. There the matrix gets NaN (value and
+# gradient; a factor 1 or NaN per matrix, from ‖A‖₁ read without a graph): never a finite wrong point.
+def _cayley_far(A: Tensor) -> Tensor | float:
+    """1, or per matrix 1 (finite) or NaN where ``u‖A‖₁/2 > 1/64`` (Note [Cayley too far to be a point])."""
+    u = _UNIT_ROUNDOFF.get(_real(A.dtype))
+    if u is None or A.shape[-1] == 0:
+        return 1.0
+    a1 = A.detach().abs().sum(dim=-2).amax(dim=-1, keepdim=True)  # ‖A‖₁ per matrix
+    return _one_or_nan(a1 <= 2.0 * _FAR / u, A)[..., None]
+
+
+def _one_or_nan(ok: Tensor, like: Tensor) -> Tensor:
+    """1 where ``ok``, NaN elsewhere, in the real dtype of ``like`` (so that it multiplies ``like``
+    without promoting it): ``ok / ok``, 0/0 being NaN; no ``where`` (whose presence in a compiled
+    graph the tests read as the static schedule's)."""
+    f = ok.to(like.real.dtype if like.is_complex() else like.dtype)
+    return f / f
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -227,15 +252,36 @@ def chol_qr(Y: Tensor) -> Tensor:
 
     CholeskyQR2: two passes of ``Q = Y R^{-1}``, ``RᵀR = YᵀY``; O(n k²), smooth where
     ``Y`` has full column rank, and accurate to rounding after the second pass. A
-    rank-deficient or non-finite ``Y`` (no QR factor) gives non-finite entries, never an
-    exception or a plausible frame.
+    non-finite ``Y``, or one without a QR factor in its dtype (numerically rank-deficient), gives NaN
+    (Note [Numerically rank-deficient QR]), never an exception or a finite frame off the manifold.
     """
     nan = poison(Y)
     Y = sanitize(Y)
     for _ in range(2):
         R, _ = torch.linalg.cholesky_ex(transpose(Y) @ Y, upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y + nan
+    return Y * qr_trust(R) + nan
+
+
+# Note [Numerically rank-deficient QR]
+# CholeskyQR2 is exact to rounding while the first pass's Gram matrix YᵀY (condition number cond(Y)²)
+# is numerically positive definite. Past that (a retraction step X + V of rank < k, or one whose
+# scale hides X: Grassmannian at 5×3 with a rank-1 V of 1e15) Cholesky stops early and leaves
+# garbage in the rest of R: the "frame" was finite and 1 to 1e29 off (a zero column; entries ~1e15).
+# The second pass's factor R₂ tells: its diagonal is 1 + O(cond(Y)² u) where the first pass worked.
+# Per matrix the result is NaN where that diagonal is off 1 by more than 1/2. Over ~30,000 frames
+# (5×3 to 64×16, steps of every rank < k at scales 1 to 1e30, float32 and float64) that left no
+# finite frame more than 1/64 off; reading the Cholesky failure flags as well changed nothing but
+# cost two more small ops. The check's few small ops are what a small retraction costs: a batch of
+# 8 frames of 32×8 (float64) 66 → 104 µs, of 128×64 1.04× (benchmarks/compare.py). Frames it turns
+# to NaN are steps without a QR factor in the dtype (or an orthonormal frame that is not that factor).
+def qr_trust(R2: Tensor) -> Tensor:
+    """Per matrix 1, or NaN where CholeskyQR2's second-pass factor ``R2`` says it gave no QR factor (Note
+    [Numerically rank-deficient QR]); ``(…, 1, 1)``, no graph."""
+    if R2.shape[-1] == 0:  # the empty frame (St(n, 0)'s one point)
+        return torch.ones((), dtype=R2.real.dtype if R2.is_complex() else R2.dtype, device=R2.device)
+    d = R2.detach().diagonal(dim1=-2, dim2=-1)
+    return _one_or_nan((d - 1.0).abs().amax(dim=-1) <= 0.5, R2)[..., None, None]
 
 
 def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool = False, packed: bool = False) -> Tensor:
@@ -456,7 +502,9 @@ _FRAME_K = 32  # frames at least this wide take frame_columns (narrower ones wer
 # Frames with n ≥ 2k keep M: C generically has rank k. Where it does not (a raw tensor whose part
 # outside the base is of low rank, e.g. one rank-1 SGD step from a rebase), M degrades the same way,
 # but only far out: float64 ‖XᵀX − I‖ 2e-7 at raw norm ~1e5 (20×4 and 64×16, C of rank 1 and 3),
-# float32 ≤ 5e-5 up to raw norm 300 and 8e-4 at 1e3 (the README's "Extreme raw scales").
+# float32 up to 1e-4 at raw norm 100, 2e-3 at 300 and 4e-2 at 1e3 (6×2 to 64×16, C of rank 1; an
+# earlier sample of ranks 1 and 3 read ≤ 5e-5 and 8e-4), then noise: past 1/64 the frame is NaN
+# (Note [Reduced chart too far to be a point]; the README's "Extreme raw scales").
 
 
 def _reduced(Y: Tensor) -> bool:
@@ -499,8 +547,43 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool, reduced: boo
         # only the first k columns of expm(M), by blocks (Note [Frame exponential] in geofunc/_expm.py)
         F = frame_columns(Omega, -CtC / c, c)
         if F is not None:
-            return None, lambda _: _mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :])
-    return _frame_matrix(Omega, -CtC / c, c), lambda F: _mm_add(_mm(Y, F[..., :k, :k]), C / c, F[..., k:, :k])
+            return None, lambda _: _trusted(_mm_add(_mm(Y, F[..., :k, :]), C / c, F[..., k:, :]), c)
+    return _frame_matrix(Omega, -CtC / c, c), lambda F: _trusted(_mm_add(_mm(Y, F[..., :k, :k]), C / c, F[..., k:, :k]), c)
+
+
+# Note [Reduced chart too far to be a point]
+# Where C = (I − YYᵀ)Z has numerical rank < k (Note [Reduced tall chart]), the 2k×2k chart's error
+# grows faster than the exponential's u·α. Measured (Stiefel 6×2, 20×4, 64×16 at a base, Z of rank
+# 1, max over 5 draws of max|XᵀX − I|): float32 2e-3 at raw norm 300, 4e-2 at 1e3, 0.6 to 88 at 1e4
+# and finite noise up to 1e17 at 1e5 (past ~1e6 expm's own rule gives NaN); float64 7e-3 at 1e6,
+# 7 to 450 at 1e7, noise at 1e8. So the reduced route's frame is checked, max|XᵀX − I| per frame
+# (one k×k Gram matrix, no graph), and is NaN past expm's bound 1/64 (value and gradient): never a
+# finite frame that far off. Below it such points are off by what the README's "Extreme raw
+# scales" states. The eager one-node path checks only where the exponential squared (s > 0): with
+# no squaring c ≲ θ_m and the error is ~u (the README step's operating point, α ≈ 3, costs nothing);
+# the op chain (transforms, compile, Cayley, complex) checks every call (one k×k product of n×k).
+def _tall_far(X: Tensor) -> Tensor:
+    """Per tall frame 1, or NaN where ``max|XᵀX − I| > 1/64`` (Note [Reduced chart too far to be a point]);
+    ``(…, 1, 1)``, no graph. A NaN frame stays NaN (NaN compares False)."""
+    with torch.no_grad():
+        E = (_mm(transpose(X), X) - eye_like(X, X.shape[-1])).abs().amax(dim=(-2, -1), keepdim=True)
+        return _one_or_nan(E <= _FAR, X)
+
+
+def _trusted(X: Tensor, c: Tensor) -> Tensor:
+    """The op chain's reduced frame ``X``, NaN where it is too far off (Note [Reduced chart too far to be a
+    point]). Where the balancing constants ``c`` can be read (eager, also under torch.func) and
+    ``u·c² ≤ 1e-5`` (float32 c ≤ 13, float64 ≤ 3e5; the error there was ≤ 1e-5) the check is skipped:
+    under vmap its ops cost 8–30% of a 64×16 chart. Inside torch.compile it always runs (no read;
+    measured no slower)."""
+    if not torch.compiler.is_compiling():
+        u = _UNIT_ROUNDOFF.get(_real(X.dtype))
+        cv = _values(c)
+        if u is not None and type(cv) in _PLAIN_TYPES:
+            cmax = _read_max(cv.detach())
+            if u * cmax * cmax <= 1e-5:
+                return X
+    return X * _tall_far(X)
 
 
 # Note [One-node tall chart]
@@ -562,8 +645,11 @@ def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool,
     F, cache = (_frame_forward if k >= _FRAME_K else _frame_full)(Omega, R, c)
     Cc = C / c
     out = _mm_add(_mm(Y, F[..., :k, :]), Cc, F[..., k:, :])
+    far = _tall_far(out) if cache["s"] > 0 else None  # Note [Reduced chart too far to be a point]
+    if far is not None:
+        out = out * far
     return out, {"W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
-                 "packed": packed, "horizontal": horizontal}
+                 "packed": packed, "horizontal": horizontal, "far": far}
 
 
 def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
@@ -571,6 +657,8 @@ def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
     [One-node tall chart])."""
     C, Cc, c, F = st["C"], st["Cc"], st["c"], st["F"]
     k = Y.shape[-1]
+    if st["far"] is not None:  # a NaN frame's gradient is NaN too
+        G = G * st["far"]
     GF = torch.cat([_mm(Y.mT, G), _mm(Cc.mT, G)], dim=-2)
     GO, GR = _frame_adjoint(st["Omega"], st["R"], c, st["cache"], GF)
     # The sums in the chain's order (products first, then added): fusing GC + Y GS into one addmm left

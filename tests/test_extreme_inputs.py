@@ -374,3 +374,117 @@ def test_sl_retract_gives_nan_not_a_non_member_where_the_point_is_unrepresentabl
     assert (sign == 1).all() and (lad.abs() < 1e-9).all()  # small steps: det 1
     assert finite[:10].all() and not finite.all()  # small steps are points; some far ones are NaN
     torch.testing.assert_close(torch.vmap(M.retract)(X, X @ A), R, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- Cayley and CholeskyQR2
+def _nan_or_member(M, X, what):
+    """Per point: all NaN, or finite and on the space (never a finite point off it)."""
+    nan = torch.isnan(X).flatten(-2).all(-1)
+    fin = torch.isfinite(X).flatten(-2).all(-1)
+    assert bool((nan | fin).all()), f"{what}: a point partly NaN"
+    assert bool(M.contains(X)[fin].all()), f"{what}: a finite point off the space, {M._measure(X)}"
+    return nan
+
+
+CAYLEY = [gf.SO(triv="cayley"), gf.Stiefel(triv="cayley"), gf.Grassmannian(triv="cayley")]
+
+
+@pytest.mark.parametrize("M", CAYLEY, ids=repr)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_cayley_gives_nan_not_noise_past_its_conditioning(M, dtype, generator):
+    """``(I − A/2)⁻¹`` loses the identity once u‖A‖ > 1 (a singular skew matrix for odd n): SO(3) at raw
+    scale 1e15 in float32 gave entries ~1e20 that ``contains`` rejected. Now NaN per matrix past
+    u‖A‖₁/2 > 1/64 (Note [Cayley too far to be a point]); the batch's other matrices keep their points,
+    and nothing is NaN at the scales training meets."""
+    shape = (3, 3) if isinstance(M, gf.SO) else (6, 2)
+    huge = {F32: [1e6, 1e15, 1e30], F64: [1e15, 1e30]}[dtype]
+    for scale in huge:
+        torch._dynamo.reset()
+        Z = torch.randn(3, *shape, generator=generator, dtype=F64).to(dtype)
+        Z[0] = Z[0] * scale
+        for what, X in (("to_manifold", M.to_manifold(Z)), ("vmap", vmap(M.to_manifold)(Z)),
+                        ("compile", torch.compile(M.to_manifold, fullgraph=True, backend="aot_eager")(Z))):
+            nan = _nan_or_member(M, X, f"{M} {what} at {scale:g}")
+            assert nan.tolist() == [True, False, False], (what, scale)
+        Zg = Z.clone().requires_grad_()
+        (g,) = torch.autograd.grad(M.to_manifold(Zg).sum(), Zg)
+        assert bool(torch.isnan(g[0]).any()) and bool(torch.isfinite(g[1:]).all())  # (SO reads the lower triangle)
+    for scale in (1.0, 30.0, 1e3):  # no false alarm
+        Z = scale * torch.randn(4, *shape, generator=generator, dtype=F64).to(dtype)
+        X = M.to_manifold(Z)
+        assert not bool(torch.isnan(X).any()), scale
+        assert bool(M.contains(X).all()), scale
+
+
+def test_cayley_retraction_gives_nan_not_noise():
+    M = gf.SO(triv="cayley")
+    X = M.sample((2, 3, 3), generator=torch.Generator().manual_seed(0))
+    V = M.tangent(X, torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(1)))
+    V[0] *= 1e15
+    assert _nan_or_member(M, M.retract(X, V), "retract").tolist() == [True, False]
+
+
+@pytest.mark.parametrize("M", [gf.Stiefel(), gf.Grassmannian()], ids=repr)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_qr_retraction_gives_nan_where_the_step_has_no_qr_factor(M, dtype, generator):
+    """``qf(X + V)`` by CholeskyQR2: a step of rank < k at a scale that hides ``X`` has no QR factor.
+    Cholesky stopped early and the "frame" was finite and 1 to 1e29 off (a zero column); now NaN per
+    matrix (Note [Numerically rank-deficient QR]), and full-rank steps, however large, keep their
+    frames."""
+    for shape in ((5, 3), (3, 5)):
+        X = M.sample((4, *shape), generator=generator, dtype=dtype)
+        Z = torch.randn(4, *shape, generator=generator, dtype=F64)
+        V = Z[..., :1].expand_as(Z).clone() if shape[0] < shape[1] else Z[..., :1, :].expand_as(Z).mT.mT.clone()
+        V = (torch.where(torch.arange(4)[:, None, None] < 2, 1e15 * V, Z)).to(dtype)  # two rank-1 giants, two normal
+        R = M.retract(X, V)
+        nan = _nan_or_member(M, R, f"{M} retract {shape}")
+        assert nan.tolist() == [True, True, False, False], (shape, nan)
+        assert bool(_nan_or_member(M, vmap(M.retract)(X, V), "vmap").eq(nan).all())
+        # large full-rank steps: frames, equal to the Q factor of a Householder QR
+        V = 1e3 * Z.to(dtype)
+        R = M.retract(X, V)
+        assert not bool(torch.isnan(R).any())
+        Yt = (X + V).double()
+        Yt = Yt if shape[0] >= shape[1] else Yt.mT
+        Q, Rq = torch.linalg.qr(Yt)
+        Q = Q * torch.sign(Rq.diagonal(dim1=-2, dim2=-1))[..., None, :]
+        Q = Q if shape[0] >= shape[1] else Q.mT
+        tol = 1e-5 if dtype == F32 else 1e-12
+        assert torch.allclose(R.double(), Q, atol=tol), (R.double() - Q).abs().max()
+
+
+@pytest.mark.parametrize("M", [gf.Stiefel(), gf.Grassmannian(), gf.Stiefel(triv="cayley")], ids=repr)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_reduced_tall_chart_gives_nan_not_noise_where_the_raw_part_is_rank_deficient(M, dtype, generator):
+    """A tall frame (n ≥ 2k: the 2k×2k chart) whose raw tensor's part outside the base has rank < k
+    (one rank-1 SGD step from a rebase, scaled up) was finite noise: float32 0.6 to 88 off at raw norm
+    1e4 and ~1e17 at 1e5; float64 7 to 450 at 1e7. Now per frame NaN past max|XᵀX − I| = 1/64 (Note
+    [Reduced chart too far to be a point]) on every path: the eager one node with and without a graph,
+    the op chain under vmap and torch.compile; the gradient is NaN where the value is; small raw
+    tensors keep their frames."""
+    far = 2.0**-6  # expm's bound (Note [Too far to be a point])
+    norms = {F32: (1e1, 1e2, 1e3, 1e4, 1e5), F64: (1e2, 1e5, 1e7, 1e8)}[dtype]
+    for n, k in ((6, 2), (40, 8), (96, 32)):
+        torch._dynamo.reset()  # one compiled function per shape, without hitting the recompile limit
+        Y = M.sample((len(norms), n, k), generator=generator, dtype=F64)
+        a = torch.randn(len(norms), n, 1, generator=generator, dtype=F64)
+        b = torch.randn(len(norms), 1, k, generator=generator, dtype=F64)
+        Z = a @ b
+        Z = (Z / Z.norm(dim=(-2, -1), keepdim=True) * torch.tensor(norms, dtype=F64)[:, None, None]).to(dtype)
+        Y = Y.to(dtype)
+        Zg = Z.clone().requires_grad_()
+        X = M.to_manifold(Zg, Y)
+        (g,) = torch.autograd.grad(X.sum(), Zg)
+        paths = {"eager": X.detach(), "no grad": M.to_manifold(Z, Y), "vmap": vmap(M.to_manifold)(Z, Y),
+                 "compile": torch.compile(M.to_manifold, fullgraph=True, backend="aot_eager")(Z, Y)}
+        for what, P in paths.items():
+            nan = torch.isnan(P).flatten(-2).all(-1)
+            fin = torch.isfinite(P).flatten(-2).all(-1)
+            assert bool((nan | fin).all()), what
+            err = (P.mT @ P - torch.eye(k, dtype=dtype)).abs().amax((-2, -1))
+            assert bool((err[fin] <= far).all()), (what, n, k, err)
+            assert not bool(nan[0]), (what, "a small raw tensor lost its frame")
+        if dtype == F32:  # at 1e5 every draw was noise (float64 at 1e8: some draws stay within 1/64)
+            assert bool(torch.isnan(paths["eager"][-1]).all()), "the largest raw tensor still gave a frame"
+        gnan = torch.isnan(g).flatten(-2).any(-1)
+        assert gnan.tolist() == torch.isnan(paths["eager"]).flatten(-2).all(-1).tolist()

@@ -105,7 +105,9 @@ def can_check(tree: Any) -> bool:
 # argument is float16/bfloat16 (or when autocast is on, which would otherwise run the chart's
 # products in low precision), and casts its floating results back to that dtype: a
 # low-precision point is the rounding of a float32 point, on the space within the
-# per-dtype tolerance of ``_ATOL``. The policy is applied once, to every public map a space
+# per-dtype tolerance of ``_ATOL`` where the point is well conditioned (an open space's point whose
+# values spread by more than ~1/ε of the stored dtype can round off it: README, "bfloat16 and
+# float16"). The policy is applied once, to every public map a space
 # defines (``__init_subclass__``), so no space can forget it.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
