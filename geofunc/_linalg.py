@@ -124,7 +124,7 @@ def cayley(A: Tensor) -> Tensor:
 
 # Note [Cayley too far to be a point]
 # I − A/2 has condition number ≤ 1 + ‖A‖₂/2 for skew A, so the computed inverse, and the Cayley
-# point, is off its group by ~u‖A‖/2. Past that of expm's bound (Note [Too far to be a point] in
+# point, is off its group by ~u‖A‖/2. Past expm's bound for that error (Note [Too far to be a point] in
 # geofunc/_expm.py: u·α > 1/64, float32 ‖A‖₁ ≈ 5e5) the point is finite noise: once u‖A‖ > 1 the
 # identity is lost in I − A/2, which for odd n is then a singular skew matrix, and SO(3) at raw
 # scale 1e15 in float32 (1e30 in float64) gave entries ~1e20. There the matrix gets NaN (value and
@@ -561,7 +561,8 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool, reduced: boo
 # finite frame that far off. Below it such points are off by what the README's "Extreme raw
 # scales" states. The eager one-node path checks only where the exponential squared (s > 0): with
 # no squaring c ≲ θ_m and the error is ~u (the README step's operating point, α ≈ 3, costs nothing);
-# the op chain (transforms, compile, Cayley, complex) checks every call (one k×k product of n×k).
+# the op chain (transforms, Cayley, complex, a base that requires grad) where u·c² > 1e-5 (_trusted),
+# and inside torch.compile, or on meta and fake tensors (nothing to read), every call.
 def _tall_far(X: Tensor) -> Tensor:
     """Per tall frame 1, or NaN where ``max|XᵀX − I| > 1/64`` (Note [Reduced chart too far to be a point]);
     ``(…, 1, 1)``, no graph. A NaN frame stays NaN (NaN compares False)."""
@@ -579,7 +580,7 @@ def _trusted(X: Tensor, c: Tensor) -> Tensor:
     if not torch.compiler.is_compiling():
         u = _UNIT_ROUNDOFF.get(_real(X.dtype))
         cv = _values(c)
-        if u is not None and type(cv) in _PLAIN_TYPES:
+        if u is not None and type(cv) in _PLAIN_TYPES and cv.device.type != "meta":  # values to read
             cmax = _read_max(cv.detach())
             if u * cmax * cmax <= 1e-5:
                 return X

@@ -488,3 +488,19 @@ def test_reduced_tall_chart_gives_nan_not_noise_where_the_raw_part_is_rank_defic
             assert bool(torch.isnan(paths["eager"][-1]).all()), "the largest raw tensor still gave a frame"
         gnan = torch.isnan(g).flatten(-2).any(-1)
         assert gnan.tolist() == torch.isnan(paths["eager"]).flatten(-2).all(-1).tolist()
+
+
+@pytest.mark.parametrize("M", [gf.Stiefel(), gf.Grassmannian(), gf.Stiefel(triv="cayley"), gf.LowRank(rank=2)], ids=repr)
+def test_reduced_chart_check_needs_no_values_on_meta_and_fake_tensors(M):
+    """The op chain's check reads the chart's balancing constants to skip itself; meta tensors (deferred
+    initialization) and fake tensors (tracing) have none to read, so there it runs as ops (a first
+    version called ``.item()`` on them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for shape in ((6, 2), (40, 8)):
+        Z = torch.randn(shape, device="meta", requires_grad=True)
+        X = M.to_manifold(Z)
+        assert X.shape == shape and X.device.type == "meta"
+        X.sum().backward()
+        with FakeTensorMode():
+            assert M.to_manifold(torch.randn(shape)).shape == shape
