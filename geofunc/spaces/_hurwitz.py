@@ -194,11 +194,37 @@ class Hurwitz(AbstractSpace):
         if can_check(X):
             self._check_certificate(X, P, err)
             try:
-                return self._from_certificate(X, P)
+                Z, base = self._from_certificate(X, P)
             except ManifoldError as e:  # W = P⁻¹ off PSD's chart: too close to the boundary
                 raise error(self, "a matrix far enough from the stability boundary for this dtype",
                             f"{describe(X)} whose certificate W = P⁻¹ is off the PSD chart ({e})") from None
+            self._check_round_trip(X, Z, base)
+            return Z, base
         return self._from_certificate(X, P)
+
+    # Note [Hurwitz right inverse off by its conditioning]
+    # The certificate's residual can be small while W = P⁻¹ and S = skew(PB) amplify it by the
+    # Lyapunov equation's conditioning: points of this space's own chart from raw entries of scale
+    # 10 (float64, 16×16) came back up to 4.9 off (relative to max(1, max|X|); median 4e-4), float32
+    # at scale 3 up to 0.68 (median 4e-4), with a certificate that passed. Eager from_manifold therefore
+    # maps the result back (one to_manifold, O(n³), no graph) and refuses a point whose round trip is
+    # more than 1/64 off (expm's bound for a point, Note [Too far to be a point]); scales ≤ 1 came back
+    # to ~1e-15 (float64) and ~1e-6 (float32). Under transforms only the shape checks run (README,
+    # "from_manifold under transforms").
+    def _check_round_trip(self, X: Tensor, Z: Tensor, base: Any) -> None:
+        """Eager: refuse ``X`` if ``to_manifold(from_manifold(X))`` is more than 1/64 off it (Note [Hurwitz
+        right inverse off by its conditioning])."""
+        with torch.no_grad():
+            X2 = self.to_manifold(Z.detach(), None if base is None else base.detach())
+            rel = (X2 - X).abs().amax(dim=(-2, -1)) / X.detach().abs().amax(dim=(-2, -1)).clamp(min=1.0)
+        bad = ~(rel <= 2.0**-6)
+        if not bool(bad.any()):
+            return
+        idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.ndim else ()
+        raise error(self, "a matrix conditioned well enough for this dtype that its Lyapunov certificate gives "
+                    "a right inverse", f"{describe(X)} whose round trip to_manifold(from_manifold(X)) is "
+                    f"{float(rel[idx]):.3g} off relative to max(1, max|X|) (batch index {idx}); float64 "
+                    "holds more")
 
     def _check_certificate(self, X: Tensor, P: Tensor, err: Tensor) -> None:
         """Eager: refuse a point with no numerically positive definite Lyapunov certificate."""
