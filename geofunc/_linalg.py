@@ -260,7 +260,7 @@ def chol_qr(Y: Tensor) -> Tensor:
     for _ in range(2):
         R, _ = torch.linalg.cholesky_ex(transpose(Y) @ Y, upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
-    return Y * qr_trust(R) + nan
+    return torch.addcmul(nan, Y, qr_trust(R))  # nan + Y·trust in one pass
 
 
 # Note [Numerically rank-deficient QR]
