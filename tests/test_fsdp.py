@@ -246,6 +246,12 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     with CommDebugMode() as comm:
         inside = M.contains(d(X))
     out["contains"] = bool(inside.full_tensor().all())
+    if isinstance(M, (gf.Stiefel, gf.Grassmannian)):
+        # a rank-1 step at a scale that hides X has no QR factor: NaN on every route, never a finite
+        # frame off the manifold (Note [Numerically rank-deficient QR]; the row route's own CholeskyQR2)
+        V = (1e15 * torch.randn(shape[:-1] + (1,), generator=g)).expand(shape).clone()
+        out["no QR factor"] = [bool(torch.isnan(M.retract(d(X), d(V)).full_tensor()).all()),
+                               bool(torch.isnan(M.retract(X, V)).all())]
     out["measures"] = len(M._violations(X))  # the named measures of contains/check
     try:  # an off point is refused as in eager mode on plain tensors
         M.from_manifold(d(-2 * X - 1))
@@ -498,6 +504,7 @@ def test_pure_maps_on_dtensors(results, case):
     for r in results:
         out = r["pure"][case]
         assert out.pop("contains") and out.pop("off point refused")
+        assert out.pop("no QR factor", [True, True]) == [True, True]
         measures = out.pop("measures")
         contains_collectives = out.pop("contains collectives")
         for name, o in out.items():
