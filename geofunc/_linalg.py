@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
-from ._expm import (_FAR, _UNIT_ROUNDOFF, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _read_max,
-                    _real, _values, expm, frame_columns)
+from ._expm import (_FAR, _UNIT_ROUNDOFF, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
+                    _read_max, _real, _values, expm, frame_columns)
 from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -135,15 +135,7 @@ def _cayley_far(A: Tensor) -> Tensor | float:
     if u is None or A.shape[-1] == 0:
         return 1.0
     a1 = A.detach().abs().sum(dim=-2).amax(dim=-1, keepdim=True)  # ‖A‖₁ per matrix
-    return _one_or_nan(a1 <= 2.0 * _FAR / u, A)[..., None]
-
-
-def _one_or_nan(ok: Tensor, like: Tensor) -> Tensor:
-    """1 where ``ok``, NaN elsewhere, in the real dtype of ``like`` (so that it multiplies ``like``
-    without promoting it): ``ok / ok``, 0/0 being NaN; no ``where`` (whose presence in a compiled
-    graph the tests read as the static schedule's)."""
-    f = ok.to(like.real.dtype if like.is_complex() else like.dtype)
-    return f / f
+    return _one_or_nan(a1 <= 2.0 * _FAR / u, A.dtype)[..., None]
 
 
 _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
@@ -247,6 +239,13 @@ def poisoned_zero(Z: Tensor, *others: Tensor | None) -> Tensor:
     return (Z * poison(Z, *others)).sum(dim=(-2, -1), keepdim=True)
 
 
+def orthonormality_error(X: Tensor) -> Tensor:
+    """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch (0 for k = 0)."""
+    k = X.shape[-1]
+    E = (transpose(X) @ X - eye_like(X, k)).abs()
+    return E.sum(dim=(-2, -1)) if k == 0 else E.amax(dim=(-2, -1))  # amax has no value on an empty matrix
+
+
 def chol_qr(Y: Tensor) -> Tensor:
     """Orthonormal factor of the QR decomposition (positive diagonal) of tall ``Y``.
 
@@ -279,9 +278,9 @@ def qr_trust(R2: Tensor) -> Tensor:
     """Per matrix 1, or NaN where CholeskyQR2's second-pass factor ``R2`` says it gave no QR factor (Note
     [Numerically rank-deficient QR]); ``(…, 1, 1)``, no graph."""
     if R2.shape[-1] == 0:  # the empty frame (St(n, 0)'s one point)
-        return torch.ones((), dtype=R2.real.dtype if R2.is_complex() else R2.dtype, device=R2.device)
+        return torch.ones((), dtype=_real(R2.dtype), device=R2.device)
     d = R2.detach().diagonal(dim1=-2, dim2=-1)
-    return _one_or_nan((d - 1.0).abs().amax(dim=-1) <= 0.5, R2)[..., None, None]
+    return _one_or_nan((d - 1.0).abs().amax(dim=-1) <= 0.5, R2.dtype)[..., None, None]
 
 
 def frame_chart(Z: Tensor, base: Tensor | None, triv: Triv, *, horizontal: bool = False, packed: bool = False) -> Tensor:
@@ -567,8 +566,7 @@ def _tall_far(X: Tensor) -> Tensor:
     """Per tall frame 1, or NaN where ``max|XᵀX − I| > 1/64`` (Note [Reduced chart too far to be a point]);
     ``(…, 1, 1)``, no graph. A NaN frame stays NaN (NaN compares False)."""
     with torch.no_grad():
-        E = (_mm(transpose(X), X) - eye_like(X, X.shape[-1])).abs().amax(dim=(-2, -1), keepdim=True)
-        return _one_or_nan(E <= _FAR, X)
+        return _one_or_nan(orthonormality_error(X) <= _FAR, X.dtype)[..., None, None]
 
 
 def _trusted(X: Tensor, c: Tensor) -> Tensor:

@@ -40,7 +40,7 @@ import torch
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error
 from .._fused import one_node
-from .._linalg import _randn, polar, transpose
+from .._linalg import _randn, orthonormality_error, polar
 
 __all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
 
@@ -234,9 +234,7 @@ def _refine_frame(B: Tensor, force: bool) -> Tensor:
         return B
     Bf = B.float() if B.dtype in LOW_PRECISION else B
     if not force:
-        Bt = Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT
-        k = Bt.shape[-1]
-        err = (transpose(Bt) @ Bt - torch.eye(k, dtype=Bt.dtype, device=Bt.device)).abs().amax(dim=(-2, -1))
+        err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
         if bool((err <= 0.25 * default_atol(B.dtype, max(B.shape[-2:]))).all()):
             return B
     return polar(Bf).to(B.dtype)

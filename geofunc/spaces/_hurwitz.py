@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import ManifoldError, describe, error
+from .._expm import _FAR
 from .._linalg import Triv, eye_like, poison, sanitize
 from ._base import LOW_PRECISION, AbstractSpace, can_check
 from ._psd import PSD
@@ -217,7 +218,7 @@ class Hurwitz(AbstractSpace):
         with torch.no_grad():
             X2 = self.to_manifold(Z.detach(), None if base is None else base.detach())
             rel = (X2 - X).abs().amax(dim=(-2, -1)) / X.detach().abs().amax(dim=(-2, -1)).clamp(min=1.0)
-        bad = ~(rel <= 2.0**-6)
+        bad = ~(rel <= _FAR)
         if not bool(bad.any()):
             return
         idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.ndim else ()

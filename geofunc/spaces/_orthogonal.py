@@ -12,7 +12,8 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import Triv, chol_qr, eye_like, haar_stiefel, polar, resolve_triv, skew_lower, skew_part, tall, transpose, untall
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part,
+                       tall, transpose, untall)
 from ._base import AbstractSpace
 
 Tensor = torch.Tensor
@@ -24,13 +25,6 @@ def validate_triv(space: Any, triv: Any) -> None:
         return
     if not isinstance(triv, str) or triv not in ("expm", "cayley"):
         raise error(space, '`triv` to be "expm", "cayley" or a callable mapping skew to orthogonal matrices', repr(triv))
-
-
-def orthonormality_error(X: Tensor) -> Tensor:
-    """``max |XᵀX − I|`` (``XᴴX`` if complex) per matrix of a tall (n ≥ k) batch (0 for k = 0)."""
-    k = X.shape[-1]
-    E = (transpose(X) @ X - eye_like(X, k)).abs()
-    return E.sum(dim=(-2, -1)) if k == 0 else E.amax(dim=(-2, -1))  # amax has no value on an empty matrix
 
 
 def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
