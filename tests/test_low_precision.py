@@ -298,3 +298,55 @@ def test_positive_definite_module_accepts_its_own_weight(n, dtype) -> None:
         assert bool(gf.PSD().contains(W)) and M.in_manifold(W)
         m.weight = W
         assert bool(gf.PSD().contains(m.weight.detach()))
+
+
+def _concurrently(other, main, steps: int = 60) -> list:
+    """``main()`` ``steps`` times while another thread runs ``other()`` in a loop; ``main``'s results."""
+    import threading
+
+    stop = threading.Event()
+    errors: list = []
+
+    def loop() -> None:
+        try:
+            while not stop.is_set():
+                other()
+        except Exception as e:  # pragma: no cover (reported below)
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        out = [main() for _ in range(steps)]
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert not t.is_alive() and not errors, errors
+    return out
+
+
+@pytest.mark.parametrize(
+    ("space", "shape"),
+    [(gf.GLp(), (16, 6, 6)), (gf.SL(), (16, 5, 5)), (gf.PSD(), (16, 6, 6)), (gf.FixedRank(rank=2), (16, 7, 5))],
+    ids=["GLp", "SL", "PSD", "FixedRank"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "fp16"])
+def test_the_rounding_dtype_is_per_thread(space, shape, dtype) -> None:
+    # Raw values whose chart values sit near the floor, so that a floor of another dtype moves the point
+    # (bf16's 0.088 against float32's 3.5e-4 and fp16's 0.031).
+    gen = torch.Generator().manual_seed(0)
+    Z = (torch.randn(shape, generator=gen, dtype=torch.float32) - 6.0).to(dtype)
+    Zb = Z.to(torch.bfloat16)
+    X_ref = space.to_manifold(Z)
+    Y = torch.randn(shape, generator=gen).to(dtype)
+    P_ref = space.project(Y)
+    assert not torch.equal(X_ref.float(), space.to_manifold(Zb).float()), "the floors must differ here"
+
+    def other() -> None:  # another thread, inside bf16 calls (as nn.DataParallel's replicas run forward)
+        space.to_manifold(Zb)
+        space.project(Y.to(torch.bfloat16))
+
+    outs = _concurrently(other, lambda: (space.to_manifold(Z), space.project(Y)))
+    for X, P in outs:
+        assert torch.equal(X, X_ref), f"to_manifold moved by {(X.float() - X_ref.float()).abs().max():.3g}"
+        assert torch.equal(P, P_ref), f"project moved by {(P.float() - P_ref.float()).abs().max():.3g}"

@@ -163,12 +163,12 @@ def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tens
         return
     low = X.dtype in LOW_PRECISION
     if low:
-        _ROUNDING.append(X.dtype)  # the rounding allowance of the stored dtype (Note [Low precision])
+        _ROUNDING.dtypes.append(X.dtype)  # the rounding allowance of the stored dtype (Note [Low precision])
     try:
         violation = next(iter(floor_violation(kept_min, v_max, floor, n, k).values()))
     finally:
         if low:
-            _ROUNDING.pop()
+            _ROUNDING.dtypes.pop()
     bad = ~(violation <= default_atol(X.dtype, max(n, k)))
     if not bool(bad.any()):
         return

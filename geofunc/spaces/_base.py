@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import operator
+import threading
 from typing import Any, Callable, ClassVar, Sequence
 
 import optree
@@ -129,15 +130,27 @@ _POLICY_METHODS = (
 )
 
 
-# The low-precision dtype the result of the map being evaluated will be rounded to (innermost
-# last). Open spaces (GLp, FixedRank, PSD, ...) keep their values above a floor that must
-# survive that rounding (√ε of bf16, not of float32): they read it through rounding_dtype.
-_ROUNDING: list[torch.dtype] = []
+class _Rounding(threading.local):
+    """The low-precision dtypes the results of the maps being evaluated will be rounded to (innermost
+    last). Open spaces (GLp, FixedRank, PSD, ...) keep their values above a floor that must survive
+    that rounding (√ε of bf16, not of float32): they read it through :func:`rounding_dtype`.
+
+    One stack per thread: threads that share a space (``nn.DataParallel``'s replicas, a serving
+    pool, a float32 training loop beside a bf16 evaluation) must not see each other's dtypes. A
+    module-level list once gave a float32 ``GLp`` point the bf16 floor (0.084 off) whenever another
+    thread was inside a bf16 call (tests/test_low_precision.py)."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+
+_ROUNDING = _Rounding()
 
 
 def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a result computed in ``dtype`` is finally stored in (Note [Low precision])."""
-    return _ROUNDING[-1] if _ROUNDING else dtype
+    stack = _ROUNDING.dtypes
+    return stack[-1] if stack else dtype
 
 
 _AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
@@ -190,13 +203,13 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not (low or _autocast_on(lead.device.type)):
             return fn(self, *args, **kwargs)
         if low:
-            _ROUNDING.append(lead.dtype)
+            _ROUNDING.dtypes.append(lead.dtype)
         try:
             with torch.autocast(lead.device.type, enabled=False):
                 out = fn(self, *_upcast(args), **_upcast(kwargs))
         finally:
             if low:
-                _ROUNDING.pop()
+                _ROUNDING.dtypes.pop()
         return _downcast(out, lead.dtype) if low else out
 
     method._low_precision_policy = True  # type: ignore[attr-defined]
@@ -523,13 +536,13 @@ class AbstractSpace(_Space, abc.ABC):
         if not (low or _autocast_on(X.device.type)):
             return self._violations(X)
         if low:
-            _ROUNDING.append(X.dtype)
+            _ROUNDING.dtypes.append(X.dtype)
         try:
             with torch.autocast(X.device.type, enabled=False):
                 return self._violations(_upcast(X))
         finally:
             if low:
-                _ROUNDING.pop()
+                _ROUNDING.dtypes.pop()
 
     def _size(self, X: Tensor) -> int:
         """Typical size used to scale the default tolerance."""
@@ -606,11 +619,11 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise error(self, "`generator` to be None or a torch.Generator", describe(generator))
         if dtype in LOW_PRECISION:
-            _ROUNDING.append(dtype)
+            _ROUNDING.dtypes.append(dtype)
             try:
                 out = fn(self, shape, generator=generator, dtype=torch.float32, device=device)
             finally:
-                _ROUNDING.pop()
+                _ROUNDING.dtypes.pop()
             return _downcast(out, dtype)
         return fn(self, shape, generator=generator, dtype=dtype, device=device)
 
