@@ -292,3 +292,38 @@ def test_a_bad_atol_or_generator_is_a_manifold_error(case) -> None:
     for generator in (5, "seed", torch.Generator().get_state()):
         with pytest.raises(gf.ManifoldError, match="`generator`"):
             M.sample(case.smoke, generator=generator, dtype=F64)
+
+
+# Spaces with attributes derived from their hyperparameters (geofunc.spaces._base.cached_attribute).
+_DERIVED = [
+    (gf.GLp(), (2, 5, 5)),
+    (gf.SL(), (2, 4, 4)),
+    (gf.PSD(), (2, 5, 5)),
+    (gf.FixedRank(rank=2), (2, 6, 4)),
+    (gf.PSSDFixedRank(rank=2), (2, 5, 5)),
+    (gf.AlmostOrthogonal(lam=0.5), (2, 6, 4)),
+    (gf.Hurwitz(), (2, 4, 4)),
+]
+
+
+@pytest.mark.parametrize(("space", "shape"), _DERIVED, ids=[type(M).__name__ for M, _ in _DERIVED])
+def test_compile_a_space_before_any_eager_call(space, shape) -> None:
+    # A new instance, compiled with fullgraph before anything ran eagerly (Dynamo's tracing; the backend
+    # does not matter): Python 3.11's
+    # functools.cached_property computed its value under an RLock that Dynamo cannot trace
+    # ("Unsupported context manager"), and Hurwitz's derived PSD, made inside the trace, could not be
+    # stored back ("Reconstruction failure").
+    torch._dynamo.reset()
+    M = dataclasses.replace(space)
+    Z = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+    X = torch.compile(lambda z: M.to_manifold(z), fullgraph=True, backend="aot_eager")(Z)
+    torch.testing.assert_close(X, M.to_manifold(Z), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("make", [gf.GLp, gf.Hurwitz], ids=["GLp", "Hurwitz"])
+def test_compile_a_space_made_inside_the_compiled_function(make) -> None:
+    # The derived attributes are then computed while Dynamo traces __post_init__: lock-free.
+    torch._dynamo.reset()
+    Z = torch.randn(2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    X = torch.compile(lambda z: make().to_manifold(z), fullgraph=True, backend="aot_eager")(Z)
+    torch.testing.assert_close(X, make().to_manifold(Z), rtol=1e-10, atol=1e-10)

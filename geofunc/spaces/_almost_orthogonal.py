@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, final
 
 import torch
 
 from .._errors import error
 from .._linalg import Triv
+from ._base import cached_attribute, compute_cached
 from ._factorized import SVDSpace
 from ._orthogonal import validate_triv
 from ._values import UNIT_MAPS, Unit, normalize_f
@@ -58,8 +58,9 @@ class AlmostOrthogonal(SVDSpace):
             raise error(self, "`lam` to be a number in [0, 1]", repr(lam))
         object.__setattr__(self, "f", normalize_f(self, self.f, UNIT_MAPS))
         validate_triv(self, self.triv)
+        compute_cached(self)  # not inside a compiled region (cached_attribute)
 
-    @functools.cached_property
+    @cached_attribute
     def _value_map(self) -> Unit:
         return Unit(self.lam, self.f)
 

@@ -221,6 +221,44 @@ def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
+class cached_attribute:
+    """``functools.cached_property`` without its lock: computed on first access, then an entry of the
+    instance's ``__dict__`` (a frozen dataclass's too), which shadows this non-data descriptor.
+
+    Python 3.11's ``cached_property`` computes under an ``RLock``, which ``torch.compile`` cannot
+    trace: ``torch.compile(f, fullgraph=True)`` of a map of a space made moments before (no eager call
+    yet, so nothing cached) raised ``Unsupported context manager`` for ``GLp``, ``SL``, ``PSD``,
+    ``FixedRank``, ``PSSDFixedRank``, ``AlmostOrthogonal`` and ``Hurwitz`` (tests/test_protocol.py).
+    Two threads that both miss compute the same immutable value from the same frozen fields; the
+    last write wins, harmlessly."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        value = self.fn(obj)
+        obj.__dict__[self.name] = value
+        return value
+
+
+def compute_cached(obj: Any) -> None:
+    """Compute every :class:`cached_attribute` of ``obj`` not computed yet: a space's ``__post_init__``
+    calls it, so that a space made outside ``torch.compile`` never computes one while being traced
+    (a derived space made inside a trace, ``Hurwitz``'s ``PSD``, cannot be stored into a space made
+    before it: Dynamo's "Reconstruction failure")."""
+    for klass in type(obj).__mro__:
+        for name, attr in vars(klass).items():
+            if isinstance(attr, cached_attribute) and name not in obj.__dict__:
+                getattr(obj, name)
+
+
 class _Space:
     """The plain (non-ABC) root of :class:`AbstractSpace`, for :func:`is_space`."""
 

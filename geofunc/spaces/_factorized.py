@@ -183,7 +183,7 @@ class _Factorized(AbstractSpace):
     @abc.abstractmethod
     def _value_map(self) -> ValueMap:
         """The value map of the space (see :mod:`geofunc.spaces._values`), derived from its
-        hyperparameters (a ``functools.cached_property`` or a constant)."""
+        hyperparameters (a :class:`~geofunc.spaces._base.cached_attribute` or a constant)."""
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``project(X + V)``."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, final
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from .._errors import ManifoldError, describe, error
 from .._expm import _FAR
 from .._linalg import Triv, eye_like, poison, sanitize
-from ._base import LOW_PRECISION, AbstractSpace, can_check
+from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
@@ -155,8 +154,9 @@ class Hurwitz(AbstractSpace):
             raise error(self, "`alpha` to be a finite real number ≥ 0", repr(a))
         object.__setattr__(self, "alpha", float(a))
         validate_triv(self, self.triv)
+        compute_cached(self)  # not inside a compiled region (cached_attribute)
 
-    @functools.cached_property
+    @cached_attribute
     def _psd(self) -> PSD:
         """The chart of ``W`` (derived from the hyperparameters)."""
         return PSD(f=_W_MAP, triv=self.triv)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, final
 
 import torch
 
 from .._linalg import Triv
+from ._base import cached_attribute, compute_cached
 from ._factorized import EigSpace, validate_rank
 from ._orthogonal import validate_triv
 from ._values import POSITIVE_MAPS, Positive, normalize_f
@@ -51,8 +51,9 @@ class PSSDFixedRank(EigSpace):
         validate_rank(self, self.rank)
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
         validate_triv(self, self.triv)
+        compute_cached(self)  # not inside a compiled region (cached_attribute)
 
-    @functools.cached_property
+    @cached_attribute
     def _value_map(self) -> Positive:
         return Positive(self.f)
 

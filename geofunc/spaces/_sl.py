@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, final
 
@@ -12,7 +11,7 @@ import torch
 
 from .._errors import ManifoldError, describe, error
 from .._linalg import Triv, expm, poison, poisoned_zero, sanitize
-from ._base import AbstractSpace
+from ._base import AbstractSpace, cached_attribute, compute_cached
 from ._glp import GLp
 
 __all__ = ["SL"]
@@ -85,8 +84,9 @@ class SL(AbstractSpace):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", self._glp.f)  # validated (and normalized) by GLp
+        compute_cached(self)  # not inside a compiled region (cached_attribute)
 
-    @functools.cached_property
+    @cached_attribute
     def _glp(self) -> GLp:
         """The GLp whose chart SL normalizes (derived from the hyperparameters)."""
         try:
