@@ -182,26 +182,6 @@ def fisher_gradient(X: Tensor, G: Tensor) -> Tensor:
     return R - dom * R.sum(-1, keepdim=True)  # the dominant entry: −(the others)
 
 
-class _SinkhornCompiled(torch.autograd.Function):
-    """:class:`_Sinkhorn` without the forward-mode rule, for ``torch.compile`` (Dynamo cannot trace a
-    custom ``jvp``; forward-mode AD inside a compiled region is not supported either way)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(L: Tensor) -> Tensor:  # type: ignore[override]
-        return _balance(L)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
-        (P,) = ctx.saved_tensors
-        return fisher_project(P, P * G)
-
-
 class _Sinkhorn(torch.autograd.Function):
     """``L ↦ S(exp L)`` with its exact derivative by implicit differentiation.
 
@@ -244,7 +224,12 @@ def _sinkhorn_ops(L: Tensor) -> Tensor:
     Newton step from ``v*`` has the exact first derivative in ``L`` (``∂N/∂v = 0`` at the root);
     each further step makes one more order exact (measured: 1, 2, 3 steps give exact first,
     second, third derivatives; ``tests/test_birkhoff.py`` checks the third against unrolled
-    Sinkhorn). Used where a custom Function's rules fall short: nested forward mode.
+    Sinkhorn). Used where a custom Function's rules fall short: nested forward mode, and inside
+    ``torch.compile``, where Dynamo inlines a Function's ``forward`` under ``torch.func`` transforms and
+    drops its ``backward``/``jvp`` (pytorch#193279, #192985; torch 2.13): ``torch.compile(grad(f))``
+    then differentiated the Sinkhorn sweeps themselves, whose selects gave NaN gradients for 3×3
+    points (tests/test_birkhoff.py). Compiled, these ops cost what the Function did (forward and
+    backward of 8×8 to 64×64 batches: 0.91–1.01×; compile 27 → 32 s with inductor).
     """
     Ld = L.detach()
     Lfin = _balance_log(Ld)
@@ -277,9 +262,7 @@ def _nested_forward_mode() -> bool:
 
 def sinkhorn(L: Tensor) -> Tensor:
     """``S(exp L)``: the doubly stochastic matrix ``diag(a) exp(L) diag(b)`` (last two dims), differentiable."""
-    if torch.compiler.is_compiling():
-        return _SinkhornCompiled.apply(L)
-    if _nested_forward_mode():
+    if torch.compiler.is_compiling() or _nested_forward_mode():  # (is_compiling first: Dynamo reads no interpreters)
         return _sinkhorn_ops(L)
     return _Sinkhorn.apply(L)
 
