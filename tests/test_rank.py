@@ -601,3 +601,22 @@ def test_product_errors_name_product_and_factor():
         gf.Product()
     with pytest.raises(gf.ManifoldError, match="factor 1 to be a geofunc space"):
         gf.Product(gf.SO(), 3)
+
+
+def test_compile_with_dynamic_shapes():
+    """``torch.compile(..., dynamic=True)`` (also what automatic dynamic shapes recompile with after a
+    shape changes): the stacked frames compared their batch shapes with ``list.count``, whose identity
+    test Dynamo cannot trace on symbolic shapes (``Unsupported: builtin operator is_``)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    space = gf.LowRank(rank=2)  # (FixedRank and the PSSD rank family share the stacked frames)
+
+    def f(z, w):
+        return grad(lambda z: (space.to_manifold(z) * w).sum())(z), space.to_manifold(z)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+    for shape in [(2, 10, 12), (3, 14, 9)]:
+        Z = 0.3 * torch.randn(shape, dtype=torch.float64, generator=gen)
+        W = torch.randn(shape, dtype=torch.float64, generator=gen)
+        for a, e in zip(compiled(Z, W), f(Z, W)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
