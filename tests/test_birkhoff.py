@@ -123,7 +123,8 @@ def test_compiled_transforms_give_the_eager_derivatives():
     """``torch.compile(grad(f), fullgraph=True)`` and a compiled Hessian-vector product equal eager mode.
     Dynamo (torch 2.13) inlines an autograd.Function's forward under torch.func transforms and drops
     its backward (pytorch#193279): the compiled gradient of 3×3 points was NaN (the Sinkhorn sweeps'
-    selects, differentiated), so inside torch.compile the balancing is torch ops with exact derivatives."""
+    selects, differentiated), so inside torch.compile the Function's forward is torch ops with exact
+    derivatives, and its backward is kept where Dynamo keeps it (plain autograd)."""
     g = torch.Generator().manual_seed(3)
     Z = 0.5 * torch.randn(4, 3, 3, generator=g, dtype=F64)
     W = torch.randn(4, 3, 3, generator=g, dtype=F64)
@@ -143,6 +144,24 @@ def test_compiled_transforms_give_the_eager_derivatives():
     z = Z.clone().requires_grad_()
     plain = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(z), z)[0]
     torch.testing.assert_close(plain, grad(f)(Z), atol=1e-12, rtol=1e-10)
+
+    # Plain autograd keeps the Function's backward, the Fisher projection with eager mode's LU solve:
+    # next to a vertex (raw scale 20, float32) the compiled gradient is eager's. Through the inverse
+    # that solve_vec takes inside compile it was 8e-2 off eager's (relative); through the Newton steps'
+    # derivative, which compiled grad(f) must use, 1e7.
+    gv = torch.Generator().manual_seed(1)
+    Zv = 20.0 * torch.randn(16, 3, 3, generator=gv, dtype=F64)
+    Wv = torch.randn(16, 3, 3, generator=gv, dtype=F64)
+
+    def h(z):
+        return (torch.sin(B.to_manifold(z)) * Wv.to(z.dtype)).sum()
+
+    z32 = Zv.float().requires_grad_()
+    eager = torch.autograd.grad(h(z32), z32)[0]
+    torch._dynamo.reset()
+    z32 = Zv.float().requires_grad_()
+    compiled32 = torch.autograd.grad(torch.compile(h, fullgraph=True, backend="aot_eager")(z32), z32)[0]
+    assert (compiled32 - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
 # ----------------------------------------------------------------------- the Fisher metric
@@ -403,3 +422,15 @@ def test_rsgd_momentum_converges_toward_a_target_near_a_vertex(dtype):
                 p, state = opt.update({"x": p["x"] - T.to(dtype)}, state, p)
             loss[name] = 0.5 * float(((p["x"].double() - T) ** 2).sum())
         assert loss["momentum"] <= 2e-4 and loss["momentum"] < loss["plain"], loss
+
+
+def test_nested_forward_mode_keeps_the_value_next_to_a_vertex():
+    """Under nested forward mode (and inside torch.compile) the value is the balanced limit plus a term
+    that is 0 in value and carries the three Newton steps' derivatives. Next to a vertex (float32, raw
+    scale 50) their solve can break down: that term was NaN, and so was the value."""
+    g = torch.Generator().manual_seed(1)
+    Z = (50.0 * torch.randn(16, 3, 3, generator=g, dtype=F64)).float()
+    V = torch.randn(16, 3, 3, generator=g).float()
+    inner = lambda z: torch.func.jvp(B.to_manifold, (z,), (V,))[0]  # noqa: E731
+    X = torch.func.jvp(inner, (Z,), (V,))[0]  # two forward levels: the Newton-step path
+    torch.testing.assert_close(X, B.to_manifold(Z), rtol=0, atol=0)

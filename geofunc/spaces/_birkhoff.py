@@ -115,7 +115,7 @@ def _balance(L: Tensor) -> Tensor:
 # does to M (ε of bfloat16/float16 per entry). In float32 and float64 the shift stays ε: there a
 # larger one is not free (near a face, where the smallest eigenvalue λ of I − PᵀP on 1⊥ is ~1e-6,
 # 4nε moved β by 4nε/λ, and a float32 rsgd run, 7.5e-7 from float64 before, ended 0.84 away).
-def fisher_project(P: Tensor, W: Tensor) -> Tensor:
+def fisher_project(P: Tensor, W: Tensor, solve: Any = solve_vec) -> Tensor:
     """``W − (α1ᵀ + 1βᵀ) ⊙ P`` with zero row and column sums: the projection onto the tangent
     space orthogonal in the Fisher metric ``⟨U, V⟩_P = Σ UV/P``, for doubly stochastic ``P``.
 
@@ -124,7 +124,8 @@ def fisher_project(P: Tensor, W: Tensor) -> Tensor:
     ``P`` decomposes (a permutation matrix), along each block: ``+ εI`` picks a solution there
     (every solution gives the same projection), so the map is finite on the whole closed
     polytope, vertices included; ``+ 4nεI`` for a bfloat16/float16 point (computed in float32: Note
-    [the Fisher projection of a rounded point]).
+    [the Fisher projection of a rounded point]). ``solve``: :func:`solve_vec` (right under every
+    transform), or ``torch.linalg.solve_ex`` where nothing differentiates it forward-over-reverse.
     """
     n = P.shape[-1]
     r, c = W.sum(-1), W.sum(-2)
@@ -132,7 +133,7 @@ def fisher_project(P: Tensor, W: Tensor) -> Tensor:
     shift = eps if rounding_dtype(P.dtype) == P.dtype else 4 * n * eps
     M = torch.eye(n, dtype=P.dtype, device=P.device) * (1.0 + shift) - P.mT @ P + 1.0 / n
     rhs = c - (P.mT @ r.unsqueeze(-1)).squeeze(-1)
-    beta = solve_vec(M, rhs)
+    beta = solve(M, rhs)
     alpha = r - (P @ beta.unsqueeze(-1)).squeeze(-1)
     return W - (alpha.unsqueeze(-1) + beta.unsqueeze(-2)) * P
 
@@ -182,6 +183,42 @@ def fisher_gradient(X: Tensor, G: Tensor) -> Tensor:
     return R - dom * R.sum(-1, keepdim=True)  # the dominant entry: −(the others)
 
 
+class _SinkhornCompiled(torch.autograd.Function):
+    """:class:`_Sinkhorn` for ``torch.compile``, whose ``forward`` is :func:`_sinkhorn_ops`.
+
+    Dynamo (torch 2.13) keeps a Function's ``backward`` under plain autograd but, under ``torch.func``
+    transforms, inlines its ``forward`` and drops the ``backward`` (pytorch#193279), which then
+    differentiated the Sinkhorn sweeps themselves (NaN gradients for some 3×3 points). With this
+    forward both readings are right: plain autograd gets the Fisher projection (eager mode's values),
+    ``torch.compile(grad(f))`` the three Newton steps' exact derivatives (whose float32 solve loses
+    accuracy next to a vertex: 3×3 points at raw scale 20 up to 1e7 off, relative). No ``jvp``: Dynamo
+    cannot trace it. Compiled forward and backward (inductor, batches of 8, 8×8 to 64×64) cost
+    0.99–1.01× the Function whose forward was the balancing alone.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(L: Tensor) -> Tensor:  # type: ignore[override]
+        return _sinkhorn_ops(L)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
+        # Reached under plain autograd only (Dynamo drops it under torch.func transforms), so the solve
+        # is LU's, as in eager mode: inside torch.compile solve_vec takes the inverse, whose float32
+        # projection next to a vertex was 4e-4 to 8e-2 off (relative) where eager's was 1e-6.
+        (P,) = ctx.saved_tensors
+        return fisher_project(P, P * G, solve=_lu_solve)
+
+
+def _lu_solve(A: Tensor, b: Tensor) -> Tensor:
+    return torch.linalg.solve_ex(A, b.unsqueeze(-1))[0].squeeze(-1)
+
+
 class _Sinkhorn(torch.autograd.Function):
     """``L ↦ S(exp L)`` with its exact derivative by implicit differentiation.
 
@@ -224,12 +261,8 @@ def _sinkhorn_ops(L: Tensor) -> Tensor:
     Newton step from ``v*`` has the exact first derivative in ``L`` (``∂N/∂v = 0`` at the root);
     each further step makes one more order exact (measured: 1, 2, 3 steps give exact first,
     second, third derivatives; ``tests/test_birkhoff.py`` checks the third against unrolled
-    Sinkhorn). Used where a custom Function's rules fall short: nested forward mode, and inside
-    ``torch.compile``, where Dynamo inlines a Function's ``forward`` under ``torch.func`` transforms and
-    drops its ``backward``/``jvp`` (pytorch#193279, #192985; torch 2.13): ``torch.compile(grad(f))``
-    then differentiated the Sinkhorn sweeps themselves, whose selects gave NaN gradients for 3×3
-    points (tests/test_birkhoff.py). Compiled, these ops cost what the Function did (forward and
-    backward of 8×8 to 64×64 batches: 0.91–1.01×; compile 27 → 32 s with inductor).
+    Sinkhorn). Used where a custom Function's rules fall short: nested forward mode, and as the
+    forward of :class:`_SinkhornCompiled` inside ``torch.compile``.
     """
     Ld = L.detach()
     Lfin = _balance_log(Ld)
@@ -243,7 +276,9 @@ def _sinkhorn_ops(L: Tensor) -> Tensor:
         H = torch.diag_embed(c) - P.mT @ P + 1.0 / n + torch.finfo(L.dtype).eps * eye
         v = v + solve_vec(H, 1.0 - c)
     P = _rows(L + v.unsqueeze(-2)).exp()
-    return value + (P - P.detach())
+    # P − P.detach() is 0 where the Newton steps are finite; where their float32 solve breaks down next
+    # to a vertex (raw scale ~50) it is NaN: the value stays the limit's (its derivatives are then NaN)
+    return value + torch.nan_to_num(P - P.detach(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _nested_forward_mode() -> bool:
@@ -262,7 +297,9 @@ def _nested_forward_mode() -> bool:
 
 def sinkhorn(L: Tensor) -> Tensor:
     """``S(exp L)``: the doubly stochastic matrix ``diag(a) exp(L) diag(b)`` (last two dims), differentiable."""
-    if torch.compiler.is_compiling() or _nested_forward_mode():  # (is_compiling first: Dynamo reads no interpreters)
+    if torch.compiler.is_compiling():
+        return _SinkhornCompiled.apply(L)
+    if _nested_forward_mode():
         return _sinkhorn_ops(L)
     return _Sinkhorn.apply(L)
 
