@@ -308,11 +308,10 @@ _DERIVED = [
 
 @pytest.mark.parametrize(("space", "shape"), _DERIVED, ids=[type(M).__name__ for M, _ in _DERIVED])
 def test_compile_a_space_before_any_eager_call(space, shape) -> None:
-    # A new instance, compiled with fullgraph before anything ran eagerly (Dynamo's tracing; the backend
-    # does not matter): Python 3.11's
-    # functools.cached_property computed its value under an RLock that Dynamo cannot trace
-    # ("Unsupported context manager"), and Hurwitz's derived PSD, made inside the trace, could not be
-    # stored back ("Reconstruction failure").
+    # A new instance, compiled with fullgraph before anything ran eagerly (Dynamo's tracing: the backend
+    # does not matter). Python 3.11's functools.cached_property computed its value under an RLock that
+    # Dynamo cannot trace ("Unsupported context manager"), and Hurwitz's derived PSD, made inside the
+    # trace, could not be stored back ("Reconstruction failure").
     torch._dynamo.reset()
     M = dataclasses.replace(space)
     Z = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0))
