@@ -30,3 +30,8 @@ def describe(x: Any) -> str:
 def error(space: Any, expected: str, got: str) -> ManifoldError:
     """Build the standard message ``<space>: expected <expected>, got <got>.``"""
     return ManifoldError(f"{space!r}: expected {expected}, got {got}.")
+
+
+def first_index(mask: torch.Tensor) -> tuple[int, ...]:
+    """The batch index of the first True entry of ``mask`` (``()`` for a 0-d one), for a message."""
+    return tuple(int(i) for i in torch.nonzero(mask)[0])

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
-from .._errors import ManifoldError
+from .._errors import ManifoldError, first_index
 from .._expm import _real
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
@@ -174,7 +174,7 @@ def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tens
         return
     at = ""
     if bad.ndim:
-        at = f" (first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})"
+        at = f" (first at batch index {first_index(bad)})"
     value = float(kept_min[bad].min())
     raise InManifoldError(
         X, M,

@@ -39,7 +39,7 @@ import optree
 import torch
 
 from .._dtensor import DTensor, distributed, route
-from .._errors import ManifoldError, describe, error
+from .._errors import ManifoldError, describe, error, first_index
 from .._fused import one_node
 from .._linalg import _randn, orthonormality_error, polar
 
@@ -621,7 +621,7 @@ class AbstractSpace(_Space, abc.ABC):
                 worst = torch.where(torch.isnan(vd), torch.full_like(vd, float("inf")), vd).max()
                 where = ""
                 if v.ndim:
-                    idx = tuple(int(i) for i in torch.nonzero(bad)[0])
+                    idx = first_index(bad)
                     where = f" (first at batch index {idx})"
                 raise error(
                     self,

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._linalg import poison, solve_vec
+from .._linalg import lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Birkhoff"]
@@ -125,7 +125,7 @@ def fisher_project(P: Tensor, W: Tensor, solve: Any = solve_vec) -> Tensor:
     (every solution gives the same projection), so the map is finite on the whole closed
     polytope, vertices included; ``+ 4nεI`` for a bfloat16/float16 point (computed in float32: Note
     [the Fisher projection of a rounded point]). ``solve``: :func:`solve_vec` (right under every
-    transform), or ``torch.linalg.solve_ex`` where nothing differentiates it forward-over-reverse.
+    transform), or :func:`lu_solve_vec` where nothing differentiates it forward-over-reverse.
     """
     n = P.shape[-1]
     r, c = W.sum(-1), W.sum(-2)
@@ -212,11 +212,7 @@ class _SinkhornCompiled(torch.autograd.Function):
         # is LU's, as in eager mode: inside torch.compile solve_vec takes the inverse, whose float32
         # projection next to a vertex was 4e-4 to 8e-2 off (relative) where eager's was 1e-6.
         (P,) = ctx.saved_tensors
-        return fisher_project(P, P * G, solve=_lu_solve)
-
-
-def _lu_solve(A: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.solve_ex(A, b.unsqueeze(-1))[0].squeeze(-1)
+        return fisher_project(P, P * G, solve=lu_solve_vec)
 
 
 class _Sinkhorn(torch.autograd.Function):

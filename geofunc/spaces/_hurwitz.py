@@ -9,7 +9,7 @@ from typing import Any, final
 import torch
 import torch.nn.functional as F
 
-from .._errors import ManifoldError, describe, error
+from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
 from .._linalg import Triv, eye_like, poison, sanitize
 from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached
@@ -221,7 +221,7 @@ class Hurwitz(AbstractSpace):
         bad = ~(rel <= _FAR)
         if not bool(bad.any()):
             return
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.ndim else ()
+        idx = first_index(bad)
         raise error(self, "a matrix conditioned well enough for this dtype that its Lyapunov certificate gives "
                     "a right inverse", f"{describe(X)} whose round trip to_manifold(from_manifold(X)) is "
                     f"{float(rel[idx]):.3g} off relative to max(1, max|X|) (batch index {idx}); float64 "
@@ -236,7 +236,7 @@ class Hurwitz(AbstractSpace):
         if bool(ok.all()):
             return
         bad = ~ok
-        idx = tuple(int(i) for i in torch.nonzero(bad)[0]) if bad.ndim else ()
+        idx = first_index(bad)
         a = torch.linalg.eigvals(sanitize(X.detach())).real.amax(-1)
         raise error(self, "a matrix whose X + alpha·I is numerically strictly stable (a Lyapunov certificate "
                     "P ≻ 0 with BᵀP + PB = −I)",
@@ -310,7 +310,7 @@ class Hurwitz(AbstractSpace):
             a = torch.linalg.eigvals(Xs).real.amax(-1)
             bad = ~(torch.isfinite(X).flatten(start_dim=-2).all(-1)) | (a + self.alpha > 0)
             if bad.ndim and bool(bad.any()):
-                a = a[tuple(int(i) for i in torch.nonzero(bad)[0])]
+                a = a[first_index(bad)]
             elif bad.ndim:
                 a = a.amax()
             first = "NaN/inf" if not bool(torch.isfinite(X).all()) else f"{float(a):.6g}"

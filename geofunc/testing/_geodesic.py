@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from .._errors import first_index
 from ..spaces._base import AbstractSpace
 from ._case import SpaceCase
 from ._geometry import _STEPS, _point_norm, _scalar_close, _small_steps, _vectors_close
@@ -134,7 +135,7 @@ def check_dist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
         dyw, dxw = M.dist(Y, W), M.dist(X, W)
         bad = ~(dxw <= dxy + dyw + tol * torch.maximum(one, dxy + dyw))
         if bool(bad.any()):
-            i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+            i = first_index(bad)
             raise _fail(ctx, f"dist breaks the triangle inequality on sampled X, Y, W: dist(X, W) = {float(dxw[i]):.10g} "
                         f"> dist(X, Y) + dist(Y, W) = {float(dxy[i]):.10g} + {float(dyw[i]):.10g} {_worst(bad)}")
         # the first order: dist(X, retract(X, tV))/t → √inner(X, V, V) = 1
@@ -149,7 +150,7 @@ def check_dist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
             bound = 10.0 * q * t + 1e2 * eps * (ratio / t) ** 2
             bad = ~(e <= bound)
             if bool(bad.any()):
-                i = tuple(int(j) for j in torch.nonzero(bad)[0]) if bad.ndim else ()
+                i = first_index(bad)
                 table = ", ".join(f"{s:g}: {float(err[i]):.3g}" for s, err in zip(_DIST_STEPS, errs))
                 raise _fail(ctx, f"dist does not agree with the metric: |dist(X, retract(X, tV))/t − √inner(X, V, V)| "
                             f"with inner(X, V, V) = 1 is not O(t): at t = {t:g} it is {float(e[i]):.3g} > "

@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
-from .._errors import ManifoldError
+from .._errors import ManifoldError, first_index
 from ._case import SpaceCase
 
 __all__ = [
@@ -134,7 +134,7 @@ def _point_inner(A: Tensor, B: Tensor, point_ndim: int) -> Tensor:
 
 def _worst(bad: Tensor) -> str:
     """Where the first True of a batch-shaped ``bad`` is, for a message ("" for a single point)."""
-    return f"(first at batch index {tuple(int(i) for i in torch.nonzero(bad)[0])})" if bad.ndim else ""
+    return f"(first at batch index {first_index(bad)})" if bad.ndim else ""
 
 
 def _point_any(A: Tensor, point_ndim: int) -> Tensor:
