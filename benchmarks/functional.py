@@ -39,10 +39,13 @@ def _twenty_lines(b: Bench, batch: int = 32):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10)).to(b.dtype)
     c = {"0.weight": gf.Stiefel(), "2.weight": gf.LowRank(rank=4)}
+    # sampled on the CPU (the CPU generator), then moved: the same point on every device
     params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=b.gen)
+    params = {k: v.to(b.device) for k, v in params.items()}
+    model = model.to(b.device)
     raw, bases = gf.from_manifold(c, params)
     x = b.randn(batch, 64)
-    y = torch.randint(0, 10, (batch,), generator=b.gen)
+    y = torch.randint(0, 10, (batch,), generator=b.gen).to(b.device)
     return model, c, params, raw, bases, x, y
 
 
@@ -279,7 +282,8 @@ MAML_CONSTRAINTS = {"2.weight": gf.SO()}
 
 
 def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained: bool = True,
-         dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None):
+         dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None,
+         device: torch.device | str = "cpu"):
     """MAML on sinusoids: an MLP 1-``width``-``width``-1 whose hidden weight is on ``SO`` (or free).
 
     Returns ``(task_loss, raw, bases)``: ``task_loss(raw, bases, xs, ys, xq, yq)`` takes
@@ -292,6 +296,8 @@ def maml(width: int = 40, inner_steps: int = 5, alpha: float = 0.01, constrained
                                     torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(dtype)
     c = MAML_CONSTRAINTS if constrained else {}
     params = gf.sample(c, {k: v.detach() for k, v in model.named_parameters()}, generator=generator)
+    params = {k: v.to(device) for k, v in params.items()}  # sampled on the CPU (a CPU generator), then moved
+    model = model.to(device)
     raw, bases = gf.from_manifold(c, params)
 
     def loss(raw, bases, x, y):
@@ -318,10 +324,10 @@ def meta_loss(task_loss: Callable) -> Callable:
 
 def maml_row(b: Bench, targets: bool, n_tasks: int, width: int) -> Row:
     """One MAML meta-step (grad of the vmapped task losses, Adam) beside the unconstrained one."""
-    tasks = sinusoid_tasks(n_tasks, 10, b.gen, b.dtype)
+    tasks = tuple(t.to(b.device) for t in sinusoid_tasks(n_tasks, 10, b.gen, b.dtype))
     fns = {}
     for name, constrained in ((GF, True), ("unconstrained", False)):
-        task_loss, raw, bases = maml(width, constrained=constrained, dtype=b.dtype, generator=b.gen)
+        task_loss, raw, bases = maml(width, constrained=constrained, dtype=b.dtype, generator=b.gen, device=b.device)
         fns[name] = grad_step(grad(meta_loss(task_loss)), raw, bases, *tasks)
         if constrained:
             fns["geofunc + rebase"] = grad_rebase_step(grad(meta_loss(task_loss)), MAML_CONSTRAINTS, raw, bases, *tasks)
@@ -348,7 +354,7 @@ def space_row(b: Bench, name: str, M: gf.AbstractSpace, shape: tuple[int, int], 
     """One space alone: ``⟨G, to_manifold(Z, base)⟩`` differentiated by ``torch.func.grad`` and by autograd."""
     Z = b.raw(*shape).detach()
     G = b.randn(*shape)
-    _, base = M.from_manifold(M.sample(shape, generator=b.gen, dtype=b.dtype))
+    _, base = M.from_manifold(M.sample(shape, generator=b.gen, dtype=b.dtype).to(b.device))
 
     def f(Z):
         return (M.to_manifold(Z, base) * G).sum()

@@ -26,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -391,7 +392,7 @@ def zuko_cases(b: Bench, n: int, batch: int) -> list[Row]:
     x = b.randn(batch, n)
     Z = b.raw(n, n)
     so, glp = gf.SO(), gf.GLp()
-    _, glp_base = glp.from_manifold(glp.sample((n, n), generator=b.gen, dtype=torch.float64).to(b.dtype))
+    _, glp_base = glp.from_manifold(glp.sample((n, n), generator=b.gen, dtype=torch.float64).to(b.device, b.dtype))
     lu = torch.linalg.lu_factor(glp.to_manifold(Z.detach(), glp_base))[0].requires_grad_()  # a packed LU of the same size
 
     def density(make):
@@ -589,7 +590,7 @@ def device_name(device: torch.device) -> str:
     return f"CPU {name} ({os.cpu_count()} logical cores)"
 
 
-def write_results(b: Bench, path: str, args, elapsed: float) -> None:
+def write_results(b: Bench, path: str, args, elapsed: float, failures: Optional[list[str]] = None) -> None:
     lines = [
         "# geofunc benchmarks" + (" (quick smoke run)" if b.quick else ""),
         "",
@@ -646,6 +647,8 @@ def write_results(b: Bench, path: str, args, elapsed: float) -> None:
     notes = [f"* {r.case}: {r.note}" for r in b.rows if r.note]
     if notes:
         lines += ["", "Notes:", ""] + notes
+    if failures:
+        lines += ["", "Sections that raised (`--keep-going`; their rows are missing):", ""] + [f"* {f}" for f in failures]
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -690,6 +693,8 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default 1: the CPU box is shared)")
     p.add_argument("--out", default=None, help="results markdown path (default benchmarks/RESULTS[-quick|-cuda].md)")
     p.add_argument("--only", default=None, help="comma-separated substrings of case names to run")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a section that raises is reported (traceback printed, named under the table) and the run goes on")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -713,49 +718,92 @@ def main(argv: Optional[list[str]] = None) -> list[Row]:
     def want(name: str) -> bool:
         return only is None or any(s in name for s in only)
 
-    if want("so"):
+    failures: list[str] = []
+
+    def section(name: str, run_it: Callable[[], None]) -> None:
+        """Run one section; write the table after it, so a run stopped later still leaves these rows."""
+        if not want(name):
+            return
+        try:
+            run_it()
+        except Exception:
+            if not args.keep_going:
+                raise
+            tb = traceback.format_exc()
+            print(f"section {name} failed:\n{tb}", flush=True)
+            failures.append(f"{name}: {tb.strip().splitlines()[-1]}")
+        write_results(b, out, args, time.perf_counter() - t0, failures)
+
+    def _so() -> None:
         for n in so_sizes:
             so_case(b, n, "expm", targets and n in (256, 1024))
-    if want("cayley"):
+    section("so", _so)
+
+    def _cayley() -> None:
         for n in ([64] if q else ([1024, 4096] if cuda else [256, 1024])):
             so_case(b, n, "cayley", targets)
-    if want("unitary"):
+    section("cayley", _cayley)
+
+    def _unitary() -> None:
         for n in ([32] if q else ([256, 1024] if cuda else [64, 256])):
             unitary_case(b, n)
-    if want("stiefel"):
+    section("unitary", _unitary)
+
+    def _stiefel() -> None:
         for n, k, need in ([(128, 16, 1)] if q else ([(1024, 256, 25), (1024, 16, 1), (4096, 1024, 25)] if cuda else [(1024, 256, 25), (1024, 16, 1)])):
             stiefel_case(b, n, k, targets, need)
-    if want("lowrank"):
+    section("stiefel", _stiefel)
+
+    def _lowrank() -> None:
         n = 64 if q else (4096 if cuda else 1024)
         factored_case(b, f"LowRank(rank=16) {n}×{n}", gf.LowRank(rank=16), lambda m: geotorch.low_rank(m, "weight", 16), n, n, 50, targets)
-    if want("psd"):
+    section("lowrank", _lowrank)
+
+    def _psd() -> None:
         n = 64 if q else (2048 if cuda else 1024)
         factored_case(b, f"PSD({n})", gf.PSD(), lambda m: geotorch.positive_definite(m, "weight"), n, n, 3, targets)
-    if want("glp"):
+    section("psd", _psd)
+
+    def _glp() -> None:
         n = 32 if q else (1024 if cuda else 256)
         factored_case(b, f"GLp({n})", gf.GLp(), lambda m: geotorch.invertible(m, "weight"), n, n, 3, targets)
-    if want("ensemble"):
+    section("glp", _glp)
+
+    def _ensemble() -> None:
         ensemble_case(b, 8 if q else 64, 16 if q else 32, 16 if q else 64, targets)
-    if want("train"):
+    section("ensemble", _ensemble)
+
+    def _train() -> None:
         train_case(b, 64 if q else (2048 if cuda else 512), 32 if q else (1024 if cuda else 256), targets)
-    if want("logabsdet"):
+    section("train", _train)
+
+    def _logabsdet() -> None:
         logabsdet_case(b, 32 if q else 256, targets)
         if not q:
             logabsdet_case(b, 1024, False)
-    if want("sphere"):
+    section("logabsdet", _logabsdet)
+
+    def _sphere() -> None:
         sphere_case(b, 64 if q else 1024, targets)
-    if want("functional"):
+    section("sphere", _sphere)
+
+    def _functional() -> None:
         from benchmarks.functional import functional_cases
 
         functional_cases(b, targets)
-    if want("hurwitz"):
+    section("functional", _functional)
+
+    def _hurwitz() -> None:
         for n in ([16] if q else ([64, 256, 1024] if cuda else [64, 256])):
             hurwitz_case(b, n)
-    if want("zuko"):
+    section("hurwitz", _hurwitz)
+
+    def _zuko() -> None:
         for n in ([16] if q else ([256, 1024] if cuda else [64, 256])):
             zuko_cases(b, n, 64 if q else 256)
+    section("zuko", _zuko)
     elapsed = time.perf_counter() - t0
-    write_results(b, out, args, elapsed)
+    write_results(b, out, args, elapsed, failures)
     msg = plot(b, png)
     print(f"wrote {out}" + (f" and {png}" if msg is None else f" ({msg})") + f" in {elapsed:.0f} s", flush=True)
     return b.rows
