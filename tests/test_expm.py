@@ -335,14 +335,26 @@ def test_vmap_under_grad_reads_every_batch_entry(in_dims, generator):
 
 
 def _graph_nodes(fn) -> set[str]:
-    """The names of the autograd nodes reachable from ``fn``."""
+    """The names of the autograd nodes reachable from ``fn``. The walk keeps every node object it met:
+    ``next_functions`` makes a node's Python object anew where none is alive, so an ``id`` it kept of
+    a freed one can come back on another node, which the walk then skipped with all it leads to (the
+    Unitary test below failed so on torch 2.11, and could have passed over a ``MatrixExp``)."""
     seen, todo = {}, [fn]
     while todo:
         fn = todo.pop()
         if fn is not None and id(fn) not in seen:
-            seen[id(fn)] = type(fn).__name__
+            seen[id(fn)] = fn
             todo.extend(f for f, _ in fn.next_functions)
-    return set(seen.values())
+    return {type(f).__name__ for f in seen.values()}
+
+
+def test_graph_nodes_walks_the_whole_graph(generator):
+    """The walk reaches the exponential's node under a product with a base, the output a temporary."""
+    Z = _rand((3, 6, 6), 1.0, generator, torch.complex128)
+    base = gf.Unitary().sample((3, 6, 6), generator=generator, dtype=torch.complex128)
+    for _ in range(5):
+        names = _graph_nodes(gf.Unitary().to_manifold(Z.clone().requires_grad_(), base).grad_fn)
+        assert {"_ExpmBackward", "TrilBackward0", "AccumulateGrad"} <= names
 
 
 def test_unitary_chart_is_the_fast_exponential(generator):
@@ -967,3 +979,4 @@ def test_frame_columns_leaves_leftover_wrappers_to_expm(generator):
     assert frame_columns(leaked[0], R, c) is None
     assert frame_columns(T, R, c) is not None
     torch.testing.assert_close(expm(_frame_matrix(leaked[0], R, c))[..., :4], frame_columns(T, R, c), rtol=1e-12, atol=1e-12)
+

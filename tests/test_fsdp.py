@@ -104,12 +104,21 @@ def reference() -> dict[int, torch.Tensor]:
     return _weights(model)
 
 
+def _cpu_mesh():
+    """The workers' mesh, named: ``fully_shard``'s default mesh is on the machine's accelerator, where
+    it has one (these gloo processes then shared one GPU and crashed: SIGSEGV on an H200 box)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (WORLD,))
+
+
 def _shard(model: nn.Module, **kwargs) -> None:
     from torch.distributed.fsdp import fully_shard
 
+    mesh = _cpu_mesh()
     for i in SPACES:
-        fully_shard(model[i], **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(model[i], mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
 
 
 def _scenario(order: str, rank: int, checkpoint: str | None = None) -> dict:
@@ -368,7 +377,7 @@ def _bf16_every_constraint() -> dict:
         torch.manual_seed(0)
         layer = nn.Linear(n_in, n_out, bias=False)
         constrain(layer)
-        fully_shard(layer, mp_policy=policy)
+        fully_shard(layer, mesh=_cpu_mesh(), mp_policy=policy)
         seen = []
         layer.register_forward_pre_hook(lambda m, a: seen.append(m.weight.detach().clone()))
         opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
@@ -386,7 +395,7 @@ def _ancestor_sharded() -> dict:
     from torch.distributed.fsdp import fully_shard
 
     model = nn.Sequential(nn.Linear(4, 6))
-    fully_shard(model)
+    fully_shard(model, mesh=_cpu_mesh())
     before = model[0].weight.full_tensor().detach().clone()
     try:
         gnn.orthogonal(model[0])

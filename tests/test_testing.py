@@ -983,6 +983,25 @@ def test_fuzz_gap_is_caught(patches, make_case, dtype, prop, match, passes) -> N
     _PROPS[prop].fn(case, dtype, generator=gen())  # the control: the property passes without the mutant
 
 
+def _sl1_rounding_pairs(self: Any, shape: Any, *, generator=None, dtype=None, device=None) -> Tensor:
+    """``SL(1)``'s one point, [[1]], rounded down by one ulp on both points of a random half of the
+    pairs: what a sampler's ``det^(-1/n)`` leaves (torch 2.11 on an H200 box failed the harness so)."""
+    X = torch.ones(tuple(shape), dtype=dtype, device=device)
+    low = torch.rand(shape[0], generator=generator, dtype=torch.float64) < 0.5
+    return torch.where(low.reshape((-1,) + (1,) * (len(shape) - 1)), X.nextafter(torch.zeros_like(X)), X)
+
+
+def test_sample_independence_reads_rounding_of_one_point_as_one_point() -> None:
+    """A space with one point (``SL`` of 1×1) samples it up to rounding; after centring, what is left is
+    the rounding, whose products need not average to 0 (z = 6.5 on torch 2.11): the independence test
+    reads products within ``1e-12 ‖A‖²`` as a one-point space, not as correlated points. Its other
+    checks stand: the repeated-pairs mutant of ``GAPS`` fails it still."""
+    case = _CASES["SL"]
+    assert (1, 1) in [tuple(ps) for ps in case.point_shapes]
+    with _patch((gf.SL, "sample", _sl1_rounding_pairs))():
+        _PROPS["sample_independent"].fn(case, f64, generator=torch.Generator().manual_seed(SEED))
+
+
 _NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist", "transport_parallel")
 
 

@@ -726,7 +726,9 @@ def check_sample_independent(case: SpaceCase, dtype: torch.dtype = f64, *,
     inner batch dim) and ``⟨A[2j, 0], A[2j+1, 0]⟩`` (along the outer one) have mean 0, z-tested as
     in :func:`check_sample_distribution` (false-alarm rate below ``FALSE_ALARM`` per case); if a
     product is constant, it must be 0 (a space with one point). A sampler that repeats points along
-    a batch dim (``X[i // 2]``) or couples them fails; the moments of one point cannot tell."""
+    a batch dim (``X[i // 2]``) or couples them fails; the moments of one point cannot tell. Products
+    within rounding of the points' scale (``sd ≤ 1e-12 ‖A‖²``, centred) are a space with one point too:
+    what is left after centring is rounding, whose signs need not balance."""
     _require_f64("sample_independent", dtype)
     g = _gen(generator)
     M = case.space
@@ -736,12 +738,13 @@ def check_sample_independent(case: SpaceCase, dtype: torch.dtype = f64, *,
     for ps in case.point_shapes:
         ctx = _ctx(case, (N, 2, *ps), f64)
         A = M.sample((N, 2, *ps), generator=g, dtype=f64)
+        scale = float(_euclid(A, A, p).mean())  # ‖point‖², before centring
         A = A - A.mean(dim=(0, 1), keepdim=True)
         for name, a, b in (("A[i, 0] and A[i, 1]", A[:, 0], A[:, 1]), ("A[2j, 0] and A[2j+1, 0]", A[0::2, 0], A[1::2, 0])):
             s = _euclid(a, b, p).reshape(-1)
             sd = float(s.std())
-            if sd == 0.0:
-                if float(s.abs().max()) > 1e-12:
+            if sd <= 1e-12 * scale:
+                if float(s.abs().max()) > 1e-12 * scale:
                     raise _fail(ctx, f"the points {name} of one sample call are not independent: ⟨a, b⟩ = "
                                 f"{float(s[0]):.6g} for every pair")
                 continue
