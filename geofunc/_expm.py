@@ -981,6 +981,19 @@ except AttributeError:  # pragma: no cover (depends on the torch version)
     _EXPM_APPLY = _Expm.apply
 
 
+# Note [Compiled exponential on accelerators]
+# The operators of Note [Compiled exponential] read norms into Python at run time. On the CPU that
+# is a plain read; on a GPU each is a device-to-host copy that waits for the queue, and CUDA graphs
+# (torch.compile(mode="reduce-overhead"), the way to launch a small model's step at once) refuse
+# any such copy ("Cannot copy between CPU and CUDA tensors during CUDA graph capture"). So off the
+# CPU, inside torch.compile, the exponential is the static schedule (Note [Static schedule]): all
+# ops traced into the graph, no read, same backward error bound (NaN past α₃ ≈ 2300-2500, far
+# beyond any generator that rebase leaves).
+def _host_reads(A: Tensor) -> bool:
+    """Whether the compiled exponential of ``A`` may read values at run time (on the CPU only)."""
+    return A.device.type == "cpu"
+
+
 def expm(A: Tensor) -> Tensor:
     """Matrix exponential of a batch of square matrices ``(..., n, n)``, real or complex; differentiable."""
     if not _plain(A):
@@ -988,7 +1001,7 @@ def expm(A: Tensor) -> Tensor:
     if type(A) not in (Tensor, torch.nn.Parameter):  # tensor subclasses (DTensor): values unreadable
         return _expm_static(A)
     if torch.compiler.is_compiling():  # Note [Compiled exponential]
-        return torch.ops.geofunc.expm(A) if _COMPILED_OPS else _expm_static(A)
+        return torch.ops.geofunc.expm(A) if _COMPILED_OPS and _host_reads(A) else _expm_static(A)
     if torch._C._functorch.peek_interpreter_stack() is None and not torch._C._functorch.is_functorch_wrapped_tensor(A):
         # Plain eager mode (Note [Plain eager calls])
         return _EXPM_APPLY(A, _Holder()) if tracks_derivatives(A) else _expm_kernel(A)
@@ -1366,7 +1379,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
         if type(X) not in _PLAIN_TYPES or X.dtype not in _FAST_DTYPES or X.is_meta:
             return None
     if torch.compiler.is_compiling():
-        return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS else None
+        return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS and _host_reads(T) else None
     if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0:
         return None
     if any(torch._C._functorch.is_functorch_wrapped_tensor(X) for X in (T, R)):  # outlived its transform

@@ -805,7 +805,9 @@ def _packed_basis(Y: Tensor, constant: bool = False) -> tuple[Tensor, Tensor]:
     if constant:
         J = torch.cholesky_solve(transpose(Ybot), torch.linalg.cholesky_ex(K)[0])
     else:
-        J = _mm(torch.linalg.inv(K), transpose(Ybot))  # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: inv is safe
+        # (I + P_Y)⁻¹ Y_botᵀ, r×(n−r); I + P_Y ⪰ I: the inverse exists, so inv_ex (inv's error check is a
+        # device-to-host read on a GPU, which CUDA graphs refuse; same values)
+        J = _mm(torch.linalg.inv_ex(K)[0], transpose(Ybot))
     W = torch.nn.functional.pad(S, (0, 0, 0, Y.shape[-2] - r)) - Y  # E S − Y
     return W, J
 

@@ -980,3 +980,33 @@ def test_frame_columns_leaves_leftover_wrappers_to_expm(generator):
     assert frame_columns(T, R, c) is not None
     torch.testing.assert_close(expm(_frame_matrix(leaked[0], R, c))[..., :4], frame_columns(T, R, c), rtol=1e-12, atol=1e-12)
 
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_compiled_exponential_off_the_cpu_is_the_static_schedule(dtype, generator, monkeypatch):
+    """Off the CPU (``_host_reads`` False: Note [Compiled exponential on accelerators]) the compiled
+    graph holds no geofunc operator, whose value reads are device-to-host copies that CUDA graphs
+    refuse, and its gradients are eager mode's: ``SO`` (the square exponential), ``Stiefel`` (the
+    frame operator) and ``LowRank`` (both). On the CPU the operators stay (the control)."""
+    import geofunc._expm as gexpm
+
+    cases = [(gf.SO(), (5, 5)), (gf.Stiefel(), (80, 32)), (gf.LowRank(rank=3), (12, 9))]  # k ≥ _FRAME_K: frames
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    for off_cpu in (False, True):
+        monkeypatch.setattr(gexpm, "_host_reads", (lambda A: False) if off_cpu else (lambda A: True))
+        for M, shape in cases:
+            Z = _rand(shape, 0.5, generator, dtype)
+            W = _rand(shape, 1.0, generator, dtype)
+            _, base = M.from_manifold(M.sample(shape, generator=generator, dtype=dtype))
+            f = lambda z: (M.to_manifold(z, base) * W).sum()  # noqa: E731
+            graphs = []
+
+            def backend(gm, inputs):
+                graphs.append(str(gm.graph))
+                return torch._dynamo.backends.debugging.aot_eager(gm, inputs)
+
+            torch._dynamo.reset()
+            got = torch.compile(grad(f), fullgraph=True, backend=backend)(Z)
+            assert ("geofunc." in "".join(graphs)) == (not off_cpu), (M, off_cpu)
+            ref = grad(f)(Z)
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    torch._dynamo.reset()
