@@ -239,6 +239,9 @@ class cached_attribute:
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+        # the class's names of cached attributes, its bases' too, read by compute_cached: a tuple, where
+        # walking vars(klass) (a mappingproxy) inside a trace failed on torch 2.11's Dynamo
+        owner._cached_names = (*getattr(owner, "_cached_names", ()), name)
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         if obj is None:
@@ -253,10 +256,9 @@ def compute_cached(obj: Any) -> None:
     calls it, so that a space made outside ``torch.compile`` never computes one while being traced
     (a derived space made inside a trace, ``Hurwitz``'s ``PSD``, cannot be stored into a space made
     before it: Dynamo's "Reconstruction failure")."""
-    for klass in type(obj).__mro__:
-        for name, attr in vars(klass).items():
-            if isinstance(attr, cached_attribute) and name not in obj.__dict__:
-                getattr(obj, name)
+    for name in getattr(type(obj), "_cached_names", ()):
+        if name not in obj.__dict__:
+            getattr(obj, name)
 
 
 class _Space:
