@@ -12,8 +12,8 @@
 #                                    # 3. the test suite on the box's torch, one pytest process per
 #                                    #    file, 16 at a time, in whatever is left of the time:
 #                                    #    $OUT/tests-gpu-box.log (each file's summary, then its log).
-#                                    #    Not pytest-xdist: parametrize ids that show a callable's
-#                                    #    address differ between its workers.
+#                                    #    (pytest-xdist refused the suite there while spaces'
+#                                    #    reprs, hence test ids, showed callables' addresses.)
 #
 # Installs nothing from the internet: the wheels go to /tmp/gpu-site (pip --no-index --target).
 # Budget: GF_GPU_BUDGET seconds for the whole script (default 540); the benchmark stops at

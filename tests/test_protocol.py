@@ -59,6 +59,26 @@ def test_every_space_is_final_and_holds_hyperparameters_only(cls: type) -> None:
     assert all(not f.name.startswith("_") for f in dataclasses.fields(cls))
 
 
+def _square(t: torch.Tensor) -> torch.Tensor:
+    return t * t
+
+
+def test_a_space_repr_names_its_callables() -> None:
+    """A space's repr names a callable hyperparameter by module and name, not by address, so the repr
+    (the start of every error message, the suite's test ids) is the same in every process: pytest-xdist
+    refused to run the suite when its workers' ids differed (`<built-in method exp … at 0x7f…>`)."""
+    assert repr(gf.GLp(f=(torch.exp, torch.log))) == "GLp(f=(torch.exp, torch.log), triv='expm')"
+    assert repr(gf.FixedRank(rank=2, f=[torch.exp, torch.log])) == "FixedRank(rank=2, f=(torch.exp, torch.log), triv='expm')"
+    assert repr(gf.PSD(f=_square)) == "PSD(f=test_protocol._square, triv='expm')"
+    assert repr(gf.SO(triv=lambda A: A)) == "SO(triv=test_protocol.test_a_space_repr_names_its_callables.<locals>.<lambda>)"
+    assert repr(gf.GLp()) == "GLp(f='softplus', triv='expm')" and repr(gf.Sphere(radius=2.0)) == "Sphere(radius=2.0)"
+    assert repr(gf.Product((gf.SO(), gf.Sphere()))) == "Product(SO(triv='expm'), Sphere(radius=1.0))"  # its own repr kept
+    for space in (gf.GLp(f=(torch.exp, torch.log)), gf.AlmostOrthogonal(lam=0.5, f=(torch.sin, torch.asin))):
+        with pytest.raises(gf.ManifoldError) as info:
+            space.to_manifold(torch.zeros(3))
+        assert str(info.value).startswith(repr(space)) and "0x" not in str(info.value)
+
+
 def test_sphere_embedded_is_a_pure_space_beside_the_others() -> None:
     assert gnn.SphereEmbeddedSpace is gf.SphereEmbedded
     assert gnn.SphereEmbedded is not gf.SphereEmbedded  # GeoTorch's class keeps its name

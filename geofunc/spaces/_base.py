@@ -261,6 +261,35 @@ def compute_cached(obj: Any) -> None:
             getattr(obj, name)
 
 
+def _value_repr(v: Any) -> str:
+    """A field's repr, callables by their module and name (``torch.exp``, not ``<built-in method exp of
+    type object at 0x7f…>``): the same in every process, so a space's repr (its error messages, test ids)
+    is too."""
+    if isinstance(v, tuple):
+        return "(" + ", ".join(map(_value_repr, v)) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(_value_repr, v)) + "]"
+    if callable(v) and not isinstance(v, (type, _Space)) and hasattr(v, "__qualname__"):
+        module = getattr(v, "__module__", None)
+        name = v.__name__ if module == "torch" else v.__qualname__  # torch.exp: _VariableFunctionsClass.exp
+        return f"{module}.{name}" if module else name
+    return repr(v)
+
+
+def _space_repr(self: Any) -> str:
+    """A dataclass space's repr, as the generated one but with :func:`_value_repr` for the values."""
+    if not dataclasses.is_dataclass(self):
+        return object.__repr__(self)
+    fields = ", ".join(f"{f.name}={_value_repr(getattr(self, f.name))}" for f in dataclasses.fields(self) if f.repr)
+    return f"{type(self).__qualname__}({fields})"
+
+
+def _generated_repr(fn: Any) -> bool:
+    """Whether ``fn`` is a repr no class wrote by hand (object's, a dataclass's, or :func:`_space_repr`)."""
+    fn = getattr(fn, "__wrapped__", fn)  # a dataclass's is wrapped by reprlib.recursive_repr
+    return fn is object.__repr__ or fn is _space_repr or getattr(getattr(fn, "__code__", None), "co_filename", "") == "<string>"
+
+
 class _Space:
     """The plain (non-ABC) root of :class:`AbstractSpace`, for :func:`is_space`."""
 
@@ -321,6 +350,9 @@ class AbstractSpace(_Space, abc.ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _apply_policy(cls)
+        # Before @dataclass runs, which then keeps it: the fields' repr with callables by name.
+        if "__repr__" not in cls.__dict__ and _generated_repr(cls.__repr__):
+            cls.__repr__ = _space_repr  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ shapes
     @abc.abstractmethod
