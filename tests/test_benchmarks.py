@@ -63,6 +63,33 @@ def test_runner_without_geotorch(runner, tmp_path, monkeypatch):
     assert "GeoTorch is not installed" in out.read_text()
 
 
+def test_keep_going_reports_a_failed_section_and_keeps_the_others(runner, tmp_path, monkeypatch):
+    """``--keep-going`` (the GPU run, whose lease may end): a section that raises is named under the
+    table and the run goes on; without it the error propagates. The table is on disk after the first
+    section, before the failing one runs."""
+    import torch
+
+    out = tmp_path / "R.md"
+    seen = []
+
+    def planted(*args, **kwargs):
+        seen.append(out.read_text())  # the table as the failing section starts
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(runner, "zuko_cases", planted)
+    threads = torch.get_num_threads()
+    try:
+        rows = runner.main(["--quick", "--keep-going", "--out", str(out), "--only", "sphere,zuko"])
+        with pytest.raises(RuntimeError, match="planted failure"):
+            runner.main(["--quick", "--out", str(tmp_path / "S.md"), "--only", "sphere,zuko"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.case.split("(")[0] for r in rows] == ["Sphere"]
+    assert "| Sphere(" in seen[0]
+    text = out.read_text()
+    assert "Sections that raised" in text and "* zuko: RuntimeError: planted failure" in text
+
+
 def test_module_entry_point_writes_its_table(tmp_path):
     """``python -m benchmarks --quick`` on one tiny case, in a fresh process: the table it writes has
     the header and a row for the case with positive times and mm-eq."""
