@@ -106,7 +106,8 @@ def reference() -> dict[int, torch.Tensor]:
 
 def _cpu_mesh():
     """The workers' mesh, named: ``fully_shard``'s default mesh is on the machine's accelerator, where
-    it has one (these gloo processes then shared one GPU and crashed: SIGSEGV on an H200 box)."""
+    it has one (on an H200 box these gloo workers died of SIGSEGV with it; with this mesh the file
+    passed there)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     return init_device_mesh("cpu", (WORLD,))
