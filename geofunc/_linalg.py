@@ -721,8 +721,9 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Ten
     # ‖M‖ ~ max(c, ‖CᵀC‖/c): c = √‖CᵀC‖₁ balances the two blocks, so ‖M‖ ~ ‖W‖ and the
     # exponential needs no more squarings than W's own; the floor keeps C/c finite at C = 0.
     CtC = _mm(transpose(C), C)
-    # (‖·‖₁ as the columns' largest 1-norm, bit for bit linalg.matrix_norm(ord=1), whose composite
-    # under grad with dynamic shapes hit an internal assert of torch 2.11's fake tensors)
+    # (‖·‖₁ as the columns' largest 1-norm: bit for bit linalg.matrix_norm(ord=1), whose composite
+    # under grad with dynamic shapes hit an internal assert of torch 2.11's fake tensors, and one op
+    # fewer than _colnorm1's abs, sum and amax)
     c = torch.linalg.vector_norm(CtC.detach(), 1, dim=-2).amax(dim=-1).sqrt().clamp(min=1e-3)[..., None, None]
     return C, Omega, CtC, c
 

@@ -277,17 +277,10 @@ def _value_repr(v: Any) -> str:
 
 
 def _space_repr(self: Any) -> str:
-    """A dataclass space's repr, as the generated one but with :func:`_value_repr` for the values."""
-    if not dataclasses.is_dataclass(self):
-        return object.__repr__(self)
+    """A space's repr, as a dataclass's but with :func:`_value_repr` for the values."""
     fields = ", ".join(f"{f.name}={_value_repr(getattr(self, f.name))}" for f in dataclasses.fields(self) if f.repr)
     return f"{type(self).__qualname__}({fields})"
 
-
-def _generated_repr(fn: Any) -> bool:
-    """Whether ``fn`` is a repr no class wrote by hand (object's, a dataclass's, or :func:`_space_repr`)."""
-    fn = getattr(fn, "__wrapped__", fn)  # a dataclass's is wrapped by reprlib.recursive_repr
-    return fn is object.__repr__ or fn is _space_repr or getattr(getattr(fn, "__code__", None), "co_filename", "") == "<string>"
 
 
 class _Space:
@@ -347,11 +340,14 @@ class AbstractSpace(_Space, abc.ABC):
     #: on it. False: such shapes raise ``ManifoldError`` (GeoTorch fails on them in its own ways).
     _empty_points: ClassVar[bool] = False
 
+    __repr__ = _space_repr  # in the class body, so @dataclass keeps it
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _apply_policy(cls)
-        # Before @dataclass runs, which then keeps it: the fields' repr with callables by name.
-        if "__repr__" not in cls.__dict__ and _generated_repr(cls.__repr__):
+        # Inherited, it would lose to the repr a subclass's own @dataclass writes: set it on the class
+        # before that runs (which then keeps it). A class's hand-written repr (Product's) stays.
+        if "__repr__" not in cls.__dict__ and cls.__repr__ is _space_repr:
             cls.__repr__ = _space_repr  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ shapes
