@@ -764,7 +764,9 @@ def _expm_static(A: Tensor) -> Tensor:
 def _expm_kernel(A: Tensor) -> Tensor:
     """The values alone, no graph (the compiled operator's kernel; plain eager calls with nothing to record)."""
     m, s, pre = choose_degree(A)
-    return _evaluate(A, m, s, pre, inplace=True)[0]
+    # contiguous, as the operators' fake kernels say: from a non-contiguous A the low degrees (I + A,
+    # I + A + A²/2) keep A's strides, which a compiled graph would read with the fake's
+    return _evaluate(A, m, s, pre, inplace=True)[0].contiguous()
 
 
 def _expm_powers_kernel(A: Tensor) -> tuple[Tensor, Tensor]:
@@ -774,12 +776,12 @@ def _expm_powers_kernel(A: Tensor) -> tuple[Tensor, Tensor]:
     X = _evaluate(A, m, s, pre, inplace=True)[0]
     n = A.shape[-1]
     P = torch.stack(pre[1][1:], dim=-3) if pre is not None else A.new_zeros(*A.shape[:-2], 3, n, n)
-    return X, P
+    return X.contiguous(), P
 
 
 def _expm_vjp_kernel(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
     m, s, pre = choose_degree(A, P.unbind(-3))
-    return _adjoint_value(_evaluate(A, m, s, pre, inplace=True)[1], G, m, s)
+    return _adjoint_value(_evaluate(A, m, s, pre, inplace=True)[1], G, m, s).contiguous()
 
 
 def _static_vjp(A: Tensor, G: Tensor) -> Tensor:

@@ -572,6 +572,52 @@ def test_compiled_kernels_pass_opcheck(dtype, scale, generator):
         torch.testing.assert_close(ops.expm_vjp(A, P, G), vjp, rtol=tol, atol=tol)
 
 
+LAYOUTS = {
+    "transposed": lambda t: t.mT.contiguous().mT,  # the values of t, its matrices stored by columns
+    "batch-last": lambda t: t.movedim(0, -1).contiguous().movedim(-1, 0),  # the batch dimension innermost
+    "expanded": lambda t: t[:1].expand_as(t),  # one matrix, stride 0 over the batch
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+@pytest.mark.parametrize("scale", [1e-9, 1e-5, 2.0, 40.0], ids=["degree 1", "degree 2", "degree 8+", "squarings"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_compiled_kernels_return_what_their_fake_kernels_say(layout, scale, dtype, generator):
+    """The operators' outputs have the shapes and strides of their fake kernels (contiguous) whatever the
+    layout of their inputs: a compiled graph reads an extern kernel's output with the fake's strides
+    (inductor asserts them), and I + A from a transposed A kept A's strides (opcheck's
+    test_faketensor failed at degrees 1 and 2). Values equal those from contiguous inputs."""
+    lay = LAYOUTS[layout]
+    A0 = _rand((3, 5, 5), scale, generator, dtype)
+    A0 = A0 - A0.mT.conj()
+    G0 = _rand((3, 5, 5), 1.0, generator, dtype)
+    ops = torch.ops.geofunc
+    X0, P0 = ops.expm_powers(A0)
+    A, G, P = lay(A0), lay(G0), lay(P0.movedim(-3, 0)).movedim(0, -3)
+    for op, args in ((ops.expm.default, (A,)), (ops.expm_powers.default, (A,)), (ops.expm_vjp.default, (A0, P0, G)),
+                     (ops.expm_vjp.default, (A, P, G))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    if layout != "expanded":  # (the expanded inputs are other values)
+        torch.testing.assert_close(ops.expm(A), X0, rtol=0, atol=0)
+        torch.testing.assert_close(ops.expm_vjp(A, P, G), ops.expm_vjp(A0, P0, G0), rtol=0, atol=0)
+    assert ops.expm(A).is_contiguous() and ops.expm_vjp(A, P, G).is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_compiled_frame_kernels_return_what_their_fake_kernels_say(layout, dtype, generator):
+    """The frame operators' outputs are contiguous, as their fake kernels say, for inputs of any layout."""
+    lay = LAYOUTS[layout]
+    T, R, c = (t * 1e-6 for t in _frame_inputs(4, 1.0, generator, dtype, (3,)))  # the low degrees
+    G = torch.randn(3, 8, 4, generator=generator, dtype=dtype)
+    ops = torch.ops.geofunc
+    _, P = ops.frame_expm_powers(T, R, c)
+    args = (lay(T), lay(R), c)
+    for op, a in ((ops.frame_expm.default, args), (ops.frame_expm_powers.default, args),
+                  (ops.frame_expm_vjp.default, (*args, lay(P.movedim(-3, 0)).movedim(0, -3), lay(G)))):
+        torch.library.opcheck(op, a, test_utils=("test_schema", "test_faketensor"))
+
+
 # ----------------------------------------------------------------------------- accuracy
 
 
