@@ -294,6 +294,15 @@ def _integer_type_error(self: Any, Z: Tensor, base: Any = None) -> Tensor:
     return _SPHERE_TO_MANIFOLD(self, Z, base)
 
 
+def _contiguous_read_chart(self: Any, Z: Tensor, base: Any = None) -> Tensor:
+    """The chart of ``Z``'s storage read as if ``Z`` were contiguous: what a hand-written kernel that
+    indexes memory by the shape alone computes (right for contiguous ``Z``)."""
+    strides = [1] * Z.ndim
+    for d in range(Z.ndim - 2, -1, -1):
+        strides[d] = strides[d + 1] * Z.shape[d + 1]
+    return _SPHERE_TO_MANIFOLD(self, Z.as_strided(Z.shape, strides, Z.storage_offset()), base)
+
+
 def _sphere_case(name: str, **kw: Any) -> SpaceCase:
     kw.setdefault("dtypes", (f64,))
     return SpaceCase(
@@ -959,6 +968,10 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("PoincareBall.transport-rotating", [(gf.PoincareBall, "transport", _transport_rotating)],
      _builtin("PoincareBall-c0.5"), f64, "transport_parallel", "not the parallel transport",
      ("metric", "transport_isometry", "vmap", "dtypes", "nonfinite", "pure")),
+    # non-contiguous inputs
+    ("Sphere.to_manifold-reads-memory-as-contiguous", [(gf.Sphere, "to_manifold", _contiguous_read_chart)],
+     _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z(, base)?\) with argument #0 (stored transposed|every other entry of a wider tensor): off by",
+     ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan")),
     # AOT autograd's tracing
     ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',

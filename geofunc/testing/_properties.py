@@ -556,6 +556,106 @@ def check_pure(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
                                 f"(version {v} -> {t._version}; values {'equal' if torch.equal(t, c) else 'changed'})")
 
 
+# Note [Non-contiguous inputs]
+# Fast paths read memory: a kernel that reads a tensor as if contiguous, an in-place update of a
+# buffer that turns out to be a view of an input, an operator whose result keeps its input's strides
+# where its fake kernel promised contiguous ones (the compiled exponential did, at degrees 1 and 2).
+# Tensors that reach the maps are often not contiguous: a weight read transposed (F.linear's Wᵀ),
+# a slice of a larger batch, a batch dimension moved by vmap. check_layouts calls every map with each
+# tensor argument in turn replaced by the same values stored otherwise, and asks for the same result
+# and, for the differentiable maps, the same gradient (autograd and torch.func.grad). Another layout
+# may sum in another order: the results agree to the case's tolerance, or, where the map is that
+# ill-conditioned at the sampled input (Birkhoff's retract next to a vertex: a relative change of one
+# unit in the last place of its input moves its float64 gradient by 1e-6), to within
+# _LAYOUT_SLACK times what such a perturbation of the contiguous input moves it (three draws). A
+# layout read wrongly moves results by their own size.
+_LAYOUTS: tuple[tuple[str, Callable[[Tensor], Tensor]], ...] = (
+    ("stored transposed", lambda t: t.mT.contiguous().mT),
+    ("every other entry of a wider tensor", lambda t: torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]),
+)
+_LAYOUT_GRADS = ("to_manifold(Z, base)", "retract(X, V)", "project(Y)", "logabsdet(Z, base)")
+_LAYOUT_SLACK = 8.0
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    """The largest absolute difference between the float leaves of two results (NaN where both are NaN: 0)."""
+    out = 0.0
+    for x, y in zip(_leaves(a), _leaves(b)):
+        if x.dtype != torch.bool and x.numel():
+            d = (x - y).abs()
+            out = max(out, float(torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros_like(d), d).max()))
+    return out
+
+
+def _same_result(got: Any, expected: Any, jittered: Callable[[], Any], tol: float, ctx: str, what: str) -> None:
+    """``got`` equals ``expected`` (booleans exactly, floats to ``tol`` relative to the largest entry, or
+    within _LAYOUT_SLACK times the spread of ``jittered()`` results: Note [Non-contiguous inputs])."""
+    for x, y in zip(_leaves(got), _leaves(expected)):
+        if x.dtype == torch.bool and not torch.equal(x, y):
+            raise _fail(ctx, f"{what} differs")
+    try:
+        for x, y in zip(_leaves(got), _leaves(expected)):
+            if x.dtype != torch.bool:
+                scale = max(1.0, float(y.abs().max())) if y.numel() and bool(torch.isfinite(y).all()) else 1.0
+                torch.testing.assert_close(x, y, atol=tol * scale, rtol=tol, equal_nan=True)
+    except AssertionError as e:
+        spread = max(_max_diff(jittered(), expected) for _ in range(3))
+        diff = _max_diff(got, expected)
+        if not diff <= _LAYOUT_SLACK * spread:
+            raise _fail(ctx, f"{what}: off by {diff:.3g}, where a relative change of one unit in the last place of the "
+                        f"contiguous input moves it by at most {spread:.3g}:\n{e}") from None
+
+
+def _jitter(t: Tensor, g: torch.Generator) -> Tensor:
+    """``t`` times ``1 + ε·N(0, 1)`` entrywise (ε its dtype's machine epsilon), contiguous."""
+    real = t.real.dtype if t.is_complex() else t.dtype
+    return t * (1 + torch.finfo(real).eps * _randn(tuple(t.shape), real, g))
+
+
+@_property
+def check_layouts(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """Every map gives the same result when a tensor argument is stored transposed or as every other
+    entry of a wider tensor (same values, not contiguous), one argument at a time; so do the gradients
+    in the first argument of ``to_manifold``, ``retract``, ``project`` and ``logabsdet``, under
+    autograd and ``torch.func.grad``. "The same": to the case's tolerance, or as close as rounding of
+    the input allows at that input (Note [Non-contiguous inputs])."""
+    g = _gen(generator)
+    tol = case.tol[dtype]
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, dtype)
+        for name, fn, args in _map_calls(case, shape, dtype, g):
+            expected = fn(*args)
+            for i, a in enumerate(args):
+                if not isinstance(a, Tensor) or a.ndim < 2 or a.numel() == 0:
+                    continue
+
+                def with_arg(t: Tensor, i: int = i) -> Any:
+                    moved = list(args)
+                    moved[i] = t
+                    return fn(*moved)
+
+                for how, lay in _LAYOUTS:
+                    _same_result(with_arg(lay(a)), expected, lambda a=a, f=with_arg: f(_jitter(a, g)), tol, ctx,
+                                 f"{name} with argument #{i} {how}")
+            x0 = args[0].detach()
+            if name not in _LAYOUT_GRADS or x0.ndim < 2 or x0.numel() == 0:
+                continue
+            W = _randn(tuple(expected.shape), expected.dtype, g)
+
+            def f(x: Tensor, *rest: Any) -> Tensor:
+                y = fn(x, *rest)
+                return (y * W).real.sum() if y.is_complex() else (y * W).sum()
+
+            ref = torch.func.grad(f)(x0, *args[1:])
+            jittered = lambda: torch.func.grad(f)(_jitter(x0, g), *args[1:])  # noqa: E731
+            for how, lay in _LAYOUTS:
+                x = lay(x0.clone()).requires_grad_()
+                got = torch.autograd.grad(f(x, *args[1:]), x)[0]
+                _same_result(got, ref, jittered, tol, ctx, f"the gradient of {name} in its argument {how} (autograd)")
+                got = torch.func.grad(f)(lay(x0.clone()), *args[1:])
+                _same_result(got, ref, jittered, tol, ctx, f"the gradient of {name} in its argument {how} (torch.func.grad)")
+
+
 # Note [dtypes under the other default]
 # A map must return its input's dtype. A constant made without `dtype=` (torch.ones(n), a Python
 # scalar tensor) takes the *default* dtype, and the type promotion of a product with it then
