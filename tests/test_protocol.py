@@ -346,3 +346,46 @@ def test_compile_a_space_made_inside_the_compiled_function(make) -> None:
     Z = torch.randn(2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     X = torch.compile(lambda z: make().to_manifold(z), fullgraph=True, backend="aot_eager")(Z)
     torch.testing.assert_close(X, make().to_manifold(Z), rtol=1e-10, atol=1e-10)
+
+
+class _Passthrough(torch.Tensor):
+    """A tensor subclass that overrides ``__torch_function__`` only (as torchvision's ``tv_tensors`` or a
+    user's logging tensor do): its values are real."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("case", REAL, ids=lambda c: c.id)
+def test_from_manifold_checks_a_torch_function_subclass(case) -> None:
+    """``from_manifold`` of an off-space point raises ``ManifoldError`` when the point is a
+    ``__torch_function__`` subclass, as for a plain tensor: ``can_check`` read every subclass as a
+    tracer's (no values), so the check was skipped and a raw tensor for another point came back
+    without an error. A point on the space round-trips."""
+    M = case.space
+    g = torch.Generator().manual_seed(0)
+    X = M.sample(case.smoke, generator=g, dtype=F64)
+    Y = case.off_manifold(X) if case.off_manifold is not None else None
+    Y = torch.full_like(X, float("nan")) if Y is None else Y
+    with pytest.raises(gf.ManifoldError):
+        M.from_manifold(Y)
+    with pytest.raises(gf.ManifoldError) as info:
+        M.from_manifold(Y.as_subclass(_Passthrough))
+    assert repr(M) in str(info.value)
+    Z, base = M.from_manifold(X.as_subclass(_Passthrough))
+    torch.testing.assert_close(M.to_manifold(Z, base).as_subclass(torch.Tensor), X, rtol=1e-8, atol=1e-8)
+
+
+def test_a_tracer_subclass_is_still_not_read() -> None:
+    """Subclasses that override ``__torch_dispatch__`` (FakeTensor here) have no values: no check reads them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from geofunc.spaces._base import can_check
+
+    assert can_check(torch.ones(2).as_subclass(_Passthrough))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.ones(3, 3))
+        assert not can_check(fake)
+        Z, _ = gf.SO().from_manifold(fake)  # shapes only: no check, no error
+    assert Z.shape == (3, 3)

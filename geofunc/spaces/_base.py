@@ -68,7 +68,12 @@ def can_check(tree: Any) -> bool:
     """Whether the tensors of ``tree`` are concrete, so that a data-dependent check may run.
 
     False inside ``torch.compile``, for ``torch.func`` wrapped tensors (``vmap``, ``grad``,
-    ``jvp``, ...) and for ``meta`` tensors, where reading a value would fail or break the trace.
+    ``jvp``, ...), for tensor subclasses that override ``__torch_dispatch__`` (FakeTensor,
+    FunctionalTensor and the other subclasses tracers use: no values to read) and for ``meta``
+    tensors, where reading a value would fail or break the trace. A subclass that only overrides
+    ``__torch_function__`` (torchvision's ``tv_tensors``, a user's logging tensor) holds real values:
+    it is checked like a plain tensor (it used to skip the check, so ``from_manifold`` of an
+    off-space point returned a raw tensor for another point without an error).
     """
     if torch.compiler.is_compiling():
         return False
@@ -76,7 +81,8 @@ def can_check(tree: Any) -> bool:
         if isinstance(leaf, torch.Tensor):
             if torch._C._functorch.is_functorch_wrapped_tensor(leaf):
                 return False
-            if type(leaf) is not torch.Tensor and not isinstance(leaf, (torch.nn.Parameter, DTensor)):
+            if (type(leaf) is not torch.Tensor and not isinstance(leaf, (torch.nn.Parameter, DTensor))
+                    and type(leaf).__torch_dispatch__ is not torch._C._disabled_torch_dispatch_impl):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
                 return False
             if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
