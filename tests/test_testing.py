@@ -303,6 +303,14 @@ def _contiguous_read_chart(self: Any, Z: Tensor, base: Any = None) -> Tensor:
     return _SPHERE_TO_MANIFOLD(self, Z.as_strided(Z.shape, strides, Z.storage_offset()), base)
 
 
+def _expanded_shortcut_chart(self: Any, Z: Tensor, base: Any = None) -> Tensor:
+    """For a raw batch that is one vector expanded (stride 0), one chart call expanded over the batch:
+    a shortcut that forgets that the bases differ (right for contiguous ``Z``)."""
+    if Z.ndim > 1 and Z.shape[0] > 1 and Z.stride(0) == 0:
+        return _SPHERE_TO_MANIFOLD(self, Z[:1], None if base is None else base[:1]).expand_as(Z)
+    return _SPHERE_TO_MANIFOLD(self, Z, base)
+
+
 def _sphere_case(name: str, **kw: Any) -> SpaceCase:
     kw.setdefault("dtypes", (f64,))
     return SpaceCase(
@@ -972,6 +980,9 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Sphere.to_manifold-reads-memory-as-contiguous", [(gf.Sphere, "to_manifold", _contiguous_read_chart)],
      _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z(, base)?\) with argument #0 (stored transposed|every other entry of a wider tensor): off by",
      ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan")),
+    ("Sphere.to_manifold-expanded-shortcut", [(gf.Sphere, "to_manifold", _expanded_shortcut_chart)],
+     _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z, base\) with argument #0 one entry expanded over the batch",
+     ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan", "vmap")),
     # AOT autograd's tracing
     ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',

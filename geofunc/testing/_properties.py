@@ -561,7 +561,8 @@ def check_pure(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
 # buffer that turns out to be a view of an input, an operator whose result keeps its input's strides
 # where its fake kernel promised contiguous ones (the compiled exponential did, at degrees 1 and 2).
 # Tensors that reach the maps are often not contiguous: a weight read transposed (F.linear's Wᵀ),
-# a slice of a larger batch, a batch dimension moved by vmap. check_layouts calls every map with each
+# a slice of a larger batch, a batch dimension moved by vmap, one base expanded over a batch (an
+# in-place write into it raises). check_layouts calls every map with each
 # tensor argument in turn replaced by the same values stored otherwise, and asks for the same result
 # and, for the differentiable maps, the same gradient (autograd and torch.func.grad). Another layout
 # may sum in another order: the results agree to the case's tolerance, or, where the map is that
@@ -615,7 +616,8 @@ def _jitter(t: Tensor, g: torch.Generator) -> Tensor:
 @_property
 def check_layouts(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """Every map gives the same result when a tensor argument is stored transposed or as every other
-    entry of a wider tensor (same values, not contiguous), one argument at a time; so do the gradients
+    entry of a wider tensor (same values, not contiguous), one argument at a time, and when one batch
+    entry of an argument is expanded over the batch (stride 0) as when it is copied; so do the gradients
     in the first argument of ``to_manifold``, ``retract``, ``project`` and ``logabsdet``, under
     autograd and ``torch.func.grad``. "The same": to the case's tolerance, or as close as rounding of
     the input allows at that input (Note [Non-contiguous inputs])."""
@@ -637,6 +639,20 @@ def check_layouts(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
                 for how, lay in _LAYOUTS:
                     _same_result(with_arg(lay(a)), expected, lambda a=a, f=with_arg: f(_jitter(a, g)), tol, ctx,
                                  f"{name} with argument #{i} {how}")
+                if a.ndim > case.space.point_ndim and a.shape[0] > 1:
+                    # one point (base, vector) broadcast over the batch by expand (stride 0): other values,
+                    # so against the same values made contiguous
+                    e = a[:1].expand_as(a)
+                    what = f"{name} with argument #{i} one entry expanded over the batch (stride 0)"
+                    try:
+                        copied = with_arg(e.contiguous())
+                    except ManifoldError:  # other arguments made for a's other entries may not fit it
+                        continue
+                    try:
+                        got = with_arg(e)
+                    except Exception as err:
+                        raise _fail(ctx, f"{what} raised {type(err).__name__} where the copies did not: {err}") from None
+                    _same_result(got, copied, lambda e=e, f=with_arg: f(_jitter(e.contiguous(), g)), tol, ctx, what)
             x0 = args[0].detach()
             if name not in _LAYOUT_GRADS or x0.ndim < 2 or x0.numel() == 0:
                 continue
