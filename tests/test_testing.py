@@ -311,6 +311,12 @@ def _expanded_shortcut_chart(self: Any, Z: Tensor, base: Any = None) -> Tensor:
     return _SPHERE_TO_MANIFOLD(self, Z, base)
 
 
+def _nan_when_not_contiguous_chart(self: Any, Z: Tensor, base: Any = None) -> Tensor:
+    """NaN for a raw tensor that is not contiguous (a fast path that reads it wrongly into NaN)."""
+    X = _SPHERE_TO_MANIFOLD(self, Z, base)
+    return X if Z.is_contiguous() else X * math.nan
+
+
 def _sphere_case(name: str, **kw: Any) -> SpaceCase:
     kw.setdefault("dtypes", (f64,))
     return SpaceCase(
@@ -979,6 +985,9 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     # non-contiguous inputs
     ("Sphere.to_manifold-reads-memory-as-contiguous", [(gf.Sphere, "to_manifold", _contiguous_read_chart)],
      _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z(, base)?\) with argument #0 (stored transposed|every other entry of a wider tensor): off by",
+     ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan")),
+    ("Sphere.to_manifold-NaN-when-not-contiguous", [(gf.Sphere, "to_manifold", _nan_when_not_contiguous_chart)],
+     _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z(, base)?\) with argument #0 (stored transposed|every other entry of a wider tensor): off by inf",
      ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan")),
     ("Sphere.to_manifold-expanded-shortcut", [(gf.Sphere, "to_manifold", _expanded_shortcut_chart)],
      _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z, base\) with argument #0 one entry expanded over the batch",

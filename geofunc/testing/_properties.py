@@ -579,12 +579,14 @@ _LAYOUT_SLACK = 8.0
 
 
 def _max_diff(a: Any, b: Any) -> float:
-    """The largest absolute difference between the float leaves of two results (NaN where both are NaN: 0)."""
+    """The largest absolute difference between the float leaves of two results: 0 where the entries are
+    equal (the same infinity) or both NaN, inf where only one is NaN (a NaN must not read as no difference)."""
     out = 0.0
     for x, y in zip(_leaves(a), _leaves(b)):
         if x.dtype != torch.bool and x.numel():
-            d = (x - y).abs()
-            out = max(out, float(torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros_like(d), d).max()))
+            same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+            d = torch.where(same, 0.0, (x - y).abs().nan_to_num(nan=math.inf))
+            out = max(out, float(d.max()))
     return out
 
 
