@@ -325,3 +325,37 @@ def test_a_missing_gradient_is_a_manifold_error_naming_it(name):
                          ({"enc": {"w": torch.ones(3, 4), "b": torch.ones(2)}, "out": [torch.ones(3)], "x": torch.ones(1)}, "'x'")):
         with pytest.raises(gf.ManifoldError, match=re.escape(named)):
             opt.update(grads, state, params)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_checkpoint_of_the_state_loads_with_torch_load_and_resumes_bit_for_bit(name, generator):
+    """``torch.save`` of the points and the optimizer state mid-run, then ``torch.load`` with
+    ``weights_only=True`` (torch's default since 2.6, which refuses classes it was not told about:
+    Note [Loading optimizer state]), then the same steps: the same points and state, bit for bit,
+    as the run that was never interrupted."""
+    import io
+
+    c = {"q": gf.SO(), "f": gf.Stiefel(), "s": gf.Sphere(), "h": gf.Lorentz(), "b": None}
+    params = gf.sample(c, {"q": torch.empty(3, 3, dtype=F64), "f": torch.empty(5, 2, dtype=F64),
+                           "s": torch.empty(4, dtype=F64), "h": torch.empty(3, dtype=F64),
+                           "b": torch.randn(2, dtype=F64, generator=generator)}, generator=generator)
+    targets = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - targets[k]) ** 2).sum() for k in p)
+
+    opt = OPTIMIZERS[name](c)
+    p, state = params, opt.init(params)
+    for _ in range(3):
+        p, state = opt.update(grad(loss)(p), state, p)
+    buf = io.BytesIO()
+    torch.save({"params": p, "state": state}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    q, loaded_state = loaded["params"], loaded["state"]
+    assert optree.tree_structure(loaded_state) == optree.tree_structure(state)
+    for _ in range(3):
+        p, state = opt.update(grad(loss)(p), state, p)
+        q, loaded_state = opt.update(grad(loss)(q), loaded_state, q)
+    for x, y in zip(optree.tree_leaves((p, state)), optree.tree_leaves((q, loaded_state))):
+        assert torch.equal(x, y)

@@ -6,6 +6,8 @@ Euclidean gradients. Named optimizers are chains of small tangent transforms fol
 one shared retract-and-transport step.
 """
 
+import torch as _torch
+
 from ._aliases import radam as radam, rsgd as rsgd
 from ._base import (
     EmptyState as EmptyState,
@@ -24,6 +26,15 @@ from ._transforms import (
     to_tangent as to_tangent,
     trace as trace,
 )
+
+# Note [Loading optimizer state]
+# An optimizer's state is NamedTuples of tensors. torch.load's default (weights_only=True since torch 2.6)
+# refuses every class it was not told about, so a checkpoint of a training run (params and state, saved with
+# torch.save) would not load without the caller allowlisting geofunc's classes. They only hold tensors and
+# build from their fields: geofunc allowlists them itself (torch >= 2.4; older torch loads them with
+# weights_only=False, its default before 2.6).
+if hasattr(_torch.serialization, "add_safe_globals"):
+    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState])
 
 __all__ = [
     "EmptyState",
