@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
-from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
+from ._expm import (_FAR, _UNIT_ROUNDOFF, _transforms, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _values, expm, frame_columns)
 from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
 
@@ -427,7 +427,7 @@ _BASIS_LOCK = threading.Lock()  # threads that share a module (DataParallel's re
 def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
     """``(Y, (W, J))`` of the stacked bases of ``pairs`` (Note [Base factor cache]), or None (not cacheable:
     the caller stacks the bases and the chart computes the factors)."""
-    if (not _BASIS_CACHE or torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+    if (not _BASIS_CACHE or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
             or torch.autograd.forward_ad._current_level >= 0):  # forward mode: the bases may carry tangents
         return None
     bases = [base for _, base in pairs]
@@ -828,12 +828,16 @@ def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
 # loop), which made Birkhoff's vmap(hessian) 2.6e3 off; lu_factor_ex + lu_solve in Birkhoff's
 # projection was wrong too (8.6e6, and under vmap(jacrev(jacrev))); torch.cholesky_inverse's forward-mode
 # derivative is wrong even without vmap (74% off −P⁻¹EP⁻¹; Hurwitz.from_manifold). The inverse is right under
-# every transform, so under torch.func transforms and torch.compile the solves of derivative paths
-# go through it. Plain eager mode keeps solve_ex, right there and cheaper (inverse: 1.04–1.10×
-# Birkhoff's backward at 16×128×128).
+# every transform, so under a vmap level (jacrev, jacfwd and hessian are vmaps too) and torch.compile the
+# solves of derivative paths go through it. Elsewhere (plain eager mode, and torch.func.grad, vjp, jvp and
+# their nestings without a vmap level) they keep solve_ex: right there, cheaper (inverse: 1.04–1.10×
+# Birkhoff's backward at 16×128×128), and more accurate where the system is ill-conditioned. The inverse
+# under torch.func.grad had made Birkhoff's float32 gradients next to a vertex (retract with steps of
+# V/X ~ 80) 1e-3 to 2e-2 off float64 relative to their largest entry, against ~1e-6 under autograd.
 def solve_vec(A: Tensor, b: Tensor) -> Tensor:
     """``A⁻¹ b`` (``b``: ``(..., n)``); a singular ``A`` gives inf/NaN, no error."""
-    if torch._C._functorch.peek_interpreter_stack() is None and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is None
+                                              or "Vmap" not in _transforms()):
         return lu_solve_vec(A, b)
     return (torch.linalg.inv_ex(A)[0] @ b.unsqueeze(-1)).squeeze(-1)
 
