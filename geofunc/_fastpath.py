@@ -24,7 +24,7 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 
 def eager_fast(*tensors: Optional[Tensor]) -> bool:
     """Whether ``tensors`` (None entries skipped) may take an eager fast path."""
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     dtype = None
     for T in tensors:

@@ -65,6 +65,8 @@ def orthonormal(X: Tensor, atol: float) -> Tensor:
     """Orthonormal columns (rows if wide): ``‖XᵀX − I‖₂ ≤ atol``."""
     Xt = _tall(X)
     k = Xt.shape[-1]
+    if k == 0:  # the empty frame: nothing to check (torch 2.6's 2-norm of a 0×0 matrix raises)
+        return torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
     return torch.linalg.matrix_norm(Xt.mT @ Xt - torch.eye(k, dtype=X.dtype, device=X.device), ord=2) <= atol
 
 

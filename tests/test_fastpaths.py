@@ -145,6 +145,8 @@ def test_oblique_fast_chart_matches_the_op_chain(generator):
     _close(torch.autograd.grad(X, Z, G)[0], torch.autograd.grad(Xs, Z, G)[0], F64, "gradient")
 
 
+# torch 2.6's autograd.functional (vectorize=True) calls its own deprecated torch._vmap_internals.vmap
+@pytest.mark.filterwarnings("ignore:Please use `torch.vmap` instead of `torch._vmap_internals.vmap`:FutureWarning")
 def test_sphere_fast_chart_under_autograd_functional_vectorized(generator):
     # torch.autograd.functional with vectorize=True vmaps the fast node's backward.
     S = gf.Sphere(radius=2.0)
