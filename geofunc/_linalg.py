@@ -376,7 +376,7 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
     shapes = [tuple(T.shape[:-2]) for pair in pairs for T in pair if T is not None]
     # one batch shape (the usual case) without torch.broadcast_shapes' Python (~5% of a LowRank(4) forward)
     # (== per shape, not list.count, whose identity test Dynamo cannot trace on symbolic shapes: dynamic=True)
-    batch = torch.Size(shapes[0]) if all(s == shapes[0] for s in shapes) else torch.broadcast_shapes(*shapes)
+    batch = shapes[0] if all(s == shapes[0] for s in shapes) else tuple(torch.broadcast_shapes(*shapes))
 
     def stack(Ts: list[Tensor]) -> Tensor:
         Ts = [T if T.shape[:-2] == batch else T.expand(batch + T.shape[-2:]) for T in Ts]

@@ -5,6 +5,7 @@ Tests import these as ``from helpers import TOL`` (pytest puts ``tests/`` on ``s
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 #: Comparisons of maps that are exact up to rounding (normalizations, triangles, QR/polar of
@@ -27,3 +28,19 @@ SHAPES_MATRIX = ((1, 1), (1, 5), (5, 1), (4, 4), (6, 3), (3, 6), (2, 3, 5, 2))
 SHAPES_SQUARE = ((1, 1), (2, 2), (4, 4), (2, 3, 5, 5))
 #: Full shapes of a vector space (last dim): S^0 points, a single vector, batches.
 SHAPES_VECTOR = ((1,), (7,), (5, 1), (1, 5), (4, 4), (2, 3, 5, 2))
+
+
+#: ``(major, minor)`` of the torch the suite runs on.
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+#: Dynamo traces optree's functions (gf.to_manifold of a pytree, gf.optim, inside torch.compile):
+#: 2.11 and 2.13 do; 2.6's Dynamo breaks the graph at optree's C functions.
+COMPILE_PYTREES = (2, 11)
+#: FSDP2 (fully_shard) on the CPU (the gloo tests): 2.11 and 2.13 run it; 2.6's needs a CUDA stream.
+FSDP2_ON_CPU = (2, 11)
+
+
+def needs_torch(version: tuple[int, int], why: str) -> pytest.MarkDecorator:
+    """Skip on a torch older than ``version``, where the feature under test needs a newer one (README,
+    "Supported versions", names each); the suite runs on torch 2.13 in CI, so nothing skips there."""
+    return pytest.mark.skipif(TORCH_VERSION < version, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")

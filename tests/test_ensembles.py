@@ -7,6 +7,7 @@ import copy
 import optree
 import pytest
 import torch
+from helpers import COMPILE_PYTREES, needs_torch
 from reference import member
 from torch.func import functional_call, grad, grad_and_value, stack_module_state, vmap
 
@@ -141,6 +142,7 @@ def test_maml_vmap_over_tasks_equals_loop(inner, generator):
     assert all(bool(torch.isfinite(v).all()) for v in g.values())
 
 
+@needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
 def test_maml_outer_step_compiles_fullgraph(generator):
     skeleton, points = _ensemble(1, generator)
     raw, bases = gf.from_manifold(CONSTRAINTS, _index(points, 0))

@@ -238,12 +238,15 @@ def _loss(f, W):
     return lambda a: ((f(a) * W).sum() + (f(a) ** 2).sum()).real
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop because we have not yet implemented the batching rule for aten..matrix_exp")
 def test_transforms_agree_with_matrix_exp(generator):
     A = _rand((4, 5, 5), 2.0, generator)
     W = _rand((5, 5), 1.0, generator)
     f, fr = _loss(expm, W), _loss(ref_expm, W)
     a = A[0]
     close = lambda x, y: torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    # outside no_vmap_fallback: torch 2.6 has no batching rule for matrix_exp's derivatives (only the reference needs one)
+    Hs = vmap(hessian(fr))(A[:2])
     with no_vmap_fallback():
         close(vmap(expm)(A), ref_expm(A))
         close(vmap(expm, in_dims=1)(A.transpose(0, 1)), ref_expm(A))
@@ -257,7 +260,7 @@ def test_transforms_agree_with_matrix_exp(generator):
         close(jacrev(jacrev(f))(a), H)
         close(jacfwd(jacfwd(f))(a), H)  # nested forward mode (falls back to matrix_exp)
         close(jacrev(jacfwd(f))(a), H)
-        close(vmap(hessian(f))(A[:2]), vmap(hessian(fr))(A[:2]))
+        close(vmap(hessian(f))(A[:2]), Hs)
 
 
 @pytest.mark.parametrize("scale", [1e-9, 2.0])

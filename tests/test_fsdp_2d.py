@@ -22,13 +22,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from distributed_tools import requires_gloo, spawn
+from helpers import FSDP2_ON_CPU, needs_torch
 from reference import member
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 import geofunc as gf
 import test_fsdp as one_d
 
-pytestmark = [pytest.mark.slow, *requires_gloo]
+pytestmark = [pytest.mark.slow, *requires_gloo, needs_torch(FSDP2_ON_CPU, "FSDP2 and DTensor on the CPU (gloo)")]
 
 WORLD = 4
 MESH = (2, 2)  # replicas × shards

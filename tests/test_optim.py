@@ -8,6 +8,7 @@ import optree
 import pytest
 import torch
 from cases import CASES
+from helpers import COMPILE_PYTREES, needs_torch
 from reference import member, on_spaces
 from torch.func import grad, vmap
 
@@ -188,6 +189,7 @@ def test_update_under_vmap_equals_loop(name, generator):
         _tree_close({k: v[i] for k, v in p.items()}, pi, 1e-9)
 
 
+@needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
 @pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
 def test_update_compiles_fullgraph(name, generator):
     c, params, S, f = _batch_problem(generator, B=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optree
 import pytest
 import torch
+from helpers import COMPILE_PYTREES, needs_torch
 from reference import member, on_spaces
 from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as torch_pytree
@@ -219,6 +220,7 @@ def test_sample_is_reproducible_and_vmap_different(generator):
         vmap(lambda p: gf.sample(CONSTRAINTS, p))(stacked)  # default randomness="error"
 
 
+@needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
 def test_compiles_fullgraph(generator):
     points = _params(generator)
     raw, bases = gf.from_manifold(CONSTRAINTS, points)

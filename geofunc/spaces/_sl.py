@@ -6,7 +6,6 @@ import dataclasses
 import math
 from typing import Any, final
 
-import optree
 import torch
 
 from .._errors import ManifoldError, describe, error
@@ -182,7 +181,8 @@ class SL(AbstractSpace):
         """``0`` (batch-shaped; NaN where ``Z`` or the base is not finite; zero gradient, NaN there)."""
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
-        return poisoned_zero(Z, *optree.tree_leaves(base, none_is_leaf=False))[..., 0, 0]
+        frames = () if base is None else tuple(B for B in base if B is not None)  # (U, V), checked above
+        return poisoned_zero(Z, *frames)[..., 0, 0]
 
     # ------------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
