@@ -1114,3 +1114,23 @@ def test_gap_mutants_leave_the_classes_as_they_were() -> None:
         with _patch(*patches)():
             pass
     assert {k: k[0].__dict__.get(k[1]) for k in before} == before
+
+
+def test_ci_runs_every_version_gated_test():
+    """The torch that CI installs (``.ci/run``'s pin) is new enough for every ``needs_torch`` gate in the
+    suite: the gates skip only on the older torch a user runs the suite on, never in CI."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parent
+    pin = re.search(r"torch==(\d+)\.(\d+)", (root.parent / ".ci" / "run").read_text())
+    assert pin is not None, ".ci/run no longer pins torch"
+    ci = (int(pin.group(1)), int(pin.group(2)))
+    gates = set()
+    for path in root.glob("test_*.py"):
+        text = path.read_text()
+        gates |= {(int(a), int(b)) for a, b in re.findall(r"needs_torch\(\((\d+), (\d+)\)", text)}
+    import helpers
+
+    gates |= {helpers.COMPILE_PYTREES, helpers.FSDP2_ON_CPU}
+    assert len(gates) >= 2 and all(g <= ci for g in gates), (sorted(gates), ci)
