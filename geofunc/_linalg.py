@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
-from ._expm import (_FAR, _UNIT_ROUNDOFF, _transforms, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
-                    _read_max, _real, _values, expm, frame_columns)
+from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
+                    _read_max, _real, _transforms, _values, expm, frame_columns)
 from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
 
 Tensor = torch.Tensor
@@ -833,7 +833,7 @@ def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
 # their nestings without a vmap level) they keep solve_ex: right there, cheaper (inverse: 1.04–1.10×
 # Birkhoff's backward at 16×128×128), and more accurate where the system is ill-conditioned. The inverse
 # under torch.func.grad had made Birkhoff's float32 gradients next to a vertex (retract with steps of
-# V/X ~ 80) 1e-3 to 2e-2 off float64 relative to their largest entry, against ~1e-6 under autograd.
+# V/X ~ 80) 1e-3 to 2e-2 off float64 relative to their largest entry, against ~1e-5 under autograd.
 def solve_vec(A: Tensor, b: Tensor) -> Tensor:
     """``A⁻¹ b`` (``b``: ``(..., n)``); a singular ``A`` gives inf/NaN, no error."""
     if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is None
