@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import optree
@@ -335,8 +336,6 @@ def test_a_checkpoint_of_the_state_loads_with_torch_load_and_resumes_bit_for_bit
     ``weights_only=True`` (torch's default since 2.6, which refuses classes it was not told about:
     Note [Loading optimizer state]), then the same steps: the same points and state, bit for bit,
     as the run that was never interrupted."""
-    import io
-
     c = {"q": gf.SO(), "f": gf.Stiefel(), "s": gf.Sphere(), "h": gf.Lorentz(), "b": None}
     params = gf.sample(c, {"q": torch.empty(3, 3, dtype=F64), "f": torch.empty(5, 2, dtype=F64),
                            "s": torch.empty(4, dtype=F64), "h": torch.empty(3, dtype=F64),

@@ -32,11 +32,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import pathlib
+import re
 import warnings
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
 
+import helpers
 import pytest
 import reference as ref
 import torch
@@ -1119,9 +1122,6 @@ def test_gap_mutants_leave_the_classes_as_they_were() -> None:
 def test_ci_runs_every_version_gated_test():
     """The torch that CI installs (``.ci/run``'s pin) is new enough for every ``needs_torch`` gate in the
     suite: the gates skip only on the older torch a user runs the suite on, never in CI."""
-    import pathlib
-    import re
-
     root = pathlib.Path(__file__).resolve().parent
     pin = re.search(r"torch==(\d+)\.(\d+)", (root.parent / ".ci" / "run").read_text())
     assert pin is not None, ".ci/run no longer pins torch"
@@ -1130,7 +1130,5 @@ def test_ci_runs_every_version_gated_test():
     for path in root.glob("test_*.py"):
         text = path.read_text()
         gates |= {(int(a), int(b)) for a, b in re.findall(r"needs_torch\(\((\d+), (\d+)\)", text)}
-    import helpers
-
     gates |= {helpers.COMPILE_PYTREES, helpers.FSDP2_ON_CPU}
     assert len(gates) >= 2 and all(g <= ci for g in gates), (sorted(gates), ci)
