@@ -9,7 +9,9 @@ float64 on the CPU; both workers stay up, and every timing is taken from the two
 an entry is the best of them. A load from other processes on the machine only adds time, so it
 drops out of the minimum, and it hits both sides alike. Timed per space (a batch of 8 points of a moderate size):
 ``to_manifold`` followed by the backward of a linear loss (at a base from ``from_manifold``),
-``from_manifold`` (with its eager membership check), ``retract`` and ``tangent``.
+``from_manifold`` (with its eager membership check), ``retract`` and ``tangent``. ``--maps`` adds
+differentiated variants: ``retract+grad`` / ``tangent+grad`` / ``project+grad`` (plain autograd,
+the backward of a linear loss in ``V``, ``X``, ``Y``) and ``retract+func.grad`` (``torch.func.grad``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ SPACES = [
     ("Birkhoff", "gf.Birkhoff()", (16, 16)),
 ]
 MAPS = ("to_manifold+grad", "from_manifold", "retract", "tangent")
+EXTRA_MAPS = ("retract+grad", "retract+func.grad", "tangent+grad", "project+grad")
 BATCH = 8
 THRESHOLD = 1.10  # a ratio above it is a slowdown to fix or explain
 
@@ -90,11 +93,18 @@ for name, expr, shape in json.loads(sys.argv[1]):
         Z.grad = None
         (M.to_manifold(Z, base) * C).sum().backward()
 
+    Vr, Xr = V.clone().requires_grad_(), X.clone().requires_grad_()
+    Yr = (X + 0.01 * G).requires_grad_()
+    fgrad = torch.func.grad(lambda v, M=M, X=X, C=C: (M.retract(X, v) * C).sum())
     calls[name] = {
         "to_manifold+grad": chart,
         "from_manifold": lambda M=M, X=X: M.from_manifold(X),
         "retract": lambda M=M, X=X, V=V: M.retract(X, V),
         "tangent": lambda M=M, X=X, G=G: M.tangent(X, G),
+        "retract+grad": lambda M=M, X=X, Vr=Vr, C=C: torch.autograd.grad((M.retract(X, Vr) * C).sum(), Vr),
+        "retract+func.grad": lambda fgrad=fgrad, V=V: fgrad(V),
+        "tangent+grad": lambda M=M, Xr=Xr, G=G, C=C: torch.autograd.grad((M.tangent(Xr, G) * C).sum(), Xr),
+        "project+grad": lambda M=M, Yr=Yr, C=C: torch.autograd.grad((M.project(Yr) * C).sum(), Yr),
     }
 sizes = {}
 print("ready", flush=True)
@@ -135,8 +145,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--burst", type=float, default=0.05, help="seconds of calls per timing")
     ap.add_argument("--spaces", nargs="*", help="only these rows (default: all)")
+    ap.add_argument("--maps", nargs="*", choices=MAPS + EXTRA_MAPS, help=f"only these maps (default: {', '.join(MAPS)})")
     ap.add_argument("--out", type=pathlib.Path, default=HERE / "REFACTOR.md")
     args = ap.parse_args()
+    maps = tuple(args.maps) if args.maps else MAPS
     spaces = [[n, e, list(sh)] for n, e, sh in SPACES if not args.spaces or n in args.spaces]
     workers = {side: _Worker(root, spaces, args.burst) for side, root in (("base", args.base), ("branch", ROOT))}
     best: dict[str, dict] = {"base": {}, "branch": {}}
@@ -152,12 +164,12 @@ def main() -> None:
 
     try:
         for space, _, _ in spaces:
-            for m in MAPS:
+            for m in maps:
                 measure(space, m, args.repeats)
             print(f"{space} done", file=sys.stderr)
         # A confirmation pass: an entry above the threshold gets 3x the repeats more (the minima
         # can only go down); what stays above it is a real slowdown, or is explained in the notes.
-        flagged = [(space, m) for space, _, _ in spaces for m in MAPS if ratio(space, m) > THRESHOLD]
+        flagged = [(space, m) for space, _, _ in spaces for m in maps if ratio(space, m) > THRESHOLD]
         for space, m in flagged:
             measure(space, m, 3 * args.repeats)
     finally:
@@ -172,13 +184,13 @@ def main() -> None:
         f"of {BATCH} points per call; each entry the fastest call of {args.repeats} bursts of ~{args.burst * 1e3:g} ms, taken from the "
         "two checkouts in turn (see the script's docstring). Ratio = after / before: above 1 is slower.",
         "",
-        "| space | " + " | ".join(f"{m} before (µs) | after (µs) | ratio" for m in MAPS) + " |",
-        "| --- | " + " | ".join("---: | ---: | ---:" for _ in MAPS) + " |",
+        "| space | " + " | ".join(f"{m} before (µs) | after (µs) | ratio" for m in maps) + " |",
+        "| --- | " + " | ".join("---: | ---: | ---:" for _ in maps) + " |",
     ]
     worst = []
     for space, _, _ in spaces:
         row = [space]
-        for m in MAPS:
+        for m in maps:
             b, a = best["base"][space][m], best["branch"][space][m]
             mark = "*" if (space, m) in flagged else ""
             row += [f"{b * 1e6:.0f}", f"{a * 1e6:.0f}", f"{a / b:.2f}{mark}"]

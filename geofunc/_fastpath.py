@@ -11,7 +11,7 @@ composes to every order. A fast path whose backward is asked to build a graph
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
@@ -44,3 +44,85 @@ def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
     if torch.is_grad_enabled() and any(T is not None and T.requires_grad for T in tensors):
         return True
     return _fw_ad._current_level >= 0
+
+
+# Note [Lazy second-order terms]
+# The spectral maps (Note [Second derivatives of spectral maps] in geofunc/_linalg.py) are exact to
+# second order through a term that is zero in value and in first derivative: only a second
+# derivative reads it. Built as torch ops it costs more than the map's first-order chain (LowRank(4)
+# 128×10 retract, forward and backward under plain autograd: 0.68 → 1.86 ms). So where it can be,
+# the term is not built:
+# * nothing differentiates (no grad mode or no input requiring grad, no forward-mode level; or
+#   only vmap levels above plain tensors that track nothing): "none", the value alone (the
+#   first-order terms are skipped too: an optimizer's retract under no_grad, 0.6–0.8× its time);
+# * plain eager autograd: "lazy", the term is one node that passes the first-order result through;
+#   a backward that builds no graph gets no gradient from it (its first derivative is 0), one with
+#   create_graph=True the term's vector-Jacobian product recomputed as torch ops from the saved
+#   inputs, so every derivative past the first is the term's (~0.05–0.1 ms per map for the node);
+# * under a single torch.func.grad level the maps are one node (AbstractSpace._one_node_maps, Note
+#   [One node under torch.func.grad] in geofunc/_fused.py) that runs them in plain autograd: lazy
+#   again, and a backward at that level other than grad's own recomputes the chain;
+# * everything else (forward-mode AD, jvp, vjp/jacrev, nested transforms, torch.compile): "chain",
+#   the term as torch ops.
+def derivative_mode(*tensors: Optional[Tensor]) -> str:
+    """How a map with a second-order term computes derivatives for ``tensors``: ``"none"`` (nothing
+    differentiates: the value alone), ``"lazy"`` (plain eager autograd: the term as one node,
+    :func:`add_second_order`) or ``"chain"`` (the term as torch ops). Under ``torch.func``, "none"
+    where only ``vmap`` levels are active and no plain tensor below them tracks derivatives."""
+    if torch.compiler.is_compiling():
+        return "chain"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "none" if _only_batching(tensors) else "chain"
+    if eager_fast(*tensors):
+        if not tracks_derivatives(*tensors):
+            return "none"
+        if _fw_ad._current_level < 0:
+            return "lazy"
+    return "chain"
+
+
+def _only_batching(tensors: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether the active torch.func levels are ``vmap`` only and nothing below them differentiates."""
+    if _fw_ad._current_level >= 0:
+        return False
+    try:
+        f = torch._C._functorch
+        vmap = f.TransformType.Vmap
+        if any(i.key() != vmap for i in (f.get_interpreter_stack() or ())):
+            return False
+        if torch.is_grad_enabled():
+            for T in tensors:
+                while T is not None and f.is_functorch_wrapped_tensor(T):
+                    T = f.get_unwrapped(T)
+                if T is not None and T.requires_grad:
+                    return False
+        return True
+    except Exception:  # pragma: no cover (private API moved: take the exact chain)
+        return False
+
+
+class _SecondOrderOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.term = term
+        ctx.save_for_backward(*xs)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
+        xs = ctx.saved_tensors
+        need = ctx.needs_input_grad[2:]
+        if not torch.is_grad_enabled() or not any(need):  # no graph is built: the term's first derivative is 0
+            return (None, G) + (None,) * len(xs)
+        wrt = [x for x, n in zip(xs, need) if n]
+        with torch.enable_grad():
+            grads = iter(torch.autograd.grad(ctx.term(*xs), wrt, G, create_graph=True, allow_unused=True))
+        return (None, G, *[next(grads) if n else None for n in need])
+
+
+def add_second_order(term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:
+    """``out + term(*xs)`` for a term that is zero in value and in first derivative (Note [Lazy
+    second-order terms]): ``out`` passed through one node, whose backward adds the term's
+    vector-Jacobian product (recomputed from ``xs``) only when it builds a graph
+    (``create_graph=True``). Plain eager autograd only (``derivative_mode`` "lazy")."""
+    return _SecondOrderOnly.apply(term, out, *xs)

@@ -32,6 +32,9 @@ A map of a few ops is cheaper without the node (its fixed cost, ~50 µs, is more
 costs for one to three ops): a space says so with ``_one_node = False`` (``Rn``, ``Sym``, ``Skew``,
 ``Hermitian``, ``SphereEmbedded``; under ``grad`` 0.53–0.77× the time with the node), and
 ``gf.to_manifold`` of a pytree of only such spaces takes no node either (``one_node``'s ``worth``).
+The spectral maps (``tangent``, ``retract``, ``project`` of the rank/PSD family, the polar ``project``,
+Hurwitz's) are one node too (``AbstractSpace._one_node_maps``): inside it their second-order terms are
+not built for grad's own backward (Note [Lazy second-order terms] in ``geofunc/_fastpath.py``).
 
 Everything else (no transform, ``vmap``, ``jvp``, ``vjp``/``jacrev``, nested transforms, MAML's
 grad of grad, ``torch.compile``, forward-mode AD, tensor subclasses, inputs whose plain tensors

@@ -17,7 +17,7 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, eager_fast, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, derivative_mode, eager_fast, add_second_order, tracks_derivatives
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -737,7 +737,7 @@ def polar(A: Tensor) -> Tensor:
     transform) added as a term that is zero in value (Note [Polar derivative]). Where ``σᵢ + σⱼ``
     (or, tall, ``σᵢ``) is below ``√ε·max(1, σ₁)`` (rank deficient: the factor is not unique there,
     any choice is orthogonal) the denominator is clamped to it, so derivatives stay finite. Second
-    derivatives are not those of the polar factor. NaN/inf input gives NaN.
+    derivatives are exact too (Note [Second derivatives of spectral maps]). NaN/inf input gives NaN.
     """
     if A.shape[-2] < A.shape[-1]:
         return untall(polar(tall(A)[0]), True)
@@ -753,9 +753,19 @@ def polar(A: Tensor) -> Tensor:
     tol = (math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
     den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol)
     out = Up + U @ (B / den) @ Vh  # U_p Ξ = U_p V Ξ̃ Vᵀ = U Ξ̃ Vᵀ
-    if A.shape[-2] > A.shape[-1]:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
-        out = out + ((DV - U @ M) / s.unsqueeze(-2).clamp(min=tol)) @ Vh
-    return out
+    R = DV - U @ M if A.shape[-2] > A.shape[-1] else None  # (I − UUᵀ) dA V
+    if R is not None:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
+        out = out + (R / s.unsqueeze(-2).clamp(min=tol)) @ Vh
+    ones, zeros = torch.ones_like(s), torch.zeros_like(s)  # the SVD map of g = 1 (Note [Second derivatives of spectral maps])
+    if derivative_mode(A) == "lazy":  # Note [Lazy second-order terms]
+
+        def second(Ad: Tensor) -> Tensor:
+            DVd = (Ad - A0) @ transpose(Vh)
+            Md = transpose(U) @ DVd
+            return _svd_second_order(U, s, Vh, ones, zeros, Md, DVd - U @ Md if R is not None else None, tol)
+
+        return add_second_order(second, out, A)
+    return out + _svd_second_order(U, s, Vh, ones, zeros, M, R, tol)
 
 
 # Note [Polar derivative]
@@ -767,7 +777,76 @@ def polar(A: Tensor) -> Tensor:
 #   dQ = U Ξ̃ Vᵀ + (I − UUᵀ) dA V Σ⁻¹ Vᵀ,   Ξ̃ᵢⱼ = (E − Eᵀ)ᵢⱼ / (σᵢ + σⱼ),
 # from QᵀdA − dAᵀQ = ΩP + PΩ (Ω = QᵀdQ skew, P = V Σ Vᵀ) and the part of dA outside range(U) (tall).
 # It is added as a term that is zero in value (dA = A − A.detach()), so every transform sees it;
-# second derivatives are not the polar factor's (as for the spectral maps of the factorized spaces).
+# the second-order term is that of the SVD map with g = 1 (Note [Second derivatives of spectral maps]).
+
+
+# Note [Second derivatives of spectral maps]
+# A spectral map F(S) = Q diag(h(λ)) Qᵀ of a symmetric (Hermitian) S = Q diag(λ) Qᵀ has, with
+# Ẽ = Qᵀ dS Q (Daleckii–Krein, first and second order),
+#   dF = Q (Ẽ ∘ Γ) Qᵀ,   ½ d²F = Q S₂ Qᵀ,   (S₂)ₗₚ = Σₘ Ẽₗₘ Ẽₘₚ h[λₗ, λₘ, λₚ],
+# Γ the first divided differences h[λₗ, λₘ] and h[·,·,·] the second ones. Where λₗ ≠ λₚ,
+# h[λₗ, λₘ, λₚ] = (Γₗₘ − Γₘₚ)/(λₗ − λₚ), so S₂ = ((Ẽ∘Γ)Ẽ − Ẽ(Ẽ∘Γ))/(λₗ − λₚ): two matrix products,
+# no n×n×n tensor. Where they tie (|λₗ − λₚ| ≤ √ε·max(1, |λ|), as the first-order term's ties),
+# h[λₗ, λₘ, λₗ] = (h′(λₗ) − Γₗₘ)/(λₗ − λₘ) =: Hₗₘ (h″/2 = 0 where λₘ ties too: every value map's
+# projection is piecewise linear), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there. Finite at every tie.
+# The SVD maps U diag(g) Vᵀ of a tall n×k Y are the spectral map of the dilation [[0, Y], [Yᵀ, 0]]
+# (eigenvalues ±sᵢ with vectors (uᵢ; ±vᵢ)/√2, and 0 on (w; 0), w ⊥ range U) with h odd
+# (h(±sᵢ) = ±gᵢ, h = 0 on the complement). In the 2k eigenvectors (uᵢ; ±vᵢ)/√2,
+# Ẽ = [[Sym A, −Skew A], [Skew A, −Sym A]] with A = Uᵀ dY V; the complement enters only through
+# R = (I − UUᵀ) dY V (its block of Ẽ is [R, −R]/√2 in an orthonormal basis W of it, and Ẽ's
+# complement–complement block is 0), so neither W nor any n×n matrix is formed: O(nk² + k³).
+# The output is the top-right block of the dilation's Q S₂ Qᵀ. The term ½d²F[dY, dY] is added in
+# the forward pass, zero in value (dY = Y − Y.detach()): its first derivative is 0 there and its
+# second is exactly d²F, under autograd and every torch.func transform. Third and higher
+# derivatives are not the map's. Tested against finite differences of the map's first derivative
+# (tests/test_rank.py, gradgradcheck of project and retract in every conformance case).
+def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(Γ, H, tie, safe)`` of the spectrum ``lam`` with values ``h``, slopes ``dh``: Γ the first divided
+    differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (0 where λₘ ties with λₗ), the tie mask,
+    and ``λₗ − λₚ`` with 1 at ties (a safe divisor)."""
+    dl = lam.unsqueeze(-1) - lam.unsqueeze(-2)
+    tie = dl.abs() <= tol
+    safe = torch.where(tie, torch.ones_like(dl), dl)
+    gam = torch.where(tie, 0.5 * (dh.unsqueeze(-1) + dh.unsqueeze(-2)), (h.unsqueeze(-1) - h.unsqueeze(-2)) / safe)
+    H = torch.where(tie, torch.zeros_like(dl), (dh.unsqueeze(-1) - gam) / safe)
+    return gam, H, tie, safe
+
+
+def _second_core(Et: Tensor, gam: Tensor, H: Tensor, tie: Tensor, safe: Tensor) -> Tensor:
+    """``S₂`` of Note [Second derivatives of spectral maps] for ``Ẽ`` (Hermitian) without a complement."""
+    EG, EH = Et * gam, Et * H
+    return torch.where(tie, 0.5 * (EH @ Et + Et @ transpose(EH)), (EG @ Et - Et @ EG) / safe)
+
+
+def _svd_second_order(U: Tensor, s: Tensor, Vh: Tensor, g: Tensor, dg: Tensor, A: Tensor, R: Optional[Tensor],
+                      tol: Tensor) -> Tensor:
+    """``½ d²F[dY, dY]`` of ``F = U diag(g) Vᴴ`` (the SVD's spectral map, ``g`` odd-extended) with
+    ``A = Uᴴ dY V`` and ``R = (I − UUᴴ) dY V`` (None: square, no complement); Note [Second derivatives
+    of spectral maps]. Zero in value; batch of n×k like ``U @ Vh``."""
+    k = s.shape[-1]
+    lam = torch.cat([s, -s], -1)
+    gam, H, tie, safe = _second_divided(lam, torch.cat([g, -g], -1), torch.cat([dg, dg], -1), tol)
+    Sy, Sk = 0.5 * (A + transpose(A)), 0.5 * (A - transpose(A))
+    Et = torch.cat([torch.cat([Sy, -Sk], -1), torch.cat([Sk, -Sy], -1)], -2)
+    S2 = _second_core(Et, gam, H, tie, safe)
+    if R is not None:  # the complement (eigenvalue 0 of the dilation, h = 0 there)
+        t = tol.squeeze(-1)
+        nz = lam.abs() > t
+        lam_safe = torch.where(nz, lam, torch.ones_like(lam))
+        h, dh = torch.cat([g, -g], -1), torch.cat([dg, dg], -1)
+        g0 = torch.where(nz, h / lam_safe, dh)  # h[λ, 0]
+        eta = torch.where(nz, (dh - g0) / lam_safe, torch.zeros_like(lam))  # h[λ, 0, λ]
+        h0 = torch.where(nz, g0 / lam_safe, torch.zeros_like(lam))  # h[0, λ, 0]
+        RR = transpose(R) @ R
+        C2 = 0.5 * torch.cat([torch.cat([RR, -RR], -1), torch.cat([-RR, RR], -1)], -2)
+        S2 = S2 + torch.where(tie, 0.5 * (eta.unsqueeze(-1) + eta.unsqueeze(-2)), (g0.unsqueeze(-1) - g0.unsqueeze(-2)) / safe) * C2
+        RT = torch.cat([R, -R], -1) * (1.0 / math.sqrt(2.0))  # W's rows of the dilation's Ẽ, mapped back by W
+        WS = torch.where(nz.unsqueeze(-2), ((RT * g0.unsqueeze(-2)) @ Et - RT @ (Et * gam)) / (-lam_safe).unsqueeze(-2),
+                         (RT * h0.unsqueeze(-2)) @ Et)
+        B = 0.5 * (S2[..., :k, :k] - S2[..., :k, k:] + S2[..., k:, :k] - S2[..., k:, k:])
+        return (U @ B + (WS[..., :k] - WS[..., k:]) * (1.0 / math.sqrt(2.0))) @ Vh
+    B = 0.5 * (S2[..., :k, :k] - S2[..., :k, k:] + S2[..., k:, :k] - S2[..., k:, k:])
+    return U @ B @ Vh
 
 
 def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
@@ -785,7 +864,7 @@ def _packed_direction(Y: Tensor, P: Tensor) -> Tensor:
     at ``P = 0`` maps the packed coordinates isometrically onto ``T_Y St(n, r)`` with the canonical
     metric ``½‖Ω‖² + ‖C‖²`` (Frobenius: √2 on the ``L`` entries, 1 on ``C_b``), at every base. At
     ``Y = I[:, :r]`` (``N = [0; I]``) ``Δ = P``: GeoTorch's chart. Exact to all orders in ``P``; in
-    ``Y`` exact to first order (``U_p`` from :func:`polar`).
+    ``Y`` exact to second order (``U_p`` from :func:`polar`).
     """
     W, J = _packed_basis(Y)
     return _packed_apply(Y, W, J, P)

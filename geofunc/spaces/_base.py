@@ -335,6 +335,10 @@ class AbstractSpace(_Space, abc.ABC):
     #: for those ops. Read when a class is created, for the maps that class itself defines: set it in
     #: the body of the class that defines ``to_manifold``.
     _one_node: ClassVar[bool] = True
+    #: Further maps that are one node under ``torch.func.grad``: the spectral maps, whose exact
+    #: second-order terms plain autograd builds only for a second derivative (Note [Lazy second-order
+    #: terms], ``geofunc/_fastpath.py``), e.g. ``("tangent", "retract", "project")``.
+    _one_node_maps: ClassVar[tuple[str, ...]] = ()
 
     #: What a base of this space is, for :meth:`_refine_base`: ``"frames"`` (every base tensor an
     #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or
@@ -674,8 +678,8 @@ def _apply_policy(cls: type) -> None:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
             fn = _in_float32(fn)
-            if name in _ONE_NODE_METHODS and cls._one_node:  # Note [One node under torch.func.grad] (geofunc/_fused.py)
-                fn = one_node(fn)
+            if (name in _ONE_NODE_METHODS and cls._one_node) or name in cls._one_node_maps:
+                fn = one_node(fn)  # Note [One node under torch.func.grad] (geofunc/_fused.py)
             setattr(cls, name, fn)
     fn = cls.__dict__.get("_violations")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):

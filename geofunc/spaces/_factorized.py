@@ -14,12 +14,15 @@ The frames' chart is :func:`geofunc._linalg.frame_chart` in packed coordinates: 
 0 is an isometry at every base, so one SGD step on raw at zero then ``rebase`` is a Riemannian
 gradient step.
 
-Spectral maps (``project``, ``retract``) and the frames used by ``tangent`` take their *value*
-from a decomposition of the detached input and their *derivative* from the closed-form first
-derivative (divided differences / Daleckii–Krein), added as a term that is exactly zero in value.
-So they are right to rounding in value, exact to first order under every torch.func transform,
-never NaN at repeated singular values or eigenvalues (where ``torch.linalg.svd``'s backward is),
-but their second derivatives are not those of the map.
+Spectral maps (``project``, ``retract``) take their *value* from a decomposition of the detached
+input and their *derivatives* from the closed-form first and second derivatives (first and second
+divided differences, Daleckii–Krein), added as terms that are exactly zero in value (Note [Second
+derivatives of spectral maps] in ``geofunc/_linalg.py``). So they are right to rounding in value,
+exact to second order in plain autograd and under every torch.func transform (``hessian``,
+``grad(grad)``, ``jacfwd(jacrev)``), and never NaN at repeated singular values or eigenvalues (where
+``torch.linalg.svd``'s backward is). ``tangent`` is too: the frames' projectors are exact to first
+order wherever the kept values are above the dropped ones (:func:`top_frames`), and the projectors
+as spectral maps of an indicator carry the second order (:func:`_exact_tangent`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import eager_fast
-from .._linalg import frame_charts, haar_stiefel, poison, sanitize, sym_part, transpose
+from .._fastpath import add_second_order, derivative_mode, eager_fast
+from .._linalg import (_second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
+                       sym_part, transpose)
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
 from ._values import Identity, ValueMap
@@ -67,13 +71,16 @@ def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) ->
     return torch.where(close, 0.5 * (dgi + dgj), num / torch.where(close, torch.ones_like(den), den))
 
 
-def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+                 tie_tol: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """``U diag(g) Vᵀ`` for a tall ``Y = U diag(s) Vᵀ`` (thin SVD), ``(g, g') = g_fn(s, U, Vh)``.
 
     Value from the SVD of ``Y.detach()``; first derivative (exact, any transform) from
     ``dF = U (Sym(E) ∘ Δ⁻ + Skew(E) ∘ Δ⁺) Vᵀ + (I − UUᵀ) dY V diag(g/s) Vᵀ`` with
-    ``E = Uᵀ dY V``, ``Δ⁻ᵢⱼ = (gᵢ − gⱼ)/(sᵢ − sⱼ)``, ``Δ⁺ᵢⱼ = (gᵢ + gⱼ)/(sᵢ + sⱼ)`` (``g'`` at ties).
+    ``E = Uᵀ dY V``, ``Δ⁻ᵢⱼ = (gᵢ − gⱼ)/(sᵢ − sⱼ)``, ``Δ⁺ᵢⱼ = (gᵢ + gⱼ)/(sᵢ + sⱼ)`` (``g'`` at ties);
+    second derivative from :func:`_svd_second_order` (``g`` piecewise linear: ``g'' = 0``).
     ``g`` may depend on the index (truncation) and on locally constant signs (det fixes).
+    ``tie_tol(s)`` (``(…, 1)``) is the gap under which two values tie, default ``√ε · max(1, s₁)``.
     NaN/inf input gives NaN.
     """
     Y0 = Y.detach()
@@ -81,31 +88,48 @@ def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tenso
     g, dg = g_fn(s, U, Vh)
     g, dg = g.detach(), dg.detach()
     out = (U * g.unsqueeze(-2)) @ Vh
+    mode = derivative_mode(Y)
+    if mode == "none":  # nothing differentiates: the terms are 0 in value
+        return out + poison(Y0)
     D = Y - Y0  # zero in value (NaN where Y is not finite); carries every tangent
     V = Vh.mT
     E = U.mT @ D @ V
-    tol = _tie_tol(s).unsqueeze(-1)
+    tol = (_tie_tol if tie_tol is None else tie_tol)(s).unsqueeze(-1)
     si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
     gi, gj = g.unsqueeze(-1), g.unsqueeze(-2)
     dgi, dgj = dg.unsqueeze(-1), dg.unsqueeze(-2)
     dminus = _divided(gi - gj, dgi, dgj, si - sj, tol)
     dplus = _divided(gi + gj, dgi, dgj, si + sj, tol)
     K = 0.5 * (E + E.mT) * dminus + 0.5 * (E - E.mT) * dplus
+    tall = Y.shape[-2] > Y.shape[-1]
+    R = D @ V - U @ E if tall else None  # (I − UUᵀ) dY V
+
+    def second(Yd: Tensor) -> Tensor:
+        Dd = Yd - Y0
+        Ed = U.mT @ Dd @ V
+        return _svd_second_order(U, s, Vh, g, dg, Ed, Dd @ V - U @ Ed if tall else None, tol)
+
     out = out + U @ K @ Vh
-    if Y.shape[-2] > Y.shape[-1]:
+    if mode == "lazy":  # Note [Lazy second-order terms]
+        out = add_second_order(second, out, Y)
+    else:
+        out = out + _svd_second_order(U, s, Vh, g, dg, E, R, tol)
+    if tall:
         t = tol.squeeze(-1)
         ratio = torch.where(s > t, g / torch.where(s > t, s, torch.ones_like(s)), dg)
-        R = D @ V - U @ E
         out = out + (R * ratio.unsqueeze(-2)) @ Vh
     return out
 
 
-def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> Tensor:
+def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                  tie_tol: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
     """``Q diag(g) Qᵀ`` for ``sym(Y) = Q diag(λ) Qᵀ`` (ascending), ``(g, g') = g_fn(λ, Q)``.
 
     Value from ``eigh`` of the detached symmetric part; exact first derivative
     ``Q (Qᵀ dS Q ∘ Γ) Qᵀ`` with the divided differences ``Γᵢⱼ = (gᵢ − gⱼ)/(λᵢ − λⱼ)`` (Daleckii–Krein;
-    ``g'`` at ties). The result is exactly symmetric. NaN/inf input gives NaN.
+    ``g'`` at ties) and exact second derivative (Note [Second derivatives of spectral maps];
+    ``g'' = 0``). The result is exactly symmetric. ``tie_tol`` as :func:`spectral_svd`'s. NaN/inf input
+    gives NaN.
     """
     S = sym_part(Y)
     S0 = S.detach()
@@ -113,41 +137,75 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
     out = sym_part((Q * g.unsqueeze(-2)) @ transpose(Q))
+    mode = derivative_mode(Y)
+    if mode == "none":  # nothing differentiates: the terms are 0 in value
+        return out + poison(S0)
     D = S - S0
     E = transpose(Q) @ D @ Q
-    tol = _tie_tol(lam).unsqueeze(-1)
-    gam = _divided(g.unsqueeze(-1) - g.unsqueeze(-2), dg.unsqueeze(-1), dg.unsqueeze(-2),
-                   lam.unsqueeze(-1) - lam.unsqueeze(-2), tol)
-    return out + sym_part(Q @ (E * gam) @ transpose(Q))
+    gam, H, tie, safe = _second_divided(lam, g, dg, (_tie_tol if tie_tol is None else tie_tol)(lam).unsqueeze(-1))
+    if mode == "chain":
+        return out + sym_part(Q @ (E * gam + _second_core(E, gam, H, tie, safe)) @ transpose(Q))
+
+    def second(Yd: Tensor) -> Tensor:
+        Ed = transpose(Q) @ (sym_part(Yd) - S0) @ Q
+        return sym_part(Q @ _second_core(Ed, gam, H, tie, safe) @ transpose(Q))
+
+    out = out + sym_part(Q @ (E * gam) @ transpose(Q))
+    return add_second_order(second, out, Y)  # Note [Lazy second-order terms]
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """Orthonormal bases ``(U, V)`` of the top-r left/right singular subspaces of a tall ``X``.
 
-    Value from the SVD of ``X.detach()``; first derivative ``dU = (I − UUᵀ) dX V S⁻¹``,
-    ``dV = (I − VVᵀ) dXᵀ U S⁻¹``, exact (projector-wise) where ``X`` has rank r.
+    Value from the SVD of ``X.detach()``; first derivatives of their projectors exact wherever the
+    r-th singular value is above the next (not only at rank r): with ``E = Uᵀ dX V`` over the thin
+    SVD's k pairs, ``duᵢ`` has ``(sᵢ Eⱼᵢ + sⱼ Eᵢⱼ)/(sᵢ² − sⱼ²)`` along each dropped ``uⱼ`` and
+    ``(I − UUᵀ) dX vᵢ/sᵢ`` outside range U, ``dvᵢ`` has ``(sᵢ Eᵢⱼ + sⱼ Eⱼᵢ)/(sᵢ² − sⱼ²)`` along each
+    dropped ``vⱼ``; at rank r (``sⱼ = 0``) they are ``(I − UᵣUᵣᵀ) dX vᵢ/sᵢ`` and ``(I − VᵣVᵣᵀ) dXᵀ uᵢ/sᵢ``.
     """
     X0 = X.detach()
     U, s, Vh = torch.linalg.svd(sanitize(X0), full_matrices=False)
-    U, s, V = U[..., :r], s[..., :r], Vh[..., :r, :].mT
+    Ur, sr, Vr = U[..., :r], s[..., :r], Vh[..., :r, :].mT
+    if derivative_mode(X) == "none":  # nothing differentiates: the terms are 0 in value
+        p = poison(X0)
+        return Ur + p, Vr + p
     t = rank_tol(s[..., :1], X.shape[-2], X.shape[-1]).clamp(min=torch.finfo(s.dtype).tiny)
-    inv = torch.where(s > t, 1.0 / torch.where(s > t, s, torch.ones_like(s)), torch.zeros_like(s)).unsqueeze(-2)
+    inv = torch.where(sr > t, 1.0 / torch.where(sr > t, sr, torch.ones_like(sr)), torch.zeros_like(sr)).unsqueeze(-2)
     D = X - X0
-    DV, DtU = D @ V, D.mT @ U
-    return U + (DV - U @ (U.mT @ DV)) * inv, V + (DtU - V @ (V.mT @ DtU)) * inv
+    DV = D @ Vr
+    M = U.mT @ DV  # Eᵢⱼ (rows: every pair, columns: kept)
+    dU = (DV - U @ M) * inv  # outside range U
+    if r == s.shape[-1]:
+        return Ur + dU, Vr + 0.0 * dU[..., :1, :1]  # V spans everything: P_V = I (NaN-preserving zero)
+    Uq, sq, Vq = U[..., r:], s[..., r:], Vh[..., r:, :].mT
+    si, sj = sr.unsqueeze(-2), sq.unsqueeze(-1)
+    gap = si * si - sj * sj
+    ok = (si > t.unsqueeze(-1)) & (gap > (t * t.clamp(min=1.0)).unsqueeze(-1))
+    den = torch.where(ok, gap, torch.ones_like(gap))
+    alpha = torch.where(ok, si / den, torch.zeros_like(gap))
+    beta = torch.where(ok, sj / den, torch.zeros_like(gap))
+    A = M[..., r:, :]  # Eⱼᵢ, j dropped
+    B = Vq.mT @ (D.mT @ Ur)  # Eᵢⱼ
+    return Ur + dU + Uq @ (alpha * A + beta * B), Vr + Vq @ (alpha * B + beta * A)
 
 
 def top_eigframe(X: Tensor, r: int) -> Tensor:
     """Orthonormal basis ``Q`` of the top-r eigenspace of ``sym(X)`` (value from detached ``eigh``;
-    ``dQ = (I − QQᵀ) dS Q Λ⁻¹``, exact where ``X`` is symmetric of rank r)."""
+    ``dqᵢ = Σⱼ qⱼ (qⱼᵀ dS qᵢ)/(λᵢ − λⱼ)`` over the other eigenvectors: exact for the projector wherever
+    the r-th eigenvalue is above the next; ``(I − QQᵀ) dS Q Λ⁻¹`` at rank r)."""
     S = sym_part(X)
     S0 = S.detach()
-    lam, Q = torch.linalg.eigh(sanitize(S0))
-    lam, Q = lam[..., -r:], Q[..., -r:]
-    t = rank_tol(lam.abs().amax(-1, keepdim=True), X.shape[-1], X.shape[-1]).clamp(min=torch.finfo(lam.dtype).tiny)
-    inv = torch.where(lam.abs() > t, 1.0 / torch.where(lam.abs() > t, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-    DQ = (S - S0) @ Q
-    return Q + (DQ - Q @ (Q.mT @ DQ)) * inv.unsqueeze(-2)
+    lam_all, Q_all = torch.linalg.eigh(sanitize(S0))
+    lam, Q = lam_all[..., -r:], Q_all[..., -r:]
+    n = X.shape[-1]
+    if derivative_mode(X) == "none" or r == n:  # nothing differentiates, or P = I
+        return Q + poison(S0) if r < n else Q + 0.0 * (S - S0)[..., :, :r]
+    t = rank_tol(lam_all.abs().amax(-1, keepdim=True), n, n).clamp(min=torch.finfo(lam.dtype).tiny)
+    Qq, lq = Q_all[..., :-r], lam_all[..., :-r]
+    gap = lam.unsqueeze(-2) - lq.unsqueeze(-1)
+    ok = gap.abs() > t.unsqueeze(-1)
+    w = torch.where(ok, 1.0 / torch.where(ok, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    return Q + Qq @ ((transpose(Qq) @ ((S - S0) @ Q)) * w)
 
 
 def separated_values(batch: tuple[int, ...], r: int, generator, dtype, device) -> Tensor:
@@ -170,10 +228,50 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
     return V * torch.cat([ones, d.unsqueeze(-1)], dim=-1).unsqueeze(-2)
 
 
+def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
+    """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r frames (:func:`top_frames`):
+    O(nkr), first derivatives in ``X`` exact where it has rank r."""
+    U, V = top_frames(Xt, r)
+    UG = U.mT @ Gt
+    GV = Gt @ V
+    return U @ UG + (GV - U @ (UG @ V)) @ V.mT
+
+
+def _exact_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
+    """The same with ``P_U = ΦΦᵀ``, ``P_V = ΦᵀΦ``, ``Φ = U_r V_rᵀ`` the SVD map of ``g = [i < r]``: exact
+    to second order in ``X`` (Note [Second derivatives of spectral maps]), O(nk²)."""
+    n, k = Xt.shape[-2:]
+    keep = torch.arange(k, device=Xt.device) < r
+    Phi = spectral_svd(Xt, lambda s, U, Vh: (keep.to(s.dtype).expand_as(s), torch.zeros_like(s)),
+                       lambda s: rank_tol(s[..., :1], n, k))  # ties as top_frames': a rank deficiency
+    PG = Phi.mT @ Gt
+    PP = Phi.mT @ Phi
+    return Phi @ PG + Gt @ PP - Phi @ (PG @ PP)
+
+
+def _thin_eig_tangent(X: Tensor, Gs: Tensor, r: int) -> Tensor:
+    """``P S + S P − P S P`` (``S = Gs`` symmetric) from the top-r eigenframe (:func:`top_eigframe`)."""
+    Q = top_eigframe(X, r)
+    QG = transpose(Q) @ Gs
+    return sym_part(2.0 * Q @ QG - Q @ (QG @ Q) @ transpose(Q))
+
+
+def _exact_eig_tangent(X: Tensor, Gs: Tensor, r: int) -> Tensor:
+    """The same with ``P`` the spectral map of ``g = [top r]``: exact to second order in ``X``."""
+    n = X.shape[-1]
+    keep = torch.arange(n, device=X.device) >= n - r
+    P = spectral_eigh(X, lambda lam, Q: (keep.to(lam.dtype).expand_as(lam), torch.zeros_like(lam)),
+                      lambda lam: rank_tol(lam.abs().amax(-1, keepdim=True), n, n))  # as top_eigframe
+    PG = P @ Gs
+    return sym_part(2.0 * PG - PG @ P)
+
+
 # ----------------------------------------------------------------------- the two families
 class _Factorized(AbstractSpace):
     """Abstract: ``frames · diag(values) · frames``; a concrete space declares its hyperparameters
     (``triv`` among them) and implements ``_rank`` and ``_value_map``."""
+
+    _one_node_maps: ClassVar[tuple[str, ...]] = ("tangent", "retract", "project")  # Note [Lazy second-order terms]
 
     _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
 
@@ -418,10 +516,14 @@ class SVDSpace(_Factorized):
             return untall(Gt - Xt @ sym_part(Xt.mT @ Gt), tr)
         if r == k:
             return G + 0.0 * X
-        U, V = top_frames(Xt, r)
-        UG = U.mT @ Gt
-        GV = Gt @ V
-        return untall(U @ UG + (GV - U @ (UG @ V)) @ V.mT, tr)
+        mode = derivative_mode(X, G)
+        if mode != "chain":  # the thin frames (first derivatives exact); "lazy": plus the exact map's
+            # second-order difference as one node (Note [Lazy second-order terms])
+            T = _thin_tangent(Xt, Gt, r)
+            if mode == "lazy" and X.requires_grad:
+                T = add_second_order(lambda A, B: _exact_tangent(A, B, r) - _thin_tangent(A, B, r), T, Xt, Gt)
+            return untall(T, tr)
+        return untall(_exact_tangent(Xt, Gt, r), tr)
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
@@ -536,9 +638,14 @@ class EigSpace(_Factorized):
         Gs = sym_part(G)
         if r == n:
             return Gs + 0.0 * X
-        Q = top_eigframe(X, r)
-        QG = Q.mT @ Gs
-        return sym_part(2.0 * Q @ QG - Q @ (QG @ Q) @ Q.mT)
+        mode = derivative_mode(X, G)
+        if mode != "chain":  # as SVDSpace.tangent
+            T = _thin_eig_tangent(X, Gs, r)
+            if mode == "lazy" and X.requires_grad:
+                T = add_second_order(lambda A, B: _exact_eig_tangent(A, sym_part(B), r) - _thin_eig_tangent(A, sym_part(B), r),
+                                          T, X, G)
+            return T
+        return _exact_eig_tangent(X, Gs, r)
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")

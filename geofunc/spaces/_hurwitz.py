@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 import torch.nn.functional as F
 
 from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
+from .._fastpath import derivative_mode, add_second_order
 from .._linalg import Triv, eye_like, poison, sanitize
 from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached
 from ._psd import PSD
@@ -75,20 +76,41 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
 def _abscissa(Y: Tensor) -> Tensor:
     """The spectral abscissa ``max Re λ(Y)``, batch-shaped.
 
-    Value from ``eig`` of the detached input; first derivative ``Re (V⁻¹ dY V)ᵢᵢ`` at the top
-    eigenvalue ``i`` (left and right eigenvectors, exact where that eigenvalue is simple; a
-    complex pair has one real part), added as a term that is zero in value. So no eigenvector
-    derivative with its divisions by eigenvalue gaps enters any backward or jvp.
+    Value from ``eig`` of the detached input; derivatives from the perturbation series of the top
+    eigenvalue ``i`` (simple where the abscissa is differentiable; a complex pair has one real part):
+    with ``M = V⁻¹ dY V`` (right eigenvectors ``V``), ``dλᵢ = Mᵢᵢ`` and
+    ``½ d²λᵢ = Σ_{j≠i} Mᵢⱼ Mⱼᵢ/(λᵢ − λⱼ)``, added as terms that are zero in value. So first and second
+    derivatives are exact under every transform, and no eigenvector derivative with its divisions by
+    eigenvalue gaps enters a backward or jvp (an eigenvalue tied with the top one is left out of the
+    second-order sum: the abscissa has no second derivative there).
     """
     Y0 = sanitize(Y.detach())
     lam, V = torch.linalg.eig(Y0)
     re = lam.real
     i = re.argmax(-1, keepdim=True)
     a = torch.take_along_dim(re, i, dim=-1).squeeze(-1)
-    D = (Y - Y.detach()).to(V.dtype)  # zero in value (NaN where Y is not finite); carries every tangent
+    mode = derivative_mode(Y)
+    if mode == "none":  # nothing differentiates: the terms are 0 in value
+        return a + poison(Y)[..., 0, 0]
     Vi = torch.linalg.inv_ex(V).inverse
-    d = torch.diagonal(Vi @ D @ V, dim1=-2, dim2=-1).real
-    return a + torch.take_along_dim(d, i, dim=-1).squeeze(-1)
+
+    def terms(Yd: Tensor, first: bool = True, second: bool = True) -> Any:
+        D = (Yd - Y.detach()).to(V.dtype)  # zero in value (NaN where Y is not finite); carries every tangent
+        Vr = torch.take_along_dim(Vi, i.unsqueeze(-1), dim=-2) @ D  # row i of V⁻¹ D
+        row = (Vr @ V).squeeze(-2)  # Mᵢⱼ
+        out = torch.take_along_dim(row, i, dim=-1).squeeze(-1).real if first else None
+        if second:
+            col = (Vi @ (D @ torch.take_along_dim(V, i.unsqueeze(-2), dim=-1))).squeeze(-1)  # Mⱼᵢ
+            gap = torch.take_along_dim(lam, i, dim=-1) - lam
+            far = gap.abs() > math.sqrt(torch.finfo(re.dtype).eps) * lam.abs().amax(-1, keepdim=True).clamp(min=1.0)
+            inv_gap = torch.where(far, 1.0 / torch.where(far, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+            s2 = (row * col * inv_gap).sum(-1).real
+            out = s2 if out is None else out + s2
+        return out
+
+    if mode == "chain":
+        return a + terms(Y)
+    return add_second_order(lambda Yd: terms(Yd, first=False), a + terms(Y, second=False), Y)  # Note [Lazy second-order terms]
 
 
 #: The value map of the factor W: softplus with no floor, so that W ≻ 0 reaches every positive
@@ -144,6 +166,8 @@ class Hurwitz(AbstractSpace):
         >>> bool(torch.linalg.eigvals(X).real.max() <= -0.5)
         True
     """
+
+    _one_node_maps: ClassVar[tuple[str, ...]] = ("retract", "project")  # Note [Lazy second-order terms]
 
     alpha: float = 0.0
     triv: Triv = "expm"

@@ -46,6 +46,7 @@ class MatrixGroup(AbstractSpace):
     """
 
     _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
+    _one_node_maps: ClassVar[tuple[str, ...]] = ("project",)  # the polar factor (Note [Lazy second-order terms])
 
     triv: Triv = "expm"
 
@@ -85,6 +86,7 @@ class FrameSpace(AbstractSpace):
     """
 
     _base_kind: ClassVar[str | None] = "frames"  # what its base is (AbstractSpace._refine_base)
+    _one_node_maps: ClassVar[tuple[str, ...]] = ("project",)  # the polar factor (Note [Lazy second-order terms])
     _empty_points: ClassVar[bool] = True  # St(n, 0) and Gr(n, 0): one point, the empty frame (as GeoTorch)
 
     triv: Triv = "expm"

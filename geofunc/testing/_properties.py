@@ -23,6 +23,7 @@ __all__ = [
     "check_contains",
     "check_from_manifold",
     "check_gradcheck",
+    "check_gradgradcheck",
     "check_hessian",
     "check_jacobians",
     "check_jvp_fd",
@@ -841,6 +842,35 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                 torch.autograd.gradcheck(fn, args)
             except Exception as e:  # gradcheck raises GradcheckError (a RuntimeError)
                 raise _fail(ctx, f"gradcheck of {name} failed: {e}") from None
+
+
+@_property
+def check_gradgradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.autograd.gradgradcheck`` (float64): second derivatives of ``tangent`` in ``(X, G)``, of
+    ``retract`` in ``(X, V)`` and of ``project`` at a point and near one, on the smoke shape (the
+    spectral maps take their value from a detached decomposition: their second derivatives are
+    written out, Note [Second derivatives of spectral maps]; ``to_manifold``'s are the hessian
+    property's)."""
+    _require_f64("gradgradcheck", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    G = _randn(shape, f64, g)
+    V = M.tangent(X, G)
+    Y = X + _randn(shape, f64, g, 0.05)
+    checks: list[tuple[str, Callable[..., Tensor], tuple[Tensor, ...]]] = [
+        ("tangent", M.tangent, (X, G)),
+        ("retract", M.retract, (X, V)),
+        ("project at a point", M.project, (X,)),
+        ("project near a point", M.project, (Y,)),
+    ]
+    for name, fn, args in checks:
+        args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+        try:
+            torch.autograd.gradgradcheck(fn, args)
+        except Exception as e:  # GradcheckError (a RuntimeError)
+            raise _fail(ctx, f"gradgradcheck of {name} failed: {e}") from None
 
 
 @_property
