@@ -17,7 +17,7 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, derivative_mode, eager_fast, add_second_order, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, add_second_order, derivative_mode, eager_fast
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -744,7 +744,8 @@ def polar(A: Tensor) -> Tensor:
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0), full_matrices=False)
     Up = _mm(U, Vh) + poison(A0)
-    if eager_fast(A) and not tracks_derivatives(A):  # a constant base (the usual case): the term is 0 in value
+    mode = derivative_mode(A)
+    if mode == "none":  # a constant base (the usual case), or vmap alone: the terms are 0 in value
         return Up
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
     DV = D @ transpose(Vh)
@@ -757,7 +758,7 @@ def polar(A: Tensor) -> Tensor:
     if R is not None:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
         out = out + (R / s.unsqueeze(-2).clamp(min=tol)) @ Vh
     ones, zeros = torch.ones_like(s), torch.zeros_like(s)  # the SVD map of g = 1 (Note [Second derivatives of spectral maps])
-    if derivative_mode(A) == "lazy":  # Note [Lazy second-order terms]
+    if mode == "lazy":  # Note [Lazy second-order terms]
 
         def second(Ad: Tensor) -> Tensor:
             DVd = (Ad - A0) @ transpose(Vh)
@@ -799,7 +800,7 @@ def polar(A: Tensor) -> Tensor:
 # the forward pass, zero in value (dY = Y − Y.detach()): its first derivative is 0 there and its
 # second is exactly d²F, under autograd and every torch.func transform. Third and higher
 # derivatives are not the map's. Tested against finite differences of the map's first derivative
-# (tests/test_rank.py, gradgradcheck of project and retract in every conformance case).
+# (tests/test_second_derivatives.py; the conformance property gradgradcheck: tangent, retract, project).
 def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Γ, H, tie, safe)`` of the spectrum ``lam`` with values ``h``, slopes ``dh``: Γ the first divided
     differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (0 where λₘ ties with λₗ), the tie mask,
