@@ -55,10 +55,14 @@ def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
 # * nothing differentiates (no grad mode or no input requiring grad, no forward-mode level; or
 #   only vmap levels above plain tensors that track nothing): "none", the value alone (the
 #   first-order terms are skipped too: an optimizer's retract under no_grad, 0.6–0.8× its time);
-# * plain eager autograd: "lazy", the term is one node that passes the first-order result through;
-#   a backward that builds no graph gets no gradient from it (its first derivative is 0), one with
-#   create_graph=True the term's vector-Jacobian product recomputed as torch ops from the saved
-#   inputs, so every derivative past the first is the term's (~0.05–0.1 ms per map for the node);
+# * plain eager autograd: "lazy". The SVD/eigh maps and the polar factor are one node
+#   (closed_form_node): the forward computes the value alone, a backward that builds no graph is the
+#   first-order term's adjoint written out (a few products: differentiated project/retract
+#   0.69–0.90× the time of the old chain of torch ops), and one with create_graph=True
+#   differentiates the map recomputed as torch ops, both terms, so every derivative past the first
+#   is the chain's. Where the first-order part stays torch ops (Hurwitz's abscissa, the rank
+#   family's thin tangent frames), the second-order term is one node that passes the first-order
+#   result through and computes only under create_graph=True (add_second_order; ~0.05–0.1 ms);
 # * under a single torch.func.grad level the maps are one node (AbstractSpace._one_node_maps, Note
 #   [One node under torch.func.grad] in geofunc/_fused.py) that runs them in plain autograd: lazy
 #   again, and a backward at that level other than grad's own recomputes the chain;
@@ -126,3 +130,33 @@ def add_second_order(term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> T
     vector-Jacobian product (recomputed from ``xs``) only when it builds a graph
     (``create_graph=True``). Plain eager autograd only (``derivative_mode`` "lazy")."""
     return _SecondOrderOnly.apply(term, out, *xs)
+
+
+class _ClosedForm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[[], tuple[Tensor, Callable[[Tensor], Tensor]]],  # type: ignore[override]
+                chain: Callable[[Tensor], Tensor], Y: Tensor) -> Tensor:
+        out, ctx.vjp = compute()
+        ctx.chain = chain
+        ctx.save_for_backward(Y)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
+        if not ctx.needs_input_grad[2]:
+            return None, None, None
+        if torch.is_grad_enabled():  # a graph is wanted (create_graph=True): differentiate the op chain
+            (Y,) = ctx.saved_tensors
+            with torch.enable_grad():
+                (gY,) = torch.autograd.grad(ctx.chain(Y), Y, G, create_graph=True)
+            return None, None, gY
+        return None, None, ctx.vjp(G)
+
+
+def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[[Tensor], Tensor]]], chain: Callable[[Tensor], Tensor],
+                     Y: Tensor) -> Tensor:
+    """A map of ``Y`` as one plain-autograd node (``derivative_mode`` "lazy"; Note [Lazy second-order
+    terms]): ``compute()`` returns its value and the closed-form vector-Jacobian product of its first
+    derivative; a backward that builds a graph differentiates ``chain(Y)``, the map as torch ops
+    (first- and second-order terms), instead."""
+    return _ClosedForm.apply(compute, chain, Y)

@@ -17,7 +17,7 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, add_second_order, derivative_mode, eager_fast
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, closed_form_node, derivative_mode, eager_fast
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -741,31 +741,44 @@ def polar(A: Tensor) -> Tensor:
     """
     if A.shape[-2] < A.shape[-1]:
         return untall(polar(tall(A)[0]), True)
+    mode = derivative_mode(A)
+    if mode == "lazy":  # one plain-autograd node (Note [Lazy second-order terms])
+        return closed_form_node(lambda: _polar(A, "vjp"), lambda a: _polar(a, "chain"), A)
+    return _polar(A, mode)
+
+
+def _polar(A: Tensor, mode: str) -> Any:
+    """:func:`polar` of a tall or square ``A`` in ``mode`` (as ``_spectral_svd`` in
+    ``geofunc/spaces/_factorized.py``: "none", "chain" or "vjp")."""
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0), full_matrices=False)
     Up = _mm(U, Vh) + poison(A0)
-    mode = derivative_mode(A)
     if mode == "none":  # a constant base (the usual case), or vmap alone: the terms are 0 in value
         return Up
+    tol = (math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+    den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol)
+    tall_ = A.shape[-2] > A.shape[-1]
+    if mode == "vjp":
+
+        def vjp(G: Tensor) -> Tensor:  # the adjoint of the first-order term below
+            GV = G @ transpose(Vh)
+            Gt = transpose(U) @ GV
+            X = Gt / den
+            gA = U @ (X - transpose(X))
+            if tall_:
+                gA = gA + (GV - U @ Gt) / s.unsqueeze(-2).clamp(min=tol)
+            return gA @ Vh
+
+        return Up, vjp
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
     DV = D @ transpose(Vh)
     M = transpose(U) @ DV  # Uᵀ dA V
     B = M - transpose(M)  # Vᵀ(U_pᵀ dA − dAᵀ U_p)V
-    tol = (math.sqrt(torch.finfo(s.dtype).eps) * s.amax(-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
-    den = (s.unsqueeze(-1) + s.unsqueeze(-2)).clamp(min=tol)
     out = Up + U @ (B / den) @ Vh  # U_p Ξ = U_p V Ξ̃ Vᵀ = U Ξ̃ Vᵀ
-    R = DV - U @ M if A.shape[-2] > A.shape[-1] else None  # (I − UUᵀ) dA V
+    R = DV - U @ M if tall_ else None  # (I − UUᵀ) dA V
     if R is not None:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
         out = out + (R / s.unsqueeze(-2).clamp(min=tol)) @ Vh
     ones, zeros = torch.ones_like(s), torch.zeros_like(s)  # the SVD map of g = 1 (Note [Second derivatives of spectral maps])
-    if mode == "lazy":  # Note [Lazy second-order terms]
-
-        def second(Ad: Tensor) -> Tensor:
-            DVd = (Ad - A0) @ transpose(Vh)
-            Md = transpose(U) @ DVd
-            return _svd_second_order(U, s, Vh, ones, zeros, Md, DVd - U @ Md if R is not None else None, tol)
-
-        return add_second_order(second, out, A)
     return out + _svd_second_order(U, s, Vh, ones, zeros, M, R, tol)
 
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import add_second_order, derivative_mode, eager_fast
+from .._fastpath import add_second_order, closed_form_node, derivative_mode, eager_fast
 from .._linalg import (_second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
                        sym_part, transpose)
 from ._base import AbstractSpace
@@ -81,43 +81,56 @@ def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tenso
     second derivative from :func:`_svd_second_order` (``g`` piecewise linear: ``g'' = 0``).
     ``g`` may depend on the index (truncation) and on locally constant signs (det fixes).
     ``tie_tol(s)`` (``(…, 1)``) is the gap under which two values tie, default ``√ε · max(1, s₁)``.
-    NaN/inf input gives NaN.
+    NaN/inf input gives NaN. In plain autograd one node with the adjoint of ``dF`` written out
+    (Note [Lazy second-order terms]).
     """
+    mode = derivative_mode(Y)
+    if mode == "lazy":
+        return closed_form_node(lambda: _spectral_svd(Y, g_fn, tie_tol, "vjp"),
+                                lambda y: _spectral_svd(y, g_fn, tie_tol, "chain"), Y)
+    return _spectral_svd(Y, g_fn, tie_tol, mode)
+
+
+def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
+                  tie_tol: Optional[Callable[[Tensor], Tensor]], mode: str) -> Any:
+    """:func:`spectral_svd` in ``mode``: "none" (the value), "chain" (value and derivative terms as
+    torch ops) or "vjp" (``(value, vector-Jacobian product)``, for :func:`closed_form_node`)."""
     Y0 = Y.detach()
     U, s, Vh = torch.linalg.svd(sanitize(Y0), full_matrices=False)
     g, dg = g_fn(s, U, Vh)
     g, dg = g.detach(), dg.detach()
     out = (U * g.unsqueeze(-2)) @ Vh
-    mode = derivative_mode(Y)
     if mode == "none":  # nothing differentiates: the terms are 0 in value
         return out + poison(Y0)
-    D = Y - Y0  # zero in value (NaN where Y is not finite); carries every tangent
     V = Vh.mT
-    E = U.mT @ D @ V
     tol = (_tie_tol if tie_tol is None else tie_tol)(s).unsqueeze(-1)
     si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
     gi, gj = g.unsqueeze(-1), g.unsqueeze(-2)
     dgi, dgj = dg.unsqueeze(-1), dg.unsqueeze(-2)
     dminus = _divided(gi - gj, dgi, dgj, si - sj, tol)
     dplus = _divided(gi + gj, dgi, dgj, si + sj, tol)
-    K = 0.5 * (E + E.mT) * dminus + 0.5 * (E - E.mT) * dplus
     tall = Y.shape[-2] > Y.shape[-1]
+    t = tol.squeeze(-1)
+    ratio = torch.where(s > t, g / torch.where(s > t, s, torch.ones_like(s)), dg).unsqueeze(-2) if tall else None
+    if mode == "vjp":
+
+        def vjp(G: Tensor) -> Tensor:  # the adjoint of dF: Sym/Skew and ∘Δ± are self-adjoint
+            GV = G @ V
+            Gt = U.mT @ GV
+            Gm, Gp = Gt * dminus, Gt * dplus
+            gY = U @ (0.5 * (Gm + Gm.mT) + 0.5 * (Gp - Gp.mT))
+            if tall:
+                gY = gY + (GV - U @ Gt) * ratio
+            return gY @ Vh
+
+        return out + poison(Y0), vjp
+    D = Y - Y0  # zero in value (NaN where Y is not finite); carries every tangent
+    E = U.mT @ D @ V
+    K = 0.5 * (E + E.mT) * dminus + 0.5 * (E - E.mT) * dplus
     R = D @ V - U @ E if tall else None  # (I − UUᵀ) dY V
-
-    def second(Yd: Tensor) -> Tensor:
-        Dd = Yd - Y0
-        Ed = U.mT @ Dd @ V
-        return _svd_second_order(U, s, Vh, g, dg, Ed, Dd @ V - U @ Ed if tall else None, tol)
-
-    out = out + U @ K @ Vh
-    if mode == "lazy":  # Note [Lazy second-order terms]
-        out = add_second_order(second, out, Y)
-    else:
-        out = out + _svd_second_order(U, s, Vh, g, dg, E, R, tol)
-    if tall:
-        t = tol.squeeze(-1)
-        ratio = torch.where(s > t, g / torch.where(s > t, s, torch.ones_like(s)), dg)
-        out = out + (R * ratio.unsqueeze(-2)) @ Vh
+    out = out + U @ K @ Vh + _svd_second_order(U, s, Vh, g, dg, E, R, tol)
+    if R is not None:
+        out = out + (R * ratio) @ Vh
     return out
 
 
@@ -129,29 +142,35 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     ``Q (Qᵀ dS Q ∘ Γ) Qᵀ`` with the divided differences ``Γᵢⱼ = (gᵢ − gⱼ)/(λᵢ − λⱼ)`` (Daleckii–Krein;
     ``g'`` at ties) and exact second derivative (Note [Second derivatives of spectral maps];
     ``g'' = 0``). The result is exactly symmetric. ``tie_tol`` as :func:`spectral_svd`'s. NaN/inf input
-    gives NaN.
+    gives NaN. In plain autograd one node (as :func:`spectral_svd`).
     """
+    mode = derivative_mode(Y)
+    if mode == "lazy":
+        return closed_form_node(lambda: _spectral_eigh(Y, g_fn, tie_tol, "vjp"),
+                                lambda y: _spectral_eigh(y, g_fn, tie_tol, "chain"), Y)
+    return _spectral_eigh(Y, g_fn, tie_tol, mode)
+
+
+def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                   tie_tol: Optional[Callable[[Tensor], Tensor]], mode: str) -> Any:
+    """:func:`spectral_eigh` in ``mode`` (as :func:`_spectral_svd`)."""
     S = sym_part(Y)
     S0 = S.detach()
     lam, Q = torch.linalg.eigh(sanitize(S0))
     g, dg = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
     out = sym_part((Q * g.unsqueeze(-2)) @ transpose(Q))
-    mode = derivative_mode(Y)
     if mode == "none":  # nothing differentiates: the terms are 0 in value
         return out + poison(S0)
-    D = S - S0
-    E = transpose(Q) @ D @ Q
     gam, H, tie, safe = _second_divided(lam, g, dg, (_tie_tol if tie_tol is None else tie_tol)(lam).unsqueeze(-1))
-    if mode == "chain":
-        return out + sym_part(Q @ (E * gam + _second_core(E, gam, H, tie, safe)) @ transpose(Q))
+    if mode == "vjp":
 
-    def second(Yd: Tensor) -> Tensor:
-        Ed = transpose(Q) @ (sym_part(Yd) - S0) @ Q
-        return sym_part(Q @ _second_core(Ed, gam, H, tie, safe) @ transpose(Q))
+        def vjp(G: Tensor) -> Tensor:  # S ↦ Q (Qᵀ S Q ∘ Γ) Qᵀ is self-adjoint; sym_part twice
+            return sym_part(Q @ ((transpose(Q) @ sym_part(G) @ Q) * gam) @ transpose(Q))
 
-    out = out + sym_part(Q @ (E * gam) @ transpose(Q))
-    return add_second_order(second, out, Y)  # Note [Lazy second-order terms]
+        return out + poison(S0), vjp
+    E = transpose(Q) @ (S - S0) @ Q
+    return out + sym_part(Q @ (E * gam + _second_core(E, gam, H, tie, safe)) @ transpose(Q))
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -517,8 +536,8 @@ class SVDSpace(_Factorized):
         if r == k:
             return G + 0.0 * X
         mode = derivative_mode(X, G)
-        if mode != "chain":  # the thin frames (first derivatives exact); "lazy": plus the exact map's
-            # second-order difference as one node (Note [Lazy second-order terms])
+        if mode != "chain":  # the thin frames, O(nkr); "lazy": with the exact map's second-order
+            # difference as one node (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
             T = _thin_tangent(Xt, Gt, r)
             if mode == "lazy" and X.requires_grad:
                 T = add_second_order(lambda A, B: _exact_tangent(A, B, r) - _thin_tangent(A, B, r), T, Xt, Gt)
@@ -638,14 +657,9 @@ class EigSpace(_Factorized):
         Gs = sym_part(G)
         if r == n:
             return Gs + 0.0 * X
-        mode = derivative_mode(X, G)
-        if mode != "chain":  # as SVDSpace.tangent
-            T = _thin_eig_tangent(X, Gs, r)
-            if mode == "lazy" and X.requires_grad:
-                T = add_second_order(lambda A, B: _exact_eig_tangent(A, sym_part(B), r) - _thin_eig_tangent(A, sym_part(B), r),
-                                          T, X, G)
-            return T
-        return _exact_eig_tangent(X, Gs, r)
+        if derivative_mode(X) == "none":  # X is not differentiated: the thin frame
+            return _thin_eig_tangent(X, Gs, r)
+        return _exact_eig_tangent(X, Gs, r)  # P: one node in plain autograd (spectral_eigh), exact to second order
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
