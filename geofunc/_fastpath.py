@@ -70,9 +70,10 @@ def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
 #   the term as torch ops.
 def derivative_mode(*tensors: Optional[Tensor]) -> str:
     """How a map with a second-order term computes derivatives for ``tensors``: ``"none"`` (nothing
-    differentiates: the value alone), ``"lazy"`` (plain eager autograd: the term as one node,
-    :func:`add_second_order`) or ``"chain"`` (the term as torch ops). Under ``torch.func``, "none"
-    where only ``vmap`` levels are active and no plain tensor below them tracks derivatives."""
+    differentiates: the value alone), ``"lazy"`` (plain eager autograd: the map as one node,
+    :func:`closed_form_node`, or the term as one, :func:`add_second_order`) or ``"chain"`` (the
+    terms as torch ops). Under ``torch.func``, "none" where only ``vmap`` levels are active and no
+    plain tensor below them tracks derivatives."""
     if torch.compiler.is_compiling():
         return "chain"
     if torch._C._functorch.peek_interpreter_stack() is not None:
@@ -110,7 +111,7 @@ class _SecondOrderOnly(torch.autograd.Function):
     def forward(ctx: Any, term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:  # type: ignore[override]
         ctx.term = term
         ctx.save_for_backward(*xs)
-        return out.view_as(out)
+        return out.clone()  # not a view: callers may modify the result in place
 
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]

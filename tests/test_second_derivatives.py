@@ -180,3 +180,22 @@ def test_second_derivatives_with_respect_to_the_base(space, shape):
         return space.to_manifold(Z, b if isinstance(base, tuple) else b[0])
 
     assert torch.autograd.gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize("space,shape", SPACES, ids=IDS)
+def test_results_can_be_modified_in_place_under_autograd(space, shape):
+    """The one-node forms of the maps return fresh tensors, not views of their inputs: an in-place
+    op on a result that requires grad is allowed, and the gradient is that of the chain."""
+    X, V, W = _setup(space, shape)
+    for name, f in (("retract", lambda x, v: space.retract(x, v)), ("tangent", lambda x, v: space.tangent(x, v)),
+                    ("project", lambda x, v: space.project(x + v))):
+        x, v = X.clone().requires_grad_(), V.clone().requires_grad_()
+        Y = f(x, v)
+        Y.mul_(2.0)
+        gx, gv = torch.autograd.grad((Y * W).sum(), (x, v), allow_unused=True)
+        rx, rv = torch.func.grad(lambda a, b: (2.0 * f(a, b) * W).sum(), argnums=(0, 1))(X, V)
+        for got, ref in ((gx, rx), (gv, rv)):
+            if got is None:
+                assert float(ref.abs().max()) == 0.0, name
+            else:
+                torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8, msg=lambda m: f"{name}: {m}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
-from .._fastpath import derivative_mode, add_second_order
+from .._fastpath import add_second_order, derivative_mode
 from .._linalg import Triv, eye_like, poison, sanitize
 from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached
 from ._psd import PSD
