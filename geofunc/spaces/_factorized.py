@@ -249,7 +249,7 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 
 def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
     """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r frames (:func:`top_frames`):
-    O(nkr), first derivatives in ``X`` exact where it has rank r."""
+    O(nkr), first derivatives in ``X`` exact wherever the kept singular values are above the dropped ones."""
     U, V = top_frames(Xt, r)
     UG = U.mT @ Gt
     GV = Gt @ V
