@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, tracks_derivatives
 
 Tensor = torch.Tensor
 
@@ -666,17 +666,6 @@ class _ExpmAdjoint(torch.autograd.Function):
 
 def _plain(A: Tensor) -> bool:
     return _real(A.dtype) in _UNIT_ROUNDOFF and A.numel() > 0 and A.device.type != "meta"
-
-
-def _transforms() -> list[str]:
-    """The kinds (``"Grad"``, ``"Jvp"``, ``"Vmap"``, …) of the active ``torch.func`` levels (if the
-    private API moved: two forward-mode levels, so that :func:`expm` takes the static schedule)."""
-    try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        return [i.key().name for i in retrieve_all_functorch_interpreters()]
-    except Exception:  # pragma: no cover (private API moved: be safe)
-        return ["Jvp", "Jvp"]
 
 
 def _forward_levels() -> int:

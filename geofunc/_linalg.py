@@ -814,6 +814,12 @@ def _polar(A: Tensor, mode: str) -> Any:
 # second is exactly d²F, under autograd and every torch.func transform. Third and higher
 # derivatives are not the map's. Tested against finite differences of the map's first derivative
 # (tests/test_second_derivatives.py; the conformance property gradgradcheck: tangent, retract, project).
+def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) -> Tensor:
+    """``num / den`` (a divided difference), ``(dgi + dgj)/2`` where ``|den| ≤ tol`` (ties)."""
+    close = den.abs() <= tol
+    return torch.where(close, 0.5 * (dgi + dgj), num / torch.where(close, torch.ones_like(den), den))
+
+
 def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Γ, H, tie, safe)`` of the spectrum ``lam`` with values ``h``, slopes ``dh``: Γ the first divided
     differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (0 where λₘ ties with λₗ), the tie mask,
@@ -821,7 +827,7 @@ def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor) -> tuple[Te
     dl = lam.unsqueeze(-1) - lam.unsqueeze(-2)
     tie = dl.abs() <= tol
     safe = torch.where(tie, torch.ones_like(dl), dl)
-    gam = torch.where(tie, 0.5 * (dh.unsqueeze(-1) + dh.unsqueeze(-2)), (h.unsqueeze(-1) - h.unsqueeze(-2)) / safe)
+    gam = _divided(h.unsqueeze(-1) - h.unsqueeze(-2), dh.unsqueeze(-1), dh.unsqueeze(-2), dl, tol)
     H = torch.where(tie, torch.zeros_like(dl), (dh.unsqueeze(-1) - gam) / safe)
     return gam, H, tie, safe
 
@@ -838,8 +844,8 @@ def _svd_second_order(U: Tensor, s: Tensor, Vh: Tensor, g: Tensor, dg: Tensor, A
     ``A = Uᴴ dY V`` and ``R = (I − UUᴴ) dY V`` (None: square, no complement); Note [Second derivatives
     of spectral maps]. Zero in value; batch of n×k like ``U @ Vh``."""
     k = s.shape[-1]
-    lam = torch.cat([s, -s], -1)
-    gam, H, tie, safe = _second_divided(lam, torch.cat([g, -g], -1), torch.cat([dg, dg], -1), tol)
+    lam, h, dh = torch.cat([s, -s], -1), torch.cat([g, -g], -1), torch.cat([dg, dg], -1)
+    gam, H, tie, safe = _second_divided(lam, h, dh, tol)
     Sy, Sk = 0.5 * (A + transpose(A)), 0.5 * (A - transpose(A))
     Et = torch.cat([torch.cat([Sy, -Sk], -1), torch.cat([Sk, -Sy], -1)], -2)
     S2 = _second_core(Et, gam, H, tie, safe)
@@ -847,7 +853,6 @@ def _svd_second_order(U: Tensor, s: Tensor, Vh: Tensor, g: Tensor, dg: Tensor, A
         t = tol.squeeze(-1)
         nz = lam.abs() > t
         lam_safe = torch.where(nz, lam, torch.ones_like(lam))
-        h, dh = torch.cat([g, -g], -1), torch.cat([dg, dg], -1)
         g0 = torch.where(nz, h / lam_safe, dh)  # h[λ, 0]
         eta = torch.where(nz, (dh - g0) / lam_safe, torch.zeros_like(lam))  # h[λ, 0, λ]
         h0 = torch.where(nz, g0 / lam_safe, torch.zeros_like(lam))  # h[0, λ, 0]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import add_second_order, closed_form_node, derivative_mode, eager_fast
-from .._linalg import (_second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
+from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
                        sym_part, transpose)
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
@@ -63,12 +63,6 @@ def rank_tol(smax: Tensor, n: int, k: int) -> Tensor:
 def _tie_tol(s: Tensor) -> Tensor:
     smax = s.abs().amax(-1, keepdim=True).clamp(min=1.0)
     return math.sqrt(torch.finfo(s.dtype).eps) * smax
-
-
-def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) -> Tensor:
-    """``num / den`` (a divided difference), ``(dgi + dgj)/2`` where ``|den| ≤ tol`` (ties)."""
-    close = den.abs() <= tol
-    return torch.where(close, 0.5 * (dgi + dgj), num / torch.where(close, torch.ones_like(den), den))
 
 
 def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
@@ -194,8 +188,6 @@ def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
     DV = D @ Vr
     M = U.mT @ DV  # Eᵢⱼ (rows: every pair, columns: kept)
     dU = (DV - U @ M) * inv  # outside range U
-    if r == s.shape[-1]:
-        return Ur + dU, Vr + 0.0 * dU[..., :1, :1]  # V spans everything: P_V = I (NaN-preserving zero)
     Uq, sq, Vq = U[..., r:], s[..., r:], Vh[..., r:, :].mT
     si, sj = sr.unsqueeze(-2), sq.unsqueeze(-1)
     gap = si * si - sj * sj
@@ -217,8 +209,8 @@ def top_eigframe(X: Tensor, r: int) -> Tensor:
     lam_all, Q_all = torch.linalg.eigh(sanitize(S0))
     lam, Q = lam_all[..., -r:], Q_all[..., -r:]
     n = X.shape[-1]
-    if derivative_mode(X) == "none" or r == n:  # nothing differentiates, or P = I
-        return Q + poison(S0) if r < n else Q + 0.0 * (S - S0)[..., :, :r]
+    if derivative_mode(X) == "none":  # nothing differentiates: the terms are 0 in value
+        return Q + poison(S0)
     t = rank_tol(lam_all.abs().amax(-1, keepdim=True), n, n).clamp(min=torch.finfo(lam.dtype).tiny)
     Qq, lq = Q_all[..., :-r], lam_all[..., :-r]
     gap = lam.unsqueeze(-2) - lq.unsqueeze(-1)
