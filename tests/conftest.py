@@ -1,8 +1,8 @@
 """Test configuration shared by every test file.
 
 One intra-op thread: the tensors here are tiny (thread start-up costs more than it saves),
-CI and the dev machine have two cores shared by parallel jobs, and single-threaded
-reductions make float results reproducible run to run.
+CI and the dev machine have two cores, each running one pytest-xdist worker (``-n 2``, the
+README's command), and single-threaded reductions make float results reproducible run to run.
 """
 
 from __future__ import annotations
