@@ -516,6 +516,33 @@ def test_compile_fullgraph_inductor():
     assert net.parametrizations.weight.original.grad is not None
 
 
+_EXPORT_CASES = CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
+                         ("alpha_stable", {}, lambda: nn.Linear(4, 4), gf.Hurwitz)]
+
+
+@pytest.mark.parametrize("case", _EXPORT_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_torch_export_holds_for_other_parameter_values(case):
+    """A constrained layer exported with ``torch.export`` (deployment) computes the eager layer's
+    output for parameter values other than the traced ones: no schedule or branch chosen from the
+    traced values is baked into the graph (the raw parameter scaled over four decades, so that a
+    matrix exponential's degree and squarings change), and the exported weight is on the space."""
+    name, kwargs, make, cls = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make().double(), **kwargs)
+    x = torch.randn(3, m.in_features, dtype=torch.float64)
+    exported = torch.export.export(m, (x,)).module()
+    torch.testing.assert_close(exported(x), m(x), atol=1e-12, rtol=1e-12)
+    state = m.state_dict()
+    raw = [k for k in state if k.endswith("original")]
+    assert raw, list(state)
+    for scale in (0.01, 1.0, 30.0):
+        new = dict(state, **{k: torch.randn_like(state[k]) * scale for k in raw})
+        m.load_state_dict(new)
+        exported.load_state_dict(new)
+        torch.testing.assert_close(exported(x), m(x), atol=1e-10, rtol=1e-10)
+        assert member(gnn.parametrization_of(m).space, m.weight.detach())
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
