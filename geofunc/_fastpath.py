@@ -60,8 +60,9 @@ def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
 #   first-order term's adjoint written out (a few products: differentiated project/retract
 #   0.69–0.90× the time of the old chain of torch ops), and one with create_graph=True
 #   differentiates the map recomputed as torch ops, both terms, so every derivative past the first
-#   is the chain's. Where the first-order part stays torch ops (Hurwitz's abscissa, the rank
-#   family's thin tangent frames), the second-order term is one node that passes the first-order
+#   is the chain's (the rank family's tangent too: its thin frames' adjoint written out, with the
+#   exact projector map as the chain). Where the first-order part stays torch ops (Hurwitz's
+#   abscissa), the second-order term is one node that passes the first-order
 #   result through and computes only under create_graph=True (add_second_order; ~0.05–0.1 ms);
 # * under a single torch.func.grad level the maps are one node (AbstractSpace._one_node_maps, Note
 #   [One node under torch.func.grad] in geofunc/_fused.py) that runs them in plain autograd: lazy
@@ -143,29 +144,33 @@ def add_second_order(term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> T
 
 class _ClosedForm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, compute: Callable[[], tuple[Tensor, Callable[[Tensor], Tensor]]],  # type: ignore[override]
-                chain: Callable[[Tensor], Tensor], Y: Tensor) -> Tensor:
+    def forward(ctx: Any, compute: Callable[[], tuple[Tensor, Callable[[Tensor], Any]]],  # type: ignore[override]
+                chain: Callable[..., Tensor], *Ys: Tensor) -> Tensor:
         out, ctx.vjp = compute()
         ctx.chain = chain
-        ctx.save_for_backward(Y)
+        ctx.save_for_backward(*Ys)
         return out
 
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        if not ctx.needs_input_grad[2]:
-            return None, None, None
+        need = ctx.needs_input_grad[2:]
+        if not any(need):
+            return (None, None) + (None,) * len(need)
         if torch.is_grad_enabled():  # a graph is wanted (create_graph=True): differentiate the op chain
-            (Y,) = ctx.saved_tensors
+            Ys = ctx.saved_tensors
+            wrt = [Y for Y, n in zip(Ys, need) if n]
             with torch.enable_grad():
-                (gY,) = torch.autograd.grad(ctx.chain(Y), Y, G, create_graph=True)
-            return None, None, gY
-        return None, None, ctx.vjp(G)
+                grads = iter(torch.autograd.grad(ctx.chain(*Ys), wrt, G, create_graph=True, allow_unused=True))
+            return (None, None, *[next(grads) if n else None for n in need])
+        g = ctx.vjp(G)
+        g = (g,) if len(need) == 1 else g
+        return (None, None, *[gi if n else None for gi, n in zip(g, need)])
 
 
-def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[[Tensor], Tensor]]], chain: Callable[[Tensor], Tensor],
-                     Y: Tensor) -> Tensor:
-    """A map of ``Y`` as one plain-autograd node (``derivative_mode`` "lazy"; Note [Lazy second-order
+def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[[Tensor], Any]]], chain: Callable[..., Tensor],
+                     *Ys: Tensor) -> Tensor:
+    """A map of ``Ys`` as one plain-autograd node (``derivative_mode`` "lazy"; Note [Lazy second-order
     terms]): ``compute()`` returns its value and the closed-form vector-Jacobian product of its first
-    derivative; a backward that builds a graph differentiates ``chain(Y)``, the map as torch ops
-    (first- and second-order terms), instead."""
-    return _ClosedForm.apply(compute, chain, Y)
+    derivative (a tensor for one input, a tuple of one per input otherwise); a backward that builds a
+    graph differentiates ``chain(*Ys)``, the map as torch ops (first- and second-order terms), instead."""
+    return _ClosedForm.apply(compute, chain, *Ys)

@@ -163,6 +163,38 @@ def test_first_derivatives_agree_across_modes_and_vmap_without_grad(space, shape
     torch.testing.assert_close(batched, torch.stack([space.tangent(X, G) for G in Gs]), atol=1e-12, rtol=0)
 
 
+def _names(T):
+    seen, todo = set(), [T.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f.name() not in seen:
+            seen.add(f.name())
+            todo.extend(g for g, _ in f.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("wrt", ["X", "G", "both"])
+@pytest.mark.parametrize("space,shape,off", [(gf.LowRank(2), (7, 5), 0.3), (gf.LowRank(3), (4, 9), 0.3),
+                                             (gf.FixedRank(2), (3, 6, 4), 0.3), (gf.LowRank(2), (6, 4), 0.0)],
+                         ids=["LowRank-tall", "LowRank-wide", "FixedRank-batched", "LowRank-on-the-set"])
+def test_rank_tangent_node_first_derivatives_are_the_chains(space, shape, off, wrt):
+    """``tangent`` in plain autograd is one node whose backward is the thin frames' adjoint written
+    out (``_thin_tangent_vjp``): its gradients in X and G, off the rank-r set (a full-rank X) and on
+    it, equal the exact map's torch ops (``torch.func.vjp``) to rounding."""
+    X, _, W = _setup(space, shape)
+    g = torch.Generator().manual_seed(1)
+    X = X + off * torch.randn(shape, generator=g, dtype=F64)
+    G = torch.randn(shape, generator=g, dtype=F64)
+    x, gg = X.clone().requires_grad_(wrt != "G"), G.clone().requires_grad_(wrt != "X")
+    T = space.tangent(x, gg)
+    assert "_ClosedFormBackward" in _names(T)
+    wanted = [t for t in (x, gg) if t.requires_grad]
+    got = torch.autograd.grad(T, wanted, W)
+    ref = torch.func.vjp(space.tangent, X, G)[1](W)
+    for a, b in zip(got, [r for r, t in zip(ref, (x, gg)) if t.requires_grad]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("space,shape", [(gf.LowRank(2), (6, 4)), (gf.FixedRank(2), (4, 6)), (gf.PSSDLowRank(2), (5, 5))],
                          ids=["LowRank", "FixedRank-wide", "PSSDLowRank"])
 def test_second_derivatives_with_respect_to_the_base(space, shape):

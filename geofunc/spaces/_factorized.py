@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import add_second_order, closed_form_node, derivative_mode, eager_fast
+from .._fastpath import closed_form_node, derivative_mode, eager_fast
 from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
                        sym_part, transpose)
 from ._base import AbstractSpace
@@ -178,26 +178,33 @@ def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """
     X0 = X.detach()
     U, s, Vh = torch.linalg.svd(sanitize(X0), full_matrices=False)
-    Ur, sr, Vr = U[..., :r], s[..., :r], Vh[..., :r, :].mT
+    Ur, Vr = U[..., :r], Vh[..., :r, :].mT
     if derivative_mode(X) == "none":  # nothing differentiates: the terms are 0 in value
         p = poison(X0)
         return Ur + p, Vr + p
-    t = rank_tol(s[..., :1], X.shape[-2], X.shape[-1]).clamp(min=torch.finfo(s.dtype).tiny)
-    inv = torch.where(sr > t, 1.0 / torch.where(sr > t, sr, torch.ones_like(sr)), torch.zeros_like(sr)).unsqueeze(-2)
+    inv, alpha, beta = _frame_coefficients(s, r, X.shape[-2], X.shape[-1])
     D = X - X0
     DV = D @ Vr
     M = U.mT @ DV  # Eᵢⱼ (rows: every pair, columns: kept)
     dU = (DV - U @ M) * inv  # outside range U
-    Uq, sq, Vq = U[..., r:], s[..., r:], Vh[..., r:, :].mT
+    Uq, Vq = U[..., r:], Vh[..., r:, :].mT
+    A = M[..., r:, :]  # Eⱼᵢ, j dropped
+    B = Vq.mT @ (D.mT @ Ur)  # Eᵢⱼ
+    return Ur + dU + Uq @ (alpha * A + beta * B), Vr + Vq @ (alpha * B + beta * A)
+
+
+def _frame_coefficients(s: Tensor, r: int, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`top_frames`' coefficients from the singular values ``s`` (k of them): ``1/sᵢ`` of the kept
+    (``(…, 1, r)``; 0 below the rank tolerance) and ``α = sᵢ/(sᵢ² − sⱼ²)``, ``β = sⱼ/(sᵢ² − sⱼ²)``
+    (``(…, k − r, r)``, j dropped; 0 where the gap is below the tolerance)."""
+    sr, sq = s[..., :r], s[..., r:]
+    t = rank_tol(s[..., :1], n, k).clamp(min=torch.finfo(s.dtype).tiny)
+    inv = torch.where(sr > t, 1.0 / torch.where(sr > t, sr, torch.ones_like(sr)), torch.zeros_like(sr)).unsqueeze(-2)
     si, sj = sr.unsqueeze(-2), sq.unsqueeze(-1)
     gap = si * si - sj * sj
     ok = (si > t.unsqueeze(-1)) & (gap > (t * t.clamp(min=1.0)).unsqueeze(-1))
     den = torch.where(ok, gap, torch.ones_like(gap))
-    alpha = torch.where(ok, si / den, torch.zeros_like(gap))
-    beta = torch.where(ok, sj / den, torch.zeros_like(gap))
-    A = M[..., r:, :]  # Eⱼᵢ, j dropped
-    B = Vq.mT @ (D.mT @ Ur)  # Eᵢⱼ
-    return Ur + dU + Uq @ (alpha * A + beta * B), Vr + Vq @ (alpha * B + beta * A)
+    return inv, torch.where(ok, si / den, torch.zeros_like(gap)), torch.where(ok, sj / den, torch.zeros_like(gap))
 
 
 def top_eigframe(X: Tensor, r: int) -> Tensor:
@@ -246,6 +253,38 @@ def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
     UG = U.mT @ Gt
     GV = Gt @ V
     return U @ UG + (GV - U @ (UG @ V)) @ V.mT
+
+
+def _thin_tangent_vjp(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool]
+                      ) -> tuple[Tensor, Callable[[Tensor], tuple[Optional[Tensor], Optional[Tensor]]]]:
+    """:func:`_thin_tangent` of plain tensors and its vector-Jacobian product in ``(Xt, Gt)``, written
+    out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
+    + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
+    (I − P_U) C) V`` (no n×n matrix formed), pulled back through :func:`top_frames`' derivative;
+    in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``. ``need``: which of the two to compute."""
+    U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
+    Ur, Vr = U[..., :r], Vh[..., :r, :].mT
+    UG, GV = Ur.mT @ Gt, Gt @ Vr  # kept for the backward: Gᵀ U, G V
+    UGV = UG @ Vr
+    T = Ur @ UG + (GV - Ur @ UGV) @ Vr.mT + poison(Xt)
+
+    def vjp(C: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        CU, CV = C.mT @ Ur, C @ Vr
+        VC = Vr.mT @ CU  # (Uᵀ C V)ᵀ
+        gG = Ur @ CU.mT + (CV - Ur @ VC.mT) @ Vr.mT if need[1] else None  # T(X, C)
+        if not need[0]:
+            return None, gG
+        GU, VG = UG.mT, UGV.mT
+        Ubar = C @ GU + Gt @ CU - CV @ VG - GV @ VC  # 2 sym(C (I − P_V) Gᵀ) U
+        Vbar = Gt.mT @ CV + C.mT @ GV - GU @ VC.mT - CU @ VG.mT  # 2 sym(Gᵀ (I − P_U) C) V
+        inv, alpha, beta = _frame_coefficients(s, r, Xt.shape[-2], Xt.shape[-1])
+        UU = U.mT @ Ubar
+        P, Q = UU[..., r:, :], Vh[..., r:, :] @ Vbar
+        Abar, Bbar = alpha * P + beta * Q, beta * P + alpha * Q
+        W = Ubar * inv + U @ (torch.cat([torch.zeros_like(UU[..., :r, :]), Abar], dim=-2) - UU * inv)
+        return torch.cat([W, Ur], -1) @ torch.cat([Vr, Vh[..., r:, :].mT @ Bbar], -1).mT, gG
+
+    return T, vjp
 
 
 def _exact_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
@@ -528,12 +567,12 @@ class SVDSpace(_Factorized):
         if r == k:
             return G + 0.0 * X
         mode = derivative_mode(X, G)
-        if mode != "chain":  # the thin frames, O(nkr); "lazy": with the exact map's second-order
-            # difference as one node (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
-            T = _thin_tangent(Xt, Gt, r)
-            if mode == "lazy" and X.requires_grad:
-                T = add_second_order(lambda A, B: _exact_tangent(A, B, r) - _thin_tangent(A, B, r), T, Xt, Gt)
-            return untall(T, tr)
+        if mode == "none":  # the thin frames, O(nkr)
+            return untall(_thin_tangent(Xt, Gt, r), tr)
+        if mode == "lazy":  # one node: the thin frames' adjoint written out; a graph-building backward
+            # differentiates the exact map (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
+            return untall(closed_form_node(lambda: _thin_tangent_vjp(Xt.detach(), Gt.detach(), r, (X.requires_grad, G.requires_grad)),
+                                           lambda A, B: _exact_tangent(A, B, r), Xt, Gt), tr)
         return untall(_exact_tangent(Xt, Gt, r), tr)
 
     def project(self, Y: Tensor) -> Tensor:
