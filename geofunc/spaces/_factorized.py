@@ -21,7 +21,7 @@ derivatives of spectral maps] in ``geofunc/_linalg.py``). So they are right to r
 exact to second order in plain autograd and under every torch.func transform (``hessian``,
 ``grad(grad)``, ``jacfwd(jacrev)``), and never NaN at repeated singular values or eigenvalues (where
 ``torch.linalg.svd``'s backward is). ``tangent`` is too: the frames' projectors are exact to first
-order wherever the kept values are above the dropped ones (:func:`top_frames`), and the projectors
+order wherever the kept values are above the dropped ones (:func:`_frame_coefficients`), and the projectors
 as spectral maps of an indicator carry the second order (:func:`_exact_tangent`).
 """
 
@@ -168,34 +168,22 @@ def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Ten
 
 
 def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Orthonormal bases ``(U, V)`` of the top-r left/right singular subspaces of a tall ``X``.
-
-    Value from the SVD of ``X.detach()``; first derivatives of their projectors exact wherever the
-    r-th singular value is above the next (not only at rank r): with ``E = Uᵀ dX V`` over the thin
-    SVD's k pairs, ``duᵢ`` has ``(sᵢ Eⱼᵢ + sⱼ Eᵢⱼ)/(sᵢ² − sⱼ²)`` along each dropped ``uⱼ`` and
-    ``(I − UUᵀ) dX vᵢ/sᵢ`` outside range U, ``dvᵢ`` has ``(sᵢ Eᵢⱼ + sⱼ Eⱼᵢ)/(sᵢ² − sⱼ²)`` along each
-    dropped ``vⱼ``; at rank r (``sⱼ = 0``) they are ``(I − UᵣUᵣᵀ) dX vᵢ/sᵢ`` and ``(I − VᵣVᵣᵀ) dXᵀ uᵢ/sᵢ``.
-    """
+    """Orthonormal bases ``(U, V)`` of the top-r left/right singular subspaces of a tall ``X``, from the
+    SVD of ``X.detach()`` (NaN where ``X`` is not finite): values only, for maps that nothing
+    differentiates in ``X`` (``tangent``'s derivatives: :func:`_thin_tangent_vjp`, :func:`_exact_tangent`)."""
     X0 = X.detach()
-    U, s, Vh = torch.linalg.svd(sanitize(X0), full_matrices=False)
-    Ur, Vr = U[..., :r], Vh[..., :r, :].mT
-    if derivative_mode(X) == "none":  # nothing differentiates: the terms are 0 in value
-        p = poison(X0)
-        return Ur + p, Vr + p
-    inv, alpha, beta = _frame_coefficients(s, r, X.shape[-2], X.shape[-1])
-    D = X - X0
-    DV = D @ Vr
-    M = U.mT @ DV  # Eᵢⱼ (rows: every pair, columns: kept)
-    dU = (DV - U @ M) * inv  # outside range U
-    Uq, Vq = U[..., r:], Vh[..., r:, :].mT
-    A = M[..., r:, :]  # Eⱼᵢ, j dropped
-    B = Vq.mT @ (D.mT @ Ur)  # Eᵢⱼ
-    return Ur + dU + Uq @ (alpha * A + beta * B), Vr + Vq @ (alpha * B + beta * A)
+    U, _, Vh = torch.linalg.svd(sanitize(X0), full_matrices=False)
+    p = poison(X0)
+    return U[..., :r] + p, Vh[..., :r, :].mT + p
 
 
 def _frame_coefficients(s: Tensor, r: int, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`top_frames`' coefficients from the singular values ``s`` (k of them): ``1/sᵢ`` of the kept
-    (``(…, 1, r)``; 0 below the rank tolerance) and ``α = sᵢ/(sᵢ² − sⱼ²)``, ``β = sⱼ/(sᵢ² − sⱼ²)``
+    """The top-r frames' first derivatives, from the singular values ``s`` (k of them) of a tall n×k
+    ``X``: with ``E = Uᵀ dX V`` over the thin SVD's k pairs, ``duᵢ`` has ``αᵢⱼ Eⱼᵢ + βᵢⱼ Eᵢⱼ`` along each
+    dropped ``uⱼ`` and ``(I − UUᵀ) dX vᵢ/sᵢ`` outside range U, ``dvᵢ`` has ``αᵢⱼ Eᵢⱼ + βᵢⱼ Eⱼᵢ`` along each
+    dropped ``vⱼ``, ``α = sᵢ/(sᵢ² − sⱼ²)``, ``β = sⱼ/(sᵢ² − sⱼ²)``: the projectors' derivatives, exact
+    wherever the r-th singular value is above the next (not only at rank r, where ``sⱼ = 0``).
+    Returns ``1/sᵢ`` of the kept (``(…, 1, r)``; 0 below the rank tolerance), ``α`` and ``β``
     (``(…, k − r, r)``, j dropped; 0 where the gap is below the tolerance)."""
     sr, sq = s[..., :r], s[..., r:]
     t = rank_tol(s[..., :1], n, k).clamp(min=torch.finfo(s.dtype).tiny)
@@ -208,22 +196,11 @@ def _frame_coefficients(s: Tensor, r: int, n: int, k: int) -> tuple[Tensor, Tens
 
 
 def top_eigframe(X: Tensor, r: int) -> Tensor:
-    """Orthonormal basis ``Q`` of the top-r eigenspace of ``sym(X)`` (value from detached ``eigh``;
-    ``dqᵢ = Σⱼ qⱼ (qⱼᵀ dS qᵢ)/(λᵢ − λⱼ)`` over the other eigenvectors: exact for the projector wherever
-    the r-th eigenvalue is above the next; ``(I − QQᵀ) dS Q Λ⁻¹`` at rank r)."""
-    S = sym_part(X)
-    S0 = S.detach()
-    lam_all, Q_all = torch.linalg.eigh(sanitize(S0))
-    lam, Q = lam_all[..., -r:], Q_all[..., -r:]
-    n = X.shape[-1]
-    if derivative_mode(X) == "none":  # nothing differentiates: the terms are 0 in value
-        return Q + poison(S0)
-    t = rank_tol(lam_all.abs().amax(-1, keepdim=True), n, n).clamp(min=torch.finfo(lam.dtype).tiny)
-    Qq, lq = Q_all[..., :-r], lam_all[..., :-r]
-    gap = lam.unsqueeze(-2) - lq.unsqueeze(-1)
-    ok = gap.abs() > t.unsqueeze(-1)
-    w = torch.where(ok, 1.0 / torch.where(ok, gap, torch.ones_like(gap)), torch.zeros_like(gap))
-    return Q + Qq @ ((transpose(Qq) @ ((S - S0) @ Q)) * w)
+    """Orthonormal basis ``Q`` of the top-r eigenspace of ``sym(X)``, from ``eigh`` of its detached
+    value (NaN where ``X`` is not finite): values only, for maps that nothing differentiates in ``X``
+    (``tangent``'s derivatives come from the projector as a spectral map, :func:`_exact_eig_tangent`)."""
+    S0 = sym_part(X).detach()
+    return torch.linalg.eigh(sanitize(S0))[1][..., -r:] + poison(S0)
 
 
 def separated_values(batch: tuple[int, ...], r: int, generator, dtype, device) -> Tensor:
@@ -260,7 +237,8 @@ def _thin_tangent_vjp(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool]
     """:func:`_thin_tangent` of plain tensors and its vector-Jacobian product in ``(Xt, Gt)``, written
     out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
     + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
-    (I − P_U) C) V`` (no n×n matrix formed), pulled back through :func:`top_frames`' derivative;
+    (I − P_U) C) V`` (no n×n matrix formed), pulled back through the frames' derivative
+    (:func:`_frame_coefficients`);
     in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``. ``need``: which of the two to compute."""
     U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
     Ur, Vr = U[..., :r], Vh[..., :r, :].mT
