@@ -174,17 +174,21 @@ def _names(T):
 
 
 @pytest.mark.parametrize("wrt", ["X", "G", "both"])
-@pytest.mark.parametrize("space,shape,off", [(gf.LowRank(2), (7, 5), 0.3), (gf.LowRank(3), (4, 9), 0.3),
-                                             (gf.FixedRank(2), (3, 6, 4), 0.3), (gf.LowRank(2), (6, 4), 0.0)],
-                         ids=["LowRank-tall", "LowRank-wide", "FixedRank-batched", "LowRank-on-the-set"])
-def test_rank_tangent_node_first_derivatives_are_the_chains(space, shape, off, wrt):
+@pytest.mark.parametrize("space,shape,off,gshape", [(gf.LowRank(2), (7, 5), 0.3, None), (gf.LowRank(3), (4, 9), 0.3, None),
+                                                    (gf.FixedRank(2), (3, 6, 4), 0.3, None),
+                                                    (gf.LowRank(2), (6, 4), 0.0, None), (gf.LowRank(2), (6, 4), 0.3, (3, 6, 4)),
+                                                    (gf.LowRank(2), (1, 4, 7), 0.3, (2, 4, 7)), (gf.LowRank(2), (2, 6, 4), 0.3, (6, 4))],
+                         ids=["LowRank-tall", "LowRank-wide", "FixedRank-batched", "LowRank-on-the-set",
+                              "G-batched", "X-batch-broadcast", "X-batched"])
+def test_rank_tangent_node_first_derivatives_are_the_chains(space, shape, off, gshape, wrt):
     """``tangent`` in plain autograd is one node whose backward is the thin frames' adjoint written
     out (``_thin_tangent_vjp``): its gradients in X and G, off the rank-r set (a full-rank X) and on
-    it, equal the exact map's torch ops (``torch.func.vjp``) to rounding."""
-    X, _, W = _setup(space, shape)
+    it, and with batches that broadcast, equal the exact map's torch ops (``torch.func.vjp``)."""
+    X, _, _ = _setup(space, shape)
     g = torch.Generator().manual_seed(1)
     X = X + off * torch.randn(shape, generator=g, dtype=F64)
-    G = torch.randn(shape, generator=g, dtype=F64)
+    G = torch.randn(gshape or shape, generator=g, dtype=F64)
+    W = torch.randn(torch.broadcast_shapes(X.shape, G.shape), generator=g, dtype=F64)
     x, gg = X.clone().requires_grad_(wrt != "G"), G.clone().requires_grad_(wrt != "X")
     T = space.tangent(x, gg)
     assert "_ClosedFormBackward" in _names(T)

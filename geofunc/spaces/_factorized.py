@@ -260,7 +260,7 @@ def _thin_tangent_vjp(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool]
         P, Q = UU[..., r:, :], Vh[..., r:, :] @ Vbar
         Abar, Bbar = alpha * P + beta * Q, beta * P + alpha * Q
         W = Ubar * inv + U @ (torch.cat([torch.zeros_like(UU[..., :r, :]), Abar], dim=-2) - UU * inv)
-        return torch.cat([W, Ur], -1) @ torch.cat([Vr, Vh[..., r:, :].mT @ Bbar], -1).mT, gG
+        return W @ Vr.mT + Ur @ (Vh[..., r:, :].mT @ Bbar).mT, gG  # (batches broadcast: X and G may differ)
 
     return T, vjp
 
