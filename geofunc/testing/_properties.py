@@ -820,7 +820,9 @@ def _derivative_shapes(case: SpaceCase) -> list[tuple[int, ...]]:
 def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``torch.autograd.gradcheck`` (float64) of ``to_manifold`` at random ``Z`` (and at ``Z = 0`` if
     smooth), of ``tangent`` in ``(X, G)`` and of ``retract`` in ``(X, V)``, on the smoke shape and
-    its transpose (a wide shape)."""
+    its transpose (a wide shape); and of ``tangent`` and ``retract`` where one point meets a batch of
+    two vectors (their batches broadcast: the gradient in the point sums over the batch), unless
+    every entry is its own point (``point_ndim = 0``: the shapes must match)."""
     _require_f64("gradcheck", dtype)
     g = _gen(generator)
     M = case.space
@@ -836,6 +838,11 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
         ]
         if case.smooth and case.defined_at_zero:
             checks.append(("to_manifold at Z = 0", lambda z, base=base: M.to_manifold(z, base), (torch.zeros(shape, dtype=f64),)))
+        if M.point_ndim > 0:
+            G2 = _randn((2, *shape), f64, g)
+            checks += [("tangent, one point against a batch of 2 vectors", M.tangent, (X, G2)),
+                       ("retract, one point against a batch of 2 tangent vectors", M.retract,
+                        (X, M.tangent(X.expand(G2.shape), G2)))]
         for name, fn, args in checks:
             args = tuple(a.detach().clone().requires_grad_(True) for a in args)
             try:
