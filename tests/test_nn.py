@@ -524,8 +524,8 @@ _EXPORT_CASES = CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
 def test_torch_export_holds_for_other_parameter_values(case):
     """A constrained layer exported with ``torch.export`` (deployment) computes the eager layer's
     output for parameter values other than the traced ones: no schedule or branch chosen from the
-    traced values is baked into the graph (the raw parameter scaled over four decades, so that a
-    matrix exponential's degree and squarings change), and the exported weight is on the space."""
+    traced values is baked into the graph (new raw parameters at scales 0.01 to 30, so that a matrix
+    exponential's degree and squarings change), with the eager weight on its space at each."""
     name, kwargs, make, cls = case
     torch.manual_seed(0)
     m = getattr(gnn, name)(make().double(), **kwargs)

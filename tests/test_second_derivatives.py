@@ -174,10 +174,10 @@ def _names(T):
 
 
 @pytest.mark.parametrize("wrt", ["X", "G", "both"])
-@pytest.mark.parametrize("space,shape,off,gshape", [(gf.LowRank(2), (7, 5), 0.3, None), (gf.LowRank(3), (4, 9), 0.3, None),
-                                                    (gf.FixedRank(2), (3, 6, 4), 0.3, None),
-                                                    (gf.LowRank(2), (6, 4), 0.0, None), (gf.LowRank(2), (6, 4), 0.3, (3, 6, 4)),
-                                                    (gf.LowRank(2), (1, 4, 7), 0.3, (2, 4, 7)), (gf.LowRank(2), (2, 6, 4), 0.3, (6, 4))],
+@pytest.mark.parametrize("space,shape,off,gshape", [
+    (gf.LowRank(2), (7, 5), 0.3, None), (gf.LowRank(3), (4, 9), 0.3, None), (gf.FixedRank(2), (3, 6, 4), 0.3, None),
+    (gf.LowRank(2), (6, 4), 0.0, None), (gf.LowRank(2), (6, 4), 0.3, (3, 6, 4)),
+    (gf.LowRank(2), (1, 4, 7), 0.3, (2, 4, 7)), (gf.LowRank(2), (2, 6, 4), 0.3, (6, 4))],
                          ids=["LowRank-tall", "LowRank-wide", "FixedRank-batched", "LowRank-on-the-set",
                               "G-batched", "X-batch-broadcast", "X-batched"])
 def test_rank_tangent_node_first_derivatives_are_the_chains(space, shape, off, gshape, wrt):

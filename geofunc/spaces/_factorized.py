@@ -238,8 +238,8 @@ def _thin_tangent_vjp(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool]
     out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
     + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
     (I − P_U) C) V`` (no n×n matrix formed), pulled back through the frames' derivative
-    (:func:`_frame_coefficients`);
-    in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``. ``need``: which of the two to compute."""
+    (:func:`_frame_coefficients`); in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``.
+    ``need``: which of the two gradients to compute."""
     U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
     Ur, Vr = U[..., :r], Vh[..., :r, :].mT
     UG, GV = Ur.mT @ Gt, Gt @ Vr  # kept for the backward: Gᵀ U, G V
@@ -549,7 +549,8 @@ class SVDSpace(_Factorized):
             return untall(_thin_tangent(Xt, Gt, r), tr)
         if mode == "lazy":  # one node: the thin frames' adjoint written out; a graph-building backward
             # differentiates the exact map (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
-            return untall(closed_form_node(lambda: _thin_tangent_vjp(Xt.detach(), Gt.detach(), r, (X.requires_grad, G.requires_grad)),
+            need = (X.requires_grad, G.requires_grad)
+            return untall(closed_form_node(lambda: _thin_tangent_vjp(Xt.detach(), Gt.detach(), r, need),
                                            lambda A, B: _exact_tangent(A, B, r), Xt, Gt), tr)
         return untall(_exact_tangent(Xt, Gt, r), tr)
 
