@@ -182,7 +182,7 @@ def _names(T):
                               "G-batched", "X-batch-broadcast", "X-batched"])
 def test_rank_tangent_node_first_derivatives_are_the_chains(space, shape, off, gshape, wrt):
     """``tangent`` in plain autograd is one node whose backward is the thin frames' adjoint written
-    out (``_thin_tangent_vjp``): its gradients in X and G, off the rank-r set (a full-rank X) and on
+    out (``_thin_tangent``): its gradients in X and G, off the rank-r set (a full-rank X) and on
     it, and with batches that broadcast, equal the exact map's torch ops (``torch.func.vjp``)."""
     X, _, _ = _setup(space, shape)
     g = torch.Generator().manual_seed(1)

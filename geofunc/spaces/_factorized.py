@@ -167,18 +167,8 @@ def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Ten
     return out + sym_part(Q @ (E * gam + _second_core(E, gam, H, tie, safe)) @ transpose(Q))
 
 
-def top_frames(X: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Orthonormal bases ``(U, V)`` of the top-r left/right singular subspaces of a tall ``X``, from the
-    SVD of ``X.detach()`` (NaN where ``X`` is not finite): values only, for maps that nothing
-    differentiates in ``X`` (``tangent``'s derivatives: :func:`_thin_tangent_vjp`, :func:`_exact_tangent`)."""
-    X0 = X.detach()
-    U, _, Vh = torch.linalg.svd(sanitize(X0), full_matrices=False)
-    p = poison(X0)
-    return U[..., :r] + p, Vh[..., :r, :].mT + p
-
-
 def _frame_coefficients(s: Tensor, r: int, n: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-r frames' first derivatives, from the singular values ``s`` (k of them) of a tall n×k
+    """The top-r singular frames' first derivatives, from the singular values ``s`` (k of them) of a tall n×k
     ``X``: with ``E = Uᵀ dX V`` over the thin SVD's k pairs, ``duᵢ`` has ``αᵢⱼ Eⱼᵢ + βᵢⱼ Eᵢⱼ`` along each
     dropped ``uⱼ`` and ``(I − UUᵀ) dX vᵢ/sᵢ`` outside range U, ``dvᵢ`` has ``αᵢⱼ Eᵢⱼ + βᵢⱼ Eⱼᵢ`` along each
     dropped ``vⱼ``, ``α = sᵢ/(sᵢ² − sⱼ²)``, ``β = sⱼ/(sᵢ² − sⱼ²)``: the projectors' derivatives, exact
@@ -193,14 +183,6 @@ def _frame_coefficients(s: Tensor, r: int, n: int, k: int) -> tuple[Tensor, Tens
     ok = (si > t.unsqueeze(-1)) & (gap > (t * t.clamp(min=1.0)).unsqueeze(-1))
     den = torch.where(ok, gap, torch.ones_like(gap))
     return inv, torch.where(ok, si / den, torch.zeros_like(gap)), torch.where(ok, sj / den, torch.zeros_like(gap))
-
-
-def top_eigframe(X: Tensor, r: int) -> Tensor:
-    """Orthonormal basis ``Q`` of the top-r eigenspace of ``sym(X)``, from ``eigh`` of its detached
-    value (NaN where ``X`` is not finite): values only, for maps that nothing differentiates in ``X``
-    (``tangent``'s derivatives come from the projector as a spectral map, :func:`_exact_eig_tangent`)."""
-    S0 = sym_part(X).detach()
-    return torch.linalg.eigh(sanitize(S0))[1][..., -r:] + poison(S0)
 
 
 def separated_values(batch: tuple[int, ...], r: int, generator, dtype, device) -> Tensor:
@@ -223,26 +205,18 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
     return V * torch.cat([ones, d.unsqueeze(-1)], dim=-1).unsqueeze(-2)
 
 
-def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
-    """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r frames (:func:`top_frames`):
-    O(nkr), first derivatives in ``X`` exact wherever the kept singular values are above the dropped ones."""
-    U, V = top_frames(Xt, r)
-    UG = U.mT @ Gt
-    GV = Gt @ V
-    return U @ UG + (GV - U @ (UG @ V)) @ V.mT
-
-
-def _thin_tangent_vjp(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool]
-                      ) -> tuple[Tensor, Callable[[Tensor], tuple[Optional[Tensor], Optional[Tensor]]]]:
-    """:func:`_thin_tangent` of plain tensors and its vector-Jacobian product in ``(Xt, Gt)``, written
-    out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
+def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool] = (False, False)
+                  ) -> tuple[Tensor, Callable[[Tensor], tuple[Optional[Tensor], Optional[Tensor]]]]:
+    """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r singular frames (value from the SVD
+    of ``Xt``: O(nkr); NaN where ``Xt`` is not finite), and its vector-Jacobian product in ``(Xt, Gt)``
+    written out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
     + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
     (I − P_U) C) V`` (no n×n matrix formed), pulled back through the frames' derivative
     (:func:`_frame_coefficients`); in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``.
     ``need``: which of the two gradients to compute."""
     U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
     Ur, Vr = U[..., :r], Vh[..., :r, :].mT
-    UG, GV = Ur.mT @ Gt, Gt @ Vr  # kept for the backward: Gᵀ U, G V
+    UG, GV = Ur.mT @ Gt, Gt @ Vr  # kept for the adjoint: Gᵀ U, G V
     UGV = UG @ Vr
     T = Ur @ UG + (GV - Ur @ UGV) @ Vr.mT + poison(Xt)
 
@@ -271,15 +245,18 @@ def _exact_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
     n, k = Xt.shape[-2:]
     keep = torch.arange(k, device=Xt.device) < r
     Phi = spectral_svd(Xt, lambda s, U, Vh: (keep.to(s.dtype).expand_as(s), torch.zeros_like(s)),
-                       lambda s: rank_tol(s[..., :1], n, k))  # ties as top_frames': a rank deficiency
+                       lambda s: rank_tol(s[..., :1], n, k))  # ties as _frame_coefficients': a rank deficiency
     PG = Phi.mT @ Gt
     PP = Phi.mT @ Phi
     return Phi @ PG + Gt @ PP - Phi @ (PG @ PP)
 
 
 def _thin_eig_tangent(X: Tensor, Gs: Tensor, r: int) -> Tensor:
-    """``P S + S P − P S P`` (``S = Gs`` symmetric) from the top-r eigenframe (:func:`top_eigframe`)."""
-    Q = top_eigframe(X, r)
+    """``P S + S P − P S P`` (``S = Gs`` symmetric) from the top-r eigenframe ``Q`` of ``sym(X)`` (value
+    from ``eigh`` of the detached ``sym(X)``; NaN where ``X`` is not finite): for an ``X`` that nothing
+    differentiates (the derivatives come from the projector as a spectral map, :func:`_exact_eig_tangent`)."""
+    S0 = sym_part(X).detach()
+    Q = torch.linalg.eigh(sanitize(S0))[1][..., -r:] + poison(S0)
     QG = transpose(Q) @ Gs
     return sym_part(2.0 * Q @ QG - Q @ (QG @ Q) @ transpose(Q))
 
@@ -289,7 +266,7 @@ def _exact_eig_tangent(X: Tensor, Gs: Tensor, r: int) -> Tensor:
     n = X.shape[-1]
     keep = torch.arange(n, device=X.device) >= n - r
     P = spectral_eigh(X, lambda lam, Q: (keep.to(lam.dtype).expand_as(lam), torch.zeros_like(lam)),
-                      lambda lam: rank_tol(lam.abs().amax(-1, keepdim=True), n, n))  # as top_eigframe
+                      lambda lam: rank_tol(lam.abs().amax(-1, keepdim=True), n, n))  # ties: a rank deficiency
     PG = P @ Gs
     return sym_part(2.0 * PG - PG @ P)
 
@@ -546,11 +523,11 @@ class SVDSpace(_Factorized):
             return G + 0.0 * X
         mode = derivative_mode(X, G)
         if mode == "none":  # the thin frames, O(nkr)
-            return untall(_thin_tangent(Xt, Gt, r), tr)
+            return untall(_thin_tangent(Xt.detach(), Gt.detach(), r)[0], tr)
         if mode == "lazy":  # one node: the thin frames' adjoint written out; a graph-building backward
             # differentiates the exact map (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
             need = (X.requires_grad, G.requires_grad)
-            return untall(closed_form_node(lambda: _thin_tangent_vjp(Xt.detach(), Gt.detach(), r, need),
+            return untall(closed_form_node(lambda: _thin_tangent(Xt.detach(), Gt.detach(), r, need),
                                            lambda A, B: _exact_tangent(A, B, r), Xt, Gt), tr)
         return untall(_exact_tangent(Xt, Gt, r), tr)
 
