@@ -383,7 +383,7 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
         return torch.stack([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
 
     st = _Stacked()
-    st.Z = Z = stack([Z for Z, _ in pairs]).reshape(-1, n, k)
+    st.Z = Z = stack([Z for Z, _ in pairs]).flatten(0, -3)
     st.reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator
     st.basis = None
     if all(base is None for _, base in pairs):
@@ -395,7 +395,7 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
             st.Y, st.basis = cached
         else:
             st.Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
-                          for (_, base), m in zip(pairs, rows)]).reshape(-1, n, k)
+                          for (_, base), m in zip(pairs, rows)]).flatten(0, -3)
     st.packed, st.rows, st.batch = packed, rows, batch
     return st
 
@@ -449,7 +449,7 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
     with torch.no_grad():
         copies = [B.detach().clone() for B in bases]
         Y = torch.stack([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))
-                         for C in copies]).reshape(-1, n, k)
+                         for C in copies]).flatten(0, -3)
         basis = _packed_basis(Y, constant=True)
 
     def drop(_: Any) -> None:  # a base was freed: so is its entry

@@ -158,6 +158,38 @@ def test_every_map_takes_an_empty_batch(case) -> None:
             assert M.logabsdet(Z).shape == full[:-2]
 
 
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_every_map_takes_an_empty_batch_under_vmap(case) -> None:
+    """``vmap`` over a batch of zero points (an ensemble or a data-dependent split that comes out empty)
+    gives empty results of the right shape, for the maps and for per-sample gradients and jvps. torch's
+    vmap cannot run an elementwise op on a 0-dim per-sample tensor over an empty batch (an IndexError
+    from ``select``; torch 2.13), so the maps keep a trailing dim on their per-sample scalars (SL's
+    scale, Hurwitz's Newton step, GLp's logabsdet) and flatten with ``flatten`` rather than
+    ``reshape(-1, …)`` (ambiguous on an empty tensor: the rank family's stacked frames)."""
+    M = case.space
+    full = (0, *case.smoke)
+    Z = torch.randn(full, dtype=F64)
+    X = M.sample(full, dtype=F64)
+    G = torch.randn(full, dtype=F64)
+    vmap = torch.func.vmap
+    outs = {
+        "to_manifold": vmap(M.to_manifold)(Z),
+        "project": vmap(M.project)(Z),
+        "from_manifold": vmap(lambda x: M.from_manifold(x)[0])(X),
+        "tangent": vmap(M.tangent)(X, G),
+        "retract": vmap(M.retract)(X, G),
+        "egrad_to_rgrad": vmap(M.egrad_to_rgrad)(X, G),
+        "per-sample grad": vmap(torch.func.grad(lambda z: M.to_manifold(z).square().sum()))(Z),
+        "per-sample jvp": vmap(lambda z: torch.func.jvp(M.to_manifold, (z,), (z,))[1])(Z),
+    }
+    for name, out in outs.items():
+        assert out.shape == full, (name, out.shape)
+    batch = full[: len(full) - M.point_ndim]
+    assert vmap(M.inner)(X, G, G).shape == batch
+    if case.has_logabsdet:
+        assert vmap(M.logabsdet)(Z).shape == full[:-2]
+
 _OTHER = {torch.float64: torch.float32, torch.float32: torch.float64, torch.complex128: torch.complex64}
 
 

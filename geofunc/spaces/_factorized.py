@@ -391,7 +391,7 @@ class _RankChart(torch.autograd.Function):
             gs = torch.autograd.grad(fs_graph, s_leaf, gf, retain_graph=True)[0]
         else:
             gs = gf
-        gout = torch.stack([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))]).reshape(-1, n, r)
+        gout = torch.stack([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))]).flatten(0, -3)
         gP = _linalg._tall_adjoint(tall_st, st.Y, gout).reshape((2,) + st.batch + (n, r))
         gZ = gP.new_zeros(st.batch + (n, k))
         gZ[..., :, :r] = torch.tril(gP[0], -1)
@@ -565,7 +565,9 @@ class SVDSpace(_Factorized):
             raise error(self, "square raw tensors of full rank (n = k = rank) for logabsdet", f"shape {tuple(Z.shape)}")
         Ub, Vb = self._bases(base, Z, n)
         # NaN/inf anywhere in Z or a base makes the point NaN: say so (Note [NaN policy]).
-        return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1)) + poison(Z, Ub, Vb)[..., 0, 0]
+        # summed with a trailing dim kept: vmap over an empty batch fails on a 0-dim per-sample scalar op
+        lad = self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1))[..., None]
+        return (lad + poison(Z, Ub, Vb)[..., 0, :1])[..., 0]
 
     # ------------------------------------------------------------ membership
     def _violations(self, X: Tensor) -> dict[str, Tensor]:

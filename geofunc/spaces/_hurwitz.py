@@ -58,8 +58,9 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
         # One LU gives both the inverse and |det| (inv_ex + slogdet would factor twice).
         LU, piv, _ = torch.linalg.lu_factor_ex(A)
         Ai = torch.linalg.lu_solve(LU, piv, eye.expand_as(A))
-        lad = torch.diagonal(LU, dim1=-2, dim2=-1).abs().log().sum(-1)
-        mu = torch.exp(lad / -n)[..., None, None]
+        # kept (..., 1, 1): vmap over an empty batch fails on a 0-dim per-sample scalar op
+        lad = torch.diagonal(LU, dim1=-2, dim2=-1).abs().log().sum(-1, keepdim=True)[..., None]
+        mu = torch.exp(lad / -n)
         A = 0.5 * (mu * A + Ai / mu)
         Fk = 0.5 * (mu * Fk + Ai.mT @ Fk @ Ai / mu)
         if adaptive:
@@ -68,9 +69,9 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
                 if extra == 0:
                     break
                 extra -= 1
-    err = torch.linalg.matrix_norm(A + eye) / math.sqrt(n)
+    err = torch.linalg.matrix_norm(A + eye, keepdim=True) / math.sqrt(n) + poison(B)[..., :1, :1]
     P = 0.25 * (Fk + Fk.mT) + poison(B)
-    return P, err + poison(B)[..., 0, 0]
+    return P, err[..., 0, 0]
 
 
 def _abscissa(Y: Tensor) -> Tensor:

@@ -117,13 +117,12 @@ class SL(AbstractSpace):
         self._check_shape(Z, "Z")
         self._check_base(Z, base)
         Y = self._glp.to_manifold(Z, base)
-        scale = torch.exp(self._glp.logabsdet(Z, base) / -Z.shape[-1])
-        return Y * scale[..., None, None]
+        # the trailing dims first: vmap over an empty batch fails on a 0-dim per-sample scalar op
+        return Y * torch.exp(self._glp.logabsdet(Z, base)[..., None, None] / -Z.shape[-1])
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
-        smin = torch.linalg.svdvals(sanitize(X.detach()))[..., -1]
-        c = (_LIFT / smin).clamp(min=1.0)
-        return self._glp.from_manifold(X * c[..., None, None])
+        smin = torch.linalg.svdvals(sanitize(X.detach()))[..., -1:, None]  # (see to_manifold)
+        return self._glp.from_manifold(X * (_LIFT / smin).clamp(min=1.0))
 
     def _dtype_coords(self, Z: Tensor) -> Tensor | None:
         return self._glp._dtype_coords(Z)  # GLp's raw tensor
@@ -167,8 +166,8 @@ class SL(AbstractSpace):
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
         self._check_shape(Y, "Y")
         P = self._glp.project(Y)
-        lad = torch.linalg.slogdet(sanitize(P))[1]
-        return P * torch.exp(lad / -Y.shape[-1])[..., None, None] + poison(P)
+        lad = torch.linalg.slogdet(sanitize(P))[1][..., None, None]  # (see to_manifold)
+        return P * torch.exp(lad / -Y.shape[-1]) + poison(P)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """GLp's sample (Haar frames, separated singular values) rescaled to ``det = 1``."""
