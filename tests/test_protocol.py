@@ -159,7 +159,12 @@ def test_every_map_takes_an_empty_batch(case) -> None:
 
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+_SOLVE_EX_EMPTY_VMAP = needs_torch((2, 13), "vmap of linalg.solve_ex over an empty batch (2.6 raises an IndexError; "
+                                   "2.7-2.12 not tried)")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_SOLVE_EX_EMPTY_VMAP) if c.id == "Birkhoff" else c for c in CASES],
+                         ids=lambda c: c.id)
 def test_every_map_takes_an_empty_batch_under_vmap(case) -> None:
     """``vmap`` over a batch of zero points (an ensemble or a data-dependent split that comes out empty)
     gives empty results of the right shape, for the maps and for per-sample gradients and jvps. torch's
