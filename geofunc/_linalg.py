@@ -369,6 +369,15 @@ class _Stacked:
     __slots__ = ("Y", "Z", "basis", "packed", "rows", "batch", "reduced")
 
 
+def stack_matrices(Ts: list) -> Tensor:
+    """``torch.stack(Ts)`` with its leading dims flattened: ``(len · batch, n, k)``. The leading size is
+    written out: ``reshape(-1, n, k)`` is ambiguous on an empty tensor, which is what ``vmap`` over an
+    empty batch hands it, and ``flatten`` has no batching rule in torch.autograd.functional's
+    vectorized backward."""
+    S = torch.stack(Ts)
+    return S.reshape(math.prod(S.shape[:-2]), S.shape[-2], S.shape[-1])
+
+
 def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: bool) -> _Stacked:
     """Stack the ``(coordinates, base)`` pairs of :func:`_stacked_tall_charts` (Note [Stacked frames])."""
     rows = [Z.shape[-2] for Z, _ in pairs]
@@ -380,10 +389,10 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
 
     def stack(Ts: list[Tensor]) -> Tensor:
         Ts = [T if T.shape[:-2] == batch else T.expand(batch + T.shape[-2:]) for T in Ts]
-        return torch.stack([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
+        return stack_matrices([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
 
     st = _Stacked()
-    st.Z = Z = stack([Z for Z, _ in pairs]).flatten(0, -3)
+    st.Z = Z = stack([Z for Z, _ in pairs])
     st.reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator
     st.basis = None
     if all(base is None for _, base in pairs):
@@ -395,7 +404,7 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
             st.Y, st.basis = cached
         else:
             st.Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
-                          for (_, base), m in zip(pairs, rows)]).flatten(0, -3)
+                          for (_, base), m in zip(pairs, rows)])
     st.packed, st.rows, st.batch = packed, rows, batch
     return st
 
@@ -448,8 +457,8 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
     k = Z0.shape[-1]
     with torch.no_grad():
         copies = [B.detach().clone() for B in bases]
-        Y = torch.stack([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))
-                         for C in copies]).flatten(0, -3)
+        Y = stack_matrices([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))
+                            for C in copies])
         basis = _packed_basis(Y, constant=True)
 
     def drop(_: Any) -> None:  # a base was freed: so is its entry

@@ -137,6 +137,8 @@ def _early_exit_tol(L: Tensor) -> Optional[float]:
 def _balanced(lse: Tensor, tol: float) -> bool:
     """Whether every finite log row sum ``lse`` (``(*batch, n, 1)``) is within ``tol`` of 0."""
     # a non-finite entry (a NaN input: its result is NaN anyway) reads as 0: it does not hold the batch
+    if lse.numel() == 0:  # an empty batch
+        return True
     return float(torch.nan_to_num(lse, nan=0.0, posinf=0.0, neginf=0.0).abs().max()) <= tol
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import closed_form_node, derivative_mode, eager_fast
-from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize,
+from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize, stack_matrices,
                        sym_part, transpose)
 from ._base import AbstractSpace
 from ._orthogonal import tall, untall
@@ -391,7 +391,7 @@ class _RankChart(torch.autograd.Function):
             gs = torch.autograd.grad(fs_graph, s_leaf, gf, retain_graph=True)[0]
         else:
             gs = gf
-        gout = torch.stack([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))]).flatten(0, -3)
+        gout = stack_matrices([GV * F_, F.pad((G.mT @ U) * F_, (0, 0, 0, n - k))])
         gP = _linalg._tall_adjoint(tall_st, st.Y, gout).reshape((2,) + st.batch + (n, r))
         gZ = gP.new_zeros(st.batch + (n, k))
         gZ[..., :, :r] = torch.tril(gP[0], -1)
