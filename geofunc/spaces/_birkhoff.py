@@ -124,9 +124,11 @@ def _balance_log(L: Tensor) -> Tensor:
 # * Each read is a reduction and a sync; after round 8 only every fourth round is read (a batch
 #   that needs more has entries far apart, e.g. a retract with |V/X| up to 80, which does not get
 #   there in 24 rounds; reading every round cost such a retract ~5%).
+# * The exit is the batch's, so a matrix's last rounds depend on its neighbours; they are Newton
+#   steps at a root (taken only where they lower g or the residual), so this moves it by rounding,
+#   as the exponential's degree, chosen from the batch's largest norm, does.
 # Elsewhere, and for a batch that does not get there, all _NEWTON rounds run as before; the two
-# readings differ by rounding (the later rounds are Newton steps at a root, taken only where they
-# lower g or the residual).
+# readings differ by rounding (tests/test_birkhoff.py compares them).
 def _early_exit_tol(L: Tensor) -> Optional[float]:
     """The row-sum tolerance of the eager early exit, or None where no value may be read."""
     if type(L) is not torch.Tensor or not can_check(L):
@@ -136,9 +138,9 @@ def _early_exit_tol(L: Tensor) -> Optional[float]:
 
 def _balanced(lse: Tensor, tol: float) -> bool:
     """Whether every finite log row sum ``lse`` (``(*batch, n, 1)``) is within ``tol`` of 0."""
-    # a non-finite entry (a NaN input: its result is NaN anyway) reads as 0: it does not hold the batch
     if lse.numel() == 0:  # an empty batch
         return True
+    # a non-finite entry (a NaN input: its result is NaN anyway) reads as 0: it does not hold the batch
     return float(torch.nan_to_num(lse, nan=0.0, posinf=0.0, neginf=0.0).abs().max()) <= tol
 
 
