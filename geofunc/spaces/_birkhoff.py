@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
+from .._fastpath import _PLAIN_TYPES
 from .._linalg import lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
 
@@ -131,7 +132,7 @@ def _balance_log(L: Tensor) -> Tensor:
 # readings differ by rounding (tests/test_birkhoff.py compares them).
 def _early_exit_tol(L: Tensor) -> Optional[float]:
     """The row-sum tolerance of the eager early exit, or None where no value may be read."""
-    if type(L) is not torch.Tensor or not can_check(L):
+    if type(L) not in _PLAIN_TYPES or not can_check(L):  # (a DTensor's read would be a collective)
         return None
     return 8.0 * L.shape[-1] * torch.finfo(L.dtype).eps
 
