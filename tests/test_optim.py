@@ -23,7 +23,15 @@ OPTIMIZERS = {
     "rsgd": lambda c: gf.optim.rsgd(c, lr=0.05),
     "rsgd-momentum": lambda c: gf.optim.rsgd(c, lr=0.05, momentum=0.9, nesterov=True),
     "radam": lambda c: gf.optim.radam(c, lr=0.05),
+    # a schedule of the update count (in torch ops: it runs under vmap and torch.compile)
+    "rsgd-schedule": lambda c: gf.optim.rsgd(c, lr=lambda n: 0.05 * torch.clamp((n + 1) / 3, max=1.0), momentum=0.9),
 }
+
+
+def _warmup_cosine(count: torch.Tensor) -> torch.Tensor:
+    """A multiplier from 1/3 up to 1 in three updates, then a cosine decay to 0 at update 12."""
+    t = count.to(F64)
+    return torch.where(t < 3, (t + 1) / 3, 0.5 * (1 + torch.cos(torch.pi * (t - 3).clamp(max=9) / 9)))
 
 
 def _tree_close(a, b, tol: float) -> None:
@@ -44,18 +52,21 @@ def _euclidean_problem(generator):
     return params, loss
 
 
-def _run_against_torch(opt, torch_opt_cls, kwargs, generator, steps=25):
+def _run_against_torch(opt, torch_opt_cls, kwargs, generator, steps=25, lr_lambda=None):
     params, loss = _euclidean_problem(generator)
     state = opt.init(params)
     structure = optree.tree_structure(state)
     ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     torch_opt = torch_opt_cls(list(ref.values()), **kwargs)
+    scheduler = None if lr_lambda is None else torch.optim.lr_scheduler.LambdaLR(torch_opt, lambda t: float(lr_lambda(torch.tensor(t))))
     p = params
     for _ in range(steps):
         p, state = opt.update(grad(loss)(p), state, p)
         torch_opt.zero_grad()
         loss(ref).backward()
         torch_opt.step()
+        if scheduler is not None:
+            scheduler.step()
         _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
     assert optree.tree_structure(state) == structure
 
@@ -84,6 +95,72 @@ def test_radam_equals_torch_adam(kwargs, constrained, generator):
     # Under Rn every entry is its own point: the per-point second moment is elementwise.
     c = {"w": gf.Rn(), "b": gf.Rn()} if constrained else {}
     _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, kwargs, generator)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, torch_cls",
+    [
+        ("rsgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1), torch.optim.SGD),
+        ("rsgd", dict(lr=0.05, momentum=0.8, dampening=0.3), torch.optim.SGD),
+        ("radam", dict(lr=0.05, betas=(0.8, 0.99), weight_decay=0.05), torch.optim.Adam),
+    ],
+    ids=["rsgd-nesterov-wd", "rsgd-dampening", "radam"],
+)
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "Rn"])
+def test_a_schedule_equals_torch_lambda_lr(name, kwargs, torch_cls, constrained, generator):
+    """``lr=schedule`` steps as ``torch.optim.lr_scheduler.LambdaLR`` does (``base * f(t)`` at the
+    t-th update, t from 0): through the warm-up, the decay and the zero rate past its end."""
+    c = {"w": gf.Rn(), "b": gf.Rn()} if constrained else {}
+    base = kwargs["lr"]
+    opt = getattr(gf.optim, name)(c, **{**kwargs, "lr": lambda n: base * _warmup_cosine(n)})
+    _run_against_torch(opt, torch_cls, kwargs, generator, steps=15, lr_lambda=_warmup_cosine)
+
+
+@pytest.mark.parametrize("name", ["rsgd", "radam"])
+def test_a_schedule_on_a_space_equals_a_rate_set_per_step(name, generator):
+    """On constrained entries, update t of ``lr=schedule`` equals the update of the optimizer built
+    with the number ``schedule(t)`` from the same state (momentum or moments carried over): the
+    schedule only sets the step length."""
+    c = {"q": gf.SO(), "f": gf.Stiefel(), "s": gf.Sphere(), "b": None}
+    params = gf.sample(c, {"q": torch.empty(3, 3, dtype=F64), "f": torch.empty(5, 2, dtype=F64),
+                           "s": torch.empty(4, dtype=F64), "b": torch.randn(2, dtype=F64, generator=generator)},
+                       generator=generator)
+    targets = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - targets[k]) ** 2).sum() for k in p)
+
+    def make(lr):
+        return gf.optim.rsgd(c, lr=lr, momentum=0.9) if name == "rsgd" else gf.optim.radam(c, lr=lr)
+
+    def sched(n):
+        return 0.1 * _warmup_cosine(n)
+
+    opt = make(sched)
+    p = q = params
+    state = opt.init(params)
+    for t in range(14):
+        assert int(state[-1].count) == t
+        fixed = make(float(sched(torch.tensor(t))))
+        # the same state, the schedule's count swapped for the fixed rate's empty state
+        q, fixed_state = fixed.update(grad(loss)(p), state[:-1] + (fixed.init(p)[-1],), p)
+        p, state = opt.update(grad(loss)(p), state, p)
+        _tree_close(p, q, 1e-14)
+        _tree_close(state[:-1], fixed_state[:-1], 1e-14)
+    assert torch.equal(p["q"], q["q"]) and float(sched(torch.tensor(13))) == 0.0
+    assert all(bool(v) for v in gf.contains(c, p).values())
+
+
+@pytest.mark.parametrize("lr", [0.05, torch.tensor(0.05, dtype=F64)], ids=["float", "tensor"])
+def test_a_constant_schedule_equals_its_number(lr, generator):
+    c = {"f": gf.Stiefel()}
+    params = gf.sample(c, {"f": torch.empty(5, 2, dtype=F64)}, generator=generator)
+    g = {"f": torch.randn(5, 2, dtype=F64, generator=generator)}
+    for make in (gf.optim.rsgd, gf.optim.radam):
+        a, b = make(c, lr=lr), make(c, lr=lambda n: lr)
+        pa, _ = a.update(g, a.init(params), params)
+        pb, _ = b.update(g, b.init(params), params)
+        assert torch.equal(pa["f"], pb["f"])
 
 
 # ------------------------------------------------------------------ toy problems
@@ -191,7 +268,7 @@ def test_update_under_vmap_equals_loop(name, generator):
 
 
 @needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
-@pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule"])
 def test_update_compiles_fullgraph(name, generator):
     c, params, S, f = _batch_problem(generator, B=2)
     opt = OPTIMIZERS[name](c)

@@ -19,10 +19,12 @@ from ._base import (
 from ._riemannian import retract_and_transport as retract_and_transport
 from ._transforms import (
     ScaleByAdamState as ScaleByAdamState,
+    ScaleByScheduleState as ScaleByScheduleState,
     TraceState as TraceState,
     add_decayed_weights as add_decayed_weights,
     scale as scale,
     scale_by_adam as scale_by_adam,
+    scale_by_schedule as scale_by_schedule,
     to_tangent as to_tangent,
     trace as trace,
 )
@@ -34,12 +36,13 @@ from ._transforms import (
 # build from their fields: geofunc allowlists them itself (torch >= 2.4; older torch loads them with
 # weights_only=False, its default before 2.6).
 if hasattr(_torch.serialization, "add_safe_globals"):
-    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState])
+    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState, ScaleByScheduleState])
 
 __all__ = [
     "EmptyState",
     "Optimizer",
     "ScaleByAdamState",
+    "ScaleByScheduleState",
     "TangentTransform",
     "TraceState",
     "add_decayed_weights",
@@ -50,6 +53,7 @@ __all__ = [
     "rsgd",
     "scale",
     "scale_by_adam",
+    "scale_by_schedule",
     "to_tangent",
     "trace",
 ]

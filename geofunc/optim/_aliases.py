@@ -6,14 +6,14 @@ from typing import Any
 
 from ._base import Optimizer, chain
 from ._riemannian import retract_and_transport
-from ._transforms import add_decayed_weights, scale, scale_by_adam, to_tangent, trace
+from ._transforms import ScalarOrSchedule, add_decayed_weights, scale_by_adam, scale_by_learning_rate, to_tangent, trace
 
 __all__ = ["rsgd", "radam"]
 
 
 def rsgd(
     constraints: Any,
-    lr: float,
+    lr: ScalarOrSchedule,
     momentum: float = 0.0,
     dampening: float = 0.0,
     nesterov: bool = False,
@@ -34,6 +34,11 @@ def rsgd(
     with :math:`d_t = b_t` (:math:`g_t + \mu b_t` if ``nesterov``; :math:`g_t` if
     :math:`\mu = 0`). On unconstrained entries :math:`P` is the identity and :math:`R_X(V) = X + V`.
 
+    ``lr`` is a number, a 0-dim tensor, or a schedule ``lr(count)`` of the 0-dim int64 tensor of
+    updates made before this one (0 at the first): then step :math:`t` uses :math:`\eta_t` =
+    ``lr(t)``, as ``torch.optim.SGD(lr=base)`` stepped with ``LambdaLR(opt, f)`` uses
+    ``base * f(t)`` (:func:`~geofunc.optim.scale_by_schedule`; the count is in the state).
+
     Example::
 
         >>> opt = gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.9)
@@ -43,13 +48,13 @@ def rsgd(
     parts = [add_decayed_weights(weight_decay), to_tangent(constraints)]
     if momentum != 0.0:
         parts.append(trace(momentum, dampening, nesterov))
-    parts.append(scale(-lr))
+    parts.append(scale_by_learning_rate(lr))
     return retract_and_transport(constraints, chain(*parts))
 
 
 def radam(
     constraints: Any,
-    lr: float,
+    lr: ScalarOrSchedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
@@ -60,6 +65,7 @@ def radam(
     :func:`~geofunc.optim.scale_by_adam` (second moment: one squared norm per point on
     constrained entries, elementwise elsewhere), :math:`X_{t+1} = R_{X_t}(-\eta\, u_t)` and
     the first moment is projected onto the tangent space at :math:`X_{t+1}`.
+    ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, as in :func:`rsgd`.
 
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
@@ -68,5 +74,6 @@ def radam(
     b1, b2 = betas
     return retract_and_transport(
         constraints,
-        chain(add_decayed_weights(weight_decay), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps), scale(-lr)),
+        chain(add_decayed_weights(weight_decay), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
+              scale_by_learning_rate(lr)),
     )

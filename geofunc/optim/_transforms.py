@@ -7,7 +7,7 @@ unconstrained entries always get the plain Euclidean rule.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Union
 
 import optree
 import torch
@@ -23,9 +23,14 @@ __all__ = [
     "trace",
     "scale_by_adam",
     "scale",
+    "ScaleByScheduleState",
+    "scale_by_schedule",
 ]
 
 Tensor = torch.Tensor
+#: A learning rate: a number, a 0-dim tensor, or a schedule ``count -> rate`` (``count`` the 0-dim
+#: int64 tensor of updates made before this one: 0 at the first).
+ScalarOrSchedule = Union[float, Tensor, Callable[[Tensor], Union[float, Tensor]]]
 
 
 def _map(fn: Any, *trees: Any) -> Any:
@@ -231,3 +236,40 @@ def scale(step: float) -> TangentTransform:
         return _map(lambda v: step * v, vectors), state
 
     return TangentTransform(init, update, keep_state)
+
+
+class ScaleByScheduleState(NamedTuple):
+    """The state of :func:`scale_by_schedule`: the number of updates made (a 0-dim int64 tensor)."""
+
+    count: Tensor
+
+
+def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTransform:
+    """Multiply every vector by ``schedule(count)``, ``count`` the 0-dim int64 tensor of updates
+    made before this one (0 at the first update, as the ``epoch`` of ``torch.optim.lr_scheduler.LambdaLR``
+    and the ``count`` of optax's schedules).
+
+    The schedule is called inside ``update``: under ``vmap`` and ``torch.compile`` (and, for a
+    checkpoint that resumes bit for bit, always) write it in torch ops on ``count``
+    (``torch.where``, ``torch.cos``, ``torch.clamp``), not Python branching on its value. A
+    0-dim tensor rate multiplies each vector in the vector's dtype (type promotion: a 0-dim
+    tensor does not widen a tensor of its category).
+    """
+
+    def init(params: Params) -> ScaleByScheduleState:
+        del params
+        return ScaleByScheduleState(_count())
+
+    def update(vectors: Vectors, state: ScaleByScheduleState, params: Params) -> tuple[Vectors, ScaleByScheduleState]:
+        del params
+        step = schedule(state.count)
+        return _map(lambda v: step * v, vectors), ScaleByScheduleState(state.count + 1)
+
+    return TangentTransform(init, update, keep_state)
+
+
+def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
+    """``scale(-lr)`` for a number or a 0-dim tensor; ``scale_by_schedule(-lr(count))`` for a schedule."""
+    if callable(lr):
+        return scale_by_schedule(lambda count: -lr(count))
+    return scale(-lr)
