@@ -25,6 +25,9 @@ OPTIMIZERS = {
     "radam": lambda c: gf.optim.radam(c, lr=0.05),
     # a schedule of the update count (in torch ops: it runs under vmap and torch.compile)
     "rsgd-schedule": lambda c: gf.optim.rsgd(c, lr=lambda n: 0.05 * torch.clamp((n + 1) / 3, max=1.0), momentum=0.9),
+    # Adam after clipping the Riemannian gradient's global norm (0.1: the random gradients are clipped)
+    "radam-clip": lambda c: gf.optim.retract_and_transport(c, gf.optim.chain(
+        gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.1), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))),
 }
 
 
@@ -163,6 +166,65 @@ def test_a_constant_schedule_equals_its_number(lr, generator):
         assert torch.equal(pa["f"], pb["f"])
 
 
+@pytest.mark.parametrize("name", ["rsgd", "radam"])
+def test_clip_by_global_norm_equals_torch_clip_grad_norm(name, generator):
+    """On unconstrained entries, ``clip_by_global_norm`` then the rule is ``clip_grad_norm_`` then
+    ``torch.optim``'s step, step for step; ``max_norm`` sits inside the range of the gradient norms,
+    so some steps are clipped and some are not."""
+    params, loss = _euclidean_problem(generator)
+    max_norm = 3.0
+    tail = ([gf.optim.trace(0.9, nesterov=True), gf.optim.scale(-0.02)] if name == "rsgd"
+            else [gf.optim.scale_by_adam({}), gf.optim.scale(-0.05)])
+    opt = gf.optim.retract_and_transport({}, gf.optim.chain(gf.optim.clip_by_global_norm({}, max_norm), *tail))
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = (torch.optim.SGD(list(ref.values()), lr=0.02, momentum=0.9, nesterov=True) if name == "rsgd"
+                 else torch.optim.Adam(list(ref.values()), lr=0.05))
+    p, state, norms = params, opt.init(params), []
+    for _ in range(25):
+        p, state = opt.update(grad(loss)(p), state, p)
+        torch_opt.zero_grad()
+        loss(ref).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(ref.values()), max_norm)))
+        torch_opt.step()
+        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
+    assert min(norms) < max_norm < max(norms), norms
+
+
+def test_clip_by_global_norm_uses_each_space_metric(generator):
+    """The global norm is the Riemannian one: Σ inner(X, g, g) over entries and points (the
+    Poincaré ball's and Birkhoff's metrics are not Euclidean), plus ‖g‖² on free entries; above
+    ``max_norm`` every vector is scaled by the one factor max_norm / (‖g‖ + 1e-6), below it nothing
+    changes (bit for bit)."""
+    c = {"s": gf.Sphere(), "h": gf.PoincareBall(), "d": gf.Birkhoff(), "f": gf.Stiefel(), "b": None}
+    shapes = {"s": (3, 4), "h": (2, 3), "d": (3, 3), "f": (5, 2), "b": (4,)}
+    params = gf.sample(c, {k: torch.empty(v, dtype=F64) for k, v in shapes.items()}, generator=generator)
+    params["h"] = params["h"] * 0.9  # well inside the ball: the metric's factor is far from 1
+    G = {k: torch.randn(v, dtype=F64, generator=generator) for k, v in shapes.items()}
+    state = (gf.optim.EmptyState(),)
+    tangent = gf.optim.to_tangent(c)
+    g, _ = tangent.update(G, tangent.init(params), params)
+    total = sum(c[k].inner(params[k], g[k], g[k]).sum() for k in "shdf") + (g["b"] ** 2).sum()
+    euclid = sum((v ** 2).sum() for v in g.values())
+    # the metric matters here: a Euclidean global norm would miss max_norm by far more than the tolerance
+    assert abs(float(total.sqrt() - euclid.sqrt())) > 1e-2 * float(total.sqrt())
+    for max_norm in (0.5 * float(total.sqrt()), 2.0 * float(total.sqrt())):
+        clip = gf.optim.clip_by_global_norm(c, max_norm)
+        out, _ = clip.update(g, state, params)
+        if max_norm < float(total.sqrt()):
+            coef = max_norm / (float(total.sqrt()) + 1e-6)
+            _tree_close(out, {k: coef * v for k, v in g.items()}, 1e-14)
+            got = sum(c[k].inner(params[k], out[k], out[k]).sum() for k in "shdf") + (out["b"] ** 2).sum()
+            torch.testing.assert_close(float(got.sqrt()), max_norm, atol=0, rtol=1e-6)
+        else:
+            assert all(torch.equal(out[k], g[k]) for k in g)
+
+
+def test_clip_by_global_norm_refuses_a_bad_max_norm():
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(gf.ManifoldError, match="max_norm"):
+            gf.optim.clip_by_global_norm({}, bad)
+
+
 # ------------------------------------------------------------------ toy problems
 @pytest.mark.parametrize("name", ["rsgd-momentum", "radam"])
 def test_sphere_rayleigh_quotient_finds_smallest_eigenvalue(name, generator):
@@ -268,7 +330,7 @@ def test_update_under_vmap_equals_loop(name, generator):
 
 
 @needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
-@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule"])
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule", "radam-clip"])
 def test_update_compiles_fullgraph(name, generator):
     c, params, S, f = _batch_problem(generator, B=2)
     opt = OPTIMIZERS[name](c)

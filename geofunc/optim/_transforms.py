@@ -13,6 +13,7 @@ import optree
 import torch
 
 from .. import _pytree
+from .._errors import ManifoldError
 from ._base import EmptyState, Move, Params, TangentTransform, Vectors, keep_state
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "scale",
     "ScaleByScheduleState",
     "scale_by_schedule",
+    "clip_by_global_norm",
 ]
 
 Tensor = torch.Tensor
@@ -273,3 +275,43 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
     if callable(lr):
         return scale_by_schedule(lambda count: -lr(count))
     return scale(-lr)
+
+
+def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
+    r"""Scale all vectors by one factor so that their global norm is at most ``max_norm``.
+
+    .. math::
+
+        \|g\|^2 = \sum_{\text{entries}} \sum_{\text{points}} \langle g, g \rangle_X,
+        \qquad g \leftarrow g \cdot \min\!\Big(1, \frac{\text{max\_norm}}{\|g\| + 10^{-6}}\Big)
+
+    with the space's metric ``space.inner(X, g, g)`` on constrained entries (the Riemannian norm:
+    place it after :func:`to_tangent`) and the Euclidean norm elsewhere, so on unconstrained entries
+    it is ``torch.nn.utils.clip_grad_norm_`` (same factor, same ``1e-6``). One factor for the whole
+    pytree keeps the update's direction. Under ``vmap`` over an ensemble each model is clipped by its
+    own norm. The norm is formed in at least float32. A non-finite norm gives a factor of 0 (finite
+    vectors become 0, non-finite ones NaN), as in torch.
+
+    Example::
+
+        >>> c = {"w": gf.Stiefel()}
+        >>> opt = gf.optim.retract_and_transport(c, gf.optim.chain(
+        ...     gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 1.0),
+        ...     gf.optim.scale_by_adam(c), gf.optim.scale(-1e-3)))
+    """
+    if not max_norm > 0:  # NaN too
+        raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0, got {max_norm!r}.")
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
+        leaves = optree.tree_leaves(_pytree.lift(constraints, _point_sq_norm, params, vectors), none_is_leaf=False)
+        if not leaves:
+            return vectors, state
+        total = torch.sqrt(sum(s.sum() for s in leaves))
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return _map(lambda v: v * coef, vectors), state
+
+    return TangentTransform(init, update, keep_state)
