@@ -23,6 +23,7 @@ OPTIMIZERS = {
     "rsgd": lambda c: gf.optim.rsgd(c, lr=0.05),
     "rsgd-momentum": lambda c: gf.optim.rsgd(c, lr=0.05, momentum=0.9, nesterov=True),
     "radam": lambda c: gf.optim.radam(c, lr=0.05),
+    "radamw": lambda c: gf.optim.radamw(c, lr=0.05, weight_decay=0.1),
     # a schedule of the update count (in torch ops: it runs under vmap and torch.compile)
     "rsgd-schedule": lambda c: gf.optim.rsgd(c, lr=lambda n: 0.05 * torch.clamp((n + 1) / 3, max=1.0), momentum=0.9),
     # Adam after clipping the Riemannian gradient's global norm (0.1: the random gradients are clipped)
@@ -223,6 +224,43 @@ def test_clip_by_global_norm_refuses_a_bad_max_norm():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(gf.ManifoldError, match="max_norm"):
             gf.optim.clip_by_global_norm({}, bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3)],
+    ids=["default", "custom"],
+)
+@pytest.mark.parametrize("constrained", [False, True], ids=["free", "Rn"])
+@pytest.mark.parametrize("schedule", [False, True], ids=["rate", "schedule"])
+def test_radamw_equals_torch_adamw(kwargs, constrained, schedule, generator):
+    c = {"w": gf.Rn(), "b": gf.Rn()} if constrained else {}
+    lr = (lambda n: kwargs["lr"] * _warmup_cosine(n)) if schedule else kwargs["lr"]
+    _run_against_torch(gf.optim.radamw(c, **{**kwargs, "lr": lr}), torch.optim.AdamW, kwargs, generator,
+                       steps=15, lr_lambda=_warmup_cosine if schedule else None)
+
+
+def test_radamw_decay_is_the_riemannian_gradient_of_the_squared_norm(generator):
+    """With zero gradients only the decoupled decay moves a point: by (1 − ηλ) X where X is a
+    tangent vector at itself (PSD, GLp, LowRank: the open and rank spaces), not at all where the norm
+    is constant on the space (Stiefel, SO, Sphere), and toward the centre along its ray on the
+    Poincaré ball (whose metric rescales the Euclidean gradient X)."""
+    lr, wd = 0.1, 0.2
+    shrink = {"PSD": (gf.PSD(), (3, 3)), "GLp": (gf.GLp(), (3, 3)), "LowRank": (gf.LowRank(rank=2), (4, 3))}
+    still = {"Stiefel": (gf.Stiefel(), (5, 2)), "SO": (gf.SO(), (3, 3)), "Sphere": (gf.Sphere(), (4,))}
+    for name, (space, shape) in {**shrink, **still, "ball": (gf.PoincareBall(), (3,))}.items():
+        c = {"x": space}
+        p = gf.sample(c, {"x": torch.empty(shape, dtype=F64)}, generator=generator)
+        opt = gf.optim.radamw(c, lr=lr, weight_decay=wd)
+        q, _ = opt.update({"x": torch.zeros(shape, dtype=F64)}, opt.init(p), p)
+        X, Y = p["x"], q["x"]
+        if name in shrink:
+            torch.testing.assert_close(Y, (1 - lr * wd) * X, atol=1e-14, rtol=0, msg=name)
+        elif name in still:
+            torch.testing.assert_close(Y, X, atol=1e-14, rtol=0, msg=name)
+        else:
+            assert Y.norm() < X.norm() - 1e-4, name
+            torch.testing.assert_close(Y / Y.norm(), X / X.norm(), atol=1e-14, rtol=0, msg=name)
 
 
 # ------------------------------------------------------------------ toy problems

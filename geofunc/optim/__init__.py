@@ -8,7 +8,7 @@ one shared retract-and-transport step.
 
 import torch as _torch
 
-from ._aliases import radam as radam, rsgd as rsgd
+from ._aliases import radam as radam, radamw as radamw, rsgd as rsgd
 from ._base import (
     EmptyState as EmptyState,
     Optimizer as Optimizer,
@@ -51,6 +51,7 @@ __all__ = [
     "chain",
     "keep_state",
     "radam",
+    "radamw",
     "retract_and_transport",
     "rsgd",
     "scale",

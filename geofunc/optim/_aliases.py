@@ -8,7 +8,7 @@ from ._base import Optimizer, chain
 from ._riemannian import retract_and_transport
 from ._transforms import ScalarOrSchedule, add_decayed_weights, scale_by_adam, scale_by_learning_rate, to_tangent, trace
 
-__all__ = ["rsgd", "radam"]
+__all__ = ["rsgd", "radam", "radamw"]
 
 
 def rsgd(
@@ -76,4 +76,33 @@ def radam(
         constraints,
         chain(add_decayed_weights(weight_decay), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
               scale_by_learning_rate(lr)),
+    )
+
+
+def radamw(
+    constraints: Any,
+    lr: ScalarOrSchedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+) -> Optimizer:
+    r"""Riemannian Adam with decoupled weight decay; ``torch.optim.AdamW`` on unconstrained entries.
+
+    :math:`X_{t+1} = R_{X_t}\big(-\eta\,(u_t + \lambda\, \operatorname{grad} \tfrac12\|X_t\|^2)\big)`
+    with :math:`u_t` the direction of :func:`radam` (without its L2 term) and
+    :math:`\operatorname{grad}\tfrac12\|X\|^2` = ``space.egrad_to_rgrad(X, X)`` the Riemannian
+    gradient of the squared norm (:func:`~geofunc.optim.add_decayed_weights` with ``constraints``):
+    :math:`X` itself on unconstrained entries, so there the step is AdamW's
+    :math:`X (1 - \eta\lambda) - \eta u_t` (Loshchilov & Hutter); zero where the norm is constant
+    on the space (``Stiefel``, ``SO``, ``Sphere``); a shrinking tangent step elsewhere (``PSD``,
+    ``LowRank``, ``GLp``). ``weight_decay`` defaults to AdamW's 0.01. ``lr`` as in :func:`rsgd`.
+
+    References:
+      Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+    """
+    b1, b2 = betas
+    return retract_and_transport(
+        constraints,
+        chain(to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
+              add_decayed_weights(weight_decay, constraints), scale_by_learning_rate(lr)),
     )

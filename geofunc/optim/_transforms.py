@@ -47,8 +47,16 @@ def _count() -> Tensor:
     return torch.zeros((), dtype=torch.int64)
 
 
-def add_decayed_weights(weight_decay: float = 0.0) -> TangentTransform:
-    """``G + weight_decay · X`` (L2 regularization of the ambient gradient, as ``torch.optim``)."""
+def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None) -> TangentTransform:
+    """``G + weight_decay · X``: the gradient of the penalty ``(weight_decay / 2) ‖X‖²`` added.
+
+    Without ``constraints`` the term is ambient (L2 regularization of the Euclidean gradient, as
+    ``torch.optim``'s ``weight_decay``; place it before :func:`to_tangent`). With ``constraints``
+    it is the penalty's Riemannian gradient ``space.egrad_to_rgrad(X, weight_decay · X)`` on
+    constrained entries (a tangent vector: zero where ``‖X‖`` is constant, as on ``Stiefel`` or
+    ``Sphere``), the ambient term elsewhere: place it after :func:`scale_by_adam` for decoupled
+    weight decay (:func:`radamw`).
+    """
 
     def init(params: Params) -> EmptyState:
         del params
@@ -57,7 +65,10 @@ def add_decayed_weights(weight_decay: float = 0.0) -> TangentTransform:
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
         if weight_decay == 0.0:
             return vectors, state
-        return _map(lambda g, x: g + weight_decay * x, vectors, params), state
+        if constraints is None:
+            return _map(lambda g, x: g + weight_decay * x, vectors, params), state
+        decay = _pytree.egrad_to_rgrad(constraints, params, _map(lambda x: weight_decay * x, params))
+        return _map(lambda g, d: g + d, vectors, decay), state
 
     return TangentTransform(init, update, keep_state)
 
