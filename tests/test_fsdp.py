@@ -285,8 +285,9 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
 
 
 def _optimizers_on_dtensors() -> dict:
-    """Two steps of rsgd (momentum) and radam on a row-sharded Stiefel frame and batch-sharded
-    spheres, as DTensors and as plain tensors: points and collectives."""
+    """Two steps of rsgd (momentum, also with a schedule), radam, radamw and radam after a global-norm
+    clip on a row-sharded Stiefel frame and batch-sharded spheres, as DTensors and as plain tensors:
+    points and collectives."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.debug import CommDebugMode
@@ -298,7 +299,12 @@ def _optimizers_on_dtensors() -> dict:
     params = {"w": gf.Stiefel().sample((8, 3), generator=g), "s": gf.Sphere().sample((4, 5), generator=g)}
     grads = [{k: torch.randn(v.shape, generator=g) for k, v in params.items()} for _ in range(2)]
     out = {}
-    for name, opt in [("rsgd", gf.optim.rsgd(constraints, 0.1, momentum=0.9)), ("radam", gf.optim.radam(constraints, 0.1))]:
+    clipped = gf.optim.retract_and_transport(constraints, gf.optim.chain(
+        gf.optim.to_tangent(constraints), gf.optim.clip_by_global_norm(constraints, 0.5),
+        gf.optim.scale_by_adam(constraints), gf.optim.scale(-0.1)))
+    for name, opt in [("rsgd", gf.optim.rsgd(constraints, 0.1, momentum=0.9)), ("radam", gf.optim.radam(constraints, 0.1)),
+                      ("rsgd-schedule", gf.optim.rsgd(constraints, lambda n: 0.1 * (n + 1) / 2, momentum=0.9)),
+                      ("radamw", gf.optim.radamw(constraints, 0.1, weight_decay=0.1)), ("radam-clip", clipped)]:
         p, state = dict(params), opt.init(params)
         pd = {k: d(v) for k, v in params.items()}
         state_d = opt.init(pd)
@@ -594,13 +600,17 @@ def test_fsdp_train_example_under_torchrun():
 
 
 def test_riemannian_optimizers_on_dtensors(results):
-    """rsgd and radam on DTensors equal the plain steps; the row-sharded frame costs only k×k
-    all-reduces (per step: egrad_to_rgrad 1, retract 2, transport 1, and radam's inner 1), the
-    batch-sharded spheres nothing."""
+    """rsgd and radam (also with a schedule, radamw and a clip) on DTensors equal the plain steps; the
+    row-sharded frame costs only k×k all-reduces (per step: egrad_to_rgrad 1, retract 2, transport 1,
+    and radam's inner 1), the batch-sharded spheres nothing but the clip's one global sum."""
     for r in results:
         for name, o in r["optimizers"].items():
             assert o["error"] <= 1e-6, (name, o)
-            assert o["collectives"] == {"c10d.allreduce_": {"rsgd": 8, "radam": 10}[name]}, (name, o)
+            want = {"rsgd": 8, "radam": 10, "rsgd-schedule": 8, "radamw": 12, "radam-clip": 12}[name]
+            # radamw: the decay's egrad_to_rgrad, 1 more per step; the clip: the frame's inner (1 per
+            # step) and the global norm's sum over the sharded spheres (a Partial reduced once per step)
+            extra = {"c10d_functional.all_reduce": 2} if name == "radam-clip" else {}
+            assert o["collectives"] == {"c10d.allreduce_": want, **extra}, (name, o)
 
 
 def test_replicated_results_and_partial_dtensors(results):
