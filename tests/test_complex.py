@@ -333,28 +333,41 @@ def test_radam_on_complex_rn_entries_uses_the_modulus(generator) -> None:
     torch.testing.assert_close(x["x"], torch.linalg.lstsq(A, b[:, None]).solution[:, 0], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("which", ["radam", "radamw", "clip"])
 @pytest.mark.parametrize("dtype", [C128, torch.complex64], ids=str)
-def test_radam_on_unconstrained_complex_entries_equals_torch_adam(dtype, generator) -> None:
+def test_radam_on_unconstrained_complex_entries_equals_torch_adam(dtype, which, generator) -> None:
     """An unconstrained complex entry steps as ``torch.optim.Adam`` steps a complex parameter (its real
-    and imaginary parts apart, ``view_as_real``), step for step, as README promises for free entries."""
+    and imaginary parts apart, ``view_as_real``), step for step, as README promises for free entries;
+    so do ``radamw`` (``torch.optim.AdamW``) and a global-norm clip (``clip_grad_norm_``: ``|g|²``)."""
     A = _crandn(6, 4, generator=generator).to(dtype)
     b = _crandn(6, generator=generator).to(dtype)
     x = {"x": _crandn(4, generator=generator).to(dtype)}
     ref = x["x"].clone().requires_grad_(True)
-    torch_opt = torch.optim.Adam([ref], lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
-    opt = gf.optim.radam({"x": None}, lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
+    torch_cls = torch.optim.AdamW if which == "radamw" else torch.optim.Adam
+    torch_opt = torch_cls([ref], lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
+    if which == "clip":  # Adam's coupled decay, then the clip: clip_grad_norm_ sees the gradient alone
+        opt = gf.optim.retract_and_transport({"x": None}, gf.optim.chain(
+            gf.optim.clip_by_global_norm({"x": None}, 2.0), gf.optim.add_decayed_weights(0.01),
+            gf.optim.scale_by_adam({"x": None}, 0.8, 0.99), gf.optim.scale(-0.05)))
+    else:
+        opt = getattr(gf.optim, which)({"x": None}, lr=0.05, betas=(0.8, 0.99), weight_decay=0.01)
     state = opt.init(x)
 
     def f(q):
         return (A @ q - b).abs().pow(2).sum()
 
     tol = 1e-13 if dtype == C128 else 2e-6
+    norms = []
     for _ in range(30):
         x, state = opt.update(torch.func.grad(lambda q: f(q["x"]))(x), state, x)
         torch_opt.zero_grad()
         f(ref).backward()
+        if which == "clip":
+            norms.append(float(torch.nn.utils.clip_grad_norm_([ref], 2.0)))
         torch_opt.step()
         torch.testing.assert_close(x["x"], ref.detach(), atol=tol, rtol=tol)
+    if which == "clip":
+        assert min(norms) < 2.0 < max(norms), norms
 
 
 # ------------------------------------------------------------------------------------------------
