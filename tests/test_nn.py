@@ -309,6 +309,79 @@ def test_cached_computes_the_map_once_per_forward(monkeypatch):
     assert cell.recurrent.parametrizations.weight.original.grad.abs().sum() > 0
 
 
+def _cached_net():
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5))
+    gnn.orthogonal(net[0])
+    gnn.low_rank(net[2], "weight", rank=2)
+    gnn.positive_definite(net[4])
+    return net
+
+
+def test_cached_values_follow_new_raw_tensors():
+    """Inside ``cached()`` a value is reused only while the tensors it was computed from are the same
+    (Note [A cache that sees new raw tensors]; torch's own cache keys by module and name alone):
+    ``functional_call`` with other parameters, an optimizer step, ``load_state_dict``, an assignment,
+    a dtype change and a value first computed under ``no_grad`` all give what the uncached module
+    gives, while repeated reads of unchanged tensors return the one cached value."""
+    net, x = _cached_net(), torch.randn(3, 4)
+    names = [n for n, _ in net.named_parameters() if n.endswith("original")]
+    snapshots = []
+    for k in range(3):
+        state = {n: t.detach().clone() for n, t in net.state_dict(keep_vars=True).items()}
+        for n in names:
+            state[n] = state[n] + 0.1 * (k + 1) * torch.randn_like(state[n])
+        snapshots.append(state)
+    uncached = [torch.func.functional_call(net, s, (x,)) for s in snapshots]
+    with gnn.cached():
+        first = net[0].weight
+        assert net[0].weight is first  # unchanged tensors: the cached value
+        for s, want in zip(snapshots, uncached):  # an ensemble's snapshots evaluated in one cached loop
+            torch.testing.assert_close(torch.func.functional_call(net, s, (x,)), want, atol=0, rtol=0)
+        torch.testing.assert_close(net[0].weight, first, atol=0, rtol=0)  # the module's own again
+        # no_grad first, then with grad: the weights' raw tensors get gradients
+        with torch.no_grad():
+            net(x)
+        net(x).sum().backward()
+        assert all(net.get_parameter(n).grad is not None and net.get_parameter(n).grad.abs().sum() > 0 for n in names)
+        # an optimizer step (in place) moves the weights
+        before = [m.weight for m in net[::2]]
+        torch.optim.SGD(net.parameters(), lr=0.5).step()
+        for m, w in zip(net[::2], before):
+            assert not torch.equal(m.weight, w)
+        # load_state_dict and an assignment
+        net.load_state_dict(snapshots[0])
+        torch.testing.assert_close(net(x), uncached[0], atol=0, rtol=0)
+        net[0].weight = torch.eye(6, 4)
+        torch.testing.assert_close(net[0].weight, torch.eye(6, 4), atol=1e-6, rtol=0)
+        # a dtype change
+        net.double()
+        assert net[0].weight.dtype == net[2].weight.dtype == net[4].weight.dtype == torch.float64
+    with torch.no_grad():
+        plain = [m.weight for m in net[::2]]
+    with gnn.cached():
+        for m, w in zip(net[::2], plain):
+            torch.testing.assert_close(m.weight, w, atol=0, rtol=0)
+
+
+def test_cached_under_vmap_and_grad_of_functional_call():
+    """Stacked snapshots under ``vmap`` and ``torch.func.grad`` through ``functional_call`` inside
+    ``cached()`` equal the uncached results (the transforms' wrapped tensors are new tensors)."""
+    net, x = _cached_net(), torch.randn(3, 4)
+    params = {n: t.detach() for n, t in net.named_parameters()}
+    buffers = {n: t for n, t in net.named_buffers()}
+    stacked = {n: torch.stack([t + 0.1 * k * torch.randn_like(t) for k in range(3)]) for n, t in params.items()}
+
+    def f(p):
+        return torch.func.functional_call(net, (p, buffers), (x,)).square().sum()
+
+    want = (torch.func.vmap(f)(stacked), torch.func.vmap(torch.func.grad(f))(stacked))
+    with gnn.cached():
+        net(x)
+        got = (torch.func.vmap(f)(stacked), torch.func.vmap(torch.func.grad(f))(stacked))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- state, dtype, pickling
 
 

@@ -354,15 +354,113 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
 
 
 def _make_picklable(module: nn.Module) -> None:
-    """Make the parametrized class of ``module`` picklable, and let its dtype changes and
-    ``load_state_dict`` keep its points (Note [Raw tensors across dtypes])."""
+    """Make the parametrized class of ``module`` picklable, let its dtype changes and
+    ``load_state_dict`` keep its points (Note [Raw tensors across dtypes]), and let :func:`cached`
+    see new raw tensors (Note [A cache that sees new raw tensors])."""
     cls = type(module)
+    _check_cached_values(module)
     if cls.__dict__.get("__reduce_ex__") is not _reduce_ex:
         cls.__reduce_ex__ = _reduce_ex
         cls.__deepcopy__ = _deepcopy
     if cls.__dict__.get("_apply") is not _apply_keeping_points:
         cls._apply = _apply_keeping_points
         cls._load_from_state_dict = _load_keeping_points
+
+
+# ----------------------------------------------------------------------------- the cache
+# Note [A cache that sees new raw tensors]
+# torch.nn.utils.parametrize.cached() keys a cached value by (module, tensor name) alone, so inside the
+# block a value outlives the tensors it was computed from. Silently wrong, and geofunc's functional
+# bridge makes the first case common: torch.func.functional_call(module, new_params, x) inside the
+# block returned the weight of the module's own parameters (every snapshot of an ensemble evaluated
+# in one cached loop gave the first one's output); an optimizer step or a load_state_dict inside the
+# block left the old weight in use; a value first computed under no_grad was then used with grad
+# enabled, so the weight's parameters got no gradient. For the tensors that geofunc constrains,
+# the property reads the cache only while a stamp matches: grad mode, and for every parameter and
+# buffer of the tensor's parametrization chain (the raw tensor, the bases) the tensor itself (held,
+# compared by identity: an id alone was reused by the next transform's wrapper, found on torch 2.6),
+# its version counter (in-place updates) and storage (a dtype or device change swaps it), and the
+# chain's length. Anything else computes the value anew and caches that (one entry per tensor: the held tensors live until the block ends).
+# Inside one forward the tensors do not change, so an RNN's time loop still computes the map once
+# (tests/test_nn.py); the check costs ~2 µs a read (benchmarks/REFACTOR-checked-cache.md). Under
+# torch.compile, tracing and scripting, torch's own property runs (as before). Other
+# parametrizations of the module (spectral_norm, whose forward updates its buffers in place) keep
+# torch's cache as it is.
+_STAMP = object()  # the third element of the stamp's key in parametrize._cache
+
+
+def _storage(t: Tensor) -> Any:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # a functorch wrapper or a subclass without storage: identity and version decide
+        return None
+
+
+def _stamp(plist: nn.Module) -> tuple | None:
+    """What a cached value of ``plist`` depends on (:func:`_holds` checks it), or None where a tensor
+    cannot say (no cache then): grad mode, the chain's length, and where each parameter and buffer
+    sits, the tensor itself (held and compared by ``is``, not by ``id``: a functorch wrapper of a
+    finished transform is freed, and a new one may get its address), its version and storage."""
+    entries = []
+    stack = [plist]
+    while stack:
+        mod = stack.pop()
+        for tensors in (mod._parameters, mod._buffers):
+            for name, t in tensors.items():
+                if t is not None:
+                    try:
+                        version = t._version
+                    except RuntimeError:  # an inference tensor has no version counter
+                        return None
+                    entries.append((tensors, name, t, version, _storage(t)))
+        stack.extend(m for m in mod._modules.values() if m is not None)
+    return torch.is_grad_enabled(), len(plist._modules), entries
+
+
+def _holds(stamp: Any, plist: nn.Module) -> bool:
+    """Whether nothing in ``stamp`` changed (the module dicts are read directly: ``parameters()`` and
+    ``buffers()`` cost ~10 µs a call, this ~1 µs)."""
+    if stamp is None or stamp[0] != torch.is_grad_enabled() or stamp[1] != len(plist._modules):
+        return False
+    for tensors, name, t, version, storage in stamp[2]:
+        if tensors.get(name) is not t or t._version != version:
+            return False
+        if storage is not None and t.data_ptr() != storage:  # (None: a wrapper, which has none)
+            return False
+    return True
+
+
+def _checked_property(tensor_name: str, torch_property: property) -> property:
+    fget = torch_property.fget
+
+    def get_parametrized(self: nn.Module) -> Tensor:
+        if (not parametrize._cache_enabled or torch.compiler.is_compiling() or torch.jit.is_scripting()
+                or torch._C._get_tracing_state() is not None):
+            return fget(self)  # torch's: no cache, or its errors for tracing and scripting
+        plist = self._modules["parametrizations"]._modules[tensor_name]  # (nn.Module's __getattr__: ~1 µs)
+        key = (id(self), tensor_name)
+        cache = parametrize._cache
+        value = cache.get(key)
+        if value is not None and _holds(cache.get(key + (_STAMP,)), plist):
+            return value
+        stamp = _stamp(plist)  # before the value: what it is computed from
+        value = plist()
+        cache[key] = value
+        cache[key + (_STAMP,)] = stamp
+        return value
+
+    get_parametrized._geofunc_checked = True  # type: ignore[attr-defined]
+    return property(get_parametrized, torch_property.fset)
+
+
+def _check_cached_values(module: nn.Module) -> None:
+    """Give each tensor of ``module`` that geofunc constrains the checked cached property."""
+    cls = type(module)
+    for tensor_name, plist in getattr(module, "parametrizations", {}).items():
+        prop = cls.__dict__.get(tensor_name)
+        if (isinstance(prop, property) and not getattr(prop.fget, "_geofunc_checked", False)
+                and any(isinstance(p, Parametrization) for p in plist)):
+            setattr(cls, tensor_name, _checked_property(tensor_name, prop))
 
 
 # ----------------------------------------------------------------------------- raw tensors across dtypes
@@ -713,6 +811,8 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
 
 #: ``with gf.nn.cached(): ...`` evaluates every parametrized tensor at most once inside the block
 #: (``torch.nn.utils.parametrize.cached``); gradients flow through the cached value. Use it
-#: around loops that reuse a constrained weight (RNN time loops, weight sharing). The cache is
-#: not invalidated by assignments inside the block (as in PyTorch).
+#: around loops that reuse a constrained weight (RNN time loops, weight sharing). A cached value
+#: of a tensor geofunc constrains is reused only while its raw tensor and bases are unchanged
+#: (Note [A cache that sees new raw tensors]): functional_call with other parameters, in-place
+#: updates, assignments and dtype changes inside the block recompute it.
 cached = parametrize.cached
