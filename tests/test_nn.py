@@ -267,6 +267,108 @@ def test_update_base_riemannian_step_matches_geotorch():
     torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=0)
 
 
+# ----------------------------------------------------------------------------- bases from outside
+def _trained(case, seed):
+    name, kwargs, make, _ = case
+    torch.manual_seed(seed)
+    m = getattr(gnn, name)(make(), **kwargs)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x = torch.randn(8, m.in_features)
+    for k in range(6):
+        opt.zero_grad()
+        m(x).square().sum().backward()
+        opt.step()
+        if k % 2 == 1:
+            gnn.update_base(m)
+    return m
+
+
+def _base_off(space, base) -> bool:
+    """Independent of geofunc's check: a frame with max|BᵀB − I| > 1e-4 or a point off the space."""
+    if base is None:
+        return False
+    leaves = [b for b in torch.utils._pytree.tree_leaves(base) if isinstance(b, torch.Tensor)]
+    if getattr(space, "_base_kind", None) == "frames":
+        def off(B):
+            G = B.mT @ B if B.shape[-2] >= B.shape[-1] else B @ B.mT
+            return float((G - torch.eye(G.shape[-1])).abs().max()) > 1e-4
+        return any(off(B) for B in leaves if B.ndim >= 2)
+    return not member(space, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_an_average_of_state_dicts_with_bases_off_the_space_is_refused(case):
+    """A "model soup" averages every tensor of two state_dicts, the bases too (as does
+    ``AveragedModel(use_buffers=True)``): where the averaged base is off the space, forward raises
+    ``ManifoldError`` naming the module instead of returning a weight off the space (Note [Bases
+    checked where they change]); where it is on the space (or there is no base), the weight is."""
+    a, b = _trained(case, 0), _trained(case, 1)
+    sa, sb = a.state_dict(), b.state_dict()
+    soup = {k: (sa[k] + sb[k]) / 2 if sa[k].is_floating_point() else sa[k] for k in sa}
+    m = _trained(case, 2)
+    m.load_state_dict(soup)
+    P_ = gnn.parametrization_of(m)
+    if _base_off(P_.space, P_.get_base()):
+        with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .*base .*average of bases"):
+            m.weight
+        with pytest.raises(gf.ManifoldError):
+            m(torch.randn(2, m.in_features))
+        # assigning a point re-centres the chart: a valid base again
+        m.weight = a.weight.detach()
+    assert member(P_.space, m.weight)
+
+
+def test_an_ema_of_buffers_is_refused_and_one_of_parameters_is_not():
+    """``AveragedModel(use_buffers=True)`` of an orthogonal layer that is rebased during training
+    averages its base frames: its weight was 0.38 off Stiefel (silently); now forward raises. With
+    ``use_buffers=False`` the base is the copy's own and the weight stays on Stiefel."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(8, 16))
+    T = torch.randn(16, 8)
+    emas = {ub: AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=ub) for ub in (False, True)}
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    for step in range(20):
+        opt.zero_grad()
+        (m.weight - T).square().sum().backward()
+        opt.step()
+        if step % 5 == 4:
+            gnn.update_base(m)
+        for ema in emas.values():
+            ema.update_parameters(m)
+    assert member(gf.Stiefel(), emas[False].module.weight)
+    with pytest.raises(gf.ManifoldError, match="AveragedModel"):
+        emas[True].module.weight
+
+
+def test_a_base_is_checked_once_per_change(monkeypatch):
+    """The check reads the buffers only when they changed (other tensors, or an in-place write):
+    repeated forwards cost one comparison; an in-place edit of a base is caught at the next read."""
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 6))
+    calls = []
+    original = gf.Stiefel._invalid_base
+    monkeypatch.setattr(gf.Stiefel, "_invalid_base", lambda self, base: calls.append(1) or original(self, base))
+    x = torch.randn(3, 4)
+    for _ in range(5):
+        m(x)
+    assert len(calls) <= 1
+    calls.clear()
+    with torch.no_grad():
+        m.parametrizations.weight[0].base.mul_(1.01)
+    with pytest.raises(gf.ManifoldError, match="not orthonormal"):
+        m(x)
+    assert len(calls) == 1
+    with torch.no_grad():
+        m.parametrizations.weight[0].base.div_(1.01)
+    m(x)  # valid again (to rounding): no error
+    # a base valid in float32, loaded into a float64 module, is re-made valid there (not refused)
+    d = gnn.orthogonal(nn.Linear(4, 6)).double()
+    d.load_state_dict(m.state_dict())
+    torch.testing.assert_close(d.weight, m.weight.double(), atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- cached
 
 

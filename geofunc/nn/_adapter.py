@@ -60,7 +60,8 @@ def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
 # gives from it (and, through ``right_inverse``, every point assigned from those) stays that far
 # off for good. So a base is re-made valid in its dtype whenever it is not valid there with a
 # margin (violation above a quarter of ``default_atol`` of its dtype): after every dtype change
-# of the module (``Parametrization._apply``) and in ``update_base``. The point moves by the
+# of the module (``Parametrization._apply``), after loading a base saved in another dtype that was
+# valid there (``Parametrization._load_from_state_dict``), and in ``update_base``. The point moves by the
 # base's error, i.e. by the rounding of the dtype the base came from, which is all the accuracy
 # the old point had anyway. A valid base is left bit for bit as it is.
 #
@@ -214,6 +215,21 @@ class Parametrization(nn.Module):
                 )
         return out
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """``nn.Module``'s, then: a base saved in another dtype and valid there is re-made valid in the
+        buffers' dtype, as a dtype change of the module does (Note [Bases across dtypes]); one that was
+        not valid even in its own dtype (an average of bases) is left as loaded, and forward refuses it
+        (Note [Bases checked where they change])."""
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        saved = {n: state_dict.get(prefix + n) for n in self._base_names()}
+        if not saved or not all(_concrete(t) for t in saved.values()):
+            return
+        if all(t.dtype == self._buffers[n].dtype for n, t in saved.items() if self._buffers.get(n) is not None):
+            return
+        base = pytree.tree_map(lambda n: None if n is None else saved[n], self._template)
+        if self.space._invalid_base(base) is None:
+            self._refresh_base()
+
     def _refresh_base(self) -> bool:
         """Re-make the base valid in its current dtype if it is not (Note [Bases across dtypes]); False
         where the space cannot tell what its base is."""
@@ -248,7 +264,33 @@ class Parametrization(nn.Module):
     # gathered once and the results sharded like it; the base buffers are replicated plain tensors.
     @gathered
     def forward(self, Z: Tensor) -> Tensor:
-        return self.space.to_manifold(Z, self.get_base())
+        return self.space.to_manifold(Z, self.checked_base())
+
+    def checked_base(self) -> Any:
+        """:meth:`get_base`, checked on the space once per change of its buffers (Note [Bases checked
+        where they change]); raises ``ManifoldError`` for a base off the space."""
+        base = self.get_base()
+        if base is None or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return base
+        leaves = [b for b in pytree.tree_leaves(base) if isinstance(b, Tensor)]
+        seen = _CHECKED_BASES.get(self)
+        if seen is not None and len(seen) == len(leaves) and all(
+                a is b and a._version == v for (a, v), b in zip(seen, leaves)):
+            return base
+        why = self.space._invalid_base(base)
+        if why is not None:
+            raise ManifoldError(
+                f"{self.where} constrained to {self.space!r}: expected its base (buffers "
+                f"{', '.join(self._base_names())}) on the space, as from_manifold, rebase and assignments leave "
+                f"it, got {why}. An average of bases is not a base: AveragedModel(use_buffers=True) or an average "
+                "of state_dicts averages them off the space. Average the weights instead and assign the "
+                f"projection (module.<name> = {self.space!r}.project(mean)), or load a checkpoint's own bases."
+            )
+        try:
+            _CHECKED_BASES[self] = [(b, b._version) for b in leaves]
+        except RuntimeError:  # an inference tensor has no version counter: checked at every call
+            _CHECKED_BASES.pop(self, None)
+        return base
 
     def _check_value(self, X: Any, registering: bool = False) -> None:
         """Type, shape and (unless ``registering``) the dtype and device of the base buffers; only
@@ -365,6 +407,24 @@ def _make_picklable(module: nn.Module) -> None:
     if cls.__dict__.get("_apply") is not _apply_keeping_points:
         cls._apply = _apply_keeping_points
         cls._load_from_state_dict = _load_keeping_points
+
+
+# ----------------------------------------------------------------------------- checked bases
+# Note [Bases checked where they change]
+# A point is to_manifold(raw, base) and to_manifold does not validate its base (nothing data-dependent
+# may raise in traced code; README, Known limitations), so a base buffer off the space gave weights
+# off the space, silently: AveragedModel(use_buffers=True) (an EMA of a constrained model) averages
+# the Stiefel base frames (measured: the EMA weight 0.38 off Stiefel after 40 steps with an
+# update_base every 5), as does an average of state_dicts (model soups, checkpoint averaging), a
+# checkpoint edited by hand, or buffers overwritten by a generic init. A module's forward therefore
+# checks its base (the space's _invalid_base: orthonormal frames, or a point by contains, at the
+# dtype's default tolerance) in eager mode on readable tensors, once per change: the buffers
+# themselves and their version counters are kept (strongly: a weak reference on a tensor makes
+# torch.utils.swap_tensors refuse it), and a forward with the same, unmodified buffers costs one
+# comparison. from_manifold, rebase, update_base and assignments write valid bases, so only such
+# outside writes raise. Under torch.compile and torch.func transforms (values unreadable) nothing
+# is checked, as before.
+_CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -311,7 +311,7 @@ class _Manifold(Parametrization):
         if isinstance(Z, nn.Parameter) and not torch.compiler.is_compiling():
             _LAST_RAW[self] = weakref.ref(Z)  # Note [update_base on the class]
             _note_raw(self, Z)  # Note [Raw tensors across dtypes] in _adapter.py
-        return self.space.to_manifold(self._raw_in(Z), self.get_base())
+        return self.space.to_manifold(self._raw_in(Z), self.checked_base())
 
     @gathered
     def right_inverse(self, X: Any, check_in_manifold: bool = True) -> Tensor:

@@ -481,6 +481,35 @@ class AbstractSpace(_Space, abc.ABC):
             return self.project(base)
         return NotImplemented
 
+    def _invalid_base(self, base: Any) -> str | None:
+        """Why ``base`` is not a base of this space at its dtype's default tolerance (what
+        :meth:`_refine_base` would re-make, well beyond a dtype's rounding), or None: valid, values
+        that cannot be read (meta, fake, under ``torch.func``, DTensors), or a space that does not
+        say what its base is. Frames: ``max |BᴴB − I|`` (the shorter side's Gram); a point:
+        :meth:`contains`."""
+        if base is None:
+            return None
+        if self._base_kind == "frames":
+            for B in optree.tree_leaves(base):
+                if not _readable(B) or B.ndim < 2 or 0 in B.shape[-2:]:
+                    continue
+                Bf = B.float() if B.dtype in LOW_PRECISION else B
+                err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
+                tol = default_atol(B.dtype, max(B.shape[-2:]))
+                worst = float(err.max()) if err.numel() else 0.0
+                if not worst <= tol:  # NaN too
+                    return (f"a frame of shape {tuple(B.shape)} with max|BᴴB − I| = {worst:.3g} > {tol:.3g} "
+                            f"(its columns are not orthonormal)")
+            return None
+        if self._base_kind == "point":
+            if not _readable(base):
+                return None
+            try:
+                self.check(base)
+            except ManifoldError as e:
+                return "a point off the space: " + str(e).partition(", got ")[2].rstrip(".")
+        return None
+
     def _dtype_coords(self, Z: Tensor) -> Tensor | None:
         """The view of the raw tensor ``Z`` whose entries mean other points in another dtype (the values
         ``softplus(s) + √ε`` of the dtype), which a dtype change of a module re-expresses (Note [Raw

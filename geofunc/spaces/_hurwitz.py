@@ -214,6 +214,10 @@ class Hurwitz(AbstractSpace):
         """PSD's (the base is the frame of ``W``'s PSD chart)."""
         return self._psd._refine_base(base, force)
 
+    def _invalid_base(self, base: Any) -> str | None:
+        """PSD's (the base is the frame of ``W``'s PSD chart)."""
+        return self._psd._invalid_base(base)
+
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
         P, err = lyapunov(X + self.alpha * eye_like(X, n))

@@ -67,6 +67,14 @@ class Product(AbstractSpace):
         out = tuple(M._refine_base(b, force) for M, b in zip(self.factors, self._bases(base)))
         return NotImplemented if any(b is NotImplemented for b in out) else out
 
+    def _invalid_base(self, base: Any) -> str | None:
+        """The first factor's :meth:`~AbstractSpace._invalid_base`, with its index."""
+        for i, (M, b) in enumerate(zip(self.factors, self._bases(base))):
+            why = M._invalid_base(b)
+            if why is not None:
+                return f"factor {i} ({M!r}): {why}"
+        return None
+
     def _each(self, fn: Callable[..., Any], *args: tuple) -> tuple:
         out = []
         for i, (M, *a) in enumerate(zip(self.factors, *args)):

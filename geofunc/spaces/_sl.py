@@ -137,6 +137,10 @@ class SL(AbstractSpace):
         """GLp's (the base is GLp's frames)."""
         return self._glp._refine_base(base, force)
 
+    def _invalid_base(self, base: Any) -> str | None:
+        """GLp's (the base is GLp's frames)."""
+        return self._glp._invalid_base(base)
+
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G − (tr(X⁻¹G)/‖X⁻¹‖²_F) X⁻ᵀ``, the orthogonal projection onto ``{V : tr(X⁻¹V) = 0}``."""
         self._check_pair(X, G, "G")
