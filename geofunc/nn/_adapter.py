@@ -61,9 +61,9 @@ def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
 # off for good. So a base is re-made valid in its dtype whenever it is not valid there with a
 # margin (violation above a quarter of ``default_atol`` of its dtype): after every dtype change
 # of the module (``Parametrization._apply``), after loading a base saved in another dtype that was
-# valid there (``Parametrization._load_from_state_dict``), and in ``update_base``. The point moves by the
-# base's error, i.e. by the rounding of the dtype the base came from, which is all the accuracy
-# the old point had anyway. A valid base is left bit for bit as it is.
+# valid there (``Parametrization._load_from_state_dict``), and in ``update_base``. The point moves
+# by the base's error, i.e. by the rounding of the dtype the base came from, which is all the
+# accuracy the old point had anyway. A valid base is left bit for bit as it is.
 #
 # What a base is, each space says (``_base_kind`` and ``AbstractSpace._refine_base``, the second output of
 # its ``_from_manifold``): frames, orthonormalized by the polar factor (which keeps the sign of a
@@ -440,8 +440,8 @@ _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDi
 # buffer of the tensor's parametrization chain (the raw tensor, the bases) the tensor itself (held,
 # compared by identity: an id alone was reused by the next transform's wrapper, found on torch 2.6),
 # its version counter (in-place updates) and storage (a dtype or device change swaps it), and the
-# chain's length. Anything else computes the value anew and caches that (one entry per tensor: the held tensors live until the block ends).
-# Inside one forward the tensors do not change, so an RNN's time loop still computes the map once
+# chain's length. Anything else computes the value anew and caches that (one entry per tensor: the
+# held tensors live until the block ends). Inside one forward the tensors do not change, so an RNN's time loop still computes the map once
 # (tests/test_nn.py); the check costs ~2 µs a read (benchmarks/REFACTOR-checked-cache.md). Under
 # torch.compile, tracing and scripting, torch's own property runs (as before). Other
 # parametrizations of the module (spectral_norm, whose forward updates its buffers in place) keep
