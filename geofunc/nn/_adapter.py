@@ -270,7 +270,8 @@ class Parametrization(nn.Module):
         """:meth:`get_base`, checked on the space once per change of its buffers (Note [Bases checked
         where they change]); raises ``ManifoldError`` for a base off the space."""
         base = self.get_base()
-        if base is None or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._functorch.peek_interpreter_stack() is not None):
             return base
         leaves = [b for b in pytree.tree_leaves(base) if isinstance(b, Tensor)]
         seen = _CHECKED_BASES.get(self)
@@ -423,7 +424,7 @@ def _make_picklable(module: nn.Module) -> None:
 # torch.utils.swap_tensors refuse it), and a forward with the same, unmodified buffers costs one
 # comparison. from_manifold, rebase, update_base and assignments write valid bases, so only such
 # outside writes raise. Under torch.compile and torch.func transforms (values unreadable) nothing
-# is checked, as before.
+# is checked, as before; nor under torch.jit.trace (a read would be baked into the trace).
 _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
