@@ -344,7 +344,9 @@ def test_an_ema_of_buffers_is_refused_and_one_of_parameters_is_not():
 
 def test_a_base_is_checked_once_per_change(monkeypatch):
     """The check reads the buffers only when they changed (other tensors, or an in-place write):
-    repeated forwards cost one comparison; an in-place edit of a base is caught at the next read."""
+    repeated forwards cost one comparison; an in-place edit of a base is caught at the next read;
+    a base geofunc wrote itself (``update_base``, an assignment) is not read again (on a GPU each
+    read is a device-to-host copy)."""
     torch.manual_seed(0)
     m = gnn.orthogonal(nn.Linear(4, 6))
     calls = []
@@ -363,6 +365,13 @@ def test_a_base_is_checked_once_per_change(monkeypatch):
     with torch.no_grad():
         m.parametrizations.weight[0].base.div_(1.01)
     m(x)  # valid again (to rounding): no error
+    # bases that geofunc itself writes (update_base, an assignment) are not checked again
+    calls.clear()
+    gnn.update_base(m)
+    m(x)
+    m.weight = gf.Stiefel().sample((6, 4))
+    m(x)
+    assert calls == []
     # a base valid in float32, loaded into a float64 module, is re-made valid there (not refused)
     d = gnn.orthogonal(nn.Linear(4, 6)).double()
     d.load_state_dict(m.state_dict())

@@ -159,11 +159,17 @@ class Parametrization(nn.Module):
         return pytree.tree_map(lambda n: None if n is None else self._buffers[n], self._template)
 
     def _set_base(self, base: Any) -> None:
-        """Overwrite the base buffers in place (the caller has validated ``base``)."""
+        """Overwrite the base buffers in place (the caller has validated ``base``: forward need not
+        check it again, Note [Bases checked where they change])."""
         with torch.no_grad():
             for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
                 if name is not None:
                     getattr(self, name).copy_(leaf)
+        try:
+            _CHECKED_BASES[self] = [(b, b._version) for b in pytree.tree_leaves(self.get_base())
+                                    if isinstance(b, Tensor)]
+        except RuntimeError:  # an inference tensor has no version counter
+            _CHECKED_BASES.pop(self, None)
 
     def _base_names(self) -> list[str]:
         return [n for n in pytree.tree_leaves(self._template) if n is not None]
