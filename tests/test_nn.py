@@ -378,6 +378,69 @@ def test_a_base_is_checked_once_per_change(monkeypatch):
     torch.testing.assert_close(d.weight, m.weight.double(), atol=1e-6, rtol=0)
 
 
+def test_average_is_an_ema_of_points_for_a_model_that_is_rebased():
+    """``average_(ema, [ema, model], [0.9, 0.1])`` after every step of a model rebased every 4 steps:
+    the EMA's orthogonal weight is the polar factor of 0.9·W_ema + 0.1·W (computed here by torch's
+    SVD), its low-rank weight the best rank-2 approximation (Eckart–Young, torch's SVD), BatchNorm's
+    running mean the plain EMA, ``num_batches_tracked`` the model's; both weights stay on their spaces."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).double()
+    gnn.orthogonal(model[0])
+    gnn.low_rank(model[2], "weight", 2)
+    ema = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    X, Y = torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 4, dtype=torch.float64)
+    want = {i: ema[i].weight.detach().clone() for i in (0, 2)}
+    mean = ema[1].running_mean.clone()
+    for step in range(12):
+        idx = torch.randint(0, 64, (16,))
+        opt.zero_grad()
+        (model(X[idx]) - Y[idx]).square().mean().backward()
+        opt.step()
+        if step % 4 == 3:
+            gnn.update_base(model[0])
+            gnn.update_base(model[2])
+        gnn.average_(ema, [ema, model], [0.9, 0.1])
+        U, S, Vh = torch.linalg.svd(0.9 * want[0] + 0.1 * model[0].weight.detach(), full_matrices=False)
+        want[0] = U @ Vh
+        U, S, Vh = torch.linalg.svd(0.9 * want[2] + 0.1 * model[2].weight.detach(), full_matrices=False)
+        want[2] = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2]
+        mean = 0.9 * mean + 0.1 * model[1].running_mean
+    for i in (0, 2):
+        torch.testing.assert_close(ema[i].weight.detach(), want[i], atol=1e-10, rtol=0)
+        assert member(gnn.parametrization_of(ema[i]).space, ema[i].weight)
+    torch.testing.assert_close(ema[1].running_mean, mean, atol=1e-12, rtol=0)
+    assert int(ema[1].num_batches_tracked) == int(model[1].num_batches_tracked) == 12
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_average_of_models_is_on_the_space(case):
+    """A soup of three trained models, one per constraint: every weight on its space, and the
+    unconstrained bias the plain mean; a convex space (PSD's interior) gives the mean itself."""
+    models = [_trained(case, s) for s in range(3)]
+    soup = _trained(case, 3)
+    gnn.average_(soup, models)
+    space = gnn.parametrization_of(soup).space
+    assert member(space, soup.weight)
+    torch.testing.assert_close(soup.bias, sum(m.bias for m in models) / 3, atol=1e-6, rtol=1e-6)
+    if case[0] == "positive_definite":
+        torch.testing.assert_close(soup.weight, sum(m.weight for m in models) / 3, atol=1e-5, rtol=0)
+
+
+def test_average_refuses_what_it_cannot_average():
+    a, b = gnn.orthogonal(nn.Linear(4, 6)), gnn.orthogonal(nn.Linear(4, 6))
+    with pytest.raises(ValueError, match="at least one"):
+        gnn.average_(a, [])
+    with pytest.raises(ValueError, match="summing to 1"):
+        gnn.average_(a, [a, b], [0.5, 0.6])
+    with pytest.raises(ValueError, match="2 weights"):
+        gnn.average_(a, [a, b], [1.0])
+    with pytest.raises(ValueError, match="constrained differently"):
+        gnn.average_(a, [gnn.sphere(nn.Linear(4, 6))])
+    with pytest.raises(ValueError, match="lacks"):
+        gnn.average_(a, [gnn.orthogonal(nn.Linear(4, 6, bias=False))])
+
+
 # ----------------------------------------------------------------------------- cached
 
 

@@ -23,7 +23,8 @@ Beyond GeoTorch: :func:`constrain` puts any geofunc space on a tensor (one
 :class:`Parametrization` adapter), and the bridge to the functional API: :func:`functional`
 returns ``(constraints, raw, bases)`` keyed by the plain parameter names, :func:`plain` an
 unparametrized copy for ``torch.func.functional_call``, :func:`stack` stacks K constrained
-modules for ``vmap``.
+modules for ``vmap``; :func:`average_` averages constrained modules as points (an EMA, a model
+soup), where an average of raw tensors and bases is not one.
 """
 
 from . import parametrize as parametrize
@@ -60,6 +61,7 @@ from ._exceptions import (
     VectorError as VectorError,
 )
 from ._functional import (
+    average_ as average_,
     functional as functional,
     load_functional as load_functional,
     module_state as module_state,
@@ -119,6 +121,7 @@ __all__ = [
     "VectorError",
     "almost_orthogonal",
     "alpha_stable",
+    "average_",
     "cached",
     "constrain",
     "fixed_rank",

@@ -290,8 +290,9 @@ class Parametrization(nn.Module):
                 f"{self.where} constrained to {self.space!r}: expected its base (buffers "
                 f"{', '.join(self._base_names())}) on the space, as from_manifold, rebase and assignments leave "
                 f"it, got {why}. An average of bases is not a base: AveragedModel(use_buffers=True) or an average "
-                "of state_dicts averages them off the space. Average the weights instead and assign the "
-                f"projection (module.<name> = {self.space!r}.project(mean)), or load a checkpoint's own bases."
+                "of state_dicts averages them off the space. Average the points instead with "
+                "gf.nn.average_(target, modules, weights) (an EMA: gf.nn.average_(ema, [ema, model], [d, 1 - d])), "
+                "or assign a point (module.<name> = space.project(W)), or load a checkpoint's own bases."
             )
         try:
             _CHECKED_BASES[self] = [(b, b._version) for b in leaves]

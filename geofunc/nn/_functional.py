@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from .._errors import ManifoldError
 from ._adapter import Parametrization, _owner_name
 
-__all__ = ["functional", "plain", "stack", "module_state", "load_functional"]
+__all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
 
 Tensor = torch.Tensor
 
@@ -188,3 +188,86 @@ def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tenso
         raw[k] = torch.stack([r[k].detach() for _, r, _ in triples]).requires_grad_(r0[k].requires_grad)
     bases = pytree.tree_map(stacked, b0, *[b for _, _, b in triples[1:]])
     return dict(c0), raw, bases, plain(modules[0])
+
+
+# Note [Averaging constrained modules]
+# An average of raw tensors and bases is not an average of points: bases are not a vector space
+# (an average of Stiefel frames is not a frame: forward refuses it, Note [Bases checked where they
+# change]), and raw tensors of different charts (after update_base) mean different points, so
+# AveragedModel and an average of state_dicts are wrong for constrained tensors. average_ averages
+# the points (the weights) in the ambient space and assigns their projection onto the space (the
+# extrinsic mean; for a convex space, PSD or Birkhoff, the average itself), which re-centres the
+# target's chart at it; other tensors are averaged entrywise, as AveragedModel(use_buffers=True)
+# does.
+
+
+def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+    """Set ``target``'s tensors to the weighted average of ``modules``' (the same architecture and
+    constraints), in place; returns ``target``.
+
+    A constrained tensor gets ``space.project(Σ wᵢ Wᵢ)`` of the modules' weights (the points, not
+    their raw tensors or bases: Note [Averaging constrained modules]), assigned as ``target.<name> =
+    ...`` (so its chart is re-centred there); every other floating parameter and buffer (BatchNorm's
+    statistics too) ``Σ wᵢ tᵢ``; other buffers (``num_batches_tracked``) are the last module's.
+    ``target`` may be one of ``modules``. An exponential moving average of a model that is rebased
+    during training::
+
+        ema = copy.deepcopy(model)
+        ...  # after each optimizer step:
+        gf.nn.average_(ema, [ema, model], [0.999, 0.001])
+
+    and a model soup: ``gf.nn.average_(soup, models)``.
+
+    Args:
+        target: the module written to.
+        modules: the modules averaged (at least one).
+        weights: one number per module, summing to 1; default: uniform.
+
+    Raises:
+        ValueError: no modules, weights of another length or not summing to 1, or a module whose
+            tensors or constraints differ from ``target``'s.
+    """
+    modules = list(modules)
+    if not modules:
+        raise ValueError("average_: expected at least one module to average, got none")
+    w = [1.0 / len(modules)] * len(modules) if weights is None else [float(x) for x in weights]
+    if len(w) != len(modules):
+        raise ValueError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}")
+    if not abs(sum(w) - 1.0) <= 1e-6:
+        raise ValueError(f"average_: expected weights summing to 1, got {w} (sum {sum(w)})")
+    ours = _geofunc_tensors(target)
+    theirs = [_geofunc_tensors(m) for m in modules]
+    for i, t in enumerate(theirs):
+        if t.keys() != ours.keys() or any(t[k][2].space != ours[k][2].space for k in ours):
+            raise ValueError(
+                f"average_: module #{i} is constrained differently from the target: "
+                f"{sorted((k, v[2].space) for k, v in t.items())} vs {sorted((k, v[2].space) for k, v in ours.items())}"
+            )
+    inner = re.compile(r"(^|\.)parametrizations\.")
+    plain_t = {n: t for n, t in _plain_tensors(target) if not inner.search(n)}
+    plain_m = [dict(_plain_tensors(m)) for m in modules]
+    for i, d in enumerate(plain_m):
+        missing = [n for n in plain_t if n not in d or d[n].shape != plain_t[n].shape]
+        if missing:
+            raise ValueError(f"average_: module #{i} lacks the target's tensors (or their shapes): {missing}")
+    with torch.no_grad():
+        # every new value first: target may be one of the modules
+        points = {}
+        for k, (sub, tname, adapter) in ours.items():
+            W = sum(wi * getattr(t[k][0], t[k][1]) for wi, t in zip(w, theirs))
+            points[k] = adapter.space.project(W)
+        others = {}
+        for n, t in plain_t.items():
+            if t.is_floating_point() or t.is_complex():
+                others[n] = sum(wi * d[n] for wi, d in zip(w, plain_m))
+            else:
+                others[n] = plain_m[-1][n].clone()
+        for n, v in others.items():
+            plain_t[n].copy_(v)
+        for k, (sub, tname, _) in ours.items():
+            setattr(sub, tname, points[k])
+    return target
+
+
+def _plain_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
