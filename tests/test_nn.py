@@ -836,3 +836,27 @@ class _Scale(nn.Module):
 
     def right_inverse(self, X):
         return X / 2
+
+
+def test_average_leaves_the_target_as_it_was_when_an_assignment_refuses():
+    """All or nothing: a projected point the assignment refuses (here made to refuse) leaves every
+    tensor of the target, the unconstrained ones too, as it was."""
+    torch.manual_seed(0)
+    target = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), gnn.invertible(nn.Linear(6, 6)))
+    others = [copy.deepcopy(target) for _ in range(2)]
+    for m in others:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    P_ = gnn.parametrization_of(target[1])
+
+    def refuse(X, *args, **kwargs):
+        raise gf.ManifoldError("refused")
+
+    P_.right_inverse = refuse
+    with pytest.raises(gf.ManifoldError, match="refused"):
+        gnn.average_(target, others)
+    del P_.right_inverse
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -225,7 +225,8 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
 
     Raises:
         ValueError: no modules, weights of another length or not summing to 1, or a module whose
-            tensors or constraints differ from ``target``'s.
+            tensors or constraints differ from ``target``'s; ``InManifoldError`` where the
+            assignment refuses a projected point (``target`` is then left as it was).
     """
     modules = list(modules)
     if not modules:
@@ -262,10 +263,15 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
                 others[n] = sum(wi * d[n] for wi, d in zip(w, plain_m))
             else:
                 others[n] = plain_m[-1][n].clone()
-        for n, v in others.items():
-            plain_t[n].copy_(v)
-        for k, (sub, tname, _) in ours.items():
-            setattr(sub, tname, points[k])
+        saved = {k: v.clone() for k, v in target.state_dict().items()}
+        try:
+            for n, v in others.items():
+                plain_t[n].copy_(v)
+            for k, (sub, tname, _) in ours.items():
+                setattr(sub, tname, points[k])  # may refuse a point (InManifoldError)
+        except BaseException:
+            target.load_state_dict(saved)  # all or nothing
+            raise
     return target
 
 
