@@ -860,3 +860,37 @@ def test_average_leaves_the_target_as_it_was_when_an_assignment_refuses():
     del P_.right_inverse
     after = target.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_base_loaded_then_checked_under_autocast_is_accepted(case):
+    """Mixed precision: a checkpoint loaded, then the first forward under ``torch.autocast`` (bf16 on
+    the CPU) checks the base. The check's Gram runs in the base's own dtype: a bf16 Gram of a
+    float32 frame is ~1e-2 off, and every loaded frame base was refused (found probing)."""
+    src, dst = _trained(case, 0), _trained(case, 1)
+    dst.load_state_dict(src.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dst(torch.randn(4, dst.in_features))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(dst.weight, src.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_update_base_inside_autocast_keeps_the_weight_on_the_space(case):
+    """Mixed-precision training with dynamic trivialization: steps and ``update_base`` all inside a
+    bf16 autocast region. The base's refinement ran there in bf16 (its Gram read 2e-3 off, then a
+    bf16 polar factor): the orthogonal weight ended 3e-3 off Stiefel, silently. The refinement now
+    runs in the base's dtype; the float32 weight is on its space at float32's tolerance."""
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            opt.zero_grad()
+            m(torch.randn(4, m.in_features)).float().square().sum().backward()
+            opt.step()
+            gnn.update_base(m)
+    P_ = gnn.parametrization_of(m)
+    assert not _base_off(P_.space, P_.get_base())
+    assert member(P_.space, m.weight)

@@ -28,6 +28,7 @@ concrete space is ``typing.final``: a variant is a constructor argument, never a
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import math
@@ -163,6 +164,9 @@ _AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
 # One call for "is autocast on for any device" (~0.2 µs; torch.compile traces it): the fast
 # path of every map tests only this and the dtype.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -310,9 +314,14 @@ def _readable(t: Any) -> bool:
 
 def _refine_frame(B: Tensor, force: bool) -> Tensor:
     """An orthonormal frame (tall or wide) re-made orthonormal in its dtype by its polar factor, unless it
-    already is with a margin (:meth:`AbstractSpace._refine_base`); bf16/fp16 in float32."""
+    already is with a margin (:meth:`AbstractSpace._refine_base`); bf16/fp16 in float32, and never
+    under autocast (``update_base`` inside an autocast region read a float32 frame's bf16 Gram as
+    2e-3 off, and re-made it by a bf16 polar factor: a Stiefel weight 3e-3 off its space)."""
     if 0 in B.shape[-2:]:  # the empty frame (St(n, 0)'s one point) is exact in every dtype
         return B
+    if _autocast_on(B.device.type):
+        with torch.autocast(B.device.type, enabled=False):
+            return _refine_frame(B, force)
     Bf = B.float() if B.dtype in LOW_PRECISION else B
     if not force:
         err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
@@ -494,7 +503,9 @@ class AbstractSpace(_Space, abc.ABC):
                 if not _readable(B) or B.ndim < 2 or 0 in B.shape[-2:]:
                     continue
                 Bf = B.float() if B.dtype in LOW_PRECISION else B
-                err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
+                # in the base's own dtype under autocast too (a bf16 Gram of a float32 frame is 1e-2 off)
+                with torch.autocast(B.device.type, enabled=False) if _autocast_on(B.device.type) else _NO_CONTEXT:
+                    err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
                 tol = default_atol(B.dtype, max(B.shape[-2:]))
                 worst = float(err.max()) if err.numel() else 0.0
                 if not worst <= tol:  # NaN too
