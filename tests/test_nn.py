@@ -894,3 +894,23 @@ def test_update_base_inside_autocast_keeps_the_weight_on_the_space(case):
     P_ = gnn.parametrization_of(m)
     assert not _base_off(P_.space, P_.get_base())
     assert member(P_.space, m.weight)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_registration_sampling_and_assignment_inside_autocast(case):
+    """A model built inside a bf16 autocast region: the one-liner's sample and ``in_manifold`` ran
+    their products in bf16 (a PSD sample 1e-3 from symmetric), so 10 of these cases raised
+    ``InManifoldError`` at registration, and ``M.sample()`` returned points off the space (Note [The
+    classes' eager maths without autocast]). Registration, an assignment and a sample there now give
+    float32 points on the space."""
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m = getattr(gnn, name)(make(), **kwargs)
+        m.weight = m.weight.detach().clone()
+        M = gnn.parametrization_of(m)
+        S = M.sample()
+        assert M.in_manifold(S)
+    space = M.space
+    assert m.weight.dtype == torch.float32 and member(space, m.weight)
+    assert member(space, S if isinstance(S, torch.Tensor) else S[0])

@@ -13,7 +13,9 @@ the global RNG as GeoTorch (and ``torch.nn.init``) do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import operator
 import weakref
@@ -216,11 +218,50 @@ def _has_base(space: AbstractSpace, size: tuple) -> bool:
     return any(isinstance(leaf, Tensor) for leaf in torch.utils._pytree.tree_leaves(base))
 
 
+# Note [The classes' eager maths without autocast]
+# The spaces' maps compute with autocast off (Note [Low precision] in geofunc/spaces/_base.py), but the
+# GeoTorch classes' own eager maths did not: under a bf16 autocast region, sample() built points with
+# bf16 products (a PSD sample 1e-3 from symmetric, a Stiefel sample off the frame tolerance) and
+# in_manifold() read a float32 point's Gram in bf16, so registering a one-liner inside autocast raised
+# InManifoldError for 10 of the 16 one-liner cases of tests/test_nn.py, and a sample used directly was
+# off its space. These methods now run with autocast off for the devices it is on (their float32
+# results, as outside it).
+_AUTOCAST_OFF_METHODS = ("sample", "in_manifold", "right_inverse", "update_base")
+
+
+def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not devices:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in devices:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return fn(*args, **kwargs)
+
+    method._autocast_off = True  # type: ignore[attr-defined]
+    return method
+
+
+def _without_autocast(cls: type) -> None:
+    for name in _AUTOCAST_OFF_METHODS:
+        attr = cls.__dict__.get(name)
+        if isinstance(attr, staticmethod) and not getattr(attr.__func__, "_autocast_off", False):
+            setattr(cls, name, staticmethod(_autocast_off(attr.__func__)))
+        elif callable(attr) and not getattr(attr, "_autocast_off", False):
+            setattr(cls, name, _autocast_off(attr))
+
+
 class _Manifold(Parametrization):
     """Abstract: a GeoTorch class over a geofunc space (see the module docstring)."""
 
     #: Whether ``forward``'s input is the space's own raw tensor (False for ``SO(lower=False)``).
     _identity_raw: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _without_autocast(cls)  # Note [The classes' eager maths without autocast]
 
     def __init__(self, space: AbstractSpace, size: Any) -> None:
         size = None if size is None else tuple(int(d) for d in size)
@@ -485,6 +526,9 @@ def _frame_sample(M: "_Manifold", distribution: str, init_: Any, triv: Any) -> T
                 Q = Q[..., : M.k, :] if M.transposed else Q[..., : M.k]
             return M._out(Q)
     raise ValueError(f'{type(M).__name__}.sample: expected distribution "uniform" or "torus", got {distribution!r}.')
+
+
+_without_autocast(_Manifold)  # (subclasses: _Manifold.__init_subclass__)
 
 
 class SO(_Manifold):
