@@ -166,8 +166,7 @@ class Parametrization(nn.Module):
                 if name is not None:
                     getattr(self, name).copy_(leaf)
         try:
-            _CHECKED_BASES[self] = [(b, b._version) for b in pytree.tree_leaves(self.get_base())
-                                    if isinstance(b, Tensor)]
+            _CHECKED_BASES[self] = [(b, b._version) for b in self._base_buffers()]
         except RuntimeError:  # an inference tensor has no version counter
             _CHECKED_BASES.pop(self, None)
 
@@ -279,7 +278,7 @@ class Parametrization(nn.Module):
         if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
                 or torch._C._functorch.peek_interpreter_stack() is not None):
             return base
-        leaves = [b for b in pytree.tree_leaves(base) if isinstance(b, Tensor)]
+        leaves = self._base_buffers()
         seen = _CHECKED_BASES.get(self)
         if seen is not None and len(seen) == len(leaves) and all(
                 a is b and a._version == v for (a, v), b in zip(seen, leaves)):

@@ -13,7 +13,6 @@ the global RNG as GeoTorch (and ``torch.nn.init``) do.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -29,7 +28,7 @@ from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError, first_index
 from .._expm import _real
-from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, can_check, default_atol
+from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, refine_base
@@ -232,12 +231,7 @@ _AUTOCAST_OFF_METHODS = ("sample", "in_manifold", "right_inverse", "update_base"
 def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def method(*args: Any, **kwargs: Any) -> Any:
-        devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
-        if not devices:
-            return fn(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for d in devices:
-                stack.enter_context(torch.autocast(d, enabled=False))
+        with autocast_off():
             return fn(*args, **kwargs)
 
     method._autocast_off = True  # type: ignore[attr-defined]

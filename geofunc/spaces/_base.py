@@ -166,13 +166,22 @@ _AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
 
 
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def _autocast_on(device_type: str) -> bool:
     if _any_autocast is not None and not _any_autocast():
         return False
     return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(*device_types: str) -> Any:
+    """A context with autocast disabled for those of ``device_types`` where it is on (every device
+    autocast knows if none is given); a no-op context where it is on for none."""
+    on = [d for d in (device_types or tuple(_AUTOCAST_DEVICES)) if _autocast_on(d)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for d in on:
+        stack.enter_context(torch.autocast(d, enabled=False))
+    return stack
 
 
 def _lead(args: tuple) -> Any:
@@ -312,6 +321,15 @@ def _readable(t: Any) -> bool:
             and (t.is_floating_point() or t.is_complex()))
 
 
+def _frame_error(B: Tensor) -> tuple[Tensor, float]:
+    """``(max |BᴴB − I|`` of the shorter side's Gram per frame, the default tolerance of ``B``'s dtype):
+    bf16/fp16 in float32, and never under autocast (a bf16 Gram of a float32 frame is 1e-2 off)."""
+    Bf = B.float() if B.dtype in LOW_PRECISION else B
+    with autocast_off(B.device.type):
+        err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
+    return err, default_atol(B.dtype, max(B.shape[-2:]))
+
+
 def _refine_frame(B: Tensor, force: bool) -> Tensor:
     """An orthonormal frame (tall or wide) re-made orthonormal in its dtype by its polar factor, unless it
     already is with a margin (:meth:`AbstractSpace._refine_base`); bf16/fp16 in float32, and never
@@ -319,15 +337,12 @@ def _refine_frame(B: Tensor, force: bool) -> Tensor:
     2e-3 off, and re-made it by a bf16 polar factor: a Stiefel weight 3e-3 off its space)."""
     if 0 in B.shape[-2:]:  # the empty frame (St(n, 0)'s one point) is exact in every dtype
         return B
-    if _autocast_on(B.device.type):
-        with torch.autocast(B.device.type, enabled=False):
-            return _refine_frame(B, force)
-    Bf = B.float() if B.dtype in LOW_PRECISION else B
     if not force:
-        err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
-        if bool((err <= 0.25 * default_atol(B.dtype, max(B.shape[-2:]))).all()):
+        err, tol = _frame_error(B)
+        if bool((err <= 0.25 * tol).all()):
             return B
-    return polar(Bf).to(B.dtype)
+    with autocast_off(B.device.type):
+        return polar(B.float() if B.dtype in LOW_PRECISION else B).to(B.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,11 +517,7 @@ class AbstractSpace(_Space, abc.ABC):
             for B in optree.tree_leaves(base):
                 if not _readable(B) or B.ndim < 2 or 0 in B.shape[-2:]:
                     continue
-                Bf = B.float() if B.dtype in LOW_PRECISION else B
-                # in the base's own dtype under autocast too (a bf16 Gram of a float32 frame is 1e-2 off)
-                with torch.autocast(B.device.type, enabled=False) if _autocast_on(B.device.type) else _NO_CONTEXT:
-                    err = orthonormality_error(Bf if Bf.shape[-2] >= Bf.shape[-1] else Bf.mT)
-                tol = default_atol(B.dtype, max(B.shape[-2:]))
+                err, tol = _frame_error(B)
                 worst = float(err.max()) if err.numel() else 0.0
                 if not worst <= tol:  # NaN too
                     return (f"a frame of shape {tuple(B.shape)} with max|BᴴB − I| = {worst:.3g} > {tol:.3g} "
