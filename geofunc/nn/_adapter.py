@@ -224,7 +224,15 @@ class Parametrization(nn.Module):
         """``nn.Module``'s, then: a base saved in another dtype and valid there is re-made valid in the
         buffers' dtype, as a dtype change of the module does (Note [Bases across dtypes]); one that was
         not valid even in its own dtype (an average of bases) is left as loaded, and forward refuses it
-        (Note [Bases checked where they change])."""
+        (Note [Bases checked where they change]). GeoTorch's bases of a class registered directly are
+        first replaced by geofunc's (Note [GeoTorch checkpoints] in ``_geotorch_checkpoints.py``)."""
+        raw = _RAW.get(self)
+        raw = _TENTATIVE.get(self) if raw is None else raw
+        if raw is not None and _concrete(raw):
+            from ._geotorch_checkpoints import convert_geotorch_bases
+
+            assign = bool(args and args[0].get("assign_to_params_buffers", False))
+            convert_geotorch_bases(self, raw, state_dict, prefix, assign)
         super()._load_from_state_dict(state_dict, prefix, *args)
         saved = {n: state_dict.get(prefix + n) for n in self._base_names()}
         if not saved or not all(_concrete(t) for t in saved.values()):
@@ -644,7 +652,13 @@ def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
 def _load_keeping_points(self: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args: Any) -> None:
     """``nn.Module._load_from_state_dict`` of a constrained module: a saved raw tensor of another dtype
     than the module's is re-expressed in the module's dtype before torch casts it (Note [Raw tensors
-    across dtypes]). ``state_dict`` is ``load_state_dict``'s own copy; the saved tensor is not modified."""
+    across dtypes]). ``state_dict`` is ``load_state_dict``'s own copy; the saved tensor is not modified.
+    Entries in GeoTorch's layout are first replaced by geofunc's for the same points (Note [GeoTorch
+    checkpoints] in ``_geotorch_checkpoints.py``)."""
+    from ._geotorch_checkpoints import convert_geotorch_entries
+
+    for name, plist, M in _geofunc_plists(self):
+        convert_geotorch_entries(M, plist, state_dict, f"{prefix}parametrizations.{name}.")
     if not local_metadata.get("assign_to_params_buffers", False):
         for name, plist, M in _geofunc_plists(self):
             key = f"{prefix}parametrizations.{name}.original"

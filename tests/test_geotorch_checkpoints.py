@@ -1,0 +1,275 @@
+"""GeoTorch 0.4.0 checkpoints load into the same model built with ``geofunc.nn`` (Note [GeoTorch
+checkpoints] in ``geofunc/nn/_geotorch_checkpoints.py``), against the installed GeoTorch itself.
+
+A GeoTorch model is built, trained a few SGD steps (its raw tensors leave 0; its bases are the
+random points GeoTorch's registration draws), saved with ``torch.save`` and loaded with
+``torch.load(weights_only=True)`` into the same model built with ``geofunc.nn`` (another seed):
+the loaded weights are GeoTorch's to the rounding of its float32 (float64) evaluation, on the
+space by the independent predicates of ``tests/reference.py``, and training goes on from there.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.utils.parametrize as P
+from torch import nn
+
+import geofunc as gf
+import geofunc.nn as gnn
+from reference import member
+
+geotorch = pytest.importorskip("geotorch")
+
+# (constraint function, kwargs, module factory)
+CASES = [
+    ("orthogonal", {}, lambda: nn.Linear(5, 3)),
+    ("orthogonal", {}, lambda: nn.Linear(3, 6)),
+    ("orthogonal", {"triv": "cayley"}, lambda: nn.Linear(3, 6)),
+    ("orthogonal", {}, lambda: nn.Linear(4, 4)),
+    ("orthogonal", {}, lambda: nn.Conv2d(2, 3, (4, 2))),
+    ("grassmannian", {}, lambda: nn.Linear(2, 5)),
+    ("grassmannian", {"triv": "cayley"}, lambda: nn.Linear(6, 2)),
+    ("grassmannian", {}, lambda: nn.Linear(3, 3)),
+    ("sphere", {}, lambda: nn.Linear(4, 3)),
+    ("sphere", {"radius": 2.0}, lambda: nn.Linear(4, 3)),
+    ("sphere", {"radius": 0.5, "embedded": True}, lambda: nn.Linear(4, 3)),
+    ("skew", {"lower": False}, lambda: nn.Linear(4, 4)),
+    ("symmetric", {}, lambda: nn.Linear(4, 4)),
+    ("almost_orthogonal", {"lam": 0.3}, lambda: nn.Linear(4, 4)),
+    ("almost_orthogonal", {"lam": 0.5, "f": "tanh", "triv": "cayley"}, lambda: nn.Linear(5, 5)),
+    ("almost_orthogonal", {"lam": 0.2, "f": "scaled_sigmoid"}, lambda: nn.Linear(3, 3)),
+    ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4)),
+    ("low_rank", {"tensor_name": "weight", "rank": 2, "triv": "cayley"}, lambda: nn.Linear(3, 7)),
+    ("low_rank", {"tensor_name": "weight", "rank": 1}, lambda: nn.Conv2d(4, 6, 3)),
+    ("fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 5)),
+    ("fixed_rank", {"tensor_name": "weight", "rank": 3}, lambda: nn.Linear(6, 4)),
+    ("invertible", {}, lambda: nn.Linear(4, 4)),
+    ("sln", {}, lambda: nn.Linear(4, 4)),
+    ("positive_definite", {}, lambda: nn.Linear(4, 4)),
+    ("positive_definite", {"triv": "cayley"}, lambda: nn.Linear(3, 3)),
+    ("positive_semidefinite", {}, lambda: nn.Linear(4, 4)),
+    ("positive_semidefinite_low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(4, 4)),
+    ("positive_semidefinite_fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 5)),
+    ("alpha_stable", {}, lambda: nn.Linear(4, 4)),
+    ("alpha_stable", {"alpha": 0.5}, lambda: nn.Linear(3, 3)),
+]
+
+
+def _input(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    if isinstance(m, nn.Conv2d):
+        return torch.randn(8, m.in_channels, 6, 6, generator=g, dtype=dtype)
+    return torch.randn(8, m.in_features, generator=g, dtype=dtype)
+
+
+def _trained(lib, name: str, kwargs: dict, make, dtype: torch.dtype, seed: int, steps: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    m = make().to(dtype)
+    getattr(lib, name)(m, **kwargs)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    x = _input(m, dtype)
+    for _ in range(steps):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    if lib is geotorch:  # every raw entry non-zero, also those GeoTorch's map ignores (training leaves them 0)
+        g = torch.Generator().manual_seed(seed + 7)
+        with torch.no_grad():
+            for t in m.parametrizations.weight.parameters():
+                t.add_(0.05 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return m
+
+
+def _reload(sd: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _atol(W: torch.Tensor) -> float:
+    scale = max(1.0, float(W.abs().max()))
+    return (2e-5 if W.dtype == torch.float32 else 1e-11) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_trained_geotorch_model_loads_with_its_weights(case, dtype):
+    name, kwargs, make = case
+    mg = _trained(geotorch, name, kwargs, make, dtype, seed=0)
+    sd = _reload(mg.state_dict())
+    keys = {k: v.clone() for k, v in sd.items()}
+    mf = _trained(gnn, name, kwargs, make, dtype, seed=1, steps=0)
+    mf.load_state_dict(sd)  # strict
+    with torch.no_grad():
+        Wg, Wf = mg.weight, mf.weight
+        x = _input(mg, dtype)
+        torch.testing.assert_close(Wf, Wg, atol=_atol(Wg), rtol=0)
+        torch.testing.assert_close(mf(x), mg(x), atol=10 * _atol(Wg), rtol=1e-5)
+        assert Wf.dtype == dtype
+    space = gnn.parametrization_of(mf).space
+    assert member(space, Wf)
+    # the checkpoint itself is left as it was
+    assert set(sd) == set(keys) and all(torch.equal(sd[k], keys[k]) for k in sd)
+    # and the model trains on from there, on its space
+    opt = torch.optim.Adam(mf.parameters(), lr=0.02)
+    x = _input(mf, dtype)
+    for _ in range(3):
+        opt.zero_grad()
+        mf(x).square().mean().backward()
+        opt.step()
+    with torch.no_grad():
+        assert member(space, mf.weight)
+        if not (name == "grassmannian" and Wf.shape[-1] == Wf.shape[-2]):  # Gr(n, n) is a point
+            assert not torch.allclose(mf.weight, Wf)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("orthogonal", "low_rank", "positive_definite",
+                                                                 "sphere", "alpha_stable")],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_float32_geotorch_checkpoint_loads_into_a_float64_model(case):
+    name, kwargs, make = case
+    mg = _trained(geotorch, name, kwargs, make, torch.float32, seed=0)
+    mf = _trained(gnn, name, kwargs, make, torch.float64, seed=1, steps=0)
+    mf.load_state_dict(_reload(mg.state_dict()))
+    with torch.no_grad():
+        Wf = mf.weight
+        assert Wf.dtype == torch.float64
+        torch.testing.assert_close(Wf, mg.weight.double(), atol=_atol(mg.weight), rtol=0)
+        # re-made valid in float64 (Note [Raw tensors across dtypes]), not left at float32's rounding
+        assert member(gnn.parametrization_of(mf).space, Wf)
+
+
+def test_the_class_api_registered_directly():
+    """GeoTorch's class API (``register_parametrization(layer, "weight", geotorch.X(size))``): the class
+    re-writes the raw tensor torch has just loaded."""
+    torch.manual_seed(0)
+    pairs = [
+        (lambda lib: lib.Stiefel((6, 3)), nn.Linear(3, 6)),
+        (lambda lib: lib.SO((4, 4), lower=False), nn.Linear(4, 4)),
+        (lambda lib: lib.SO((3, 3), triv="cayley"), nn.Linear(3, 3)),
+        (lambda lib: lib.LowRank((4, 5), 2), nn.Linear(5, 4)),
+        (lambda lib: lib.PSSDFixedRank((4, 4), 2), nn.Linear(4, 4)),
+        (lambda lib: lib.Sphere((3, 4), radius=3.0), nn.Linear(4, 3)),
+    ]
+    for make_cls, layer in pairs:
+        mg, mf = layer, nn.Linear(layer.in_features, layer.out_features)
+        Mg, Mf = make_cls(geotorch), make_cls(gnn)
+        for m, M in ((mg, Mg), (mf, Mf)):  # as GeoTorch's one-liners: a point first, then registration
+            with torch.no_grad():
+                m.weight.copy_(M.sample())
+            P.register_parametrization(m, "weight", M)
+        with torch.no_grad():
+            mg.parametrizations.weight.original.add_(0.1 * torch.randn_like(mg.parametrizations.weight.original))
+        mf.load_state_dict(_reload(mg.state_dict()))
+        with torch.no_grad():
+            torch.testing.assert_close(mf.weight, mg.weight, atol=_atol(mg.weight), rtol=0)
+            assert member(Mf.space, mf.weight)
+    # assign=True would replace the raw Parameter the class re-writes: refused, not a wrong point
+    with pytest.raises(gf.ManifoldError, match="assign=True"):
+        mf.load_state_dict(_reload(mg.state_dict()), assign=True)
+    # GeoTorch's Hurwitz class has three raw tensors, geofunc's one: registered directly, torch's key error
+    hg, hf = nn.Linear(3, 3), nn.Linear(3, 3)
+    for m, M in ((hg, geotorch.Hurwitz((3, 3))), (hf, gnn.Hurwitz((3, 3)))):
+        with torch.no_grad():
+            m.weight.copy_(M.sample())
+        P.register_parametrization(m, "weight", M)
+    with pytest.raises(RuntimeError, match="original0"):
+        hf.load_state_dict(hg.state_dict())
+
+
+def test_geotorch_readme_model_loads():
+    """GeoTorch's README model (orthogonal Linear, rank-1 Conv2d kernels): same outputs after loading."""
+
+    def model(lib):
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.linear = nn.Linear(64, 128)
+                lib.orthogonal(self.linear, "weight")
+                self.cnn = nn.Conv2d(16, 32, 3)
+                lib.low_rank(self.cnn, "weight", rank=1)
+
+            def forward(self, x, img):
+                return self.linear(x), self.cnn(img)
+
+        return Model()
+
+    torch.manual_seed(0)
+    mg = model(geotorch)
+    x, img = torch.randn(4, 64), torch.randn(2, 16, 8, 8)
+    opt = torch.optim.Adam(mg.parameters(), lr=1e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        sum(t.square().mean() for t in mg(x, img)).backward()
+        opt.step()
+    mf = model(gnn)
+    mf.load_state_dict(_reload(mg.state_dict()))
+    with torch.no_grad():
+        for a, b in zip(mf(x, img), mg(x, img)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert member(gf.Stiefel(), mf.linear.weight) and member(gf.LowRank(rank=1), mf.cnn.weight)
+
+
+def test_a_geofunc_checkpoint_is_not_taken_for_geotorchs():
+    """Same keys and shapes as GeoTorch's (a Sphere of radius 2): a geofunc checkpoint loads bit for bit."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    gnn.sphere(a, radius=2.0)
+    gnn.sphere(b, radius=2.0)
+    with torch.no_grad():
+        a.parametrizations.weight.original.add_(0.3)
+    sd = _reload(a.state_dict())
+    b.load_state_dict(sd)
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+
+
+def test_a_point_geofunc_cannot_represent_is_refused_naming_the_entries():
+    """GeoTorch's fixed rank reaches σ = 1e-6 (its softplus epsilon); geofunc's float32 chart stops at
+    √ε = 3.5e-4: a clear ManifoldError naming the checkpoint's entries, and the module is left as it was."""
+    torch.manual_seed(0)
+    mg, mf = nn.Linear(4, 5), nn.Linear(4, 5)
+    geotorch.fixed_rank(mg, "weight", rank=2)
+    gnn.fixed_rank(mf, "weight", rank=2)
+    with torch.no_grad():
+        original = mg.parametrizations.weight.original
+        original.diagonal()[1] = -30.0  # softplus(-30) + 1e-6 ≈ 1e-6
+        assert float(torch.linalg.svdvals(mg.weight)[1]) < 1e-5
+    before = {k: v.clone() for k, v in mf.state_dict().items()}
+    with pytest.raises(gf.ManifoldError, match=r"parametrizations\.weight\.original.*floor"):
+        mf.load_state_dict(mg.state_dict())
+    assert all(torch.equal(mf.state_dict()[k], v) for k, v in before.items())
+
+
+def test_assign_and_strict_false_load_geotorchs_points_too():
+    torch.manual_seed(0)
+    mg = _trained(geotorch, "low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4),
+                  torch.float32, seed=0)
+    for kwargs in ({"assign": True}, {"strict": False}):
+        mf = _trained(gnn, "low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(5, 4),
+                      torch.float32, seed=1, steps=0)
+        result = mf.load_state_dict(_reload(mg.state_dict()), **kwargs)
+        assert not result.missing_keys and not result.unexpected_keys
+        with torch.no_grad():
+            torch.testing.assert_close(mf.weight, mg.weight, atol=_atol(mg.weight), rtol=0)
+
+
+def test_hurwitz_keeps_the_saved_alpha_and_refuses_a_point_outside_its_own():
+    """GeoTorch's point is computed with the saved ``alpha``; loaded into a module whose bound is
+    stricter than the point's eigenvalues, it is refused (not moved)."""
+    mg = _trained(geotorch, "alpha_stable", {"alpha": 0.1}, lambda: nn.Linear(3, 3), torch.float64, seed=0)
+    mf = _trained(gnn, "alpha_stable", {"alpha": 0.1}, lambda: nn.Linear(3, 3), torch.float64, seed=1, steps=0)
+    mf.load_state_dict(mg.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(mf.weight, mg.weight, atol=1e-11, rtol=0)
+        top = float(torch.linalg.eigvals(mg.weight).real.max())
+    strict = _trained(gnn, "alpha_stable", {"alpha": -top + 1.0}, lambda: nn.Linear(3, 3), torch.float64, seed=1,
+                      steps=0)
+    with pytest.raises(gf.ManifoldError, match="GeoTorch"):
+        strict.load_state_dict(mg.state_dict())
+    assert math.isfinite(top)
