@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, make_fx_tracing, tracks_derivatives
 
 Tensor = torch.Tensor
 
@@ -336,6 +336,7 @@ def _poisoned(X: Tensor, B: Tensor, inplace: bool) -> Tensor:
 
 def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False) -> tuple[Tensor, dict]:
     """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only)."""
+    inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
     q = _Q[m]
     if pre is not None:
         t, Pt = pre
@@ -418,6 +419,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
 
     ``inplace`` accumulates into fresh buffers (only when no graph is being built).
     """
+    inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     for X in reversed(Xs):

@@ -22,6 +22,21 @@ _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
+# Note [Traced by make_fx]
+# torch.func.linearize traces the jvp with make_fx (a proxy dispatch mode over real tensors), then
+# folds the subgraphs that do not depend on the tangent into constants. Two things that are right in
+# eager mode go wrong there: a value read into Python (a degree choice, a check skipped below a
+# bound) from a tensor that depends on the traced input raises ("a tracing tensor"), and torch's
+# constant folding drops an in-place op whose result is unused (``X.diagonal().add_(1)``): the
+# exponential's I + B lost its I, and linearize gave tangents 20–130% off for 1×1 rank and PSD
+# points, silently. So while make_fx traces, the maps compute out of place and read no values
+# (as inside torch.compile).
+def make_fx_tracing() -> bool:
+    """Whether make_fx (``torch.func.linearize``, AOT tracing) is recording the ops (Note [Traced by
+    make_fx])."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+
+
 def eager_fast(*tensors: Optional[Tensor]) -> bool:
     """Whether ``tensors`` (None entries skipped) may take an eager fast path."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:

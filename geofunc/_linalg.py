@@ -17,7 +17,7 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, closed_form_node, derivative_mode, eager_fast
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, closed_form_node, derivative_mode, eager_fast, make_fx_tracing
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -584,7 +584,7 @@ def _trusted(X: Tensor, c: Tensor) -> Tensor:
     ``u·c² ≤ 1e-5`` (float32 c ≤ 13, float64 ≤ 3e5; the error there was ≤ 1e-5) the check is skipped:
     under vmap its ops cost 8–30% of a 64×16 chart. Inside torch.compile it always runs (no read;
     measured no slower)."""
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or make_fx_tracing()):
         u = _UNIT_ROUNDOFF.get(_real(X.dtype))
         cv = _values(c)
         if u is not None and type(cv) in _PLAIN_TYPES and cv.device.type != "meta":  # values to read

@@ -41,6 +41,7 @@ import torch
 
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index
+from .._fastpath import make_fx_tracing
 from .._fused import one_node
 from .._linalg import _randn, orthonormality_error, polar
 
@@ -68,7 +69,8 @@ def default_atol(dtype: torch.dtype, size: int = 1) -> float:
 def can_check(tree: Any) -> bool:
     """Whether the tensors of ``tree`` are concrete, so that a data-dependent check may run.
 
-    False inside ``torch.compile``, for ``torch.func`` wrapped tensors (``vmap``, ``grad``,
+    False inside ``torch.compile`` and while make_fx traces (``torch.func.linearize``: Note [Traced by
+    make_fx] in ``geofunc/_fastpath.py``), for ``torch.func`` wrapped tensors (``vmap``, ``grad``,
     ``jvp``, ...), for tensor subclasses that override ``__torch_dispatch__`` (FakeTensor,
     FunctionalTensor and the other subclasses tracers use: no values to read) and for ``meta``
     tensors, where reading a value would fail or break the trace. A subclass that only overrides
@@ -76,7 +78,7 @@ def can_check(tree: Any) -> bool:
     it is checked like a plain tensor (it used to skip the check, so ``from_manifold`` of an
     off-space point returned a raw tensor for another point without an error).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or make_fx_tracing():
         return False
     for leaf in optree.tree_leaves(tree, none_is_leaf=False):
         if isinstance(leaf, torch.Tensor):

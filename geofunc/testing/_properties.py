@@ -6,11 +6,12 @@ import contextlib
 import functools
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.utils._pytree as pytree
-from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, linearize, vmap
 
 from .._errors import ManifoldError, first_index
 from ._case import SpaceCase
@@ -912,6 +913,41 @@ def check_jacobians(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
         if not bool(torch.isfinite(Jf).all()):
             raise _fail(ctx, f"jacfwd of to_manifold at {name} is not finite")
         _close(Jf, Jr, 1e-9, ctx, f"jacfwd != jacrev of to_manifold at {name}")
+
+
+@_property
+def check_linearize(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """``torch.func.linearize`` gives ``jvp``'s value and tangent (float64): of ``to_manifold`` on the
+    case's first shape and the smoke shape, of ``retract(X, ·)`` and ``project`` on the smoke shape.
+    linearize traces the jvp with make_fx and folds the tangent-free part into constants, so a value
+    read into Python fails there and an in-place op whose result is unused is dropped (1×1 rank
+    charts' tangents were 20–130% off: Note [Traced by make_fx] in ``geofunc/_fastpath.py``)."""
+    _require_f64("linearize", dtype)
+    g = _gen(generator)
+    M = case.space
+    runs = []
+    for sh in dict.fromkeys([tuple(case.shapes[0]), tuple(case.smoke)]):
+        shape, X, base, Z = _smoke_inputs(case, g, sh)
+        runs.append((shape, "to_manifold", lambda z, base=base: M.to_manifold(z, base), Z))
+        if sh == tuple(case.smoke):
+            V = M.tangent(X, _randn(shape, f64, g))
+            runs.append((shape, "retract(X, ·)", lambda v, X=X: M.retract(X, v), V))
+            runs.append((shape, "project", M.project, X + 0.01 * _randn(shape, f64, g)))
+    for shape, name, fn, at in runs:
+        ctx = _ctx(case, shape, f64)
+        d = _randn(shape, f64, g)
+        value, tangent = jvp(fn, (at,), (d,))
+        try:
+            with warnings.catch_warnings():  # torch's own, from any linearize (torch 2.13)
+                warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node", UserWarning)
+                warnings.filterwarnings("ignore", ".*torch.jit.script.* is deprecated", DeprecationWarning)
+                lin_value, jfn = linearize(fn, at)
+                lin_tangent = jfn(d)
+        except Exception as e:  # noqa: BLE001 (any failure of the trace is the finding)
+            raise _fail(ctx, f"torch.func.linearize of {name} raised {type(e).__name__}: {e}") from None
+        tol = 1e-10 * max(1.0, float(tangent.abs().max()))
+        _close(lin_value, value, tol, ctx, f"linearize's value of {name} != the map's")
+        _close(lin_tangent, tangent, tol, ctx, f"linearize's tangent of {name} != jvp's")
 
 
 def _derivative_points(case: SpaceCase, Z: Tensor) -> list[tuple[str, Tensor]]:

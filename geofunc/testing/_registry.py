@@ -50,6 +50,7 @@ from ._properties import (
     check_hessian,
     check_jacobians,
     check_jvp_fd,
+    check_linearize,
     check_layouts,
     check_logabsdet,
     check_nan,
@@ -206,6 +207,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("jacobians", check_jacobians, float64_only=True, applies=lambda case: case.smooth,
              requires="case.smooth"),
     Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth, requires="case.smooth"),
+    Property("linearize", check_linearize, float64_only=True),
     Property("vmap_grad", check_vmap_grad, float64_only=True),
     Property("compile", check_compile),
     # compile_aot compiles the maps of compile_maps through Dynamo, then AOT autograd: a graph break
