@@ -29,6 +29,13 @@ OPTIMIZERS = {
     # Adam after clipping the Riemannian gradient's global norm (0.1: the random gradients are clipped)
     "radam-clip": lambda c: gf.optim.retract_and_transport(c, gf.optim.chain(
         gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.1), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))),
+    # no decay on the entry "b" (a callable mask: it fits every test's parameters)
+    "radamw-masked": lambda c: gf.optim.radamw(c, lr=0.05, weight_decay=0.1, mask=lambda p: {k: k != "b" for k in p}),
+    # parameter groups: clipped Adam on the constrained entries, momentum SGD on the free one
+    "multi": lambda c: gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.to_tangent(c), gf.optim.multi_transform(
+        {"geo": gf.optim.chain(gf.optim.clip_by_global_norm(c, 0.1), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05)),
+         "free": gf.optim.chain(gf.optim.trace(0.9), gf.optim.scale(-0.05))},
+        lambda p: {k: "free" if c.get(k) is None else "geo" for k in p}))),
 }
 
 
@@ -239,6 +246,95 @@ def test_radamw_equals_torch_adamw(kwargs, constrained, schedule, generator):
                        steps=15, lr_lambda=_warmup_cosine if schedule else None)
 
 
+@pytest.mark.parametrize("name, torch_cls, kwargs", [
+    ("rsgd", torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=0.2)),
+    ("radam", torch.optim.Adam, dict(lr=0.02, weight_decay=0.3)),
+    ("radamw", torch.optim.AdamW, dict(lr=0.02, weight_decay=0.3)),
+])
+@pytest.mark.parametrize("mask", ["tree", "callable", "prefix"])
+def test_a_weight_decay_mask_equals_torch_parameter_groups(name, torch_cls, kwargs, mask, generator):
+    """No decay on the bias, as ``torch.optim`` with two parameter groups (``weight_decay=0`` on the
+    second), step for step; a prefix mask covers a whole subtree."""
+    params, loss = _euclidean_problem(generator)
+    params = {"layer": {"w": params["w"]}, "b": params["b"]}
+
+    def nested_loss(p):
+        return loss({"w": p["layer"]["w"], "b": p["b"]})
+
+    m = {"tree": {"layer": {"w": True}, "b": False}, "callable": lambda p: {"layer": {"w": True}, "b": False},
+         "prefix": {"layer": True, "b": False}}[mask]
+    opt = getattr(gf.optim, name)({}, mask=m, **kwargs)
+    w, b = (t.clone().requires_grad_(True) for t in (params["layer"]["w"], params["b"]))
+    ref = torch_cls([{"params": [w]}, {"params": [b], "weight_decay": 0.0}], **kwargs)
+    p, state = params, opt.init(params)
+    for _ in range(15):
+        p, state = opt.update(grad(nested_loss)(p), state, p)
+        ref.zero_grad()
+        loss({"w": w, "b": b}).backward()
+        ref.step()
+        _tree_close(p, {"layer": {"w": w.detach()}, "b": b.detach()}, 1e-12)
+    unmasked = getattr(gf.optim, name)({}, **kwargs)
+    q, qs = params, unmasked.init(params)
+    r, rs = params, opt.init(params)
+    for _ in range(3):  # (Adam's first step is the gradient's sign: the same with and without the L2 term)
+        q, qs = unmasked.update(grad(nested_loss)(q), qs, q)
+        r, rs = opt.update(grad(nested_loss)(r), rs, r)
+    assert not torch.allclose(q["b"], r["b"]) and torch.equal(q["layer"]["w"], r["layer"]["w"])
+
+
+def test_multi_transform_equals_separate_optimizers_per_label(generator):
+    """Two labels, two optimizers: each label's entries move as that optimizer alone on them moves
+    them, its global norm clipped over its own entries only (the free entry's large gradient would
+    change the factor otherwise)."""
+    c = {"w": gf.Stiefel(), "v": gf.Sphere(), "b": None}
+    params = gf.sample(c, {"w": torch.empty(5, 2, dtype=F64), "v": torch.empty(4, dtype=F64),
+                           "b": torch.randn(3, dtype=F64, generator=generator)}, generator=generator)
+    T = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - T[k]) ** 2).sum() * (50.0 if k == "b" else 1.0) for k in p)
+
+    def geo(cc):
+        return gf.optim.chain(gf.optim.clip_by_global_norm(cc, 0.3), gf.optim.scale_by_adam(cc), gf.optim.scale(-0.05))
+
+    def free():
+        return gf.optim.chain(gf.optim.trace(0.9), gf.optim.scale(-0.01))
+
+    opt = gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.to_tangent(c), gf.optim.multi_transform(
+        {"geo": geo(c), "free": free(), "unused": gf.optim.scale(0.0)}, {"w": "geo", "v": "geo", "b": "free"})))
+    cg = {"w": c["w"], "v": c["v"]}
+    opt_g = gf.optim.retract_and_transport(cg, gf.optim.chain(gf.optim.to_tangent(cg), geo(cg)))
+    opt_f = gf.optim.retract_and_transport({}, free())
+    p, state = params, opt.init(params)
+    pg, sg = {k: params[k] for k in cg}, opt_g.init({k: params[k] for k in cg})
+    pf, sf = {"b": params["b"]}, opt_f.init({"b": params["b"]})
+    for _ in range(10):
+        g = grad(loss)(p)
+        p, state = opt.update(g, state, p)
+        pg, sg = opt_g.update({k: g[k] for k in cg}, sg, pg)
+        pf, sf = opt_f.update({"b": g["b"]}, sf, pf)
+        _tree_close(p, {**pg, **pf}, 1e-12)
+    assert set(state[1]) == {"geo", "free", "unused"}
+    assert member(c["w"], p["w"]) and member(c["v"], p["v"])
+
+
+def test_masks_and_labels_are_checked():
+    c = {"w": gf.Sphere(), "b": None}
+    params = {"w": gf.Sphere().sample((3,), dtype=F64), "b": torch.zeros(2, dtype=F64)}
+    grads = {"w": torch.ones(3, dtype=F64), "b": torch.ones(2, dtype=F64)}
+    bad = [
+        (gf.optim.radamw(c, lr=0.1, mask={"w": 1, "b": False}), "Python bools"),
+        (gf.optim.radamw(c, lr=0.1, mask={"w": True}), "structure of the parameters"),
+        (gf.optim.retract_and_transport(c, gf.optim.multi_transform({"a": gf.optim.scale(-0.1)}, {"w": "a", "b": "z"})),
+         "keys of `transforms`"),
+    ]
+    for opt, match in bad:
+        with pytest.raises(gf.ManifoldError, match=match):
+            opt.update(grads, opt.init(params), params)
+    with pytest.raises(gf.ManifoldError, match="non-empty dict"):
+        gf.optim.multi_transform({}, {"w": "a"})
+
+
 def test_radamw_decay_is_the_riemannian_gradient_of_the_squared_norm(generator):
     """With zero gradients only the decoupled decay moves a point: by (1 − ηλ) X where X is a
     tangent vector at itself (PSD, GLp, LowRank: the open and rank spaces), not at all where the norm
@@ -367,10 +463,11 @@ def test_update_under_vmap_equals_loop(name, generator):
 
 
 @needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
-@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule", "radam-clip"])
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule", "radam-clip", "multi"])
 def test_update_compiles_fullgraph(name, generator):
     c, params, S, f = _batch_problem(generator, B=2)
     opt = OPTIMIZERS[name](c)
+    torch._dynamo.reset()  # every optimizer's update is the same code object: one compile each, not 8 per process
     step = torch.compile(opt.update, fullgraph=True, backend="aot_eager")
     state_c = state_e = opt.init(params)
     p_c = p_e = params

@@ -18,6 +18,7 @@ def rsgd(
     dampening: float = 0.0,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    mask: Any = None,
 ) -> Optimizer:
     r"""Riemannian SGD with momentum; ``torch.optim.SGD`` on unconstrained entries, step for step.
 
@@ -39,13 +40,17 @@ def rsgd(
     ``lr(t)``, as ``torch.optim.SGD(lr=base)`` stepped with ``LambdaLR(opt, f)`` uses
     ``base * f(t)`` (:func:`~geofunc.optim.scale_by_schedule`; the count is in the state).
 
+    ``mask``: the entries that ``weight_decay`` applies to (a pytree of bools with the structure of
+    the parameters or a prefix of it, or a callable of the parameters; default all), as a parameter
+    group with ``weight_decay=0`` for the others (:func:`~geofunc.optim.masked`).
+
     Example::
 
         >>> opt = gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.9)
         >>> state = opt.init(params)
         >>> params, state = opt.update(grads, state, params)
     """
-    parts = [add_decayed_weights(weight_decay), to_tangent(constraints)]
+    parts = [add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints)]
     if momentum != 0.0:
         parts.append(trace(momentum, dampening, nesterov))
     parts.append(scale_by_learning_rate(lr))
@@ -58,6 +63,7 @@ def radam(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    mask: Any = None,
 ) -> Optimizer:
     r"""Riemannian Adam (Bécigneul & Ganea, 2019); ``torch.optim.Adam`` on unconstrained entries.
 
@@ -65,7 +71,8 @@ def radam(
     :func:`~geofunc.optim.scale_by_adam` (second moment: one squared norm per point on
     constrained entries, elementwise elsewhere), :math:`X_{t+1} = R_{X_t}(-\eta\, u_t)` and
     the first moment is projected onto the tangent space at :math:`X_{t+1}`.
-    ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, as in :func:`rsgd`.
+    ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, and ``mask`` selects the
+    entries that ``weight_decay`` applies to, as in :func:`rsgd`.
 
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
@@ -74,7 +81,7 @@ def radam(
     b1, b2 = betas
     return retract_and_transport(
         constraints,
-        chain(add_decayed_weights(weight_decay), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
+        chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
               scale_by_learning_rate(lr)),
     )
 
@@ -85,6 +92,7 @@ def radamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
+    mask: Any = None,
 ) -> Optimizer:
     r"""Riemannian Adam with decoupled weight decay; ``torch.optim.AdamW`` on unconstrained entries.
 
@@ -96,6 +104,8 @@ def radamw(
     :math:`X (1 - \eta\lambda) - \eta u_t` (Loshchilov & Hutter); zero where the norm is constant
     on the space (``Stiefel``, ``SO``, ``Sphere``); a shrinking tangent step elsewhere (``PSD``,
     ``LowRank``, ``GLp``). ``weight_decay`` defaults to AdamW's 0.01. ``lr`` as in :func:`rsgd`.
+    ``mask``: the entries that decay (default all; e.g. ``lambda p: {k: not k.endswith("bias") for k in p}``
+    for no decay on biases, as AdamW with two parameter groups), as in :func:`rsgd`.
 
     References:
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -104,5 +114,5 @@ def radamw(
     return retract_and_transport(
         constraints,
         chain(to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
-              add_decayed_weights(weight_decay, constraints), scale_by_learning_rate(lr)),
+              add_decayed_weights(weight_decay, constraints, mask), scale_by_learning_rate(lr)),
     )

@@ -27,6 +27,8 @@ __all__ = [
     "ScaleByScheduleState",
     "scale_by_schedule",
     "clip_by_global_norm",
+    "masked",
+    "multi_transform",
 ]
 
 Tensor = torch.Tensor
@@ -47,7 +49,7 @@ def _count() -> Tensor:
     return torch.zeros((), dtype=torch.int64)
 
 
-def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None) -> TangentTransform:
+def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None, mask: Any = None) -> TangentTransform:
     """``G + weight_decay · X``: the gradient of the penalty ``(weight_decay / 2) ‖X‖²`` added.
 
     Without ``constraints`` the term is ambient (L2 regularization of the Euclidean gradient, as
@@ -56,7 +58,13 @@ def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None) -> T
     constrained entries (a tangent vector: zero where ``‖X‖`` is constant, as on ``Stiefel`` or
     ``Sphere``), the ambient term elsewhere: place it after :func:`scale_by_adam` for decoupled
     weight decay (:func:`radamw`).
+
+    ``mask``: which entries decay (:func:`masked`: a pytree of bools with the structure of the
+    parameters, or a prefix of it, or a callable ``mask(params)`` returning one); the others pass
+    unchanged, as ``torch.optim``'s parameter groups with ``weight_decay=0`` (biases, norms).
     """
+    if mask is not None:
+        return masked(add_decayed_weights(weight_decay, constraints), mask)
 
     def init(params: Params) -> EmptyState:
         del params
@@ -326,3 +334,102 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
         return _map(lambda v: v * coef, vectors), state
 
     return TangentTransform(init, update, keep_state)
+
+
+# Note [Masks and labels]
+# torch.optim chooses per parameter through parameter groups (no weight decay on biases and norms, a
+# smaller rate for a constrained layer); optax through masked and multi_transform, which geofunc.optim
+# follows. A mask (labels) is a pytree of Python bools (labels) with the parameters' structure, or a
+# prefix of it (one value for a whole subtree), or a callable of the parameters that returns one:
+# static values, so the choice is made once per trace (vmap, torch.compile) and never reads a tensor.
+# The inner transform sees every entry, with the vectors of the entries it does not own set to zero:
+# what couples entries (clip_by_global_norm's norm) then sees only its own, and a state keeps the
+# parameters' structure (its entries of the others are never used), so transport, vmap and checkpoints
+# need nothing new. The entries it does not own get the vectors unchanged (masked) or another
+# transform's (multi_transform).
+def _broadcast(prefix: Any, params: Params, what: str, ok: Callable[[Any], bool], expected: str) -> Any:
+    """``prefix`` (or ``prefix(params)``) broadcast to the structure of ``params``, its leaves checked by
+    ``ok``. Only ``tree_map`` (no tree specs as values: Dynamo cannot hold them), so it traces."""
+    tree = prefix(params) if callable(prefix) else prefix
+
+    def leaf(value: Any, sub: Any) -> Any:
+        if not ok(value):
+            raise ManifoldError(f"{what}: expected leaves that are {expected}, got {value!r}.")
+        return optree.tree_map(lambda _: value, sub, none_is_leaf=False)
+
+    try:
+        return optree.tree_map(leaf, tree, params, none_is_leaf=False)
+    except ManifoldError:
+        raise
+    except ValueError:
+        raise ManifoldError(f"{what}: expected a tree with the structure of the parameters or a prefix of it, got "
+                            f"{optree.tree_structure(tree, none_is_leaf=False)} for parameters "
+                            f"{optree.tree_structure(params, none_is_leaf=False)}.") from None
+
+
+def _own(vectors: Vectors, owned: Any) -> Vectors:
+    """``vectors`` with the entries not ``owned`` set to zero."""
+    return _map(lambda v, o: v if o else torch.zeros_like(v), vectors, owned)
+
+
+def masked(inner: TangentTransform, mask: Any) -> TangentTransform:
+    """Apply ``inner`` to the entries where ``mask`` is True; the others pass unchanged (optax's ``masked``).
+
+    ``mask``: a pytree of Python bools with the structure of the parameters or a prefix of it
+    (``{"encoder": True, "bias": False}``), or a callable ``mask(params)`` returning one. ``inner``
+    sees the others' vectors as zero, so what it couples across entries (a global norm) is over the
+    masked ones only; its state has the parameters' structure (Note [Masks and labels]).
+
+    Example::
+
+        >>> no_decay_on_biases = lambda p: {k: not k.endswith("bias") for k in p}
+        >>> decay = gf.optim.masked(gf.optim.add_decayed_weights(1e-2, c), no_decay_on_biases)
+    """
+
+    def update(vectors: Vectors, state: Any, params: Params) -> tuple[Vectors, Any]:
+        m = _broadcast(mask, params, "masked: `mask`", lambda v: isinstance(v, bool), "Python bools")
+        out, state = inner.update(_own(vectors, m), state, params)
+        return _map(lambda o, v, keep: o if keep else v, out, vectors, m), state
+
+    return TangentTransform(inner.init, update, inner.transport)
+
+
+def multi_transform(transforms: dict[Any, TangentTransform], labels: Any) -> TangentTransform:
+    """Each entry moved by the transform of its label (optax's ``multi_transform``; ``torch.optim``'s
+    parameter groups).
+
+    ``labels``: a pytree of labels (keys of ``transforms``) with the structure of the parameters or a
+    prefix of it, or a callable ``labels(params)`` returning one. Each transform sees the vectors of
+    the entries of other labels as zero (a global norm is its own label's) and keeps its state, a
+    dict by label (Note [Masks and labels]). A label without entries is allowed; an entry whose
+    label has no transform raises ``ManifoldError``.
+
+    Example::
+
+        >>> c = {"w": gf.Stiefel(), "b": None}
+        >>> opt = gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.to_tangent(c), gf.optim.multi_transform(
+        ...     {"frame": gf.optim.chain(gf.optim.scale_by_adam(c), gf.optim.scale(-1e-2)),
+        ...      "free": gf.optim.chain(gf.optim.trace(0.9), gf.optim.scale(-1e-3))},
+        ...     {"w": "frame", "b": "free"})))
+    """
+    if not isinstance(transforms, dict) or not transforms:
+        raise ManifoldError(f"multi_transform: expected a non-empty dict of transforms by label, got {transforms!r}.")
+    keys = list(transforms)
+
+    def init(params: Params) -> dict:
+        return {k: transforms[k].init(params) for k in keys}
+
+    def update(vectors: Vectors, state: dict, params: Params) -> tuple[Vectors, dict]:
+        lab = _broadcast(labels, params, "multi_transform: `labels`", lambda v: v in transforms,
+                         f"keys of `transforms` ({', '.join(map(repr, keys))})")
+        out, new = vectors, {}
+        for k in keys:
+            owned = _map(lambda v, k=k: v == k, lab)
+            vk, new[k] = transforms[k].update(_own(vectors, owned), state[k], params)
+            out = _map(lambda o, v, own: v if own else o, out, vk, owned)
+        return out, new
+
+    def transport(state: dict, move: Move) -> dict:
+        return {k: transforms[k].transport(state[k], move) for k in keys}
+
+    return TangentTransform(init, update, transport)
