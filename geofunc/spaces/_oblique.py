@@ -8,7 +8,7 @@ from typing import ClassVar, final
 import torch
 
 from ._base import AbstractSpace
-from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_tangent
+from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_dist, sphere_expmap, sphere_logmap, sphere_tangent
 
 __all__ = ["Oblique"]
 
@@ -97,6 +97,23 @@ class Oblique(AbstractSpace):
         """The columns of ``X + V`` normalized."""
         self._check_pair(X, V, "V")
         return _columns(normalize(_columns(X + V), 1.0))
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """Each column along its great circle (:meth:`Sphere.expmap <geofunc.Sphere.expmap>`): the
+        product manifold's exponential map."""
+        self._check_pair(X, V, "V")
+        return _columns(sphere_expmap(_columns(X), _columns(V), 1.0))
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """Each column's logarithm (:meth:`Sphere.logmap <geofunc.Sphere.logmap>`; NaN in a column
+        where ``Y``'s is ``−X``'s)."""
+        self._check_pair(X, Y, "Y")
+        return _columns(sphere_logmap(_columns(X), _columns(Y), 1.0))
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``√(Σ_j θ_j²)`` over the columns' great-circle distances ``θ_j`` (the product metric), batch-shaped."""
+        self._check_pair(X, Y, "Y")
+        return torch.linalg.vector_norm(sphere_dist(_columns(X), _columns(Y), 1.0), dim=-1)
 
     def project(self, Y: Tensor) -> Tensor:
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""

@@ -238,6 +238,43 @@ def sphere_tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
     return G - _dot(G, X) * X
 
 
+# Note [the sphere's geodesics]
+# On the sphere of radius r the geodesics are great circles, in closed form: with x̂ = x/r,
+# Exp_x(v) = r (cos θ x̂ + sinc θ v̂), v̂ = P_x̂ v / r, θ = ‖v̂‖: the exponential chart itself
+# (_exp_chart with Z = v/r at U = x̂: smooth at v = 0, safe at every scale, one node in eager mode).
+# dist(x, y) = 2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖), accurate for every angle (arccos⟨x̂, ŷ⟩ loses half the
+# digits near 0 and π) and symmetric. Log_x(y) = r (θ / sin θ) P_x̂ ŷ, with P_x̂ ŷ formed from
+# ŷ − x̂ (or ŷ + x̂ past the right angle: P_x̂ x̂ = 0), so that no O(1) terms cancel; sin θ = ‖P_x̂ ŷ‖.
+# At y = x it is 0 (θ/sin θ → 1); at the antipode no geodesic is the shortest: NaN, never a
+# plausible vector. The vector transport stays the projection (geoopt's Sphere; what rsgd and
+# radam carry their moments with), not the parallel transport along the great circle.
+def sphere_dist(X: Tensor, Y: Tensor, r: float) -> Tensor:
+    """``2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖)`` along the last dim, batch-shaped (Note [the sphere's geodesics])."""
+    x, y = _unit_base(X, r), _unit_base(Y, r)
+    n = torch.linalg.vector_norm
+    return 2.0 * r * torch.atan2(n(y - x, dim=-1), n(y + x, dim=-1))
+
+
+def sphere_expmap(X: Tensor, V: Tensor, r: float) -> Tensor:
+    """``r (cos θ x̂ + sinc θ v̂)`` along the last dim (Note [the sphere's geodesics])."""
+    return _exp_chart(V if r == 1.0 else V / r, _unit_base(X, r), r)
+
+
+def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
+    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
+    x, y = _unit_base(X, r), _unit_base(Y, r)
+    n = torch.linalg.vector_norm
+    d, e = y - x, y + x
+    near = _dot(x, y) >= 0
+    w = torch.where(near, d, e)
+    w = w - _dot(x, w) * x  # P_x̂ ŷ
+    theta = 2.0 * torch.atan2(n(d, dim=-1, keepdim=True), n(e, dim=-1, keepdim=True))
+    s = n(w, dim=-1, keepdim=True)
+    ratio = torch.where(s > 0, theta / torch.where(s > 0, s, torch.ones_like(s)),
+                        torch.where(near, torch.ones_like(s), torch.full_like(s, float("nan"))))
+    return (r * ratio) * w
+
+
 def validate_radius(space: Any) -> None:
     """``radius`` must be a finite real number > 0; stored as a float (a hyperparameter, normalized)."""
     r = space.radius
@@ -276,6 +313,23 @@ class RadiusSphere(AbstractSpace):
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
         return normalize(Y, self.radius)
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """The great circle from ``X`` along ``V``: ``r (cos θ x̂ + sinc θ v̂)``, ``x̂ = X/r``,
+        ``v̂ = P_x̂ V / r``, ``θ = ‖v̂‖`` (Note [the sphere's geodesics])."""
+        self._check_pair(X, V, "V")
+        return sphere_expmap(X, V, self.radius)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The inverse of :meth:`expmap`: ``r (θ / sin θ) P_x̂ ŷ``, ``θ = dist(X, Y)/r``; NaN where ``Y = −X``
+        (no shortest geodesic)."""
+        self._check_pair(X, Y, "Y")
+        return sphere_logmap(X, Y, self.radius)
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The great-circle distance ``2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖)``, batch-shaped."""
+        self._check_pair(X, Y, "Y")
+        return sphere_dist(X, Y, self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         # ‖x/r‖ rather than ‖x‖/r: ‖x‖ of a valid point overflows float32 for r ≳ 1e19.
