@@ -1,0 +1,154 @@
+"""geofunc against geoopt 0.5 where the two define the same space (docs/guide/migration-geoopt.md):
+the maps, the optimizers step for step, and the page's before/after program. float64, to rounding.
+(The hyperbolic spaces' maps: tests/test_hyperbolic.py; the sphere's geodesics:
+tests/test_sphere_geodesics.py.)"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+import pytest
+import torch
+from torch.func import grad
+
+import geofunc as gf
+
+geoopt = pytest.importorskip("geoopt", reason="the parity tests need geoopt (pip install -e .[bench])")
+# geoopt compiles some of its functions with torch.jit.script on first use, which torch 2.13 deprecates
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+F64 = torch.float64
+PAGE = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "guide" / "migration-geoopt.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", PAGE, re.S)
+TOL = 1e-12
+
+
+def test_the_pages_program_before_and_after_gives_the_same_points():
+    assert len(BLOCKS) == 2 and "geoopt" in BLOCKS[0] and "geoopt" not in BLOCKS[1]
+    results = []
+    for i, block in enumerate(BLOCKS):
+        namespace: dict = {"__name__": f"geoopt_migration_block{i}"}
+        exec(compile(block, f"docs/guide/migration-geoopt.md block {i}", "exec"), namespace)
+        results.append(namespace["result"])
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], atol=TOL, rtol=0)
+    assert gf.Stiefel().contains(results[1]["W"]) and gf.Sphere().contains(results[1]["s"])
+
+
+MAPS = [  # (geofunc space, geoopt manifold, shape)
+    (gf.Stiefel(), geoopt.EuclideanStiefel(), (6, 3)),
+    (gf.Stiefel(), geoopt.EuclideanStiefel(), (2, 5, 5)),
+    (gf.Sphere(), geoopt.Sphere(), (3, 5)),
+    (gf.Rn(), geoopt.Euclidean(ndim=0), (4,)),
+]
+
+
+@pytest.mark.parametrize("space, manifold, shape", MAPS, ids=lambda v: getattr(v, "__name__", None) or str(v))
+def test_the_maps_equal_geoopts(space, manifold, shape, generator):
+    X = space.sample(shape, generator=generator, dtype=F64)
+    G = torch.randn(shape, generator=generator, dtype=F64)
+    U = space.tangent(X, torch.randn(shape, generator=generator, dtype=F64))
+    V = space.tangent(X, torch.randn(shape, generator=generator, dtype=F64))
+    Y = space.retract(X, 0.3 * U)
+    pairs = {
+        "project": (space.project(X + 0.1 * G), manifold.projx(X + 0.1 * G)),
+        "tangent": (space.tangent(X, G), manifold.proju(X, G)),
+        "egrad_to_rgrad": (space.egrad_to_rgrad(X, G), manifold.egrad2rgrad(X, G)),
+        "retract": (space.retract(X, 0.3 * U), manifold.retr(X, 0.3 * U)),
+        "transport": (space.transport(X, Y, V), manifold.transp(X, Y, V)),
+        "inner": (space.inner(X, U, V), manifold.inner(X, U, V)),
+    }
+    for name, (ours, theirs) in pairs.items():
+        torch.testing.assert_close(ours, theirs.reshape(ours.shape), atol=TOL, rtol=0, msg=name)
+
+
+def test_the_other_shared_maps(generator):
+    """PSD's projection is the SPD manifold's near the cone (their metrics differ; on an indefinite
+    matrix geoopt's reflects the negative eigenvalues, ``|λ|``, where the nearest point clamps them);
+    Birkhoff's Riemannian gradient is the Birkhoff polytope's."""
+    P = gf.PSD().sample((4, 4), generator=generator, dtype=F64)
+    Y = P + 0.01 * torch.randn(4, 4, generator=generator, dtype=F64)  # not symmetric
+    torch.testing.assert_close(gf.PSD().project(Y), geoopt.SymmetricPositiveDefinite().projx(Y), atol=1e-10, rtol=0)
+    D = torch.diag(torch.tensor([-1.0, 2.0], dtype=F64))
+    torch.testing.assert_close(geoopt.SymmetricPositiveDefinite().projx(D), D.abs())
+    assert float(gf.PSD().project(D)[0, 0]) < 1e-7  # the nearest point of the open cone: the floor
+    B = gf.Birkhoff()
+    X = B.sample((4, 4), generator=generator, dtype=F64)
+    G = torch.randn(4, 4, generator=generator, dtype=F64)
+    torch.testing.assert_close(B.egrad_to_rgrad(X, G), geoopt.BirkhoffPolytope().egrad2rgrad(X, G), atol=TOL, rtol=0)
+
+
+def _race(constraints, manifolds, params, loss, ours, theirs, steps=25, state=None):
+    p, s = params, (ours.init(params) if state is None else state)
+    P = {k: geoopt.ManifoldParameter(v.clone(), manifold=manifolds[k]) for k, v in params.items()}
+    opt = theirs(list(P.values()))
+    for _ in range(steps):
+        p, s = ours.update(grad(loss)(p), s, p)
+        opt.zero_grad()
+        loss(P).backward()
+        opt.step()
+        for k in p:
+            torch.testing.assert_close(p[k], P[k].detach(), atol=TOL, rtol=0)
+
+
+def _mixed(generator):
+    c = {"w": gf.Stiefel(), "s": gf.Sphere(), "b": None}
+    params = gf.sample(c, {"w": torch.empty(6, 3, dtype=F64), "s": torch.empty(2, 4, dtype=F64),
+                           "b": torch.randn(3, generator=generator, dtype=F64)}, generator=generator)
+    T = {k: torch.randn(v.shape, generator=generator, dtype=F64) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - T[k]) ** 2).sum() + torch.sin(3 * p[k]).sum() for k in p)
+
+    return c, {"w": geoopt.EuclideanStiefel(), "s": geoopt.Sphere(), "b": geoopt.Euclidean()}, params, loss
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)])
+def test_radam_equals_riemannian_adam(kwargs, generator):
+    c, m, params, loss = _mixed(generator)
+    _race(c, m, params, loss, gf.optim.radam(c, **kwargs), lambda ps: geoopt.optim.RiemannianAdam(ps, **kwargs))
+
+
+def test_rsgd_equals_riemannian_sgd(generator):
+    c, m, params, loss = _mixed(generator)
+    kwargs = dict(lr=0.03, weight_decay=0.05)
+    _race(c, m, params, loss, gf.optim.rsgd(c, **kwargs), lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_rsgd_momentum_differs_from_geoopts_only_by_its_first_buffer(nesterov, generator):
+    """geoopt starts the momentum buffer at the raw Euclidean gradient (torch at the first gradient):
+    with that initial buffer the two are equal step for step (the migration page's note)."""
+    c, m, params, loss = _mixed(generator)
+    kwargs = dict(lr=0.02, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    opt = gf.optim.rsgd(c, **kwargs)
+    state = opt.init(params)
+    trace = state[2]
+    assert isinstance(trace, gf.optim.TraceState)
+    state = (*state[:2], trace._replace(trace=grad(loss)(params)), *state[3:])
+    _race(c, m, params, loss, opt, lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs), state=state)
+    with pytest.raises(AssertionError):  # from the optimizer's own initial state they differ
+        _race(c, m, params, loss, opt, lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs))
+
+
+@pytest.mark.parametrize("name", ["poincare", "lorentz"])
+@pytest.mark.parametrize("optimizer", ["rsgd", "radam"])
+def test_hyperbolic_optimizers_equal_geoopts(name, optimizer, generator):
+    """geofunc's retraction on the hyperbolic spaces is the exponential map: geoopt's
+    ``PoincareBallExact`` (and ``Lorentz``, whose retraction is its exponential map)."""
+    if name == "poincare":
+        space, manifold = gf.PoincareBall(), geoopt.PoincareBallExact(c=torch.tensor(1.0, dtype=F64))
+        X = 0.3 * space.sample((5, 3), generator=generator, dtype=F64)
+    else:
+        space, manifold = gf.Lorentz(), geoopt.Lorentz(k=torch.tensor(1.0, dtype=F64))
+        X = space.sample((5, 3), generator=generator, dtype=F64)
+    T = 0.2 * torch.randn(X.shape, generator=generator, dtype=F64)
+
+    def loss(p):
+        return ((p["h"] - T) ** 2).sum()
+
+    kwargs = dict(lr=0.05)
+    ours = getattr(gf.optim, optimizer)({"h": space}, **kwargs)
+    theirs = {"rsgd": geoopt.optim.RiemannianSGD, "radam": geoopt.optim.RiemannianAdam}[optimizer]
+    _race({"h": space}, {"h": manifold}, {"h": X}, loss, ours, lambda ps: theirs(ps, **kwargs), steps=10)
