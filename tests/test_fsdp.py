@@ -304,7 +304,8 @@ def _optimizers_on_dtensors() -> dict:
         gf.optim.scale_by_adam(constraints), gf.optim.scale(-0.1)))
     for name, opt in [("rsgd", gf.optim.rsgd(constraints, 0.1, momentum=0.9)), ("radam", gf.optim.radam(constraints, 0.1)),
                       ("rsgd-schedule", gf.optim.rsgd(constraints, lambda n: 0.1 * (n + 1) / 2, momentum=0.9)),
-                      ("radamw", gf.optim.radamw(constraints, 0.1, weight_decay=0.1)), ("radam-clip", clipped)]:
+                      ("radamw", gf.optim.radamw(constraints, 0.1, weight_decay=0.1)), ("radam-clip", clipped),
+                      ("radam-finite", gf.optim.apply_if_finite(gf.optim.radam(constraints, 0.1), 2))]:
         p, state = dict(params), opt.init(params)
         pd = {k: d(v) for k, v in params.items()}
         state_d = opt.init(pd)
@@ -600,16 +601,18 @@ def test_fsdp_train_example_under_torchrun():
 
 
 def test_riemannian_optimizers_on_dtensors(results):
-    """rsgd and radam (also with a schedule, radamw and a clip) on DTensors equal the plain steps; the
+    """rsgd and radam (also with a schedule, radamw, a clip and apply_if_finite) on DTensors equal the plain steps; the
     row-sharded frame costs only k×k all-reduces (per step: egrad_to_rgrad 1, retract 2, transport 1,
     and radam's inner 1), the batch-sharded spheres nothing but the clip's one global sum."""
     for r in results:
         for name, o in r["optimizers"].items():
             assert o["error"] <= 1e-6, (name, o)
-            want = {"rsgd": 8, "radam": 10, "rsgd-schedule": 8, "radamw": 12, "radam-clip": 12}[name]
+            want = {"rsgd": 8, "radam": 10, "rsgd-schedule": 8, "radamw": 12, "radam-clip": 12, "radam-finite": 10}[name]
             # radamw: the decay's egrad_to_rgrad, 1 more per step; the clip: the frame's inner (1 per
-            # step) and the global norm's sum over the sharded spheres (a Partial reduced once per step)
-            extra = {"c10d_functional.all_reduce": 2} if name == "radam-clip" else {}
+            # step) and the global norm's sum over the sharded spheres (a Partial reduced once per step);
+            # apply_if_finite: radam's, and the finiteness flags of the sharded tensors (3 scalars a step)
+            extra = {"radam-clip": {"c10d_functional.all_reduce": 2},
+                     "radam-finite": {"c10d_functional.all_reduce": 6}}.get(name, {})
             assert o["collectives"] == {"c10d.allreduce_": want, **extra}, (name, o)
 
 

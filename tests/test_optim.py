@@ -29,6 +29,8 @@ OPTIMIZERS = {
     # Adam after clipping the Riemannian gradient's global norm (0.1: the random gradients are clipped)
     "radam-clip": lambda c: gf.optim.retract_and_transport(c, gf.optim.chain(
         gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.1), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))),
+    # skips non-finite steps (the tests' gradients are finite: it must then be radam itself)
+    "radam-finite": lambda c: gf.optim.apply_if_finite(gf.optim.radam(c, lr=0.05), max_consecutive_errors=2),
     # no decay on the entry "b" (a callable mask: it fits every test's parameters)
     "radamw-masked": lambda c: gf.optim.radamw(c, lr=0.05, weight_decay=0.1, mask=lambda p: {k: k != "b" for k in p}),
     # parameter groups: clipped Adam on the constrained entries, momentum SGD on the free one
@@ -318,6 +320,71 @@ def test_multi_transform_equals_separate_optimizers_per_label(generator):
     assert member(c["w"], p["w"]) and member(c["v"], p["v"])
 
 
+def _finite_problem(generator):
+    c = {"q": gf.SO(), "s": gf.Sphere(), "b": None}
+    params = gf.sample(c, {"q": torch.empty(3, 3, dtype=F64), "s": torch.empty(4, dtype=F64),
+                           "b": torch.randn(2, dtype=F64, generator=generator)}, generator=generator)
+    T = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - T[k]) ** 2).sum() for k in p)
+
+    return c, params, loss
+
+
+def _poison(g, what):
+    return {**g, "s": g["s"] * torch.tensor(float(what), dtype=F64)}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_apply_if_finite_skips_a_non_finite_step_and_goes_on_as_without_it(bad, generator):
+    c, params, loss = _finite_problem(generator)
+    opt = gf.optim.apply_if_finite(gf.optim.radam(c, lr=0.05), max_consecutive_errors=3)
+    ref = gf.optim.radam(c, lr=0.05)
+    p, s = params, opt.init(params)
+    q, r = params, ref.init(params)
+    for step in range(8):
+        g = grad(loss)(p)
+        if step in (2, 5):  # a NaN/inf gradient in one entry: the whole step is dropped
+            p2, s2 = opt.update(_poison(g, bad), s, p)
+            assert all(torch.equal(p2[k], p[k]) for k in p)
+            assert not bool(s2.last_finite) and int(s2.notfinite_count) == 1
+            for a, b in zip(optree.tree_leaves(s2.inner_state), optree.tree_leaves(s.inner_state)):
+                assert torch.equal(a, b)
+            p, s = p2, s2
+            continue
+        p, s = opt.update(g, s, p)
+        q, r = ref.update(grad(loss)(q), r, q)
+        _tree_close(p, q, 0.0)
+        assert bool(s.last_finite) and int(s.notfinite_count) == 0
+    assert int(s.total_notfinite) == 2
+    assert member(c["q"], p["q"]) and member(c["s"], p["s"])
+
+
+def test_apply_if_finite_applies_after_too_many_consecutive_errors(generator):
+    c, params, loss = _finite_problem(generator)
+    opt = gf.optim.apply_if_finite(gf.optim.rsgd(c, lr=0.05), max_consecutive_errors=2)
+    p, s = params, opt.init(params)
+    for i in range(2):
+        p, s = opt.update(_poison(grad(loss)(p), "nan"), s, p)
+        assert torch.isfinite(p["s"]).all() and int(s.notfinite_count) == i + 1
+    p, s = opt.update(_poison(grad(loss)(p), "nan"), s, p)  # the third in a row: applied, visibly NaN
+    assert torch.isnan(p["s"]).all() and int(s.total_notfinite) == 3
+    with pytest.raises(gf.ManifoldError, match="max_consecutive_errors"):
+        gf.optim.apply_if_finite(gf.optim.rsgd(c, lr=0.05), max_consecutive_errors=-1)
+
+
+def test_apply_if_finite_under_vmap_skips_only_the_model_with_a_bad_gradient(generator):
+    c, params, S, f = _batch_problem(generator)
+    opt = gf.optim.apply_if_finite(gf.optim.radam(c, lr=0.05), max_consecutive_errors=3)
+    state = vmap(opt.init)(params)
+    g = vmap(grad(f))(params, S)
+    g["x"][1, 0] = float("nan")  # model 1's gradient only
+    p, state = vmap(opt.update)(g, state, params)
+    assert torch.equal(p["x"][1], params["x"][1]) and not torch.equal(p["x"][0], params["x"][0])
+    assert state.last_finite.tolist() == [True, False, True, True]
+
+
 def test_masks_and_labels_are_checked():
     c = {"w": gf.Sphere(), "b": None}
     params = {"w": gf.Sphere().sample((3,), dtype=F64), "b": torch.zeros(2, dtype=F64)}
@@ -463,7 +530,7 @@ def test_update_under_vmap_equals_loop(name, generator):
 
 
 @needs_torch(COMPILE_PYTREES, "Dynamo tracing optree")
-@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule", "radam-clip", "multi"])
+@pytest.mark.parametrize("name", ["rsgd-momentum", "radam", "rsgd-schedule", "radam-clip", "multi", "radam-finite"])
 def test_update_compiles_fullgraph(name, generator):
     c, params, S, f = _batch_problem(generator, B=2)
     opt = OPTIMIZERS[name](c)

@@ -17,6 +17,7 @@ from ._base import (
     keep_state as keep_state,
 )
 from ._riemannian import retract_and_transport as retract_and_transport
+from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
 from ._transforms import (
     ScaleByAdamState as ScaleByAdamState,
     ScaleByScheduleState as ScaleByScheduleState,
@@ -39,9 +40,11 @@ from ._transforms import (
 # build from their fields: geofunc allowlists them itself (torch >= 2.4; older torch loads them with
 # weights_only=False, its default before 2.6).
 if hasattr(_torch.serialization, "add_safe_globals"):
-    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState, ScaleByScheduleState])
+    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState, ScaleByScheduleState,
+                                           ApplyIfFiniteState])
 
 __all__ = [
+    "ApplyIfFiniteState",
     "EmptyState",
     "Optimizer",
     "ScaleByAdamState",
@@ -49,6 +52,7 @@ __all__ = [
     "TangentTransform",
     "TraceState",
     "add_decayed_weights",
+    "apply_if_finite",
     "clip_by_global_norm",
     "chain",
     "keep_state",
