@@ -74,6 +74,25 @@ class MatrixGroup(AbstractSpace):
         phi = resolve_triv("expm" if callable(self.triv) else self.triv)
         return X @ phi(skew_part(transpose(X) @ V))
 
+    # Note [The group's geodesics]
+    # With the embedded metric Re tr(UᴴV), a tangent vector at X is XΩ (Ω skew(-Hermitian)) of length
+    # ‖Ω‖_F, the metric is bi-invariant and the geodesics are the one-parameter subgroups X exp(tΩ):
+    # Exp_X(V) = X expm(skew(XᴴV)) (the retraction of the "expm" trivialization, whatever `triv` is),
+    # and dist(X, Y) = ‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²) over the eigenvalues λ_j of the unitary XᴴY
+    # (a normal matrix: its eigenvalues are as accurate as its entries). No logmap: the principal
+    # logarithm would need the eigenvectors, ill-conditioned where eigenvalues nearly repeat.
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X expm(skew(XᴴV))``: the one-parameter subgroup through ``X`` along ``V`` (Note [The group's
+        geodesics])."""
+        self._check_pair(X, V, "V")
+        return X @ resolve_triv("expm")(skew_part(transpose(X) @ V))
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²)``, ``λ_j`` the eigenvalues of ``XᴴY``; batch-shaped (for
+        SO(3), √2 times the angle of the rotation ``XᵀY``)."""
+        self._check_pair(X, Y, "Y")
+        return torch.linalg.vector_norm(torch.angle(torch.linalg.eigvals(transpose(X) @ Y)), dim=-1)
+
 
 @dataclasses.dataclass(frozen=True)
 class FrameSpace(AbstractSpace):
