@@ -458,6 +458,26 @@ class RNNCell(nn.Module):
         return h
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_activation_checkpointing_gives_the_same_gradients(case):
+    """``torch.utils.checkpoint`` recomputes the forward, the chart included, in backward: the same
+    gradients as without it. (Inside ``cached()`` the recomputation reads the cache and torch raises
+    its CheckpointError, as it does for its own parametrizations: README.)"""
+    from torch.utils.checkpoint import checkpoint
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = make()
+    getattr(gnn, name)(m, **kwargs)
+    x = torch.randn(6, m.in_features)
+    m(x).pow(2).sum().backward()
+    plain = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    checkpoint(m, x, use_reentrant=False).pow(2).sum().backward()
+    for a, b in zip(plain, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
 def test_cached_computes_the_map_once_per_forward(monkeypatch):
     torch.manual_seed(0)
     cell = RNNCell()
