@@ -81,3 +81,31 @@ def test_grassmannian_dist_of_one_point_spaces_and_its_gradient_at_a_coincidence
     Xr = G.sample((6, 2), generator=generator, dtype=F64).requires_grad_()
     G.dist(Xr, Xr.detach()).backward()  # repeated principal angles (all 0): still a finite gradient
     assert torch.isfinite(Xr.grad).all()
+
+
+@pytest.mark.parametrize("shape, dtype", [((7, 3), F64), ((2, 2, 6), F64), ((5, 2), torch.complex128), ((4, 4), F64)])
+def test_stiefel_expmap_is_a_geodesic_of_the_embedded_metric(shape, dtype, generator):
+    """``t ↦ expmap(X, tV)`` has constant speed ``‖V‖`` and its acceleration is normal to the manifold
+    (``tangent(Y, Ÿ) = 0``, central differences), which a mere retraction (the QR one) fails; on
+    square frames it is the orthogonal group's ``X expm(XᴴV)``."""
+    S = gf.Stiefel()
+    X = S.sample(shape, generator=generator, dtype=dtype)
+    V = S.tangent(X, torch.randn(X.shape, generator=generator, dtype=dtype))
+    speed = S.inner(X, V, V).sqrt()
+    h = 1e-4
+    for t in (0.0, 0.4, 1.3):
+        Y = S.expmap(X, t * V)
+        assert bool(S.contains(Y).all())
+        Yp, Ym = S.expmap(X, (t + h) * V), S.expmap(X, (t - h) * V)
+        vel, acc = (Yp - Ym) / (2 * h), (Yp - 2 * Y + Ym) / h**2
+        torch.testing.assert_close(S.inner(Y, vel, vel).sqrt(), speed, atol=1e-7, rtol=1e-7)
+        tang = S.tangent(Y, acc)
+        scale = torch.linalg.vector_norm(acc.flatten(-2), dim=-1).clamp(min=1.0)
+        assert bool((torch.linalg.vector_norm(tang.flatten(-2), dim=-1) <= 1e-5 * scale).all()), t
+        R = S.retract(X, t * V)
+        if t > 1 and shape[-2] != shape[-1]:  # the QR retraction is not a geodesic
+            Rp, Rm = S.retract(X, (t + h) * V), S.retract(X, (t - h) * V)
+            racc = S.tangent(R, (Rp - 2 * R + Rm) / h**2)
+            assert bool((torch.linalg.vector_norm(racc.flatten(-2), dim=-1) > 1e-3).any())
+    if shape[-2] == shape[-1]:
+        torch.testing.assert_close(S.expmap(X, V), gf.SO().expmap(X, V), atol=1e-12, rtol=0)

@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poisoned_zero, sym_part, transpose
+from .._linalg import expm, frame_chart, poisoned_zero, skew_part, sym_part, transpose
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Stiefel"]
@@ -72,6 +72,29 @@ class Stiefel(FrameSpace):
         Xt, tr = tall(X)
         Gt = tall(G)[0]
         return untall(Gt - Xt @ sym_part(transpose(Xt) @ Gt), tr)
+
+    # Note [Stiefel's geodesics]
+    # For the embedded metric the geodesic from X along a tangent V is (Edelman, Arias & Smith 1998,
+    # eq. 2.7) Y(t) = [X, V] expm(t [[A, −S], [I, A]]) [I; 0] expm(−tA), A = XᴴV (skew), S = VᴴV:
+    # a 2k×2k and a k×k exponential, O(n k²). V is first made tangent (its tangent part), so
+    # expmap(X, V) = expmap(X, tangent(X, V)). There is no closed-form distance (nor logmap): a
+    # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's.
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """The geodesic of the embedded metric from ``X`` along ``V`` at time 1 (Note [Stiefel's geodesics])."""
+        self._check_pair(X, V, "V")
+        Xt, tr = tall(X)
+        Vt = tall(V)[0]
+        Xt, Vt = torch.broadcast_tensors(Xt, Vt)
+        if 0 in Xt.shape[-2:]:  # the empty frame
+            return untall(0.0 * (Xt + Vt), tr)
+        Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
+        A = skew_part(transpose(Xt) @ Vt)
+        S = transpose(Vt) @ Vt
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+        M = torch.cat([torch.cat([A, -S], dim=-1), torch.cat([eye, A], dim=-1)], dim=-2)
+        E = expm(M)[..., : A.shape[-1]]
+        k = A.shape[-1]
+        return untall((Xt @ E[..., :k, :] + Vt @ E[..., k:, :]) @ expm(-A), tr)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
