@@ -323,3 +323,19 @@ def test_sample_device_dtype_and_generator(space, generator):
     Y = space.sample(shape, generator=torch.Generator().manual_seed(1))
     assert Y.dtype == torch.get_default_dtype()
     assert torch.equal(Y, space.sample(shape, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize("space, shape, dtype", [
+    (gf.Hermitian(), (3, 4, 4), torch.complex128), (gf.Rn(), (5,), torch.complex128), (gf.Sym(), (2, 3, 3), torch.float64),
+])
+def test_flat_spaces_geodesics_are_straight_lines(space, shape, dtype, generator):
+    """The linear spaces' closed forms (complex ones too, which the real harness cases do not reach):
+    ``logmap`` inverts ``expmap``, ``dist`` is the norm of the difference, ``expmap`` projects ``V``."""
+    X = space.sample(shape, generator=generator, dtype=dtype)
+    Y = space.sample(shape, generator=generator, dtype=dtype)
+    torch.testing.assert_close(space.expmap(X, space.logmap(X, Y)), Y, atol=1e-13, rtol=0)
+    norm_dims = (-2, -1) if space.point_ndim == 2 else ()
+    want = (Y - X).abs() if not norm_dims else torch.linalg.vector_norm(Y - X, dim=norm_dims)
+    torch.testing.assert_close(space.dist(X, Y), want, atol=1e-13, rtol=0)
+    G = torch.randn(shape, generator=generator, dtype=dtype)
+    torch.testing.assert_close(space.expmap(X, G), space.retract(X, G), atol=0, rtol=0)

@@ -80,6 +80,21 @@ class Rn(AbstractSpace):
         self._check_pair(X, V, "V")
         return X + V
 
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X + V`` (the space is flat)."""
+        self._check_pair(X, V, "V")
+        return X + V
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``Y − X``."""
+        self._check_pair(X, Y, "Y")
+        return Y - X
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``|Y − X|`` per entry (every entry is its own point)."""
+        self._check_pair(X, Y, "Y")
+        return (Y - X).abs()
+
     def project(self, Y: Tensor) -> Tensor:
         """``Y``."""
         self._check_shape(Y, "Y")

@@ -76,6 +76,22 @@ class TriangleSpace(AbstractSpace):
         self._check_pair(X, V, "V")
         return X + self._part(V)
 
+    # A linear space is flat: its geodesics are straight lines.
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X`` plus the projection of ``V`` (a straight line: the space is flat)."""
+        self._check_pair(X, V, "V")
+        return X + self._part(V)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The projection of ``Y − X`` (``Y − X`` for points)."""
+        self._check_pair(X, Y, "Y")
+        return self._part(Y - X)
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``‖Y − X‖_F``, batch-shaped."""
+        self._check_pair(X, Y, "Y")
+        return torch.linalg.vector_norm(Y - X, dim=(-2, -1))
+
     def project(self, Y: Tensor) -> Tensor:
         """The nearest point: the orthogonal projection of ``Y``."""
         self._check_shape(Y, "Y")
