@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._errors import ManifoldError
+from .._linalg import eye_like, resolve_triv, skew_lower
+from ._adapter import _concrete
 
 Tensor = torch.Tensor
 
@@ -44,24 +46,6 @@ Tensor = torch.Tensor
 # coordinates: it loads, but means something else; re-create the optimizer.
 
 
-def _skew(X: Tensor) -> Tensor:
-    """GeoTorch's skew matrix of a raw tensor: its strict lower triangle minus its transpose."""
-    L = X.tril(-1)
-    return L - L.transpose(-2, -1)
-
-
-def _cayley(A: Tensor) -> Tensor:
-    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-    return torch.linalg.solve(eye - 0.5 * A, eye + 0.5 * A)
-
-
-def _triv(M: nn.Module) -> Callable[[Tensor], Tensor]:
-    triv = M.triv
-    if isinstance(triv, str):
-        return {"expm": torch.linalg.matrix_exp, "cayley": _cayley}[triv]
-    return triv
-
-
 def _frame(X: Tensor, base: Tensor, triv: Callable[[Tensor], Tensor], grassmann: bool = False) -> Tensor:
     """GeoTorch's Stiefel (Grassmannian) map of a tall raw ``X`` (n×k) at its n×n ``base``: the first k
     columns of ``base · triv(A)``, ``A`` the skew matrix of ``X`` padded to n×n (of its rows below
@@ -71,7 +55,7 @@ def _frame(X: Tensor, base: Tensor, triv: Callable[[Tensor], Tensor], grassmann:
         P = F.pad(X[..., k:, :], (0, n - k, k, 0))
     else:
         P = F.pad(X, (0, n - k))
-    return (base @ triv(_skew(P)))[..., :k]
+    return (base @ triv(skew_lower(P)))[..., :k]
 
 
 def _value_map(M: nn.Module, named: dict) -> Callable[[Tensor], Tensor]:
@@ -117,13 +101,12 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
     d = {k: v.detach().to(torch.float64) for k, v in saved.items()}
     if isinstance(M, C.Hurwitz):
         def pd(X: Tensor, base: Tensor) -> Tensor:  # GeoTorch's PSD factor (softplus of the diagonal)
-            Q = _frame(X, base, _triv(M))
+            Q = _frame(X, base, resolve_triv(M.triv))
             return Q * _softplus_geotorch(X.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2) @ Q.transpose(-2, -1)
 
         Q = pd(d["original0"], d["0.0.0.base"])
         P = pd(d["original1"], d["0.1.0.base"])
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        return P @ (_skew(d["original2"]) - 0.5 * Q) - d["0.alpha"] * eye
+        return P @ (skew_lower(d["original2"]) - 0.5 * Q) - d["0.alpha"] * eye_like(Q)
     X = d["original"]
     if isinstance(M, C.Sphere):
         x = d["0.base"]
@@ -133,7 +116,7 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
     transposed = bool(getattr(M, "transposed", False))
     if transposed:
         X = X.transpose(-2, -1)
-    triv = _triv(M)
+    triv = resolve_triv(M.triv)
     if isinstance(M, C._SVDManifold):
         r = M.rank
         U = _frame(X.tril(-1)[..., :r], d["0.0.base"], triv)
@@ -156,10 +139,6 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
     else:  # a non-square Stiefel or Grassmannian
         W = _frame(X, d["0.base"], triv, grassmann=isinstance(M, C.Grassmannian))
     return W.transpose(-2, -1) if transposed else W
-
-
-def _plain(t: Any) -> bool:
-    return type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta and t.is_floating_point()
 
 
 def _unit_rows(base: Tensor) -> bool:
@@ -190,7 +169,7 @@ def _convert(M: nn.Module, saved: dict, ref: Tensor, keys: str) -> tuple[Tensor,
 def _matches(M: nn.Module, saved: dict, layout: Optional[dict]) -> bool:
     from . import _manifolds as C
 
-    if layout is None or not all(_plain(v) for v in saved.values()):
+    if layout is None or not all(_concrete(v) and not v.is_complex() for v in saved.values()):
         return False
     if {k: tuple(v.shape) for k, v in saved.items()} != layout:
         return False
