@@ -83,7 +83,7 @@ class Grassmannian(FrameSpace):
         """``expm(VXᴴ − XVᴴ) X`` for the horizontal part of ``V``: the geodesic (Note [The Grassmannian's
         geodesics])."""
         self._check_pair(X, V, "V")
-        return self.__class__(triv="expm").to_manifold(V, X) if self.triv != "expm" else self.to_manifold(V, X)
+        return (self if self.triv == "expm" else Grassmannian()).to_manifold(V, X)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``‖θ‖`` over the principal angles ``θ_i`` between the subspaces of ``X`` and ``Y``, batch-shaped."""

@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import expm, frame_chart, poisoned_zero, skew_part, sym_part, transpose
+from .._linalg import expm, eye_like, frame_chart, poisoned_zero, skew_part, sym_part, transpose
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Stiefel"]
@@ -90,10 +90,9 @@ class Stiefel(FrameSpace):
         Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
         A = skew_part(transpose(Xt) @ Vt)
         S = transpose(Vt) @ Vt
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-        M = torch.cat([torch.cat([A, -S], dim=-1), torch.cat([eye, A], dim=-1)], dim=-2)
-        E = expm(M)[..., : A.shape[-1]]
         k = A.shape[-1]
+        M = torch.cat([torch.cat([A, -S], dim=-1), torch.cat([eye_like(A).expand_as(A), A], dim=-1)], dim=-2)
+        E = expm(M)[..., :k]
         return untall((Xt @ E[..., :k, :] + Vt @ E[..., k:, :]) @ expm(-A), tr)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
