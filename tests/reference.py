@@ -58,16 +58,16 @@ def unit_columns(X: Tensor, atol: float) -> Tensor:
 
 
 def _tall(X: Tensor) -> Tensor:
-    return X if X.shape[-2] >= X.shape[-1] else X.mT
+    return X if X.shape[-2] >= X.shape[-1] else X.mH
 
 
 def orthonormal(X: Tensor, atol: float) -> Tensor:
-    """Orthonormal columns (rows if wide): ``‖XᵀX − I‖₂ ≤ atol``."""
+    """Orthonormal columns (rows if wide): ``‖XᴴX − I‖₂ ≤ atol`` (``XᵀX`` for real ``X``; unitary frames)."""
     Xt = _tall(X)
     k = Xt.shape[-1]
     if k == 0:  # the empty frame: nothing to check (torch 2.6's 2-norm of a 0×0 matrix raises)
         return torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
-    return torch.linalg.matrix_norm(Xt.mT @ Xt - torch.eye(k, dtype=X.dtype, device=X.device), ord=2) <= atol
+    return torch.linalg.matrix_norm(Xt.mH @ Xt - torch.eye(k, dtype=X.dtype, device=X.device), ord=2) <= atol
 
 
 def special_orthogonal(X: Tensor, atol: float) -> Tensor:
@@ -155,6 +155,7 @@ def predicate(space: Any) -> Callable[[Tensor, float], Any]:
         (gf.Sphere, lambda M: on_sphere(M.radius)),
         (gf.Oblique, lambda M: unit_columns),
         (gf.SO, lambda M: special_orthogonal),
+        (gf.Unitary, lambda M: orthonormal),
         (gf.Stiefel, lambda M: orthonormal),
         (gf.Grassmannian, lambda M: orthonormal),
         (gf.AlmostOrthogonal, lambda M: almost_orthogonal(M.lam)),
