@@ -31,6 +31,7 @@ from torch import nn
 
 import geofunc as gf
 import geofunc.nn as gnn
+from reference import member
 
 F32_FLOOR = math.sqrt(torch.finfo(torch.float32).eps)  # 3.45e-4
 LOW = (torch.bfloat16, torch.float16)
@@ -420,6 +421,54 @@ def test_orthogonal_twice_appends_as_geotorch() -> None:
                     opt.step()
                 W = m.weight.detach()
                 torch.testing.assert_close(W.T @ W, torch.eye(3), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["orthogonal", "grassmannian", "positive_definite", "invertible", "sln", "sphere",
+                                  "almost_orthogonal", "positive_semidefinite", "constrain"])
+def test_a_constraint_on_top_of_weight_norm_is_a_point_as_geotorch(name: str) -> None:
+    """On a weight already under torch's ``weight_norm``, the chain was asked to output the new
+    constraint's raw tensor, zero for a space with a base: ``weight_norm`` maps zero to NaN
+    (0 / ‖0‖), and the registration raised an ``InManifoldError`` measuring ``inf`` where GeoTorch
+    registers. Now the point is assigned through the chain, as GeoTorch does: a finite point of the
+    space with finite gradients for every raw tensor."""
+    geotorch = pytest.importorskip("geotorch")
+    for lib in (geotorch, gnn):
+        if name == "constrain" and lib is geotorch:
+            continue
+        torch.manual_seed(0)
+        m = nn.Linear(5, 5)
+        torch.nn.utils.parametrizations.weight_norm(m, "weight")
+        if name == "constrain":
+            gnn.constrain(m, "weight", gf.Stiefel())
+        else:
+            getattr(lib, name)(m, "weight")
+        assert len(m.parametrizations.weight) == 2
+        W = m.weight
+        assert torch.isfinite(W).all()
+        if name in ("orthogonal", "grassmannian", "constrain"):
+            assert member(gf.Stiefel(), W.detach(), atol=1e-5)
+        elif name in ("positive_definite",):
+            assert member(gf.PSD(), W.detach(), atol=1e-5)
+        elif name == "sphere":
+            assert member(gf.Sphere(), W.detach(), atol=1e-5)
+        W.pow(2).sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in (m.parametrizations.weight.original0,
+                                                          m.parametrizations.weight.original1))
+
+
+def test_a_chain_that_outputs_nan_is_named() -> None:
+    class Broken(nn.Module):
+        def forward(self, X: torch.Tensor) -> torch.Tensor:
+            return X * float("nan")
+
+        def right_inverse(self, X: torch.Tensor) -> torch.Tensor:
+            return X
+
+    m = nn.Linear(4, 4)
+    P.register_parametrization(m, "weight", Broken(), unsafe=True)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight to .*Stiefel.*the parametrizations already on it "
+                                               r"\(Broken\) output non-finite values"):
+        gnn.orthogonal(m, "weight")
 
 
 # ----------------------------------------------------------------------------- 5. small API differences

@@ -768,10 +768,10 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
            keep: bool = False) -> nn.Module:
     """Register ``adapter`` on ``module.<tensor_name>`` so that its value becomes the point ``X``.
 
-    ``Z`` is ``X``'s raw tensor if already known (needed only when the tensor is already
-    parametrized: the existing chain must then output ``Z``); otherwise the adapter's
-    ``right_inverse`` computes it, and where the existing chain cannot output it (``orthogonal``
-    twice: the first Stiefel cannot output the second's zero raw tensor), ``X`` itself is assigned
+    ``Z`` is ``X``'s raw tensor if already known; otherwise the adapter's ``right_inverse`` computes
+    it where needed. On an already parametrized tensor the existing chain is asked to output ``Z``;
+    where it cannot (``orthogonal`` twice: the first Stiefel refuses the second's zero raw tensor;
+    ``weight_norm`` maps it to NaN, 0 / ‖0‖), ``X`` itself is assigned
     through the existing chain and the adapter maps the chain's value to its point, as GeoTorch's
     registration does (the value is then a point of the adapter's space, not ``X``; an ``X`` the
     existing chain refuses raises, as in GeoTorch). A failure leaves the module as it was. The
@@ -785,15 +785,23 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
     with torch.no_grad():
         if chained and keep:
             pass
-        elif chained and Z is None:
-            # The existing chain should output Z so that ours outputs X; else GeoTorch's way.
-            Z = adapter.right_inverse(X).to(T.device)  # raises if X is off the adapter's space
-            try:
-                setattr(module, tensor_name, Z)
-            except ManifoldError:
-                setattr(module, tensor_name, X.to(T.device))
         elif chained:
-            setattr(module, tensor_name, Z.to(T.device))
+            # The existing chain should output Z so that ours outputs X; else GeoTorch's way.
+            if Z is None:
+                Z = adapter.right_inverse(X)  # raises if X is off the adapter's space
+            try:
+                setattr(module, tensor_name, Z.to(T.device))
+                outputs_z = _finite_or_unknown(getattr(module, tensor_name))
+            except ManifoldError:
+                outputs_z = False
+            if not outputs_z:  # a chain that refuses Z, or maps it to NaN (weight_norm at Z = 0)
+                setattr(module, tensor_name, X.to(T.device))
+                if not _finite_or_unknown(getattr(module, tensor_name)):
+                    raise ManifoldError(
+                        f"cannot constrain {_owner_name(module, tensor_name)} to {getattr(adapter, 'space', adapter)!r}: "
+                        f"the parametrizations already on it ({_chain_names(module, tensor_name)}) output "
+                        f"non-finite values for its initial point and for that point's raw tensor."
+                    )
         else:
             saved = T.detach().clone()
             T.copy_(like(X, T) if isinstance(T, DTensor) else X)  # torch calls adapter.right_inverse on it
@@ -816,6 +824,15 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
         fsdp._module_info.module, fsdp._module_info.param_name = module.parametrizations[tensor_name], "original"
     _make_picklable(module)
     return module
+
+
+def _finite_or_unknown(Y: Tensor) -> bool:
+    """False only for a tensor whose values can be read and hold a NaN or an infinity."""
+    return not _concrete(Y) or bool(torch.isfinite(Y).all())
+
+
+def _chain_names(module: nn.Module, tensor_name: str) -> str:
+    return ", ".join(type(p).__name__ for p in module.parametrizations[tensor_name])
 
 
 def _fsdp_param(module: nn.Module, tensor_name: str, T: Tensor) -> Any:
