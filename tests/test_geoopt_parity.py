@@ -105,10 +105,15 @@ def _mixed(generator):
     return c, {"w": geoopt.EuclideanStiefel(), "s": geoopt.Sphere(), "b": geoopt.Euclidean()}, params, loss
 
 
-@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)])
+@pytest.mark.parametrize("kwargs", [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
+                                    dict(lr=0.05, betas=(0.9, 0.6), amsgrad=True)], ids=["default", "custom", "amsgrad"])
 def test_radam_equals_riemannian_adam(kwargs, generator):
     c, m, params, loss = _mixed(generator)
     _race(c, m, params, loss, gf.optim.radam(c, **kwargs), lambda ps: geoopt.optim.RiemannianAdam(ps, **kwargs))
+    if kwargs.get("amsgrad"):  # the running maximum changes the steps here
+        with pytest.raises(AssertionError):
+            _race(c, m, params, loss, gf.optim.radam(c, **kwargs),
+                  lambda ps: geoopt.optim.RiemannianAdam(ps, **{**kwargs, "amsgrad": False}))
 
 
 def test_rsgd_equals_riemannian_sgd(generator):

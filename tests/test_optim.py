@@ -24,6 +24,8 @@ OPTIMIZERS = {
     "rsgd-momentum": lambda c: gf.optim.rsgd(c, lr=0.05, momentum=0.9, nesterov=True),
     "radam": lambda c: gf.optim.radam(c, lr=0.05),
     "radamw": lambda c: gf.optim.radamw(c, lr=0.05, weight_decay=0.1),
+    # the running maximum of the second moment (a fourth state field)
+    "radam-amsgrad": lambda c: gf.optim.radam(c, lr=0.05, betas=(0.9, 0.6), amsgrad=True),
     # a schedule of the update count (in torch ops: it runs under vmap and torch.compile)
     "rsgd-schedule": lambda c: gf.optim.rsgd(c, lr=lambda n: 0.05 * torch.clamp((n + 1) / 3, max=1.0), momentum=0.9),
     # Adam after clipping the Riemannian gradient's global norm (0.1: the random gradients are clipped)
@@ -100,14 +102,25 @@ def test_rsgd_equals_torch_sgd(kwargs, generator):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05)],
-    ids=["default", "custom"],
+    [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05),
+     dict(lr=0.05, betas=(0.9, 0.6), amsgrad=True), dict(lr=0.02, betas=(0.8, 0.7), weight_decay=0.05, amsgrad=True)],
+    ids=["default", "custom", "amsgrad", "amsgrad-wd"],
 )
 @pytest.mark.parametrize("constrained", [False, True], ids=["free", "Rn"])
 def test_radam_equals_torch_adam(kwargs, constrained, generator):
     # Under Rn every entry is its own point: the per-point second moment is elementwise.
     c = {"w": gf.Rn(), "b": gf.Rn()} if constrained else {}
     _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, kwargs, generator)
+    if kwargs.get("amsgrad"):  # the problem is one where the running maximum matters
+        with pytest.raises(AssertionError):
+            _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, {**kwargs, "amsgrad": False}, generator)
+
+
+def test_amsgrad_refuses_a_state_without_its_maximum(generator):
+    params, loss = _euclidean_problem(generator)
+    state = gf.optim.radam({}, lr=0.1).init(params)
+    with pytest.raises(ValueError, match=r"amsgrad=True\) expected a ScaleByAMSGradState .* got a ScaleByAdamState"):
+        gf.optim.radam({}, lr=0.1, amsgrad=True).update(grad(loss)(params), state, params)
 
 
 @pytest.mark.parametrize(

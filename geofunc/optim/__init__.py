@@ -20,6 +20,7 @@ from ._riemannian import retract_and_transport as retract_and_transport
 from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
 from ._transforms import (
     ScaleByAdamState as ScaleByAdamState,
+    ScaleByAMSGradState as ScaleByAMSGradState,
     ScaleByScheduleState as ScaleByScheduleState,
     TraceState as TraceState,
     add_decayed_weights as add_decayed_weights,
@@ -40,7 +41,7 @@ from ._transforms import (
 # build from their fields: geofunc allowlists them itself (torch >= 2.4; older torch loads them with
 # weights_only=False, its default before 2.6).
 if hasattr(_torch.serialization, "add_safe_globals"):
-    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState, ScaleByScheduleState,
+    _torch.serialization.add_safe_globals([EmptyState, TraceState, ScaleByAdamState, ScaleByAMSGradState, ScaleByScheduleState,
                                            ApplyIfFiniteState])
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "EmptyState",
     "Optimizer",
     "ScaleByAdamState",
+    "ScaleByAMSGradState",
     "ScaleByScheduleState",
     "TangentTransform",
     "TraceState",

@@ -64,6 +64,7 @@ def radam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     mask: Any = None,
+    amsgrad: bool = False,
 ) -> Optimizer:
     r"""Riemannian Adam (Bécigneul & Ganea, 2019); ``torch.optim.Adam`` on unconstrained entries.
 
@@ -72,7 +73,9 @@ def radam(
     constrained entries, elementwise elsewhere), :math:`X_{t+1} = R_{X_t}(-\eta\, u_t)` and
     the first moment is projected onto the tangent space at :math:`X_{t+1}`.
     ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, and ``mask`` selects the
-    entries that ``weight_decay`` applies to, as in :func:`rsgd`.
+    entries that ``weight_decay`` applies to, as in :func:`rsgd`. ``amsgrad=True``: the running
+    maximum of the second moment in the denominator, as ``torch.optim.Adam(amsgrad=True)`` and
+    ``geoopt.optim.RiemannianAdam(amsgrad=True)``.
 
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
@@ -81,7 +84,7 @@ def radam(
     b1, b2 = betas
     return retract_and_transport(
         constraints,
-        chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
+        chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps, amsgrad),
               scale_by_learning_rate(lr)),
     )
 
@@ -93,6 +96,7 @@ def radamw(
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     mask: Any = None,
+    amsgrad: bool = False,
 ) -> Optimizer:
     r"""Riemannian Adam with decoupled weight decay; ``torch.optim.AdamW`` on unconstrained entries.
 
@@ -105,7 +109,8 @@ def radamw(
     on the space (``Stiefel``, ``SO``, ``Sphere``); a shrinking tangent step elsewhere (``PSD``,
     ``LowRank``, ``GLp``). ``weight_decay`` defaults to AdamW's 0.01. ``lr`` as in :func:`rsgd`.
     ``mask``: the entries that decay (default all; e.g. ``lambda p: {k: not k.endswith("bias") for k in p}``
-    for no decay on biases, as AdamW with two parameter groups), as in :func:`rsgd`.
+    for no decay on biases, as AdamW with two parameter groups), as in :func:`rsgd`. ``amsgrad`` as
+    in :func:`radam`.
 
     References:
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
@@ -113,6 +118,6 @@ def radamw(
     b1, b2 = betas
     return retract_and_transport(
         constraints,
-        chain(to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps),
+        chain(to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps, amsgrad),
               add_decayed_weights(weight_decay, constraints, mask), scale_by_learning_rate(lr)),
     )

@@ -19,6 +19,7 @@ from ._base import EmptyState, Move, Params, TangentTransform, Vectors, keep_sta
 __all__ = [
     "TraceState",
     "ScaleByAdamState",
+    "ScaleByAMSGradState",
     "add_decayed_weights",
     "to_tangent",
     "trace",
@@ -143,6 +144,16 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
+class ScaleByAMSGradState(NamedTuple):
+    """:class:`ScaleByAdamState` with ``nu_max``, the running maximum of ``nu``
+    (``scale_by_adam(..., amsgrad=True)``)."""
+
+    count: Tensor
+    mu: Any
+    nu: Any
+    nu_max: Any
+
+
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -192,7 +203,7 @@ def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
 
 
 def scale_by_adam(
-    constraints: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+    constraints: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
 ) -> TangentTransform:
     r"""Riemannian Adam (Bécigneul & Ganea, 2019) on constrained entries, Adam elsewhere.
 
@@ -213,12 +224,19 @@ def scale_by_adam(
     float16 entries ``v`` is kept, and ``u`` formed, in float32 (in those dtypes ``1 − β₂ᵗ`` rounds to 0
     or ``ε`` to 0); ``u`` is returned in the entry's dtype.
 
+    ``amsgrad=True`` (Reddi, Kale & Kumar): ``v_t`` in ``u_t`` is replaced by its running maximum
+    :math:`\max_{s \le t} v_s`, as ``torch.optim.Adam(amsgrad=True)`` and
+    ``geoopt.optim.RiemannianAdam(amsgrad=True)`` do; kept in the state's ``nu_max``.
+
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
+      Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
 
-    def init(params: Params) -> ScaleByAdamState:
+    def init(params: Params) -> ScaleByAdamState | ScaleByAMSGradState:
         nu = _pytree.lift(constraints, _point_sq_norm, params, _zeros(params))
+        if amsgrad:
+            return ScaleByAMSGradState(_count(), _zeros(params), nu, _map(torch.zeros_like, nu))
         return ScaleByAdamState(_count(), _zeros(params), nu)
 
     def update(vectors: Vectors, state: ScaleByAdamState, params: Params) -> tuple[Vectors, ScaleByAdamState]:
@@ -237,10 +255,16 @@ def scale_by_adam(
                 return torch.view_as_complex((w / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
             return ((w / (torch.sqrt(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
 
-        return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
+        if not amsgrad:
+            return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
+        if not isinstance(state, ScaleByAMSGradState):
+            raise ValueError(f"scale_by_adam(amsgrad=True) expected a ScaleByAMSGradState (with nu_max), got a "
+                             f"{type(state).__name__}: a state made with amsgrad=False")
+        nu_max = _map(torch.maximum, state.nu_max, nu)
+        return _map(direction, mu, nu_max), ScaleByAMSGradState(count, mu, nu, nu_max)
 
-    def transport(state: ScaleByAdamState, move: Move) -> ScaleByAdamState:
-        return ScaleByAdamState(state.count, move(state.mu), state.nu)
+    def transport(state: ScaleByAdamState | ScaleByAMSGradState, move: Move) -> ScaleByAdamState | ScaleByAMSGradState:
+        return state._replace(mu=move(state.mu))
 
     return TangentTransform(init, update, transport)
 
