@@ -810,8 +810,8 @@ def _polar(A: Tensor, mode: str) -> Any:
 # Γ the first divided differences h[λₗ, λₘ] and h[·,·,·] the second ones. Where λₗ ≠ λₚ,
 # h[λₗ, λₘ, λₚ] = (Γₗₘ − Γₘₚ)/(λₗ − λₚ), so S₂ = ((Ẽ∘Γ)Ẽ − Ẽ(Ẽ∘Γ))/(λₗ − λₚ): two matrix products,
 # no n×n×n tensor. Where they tie (|λₗ − λₚ| ≤ √ε·max(1, |λ|), as the first-order term's ties),
-# h[λₗ, λₘ, λₗ] = (h′(λₗ) − Γₗₘ)/(λₗ − λₘ) =: Hₗₘ (h″/2 = 0 where λₘ ties too: every value map's
-# projection is piecewise linear), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there. Finite at every tie.
+# h[λₗ, λₘ, λₗ] = (h′(λₗ) − Γₗₘ)/(λₗ − λₘ) =: Hₗₘ (h″/2 where λₘ ties too: 0 for every value map's
+# projection, piecewise linear; the logarithms' h″ otherwise), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there. Finite at every tie.
 # The SVD maps U diag(g) Vᵀ of a tall n×k Y are the spectral map of the dilation [[0, Y], [Yᵀ, 0]]
 # (eigenvalues ±sᵢ with vectors (uᵢ; ±vᵢ)/√2, and 0 on (w; 0), w ⊥ range U) with h odd
 # (h(±sᵢ) = ±gᵢ, h = 0 on the complement). In the 2k eigenvectors (uᵢ; ±vᵢ)/√2,
@@ -829,15 +829,18 @@ def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) ->
     return torch.where(close, 0.5 * (dgi + dgj), num / torch.where(close, torch.ones_like(den), den))
 
 
-def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor,
+                    d2h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Γ, H, tie, safe)`` of the spectrum ``lam`` with values ``h``, slopes ``dh``: Γ the first divided
-    differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (0 where λₘ ties with λₗ), the tie mask,
-    and ``λₗ − λₚ`` with 1 at ties (a safe divisor)."""
+    differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (``h″/2`` where λₘ ties with λₗ, the
+    mean of the two second derivatives ``d2h``; 0 if ``d2h`` is None: a piecewise linear ``h``), the
+    tie mask, and ``λₗ − λₚ`` with 1 at ties (a safe divisor)."""
     dl = lam.unsqueeze(-1) - lam.unsqueeze(-2)
     tie = dl.abs() <= tol
     safe = torch.where(tie, torch.ones_like(dl), dl)
     gam = _divided(h.unsqueeze(-1) - h.unsqueeze(-2), dh.unsqueeze(-1), dh.unsqueeze(-2), dl, tol)
-    H = torch.where(tie, torch.zeros_like(dl), (dh.unsqueeze(-1) - gam) / safe)
+    at_tie = torch.zeros_like(dl) if d2h is None else 0.25 * (d2h.unsqueeze(-1) + d2h.unsqueeze(-2))
+    H = torch.where(tie, at_tie, (dh.unsqueeze(-1) - gam) / safe)
     return gam, H, tie, safe
 
 
@@ -941,6 +944,18 @@ def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
 # Birkhoff's backward at 16×128×128), and more accurate where the system is ill-conditioned. The inverse
 # under torch.func.grad had made Birkhoff's float32 gradients next to a vertex (retract with steps of
 # V/X ~ 80) 1e-3 to 2e-2 off float64 relative to their largest entry, against ~1e-5 under autograd.
+# Forward-mode nestings are wrong without vmap too (torch 2.13; pytorch#196695–196697): jvp of jvp
+# and grad of jvp through linalg.solve (2× off), slogdet and det (second derivatives dropped:
+# slogdet under vmap(hessian) 45 off on a 3×3). So differentiable log|det| is `logabsdet_lu` (the LU
+# factors' derivatives are right under every nesting and vmap), and a solve that must be right to
+# second order under any transform (Grassmannian.logmap's) is the inverse.
+def logabsdet_lu(A: Tensor) -> Tensor:
+    """``log|det A|`` from an LU factorization (``-inf`` where ``A`` is singular, no error): the same value
+    as ``slogdet(A)[1]``, whose second derivatives are wrong under forward-mode nestings (Note [Solves
+    under torch.func]); the LU factors' are right under every transform."""
+    return torch.linalg.lu_factor_ex(A).LU.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
+
+
 def solve_vec(A: Tensor, b: Tensor) -> Tensor:
     """``A⁻¹ b`` (``b``: ``(..., n)``); a singular ``A`` gives inf/NaN, no error."""
     if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is None

@@ -111,3 +111,119 @@ def test_stiefel_expmap_is_a_geodesic_of_the_embedded_metric(shape, dtype, gener
             assert bool((torch.linalg.vector_norm(racc.flatten(-2), dim=-1) > 1e-3).any())
     if shape[-2] == shape[-1]:
         torch.testing.assert_close(S.expmap(X, V), gf.SO().expmap(X, V), atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- logarithms
+def _unit(space, X, generator):
+    V = space.tangent(X, torch.randn(X.shape, generator=generator, dtype=X.dtype))
+    return V / space.inner(X, V, V).sqrt()[..., None, None]
+
+
+@pytest.mark.parametrize("space, shape, dtype, ts", [
+    (gf.SO(), (3, 5, 5), F64, (0.0, 1e-9, 1e-3, 0.5, 2.0, 3.0)),
+    (gf.SO(triv="cayley"), (2, 4, 4), F64, (1e-3, 2.0)),
+    (gf.Unitary(), (3, 4, 4), torch.complex128, (0.0, 1e-9, 0.5, 2.0, 3.0)),
+    (gf.Grassmannian(), (3, 7, 3), F64, (0.0, 1e-9, 1e-3, 0.5, 1.0, 1.5)),
+    (gf.Grassmannian(), (2, 2, 6), F64, (1e-3, 1.0)),
+    (gf.Grassmannian(), (2, 5, 2), torch.complex128, (1e-9, 0.5, 1.5)),
+])
+def test_logmap_inverts_expmap_up_to_the_cut_locus(space, shape, dtype, ts, generator):
+    """``logmap(X, expmap(X, tV)) = tV`` for ``V`` of unit length, ``t`` up to near the injectivity
+    radius (π for SO/Unitary: here the largest rotation angle is at most t; π/2 for the Grassmannian's
+    largest principal angle), tangent at ``X``, and ``‖logmap‖ = dist``."""
+    X = space.sample(shape, generator=generator, dtype=dtype)
+    V = _unit(space, X, generator)
+    for t in ts:
+        L = space.logmap(X, space.expmap(X, t * V))
+        assert L.shape == X.shape and L.dtype == X.dtype
+        torch.testing.assert_close(L, t * V, atol=1e-12 * max(1.0, t / (math.pi - t) if isinstance(space, (gf.SO, gf.Unitary)) else 1.0),
+                                   rtol=1e-9)
+        torch.testing.assert_close(space.tangent(X, L), L, atol=1e-12, rtol=0)
+    Y = space.sample(shape, generator=generator, dtype=dtype)
+    if not isinstance(space, gf.Grassmannian):  # random rotations: angles below π
+        L = space.logmap(X, Y)
+        torch.testing.assert_close(space.inner(X, L, L).sqrt(), space.dist(X, Y), atol=1e-10, rtol=0)
+        torch.testing.assert_close(space.expmap(X, L), Y, atol=1e-10, rtol=0)
+
+
+def test_so3_logmap_is_scipys_rotation_vector(generator):
+    """``log(XᵀY)`` is the hat matrix of the rotation vector of ``XᵀY`` (scipy), angles up to 3.1."""
+    Rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    X = gf.SO().sample((30, 3, 3), generator=generator, dtype=F64)
+    rv = torch.randn(30, 3, generator=generator, dtype=F64)
+    rv = rv / rv.norm(dim=-1, keepdim=True) * torch.linspace(0.0, 3.1, 30, dtype=F64)[:, None]
+    Y = X @ torch.from_numpy(Rotation.from_rotvec(rv.numpy()).as_matrix())
+    w = torch.from_numpy(Rotation.from_matrix((X.mT @ Y).numpy()).as_rotvec())
+    Z = torch.zeros(30, dtype=F64)
+    hat = torch.stack([torch.stack([Z, -w[:, 2], w[:, 1]], -1), torch.stack([w[:, 2], Z, -w[:, 0]], -1),
+                       torch.stack([-w[:, 1], w[:, 0], Z], -1)], -2)
+    torch.testing.assert_close(X.mT @ gf.SO().logmap(X, Y), hat, atol=1e-11, rtol=0)
+
+
+def test_grassmannian_logmap_depends_only_on_the_subspaces(generator):
+    """Another frame ``YQ`` of the same subspace (``Q`` orthogonal, unitary for complex frames) has the
+    same logarithm; Gr(n, n) and the empty frame give 0."""
+    G = gf.Grassmannian()
+    for dtype, group in ((F64, gf.SO()), (torch.complex128, gf.Unitary())):
+        X, Y = (G.sample((6, 3), generator=generator, dtype=dtype) for _ in range(2))
+        Q = group.sample((3, 3), generator=generator, dtype=dtype)
+        torch.testing.assert_close(G.logmap(X, Y @ Q), G.logmap(X, Y), atol=1e-12, rtol=0)
+        torch.testing.assert_close(G.logmap(X @ Q, Y), G.logmap(X, Y) @ Q, atol=1e-12, rtol=0)  # the horizontal lift at XQ
+    X = G.sample((4, 4), generator=generator, dtype=F64)
+    assert float(G.logmap(X, X @ gf.SO().sample((4, 4), generator=generator, dtype=F64)).abs().max()) < 1e-12
+    assert G.logmap(torch.zeros(5, 0, dtype=F64), torch.zeros(5, 0, dtype=F64)).shape == (5, 0)
+
+
+def _isoclinic(space, X, generator, angle=0.7):
+    """A point at two equal nonzero angles from ``X`` (a repeated eigenvalue pair of XᵀY, or two equal
+    principal angles): where the logarithm's second derivative needs the spectral map's own second
+    derivative, not only its divided differences."""
+    if isinstance(space, gf.Grassmannian):
+        n, k = X.shape
+        P = torch.linalg.qr(torch.cat([X, torch.randn(n, n - k, generator=generator, dtype=F64)], -1)).Q[:, k:k + 2]
+        P = P - X @ (X.mT @ P)
+        P = torch.linalg.qr(P).Q
+        V = P @ torch.eye(2, k, dtype=F64)
+        return space.expmap(X, angle * V)
+    A = torch.zeros(4, 4, dtype=F64)
+    A[0, 1], A[2, 3] = angle, angle
+    Q = gf.SO().sample((4, 4), generator=generator, dtype=F64)
+    return X @ Q @ torch.linalg.matrix_exp(A - A.mT) @ Q.mT
+
+
+@pytest.mark.parametrize("space, shape", [(gf.SO(), (4, 4)), (gf.Grassmannian(), (6, 3))])
+@pytest.mark.parametrize("where", ["generic", "coincident", "repeated"])
+def test_logmap_derivatives_are_exact_where_eigenvalues_repeat(space, shape, where, generator):
+    """First and second derivatives of ``logmap`` in both arguments, at a generic pair, at ``Y = X``
+    (every eigenvalue or principal angle repeats) and at two equal nonzero angles: gradcheck (float64);
+    second directional derivatives from plain autograd (double backward) and from ``torch.func``
+    (forward over forward) against central second differences of the values (step 1e-4: truncation and
+    rounding both ~1e-8; ``gradgradcheck``'s differences of gradients are noise at a repeated eigenvalue,
+    where the eigenvectors at the perturbed points are ill-conditioned, so it runs at the generic pair
+    only). A spectral map whose second derivative is dropped is off by O(1) here. The Riemannian gradient
+    of ``½ dist²(·, Y)`` is ``−logmap(·, Y)``."""
+    X = space.sample(shape, generator=generator, dtype=F64)
+    Y = {"generic": space.expmap(X, 0.8 * _unit(space, X, generator)), "coincident": X.clone(),
+         "repeated": _isoclinic(space, X, generator)}[where]
+    W = torch.randn(shape, generator=generator, dtype=F64)
+
+    def f(X, Y):
+        return (W * space.logmap(X, Y)).sum()
+
+    Xr, Yr = X.clone().requires_grad_(), Y.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda X, Y: space.logmap(X, Y), (Xr, Yr))
+    if where == "generic":
+        assert torch.autograd.gradgradcheck(f, (Xr, Yr))
+    h = 1e-4
+    for _ in range(3):
+        D = (torch.randn(shape, generator=generator, dtype=F64), torch.randn(shape, generator=generator, dtype=F64))
+        fd = (f(X + h * D[0], Y + h * D[1]) - 2 * f(X, Y) + f(X - h * D[0], Y - h * D[1])) / h**2
+        ff = torch.func.jvp(lambda X, Y: torch.func.jvp(f, (X, Y), D)[1], (X, Y), D)[1]
+        g = torch.autograd.grad(f(Xr, Yr), (Xr, Yr), create_graph=True)
+        g2 = torch.autograd.grad(sum((gi * di).sum() for gi, di in zip(g, D)), (Xr, Yr))
+        ab = sum((gi * di).sum() for gi, di in zip(g2, D))
+        tol = 1e-5 * max(1.0, float(fd.abs()))
+        assert abs(float(ff - fd)) < tol and abs(float(ab - fd)) < tol, (float(fd), float(ff), float(ab))
+    half_sq = 0.5 * space.inner(Xr, space.logmap(Xr, Y), space.logmap(Xr, Y))
+    (G,) = torch.autograd.grad(half_sq, Xr)
+    torch.testing.assert_close(space.egrad_to_rgrad(X, G), -space.logmap(X, Y), atol=1e-10, rtol=0)

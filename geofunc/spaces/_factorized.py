@@ -128,14 +128,15 @@ def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tens
     return out
 
 
-def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
                   tie_tol: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
-    """``Q diag(g) Qᵀ`` for ``sym(Y) = Q diag(λ) Qᵀ`` (ascending), ``(g, g') = g_fn(λ, Q)``.
+    """``Q diag(g) Qᵀ`` for ``sym(Y) = Q diag(λ) Qᵀ`` (ascending), ``(g, g') = g_fn(λ, Q)``, or
+    ``(g, g', g'')`` for a ``g`` that is not piecewise linear.
 
     Value from ``eigh`` of the detached symmetric part; exact first derivative
     ``Q (Qᵀ dS Q ∘ Γ) Qᵀ`` with the divided differences ``Γᵢⱼ = (gᵢ − gⱼ)/(λᵢ − λⱼ)`` (Daleckii–Krein;
     ``g'`` at ties) and exact second derivative (Note [Second derivatives of spectral maps];
-    ``g'' = 0``). The result is exactly symmetric. ``tie_tol`` as :func:`spectral_svd`'s. NaN/inf input
+    ``g'' = 0`` where ``g_fn`` returns two values). The result is exactly symmetric. ``tie_tol`` as :func:`spectral_svd`'s. NaN/inf input
     gives NaN. In plain autograd one node (as :func:`spectral_svd`).
     """
     mode = derivative_mode(Y)
@@ -145,18 +146,19 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tens
     return _spectral_eigh(Y, g_fn, tie_tol, mode)
 
 
-def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]],
                    tie_tol: Optional[Callable[[Tensor], Tensor]], mode: str) -> Any:
     """:func:`spectral_eigh` in ``mode`` (as :func:`_spectral_svd`)."""
     S = sym_part(Y)
     S0 = S.detach()
     lam, Q = torch.linalg.eigh(sanitize(S0))
-    g, dg = g_fn(lam, Q)
+    g, dg, *rest = g_fn(lam, Q)
     g, dg = g.detach(), dg.detach()
+    d2g = rest[0].detach() if rest else None
     out = sym_part((Q * g.unsqueeze(-2)) @ transpose(Q))
     if mode == "none":  # nothing differentiates: the terms are 0 in value
         return out + poison(S0)
-    gam, H, tie, safe = _second_divided(lam, g, dg, (_tie_tol if tie_tol is None else tie_tol)(lam).unsqueeze(-1))
+    gam, H, tie, safe = _second_divided(lam, g, dg, (_tie_tol if tie_tol is None else tie_tol)(lam).unsqueeze(-1), d2g)
     if mode == "vjp":
 
         def vjp(G: Tensor) -> Tensor:  # S ↦ Q (Qᵀ S Q ∘ Γ) Qᵀ is self-adjoint; sym_part twice

@@ -8,6 +8,8 @@ from typing import Any, final
 import torch
 
 from .._linalg import frame_chart, poisoned_zero, transpose
+from ._factorized import spectral_eigh
+from ._logs import atan_ratio
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Grassmannian"]
@@ -77,8 +79,11 @@ class Grassmannian(FrameSpace):
     # distance is the norm of the principal angles θ_i = atan2(sin θ_i, cos θ_i), the cosines the
     # singular values of XᴴY and the sines those of (I − XXᴴ)Y (paired in reverse order): each is
     # accurate where the other is not (arccos loses half the digits of small angles), and singular
-    # values (not vectors) keep the gradient finite where angles repeat (Y = X). No logmap: its
-    # atan of singular values needs singular vectors, whose derivatives are undefined there.
+    # values (not vectors) keep the gradient finite where angles repeat (Y = X). The logarithm
+    # U diag(θ) Wᴴ of M = (I − XXᴴ)Y(XᴴY)⁻¹ = U diag(tan θ) Wᴴ (Absil, Mahony & Sepulchre 2004) is
+    # M h(MᴴM), h(a) = arctan(√a)/√a, a spectral map of the Hermitian MᴴM (Note [Logarithms as
+    # spectral maps] in geofunc/spaces/_logs.py): no singular vectors; defined for principal angles
+    # < π/2 (XᴴY singular is the cut locus); independent of the frame chosen for Y's subspace.
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """``expm(VXᴴ − XVᴴ) X`` for the horizontal part of ``V``: the geodesic (Note [The Grassmannian's
         geodesics])."""
@@ -93,4 +98,20 @@ class Grassmannian(FrameSpace):
         cos = torch.linalg.svdvals(C)  # descending
         sin = torch.linalg.svdvals(Yt - Xt @ C).flip(-1)  # ascending: paired with the cosines
         return torch.linalg.vector_norm(torch.atan2(sin, cos), dim=-1)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The horizontal ``V`` at ``X`` with ``expmap(X, V)`` spanning ``Y``'s subspace, for principal
+        angles below π/2 (Note [The Grassmannian's geodesics]); exact first and second derivatives."""
+        self._check_pair(X, Y, "Y")
+        Xt, tr = tall(X)
+        Yt = tall(Y)[0]
+        E = empty_frame(Xt, Yt)
+        if E is not None:
+            return untall(E, tr)
+        C = transpose(Xt) @ Yt
+        # (Y − XC) C⁻¹ by the inverse: solve's second derivatives are wrong under forward-mode nestings
+        # (Note [Solves under torch.func] in geofunc/_linalg.py); C is k×k and well conditioned below π/2
+        M = (Yt - Xt @ C) @ torch.linalg.inv_ex(C)[0]
+        H = spectral_eigh(transpose(M) @ M, lambda lam, Q: atan_ratio(lam))
+        return untall(M @ H, tr)
 

@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part,
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part, sym_part,
                        tall, transpose, untall)
 from ._base import AbstractSpace
 
@@ -79,8 +79,10 @@ class MatrixGroup(AbstractSpace):
     # ‖Ω‖_F, the metric is bi-invariant and the geodesics are the one-parameter subgroups X exp(tΩ):
     # Exp_X(V) = X expm(skew(XᴴV)) (the retraction of the "expm" trivialization, whatever `triv` is),
     # and dist(X, Y) = ‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²) over the eigenvalues λ_j of the unitary XᴴY
-    # (a normal matrix: its eigenvalues are as accurate as its entries). No logmap: the principal
-    # logarithm would need the eigenvectors, ill-conditioned where eigenvalues nearly repeat.
+    # (a normal matrix: its eigenvalues are as accurate as its entries). Log_X(Y) = X log(XᴴY), the
+    # principal logarithm as K φ(S) of the Hermitian and skew parts of XᴴY (Note [Logarithms as
+    # spectral maps] in geofunc/spaces/_logs.py): no eigenvectors, whose derivatives are undefined where
+    # eigenvalues repeat; defined for rotation angles < π (an eigenvalue −1 of XᴴY is the cut locus).
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """``X expm(skew(XᴴV))``: the one-parameter subgroup through ``X`` along ``V`` (Note [The group's
         geodesics])."""
@@ -92,6 +94,17 @@ class MatrixGroup(AbstractSpace):
         SO(3), √2 times the angle of the rotation ``XᵀY``)."""
         self._check_pair(X, Y, "Y")
         return torch.linalg.vector_norm(torch.angle(torch.linalg.eigvals(transpose(X) @ Y)), dim=-1)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``X log(XᴴY)``, the principal logarithm: the inverse of :meth:`expmap` for rotation angles
+        below π (Note [The group's geodesics]); exact first and second derivatives, also at ``Y = X``."""
+        from ._factorized import spectral_eigh
+        from ._logs import theta_over_sin
+
+        self._check_pair(X, Y, "Y")
+        R = transpose(X) @ Y
+        P = spectral_eigh(sym_part(R), lambda lam, Q: theta_over_sin(lam))
+        return X @ skew_part(skew_part(R) @ P)
 
 
 @dataclasses.dataclass(frozen=True)
