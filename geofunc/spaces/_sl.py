@@ -9,7 +9,7 @@ from typing import Any, final
 import torch
 
 from .._errors import ManifoldError, describe, error
-from .._linalg import Triv, expm, poison, poisoned_zero, sanitize
+from .._linalg import Triv, expm, logabsdet_lu, poison, poisoned_zero, sanitize
 from ._base import AbstractSpace, cached_attribute, compute_cached
 from ._glp import GLp
 
@@ -170,7 +170,7 @@ class SL(AbstractSpace):
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
         self._check_shape(Y, "Y")
         P = self._glp.project(Y)
-        lad = torch.linalg.slogdet(sanitize(P))[1][..., None, None]  # (see to_manifold)
+        lad = logabsdet_lu(sanitize(P))[..., None, None]  # (see to_manifold; not slogdet: Note [Solves under torch.func])
         return P * torch.exp(lad / -Y.shape[-1]) + poison(P)
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:

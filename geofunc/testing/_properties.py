@@ -991,6 +991,54 @@ def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
 
 
 @_property
+def check_nested_forward(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """Second directional derivatives through forward mode equal plain autograd's double backward
+    (float64, to ``1e-8`` relative): ``jvp`` of ``jvp`` (forward over forward) and ``grad`` of ``jvp``
+    (reverse over forward), for a scalar loss of ``to_manifold`` (random ``Z`` and ``Z = 0``),
+    ``retract(X, ·)``, ``project`` near a point and, where the space has them, ``expmap(X, ·)`` and
+    ``logmap(X, ·)``, on the smoke shape. torch's forward-mode rules of ``linalg.solve``, ``slogdet``
+    and ``det`` drop a second-order term when differentiated again (torch 2.13; Note [Solves under
+    torch.func]): a map built on them fails here, which ``hessian`` (forward over reverse) and
+    ``gradgradcheck`` (reverse over reverse) do not see."""
+    from ._geodesic import implements
+
+    _require_f64("nested_forward", dtype)
+    g = _gen(generator)
+    M = case.space
+    shape, X, base, Z = _smoke_inputs(case, g)
+    ctx = _ctx(case, shape, f64)
+    C, G = _randn(shape, f64, g), _randn(shape, f64, g)
+    V = M.tangent(X, G)
+    V = 0.3 * V / max(1.0, float(V.abs().max()))  # a moderate step: inside every injectivity radius
+    maps: list[tuple[str, Callable[[Tensor], Tensor], Tensor]] = [
+        (f"to_manifold at {name}", lambda z: M.to_manifold(z, base), at) for name, at in _derivative_points(case, Z)]
+    maps += [("retract(X, ·)", lambda v: M.retract(X, v), V),
+             ("project near a point", M.project, X + _randn(shape, f64, g, 0.05))]
+    if implements(M, "expmap"):
+        maps.append(("expmap(X, ·)", lambda v: M.expmap(X, M.tangent(X, v)), V))
+    if implements(M, "logmap"):
+        maps.append(("logmap(X, ·)", lambda y: M.logmap(X, y), M.retract(X, V)))
+    for name, fn, at in maps:
+
+        def loss(x: Tensor, fn: Callable[[Tensor], Tensor] = fn) -> Tensor:
+            out = fn(x)
+            return (out * C).sum() + (out * C).sum() ** 2  # a quadratic term: the second derivative is not 0
+
+        d = _randn(shape, f64, g)
+        xr = at.detach().clone().requires_grad_(True)
+        (g1,) = torch.autograd.grad(loss(xr), xr, create_graph=True)
+        (g2,) = torch.autograd.grad((g1 * d).sum(), xr)
+        ref = float((g2 * d).sum())
+        tol = 1e-8 * max(1.0, abs(ref))
+        ff = float(jvp(lambda x: jvp(loss, (x,), (d,))[1], (at,), (d,))[1])
+        rf = float((grad(lambda x: jvp(loss, (x,), (d,))[1])(at) * d).sum())
+        for how, got in (("jvp of jvp", ff), ("grad of jvp", rf)):
+            if not abs(got - ref) <= tol:
+                raise _fail(ctx, f"{how} of {name}: second directional derivative {got!r} != {ref!r} from "
+                                 "autograd's double backward")
+
+
+@_property
 def check_vmap_grad(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``vmap(grad(loss))`` over a stack of raw tensors and bases equals the loop of ``grad(loss)``."""
     _require_f64("vmap_grad", dtype)
