@@ -174,6 +174,8 @@ _OPEN = "an open set: project returns the nearest point of the closure pushed in
 _BOUNDARY = "a set with boundary: project(Y) of a Gaussian Y lands on the boundary (clipped values), where the normal cone is not the normal space"
 _SINGULAR = "project(Y) of a Gaussian Y may have rank < r, a singular point of the rank ≤ r set where `tangent` is not its tangent space"
 _NO_TOL = "an open set whose membership (σ_min above the floor of f; GLp: det > 0) has no tolerance-sized boundary"
+_INCOMPLETE = ("the embedded metric is incomplete: expmap(X, V) = X + V leaves the cone (NaN) for ‖V‖ ≥ λ_min(X); "
+               "its geodesics within the geodesic radius are checked by expmap_geodesic, logmap, transport_parallel")
 _SLACK = 1e-6  # the float64 clamp level √ε·max(1, σ₁) ~ 1.5e-8 σ₁ per value, relative to ‖Y‖
 # softplus + ε with ε = √ε_dtype: the float32 map differs from the float64 one by ~3.5e-4 by design.
 _SOFTPLUS = 2e-3
@@ -231,11 +233,18 @@ RANK_CASES: list[SpaceCase] = [
     # ---------------------------------------------------------------- eigen type
     SpaceCase("PSD", gf.PSD(), SHAPES_SQUARE, _pssd(positive=True), TOL, off_manifold=_negate, has_logabsdet=True,
               smoke_shape=(3, 3), dim=ref.dim_psd_rank(), perturb=ref.perturb_spectral_symmetry,
-              moments=ref.moments_psd(), project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN}),
+              moments=ref.moments_psd(), project_slack=_SLACK, float32_shift=_SOFTPLUS,
+              skip={"project_normal": _OPEN, "expmap": _INCOMPLETE},
+              transport="parallel"),  # the embedded metric is flat: the identity is the parallel transport
+    # the affine-invariant metric (geoopt's SymmetricPositiveDefinite): the same chart, another metric
+    SpaceCase("PSD-affine", gf.PSD(metric="affine"), SHAPES_SQUARE, _pssd(positive=True), TOL, off_manifold=_negate,
+              has_logabsdet=True, smoke_shape=(3, 3), dim=ref.dim_psd_rank(), perturb=ref.perturb_spectral_symmetry,
+              moments=ref.moments_psd(), project_slack=_SLACK, float32_shift=_SOFTPLUS, skip={"project_normal": _OPEN},
+              transport="parallel"),
     SpaceCase("PSD-exp-cayley", gf.PSD(f=EXP, triv="cayley"), _SQUARE_FULL, _pssd(positive=True), TOL,
               off_manifold=_negate, has_logabsdet=True, raw_scales=(1.0,), smoke_shape=(3, 3),
               dim=ref.dim_psd_rank(), perturb=ref.perturb_spectral_symmetry, moments=ref.moments_psd(),
-              project_slack=_SLACK, skip={"project_normal": _OPEN}),
+              project_slack=_SLACK, skip={"project_normal": _OPEN, "expmap": _INCOMPLETE}),
     SpaceCase("PSSD", gf.PSSD(), SHAPES_SQUARE, _pssd(), TOL, off_manifold=_negate, has_logabsdet=True,
               smooth=False, smoke_shape=(3, 3), dim=ref.dim_psd_rank(), perturb=ref.perturb_psd(),
               moments=ref.moments_psd(), skip={"project_normal": _BOUNDARY}),

@@ -111,15 +111,15 @@ def almost_orthogonal(lam: float) -> Callable[[Tensor, float], Tensor]:
 
 
 def pssd(r: Optional[int] = None, positive: bool = False) -> Callable[[Tensor, float], Tensor]:
-    """Symmetric, ``λ_min ≥ −atol·s``, the ``n − r`` smallest ``|λ| ≤ atol·s`` (``s = max(1, ‖X‖₂)``),
+    """Symmetric (Hermitian), ``λ_min ≥ −atol·s``, the ``n − r`` smallest ``|λ| ≤ atol·s`` (``s = max(1, ‖X‖₂)``),
     and with ``positive`` the r-th largest ``> 0``."""
 
     def pred(X: Tensor, atol: float) -> Tensor:
         n = X.shape[-1]
         rr = n if r is None else r
-        lam = torch.linalg.eigvalsh(0.5 * (X + X.mT))
+        lam = torch.linalg.eigvalsh(0.5 * (X + X.mH))  # Hermitian for complex X
         scale = lam.abs().amax(-1).clamp(min=1.0)
-        ok = _max_abs(X - X.mT) <= atol * scale
+        ok = _max_abs(X - X.mH) <= atol * scale
         ok = ok & (lam[..., 0] >= -atol * scale)
         if rr < n:
             ok = ok & (lam[..., : n - rr].abs().amax(-1) <= atol * scale)

@@ -80,6 +80,29 @@ def test_the_other_shared_maps(generator):
     torch.testing.assert_close(B.egrad_to_rgrad(X, G), geoopt.BirkhoffPolytope().egrad2rgrad(X, G), atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(4, 4), (2, 3, 3)])
+def test_the_affine_invariant_psd_is_geoopts_spd(shape, generator):
+    """``PSD(metric="affine")`` and geoopt's ``SymmetricPositiveDefinite()`` (its default metric, AIM):
+    every map of the metric (geoopt's ``retr`` is ``X + V + ½VX⁻¹V``, ``retract`` that point, projected
+    only where it is below the value floor), ``expmap``, ``logmap``, ``dist``, the parallel transport."""
+    space, manifold = gf.PSD(metric="affine"), geoopt.SymmetricPositiveDefinite()
+    X, Y = (space.sample(shape, generator=generator, dtype=F64) for _ in range(2))
+    G = torch.randn(shape, generator=generator, dtype=F64)
+    U, V = (space.tangent(X, torch.randn(shape, generator=generator, dtype=F64)) for _ in range(2))
+    pairs = {
+        "tangent": (space.tangent(X, G), manifold.proju(X, G)),
+        "egrad_to_rgrad": (space.egrad_to_rgrad(X, G), manifold.egrad2rgrad(X, G)),
+        "inner": (space.inner(X, U, V), manifold.inner(X, U, V)),
+        "retract": (space.retract(X, U), manifold.retr(X, U)),
+        "expmap": (space.expmap(X, U), manifold.expmap(X, U)),
+        "logmap": (space.logmap(X, Y), manifold.logmap(X, Y)),
+        "dist": (space.dist(X, Y), manifold.dist(X, Y)),
+        "transport": (space.transport(X, Y, V), manifold.transp(X, Y, V)),
+    }
+    for name, (ours, theirs) in pairs.items():
+        torch.testing.assert_close(ours, theirs, atol=1e-11, rtol=1e-11, msg=name)
+
+
 def _race(constraints, manifolds, params, loss, ours, theirs, steps=25, state=None):
     p, s = params, (ours.init(params) if state is None else state)
     P = {k: geoopt.ManifoldParameter(v.clone(), manifold=manifolds[k]) for k, v in params.items()}
@@ -114,6 +137,32 @@ def test_radam_equals_riemannian_adam(kwargs, generator):
         with pytest.raises(AssertionError):
             _race(c, m, params, loss, gf.optim.radam(c, **kwargs),
                   lambda ps: geoopt.optim.RiemannianAdam(ps, **{**kwargs, "amsgrad": False}))
+
+
+@pytest.mark.parametrize("optimizer", ["rsgd", "radam"])
+def test_optimizers_on_the_affine_invariant_psd_equal_geoopts(optimizer, generator):
+    """On ``PSD(metric="affine")`` the optimizers step as geoopt's on ``SymmetricPositiveDefinite()``:
+    the Riemannian gradient ``X sym(G) X``, Adam's second moment in the metric, the retraction and the
+    parallel transport of the moments (with a free entry beside it)."""
+    c = {"P": gf.PSD(metric="affine"), "b": None}
+    params = {"P": gf.PSD().sample((2, 3, 3), generator=generator, dtype=F64), "b": torch.randn(3, generator=generator, dtype=F64)}
+    T = gf.PSD().sample((2, 3, 3), generator=generator, dtype=F64)
+
+    def loss(p):
+        return ((p["P"] - T) ** 2).sum() + 0.1 * torch.logdet(p["P"]).sum() + (torch.sin(p["b"]) ** 2).sum()
+
+    kwargs = dict(lr=0.05) if optimizer == "radam" else dict(lr=0.02, momentum=0.5)
+    ours = getattr(gf.optim, optimizer)(c, **kwargs)
+    theirs = {"rsgd": geoopt.optim.RiemannianSGD, "radam": geoopt.optim.RiemannianAdam}[optimizer]
+    state = ours.init(params)
+    if optimizer == "rsgd":  # geoopt's first momentum buffer is the raw gradient (see the momentum test below)
+        trace = state[2]
+        state = (*state[:2], trace._replace(trace=grad(loss)(params)), *state[3:])
+    _race(c, {"P": geoopt.SymmetricPositiveDefinite(), "b": geoopt.Euclidean()}, params, loss, ours,
+          lambda ps: theirs(ps, **kwargs), state=state)
+    with pytest.raises(AssertionError):  # the embedded metric's steps are others
+        _race(c, {"P": geoopt.SymmetricPositiveDefinite(), "b": geoopt.Euclidean()}, params, loss,
+              getattr(gf.optim, optimizer)({"P": gf.PSD(), "b": None}, **kwargs), lambda ps: theirs(ps, **kwargs))
 
 
 def test_rsgd_equals_riemannian_sgd(generator):

@@ -7,15 +7,39 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._linalg import Triv
-from ._base import cached_attribute, compute_cached
-from ._factorized import EigSpace
+from .._errors import error
+from .._linalg import Triv, sym_part, transpose
+from ._base import _space_repr, cached_attribute, compute_cached
+from ._factorized import EigSpace, spectral_eigh
 from ._orthogonal import validate_triv
 from ._values import POSITIVE_MAPS, Positive, normalize_f
 
 __all__ = ["PSD"]
 
 Tensor = torch.Tensor
+
+_METRICS = ("embedded", "affine")
+
+
+def _inv(X: Tensor) -> Tensor:
+    return torch.linalg.inv_ex(X)[0]
+
+
+# The spectral maps of the affine-invariant metric: (g, g', g'') of the eigenvalues (Note [The metrics of PSD]).
+def _sqrt(X: Tensor) -> Tensor:
+    return spectral_eigh(X, lambda lam, Q: (lam.sqrt(), 0.5 * lam.rsqrt(), -0.25 * lam.rsqrt() / lam))
+
+
+def _rsqrt(X: Tensor) -> Tensor:
+    return spectral_eigh(X, lambda lam, Q: (lam.rsqrt(), -0.5 * lam.rsqrt() / lam, 0.75 * lam.rsqrt() / (lam * lam)))
+
+
+def _exp(X: Tensor) -> Tensor:
+    return spectral_eigh(X, lambda lam, Q: (lam.exp(), lam.exp(), lam.exp()))
+
+
+def _log(X: Tensor) -> Tensor:
+    return spectral_eigh(X, lambda lam, Q: (lam.log(), 1.0 / lam, -1.0 / (lam * lam)))
 
 
 @final
@@ -34,6 +58,21 @@ class PSD(EigSpace):
       (``= X + V`` for small symmetric ``V``). ``sample``: ``Q diag(0.5 + t) Qᵀ``, ``Q`` Haar on O(n),
       ``t_i`` independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 
+    ``metric``: the Riemannian metric, which ``inner``, ``egrad_to_rgrad``, ``retract``, ``transport``
+    and the geodesic maps (``expmap``, ``logmap``, ``dist``) follow (the chart, ``tangent`` and
+    ``project`` do not depend on it; Note [The metrics of PSD]):
+
+    * ``"embedded"`` (default, GeoTorch's): ``⟨U, V⟩ = tr(UV)``, the Riemannian gradient ``sym(G)``,
+      ``retract`` as above, ``transport`` the identity on symmetric matrices. The cone is convex, so
+      the geodesics are segments: ``logmap(X, Y) = Y − X``, ``dist = ‖Y − X‖_F``,
+      ``expmap(X, V) = X + V`` (NaN where that leaves the cone: the metric is incomplete).
+    * ``"affine"`` (the affine-invariant metric, geoopt's ``SymmetricPositiveDefinite`` default;
+      Pennec, Fillard & Ayache 2006): ``⟨U, V⟩_X = tr(X⁻¹UX⁻¹V)``, the Riemannian gradient
+      ``X sym(G) X``, ``retract(X, V) = project(X + V + ½VX⁻¹V)`` (second order; positive definite for
+      every symmetric ``V``), ``expmap(X, V) = X^½ exp(X^-½ V X^-½) X^½``, ``logmap(X, Y) =
+      X^½ log(X^-½ Y X^-½) X^½``, ``dist = ‖log(X^-½ Y X^-½)‖_F``, ``transport`` the parallel transport
+      ``E V Eᵀ``, ``E = X^½ (X^-½ Y X^-½)^½ X^-½``. Complete: every pair has its geodesic.
+
     Complex tensors: Hermitian positive definite matrices ``Q diag(f(λ)) Qᴴ`` with ``Q`` unitary
     (the Unitary chart of the strict lower triangle: the column phases of ``Q`` do not change
     ``X``), ``λ = Re diag(Z)``, ``sym(G) = (G + Gᴴ)/2``; ``sample`` draws ``Q`` Haar on U(n)
@@ -48,12 +87,92 @@ class PSD(EigSpace):
 
     f: Any = "softplus"
     triv: Triv = "expm"
+    metric: str = "embedded"
     accepts_complex: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))
         validate_triv(self, self.triv)
+        if self.metric not in _METRICS:
+            raise error(self, f"`metric` to be one of {', '.join(map(repr, _METRICS))}", repr(self.metric))
         compute_cached(self)  # not inside a compiled region (cached_attribute)
+
+    def __repr__(self) -> str:  # the metric only where it is not the default: reprs stay as they were
+        return _space_repr(self).replace(", metric='embedded'", "")
+
+    # Note [The metrics of PSD]
+    # Every map of the affine-invariant metric is written with spectral maps of symmetric (Hermitian)
+    # matrices (spectral_eigh: X^½, X^-½, exp, log, √ with their first and second derivatives), never
+    # with eigenvectors that autograd would differentiate: exact first and second derivatives under
+    # every transform, also where eigenvalues repeat (X = I, Y = X). Inverses by inv (solve's and
+    # slogdet's second derivatives are wrong under forward-mode nestings: Note [Solves under
+    # torch.func] in geofunc/_linalg.py). With the embedded metric the cone is an open convex subset of
+    # the symmetric matrices with their flat metric: segments are its geodesics.
+    def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
+        """``sym(G)`` (embedded metric) or ``X sym(G) X`` (affine-invariant)."""
+        if self.metric == "embedded":
+            return super().egrad_to_rgrad(X, G)
+        self._check_pair(X, G, "G")
+        return sym_part(X @ sym_part(G) @ X)
+
+    def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        """``Re tr(UᴴV)`` (embedded metric) or ``Re tr(X⁻¹UX⁻¹V)`` (affine-invariant), batch-shaped."""
+        if self.metric == "embedded":
+            return super().inner(X, U, V)
+        self._check_pair(X, U, "U")
+        self._check_pair(X, V, "V")
+        Xi = _inv(X)
+        A, B = Xi @ U, Xi @ V
+        out = (A * B.mT).sum(dim=(-2, -1))  # tr(AB)
+        return out.real if out.is_complex() else out
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``project(X + V)`` (embedded metric) or ``project(X + V + ½ V X⁻¹ V)`` (affine-invariant,
+        ``V`` read as ``sym(V)``: geoopt's retraction)."""
+        if self.metric == "embedded":
+            return super().retract(X, V)
+        self._check_pair(X, V, "V")
+        Vs = sym_part(V)
+        return self.project(X + Vs + 0.5 * (Vs @ _inv(X) @ Vs))
+
+    def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+        """``sym(V)`` (embedded metric) or the affine-invariant parallel transport along the geodesic
+        from ``X`` to ``Y``: ``X^½ M^½ (X^-½ V X^-½) M^½ X^½``, ``M = X^-½ Y X^-½``."""
+        if self.metric == "embedded":
+            return super().transport(X, Y, V)
+        self._check_pair(X, Y, "Y")
+        self._check_pair(X, V, "V")
+        R, Ri = _sqrt(X), _rsqrt(X)
+        E = _sqrt(Ri @ Y @ Ri)
+        return sym_part(R @ E @ sym_part(Ri @ V @ Ri) @ E @ R)
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """``X + sym(V)`` (embedded metric: NaN where that is not positive definite) or
+        ``X^½ exp(X^-½ V X^-½) X^½`` (affine-invariant)."""
+        self._check_pair(X, V, "V")
+        Vs = sym_part(V)
+        if self.metric == "embedded":
+            Y = X + Vs
+            pd = torch.linalg.cholesky_ex(Y.detach()).info == 0
+            return Y * torch.where(pd, 1.0, torch.nan).to(Y.real.dtype)[..., None, None]
+        R, Ri = _sqrt(X), _rsqrt(X)
+        return sym_part(R @ _exp(Ri @ Vs @ Ri) @ R)
+
+    def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``Y − X`` (embedded metric) or ``X^½ log(X^-½ Y X^-½) X^½`` (affine-invariant)."""
+        self._check_pair(X, Y, "Y")
+        if self.metric == "embedded":
+            return sym_part(Y - X)
+        R, Ri = _sqrt(X), _rsqrt(X)
+        return sym_part(R @ _log(Ri @ Y @ Ri) @ R)
+
+    def dist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``‖Y − X‖_F`` (embedded metric) or ``‖log(X^-½ Y X^-½)‖_F`` (affine-invariant), batch-shaped."""
+        self._check_pair(X, Y, "Y")
+        if self.metric == "embedded":
+            return torch.linalg.matrix_norm(Y - X)
+        Ri = _rsqrt(X)
+        return torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sym_part(Ri @ Y @ Ri))), dim=-1)
 
     @cached_attribute
     def _value_map(self) -> Positive:
