@@ -25,16 +25,23 @@ BLOCKS = re.findall(r"```python\n(.*?)```", PAGE, re.S)
 TOL = 1e-12
 
 
-def test_the_pages_program_before_and_after_gives_the_same_points():
-    assert len(BLOCKS) == 2 and "geoopt" in BLOCKS[0] and "geoopt" not in BLOCKS[1]
+@pytest.mark.parametrize("pair", [0, 1], ids=["functional", "module"])
+def test_the_pages_programs_before_and_after_give_the_same_points(pair):
+    """The page's two programs (a functional one, an ``nn.Module`` with ``TorchOptimizer``), each
+    before (geoopt) and after (geofunc): the same points."""
+    assert len(BLOCKS) == 4 and all(("geoopt" in b) == (i % 2 == 0) for i, b in enumerate(BLOCKS))
     results = []
-    for i, block in enumerate(BLOCKS):
+    for i in (2 * pair, 2 * pair + 1):
         namespace: dict = {"__name__": f"geoopt_migration_block{i}"}
-        exec(compile(block, f"docs/guide/migration-geoopt.md block {i}", "exec"), namespace)
+        exec(compile(BLOCKS[i], f"docs/guide/migration-geoopt.md block {i}", "exec"), namespace)
         results.append(namespace["result"])
+    assert results[0].keys() == results[1].keys()
     for k in results[0]:
         torch.testing.assert_close(results[1][k], results[0][k], atol=TOL, rtol=0)
-    assert member(gf.Stiefel(), results[1]["W"]) and member(gf.Sphere(), results[1]["s"])
+    if pair == 0:
+        assert member(gf.Stiefel(), results[1]["W"]) and member(gf.Sphere(), results[1]["s"])
+    else:
+        assert member(gf.Stiefel(), results[1]["weight"])
 
 
 MAPS = [  # (geofunc space, geoopt manifold, shape)

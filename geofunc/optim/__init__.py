@@ -18,6 +18,7 @@ from ._base import (
 )
 from ._riemannian import retract_and_transport as retract_and_transport
 from ._wrappers import ApplyIfFiniteState as ApplyIfFiniteState, apply_if_finite as apply_if_finite
+from ._module import TorchOptimizer as TorchOptimizer
 from ._transforms import (
     ScaleByAdamState as ScaleByAdamState,
     ScaleByAMSGradState as ScaleByAMSGradState,
@@ -52,6 +53,7 @@ __all__ = [
     "ScaleByAMSGradState",
     "ScaleByScheduleState",
     "TangentTransform",
+    "TorchOptimizer",
     "TraceState",
     "add_decayed_weights",
     "apply_if_finite",
