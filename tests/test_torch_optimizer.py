@@ -169,3 +169,38 @@ def test_bad_use_is_named(generator):
     other = gf.optim.TorchOptimizer(nn.Linear(2, 2).named_parameters(), {}, gf.optim.rsgd, lr=0.1)
     with pytest.raises(gf.ManifoldError, match="expected a state for the parameters"):
         other.load_state_dict(gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.1).state_dict())
+
+
+def test_a_compiled_step_is_the_eager_step(generator):
+    """``torch.compile(opt.step)`` (and a compiled training step that calls it) steps as eager: Dynamo
+    dropped the assignment of the new functional state on a ``torch.optim.Optimizer``, so the compiled
+    step re-initialized Adam's state every time (1e-4 off after three steps); ``step`` now always runs
+    eagerly (Note [A functional optimizer behind torch.optim])."""
+    x, y = _data(generator)
+    a = Net(generator)
+    b = Net(generator)
+    b.load_state_dict(a.state_dict())
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.radam, lr=0.02)
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radam, lr=0.02)
+    torch._dynamo.reset()
+    step = torch.compile(opt_b.step, backend="eager")
+
+    @torch.compile(backend="eager")
+    def train_step():
+        opt_b.zero_grad()
+        ((b(x) - y) ** 2).mean().backward()
+        opt_b.step()
+
+    for i in range(4):
+        opt_a.zero_grad()
+        ((a(x) - y) ** 2).mean().backward()
+        opt_a.step()
+        if i < 2:
+            opt_b.zero_grad()
+            ((b(x) - y) ** 2).mean().backward()
+            step()
+        else:
+            train_step()
+    for k in ("W", "s", "b"):
+        torch.testing.assert_close(getattr(b, k).detach(), getattr(a, k).detach(), atol=1e-13, rtol=0)
+    assert int(opt_b.state_dict()["functional_state"][2].count) == 4

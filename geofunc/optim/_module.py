@@ -21,6 +21,11 @@ __all__ = ["TorchOptimizer"]
 # entry). The learning rate is read from param_groups[0]["lr"] at every step (the functional
 # optimizer is built with it as a schedule), so torch.optim.lr_scheduler drives it as any optimizer.
 # The state_dict holds the functional state (NamedTuples of tensors, allowlisted for torch.load).
+# step is never compiled (torch.compiler.disable: a compiled caller runs it eagerly). Dynamo traces a
+# torch.optim.Optimizer's attributes as its own optimizer object and dropped the assignment of the new
+# state: torch.compile(opt.step) re-initialized the state at every step (Adam's moments and count
+# restarted: 1e-4 off eager after three float64 steps, silently). For a compiled step, compile the
+# functional optimizer's update (its state is an explicit argument).
 class TorchOptimizer(torch.optim.Optimizer):
     """A ``geofunc.optim`` optimizer stepping the parameters of an ``nn.Module`` in place.
 
@@ -95,6 +100,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _named(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self.param_groups[0]["params"]))
 
+    @torch.compiler.disable  # Note [A functional optimizer behind torch.optim]: compiled, it restarted every step
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
