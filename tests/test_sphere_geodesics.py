@@ -101,3 +101,27 @@ def test_extreme_radii_in_float32():
         assert torch.isfinite(d).all() and bool((d <= math.pi * r * (1 + 1e-6)).all())
         L = S.logmap(X, Y)
         torch.testing.assert_close(S.expmap(X, L) / r, Y / r, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("space, shape", [(gf.Sphere(), (4,)), (gf.Oblique(), (4, 3)), (gf.SO(), (3, 3)),
+                                          (gf.Grassmannian(), (5, 2)), (gf.PSD(metric="affine"), (3, 3))])
+def test_a_proximal_term_under_grad_of_grad_is_finite_at_the_anchor(space, shape, generator):
+    """MAML-style: the inner step's loss has a proximal term ``sqdist(θ, θ₀)`` and the outer gradient
+    differentiates through the inner gradient at ``θ = θ₀``. With ``sqdist`` the second derivative is
+    finite and is the metric (2·inner along a tangent); ``dist ** 2`` there is NaN (double backward
+    through a norm at 0), which ``sqdist`` exists to avoid. The sphere's logarithm went through norms
+    too (its double backward at y = x was NaN)."""
+    X0 = space.sample(shape, generator=generator, dtype=F64)
+    V = space.tangent(X0, torch.randn(shape, generator=generator, dtype=F64))
+
+    def outer(t, how):
+        X = X0 + 0.0 * t  # depends on t, equal to X0 in value
+        prox = (lambda Y: space.sqdist(X0, Y)) if how == "sqdist" else (lambda Y: space.dist(X0, Y) ** 2)
+        g = torch.func.grad(lambda Y: prox(Y).sum())(X + t * V)
+        return (g * V).sum()
+
+    t = torch.zeros((), dtype=F64)
+    second = torch.func.grad(outer)(t, "sqdist")
+    torch.testing.assert_close(second, 2 * space.inner(X0, V, V).sum(), atol=1e-9, rtol=1e-9)
+    if isinstance(space, (gf.Sphere, gf.Oblique, gf.SO)):  # (PSD's dist is through eigvalsh, the Grassmannian's
+        assert not torch.isfinite(torch.func.grad(outer)(t, "dist")).all()  # sines are rounding there: finite)

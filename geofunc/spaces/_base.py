@@ -632,6 +632,14 @@ class AbstractSpace(_Space, abc.ABC):
         """The Riemannian logarithm at ``X`` of ``Y`` (only where it has a closed form)."""
         raise ManifoldError(f"{self!r}: logmap has no closed form implemented for this space.")
 
+    def sqdist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``dist(X, Y)²``, batch-shaped, as ``inner(X, L, L)`` with ``L = logmap(X, Y)``: as smooth as the
+        logarithm, with exact first and second derivatives at ``Y = X``, where ``dist`` (a norm) has
+        none and ``dist(X, Y) ** 2`` has a NaN second derivative. For losses of distances (a Fréchet
+        mean, a proximal term under ``grad`` of ``grad``). Where ``logmap`` has a closed form."""
+        L = self.logmap(X, Y)
+        return self.inner(X, L, L)
+
     @abc.abstractmethod
     def project(self, Y: Tensor) -> Tensor:
         """The nearest point to ``Y`` on the space (a canonical point for open spaces)."""

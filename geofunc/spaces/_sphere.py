@@ -244,8 +244,10 @@ def sphere_tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
 # (_exp_chart with Z = v/r at U = x̂: smooth at v = 0, safe at every scale, one node in eager mode).
 # dist(x, y) = 2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖), accurate for every angle (arccos⟨x̂, ŷ⟩ loses half the
 # digits near 0 and π) and symmetric. Log_x(y) = r (θ / sin θ) P_x̂ ŷ, with P_x̂ ŷ formed from
-# ŷ − x̂ (or ŷ + x̂ past the right angle: P_x̂ x̂ = 0), so that no O(1) terms cancel; sin θ = ‖P_x̂ ŷ‖.
-# At y = x it is 0 (θ/sin θ → 1); at the antipode no geodesic is the shortest: NaN, never a
+# ŷ − x̂ (or ŷ + x̂ past the right angle: P_x̂ x̂ = 0), so that no O(1) terms cancel. Up to the right
+# angle θ/sin θ is φ(1 − ½‖ŷ − x̂‖²) (Note [Logarithms as spectral maps]: a series near 0), smooth in
+# ŷ − x̂, so that second derivatives at y = x are exact (through norms, double backward was NaN);
+# past it sin θ = ‖P_x̂ ŷ‖. At y = x it is 0 (θ/sin θ → 1); at the antipode no geodesic is the shortest: NaN, never a
 # plausible vector. The vector transport stays the projection (geoopt's Sphere; what rsgd and
 # radam carry their moments with), not the parallel transport along the great circle.
 def sphere_dist(X: Tensor, Y: Tensor, r: float) -> Tensor:
@@ -262,17 +264,24 @@ def sphere_expmap(X: Tensor, V: Tensor, r: float) -> Tensor:
 
 def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
     """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
+    from ._logs import theta_over_sin
+
     x, y = _unit_base(X, r), _unit_base(Y, r)
-    n = torch.linalg.vector_norm
     d, e = y - x, y + x
     near = _dot(x, y) >= 0
-    w = torch.where(near, d, e)
-    w = w - _dot(x, w) * x  # P_x̂ ŷ
-    theta = 2.0 * torch.atan2(n(d, dim=-1, keepdim=True), n(e, dim=-1, keepdim=True))
-    s = n(w, dim=-1, keepdim=True)
-    ratio = torch.where(s > 0, theta / torch.where(s > 0, s, torch.ones_like(s)),
-                        torch.where(near, torch.ones_like(s), torch.full_like(s, float("nan"))))
-    return (r * ratio) * w
+    # Up to the right angle: θ/sin θ = φ(cos θ) at cos θ = 1 − ½‖ŷ − x̂‖², a smooth function of d (no norm):
+    # exact first and second derivatives at y = x, where norms have none (double backward was NaN there).
+    u = 0.5 * _dot(d, d)
+    ratio_near = theta_over_sin(1.0 - u.clamp(max=1.0))[0]
+    w_near = d - _dot(x, d) * x  # P_x̂ ŷ
+    # Past it: θ = 2 atan2(‖d‖, ‖e‖), sin θ = ‖P_x̂ e‖; the squared norms are floored at `tiny` so that this
+    # unselected branch has finite derivatives at y = x too (the values change only below √tiny).
+    tiny = torch.finfo(u.dtype).tiny
+    w_far = e - _dot(x, e) * x
+    s2 = _dot(w_far, w_far)
+    theta = 2.0 * torch.atan2(u.clamp(min=tiny).sqrt() * math.sqrt(2.0), _dot(e, e).clamp(min=tiny).sqrt())
+    ratio_far = torch.where((s2 > 0) | near, theta / s2.clamp(min=tiny).sqrt(), torch.full_like(s2, float("nan")))  # NaN: antipode
+    return r * torch.where(near, ratio_near * w_near, ratio_far * w_far)
 
 
 def validate_radius(space: Any) -> None:
