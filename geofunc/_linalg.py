@@ -948,7 +948,9 @@ def _packed_apply(Y: Tensor, W: Tensor, J: Tensor, P: Tensor) -> Tensor:
 # and grad of jvp through linalg.solve (2× off), slogdet and det (second derivatives dropped:
 # slogdet under vmap(hessian) 45 off on a 3×3). So differentiable log|det| is `logabsdet_lu` (the LU
 # factors' derivatives are right under every nesting and vmap), and a solve that must be right to
-# second order under any transform (Grassmannian.logmap's) is the inverse.
+# second order under any transform (Grassmannian.logmap's) is the inverse; solve_vec takes the inverse
+# under forward mode too (a jvp level or a forward_ad dual level: Birkhoff's transport and Riemannian
+# gradient were 5% off under jvp of jvp).
 def logabsdet_lu(A: Tensor) -> Tensor:
     """``log|det A|`` from an LU factorization (``-inf`` where ``A`` is singular, no error): the same value
     as ``slogdet(A)[1]``, whose second derivatives are wrong under forward-mode nestings (Note [Solves
@@ -958,8 +960,8 @@ def logabsdet_lu(A: Tensor) -> Tensor:
 
 def solve_vec(A: Tensor, b: Tensor) -> Tensor:
     """``A⁻¹ b`` (``b``: ``(..., n)``); a singular ``A`` gives inf/NaN, no error."""
-    if not torch.compiler.is_compiling() and (torch._C._functorch.peek_interpreter_stack() is None
-                                              or "Vmap" not in _transforms()):
+    if (not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level < 0
+            and (torch._C._functorch.peek_interpreter_stack() is None or not {"Vmap", "Jvp"} & set(_transforms()))):
         return lu_solve_vec(A, b)
     return (torch.linalg.inv_ex(A)[0] @ b.unsqueeze(-1)).squeeze(-1)
 
