@@ -811,7 +811,8 @@ def _polar(A: Tensor, mode: str) -> Any:
 # h[λₗ, λₘ, λₚ] = (Γₗₘ − Γₘₚ)/(λₗ − λₚ), so S₂ = ((Ẽ∘Γ)Ẽ − Ẽ(Ẽ∘Γ))/(λₗ − λₚ): two matrix products,
 # no n×n×n tensor. Where they tie (|λₗ − λₚ| ≤ √ε·max(1, |λ|), as the first-order term's ties),
 # h[λₗ, λₘ, λₗ] = (h′(λₗ) − Γₗₘ)/(λₗ − λₘ) =: Hₗₘ (h″/2 where λₘ ties too: 0 for every value map's
-# projection, piecewise linear; the logarithms' h″ otherwise), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there. Finite at every tie.
+# projection, piecewise linear; the logarithms' h″ otherwise), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there.
+# Finite at every tie.
 # The SVD maps U diag(g) Vᵀ of a tall n×k Y are the spectral map of the dilation [[0, Y], [Yᵀ, 0]]
 # (eigenvalues ±sᵢ with vectors (uᵢ; ±vᵢ)/√2, and 0 on (w; 0), w ⊥ range U) with h odd
 # (h(±sᵢ) = ±gᵢ, h = 0 on the complement). In the 2k eigenvectors (uᵢ; ±vᵢ)/√2,

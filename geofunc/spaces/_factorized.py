@@ -136,8 +136,8 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]
     Value from ``eigh`` of the detached symmetric part; exact first derivative
     ``Q (Qᵀ dS Q ∘ Γ) Qᵀ`` with the divided differences ``Γᵢⱼ = (gᵢ − gⱼ)/(λᵢ − λⱼ)`` (Daleckii–Krein;
     ``g'`` at ties) and exact second derivative (Note [Second derivatives of spectral maps];
-    ``g'' = 0`` where ``g_fn`` returns two values). The result is exactly symmetric. ``tie_tol`` as :func:`spectral_svd`'s. NaN/inf input
-    gives NaN. In plain autograd one node (as :func:`spectral_svd`).
+    ``g'' = 0`` where ``g_fn`` returns two values). The result is exactly symmetric. ``tie_tol`` as
+    :func:`spectral_svd`'s. NaN/inf input gives NaN. In plain autograd one node (as :func:`spectral_svd`).
     """
     mode = derivative_mode(Y)
     if mode == "lazy":

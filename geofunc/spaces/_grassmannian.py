@@ -114,4 +114,3 @@ class Grassmannian(FrameSpace):
         M = (Yt - Xt @ C) @ torch.linalg.inv_ex(C)[0]
         H = spectral_eigh(transpose(M) @ M, lambda lam, Q: atan_ratio(lam))
         return untall(M @ H, tr)
-

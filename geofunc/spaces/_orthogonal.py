@@ -12,8 +12,8 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part, sym_part,
-                       tall, transpose, untall)
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part,
+                       sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
 
 Tensor = torch.Tensor

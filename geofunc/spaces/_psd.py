@@ -8,7 +8,7 @@ from typing import Any, ClassVar, final
 import torch
 
 from .._errors import error
-from .._linalg import Triv, sym_part, transpose
+from .._linalg import Triv, sym_part
 from ._base import _space_repr, cached_attribute, compute_cached
 from ._factorized import EigSpace, spectral_eigh
 from ._orthogonal import validate_triv

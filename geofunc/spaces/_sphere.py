@@ -247,8 +247,8 @@ def sphere_tangent(X: Tensor, G: Tensor, r: float) -> Tensor:
 # ŷ − x̂ (or ŷ + x̂ past the right angle: P_x̂ x̂ = 0), so that no O(1) terms cancel. Up to the right
 # angle θ/sin θ is φ(1 − ½‖ŷ − x̂‖²) (Note [Logarithms as spectral maps]: a series near 0), smooth in
 # ŷ − x̂, so that second derivatives at y = x are exact (through norms, double backward was NaN);
-# past it sin θ = ‖P_x̂ ŷ‖. At y = x it is 0 (θ/sin θ → 1); at the antipode no geodesic is the shortest: NaN, never a
-# plausible vector. The vector transport stays the projection (geoopt's Sphere; what rsgd and
+# past it sin θ = ‖P_x̂ ŷ‖. At y = x it is 0 (θ/sin θ → 1); at the antipode no geodesic is the
+# shortest: NaN, never a plausible vector. The vector transport stays the projection (geoopt's Sphere; what rsgd and
 # radam carry their moments with), not the parallel transport along the great circle.
 def sphere_dist(X: Tensor, Y: Tensor, r: float) -> Tensor:
     """``2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖)`` along the last dim, batch-shaped (Note [the sphere's geodesics])."""
