@@ -100,9 +100,11 @@ class TorchOptimizer(torch.optim.Optimizer):
     def _named(self) -> dict[str, torch.Tensor]:
         return dict(zip(self._names, self.param_groups[0]["params"]))
 
-    @torch.compiler.disable  # Note [A functional optimizer behind torch.optim]: compiled, it restarted every step
-    @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        return _eager_step(self, closure)  # Note [A functional optimizer behind torch.optim]: never compiled
+
+    @torch.no_grad()
+    def _step(self, closure: Optional[Callable[[], Any]]) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -135,3 +137,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self._fstate = state_dict["functional_state"]
+
+
+@torch.compiler.disable  # (a plain function: on torch 2.6 the decorator does not bind as a method)
+def _eager_step(opt: TorchOptimizer, closure: Optional[Callable[[], Any]]) -> Any:
+    return opt._step(closure)
