@@ -225,6 +225,8 @@ PURE = {
     "Grassmannian, batched and row-sharded": (gf.Grassmannian(), (2, 9, 2), 1),
     "Stiefel, column-sharded": (gf.Stiefel(), (8, 3), 1),  # one gather per argument
     "PSD, row-sharded": (gf.PSD(), (4, 4), 0),
+    "PSD affine-invariant, batch-sharded": (gf.PSD(metric="affine"), (4, 3, 3), 0),
+    "PSD affine-invariant, row-sharded": (gf.PSD(metric="affine"), (4, 4), 0),
     "LowRank, column-sharded": (gf.LowRank(rank=2), (6, 4), 1),
 }
 
@@ -318,6 +320,21 @@ def _optimizers_on_dtensors() -> dict:
             "error": max(float((pd[k].full_tensor() - p[k]).abs().max()) for k in p),
             "collectives": {str(k): v for k, v in comm.get_comm_counts().items()},
         }
+    # the affine-invariant metric on batch-sharded SPD matrices: each rank steps its own points
+    c = {"P": gf.PSD(metric="affine")}
+    params = {"P": gf.PSD().sample((4, 3, 3), generator=g)}
+    grads = [{"P": torch.randn(4, 3, 3, generator=g)} for _ in range(2)]
+    opt = gf.optim.radam(c, 0.1)
+    p, state = dict(params), opt.init(params)
+    pd = {k: d(v) for k, v in params.items()}
+    state_d = opt.init(pd)
+    with CommDebugMode() as comm:
+        for G in grads:
+            pd, state_d = opt.update({k: d(v) for k, v in G.items()}, state_d, pd)
+    for G in grads:
+        p, state = opt.update(G, state, p)
+    out["radam-psd-affine"] = {"error": float((pd["P"].full_tensor() - p["P"]).abs().max()),
+                               "collectives": {str(k): v for k, v in comm.get_comm_counts().items()}}
     return out
 
 
@@ -601,12 +618,16 @@ def test_fsdp_train_example_under_torchrun():
 
 
 def test_riemannian_optimizers_on_dtensors(results):
-    """rsgd and radam (also with a schedule, radamw, a clip and apply_if_finite) on DTensors equal the plain steps; the
+    """rsgd and radam (also with a schedule, radamw, a clip and apply_if_finite; radam on the affine-invariant
+    PSD) on DTensors equal the plain steps; the
     row-sharded frame costs only k×k all-reduces (per step: egrad_to_rgrad 1, retract 2, transport 1,
     and radam's inner 1), the batch-sharded spheres nothing but the clip's one global sum."""
     for r in results:
         for name, o in r["optimizers"].items():
             assert o["error"] <= 1e-6, (name, o)
+            if name == "radam-psd-affine":  # batch-sharded: local, no collective
+                assert o["collectives"] == {}, o
+                continue
             want = {"rsgd": 8, "radam": 10, "rsgd-schedule": 8, "radamw": 12, "radam-clip": 12, "radam-finite": 10}[name]
             # radamw: the decay's egrad_to_rgrad, 1 more per step; the clip: the frame's inner (1 per
             # step) and the global norm's sum over the sharded spheres (a Partial reduced once per step);
