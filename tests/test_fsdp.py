@@ -304,10 +304,7 @@ def _optimizers_on_dtensors() -> dict:
     clipped = gf.optim.retract_and_transport(constraints, gf.optim.chain(
         gf.optim.to_tangent(constraints), gf.optim.clip_by_global_norm(constraints, 0.5),
         gf.optim.scale_by_adam(constraints), gf.optim.scale(-0.1)))
-    for name, opt in [("rsgd", gf.optim.rsgd(constraints, 0.1, momentum=0.9)), ("radam", gf.optim.radam(constraints, 0.1)),
-                      ("rsgd-schedule", gf.optim.rsgd(constraints, lambda n: 0.1 * (n + 1) / 2, momentum=0.9)),
-                      ("radamw", gf.optim.radamw(constraints, 0.1, weight_decay=0.1)), ("radam-clip", clipped),
-                      ("radam-finite", gf.optim.apply_if_finite(gf.optim.radam(constraints, 0.1), 2))]:
+    def race(opt, params, grads) -> dict:  # two steps on DTensors and on plain tensors
         p, state = dict(params), opt.init(params)
         pd = {k: d(v) for k, v in params.items()}
         state_d = opt.init(pd)
@@ -316,25 +313,18 @@ def _optimizers_on_dtensors() -> dict:
                 pd, state_d = opt.update({k: d(v) for k, v in G.items()}, state_d, pd)
         for G in grads:
             p, state = opt.update(G, state, p)
-        out[name] = {
-            "error": max(float((pd[k].full_tensor() - p[k]).abs().max()) for k in p),
-            "collectives": {str(k): v for k, v in comm.get_comm_counts().items()},
-        }
+        return {"error": max(float((pd[k].full_tensor() - p[k]).abs().max()) for k in p),
+                "collectives": {str(k): v for k, v in comm.get_comm_counts().items()}}
+
+    for name, opt in [("rsgd", gf.optim.rsgd(constraints, 0.1, momentum=0.9)), ("radam", gf.optim.radam(constraints, 0.1)),
+                      ("rsgd-schedule", gf.optim.rsgd(constraints, lambda n: 0.1 * (n + 1) / 2, momentum=0.9)),
+                      ("radamw", gf.optim.radamw(constraints, 0.1, weight_decay=0.1)), ("radam-clip", clipped),
+                      ("radam-finite", gf.optim.apply_if_finite(gf.optim.radam(constraints, 0.1), 2))]:
+        out[name] = race(opt, params, grads)
     # the affine-invariant metric on batch-sharded SPD matrices: each rank steps its own points
-    c = {"P": gf.PSD(metric="affine")}
-    params = {"P": gf.PSD().sample((4, 3, 3), generator=g)}
-    grads = [{"P": torch.randn(4, 3, 3, generator=g)} for _ in range(2)]
-    opt = gf.optim.radam(c, 0.1)
-    p, state = dict(params), opt.init(params)
-    pd = {k: d(v) for k, v in params.items()}
-    state_d = opt.init(pd)
-    with CommDebugMode() as comm:
-        for G in grads:
-            pd, state_d = opt.update({k: d(v) for k, v in G.items()}, state_d, pd)
-    for G in grads:
-        p, state = opt.update(G, state, p)
-    out["radam-psd-affine"] = {"error": float((pd["P"].full_tensor() - p["P"]).abs().max()),
-                               "collectives": {str(k): v for k, v in comm.get_comm_counts().items()}}
+    out["radam-psd-affine"] = race(gf.optim.radam({"P": gf.PSD(metric="affine")}, 0.1),
+                                   {"P": gf.PSD().sample((4, 3, 3), generator=g)},
+                                   [{"P": torch.randn(4, 3, 3, generator=g)} for _ in range(2)])
     return out
 
 
