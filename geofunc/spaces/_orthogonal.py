@@ -15,6 +15,7 @@ from .._errors import error
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part,
                        sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
+from ._logs import theta_over_sin
 
 Tensor = torch.Tensor
 
@@ -98,8 +99,7 @@ class MatrixGroup(AbstractSpace):
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``X log(XᴴY)``, the principal logarithm: the inverse of :meth:`expmap` for rotation angles
         below π (Note [The group's geodesics]); exact first and second derivatives, also at ``Y = X``."""
-        from ._factorized import spectral_eigh
-        from ._logs import theta_over_sin
+        from ._factorized import spectral_eigh  # (_factorized imports this module)
 
         self._check_pair(X, Y, "Y")
         R = transpose(X) @ Y

@@ -34,6 +34,12 @@ def _rsqrt(X: Tensor) -> Tensor:
     return spectral_eigh(X, lambda lam, Q: (lam.rsqrt(), -0.5 * lam.rsqrt() / lam, 0.75 * lam.rsqrt() / (lam * lam)))
 
 
+def _roots(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``(X^½, X^-½)`` from one decomposition: ``X^½ = X X^-½`` (the two commute)."""
+    Ri = _rsqrt(X)
+    return sym_part(X @ Ri), Ri
+
+
 def _exp(X: Tensor) -> Tensor:
     return spectral_eigh(X, lambda lam, Q: (lam.exp(), lam.exp(), lam.exp()))
 
@@ -142,7 +148,7 @@ class PSD(EigSpace):
             return super().transport(X, Y, V)
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
-        R, Ri = _sqrt(X), _rsqrt(X)
+        R, Ri = _roots(X)
         E = _sqrt(Ri @ Y @ Ri)
         return sym_part(R @ E @ sym_part(Ri @ V @ Ri) @ E @ R)
 
@@ -155,7 +161,7 @@ class PSD(EigSpace):
             Y = X + Vs
             pd = torch.linalg.cholesky_ex(Y.detach()).info == 0
             return Y * torch.where(pd, 1.0, torch.nan).to(Y.real.dtype)[..., None, None]
-        R, Ri = _sqrt(X), _rsqrt(X)
+        R, Ri = _roots(X)
         return sym_part(R @ _exp(Ri @ Vs @ Ri) @ R)
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
@@ -163,7 +169,7 @@ class PSD(EigSpace):
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return sym_part(Y - X)
-        R, Ri = _sqrt(X), _rsqrt(X)
+        R, Ri = _roots(X)
         return sym_part(R @ _log(Ri @ Y @ Ri) @ R)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ import torch
 from .._errors import describe, error
 from .._fastpath import eager_fast, tracks_derivatives
 from ._base import AbstractSpace
+from ._logs import theta_over_sin
 
 __all__ = ["Sphere"]
 
@@ -264,8 +265,6 @@ def sphere_expmap(X: Tensor, V: Tensor, r: float) -> Tensor:
 
 def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
     """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
-    from ._logs import theta_over_sin
-
     x, y = _unit_base(X, r), _unit_base(Y, r)
     d, e = y - x, y + x
     near = _dot(x, y) >= 0

@@ -11,7 +11,8 @@ from .._errors import first_index
 from ..spaces._base import AbstractSpace
 from ._case import SpaceCase
 from ._geometry import _STEPS, _point_norm, _scalar_close, _small_steps, _vectors_close
-from ._properties import _batch_shape, _close, _ctx, _fail, _gen, _member, _property, _randn, _require_f64, _worst, f64
+from ._properties import (_batch_shape, _close, _ctx, _fail, _gen, _member, _property, _randn, _require_f64,
+                          _second_directional, _worst, f64)
 
 __all__ = [
     "check_dist",
@@ -284,7 +285,7 @@ def check_sqdist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
     for ``Y = retract(X, W)``, ``W`` of length ``r = case.geodesic_radius`` in the metric (to
     ``tol·max(1, dist²)``); at ``Y = X`` it is 0 with a zero gradient, and its second derivative in
     ``Y`` along a tangent ``V`` is ``2 inner(X, V, V)`` (the Hessian of the squared distance at its
-    minimum is twice the metric), from double backward and from ``jvp`` of ``jvp``, to ``1e-8``
+    minimum is twice the metric), from double backward, ``jvp`` of ``jvp`` and ``grad`` of ``jvp``, to ``1e-8``
     relative. A logarithm through norms (whose double backward is NaN at 0) fails here."""
     _require_f64("sqdist", dtype)
     M, tol, r = case.space, case.tol[f64], case.geodesic_radius
@@ -297,17 +298,11 @@ def check_sqdist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
         _require_batch_shaped(case, shape, sq, ctx, "sqdist(X, Y)")
         _scalar_close(sq, d * d, tol * (d * d).clamp(min=1.0), ctx, f"sqdist(X, Y) != dist(X, Y)² for Y = retract(X, W), "
                       f"W of length {r:g} in the metric")
-        Yr = X.detach().clone().requires_grad_(True)
-        s0 = M.sqdist(X, Yr).sum()
-        (g1,) = torch.autograd.grad(s0, Yr, create_graph=True)
-        g1d = g1.detach()
-        if not bool(torch.isfinite(g1d).all()) or (g1d.numel() and float(g1d.abs().max()) > tol):
-            raise _fail(ctx, f"the gradient of sqdist(X, ·) at X is not 0 (max |entry| {float(g1d.abs().max())!r})")
-        (g2,) = torch.autograd.grad((g1 * V).sum(), Yr)
+        g1, second = _second_directional(lambda y: M.sqdist(X, y).sum(), X, V)
+        if not bool(torch.isfinite(g1).all()) or (g1.numel() and float(g1.abs().max()) > tol):
+            raise _fail(ctx, f"the gradient of sqdist(X, ·) at X is not 0 (max |entry| {float(g1.abs().max())!r})")
         want = float(2.0 * M.inner(X, V, V).sum())
-        twice = float((g2 * V).sum())
-        fwd = float(torch.func.jvp(lambda y: torch.func.jvp(lambda z: M.sqdist(X, z).sum(), (y,), (V,))[1], (X,), (V,))[1])
-        for how, got in (("double backward", twice), ("jvp of jvp", fwd)):
+        for how, got in second.items():
             if not abs(got - want) <= 1e-8 * max(1.0, abs(want)):
                 raise _fail(ctx, f"the second derivative of sqdist(X, ·) at X along tangent V by {how} is {got!r}, "
                                  f"expected 2 inner(X, V, V) = {want!r}")

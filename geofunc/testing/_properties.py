@@ -990,6 +990,24 @@ def check_hessian(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optio
                        f"hessian at {name} != finite differences of the gradient")
 
 
+def _second_directional(loss: Callable[[Tensor], Tensor], at: Tensor, d: Tensor) -> tuple[Tensor, dict[str, float]]:
+    """The gradient of the scalar ``loss`` at ``at`` (autograd; zero where ``loss`` does not depend on
+    its argument) and its second directional derivative along ``d`` three ways: ``{"double backward",
+    "jvp of jvp", "grad of jvp"}``."""
+    xr = at.detach().clone().requires_grad_(True)
+    out = loss(xr)
+    g1 = torch.zeros_like(xr)
+    twice = 0.0  # a map that does not depend on its argument (the flat spaces' egrad_to_rgrad)
+    if out.requires_grad:
+        (g1,) = torch.autograd.grad(out, xr, create_graph=True)
+        if g1.requires_grad:
+            (g2,) = torch.autograd.grad((g1 * d).sum(), xr, allow_unused=True)
+            twice = 0.0 if g2 is None else float((g2 * d).sum())
+    ff = float(jvp(lambda x: jvp(loss, (x,), (d,))[1], (at,), (d,))[1])
+    rf = float((grad(lambda x: jvp(loss, (x,), (d,))[1])(at) * d).sum())
+    return g1.detach(), {"double backward": twice, "jvp of jvp": ff, "grad of jvp": rf}
+
+
 @_property
 def check_nested_forward(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """Second directional derivatives through forward mode equal plain autograd's double backward
@@ -1028,19 +1046,10 @@ def check_nested_forward(case: SpaceCase, dtype: torch.dtype = f64, *, generator
             out = fn(x)
             return (out * C).sum() + (out * C).sum() ** 2  # a quadratic term: the second derivative is not 0
 
-        d = _randn(shape, f64, g)
-        xr = at.detach().clone().requires_grad_(True)
-        out = loss(xr)
-        ref = 0.0  # a map that does not depend on its argument (the flat spaces' egrad_to_rgrad)
-        if out.requires_grad:
-            (g1,) = torch.autograd.grad(out, xr, create_graph=True)
-            if g1.requires_grad:
-                (g2,) = torch.autograd.grad((g1 * d).sum(), xr, allow_unused=True)
-                ref = 0.0 if g2 is None else float((g2 * d).sum())
+        _, second = _second_directional(loss, at, _randn(shape, f64, g))
+        ref = second.pop("double backward")
         tol = 1e-8 * max(1.0, abs(ref))
-        ff = float(jvp(lambda x: jvp(loss, (x,), (d,))[1], (at,), (d,))[1])
-        rf = float((grad(lambda x: jvp(loss, (x,), (d,))[1])(at) * d).sum())
-        for how, got in (("jvp of jvp", ff), ("grad of jvp", rf)):
+        for how, got in second.items():
             if not abs(got - ref) <= tol:
                 raise _fail(ctx, f"{how} of {name}: second directional derivative {got!r} != {ref!r} from "
                                  "autograd's double backward")
