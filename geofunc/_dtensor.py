@@ -24,7 +24,8 @@ explicit routes, chosen from the placements and shapes alone (never from values)
   rows are split (``Shard(-2)`` on a 1-D mesh, every argument alike, float32/float64) keeps its
   work sharded in the maps that need only k×k Gram matrices ``XᵀY = Σᵢ XᵢᵀYᵢ`` (one
   all-reduce each; its backward all-reduces the gradient): ``tangent``, ``egrad_to_rgrad``,
-  ``transport`` and ``inner`` (one), ``retract`` (CholeskyQR2: two) and the measure of
+  ``transport`` and ``inner`` (one; the canonical metric's ``inner`` three), ``retract``
+  (CholeskyQR2: two; the canonical metric's retraction, a chart, is gathered) and the measure of
   ``contains``/``check`` (one), so ``geofunc.optim`` steps on such frames without a gather. A
   NaN on any rank reaches every rank through the reduced Gram matrix. Where the result keeps
   the rows (``tangent``, ``retract``, ...) each rank's gradient of a Gram matrix is its rows'
@@ -209,14 +210,30 @@ def _frame_transport(space: Any, gram: Callable[..., Tensor], X: Tensor, Y: Tens
     return _frame_tangent(space, gram, Y, V)
 
 
+def _canonical(space: Any) -> bool:
+    """Whether the frame space has Stiefel's canonical metric (Note [The metrics of Stiefel])."""
+    return getattr(space, "metric", "embedded") == "canonical"
+
+
+def _frame_rgrad(space: Any, gram: Callable[..., Tensor], X: Tensor, G: Tensor) -> Tensor:
+    """The embedded metric's tangent projection, or the canonical metric's ``G − X GᵀX``, as
+    ``egrad_to_rgrad``."""
+    if _canonical(space):
+        return G - X @ gram(G, X)
+    return _frame_tangent(space, gram, X, G)
+
+
 def _frame_inner(space: Any, gram: Callable[..., Tensor], X: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """``tr(UᵀV)``, the embedded metric."""
-    return gram(U, V).diagonal(dim1=-2, dim2=-1).sum(-1)
+    """``tr(UᵀV)`` (the embedded metric), ``− ½ tr((XᵀU)ᵀ XᵀV)`` with the canonical one, as ``inner``."""
+    out = gram(U, V).diagonal(dim1=-2, dim2=-1).sum(-1)
+    if _canonical(space):
+        out = out - 0.5 * (gram(X, U) * gram(X, V)).sum(dim=(-2, -1))
+    return out
 
 
 _ROW_SHARDED = {
     "tangent": _frame_tangent,
-    "egrad_to_rgrad": _frame_tangent,  # the embedded metric's: the tangent projection
+    "egrad_to_rgrad": _frame_rgrad,
     "transport": _frame_transport,
     "inner": _frame_inner,
     "retract": _frame_retract,
@@ -232,6 +249,8 @@ def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> 
     from .spaces import Grassmannian, Stiefel
 
     if name not in _ROW_SHARDED or kwargs or type(self) not in (Stiefel, Grassmannian):
+        return None
+    if name == "retract" and _canonical(self):  # the chart centred at X, not the QR factor: gathered
         return None
     lead = dts[0]
     if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:

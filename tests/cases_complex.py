@@ -457,6 +457,7 @@ COMPLEX_CASES = [
     ),
     _frames("Stiefel-complex", gf.Stiefel(), _MATRIX),
     _frames("Stiefel-complex-cayley", gf.Stiefel(triv="cayley"), _shapes((4, 4), (6, 3), (3, 6))),
+    _frames("Stiefel-complex-canonical", gf.Stiefel(metric="canonical"), _MATRIX),
     _frames("Grassmannian-complex", gf.Grassmannian(), _MATRIX, quotient=True),
     SpaceCase(
         "Sphere-complex",

@@ -224,6 +224,8 @@ PURE = {
     "Stiefel, row-sharded": (gf.Stiefel(), (8, 3), 0),  # a frame's own rows split: Gram all-reduces
     "Grassmannian, batched and row-sharded": (gf.Grassmannian(), (2, 9, 2), 1),
     "Stiefel, column-sharded": (gf.Stiefel(), (8, 3), 1),  # one gather per argument
+    "Stiefel canonical, batch-sharded": (gf.Stiefel(metric="canonical"), (4, 8, 3), 0),
+    "Stiefel canonical, row-sharded": (gf.Stiefel(metric="canonical"), (8, 3), 0),
     "PSD, row-sharded": (gf.PSD(), (4, 4), 0),
     "PSD affine-invariant, batch-sharded": (gf.PSD(metric="affine"), (4, 3, 3), 0),
     "PSD affine-invariant, row-sharded": (gf.PSD(metric="affine"), (4, 4), 0),
@@ -325,6 +327,10 @@ def _optimizers_on_dtensors() -> dict:
     out["radam-psd-affine"] = race(gf.optim.radam({"P": gf.PSD(metric="affine")}, 0.1),
                                    {"P": gf.PSD().sample((4, 3, 3), generator=g)},
                                    [{"P": torch.randn(4, 3, 3, generator=g)} for _ in range(2)])
+    # the canonical metric on a row-sharded frame: its inner and gradient by Gram matrices, its
+    # retraction (a chart) gathered
+    out["radam-stiefel-canonical"] = race(gf.optim.radam({"w": gf.Stiefel(metric="canonical")}, 0.1),
+                                          {"w": params["w"]}, [{"w": G["w"]} for G in grads])
     return out
 
 
@@ -339,7 +345,7 @@ def _replicated_results_and_partial() -> dict:
     mesh = init_device_mesh("cpu", (WORLD,))
     g = torch.Generator().manual_seed(11)
     out = {}
-    for M, shape in [(gf.Stiefel(), (8, 3)), (gf.Grassmannian(), (2, 9, 2))]:
+    for M, shape in [(gf.Stiefel(), (8, 3)), (gf.Stiefel(metric="canonical"), (8, 3)), (gf.Grassmannian(), (2, 9, 2))]:
         X = M.sample(shape, generator=g)
         U, V = M.tangent(X, torch.randn(shape, generator=g)), M.tangent(X, torch.randn(shape, generator=g))
         dargs = [distribute_tensor(t, mesh, [Shard(len(shape) - 2)], src_data_rank=None).requires_grad_()
@@ -617,6 +623,9 @@ def test_riemannian_optimizers_on_dtensors(results):
             assert o["error"] <= 1e-6, (name, o)
             if name == "radam-psd-affine":  # batch-sharded: local, no collective
                 assert o["collectives"] == {}, o
+                continue
+            if name == "radam-stiefel-canonical":  # per step: the gradient 1, inner 3, transport 1; the chart gathers X, V
+                assert o["collectives"] == {"c10d.allreduce_": 10, "c10d_functional.all_gather_into_tensor": 4}, o
                 continue
             want = {"rsgd": 8, "radam": 10, "rsgd-schedule": 8, "radamw": 12, "radam-clip": 12, "radam-finite": 10}[name]
             # radamw: the decay's egrad_to_rgrad, 1 more per step; the clip: the frame's inner (1 per

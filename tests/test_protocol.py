@@ -100,7 +100,8 @@ def _points_and_vectors(case, g: torch.Generator) -> tuple[Any, Any, Any, Any]:
     return X, Y, U, V
 
 
-EMBEDDED = [c for c in CASES if not isinstance(c.space, NON_EMBEDDED) and getattr(c.space, "metric", "embedded") == "embedded"]
+EMBEDDED = [c for c in CASES if not isinstance(c.space, NON_EMBEDDED)
+            and getattr(getattr(c.space, "space", c.space), "metric", "embedded") == "embedded"]  # complex: wrapped
 
 
 @pytest.mark.parametrize("case", EMBEDDED, ids=lambda c: c.id)

@@ -23,14 +23,15 @@ def rsgd(
     r"""Riemannian SGD with momentum; ``torch.optim.SGD`` on unconstrained entries, step for step.
 
     With :math:`\eta` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
-    :math:`\lambda` = ``weight_decay``, :math:`P_X` = ``space.tangent(X, ·)`` and
+    :math:`\lambda` = ``weight_decay``, :math:`P_X` = ``space.egrad_to_rgrad(X, ·)`` (the
+    tangent projection for embedded metrics), the transport :math:`T_{X_{t+1}}` = ``space.transport(X_t, X_{t+1}, ·)`` and
     :math:`R_X` = ``space.retract(X, ·)``:
 
     .. math::
 
         g_t = P_{X_t}(G_t + \lambda X_t), \quad
         b_t = \mu\, b_{t-1} + (1 - \tau) g_t \ (b_1 = g_1), \quad
-        X_{t+1} = R_{X_t}(-\eta\, d_t), \quad b_t \leftarrow P_{X_{t+1}}(b_t)
+        X_{t+1} = R_{X_t}(-\eta\, d_t), \quad b_t \leftarrow T_{X_{t+1}}(b_t)
 
     with :math:`d_t = b_t` (:math:`g_t + \mu b_t` if ``nesterov``; :math:`g_t` if
     :math:`\mu = 0`). On unconstrained entries :math:`P` is the identity and :math:`R_X(V) = X + V`.
@@ -71,7 +72,8 @@ def radam(
     :math:`g_t = P_{X_t}(G_t + \lambda X_t)`, then the moments of
     :func:`~geofunc.optim.scale_by_adam` (second moment: one squared norm per point on
     constrained entries, elementwise elsewhere), :math:`X_{t+1} = R_{X_t}(-\eta\, u_t)` and
-    the first moment is projected onto the tangent space at :math:`X_{t+1}`.
+    the first moment is carried to :math:`X_{t+1}` by ``space.transport`` (:math:`P` =
+    ``space.egrad_to_rgrad``; the projections for embedded metrics).
     ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, and ``mask`` selects the
     entries that ``weight_decay`` applies to, as in :func:`rsgd`. ``amsgrad=True``: the running
     maximum of the second moment in the denominator, as ``torch.optim.Adam(amsgrad=True)`` and

@@ -7,12 +7,25 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import expm, eye_like, frame_chart, poisoned_zero, skew_part, sym_part, transpose
+from .._errors import error
+from .._linalg import Triv, expm, eye_like, frame_chart, poisoned_zero, resolve_triv, skew_part, sym_part, transpose
+from ._base import _space_repr
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
 __all__ = ["Stiefel"]
 
 Tensor = torch.Tensor
+
+_METRICS = ("embedded", "canonical")
+
+
+def _column_inners(A: Tensor, B: Tensor) -> Tensor:
+    """``Re diag(AᴴB)``, ``(*batch, k)``: its sum is ``Re tr(AᴴB)``. Summed last, after the metric's
+    combination, so that no elementwise op meets a 0-dim per-sample tensor (which torch's ``vmap``
+    refuses over an empty batch)."""
+    P = A.conj() * B if A.is_complex() else A * B
+    out = P.sum(dim=-2)
+    return out.real if out.is_complex() else out
 
 
 @final
@@ -42,6 +55,22 @@ class Stiefel(FrameSpace):
       ``Y = U S Vᵀ``; ``sample`` is Haar-uniform.
     * ``logabsdet`` (square only) is 0.
 
+    ``metric``: the Riemannian metric, which ``inner``, ``egrad_to_rgrad``, ``retract`` and
+    ``expmap`` follow (the chart, ``tangent``, ``project`` and ``transport`` do not depend on it;
+    Note [The metrics of Stiefel]):
+
+    * ``"embedded"`` (default; geoopt's ``EuclideanStiefel``, pymanopt's ``Stiefel``):
+      ``Re tr(UᴴV)``, ``egrad_to_rgrad = tangent``, the QR retraction above, ``expmap`` Edelman's
+      geodesic (Note [Stiefel's geodesics]).
+    * ``"canonical"`` (geoopt's default ``Stiefel()``): ``Re tr(Uᴴ(I − ½XXᴴ)V)``,
+      ``egrad_to_rgrad(X, G) = G − X Gᴴ X``, ``retract(X, V) = φ(W) X`` (the chart centred at ``X``
+      with ``W`` built from ``V``'s tangent part: ``WX = V``; ``φ`` = ``triv``: Wen–Yin's Cayley step
+      for ``"cayley"``, the exponential map for ``"expm"`` and for a callable, which need not be a
+      retraction), ``expmap(X, V) =
+      expm(W) X``, the canonical geodesic, O(n k²).
+    * ``transport(X, Y, V) = tangent(Y, V)`` in both: the projection is orthogonal in either metric.
+    * No ``logmap``/``dist`` in either (boundary-value problems without a closed form).
+
     An empty dimension (``n×0`` or ``0×k``, GeoTorch's ``nn.Linear(0, 3)``): the space is one point, the
     empty frame; every map returns an empty tensor of the broadcast shape.
 
@@ -56,6 +85,15 @@ class Stiefel(FrameSpace):
         True
     """
 
+    metric: str = "embedded"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.metric not in _METRICS:
+            raise error(self, f"`metric` to be one of {', '.join(map(repr, _METRICS))}", repr(self.metric))
+
+    def __repr__(self) -> str:  # the metric only where it is not the default: reprs stay as they were
+        return _space_repr(self).replace(", metric='embedded'", "")
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         self._check_shape(Z, "Z")
@@ -79,9 +117,68 @@ class Stiefel(FrameSpace):
     # a 2k×2k and a k×k exponential, O(n k²). V is first made tangent (its tangent part), so
     # expmap(X, V) = expmap(X, tangent(X, V)). There is no closed-form distance (nor logmap): a
     # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's.
-    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
-        """The geodesic of the embedded metric from ``X`` along ``V`` at time 1 (Note [Stiefel's geodesics])."""
+    # Note [The metrics of Stiefel]
+    # The canonical metric Re tr(Uᴴ(I − ½XXᴴ)V) (Edelman, Arias & Smith 1998, §2.4) is the quotient
+    # metric of O(n)/O(n − k) (U(n)/U(n − k)): a tangent V = XΩ + C (Ω = XᴴV skew, XᴴC = 0) is the
+    # velocity WX of the horizontal skew generator W = XΩXᴴ + CXᴴ − XCᴴ, and its length is ½‖W‖²_F:
+    # ‖Ω‖²/2 + ‖C‖². The rotations inside the frame weigh half what they weigh in the embedded metric
+    # (for n = k the canonical metric is half the embedded one). Its geodesics are the orbits
+    # expm(tW) X, so the exponential map is the frame chart centred at X (the chart's own W is this one
+    # for tangent Z), O(n k²); with the Cayley map the same chart is Wen & Yin's (2013) curve, whose
+    # step from the Euclidean gradient G is (I + η/2 A)⁻¹(I − η/2 A) X, A = GXᴴ − XGᴴ, which is
+    # W(−η·egrad_to_rgrad(X, G)). The Riemannian gradient G − XGᴴX follows from the metric (the
+    # tangent R with ⟨R, V⟩_X = Re tr(GᴴV) for every tangent V). Both metrics split the ambient space
+    # as X·sym ⊕ X·skew ⊕ X⊥·anything with the first orthogonal to the others, so tangent(Y, ·) is the
+    # orthogonal projection in either, and the transport (the projection) is the same.
+    # geoopt's CanonicalStiefel retracts with A = uXᴴ − Xuᴴ = W(u + XXᴴu): its step's velocity is
+    # u + XΩ, the rotations inside the frame taken twice (not a first-order retraction); its
+    # egrad2rgrad and inner are these.
+    def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+        """``Re tr(UᴴV)`` (embedded metric) or ``Re tr(Uᴴ(I − ½XXᴴ)V)`` (canonical), batch-shaped."""
+        if self.metric == "embedded":
+            return super().inner(X, U, V)
+        self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
+        Xt, Ut, Vt = tall(X)[0], tall(U)[0], tall(V)[0]
+        Xh = transpose(Xt)
+        return (_column_inners(Ut, Vt) - 0.5 * _column_inners(Xh @ Ut, Xh @ Vt)).sum(dim=-1)
+
+    def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
+        """``tangent(X, G)`` (embedded metric) or ``G − X Gᴴ X`` (canonical)."""
+        if self.metric == "embedded":
+            return self.tangent(X, G)
+        self._check_pair(X, G, "G")
+        Xt, tr = tall(X)
+        Gt = tall(G)[0]
+        return untall(Gt - Xt @ (transpose(Gt) @ Xt), tr)
+
+    def retract(self, X: Tensor, V: Tensor) -> Tensor:
+        """``qf(X + V)`` (embedded metric) or ``φ(W) X``, the chart centred at ``X`` (canonical; Note
+        [The metrics of Stiefel])."""
+        if self.metric == "embedded":
+            return super().retract(X, V)
+        self._check_pair(X, V, "V")
+        return self._orbit(X, V, "expm" if callable(self.triv) else self.triv)
+
+    def _orbit(self, X: Tensor, V: Tensor, triv: Triv) -> Tensor:
+        """``φ(W) X`` with ``W`` the horizontal skew generator of ``V``'s tangent part (``WX = V``):
+        ``X φ(XᴴV)`` for square frames, the frame chart centred at ``X`` for tall ones."""
+        Xt, tr = tall(X)
+        Vt = tall(V)[0]
+        Xt, Vt = torch.broadcast_tensors(Xt, Vt)
+        if 0 in Xt.shape[-2:]:  # the empty frame
+            return untall(0.0 * (Xt + Vt), tr)
+        if Xt.shape[-2] == Xt.shape[-1]:
+            return untall(Xt @ resolve_triv(triv)(skew_part(transpose(Xt) @ Vt)), tr)
+        Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
+        return untall(frame_chart(Vt, Xt, triv), tr)
+
+    def expmap(self, X: Tensor, V: Tensor) -> Tensor:
+        """The geodesic of the metric from ``X`` along ``V`` at time 1: Edelman's (embedded, Note
+        [Stiefel's geodesics]) or ``expm(W) X`` (canonical, Note [The metrics of Stiefel])."""
+        self._check_pair(X, V, "V")
+        if self.metric == "canonical":
+            return self._orbit(X, V, "expm")
         Xt, tr = tall(X)
         Vt = tall(V)[0]
         Xt, Vt = torch.broadcast_tensors(Xt, Vt)
