@@ -8,6 +8,9 @@ saved tensor): it would return a zero or wrong meta-gradient without an error.""
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
 from torch.func import grad, vmap
@@ -119,3 +122,15 @@ def test_meta_gradients_stay_finite_at_zero_gradients(opt):
     bad = {"w": torch.full((4,), float("nan"), dtype=F64), "b": torch.zeros(3, dtype=F64)}
     p, _ = o.update(bad, o.init(X0), X0)
     assert torch.isnan(p["w"]).all()
+
+
+def test_the_guides_example_runs():
+    """The optimizers guide's "Differentiating through steps" block runs as printed and gives finite
+    meta-gradients of the right shapes."""
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "guide" / "optim.md").read_text()
+    section = text[text.index("**Differentiating through steps.**"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "optim.md", "exec"), ns)
+    assert ns["d_lr"].shape == () and torch.isfinite(ns["d_lr"])
+    assert ns["d_X0"].shape == (6, 3) and bool(torch.isfinite(ns["d_X0"]).all())
