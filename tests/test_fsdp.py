@@ -249,6 +249,7 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     calls = {
         "to_manifold": lambda Z, X, G: M.to_manifold(Z),
         "tangent": lambda Z, X, G: M.tangent(X, G),
+        "egrad_to_rgrad": lambda Z, X, G: M.egrad_to_rgrad(X, G),  # the metric's (PSD-affine's XGX, canonical G − XGᵀX)
         "retract": lambda Z, X, G: M.retract(X, 0.1 * M.tangent(X, G)),
         "project": lambda Z, X, G: M.project(Z),
         "round trip": lambda Z, X, G: M.to_manifold(*M.from_manifold(X)),
@@ -555,11 +556,11 @@ def test_pure_maps_on_dtensors(results, case):
             # at most one all-gather per sharded argument of each call (retract: tangent's two, then
             # X and V; round trip: X for the check, X, then Z and a base sharded like X); a
             # row-sharded frame's tangent and retract: k×k all-reduces only (1, then 1 + 2)
-            gathers = {"to_manifold": 1, "tangent": 2, "retract": 4, "project": 1, "round trip": 4}[name]
+            gathers = {"to_manifold": 1, "tangent": 2, "egrad_to_rgrad": 2, "retract": 4, "project": 1, "round trip": 4}[name]
             if batch:  # from_manifold's check gathers each per-point measure (SO: 2), so every rank raises
                 assert o["collectives"] == (measures if name == "round trip" else 0), (name, o)
-            elif rows and name in ("tangent", "retract"):
-                assert o["collectives"] == {"tangent": 1, "retract": 3}[name], (name, o)
+            elif rows and name in ("tangent", "egrad_to_rgrad", "retract"):
+                assert o["collectives"] == {"tangent": 1, "egrad_to_rgrad": 1, "retract": 3}[name], (name, o)
             else:
                 assert 1 <= o["collectives"] <= gathers, (name, o)
         if batch:
