@@ -1,7 +1,8 @@
 """``gf.optim.TorchOptimizer``: the functional optimizers behind ``torch.optim.Optimizer`` for
 ``nn.Module`` code whose parameters hold points (Note [A functional optimizer behind torch.optim]):
 geoopt's ``ManifoldParameter`` + ``RiemannianAdam`` step for step, ``torch.optim.Adam`` with a
-scheduler on free parameters, unused parameters, checkpoints, errors."""
+scheduler on free parameters, parameters without gradients skipped as torch.optim skips them,
+parameter groups and schedulers of any hyperparameter, checkpoints, errors."""
 
 from __future__ import annotations
 
@@ -94,23 +95,158 @@ def test_free_parameters_step_as_torch_adam_with_a_scheduler(generator):
     assert isinstance(loss, torch.Tensor) and not torch.equal(ours.weight.detach(), before)
 
 
-def test_a_parameter_without_a_gradient_gets_a_zero_one(generator):
-    """A parameter the loss does not use (``.grad`` None) is stepped with a zero gradient (one shared
-    state: its moments decay, momentum moves it), as the functional optimizer with a zero gradient does."""
-    net = Net(generator)
-    x = torch.randn(5, 6, generator=generator, dtype=F64)
-    params = {k: v.detach().clone() for k, v in net.named_parameters()}
-    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.1, momentum=0.9)
-    fopt = gf.optim.rsgd(C | {"b": None}, lr=0.1, momentum=0.9)
-    state = fopt.init(params)
-    for _ in range(3):
-        opt.zero_grad()
-        (x @ net.W).pow(2).sum().backward()  # s and b unused: their .grad stays None
-        grads = {"W": net.W.grad.clone(), "s": torch.zeros_like(params["s"]), "b": torch.zeros_like(params["b"])}
+class Branches(nn.Module):
+    """Two heads of which a step uses one or both (a mixture of experts' routing, a conditional
+    branch): the unused head's parameters have ``.grad`` None at that step."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 5).double()
+        self.a = nn.Linear(5, 4).double()
+        self.b = nn.Linear(5, 4).double()
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=F64))
+
+    def forward(self, x: torch.Tensor, use: str) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return sum(getattr(self, k)(h) for k in use)
+
+
+#: which heads each step uses: b starts late (its first gradient at step 4), a skips steps
+USES = ["a", "a", "a", "ab", "b", "ab", "b", "a", "ab", "ab"]
+
+
+def _train_branches(model, opt, x, y):
+    for use in USES:
+        opt.zero_grad(set_to_none=True)
+        ((model(x, use) - y) ** 2).mean().backward()
         opt.step()
-        params, state = fopt.update(grads, state, params)
-    for k, v in net.named_parameters():
-        torch.testing.assert_close(v.detach(), params[k], atol=1e-14, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["radam", "rsgd", "radamw"])
+def test_parameters_without_a_gradient_are_skipped_as_torch_does(name, generator):
+    """A parameter whose ``.grad`` is None is skipped as ``torch.optim`` skips it: not moved, its state
+    untouched, its own step count (Adam's bias corrections for a head that started late; SGD's
+    momentum buffer set to the first gradient, with dampening): step for step equal to
+    ``torch.optim.Adam``/``SGD``/``AdamW`` over 10 steps where the heads are used irregularly."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours = Branches(generator)
+    theirs = Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    kwargs, ref_cls = {
+        "radam": (dict(lr=0.05, betas=(0.8, 0.99)), torch.optim.Adam),
+        "rsgd": (dict(lr=0.05, momentum=0.9, dampening=0.2), torch.optim.SGD),
+        "radamw": (dict(lr=0.05, weight_decay=0.1), torch.optim.AdamW),
+    }[name]
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, getattr(gf.optim, name), **kwargs)
+    ref = ref_cls(theirs.parameters(), **kwargs)
+    before = {k: v.detach().clone() for k, v in ours.named_parameters()}
+    opt.zero_grad(set_to_none=True)
+    ((ours(x, "a") - y) ** 2).mean().backward()
+    opt.step()
+    assert torch.equal(ours.b.weight.detach(), before["b.weight"])  # b unused: not moved
+    ours.load_state_dict({k: v for k, v in before.items()})
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, getattr(gf.optim, name), **kwargs)
+    _train_branches(ours, opt, x, y)
+    _train_branches(theirs, ref, x, y)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    assert len(opt.state_dict()["cohorts"]) > 1  # the heads' histories differ
+
+
+def test_a_manifold_parameter_without_a_gradient_is_skipped_as_geoopt_does(generator):
+    """geoopt's ``RiemannianAdam`` skips a ``ManifoldParameter`` without a gradient too: a head whose
+    rows are on the sphere, used on some steps only, step for step."""
+    geoopt = pytest.importorskip("geoopt")
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours = Branches(generator)
+    theirs = Branches(generator)
+    with torch.no_grad():
+        ours.b.weight.copy_(gf.Sphere().sample((4, 5), generator=generator, dtype=F64))
+    theirs.load_state_dict(ours.state_dict())
+    theirs.b.weight = geoopt.ManifoldParameter(theirs.b.weight.data, manifold=geoopt.Sphere())
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {"b.weight": gf.Sphere()}, gf.optim.radam, lr=0.05)
+    ref = geoopt.optim.RiemannianAdam(theirs.parameters(), lr=0.05)
+    _train_branches(ours, opt, x, y)
+    _train_branches(theirs, ref, x, y)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    assert member(gf.Sphere(), ours.b.weight.detach())
+
+
+def test_parameter_groups_and_schedulers_as_torch(generator):
+    """Parameter groups with their own ``lr``, ``weight_decay`` and ``betas``, ``OneCycleLR`` cycling
+    the learning rate and Adam's β₁ (``cycle_momentum``) in every group, and a group added mid-run
+    (``add_param_group``, progressive unfreezing): step for step equal to ``torch.optim.Adam``."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours = Branches(generator)
+    theirs = Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+
+    def groups(model, named):
+        params = (lambda m: m.named_parameters(prefix=p)) if named else (lambda m: m.parameters())
+        p = "trunk"
+        g1 = {"params": params(model.trunk), "lr": 0.02, "weight_decay": 0.1}
+        p = "a"
+        g2 = {"params": params(model.a), "betas": (0.85, 0.95)}
+        return [g1, g2]
+
+    opt = gf.optim.TorchOptimizer(groups(ours, True), {}, gf.optim.radam, lr=0.05, betas=(0.9, 0.999))
+    ref = torch.optim.Adam(groups(theirs, False), lr=0.05, betas=(0.9, 0.999))
+    s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.05, 0.1], total_steps=20) for o in (opt, ref))
+    for i in range(16):
+        if i == 6:  # unfreeze the second head
+            opt.add_param_group({"params": ours.b.named_parameters(prefix="b"), "lr": 0.01, "betas": (0.9, 0.99)})
+            ref.add_param_group({"params": theirs.b.parameters(), "lr": 0.01, "betas": (0.9, 0.99)})
+        for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
+            o.zero_grad(set_to_none=True)
+            ((model(x, "ab" if i >= 6 else "a") - y) ** 2).mean().backward()
+            o.step()
+            if i < 6:
+                sch.step()
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"] != (0.9, 0.999)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
+def test_a_mask_with_skipped_parameters_as_torch_groups(generator):
+    """``radamw``'s ``mask`` (decay on weights, not biases) with heads skipped irregularly (each cohort
+    gets its part of the mask) equals ``torch.optim.AdamW`` with a no-decay group for the biases."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    mask = {k: k.endswith("weight") for k, _ in ours.named_parameters()}
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radamw, lr=0.05, weight_decay=0.2, mask=mask)
+    named = list(theirs.named_parameters())
+    ref = torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},
+                             {"params": [p for k, p in named if not mask[k]], "weight_decay": 0.0}], lr=0.05, weight_decay=0.2)
+    _train_branches(ours, opt, x, y)
+    _train_branches(theirs, ref, x, y)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
+def test_a_group_with_constraints_added_later(generator):
+    """``add_param_group`` takes the new parameters' constraints (``"constraints": {name: space}``),
+    checks that they hold points, and steps them on their space with the group's hyperparameters."""
+    net = Net(generator)
+    x, y = _data(generator)
+    head = nn.Linear(3, 3, bias=False).double()
+    with torch.no_grad():
+        head.weight.copy_(gf.SO().sample((3, 3), generator=generator, dtype=F64))
+    opt = gf.optim.TorchOptimizer([("b", net.b)], {}, gf.optim.radam, lr=0.02)
+    with pytest.raises(gf.ManifoldError, match="expected parameter 'head' to be a point of"):
+        opt.add_param_group({"params": [("head", nn.Parameter(2 * head.weight.detach()))],
+                             "constraints": {"head": gf.SO()}})
+    with pytest.raises(gf.ManifoldError, match="distinct parameter names"):
+        opt.add_param_group({"params": [("b", head.weight)]})
+    opt.add_param_group({"params": [("head", head.weight)], "constraints": {"head": gf.SO()}, "lr": 0.05})
+    for _ in range(5):
+        opt.zero_grad()
+        ((net(x)[:, :3] @ head.weight - y[:, :3]) ** 2).mean().backward()
+        opt.step()
+    assert member(gf.SO(), head.weight.detach()) and net.W.grad is not None
 
 
 def test_a_checkpoint_resumes_bit_for_bit(generator):
@@ -133,6 +269,33 @@ def test_a_checkpoint_resumes_bit_for_bit(generator):
     _train(b, opt_b, x, y, 5)
     for k in ("W", "s", "b"):
         assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
+
+
+def test_a_checkpoint_with_skipped_parameters_resumes_bit_for_bit(generator):
+    """The same with cohorts split by skipped parameters (their states and step counts saved apart),
+    and a checkpoint of the first format (one ``functional_state``) loads into the one cohort."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    a, b = Branches(generator), Branches(generator)
+    b.load_state_dict(a.state_dict())
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    _train_branches(a, opt_a, x, y)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    _train_branches(a, opt_a, x, y)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    b.load_state_dict(saved["model"])
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    opt_b.load_state_dict(saved["opt"])
+    _train_branches(b, opt_b, x, y)
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.detach(), q.detach()), k
+    net = Net(generator)
+    old = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    state = gf.optim.radam(C | {"b": None}, lr=0.02).init({k: v.detach() for k, v in net.named_parameters()})
+    old.load_state_dict({"param_groups": [{"lr": 0.02, "params": [0, 1, 2]}], "names": ["W", "s", "b"],
+                         "functional_state": state})
+    assert old.state_dict()["cohorts"][0]["state"] is state
 
 
 def test_the_affine_invariant_psd_in_a_module(generator):
@@ -159,8 +322,10 @@ def test_bad_use_is_named(generator):
     with torch.no_grad():
         net.W.mul_(0.5)
     opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.1)
-    with pytest.raises(gf.ManifoldError, match="one parameter group"):
+    with pytest.raises(gf.ManifoldError, match=r"expected \(name, tensor\) pairs"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(gf.ManifoldError, match=r"expected \(name, tensor\) pairs, as module.named_parameters"):
+        gf.optim.TorchOptimizer(net.parameters(), C, gf.optim.radam, lr=0.1)
     emb = nn.Embedding(5, 3, sparse=True)
     opt = gf.optim.TorchOptimizer(emb.named_parameters(), {}, gf.optim.rsgd, lr=0.1)
     emb(torch.tensor([1, 2])).sum().backward()
@@ -203,4 +368,4 @@ def test_a_compiled_step_is_the_eager_step(generator):
             train_step()
     for k in ("W", "s", "b"):
         torch.testing.assert_close(getattr(b, k).detach(), getattr(a, k).detach(), atol=1e-13, rtol=0)
-    assert int(opt_b.state_dict()["functional_state"][2].count) == 4
+    assert int(opt_b.state_dict()["cohorts"][0]["state"][2].count) == 4

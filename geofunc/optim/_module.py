@@ -14,37 +14,114 @@ __all__ = ["TorchOptimizer"]
 
 # Note [A functional optimizer behind torch.optim]
 # The module's parameters hold the points themselves (as geoopt's ManifoldParameter does), keyed by
-# their names; `constraints` names the constrained ones. One functional state covers every parameter
-# (so that a global transform, clip_by_global_norm, sees all of them), created at the first step. A
-# parameter whose .grad is None at a step (unused by that loss) gets a zero gradient: its moments
-# decay and momentum still moves it, where torch.optim skips it (one shared state cannot skip one
-# entry). The learning rate is read from param_groups[0]["lr"] at every step (the functional
-# optimizer is built with it as a schedule), so torch.optim.lr_scheduler drives it as any optimizer.
-# The state_dict holds the functional state (NamedTuples of tensors, allowlisted for torch.load).
-# step is never compiled (torch.compiler.disable: a compiled caller runs it eagerly). Dynamo traces a
-# torch.optim.Optimizer's attributes as its own optimizer object and dropped the assignment of the new
-# state: torch.compile(opt.step) re-initialized the state at every step (Adam's moments and count
-# restarted: 1e-4 off eager after three float64 steps, silently). For a compiled step, compile the
-# functional optimizer's update (its state is an explicit argument).
+# their names; `constraints` names the constrained ones. A parameter group is a functional optimizer
+# built from the group's hyperparameters (the constructor's keyword arguments, overridden per group),
+# read again at every step: torch.optim.lr_scheduler drives the learning rate (a schedule reading
+# group["lr"]) and anything else a scheduler cycles (OneCycleLR's betas or momentum rebuild it; the
+# state does not depend on them).
+# Parameters without a gradient are skipped as torch.optim skips them: not moved, their state
+# untouched, and each parameter's count (Adam's bias corrections, momentum's first step) is the
+# number of steps it took. One functional state serves a *cohort*: parameters of a group whose steps
+# were taken together so far (one cohort per group at first). A step where only some of a cohort
+# have gradients splits it in two, each with its part of the state (the per-parameter entries of the
+# state's pytrees, and the shared count); a cohort none of whose parameters have gradients is not
+# stepped; a cohort that has never stepped starts from `init` (as torch.optim's state, created at a
+# parameter's first gradient). So the common case, every parameter with a gradient at every step, is
+# one functional update per group, and a transform that couples parameters (a global-norm clip in
+# the factory) couples those stepped together.
+# The state_dict holds the cohorts' functional states (NamedTuples of tensors, allowlisted for
+# torch.load). step is never compiled (torch.compiler.disable: a compiled caller runs it eagerly).
+# Dynamo traces a torch.optim.Optimizer's attributes as its own optimizer object and dropped the
+# assignment of the new state: torch.compile(opt.step) re-initialized the state at every step
+# (Adam's moments and count restarted: 1e-4 off eager after three float64 steps, silently). For a
+# compiled step, compile the functional optimizer's update (its state is an explicit argument).
+class _Cohort:
+    """Parameters of one group stepped together so far, and their functional state (None before
+    their first step)."""
+
+    __slots__ = ("group", "names", "state")
+
+    def __init__(self, group: int, names: tuple[str, ...], state: Any) -> None:
+        self.group, self.names, self.state = group, names, state
+
+
+def _restrict(tree: Any, names: tuple[str, ...], keep: tuple[str, ...]) -> Any:
+    """``tree`` (a functional state, or a pytree-valued hyperparameter such as ``mask``) with its
+    per-parameter dicts (keyed by exactly ``names``) cut to the entries ``keep``."""
+    if isinstance(tree, Mapping):
+        if set(tree) == set(names):
+            return {n: tree[n] for n in keep}
+        return {k: _restrict(v, names, keep) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple state
+        return type(tree)(*(_restrict(v, names, keep) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_restrict(v, names, keep) for v in tree)
+    return tree
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same (tensors by identity: no elementwise ``==``)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (an object without a usable ==: rebuild)
+        return False
+
+
+def _pairs(items: Iterable[Any], where: str) -> list[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` pairs of ``items`` that require grad; a clear error for anything else
+    (a bare tensor: ``model.parameters()`` where ``model.named_parameters()`` is needed)."""
+    out = []
+    for item in items:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], torch.Tensor)):
+            raise ManifoldError(f"{where}: expected (name, tensor) pairs, as module.named_parameters() gives, "
+                                f"got {describe(item) if isinstance(item, torch.Tensor) else repr(item)}.")
+        if item[1].requires_grad:
+            out.append(item)
+    return out
+
+
+def _named_groups(params: Any) -> list[tuple[list[tuple[str, torch.Tensor]], dict]]:
+    """``[(named parameters that require grad, the group's other keys)]`` from ``(name, tensor)``
+    pairs (one group) or from dicts ``{"params": pairs, **hyperparameters}``."""
+    items = list(params)
+    if items and isinstance(items[0], Mapping):
+        groups = []
+        for g in items:
+            if not isinstance(g, Mapping) or "params" not in g:
+                raise ManifoldError(f"TorchOptimizer: expected parameter groups as dicts with a 'params' entry of "
+                                    f"(name, tensor) pairs, got {g!r}.")
+            groups.append((_pairs(g["params"], "TorchOptimizer"), {k: v for k, v in g.items() if k != "params"}))
+        return groups
+    return [(_pairs(items, "TorchOptimizer"), {})]
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """A ``geofunc.optim`` optimizer stepping the parameters of an ``nn.Module`` in place.
 
     Args:
-        named_parameters: ``module.named_parameters()`` (or any ``(name, tensor)`` pairs); those
-            with ``requires_grad=False`` are left out.
+        params: ``module.named_parameters()`` (or any ``(name, tensor)`` pairs), or parameter groups:
+            dicts ``{"params": (name, tensor) pairs, "lr": ..., **hyperparameters}`` (each a
+            hyperparameter of its own, as ``torch.optim``'s groups); parameters with
+            ``requires_grad=False`` are left out.
         constraints: ``{name: space}`` for the parameters that hold points of a space (their
             values must be points: checked here); every other parameter is free.
         optimizer: a factory of ``geofunc.optim`` with the signature of :func:`~geofunc.optim.radam`
             (``optimizer(constraints, lr=..., **kwargs)``): ``rsgd``, ``radam``, ``radamw`` or your own.
-        lr: the learning rate, ``param_groups[0]["lr"]`` (schedulers of ``torch.optim.lr_scheduler``
-            change it between steps).
-        **kwargs: passed to ``optimizer`` (``momentum``, ``betas``, ``weight_decay``, ...).
+        lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
+            ``param_groups[i]["lr"]`` between steps).
+        **kwargs: the other hyperparameters' defaults, passed to ``optimizer`` (``momentum``,
+            ``betas``, ``weight_decay``, ...): read from each group at every step.
 
-    ``step(closure=None)`` reads every parameter's ``.grad`` (a parameter without one gets a zero
-    gradient: Note [A functional optimizer behind torch.optim]), takes one step of the functional
-    optimizer and writes the new points into the parameters. ``zero_grad``, ``state_dict`` /
-    ``load_state_dict`` and learning-rate schedulers work as for ``torch.optim`` optimizers; one
-    parameter group.
+    ``step(closure=None)`` steps every parameter that has a ``.grad``; one without is skipped, as
+    ``torch.optim`` skips it (not moved, its state untouched, its own step count: Note [A functional
+    optimizer behind torch.optim]). ``zero_grad``, ``state_dict`` / ``load_state_dict``,
+    ``add_param_group`` (the group may carry ``"constraints": {name: space}`` for its parameters)
+    and learning-rate schedulers work as for ``torch.optim`` optimizers.
 
     Example::
 
@@ -58,18 +135,38 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        named_parameters: Iterable[tuple[str, torch.Tensor]],
+        params: Iterable[Any],
         constraints: Mapping[str, Any],
         optimizer: Callable[..., Optimizer],
         lr: float,
         **kwargs: Any,
     ) -> None:
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        groups = _named_groups(params)
+        named = [np for g, _ in groups for np in g]
         if not named:
             raise ManifoldError("TorchOptimizer: expected parameters that require grad, got none.")
+        self._names: list[str] = []
+        self._constraints: dict[str, Any] = {}
+        self._check_new(named, constraints)
+        self._building = True  # torch.optim.Optimizer.__init__ calls add_param_group for each group
+        super().__init__([{"params": [p for _, p in g], **over} for g, over in groups], {"lr": lr, **kwargs})
+        self._building = False
+        self._factory = optimizer
+        self._hyper_keys = (set(kwargs) | {k for _, over in groups for k in over}) - {"lr"}
+        self._group_names = [tuple(n for n, _ in g) for g, _ in groups]
+        self._names = [n for names in self._group_names for n in names]
+        self._constraints = {n: constraints.get(n) for n in self._names}
+        self._cohorts = [_Cohort(i, names, None) for i, names in enumerate(self._group_names) if names]
+        self._built: dict[tuple[int, tuple[str, ...]], tuple[dict, Optimizer]] = {}
+
+    def _check_new(self, named: list[tuple[str, torch.Tensor]], constraints: Mapping[str, Any]) -> None:
+        """Refuse repeated names, constraints for parameters not given, and constrained values off
+        their spaces."""
         names = [n for n, _ in named]
-        if len(set(names)) != len(names):
-            raise ManifoldError(f"TorchOptimizer: expected distinct parameter names, got {names}.")
+        repeated = sorted({n for n in names if names.count(n) > 1 or n in self._names})
+        if repeated:
+            raise ManifoldError(f"TorchOptimizer: expected distinct parameter names, got {', '.join(map(repr, repeated))} "
+                                f"more than once.")
         unknown = sorted(set(constraints) - set(names))
         if unknown:
             raise ManifoldError(f"TorchOptimizer: expected constraints for parameters that require grad "
@@ -81,24 +178,48 @@ class TorchOptimizer(torch.optim.Optimizer):
                     raise ManifoldError(f"TorchOptimizer: expected parameter {n!r} to be a point of {space!r} "
                                         f"(assign one, e.g. space.sample(shape) or space.project(W)), got "
                                         f"{describe(p.detach())} off it.")
-        super().__init__([p for _, p in named], {"lr": lr})
-        self._names = names
-        self._constraints = {n: constraints.get(n) for n in names}
-        self._opt = optimizer(self._constraints, lr=self._current_lr, **kwargs)
-        self._fstate: Optional[Any] = None
-
-    def _current_lr(self, count: torch.Tensor) -> float:
-        del count
-        return self.param_groups[0]["lr"]
 
     def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_names", None) is not None:
-            raise ManifoldError("TorchOptimizer: expected its one parameter group, got add_param_group; "
-                                "use the functional optimizer's mask= or multi_transform for groups.")
-        super().add_param_group(param_group)
+        """Add a group ``{"params": (name, tensor) pairs, "constraints": {name: space}, **hyperparameters}``
+        (``constraints`` optional: its parameters free otherwise), as ``torch.optim`` does."""
+        if getattr(self, "_building", True):
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        constraints = dict(group.pop("constraints", None) or {})
+        if "params" not in group:
+            raise ManifoldError("TorchOptimizer.add_param_group: expected a dict with a 'params' entry of "
+                                "(name, tensor) pairs.")
+        named = _pairs(group.pop("params"), "TorchOptimizer.add_param_group")
+        if not named:
+            raise ManifoldError("TorchOptimizer.add_param_group: expected parameters that require grad, got none.")
+        self._check_new(named, constraints)
+        super().add_param_group({"params": [p for _, p in named], **group})
+        names = tuple(n for n, _ in named)
+        self._hyper_keys |= set(group) - {"lr"}
+        self._group_names.append(names)
+        self._names.extend(names)
+        self._constraints.update({n: constraints.get(n) for n in names})
+        self._cohorts.append(_Cohort(len(self.param_groups) - 1, names, None))
 
     def _named(self) -> dict[str, torch.Tensor]:
-        return dict(zip(self._names, self.param_groups[0]["params"]))
+        return {n: p for names, g in zip(self._group_names, self.param_groups) for n, p in zip(names, g["params"])}
+
+    def _functional(self, cohort: _Cohort) -> Optimizer:
+        """The functional optimizer of a cohort with its group's hyperparameters now (rebuilt when a
+        scheduler changed one; the learning rate is a schedule reading the group)."""
+        i = cohort.group
+        group = self.param_groups[i]
+        hyper = {k: group[k] for k in sorted(self._hyper_keys) if k in group}
+        key = (i, cohort.names)
+        built = self._built.get(key)
+        if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
+            return built[1]
+        kwargs = {k: (_restrict(v, self._group_names[i], cohort.names) if k == "mask" else v) for k, v in hyper.items()}
+        opt = self._factory({n: self._constraints[n] for n in cohort.names},
+                            lr=lambda count, i=i: self.param_groups[i]["lr"], **kwargs)
+        self._built[key] = (hyper, opt)
+        return opt
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         return _eager_step(self, closure)  # Note [A functional optimizer behind torch.optim]: never compiled
@@ -110,33 +231,53 @@ class TorchOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params = self._named()
-        points = {n: p.detach() for n, p in params.items()}
-        grads = {}
         for n, p in params.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise ManifoldError(f"TorchOptimizer: expected a dense gradient for {n!r}, got a sparse one.")
-            grads[n] = torch.zeros_like(points[n]) if p.grad is None else p.grad.detach()
-        if self._fstate is None:
-            self._fstate = self._opt.init(points)
-        new, self._fstate = self._opt.update(grads, self._fstate, points)
-        for n, p in params.items():
-            p.copy_(new[n])
+        cohorts = []
+        for co in self._cohorts:
+            stepped = tuple(n for n in co.names if params[n].grad is not None)
+            if not stepped:
+                cohorts.append(co)
+                continue
+            if len(stepped) < len(co.names):  # split: the skipped part keeps its state as it is
+                skipped = tuple(n for n in co.names if params[n].grad is None)
+                cut = (lambda keep: None) if co.state is None else (lambda keep: _restrict(co.state, co.names, keep))
+                cohorts.append(_Cohort(co.group, skipped, cut(skipped)))
+                co = _Cohort(co.group, stepped, cut(stepped))
+            opt = self._functional(co)
+            points = {n: params[n].detach() for n in co.names}
+            if co.state is None:
+                co.state = opt.init(points)
+            new, co.state = opt.update({n: params[n].grad.detach() for n in co.names}, co.state, points)
+            for n in co.names:
+                params[n].copy_(new[n])
+            cohorts.append(co)
+        self._cohorts = cohorts
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"param_groups": [...], "names": [...], "functional_state": state}`` (the state ``None``
-        before the first step)."""
-        groups = [{k: v for k, v in g.items() if k != "params"} | {"params": list(range(len(self._names)))}
-                  for g in self.param_groups]
-        return {"param_groups": groups, "names": list(self._names), "functional_state": self._fstate}
+        """``{"param_groups": [...], "names": [...], "cohorts": [{"group", "names", "state"}, ...]}``
+        (a cohort's state ``None`` before its first step)."""
+        index, groups = 0, []
+        for g, names in zip(self.param_groups, self._group_names):
+            groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(index, index + len(names)))})
+            index += len(names)
+        return {"param_groups": groups, "names": list(self._names),
+                "cohorts": [{"group": c.group, "names": list(c.names), "state": c.state} for c in self._cohorts]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if list(state_dict.get("names", [])) != self._names:
+        if list(state_dict.get("names", [])) != self._names or len(state_dict["param_groups"]) != len(self.param_groups):
             raise ManifoldError(f"TorchOptimizer.load_state_dict: expected a state for the parameters "
-                                f"{self._names}, got one for {state_dict.get('names')}.")
+                                f"{self._names} in {len(self.param_groups)} group(s), got one for "
+                                f"{state_dict.get('names')} in {len(state_dict.get('param_groups', []))}.")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
-        self._fstate = state_dict["functional_state"]
+        if "cohorts" in state_dict:
+            self._cohorts = [_Cohort(c["group"], tuple(c["names"]), c["state"]) for c in state_dict["cohorts"]]
+        else:  # the first format (one group, one state)
+            self._cohorts = [_Cohort(0, tuple(self._names), state_dict["functional_state"])]
+        self._built.clear()
 
 
 @torch.compiler.disable  # (a plain function: on torch 2.6 the decorator does not bind as a method)
