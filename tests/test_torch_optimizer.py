@@ -369,3 +369,29 @@ def test_a_compiled_step_is_the_eager_step(generator):
     for k in ("W", "s", "b"):
         torch.testing.assert_close(getattr(b, k).detach(), getattr(a, k).detach(), atol=1e-13, rtol=0)
     assert int(opt_b.state_dict()["cohorts"][0]["state"][2].count) == 4
+
+
+def test_a_deep_copy_or_pickle_steps_on_its_own(generator):
+    """``copy.deepcopy`` and ``pickle`` of the optimizer keep its parameters' names, cohorts and
+    states (torch.optim.Optimizer's ``__getstate__`` kept only its own three fields), and the copy
+    reads its own groups' learning rate, not the original's."""
+    import copy
+    import pickle
+
+    x, y = _data(generator)
+    net = Net(generator)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    _train(net, opt, x, y, 2)
+    for clone in (copy.deepcopy({"net": net, "opt": opt}), pickle.loads(pickle.dumps({"net": net, "opt": opt}))):
+        twin, opt2 = clone["net"], clone["opt"]
+        assert [p is q for p, q in zip(opt2.param_groups[0]["params"], twin.parameters())] == [True] * 3
+        opt2.param_groups[0]["lr"] = 0.0
+        before = {k: v.detach().clone() for k, v in twin.named_parameters()}
+        _train(twin, opt2, x, y, 1)
+        for k, v in twin.named_parameters():
+            # lr 0: its own group's rate, not the original's 0.02 (the retraction re-orthonormalizes: rounding)
+            torch.testing.assert_close(v.detach(), before[k], atol=1e-13, rtol=0, msg=k)
+    reference = Net(generator)
+    reference.load_state_dict(net.state_dict())
+    _train(net, opt, x, y, 1)
+    assert not torch.equal(net.W.detach(), reference.W.detach())

@@ -159,6 +159,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._cohorts = [_Cohort(i, names, None) for i, names in enumerate(self._group_names) if names]
         self._built: dict[tuple[int, tuple[str, ...]], tuple[dict, Optimizer]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer's keeps only defaults, state and param_groups: a deepcopy or pickle lost
+        # the names and cohorts. The built functional optimizers close over this object: rebuilt.
+        return {k: v for k, v in self.__dict__.items() if k != "_built"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._built = {}
+
     def _check_new(self, named: list[tuple[str, torch.Tensor]], constraints: Mapping[str, Any]) -> None:
         """Refuse repeated names, constraints for parameters not given, and constrained values off
         their spaces."""
