@@ -794,6 +794,75 @@ def check_nonfinite(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                     raise _fail(ctx, f"{name} has finite points (a plausible value from non-finite input) {_worst(finite)}")
 
 
+@_property
+def check_batch_isolation(case: SpaceCase, dtype: torch.dtype = f64, *,
+                          generator: Optional[torch.Generator] = None) -> None:
+    """A bad point of a batch leaves the other points' results as they were (float64).
+
+    Each shape of the case gets a leading batch of 3; its middle point's input is replaced by NaN,
+    by ``+inf`` and by the same Gaussian entries times 1e6 (a diverged ensemble member, an
+    overflowing sample). The other two points' results of ``to_manifold`` (with and without a base),
+    ``project``, ``tangent``, ``egrad_to_rgrad``, ``retract``, ``transport``, ``inner``,
+    ``logabsdet`` (where ``case.has_logabsdet``), the gradient of a linear loss of ``to_manifold``
+    by autograd and by ``torch.func.grad``, its ``jvp`` and its ``vmap`` must equal those of the clean
+    batch, to ``tol = case.tol[float64]`` relative to ``max(1, |expected|)``. A choice made once for a
+    whole batch from a reduction over it (an exponential's degree, an iteration count, a scale, an
+    early exit) that a NaN poisons or an extreme point drives fails here; a single point's own
+    result is not checked (``check_nan``, ``check_nonfinite``).
+    """
+    _require_f64("batch_isolation", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    for shape in case.shapes:
+        full = (3, *shape)
+        ctx = _ctx(case, full, dtype)
+        X, _, base = _point_and_base(case, full, dtype, g)
+        X2 = M.sample(full, generator=g, dtype=dtype)
+        Z, G, C = (_randn(full, dtype, g) for _ in range(3))
+        U = M.tangent(X, _randn(full, dtype, g))
+
+        def maps(Z: Tensor, G: Tensor) -> dict[str, Tensor]:
+            V = 0.1 * M.tangent(X, G)
+            Zg = Z.clone().requires_grad_()
+            out = {
+                "to_manifold(Z)": M.to_manifold(Z),
+                "to_manifold(Z, base)": M.to_manifold(Z, base),
+                "project(Z)": M.project(Z),
+                "tangent(X, G)": M.tangent(X, G),
+                "egrad_to_rgrad(X, G)": M.egrad_to_rgrad(X, G),
+                "retract(X, V)": M.retract(X, V),
+                "transport(X, Y, V)": M.transport(X, X2, V),
+                "inner(X, U, V)": M.inner(X, U, V),
+                "autograd of to_manifold": torch.autograd.grad((M.to_manifold(Zg, base) * C).sum(), Zg)[0],
+                "torch.func.grad of to_manifold": grad(lambda z: (M.to_manifold(z, base) * C).sum())(Z),
+                "jvp of to_manifold": jvp(lambda z: M.to_manifold(z, base), (Z,), (C,))[1],
+                "vmap of to_manifold": vmap(M.to_manifold)(Z),
+            }
+            if case.has_logabsdet:
+                out["logabsdet(Z)"] = M.logabsdet(Z, base)
+            return out
+
+        ref = maps(Z, G)
+        for bad_name, fill in (("NaN", lambda t: torch.full_like(t, math.nan)),
+                               ("+inf", lambda t: torch.full_like(t, math.inf)),
+                               ("1e6 ×", lambda t: 1e6 * t)):
+            Zb, Gb = Z.clone(), G.clone()
+            Zb[1], Gb[1] = fill(Z[1]), fill(G[1])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # overflow in the bad point is its own business
+                got = maps(Zb, Gb)
+            for name, out in got.items():
+                keep, want = out[0::2].detach(), ref[name][0::2].detach()
+                if not bool(torch.isfinite(keep).all() == torch.isfinite(want).all()):
+                    raise _fail(ctx, f"{name}: a {bad_name} point at batch index 1 made the other points non-finite")
+                scale = want.abs().clamp(min=1.0)
+                err = ((keep - want).abs() / scale).max()
+                if not bool(err <= tol):
+                    raise _fail(ctx, f"{name}: a {bad_name} point at batch index 1 changed the other points' results "
+                                     f"by {float(err):.3g} (relative; tol {tol:g}): a choice made for the whole batch")
+
+
 # ----------------------------------------------------------------- float64-only properties
 def _smoke_inputs(case: SpaceCase, g: torch.Generator, shape: Optional[tuple[int, ...]] = None):
     shape = case.smoke if shape is None else shape

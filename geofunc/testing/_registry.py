@@ -39,6 +39,7 @@ from ._geodesic import (
 )
 from ._properties import (
     check_bad_input,
+    check_batch_isolation,
     check_check,
     check_compile,
     check_compile_aot,
@@ -192,6 +193,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("check", check_check),
     Property("nan", check_nan),
     Property("nonfinite", check_nonfinite),
+    Property("batch_isolation", check_batch_isolation, float64_only=True),
     Property("pure", check_pure),
     Property("layouts", check_layouts),
     Property("dtypes", check_dtypes),
