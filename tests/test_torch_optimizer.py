@@ -225,6 +225,18 @@ def test_a_mask_with_skipped_parameters_as_torch_groups(generator):
     _train_branches(theirs, ref, x, y)
     for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    # the same mask for the whole model given to two groups (trunk; heads): each takes its names
+    again = Branches(generator)
+    again.load_state_dict(theirs.state_dict())
+    groups = [{"params": again.trunk.named_parameters(prefix="trunk")},
+              {"params": [*again.a.named_parameters(prefix="a"), *again.b.named_parameters(prefix="b")]}]
+    opt = gf.optim.TorchOptimizer(groups, {}, gf.optim.radamw, lr=0.05, weight_decay=0.2, mask=mask)
+    ref = torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},
+                             {"params": [p for k, p in named if not mask[k]], "weight_decay": 0.0}], lr=0.05, weight_decay=0.2)
+    _train_branches(again, opt, x, y)
+    _train_branches(theirs, ref, x, y)
+    for (k, a), b in zip(again.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
 
 
 def test_a_group_with_constraints_added_later(generator):

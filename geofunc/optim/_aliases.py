@@ -24,8 +24,8 @@ def rsgd(
 
     With :math:`\eta` = ``lr``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening``,
     :math:`\lambda` = ``weight_decay``, :math:`P_X` = ``space.egrad_to_rgrad(X, ·)`` (the
-    tangent projection for embedded metrics), the transport :math:`T_{X_{t+1}}` = ``space.transport(X_t, X_{t+1}, ·)`` and
-    :math:`R_X` = ``space.retract(X, ·)``:
+    tangent projection for embedded metrics), :math:`T_{X_{t+1}}` =
+    ``space.transport(X_t, X_{t+1}, ·)`` and :math:`R_X` = ``space.retract(X, ·)``:
 
     .. math::
 

@@ -46,8 +46,8 @@ class _Cohort:
 
 
 def _restrict(tree: Any, names: tuple[str, ...], keep: tuple[str, ...]) -> Any:
-    """``tree`` (a functional state, or a pytree-valued hyperparameter such as ``mask``) with its
-    per-parameter dicts (keyed by exactly ``names``) cut to the entries ``keep``."""
+    """A cohort's functional state ``tree`` with its per-parameter dicts (keyed by exactly ``names``,
+    Note [Masks and labels]) cut to the entries ``keep``."""
     if isinstance(tree, Mapping):
         if set(tree) == set(names):
             return {n: tree[n] for n in keep}
@@ -57,6 +57,14 @@ def _restrict(tree: Any, names: tuple[str, ...], keep: tuple[str, ...]) -> Any:
     if isinstance(tree, (tuple, list)):
         return type(tree)(_restrict(v, names, keep) for v in tree)
     return tree
+
+
+def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
+    """A ``mask`` (or labels) keyed by parameter names, cut to a cohort's (a callable or a single
+    value is the same for any parameters)."""
+    if isinstance(mask, Mapping) and all(n in mask for n in names):
+        return {n: mask[n] for n in names}
+    return mask
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -224,7 +232,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         built = self._built.get(key)
         if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
             return built[1]
-        kwargs = {k: (_restrict(v, self._group_names[i], cohort.names) if k == "mask" else v) for k, v in hyper.items()}
+        kwargs = {k: (_cohort_mask(v, cohort.names) if k == "mask" else v) for k, v in hyper.items()}
         opt = self._factory({n: self._constraints[n] for n in cohort.names},
                             lr=lambda count, i=i: self.param_groups[i]["lr"], **kwargs)
         self._built[key] = (hyper, opt)

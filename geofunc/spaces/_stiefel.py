@@ -66,8 +66,7 @@ class Stiefel(FrameSpace):
       ``egrad_to_rgrad(X, G) = G − X Gᴴ X``, ``retract(X, V) = φ(W) X`` (the chart centred at ``X``
       with ``W`` built from ``V``'s tangent part: ``WX = V``; ``φ`` = ``triv``: Wen–Yin's Cayley step
       for ``"cayley"``, the exponential map for ``"expm"`` and for a callable, which need not be a
-      retraction), ``expmap(X, V) =
-      expm(W) X``, the canonical geodesic, O(n k²).
+      retraction); ``expmap(X, V) = expm(W) X``, the canonical geodesic, O(n k²).
     * ``transport(X, Y, V) = tangent(Y, V)`` in both: the projection is orthogonal in either metric.
     * No ``logmap``/``dist`` in either (boundary-value problems without a closed form).
 
@@ -111,12 +110,6 @@ class Stiefel(FrameSpace):
         Gt = tall(G)[0]
         return untall(Gt - Xt @ sym_part(transpose(Xt) @ Gt), tr)
 
-    # Note [Stiefel's geodesics]
-    # For the embedded metric the geodesic from X along a tangent V is (Edelman, Arias & Smith 1998,
-    # eq. 2.7) Y(t) = [X, V] expm(t [[A, −S], [I, A]]) [I; 0] expm(−tA), A = XᴴV (skew), S = VᴴV:
-    # a 2k×2k and a k×k exponential, O(n k²). V is first made tangent (its tangent part), so
-    # expmap(X, V) = expmap(X, tangent(X, V)). There is no closed-form distance (nor logmap): a
-    # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's.
     # Note [The metrics of Stiefel]
     # The canonical metric Re tr(Uᴴ(I − ½XXᴴ)V) (Edelman, Arias & Smith 1998, §2.4) is the quotient
     # metric of O(n)/O(n − k) (U(n)/U(n − k)): a tangent V = XΩ + C (Ω = XᴴV skew, XᴴC = 0) is the
@@ -173,6 +166,12 @@ class Stiefel(FrameSpace):
         Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
         return untall(frame_chart(Vt, Xt, triv), tr)
 
+    # Note [Stiefel's geodesics]
+    # For the embedded metric the geodesic from X along a tangent V is (Edelman, Arias & Smith 1998,
+    # eq. 2.7) Y(t) = [X, V] expm(t [[A, −S], [I, A]]) [I; 0] expm(−tA), A = XᴴV (skew), S = VᴴV:
+    # a 2k×2k and a k×k exponential, O(n k²). V is first made tangent (its tangent part), so
+    # expmap(X, V) = expmap(X, tangent(X, V)). There is no closed-form distance (nor logmap): a
+    # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's.
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """The geodesic of the metric from ``X`` along ``V`` at time 1: Edelman's (embedded, Note
         [Stiefel's geodesics]) or ``expm(W) X`` (canonical, Note [The metrics of Stiefel])."""
