@@ -1,0 +1,117 @@
+"""geoopt's manifolds as geofunc spaces: the ``constraints`` of a model built with
+``geoopt.ManifoldParameter`` s, for :class:`geofunc.optim.TorchOptimizer` or the functional optimizers.
+
+    >>> constraints = geofunc.contrib.geoopt.constraints(model.named_parameters())
+    >>> opt = gf.optim.TorchOptimizer(model.named_parameters(), constraints, gf.optim.radam, lr=1e-3)
+
+geoopt is not imported: a manifold is recognised by its class (by name, along its class hierarchy,
+so subclasses of geoopt's classes are recognised as what they extend) and read through the
+attributes geoopt 0.5 documents (a ball's ``c``, a hyperboloid's ``k``, the SPD metric). Which maps
+then equal geoopt's, and where the steps differ, is in ``docs/guide/migration-geoopt.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+
+from .. import spaces as S
+from .._errors import ManifoldError
+
+__all__ = ["constraints", "space_of"]
+
+Tensor = torch.Tensor
+
+
+def _names(manifold: Any) -> list[str]:
+    return [c.__name__ for c in type(manifold).__mro__]
+
+
+def _curvature(manifold: Any, attr: str) -> float:
+    """A fixed curvature parameter as a float; a learnable one (``learnable=True``) has no geofunc space."""
+    value = getattr(manifold, attr)
+    if isinstance(value, Tensor) and value.requires_grad:
+        raise ManifoldError(f"geofunc.contrib.geoopt: expected a fixed curvature, got {type(manifold).__name__} with a "
+                            f"learnable {attr} (geofunc's spaces hold their hyperparameters as numbers).")
+    return float(value.item() if isinstance(value, Tensor) else value)
+
+
+def space_of(manifold: Any) -> Optional[S.AbstractSpace]:
+    """The geofunc space of a geoopt manifold (``None`` for ``Euclidean``: a free parameter).
+
+    ===============================================  =============================================
+    geoopt                                           geofunc
+    ===============================================  =============================================
+    ``EuclideanStiefel``                             ``Stiefel()``
+    ``Stiefel()`` = ``CanonicalStiefel``             ``Stiefel(triv="cayley", metric="canonical")``
+    ``Sphere``, ``SphereExact``                      ``Sphere()``
+    ``PoincareBall(c)``, ``PoincareBallExact(c)``    ``PoincareBall(c=c)``
+    ``Stereographic(k)``, k < 0                      ``PoincareBall(c=-k)``
+    ``Lorentz(k)``                                   ``Lorentz(k=k)``
+    ``SymmetricPositiveDefinite()`` (AIM)            ``PSD(metric="affine")``
+    ``BirkhoffPolytope``                             ``Birkhoff()``
+    ``Euclidean``                                    ``None``
+    ===============================================  =============================================
+
+    The curvature is the one geoopt computes with: its ``PoincareBall`` keeps ``c`` through a float32
+    softplus, so ``PoincareBall(c=0.5)`` reads ``c = 0.49999997``, and the space takes that value (the
+    maps then equal geoopt's to rounding).
+
+    Anything else (``Scaled``, ``ProductManifold``, a ``Stereographic`` model of curvature ≥ 0, a
+    learnable curvature, the Siegel spaces, a ``Sphere`` with an intersection or complement, the SPD
+    manifold with another metric) raises :class:`~geofunc.ManifoldError` naming it.
+    """
+    names = _names(manifold)
+    if "EuclideanStiefel" in names:
+        return S.Stiefel()
+    if "CanonicalStiefel" in names:
+        return S.Stiefel(triv="cayley", metric="canonical")
+    if "Sphere" in names and "Stereographic" not in names:
+        if getattr(manifold, "projector", None) is not None:  # geoopt's Sphere(intersection=..., complement=...)
+            raise ManifoldError(f"geofunc.contrib.geoopt: expected a geoopt Sphere without an intersection or "
+                                f"complement (a sphere of a subspace has no geofunc space), got {manifold!r}.")
+        return S.Sphere()
+    if "PoincareBall" in names:
+        return S.PoincareBall(c=_curvature(manifold, "c"))
+    if "Stereographic" in names and "SphereProjection" not in names:
+        k = _curvature(manifold, "k")
+        if k < 0:  # the κ-stereographic model at negative curvature is the Poincaré ball of c = −κ
+            return S.PoincareBall(c=-k)
+    if "Lorentz" in names:
+        return S.Lorentz(k=_curvature(manifold, "k"))
+    if "SymmetricPositiveDefinite" in names:
+        metric = str(getattr(manifold, "default_metric", "AIM"))
+        if not metric.endswith("AIM"):
+            raise ManifoldError(f"geofunc.contrib.geoopt: expected SymmetricPositiveDefinite with the affine-invariant "
+                                f"metric (AIM; geoopt implements only its distance for the others), got {metric}.")
+        return S.PSD(metric="affine")
+    if "BirkhoffPolytope" in names:
+        return S.Birkhoff()
+    if "Euclidean" in names:
+        return None
+    raise ManifoldError(f"geofunc.contrib.geoopt: expected one of geoopt's EuclideanStiefel, CanonicalStiefel, Sphere, "
+                        f"PoincareBall, Lorentz, SymmetricPositiveDefinite, BirkhoffPolytope or Euclidean, got "
+                        f"{type(manifold).__name__} ({manifold!r}): no geofunc space (docs/guide/migration-geoopt.md).")
+
+
+def constraints(named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, S.AbstractSpace]:
+    """``{name: space}`` for the ``ManifoldParameter`` s among ``named_parameters`` whose manifold is
+    not ``Euclidean`` (:func:`space_of`); plain tensors and Euclidean ones are left out (free).
+
+    Their values are points already (geoopt's parameters hold them), so the result goes straight to
+    :class:`geofunc.optim.TorchOptimizer` with the same ``named_parameters``. A manifold without a
+    geofunc space raises :class:`~geofunc.ManifoldError` naming the parameter.
+    """
+    out: dict[str, S.AbstractSpace] = {}
+    for name, p in named_parameters:
+        manifold = getattr(p, "manifold", None)
+        if manifold is None:
+            continue
+        try:
+            space = space_of(manifold)
+        except ManifoldError as e:
+            raise ManifoldError(f"parameter {name!r}: {e}") from None
+        if space is not None:
+            out[name] = space
+    return out
