@@ -40,6 +40,24 @@ def _horizontal(X: Tensor, V: Tensor) -> Tensor:
     return Xt.mT @ Vt
 
 
+def _stiefel_case(name: str, space: gf.Stiefel, shapes: tuple) -> SpaceCase:
+    """A case of ``Stiefel`` (any ``triv``, any ``metric``): orthonormal frames, tall and wide."""
+    return SpaceCase(
+        name,
+        space,
+        shapes=shapes,
+        member=_orthonormal,
+        rebase_zeroes=True,
+        tol=TOL_LOOSE,
+        off_manifold=_scale,
+        linearized=_linearized_stiefel,
+        smoke_shape=(5, 2),
+        dim=ref.dim_stiefel,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_frames,
+    )
+
+
 # The chart applies expm/Cayley to raw tensors of scale 100 too: float32 rounding there is
 # ~1e-5 per entry, hence the looser comparison tolerance.
 ORTHOGONAL_CASES = [
@@ -73,63 +91,12 @@ ORTHOGONAL_CASES = [
         perturb=ref.perturb_gram,
         moments=ref.moments_so,
     ),
-    SpaceCase(
-        "Stiefel",
-        gf.Stiefel(),
-        shapes=SHAPES_MATRIX,
-        member=_orthonormal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_scale,
-        linearized=_linearized_stiefel,
-        smoke_shape=(5, 2),
-        dim=ref.dim_stiefel,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_frames,
-    ),
-    SpaceCase(
-        "Stiefel-cayley",
-        gf.Stiefel(triv="cayley"),
-        shapes=((4, 4), (6, 3), (3, 6), (2, 5, 2)),
-        member=_orthonormal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_scale,
-        linearized=_linearized_stiefel,
-        smoke_shape=(5, 2),
-        dim=ref.dim_stiefel,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_frames,
-    ),
+    _stiefel_case("Stiefel", gf.Stiefel(), SHAPES_MATRIX),
+    _stiefel_case("Stiefel-cayley", gf.Stiefel(triv="cayley"), ((4, 4), (6, 3), (3, 6), (2, 5, 2))),
     # the canonical metric (geoopt's default Stiefel): the same chart, another metric and retraction
-    SpaceCase(
-        "Stiefel-canonical",
-        gf.Stiefel(metric="canonical"),
-        shapes=SHAPES_MATRIX,
-        member=_orthonormal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_scale,
-        linearized=_linearized_stiefel,
-        smoke_shape=(5, 2),
-        dim=ref.dim_stiefel,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_frames,
-    ),
-    SpaceCase(
-        "Stiefel-canonical-cayley",
-        gf.Stiefel(triv="cayley", metric="canonical"),
-        shapes=((4, 4), (6, 3), (3, 6), (2, 5, 2), (9, 2)),
-        member=_orthonormal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_scale,
-        linearized=_linearized_stiefel,
-        smoke_shape=(5, 2),
-        dim=ref.dim_stiefel,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_frames,
-    ),
+    _stiefel_case("Stiefel-canonical", gf.Stiefel(metric="canonical"), SHAPES_MATRIX),
+    _stiefel_case("Stiefel-canonical-cayley", gf.Stiefel(triv="cayley", metric="canonical"),
+                  ((4, 4), (6, 3), (3, 6), (2, 5, 2), (9, 2))),
     SpaceCase(
         "Grassmannian",
         gf.Grassmannian(),

@@ -124,6 +124,21 @@ def _train_branches(model, opt, x, y):
         opt.step()
 
 
+def _same_runs(ours, opt, theirs, ref, x, y):
+    """Train both models on the ``USES`` schedule and assert the same parameters to rounding."""
+    _train_branches(ours, opt, x, y)
+    _train_branches(theirs, ref, x, y)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
+def _adamw_groups(named, mask):
+    """``torch.optim.AdamW`` with weight decay on the masked parameters only (torch's way: two groups)."""
+    return torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},
+                              {"params": [p for k, p in named if not mask[k]], "weight_decay": 0.0}],
+                             lr=0.05, weight_decay=0.2)
+
+
 @pytest.mark.parametrize("name", ["radam", "rsgd", "radamw"])
 def test_parameters_without_a_gradient_are_skipped_as_torch_does(name, generator):
     """A parameter whose ``.grad`` is None is skipped as ``torch.optim`` skips it: not moved, its state
@@ -148,10 +163,7 @@ def test_parameters_without_a_gradient_are_skipped_as_torch_does(name, generator
     assert torch.equal(ours.b.weight.detach(), before["b.weight"])  # b unused: not moved
     ours.load_state_dict({k: v for k, v in before.items()})
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, getattr(gf.optim, name), **kwargs)
-    _train_branches(ours, opt, x, y)
-    _train_branches(theirs, ref, x, y)
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _same_runs(ours, opt, theirs, ref, x, y)
     assert len(opt.state_dict()["cohorts"]) > 1  # the heads' histories differ
 
 
@@ -167,11 +179,7 @@ def test_a_manifold_parameter_without_a_gradient_is_skipped_as_geoopt_does(gener
     theirs.load_state_dict(ours.state_dict())
     theirs.b.weight = geoopt.ManifoldParameter(theirs.b.weight.data, manifold=geoopt.Sphere())
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {"b.weight": gf.Sphere()}, gf.optim.radam, lr=0.05)
-    ref = geoopt.optim.RiemannianAdam(theirs.parameters(), lr=0.05)
-    _train_branches(ours, opt, x, y)
-    _train_branches(theirs, ref, x, y)
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _same_runs(ours, opt, theirs, geoopt.optim.RiemannianAdam(theirs.parameters(), lr=0.05), x, y)
     assert member(gf.Sphere(), ours.b.weight.detach())
 
 
@@ -219,24 +227,14 @@ def test_a_mask_with_skipped_parameters_as_torch_groups(generator):
     mask = {k: k.endswith("weight") for k, _ in ours.named_parameters()}
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radamw, lr=0.05, weight_decay=0.2, mask=mask)
     named = list(theirs.named_parameters())
-    ref = torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},
-                             {"params": [p for k, p in named if not mask[k]], "weight_decay": 0.0}], lr=0.05, weight_decay=0.2)
-    _train_branches(ours, opt, x, y)
-    _train_branches(theirs, ref, x, y)
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _same_runs(ours, opt, theirs, _adamw_groups(named, mask), x, y)
     # the same mask for the whole model given to two groups (trunk; heads): each takes its names
     again = Branches(generator)
     again.load_state_dict(theirs.state_dict())
     groups = [{"params": again.trunk.named_parameters(prefix="trunk")},
               {"params": [*again.a.named_parameters(prefix="a"), *again.b.named_parameters(prefix="b")]}]
     opt = gf.optim.TorchOptimizer(groups, {}, gf.optim.radamw, lr=0.05, weight_decay=0.2, mask=mask)
-    ref = torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},
-                             {"params": [p for k, p in named if not mask[k]], "weight_decay": 0.0}], lr=0.05, weight_decay=0.2)
-    _train_branches(again, opt, x, y)
-    _train_branches(theirs, ref, x, y)
-    for (k, a), b in zip(again.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _same_runs(again, opt, theirs, _adamw_groups(named, mask), x, y)
 
 
 def test_a_group_with_constraints_added_later(generator):
