@@ -31,6 +31,8 @@ SPACES = {
     "LowRank": (gf.LowRank(rank=2), (5, 4)),
     "SL": (gf.SL(), (3, 3)),
     "PoincareBall": (gf.PoincareBall(), (3,)),
+    "Lorentz": (gf.Lorentz(), (4,)),
+    "Hurwitz": (gf.Hurwitz(), (3, 3)),
     "Birkhoff": (gf.Birkhoff(), (3, 3)),
 }
 OPTIMIZERS = {
