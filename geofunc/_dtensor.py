@@ -239,6 +239,13 @@ _ROW_SHARDED = {
     "retract": _frame_retract,
     "_violations": _frame_violations,
 }
+#: The maps that depend on the metric, and the metrics whose row-sharded formulas are above: any
+#: other metric (a new one included) takes the gathered route, never another metric's formula.
+_METRIC_MAPS = {
+    "inner": ("embedded", "canonical"),
+    "egrad_to_rgrad": ("embedded", "canonical"),
+    "retract": ("embedded",),
+}
 #: The row-sharded maps whose results are replicated (no row dimension): their Gram matrices'
 #: gradients are whole on every rank already (:class:`_SumToReplicated`).
 _REPLICATED_RESULT = frozenset({"inner", "_violations"})
@@ -250,7 +257,8 @@ def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> 
 
     if name not in _ROW_SHARDED or kwargs or type(self) not in (Stiefel, Grassmannian):
         return None
-    if name == "retract" and _canonical(self):  # the chart centred at X, not the QR factor: gathered
+    metric = getattr(self, "metric", "embedded")
+    if name in _METRIC_MAPS and metric not in _METRIC_MAPS[name]:  # e.g. the canonical retraction, a chart: gathered
         return None
     lead = dts[0]
     if lead.ndim < 2 or lead.shape[-2] <= lead.shape[-1] or lead.device_mesh.ndim != 1:
