@@ -474,6 +474,9 @@ MUTANTS: list[tuple[str, Callable[[], Any], list[tuple[str, str, torch.dtype]], 
      [(case, "membership", dtype) for case in ("Sphere", "Oblique", "SO", "Stiefel", "LowRank-2", "PSSD", "Sym")
       for dtype in (f64, torch.float32)],
      "the tolerance is looser than documented"),
+    ("one-result-for-the-batch", _patch((space_base.AbstractSpace, "_over_batch", lambda self, out, *args, point=True: out)),
+     [("Sphere", "broadcast", f64), ("Sym", "broadcast", f64), ("Rn", "broadcast", f64), ("Stiefel-canonical", "broadcast", f64)],
+     r"returned shape .*expected \(3,"),
     ("Sphere.sample-positive-orthant", _patch((gf.Sphere, "sample", _positive_orthant_sample)),
      [("Sphere", "sample_distribution", f64), ("Sphere-r2.5", "sample_distribution", f64)],
      "not the documented distribution"),
@@ -1044,9 +1047,9 @@ def test_sample_independence_reads_rounding_of_one_point_as_one_point() -> None:
         _PROPS["sample_independent"].fn(case, f64, generator=torch.Generator().manual_seed(SEED))
 
 
-# (nested_forward, added later, differentiates expmap and logmap among other maps where a space has them)
+# (nested_forward and broadcast, added later, call expmap and logmap among other maps where a space has them)
 _NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist", "sqdist", "transport_parallel",
-                               "nested_forward")
+                               "nested_forward", "broadcast")
 
 
 @pytest.mark.parametrize("case_id", ["PoincareBall-c0.5", "Lorentz-k2"])

@@ -242,6 +242,17 @@ def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
+def _broadcast(shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The broadcast of shapes known to broadcast (``torch.broadcast_shapes`` without its Python)."""
+    n = max(len(s) for s in shapes)
+    out = [1] * n
+    for s in shapes:
+        for i, x in enumerate(s, n - len(s)):
+            if x != 1:
+                out[i] = x
+    return tuple(out)
+
+
 class cached_attribute:
     """``functools.cached_property`` without its lock: computed on first access, then an entry of the
     instance's ``__dict__`` (a frozen dataclass's too), which shadows this non-data descriptor.
@@ -459,6 +470,26 @@ class AbstractSpace(_Space, abc.ABC):
         if Y.dtype != X.dtype or Y.device != X.device:
             self._require_base_like(X, Y, what_y, "X")
 
+    # Note [A result per point of the batch]
+    # A map of several arguments broadcasts their batch dims, as torch's operators do, and returns one
+    # result per point of that batch: inner(X, U, V) of 3 points and one shared vector is 3 numbers.
+    # A map that reads only some of its arguments (an embedded metric's inner reads no point,
+    # Sym.tangent is sym(G) wherever X is, the projection transport never reads X) broadcast only
+    # those, and returned 1 number for the 3 points: a sum over the batch silently a third of what it
+    # is (found by check_broadcast). Such maps pass their result through _over_batch, which expands it
+    # (a copy, not a stride-0 view that an in-place update would refuse) where the batch differs:
+    # a shape comparison, nothing else, in the common case of arguments of one batch.
+    def _over_batch(self, out: Tensor, *args: Tensor, point: bool = True) -> Tensor:
+        """``out`` over the broadcast batch dims of ``args`` (points and vectors of this space), where
+        the map that computed it read only some of them (Note [A result per point of the batch]);
+        ``point=False``: ``out`` is batch-shaped (``inner``)."""
+        d = self.point_ndim
+        batch = _broadcast([a.shape[: a.ndim - d] for a in args])
+        nb = out.ndim - d if point else out.ndim
+        if tuple(out.shape[:nb]) == batch:
+            return out
+        return out.expand(batch + tuple(out.shape[nb:])).contiguous()
+
     def _require_base(self, Z: Tensor, base: Any) -> None:
         """A ``base`` is None or a tensor of ``Z``'s point shape whose batch dims broadcast."""
         if base is None:
@@ -548,16 +579,17 @@ class AbstractSpace(_Space, abc.ABC):
     def _require_same_shape(self, X: Tensor, Y: Tensor, what_x: str, what_y: str) -> None:
         """``Y`` must have ``X``'s point shape and batch dims that broadcast with ``X``'s."""
         d = self.point_ndim
-        if tuple(X.shape[-d:]) != tuple(Y.shape[-d:]):  # tuples: torch.Size == goes through sym_eq
+        # (X.ndim - d: a slice [-d:] is the whole shape for d = 0, Rn's, which then refused a G that broadcasts)
+        if tuple(X.shape[X.ndim - d:]) != tuple(Y.shape[Y.ndim - d:]):  # tuples: torch.Size == goes through sym_eq
             raise error(
                 self,
-                f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[-d:])}",
+                f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[X.ndim - d:])}",
                 f"shape {tuple(Y.shape)}",
             )
-        if d and not _broadcastable(X.shape[:-d], Y.shape[:-d]):
+        if not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):
             raise error(
                 self,
-                f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[:-d])}",
+                f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[: X.ndim - d])}",
                 f"shape {tuple(Y.shape)}",
             )
 
@@ -606,8 +638,9 @@ class AbstractSpace(_Space, abc.ABC):
 
     def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
         """A vector transport of ``V ∈ T_X M`` to ``T_Y M`` (default: ``tangent(Y, V)``, the projection)."""
-        del X
-        return self.tangent(Y, V)
+        self._check_pair(Y, X, "X")
+        self._check_pair(X, V, "V")
+        return self._over_batch(self.tangent(Y, V), X, Y, V)
 
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
         """The metric ``⟨U, V⟩_X`` of tangent vectors at ``X``, batch-shaped.
@@ -618,7 +651,7 @@ class AbstractSpace(_Space, abc.ABC):
         self._check_pair(X, V, "V")
         P = U.conj() * V if U.is_complex() else U * V
         out = P.sum(dim=tuple(range(-self.point_ndim, 0))) if self.point_ndim else P
-        return out.real if out.is_complex() else out
+        return self._over_batch(out.real if out.is_complex() else out, X, U, V, point=False)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """The geodesic distance, batch-shaped (only where it has a closed form)."""

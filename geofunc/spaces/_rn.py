@@ -73,7 +73,7 @@ class Rn(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``G``."""
         self._check_pair(X, G, "G")
-        return G
+        return self._over_batch(G, X, G)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``X + V``."""

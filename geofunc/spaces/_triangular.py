@@ -69,7 +69,7 @@ class TriangleSpace(AbstractSpace):
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """The orthogonal projection of ``G`` onto the subspace (the space is its own tangent space)."""
         self._check_pair(X, G, "G")
-        return self._part(G)
+        return self._over_batch(self._part(G), X, G)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``X`` plus the projection of ``V``."""

@@ -18,6 +18,7 @@ from ._case import SpaceCase
 
 __all__ = [
     "check_bad_input",
+    "check_broadcast",
     "check_check",
     "check_compile",
     "check_compile_aot",
@@ -861,6 +862,86 @@ def check_batch_isolation(case: SpaceCase, dtype: torch.dtype = f64, *,
                 if not bool(err <= tol):
                     raise _fail(ctx, f"{name}: a {bad_name} point at batch index 1 changed the other points' results "
                                      f"by {float(err):.3g} (relative; tol {tol:g}): a choice made for the whole batch")
+
+
+@_property
+def check_broadcast(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
+    """A map's arguments broadcast over their batch dims, and so does its result (float64).
+
+    Each shape of the case gets a batch of 3 points; every map of several arguments is called with
+    one argument batched and the others single (a batch of points and one shared vector, one point
+    and a batch of vectors, ...): ``to_manifold(Z, base)``, ``tangent``, ``egrad_to_rgrad``,
+    ``retract``, ``transport`` (each of its three arguments batched in turn), ``inner`` (the point,
+    then the vectors), ``expmap``, ``logmap`` and ``dist`` where the space implements them, and
+    ``logabsdet(Z, base)`` where ``case.has_logabsdet``. The result must have the batch shape ``(3,)``
+    (a point's or a vector's shape after it, or none for a batch-shaped value) and equal the
+    three results of the single calls to ``tol = case.tol[float64]`` relative to ``max(1, |x|)`` (NaN
+    where they are NaN). A map that ignores one of its arguments (an embedded metric's ``inner``
+    reads no point; ``Sym.tangent`` is ``sym(G)`` wherever ``X`` is) still returns one value per
+    point of the batch: a sum over the batch is otherwise silently short.
+    """
+    from ._geodesic import implements  # (_geodesic imports this module)
+
+    _require_f64("broadcast", dtype)
+    g = _gen(generator)
+    M = case.space
+    tol = case.tol[f64]
+    for shape in case.shapes:
+        full = (3, *shape)
+        ctx = _ctx(case, full, dtype)
+        X, Y = M.sample(full, generator=g, dtype=dtype), M.sample(full, generator=g, dtype=dtype)
+        _, base = M.from_manifold(X)
+        x0, y0 = X[0], Y[0]
+        _, base0 = M.from_manifold(x0)
+        Z, Gb = _randn(full, dtype, g), _randn(full, dtype, g)
+        G0 = _randn(tuple(shape), dtype, g)
+        U0, V0 = M.tangent(x0, _randn(tuple(shape), dtype, g)), 0.1 * M.tangent(x0, G0)
+        Ub, Vb = M.tangent(x0, _randn(full, dtype, g)), 0.1 * M.tangent(x0, Gb)
+        B, S = True, False  # which arguments are batched
+        calls: list[tuple[str, Callable[..., Tensor], tuple[tuple[Any, bool], ...]]] = [
+            ("to_manifold(Z batched, base single)", M.to_manifold, ((Z, B), (base0, S))),
+            ("to_manifold(Z single, base batched)", M.to_manifold, ((Z[0], S), (base, B))),
+            ("tangent(X batched, G single)", M.tangent, ((X, B), (G0, S))),
+            ("tangent(X single, G batched)", M.tangent, ((x0, S), (Gb, B))),
+            ("egrad_to_rgrad(X batched, G single)", M.egrad_to_rgrad, ((X, B), (G0, S))),
+            ("egrad_to_rgrad(X single, G batched)", M.egrad_to_rgrad, ((x0, S), (Gb, B))),
+            ("retract(X batched, V single)", M.retract, ((X, B), (V0, S))),
+            ("retract(X single, V batched)", M.retract, ((x0, S), (Vb, B))),
+            ("transport(X batched, Y single, V single)", M.transport, ((X, B), (y0, S), (V0, S))),
+            ("transport(X single, Y batched, V single)", M.transport, ((x0, S), (Y, B), (V0, S))),
+            ("transport(X single, Y single, V batched)", M.transport, ((x0, S), (y0, S), (Vb, B))),
+            ("inner(X batched, U single, V single)", M.inner, ((X, B), (U0, S), (V0, S))),
+            ("inner(X single, U batched, V single)", M.inner, ((x0, S), (Ub, B), (V0, S))),
+            ("inner(X single, U single, V batched)", M.inner, ((x0, S), (U0, S), (Vb, B))),
+        ]
+        if implements(M, "expmap"):
+            calls += [("expmap(X batched, V single)", M.expmap, ((X, B), (V0, S))),
+                      ("expmap(X single, V batched)", M.expmap, ((x0, S), (Vb, B)))]
+        if implements(M, "logmap"):
+            near = M.retract(x0, Vb)  # within reach of x0 (the logarithm's domain)
+            calls += [("logmap(X single, Y batched)", M.logmap, ((x0, S), (near, B))),
+                      ("logmap(X batched, Y single)", M.logmap, ((near, B), (x0, S)))]
+        if implements(M, "dist"):
+            calls += [("dist(X batched, Y single)", M.dist, ((X, B), (y0, S))),
+                      ("dist(X single, Y batched)", M.dist, ((x0, S), (Y, B)))]
+        if case.has_logabsdet:
+            calls += [("logabsdet(Z single, base batched)", M.logabsdet, ((Z[0], S), (base, B))),
+                      ("logabsdet(Z batched, base single)", M.logabsdet, ((Z, B), (base0, S)))]
+        for name, f, args in calls:
+            if not any(b and any(isinstance(t, Tensor) for t in pytree.tree_leaves(a)) for a, b in args):
+                continue  # the batched argument is a None base: nothing is batched
+            out = f(*(a for a, _ in args))
+            singles = [f(*(_tree_index(a, i) if b else a for a, b in args)) for i in range(3)]
+            want = torch.stack(singles)
+            if tuple(out.shape) != tuple(want.shape):
+                raise _fail(ctx, f"{name} returned shape {tuple(out.shape)}, expected {tuple(want.shape)} "
+                                 f"(the batch of 3, then the single calls' shape {tuple(singles[0].shape)})")
+            nan = torch.isnan(want)
+            if not bool((torch.isnan(out) == nan).all()):
+                raise _fail(ctx, f"{name}: NaN where the single calls are not NaN, or the reverse")
+            err = ((out - want).abs() / want.abs().clamp(min=1.0)).masked_fill(nan, 0.0).max()
+            if not bool(err <= tol):
+                raise _fail(ctx, f"{name} differs from the single calls by {float(err):.3g} (relative; tol {tol:g})")
 
 
 # ----------------------------------------------------------------- float64-only properties

@@ -40,6 +40,7 @@ from ._geodesic import (
 from ._properties import (
     check_bad_input,
     check_batch_isolation,
+    check_broadcast,
     check_check,
     check_compile,
     check_compile_aot,
@@ -194,6 +195,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("nan", check_nan),
     Property("nonfinite", check_nonfinite),
     Property("batch_isolation", check_batch_isolation, float64_only=True),
+    Property("broadcast", check_broadcast, float64_only=True),
     Property("pure", check_pure),
     Property("layouts", check_layouts),
     Property("dtypes", check_dtypes),
