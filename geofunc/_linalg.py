@@ -253,14 +253,24 @@ def chol_qr(Y: Tensor) -> Tensor:
     non-finite ``Y``, or one without a QR factor in its dtype (numerically rank-deficient), gives NaN
     (Note [Numerically rank-deficient QR]), never an exception or a finite frame off the manifold.
     """
-    nan = poison(Y)
-    Y = sanitize(Y)
+    if Y.shape[-1] and Y.shape[-2]:  # Note [Scale of CholeskyQR]
+        big = Y.detach().abs().amax(dim=(-2, -1), keepdim=True)
+        nan, Y = big * 0.0, sanitize(Y / big)
+    else:
+        nan, Y = poison(Y), sanitize(Y)
     for _ in range(2):
         R, _ = torch.linalg.cholesky_ex(transpose(Y) @ Y, upper=True)
         Y = torch.linalg.solve_triangular(R, Y, upper=True, left=False)
     return torch.addcmul(nan, Y, qr_trust(R))  # nan + Y·trust in one pass
 
 
+# Note [Scale of CholeskyQR]
+# Q is the same for Y and cY (c > 0), but the Gram matrix YᵀY overflows once Y's entries pass
+# √(largest float)/√n: a full-rank, well-conditioned step of 1e20 (float32) was NaN (a probe found it).
+# So Y is divided by its largest |entry| first (detached: Q(Y/c) = Q(Y) for a constant c, so the
+# derivatives are Q's). That largest entry is also the NaN policy's test (NaN, or inf, where Y has a
+# NaN or an inf: it replaces poison's sum), and the quotient is sanitized (a bad or all-zero Y gives
+# zeros to LAPACK, and NaN at the end). Two small ops more than unscaled (benchmarks/REFACTOR-qr-scale.md).
 # Note [Numerically rank-deficient QR]
 # CholeskyQR2 is exact to rounding while the first pass's Gram matrix YᵀY (condition number cond(Y)²)
 # is numerically positive definite. Past that (a retraction step X + V of rank < k, or one whose

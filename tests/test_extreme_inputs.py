@@ -433,7 +433,8 @@ def test_qr_retraction_gives_nan_where_the_step_has_no_qr_factor(M, dtype, gener
     """``qf(X + V)`` by CholeskyQR2: a step of rank < k at a scale that hides ``X`` has no QR factor.
     Cholesky stopped early and the "frame" was finite and 1 to 1e29 off (a zero column); now NaN per
     matrix (Note [Numerically rank-deficient QR]), and full-rank steps, however large, keep their
-    frames."""
+    frames: also past √(largest float), where the Gram matrix of the step overflowed and a
+    well-conditioned step was NaN (Note [Scale of CholeskyQR])."""
     for shape in ((5, 3), (3, 5)):
         X = M.sample((4, *shape), generator=generator, dtype=dtype)
         Z = torch.randn(4, *shape, generator=generator, dtype=F64)
@@ -444,16 +445,17 @@ def test_qr_retraction_gives_nan_where_the_step_has_no_qr_factor(M, dtype, gener
         assert nan.tolist() == [True, True, False, False], (shape, nan)
         assert bool(_nan_or_member(M, vmap(M.retract)(X, V), "vmap").eq(nan).all())
         # large full-rank steps: frames, equal to the Q factor of a Householder QR
-        V = 1e3 * Z.to(dtype)
-        R = M.retract(X, V)
-        assert not bool(torch.isnan(R).any())
-        Yt = (X + V).double()
-        Yt = Yt if shape[0] >= shape[1] else Yt.mT
-        Q, Rq = torch.linalg.qr(Yt)
-        Q = Q * torch.sign(Rq.diagonal(dim1=-2, dim2=-1))[..., None, :]
-        Q = Q if shape[0] >= shape[1] else Q.mT
-        tol = 1e-5 if dtype == F32 else 1e-12
-        assert torch.allclose(R.double(), Q, atol=tol), (R.double() - Q).abs().max()
+        for scale in (1e3, 1e20 if dtype == F32 else 1e160):
+            V = scale * Z.to(dtype)
+            R = M.retract(X, V)
+            assert not bool(torch.isnan(R).any()), scale
+            Yt = (X + V).double()
+            Yt = Yt if shape[0] >= shape[1] else Yt.mT
+            Q, Rq = torch.linalg.qr(Yt)
+            Q = Q * torch.sign(Rq.diagonal(dim1=-2, dim2=-1))[..., None, :]
+            Q = Q if shape[0] >= shape[1] else Q.mT
+            tol = 1e-5 if dtype == F32 else 1e-12
+            assert torch.allclose(R.double(), Q, atol=tol), (scale, (R.double() - Q).abs().max())
 
 
 @pytest.mark.parametrize("M", [gf.Stiefel(), gf.Grassmannian(), gf.Stiefel(triv="cayley")], ids=repr)
