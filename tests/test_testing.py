@@ -474,6 +474,9 @@ MUTANTS: list[tuple[str, Callable[[], Any], list[tuple[str, str, torch.dtype]], 
      [(case, "membership", dtype) for case in ("Sphere", "Oblique", "SO", "Stiefel", "LowRank-2", "PSSD", "Sym")
       for dtype in (f64, torch.float32)],
      "the tolerance is looser than documented"),
+    ("SO.retract-carries-its-base-point", _patch((gf.SO, "retract", lambda self, X, V: X @ torch.linalg.matrix_exp(
+        0.5 * (X.mT @ V - V.mT @ X)))),
+     [("SO", "retract_refines", f64), ("SO-cayley", "retract_refines", f64)], "carries its base point's error"),
     ("one-result-for-the-batch", _patch((space_base.AbstractSpace, "_over_batch", lambda self, out, *args, point=True: out)),
      [("Sphere", "broadcast", f64), ("Sym", "broadcast", f64), ("Rn", "broadcast", f64), ("Stiefel-canonical", "broadcast", f64)],
      r"returned shape .*expected \(3,"),

@@ -12,8 +12,8 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, resolve_triv, skew_lower, skew_part,
-                       sym_part, tall, transpose, untall)
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, refine_factor, resolve_triv, skew_lower,
+                       skew_part, sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
 from ._logs import theta_over_sin
 
@@ -73,7 +73,8 @@ class MatrixGroup(AbstractSpace):
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         self._check_pair(X, V, "V")
         phi = resolve_triv("expm" if callable(self.triv) else self.triv)
-        return X @ phi(skew_part(transpose(X) @ V))
+        # X refined first (Note [Retractions that multiply]): the product carries X's rounding
+        return X @ (refine_factor(X) @ phi(skew_part(transpose(X) @ V)))
 
     # Note [The group's geodesics]
     # With the embedded metric Re tr(UᴴV), a tangent vector at X is XΩ (Ω skew(-Hermitian)) of length
@@ -88,7 +89,7 @@ class MatrixGroup(AbstractSpace):
         """``X expm(skew(XᴴV))``: the one-parameter subgroup through ``X`` along ``V`` (Note [The group's
         geodesics])."""
         self._check_pair(X, V, "V")
-        return X @ resolve_triv("expm")(skew_part(transpose(X) @ V))
+        return X @ (refine_factor(X) @ resolve_triv("expm")(skew_part(transpose(X) @ V)))
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²)``, ``λ_j`` the eigenvalues of ``XᴴY``; batch-shaped (for

@@ -8,7 +8,8 @@ from typing import Any, final
 import torch
 
 from .._errors import error
-from .._linalg import Triv, expm, eye_like, frame_chart, poisoned_zero, resolve_triv, skew_part, sym_part, transpose
+from .._linalg import (Triv, expm, eye_like, frame_chart, poisoned_zero, refine_frame, resolve_triv, skew_part, sym_part,
+                       transpose)
 from ._base import _space_repr
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
@@ -161,6 +162,7 @@ class Stiefel(FrameSpace):
         Xt, Vt = torch.broadcast_tensors(Xt, Vt)
         if 0 in Xt.shape[-2:]:  # the empty frame
             return untall(0.0 * (Xt + Vt), tr)
+        Xt = refine_frame(Xt)  # the chart carries its centre's rounding (Note [Retractions that multiply])
         if Xt.shape[-2] == Xt.shape[-1]:
             return untall(Xt @ resolve_triv(triv)(skew_part(transpose(Xt) @ Vt)), tr)
         Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)

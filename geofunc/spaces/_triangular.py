@@ -72,9 +72,10 @@ class TriangleSpace(AbstractSpace):
         return self._over_batch(self._part(G), X, G)
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
-        """``X`` plus the projection of ``V``."""
+        """The projection of ``X + V`` (``X`` plus the projection of ``V`` for a point ``X``; a point off
+        the subspace is not carried along: Note [Retractions that multiply] in ``geofunc/_linalg.py``)."""
         self._check_pair(X, V, "V")
-        return X + self._part(V)
+        return self._part(X + V)
 
     # A linear space is flat: its geodesics are straight lines.
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:

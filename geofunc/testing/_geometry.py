@@ -41,6 +41,7 @@ __all__ = [
     "check_project_nearest",
     "check_project_nearest_chart",
     "check_project_normal",
+    "check_retract_refines",
     "check_retract_small_steps",
     "check_sample_distribution",
     "check_sample_distribution_f32",
@@ -290,6 +291,38 @@ def check_retract_small_steps(case: SpaceCase, dtype: torch.dtype = f64, *,
         G = _randn(shape, f64, g)
         V = M.tangent(X, G / _point_norm(G, p).reshape(tuple(G.shape[: G.ndim - p]) + (1,) * p))
         _small_steps(case, ctx, "retract", M.retract, X, V)
+
+
+@_property
+def check_retract_refines(case: SpaceCase, dtype: torch.dtype = f64, *,
+                          generator: Optional[torch.Generator] = None) -> None:
+    """``retract`` does not carry its base point's error (float64): an optimizer's points do not drift.
+
+    For sampled ``X``, ``Y = case.perturb(X, 1e-6)`` (off the space by 1e-6 in the space's measure,
+    as rounding leaves a point after many steps in float32, or one step in bf16) and a tangent
+    ``V`` at ``Y``: ``retract(Y, 0.1 V)`` is on the space by the case's ``member`` at ``case.tol``
+    (float64's, ~1e-10), so the error is not passed on. A retraction that multiplies ``Y`` by a
+    group element (``Y expm(...)``) or adds to it without correcting it kept the 1e-6, and an
+    optimizer's float32 points drifted off the space linearly in the number of steps (Note
+    [Retractions that multiply] in ``geofunc/_linalg.py``). Applies where the case gives ``perturb``.
+    """
+    _require_f64("retract_refines", dtype)
+    if case.perturb is None:
+        raise _UsageError(f"{case.id}: check_retract_refines needs `case.perturb`")
+    g = _gen(generator)
+    M = case.space
+    for shape in case.shapes:
+        ctx = _ctx(case, shape, f64)
+        X = M.sample(shape, generator=g, dtype=f64)
+        Y = case.perturb(X, 1e-6)
+        if Y is None:
+            continue
+        V = M.tangent(Y, _randn(shape, f64, g))
+        R = M.retract(Y, 0.1 * V)
+        if not (bool(torch.isfinite(R).all()) and bool(torch.as_tensor(case.member(R, case.tol[f64])).all())):
+            raise _fail(ctx, f"retract(Y, 0.1 V) from a point Y off the space by 1e-6 is not on the space by the "
+                             f"case's `member` (atol {case.tol[f64]:g}): the retraction carries its base point's error, "
+                             f"and an optimizer's points drift")
 
 
 def _small_steps(case: SpaceCase, ctx: str, name: str, fn: Callable[[Tensor, Tensor], Tensor], X: Tensor,
