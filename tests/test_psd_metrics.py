@@ -182,3 +182,20 @@ def test_affine_maps_in_low_precision(dtype, generator):
                             ("transport", AFFINE.transport(X.to(dtype), Y.to(dtype), V.to(dtype)), AFFINE.transport(X, Y, V))):
         assert got.dtype == dtype, name
         torch.testing.assert_close(got.double(), want, atol=tol * max(1.0, float(want.abs().max())), rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "lam"), [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+def test_embedded_expmap_is_nan_where_not_a_point_by_contains(dtype, lam, generator):
+    """``X + sym(V)`` whose least eigenvalue is positive but below the space's floor passed Cholesky and
+    came back finite, a matrix ``contains`` and ``from_manifold`` refuse; now NaN there (the space's own
+    test), and a point of the space where the sum is one."""
+    M = gf.PSD()
+    Q = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=dtype))[0]
+    X = Q @ torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=dtype)) @ Q.mT
+    for first, on in ((lam, False), (0.5, True)):
+        Y = Q @ torch.diag(torch.tensor([first, 2.0, 3.0], dtype=dtype)) @ Q.mT
+        E = M.expmap(X, Y - X)
+        if on:
+            assert bool(M.contains(E)) and bool(torch.isfinite(E).all())
+        else:
+            assert bool(torch.isnan(E).all()), E

@@ -153,14 +153,17 @@ class PSD(EigSpace):
         return sym_part(R @ E @ sym_part(Ri @ V @ Ri) @ E @ R)
 
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
-        """``X + sym(V)`` (embedded metric: NaN where that is not positive definite) or
-        ``X^½ exp(X^-½ V X^-½) X^½`` (affine-invariant)."""
+        """``X + sym(V)`` (embedded metric: NaN where that is not a point of the space, by
+        :meth:`contains`) or ``X^½ exp(X^-½ V X^-½) X^½`` (affine-invariant)."""
         self._check_pair(X, V, "V")
         Vs = sym_part(V)
         if self.metric == "embedded":
             Y = X + Vs
-            pd = torch.linalg.cholesky_ex(Y.detach()).info == 0
-            return Y * torch.where(pd, 1.0, torch.nan).to(Y.real.dtype)[..., None, None]
+            # the space's own test (its floor), not Cholesky's: a least eigenvalue of 1e-6 in float32 passed
+            # Cholesky and was a finite matrix that contains and from_manifold refused
+            with torch.no_grad():
+                on = self.contains(Y.detach())
+            return Y * torch.where(on, 1.0, torch.nan).to(Y.real.dtype)[..., None, None]
         R, Ri = _roots(X)
         return sym_part(R @ _exp(Ri @ Vs @ Ri) @ R)
 
