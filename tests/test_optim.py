@@ -124,6 +124,130 @@ def test_amsgrad_refuses_a_state_without_its_maximum(generator):
 
 
 @pytest.mark.parametrize(
+    "name, kwargs, torch_cls, expected",
+    [
+        ("radam", dict(lr=0.1, betas=(1.0, 0.999)), torch.optim.Adam, "0 <= β₁ < 1"),  # NaN after one step
+        ("radam", dict(lr=0.1, betas=(0.9, 1.0)), torch.optim.Adam, "0 <= β₂ < 1"),  # every step silently 0
+        ("radamw", dict(lr=0.1, betas=(-0.1, 0.9)), torch.optim.AdamW, "0 <= β₁ < 1"),
+        ("radam", dict(lr=-0.1), torch.optim.Adam, "`lr` >= 0"),  # ascent
+        ("radamw", dict(lr=0.1, eps=-1e-8), torch.optim.AdamW, "`eps` >= 0"),
+        ("radam", dict(lr=0.1, weight_decay=float("nan")), torch.optim.Adam, "`weight_decay` >= 0"),
+        ("rsgd", dict(lr=-0.1), torch.optim.SGD, "`lr` >= 0"),
+        ("rsgd", dict(lr=0.1, momentum=-0.5), torch.optim.SGD, "`momentum` >= 0"),
+        ("rsgd", dict(lr=0.1, nesterov=True), torch.optim.SGD, "`nesterov=True` with `momentum` > 0"),  # plain SGD, silently
+        ("rsgd", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), torch.optim.SGD, "`dampening` = 0"),
+    ],
+)
+def test_hyperparameters_are_checked_as_torch_does(name, kwargs, torch_cls, expected):
+    """What ``torch.optim`` refuses at construction (a NaN point, a step silently 0, ascent, plain SGD
+    where Nesterov was asked) is a ``ManifoldError`` naming the optimizer, the range and the value
+    (Note [Checking hyperparameters])."""
+    with pytest.raises(ValueError):
+        torch_cls([torch.nn.Parameter(torch.ones(3))], **kwargs)
+    with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected .*{re.escape(expected)}.*got "):
+        getattr(gf.optim, name)({"w": gf.Sphere()}, **kwargs)
+    with pytest.raises(gf.ManifoldError, match=r"^scale_by_adam: expected `betas` with 0 <= β₂ < 1"):
+        gf.optim.scale_by_adam({}, 0.9, 1.0)
+
+
+def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
+    """A schedule ``lr`` and tensor hyperparameters pass the checks (no ``bool()`` of a traced tensor):
+    meta-gradients of a loss after three steps with respect to ``lr``, β₁ (``radam``) and the momentum
+    (``rsgd``) under ``torch.func.grad`` equal central differences (float64)."""
+    X0 = gf.Stiefel().sample((5, 2), generator=generator, dtype=F64)
+    target = torch.randn(5, 2, generator=generator, dtype=F64)
+
+    def after(hyper, name):
+        lr, h = hyper[0], hyper[1]
+        opt = (gf.optim.radam({"w": gf.Stiefel()}, lr=lr, betas=(h, 0.99)) if name == "radam"
+               else gf.optim.rsgd({"w": gf.Stiefel()}, lr=lr, momentum=h, nesterov=True))
+        p = {"w": X0}
+        s = opt.init(p)
+        for _ in range(3):
+            p, s = opt.update(grad(lambda q: ((q["w"] - target) ** 2).sum())(p), s, p)
+        return ((p["w"] - target) ** 2).sum()
+
+    for name in ("radam", "rsgd"):
+        hyper = torch.tensor([0.05, 0.8], dtype=F64)
+        d = grad(after)(hyper, name)
+        for i in range(2):
+            e = torch.zeros(2, dtype=F64)
+            e[i] = 1e-6
+            fd = (after(hyper + e, name) - after(hyper - e, name)) / 2e-6
+            torch.testing.assert_close(d[i], fd, atol=1e-6, rtol=1e-6)
+    opt = gf.optim.rsgd({"w": gf.Stiefel()}, lr=lambda n: 0.1 * (n + 1).to(F64))
+    assert member(gf.Stiefel(), opt.update({"w": target}, opt.init({"w": X0}), {"w": X0})[0]["w"])
+
+
+def test_a_state_of_another_optimizer_is_a_manifold_error(generator):
+    """An optimizer given another's state (radam's update with rsgd's, rsgd's with radam's, a chain of
+    another length) raises a ``ManifoldError`` naming the expected state, not an AttributeError on a
+    field (Note [Checking a state's type])."""
+    params, loss = _euclidean_problem(generator)
+    g = grad(loss)(params)
+    c = {}
+    for opt, other, expected in [
+        (gf.optim.radam(c, lr=0.1), gf.optim.rsgd(c, lr=0.1, momentum=0.9), "scale_by_adam: expected its own state, a ScaleByAdamState"),
+        (gf.optim.rsgd(c, lr=0.1, momentum=0.9), gf.optim.radam(c, lr=0.1), "trace: expected its own state, a TraceState"),
+        (gf.optim.rsgd(c, lr=lambda n: 0.1), gf.optim.radam(c, lr=0.1), "trace: expected its own state"),
+        (gf.optim.radam(c, lr=0.1), gf.optim.radam(c, lr=0.1, amsgrad=True).init(params)[2], "chain: expected its state, a tuple of 4"),
+    ]:
+        state = other if not hasattr(other, "init") else other.init(params)
+        with pytest.raises(gf.ManifoldError, match=re.escape(expected)):
+            opt.update(g, state, params)
+    sched = gf.optim.scale_by_schedule(lambda n: 1.0)
+    with pytest.raises(gf.ManifoldError, match="scale_by_schedule: expected its own state, a ScaleByScheduleState"):
+        sched.update(g, gf.optim.EmptyState(), params)
+
+
+@pytest.mark.parametrize("lr", [0.05, lambda n: 0.05 / (1 + n.to(F64))], ids=["number", "schedule"])
+def test_a_state_of_rsgd_without_momentum_from_before_the_trace_still_steps(lr, generator):
+    """``rsgd(momentum=0)``'s state used to be three transforms' (no ``TraceState``): such a state (a
+    checkpoint of it) steps as the current one, with no momentum buffer held (Note [Momentum that may be zero])."""
+    params, loss = _euclidean_problem(generator)
+    opt = gf.optim.rsgd({}, lr=lr)
+    new = opt.init(params)
+    assert isinstance(new[2], gf.optim.TraceState) and new[2].trace == ()
+    old = (new[0], new[1], new[3])
+    p, q = params, params
+    for _ in range(4):
+        p, new = opt.update(grad(loss)(p), new, p)
+        q, old = opt.update(grad(loss)(q), old, q)
+    _tree_close(p, q, 0.0)
+    assert optree.tree_structure(old) == optree.tree_structure(new) and new[2].trace == ()
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_momentum_through_zero_and_back_equals_torch_sgd(dampening, generator):
+    """``rsgd`` rebuilt at every step with the momentum of a schedule that passes through 0 (and starts
+    at 0), the state carried over: ``torch.optim.SGD`` with the same momentum set in its group, step for
+    step (its buffer is made at the first step with momentum ≠ 0, as the gradient, and kept as it is at
+    steps with momentum 0: Note [Momentum that may be zero]); on a sphere the kept buffer stays tangent."""
+    params, loss = _euclidean_problem(generator)
+    momenta = [0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.3, 0.9, 0.0, 0.7]
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=0.0, dampening=dampening)
+    p, state = params, gf.optim.rsgd({}, lr=0.05, dampening=dampening).init(params)
+    for mu in momenta:
+        p, state = gf.optim.rsgd({}, lr=0.05, momentum=mu, dampening=dampening).update(grad(loss)(p), state, p)
+        torch_opt.param_groups[0]["momentum"] = mu
+        torch_opt.zero_grad()
+        loss(ref).backward()
+        torch_opt.step()
+        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
+    assert int(state[2].count) == sum(m != 0 for m in momenta)
+    c = {"x": gf.Sphere()}
+    x = {"x": gf.Sphere().sample((4,), generator=generator, dtype=F64)}
+    state = gf.optim.rsgd(c, lr=0.1).init(x)
+    for mu in momenta:
+        x, state = gf.optim.rsgd(c, lr=0.1, momentum=mu).update({"x": torch.randn(4, generator=generator, dtype=F64)}, state, x)
+        buf = state[2].trace
+        if buf != ():
+            torch.testing.assert_close(buf["x"] @ x["x"], torch.zeros((), dtype=F64), atol=1e-12, rtol=0)
+    assert member(gf.Sphere(), x["x"])
+
+
+@pytest.mark.parametrize(
     "name, kwargs, torch_cls",
     [
         ("rsgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1), torch.optim.SGD),

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .._errors import ManifoldError
 from ._base import Optimizer, chain
 from ._riemannian import retract_and_transport
-from ._transforms import ScalarOrSchedule, add_decayed_weights, scale_by_adam, scale_by_learning_rate, to_tangent, trace
+from ._transforms import (
+    ScalarOrSchedule,
+    TraceState,
+    _is_number,
+    add_decayed_weights,
+    check_adam_hyperparameters,
+    check_nonnegative,
+    scale_by_adam,
+    scale_by_learning_rate,
+    to_tangent,
+    trace,
+)
 
 __all__ = ["rsgd", "radam", "radamw"]
 
@@ -45,17 +59,33 @@ def rsgd(
     the parameters or a prefix of it, or a callable of the parameters; default all), as a parameter
     group with ``weight_decay=0`` for the others (:func:`~geofunc.optim.masked`).
 
+    The state always holds a :class:`~geofunc.optim.TraceState`; its buffer is made at the first
+    step with momentum ≠ 0 (none for ``momentum=0``), and a step with momentum 0 keeps it, as
+    ``torch.optim.SGD`` (Note [Momentum that may be zero]). Plain numbers are checked as
+    ``torch.optim.SGD`` checks them (``lr``, ``momentum``, ``weight_decay`` >= 0; ``nesterov``
+    needs ``momentum`` > 0 and ``dampening`` = 0): a :class:`~geofunc.ManifoldError` otherwise.
+
     Example::
 
         >>> opt = gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.9)
         >>> state = opt.init(params)
         >>> params, state = opt.update(grads, state, params)
     """
-    parts = [add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints)]
-    if momentum != 0.0:
-        parts.append(trace(momentum, dampening, nesterov))
-    parts.append(scale_by_learning_rate(lr))
-    return retract_and_transport(constraints, chain(*parts))
+    check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if nesterov and ((_is_number(momentum) and momentum <= 0) or (_is_number(dampening) and dampening != 0)):
+        raise ManifoldError(f"rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0 (as torch.optim.SGD), "
+                            f"got momentum={momentum!r}, dampening={dampening!r}.")
+    # trace(0) holds no buffer and passes the vectors unchanged (Note [Momentum that may be zero])
+    opt = retract_and_transport(constraints, chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints),
+                                                   trace(momentum, dampening, nesterov), scale_by_learning_rate(lr)))
+
+    def update(grads: Any, state: Any, params: Any) -> Any:
+        if isinstance(state, tuple) and len(state) == 3 and not isinstance(state[2], TraceState):
+            # a state of rsgd(momentum=0) from before it chained a trace always: the same with no buffer
+            state = (state[0], state[1], TraceState(torch.zeros((), dtype=torch.int64), ()), state[2])
+        return opt.update(grads, state, params)
+
+    return Optimizer(opt.init, update)
 
 
 def radam(
@@ -77,12 +107,16 @@ def radam(
     ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, and ``mask`` selects the
     entries that ``weight_decay`` applies to, as in :func:`rsgd`. ``amsgrad=True``: the running
     maximum of the second moment in the denominator, as ``torch.optim.Adam(amsgrad=True)`` and
-    ``geoopt.optim.RiemannianAdam(amsgrad=True)``.
+    ``geoopt.optim.RiemannianAdam(amsgrad=True)``. Plain numbers are checked as ``torch.optim.Adam``
+    checks them (``lr``, ``eps``, ``weight_decay`` >= 0, ``0 <= β < 1``): a
+    :class:`~geofunc.ManifoldError` otherwise.
 
     References:
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
       Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
     """
+    check_nonnegative("radam", lr=lr, weight_decay=weight_decay)
+    check_adam_hyperparameters("radam", betas, eps)
     b1, b2 = betas
     return retract_and_transport(
         constraints,
@@ -112,11 +146,13 @@ def radamw(
     ``LowRank``, ``GLp``). ``weight_decay`` defaults to AdamW's 0.01. ``lr`` as in :func:`rsgd`.
     ``mask``: the entries that decay (default all; e.g. ``lambda p: {k: not k.endswith("bias") for k in p}``
     for no decay on biases, as AdamW with two parameter groups), as in :func:`rsgd`. ``amsgrad`` as
-    in :func:`radam`.
+    in :func:`radam`. Hyperparameters are checked as in :func:`radam`.
 
     References:
       Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
     """
+    check_nonnegative("radamw", lr=lr, weight_decay=weight_decay)
+    check_adam_hyperparameters("radamw", betas, eps)
     b1, b2 = betas
     return retract_and_transport(
         constraints,

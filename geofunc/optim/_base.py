@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+from .._errors import ManifoldError
+
 __all__ = ["Optimizer", "TangentTransform", "EmptyState", "chain", "keep_state"]
 
 Params = Any  # a pytree of points (tensors)
@@ -66,6 +68,12 @@ def chain(*transforms: TangentTransform) -> TangentTransform:
         return tuple(t.init(params) for t in transforms)
 
     def update(vectors: Vectors, state: tuple[OptState, ...], params: Params) -> tuple[Vectors, tuple[OptState, ...]]:
+        if not isinstance(state, (tuple, list)) or hasattr(state, "_fields") or len(state) != len(transforms):
+            # Note [Checking a state's type]
+            got = (f"a {type(state).__name__} of {len(state)}" if isinstance(state, (tuple, list))
+                   else type(state).__name__)
+            raise ManifoldError(f"chain: expected its state, a tuple of {len(transforms)} states (one per transform, as "
+                                f"its init gives), got {got}: a state made by another optimizer's init.")
         new_state = []
         for t, s in zip(transforms, state):
             vectors, s = t.update(vectors, s, params)

@@ -97,30 +97,109 @@ def to_tangent(constraints: Any) -> TangentTransform:
 
 
 class TraceState(NamedTuple):
-    """``count``: steps taken (int64 scalar); ``trace``: the momentum buffer, a tangent vector."""
+    """``count``: steps taken with momentum (int64 scalar); ``trace``: the momentum buffer, a tangent
+    vector (``()``, no buffer, before the first step with momentum: Note [Momentum that may be zero])."""
 
     count: Tensor
     trace: Any
 
 
+def _is_number(x: Any) -> bool:
+    """A plain Python number (not a bool, not a tensor: a traced tensor has no value to branch on)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _no_buffer(tree: Any) -> bool:
+    """Whether a :class:`TraceState`'s ``trace`` is no buffer yet (``()``; ``None`` read as the same)."""
+    return tree is None or (isinstance(tree, tuple) and not tree)
+
+
+def _state_error(where: str, expected: str, state: Any) -> ManifoldError:
+    """The error for a state that is not the one a transform's ``init`` gives (Note [Checking a state's type])."""
+    return ManifoldError(f"{where}: expected its own state, {expected} (as its init gives), got "
+                         f"{type(state).__name__ if state is not None else 'None'}: a state made by another "
+                         f"optimizer's init, or an optimizer built with other hyperparameters.")
+
+
+def check_nonnegative(where: str, **values: Any) -> None:
+    """Refuse a plain number below 0 (or NaN) among ``values`` (Note [Checking hyperparameters])."""
+    for what, value in values.items():
+        if _is_number(value) and not value >= 0:
+            raise ManifoldError(f"{where}: expected `{what}` >= 0 (as torch.optim), got {value!r}.")
+
+
+def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
+    """Refuse betas outside [0, 1) and a negative eps, given as plain numbers (Note [Checking hyperparameters])."""
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ManifoldError(f"{where}: expected `betas` a pair (β₁, β₂), got {betas!r}.") from None
+    for i, b in enumerate((b1, b2)):
+        if _is_number(b) and not 0.0 <= b < 1.0:
+            raise ManifoldError(f"{where}: expected `betas` with 0 <= β{'₁₂'[i]} < 1 (β = 1 divides by its bias "
+                                f"correction 1 − βᵗ = 0), got betas={betas!r}.")
+    check_nonnegative(where, eps=eps)
+
+
+# Note [Checking hyperparameters]
+# torch.optim refuses at construction what would give NaN or do something else than asked: β₁ = 1 (the
+# bias correction 1 − β₁ᵗ is 0: a NaN point after one step), β₂ = 1 (√v/0: every step silently 0), a
+# negative learning rate (ascent), nesterov without momentum (plain SGD, silently). The factories here
+# refuse the same with a ManifoldError naming the optimizer, the expected range and the value. Only
+# plain Python numbers are checked: a hyperparameter may be a schedule (a callable lr) or a tensor
+# (a learned step size, a meta-learned β under torch.func.grad or vmap), whose value a traced program
+# cannot branch on (bool() of a traced tensor raises); its range is the caller's.
+
+
+# Note [Checking a state's type]
+# A state from another optimizer's init (radam's update given rsgd's state, a TorchOptimizer
+# checkpoint of another factory) used to fail deep inside a transform with an AttributeError naming a
+# field ('TraceState' object has no attribute 'mu'). The stateful transforms check the type of their
+# state (an isinstance per transform and step: nothing traced, nothing per entry) and chain checks
+# that it has one state per transform, so such a state is a ManifoldError at its first update.
+
+
+# Note [Momentum that may be zero]
+# torch.optim.SGD creates a parameter's momentum buffer at its first step with momentum ≠ 0, as the
+# gradient itself (buf = g), and a step with momentum 0 neither creates nor updates it: a scheduler
+# that cycles momentum through 0 and back (OneCycleLR with base_momentum=0, or group["momentum"] set
+# by hand) resumes the buffer it left. `trace` does the same with a momentum that is the number 0:
+# the update returns the vectors unchanged and leaves the state as it is (count included: the count
+# is of the steps with momentum, so dampening's "first step" is torch's). Its init makes no buffer
+# then (trace is (), a 0-dim count only: an empty tuple, not None, which vmap takes for an output leaf), so rsgd(momentum=0), which always chains a trace, carries
+# no buffer it does not need; a buffer made by a step with momentum is still carried to the new point
+# at every step (transport), so it stays a tangent vector while momentum is 0. With one state
+# structure for every momentum, TorchOptimizer can change a group's momentum to or from 0 between
+# steps (the optimizer it rebuilds takes the state as it is). rsgd used to chain trace only for a
+# momentum ≠ 0: the state of rsgd(momentum=0) then had no TraceState, and a momentum cycled through 0
+# paired the state with the wrong transforms (an AttributeError, or a silently wrong count).
 def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
     Returns :math:`b_t`, or :math:`g_t + \mu b_t` with ``nesterov``. The buffer is a tangent
-    vector: the retract-and-transport step carries it to the new point.
+    vector: the retract-and-transport step carries it to the new point. With ``decay`` the number
+    0 the vectors pass unchanged and the state is kept (no buffer is made; one made before is kept
+    and carried), as ``torch.optim.SGD`` at a step with momentum 0 (Note [Momentum that may be zero]).
 
     Args:
       decay: the momentum :math:`\mu`.
       dampening: :math:`\tau`.
       nesterov: Nesterov momentum.
     """
+    off = _is_number(decay) and decay == 0
 
     def init(params: Params) -> TraceState:
-        return TraceState(_count(), _zeros(params))
+        return TraceState(_count(), () if off else _zeros(params))
 
     def update(vectors: Vectors, state: TraceState, params: Params) -> tuple[Vectors, TraceState]:
         del params
-        if dampening == 0.0:
+        if not isinstance(state, TraceState):
+            raise _state_error("trace", "a TraceState", state)
+        if off:
+            return vectors, state
+        if _no_buffer(state.trace):  # the first step with momentum: b_1 = g_1, as torch creates its buffer
+            buf = _map(torch.clone, vectors)
+        elif dampening == 0.0:
             # b_0 = 0 makes the first step b_1 = g_1 exactly, as torch does.
             buf = _map(lambda g, b: decay * b + g, vectors, state.trace)
         else:
@@ -130,6 +209,8 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
         return out, TraceState(state.count + 1, buf)
 
     def transport(state: TraceState, move: Move) -> TraceState:
+        if _no_buffer(state.trace):
+            return state
         return TraceState(state.count, move(state.trace))
 
     return TangentTransform(init, update, transport)
@@ -250,6 +331,7 @@ def scale_by_adam(
       Bécigneul & Ganea, *Riemannian Adaptive Optimization Methods*, ICLR 2019.
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
+    check_adam_hyperparameters("scale_by_adam", (b1, b2), eps)
 
     def init(params: Params) -> ScaleByAdamState | ScaleByAMSGradState:
         nu = _pytree.lift(constraints, _point_sq_norm, params, _zeros(params))
@@ -258,6 +340,8 @@ def scale_by_adam(
         return ScaleByAdamState(_count(), _zeros(params), nu)
 
     def update(vectors: Vectors, state: ScaleByAdamState, params: Params) -> tuple[Vectors, ScaleByAdamState]:
+        if not isinstance(state, (ScaleByAdamState, ScaleByAMSGradState)):
+            raise _state_error("scale_by_adam", "a ScaleByAMSGradState" if amsgrad else "a ScaleByAdamState", state)
         count = state.count + 1
         mu = _map(lambda g, m: b1 * m + (1.0 - b1) * g, vectors, state.mu)
         sq = _pytree.lift(constraints, _point_sq_norm, params, vectors)
@@ -276,7 +360,7 @@ def scale_by_adam(
         if not amsgrad:
             return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
         if not isinstance(state, ScaleByAMSGradState):
-            raise ValueError(f"scale_by_adam(amsgrad=True) expected a ScaleByAMSGradState (with nu_max), got a "
+            raise ManifoldError(f"scale_by_adam(amsgrad=True) expected a ScaleByAMSGradState (with nu_max), got a "
                              f"{type(state).__name__}: a state made with amsgrad=False")
         nu_max = _map(torch.maximum, state.nu_max, nu)
         return _map(direction, mu, nu_max), ScaleByAMSGradState(count, mu, nu, nu_max)
@@ -325,6 +409,8 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
 
     def update(vectors: Vectors, state: ScaleByScheduleState, params: Params) -> tuple[Vectors, ScaleByScheduleState]:
         del params
+        if not isinstance(state, ScaleByScheduleState):
+            raise _state_error("scale_by_schedule", "a ScaleByScheduleState", state)
         step = schedule(state.count)
         return _map(lambda v: step * v, vectors), ScaleByScheduleState(state.count + 1)
 
