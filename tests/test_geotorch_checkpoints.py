@@ -273,3 +273,81 @@ def test_hurwitz_keeps_the_saved_alpha_and_refuses_a_point_outside_its_own():
     with pytest.raises(gf.ManifoldError, match="GeoTorch"):
         strict.load_state_dict(mg.state_dict())
     assert math.isfinite(top)
+
+
+# (constraint function, kwargs, the point's singular values (eigenvalues), eigen family?)
+BELOW_THE_FLOAT32_FLOOR = [
+    ("invertible", {}, (1e-4, 0.5, 1.0, 2.0), False),
+    ("positive_definite", {}, (1e-4, 0.5, 1.0, 2.0), True),
+    ("fixed_rank", {"tensor_name": "weight", "rank": 2}, (1e-4, 0.7), False),
+    ("positive_semidefinite_fixed_rank", {"tensor_name": "weight", "rank": 2}, (1e-4, 0.7), True),
+]
+
+
+def _point(values: tuple, eig: bool, det_sign: float = 1.0) -> torch.Tensor:
+    """A 4×4 float32 point with the given nonzero singular values (eigenvalues), the rest 0."""
+    g = torch.Generator().manual_seed(5)
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    R = Q if eig else torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    d = torch.zeros(4, dtype=torch.float64)
+    d[: len(values)] = torch.tensor(values, dtype=torch.float64)
+    X = Q @ torch.diag(d) @ R.T
+    if not eig and torch.linalg.det(X).sign() != det_sign and len(values) == 4:
+        X[:, 0] *= -1
+    return X.float()
+
+
+@pytest.mark.parametrize("case", BELOW_THE_FLOAT32_FLOOR, ids=lambda c: c[0])
+def test_a_float32_point_below_geofuncs_float32_floor_loads_into_a_float64_model(case):
+    """The documented way out for a GeoTorch point below geofunc's float32 floor 3.45e-4 (GeoTorch's is
+    1e-6): load it into a float64 model. The entries were converted in the checkpoint's float32 and
+    refused against its floor all the same; they are converted in the model's dtype now (Note
+    [GeoTorch checkpoints]). A float32 model still refuses it, naming the entries."""
+    name, kwargs, values, eig = case
+    mg = nn.Linear(4, 4)
+    getattr(geotorch, name)(mg, **kwargs)
+    mg.weight = _point(values, eig)  # GeoTorch's in_manifold takes it (its bound is 1e-5)
+    sd = _reload(mg.state_dict())
+    mf = _trained(gnn, name, kwargs, lambda: nn.Linear(4, 4), torch.float64, seed=1, steps=0)
+    mf.load_state_dict(sd)
+    with torch.no_grad():
+        W = mf.weight
+        assert W.dtype == torch.float64
+        torch.testing.assert_close(W, mg.weight.double(), atol=_atol(mg.weight), rtol=0)
+        v = torch.linalg.eigvalsh(W).flip(-1) if eig else torch.linalg.svdvals(W)
+        assert abs(float(v[len(values) - 1]) - 1e-4) < 1e-6  # kept, not lifted to 3.45e-4
+        assert member(gnn.parametrization_of(mf).space, W)
+    m32 = _trained(gnn, name, kwargs, lambda: nn.Linear(4, 4), torch.float32, seed=1, steps=0)
+    with pytest.raises(gf.ManifoldError, match=r"parametrizations\.weight\.original.*below 0\.000345"):
+        m32.load_state_dict(sd)
+
+
+def test_a_geotorch_invertible_checkpoint_with_a_negative_determinant():
+    """GeoTorch's GLp is both components of GL(n) (about half of its ``invertible`` starts have det < 0,
+    and training keeps the sign); geofunc's GLp is det > 0. Such a checkpoint is refused with a message
+    that says so and names the model that loads it: ``fixed_rank(module, tensor_name, rank=n)``, GeoTorch's
+    GLp map with the same entries; the class API alike."""
+    mg = nn.Linear(4, 4)
+    geotorch.invertible(mg)
+    mg.weight = _point((0.3, 0.5, 1.0, 2.0), False, det_sign=-1.0)
+    assert float(torch.linalg.det(mg.weight.detach())) < 0
+    sd = _reload(mg.state_dict())
+    mf = gnn.invertible(nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in mf.state_dict().items()}
+    pattern = (r"parametrizations\.weight\.original: expected a point of GLp \(det > 0\), got a point with det < 0"
+               r".*geofunc\.nn\.fixed_rank\(module, tensor_name, rank=4\)")
+    with pytest.raises(gf.ManifoldError, match=pattern):
+        mf.load_state_dict(sd)
+    assert all(torch.equal(mf.state_dict()[k], v) for k, v in before.items())
+    mr = gnn.fixed_rank(nn.Linear(4, 4), "weight", rank=4)
+    mr.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(mr.weight, mg.weight, atol=_atol(mg.weight), rtol=0)
+    # the class API registered directly
+    m = nn.Linear(4, 4)
+    M = gnn.GLp((4, 4))
+    with torch.no_grad():
+        m.weight.copy_(M.sample())
+    P.register_parametrization(m, "weight", M)
+    with pytest.raises(gf.ManifoldError, match=r"det < 0.*FixedRank\(size, rank=4\)"):
+        m.load_state_dict(sd)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import ManifoldError
+from .._errors import ManifoldError, first_index
 from .._linalg import eye_like, resolve_triv, skew_lower
+from ..spaces._base import LOW_PRECISION
 from ._adapter import _concrete
 
 Tensor = torch.Tensor
@@ -38,12 +39,28 @@ Tensor = torch.Tensor
 # class's own hyperparameters (``triv``, ``f``, ``lam``, ``rank``; Hurwitz's saved ``alpha``), and
 # replaces those entries by the raw tensor and bases that the class's ``right_inverse`` gives that
 # point (GeoTorch's ``in_manifold``; a point the chart cannot represent raises ``ManifoldError``
-# naming the checkpoint's entries), in the saved dtype and on the saved device. The load then goes on
+# naming the checkpoint's entries), in the model's dtype (below) and on the saved device. The load then goes on
 # as for a geofunc checkpoint (dtype re-expression, ``assign=True``). Layouts that coincide with
 # geofunc's (SO and square Stiefel, Skew, Symmetric, SphereEmbedded, Rn, a Sphere of radius 1) are
 # the same maps of the same tensors and load as they are (tests/test_geotorch_checkpoints.py, against
 # GeoTorch itself). An optimizer's state saved beside the model holds moments in GeoTorch's
 # coordinates: it loads, but means something else; re-create the optimizer.
+#
+# The dtype of the conversion is the model's, not the checkpoint's: a float32 GeoTorch point with a
+# singular value (eigenvalue) between GeoTorch's floor 1e-6 and geofunc's float32 floor 3.45e-4 cannot
+# be represented in a float32 chart, and the documented way out is to load it into a float64 model;
+# converted in the saved float32 first and cast afterwards, it was refused against the float32 floor
+# all the same. A bf16/fp16 model keeps the saved dtype's conversion: the re-expression of the raw
+# tensor then lifts a value below the low-precision floor, the documented allowance of a cast.
+#
+# GL(n) has two components. GeoTorch's GLp is its FixedRank of full rank: Stiefel frames U, V of
+# either determinant sign, so a GeoTorch ``invertible`` model starts in the det < 0 component for about
+# half of the seeds (its FixedRank sampler does not fix the sign) and stays there while training.
+# geofunc's GLp is det > 0 (a documented deviation), so such a checkpoint cannot be loaded into
+# ``invertible``; the check in ``_convert`` says so (with the determinant's sign, rather than the
+# generic advice of an assignment to "assign M.sample()", which would discard the trained point) and
+# names the model that loads it: ``fixed_rank(module, tensor_name, rank=n)``, GeoTorch's GLp map with
+# the same entries, whose frames take both signs.
 
 
 def _frame(X: Tensor, base: Tensor, triv: Callable[[Tensor], Tensor], grassmann: bool = False) -> Tensor:
@@ -148,22 +165,59 @@ def _unit_rows(base: Tensor) -> bool:
     return bool(((norm - 1.0).abs() <= tol).all())
 
 
-def _convert(M: nn.Module, saved: dict, ref: Tensor, keys: str) -> tuple[Tensor, dict[str, Tensor]]:
-    """The raw tensor and base buffers (dtype and device of ``ref``) of GeoTorch's point on ``saved``."""
+def _convert(M: nn.Module, saved: dict, ref: Tensor, keys: str,
+             dtype: Optional[torch.dtype] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The raw tensor and base buffers (dtype ``dtype``, default ``ref``'s, on ``ref``'s device) of
+    GeoTorch's point on ``saved``."""
+    from . import _manifolds as C
+
+    dtype = ref.dtype if dtype is None else dtype
     with torch.no_grad():
-        W = _geotorch_point(M, saved).to(ref.dtype)
+        W = _geotorch_point(M, saved)
+        if isinstance(M, C.GLp) and bool(torch.isfinite(W).all()):
+            _refuse_negative_det(M, W, keys)
+        W = W.to(dtype)
         if not bool(torch.isfinite(W).all()):
             raise ManifoldError(f"{M.where}: expected a GeoTorch checkpoint whose point is finite, got "
                                 f"non-finite values from the entries {keys}.")
         scratch = copy.deepcopy(M)  # the class's right_inverse, writing its own buffers, not M's
         for name, buf in list(scratch._buffers.items()):
             if buf is not None and (buf.is_floating_point() or buf.is_complex()):
-                scratch._buffers[name] = torch.empty(buf.shape, dtype=ref.dtype, device=ref.device)
+                scratch._buffers[name] = torch.empty(buf.shape, dtype=dtype, device=ref.device)
         try:
             Z = scratch.right_inverse(W)
         except ManifoldError as e:
             raise ManifoldError(f"{M.where}: loading GeoTorch's entries {keys}: {e}") from None
+        # A float32 checkpoint converted in a float64 model: frames orthonormal to float32's rounding,
+        # re-made valid in float64 as a load across dtypes does (Note [Bases across dtypes]).
+        scratch._refresh_base()
     return Z, {name: scratch._buffers[name] for name in M._base_names()}
+
+
+def _refuse_negative_det(M: nn.Module, W: Tensor, keys: str) -> None:
+    """Raise ``ManifoldError`` where GeoTorch's ``GLp`` point ``W`` (float64) has det < 0 (Note [GeoTorch
+    checkpoints], GL(n)'s two components)."""
+    sign = torch.linalg.slogdet(W)[0]
+    bad = sign < 0
+    if not bool(bad.any()):
+        return
+    at = f" (first at batch index {first_index(bad)})" if bad.ndim else ""
+    n = W.shape[-1]
+    raise ManifoldError(
+        f"{M.where}: loading GeoTorch's entries {keys}: expected a point of GLp (det > 0), got a point with "
+        f"det < 0{at}: GeoTorch's GLp (its `invertible`) takes both components of GL(n) and a model that starts "
+        "at det < 0 (about half of GeoTorch's random starts) stays there, while geofunc's GLp is the matrices of "
+        "positive determinant, which cannot represent it. GeoTorch's GLp is its FixedRank of full rank, with the "
+        f"same map and the same checkpoint entries: constrain the weight with geofunc.nn.fixed_rank(module, "
+        f"tensor_name, rank={n}) (the class API: FixedRank(size, rank={n})), which takes both signs of the "
+        "determinant, and load the checkpoint into that model."
+    )
+
+
+def _conversion_dtype(saved: Tensor, raw: Tensor) -> torch.dtype:
+    """The dtype GeoTorch's point is converted in: the model's (Note [GeoTorch checkpoints]); the saved
+    one for a bf16/fp16 model, whose cast then lifts a value below its floor as a dtype change does."""
+    return saved.dtype if raw.dtype in LOW_PRECISION or not raw.is_floating_point() else raw.dtype
 
 
 def _matches(M: nn.Module, saved: dict, layout: Optional[dict]) -> bool:
@@ -191,7 +245,8 @@ def convert_geotorch_entries(M: nn.Module, plist: nn.Module, state_dict: dict, p
     if not _matches(M, saved, _geotorch_layout(M, plist.original)):
         return
     ref = saved["original0" if "original0" in saved else "original"]
-    Z, bases = _convert(M, saved, ref, ", ".join(pre + k for k in sorted(saved)))
+    keys = ", ".join(pre + k for k in sorted(saved))
+    Z, bases = _convert(M, saved, ref, keys, _conversion_dtype(ref, plist.original))
     for k in saved:
         del state_dict[pre + k]
     state_dict[pre + "original"] = Z
