@@ -118,8 +118,7 @@ class _Columns(AbstractSpace):
         return self._cat(self.product.project(self._split(Y, "Y")))
 
     def sample(self, shape, *, generator=None, dtype=None, device=None):
-        shape = self._sample_shape(shape)
-        self._check_shape(torch.empty(shape, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
+        shape = self._sample_shape(shape, dtype)
         shapes = tuple(shape[:-1] + (w,) for w in self.widths)
         return self._cat(self.product.sample(shapes, generator=generator, dtype=dtype, device=device))
 

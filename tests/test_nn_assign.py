@@ -16,12 +16,16 @@ Regressions (a fuzz pass against GeoTorch 0.4.0, the behavioural reference where
 4. ``orthogonal`` twice raised (GeoTorch appends the second).
 5. ``SL.sample(factorized=True)`` returned factors; an unknown tensor name raised ``ValueError``
    only; ``Skew``'s message for a batch claimed "not skew-symmetric".
+6. A bug hunt: a float64 point for a float32 ``skew``/``symmetric``/``sphere(embedded=True)`` weight
+   raised torch's ValueError, not ManifoldError; a deep copy of a class registered directly moved by
+   the floors' difference on ``.double()``, silently.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -526,3 +530,112 @@ def test_almost_orthogonal_takes_the_projection_of_a_matrix_outside_its_band(dty
     Q = torch.linalg.qr(torch.randn(4, 4, dtype=dtype))[0]
     with pytest.raises(gf.ManifoldError):
         m.weight = (0.7 - 1e-3) * Q
+
+
+# ----------------------------------------------------------------------------- 6. found by a bug hunt
+# (id, registration on a float32 Linear(4, 4)): spaces without a base buffer to compare dtypes with
+BASELESS = [
+    ("skew", lambda m: gnn.skew(m)),
+    ("symmetric", lambda m: gnn.symmetric(m)),
+    ("sphere-embedded", lambda m: gnn.sphere(m, embedded=True)),
+    ("constrain-Skew", lambda m: gnn.constrain(m, "weight", gf.Skew())),
+    ("constrain-Rn", lambda m: gnn.constrain(m, "weight", gf.Rn())),
+]
+
+
+@pytest.mark.parametrize("case", BASELESS, ids=lambda c: c[0])
+def test_an_assignment_of_another_dtype_is_refused_without_a_base(case) -> None:
+    """A float64 (or int64) point for a float32 ``skew``/``symmetric``/``sphere(embedded=True)`` weight
+    raised torch's ValueError (a RuntimeError from ``vector_norm`` for an integer SphereEmbedded point),
+    not the documented ManifoldError: these spaces have no base buffer to compare dtypes with (Note
+    [Assignments of another dtype] in ``geofunc/nn/_adapter.py``)."""
+    _, register = case
+    torch.manual_seed(0)
+    m = register(nn.Linear(4, 4))
+    X = m.weight.detach().clone()
+    before = _state(m)
+    for Y in (X.double(), X.round().long()):
+        with pytest.raises(gf.ManifoldError, match=rf"expected dtype torch\.float32 on cpu, got dtype {Y.dtype} on cpu"):
+            m.weight = Y
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m.weight = X  # the same point in its own dtype is taken
+    torch.testing.assert_close(m.weight.detach(), X, atol=1e-6, rtol=0)
+    m.double()  # and the reference follows the module's dtype
+    m.weight = X.double()
+    with pytest.raises(gf.ManifoldError, match=r"expected dtype torch\.float64"):
+        m.weight = X
+
+
+def test_a_complex_point_for_a_real_baseless_weight_keeps_its_message() -> None:
+    m = gnn.skew(nn.Linear(3, 3))
+    with pytest.raises(gnn.InManifoldError, match="is a real space"):
+        m.weight = m.weight.detach().to(torch.complex64)
+
+
+def _direct(M: nn.Module) -> nn.Module:
+    """GeoTorch's class API: a class registered with torch's register_parametrization on its sample."""
+    m = nn.Module()
+    m.weight = nn.Parameter(M.sample())
+    P.register_parametrization(m, "weight", M)
+    return m
+
+
+COPIED = [
+    ("FixedRank", lambda: _direct(gnn.FixedRank((6, 4), 2))),
+    ("GLp", lambda: _direct(gnn.GLp((4, 4)))),
+    ("PSD", lambda: _direct(gnn.PSD((4, 4)))),
+    ("PSSDFixedRank", lambda: _direct(gnn.PSSDFixedRank((5, 5), 2))),
+    ("fixed_rank", lambda: gnn.fixed_rank(nn.Linear(4, 6), "weight", 2)),
+    ("invertible", lambda: gnn.invertible(nn.Linear(4, 4))),
+    ("positive_definite", lambda: gnn.positive_definite(nn.Linear(4, 4))),
+]
+
+
+@pytest.mark.parametrize("evaluated", [True, False], ids=["evaluated", "fresh"])
+@pytest.mark.parametrize("case", COPIED, ids=lambda c: c[0])
+def test_a_deep_copy_converts_across_dtypes_as_the_original(case, evaluated) -> None:
+    """An EMA copy (``copy.deepcopy``) of a module whose class was registered directly, then
+    ``.double()``: the copy's weight moved by the difference of the floors (2e-4 to 3.5e-4), silently;
+    the original by float32's rounding. The copied adapter was in none of the registries of raw
+    tensors (Note [Copies keep what is known of the raw tensor] in ``geofunc/nn/_adapter.py``). Warnings
+    are errors here: the copy converts without one."""
+    torch.manual_seed(0)
+    m = case[1]()
+    if evaluated:
+        _ = m.weight
+    W = m.weight.detach().double()
+    a = copy.deepcopy(m)
+    b = copy.deepcopy(m).double()  # converted before any evaluation of the copy
+    if evaluated:
+        _ = a.weight
+    a.double()
+    m.double()
+    for x in (m, a, b):
+        assert x.weight.dtype == torch.float64
+        torch.testing.assert_close(x.weight.detach(), W, atol=2e-6, rtol=0)
+    a.float()  # and back
+    torch.testing.assert_close(a.weight.detach().double(), W, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case", COPIED[:4], ids=lambda c: c[0])
+def test_a_pickled_module_and_a_copied_class_convert_as_the_original(case) -> None:
+    """pickle: a module that geofunc made picklable (a one-liner on another tensor) with a class registered
+    directly beside it; and a deep copy of the class alone, registered on another module."""
+    torch.manual_seed(0)
+    m = case[1]()
+    m.register_parameter("Q", nn.Parameter(torch.randn(3, 3)))
+    gnn.orthogonal(m, "Q")  # the module's class is now geofunc's picklable one
+    _ = m.weight
+    W = m.weight.detach().double()
+    r = pickle.loads(pickle.dumps(m))
+    r.double()
+    torch.testing.assert_close(r.weight.detach(), W, atol=2e-6, rtol=0)
+    M2 = copy.deepcopy(m.parametrizations.weight[0])  # copies its recorded raw tensor, which nobody uses
+    n = _direct(M2)
+    V = n.weight.detach().double()
+    n.double()
+    torch.testing.assert_close(n.weight.detach(), V, atol=2e-6, rtol=0)
+    M3 = copy.deepcopy(m.parametrizations.weight[0])  # a copy evaluated on another tensor than its own
+    M3(nn.Parameter(m.parametrizations.weight.original.detach().clone()))
+    with pytest.warns(UserWarning, match="does not know its raw tensor"):  # not silent
+        M3.double()

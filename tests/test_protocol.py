@@ -351,6 +351,23 @@ def test_a_bad_atol_or_generator_is_a_manifold_error(case) -> None:
     for generator in (5, "seed", torch.Generator().get_state()):
         with pytest.raises(gf.ManifoldError, match="`generator`"):
             M.sample(case.smoke, generator=generator, dtype=F64)
+    # a bad dtype is named as the dtype (it read "expected `shape` of a floating dtype, got a tensor of shape ...")
+    for dtype in (torch.int32, torch.bool, "float32"):
+        with pytest.raises(gf.ManifoldError, match="expected `dtype`") as info:
+            M.sample(case.smoke, dtype=dtype)
+        assert repr(M) in str(info.value) and "`shape`" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", REAL, ids=lambda c: c.id)
+def test_transport_names_the_vector_it_refuses(case) -> None:
+    """``transport(X, Y, V)`` with a ``V`` of another point shape named ``G`` (the projection's argument)."""
+    M = case.space
+    g = torch.Generator().manual_seed(0)
+    X, Y = M.sample(case.smoke, generator=g, dtype=F64), M.sample(case.smoke, generator=g, dtype=F64)
+    bad = torch.zeros(*X.shape[:-1], X.shape[-1] + 1, dtype=F64)
+    with pytest.raises(gf.ManifoldError) as info:
+        M.transport(X, Y, bad)
+    assert "`V`" in str(info.value) and "`G`" not in str(info.value), str(info.value)
 
 
 # Spaces with attributes derived from their hyperparameters (geofunc.spaces._base.cached_attribute).

@@ -101,8 +101,66 @@ _HANDLED: set[int] = set()
 _LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
+# Note [Copies keep what is known of the raw tensor]
+# The registries above are keyed by the adapter object, so a copy of an adapter (``copy.deepcopy`` of a
+# module whose GeoTorch class was registered directly: an EMA copy, ``AveragedModel``; ``pickle`` or
+# ``torch.save`` of the class or of a module geofunc made picklable) was in none of them: its ``_apply``
+# neither re-expressed its raw tensor nor warned, and ``.double()`` of the copy silently moved every
+# value by the difference of the floors of "softplus" (2e-4 to 3.5e-4 for FixedRank, GLp, PSD), where
+# the original moved by rounding. An adapter's pickled state (which ``deepcopy`` copies too) therefore
+# carries its entry: which registry it is in and the tensor recorded there, which the copy machinery
+# maps to the copy's own tensor (the raw Parameter of the copied ParametrizationList: deepcopy's memo
+# and pickle's memo keep one copy per object), and ``__setstate__`` records the copy alike, so that
+# ``copy.deepcopy(model).double()`` converts the copy's raw tensor at once. A copy of the adapter alone
+# copies that tensor too (a Parameter nobody uses); such a copy is then registered on another module
+# (torch hands its ``right_inverse`` the new Parameter), so a copy whose raw tensor was never
+# confirmed by an evaluation (``_COPIED``) takes a registration as a fresh one (tentative, as any
+# registration), where a confirmed adapter ignores it (an assigned Parameter is copied into the raw
+# tensor it has). Evaluated on yet another tensor, a copy becomes "lost" and warns on a dtype change,
+# as the original would.
+_RECORD = "_geofunc_raw_record"
+_COPIED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def _record_of(adapter: nn.Module) -> tuple:
+    """``(kind, tensor, last)``: the registry ``adapter`` is in, the tensor recorded there (or None),
+    and whether the raw tensor it was last evaluated on is that tensor (Note [Copies keep what is known
+    of the raw tensor])."""
+    if adapter in _RAW:
+        kind, tensor = "raw", _RAW[adapter]
+    elif adapter in _TENTATIVE:
+        kind, tensor = "tentative", _TENTATIVE[adapter]
+    elif adapter in _ATTACHED:
+        kind, tensor = "attached", None
+    elif adapter in _LOST:
+        kind, tensor = "lost", None
+    else:
+        kind, tensor = None, None
+    ref = _LAST_RAW.get(adapter)
+    last = tensor is not None and ref is not None and ref() is tensor
+    return kind, tensor, last
+
+
+def _restore_record(adapter: nn.Module, record: tuple) -> None:
+    kind, tensor, last = record
+    if kind == "raw" and tensor is not None:
+        _RAW[adapter] = tensor
+        _COPIED.add(adapter)  # until an evaluation on it confirms it
+    elif kind == "tentative" and tensor is not None:
+        _TENTATIVE[adapter] = tensor
+    elif kind == "attached":
+        _ATTACHED.add(adapter)
+    elif kind == "lost":
+        _LOST.add(adapter)
+    if last:
+        _LAST_RAW[adapter] = weakref.ref(tensor)
+
+
 def _note_registration(adapter: nn.Module, X: Tensor) -> None:
     """``right_inverse`` was handed a Parameter: maybe the one being registered (confirmed by :func:`_note_raw`)."""
+    if _COPIED and adapter in _COPIED:  # a copy registered anew (Note [Copies keep what is known of the raw tensor])
+        _COPIED.discard(adapter)
+        _RAW.pop(adapter, None)
     if adapter not in _RAW and adapter not in _ATTACHED:
         _TENTATIVE[adapter] = X
 
@@ -111,12 +169,15 @@ def _note_raw(adapter: nn.Module, Z: Tensor) -> None:
     """``forward`` was evaluated (eagerly) on the Parameter ``Z``."""
     known = _RAW.get(adapter)
     if known is Z:
+        if _COPIED and adapter in _COPIED:
+            _COPIED.discard(adapter)
         return
     if known is None and _TENTATIVE.get(adapter) is Z:
         _RAW[adapter] = Z
         del _TENTATIVE[adapter]
     elif known is not None:
         del _RAW[adapter]
+        _COPIED.discard(adapter)
         _LOST.add(adapter)
 
 
@@ -152,6 +213,23 @@ class Parametrization(nn.Module):
         self._template = pytree.tree_map(lambda leaf: None if leaf is None else next(it), base)
         for name, leaf in zip(names, leaves):
             self.register_buffer(name, leaf.detach().clone())
+
+    # -------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict:
+        """``nn.Module``'s state, with the adapter's entry in the raw-tensor registries (Note [Copies
+        keep what is known of the raw tensor]); ``deepcopy`` copies it as well."""
+        state = super().__getstate__()
+        record = _record_of(self)
+        if record[0] is not None:
+            state[_RECORD] = record
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        record = state.pop(_RECORD, None)
+        super().__setstate__(state)
+        if record is not None:
+            _restore_record(self, record)
 
     # -------------------------------------------------------------------- base
     def get_base(self) -> Any:
@@ -320,10 +398,16 @@ class Parametrization(nn.Module):
             )
         ref = next(iter(self._base_buffers()), None)
         if ref is not None and not registering and (X.dtype != ref.dtype or X.device != ref.device):
-            raise ManifoldError(
-                f"{self.where} constrained to {space!r}: expected dtype {ref.dtype} on {ref.device}, "
-                f"got dtype {X.dtype} on {X.device}."
-            )
+            raise ManifoldError(self._dtype_message(X, ref))
+
+    def _dtype_message(self, X: Tensor, ref: Tensor) -> str:
+        return (f"{self.where} constrained to {self.space!r}: expected dtype {ref.dtype} on {ref.device}, "
+                f"got dtype {X.dtype} on {X.device}.")
+
+    def _dtype_error(self, X: Tensor, ref: Tensor) -> ManifoldError:
+        """The error for an assignment of another dtype or device than the weight's (Note [Assignments of
+        another dtype])."""
+        return ManifoldError(self._dtype_message(X, ref))
 
     def _base_buffers(self) -> list[Tensor]:
         return [self._buffers[n] for n in self._base_names() if self._buffers.get(n) is not None]
@@ -393,7 +477,11 @@ def _restore_parametrized(obj: nn.Module, state: dict) -> None:
     for tensor_name in obj.parametrizations:
         parametrize._inject_property(obj, tensor_name)
     _make_picklable(obj)
-    _ATTACHED.update(M for _, _, M in _geofunc_plists(obj))
+    for _, _, M in _geofunc_plists(obj):  # its own _apply converts their raw tensors, as attach records
+        _ATTACHED.add(M)
+        _RAW.pop(M, None)
+        _TENTATIVE.pop(M, None)
+        _COPIED.discard(M)
 
 
 def _reduce_ex(self: nn.Module, protocol: int):
@@ -505,8 +593,45 @@ def _holds(stamp: Any, plist: nn.Module) -> bool:
     return True
 
 
+# Note [Assignments of another dtype]
+# An adapter compares an assigned point's dtype and device with its base buffers (``_check_value``), so
+# that ``module.weight = X.double()`` on a float32 weight raises ManifoldError, as documented. A space
+# without a base (Skew, Sym, SphereEmbedded, Rn) has nothing to compare with, and its class's
+# ``right_inverse`` takes any dtype on purpose (GeoTorch's ``Skew().right_inverse(X)`` is also called
+# on its own, outside a module); so the assignment reached torch's own check after the inverse, a
+# plain ValueError ("The tensor returned by `right_inverse` has dtype ..."), or for an integer
+# SphereEmbedded point a RuntimeError from ``vector_norm``. The property that geofunc gives each tensor
+# it constrains (below) now compares the point with the raw tensor first, which has the weight's dtype
+# and device, and raises the adapter's own error (an ``InManifoldError`` for the GeoTorch classes)
+# before anything is computed or written. A complex point for a real weight is left to the adapter,
+# whose message names the real space (Note [Complex weights] in ``_manifolds.py``). A class registered
+# directly with ``register_parametrization`` has torch's property, not this one: it raises torch's
+# ValueError, as GeoTorch's does.
+
+
+def _check_assigned(plist: nn.Module, X: Any) -> None:
+    """Raise the adapter's error if ``X``, assigned to the tensor of ``plist``, has another dtype (or,
+    for plain tensors, device) than its raw tensor, where the adapter has no base buffer to compare
+    with (Note [Assignments of another dtype])."""
+    if not isinstance(X, torch.Tensor) or not getattr(plist, "is_tensor", False) or len(plist) != 1:
+        return
+    M, Z = plist[0], plist.original
+    if not isinstance(M, Parametrization) or M._base_buffers() or not isinstance(Z, torch.Tensor):
+        return
+    if X.is_complex() and not Z.is_complex():
+        return
+    plain = type(X) in (torch.Tensor, nn.Parameter) and type(Z) in (torch.Tensor, nn.Parameter)
+    if X.dtype != Z.dtype or (plain and not X.is_meta and not Z.is_meta and X.device != Z.device):
+        raise M._dtype_error(X, Z)
+
+
 def _checked_property(tensor_name: str, torch_property: property) -> property:
     fget = torch_property.fget
+    fset = torch_property.fset
+
+    def set_parametrized(self: nn.Module, value: Any) -> None:
+        _check_assigned(self._modules["parametrizations"]._modules[tensor_name], value)
+        fset(self, value)
 
     def get_parametrized(self: nn.Module) -> Tensor:
         if (not parametrize._cache_enabled or torch.compiler.is_compiling() or torch.jit.is_scripting()
@@ -525,7 +650,7 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         return value
 
     get_parametrized._geofunc_checked = True  # type: ignore[attr-defined]
-    return property(get_parametrized, torch_property.fset)
+    return property(get_parametrized, set_parametrized)
 
 
 def _check_cached_values(module: nn.Module) -> None:

@@ -300,6 +300,9 @@ class _Manifold(Parametrization):
         return (f"{type(self.space).__name__} is a real space; of geofunc.nn's classes, Stiefel, Grassmannian, "
                 "Sphere, PSD, PSSD and Rn take complex tensors")
 
+    def _dtype_error(self, X: Tensor, ref: Tensor) -> ManifoldError:
+        return InManifoldError(X, self, self._dtype_message(X, ref))
+
     def _require_real_point(self, X: Tensor) -> None:
         """Raise :class:`InManifoldError` for a complex ``X`` assigned to a real space (Note [Complex weights])."""
         if self._refuses(X.dtype):

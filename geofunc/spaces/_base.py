@@ -402,21 +402,23 @@ class AbstractSpace(_Space, abc.ABC):
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         """Raise ``ManifoldError`` if the trailing dimensions of ``X`` are not a point's."""
 
-    def _require_float(self, X: Any, what: str) -> None:
-        """``X`` must be a floating tensor; complex too where the space accepts it (Note [Complex])."""
+    def _require_float(self, X: Any, what: str, got: str | None = None) -> None:
+        """``X`` must be a floating tensor; complex too where the space accepts it (Note [Complex]).
+        ``got``: what the message says was given (default: ``X`` described)."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
+        got = describe(X) if got is None else got
         if X.dtype == torch.complex32 and self.accepts_complex:
-            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", describe(X))
+            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got)
         if X.dtype.is_complex and not self.accepts_complex:
             raise error(
                 self,
                 f"`{what}` of a real floating dtype (float32 or float64); {type(self).__name__} is a real space",
-                describe(X),
+                got,
             )
         if not (X.dtype.is_floating_point or X.dtype.is_complex):
             kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
-            raise error(self, f"`{what}` of a floating dtype ({kinds})", describe(X))
+            raise error(self, f"`{what}` of a floating dtype ({kinds})", got)
 
     def _require_complex(self, X: Tensor, what: str) -> None:
         """For spaces of complex points only (Unitary, Hermitian): ``X`` must be complex64/complex128."""
@@ -456,6 +458,10 @@ class AbstractSpace(_Space, abc.ABC):
             out = None
         if out is None or any(d < 0 for d in out) or any(isinstance(d, bool) for d in shape):
             raise error(self, "`shape` to be a tuple (or torch.Size, or int) of non-negative integers", repr(shape))
+        if dtype is not None:  # (else the shape's check below named `shape` for a bad dtype)
+            if not isinstance(dtype, torch.dtype):
+                raise error(self, "`dtype` to be a torch.dtype", repr(dtype))
+            self._require_float(torch.empty((), dtype=dtype, device="meta"), "dtype", got=str(dtype))
         self._check_shape(torch.empty(out, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         return out
 

@@ -158,7 +158,7 @@ class SL(AbstractSpace):
         # X rescaled to det 1 first: the product carries X's rounding of det, which drifted step after
         # step until the check below made a bf16 point NaN after ~30 radam steps (Note [Retractions that
         # multiply] in geofunc/_linalg.py); an exact point is unchanged, tangent derivatives too
-        X = X * torch.exp(logabsdet_lu(sanitize(X)) / -X.shape[-1])[..., None, None]
+        X = X * torch.exp(logabsdet_lu(sanitize(X))[..., None, None] / -X.shape[-1])  # ([..., None, None] first: vmap of an empty batch)
         R = X @ expm(_inverse(X) @ Vt)
         # The exact point can be beyond what the dtype represents: cond(R) grows like e^{2‖X⁻¹V‖}, and
         # past ~1/u the computed R is no point of SL (det −1e5 from a generator of norm ~54 in float64,

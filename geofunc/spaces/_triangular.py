@@ -79,9 +79,9 @@ class TriangleSpace(AbstractSpace):
 
     # A linear space is flat: its geodesics are straight lines.
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
-        """``X`` plus the projection of ``V`` (a straight line: the space is flat)."""
+        """The projection of ``X + V`` (a straight line: the space is flat; :meth:`retract`)."""
         self._check_pair(X, V, "V")
-        return X + self._part(V)
+        return self._part(X + V)
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """The projection of ``Y − X`` (``Y − X`` for points)."""
