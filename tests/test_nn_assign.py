@@ -18,7 +18,9 @@ Regressions (a fuzz pass against GeoTorch 0.4.0, the behavioural reference where
    only; ``Skew``'s message for a batch claimed "not skew-symmetric".
 6. A bug hunt: a float64 point for a float32 ``skew``/``symmetric``/``sphere(embedded=True)`` weight
    raised torch's ValueError, not ManifoldError; a deep copy of a class registered directly moved by
-   the floors' difference on ``.double()``, silently.
+   the floors' difference on ``.double()``, silently; ``average_`` of float64 ``invertible`` modules
+   whose mean has det < 0 (or ``fixed_rank`` ones that lose rank) raised: the projection sat below
+   GeoTorch's bound of ``in_manifold``, and the message measured nothing.
 """
 
 from __future__ import annotations
@@ -639,3 +641,77 @@ def test_a_pickled_module_and_a_copied_class_convert_as_the_original(case) -> No
     M3(nn.Parameter(m.parametrizations.weight.original.detach().clone()))
     with pytest.warns(UserWarning, match="does not know its raw tensor"):  # not silent
         M3.double()
+
+
+def _glp_mean_with_negative_det(dtype: torch.dtype) -> tuple[list, list]:
+    """Three ``invertible`` modules (det > 0) whose weighted mean has det < 0 (and singular values of order 1)."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    R = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    Q[:, 0] *= torch.linalg.det(Q).sign()
+    R[:, 0] *= torch.linalg.det(R).sign()
+    diags = [(1.0, 1.0, 1.0, 1.0), (-3.0, -0.1, 1.0, 1.0), (1.0, 2.0, 1.0, 1.5)]
+    modules = []
+    for d in diags:
+        m = gnn.invertible(nn.Linear(4, 4, bias=False).to(dtype))
+        m.weight = (Q @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ R.T).to(dtype)
+        modules.append(m)
+    return modules, [0.45, 0.45, 0.1]  # mean: Q diag(-0.8, 0.605, 1, 1.05) Rᵀ, det < 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_average_of_invertible_modules_across_det_zero_assigns_a_point_the_class_accepts(dtype) -> None:
+    """float64: ``GLp.project`` of a det < 0 mean puts its smallest singular value at the float64 floor
+    1.5e-8, which the space contains and the class's ``in_manifold`` (GeoTorch's bound 1e-5) refused, so
+    ``average_`` raised, without a measurement. It is lifted to twice the bound now (Note [Averages the
+    class accepts] in ``geofunc/nn/_manifolds.py``); in float32 the projection (floor 3.45e-4) is
+    assigned as it is."""
+    modules, w = _glp_mean_with_negative_det(dtype)
+    mean = sum(wi * m.weight.detach() for wi, m in zip(w, modules))
+    assert float(torch.linalg.det(mean.double())) < 0
+    M = modules[0].parametrizations.weight[0]
+    P_ = M.space.project(mean)
+    target = copy.deepcopy(modules[0])
+    gnn.average_(target, modules, w)
+    W = target.weight.detach()
+    assert M.in_manifold(W) and float(torch.linalg.det(W.double())) > 0
+    s, s_proj = torch.linalg.svdvals(W.double()), torch.linalg.svdvals(P_.double())
+    if dtype == torch.float64:
+        assert float(s_proj[-1]) < 1e-7  # the space's projection, which the class refuses
+        assert not M.in_manifold(P_)
+        assert abs(float(s[-1]) - 2e-5) < 1e-12
+        torch.testing.assert_close(W, P_, atol=3e-5, rtol=0)
+    else:
+        torch.testing.assert_close(W, P_, atol=2e-6, rtol=0)
+    torch.testing.assert_close(s[:-1], s_proj[:-1], atol=1e-6, rtol=0)
+
+
+def test_average_of_fixed_rank_modules_that_lose_rank_in_float64() -> None:
+    """Two rank-2 weights whose mean has rank 1: projected, σ₂ is the float64 floor; lifted to 2e-5."""
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64))[0]
+    modules = []
+    for sign in (1.0, -1.0):  # u₁v₁ᵀ ± 0.5 u₂v₂ᵀ
+        m = gnn.fixed_rank(nn.Linear(4, 6).double(), "weight", 2)
+        m.weight = U @ torch.diag(torch.tensor([1.0, 0.5 * sign], dtype=torch.float64)) @ V.T
+        modules.append(m)
+    target = copy.deepcopy(modules[0])
+    gnn.average_(target, modules)
+    s = torch.linalg.svdvals(target.weight.detach())
+    assert abs(float(s[0]) - 1.0) < 1e-12 and abs(float(s[1]) - 2e-5) < 1e-12 and float(s[2]) < 1e-12
+    assert target.parametrizations.weight[0].in_manifold(target.weight.detach())
+
+
+@pytest.mark.parametrize("case", [("invertible", False, r"singular value \(σ_3\) is 1e-07, not above 1e-05"),
+                                  ("positive_definite", True, r"eigenvalue \(number 3 from the top\) is 1e-07, below 1e-06")],
+                         ids=lambda c: c[0])
+def test_a_refusal_by_geotorchs_bound_names_the_measured_value(case) -> None:
+    """A float64 point that the space contains (above its floor 1.5e-8) but GeoTorch's ``in_manifold``
+    refuses: the message said only "in_manifold is False"; it names the value and the bound now."""
+    name, _, pattern = case
+    m = getattr(gnn, name)(nn.Linear(3, 3).double())
+    X = torch.diag(torch.tensor([1e-7, 1.0, 2.0], dtype=torch.float64))
+    assert bool(gnn.parametrization_of(m).space.contains(X))
+    with pytest.raises(gnn.InManifoldError, match=pattern + r", the bound of GeoTorch's in_manifold"):
+        m.weight = X

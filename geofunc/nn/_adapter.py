@@ -400,6 +400,11 @@ class Parametrization(nn.Module):
         if ref is not None and not registering and (X.dtype != ref.dtype or X.device != ref.device):
             raise ManifoldError(self._dtype_message(X, ref))
 
+    def _project(self, W: Tensor) -> Tensor:
+        """The point ``average_`` assigns for the ambient ``W`` (Note [Averaging constrained modules] in
+        ``_functional.py``): the space's ``project``."""
+        return self.space.project(W)
+
     def _dtype_message(self, X: Tensor, ref: Tensor) -> str:
         return (f"{self.where} constrained to {self.space!r}: expected dtype {ref.dtype} on {ref.device}, "
                 f"got dtype {X.dtype} on {X.device}.")

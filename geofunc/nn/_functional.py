@@ -198,7 +198,9 @@ def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tenso
 # the points (the weights) in the ambient space and assigns their projection onto the space (the
 # extrinsic mean; for a convex space, PSD or Birkhoff, the average itself), which re-centres the
 # target's chart at it; other tensors are averaged entrywise, as AveragedModel(use_buffers=True)
-# does.
+# does. The projection is the adapter's ``_project``: the space's, and for GeoTorch's classes, whose
+# in_manifold can be stricter than the space (GeoTorch's bounds 1e-5, 1e-6 on the kept values, above
+# float64's floor), the nearest point the class accepts (Note [Averages the class accepts]).
 
 
 def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
@@ -206,8 +208,10 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
     constraints), in place; returns ``target``.
 
     A constrained tensor gets ``space.project(Σ wᵢ Wᵢ)`` of the modules' weights (the points, not
-    their raw tensors or bases: Note [Averaging constrained modules]), assigned as ``target.<name> =
-    ...`` (so its chart is re-centred there); every other floating parameter and buffer (BatchNorm's
+    their raw tensors or bases: Note [Averaging constrained modules]; for GeoTorch's classes, a kept
+    value below the bound of their ``in_manifold`` lifted to twice it: Note [Averages the class
+    accepts] in ``_manifolds.py``), assigned as ``target.<name> = ...`` (so its chart is re-centred
+    there); every other floating parameter and buffer (BatchNorm's
     statistics too) ``Σ wᵢ tᵢ``; other buffers (``num_batches_tracked``) are the last module's.
     ``target`` may be one of ``modules``. An exponential moving average of a model that is rebased
     during training::
@@ -256,7 +260,7 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
         points = {}
         for k, (sub, tname, adapter) in ours.items():
             W = sum(wi * getattr(t[k][0], t[k][1]) for wi, t in zip(w, theirs))
-            points[k] = adapter.space.project(W)
+            points[k] = adapter._project(W)  # for GeoTorch's classes, a point in_manifold accepts
         others = {}
         for n, t in plain_t.items():
             if t.is_floating_point() or t.is_complex():

@@ -186,6 +186,34 @@ def _refuse_below_floor(M: "_Manifold", X: Tensor, kept_min: Tensor, v_max: Tens
     )
 
 
+# Note [Averages the class accepts]
+# ``geofunc.nn.average_`` assigns the projection of the modules' mean onto the space, and the assignment
+# asks the class's ``in_manifold``, with GeoTorch's tolerances: the kept singular values of FixedRank and
+# GLp above 1e-5, the kept eigenvalues of PSD and PSSDFixedRank at least 1e-6. The space's ``project``
+# lifts a value only to the floor of geofunc's "softplus", √ε of the dtype: above those bounds in
+# float32 (3.45e-4), below them in float64 (1.5e-8). So in float64 a mean that leaves the space (two
+# GLp points whose mean has det < 0, rank-2 points whose mean has rank 1) projected to a point the space
+# contains and the class refused, and average_ raised (with no measurement in the message: the space's
+# check passed). ``_project`` is the nearest point the class accepts instead: the space's projection,
+# then, only where ``in_manifold`` refuses it, each kept value below GeoTorch's bound raised to twice
+# that bound (as ``sample`` clamps at twice the floor: an open bound needs a margin that survives the
+# rounding of the reconstruction), which moves the point by at most 2e-5. A refusal says what the class
+# measured (``_why_geotorch``).
+_IN_MANIFOLD_EPS = 1e-5  # GeoTorch's default eps of the SVD family's in_manifold
+_IN_MANIFOLD_EPS_EIGEN = 1e-6  # and of the eigen family's
+
+
+def _kept_below(kept_min: Tensor, eps: float, what: str, strict: bool = True) -> Optional[str]:
+    """The message for a kept value (batch-shaped ``kept_min``) below GeoTorch's bound ``eps`` (or at it,
+    ``strict``: ``> eps`` is asked)."""
+    bad = ~(kept_min > eps) if strict else ~(kept_min >= eps)
+    if not bool(bad.any()):
+        return None
+    at = f" (first at batch index {first_index(bad)})" if bad.ndim else ""
+    return (f"its {what} is {float(kept_min[bad].min()):.3g}{at}, {'not above' if strict else 'below'} {eps:g}, "
+            "the bound of GeoTorch's in_manifold, which is stricter than the space's own test")
+
+
 # Note [update_base on the class]
 # GeoTorch's classes are plain parametrizations: the raw tensor belongs to torch's
 # ParametrizationList, not to them. So that ``M.update_base()`` works without arguments, forward
@@ -405,7 +433,27 @@ class _Manifold(Parametrization):
             return f"{type(self).__name__}.in_manifold is False; geofunc measures: {str(e).partition(', got ')[2].rstrip('.')}"
         except Exception:  # noqa: BLE001 - a message helper must not mask the real error
             pass
-        return f"{type(self).__name__}.in_manifold is False"
+        try:
+            own = self._why_geotorch(X)
+        except Exception:  # noqa: BLE001 - a message helper must not mask the real error
+            own = None
+        return f"{type(self).__name__}.in_manifold is False" + ("" if own is None else f"; {own}")
+
+    def _why_geotorch(self, X: Tensor) -> Optional[str]:
+        """Where ``X`` is on the space but not ``in_manifold`` (GeoTorch's tolerances are stricter), what
+        the class measures; None where it cannot say."""
+        return None
+
+    def _project(self, W: Tensor) -> Tensor:
+        """The point ``average_`` assigns for the ambient ``W``: the space's ``project``, moved onto what
+        ``in_manifold`` accepts where that is stricter (Note [Averages the class accepts])."""
+        P = self.space.project(W)
+        if not can_check(P) or bool(self.in_manifold(P)):
+            return P
+        return self._lift_kept_values(P)
+
+    def _lift_kept_values(self, P: Tensor) -> Tensor:
+        return P
 
     def _verify(self, X: Tensor, Z: Tensor, base: Any) -> None:
         """Eager: refuse (rather than silently change) a point the space's chart cannot represent."""
@@ -960,6 +1008,23 @@ class _SVDManifold(_Manifold):
         e = self._eps(eps, _as_matrix(X))
         return self.in_manifold_singular_values(s, e, floor=eps) if self._positive else self.in_manifold_singular_values(s, e)
 
+    def _why_geotorch(self, X: Tensor) -> Optional[str]:
+        s = self._singular_values(X) if self._positive else None
+        if s is None:
+            return None
+        return _kept_below(s[..., self.rank - 1], _IN_MANIFOLD_EPS, f"smallest kept singular value (σ_{self.rank})")
+
+    def _lift_kept_values(self, P: Tensor) -> Tensor:
+        """``P`` with its kept singular values raised to twice GeoTorch's bound (Note [Averages the class
+        accepts])."""
+        if not self._positive:
+            return P
+        Pf, dtype = _lift(self, P)
+        U, s, Vh = torch.linalg.svd(Pf, full_matrices=False)
+        r = self.rank
+        s = s[..., :r].clamp(min=2.0 * _IN_MANIFOLD_EPS)
+        return _svd_factors(U[..., :r], s, Vh[..., :r, :].mH).to(dtype)
+
     def _check_representable(self, X: Tensor) -> None:
         """The smallest kept singular value must be at the floor of ``"softplus"`` or above, to its
         rounding (Note [Softplus floor on assignment])."""
@@ -1313,6 +1378,25 @@ class _EigManifold(_Manifold):
         if not bool(torch.allclose(Xf, Xf.mH, atol=e)):
             return False
         return self.in_manifold_eigen(torch.linalg.eigvalsh(Xf), e, floor=eps)
+
+    def _why_geotorch(self, X: Tensor) -> Optional[str]:
+        if not self._positive or not bool(torch.isfinite(X).all()):
+            return None
+        Xf, _ = _lift(self, X)
+        lam = torch.linalg.eigvalsh(0.5 * (Xf + Xf.mH))
+        return _kept_below(lam[..., X.shape[-1] - self.rank], _IN_MANIFOLD_EPS_EIGEN,
+                           f"smallest kept eigenvalue (number {self.rank} from the top)", strict=False)
+
+    def _lift_kept_values(self, P: Tensor) -> Tensor:
+        """``P`` with its kept eigenvalues raised to twice GeoTorch's bound (Note [Averages the class
+        accepts])."""
+        if not self._positive:
+            return P
+        Pf, dtype = _lift(self, P)
+        L, Q = torch.linalg.eigh(0.5 * (Pf + Pf.mH))
+        r = self.rank
+        L = L[..., -r:].clamp(min=2.0 * _IN_MANIFOLD_EPS_EIGEN)
+        return _eig_factors(L, Q[..., -r:]).to(dtype)
 
     def _check_representable(self, X: Tensor) -> None:
         """The smallest kept eigenvalue must be at the floor of ``"softplus"`` or above, to its rounding
