@@ -93,6 +93,35 @@ def test_a_geoopt_model_steps_as_geoopt_with_the_derived_constraints(name, gener
         assert member(space, getattr(ours, k).detach()), k
 
 
+def test_a_model_with_a_frozen_manifold_parameter(generator):
+    """``constraints(model.named_parameters())`` names a frozen ``ManifoldParameter`` too; the
+    ``TorchOptimizer`` built from it with the same ``named_parameters`` ignores it (it refused the
+    pair: "constraints for parameters that require grad") and steps the others as geoopt's
+    ``RiemannianAdam`` does (float64, 10 steps), the frozen one unmoved."""
+    ours, theirs = Model(generator), Model(generator)
+    with torch.no_grad():
+        for p, q in zip(ours.parameters(), theirs.parameters()):
+            q.copy_(p)
+    for m in (ours, theirs):
+        m.W.requires_grad_(False)
+        m.spd.requires_grad_(False)
+    c = G.constraints(ours.named_parameters())
+    assert set(c) == {"W", "s", "spd", "h"}
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), c, gf.optim.radam, lr=0.01)
+    ref = geoopt.optim.RiemannianAdam(theirs.parameters(), lr=0.01)
+    x = torch.randn(16, 6, generator=generator, dtype=F64)
+    y = torch.randn(16, 4, generator=generator, dtype=F64)
+    W0 = ours.W.detach().clone()
+    for model, o in ((ours, opt), (theirs, ref)):
+        for _ in range(10):
+            o.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            o.step()
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-10, rtol=0, msg=k)
+    assert torch.equal(ours.W.detach(), W0) and member(gf.Sphere(), ours.s.detach())
+
+
 def test_what_has_no_space_is_named():
     """A manifold without a geofunc space raises a ``ManifoldError`` naming the parameter and the
     manifold; a learnable curvature, the SPD manifold's other metrics and curvature ≥ 0 too."""

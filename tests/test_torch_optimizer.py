@@ -218,6 +218,167 @@ def test_parameter_groups_and_schedulers_as_torch(generator):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
 
 
+TORCH = {"radam": (torch.optim.Adam, dict(lr=0.01)), "radamw": (torch.optim.AdamW, dict(lr=0.01)),
+         "rsgd": (torch.optim.SGD, dict(lr=0.01))}
+
+
+@pytest.mark.parametrize("name", list(TORCH))
+def test_groups_hold_every_hyperparameter_as_torch(name, generator):
+    """The groups and ``defaults`` hold the factory's hyperparameters with their defaults (torch's, where
+    torch has them), so ``OneCycleLR`` with its default ``cycle_momentum`` (it raised "optimizer must
+    support momentum or beta1") cycles β₁ or momentum; a hyperparameter set in a group mid-run
+    (``weight_decay``, ``betas``, ``momentum``: none given at construction) is read; an extra key
+    (``"name"``) stays in its group and is not passed. Step for step equal to ``torch.optim`` (float64)."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    cls, kwargs = TORCH[name]
+    opt = gf.optim.TorchOptimizer([{"params": ours.named_parameters(), "name": "all"}], {}, getattr(gf.optim, name), **kwargs)
+    ref = cls([{"params": theirs.parameters(), "name": "all"}], **kwargs)
+    shared = {k: v for k, v in ref.defaults.items() if k in opt.defaults}
+    assert len(shared) >= 4 and {k: opt.defaults[k] for k in shared} == shared
+    assert opt.param_groups[0]["name"] == "all" and set(shared) <= set(opt.param_groups[0])
+    s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=12) for o in (opt, ref))
+    for i in range(12):
+        if i == 5:
+            for o in (opt, ref):
+                o.param_groups[0]["weight_decay"] = 0.3
+                if name == "rsgd":
+                    o.param_groups[0]["dampening"] = 0.2
+                else:
+                    o.param_groups[0]["betas"] = (0.5, 0.9)
+        for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
+            o.zero_grad()
+            ((model(x, "ab") - y) ** 2).mean().backward()
+            o.step()
+            sch.step()
+    key = "momentum" if name == "rsgd" else "betas"
+    assert opt.param_groups[0][key] == ref.param_groups[0][key]
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
+def test_momentum_cycled_through_zero_as_torch_sgd(generator):
+    """``OneCycleLR(base_momentum=0)`` takes rsgd's momentum to 0 and back (and by hand from 0 to 0.9):
+    it crashed (the state of ``rsgd(momentum=0)`` had no momentum transform); now ``torch.optim.SGD``
+    step for step, the buffer kept as it was at a step with momentum 0 (Note [Momentum that may be
+    zero]), with dampening and parameters skipped at some steps; on a module with constrained
+    parameters the points stay on their spaces."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    kwargs = dict(lr=0.01, momentum=0.9, dampening=0.1)
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, **kwargs)
+    ref = torch.optim.SGD(theirs.parameters(), **kwargs)
+    s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(USES), base_momentum=0.0,
+                                                  max_momentum=0.9, anneal_strategy="linear", pct_start=0.3) for o in (opt, ref))
+    momenta = []
+    for use in USES:
+        for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
+            o.zero_grad(set_to_none=True)
+            ((model(x, use) - y) ** 2).mean().backward()
+            o.step()
+            sch.step()
+        momenta.append(opt.param_groups[0]["momentum"])
+    assert 0.0 in momenta and momenta[-1] > 0
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    net = Net(generator)
+    x, y = _data(generator)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.02)
+    for mu in (0.0, 0.9, 0.0, 0.5):
+        opt.param_groups[0]["momentum"] = mu
+        _train(net, opt, x, y, 2)
+    assert member(gf.Stiefel(), net.W.detach()) and member(gf.Sphere(), net.s.detach())
+    assert int(opt.state_dict()["cohorts"][0]["state"][2].count) == 4  # the steps with momentum
+
+
+def test_hyperparameters_are_checked_at_construction(generator):
+    """As ``torch.optim`` checks its own: a negative learning rate, β = 1 (a NaN point, or every step 0),
+    ``nesterov`` without momentum, in the defaults or a group or an added group (which is then not
+    added), and a hyperparameter the factory does not take, are ``ManifoldError`` s naming the factory;
+    one set in a group later is refused at the next step."""
+    net = Net(generator)
+    for kwargs, match in [(dict(lr=-0.1), "radam: expected `lr` >= 0"),
+                          (dict(lr=0.1, betas=(1.0, 0.999)), "radam: expected `betas` with 0 <= β₁ < 1"),
+                          (dict(lr=0.1, weight_decy=0.1), r"expected hyperparameters of radam \(amsgrad, betas.*got 'weight_decy'")]:
+        with pytest.raises(gf.ManifoldError, match=match):
+            gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, **kwargs)
+    with pytest.raises(gf.ManifoldError, match="rsgd: expected `nesterov=True` with `momentum` > 0"):
+        gf.optim.TorchOptimizer([{"params": net.named_parameters(), "nesterov": True}], C, gf.optim.rsgd, lr=0.1)
+    opt = gf.optim.TorchOptimizer([("b", net.b)], {}, gf.optim.radam, lr=0.1)
+    with pytest.raises(gf.ManifoldError, match="radam: expected `betas` with 0 <= β₂ < 1"):
+        opt.add_param_group({"params": [("W", net.W)], "constraints": {"W": gf.Stiefel()}, "betas": (0.9, 1.0)})
+    assert len(opt.param_groups) == 1 and opt._names == ["b"]
+    opt.add_param_group({"params": [("W", net.W)], "constraints": {"W": gf.Stiefel()}})
+    x, y = _data(generator)
+    _train(net, opt, x, y, 1)
+    opt.param_groups[1]["betas"] = (1.0, 0.999)
+    with pytest.raises(gf.ManifoldError, match="radam: expected `betas`"):
+        _train(net, opt, x, y, 1)
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused(generator):
+    """``load_state_dict`` compares each state with what the optimizer's init gives: another factory's
+    checkpoint is a ``ManifoldError`` naming both states (it failed at the next step with an
+    AttributeError) and leaves the optimizer as it was; a checkpoint of the same factory with another
+    momentum loads (the state fits every momentum), and one of ``rsgd(momentum=0)`` from before it
+    always held a ``TraceState`` loads and resumes bit for bit."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    b.load_state_dict(a.state_dict())
+    sgd = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.rsgd, lr=0.02, momentum=0.9)
+    _train(a, sgd, x, y, 2)
+    adam = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radam, lr=0.02)
+    _train(b, adam, x, y, 2)
+    saved = adam.state_dict()
+    with pytest.raises(gf.ManifoldError, match=r"expected the state of radam's init for the parameters \['W', 's', 'b'\] "
+                                                r"\(group 0\), got a TraceState where its init gives a ScaleByAdamState"):
+        adam.load_state_dict(sgd.state_dict())
+    with pytest.raises(gf.ManifoldError, match="got a ScaleByAdamState where its init gives a TraceState"):
+        sgd.load_state_dict(saved)
+    assert adam.param_groups[0]["betas"] == (0.9, 0.999) and "momentum" not in adam.param_groups[0]
+    _train(b, adam, x, y, 1)  # steps on with its own state
+    plain = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.rsgd, lr=0.02)
+    plain.load_state_dict(sgd.state_dict())
+    assert plain.param_groups[0]["momentum"] == 0.9
+    # rsgd(momentum=0)'s checkpoint of three states (no TraceState)
+    c, d = Net(generator), Net(generator)
+    d.load_state_dict(c.state_dict())
+    one = gf.optim.TorchOptimizer(c.named_parameters(), C, gf.optim.rsgd, lr=0.02)
+    _train(c, one, x, y, 2)
+    old = one.state_dict()
+    (state,) = [co["state"] for co in old["cohorts"]]
+    old["cohorts"][0]["state"] = (state[0], state[1], state[3])
+    d.load_state_dict(c.state_dict())
+    two = gf.optim.TorchOptimizer(d.named_parameters(), C, gf.optim.rsgd, lr=0.02)
+    two.load_state_dict(old)
+    _train(c, one, x, y, 3)
+    _train(d, two, x, y, 3)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(c, k).detach(), getattr(d, k).detach()), k
+
+
+def test_a_parameter_frozen_at_construction(generator):
+    """A frozen parameter is left out, and constraints naming it are ignored (those of every
+    parameter of a model); unfreezing it later does not train it (documented), ``add_param_group``
+    does."""
+    net = Net(generator)
+    net.W.requires_grad_(False)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    assert opt._names == ["s", "b"]
+    x, y = _data(generator)
+    W0 = net.W.detach().clone()
+    net.W.requires_grad_(True)
+    _train(net, opt, x, y, 2)
+    assert net.W.grad is not None and torch.equal(net.W.detach(), W0)
+    opt.add_param_group({"params": [("W", net.W)], "constraints": {"W": gf.Stiefel()}})
+    _train(net, opt, x, y, 2)
+    assert not torch.equal(net.W.detach(), W0) and member(gf.Stiefel(), net.W.detach())
+    with pytest.raises(gf.ManifoldError, match="got constraints for 'V'"):
+        gf.optim.TorchOptimizer(net.named_parameters(), C | {"V": gf.Stiefel()}, gf.optim.radam, lr=0.02)
+
+
 def test_a_mask_with_skipped_parameters_as_torch_groups(generator):
     """``radamw``'s ``mask`` (decay on weights, not biases) with heads skipped irregularly (each cohort
     gets its part of the mask) equals ``torch.optim.AdamW`` with a no-decay group for the biases."""
@@ -300,12 +461,21 @@ def test_a_checkpoint_with_skipped_parameters_resumes_bit_for_bit(generator):
     _train_branches(b, opt_b, x, y)
     for (k, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p.detach(), q.detach()), k
-    net = Net(generator)
+    # the first format: one state of the factory built with the number lr (a constant rate's
+    # EmptyState where the group's schedule has a ScaleByScheduleState); it steps as a fresh optimizer
+    net, twin = Net(generator), Net(generator)
+    twin.load_state_dict(net.state_dict())
+    x, y = _data(generator)
     old = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
-    state = gf.optim.radam(C | {"b": None}, lr=0.02).init({k: v.detach() for k, v in net.named_parameters()})
+    _train(net, old, x, y, 2)
+    state = gf.optim.radam(C | {"b": None}, lr=0.02).init({k: v.detach() for k, v in twin.named_parameters()})
+    net.load_state_dict(twin.state_dict())
     old.load_state_dict({"param_groups": [{"lr": 0.02, "params": [0, 1, 2]}], "names": ["W", "s", "b"],
                          "functional_state": state})
-    assert old.state_dict()["cohorts"][0]["state"] is state
+    _train(net, old, x, y, 3)
+    _train(twin, gf.optim.TorchOptimizer(twin.named_parameters(), C, gf.optim.radam, lr=0.02), x, y, 3)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(net, k).detach(), getattr(twin, k).detach()), k
 
 
 def test_the_affine_invariant_psd_in_a_module(generator):

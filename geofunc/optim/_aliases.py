@@ -80,12 +80,17 @@ def rsgd(
                                                    trace(momentum, dampening, nesterov), scale_by_learning_rate(lr)))
 
     def update(grads: Any, state: Any, params: Any) -> Any:
-        if isinstance(state, tuple) and len(state) == 3 and not isinstance(state[2], TraceState):
-            # a state of rsgd(momentum=0) from before it chained a trace always: the same with no buffer
-            state = (state[0], state[1], TraceState(torch.zeros((), dtype=torch.int64), ()), state[2])
-        return opt.update(grads, state, params)
+        return opt.update(grads, upgrade_rsgd_state(state), params)
 
     return Optimizer(opt.init, update)
+
+
+def upgrade_rsgd_state(state: Any) -> Any:
+    """A state of ``rsgd(momentum=0)`` from before it always chained a trace (three transforms' states)
+    as the current one (no momentum buffer); any other state as it is."""
+    if isinstance(state, tuple) and len(state) == 3 and not isinstance(state[2], TraceState):
+        return (state[0], state[1], TraceState(torch.zeros((), dtype=torch.int64), ()), state[2])
+    return state
 
 
 def radam(

@@ -3,11 +3,14 @@ interface, for ``nn.Module`` code (geoopt's ``ManifoldParameter`` + ``Riemannian
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from .._errors import ManifoldError, describe
-from ._base import Optimizer
+from ._aliases import rsgd, upgrade_rsgd_state
+from ._base import EmptyState, Optimizer
+from ._transforms import ScaleByScheduleState, _no_buffer
 
 __all__ = ["TorchOptimizer"]
 
@@ -15,10 +18,25 @@ __all__ = ["TorchOptimizer"]
 # Note [A functional optimizer behind torch.optim]
 # The module's parameters hold the points themselves (as geoopt's ManifoldParameter does), keyed by
 # their names; `constraints` names the constrained ones. A parameter group is a functional optimizer
-# built from the group's hyperparameters (the constructor's keyword arguments, overridden per group),
-# read again at every step: torch.optim.lr_scheduler drives the learning rate (a schedule reading
-# group["lr"]) and anything else a scheduler cycles (OneCycleLR's betas or momentum rebuild it; the
-# state does not depend on them).
+# built from the group's hyperparameters, read again at every step: torch.optim.lr_scheduler drives
+# the learning rate (a schedule reading group["lr"]) and anything else a scheduler cycles or a user
+# sets (OneCycleLR's betas or momentum, group["weight_decay"] = ... mid-run rebuild it). As in
+# torch.optim, the groups and `defaults` hold every hyperparameter: the factory's keyword parameters
+# with their defaults (read from its signature; the constructor's keyword arguments override them,
+# and a group's own entries override those), so OneCycleLR finds radam's betas and rsgd's momentum
+# (cycle_momentum; it raised "optimizer must support momentum or beta1" when the groups held only
+# lr) and a key set in a group later is read (one missing at construction used to be ignored). A
+# group key the factory does not take (a "name", a scheduler's "initial_lr") stays in the group and is
+# not passed; for a factory with **kwargs, the keys given at construction are passed. Each group's
+# hyperparameters are checked at construction by building its optimizer with them (Note [Checking
+# hyperparameters]), as torch.optim checks its own. A hyperparameter change may change the state's
+# structure only where the factory allows it on the state it has: rsgd's momentum to and from 0
+# (Note [Momentum that may be zero]); load_state_dict compares a checkpoint's states with what the
+# optimizer's init gives and names a mismatch (another factory's checkpoint).
+# Constraints may name parameters that are frozen (requires_grad=False: left out, as their
+# constraints are; geofunc.contrib.geoopt.constraints(model.named_parameters()) names every
+# ManifoldParameter). A parameter frozen at construction is not in the optimizer: unfreezing it
+# later does not train it (add it with add_param_group, as torch.optim's fine-tuning recipes do).
 # Parameters without a gradient are skipped as torch.optim skips them: not moved, their state
 # untouched, and each parameter's count (Adam's bias corrections, momentum's first step) is the
 # number of steps it took. One functional state serves a *cohort*: parameters of a group whose steps
@@ -79,9 +97,65 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _pairs(items: Iterable[Any], where: str) -> list[tuple[str, torch.Tensor]]:
-    """The ``(name, tensor)`` pairs of ``items`` that require grad; a clear error for anything else
-    (a bare tensor: ``model.parameters()`` where ``model.named_parameters()`` is needed)."""
+def _factory_keys(factory: Callable[..., Optimizer]) -> tuple[dict[str, Any], Optional[frozenset[str]]]:
+    """``(defaults, accepted)``: the keyword parameters of ``factory`` after its first (the
+    constraints) other than ``lr``, with their defaults, and the names it accepts (``None`` when it
+    takes ``**kwargs`` or has no signature to read)."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return {}, None
+    params = list(sig.parameters.values())[1:]
+    keyword = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "lr"]
+    defaults = {p.name: p.default for p in keyword if p.default is not p.empty}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return defaults, None
+    return defaults, frozenset(p.name for p in keyword)
+
+
+def _mismatch(saved: Any, fresh: Any) -> Optional[str]:
+    """Where a loaded functional state ``saved`` differs in structure from ``fresh`` (the optimizer's
+    init): ``None`` if it fits. A missing momentum buffer on either side fits (Note [Momentum that may
+    be zero]); tensors must have the shapes of init's."""
+    if isinstance(saved, torch.Tensor) and isinstance(fresh, torch.Tensor):
+        return (None if saved.shape == fresh.shape
+                else f"a tensor of shape {tuple(saved.shape)} where its init gives shape {tuple(fresh.shape)}")
+    if hasattr(fresh, "_fields") or hasattr(saved, "_fields"):
+        if type(saved) is not type(fresh):
+            return f"a {type(saved).__name__} where its init gives a {type(fresh).__name__}"
+    elif _no_buffer(saved) or _no_buffer(fresh):
+        return None
+    if isinstance(fresh, Mapping):
+        if not isinstance(saved, Mapping) or set(saved) != set(fresh):
+            return (f"{describe(saved) if not isinstance(saved, Mapping) else 'entries ' + str(sorted(saved))} where its "
+                    f"init gives entries {sorted(fresh)}")
+        return next((m for k in fresh if (m := _mismatch(saved[k], fresh[k])) is not None), None)
+    if isinstance(fresh, (tuple, list)):
+        if not isinstance(saved, (tuple, list)) or len(saved) != len(fresh):
+            return f"{describe(saved)} where its init gives a {type(fresh).__name__} of {len(fresh)} entries"
+        return next((m for a, b in zip(saved, fresh) if (m := _mismatch(a, b)) is not None), None)
+    if isinstance(saved, torch.Tensor) or isinstance(fresh, torch.Tensor):
+        return f"{describe(saved)} where its init gives {describe(fresh)}"
+    return None
+
+
+def _fit(saved: Any, fresh: Any) -> Any:
+    """``saved`` with the state of a constant learning rate (``EmptyState``, from ``scale(-lr)``) in
+    place of the ``ScaleByScheduleState`` that the group's learning rate, a schedule here, has: the
+    first checkpoints hold one (its count is not read: the rate is the group's)."""
+    if type(saved) is EmptyState and type(fresh) is ScaleByScheduleState:
+        return fresh
+    if hasattr(saved, "_fields") and type(saved) is type(fresh):
+        return type(saved)(*(_fit(a, b) for a, b in zip(saved, fresh)))
+    if type(saved) in (tuple, list) and isinstance(fresh, (tuple, list)) and len(saved) == len(fresh):
+        return type(saved)(_fit(a, b) for a, b in zip(saved, fresh))
+    return saved
+
+
+def _pairs(items: Iterable[Any], where: str, frozen: Optional[list[str]] = None) -> list[tuple[str, torch.Tensor]]:
+    """The ``(name, tensor)`` pairs of ``items`` that require grad (the names of the others appended
+    to ``frozen``); a clear error for anything else (a bare tensor: ``model.parameters()`` where
+    ``model.named_parameters()`` is needed)."""
     out = []
     for item in items:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
@@ -90,12 +164,15 @@ def _pairs(items: Iterable[Any], where: str) -> list[tuple[str, torch.Tensor]]:
                                 f"got {describe(item) if isinstance(item, torch.Tensor) else repr(item)}.")
         if item[1].requires_grad:
             out.append(item)
+        elif frozen is not None:
+            frozen.append(item[0])
     return out
 
 
-def _named_groups(params: Any) -> list[tuple[list[tuple[str, torch.Tensor]], dict]]:
+def _named_groups(params: Any, frozen: list[str]) -> list[tuple[list[tuple[str, torch.Tensor]], dict]]:
     """``[(named parameters that require grad, the group's other keys)]`` from ``(name, tensor)``
-    pairs (one group) or from dicts ``{"params": pairs, **hyperparameters}``."""
+    pairs (one group) or from dicts ``{"params": pairs, **hyperparameters}``; the names of frozen
+    parameters are appended to ``frozen``."""
     items = list(params)
     if items and isinstance(items[0], Mapping):
         groups = []
@@ -103,9 +180,9 @@ def _named_groups(params: Any) -> list[tuple[list[tuple[str, torch.Tensor]], dic
             if not isinstance(g, Mapping) or "params" not in g:
                 raise ManifoldError(f"TorchOptimizer: expected parameter groups as dicts with a 'params' entry of "
                                     f"(name, tensor) pairs, got {g!r}.")
-            groups.append((_pairs(g["params"], "TorchOptimizer"), {k: v for k, v in g.items() if k != "params"}))
+            groups.append((_pairs(g["params"], "TorchOptimizer", frozen), {k: v for k, v in g.items() if k != "params"}))
         return groups
-    return [(_pairs(items, "TorchOptimizer"), {})]
+    return [(_pairs(items, "TorchOptimizer", frozen), {})]
 
 
 class TorchOptimizer(torch.optim.Optimizer):
@@ -114,16 +191,25 @@ class TorchOptimizer(torch.optim.Optimizer):
     Args:
         params: ``module.named_parameters()`` (or any ``(name, tensor)`` pairs), or parameter groups:
             dicts ``{"params": (name, tensor) pairs, "lr": ..., **hyperparameters}`` (each a
-            hyperparameter of its own, as ``torch.optim``'s groups); parameters with
-            ``requires_grad=False`` are left out.
+            hyperparameter of its own, as ``torch.optim``'s groups; a key the factory does not take,
+            e.g. ``"name"``, is kept in the group and not passed). Parameters with
+            ``requires_grad=False`` are left out, for good: one frozen here and unfrozen later is
+            never trained (add it then with ``add_param_group``).
         constraints: ``{name: space}`` for the parameters that hold points of a space (their
-            values must be points: checked here); every other parameter is free.
+            values must be points: checked here); every other parameter is free. Constraints for
+            frozen parameters are ignored (those of
+            ``geofunc.contrib.geoopt.constraints(model.named_parameters())`` for a model with a
+            frozen part).
         optimizer: a factory of ``geofunc.optim`` with the signature of :func:`~geofunc.optim.radam`
             (``optimizer(constraints, lr=..., **kwargs)``): ``rsgd``, ``radam``, ``radamw`` or your own.
         lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
             ``param_groups[i]["lr"]`` between steps).
         **kwargs: the other hyperparameters' defaults, passed to ``optimizer`` (``momentum``,
-            ``betas``, ``weight_decay``, ...): read from each group at every step.
+            ``betas``, ``weight_decay``, ...). The groups (and ``defaults``) hold every keyword
+            parameter of ``optimizer`` with its default, as ``torch.optim``'s groups do, so a
+            scheduler (``OneCycleLR`` cycling ``betas`` or ``momentum``) or a line
+            ``group["weight_decay"] = 0.1`` changes it: each is read from its group at every step.
+            They are checked here, as ``torch.optim`` checks them (a ``ManifoldError``).
 
     ``step(closure=None)`` steps every parameter that has a ``.grad``; one without is skipped, as
     ``torch.optim`` skips it (not moved, its state untouched, its own step count: Note [A functional
@@ -149,23 +235,30 @@ class TorchOptimizer(torch.optim.Optimizer):
         lr: float,
         **kwargs: Any,
     ) -> None:
-        groups = _named_groups(params)
+        frozen: list[str] = []
+        groups = _named_groups(params, frozen)
         named = [np for g, _ in groups for np in g]
         if not named:
             raise ManifoldError("TorchOptimizer: expected parameters that require grad, got none.")
         self._names: list[str] = []
         self._constraints: dict[str, Any] = {}
-        self._check_new(named, constraints)
+        self._check_new(named, constraints, frozen)
+        factory_defaults, self._accepts = _factory_keys(optimizer)
+        if self._accepts is not None and set(kwargs) - self._accepts:
+            raise ManifoldError(f"TorchOptimizer: expected hyperparameters of {getattr(optimizer, '__name__', optimizer)!s} "
+                                f"({', '.join(sorted(self._accepts))}), got {', '.join(map(repr, sorted(set(kwargs) - self._accepts)))}.")
         self._building = True  # torch.optim.Optimizer.__init__ calls add_param_group for each group
-        super().__init__([{"params": [p for _, p in g], **over} for g, over in groups], {"lr": lr, **kwargs})
+        super().__init__([{"params": [p for _, p in g], **over} for g, over in groups], {"lr": lr, **factory_defaults, **kwargs})
         self._building = False
         self._factory = optimizer
-        self._hyper_keys = (set(kwargs) | {k for _, over in groups for k in over}) - {"lr"}
+        self._hyper_keys = (set(factory_defaults) | set(kwargs) | {k for _, over in groups for k in over}) - {"lr"}
         self._group_names = [tuple(n for n, _ in g) for g, _ in groups]
         self._names = [n for names in self._group_names for n in names]
         self._constraints = {n: constraints.get(n) for n in self._names}
         self._cohorts = [_Cohort(i, names, None) for i, names in enumerate(self._group_names) if names]
         self._built: dict[tuple[int, tuple[str, ...]], tuple[dict, Optimizer]] = {}
+        for i in range(len(self.param_groups)):
+            self._check_group(i)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer's keeps only defaults, state and param_groups: a deepcopy or pickle lost
@@ -176,15 +269,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self._built = {}
 
-    def _check_new(self, named: list[tuple[str, torch.Tensor]], constraints: Mapping[str, Any]) -> None:
-        """Refuse repeated names, constraints for parameters not given, and constrained values off
-        their spaces."""
+    def _check_new(self, named: list[tuple[str, torch.Tensor]], constraints: Mapping[str, Any], frozen: list[str]) -> None:
+        """Refuse repeated names, constraints for parameters not given (those of frozen parameters
+        are ignored), and constrained values off their spaces."""
         names = [n for n, _ in named]
         repeated = sorted({n for n in names if names.count(n) > 1 or n in self._names})
         if repeated:
             raise ManifoldError(f"TorchOptimizer: expected distinct parameter names, got {', '.join(map(repr, repeated))} "
                                 f"more than once.")
-        unknown = sorted(set(constraints) - set(names))
+        unknown = sorted(set(constraints) - set(names) - set(frozen))
         if unknown:
             raise ManifoldError(f"TorchOptimizer: expected constraints for parameters that require grad "
                                 f"({', '.join(names)}), got constraints for {', '.join(map(repr, unknown))}.")
@@ -207,10 +300,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         if "params" not in group:
             raise ManifoldError("TorchOptimizer.add_param_group: expected a dict with a 'params' entry of "
                                 "(name, tensor) pairs.")
-        named = _pairs(group.pop("params"), "TorchOptimizer.add_param_group")
+        frozen: list[str] = []
+        named = _pairs(group.pop("params"), "TorchOptimizer.add_param_group", frozen)
         if not named:
             raise ManifoldError("TorchOptimizer.add_param_group: expected parameters that require grad, got none.")
-        self._check_new(named, constraints)
+        self._check_new(named, constraints, frozen)
         super().add_param_group({"params": [p for _, p in named], **group})
         names = tuple(n for n, _ in named)
         self._hyper_keys |= set(group) - {"lr"}
@@ -218,6 +312,29 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._names.extend(names)
         self._constraints.update({n: constraints.get(n) for n in names})
         self._cohorts.append(_Cohort(len(self.param_groups) - 1, names, None))
+        try:
+            self._check_group(len(self.param_groups) - 1)
+        except Exception:  # leave the optimizer as it was
+            self.param_groups.pop()
+            del self._group_names[-1], self._names[-len(names):], self._cohorts[-1]
+            for n in names:
+                del self._constraints[n]
+            raise
+
+    def _hyper(self, group: dict) -> dict[str, Any]:
+        """The hyperparameters of ``group`` that the factory takes (Note [A functional optimizer behind torch.optim])."""
+        accepts = getattr(self, "_accepts", None)
+        keys = self._hyper_keys if accepts is None else accepts
+        return {k: group[k] for k in sorted(keys) if k in group}
+
+    def _check_group(self, i: int) -> None:
+        """Build group ``i``'s optimizer with its hyperparameters as numbers, so that the factory checks
+        them (its learning rate included) now, as torch.optim does at construction."""
+        group, names = self.param_groups[i], self._group_names[i]
+        hyper = self._hyper(group)
+        if "mask" in hyper:
+            hyper["mask"] = _cohort_mask(hyper["mask"], names)
+        self._factory({n: self._constraints[n] for n in names}, lr=group["lr"], **hyper)
 
     def _named(self) -> dict[str, torch.Tensor]:
         return {n: p for names, g in zip(self._group_names, self.param_groups) for n, p in zip(names, g["params"])}
@@ -227,7 +344,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         scheduler changed one; the learning rate is a schedule reading the group)."""
         i = cohort.group
         group = self.param_groups[i]
-        hyper = {k: group[k] for k in sorted(self._hyper_keys) if k in group}
+        hyper = self._hyper(group)
         key = (i, cohort.names)
         built = self._built.get(key)
         if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
@@ -288,13 +405,40 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ManifoldError(f"TorchOptimizer.load_state_dict: expected a state for the parameters "
                                 f"{self._names} in {len(self.param_groups)} group(s), got one for "
                                 f"{state_dict.get('names')} in {len(state_dict.get('param_groups', []))}.")
+        before = [dict(g) for g in self.param_groups]
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
+        try:
+            self._load_cohorts(state_dict)
+        except Exception:  # a refused checkpoint leaves the optimizer as it was
+            for group, old in zip(self.param_groups, before):
+                group.clear()
+                group.update(old)
+            self._built.clear()
+            raise
+
+    def _load_cohorts(self, state_dict: dict[str, Any]) -> None:
         if "cohorts" in state_dict:
-            self._cohorts = [_Cohort(c["group"], tuple(c["names"]), c["state"]) for c in state_dict["cohorts"]]
+            cohorts = [_Cohort(c["group"], tuple(c["names"]), c["state"]) for c in state_dict["cohorts"]]
         else:  # the first format (one group, one state)
-            self._cohorts = [_Cohort(0, tuple(self._names), state_dict["functional_state"])]
+            cohorts = [_Cohort(0, tuple(self._names), state_dict["functional_state"])]
         self._built.clear()
+        params = self._named()
+        for co in cohorts:  # Note [A functional optimizer behind torch.optim]: a state of this optimizer's init
+            if co.state is None:
+                continue
+            if self._factory is rsgd:
+                co.state = upgrade_rsgd_state(co.state)
+            with torch.no_grad():
+                fresh = self._functional(co).init({n: params[n].detach() for n in co.names})
+            co.state = _fit(co.state, fresh)
+            where = _mismatch(co.state, fresh)
+            if where is not None:
+                name = getattr(self._factory, "__name__", repr(self._factory))
+                raise ManifoldError(f"TorchOptimizer.load_state_dict: expected the state of {name}'s init for the "
+                                    f"parameters {list(co.names)} (group {co.group}), got {where}: a checkpoint of "
+                                    f"another optimizer, or of other hyperparameters.")
+        self._cohorts = cohorts
 
 
 @torch.compiler.disable  # (a plain function: on torch 2.6 the decorator does not bind as a method)
