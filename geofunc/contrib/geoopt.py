@@ -100,8 +100,10 @@ def constraints(named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, S.A
     not ``Euclidean`` (:func:`space_of`); plain tensors and Euclidean ones are left out (free).
 
     Their values are points already (geoopt's parameters hold them), so the result goes straight to
-    :class:`geofunc.optim.TorchOptimizer` with the same ``named_parameters``. A manifold without a
-    geofunc space raises :class:`~geofunc.ManifoldError` naming the parameter.
+    :class:`geofunc.optim.TorchOptimizer` with the same ``named_parameters``. Frozen parameters
+    (``requires_grad=False``) are named too: ``TorchOptimizer`` leaves them out and ignores their
+    constraints (and does not train one unfrozen later: add it with ``add_param_group``). A manifold
+    without a geofunc space raises :class:`~geofunc.ManifoldError` naming the parameter.
     """
     out: dict[str, S.AbstractSpace] = {}
     for name, p in named_parameters:
