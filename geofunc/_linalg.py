@@ -34,8 +34,8 @@ __all__ = [
     "haar_stiefel",
     "haar_so",
     "chol_qr",
-    "refine_factor",
     "refine_frame",
+    "refined_times",
     "polar",
     "poison",
     "sanitize",
@@ -262,13 +262,22 @@ def orthonormality_error(X: Tensor) -> Tensor:
 def refine_frame(X: Tensor) -> Tensor:
     """``X (3I − XᴴX)/2`` for a tall ``X`` (n ≥ k) orthonormal up to rounding: one Newton–Schulz step
     toward its polar factor (Note [Retractions that multiply])."""
-    return X @ refine_factor(X)
+    return _add_product(X, X, transpose(X) @ X, 1.5, -0.5)
 
 
-def refine_factor(X: Tensor) -> Tensor:
-    """``(3I − XᴴX)/2`` (k×k), the right factor of :func:`refine_frame`."""
-    # (out of place: make_fx, under linearize, drops an in-place update of a constant, Note [Traced by make_fx])
-    return torch.add(eye_like(X, X.shape[-1]) * 1.5, transpose(X) @ X, alpha=-0.5)
+def refined_times(X: Tensor, P: Tensor) -> Tensor:
+    """``refine_frame(X) @ P`` as ``X ((3I − XᴴX)/2 P)``: for square ``X``, one product of n×n fewer."""
+    return X @ _add_product(P, transpose(X) @ X, P, 1.5, -0.5)
+
+
+def _add_product(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:
+    """``beta C + alpha A B`` in one kernel (addmm/baddbmm) where the shapes allow, else three."""
+    if C.ndim == A.ndim == B.ndim and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]:
+        if C.ndim == 2:
+            return torch.addmm(C, A, B, beta=beta, alpha=alpha)
+        if C.ndim == 3:
+            return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    return beta * C + alpha * (A @ B)
 
 
 def chol_qr(Y: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, refine_factor, resolve_triv, skew_lower,
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, refined_times, resolve_triv, skew_lower,
                        skew_part, sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
 from ._logs import theta_over_sin
@@ -74,7 +74,7 @@ class MatrixGroup(AbstractSpace):
         self._check_pair(X, V, "V")
         phi = resolve_triv("expm" if callable(self.triv) else self.triv)
         # X refined first (Note [Retractions that multiply]): the product carries X's rounding
-        return X @ (refine_factor(X) @ phi(skew_part(transpose(X) @ V)))
+        return refined_times(X, phi(skew_part(transpose(X) @ V)))
 
     # Note [The group's geodesics]
     # With the embedded metric Re tr(UᴴV), a tangent vector at X is XΩ (Ω skew(-Hermitian)) of length
@@ -89,7 +89,7 @@ class MatrixGroup(AbstractSpace):
         """``X expm(skew(XᴴV))``: the one-parameter subgroup through ``X`` along ``V`` (Note [The group's
         geodesics])."""
         self._check_pair(X, V, "V")
-        return X @ (refine_factor(X) @ resolve_triv("expm")(skew_part(transpose(X) @ V)))
+        return refined_times(X, resolve_triv("expm")(skew_part(transpose(X) @ V)))
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²)``, ``λ_j`` the eigenvalues of ``XᴴY``; batch-shaped (for
