@@ -489,6 +489,9 @@ class AbstractSpace(_Space, abc.ABC):
         """``out`` over the broadcast batch dims of ``args`` (points and vectors of this space), where
         the map that computed it read only some of them (Note [A result per point of the batch]);
         ``point=False``: ``out`` is batch-shaped (``inner``)."""
+        ref = out.shape if point else args[0].shape  # (batch-shaped: computed from arguments of one shape)
+        if all(a.shape == ref for a in args):  # the common case, one batch: ~0.3 µs
+            return out
         d = self.point_ndim
         batch = _broadcast([a.shape[: a.ndim - d] for a in args])
         nb = out.ndim - d if point else out.ndim
@@ -592,7 +595,7 @@ class AbstractSpace(_Space, abc.ABC):
                 f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[X.ndim - d:])}",
                 f"shape {tuple(Y.shape)}",
             )
-        if not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):
+        if X.shape != Y.shape and not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):
             raise error(
                 self,
                 f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[: X.ndim - d])}",
