@@ -244,9 +244,10 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._constraints: dict[str, Any] = {}
         self._check_new(named, constraints, frozen)
         factory_defaults, self._accepts = _factory_keys(optimizer)
-        if self._accepts is not None and set(kwargs) - self._accepts:
+        unknown_keys = sorted(set(kwargs) - self._accepts) if self._accepts is not None else []
+        if unknown_keys:
             raise ManifoldError(f"TorchOptimizer: expected hyperparameters of {getattr(optimizer, '__name__', optimizer)!s} "
-                                f"({', '.join(sorted(self._accepts))}), got {', '.join(map(repr, sorted(set(kwargs) - self._accepts)))}.")
+                                f"({', '.join(sorted(self._accepts))}), got {', '.join(map(repr, unknown_keys))}.")
         self._building = True  # torch.optim.Optimizer.__init__ calls add_param_group for each group
         super().__init__([{"params": [p for _, p in g], **over} for g, over in groups], {"lr": lr, **factory_defaults, **kwargs})
         self._building = False

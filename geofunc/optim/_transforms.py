@@ -166,13 +166,16 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # by hand) resumes the buffer it left. `trace` does the same with a momentum that is the number 0:
 # the update returns the vectors unchanged and leaves the state as it is (count included: the count
 # is of the steps with momentum, so dampening's "first step" is torch's). Its init makes no buffer
-# then (trace is (), a 0-dim count only: an empty tuple, not None, which vmap takes for an output leaf), so rsgd(momentum=0), which always chains a trace, carries
-# no buffer it does not need; a buffer made by a step with momentum is still carried to the new point
-# at every step (transport), so it stays a tangent vector while momentum is 0. With one state
-# structure for every momentum, TorchOptimizer can change a group's momentum to or from 0 between
-# steps (the optimizer it rebuilds takes the state as it is). rsgd used to chain trace only for a
-# momentum ≠ 0: the state of rsgd(momentum=0) then had no TraceState, and a momentum cycled through 0
-# paired the state with the wrong transforms (an AttributeError, or a silently wrong count).
+# then (trace is (), a 0-dim count only: an empty tuple, not None, which vmap takes for an output
+# leaf), so rsgd(momentum=0), which always chains a trace, carries no buffer it does not need; a
+# buffer made by a step with momentum is still carried to the new point at every step (transport),
+# so it stays a tangent vector while momentum is 0. With one state structure for every momentum,
+# TorchOptimizer can change a group's momentum to or from 0 between steps (the optimizer it rebuilds
+# takes the state as it is). rsgd used to chain trace only for a momentum ≠ 0: the state of
+# rsgd(momentum=0) then had no TraceState, and a momentum cycled through 0 paired the state with the
+# wrong transforms (an AttributeError, or a silently wrong count). What plain SGD pays for it: a 0-dim
+# count in its state, no op per step. A state of rsgd(momentum=0) from before (three transforms'
+# states) is read as the same with no buffer (upgrade_rsgd_state; TorchOptimizer's checkpoints too).
 def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
