@@ -404,21 +404,22 @@ class AbstractSpace(_Space, abc.ABC):
 
     def _require_float(self, X: Any, what: str, got: str | None = None) -> None:
         """``X`` must be a floating tensor; complex too where the space accepts it (Note [Complex]).
-        ``got``: what the message says was given (default: ``X`` described)."""
+        ``got``: what the message says was given (default: ``X`` described; built only to raise)."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
-        got = describe(X) if got is None else got
+        if X.dtype.is_floating_point:
+            return
         if X.dtype == torch.complex32 and self.accepts_complex:
-            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got)
+            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got or describe(X))
         if X.dtype.is_complex and not self.accepts_complex:
             raise error(
                 self,
                 f"`{what}` of a real floating dtype (float32 or float64); {type(self).__name__} is a real space",
-                got,
+                got or describe(X),
             )
-        if not (X.dtype.is_floating_point or X.dtype.is_complex):
+        if not X.dtype.is_complex:
             kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
-            raise error(self, f"`{what}` of a floating dtype ({kinds})", got)
+            raise error(self, f"`{what}` of a floating dtype ({kinds})", got or describe(X))
 
     def _require_complex(self, X: Tensor, what: str) -> None:
         """For spaces of complex points only (Unitary, Hermitian): ``X`` must be complex64/complex128."""
@@ -647,8 +648,7 @@ class AbstractSpace(_Space, abc.ABC):
 
     def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
         """A vector transport of ``V ∈ T_X M`` to ``T_Y M`` (default: ``tangent(Y, V)``, the projection)."""
-        self._check_pair(Y, X, "X")
-        self._check_pair(X, V, "V")
+        self._check_pair(Y, V, "V")  # (named: tangent's own check calls it G)
         return self._over_batch(self.tangent(Y, V), X, Y, V)
 
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
