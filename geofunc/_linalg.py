@@ -247,6 +247,30 @@ def orthonormality_error(X: Tensor) -> Tensor:
     return E.sum(dim=(-2, -1)) if k == 0 else E.amax(dim=(-2, -1))  # amax has no value on an empty matrix
 
 
+class _Rounding(threading.local):
+    """The low-precision dtypes the results of the maps being evaluated will be rounded to (innermost
+    last). Open spaces (GLp, FixedRank, PSD, ...) keep their values above a floor that must survive
+    that rounding (√ε of bf16, not of float32): they read it through :func:`rounding_dtype`.
+
+    One stack per thread: threads that share a space (``nn.DataParallel``'s replicas, a serving
+    pool, a float32 training loop beside a bf16 evaluation) must not see each other's dtypes. A
+    module-level list once gave a float32 ``GLp`` point the bf16 floor (0.084 off) whenever another
+    thread was inside a bf16 call (tests/test_low_precision.py)."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+
+_ROUNDING = _Rounding()
+
+
+# Note [Bases stored in low precision]
+# A bf16/fp16 call computes in float32 from the rounded base, a frame off by the dtype's rounding
+# (fp16: ~1e-3). The tall chart φ(W) B amplifies that error 3–5× far from its centre, so at raw
+# entries of ~10 one fp16 Stiefel point in ~1,300 came back off its space by more than fp16's 1e-2
+# (1% at 100; a probe). Inside such a call (the thread's rounding stack is not empty) the frame
+# chart first refines each base by one Newton–Schulz step (Note [Retractions that multiply]): the
+# base is then orthonormal to float32's rounding; a float32 or float64 call is unchanged.
 # Note [Retractions that multiply]
 # The QR retraction qf(X + V) lands on the space to rounding whatever X's own rounding is. The group
 # retractions X φ(skew(XᴴV)) (SO, Unitary, either triv; their expmap) and the canonical Stiefel step
@@ -351,6 +375,8 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
     squarings for the whole batch, so a frame may be evaluated at a higher degree: the same point
     to rounding.
     """
+    if _ROUNDING.dtypes:  # a bf16/fp16 call: its bases' rounding refined first (Note [Bases stored in low precision])
+        pairs = [(Z, None if base is None else refine_frame(base)) for Z, base in pairs]
     if not callable(triv) and _stackable(pairs):
         return _stacked_tall_charts(pairs, triv, horizontal, packed)
     parts = [_chart_parts(Z, base, triv, horizontal, packed) for Z, base in pairs]

@@ -43,7 +43,7 @@ from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index
 from .._fastpath import make_fx_tracing
 from .._fused import one_node
-from .._linalg import _randn, orthonormality_error, polar
+from .._linalg import _ROUNDING, _randn, orthonormality_error, polar
 
 __all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
 
@@ -137,23 +137,6 @@ _POLICY_METHODS = (
     "expmap",
     "logmap",
 )
-
-
-class _Rounding(threading.local):
-    """The low-precision dtypes the results of the maps being evaluated will be rounded to (innermost
-    last). Open spaces (GLp, FixedRank, PSD, ...) keep their values above a floor that must survive
-    that rounding (√ε of bf16, not of float32): they read it through :func:`rounding_dtype`.
-
-    One stack per thread: threads that share a space (``nn.DataParallel``'s replicas, a serving
-    pool, a float32 training loop beside a bf16 evaluation) must not see each other's dtypes. A
-    module-level list once gave a float32 ``GLp`` point the bf16 floor (0.084 off) whenever another
-    thread was inside a bf16 call (tests/test_low_precision.py)."""
-
-    def __init__(self) -> None:
-        self.dtypes: list[torch.dtype] = []
-
-
-_ROUNDING = _Rounding()
 
 
 def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
