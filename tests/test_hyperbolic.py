@@ -94,6 +94,13 @@ def test_lorentz_space_equals_geoopt(k, generator):
     _close(H.inner(x, U, V), R.inner(x, U, V))
     _close(H.transport(x, y, U), R.transp(x, y, U))
     _close(H.project(G), R.projx(G))
+    # tangent is the Euclidean projection onto T_x, geoopt's proju the Minkowski one (README, migration
+    # guide): both tangent, equal on tangent vectors, different elsewhere
+    mink = lambda a, b: (a[..., 1:] * b[..., 1:]).sum(-1) - a[..., 0] * b[..., 0]  # noqa: E731
+    T, P = H.tangent(x, G), R.proju(x, G)
+    assert float(mink(x, T).abs().max()) < 1e-10 and float(mink(x, P).abs().max()) < 1e-10
+    assert float((T - P).abs().max()) > 1e-2
+    _close(H.tangent(x, U), R.proju(x, U))
 
 
 # ------------------------------------------------------------------------ identities
@@ -435,6 +442,43 @@ def test_learnable_curvature(generator):
     g = grad(f)(c)
     h = 1e-6
     torch.testing.assert_close(g, (f(c + h) - f(c - h)) / (2 * h), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_distances_are_smooth_in_a_small_learnable_curvature(dtype):
+    """``dist`` and ``dist2plane`` were computed through ``1/√c``, whose two terms of ∂d/∂c (each ~ d/c)
+    cancel: the float32 gradient was 0.32 for 0.16 at c = 1e-6, −1023 at 1e-10 (float64 from 1e-16). Now
+    both are smooth in c down to 0: the gradient equals its c → 0 limit (the value at c = 1e-3, to its
+    O(c) change) at every c down to 1e-30, and ``dist`` there is the Euclidean limit 2‖y − x‖."""
+    x = torch.tensor([0.3, 0.1], dtype=dtype)
+    y = torch.tensor([-0.2, 0.5], dtype=dtype)
+    p, a = torch.tensor([0.1, -0.2], dtype=dtype), torch.tensor([0.4, 0.7], dtype=dtype)
+
+    def dd(f, c):
+        return grad(f)(torch.tensor(c, dtype=dtype))
+
+    dist = lambda c: hyp.dist(x, y, c=c)  # noqa: E731
+    plane = lambda c: hyp.dist2plane(x, p, a, c=c)  # noqa: E731
+    ref = {f: float(grad(lambda c: f(c))(torch.tensor(1e-3, dtype=F64).to(dtype))) for f in (dist, plane)}
+    for c in (1e-5, 1e-6, 1e-8, 1e-10, 1e-20, 1e-30):
+        for f in (dist, plane):
+            torch.testing.assert_close(float(dd(f, c)), ref[f], atol=2e-3, rtol=2e-3)
+    c = torch.tensor(1e-30, dtype=dtype)
+    torch.testing.assert_close(hyp.dist(x, y, c=c), 2 * torch.linalg.vector_norm(y - x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_tensor_curvature_not_positive_gives_nan_and_one_not_0d_is_refused():
+    """A tensor ``c`` ≤ 0 gave plausible values (``dist`` 0, a finite Möbius sum) where the number ≤ 0
+    is refused; now NaN (no data is read: it may be traced). A ``c`` of shape (4,) was torch's size
+    error, one of shape (1,) silently taken: both refused by name."""
+    x, y = torch.tensor([0.3, 0.1]), torch.tensor([-0.2, 0.5])
+    for c in (-1.0, -1e-3, 0.0):
+        ct = torch.tensor(c)
+        for out in (hyp.dist(x, y, c=ct), hyp.mobius_add(x, y, c=ct), hyp.expmap0(x, c=ct), hyp.dist2plane(x, y, y, c=ct)):
+            assert bool(torch.isnan(out).all()), (c, out)
+    for bad in (torch.ones(4), torch.ones(1), torch.tensor(1)):
+        with pytest.raises(gf.ManifoldError, match="geofunc.hyperbolic.dist: expected a curvature `c` > 0"):
+            hyp.dist(x, y, c=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
