@@ -748,6 +748,39 @@ def test_stack_for_vmap_ensembles():
         gnn.stack([nets[0], gnn.orthogonal(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))[0])])
 
 
+def test_stack_of_modules_with_their_own_buffers():
+    """The skeleton carries module 0's buffers: with BatchNorm statistics of their own, members 1 and 2
+    ran with module 0's under vmap (0.25 and 1.1 off their outputs, silently). Now stack refuses such
+    modules by the buffer's name, and stack(..., buffers=True) returns the buffers stacked: the vmapped
+    ensemble equals each module (eval mode); equal buffers are accepted as before."""
+    torch.manual_seed(0)
+
+    def make(shift):
+        m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        gnn.orthogonal(m[0], "weight")
+        for _ in range(3):
+            m(torch.randn(16, 4) * 2 + shift)
+        return m.eval()
+
+    nets = [make(s) for s in (0.0, 1.0, -2.0)]
+    with pytest.raises(gf.ManifoldError, match=r"stack: expected module 1's buffer '1.running_mean' equal .*buffers=True"):
+        gnn.stack(nets)
+    constraints, raw, bases, skeleton, buffers = gnn.stack(nets, buffers=True)
+    assert sorted(buffers) == ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    assert buffers["1.running_mean"].shape == (3, 4)
+    x = torch.randn(5, 4)
+
+    def f(raw, bases, buffers, x):
+        return functional_call(skeleton, (to_manifold(constraints, raw, bases), buffers), (x,))
+
+    out = vmap(f, in_dims=(0, 0, 0, None))(raw, bases, buffers, x)
+    torch.testing.assert_close(out, torch.stack([n(x) for n in nets]), atol=1e-6, rtol=0)
+    same = [make(0.0) for _ in range(2)]
+    for m in same[1:]:
+        m.load_state_dict(same[0].state_dict())
+    assert len(gnn.stack(same)) == 4
+
+
 # ----------------------------------------------------------------------------- torch.compile
 
 

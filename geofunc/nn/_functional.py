@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._errors import ManifoldError
+from .._errors import ManifoldError, describe
 from ._adapter import Parametrization, _owner_name
 
 __all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
@@ -142,7 +142,7 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
     return module
 
 
-def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Any], nn.Module]:
+def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
     """Stack K identically constrained modules for ``torch.func.vmap`` ensembles.
 
     ``base_module`` is the stateless skeleton of ``torch.func.functional_call``::
@@ -157,10 +157,21 @@ def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tenso
         raw: the raw parameters of every module stacked along a new leading dimension of size
             K (fresh tensors, detached; leaves with ``requires_grad`` as in the modules).
         bases: the bases of every module, stacked the same way.
-        base_module: an unparametrized copy of ``modules[0]`` (see :func:`plain`).
+        base_module: an unparametrized copy of ``modules[0]`` (see :func:`plain`), with module 0's
+            buffers.
+        buffers (only with ``buffers=True``): the modules' own buffers (BatchNorm's running
+            statistics, ...) stacked the same way, for ``functional_call(base_module, (points,
+            buffers), args)``, as ``torch.func.stack_module_state`` returns them::
+
+                constraints, raw, bases, skeleton, buffers = gf.nn.stack(models, buffers=True)
+                def f(raw, bases, buffers, x):
+                    return functional_call(skeleton, (gf.to_manifold(constraints, raw, bases), buffers), (x,))
+                out = vmap(f, in_dims=(0, 0, 0, None))(raw, bases, buffers, x)
 
     Raises:
         ValueError: the modules differ in constraints, names or shapes.
+        ManifoldError: without ``buffers=True``, the modules' buffers differ (every member would run
+            with module 0's: Note [Buffers of an ensemble]).
     """
     modules = list(modules)
     if not modules:
@@ -183,11 +194,53 @@ def stack(modules: Sequence[nn.Module]) -> tuple[dict[str, Any], dict[str, Tenso
             return None
         return torch.stack([x.detach() for x in xs])
 
+    stacked_buffers = _stack_buffers(modules) if buffers else _same_buffers(modules)
     raw = {}
     for k in r0:
         raw[k] = torch.stack([r[k].detach() for _, r, _ in triples]).requires_grad_(r0[k].requires_grad)
     bases = pytree.tree_map(stacked, b0, *[b for _, _, b in triples[1:]])
+    if buffers:
+        return dict(c0), raw, bases, plain(modules[0]), stacked_buffers
     return dict(c0), raw, bases, plain(modules[0])
+
+
+# Note [Buffers of an ensemble]
+# stack returns the skeleton plain(modules[0]), whose buffers (BatchNorm's running statistics, ...)
+# are module 0's: under vmap every member ran with them, silently (0.25 and 1.1 off module 1's and 2's
+# own outputs in eval mode; a probe). torch.func.stack_module_state returns the buffers stacked. Here
+# stack keeps its four results and refuses modules whose buffers differ, naming the buffer;
+# stack(..., buffers=True) returns them stacked as a fifth, for functional_call(skeleton, (points,
+# buffers), args) under vmap.
+def _buffers(module: nn.Module) -> dict[str, Tensor]:
+    """The module's own buffers (not the bases its parametrizations keep)."""
+    return {k: b for k, b in module.named_buffers() if "parametrizations." not in f".{k}"}
+
+
+def _same_buffers(modules: Sequence[nn.Module]) -> None:
+    b0 = _buffers(modules[0])
+    for i, m in enumerate(modules[1:], 1):
+        b = _buffers(m)
+        if b.keys() != b0.keys():
+            raise ManifoldError(f"stack: expected the buffers of module 0 ({sorted(b0)}) in module {i}, got {sorted(b)}.")
+        for k, v in b.items():
+            if v.shape != b0[k].shape or v.dtype != b0[k].dtype or not torch.equal(v, b0[k]):
+                raise ManifoldError(
+                    f"stack: expected module {i}'s buffer {k!r} equal to module 0's (the skeleton carries module 0's "
+                    f"buffers, so every member would run with them under vmap), got another {describe(v)}: "
+                    f"gf.nn.stack(modules, buffers=True) returns them stacked, for functional_call(skeleton, "
+                    f"(points, buffers), args)."
+                )
+
+
+def _stack_buffers(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
+    """The modules' own buffers stacked along a new leading dimension (Note [Buffers of an ensemble])."""
+    bs = [_buffers(m) for m in modules]
+    for i, b in enumerate(bs[1:], 1):
+        if b.keys() != bs[0].keys() or any(b[k].shape != bs[0][k].shape for k in b):
+            raise ManifoldError(f"stack: expected the buffers of module 0 "
+                                f"({[(k, tuple(v.shape)) for k, v in bs[0].items()]}) in module {i}, got "
+                                f"{[(k, tuple(v.shape)) for k, v in b.items()]}.")
+    return {k: torch.stack([b[k].detach() for b in bs]) for k in bs[0]}
 
 
 # Note [Averaging constrained modules]
