@@ -130,6 +130,11 @@ def _needs_perturb(case: SpaceCase) -> Optional[str]:
                                                   "tolerance): needs case.perturb")
 
 
+def _needs_retract_perturb(case: SpaceCase) -> Optional[str]:
+    return None if case.perturb is not None else ("did not run (that retract does not carry its base point's "
+                                                  "error): needs case.perturb")
+
+
 def _needs_moments(case: SpaceCase) -> Optional[str]:
     return None if case.moments is not None else ("did not run (that sample follows its documented "
                                                   "distribution): needs case.moments")
@@ -163,7 +168,7 @@ PROPERTIES: tuple[Property, ...] = (
     Property("retract", check_retract),
     Property("retract_small_steps", check_retract_small_steps, float64_only=True),
     Property("retract_refines", check_retract_refines, float64_only=True, applies=lambda case: case.perturb is not None,
-             requires="case.perturb", missing=_needs_perturb),
+             requires="case.perturb", missing=_with("membership", _needs_retract_perturb)),
     Property("project", check_project),
     Property("project_normal", check_project_normal, float64_only=True),
     Property("project_nearest", check_project_nearest, float64_only=True),
