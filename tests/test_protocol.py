@@ -250,6 +250,8 @@ def test_a_vector_of_another_dtype_is_a_manifold_error(case) -> None:
         assert repr(M) in msg and "dtype" in msg and "tensor(" not in msg, (what, msg)
     Xb = X.to(torch.bfloat16)
     assert M.retract(Xb, M.tangent(Xb, G.float())).dtype == torch.bfloat16
+    with pytest.raises(gf.ManifoldError, match=r"of the dtype of `X` \(torch.bfloat16, computed in torch.float32"):
+        M.tangent(Xb, G)  # (it named float32 alone: the upcast point's dtype, not the one given)
 
 
 def test_a_complex_vector_at_a_real_point_is_a_manifold_error() -> None:

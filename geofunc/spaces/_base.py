@@ -500,7 +500,9 @@ class AbstractSpace(_Space, abc.ABC):
         arguments are compared after the float32 upcast of a low-precision leading argument (Note
         [Low precision]): a bfloat16 ``Z`` takes a float32 ``base``, a float32 ``Z`` no bfloat16 one."""
         if base.dtype != Z.dtype:
-            raise error(self, f"`{what}` of the dtype of `{what_z}` ({Z.dtype})", describe(base))
+            stored = _ROUNDING.dtypes[-1] if _ROUNDING.dtypes else None  # a bf16/fp16 call, computed in float32
+            has = f"{Z.dtype}" if stored is None else f"{stored}, computed in {Z.dtype}: {Z.dtype} or {stored}"
+            raise error(self, f"`{what}` of the dtype of `{what_z}` ({has})", describe(base))
         if base.device != Z.device:  # torch's own error names neither the space nor the argument
             raise error(self, f"`{what}` on the device of `{what_z}` ({Z.device})", f"{describe(base)} on {base.device}")
 
