@@ -271,6 +271,8 @@ _ROUNDING = _Rounding()
 # (1% at 100; a probe). Inside such a call (the thread's rounding stack is not empty) the frame
 # chart first refines each base by one Newton–Schulz step (Note [Retractions that multiply]): the
 # base is then orthonormal to float32's rounding; a float32 or float64 call is unchanged.
+
+
 # Note [Retractions that multiply]
 # The QR retraction qf(X + V) lands on the space to rounding whatever X's own rounding is. The group
 # retractions X φ(skew(XᴴV)) (SO, Unitary, either triv; their expmap) and the canonical Stiefel step
@@ -329,7 +331,7 @@ def chol_qr(Y: Tensor) -> Tensor:
 # So Y is divided by its largest |entry| first (detached: Q(Y/c) = Q(Y) for a constant c, so the
 # derivatives are Q's). That largest entry is also the NaN policy's test (NaN, or inf, where Y has a
 # NaN or an inf: it replaces poison's sum), and the quotient is sanitized (a bad or all-zero Y gives
-# zeros to LAPACK, and NaN at the end). Two small ops more than unscaled (benchmarks/REFACTOR-qr-scale.md).
+# zeros to LAPACK, and NaN at the end). Two small ops more than unscaled (benchmarks/REFACTOR-session-2026-12-05c.md).
 # Note [Numerically rank-deficient QR]
 # CholeskyQR2 is exact to rounding while the first pass's Gram matrix YᵀY (condition number cond(Y)²)
 # is numerically positive definite. Past that (a retraction step X + V of rank < k, or one whose
@@ -525,7 +527,6 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
                 C.shape == B.shape and C.dtype == B.dtype and torch.equal(C, B) for C, B in zip(copies, bases)):
             return Y, basis
         _BASIS_ENTRIES.pop(key, None)
-    k = Z0.shape[-1]
     with torch.no_grad():
         copies = [B.detach().clone() for B in bases]
         Y = stack_matrices([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-import warnings
 
 import pytest
 import torch

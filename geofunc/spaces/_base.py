@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import math
 import operator
-import threading
 from typing import Any, Callable, ClassVar, Sequence
 
 import optree
