@@ -114,9 +114,13 @@ def _local_route(dts: list, args: tuple, kwargs: dict, point_ndim: int) -> bool:
         return False  # Partial: a sum still to be reduced
     if any(d < 0 or d >= lead.ndim - point_ndim for d in sharded):
         return False
-    # Plain tensors must broadcast along the sharded dims (aligned from the right).
+    # Plain tensors must broadcast along the sharded dims (aligned from the right), and add no
+    # leading dims: those would move the sharded dim of the result (a G of (2, 1, n, k) with X of
+    # (4, n, k) sharded on dim 0 gave a (4, 2, n, k) DTensor labelled Shard(0), its values mixed up)
     for a in optree.tree_leaves((args, kwargs), none_is_leaf=False):
         if isinstance(a, Tensor) and not isinstance(a, DTensor):
+            if a.ndim > lead.ndim:
+                return False
             for d in sharded:
                 j = d - (lead.ndim - a.ndim)
                 if j >= 0 and a.shape[j] != 1:

@@ -270,6 +270,12 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
                               for a, b in zip(dgrads, pgrads) if b is not None),
             "collectives": comm.get_total_counts(),
         }
+    # a plain vector with one more batch dim than the point (it broadcasts): the local route labelled the
+    # result's first dim as the sharded one, a (4, 2, ...) DTensor of mixed-up values for a (2, 4, ...) one
+    nb = len(shape) - M.point_ndim
+    G2 = torch.randn((2,) + (1,) * nb + tuple(shape[nb:]), generator=g)
+    Yb = M.tangent(d(X), G2)
+    out["broadcast"] = (tuple(Yb.shape), float((Yb.full_tensor() - M.tangent(X, G2)).abs().max()))
     with CommDebugMode() as comm:
         inside = M.contains(d(X))
     out["contains"] = bool(inside.full_tensor().all())
@@ -548,6 +554,8 @@ def test_pure_maps_on_dtensors(results, case):
         out = r["pure"][case]
         assert out.pop("contains") and out.pop("off point refused")
         assert out.pop("no QR factor", [True, True]) == [True, True]
+        bshape, berr = out.pop("broadcast")
+        assert bshape == (2, *shape) and berr <= 1e-6, (bshape, berr)
         measures = out.pop("measures")
         contains_collectives = out.pop("contains collectives")
         for name, o in out.items():
