@@ -21,8 +21,26 @@ spaces (or ``None`` for "unconstrained"), where mappings may list only some keys
   A product of *separately named* parameters needs no ``Product``: constrain each name
   (a tuple of names is not a key; see :data:`TUPLE_KEY_MSG`).
 
-A name that matches no parameter, or a space that cannot take the parameter's shape,
-raises :class:`~geofunc.ManifoldError` naming the parameter.
+The forms combine: ``{"layers": {"0": gf.SO()}, "layers.1": gf.SO()}`` is
+``{"layers.0": gf.SO(), "layers.1": gf.SO()}`` (a dotted name is merged into the mapping,
+or the structural prefix, given for the subtree it reaches into). Each parameter takes one
+constraint: two keys that reach the same parameter (``0`` and ``"0"``, ``"a.b"`` and
+``{"a": {"b": ...}}``, a space for a whole subtree and a name below it) are a
+:class:`~geofunc.ManifoldError` naming the parameter and both keys. A name that matches no
+parameter, or a space that cannot take the parameter's shape, raises ``ManifoldError``
+naming the parameter.
+
+**Names.** A constrained entry is named by its path joined by ``"."``. Where results are
+keyed by these names (``bases``, ``gf.contains``), two constrained entries whose paths
+join to the same name (``{"a": {"b.c": X}, "a.b": {"c": Y}}``, or the keys ``0`` and
+``"0"`` of one dict) would share one key: ``from_manifold``, ``to_manifold``, ``rebase``
+and ``contains`` raise a ``ManifoldError`` naming both paths instead (rename a key).
+
+**Unconstrained entries.** ``tangent``, ``egrad_to_rgrad`` and ``transport`` are the
+identity there and return the vector as given (``None`` included). ``retract`` computes
+``X + V`` and, as on constrained entries, needs a tensor ``V`` of the shape of ``X``:
+``None`` or another shape is a ``ManifoldError`` naming the parameter (a missing step is
+not skipped silently; ``gf.optim`` turns a ``None`` gradient into its own message).
 
 **Bases.** ``bases`` is a flat ``dict`` from the *name* of a constrained entry (its path,
 joined by ``"."``: the ``named_parameters()`` name for a flat dict) to its base, holding
@@ -42,7 +60,7 @@ from typing import Any, Callable
 import optree
 import torch
 
-from ._errors import ManifoldError
+from ._errors import ManifoldError, describe
 from ._fused import one_node
 from .spaces import Product
 from .spaces._base import AbstractSpace, is_space
@@ -76,10 +94,11 @@ _FREE = _Free()
 class _Entry:
     """Marks a constrained subtree in a plan: its name and its space."""
 
-    __slots__ = ("name", "space")
+    __slots__ = ("name", "path", "space")
 
-    def __init__(self, name: str, space: AbstractSpace) -> None:
-        self.name = name
+    def __init__(self, path: tuple[Any, ...], space: AbstractSpace) -> None:
+        self.name = _join(path)
+        self.path = path
         self.space = space
 
     def __repr__(self) -> str:
@@ -119,7 +138,7 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
     node = _children(p)
     if is_space(c):
         if node is None or type(c) is Product:
-            return _Entry(_join(path), c)
+            return _Entry(path, c)
         # a tensor space at an inner node: every tensor below is its own constrained entry
         entries, kids, rebuild = node
         return rebuild([_plan(c, kid, path + (e,)) for e, kid in zip(entries, kids)])
@@ -138,7 +157,8 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
             if i is not None:
                 spec = sub.setdefault(i, {})
                 if None in spec:  # two keys naming one entry (0 and "0"): neither may silently win
-                    raise ManifoldError(f"constraints: parameter {_join(path + (entries[i],))!r} is constrained twice.")
+                    other = next(k for k in c if k is not key and _match(k, entries) == i)
+                    raise _twice(path + (entries[i],), other, key, path)
                 spec[None] = value
                 continue
             hit = None
@@ -158,9 +178,10 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
             if spec is None:
                 out.append(_FREE)
             elif None in spec:
-                if len(spec) > 1:
-                    raise ManifoldError(f"constraints: parameter {_join(path + (e,))!r} is constrained twice.")
-                out.append(_plan(spec[None], kid, path + (e,)))
+                if len(spec) > 1:  # the subtree's own constraint and dotted names reaching into it
+                    out.append(_plan(_merge(spec, kid, path + (e,)), kid, path + (e,)))
+                else:
+                    out.append(_plan(spec[None], kid, path + (e,)))
             else:
                 out.append(_plan(spec, kid, path + (e,)))
         return rebuild(out)
@@ -181,6 +202,60 @@ def _match(key: Any, entries: list[Any]) -> int | None:
     return None
 
 
+def _twice(param: tuple[Any, ...], a: Any, b: Any, where: tuple[Any, ...]) -> ManifoldError:
+    """Two keys ``a`` and ``b`` of the constraints for ``where`` reach the parameter ``param``."""
+    at = f" of the constraints for {_join(where)!r}" if where else ""
+    return ManifoldError(
+        f"constraints: parameter {_join(param)!r} is constrained twice: the keys {a!r} and {b!r}{at} both reach it; "
+        "give each parameter one constraint."
+    )
+
+
+def _merge(spec: dict[Any, Any], p: Any, path: tuple[Any, ...]) -> Any:
+    """One mapping for the subtree ``p`` at ``path``, given both its own constraint (``spec[None]``:
+    a mapping or a structural prefix) and dotted names reaching into it (the other keys of
+    ``spec``). Only for that (rare) form of constraints. A space or ``None`` for the whole
+    subtree plus a name below it is a real double constraint."""
+    head = spec[None]
+    rest = {k: v for k, v in spec.items() if k is not None}
+    if isinstance(head, Mapping):
+        merged = dict(head)
+    else:
+        node = _children(p)
+        cnode = None if head is None or is_space(head) else _children(head)
+        if cnode is None or node is None or type(head) is not type(p) or len(cnode[1]) != len(node[1]):
+            _plan(rest, p, path)  # a name below that reaches no parameter: say that first
+            if head is not None and not is_space(head):
+                return head  # a malformed prefix: _plan(head) words the error
+            name = next(iter(rest))
+            raise ManifoldError(
+                f"constraints: parameter {_join(path + (name,))!r} is constrained twice: {_join(path)!r} gives "
+                f"{head!r} for every tensor below it and {_join(path + (name,))!r} names it; give each parameter "
+                "one constraint (a mapping for the subtree, or a name for each of its entries)."
+            )
+        # a structural prefix: its entries by key, None there meaning "not constrained"
+        merged = {e: ci for e, ci in zip(node[0], cnode[1]) if ci is not None}
+    return _combine(merged, rest, path)
+
+
+def _combine(head: dict[Any, Any], rest: Mapping[Any, Any], path: tuple[Any, ...]) -> dict[Any, Any]:
+    """``head`` (a mapping for the subtree at ``path``) with the dotted names ``rest`` reaching into
+    it; a key in both must map to two mappings, combined the same way. Keys that differ but
+    name one entry (0 and "0", "b" and "b.c") meet again one level down, in ``_plan``."""
+    merged = dict(head)
+    for k, v in rest.items():
+        if k in merged:
+            if not (isinstance(merged[k], Mapping) and isinstance(v, Mapping)):
+                raise ManifoldError(
+                    f"constraints: parameter {_join(path + (k,))!r} is constrained twice: the key {k!r} in the "
+                    f"constraints for {_join(path)!r} and the name {_join(path + (k,))!r} both reach it; give "
+                    "each parameter one constraint."
+                )
+            v = _combine(merged[k], v, path + (k,))
+        merged[k] = v
+    return merged
+
+
 def _flatten(constraints: Constraints, tree: PyTree, what: str) -> tuple[list[Any], Any, list[Any]]:
     """Plan leaves, the plan's spec, and the subtrees of ``tree`` at the plan's leaves."""
     plan = _plan(constraints, tree, ())
@@ -198,6 +273,59 @@ def _up_to(spec: Any, tree: PyTree, what: str, like: str) -> list[Any]:
         raise ManifoldError(
             f"`{what}` must have the structure of `{like}`: expected a tree with the prefix {spec}, got {got}."
         ) from None
+
+
+class _FreeError(Exception):
+    """A bad vector on an unconstrained entry (raised by ``free`` of ``_map``, which adds the name).
+    ``sub``: the path below the entry (inside an unconstrained subtree)."""
+
+    def __init__(self, expected: str, got: str, sub: tuple[Any, ...] = ()) -> None:
+        super().__init__(expected, got, sub)
+        self.expected, self.got, self.sub = expected, got, sub
+
+    def named(self, path: tuple[Any, ...]) -> ManifoldError:
+        return ManifoldError(
+            f"parameter {_join(path + self.sub)!r} (unconstrained: X + V): expected {self.expected}, got {self.got}."
+        )
+
+
+def _collision(a: _Entry, b: _Entry) -> ManifoldError:
+    return ManifoldError(
+        f"constraints: the constrained entries at the paths {a.path!r} and {b.path!r} are both named {a.name!r} "
+        "(a path joined by '.'), the key of `bases` and of gf.contains: one would overwrite the other. "
+        "Rename a key so that the joined names differ."
+    )
+
+
+def _add(X: Any, V: Any) -> Any:
+    """``X + V`` on an unconstrained entry (``gf.retract``): ``V`` a tensor of the shape of ``X``."""
+    if isinstance(X, torch.Tensor):
+        if isinstance(V, torch.Tensor) and V.shape == X.shape:
+            return X + V
+        if torch.compiler.is_compiling():
+            return X + V
+        if not isinstance(V, torch.Tensor):
+            raise _FreeError("`V` to be a tensor", describe(V))
+        raise _FreeError(f"`V` with the shape of `X` {tuple(X.shape)}", f"shape {tuple(V.shape)}")
+    if X is not None and _children(X) is None:  # a non-tensor leaf (a Python number): as torch.add takes it
+        try:
+            return torch.add(X, V)
+        except (TypeError, RuntimeError):
+            raise _FreeError(f"`V` that adds to `X` ({describe(X)})", describe(V)) from None
+    # an unconstrained subtree
+    paths, xs, xspec = optree.tree_flatten_with_path(X, none_is_leaf=False)
+    try:
+        vs = xspec.flatten_up_to(V)
+    except ValueError:
+        got = optree.tree_structure(V, none_is_leaf=True)
+        raise _FreeError(f"`V` with the structure of `X` {xspec}", str(got)) from None
+    out = []
+    for path, x, v in zip(paths, xs, vs):
+        try:
+            out.append(_add(x, v))
+        except _FreeError as err:
+            raise _FreeError(err.expected, err.got, path + err.sub) from None
+    return xspec.unflatten(out)
 
 
 def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -228,20 +356,30 @@ def _map(
     names: tuple[str, ...] = ("params",),
     check: str | None = None,
     free: Callable[..., Any] = lambda X, *rest: X,
+    keyed: dict[str, _Entry] | None = None,
 ) -> PyTree:
     """The one lift: ``fn(entry, *subtrees)`` at every constrained entry, ``free(*subtrees)`` elsewhere.
 
     ``rests`` have the structure of ``tree`` (``names`` name ``tree`` and each of them in error
     messages); ``check`` names the first subtree in the eager shape check of its space (``None``:
-    no check). A ``ManifoldError`` of ``fn`` is prefixed with the parameter's name.
+    no check). A ``ManifoldError`` of ``fn`` is prefixed with the parameter's name, a
+    ``_FreeError`` of ``free`` becomes one naming the parameter. ``keyed``: the caller keys
+    results by entry name; it is filled with ``{name: entry}`` and two entries of one name raise
+    (one dict operation per constrained entry).
     """
     leaves, spec, subs = _flatten(constraints, tree, names[0])
     cols = [subs] + [_up_to(spec, r, n, names[0]) for r, n in zip(rests, names[1:])]
     out = []
     for e, *args in zip(leaves, *cols):
         if isinstance(e, _Free):
-            out.append(free(*args))
+            try:
+                out.append(free(*args))
+            except _FreeError as err:  # name the parameter only now: free entries carry no name
+                raise err.named(spec.paths()[len(out)]) from None
             continue
+        if keyed is not None:
+            if keyed.setdefault(e.name, e) is not e:
+                raise _collision(keyed[e.name], e)
         if check is not None and not torch.compiler.is_compiling():
             # also for a non-tensor entry (None, a tuple under a non-Product space, ...): the
             # space's check names what it expected instead of a later IndexError/AttributeError.
@@ -283,7 +421,7 @@ def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bas
             bases[e.name] = base
         return Z
 
-    return _map(constraints, inverse, params, check="X"), bases
+    return _map(constraints, inverse, params, check="X", keyed={}), bases
 
 
 def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Callable[..., Any]) -> PyTree:
@@ -295,13 +433,12 @@ def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Cal
         raise ManifoldError(
             f"`bases` must be the dict returned by gf.from_manifold / gf.rebase (or None), got {type(bases).__name__}."
         )
-    names: set[str] = set()
+    names: dict[str, _Entry] = {}
 
     def call(e: _Entry, Z: Any) -> Any:
-        names.add(e.name)
         return fn(e, Z, bases.get(e.name))
 
-    out = _map(constraints, call, raw, names=("raw",), check="Z")
+    out = _map(constraints, call, raw, names=("raw",), check="Z", keyed=names)
     unknown = [] if torch.compiler.is_compiling() else [key for key in bases if key not in names]
     if unknown:
         raise ManifoldError(f"`bases` has an entry {unknown[0]!r} that no constraint names (constrained: {sorted(names)}).")
@@ -373,9 +510,13 @@ def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vect
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
-    """Move ``params`` along ``vectors``: ``space.retract`` on constrained entries, ``X + V`` elsewhere."""
+    """Move ``params`` along ``vectors``: ``space.retract`` on constrained entries, ``X + V`` elsewhere.
+
+    Every entry needs a vector of its shape: ``None`` (a missing gradient) or another shape is a
+    ``ManifoldError`` naming the parameter, on unconstrained entries as on constrained ones.
+    """
     return _map(constraints, lambda e, X, V: e.space.retract(X, V), params, vectors, names=("params", "vectors"),
-                free=lambda X, V: optree.tree_map(torch.add, X, V, none_is_leaf=False))
+                free=_add)
 
 
 def contains(constraints: Constraints, params: PyTree, atol: float | None = None) -> dict[str, torch.Tensor]:
@@ -389,7 +530,7 @@ def contains(constraints: Constraints, params: PyTree, atol: float | None = None
     def member(e: _Entry, X: Any) -> None:
         out[e.name] = e.space.contains(X, atol)
 
-    _map(constraints, member, params, check="X")
+    _map(constraints, member, params, check="X", keyed={})
     return out
 
 

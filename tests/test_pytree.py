@@ -240,3 +240,112 @@ def test_from_manifold_on_meta_tensors_checks_shapes_only():
     assert raw["w"].is_meta and raw["w"].shape == (5, 3)
     with pytest.raises(gf.ManifoldError, match="parameter 'w'"):
         gf.from_manifold({"w": gf.SO()}, params)
+
+
+@pytest.mark.parametrize(
+    "params, one",
+    [
+        ({"a": {"b.c": torch.zeros(3, 3, dtype=F64)}, "a.b": {"c": torch.zeros(3, 3, dtype=F64)}}, "a"),  # dotted keys
+        ({0: torch.zeros(3, 3, dtype=F64), "0": torch.zeros(3, 3, dtype=F64)}, 0),  # an int and a str key
+        ({"x": {"y.z": torch.zeros(3, 3, dtype=F64), "y": {"z": torch.zeros(3, 3, dtype=F64)}}}, "x.y.z"),  # nested
+    ],
+    ids=["dotted", "int-str", "nested"],
+)
+def test_entries_whose_names_collide_are_a_manifold_error(params, one, generator):
+    """Two constrained entries whose paths join to one name shared one key of `bases` (the second
+    base overwrote the first: a wrong point, silently) and of gf.contains (an entry dropped)."""
+    c = gf.SO()  # at the root: every tensor its own entry
+    points = gf.sample(c, params, generator=generator)  # keys nothing by name: fine
+    raw = {k: v for k, v in points.items()}
+    for fn in (lambda: gf.from_manifold(c, points), lambda: gf.contains(c, points),
+               lambda: gf.to_manifold(c, raw), lambda: gf.rebase(c, raw)):
+        with pytest.raises(gf.ManifoldError, match=r"are both named .*Rename a key") as info:
+            fn()
+        assert "paths" in str(info.value)
+    # one of the two unconstrained: no collision, and the round trip holds
+    c2 = {one: gf.SO()}
+    assert len(gf.contains(c2, points)) == 1
+    raw, bases = gf.from_manifold(c2, points)
+    _close(gf.to_manifold(c2, raw, bases), points, tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "constraints",
+    [
+        {"layers": {"0": gf.SO()}, "layers.1": gf.Sym()},
+        {"layers.1": gf.Sym(), "layers": {0: gf.SO()}},  # either order, an int key
+        {"layers": [gf.SO(), None], "layers.1": gf.Sym()},  # a structural prefix and a name
+        {"net": {"layers": {"0": gf.SO()}}, "net.layers.1": gf.Sym(), "layers": {"0": gf.SO()}, "layers.1": gf.Sym()},
+        {"net": {"layers": {"0": gf.SO()}}, "net.layers": {"1": gf.Sym()}, "layers": {"0": gf.SO(), "1": gf.Sym()}},
+    ],
+    ids=["mapping", "int-key", "prefix", "deep", "two-mappings"],
+)
+def test_a_subtree_mapping_and_dotted_names_into_it_merge(constraints, generator):
+    """`{"layers": {"0": SO}, "layers.1": SO}` said 'layers' was constrained twice; it is
+    `{"layers.0": SO, "layers.1": SO}`."""
+    tree = {"layers": [torch.zeros(3, 3, dtype=F64), torch.zeros(3, 3, dtype=F64)], "b": torch.zeros(2, dtype=F64)}
+    if "net" in constraints:
+        tree["net"] = {"layers": [torch.zeros(3, 3, dtype=F64), torch.zeros(3, 3, dtype=F64)]}
+    flat = {"layers.0": gf.SO(), "layers.1": gf.Sym()}
+    if "net" in constraints:
+        flat.update({"net.layers.0": gf.SO(), "net.layers.1": gf.Sym()})
+    a = gf.sample(constraints, tree, generator=torch.Generator().manual_seed(2))
+    b = gf.sample(flat, tree, generator=torch.Generator().manual_seed(2))
+    _close(a, b, tol=0)
+    assert set(gf.contains(constraints, a)) == set(flat)
+    raw, bases = gf.from_manifold(constraints, a)
+    _close(gf.to_manifold(flat, raw, bases), a)
+
+
+@pytest.mark.parametrize(
+    "constraints, message",
+    [
+        ({"layers": {"0": gf.SO()}, "layers.0": gf.Sym()},
+         r"'layers\.0' is constrained twice: the key '0' in the constraints for 'layers' and the name 'layers\.0'"),
+        ({"layers": {0: gf.SO()}, "layers.0": gf.Sym()}, r"'layers\.0' is constrained twice: the keys 0 and '0'"),
+        ({"layers": [gf.SO(), None], "layers.0": gf.Sym()}, r"'layers\.0' is constrained twice"),
+        ({"layers": gf.SO(), "layers.1": gf.Sym()},
+         r"'layers\.1' is constrained twice: 'layers' gives SO\(.*\) for every tensor"),
+        ({"layers": None, "layers.1": gf.Sym()}, r"'layers\.1' is constrained twice: 'layers' gives None"),
+        ({"a": {"b": {"c": gf.SO()}}, "a.b": {"c": gf.Sym()}}, r"'a\.b\.c' is constrained twice"),
+        ({"layers": gf.SO(), "layers.7": gf.Sym()}, r"no parameter named 'layers\.7'"),
+    ],
+    ids=["same-key", "int-str", "prefix", "space-and-name", "none-and-name", "two-mappings", "no-such"],
+)
+def test_a_real_double_constraint_names_the_parameter_and_both_keys(constraints, message):
+    tree = {"layers": [torch.zeros(3, 3, dtype=F64), torch.zeros(3, 3, dtype=F64)],
+            "a": {"b": {"c": torch.zeros(3, 3, dtype=F64)}}}
+    with pytest.raises(gf.ManifoldError, match=message):
+        gf.sample(constraints, tree)
+
+
+def test_retract_on_unconstrained_entries_names_the_parameter(generator):
+    """A None vector was a bare TypeError and a wrong shape a bare RuntimeError (or, broadcasting, a
+    parameter of another shape); constrained entries already raised a ManifoldError naming the
+    parameter. tangent / egrad_to_rgrad / transport are the identity there: None passes through."""
+    c = {"w": gf.SO()}
+    p = gf.sample(c, {"w": torch.empty(3, 3, dtype=F64), "b": torch.zeros(2, dtype=F64),
+                      "sub": {"u": [torch.zeros(4, dtype=F64), None]}}, generator=generator)
+    V = {"w": torch.zeros(3, 3, dtype=F64), "b": torch.ones(2, dtype=F64),
+         "sub": {"u": [torch.ones(4, dtype=F64), None]}}
+    out = gf.retract(c, p, V)
+    torch.testing.assert_close(out["b"], p["b"] + 1)
+    torch.testing.assert_close(out["sub"]["u"][0], p["sub"]["u"][0] + 1)
+    assert out["sub"]["u"][1] is None
+    for fn in (gf.tangent, gf.egrad_to_rgrad):
+        assert fn(c, p, {**V, "b": None})["b"] is None
+    assert gf.transport(c, p, p, {**V, "b": None})["b"] is None
+    cases = [
+        ({**V, "b": None}, r"parameter 'b' \(unconstrained: X \+ V\): expected `V` to be a tensor, got None"),
+        ({**V, "b": torch.zeros(3, dtype=F64)},
+         r"parameter 'b' .*expected `V` with the shape of `X` \(2,\), got shape \(3,\)"),
+        ({**V, "b": torch.zeros(5, 2, dtype=F64)}, r"parameter 'b' .*\(2,\), got shape \(5, 2\)"),  # broadcasts
+        ({**V, "b": torch.zeros(1, dtype=F64)}, r"parameter 'b' .*\(2,\), got shape \(1,\)"),  # broadcasts
+        ({**V, "sub": {"u": [torch.zeros(5, dtype=F64), None]}}, r"parameter 'sub\.u\.0' .*\(4,\), got shape \(5,\)"),
+        ({**V, "sub": {"u": [None, None]}}, r"parameter 'sub\.u\.0' .*to be a tensor, got None"),
+        ({**V, "sub": {"v": None}}, r"parameter 'sub' .*structure"),
+        ({**V, "w": None}, r"parameter 'w': SO\(triv='expm'\): expected `V` to be a tensor, got None"),
+    ]
+    for vec, message in cases:
+        with pytest.raises(gf.ManifoldError, match=message):
+            gf.retract(c, p, vec)
