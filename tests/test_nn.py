@@ -967,3 +967,152 @@ def test_registration_sampling_and_assignment_inside_autocast(case):
     space = M.space
     assert m.weight.dtype == torch.float32 and member(space, m.weight)
     assert member(space, S if isinstance(S, torch.Tensor) else S[0])
+
+
+# ----------------------------------------------------------------------------- contiguous bases
+# Note [Contiguous bases] (geofunc/nn/_adapter.py): a base buffer is contiguous wherever one is made
+# or replaced, since torch's broadcast_from_rank0 loading ships a tensor's storage in memory order
+# (tests/test_fsdp_nn.py launches it on 2 processes).
+
+_BASE_KEY = r"(^|\.)parametrizations\.[^.]+\.0\.base\d*$"
+
+
+def _bases(m: nn.Module) -> dict[str, torch.Tensor]:
+    import re
+
+    return {k: b for k, b in m.named_buffers() if re.search(_BASE_KEY, k)}
+
+
+def _assert_contiguous_bases(m: nn.Module, after: str) -> None:
+    bases = _bases(m)
+    bad = {k: (tuple(b.shape), b.stride()) for k, b in bases.items() if not b.is_contiguous()}
+    assert not bad, f"after {after}: base buffers not contiguous: {bad}"
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The values of ``t`` in a non-contiguous tensor (a base buffer of an earlier geofunc)."""
+    out = t.new_empty(*t.shape, 2)[..., 0]
+    out.copy_(t)
+    assert out.numel() <= 1 or not out.is_contiguous()
+    return out
+
+
+def _contiguity_cases():
+    return _EXPORT_CASES + [("orthogonal", {}, lambda: nn.Conv2d(2, 3, (4, 2)), gf.Stiefel),
+                            ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Conv2d(4, 6, 3), gf.LowRank)]
+
+
+@pytest.mark.parametrize("case", _contiguity_cases(), ids=lambda c: f"{c[0]}-{c[1]}-{c[2]().__class__.__name__}")
+def test_every_base_buffer_is_contiguous_after_every_operation(case):
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    frames = name in ("orthogonal", "grassmannian", "low_rank", "fixed_rank", "positive_definite")
+    assert _bases(m) or name in ("skew", "symmetric", "sphere") and kwargs.get("embedded", name != "sphere")
+    if frames:  # the ones whose base came out of from_manifold as a transposed view
+        assert any(b.ndim >= 2 and b.shape[-1] > 1 for b in _bases(m).values())
+    _assert_contiguous_bases(m, "registration")
+    _assert_contiguous_bases(getattr(gnn, name)(make().double(), **kwargs), "registration on a float64 module")
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(0.1)
+    gnn.update_base(m)
+    _assert_contiguous_bases(m, "update_base")
+    m.weight = m.weight.detach().clone()
+    _assert_contiguous_bases(m, "an assignment")
+    m.double()
+    _assert_contiguous_bases(m, ".double()")
+    m.float()
+    _assert_contiguous_bases(m, ".float()")
+    m.to(memory_format=torch.channels_last)  # makes 4-d tensors (a Conv2d's bases) non-contiguous
+    _assert_contiguous_bases(m, ".to(memory_format=torch.channels_last)")
+    # a checkpoint of an earlier geofunc, whose bases were not contiguous
+    old = {k: _strided(v) if k in _bases(m) else v.clone() for k, v in m.state_dict().items()}
+    for assign in (False, True):
+        m2 = getattr(gnn, name)(make(), **kwargs)
+        m2.load_state_dict(old, assign=assign)
+        _assert_contiguous_bases(m2, f"load_state_dict(assign={assign})")
+        assert all(torch.equal(b, old[k]) for k, b in _bases(m2).items())
+        assert torch.equal(m2.weight, m.weight)
+    # deepcopy and unpickling, of a module pickled by an earlier geofunc
+    for k, b in _bases(m).items():
+        owner, _, leaf = k.rpartition(".")
+        m.get_submodule(owner)._buffers[leaf] = _strided(b)
+    W = m.weight.detach().clone()
+    _assert_contiguous_bases(copy.deepcopy(m), "copy.deepcopy")
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    _assert_contiguous_bases(loaded, "torch.load of a whole module")
+    assert torch.equal(loaded.weight, W)
+
+
+def test_bases_of_a_class_registered_directly_on_a_float64_weight_are_contiguous():
+    torch.manual_seed(0)
+    for M in (gnn.Stiefel((5, 3)), gnn.PSD((4, 4)), gnn.LowRank((5, 4), 2)):  # float32 buffers, re-made in float64
+        lin = nn.Linear(M.size[1], M.size[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(M.sample().double())
+        P.register_parametrization(lin, "weight", M)
+        _assert_contiguous_bases(lin, f"register_parametrization of {type(M).__name__} on a float64 weight")
+        assert all(b.dtype == torch.float64 for b in _bases(lin).values())
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("case", CASES + _EXPORT_CASES[len(CASES):], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_bases_converted_from_a_geotorch_checkpoint_are_contiguous(case, assign):
+    geotorch = pytest.importorskip("geotorch")
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    mg = getattr(geotorch, name)(make(), **kwargs)
+    m = getattr(gnn, name)(make(), **kwargs)
+    m.load_state_dict({k: v.detach().clone() for k, v in mg.state_dict().items()}, assign=assign)
+    _assert_contiguous_bases(m, f"loading a GeoTorch checkpoint (assign={assign})")
+    with torch.no_grad():
+        torch.testing.assert_close(m.weight, mg.weight, atol=2e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- load_functional: all or nothing
+
+
+def _refusals(m, raw, bases):
+    """(what, raw, bases, a regex of the message) that load_functional must refuse; each holds a valid
+    new raw tensor for every name first, so that a writer going in order would have written some."""
+    new = {k: v.detach() + 0.01 for k, v in raw.items()}
+    out = [
+        ("an unknown name", {**new, "nope.weight": torch.zeros(2)}, bases, r"nope\.weight"),
+        ("a wrong shape", {**new, "bias": torch.zeros(m.bias.numel() + 1)}, bases, r"bias.*shape"),
+        ("a complex value", {**new, "bias": torch.zeros_like(m.bias, dtype=torch.complex64)}, bases, r"real .*for bias"),
+        ("a base of an unknown tensor", new, {**bases, "bias": torch.zeros(3)}, r"'bias'"),
+    ]
+    if "weight" in bases:
+        bad = torch.utils._pytree.tree_map(lambda b: None if b is None else 1.5 * b + 0.1, bases["weight"])
+        out.append(("a base off its space", new, {**bases, "weight": bad}, r"weight.*base"))
+        wrong = torch.utils._pytree.tree_map(lambda b: None if b is None else b[..., :1], bases["weight"])
+        out.append(("a base of another shape", new, {**bases, "weight": wrong}, r"weight.*shape"))
+    return out
+
+
+@pytest.mark.parametrize("case", _EXPORT_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_load_functional_refuses_without_writing_anything(case):
+    """A refusal of load_functional (a ManifoldError naming the tensor) leaves the module as it was:
+    nothing is written before everything is checked (Note [Loading functional results])."""
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    with torch.no_grad():
+        m.parametrizations.weight.original.add_(0.05)
+    C, raw, bases = gnn.functional(m)
+    bases = {k: torch.utils._pytree.tree_map(lambda b: None if b is None else b.clone(), v) for k, v in bases.items()}
+    before = _snapshot(m)
+    for what, r, b, message in _refusals(m, raw, bases):
+        with pytest.raises(gf.ManifoldError, match=message):
+            gnn.load_functional(m, r, b)
+        assert _same(before, _snapshot(m)), f"load_functional of {what} changed the module"
+    # what it accepts: a rebased chart (new raw tensor and base) of another dtype, gives that point
+    raw2, bases2 = gf.rebase(C, {k: raw[k].detach().double() for k in C}, torch.utils._pytree.tree_map(
+        lambda b: None if b is None else b.double(), bases))
+    raw2 = {**{k: v.detach() for k, v in raw.items()}, **raw2}
+    W = m.weight.detach().clone()
+    gnn.load_functional(m, raw2, bases2)
+    torch.testing.assert_close(m.weight, W, atol=1e-5, rtol=0)

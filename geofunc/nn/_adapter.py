@@ -211,8 +211,8 @@ class Parametrization(nn.Module):
         it = iter(names)
         # The structure of the base with every tensor replaced by its buffer name (picklable).
         self._template = pytree.tree_map(lambda leaf: None if leaf is None else next(it), base)
-        for name, leaf in zip(names, leaves):
-            self.register_buffer(name, leaf.detach().clone())
+        for name, leaf in zip(names, leaves):  # contiguous: Note [Contiguous bases]
+            self.register_buffer(name, leaf.detach().clone(memory_format=torch.contiguous_format))
 
     # -------------------------------------------------------------------- copies
     def __getstate__(self) -> dict:
@@ -228,6 +228,7 @@ class Parametrization(nn.Module):
         state = dict(state)
         record = state.pop(_RECORD, None)
         super().__setstate__(state)
+        self._contiguous_bases()  # a module pickled by an earlier geofunc (Note [Contiguous bases])
         if record is not None:
             _restore_record(self, record)
 
@@ -251,6 +252,13 @@ class Parametrization(nn.Module):
     def _base_names(self) -> list[str]:
         return [n for n in pytree.tree_leaves(self._template) if n is not None]
 
+    def _contiguous_bases(self) -> None:
+        """Replace each base buffer that is not contiguous by a contiguous copy (Note [Contiguous bases])."""
+        for name in self._base_names():
+            t = self._buffers.get(name)
+            if t is not None and not t.is_contiguous():
+                self._buffers[name] = t.contiguous()
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Parametrization":
         """``nn.Module._apply`` (``.to()``, ``.double()``, ``.float()``, ...), then, if a base buffer
         changed dtype, the base re-made valid in its new dtype (Note [Bases across dtypes]): the
@@ -268,6 +276,7 @@ class Parametrization(nn.Module):
         if view is not None:
             view = view.detach().clone()
         out = super()._apply(fn, recurse)
+        self._contiguous_bases()  # .to(memory_format=torch.channels_last) of a 4-d base (Note [Contiguous bases])
         moved = [n for n, d in before.items() if self._buffers[n] is not None and self._buffers[n].dtype != d]
         new = self._buffers[moved[0]].dtype if moved else None
         if view is not None and moved and raw.dtype == old and new != old:
@@ -312,6 +321,7 @@ class Parametrization(nn.Module):
             assign = bool(args and args[0].get("assign_to_params_buffers", False))
             convert_geotorch_bases(self, raw, state_dict, prefix, assign)
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._contiguous_bases()  # assign=True of a checkpoint of an earlier geofunc (Note [Contiguous bases])
         saved = {n: state_dict.get(prefix + n) for n in self._base_names()}
         if not saved or not all(_concrete(t) for t in saved.values()):
             return
@@ -427,7 +437,7 @@ class Parametrization(nn.Module):
             if buf is None or not (buf.is_floating_point() or buf.is_complex()):
                 continue
             if buf.dtype != X.dtype or buf.device != X.device:
-                self._buffers[name] = buf.to(device=X.device, dtype=X.dtype)
+                self._buffers[name] = buf.to(device=X.device, dtype=X.dtype, memory_format=torch.contiguous_format)
 
     @gathered
     def right_inverse(self, X: Tensor) -> Tensor:
@@ -515,6 +525,26 @@ def _make_picklable(module: nn.Module) -> None:
     if cls.__dict__.get("_apply") is not _apply_keeping_points:
         cls._apply = _apply_keeping_points
         cls._load_from_state_dict = _load_keeping_points
+
+
+# ----------------------------------------------------------------------------- contiguous bases
+# Note [Contiguous bases]
+# A frame's base comes out of from_manifold as a transposed view (column-major: stride (1, n)), and
+# the buffers kept that layout. torch's set_model_state_dict(..., StateDictOptions(full_state_dict=True,
+# broadcast_from_rank0=True)) broadcasts a tensor's storage in memory order into a contiguous tensor,
+# so every rank but 0 received the transpose of each base: for a square frame (orthogonal n x n,
+# PSD's eigenvectors) still a valid base, so no error, and the ranks computed different functions
+# (2.2 apart on one input; a probe); for a tall frame rank 1 alone raised ManifoldError while rank 0
+# waited in a collective. The raw tensors were already contiguous (FSDP2 refuses others). So a
+# base buffer is contiguous wherever one is made or replaced: at construction (a contiguous clone),
+# when registration re-makes the buffers in the weight's dtype (_follow), after every _apply (a
+# dtype change keeps the layout; .to(memory_format=torch.channels_last) would change a 4-d one),
+# after load_state_dict (assign=True puts the saved tensor itself in place: one saved by an earlier
+# geofunc is not contiguous) and on unpickling. Everything else writes into the buffers in place
+# (_set_base: assignment, update_base, rebase, refresh across dtypes; torch's load_state_dict
+# without assign; GeoTorch checkpoints, converted into fresh contiguous buffers), keeping their
+# layout. A checkpoint saved by an earlier geofunc and broadcast from rank 0 is still received
+# transposed: torch ships it before any module hook runs; load it, save it again, then broadcast.
 
 
 # ----------------------------------------------------------------------------- checked bases

@@ -30,7 +30,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._dtensor import DTensor
 from .._errors import ManifoldError, describe
+from ..spaces._base import _readable
 from ._adapter import Parametrization, _owner_name
 
 __all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
@@ -133,13 +135,103 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
     """Write ``raw`` (and ``bases``) from functional training back into the module, in place.
 
     The inverse of :func:`functional`: parameters keep their identity (optimizers keep
-    tracking them), only their values change.
+    tracking them), only their values change. All or nothing (Note [Loading functional results]):
+    every value is converted to its target's kind, dtype and device and checked first (a base on its
+    space), then written; on a module sharded with FSDP2, a ``DTensor`` for a plain buffer (a base
+    from ``gf.rebase``, sharded like the raw tensor) is gathered, a collective that every rank makes
+    together, and a plain tensor for a ``DTensor`` parameter is taken as the full value.
+
+    Raises:
+        ManifoldError: a name the module does not have, a value of another shape, a complex value for
+            a real tensor, a DTensor on another mesh, or a base off its space; the message names the
+            tensor, and the module is left as it was.
     """
+    tensors = _geofunc_tensors(module)
+    for key in bases or {}:
+        if key not in tensors:
+            raise ManifoldError(f"load_functional: expected the bases of constrained tensors of the module "
+                                f"({sorted(tensors)}), got a base for {key!r}.")
+    for key, base in (bases or {}).items():
+        adapter = tensors[key][2]
+        if pytree.tree_structure(base) != pytree.tree_structure(adapter._template):
+            raise ManifoldError(f"load_functional: {key} ({adapter.where}) constrained to {adapter.space!r}: "
+                                f"expected a base of structure {pytree.tree_structure(adapter._template)}, got "
+                                f"{pytree.tree_structure(base)}.")
+    state = module_state(module, raw, bases or {})
+    params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
+    targets = {}
+    for key, value in state.items():  # every check that needs no communication, on every rank alike
+        target = params.get(key, buffers.get(key))
+        if target is None:
+            raise ManifoldError(f"load_functional: expected names of the module's parameters and bases, got {key!r} "
+                                "(the module has no such tensor).")
+        if not isinstance(value, torch.Tensor):
+            raise ManifoldError(f"load_functional: expected a tensor for {key}, got {describe(value)}.")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ManifoldError(f"load_functional: expected a tensor of shape {tuple(target.shape)} for {key}, "
+                                f"got shape {tuple(value.shape)}.")
+        if value.is_complex() and not target.is_complex():
+            raise ManifoldError(f"load_functional: expected a real tensor (dtype {target.dtype}) for {key}, got "
+                                f"{describe(value)}.")
+        if _is_dtensor(value) and _is_dtensor(target) and value.device_mesh != target.device_mesh:
+            raise ManifoldError(f"load_functional: expected a DTensor on the mesh of {key} ({target.device_mesh}), "
+                                f"got one on {value.device_mesh}.")
+        targets[key] = target
     with torch.no_grad():
-        for key, value in module_state(module, raw, bases or {}).items():
-            target = module.get_parameter(key) if key in dict(module.named_parameters()) else module.get_buffer(key)
-            target.copy_(value)
+        staged = {key: _as_target(value.detach(), targets[key]) for key, value in state.items()}  # collectives
+        for key, base in (bases or {}).items():
+            _check_loaded_base(key, tensors[key], staged)
+        for key, value in staged.items():
+            targets[key].copy_(value)
     return module
+
+
+# Note [Loading functional results]
+# load_functional wrote each tensor with copy_ as it went, so a value it could not write (a base
+# DTensor from gf.rebase on an FSDP2 module, whose base buffers are plain tensors: torch's "mixed
+# torch.Tensor and DTensor") left the module with the new raw tensors and the old bases, a point
+# that was neither (0.77 off; a probe). Now every value is first converted to its target: a DTensor
+# for a plain tensor is gathered (full_tensor, a collective: every rank converts the same names in
+# the same order, so none waits alone); a plain tensor for a DTensor is that DTensor's full value
+# (the same on every rank, as a base is), sharded like it locally; a DTensor of other placements is
+# redistributed; then cast to the target's dtype and device, a fresh copy (no value aliases a
+# target written before it). The bases are checked on their spaces as forward would (Note [Bases
+# checked where they change] in _adapter.py), and only then is anything written.
+def _is_dtensor(t: Any) -> bool:
+    return isinstance(t, DTensor)
+
+
+def _as_target(value: Tensor, target: Tensor) -> Tensor:
+    """``value`` as a fresh tensor of ``target``'s kind (plain or DTensor, placements), dtype and device."""
+    if _is_dtensor(value) and not _is_dtensor(target):
+        value = value.full_tensor()
+    elif _is_dtensor(target):
+        from torch.distributed.tensor import Replicate
+
+        mesh = target.device_mesh
+        if not _is_dtensor(value):
+            value = type(target).from_local(value.to(device=target.to_local().device), mesh,
+                                            [Replicate()] * mesh.ndim, run_check=False)
+        if tuple(value.placements) != tuple(target.placements):
+            value = value.redistribute(mesh, target.placements)
+        return value.to(dtype=target.dtype).clone()
+    return value.to(dtype=target.dtype, device=target.device, copy=True)
+
+
+def _check_loaded_base(key: str, entry: tuple, staged: dict) -> None:
+    """Raise ``ManifoldError`` naming ``key`` where the staged base of ``key`` is off its space."""
+    sub, tname, adapter = entry
+    prefix = key[: len(key) - len(tname)]
+    leaves = [None if n is None else staged[f"{prefix}parametrizations.{tname}.0.{n}"]
+              for n in pytree.tree_leaves(adapter._template)]
+    if not all(t is None or _readable(t) for t in leaves):
+        return  # a DTensor or meta buffer: forward checks it where it can
+    base = pytree.tree_unflatten(leaves, pytree.tree_structure(adapter._template))
+    why = adapter.space._invalid_base(base)
+    if why is not None:
+        raise ManifoldError(f"load_functional: {key} ({adapter.where}) constrained to {adapter.space!r}: expected "
+                            f"its base on the space, as gf.from_manifold and gf.rebase return it, got {why}. "
+                            "Nothing was written.")
 
 
 def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
