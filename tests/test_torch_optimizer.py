@@ -164,7 +164,7 @@ def test_parameters_without_a_gradient_are_skipped_as_torch_does(name, generator
     ours.load_state_dict({k: v for k, v in before.items()})
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, getattr(gf.optim, name), **kwargs)
     _same_runs(ours, opt, theirs, ref, x, y)
-    assert len(opt.state_dict()["cohorts"]) > 1  # the heads' histories differ
+    assert len({int(e["cohort"]) for e in opt.state_dict()["state"].values()}) > 1  # the heads' histories differ
 
 
 def test_a_manifold_parameter_without_a_gradient_is_skipped_as_geoopt_does(generator):
@@ -290,7 +290,7 @@ def test_momentum_cycled_through_zero_as_torch_sgd(generator):
         opt.param_groups[0]["momentum"] = mu
         _train(net, opt, x, y, 2)
     assert member(gf.Stiefel(), net.W.detach()) and member(gf.Sphere(), net.s.detach())
-    assert int(opt.state_dict()["cohorts"][0]["state"][2].count) == 4  # the steps with momentum
+    assert int(opt.state_dict()["state"][0]["2.count"]) == 4  # the steps with momentum
 
 
 def test_hyperparameters_are_checked_at_construction(generator):
@@ -318,12 +318,23 @@ def test_hyperparameters_are_checked_at_construction(generator):
         _train(net, opt, x, y, 1)
 
 
+def _cohorts_format(opt):
+    """The optimizer's ``state_dict`` in the format before torch.optim's (what it saved then): the
+    cohorts' functional states, NamedTuples."""
+    index, groups = 0, []
+    for g, names in zip(opt.param_groups, opt._group_names):
+        groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(index, index + len(names)))})
+        index += len(names)
+    return {"param_groups": groups, "names": list(opt._names),
+            "cohorts": [{"group": c.group, "names": list(c.names), "state": c.state} for c in opt._cohorts]}
+
+
 def test_a_checkpoint_of_another_optimizer_is_refused(generator):
     """``load_state_dict`` compares each state with what the optimizer's init gives: another factory's
-    checkpoint is a ``ManifoldError`` naming both states (it failed at the next step with an
-    AttributeError) and leaves the optimizer as it was; a checkpoint of the same factory with another
-    momentum loads (the state fits every momentum), and one of ``rsgd(momentum=0)`` from before it
-    always held a ``TraceState`` loads and resumes bit for bit."""
+    checkpoint is a ``ManifoldError`` naming both states' entries (both NamedTuples in the earlier
+    format; it failed at the next step with an AttributeError) and leaves the optimizer as it was; a
+    checkpoint of the same factory with another momentum loads (the state fits every momentum), and
+    one of ``rsgd(momentum=0)`` from before it always held a ``TraceState`` loads and resumes bit for bit."""
     x, y = _data(generator)
     a, b = Net(generator), Net(generator)
     b.load_state_dict(a.state_dict())
@@ -333,10 +344,16 @@ def test_a_checkpoint_of_another_optimizer_is_refused(generator):
     _train(b, adam, x, y, 2)
     saved = adam.state_dict()
     with pytest.raises(gf.ManifoldError, match=r"expected the state of radam's init for the parameters \['W', 's', 'b'\] "
-                                                r"\(group 0\), got a TraceState where its init gives a ScaleByAdamState"):
+                                                r"\(group 0\), got the entries \['2.count', '2.trace', '3.count'\] where "
+                                                r"its init gives \['2.count', '2.mu', '2.nu', '3.count'\]"):
         adam.load_state_dict(sgd.state_dict())
-    with pytest.raises(gf.ManifoldError, match="got a ScaleByAdamState where its init gives a TraceState"):
+    with pytest.raises(gf.ManifoldError, match=r"got the entries \['2.count', '2.mu', '2.nu', '3.count'\] where its init "
+                                                r"gives \['2.count', '2.trace', '3.count'\]"):
         sgd.load_state_dict(saved)
+    with pytest.raises(gf.ManifoldError, match=r"\(group 0\), got a TraceState where its init gives a ScaleByAdamState"):
+        adam.load_state_dict(_cohorts_format(sgd))
+    with pytest.raises(gf.ManifoldError, match="got a ScaleByAdamState where its init gives a TraceState"):
+        sgd.load_state_dict(_cohorts_format(adam))
     assert adam.param_groups[0]["betas"] == (0.9, 0.999) and "momentum" not in adam.param_groups[0]
     _train(b, adam, x, y, 1)  # steps on with its own state
     plain = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.rsgd, lr=0.02)
@@ -347,7 +364,7 @@ def test_a_checkpoint_of_another_optimizer_is_refused(generator):
     d.load_state_dict(c.state_dict())
     one = gf.optim.TorchOptimizer(c.named_parameters(), C, gf.optim.rsgd, lr=0.02)
     _train(c, one, x, y, 2)
-    old = one.state_dict()
+    old = _cohorts_format(one)
     (state,) = [co["state"] for co in old["cohorts"]]
     old["cohorts"][0]["state"] = (state[0], state[1], state[3])
     d.load_state_dict(c.state_dict())
@@ -451,16 +468,17 @@ def test_a_checkpoint_with_skipped_parameters_resumes_bit_for_bit(generator):
     opt_a = gf.optim.TorchOptimizer(a.named_parameters(), {}, gf.optim.radam, lr=0.05)
     _train_branches(a, opt_a, x, y)
     buf = io.BytesIO()
-    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict(), "cohorts": _cohorts_format(opt_a)}, buf)
     _train_branches(a, opt_a, x, y)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    b.load_state_dict(saved["model"])
-    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), {}, gf.optim.radam, lr=0.05)
-    opt_b.load_state_dict(saved["opt"])
-    _train_branches(b, opt_b, x, y)
-    for (k, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.equal(p.detach(), q.detach()), k
+    for fmt in ("opt", "cohorts"):  # torch.optim's format, and the one before it (NamedTuple states)
+        b.load_state_dict(saved["model"])
+        opt_b = gf.optim.TorchOptimizer(b.named_parameters(), {}, gf.optim.radam, lr=0.05)
+        opt_b.load_state_dict(saved[fmt])
+        _train_branches(b, opt_b, x, y)
+        for (k, p), q in zip(a.named_parameters(), b.parameters()):
+            assert torch.equal(p.detach(), q.detach()), (fmt, k)
     # the first format: one state of the factory built with the number lr (a constant rate's
     # EmptyState where the group's schedule has a ScaleByScheduleState); it steps as a fresh optimizer
     net, twin = Net(generator), Net(generator)
@@ -476,6 +494,135 @@ def test_a_checkpoint_with_skipped_parameters_resumes_bit_for_bit(generator):
     _train(twin, gf.optim.TorchOptimizer(twin.named_parameters(), C, gf.optim.radam, lr=0.02), x, y, 3)
     for k in ("W", "s", "b"):
         assert torch.equal(getattr(net, k).detach(), getattr(twin, k).detach()), k
+
+
+def _no_custom_objects(tree, where="state_dict"):
+    """Only dicts, lists and plain tuples hold anything (no NamedTuple or other object, which
+    ``torch.distributed.checkpoint`` pickles whole), tensors only in dicts and lists."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _no_custom_objects(v, f"{where}[{k!r}]")
+    elif isinstance(tree, list):
+        for i, v in enumerate(tree):
+            _no_custom_objects(v, f"{where}[{i}]")
+    elif isinstance(tree, tuple):
+        assert type(tree) is tuple and not any(isinstance(v, torch.Tensor) for v in tree), where
+        for v in tree:
+            _no_custom_objects(v, where)
+    else:
+        assert tree is None or isinstance(tree, (torch.Tensor, bool, int, float, str)), (where, type(tree))
+
+
+def test_the_state_dict_is_torch_optims_format(generator):
+    """``state_dict`` is ``torch.optim``'s: ``{"state": {index: entries}, "param_groups": [{...,
+    "params": [indices], "param_names": [names]}]}``, nothing but dicts, lists, tensors and plain
+    values (Note [TorchOptimizer's state_dict]); a parameter's entries are its leaves of the functional
+    state, and its cohort's count: against ``torch.optim.Adam`` on heads used irregularly, "2.mu" is
+    its ``exp_avg``, "2.nu" its ``exp_avg_sq`` and "2.count" its own ``step``; a parameter never stepped
+    has none. ``opt.state`` is the same entries keyed by the parameters (empty before a step)."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radam, lr=0.05, amsgrad=True)
+    ref = torch.optim.Adam(theirs.parameters(), lr=0.05, amsgrad=True)
+    assert not opt.state and opt.state_dict()["state"] == {}
+    names = [k for k, _ in ours.named_parameters()]
+    for i, use in enumerate(USES):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad(set_to_none=True)
+            ((model(x, use) - y) ** 2).mean().backward()
+            o.step()
+        sd = opt.state_dict()
+        assert set(sd) == {"state", "param_groups"}
+        _no_custom_objects(sd)
+        (group,) = sd["param_groups"]
+        assert group["params"] == list(range(6)) and group["param_names"] == names and group["betas"] == (0.9, 0.999)
+        stepped = [j for j, n in enumerate(names) if not n.startswith("b.") or i >= 3]
+        assert sorted(sd["state"]) == stepped
+        for j, p in enumerate(theirs.parameters()):
+            if j not in stepped:
+                continue
+            e, t = sd["state"][j], ref.state[p]
+            assert set(e) == {"2.count", "2.mu", "2.nu", "2.nu_max", "3.count", "cohort"}
+            assert int(e["2.count"]) == int(t["step"])
+            for key, theirs_key in (("2.mu", "exp_avg"), ("2.nu", "exp_avg_sq"), ("2.nu_max", "max_exp_avg_sq")):
+                torch.testing.assert_close(e[key], t[theirs_key], atol=1e-12, rtol=0, msg=f"{names[j]} {key}")
+        view, params = opt.state, dict(ours.named_parameters())
+        assert {id(p) for p in view} == {id(params[names[j]]) for j in stepped}
+        for j in stepped:
+            assert view[params[names[j]]].keys() == sd["state"][j].keys()
+    cohort = {n: int(sd["state"][j]["cohort"]) for j, n in enumerate(names)}
+    assert cohort["trunk.weight"] == cohort["trunk.bias"] != cohort["a.weight"] == cohort["a.bias"] != cohort["b.weight"]
+    assert cohort["b.weight"] == cohort["b.bias"] != cohort["trunk.weight"]
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_torchs_distributed_state_dict_api_resumes_bit_for_bit(flatten, generator):
+    """``torch.distributed.checkpoint.state_dict``'s ``get_state_dict(model, opt)`` (it raised
+    ``KeyError: 'state'``: the state_dict had none) gives the entries keyed by the parameters' names,
+    ``set_state_dict`` loads them into a fresh model and optimizer (which it first steps with zero
+    gradients and lr 0, as it does a torch.optim one), also with ``flatten_optimizer_state_dict``;
+    the cohorts split by skipped heads are kept, and the run resumes bit for bit."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    a, b = Branches(generator), Branches(generator)
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    for use in USES[:5]:
+        opt_a.zero_grad(set_to_none=True)
+        ((a(x, use) - y) ** 2).mean().backward()
+        opt_a.step()
+    model_sd, optim_sd = get_state_dict(a, opt_a, options=options)
+    if not flatten:
+        assert set(optim_sd["state"]) == {k for k, _ in a.named_parameters()}
+    buf = io.BytesIO()
+    torch.save({"model": model_sd, "optim": optim_sd}, buf)
+    rest = USES[5:]
+    for use in rest:
+        opt_a.zero_grad(set_to_none=True)
+        ((a(x, use) - y) ** 2).mean().backward()
+        opt_a.step()
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    set_state_dict(b, opt_b, model_state_dict=saved["model"], optim_state_dict=saved["optim"], options=options)
+    assert len(opt_b._cohorts) == 3
+    for use in rest:
+        opt_b.zero_grad(set_to_none=True)
+        ((b(x, use) - y) ** 2).mean().backward()
+        opt_b.step()
+    for (k, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p.detach(), q.detach()), k
+
+
+@pytest.mark.parametrize("buffer", ["saved only", "init's only"])
+def test_a_momentum_buffer_on_one_side_loads(buffer, generator):
+    """rsgd's momentum buffer is in the checkpoint and not in the init of the loaded momentum 0 (a
+    momentum cycled to 0 keeps it), or in that init (momentum set to 0.9 after steps with 0) and not
+    in the checkpoint: both load (Note [Momentum that may be zero]) and resume bit for bit."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    b.load_state_dict(a.state_dict())
+    first, then = (0.9, 0.0) if buffer == "saved only" else (0.0, 0.9)
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.rsgd, lr=0.02, momentum=first)
+    _train(a, opt_a, x, y, 2)
+    opt_a.param_groups[0]["momentum"] = then
+    if buffer == "saved only":
+        _train(a, opt_a, x, y, 1)
+    sd = opt_a.state_dict()
+    assert ("2.trace" in sd["state"][0]) is (buffer == "saved only")
+    b.load_state_dict(a.state_dict())
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.rsgd, lr=0.02, momentum=first)
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["momentum"] == then
+    for mu in (then, 0.5):
+        for o in (opt_a, opt_b):
+            o.param_groups[0]["momentum"] = mu
+        _train(a, opt_a, x, y, 2)
+        _train(b, opt_b, x, y, 2)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
 
 
 def test_the_affine_invariant_psd_in_a_module(generator):
@@ -548,7 +695,7 @@ def test_a_compiled_step_is_the_eager_step(generator):
             train_step()
     for k in ("W", "s", "b"):
         torch.testing.assert_close(getattr(b, k).detach(), getattr(a, k).detach(), atol=1e-13, rtol=0)
-    assert int(opt_b.state_dict()["cohorts"][0]["state"][2].count) == 4
+    assert int(opt_b.state_dict()["state"][0]["2.count"]) == 4
 
 
 def test_a_deep_copy_or_pickle_steps_on_its_own(generator):

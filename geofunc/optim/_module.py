@@ -4,13 +4,14 @@ interface, for ``nn.Module`` code (geoopt's ``ManifoldParameter`` + ``Riemannian
 from __future__ import annotations
 
 import inspect
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from .._errors import ManifoldError, describe
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer
-from ._transforms import ScaleByScheduleState, _no_buffer
+from ._transforms import ScaleByScheduleState, TraceState, _no_buffer
 
 __all__ = ["TorchOptimizer"]
 
@@ -47,8 +48,8 @@ __all__ = ["TorchOptimizer"]
 # parameter's first gradient). So the common case, every parameter with a gradient at every step, is
 # one functional update per group, and a transform that couples parameters (a global-norm clip in
 # the factory) couples those stepped together.
-# The state_dict holds the cohorts' functional states (NamedTuples of tensors, allowlisted for
-# torch.load). step is never compiled (torch.compiler.disable: a compiled caller runs it eagerly).
+# The state_dict is torch.optim's (Note [TorchOptimizer's state_dict]). step is never compiled
+# (torch.compiler.disable: a compiled caller runs it eagerly).
 # Dynamo traces a torch.optim.Optimizer's attributes as its own optimizer object and dropped the
 # assignment of the new state: torch.compile(opt.step) re-initialized the state at every step
 # (Adam's moments and count restarted: 1e-4 off eager after three float64 steps, silently). For a
@@ -75,6 +76,132 @@ def _restrict(tree: Any, names: tuple[str, ...], keep: tuple[str, ...]) -> Any:
     if isinstance(tree, (tuple, list)):
         return type(tree)(_restrict(v, names, keep) for v in tree)
     return tree
+
+
+# Note [TorchOptimizer's state_dict]
+# The state_dict is torch.optim's: {"state": {index: {key: tensor}}, "param_groups": [{...,
+# "params": [indices], "param_names": [names]}]}, the indices numbering the parameters of the groups
+# in order. A parameter's entries are the leaves of its cohort's functional state keyed by their
+# path in it ("2.mu", "2.nu", "3.count": the position in the chain's tuple, then the field): its own
+# entries of the per-parameter dicts, and a copy of each shared leaf (the count, as torch.optim keeps
+# a "step" per parameter), plus "cohort", a 0-dim integer tensor equal for the parameters stepped
+# together (a tensor: dcp.load writes a value that is not one under the key str(index)). Nothing
+# else: torch.distributed.checkpoint shards only the tensors it finds in nested dicts and lists (a
+# NamedTuple was pickled whole, so every rank loaded rank 0's local shards of the moments), and its
+# get_state_dict keeps only "state" (re-keyed by the parameters' fully qualified names) and
+# "param_groups". load_state_dict rebuilds each cohort's state on the structure of the optimizer's
+# init (its NamedTuples, from the loaded hyperparameters), taking each leaf from the entries (a shared
+# one from the cohort's first parameter), so a checkpoint of another factory is refused by its keys,
+# and a momentum buffer present on one side only fits (Note [Momentum that may be zero]); the
+# parameters of a group without entries (never stepped) form its cohort that starts from init. It maps
+# the saved indices (or names) to parameters by their positions in the groups, as torch.optim does.
+# `state` is a view {parameter: entries} built on each read (never by step), which torch's
+# get_state_dict reads: an empty one (before the first step) makes it step once with zero gradients
+# and lr 0 to create the entries that dcp.load fills in place (as for a torch.optim optimizer: Adam's
+# count is then 1, and a constrained point is retracted by a zero step, which moves it by rounding).
+# The shared leaves are copies, and a tensor that appears twice is copied, so that an in-place load
+# writes each once. step never builds entries: the conversion is in state_dict and load_state_dict.
+# The earlier formats (a list of "cohorts" holding NamedTuple states, and the first, one
+# "functional_state") still load.
+_COHORT = "cohort"
+
+
+def _leaves(tree: Any, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], Any]]:
+    """The ``(path, leaf)`` pairs of ``tree``: its tensors and numbers, under the names of the
+    NamedTuples' fields, the tuples' positions and the dicts' keys (``()`` and ``None``, no buffer,
+    hold none: the structure is init's)."""
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            yield from _leaves(v, (*path, str(k)))
+    elif isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        for f, v in zip(tree._fields, tree):
+            yield from _leaves(v, (*path, f))
+    elif isinstance(tree, (tuple, list)):
+        for i, v in enumerate(tree):
+            yield from _leaves(v, (*path, str(i)))
+    elif isinstance(tree, (torch.Tensor, int, float)):
+        yield path, tree
+
+
+def _key(path: tuple[str, ...]) -> str:
+    return ".".join(path) if path else "state"
+
+
+def _entries(tree: Any, names: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``(own, shared)``: each parameter's leaves of a cohort's functional state (its entries of the
+    dicts keyed by exactly ``names``) and the leaves shared by the cohort (a count), keyed by path
+    (Note [TorchOptimizer's state_dict])."""
+    own: dict[str, dict[str, Any]] = {n: {} for n in names}
+    shared: dict[str, Any] = {}
+
+    def walk(t: Any, path: tuple[str, ...]) -> None:
+        if isinstance(t, Mapping) and t and set(t) == set(names):
+            for n in names:
+                own[n].update((_key(p), leaf) for p, leaf in _leaves(t[n], path))
+        elif isinstance(t, Mapping):
+            for k, v in t.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(t, tuple) and hasattr(t, "_fields"):
+            for f, v in zip(t._fields, t):
+                walk(v, (*path, f))
+        elif isinstance(t, (tuple, list)):
+            for i, v in enumerate(t):
+                walk(v, (*path, str(i)))
+        elif isinstance(t, (torch.Tensor, int, float)):
+            shared[_key(path)] = t
+
+    walk(tree, ())
+    return own, shared
+
+
+def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[str, Any]]) -> Any:
+    """A cohort's functional state on the structure of ``fresh`` (the optimizer's init) with its leaves
+    from each parameter's ``entries`` (Note [TorchOptimizer's state_dict]); ``None`` where the entries
+    are not exactly its leaves (a checkpoint of another optimizer)."""
+    first = entries[names[0]]
+
+    def one(t: Any, n: str, path: tuple[str, ...]) -> Any:
+        if isinstance(t, Mapping):
+            return {k: one(v, n, (*path, str(k))) for k, v in t.items()}
+        if isinstance(t, tuple) and hasattr(t, "_fields"):
+            return type(t)(*(one(v, n, (*path, f)) for f, v in zip(t._fields, t)))
+        if isinstance(t, (tuple, list)):
+            return type(t)(one(v, n, (*path, str(i))) for i, v in enumerate(t))
+        if isinstance(t, (torch.Tensor, int, float)):
+            return entries[n][_key(path)]
+        return t
+
+    def walk(t: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(t, Mapping) and t and set(t) == set(names):
+            return {n: one(t[n], n, path) for n in names}
+        if isinstance(t, Mapping):
+            return {k: walk(v, (*path, str(k))) for k, v in t.items()}
+        if isinstance(t, TraceState):  # a buffer on one side only fits (Note [Momentum that may be zero])
+            where = (*path, "trace")
+            key = _key(where)
+            if _no_buffer(t.trace) and key in first:
+                trace = {n: entries[n][key] for n in names}
+            elif not _no_buffer(t.trace) and not any(k == key or k.startswith(f"{key}.") for k in first):
+                trace = ()
+            else:
+                trace = walk(t.trace, where)
+            return TraceState(walk(t.count, (*path, "count")), trace)
+        if isinstance(t, tuple) and hasattr(t, "_fields"):
+            return type(t)(*(walk(v, (*path, f)) for f, v in zip(t._fields, t)))
+        if isinstance(t, (tuple, list)):
+            return type(t)(walk(v, (*path, str(i))) for i, v in enumerate(t))
+        if isinstance(t, (torch.Tensor, int, float)):
+            return first[_key(path)]
+        return t
+
+    try:
+        state = walk(fresh, ())
+    except KeyError:
+        return None
+    own, shared = _entries(state, names)
+    if any(set(own[n]) | set(shared) != set(entries[n]) - {_COHORT} for n in names):
+        return None
+    return state
 
 
 def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
@@ -213,7 +340,9 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     ``step(closure=None)`` steps every parameter that has a ``.grad``; one without is skipped, as
     ``torch.optim`` skips it (not moved, its state untouched, its own step count: Note [A functional
-    optimizer behind torch.optim]). ``zero_grad``, ``state_dict`` / ``load_state_dict``,
+    optimizer behind torch.optim]). ``zero_grad``, ``state_dict`` / ``load_state_dict`` (in
+    ``torch.optim``'s format, so ``torch.distributed.checkpoint`` and its ``get_state_dict`` /
+    ``set_state_dict`` save and load sharded states: Note [TorchOptimizer's state_dict]), ``state``,
     ``add_param_group`` (the group may carry ``"constraints": {name: space}`` for its parameters)
     and learning-rate schedulers work as for ``torch.optim`` optimizers.
 
@@ -391,24 +520,80 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._cohorts = cohorts
         return loss
 
+    @property
+    def state(self) -> defaultdict:
+        """``{parameter: {key: tensor, ...}}``, each stepped parameter's entries of ``state_dict``, as
+        ``torch.optim``'s ``state`` (a view built on each read, the functional states being the
+        optimizer's own: writing into it changes nothing; load a state with ``load_state_dict``)."""
+        params = self._named() if getattr(self, "_cohorts", None) is not None else {}
+        return defaultdict(dict, {params[n]: e for n, e in self._param_entries().items()})
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if value:  # torch.optim.Optimizer.__init__ sets an empty one
+            raise ManifoldError("TorchOptimizer.state is a view of its functional states: load a state with "
+                                "load_state_dict.")
+
+    def _param_entries(self) -> dict[str, dict[str, Any]]:
+        """Each stepped parameter's entries, by name (Note [TorchOptimizer's state_dict])."""
+        out: dict[str, dict[str, Any]] = {}
+        seen: set[int] = set()
+
+        def once(t: Any) -> Any:  # a tensor held twice is copied: an in-place load writes each once
+            if isinstance(t, torch.Tensor):
+                if id(t) in seen:
+                    return t.clone()
+                seen.add(id(t))
+            return t
+
+        stepped = [co for co in getattr(self, "_cohorts", None) or [] if co.state is not None]
+        for k, co in enumerate(stepped):
+            own, shared = _entries(co.state, co.names)
+            for n in co.names:
+                entries = {key: once(v) for key, v in own[n].items()}
+                entries.update((key, v.clone() if isinstance(v, torch.Tensor) else v) for key, v in shared.items())
+                entries[_COHORT] = torch.tensor(k)  # a tensor: dcp.load sets other values under str(index)
+                out[n] = entries
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"param_groups": [...], "names": [...], "cohorts": [{"group", "names", "state"}, ...]}``
-        (a cohort's state ``None`` before its first step)."""
-        index, groups = 0, []
+        """``torch.optim``'s format (Note [TorchOptimizer's state_dict]): ``{"state": {index: {key: tensor,
+        ...}}, "param_groups": [{**hyperparameters, "params": [index, ...], "param_names": [name, ...]}]}``,
+        a parameter's entries the leaves of its functional state (``"2.mu"``, ``"2.nu"``, ...), a copy of
+        its cohort's shared ones (the count, ``"2.count"``) and ``"cohort"`` (a 0-dim integer tensor,
+        the same for the parameters stepped together); none before its first step."""
+        entries = self._param_entries()
+        index, groups, state = 0, [], {}
         for g, names in zip(self.param_groups, self._group_names):
-            groups.append({k: v for k, v in g.items() if k != "params"} | {"params": list(range(index, index + len(names)))})
+            groups.append({k: v for k, v in g.items() if k != "params"}
+                          | {"params": list(range(index, index + len(names))), "param_names": list(names)})
+            state.update((index + i, entries[n]) for i, n in enumerate(names) if n in entries)
             index += len(names)
-        return {"param_groups": groups, "names": list(self._names),
-                "cohorts": [{"group": c.group, "names": list(c.names), "state": c.state} for c in self._cohorts]}
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if list(state_dict.get("names", [])) != self._names or len(state_dict["param_groups"]) != len(self.param_groups):
+        """Load a ``state_dict`` of this optimizer's format, or of the earlier ones (``"cohorts"``,
+        ``"functional_state"``); the parameters are matched by their positions in the groups (their
+        saved indices or names, as ``torch.distributed.checkpoint.state_dict`` gives them, are keys)."""
+        groups = list(state_dict.get("param_groups", []))
+        if "state" in state_dict:
+            saved = ([n for g in groups for n in g["param_names"]] if all("param_names" in g for g in groups)
+                     else None)
+            fits = (len(groups) == len(self.param_groups)
+                    and [len(g.get("params", ())) for g in groups] == [len(n) for n in self._group_names]
+                    and (saved is None or saved == self._names))
+            if saved is None:
+                saved = f"{sum(len(g.get('params', ())) for g in groups)} parameters"
+        else:
+            saved = state_dict.get("names")
+            fits = list(saved or []) == self._names and len(groups) == len(self.param_groups)
+        if not fits:
             raise ManifoldError(f"TorchOptimizer.load_state_dict: expected a state for the parameters "
                                 f"{self._names} in {len(self.param_groups)} group(s), got one for "
-                                f"{state_dict.get('names')} in {len(state_dict.get('param_groups', []))}.")
+                                f"{saved} in {len(groups)}.")
         before = [dict(g) for g in self.param_groups]
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        for group, saved_group in zip(self.param_groups, groups):
+            group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
         try:
             self._load_cohorts(state_dict)
         except Exception:  # a refused checkpoint leaves the optimizer as it was
@@ -418,13 +603,59 @@ class TorchOptimizer(torch.optim.Optimizer):
             self._built.clear()
             raise
 
+    def _refuse(self, co: _Cohort, where: str) -> ManifoldError:
+        name = getattr(self._factory, "__name__", repr(self._factory))
+        return ManifoldError(f"TorchOptimizer.load_state_dict: expected the state of {name}'s init for the "
+                             f"parameters {list(co.names)} (group {co.group}), got {where}: a checkpoint of "
+                             f"another optimizer, or of other hyperparameters.")
+
+    def _saved_cohorts(self, state_dict: dict[str, Any]) -> list[tuple[_Cohort, Optional[dict[str, Mapping]]]]:
+        """The cohorts of a ``state_dict`` of torch.optim's format, each with its parameters' entries, in
+        the order of their "cohort" (then the groups' parameters without any, never stepped, with ``None``)."""
+        stepped: dict[tuple[int, Any], dict[str, Mapping[str, Any]]] = {}
+        out: list[tuple[_Cohort, Optional[dict[str, Mapping[str, Any]]]]] = []
+        state = state_dict["state"]
+        for i, (names, group) in enumerate(zip(self._group_names, state_dict["param_groups"])):
+            unstepped: list[str] = []
+            for key, n in zip(group["params"], names):
+                entries = state.get(key)
+                if not entries:
+                    unstepped.append(n)
+                    continue
+                if _COHORT not in entries:
+                    raise ManifoldError(f"TorchOptimizer.load_state_dict: expected the entries of parameter {n!r} "
+                                        f"to hold its {_COHORT!r}, got the keys {sorted(map(str, entries))}.")
+                stepped.setdefault((i, int(entries[_COHORT])), {})[n] = entries
+            if unstepped:
+                out.append((_Cohort(i, tuple(unstepped), None), None))
+        order = sorted(stepped, key=lambda key: (key[1], key[0]))
+        return [(_Cohort(i, tuple(stepped[i, k]), None), stepped[i, k]) for i, k in order] + out
+
     def _load_cohorts(self, state_dict: dict[str, Any]) -> None:
-        if "cohorts" in state_dict:
+        self._built.clear()
+        params = self._named()
+        if "state" in state_dict:
+            cohorts = []
+            for co, entries in self._saved_cohorts(state_dict):
+                cohorts.append(co)
+                if entries is None:
+                    continue
+                with torch.no_grad():
+                    fresh = self._functional(co).init({n: params[n].detach() for n in co.names})
+                co.state = _rebuild(fresh, co.names, entries)
+                if co.state is None:
+                    own, shared = _entries(fresh, co.names)
+                    got, want = sorted(set(entries[co.names[0]]) - {_COHORT}), sorted(own[co.names[0]] | shared)
+                    raise self._refuse(co, f"the entries {got} where its init gives {want}")
+                where = _mismatch(co.state, fresh)
+                if where is not None:
+                    raise self._refuse(co, where)
+            self._cohorts = cohorts
+            return
+        if "cohorts" in state_dict:  # the format before torch.optim's (NamedTuple states)
             cohorts = [_Cohort(c["group"], tuple(c["names"]), c["state"]) for c in state_dict["cohorts"]]
         else:  # the first format (one group, one state)
             cohorts = [_Cohort(0, tuple(self._names), state_dict["functional_state"])]
-        self._built.clear()
-        params = self._named()
         for co in cohorts:  # Note [A functional optimizer behind torch.optim]: a state of this optimizer's init
             if co.state is None:
                 continue
@@ -435,10 +666,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             co.state = _fit(co.state, fresh)
             where = _mismatch(co.state, fresh)
             if where is not None:
-                name = getattr(self._factory, "__name__", repr(self._factory))
-                raise ManifoldError(f"TorchOptimizer.load_state_dict: expected the state of {name}'s init for the "
-                                    f"parameters {list(co.names)} (group {co.group}), got {where}: a checkpoint of "
-                                    f"another optimizer, or of other hyperparameters.")
+                raise self._refuse(co, where)
         self._cohorts = cohorts
 
 
