@@ -60,6 +60,13 @@ def _entry(rank: int, worker: Callable[..., None], world: int, iface: str, outdi
         dist.destroy_process_group()
 
 
+def spawn_results(worker: Callable[..., None], world: int, outdir: Any, *, timeout: float = 120.0) -> list[Any]:
+    """:func:`spawn` the ``worker``, which saves its results in ``<outdir>/rank<r>.pt``, and load
+    them, one per rank."""
+    spawn(worker, world, outdir, timeout=timeout)
+    return [torch.load(os.path.join(str(outdir), f"rank{r}.pt")) for r in range(world)]
+
+
 def spawn(worker: Callable[..., None], world: int, outdir: Any, *args: Any, timeout: float = 120.0) -> None:
     """Run ``worker(rank, world, outdir, *args)`` on ``world`` gloo processes; fail the test if a
     process fails or the run takes longer than ``timeout`` seconds (all are killed then).

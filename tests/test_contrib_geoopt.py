@@ -63,23 +63,16 @@ class Model(nn.Module):
         return y.sum(-1, keepdim=True) * self.s.sum(0) + (self.h ** 2).sum()
 
 
-@pytest.mark.parametrize("name", ["radam", "rsgd"])
-def test_a_geoopt_model_steps_as_geoopt_with_the_derived_constraints(name, generator):
-    """``constraints(model.named_parameters())`` names the four non-Euclidean parameters; the
-    ``TorchOptimizer`` built from it on the geoopt parameters themselves takes the same steps as
-    geoopt's optimizer on a copy (float64, 10 steps, to rounding), and the points stay on their
-    spaces."""
+def _twins(generator) -> tuple[Model, Model]:
     ours, theirs = Model(generator), Model(generator)
     with torch.no_grad():
         for p, q in zip(ours.parameters(), theirs.parameters()):
             q.copy_(p)
-    c = G.constraints(ours.named_parameters())
-    assert c == {"W": gf.Stiefel(), "s": gf.Sphere(), "spd": gf.PSD(metric="affine"), "h": gf.PoincareBall(c=1.0)}
-    # (no momentum for rsgd: geoopt's first momentum buffer is the raw gradient, torch's and ours the
-    # Riemannian one: README, From geoopt)
-    kwargs = {"radam": dict(lr=0.01, weight_decay=0.01), "rsgd": dict(lr=0.02, weight_decay=0.01)}[name]
-    opt = gf.optim.TorchOptimizer(ours.named_parameters(), c, getattr(gf.optim, name), **kwargs)
-    ref = {"radam": geoopt.optim.RiemannianAdam, "rsgd": geoopt.optim.RiemannianSGD}[name](theirs.parameters(), **kwargs)
+    return ours, theirs
+
+
+def _train_side_by_side(ours, opt, theirs, ref, generator) -> None:
+    """10 steps of each model with its optimizer on the same data; the parameters equal to 1e-10."""
     x = torch.randn(16, 6, generator=generator, dtype=F64)
     y = torch.randn(16, 4, generator=generator, dtype=F64)
     for model, o in ((ours, opt), (theirs, ref)):
@@ -89,6 +82,23 @@ def test_a_geoopt_model_steps_as_geoopt_with_the_derived_constraints(name, gener
             o.step()
     for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-10, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("name", ["radam", "rsgd"])
+def test_a_geoopt_model_steps_as_geoopt_with_the_derived_constraints(name, generator):
+    """``constraints(model.named_parameters())`` names the four non-Euclidean parameters; the
+    ``TorchOptimizer`` built from it on the geoopt parameters themselves takes the same steps as
+    geoopt's optimizer on a copy (float64, 10 steps, to rounding), and the points stay on their
+    spaces."""
+    ours, theirs = _twins(generator)
+    c = G.constraints(ours.named_parameters())
+    assert c == {"W": gf.Stiefel(), "s": gf.Sphere(), "spd": gf.PSD(metric="affine"), "h": gf.PoincareBall(c=1.0)}
+    # (no momentum for rsgd: geoopt's first momentum buffer is the raw gradient, torch's and ours the
+    # Riemannian one: README, From geoopt)
+    kwargs = {"radam": dict(lr=0.01, weight_decay=0.01), "rsgd": dict(lr=0.02, weight_decay=0.01)}[name]
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), c, getattr(gf.optim, name), **kwargs)
+    ref = {"radam": geoopt.optim.RiemannianAdam, "rsgd": geoopt.optim.RiemannianSGD}[name](theirs.parameters(), **kwargs)
+    _train_side_by_side(ours, opt, theirs, ref, generator)
     for k, space in c.items():
         assert member(space, getattr(ours, k).detach()), k
 
@@ -98,10 +108,7 @@ def test_a_model_with_a_frozen_manifold_parameter(generator):
     ``TorchOptimizer`` built from it with the same ``named_parameters`` ignores it (it refused the
     pair: "constraints for parameters that require grad") and steps the others as geoopt's
     ``RiemannianAdam`` does (float64, 10 steps), the frozen one unmoved."""
-    ours, theirs = Model(generator), Model(generator)
-    with torch.no_grad():
-        for p, q in zip(ours.parameters(), theirs.parameters()):
-            q.copy_(p)
+    ours, theirs = _twins(generator)
     for m in (ours, theirs):
         m.W.requires_grad_(False)
         m.spd.requires_grad_(False)
@@ -109,16 +116,8 @@ def test_a_model_with_a_frozen_manifold_parameter(generator):
     assert set(c) == {"W", "s", "spd", "h"}
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), c, gf.optim.radam, lr=0.01)
     ref = geoopt.optim.RiemannianAdam(theirs.parameters(), lr=0.01)
-    x = torch.randn(16, 6, generator=generator, dtype=F64)
-    y = torch.randn(16, 4, generator=generator, dtype=F64)
     W0 = ours.W.detach().clone()
-    for model, o in ((ours, opt), (theirs, ref)):
-        for _ in range(10):
-            o.zero_grad()
-            ((model(x) - y) ** 2).mean().backward()
-            o.step()
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-10, rtol=0, msg=k)
+    _train_side_by_side(ours, opt, theirs, ref, generator)
     assert torch.equal(ours.W.detach(), W0) and member(gf.Sphere(), ours.s.detach())
 
 

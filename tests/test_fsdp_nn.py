@@ -18,7 +18,7 @@ import os
 
 import pytest
 import torch
-from distributed_tools import requires_gloo, spawn
+from distributed_tools import requires_gloo, spawn_results
 from helpers import FSDP2_ON_CPU, needs_torch
 from reference import member
 from torch import nn
@@ -150,9 +150,7 @@ def worker(rank: int, world: int, outdir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fsdp_nn")
-    spawn(worker, WORLD, outdir, timeout=150)
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_results(worker, WORLD, tmp_path_factory.mktemp("fsdp_nn"), timeout=150)
 
 
 def _ok(r: dict, name: str) -> dict:

@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from distributed_tools import requires_gloo, spawn
+from distributed_tools import requires_gloo, spawn_results
 from helpers import FSDP2_ON_CPU, needs_torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
@@ -155,9 +155,7 @@ def worker(rank: int, world: int, outdir: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fsdp_optimizer")
-    spawn(worker, WORLD, outdir, timeout=150)
-    return [torch.load(outdir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_results(worker, WORLD, tmp_path_factory.mktemp("fsdp_optimizer"), timeout=150)
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

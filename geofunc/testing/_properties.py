@@ -795,6 +795,15 @@ def check_nonfinite(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
                     raise _fail(ctx, f"{name} has finite points (a plausible value from non-finite input) {_worst(finite)}")
 
 
+def _batches_of_3(case: SpaceCase, dtype: torch.dtype, generator: Optional[torch.Generator]):
+    """Per shape of the case: the generator, the shape, the shape with a leading batch of 3 and its
+    context for messages."""
+    g = _gen(generator)
+    for shape in case.shapes:
+        full = (3, *shape)
+        yield g, shape, full, _ctx(case, full, dtype)
+
+
 @_property
 def check_batch_isolation(case: SpaceCase, dtype: torch.dtype = f64, *,
                           generator: Optional[torch.Generator] = None) -> None:
@@ -812,12 +821,8 @@ def check_batch_isolation(case: SpaceCase, dtype: torch.dtype = f64, *,
     result is not checked (``check_nan``, ``check_nonfinite``).
     """
     _require_f64("batch_isolation", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    for shape in case.shapes:
-        full = (3, *shape)
-        ctx = _ctx(case, full, dtype)
+    M, tol = case.space, case.tol[f64]
+    for g, shape, full, ctx in _batches_of_3(case, dtype, generator):
         X, _, base = _point_and_base(case, full, dtype, g)
         X2 = M.sample(full, generator=g, dtype=dtype)
         Z, G, C = (_randn(full, dtype, g) for _ in range(3))
@@ -883,12 +888,8 @@ def check_broadcast(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
     from ._geodesic import implements  # (_geodesic imports this module)
 
     _require_f64("broadcast", dtype)
-    g = _gen(generator)
-    M = case.space
-    tol = case.tol[f64]
-    for shape in case.shapes:
-        full = (3, *shape)
-        ctx = _ctx(case, full, dtype)
+    M, tol = case.space, case.tol[f64]
+    for g, shape, full, ctx in _batches_of_3(case, dtype, generator):
         X, Y = M.sample(full, generator=g, dtype=dtype), M.sample(full, generator=g, dtype=dtype)
         _, base = M.from_manifold(X)
         x0, y0 = X[0], Y[0]
