@@ -62,3 +62,25 @@ def test_from_manifold_refuses_what_it_cannot_invert_accurately(dtype, n, scale)
     Z, base = M.from_manifold(small)
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     assert ((M.to_manifold(Z, base) - small).abs().amax((-2, -1)) / small.abs().amax((-2, -1)).clamp(min=1.0)).max() <= tol
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_second_derivatives_at_a_multiple_of_the_identity(alpha):
+    """At the chart's centre ``to_manifold(0) = −log(2)/2 · I`` (and any multiple of I) plain autograd's
+    double backward through ``project``/``retract`` was NaN: the margin's ``‖Y − tr(Y)/n I‖_F`` is 0
+    there, and the norm's second derivative at 0 survived the clamp (0·NaN). Now both second derivatives
+    equal torch.func's and ``gradgradcheck`` passes (float64)."""
+    M = gf.Hurwitz(alpha=alpha)
+    X = M.to_manifold(torch.zeros(4, 4, dtype=torch.float64))
+    V = M.tangent(X, torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    W = torch.randn(4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def f(t):
+        return (M.retract(X, t * V) * W).sum() + (M.retract(X, t * V) ** 2).sum()
+
+    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(f(t), t, create_graph=True)
+    (h,) = torch.autograd.grad(g, t)
+    exact = torch.func.grad(torch.func.grad(f))(torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(h, exact, atol=1e-9, rtol=1e-9)
+    assert torch.autograd.gradgradcheck(M.project, (X.clone().requires_grad_(),))

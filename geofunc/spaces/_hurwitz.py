@@ -310,8 +310,11 @@ class Hurwitz(AbstractSpace):
         # (..., 1, 1) throughout: torch.func.jvp promotes the tangent of a 0-d tensor times a
         # Python float to float64 (torch 2.13), which a single unbatched matrix would hit.
         trace = torch.diagonal(Y, dim1=-2, dim2=-1).mean(-1)[..., None, None]
-        spread = torch.linalg.matrix_norm(sanitize(Y) - trace * eye, keepdim=True)
-        c = spread.clamp(min=1.0) * math.sqrt(torch.finfo(Y.dtype).eps)
+        # max(1, ‖Y − tr(Y)/n I‖_F) without the norm's derivative at 0 (a multiple of I: the chart's centre),
+        # whose double backward is NaN and survived the clamp's zero gradient (0·NaN): the square is clamped
+        D = sanitize(Y) - trace * eye
+        spread = torch.sqrt((D * D.conj()).real.sum(dim=(-2, -1), keepdim=True).clamp(min=1.0))
+        c = spread * math.sqrt(torch.finfo(Y.dtype).eps)
         t = (_abscissa(Y)[..., None, None] + self.alpha + c).clamp(min=0.0)
         return Y - t * eye + poison(Y)
 
