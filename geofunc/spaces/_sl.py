@@ -66,9 +66,9 @@ class SL(AbstractSpace):
       ``retract(X, V) = X expm(X⁻¹ tangent(X, V))`` (on SL for every ``V``, smooth, first order
       ``X + V`` for tangent ``V``).
     * ``sample``: GLp's sample (Haar frames) rescaled to determinant one.
-    * Membership: ``det X > 0`` and ``|log det X| / (‖X‖_F ‖X⁻¹‖_F) ≤ atol``: the relative
+    * Membership: ``det X > 0``, ``|log det X| / (‖X‖_F ‖X⁻¹‖_F) ≤ atol``: the relative
       distance to ``det = 1`` to first order (a computed ``det`` of an ill-conditioned matrix
-      is only known to ``ε·n·cond(X)``).
+      is only known to ``ε·n·cond(X)``), and ``X`` invertible in its dtype (``cond_F(X)·n·ε < 1``).
 
     Example::
 
@@ -122,7 +122,10 @@ class SL(AbstractSpace):
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         smin = torch.linalg.svdvals(sanitize(X.detach()))[..., -1:, None]  # (see to_manifold)
-        return self._glp.from_manifold(X * (_LIFT / smin).clamp(min=1.0))
+        try:
+            return self._glp.from_manifold(X * (_LIFT / smin).clamp(min=1.0))
+        except ManifoldError as e:  # named as SL's (it named GLp and its floor)
+            raise _reword(self, e) from None
 
     def _dtype_coords(self, Z: Tensor) -> Tensor | None:
         return self._glp._dtype_coords(Z)  # GLp's raw tensor
@@ -196,8 +199,14 @@ class SL(AbstractSpace):
         Xs, nan = sanitize(X), poison(X)[..., 0, 0]
         sign, lad = torch.linalg.slogdet(Xs)
         inf = torch.full_like(lad, math.inf)
-        rel = lad.abs() / (torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs)))
+        cond = torch.linalg.matrix_norm(Xs) * torch.linalg.matrix_norm(_inverse(Xs))
+        rel = lad.abs() / cond
+        # numerically singular (cond_F · n · ε ≥ 1): the measure above tends to 0 as X⁻¹ blows up, so
+        # a singular matrix (det 1e-8 in float32) was "on SL"; no point of SL is that far from invertible
+        # in its dtype (SL.retract's NaN there is this test's)
+        singular = ~(cond * (Xs.shape[-1] * torch.finfo(lad.dtype).eps) < 1.0)
         return {
             "det(X) ≤ 0 (inf if so)": torch.where(sign <= 0, inf, torch.zeros_like(lad)) + nan,
             "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(torch.isnan(rel), inf, rel) + nan,  # singular: |−inf|/inf
+            "X singular in its dtype, cond_F(X)·n·ε ≥ 1 (inf if so)": torch.where(singular, inf, torch.zeros_like(lad)) + nan,
         }
