@@ -448,3 +448,13 @@ def test_a_tracer_subclass_is_still_not_read() -> None:
         assert not can_check(fake)
         Z, _ = gf.SO().from_manifold(fake)  # shapes only: no check, no error
     assert Z.shape == (3, 3)
+
+
+def test_a_tensor_hyperparameter_is_described_not_dumped():
+    """Errors name shapes, never tensor dumps: ``AlmostOrthogonal(lam=torch.tensor(0.2))`` printed
+    ``tensor(0.2000)`` twice (in the space's name and as what it got)."""
+    for make in (lambda: gf.AlmostOrthogonal(lam=torch.tensor(0.2)), lambda: gf.Sphere(radius=torch.tensor(2.0)),
+                 lambda: gf.LowRank(rank=torch.tensor(2))):
+        with pytest.raises(gf.ManifoldError) as info:
+            make()
+        assert "tensor(" not in str(info.value) and "a tensor of shape ()" in str(info.value), str(info.value)

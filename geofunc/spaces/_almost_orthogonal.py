@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._errors import error
+from .._errors import describe, error
 from .._linalg import Triv
 from ._base import cached_attribute, compute_cached
 from ._factorized import SVDSpace
@@ -55,7 +55,7 @@ class AlmostOrthogonal(SVDSpace):
     def __post_init__(self) -> None:
         lam = self.lam
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
-            raise error(self, "`lam` to be a number in [0, 1]", repr(lam))
+            raise error(self, "`lam` to be a number in [0, 1]", describe(lam))
         object.__setattr__(self, "f", normalize_f(self, self.f, UNIT_MAPS))
         validate_triv(self, self.triv)
         compute_cached(self)  # not inside a compiled region (cached_attribute)

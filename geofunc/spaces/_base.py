@@ -287,6 +287,8 @@ def _value_repr(v: Any) -> str:
         module = getattr(v, "__module__", None)
         name = v.__name__ if module == "torch" else v.__qualname__  # torch.exp: _VariableFunctionsClass.exp
         return f"{module}.{name}" if module else name
+    if isinstance(v, torch.Tensor):  # a tensor hyperparameter (refused by most spaces): described, not dumped
+        return describe(v)
     return repr(v)
 
 

@@ -52,7 +52,7 @@ __all__ = ["SVDSpace", "EigSpace", "validate_rank"]
 def validate_rank(space: Any, rank: Any) -> None:
     """``rank`` must be an integer ≥ 1 (its upper bound min(n, k) is checked at the first call)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise error(space, "`rank` to be an integer ≥ 1", repr(rank))
+        raise error(space, "`rank` to be an integer ≥ 1", describe(rank))
 
 
 def rank_tol(smax: Tensor, n: int, k: int) -> Tensor:
