@@ -896,6 +896,19 @@ def _polar(A: Tensor, mode: str) -> Any:
 # second is exactly d²F, under autograd and every torch.func transform. Third and higher
 # derivatives are not the map's. Tested against finite differences of the map's first derivative
 # (tests/test_second_derivatives.py; the conformance property gradgradcheck: tangent, retract, project).
+
+
+# Note [Zero singular values of a tall SVD map]
+# The complement's rows of S₂ need h[0, λ_q, λ_p] (the complement's 0, then the dilation's ±s).
+# For λ_p ≠ 0 it is (h[0, λ_q] − h[λ_q, λ_p])/(0 − λ_p). Where λ_p ties with 0 (a zero, or below
+# √ε·max(1, s₁), singular value of Y) it is h[λ_q, 0, λ_p] = (h[λ_q, 0] − h[0, λ_p])/(λ_q − λ_p), and
+# h[0, λ_p] = h′ at that value, g′ of it. Taking h[0, λ_q, 0] = h[λ_q, 0]/λ_q there instead (as
+# before) assumed h′(0) = 0: right where the zero value is truncated (g = g′ = 0, LowRank(r) below
+# min(n, k)), wrong where it is kept. LowRank(min(n, k)) on a non-square matrix is the identity
+# (h(λ) = λ, every h[·,·,·] = 0), yet at a point with a zero singular value its second derivative
+# came out 2.6 (also the wide one, through its transpose); square matrices have no complement.
+
+
 def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) -> Tensor:
     """``num / den`` (a divided difference), ``(dgi + dgj)/2`` where ``|den| ≤ tol`` (ties)."""
     close = den.abs() <= tol
@@ -940,13 +953,15 @@ def _svd_second_order(U: Tensor, s: Tensor, Vh: Tensor, g: Tensor, dg: Tensor, A
         lam_safe = torch.where(nz, lam, torch.ones_like(lam))
         g0 = torch.where(nz, h / lam_safe, dh)  # h[λ, 0]
         eta = torch.where(nz, (dh - g0) / lam_safe, torch.zeros_like(lam))  # h[λ, 0, λ]
-        h0 = torch.where(nz, g0 / lam_safe, torch.zeros_like(lam))  # h[0, λ, 0]
+        h30 = torch.where(tie, 0.5 * (eta.unsqueeze(-1) + eta.unsqueeze(-2)), (g0.unsqueeze(-1) - g0.unsqueeze(-2)) / safe)  # h[λₗ, 0, λₚ]
         RR = transpose(R) @ R
         C2 = 0.5 * torch.cat([torch.cat([RR, -RR], -1), torch.cat([-RR, RR], -1)], -2)
-        S2 = S2 + torch.where(tie, 0.5 * (eta.unsqueeze(-1) + eta.unsqueeze(-2)), (g0.unsqueeze(-1) - g0.unsqueeze(-2)) / safe) * C2
+        S2 = S2 + h30 * C2
         RT = torch.cat([R, -R], -1) * (1.0 / math.sqrt(2.0))  # W's rows of the dilation's Ẽ, mapped back by W
+        # h[0, λ_q, λ_p]: at a zero λ_p through h[λ_q, 0, λ_p], which reads h′ there (Note [Zero singular
+        # values of a tall SVD map])
         WS = torch.where(nz.unsqueeze(-2), ((RT * g0.unsqueeze(-2)) @ Et - RT @ (Et * gam)) / (-lam_safe).unsqueeze(-2),
-                         (RT * h0.unsqueeze(-2)) @ Et)
+                         RT @ (Et * h30))
         B = 0.5 * (S2[..., :k, :k] - S2[..., :k, k:] + S2[..., k:, :k] - S2[..., k:, k:])
         return (U @ B + (WS[..., :k] - WS[..., k:]) * (1.0 / math.sqrt(2.0))) @ Vh
     B = 0.5 * (S2[..., :k, :k] - S2[..., :k, k:] + S2[..., k:, :k] - S2[..., k:, k:])

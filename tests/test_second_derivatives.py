@@ -126,6 +126,64 @@ def test_ties_at_a_rank_deficient_point():
             assert torch.isfinite(d) and abs(float(d) - float(ref)) <= _tol(ref), (type(space).__name__, float(d), float(ref))
 
 
+@pytest.mark.parametrize("smin", [0.0, 1e-12], ids=["zero", "1e-12"])
+@pytest.mark.parametrize("shape", [(6, 4), (4, 6)], ids=["tall", "wide"])
+def test_full_rank_low_rank_at_a_zero_singular_value(shape, smin):
+    """``LowRank(min(n, k))`` on a non-square matrix keeps every singular value: ``project`` is the
+    identity and ``retract(X, V) = X + V``, so their second derivatives are 0 and the Hessian of a loss of
+    ``project(Y)`` is the loss's own. At a point whose smallest singular value is 0 (or below the tie
+    tolerance) the complement's second-order term read ``h′ = 0`` there (right only for a truncated
+    value): double backward and torch.func.hessian gave 2.6 for ``d²/dt² project(X + tD)``, where
+    finite differences give ~1e-7 (Note [Zero singular values of a tall SVD map] in geofunc/_linalg.py)."""
+    n, k = shape
+    m = min(n, k)
+    space = gf.LowRank(m)
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=F64))[0]
+    Vf = torch.linalg.qr(torch.randn(k, m, generator=g, dtype=F64))[0]
+    X = U @ torch.diag(torch.tensor([2.0, 1.0, 0.5, smin], dtype=F64)) @ Vf.T
+    D, W = (torch.randn(shape, generator=g, dtype=F64) for _ in range(2))
+    assert bool(space.contains(X))
+
+    def loss(y):
+        P = space.project(y)
+        return (P * W).sum() + (P**3).sum()
+
+    def phi(t):
+        Y = space.retract(X, t * D)
+        return (Y * W).sum() + (Y**3).sum()
+
+    # d²/dt² of the map itself: 0 exactly (finite differences ~1e-7)
+    t0 = torch.zeros((), dtype=F64)
+    for f in (lambda t: space.project(X + t * D), lambda t: space.retract(X, t * D)):
+        d2 = torch.func.jacfwd(torch.func.jacfwd(f))(t0)
+        assert float(d2.abs().max()) <= 1e-8, float(d2.abs().max())
+    # along a curve, every mode, against finite differences
+    ref = _fd2(phi)
+    tr = t0.clone().requires_grad_()
+    (d1,) = torch.autograd.grad(phi(tr), tr, create_graph=True)
+    (d2_plain,) = torch.autograd.grad(d1, tr)
+    for name, d2 in (("autograd", d2_plain), ("grad(grad)", torch.func.grad(torch.func.grad(phi))(t0))):
+        assert abs(float(d2) - float(ref)) <= _tol(ref), (name, float(d2), float(ref))
+    # the full Hessian of a loss of project: torch.func.hessian and double backward against central
+    # differences of the gradient (here also the loss's own Hessian, 6 diag(P))
+    grad = torch.func.grad(loss)
+    h = 1e-6
+    E = torch.eye(X.numel(), dtype=F64).reshape(-1, *shape)
+    fd = torch.stack([(grad(X + h * e) - grad(X - h * e)) / (2 * h) for e in E]).reshape(*shape, *shape)
+    exact = torch.diag((6 * X).reshape(-1)).reshape(*shape, *shape)
+    assert float((fd - exact).abs().max()) <= 1e-6
+    Xr = X.clone().requires_grad_()
+    (gX,) = torch.autograd.grad(loss(Xr), Xr, create_graph=True)
+    hvp = torch.autograd.grad((gX * D).sum(), Xr)[0]
+    for how, H in (("torch.func.hessian", torch.func.hessian(loss)(X)),
+                   ("autograd double backward", torch.autograd.functional.hessian(loss, X))):
+        err = float((H - fd).abs().max())
+        assert err <= 1e-5 * max(1.0, float(fd.abs().max())), (how, err)
+    torch.testing.assert_close(hvp, (fd * D).sum((-2, -1)), atol=1e-5, rtol=0)
+    assert torch.autograd.gradgradcheck(space.project, (Xr,))
+
+
 def test_inner_create_graph_under_a_single_torch_func_grad_level():
     """Under one ``torch.func.grad`` level the spectral maps are one node whose own backward skips the
     second-order term; a backward the user asks for inside the transformed function
