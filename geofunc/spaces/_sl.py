@@ -204,7 +204,8 @@ class SL(AbstractSpace):
         # numerically singular (cond_F · n · ε ≥ 1): the measure above tends to 0 as X⁻¹ blows up, so
         # a singular matrix (det 1e-8 in float32) was "on SL"; no point of SL is that far from invertible
         # in its dtype (SL.retract's NaN there is this test's)
-        singular = ~(cond * (Xs.shape[-1] * torch.finfo(lad.dtype).eps) < 1.0)
+        # (tensor-tensor: vmap of an empty batch refuses a 0-dim per-sample op with a Python number)
+        singular = ~(cond < torch.full_like(lad, 1.0 / (Xs.shape[-1] * torch.finfo(lad.dtype).eps)))
         return {
             "det(X) ≤ 0 (inf if so)": torch.where(sign <= 0, inf, torch.zeros_like(lad)) + nan,
             "|log det X| / (‖X‖_F ‖X⁻¹‖_F)": torch.where(torch.isnan(rel), inf, rel) + nan,  # singular: |−inf|/inf
