@@ -1146,3 +1146,21 @@ def test_ci_runs_every_version_gated_test():
         gates |= {(int(a), int(b)) for a, b in re.findall(r"needs_torch\(\((\d+), (\d+)\)", text)}
     gates |= {helpers.COMPILE_PYTREES, helpers.FSDP2_ON_CPU}
     assert len(gates) >= 2 and all(g <= ci for g in gates), (sorted(gates), ci)
+
+
+def test_check_space_names_the_property_and_refuses_bad_arguments() -> None:
+    """A failure names the property (for ``case.skip`` or ``properties=``: "contains accepts a point
+    perturbed by 2× ..." did not say ``membership``); a single name for ``properties`` is one name (it
+    was iterated letter by letter); a bad ``generator`` is check_space's error, not the space's; a
+    case's ``shapes``/``tol``/``dtypes`` of the wrong kind are named (a bare TypeError, or a report
+    that said "runs in None only")."""
+    case = _CASES["Sphere"]
+    with _loose_tolerance(), pytest.raises(AssertionError, match=r"^property 'membership' failed: \[Sphere"):
+        check_space(case, properties=("membership",))
+    assert [name for name, _ in check_space(case, properties="metric").ran] == ["metric"] * len(case.dtypes)
+    with pytest.raises(TypeError, match="`generator` must be None or a torch.Generator, got 0"):
+        check_space(case, properties=("sample",), generator=0)
+    for bad, match in ((dict(shapes=(4,)), "`shapes` must be a tuple of shapes"), (dict(tol=1e-6), "`tol` must be a dict"),
+                       (dict(dtypes=()), "`dtypes` is empty")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(case, **bad)

@@ -161,7 +161,16 @@ class SpaceCase:
         if self.transport not in _TRANSPORTS:
             raise ValueError(f"SpaceCase {self.id!r}: `transport` must be one of {', '.join(map(repr, _TRANSPORTS))}, "
                              f"got {self.transport!r}")
-        object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+        try:
+            shapes = tuple(tuple(int(d) for d in s) for s in self.shapes)
+        except TypeError:
+            raise ValueError(f"SpaceCase {self.id!r}: `shapes` must be a tuple of shapes (tuples of ints), e.g. "
+                             f"((4,), (2, 3)), got {self.shapes!r}") from None
+        object.__setattr__(self, "shapes", shapes)
+        if not isinstance(self.tol, Mapping):
+            raise ValueError(f"SpaceCase {self.id!r}: `tol` must be a dict {{dtype: tolerance}}, got {self.tol!r}")
+        if not self.dtypes:
+            raise ValueError(f"SpaceCase {self.id!r}: `dtypes` is empty (no per-dtype property would run)")
         for dtype in (*self.dtypes, torch.float64):
             if dtype not in self.tol:
                 raise ValueError(f"SpaceCase {self.id!r}: `tol` has no entry for {dtype}")

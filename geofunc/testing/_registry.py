@@ -304,6 +304,10 @@ def check_space(
     unknown_skips = set(case.skip) - names
     if unknown_skips:
         raise ValueError(f"{case.id}: `skip` names unknown properties {sorted(unknown_skips)}; known: {sorted(names)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"check_space: `generator` must be None or a torch.Generator, got {generator!r}")
+    if isinstance(properties, str):  # one name: iterated, it was its letters
+        properties = (properties,)
     if properties is not None:
         unknown = set(properties) - names
         if unknown:
@@ -323,6 +327,11 @@ def check_space(
         if not dtypes:
             skipped[prop.name] = _not_run_reason(prop, case)
         for dtype in dtypes:
-            prop.fn(case, dtype, generator=_gen(generator))
+            try:
+                prop.fn(case, dtype, generator=_gen(generator))
+            except AssertionError as e:  # named, for case.skip or properties=(...)
+                if f"property {prop.name!r}" in str(e):  # (an unexpected exception's message names it already)
+                    raise
+                raise AssertionError(f"property {prop.name!r} failed: {e}") from e
             ran.append((prop.name, dtype))
     return SpaceReport(case.id, tuple(ran), types.MappingProxyType(skipped), types.MappingProxyType(incomplete))
