@@ -58,39 +58,30 @@ def _stiefel_case(name: str, space: gf.Stiefel, shapes: tuple) -> SpaceCase:
     )
 
 
+def _so_case(name: str, space: gf.SO, shapes: tuple) -> SpaceCase:
+    """A case of ``SO`` (any ``triv``): rotations, with the exact log-determinant 0."""
+    return SpaceCase(
+        name,
+        space,
+        shapes=shapes,
+        member=_special_orthogonal,
+        rebase_zeroes=True,
+        tol=TOL_LOOSE,
+        off_manifold=_flip,
+        linearized=_linearized_stiefel,
+        has_logabsdet=True,
+        smoke_shape=(3, 3),
+        dim=ref.dim_skew,
+        perturb=ref.perturb_gram,
+        moments=ref.moments_so,
+    )
+
+
 # The chart applies expm/Cayley to raw tensors of scale 100 too: float32 rounding there is
 # ~1e-5 per entry, hence the looser comparison tolerance.
 ORTHOGONAL_CASES = [
-    SpaceCase(
-        "SO",
-        gf.SO(),
-        shapes=SHAPES_SQUARE,
-        member=_special_orthogonal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_flip,
-        linearized=_linearized_stiefel,
-        has_logabsdet=True,
-        smoke_shape=(3, 3),
-        dim=ref.dim_skew,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_so,
-    ),
-    SpaceCase(
-        "SO-cayley",
-        gf.SO(triv="cayley"),
-        shapes=((2, 2), (2, 4, 4)),
-        member=_special_orthogonal,
-        rebase_zeroes=True,
-        tol=TOL_LOOSE,
-        off_manifold=_flip,
-        linearized=_linearized_stiefel,
-        has_logabsdet=True,
-        smoke_shape=(3, 3),
-        dim=ref.dim_skew,
-        perturb=ref.perturb_gram,
-        moments=ref.moments_so,
-    ),
+    _so_case("SO", gf.SO(), SHAPES_SQUARE),
+    _so_case("SO-cayley", gf.SO(triv="cayley"), ((2, 2), (2, 4, 4))),
     _stiefel_case("Stiefel", gf.Stiefel(), SHAPES_MATRIX),
     _stiefel_case("Stiefel-cayley", gf.Stiefel(triv="cayley"), ((4, 4), (6, 3), (3, 6), (2, 5, 2))),
     # the canonical metric (geoopt's default Stiefel): the same chart, another metric and retraction
