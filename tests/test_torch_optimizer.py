@@ -459,6 +459,68 @@ def test_a_checkpoint_resumes_bit_for_bit(generator):
         assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
 
 
+def test_state_dict_hooks_run_as_torch_optims(generator):
+    """The hooks of ``register_state_dict_pre_hook`` / ``_post_hook`` and
+    ``register_load_state_dict_pre_hook`` / ``_post_hook`` run (Note [Hooks of state_dict and
+    load_state_dict]): a pre-hook that renames a checkpoint's parameters (torch's way to load one saved
+    under other names, here a compiled model's ``_orig_mod.``) loads it, and the run resumes bit for bit."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    prefixed = [(f"_orig_mod.{n}", p) for n, p in a.named_parameters()]
+    opt_a = gf.optim.TorchOptimizer(prefixed, {f"_orig_mod.{n}": s for n, s in C.items()}, gf.optim.radam, lr=0.02)
+    calls = []
+    opt_a.register_state_dict_pre_hook(lambda opt: calls.append("state_dict pre"))
+    opt_a.register_state_dict_post_hook(lambda opt, sd: {**sd, "note": "post"})
+    _train(a, opt_a, x, y, 3)
+    saved = opt_a.state_dict()
+    assert calls == ["state_dict pre"] and saved["note"] == "post"
+    b.load_state_dict(a.state_dict())
+    _train(a, opt_a, x, y, 3)
+
+    def strip(opt, sd):
+        groups = [{**g, "param_names": [n.removeprefix("_orig_mod.") for n in g["param_names"]]} for g in sd["param_groups"]]
+        return {**sd, "param_groups": groups}
+
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radam, lr=0.02)
+    with pytest.raises(gf.ManifoldError, match="expected a state for the parameters"):
+        opt_b.load_state_dict(saved)  # its names are others
+    opt_b.register_load_state_dict_pre_hook(strip)
+    opt_b.register_load_state_dict_post_hook(lambda opt: calls.append("load post"))
+    opt_b.load_state_dict(saved)
+    assert calls[-1] == "load post"
+    _train(b, opt_b, x, y, 3)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
+
+
+@pytest.mark.parametrize("name, kwargs", [("radam", dict(lr=0.02)), ("rsgd", dict(lr=0.02, momentum=0.9))])
+def test_a_checkpoint_loads_in_its_parameters_dtype_as_torch_optim(name, kwargs, generator):
+    """A float64 run's checkpoint loaded into the float32 model: as ``torch.optim`` does, every loaded
+    tensor takes its parameter's dtype (Note [Loading a state where its parameters are]); the
+    constrained parameters used to be refused at the first step (a float64 vector at a float32 point)
+    and the free ones stepped in float64. The run goes on as one whose checkpoint was cast by hand."""
+    factory = getattr(gf.optim, name)
+    x, y = _data(generator)
+    a = Net(generator)
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, factory, **kwargs)
+    _train(a, opt_a, x, y, 3)
+    saved = opt_a.state_dict()
+    cast = {**saved, "state": {i: {k: v.float() if v.is_floating_point() else v for k, v in e.items()}
+                               for i, e in saved["state"].items()}}
+    runs = []
+    for sd in (saved, cast):
+        b = Net(generator).float()
+        b.load_state_dict(a.state_dict())
+        opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, factory, **kwargs)
+        opt_b.load_state_dict(sd)
+        assert all(v.dtype in (torch.float32, torch.int64) for e in opt_b.state.values() for v in e.values())
+        _train(b, opt_b, x.float(), y.float(), 3)
+        runs.append(b)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(runs[0], k).detach(), getattr(runs[1], k).detach()), k
+    assert member(C["W"], runs[0].W.detach()) and member(C["s"], runs[0].s.detach())
+
+
 def test_a_checkpoint_with_skipped_parameters_resumes_bit_for_bit(generator):
     """The same with cohorts split by skipped parameters (their states and step counts saved apart),
     and a checkpoint of the first format (one ``functional_state``) loads into the one cohort."""

@@ -154,10 +154,31 @@ def _entries(tree: Any, names: tuple[str, ...]) -> tuple[dict[str, dict[str, Any
     return own, shared
 
 
-def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[str, Any]]) -> Any:
-    """A cohort's functional state on the structure of ``fresh`` (the optimizer's init) with its leaves
-    from each parameter's ``entries`` (Note [TorchOptimizer's state_dict]); ``None`` where the entries
-    are not exactly its leaves (a checkpoint of another optimizer)."""
+def _like(value: Any, ref: Any) -> Any:
+    """A loaded tensor ``value`` on the device and in the dtype of ``ref`` (Note [Loading a state where
+    its parameters are])."""
+    if isinstance(value, torch.Tensor) and isinstance(ref, torch.Tensor):
+        return value.to(device=ref.device, dtype=ref.dtype)
+    return value
+
+
+# Note [Loading a state where its parameters are]
+# torch.optim's load_state_dict casts each loaded tensor to its parameter's device (and floating
+# dtype): a checkpoint saved on cuda:0 resumes on cuda:1 or on the CPU, one of a float64 run in a
+# float32 model. load_state_dict took the loaded tensors as they were: a float64 state of a float32
+# model stepped its free parameters in float64 (rounded back by copy_) and refused every constrained
+# one at the first step (a ManifoldError: the retraction's vector in another dtype than the point),
+# and a state on another device failed there with torch's device error. _rebuild casts each leaf to
+# the device and dtype of the leaf of init's state it fills (init made it from the parameter: Adam's
+# float32 second moment of a bfloat16 parameter stays float32, a count stays int64), and a momentum
+# buffer that init does not have (momentum now 0) to its parameter's. A tensor already there is not
+# copied (Tensor.to returns it), so dcp.load's in-place entries are still the ones the state holds.
+def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[str, Any]],
+             points: Mapping[str, torch.Tensor]) -> Any:
+    """A cohort's functional state on the structure of ``fresh`` (the optimizer's init at ``points``)
+    with its leaves from each parameter's ``entries``, each on the device and in the dtype of the leaf
+    it fills (Note [TorchOptimizer's state_dict], Note [Loading a state where its parameters are]);
+    ``None`` where the entries are not exactly its leaves (a checkpoint of another optimizer)."""
     first = entries[names[0]]
 
     def one(t: Any, n: str, path: tuple[str, ...]) -> Any:
@@ -168,7 +189,7 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
         if isinstance(t, (tuple, list)):
             return type(t)(one(v, n, (*path, str(i))) for i, v in enumerate(t))
         if isinstance(t, (torch.Tensor, int, float)):
-            return entries[n][_key(path)]
+            return _like(entries[n][_key(path)], t)
         return t
 
     def walk(t: Any, path: tuple[str, ...]) -> Any:
@@ -180,7 +201,7 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
             where = (*path, "trace")
             key = _key(where)
             if _no_buffer(t.trace) and key in first:
-                trace = {n: entries[n][key] for n in names}
+                trace = {n: _like(entries[n][key], points[n]) for n in names}
             elif not _no_buffer(t.trace) and not any(k == key or k.startswith(f"{key}.") for k in first):
                 trace = ()
             else:
@@ -191,7 +212,7 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
         if isinstance(t, (tuple, list)):
             return type(t)(walk(v, (*path, str(i))) for i, v in enumerate(t))
         if isinstance(t, (torch.Tensor, int, float)):
-            return first[_key(path)]
+            return _like(first[_key(path)], t)
         return t
 
     try:
@@ -561,7 +582,11 @@ class TorchOptimizer(torch.optim.Optimizer):
         ...}}, "param_groups": [{**hyperparameters, "params": [index, ...], "param_names": [name, ...]}]}``,
         a parameter's entries the leaves of its functional state (``"2.mu"``, ``"2.nu"``, ...), a copy of
         its cohort's shared ones (the count, ``"2.count"``) and ``"cohort"`` (a 0-dim integer tensor,
-        the same for the parameters stepped together); none before its first step."""
+        the same for the parameters stepped together); none before its first step. The hooks of
+        ``register_state_dict_pre_hook`` / ``_post_hook`` run as in ``torch.optim`` (Note [Hooks of
+        state_dict and load_state_dict])."""
+        for pre_hook in _hooks(self, "_optimizer_state_dict_pre_hooks"):
+            pre_hook(self)
         entries = self._param_entries()
         index, groups, state = 0, [], {}
         for g, names in zip(self.param_groups, self._group_names):
@@ -569,12 +594,24 @@ class TorchOptimizer(torch.optim.Optimizer):
                           | {"params": list(range(index, index + len(names))), "param_names": list(names)})
             state.update((index + i, entries[n]) for i, n in enumerate(names) if n in entries)
             index += len(names)
-        return {"state": state, "param_groups": groups}
+        out = {"state": state, "param_groups": groups}
+        for post_hook in _hooks(self, "_optimizer_state_dict_post_hooks"):
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict`` of this optimizer's format, or of the earlier ones (``"cohorts"``,
         ``"functional_state"``); the parameters are matched by their positions in the groups (their
-        saved indices or names, as ``torch.distributed.checkpoint.state_dict`` gives them, are keys)."""
+        saved indices or names, as ``torch.distributed.checkpoint.state_dict`` gives them, are keys).
+        The hooks of ``register_load_state_dict_pre_hook`` (which may return a new ``state_dict``: e.g.
+        one that renames the saved parameters) and ``_post_hook`` run as in ``torch.optim``."""
+        state_dict = dict(state_dict)  # shallow, as torch.optim: a pre-hook may write into it
+        for pre_hook in _hooks(self, "_optimizer_load_state_dict_pre_hooks"):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         groups = list(state_dict.get("param_groups", []))
         if "state" in state_dict:
             saved = ([n for g in groups for n in g["param_names"]] if all("param_names" in g for g in groups)
@@ -602,6 +639,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                 group.update(old)
             self._built.clear()
             raise
+        for post_hook in _hooks(self, "_optimizer_load_state_dict_post_hooks"):
+            post_hook(self)
 
     def _refuse(self, co: _Cohort, where: str) -> ManifoldError:
         name = getattr(self._factory, "__name__", repr(self._factory))
@@ -640,9 +679,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                 cohorts.append(co)
                 if entries is None:
                     continue
+                points = {n: params[n].detach() for n in co.names}
                 with torch.no_grad():
-                    fresh = self._functional(co).init({n: params[n].detach() for n in co.names})
-                co.state = _rebuild(fresh, co.names, entries)
+                    fresh = self._functional(co).init(points)
+                co.state = _rebuild(fresh, co.names, entries, points)
                 if co.state is None:
                     own, shared = _entries(fresh, co.names)
                     got, want = sorted(set(entries[co.names[0]]) - {_COHORT}), sorted(own[co.names[0]] | shared)
@@ -668,6 +708,18 @@ class TorchOptimizer(torch.optim.Optimizer):
             if where is not None:
                 raise self._refuse(co, where)
         self._cohorts = cohorts
+
+
+# Note [Hooks of state_dict and load_state_dict]
+# TorchOptimizer writes its own state_dict and load_state_dict (torch.optim's format from the functional
+# states), and torch.optim runs the hooks registered with register_state_dict_pre_hook / _post_hook and
+# register_load_state_dict_pre_hook / _post_hook inside its own: they were registered and never called,
+# silently (a pre-hook that renames a checkpoint's parameters, torch's documented way to load one
+# saved under other names, did nothing). They run here at the same points and with the same
+# arguments: a post-hook of state_dict and a pre-hook of load_state_dict may return a new dict.
+def _hooks(opt: torch.optim.Optimizer, attribute: str) -> list[Callable[..., Any]]:
+    """The hooks registered on ``opt`` under ``attribute`` (none on a torch without that kind)."""
+    return list(getattr(opt, attribute, {}).values())
 
 
 @torch.compiler.disable  # (a plain function: on torch 2.6 the decorator does not bind as a method)
