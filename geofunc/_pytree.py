@@ -145,7 +145,7 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
     if node is None:
         where = f" for parameter {_join(path)!r}" if path else ""
         raise ManifoldError(
-            f"constraints{where}: expected a space (the entry is a single tensor), got {type(c).__name__} {c!r}."
+            f"constraints{where}: expected a space (the entry is a single tensor), got {_what(c)}."
         )
     entries, kids, rebuild = node
     if isinstance(c, Mapping):
@@ -190,9 +190,15 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
         where = f" at {_join(path)!r}" if path else ""
         raise ManifoldError(
             f"constraints{where}: expected a space, None, a mapping of names, or a {type(p).__name__} of "
-            f"{len(kids)} entries like the parameters, got {type(c).__name__} {c!r}."
+            f"{len(kids)} entries like the parameters, got {_what(c)}."
         )
     return rebuild([_plan(ci, kid, path + (e,)) for ci, kid, e in zip(cnode[1], kids, entries)])
+
+
+def _what(c: Any) -> str:
+    """A wrong constraint entry for a message: a tensor by its shape and dtype, a sequence by its length, never
+    tensor values (README, "Errors")."""
+    return describe(c) if isinstance(c, (torch.Tensor, tuple, list)) else f"{type(c).__name__} {c!r}"
 
 
 def _match(key: Any, entries: list[Any]) -> int | None:

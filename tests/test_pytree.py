@@ -165,6 +165,13 @@ def test_a_space_on_a_missing_tensor_and_structure_errors_without_tensor_dumps()
     with pytest.raises(gf.ManifoldError, match="structure") as info:
         gf.tangent({"w": gf.SO()}, {"w": torch.eye(3, dtype=F64), "v": secret}, {"w": secret})
     assert "12345" not in str(info.value) and "tensor(" not in str(info.value), str(info.value)
+    # A tensor given where a space belongs (a params dict passed as constraints) is named by shape too.
+    for constraints, params, want in (({"w": secret}, {"w": torch.eye(3, dtype=F64)}, r"parameter 'w'.*shape \(3, 3\)"),
+                                      (secret, {"w": torch.eye(3, dtype=F64)}, r"shape \(3, 3\)"),
+                                      ((secret,), [torch.eye(3, dtype=F64)], r"got a tuple of 1 entries")):
+        with pytest.raises(gf.ManifoldError, match=want) as info:
+            gf.sample(constraints, params)
+        assert "12345" not in str(info.value) and "tensor(" not in str(info.value), str(info.value)
 
 
 def test_containers_are_pytrees_for_torch_and_optree(generator):
