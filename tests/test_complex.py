@@ -14,6 +14,7 @@ import optree
 import pytest
 import torch
 from cases import CASES
+from reference import member
 
 import geofunc as gf
 from geofunc import ManifoldError
@@ -368,6 +369,28 @@ def test_radam_on_unconstrained_complex_entries_equals_torch_adam(dtype, which, 
         torch.testing.assert_close(x["x"], ref.detach(), atol=tol, rtol=tol)
     if which == "clip":
         assert min(norms) < 2.0 < max(norms), norms
+
+
+@pytest.mark.parametrize("which", ["radam", "radam-amsgrad", "clip"])
+def test_a_lazily_conjugated_gradient_steps_as_its_resolved_copy(which, generator) -> None:
+    """A gradient given as ``g.conj()`` (a conjugate view, e.g. of a Wirtinger derivative written by
+    hand) steps exactly as ``g.conj().resolve_conj()``, on free, ``Rn`` and complex ``Stiefel``
+    entries: Adam's elementwise statistic and the clip's norm of a free entry used ``view_as_real``,
+    which refuses a conjugate view (a RuntimeError for a valid gradient)."""
+    c = {"X": gf.Stiefel(), "r": gf.Rn()}
+    p = {"X": gf.Stiefel().sample((4, 2), dtype=C128, generator=generator), "b": _crandn(3, generator=generator),
+         "r": _crandn(3, generator=generator)}
+    opt = {"radam": gf.optim.radam(c, lr=0.1), "radam-amsgrad": gf.optim.radam(c, lr=0.1, amsgrad=True),
+           "clip": gf.optim.retract_and_transport(c, gf.optim.chain(
+               gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.5), gf.optim.scale(-0.1)))}[which]
+    g = {k: _crandn(*v.shape, generator=generator) for k, v in p.items()}
+    lazy = {k: v.conj() for k, v in g.items()}
+    assert all(v.is_conj() for v in lazy.values())
+    got, _ = opt.update(lazy, opt.init(p), p)
+    want, _ = opt.update({k: v.resolve_conj() for k, v in lazy.items()}, opt.init(p), p)
+    for k in p:
+        torch.testing.assert_close(got[k], want[k], atol=0.0, rtol=0.0)
+    assert member(c["X"], got["X"], 1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -249,10 +249,11 @@ def _wide(t: Any) -> Any:
 def _free_sq(v: Tensor) -> Tensor:
     """The second-moment statistic of an unconstrained entry: ``v²`` elementwise, and for a complex
     entry the squares of its real and imaginary parts (a trailing dim of 2), as ``torch.optim.Adam``
-    treats complex parameters (``view_as_real``). At least float32."""
+    treats complex parameters (``view_as_real``). At least float32. A lazily conjugated gradient
+    (``g.conj()``) is resolved first: ``view_as_real`` refuses one (a RuntimeError for a valid input)."""
     v = _wide(v)
     if v.is_complex():
-        r = torch.view_as_real(v)
+        r = torch.view_as_real(v.resolve_conj())
         return r * r
     return v * v
 
@@ -356,7 +357,7 @@ def scale_by_adam(
             bc2 = 1.0 - torch.pow(b2, t)
             w = _wide(m)
             if v.ndim == w.ndim + 1:  # an unconstrained complex entry: real and imaginary parts apart
-                w = torch.view_as_real(w)
+                w = torch.view_as_real(w.resolve_conj())
                 return torch.view_as_complex((w / (_sqrt0(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
             return ((w / (_sqrt0(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
 
