@@ -26,7 +26,9 @@ class Product(AbstractSpace):
     every factor's canonical base); ``tangent``, ``retract``, ``project`` pair up the tuples;
     ``sample(shapes)`` takes one full shape per factor; ``contains`` is the ``&`` of the factors'
     (batch shapes must broadcast); ``logabsdet`` is the sum of the factors' (the determinant of the
-    block-diagonal matrix). Factors may have different shapes, batch dims and dtypes. Errors
+    block-diagonal matrix); ``inner`` and ``sqdist`` the sums of the factors', ``expmap`` and
+    ``logmap`` the factors' and ``dist`` the product distance ``√(Σ dist_i²)``, where every factor
+    has them. Factors may have different shapes, batch dims and dtypes. Errors
     name the product and the factor.
 
     Example::
@@ -124,6 +126,35 @@ class Product(AbstractSpace):
         for p in parts[1:]:
             out = out + p
         return out
+
+    # Note [Closed forms of a product]
+    # The geodesics of a product (with the product metric, ``inner`` above) are the tuples of the
+    # factors' geodesics, so ``expmap`` and ``logmap`` act factor-wise and the distance is
+    # √(Σ dist_i²). They exist where every factor has them: a factor without a closed form raises
+    # its own ManifoldError, with its index (``_each``). ``sqdist`` is the sum of the factors'
+    # ``sqdist`` (each smooth at Y = X, where the square root of ``dist`` is not), not ``dist²``.
+    def expmap(self, X: Any, V: Any) -> tuple:
+        """The factors' ``expmap`` (Note [Closed forms of a product])."""
+        return self._each(lambda M, x, v: M.expmap(x, v), self._tuple(X, "X"), self._tuple(V, "V"))
+
+    def logmap(self, X: Any, Y: Any) -> tuple:
+        """The factors' ``logmap`` (Note [Closed forms of a product])."""
+        return self._each(lambda M, x, y: M.logmap(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
+
+    def sqdist(self, X: Any, Y: Any) -> Tensor:
+        """The sum of the factors' ``sqdist`` (batch-shaped; Note [Closed forms of a product])."""
+        parts = self._each(lambda M, x, y: M.sqdist(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
+        out = parts[0]
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    def dist(self, X: Any, Y: Any) -> Tensor:
+        """``√(Σ dist_i²)`` of the factors' ``dist`` (batch-shaped; Note [Closed forms of a product])."""
+        parts = self._each(lambda M, x, y: M.dist(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
+        if len(parts) == 1:
+            return parts[0]
+        return torch.linalg.vector_norm(torch.stack(torch.broadcast_tensors(*parts)), dim=0)
 
     def project(self, Y: Any) -> tuple:
         return self._each(lambda M, y: M.project(y), self._tuple(Y, "Y"))

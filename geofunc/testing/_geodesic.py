@@ -9,6 +9,7 @@ import torch
 
 from .._errors import first_index
 from ..spaces._base import AbstractSpace
+from ..spaces._product import Product
 from ._case import SpaceCase
 from ._geometry import _STEPS, _point_norm, _scalar_close, _small_steps, _vectors_close
 from ._properties import (_batch_shape, _close, _ctx, _fail, _gen, _member, _property, _randn, _require_f64,
@@ -34,13 +35,17 @@ Tensor = torch.Tensor
 # ("needs ...") elsewhere. An override is called, and anything it raises, a ManifoldError included,
 # fails the property with the context of Note [Context of an unexpected exception]: a space whose
 # override has no closed form in some configuration lists the property in `case.skip` with the
-# reason instead of passing silently.
+# reason instead of passing silently. A Product has a closed form where each of its factors has
+# (Note [Closed forms of a product] in geofunc/spaces/_product.py): `implements` asks the factors.
 
 
 def implements(space: AbstractSpace, name: str) -> bool:
     """Whether ``space`` implements the closed-form map ``name`` (``"dist"``, ``"expmap"`` or
     ``"logmap"``): its class defines a method other than :class:`~geofunc.AbstractSpace`'s, which
-    raises ``ManifoldError`` (Note [Which spaces have the closed forms])."""
+    raises ``ManifoldError`` (Note [Which spaces have the closed forms]); for a
+    :class:`~geofunc.Product`, whether every factor implements it."""
+    if isinstance(space, Product):
+        return all(implements(M, name) for M in space.factors)
     method = getattr(type(space), name, None)
     return method is not None and method is not getattr(AbstractSpace, name)
 
