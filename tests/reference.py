@@ -41,6 +41,11 @@ def symmetric(X: Tensor, atol: float) -> Tensor:
     return _max_abs(X - X.mT) <= atol * _max_abs(X).clamp(min=1.0)
 
 
+def hermitian(X: Tensor, atol: float) -> Tensor:
+    """``max|X − Xᴴ| ≤ atol·max(1, max|X|)`` (``symmetric`` for a real ``X``)."""
+    return _max_abs(X - X.mH) <= atol * _max_abs(X).clamp(min=1.0)
+
+
 def skew(X: Tensor, atol: float) -> Tensor:
     """``max|X + Xᵀ| ≤ atol·max(1, max|X|)``."""
     return _max_abs(X + X.mT) <= atol * _max_abs(X).clamp(min=1.0)
@@ -151,6 +156,7 @@ def predicate(space: Any) -> Callable[[Tensor, float], Any]:
         (gf.SphereEmbedded, lambda M: on_sphere(M.radius)),
         (gf.Rn, lambda M: finite),
         (gf.Sym, lambda M: symmetric),
+        (gf.Hermitian, lambda M: hermitian),
         (gf.Skew, lambda M: skew),
         (gf.Sphere, lambda M: on_sphere(M.radius)),
         (gf.Oblique, lambda M: unit_columns),

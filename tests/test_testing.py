@@ -1164,3 +1164,21 @@ def test_check_space_names_the_property_and_refuses_bad_arguments() -> None:
                        (dict(dtypes=()), "`dtypes` is empty")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(case, **bad)
+
+
+def test_documented_tolerance_of_complex_dtypes_and_the_hermitian_predicate() -> None:
+    """``documented_atol`` of a complex dtype is that of the real dtype of its parts (it raised
+    ``KeyError: torch.complex128``, so ``reference.member`` failed on every complex point without an
+    explicit ``atol``), and the reference has a predicate for ``Hermitian`` (``Xᴴ``, not ``Xᵀ``)."""
+    from geofunc.testing import documented_atol
+
+    for c, r in ((torch.complex64, torch.float32), (torch.complex128, torch.float64)):
+        for shape in ((4, 4), (200, 3)):
+            assert documented_atol(c, shape) == documented_atol(r, shape)
+    g = torch.Generator().manual_seed(SEED)
+    U = gf.Unitary().sample((3, 4, 4), generator=g, dtype=torch.complex128)
+    assert ref.member(gf.Unitary(), U) and not ref.member(gf.Unitary(), 1.001 * U)
+    H = gf.Hermitian().sample((3, 4, 4), generator=g, dtype=torch.complex64)
+    assert ref.member(gf.Hermitian(), H)
+    assert not ref.member(gf.Hermitian(), H + 1j * H.real)  # complex symmetric is not Hermitian
+    assert ref.member(gf.Hermitian(), H.real.to(torch.float32) + 0j * H)  # real symmetric is

@@ -28,9 +28,11 @@ MEMBERSHIP_ATOL: Mapping[torch.dtype, float] = types.MappingProxyType({torch.flo
 
 
 def documented_atol(dtype: torch.dtype, point_shape: tuple[int, ...]) -> float:
-    """The documented default membership tolerance for a point of shape ``point_shape``."""
+    """The documented default membership tolerance for a point of shape ``point_shape``; a complex
+    dtype has that of the real dtype of its parts (complex64: float32's), as the spaces' defaults."""
     size = max(point_shape) if point_shape else 1
-    return MEMBERSHIP_ATOL[dtype] * max(1.0, math.sqrt(size / 64.0))
+    real = dtype.to_real() if dtype.is_complex else dtype
+    return MEMBERSHIP_ATOL[real] * max(1.0, math.sqrt(size / 64.0))
 
 
 def _default_tol() -> Mapping[torch.dtype, float]:
