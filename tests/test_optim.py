@@ -789,6 +789,42 @@ def test_radam_state_of_half_precision_entries():
     assert adam.nu["x"].dtype == torch.float32 and adam.nu["y"].dtype == torch.float32  # a statistic: float32
 
 
+#: Optimizers whose hyperparameters are tensors of another dtype than the parameters' (a float64
+#: schedule, a float32 rate, clip factor, momentum or weight decay).
+TENSOR_HYPERPARAMETERS = {
+    "radam-f64-schedule": lambda: gf.optim.radam({}, lr=lambda n: 0.05 * torch.clamp((n + 1).to(F64) / 3, max=1.0)),
+    "rsgd-tensor-momentum": lambda: gf.optim.rsgd({}, lr=torch.tensor(0.05), momentum=torch.tensor(0.9),
+                                                   dampening=torch.tensor(0.1), weight_decay=torch.tensor(0.1)),
+    "rsgd-nesterov": lambda: gf.optim.rsgd({}, lr=0.05, momentum=torch.tensor(0.9), nesterov=True),
+    "radamw-tensor": lambda: gf.optim.radamw({}, lr=torch.tensor(0.05), weight_decay=torch.tensor(0.1),
+                                             betas=(torch.tensor(0.9), torch.tensor(0.99))),
+    "clip": lambda: gf.optim.retract_and_transport({}, gf.optim.chain(gf.optim.clip_by_global_norm({}, 0.1),
+                                                                       gf.optim.scale(torch.tensor(-0.05)))),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(TENSOR_HYPERPARAMETERS))
+def test_a_scalar_parameter_keeps_its_dtype_with_tensor_hyperparameters(name, dtype, generator):
+    """A 0-dim parameter (a scalar gain) steps as the same parameter of shape (1,), in its own dtype,
+    with a state that keeps init's dtypes (Note [Vectors keep their dtype]): type promotion let a 0-dim
+    tensor hyperparameter widen a 0-dim vector, so such a parameter came back float64 (a float64
+    schedule) or float32 (bfloat16 with a float32 rate), and its momentum buffer with it."""
+    opt = TENSOR_HYPERPARAMETERS[name]()
+    w = torch.randn(3, 2, generator=generator).to(dtype)
+    scalar = {"w": w, "t": torch.tensor(0.7, dtype=dtype)}
+    vector = {"w": w, "t": torch.tensor([0.7], dtype=dtype)}
+    s0, s1 = opt.init(scalar), opt.init(vector)
+    dtypes = [t.dtype for t in optree.tree_leaves(s0)]
+    for k in range(4):
+        g = {"w": torch.full((3, 2), 0.3 * (k + 1)).to(dtype), "t": torch.tensor(0.5 * (k - 1), dtype=dtype)}
+        scalar, s0 = opt.update(g, s0, scalar)
+        vector, s1 = opt.update({**g, "t": g["t"].reshape(1)}, s1, vector)
+        assert scalar["t"].dtype == dtype and scalar["t"].shape == ()
+        assert [t.dtype for t in optree.tree_leaves(s0)] == dtypes
+        assert torch.equal(scalar["t"].reshape(1), vector["t"]) and torch.equal(scalar["w"], vector["w"])
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_missing_gradient_is_a_manifold_error_naming_it(name):
     """A ``None`` gradient (a frozen parameter) or a missing or extra entry names the parameter (an

@@ -42,6 +42,21 @@ def _map(fn: Any, *trees: Any) -> Any:
     return optree.tree_map(fn, *trees, none_is_leaf=False)
 
 
+# Note [Vectors keep their dtype]
+# A hyperparameter may be a tensor (a 0-dim lr, a schedule's rate, the clip's factor, a learned momentum
+# or weight decay), and type promotion lets a 0-dim tensor widen a 0-dim vector (no dimensioned operand
+# wins): a 0-dim parameter (a scalar gain, a temperature) stepped with a float64 schedule, or in
+# bfloat16 with a float32 rate or clip factor, came back in float64/float32, and so did its momentum
+# buffer (a state of other dtypes at the next step: a recompile under torch.compile). torch.optim steps
+# in place, so a parameter keeps its dtype there. Each transform's output is cast back to its input
+# vector's dtype (`_keep`: Tensor.to returns the tensor itself where the dtype is already that one, so
+# the usual case costs nothing); the second moment keeps the dtype of its statistic (float32 for
+# bfloat16/float16 entries: Note [Adam's statistics in low precision]).
+def _keep(v: Tensor, out: Tensor) -> Tensor:
+    """``out`` in the dtype of the vector ``v`` it was computed from (Note [Vectors keep their dtype])."""
+    return out.to(v.dtype) if isinstance(out, Tensor) and isinstance(v, Tensor) and out.dtype != v.dtype else out
+
+
 def _zeros(params: Params) -> Any:
     return _map(torch.zeros_like, params)
 
@@ -75,9 +90,9 @@ def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None, mask
         if weight_decay == 0.0:
             return vectors, state
         if constraints is None:
-            return _map(lambda g, x: g + weight_decay * x, vectors, params), state
+            return _map(lambda g, x: _keep(g, g + weight_decay * x), vectors, params), state
         decay = _pytree.egrad_to_rgrad(constraints, params, _map(lambda x: weight_decay * x, params))
-        return _map(lambda g, d: g + d, vectors, decay), state
+        return _map(lambda g, d: _keep(g, g + d), vectors, decay), state
 
     return TangentTransform(init, update, keep_state)
 
@@ -204,11 +219,12 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
             buf = _map(torch.clone, vectors)
         elif dampening == 0.0:
             # b_0 = 0 makes the first step b_1 = g_1 exactly, as torch does.
-            buf = _map(lambda g, b: decay * b + g, vectors, state.trace)
+            buf = _map(lambda g, b: _keep(g, decay * b + g), vectors, state.trace)
         else:
             first = state.count == 0
-            buf = _map(lambda g, b: torch.where(first, g, decay * b + (1.0 - dampening) * g), vectors, state.trace)
-        out = _map(lambda g, b: g + decay * b, vectors, buf) if nesterov else buf
+            buf = _map(lambda g, b: _keep(g, torch.where(first, g, decay * b + (1.0 - dampening) * g)), vectors,
+                       state.trace)
+        out = _map(lambda g, b: _keep(g, g + decay * b), vectors, buf) if nesterov else buf
         return out, TraceState(state.count + 1, buf)
 
     def transport(state: TraceState, move: Move) -> TraceState:
@@ -347,9 +363,9 @@ def scale_by_adam(
         if not isinstance(state, (ScaleByAdamState, ScaleByAMSGradState)):
             raise _state_error("scale_by_adam", "a ScaleByAMSGradState" if amsgrad else "a ScaleByAdamState", state)
         count = state.count + 1
-        mu = _map(lambda g, m: b1 * m + (1.0 - b1) * g, vectors, state.mu)
+        mu = _map(lambda g, m: _keep(g, b1 * m + (1.0 - b1) * g), vectors, state.mu)
         sq = _pytree.lift(constraints, _point_sq_norm, params, vectors)
-        nu = _map(lambda s, v: b2 * v + (1.0 - b2) * s, sq, state.nu)
+        nu = _map(lambda s, v: _keep(s, b2 * v + (1.0 - b2) * s), sq, state.nu)
 
         def direction(m: Tensor, v: Tensor) -> Tensor:
             t = count.to(v.dtype)  # v is real, at least float32 (Note [Adam's statistics in low precision])
@@ -384,7 +400,7 @@ def scale(step: float) -> TangentTransform:
 
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
         del params
-        return _map(lambda v: step * v, vectors), state
+        return _map(lambda v: _keep(v, step * v), vectors), state
 
     return TangentTransform(init, update, keep_state)
 
@@ -403,8 +419,8 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
     The schedule is called inside ``update``: under ``vmap`` and ``torch.compile`` (and, for a
     checkpoint that resumes bit for bit, always) write it in torch ops on ``count``
     (``torch.where``, ``torch.cos``, ``torch.clamp``), not Python branching on its value. A
-    0-dim tensor rate multiplies each vector in the vector's dtype (type promotion: a 0-dim
-    tensor does not widen a tensor of its category).
+    tensor rate multiplies each vector in the vector's dtype (a 0-dim vector too: Note [Vectors
+    keep their dtype]).
     """
 
     def init(params: Params) -> ScaleByScheduleState:
@@ -416,7 +432,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
         if not isinstance(state, ScaleByScheduleState):
             raise _state_error("scale_by_schedule", "a ScaleByScheduleState", state)
         step = schedule(state.count)
-        return _map(lambda v: step * v, vectors), ScaleByScheduleState(state.count + 1)
+        return _map(lambda v: _keep(v, step * v), vectors), ScaleByScheduleState(state.count + 1)
 
     return TangentTransform(init, update, keep_state)
 
@@ -463,7 +479,7 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
             return vectors, state
         total = _sqrt0(sum(s.sum() for s in leaves))  # Note [Square roots of statistics]
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        return _map(lambda v: v * coef, vectors), state
+        return _map(lambda v: _keep(v, v * coef), vectors), state
 
     return TangentTransform(init, update, keep_state)
 
