@@ -883,6 +883,16 @@ def test_constrain_any_space_and_chains():
     torch.testing.assert_close(m.weight, torch.eye(3), atol=1e-6, rtol=0)
 
 
+def test_constrain_refuses_a_product_by_name():
+    """A Product's points are tuples, so no one tensor holds one: ``constrain`` says so with a
+    ``ManifoldError`` (it sampled a tuple for the weight and failed with ``AttributeError: 'tuple' object
+    has no attribute 'shape'``), and leaves the module unconstrained."""
+    m = nn.Linear(3, 4)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight.*Product\(Sphere.*tuples of tensors"):
+        gnn.constrain(m, "weight", gf.Product(gf.Sphere(), gf.Sphere()))
+    assert not P.is_parametrized(m)
+
+
 class _Scale(nn.Module):
     def forward(self, X):
         return 2 * X

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .._dtensor import DTensor, gathered, like
 from .._errors import ManifoldError, describe
 from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable
+from ..spaces._product import Product
 from ..spaces._values import floor_eps, softplus_inverse
 
 __all__ = [
@@ -904,6 +905,9 @@ def constrain(
     T = _resolve_tensor(module, tensor_name, space)
     where = _owner_name(module, tensor_name)
     what = f"{where} (a tensor of shape {tuple(T.shape)} and dtype {T.dtype})"
+    if isinstance(space, Product):  # its points are tuples: no one tensor holds one
+        raise ManifoldError(f"cannot constrain {what} to {space!r}: expected a space whose points are tensors; a "
+                            f"Product's points are tuples of tensors (constrain each tensor to its factor).")
     try:
         if init is None:
             X = space.sample(tuple(T.shape), dtype=T.dtype, device=T.device)
