@@ -59,6 +59,47 @@ def test_every_space_is_final_and_holds_hyperparameters_only(cls: type) -> None:
     assert {f.name for f in dataclasses.fields(cls) if f.init} - {"factors"} == params
     assert all(not f.name.startswith("_") for f in dataclasses.fields(cls))
 
+# A required first hyperparameter (rank, lam) may come by position, as DESIGN's table writes it;
+# nothing else (Note [Hyperparameters by keyword]).
+FIRST_BY_POSITION = {"AlmostOrthogonal": 0.5, "LowRank": 2, "FixedRank": 2, "PSSDLowRank": 2, "PSSDFixedRank": 2}
+
+
+@pytest.mark.parametrize("cls", [c for c in SPACE_CLASSES if c.__name__ != "Product"], ids=lambda c: c.__name__)
+def test_hyperparameters_are_keyword_only(cls: type) -> None:
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    positional = [p.name for p in inspect.signature(cls).parameters.values() if p.kind is not p.KEYWORD_ONLY]
+    first = FIRST_BY_POSITION.get(cls.__name__)
+    assert positional == ([fields[0].name] if first is not None else [])
+    args = (first, "expm") if first is not None else (5,)  # GeoTorch's habit: a size first
+    with pytest.raises(TypeError, match=rf"^{cls.__name__} takes .*got {len(args)} positional argument") as info:
+        cls(*args)
+    assert "Sizes are read from the tensors" in str(info.value)
+    if first is not None:
+        assert cls(first) == cls(**{fields[0].name: first})
+
+
+def test_a_users_space_with_a_positional_init_is_untouched() -> None:
+    """The keyword rule reads each class's own ``__init__``: a user's space that takes arguments by
+    position (a non-frozen field order, a hand-written ``__init__``) is built as it says."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(AbstractSpace):
+        scale: float = 1.0
+
+        def _check_shape(self, X: Any, what: str = "X") -> None: ...
+        def to_manifold(self, Z: Any, base: Any = None) -> Any: return Z * self.scale
+        def _from_manifold(self, X: Any) -> Any: ...
+        def tangent(self, X: Any, G: Any) -> Any: ...
+        def retract(self, X: Any, V: Any) -> Any: ...
+        def project(self, Y: Any) -> Any: ...
+        def _violations(self, X: Any) -> Any: ...
+
+    assert Scaled(3.0).scale == 3.0
+    with pytest.raises(TypeError, match="Scaled takes its hyperparameters by keyword"):
+        Scaled(3.0, 4.0)
+    assert gf.Product(gf.Sphere(), gf.SO(), gf.Rn()).factors == (gf.Sphere(), gf.SO(), gf.Rn())
+
+
 
 def _square(t: torch.Tensor) -> torch.Tensor:
     return t * t

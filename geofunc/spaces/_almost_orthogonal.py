@@ -49,6 +49,7 @@ class AlmostOrthogonal(SVDSpace):
     """
 
     lam: float
+    _: dataclasses.KW_ONLY  # the rest by keyword only (DESIGN §1; Note [Hyperparameters by keyword])
     f: Any = "sin"
     triv: Triv = "expm"
 

@@ -342,7 +342,47 @@ def _refine_frame(B: Tensor, force: bool) -> Tensor:
         return polar(B.float() if B.dtype in LOW_PRECISION else B).to(B.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+# Note [Hyperparameters by keyword]
+# DESIGN §1: a space's constructor takes hyperparameters, by keyword. The dataclasses say so
+# (``kw_only=True``); a required first hyperparameter (``rank``, ``lam``) may also come first by
+# position, as the DESIGN table writes it (``LowRank(4)``). The keyword rule catches a GeoTorch
+# habit that would otherwise be silent: GeoTorch's classes take the tensor's size first
+# (``Sphere(size=5)``, ``Stiefel(size=(n, k))``), and ``gf.Sphere(5)`` read positionally was a
+# sphere of radius 5. ``AbstractSpace.__new__`` runs before the generated ``__init__`` and words the
+# refusal (Python's own "takes 1 positional argument but 2 were given" counts ``self``). It only
+# pre-empts a call ``__init__`` would refuse anyway, so a user's space with its own positional
+# ``__init__`` (or ``Product(M1, M2)``'s ``*factors``) is untouched.
+_POSITIONAL: dict[type, float] = {}
+
+
+def _positional_count(cls: type) -> float:
+    """How many positional arguments ``cls.__init__`` takes (inf for ``*args``), cached per class."""
+    n = _POSITIONAL.get(cls)
+    if n is None:
+        import inspect
+
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+        kinds = inspect.Parameter
+        n = math.inf if any(p.kind is kinds.VAR_POSITIONAL for p in params) else float(
+            sum(p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD) for p in params))
+        _POSITIONAL[cls] = n
+    return n
+
+
+def _positional_message(cls: type, args: tuple) -> str:
+    names = [f.name for f in dataclasses.fields(cls) if f.init] if dataclasses.is_dataclass(cls) else []
+    n = int(_positional_count(cls))
+    name, got = cls.__qualname__, ", ".join(_value_repr(a) for a in args)
+    if not names:
+        head = f"{name} takes no hyperparameters ({name}())"
+    else:
+        takes = f", only `{names[0]}` also by position" if n == 1 else f", {n} by position" if n else ""
+        head = f"{name} takes its hyperparameters by keyword ({name}({', '.join(f'{k}=...' for k in names)}){takes})"
+    return (f"{head}, got {len(args)} positional argument{'s' * (len(args) > 1)} ({got}). Sizes are read from the "
+            "tensors the maps receive: a size argument, as GeoTorch's classes take, has no counterpart here.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AbstractSpace(_Space, abc.ABC):
     """A manifold (or constraint set) as pure functions of tensors. Abstract."""
 
@@ -372,6 +412,11 @@ class AbstractSpace(_Space, abc.ABC):
     _empty_points: ClassVar[bool] = False
 
     __repr__ = _space_repr  # in the class body, so @dataclass keeps it
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if args and len(args) > _positional_count(cls):  # Note [Hyperparameters by keyword]
+            raise TypeError(_positional_message(cls, args))
+        return super().__new__(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -352,7 +352,7 @@ def _safe_log(X: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Birkhoff(AbstractSpace):
     r"""Doubly stochastic matrices: the interior of the Birkhoff polytope (last two dimensions).
 

@@ -48,6 +48,7 @@ class FixedRank(SVDSpace):
     """
 
     rank: int
+    _: dataclasses.KW_ONLY  # the rest by keyword only (DESIGN §1; Note [Hyperparameters by keyword])
     f: Any = "softplus"
     triv: Triv = "expm"
 

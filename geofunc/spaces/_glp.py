@@ -19,7 +19,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GLp(SVDSpace):
     r"""Invertible matrices with positive determinant: :math:`GL^+(n) = \{X \in \mathbb{R}^{n\times n} : \det X > 0\}`.
 

@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Grassmannian(FrameSpace):
     r"""k-dimensional subspaces of Rⁿ, :math:`\mathrm{Gr}(n, k) = \mathrm{St}(n, k) / O(k)`.
 

@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Hermitian(TriangleSpace):
     r"""Hermitian ``n×n`` matrices.
 

@@ -121,7 +121,7 @@ _SKEW = Skew(lower=False)  # the chart of S: the strict upper triangle of Z
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Hurwitz(AbstractSpace):
     r"""Alpha-stable (Hurwitz) matrices: :math:`\{X \in \mathbb{R}^{n\times n} : \operatorname{Re}\lambda_i(X) \le -\alpha\ \forall i\}`.
 

@@ -133,7 +133,7 @@ def _flip(X: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Lorentz(AbstractSpace):
     r"""The hyperboloid model of hyperbolic space of curvature :math:`-1/k` (last dimension).
 

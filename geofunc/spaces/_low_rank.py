@@ -49,6 +49,7 @@ class LowRank(SVDSpace):
     """
 
     rank: int
+    _: dataclasses.KW_ONLY  # the rest by keyword only (DESIGN §1; Note [Hyperparameters by keyword])
     triv: Triv = "expm"
 
     _value_map: ClassVar[ValueMap] = Identity()

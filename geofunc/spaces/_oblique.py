@@ -21,7 +21,7 @@ def _columns(X: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Oblique(AbstractSpace):
     r"""``n×k`` matrices whose columns have unit norm.
 

@@ -37,7 +37,7 @@ def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
     return 0.0 * (Zt if Bt is None else Zt + Bt)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MatrixGroup(AbstractSpace):
     """Abstract: a group of square matrices with the chart ``base · φ(A)`` on skew(-Hermitian)
     generators ``A`` read from the strict lower triangle of ``Z`` (and the imaginary diagonal if
@@ -108,7 +108,7 @@ class MatrixGroup(AbstractSpace):
         return X @ skew_part(skew_part(R) @ P)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FrameSpace(AbstractSpace):
     """Abstract: n×k orthonormal frames (wide ones transposed), base = the frame itself.
 

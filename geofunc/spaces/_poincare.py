@@ -33,7 +33,7 @@ def _margin(X: Tensor) -> float:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PoincareBall(AbstractSpace):
     r"""The Poincaré ball of curvature :math:`-c`: hyperbolic space as an open ball (last dimension).
 

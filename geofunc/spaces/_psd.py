@@ -49,7 +49,7 @@ def _log(X: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PSD(EigSpace):
     r"""Symmetric positive definite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succ 0\}`.
 

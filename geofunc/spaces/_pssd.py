@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PSSD(EigSpace):
     r"""Positive semidefinite matrices: :math:`\{X \in \mathbb{R}^{n\times n} : X = X^\top \succeq 0\}`.
 

@@ -44,6 +44,7 @@ class PSSDFixedRank(EigSpace):
     """
 
     rank: int
+    _: dataclasses.KW_ONLY  # the rest by keyword only (DESIGN §1; Note [Hyperparameters by keyword])
     f: Any = "softplus"
     triv: Triv = "expm"
 

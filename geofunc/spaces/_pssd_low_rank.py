@@ -45,6 +45,7 @@ class PSSDLowRank(EigSpace):
     """
 
     rank: int
+    _: dataclasses.KW_ONLY  # the rest by keyword only (DESIGN §1; Note [Hyperparameters by keyword])
     triv: Triv = "expm"
 
     _value_map: ClassVar[ValueMap] = Abs()

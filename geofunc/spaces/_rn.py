@@ -15,7 +15,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Rn(AbstractSpace):
     r"""Unconstrained tensors of any shape (the identity constraint).
 

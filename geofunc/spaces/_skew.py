@@ -16,7 +16,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Skew(TriangleSpace):
     r"""Skew-symmetric ``n×n`` matrices.
 

@@ -36,7 +36,7 @@ def _inverse(X: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SL(AbstractSpace):
     r"""The special linear group: :math:`SL(n) = \{X \in \mathbb{R}^{n\times n} : \det X = 1\}`.
 

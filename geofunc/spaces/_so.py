@@ -17,7 +17,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SO(MatrixGroup):
     r"""Special orthogonal matrices: :math:`SO(n) = \{X \in \mathbb{R}^{n\times n} : X^\top X = I,\ \det X = 1\}`.
 

@@ -291,7 +291,7 @@ def validate_radius(space: Any) -> None:
     object.__setattr__(space, "radius", float(r))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RadiusSphere(AbstractSpace):
     """Abstract: vectors (last dimension) of norm ``radius``. Everything but the chart is shared by
     :class:`Sphere` and :class:`~geofunc.SphereEmbedded`: ``tangent(X, G) = G − ⟨G, X⟩ X / r²``,
@@ -346,7 +346,7 @@ class RadiusSphere(AbstractSpace):
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Sphere(RadiusSphere):
     r"""Vectors (last dimension) of norm ``radius``.
 

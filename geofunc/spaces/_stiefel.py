@@ -30,7 +30,7 @@ def _column_inners(A: Tensor, B: Tensor) -> Tensor:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Stiefel(FrameSpace):
     r"""Orthonormal frames: :math:`\mathrm{St}(n, k) = \{X \in \mathbb{R}^{n\times k} : X^\top X = I_k\}`.
 

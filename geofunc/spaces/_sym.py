@@ -16,7 +16,7 @@ Tensor = torch.Tensor
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Sym(TriangleSpace):
     r"""Symmetric ``n×n`` matrices.
 

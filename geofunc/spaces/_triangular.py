@@ -17,7 +17,7 @@ __all__ = ["TriangleSpace"]
 Tensor = torch.Tensor
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TriangleSpace(AbstractSpace):
     """Abstract: ``{X : X = s·Xᵀ}`` (``s = +1`` symmetric, ``−1`` skew), square ``(*batch, n, n)``.
 

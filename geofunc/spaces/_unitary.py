@@ -25,7 +25,7 @@ def complex_dtype(dtype: torch.dtype | None) -> torch.dtype:
 
 
 @final
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Unitary(MatrixGroup):
     r"""Unitary matrices: :math:`U(n) = \{X \in \mathbb{C}^{n\times n} : X^H X = I\}`.
 
