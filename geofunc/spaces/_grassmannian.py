@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poisoned_zero, transpose
+from .._linalg import frame_chart, poison, poisoned_zero, sanitize, transpose
 from ._factorized import spectral_eigh
 from ._logs import atan_ratio
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
@@ -94,10 +94,10 @@ class Grassmannian(FrameSpace):
         """``‖θ‖`` over the principal angles ``θ_i`` between the subspaces of ``X`` and ``Y``, batch-shaped."""
         self._check_pair(X, Y, "Y")
         Xt, Yt = tall(X)[0], tall(Y)[0]
-        C = transpose(Xt) @ Yt
-        cos = torch.linalg.svdvals(C)  # descending
-        sin = torch.linalg.svdvals(Yt - Xt @ C).flip(-1)  # ascending: paired with the cosines
-        return torch.linalg.vector_norm(torch.atan2(sin, cos), dim=-1)
+        C = transpose(Xt) @ Yt  # a NaN/inf entry of X or Y reaches C: poison(C) (Note [NaN policy])
+        cos = torch.linalg.svdvals(sanitize(C))  # descending
+        sin = torch.linalg.svdvals(sanitize(Yt - Xt @ C)).flip(-1)  # ascending: paired with the cosines
+        return torch.linalg.vector_norm(torch.atan2(sin, cos), dim=-1) + poison(C)[..., 0, 0]
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """The horizontal ``V`` at ``X`` with ``expmap(X, V)`` spanning ``Y``'s subspace, for principal

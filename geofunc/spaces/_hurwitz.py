@@ -334,6 +334,7 @@ class Hurwitz(AbstractSpace):
 
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation; the message names the largest eigenvalue real part of the first bad point."""
+        self._check_shape(X, "X")  # a shape or dtype error as it is: the eigenvalues below need a real square X
         try:
             super().check(X, atol)
         except ManifoldError as e:

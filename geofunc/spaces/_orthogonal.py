@@ -12,8 +12,8 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, polar, refined_times, resolve_triv, skew_lower,
-                       skew_part, sym_part, tall, transpose, untall)
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refined_times, resolve_triv,
+                       sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
 from ._logs import theta_over_sin
 
@@ -95,7 +95,8 @@ class MatrixGroup(AbstractSpace):
         """``‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²)``, ``λ_j`` the eigenvalues of ``XᴴY``; batch-shaped (for
         SO(3), √2 times the angle of the rotation ``XᵀY``)."""
         self._check_pair(X, Y, "Y")
-        return torch.linalg.vector_norm(torch.angle(torch.linalg.eigvals(transpose(X) @ Y)), dim=-1)
+        P = transpose(X) @ Y  # LAPACK's eig reports NaN input (MKL prints an error): sanitize, poison (Note [NaN policy])
+        return torch.linalg.vector_norm(torch.angle(torch.linalg.eigvals(sanitize(P))), dim=-1) + poison(P)[..., 0, 0]
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``X log(XᴴY)``, the principal logarithm: the inverse of :meth:`expmap` for rotation angles

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, final
 import torch
 
 from .._errors import error
-from .._linalg import Triv, sym_part
+from .._linalg import Triv, poison, sanitize, sym_part
 from ._base import _space_repr, cached_attribute, compute_cached
 from ._factorized import EigSpace, spectral_eigh
 from ._orthogonal import validate_triv
@@ -181,7 +181,8 @@ class PSD(EigSpace):
         if self.metric == "embedded":
             return torch.linalg.matrix_norm(Y - X)
         Ri = _rsqrt(X)
-        return torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sym_part(Ri @ Y @ Ri))), dim=-1)
+        W = sym_part(Ri @ Y @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
+        return torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
 
     @cached_attribute
     def _value_map(self) -> Positive:

@@ -1,0 +1,96 @@
+"""Inputs a space cannot take, given to every public method of every space: each is a
+``ManifoldError`` naming the space, what it expected and what it got (DESIGN §5), never a raw
+``RuntimeError``/``IndexError`` from the linear algebra underneath (``Hurwitz.check`` once sent a
+vector, a non-square matrix or an integer tensor straight to ``torch.linalg.eigvals``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from cases import CASES
+
+import geofunc as gf
+from geofunc.testing import implements
+
+# the spaces themselves: a complex case's real adapter unwrapped; the test-only Product adapter
+# (cases_rank) has the real gf.Product under test in tests/test_rank.py
+SPACES = {c.id: getattr(c.space, "space", c.space) for c in CASES}
+SPACES = {k: M for k, M in SPACES.items() if type(M).__module__.startswith("geofunc.")}
+
+
+def _bad_inputs(M: gf.AbstractSpace) -> dict[str, object]:
+    dt = torch.complex128 if isinstance(M, (gf.Unitary, gf.Hermitian)) else torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "ComplexHalf support is experimental"
+        c32 = torch.ones(4, 4, dtype=torch.complex32)
+    bad: dict[str, object] = {
+        "an integer tensor": torch.ones(4, 4, dtype=torch.int64),
+        "a bool tensor": torch.ones(4, 4, dtype=torch.bool),
+        "a complex32 tensor": c32,
+        "a nested list": [[1.0, 0.0], [0.0, 1.0]],
+    }
+    if not isinstance(M, gf.Rn):  # every tensor is a point of Rn
+        bad["a 0-dim tensor"] = torch.tensor(1.0, dtype=dt)
+    if M.point_ndim == 2:
+        bad["a vector"] = torch.ones(4, dtype=dt)
+    square = not isinstance(M, (gf.Rn, gf.Stiefel, gf.Grassmannian, gf.Oblique, gf.LowRank, gf.FixedRank,
+                                gf.AlmostOrthogonal, gf.Sphere, gf.PoincareBall, gf.Lorentz, gf.SphereEmbedded))
+    if square:
+        bad["a non-square matrix"] = torch.ones(4, 3, dtype=dt)
+        bad["a 4×0 matrix"] = torch.ones(4, 0, dtype=dt)
+    return bad
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_every_method_refuses_what_the_space_cannot_take_by_name(name: str) -> None:
+    M = SPACES[name]
+    for what, Y in _bad_inputs(M).items():
+        for method in ("check", "contains", "to_manifold", "from_manifold", "project"):
+            with pytest.raises(gf.ManifoldError) as info:
+                getattr(M, method)(Y)
+            msg = str(info.value)
+            assert type(M).__name__ in msg and "expected" in msg and "got" in msg, (method, what, msg)
+
+
+def test_hurwitz_check_names_the_shape_not_an_eigenvalue() -> None:
+    """The eigenvalue line of ``Hurwitz.check`` is added to a violation of the space, not to a shape error."""
+    M = gf.Hurwitz()
+    with pytest.raises(gf.ManifoldError, match=r"square matrices") as info:
+        M.check(torch.ones(4, 3, dtype=torch.float64))
+    assert "eigenvalue" not in str(info.value)
+    with pytest.raises(gf.ManifoldError, match=r"Largest eigenvalue real part: 1\b"):
+        M.check(torch.eye(3, dtype=torch.float64))
+
+
+GEODESIC = [(c, name) for c in CASES for name in ("dist", "sqdist", "logmap")
+            if implements(c.space, "logmap" if name == "sqdist" else name)]
+
+
+@pytest.mark.parametrize(("case", "name"), GEODESIC, ids=lambda v: v if isinstance(v, str) else v.id)
+def test_geodesic_maps_of_a_non_finite_point_are_nan_per_point(case, name: str, capfd) -> None:
+    """``dist``/``sqdist``/``logmap`` with a NaN or inf entry in one point of a batch: that point's value is
+    not finite, its neighbours' are the clean ones, and nothing raises or prints (README, "NaN and inf").
+    ``Grassmannian.dist`` fed ``svdvals`` and ``PSD(metric="affine").dist`` ``eigvalsh`` the raw matrix,
+    which raised a LinAlgError; ``SO``/``Unitary.dist`` fed ``eigvals``, which printed an MKL error."""
+    M, tol = case.space, case.tol[torch.float64]
+    g = torch.Generator().manual_seed(0)
+    full = (3, *case.smoke)
+    X = M.sample(full, generator=g, dtype=torch.float64)
+    Y = M.retract(X, 0.2 * M.tangent(X, torch.randn(full, generator=g, dtype=torch.float64)))
+    fn = getattr(M, name)
+    clean = fn(X, Y)
+    capfd.readouterr()
+    for bad in (math.nan, math.inf):
+        for which in ("X", "Y"):
+            B = (X if which == "X" else Y).clone(memory_format=torch.contiguous_format)
+            B.view(3, -1)[1, -1] = bad  # the last entry, which every map reads
+            out = fn(B, Y) if which == "X" else fn(X, B)
+            per_point = out.reshape(3, -1)
+            assert not bool(torch.isfinite(per_point[1]).all()), (name, which, bad, out[1])
+            torch.testing.assert_close(out[0::2], clean[0::2], atol=tol, rtol=tol)
+    printed = capfd.readouterr()
+    assert "ERROR" not in printed.out + printed.err, printed
