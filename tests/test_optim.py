@@ -179,6 +179,44 @@ def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator
     assert member(gf.Stiefel(), opt.update({"w": target}, opt.init({"w": X0}), {"w": X0})[0]["w"])
 
 
+#: One tensor hyperparameter each, swept under ``vmap``: name -> optimizer of the value.
+SWEEPS = {
+    "rsgd-weight_decay": lambda h: gf.optim.rsgd({"w": gf.Sphere()}, lr=0.05, momentum=0.9, weight_decay=h),
+    "rsgd-dampening": lambda h: gf.optim.rsgd({"w": gf.Sphere()}, lr=0.05, momentum=0.9, dampening=h),
+    "radam-weight_decay": lambda h: gf.optim.radam({"w": gf.Stiefel()}, lr=0.05, weight_decay=h),
+    "radamw-weight_decay": lambda h: gf.optim.radamw({"w": gf.PSD()}, lr=0.05, weight_decay=h),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEPS))
+def test_a_hyperparameter_sweep_under_vmap_equals_the_loop(name, generator):
+    """A tensor ``weight_decay`` or ``dampening`` (a sweep under ``vmap``, a compiled run) takes the
+    general rule: they were compared with 0 in Python (``if weight_decay == 0.0``), which ``vmap``
+    refuses (data-dependent control flow) and ``torch.compile(fullgraph=True)`` cannot trace."""
+    spaces = {"rsgd": (gf.Sphere(), (2, 4)), "radam": (gf.Stiefel(), (5, 2)), "radamw": (gf.PSD(), (3, 3))}
+    space, shape = spaces[name.split("-")[0]]
+    X0 = space.sample(shape, generator=generator, dtype=F64)
+    target = torch.randn(X0.shape, generator=generator, dtype=F64)
+
+    def run(h):
+        opt = SWEEPS[name](h)
+        p = {"w": X0}
+        s = opt.init(p)
+        for _ in range(3):
+            p, s = opt.update(grad(lambda q: ((q["w"] - target) ** 2).sum())(p), s, p)
+        return p["w"]
+
+    values = torch.tensor([0.0, 0.1, 0.5], dtype=F64)
+    swept = vmap(run)(values)
+    for h, got in zip(values, swept):
+        torch.testing.assert_close(got, run(h), atol=1e-12, rtol=0)
+        torch.testing.assert_close(got, run(float(h)), atol=1e-12, rtol=0)  # the number takes its shortcut
+    if name.startswith("rsgd"):  # one compile per transform that branched (on the sphere: a quick one)
+        torch._dynamo.reset()
+        compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(values[1]), swept[1], atol=1e-12, rtol=0)
+
+
 def test_a_state_of_another_optimizer_is_a_manifold_error(generator):
     """An optimizer given another's state (radam's update with rsgd's, rsgd's with radam's, a chain of
     another length) raises a ``ManifoldError`` naming the expected state, not an AttributeError on a

@@ -87,7 +87,7 @@ def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None, mask
         return EmptyState()
 
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
-        if weight_decay == 0.0:
+        if _is_number(weight_decay) and weight_decay == 0.0:  # a tensor: no branch (Note [Checking hyperparameters])
             return vectors, state
         if constraints is None:
             return _map(lambda g, x: _keep(g, g + weight_decay * x), vectors, params), state
@@ -217,7 +217,7 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
             return vectors, state
         if _no_buffer(state.trace):  # the first step with momentum: b_1 = g_1, as torch creates its buffer
             buf = _map(torch.clone, vectors)
-        elif dampening == 0.0:
+        elif _is_number(dampening) and dampening == 0.0:  # a tensor takes the rule below (Note [Checking hyperparameters])
             # b_0 = 0 makes the first step b_1 = g_1 exactly, as torch does.
             buf = _map(lambda g, b: _keep(g, decay * b + g), vectors, state.trace)
         else:
