@@ -185,14 +185,17 @@ SWEEPS = {
     "rsgd-dampening": lambda h: gf.optim.rsgd({"w": gf.Sphere()}, lr=0.05, momentum=0.9, dampening=h),
     "radam-weight_decay": lambda h: gf.optim.radam({"w": gf.Stiefel()}, lr=0.05, weight_decay=h),
     "radamw-weight_decay": lambda h: gf.optim.radamw({"w": gf.PSD()}, lr=0.05, weight_decay=h),
+    "radam-clip-max_norm": lambda h: gf.optim.retract_and_transport({"w": gf.Stiefel()}, gf.optim.chain(
+        gf.optim.to_tangent({"w": gf.Stiefel()}), gf.optim.clip_by_global_norm({"w": gf.Stiefel()}, 0.05 + h),
+        gf.optim.scale_by_adam({"w": gf.Stiefel()}), gf.optim.scale(-0.05))),
 }
 
 
 @pytest.mark.parametrize("name", list(SWEEPS))
 def test_a_hyperparameter_sweep_under_vmap_equals_the_loop(name, generator):
-    """A tensor ``weight_decay`` or ``dampening`` (a sweep under ``vmap``, a compiled run) takes the
-    general rule: they were compared with 0 in Python (``if weight_decay == 0.0``), which ``vmap``
-    refuses (data-dependent control flow) and ``torch.compile(fullgraph=True)`` cannot trace."""
+    """A tensor ``weight_decay``, ``dampening`` or clip ``max_norm`` (a sweep under ``vmap``, a compiled
+    run) takes the general rule: they were compared with 0 in Python (``if weight_decay == 0.0``), which
+    ``vmap`` refuses (data-dependent control flow) and ``torch.compile(fullgraph=True)`` cannot trace."""
     spaces = {"rsgd": (gf.Sphere(), (2, 4)), "radam": (gf.Stiefel(), (5, 2)), "radamw": (gf.PSD(), (3, 3))}
     space, shape = spaces[name.split("-")[0]]
     X0 = space.sample(shape, generator=generator, dtype=F64)

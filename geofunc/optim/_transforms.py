@@ -217,7 +217,7 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
             return vectors, state
         if _no_buffer(state.trace):  # the first step with momentum: b_1 = g_1, as torch creates its buffer
             buf = _map(torch.clone, vectors)
-        elif _is_number(dampening) and dampening == 0.0:  # a tensor takes the rule below (Note [Checking hyperparameters])
+        elif _is_number(dampening) and dampening == 0.0:  # a tensor: the rule below (Note [Checking hyperparameters])
             # b_0 = 0 makes the first step b_1 = g_1 exactly, as torch does.
             buf = _map(lambda g, b: _keep(g, decay * b + g), vectors, state.trace)
         else:
@@ -466,7 +466,7 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
         ...     gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 1.0),
         ...     gf.optim.scale_by_adam(c), gf.optim.scale(-1e-3)))
     """
-    if not max_norm > 0:  # NaN too
+    if _is_number(max_norm) and not max_norm > 0:  # NaN too; a tensor is not read (Note [Checking hyperparameters])
         raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0, got {max_norm!r}.")
 
     def init(params: Params) -> EmptyState:
