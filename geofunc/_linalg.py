@@ -53,6 +53,36 @@ def transpose(X: Tensor) -> Tensor:
     return X.mH if X.is_complex() else X.mT
 
 
+# Note [Real products under vmap]
+# The real inner product Re(Āᵢ Bᵢ) written as ``(A.conj() * B).real`` differentiates through a lazy
+# conjugate view: the cotangent of A comes back conjugated (a conj bit, no copy). Where that cotangent
+# reaches the input as it is, e.g. a tangent vector built from real parameters by
+# ``torch.complex(re, im)``, whose backward takes ``.imag`` of it, torch (2.13) makes an
+# ``aten::_neg_view``, which has no batching rule: ``jacrev``, ``hessian`` and ``vmap(grad)`` of
+# ``inner(X, V, V)`` raised a RuntimeError (``jvp`` and ``jacfwd`` did not). ``Re A · Re B + Im A · Im B``
+# makes no conjugate view in either direction (the inputs' own conj bits resolved first, so that
+# ``.imag`` of a conjugated input is no negative view either). ``conj_physical`` would do as well but
+# has no batching rule (vmap's per-sample fallback). The same for a conjugate transpose whose
+# cotangent goes straight back to an input (:func:`adjoint_by_value`).
+def real_products(A: Tensor, B: Tensor) -> Tensor:
+    """``Re(Ā ⊙ B)`` elementwise (``A ⊙ B`` for real tensors): the terms of the real inner product
+    ``Re tr(AᴴB)``, composable with every ``torch.func`` transform (Note [Real products under vmap])."""
+    if not (A.is_complex() or B.is_complex()):
+        return A * B
+    A, B = A.resolve_conj(), B.resolve_conj()
+    out = A.real * B.real
+    return out + A.imag * B.imag if A.is_complex() and B.is_complex() else out
+
+
+def adjoint_by_value(X: Tensor) -> Tensor:
+    """``Xᴴ`` (``Xᵀ`` if real) as a new tensor rather than a conjugate view, for a product whose cotangent
+    goes straight back to an input (Note [Real products under vmap])."""
+    if not X.is_complex():
+        return X.mT
+    X = X.resolve_conj()
+    return torch.complex(X.real.mT, -X.imag.mT)
+
+
 def tall(X: Tensor) -> tuple[Tensor, bool]:
     """The tall form of a matrix batch and whether it was transposed (a static shape branch).
 

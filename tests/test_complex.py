@@ -597,3 +597,37 @@ def test_complex_membership_errors_name_the_conjugate_transpose(space, shape, me
     """A complex point's membership error names the measure it computed (ᴴ, not ᵀ)."""
     with pytest.raises(ManifoldError, match=re.escape(measure)):
         space.check(_crandn(*shape, generator=generator))
+
+
+@pytest.mark.parametrize(
+    "space, shape",
+    [(gf.Sphere(), (3,)), (gf.Oblique(), (3, 2)), (gf.Stiefel(), (4, 2)), (gf.Stiefel(metric="canonical"), (4, 2)),
+     (gf.Unitary(), (3, 3)), (gf.Hermitian(), (3, 3)), (gf.PSD(), (3, 3))],
+    ids=["Sphere", "Oblique", "Stiefel", "Stiefel-canonical", "Unitary", "Hermitian", "PSD"],
+)
+def test_inner_of_complex_tensors_built_from_real_parameters_under_vmap_transforms(space, shape, generator) -> None:
+    """``inner`` of tangent vectors (and at points) built from real parameters by ``torch.complex(re, im)``
+    under ``jacrev``, ``hessian`` and ``vmap(grad)``: the conjugate in ``Re tr(UᴴV)`` was a lazy view, whose
+    cotangent met ``torch.complex``'s backward as an ``aten::_neg_view``, which has no batching rule
+    (RuntimeError; Note [Real products under vmap]). Values against the real formula ``Σ re² + im²``."""
+    X = space.sample(shape, generator=generator, dtype=C128)
+    V = space.tangent(X, _crandn(*shape, generator=generator))
+    Vr = torch.view_as_real(V).clone()
+
+    def c(r):
+        return torch.complex(r[..., 0], r[..., 1])
+
+    cases = {"inner(X, v, v)": (lambda r: space.inner(X, c(r), c(r)), Vr),
+             "inner(x, V, V)": (lambda r: space.inner(c(r), V, V), torch.view_as_real(X).clone())}
+    for name, (f, at) in cases.items():
+        J = torch.func.jacrev(f)(at)
+        H = torch.func.hessian(f)(at)
+        G = torch.func.vmap(torch.func.grad(f))(at.unsqueeze(0).repeat(2, *([1] * at.ndim)))
+        torch.testing.assert_close(J, torch.func.jacfwd(f)(at), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(G[1], J, rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(H).all(), name
+        if name == "inner(X, v, v)" and not (isinstance(space, gf.Stiefel) and space.metric == "canonical"):
+            # the embedded metric: Σ (re² + im²), gradient 2 Vr, Hessian 2 I
+            torch.testing.assert_close(J, 2 * at, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(H.reshape(at.numel(), -1), 2 * torch.eye(at.numel(), dtype=at.dtype),
+                                       rtol=1e-12, atol=1e-12)

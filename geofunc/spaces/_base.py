@@ -42,7 +42,7 @@ from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index
 from .._fastpath import make_fx_tracing
 from .._fused import one_node
-from .._linalg import _ROUNDING, _randn, orthonormality_error, polar
+from .._linalg import _ROUNDING, _randn, orthonormality_error, polar, real_products
 
 __all__ = ["AbstractSpace", "default_atol", "can_check", "is_space", "LOW_PRECISION", "rounding_dtype"]
 
@@ -689,9 +689,9 @@ class AbstractSpace(_Space, abc.ABC):
         """
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
-        P = U.conj() * V if U.is_complex() else U * V
+        P = real_products(U, V)  # Note [Real products under vmap] (geofunc/_linalg.py)
         out = P.sum(dim=tuple(range(-self.point_ndim, 0))) if self.point_ndim else P
-        return self._over_batch(out.real if out.is_complex() else out, X, U, V, point=False)
+        return self._over_batch(out, X, U, V, point=False)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """The geodesic distance, batch-shaped (only where it has a closed form)."""

@@ -11,6 +11,7 @@ import torch
 
 from .._errors import describe, error
 from .._fastpath import eager_fast, tracks_derivatives
+from .._linalg import real_products
 from ._base import AbstractSpace
 from ._logs import theta_over_sin
 
@@ -60,7 +61,7 @@ def _e1(like: Tensor) -> Tensor:
 def _dot(A: Tensor, B: Tensor) -> Tensor:
     """``Re⟨A, B⟩`` along the last dim (the real inner product, Note [Complex])."""
     if A.is_complex():
-        return (A.conj() * B).real.sum(-1, keepdim=True)
+        return real_products(A, B).sum(-1, keepdim=True)  # Note [Real products under vmap] (geofunc/_linalg.py)
     return (A * B).sum(-1, keepdim=True)
 
 

@@ -8,8 +8,8 @@ from typing import Any, final
 import torch
 
 from .._errors import error
-from .._linalg import (Triv, expm, eye_like, frame_chart, poisoned_zero, refine_frame, resolve_triv, skew_part, sym_part,
-                       transpose)
+from .._linalg import (Triv, adjoint_by_value, expm, eye_like, frame_chart, poisoned_zero, real_products, refine_frame,
+                       resolve_triv, skew_part, sym_part, transpose)
 from ._base import _space_repr
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
 
@@ -24,9 +24,7 @@ def _column_inners(A: Tensor, B: Tensor) -> Tensor:
     """``Re diag(AᴴB)``, ``(*batch, k)``: its sum is ``Re tr(AᴴB)``. Summed last, after the metric's
     combination, so that no elementwise op meets a 0-dim per-sample tensor (which torch's ``vmap``
     refuses over an empty batch)."""
-    P = A.conj() * B if A.is_complex() else A * B
-    out = P.sum(dim=-2)
-    return out.real if out.is_complex() else out
+    return real_products(A, B).sum(dim=-2)  # Note [Real products under vmap] (geofunc/_linalg.py)
 
 
 @final
@@ -134,7 +132,7 @@ class Stiefel(FrameSpace):
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
         Xt, Ut, Vt = tall(X)[0], tall(U)[0], tall(V)[0]
-        Xh = transpose(Xt)
+        Xh = adjoint_by_value(Xt)  # Note [Real products under vmap] (geofunc/_linalg.py)
         return (_column_inners(Ut, Vt) - 0.5 * _column_inners(Xh @ Ut, Xh @ Vt)).sum(dim=-1)
 
     def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
