@@ -94,3 +94,25 @@ def test_geodesic_maps_of_a_non_finite_point_are_nan_per_point(case, name: str, 
             torch.testing.assert_close(out[0::2], clean[0::2], atol=tol, rtol=tol)
     printed = capfd.readouterr()
     assert "ERROR" not in printed.out + printed.err, printed
+
+
+def test_a_product_whose_factor_batches_do_not_broadcast_is_named() -> None:
+    """``Product``'s batch-shaped results combine the factors' (``&`` or ``+``): batch shapes that do not
+    broadcast raised a bare RuntimeError from the combination; ones that do broadcast still combine."""
+    P = gf.Product(gf.SO(), gf.Sphere())
+    g = torch.Generator().manual_seed(0)
+    X = (gf.SO().sample((2, 3, 3), generator=g, dtype=torch.float64),
+         gf.Sphere().sample((3, 4), generator=g, dtype=torch.float64))
+    for name, call in (("contains", lambda: P.contains(X)), ("inner", lambda: P.inner(X, X, X)),
+                       ("dist", lambda: P.dist(X, X)), ("sqdist", lambda: P.sqdist(X, X))):
+        with pytest.raises(gf.ManifoldError, match=rf"Product\(.*expected factors whose batch shapes broadcast "
+                                                   rf"\(`{name}`.*factor 0: \(2,\), factor 1: \(3,\)"):
+            call()
+    Z = (torch.zeros(2, 3, 3, dtype=torch.float64), torch.zeros(3, 3, 3, dtype=torch.float64))
+    P2 = gf.Product(gf.SO(), gf.GLp())
+    with pytest.raises(gf.ManifoldError, match=r"`logabsdet`"):
+        P2.logabsdet(Z)
+    Xb = (X[0][:, None], X[1])  # (2, 1) and (3,) broadcast to (2, 3)
+    assert P.contains(Xb).shape == (2, 3) and bool(P.contains(Xb).all())
+    torch.testing.assert_close(P.inner(Xb, Xb, Xb), (X[0][:, None] ** 2).sum((-2, -1)) + (X[1] ** 2).sum(-1),
+                               atol=1e-12, rtol=1e-12)

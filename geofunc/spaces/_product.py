@@ -86,6 +86,24 @@ class Product(AbstractSpace):
                 raise ManifoldError(f"{self!r}: factor {i}: {e}") from None
         return tuple(out)
 
+    def _broadcast(self, parts: tuple, method: str) -> None:
+        """Factors' batch-shaped results of ``method`` whose batch shapes do not broadcast are a
+        ``ManifoldError`` naming them (a bare RuntimeError from ``&`` or ``+`` otherwise)."""
+        try:
+            torch.broadcast_shapes(*(p.shape for p in parts))
+        except RuntimeError:
+            got = ", ".join(f"factor {i}: {tuple(p.shape)}" for i, p in enumerate(parts))
+            raise error(self, f"factors whose batch shapes broadcast (`{method}` combines their results)",
+                        f"batch shapes {got}") from None
+
+    def _fold(self, parts: tuple, method: str, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """``op`` over the factors' batch-shaped results of ``method`` (checked by :meth:`_broadcast`)."""
+        self._broadcast(parts, method)
+        out = parts[0]
+        for p in parts[1:]:
+            out = op(out, p)
+        return out
+
     def _check_shape(self, X: Any, what: str = "X") -> None:
         self._each(lambda M, x: M._check_shape(x, what), self._tuple(X, what))
 
@@ -122,10 +140,7 @@ class Product(AbstractSpace):
         """The product metric: the sum of the factors' ``inner`` (batch-shaped)."""
         parts = self._each(lambda M, x, u, v: M.inner(x, u, v), self._tuple(X, "X"), self._tuple(U, "U"),
                            self._tuple(V, "V"))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out + p
-        return out
+        return self._fold(parts, "inner", torch.add)
 
     # Note [Closed forms of a product]
     # The geodesics of a product (with the product metric, ``inner`` above) are the tuples of the
@@ -144,16 +159,14 @@ class Product(AbstractSpace):
     def sqdist(self, X: Any, Y: Any) -> Tensor:
         """The sum of the factors' ``sqdist`` (batch-shaped; Note [Closed forms of a product])."""
         parts = self._each(lambda M, x, y: M.sqdist(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out + p
-        return out
+        return self._fold(parts, "sqdist", torch.add)
 
     def dist(self, X: Any, Y: Any) -> Tensor:
         """``√(Σ dist_i²)`` of the factors' ``dist`` (batch-shaped; Note [Closed forms of a product])."""
         parts = self._each(lambda M, x, y: M.dist(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
         if len(parts) == 1:
             return parts[0]
+        self._broadcast(parts, "dist")
         return torch.linalg.vector_norm(torch.stack(torch.broadcast_tensors(*parts)), dim=0)
 
     def project(self, Y: Any) -> tuple:
@@ -165,18 +178,12 @@ class Product(AbstractSpace):
 
     def logabsdet(self, Z: Any, base: Any = None) -> Tensor:
         parts = self._each(lambda M, z, b: M.logabsdet(z, b), self._tuple(Z, "Z"), self._bases(base))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out + p
-        return out
+        return self._fold(parts, "logabsdet", torch.add)
 
     # --------------------------------------------------------------- membership
     def contains(self, X: Any, atol: float | None = None) -> Tensor:
         parts = self._each(lambda M, x: M.contains(x, atol), self._tuple(X, "X"))
-        out = parts[0]
-        for p in parts[1:]:
-            out = out & p
-        return out
+        return self._fold(parts, "contains", torch.logical_and)
 
     def check(self, X: Any, atol: float | None = None) -> None:
         self._each(lambda M, x: M.check(x, atol), self._tuple(X, "X"))
