@@ -270,3 +270,23 @@ def test_a_space_of_ones_own_warns_on_a_dtype_change() -> None:
     m = gnn.constrain(Holder((3, 3)), "weight", Shifted())
     with pytest.warns(UserWarning, match="cannot re-make the base"):
         m.double()
+
+
+def test_load_functional_casts_real_dtypes_and_refuses_complex_into_real() -> None:
+    """As ``load_state_dict``: a float64 value lands in a float32 parameter as its float32 rounding
+    (the README's sentence); a complex one for a real parameter is a ManifoldError, nothing written."""
+    torch.manual_seed(0)
+    m = nn.Linear(5, 3)
+    gnn.orthogonal(m, "weight")
+    _, raw, bases = gnn.functional(m)
+    new = {k: torch.randn(v.shape, dtype=torch.float64) for k, v in raw.items()}
+    gnn.load_functional(m, new, bases)
+    _, got, _ = gnn.functional(m)
+    for k, v in got.items():
+        assert v.dtype == torch.float32
+        torch.testing.assert_close(v, new[k].float(), rtol=0, atol=0)
+    before = {k: v.clone() for k, v in got.items()}
+    with pytest.raises(gf.ManifoldError, match="expected a real tensor"):
+        gnn.load_functional(m, {k: v.to(torch.complex64) for k, v in got.items()}, bases)
+    for k, v in gnn.functional(m)[1].items():
+        assert torch.equal(v, before[k])
