@@ -649,3 +649,18 @@ def test_compile_with_dynamic_shapes():
         W = torch.randn(shape, dtype=torch.float64, generator=gen)
         for a, e in zip(compiled(Z, W), f(Z, W)):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [gf.LowRank, gf.FixedRank, gf.PSSDLowRank, gf.PSSDFixedRank], ids=lambda c: c.__name__)
+def test_a_numpy_integer_rank_is_the_python_int(cls) -> None:
+    """A rank read from an array (``numpy.int64``) builds the same space as the Python int: equal, of
+    one hash, with an ``int`` field (it was refused as "not an integer"); floats, bools and tensors
+    are still refused."""
+    np = pytest.importorskip("numpy")
+    space = cls(rank=np.int64(2))
+    assert space == cls(rank=2) and hash(space) == hash(cls(rank=2)) and type(space.rank) is int
+    X = space.to_manifold(torch.randn(4, 4, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(X) <= 2
+    for bad in (True, 2.0, np.float64(2.0), torch.tensor(2), 0):
+        with pytest.raises(gf.ManifoldError, match="`rank` to be an integer"):
+            cls(rank=bad)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -50,9 +51,17 @@ __all__ = ["SVDSpace", "EigSpace", "validate_rank"]
 
 # --------------------------------------------------------------------------- helpers
 def validate_rank(space: Any, rank: Any) -> None:
-    """``rank`` must be an integer ≥ 1 (its upper bound min(n, k) is checked at the first call)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    """``rank`` must be an integer ≥ 1 (its upper bound min(n, k) is checked at the first call). An
+    integer of another type (``numpy.int64``, a size read from an array) is stored as the Python int it
+    is, so that equal spaces are equal and hash alike and shapes built from it are plain ints."""
+    try:
+        value = operator.index(rank) if not isinstance(rank, (bool, torch.Tensor)) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise error(space, "`rank` to be an integer ≥ 1", describe(rank))
+    if type(rank) is not int:
+        object.__setattr__(space, "rank", value)
 
 
 def rank_tol(smax: Tensor, n: int, k: int) -> Tensor:
