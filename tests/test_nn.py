@@ -696,6 +696,45 @@ def test_torch_save_load_whole_module():
         assert not torch.equal(cp[0].weight, net[0].weight)
 
 
+@pytest.mark.parametrize("how", ["torch.save", "deepcopy"])
+@pytest.mark.parametrize("after_forward", [False, True])
+def test_whole_constrained_rnn_pickles_and_copies(how, after_forward):
+    # nn.GRU/LSTM/RNN keep weak references to their weights (_flat_weight_refs) and, after a forward,
+    # the constrained weights themselves (non-leaf tensors) in _flat_weights: torch.save(model) raised
+    # "cannot pickle 'weakref.ReferenceType' object" and deepcopy after a forward raised on the non-leaf.
+    torch.manual_seed(0)
+    net = nn.GRU(4, 6, num_layers=2, bidirectional=True)
+    gnn.orthogonal(net, "weight_hh_l0")
+    gnn.orthogonal(net, "weight_hh_l1_reverse")
+    x = torch.randn(5, 2, 4)
+    if after_forward:
+        net(x)
+    if how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(net, buf)
+        buf.seek(0)
+        new = torch.load(buf, weights_only=False)
+    else:
+        new = copy.deepcopy(net)
+    with torch.no_grad():
+        want = net(x)[0]
+    out = new(x)[0]
+    torch.testing.assert_close(out.detach(), want, atol=0, rtol=0)
+    out.sum().backward()  # the copy trains its own raw tensor, and stays on the space
+    raw = new.parametrizations.weight_hh_l0.original
+    assert raw.grad is not None and net.parametrizations.weight_hh_l0.original.grad is None
+    torch.optim.SGD(new.parameters(), lr=0.5).step()
+    W = new.weight_hh_l0.detach()
+    assert member(gf.Stiefel(), W)
+    assert not torch.equal(W, net.weight_hh_l0.detach())
+    with torch.no_grad():  # the copy's forward uses its new weight; the original is unchanged
+        torch.testing.assert_close(net(x)[0], want, atol=0, rtol=0)
+        ref = nn.GRU(4, 6, num_layers=2, bidirectional=True)
+        for name, _ in ref.named_parameters():
+            getattr(ref, name).copy_(getattr(new, name))
+        torch.testing.assert_close(new(x)[0], ref(x)[0], atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- functional bridge
 
 

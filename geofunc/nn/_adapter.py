@@ -487,11 +487,49 @@ def _new_module(cls: type) -> nn.Module:
     return cls.__new__(cls)
 
 
+# Note [Pickling constrained RNNs]
+# nn.RNN/LSTM/GRU keep, besides their parameters, ``_flat_weights`` (the weights handed to the fused
+# kernel) and ``_flat_weight_refs`` (weak references to them, to notice a replaced weight); after a
+# forward, ``_flat_weights`` holds the constrained weights themselves, computed tensors. The module's
+# ``__dict__`` could therefore be neither pickled (``torch.save(model)``: "cannot pickle
+# 'weakref.ReferenceType' object", on every constrained RNN) nor deep-copied after a forward (torch
+# refuses to deepcopy a non-leaf tensor). Both are derived state: the reduction leaves them out and the
+# copy rebuilds them as registration leaves them, the raw tensor in place of each constrained weight
+# and a weak reference to it, which the RNN's next forward sees as a changed weight and replaces by
+# the constrained value (nothing is evaluated while copying).
+
+
+def _state_of(module: nn.Module) -> dict:
+    """``module.__dict__`` for pickling and deepcopy, less the derived state of an RNN (Note [Pickling
+    constrained RNNs])."""
+    state = module.__dict__
+    if isinstance(module, nn.RNNBase) and "_flat_weights" in state:
+        state = dict(state)
+        state.pop("_flat_weight_refs", None)
+        state["_flat_weights"] = [None] * len(state["_flat_weights"])
+    return state
+
+
+def _rebuild_flat_weights(obj: nn.Module) -> None:
+    """An RNN's ``_flat_weights`` and ``_flat_weight_refs`` after unpickling (Note [Pickling constrained RNNs])."""
+    if not isinstance(obj, nn.RNNBase) or "_flat_weights_names" not in obj.__dict__:
+        return
+    weights = []
+    for name in obj._flat_weights_names:
+        if parametrize.is_parametrized(obj, name) and obj.parametrizations[name].is_tensor:
+            weights.append(obj.parametrizations[name].original)
+        else:
+            weights.append(obj._parameters.get(name))
+    obj.__dict__["_flat_weights"] = weights
+    obj.__dict__["_flat_weight_refs"] = [None if w is None else weakref.ref(w) for w in weights]
+
+
 def _restore_parametrized(obj: nn.Module, state: dict) -> None:
     obj.__setstate__(state)
     parametrize._inject_new_class(obj)
     for tensor_name in obj.parametrizations:
         parametrize._inject_property(obj, tensor_name)
+    _rebuild_flat_weights(obj)
     _make_picklable(obj)
     for _, _, M in _geofunc_plists(obj):  # its own _apply converts their raw tensors, as attach records
         _ATTACHED.add(M)
@@ -502,7 +540,7 @@ def _restore_parametrized(obj: nn.Module, state: dict) -> None:
 
 def _reduce_ex(self: nn.Module, protocol: int):
     cls = parametrize.type_before_parametrizations(self)
-    return (_new_module, (cls,), self.__dict__, None, None, _restore_parametrized)
+    return (_new_module, (cls,), _state_of(self), None, None, _restore_parametrized)
 
 
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
@@ -510,7 +548,7 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
         return memo[id(self)]
     replica = _new_module(parametrize.type_before_parametrizations(self))
     memo[id(self)] = replica
-    _restore_parametrized(replica, copy.deepcopy(self.__dict__, memo))
+    _restore_parametrized(replica, copy.deepcopy(_state_of(self), memo))
     return replica
 
 
