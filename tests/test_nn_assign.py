@@ -461,6 +461,39 @@ def test_a_constraint_on_top_of_weight_norm_is_a_point_as_geotorch(name: str) ->
                                                           m.parametrizations.weight.original1))
 
 
+@pytest.mark.parametrize("name", ["orthogonal", "grassmannian", "sphere", "low_rank", "constrain"])
+@pytest.mark.parametrize("shape", [(5, 5), (4, 3, 3, 3)])
+def test_a_constraint_on_top_of_spectral_norm_is_a_point_as_geotorch(name: str, shape: tuple) -> None:
+    """On a weight under torch's ``spectral_norm`` (Linear, Conv2d), the first try assigns the new
+    constraint's raw tensor, zero for Stiefel and Sphere; evaluating the chain there ran the power
+    iteration on a zero weight, which left spectral_norm's ``_u``, ``_v`` zero, so GeoTorch's way (the
+    point through the chain) then gave 0 / 0 too and the registration raised where GeoTorch registers."""
+    geotorch = pytest.importorskip("geotorch")
+    spaces = {"orthogonal": gf.Stiefel(), "grassmannian": gf.Stiefel(), "constrain": gf.Stiefel(),
+              "sphere": gf.Sphere(), "low_rank": gf.LowRank(rank=2)}
+    for lib in (geotorch, gnn):
+        if name == "constrain" and lib is geotorch:
+            continue
+        torch.manual_seed(0)
+        m = nn.Linear(5, 5) if len(shape) == 2 else nn.Conv2d(3, 4, 3)
+        torch.nn.utils.parametrizations.spectral_norm(m, "weight")
+        if name == "constrain":
+            gnn.constrain(m, "weight", gf.Stiefel())
+        elif name == "low_rank":
+            getattr(lib, name)(m, "weight", 2)
+        else:
+            getattr(lib, name)(m, "weight")
+        assert len(m.parametrizations.weight) == 2
+        sn = m.parametrizations.weight[0]
+        assert float(sn._u.norm()) == pytest.approx(1.0, abs=1e-5)
+        W = m.weight
+        assert torch.isfinite(W).all()
+        assert member(spaces[name], W.detach(), atol=1e-5)
+        x = torch.randn((2, 5) if len(shape) == 2 else (2, 3, 6, 6))
+        m(x).pow(2).sum().backward()
+        assert torch.isfinite(m.parametrizations.weight.original.grad).all()
+
+
 def test_a_chain_that_outputs_nan_is_named() -> None:
     class Broken(nn.Module):
         def forward(self, X: torch.Tensor) -> torch.Tensor:
@@ -471,9 +504,13 @@ def test_a_chain_that_outputs_nan_is_named() -> None:
 
     m = nn.Linear(4, 4)
     P.register_parametrization(m, "weight", Broken(), unsafe=True)
+    raw = m.parametrizations.weight.original.detach().clone()
     with pytest.raises(gf.ManifoldError, match=r"Linear\.weight to .*Stiefel.*the parametrizations already on it "
                                                r"\(Broken\) output non-finite values"):
         gnn.orthogonal(m, "weight")
+    # and the module is left as it was
+    assert len(m.parametrizations.weight) == 1
+    torch.testing.assert_close(m.parametrizations.weight.original.detach(), raw, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------- 5. small API differences

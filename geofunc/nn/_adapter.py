@@ -991,14 +991,23 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
             # The existing chain should output Z so that ours outputs X; else GeoTorch's way.
             if Z is None:
                 Z = adapter.right_inverse(X)  # raises if X is off the adapter's space
+            # Note [A failed try leaves the chain as it was]
+            # Evaluating the chain at Z runs its parametrizations' forwards, which may update their
+            # state: spectral_norm's power iteration at Z = 0 (Stiefel's, Sphere's raw tensor) turns
+            # its _u, _v into zero vectors, and every later value, GeoTorch's way at X included, is
+            # then 0 / 0. So the chain's tensors are kept and put back before the fallback and on
+            # every failure (which then leaves the module as it was).
+            snapshot = _snapshot(module.parametrizations[tensor_name])
             try:
                 setattr(module, tensor_name, Z.to(T.device))
                 outputs_z = _finite_or_unknown(getattr(module, tensor_name))
             except ManifoldError:
                 outputs_z = False
             if not outputs_z:  # a chain that refuses Z, or maps it to NaN (weight_norm at Z = 0)
+                _restore(snapshot)
                 setattr(module, tensor_name, X.to(T.device))
                 if not _finite_or_unknown(getattr(module, tensor_name)):
+                    _restore(snapshot)
                     raise ManifoldError(
                         f"cannot constrain {_owner_name(module, tensor_name)} to {getattr(adapter, 'space', adapter)!r}: "
                         f"the parametrizations already on it ({_chain_names(module, tensor_name)}) output "
@@ -1013,6 +1022,8 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
         if not chained:
             with torch.no_grad():
                 T.copy_(saved)
+        elif not keep:
+            _restore(snapshot)
         raise
     if parametrize.is_parametrized(module, tensor_name) and module.parametrizations[tensor_name][0] is adapter:
         # The module's own _apply / _load_from_state_dict keep its points (Note [Raw tensors across dtypes]).
@@ -1026,6 +1037,18 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
         fsdp._module_info.module, fsdp._module_info.param_name = module.parametrizations[tensor_name], "original"
     _make_picklable(module)
     return module
+
+
+def _snapshot(plist: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the raw tensors and the buffers of a chain of parametrizations (Note [A failed try
+    leaves the chain as it was])."""
+    return [(t, t.detach().clone()) for t in itertools.chain(plist.parameters(), plist.buffers())]
+
+
+def _restore(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for t, value in snapshot:
+            t.copy_(value)
 
 
 def _finite_or_unknown(Y: Tensor) -> bool:
