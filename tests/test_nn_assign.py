@@ -526,6 +526,25 @@ def test_sl_sample_ignores_factorized_as_geotorch() -> None:
     torch.testing.assert_close(a, gnn.SL((3, 3)).sample(), atol=0, rtol=0)
 
 
+@pytest.mark.filterwarnings("ignore:Lazy modules are a new feature:UserWarning")
+@pytest.mark.parametrize("make", [lambda: nn.LazyLinear(4), lambda: nn.LazyConv2d(4, 3)], ids=["LazyLinear", "LazyConv2d"])
+def test_a_lazy_modules_uninitialized_weight_is_refused_by_name(make) -> None:
+    """Before its first forward a lazy module's weight has no shape: torch's RuntimeError ("Can't access
+    the shape of an uninitialized parameter") escaped, where GeoTorch raises a ValueError; now a
+    ManifoldError names the tensor and what to do, and the module is left as it was."""
+    for call in (lambda m: gnn.orthogonal(m, "weight"), lambda m: gnn.low_rank(m, "weight", 2),
+                 lambda m: gnn.constrain(m, "weight", gf.Stiefel())):
+        m = make()
+        with pytest.raises(gf.ManifoldError, match=r"Lazy\w+\.weight to (Stiefel|LowRank).*uninitialized parameter "
+                                                   r"of a lazy module"):
+            call(m)
+        assert not P.is_parametrized(m)
+        m(torch.randn(2, 3) if isinstance(m, nn.LazyLinear) else torch.randn(1, 2, 5, 5))  # then it works
+        call(m)
+        assert member(gf.LowRank(rank=2) if P.is_parametrized(m) and isinstance(m.parametrizations.weight[0], gnn.LowRank)
+                      else gf.Stiefel(), m.weight.detach())
+
+
 def test_an_unknown_tensor_name_is_geotorchs_attribute_error() -> None:
     geotorch = pytest.importorskip("geotorch")
     with pytest.raises(AttributeError):

@@ -904,7 +904,15 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
             f"a buffer, or a parametrized element with name '{tensor_name}' (cannot constrain it to {space!r}; "
             f"its tensors are: {', '.join(names) or 'none'})."
         )
-    return getattr(module, tensor_name)
+    T = getattr(module, tensor_name)
+    if isinstance(T, nn.parameter.UninitializedTensorMixin):  # nn.LazyLinear, nn.LazyConv2d, ... before a forward
+        what = space if isinstance(space, str) else repr(space)
+        raise ManifoldError(
+            f"cannot constrain {_owner_name(module, tensor_name)} to {what}: expected a tensor with a shape, got an "
+            f"uninitialized parameter of a lazy module (its shape is set by the first forward): run one forward "
+            f"pass first, then constrain it."
+        )
+    return T
 
 
 def constrain(
