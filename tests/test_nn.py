@@ -647,6 +647,32 @@ def test_deferred_initialization_on_the_meta_device(case):
         m.weight = torch.full_like(X, float("nan"))  # off every space (an open set contains X + noise)
 
 
+@pytest.mark.parametrize("name, args", [("orthogonal", ()), ("low_rank", (2,)), ("sphere", ())])
+def test_deferred_initialization_of_a_constrained_rnn(name, args):
+    """nn.LSTM's _apply (to_empty, .to(), .double()) ends by evaluating every weight for its flat-weight
+    list: on to_empty's uninitialized memory the constrained weight's base check raised ManifoldError
+    before load_state_dict could fill the module in."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4)
+    trained = nn.LSTM(4, 4, num_layers=2)
+    getattr(gnn, name)(trained, "weight_hh_l0", *args)
+    getattr(gnn, name)(trained, "weight_ih_l1", *args)
+    with torch.device("meta"):
+        m = nn.LSTM(4, 4, num_layers=2)
+        getattr(gnn, name)(m, "weight_hh_l0", *args)
+        getattr(gnn, name)(m, "weight_ih_l1", *args)
+    m = m.to_empty(device="cpu")
+    m.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(m(x)[0], trained(x)[0], atol=0, rtol=0)
+    m = m.double()  # and other conversions still give the constrained weights in the new dtype
+    y = m(x.double())[0]
+    ref = nn.LSTM(4, 4, num_layers=2).double()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.copy_(getattr(m, n))
+    torch.testing.assert_close(y, ref(x.double())[0], atol=1e-12, rtol=0)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_moves_after_registration():
     torch.manual_seed(0)

@@ -833,10 +833,19 @@ def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recur
     # Nor may a weak reference exist while torch swaps: held strongly meanwhile, made weak again after.
     last = {M: _LAST_RAW.pop(M)() for _, _, M in _geofunc_plists(self) if M in _LAST_RAW}
     _HANDLED.update(handled)
+    # An RNN's _apply ends with _init_flat_weights, which evaluates every constrained weight: on to_empty's
+    # uninitialized memory (deferred initialization) the base check raised before load_state_dict could fill
+    # it. Its flat weights are rebuilt without evaluating anything instead (Note [Pickling constrained RNNs]);
+    # the next forward replaces them by the constrained values, as after registration.
+    rnn = isinstance(self, nn.RNNBase) and "_flat_weights_names" in self.__dict__
+    if rnn:
+        self.__dict__["_init_flat_weights"] = lambda: _rebuild_flat_weights(self)
     try:
         out = _super(self, "_apply", _apply_keeping_points)._apply(fn, recurse)
     finally:
         _HANDLED.difference_update(handled)
+        if rnn:
+            self.__dict__.pop("_init_flat_weights", None)
         for M, T in last.items():
             if T is not None:
                 _LAST_RAW[M] = weakref.ref(T)
