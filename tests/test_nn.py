@@ -647,6 +647,37 @@ def test_deferred_initialization_on_the_meta_device(case):
         m.weight = torch.full_like(X, float("nan"))  # off every space (an open set contains X + noise)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "double", "to_empty"])
+def test_a_constrained_rnn_weight_under_weight_norm_copies_and_converts(how):
+    """A geofunc constraint on top of weight_norm (raw tensors original0, original1): the RNN's rebuilt
+    flat weights held None for it, and the LSTM kernel refused None (TypeError) after a copy or a conversion."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2, 4)
+
+    def make():
+        m = nn.LSTM(4, 4)
+        torch.nn.utils.parametrizations.weight_norm(m, "weight_hh_l0")
+        gnn.sphere(m, "weight_hh_l0")
+        return m
+
+    m = make()
+    with torch.no_grad():
+        want = m(x)[0]
+    if how == "deepcopy":
+        new = copy.deepcopy(m)
+    elif how == "double":
+        new = copy.deepcopy(m).double()
+    else:
+        with torch.device("meta"):
+            new = make()
+        new.to_empty(device="cpu")
+        new.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        got = new(x.to(new.weight_ih_l0.dtype))[0]
+    torch.testing.assert_close(got.to(want.dtype), want, atol=1e-6, rtol=0)
+    assert member(gf.Sphere(), new.weight_hh_l0.detach())
+
+
 @pytest.mark.parametrize("name, args", [("orthogonal", ()), ("low_rank", (2,)), ("sphere", ())])
 def test_deferred_initialization_of_a_constrained_rnn(name, args):
     """nn.LSTM's _apply (to_empty, .to(), .double()) ends by evaluating every weight for its flat-weight

@@ -516,8 +516,8 @@ def _rebuild_flat_weights(obj: nn.Module) -> None:
         return
     weights = []
     for name in obj._flat_weights_names:
-        if parametrize.is_parametrized(obj, name) and obj.parametrizations[name].is_tensor:
-            weights.append(obj.parametrizations[name].original)
+        if parametrize.is_parametrized(obj, name):  # its raw tensor (the first, for weight_norm's two)
+            weights.append(next(obj.parametrizations[name].parameters(), None))
         else:
             weights.append(obj._parameters.get(name))
     obj.__dict__["_flat_weights"] = weights
