@@ -59,6 +59,7 @@ def test_every_space_is_final_and_holds_hyperparameters_only(cls: type) -> None:
     assert {f.name for f in dataclasses.fields(cls) if f.init} - {"factors"} == params
     assert all(not f.name.startswith("_") for f in dataclasses.fields(cls))
 
+
 # A required first hyperparameter (rank, lam) may come by position, as DESIGN's table writes it;
 # nothing else (Note [Hyperparameters by keyword]).
 FIRST_BY_POSITION = {"AlmostOrthogonal": 0.5, "LowRank": 2, "FixedRank": 2, "PSSDLowRank": 2, "PSSDFixedRank": 2}
@@ -98,7 +99,6 @@ def test_a_users_space_with_a_positional_init_is_untouched() -> None:
     with pytest.raises(TypeError, match="Scaled takes its hyperparameters by keyword"):
         Scaled(3.0, 4.0)
     assert gf.Product(gf.Sphere(), gf.SO(), gf.Rn()).factors == (gf.Sphere(), gf.SO(), gf.Rn())
-
 
 
 def _square(t: torch.Tensor) -> torch.Tensor:
@@ -446,6 +446,79 @@ def test_compile_a_space_made_inside_the_compiled_function(make) -> None:
     Z = torch.randn(2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     X = torch.compile(lambda z: make().to_manifold(z), fullgraph=True, backend="aot_eager")(Z)
     torch.testing.assert_close(X, make().to_manifold(Z), rtol=1e-10, atol=1e-10)
+
+
+# Spaces with a float hyperparameter, which torch.compile(dynamic=True) traces as a symbolic float.
+_FLOAT_HYPER = [
+    (gf.AlmostOrthogonal(lam=0.5), (4, 3)),
+    (gf.AlmostOrthogonal(lam=0.3, f="sigmoid"), (3, 3)),
+    (gf.Sphere(radius=2.5), (4,)),
+    (gf.SphereEmbedded(radius=2.0), (4,)),
+    (gf.PoincareBall(c=0.5), (4,)),
+    (gf.Lorentz(k=2.0), (4,)),
+    (gf.Hurwitz(alpha=0.5), (3, 3)),
+]
+
+
+@pytest.mark.parametrize(("space", "point"), _FLOAT_HYPER, ids=[repr(M) for M, _ in _FLOAT_HYPER])
+def test_compile_dynamic_with_a_float_hyperparameter(space, point) -> None:
+    """``torch.compile(fullgraph=True, dynamic=True)`` of every map: Dynamo then traces a float attribute
+    of the space it closes over as a symbolic float, and ``AlmostOrthogonal.contains`` formatted ``lam``
+    into the name of its violation (an f-string of a symbolic float: a graph break, refused under
+    fullgraph). Values equal eager's on two batch sizes (float64)."""
+    M = space
+
+    def maps(X, G, H, Y, Z):
+        Z0, base = M.from_manifold(X)
+        V = M.tangent(X, H)
+        return (M.to_manifold(Z), Z0, base, M.to_manifold(Z0 + 0.1 * Z, base), M.rebase(Z0 + 0.1 * Z, base),
+                M.tangent(X, G), M.retract(X, 0.3 * V), M.project(Y), M.contains(X), M.inner(X, V, V),
+                M.transport(X, X, V))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(maps, fullgraph=True, backend="eager", dynamic=True)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for batch in (5, 7):
+            shape = (batch, *point)
+            args = (M.sample(shape, generator=g, dtype=F64), *(torch.randn(shape, generator=g, dtype=F64) for _ in range(4)))
+            got, expected = optree.tree_leaves(compiled(*args)), optree.tree_leaves(maps(*args))
+            assert len(got) == len(expected)
+            for a, b in zip(got, expected):
+                if b.dtype == torch.bool:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(b.abs().max())))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("cls", [gf.LowRank, gf.FixedRank, gf.PSSDLowRank, gf.PSSDFixedRank], ids=lambda c: c.__name__)
+def test_compile_a_function_of_the_space_for_two_ranks(cls) -> None:
+    """One compiled function that takes the space as an argument, called with ``rank=1`` and then
+    ``rank=2``: Dynamo's automatic dynamic shapes make ``rank`` a symbolic int at the second call, and
+    the maps formatted it into strings on their success path (the name of a violation in
+    ``contains``, the expected shapes of a base in ``to_manifold(Z, base)``/``rebase``), which
+    Dynamo cannot do: fullgraph=True refused them (Note [No f-string of a size or rank in a map])."""
+    def maps(M, X, Z):
+        Z0, base = M.from_manifold(X)
+        return M.to_manifold(Z0 + 0.1 * Z, base), M.rebase(Z0 + 0.1 * Z, base), M.contains(X), M.project(Z)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(maps, fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    try:
+        for rank in (1, 2):
+            M = cls(rank=rank)
+            X = M.sample((2, 5, 5), generator=g, dtype=F64)
+            Z = torch.randn(2, 5, 5, generator=g, dtype=F64)
+            for a, b in zip(optree.tree_leaves(compiled(M, X, Z)), optree.tree_leaves(maps(M, X, Z))):
+                if b.dtype == torch.bool:
+                    assert torch.equal(a, b)
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(b.abs().max())))
+    finally:
+        torch._dynamo.reset()
 
 
 class _Passthrough(torch.Tensor):

@@ -469,12 +469,16 @@ class SVDSpace(_Factorized):
         if base is None:
             return None, None
         n, k = Z.shape[-2:]
-        expected = f"`base` to be None or a pair (U, V) of frames of shapes (..., {n}, {r}) and (..., {k}, {r}) (tall form, as from_manifold returns)"
+        # formatted on the error paths only (Note [No f-string of a size or rank in a map])
+        def expected() -> str:
+            return (f"`base` to be None or a pair (U, V) of frames of shapes (..., {n}, {r}) and (..., {k}, {r}) "
+                    "(tall form, as from_manifold returns)")
+
         if not isinstance(base, (tuple, list)) or len(base) != 2:
-            raise error(self, expected, describe(base))
+            raise error(self, expected(), describe(base))
         for B, shape in zip(base, ((n, r), (k, r))):
             if B is not None and (not isinstance(B, torch.Tensor) or B.ndim < 2 or tuple(B.shape[-2:]) != shape):
-                raise error(self, expected, f"({describe(base[0])}, {describe(base[1])})")
+                raise error(self, expected(), f"({describe(base[0])}, {describe(base[1])})")
         if base[0] is not None:
             self._require_frame(Z, base[0], "base[0]")
         if base[1] is not None:
@@ -581,6 +585,13 @@ class SVDSpace(_Factorized):
         return (lad + poison(Z, Ub, Vb)[..., 0, :1])[..., 0]
 
     # ------------------------------------------------------------ membership
+    # Note [No f-string of a size or rank in a map]
+    # A map's success path formats no string from a size or a rank: under torch.compile with
+    # dynamic shapes, or once automatic dynamic has made a space's `rank` symbolic (one compiled
+    # function called with LowRank(rank=1), then LowRank(rank=2)), they are symbolic ints, which
+    # Dynamo cannot format (a graph break: fullgraph=True refused every map that did). Error
+    # messages are formatted where they are raised; the names of violations are constant (the
+    # space's repr, in every message of `check`, names the rank).
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         Xs, nan = sanitize(X), poison(X)[..., 0, 0]
         s = torch.linalg.svdvals(Xs)
@@ -588,7 +599,7 @@ class SVDSpace(_Factorized):
         r = self._rank(n, k)
         out = {"non-finite entries (NaN if any)": nan}
         if r < k:
-            out[f"σ_(rank+1)/max(1, σ_1) (rank {r})"] = s[..., r] / s[..., 0].clamp(min=1.0) + nan
+            out["σ_(rank+1)/max(1, σ_1)"] = s[..., r] / s[..., 0].clamp(min=1.0) + nan
         out.update({name: v + nan for name, v in self._value_map.violations(s[..., :r], s[..., 0], n, k).items()})
         if self._det_positive:
             sign = torch.linalg.slogdet(Xs)[0]
@@ -700,6 +711,6 @@ class EigSpace(_Factorized):
             "max(0, −λ_min)/max(1, ‖X‖₂)": (-lam[..., 0]).clamp(min=0.0) / scale,
         }
         if r < n:
-            out[f"max|λ_(n−rank)|/max(1, ‖X‖₂) (rank {r})"] = lam[..., : n - r].abs().amax(-1) / scale
+            out["max|λ_(n−rank)|/max(1, ‖X‖₂)"] = lam[..., : n - r].abs().amax(-1) / scale
         out.update(self._value_map.violations(lam[..., n - r :], lam.abs().amax(-1), n, n))
         return {name: v + nan for name, v in out.items()}

@@ -274,6 +274,14 @@ class Unit(ValueMap):
     lam: float
     f: Any
 
+    def __post_init__(self) -> None:
+        # Note [Hyperparameters formatted outside a trace]
+        # `torch.compile(dynamic=True)` traces a float attribute of an object it closes over (a
+        # space's `lam`) as a symbolic float, and Dynamo cannot format one into a string: an f-string
+        # of `self.lam` inside `contains` broke the graph (fullgraph=True refused it). The name of
+        # the violation is made here, once, from the Python float, and read as a constant string.
+        object.__setattr__(self, "_violation_name", f"max(0, max|σ − 1| − lam), lam = {self.lam:g}")
+
     def pinned(self) -> bool:
         return self.lam == 0
 
@@ -293,7 +301,7 @@ class Unit(ValueMap):
         return s.clamp(lo, hi), ((s > lo) & (s < hi)).to(s.dtype)
 
     def violations(self, kept: Tensor, v_max: Tensor, n: int, k: int) -> dict[str, Tensor]:
-        return {f"max(0, max|σ − 1| − lam), lam = {self.lam:g}": ((kept - 1.0).abs() - self.lam).clamp(min=0.0).amax(-1)}
+        return {self._violation_name: ((kept - 1.0).abs() - self.lam).clamp(min=0.0).amax(-1)}
 
     def sample(self, t: Tensor) -> Tensor:
         """Spread over ``[1 − 0.9λ, 1 + 0.9λ]``: ``1 + 0.9λ(2t − 1)``."""
