@@ -164,6 +164,31 @@ def test_compiled_transforms_give_the_eager_derivatives():
     assert (compiled32 - eager).abs().max() <= 1e-4 * eager.abs().max()
 
 
+def test_compiled_per_sample_gradient_through_retract_and_project():
+    """``torch.compile(vmap(grad(f)), fullgraph=True)`` with ``f`` through ``retract`` and ``project``
+    (a per-sample gradient, the Sinkhorn input computed inside the transforms) equals eager mode. Dynamo
+    (torch 2.13) refused the custom Function there ("You tried to vmap over ApplyTemplate"), where it
+    inlines the forward anyway (Note [Sinkhorn under torch.func inside torch.compile])."""
+    from torch.func import vmap
+
+    g = torch.Generator().manual_seed(4)
+    X = B.sample((4, 3, 3), generator=g, dtype=F64)
+    C = torch.randn(4, 3, 3, generator=g, dtype=F64)
+
+    def f(x, c):
+        return (torch.sin(B.retract(x, 0.1 * B.tangent(x, c))) * c).sum() + (B.project(x + 0.1 * c.abs()) * c).sum()
+
+    def per_sample(x, c):
+        return vmap(grad(f))(x, c)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(per_sample, fullgraph=True, backend="aot_eager")(X, C)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, per_sample(X, C), atol=1e-12, rtol=1e-10)
+
+
 # ----------------------------------------------------------------------- the Fisher metric
 def test_func_grad_in_float32_next_to_a_vertex_is_as_accurate_as_autograd():
     """Under ``torch.func.grad`` (no vmap level) the Fisher projection of the backward solves by LU, as

@@ -341,6 +341,15 @@ def _nested_forward_mode() -> bool:
 def sinkhorn(L: Tensor) -> Tensor:
     """``S(exp L)``: the doubly stochastic matrix ``diag(a) exp(L) diag(b)`` (last two dims), differentiable."""
     if torch.compiler.is_compiling():
+        # Note [Sinkhorn under torch.func inside torch.compile]
+        # Under torch.func transforms Dynamo inlines _SinkhornCompiled's forward and drops its backward
+        # (pytorch#193279), so there the Function is _sinkhorn_ops with extra steps, and one step too
+        # many: under vmap(grad(f)) Dynamo (torch 2.13) refused the Function whose input was computed
+        # inside the transforms ("You tried to vmap over ApplyTemplate": retract and project in a
+        # per-sample gradient). The ops are taken directly there; under plain autograd the Function.
+        # (Dynamo wraps peek_interpreter_stack()'s None in an object, which `is not None`: isinstance.)
+        if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+            return _sinkhorn_ops(L)
         return _SinkhornCompiled.apply(L)
     if _nested_forward_mode():
         return _sinkhorn_ops(L)
