@@ -345,7 +345,7 @@ def sinkhorn(L: Tensor) -> Tensor:
         # Under torch.func transforms Dynamo inlines _SinkhornCompiled's forward and drops its backward
         # (pytorch#193279), so there the Function is _sinkhorn_ops with extra steps, and one step too
         # many: under vmap(grad(f)) Dynamo (torch 2.13) refused the Function whose input was computed
-        # inside the transforms ("You tried to vmap over ApplyTemplate": retract and project in a
+        # inside the transforms ("You tried to vmap over ApplyTemplate", pytorch#129845: retract and project in a
         # per-sample gradient). The ops are taken directly there; under plain autograd the Function.
         # (Dynamo wraps peek_interpreter_stack()'s None in an object, which `is not None`: isinstance.)
         if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
