@@ -36,7 +36,7 @@ accurate in float32 for points with ``c‖x‖² = 1 − 10⁻⁵`` and beyond.
   ``mobius_matvec``, ``expmap``, ``expmap0``, ``weighted_midpoint``, ``project``,
   ``lorentz_to_poincare``) clamps it into ``√c‖x‖ ≤ 1 − δ`` with the margin
   ``δ = ball_margin(dtype) = 8ε`` (``9.5·10⁻⁷`` in float32, ``1.8·10⁻¹⁵`` in float64), i.e.
-  hyperbolic distance ≤ ``log(2/δ)/√c`` from the origin (15.2 and 34.7 for ``c = 1``); where
+  hyperbolic distance ≤ ``log(2/δ)/√c`` from the origin (14.6 and 34.7 for ``c = 1``); where
   the point is inside the margin nothing changes;
 * hyperbolic arguments (``tanh``, ``cosh``) are capped at 40 (``tanh(40) = 1`` in every
   float dtype), so that no ``inf`` reaches a gradient; a longer tangent vector is rescaled along
