@@ -338,6 +338,10 @@ def _nested_forward_mode() -> bool:
     return sum(1 for i in interpreters if i.key() == TransformType.Jvp) >= 2
 
 
+#: Whether Dynamo traces ``peek_interpreter_stack`` (torch 2.13 does; 2.6 breaks the graph; 2.7–2.12 not tried).
+_PEEK_TRACED = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def sinkhorn(L: Tensor) -> Tensor:
     """``S(exp L)``: the doubly stochastic matrix ``diag(a) exp(L) diag(b)`` (last two dims), differentiable."""
     if torch.compiler.is_compiling():
@@ -348,7 +352,8 @@ def sinkhorn(L: Tensor) -> Tensor:
         # inside the transforms ("You tried to vmap over ApplyTemplate", pytorch#129845: retract and project in a
         # per-sample gradient). The ops are taken directly there; under plain autograd the Function.
         # (Dynamo wraps peek_interpreter_stack()'s None in an object, which `is not None`: isinstance.)
-        if isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
+        # (torch 2.6's Dynamo cannot trace peek_interpreter_stack: there the Function, as before.)
+        if _PEEK_TRACED and isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
             return _sinkhorn_ops(L)
         return _SinkhornCompiled.apply(L)
     if _nested_forward_mode():
