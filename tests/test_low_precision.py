@@ -195,6 +195,27 @@ def test_autocast_keeps_points_on_the_space(dtype) -> None:
     assert (X.mT @ X - torch.eye(16)).abs().amax() < 1e-5
 
 
+def _real_cases():
+    return [pytest.param(c, id=c.id) for c in CASES if c not in COMPLEX_CASES]
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("case", _real_cases())
+def test_sample_under_autocast_is_the_sample_without(case, dtype) -> None:
+    """``sample`` computes with autocast off, as every map does: under ``torch.autocast`` a float32
+    ``sample`` came back in bf16/fp16 (AlmostOrthogonal, PSD, PSSD*, Hurwitz, Product: their
+    products ran in low precision), ``SL``'s raised from a bf16 ``slogdet``, and a
+    ``sample(dtype=bf16)`` was a bf16 computation, not the rounding of a float32 point."""
+    shape = case.shapes[min(2, len(case.shapes) - 1)]
+    for want in (None, torch.float32, dtype):
+        ref = case.space.sample(shape, generator=torch.Generator().manual_seed(0), dtype=want)
+        with torch.autocast("cpu", dtype=dtype):
+            got = case.space.sample(shape, generator=torch.Generator().manual_seed(0), dtype=want)
+        for r, g in zip(torch.utils._pytree.tree_leaves(ref), torch.utils._pytree.tree_leaves(got)):
+            assert g.dtype == r.dtype == (want or torch.float32)
+            torch.testing.assert_close(g, r, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
 def test_autocast_training_keeps_float32_weights_on_their_spaces(dtype) -> None:
     """A constrained model trained under ``torch.autocast``: the layers' products run in ``dtype``,

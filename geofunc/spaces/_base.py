@@ -824,7 +824,9 @@ def _apply_policy(cls: type) -> None:
 
 
 def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``sample(dtype=float16/bfloat16)`` draws in float32 and rounds (Note [Low precision])."""
+    """``sample(dtype=float16/bfloat16)`` draws in float32 and rounds (Note [Low precision]); every
+    ``sample`` computes with autocast off, as the maps do (under ``torch.autocast`` a float32 sample
+    came back in bf16, computed by bf16 products, and ``SL``'s raised from a bf16 ``slogdet``)."""
 
     @functools.wraps(fn)
     def sample(self: Any, shape: Any, *, generator: Any = None, dtype: Any = None, device: Any = None) -> Any:
@@ -833,11 +835,13 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         if dtype in LOW_PRECISION:
             _ROUNDING.dtypes.append(dtype)
             try:
-                out = fn(self, shape, generator=generator, dtype=torch.float32, device=device)
+                with autocast_off():
+                    out = fn(self, shape, generator=generator, dtype=torch.float32, device=device)
             finally:
                 _ROUNDING.dtypes.pop()
             return _downcast(out, dtype)
-        return fn(self, shape, generator=generator, dtype=dtype, device=device)
+        with autocast_off():
+            return fn(self, shape, generator=generator, dtype=dtype, device=device)
 
     sample._low_precision_policy = True  # type: ignore[attr-defined]
     return sample
