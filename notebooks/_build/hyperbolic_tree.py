@@ -147,14 +147,14 @@ plt.show()
 # %% [markdown]
 # ## Larger radii in float32
 #
-# Scaling the distances from the root by 3 (Möbius scalar multiplication) pushes the leaves
+# Scaling the distances from the origin by 3 (Möbius scalar multiplication) pushes the leaves
 # to within $10^{-5}$ of the boundary in $1 - \|x\|^2$. The distances computed in float32 from
 # the float32 points are still those of the points (the formulas never subtract numbers of
 # size 1), and gradients stay finite. geoopt keeps float32 points at a norm of at most
 # $1 - 4\cdot 10^{-3}$ and would clamp these leaves.
 
 # %%
-X32 = hyp.project(hyp.mobius_scalar_mul(3.0, X_ball)).float()  # distances from the root × 3
+X32 = hyp.project(hyp.mobius_scalar_mul(3.0, X_ball)).float()  # distances from the origin × 3
 gaps = 1 - (X32.double() ** 2).sum(-1)
 d32 = gf.PoincareBall().dist(X32[I], X32[J]).double()
 d64 = gf.PoincareBall().dist(X32[I].double(), X32[J].double())

@@ -175,16 +175,17 @@ print("same point after rebase:", same, "| raw is now zero:", bool((raw2["0.weig
 # trains with any optimizer as usual.
 #
 # As in GeoTorch, `orthogonal` on a square weight is the whole orthogonal group $O(n)$
-# (`Stiefel`): its random initial point has determinant $+1$ or $-1$ with equal probability,
-# and the chart never leaves the component of its base, so from a reflection it could never
-# reach our target $Q \in SO(n)$. Assigning a rotation fixes the component (the assignment
-# goes through `from_manifold`, which re-centres the chart there); alternatively,
-# `gf.nn.constrain(layer, "weight", gf.SO())` constrains to rotations from the start.
+# (`Stiefel`): its random initial point is a rotation (determinant $+1$, as GeoTorch's), but
+# any orthogonal matrix can be assigned, a reflection too, and the chart never leaves the
+# component of its base, so from a reflection it could never reach our target $Q \in SO(n)$.
+# Assigning a rotation fixes the component (the assignment goes through `from_manifold`, which
+# re-centres the chart there); alternatively, `gf.nn.constrain(layer, "weight", gf.SO())`
+# constrains to rotations from the start.
 
 # %%
 torch.manual_seed(0)
 layer = torch.nn.Linear(n, n, bias=False)
-gf.nn.orthogonal(layer, "weight")  # a random orthogonal matrix: det = ±1
+gf.nn.orthogonal(layer, "weight")  # a random rotation; any orthogonal matrix may be assigned
 layer.weight = torch.eye(n)  # start at a rotation, in the component of Q
 opt = torch.optim.Adam(layer.parameters(), lr=0.1)
 for step in range(150):
