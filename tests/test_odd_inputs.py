@@ -116,3 +116,18 @@ def test_a_product_whose_factor_batches_do_not_broadcast_is_named() -> None:
     assert P.contains(Xb).shape == (2, 3) and bool(P.contains(Xb).all())
     torch.testing.assert_close(P.inner(Xb, Xb, Xb), (X[0][:, None] ** 2).sum((-2, -1)) + (X[1] ** 2).sum(-1),
                                atol=1e-12, rtol=1e-12)
+
+
+def test_poincare_membership_has_no_tolerance() -> None:
+    """The ball is open and ``atol`` plays no role (PoincareBall's docstring): a large ``atol`` once
+    accepted points on and outside the boundary (the violation is c‖x‖² itself). Bad atols still raise."""
+    M = gf.PoincareBall()
+    X = torch.tensor([[0.5, 0.0], [1.0, 0.0], [1.1, 0.0], [100.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor([True, False, False, False])
+    for atol in (None, 0.0, 1.0, 2.0, 1e6):
+        assert torch.equal(M.contains(X, atol=atol), expected)
+    with pytest.raises(gf.ManifoldError, match="c‖x‖²"):
+        M.check(X[1:2], atol=1e6)
+    M.check(X[:1], atol=0.0)
+    with pytest.raises(gf.ManifoldError, match="atol"):
+        M.contains(X, atol=-1.0)

@@ -177,6 +177,13 @@ class PoincareBall(AbstractSpace):
         v = v / (2.0 * math.sqrt(max(shape[-1], 1)))
         return hyp._expmap0(v, self.c, _margin(v))
 
+    def _atol(self, X: Tensor, atol: Optional[float]) -> float:
+        """0 whatever ``atol`` (checked as for every space): the ball is open, membership is ``c‖x‖² < 1``
+        with no tolerance (the class docstring). The violation is ``c‖x‖² ≥ 1`` itself, so an ``atol`` of
+        1 or more accepted points on and outside the boundary, ``[100, 0]`` with ``atol=1e4``."""
+        super()._atol(X, atol)
+        return 0.0
+
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         r2 = self.c * (X * X).sum(-1)
         # 0 strictly inside the open ball, c‖x‖² (≥ 1) on or outside it, NaN for NaN input.
