@@ -45,7 +45,7 @@ def _max_distance(dtype: torch.dtype) -> float:
 # more, and an optimizer's momentum, transported there, grows by that factor every step until
 # it overflows (observed: rsgd with momentum on random gradients, NaN after 15 steps with a
 # cap at the float64 overflow limit). So every point returned is kept at x₀ ≤ √k/√ε, i.e. at
-# distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (15.2 in float32).
+# distance ≤ T√k with T = ½ log(1/ε) + log 2. PoincareBall resolves more (14.6 in float32).
 # There the stored point itself still resolves its neighbourhood to √ε (its rounding moves it by
 # up to ε x₀, across the radius), the floor the open spaces keep too (Note [Low precision] in
 # spaces/_base.py); ε is that of the dtype the point is stored in (Note [the hyperboloid in low
@@ -186,7 +186,7 @@ class Lorentz(AbstractSpace):
     tangent vector as ``(⟨x̄, v̄⟩/x₀, v̄)`` (Note [the hyperboloid in low precision]). Membership: the relative residual
     ``|⟨x, x⟩_L + k| / (k + ‖x‖²) ≤ atol`` and ``x₀ > 0``. NaN or inf raw input gives NaN.
     The model is ill-conditioned far from the origin (coordinates grow like ``e^d``): for
-    larger radii use float64, or :class:`PoincareBall` (15.2 in float32, 34.7 in float64).
+    larger radii use float64, or :class:`PoincareBall` (14.6 in float32, 34.7 in float64).
 
     Example:
         >>> import torch, geofunc as gf
