@@ -65,6 +65,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, Callable, Optional, Union
@@ -302,7 +303,7 @@ def _cap(Y: Tensor, bound: Union[float, Tensor]) -> Tensor:
 
 def _project(x: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
     """``x`` rescaled into ``√c‖x‖ ≤ 1 − δ``, for every finite ``x`` (huge ones included); unchanged inside."""
-    return _cap(x, (1.0 - (ball_margin(x.dtype) if margin is None else margin)) / _sqrt_c(c))
+    return _cap(x, (1.0 - (ball_margin(rounding_dtype(x.dtype)) if margin is None else margin)) / _sqrt_c(c))
 
 
 def _clamp_into_ball(x: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
@@ -311,7 +312,7 @@ def _clamp_into_ball(x: Tensor, c: Curvature, margin: Optional[float] = None) ->
     For a computed point of the ball (a map's result, within rounding of it): ``c‖x‖²`` must not
     overflow. Raw input goes through :func:`_project` (Note [norms without overflow]).
     """
-    m = 1.0 - (ball_margin(x.dtype) if margin is None else margin)
+    m = 1.0 - (ball_margin(rounding_dtype(x.dtype)) if margin is None else margin)
     r2 = c * _sq(x)
     inside = r2 <= m * m  # False for NaN: NaN goes through the division and stays NaN
     scale = torch.where(inside, torch.ones_like(r2), m / torch.sqrt(torch.where(inside, torch.ones_like(r2), r2)))
@@ -361,6 +362,34 @@ def _gyr(x: Tensor, d: Tensor, gx: Tensor, gy: Tensor, z: Tensor, c: Curvature) 
 
 
 # ------------------------------------------------------------------------ the public maps
+# Note [Hyperbolic functions in low precision]
+# The public functions below follow the spaces' low-precision policy (Note [Low precision] in
+# geofunc/spaces/_base.py): given a bfloat16/float16 tensor they compute in float32 with autocast
+# off (float32 input under autocast too) and round the result back, with the margin of a returned point that of the stored dtype
+# (rounding_dtype), so that the rounded point stays inside the ball. Computed in float16 itself,
+# dist and logmap overflowed to inf/NaN for points inside the ball at c‖x‖² ≳ 0.99 (the gap's
+# reciprocal squared exceeds 65504), where PoincareBall.dist, which takes the policy, was finite.
+def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION), None)
+        if low is None:
+            if _any_autocast is not None and not _any_autocast():
+                return fn(*args, **kwargs)
+            with autocast_off():  # float32 input under autocast: M ⊗ x's product not in bf16
+                return fn(*args, **kwargs)
+        _ROUNDING.dtypes.append(low)
+        try:
+            with autocast_off():
+                out = fn(*_upcast(args), **_upcast(kwargs))
+        finally:
+            _ROUNDING.dtypes.pop()
+        return _downcast(out, low)
+
+    return wrapped
+
+
+@_in_float32
 def conformal_factor(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The conformal factor :math:`\lambda_x = 2 / (1 - c\|x\|^2)`, shape ``(*batch, 1)``.
 
@@ -373,6 +402,7 @@ def conformal_factor(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return 2.0 / _gap(x, c) + poison(x, ndim=1)
 
 
+@_in_float32
 def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Möbius addition :math:`x \oplus_c y` (last dimension; batch dimensions broadcast).
 
@@ -389,6 +419,7 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c), c)
 
 
+@_in_float32
 def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Möbius scalar multiplication :math:`r \otimes_c x = \tanh(r\,\operatorname{artanh}(\sqrt c\|x\|))\,\frac{x}{\sqrt c\|x\|}`.
 
@@ -414,6 +445,7 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
     return _expmap0((r * a) * x, c)
 
 
+@_in_float32
 def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Möbius matrix-vector product :math:`M \otimes_c x`.
 
@@ -439,6 +471,7 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return _expmap0(_artanhc(c * _sq(x), _gap(x, c)) * Mx, c)  # exp_0 of A·Mx
 
 
+@_in_float32
 def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The gyration :math:`\mathrm{gyr}[u, v]\,w = \ominus(u \oplus v) \oplus (u \oplus (v \oplus w))`.
 
@@ -464,6 +497,7 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return _gyr(-v, u + v, _gap(v, c), _gap(u, c), w, c)
 
 
+@_in_float32
 def dist(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The geodesic distance :math:`d_c(x, y) = \frac{2}{\sqrt c}\operatorname{artanh}(\sqrt c\,\|(-x) \oplus_c y\|)`, shape ``(*batch)``.
 
@@ -497,6 +531,7 @@ def _dist(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
     return torch.where(pos | torch.isnan(n2), d, torch.zeros_like(d))
 
 
+@_in_float32
 def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The exponential map at ``x``.
 
@@ -543,6 +578,7 @@ def _expmap(x: Tensor, v: Tensor, c: Curvature, margin: Optional[float] = None) 
     return _clamp_into_ball(_add(x, y, gx, gy, c), c, margin)
 
 
+@_in_float32
 def expmap0(v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r""":math:`\exp_0(v) = \tanh(\sqrt c\|v\|)\,\frac{v}{\sqrt c\|v\|}` (the exponential map at the origin, where :math:`\lambda_0 = 2`)."""
     c = _check_c(c, "expmap0")
@@ -559,7 +595,7 @@ def _exp0(vs: Tensor, s: Tensor, q: Tensor, c: Curvature, margin: Optional[float
     # tanh(θ) v/(√c‖v‖), θ = √c‖v‖, clamped into the margin: beyond θ = artanh(1 − δ) the result is
     # (1 − δ) v/(√c‖v‖), the clamp of the exact value, written without overflow for every finite v
     # (Note [norms without overflow]).
-    m = 1.0 - (ball_margin(vs.dtype) if margin is None else margin)
+    m = 1.0 - (ball_margin(rounding_dtype(vs.dtype)) if margin is None else margin)
     th = 0.5 * math.log((1.0 + m) / (1.0 - m))  # artanh(1 − δ) < 40
     inside = q <= (th * th / c) / (s * s)
     s = torch.where(inside, s, 1.0)
@@ -567,6 +603,7 @@ def _exp0(vs: Tensor, s: Tensor, q: Tensor, c: Curvature, margin: Optional[float
     return vs * f
 
 
+@_in_float32
 def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The logarithm at ``x``: the inverse of :func:`expmap`.
 
@@ -589,6 +626,7 @@ def _logmap(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
     return gx * _artanhc(c * _sq(w), gap) * w
 
 
+@_in_float32
 def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r""":math:`\log_0(y) = \operatorname{artanh}(\sqrt c\|y\|)\,\frac{y}{\sqrt c\|y\|}` (the inverse of :func:`expmap0`)."""
     c = _check_c(c, "logmap0")
@@ -596,6 +634,7 @@ def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return _artanhc(c * _sq(y), _gap(y, c)) * y
 
 
+@_in_float32
 def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Parallel transport of ``v ∈ T_x`` to ``T_y`` along the geodesic: :math:`\frac{\lambda_x}{\lambda_y}\mathrm{gyr}[y, -x]\,v`.
 
@@ -612,6 +651,7 @@ def _transport(x: Tensor, y: Tensor, v: Tensor, c: Curvature) -> Tensor:
     return (gy / gx) * _gyr(x, y - x, gx, gy, v, c)
 
 
+@_in_float32
 def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) -> Tensor:
     r"""``x`` rescaled into the closed ball :math:`\sqrt c\|x\| \le 1 - \delta` (``δ = margin``, default :func:`ball_margin`).
 
@@ -622,6 +662,7 @@ def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) ->
     return _project(x, c, margin)
 
 
+@_in_float32
 def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: bool = False) -> Tensor:
     r"""Distance from ``x`` to the gyroplane through ``p`` with normal ``a ∈ T_p`` (Ganea et al. 2018).
 
@@ -651,6 +692,7 @@ def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: b
     return torch.where(small, series, direct).squeeze(-1)
 
 
+@_in_float32
 def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvature = 1.0) -> Tensor:
     r"""The weighted gyromidpoint (Einstein midpoint) of the points ``x[..., i, :]``.
 
@@ -698,6 +740,7 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
 # invariance w → −w; weights for which Q < 0 (the Klein point outside the ball) give NaN.
 
 
+@_in_float32
 def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The isometry from the Poincaré ball of curvature ``−c`` to the hyperboloid :class:`~geofunc.Lorentz` ``(k = 1/c)``.
 
@@ -720,6 +763,7 @@ def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     return torch.cat([x0, xb], dim=-1)
 
 
+@_in_float32
 def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""The inverse of :func:`poincare_to_lorentz`: :math:`(x_0, \bar x) \mapsto \bar x / (1 + \sqrt c\,x_0)`.
 
@@ -732,3 +776,9 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
         raise ManifoldError(f"geofunc.hyperbolic.lorentz_to_poincare: expected vectors (..., n + 1) with n ≥ 1, got {describe(x)}.")
     # (an inf x₀ would give the plausible point 0: poisoned, Note [NaN policy])
     return _project(x[..., 1:] / (1.0 + _sqrt_c(c) * x[..., :1]), c) + poison(x, ndim=1)
+
+
+# At the end: geofunc.spaces imports this module (its Lorentz and PoincareBall), so the policy's helpers
+# are bound once every name here exists (Note [Hyperbolic functions in low precision]).
+from .spaces._base import (  # noqa: E402
+    LOW_PRECISION, _ROUNDING, _any_autocast, _downcast, _upcast, autocast_off, rounding_dtype)

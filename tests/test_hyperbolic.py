@@ -976,3 +976,53 @@ def test_poincare_rsgd_momentum_in_half_precision(dtype, generator):
     o = torch.zeros(4, dtype=F64)
     margin = math.log(2.0 / gf.hyperbolic.ball_margin(dtype))
     assert float(P.dist(o, out.double()).max()) <= margin + 0.05
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("c", [1.0, 0.5])
+def test_half_precision_functions_are_the_rounding_of_float32(dtype, c, generator):
+    """The functions of ``geofunc.hyperbolic`` take the spaces' low-precision policy (Note [Hyperbolic
+    functions in low precision]): on half-precision points inside the ball, up to c‖x‖² ≈ 0.998, each
+    result is finite and the rounding of the float32 function of the same stored values, and every
+    returned point is inside the ball as stored. Computed in float16 itself, ``dist`` and ``logmap``
+    were inf/NaN for points at c‖x‖² = 0.99 (81% of pairs; all at 0.998) and bfloat16 distances there
+    were half the float32 ones (11.8 for 24.5), where ``PoincareBall.dist`` was right; under autocast,
+    ``mobius_matvec`` of float32 input returned bf16."""
+    n, B = 16, 128
+    fns = {
+        "mobius_add": lambda x, y, v, M: hyp.mobius_add(x, y, c=c),
+        "mobius_scalar_mul": lambda x, y, v, M: hyp.mobius_scalar_mul(2.0, x, c=c),
+        "mobius_matvec": lambda x, y, v, M: hyp.mobius_matvec(M, x, c=c),
+        "expmap": lambda x, y, v, M: hyp.expmap(x, v, c=c),
+        "expmap0": lambda x, y, v, M: hyp.expmap0(v, c=c),
+        "logmap": lambda x, y, v, M: hyp.logmap(x, y, c=c),
+        "logmap0": lambda x, y, v, M: hyp.logmap0(x, c=c),
+        "dist": lambda x, y, v, M: hyp.dist(x, y, c=c),
+        "gyration": lambda x, y, v, M: hyp.gyration(x, y, v, c=c),
+        "parallel_transport": lambda x, y, v, M: hyp.parallel_transport(x, y, v, c=c),
+        "project": lambda x, y, v, M: hyp.project(3.0 * v, c=c),
+        "conformal_factor": lambda x, y, v, M: hyp.conformal_factor(x, c=c),
+        "weighted_midpoint": lambda x, y, v, M: hyp.weighted_midpoint(torch.stack([x, y], -2), c=c),
+        "dist2plane": lambda x, y, v, M: hyp.dist2plane(x, y, v, c=c),
+    }
+    points = {"mobius_add", "mobius_scalar_mul", "mobius_matvec", "expmap", "expmap0", "project", "weighted_midpoint"}
+    for r in (0.3, 0.9, 0.99, 0.995, 0.999):
+        x, y = (r / math.sqrt(c) * _directions(B, n, generator, lorentz=False)).to(dtype), \
+            (r / math.sqrt(c) * _directions(B, n, generator, lorentz=False)).to(dtype)
+        v = torch.randn(B, n, generator=generator, dtype=F64).to(dtype)
+        M = (torch.randn(n, n, generator=generator, dtype=F64) / n**0.5).to(dtype)
+        for name, fn in fns.items():
+            got = fn(x, y, v, M)
+            want = fn(x.float(), y.float(), v.float(), M.float())
+            if name in points:  # returned points keep the stored dtype's margin (float32's is 8·1.2e-7)
+                want = hyp.project(want, c=c, margin=hyp.ball_margin(dtype))
+            assert got.dtype == dtype, name
+            assert bool(torch.isfinite(got).all()), (name, r)
+            eps = torch.finfo(dtype).eps  # within an ulp or two of the rounding of the float32 value
+            torch.testing.assert_close(got.float(), want.to(dtype).float(), atol=2 * eps, rtol=2 * eps,
+                                       msg=f"{name} at {r}")
+            if name in points:
+                assert bool((c * got.double().pow(2).sum(-1) < 1).all()), (name, r)
+            with torch.autocast("cpu", dtype=dtype):  # float32 input: computed as without autocast
+                under = fn(x.float(), y.float(), v.float(), M.float())
+            assert under.dtype == torch.float32 and torch.equal(under, fn(x.float(), y.float(), v.float(), M.float())), name
