@@ -256,6 +256,33 @@ def _gap(x: Tensor, c: Curvature) -> Tensor:
     return g.clamp(min=torch.finfo(x.dtype).eps)
 
 
+def _onto(x: Tensor, c: Curvature) -> tuple[Tensor, Tensor]:
+    """``(x, gap)`` of an input point: ``x`` pulled radially onto the float boundary where its gap is
+    below ε, and the gap clamped at ``≥ ε`` (Note [points on or outside the boundary]). Inside, ``x``
+    times exactly 1 (value and derivatives) and :func:`_gap`'s gap."""
+    if x.dtype != torch.float64 and x.device.type != "mps":  # Note [the gap in double precision]
+        r2 = c * _sq(x.double())
+    else:
+        r2 = c * _sq(x)
+    eps = torch.finfo(x.dtype).eps
+    # √((1 − ε)/r2) where r2 > 1 − ε (onto √c‖x‖ = √(1 − ε), whose gap is the clamped one), exactly 1
+    # elsewhere; r2 − r2 is NaN where r2 overflowed (‖x‖ ≳ 1e154 in float64): NaN, not the origin
+    scale = torch.rsqrt(torch.clamp(r2 * (1.0 / (1.0 - eps)), min=1.0)) + (r2 - r2)
+    return x * scale.to(x.dtype), (1.0 - r2).to(x.dtype).clamp(min=eps)
+
+
+# Note [points on or outside the boundary]
+# The gap of an input is clamped at ε, but the formulas also read the point itself (u + y, y − x,
+# ⟨x, a⟩): a point far outside the ball with its gap clamped was read as another point. For
+# y = [100, 0], 0 ⊕ y came out as y/(ε + ‖y‖²) ≈ [0.01, 0]: dist(0, y) was 0.02 in float32 and
+# float64, non-monotone in ‖y‖ (17.3 at [1, 0], 18.0 at [3, 0], 0.02 at [100, 0]), where the
+# stated rule is that such a point reads as the point at the float boundary in its direction.
+# _onto pulls every input point whose gap is below ε radially onto √c‖x‖ = √(1 − ε), so the
+# point and its clamped gap agree, in every map that reads both. A point inside the ball (every
+# point a map returns, every point of the space) is untouched: a where on a mask, no arithmetic
+# on x. Maps that read only the gap (conformal_factor, egrad_to_rgrad, inner) keep _gap.
+
+
 # Note [the gap in double precision]
 # Near the boundary everything hinges on g = 1 − c‖x‖². A float32 point with g = 1e-5 has a
 # well-defined gap, but computing it in float32 rounds ‖x‖² (≈ 1) to ~n·6e-8 absolute: ~2% of
@@ -416,7 +443,8 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     """
     c = _check_c(c, "mobius_add")
     _check_vecs("mobius_add", (x, "x"), (y, "y"))
-    return _clamp_into_ball(_add(x, y, _gap(x, c), _gap(y, c), c), c)
+    (x, gx), (y, gy) = _onto(x, c), _onto(y, c)  # Note [points on or outside the boundary]
+    return _clamp_into_ball(_add(x, y, gx, gy, c), c)
 
 
 @_in_float32
@@ -433,7 +461,8 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
     _check_vec(x, "mobius_scalar_mul", "x")
     if isinstance(r, torch.Tensor):
         r = r.unsqueeze(-1)
-    a = _artanhc(c * _sq(x), _gap(x, c))  # log_0(x) = a x, 1 ≤ a ≤ 20 (the gap is ≥ ε)
+    x, gx = _onto(x, c)  # Note [points on or outside the boundary]
+    a = _artanhc(c * _sq(x), gx)  # log_0(x) = a x, 1 ≤ a ≤ 20 (the gap is ≥ ε)
     # r ⊗ x = exp_0(r a x), r a x scaled inside exp_0 (Note [norms without overflow]; not from ‖x‖²,
     # which underflows: 1e25 ⊗ [1e-25, 0] is tanh(1) e₁ in float32). r is clipped where |r|·a‖x‖₁
     # could overflow: there the result is the boundary point in the direction of r·x whatever r
@@ -467,8 +496,9 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     if M.dtype != x.dtype or M.device != x.device:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({x.dtype}, "
                             f"{x.device}), got {describe(M)} on {M.device}.")
+    x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     Mx = (M @ x.unsqueeze(-1)).squeeze(-1)
-    return _expmap0(_artanhc(c * _sq(x), _gap(x, c)) * Mx, c)  # exp_0 of A·Mx
+    return _expmap0(_artanhc(c * _sq(x), gx) * Mx, c)  # exp_0 of A·Mx
 
 
 @_in_float32
@@ -494,7 +524,8 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     _check_vecs("gyration", (u, "u"), (v, "v"), (w, "w"))
     # gyr[u, v] = gyr[y, −x] with x = −v, y = u, written with d = u + v: no cancellation for
     # u ≈ −v near the boundary (Note [stable gyrovector formulas]); gyr[u, −u] w = w exactly.
-    return _gyr(-v, u + v, _gap(v, c), _gap(u, c), w, c)
+    (u, gu), (v, gv) = _onto(u, c), _onto(v, c)  # Note [points on or outside the boundary]
+    return _gyr(-v, u + v, gv, gu, w, c)
 
 
 @_in_float32
@@ -518,7 +549,8 @@ def _dist(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
     # Only the series branch (ρ² < _T_SMALL, where a small c lands) needs that form: the closed form
     # keeps the textbook's fewer roundings above it (3.3e-7 relative near the boundary in float32 the
     # other way, 1.8e-7 this way).
-    N, D, gap = _neg_add(x, y, _gap(x, c), _gap(y, c), c)
+    (x, gx), (y, gy) = _onto(x, c), _onto(y, c)  # Note [points on or outside the boundary]
+    N, D, gap = _neg_add(x, y, gx, gy, c)
     n2 = _sq(N)
     pos = n2 > 0  # d is not differentiable at x = y: the double where gives it gradient 0 there
     n = torch.sqrt(torch.where(pos, n2, torch.ones_like(n2)))
@@ -563,7 +595,7 @@ def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
 # expmap0 (and so r ⊗ x and M ⊗ x) needs no cosh: its cap is the margin's own, θ = artanh(1 − δ),
 # beyond which the clamped exact value (1 − δ) v/(√c‖v‖) is written directly.
 def _expmap(x: Tensor, v: Tensor, c: Curvature, margin: Optional[float] = None) -> Tensor:
-    gx = _gap(x, c)
+    x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     # v rescaled to θ = √c‖v‖/g_x ≤ 40 (Note [long tangent vectors]), without overflow (Note [norms
     # without overflow]): v = s·vs, and where capped v = vs·f with ‖vs·f‖ = 40 g_x/√c.
     vs, s, q = _scaled(v)
@@ -620,8 +652,8 @@ def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
 
 
 def _logmap(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
-    gx = _gap(x, c)
-    N, D, gap = _neg_add(x, y, gx, _gap(y, c), c)
+    (x, gx), (y, gy) = _onto(x, c), _onto(y, c)  # Note [points on or outside the boundary]
+    N, D, gap = _neg_add(x, y, gx, gy, c)
     w = N / D
     return gx * _artanhc(c * _sq(w), gap) * w
 
@@ -631,7 +663,8 @@ def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r""":math:`\log_0(y) = \operatorname{artanh}(\sqrt c\|y\|)\,\frac{y}{\sqrt c\|y\|}` (the inverse of :func:`expmap0`)."""
     c = _check_c(c, "logmap0")
     _check_vec(y, "logmap0", "y")
-    return _artanhc(c * _sq(y), _gap(y, c)) * y
+    y, gy = _onto(y, c)  # Note [points on or outside the boundary]
+    return _artanhc(c * _sq(y), gy) * y
 
 
 @_in_float32
@@ -647,7 +680,7 @@ def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -
 
 
 def _transport(x: Tensor, y: Tensor, v: Tensor, c: Curvature) -> Tensor:
-    gx, gy = _gap(x, c), _gap(y, c)
+    (x, gx), (y, gy) = _onto(x, c), _onto(y, c)  # Note [points on or outside the boundary]
     return (gy / gx) * _gyr(x, y - x, gx, gy, v, c)
 
 
@@ -678,7 +711,7 @@ def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: b
     """
     c = _check_c(c, "dist2plane")
     _check_vecs("dist2plane", (x, "x"), (p, "p"), (a, "a"))
-    gx, gp = _gap(x, c), _gap(p, c)
+    (x, gx), (p, gp) = _onto(x, c), _onto(p, c)  # Note [points on or outside the boundary]
     N, _, _ = _neg_add(p, x, gp, gx, c)
     # arsinh(√c q)/√c = q arsinhc(c q²) (q = s/√c): no 1/√c where c q² is small (the series), as in _dist
     q = 2.0 * _dot(N, a) / (gp * gx * torch.linalg.vector_norm(a, dim=-1, keepdim=True))
@@ -718,7 +751,8 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
             f"device of `x` ({x.dtype}, {x.device}), got {describe(w)} on {w.device}."
         )
     w = w.unsqueeze(-1)
-    a = w / _gap(x, c)  # w_i λ_i / 2
+    x, gx = _onto(x, c)  # Note [points on or outside the boundary]
+    a = w / gx  # w_i λ_i / 2
     A, W = a.sum(-2), w.sum(-2)
     mu = (a * x).sum(-2) / A
     Q = W * W + 4.0 * c * A * (a * _sq(x - mu.unsqueeze(-2))).sum(-2)  # Note [the Einstein midpoint at the boundary]
@@ -757,7 +791,7 @@ def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
 
     c = _check_c(c, "poincare_to_lorentz")
     _check_vec(x, "poincare_to_lorentz", "x")
-    g = _gap(x, c)
+    x, g = _onto(x, c)  # Note [points on or outside the boundary]
     xb = _cap(2.0 * x / g, math.sinh(_max_distance(x.dtype)) / _sqrt_c(c))
     x0 = torch.sqrt(1.0 / c + _sq(xb))  # = √k (1 + c‖x‖²)/(1 − c‖x‖²) where not capped
     return torch.cat([x0, xb], dim=-1)

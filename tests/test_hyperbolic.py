@@ -1026,3 +1026,47 @@ def test_half_precision_functions_are_the_rounding_of_float32(dtype, c, generato
             with torch.autocast("cpu", dtype=dtype):  # float32 input: computed as without autocast
                 under = fn(x.float(), y.float(), v.float(), M.float())
             assert under.dtype == torch.float32 and torch.equal(under, fn(x.float(), y.float(), v.float(), M.float())), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("c", [1.0, 0.5])
+def test_points_outside_the_ball_read_as_the_boundary_point(dtype, c):
+    """Note [points on or outside the boundary]: a finite point on or outside the boundary reads, in
+    every map, as the point at the float boundary in its direction. Its gap alone was clamped, so
+    dist(0, [100, 0]) was 0.02 (not monotone in the radius: 17.3 at [1, 0], 18.0 at [3, 0])."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(4, 3, generator=g, dtype=dtype)
+    u = u / u.norm(dim=-1, keepdim=True)
+    eps = torch.finfo(dtype).eps
+    boundary = u * (math.sqrt(1.0 - eps) / math.sqrt(c))  # gap ε: the clamped gap
+    x = 0.3 * torch.randn(4, 3, generator=g, dtype=dtype) / math.sqrt(c)
+    v = 0.2 * torch.randn(4, 3, generator=g, dtype=dtype)
+    a = torch.randn(4, 3, generator=g, dtype=dtype)
+    M = torch.randn(4, 2, 3, generator=g, dtype=dtype)
+    maps = {
+        "dist(x, ·)": lambda y: hyp.dist(x, y, c=c), "dist(·, x)": lambda y: hyp.dist(y, x, c=c),
+        "logmap(x, ·)": lambda y: hyp.logmap(x, y, c=c), "logmap(·, x)": lambda y: hyp.logmap(y, x, c=c),
+        "logmap0": lambda y: hyp.logmap0(y, c=c), "expmap": lambda y: hyp.expmap(y, v, c=c),
+        "transport": lambda y: hyp.parallel_transport(y, x, v, c=c), "mobius_add": lambda y: hyp.mobius_add(y, x, c=c),
+        "scalar_mul": lambda y: hyp.mobius_scalar_mul(0.5, y, c=c), "matvec": lambda y: hyp.mobius_matvec(M, y, c=c),
+        "gyration": lambda y: hyp.gyration(y, x, v, c=c), "dist2plane": lambda y: hyp.dist2plane(y, x, a, c=c),
+        "midpoint": lambda y: hyp.weighted_midpoint(torch.stack([y, x], -2), c=c),
+        "to_lorentz": lambda y: hyp.poincare_to_lorentz(y, c=c),
+        "ball.dist": lambda y: gf.PoincareBall(c=c).dist(x, y), "ball.logmap": lambda y: gf.PoincareBall(c=c).logmap(x, y),
+    }
+    # every point on or outside reads as one point (the float boundary's, within an ulp of its
+    # direction), whatever its radius; a point an ε inside reads within the boundary's sensitivity
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    ref = {name: f(u * (1.5 / math.sqrt(c))) for name, f in maps.items()}
+    for scale in (1.001, 3.0, 100.0, 1e20):  # (radius 1 itself rounds to either side)
+        y = u * (scale / math.sqrt(c))
+        for name, f in maps.items():
+            got = f(y)
+            assert torch.isfinite(got).all(), (name, scale)
+            torch.testing.assert_close(got, ref[name], rtol=tol, atol=tol, msg=f"{name} at radius {scale}")
+    near = {name: f(boundary) for name, f in maps.items()}  # gap 1–4 ε after rounding: d within log 4
+    for name in ("dist(x, ·)", "dist(·, x)", "ball.dist"):
+        assert ((near[name] - ref[name]).abs() <= math.log(4.0) / math.sqrt(c) + tol).all(), name
+    radii = torch.tensor([0.5, 0.9, 0.999, 1.0, 3.0, 100.0, 1e30], dtype=dtype)
+    d = hyp.dist(torch.zeros(3, dtype=dtype), radii[:, None] * u[0] / math.sqrt(c), c=c)
+    assert bool((d[1:] >= d[:-1]).all()), d
