@@ -482,15 +482,20 @@ def test_compile_dynamic_with_a_float_hyperparameter(space, point) -> None:
         for batch in (5, 7):
             shape = (batch, *point)
             args = (M.sample(shape, generator=g, dtype=F64), *(torch.randn(shape, generator=g, dtype=F64) for _ in range(4)))
-            got, expected = optree.tree_leaves(compiled(*args)), optree.tree_leaves(maps(*args))
-            assert len(got) == len(expected)
-            for a, b in zip(got, expected):
-                if b.dtype == torch.bool:
-                    assert torch.equal(a, b)
-                else:
-                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(b.abs().max())))
+            _same_leaves(compiled(*args), maps(*args))
     finally:
         torch._dynamo.reset()
+
+
+def _same_leaves(got: Any, expected: Any) -> None:
+    """The compiled maps' results equal the eager ones: booleans exactly, values to 1e-10 (float64)."""
+    got, expected = optree.tree_leaves(got), optree.tree_leaves(expected)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        if b.dtype == torch.bool:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(b.abs().max())))
 
 
 @pytest.mark.parametrize("cls", [gf.LowRank, gf.FixedRank, gf.PSSDLowRank, gf.PSSDFixedRank], ids=lambda c: c.__name__)
@@ -512,11 +517,7 @@ def test_compile_a_function_of_the_space_for_two_ranks(cls) -> None:
             M = cls(rank=rank)
             X = M.sample((2, 5, 5), generator=g, dtype=F64)
             Z = torch.randn(2, 5, 5, generator=g, dtype=F64)
-            for a, b in zip(optree.tree_leaves(compiled(M, X, Z)), optree.tree_leaves(maps(M, X, Z))):
-                if b.dtype == torch.bool:
-                    assert torch.equal(a, b)
-                else:
-                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * max(1.0, float(b.abs().max())))
+            _same_leaves(compiled(M, X, Z), maps(M, X, Z))
     finally:
         torch._dynamo.reset()
 
