@@ -378,6 +378,33 @@ def test_a_base_is_checked_once_per_change(monkeypatch):
     torch.testing.assert_close(d.weight, m.weight.double(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("space", [gf.SO(), gf.SO(triv="cayley"), gf.GLp(), gf.SL()], ids=repr)
+def test_a_base_of_the_wrong_determinant_sign_is_refused(space):
+    """The chart's point has the sign of ``det(base)`` (SO) or ``det U_b det V_b`` (GLp, SL): an
+    orthonormal base of the other sign (a square ``orthogonal`` layer's base, O(n), loaded by hand)
+    passed the check, and the weight had det < 0, silently off the space (Note [The sign of a
+    base]). Forward now raises; the base geofunc writes (``update_base``) is accepted."""
+    torch.manual_seed(0)
+    m = nn.Linear(4, 4)
+    gnn.constrain(m, "weight", space)
+    p = gnn.parametrization_of(m)
+    x = torch.randn(3, 4)
+    m(x)
+    name = p._base_names()[0]
+    R = torch.eye(4)
+    R[0, 0] = -1.0
+    with torch.no_grad():
+        B = getattr(p, name)
+        B.copy_(B @ R)  # still orthonormal, det × −1
+    assert float(torch.linalg.det(space.to_manifold(m.parametrizations.weight.original.detach(), p.get_base()))) < 0  # off the space
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .*det.* = −1"):
+        m(x)
+    with torch.no_grad():
+        B.copy_(B @ R)  # the sign restored: a valid base again
+    gnn.update_base(m)
+    assert member(space, m.weight, 1e-4)
+
+
 def test_average_is_an_ema_of_points_for_a_model_that_is_rebased():
     """``average_(ema, [ema, model], [0.9, 0.1])`` after every step of a model rebased every 4 steps:
     the EMA's orthogonal weight is the polar factor of 0.9·W_ema + 0.1·W (computed here by torch's

@@ -318,6 +318,27 @@ def _readable(t: Any) -> bool:
             and (t.is_floating_point() or t.is_complex()))
 
 
+# Note [The sign of a base]
+# A chart `base · φ(A)` (SO) or `U_b φ(A) diag(f(s)) φ(B)ᵀ V_bᵀ` (GLp, SL) has det of the sign of
+# det(base) (of det U_b det V_b): an orthonormal base of the other sign is no base of the space, and
+# every raw tensor then maps to a matrix of det < 0, silently (to_manifold does not read the base's
+# values). `from_manifold`, `rebase` and `project` never make one, but a buffer written by hand or a
+# state_dict of another space's layer (a square Stiefel's, O(n), or FixedRank's) can hold one; the
+# polar refinement keeps the sign, so it is refused where the orthonormality of a base is
+# (`_invalid_base`: a `gf.nn` module's forward, once per change of its buffers). The frames are
+# orthonormal here, so the sign of each determinant is well read (|det| = 1).
+def _base_sign_error(base: Any) -> str | None:
+    """Why the orthonormal square frames of ``base`` are not of determinant product +1, or None."""
+    frames = [B for B in optree.tree_leaves(base) if _readable(B) and B.ndim >= 2 and B.shape[-1] == B.shape[-2] > 0]
+    if not frames:
+        return None
+    sign = functools.reduce(operator.mul, (torch.linalg.slogdet(B.float() if B.dtype in LOW_PRECISION else B)[0] for B in frames))
+    if bool((sign > 0).all()):
+        return None
+    what = "det(base)" if len(frames) == 1 else "det(base[0])·det(base[1])"
+    return f"orthonormal frames with {what} = −1 (the chart's points would have det < 0)"
+
+
 def _frame_error(B: Tensor) -> tuple[Tensor, float]:
     """``(max |BᴴB − I|`` of the shorter side's Gram per frame, the default tolerance of ``B``'s dtype):
     bf16/fp16 in float32, and never under autocast (a bf16 Gram of a float32 frame is 1e-2 off)."""
@@ -405,6 +426,11 @@ class AbstractSpace(_Space, abc.ABC):
     #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or
     #: None (no base, or a composite space that overrides :meth:`_refine_base`).
     _base_kind: ClassVar[str | None] = None
+
+    #: Whether the determinants of the base's square frames must multiply to +1 (``SO``: ``det B``;
+    #: ``GLp``, ``SL``: ``det U_b det V_b``): the chart's point has that sign of determinant, so an
+    #: orthonormal base of the other sign maps every raw tensor off the space (Note [The sign of a base]).
+    _base_det_positive: ClassVar[bool] = False
 
     #: Whether a matrix with an empty dimension (n×0, 0×k) is a point shape: the space is then the
     #: single empty matrix (St(n, 0), Gr(n, 0)), every map returns an empty tensor and every point is
@@ -596,6 +622,8 @@ class AbstractSpace(_Space, abc.ABC):
                 if not worst <= tol:  # NaN too
                     return (f"a frame of shape {tuple(B.shape)} with max|BᴴB − I| = {worst:.3g} > {tol:.3g} "
                             f"(its columns are not orthonormal)")
+            if self._base_det_positive:
+                return _base_sign_error(base)
             return None
         if self._base_kind == "point":
             if not _readable(base):

@@ -49,6 +49,7 @@ class GLp(SVDSpace):
     triv: Triv = "expm"
 
     _det_positive: ClassVar[bool] = True
+    _base_det_positive: ClassVar[bool] = True  # det U_b det V_b = −1 is refused (Note [The sign of a base])
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "f", normalize_f(self, self.f, POSITIVE_MAPS))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -45,6 +45,8 @@ class SO(MatrixGroup):
         >>> bool(M.contains(X))
         True
     """
+
+    _base_det_positive: ClassVar[bool] = True  # a base of det −1 is refused (Note [The sign of a base])
 
     def project(self, Y: Tensor) -> Tensor:
         """The nearest rotation ``U diag(1, …, 1, det(UVᵀ)) Vᵀ`` of ``Y = U Σ Vᵀ``; value from the SVD,
