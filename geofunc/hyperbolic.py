@@ -249,21 +249,21 @@ def _gap(x: Tensor, c: Curvature) -> Tensor:
     For float32 (and lower) input the squared norm is accumulated in float64 (Note [the gap in
     double precision]).
     """
+    return (1.0 - _r2(x, c)).to(x.dtype).clamp(min=torch.finfo(x.dtype).eps)
+
+
+def _r2(x: Tensor, c: Curvature) -> Tensor:
+    """``c‖x‖²`` (last dim, kept), in float64 for lower precisions (Note [the gap in double precision])."""
     if x.dtype != torch.float64 and x.device.type != "mps":  # MPS has no float64
-        g = (1.0 - c * _sq(x.double())).to(x.dtype)
-    else:
-        g = 1.0 - c * _sq(x)
-    return g.clamp(min=torch.finfo(x.dtype).eps)
+        return c * _sq(x.double())
+    return c * _sq(x)
 
 
 def _onto(x: Tensor, c: Curvature) -> tuple[Tensor, Tensor]:
     """``(x, gap)`` of an input point: ``x`` pulled radially onto the float boundary where its gap is
     below ε, and the gap clamped at ``≥ ε`` (Note [points on or outside the boundary]). Inside, ``x``
     times exactly 1 (value and derivatives) and :func:`_gap`'s gap."""
-    if x.dtype != torch.float64 and x.device.type != "mps":  # Note [the gap in double precision]
-        r2 = c * _sq(x.double())
-    else:
-        r2 = c * _sq(x)
+    r2 = _r2(x, c)
     eps = torch.finfo(x.dtype).eps
     # √((1 − ε)/r2) where r2 > 1 − ε (onto √c‖x‖ = √(1 − ε), whose gap is the clamped one), exactly 1
     # elsewhere; r2 − r2 is NaN where r2 overflowed (‖x‖ ≳ 1e154 in float64): NaN, not the origin
@@ -396,6 +396,9 @@ def _gyr(x: Tensor, d: Tensor, gx: Tensor, gy: Tensor, z: Tensor, c: Curvature) 
 # (rounding_dtype), so that the rounded point stays inside the ball. Computed in float16 itself,
 # dist and logmap overflowed to inf/NaN for points inside the ball at c‖x‖² ≳ 0.99 (the gap's
 # reciprocal squared exceeds 65504), where PoincareBall.dist, which takes the policy, was finite.
+# Not the spaces' wrapper (spaces/_base.py's _in_float32): that one takes the dtype of the first
+# tensor argument and routes DTensors; here any low-precision argument sets it (mobius_scalar_mul's r
+# may be a float32 tensor beside a bf16 x) and DTensors are not routed.
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:

@@ -8,7 +8,7 @@ from typing import Any, Callable, final
 import torch
 
 from .._errors import ManifoldError, describe, error
-from ._base import AbstractSpace
+from ._base import AbstractSpace, _broadcast, _broadcastable
 
 __all__ = ["Product"]
 
@@ -86,19 +86,20 @@ class Product(AbstractSpace):
                 raise ManifoldError(f"{self!r}: factor {i}: {e}") from None
         return tuple(out)
 
-    def _broadcast(self, parts: tuple, method: str) -> None:
+    def _require_broadcast(self, parts: tuple, method: str) -> None:
         """Factors' batch-shaped results of ``method`` whose batch shapes do not broadcast are a
         ``ManifoldError`` naming them (a bare RuntimeError from ``&`` or ``+`` otherwise)."""
-        try:
-            torch.broadcast_shapes(*(p.shape for p in parts))
-        except RuntimeError:
-            got = ", ".join(f"factor {i}: {tuple(p.shape)}" for i, p in enumerate(parts))
-            raise error(self, f"factors whose batch shapes broadcast (`{method}` combines their results)",
-                        f"batch shapes {got}") from None
+        shape = parts[0].shape
+        for p in parts[1:]:
+            if not _broadcastable(shape, p.shape):
+                got = ", ".join(f"factor {i}: {tuple(q.shape)}" for i, q in enumerate(parts))
+                raise error(self, f"factors whose batch shapes broadcast (`{method}` combines their results)",
+                            f"batch shapes {got}")
+            shape = _broadcast([shape, p.shape])
 
     def _fold(self, parts: tuple, method: str, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-        """``op`` over the factors' batch-shaped results of ``method`` (checked by :meth:`_broadcast`)."""
-        self._broadcast(parts, method)
+        """``op`` over the factors' batch-shaped results of ``method`` (checked by :meth:`_require_broadcast`)."""
+        self._require_broadcast(parts, method)
         out = parts[0]
         for p in parts[1:]:
             out = op(out, p)
@@ -166,7 +167,7 @@ class Product(AbstractSpace):
         parts = self._each(lambda M, x, y: M.dist(x, y), self._tuple(X, "X"), self._tuple(Y, "Y"))
         if len(parts) == 1:
             return parts[0]
-        self._broadcast(parts, "dist")
+        self._require_broadcast(parts, "dist")
         return torch.linalg.vector_norm(torch.stack(torch.broadcast_tensors(*parts)), dim=0)
 
     def project(self, Y: Any) -> tuple:
