@@ -48,8 +48,12 @@ def softplus_eps(t: Tensor) -> Tensor:
 
 
 def softplus_inverse(y: Tensor) -> Tensor:
-    """Inverse of ``softplus`` for ``y > 0``: ``y + log(−expm1(−y))`` (stable for small and large ``y``)."""
-    return y + torch.log(-torch.expm1(-y))
+    """Inverse of ``F.softplus`` for ``y > 0``: ``y + log(−expm1(−y))`` (stable for small and large
+    ``y``), and ``y`` itself above 20, where ``F.softplus`` is the identity."""
+    # F.softplus(t) is t past its threshold of 20, not t + log1p(e^{−t}): the exact inverse there was
+    # off by e^{−y} ≤ 2e-9, so in float64 a value just above 20 came back 1e-10 relative off (GLp of
+    # a matrix with σ₁ = 20.1, and every SL from_manifold whose lifted values pass 20)
+    return torch.where(y > 20.0, y, y + torch.log(-torch.expm1(-y)))
 
 
 def softplus_eps_inverse(y: Tensor) -> Tensor:

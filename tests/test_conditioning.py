@@ -1,0 +1,85 @@
+"""Valid but numerically hard points: the point-side maps at ill-conditioned points.
+
+Found by the conditioning probe and pinned here:
+
+* ``SL.from_manifold`` divided the rounding of ``det X`` (~ε·cond(X)) out of every singular value
+  alike, so the whole point was rescaled by ``(det X)^{−1/n}``: float32 points of the chart from raw
+  entries of scale 5 came back up to 5e-3 off (GLp's round trip of the same points: 1e-6), past the
+  float32 tolerance for 12–19% of them (Note [The determinant of a rounded SL point]).
+* ``softplus_inverse`` inverted ``log1p(exp(t))`` also past 20, where ``F.softplus`` is the identity:
+  ``f(f⁻¹(y))`` was off by ``e^{−y}`` (1.9e-9 at y = 20.1), so float64 round trips of GLp/PSD/FixedRank
+  points with a value just above 20 (and of every SL point whose lifted values pass 20) were 1e-10 off.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import member
+
+import geofunc as gf
+from geofunc.spaces._values import softplus_eps, softplus_eps_inverse
+
+F32, F64 = torch.float32, torch.float64
+#: round-trip tolerance relative to max(1, max|X|): a few ulps times n of the dtype (GLp's round trip
+#: of the same points measures 1e-6 / 1e-14)
+ROUND_TRIP = {F32: 2e-5, F64: 1e-13}
+
+
+def _rel(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return (A - B).abs().amax((-2, -1)) / B.abs().amax((-2, -1)).clamp(min=1.0)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("n", [4, 8])
+def test_sl_round_trip_of_ill_conditioned_points(dtype, n):
+    """Points of SL's own chart from raw entries of scale 5 (cond up to ~1e6 in float32, 1e8 in
+    float64): ``to_manifold(from_manifold(X))`` is X to the dtype's rounding, as GLp's is."""
+    M = gf.SL()
+    Z0 = 5.0 * torch.randn(200, n, n, generator=torch.Generator().manual_seed(0), dtype=F64)
+    X = M.to_manifold(Z0).to(dtype)
+    X = X[M.contains(X)]  # the float32 guard refuses a few (cond_F·n·ε ≥ 1)
+    assert X.shape[0] > 150
+    Z, base = M.from_manifold(X)
+    X2 = M.to_manifold(Z, base)
+    assert member(M, X2)
+    assert _rel(X2, X).max() <= ROUND_TRIP[dtype]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_sl_from_manifold_moves_a_point_off_sl_along_the_normal(dtype):
+    """A matrix off SL within the tolerance (its det changed along the normal ``X⁻ᵀ``, the direction
+    in which det is most sensitive) comes back on SL, at the distance of that step, not rescaled."""
+    M = gf.SL()
+    g = torch.Generator().manual_seed(1)
+    U, _, Vh = torch.linalg.svd(torch.randn(6, 6, generator=g, dtype=F64))
+    U = U * torch.linalg.det(U) * torch.linalg.det(Vh)  # det U det V = 1 (n even: the sign of U's scale)
+    s = torch.logspace(0, -4, 6, dtype=F64)
+    s = s / s.log().mean().exp()
+    X = U @ torch.diag(s) @ Vh
+    N = torch.linalg.inv(X).mT
+    step = 1e-6 if dtype == F32 else 1e-11  # relative: below the tolerance, above the rounding
+    Y = (X + step * N / N.norm() * X.norm()).to(dtype)
+    assert member(M, Y)
+    Z, base = M.from_manifold(Y)
+    Y2 = M.to_manifold(Z, base)
+    assert member(M, Y2)
+    assert (Y2.double() - Y.double()).norm() <= 3 * step * X.norm() + 30 * torch.finfo(dtype).eps * X.norm()
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_softplus_inverse_inverts_torch_softplus_past_its_threshold(dtype):
+    """``F.softplus`` is the identity past 20; its inverse there is too, so ``f(f⁻¹(y)) = y``."""
+    y = torch.tensor([19.5, 20.0, 20.0 + 1e-6, 20.1, 21.0, 25.0, 40.0, 1e3], dtype=dtype)
+    torch.testing.assert_close(softplus_eps(softplus_eps_inverse(y)), y, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_glp_round_trip_with_a_value_just_above_twenty():
+    """A float64 GLp (and PSD) point with a value of 20.1 comes back to rounding (it was 1e-10 off)."""
+    g = torch.Generator().manual_seed(2)
+    Q, P = (torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))[0] for _ in range(2))
+    Q, P = Q * torch.linalg.det(Q), P * torch.linalg.det(P)  # n even: det +1
+    D = torch.diag(torch.tensor([20.1, 3.0, 1.0, 0.5], dtype=F64))
+    for M, X in ((gf.GLp(), Q @ D @ P.mT), (gf.PSD(), Q @ D @ Q.mT)):
+        Z, base = M.from_manifold(X)
+        assert _rel(M.to_manifold(Z, base), X) <= 1e-14
