@@ -114,6 +114,14 @@ def _local_route(dts: list, args: tuple, kwargs: dict, point_ndim: int) -> bool:
         return False  # Partial: a sum still to be reduced
     if any(d < 0 or d >= lead.ndim - point_ndim for d in sharded):
         return False
+    # Note [Broadcast DTensors]
+    # DTensors must also have lead's size along every sharded dim: a (1, n) DTensor that
+    # broadcasts against a (4, n) one, both Shard(0), holds its one row on rank 0 and none on rank
+    # 1, whose local (2, n) and (0, n) do not broadcast: rank 1 raised a ManifoldError about shapes
+    # the caller never passed while rank 0 went on to its next collective and hung. Such an
+    # argument takes the gathered route, where the shapes broadcast as the caller wrote them.
+    if any(t.shape[d] != lead.shape[d] for t in dts for d in sharded):
+        return False
     # Plain tensors must broadcast along the sharded dims (aligned from the right), and add no
     # leading dims: those would move the sharded dim of the result (a G of (2, 1, n, k) with X of
     # (4, n, k) sharded on dim 0 gave a (4, 2, n, k) DTensor labelled Shard(0), its values mixed up)

@@ -276,6 +276,11 @@ def _pure_maps(M: gf.AbstractSpace, shape: tuple, dim: int) -> dict:
     G2 = torch.randn((2,) + (1,) * nb + tuple(shape[nb:]), generator=g)
     Yb = M.tangent(d(X), G2)
     out["broadcast"] = (tuple(Yb.shape), float((Yb.full_tensor() - M.tangent(X, G2)).abs().max()))
+    if dim < nb:  # a DTensor of one point along the sharded batch dim, which broadcasts: rank 1 held
+        # none of it, raised on the local shapes (2, ...) and (0, ...), and rank 0 hung (Note [Broadcast DTensors])
+        G1 = G.narrow(dim, 0, 1)
+        Y1 = M.tangent(d(X), d(G1))
+        out["broadcast DTensor"] = (tuple(Y1.shape), float((Y1.full_tensor() - M.tangent(X, G1)).abs().max()))
     with CommDebugMode() as comm:
         inside = M.contains(d(X))
     out["contains"] = bool(inside.full_tensor().all())
@@ -556,6 +561,9 @@ def test_pure_maps_on_dtensors(results, case):
         assert out.pop("no QR factor", [True, True]) == [True, True]
         bshape, berr = out.pop("broadcast")
         assert bshape == (2, *shape) and berr <= 1e-6, (bshape, berr)
+        if batch:
+            bshape, berr = out.pop("broadcast DTensor")
+            assert bshape == shape and berr <= 1e-6, (bshape, berr)
         measures = out.pop("measures")
         contains_collectives = out.pop("contains collectives")
         for name, o in out.items():
