@@ -1006,6 +1006,32 @@ def test_constrain_any_space_and_chains():
     torch.testing.assert_close(m.weight, torch.eye(3), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("space", [gf.Sphere(), gf.Stiefel(), gf.GLp(), gf.LowRank(rank=2)], ids=repr)
+def test_a_parametrization_built_without_its_base_keeps_the_registered_and_assigned_points(space):
+    """``register_parametrization(layer, "weight", gnn.Parametrization(space))``, as GeoTorch's classes are
+    registered: the adapter has no base buffer, and the base of the registered point (and of every later
+    assignment) was dropped (torch's pytree reads the template's None as a leaf, like a tensor), so the
+    weight was ``to_manifold(0, None)``, silently another point. The base is adopted at registration."""
+    g = torch.Generator().manual_seed(0)
+    n = 3 if isinstance(space, gf.GLp) else 4
+    layer = nn.Linear(3, n)
+    X = space.sample((n, 3), generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(X)
+    P.register_parametrization(layer, "weight", gnn.Parametrization(space))
+    torch.testing.assert_close(layer.weight, X, atol=1e-5, rtol=0)
+    Y = space.sample((n, 3), generator=g)
+    layer.weight = Y
+    torch.testing.assert_close(layer.weight, Y, atol=1e-5, rtol=0)
+    assert member(space, layer.weight.detach())
+    fresh = nn.Linear(3, n)
+    with torch.no_grad():
+        fresh.weight.copy_(X)
+    P.register_parametrization(fresh, "weight", gnn.Parametrization(space))
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh.weight, Y, atol=1e-5, rtol=0)
+
+
 def test_constrain_refuses_a_product_by_name():
     """A Product's points are tuples, so no one tensor holds one: ``constrain`` says so with a
     ``ManifoldError`` (it sampled a tuple for the weight and failed with ``AttributeError: 'tuple' object

@@ -204,10 +204,16 @@ class Parametrization(nn.Module):
         self.space = space
         self.where = where
         self.shape = None if shape is None else tuple(shape)
+        self._adopt_base(base)
+
+    def _adopt_base(self, base: Any) -> None:
+        """Make the buffers of ``base`` (``base``, or ``base0``, ``base1``, ... in pytree leaf order) and the
+        template of its structure: at construction, or at registration where the adapter was built
+        without a base (Note [A parametrization built without its base])."""
         leaves = [leaf for leaf in pytree.tree_leaves(base) if leaf is not None]
         for leaf in leaves:
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{space!r}: a base must be a pytree of tensors, got a leaf {leaf!r}")
+                raise TypeError(f"{self.space!r}: a base must be a pytree of tensors, got a leaf {leaf!r}")
         names = ["base"] if len(leaves) == 1 else [f"base{i}" for i in range(len(leaves))]
         it = iter(names)
         # The structure of the base with every tensor replaced by its buffer name (picklable).
@@ -347,7 +353,10 @@ class Parametrization(nn.Module):
     def _check_base(self, base: Any) -> None:
         new = pytree.tree_structure(base)
         old = pytree.tree_structure(self._template)
-        if new != old:
+        # torch's pytree reads None as a leaf: a template None where the base has a tensor is the same
+        # structure to it, and _set_base would drop that tensor (Note [A parametrization built without its base])
+        if new != old or any((n is None) != (b is None) for n, b in
+                             zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base))):
             raise ManifoldError(
                 f"{self.where} constrained to {self.space!r}: expected a base of structure {old}, got {new}."
             )
@@ -453,6 +462,15 @@ class Parametrization(nn.Module):
             Z, base = _from_manifold(self.space, X)
         except ManifoldError as e:
             raise ManifoldError(f"{self.where}: {e}") from None
+        if registering and not self._base_names() and any(b is not None for b in pytree.tree_leaves(base)):
+            # Note [A parametrization built without its base]
+            # `register_parametrization(layer, "weight", Parametrization(space))`, as GeoTorch's classes are
+            # registered, builds the adapter without a base (None: the canonical chart). For a space whose
+            # from_manifold returns one (Sphere, Stiefel, ...: (zeros, X)), its tensors had no buffer, and
+            # _set_base dropped them silently: the weight was to_manifold(0, None), not the registered point,
+            # and every later assignment was ignored alike. The base is adopted here, once, at registration
+            # (torch calls right_inverse on the tensor being registered), where the adapter's state is made.
+            self._adopt_base(base)
         self._check_base(base)
         if registering:
             self._follow(X)
