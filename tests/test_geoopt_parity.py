@@ -214,3 +214,50 @@ def test_hyperbolic_optimizers_equal_geoopts(name, optimizer, generator):
     ours = getattr(gf.optim, optimizer)({"h": space}, **kwargs)
     theirs = {"rsgd": geoopt.optim.RiemannianSGD, "radam": geoopt.optim.RiemannianAdam}[optimizer]
     _race({"h": space}, {"h": manifold}, {"h": X}, loss, ours, lambda ps: theirs(ps, **kwargs), steps=10)
+
+
+def test_proju_of_canonical_stiefel_and_birkhoff_is_their_riemannian_gradient(generator):
+    """geoopt's ``proju`` on ``CanonicalStiefel`` (its default ``Stiefel()``) and ``BirkhoffPolytope`` is
+    their ``egrad2rgrad``, which moves tangent vectors (not a projection); ``tangent`` is the
+    orthogonal projection (idempotent, the identity on tangent vectors), so geoopt's ``proju`` ports
+    to ``egrad_to_rgrad`` there (the migration page's Names table). Birkhoff's ``inner`` is ``n``
+    times geoopt's, and geoopt's ``transp(x, y, v)`` is ``egrad_to_rgrad(Y, V)``."""
+    for space, manifold, shape in ((gf.Stiefel(metric="canonical"), geoopt.CanonicalStiefel(), (2, 6, 3)),
+                                   (gf.Birkhoff(), geoopt.BirkhoffPolytope(), (2, 4, 4))):
+        X, Y = (space.sample(shape, generator=generator, dtype=F64) for _ in range(2))
+        G = torch.randn(shape, generator=generator, dtype=F64)
+        P = space.tangent(X, G)
+        torch.testing.assert_close(space.tangent(X, P), P, atol=TOL, rtol=0)  # a projection
+        torch.testing.assert_close(((G - P) * P).sum((-2, -1)), torch.zeros(2, dtype=F64), atol=TOL, rtol=0)  # orthogonal
+        torch.testing.assert_close(manifold.proju(X, G), space.egrad_to_rgrad(X, G), atol=TOL, rtol=0)
+        assert float((manifold.proju(X, P) - P).abs().max()) > 1e-2  # geoopt's moves a tangent vector
+        if isinstance(space, gf.Birkhoff):
+            U, V = (space.egrad_to_rgrad(X, torch.randn(shape, generator=generator, dtype=F64)) for _ in range(2))
+            torch.testing.assert_close(space.inner(X, U, V), shape[-1] * manifold.inner(X, U, V), atol=TOL, rtol=TOL)
+            torch.testing.assert_close(manifold.transp(X, Y, V), space.egrad_to_rgrad(Y, V), atol=TOL, rtol=0)
+
+
+def test_stereographic_and_euclidean_stiefel_exact_as_the_adapter_maps_them(generator):
+    """``geofunc.contrib.geoopt`` maps ``Stereographic(k < 0)`` to ``PoincareBall(c=−k)``: every map of
+    the metric equals geoopt's (its ``retr`` is first order, ours the exponential map), and
+    ``EuclideanStiefelExact`` to ``Stiefel()``, whose ``expmap`` is geoopt's ``retr`` there."""
+    contrib = pytest.importorskip("geofunc.contrib.geoopt")
+    manifold = geoopt.Stereographic(k=torch.tensor(-2.0, dtype=F64))
+    ball = contrib.space_of(manifold)
+    assert ball == gf.PoincareBall(c=2.0)
+    x, y = (0.6 / 2**0.5 * gf.Sphere().sample((3, 4), generator=generator, dtype=F64) for _ in range(2))
+    u = 0.3 * torch.randn(3, 4, generator=generator, dtype=F64)  # steps inside geoopt's clamp of the boundary
+    pairs = {"expmap": (ball.expmap(x, u), manifold.expmap(x, u)), "logmap": (ball.logmap(x, y), manifold.logmap(x, y)),
+             "dist": (ball.dist(x, y), manifold.dist(x, y)), "egrad_to_rgrad": (ball.egrad_to_rgrad(x, u), manifold.egrad2rgrad(x, u)),
+             "inner": (ball.inner(x, u, u), manifold.inner(x, u, u, keepdim=True).squeeze(-1)),
+             "transport": (ball.transport(x, y, u), manifold.transp(x, y, u))}
+    for name, (ours, theirs) in pairs.items():
+        torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=1e-12, msg=name)
+    assert member(ball, ball.retract(x, u))
+    exact = geoopt.EuclideanStiefelExact()
+    assert contrib.space_of(exact) == gf.Stiefel()
+    St = gf.Stiefel()
+    X = St.sample((6, 3), generator=generator, dtype=F64)
+    U = St.tangent(X, torch.randn(6, 3, generator=generator, dtype=F64))
+    torch.testing.assert_close(exact.retr(X, U), St.expmap(X, U), atol=1e-12, rtol=0)
+    assert member(St, St.expmap(X, U))
