@@ -261,3 +261,29 @@ def test_stereographic_and_euclidean_stiefel_exact_as_the_adapter_maps_them(gene
     U = St.tangent(X, torch.randn(6, 3, generator=generator, dtype=F64))
     torch.testing.assert_close(exact.retr(X, U), St.expmap(X, U), atol=1e-12, rtol=0)
     assert member(St, St.expmap(X, U))
+
+
+def test_a_product_with_a_euclidean_vector_factor_converts_to_geoopts(generator):
+    """``Product(Sphere(), Rn())`` reads the ``Rn`` factor per entry (README Deviations, ``Rn`` judges
+    each entry): on a ``(4,)`` sphere point and a ``(7,)`` vector it is a batch of 7 points of S³ × ℝ,
+    and geoopt's ``ProductManifold((Sphere(), 4), (Euclidean(ndim=1), 7))`` (one point of S³ × ℝ⁷)
+    is the sphere's ``inner`` plus the ``Rn`` factor's summed over its last dim (``dist``: the root of
+    the sum of the ``sqdist`` s so summed). The factor-wise maps equal geoopt's as they are."""
+    P = gf.Product(gf.Sphere(), gf.Rn())
+    M = geoopt.ProductManifold((geoopt.SphereExact(), 4), (geoopt.Euclidean(ndim=1), 7))
+    X, Y = ((gf.Sphere().sample((4,), generator=generator, dtype=F64), torch.randn(7, generator=generator, dtype=F64))
+            for _ in range(2))
+    U, V = (P.tangent(X, (torch.randn(4, generator=generator, dtype=F64), torch.randn(7, generator=generator, dtype=F64)))
+            for _ in range(2))
+    ours = P.inner(X, U, V)
+    assert ours.shape == (7,)  # a batch of 7 points of S³ × ℝ
+    torch.testing.assert_close(ours, gf.Sphere().inner(X[0], U[0], V[0]) + U[1] * V[1], atol=TOL, rtol=0)
+    theirs = M.inner(M.pack_point(*X), M.pack_point(*U), M.pack_point(*V))
+    converted = gf.Sphere().inner(X[0], U[0], V[0]) + gf.Rn().inner(X[1], U[1], V[1]).sum(-1)
+    torch.testing.assert_close(converted, theirs, atol=TOL, rtol=0)
+    sq = gf.Sphere().sqdist(X[0], Y[0]) + gf.Rn().sqdist(X[1], Y[1]).sum(-1)
+    torch.testing.assert_close(sq.sqrt(), M.dist(M.pack_point(*X), M.pack_point(*Y)), atol=TOL, rtol=0)
+    for ours_t, theirs_t in ((P.expmap(X, U), M.expmap(M.pack_point(*X), M.pack_point(*U))),
+                             (P.logmap(X, Y), M.logmap(M.pack_point(*X), M.pack_point(*Y))),
+                             (P.transport(X, Y, V), M.transp(M.pack_point(*X), M.pack_point(*Y), M.pack_point(*V)))):
+        torch.testing.assert_close(M.pack_point(*ours_t), theirs_t, atol=TOL, rtol=0)
