@@ -887,6 +887,41 @@ def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], Spa
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
 
+# Maps of the right value whose gradient is 1.1× the true one (Note [Gradients of every map] in
+# geofunc/testing/_properties.py): gradgradcheck, the only derivative check of project, passed such a
+# project, and nothing differentiated egrad_to_rgrad, transport, dist or expmap.
+def _steep(T: Tensor) -> Tensor:
+    return T + 0.1 * (T - T.detach())
+
+
+_POINCARE_EXPMAP = gf.PoincareBall.expmap
+_POINCARE_INNER = gf.PoincareBall.inner
+
+
+def _project_steep(self: Any, Y: Tensor) -> Tensor:
+    return _steep(_SPHERE_PROJECT(self, Y))
+
+
+def _rgrad_steep(self: Any, X: Tensor, G: Tensor) -> Tensor:
+    return _steep(_POINCARE_EGRAD(self, X, G))
+
+
+def _transport_steep(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    return _steep(_POINCARE_TRANSPORT(self, X, Y, V))
+
+
+def _dist_steep(self: Any, X: Tensor, Y: Tensor) -> Tensor:
+    return _steep(_POINCARE_DIST(self, X, Y))
+
+
+def _expmap_steep(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    return _steep(_POINCARE_EXPMAP(self, X, V))
+
+
+def _inner_steep(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    return _steep(_POINCARE_INNER(self, X, U, V))
+
+
 def _sphere(name: str, **kw: Any) -> Callable[[], SpaceCase]:
     return lambda: _sphere_case(name, **kw)
 
@@ -1007,6 +1042,20 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Sphere.to_manifold-expanded-shortcut", [(gf.Sphere, "to_manifold", _expanded_shortcut_chart)],
      _builtin("Sphere"), f64, "layouts", r"to_manifold\(Z, base\) with argument #0 one entry expanded over the batch",
      ("to_manifold", "from_manifold", "rebase", "pure", "dtypes", "nan", "vmap")),
+    # gradients of every map
+    ("Sphere.project-steep-gradient", [(gf.Sphere, "project", _project_steep)], _builtin("Sphere"), f64, "gradcheck",
+     "gradcheck of project near a point failed", ("project", "project_nearest", "gradgradcheck", "linearize")),
+    ("PoincareBall.egrad_to_rgrad-steep-gradient", [(gf.PoincareBall, "egrad_to_rgrad", _rgrad_steep)],
+     _builtin("PoincareBall"), f64, "gradcheck", "gradcheck of egrad_to_rgrad failed", ("metric", "tangent")),
+    ("PoincareBall.transport-steep-gradient", [(gf.PoincareBall, "transport", _transport_steep)],
+     _builtin("PoincareBall"), f64, "gradcheck", "gradcheck of transport failed",
+     ("metric", "transport_isometry", "transport_parallel")),
+    ("PoincareBall.dist-steep-gradient", [(gf.PoincareBall, "dist", _dist_steep)], _builtin("PoincareBall"), f64,
+     "gradcheck", "gradcheck of dist failed", ("dist", "expmap_geodesic", "logmap_dist")),
+    ("PoincareBall.expmap-steep-gradient", [(gf.PoincareBall, "expmap", _expmap_steep)], _builtin("PoincareBall"),
+     f64, "gradcheck", "gradcheck of expmap failed", ("expmap", "expmap_geodesic", "logmap")),
+    ("PoincareBall.inner-steep-gradient", [(gf.PoincareBall, "inner", _inner_steep)], _builtin("PoincareBall"),
+     f64, "gradcheck", "gradcheck of inner failed", ("metric", "dist", "transport_isometry")),
     # AOT autograd's tracing
     ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',
@@ -1050,9 +1099,10 @@ def test_sample_independence_reads_rounding_of_one_point_as_one_point() -> None:
         _PROPS["sample_independent"].fn(case, f64, generator=torch.Generator().manual_seed(SEED))
 
 
-# (nested_forward and broadcast, added later, call expmap and logmap among other maps where a space has them)
+# (nested_forward and broadcast, added later, call expmap and logmap among other maps where a space has them;
+# gradcheck, since Note [Gradients of every map], differentiates dist, expmap and logmap too)
 _NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist", "sqdist", "transport_parallel",
-                               "nested_forward", "broadcast")
+                               "nested_forward", "broadcast", "gradcheck")
 
 
 @pytest.mark.parametrize("case_id", ["PoincareBall-c0.5", "Lorentz-k2"])

@@ -974,7 +974,20 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
     smooth), of ``tangent`` in ``(X, G)`` and of ``retract`` in ``(X, V)``, on the smoke shape and
     its transpose (a wide shape); and of ``tangent`` and ``retract`` where one point meets a batch of
     two vectors (their batches broadcast: the gradient in the point sums over the batch), unless
-    every entry is its own point (``point_ndim = 0``: the shapes must match)."""
+    every entry is its own point (``point_ndim = 0``: the shapes must match). Also of every other map
+    in all its arguments (Note [Gradients of every map]): ``project`` near a point, ``egrad_to_rgrad``,
+    ``inner``, ``transport`` to a point ``Y = retract(X, W)`` at length 0.2 in the metric (at most half
+    ``case.geodesic_radius``), and ``dist``, ``expmap``, ``logmap`` there where the space implements
+    them and the case does not skip their property."""
+    # Note [Gradients of every map]
+    # gradgradcheck differentiates a map's backward numerically, so it holds the second derivative to
+    # the first one the map computes, right or wrong: a project whose gradient was 1.1× the true one
+    # passed it, and no other property differentiated egrad_to_rgrad, transport, inner, dist, expmap
+    # or logmap (only sqdist's second derivative at Y = X reads inner and logmap). Their gradients are
+    # what a loss of distances, a differentiable optimizer step (MAML through geofunc.optim, which
+    # calls egrad_to_rgrad, retract and transport) or a projected forward pass trains with.
+    from ._geodesic import implements
+
     _require_f64("gradcheck", dtype)
     g = _gen(generator)
     M = case.space
@@ -995,8 +1008,21 @@ def check_gradcheck(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
             checks += [("tangent, one point against a batch of 2 vectors", M.tangent, (X, G2)),
                        ("retract, one point against a batch of 2 tangent vectors", M.retract,
                         (X, M.tangent(X.expand(G2.shape), G2)))]
+        U = M.tangent(X, _randn(shape, f64, g))
+        W = M.tangent(X, _randn(shape, f64, g))
+        length = M.inner(X, W, W).clamp(min=1e-300).sqrt()
+        W = W * (min(0.2, 0.5 * case.geodesic_radius) / length).reshape(length.shape + (1,) * M.point_ndim)
+        Y = M.retract(X, W)
+        checks += [("project near a point", M.project, (X + _randn(shape, f64, g, 0.05),)),
+                   ("egrad_to_rgrad", M.egrad_to_rgrad, (X, G)),
+                   ("inner", M.inner, (X, U, V)),
+                   ("transport", M.transport, (X, Y, V))]
+        checks += [(name, getattr(M, name), args) for name, args in (("dist", (X, Y)), ("expmap", (X, W)),
+                                                                      ("logmap", (X, Y)))
+                   if implements(M, name) and name not in case.skip]
         for name, fn, args in checks:
-            args = tuple(a.detach().clone().requires_grad_(True) for a in args)
+            # (contiguous: a step scaled per point of an empty frame has a stride-0 dim, which gradcheck refuses)
+            args = tuple(a.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for a in args)
             try:
                 torch.autograd.gradcheck(fn, args)
             except Exception as e:  # gradcheck raises GradcheckError (a RuntimeError)
