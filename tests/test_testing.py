@@ -1203,7 +1203,7 @@ def test_check_space_names_the_property_and_refuses_bad_arguments() -> None:
     perturbed by 2× ..." did not say ``membership``); a single name for ``properties`` is one name (it
     was iterated letter by letter); a bad ``generator`` is check_space's error, not the space's; a
     case's ``shapes``/``tol``/``dtypes`` of the wrong kind are named (a bare TypeError, or a report
-    that said "runs in None only")."""
+    that said "runs in None only"; complex dtypes, whose properties failed a correct Sphere)."""
     case = _CASES["Sphere"]
     with _loose_tolerance(), pytest.raises(AssertionError, match=r"^property 'membership' failed: \[Sphere"):
         check_space(case, properties=("membership",))
@@ -1211,7 +1211,10 @@ def test_check_space_names_the_property_and_refuses_bad_arguments() -> None:
     with pytest.raises(TypeError, match="`generator` must be None or a torch.Generator, got 0"):
         check_space(case, properties=("sample",), generator=0)
     for bad, match in ((dict(shapes=(4,)), "`shapes` must be a tuple of shapes"), (dict(tol=1e-6), "`tol` must be a dict"),
-                       (dict(dtypes=()), "`dtypes` is empty")):
+                       (dict(dtypes=()), "`dtypes` is empty"),
+                       # a complex dtype: the properties' real inner products failed a correct space
+                       (dict(dtypes=(torch.complex128,), tol={torch.complex128: 1e-9, f64: 1e-9}),
+                        "`dtypes` must be real floating dtypes")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(case, **bad)
 

@@ -173,6 +173,13 @@ class SpaceCase:
             raise ValueError(f"SpaceCase {self.id!r}: `tol` must be a dict {{dtype: tolerance}}, got {self.tol!r}")
         if not self.dtypes:
             raise ValueError(f"SpaceCase {self.id!r}: `dtypes` is empty (no per-dtype property would run)")
+        if any(not (isinstance(d, torch.dtype) and d.is_floating_point) for d in self.dtypes):
+            # The properties draw real Gaussians and compare with real inner products (⟨A, B⟩ = Σ A·B, no
+            # conjugate): a correct complex space failed them ("tangent is not self-adjoint" for Sphere).
+            raise ValueError(f"SpaceCase {self.id!r}: `dtypes` must be real floating dtypes (float32, float64), got "
+                             f"{self.dtypes!r}. Test a complex space as the real manifold of its (re, im) parts: a "
+                             f"space on real (..., 2) tensors that calls yours on torch.view_as_complex of them "
+                             f"(tests/cases_complex.py's _Realified)")
         for dtype in (*self.dtypes, torch.float64):
             if dtype not in self.tol:
                 raise ValueError(f"SpaceCase {self.id!r}: `tol` has no entry for {dtype}")
