@@ -1070,3 +1070,24 @@ def test_points_outside_the_ball_read_as_the_boundary_point(dtype, c):
     radii = torch.tensor([0.5, 0.9, 0.999, 1.0, 3.0, 100.0, 1e30], dtype=dtype)
     d = hyp.dist(torch.zeros(3, dtype=dtype), radii[:, None] * u[0] / math.sqrt(c), c=c)
     assert bool((d[1:] >= d[:-1]).all()), d
+
+
+def test_samples_at_high_curvature_are_cut_at_the_clamp(generator):
+    """``sample`` draws in Riemannian units (E d(0, x)² = 1) whatever the curvature, so where the clamp
+    of returned points is near 1 its tail is cut there (docs/spaces/hyperbolic.md): ``Lorentz(k=0.01)``
+    in float32 (clamp T√k = 0.87) puts a large share of its samples on the clamp, each a point of
+    the space; the documented recipe ``expmap0(v/(2√(cn)))`` spreads in units of the curvature radius."""
+    k = 0.01
+    H = gf.Lorentz(k=k)
+    X = H.sample((4000, 3), generator=generator, dtype=F32)
+    assert member(H, X)
+    o = torch.tensor([math.sqrt(k), 0.0, 0.0], dtype=F64)
+    d = H.dist(o.expand(X.shape), X.double())
+    cap = (0.5 * math.log(1 / torch.finfo(F32).eps) + math.log(2)) * math.sqrt(k)
+    assert float(d.max()) <= cap * (1 + 1e-4)  # (the float32 rounding of a point at the clamp)
+    assert 0.35 < float((d > cap * (1 - 1e-3)).double().mean()) < 0.6 and float((d ** 2).mean()) < 0.7
+    c, n = 1 / k, 2
+    v = torch.randn(20000, n, generator=generator, dtype=F64)
+    x = hyp.expmap0(v / (2 * math.sqrt(c * n)), c=c)
+    d2 = gf.PoincareBall(c=c).dist(torch.zeros_like(x), x) ** 2
+    assert abs(float(d2.mean()) * c - 1) < 0.05
