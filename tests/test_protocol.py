@@ -55,7 +55,7 @@ def test_every_space_is_final_and_holds_hyperparameters_only(cls: type) -> None:
     # no concrete space derives from another concrete one
     assert not any(getattr(base, "__final__", False) for base in cls.__mro__[1:])
     # the fields are the constructor's keyword arguments: nothing hidden in them
-    params = set(inspect.signature(cls).parameters) - {"factors"}
+    params = set(inspect.signature(cls).parameters) - {"factors", "kwargs"}  # Product(*factors, factors=...)
     assert {f.name for f in dataclasses.fields(cls) if f.init} - {"factors"} == params
     assert all(not f.name.startswith("_") for f in dataclasses.fields(cls))
 
@@ -99,6 +99,18 @@ def test_a_users_space_with_a_positional_init_is_untouched() -> None:
     with pytest.raises(TypeError, match="Scaled takes its hyperparameters by keyword"):
         Scaled(3.0, 4.0)
     assert gf.Product(gf.Sphere(), gf.SO(), gf.Rn()).factors == (gf.Sphere(), gf.SO(), gf.Rn())
+
+
+def test_dataclasses_replace_of_every_space() -> None:
+    """``dataclasses.replace`` builds a space anew from its fields by keyword: ``Product``'s own ``__init__``
+    (factors by position) refused ``factors=`` with a TypeError."""
+    P = gf.Product(gf.Sphere(), gf.SO())
+    assert dataclasses.replace(P) == P and hash(dataclasses.replace(P)) == hash(P)
+    assert dataclasses.replace(P, factors=(gf.Sphere(radius=2.0),)) == gf.Product(gf.Sphere(radius=2.0))
+    assert gf.Product(factors=[gf.SO(), gf.Rn()]) == gf.Product(gf.SO(), gf.Rn())
+    with pytest.raises(TypeError, match="Product takes its factors"):
+        gf.Product(gf.SO(), factors=(gf.Rn(),))
+    assert dataclasses.replace(gf.Sphere(radius=2.0), radius=3.0) == gf.Sphere(radius=3.0)
 
 
 def _square(t: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,14 @@ class Product(AbstractSpace):
 
     factors: tuple
 
-    def __init__(self, *factors: Any) -> None:
+    def __init__(self, *factors: Any, **kwargs: Any) -> None:
+        # `factors=` by keyword: the dataclass field's name, which dataclasses.replace (and copy.replace)
+        # pass (Product(factors=(M1, M2)) == Product(M1, M2)); it raised TypeError.
+        if kwargs:
+            if set(kwargs) != {"factors"} or factors:
+                raise TypeError(f"Product takes its factors by position (Product(M1, M2)) or as factors=(M1, M2), "
+                                f"got {len(factors)} positional and keywords {sorted(kwargs)}")
+            factors = (kwargs["factors"],)
         if len(factors) == 1 and isinstance(factors[0], (tuple, list)):
             factors = tuple(factors[0])
         object.__setattr__(self, "factors", tuple(factors))
