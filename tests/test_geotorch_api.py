@@ -575,3 +575,24 @@ def test_alpha_stable_and_sln_register_like_geotorch():
     torch.save(lin, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False).weight, lin.weight)
+
+
+def test_sl_right_inverse_takes_values_scaled_up_from_geotorchs():
+    """``SL``'s chart does not see the values' common scale: GeoTorch's ``right_inverse`` takes
+    ``f(sᵢ) = σᵢ``, geofunc's ``c·σᵢ`` with ``c = max(1, 0.25/σ_min)`` (docs/guide/migration.md: the
+    same weight, other raw gradients where σ_min < 0.25). Both maps give back the point, det 1."""
+    geotorch = pytest.importorskip("geotorch")
+    torch.manual_seed(0)
+    size = (4, 3, 3)
+    Mg, Mf = geotorch.SL(size).double(), gnn.SL(size).double()
+    X = Mg.sample().double()
+    sigma = torch.linalg.svdvals(X)
+    assert bool((sigma[..., -1] < 0.25).any())  # the case where the two differ
+    Zg, Zf = Mg.right_inverse(X), Mf.right_inverse(X)
+    for M, Z in ((Mg, Zg), (Mf, Zf)):
+        torch.testing.assert_close(M(Z), X, atol=1e-10, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(Mf(Zf)), torch.ones(4, dtype=torch.float64), atol=1e-10, rtol=0)
+    sp = torch.nn.functional.softplus
+    c = (0.25 / sigma[..., -1:]).clamp(min=1.0)
+    torch.testing.assert_close(sp(torch.diagonal(Zg, dim1=-2, dim2=-1)), sigma, atol=1e-5, rtol=1e-5)  # GeoTorch: softplus + 1e-6
+    torch.testing.assert_close(sp(torch.diagonal(Zf, dim1=-2, dim2=-1)), c * sigma, atol=1e-6, rtol=1e-6)
