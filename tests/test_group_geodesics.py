@@ -251,3 +251,35 @@ def test_logmap_of_rounded_points_near_the_cut_locus(space, dtype):
     if dtype == torch.complex64:
         Lw = space.logmap(X.to(torch.complex128), Y.to(torch.complex128))
         assert float((Lw - L.to(torch.complex128)).abs().max()) <= 2e-4
+
+
+@pytest.mark.parametrize("space, dtype", [(gf.SO(), torch.float64), (gf.Unitary(), torch.complex128)],
+                         ids=["SO-f64", "U-c128"])
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_logmap_within_1e_8_of_the_cut_locus(space, dtype, n):
+    """Note [Group logarithms near the cut locus]: a rotation by π − δ in one plane (and a generic
+    angle elsewhere) has a log fixed by the entries to ~u/δ; θ/sin θ read from cos θ lost δ as
+    u/δ² (float64: 1e-3 off at δ = 1e-6, 0.2 at 1e-7, NaN or a log longer than π at 1e-8).
+    Reference: the generator the point was made from. (A float32/complex64 point is itself only
+    ε/δ from its log's neighbours, ε of its dtype: its rounding, not the map, bounds it there.)"""
+    g = torch.Generator().manual_seed(7)
+    wide = torch.complex128 if dtype.is_complex else F64
+    for delta in (1e-4, 1e-6, 1e-7, 1e-8):
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=wide))[0]
+        J = torch.zeros(n, n, dtype=wide)
+        J[0, 1], J[1, 0] = -(math.pi - delta), math.pi - delta
+        if n >= 4:
+            J[2, 3], J[3, 2] = -1.0, 1.0
+        if dtype.is_complex and n % 2:
+            J[-1, -1] = 0.5j
+        A = Q @ J @ Q.mH
+        Y = torch.linalg.matrix_exp(A).to(dtype)
+        X = torch.eye(n, dtype=dtype)
+        L = space.logmap(X, Y).to(wide)
+        tol = 1e-14 / delta
+        assert float((L - A).abs().max()) <= tol, (delta, float((L - A).abs().max()))
+        torch.testing.assert_close(space.inner(X, L.to(dtype), L.to(dtype)).sqrt().double(),
+                                   space.dist(X, Y).double(), atol=max(tol, 1e-12), rtol=0)
+    # at −I itself the log is not unique: NaN, not a finite "log"
+    if n % 2 == 0 or dtype.is_complex:
+        assert bool(torch.isnan(space.logmap(torch.eye(n, dtype=dtype), -torch.eye(n, dtype=dtype))).all())

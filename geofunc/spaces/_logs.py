@@ -63,6 +63,25 @@ def theta_over_sin(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(near, p, f), -torch.where(near, dp, df_u), torch.where(near, d2p, d2f)
 
 
+def theta_over_sin_cs(c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`theta_over_sin` at ``c = cos θ`` with ``sin θ = s`` (≥ 0) given too: the closed form reads
+    θ = atan2(s, c) and sin θ from ``s``, not from ``1 − c²``, which has lost π − θ where θ nears π
+    (Note [Group logarithms near the cut locus] in geofunc/spaces/_orthogonal.py); the series about
+    c = 1 as there. ``s = 0`` away from c = 1 gives φ = ∞ (the cut locus)."""
+    c = c.clamp(min=-1.0)
+    u = 1.0 - c
+    near = u.abs() < 0.1
+    p, dp, d2p = _series(torch.where(near, u, torch.zeros_like(u)), _PHI)
+    cf = torch.where(near, torch.zeros_like(c), c)  # the closed form away from c = 1
+    sf = torch.where(near, torch.ones_like(s), s)
+    th = torch.atan2(sf, cf)
+    f = th / sf
+    d = sf - th * cf
+    df_u = d / sf**3  # dφ/du = −dφ/dc
+    d2f = (th * sf * sf - 3.0 * cf * d) / sf**5
+    return torch.where(near, p, f), -torch.where(near, dp, df_u), torch.where(near, d2p, d2f)
+
+
 def atan_ratio(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``h(a) = arctan(√a)/√a`` and its first two derivatives: the series for |a| < 0.1 (a rounding
     below 0 analytically continued), the closed form for a ≥ 0.1."""

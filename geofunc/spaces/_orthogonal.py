@@ -15,7 +15,7 @@ from .._errors import error
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_frame, refined_times, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall)
 from ._base import AbstractSpace
-from ._logs import theta_over_sin
+from ._logs import theta_over_sin_cs
 
 Tensor = torch.Tensor
 
@@ -112,11 +112,25 @@ class MatrixGroup(AbstractSpace):
         # defined. XᴴY is refined onto the group by one Newton–Schulz step first (S's eigenvalues are
         # then cos θ to the working precision), in float64 for lower precisions, the result rounded
         # back. Along the group the refinement is the identity, to every order of derivative.
+        # Note [Group logarithms near the cut locus]
+        # S's eigenvalues c = cos θ carry π − θ = δ only through 1 + c ≈ δ²/2, so even refined, φ(S) was
+        # ~u/δ² off (u the working unit roundoff): float64 logmaps 1e-3 off at δ = 1e-6, 0.2 at 1e-7, NaN
+        # or 2.2 (a log longer than π) at 1e-8, where R's entries fix the log to ~u/δ. The values of
+        # φ on S's eigenvectors qⱼ read sin θⱼ = ‖K qⱼ‖ instead (K shares them: K qⱼ = sin θⱼ × a unit
+        # vector of the same eigenspace), accurate to ~u absolutely, and θⱼ = atan2(‖K qⱼ‖, cⱼ)
+        # (theta_over_sin_cs). On the group these are φ(cⱼ), so the derivatives (Daleckii–Krein in c)
+        # are those of the value as long as R stays on the group to third order: a second Newton–Schulz
+        # step leaves R off it by O(t⁴) for inputs moved off it by t (one step: O(t²), and second
+        # derivatives in directions off the group were O(1) off at a generic pair). At R = −I exactly
+        # the log is not unique: sin θ = 0 there, φ = ∞ times K = 0, NaN as before. Cost: three n×n
+        # products more (1.0–1.2× at 64×64, within noise at 8×8).
         wide = torch.complex128 if X.is_complex() else torch.float64
         Xw = X.to(wide)
-        R = refine_frame(transpose(Xw) @ Y.to(wide))
-        P = spectral_eigh(sym_part(R), lambda lam, Q: theta_over_sin(lam))
-        return (Xw @ skew_part(skew_part(R) @ P)).to(X.dtype)
+        R = refine_frame(refine_frame(transpose(Xw) @ Y.to(wide)))
+        K = skew_part(R)
+        K0 = K.detach()
+        P = spectral_eigh(sym_part(R), lambda lam, Q: theta_over_sin_cs(lam, torch.linalg.vector_norm(K0 @ Q, dim=-2)))
+        return (Xw @ skew_part(K @ P)).to(X.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
