@@ -1219,6 +1219,13 @@ def test_check_space_names_the_property_and_refuses_bad_arguments() -> None:
             dataclasses.replace(case, **bad)
 
 
+def test_bad_input_on_a_scalar_smoke_shape() -> None:
+    """A space of scalar points (``point_ndim = 0``) whose first shape, the default smoke shape, is ``()``:
+    ``check_bad_input`` read ``shape[-1]`` for ``sample(n)`` and raised IndexError, failing a correct space."""
+    case = dataclasses.replace(_CASES["Rn"], smoke_shape=())
+    _PROPS["bad_input"].fn(case, f64, generator=torch.Generator().manual_seed(SEED))
+
+
 def test_documented_tolerance_of_complex_dtypes_and_the_hermitian_predicate() -> None:
     """``documented_atol`` of a complex dtype is that of the real dtype of its parts (it raised
     ``KeyError: torch.complex128``, so ``reference.member`` failed on every complex point without an

@@ -1593,7 +1593,7 @@ def check_bad_input(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opt
             raise _fail(ctx, f"sample({bad!r}) raised {type(e).__name__} instead of ManifoldError: {e}") from None
         else:
             raise _fail(ctx, f"sample({bad!r}) did not raise ManifoldError")
-    n = shape[-1]
+    n = shape[-1] if shape else 3  # (a smoke shape () of a space of scalar points, point_ndim 0)
     try:
         x = M.sample(n, dtype=f64)
     except ManifoldError:
