@@ -83,3 +83,42 @@ def test_glp_round_trip_with_a_value_just_above_twenty():
     for M, X in ((gf.GLp(), Q @ D @ P.mT), (gf.PSD(), Q @ D @ Q.mT)):
         Z, base = M.from_manifold(X)
         assert _rel(M.to_manifold(Z, base), X) <= 1e-14
+
+
+def _singular(n: int, kind: str, g: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A matrix that is exactly singular before its rounding to ``dtype`` (or a product of rank < n in ``dtype``)."""
+    if kind == "product":
+        k = max(1, n // 2)
+        return torch.randn(n, n - k, generator=g, dtype=dtype) @ torch.randn(n - k, n, generator=g, dtype=dtype)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+    P = Q if kind == "symmetric" else torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+    s = torch.logspace(0, -3, n, dtype=F64) if kind == "spread" else torch.rand(n, generator=g, dtype=F64) + 0.5
+    s[-1] = 0.0
+    return ((Q * s) @ P.mT * 10.0 ** (5 * torch.randn((), generator=g).item())).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 64])
+def test_sl_refuses_every_rounding_of_a_singular_matrix(dtype, n):
+    """Note [The singular guard of SL]: an exactly singular matrix rounded to the dtype (det rounded to
+    anything, even 1) is refused, whatever its scale: the rounding E has ‖E‖₂ ≤ ε‖X‖_F, so cond_F ≥ 1/ε,
+    and the guard refuses from cond_F ≥ 1/(min(n, 4)·ε)."""
+    g = torch.Generator().manual_seed(n)
+    M = gf.SL()
+    for kind in ("symmetric", "spread", "general", "product"):
+        X = torch.stack([_singular(n, kind, g, dtype) for _ in range(40 if n < 64 else 8)])
+        X = X / torch.linalg.det(X.double()).abs().clamp(min=1e-300).pow(1.0 / n).to(dtype)[:, None, None]  # |det| 1 where it rounds nonzero
+        assert not bool(M.contains(X).any()), kind
+
+
+def test_sl_admits_float32_points_whose_determinant_the_dtype_holds():
+    """Float32 chart points of SL(64) from raw entries of scale 3 (cond₂ ~ 1e5): det X = 1 to 1e-4 read
+    in float64 off the stored entries (the reference predicate), and the round trip to rounding; the
+    former bound cond_F·n·ε refused 9 of 100 of them."""
+    M = gf.SL()
+    Z = 3.0 * torch.randn(100, 64, 64, generator=torch.Generator().manual_seed(3), dtype=F64)
+    X = M.to_manifold(Z).to(F32)
+    assert member(M, X.double(), 1e-4)
+    assert bool(M.contains(X).all())
+    Z2, base = M.from_manifold(X)
+    assert _rel(M.to_manifold(Z2, base), X).max() <= ROUND_TRIP[F32]
