@@ -61,7 +61,7 @@ except ImportError:  # torch built without distributed support: no tensor is a D
 
     _AVAILABLE = False
 
-__all__ = ["DTensor", "distributed", "gather", "gathered", "like", "route"]
+__all__ = ["DTensor", "distributed", "gather", "gathered", "like", "placed_like", "route"]
 
 Tensor = torch.Tensor
 
@@ -80,6 +80,18 @@ def _dtensor_args(args: tuple, kwargs: dict) -> list:
 def gather(tree: Any) -> Any:
     """``tree`` with every DTensor all-gathered into a plain tensor (``full_tensor``, differentiable)."""
     return optree.tree_map(lambda t: t.full_tensor() if isinstance(t, DTensor) else t, tree, none_is_leaf=True)
+
+
+def placed_like(t: Any, ref: Any) -> Any:
+    """A full value ``t`` as a DTensor placed like ``ref``, holding rank 0's values on every rank
+    (``distribute_tensor`` scatters from rank 0: a collective, every rank calls it); ``t`` itself
+    where ``ref`` is not a DTensor. A ``Partial`` placement becomes ``Replicate``."""
+    if not isinstance(ref, DTensor) or not isinstance(t, Tensor) or isinstance(t, DTensor):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    placements = [Replicate() if p.is_partial() else p for p in ref.placements]
+    return distribute_tensor(t, ref.device_mesh, placements)
 
 
 def like(tree: Any, lead: Any) -> Any:

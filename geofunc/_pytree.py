@@ -60,6 +60,7 @@ from typing import Any, Callable
 import optree
 import torch
 
+from ._dtensor import DTensor, placed_like
 from ._errors import ManifoldError, describe
 from ._fused import one_node
 from .spaces import Product
@@ -395,18 +396,30 @@ def _map(
 
 
 # --------------------------------------------------------------------------- public API
+# Note [Sampling DTensors]
+# A DTensor entry (a parameter sharded by FSDP2 or ``distribute_tensor``) is replaced by a DTensor
+# with its mesh and placements, not by a plain tensor of its full shape: that mixed plain and
+# DTensor entries in one tree (PyTorch's error at the next map) and, where the ranks' generators
+# differ (the global RNG of each process), gave every rank another point of what was one sharded
+# tensor. The full point is drawn on every rank and ``distribute_tensor`` scatters rank 0's draw,
+# so the ranks hold one point, whatever their generators (one collective per entry).
 def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generator | None = None) -> PyTree:
     """Replace every constrained entry of ``params`` by a random point of its space.
 
     Each point has the shape, dtype and device of the entry it replaces (leading
     dimensions are a batch: on stacked parameters of K models this draws K independent
     points); unconstrained entries are returned as they are. Draws come from
-    ``generator`` only (``None``: the global generator).
+    ``generator`` only (``None``: the global generator). A DTensor entry gives a DTensor
+    with its mesh and placements holding rank 0's draw on every rank (a collective: every rank
+    calls ``sample``).
     """
 
     def draw(e: _Entry, X: Any) -> Any:
         ref = _first_leaf(X)
-        return e.space.sample(_shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+        point = e.space.sample(_shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+        if isinstance(ref, DTensor):  # Note [Sampling DTensors]
+            return optree.tree_map(placed_like, point, X, none_is_leaf=True)
+        return point
 
     return _map(constraints, draw, params, check="X")
 

@@ -451,8 +451,22 @@ def _ancestor_sharded() -> dict:
     return {"refused": refused, "unchanged": torch.equal(before, after), "plain": not gnn.is_constrained(model[0])}
 
 
+def _sample_dtensors(rank: int) -> dict:
+    """``gf.sample`` of a sharded and a replicated entry, each rank's global generator seeded
+    differently: it returned plain tensors of the full shape, another point on each rank."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = _cpu_mesh()
+    params = {"w": distribute_tensor(torch.zeros(7, 3), mesh, [Shard(0)]),
+              "s": distribute_tensor(torch.zeros(3, 5), mesh, [Replicate()]), "b": torch.zeros(2)}
+    torch.manual_seed(rank)
+    out = gf.sample({"w": gf.Stiefel(), "s": gf.Sphere()}, params)
+    return {k: (type(v).__name__, str(getattr(v, "placements", None)), _full(v).clone()) for k, v in out.items()}
+
+
 def worker(rank: int, world: int, outdir: str) -> None:
     results = {
+        "sample": _sample_dtensors(rank),
         "ancestor sharded": _ancestor_sharded(),
         "constrain, shard": _scenario("constrain, shard", rank, os.path.join(outdir, "checkpoint-2")),
         "1 → 2": _load_scenario(os.path.join(outdir, "checkpoint-1")),
@@ -628,6 +642,17 @@ def test_fsdp_train_example_under_torchrun():
     assert "== fsdp_train.py report ==" in out, out
     assert out.count("on the space: True") == 4 and "on the space: False" not in out, out
     assert "weights equal: True" in out, out
+
+
+def test_sample_of_dtensor_entries(results):
+    """``gf.sample`` gives a DTensor entry a DTensor placed like it, one point on every rank
+    (rank 0's draw: the ranks' generators differ), on the space (Note [Sampling DTensors])."""
+    want = {"w": ("DTensor", "(Shard(dim=0),)"), "s": ("DTensor", "(Replicate(),)"), "b": ("Tensor", "None")}
+    for r in results:
+        for k, (kind, placements) in want.items():
+            assert r["sample"][k][:2] == (kind, placements), (k, r["sample"][k][:2])
+            assert torch.equal(r["sample"][k][2], results[0]["sample"][k][2]), k
+    assert member(gf.Stiefel(), results[0]["sample"]["w"][2]) and member(gf.Sphere(), results[0]["sample"]["s"][2])
 
 
 def test_riemannian_optimizers_on_dtensors(results):
