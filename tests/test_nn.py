@@ -1032,6 +1032,23 @@ def test_a_parametrization_built_without_its_base_keeps_the_registered_and_assig
     torch.testing.assert_close(fresh.weight, Y, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("space", [gf.GLp(), gf.PSD(), gf.FixedRank(rank=2)], ids=repr)
+def test_a_parametrization_registered_directly_keeps_its_point_across_dtypes(space):
+    """``register_parametrization(layer, "weight", gnn.Parametrization(space))`` then ``.double()``: the raw
+    values of "softplus" mean other points in float64 (its floor √ε changes), and only the GeoTorch classes
+    re-expressed them, so the weight moved by 3.4e-4 with no warning; now by float32's rounding, as theirs."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(3, 3)
+    X = space.sample((3, 3), generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(X)
+    P.register_parametrization(layer, "weight", gnn.Parametrization(space))
+    layer(torch.randn(2, 3, generator=g))  # an evaluation on the raw Parameter confirms it (as for the classes)
+    for moved in (copy.deepcopy(layer).double(), layer.double()):
+        assert moved.weight.dtype == torch.float64 and member(space, moved.weight.detach())
+        torch.testing.assert_close(moved.weight, X.double(), atol=1e-5, rtol=0)
+
+
 def test_constrain_refuses_a_product_by_name():
     """A Product's points are tuples, so no one tensor holds one: ``constrain`` says so with a
     ``ManifoldError`` (it sampled a tuple for the weight and failed with ``AttributeError: 'tuple' object

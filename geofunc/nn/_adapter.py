@@ -196,6 +196,9 @@ class Parametrization(nn.Module):
 
     #: Whether ``forward``'s input is the space's own raw tensor (the functional bridge needs it).
     _identity_raw = True
+    #: Registered directly with ``register_parametrization`` (not by :func:`attach`): its ``_apply`` then
+    #: re-expresses the raw tensor itself, as the GeoTorch classes' (Note [Raw tensors across dtypes]).
+    _direct_raw = False
 
     def __init__(self, space: AbstractSpace, base: Any = None, *, where: str = "tensor", shape: Any = None) -> None:
         super().__init__()
@@ -375,6 +378,8 @@ class Parametrization(nn.Module):
     # gathered once and the results sharded like it; the base buffers are replicated plain tensors.
     @gathered
     def forward(self, Z: Tensor) -> Tensor:
+        if self._direct_raw and isinstance(Z, nn.Parameter) and not torch.compiler.is_compiling():
+            _note_raw(self, Z)  # Note [Raw tensors across dtypes]
         return self.space.to_manifold(Z, self.checked_base())
 
     def checked_base(self) -> Any:
@@ -474,6 +479,11 @@ class Parametrization(nn.Module):
         self._check_base(base)
         if registering:
             self._follow(X)
+            # Registered directly, its raw tensor is known as a GeoTorch class's is, so that a dtype change
+            # re-expresses the values of "softplus" (a float32 GLp weight moved by 3.4e-4 under .double(),
+            # without a warning); attach, which registers through here too, clears the flag.
+            self._direct_raw = True
+            _note_registration(self, X)
         self._set_base(base)
         # torch stores the result with ``original.set_(Z)``: never let it alias the caller's tensor.
         # Contiguous: a wide space's raw tensor is a transposed view, which FSDP2 cannot shard.
@@ -1065,6 +1075,8 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
         _ATTACHED.add(adapter)
         _RAW.pop(adapter, None)
         _TENTATIVE.pop(adapter, None)
+        if isinstance(adapter, Parametrization):
+            adapter._direct_raw = False
     if fsdp is not None:
         # Shard then constrain: FSDP2 swaps the unsharded parameter into the module and name it had
         # at fully_shard time (module.weight, now the parametrized property); the parameter itself
