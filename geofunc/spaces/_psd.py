@@ -40,6 +40,20 @@ def _roots(X: Tensor) -> tuple[Tensor, Tensor]:
     return sym_part(X @ Ri), Ri
 
 
+# Note [Affine maps of rounded points]
+# X^-½ Y X^-½ has eigenvalues spread over cond(X)·cond(Y), so computed in float32 its small ones were
+# off by ε·cond² where the affine maps of the (rounded) points are conditioned like ε·cond: dist 5e-2
+# off at cond 1e4 and NaN at 1e5 for float32 members of the space, logmap and transport alike. For
+# lower precisions dist, logmap and transport compute in float64 (as SO's and the Grassmannian's
+# logarithms do) and round the result back; expmap, retract, inner and egrad_to_rgrad, within their
+# conditioning in float32 (expmap 1e-5 at cond 1e4), and the optimizers' retraction, stay as they were.
+def _wide(X: Tensor) -> torch.dtype:
+    """float64 (complex128) for lower precisions, where the device has it (Note [Affine maps of rounded points])."""
+    if X.device.type == "mps":  # no float64 there
+        return X.dtype
+    return torch.complex128 if X.is_complex() else torch.float64
+
+
 def _exp(X: Tensor) -> Tensor:
     return spectral_eigh(X, lambda lam, Q: (lam.exp(), lam.exp(), lam.exp()))
 
@@ -148,9 +162,10 @@ class PSD(EigSpace):
             return super().transport(X, Y, V)
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
-        R, Ri = _roots(X)
-        E = _sqrt(Ri @ Y @ Ri)
-        return sym_part(R @ E @ sym_part(Ri @ V @ Ri) @ E @ R)
+        w = _wide(X)  # Note [Affine maps of rounded points]
+        R, Ri = _roots(X.to(w))
+        E = _sqrt(Ri @ Y.to(w) @ Ri)
+        return sym_part(R @ E @ sym_part(Ri @ V.to(w) @ Ri) @ E @ R).to(V.dtype)
 
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """``X + sym(V)`` (embedded metric: NaN where that is not a point of the space, by
@@ -172,17 +187,19 @@ class PSD(EigSpace):
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return sym_part(Y - X)
-        R, Ri = _roots(X)
-        return sym_part(R @ _log(Ri @ Y @ Ri) @ R)
+        w = _wide(X)  # Note [Affine maps of rounded points]
+        R, Ri = _roots(X.to(w))
+        return sym_part(R @ _log(Ri @ Y.to(w) @ Ri) @ R).to(X.dtype)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``‖Y − X‖_F`` (embedded metric) or ``‖log(X^-½ Y X^-½)‖_F`` (affine-invariant), batch-shaped."""
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return torch.linalg.matrix_norm(Y - X)
-        Ri = _rsqrt(X)
-        W = sym_part(Ri @ Y @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
-        return torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
+        Ri = _rsqrt(X.to(_wide(X)))  # Note [Affine maps of rounded points]
+        W = sym_part(Ri @ Y.to(Ri.dtype) @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
+        d = torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
+        return d.to(X.real.dtype)
 
     @cached_attribute
     def _value_map(self) -> Positive:
