@@ -38,7 +38,7 @@ def test_sl_round_trip_of_ill_conditioned_points(dtype, n):
     M = gf.SL()
     Z0 = 5.0 * torch.randn(200, n, n, generator=torch.Generator().manual_seed(0), dtype=F64)
     X = M.to_manifold(Z0).to(dtype)
-    X = X[M.contains(X)]  # the float32 guard refuses a few (cond_F·n·ε ≥ 1)
+    X = X[M.contains(X)]  # the float32 guard refuses a few (cond_F·min(n, 4)·ε ≥ 1)
     assert X.shape[0] > 150
     Z, base = M.from_manifold(X)
     X2 = M.to_manifold(Z, base)
@@ -122,3 +122,39 @@ def test_sl_admits_float32_points_whose_determinant_the_dtype_holds():
     assert bool(M.contains(X).all())
     Z2, base = M.from_manifold(X)
     assert _rel(M.to_manifold(Z2, base), X).max() <= ROUND_TRIP[F32]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("space", [gf.GLp(), gf.FixedRank(rank=3), gf.FixedRank(rank=2), gf.PSD(), gf.PSSDFixedRank(rank=3)], ids=repr)
+def test_members_are_fixed_points_of_project_and_retract(space, dtype):
+    """Note [Members are fixed points of project]: a member with cond > 1/√ε (float32 σ = 1e4, 1, 0.5)
+    was moved by project (the small values lifted to √ε·σ₁: 3.8e-4 relative), so retract(X, 0) ≠ X and
+    a step of 1e-3 moved X by 1.3: now both keep X to its rounding (ε√n·σ₁ per value)."""
+    g = torch.Generator().manual_seed(4)
+    cond = 1e4 if dtype == F32 else 1e10
+    Q = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=F64))[0]
+    P = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))[0]
+    values = torch.tensor([cond, 1.0, 0.5, 0.0, 0.0], dtype=F64)
+    r = 3 if not isinstance(space, gf.FixedRank) else space.rank
+    values[r:] = 0.0
+    if isinstance(space, gf.PSD):  # full rank: 3×3
+        Q3 = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=F64))[0]
+        X = (Q3 * values[:3]) @ Q3.mT
+    elif isinstance(space, gf.PSSDFixedRank):
+        X = (Q * values) @ Q.mT
+    else:
+        n = 3 if isinstance(space, gf.GLp) else 5
+        Qn = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+        Pk = P[:3, :3] if n == 3 else P
+        Qn = Qn * torch.linalg.det(Qn) if n == 3 else Qn
+        Pk = Pk * torch.linalg.det(Pk) if n == 3 else Pk
+        X = (Qn[:, :min(n, Pk.shape[0])] * values[:min(n, Pk.shape[0])]) @ Pk.mT[:min(n, Pk.shape[0])]
+    X = X.to(dtype)
+    assert member(space, X)
+    slack = 8 * torch.finfo(dtype).eps * 5**0.5 * cond  # a few roundings of a computed singular value
+    for Y in (space.project(X), space.retract(X, torch.zeros_like(X))):
+        assert float((Y.double() - X.double()).abs().max()) <= slack
+    V = space.tangent(X, 1e-3 * torch.randn(X.shape, generator=g, dtype=F64).to(dtype))
+    R = space.retract(X, V)
+    assert member(space, R)
+    assert float((R.double() - X.double() - V.double()).abs().max()) <= slack + 10 * float(V.double().norm()) ** 2

@@ -554,7 +554,7 @@ class SVDSpace(_Factorized):
         vm = self._value_map
 
         def g_fn(s: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
-            return vm.project(s, keep.expand_as(s), _det_sign(U) * _det_sign(Vh) if self._det_positive else None)
+            return vm.project(s, keep.expand_as(s), _det_sign(U) * _det_sign(Vh) if self._det_positive else None, n)
 
         return untall(spectral_svd(Yt, g_fn), tr)
 
@@ -677,7 +677,7 @@ class EigSpace(_Factorized):
         n = Y.shape[-1]
         keep = torch.arange(n, device=Y.device) >= n - self._rank(n)  # ascending: the top r
         vm = self._value_map
-        return spectral_eigh(Y, lambda lam, Q: vm.project(lam, keep.expand_as(lam), None))
+        return spectral_eigh(Y, lambda lam, Q: vm.project(lam, keep.expand_as(lam), None, n))
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         """``Q diag(σ) Qᵀ``: a Haar n×r frame, ``σ`` the value map's sample of separated values."""

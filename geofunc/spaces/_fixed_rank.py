@@ -35,8 +35,8 @@ class FixedRank(SVDSpace):
     * Membership: ``σ_{r+1} ≤ atol·max(1, σ₁)`` and ``σ_r`` at least the floor ε less the
       rounding ``δ = ε_dtype·√n·σ₁`` of a computed singular value, and above ``δ`` (for a user
       ``f``: above ``δ``).
-    * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε, √ε·σ₁)``:
-      a canonical point, the set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));
+    * ``project``: truncated SVD with the kept singular values clamped up to ``max(ε,
+      4ε_dtype√max(n, k)·σ₁)``: a member is kept, otherwise a canonical point, the set being open. ``tangent`` = the fixed-rank tangent space (``G`` if r = min(n, k));
       ``retract(X, V) = project(X + V)``. ``sample``: as :class:`LowRank`'s (square full rank: both
       signs of the determinant, each with probability ½).
 

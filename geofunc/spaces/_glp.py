@@ -31,9 +31,10 @@ class GLp(SVDSpace):
 
     * ``logabsdet(Z, base) = Σ log f(sᵢ)``: O(n) after reading the diagonal, exact.
     * ``tangent(X, G) = G`` (open set); ``project(Y)``: SVD, singular values clamped up to
-      ``max(ε, √ε·σ₁)`` and, where ``det Y ≤ 0``, the smallest replaced by ``−that`` (the nearest
-      point of the closure, pushed inside): a canonical point; ``retract(X, V) = project(X + V)``
-      (``= X + V`` for small ``V``). ``sample``: ``U diag(σ) Vᵀ``, ``U, V`` Haar on O(n)
+      ``max(ε, 4ε_dtype√n·σ₁)`` (a member is kept: Note [Members are fixed points of project]) and,
+      where ``det Y ≤ 0``, the smallest replaced by ``−max(ε, √ε·σ₁)`` (the nearest point of the
+      closure, pushed inside): a canonical point; ``retract(X, V) = project(X + V)`` (``= X + V``
+      for small ``V``, ``X`` at ``V = 0``). ``sample``: ``U diag(σ) Vᵀ``, ``U, V`` Haar on O(n)
       with the last column of ``V`` multiplied by ``det U det V``, ``σ_i = 0.5 + t_i``, ``t_i``
       independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 

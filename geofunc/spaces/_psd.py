@@ -74,7 +74,7 @@ class PSD(EigSpace):
     * ``from_manifold``: ``eigh``, ``diag(Z) = f⁻¹(μ)``, ``base = Q``; ``rebase`` keeps ``diag(Z)``.
     * ``logabsdet(Z, base) = Σ log f(λᵢ)`` (exact, O(n) after reading the diagonal).
     * ``tangent(X, G) = sym(G)`` (open in the symmetric matrices); ``project(Y)``: eigenvalues of
-      ``sym(Y)`` clamped up to ``max(ε, √ε·λ_max)`` (a canonical point); ``retract(X, V) = project(X + V)``
+      ``sym(Y)`` clamped up to ``max(ε, 4ε_dtype√n·λ_max)`` (a member is kept; else a canonical point); ``retract(X, V) = project(X + V)``
       (``= X + V`` for small symmetric ``V``). ``sample``: ``Q diag(0.5 + t) Qᵀ``, ``Q`` Haar on O(n),
       ``t_i`` independent and uniform on ``((n − i + ½)/n, (n − i + 1)/n]``, i = 1..n.
 

@@ -150,8 +150,9 @@ class ValueMap(abc.ABC):
         """Raw coordinates of the values ``v`` (``ManifoldError`` naming ``space`` if ``f`` has no inverse)."""
 
     @abc.abstractmethod
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        """``(g, g')``: the projected values of ``s`` and their derivative (for the spectral maps)."""
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
+        """``(g, g')``: the projected values of ``s`` and their derivative (for the spectral maps);
+        ``size`` the larger dimension of the matrix (max(n, k))."""
 
     def violations(self, kept: Tensor, v_max: Tensor, n: int, k: int) -> dict[str, Tensor]:
         """Named violations of the kept values (``v_max`` the largest |value|)."""
@@ -196,7 +197,7 @@ class Identity(ValueMap):
     def inverse(self, space: Any, v: Tensor) -> Tensor:
         return v
 
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
         k = keep.to(s.dtype)
         return s * k, k.expand_as(s)
 
@@ -212,7 +213,7 @@ class Abs(ValueMap):
     def inverse(self, space: Any, v: Tensor) -> Tensor:
         return v.abs()
 
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
         return torch.where(keep, s.clamp(min=0.0), torch.zeros_like(s)), (keep & (s > 0)).to(s.dtype)
 
 
@@ -222,10 +223,12 @@ class Positive(ValueMap):
     """``f(t) > 0``: ``f`` a name of :data:`POSITIVE_MAPS` (``"softplus"`` = ``softplus + √ε``), a
     callable or a pair ``(f, f_inverse)``. The floor is √ε for ``"softplus"``, 0 for a user map.
 
-    ``project`` clamps the kept values up to ``max(floor, √ε · max(1, σ₁))`` (far above the
-    numerical rank tolerance) and zeroes the others; with ``d``, the smallest kept value becomes
-    ``−that`` where ``d < 0``: the nearest point of the closure of the det > 0 component, pushed
-    inside. A canonical point of the open set, not a nearest point.
+    ``project`` clamps the kept values up to ``max(floor, min(√ε, 4ε√size) · max(1, σ₁))`` (four
+    times the rounding of a computed singular value, so that the result is certainly of full rank,
+    and a member's values are kept: Note [Members are fixed points of project]) and zeroes the
+    others; with ``d``, the smallest kept value becomes ``−max(floor, √ε · max(1, σ₁))`` where
+    ``d < 0``: the nearest point of the closure of the det > 0 component, pushed inside. The
+    nearest point for a member (itself), a canonical point of the open set otherwise.
     """
 
     f: Any
@@ -249,15 +252,24 @@ class Positive(ValueMap):
     def dtype_dependent(self) -> bool:
         return isinstance(self.f, str)
 
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        smax = s.abs().amax(-1, keepdim=True)
-        c = (math.sqrt(torch.finfo(rounding_dtype(s.dtype)).eps) * smax.clamp(min=1.0)).clamp(min=self.floor(s.dtype))
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
+        # Note [Members are fixed points of project]
+        # The lift was to √ε·max(1, σ₁), far above membership's bound (the floor of f, or the rounding
+        # ε√size·σ₁ of a computed value): a float32 GLp/FixedRank/PSD point with cond > 1/√ε ≈ 3e3
+        # (σ = 1e4, 1, 0.5) was a member that project moved (3.8e-4 relative), and retract(X, V) =
+        # project(X + V) was no retraction there: retract(X, 0) ≠ X, and a step V of 1e-3 moved X by
+        # 1.3e3·|V|. The lift is now four times that rounding (the result's recomputed values keep
+        # a margin of three over membership's bound), never above √ε as before (bf16: ε√size ≫ √ε).
+        smax = s.abs().amax(-1, keepdim=True).clamp(min=1.0)
+        eps = torch.finfo(rounding_dtype(s.dtype)).eps
+        floor = self.floor(s.dtype)
+        c = (min(math.sqrt(eps), 4.0 * eps * math.sqrt(size)) * smax).clamp(min=floor)
         g = torch.where(keep, torch.maximum(s, c), torch.zeros_like(s))
         dg = (keep & (s > c)).to(s.dtype)
         if d is not None:  # the smallest kept value (the last kept index) takes the sign
             last = keep & (torch.arange(s.shape[-1], device=s.device) == keep.sum(-1, keepdim=True) - 1)
             neg = (d < 0).unsqueeze(-1) & last
-            g = torch.where(neg, -c.expand_as(s), g)
+            g = torch.where(neg, -(math.sqrt(eps) * smax).clamp(min=floor).expand_as(s), g)
             dg = torch.where(neg, torch.zeros_like(dg), dg)
         return g, dg
 
@@ -300,7 +312,7 @@ class Unit(ValueMap):
             return 0.0 * v
         return inv((v - 1.0) / self.lam)
 
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
         lo, hi = 1.0 - self.lam, 1.0 + self.lam
         return s.clamp(lo, hi), ((s > lo) & (s < hi)).to(s.dtype)
 
