@@ -158,3 +158,22 @@ def test_members_are_fixed_points_of_project_and_retract(space, dtype):
     R = space.retract(X, V)
     assert member(space, R)
     assert float((R.double() - X.double() - V.double()).abs().max()) <= slack + 10 * float(V.double().norm()) ** 2
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("space", [gf.SL(), gf.SL(f=(torch.exp, torch.log)), gf.GLp(f=(torch.exp, torch.log)),
+                                   gf.FixedRank(rank=2, f=(torch.exp, torch.log))], ids=repr)
+def test_project_of_a_singular_matrix_is_a_member(space, dtype):
+    """``project`` lifts the zero values of a singular ``Y`` (here scaled by 1e3, a map without a floor)
+    far enough for membership: GLp's four times a computed value's rounding, SL's √ε·σ₁ (its singular
+    guard reads cond_F, up to √n times cond₂: GLp's lift alone gave SL non-members at n ≥ 4)."""
+    g = torch.Generator().manual_seed(6)
+    for n in (2, 4, 8, 64):
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+        d = torch.ones(n, dtype=F64)
+        d[-2:] = 0.0
+        Y = ((Q * d) @ Q.mT * 1e3).to(dtype)
+        if isinstance(space, gf.FixedRank):
+            Y = Y[:, :2] if n > 2 else Y
+        P = space.project(Y)
+        assert bool(space.contains(P)) and member(space, P), n

@@ -547,14 +547,20 @@ class SVDSpace(_Factorized):
         return untall(_exact_tangent(Xt, Gt, r), tr)
 
     def project(self, Y: Tensor) -> Tensor:
+        return self._project(Y)
+
+    def _project(self, Y: Tensor, size: float | None = None) -> Tensor:
+        """``project``; ``size`` (default max(n, k)) sets the value map's lift (:class:`Positive`:
+        ``min(√ε, 4ε√size)·σ₁``; ``math.inf``: ``√ε·σ₁``, for SL, whose membership needs more)."""
         self._check_shape(Y, "Y")
         Yt, tr = tall(Y)
         n, k = Yt.shape[-2:]
         keep = torch.arange(k, device=Y.device) < self._rank(n, k)
         vm = self._value_map
+        size = n if size is None else size
 
         def g_fn(s: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
-            return vm.project(s, keep.expand_as(s), _det_sign(U) * _det_sign(Vh) if self._det_positive else None, n)
+            return vm.project(s, keep.expand_as(s), _det_sign(U) * _det_sign(Vh) if self._det_positive else None, size)
 
         return untall(spectral_svd(Yt, g_fn), tr)
 

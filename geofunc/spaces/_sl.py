@@ -195,7 +195,10 @@ class SL(AbstractSpace):
     def project(self, Y: Tensor) -> Tensor:
         """GLp's canonical point of ``Y`` rescaled by ``|det|^{−1/n}`` (see the class docstring)."""
         self._check_shape(Y, "Y")
-        P = self._glp.project(Y)
+        # GLp's lift of small values (4ε√n·σ₁, so that its members stay put) leaves cond_F up to ~1/(4ε),
+        # where SL's singular guard begins: project of a singular Y gave non-members (Note [Members are
+        # fixed points of project]); SL's canonical point keeps the lift √ε·σ₁
+        P = self._glp._project(Y, math.inf)
         lad = logabsdet_lu(sanitize(P))[..., None, None]  # (see to_manifold; not slogdet: Note [Solves under torch.func])
         return P * torch.exp(lad / -Y.shape[-1]) + poison(P)
 

@@ -252,7 +252,7 @@ class Positive(ValueMap):
     def dtype_dependent(self) -> bool:
         return isinstance(self.f, str)
 
-    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: int = 1) -> tuple[Tensor, Tensor]:
+    def project(self, s: Tensor, keep: Tensor, d: Optional[Tensor], size: float = 1) -> tuple[Tensor, Tensor]:
         # Note [Members are fixed points of project]
         # The lift was to √ε·max(1, σ₁), far above membership's bound (the floor of f, or the rounding
         # ε√size·σ₁ of a computed value): a float32 GLp/FixedRank/PSD point with cond > 1/√ε ≈ 3e3
