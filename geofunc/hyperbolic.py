@@ -398,11 +398,20 @@ def _gyr(x: Tensor, d: Tensor, gx: Tensor, gy: Tensor, z: Tensor, c: Curvature) 
 # reciprocal squared exceeds 65504), where PoincareBall.dist, which takes the policy, was finite.
 # Not the spaces' wrapper (spaces/_base.py's _in_float32): that one takes the dtype of the first
 # tensor argument and routes DTensors; here any low-precision argument sets it (mobius_scalar_mul's r
-# may be a float32 tensor beside a bf16 x) and DTensors are not routed.
+# may be a float32 tensor beside a bf16 x) and DTensors are not routed. The first low dtype is found
+# by a loop, not next(generator, None): torch 2.6's Dynamo cannot trace next's default argument
+# (torch.compile(fullgraph=True) of any public function raised Unsupported there).
+def _low_dtype(args: tuple[Any, ...]) -> torch.dtype | None:
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION:
+            return a.dtype
+    return None
+
+
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        low = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION), None)
+        low = _low_dtype(args)
         if low is None:
             if _any_autocast is not None and not _any_autocast():
                 return fn(*args, **kwargs)
