@@ -84,9 +84,15 @@ def test_no_latex_inside_code_spans() -> None:
 def test_tuple_returns_are_documented_one_item_per_element() -> None:
     """griffe reads each line of a Google ``Returns:`` section as one element of a returned tuple,
     so a wrapped paragraph there renders as a table of fragments: name the elements instead."""
+    import importlib.util
     import typing
 
-    import griffe  # part of the docs tool chain (mkdocstrings-python), installed with .[docs]
+    from site_tools import require
+
+    # griffe is part of the docs tool chain (mkdocstrings-python), installed with .[docs]: skipped
+    # without it like the site's tests (a failure in CI, where .ci/run installs it).
+    require(importlib.util.find_spec("griffe") is not None, "the docs tool chain is not installed (pip install -e .[docs]): missing ['griffe']")
+    import griffe
 
     pkg = griffe.load("geofunc", search_paths=[str(ROOT)])
     bad = []
