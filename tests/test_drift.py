@@ -88,3 +88,19 @@ def test_refinement_leaves_exact_points_and_tangent_derivatives(space, generator
     _, dX = torch.func.jvp(lambda t: space.retract(X, t * V), (torch.zeros((), dtype=torch.float64),),
                            (torch.ones((), dtype=torch.float64),))
     torch.testing.assert_close(dX, V, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize(("space", "dtype"), [(gf.SO(), torch.float32), (gf.Unitary(), torch.complex64),
+                                              (gf.SO(), torch.float64)], ids=["SO-f32", "Unitary-c64", "SO-f64"])
+@pytest.mark.parametrize("norm", [1e3, 1e4, 3e4])
+def test_group_steps_of_any_length_land_on_the_group(space, dtype, norm, generator):
+    """A long step (an rsgd step of lr 1 on a gradient of 1e3, a radam step of lr 1e4) is a point of the group:
+    ``expm`` of a skew generator of norm ``s`` by scaling and squaring is orthonormal only to ~ε·s (float32:
+    3.8e-4 at s = 1e4, off the space; 5e-3 at 1e5), and X φ(·) multiplied it in unrefined (Note [Retractions
+    that multiply]); the product is now refined, to ~(ε·s)² + ε."""
+    shape = (4, 6, 6) if not dtype.is_complex else (4, 5, 5)
+    X = space.sample(shape, generator=generator, dtype=dtype)
+    V = space.tangent(X, torch.randn(shape, generator=generator, dtype=dtype))
+    V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
+    for Y in (space.retract(X, V), space.expmap(X, V)):
+        assert member(space, Y), _orthonormality(Y)
