@@ -1146,3 +1146,19 @@ def test_lorentz_float32_pairs_beyond_the_clamp_are_exact(k, generator):
         err = float(H.inner(yl, D, D).clamp(min=0).sqrt().max())
         tol = 4 * torch.finfo(F32).eps * math.cosh(r)  # the float32 rounding of the result (~ε x₀/√k)
         assert err <= tol, (r, dd, err, tol)
+
+
+def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps():
+    """Pins the documented gap clamp (docs/spaces/hyperbolic.md): a float32 point that `contains`
+    accepts (c‖x‖² < 1 summed in float32) but whose float64 gap is below ε reads as the point at
+    gap ε on its ray, log(ε/gap)/√c from where it is."""
+    c, eps = 10.0, torch.finfo(F32).eps
+    P = gf.PoincareBall(c=c)
+    x = (torch.tensor([0.6, 0.8, 0.0], dtype=F64) * math.sqrt((1 - 9e-8) / c)).float()
+    gap = 1 - c * float((x.double() ** 2).sum())
+    assert bool(P.contains(x)) and 0 < gap < eps
+    got = float(P.dist(torch.zeros(3), x))
+    want = 2 / math.sqrt(c) * math.atanh(math.sqrt(1 - eps))  # the point at gap ε
+    assert abs(got - want) <= 1e-5 * want, (got, want)
+    true = 2 / math.sqrt(c) * math.atanh(math.sqrt(1 - gap))
+    assert abs((true - got) - math.log(eps / gap) / math.sqrt(c)) <= 1e-3, (true, got)
