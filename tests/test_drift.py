@@ -104,3 +104,16 @@ def test_group_steps_of_any_length_land_on_the_group(space, dtype, norm, generat
     V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
     for Y in (space.retract(X, V), space.expmap(X, V)):
         assert member(space, Y), _orthonormality(Y)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6), (4, 8, 3)], ids=["square", "tall"])
+@pytest.mark.parametrize("norm", [1e4, 3e4])
+def test_canonical_stiefel_steps_of_any_length_land_on_the_space(shape, norm, generator):
+    """The canonical Stiefel step φ(W) X refined its centre only: a float32 step of norm 1e4 came back 4.5e-4
+    off orthonormal (tall frames; 3e-4 square), off the space. The step itself is now refined."""
+    space = gf.Stiefel(metric="canonical")
+    X = space.sample(shape, generator=generator, dtype=torch.float32)
+    V = space.tangent(X, torch.randn(shape, generator=generator))
+    V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
+    for Y in (space.retract(X, V), space.expmap(X, V)):
+        assert member(space, Y), _orthonormality(Y)

@@ -160,11 +160,12 @@ class Stiefel(FrameSpace):
         Xt, Vt = torch.broadcast_tensors(Xt, Vt)
         if 0 in Xt.shape[-2:]:  # the empty frame
             return untall(0.0 * (Xt + Vt), tr)
-        Xt = refine_frame(Xt)  # the chart carries its centre's rounding (Note [Retractions that multiply])
+        # the step refined, not its centre: it carries the centre's rounding and φ's error on long steps
+        # together (Note [Retractions that multiply]; Note [Long steps on the group] in _orthogonal.py)
         if Xt.shape[-2] == Xt.shape[-1]:
-            return untall(Xt @ resolve_triv(triv)(skew_part(transpose(Xt) @ Vt)), tr)
+            return untall(refine_frame(Xt @ resolve_triv(triv)(skew_part(transpose(Xt) @ Vt))), tr)
         Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
-        return untall(frame_chart(Vt, Xt, triv), tr)
+        return untall(refine_frame(frame_chart(Vt, Xt, triv)), tr)
 
     # Note [Stiefel's geodesics]
     # For the embedded metric the geodesic from X along a tangent V is (Edelman, Arias & Smith 1998,
