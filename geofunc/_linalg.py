@@ -35,7 +35,6 @@ __all__ = [
     "haar_so",
     "chol_qr",
     "refine_frame",
-    "refined_times",
     "polar",
     "poison",
     "sanitize",
@@ -309,8 +308,10 @@ _ROUNDING = _Rounding()
 # φ(W) X carry X's error along, and each step adds its own rounding: an optimizer's points drifted
 # off the space linearly in the number of steps (a probe: radam on SO in float32 failed `contains`
 # after ~1,400 steps, SO(triv="cayley") ~500, Unitary ~2,600, canonical Stiefel ~2,750; in bf16, whose
-# every step rounds the point to 8 bits, SO was 0.19 off after 100 steps). So these maps first
-# refine X by one Newton–Schulz step toward its polar factor, X (3I − XᴴX)/2: with XᴴX = I + E, the
+# every step rounds the point to 8 bits, SO was 0.19 off after 100 steps). So these maps refine
+# by one Newton–Schulz step toward the polar factor, X (3I − XᴴX)/2 (first X; now the step's result,
+# which carries X's rounding and, on long steps, φ's own error: Note [Long steps on the group] in
+# geofunc/spaces/_orthogonal.py): with XᴴX = I + E, the
 # refined Gram matrix is I − ¾E² + O(E³), so a point off by rounding ε comes back to ~ε² (bf16's 0.03
 # to 1e-3, float32's 1e-6 below rounding), and an exact point is unchanged. Its derivative at a point
 # is the tangent projection of the perturbation, so the maps' derivatives along tangent directions,
@@ -319,11 +320,6 @@ def refine_frame(X: Tensor) -> Tensor:
     """``X (3I − XᴴX)/2`` for a tall ``X`` (n ≥ k) orthonormal up to rounding: one Newton–Schulz step
     toward its polar factor (Note [Retractions that multiply])."""
     return _add_product(X, X, transpose(X) @ X, 1.5, -0.5)
-
-
-def refined_times(X: Tensor, P: Tensor) -> Tensor:
-    """``refine_frame(X) @ P`` as ``X ((3I − XᴴX)/2 P)``: for square ``X``, one product of n×n fewer."""
-    return X @ _add_product(P, transpose(X) @ X, P, 1.5, -0.5)
 
 
 def _add_product(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:

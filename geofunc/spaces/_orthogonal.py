@@ -74,7 +74,7 @@ class MatrixGroup(AbstractSpace):
     # expm of a skew generator A by scaling and squaring is orthonormal only to ~ε‖A‖ (each squaring
     # doubles the error of the scaled exponential): float32 3.8e-4 at ‖A‖ = 1e4, 5e-3 at 1e5, off the
     # space; a long step is an optimizer's ordinary output (rsgd with lr 1 on a gradient of 1e3, radam
-    # with a large lr: its step length is lr per point). Refining X alone (refined_times) multiplied
+    # with a large lr: its step length is lr per point). Refining X alone (before) multiplied
     # that error in, so the product X φ(A) itself is refined, by the same Newton–Schulz step: it takes X's
     # rounding and φ's error together to their squares (~(ε‖A‖)² + ε), with the same three n×n
     # products. At a point of the group the refinement's derivative is the tangent projection at R = XE,
