@@ -41,6 +41,7 @@ __all__ = [
     "frame_chart",
     "frame_charts",
     "eye_like",
+    "wide_dtype",
     "transpose",
 ]
 
@@ -99,6 +100,15 @@ def untall(X: Tensor, transposed: bool) -> Tensor:
     # resolve_conj: a complex result is not a lazy conjugate view (whose .imag has no batching
     # rule under vmap); a no-op for real tensors
     return transpose(X).resolve_conj() if transposed else X
+
+
+def wide_dtype(X: Tensor) -> torch.dtype:
+    """float64 (complex128 for complex ``X``) to compute a badly conditioned map of lower-precision
+    points in, rounding the result back (SO's, the Grassmannian's and PSD's affine logarithms,
+    Lorentz's pair maps); ``X``'s own dtype on MPS, which has no float64."""
+    if X.device.type == "mps":
+        return X.dtype
+    return torch.complex128 if X.is_complex() else torch.float64
 
 
 def eye_like(X: Tensor, n: int | None = None) -> Tensor:

@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poison, poisoned_zero, sanitize, transpose
+from .._linalg import frame_chart, poison, poisoned_zero, sanitize, transpose, wide_dtype
 from ._factorized import spectral_eigh
 from ._logs import atan_ratio
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
@@ -118,7 +118,7 @@ class Grassmannian(FrameSpace):
         # of the rounded points is then exact to float32's rounding (6e-8 up to π/2 − 1e-7; taking
         # only M to float64 gave ~2ε/gap for 10% less time). float64 input keeps the ε tan²θ error
         # (π/2 − 1e-6: ~1e-5 off; README, Known limitations). Cost: 1.5x at 8 frames of 64×16.
-        wide = torch.complex128 if Xt.is_complex() else torch.float64
+        wide = wide_dtype(Xt)
         Xw, Yw = Xt.to(wide), Yt.to(wide)
         C = transpose(Xw) @ Yw
         # (Y − XC) C⁻¹ by the inverse: solve's second derivatives are wrong under forward-mode nestings

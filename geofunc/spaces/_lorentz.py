@@ -11,6 +11,7 @@ import torch
 
 from .._errors import describe, error
 from ..hyperbolic import _arcoshc, _ARG_MAX, _cap, _cosh, _scaled, _sinhc
+from .._linalg import wide_dtype
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["Lorentz"]
@@ -255,8 +256,11 @@ class Lorentz(AbstractSpace):
     def _read(self, X: Tensor) -> Tensor:
         """A point argument as the maps read it: ``X`` itself, except in a bfloat16/float16 call, where
         it is the lift ``(√(k + ‖x̄‖²), x̄)`` of its stored spatial part (Note [the hyperboloid in low precision])."""
-        if rounding_dtype(X.dtype) == X.dtype:
-            return X
+        return X if rounding_dtype(X.dtype) == X.dtype else self._relift(X)
+
+    def _relift(self, X: Tensor) -> Tensor:
+        """``(√(k + ‖x̄‖²), x̄)``: the point of the hyperboloid above the point argument ``X``'s spatial
+        part (uncapped, unlike :meth:`_lift`; a NaN or inf ``x₀`` stays NaN)."""
         xb = X[..., 1:]
         x0 = torch.sqrt(self.k + (xb * xb).sum(-1, keepdim=True)) + 0.0 * X[..., :1]  # a NaN or inf x₀ stays NaN
         return torch.cat([x0, xb], dim=-1)
@@ -265,8 +269,11 @@ class Lorentz(AbstractSpace):
         """A tangent vector at the (read) point ``X`` as the maps read it: ``V`` itself, except in a
         bfloat16/float16 call, where ``v₀`` is implied by tangency, ``⟨x̄, v̄⟩/x₀`` (Note [the hyperboloid
         in low precision])."""
-        if rounding_dtype(V.dtype) == V.dtype:
-            return V
+        return V if rounding_dtype(V.dtype) == V.dtype else self._lift_tangent(X, V)
+
+    @staticmethod
+    def _lift_tangent(X: Tensor, V: Tensor) -> Tensor:
+        """``(⟨x̄, v̄⟩/x₀, v̄)``: the tangent vector at the point ``X`` with ``V``'s spatial part."""
         vb = V[..., 1:]
         return torch.cat([(X[..., 1:] * vb).sum(-1, keepdim=True) / X[..., :1] + 0.0 * V[..., :1], vb], dim=-1)
 
@@ -343,19 +350,16 @@ class Lorentz(AbstractSpace):
         self._check_pair(X, V, "V")
         return self._expmap(self._read(X), V)
 
-    def _wide(self, X: Tensor) -> Optional[torch.dtype]:
-        """The dtype to compute a map of two points in: float64 for float32 (and lower) points
-        (Note [the hyperboloid's pair maps in double precision]), else ``None`` (``X``'s own)."""
-        if X.dtype == torch.float64 or X.device.type == "mps":  # MPS has no float64
-            return None
-        return torch.float64
-
-    def _read_wide(self, X: Tensor) -> Tensor:
-        """``X`` in float64, read as the lift of its stored spatial part (Note [the hyperboloid's pair
-        maps in double precision])."""
-        xb = X[..., 1:].to(torch.float64)
-        x0 = torch.sqrt(self.k + (xb * xb).sum(-1, keepdim=True)) + 0.0 * X[..., :1].to(torch.float64)
-        return torch.cat([x0, xb], dim=-1)
+    def _read_pair(self, X: Tensor, Y: Tensor, V: Optional[Tensor] = None) -> tuple:
+        """The points ``X``, ``Y`` (and a tangent vector ``V`` at ``X``) as the pair maps read them: for
+        float32 (and lower) points, in float64 as the lifts of their stored spatial parts (Note [the
+        hyperboloid's pair maps in double precision]); else as :meth:`_read` does."""
+        w = wide_dtype(X)
+        if w == X.dtype:  # float64, or MPS (no float64)
+            X, Y = self._read(X), self._read(Y)
+            return X, Y, None if V is None else self._read_tangent(X, V)
+        X, Y = self._relift(X.to(w)), self._relift(Y.to(w))
+        return X, Y, None if V is None else self._lift_tangent(X, V.to(w))
 
     def _u(self, X: Tensor, Y: Tensor) -> Tensor:
         """``u = −⟨x, y⟩_L/k − 1 = ⟨x − y, x − y⟩_L / 2k ≥ 0``."""
@@ -366,10 +370,7 @@ class Lorentz(AbstractSpace):
         """``ψ(u)(y − x − u x)``, ``ψ(u) = arcosh(1 + u)/√(u(u + 2))`` (smooth at ``Y = X``)."""
         self._check_pair(X, Y, "Y")
         out = X.dtype
-        if self._wide(X) is not None:  # Note [the hyperboloid's pair maps in double precision]
-            X, Y = self._read_wide(X), self._read_wide(Y)
-        else:
-            X, Y = self._read(X), self._read(Y)
+        X, Y, _ = self._read_pair(X, Y)
         u = self._u(X, Y)
         return (_arcoshc(u) * (Y - X - u * X)).to(out)
 
@@ -377,10 +378,7 @@ class Lorentz(AbstractSpace):
         """``√k arcosh(1 + u)``, ``u = ⟨x − y, x − y⟩_L/2k``, batch-shaped (gradient 0 at ``X = Y``)."""
         self._check_pair(X, Y, "Y")
         out = X.dtype
-        if self._wide(X) is not None:  # Note [the hyperboloid's pair maps in double precision]
-            X, Y = self._read_wide(X), self._read_wide(Y)
-        else:
-            X, Y = self._read(X), self._read(Y)
+        X, Y, _ = self._read_pair(X, Y)
         u = self._u(X, Y)
         pos = u > 0
         w = torch.sqrt(torch.where(pos, u * (u + 2.0), torch.ones_like(u)))
@@ -394,13 +392,7 @@ class Lorentz(AbstractSpace):
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
         out = V.dtype
-        if self._wide(X) is not None:  # Note [the hyperboloid's pair maps in double precision]
-            X, Y = self._read_wide(X), self._read_wide(Y)
-            vb = V[..., 1:].to(torch.float64)
-            V = torch.cat([(X[..., 1:] * vb).sum(-1, keepdim=True) / X[..., :1] + 0.0 * V[..., :1].to(torch.float64), vb], dim=-1)
-        else:
-            X, Y = self._read(X), self._read(Y)
-            V = self._read_tangent(X, V)
+        X, Y, V = self._read_pair(X, Y, V)
         D = Y - X
         den = 2.0 * self.k + 0.5 * _nonneg(_minkowski(D, D))
         return (V + (_minkowski(D, V) / den) * (X + Y)).to(out)

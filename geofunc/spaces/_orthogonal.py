@@ -13,7 +13,7 @@ import dataclasses
 
 from .._errors import error
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_frame, resolve_triv,
-                       sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall)
+                       sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
 from ._logs import theta_over_sin_cs
 
@@ -134,7 +134,7 @@ class MatrixGroup(AbstractSpace):
         # derivatives in directions off the group were O(1) off at a generic pair). At R = −I exactly
         # the log is not unique: sin θ = 0 there, φ = ∞ times K = 0, NaN as before. Cost: three n×n
         # products more (1.0–1.2× at 64×64, within noise at 8×8).
-        wide = torch.complex128 if X.is_complex() else torch.float64
+        wide = wide_dtype(X)
         Xw = X.to(wide)
         R = refine_frame(refine_frame(transpose(Xw) @ Y.to(wide)))
         K = skew_part(R)

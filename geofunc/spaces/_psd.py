@@ -8,7 +8,7 @@ from typing import Any, ClassVar, final
 import torch
 
 from .._errors import error
-from .._linalg import Triv, poison, sanitize, sym_part
+from .._linalg import Triv, poison, sanitize, sym_part, wide_dtype
 from ._base import _space_repr, cached_attribute, compute_cached
 from ._factorized import EigSpace, spectral_eigh
 from ._orthogonal import validate_triv
@@ -47,11 +47,7 @@ def _roots(X: Tensor) -> tuple[Tensor, Tensor]:
 # lower precisions dist, logmap and transport compute in float64 (as SO's and the Grassmannian's
 # logarithms do) and round the result back; expmap, retract, inner and egrad_to_rgrad, within their
 # conditioning in float32 (expmap 1e-5 at cond 1e4), and the optimizers' retraction, stay as they were.
-def _wide(X: Tensor) -> torch.dtype:
-    """float64 (complex128) for lower precisions, where the device has it (Note [Affine maps of rounded points])."""
-    if X.device.type == "mps":  # no float64 there
-        return X.dtype
-    return torch.complex128 if X.is_complex() else torch.float64
+# (wide_dtype in geofunc/_linalg.py: MPS, without float64, keeps its dtype.)
 
 
 def _exp(X: Tensor) -> Tensor:
@@ -162,7 +158,7 @@ class PSD(EigSpace):
             return super().transport(X, Y, V)
         self._check_pair(X, Y, "Y")
         self._check_pair(X, V, "V")
-        w = _wide(X)  # Note [Affine maps of rounded points]
+        w = wide_dtype(X)  # Note [Affine maps of rounded points]
         R, Ri = _roots(X.to(w))
         E = _sqrt(Ri @ Y.to(w) @ Ri)
         return sym_part(R @ E @ sym_part(Ri @ V.to(w) @ Ri) @ E @ R).to(V.dtype)
@@ -187,7 +183,7 @@ class PSD(EigSpace):
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return sym_part(Y - X)
-        w = _wide(X)  # Note [Affine maps of rounded points]
+        w = wide_dtype(X)  # Note [Affine maps of rounded points]
         R, Ri = _roots(X.to(w))
         return sym_part(R @ _log(Ri @ Y.to(w) @ Ri) @ R).to(X.dtype)
 
@@ -196,7 +192,7 @@ class PSD(EigSpace):
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return torch.linalg.matrix_norm(Y - X)
-        Ri = _rsqrt(X.to(_wide(X)))  # Note [Affine maps of rounded points]
+        Ri = _rsqrt(X.to(wide_dtype(X)))  # Note [Affine maps of rounded points]
         W = sym_part(Ri @ Y.to(Ri.dtype) @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
         d = torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
         return d.to(X.real.dtype)
