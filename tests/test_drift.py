@@ -117,3 +117,25 @@ def test_canonical_stiefel_steps_of_any_length_land_on_the_space(shape, norm, ge
     V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
     for Y in (space.retract(X, V), space.expmap(X, V)):
         assert member(space, Y), _orthonormality(Y)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 6), (4, 8, 3), (4, 9, 2)], ids=["square", "tall", "narrow"])
+@pytest.mark.parametrize("norm", [1e2, 1e3, 1e4, 3e4, 1e5])
+def test_embedded_stiefel_geodesics_of_any_length_land_on_the_space(shape, norm, generator):
+    """Stiefel's default (embedded) expmap, Edelman's geodesic [X, V] expm([[A, −S], [I, A]])[:, :k] expm(−A),
+    took the exponential of a matrix of norm ~‖V‖² that is far from normal: float32 geodesics of length 1e2
+    came back 1e-4 off orthonormal (square frames: X expm(XᵀV) unrefined), 1e-3 at 1e4 (tall), NaN at 1e5.
+    On the space up to 3e4, as the group's steps (test above; at 1e5 the exponential's own ε‖A‖ ≈ 1e-2 is
+    refined to ~1e-4, past float32's membership bound: finite and close to float64 there). The value is
+    that of the float64 geodesic to the float32 conditioning of a long geodesic, ~ε·length."""
+    space = gf.Stiefel()
+    X = space.sample(shape, generator=generator, dtype=torch.float32)
+    V = space.tangent(X, torch.randn(shape, generator=generator))
+    V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
+    Y = space.expmap(X, V)
+    if norm <= 3e4:
+        assert member(space, Y), _orthonormality(Y)
+    else:
+        assert _orthonormality(Y) <= 1e-3
+    Y64 = space.expmap(X.double(), V.double())
+    assert (Y.double() - Y64).abs().max() <= 40 * torch.finfo(torch.float32).eps * norm

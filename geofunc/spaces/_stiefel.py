@@ -172,7 +172,20 @@ class Stiefel(FrameSpace):
     # eq. 2.7) Y(t) = [X, V] expm(t [[A, −S], [I, A]]) [I; 0] expm(−tA), A = XᴴV (skew), S = VᴴV:
     # a 2k×2k and a k×k exponential, O(n k²). V is first made tangent (its tangent part), so
     # expmap(X, V) = expmap(X, tangent(X, V)). There is no closed-form distance (nor logmap): a
-    # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's.
+    # boundary-value problem. For n = k it is X expm(XᴴV), the orthogonal group's, computed so.
+    # Long geodesics: the 2k×2k matrix has norm ~‖V‖² and is far from normal (its exponential's
+    # entries grow as ‖V‖ where the geodesic's stay bounded), so float32 results came back off the
+    # space by ~ε‖V‖² (1e-4 at ‖V‖_F = 100 for square frames, 4e-3 at 1e4 for tall ones) and NaN at 1e5
+    # (Note [Too far to be a point] in geofunc/_expm.py). With D = diag(I, νI),
+    # [X, V] expm(M) = [X, V/ν] expm(D M D⁻¹) D and D [I; 0] = [I; 0], so the exponential is taken of
+    # [[A, −S/ν], [νI, A]] with ν = √(1 + ‖V‖²_F), whose blocks are all O(‖V‖) (skew when V's singular
+    # values are equal). ν is a constant of the formula (the value does not depend on it), so it is
+    # detached: every derivative is the geodesic's. The result is then refined by one Newton–Schulz
+    # step (as the group's steps: Note [Long steps on the group] in _orthogonal.py); on the space the
+    # refinement's derivative is the identity on tangents, and the geodesic stays on the space for
+    # every V, so derivatives of every order are unchanged. float32 geodesics of length up to 1e5 land
+    # on the space, their values the float64 geodesic's to ~ε·length (the long geodesic's own
+    # conditioning).
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """The geodesic of the metric from ``X`` along ``V`` at time 1: Edelman's (embedded, Note
         [Stiefel's geodesics]) or ``expm(W) X`` (canonical, Note [The metrics of Stiefel])."""
@@ -184,13 +197,18 @@ class Stiefel(FrameSpace):
         Xt, Vt = torch.broadcast_tensors(Xt, Vt)
         if 0 in Xt.shape[-2:]:  # the empty frame
             return untall(0.0 * (Xt + Vt), tr)
+        if Xt.shape[-2] == Xt.shape[-1]:  # the group's geodesic
+            return untall(refine_frame(Xt @ expm(skew_part(transpose(Xt) @ Vt))), tr)
         Vt = Vt - Xt @ sym_part(transpose(Xt) @ Vt)
         A = skew_part(transpose(Xt) @ Vt)
         S = transpose(Vt) @ Vt
         k = A.shape[-1]
-        M = torch.cat([torch.cat([A, -S], dim=-1), torch.cat([eye_like(A).expand_as(A), A], dim=-1)], dim=-2)
+        # D M D⁻¹ with D = diag(I, νI): blocks of norm O(‖V‖), not ‖V‖² (Note [Stiefel's geodesics])
+        nu = torch.sqrt(1.0 + S.detach().diagonal(dim1=-2, dim2=-1).real.sum(dim=-1))[..., None, None]
+        I = eye_like(A).expand_as(A) * nu
+        M = torch.cat([torch.cat([A, -S / nu], dim=-1), torch.cat([I.to(A.dtype), A], dim=-1)], dim=-2)
         E = expm(M)[..., :k]
-        return untall((Xt @ E[..., :k, :] + Vt @ E[..., k:, :]) @ expm(-A), tr)
+        return untall(refine_frame((Xt @ E[..., :k, :] + (Vt / nu) @ E[..., k:, :]) @ expm(-A)), tr)
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         self._require_matrix(Z, "Z", square=True)
