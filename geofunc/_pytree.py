@@ -403,6 +403,23 @@ def _map(
 # differ (the global RNG of each process), gave every rank another point of what was one sharded
 # tensor. The full point is drawn on every rank and ``distribute_tensor`` scatters rank 0's draw,
 # so the ranks hold one point, whatever their generators (one collective per entry).
+# Note [Sampling products like their entries]
+# A Product's factors may have their own dtypes and devices (its docstring), while Product.sample
+# takes one dtype and device for all: gf.sample passed the first factor's, so the other factors of
+# an entry (A float64, b float32) came back float64, and a complex factor beside a real one
+# (Product(Unitary(), SO()) on (complex64, float32)) raised ("SO is a real space, got complex64").
+# A product entry is drawn factor by factor, each like its own tensor, in Product.sample's order
+# (the same draws from the generator: the same points where the dtypes agree), errors naming the
+# factor as Product's do.
+def _sample_like(space: Any, X: Any, generator: torch.Generator | None) -> Any:
+    """A point of ``space`` with the shape, dtype and device of the entry ``X`` (per factor of a
+    ``Product``: Note [Sampling products like their entries])."""
+    if type(space) is Product and isinstance(X, (tuple, list)) and len(X) == len(space.factors):
+        return space._each(lambda M, x: _sample_like(M, x, generator), tuple(X))
+    ref = _first_leaf(X)
+    return space.sample(_shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+
+
 def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generator | None = None) -> PyTree:
     """Replace every constrained entry of ``params`` by a random point of its space.
 
@@ -416,7 +433,7 @@ def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generat
 
     def draw(e: _Entry, X: Any) -> Any:
         ref = _first_leaf(X)
-        point = e.space.sample(_shape_of(X), generator=generator, dtype=ref.dtype, device=ref.device)
+        point = _sample_like(e.space, X, generator)
         if isinstance(ref, DTensor):  # Note [Sampling DTensors]
             return optree.tree_map(placed_like, point, X, none_is_leaf=True)
         return point

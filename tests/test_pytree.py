@@ -133,6 +133,26 @@ def test_product_on_a_subtree(generator):
     _close(gf.to_manifold(c, raw, bases), p)
 
 
+def test_sample_of_a_product_keeps_each_factors_dtype():
+    """A Product's factors may have their own dtypes: ``gf.sample`` draws each like its own tensor
+    (it gave every factor the first one's dtype: float64 for a float32 factor, and raised for a
+    real factor beside a complex one), with the draws of ``Product.sample`` where the dtypes agree."""
+    space = gf.Product(gf.SO(), gf.Sphere())
+    tree = {"pair": (torch.zeros(3, 3, dtype=F64), torch.zeros(2, 4, dtype=torch.float32))}
+    p = gf.sample({"pair": space}, tree, generator=torch.Generator().manual_seed(0))
+    assert [x.dtype for x in p["pair"]] == [F64, torch.float32]
+    assert member(space, p["pair"])
+    mixed = gf.Product(gf.Unitary(), gf.SO())
+    tree = {"pair": (torch.zeros(3, 3, dtype=torch.complex64), torch.zeros(3, 3, dtype=torch.float32))}
+    p = gf.sample({"pair": mixed}, tree, generator=torch.Generator().manual_seed(0))
+    assert [x.dtype for x in p["pair"]] == [torch.complex64, torch.float32]
+    assert member(mixed, p["pair"])
+    same = {"pair": (torch.zeros(3, 3, dtype=F64), torch.zeros(4, dtype=F64))}
+    p = gf.sample({"pair": space}, same, generator=torch.Generator().manual_seed(1))
+    q = space.sample(((3, 3), (4,)), generator=torch.Generator().manual_seed(1), dtype=F64)
+    _close(p["pair"], q, tol=0)
+
+
 def test_errors_name_the_parameter():
     params = {k: v.detach() for k, v in _model().named_parameters()}
     with pytest.raises(gf.ManifoldError, match=r"no parameter named '1\.weight'"):
