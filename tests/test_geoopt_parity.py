@@ -194,6 +194,33 @@ def test_rsgd_momentum_differs_from_geoopts_only_by_its_first_buffer(nesterov, g
         _race(c, m, params, loss, opt, lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs))
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+def test_rsgd_momentum_with_geoopts_first_buffer_on_the_poincare_ball_and_with_dampening(dampening, generator):
+    """The migration page's momentum note: given geoopt's first buffer (the raw gradient) ``rsgd``
+    steps as ``RiemannianSGD`` on free entries, the sphere, Stiefel and the Poincaré ball; with
+    dampening ``τ ≠ 0`` geoopt dampens its first gradient too (torch's first step does not), so the
+    state's count must say that a step was made (count 1): with count 0 the runs part."""
+    c, m, params, mixed_loss = _mixed(generator)
+    c, m = {**c, "h": gf.PoincareBall(c=0.7)}, {**m, "h": geoopt.PoincareBallExact(c=torch.tensor(0.7, dtype=F64))}
+    params = {**params, "h": 0.5 * gf.PoincareBall(c=0.7).sample((3, 3), generator=generator, dtype=F64)}
+    T = 0.3 * torch.randn(3, 3, generator=generator, dtype=F64)
+
+    def loss(p):
+        return mixed_loss({k: v for k, v in p.items() if k != "h"}) + ((p["h"] - T) ** 2).sum() + torch.sin(3 * p["h"]).sum()
+
+    kwargs = dict(lr=0.02, momentum=0.9, dampening=dampening, weight_decay=0.01)
+    opt = gf.optim.rsgd(c, **kwargs)
+    state = opt.init(params)
+    trace = state[2]._replace(trace=grad(loss)(params))
+    counted = (*state[:2], trace._replace(count=torch.ones_like(trace.count)), *state[3:])
+    _race(c, m, params, loss, opt, lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs), state=counted if dampening else
+          (*state[:2], trace, *state[3:]))
+    if dampening:
+        with pytest.raises(AssertionError):
+            _race(c, m, params, loss, opt, lambda ps: geoopt.optim.RiemannianSGD(ps, **kwargs),
+                  state=(*state[:2], trace, *state[3:]))
+
+
 @pytest.mark.parametrize("name", ["poincare", "lorentz"])
 @pytest.mark.parametrize("optimizer", ["rsgd", "radam"])
 def test_hyperbolic_optimizers_equal_geoopts(name, optimizer, generator):
