@@ -139,3 +139,21 @@ def test_embedded_stiefel_geodesics_of_any_length_land_on_the_space(shape, norm,
         assert _orthonormality(Y) <= 1e-3
     Y64 = space.expmap(X.double(), V.double())
     assert (Y.double() - Y64).abs().max() <= 40 * torch.finfo(torch.float32).eps * norm
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 3), (4, 6, 3), (4, 3, 8)], ids=["tall", "half", "wide"])
+@pytest.mark.parametrize("norm", [1e2, 1e3, 1e4, 3e4])
+def test_grassmannian_geodesics_of_any_length_land_on_the_space(shape, norm, generator):
+    """The Grassmannian's expmap is its chart centred at X, which was not refined: float32 geodesics of
+    length 1e4 came back 1e-4 off orthonormal (member() fails), as the chart's extreme raw scales do
+    (README); a geodesic is not a chart and lands on the space, as the group's steps do."""
+    space = gf.Grassmannian()
+    X = space.sample(shape, generator=generator, dtype=torch.float32)
+    V = space.tangent(X, torch.randn(shape, generator=generator))
+    V = V * (norm / torch.linalg.matrix_norm(V)[..., None, None])
+    Y = space.expmap(X, V)
+    assert member(space, Y), _orthonormality(Y)
+    # the same subspace as the float64 geodesic's, to the float32 conditioning of a long geodesic
+    Y64 = space.expmap(X.double(), V.double())
+    Yt, Y64t = (Y.double().mT, Y64.mT) if shape[-2] < shape[-1] else (Y.double(), Y64)
+    assert (Yt @ Yt.mT - Y64t @ Y64t.mT).abs().max() <= 40 * torch.finfo(torch.float32).eps * norm

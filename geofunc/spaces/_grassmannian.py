@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poison, poisoned_zero, sanitize, transpose, wide_dtype
+from .._linalg import frame_chart, poison, poisoned_zero, refine_frame, sanitize, transpose, wide_dtype
 from ._factorized import spectral_eigh
 from ._logs import atan_ratio
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
@@ -84,11 +84,17 @@ class Grassmannian(FrameSpace):
     # M h(MᴴM), h(a) = arctan(√a)/√a, a spectral map of the Hermitian MᴴM (Note [Logarithms as
     # spectral maps] in geofunc/spaces/_logs.py): no singular vectors; defined for principal angles
     # < π/2 (XᴴY singular is the cut locus); independent of the frame chosen for Y's subspace.
+    # The chart's point is refined by one Newton–Schulz step: a chart at extreme raw scales is off the
+    # space by ~ε‖W‖ (README, "Extreme raw scales"), a geodesic is not (float32 lengths of 1e4 came back
+    # 1e-4 off orthonormal); on the space the refinement's derivative is the identity on tangents and
+    # the geodesic stays on it for every V, so the derivatives are the geodesic's (Note [Long steps on
+    # the group] in _orthogonal.py).
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """``expm(VXᴴ − XVᴴ) X`` for the horizontal part of ``V``: the geodesic (Note [The Grassmannian's
         geodesics])."""
         self._check_pair(X, V, "V")
-        return (self if self.triv == "expm" else Grassmannian()).to_manifold(V, X)
+        Yt, tr = tall((self if self.triv == "expm" else Grassmannian()).to_manifold(V, X))
+        return untall(refine_frame(Yt), tr)
 
     def dist(self, X: Tensor, Y: Tensor) -> Tensor:
         """``‖θ‖`` over the principal angles ``θ_i`` between the subspaces of ``X`` and ``Y``, batch-shaped."""
