@@ -1289,6 +1289,33 @@ def test_load_functional_refuses_without_writing_anything(case):
     raw2, bases2 = gf.rebase(C, {k: raw[k].detach().double() for k in C}, torch.utils._pytree.tree_map(
         lambda b: None if b is None else b.double(), bases))
     raw2 = {**{k: v.detach() for k, v in raw.items()}, **raw2}
-    W = m.weight.detach().clone()
-    gnn.load_functional(m, raw2, bases2)
+    W = gf.to_manifold(C, raw2, bases2)["weight"].float()  # the float64 results' point (raw.double() is
+    gnn.load_functional(m, raw2, bases2)                     # read with float64's softplus floor there)
     torch.testing.assert_close(m.weight, W, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", _EXPORT_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_load_functional_across_dtypes_keeps_the_points(case):
+    """Functional results of another dtype than the module's are written as load_state_dict writes a
+    checkpoint of another dtype (Note [Loading functional results across dtypes]): the module shows the
+    results' point to the rounding of the less precise dtype. Cast alone, float64 results moved a
+    float32 softplus space's values by the floors' difference (3.4e-4), and float32 bases, orthonormal
+    to float32's rounding, were refused by a float64 module."""
+    name, kwargs, make, _ = case
+    for src, dst, atol in ((torch.float64, torch.float32, 1e-5), (torch.float32, torch.float64, 2e-6)):
+        torch.manual_seed(0)
+        m = getattr(gnn, name)(make().to(src), **kwargs)
+        C, raw, bases = gnn.functional(m)
+        g = torch.Generator().manual_seed(1)
+        raw = {k: v.detach() + 0.1 * torch.randn(v.shape, generator=g, dtype=src) for k, v in raw.items()}
+        raw2, bases2 = gf.rebase(C, {k: raw[k] for k in C}, bases)  # new bases too, where the space has them
+        raw2 = {**raw, **raw2}
+        W = gf.to_manifold(C, raw2, bases2)["weight"]
+        torch.manual_seed(1)
+        target = getattr(gnn, name)(make().to(dst), **kwargs)
+        gnn.load_functional(target, raw2, bases2)
+        with torch.no_grad():
+            torch.testing.assert_close(target.weight.double(), W.double(), atol=atol * max(1.0, float(W.abs().max())),
+                                       rtol=0, msg=lambda msg: f"{src} results into a {dst} module: {msg}")
+            assert target.weight.dtype == dst
+            assert member(gnn.parametrization_of(target).space, target.weight)

@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from .._dtensor import DTensor
 from .._errors import ManifoldError, describe
 from ..spaces._base import _readable
-from ._adapter import Parametrization, _owner_name
+from ._adapter import Parametrization, _concrete, _owner_name, _write_values, refine_base
 
 __all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
 
@@ -137,7 +137,8 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
     The inverse of :func:`functional`: parameters keep their identity (optimizers keep
     tracking them), only their values change. All or nothing (Note [Loading functional results]):
     every value is converted to its target's kind, dtype and device and checked first (a base on its
-    space), then written; on a module sharded with FSDP2, a ``DTensor`` for a plain buffer (a base
+    space), then written; values of another dtype keep their point, as ``load_state_dict`` keeps a
+    checkpoint's (Note [Loading functional results across dtypes]); on a module sharded with FSDP2, a ``DTensor`` for a plain buffer (a base
     from ``gf.rebase``, sharded like the raw tensor) is gathered, a collective that every rank makes
     together, and a plain tensor for a ``DTensor`` parameter is taken as the full value.
 
@@ -179,6 +180,8 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
         targets[key] = target
     with torch.no_grad():
         staged = {key: _as_target(value.detach(), targets[key]) for key, value in state.items()}  # collectives
+        for key, entry in tensors.items():
+            _keep_points_across_dtypes(key, entry, state, staged)
         for key, base in (bases or {}).items():
             _check_loaded_base(key, tensors[key], staged)
         for key, value in staged.items():
@@ -216,6 +219,47 @@ def _as_target(value: Tensor, target: Tensor) -> Tensor:
             value = value.redistribute(mesh, target.placements)
         return value.to(dtype=target.dtype).clone()
     return value.to(dtype=target.dtype, device=target.device, copy=True)
+
+
+# Note [Loading functional results across dtypes]
+# A value of another dtype than its target was cast, as documented "as load_state_dict casts"; but
+# load_state_dict of another dtype keeps the points (Note [Raw tensors across dtypes] and Note [Bases
+# across dtypes] in _adapter.py), and the cast alone did not: the value coordinates of the "softplus"
+# spaces (GLp, PSD, FixedRank, SL, PSSDFixedRank) mean another point in another dtype, so float64
+# functional results written into a float32 module moved every singular value (eigenvalue) by the
+# floors' difference, 3.4e-4 (float32 into bfloat16: 0.088), silently; and a base from float32
+# results, orthonormal to float32's rounding, was refused by a float64 module (off its space at
+# float64's tolerance) where load_state_dict re-makes it valid. A staged raw tensor of another dtype
+# is now re-expressed from the given value, and a staged base whose given value had another dtype
+# and was valid there is re-made valid in the target's dtype, as load_state_dict does; a base off its
+# space in its own dtype is still refused by _check_loaded_base. The point moves by the rounding of
+# the less precise dtype only. DTensor values and targets are left to the cast (their entries are not
+# readable here; a sharded module's parameters keep one dtype).
+def _keep_points_across_dtypes(key: str, entry: tuple, state: dict, staged: dict) -> None:
+    """Re-express in ``staged`` the raw tensor and bases of the constrained tensor ``key`` whose values in
+    ``state`` have another dtype than their targets (Note [Loading functional results across dtypes])."""
+    sub, tname, adapter = entry
+    pre = f"{key[: len(key) - len(tname)]}parametrizations.{tname}."
+    value, new = state.get(pre + "original"), staged.get(pre + "original")
+    if (value is not None and _concrete(value) and _concrete(new) and value.dtype != new.dtype
+            and value.is_complex() == new.is_complex()):
+        view = adapter.space._dtype_coords(value)
+        if view is not None:
+            _write_values(adapter.where, adapter.space, adapter.space._dtype_coords(new), view, value.dtype, new.dtype)
+    names = pytree.tree_leaves(adapter._template)
+    keys = [None if n is None else f"{pre}0.{n}" for n in names]
+    given = [k for k in keys if k is not None]
+    if not given or not all(k in state and _concrete(state[k]) and _concrete(staged[k]) for k in given):
+        return
+    if all(state[k].dtype == staged[k].dtype for k in given):
+        return
+    spec = pytree.tree_structure(adapter._template)
+    if adapter.space._invalid_base(pytree.tree_unflatten([None if k is None else state[k] for k in keys], spec)) is not None:
+        return  # off its space in its own dtype: _check_loaded_base refuses it
+    refined = refine_base(adapter.space, pytree.tree_unflatten([None if k is None else staged[k] for k in keys], spec))
+    for k, leaf in zip(keys, pytree.tree_leaves(refined)):
+        if k is not None:
+            staged[k] = leaf
 
 
 def _check_loaded_base(key: str, entry: tuple, staged: dict) -> None:
