@@ -1248,6 +1248,43 @@ def test_bases_converted_from_a_geotorch_checkpoint_are_contiguous(case, assign)
         torch.testing.assert_close(m.weight, mg.weight, atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(6, 3), (3, 5)])
+@pytest.mark.parametrize("orthogonal_map", [None, "householder", "matrix_exp", "cayley"])
+def test_a_checkpoint_of_torchs_own_orthogonal_is_not_loaded_as_another_weight(orthogonal_map, shape):
+    """torch.nn.utils.parametrizations.orthogonal writes GeoTorch's layout for a non-square weight (raw
+    n×k, base n×n), and its default map there, "householder", reads those entries otherwise: it was
+    converted with GeoTorch's map and loaded silently as another weight (Note [Checkpoints of torch's
+    own orthogonal]). It is refused, naming torch's parametrization; a "matrix_exp"/"cayley" one, which
+    the checkpoint cannot tell apart, loads as the message says (its diagonal set to 0) with torch's weight."""
+    from torch.nn.utils import parametrizations as TP
+
+    torch.manual_seed(0)
+    mt = nn.Linear(shape[1], shape[0])
+    TP.orthogonal(mt, orthogonal_map=orthogonal_map)
+    opt = torch.optim.SGD(mt.parameters(), lr=0.1)
+    x = torch.randn(5, shape[1])
+    for _ in range(3):
+        opt.zero_grad()
+        mt(x).square().sum().backward()
+        opt.step()
+    sd = {k: v.detach().clone() for k, v in mt.state_dict().items()}
+    triv = "cayley" if orthogonal_map == "cayley" else "expm"
+    m = gnn.orthogonal(nn.Linear(shape[1], shape[0]), "weight", triv=triv)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(gf.ManifoldError, match=r"torch\.nn\.utils\.parametrizations\.orthogonal.*householder"):
+        m.load_state_dict(sd)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    if orthogonal_map in ("matrix_exp", "cayley"):
+        sd["parametrizations.weight.original"].diagonal(dim1=-2, dim2=-1).zero_()
+        m.load_state_dict(sd)
+        with torch.no_grad():
+            torch.testing.assert_close(m.weight, mt.weight, atol=2e-6, rtol=0)
+    else:  # the way the message gives for a "householder" checkpoint
+        with torch.no_grad():
+            m.weight = mt.weight
+            torch.testing.assert_close(m.weight, mt.weight, atol=2e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- load_functional: all or nothing
 
 

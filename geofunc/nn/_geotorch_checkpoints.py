@@ -172,6 +172,7 @@ def _convert(M: nn.Module, saved: dict, ref: Tensor, keys: str,
     from . import _manifolds as C
 
     dtype = ref.dtype if dtype is None else dtype
+    _refuse_torch_orthogonal(M, saved, keys)
     with torch.no_grad():
         W = _geotorch_point(M, saved)
         if isinstance(M, C.GLp) and bool(torch.isfinite(W).all()):
@@ -192,6 +193,42 @@ def _convert(M: nn.Module, saved: dict, ref: Tensor, keys: str,
         # re-made valid in float64 as a load across dtypes does (Note [Bases across dtypes]).
         scratch._refresh_base()
     return Z, {name: scratch._buffers[name] for name in M._base_names()}
+
+
+# Note [Checkpoints of torch's own orthogonal]
+# torch.nn.utils.parametrizations.orthogonal writes GeoTorch's layout for a non-square weight too: the
+# raw n×k tensor ``original`` and an n×n ``0.base``. Its "matrix_exp" and "cayley" maps are GeoTorch's
+# (the skew part of the lower triangle, padded, at the base; tested), but its default for a non-square
+# real weight, "householder", reads the same entries as Householder reflectors with the diagonal's
+# signs: such a checkpoint was converted with GeoTorch's map and loaded silently as another weight
+# (0.44 off on a trained 6×3 layer; without the conversion it was a size mismatch). Which map wrote
+# it is not in the checkpoint, but torch's right_inverse returns -I as the raw tensor, and neither map
+# trains its diagonal (matrix_exp's A = X - Xᴴ cancels it, householder reads its sign through .int()),
+# so every diagonal entry of a torch checkpoint is exactly ±1, while GeoTorch's map ignores the
+# diagonal and its right_inverse returns 0 there. Such a checkpoint is refused, saying how to load it
+# with either map; a square one is SO's layout, geofunc's own, and its default map ("matrix_exp") is
+# SO's: it loads as it is (an explicit "householder" square checkpoint cannot be told apart).
+def _refuse_torch_orthogonal(M: nn.Module, saved: dict, keys: str) -> None:
+    """Raise ``ManifoldError`` where the entries of a non-square ``Stiefel`` are a checkpoint of
+    ``torch.nn.utils.parametrizations.orthogonal`` (Note [Checkpoints of torch's own orthogonal])."""
+    from . import _manifolds as C
+
+    if not isinstance(M, C.Stiefel) or isinstance(M, C.Grassmannian) or "original" not in saved:
+        return
+    X = saved["original"].detach()
+    d = X.diagonal(dim1=-2, dim2=-1)
+    if d.numel() == 0 or not bool((d.abs() == 1).all()):
+        return
+    raw = next(k for k in keys.split(", ") if k.endswith("original"))
+    raise ManifoldError(
+        f"{M.where}: loading the entries {keys}: expected GeoTorch 0.4.0's layout, whose map ignores the raw "
+        f"tensor's diagonal (0 after its right_inverse), got a raw tensor whose diagonal is all ±1: a checkpoint of "
+        "torch.nn.utils.parametrizations.orthogonal, which writes this layout too, with a map the checkpoint does "
+        "not name. Saved with orthogonal_map='matrix_exp' or 'cayley' (GeoTorch's maps: build this model with the "
+        f"same triv), set the diagonal of {raw} to 0 (the map ignores it) and load it; saved with 'householder' "
+        "(torch's default for a non-square weight), another map of the same entries, load it into the model built "
+        "with torch's orthogonal and assign its weight to this one (module.weight = W)."
+    )
 
 
 def _refuse_negative_det(M: nn.Module, W: Tensor, keys: str) -> None:
