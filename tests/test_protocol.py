@@ -407,10 +407,17 @@ def test_a_bad_atol_or_generator_is_a_manifold_error(case) -> None:
         with pytest.raises(gf.ManifoldError, match="`generator`"):
             M.sample(case.smoke, generator=generator, dtype=F64)
     # a bad dtype is named as the dtype (it read "expected `shape` of a floating dtype, got a tensor of shape ...")
-    for dtype in (torch.int32, torch.bool, "float32"):
+    for dtype in (torch.int32, torch.bool, "float32", torch.complex32):
         with pytest.raises(gf.ManifoldError, match="expected `dtype`") as info:
             M.sample(case.smoke, dtype=dtype)
         assert repr(M) in str(info.value) and "`shape`" not in str(info.value)
+    # complex32 was refused only after torch's "ComplexHalf support is experimental" UserWarning (an
+    # error under filterwarnings=error) from a tensor of it made to read the dtype; a bad device was
+    # torch's RuntimeError from inside the sampler
+    for device in ("no-such-device", [0]):
+        with pytest.raises(gf.ManifoldError, match="expected `device`") as info:
+            M.sample(case.smoke, dtype=F64, device=device)
+        assert repr(M) in str(info.value)
 
 
 @pytest.mark.parametrize("case", REAL, ids=lambda c: c.id)

@@ -464,17 +464,22 @@ class AbstractSpace(_Space, abc.ABC):
             raise error(self, f"`{what}` to be a tensor", describe(X))
         if X.dtype.is_floating_point:
             return
-        if X.dtype == torch.complex32 and self.accepts_complex:
-            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got or describe(X))
-        if X.dtype.is_complex and not self.accepts_complex:
+        self._require_float_dtype(X.dtype, what, got or describe(X))
+
+    def _require_float_dtype(self, dtype: torch.dtype, what: str, got: str) -> None:
+        """:meth:`_require_float` of a dtype (``sample``'s ``dtype``: no tensor of it is made, as a
+        complex32 one warns "ComplexHalf support is experimental" before the refusal)."""
+        if dtype.is_floating_point:
+            return
+        if dtype == torch.complex32 and self.accepts_complex:
+            raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got)
+        if dtype.is_complex and not self.accepts_complex:
             raise error(
-                self,
-                f"`{what}` of a real floating dtype (float32 or float64); {type(self).__name__} is a real space",
-                got or describe(X),
+                self, f"`{what}` of a real floating dtype (float32 or float64); {type(self).__name__} is a real space", got
             )
-        if not X.dtype.is_complex:
+        if not dtype.is_complex:
             kinds = "float32, float64, complex64 or complex128" if self.accepts_complex else "float32 or float64"
-            raise error(self, f"`{what}` of a floating dtype ({kinds})", got or describe(X))
+            raise error(self, f"`{what}` of a floating dtype ({kinds})", got)
 
     def _require_complex(self, X: Tensor, what: str) -> None:
         """For spaces of complex points only (Unitary, Hermitian): ``X`` must be complex64/complex128."""
@@ -517,7 +522,7 @@ class AbstractSpace(_Space, abc.ABC):
         if dtype is not None:  # (else the shape's check below named `shape` for a bad dtype)
             if not isinstance(dtype, torch.dtype):
                 raise error(self, "`dtype` to be a torch.dtype", repr(dtype))
-            self._require_float(torch.empty((), dtype=dtype, device="meta"), "dtype", got=str(dtype))
+            self._require_float_dtype(dtype, "dtype", str(dtype))
         self._check_shape(torch.empty(out, dtype=dtype or torch.get_default_dtype(), device="meta"), "shape")
         return out
 
@@ -860,6 +865,11 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     def sample(self: Any, shape: Any, *, generator: Any = None, dtype: Any = None, device: Any = None) -> Any:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise error(self, "`generator` to be None or a torch.Generator", describe(generator))
+        if device is not None and not isinstance(device, torch.device):
+            try:  # (a bad device string was torch's RuntimeError from inside the sampler)
+                torch.device(device)
+            except (RuntimeError, TypeError, ValueError):
+                raise error(self, "`device` to be None, a torch.device, a device string or index", repr(device)) from None
         if dtype in LOW_PRECISION:
             _ROUNDING.dtypes.append(dtype)
             try:
