@@ -459,6 +459,37 @@ def test_a_checkpoint_resumes_bit_for_bit(generator):
         assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
 
 
+def _no_decay_on_biases(p):
+    return {k: not k.endswith("b") for k in p}
+
+
+@pytest.mark.parametrize("mask", [lambda p: {k: not k.endswith("b") for k in p}, _no_decay_on_biases],
+                         ids=["lambda", "function"])
+def test_a_checkpoint_with_a_callable_mask_saves_and_resumes(generator, mask):
+    """radamw's documented callable ``mask`` sat in the saved param_groups: ``torch.save`` of the
+    checkpoint raised PicklingError for a lambda, and a module-level function did not load with
+    ``weights_only=True``. It is left out, as ``LambdaLR`` leaves its functions out (Note [Callable
+    hyperparameters]), and the optimizer built to resume, with its own mask, resumes bit for bit."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    b.load_state_dict(a.state_dict())
+    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.radamw, lr=0.02, weight_decay=0.3, mask=mask)
+    _train(a, opt_a, x, y, 4)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    _train(a, opt_a, x, y, 4)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    assert all("mask" not in g for g in saved["opt"]["param_groups"])
+    b.load_state_dict(saved["model"])
+    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radamw, lr=0.02, weight_decay=0.3, mask=mask)
+    opt_b.load_state_dict(saved["opt"])
+    assert all(g["mask"] is mask for g in opt_b.param_groups)
+    _train(b, opt_b, x, y, 4)
+    for k in ("W", "s", "b"):
+        assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
+
+
 def test_state_dict_hooks_run_as_torch_optims(generator):
     """The hooks of ``register_state_dict_pre_hook`` / ``_post_hook`` and
     ``register_load_state_dict_pre_hook`` / ``_post_hook`` run (Note [Hooks of state_dict and

@@ -582,7 +582,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         ...}}, "param_groups": [{**hyperparameters, "params": [index, ...], "param_names": [name, ...]}]}``,
         a parameter's entries the leaves of its functional state (``"2.mu"``, ``"2.nu"``, ...), a copy of
         its cohort's shared ones (the count, ``"2.count"``) and ``"cohort"`` (a 0-dim integer tensor,
-        the same for the parameters stepped together); none before its first step. The hooks of
+        the same for the parameters stepped together); none before its first step. A callable
+        hyperparameter (a ``mask`` function) is not saved, as ``LambdaLR`` saves no function: the
+        optimizer that loads it keeps its own (Note [Callable hyperparameters]). The hooks of
         ``register_state_dict_pre_hook`` / ``_post_hook`` run as in ``torch.optim`` (Note [Hooks of
         state_dict and load_state_dict])."""
         for pre_hook in _hooks(self, "_optimizer_state_dict_pre_hooks"):
@@ -590,7 +592,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         entries = self._param_entries()
         index, groups, state = 0, [], {}
         for g, names in zip(self.param_groups, self._group_names):
-            groups.append({k: v for k, v in g.items() if k != "params"}
+            groups.append({k: v for k, v in g.items() if k != "params" and not callable(v)}  # Note [Callable hyperparameters]
                           | {"params": list(range(index, index + len(names))), "param_names": list(names)})
             state.update((index + i, entries[n]) for i, n in enumerate(names) if n in entries)
             index += len(names)
@@ -708,6 +710,17 @@ class TorchOptimizer(torch.optim.Optimizer):
             if where is not None:
                 raise self._refuse(co, where)
         self._cohorts = cohorts
+
+
+# Note [Callable hyperparameters]
+# A group may hold a callable hyperparameter: radam's and radamw's `mask`, as documented
+# (`mask=lambda p: {k: not k.endswith("bias") for k in p}`), or a custom factory's. The state_dict held
+# it in "param_groups", so torch.save of a run's checkpoint raised PicklingError for a lambda or a local
+# function, and one of a module-level function did not load with torch.load's default weights_only=True
+# (an unsupported global), nor under torch.distributed.checkpoint. As torch's LambdaLR leaves its
+# functions out of its state_dict, a callable value is left out of the saved groups: load_state_dict
+# keeps the group's own value for a key the checkpoint does not have, so the optimizer built to resume,
+# with the same mask, resumes bit for bit. (A mask given as a dict of bools by name is data: saved.)
 
 
 # Note [Hooks of state_dict and load_state_dict]
