@@ -636,6 +636,41 @@ def test_state_dict_round_trip_into_a_fresh_module():
     assert torch.equal(a(x), b(x))
 
 
+_SPARSE_CASES = [
+    ("sphere", {}, 4), ("sphere", {"embedded": True}, 4), ("orthogonal", {}, 4),
+    ("low_rank", {"tensor_name": "weight", "rank": 2}, 4), ("skew", {}, 6), ("positive_definite", {}, 6),
+]
+
+
+@pytest.mark.parametrize("bag", [False, True], ids=["Embedding", "EmbeddingBag"])
+@pytest.mark.parametrize("case", _SPARSE_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_a_sparse_embedding_trains_with_a_constrained_weight(case, bag):
+    """``nn.Embedding(sparse=True)`` (and ``EmbeddingBag``) hands its weight a sparse gradient, which
+    the chart's backward cannot take (torch's own error, e.g. "sparse transpose: transposed
+    dimensions must be sparse", or "Sparse division requires a scalar ... divisor"; torch's own
+    parametrizations too). The raw tensor's gradient is dense whatever the embedding's is (the chart
+    mixes the rows), so the weight's sparse gradient is densified first: the same gradients as with
+    ``sparse=False``, in float64 (Note [Sparse gradients of a constrained weight])."""
+    name, kwargs, dim = case
+    cls = nn.EmbeddingBag if bag else nn.Embedding
+    mods = []
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        e = cls(6, dim, sparse=sparse, dtype=torch.float64)
+        mods.append(getattr(gnn, name)(e, **kwargs))
+    idx = torch.tensor([[1, 3], [3, 0]])
+    c = torch.randn(2, dim, dtype=torch.float64) if bag else torch.randn(2, 2, dim, dtype=torch.float64)
+    for e in mods:
+        with gnn.cached():  # a cached value too: two reads, one gradient
+            ((e(idx) * c).sum() + (e(idx[:1]) * c[:1]).sum()).backward()
+    sparse_grad, dense_grad = (e.parametrizations.weight.original.grad for e in mods)
+    assert sparse_grad.layout == torch.strided
+    torch.testing.assert_close(sparse_grad, dense_grad, atol=1e-12, rtol=1e-12)
+    opt = torch.optim.SGD(mods[0].parameters(), lr=0.5)
+    opt.step()
+    assert member(gnn.parametrization_of(mods[0]).space, mods[0].weight.detach())
+
+
 def test_dtype_moves_after_registration():
     torch.manual_seed(0)
     for move in (lambda m: m.double(), lambda m: m.to(torch.float64)):

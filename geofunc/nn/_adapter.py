@@ -439,6 +439,14 @@ class Parametrization(nn.Module):
         another dtype])."""
         return ManifoldError(self._dtype_message(X, ref))
 
+    def _shape_message(self, X: Tensor, shape: tuple[int, ...]) -> str:
+        return f"{self.where} constrained to {self.space!r}: expected a tensor of shape {shape}, got shape {tuple(X.shape)}."
+
+    def _shape_error(self, X: Tensor, shape: tuple[int, ...]) -> ManifoldError:
+        """The error for an assignment of another shape than the weight's (Note [Assignments of another
+        shape])."""
+        return ManifoldError(self._shape_message(X, shape))
+
     def _base_buffers(self) -> list[Tensor]:
         return [self._buffers[n] for n in self._base_names() if self._buffers.get(n) is not None]
 
@@ -711,6 +719,19 @@ def _holds(stamp: Any, plist: nn.Module) -> bool:
 # ValueError, as GeoTorch's does.
 
 
+# Note [Assignments of another shape]
+# GeoTorch's Skew.right_inverse takes any square batch whatever the class's size (it is also called on
+# its own, outside a module), and geofunc.nn.Skew keeps that (tests/test_nn_assign.py). Through a
+# module, though, torch's parametrize then re-shapes the raw Parameter in place (``original.set_``):
+# ``layer.weight = X`` with a 4×4 (or a (2, 3, 3) batch) skew X on a Linear(3, 3) "succeeded", and the
+# layer failed at its next forward, the optimizer holding state of the old shape. Every other
+# geofunc.nn class refuses such a point in right_inverse (its size check). The property geofunc gives
+# the tensors it constrains compares an assigned point's shape with the raw tensor's (the point's shape
+# for a space without a base, the only adapters this runs for), so the assignment raises before
+# anything is written; ``Skew.right_inverse`` called on its own, and a class registered directly with
+# ``register_parametrization`` (torch's property), still take any square batch, as GeoTorch's.
+
+
 def _check_assigned(plist: nn.Module, X: Any) -> None:
     """Raise the adapter's error if ``X``, assigned to the tensor of ``plist``, has another dtype (or,
     for plain tensors, device) than its raw tensor, where the adapter has no base buffer to compare
@@ -725,6 +746,48 @@ def _check_assigned(plist: nn.Module, X: Any) -> None:
     plain = type(X) in (torch.Tensor, nn.Parameter) and type(Z) in (torch.Tensor, nn.Parameter)
     if X.dtype != Z.dtype or (plain and not X.is_meta and not Z.is_meta and X.device != Z.device):
         raise M._dtype_error(X, Z)
+    if tuple(X.shape) != tuple(Z.shape):  # Note [Assignments of another shape]
+        raise M._shape_error(X, tuple(Z.shape))
+
+
+# Note [Sparse gradients of a constrained weight]
+# nn.Embedding(sparse=True) and nn.EmbeddingBag(sparse=True) give their weight a sparse (COO)
+# gradient. A constrained weight is the chart's output, and the chart's backward cannot take one: torch
+# raised from inside it ("sparse transpose: transposed dimensions must be sparse" for Skew, PSD and the
+# frames, "Sparse division requires a scalar ... divisor" for Sphere; torch's own parametrizations
+# fail alike), so such a layer could not be trained with a constraint. The raw tensor's gradient is
+# dense whatever the weight's is (the chart mixes the rows; Sphere's rows are independent but its
+# chart is computed whole), so the value read from a module whose ``sparse`` attribute is true passes
+# through an identity whose backward densifies the gradient: the gradients of sparse=False. (An
+# optimizer for sparse gradients, SparseAdam, then refuses the raw tensor's dense one, by name.) A
+# tensor hook cannot do it (autograd refuses a hook that changes the layout), and the identity returns
+# a copy, not its input: a view made inside a custom Function may not be modified in place, and the
+# embedding's max_norm renormalizes its weight in place. Only modules with such an attribute pay for
+# it (one dict read otherwise: nothing for a Linear); torch.compile, tracing and scripting get torch's
+# property as before.
+class _DenseGradient(torch.autograd.Function):
+    generate_vmap_rule = True  # (under torch.func a module_state of such a module runs it)
+
+    @staticmethod
+    def forward(X: Tensor) -> Tensor:
+        return X.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, G: Tensor) -> Tensor:
+        return G.to_dense() if G.layout != torch.strided else G
+
+
+def _dense_gradient(module: nn.Module, value: Tensor) -> Tensor:
+    """``value``, through an identity that densifies its gradient where ``module`` hands its tensor
+    sparse gradients (Note [Sparse gradients of a constrained weight])."""
+    if (module.__dict__.get("sparse") is True and isinstance(value, torch.Tensor) and value.requires_grad
+            and torch.is_grad_enabled()):
+        return _DenseGradient.apply(value)
+    return value
 
 
 def _checked_property(tensor_name: str, torch_property: property) -> property:
@@ -736,9 +799,10 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         fset(self, value)
 
     def get_parametrized(self: nn.Module) -> Tensor:
-        if (not parametrize._cache_enabled or torch.compiler.is_compiling() or torch.jit.is_scripting()
-                or torch._C._get_tracing_state() is not None):
-            return fget(self)  # torch's: no cache, or its errors for tracing and scripting
+        if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch._C._get_tracing_state() is not None:
+            return fget(self)  # torch's: its errors for tracing and scripting
+        if not parametrize._cache_enabled:
+            return _dense_gradient(self, fget(self))
         plist = self._modules["parametrizations"]._modules[tensor_name]  # (nn.Module's __getattr__: ~1 µs)
         key = (id(self), tensor_name)
         cache = parametrize._cache
@@ -746,7 +810,7 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         if value is not None and _holds(cache.get(key + (_STAMP,)), plist):
             return value
         stamp = _stamp(plist)  # before the value: what it is computed from
-        value = plist()
+        value = _dense_gradient(self, plist())
         cache[key] = value
         cache[key + (_STAMP,)] = stamp
         return value
