@@ -84,6 +84,20 @@ def test_complex32_and_integers_are_refused_with_the_dtype_named() -> None:
         gf.SO().to_manifold(torch.zeros(2, 2, dtype=torch.complex32))
 
 
+def test_complex_only_spaces_refuse_a_low_precision_sample_dtype() -> None:
+    """``Unitary``/``Hermitian`` (and a product with one) ``sample(dtype=bfloat16/float16)`` drew in
+    float32 and returned complex64, silently another dtype (torch has no complex bf16/fp16): now a
+    ``ManifoldError`` naming the dtype; float32 still gives complex64, and real spaces still sample in
+    bf16."""
+    for M, shape in ((gf.Unitary(), (3, 3)), (gf.Hermitian(), (3, 3)), (gf.Product(gf.SO(), gf.Unitary()), ((3, 3), (3, 3)))):
+        for dtype in (torch.bfloat16, torch.float16):
+            with pytest.raises(ManifoldError, match=f"expected `dtype`.*got {dtype}") as info:
+                M.sample(shape, dtype=dtype)
+            assert repr(M) in str(info.value)
+    assert gf.Unitary().sample((3, 3), dtype=torch.float32).dtype == torch.complex64
+    assert [x.dtype for x in gf.Product(gf.SO(), gf.Sphere()).sample(((3, 3), (4,)), dtype=torch.bfloat16)] == [torch.bfloat16] * 2
+
+
 # ------------------------------------------------------------------------------------------------
 # Torch's gradient convention and the embedded defaults, on Rn (which takes complex tensors).
 

@@ -411,6 +411,8 @@ class AbstractSpace(_Space, abc.ABC):
     point_ndim: ClassVar[int] = 2
     #: Whether the space takes complex tensors (Note [Complex]); False: they raise ``ManifoldError``.
     accepts_complex: ClassVar[bool] = False
+    #: Whether the points are complex only (Unitary, Hermitian: ``sample(dtype=float32)`` is complex64).
+    _complex_only: ClassVar[bool] = False
     #: Whether ``to_manifold``/``logabsdet`` become one autograd node under ``torch.func.grad`` (Note
     #: [One node under torch.func.grad], ``geofunc/_fused.py``). False for maps of a few ops (a copy of
     #: a triangle, a normalization), where the node's fixed cost is more than the transform's cost
@@ -871,6 +873,9 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
             except (RuntimeError, TypeError, ValueError):
                 raise error(self, "`device` to be None, a torch.device, a device string or index", repr(device)) from None
         if dtype in LOW_PRECISION:
+            if self._complex_only:  # (it drew complex64: a silent dtype change; torch has no complex bf16/fp16)
+                raise error(self, "`dtype` float32, float64, complex64 or complex128 (complex points: there is "
+                            "no complex dtype of bfloat16 or float16)", str(dtype))
             _ROUNDING.dtypes.append(dtype)
             try:
                 with autocast_off():

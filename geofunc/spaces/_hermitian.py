@@ -48,6 +48,7 @@ class Hermitian(TriangleSpace):
 
     _sign: ClassVar[float] = 1.0
     accepts_complex: ClassVar[bool] = True
+    _complex_only: ClassVar[bool] = True
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         super()._check_shape(X, what)

@@ -61,6 +61,11 @@ class Product(AbstractSpace):
     def __repr__(self) -> str:
         return f"Product({', '.join(repr(M) for M in self.factors)})"
 
+    @property
+    def _complex_only(self) -> bool:  # type: ignore[override]
+        """A factor's points are complex only: ``sample``'s one dtype cannot be bfloat16/float16."""
+        return any(M._complex_only for M in self.factors)
+
     # ------------------------------------------------------------------ helpers
     def _tuple(self, X: Any, what: str) -> tuple:
         k = len(self.factors)

@@ -55,6 +55,7 @@ class Unitary(MatrixGroup):
     """
 
     accepts_complex: ClassVar[bool] = True
+    _complex_only: ClassVar[bool] = True
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_matrix(X, what, square=True)
