@@ -505,6 +505,30 @@ def test_activation_checkpointing_gives_the_same_gradients(case):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("in_cached", [False, True], ids=["plain", "cached"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_reentrant_activation_checkpointing_gives_the_same_gradients(case, in_cached):
+    """``checkpoint(..., use_reentrant=True)`` runs the forward under ``no_grad`` and recomputes it in
+    backward: the same gradients as without it, also inside ``cached()`` (README: the value cached
+    under ``no_grad`` is not reused with grad enabled)."""
+    import contextlib
+
+    from torch.utils.checkpoint import checkpoint
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make().double(), **kwargs)
+    x = torch.randn(6, m.in_features, dtype=torch.float64, requires_grad=True)
+    m(x).pow(2).sum().backward()
+    plain = [p.grad.clone() for p in m.parameters()] + [x.grad.clone()]
+    m.zero_grad()
+    x.grad = None
+    with gnn.cached() if in_cached else contextlib.nullcontext():
+        checkpoint(m, x, use_reentrant=True).pow(2).sum().backward()
+    for a, b in zip(plain, [p.grad for p in m.parameters()] + [x.grad]):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
 def test_cached_computes_the_map_once_per_forward(monkeypatch):
     torch.manual_seed(0)
     cell = RNNCell()
