@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 
 import pytest
 import torch
@@ -566,6 +567,35 @@ def test_skew_takes_any_square_batch_and_names_a_wrong_shape() -> None:
         gnn.Skew((4, 4)).right_inverse(torch.randn(4, 3))
     with pytest.raises(gnn.InManifoldError, match=r"not skew-symmetric to atol 0\.0001: max\|X \+ Xᵀ\| = "):
         gnn.Skew((4, 4)).right_inverse(torch.randn(2, 4, 4))
+
+
+@pytest.mark.parametrize("make", [lambda: gnn.skew(nn.Linear(3, 3)), lambda: gnn.skew(nn.Linear(3, 3), lower=False),
+                                  lambda: gnn.constrain(nn.Linear(3, 3), "weight", gf.Skew()),
+                                  lambda: gnn.symmetric(nn.Linear(3, 3)),
+                                  lambda: gnn.sphere(nn.Linear(3, 3), embedded=True)],
+                         ids=["skew", "skew-upper", "constrain-Skew", "symmetric", "sphere-embedded"])
+def test_an_assignment_of_another_shape_is_refused_through_the_module(make) -> None:
+    """A skew point of another size (or a batch of them) assigned to a constrained weight: torch's
+    parametrize re-shaped the raw Parameter in place and the layer broke at its next forward (Note
+    [Assignments of another shape]). Refused now, naming both shapes, the module unchanged; a point of
+    the weight's shape is still taken."""
+    torch.manual_seed(0)
+    m = make()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    space = gnn.parametrization_of(m).space
+    # GeoTorch's classes raise GeoTorch's InManifoldError, as for every other refused assignment
+    exc = gnn.InManifoldError if isinstance(gnn.parametrization_of(m), (gnn.Skew, gnn.Symmetric, gnn.Sphere)) else gf.ManifoldError
+    for shape in ((4, 4), (2, 3, 3)):
+        X = torch.randn(shape)
+        X = X - X.mT if isinstance(space, gf.Skew) else (X + X.mT if isinstance(space, gf.Sym)
+                                                          else torch.nn.functional.normalize(X, dim=-1))
+        with pytest.raises(exc, match=rf"expected a tensor of shape \(3, 3\), got shape {re.escape(str(shape))}"):
+            m.weight = X
+        assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    m(torch.randn(2, 3))
+    X = space.project(torch.randn(3, 3))
+    m.weight = X
+    torch.testing.assert_close(m.weight, X, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

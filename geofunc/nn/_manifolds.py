@@ -331,6 +331,9 @@ class _Manifold(Parametrization):
     def _dtype_error(self, X: Tensor, ref: Tensor) -> ManifoldError:
         return InManifoldError(X, self, self._dtype_message(X, ref))
 
+    def _shape_error(self, X: Tensor, shape: tuple[int, ...]) -> ManifoldError:
+        return InManifoldError(X, self, self._shape_message(X, shape))
+
     def _require_real_point(self, X: Tensor) -> None:
         """Raise :class:`InManifoldError` for a complex ``X`` assigned to a real space (Note [Complex weights])."""
         if self._refuses(X.dtype):
