@@ -182,6 +182,26 @@ def test_the_class_api_registered_directly():
         hf.load_state_dict(hg.state_dict())
 
 
+@pytest.mark.parametrize("shape", [(6, 3), (3, 5)])
+def test_a_checkpoint_of_torchs_own_orthogonal_into_the_class_api_is_refused(shape):
+    """A non-square checkpoint of torch.nn.utils.parametrizations.orthogonal (GeoTorch's layout, its
+    default "householder" map another one) into a Stiefel class registered directly: refused with the
+    ManifoldError the one-liners give (Note [Checkpoints of torch's own orthogonal]), not a bare
+    StopIteration (the class is handed its raw tensor without the key)."""
+    from torch.nn.utils import parametrizations as TP
+
+    torch.manual_seed(0)
+    mt = nn.Linear(shape[1], shape[0])
+    TP.orthogonal(mt)
+    c = nn.Linear(shape[1], shape[0])
+    M = gnn.Stiefel(tuple(c.weight.shape))
+    with torch.no_grad():
+        c.weight.copy_(M.sample())
+    P.register_parametrization(c, "weight", M)
+    with pytest.raises(gf.ManifoldError, match=r"torch\.nn\.utils\.parametrizations\.orthogonal.*householder"):
+        c.load_state_dict(_reload(mt.state_dict()))
+
+
 def test_geotorch_readme_model_loads():
     """GeoTorch's README model (orthogonal Linear, rank-1 Conv2d kernels): same outputs after loading."""
 

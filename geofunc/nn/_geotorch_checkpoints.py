@@ -219,7 +219,8 @@ def _refuse_torch_orthogonal(M: nn.Module, saved: dict, keys: str) -> None:
     d = X.diagonal(dim1=-2, dim2=-1)
     if d.numel() == 0 or not bool((d.abs() == 1).all()):
         return
-    raw = next(k for k in keys.split(", ") if k.endswith("original"))
+    # (a class registered directly is handed its raw tensor without the key: keys names its bases only)
+    raw = next((k for k in keys.split(", ") if k.endswith("original")), "the raw tensor (`original`)")
     raise ManifoldError(
         f"{M.where}: loading the entries {keys}: expected GeoTorch 0.4.0's layout, whose map ignores the raw "
         f"tensor's diagonal (0 after its right_inverse), got a raw tensor whose diagonal is all ±1: a checkpoint of "
