@@ -335,6 +335,13 @@ def test_hurwitz_alpha_is_assignable_and_checked():
 
 
 # ----------------------------------------------------------------------------- errors at GeoTorch's places
+def _with_weight(*shape):
+    """A module with an empty ``weight`` (``nn.Linear(0, 3)`` warns that its init is a no-op)."""
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.zeros(shape))
+    return m
+
+
 ERRORS = [
     (lambda: gnn.SO((7,)), gnn.VectorError),
     (lambda: gnn.SO((7, 3, 2)), gnn.NonSquareError),
@@ -376,6 +383,12 @@ ERRORS = [
     (lambda: gnn.orthogonal(nn.Linear(2, 3), "bias"), gnn.VectorError),
     (lambda: gnn.invertible(nn.Linear(2, 3)), gnn.NonSquareError),
     (lambda: gnn.alpha_stable(nn.Linear(2, 3)), gnn.NonSquareError),
+    # an empty matrix dimension: GeoTorch's RankError (its classes build a rank-min(n, k) factor)
+    (lambda: gnn.AlmostOrthogonal((3, 0), 0.5), gnn.RankError),
+    (lambda: gnn.almost_orthogonal(_with_weight(3, 0), lam=0.5), gnn.RankError),
+    (lambda: gnn.Hurwitz((0, 0)), gnn.RankError),
+    (lambda: gnn.alpha_stable(_with_weight(0, 0)), gnn.RankError),
+    (lambda: gnn.GLp((0, 0)), gnn.RankError),
 ]
 
 

@@ -977,8 +977,9 @@ class _SVDManifold(_Manifold):
 
     def _setup(self, size: Any, rank: Optional[int]) -> tuple[int, int, tuple, bool, int]:
         n, k, ts, tr = _matrix_size(type(self).__name__, size, square=self._square)
-        r = min(n, k) if rank is None else _check_rank(type(self).__name__, n, k, rank)
-        return n, k, ts, tr, r
+        # full rank where no rank is given (GLp, SL, AlmostOrthogonal): an empty matrix dimension is
+        # GeoTorch's RankError (its classes build a rank-min(n, k) factor there)
+        return n, k, ts, tr, _check_rank(type(self).__name__, n, k, min(n, k) if rank is None else rank)
 
     def _finish(self, n: int, k: int, ts: tuple, tr: bool, r: int, triv: Any) -> None:
         self.n, self.k, self.tensorial_size, self.transposed, self.rank, self.triv = n, k, ts, tr, r, triv
@@ -1572,6 +1573,7 @@ class Hurwitz(_Manifold):
 
     def __init__(self, size: Any, alpha: float = 0.0, triv: Any = "expm") -> None:
         n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
+        _check_rank(type(self).__name__, n, n, n)  # n = 0: GeoTorch's RankError (from its PSD factor)
         alpha = _number(alpha)
         super().__init__(S.Hurwitz(alpha=alpha, triv=triv), size)
         self.n, self.k, self.tensorial_size, self.triv = n, n, ts, triv
