@@ -529,6 +529,29 @@ def test_reentrant_activation_checkpointing_gives_the_same_gradients(case, in_ca
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
 
 
+def test_cached_values_are_not_handed_to_a_new_module_at_a_freed_modules_address():
+    """Inside ``cached()`` a value is keyed by the module's ``id``, which Python gives to the next
+    module once the first is freed (models built, evaluated and dropped in one cached loop: a
+    hyperparameter sweep, deep copies of snapshots). The stamp held the freed module's own tensors,
+    which had not changed, so the new module read the freed one's weight (63 of 200 modules, silently)."""
+    import gc
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    reused = 0
+    with gnn.cached():
+        seen = set()
+        for _ in range(100):
+            m = gnn.orthogonal(nn.Linear(4, 4))
+            reused += id(m) in seen
+            seen.add(id(m))
+            torch.testing.assert_close(m(x), nn.functional.linear(x, m.parametrizations.weight(), m.bias),
+                                       atol=0, rtol=0)
+            del m
+            gc.collect()
+    assert reused  # the addresses were reused, so the keys collided
+
+
 def test_cached_computes_the_map_once_per_forward(monkeypatch):
     torch.manual_seed(0)
     cell = RNNCell()

@@ -653,8 +653,10 @@ _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDi
 # buffer of the tensor's parametrization chain (the raw tensor, the bases) the tensor itself (held,
 # compared by identity: an id alone was reused by the next transform's wrapper, found on torch 2.6),
 # its version counter (in-place updates) and storage (a dtype or device change swaps it), and the
-# chain's length. Anything else computes the value anew and caches that (one entry per tensor: the
-# held tensors live until the block ends). Inside one forward the tensors do not change, so an RNN's time loop still computes the map once
+# chain's length, and the chain itself (held too: the key's id(module) is given to the next module once
+# one is freed, and a stamp of the freed module's own unchanged tensors handed its weight to the new
+# one: models built, evaluated and dropped in one cached loop; a probe). Anything else computes the
+# value anew and caches that (one entry per tensor: the held tensors live until the block ends). Inside one forward the tensors do not change, so an RNN's time loop still computes the map once
 # (tests/test_nn.py); the check costs ~2 µs a read (benchmarks/REFACTOR-checked-cache.md). Under
 # torch.compile, tracing and scripting, torch's own property runs (as before). Other
 # parametrizations of the module (spectral_norm, whose forward updates its buffers in place) keep
@@ -671,7 +673,7 @@ def _storage(t: Tensor) -> Any:
 
 def _stamp(plist: nn.Module) -> tuple | None:
     """What a cached value of ``plist`` depends on (:func:`_holds` checks it), or None where a tensor
-    cannot say (no cache then): grad mode, the chain's length, and where each parameter and buffer
+    cannot say (no cache then): grad mode, the chain's length and the chain, and where each parameter and buffer
     sits, the tensor itself (held and compared by ``is``, not by ``id``: a functorch wrapper of a
     finished transform is freed, and a new one may get its address), its version and storage."""
     entries = []
@@ -687,14 +689,14 @@ def _stamp(plist: nn.Module) -> tuple | None:
                         return None
                     entries.append((tensors, name, t, version, _storage(t)))
         stack.extend(m for m in mod._modules.values() if m is not None)
-    return torch.is_grad_enabled(), len(plist._modules), entries
+    return torch.is_grad_enabled(), len(plist._modules), entries, plist
 
 
 def _holds(stamp: Any, plist: nn.Module) -> bool:
     """Whether nothing in ``stamp`` changed (the module dicts are read directly: ``parameters()`` and
     ``buffers()`` cost ~10 µs a call, this ~1 µs)."""
-    if stamp is None or stamp[0] != torch.is_grad_enabled() or stamp[1] != len(plist._modules):
-        return False
+    if stamp is None or stamp[3] is not plist or stamp[0] != torch.is_grad_enabled() or stamp[1] != len(plist._modules):
+        return False  # (another chain: a new module at a freed one's id, Note [A cache that sees new raw tensors])
     for tensors, name, t, version, storage in stamp[2]:
         if tensors.get(name) is not t or t._version != version:
             return False
