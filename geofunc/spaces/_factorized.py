@@ -41,7 +41,7 @@ from .._fastpath import closed_form_node, derivative_mode, eager_fast
 from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize, stack_matrices,
                        sym_part, transpose)
 from ._base import AbstractSpace
-from ._orthogonal import tall, untall
+from ._orthogonal import refine_drifted, tall, untall
 from ._values import Identity, ValueMap
 
 Tensor = torch.Tensor
@@ -521,8 +521,8 @@ class SVDSpace(_Factorized):
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """Keep the value coordinates, move the U/V coordinates into the bases (no SVD)."""
-        U, s, V, tr = self._factors(Z, base)
-        return untall(_pack(s, (U.shape[-2], V.shape[-2])), tr), (U, V)
+        U, s, V, tr = self._factors(Z, base)  # drifted frames refined (Note [Rebased frames refined], _orthogonal.py)
+        return untall(_pack(s, (U.shape[-2], V.shape[-2])), tr), (refine_drifted(U), refine_drifted(V))
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """The fixed-rank tangent space ``P_U G + G P_V − P_U G P_V`` (r < min(n, k)); ``G`` at full
@@ -663,8 +663,8 @@ class EigSpace(_Factorized):
 
     def rebase(self, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
         """Keep the eigenvalue coordinates, move the Q coordinates into the base (no eigh)."""
-        Q, lam = self._factors(Z, base)
-        return _pack(lam, (Z.shape[-1], Z.shape[-1])).to(Z.dtype), Q
+        Q, lam = self._factors(Z, base)  # a drifted frame refined (Note [Rebased frames refined], _orthogonal.py)
+        return _pack(lam, (Z.shape[-1], Z.shape[-1])).to(Z.dtype), refine_drifted(Q)
 
     def tangent(self, X: Tensor, G: Tensor) -> Tensor:
         """``P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` (the rank-r stratum; ``sym(G)`` at r = n)."""
