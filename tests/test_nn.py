@@ -552,6 +552,26 @@ def test_cached_values_are_not_handed_to_a_new_module_at_a_freed_modules_address
     assert reused  # the addresses were reused, so the keys collided
 
 
+def test_cached_values_follow_freezing_and_unfreezing():
+    """Inside ``cached()``, ``requires_grad_`` on a raw tensor (progressive unfreezing, or freezing a
+    constrained weight) changes no tensor, version or storage: the value cached while it was frozen
+    was reused after ``requires_grad_(True)``, so the raw tensor got no gradient, silently; and the
+    other way round a frozen raw tensor's weight still required grad."""
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    raw = m.parametrizations.weight.original
+    raw.requires_grad_(False)
+    with gnn.cached():
+        assert not m.weight.requires_grad
+        m(x)
+        raw.requires_grad_(True)
+        m(x).pow(2).sum().backward()
+        assert raw.grad is not None and raw.grad.abs().sum() > 0
+        raw.requires_grad_(False)
+        assert not m.weight.requires_grad
+
+
 def test_cached_computes_the_map_once_per_forward(monkeypatch):
     torch.manual_seed(0)
     cell = RNNCell()

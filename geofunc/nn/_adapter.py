@@ -652,7 +652,8 @@ _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDi
 # the property reads the cache only while a stamp matches: grad mode, and for every parameter and
 # buffer of the tensor's parametrization chain (the raw tensor, the bases) the tensor itself (held,
 # compared by identity: an id alone was reused by the next transform's wrapper, found on torch 2.6),
-# its version counter (in-place updates) and storage (a dtype or device change swaps it), and the
+# its version counter (in-place updates), storage (a dtype or device change swaps it) and requires_grad
+# (unfreezing in the block reused the frozen value: no gradient; a probe), the
 # chain's length, and the chain itself (held too: the key's id(module) is given to the next module once
 # one is freed, and a stamp of the freed module's own unchanged tensors handed its weight to the new
 # one: models built, evaluated and dropped in one cached loop; a probe). Anything else computes the
@@ -687,7 +688,7 @@ def _stamp(plist: nn.Module) -> tuple | None:
                         version = t._version
                     except RuntimeError:  # an inference tensor has no version counter
                         return None
-                    entries.append((tensors, name, t, version, _storage(t)))
+                    entries.append((tensors, name, t, version, _storage(t), t.requires_grad))
         stack.extend(m for m in mod._modules.values() if m is not None)
     return torch.is_grad_enabled(), len(plist._modules), entries, plist
 
@@ -697,8 +698,8 @@ def _holds(stamp: Any, plist: nn.Module) -> bool:
     ``buffers()`` cost ~10 µs a call, this ~1 µs)."""
     if stamp is None or stamp[3] is not plist or stamp[0] != torch.is_grad_enabled() or stamp[1] != len(plist._modules):
         return False  # (another chain: a new module at a freed one's id, Note [A cache that sees new raw tensors])
-    for tensors, name, t, version, storage in stamp[2]:
-        if tensors.get(name) is not t or t._version != version:
+    for tensors, name, t, version, storage, requires_grad in stamp[2]:
+        if tensors.get(name) is not t or t._version != version or t.requires_grad != requires_grad:
             return False
         if storage is not None and t.data_ptr() != storage:  # (None: a wrapper, which has none)
             return False
