@@ -116,6 +116,29 @@ def test_radam_equals_torch_adam(kwargs, constrained, generator):
             _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, {**kwargs, "amsgrad": False}, generator)
 
 
+@pytest.mark.parametrize(
+    "name, torch_cls, args",
+    [("rsgd", torch.optim.SGD, (0.1, 0.9, 0.0, 1e-4, True)),  # SGD(params, lr, momentum, dampening, weight_decay, nesterov)
+     ("radam", torch.optim.Adam, (0.1, (0.9, 0.999), 1e-8, 0.0, True)),  # Adam(params, lr, betas, eps, weight_decay, amsgrad)
+     ("radamw", torch.optim.AdamW, (0.1, (0.9, 0.999), 1e-8, 0.01, True))],
+)
+def test_a_call_ported_from_torch_by_position_is_refused(name, torch_cls, args, generator):
+    """Past the arguments in torch.optim's (and geoopt's) positions the hyperparameters are
+    keyword-only (Note [Keyword-only where torch's order differs]): ``rsgd(c, 0.1, 0.9, 0, 1e-4, True)``
+    read torch's weight_decay as nesterov and its nesterov as weight_decay = 1.0 (1.5 off SGD after
+    five steps), ``radam(..., 0, True)`` torch's amsgrad as the mask. The shared positions still work,
+    and the same hyperparameters by keyword equal torch's optimizer."""
+    torch_cls([torch.nn.Parameter(torch.ones(3))], *args)  # what the port starts from
+    factory = getattr(gf.optim, name)
+    with pytest.raises(TypeError):
+        factory({}, *args)
+    shared = args[:-2] if name == "rsgd" else args[:-1]
+    factory({}, *shared)
+    keywords = (dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True) if name == "rsgd"
+                else dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=args[3], amsgrad=True))
+    _run_against_torch(factory({}, **keywords), torch_cls, keywords, generator)
+
+
 def test_amsgrad_refuses_a_state_without_its_maximum(generator):
     params, loss = _euclidean_problem(generator)
     state = gf.optim.radam({}, lr=0.1).init(params)

@@ -24,12 +24,22 @@ from ._transforms import (
 
 __all__ = ["rsgd", "radam", "radamw"]
 
+# Note [Keyword-only where torch's order differs]
+# The arguments up to the first one whose position differs from torch.optim's (and geoopt's, which
+# follow torch's) are positional; the rest are keyword-only. torch.optim.SGD(params, lr, momentum,
+# dampening, weight_decay, nesterov) and Adam/AdamW(params, lr, betas, eps, weight_decay, amsgrad)
+# put weight_decay and amsgrad where rsgd had nesterov and radam/radamw had mask, so a call ported
+# by position, rsgd(c, 0.1, 0.9, 0, 1e-4, True) as SGD(p, 0.1, 0.9, 0, 1e-4, True), ran silently with
+# nesterov=1e-4 and weight_decay=True (= 1.0): 1.5 away from SGD's point after five steps. Such a
+# call is now a TypeError (too many positional arguments); the rules themselves are unchanged.
+
 
 def rsgd(
     constraints: Any,
     lr: ScalarOrSchedule,
     momentum: float = 0.0,
     dampening: float = 0.0,
+    *,  # Note [Keyword-only where torch's order differs]
     nesterov: bool = False,
     weight_decay: float = 0.0,
     mask: Any = None,
@@ -99,6 +109,7 @@ def radam(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    *,  # Note [Keyword-only where torch's order differs]
     mask: Any = None,
     amsgrad: bool = False,
 ) -> Optimizer:
@@ -136,6 +147,7 @@ def radamw(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.01,
+    *,  # Note [Keyword-only where torch's order differs]
     mask: Any = None,
     amsgrad: bool = False,
 ) -> Optimizer:
