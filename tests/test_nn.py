@@ -214,6 +214,33 @@ def test_update_base_keeps_the_value_outside_any_cache():
     assert torch.equal(m.weight, W)  # the same value, exactly, and not read from a cache
 
 
+@pytest.mark.parametrize("copied", [False, True], ids=["module", "deepcopy"])
+@pytest.mark.parametrize("name", ["orthogonal", "invertible", "sphere"])
+def test_class_update_base_after_a_functional_call_with_another_modules_parameters(name, copied):
+    """GeoTorch's ``M.update_base()`` (no argument: the copying-problem idiom) re-centred at the raw
+    tensor forward last saw. After ``functional_call(model, dict(ema.named_parameters()), x)`` that
+    was the other module's Parameter: the method rebased the EMA's raw tensor in place and wrote the
+    EMA's point into the model's base, moving both weights silently (0.50 and 0.65 off). A class that
+    a constraint function registered knows its own raw tensor and re-centres at it."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = getattr(gnn, name)(nn.Linear(4, 4))
+    if copied:
+        model = copy.deepcopy(model)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        ema.parametrizations.weight.original.add_(0.3 * torch.randn(4, 4))
+    W, W_ema = model.weight.detach().clone(), ema.weight.detach().clone()
+    x = torch.randn(2, 4)
+    functional_call(model, {**dict(ema.named_parameters()), **dict(ema.named_buffers())}, (x,))
+    model.parametrizations.weight[0].update_base()
+    torch.testing.assert_close(model.weight.detach(), W, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ema.weight.detach(), W_ema, atol=0, rtol=0)
+    if name != "invertible":  # (a factorized space keeps its value coordinates)
+        assert float(model.parametrizations.weight.original.detach().abs().max()) == 0.0  # re-centred: raw is 0
+
+
 @pytest.mark.parametrize(
     "constrain_,atol",
     [

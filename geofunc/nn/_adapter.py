@@ -100,6 +100,19 @@ _HANDLED: set[int] = set()
 # ``_manifolds.py``), weakly; a constrained module's ``_apply`` holds them strongly while it converts
 # (``torch.utils.swap_tensors`` refuses a tensor with a weak reference).
 _LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# The ParametrizationList whose raw tensor an adapter registered by ``attach`` (or restored with its
+# module from a copy or a pickle) reads, weakly (Note [update_base on the class] in ``_manifolds.py``).
+_OWN_CHAIN: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def own_raw(adapter: nn.Module) -> Tensor | None:
+    """The raw tensor of the chain ``adapter`` was registered on (its module's own, whatever forward last
+    saw), or None where unknown (a class registered with ``register_parametrization`` directly)."""
+    ref = _OWN_CHAIN.get(adapter)
+    plist = ref() if ref is not None else None
+    if plist is None or not len(plist) or plist[0] is not adapter:
+        return None
+    return plist._parameters.get("original", plist._buffers.get("original"))
 
 
 # Note [Copies keep what is known of the raw tensor]
@@ -567,8 +580,9 @@ def _restore_parametrized(obj: nn.Module, state: dict) -> None:
         parametrize._inject_property(obj, tensor_name)
     _rebuild_flat_weights(obj)
     _make_picklable(obj)
-    for _, _, M in _geofunc_plists(obj):  # its own _apply converts their raw tensors, as attach records
+    for _, plist, M in _geofunc_plists(obj):  # its own _apply converts their raw tensors, as attach records
         _ATTACHED.add(M)
+        _OWN_CHAIN[M] = weakref.ref(plist)
         _RAW.pop(M, None)
         _TENTATIVE.pop(M, None)
         _COPIED.discard(M)
@@ -1140,6 +1154,7 @@ def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | 
     if parametrize.is_parametrized(module, tensor_name) and module.parametrizations[tensor_name][0] is adapter:
         # The module's own _apply / _load_from_state_dict keep its points (Note [Raw tensors across dtypes]).
         _ATTACHED.add(adapter)
+        _OWN_CHAIN[adapter] = weakref.ref(module.parametrizations[tensor_name])
         _RAW.pop(adapter, None)
         _TENTATIVE.pop(adapter, None)
         if isinstance(adapter, Parametrization):

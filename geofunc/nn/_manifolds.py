@@ -31,7 +31,7 @@ from .._expm import _real
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
-from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, refine_base
+from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, own_raw, refine_base
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError, _name
 
 __all__ = [
@@ -219,7 +219,13 @@ def _kept_below(kept_min: Tensor, eps: float, what: str, strict: bool = True) ->
 # ParametrizationList, not to them. So that ``M.update_base()`` works without arguments, forward
 # remembers (weakly, outside the module so that pickling and deepcopy are untouched) the raw
 # Parameter it was last evaluated on (``_LAST_RAW`` in ``_adapter.py``); ``geofunc.nn.update_base(module,
-# name)`` needs none of this.
+# name)`` needs none of this. A forward inside ``functional_call(model, dict(ema.named_parameters()), x)``
+# is evaluated on the other module's Parameter, and ``M.update_base()`` then rebased that tensor in
+# place and wrote its point into this class's base: both modules' weights moved, silently (a probe). So a
+# class registered by a constraint function (``attach``; and its copies) re-centres at the raw tensor of
+# its own chain (``_OWN_CHAIN``), whatever forward last saw; only a class registered with
+# ``register_parametrization`` directly, or one under FSDP2 (the raw tensor a DTensor; README), still
+# goes by the last evaluation.
 
 
 # Note [Complex weights]
@@ -484,8 +490,10 @@ class _Manifold(Parametrization):
         ``geofunc.nn.update_base(module, tensor_name)``. Returns the raw tensor.
         """
         if Z is None:
-            ref = _LAST_RAW.get(self)
-            Z = ref() if ref is not None else None
+            Z = own_raw(self)
+            if Z is None or isinstance(Z, DTensor):  # (FSDP2: as before, below)
+                ref = _LAST_RAW.get(self)
+                Z = ref() if ref is not None else None
             if Z is None:
                 raise ValueError(
                     f"{type(self).__name__}.update_base(): no raw tensor known yet; evaluate the parametrized "
