@@ -371,3 +371,18 @@ def test_a_geotorch_invertible_checkpoint_with_a_negative_determinant():
     P.register_parametrization(m, "weight", M)
     with pytest.raises(gf.ManifoldError, match=r"det < 0.*FixedRank\(size, rank=4\)"):
         m.load_state_dict(sd)
+
+
+def test_a_geotorch_sln_checkpoint_with_another_f_has_left_sl_and_is_refused():
+    """GeoTorch 0.4.0's ``sln`` divides out the determinant only for ``f="softplus"``: with another
+    ``f`` its weight leaves det = 1 as it trains (docs/guide/migration.md), and geofunc's ``SL`` (which
+    normalizes for every ``f``) refuses that checkpoint, measuring ``|log det X|``, the module left as
+    it was; a ``"softplus"`` one loads (the CASES above)."""
+    f = (torch.exp, torch.log)
+    mg = _trained(geotorch, "sln", {"f": f}, lambda: nn.Linear(3, 3), torch.float64, seed=0)
+    assert abs(float(torch.linalg.det(mg.weight.detach())) - 1.0) > 1e-2
+    mf = _trained(gnn, "sln", {"f": f}, lambda: nn.Linear(3, 3), torch.float64, seed=1, steps=0)
+    before = {k: v.clone() for k, v in mf.state_dict().items()}
+    with pytest.raises(gf.ManifoldError, match=r"SL\(f=.*\|log det X\|"):
+        mf.load_state_dict(_reload(mg.state_dict()))
+    assert all(torch.equal(mf.state_dict()[k], v) for k, v in before.items())
