@@ -803,6 +803,28 @@ def test_deferred_initialization_on_the_meta_device(case):
         m.weight = torch.full_like(X, float("nan"))  # off every space (an open set contains X + noise)
 
 
+@pytest.mark.parametrize("case", CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
+                                           ("alpha_stable", {}, lambda: nn.Linear(4, 4), gf.Hurwitz)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_deferred_initialization_without_a_checkpoint(case):
+    """README: after ``to_empty`` (bases uninitialized) a constrained tensor is re-initialized by
+    assigning it a point, its class's ``sample()``: the weight is that point, and it trains."""
+    name, kwargs, make, cls = case
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        m = getattr(gnn, name)(make(), **kwargs)
+    m.to_empty(device="cpu")
+    X = m.parametrizations.weight[0].sample()
+    m.weight = X
+    torch.testing.assert_close(m.weight.detach(), X, atol=1e-5, rtol=1e-5)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with torch.no_grad():
+        m.bias.zero_()
+    m(torch.randn(3, m.in_features)).pow(2).sum().backward()
+    opt.step()
+    assert member(gnn.parametrization_of(m).space, m.weight.detach())
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "double", "to_empty"])
 def test_a_constrained_rnn_weight_under_weight_norm_copies_and_converts(how):
     """A geofunc constraint on top of weight_norm (raw tensors original0, original1): the RNN's rebuilt
