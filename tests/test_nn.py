@@ -973,6 +973,24 @@ def test_whole_constrained_rnn_pickles_and_copies(how, after_forward):
 # ----------------------------------------------------------------------------- functional bridge
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_module_state_is_complete_for_a_strict_functional_call(case):
+    """``functional_call(module, gnn.module_state(module, raw, bases), args, strict=True)``: the state
+    names every parameter and buffer of the module. It left out the GeoTorch classes' internal
+    (non-persistent) ``_reference`` buffer, which a user cannot know of, and torch refused the call
+    ("Missing key(s): 'parametrizations.weight.0._reference'"); also under ``vmap`` over a stack."""
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    x = torch.randn(3, m.in_features)
+    _, raw, bases = gnn.functional(m)
+    state = gnn.module_state(m, raw, bases)
+    torch.testing.assert_close(functional_call(m, state, (x,), strict=True), m(x), atol=0, rtol=0)
+    _, sraw, sbases, _ = gnn.stack([m, m])
+    out = vmap(lambda r, b: functional_call(m, gnn.module_state(m, r, b), (x,), strict=True))(sraw, sbases)
+    torch.testing.assert_close(out[1], m(x), atol=1e-6, rtol=1e-6)
+
+
 def test_functional_bridge_and_back():
     torch.manual_seed(0)
     net = _net()

@@ -128,6 +128,14 @@ def module_state(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, Any
         for name, leaf in zip(names, pytree.tree_leaves(base)):
             if name is not None:
                 out[f"{prefix}parametrizations.{tname}.0.{name}"] = leaf
+    # The adapters' own buffers that are not bases (the GeoTorch classes' dtype reference), as the module
+    # holds them: a strict functional_call asks for every buffer, and the user cannot know of these.
+    for key, (sub, tname, adapter) in tensors.items():
+        prefix = key[: len(key) - len(tname)]
+        bases_of = set(adapter._base_names())
+        for name, buf in adapter.named_buffers():
+            if name not in bases_of:
+                out.setdefault(f"{prefix}parametrizations.{tname}.0.{name}", buf)
     return out
 
 
