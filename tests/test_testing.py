@@ -61,6 +61,7 @@ from geofunc.testing import (
     check_from_manifold,
     check_gradcheck,
     check_jacobians,
+    check_membership,
     check_nan,
     check_rebase,
     check_retract,
@@ -296,6 +297,19 @@ def _contains_always(self: Any, X: Tensor, atol: float | None = None) -> Tensor:
     return torch.ones(X.shape[:-1], dtype=torch.bool)
 
 
+_SPHERE_CONTAINS = gf.Sphere.contains
+_SPHERE_CHECK = gf.Sphere.check
+
+
+def _contains_default_atol(self: Any, X: Tensor, atol: float | None = None) -> Tensor:
+    """An explicit ``atol`` ignored: the default tolerance always (right for ``atol=None``)."""
+    return _SPHERE_CONTAINS(self, X)
+
+
+def _check_default_atol(self: Any, X: Tensor, atol: float | None = None) -> None:
+    return _SPHERE_CHECK(self, X)
+
+
 def _integer_type_error(self: Any, Z: Tensor, base: Any = None) -> Tensor:
     """An integer raw tensor raises TypeError instead of ManifoldError."""
     if not Z.dtype.is_floating_point:
@@ -367,6 +381,10 @@ BROKEN: list[tuple[str, str, Callable[..., Any], Callable[..., None], str, dict]
     ("from-manifold-not-right-inverse", "_from_manifold", _from_manifold_no_base, check_from_manifold,
      r"to_manifold\(\*from_manifold\(X\)\) != X", {}),
     ("contains-always-true", "contains", _contains_always, check_contains, "contains is True on a NaN tensor", {}),
+    ("contains-ignores-atol", "contains", _contains_default_atol, check_membership,
+     r"contains\(Y, atol=.*\) accepts .*the explicit atol is not the tolerance", {"perturb": ref.perturb_norm}),
+    ("check-ignores-atol", "check", _check_default_atol, check_membership,
+     r"check\(Y, atol=.*\) passes .*the explicit atol is not the tolerance", {"perturb": ref.perturb_norm}),
     ("bad-input-type-error", "to_manifold", _integer_type_error, check_bad_input,
      r"to_manifold\(integer tensor.*\) raised TypeError instead of ManifoldError", {}),
 ]

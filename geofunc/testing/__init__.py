@@ -28,11 +28,11 @@ tangent space (``check_tangent_space``, through the chart's Jacobian and ``case.
 ``egrad_to_rgrad``/``transport`` agree with it, ``transport`` linear (``check_metric``), the
 float32 maps are the float64 ones rounded (``check_float32_maps``), ``project`` is the nearest point
 (``check_project_normal``, ``check_project_nearest``, ``check_project_nearest_chart``),
-``contains`` flips between 0.1× and 10× the documented tolerance (``check_membership``, from
-``case.perturb``; ``check_membership_large`` at a large point shape) and judges each point of a
-batch on its own (``check_contains_batch``), and ``sample`` follows its documented distribution
-(``check_sample_distribution``, ``check_sample_distribution_f32``: a z-test of ``case.moments``
-with a false-alarm rate below :data:`FALSE_ALARM` per check) with independent points
+``contains`` flips between 0.1× and 10× the documented tolerance, and at an explicit ``atol``
+(``check_membership``, from ``case.perturb``; ``check_membership_large`` at a large point shape)
+and judges each point of a batch on its own (``check_contains_batch``), and ``sample`` follows its
+documented distribution (``check_sample_distribution``, ``check_sample_distribution_f32``: a z-test of
+``case.moments`` with a false-alarm rate below :data:`FALSE_ALARM` per check) with independent points
 (``check_sample_independent``). Where a space implements the closed forms (its class overrides
 ``dist``, ``expmap``, ``logmap`` of ``AbstractSpace``, which raise ``ManifoldError``: :func:`implements`),
 ``dist`` is a distance and the metric's to first order (``check_dist``: ``dist(X, retract(X, tV))/t →

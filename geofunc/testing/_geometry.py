@@ -427,6 +427,25 @@ def check_project_nearest(case: SpaceCase, dtype: torch.dtype = f64, *, generato
 
 
 # ----------------------------------------------------------------------- membership
+def _explicit_atol(M: Any, Y: Tensor, ctx: str, what: str, atol: float, *, accept: bool) -> None:
+    """``contains(Y, atol)`` and ``check(Y, atol)`` judge by the ``atol`` given, not the default: they
+    accept (``accept``) or refuse every point of ``Y`` (``check_membership``: a space that ignored an
+    explicit ``atol`` passed every other property)."""
+    got = M.contains(Y, atol=atol)
+    if accept and not bool(got.all()):
+        raise _fail(ctx, f"contains(Y, atol={atol:g}) refuses {what} {_worst(~got)}: the explicit atol is not the tolerance")
+    if not accept and bool(got.any()):
+        raise _fail(ctx, f"contains(Y, atol={atol:g}) accepts {what} {_worst(got)}: the explicit atol is not the tolerance")
+    try:
+        M.check(Y, atol=atol)
+    except ManifoldError as e:
+        if accept:
+            raise _fail(ctx, f"check(Y, atol={atol:g}) raises on {what}: the explicit atol is not the tolerance: {e}") from None
+    else:
+        if not accept:
+            raise _fail(ctx, f"check(Y, atol={atol:g}) passes {what}: the explicit atol is not the tolerance")
+
+
 @_property
 def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``contains`` and ``check`` flip at the documented tolerance, per dtype: between 0.5× and 2×
@@ -436,9 +455,11 @@ def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Op
     point shape)`` (``1e-4`` float32, ``1e-9`` float64, written independently of the library),
     ``Y = case.perturb(X, c·atol)`` violates the constraint by exactly ``c·atol``: for
     ``c ∈ {0.1, 0.5}`` every point is accepted by ``contains(Y)`` and ``check(Y)`` passes; for
-    ``c ∈ {2, 10}`` every point is refused and ``check(Y)`` raises ``ManifoldError``. The case's own
-    ``member`` predicate must agree at ``atol`` (else the case is wrong). Applies where the case
-    gives ``perturb``.
+    ``c ∈ {2, 10}`` every point is refused and ``check(Y)`` raises ``ManifoldError``. An explicit
+    ``atol`` is the tolerance: ``contains(Y, atol=a)`` and ``check(Y, atol=a)`` refuse the point at
+    ``c = 0.5`` with ``a`` 4× below its violation and accept the one at ``c = 2`` with ``a`` 4× above.
+    The case's own ``member`` predicate must agree at ``atol`` (else the case is wrong). Applies where
+    the case gives ``perturb``.
     """
     if case.perturb is None:
         raise _UsageError(f"{case.id}: check_membership needs `case.perturb`")
@@ -471,6 +492,8 @@ def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Op
             else:
                 if not inside:
                     raise _fail(ctx, f"check passes {what}")
+            if c in (0.5, 2.0):  # an explicit atol is the tolerance: 4× either side of the violation
+                _explicit_atol(M, Y, ctx, what, c * atol * (0.25 if inside else 4.0), accept=not inside)
     if not ran:
         raise _fail(_ctx(case, case.shapes[0], dtype), "case.perturb gave no perturbation at any shape "
                     "(skip the property with a reason instead)")
