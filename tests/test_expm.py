@@ -95,6 +95,27 @@ def test_small_choice_is_the_two_step_choice(dtype, generator, monkeypatch):
     assert seen == {"low", "s=False", "s=True", "fallback"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_low_degrees_hold_their_bound(dtype, generator):
+    """A low degree m (1, 2, 4, chosen from ‖A‖₁ alone) is taken up to its θ_m(u) and not past it: a
+    looser threshold (θ_m 4× too large) kept float32 results within ``_tol`` (43u at ‖A‖₁ = 3.9 θ_4)
+    while failing the unit roundoff the choice promises. Below θ_m, and past it on the higher degree,
+    float32 values are float64's to 8u (random matrices reach 2u)."""
+    u = _UNIT_ROUNDOFF[dtype]
+    for m in (1, 2, 4):
+        th = _theta(m, u)
+        for f in (0.99, 1.01, 2.0, 3.9):
+            for n in (2, 5, 16, 40):
+                A = torch.randn(16, n, n, generator=generator, dtype=torch.float64)
+                A = (A * (th * f / torch.linalg.matrix_norm(A, ord=1)[..., None, None])).to(dtype)
+                degree = choose_degree(A)[0]
+                assert (degree <= m) if f < 1 else (degree > m), (m, f, n, degree)
+                if dtype == torch.float32:
+                    R = ref_expm(A.double())
+                    err = ((expm(A).double() - R).abs().amax((-2, -1)) / R.abs().amax((-2, -1))).max().item()
+                    assert err <= 8 * u, (m, f, n, err / u)
+
+
 # ----------------------------------------------------------------------------- values
 
 
