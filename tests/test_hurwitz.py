@@ -84,3 +84,30 @@ def test_second_derivatives_at_a_multiple_of_the_identity(alpha):
     exact = torch.func.grad(torch.func.grad(f))(torch.zeros((), dtype=torch.float64))
     torch.testing.assert_close(h, exact, atol=1e-9, rtol=1e-9)
     assert torch.autograd.gradgradcheck(M.project, (X.clone().requires_grad_(),))
+
+
+def test_compiled_project_does_not_recompile_per_batch_size():
+    """A compiled step over a batch of Hurwitz matrices whose batch size changes (default
+    ``dynamic=None``: automatic dynamic shapes) compiles one static and one dynamic graph, as every
+    other space does. ``project`` (and ``retract``, through it) read the top eigenvalue with
+    ``torch.take_along_dim``, which guarded the batch size to its value: one graph per size (4 sizes,
+    4 graphs; 8 sizes hit the recompile limit and ran eagerly). Note [Gather, not take_along_dim]."""
+    from torch._dynamo.utils import counters
+
+    space = gf.Hurwitz(alpha=0.5)
+    g = torch.Generator().manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(X, V):
+        Y = space.retract(X, V)
+        return Y, torch.func.grad(lambda y: space.project(y).sum())(X + V)
+
+    compiled = torch.compile(step, backend="eager")
+    for B in [3, 4, 5, 6]:
+        X = space.sample((B, 3, 3), generator=g, dtype=F64)
+        V = torch.randn(B, 3, 3, generator=g, dtype=F64)
+        for a, e in zip(compiled(X, V), step(X, V)):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()

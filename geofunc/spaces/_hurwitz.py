@@ -74,6 +74,23 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
     return P, err[..., 0, 0]
 
 
+# Note [Gather, not take_along_dim]
+# The top eigenvalue's entries are read with ``gather`` and an index expanded to the output's shape,
+# not ``torch.take_along_dim``, whose broadcasting of the index against the input guards the batch
+# size to its value under torch.compile's automatic dynamic shapes (torch 2.13: ``Eq(s17, 9)``):
+# a compiled step over a batch of Hurwitz matrices whose batch size changed recompiled at every new
+# size (8 sizes, 8 graphs, then eager after the recompile limit), where every other space compiles
+# one dynamic graph. ``gather`` with an index of the output's shape broadcasts nothing.
+def _take(T: Tensor, i: Tensor, dim: int) -> Tensor:
+    """``T`` at position ``i`` (``(*batch, 1)``) along ``dim`` (-1 or -2): ``(*batch, 1)``, or for a
+    matrix ``(*batch, 1, n)`` (row, ``dim=-2``) or ``(*batch, n, 1)`` (column, ``dim=-1``)
+    (Note [Gather, not take_along_dim])."""
+    if T.dim() == i.dim():
+        return T.gather(-1, i)
+    index = i.unsqueeze(-1) if dim == -2 else i.unsqueeze(-2)
+    return T.gather(dim, index.expand(*T.shape[:-2], *((1, T.shape[-1]) if dim == -2 else (T.shape[-2], 1))))
+
+
 def _abscissa(Y: Tensor) -> Tensor:
     """The spectral abscissa ``max Re λ(Y)``, batch-shaped.
 
@@ -89,7 +106,7 @@ def _abscissa(Y: Tensor) -> Tensor:
     lam, V = torch.linalg.eig(Y0)
     re = lam.real
     i = re.argmax(-1, keepdim=True)
-    a = torch.take_along_dim(re, i, dim=-1).squeeze(-1)
+    a = _take(re, i, -1).squeeze(-1)
     mode = derivative_mode(Y)
     if mode == "none":  # nothing differentiates: the terms are 0 in value
         return a + poison(Y)[..., 0, 0]
@@ -97,12 +114,12 @@ def _abscissa(Y: Tensor) -> Tensor:
 
     def terms(Yd: Tensor, first: bool = True, second: bool = True) -> Any:
         D = (Yd - Y.detach()).to(V.dtype)  # zero in value (NaN where Y is not finite); carries every tangent
-        Vr = torch.take_along_dim(Vi, i.unsqueeze(-1), dim=-2) @ D  # row i of V⁻¹ D
+        Vr = _take(Vi, i, -2) @ D  # row i of V⁻¹ D
         row = (Vr @ V).squeeze(-2)  # Mᵢⱼ
-        out = torch.take_along_dim(row, i, dim=-1).squeeze(-1).real if first else None
+        out = _take(row, i, -1).squeeze(-1).real if first else None
         if second:
-            col = (Vi @ (D @ torch.take_along_dim(V, i.unsqueeze(-2), dim=-1))).squeeze(-1)  # Mⱼᵢ
-            gap = torch.take_along_dim(lam, i, dim=-1) - lam
+            col = (Vi @ (D @ _take(V, i, -1))).squeeze(-1)  # Mⱼᵢ
+            gap = _take(lam, i, -1) - lam
             far = gap.abs() > math.sqrt(torch.finfo(re.dtype).eps) * lam.abs().amax(-1, keepdim=True).clamp(min=1.0)
             inv_gap = torch.where(far, 1.0 / torch.where(far, gap, torch.ones_like(gap)), torch.zeros_like(gap))
             s2 = (row * col * inv_gap).sum(-1).real
