@@ -117,6 +117,17 @@ class _Columns(AbstractSpace):
     def project(self, Y):
         return self._cat(self.product.project(self._split(Y, "Y")))
 
+    # the metric is the Product's (the sum of the factors'), not the adapter's default: else the
+    # properties of the metric and the transport never reached Product.inner/egrad_to_rgrad/transport
+    def egrad_to_rgrad(self, X, G):
+        return self._cat(self.product.egrad_to_rgrad(self._split(X), self._split(G, "G")))
+
+    def inner(self, X, U, V):
+        return self.product.inner(self._split(X), self._split(U, "U"), self._split(V, "V"))
+
+    def transport(self, X, Y, V):
+        return self._cat(self.product.transport(self._split(X), self._split(Y, "Y"), self._split(V, "V")))
+
     def sample(self, shape, *, generator=None, dtype=None, device=None):
         shape = self._sample_shape(shape, dtype)
         shapes = tuple(shape[:-1] + (w,) for w in self.widths)
@@ -132,7 +143,7 @@ class _Columns(AbstractSpace):
         return self.product._violations(self._split(X))
 
 
-_PRODUCT = _Columns(gf.Product(gf.GLp(), gf.PSD(), gf.LowRank(rank=1), gf.AlmostOrthogonal(lam=0.5)), 3, (3, 3, 2, 4))
+_PRODUCT = _Columns(gf.Product(gf.GLp(), gf.PSD(metric="affine"), gf.LowRank(rank=1), gf.AlmostOrthogonal(lam=0.5)), 3, (3, 3, 2, 4))
 
 
 def _product_member(X: Tensor, atol: float) -> Tensor:
