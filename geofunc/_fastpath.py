@@ -82,18 +82,31 @@ def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
 # * under a single torch.func.grad level the maps are one node (AbstractSpace._one_node_maps, Note
 #   [One node under torch.func.grad] in geofunc/_fused.py) that runs them in plain autograd: lazy
 #   again, and a backward at that level other than grad's own recomputes the chain;
-# * everything else (forward-mode AD, jvp, vjp/jacrev, nested transforms, torch.compile): "chain",
-#   the term as torch ops.
-def derivative_mode(*tensors: Optional[Tensor]) -> str:
+# * under one torch.func.jvp level (and vmap levels: jvp, jacfwd, linearize) with nothing below it
+#   tracking derivatives: "first", the first-order terms as torch ops and not the second-order one.
+#   Forward mode at a single level carries first derivatives only, and the term's tangent is zero
+#   there (bilinear in the zero-valued dY), so leaving it out changes no value and no tangent; built,
+#   it was 70% of the work (Stiefel, Grassmannian and LowRank(4) project and retract 1024×16 under
+#   jvp: 131 n·k² of matmul FLOPs, 38 without it; LowRank's tangent 161 → 68; the forward alone is
+#   2). A Grad or second Jvp level anywhere in the stack (hessian, jvp of grad, jacfwd of jacfwd)
+#   keeps the chain. Only callers that pass ``first=True`` (the SVD/eigh maps, the polar factor) get it;
+# * everything else (plain-eager forward-mode AD, vjp/jacrev, nested transforms, torch.compile):
+#   "chain", the term as torch ops.
+def derivative_mode(*tensors: Optional[Tensor], first: bool = False) -> str:
     """How a map with a second-order term computes derivatives for ``tensors``: ``"none"`` (nothing
     differentiates: the value alone), ``"lazy"`` (plain eager autograd: the map as one node,
-    :func:`closed_form_node`, or the term as one, :func:`add_second_order`) or ``"chain"`` (the
-    terms as torch ops). Under ``torch.func``, "none" where only ``vmap`` levels are active and no
-    plain tensor below them tracks derivatives."""
+    :func:`closed_form_node`, or the term as one, :func:`add_second_order`), ``"first"`` (the
+    first-order terms as torch ops, no second-order one) or ``"chain"`` (the terms as torch ops).
+    Under ``torch.func``, "none" where only ``vmap`` levels are active and no plain tensor below them
+    tracks derivatives, and with ``first=True`` (a caller that can leave its second-order term out)
+    "first" where one ``jvp`` level is (with ``vmap`` levels); "chain" there otherwise."""
     if torch.compiler.is_compiling():
         return "chain"
     if torch._C._functorch.peek_interpreter_stack() is not None:
-        return "none" if _only_batching(tensors) else "chain"
+        kinds = _transforms()
+        if _only_batching(tensors, kinds):
+            return "none"
+        return "first" if first and _sole_jvp(tensors, kinds) else "chain"
     if eager_fast(*tensors):
         if not tracks_derivatives(*tensors):
             return "none"
@@ -113,10 +126,24 @@ def _transforms() -> list[str]:
         return ["Jvp", "Jvp"]
 
 
-def _only_batching(tensors: tuple[Optional[Tensor], ...]) -> bool:
-    """Whether the active torch.func levels are ``vmap`` only and nothing below them differentiates."""
-    if _fw_ad._current_level >= 0 or any(kind != "Vmap" for kind in _transforms()):
+def _only_batching(tensors: tuple[Optional[Tensor], ...], kinds: list[str]) -> bool:
+    """Whether the active torch.func levels (``kinds``, :func:`_transforms`) are ``vmap`` only and
+    nothing below them differentiates."""
+    if _fw_ad._current_level >= 0 or any(kind != "Vmap" for kind in kinds):
         return False
+    return _nothing_below(tensors)
+
+
+def _sole_jvp(tensors: tuple[Optional[Tensor], ...], kinds: list[str]) -> bool:
+    """Whether the active torch.func levels (``kinds``) are one ``jvp`` level and ``vmap`` levels, and
+    nothing below them differentiates (Note [Lazy second-order terms]: "first")."""
+    if kinds.count("Jvp") != 1 or any(kind not in ("Jvp", "Vmap") for kind in kinds):
+        return False
+    return _nothing_below(tensors)
+
+
+def _nothing_below(tensors: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether no plain tensor under the torch.func wrappers of ``tensors`` requires grad."""
     try:
         f = torch._C._functorch
         if torch.is_grad_enabled():

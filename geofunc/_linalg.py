@@ -858,7 +858,7 @@ def polar(A: Tensor) -> Tensor:
     """
     if A.shape[-2] < A.shape[-1]:
         return untall(polar(tall(A)[0]), True)
-    mode = derivative_mode(A)
+    mode = derivative_mode(A, first=True)
     if mode == "lazy":  # one plain-autograd node (Note [Lazy second-order terms])
         return closed_form_node(lambda: _polar(A, "vjp"), lambda a: _polar(a, "chain"), A)
     return _polar(A, mode)
@@ -866,7 +866,7 @@ def polar(A: Tensor) -> Tensor:
 
 def _polar(A: Tensor, mode: str) -> Any:
     """:func:`polar` of a tall or square ``A`` in ``mode`` (as ``_spectral_svd`` in
-    ``geofunc/spaces/_factorized.py``: "none", "chain" or "vjp")."""
+    ``geofunc/spaces/_factorized.py``: "none", "first", "chain" or "vjp")."""
     A0 = A.detach()
     U, s, Vh = torch.linalg.svd(sanitize(A0), full_matrices=False)
     Up = _mm(U, Vh) + poison(A0)
@@ -895,6 +895,8 @@ def _polar(A: Tensor, mode: str) -> Any:
     R = DV - U @ M if tall_ else None  # (I − UUᵀ) dA V
     if R is not None:  # the part of dA outside range(U): (I − UUᵀ) dA V Σ⁻¹ Vᵀ
         out = out + (R / s.unsqueeze(-2).clamp(min=tol)) @ Vh
+    if mode == "first":  # one forward-mode level: the first-order term alone (Note [Lazy second-order terms])
+        return out
     ones, zeros = torch.ones_like(s), torch.zeros_like(s)  # the SVD map of g = 1 (Note [Second derivatives of spectral maps])
     return out + _svd_second_order(U, s, Vh, ones, zeros, M, R, tol)
 

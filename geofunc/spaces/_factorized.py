@@ -87,7 +87,7 @@ def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tenso
     NaN/inf input gives NaN. In plain autograd one node with the adjoint of ``dF`` written out
     (Note [Lazy second-order terms]).
     """
-    mode = derivative_mode(Y)
+    mode = derivative_mode(Y, first=True)
     if mode == "lazy":
         return closed_form_node(lambda: _spectral_svd(Y, g_fn, tie_tol, "vjp"),
                                 lambda y: _spectral_svd(y, g_fn, tie_tol, "chain"), Y)
@@ -97,7 +97,8 @@ def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tenso
 def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
                   tie_tol: Optional[Callable[[Tensor], Tensor]], mode: str) -> Any:
     """:func:`spectral_svd` in ``mode``: "none" (the value), "chain" (value and derivative terms as
-    torch ops) or "vjp" (``(value, vector-Jacobian product)``, for :func:`closed_form_node`)."""
+    torch ops), "first" (the chain without the second-order term) or "vjp" (``(value,
+    vector-Jacobian product)``, for :func:`closed_form_node`)."""
     Y0 = Y.detach()
     U, s, Vh = torch.linalg.svd(sanitize(Y0), full_matrices=False)
     g, dg = g_fn(s, U, Vh)
@@ -131,7 +132,9 @@ def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tens
     E = U.mT @ D @ V
     K = 0.5 * (E + E.mT) * dminus + 0.5 * (E - E.mT) * dplus
     R = D @ V - U @ E if tall else None  # (I − UUᵀ) dY V
-    out = out + U @ K @ Vh + _svd_second_order(U, s, Vh, g, dg, E, R, tol)
+    out = out + U @ K @ Vh
+    if mode != "first":  # "first": one forward-mode level, whose tangent the term does not change
+        out = out + _svd_second_order(U, s, Vh, g, dg, E, R, tol)
     if R is not None:
         out = out + (R * ratio) @ Vh
     return out
@@ -148,7 +151,7 @@ def spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...]
     ``g'' = 0`` where ``g_fn`` returns two values). The result is exactly symmetric. ``tie_tol`` as
     :func:`spectral_svd`'s. NaN/inf input gives NaN. In plain autograd one node (as :func:`spectral_svd`).
     """
-    mode = derivative_mode(Y)
+    mode = derivative_mode(Y, first=True)
     if mode == "lazy":
         return closed_form_node(lambda: _spectral_eigh(Y, g_fn, tie_tol, "vjp"),
                                 lambda y: _spectral_eigh(y, g_fn, tie_tol, "chain"), Y)
@@ -175,6 +178,8 @@ def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...
 
         return out + poison(S0), vjp
     E = transpose(Q) @ (S - S0) @ Q
+    if mode == "first":  # one forward-mode level: the first-order term alone (Note [Lazy second-order terms])
+        return out + sym_part(Q @ (E * gam) @ transpose(Q))
     return out + sym_part(Q @ (E * gam + _second_core(E, gam, H, tie, safe)) @ transpose(Q))
 
 
