@@ -1034,9 +1034,9 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
 #   with M⁴ as one (2k × (r−1)k) by ((r−1)k × 2k) product, the gradient of M³ = M² M through the
 #   first k columns only (its cotangent has no others), M² by blocks (four k×k products).
 #
-# Counted in k³ (one k×k product; a 2k×2k product is 8) at degree 16: forward 26 and adjoint 48,
-# against 48 and 96 for expm(M) and its adjoint. With squarings (s > 0) the exponential is
-# evaluated whole (the squarings need it), from the powers already computed, and its adjoint is
+# Counted in k³ (one k×k product; a 2k×2k product is 8) at degree 16: forward 26 and adjoint 50,
+# against 48 and 96 for expm(M) and its adjoint (counted by tests/test_expm.py). With squarings
+# (s > 0) the exponential is evaluated whole (the squarings need it), from the powers already computed, and its adjoint is
 # expm's. Values and gradients are those of the same polynomial at the same degree (the Horner
 # products are taken in the other order: the same to rounding). A backward that builds a graph
 # (double backward) goes through expm's adjoint node on M (Note [Adjoint node]): higher

@@ -841,6 +841,37 @@ def test_frame_expm_is_expm_first_columns(scale, batch, dtype, generator):
     torch.testing.assert_close(frame_expm(T.detach(), R.detach(), c), F.detach(), rtol=0, atol=0)
 
 
+def test_frame_expm_counts_the_products_its_note_states():
+    """Note [Frame exponential]'s count, in k³ FLOP units (one k×k product; a 2k×2k one is 8) at degree
+    16 without squarings: the frame's forward 26 and adjoint 50, against 48 and 96 for ``expm(M)``
+    and its adjoint (the note said 48 for the frame's adjoint). Counted, not timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from geofunc._expm import _frame_adjoint
+
+    k = 32
+    g = torch.Generator().manual_seed(0)
+    T = 0.05 * torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    C = 0.05 * torch.randn(k, k, generator=g, dtype=torch.float64) / math.sqrt(k)
+    T, R, c = T - T.mT, -(C.mT @ C), torch.ones(1, 1, dtype=torch.float64)
+    M = _frame_matrix(T, R, c)
+    assert choose_degree(M)[:2] == (16, 0)
+    G = torch.randn(2 * k, k, generator=g, dtype=torch.float64)
+
+    def units(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / (2 * k**3)
+
+    _, cache = _frame_forward(T, R, c)
+    Mr = M.clone().requires_grad_()
+    E = expm(Mr)
+    assert units(lambda: _frame_forward(T, R, c)) == 26
+    assert units(lambda: _frame_adjoint(T, R, c, cache, G)) == 50
+    assert units(lambda: expm(M)) == 48
+    assert units(lambda: E.backward(torch.cat([G, torch.zeros_like(G)], -1))) == 96
+
+
 @pytest.mark.parametrize("scale", [1e-3, 0.6, 1.2, 8.0])
 def test_frame_expm_gradcheck_gradgradcheck(scale, generator):
     """Exact first derivatives of the block evaluation, and second ones (a backward that builds a
