@@ -1036,11 +1036,11 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
 #
 # Counted in k³ (one k×k product; a 2k×2k product is 8) at degree 16: forward 26 and adjoint 50,
 # against 48 and 96 for expm(M) and its adjoint (counted by tests/test_expm.py). With squarings
-# (s > 0) the exponential is evaluated whole (the squarings need it), from the powers already computed, and its adjoint is
-# expm's. Values and gradients are those of the same polynomial at the same degree (the Horner
-# products are taken in the other order: the same to rounding). A backward that builds a graph
-# (double backward) goes through expm's adjoint node on M (Note [Adjoint node]): higher
-# derivatives exact, as expm's. Under torch.compile the same kernels run as operators (Note
+# (s > 0) the exponential is evaluated whole (the squarings need it), from the powers already
+# computed, and its adjoint is expm's. Values and gradients are those of the same polynomial at the
+# same degree (the Horner products are taken in the other order: the same to rounding). A backward
+# that builds a graph (double backward) goes through expm's adjoint node on M (Note [Adjoint node]):
+# higher derivatives exact, as expm's. Under torch.compile the same kernels run as operators (Note
 # [Compiled frame exponential]). Everywhere else (torch.func transforms, forward mode, tensor
 # subclasses, complex dtypes) the chart calls expm(M) and takes its first k columns
 # (frame_columns decides).
