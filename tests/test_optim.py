@@ -759,6 +759,23 @@ def test_momentum_is_transported_to_the_new_tangent_space(generator):
     torch.testing.assert_close(gf.Stiefel().tangent(p["X"], buf), buf, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adam", "amsgrad"])
+def test_adam_first_moment_is_transported_to_the_new_tangent_space(amsgrad, generator):
+    """radam's first moment lives at the current point: a ``scale_by_adam`` whose ``transport`` left it
+    where it was (tangent at the previous point) passed every test of test_optim and test_geometry_optim."""
+    c = {"X": gf.Stiefel(), "s": gf.Sphere()}
+    opt = gf.optim.radam(c, lr=0.1, amsgrad=amsgrad)
+    p = gf.sample(c, {"X": torch.empty(5, 2, dtype=F64), "s": torch.empty(3, 4, dtype=F64)}, generator=generator)
+    state = opt.init(p)
+    for _ in range(3):
+        G = optree.tree_map(lambda t: torch.randn(t.shape, generator=generator, dtype=F64), p)
+        p, state = opt.update(G, state, p)
+    for k, space in c.items():
+        mu = state[2].mu[k]
+        assert mu.abs().max() > 0.1
+        torch.testing.assert_close(space.tangent(p[k], mu), mu, atol=1e-12, rtol=0)
+
+
 def test_grads_must_match_params():
     opt = gf.optim.rsgd({"x": gf.Sphere()}, lr=0.1)
     p = {"x": torch.tensor([1.0, 0.0]), "y": torch.zeros(2)}
