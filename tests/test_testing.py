@@ -221,6 +221,18 @@ def test_user_space_with_closed_forms_passes_them() -> None:
         check_space(case, properties=("dist",))
 
 
+def test_a_dist_that_is_no_distance_along_a_curve_fails() -> None:
+    """``dist = θ + θ³`` (θ the angle) is symmetric, positive, the metric's to first order and keeps the
+    triangle inequality on random triples of the sphere; it breaks it on the (near) collinear triples
+    ``X, retract(X, V/2), retract(X, V)``, which ``check_dist`` now also tries (it passed before)."""
+    case = dataclasses.replace(_user_case((f64,)), id="GeodesicSphere", space=GeodesicSphere(), transport="parallel")
+    dist = GeodesicSphere.dist
+    check_space(case, properties=("dist",))
+    with mock.patch.object(GeodesicSphere, "dist", lambda self, X, Y: dist(self, X, Y) + dist(self, X, Y) ** 3), \
+            pytest.raises(AssertionError, match="GeodesicSphere.*triangle inequality along a retraction curve"):
+        check_space(case, properties=("dist",))
+
+
 def test_a_closed_form_that_raises_fails() -> None:
     """A space whose class overrides ``dist`` is checked, and a ``ManifoldError`` from its override
     fails the property with the context of an unexpected exception: it is not taken for "not

@@ -110,7 +110,8 @@ def check_dist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
 
     * ``dist`` is batch-shaped; ``dist(X, X) = 0`` (to ``tol``); ``dist(X, Y) ≥ 0``; symmetric,
       ``dist(Y, X) = dist(X, Y)`` (to ``tol·max(1, dist)``); the triangle inequality
-      ``dist(X, W) ≤ dist(X, Y) + dist(Y, W)`` (to ``tol·max(1, dist(X, Y) + dist(Y, W))``);
+      ``dist(X, W) ≤ dist(X, Y) + dist(Y, W)`` (to ``tol·max(1, dist(X, Y) + dist(Y, W))``), also for
+      ``Y = retract(X, V/2)``, ``W = retract(X, V)`` (``V`` below), where it is tight;
     * it agrees with the metric to first order: for ``V = tangent(X, G)`` rescaled to unit length
       in the metric (``inner(X, V, V) = 1``), ``e(t) = |dist(X, retract(X, tV))/t − 1|`` at
       ``t ∈ {0.1, 0.01, 0.001}`` is ``O(t)``: ``e(t) ≤ 10·q·t + rounding`` with ``q = max(e(0.1)/0.1,
@@ -144,8 +145,19 @@ def check_dist(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional
             i = first_index(bad)
             raise _fail(ctx, f"dist breaks the triangle inequality on sampled X, Y, W: dist(X, W) = {float(dxw[i]):.10g} "
                         f"> dist(X, Y) + dist(Y, W) = {float(dxy[i]):.10g} + {float(dyw[i]):.10g} {_worst(bad)}")
-        # the first order: dist(X, retract(X, tV))/t → √inner(X, V, V) = 1
         V, ok = _unit_tangent(case, X, g)
+        # and on triples along one retraction curve, X, retract(X, V/2), retract(X, V), where it is (near)
+        # tight: a dist that is a superadditive function of the distance (θ + θ³) keeps it on random
+        # triples and breaks it there
+        Y2, W2 = M.retract(X, 0.5 * V), M.retract(X, V)
+        d1, d2, d3 = M.dist(X, Y2), M.dist(Y2, W2), M.dist(X, W2)
+        bad = ok & ~(d3 <= d1 + d2 + tol * torch.maximum(one, d1 + d2))
+        if bool(bad.any()):
+            i = first_index(bad)
+            raise _fail(ctx, f"dist breaks the triangle inequality along a retraction curve: dist(X, retract(X, V)) = "
+                        f"{float(d3[i]):.10g} > dist(X, Y) + dist(Y, retract(X, V)) = {float(d1[i]):.10g} + "
+                        f"{float(d2[i]):.10g} with Y = retract(X, V/2), inner(X, V, V) = 1 {_worst(bad)}")
+        # the first order: dist(X, retract(X, tV))/t → √inner(X, V, V) = 1
         ratio = _point_norm(X, p).clamp(min=1.0) / _point_norm(V, p).clamp(min=1e-300)
         errs = []
         for t in _DIST_STEPS:
