@@ -188,11 +188,27 @@ def resolve_triv(triv: Triv) -> Callable[[Tensor], Tensor]:
     return _TRIVS[triv]
 
 
-def _randn(shape, generator, dtype, device) -> Tensor:
+# Note [No generator=None]
+# Every random draw of ``sample`` goes through _draw, which passes ``generator`` to torch only when
+# there is one: torch.randn(shape, generator=None) takes the generator overload, whose kernel needs
+# concrete sizes ("SymIntArrayRef expected to contain only concrete integers", torch 2.13), so
+# inside torch.compile a sample of a symbolic shape (``M.sample(x.shape)`` once automatic dynamic
+# shapes made the batch size symbolic) failed where torch.randn(x.shape) compiles.
+def _draw(fn: Callable[..., Tensor], shape, generator, dtype, device) -> Tensor:
     dtype = torch.get_default_dtype() if dtype is None else dtype
-    if device is None and generator is not None:
-        device = generator.device
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
+    if generator is None:
+        return fn(tuple(shape), dtype=dtype, device=device)
+    return fn(tuple(shape), generator=generator, dtype=dtype, device=generator.device if device is None else device)
+
+
+def _randn(shape, generator, dtype, device) -> Tensor:
+    """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    return _draw(torch.randn, shape, generator, dtype, device)
+
+
+def _rand(shape, generator, dtype, device) -> Tensor:
+    """Uniform in [0, 1) of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
+    return _draw(torch.rand, shape, generator, dtype, device)
 
 
 def _sign_nonzero(x: Tensor) -> Tensor:

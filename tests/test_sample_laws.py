@@ -35,6 +35,7 @@ import math
 
 import pytest
 import torch
+import reference as ref
 from reference import separated_bounds
 
 import geofunc as gf
@@ -182,3 +183,27 @@ def test_wrapped_normals_in_dimension_two(dtype) -> None:
         d = math.sqrt(M.k) * torch.acosh((x[:, 0] / math.sqrt(M.k)).clamp(min=1.0))
         _dkw(2.0 * d**2, chi2, f"{M!r} {dtype}: 2 d²")
         _dkw(torch.atan2(x[:, 2], x[:, 1]), _uniform(-math.pi, math.pi), f"{M!r} {dtype}: direction")
+
+
+@pytest.mark.parametrize(
+    "space,point",
+    [(gf.Rn(), (4,)), (gf.Sphere(), (4,)), (gf.Stiefel(), (4, 2)), (gf.LowRank(rank=2), (4, 3)), (gf.PSD(), (3, 3)),
+     (gf.PoincareBall(), (3,)), (gf.Lorentz(), (3,)), (gf.Birkhoff(), (3, 3))],
+    ids=lambda v: repr(v) if isinstance(v, gf.AbstractSpace) else "")
+def test_compiled_sample_of_a_symbolic_shape_compiles_once(space, point):
+    """``sample(x.shape)`` inside a compiled function whose batch size changes (default ``dynamic=None``)
+    compiles one static and one dynamic graph, as ``torch.randn(x.shape)`` does. ``_sample_shape`` read
+    every size with ``operator.index``, which guards a symbolic size to its value (one graph per batch
+    size: Note [Symbolic sample shapes]), and the draws passed ``generator=None`` to torch, whose
+    generator overload refuses symbolic sizes (Note [No generator=None]). The Gaussian, uniform
+    (separated values of the rank family) and hyperbolic/Birkhoff draws are all reached."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    f = torch.compile(lambda x: space.sample(x.shape, dtype=x.dtype), backend="eager", fullgraph=True)
+    for B in [3, 4, 5, 6]:
+        X = f(torch.zeros(B, *point, dtype=torch.float64))
+        assert X.shape == (B, *point) and ref.member(space, X, 1e-9)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()

@@ -507,6 +507,13 @@ class AbstractSpace(_Space, abc.ABC):
             raise error(self, f"`{what}` to be non-empty vectors (..., n)", f"shape {tuple(X.shape)}")
         return X.shape[-1]
 
+    # Note [Symbolic sample shapes]
+    # Inside torch.compile, ``sample(x.shape)`` receives the sizes of ``x`` as SymInts once automatic
+    # dynamic shapes has made them symbolic. ``operator.index`` of a SymInt asks for its value, which
+    # guards the size to it: a compiled function drawing a sample of its input's batch size recompiled
+    # at every new batch size (every space, 4 sizes, 4 graphs, where ``torch.randn(x.shape)`` compiles
+    # 2). Ints and SymInts are kept as they are (Dynamo reads ``isinstance(d, int)`` without a guard,
+    # and ``d < 0`` of a size is decided by its range); other integers (NumPy's) go through ``index``.
     def _sample_shape(self, shape: Any, dtype: torch.dtype | None = None) -> tuple[int, ...]:
         """``shape`` of :meth:`sample` as a tuple, checked as a point shape of the space.
 
@@ -515,8 +522,9 @@ class AbstractSpace(_Space, abc.ABC):
         """
         if isinstance(shape, int) and not isinstance(shape, bool):
             shape = (shape,)
-        try:
-            out = tuple(operator.index(d) for d in shape)
+        try:  # a symbolic size (a tensor's shape under torch.compile) is kept: Note [Symbolic sample shapes]
+            out = tuple(d if isinstance(d, (int, torch.SymInt)) and not isinstance(d, bool) else operator.index(d)
+                        for d in shape)
         except TypeError:
             out = None
         if out is None or any(d < 0 for d in out) or any(isinstance(d, bool) for d in shape):

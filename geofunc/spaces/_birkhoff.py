@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional, final
 import torch
 
 from .._fastpath import _PLAIN_TYPES
-from .._linalg import lu_solve_vec, poison, solve_vec
+from .._linalg import _randn, lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
 
 __all__ = ["Birkhoff"]
@@ -19,9 +19,7 @@ Tensor = torch.Tensor
 
 def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
     """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
-    if device is None and generator is not None:
-        device = generator.device
-    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
+    return _randn(shape, generator, dtype, device)  # Note [No generator=None]
 
 
 # Note [Sinkhorn with a fixed step count]

@@ -206,7 +206,7 @@ def separated_values(batch: tuple[int, ...], r: int, generator, dtype, device) -
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if device is None and generator is not None:
         device = generator.device
-    xi = torch.rand(batch + (r,), generator=generator, dtype=dtype, device=device)
+    xi = _linalg._rand(batch + (r,), generator, dtype, device)  # Note [No generator=None]
     i = torch.arange(r, dtype=dtype, device=device)
     return (r - i - 0.5 * xi) / r
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import hyperbolic as hyp
 from .._errors import describe, error
-from .._linalg import poison
+from .._linalg import _randn, poison
 from ._base import AbstractSpace, rounding_dtype
 
 __all__ = ["PoincareBall"]
@@ -21,9 +21,7 @@ Tensor = torch.Tensor
 
 def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtype: Optional[torch.dtype], device) -> Tensor:
     """A standard Gaussian of ``shape`` from ``generator`` (on its device unless ``device`` is given)."""
-    if device is None and generator is not None:
-        device = generator.device
-    return torch.randn(shape, generator=generator, dtype=dtype or torch.get_default_dtype(), device=device)
+    return _randn(shape, generator, dtype, device)  # Note [No generator=None]
 
 
 def _margin(X: Tensor) -> float:
