@@ -108,8 +108,8 @@ def _second(f, x, d, h=1e-4):
 def test_affine_maps_have_exact_derivatives_where_eigenvalues_repeat(where, generator):
     """At ``X = I`` (every eigenvalue repeats) and ``Y = X``: gradcheck of ``logmap``, ``expmap``,
     ``transport`` and ``inner`` in all arguments, and second directional derivatives of a loss of
-    ``logmap`` and ``expmap`` from double backward and from ``torch.func`` (forward over forward)
-    against second differences of values; the Riemannian gradient of ``½ dist²(·, Y)`` is
+    ``logmap`` and ``expmap`` (in either argument; ``transport`` in ``X``) from double backward and from
+    ``torch.func`` (forward over forward) against second differences of values; the Riemannian gradient of ``½ dist²(·, Y)`` is
     ``−logmap(·, Y)`` (the Fréchet-mean gradient)."""
     X = torch.eye(3, dtype=F64) if where == "identity" else AFFINE.sample((3, 3), generator=generator, dtype=F64)
     Y = X.clone() if where == "coincident" else AFFINE.sample((3, 3), generator=generator, dtype=F64)
@@ -120,7 +120,10 @@ def test_affine_maps_have_exact_derivatives_where_eigenvalues_repeat(where, gene
     assert torch.autograd.gradcheck(lambda X, V: AFFINE.expmap(X, V), (args[0], args[2]))
     assert torch.autograd.gradcheck(lambda X, Y, V: AFFINE.transport(X, Y, V), args)
     assert torch.autograd.gradcheck(lambda X, V: AFFINE.inner(X, V, V), (args[0], args[2]))
-    for fn, x0 in ((lambda Y: (W * AFFINE.logmap(X, Y)).sum(), Y), (lambda V: (W * AFFINE.expmap(X, V)).sum(), V)):
+    # in X too: the roots X^{±1/2} are differentiated twice there (their spectral second derivatives)
+    for fn, x0 in ((lambda Y: (W * AFFINE.logmap(X, Y)).sum(), Y), (lambda V: (W * AFFINE.expmap(X, V)).sum(), V),
+                   (lambda X: (W * AFFINE.logmap(X, Y)).sum(), X), (lambda X: (W * AFFINE.expmap(X, V)).sum(), X),
+                   (lambda X: (W * AFFINE.transport(X, Y, V)).sum(), X)):
         for _ in range(2):
             d = torch.randn(3, 3, generator=generator, dtype=F64)
             d = d + d.mT
