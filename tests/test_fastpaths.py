@@ -538,3 +538,25 @@ def test_softplus_derivative_in_closed_form_is_autograds():
         want = torch.autograd.grad(Positive("softplus")(t_).sum(), t_)[0]
         torch.testing.assert_close(Positive("softplus").derivative(t), want, rtol=4 * torch.finfo(dtype).eps, atol=0)
     assert Positive((torch.exp, torch.log)).derivative(t) is None
+
+
+def test_floor_eps_memo_is_not_filled_while_compiling():
+    """``floor_eps`` (the softplus floor of GLp, PSD, FixedRank, SL, ...) memoized √ε per dtype in a
+    module dict filled on first use. Filled inside torch.compile, that dict is a global Dynamo guards on
+    (``not ___dict_contains(torch.float64, _FLOOR_EPS)``): every function compiled before the fill
+    recompiled once after it (a compiled rsgd step on PSD: 2 graphs in 5 steps). It is filled at import
+    for every dtype a point can have, so a call never writes it. Checked in a fresh process (other
+    tests have called floor_eps in this one)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import math, torch\n"
+        "from geofunc.spaces import _values as v\n"
+        "before = dict(v._FLOOR_EPS)\n"
+        "for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128):\n"
+        "    assert v.floor_eps(d) == math.sqrt(torch.finfo(d).eps), d\n"
+        "assert v._FLOOR_EPS == before, sorted(map(str, set(v._FLOOR_EPS) - set(before)))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

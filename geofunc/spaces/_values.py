@@ -39,7 +39,12 @@ def floor_eps(dtype: torch.dtype) -> float:
     return out
 
 
-_FLOOR_EPS: dict[torch.dtype, float] = {}  # torch.finfo costs microseconds per call
+# torch.finfo costs microseconds per call. Filled at import for every dtype a point can have: a memo
+# first filled inside torch.compile is a global that Dynamo guards on ("not ___dict_contains(
+# torch.float64, ..._FLOOR_EPS)"), so every function compiled before the fill recompiled once after it.
+_FLOOR_EPS: dict[torch.dtype, float] = {
+    d: math.sqrt(torch.finfo(d).eps)
+    for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)}
 
 
 def softplus_eps(t: Tensor) -> Tensor:
