@@ -143,7 +143,7 @@ class _Columns(AbstractSpace):
         return self.product._violations(self._split(X))
 
 
-_PRODUCT = _Columns(gf.Product(gf.GLp(), gf.PSD(metric="affine"), gf.LowRank(rank=1), gf.AlmostOrthogonal(lam=0.5)), 3, (3, 3, 2, 4))
+_PRODUCT = _Columns(gf.Product(gf.GLp(), gf.PSD(), gf.LowRank(rank=1), gf.AlmostOrthogonal(lam=0.5)), 3, (3, 3, 2, 4))
 
 
 def _product_member(X: Tensor, atol: float) -> Tensor:

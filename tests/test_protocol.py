@@ -592,3 +592,24 @@ def test_a_tensor_hyperparameter_is_described_not_dumped():
         with pytest.raises(gf.ManifoldError) as info:
             make()
         assert "tensor(" not in str(info.value) and "a tensor of shape ()" in str(info.value), str(info.value)
+
+
+def test_product_metric_is_the_sum_of_its_factors_metrics(generator) -> None:
+    """``Product``'s ``inner``, ``egrad_to_rgrad`` and ``transport`` are its factors', each with its own
+    metric (the conformance Product case has embedded factors only, where a Product that ignored its
+    factors' metrics, summed the first factor's inner only or skipped a factor's transport would pass)."""
+    factors = (gf.PSD(metric="affine"), gf.Stiefel(metric="canonical"), gf.Sphere(radius=2.0))
+    M = gf.Product(*factors)
+    shapes = ((2, 3, 3), (2, 5, 2), (2, 4))
+    X = tuple(f.sample(s, generator=generator, dtype=F64) for f, s in zip(factors, shapes))
+    Y = tuple(f.sample(s, generator=generator, dtype=F64) for f, s in zip(factors, shapes))
+    U, V, G = (tuple(f.tangent(x, torch.randn(s, generator=generator, dtype=F64)) for f, x, s in zip(factors, X, shapes))
+               for _ in range(3))
+    torch.testing.assert_close(M.inner(X, U, V), sum(f.inner(x, u, v) for f, x, u, v in zip(factors, X, U, V)),
+                               atol=1e-12, rtol=1e-12)
+    for got, f, x, g in zip(M.egrad_to_rgrad(X, G), factors, X, G):
+        torch.testing.assert_close(got, f.egrad_to_rgrad(x, g), atol=1e-12, rtol=1e-12)
+    for got, f, x, y, v in zip(M.transport(X, Y, V), factors, X, Y, V):
+        torch.testing.assert_close(got, f.transport(x, y, v), atol=1e-12, rtol=1e-12)
+    # and the metrics differ from the embedded one, so the test can tell them apart
+    assert not torch.allclose(M.inner(X, U, V), sum((u * v).flatten(1).sum(-1) for u, v in zip(U, V)))
