@@ -427,23 +427,27 @@ def check_project_nearest(case: SpaceCase, dtype: torch.dtype = f64, *, generato
 
 
 # ----------------------------------------------------------------------- membership
-def _explicit_atol(M: Any, Y: Tensor, ctx: str, what: str, atol: float, *, accept: bool) -> None:
-    """``contains(Y, atol)`` and ``check(Y, atol)`` judge by the ``atol`` given, not the default: they
-    accept (``accept``) or refuse every point of ``Y`` (``check_membership``: a space that ignored an
+def _judge(M: Any, Y: Tensor, ctx: str, what: str, inside: bool, atol: Optional[float] = None) -> None:
+    """``contains(Y)`` accepts and ``check(Y)`` passes every point of ``Y`` (``inside``), or ``contains``
+    refuses every one and ``check`` raises; with ``atol``, ``contains(Y, atol)``/``check(Y, atol)``
+    judge by the ``atol`` given, not the default (``check_membership``: a space that ignored an
     explicit ``atol`` passed every other property)."""
-    got = M.contains(Y, atol=atol)
-    if accept and not bool(got.all()):
-        raise _fail(ctx, f"contains(Y, atol={atol:g}) refuses {what} {_worst(~got)}: the explicit atol is not the tolerance")
-    if not accept and bool(got.any()):
-        raise _fail(ctx, f"contains(Y, atol={atol:g}) accepts {what} {_worst(got)}: the explicit atol is not the tolerance")
+    kw = {} if atol is None else {"atol": atol}
+    call = "" if atol is None else f"(Y, atol={atol:g})"
+    why = "" if atol is None else ": the explicit atol is not the tolerance"
+    got = M.contains(Y, **kw)
+    if inside and not bool(got.all()):
+        raise _fail(ctx, f"contains{call} refuses {what} {_worst(~got)}{why}")
+    if not inside and bool(got.any()):
+        raise _fail(ctx, f"contains{call} accepts {what} {_worst(got)}{why or ': the tolerance is looser than documented'}")
     try:
-        M.check(Y, atol=atol)
+        M.check(Y, **kw)
     except ManifoldError as e:
-        if accept:
-            raise _fail(ctx, f"check(Y, atol={atol:g}) raises on {what}: the explicit atol is not the tolerance: {e}") from None
+        if inside:
+            raise _fail(ctx, f"check{call} raises on {what}{why}: {e}") from None
     else:
-        if not accept:
-            raise _fail(ctx, f"check(Y, atol={atol:g}) passes {what}: the explicit atol is not the tolerance")
+        if not inside:
+            raise _fail(ctx, f"check{call} passes {what}{why}")
 
 
 @_property
@@ -480,26 +484,14 @@ def check_membership(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Op
             what = f"a point perturbed by {c:g}× the documented atol {atol:g}"
             if bool(torch.as_tensor(case.member(Y, atol)).all()) != inside:
                 raise _fail(ctx, f"the case's `member` predicate {'refuses' if inside else 'accepts'} {what} (a bad case)")
-            got = M.contains(Y)
-            if inside and not bool(got.all()):
-                raise _fail(ctx, f"contains refuses {what} {_worst(~got)}")
-            if not inside and bool(got.any()):
-                raise _fail(ctx, f"contains accepts {what} {_worst(got)}: the tolerance is looser than documented")
-            try:
-                M.check(Y)
-            except ManifoldError as e:
-                if inside:
-                    raise _fail(ctx, f"check raises on {what}: {e}") from None
-            else:
-                if not inside:
-                    raise _fail(ctx, f"check passes {what}")
+            _judge(M, Y, ctx, what, inside)
             if c in (0.5, 2.0):  # an explicit atol is the tolerance: 4× either side of the violation
                 explicit.append((Y, ctx, what, c * atol * (0.25 if inside else 4.0), not inside))
     if not ran:
         raise _fail(_ctx(case, case.shapes[0], dtype), "case.perturb gave no perturbation at any shape "
                     "(skip the property with a reason instead)")
     for Y, ctx, what, a, accept in explicit:  # after the default tolerance's verdicts (their messages first)
-        _explicit_atol(M, Y, ctx, what, a, accept=accept)
+        _judge(M, Y, ctx, what, accept, atol=a)
 
 
 # ----------------------------------------------------------------------- distribution
