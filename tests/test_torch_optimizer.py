@@ -437,24 +437,31 @@ def test_a_group_with_constraints_added_later(generator):
     assert member(gf.SO(), head.weight.detach()) and net.W.grad is not None
 
 
-def test_a_checkpoint_resumes_bit_for_bit(generator):
-    """``torch.save`` of the module's and the optimizer's ``state_dict`` mid-run, ``torch.load`` with
-    ``weights_only=True`` into fresh objects, the same steps: the same points as the run never stopped."""
+def _interrupted_run(generator, make_opt, steps):
+    """Module ``a`` trained ``2·steps`` with ``make_opt(a)``; ``b`` resumed after ``steps`` from ``a``'s
+    checkpoint (``torch.save`` of both state_dicts, ``torch.load`` with ``weights_only=True``, a fresh
+    ``make_opt(b)``) and trained the other ``steps``. Returns ``(a, b, checkpoint, opt_b)``."""
     x, y = _data(generator)
-    a = Net(generator)
-    b = Net(generator)
+    a, b = Net(generator), Net(generator)
     b.load_state_dict(a.state_dict())
-    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.radam, lr=0.02)
-    _train(a, opt_a, x, y, 5)
+    opt_a = make_opt(a)
+    _train(a, opt_a, x, y, steps)
     buf = io.BytesIO()
     torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
-    _train(a, opt_a, x, y, 5)
+    _train(a, opt_a, x, y, steps)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     b.load_state_dict(saved["model"])
-    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radam, lr=0.02)
+    opt_b = make_opt(b)
     opt_b.load_state_dict(saved["opt"])
-    _train(b, opt_b, x, y, 5)
+    _train(b, opt_b, x, y, steps)
+    return a, b, saved, opt_b
+
+
+def test_a_checkpoint_resumes_bit_for_bit(generator):
+    """``torch.save`` of the module's and the optimizer's ``state_dict`` mid-run, ``torch.load`` with
+    ``weights_only=True`` into fresh objects, the same steps: the same points as the run never stopped."""
+    a, b, _, _ = _interrupted_run(generator, lambda m: gf.optim.TorchOptimizer(m.named_parameters(), C, gf.optim.radam, lr=0.02), 5)
     for k in ("W", "s", "b"):
         assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
 
@@ -470,22 +477,10 @@ def test_a_checkpoint_with_a_callable_mask_saves_and_resumes(generator, mask):
     checkpoint raised PicklingError for a lambda, and a module-level function did not load with
     ``weights_only=True``. It is left out, as ``LambdaLR`` leaves its functions out (Note [Callable
     hyperparameters]), and the optimizer built to resume, with its own mask, resumes bit for bit."""
-    x, y = _data(generator)
-    a, b = Net(generator), Net(generator)
-    b.load_state_dict(a.state_dict())
-    opt_a = gf.optim.TorchOptimizer(a.named_parameters(), C, gf.optim.radamw, lr=0.02, weight_decay=0.3, mask=mask)
-    _train(a, opt_a, x, y, 4)
-    buf = io.BytesIO()
-    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
-    _train(a, opt_a, x, y, 4)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    a, b, saved, opt_b = _interrupted_run(generator, lambda m: gf.optim.TorchOptimizer(
+        m.named_parameters(), C, gf.optim.radamw, lr=0.02, weight_decay=0.3, mask=mask), 4)
     assert all("mask" not in g for g in saved["opt"]["param_groups"])
-    b.load_state_dict(saved["model"])
-    opt_b = gf.optim.TorchOptimizer(b.named_parameters(), C, gf.optim.radamw, lr=0.02, weight_decay=0.3, mask=mask)
-    opt_b.load_state_dict(saved["opt"])
     assert all(g["mask"] is mask for g in opt_b.param_groups)
-    _train(b, opt_b, x, y, 4)
     for k in ("W", "s", "b"):
         assert torch.equal(getattr(a, k).detach(), getattr(b, k).detach()), k
 
