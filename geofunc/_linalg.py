@@ -348,6 +348,19 @@ def refine_frame(X: Tensor) -> Tensor:
     return _add_product(X, X, transpose(X) @ X, 1.5, -0.5)
 
 
+_DRIFT_EPS = 64  # Note [Rebased frames refined] (geofunc/spaces/_orthogonal.py)
+
+
+def refine_drifted(X: Tensor) -> Tensor:
+    """The tall frames ``X`` (n ≥ k) refined by one Newton–Schulz step, ``X (3I − XᴴX)/2``, where
+    ``max|XᴴX − I| > 64ε``; the others as they are, bit for bit (Note [Rebased frames refined] in geofunc/spaces/_orthogonal.py)."""
+    if 0 in X.shape[-2:]:  # the empty frame is exact
+        return X
+    G = transpose(X) @ X  # one Gram matrix: the measure and the step's
+    off = (G - eye_like(X, G.shape[-1])).abs().amax(dim=(-2, -1), keepdim=True) > _DRIFT_EPS * torch.finfo(X.dtype).eps
+    return torch.where(off, _add_product(X, X, G, 1.5, -0.5), X)
+
+
 def _add_product(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> Tensor:
     """``beta C + alpha A B`` in one kernel (addmm/baddbmm) where the shapes allow, else three."""
     if C.ndim == A.ndim == B.ndim and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]:

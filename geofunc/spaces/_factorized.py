@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import closed_form_node, derivative_mode, eager_fast
-from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, sanitize, stack_matrices,
-                       sym_part, transpose)
+from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
+                       sanitize, stack_matrices, sym_part, transpose)
 from ._base import AbstractSpace
-from ._orthogonal import refine_drifted, tall, untall
+from ._orthogonal import tall, untall
 from ._values import Identity, ValueMap
 
 Tensor = torch.Tensor

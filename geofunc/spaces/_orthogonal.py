@@ -12,7 +12,7 @@ import torch
 import dataclasses
 
 from .._errors import error
-from .._linalg import (Triv, _add_product, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_frame, resolve_triv,
+from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_drifted, refine_frame, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
 from ._logs import theta_over_sin_cs
@@ -35,20 +35,6 @@ def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
     if Zt.shape[-1] != 0:
         return None
     return 0.0 * (Zt if Bt is None else Zt + Bt)
-
-
-_DRIFT_EPS = 64  # Note [Rebased frames refined]
-
-
-def refine_drifted(X: Tensor) -> Tensor:
-    """The tall frames ``X`` (n ≥ k) refined by one Newton–Schulz step, ``X (3I − XᴴX)/2``, where
-    ``max|XᴴX − I| > 64ε``; the others as they are, bit for bit (Note [Rebased frames refined])."""
-    if 0 in X.shape[-2:]:  # the empty frame is exact
-        return X
-    G = transpose(X) @ X
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    off = (G - eye).abs().amax(dim=(-2, -1), keepdim=True) > _DRIFT_EPS * torch.finfo(X.dtype).eps
-    return torch.where(off, _add_product(X, X, G, 1.5, -0.5), X)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
