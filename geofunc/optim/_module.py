@@ -43,11 +43,12 @@ __all__ = ["TorchOptimizer"]
 # number of steps it took. One functional state serves a *cohort*: parameters of a group whose steps
 # were taken together so far (one cohort per group at first). A step where only some of a cohort
 # have gradients splits it in two, each with its part of the state (the per-parameter entries of the
-# state's pytrees, and the shared count); a cohort none of whose parameters have gradients is not
-# stepped; a cohort that has never stepped starts from `init` (as torch.optim's state, created at a
-# parameter's first gradient). So the common case, every parameter with a gradient at every step, is
-# one functional update per group, and a transform that couples parameters (a global-norm clip in
-# the factory) couples those stepped together.
+# state's pytrees, and the shared count: Note [Which entries of a state are a parameter's]); a cohort
+# none of whose parameters have gradients is not stepped; a cohort that has never stepped starts
+# from `init` (as torch.optim's state, created at a parameter's first gradient). So the common
+# case, every parameter with a gradient at every step, is one functional update per group, and a
+# transform that couples parameters (a global-norm clip in the factory) couples those stepped
+# together.
 # The state_dict is torch.optim's (Note [TorchOptimizer's state_dict]). step is never compiled
 # (torch.compiler.disable: a compiled caller runs it eagerly).
 # Dynamo traces a torch.optim.Optimizer's attributes as its own optimizer object and dropped the
@@ -55,27 +56,115 @@ __all__ = ["TorchOptimizer"]
 # (Adam's moments and count restarted: 1e-4 off eager after three float64 steps, silently). For a
 # compiled step, compile the functional optimizer's update (its state is an explicit argument).
 class _Cohort:
-    """Parameters of one group stepped together so far, and their functional state (None before
-    their first step)."""
+    """Parameters of one group stepped together so far, their functional state (None before their
+    first step) and its layout (Note [Which entries of a state are a parameter's])."""
 
-    __slots__ = ("group", "names", "state")
+    __slots__ = ("group", "names", "state", "layout")
 
-    def __init__(self, group: int, names: tuple[str, ...], state: Any) -> None:
-        self.group, self.names, self.state = group, names, state
+    def __init__(self, group: int, names: tuple[str, ...], state: Any, layout: Optional[frozenset] = None) -> None:
+        self.group, self.names, self.state, self.layout = group, names, state, layout
 
 
-def _restrict(tree: Any, names: tuple[str, ...], keep: tuple[str, ...]) -> Any:
-    """A cohort's functional state ``tree`` with its per-parameter dicts (keyed by exactly ``names``,
-    Note [Masks and labels]) cut to the entries ``keep``."""
+# Note [Which entries of a state are a parameter's]
+# A cohort's functional state holds per-parameter pytrees (Adam's moments, a momentum buffer: dicts
+# by parameter name, made by mapping over the parameters) beside entries shared by the cohort (a
+# count) and containers of the transforms (chain's tuples, multi_transform's dict by label). Splitting
+# a cohort, the state_dict's entries of each parameter and load_state_dict need to know which dicts
+# are the per-parameter ones. They were recognised by their keys (exactly the cohort's names), so a
+# multi_transform whose labels are the parameters' names (one transform per parameter, built from the
+# constraints a factory is given) had its dict by label taken for one by parameter: a step where one
+# parameter had no gradient cut the labels and left the moments inside whole, and the next update
+# failed with optree's "dictionary key mismatch". Now nothing is read from the keys:
+# - the layout (the paths of the per-parameter dicts) is recorded from init itself, run once more on
+#   the meta device (no memory) with one more free parameter under a name no parameter has
+#   (_PROBE): the dicts made by mapping over the parameters hold it, a dict by label does not. A
+#   factory whose init does not take that parameter (or that does not run on meta, then on the points)
+#   has no layout, and its dicts keyed by exactly the names are taken as the per-parameter ones, as
+#   before. A TraceState's buffer has the parameters' structure by construction (it is made from the
+#   vectors at the first step with momentum, Note [Momentum that may be zero]), layout or not.
+# - a split gives each part the structure of its own optimizer's init (its factory given the part's
+#   constraints: a dict by label built from them has the part's labels only) with the leaves at the
+#   same paths in the cohort's state (_fill): no guess of which dict to cut, and a part's state is
+#   what its optimizer's init gives, so it saves and loads as any. A state that does not fit that
+#   structure (a leaf shaped by all the cohort's parameters) is refused with a ManifoldError.
+_PROBE = "\x00probe"  # a name that no parameter has (a module's parameter names hold no NUL)
+
+
+def _is_own(t: Any, path: tuple[str, ...], names: tuple[str, ...], layout: Optional[frozenset]) -> bool:
+    """Whether ``t``, at ``path`` of a cohort's state, is a per-parameter dict (Note [Which entries of a
+    state are a parameter's])."""
+    if not isinstance(t, Mapping) or not t:
+        return False
+    if layout is None:
+        return set(t) == set(names)
+    return path in layout
+
+
+def _strip(tree: Any, path: tuple[str, ...], layout: set) -> Any:
+    """``tree`` without the probe's entries, the paths of the dicts that held one added to ``layout``."""
     if isinstance(tree, Mapping):
-        if set(tree) == set(names):
-            return {n: tree[n] for n in keep}
-        return {k: _restrict(v, names, keep) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # a NamedTuple state
-        return type(tree)(*(_restrict(v, names, keep) for v in tree))
+        if _PROBE in tree:
+            layout.add(path)
+            return {k: v for k, v in tree.items() if k != _PROBE}
+        return {k: _strip(v, (*path, str(k)), layout) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_strip(v, (*path, f), layout) for f, v in zip(tree._fields, tree)))
     if isinstance(tree, (tuple, list)):
-        return type(tree)(_restrict(v, names, keep) for v in tree)
+        return type(tree)(_strip(v, (*path, str(i)), layout) for i, v in enumerate(tree))
     return tree
+
+
+def _probe(opt: Optimizer, points: Mapping[str, torch.Tensor]) -> tuple[Any, Optional[frozenset]]:
+    """``(structure, layout)``: ``opt.init``'s state at ``points`` on the meta device (on the points
+    where the init does not run there) and the paths of its per-parameter dicts (``None`` where init
+    does not take the probe: Note [Which entries of a state are a parameter's])."""
+    ref = next(iter(points.values()))
+    for device in ("meta", None):
+        pts = {n: p.detach().to(device="meta") if device else p for n, p in points.items()}
+        try:
+            layout: set = set()
+            state = _strip(opt.init({**pts, _PROBE: torch.zeros(1, dtype=ref.dtype, device=device or ref.device)}),
+                           (), layout)
+            return state, frozenset(layout)
+        except Exception:  # noqa: BLE001  (an init that refuses the probe, or does not run on meta: try the next)
+            continue
+    return opt.init(points), None
+
+
+class _Unfit(Exception):
+    """A cohort's state does not fit the structure of a part's init (``_fill``)."""
+
+
+def _fill(fresh: Any, old: Any, names: tuple[str, ...]) -> Any:
+    """The leaves of a cohort's state ``old`` on the structure of ``fresh``, the init of a part
+    ``names`` of the cohort (Note [Which entries of a state are a parameter's]); raises ``_Unfit``
+    saying where they differ."""
+    if isinstance(fresh, TraceState) and isinstance(old, TraceState):  # Note [Momentum that may be zero]
+        if _no_buffer(old.trace):
+            trace: Any = ()
+        elif _no_buffer(fresh.trace):  # momentum 0 now: the buffer is kept (the parameters' structure)
+            trace = {n: old.trace[n] for n in names}
+        else:
+            trace = _fill(fresh.trace, old.trace, names)
+        return TraceState(_fill(fresh.count, old.count, names), trace)
+    if isinstance(fresh, Mapping):
+        if not isinstance(old, Mapping) or not set(fresh) <= set(old):
+            got = f"entries {sorted(map(str, old))}" if isinstance(old, Mapping) else describe(old)
+            raise _Unfit(f"{got} where that init gives entries {sorted(map(str, fresh))}")
+        return {k: _fill(v, old[k], names) for k, v in fresh.items()}
+    if isinstance(fresh, tuple) and hasattr(fresh, "_fields"):
+        if type(old) is not type(fresh):
+            raise _Unfit(f"a {type(old).__name__} where that init gives a {type(fresh).__name__}")
+        return type(fresh)(*(_fill(a, b, names) for a, b in zip(fresh, old)))
+    if isinstance(fresh, (tuple, list)):
+        if not isinstance(old, (tuple, list)) or len(old) != len(fresh):
+            raise _Unfit(f"{describe(old)} where that init gives a {type(fresh).__name__} of {len(fresh)} entries")
+        return type(fresh)(_fill(a, b, names) for a, b in zip(fresh, old))
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(old, torch.Tensor) or old.shape != fresh.shape:
+            raise _Unfit(f"{describe(old)} where that init gives shape {tuple(fresh.shape)}")
+        return old
+    return old if isinstance(fresh, (int, float)) else fresh
 
 
 # Note [TorchOptimizer's state_dict]
@@ -127,15 +216,15 @@ def _key(path: tuple[str, ...]) -> str:
     return ".".join(path) if path else "state"
 
 
-def _entries(tree: Any, names: tuple[str, ...]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _entries(tree: Any, names: tuple[str, ...], layout: Optional[frozenset]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """``(own, shared)``: each parameter's leaves of a cohort's functional state (its entries of the
-    dicts keyed by exactly ``names``) and the leaves shared by the cohort (a count), keyed by path
-    (Note [TorchOptimizer's state_dict])."""
+    per-parameter dicts, Note [Which entries of a state are a parameter's]) and the leaves shared by
+    the cohort (a count), keyed by path (Note [TorchOptimizer's state_dict])."""
     own: dict[str, dict[str, Any]] = {n: {} for n in names}
     shared: dict[str, Any] = {}
 
-    def walk(t: Any, path: tuple[str, ...]) -> None:
-        if isinstance(t, Mapping) and t and set(t) == set(names):
+    def walk(t: Any, path: tuple[str, ...], buffer: bool = False) -> None:
+        if _is_own(t, path, names, layout) or (buffer and isinstance(t, Mapping) and t):
             for n in names:
                 own[n].update((_key(p), leaf) for p, leaf in _leaves(t[n], path))
         elif isinstance(t, Mapping):
@@ -143,7 +232,7 @@ def _entries(tree: Any, names: tuple[str, ...]) -> tuple[dict[str, dict[str, Any
                 walk(v, (*path, str(k)))
         elif isinstance(t, tuple) and hasattr(t, "_fields"):
             for f, v in zip(t._fields, t):
-                walk(v, (*path, f))
+                walk(v, (*path, f), isinstance(t, TraceState) and f == "trace")
         elif isinstance(t, (tuple, list)):
             for i, v in enumerate(t):
                 walk(v, (*path, str(i)))
@@ -174,7 +263,7 @@ def _like(value: Any, ref: Any) -> Any:
 # buffer that init does not have (momentum now 0) to its parameter's. A tensor already there is not
 # copied (Tensor.to returns it), so dcp.load's in-place entries are still the ones the state holds.
 def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[str, Any]],
-             points: Mapping[str, torch.Tensor]) -> Any:
+             points: Mapping[str, torch.Tensor], layout: Optional[frozenset]) -> Any:
     """A cohort's functional state on the structure of ``fresh`` (the optimizer's init at ``points``)
     with its leaves from each parameter's ``entries``, each on the device and in the dtype of the leaf
     it fills (Note [TorchOptimizer's state_dict], Note [Loading a state where its parameters are]);
@@ -192,8 +281,8 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
             return _like(entries[n][_key(path)], t)
         return t
 
-    def walk(t: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(t, Mapping) and t and set(t) == set(names):
+    def walk(t: Any, path: tuple[str, ...], buffer: bool = False) -> Any:
+        if _is_own(t, path, names, layout) or (buffer and isinstance(t, Mapping) and t):
             return {n: one(t[n], n, path) for n in names}
         if isinstance(t, Mapping):
             return {k: walk(v, (*path, str(k))) for k, v in t.items()}
@@ -205,7 +294,7 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
             elif not _no_buffer(t.trace) and not any(k == key or k.startswith(f"{key}.") for k in first):
                 trace = ()
             else:
-                trace = walk(t.trace, where)
+                trace = walk(t.trace, where, True)
             return TraceState(walk(t.count, (*path, "count")), trace)
         if isinstance(t, tuple) and hasattr(t, "_fields"):
             return type(t)(*(walk(v, (*path, f)) for f, v in zip(t._fields, t)))
@@ -219,7 +308,7 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
         state = walk(fresh, ())
     except KeyError:
         return None
-    own, shared = _entries(state, names)
+    own, shared = _entries(state, names, layout)
     if any(set(own[n]) | set(shared) != set(entries[n]) - {_COHORT} for n in names):
         return None
     return state
@@ -519,27 +608,42 @@ class TorchOptimizer(torch.optim.Optimizer):
         for n, p in params.items():
             if p.grad is not None and p.grad.is_sparse:
                 raise ManifoldError(f"TorchOptimizer: expected a dense gradient for {n!r}, got a sparse one.")
-        cohorts = []
+        cohorts = []  # the splits first: one refused moves nothing
         for co in self._cohorts:
             stepped = tuple(n for n in co.names if params[n].grad is not None)
-            if not stepped:
+            if len(stepped) == len(co.names) or not stepped:
                 cohorts.append(co)
+            else:  # split: the skipped part keeps its state as it is
+                skipped = _Cohort(co.group, tuple(n for n in co.names if params[n].grad is None), None)
+                cohorts += [self._part(co, skipped, params), self._part(co, _Cohort(co.group, stepped, None), params)]
+        self._cohorts = cohorts
+        for co in cohorts:
+            if params[co.names[0]].grad is None:
                 continue
-            if len(stepped) < len(co.names):  # split: the skipped part keeps its state as it is
-                skipped = tuple(n for n in co.names if params[n].grad is None)
-                cut = (lambda keep: None) if co.state is None else (lambda keep: _restrict(co.state, co.names, keep))
-                cohorts.append(_Cohort(co.group, skipped, cut(skipped)))
-                co = _Cohort(co.group, stepped, cut(stepped))
             opt = self._functional(co)
             points = {n: params[n].detach() for n in co.names}
             if co.state is None:
-                co.state = opt.init(points)
+                co.state, co.layout = opt.init(points), _probe(opt, points)[1]
             new, co.state = opt.update({n: params[n].grad.detach() for n in co.names}, co.state, points)
             for n in co.names:
                 params[n].copy_(new[n])
-            cohorts.append(co)
-        self._cohorts = cohorts
         return loss
+
+    def _part(self, co: _Cohort, part: _Cohort, params: Mapping[str, torch.Tensor]) -> _Cohort:
+        """``part`` (some of ``co``'s parameters) with its part of ``co``'s state, on the structure of
+        its own optimizer's init (Note [Which entries of a state are a parameter's])."""
+        if co.state is None:
+            return part
+        structure, part.layout = _probe(self._functional(part), {n: params[n].detach() for n in part.names})
+        try:
+            part.state = _fill(structure, co.state, part.names)
+        except _Unfit as e:
+            name = getattr(self._factory, "__name__", repr(self._factory))
+            raise ManifoldError(f"TorchOptimizer.step: expected the state of {name} for the parameters "
+                                f"{list(co.names)} to split by parameter (some have a gradient, some not), "
+                                f"into the state of its init for {list(part.names)}, got {e} (a state "
+                                f"that does not split: give every parameter a gradient, zeros for the unused).") from None
+        return part
 
     @property
     def state(self) -> defaultdict:
@@ -569,7 +673,7 @@ class TorchOptimizer(torch.optim.Optimizer):
 
         stepped = [co for co in getattr(self, "_cohorts", None) or [] if co.state is not None]
         for k, co in enumerate(stepped):
-            own, shared = _entries(co.state, co.names)
+            own, shared = _entries(co.state, co.names, getattr(co, "layout", None))
             for n in co.names:
                 entries = {key: once(v) for key, v in own[n].items()}
                 entries.update((key, v.clone() if isinstance(v, torch.Tensor) else v) for key, v in shared.items())
@@ -682,11 +786,12 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if entries is None:
                     continue
                 points = {n: params[n].detach() for n in co.names}
+                opt = self._functional(co)
                 with torch.no_grad():
-                    fresh = self._functional(co).init(points)
-                co.state = _rebuild(fresh, co.names, entries, points)
+                    fresh, co.layout = opt.init(points), _probe(opt, points)[1]
+                co.state = _rebuild(fresh, co.names, entries, points, co.layout)
                 if co.state is None:
-                    own, shared = _entries(fresh, co.names)
+                    own, shared = _entries(fresh, co.names, co.layout)
                     got, want = sorted(set(entries[co.names[0]]) - {_COHORT}), sorted(own[co.names[0]] | shared)
                     raise self._refuse(co, f"the entries {got} where its init gives {want}")
                 where = _mismatch(co.state, fresh)
@@ -703,8 +808,9 @@ class TorchOptimizer(torch.optim.Optimizer):
                 continue
             if self._factory is rsgd:
                 co.state = upgrade_rsgd_state(co.state)
+            opt, points = self._functional(co), {n: params[n].detach() for n in co.names}
             with torch.no_grad():
-                fresh = self._functional(co).init({n: params[n].detach() for n in co.names})
+                fresh, co.layout = opt.init(points), _probe(opt, points)[1]
             co.state = _fit(co.state, fresh)
             where = _mismatch(co.state, fresh)
             if where is not None:
