@@ -1040,6 +1040,50 @@ def test_stack_for_vmap_ensembles():
         gnn.stack([nets[0], gnn.orthogonal(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))[0])])
 
 
+class _TiedPair(nn.Module):
+    """Tied weights (a language model's embedding and decoder, in miniature): ``b.weight is a.weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
+    """A constraint unties tied weights (docs/guide/nn.md): the constrained module reads the point, the
+    other reads the raw Parameter. plain() removed the parametrization, which writes the point into that
+    shared Parameter, so the skeleton read the point in both places: plain(m), functional_call(plain(m),
+    to_manifold(functional(m))) and stack's skeleton were 1.3 off m(x), silently (one value per name cannot
+    express 'the raw tensor here, its point there'). They now refuse by name; functional_call(m,
+    module_state(m, raw, bases)) runs the module itself and keeps the tie."""
+    torch.manual_seed(0)
+    m = _TiedPair().double()
+    gnn.orthogonal(m.a, "weight")
+    x = torch.randn(3, 5, dtype=torch.float64)
+    tied = r"the raw tensor of a\.weight \(constrained to Stiefel.*\) is also the module's b\.weight"
+    with pytest.raises(gf.ManifoldError, match="plain: " + tied):
+        gnn.plain(m)
+    with pytest.raises(gf.ManifoldError, match="stack: " + tied):
+        gnn.stack([m, m])
+    _, raw, bases = gnn.functional(m)
+    torch.testing.assert_close(functional_call(m, gnn.module_state(m, raw, bases), (x,)), m(x), atol=0, rtol=0)
+    both = _TiedPair().double()  # both ends constrained: one raw Parameter read through two charts
+    gnn.orthogonal(both.a, "weight")
+    gnn.orthogonal(both.b, "weight")
+    with pytest.raises(gf.ManifoldError, match=r"plain: the raw tensor of a\.weight .* is also the module's b\.weight"):
+        gnn.plain(both)
+    untied = _TiedPair()  # a tie between unconstrained tensors is the skeleton's own, kept
+    untied.b.weight = nn.Parameter(untied.b.weight.detach().clone())
+    untied.a.bias = untied.b.bias
+    gnn.orthogonal(untied.a, "weight")
+    skeleton = gnn.plain(untied)
+    assert skeleton.a.bias is skeleton.b.bias
+    torch.testing.assert_close(skeleton(x.float()), untied(x.float()), atol=0, rtol=0)
+
+
 def test_stack_of_modules_with_their_own_buffers():
     """The skeleton carries module 0's buffers: with BatchNorm statistics of their own, members 1 and 2
     ran with module 0's under vmap (0.25 and 1.1 off their outputs, silently). Now stack refuses such

@@ -92,10 +92,48 @@ def functional(module: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor], di
     return constraints, raw, bases
 
 
+# Note [Tied raw tensors]
+# A constraint unties tied weights (b.weight = a.weight, then orthogonal(a)): a reads the point, b the raw
+# Parameter, which register_parametrization moved into a.parametrizations.weight.original (torch's own
+# parametrizations and GeoTorch do the same; docs/guide/nn.md). plain() removes the parametrizations,
+# which writes each point into its original Parameter, so the skeleton read the point in b as well, and
+# a functional form keyed by names (one value per name) cannot say "the raw tensor here, its point
+# there": plain(m)(x), functional_call(plain(m), to_manifold(*functional(m)), x) and stack's skeleton were
+# 1.3 off m(x) on a 5x5 pair, silently. plain (and stack) refuse such a module by name instead; the module
+# itself runs with functional_call(m, module_state(m, raw, bases), args), which keeps the tie.
+def _refuse_tied_raw(module: nn.Module, where: str) -> None:
+    """Raise where a constrained tensor's raw tensor is also reachable under another name (Note [Tied raw tensors])."""
+    tensors = _geofunc_tensors(module)
+    keys: dict[int, list[str]] = {}
+    for key, (sub, tname, _) in tensors.items():
+        keys.setdefault(id(sub.parametrizations[tname].original), []).append(key)
+    names: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        if id(t) in keys:
+            names.setdefault(id(t), []).append(_ORIGINAL.sub(r"\1\2", name))
+    for i, ks in keys.items():
+        others = [n for n in dict.fromkeys(names.get(i, [])) if n != ks[0]]
+        if others:
+            key = ks[0]
+            raise ManifoldError(
+                f"{where}: the raw tensor of {key} (constrained to {tensors[key][2].space!r}) is also the module's "
+                f"{', '.join(others)} (tied weights): expected each constrained tensor's raw Parameter under its own "
+                f"name only, got it tied. The module reads the raw tensor there and the point at {key}, which a "
+                f"copy keyed by plain names cannot express. Untie them and read {key} in the other module's forward "
+                f"(e.g. F.linear(h, {key})), or run the module itself: functional_call(module, "
+                "gf.nn.module_state(module, raw, bases), args) keeps the tie."
+            )
+
+
 def plain(module: nn.Module) -> nn.Module:
     """An unparametrized deep copy of ``module``: each constrained tensor becomes a plain tensor of the
     same name holding its current value. Its parameter names are the keys of :func:`functional`'s ``raw``.
+
+    Raises:
+        ManifoldError: a constrained tensor's raw Parameter is tied to another name of the module
+            (Note [Tied raw tensors]).
     """
+    _refuse_tied_raw(module, "plain")
     replica = copy.deepcopy(module)
     for sub in list(replica.modules()):
         if parametrize.is_parametrized(sub):
@@ -315,11 +353,14 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
     Raises:
         ValueError: the modules differ in constraints, names or shapes.
         ManifoldError: without ``buffers=True``, the modules' buffers differ (every member would run
-            with module 0's: Note [Buffers of an ensemble]).
+            with module 0's: Note [Buffers of an ensemble]); a constrained tensor's raw Parameter is
+            tied to another name (Note [Tied raw tensors]).
     """
     modules = list(modules)
     if not modules:
         raise ValueError("stack needs at least one module")
+    for m in modules:
+        _refuse_tied_raw(m, "stack")
     triples = [functional(m) for m in modules]
     c0, r0, b0 = triples[0]
     for i, (c, r, b) in enumerate(triples[1:], 1):
