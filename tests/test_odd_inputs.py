@@ -131,3 +131,37 @@ def test_poincare_membership_has_no_tolerance() -> None:
     M.check(X[:1], atol=0.0)
     with pytest.raises(gf.ManifoldError, match="atol"):
         M.contains(X, atol=-1.0)
+
+
+# (space class, hyperparameter, a valid value)
+REAL_HYPERPARAMETERS = [(gf.Sphere, "radius", 2.0), (gf.SphereEmbedded, "radius", 2.0), (gf.PoincareBall, "c", 0.5),
+                        (gf.Lorentz, "k", 2.0), (gf.Hurwitz, "alpha", 0.5), (gf.AlmostOrthogonal, "lam", 0.5)]
+
+
+@pytest.mark.parametrize(("cls", "name", "value"), REAL_HYPERPARAMETERS, ids=lambda v: getattr(v, "__name__", None))
+def test_real_hyperparameters_are_stored_as_python_floats(cls, name: str, value: float) -> None:
+    """A real hyperparameter given as another real number type (NumPy's, from a config or an array, or a
+    ``Fraction``) is the Python float it stands for, as ``rank`` is the int it stands for: ``Lorentz(k=np.float32(2))``
+    and ``AlmostOrthogonal(lam=np.float64(0.5))`` were kept as NumPy scalars, and ``torch.compile(fullgraph=True)``
+    of ``Lorentz.to_manifold``/``retract`` and ``AlmostOrthogonal.tangent`` then failed ("Could not guard on
+    data-dependent expression", "Data-dependent branching"); ``PoincareBall(c=Fraction(1, 2))`` was accepted and
+    every map raised a bare ``TypeError`` (Fraction * Tensor); ``AlmostOrthogonal(lam=np.float32(0.5))`` was refused
+    where ``np.float64`` was accepted. An int too large for a float is refused by name (it raised OverflowError)."""
+    import fractions
+
+    import numpy as np
+
+    for given in (np.float32(value), np.float64(value), fractions.Fraction(value)):
+        M = cls(**{name: given})
+        assert type(getattr(M, name)) is float and getattr(M, name) == float(given), (given, M)
+        assert M == cls(**{name: float(given)}) and hash(M) == hash(cls(**{name: float(given)}))
+    M = cls(**{name: np.float32(value)})
+    shape = (2, 3) if M.point_ndim == 1 else (2, 3, 3)
+    X = M.sample(shape, generator=torch.Generator().manual_seed(0))
+    V = M.tangent(X, torch.ones(shape))
+    for fn, args in ((M.to_manifold, (0.1 * torch.ones(shape),)), (M.retract, (X, V)), (M.tangent, (X, V))):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(*args), fn(*args),
+                                   atol=1e-6, rtol=1e-6)
+    with pytest.raises(gf.ManifoldError, match=rf"{cls.__name__}\(.*expected .*`{name}`.*got 1000"):
+        cls(**{name: 10**400})

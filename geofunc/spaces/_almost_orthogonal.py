@@ -7,9 +7,8 @@ from typing import Any, final
 
 import torch
 
-from .._errors import describe, error
 from .._linalg import Triv
-from ._base import cached_attribute, compute_cached
+from ._base import cached_attribute, compute_cached, real_hyperparameter
 from ._factorized import SVDSpace
 from ._orthogonal import validate_triv
 from ._values import UNIT_MAPS, Unit, normalize_f
@@ -54,9 +53,7 @@ class AlmostOrthogonal(SVDSpace):
     triv: Triv = "expm"
 
     def __post_init__(self) -> None:
-        lam = self.lam
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
-            raise error(self, "`lam` to be a number in [0, 1]", describe(lam))
+        real_hyperparameter(self, "lam", "`lam` to be a number in [0, 1]", high=1.0)
         object.__setattr__(self, "f", normalize_f(self, self.f, UNIT_MAPS))
         validate_triv(self, self.triv)
         compute_cached(self)  # not inside a compiled region (cached_attribute)

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -361,6 +362,30 @@ def _refine_frame(B: Tensor, force: bool) -> Tensor:
             return B
     with autocast_off(B.device.type):
         return polar(B.float() if B.dtype in LOW_PRECISION else B).to(B.dtype)
+
+
+# Note [Real hyperparameters]
+# A real hyperparameter (``radius``, ``c``, ``k``, ``alpha``, ``lam``) is stored as the Python float it
+# stands for, as ``rank`` is stored as the int (``validate_rank``): a NumPy scalar kept as given broke
+# ``torch.compile(fullgraph=True)`` (Dynamo traced ``Lorentz(k=np.float32(2))``'s ``k`` as a symbolic
+# float it could not guard on; ``AlmostOrthogonal(lam=np.float64(0.5))`` met a data-dependent branch),
+# and a ``Fraction`` was accepted and failed in every map (``Fraction * Tensor``). Any ``numbers.Real``
+# but a bool whose float is finite is taken; a tensor (0-d included) is not, so spaces stay constants.
+def real_hyperparameter(space: Any, name: str, expected: str, *, low: float = 0.0, strict: bool = False,
+                        high: float | None = None) -> None:
+    """Check the real hyperparameter ``name`` of ``space`` (in ``[low, high]``, ``low`` excluded if
+    ``strict``) and store it as a Python float (Note [Real hyperparameters]); else raise
+    ``ManifoldError`` with ``expected``."""
+    value = getattr(space, name)
+    x = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
+        try:
+            x = float(value)
+        except (OverflowError, TypeError, ValueError):  # an int too large for a float
+            pass
+    if not (math.isfinite(x) and (x > low if strict else x >= low) and (high is None or x <= high)):
+        raise error(space, expected, describe(value))
+    object.__setattr__(space, name, x)
 
 
 # Note [Hyperparameters by keyword]

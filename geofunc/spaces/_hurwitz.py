@@ -13,7 +13,7 @@ from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
 from .._fastpath import add_second_order, derivative_mode
 from .._linalg import Triv, eye_like, poison, sanitize
-from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached
+from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached, real_hyperparameter
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
@@ -191,10 +191,7 @@ class Hurwitz(AbstractSpace):
     triv: Triv = "expm"
 
     def __post_init__(self) -> None:
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a < 0:
-            raise error(self, "`alpha` to be a finite real number ≥ 0", repr(a))
-        object.__setattr__(self, "alpha", float(a))
+        real_hyperparameter(self, "alpha", "`alpha` to be a finite real number ≥ 0")
         validate_triv(self, self.triv)
         compute_cached(self)  # not inside a compiled region (cached_attribute)
 

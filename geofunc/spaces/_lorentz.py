@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar, Optional, final
 
 import torch
 
-from .._errors import describe, error
+from .._errors import error
 from ..hyperbolic import _arcoshc, _ARG_MAX, _cap, _cosh, _scaled, _sinhc
 from .._linalg import _randn, wide_dtype
-from ._base import AbstractSpace, rounding_dtype
+from ._base import AbstractSpace, real_hyperparameter, rounding_dtype
 
 __all__ = ["Lorentz"]
 
@@ -228,9 +227,7 @@ class Lorentz(AbstractSpace):
     point_ndim: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        k = self.k
-        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(k) or k <= 0:
-            raise error(self, "`k` > 0 (a finite Python number; the curvature is −1/k)", describe(k))
+        real_hyperparameter(self, "k", "`k` > 0 (a finite Python number; the curvature is −1/k)", strict=True)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         n = self._require_vector(X, what)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import ClassVar, Optional, final
 
 import torch
 
 from .. import hyperbolic as hyp
-from .._errors import describe, error
 from .._linalg import _randn, poison
-from ._base import AbstractSpace, rounding_dtype
+from ._base import AbstractSpace, real_hyperparameter, rounding_dtype
 
 __all__ = ["PoincareBall"]
 
@@ -88,9 +86,7 @@ class PoincareBall(AbstractSpace):
     point_ndim: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        c = self.c
-        if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
-            raise error(self, "a curvature `c` > 0 (a finite Python number)", describe(c))
+        real_hyperparameter(self, "c", "a curvature `c` > 0 (a finite Python number)", strict=True)
 
     def _check_shape(self, X: Tensor, what: str = "X") -> None:
         self._require_vector(X, what)

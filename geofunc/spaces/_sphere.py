@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._errors import describe, error
 from .._fastpath import eager_fast, tracks_derivatives
 from .._linalg import real_products
-from ._base import AbstractSpace
+from ._base import AbstractSpace, real_hyperparameter
 from ._logs import theta_over_sin
 
 __all__ = ["Sphere"]
@@ -286,10 +284,7 @@ def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
 
 def validate_radius(space: Any) -> None:
     """``radius`` must be a finite real number > 0; stored as a float (a hyperparameter, normalized)."""
-    r = space.radius
-    if isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r <= 0:
-        raise error(space, "`radius` to be a finite real number > 0 (a Python number)", describe(r))
-    object.__setattr__(space, "radius", float(r))
+    real_hyperparameter(space, "radius", "`radius` to be a finite real number > 0 (a Python number)", strict=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
