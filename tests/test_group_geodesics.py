@@ -285,6 +285,42 @@ def test_logmap_within_1e_8_of_the_cut_locus(space, dtype, n):
         assert bool(torch.isnan(space.logmap(torch.eye(n, dtype=dtype), -torch.eye(n, dtype=dtype))).all())
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.complex128])
+def test_grassmannian_logmap_within_1e_10_of_the_cut_locus(dtype):
+    """Note [The Grassmannian's logarithm near the cut locus]: float64/complex128 frames with principal
+    angles π/2 − δ (and generic ones). The logarithm, a spectral map of MᴴM with ‖M‖ = tan θ_max, was
+    off by ε tan²θ_max: 3e-5 at δ = 1e-6, 3e-3 at 1e-7, 1e4 at 1e-8 and 1e78 at 1e-10, finite and
+    silent. One angle near π/2 leaves the log well conditioned (its vectors are fixed to ~ε); two
+    such angles fix it to ~ε/δ only, as one does in complex frames (the phase between the near-orthogonal
+    vectors is read from their cosine δ). Reference: the generator the points were made from. At an angle
+    of exactly π/2 the result is a minimizing geodesic's vector (it was inf/NaN)."""
+    G = gf.Grassmannian()
+    g = torch.Generator().manual_seed(11)
+    n, k = 8, 3
+    for gaps in ([1e-4], [1e-6], [1e-8], [1e-10], [1e-12], [1e-8, 3e-8], [1e-10, 1e-10]):
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=dtype))[0]
+        R = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=dtype))[0]  # Y's frame: any
+        gap = torch.tensor(gaps + [0.0] * (k - len(gaps)), dtype=F64)
+        theta = torch.tensor([0.0] * len(gaps) + [0.3 + 0.4 * i for i in range(k - len(gaps))], dtype=F64)
+        cos = torch.where(gap > 0, torch.sin(gap), torch.cos(theta)).to(dtype)  # cos(π/2 − δ) = sin δ, exactly
+        sin = torch.where(gap > 0, torch.cos(gap), torch.sin(theta)).to(dtype)
+        theta = torch.where(gap > 0, math.pi / 2 - gap, theta).to(dtype)
+        X, Q2 = Q[:, :k], Q[:, k:2 * k]
+        Y = (X * cos + Q2 * sin) @ R
+        L = G.logmap(X, Y)
+        tol = 1e-12 if len(gaps) == 1 and not dtype.is_complex else 1e-14 / gaps[0]
+        assert float((L - Q2 * theta).abs().max()) <= tol, (gaps, float((L - Q2 * theta).abs().max()))
+    # exactly at the cut locus: a vector of length π/2 whose geodesic reaches Y's subspace
+    X = torch.eye(4, 2, dtype=dtype)
+    Y = torch.zeros(4, 2, dtype=dtype)
+    Y[2, 0], Y[1, 1] = 1, 1
+    L = G.logmap(X, Y)
+    assert bool(torch.isfinite(L).all())
+    torch.testing.assert_close(torch.linalg.matrix_norm(L).double(), torch.tensor(math.pi / 2, dtype=F64), atol=1e-14, rtol=0)
+    E = G.expmap(X, L)
+    torch.testing.assert_close(E @ E.mH, Y @ Y.mH, atol=1e-14, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
 def test_grassmannian_logmap_of_rounded_points_near_the_cut_locus(dtype, generator):
     """float32/complex64 frames whose largest principal angle is π/2 − gap (gap 1e-3 to 1e-6, below the

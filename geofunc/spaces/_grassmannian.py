@@ -7,7 +7,7 @@ from typing import Any, final
 
 import torch
 
-from .._linalg import frame_chart, poison, poisoned_zero, refine_frame, sanitize, transpose, wide_dtype
+from .._linalg import frame_chart, poison, poisoned_zero, polar, refine_frame, sanitize, transpose, wide_dtype
 from ._factorized import spectral_eigh
 from ._logs import atan_ratio
 from ._orthogonal import FrameSpace, empty_frame, tall, untall
@@ -82,8 +82,9 @@ class Grassmannian(FrameSpace):
     # values (not vectors) keep the gradient finite where angles repeat (Y = X). The logarithm
     # U diag(θ) Wᴴ of M = (I − XXᴴ)Y(XᴴY)⁻¹ = U diag(tan θ) Wᴴ (Absil, Mahony & Sepulchre 2004) is
     # M h(MᴴM), h(a) = arctan(√a)/√a, a spectral map of the Hermitian MᴴM (Note [Logarithms as
-    # spectral maps] in geofunc/spaces/_logs.py): no singular vectors; defined for principal angles
-    # < π/2 (XᴴY singular is the cut locus); independent of the frame chosen for Y's subspace.
+    # spectral maps] in geofunc/spaces/_logs.py): no singular vectors; unique for principal angles
+    # < π/2 (XᴴY singular is the cut locus); independent of the frame chosen for Y's subspace. It is
+    # evaluated at the half-way subspace (Note [The Grassmannian's logarithm near the cut locus]).
     # The chart's point is refined by one Newton–Schulz step: a chart at extreme raw scales is off the
     # space by ~ε‖W‖ (README, "Extreme raw scales"), a geodesic is not (float32 lengths of 1e4 came back
     # 1e-4 off orthonormal); on the space the refinement's derivative is the identity on tangents and
@@ -107,7 +108,8 @@ class Grassmannian(FrameSpace):
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """The horizontal ``V`` at ``X`` with ``expmap(X, V)`` spanning ``Y``'s subspace, for principal
-        angles below π/2 (Note [The Grassmannian's geodesics]); exact first and second derivatives."""
+        angles below π/2 (at π/2, one of the minimizing geodesics' vectors; Note [The Grassmannian's
+        geodesics]); exact first and second derivatives."""
         self._check_pair(X, Y, "Y")
         Xt, tr = tall(X)
         Yt = tall(Y)[0]
@@ -116,19 +118,27 @@ class Grassmannian(FrameSpace):
             return untall(E, tr)
         # Note [The Grassmannian's logarithm near the cut locus]
         # ‖M‖ = tan θ_max, so the eigenvalues of MᴴM spread over tan²θ_max and its small ones (the
-        # other angles) are off by ε tan²θ_max: computed in float32, the logarithm of points at
-        # θ_max = π/2 − 1e-3 was 5e-3 off, at π/2 − 1e-4 ~1e14, and NaN from π/2 − 1e-5 on, where it
-        # is defined and conditioned like ε/(π/2 − θ_max). Lower precisions compute in float64 (as SO's
-        # logarithm refines in float64), the result rounded back: ε₆₄ tan²θ stays below float32's own
-        # ε/gap to gaps of ~1e-9, past a float32 point's resolution of its own angles; the logarithm
-        # of the rounded points is then exact to float32's rounding (6e-8 up to π/2 − 1e-7; taking
-        # only M to float64 gave ~2ε/gap for 10% less time). float64 input keeps the ε tan²θ error
-        # (π/2 − 1e-6: ~1e-5 off; README, Known limitations). Cost: 1.5x at 8 frames of 64×16.
+        # other angles) were off by ε tan²θ_max where the map is conditioned like ε/(π/2 − θ_max):
+        # float64 points at θ_max = π/2 − 1e-6 gave a logarithm 3e-5 off, π/2 − 1e-7 3e-3, π/2 − 1e-8
+        # 1e4 and π/2 − 1e-10 1e78 (silently, finite); float32 ones 5e-3 off at π/2 − 1e-3, NaN from
+        # π/2 − 1e-5. The logarithm is taken of the half-way subspace instead: with C = P cos Θ Qᴴ
+        # and its polar factor W = P Qᴴ, Y − XC = U sin Θ Qᴴ and C + W = P (I + cos Θ) Qᴴ, so
+        #   M½ = (Y − XC)(C + W)⁻¹ = U tan(Θ/2) Pᴴ,   log = U Θ Pᴴ = 2 M½ h(M½ᴴM½),
+        # h(a) = arctan(√a)/√a as before. tan(θ/2) ≤ 1 and C + W has singular values 1 + cos θ ∈ [1, 2],
+        # so nothing spreads: the error is W's, within the map's own conditioning (float64, one angle
+        # near π/2: 2e-15 down to π/2 − 1e-12; two: ~ε/(π/2 − θ_max), 5e-11 at 1e-6, 2e-6 at 1e-10, as
+        # for one angle of complex frames, whose phase is read from cos θ). W is `polar` (no singular
+        # vectors in the derivatives: finite where angles repeat, at Y = X; exact first and second
+        # derivatives). At
+        # the cut locus itself (an angle of exactly π/2) W is one of the polar factors and the result
+        # one of the minimizing geodesics' vectors (it was inf/NaN). Lower precisions still compute
+        # in float64 (as SO's logarithm refines in float64), the result rounded back: the logarithm
+        # of the rounded points is then exact to float32's rounding. Cost: one k×k SVD more (1.3–2×).
         wide = wide_dtype(Xt)
         Xw, Yw = Xt.to(wide), Yt.to(wide)
         C = transpose(Xw) @ Yw
-        # (Y − XC) C⁻¹ by the inverse: solve's second derivatives are wrong under forward-mode nestings
-        # (Note [Solves under torch.func] in geofunc/_linalg.py); C is k×k and well conditioned below π/2
-        M = (Yw - Xw @ C) @ torch.linalg.inv_ex(C)[0]
+        # (Y − XC)(C + W)⁻¹ by the inverse: solve's second derivatives are wrong under forward-mode nestings
+        # (Note [Solves under torch.func] in geofunc/_linalg.py); C + W is k×k with condition number ≤ 2
+        M = (Yw - Xw @ C) @ torch.linalg.inv_ex(C + polar(C))[0]
         H = spectral_eigh(transpose(M) @ M, lambda lam, Q: atan_ratio(lam))
-        return untall((M @ H).to(Xt.dtype), tr)
+        return untall((2 * (M @ H)).to(Xt.dtype), tr)
