@@ -841,6 +841,42 @@ def test_bad_use_is_named(generator):
         other.load_state_dict(gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.1).state_dict())
 
 
+
+class TiedRows(nn.Module):
+    """An encoder whose rows are on the sphere and a decoder that is the same tensor (tied weights)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 3, bias=False).double()
+        self.dec = nn.Linear(3, 6, bias=False).double()
+        with torch.no_grad():
+            self.enc.weight.copy_(gf.Sphere().sample((3, 6), generator=generator, dtype=F64))
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.enc(x), self.enc.weight.T)
+
+
+def test_a_tied_weight_is_one_parameter(generator):
+    """A tied weight listed under both its names (``named_parameters(remove_duplicate=False)``) was two
+    parameters of one tensor, the last write winning: with the sphere constraint under one name, the
+    free step of the other overwrote it and the rows left the sphere (norms 0.6 after three steps),
+    silently (Note [A tensor under two names]). It is refused, at construction and in
+    ``add_param_group``; listed once (the default) it trains on the sphere."""
+    net = TiedRows(generator)
+    x = torch.randn(8, 6, generator=generator, dtype=F64)
+    twice = list(net.named_parameters(remove_duplicate=False))
+    with pytest.raises(gf.ManifoldError, match="one tensor as 'enc.weight' and 'dec.weight'"):
+        gf.optim.TorchOptimizer(twice, {"enc.weight": gf.Sphere()}, gf.optim.radam, lr=0.1)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), {"enc.weight": gf.Sphere()}, gf.optim.radam, lr=0.1)
+    with pytest.raises(gf.ManifoldError, match="one tensor as 'enc.weight' and 'dec.weight'"):
+        opt.add_param_group({"params": [("dec.weight", net.dec.weight)]})
+    for _ in range(3):
+        opt.zero_grad()
+        ((net(x) - 1) ** 2).sum().backward()
+        opt.step()
+    assert member(gf.Sphere(), net.enc.weight.detach(), 1e-12)
+
 def test_a_compiled_step_is_the_eager_step(generator):
     """``torch.compile(opt.step)`` (and a compiled training step that calls it) steps as eager: Dynamo
     dropped the assignment of the new functional state on a ``torch.optim.Optimizer``, so the compiled

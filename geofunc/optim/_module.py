@@ -517,6 +517,18 @@ class TorchOptimizer(torch.optim.Optimizer):
         if repeated:
             raise ManifoldError(f"TorchOptimizer: expected distinct parameter names, got {', '.join(map(repr, repeated))} "
                                 f"more than once.")
+        # Note [A tensor under two names]
+        # A tied weight listed under each of its names (module.named_parameters(remove_duplicate=False))
+        # was two parameters of one tensor: each stepped from the same point and the last write won, so
+        # with a constraint under one name only the free step overwrote the constrained one (a point
+        # off its space, silently; torch.optim only warns of duplicates), and a mask or group that
+        # differs between the names did the same. A tensor is taken once, as torch.optim will.
+        seen = {id(t): n for n, t in self._named().items()} if self._names else {}
+        for n, t in named:
+            if id(t) in seen:
+                raise ManifoldError(f"TorchOptimizer: expected each parameter once, got one tensor as {seen[id(t)]!r} and "
+                                    f"{n!r} (a tied weight: module.named_parameters() lists it once).")
+            seen[id(t)] = n
         unknown = sorted(set(constraints) - set(names) - set(frozen))
         if unknown:
             raise ManifoldError(f"TorchOptimizer: expected constraints for parameters that require grad "
