@@ -334,3 +334,81 @@ def test_single_jvp_builds_no_second_order_term(space, shape, name, monkeypatch)
     torch.testing.assert_close(chained, tangent, atol=1e-12, rtol=1e-12)
     both = _matmul_flops(lambda: jvp(T[0]))
     assert first <= 0.7 * both, (first, both)  # 0.28 (Stiefel, LowRank retract) to 0.52 (PSSDLowRank); was 1
+
+
+def _compiled_flops(fn, *args):
+    """The result of ``torch.compile(fn, fullgraph=True)(*args)`` and the matmul FLOPs of the graph it captured."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = []
+
+    def backend(gm, example_inputs):
+        def run(*a):
+            with FlopCounterMode(display=False) as counter:
+                out = gm(*a)
+            counted.append(counter.get_total_flops())
+            return out
+        return run
+
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    finally:
+        torch._dynamo.reset()
+    return out, counted[-1]
+
+
+@pytest.mark.parametrize("space,shape,name", [
+    (gf.LowRank(4), (256, 16), "retract"), (gf.LowRank(4), (256, 16), "tangent"),
+    (gf.PSSDLowRank(3), (32, 32), "project"), (gf.Stiefel(), (64, 16), "project")],
+    ids=["LowRank-retract", "LowRank-tangent", "PSSDLowRank-project", "Stiefel-polar"])
+def test_compiled_maps_under_no_grad_build_no_derivative_terms(space, shape, name):
+    """Inside ``torch.compile`` under ``no_grad`` with no forward-mode level, nothing differentiates:
+    the captured graph is the value alone, as in eager mode (Note [Compiled maps that nothing
+    differentiates]); it carried every derivative term before (24–30× the eager matmul FLOPs). With
+    grad mode on, and under a ``jvp`` traced inside the compiled function, the chain stays and
+    derivatives are eager's."""
+    X, V, W = _setup(space, shape)
+    fn = {"project": lambda x, v: space.project(x + 0.1 * v), "retract": lambda x, v: space.retract(x, 0.1 * v),
+          "tangent": lambda x, v: space.tangent(x, v)}[name]
+    with torch.no_grad():
+        eager = fn(X, V)
+        eager_flops = _matmul_flops(lambda: fn(X, V))
+        compiled, flops = _compiled_flops(fn, X, V)
+    torch.testing.assert_close(compiled, eager, atol=1e-12, rtol=1e-12)
+    assert flops <= eager_flops, (flops, eager_flops)
+    # grad mode on: the terms are built (the compiled graph keeps what a caller may differentiate)
+    _, chain_flops = _compiled_flops(fn, X, V)
+    assert chain_flops > 3 * eager_flops, (chain_flops, eager_flops)
+    # a jvp traced under no_grad keeps its first-order terms: eager's tangent
+    jvp = lambda x, v: torch.func.jvp(lambda y: fn(y, v), (x,), (W,))[1]  # noqa: E731
+    with torch.no_grad():
+        (tangent, _), ref = _compiled_flops(jvp, X, V), jvp(X, V)
+    torch.testing.assert_close(tangent, ref, atol=1e-10, rtol=1e-8)
+
+
+def test_compiled_map_under_no_grad_is_not_reused_where_derivatives_are_taken():
+    """The value-only graph compiled under ``no_grad`` must not serve a later call that differentiates:
+    grad mode is one of the compiled graph's guards, and a dual tensor of a user's forward-mode level
+    is traced again (its tangent is eager's)."""
+    import torch.autograd.forward_ad as fwAD
+
+    space = gf.LowRank(2)
+    X, V, W = _setup(space, (6, 4))
+    fn = lambda x: space.project(x + 0.1 * V)  # noqa: E731
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            compiled(X)
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(compiled(fwAD.make_dual(X, W))).tangent
+                ref = fwAD.unpack_dual(fn(fwAD.make_dual(X, W))).tangent
+        assert got is not None
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+        Xr = X.clone().requires_grad_()
+        (got,) = torch.autograd.grad((compiled(Xr) * W).sum(), Xr)
+        (ref,) = torch.autograd.grad((fn(Xr) * W).sum(), Xr)
+        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-8)
+    finally:
+        torch._dynamo.reset()
