@@ -576,6 +576,21 @@ def test_apply_if_finite_applies_after_too_many_consecutive_errors(generator):
         gf.optim.apply_if_finite(gf.optim.rsgd(c, lr=0.05), max_consecutive_errors=-1)
 
 
+def test_a_transform_where_an_optimizer_is_expected_is_refused(generator):
+    """A ``TangentTransform`` (a chain without ``retract_and_transport``, as an optax user writes one)
+    has ``init`` and ``update`` too, but its update returns the step's vectors: ``apply_if_finite`` of
+    one returned them as the new points, silently (Note [An optimizer, not a transform])."""
+    c, params, loss = _finite_problem(generator)
+    transform = gf.optim.chain(gf.optim.to_tangent(c), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))
+    with pytest.raises(gf.ManifoldError, match=r"^apply_if_finite: expected an Optimizer .* got a TangentTransform"):
+        gf.optim.apply_if_finite(transform, max_consecutive_errors=2)
+    with pytest.raises(gf.ManifoldError, match=r"^apply_if_finite: expected an Optimizer .* got dict"):
+        gf.optim.apply_if_finite({"lr": 0.1}, max_consecutive_errors=2)
+    opt = gf.optim.apply_if_finite(gf.optim.retract_and_transport(c, transform), max_consecutive_errors=2)
+    p, _ = opt.update(grad(loss)(params), opt.init(params), params)
+    assert member(c["q"], p["q"]) and member(c["s"], p["s"])
+
+
 def test_apply_if_finite_under_vmap_skips_only_the_model_with_a_bad_gradient(generator):
     c, params, S, f = _batch_problem(generator)
     opt = gf.optim.apply_if_finite(gf.optim.radam(c, lr=0.05), max_consecutive_errors=3)

@@ -841,6 +841,26 @@ def test_bad_use_is_named(generator):
         other.load_state_dict(gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.1).state_dict())
 
 
+def test_a_factory_of_a_transform_or_no_factory_is_refused(generator):
+    """A factory returning a ``TangentTransform`` (an optax-style chain, ``retract_and_transport``
+    forgotten) stepped without an error and wrote the step's vectors into the parameters (every weight
+    ±lr after one Adam step: Note [An optimizer, not a transform]); ``torch.optim.Adam``, a built
+    optimizer or a name in place of the factory failed with torch's or Python's TypeError. Each is a
+    ManifoldError at construction, naming what was expected."""
+    net = Net(generator)
+
+    def adam_transform(constraints, lr):
+        return gf.optim.chain(gf.optim.to_tangent(constraints), gf.optim.scale_by_adam(constraints),
+                              gf.optim.scale_by_schedule(lambda t: -lr(t)))
+
+    with pytest.raises(gf.ManifoldError, match=r"factory adam_transform: expected an Optimizer .* got a TangentTransform"):
+        gf.optim.TorchOptimizer(net.named_parameters(), C, adam_transform, lr=0.1)
+    for wrong, got in ((torch.optim.Adam, "the torch.optim class Adam"), (gf.optim.radam(C, lr=0.1), "an Optimizer already"),
+                       ("radam", "'radam'")):
+        with pytest.raises(gf.ManifoldError, match=f"expected `optimizer` a factory of geofunc.optim .* got {got}"):
+            gf.optim.TorchOptimizer(net.named_parameters(), C, wrong, lr=0.1)
+
+
 
 class TiedRows(nn.Module):
     """An encoder whose rows are on the sphere and a decoder that is the same tensor (tied weights)."""

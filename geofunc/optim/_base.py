@@ -55,6 +55,26 @@ class EmptyState(NamedTuple):
     """The state of a stateless transform."""
 
 
+# Note [An optimizer, not a transform]
+# A TangentTransform has init and update too, with the same arguments, but its update returns the
+# vectors of the step where an Optimizer's returns the new points (optax's GradientTransformation
+# returns updates; geofunc's named optimizers are transforms *and* the retraction). A transform where
+# an optimizer was expected (a factory for TorchOptimizer returning a chain, optax-style, without
+# retract_and_transport; apply_if_finite of a chain) ran without an error and replaced every
+# parameter by its step (-lr·m̂/√v̂ for Adam), silently. The places that take an optimizer refuse a
+# transform (and anything without init and update) when they get it.
+def check_optimizer(where: str, opt: Any) -> None:
+    """Refuse a ``TangentTransform`` (or anything without ``init`` and ``update``) where an
+    :class:`Optimizer` is expected (Note [An optimizer, not a transform])."""
+    if isinstance(opt, TangentTransform):
+        raise ManifoldError(f"{where}: expected an Optimizer (its update returns the new points), got a TangentTransform "
+                            f"(its update returns the step's vectors): wrap it as "
+                            f"gf.optim.retract_and_transport(constraints, transform).")
+    if not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None))):
+        raise ManifoldError(f"{where}: expected an Optimizer (init and update, as gf.optim.radam(constraints, lr) "
+                            f"gives), got {type(opt).__name__}.")
+
+
 def keep_state(state: OptState, move: Move) -> OptState:
     """The ``transport`` of a transform whose state holds no tangent vectors."""
     del move

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from .._errors import ManifoldError, describe
 from ._aliases import rsgd, upgrade_rsgd_state
-from ._base import EmptyState, Optimizer
+from ._base import EmptyState, Optimizer, check_optimizer
 from ._transforms import ScaleByScheduleState, TraceState, _no_buffer
 
 __all__ = ["TorchOptimizer"]
@@ -474,6 +474,15 @@ class TorchOptimizer(torch.optim.Optimizer):
         lr: float,
         **kwargs: Any,
     ) -> None:
+        if (isinstance(optimizer, (Optimizer, str)) or not callable(optimizer)
+                or (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer))):
+            got = ("an Optimizer already built (pass its factory, its hyperparameters as keywords)"
+                   if isinstance(optimizer, Optimizer) else
+                   f"the torch.optim class {optimizer.__name__} (its geofunc.optim counterpart: radam for Adam, radamw "
+                   f"for AdamW, rsgd for SGD)" if isinstance(optimizer, type) else repr(optimizer))
+            raise ManifoldError(f"TorchOptimizer: expected `optimizer` a factory of geofunc.optim (gf.optim.radam, rsgd, "
+                                f"radamw, or a function (constraints, lr, **hyperparameters) returning a "
+                                f"gf.optim.Optimizer), got {got}.")
         frozen: list[str] = []
         groups = _named_groups(params, frozen)
         named = [np for g, _ in groups for np in g]
@@ -586,7 +595,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         if "mask" in hyper:
             hyper["mask"] = _cohort_mask(hyper["mask"], names)
-        self._factory({n: self._constraints[n] for n in names}, lr=group["lr"], **hyper)
+        name = getattr(self._factory, "__name__", repr(self._factory))
+        check_optimizer(f"TorchOptimizer: the factory {name}", self._factory({n: self._constraints[n] for n in names},
+                                                                             lr=group["lr"], **hyper))
 
     def _named(self) -> dict[str, torch.Tensor]:
         return {n: p for names, g in zip(self._group_names, self.param_groups) for n, p in zip(names, g["params"])}

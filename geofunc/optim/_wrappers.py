@@ -8,7 +8,7 @@ import optree
 import torch
 
 from .._errors import ManifoldError
-from ._base import Optimizer, OptState, Params, Vectors
+from ._base import Optimizer, OptState, Params, Vectors, check_optimizer
 
 __all__ = ["ApplyIfFiniteState", "apply_if_finite"]
 
@@ -65,6 +65,7 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
     """
     if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
         raise ManifoldError(f"apply_if_finite: expected `max_consecutive_errors` an int >= 0, got {max_consecutive_errors!r}.")
+    check_optimizer("apply_if_finite", opt)
 
     def init(params: Params) -> ApplyIfFiniteState:
         leaves = [t for t in optree.tree_leaves(params, none_is_leaf=False) if isinstance(t, Tensor)]
