@@ -1057,8 +1057,9 @@ def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
     other reads the raw Parameter. plain() removed the parametrization, which writes the point into that
     shared Parameter, so the skeleton read the point in both places: plain(m), functional_call(plain(m),
     to_manifold(functional(m))) and stack's skeleton were 1.3 off m(x), silently (one value per name cannot
-    express 'the raw tensor here, its point there'). They now refuse by name; functional_call(m,
-    module_state(m, raw, bases)) runs the module itself and keeps the tie."""
+    express 'the raw tensor here, its point there'), and average_ (which re-centres the chart) reset b's
+    weight. They now refuse by name; functional_call(m, module_state(m, raw, bases)) runs the module
+    itself and keeps the tie."""
     torch.manual_seed(0)
     m = _TiedPair().double()
     gnn.orthogonal(m.a, "weight")
@@ -1068,6 +1069,14 @@ def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
         gnn.plain(m)
     with pytest.raises(gf.ManifoldError, match="stack: " + tied):
         gnn.stack([m, m])
+    # average_ re-centres a's chart: b (reading the raw tensor) went to 0, so averaging m with itself
+    # moved its output by 0.12; refused, m left as it was
+    with torch.no_grad():
+        m.a.parametrizations.weight.original.add_(0.3)
+    before = m(x)
+    with pytest.raises(gf.ManifoldError, match="average_: " + tied):
+        gnn.average_(m, [m, m])
+    torch.testing.assert_close(m(x), before, atol=0, rtol=0)
     _, raw, bases = gnn.functional(m)
     torch.testing.assert_close(functional_call(m, gnn.module_state(m, raw, bases), (x,)), m(x), atol=0, rtol=0)
     both = _TiedPair().double()  # both ends constrained: one raw Parameter read through two charts

@@ -100,7 +100,9 @@ def functional(module: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor], di
 # a functional form keyed by names (one value per name) cannot say "the raw tensor here, its point
 # there": plain(m)(x), functional_call(plain(m), to_manifold(*functional(m)), x) and stack's skeleton were
 # 1.3 off m(x) on a 5x5 pair, silently. plain (and stack) refuse such a module by name instead; the module
-# itself runs with functional_call(m, module_state(m, raw, bases), args), which keeps the tie.
+# itself runs with functional_call(m, module_state(m, raw, bases), args), which keeps the tie. average_
+# refuses it too: assigning the average re-centres a's chart, which rewrites the raw tensor b reads (to 0
+# on SO: averaging a model with itself moved its output by 0.12).
 def _refuse_tied_raw(module: nn.Module, where: str) -> None:
     """Raise where a constrained tensor's raw tensor is also reachable under another name (Note [Tied raw tensors])."""
     tensors = _geofunc_tensors(module)
@@ -118,8 +120,9 @@ def _refuse_tied_raw(module: nn.Module, where: str) -> None:
             raise ManifoldError(
                 f"{where}: the raw tensor of {key} (constrained to {tensors[key][2].space!r}) is also the module's "
                 f"{', '.join(others)} (tied weights): expected each constrained tensor's raw Parameter under its own "
-                f"name only, got it tied. The module reads the raw tensor there and the point at {key}, which a "
-                f"copy keyed by plain names cannot express. Untie them and read {key} in the other module's forward "
+                f"name only, got it tied. The module reads the raw tensor there and the point at {key}: a copy "
+                "keyed by plain names (plain, stack) cannot express that, and re-centring the chart (average_) "
+                f"would rewrite the raw tensor read there. Untie them and read {key} in the other module's forward "
                 f"(e.g. F.linear(h, {key})), or run the module itself: functional_call(module, "
                 "gf.nn.module_state(module, raw, bases), args) keeps the tie."
             )
@@ -468,7 +471,9 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
     Raises:
         ValueError: no modules, weights of another length or not summing to 1, or a module whose
             tensors or constraints differ from ``target``'s; ``InManifoldError`` where the
-            assignment refuses a projected point (``target`` is then left as it was).
+            assignment refuses a projected point (``target`` is then left as it was);
+            ``ManifoldError`` where a constrained tensor's raw Parameter of ``target`` is tied to
+            another name (Note [Tied raw tensors]).
     """
     modules = list(modules)
     if not modules:
@@ -478,6 +483,7 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
         raise ValueError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}")
     if not abs(sum(w) - 1.0) <= 1e-6:
         raise ValueError(f"average_: expected weights summing to 1, got {w} (sum {sum(w)})")
+    _refuse_tied_raw(target, "average_")  # the assignment re-centres the chart: the tied name's value would jump
     ours = _geofunc_tensors(target)
     theirs = [_geofunc_tensors(m) for m in modules]
     for i, t in enumerate(theirs):
