@@ -81,7 +81,10 @@ class _Cohort:
 #   factory whose init does not take that parameter (or that does not run on meta, then on the points)
 #   has no layout, and its dicts keyed by exactly the names are taken as the per-parameter ones, as
 #   before. A TraceState's buffer has the parameters' structure by construction (it is made from the
-#   vectors at the first step with momentum, Note [Momentum that may be zero]), layout or not.
+#   vectors at the first step with momentum, Note [Momentum that may be zero]), layout or not. A dict
+#   that a transform keys by the constraints' names (not made by mapping over the parameters) is a
+#   container, as a dict by label: its leaves are the cohort's, copied into each parameter's entries,
+#   which is larger but loads and splits all the same.
 # - a split gives each part the structure of its own optimizer's init (its factory given the part's
 #   constraints: a dict by label built from them has the part's labels only) with the leaves at the
 #   same paths in the cohort's state (_fill): no guess of which dict to cut, and a part's state is
