@@ -441,7 +441,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             ``geofunc.contrib.geoopt.constraints(model.named_parameters())`` for a model with a
             frozen part).
         optimizer: a factory of ``geofunc.optim`` with the signature of :func:`~geofunc.optim.radam`
-            (``optimizer(constraints, lr=..., **kwargs)``): ``rsgd``, ``radam``, ``radamw`` or your own.
+            (``optimizer(constraints, lr=..., **kwargs)``): ``rsgd``, ``radam``, ``radamw`` or your own,
+            returning a :class:`~geofunc.optim.Optimizer` (a transform goes through
+            :func:`~geofunc.optim.retract_and_transport`). It is called with the constraints of the
+            parameters stepped together (a group's, or those of a group with a gradient at a step), so
+            build labels and masks from them or as functions of the parameters, not as a dict of the
+            whole model; and ``lr`` is a schedule reading the group's rate
+            (``scale_by_schedule(lambda t: -lr(t))``).
         lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
             ``param_groups[i]["lr"]`` between steps).
         **kwargs: the other hyperparameters' defaults, passed to ``optimizer`` (``momentum``,
