@@ -201,11 +201,17 @@ def _check_c(c: Any, fn: str) -> Curvature:
             raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a Python number or a 0-d "
                                 f"floating tensor), got {describe(c)}.")
         return torch.where(c > 0, c, torch.full_like(c, math.nan))
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c) or c <= 0:
+    value = math.nan
+    if isinstance(c, numbers.Real) and not isinstance(c, bool):
+        try:
+            value = float(c)
+        except OverflowError:  # an int too large for a float
+            pass
+    if not 0.0 < value < math.inf:
         raise ManifoldError(
             f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}."
         )
-    return float(c)
+    return value
 
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
@@ -213,6 +219,11 @@ def _check_vec(x: Any, fn: str, what: str) -> None:
         raise ManifoldError(
             f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}."
         )
+
+
+def _broadcastable(a: Any, b: Any) -> bool:
+    """Whether two batch shapes broadcast (as ``torch.broadcast_shapes``, without its Python)."""
+    return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
 def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
@@ -227,7 +238,7 @@ def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
             expected = f"`{what}` of the vector length of `{xname}` ({x.shape[-1]})"
         elif t.dtype != x.dtype or t.device != x.device:
             expected = f"`{what}` of the dtype and device of `{xname}` ({x.dtype}, {x.device})"
-        elif any(a != b and a != 1 and b != 1 for a, b in zip(reversed(x.shape[:-1]), reversed(t.shape[:-1]))):
+        elif not _broadcastable(x.shape[:-1], t.shape[:-1]):
             expected = f"`{what}` with batch dims broadcastable with those of `{xname}` {tuple(x.shape[:-1])}"
         else:
             continue
@@ -471,6 +482,9 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
     """
     c = _check_c(c, "mobius_scalar_mul")
     _check_vec(x, "mobius_scalar_mul", "x")
+    if not (isinstance(r, numbers.Real) or isinstance(r, torch.Tensor) and _broadcastable(r.shape, x.shape[:-1])):
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real number or a tensor of "
+                            f"the batch shape {tuple(x.shape[:-1])}, got {describe(r)}.")
     if isinstance(r, torch.Tensor):
         r = r.unsqueeze(-1)
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]
@@ -508,6 +522,9 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     if M.dtype != x.dtype or M.device != x.device:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({x.dtype}, "
                             f"{x.device}), got {describe(M)} on {M.device}.")
+    if not _broadcastable(M.shape[:-2], x.shape[:-1]):
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` with batch dims broadcastable with those "
+                            f"of `x` {tuple(x.shape[:-1])}, got {describe(M)}.")
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     Mx = (M @ x.unsqueeze(-1)).squeeze(-1)
     return _expmap0(_artanhc(c * _sq(x), gx) * Mx, c)  # exp_0 of A·Mx
@@ -757,10 +774,12 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
         raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `x` of shape (..., m, n), got {describe(x)}.")
     w = torch.ones_like(x[..., 0]) if weights is None else weights
     if (not isinstance(w, torch.Tensor) or tuple(w.shape[-1:]) != tuple(x.shape[-2:-1]) or w.dtype != x.dtype
-            or w.device != x.device):
+            or w.device != x.device or not _broadcastable(w.shape[:-1], x.shape[:-2])):
+        on = f" on {w.device}" if isinstance(w, torch.Tensor) else ""
         raise ManifoldError(
-            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}) and the dtype and "
-            f"device of `x` ({x.dtype}, {x.device}), got {describe(w)} on {w.device}."
+            f"geofunc.hyperbolic.weighted_midpoint: expected `weights` of shape (..., {x.shape[-2]}) with batch dims "
+            f"broadcastable with those of `x` {tuple(x.shape[:-2])}, and the dtype and device of `x` ({x.dtype}, "
+            f"{x.device}), got {describe(w)}{on}."
         )
     w = w.unsqueeze(-1)
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]

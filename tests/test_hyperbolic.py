@@ -481,6 +481,33 @@ def test_a_tensor_curvature_not_positive_gives_nan_and_one_not_0d_is_refused():
             hyp.dist(x, y, c=bad)
 
 
+def test_bad_arguments_of_the_ball_functions_are_named():
+    """Arguments the functions cannot take are a ``ManifoldError`` naming the function, what it expected and
+    what it got: ``weighted_midpoint`` with weights that are not a tensor raised an AttributeError while
+    wording its own message, and with a batch that does not broadcast torch's unnamed size error;
+    ``mobius_matvec`` with ``M`` and ``x`` of batches that do not broadcast, torch's size error;
+    ``mobius_scalar_mul`` with an ``r`` that is no number, a TypeError from ``abs``, and with a tensor ``r``
+    whose shape does not broadcast with the batch, torch's size error; a curvature too large
+    for a float (``c=10**400``), an OverflowError."""
+    x = torch.tensor([[[0.1, 0.2], [-0.3, 0.1], [0.0, 0.4]]] * 2, dtype=F64)  # (2, 3, 2): 2 sets of 3 points
+    calls = {
+        "weighted_midpoint": [lambda: hyp.weighted_midpoint(x, [1.0, 1.0, 1.0]), lambda: hyp.weighted_midpoint(x, 0.5),
+                              lambda: hyp.weighted_midpoint(x, torch.ones(3, 3, dtype=F64))],
+        "mobius_matvec": [lambda: hyp.mobius_matvec(torch.ones(3, 2, 2, dtype=F64), x[:, 0]),
+                          lambda: hyp.mobius_matvec(torch.ones(2, 2, 2, dtype=F64), x[0])],
+        "mobius_scalar_mul": [lambda r=r: hyp.mobius_scalar_mul(r, x) for r in ("a", None, [0.5], torch.ones(4, dtype=F64))],
+        "dist": [lambda: hyp.dist(x, x, c=10**400)],
+    }
+    for fn, cs in calls.items():
+        for call in cs:
+            with pytest.raises(gf.ManifoldError, match=rf"geofunc\.hyperbolic\.{fn}: expected .*, got "):
+                call()
+    # what broadcasts still works: one weight vector for every set, one matrix for every point
+    torch.testing.assert_close(hyp.weighted_midpoint(x, torch.ones(3, dtype=F64)), hyp.weighted_midpoint(x),
+                               atol=1e-15, rtol=0)
+    assert hyp.mobius_matvec(torch.eye(2, dtype=F64), x).shape == (2, 3, 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_poincare_to_lorentz_keeps_the_lorentz_clamp(dtype):
     """The isometry's result is a Lorentz point under that space's stated clamp (distance ≤ T√k from
