@@ -173,6 +173,28 @@ def test_hyperparameters_are_checked_as_torch_does(name, kwargs, torch_cls, expe
         gf.optim.scale_by_adam({}, 0.9, 1.0)
 
 
+def test_an_optax_trace_call_is_refused():
+    """optax's ``trace(decay, nesterov)`` ported as ``gf.optim.trace(0.9, True)`` was dampening 1 (torch's
+    order, ``trace(decay, dampening, nesterov)``): the buffer took the first gradient only and then
+    decayed, silently (three steps of a unit gradient moved by 0.1·(1 + 0.9 + 0.81) where Nesterov moves
+    by 0.805). A bool dampening is a ``ManifoldError`` saying to pass ``nesterov`` by keyword."""
+    with pytest.raises(gf.ManifoldError, match=r"^trace: expected `dampening` a number .* nesterov=True by keyword"):
+        gf.optim.trace(0.9, True)
+    with pytest.raises(gf.ManifoldError, match="nesterov=True by keyword"):
+        gf.optim.rsgd({}, 0.1, 0.9, True)
+    opt = gf.optim.retract_and_transport({}, gf.optim.chain(gf.optim.trace(0.9, nesterov=True), gf.optim.scale(-0.1)))
+    p = {"b": torch.zeros(2, dtype=F64)}
+    s = opt.init(p)
+    for _ in range(3):
+        p, s = opt.update({"b": torch.ones(2, dtype=F64)}, s, p)
+    ref = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    sgd = torch.optim.SGD([ref], lr=0.1, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        ref.grad = torch.ones(2, dtype=F64)
+        sgd.step()
+    torch.testing.assert_close(p["b"], ref.detach(), atol=1e-15, rtol=0)
+
+
 def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
     """A schedule ``lr`` and tensor hyperparameters pass the checks (no ``bool()`` of a traced tensor):
     meta-gradients of a loss after three steps with respect to ``lr``, β₁ (``radam``) and the momentum

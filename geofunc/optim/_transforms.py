@@ -204,6 +204,11 @@ def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> Tange
       dampening: :math:`\tau`.
       nesterov: Nesterov momentum.
     """
+    if isinstance(dampening, bool):
+        # optax's trace(decay, nesterov) ported as trace(0.9, True) was dampening 1: a buffer that took
+        # its first gradient only (b_t = μ b_{t-1} after it), silently. A dampening is a number.
+        raise ManifoldError(f"trace: expected `dampening` a number (torch.optim.SGD's τ; optax's trace takes nesterov "
+                            f"second: pass nesterov={dampening!r} by keyword), got {dampening!r}.")
     off = _is_number(decay) and decay == 0
 
     def init(params: Params) -> TraceState:
