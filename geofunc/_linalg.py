@@ -951,7 +951,7 @@ def _polar(A: Tensor, mode: str) -> Any:
 # no n×n×n tensor. Where they tie (|λₗ − λₚ| ≤ √ε·max(1, |λ|), as the first-order term's ties),
 # h[λₗ, λₘ, λₗ] = (h′(λₗ) − Γₗₘ)/(λₗ − λₘ) =: Hₗₘ (h″/2 where λₘ ties too: 0 for every value map's
 # projection, piecewise linear; the logarithms' h″ otherwise), and S₂ = ½((Ẽ∘H)Ẽ + Ẽ(Ẽ∘H)ᵀ) there.
-# Finite at every tie.
+# Finite at every tie; near ties of a smooth h: Note [Near ties of smooth spectral maps].
 # The SVD maps U diag(g) Vᵀ of a tall n×k Y are the spectral map of the dilation [[0, Y], [Yᵀ, 0]]
 # (eigenvalues ±sᵢ with vectors (uᵢ; ±vᵢ)/√2, and 0 on (w; 0), w ⊥ range U) with h odd
 # (h(±sᵢ) = ±gᵢ, h = 0 on the complement). In the 2k eigenvectors (uᵢ; ±vᵢ)/√2,
@@ -964,6 +964,20 @@ def _polar(A: Tensor, mode: str) -> Any:
 # derivatives are not the map's. Tested against finite differences of the map's first derivative
 # (tests/test_second_derivatives.py; the conformance property gradgradcheck: tangent, retract, project).
 
+
+# Note [Near ties of smooth spectral maps]
+# Γ = (hₗ − hₘ)/(λₗ − λₘ) carries the rounding of h, ε|h|/δ at a gap δ, and H = (h′ₗ − Γ)/δ then
+# ε|h|/δ²: just above the tie tolerance (δ ≈ √ε) H was O(1) off for every h that is not piecewise
+# linear (PSD's affine maps through X^±½, exp, log, √; SO's and the Grassmannian's logarithms):
+# Hessian-vector products in the base of the affine transport and expmap 20–30% off where X's
+# eigenvalues were 3e-8 apart (1e-4 at 1e-6; the transport 0.2% where Y was 1e-7 from X), of SO's logmap
+# 15% at rotation angles 3e-8 apart, of the Grassmannian's 5% at principal angles 3e-8 apart. Given h″, pairs closer than x·s are near ties, s
+# = |h′/h″| (capped at max(1, |λ|)) the scale on which h varies (λ for powers and the logarithm, 1 for
+# exp), and take endpoint formulas without cancellation: Γ = (h′ₗ + h′ₘ)/2 + (λₗ − λₘ)(h″ₘ − h″ₗ)/12
+# (the trapezoid rule with its end correction, error O(δ⁴h⁽⁵⁾)) below x = (720ε)^⅕, H = (2h″ₗ + h″ₘ)/6
+# (h[λₗ, λₘ, λₗ] = ∫₀¹ (1 − t) h″(λₗ + t(λₘ − λₗ)) dt with h″ linear, error O(δ²h⁽⁴⁾)) below
+# x = (24ε)^⅓, where S₂ also takes (λₗ, λₚ) as tied (error O(δ²)); each formula is exact for a cubic
+# and each switch balances truncation against rounding: ~1e-11 relative in float64 at every gap.
 
 # Note [Zero singular values of a tall SVD map]
 # The complement's rows of S₂ need h[0, λ_q, λ_p] (the complement's 0, then the dilation's ±s).
@@ -985,16 +999,29 @@ def _divided(num: Tensor, dgi: Tensor, dgj: Tensor, den: Tensor, tol: Tensor) ->
 def _second_divided(lam: Tensor, h: Tensor, dh: Tensor, tol: Tensor,
                     d2h: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(Γ, H, tie, safe)`` of the spectrum ``lam`` with values ``h``, slopes ``dh``: Γ the first divided
-    differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (``h″/2`` where λₘ ties with λₗ, the
-    mean of the two second derivatives ``d2h``; 0 if ``d2h`` is None: a piecewise linear ``h``), the
-    tie mask, and ``λₗ − λₚ`` with 1 at ties (a safe divisor)."""
+    differences (mean slope at ties), ``Hₗₘ = h[λₗ, λₘ, λₗ]`` (0 if ``d2h`` is None: a piecewise linear
+    ``h``), the mask of the pairs that ``S₂`` takes as tied, and ``λₗ − λₚ`` with 1 there (a safe
+    divisor). With the second derivatives ``d2h``, pairs closer than ``h``'s own scale are near ties
+    (Note [Near ties of smooth spectral maps])."""
     dl = lam.unsqueeze(-1) - lam.unsqueeze(-2)
     tie = dl.abs() <= tol
-    safe = torch.where(tie, torch.ones_like(dl), dl)
-    gam = _divided(h.unsqueeze(-1) - h.unsqueeze(-2), dh.unsqueeze(-1), dh.unsqueeze(-2), dl, tol)
-    at_tie = torch.zeros_like(dl) if d2h is None else 0.25 * (d2h.unsqueeze(-1) + d2h.unsqueeze(-2))
-    H = torch.where(tie, at_tie, (dh.unsqueeze(-1) - gam) / safe)
-    return gam, H, tie, safe
+    if d2h is None:
+        safe = torch.where(tie, torch.ones_like(dl), dl)
+        gam = _divided(h.unsqueeze(-1) - h.unsqueeze(-2), dh.unsqueeze(-1), dh.unsqueeze(-2), dl, tol)
+        return gam, torch.where(tie, torch.zeros_like(dl), (dh.unsqueeze(-1) - gam) / safe), tie, safe
+    # Note [Near ties of smooth spectral maps]
+    eps = torch.finfo(lam.dtype).eps
+    a = dh.abs()
+    scale = torch.minimum(torch.where(d2h != 0, a / d2h.abs(), torch.full_like(a, math.inf)), lam.abs().clamp(min=1.0))
+    scale = torch.minimum(scale.unsqueeze(-1), scale.unsqueeze(-2))
+    near1 = tie | (dl.abs() <= (720 * eps) ** 0.2 * scale)  # Γ by the corrected trapezoid rule
+    near2 = tie | (dl.abs() <= (24 * eps) ** (1 / 3) * scale)  # H by Hermite's rule; S₂'s ties
+    dhi, dhj, d2i, d2j = dh.unsqueeze(-1), dh.unsqueeze(-2), d2h.unsqueeze(-1), d2h.unsqueeze(-2)
+    gam = torch.where(near1, 0.5 * (dhi + dhj) + dl * (d2j - d2i) / 12,
+                      (h.unsqueeze(-1) - h.unsqueeze(-2)) / torch.where(near1, torch.ones_like(dl), dl))
+    safe = torch.where(near2, torch.ones_like(dl), dl)
+    H = torch.where(near2, (2 * d2i + d2j) / 6, (dhi - gam) / safe)
+    return gam, H, near2, safe
 
 
 def _second_core(Et: Tensor, gam: Tensor, H: Tensor, tie: Tensor, safe: Tensor) -> Tensor:
