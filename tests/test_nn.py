@@ -481,6 +481,35 @@ def test_average_of_models_is_on_the_space(case):
         torch.testing.assert_close(soup.weight, sum(m.weight for m in models) / 3, atol=1e-5, rtol=0)
 
 
+def test_a_soup_of_sl_weights_whose_mean_has_det_below_zero_stays_at_their_scale():
+    """The mean of SL points can have det < 0; SL.project took GLp's canonical point there (the least
+    singular value set to −√ε·σ₁) and rescaled it to det 1 by |det|^(−1/n): a soup of two 4×4 ``sln``
+    weights (‖W‖ ≈ 4) came out at norm 163 in float64 (×(1/√ε)^(1/n): 42× the mean's norm at the median
+    of random inputs, 3.5× in float32, so the two dtypes disagreed). project now flips the least
+    singular value's sign, keeping its size (the mean reflected in its least singular direction), then
+    rescales: det 1, the input's scale, and float32 the float64 point rounded."""
+    M = gf.SL()
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(64, 4, 4, generator=g, dtype=torch.float64)
+    flip = torch.where(torch.linalg.det(Y) < 0, 1.0, -1.0).to(Y.dtype)
+    Y = torch.cat([Y[:, :1] * flip[:, None, None], Y[:, 1:]], dim=1)  # det < 0 throughout (a row negated)
+    U, s, Vh = torch.linalg.svd(Y)
+    s = s * torch.tensor([1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    ref = (U * s.unsqueeze(-2)) @ Vh / s.abs().prod(-1).pow(0.25)[:, None, None]
+    P = M.project(Y)
+    assert member(M, P)
+    torch.testing.assert_close(P, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(M.project(Y.float()).double(), ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+    torch.manual_seed(0)
+    a, b = gnn.sln(nn.Linear(4, 4).double()), gnn.sln(nn.Linear(4, 4).double())
+    with torch.no_grad():
+        b.weight = a.weight @ torch.diag(torch.tensor([-3.0, -1 / 3, 1.0, 1.0], dtype=torch.float64))  # mean: det −1/3
+    assert torch.linalg.det((a.weight + b.weight) / 2) < 0
+    soup = gnn.average_(copy.deepcopy(a), [a, b])
+    assert member(M, soup.weight)
+    assert torch.linalg.matrix_norm(soup.weight) < 2 * torch.linalg.matrix_norm(a.weight)
+
+
 def test_average_refuses_what_it_cannot_average():
     a, b = gnn.orthogonal(nn.Linear(4, 6)), gnn.orthogonal(nn.Linear(4, 6))
     with pytest.raises(ValueError, match="at least one"):
