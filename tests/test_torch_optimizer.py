@@ -206,13 +206,17 @@ def _adam_per_name_fixed(constraints, lr):
                                                             gf.optim.multi_transform(adam, lambda p: {k: k for k in p})))
 
 
+@pytest.mark.parametrize("probe", ["points", "meta"])
 @pytest.mark.parametrize("factory", [_adam_per_name, _adam_per_name_fixed], ids=["from-constraints", "fixed"])
-def test_labels_named_as_the_parameters_with_skipped_parameters(factory, generator):
+def test_labels_named_as_the_parameters_with_skipped_parameters(factory, probe, generator, monkeypatch):
     """A ``multi_transform`` whose labels are the parameters' names has a dict by label keyed as one by
     parameter: a step where a head had no gradient cut it as one (Note [Which entries of a state are a
     parameter's]) and the next update failed (optree's "dictionary key mismatch"). Now it steps as ``torch.optim.Adam`` (each parameter its own Adam: skipped as torch skips it) with the
     heads used irregularly after a first step of all, and a checkpoint taken after the cohorts split
-    resumes bit for bit in a fresh optimizer."""
+    resumes bit for bit in a fresh optimizer; with the probe on the points (small parameters) and on
+    the meta device (large ones: Note [Probing on meta or on the points])."""
+    if probe == "meta":
+        monkeypatch.setattr(gf.optim._module, "_PROBE_ON_POINTS", 0)
     x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
     uses = ["ab", *USES]
 
