@@ -75,12 +75,11 @@ class _Cohort:
 # constraints a factory is given) had its dict by label taken for one by parameter: a step where one
 # parameter had no gradient cut the labels and left the moments inside whole, and the next update
 # failed with optree's "dictionary key mismatch". Now nothing is read from the keys:
-# - the layout (the paths of the per-parameter dicts) is recorded from init itself, run once more on
-#   the meta device (no memory) with one more free parameter under a name no parameter has
-#   (_PROBE): the dicts made by mapping over the parameters hold it, a dict by label does not. A
-#   factory whose init does not take that parameter (or that does not run on meta, then on the points)
-#   has no layout, and its dicts keyed by exactly the names are taken as the per-parameter ones, as
-#   before. A TraceState's buffer has the parameters' structure by construction (it is made from the
+# - the layout (the paths of the per-parameter dicts) is recorded from init itself, run once more
+#   (Note [Probing on meta or on the points]) with one more free parameter under a name no parameter
+#   has (_PROBE): the dicts made by mapping over the parameters hold it, a dict by label does not. A
+#   factory whose init takes that parameter neither on meta nor on the points has no layout, and its
+#   dicts keyed by exactly the names are taken as the per-parameter ones, as before. A TraceState's buffer has the parameters' structure by construction (it is made from the
 #   vectors at the first step with momentum, Note [Momentum that may be zero]), layout or not. A dict
 #   that a transform keys by the constraints' names (not made by mapping over the parameters) is a
 #   container, as a dict by label: its leaves are the cohort's, copied into each parameter's entries,
