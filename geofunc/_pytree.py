@@ -64,7 +64,7 @@ from ._dtensor import DTensor, placed_like
 from ._errors import ManifoldError, describe
 from ._fused import one_node
 from .spaces import Product
-from .spaces._base import AbstractSpace, is_space
+from .spaces._base import LOW_PRECISION, AbstractSpace, is_space
 
 __all__ = ["sample", "from_manifold", "to_manifold", "rebase", "tangent", "retract", "contains"]
 
@@ -308,7 +308,7 @@ def _add(X: Any, V: Any) -> Any:
     """``X + V`` on an unconstrained entry (``gf.retract``): ``V`` a tensor of the shape of ``X``."""
     if isinstance(X, torch.Tensor):
         if isinstance(V, torch.Tensor) and V.shape == X.shape:
-            return X + V
+            return _sum(X, V)
         if torch.compiler.is_compiling():
             return X + V
         if not isinstance(V, torch.Tensor):
@@ -333,6 +333,25 @@ def _add(X: Any, V: Any) -> Any:
         except _FreeError as err:
             raise _FreeError(err.expected, err.got, path + err.sub) from None
     return xspec.unflatten(out)
+
+
+# Note [The dtype of an unconstrained step]
+# ``retract`` on an unconstrained entry keeps the parameter's dtype, with the rule of the constrained
+# entries (Note [Low precision] in geofunc/spaces/_base.py): ``V`` of ``X``'s dtype, or float32 for a
+# bf16/fp16 ``X`` (summed in float32, rounded back). Torch's promotion silently turned a bf16 bias into
+# a float32 one (and a float32 one into float64) while the constrained weight of the same call stayed
+# bf16 (or was refused): a gf.optim step of a bf16 model with float32 gradients left every unconstrained
+# parameter float32. A dtype comparison only (static under torch.compile and vmap).
+def _sum(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``X + V`` in the dtype of ``X`` (Note [The dtype of an unconstrained step])."""
+    if V.dtype == X.dtype and V.device == X.device:  # the common case
+        return X + V
+    if V.device != X.device:
+        raise _FreeError(f"`V` on the device of `X` ({X.device})", f"{describe(V)} on {V.device}")
+    if X.dtype in LOW_PRECISION and V.dtype == torch.float32:
+        return (X + V).to(X.dtype)
+    also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
+    raise _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V))
 
 
 def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

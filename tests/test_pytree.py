@@ -376,3 +376,30 @@ def test_retract_on_unconstrained_entries_names_the_parameter(generator):
     for vec, message in cases:
         with pytest.raises(gf.ManifoldError, match=message):
             gf.retract(c, p, vec)
+
+
+def test_retract_keeps_the_dtype_of_unconstrained_entries(generator):
+    """On an unconstrained entry ``retract`` is ``X + V`` with the dtype rule of the constrained entries:
+    ``V`` of ``X``'s dtype, or float32 for a bf16/fp16 ``X`` (computed in float32, rounded back). Torch's
+    promotion silently turned a bf16 bias into a float32 one, and a float32 one into float64, while the
+    constrained weight of the same call stayed bf16 or was refused: ``gf.optim.rsgd``/``radam`` steps of a
+    bf16 model with float32 gradients left every unconstrained parameter in float32."""
+    c = {"w": gf.Sphere()}
+    for low in (torch.bfloat16, torch.float16):
+        p = {"w": gf.Sphere().sample((3,), generator=generator).to(low), "b": torch.zeros(3, dtype=low)}
+        V = {"w": torch.full((3,), 0.1), "b": torch.full((3,), 0.1)}
+        out = gf.retract(c, p, V)
+        assert out["w"].dtype == out["b"].dtype == low
+        torch.testing.assert_close(out["b"], torch.full((3,), 0.1).to(low), atol=0, rtol=0)
+        for opt in (gf.optim.rsgd(c, 0.1, momentum=0.9), gf.optim.radam(c, 0.1)):
+            q, state = p, opt.init(p)
+            for _ in range(2):
+                q, state = opt.update({k: torch.randn(v.shape, generator=generator) for k, v in q.items()}, state, q)
+            assert q["w"].dtype == q["b"].dtype == low, opt
+    p = {"w": gf.Sphere().sample((3,), generator=generator), "b": torch.zeros(3)}
+    for bad in (torch.float64, torch.int64, torch.complex64):
+        with pytest.raises(gf.ManifoldError, match=r"parameter 'b' \(unconstrained: X \+ V\): expected `V` of the dtype "
+                                                   r"of `X` \(torch.float32\), got .*" + str(bad).replace(".", r"\.")):
+            gf.retract(c, p, {"w": torch.zeros(3), "b": torch.ones(3, dtype=bad)})
+    with pytest.raises(gf.ManifoldError, match=r"parameter 'b' .*expected `V` on the device of `X` \(cpu\)"):
+        gf.retract(c, p, {"w": torch.zeros(3), "b": torch.ones(3, device="meta")})
