@@ -1113,6 +1113,15 @@ def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
     gnn.orthogonal(both.b, "weight")
     with pytest.raises(gf.ManifoldError, match=r"plain: the raw tensor of a\.weight .* is also the module's b\.weight"):
         gnn.plain(both)
+    shared = _TiedPair()  # one parametrized module under two names (a shared submodule) reads the point in both
+    shared.b = shared.a
+    gnn.orthogonal(shared.a, "weight")
+    _, raw, bases = gnn.functional(shared)
+    skeleton = gnn.plain(shared)
+    torch.testing.assert_close(functional_call(skeleton, to_manifold({"a.weight": gf.Stiefel()}, raw, bases), (x.float(),)),
+                               shared(x.float()), atol=0, rtol=0)
+    gnn.average_(skeleton := copy.deepcopy(shared), [shared])
+    torch.testing.assert_close(skeleton(x.float()), shared(x.float()), atol=1e-6, rtol=0)
     untied = _TiedPair()  # a tie between unconstrained tensors is the skeleton's own, kept
     untied.b.weight = nn.Parameter(untied.b.weight.detach().clone())
     untied.a.bias = untied.b.bias

@@ -107,14 +107,23 @@ def _refuse_tied_raw(module: nn.Module, where: str) -> None:
     """Raise where a constrained tensor's raw tensor is also reachable under another name (Note [Tied raw tensors])."""
     tensors = _geofunc_tensors(module)
     keys: dict[int, list[str]] = {}
+    readers: dict[int, nn.Module] = {}  # the module whose parametrization reads each raw tensor
     for key, (sub, tname, _) in tensors.items():
         keys.setdefault(id(sub.parametrizations[tname].original), []).append(key)
+        readers.setdefault(id(sub.parametrizations[tname].original), sub)
+    owners = dict(module.named_modules(remove_duplicate=False))
     names: dict[int, list[str]] = {}
     for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-        if id(t) in keys:
-            names.setdefault(id(t), []).append(_ORIGINAL.sub(r"\1\2", name))
+        if id(t) not in keys:
+            continue
+        match = _ORIGINAL.search(name)
+        if match and owners.get(name[: match.start()]) is readers[id(t)]:
+            continue  # the same parametrized module under another path (a shared submodule): reads the point
+        names.setdefault(id(t), []).append(_ORIGINAL.sub(r"\1\2", name))
     for i, ks in keys.items():
         others = [n for n in dict.fromkeys(names.get(i, [])) if n != ks[0]]
+        if len(ks) > 1:
+            others = list(dict.fromkeys([*ks[1:], *others]))
         if others:
             key = ks[0]
             raise ManifoldError(
