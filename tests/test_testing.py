@@ -952,6 +952,42 @@ def _inner_steep(self: Any, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
     return _steep(_POINCARE_INNER(self, X, U, V))
 
 
+# Maps of the right value and first derivative whose second derivative in the base point is not theirs
+# (Note [Second derivatives in the base] in geofunc/testing/_base_derivatives.py): gradcheck reads first
+# derivatives, gradgradcheck runs tangent/retract/project only, nested_forward compares modes.
+def _transport_curved(self: Any, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
+    """``PoincareBall.transport`` plus ``0.1‖X − X₀‖² T₀``: zero in value and first derivative."""
+    T = _POINCARE_TRANSPORT(self, X, Y, V)
+    return T + 0.1 * ((X - X.detach()) ** 2).sum(-1, keepdim=True) * T.detach()
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """``fn(X, V)`` with a backward computed from detached inputs: right first derivatives, a double
+    backward that silently reads them as constants (what ``once_differentiable`` without the error does)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, X: Tensor, V: Tensor) -> Tensor:
+        ctx.fn = fn
+        ctx.save_for_backward(X, V)
+        return fn(X, V)
+
+    @staticmethod
+    def backward(ctx: Any, C: Tensor) -> tuple[None, Tensor, Tensor]:
+        X, V = ctx.saved_tensors
+        with torch.enable_grad():
+            x, v = X.detach().requires_grad_(True), V.detach().requires_grad_(True)
+            gx, gv = torch.autograd.grad(ctx.fn(x, v), (x, v), C.detach())
+        return None, gx, gv
+
+
+def _expmap_once_differentiable(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """``PoincareBall.expmap`` as that Function in plain autograd (the op chain under torch.func, as an
+    eager fast path)."""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return _POINCARE_EXPMAP(self, X, V)
+    return _OnceDifferentiable.apply(lambda x, v: _POINCARE_EXPMAP(self, x, v), X, V)
+
+
 def _sphere(name: str, **kw: Any) -> Callable[[], SpaceCase]:
     return lambda: _sphere_case(name, **kw)
 
@@ -1086,6 +1122,13 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
      f64, "gradcheck", "gradcheck of expmap failed", ("expmap", "expmap_geodesic", "logmap")),
     ("PoincareBall.inner-steep-gradient", [(gf.PoincareBall, "inner", _inner_steep)], _builtin("PoincareBall"),
      f64, "gradcheck", "gradcheck of inner failed", ("metric", "dist", "transport_isometry")),
+    # second derivatives in the base point
+    ("PoincareBall.transport-curved-in-the-base", [(gf.PoincareBall, "transport", _transport_curved)],
+     _builtin("PoincareBall"), f64, "base_hessian", r"of transport\(X, Y, U\(X\)\): Hessian-vector product in the base",
+     ("metric", "transport_isometry", "transport_parallel", "gradcheck", "nested_forward")),
+    ("PoincareBall.expmap-once-differentiable", [(gf.PoincareBall, "expmap", _expmap_once_differentiable)],
+     _builtin("PoincareBall"), f64, "base_hessian", r"double backward of expmap\(X, V\(X\)\): Hessian-vector product",
+     ("expmap", "expmap_geodesic", "logmap", "gradcheck")),
     # AOT autograd's tracing
     ("Sphere.tangent-backward-branches-on-a-value", [(gf.Sphere, "tangent", _tangent_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of tangent failed',
@@ -1132,7 +1175,7 @@ def test_sample_independence_reads_rounding_of_one_point_as_one_point() -> None:
 # (nested_forward and broadcast, added later, call expmap and logmap among other maps where a space has them;
 # gradcheck, since Note [Gradients of every map], differentiates dist, expmap and logmap too)
 _NEW_CLOSED_FORM_PROPERTIES = ("dist", "expmap", "expmap_geodesic", "logmap", "logmap_dist", "sqdist", "transport_parallel",
-                               "nested_forward", "broadcast", "gradcheck")
+                               "nested_forward", "broadcast", "gradcheck", "base_hessian")
 
 
 @pytest.mark.parametrize("case_id", ["PoincareBall-c0.5", "Lorentz-k2"])

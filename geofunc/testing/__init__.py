@@ -42,12 +42,15 @@ inverts it in the tangent space (``check_logmap``) with length ``dist`` (``check
 float64 within ``case.geodesic_radius``; elsewhere they are reported skipped. A case whose
 ``transport`` is documented as isometric or as the parallel transport says so
 (``case.transport``), and ``check_transport_isometry`` / ``check_transport_parallel`` hold it to
-that (the velocity of the geodesic carried to its velocity, composition along it). A property that
+that (the velocity of the geodesic carried to its velocity, composition along it).
+``check_base_hessian`` holds the maps' second derivatives in the base point (Hessian-vector products
+by double backward and ``jvp`` of ``grad``) to finite differences of their gradient. A property that
 does not apply to a space is listed in ``case.skip`` with the reason; :func:`check_space` returns
 a :class:`SpaceReport` of what ran and what did not, and warns (:class:`IncompleteCaseWarning`)
 when a case without ``dim``, ``perturb`` or ``moments`` leaves part of the geometry unchecked.
 """
 
+from ._base_derivatives import check_base_hessian as check_base_hessian
 from ._case import (
     DEFAULT_TOL as DEFAULT_TOL,
     MEMBERSHIP_ATOL as MEMBERSHIP_ATOL,
@@ -151,6 +154,7 @@ __all__ = [
     "check_gradgradcheck",
     "check_hessian",
     "check_nested_forward",
+    "check_base_hessian",
     "check_jacobians",
     "check_jvp_fd",
     "check_linearize",

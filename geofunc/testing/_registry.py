@@ -9,6 +9,7 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
+from ._base_derivatives import check_base_hessian
 from ._case import SpaceCase
 from ._geometry import (
     check_contains_batch,
@@ -224,6 +225,7 @@ PROPERTIES: tuple[Property, ...] = (
              requires="case.smooth"),
     Property("hessian", check_hessian, float64_only=True, applies=lambda case: case.smooth, requires="case.smooth"),
     Property("nested_forward", check_nested_forward, float64_only=True),
+    Property("base_hessian", check_base_hessian, float64_only=True),
     Property("linearize", check_linearize, float64_only=True),
     Property("vmap_grad", check_vmap_grad, float64_only=True),
     Property("compile", check_compile),
