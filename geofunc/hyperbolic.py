@@ -177,7 +177,7 @@ def _arcoshc(u: Tensor) -> Tensor:
     """``arcosh(1 + u) / √(u(u + 2))`` for ``u ≥ 0`` (= θ / sinh θ), smooth at 0."""
 
     def direct(u: Tensor) -> Tensor:
-        w = torch.sqrt(u * (u + 2.0))
+        w = torch.sqrt(u) * torch.sqrt(u + 2.0)  # (u(u + 2) overflows from u ~ 1e154: d ~ 355)
         return torch.log1p(u + w) / w
 
     return _series_or(u, _ARCOSHC, direct)

@@ -1175,6 +1175,49 @@ def test_lorentz_float32_pairs_beyond_the_clamp_are_exact(k, generator):
         assert err <= tol, (r, dd, err, tol)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+@pytest.mark.parametrize("k", [0.5, 2.0])
+def test_lorentz_radial_pairs_far_out_are_exact(dtype, k):
+    """Note [the hyperboloid's distance without cancellation]: a pair along one ray from the origin
+    (and the origin with a far point) is fixed by its stored spatial parts to ~ε, but ⟨y − x, y − x⟩_L
+    cancels there to a part in ~x₀y₀/k: float64 pairs 1e-3√k apart at 18√k were 14× off in dist and
+    0.12 in logmap (at 12√k: 9e-4), pairs √k apart at 25√k 11× off, and d(o, x) at 40√k was 0; float32
+    pairs (read as float64 lifts) 5e-4 off at 12√k, 3% at 18√k. Oracle: 60 digits of the same stored
+    inputs (float32 ones computed in float64). Beyond the rounding of x̄ across its ray, ε₆₄ sinh(d(o, x)/√k),
+    nothing is resolved: dist is allowed that, squared, on top of a few ulps of its dtype."""
+    H, sk, eps = gf.Lorentz(k=k), math.sqrt(k), torch.finfo(F64).eps
+    g = torch.Generator().manual_seed(3)
+    radii = (12.0, 18.0, 25.0, 30.0) if dtype == F64 else (12.0, 18.0, 25.0)
+    for R in radii:
+        u = _directions(4, 3, g, lorentz=False)
+        for s in (1e-3, 1.0, R):  # s = R: the origin
+            xb, yb = sk * math.sinh(R) * u, sk * math.sinh(R - s) * u
+            lift = lambda b: torch.cat([torch.sqrt(k + (b * b).sum(-1, keepdim=True)), b], -1)  # noqa: E731
+            x, y = lift(xb).to(dtype), lift(yb).to(dtype)
+            assert bool(H.contains(x).all() and H.contains(y).all())
+            d, L = H.dist(x, y), H.logmap(x, y)
+            for i in range(x.shape[0]):
+                de, le = _lorentz_pair_exact(k, x[i], y[i])
+                tol = 8 * torch.finfo(dtype).eps * float(de) + sk * (eps * math.sinh(R)) ** 2  # result's rounding
+                assert abs(float(d[i]) - float(de)) <= tol, (R, s, float(d[i]), float(de))
+                if R <= 18.0:
+                    xl = torch.cat([torch.sqrt(k + (x[i, 1:].double() ** 2).sum()).reshape(1), x[i, 1:].double()])
+                    le = torch.tensor([float(t) for t in le], dtype=F64)
+                    e = L[i].double() - le
+                    e = e - (e * xl).sum() / (xl * xl).sum() * xl  # less its part along x (as above)
+                    err = float(torch.linalg.vector_norm(e) / torch.linalg.vector_norm(le))
+                    assert err <= (1e-9 if dtype == F64 else 2e-6), (R, s, err)
+    # d(o, x) at 40√k in float64 (it was 0), and a pair 510√k apart (cosh d − 1 ~ 1e221: u(u + 2) overflowed)
+    o = torch.tensor([sk, 0.0, 0.0], dtype=F64)
+    x = torch.tensor([sk * math.cosh(40.0), sk * math.sinh(40.0), 0.0], dtype=F64)
+    assert abs(float(H.dist(o, x)) - 40.0 * sk) <= 1e-13 * 40.0 * sk
+    x = torch.tensor([sk * math.cosh(300.0), sk * math.sinh(300.0), 0.0], dtype=F64)
+    y = torch.tensor([sk * math.cosh(210.0), -sk * math.sinh(210.0), 0.0], dtype=F64)
+    assert abs(float(H.dist(x, y)) - 510.0 * sk) <= 1e-13 * 510.0 * sk
+    L = H.logmap(x, y)
+    assert bool(torch.isfinite(L).all()) and abs(float(L[1] / L[0]) - math.tanh(300.0)) <= 1e-13
+
+
 def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps():
     """Pins the documented gap clamp (docs/spaces/hyperbolic.md): a float32 point that `contains`
     accepts (c‖x‖² < 1 summed in float32) but whose float64 gap is below ε reads as the point at
