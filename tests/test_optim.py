@@ -173,6 +173,35 @@ def test_hyperparameters_are_checked_as_torch_does(name, kwargs, torch_cls, expe
         gf.optim.scale_by_adam({}, 0.9, 1.0)
 
 
+def test_hyperparameters_that_are_no_number_are_refused_at_construction():
+    """A hyperparameter that is neither a number nor a tensor (nor, for ``lr``, a schedule) built an optimizer
+    whose first update raised a bare TypeError ("bad operand type for unary -: 'str'", "unsupported operand
+    type(s) for *: 'NoneType' and 'Tensor'"); a NumPy float32 below 0 passed unchecked (``lr=np.float32(-0.1)``
+    ascended, silently) where the same float64 was refused; an int too large for a float raised OverflowError
+    at the first update. Each is a ``ManifoldError`` at construction naming the optimizer."""
+    import numpy as np
+
+    for name, what in (("rsgd", "lr"), ("rsgd", "momentum"), ("rsgd", "weight_decay"), ("radam", "lr"),
+                       ("radam", "eps"), ("radam", "weight_decay"), ("radamw", "lr"), ("radamw", "eps")):
+        kwargs = {"lr": 0.1}
+        for bad in ("0.1", None, [0.1], 10**400):
+            kwargs[what] = bad
+            with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected `{what}` .*got "):
+                getattr(gf.optim, name)({"w": gf.Sphere()}, **kwargs)
+        kwargs[what] = np.float32(-0.1)
+        with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected `{what}` >= 0"):
+            getattr(gf.optim, name)({"w": gf.Sphere()}, **kwargs)
+    for betas in (("0.9", 0.999), (0.9, None), (np.float32(1.0), 0.999)):
+        with pytest.raises(gf.ManifoldError, match=r"^radam: expected `betas` "):
+            gf.optim.radam({}, lr=0.1, betas=betas)
+    # numbers of other types, tensors and schedules are taken
+    p = {"w": torch.tensor([1.0, 0.0], dtype=F64)}
+    for opt in (gf.optim.rsgd({"w": gf.Sphere()}, lr=np.float32(0.1), momentum=np.float64(0.5)),
+                gf.optim.radam({"w": gf.Sphere()}, lr=torch.tensor(0.1), betas=(np.float32(0.9), 0.99), eps=np.int64(0)),
+                gf.optim.rsgd({"w": gf.Sphere()}, lr=lambda n: 0.1 / (n + 1))):
+        assert member(gf.Sphere(), opt.update({"w": torch.ones(2, dtype=F64)}, opt.init(p), p)[0]["w"])
+
+
 def test_an_optax_trace_call_is_refused():
     """optax's ``trace(decay, nesterov)`` ported as ``gf.optim.trace(0.9, True)`` was dampening 1 (torch's
     order, ``trace(decay, dampening, nesterov)``): the buffer took the first gradient only and then

@@ -7,13 +7,14 @@ unconstrained entries always get the plain Euclidean rule.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import optree
 import torch
 
 from .. import _pytree
-from .._errors import ManifoldError
+from .._errors import ManifoldError, describe
 from ._base import EmptyState, Move, Params, TangentTransform, Vectors, keep_state
 
 __all__ = [
@@ -136,21 +137,45 @@ def _state_error(where: str, expected: str, state: Any) -> ManifoldError:
                          f"optimizer's init, or an optimizer built with other hyperparameters.")
 
 
+def _real(x: Any) -> float | None:
+    """The value of a real number of any type (NumPy's, a bool) as a float; None for anything else (a
+    tensor, a string, None, an int too large for a float): Note [Checking hyperparameters]."""
+    if isinstance(x, numbers.Real) and not isinstance(x, torch.Tensor):
+        try:
+            return float(x)
+        except OverflowError:
+            return None
+    return None
+
+
 def check_nonnegative(where: str, **values: Any) -> None:
-    """Refuse a plain number below 0 (or NaN) among ``values`` (Note [Checking hyperparameters])."""
+    """Refuse a number below 0 (or NaN) among ``values``, and a value that is neither a number nor a tensor
+    (nor, for ``lr``, a schedule) (Note [Checking hyperparameters])."""
     for what, value in values.items():
-        if _is_number(value) and not value >= 0:
+        if isinstance(value, torch.Tensor) or (what == "lr" and callable(value)):
+            continue  # not read
+        x = _real(value)
+        if x is None:
+            kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
+            raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
+        if not x >= 0:
             raise ManifoldError(f"{where}: expected `{what}` >= 0 (as torch.optim), got {value!r}.")
 
 
 def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
-    """Refuse betas outside [0, 1) and a negative eps, given as plain numbers (Note [Checking hyperparameters])."""
+    """Refuse betas outside [0, 1) and a negative eps, given as numbers, and betas that are neither numbers
+    nor tensors (Note [Checking hyperparameters])."""
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ManifoldError(f"{where}: expected `betas` a pair (β₁, β₂), got {betas!r}.") from None
     for i, b in enumerate((b1, b2)):
-        if _is_number(b) and not 0.0 <= b < 1.0:
+        if isinstance(b, torch.Tensor):
+            continue
+        x = _real(b)
+        if x is None:
+            raise ManifoldError(f"{where}: expected `betas` a pair of numbers or 0-dim tensors, got betas={betas!r}.")
+        if not 0.0 <= x < 1.0:
             raise ManifoldError(f"{where}: expected `betas` with 0 <= β{'₁₂'[i]} < 1 (β = 1 divides by its bias "
                                 f"correction 1 − βᵗ = 0), got betas={betas!r}.")
     check_nonnegative(where, eps=eps)
@@ -163,7 +188,10 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # refuse the same with a ManifoldError naming the optimizer, the expected range and the value. Only
 # plain Python numbers are checked: a hyperparameter may be a schedule (a callable lr) or a tensor
 # (a learned step size, a meta-learned β under torch.func.grad or vmap), whose value a traced program
-# cannot branch on (bool() of a traced tensor raises); its range is the caller's.
+# cannot branch on (bool() of a traced tensor raises); its range is the caller's. A number of another
+# type (NumPy's float32, not a float) is checked as the float it is (np.float32(-0.1) ascended,
+# unchecked); anything that is no number, tensor or schedule (a string, None, a list) is refused at
+# construction (the first update raised a bare TypeError from inside a transform).
 
 
 # Note [Checking a state's type]
