@@ -913,6 +913,19 @@ def _rebase_custom_op(self: Any, Z: Tensor, base: Any) -> tuple[Tensor, Any]:
     return _sphere_rebase_op(Z, base, self.radius)
 
 
+# A map's value-only path inside torch.compile (grad mode off: Note [Compiled maps that nothing
+# differentiates] in geofunc/_fastpath.py) is a graph of its own, the one a compiled optimizer update
+# under no_grad runs; a mistake there passed every earlier property (they compile with grad mode on).
+_SPHERE_RETRACT = gf.Sphere.retract
+
+
+def _retract_wrong_compiled_without_grad(self: Any, X: Tensor, V: Tensor) -> Tensor:
+    """``Sphere.retract`` that inside ``torch.compile`` under ``no_grad`` forgets to normalize."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return X + V
+    return _SPHERE_RETRACT(self, X, V)
+
+
 def _with_perturb(case_id: str, perturb: Callable[..., Any]) -> Callable[[], SpaceCase]:
     return lambda: dataclasses.replace(_CASES[case_id], perturb=perturb)
 
@@ -1136,6 +1149,9 @@ GAPS: list[tuple[str, list[tuple[Any, str, Any]], Callable[[], SpaceCase], torch
     ("Sphere.rebase-operator-without-fake-kernel", [(gf.Sphere, "rebase", _rebase_custom_op)], _builtin("Sphere"),
      f64, "compile_aot", r'torch.compile\(fullgraph=True, backend="aot_eager"\) of rebase failed',
      ("rebase", "vmap", "pure", "dtypes", "nonfinite", "compile", "compile_maps")),
+    ("Sphere.retract-wrong-compiled-under-no-grad", [(gf.Sphere, "retract", _retract_wrong_compiled_without_grad)],
+     _builtin("Sphere"), f64, "compile_aot", r"retract under torch.no_grad\(\) compiled by AOT autograd != eager",
+     ("retract", "retract_small_steps", "vmap", "pure", "compile", "compile_maps")),
 ]
 
 

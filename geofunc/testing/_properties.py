@@ -1398,6 +1398,11 @@ def check_compile_maps(case: SpaceCase, dtype: torch.dtype = f64, *, generator: 
 # inputs that do not require grad: a training step compiled whole may re-centre its charts
 # (DESIGN's Riemannian gradient descent: any optimizer on Z, then rebase), and AOT autograd then
 # traces rebase too (+~5 s over the built-in cases: the same one trace per case).
+# Under torch.no_grad() the maps with derivative terms take their value-only path inside compile too
+# (Note [Compiled maps that nothing differentiates] in geofunc/_fastpath.py): a different graph, the
+# one a compiled optimizer update or projection under no_grad runs. So the differentiated maps are
+# compiled once more, under no_grad, forward only, and must equal eager under no_grad (a second trace
+# per case, cheaper: no backward).
 _AOT_BACKEND = "aot_eager"
 # The maps check_compile_aot compiles, with their arguments' names; all but _AOT_FORWARD are
 # differentiated (logabsdet where case.has_logabsdet, in Z).
@@ -1474,7 +1479,9 @@ def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
     grad, and ``contains``, ``from_manifold`` and ``rebase`` (forward only), as one function (float64,
     on the smoke shape). Every value, and the
     gradient in every input of a random linear functional of each map's output, equals eager to
-    ``1e-10`` relative. A failure to compile names the first map that does not compile alone."""
+    ``1e-10`` relative. The differentiated maps are compiled again under ``torch.no_grad()`` (where
+    a map may leave its derivative terms out), and equal eager there. A failure to compile names the
+    first map that does not compile alone."""
     _require_f64("compile_aot", dtype)
     g = _gen(generator)
     M = case.space
@@ -1514,6 +1521,32 @@ def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
                             f"not in eager")
             continue
         _aot_close(a, b, ctx, f"the gradient of {what}")
+    _check_compile_no_grad(M, inputs, ctx)
+
+
+def _check_compile_no_grad(M: Any, inputs: dict[str, tuple[Any, ...]], ctx: str) -> None:
+    """The differentiated maps of :func:`check_compile_aot` compiled under ``torch.no_grad()`` equal eager there."""
+    plain = {n: tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+             for n, args in inputs.items() if n not in _AOT_FORWARD}
+    with torch.no_grad():
+        expected = _aot_run(M, plain)
+        try:
+            try:
+                got = _aot_compile(M, plain)
+            except Exception as e:
+                for n in plain:
+                    try:
+                        _aot_compile(M, {n: plain[n]})
+                    except Exception as e1:
+                        raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {n} under '
+                                    f"torch.no_grad() failed: {type(e1).__name__}: {e1}") from None
+                raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {", ".join(plain)} under '
+                            f"torch.no_grad() together failed (each compiles alone): {type(e).__name__}: {e}") from None
+        finally:
+            torch._dynamo.reset()
+    for n in plain:
+        for a, b in zip(_leaves(got[n]), _leaves(expected[n])):
+            _aot_close(a, b, ctx, f"{n} under torch.no_grad()")
 
 
 _LOGABSDET_SIZES = (1, 2, 3, 5, 8)
