@@ -22,8 +22,11 @@ def describe(x: Any) -> str:
     """A short description of ``x`` for an error message (shape, not values)."""
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    if isinstance(x, (tuple, list)):
+    if isinstance(x, (tuple, list, dict)):
         return f"a {type(x).__name__} of {len(x)} entries"
+    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if isinstance(shape, tuple) and shape and dtype is not None and not isinstance(x, type):  # a NumPy (or other) array
+        return f"a {type(x).__module__}.{type(x).__name__} of shape {shape} and dtype {dtype}"
     return repr(x)
 
 

@@ -165,3 +165,21 @@ def test_real_hyperparameters_are_stored_as_python_floats(cls, name: str, value:
                                    atol=1e-6, rtol=1e-6)
     with pytest.raises(gf.ManifoldError, match=rf"{cls.__name__}\(.*expected .*`{name}`.*got 1000"):
         cls(**{name: 10**400})
+
+
+def test_messages_describe_arrays_and_mappings_by_shape_not_values() -> None:
+    """A NumPy array given for a tensor was described by its repr, its values printed (a random 30×30 array: a
+    message of 12 000 characters): messages name shapes, never dumps (DESIGN §5). An array (anything with a
+    ``shape`` and a ``dtype``) is described as a tensor is; a dict by its size (500 entries: 4 900 characters)."""
+    import numpy as np
+
+    M = gf.Stiefel()
+    big = np.random.default_rng(0).random((30, 20))
+    for call in (lambda: M.to_manifold(big), lambda: M.tangent(torch.zeros(30, 20), big),
+                 lambda: gf.to_manifold({"w": M}, {"w": big})):
+        with pytest.raises(gf.ManifoldError, match=r"got a numpy\.ndarray of shape \(30, 20\) and dtype float64") as info:
+            call()
+        assert len(str(info.value)) < 400, len(str(info.value))
+    with pytest.raises(gf.ManifoldError, match=r"got a dict of 500 entries") as info:
+        M.to_manifold({i: 0.0 for i in range(500)})
+    assert len(str(info.value)) < 400
