@@ -45,7 +45,10 @@ private functorch API moves, the import fails and every call takes the direct pa
 Measured (1 thread, float32, ``grad`` of ⟨G, to_manifold(Z, base)⟩, A/B in one process; plain
 autograd in brackets): Stiefel 128×64 3.58 → 2.45 ms (1.95), LowRank(4) 10×128 3.30 → 2.60 ms (1.64).
 What remains under ``grad`` is functorch's own cost around the node (~75 µs per call, the ops of the
-loss, and the reference cycles torch's pytree leaves per call for the garbage collector).
+loss, and the reference cycles torch's pytree leaves per call for the garbage collector). The node's
+own cost, measured on a one-op map (``grad`` with the node less ``grad`` without it), is ~68 µs a call,
+most of it the engine's nested backward and the C++ apply; ``one_node``'s Python keeps to one pass over
+the arguments (the node is applied to the differentiable ones only, one output tensor skips the pytree).
 """
 
 from __future__ import annotations
@@ -68,12 +71,13 @@ try:  # private functorch API (tested on torch 2.13); absent or moved: the direc
     from torch._C._functorch import (
         _unwrap_for_grad,
         _wrap_for_grad,
+        get_single_level_autograd_function_allowed,
         is_functorch_wrapped_tensor,
         peek_interpreter_stack,
+        set_single_level_autograd_function_allowed,
     )
     from torch._C._functorch import pop_dynamic_layer_stack, push_dynamic_layer_stack
     from torch._functorch import eager_transforms as _eager
-    from torch._functorch.utils import enable_single_level_autograd_function
     from torch.autograd.function import _SingleLevelFunction
 
     _GRAD_KEY = torch._C._functorch.TransformType.Grad
@@ -91,6 +95,7 @@ class _Off(threading.local):
 
 _OFF = _Off()
 _MAX_FRAMES = 200  # how far up the Python stack grad_and_value's frame is looked for
+_ONE_TENSOR = (True,)  # the output mask of a map that returns one tensor
 
 
 def _lower() -> tuple:
@@ -121,14 +126,6 @@ def _up(code: Any, f: Any) -> Any:
     return None
 
 
-def _grad_frame() -> int | None:
-    """``id`` of the frame of ``grad_and_value`` if the functorch stack is exactly its one level, else None."""
-    if not _only_grad_level():
-        return None
-    f = _up(_GRAD_CODE, sys._getframe(2))
-    return None if f is None else id(f)
-
-
 def _final_backward(grad_frame: int) -> bool:
     """Whether the running backward is ``grad_and_value``'s own (the one whose graph nobody differentiates):
     its ``_autograd_grad`` frame, called from the frame that saw the forward, is on this thread's stack."""
@@ -139,13 +136,20 @@ def _final_backward(grad_frame: int) -> bool:
 class _Call:
     """What the nodes share: the map, its arguments (flattened), its output's structure and the private graph."""
 
-    __slots__ = ("fn", "treedef", "flat", "diff", "frame", "leaves", "outs", "out_treedef", "out_mask", "out_static")
+    __slots__ = ("fn", "treedef", "kw", "flat", "inner", "diff", "frame", "leaves", "outs", "out_treedef", "out_mask",
+                 "out_static")
+
+    def arguments(self, leaves: list) -> tuple:
+        """``(args, kwargs)`` from the flattened ``leaves`` (the keywords flattened too only where there were any)."""
+        if self.kw:
+            return optree.tree_unflatten(self.treedef, leaves)
+        return optree.tree_unflatten(self.treedef, leaves), {}
 
     def recompute(self, flat: list) -> list:
         """The map's output leaves as torch ops on ``flat`` (at whatever transform level is active)."""
         _OFF.depth += 1
         try:
-            args, kwargs = optree.tree_unflatten(self.treedef, flat)
+            args, kwargs = self.arguments(flat)
             leaves = optree.tree_leaves(self.fn(*args, **kwargs), none_is_leaf=True)
             return [o for o, m in zip(leaves, self.out_mask) if m]
         finally:
@@ -171,59 +175,69 @@ class _Call:
 if AVAILABLE:
 
     class _Fused(_SingleLevelFunction):
+        # Applied to the differentiable arguments only (the others, and the plain tensors under every
+        # argument, travel in the _Call), with the forward and its context in one call: no setup_context.
         @staticmethod
-        def forward(call: _Call, *flat: Any) -> tuple:  # type: ignore[override]
-            inner = [_unwrap_for_grad(t, 1) if isinstance(t, Tensor) else t for t in flat]
+        def forward(ctx: Any, call: _Call, *xs: Any) -> tuple:  # type: ignore[override]
+            ctx.call = call
             layer, mode = _lower()
             try:
-                leaves = [t.detach().requires_grad_() if d else t for t, d in zip(inner, call.diff)]
-                args, kwargs = optree.tree_unflatten(call.treedef, leaves)
-                out_leaves, call.out_treedef = optree.tree_flatten(call.fn(*args, **kwargs), none_is_leaf=True)
-                call.out_mask = [isinstance(o, Tensor) for o in out_leaves]  # other leaves (None, numbers) pass through
-                call.out_static = [o for o, m in zip(out_leaves, call.out_mask) if not m]
-                outs = [o for o, m in zip(out_leaves, call.out_mask) if m]
+                leaves = [t.detach().requires_grad_() if d else t for t, d in zip(call.inner, call.diff)]
+                args, kwargs = call.arguments(leaves)
+                out = call.fn(*args, **kwargs)
+                if type(out) is Tensor:  # one tensor: no pytree (method returns it as it is)
+                    call.out_treedef, call.out_mask, outs = None, _ONE_TENSOR, [out]
+                else:
+                    out_leaves, call.out_treedef = optree.tree_flatten(out, none_is_leaf=True)
+                    call.out_mask = [isinstance(o, Tensor) for o in out_leaves]  # other leaves (None, numbers) pass through
+                    call.out_static = [o for o, m in zip(out_leaves, call.out_mask) if not m]
+                    outs = [o for o, m in zip(out_leaves, call.out_mask) if m]
                 ptrs = {t.untyped_storage().data_ptr() for t in leaves if isinstance(t, Tensor)}
                 # never alias an input (a custom Function's outputs are new tensors)
                 values = [o.detach().clone() if o.untyped_storage().data_ptr() in ptrs else o.detach() for o in outs]
             finally:
                 _restore(layer, mode)
             call.leaves, call.outs = leaves, outs
-            return tuple(_wrap_for_grad(v, 1) for v in values)
-
-        @staticmethod
-        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-            ctx.call = inputs[0]
+            return tuple([_wrap_for_grad(v, 1) for v in values])
 
         @staticmethod
         def backward(ctx: Any, *Gs: Tensor) -> tuple:  # type: ignore[override]
             call: _Call = ctx.call
-            if call.outs is not None and not any(o.requires_grad for o in call.outs):  # a constant of the inputs
-                return (None,) * (len(call.flat) + 1)
-            if call.outs is None or not _only_grad_level():  # pragma: no cover
+            outs = call.outs
+            if outs is not None and not any([o.requires_grad for o in outs]):  # a constant of the inputs
+                return (None,) * len(ctx.needs_input_grad)
+            if outs is None or not _only_grad_level():  # pragma: no cover
                 grads = call.vjp_chain(Gs, torch.is_grad_enabled())  # (not reached by grad: the exact chain)
             elif _final_backward(call.frame):  # grad's own backward, run once: the private graph is freed
                 grads = _private_vjp(call, Gs, retain=False)
                 call.leaves = call.outs = None
             elif torch.is_grad_enabled():  # a graph is asked for: one more node
-                with enable_single_level_autograd_function():
+                allowed = get_single_level_autograd_function_allowed()
+                set_single_level_autograd_function_allowed(True)
+                try:
                     grads = _FusedAdjoint.apply(call, len(Gs), *Gs, *call.xs())
+                finally:
+                    set_single_level_autograd_function_allowed(allowed)
             else:
                 grads = _private_vjp(call, Gs)
-            it = iter(grads)
-            return (None, *[next(it) if d else None for d in call.diff])
+            return (None, *grads)
 
     def _private_vjp(call: _Call, Gs: tuple, retain: bool = True) -> tuple:
         """The vector-Jacobian product from the private graph, wrapped at the grad level (``retain``: keep
         the graph for another backward)."""
-        pairs = [(o, _unwrap_for_grad(g, 1)) for o, g in zip(call.outs, Gs) if o.requires_grad and g is not None]
-        xs = tuple(t for t, d in zip(call.leaves, call.diff) if d)
+        outs, gs = [], []
+        for o, g in zip(call.outs, Gs):
+            if o.requires_grad and g is not None:
+                outs.append(o)
+                gs.append(_unwrap_for_grad(g, 1))
+        xs = tuple([t for t, d in zip(call.leaves, call.diff) if d])
         layer, mode = _lower()
         try:  # torch.autograd.grad without its Python argument handling (~30 µs): the engine itself
-            vals = _ENGINE.run_backward(tuple(o for o, _ in pairs), tuple(g for _, g in pairs), retain, False, xs, True, False)
+            vals = _ENGINE.run_backward(tuple(outs), tuple(gs), retain, False, xs, True, False)
             vals = [torch.zeros_like(x) if v is None else v for v, x in zip(vals, xs)]
         finally:
             _restore(layer, mode)
-        return tuple(_wrap_for_grad(v, 1) for v in vals)
+        return tuple([_wrap_for_grad(v, 1) for v in vals])
 
     class _FusedAdjoint(_SingleLevelFunction):
         """The backward of :class:`_Fused` as one node of ``(cotangents, inputs)``: its value from the
@@ -268,23 +282,30 @@ if AVAILABLE:
             return (None, None, *dG, *d[:n_x])
 
 
-def _fusable(flat: list) -> list | None:
-    """``diff`` flags (which entries of ``flat`` are differentiable at the grad level), or None: call directly."""
+def _fusable(flat: list) -> tuple[list, list, list] | None:
+    """``(inner, diff, xs)``: the plain tensors below the grad level (other leaves as they are), which
+    entries of ``flat`` are differentiable there, and those entries; or None: call directly."""
     if _fw_ad._current_level >= 0:
         return None
-    diff = []
+    inner, diff, xs = [], [], []
     for t in flat:
         if isinstance(t, Tensor):
             if is_functorch_wrapped_tensor(t):
-                inner = _unwrap_for_grad(t, 1)
-                if type(inner) not in _PLAIN_TYPES or inner.requires_grad or is_functorch_wrapped_tensor(inner):
+                i = _unwrap_for_grad(t, 1)
+                if type(i) not in _PLAIN_TYPES or i.requires_grad or is_functorch_wrapped_tensor(i):
                     return None
-                diff.append(t.requires_grad)
+                inner.append(i)
+                if t.requires_grad:
+                    diff.append(True)
+                    xs.append(t)
+                else:
+                    diff.append(False)
                 continue
             if type(t) not in _PLAIN_TYPES or t.requires_grad:
                 return None
+        inner.append(t)
         diff.append(False)
-    return diff if any(diff) else None
+    return (inner, diff, xs) if xs else None
 
 
 def one_node(fn: Callable[..., Any], worth: Callable[..., bool] | None = None) -> Callable[..., Any]:
@@ -297,20 +318,33 @@ def one_node(fn: Callable[..., Any], worth: Callable[..., bool] | None = None) -
 
     @functools.wraps(fn)
     def method(*args: Any, **kwargs: Any) -> Any:
-        if torch.compiler.is_compiling() or _OFF.depth or peek_interpreter_stack() is None:
+        if torch.compiler.is_compiling() or _OFF.depth:
             return fn(*args, **kwargs)
-        frame = _grad_frame()
+        top = peek_interpreter_stack()  # (_only_grad_level and _grad_frame, inline: this runs on every call)
+        if top is None or top.level() != 1 or top.key() != _GRAD_KEY:
+            return fn(*args, **kwargs)
+        frame = _up(_GRAD_CODE, sys._getframe(1))  # grad_and_value's frame
         if frame is None or (worth is not None and not worth(*args, **kwargs)):
             return fn(*args, **kwargs)
-        flat, treedef = optree.tree_flatten((args, kwargs), none_is_leaf=True)
-        diff = _fusable(flat)
-        if diff is None:
+        if kwargs:
+            flat, treedef = optree.tree_flatten((args, kwargs), none_is_leaf=True)
+        else:
+            flat, treedef = optree.tree_flatten(args, none_is_leaf=True)
+        split = _fusable(flat)
+        if split is None:
             return fn(*args, **kwargs)
         call = _Call()
-        call.fn, call.treedef, call.flat, call.diff, call.frame = fn, treedef, flat, diff, frame
-        with enable_single_level_autograd_function():
-            outs = iter(_Fused.apply(call, *flat))
-        static = iter(call.out_static)
-        return optree.tree_unflatten(call.out_treedef, [next(outs) if m else next(static) for m in call.out_mask])
+        call.fn, call.treedef, call.kw, call.flat, call.frame = fn, treedef, bool(kwargs), flat, id(frame)
+        call.inner, call.diff, xs = split
+        allowed = get_single_level_autograd_function_allowed()
+        set_single_level_autograd_function_allowed(True)
+        try:
+            outs = _Fused.apply(call, *xs)
+        finally:
+            set_single_level_autograd_function_allowed(allowed)
+        if call.out_treedef is None:
+            return outs[0]
+        it, static = iter(outs), iter(call.out_static)
+        return optree.tree_unflatten(call.out_treedef, [next(it) if m else next(static) for m in call.out_mask])
 
     return method
