@@ -183,3 +183,28 @@ def test_messages_describe_arrays_and_mappings_by_shape_not_values() -> None:
     with pytest.raises(gf.ManifoldError, match=r"got a dict of 500 entries") as info:
         M.to_manifold({i: 0.0 for i in range(500)})
     assert len(str(info.value)) < 400
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_transport_checks_its_first_point(name: str) -> None:
+    """``transport(X, Y, V)``: the projection transport (the default, ``tangent(Y, V)``) never read ``X``, so an
+    ``X`` of another shape, batch, dtype, an integer tensor or a list went through unnoticed (a batch of 3 points
+    with 2 targets returned 2 vectors); ``X`` is checked as the spaces with their own transport check it."""
+    M = SPACES[name]
+    dt = torch.complex128 if isinstance(M, (gf.Unitary, gf.Hermitian)) else torch.float64
+    shape = (2, 4) if M.point_ndim == 1 else (2, 3, 3)
+    g = torch.Generator().manual_seed(0)
+    X = M.sample(shape, generator=g, dtype=dt)
+    Y = M.sample(shape, generator=g, dtype=dt)
+    V = M.tangent(X, torch.randn(shape, generator=g, dtype=dt))
+    M.transport(X, Y, V)
+    M.transport(X[:1], Y, V)  # batch dims that broadcast
+    bad = {"another point shape": torch.ones(*shape[:-1], shape[-1] + 1, dtype=dt),
+           "a batch that does not broadcast": torch.cat([X, X[:1]]),
+           "another dtype": X.to(torch.complex64 if dt.is_complex else torch.float32),
+           "an integer tensor": torch.ones(shape, dtype=torch.int64), "a nested list": X.tolist(), "None": None}
+    for what, B in bad.items():
+        with pytest.raises(gf.ManifoldError) as info:
+            M.transport(B, Y, V)
+        msg = str(info.value)
+        assert type(M).__name__ in msg and "expected" in msg and "got" in msg, (what, msg)

@@ -747,6 +747,7 @@ class AbstractSpace(_Space, abc.ABC):
 
     def transport(self, X: Tensor, Y: Tensor, V: Tensor) -> Tensor:
         """A vector transport of ``V ∈ T_X M`` to ``T_Y M`` (default: ``tangent(Y, V)``, the projection)."""
+        self._check_pair(X, Y, "Y")  # X is not read, but checked: a wrong one is the caller's mistake
         self._check_pair(Y, V, "V")  # (named: tangent's own check calls it G)
         return self._over_batch(self.tangent(Y, V), X, Y, V)
 
