@@ -8,6 +8,7 @@ and plain tensor sums; the comparisons are exact up to rounding (float64, 1e-12 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
@@ -457,6 +458,54 @@ def test_compile_a_space_before_any_eager_call(space, shape) -> None:
     torch.testing.assert_close(X, M.to_manifold(Z), rtol=1e-10, atol=1e-10)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ScaledSphere(AbstractSpace):
+    """A user's space written as CONTRIBUTING.md says: a value derived from the hyperparameters is a
+    ``functools.cached_property``."""
+
+    scale: float = 1.0
+    point_ndim = 1
+
+    @functools.cached_property
+    def _half(self) -> float:
+        return 0.5 * self.scale
+
+    def _check_shape(self, X, what="X"):
+        self._require_vector(X, what)
+
+    def to_manifold(self, Z, base=None):
+        return 2.0 * self._half * Z / torch.linalg.vector_norm(Z, dim=-1, keepdim=True)
+
+    def _from_manifold(self, X):
+        return X, None
+
+    def tangent(self, X, G):
+        return G - (G * X).sum(-1, keepdim=True) * X / self.scale**2
+
+    def retract(self, X, V):
+        return self.project(X + V)
+
+    def project(self, Y):
+        return self.scale * Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
+
+    def _violations(self, X):
+        return {"|‖x‖ − scale|": (torch.linalg.vector_norm(X, dim=-1) - self.scale).abs()}
+
+
+def test_compile_a_user_space_with_a_cached_property_before_any_eager_call() -> None:
+    # Python 3.11's functools.cached_property computes under an RLock that Dynamo cannot trace
+    # ("Unsupported context manager"): a user's space following CONTRIBUTING.md failed under
+    # torch.compile(fullgraph=True) until something had read the property eagerly. AbstractSpace makes
+    # each one a lock-free cached_attribute; the cached value is still the instance's own.
+    torch._dynamo.reset()
+    M = _ScaledSphere(scale=2.0)
+    Z = torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    X = torch.compile(lambda z: M.to_manifold(z), fullgraph=True, backend="eager")(Z)
+    torch.testing.assert_close(X, M.to_manifold(Z), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.linalg.vector_norm(X, dim=-1), torch.full((3,), 2.0, dtype=F64), rtol=1e-12, atol=1e-12)
+    assert M._half == 1.0 and _ScaledSphere(scale=3.0)._half == 1.5 and vars(M)["_half"] == 1.0
+
+
 @needs_torch((2, 13), "Dynamo tracing the construction of a frozen dataclass (2.6 cannot; tested on 2.13)")
 @pytest.mark.parametrize("make", [gf.GLp, gf.Hurwitz], ids=["GLp", "Hurwitz"])
 def test_compile_a_space_made_inside_the_compiled_function(make) -> None:
@@ -465,6 +514,43 @@ def test_compile_a_space_made_inside_the_compiled_function(make) -> None:
     Z = torch.randn(2, 4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
     X = torch.compile(lambda z: make().to_manifold(z), fullgraph=True, backend="aot_eager")(Z)
     torch.testing.assert_close(X, make().to_manifold(Z), rtol=1e-10, atol=1e-10)
+
+
+# A float argument of a compiled function that builds a space: at its second value Dynamo's automatic
+# dynamic shapes trace it as a symbolic float (one graph for every later value), and the space is built
+# from that symbolic float while the function is traced.
+_MADE_FROM_A_FLOAT = [
+    (lambda v: gf.Sphere(radius=v), (5, 4)),
+    (lambda v: gf.SphereEmbedded(radius=v), (5, 4)),
+    (lambda v: gf.PoincareBall(c=v / 4), (5, 4)),
+    (lambda v: gf.Lorentz(k=v), (5, 4)),
+    (lambda v: gf.Hurwitz(alpha=v), (2, 3, 3)),
+    (lambda v: gf.AlmostOrthogonal(lam=v / 4), (2, 4, 3)),
+]
+
+
+@needs_torch((2, 13), "Dynamo tracing the construction of a frozen dataclass (2.6 cannot; tested on 2.13)")
+@pytest.mark.parametrize(("make", "shape"), _MADE_FROM_A_FLOAT,
+                         ids=["Sphere", "SphereEmbedded", "PoincareBall", "Lorentz", "Hurwitz", "AlmostOrthogonal"])
+def test_compile_a_space_made_inside_from_a_float_argument(make, shape) -> None:
+    """``torch.compile(fullgraph=True)`` of ``lambda v, z: Sphere(radius=v)...``, called with a second
+    value of ``v``: the validation of the hyperparameter called ``math.isfinite`` on the symbolic float
+    (Dynamo: "torch.* op returned non-Tensor") and ``AlmostOrthogonal`` formatted ``lam`` into its
+    violation's name; each raised at every value after the first. Values equal eager's (float64)."""
+
+    def maps(v, Z):
+        M = make(v)
+        X = M.to_manifold(Z)
+        return X, M.contains(X)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(maps, fullgraph=True, backend="eager")
+    Z = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+    try:
+        for v in (2.0, 3.0):  # the second value is the symbolic one
+            _same_leaves(compiled(v, Z), maps(v, Z))
+    finally:
+        torch._dynamo.reset()
 
 
 # Spaces with a float hyperparameter, which torch.compile(dynamic=True) traces as a symbolic float.

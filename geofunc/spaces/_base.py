@@ -371,6 +371,10 @@ def _refine_frame(B: Tensor, force: bool) -> Tensor:
 # float it could not guard on; ``AlmostOrthogonal(lam=np.float64(0.5))`` met a data-dependent branch),
 # and a ``Fraction`` was accepted and failed in every map (``Fraction * Tensor``). Any ``numbers.Real``
 # but a bool whose float is finite is taken; a tensor (0-d included) is not, so spaces stay constants.
+# The checks are comparisons only: a space built inside a compiled function from a float argument
+# (``lambda r, z: Sphere(radius=r).to_manifold(z)``) gets that argument as a symbolic float from the
+# argument's second value on (Dynamo's automatic dynamic shapes), and Dynamo traces ``<`` on one
+# (a guard) but not ``math.isfinite``, which raised "torch.* op returned non-Tensor" at every later call.
 def real_hyperparameter(space: Any, name: str, expected: str, *, low: float = 0.0, strict: bool = False,
                         high: float | None = None) -> None:
     """Check the real hyperparameter ``name`` of ``space`` (in ``[low, high]``, ``low`` excluded if
@@ -383,7 +387,7 @@ def real_hyperparameter(space: Any, name: str, expected: str, *, low: float = 0.
             x = float(value)
         except (OverflowError, TypeError, ValueError):  # an int too large for a float
             pass
-    if not (math.isfinite(x) and (x > low if strict else x >= low) and (high is None or x <= high)):
+    if not (-math.inf < x < math.inf and (x > low if strict else x >= low) and (high is None or x <= high)):
         raise error(space, expected, describe(value))
     object.__setattr__(space, name, x)
 
@@ -474,6 +478,15 @@ class AbstractSpace(_Space, abc.ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _apply_policy(cls)
+        # A value derived from the hyperparameters written as CONTRIBUTING.md says, a
+        # functools.cached_property, computes under an RLock on Python 3.11, which Dynamo cannot
+        # trace: torch.compile(fullgraph=True) of a user's space failed until something had read it
+        # eagerly. Each becomes a cached_attribute (lock-free, its value the instance's own as before).
+        for name, attr in list(vars(cls).items()):
+            if isinstance(attr, functools.cached_property):
+                cached = cached_attribute(attr.func)
+                setattr(cls, name, cached)
+                cached.__set_name__(cls, name)
         # Inherited, it would lose to the repr a subclass's own @dataclass writes: set it on the class
         # before that runs (which then keeps it). A class's hand-written repr (Product's) stays.
         if "__repr__" not in cls.__dict__ and cls.__repr__ is _space_repr:

@@ -299,9 +299,11 @@ class Unit(ValueMap):
         # Note [Hyperparameters formatted outside a trace]
         # `torch.compile(dynamic=True)` traces a float attribute of an object it closes over (a
         # space's `lam`) as a symbolic float, and Dynamo cannot format one into a string: an f-string
-        # of `self.lam` inside `contains` broke the graph (fullgraph=True refused it). The name of
-        # the violation is made here, once, from the Python float, and read as a constant string.
-        object.__setattr__(self, "_violation_name", f"max(0, max|σ − 1| − lam), lam = {self.lam:g}")
+        # of `self.lam` inside `contains` broke the graph (fullgraph=True refused it). Made here, from
+        # the float, it still broke a space built inside a compiled function from a float argument,
+        # symbolic from its second value on (tests/test_protocol.py). The name formats nothing: the
+        # messages of check name the space, whose repr holds `lam`.
+        object.__setattr__(self, "_violation_name", "max(0, max|σ − 1| − lam)")
 
     def pinned(self) -> bool:
         return self.lam == 0
