@@ -1461,6 +1461,23 @@ def _aot_compile(M: Any, inputs: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
     return torch.compile(functools.partial(_aot_run, M), fullgraph=True, dynamic=False, backend=_AOT_BACKEND)(inputs)
 
 
+def _aot_compile_named(M: Any, inputs: dict[str, tuple[Any, ...]], alone: Callable[[str], dict[str, tuple[Any, ...]]],
+                       ctx: str, where: str = "") -> dict[str, Any]:
+    """:func:`_aot_compile` of every map of ``inputs``; if that fails, the first map that does not compile
+    alone (on the inputs ``alone(name)``; the failure path only) is named in the failure."""
+    try:
+        return _aot_compile(M, inputs)
+    except Exception as e:
+        for n in inputs:
+            try:
+                _aot_compile(M, alone(n))
+            except Exception as e1:
+                raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {n}{where} failed: '
+                            f"{type(e1).__name__}: {e1}") from None
+        raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {", ".join(inputs)}{where} together '
+                    f"failed (each compiles alone): {type(e).__name__}: {e}") from None
+
+
 def _aot_close(a: Tensor, b: Tensor, ctx: str, what: str) -> None:
     if a.dtype == torch.bool:
         if not torch.equal(a, b):
@@ -1492,17 +1509,7 @@ def check_compile_aot(case: SpaceCase, dtype: torch.dtype = f64, *, generator: O
     cots = {n: _randn(tuple(expected[n].shape), f64, g) for n in inputs if n not in _AOT_FORWARD}
     compiled_in = _aot_leaves(inputs, inputs)
     try:
-        try:
-            got = _aot_compile(M, compiled_in)
-        except Exception as e:
-            for n in inputs:  # which map: compile each alone (the failure path only)
-                try:
-                    _aot_compile(M, _aot_leaves(inputs, (n,)))
-                except Exception as e1:
-                    raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {n} failed: '
-                                f"{type(e1).__name__}: {e1}") from None
-            raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {", ".join(inputs)} together '
-                        f"failed (each compiles alone): {type(e).__name__}: {e}") from None
+        got = _aot_compile_named(M, compiled_in, lambda n: _aot_leaves(inputs, (n,)), ctx)
         for n in inputs:
             for a, b in zip(_leaves(got[n]), _leaves(expected[n])):
                 _aot_close(a.detach(), b.detach(), ctx, n)
@@ -1531,17 +1538,7 @@ def _check_compile_no_grad(M: Any, inputs: dict[str, tuple[Any, ...]], ctx: str)
     with torch.no_grad():
         expected = _aot_run(M, plain)
         try:
-            try:
-                got = _aot_compile(M, plain)
-            except Exception as e:
-                for n in plain:
-                    try:
-                        _aot_compile(M, {n: plain[n]})
-                    except Exception as e1:
-                        raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {n} under '
-                                    f"torch.no_grad() failed: {type(e1).__name__}: {e1}") from None
-                raise _fail(ctx, f'torch.compile(fullgraph=True, backend="aot_eager") of {", ".join(plain)} under '
-                            f"torch.no_grad() together failed (each compiles alone): {type(e).__name__}: {e}") from None
+            got = _aot_compile_named(M, plain, lambda n: {n: plain[n]}, ctx, " under torch.no_grad()")
         finally:
             torch._dynamo.reset()
     for n in plain:
