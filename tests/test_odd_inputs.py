@@ -208,3 +208,18 @@ def test_transport_checks_its_first_point(name: str) -> None:
             M.transport(B, Y, V)
         msg = str(info.value)
         assert type(M).__name__ in msg and "expected" in msg and "got" in msg, (what, msg)
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_check_of_a_meta_tensor_is_a_manifold_error(name: str) -> None:
+    """``check`` measures the point; a ``meta`` tensor has no values, and torch's "item() cannot be called
+    on meta tensors" came out of the measure. A ``ManifoldError`` names the space and the meta device
+    (``from_manifold`` skips its membership check there, for deferred initialization)."""
+    M = SPACES[name]
+    dt = torch.complex128 if isinstance(M, (gf.Unitary, gf.Hermitian)) else torch.float64
+    shape = (2, 4) if M.point_ndim == 1 else (2, 3, 3)
+    X = M.sample(shape, generator=torch.Generator().manual_seed(0), dtype=dt)
+    M.check(X)
+    with pytest.raises(gf.ManifoldError, match="meta device") as info:
+        M.check(X.to("meta"))
+    assert type(M).__name__ in str(info.value)

@@ -867,6 +867,8 @@ class AbstractSpace(_Space, abc.ABC):
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
+        if X.is_meta:  # (torch's "item() on meta tensors" otherwise; from_manifold skips the check there)
+            raise error(self, "a point with values to measure", f"{describe(X)} on the meta device (shapes only)")
         tol = self._atol(X, atol)
         for name, v in self._measure(X).items():
             if isinstance(v, DTensor):  # batch-shaped, small: every rank then raises alike
