@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -16,6 +18,18 @@ class ManifoldError(ValueError):
     ``SO(triv='expm'): expected square matrices (..., n, n), got shape (3, 5).``
     Tensors are described by shape and dtype, never printed whole.
     """
+
+
+def real_value(x: Any) -> float:
+    """The value of a real number of any type (a Python or NumPy number, a ``Fraction``) as a Python float;
+    NaN for anything else (a bool, a tensor, a string, an int too large for a float), so that one range
+    test such as ``0 < real_value(x) < inf`` refuses them all."""
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor)):
+        try:
+            return float(x)
+        except (OverflowError, TypeError, ValueError):  # an int too large for a float
+            pass
+    return math.nan
 
 
 def describe(x: Any) -> str:

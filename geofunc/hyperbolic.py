@@ -72,7 +72,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
-from ._errors import ManifoldError, describe
+from ._errors import ManifoldError, describe, real_value
 from ._linalg import poison
 
 __all__ = [
@@ -201,12 +201,7 @@ def _check_c(c: Any, fn: str) -> Curvature:
             raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a Python number or a 0-d "
                                 f"floating tensor), got {describe(c)}.")
         return torch.where(c > 0, c, torch.full_like(c, math.nan))
-    value = math.nan
-    if isinstance(c, numbers.Real) and not isinstance(c, bool):
-        try:
-            value = float(c)
-        except OverflowError:  # an int too large for a float
-            pass
+    value = real_value(c)
     if not 0.0 < value < math.inf:
         raise ManifoldError(
             f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}."

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import numbers
 import operator
 from typing import Any, Callable, ClassVar, Sequence
 
@@ -40,7 +39,7 @@ import optree
 import torch
 
 from .._dtensor import DTensor, distributed, route
-from .._errors import ManifoldError, describe, error, first_index
+from .._errors import ManifoldError, describe, error, first_index, real_value
 from .._fastpath import make_fx_tracing
 from .._fused import one_node
 from .._linalg import _ROUNDING, _randn, orthonormality_error, polar, real_products
@@ -381,12 +380,7 @@ def real_hyperparameter(space: Any, name: str, expected: str, *, low: float = 0.
     ``strict``) and store it as a Python float (Note [Real hyperparameters]); else raise
     ``ManifoldError`` with ``expected``."""
     value = getattr(space, name)
-    x = math.nan
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
-        try:
-            x = float(value)
-        except (OverflowError, TypeError, ValueError):  # an int too large for a float
-            pass
+    x = real_value(value)
     if not (-math.inf < x < math.inf and (x > low if strict else x >= low) and (high is None or x <= high)):
         raise error(space, expected, describe(value))
     object.__setattr__(space, name, x)
