@@ -143,6 +143,11 @@ def _probe(opt: Optimizer, points: Mapping[str, torch.Tensor]) -> tuple[Any, Opt
     return opt.init(points), None
 
 
+def _init(opt: Optimizer, points: Mapping[str, torch.Tensor]) -> tuple[Any, Optional[frozenset]]:
+    """``(opt.init(points), layout)``: the state and the paths of its per-parameter dicts (:func:`_probe`)."""
+    return opt.init(points), _probe(opt, points)[1]
+
+
 class _Unfit(Exception):
     """A cohort's state does not fit the structure of a part's init (``_fill``)."""
 
@@ -613,8 +618,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         if "mask" in hyper:
             hyper["mask"] = _cohort_mask(hyper["mask"], names)
-        name = getattr(self._factory, "__name__", repr(self._factory))
-        check_optimizer(f"TorchOptimizer: the factory {name}", self._factory({n: self._constraints[n] for n in names},
+        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory({n: self._constraints[n] for n in names},
                                                                              lr=group["lr"], **hyper))
 
     def _named(self) -> dict[str, torch.Tensor]:
@@ -664,7 +668,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             opt = self._functional(co)
             points = {n: params[n].detach() for n in co.names}
             if co.state is None:
-                co.state, co.layout = opt.init(points), _probe(opt, points)[1]
+                co.state, co.layout = _init(opt, points)
             new, co.state = opt.update({n: params[n].grad.detach() for n in co.names}, co.state, points)
             for n in co.names:
                 params[n].copy_(new[n])
@@ -679,8 +683,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         try:
             part.state = _fill(structure, co.state, part.names)
         except _Unfit as e:
-            name = getattr(self._factory, "__name__", repr(self._factory))
-            raise ManifoldError(f"TorchOptimizer.step: expected the state of {name} for the parameters "
+            raise ManifoldError(f"TorchOptimizer.step: expected the state of {self._factory_name} for the parameters "
                                 f"{list(co.names)} to split by parameter (some have a gradient, some not), "
                                 f"into the state of its init for {list(part.names)}, got {e} (a state "
                                 f"that does not split: give every parameter a gradient, zeros for the unused).") from None
@@ -789,9 +792,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         for post_hook in _hooks(self, "_optimizer_load_state_dict_post_hooks"):
             post_hook(self)
 
+    @property
+    def _factory_name(self) -> str:
+        return getattr(self._factory, "__name__", repr(self._factory))
+
     def _refuse(self, co: _Cohort, where: str) -> ManifoldError:
-        name = getattr(self._factory, "__name__", repr(self._factory))
-        return ManifoldError(f"TorchOptimizer.load_state_dict: expected the state of {name}'s init for the "
+        return ManifoldError(f"TorchOptimizer.load_state_dict: expected the state of {self._factory_name}'s init for the "
                              f"parameters {list(co.names)} (group {co.group}), got {where}: a checkpoint of "
                              f"another optimizer, or of other hyperparameters.")
 
@@ -829,7 +835,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 points = {n: params[n].detach() for n in co.names}
                 opt = self._functional(co)
                 with torch.no_grad():
-                    fresh, co.layout = opt.init(points), _probe(opt, points)[1]
+                    fresh, co.layout = _init(opt, points)
                 co.state = _rebuild(fresh, co.names, entries, points, co.layout)
                 if co.state is None:
                     own, shared = _entries(fresh, co.names, co.layout)
@@ -851,7 +857,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 co.state = upgrade_rsgd_state(co.state)
             opt, points = self._functional(co), {n: params[n].detach() for n in co.names}
             with torch.no_grad():
-                fresh, co.layout = opt.init(points), _probe(opt, points)[1]
+                fresh, co.layout = _init(opt, points)
             co.state = _fit(co.state, fresh)
             where = _mismatch(co.state, fresh)
             if where is not None:
