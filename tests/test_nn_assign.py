@@ -800,3 +800,27 @@ def test_a_refusal_by_geotorchs_bound_names_the_measured_value(case) -> None:
     assert bool(gnn.parametrization_of(m).space.contains(X))
     with pytest.raises(gnn.InManifoldError, match=pattern + r", the bound of GeoTorch's in_manifold"):
         m.weight = X
+
+
+# ----------------------------------------------------------------------------- 7. non-finite triangles
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["symmetric", "skew"])
+def test_an_assignment_of_infinities_to_a_triangle_is_refused(name, dtype) -> None:
+    """``allclose(X, ±Xᵀ)`` holds for infinities: ``symmetric`` kept an all-inf weight and ``skew`` one
+    with ±inf in mirrored places, silently (Note [Non-finite triangles]); both are refused now, the
+    weight left as it was, and ``in_manifold`` says no, as ``gf.Sym``/``gf.Skew`` do."""
+    inf = float("inf")
+    m = getattr(gnn, name)(nn.Linear(3, 3).to(dtype))
+    M = m.parametrizations.weight[0]
+    before = m.weight.detach().clone()
+    bad = [torch.full((3, 3), inf, dtype=dtype)] if name == "symmetric" else []
+    bad.append(torch.tensor([[0.0, inf, 1.0], [-inf, 0.0, 2.0], [-1.0, -2.0, 0.0]], dtype=dtype))
+    bad[-1] = bad[-1] if name == "skew" else bad[-1].abs()  # symmetric with an inf pair
+    space = gf.Sym() if name == "symmetric" else gf.Skew()
+    for X in bad:
+        assert not bool(space.contains(X))
+        assert not M.in_manifold(X)
+        with pytest.raises(gnn.InManifoldError, match="non-finite"):
+            m.weight = X
+        assert torch.equal(m.weight.detach(), before)
+        assert member(space, m.weight.detach(), 1e-6 if dtype == torch.float64 else 1e-5)

@@ -840,10 +840,20 @@ class _Triangle(_Manifold):
         return _triangle_in(X, sign, eps)
 
 
+# Note [Non-finite triangles]
+# ``allclose(X, ±Xᵀ)`` holds for an X of infinities (inf == inf, and inf == −(−inf)), so GeoTorch's test
+# took an all-inf "symmetric" matrix and a skew one with ±inf in mirrored places, and an assignment kept
+# them silently: a weight of infinities, which ``gf.Sym().contains`` and ``gf.Skew().contains`` refuse.
+# As every other class's ``in_manifold`` here, the triangles ask for finite entries too.
+
+
 def _triangle_in(X: Any, sign: float, eps: Optional[float]) -> bool:
-    """``X`` square and ``allclose(X, sign·Xᵀ, atol=eps)`` (GeoTorch's default atol when ``eps`` is None)."""
+    """``X`` square, finite and ``allclose(X, sign·Xᵀ, atol=eps)`` (GeoTorch's default atol when ``eps`` is
+    None; Note [Non-finite triangles])."""
     X = _as_matrix(X)
     if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-2] != X.shape[-1]:
+        return False
+    if (X.is_floating_point() or X.is_complex()) and not bool(torch.isfinite(X).all()):
         return False
     Xf = X.float() if X.dtype in LOW_PRECISION else X
     atol = 1e-8 if eps is None else eps
@@ -900,6 +910,8 @@ class Skew(_Triangle):
         if check_in_manifold and not X.is_meta and not _triangle_in(X, -1.0, tol):
             Xf = X.float() if X.dtype in LOW_PRECISION else X
             err = float((Xf + Xf.transpose(-2, -1)).abs().amax()) if X.numel() else 0.0
+            if not bool(torch.isfinite(Xf).all()):
+                raise InManifoldError(X, self, "X has non-finite entries")
             raise InManifoldError(X, self, f"X is not skew-symmetric to atol {tol:g}: max|X + Xᵀ| = {err:.3g}")
         Z, _ = self.space._from_manifold(X)
         if registering:
@@ -958,7 +970,8 @@ class Symmetric(_Triangle):
             raise InManifoldError(X, self, "expected a tensor")
         self._require_real_point(X)
         if check_in_manifold and not registering and not X.is_meta and not self._in(gather(X), 1.0, 1e-6):
-            raise InManifoldError(X, self, "X is not symmetric")
+            finite = not X.is_floating_point() or bool(torch.isfinite(X).all())
+            raise InManifoldError(X, self, "X is not symmetric" if finite else "X has non-finite entries")
         try:
             self._check_value(X, registering)
         except ManifoldError as e:
