@@ -509,6 +509,31 @@ def test_a_mask_with_skipped_parameters_as_torch_groups(generator):
     _same_runs(again, opt, theirs, _adamw_groups(named, mask), x, y)
 
 
+def test_a_mask_changed_in_place_is_read_at_the_next_step(generator):
+    """``mask["b"] = False`` on the dict given as ``mask`` (or ``group["betas"]`` a list changed in
+    place) takes effect at the next step as a reassigned one does (Note [Hyperparameters changed in
+    place]): it was ignored (the group's optimizer compared the dict with itself) while state_dict
+    saved the new value."""
+    x, y = _data(generator)
+    start = Net(generator).state_dict()
+    ends = []
+    for how in ("in place", "reassigned"):
+        net = Net(generator)
+        net.load_state_dict(start)
+        mask, betas = {"W": True, "s": True, "b": True}, [0.9, 0.999]
+        opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radamw, lr=0.05, weight_decay=0.5,
+                                      mask=mask, betas=betas)
+        _train(net, opt, x, y, 2)
+        if how == "in place":
+            mask["b"], betas[0] = False, 0.5
+        else:
+            opt.param_groups[0]["mask"], opt.param_groups[0]["betas"] = {"W": True, "s": True, "b": False}, [0.5, 0.999]
+        _train(net, opt, x, y, 3)
+        ends.append({k: getattr(net, k).detach().clone() for k in ("W", "s", "b")})
+    for k in ("W", "s", "b"):
+        assert torch.equal(ends[0][k], ends[1][k]), k
+
+
 def test_a_group_with_constraints_added_later(generator):
     """``add_param_group`` takes the new parameters' constraints (``"constraints": {name: space}``),
     checks that they hold points, and steps them on their space with the group's hyperparameters."""

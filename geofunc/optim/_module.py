@@ -339,12 +339,31 @@ def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
     return mask
 
 
+# Note [Hyperparameters changed in place]
+# A group's optimizer is rebuilt when a hyperparameter differs from the one it was built with. It kept
+# the group's own objects to compare with, so a mask dict (or a list of betas) changed in place,
+# mask["bias"] = False, compared equal to itself: the step went on with the old mask, silently, while
+# state_dict saved the new one (a run resumed from that checkpoint then took other steps), and the
+# functional masked/multi_transform read their dict at every update. The values are kept as a
+# snapshot (_snapshot: the containers copied, the leaves as they are; tensors are compared by
+# identity), so a change in place is read at the next step, as a reassignment is.
+def _snapshot(value: Any) -> Any:
+    """``value`` with its dicts, lists and tuples copied (Note [Hyperparameters changed in place])."""
+    if isinstance(value, Mapping):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
 def _same(a: Any, b: Any) -> bool:
     """Whether two hyperparameter values are the same (tensors by identity: no elementwise ``==``)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return a is b
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001  (an object without a usable ==: rebuild)
@@ -637,7 +656,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         kwargs = {k: (_cohort_mask(v, cohort.names) if k == "mask" else v) for k, v in hyper.items()}
         opt = self._factory({n: self._constraints[n] for n in cohort.names},
                             lr=lambda count, i=i: self.param_groups[i]["lr"], **kwargs)
-        self._built[key] = (hyper, opt)
+        self._built[key] = ({k: _snapshot(v) for k, v in hyper.items()}, opt)  # Note [Hyperparameters changed in place]
         return opt
 
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
