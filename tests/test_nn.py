@@ -512,16 +512,41 @@ def test_a_soup_of_sl_weights_whose_mean_has_det_below_zero_stays_at_their_scale
 
 def test_average_refuses_what_it_cannot_average():
     a, b = gnn.orthogonal(nn.Linear(4, 6)), gnn.orthogonal(nn.Linear(4, 6))
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(gf.ManifoldError, match="at least one"):
         gnn.average_(a, [])
-    with pytest.raises(ValueError, match="summing to 1"):
+    with pytest.raises(gf.ManifoldError, match="summing to 1"):
         gnn.average_(a, [a, b], [0.5, 0.6])
-    with pytest.raises(ValueError, match="2 weights"):
+    with pytest.raises(gf.ManifoldError, match="2 weights"):
         gnn.average_(a, [a, b], [1.0])
-    with pytest.raises(ValueError, match="constrained differently"):
+    with pytest.raises(gf.ManifoldError, match="constrained differently"):
         gnn.average_(a, [gnn.sphere(nn.Linear(4, 6))])
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(gf.ManifoldError, match="lacks"):
         gnn.average_(a, [gnn.orthogonal(nn.Linear(4, 6, bias=False))])
+
+
+class _Double(nn.Module):
+    def forward(self, X):
+        return 2 * X
+
+
+def test_module_helpers_refuse_bad_input_with_manifold_errors():
+    """stack, average_, update_base and parametrization_of raised bare ValueErrors on bad input (no
+    modules, modules of other parameters, a tensor geofunc does not constrain); each is a
+    ManifoldError now (section 5: what was expected, what came), still a ValueError."""
+    a = gnn.orthogonal(nn.Linear(4, 6))
+    with pytest.raises(gf.ManifoldError, match="expected at least one module, got none"):
+        gnn.stack([])
+    with pytest.raises(gf.ManifoldError, match=r"expected module 1 to have module 0's parameters .*got"):
+        gnn.stack([a, gnn.orthogonal(nn.Linear(4, 6, bias=False))])
+    with pytest.raises(gf.ManifoldError, match=r"update_base: expected a tensor constrained by geofunc, got "
+                                               r"Linear.weight, an unconstrained"):
+        gnn.update_base(nn.Linear(3, 3), "weight")
+    with pytest.raises(gf.ManifoldError, match=r"expected a tensor constrained by geofunc, got Linear.bias"):
+        gnn.parametrization_of(a, "bias")
+    plain = nn.Linear(3, 3)
+    P.register_parametrization(plain, "weight", _Double())
+    with pytest.raises(gf.ManifoldError, match=r"got Linear.weight, parametrized by \['_Double'\] only"):
+        gnn.update_base(plain, "weight")
 
 
 # ----------------------------------------------------------------------------- cached
@@ -1065,7 +1090,7 @@ def test_stack_for_vmap_ensembles():
     torch.testing.assert_close(out, torch.stack([n(x) for n in nets]), atol=1e-6, rtol=0)
     grads = vmap(torch.func.grad(lambda r, b, x: f(r, b, x).sum()), in_dims=(0, 0, None))(raw, bases, x)
     assert grads["0.weight"].shape == (3, 6, 4)
-    with pytest.raises(ValueError, match="constraints"):
+    with pytest.raises(gf.ManifoldError, match="constraints"):
         gnn.stack([nets[0], gnn.orthogonal(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))[0])])
 
 

@@ -1213,7 +1213,16 @@ def parametrization_of(module: nn.Module, tensor_name: str = "weight") -> Parame
         for p in module.parametrizations[tensor_name]:
             if isinstance(p, Parametrization):
                 return p
-    raise ValueError(f"{_owner_name(module, tensor_name)} is not constrained by geofunc")
+    raise ManifoldError(f"parametrization_of: expected a tensor constrained by geofunc, got "
+                        f"{_owner_name(module, tensor_name)}, {_constraint_state(module, tensor_name)}.")
+
+
+def _constraint_state(module: nn.Module, tensor_name: str) -> str:
+    """What ``module.<tensor_name>`` is, for a message refusing a tensor geofunc does not constrain."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return f"parametrized by {[type(p).__name__ for p in module.parametrizations[tensor_name]]} only"
+    T = getattr(module, tensor_name, None) if isinstance(tensor_name, str) else None
+    return f"an unconstrained {describe(T)}" if isinstance(T, torch.Tensor) else "not a tensor of the module"
 
 
 def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
@@ -1248,7 +1257,8 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
         raise TypeError("update_base() missing the module: update_base(layer, tensor_name)")
     module = layer
     if not parametrize.is_parametrized(module, tensor_name):
-        raise ValueError(f"{_owner_name(module, tensor_name)} is not constrained by geofunc")
+        raise ManifoldError(f"update_base: expected a tensor constrained by geofunc, got "
+                            f"{_owner_name(module, tensor_name)}, {_constraint_state(module, tensor_name)}.")
     plist = module.parametrizations[tensor_name]
     first = plist[0]
     with torch.no_grad():

@@ -51,14 +51,15 @@ def _geofunc_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, Param
         for tname, plist in sub.parametrizations.items():
             key = f"{prefix}.{tname}" if prefix else tname
             if len(plist) != 1 or not isinstance(plist[0], Parametrization) or not plist.is_tensor:
-                raise ValueError(
-                    f"{key} ({_owner_name(sub, tname)}) is parametrized by {[type(p).__name__ for p in plist]}: "
-                    "the functional bridge supports tensors parametrized by exactly one geofunc Parametrization."
+                raise ManifoldError(
+                    f"{key} ({_owner_name(sub, tname)}): expected a tensor parametrized by exactly one geofunc "
+                    f"Parametrization (what the functional bridge supports), got {[type(p).__name__ for p in plist]}."
                 )
             if not plist[0]._identity_raw:
-                raise ValueError(
-                    f"{key} ({_owner_name(sub, tname)}) is parametrized by {plist[0]!r}, whose raw tensor is not its "
-                    "space's (SO(lower=False) reads the upper triangle): use lower=True for the functional bridge."
+                raise ManifoldError(
+                    f"{key} ({_owner_name(sub, tname)}) constrained to {plist[0].space!r}: expected a parametrization "
+                    f"whose raw tensor is its space's, got {plist[0]!r} (SO(lower=False) reads the upper triangle): "
+                    "use lower=True for the functional bridge."
                 )
             out[key] = (sub, tname, plist[0])
     return out
@@ -363,25 +364,25 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
                 out = vmap(f, in_dims=(0, 0, 0, None))(raw, bases, buffers, x)
 
     Raises:
-        ValueError: the modules differ in constraints, names or shapes.
-        ManifoldError: without ``buffers=True``, the modules' buffers differ (every member would run
-            with module 0's: Note [Buffers of an ensemble]); a constrained tensor's raw Parameter is
-            tied to another name (Note [Tied raw tensors]).
+        ManifoldError: no modules; the modules differ in constraints, names or shapes; without
+            ``buffers=True``, the modules' buffers differ (every member would run with module 0's:
+            Note [Buffers of an ensemble]); a constrained tensor's raw Parameter is tied to another
+            name (Note [Tied raw tensors]).
     """
     modules = list(modules)
     if not modules:
-        raise ValueError("stack needs at least one module")
+        raise ManifoldError("stack: expected at least one module, got none.")
     for m in modules:
         _refuse_tied_raw(m, "stack")
     triples = [functional(m) for m in modules]
     c0, r0, b0 = triples[0]
     for i, (c, r, b) in enumerate(triples[1:], 1):
         if c != c0:
-            raise ValueError(f"stack: module {i} has constraints {c}, module 0 has {c0}")
+            raise ManifoldError(f"stack: expected module {i} with module 0's constraints {c0}, got {c}.")
         if r.keys() != r0.keys() or any(r[k].shape != r0[k].shape for k in r0):
-            raise ValueError(
-                f"stack: module {i} has parameters {[(k, tuple(v.shape)) for k, v in r.items()]}, "
-                f"module 0 has {[(k, tuple(v.shape)) for k, v in r0.items()]}"
+            raise ManifoldError(
+                f"stack: expected module {i} to have module 0's parameters "
+                f"{[(k, tuple(v.shape)) for k, v in r0.items()]}, got {[(k, tuple(v.shape)) for k, v in r.items()]}."
             )
         if pytree.tree_structure(b) != pytree.tree_structure(b0):
             raise ManifoldError(f"stack: module {i} has bases of another structure than module 0")
@@ -478,7 +479,7 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
         weights: one number per module, summing to 1; default: uniform.
 
     Raises:
-        ValueError: no modules, weights of another length or not summing to 1, or a module whose
+        ManifoldError: no modules, weights of another length or not summing to 1, or a module whose
             tensors or constraints differ from ``target``'s; ``InManifoldError`` where the
             assignment refuses a projected point (``target`` is then left as it was);
             ``ManifoldError`` where a constrained tensor's raw Parameter of ``target`` is tied to
@@ -486,20 +487,21 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
     """
     modules = list(modules)
     if not modules:
-        raise ValueError("average_: expected at least one module to average, got none")
+        raise ManifoldError("average_: expected at least one module to average, got none.")
     w = [1.0 / len(modules)] * len(modules) if weights is None else [float(x) for x in weights]
     if len(w) != len(modules):
-        raise ValueError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}")
+        raise ManifoldError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}.")
     if not abs(sum(w) - 1.0) <= 1e-6:
-        raise ValueError(f"average_: expected weights summing to 1, got {w} (sum {sum(w)})")
+        raise ManifoldError(f"average_: expected weights summing to 1, got {w} (sum {sum(w)}).")
     _refuse_tied_raw(target, "average_")  # the assignment re-centres the chart: the tied name's value would jump
     ours = _geofunc_tensors(target)
     theirs = [_geofunc_tensors(m) for m in modules]
     for i, t in enumerate(theirs):
         if t.keys() != ours.keys() or any(t[k][2].space != ours[k][2].space for k in ours):
-            raise ValueError(
-                f"average_: module #{i} is constrained differently from the target: "
-                f"{sorted((k, v[2].space) for k, v in t.items())} vs {sorted((k, v[2].space) for k, v in ours.items())}"
+            raise ManifoldError(
+                f"average_: expected module #{i} constrained as the target "
+                f"({sorted((k, v[2].space) for k, v in ours.items())}), got one constrained differently: "
+                f"{sorted((k, v[2].space) for k, v in t.items())}."
             )
     inner = re.compile(r"(^|\.)parametrizations\.")
     plain_t = {n: t for n, t in _plain_tensors(target) if not inner.search(n)}
@@ -507,7 +509,8 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
     for i, d in enumerate(plain_m):
         missing = [n for n in plain_t if n not in d or d[n].shape != plain_t[n].shape]
         if missing:
-            raise ValueError(f"average_: module #{i} lacks the target's tensors (or their shapes): {missing}")
+            raise ManifoldError(f"average_: expected module #{i} to have the target's tensors (and their shapes), "
+                                f"got one that lacks {missing}.")
     with torch.no_grad():
         # every new value first: target may be one of the modules
         points = {}
