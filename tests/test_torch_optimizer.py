@@ -132,6 +132,33 @@ def _same_runs(ours, opt, theirs, ref, x, y):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
 
 
+def test_grad_scaler_and_clip_grad_norm_act_on_the_whole_model(generator):
+    """``torch.amp.GradScaler`` (unscale_, step, update) and ``torch.nn.utils.clip_grad_norm_`` before
+    ``step``, with heads skipped irregularly and an inf gradient at one step: the same run as
+    ``torch.optim.Adam`` (the step with the inf skipped for every parameter, the norm the whole
+    model's), where a factory's ``clip_by_global_norm`` and ``apply_if_finite`` act per group and,
+    after a step where only some parameters had a gradient, per part (TorchOptimizer's docstring)."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    ref = torch.optim.Adam(theirs.parameters(), lr=0.05)
+    for model, o in ((ours, opt), (theirs, ref)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        for i, use in enumerate(USES):
+            o.zero_grad(set_to_none=True)
+            scaler.scale(((model(x, use) - y) ** 2).mean()).backward()
+            if i == 5:
+                model.trunk.bias.grad[0] = float("inf")
+            scaler.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(o)
+            scaler.update()
+        assert scaler.get_scale() == 2.0**9
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
 def _adamw_groups(named, mask):
     """``torch.optim.AdamW`` with weight decay on the masked parameters only (torch's way: two groups)."""
     return torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},

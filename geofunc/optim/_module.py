@@ -477,9 +477,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             (``optimizer(constraints, lr=..., **kwargs)``): ``rsgd``, ``radam``, ``radamw`` or your own,
             returning a :class:`~geofunc.optim.Optimizer` (a transform goes through
             :func:`~geofunc.optim.retract_and_transport`). It is called with the constraints of the
-            parameters stepped together (a group's, or those of a group with a gradient at a step), so
-            build labels and masks from them or as functions of the parameters, not as a dict of the
-            whole model; and ``lr`` is a schedule reading the group's rate
+            parameters stepped together: a group's, and from a step where only some of a group's
+            parameters have a gradient on, each part's (the parts are stepped apart from then on,
+            each with its own step count, as ``torch.optim`` counts each parameter's steps). So build
+            labels and masks from them or as functions of the parameters, not as a dict of the whole
+            model (it fails at the first such step); what the factory couples across parameters
+            (``clip_by_global_norm``'s norm, ``apply_if_finite``'s skip) is each group's, then each
+            part's: for the whole model's, call ``torch.nn.utils.clip_grad_norm_`` and step through
+            ``torch.amp.GradScaler`` (its ``unscale_``, ``step``, ``update``), which work as with
+            ``torch.optim``. ``lr`` is a schedule reading the group's rate
             (``scale_by_schedule(lambda t: -lr(t))``).
         lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
             ``param_groups[i]["lr"]`` between steps).
