@@ -136,3 +136,35 @@ def test_what_has_no_space_is_named():
         with pytest.raises(gf.ManifoldError, match=rf"parameter 'w'.*{match}"):
             G.constraints([("w", p)])
     assert G.constraints([("plain", nn.Parameter(torch.zeros(2)))]) == {}
+
+
+def test_what_constraints_reads_is_what_torch_optimizer_takes(generator):
+    """``constraints`` reads a module, its ``named_parameters()`` and parameter groups (as
+    ``TorchOptimizer`` takes them) alike; ``model.parameters()``, a bare tensor or a dict of names is a
+    ``ManifoldError``. It unpacked every item into ``name, p``: ``parameters()`` of a model whose first
+    parameter has two rows, and a group ``{"params": ..., "lr": ...}``, gave ``{}`` with no error (the
+    optimizer then stepped every parameter freely, off its manifold); a module raised a bare TypeError."""
+    model = Model(generator)
+    expected = {"W": gf.Stiefel(), "s": gf.Sphere(), "spd": gf.PSD(metric="affine"), "h": gf.PoincareBall(c=1.0)}
+    named = list(model.named_parameters())
+    groups = [{"params": named[:2], "lr": 0.01}, {"params": named[2:], "lr": 0.02}]
+    for arg in (model, model.named_parameters(), named, groups):
+        assert G.constraints(arg) == expected
+    opt = gf.optim.TorchOptimizer(groups, G.constraints(groups), gf.optim.rsgd, lr=0.01)
+    x = torch.randn(4, 6, generator=generator, dtype=F64)
+    model(x).sum().backward()
+    opt.step()
+    for k, space in expected.items():
+        assert member(space, getattr(model, k).detach(), 1e-10), k
+
+    class TwoRows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = geoopt.ManifoldParameter(gf.Sphere().sample((2, 3), generator=generator), manifold=geoopt.Sphere())
+
+    two = TwoRows()
+    assert G.constraints(two) == {"W": gf.Sphere()}
+    for bad, match in [(two.parameters(), "shape \\(2, 3\\)"), (two.W, "shape \\(2, 3\\)"),
+                       (dict(two.named_parameters()), "dict"), ([{"lr": 0.1}], "dict"), (None, "None")]:
+        with pytest.raises(gf.ManifoldError, match=rf"constraints: expected .*named_parameters.*got .*{match}"):
+            G.constraints(bad)

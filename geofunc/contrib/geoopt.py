@@ -12,12 +12,12 @@ then equal geoopt's, and where the steps differ, is in ``docs/guide/migration-ge
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from .. import spaces as S
-from .._errors import ManifoldError
+from .._errors import ManifoldError, describe
 
 __all__ = ["constraints", "space_of"]
 
@@ -95,9 +95,43 @@ def space_of(manifold: Any) -> Optional[S.AbstractSpace]:
                         f"{type(manifold).__name__} ({manifold!r}): no geofunc space (docs/guide/migration-geoopt.md).")
 
 
-def constraints(named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, S.AbstractSpace]:
+# Note [Pairs checked, not unpacked]
+# ``for name, p in items`` unpacks whatever has two entries: a tensor of two rows (``parameters()``
+# of a model whose first parameter has two rows, or a bare tensor) gave ``name, p`` two row tensors
+# without a ``manifold``, and a parameter group ``{"params": ..., "lr": ...}`` (which TorchOptimizer
+# takes) its two keys: the result was ``{}`` with no error, and TorchOptimizer then trained every
+# parameter freely, off its manifold. A model itself raised a bare TypeError ("not iterable"). The
+# items are now checked to be ``(str, Tensor)`` pairs, groups read through their ``"params"`` as
+# TorchOptimizer reads them, and a module through its ``named_parameters()``.
+def _named(items: Any) -> list[tuple[str, Tensor]]:
+    """The ``(name, tensor)`` pairs of ``items`` (pairs, parameter groups or an ``nn.Module``)."""
+    where = "geofunc.contrib.geoopt.constraints"
+    if isinstance(items, torch.nn.Module):
+        return list(items.named_parameters())
+    if isinstance(items, (Tensor, Mapping, str)) or not isinstance(items, Iterable):
+        raise ManifoldError(f"{where}: expected module.named_parameters() ((name, tensor) pairs), parameter groups "
+                            f"or an nn.Module, got {describe(items)}.")
+    out: list[tuple[str, Tensor]] = []
+    for item in items:
+        if isinstance(item, Mapping) and "params" in item:  # a parameter group, as TorchOptimizer takes
+            out.extend(_named(item["params"]))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and isinstance(item[1], Tensor):
+            out.append(item)
+        else:
+            raise ManifoldError(f"{where}: expected (name, tensor) pairs, as module.named_parameters() gives (or "
+                                f"parameter groups, or an nn.Module), got {describe(item)} as an item.")
+    return out
+
+
+def constraints(named_parameters: Any) -> dict[str, S.AbstractSpace]:
     """``{name: space}`` for the ``ManifoldParameter`` s among ``named_parameters`` whose manifold is
     not ``Euclidean`` (:func:`space_of`); plain tensors and Euclidean ones are left out (free).
+
+    ``named_parameters`` is what :class:`geofunc.optim.TorchOptimizer` takes: ``(name, tensor)``
+    pairs (``model.named_parameters()``) or parameter groups (dicts with a ``"params"`` entry of
+    such pairs); or the ``nn.Module`` itself (its ``named_parameters()``). Anything else (a bare
+    tensor, ``model.parameters()``, a dict of names) is a :class:`~geofunc.ManifoldError` (Note
+    [Pairs checked, not unpacked]).
 
     Their values are points already (geoopt's parameters hold them), so the result goes straight to
     :class:`geofunc.optim.TorchOptimizer` with the same ``named_parameters``. Frozen parameters
@@ -106,7 +140,7 @@ def constraints(named_parameters: Iterable[tuple[str, Tensor]]) -> dict[str, S.A
     without a geofunc space raises :class:`~geofunc.ManifoldError` naming the parameter.
     """
     out: dict[str, S.AbstractSpace] = {}
-    for name, p in named_parameters:
+    for name, p in _named(named_parameters):
         manifold = getattr(p, "manifold", None)
         if manifold is None:
             continue
