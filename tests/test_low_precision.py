@@ -391,3 +391,40 @@ def test_float16_tall_charts_refine_their_rounded_bases(space, shape) -> None:
         # the independent predicate, at fp16's documented tolerance, on the finite points
         off += sum(not member(space, y.float(), _tol(torch.float16, y)) for y in Y[finite])
     assert off == 0, off
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+def test_a_product_keeps_each_factor_in_its_own_dtype(dtype) -> None:
+    """Regression (Note [A product of several dtypes]): a Product whose first factor was bf16/fp16
+    rounded every other factor's float32 result to that dtype (to_manifold, tangent, retract,
+    project, egrad_to_rgrad, transport, expmap), while the same factors in the other order kept
+    their dtypes: each factor's map now applies the policy to its own part."""
+    P = gf.Product(gf.Sphere(), gf.Stiefel())
+    g = torch.Generator().manual_seed(0)
+    X = (P.factors[0].sample((5,), generator=g, dtype=dtype), P.factors[1].sample((6, 3), generator=g))
+    Z = ((0.5 * torch.randn(5, generator=g)).to(dtype), 0.5 * torch.randn(6, 3, generator=g))
+    G = (torch.randn(5, generator=g).to(dtype), torch.randn(6, 3, generator=g))
+    V = P.tangent(X, G)
+    results = {
+        "to_manifold": P.to_manifold(Z),
+        "to_manifold(from_manifold)": P.to_manifold(*P.from_manifold(X)),
+        "tangent": V,
+        "retract": P.retract(X, V),
+        "project": P.project(G),
+        "egrad_to_rgrad": P.egrad_to_rgrad(X, G),
+        "transport": P.transport(X, X, V),
+        "expmap": P.expmap(X, V),
+    }
+    for name, (a, b) in results.items():
+        assert (a.dtype, b.dtype) == (dtype, torch.float32), name
+    for name in ("to_manifold", "retract", "project"):
+        a, b = results[name]
+        assert member(P.factors[0], a.float(), _tol(dtype, a)), name
+        assert member(P.factors[1], b, _tol(torch.float32, b)), name
+    # the float32 factor is the float32 map's value, not its rounding
+    torch.testing.assert_close(results["retract"][1], P.factors[1].retract(X[1], V[1]), atol=0, rtol=0)
+    Q = gf.Product(gf.SO(), gf.GLp())
+    W = ((0.5 * torch.randn(4, 4, generator=g)).to(dtype), torch.randn(3, 3, generator=g))
+    got = Q.logabsdet(W)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, Q.factors[0].logabsdet(W[0]).float() + Q.factors[1].logabsdet(W[1]))
