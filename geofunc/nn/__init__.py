@@ -12,7 +12,8 @@
   geofunc space (``M.space``), so the maths lives once;
 * ``update_base(layer, tensor_name)``, ``torus_init_``, ``parametrize.cached()`` and the
   exception classes ``VectorError``, ``NonSquareError``, ``RankError``, ``InManifoldError``,
-  ``InverseError`` (each a :class:`geofunc.ManifoldError`).
+  ``InverseError`` (each a :class:`geofunc.ManifoldError`), also under GeoTorch's module name
+  ``geofunc.nn.exceptions`` (``except geotorch.exceptions.InManifoldError`` keeps working).
 
 Assigning ``module.weight = X`` goes through ``right_inverse`` and raises
 :class:`InManifoldError` (leaving the module unchanged) for a point off the space.
@@ -27,7 +28,7 @@ modules for ``vmap``; :func:`average_` averages constrained modules as points (a
 soup), where an average of raw tensors and bases is not one.
 """
 
-from . import parametrize as parametrize
+from . import exceptions as exceptions, parametrize as parametrize
 from ._adapter import (
     Parametrization as Parametrization,
     cached as cached,
@@ -124,6 +125,7 @@ __all__ = [
     "average_",
     "cached",
     "constrain",
+    "exceptions",
     "fixed_rank",
     "functional",
     "grassmannian",

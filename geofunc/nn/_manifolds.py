@@ -581,7 +581,8 @@ def _frame_sample(M: "_Manifold", distribution: str, init_: Any, triv: Any) -> T
             if M.n != M.k:
                 Q = Q[..., : M.k, :] if M.transposed else Q[..., : M.k]
             return M._out(Q)
-    raise ValueError(f'{type(M).__name__}.sample: expected distribution "uniform" or "torus", got {distribution!r}.')
+    raise ManifoldError(f'{type(M).__name__}.sample ({M.space!r}): expected distribution "uniform" or "torus", '
+                        f"got {distribution!r}.")
 
 
 _without_autocast(_Manifold)  # (subclasses: _Manifold.__init_subclass__)
