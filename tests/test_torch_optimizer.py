@@ -304,6 +304,30 @@ def test_a_state_that_does_not_split_by_parameter_is_named(generator):
         opt.step()
     assert all(torch.equal(v.detach(), before[k]) for k, v in net.named_parameters())
 
+def test_constraints_given_in_a_group_at_construction(generator):
+    """A group given at construction with its ``"constraints"`` (as ``add_param_group`` takes them) kept
+    them as a hyperparameter no factory takes: the Stiefel weight was stepped as a free parameter and
+    left its space (|WᵀW − I| 1.5 after three steps), silently (Note [Constraints in a group]). They
+    join the constructor's: the run equals the one with them there; a name constrained in both is refused."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    b.load_state_dict(a.state_dict())
+    opt_a = gf.optim.TorchOptimizer([{"params": [("W", a.W), ("s", a.s)], "lr": 0.05}, {"params": [("b", a.b)]}], C,
+                                    gf.optim.radam, lr=0.02)
+    opt_b = gf.optim.TorchOptimizer([{"params": [("W", b.W)], "constraints": {"W": gf.Stiefel()}, "lr": 0.05},
+                                     {"params": [("s", b.s)], "constraints": {"s": gf.Sphere()}, "lr": 0.05},
+                                     {"params": [("b", b.b)]}], {}, gf.optim.radam, lr=0.02)
+    _train(a, opt_a, x, y, 3)
+    _train(b, opt_b, x, y, 3)
+    for k in ("W", "s", "b"):
+        torch.testing.assert_close(getattr(b, k).detach(), getattr(a, k).detach(), atol=1e-13, rtol=0, msg=k)
+    assert member(gf.Stiefel(), b.W.detach(), 1e-12) and member(gf.Sphere(), b.s.detach(), 1e-12)
+    assert all("constraints" not in g for g in opt_b.state_dict()["param_groups"])
+    with pytest.raises(gf.ManifoldError, match=r"constraint once .* got 'W' in both"):
+        gf.optim.TorchOptimizer([{"params": [("W", b.W)], "constraints": {"W": gf.Stiefel()}}], {"W": gf.Stiefel()},
+                                gf.optim.radam, lr=0.02)
+
+
 def test_parameter_groups_and_schedulers_as_torch(generator):
     """Parameter groups with their own ``lr``, ``weight_decay`` and ``betas``, ``OneCycleLR`` cycling
     the learning rate and Adam's β₁ (``cycle_momentum``) in every group, and a group added mid-run
@@ -915,6 +939,35 @@ def test_a_factory_of_a_transform_or_no_factory_is_refused(generator):
                        ("radam", "'radam'")):
         with pytest.raises(gf.ManifoldError, match=f"expected `optimizer` a factory of geofunc.optim .* got {got}"):
             gf.optim.TorchOptimizer(net.named_parameters(), C, wrong, lr=0.1)
+
+
+def test_a_factory_that_takes_lr_as_a_number_is_refused_at_construction(generator):
+    """A factory written for a number (``scale(-lr)``) was built with the group's rate at construction
+    and passed, then failed at the first step with Python's "bad operand type for unary -: 'function'"
+    (the steps give ``lr`` as a schedule reading the group): a ManifoldError at construction and in
+    ``add_param_group`` now (Note [The learning rate a factory is given]); written with a schedule it steps."""
+    net = Net(generator)
+    x, y = _data(generator)
+
+    def sgd_for_a_number(constraints, lr):
+        return gf.optim.retract_and_transport(constraints, gf.optim.chain(gf.optim.to_tangent(constraints),
+                                                                          gf.optim.scale(-lr)))
+
+    def sgd(constraints, lr):
+        return gf.optim.retract_and_transport(constraints, gf.optim.chain(
+            gf.optim.to_tangent(constraints), gf.optim.scale_by_schedule(lambda t: -lr(t))))
+
+    with pytest.raises(gf.ManifoldError, match=r"factory sgd_for_a_number to take `lr` as a schedule .* got TypeError"):
+        gf.optim.TorchOptimizer(net.named_parameters(), C, sgd_for_a_number, lr=0.1)
+    opt = gf.optim.TorchOptimizer([("W", net.W)], {"W": gf.Stiefel()}, sgd, lr=0.1)
+    opt._factory = sgd_for_a_number  # the same check in add_param_group
+    with pytest.raises(gf.ManifoldError, match=r"factory sgd_for_a_number to take `lr` as a schedule"):
+        opt.add_param_group({"params": [("b", net.b)]})
+    opt._factory = sgd
+    opt.add_param_group({"params": [("s", net.s)], "constraints": {"s": gf.Sphere()}})
+    before = net.W.detach().clone()
+    _train(net, opt, x, y, 2)
+    assert not torch.equal(before, net.W.detach()) and member(gf.Sphere(), net.s.detach(), 1e-12)
 
 
 

@@ -442,10 +442,17 @@ def _pairs(items: Iterable[Any], where: str, frozen: Optional[list[str]] = None)
     return out
 
 
-def _named_groups(params: Any, frozen: list[str]) -> list[tuple[list[tuple[str, torch.Tensor]], dict]]:
+# Note [Constraints in a group]
+# add_param_group takes the new parameters' constraints in the group ("constraints": {name: space}), and
+# a group given at construction in that form kept them as a hyperparameter the factory does not take:
+# passed to nothing, its parameters were stepped as free ones and left their spaces, silently (and
+# the spaces sat in the state_dict's param_groups). A group's "constraints" join the constructor's
+# (a name constrained in both is refused), as add_param_group's do.
+def _named_groups(params: Any, frozen: list[str], constraints: dict[str, Any]) -> list[tuple[list[tuple[str, torch.Tensor]], dict]]:
     """``[(named parameters that require grad, the group's other keys)]`` from ``(name, tensor)``
-    pairs (one group) or from dicts ``{"params": pairs, **hyperparameters}``; the names of frozen
-    parameters are appended to ``frozen``."""
+    pairs (one group) or from dicts ``{"params": pairs, "constraints": {name: space}, **hyperparameters}``;
+    the names of frozen parameters are appended to ``frozen``, the groups' constraints added to
+    ``constraints`` (Note [Constraints in a group])."""
     items = list(params)
     if items and isinstance(items[0], Mapping):
         groups = []
@@ -453,7 +460,14 @@ def _named_groups(params: Any, frozen: list[str]) -> list[tuple[list[tuple[str, 
             if not isinstance(g, Mapping) or "params" not in g:
                 raise ManifoldError(f"TorchOptimizer: expected parameter groups as dicts with a 'params' entry of "
                                     f"(name, tensor) pairs, got {g!r}.")
-            groups.append((_pairs(g["params"], "TorchOptimizer", frozen), {k: v for k, v in g.items() if k != "params"}))
+            own = dict(g.get("constraints") or {})
+            twice = sorted(set(own) & set(constraints))
+            if twice:
+                raise ManifoldError(f"TorchOptimizer: expected each parameter's constraint once (in `constraints` or in "
+                                    f"its group's \"constraints\"), got {', '.join(map(repr, twice))} in both.")
+            constraints.update(own)
+            groups.append((_pairs(g["params"], "TorchOptimizer", frozen),
+                           {k: v for k, v in g.items() if k not in ("params", "constraints")}))
         return groups
     return [(_pairs(items, "TorchOptimizer", frozen), {})]
 
@@ -465,7 +479,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         params: ``module.named_parameters()`` (or any ``(name, tensor)`` pairs), or parameter groups:
             dicts ``{"params": (name, tensor) pairs, "lr": ..., **hyperparameters}`` (each a
             hyperparameter of its own, as ``torch.optim``'s groups; a key the factory does not take,
-            e.g. ``"name"``, is kept in the group and not passed). Parameters with
+            e.g. ``"name"``, is kept in the group and not passed), which may carry ``"constraints":
+            {name: space}`` for their parameters, as in ``add_param_group``. Parameters with
             ``requires_grad=False`` are left out, for good: one frozen here and unfrozen later is
             never trained (add it then with ``add_param_group``).
         constraints: ``{name: space}`` for the parameters that hold points of a space (their
@@ -532,7 +547,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                                 f"radamw, or a function (constraints, lr, **hyperparameters) returning a "
                                 f"gf.optim.Optimizer), got {got}.")
         frozen: list[str] = []
-        groups = _named_groups(params, frozen)
+        constraints = dict(constraints)
+        groups = _named_groups(params, frozen, constraints)  # Note [Constraints in a group]
         named = [np for g, _ in groups for np in g]
         if not named:
             raise ManifoldError("TorchOptimizer: expected parameters that require grad, got none.")
@@ -643,8 +659,23 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         if "mask" in hyper:
             hyper["mask"] = _cohort_mask(hyper["mask"], names)
-        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory({n: self._constraints[n] for n in names},
-                                                                             lr=group["lr"], **hyper))
+        constraints = {n: self._constraints[n] for n in names}
+        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory(constraints, lr=group["lr"], **hyper))
+        # Note [The learning rate a factory is given]
+        # The steps build the factory with lr a schedule reading the group's rate (what a scheduler
+        # changes), the check above with the rate itself (so that it is checked). A factory written
+        # for a number (chain(..., scale(-lr))) passed the check and failed at the first step with
+        # Python's "bad operand type for unary -: 'function'" from inside it. It is built here the
+        # way the steps build it too, and a failure is named.
+        try:
+            self._factory(constraints, lr=lambda count: group["lr"], **hyper)
+        except ManifoldError:
+            raise
+        except Exception as e:  # noqa: BLE001  (whatever the factory raised: named, chained)
+            raise ManifoldError(f"TorchOptimizer: expected the factory {self._factory_name} to take `lr` as a schedule "
+                                f"(a function of the update count, as every step gives it, reading the group's rate: "
+                                f"gf.optim.scale_by_schedule(lambda t: -lr(t)), or lr passed on to gf.optim.radam), got "
+                                f"{type(e).__name__} ({e}) building it with one.") from e
 
     def _named(self) -> dict[str, torch.Tensor]:
         return {n: p for names, g in zip(self._group_names, self.param_groups) for n, p in zip(names, g["params"])}
