@@ -270,6 +270,45 @@ def test_bad_features_or_init_is_a_manifold_error():
     assert gz.SpaceLinear(gf.SO(), 3, init=torch.eye(3)).raw.shape == (3, 3)
 
 
+@pytest.mark.parametrize("name", ["GLp", "SO", "PSD", "SL"])
+def test_vectors_of_another_size_batch_or_dtype_are_a_manifold_error(name, generator):
+    """``x`` (or ``y`` for the inverse) of another last dimension than ``n``, of a batch that does not
+    broadcast with ``W``'s, or of another dtype raised torch's ``mat1 and mat2 shapes cannot be
+    multiplied`` (``linalg.solve``'s message for the solve family), naming neither the layer nor what
+    it expects; a ``Product`` (which has a ``logabsdet``) made a transform that raised an
+    AttributeError on first use."""
+    space = gf.SL() if name == "SL" else SQUARE_SPACES[name]
+    Z, base = _point_and_raw(space, generator, batch=(3,))
+    t = gz.LinearTransform(space, Z, base)
+    for bad, match in [(torch.randn(3, N + 1, dtype=F64), rf"of shape \(\.\.\., {N}\)"),
+                       (torch.tensor(1.0, dtype=F64), rf"of shape \(\.\.\., {N}\)"),
+                       (torch.randn(4, N, dtype=F64), r"broadcasts with W's \(3,\)"),
+                       (torch.randn(3, N), "dtype torch.float64")]:
+        for f in (t, t.inv, t.call_and_ladj, t.inv.call_and_ladj):
+            with pytest.raises(gf.ManifoldError, match=rf"{type(space).__name__}\(.*expected `[xy]` .*{match}.*, got a tensor"):
+                f(bad)
+    x = torch.randn(2, 1, N, generator=generator, dtype=F64)  # what does broadcast still works
+    torch.testing.assert_close(t.inv(t(x)), x.expand(2, 3, N), atol=ATOL[F64], rtol=0)
+    P = gf.Product(gf.SO(), gf.GLp())
+    with pytest.raises(gf.ManifoldError, match=r"Product\(.*expected `Z` to be a tensor.*got a tuple"):
+        gz.LinearTransform(P, P.from_manifold(P.sample([(2, 2), (3, 3)], generator=generator, dtype=F64))[0])
+
+
+@pytest.mark.parametrize("name", ["GLp", "SO", "PSD", "SL"])
+def test_inverse_under_autocast(name, generator):
+    """Under CPU autocast the inverse of a float32 layer takes bf16 vectors, as the map does; the
+    solve family's (``SL``: ``linalg.solve``) raised "Expected A and B to have the same dtype"."""
+    space = gf.SL() if name == "SL" else SQUARE_SPACES[name]
+    Z, base = _point_and_raw(space, generator)
+    t = gz.LinearTransform(space, Z.float(), base if base is None else torch.utils._pytree.tree_map(lambda b: b.float(), base))
+    x = torch.randn(4, N, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = t(x)
+        x_back = t.inv(y)
+    ref = torch.linalg.solve(t.weight.double(), y.double().mT).mT
+    torch.testing.assert_close(x_back.double(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)  # bf16: 8 bits
+
+
 def test_docstring_examples():
     result = doctest.testmod(gz, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0

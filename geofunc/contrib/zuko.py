@@ -58,9 +58,10 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
     ) from exc
 
 from .. import spaces as S
-from .._errors import ManifoldError
+from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
 from ..nn._adapter import _concrete, _write_values, refine_base
+from ..spaces._base import _autocast_on
 
 __all__ = ["LinearTransform", "SpaceLinear"]
 
@@ -121,6 +122,9 @@ class LinearTransform(Transform):
         super().__init__(cache_size=cache_size)
         if not isinstance(space, S.AbstractSpace):
             raise ManifoldError(f"LinearTransform: expected a geofunc space, got {type(space).__name__}")
+        if not isinstance(Z, Tensor):  # a Product's tuple: its logabsdet exists, but its point is no matrix
+            raise error(space, "`Z` to be a tensor of square matrices (..., n, n) for LinearTransform (a Product's "
+                        "points are tuples: give each factor its own layer)", describe(Z))
         self.space, self.Z, self.base = space, Z, base
         self.ladj = space.logabsdet(Z, base)  # validates: square, full rank, a logabsdet exists
         self._weight: Optional[Tensor] = None  # W, formed on first use
@@ -137,7 +141,28 @@ class LinearTransform(Transform):
         return f"LinearTransform({self.space!r}, n={self.weight.shape[-1]})"
 
     # ------------------------------------------------------------- the maps
+    # Note [Vectors checked before the product]
+    # W x is a matmul on x's last dimension: an x of another size, of a batch that does not broadcast
+    # with W's, or of another dtype raised torch's "mat1 and mat2 shapes cannot be multiplied (5x4
+    # and 3x3)", naming neither the layer nor what it expects (and the solve family's inverse its
+    # own linalg.solve message). They are checked on shapes and dtypes only (no values: compile and
+    # vmap are unaffected) and named as the spaces name bad input. Under autocast the dtypes may
+    # differ (a float32 W and bf16 activations: the matmul casts both), and the inverse's solve
+    # takes y in W's dtype there, as autocast runs the linalg solvers in float32.
+    def _check(self, x: Any, what: str) -> None:
+        Z = self.Z
+        n, batch = Z.shape[-1], Z.shape[:-2]
+        if not isinstance(x, Tensor) or x.ndim < 1 or x.shape[-1] != n:
+            raise error(self.space, f"`{what}` of shape (..., {n}) (the transform acts on the last dimension with W "
+                        f"of shape {tuple(Z.shape)})", describe(x))
+        if batch and any(a != b and a != 1 and b != 1 for a, b in zip(reversed(batch), reversed(x.shape[:-1]))):
+            raise error(self.space, f"`{what}` of a batch shape that broadcasts with W's {tuple(batch)} (shape "
+                        f"{tuple(Z.shape)})", describe(x))
+        if x.dtype != Z.dtype and not _autocast_on(x.device.type):
+            raise error(self.space, f"`{what}` of W's dtype {Z.dtype}", describe(x))
+
     def _call(self, x: Tensor) -> Tensor:
+        self._check(x, "x")
         return _apply(self.weight, x)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
@@ -176,6 +201,7 @@ class LinearTransform(Transform):
         return self._inverse_factors
 
     def _inverse(self, y: Tensor) -> Tensor:
+        self._check(y, "y")
         kind, *f = self._factors()
         if kind == "orthogonal":
             return _apply_t(self.weight, y)
@@ -185,7 +211,8 @@ class LinearTransform(Transform):
         if kind == "eig":
             Q, lam = f
             return _apply(Q, _apply_t(Q, y) / lam)
-        return solve_vec(self.weight, y)  # Note [Solves under torch.func]
+        W = self.weight
+        return solve_vec(W, y.to(W.dtype))  # Note [Solves under torch.func]; y.to: autocast (Note [Vectors checked before the product])
 
 
 class SpaceLinear(LazyTransform):
