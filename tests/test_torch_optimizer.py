@@ -438,6 +438,35 @@ def test_momentum_cycled_through_zero_as_torch_sgd(generator):
     assert int(opt.state_dict()["state"][0]["2.count"]) == 4  # the steps with momentum
 
 
+def test_nesterov_momentum_cycled_through_zero_as_torch_sgd(generator):
+    """Nesterov SGD whose momentum ``OneCycleLR(base_momentum=0)`` takes to 0: ``torch.optim.SGD`` steps
+    plain SGD there (it checks nesterov only when built); the rebuilt rsgd raised its "nesterov=True
+    with momentum > 0" ManifoldError at that step, mid-run (Note [Nesterov at momentum 0]). Now step
+    for step equal to torch, with heads skipped at some steps; built with momentum 0 it is refused as
+    torch refuses it."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    kwargs = dict(lr=0.01, momentum=0.9, nesterov=True)
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, **kwargs)
+    ref = torch.optim.SGD(theirs.parameters(), **kwargs)
+    s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(USES), base_momentum=0.0,
+                                                  max_momentum=0.9, pct_start=0.3) for o in (opt, ref))
+    momenta = []
+    for use in USES:
+        for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
+            o.zero_grad(set_to_none=True)
+            ((model(x, use) - y) ** 2).mean().backward()
+            o.step()
+            sch.step()
+        momenta.append(opt.param_groups[0]["momentum"])
+    assert 0.0 in momenta[:-1]
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    with pytest.raises(gf.ManifoldError, match="nesterov=True"):
+        gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.0, nesterov=True)
+
+
 def test_hyperparameters_are_checked_at_construction(generator):
     """As ``torch.optim`` checks its own: a negative learning rate, β = 1 (a NaN point, or every step 0),
     ``nesterov`` without momentum, in the defaults or a group or an added group (which is then not

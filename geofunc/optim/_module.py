@@ -11,7 +11,7 @@ import torch
 from .._errors import ManifoldError, describe
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
-from ._transforms import ScaleByScheduleState, TraceState, _no_buffer
+from ._transforms import ScaleByScheduleState, TraceState, _is_number, _no_buffer
 
 __all__ = ["TorchOptimizer"]
 
@@ -691,11 +691,22 @@ class TorchOptimizer(torch.optim.Optimizer):
         if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
             return built[1]
         kwargs = {k: (_cohort_mask(v, cohort.names) if k == "mask" else v) for k, v in hyper.items()}
+        if (self._factory is rsgd and kwargs.get("nesterov") and _is_number(kwargs.get("momentum"))
+                and kwargs["momentum"] == 0):  # Note [Nesterov at momentum 0]
+            kwargs["nesterov"] = False
         opt = self._factory({n: self._constraints[n] for n in cohort.names},
                             lr=lambda count, i=i: self.param_groups[i]["lr"], **kwargs)
         self._built[key] = ({k: _snapshot(v) for k, v in hyper.items()}, opt)  # Note [Hyperparameters changed in place]
         return opt
 
+    # Note [Nesterov at momentum 0]
+    # torch.optim.SGD refuses nesterov=True without momentum when it is built, and a group whose momentum
+    # a scheduler takes to 0 later (OneCycleLR or CyclicLR with base_momentum=0, a momentum warm-up
+    # written by hand) steps as plain SGD there. rsgd checks at every build, and a group is rebuilt when
+    # a hyperparameter changes: the step where the momentum reached 0 raised rsgd's ManifoldError,
+    # mid-run. The group's rsgd is built without nesterov at momentum 0, the same steps (trace(0) passes
+    # the vectors unchanged, nesterov or not: Note [Momentum that may be zero]); construction still
+    # refuses it, as torch does.
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         return _eager_step(self, closure)  # Note [A functional optimizer behind torch.optim]: never compiled
 
