@@ -614,3 +614,37 @@ def test_sl_right_inverse_takes_values_scaled_up_from_geotorchs():
     c = (0.25 / sigma[..., -1:]).clamp(min=1.0)
     torch.testing.assert_close(sp(torch.diagonal(Zg, dim1=-2, dim2=-1)), sigma, atol=1e-5, rtol=1e-5)  # GeoTorch: softplus + 1e-6
     torch.testing.assert_close(sp(torch.diagonal(Zf, dim1=-2, dim2=-1)), c * sigma, atol=1e-6, rtol=1e-6)
+
+
+# (class, sample kwargs, GeoTorch's membership check of a sample)
+_VMAP_SAMPLES = [
+    (lambda: gnn.Skew((3, 3)), {}), (lambda: gnn.LowRank((4, 3), 2), {}), (lambda: gnn.FixedRank((4, 3), 2), {}),
+    (lambda: gnn.GLp((3, 3)), {}), (lambda: gnn.SL((3, 3)), {}), (lambda: gnn.PSD((3, 3)), {}),
+    (lambda: gnn.PSSDLowRank((3, 3), 2), {}), (lambda: gnn.Hurwitz((3, 3)), {}),
+    (lambda: gnn.Stiefel((5, 3)), {"distribution": "torus"}), (lambda: gnn.SO((3, 3)), {}),
+]
+
+
+@pytest.mark.parametrize("i", range(len(_VMAP_SAMPLES)))
+def test_sample_under_vmap_with_different_randomness(i):
+    """``M.sample()`` inside ``vmap(..., randomness="different")`` gives one point per sample, as for the
+    pure spaces; the samplers that fill a fresh tensor in place (``init_``, the torus angles) raised
+    "Cannot ask for different inplace randomness on an unbatched tensor" (Note [Samples filled in
+    place under vmap]). Outside vmap the draw (and the RNG stream) is unchanged."""
+    mk, kw = _VMAP_SAMPLES[i]
+    M = mk()
+    torch.manual_seed(0)
+    out = torch.func.vmap(lambda x: M.sample(**kw) + 0 * x.sum(), randomness="different")(torch.zeros(3, 1))
+    assert out.shape == (3,) + tuple(M.size)
+    assert all(M.in_manifold(o) for o in out)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    same = torch.func.vmap(lambda x: M.sample(**kw) + 0 * x.sum(), randomness="same")(torch.zeros(2, 1))
+    assert torch.equal(same[0], same[1]) and M.in_manifold(same[0])
+
+
+def test_sample_filled_in_place_compiles_fullgraph():
+    """The vmap test of the sampler (Note [Samples filled in place under vmap]) stays out of the traced
+    graph: ``M.sample()`` of a class that fills in place compiles with ``fullgraph=True``."""
+    M = gnn.LowRank((4, 3), 2)
+    X = torch.compile(lambda: M.sample(), fullgraph=True)()
+    assert X.shape == (4, 3) and M.in_manifold(X)

@@ -316,10 +316,11 @@ class _Manifold(Parametrization):
 
     def _empty(self, shape: tuple) -> Tensor:
         """An uninitialized tensor of the module's dtype and device (float32 if that is low precision);
-        a complex dtype only where the space takes complex tensors (Note [Complex weights])."""
+        a complex dtype only where the space takes complex tensors (Note [Complex weights]); one per
+        sample inside ``vmap`` (Note [Samples filled in place under vmap])."""
         ref = self._reference
         self._require_dtype(ref.dtype)
-        return ref.new_empty(shape, dtype=torch.float32 if ref.dtype in LOW_PRECISION else ref.dtype)
+        return _fillable(shape, torch.float32 if ref.dtype in LOW_PRECISION else ref.dtype, ref.device)
 
     def _require_dtype(self, dtype: torch.dtype) -> None:
         """Raise ``ManifoldError`` for a complex ``dtype`` where the space is real (Note [Complex weights])."""
@@ -525,6 +526,28 @@ class _Manifold(Parametrization):
         return f"{size}space={self.space!r}{where}"
 
 
+# Note [Samples filled in place under vmap]
+# GeoTorch's samplers fill a fresh tensor in place (``init_(W)``, ``xavier_normal_`` by default; the
+# torus angles by ``uniform_``). Under ``vmap(..., randomness="different")`` a fresh ``empty`` tensor
+# is not batched, and torch refuses different in-place randomness on it ("Cannot ask for different
+# inplace randomness on an unbatched tensor"): ``M.sample()`` of LowRank, FixedRank, GLp, SL, the PSD
+# family, Skew, Hurwitz and the torus raised there (GeoTorch's raise too), while the classes that draw
+# out of place (SO, Stiefel, Sphere) gave one point per sample. Inside vmap the tensor to fill is made
+# by an out-of-place draw instead, which vmap batches under "different" (and leaves unbatched under
+# "same"; "error" refuses it as it refuses the fill); its values are overwritten by the fill. Outside
+# vmap it stays ``new_empty``, so the global RNG stream (and a seeded start equal to GeoTorch's) is as
+# before.
+
+
+def _fillable(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A tensor of ``shape`` to fill in place; batched per sample under ``vmap(randomness="different")``
+    (Note [Samples filled in place under vmap])."""
+    level = None if torch.compiler.is_compiling() else torch._C._functorch.peek_interpreter_stack()  # (not traceable)
+    if level is not None and level.key() == torch._C._functorch.TransformType.Vmap:
+        return torch.randn(shape, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------- orthogonal family
 def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None, triv: Any = "expm") -> Tensor:
     r"""Fill the square ``tensor`` (or batch) in place with a block-diagonal rotation ``φ(A)``.
@@ -553,14 +576,14 @@ def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None,
     batch = tuple(tensor.shape[:-2])
     work = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
     work = _real(work)  # a complex tensor gets the real rotation, a unitary matrix too
-    b = tensor.new_empty(batch + (n // 2,), dtype=work)
+    b = _fillable(batch + (n // 2,), work, tensor.device)  # (Note [Samples filled in place under vmap])
     if init_ is None:
         nn.init.uniform_(b, -math.pi, math.pi)
     else:
         init_(b)
     with torch.no_grad():
-        d = torch.zeros(batch + (max(n - 1, 0),), dtype=work, device=tensor.device)
-        d[..., ::2] = b.detach()
+        b = b.detach()  # b at the even places of the sub-diagonal, built out of place (vmap batches b)
+        d = torch.stack((b, torch.zeros_like(b)), dim=-1).flatten(-2)[..., : max(n - 1, 0)]
         L = torch.diag_embed(d, offset=-1)
         tensor.copy_(S.SO(triv=triv).to_manifold(L))
     return tensor
