@@ -94,6 +94,27 @@ class _Off(threading.local):
 
 
 _OFF = _Off()
+
+# Note [The private backward under autocast]
+# Every fused map computes with autocast off (Note [Low precision] in spaces/_base.py), so its private
+# graph holds float32 (float64) ops. torch.func.grad called inside an autocast region runs the node's
+# backward there too, and the engine would then cast the backward formulas' products to the autocast
+# dtype: the chart's gradient was a bfloat16 one (~1% off), and in float16 the backward of an eigh/expm
+# chart overflowed to NaN (PSD, SO, SL from raw entries of scale ~5). The vector-Jacobian product
+# is taken with autocast off, in the dtype its forward ran in. (A plain loss.backward() inside an
+# autocast region runs torch's own backward formulas in the autocast dtype: docs/guide/conventions.md.)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})  # (spaces/_base.py's; a meta one raises)
+
+
+def _autocast_on(xs: tuple) -> bool:
+    """Whether autocast is on for the device of ``xs`` (~0.2 µs where it is on for none)."""
+    if not xs or (_any_autocast is not None and not _any_autocast()):
+        return False
+    device = xs[0].device.type
+    return device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+
+
 _MAX_FRAMES = 200  # how far up the Python stack grad_and_value's frame is looked for
 _ONE_TENSOR = (True,)  # the output mask of a map that returns one tensor
 
@@ -233,7 +254,11 @@ if AVAILABLE:
         xs = tuple([t for t, d in zip(call.leaves, call.diff) if d])
         layer, mode = _lower()
         try:  # torch.autograd.grad without its Python argument handling (~30 µs): the engine itself
-            vals = _ENGINE.run_backward(tuple(outs), tuple(gs), retain, False, xs, True, False)
+            if _autocast_on(xs):  # Note [The private backward under autocast]
+                with torch.autocast(xs[0].device.type, enabled=False):
+                    vals = _ENGINE.run_backward(tuple(outs), tuple(gs), retain, False, xs, True, False)
+            else:
+                vals = _ENGINE.run_backward(tuple(outs), tuple(gs), retain, False, xs, True, False)
             vals = [torch.zeros_like(x) if v is None else v for v, x in zip(vals, xs)]
         finally:
             _restore(layer, mode)

@@ -428,3 +428,40 @@ def test_a_product_keeps_each_factor_in_its_own_dtype(dtype) -> None:
     got = Q.logabsdet(W)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, Q.factors[0].logabsdet(W[0]).float() + Q.factors[1].logabsdet(W[1]))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("space", [gf.PSD(), gf.SO(), gf.SL(), gf.Stiefel(), gf.LowRank(rank=2)], ids=repr)
+def test_torch_func_grad_inside_autocast_differentiates_the_charts_as_they_ran(space, dtype) -> None:
+    """Regression (Note [The private backward under autocast] in geofunc/_fused.py): ``grad(loss)(Z)``
+    called inside an autocast region ran the chart's backward with autocast on, though its forward
+    ran with autocast off: a bf16 gradient of the chart (~1% off), and in fp16 NaN for the eigh/expm
+    charts (PSD, SO, SL) from raw entries of scale 5. It now equals the recommended pattern, autocast
+    inside the differentiated function (its backward outside the region), for a single space and
+    for the pytree ``gf.to_manifold``."""
+    from torch.func import grad
+
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4) if space in (gf.Stiefel(), gf.LowRank(rank=2)) else (5, 5)
+    Z = 5 * torch.randn(shape, generator=g)
+    W, C = torch.randn(shape[-1], 3, generator=g), torch.randn(shape[0], 3, generator=g)
+    bias = torch.randn(3, generator=g)
+
+    def loss(z):
+        return ((space.to_manifold(z) @ W).float() * C).sum()
+
+    def tree_loss(raw):
+        p = gf.to_manifold({"w": space}, raw)
+        return (((p["w"] @ W).float() + p["b"]) * C).sum()
+
+    for f, arg in ((loss, Z), (tree_loss, {"w": Z, "b": bias})):
+        def inside(a, f=f):
+            with torch.autocast("cpu", dtype=dtype):
+                return f(a)
+
+        want = grad(inside)(arg)
+        with torch.autocast("cpu", dtype=dtype):
+            got = grad(f)(arg)
+        for w, v in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+            assert v.dtype == torch.float32 and torch.isfinite(v).all(), "non-finite gradient"
+            torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
