@@ -331,9 +331,18 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
     return state
 
 
+# Note [Hyperparameters by parameter name]
+# The factory is called with the constraints of a group, or of a part of one (a split), so a
+# hyperparameter that is a dict by the parameters' names (radam's mask, the labels of a factory
+# built on multi_transform) is cut to the names of the parameters it is built for. Only `mask` was
+# cut: a factory taking `labels={"W": "frame", "b": "free"}` for the whole model failed in
+# multi_transform at the first step of a group holding some of them, or at the first step where one
+# parameter had no gradient (a structure mismatch, mid-run). Any hyperparameter that is a dict
+# holding every name of the cohort is cut now; other values (a callable, one value, a dict of other
+# keys) are passed as they are.
 def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
-    """A ``mask`` (or labels) keyed by parameter names, cut to a cohort's (a callable or a single
-    value is the same for any parameters)."""
+    """A hyperparameter ``mask`` (or labels) keyed by parameter names, cut to a cohort's (a callable or a
+    single value is the same for any parameters): Note [Hyperparameters by parameter name]."""
     if isinstance(mask, Mapping) and all(n in mask for n in names):
         return {n: mask[n] for n in names}
     return mask
@@ -495,8 +504,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             parameters stepped together: a group's, and from a step where only some of a group's
             parameters have a gradient on, each part's (the parts are stepped apart from then on,
             each with its own step count, as ``torch.optim`` counts each parameter's steps). So build
-            labels and masks from them or as functions of the parameters, not as a dict of the whole
-            model (it fails at the first such step); what the factory couples across parameters
+            labels and masks from them, as functions of the parameters, or take them as
+            hyperparameters (a dict by name for the whole model, ``mask=`` or a factory's ``labels=``,
+            is cut to the parameters it is built for), not closed over as a dict of the whole model
+            (that fails at the first such step); what the factory couples across parameters
             (``clip_by_global_norm``'s norm, ``apply_if_finite``'s skip) is each group's, then each
             part's: for the whole model's, call ``torch.nn.utils.clip_grad_norm_`` and step through
             ``torch.amp.GradScaler`` (its ``unscale_``, ``step``, ``update``), which work as with
@@ -657,8 +668,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         them (its learning rate included) now, as torch.optim does at construction."""
         group, names = self.param_groups[i], self._group_names[i]
         hyper = self._hyper(group)
-        if "mask" in hyper:
-            hyper["mask"] = _cohort_mask(hyper["mask"], names)
+        hyper = {k: _cohort_mask(v, names) for k, v in hyper.items()}  # Note [Hyperparameters by parameter name]
         constraints = {n: self._constraints[n] for n in names}
         check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory(constraints, lr=group["lr"], **hyper))
         # Note [The learning rate a factory is given]
@@ -690,7 +700,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         built = self._built.get(key)
         if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
             return built[1]
-        kwargs = {k: (_cohort_mask(v, cohort.names) if k == "mask" else v) for k, v in hyper.items()}
+        kwargs = {k: _cohort_mask(v, cohort.names) for k, v in hyper.items()}  # Note [Hyperparameters by parameter name]
         if (self._factory is rsgd and kwargs.get("nesterov") and _is_number(kwargs.get("momentum"))
                 and kwargs["momentum"] == 0):  # Note [Nesterov at momentum 0]
             kwargs["nesterov"] = False
