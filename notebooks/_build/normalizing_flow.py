@@ -234,7 +234,8 @@ plt.show()
 #
 # * The same works with `SO` times a positive diagonal (`SO().logabsdet` is 0, so the
 #   log-determinant is the sum of the log-diagonal), or with `gf.Product(gf.SO(), ...)`.
-# * `logabsdet` exists for every square space where it is cheap: `SO` (0), `GLp`, `PSD`,
-#   `FixedRank` with `rank = n`, square `AlmostOrthogonal`.
+# * `logabsdet` exists for every square space where it is cheap: `SO`, `Unitary`, `SL` and
+#   square `Stiefel` (0), `GLp`, `PSD`, `PSSD`, square `AlmostOrthogonal`, and `FixedRank`,
+#   `LowRank` and `PSSDFixedRank` with `rank = n`.
 # * With the functional API the whole flow is a pure function of its raw tensors: `vmap` it
 #   over an ensemble of flows, or `torch.compile` it.
