@@ -280,6 +280,20 @@ def test_product_manifold():
     assert isinstance(gnn.ProductManifold((gnn.SO((2, 2)), gnn.SO((2, 2)))), nn.ModuleList)
 
 
+def test_product_manifold_refuses_entries_that_are_not_one_per_factor():
+    """GeoTorch zips factors and entries: a tuple of one entry for two factors gave one output, and a
+    single tensor zipped its rows, silently (Note [Entries of a product]); refused now."""
+    M = gnn.ProductManifold([gnn.SO((3, 3)), gnn.Sphere((4,))])
+    Xs = M.sample()
+    for bad in [(Xs[0],), Xs + (Xs[1],), Xs[0]]:
+        with pytest.raises(gf.ManifoldError, match=r"expected a tuple of 2 entries \(one per factor\)"):
+            M(bad)
+        with pytest.raises(gnn.InManifoldError, match="not one entry per factor: 2 factors"):
+            M.right_inverse(bad)
+        assert not M.in_manifold(bad)
+    assert len(M(list(M.right_inverse(list(Xs))))) == 2  # a list is a tuple of entries too
+
+
 def test_square_fixed_rank_takes_both_determinant_signs():
     """n = k = rank is GL(n), as in GeoTorch: a det −2 matrix is assigned, read back, trained and
     re-based in its component; GLp (det > 0) still refuses it."""

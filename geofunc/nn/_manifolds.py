@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
-from .._errors import ManifoldError, first_index
+from .._errors import ManifoldError, describe, first_index
 from .._expm import _real
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
@@ -1706,17 +1706,35 @@ class ProductManifold(nn.ModuleList):
         """The pure :class:`geofunc.Product` of the factors' spaces."""
         return S.Product(*(m.space for m in self))
 
+    # Note [Entries of a product]
+    # GeoTorch zips the factors with the entries, so a tuple of too few entries (or a single tensor,
+    # whose rows zip) gave a shorter tuple, silently. A product takes a tuple or list of exactly one
+    # entry per factor; anything else is a ManifoldError (an InManifoldError on assignment).
+    def _entries(self, Xs: Any) -> Optional[str]:
+        """Why ``Xs`` is not one entry per factor, or ``None`` (Note [Entries of a product])."""
+        if not isinstance(Xs, (tuple, list)):
+            return f"expected a tuple of {len(self)} entries (one per factor), got {describe(Xs)}"
+        if len(Xs) != len(self):
+            return f"expected a tuple of {len(self)} entries (one per factor), got {len(Xs)}"
+        return None
+
     def forward(self, Xs: Any) -> tuple:
         """Each factor's ``forward`` on its entry."""
+        why = self._entries(Xs)
+        if why is not None:
+            raise ManifoldError(f"ProductManifold({self.space!r}): {why}.")
         return tuple(m(X) for m, X in zip(self, Xs))
 
     def right_inverse(self, Xs: Any, check_in_manifold: bool = True) -> tuple:
         """Each factor's ``right_inverse`` on its entry."""
+        why = self._entries(Xs)
+        if why is not None:
+            raise InManifoldError(Xs, self, f"not one entry per factor: {len(self)} factors")
         return tuple(m.right_inverse(X, check_in_manifold) for m, X in zip(self, Xs))
 
     def in_manifold(self, Xs: Any) -> bool:
         """Every entry on its factor."""
-        return len(Xs) == len(self) and all(m.in_manifold(X) for m, X in zip(self, Xs))
+        return self._entries(Xs) is None and all(m.in_manifold(X) for m, X in zip(self, Xs))
 
     def sample(self) -> tuple:
         """A sample of every factor (each with its default arguments)."""
