@@ -516,8 +516,21 @@ def stack_matrices(Ts: list) -> Tensor:
     return S.reshape(math.prod(S.shape[:-2]), S.shape[-2], S.shape[-1])
 
 
-def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: bool) -> _Stacked:
-    """Stack the ``(coordinates, base)`` pairs of :func:`_stacked_tall_charts` (Note [Stacked frames])."""
+class Shape:
+    """A coordinate tensor's shape alone, in the pairs of :func:`_stack_pairs` when the caller stacks the
+    coordinates itself."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _stack_pairs(pairs: list[tuple[Any, Tensor | None]], triv: Triv, packed: bool, like: Tensor | None = None) -> _Stacked:
+    """Stack the ``(coordinates, base)`` pairs of :func:`_stacked_tall_charts` (Note [Stacked frames]).
+    ``like``: leave the coordinates to the caller (``st.Z`` None; the rank chart's node gathers them from
+    its raw tensor: Note [Rank chart coordinates by index] in ``geofunc/spaces/_factorized.py``), whose
+    pairs then give their shapes only (a :class:`Shape` will do) and ``like`` the dtype and device."""
     rows = [Z.shape[-2] for Z, _ in pairs]
     n, k = max(rows), pairs[0][0].shape[-1]
     shapes = [tuple(T.shape[:-2]) for pair in pairs for T in pair if T is not None]
@@ -530,18 +543,19 @@ def _stack_pairs(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, packed: 
         return stack_matrices([T if T.shape[-2] == n else torch.nn.functional.pad(T, (0, 0, 0, n - T.shape[-2])) for T in Ts])
 
     st = _Stacked()
-    st.Z = Z = stack([Z for Z, _ in pairs])
+    st.Z = Z = stack([Z for Z, _ in pairs]) if like is None else None
+    like = Z if like is None else like
     st.reduced = min(rows) >= 2 * k  # a narrower frame, even padded, needs the n×n generator
     st.basis = None
     if all(base is None for _, base in pairs):
-        st.Y = torch.eye(n, k, dtype=Z.dtype, device=Z.device).expand_as(Z)
+        st.Y = torch.eye(n, k, dtype=like.dtype, device=like.device).expand((len(pairs) * math.prod(batch), n, k))
         packed = False  # at the identity frame the packed and plain readings agree
     else:
         cached = _cached_basis(pairs, n) if st.reduced and packed and _ONE_NODE and triv == "expm" else None
         if cached is not None:
             st.Y, st.basis = cached
         else:
-            st.Y = stack([torch.eye(m, k, dtype=Z.dtype, device=Z.device) if base is None else base
+            st.Y = stack([torch.eye(m, k, dtype=like.dtype, device=like.device) if base is None else base
                           for (_, base), m in zip(pairs, rows)])
     st.packed, st.rows, st.batch = packed, rows, batch
     return st
