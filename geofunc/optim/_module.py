@@ -697,16 +697,19 @@ class TorchOptimizer(torch.optim.Optimizer):
         group = self.param_groups[i]
         hyper = self._hyper(group)
         key = (i, cohort.names)
-        built = self._built.get(key)
-        if built is not None and built[0].keys() == hyper.keys() and all(_same(built[0][k], v) for k, v in hyper.items()):
-            return built[1]
+        # compared as cut to the cohort: a whole-model mask is read once per parameter and step, not
+        # once per cohort (a model split into one cohort per parameter)
         kwargs = {k: _cohort_mask(v, cohort.names) for k, v in hyper.items()}  # Note [Hyperparameters by parameter name]
+        built = self._built.get(key)
+        if built is not None and built[0].keys() == kwargs.keys() and all(_same(built[0][k], v) for k, v in kwargs.items()):
+            return built[1]
+        snapshot = {k: _snapshot(v) for k, v in kwargs.items()}  # Note [Hyperparameters changed in place]
         if (self._factory is rsgd and kwargs.get("nesterov") and _is_number(kwargs.get("momentum"))
                 and kwargs["momentum"] == 0):  # Note [Nesterov at momentum 0]
             kwargs["nesterov"] = False
         opt = self._factory({n: self._constraints[n] for n in cohort.names},
                             lr=lambda count, i=i: self.param_groups[i]["lr"], **kwargs)
-        self._built[key] = ({k: _snapshot(v) for k, v in hyper.items()}, opt)  # Note [Hyperparameters changed in place]
+        self._built[key] = (snapshot, opt)
         return opt
 
     # Note [Nesterov at momentum 0]
