@@ -7,7 +7,9 @@ parameter groups and schedulers of any hyperparameter, checkpoints, errors."""
 from __future__ import annotations
 
 import io
+from typing import Any, NamedTuple
 
+import optree
 import pytest
 import torch
 from reference import member
@@ -1057,6 +1059,55 @@ class TiedRows(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(self.enc(x), self.enc.weight.T)
+
+
+class _Remembered(NamedTuple):
+    point: Any
+    grad: Any
+
+
+def _remember():
+    """A pure transform that keeps the point and the gradient it was last given (as optax's lookahead
+    keeps slow weights) and moves along ``v - (x - x_prev)``: the memory changes the steps."""
+
+    def init(params):
+        return _Remembered(params, optree.tree_map(torch.zeros_like, params))
+
+    def update(vectors, state, params):
+        out = optree.tree_map(lambda v, x, x0, g0: v - 0.5 * (x - x0) + 0.25 * g0, vectors, params, state.point, state.grad)
+        return out, _Remembered(params, vectors)
+
+    return gf.optim.TangentTransform(init, update, gf.optim.keep_state)
+
+
+def test_a_state_that_keeps_the_points_and_gradients_it_was_given(generator):
+    """A pure transform whose state keeps the point and gradient it was given: TorchOptimizer gave
+    update the parameters' own storage and their .grad, then wrote the new points into them in place
+    (and zero_grad(set_to_none=False) zeroes .grad in place), so the kept point was the new one and
+    the kept gradient zero, silently (Note [A state that holds a parameter]). Now the same points as
+    the functional optimizer run by hand, step for step."""
+    x, y = _data(generator)
+    a = Net(generator)
+    start = {k: v.detach().clone() for k, v in a.named_parameters()}
+
+    def factory(constraints, lr):
+        return gf.optim.retract_and_transport(constraints, gf.optim.chain(
+            gf.optim.to_tangent(constraints), _remember(), gf.optim.scale_by_schedule(lambda t: -lr(t))))
+
+    opt = gf.optim.TorchOptimizer(a.named_parameters(), C, factory, lr=0.05)
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        ((a(x) - y) ** 2).mean().backward()
+        opt.step()
+    b = Net(generator)
+    fn = factory(C, lambda t: 0.05)
+    params = start
+    state = fn.init(params)
+    for _ in range(4):
+        grads = torch.func.grad(lambda p: ((torch.func.functional_call(b, p, (x,)) - y) ** 2).mean())(params)
+        params, state = fn.update(grads, state, params)
+    for k in ("W", "s", "b"):
+        torch.testing.assert_close(getattr(a, k).detach(), params[k], atol=1e-13, rtol=0, msg=k)
 
 
 def test_a_tied_weight_is_one_parameter(generator):

@@ -7,6 +7,7 @@ import inspect
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import optree
 import torch
 from .._errors import ManifoldError, describe
 from ._aliases import rsgd, upgrade_rsgd_state
@@ -747,9 +748,11 @@ class TorchOptimizer(torch.optim.Optimizer):
                 continue
             opt = self._functional(co)
             points = {n: params[n].detach() for n in co.names}
+            grads = {n: params[n].grad.detach() for n in co.names}
             if co.state is None:
                 co.state, co.layout = _init(opt, points)
-            new, co.state = opt.update({n: params[n].grad.detach() for n in co.names}, co.state, points)
+            new, state = opt.update(grads, co.state, points)
+            co.state = _unaliased(state, [*points.values(), *grads.values()])  # Note [A state that holds a parameter]
             for n in co.names:
                 params[n].copy_(new[n])
         return loss
@@ -966,6 +969,36 @@ class TorchOptimizer(torch.optim.Optimizer):
 def _hooks(opt: torch.optim.Optimizer, attribute: str) -> list[Callable[..., Any]]:
     """The hooks registered on ``opt`` under ``attribute`` (none on a torch without that kind)."""
     return list(getattr(opt, attribute, {}).values())
+
+
+# Note [A state that holds a parameter]
+# The functional optimizers are pure, and a transform may keep in its state the points or vectors it
+# was given (optax's lookahead keeps the slow weights, a "previous point" or "previous gradient"
+# for a step-size rule): in a functional run those tensors never change. TorchOptimizer gives
+# update the parameters' own storage (detached) and their .grad, then writes the new points into
+# the parameters in place, and zero_grad(set_to_none=False) or the next backward writes into .grad:
+# a state entry that was one of them changed with it, silently (the remembered point was the new
+# one after every step). The state returned by update is checked against the storages of the points
+# and gradients it was given, and an entry that shares one is copied: one storage comparison per
+# tensor of the state and step, no copy where nothing is shared (the built-in transforms share none).
+# (init's state is checked by the same call after the first update: it is replaced by it.)
+def _storage(t: torch.Tensor) -> Optional[int]:
+    """The address of ``t``'s storage (``None`` where it has none to read: a tensor subclass)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except Exception:  # noqa: BLE001  (a DTensor or another subclass without one storage)
+        return None
+
+
+def _unaliased(state: Any, given: list[torch.Tensor]) -> Any:
+    """``state`` with a copy of each tensor that shares the storage of one of ``given`` (Note [A state
+    that holds a parameter])."""
+    taken = {_storage(t) for t in given} - {None, 0}
+    leaves, spec = optree.tree_flatten(state, none_is_leaf=False)
+    shared = [isinstance(t, torch.Tensor) and _storage(t) in taken for t in leaves]
+    if not any(shared):
+        return state
+    return optree.tree_unflatten(spec, [t.clone() if s else t for t, s in zip(leaves, shared)])
 
 
 @torch.compiler.disable  # (a plain function: on torch 2.6 the decorator does not bind as a method)
