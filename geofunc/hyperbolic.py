@@ -66,6 +66,7 @@ References:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from typing import Any, Callable, Optional, Union
@@ -415,9 +416,12 @@ def _low_dtype(args: tuple[Any, ...]) -> torch.dtype | None:
 
 
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # Note [Tensors given by keyword] in spaces/_base.py: dist(x=x, y=y) of fp16 points near the rim was inf
+    names = tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD)
+
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        low = _low_dtype(args)
+        low = _low_dtype(_in_order(args, kwargs, names) if kwargs else args)
         if low is None:
             if _any_autocast is not None and not _any_autocast():
                 return fn(*args, **kwargs)
@@ -841,4 +845,4 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
 # At the end: geofunc.spaces imports this module (its Lorentz and PoincareBall), so the policy's helpers
 # are bound once every name here exists (Note [Hyperbolic functions in low precision]).
 from .spaces._base import (  # noqa: E402
-    LOW_PRECISION, _ROUNDING, _any_autocast, _downcast, _upcast, autocast_off, rounding_dtype)
+    LOW_PRECISION, _ROUNDING, _any_autocast, _downcast, _in_order, _upcast, autocast_off, rounding_dtype)

@@ -465,3 +465,52 @@ def test_torch_func_grad_inside_autocast_differentiates_the_charts_as_they_ran(s
         for w, v in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
             assert v.dtype == torch.float32 and torch.isfinite(v).all(), "non-finite gradient"
             torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["bf16", "fp16", "autocast"])
+@pytest.mark.parametrize("case", _real_cases())
+def test_tensors_given_by_keyword_take_the_policy(case, mode) -> None:
+    """Regression (Note [Tensors given by keyword] in spaces/_base.py): the policy found its lead
+    among the positional arguments only, so ``M.to_manifold(Z=z)`` of a bf16 ``z`` computed in bf16
+    (NaN points for SO, Stiefel, PSD, GLp), and under autocast a float32 ``z`` given so came back
+    bf16 (Stiefel raised a KeyError, Birkhoff's egrad_to_rgrad a dtype error from linalg.solve).
+    Every map called by keyword equals the positional call."""
+    import inspect
+
+    M = case.space
+    shape = case.shapes[min(3, len(case.shapes) - 1)]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "autocast": torch.float32}[mode]
+    g = torch.Generator().manual_seed(0)
+    leaves = torch.utils._pytree.tree_map
+    X = M.sample(shape, generator=g, dtype=dtype)
+    Z = leaves(lambda x: (0.5 * torch.randn(x.shape, generator=g)).to(dtype), X)
+    G = leaves(lambda x: torch.randn(x.shape, generator=g).to(dtype), X)
+    V = M.tangent(X, G)
+    calls = {"to_manifold": (Z,), "tangent": (X, G), "retract": (X, V), "project": (G,), "egrad_to_rgrad": (X, G),
+             "transport": (X, X, V), "inner": (X, V, V), "rebase": M.from_manifold(X)}
+    if case.has_logabsdet:
+        calls["logabsdet"] = (Z,)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        for name, args in calls.items():
+            fn = getattr(M, name)
+            names = list(inspect.signature(fn).parameters)[: len(args)]
+            want, got = fn(*args), fn(**dict(zip(names, args)))
+            for w, v in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)):
+                if isinstance(w, torch.Tensor):
+                    assert v.dtype == w.dtype, name
+                    torch.testing.assert_close(v, w, atol=0, rtol=0, equal_nan=False, msg=name)
+            if name == "to_manifold":
+                assert all(bool(torch.isfinite(v).all()) and v.dtype == dtype for v in torch.utils._pytree.tree_leaves(got))
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+def test_hyperbolic_functions_given_tensors_by_keyword_compute_in_float32(dtype) -> None:
+    """``geofunc.hyperbolic.dist(x=x, y=y)`` of low-precision points near the rim computed in that
+    dtype (fp16: inf, and logmap NaN) where the positional call, computed in float32, is finite."""
+    import geofunc.hyperbolic as H
+
+    x, y = torch.tensor([[0.999, 0.0]]).to(dtype), torch.tensor([[-0.999, 0.0]]).to(dtype)
+    for fn in (H.dist, H.logmap):
+        want, got = fn(x, y), fn(x=x, y=y)
+        assert torch.isfinite(got).all() and got.dtype == dtype
+        torch.testing.assert_close(got, want, atol=0, rtol=0)

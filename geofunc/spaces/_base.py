@@ -31,6 +31,7 @@ import abc
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import operator
 from typing import Any, Callable, ClassVar, Sequence
@@ -189,6 +190,27 @@ def _lead(args: tuple) -> Any:
     return None
 
 
+# Note [Tensors given by keyword]
+# The lead was looked for among the positional arguments only: M.to_manifold(Z=z) of a bf16 z skipped
+# the policy, and torch.linalg.matrix_exp/eigh in bf16 gave NaN points (SO, Stiefel, PSD, GLp); under
+# autocast a float32 z given so came back bf16, computed by bf16 products (Stiefel raised a KeyError).
+# Arguments given by keyword join the positional ones in the map's own parameter order (read once,
+# when the map is wrapped); a call without keywords pays nothing more.
+def _parameter_names(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of the method ``fn``'s parameters that may be given by position, its first (``self``) left out."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    try:
+        names = tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind in kinds)
+    except (TypeError, ValueError):  # a callable without a signature: its tensors by position only
+        return ()
+    return names[1:]
+
+
+def _in_order(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
+    """``args`` and then the keyword arguments of ``names`` that follow them, in ``names``' order."""
+    return args + tuple([kwargs[n] for n in names[len(args):] if n in kwargs])
+
+
 def _upcast(tree: Any) -> Any:
     return optree.tree_map(
         lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, tree, none_is_leaf=True
@@ -203,10 +225,11 @@ def _downcast(tree: Any, dtype: torch.dtype) -> Any:
 
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a space map with the low-precision policy (Note [Low precision])."""
+    names = _parameter_names(fn)  # Note [Tensors given by keyword]
 
     @functools.wraps(fn)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-        lead = _lead(args)
+        lead = _lead(_in_order(args, kwargs, names) if kwargs else args)
         if lead is None:
             return fn(self, *args, **kwargs)
         if isinstance(lead, DTensor):  # local or gathered once (Note [DTensor] in geofunc/_dtensor.py)
