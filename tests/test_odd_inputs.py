@@ -56,6 +56,25 @@ def test_every_method_refuses_what_the_space_cannot_take_by_name(name: str) -> N
             assert type(M).__name__ in msg and "expected" in msg and "got" in msg, (method, what, msg)
 
 
+@pytest.mark.parametrize("name", list(SPACES))
+def test_float8_is_refused_by_name(name: str) -> None:
+    """float8 dtypes (torchao's FP8 weights) are floating dtypes without arithmetic: the dtype check let
+    them through, and every method raised torch's NotImplementedError ('"tril" not implemented for
+    Float8_e4m3fn', '"normal_kernel_cpu" ...' from sample) or, for Rn, passed the tensor through
+    (Note [Floating dtypes without arithmetic] in spaces/_base.py)."""
+    M = SPACES[name]
+    shape = (4,) if M.point_ndim == 1 else (4, 4)
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        Y = torch.zeros(shape).to(dtype)
+        calls = {m: (lambda m=m: getattr(M, m)(Y)) for m in ("check", "contains", "to_manifold", "from_manifold", "project")}
+        calls["sample"] = lambda: M.sample(shape, dtype=dtype)
+        for method, call in calls.items():
+            with pytest.raises(gf.ManifoldError) as info:
+                call()
+            msg = str(info.value)
+            assert type(M).__name__ in msg and "expected" in msg and "float8" in msg, (method, dtype, msg)
+
+
 def test_hurwitz_check_names_the_shape_not_an_eigenvalue() -> None:
     """The eigenvalue line of ``Hurwitz.check`` is added to a violation of the space, not to a shape error."""
     M = gf.Hurwitz()

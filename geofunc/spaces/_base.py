@@ -121,6 +121,14 @@ def can_check(tree: Any) -> bool:
 # defines (``__init_subclass__``), so no space can forget it.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+# Note [Floating dtypes without arithmetic]
+# The float8 dtypes (float8_e4m3fn, float8_e5m2, ...; torchao's FP8 training stores weights so) are
+# floating dtypes, so the dtype check let them through: to_manifold, contains and sample then raised
+# torch's own NotImplementedError ('"tril" not implemented for Float8_e4m3fn', '"normal_kernel_cpu"
+# ...') naming neither the space nor what it takes, and Rn passed a float8 tensor through. They have
+# no arithmetic (only casts) and no rounding policy here: a ManifoldError names the dtypes a space takes.
+_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
 _ONE_NODE_METHODS = ("to_manifold", "logabsdet")  # the maps a training step differentiates
 _POLICY_METHODS = (
     "to_manifold",
@@ -530,15 +538,18 @@ class AbstractSpace(_Space, abc.ABC):
         ``got``: what the message says was given (default: ``X`` described; built only to raise)."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
-        if X.dtype.is_floating_point:
+        if X.dtype in _FLOATS:
             return
         self._require_float_dtype(X.dtype, what, got or describe(X))
 
     def _require_float_dtype(self, dtype: torch.dtype, what: str, got: str) -> None:
         """:meth:`_require_float` of a dtype (``sample``'s ``dtype``: no tensor of it is made, as a
         complex32 one warns "ComplexHalf support is experimental" before the refusal)."""
-        if dtype.is_floating_point:
+        if dtype in _FLOATS:
             return
+        if dtype.is_floating_point:  # Note [Floating dtypes without arithmetic]
+            raise error(self, f"`{what}` of dtype float32 or float64 (bfloat16 and float16 are computed in float32; "
+                        f"{dtype} has no arithmetic to compute with)", got)
         if dtype == torch.complex32 and self.accepts_complex:
             raise error(self, f"`{what}` of dtype complex64 or complex128 (or real floating)", got)
         if dtype.is_complex and not self.accepts_complex:
