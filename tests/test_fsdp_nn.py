@@ -133,6 +133,125 @@ def _load_functional(rank: int) -> dict:
     return out
 
 
+def _by_hand(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` computed from the weights read outside forward (gathered)."""
+    h = x
+    for layer in model:
+        h = h @ _full(layer.weight).T + _full(layer.bias) if isinstance(layer, nn.Linear) else layer(h)
+    return h
+
+
+def _stepped(model: nn.Module, seed: int) -> None:
+    """One SGD step (FSDP2's lazy initialization done, the raw tensors away from their charts' 0)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4, generator=torch.Generator().manual_seed(seed))).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _assignments(rank: int) -> dict:
+    """``module.weight = point`` on a sharded model after training began (a plain full point, the same on
+    every rank, and a DTensor one), ``gf.nn.average_`` of sharded models, and deferred initialization:
+    each followed by an SGD step; forward must use the weights read outside it."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    out: dict = {}
+    g = torch.Generator().manual_seed(11)
+    points = {i: space.sample(tuple(_model(0)[i].weight.shape), generator=g) for i, space in SPACES.items()}
+    for kind in ("plain", "DTensor"):
+        m = _shard(_model(0))
+        _stepped(m, rank)
+        mesh = m[0].parametrizations.weight.original.device_mesh
+        try:
+            for i, P in points.items():
+                m[i].weight = P if kind == "plain" else distribute_tensor(P, mesh, [Shard(0)])
+        except Exception as e:  # noqa: BLE001 (reported to the test, which names it)
+            out[kind] = f"{type(e).__name__}: {e}"
+            continue
+        with torch.no_grad():
+            assigned = {i: _full(m[i].weight).detach().clone() for i in SPACES}
+        _stepped(m, 7 + rank)
+        with torch.no_grad():
+            out[kind] = {"assigned": assigned, "weights": {i: _full(m[i].weight).detach().clone() for i in SPACES},
+                         "forward": m(_x()), "by hand": _by_hand(m, _x())}
+    ema, m = _shard(_model(3)), _shard(_model(0))
+    _stepped(m, rank)
+    with torch.no_grad():
+        expected = {i: space.project(0.9 * _full(ema[i].weight) + 0.1 * _full(m[i].weight))
+                    for i, space in SPACES.items()}
+        try:
+            gnn.average_(ema, [ema, m], [0.9, 0.1])
+        except Exception as e:  # noqa: BLE001
+            out["average_"] = f"{type(e).__name__}: {e}"
+        else:
+            out["average_"] = {"expected": expected, "weights": {i: _full(ema[i].weight).clone() for i in SPACES}}
+    # deferred initialization: built on the meta device, sharded, to_empty, a point assigned to each
+    with torch.device("meta"):
+        m = _model(0)
+    m = _shard(m)
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        for i in SPACES:
+            torch.nn.init.zeros_(m[i].bias)
+    torch.manual_seed(4)  # the same samples on every rank
+    try:
+        for i in SPACES:
+            m[i].weight = m[i].parametrizations.weight[0].sample()
+    except Exception as e:  # noqa: BLE001
+        out["meta"] = f"{type(e).__name__}: {e}"
+    else:
+        _stepped(m, rank)
+        with torch.no_grad():
+            out["meta"] = {"weights": {i: _full(m[i].weight).detach().clone() for i in SPACES},
+                           "forward": m(_x()), "by hand": _by_hand(m, _x())}
+    return out
+
+
+def _root_steps(model: nn.Module, rank: int | None, reshard: bool) -> dict:
+    """SGD steps, each followed by an evaluation forward and ``update_base`` of the first layer (sharded
+    with its root only when ``rank`` is given: the root does not reshard after forward)."""
+    out: dict = {"refusals": []}
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    g = torch.Generator().manual_seed(0)
+    first = model[0] if isinstance(model, nn.Sequential) else model
+    for _ in range(3):
+        x = torch.randn(2 * 3, 4, generator=g)
+        rows = slice(None) if rank is None else slice(3 * rank, 3 * rank + 3)
+        opt.zero_grad()
+        model(x[rows]).tanh().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            model(x)  # an evaluation forward: the root keeps its parameters unsharded
+            W = _full(first.weight).clone()
+        try:
+            gnn.update_base(first)
+        except gf.ManifoldError as e:
+            out["refusals"].append(str(e))
+            with torch.no_grad():
+                out["kept"] = float((_full(first.weight) - W).abs().max())
+            if not reshard:
+                return out
+            model.reshard()
+            gnn.update_base(first)
+    out["weight"] = _full(first.weight).detach().clone()
+    return out
+
+
+def _sharded_by_the_root(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for name, reshard in (("refused", False), ("resharded", True)):
+        torch.manual_seed(0)
+        m = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+        out[name] = _root_steps(fully_shard(m, mesh=mesh), rank, reshard)
+    torch.manual_seed(0)
+    out["constrained root"] = _root_steps(fully_shard(gnn.orthogonal(nn.Linear(4, 6)), mesh=mesh), rank, True)
+    return out
+
+
 def _guarded(fn, rank: int) -> dict:
     try:
         return fn(rank)
@@ -144,6 +263,8 @@ def worker(rank: int, world: int, outdir: str) -> None:
     results = {
         "broadcast_from_rank0": _guarded(_broadcast_from_rank0, rank),
         "load_functional": _guarded(_load_functional, rank),
+        "assignments": _guarded(_assignments, rank),
+        "sharded by the root": _guarded(_sharded_by_the_root, rank),
     }
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
@@ -195,3 +316,59 @@ def test_load_functional_of_plain_tensors_into_dtensor_parameters(results):
     for r in (r0, r1):
         assert r["plain raw loaded"] and r["raw types"] == ["DTensor"]
     assert torch.equal(r0["weight after plain"], r1["weight after plain"])
+
+
+@pytest.mark.parametrize("kind", ["plain", "DTensor"])
+def test_assignment_to_a_sharded_weight_is_what_forward_uses(results, kind):
+    """``module.weight = point`` under FSDP2 after training began: a plain point raised torch's "Cannot
+    swap t1 and t2 if they have different slots"; a DTensor one swapped in a shard FSDP2 no longer
+    gathered, so forward kept the old weight and the optimizer stepped an unused one (0.33 off after one
+    step). Now the point is the weight, forward uses what is read outside it (float32: 1e-6), after a step
+    too, on both ranks alike (Note [Assignments to a sharded tensor])."""
+    r0, r1 = (_ok(r, "assignments")[kind] for r in results)
+    assert isinstance(r0, dict), r0
+    for r in (r0, r1):
+        for i, space in SPACES.items():
+            torch.testing.assert_close(r["assigned"][i], r0["assigned"][i], atol=0, rtol=0)
+            assert member(space, r["weights"][i], 1e-5), (i, space)
+        torch.testing.assert_close(r["forward"], r["by hand"], atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(11)
+    for i, space in SPACES.items():
+        P = space.sample(tuple(_model(0)[i].weight.shape), generator=g)
+        torch.testing.assert_close(r0["assigned"][i], P, atol=1e-5, rtol=0)
+
+
+def test_deferred_initialization_of_a_sharded_model(results):
+    """Built on the meta device, ``fully_shard``, ``to_empty``, then a sample assigned to each constrained
+    weight (README's way without a checkpoint; it raised torch's swap error): on the spaces after a step,
+    the same on both ranks, and forward uses them."""
+    r0, r1 = (_ok(r, "assignments")["meta"] for r in results)
+    assert isinstance(r0, dict), r0
+    for r in (r0, r1):
+        for i, space in SPACES.items():
+            torch.testing.assert_close(r["weights"][i], r0["weights"][i], atol=0, rtol=0)
+            assert member(space, r["weights"][i], 1e-5), (i, space)
+        torch.testing.assert_close(r["forward"], r["by hand"], atol=1e-6, rtol=0)
+
+
+def test_update_base_of_a_weight_the_root_holds_unsharded(results):
+    """``fully_shard(model)`` alone: after an evaluation forward the root keeps its parameters unsharded,
+    and update_base wrote the new raw tensor into that copy, which FSDP2 frees, and the new base into the
+    kept buffers: the next step's weight was neither point (0.09 off a one-process run after three steps,
+    silently). Now a ManifoldError on every rank that says to reshard, leaving the weight as it was; after
+    ``model.reshard()`` the run equals one process's (float32, 1e-5), also where the constrained module is
+    itself the root (Note [Raw tensors FSDP2 holds unsharded])."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+    one = _root_steps(plain, None, False)["weight"]
+    torch.manual_seed(0)
+    one_root = _root_steps(gnn.orthogonal(nn.Linear(4, 6)), None, False)["weight"]
+    for r in results:
+        out = _ok(r, "sharded by the root")
+        refused = out["refused"]["refusals"]
+        assert len(refused) == 1 and "reshard()" in refused[0] and "Linear.weight" in refused[0], refused
+        assert out["refused"]["kept"] == 0.0
+        assert out["resharded"]["refusals"] == refused * 3
+        torch.testing.assert_close(out["resharded"]["weight"], one, atol=1e-5, rtol=0)
+        assert len(out["constrained root"]["refusals"]) == 3
+        torch.testing.assert_close(out["constrained root"]["weight"], one_root, atol=1e-5, rtol=0)

@@ -749,6 +749,66 @@ def _holds(stamp: Any, plist: nn.Module) -> bool:
 # ``register_parametrization`` (torch's property), still take any square batch, as GeoTorch's.
 
 
+# Note [Assignments to a sharded tensor]
+# Under FSDP2 the raw tensor is a DTensor Parameter whose local shard is a view of FSDP2's own buffer,
+# the one its all-gather reads (FSDPParam._sharded_param_data). torch's ParametrizationList.right_inverse
+# stores the new raw tensor with torch.utils.swap_tensors for a tensor subclass: with a plain point (a
+# sample, an average, update_base of a chain) it raised torch's "Cannot swap t1 and t2 if they have
+# different slots"; with a DTensor point it swapped in a new local shard, which FSDP2 no longer read:
+# the weight read outside forward was the point, forward kept using the old one, and the optimizer
+# stepped a shard nothing gathered (0.33 off after one step, silently). So an assignment to a sharded
+# raw tensor runs the chain's right_inverse as torch does and then *copies* the result into the raw
+# tensor's own shard, in place (as update_base does). A plain value is a full point, the same on every
+# rank (as load_functional takes one for a DTensor parameter): the new raw tensor is sliced locally
+# (``like``, no communication); a DTensor value is gathered by the adapter and redistributed to the
+# raw tensor's placements (collectives: every rank assigns).
+def _assign_sharded(plist: nn.Module, value: Tensor) -> None:
+    """``plist.right_inverse(value)`` written into the DTensor raw tensor ``plist.original`` in place
+    (Note [Assignments to a sharded tensor])."""
+    T = plist.original
+    with torch.no_grad():
+        Z = value
+        for p in reversed(plist):
+            Z = p.right_inverse(Z)
+        Z = like(Z, T) if not isinstance(Z, DTensor) else Z
+        if tuple(Z.placements) != tuple(T.placements) or Z.device_mesh != T.device_mesh:
+            Z = Z.redistribute(T.device_mesh, T.placements)
+        if Z.dtype != T.dtype or tuple(Z.shape) != tuple(T.shape):
+            raise ValueError(f"The tensor returned by `right_inverse` has dtype {Z.dtype} and shape "
+                             f"{tuple(Z.shape)} while `original` has dtype {T.dtype} and shape {tuple(T.shape)}")
+        T.copy_(Z)
+
+
+# Note [Raw tensors FSDP2 holds unsharded]
+# Outside forward an FSDP2 state's parameters are usually its sharded DTensors, but a state that did not
+# reshard (the root's, whose reshard_after_forward FSDP2 sets False: fully_shard(model) alone, then an
+# evaluation forward; or reshard_after_forward=False) leaves its modules holding the unsharded plain
+# copies, which FSDP2 frees at its next reshard without writing them back. update_base and assignments
+# wrote the new raw tensor into that copy and the new base into the (replicated, kept) buffers: at the
+# reshard the raw tensor went back to the sharded old one under the new base, a point that was neither
+# (0.09 off a one-process run after three steps, silently). So where the raw tensor of a module FSDP2
+# manages (``_is_fsdp_managed_module``, set by fully_shard on every module it manages) is not a DTensor,
+# the write is refused, on every rank alike, with a ManifoldError saying to call ``reshard()`` (FSDP2's
+# public method) on the fully_shard-ed module first. Not resharded here: geofunc cannot reach an
+# ancestor's state from the module, and resharding inside a forward (where FSDP2 unshards on purpose)
+# would pull the parameters from under it.
+def _sharded_raw(module: nn.Module, tensor_name: str, what: str) -> None:
+    """Make sure ``module.<tensor_name>``'s raw tensor is FSDP2's sharded DTensor, not the unsharded copy a
+    state that did not reshard left (Note [Raw tensors FSDP2 holds unsharded])."""
+    plist = module.parametrizations[tensor_name]
+    if not (getattr(plist, "_is_fsdp_managed_module", False) or getattr(module, "_is_fsdp_managed_module", False)):
+        return
+    if not plist.is_tensor or isinstance(plist.original, DTensor):
+        return
+    raise ManifoldError(
+        f"{what} of {_owner_name(module, tensor_name)}: expected its raw tensor to be FSDP2's sharded parameter "
+        f"(a DTensor), got the unsharded copy FSDP2 holds after a forward that did not reshard (the root "
+        f"module's, or reshard_after_forward=False), which FSDP2 frees without writing it back. Call "
+        f"reshard() on the fully_shard-ed module that holds it first (model.reshard()), or pass the "
+        f"constrained module itself to fully_shard."
+    )
+
+
 def _check_assigned(plist: nn.Module, X: Any) -> None:
     """Raise the adapter's error if ``X``, assigned to the tensor of ``plist``, has another dtype (or,
     for plain tensors, device) than its raw tensor, where the adapter has no base buffer to compare
@@ -812,8 +872,13 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
     fset = torch_property.fset
 
     def set_parametrized(self: nn.Module, value: Any) -> None:
-        _check_assigned(self._modules["parametrizations"]._modules[tensor_name], value)
-        fset(self, value)
+        plist = self._modules["parametrizations"]._modules[tensor_name]
+        _check_assigned(plist, value)
+        _sharded_raw(self, tensor_name, "an assignment")
+        if isinstance(value, torch.Tensor) and plist.is_tensor and isinstance(plist.original, DTensor):
+            _assign_sharded(plist, value)
+        else:
+            fset(self, value)
 
     def get_parametrized(self: nn.Module) -> Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch._C._get_tracing_state() is not None:
@@ -1259,6 +1324,7 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
     if not parametrize.is_parametrized(module, tensor_name):
         raise ManifoldError(f"update_base: expected a tensor constrained by geofunc, got "
                             f"{_owner_name(module, tensor_name)}, {_constraint_state(module, tensor_name)}.")
+    _sharded_raw(module, tensor_name, "update_base")
     plist = module.parametrizations[tensor_name]
     first = plist[0]
     with torch.no_grad():
