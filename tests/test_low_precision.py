@@ -428,6 +428,10 @@ def test_a_product_keeps_each_factor_in_its_own_dtype(dtype) -> None:
     got = Q.logabsdet(W)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, Q.factors[0].logabsdet(W[0]).float() + Q.factors[1].logabsdet(W[1]))
+    # a factor that is itself a Product keeps its float32 factors too
+    N = gf.Product(gf.Sphere(), gf.Product(gf.Stiefel(), gf.SO()))
+    Y = N.to_manifold((Z[0], (Z[1], torch.randn(3, 3, generator=g))))
+    assert (Y[0].dtype, Y[1][0].dtype, Y[1][1].dtype) == (dtype, torch.float32, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)

@@ -181,8 +181,8 @@ def autocast_off(*device_types: str) -> Any:
 # A Product's factors may have different dtypes. Its maps take the policy too, with the first
 # factor as the lead: for a bf16 first factor and a float32 second one, every float32 result was
 # rounded to bf16 (to_manifold, retract, tangent, project of the float32 factor came back bf16,
-# while the same factors in the other order kept their dtypes). A tuple of several dtypes has no
-# lead: the Product's map runs as it is, and each factor's own map applies the policy to its part.
+# while the same factors in the other order kept their dtypes). A tuple of several dtypes (a nested
+# Product's tensors counted) has no lead: the Product's map runs as it is, and each factor's own map applies the policy to its part.
 def _lead(args: tuple) -> Any:
     """The tensor whose dtype a call returns in: the first tensor argument (or first entry of a tuple
     whose tensors share its dtype: Note [A product of several dtypes])."""
@@ -192,7 +192,11 @@ def _lead(args: tuple) -> Any:
         if isinstance(a, (tuple, list)) and a and isinstance(a[0], torch.Tensor):
             dtype = a[0].dtype
             for t in a:
-                if isinstance(t, torch.Tensor) and t.dtype != dtype:
+                if isinstance(t, torch.Tensor):
+                    if t.dtype != dtype:
+                        return None
+                elif isinstance(t, (tuple, list)) and any(  # a Product's factor that is a Product
+                        isinstance(u, torch.Tensor) and u.dtype != dtype for u in optree.tree_leaves(t)):
                     return None
             return a[0]
     return None
