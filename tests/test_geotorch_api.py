@@ -686,3 +686,36 @@ def test_sphere_of_a_large_radius_takes_its_own_samples(embedded):
     x = torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=torch.float64)
     assert M.in_manifold(x * (1 + 1.8e-5))  # |Δ| = 9e-6 < 1e-5
     assert not M.in_manifold(x * (1 + 2.2e-5))  # |Δ| = 1.1e-5: GeoTorch's absolute bound at a small r
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_and_psd_classes_take_exact_points_of_a_large_scale(dtype):
+    """GeoTorch's bounds on the values that must vanish (σ beyond the rank < 1e-5; eigenvalues beyond
+    it within 5e-6, the kept ones ≥ −1e-6) are absolute, but computed ones are only as small as the
+    rounding of the largest: in float32 low_rank refused an exact rank-4 point with σ ~ 100 (9 seeds
+    of 10) and PSSD ones with λ ~ 100 always (Note [Vanishing values of a large matrix]). The bound is
+    widened to that rounding; a point of higher rank is still refused."""
+    from reference import member as on_space
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for scale in (100.0, 1000.0):
+        for seed in range(4):
+            g = torch.Generator().manual_seed(seed)
+            U = torch.linalg.qr(torch.randn(64, 4, generator=g, dtype=dtype))[0]
+            V = torch.linalg.qr(torch.randn(32, 4, generator=g, dtype=dtype))[0]
+            X = (U * (scale * (1 + torch.rand(4, generator=g, dtype=dtype)))) @ V.T
+            m = gnn.low_rank(nn.Linear(32, 64).to(dtype), "weight", 4)
+            m.weight = X
+            assert on_space(gf.LowRank(rank=4), m.weight.detach(), tol)
+            torch.testing.assert_close(m.weight.detach(), X, atol=tol * scale, rtol=0)
+            Q = U[:16, :2].clone()
+            Q = torch.linalg.qr(Q)[0]
+            P = Q @ torch.diag(scale * (1 + torch.rand(2, generator=g, dtype=dtype))) @ Q.T
+            P = 0.5 * (P + P.T)
+            for fn in (lambda l: gnn.positive_semidefinite_low_rank(l, "weight", 2), gnn.positive_semidefinite):
+                p = fn(nn.Linear(16, 16).to(dtype))
+                p.weight = P
+                torch.testing.assert_close(p.weight.detach(), P, atol=tol * scale, rtol=0)
+        V5 = torch.linalg.qr(torch.randn(32, 5, dtype=dtype))[0]
+        U5 = torch.linalg.qr(torch.randn(64, 5, dtype=dtype))[0]
+        off = (U5 * torch.tensor([1, 1, 1, 1, 1e-3], dtype=dtype) * scale) @ V5.T  # σ₅ = 1e-3·σ₁
+        assert not gnn.LowRank((64, 32), 4).to(dtype).in_manifold(off)
