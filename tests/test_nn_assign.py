@@ -824,3 +824,25 @@ def test_an_assignment_of_infinities_to_a_triangle_is_refused(name, dtype) -> No
             m.weight = X
         assert torch.equal(m.weight.detach(), before)
         assert member(space, m.weight.detach(), 1e-6 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("name", ["skew", "symmetric", "embedded", "constrain_sym"])
+def test_a_meta_point_for_a_weight_without_a_base_is_a_manifold_error(name) -> None:
+    """Constraints without a base buffer (skew, symmetric, sphere(embedded=True), constrain(.., gf.Sym()))
+    compare an assigned point's device with the raw tensor's, but skipped meta tensors: a meta point for
+    a CPU weight (and a CPU point for a meta weight) reached torch's set_, which raised its
+    "Attempted to set the storage ... on different device" RuntimeError; the classes with a base say
+    so as a ManifoldError. Meta for meta still assigns (deferred initialization)."""
+    make = {"skew": gnn.skew, "symmetric": gnn.symmetric, "embedded": lambda m: gnn.sphere(m, embedded=True),
+            "constrain_sym": lambda m: gnn.constrain(m, "weight", gf.Sym())}[name]
+    m = make(nn.Linear(3, 3))
+    before = m.weight.detach().clone()
+    with pytest.raises(gf.ManifoldError, match="on cpu, got dtype torch.float32 on meta"):
+        m.weight = torch.empty(3, 3, device="meta")
+    assert torch.equal(m.weight.detach(), before)
+    with torch.device("meta"):
+        deferred = make(nn.Linear(3, 3))
+    with pytest.raises(gf.ManifoldError, match="on meta, got dtype torch.float32 on cpu"):
+        deferred.weight = torch.zeros(3, 3)
+    deferred.weight = torch.zeros(3, 3, device="meta")
+    assert deferred.weight.is_meta

@@ -821,7 +821,9 @@ def _check_assigned(plist: nn.Module, X: Any) -> None:
     if X.is_complex() and not Z.is_complex():
         return
     plain = type(X) in (torch.Tensor, nn.Parameter) and type(Z) in (torch.Tensor, nn.Parameter)
-    if X.dtype != Z.dtype or (plain and not X.is_meta and not Z.is_meta and X.device != Z.device):
+    # a meta point for a raw tensor with values (or the reverse) is another device too: torch's set_ raised
+    # its "Attempted to set the storage ... to a storage on different device" after the space's inverse
+    if X.dtype != Z.dtype or (plain and X.device != Z.device):
         raise M._dtype_error(X, Z)
     if tuple(X.shape) != tuple(Z.shape):  # Note [Assignments of another shape]
         raise M._shape_error(X, tuple(Z.shape))
