@@ -227,6 +227,10 @@ def _root_steps(model: nn.Module, rank: int | None, reshard: bool) -> dict:
             gnn.update_base(first)
         except gf.ManifoldError as e:
             out["refusals"].append(str(e))
+            try:  # GeoTorch's way
+                first.parametrizations.weight[0].update_base(first.parametrizations.weight.original)
+            except gf.ManifoldError as e:
+                out["class update_base"] = str(e)
             with torch.no_grad():
                 out["kept"] = float((_full(first.weight) - W).abs().max())
             if not reshard:
@@ -355,9 +359,10 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
     """``fully_shard(model)`` alone: after an evaluation forward the root keeps its parameters unsharded,
     and update_base wrote the new raw tensor into that copy, which FSDP2 frees, and the new base into the
     kept buffers: the next step's weight was neither point (0.09 off a one-process run after three steps,
-    silently). Now a ManifoldError on every rank that says to reshard, leaving the weight as it was; after
-    ``model.reshard()`` the run equals one process's (float32, 1e-5), also where the constrained module is
-    itself the root (Note [Raw tensors FSDP2 holds unsharded])."""
+    silently); the class's update_base(raw) alike. Now a ManifoldError on every rank
+    that says to reshard, leaving the weight as it was; after ``model.reshard()`` the run equals one
+    process's (float32, 1e-5), also where the constrained module is itself the root (Note [Raw tensors
+    FSDP2 holds unsharded])."""
     torch.manual_seed(0)
     plain = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
     one = _root_steps(plain, None, False)["weight"]
@@ -367,6 +372,7 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
         out = _ok(r, "sharded by the root")
         refused = out["refused"]["refusals"]
         assert len(refused) == 1 and "reshard()" in refused[0] and "Linear.weight" in refused[0], refused
+        assert "reshard()" in out["refused"]["class update_base"], out["refused"].get("class update_base")
         assert out["refused"]["kept"] == 0.0
         assert out["resharded"]["refusals"] == refused * 3
         torch.testing.assert_close(out["resharded"]["weight"], one, atol=1e-5, rtol=0)

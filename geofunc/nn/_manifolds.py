@@ -507,6 +507,14 @@ class _Manifold(Parametrization):
                     "temporary unsharded copy, freed since; pass module.parametrizations.<name>.original, or "
                     "call geofunc.nn.update_base(module, tensor_name)."
                 )
+        if getattr(self, "_is_fsdp_managed_module", False) and not isinstance(Z, DTensor) and Z is own_raw(self):
+            # Note [Raw tensors FSDP2 holds unsharded] in _adapter.py: a write FSDP2 would drop
+            raise ManifoldError(
+                f"{type(self).__name__}.update_base(): expected the raw tensor to be FSDP2's sharded parameter "
+                "(a DTensor), got the unsharded copy FSDP2 holds after a forward that did not reshard (the root "
+                "module's, or reshard_after_forward=False), which FSDP2 frees without writing it back. Call "
+                "reshard() on the fully_shard-ed module that holds it first (model.reshard())."
+            )
         with torch.no_grad():
             Z.copy_(self.rebase(Z))
         return Z
