@@ -440,25 +440,29 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     def acc_mm(j: int, X: Tensor, Y: Tensor) -> None:
         GP[j] = _mm(X, Y) if GP[j] is None else _mm_add(GP[j], X, Y)
 
+    # each power's transpose taken once (a view, but an op each time: at 8×8 the ops are the cost)
+    Pqt = P[q].mH if Hs else None
+    P1t = P[1].mH if q >= 2 else None
+    P2t = P[2].mH if q >= 3 else None
     GH = G  # gradient with respect to H_i, i = 0, 1, ...
     for k in range(len(Hs) - 1, -1, -1):
         i = r - 2 - k
         for j in range(1, q):
             acc(j, GH, c[i * q + j])
         acc_mm(q, Hs[k].mH, GH)
-        GH = _mm(GH, P[q].mH)
+        GH = _mm(GH, Pqt)
     for j in range(1, q):  # H_{r-1} = C_{r-1} + c_m B^q
         acc(j, GH, c[(r - 1) * q + j])
     acc(q, GH, c[m])
     if q >= 4:
-        acc_mm(2, GP[4], P[2].mH)
-        acc_mm(2, P[2].mH, GP[4])
+        acc_mm(2, GP[4], P2t)
+        acc_mm(2, P2t, GP[4])
     if q >= 3:
-        acc_mm(2, GP[3], P[1].mH)
-        acc_mm(1, P[2].mH, GP[3])
+        acc_mm(2, GP[3], P1t)
+        acc_mm(1, P2t, GP[3])
     if q >= 2:
-        acc_mm(1, GP[2], P[1].mH)
-        acc_mm(1, P[1].mH, GP[2])
+        acc_mm(1, GP[2], P1t)
+        acc_mm(1, P1t, GP[2])
     G1 = GP[1]
     if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]: the adjoint of I + B (+ B²/2) reads little or nothing of B
         G1 = _poisoned(G1, P[1], inplace and G1 is not G)
@@ -1064,7 +1068,8 @@ def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
 
 def _frame_matrix(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
     """``M = [[T, R], [c I, 0]]`` (…, 2k, 2k)."""
-    bottom = torch.cat([c * _eye(T).expand_as(T), torch.zeros_like(T)], dim=-1)
+    cI = c * _eye(T)  # T's shape where c has T's batch (…, 1, 1), as the charts' c: no expand
+    bottom = torch.nn.functional.pad(cI if cI.shape == T.shape else cI.expand_as(T), (0, T.shape[-1]))  # [c I, 0]
     return torch.cat([torch.cat([T, R], dim=-1), bottom], dim=-2)
 
 
@@ -1142,8 +1147,8 @@ def _frame_adjoint(T: Tensor, R: Tensor, c: Tensor, cache: dict, G: Tensor) -> t
     k = T.shape[-1]
     m, s = cache["m"], cache["s"]
     if cache["full"] is not None:
-        GM = _adjoint_value(cache["full"], torch.cat([G, torch.zeros_like(G)], dim=-1), m, s)
-        return GM[..., :k, :k], GM[..., :k, k:]
+        GM = _adjoint_value(cache["full"], torch.nn.functional.pad(G, (0, k)), m, s)[..., :k, :]  # of [G, 0]
+        return GM[..., :k], GM[..., k:]
     M, P2, P4, hs = cache["M"], cache["P2"], cache["P4"], cache["hs"]
     cf = _coefs(m)
     r = m // 4

@@ -798,8 +798,9 @@ def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool,
         D = _packed_apply(Y, W, J, P)
     else:
         D = P
-    C, Omega, CtC, c = _tall_generator(Y, D, horizontal)
-    R = -CtC / c
+    C, Omega, CtC, c = _tall_generator(Y, D, horizontal, plain=True)
+    nc = -c
+    R = CtC / nc  # −CᵀC/c, bit for bit; −c is kept for the adjoint
     # expm(M)'s first k columns as the chain takes them: by blocks from _FRAME_K columns on, else whole
     F, cache = (_frame_forward if k >= _FRAME_K else _frame_full)(Omega, R, c)
     Cc = C / c
@@ -807,7 +808,7 @@ def _tall_forward(Y: Tensor, P: Tensor, packed: bool, horizontal: bool,
     far = _tall_far(out) if cache["s"] > 0 else None  # Note [Reduced chart too far to be a point]
     if far is not None:
         out = out * far
-    return out, {"W": W, "J": J, "C": C, "Cc": Cc, "c": c, "Omega": Omega, "R": R, "F": F, "cache": cache,
+    return out, {"W": W, "J": J, "C": C, "Cc": Cc, "c": c, "nc": nc, "Omega": Omega, "R": R, "F": F, "cache": cache,
                  "packed": packed, "horizontal": horizontal, "far": far}
 
 
@@ -818,20 +819,21 @@ def _tall_adjoint(st: dict, Y: Tensor, G: Tensor) -> Tensor:
     k = Y.shape[-1]
     if st["far"] is not None:  # a NaN frame's gradient is NaN too
         G = G * st["far"]
-    GF = torch.cat([_mm(Y.mT, G), _mm(Cc.mT, G)], dim=-2)
+    Yt = Y.mT
+    GF = torch.cat([_mm(Yt, G), _mm(Cc.mT, G)], dim=-2)
     GO, GR = _frame_adjoint(st["Omega"], st["R"], c, st["cache"], GF)
     # The sums in the chain's order (products first, then added): fusing GC + Y GS into one addmm left
     # float32 gradients ~14% further from float64 (Grassmannian 40×8), GD being a projection of GC.
-    GCtC = -GR / c
+    GCtC = GR / st["nc"]  # −Ḡ_R/c
     GC = _mm(G, F[..., k:, :].mT) / c + _mm(C, GCtC + GCtC.mT)
-    GS = -_mm(Y.mT, GC)
+    GS = -_mm(Yt, GC)
     if not st["horizontal"]:
         GS = GS + torch.tril(GO - GO.mT, -1)
     GD = GC + _mm(Y, GS)
     if not st["packed"]:
         return GD
     W, J = st["W"], st["J"]
-    top = torch.tril(_mm(Y.mT, GD), -1)
+    top = torch.tril(_mm(Yt, GD), -1)
     bottom = GD[..., k:, :] + _mm(J.mT, _mm(W.mT, GD))
     return torch.cat([top, bottom], dim=-2)
 
@@ -873,7 +875,7 @@ except AttributeError:  # pragma: no cover (depends on the torch version)
     _TALL_APPLY = _TallChart.apply
 
 
-def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool, plain: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(C, Ω, CᵀC, c)`` of the tall chart's ``M = [[Ω, −CᵀC/c], [c I, 0]]`` (:func:`_tall_chart`)."""
     S = _mm(transpose(Y), Z)
     C = _mm_add(Z, Y, S, alpha=-1.0)
@@ -884,8 +886,9 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool) -> tuple[Tensor, Ten
     # (‖·‖₁ as the columns' largest 1-norm: bit for bit linalg.matrix_norm(ord=1), whose composite
     # under grad with dynamic shapes hit an internal assert of torch 2.11's fake tensors, and one op
     # fewer than _colnorm1's abs, sum and amax)
-    c = torch.linalg.vector_norm(CtC.detach(), 1, dim=-2).amax(dim=-1).sqrt().clamp(min=1e-3)[..., None, None]
-    return C, Omega, CtC, c
+    # (``plain``: tensors without a graph or tangents, as the one-node chart's forward has: no detach)
+    c = torch.linalg.vector_norm(CtC if plain else CtC.detach(), 1, dim=-2, keepdim=True).amax(dim=-1, keepdim=True)
+    return C, Omega, CtC, c.sqrt().clamp(min=1e-3)
 
 
 def polar(A: Tensor) -> Tensor:

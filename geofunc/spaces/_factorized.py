@@ -459,7 +459,8 @@ class _RankChart(torch.autograd.Function):
             W = J = None
             D = P
         out, tall_st = _linalg._tall_forward(Y, D, False, False)
-        out = out.reshape((2,) + st.batch + (n, r))
+        if st.batch:
+            out = out.reshape((2,) + st.batch + (n, r))
         U, V = out[0], out[1, ..., :k, :]
         s = torch.diagonal(Zt, dim1=-2, dim2=-1)[..., :r]
         s_leaf = fs_graph = None
@@ -474,8 +475,9 @@ class _RankChart(torch.autograd.Function):
             fs = fs_graph.detach() + (s - s)
         ctx.save_for_backward(Zt, Ub, Vb)  # the bases too: an in-place change before the backward is an error
         ctx.r, ctx.fmap = r, fmap
-        ctx.state = (st.batch, Y, W, J, tall_st, U, V, fs, df, s_leaf, fs_graph)
-        return (U * fs.unsqueeze(-2)) @ V.mT
+        F_ = fs.unsqueeze(-2)
+        ctx.state = (st.batch, Y, W, J, tall_st, U, V, fs, F_, df, s_leaf, fs_graph)
+        return (U * F_) @ V.mT
 
     @staticmethod
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
@@ -485,10 +487,9 @@ class _RankChart(torch.autograd.Function):
             with torch.enable_grad():
                 X = _rank_chart(Zt, Ub, Vb, r, ctx.fmap, "expm")
                 return torch.autograd.grad(X, Zt, G, create_graph=True)[0], None, None, None, None
-        batch, Y, W, J, tall_st, U, V, fs, df, s_leaf, fs_graph = ctx.state
+        batch, Y, W, J, tall_st, U, V, fs, F_, df, s_leaf, fs_graph = ctx.state
         n, k = Zt.shape[-2:]
         GV = G @ V
-        F_ = fs.unsqueeze(-2)
         gf = (U * GV).sum(dim=-2)
         if gf.shape != fs.shape:  # bases with more batch dimensions than the raw tensor
             gf = gf.sum_to_size(fs.shape)
