@@ -11,6 +11,8 @@ composes to every order. A fast path whose backward is asked to build a graph
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any, Callable, Optional
 
 import torch
@@ -174,6 +176,35 @@ def _nothing_below(tensors: tuple[Optional[Tensor], ...]) -> bool:
         return False
 
 
+# Note [Backward formulas under autocast]
+# geofunc's autograd Functions run their forward inside a space map, with autocast off (Note [Low
+# precision] in spaces/_base.py), so in float32 or float64. Their backward ran in whatever autocast
+# state the backward was called in: loss.backward() inside a float16 autocast region cast the matrix
+# exponential's adjoint to float16, where the powers of a generator of norm ~10 overflow (NaN
+# gradients for SO, SL and PSD from raw entries of scale ~5), and Sinkhorn's implicit adjoint solved
+# in float16 (Birkhoff's gradient 10x off). As torch.amp.custom_bwd does for a Function whose
+# forward ran under autocast, each backward runs in its forward's state: autocast off. (torch's own
+# backward formulas between them still follow the region: README/docs, call backward after it.)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def backward_without_autocast(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """A Function's ``backward`` run with autocast off, as its forward ran (Note [Backward formulas under autocast])."""
+
+    @functools.wraps(backward)
+    def run(ctx: Any, *grads: Any) -> Any:
+        if _any_autocast is None or not _any_autocast():
+            return backward(ctx, *grads)
+        with contextlib.ExitStack() as stack:
+            for device in _AUTOCAST_DEVICES:
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            return backward(ctx, *grads)
+
+    return run
+
+
 class _SecondOrderOnly(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:  # type: ignore[override]
@@ -182,6 +213,7 @@ class _SecondOrderOnly(torch.autograd.Function):
         return out.clone()  # not a view: callers may modify the result in place
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         xs = ctx.saved_tensors
         need = ctx.needs_input_grad[2:]
@@ -211,6 +243,7 @@ class _ClosedForm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         need = ctx.needs_input_grad[2:]
         if not any(need):

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._fastpath import _PLAIN_TYPES
+from .._fastpath import _PLAIN_TYPES, backward_without_autocast
 from .._linalg import _randn, lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
 
@@ -252,6 +252,7 @@ class _SinkhornCompiled(torch.autograd.Function):
         ctx.save_for_backward(output)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
         # Reached under plain autograd only (Dynamo drops it under torch.func transforms), so the solve
         # is LU's, as in eager mode: inside torch.compile solve_vec takes the inverse, whose float32
@@ -284,6 +285,7 @@ class _Sinkhorn(torch.autograd.Function):
         ctx.save_for_forward(output)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
         (P,) = ctx.saved_tensors
         return fisher_project(P, P * G)

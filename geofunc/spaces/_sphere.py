@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._fastpath import eager_fast, tracks_derivatives
+from .._fastpath import backward_without_autocast, eager_fast, tracks_derivatives
 from .._linalg import real_products
 from ._base import AbstractSpace, real_hyperparameter
 from ._logs import theta_over_sin
@@ -161,6 +161,7 @@ class _ExpChart(torch.autograd.Function):
         return X if r == 1.0 else X * r
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:  # type: ignore[override]
         Z, U = ctx.saved_tensors
         need_z, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
