@@ -15,6 +15,7 @@ writes what each rank sees; the tests compare the ranks:
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -213,7 +214,8 @@ def _root_steps(model: nn.Module, rank: int | None, reshard: bool) -> dict:
     out: dict = {"refusals": []}
     opt = torch.optim.SGD(model.parameters(), lr=0.3)
     g = torch.Generator().manual_seed(0)
-    first = model[0] if isinstance(model, nn.Sequential) else model
+    first = model.module if hasattr(model, "module") else model  # (FSDP1 wraps it)
+    first = first[0] if isinstance(first, nn.Sequential) else first
     for _ in range(3):
         x = torch.randn(2 * 3, 4, generator=g)
         rows = slice(None) if rank is None else slice(3 * rank, 3 * rank + 3)
@@ -251,6 +253,15 @@ def _sharded_by_the_root(rank: int) -> dict:
         torch.manual_seed(0)
         m = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
         out[name] = _root_steps(fully_shard(m, mesh=mesh), rank, reshard)
+    with warnings.catch_warnings():  # FSDP1 (deprecated): marks its modules as FSDP2 does, plain parameters
+        warnings.simplefilter("ignore")
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+        torch.manual_seed(0)
+        m = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
+        out["FSDP1"] = _root_steps(FullyShardedDataParallel(m, sharding_strategy=ShardingStrategy.NO_SHARD,
+                                                            use_orig_params=True, device_id=torch.device("cpu")),
+                                   rank, False)
     torch.manual_seed(0)
     out["constrained root"] = _root_steps(fully_shard(gnn.orthogonal(nn.Linear(4, 6)), mesh=mesh), rank, True)
     return out
@@ -362,7 +373,7 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
     silently); the class's update_base(raw) alike. Now a ManifoldError on every rank
     that says to reshard, leaving the weight as it was; after ``model.reshard()`` the run equals one
     process's (float32, 1e-5), also where the constrained module is itself the root (Note [Raw tensors
-    FSDP2 holds unsharded])."""
+    FSDP2 holds unsharded]); FSDP1 (NO_SHARD), which marks its modules alike, is not refused."""
     torch.manual_seed(0)
     plain = nn.Sequential(gnn.orthogonal(nn.Linear(4, 6)), nn.Tanh(), nn.Linear(6, 3))
     one = _root_steps(plain, None, False)["weight"]
@@ -377,4 +388,6 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
         assert out["resharded"]["refusals"] == refused * 3
         torch.testing.assert_close(out["resharded"]["weight"], one, atol=1e-5, rtol=0)
         assert len(out["constrained root"]["refusals"]) == 3
+        assert out["FSDP1"]["refusals"] == []  # not FSDP2's unsharded copy: left as it was
+        torch.testing.assert_close(out["FSDP1"]["weight"], one, atol=1e-5, rtol=0)
         torch.testing.assert_close(out["constrained root"]["weight"], one_root, atol=1e-5, rtol=0)

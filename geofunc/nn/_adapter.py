@@ -787,18 +787,38 @@ def _assign_sharded(plist: nn.Module, value: Tensor) -> None:
 # wrote the new raw tensor into that copy and the new base into the (replicated, kept) buffers: at the
 # reshard the raw tensor went back to the sharded old one under the new base, a point that was neither
 # (0.09 off a one-process run after three steps, silently). So where the raw tensor of a module FSDP2
-# manages (``_is_fsdp_managed_module``, set by fully_shard on every module it manages) is not a DTensor,
-# the write is refused, on every rank alike, with a ManifoldError saying to call ``reshard()`` (FSDP2's
-# public method) on the fully_shard-ed module first. Not resharded here: geofunc cannot reach an
-# ancestor's state from the module, and resharding inside a forward (where FSDP2 unshards on purpose)
-# would pull the parameters from under it.
+# manages (``_is_fsdp_managed_module``, set by fully_shard on every module it manages) is one of FSDP2's
+# unsharded parameters (not FSDP1's, which marks its modules alike and keeps plain parameters), the write
+# is refused, on every rank alike, with a ManifoldError saying to call ``reshard()`` (FSDP2's
+# public method) on the fully_shard-ed module first. Not resharded here: inside a forward, where FSDP2
+# unshards on purpose, that would pull the parameters from under it.
+def _fsdp2_unsharded(T: Any) -> bool:
+    """Whether ``T`` is the unsharded parameter of an FSDP2 state (``FSDPParam._unsharded_param``, private
+    to PyTorch: README, deviations), found through the registry of ``fully_shard``'s states. Only asked
+    where fully_shard's ``_is_fsdp_managed_module`` mark is on the module (FSDP1 sets it too, whose
+    parameters are no DTensors: it is left as it was)."""
+    if not isinstance(T, torch.Tensor) or isinstance(T, DTensor):
+        return False
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    except ImportError:  # pragma: no cover - a torch without them has no FSDP2 either
+        return False
+    for ref in list(_module_state_mapping.values()):
+        state = ref()
+        group = state._fsdp_param_group if isinstance(state, FSDPState) else None
+        if group is not None and any(getattr(p, "_unsharded_param", None) is T for p in group.fsdp_params):
+            return True
+    return False
+
+
 def _sharded_raw(module: nn.Module, tensor_name: str, what: str) -> None:
     """Make sure ``module.<tensor_name>``'s raw tensor is FSDP2's sharded DTensor, not the unsharded copy a
     state that did not reshard left (Note [Raw tensors FSDP2 holds unsharded])."""
     plist = module.parametrizations[tensor_name]
     if not (getattr(plist, "_is_fsdp_managed_module", False) or getattr(module, "_is_fsdp_managed_module", False)):
         return
-    if not plist.is_tensor or isinstance(plist.original, DTensor):
+    if not plist.is_tensor or not _fsdp2_unsharded(plist.original):
         return
     raise ManifoldError(
         f"{what} of {_owner_name(module, tensor_name)}: expected its raw tensor to be FSDP2's sharded parameter "
