@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, make_fx_tracing, tracks_derivatives
+from ._fastpath import backward_without_autocast  # Note [Backward formulas under autocast]
 
 Tensor = torch.Tensor
 
@@ -542,6 +543,7 @@ class _Expm(torch.autograd.Function):
         ctx.save_for_forward(A)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         (A,) = ctx.saved_tensors
         if not torch.is_grad_enabled():
@@ -644,6 +646,7 @@ class _ExpmAdjoint(torch.autograd.Function):
         ctx.save_for_forward(A, G)
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, H: Tensor) -> tuple:  # type: ignore[override]
         A, G = ctx.saved_tensors
         _, vjp = torch.func.vjp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), A, G)
@@ -858,6 +861,7 @@ def _register_compiled_ops() -> bool:
             ctx.save_for_backward(inputs[0], output[1])
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx: Any, G: Tensor, _: Any) -> Tensor:  # type: ignore[override]
             A, P = ctx.saved_tensors
             return ops.expm_vjp(A, P, G)
@@ -873,6 +877,7 @@ def _register_compiled_ops() -> bool:
             ctx.save_for_backward(inputs[0], inputs[2])
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx: Any, H: Tensor) -> tuple[Tensor, None, Tensor]:  # type: ignore[override]
             A, G = ctx.saved_tensors
             dA, dG = torch.func.vjp(_static_vjp, A, G)[1](H)
@@ -1189,6 +1194,7 @@ class _FrameExpm(torch.autograd.Function):
         return F
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         T, R, c = ctx.saved_tensors
         cache = ctx.cache
@@ -1282,6 +1288,7 @@ def _register_frame_ops() -> bool:
             ctx.save_for_backward(*inputs, output[1])
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx: Any, G: Tensor, _: Any) -> tuple:  # type: ignore[override]
             T, R, c, P = ctx.saved_tensors
             GT, GR = ops.frame_expm_vjp(T, R, c, P, G)
@@ -1299,6 +1306,7 @@ def _register_frame_ops() -> bool:
             ctx.save_for_backward(T, R, c, G)
 
         @staticmethod
+        @backward_without_autocast
         def backward(ctx: Any, HT: Tensor, HR: Tensor) -> tuple:  # type: ignore[override]
             T, R, c, G = ctx.saved_tensors
             dT, dR, dG = torch.func.vjp(lambda T, R, G: _frame_static_vjp(T, R, c, G), T, R, G)[1]((HT, HR))

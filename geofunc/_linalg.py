@@ -17,7 +17,7 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, closed_form_node, derivative_mode, eager_fast, make_fx_tracing
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, eager_fast, make_fx_tracing
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -855,6 +855,7 @@ class _TallChart(torch.autograd.Function):
         return out
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         P, Y = ctx.saved_tensors
         st = ctx.st

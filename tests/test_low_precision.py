@@ -518,3 +518,30 @@ def test_hyperbolic_functions_given_tensors_by_keyword_compute_in_float32(dtype)
         want, got = fn(x, y), fn(x=x, y=y)
         assert torch.isfinite(got).all() and got.dtype == dtype
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("space", [gf.PSD(), gf.SO(), gf.SL(), gf.LowRank(rank=2), gf.PSSDLowRank(rank=2)], ids=repr)
+def test_backward_inside_autocast_is_finite(space, dtype) -> None:
+    """Regression (Note [Backward formulas under autocast] in geofunc/_fastpath.py): ``loss.backward()``
+    called inside a float16 autocast region ran the matrix exponential's adjoint and the rank charts'
+    backward in float16, though their forward ran in float32: NaN gradients for PSD, SL, LowRank and
+    PSSDLowRank from raw entries of scale 5. The gradient is now finite and within the low-precision
+    rounding (torch's own backward formulas between them) of the one taken after the region."""
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4) if isinstance(space, gf.LowRank) else (5, 5)
+    Z = 5 * torch.randn(shape, generator=g)
+    W, C = torch.randn(shape[1], 3, generator=g), torch.randn(shape[0], 3, generator=g)
+    grads = []
+    for inside in (True, False):
+        z = Z.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            loss = ((space.to_manifold(z) @ W).float() * C).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append(z.grad)
+    got, want = grads
+    assert got.dtype == torch.float32 and torch.isfinite(got).all(), "non-finite gradient"
+    torch.testing.assert_close(got, want, atol=(5e-2 if dtype == torch.bfloat16 else 1e-2) * float(want.abs().max()), rtol=0)

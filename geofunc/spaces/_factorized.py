@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import closed_form_node, derivative_mode, eager_fast
+from .._fastpath import backward_without_autocast, closed_form_node, derivative_mode, eager_fast
 from .._expm import _mm, _mm_add
 from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -480,6 +480,7 @@ class _RankChart(torch.autograd.Function):
         return (U * F_) @ V.mT
 
     @staticmethod
+    @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         Zt, Ub, Vb = ctx.saved_tensors
         r = ctx.r
