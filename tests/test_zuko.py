@@ -39,9 +39,13 @@ SQUARE_SPACES = {
     "PSD": gf.PSD(),
     "PSSD": gf.PSSD(),
     "PSSDFixedRank": gf.PSSDFixedRank(rank=5),
+    "SL": gf.SL(),
+    "LowRank": gf.LowRank(rank=5),
+    "PSSDLowRank": gf.PSSDLowRank(rank=5),
 }
 KIND = {"SO": "orthogonal", "SO-cayley": "orthogonal", "Stiefel": "orthogonal", "GLp": "svd", "FixedRank": "svd",
-        "AlmostOrthogonal": "svd", "PSD": "eig", "PSSD": "eig", "PSSDFixedRank": "eig"}
+        "AlmostOrthogonal": "svd", "PSD": "eig", "PSSD": "eig", "PSSDFixedRank": "eig", "SL": "svd", "LowRank": "svd",
+        "PSSDLowRank": "eig"}
 N = 5
 
 
@@ -294,11 +298,19 @@ def test_vectors_of_another_size_batch_or_dtype_are_a_manifold_error(name, gener
         gz.LinearTransform(P, P.from_manifold(P.sample([(2, 2), (3, 3)], generator=generator, dtype=F64))[0])
 
 
-@pytest.mark.parametrize("name", ["GLp", "SO", "PSD", "SL"])
-def test_inverse_under_autocast(name, generator):
+def _by_solve(monkeypatch):
+    """Make ``SL`` a space inverted by ``linalg.solve``, the path of a square space outside the families
+    (no built-in one is: ``SL`` was, until it joined the SVD family)."""
+    monkeypatch.setattr(gz, "SVD_FAMILY", tuple(c for c in gz.SVD_FAMILY if c is not gf.SL))
+
+
+@pytest.mark.parametrize("name", ["GLp", "SO", "PSD", "SL", "SL-solve"])
+def test_inverse_under_autocast(name, generator, monkeypatch):
     """Under CPU autocast the inverse of a float32 layer takes bf16 vectors, as the map does; the
-    solve family's (``SL``: ``linalg.solve``) raised "Expected A and B to have the same dtype"."""
-    space = gf.SL() if name == "SL" else SQUARE_SPACES[name]
+    solve path's (``linalg.solve``) raised "Expected A and B to have the same dtype"."""
+    if name == "SL-solve":
+        _by_solve(monkeypatch)
+    space = SQUARE_SPACES[name.removesuffix("-solve")]
     Z, base = _point_and_raw(space, generator)
     t = gz.LinearTransform(space, Z.float(), base if base is None else torch.utils._pytree.tree_map(lambda b: b.float(), base))
     x = torch.randn(4, N, generator=generator)
@@ -307,6 +319,125 @@ def test_inverse_under_autocast(name, generator):
         x_back = t.inv(y)
     ref = torch.linalg.solve(t.weight.double(), y.double().mT).mT
     torch.testing.assert_close(x_back.double(), ref, atol=5e-2 * ref.abs().max().item(), rtol=0)  # bf16: 8 bits
+
+
+@pytest.mark.parametrize("name", ["GLp", "FixedRank", "AlmostOrthogonal", "PSD", "PSSDFixedRank"])
+def test_inverse_factors_formed_under_autocast_are_float32(name, generator):
+    """The inverse's factors (σ or λ) are kept for the transform's life: formed by a first inverse
+    inside a bf16 autocast region they were bf16 products, and the float32 round trip after the
+    region was 5e-3 off (1e-6 for a transform first inverted outside)."""
+    space = SQUARE_SPACES[name]
+    Z, base = _point_and_raw(space, generator)
+    t = gz.LinearTransform(space, Z.float(), base if base is None else torch.utils._pytree.tree_map(lambda b: b.float(), base))
+    x = torch.randn(4, N, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t.inv(t(x))
+    ref = torch.linalg.solve(t.weight.double(), t(x).double().mT).mT
+    torch.testing.assert_close(t.inv(t(x)).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("space", [gf.Stiefel(), gf.Unitary(), gf.PSD(), gf.PSSD()], ids=repr)
+def test_complex_layers_invert(space, generator):
+    """Square complex ``Stiefel``/``Unitary`` (``W⁻¹ = Wᴴ``) and complex ``PSD``/``PSSD`` (Hermitian,
+    ``Q diag(λ)⁻¹ Qᴴ``): the inverse by the factorization used the transpose, and ``W⁻¹(W x)`` was
+    off by O(1) with the right log-determinant. Oracle: ``linalg.solve`` and ``slogdet``."""
+    C = torch.complex128
+    Z, base = space.from_manifold(space.sample((2, N, N), generator=generator, dtype=C))
+    Z = Z + 0.3 * torch.randn(Z.shape, generator=generator, dtype=C)
+    x = torch.randn(2, N, generator=generator, dtype=C)
+    for Zi, bi in ((Z, base), (Z[0], base[0])):  # a batch of matrices, and one on a batch of vectors
+        t = gz.LinearTransform(space, Zi, bi)
+        W = space.to_manifold(Zi, bi)
+        y, ladj = t.call_and_ladj(x)
+        torch.testing.assert_close(ladj, torch.linalg.slogdet(W)[1].expand(2), atol=ATOL[F64], rtol=0)
+        torch.testing.assert_close(t.inv(y), torch.linalg.solve(W, y.unsqueeze(-1)).squeeze(-1), atol=ATOL[F64], rtol=0)
+        torch.testing.assert_close(t.inv(y), x, atol=ATOL[F64], rtol=0)
+        assert t._factors()[0] == ("eig" if isinstance(space, (gf.PSD, gf.PSSD)) else "orthogonal")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["SL", "LowRank", "PSSDLowRank", "SL-solve", "GLp", "PSD"])
+def test_low_precision_layers_invert(name, dtype, generator, monkeypatch):
+    """A bf16/fp16 ``SL``, ``LowRank`` or ``PSSDLowRank`` layer's inverse went through
+    ``linalg.solve``, which torch has not in those dtypes on the CPU ("lu_cpu" not implemented for
+    'BFloat16'); they are inverted by their factors now, and the solve path (a square space outside
+    the families) solves in float32. Oracle: the float64 solve with the low-precision ``W``; bf16 has
+    8 bits, fp16 11."""
+    if name == "SL-solve":
+        _by_solve(monkeypatch)
+    space = SQUARE_SPACES[name.removesuffix("-solve")]
+    Z, base = _point_and_raw(space, generator)
+    t = gz.LinearTransform(space, Z.to(dtype), torch.utils._pytree.tree_map(lambda b: b.to(dtype), base))
+    x = torch.randn(4, N, generator=generator).to(dtype)
+    y = t(x)
+    x_back = t.inv(y)
+    assert x_back.dtype == dtype
+    ref = torch.linalg.solve(t.weight.double(), y.double().mT).mT
+    tol = {torch.bfloat16: 4e-2, torch.float16: 5e-3}[dtype] * ref.abs().max().item()
+    torch.testing.assert_close(x_back.double(), ref, atol=tol, rtol=0)
+    assert t._factors()[0] == ("solve" if name == "SL-solve" else KIND[name])
+
+
+@pytest.mark.parametrize("name", ["GLp", "SO", "PSD", "SL-solve"])
+def test_gradients_after_a_first_use_under_no_grad(name, generator, monkeypatch):
+    """A transform keeps ``W`` and the inverse's factors from their first use: first used under
+    ``no_grad`` (an evaluation sample of the distribution that is then trained) it kept them without a
+    graph, and the gradient of a later loss missed ``W``'s path (log|det|, formed at construction,
+    kept its own): silently wrong. Oracle: the loss written with ``to_manifold``, ``slogdet`` and
+    ``solve``."""
+    if name == "SL-solve":
+        _by_solve(monkeypatch)
+    space = SQUARE_SPACES[name.removesuffix("-solve")]
+    Z0, base = _point_and_raw(space, generator)
+    x = torch.randn(6, N, generator=generator, dtype=F64)
+
+    def reference(Z):
+        W = space.to_manifold(Z, base)
+        return (-(x @ W.mT).square().sum() / 2 + 6 * torch.linalg.slogdet(W)[1]
+                + torch.linalg.solve(W, x.mT).sum())
+
+    Z = Z0.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(reference(Z), Z)
+    for first in ("forward", "inverse", "both"):
+        t = gz.LinearTransform(space, Z, base)
+        with torch.no_grad():
+            if first in ("forward", "both"):
+                t(x)
+            if first in ("inverse", "both"):
+                t.inv(x)
+        y, ladj = t.call_and_ladj(x)
+        (g,) = torch.autograd.grad(-y.square().sum() / 2 + ladj.sum() + t.inv(x).sum(), Z)
+        torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0, msg=first)
+    with torch.no_grad():  # made under no_grad, it is used so (as zuko's transforms, formed in __init__)
+        t = gz.LinearTransform(space, Z, base)
+    assert not t.inv(t(x)).requires_grad
+
+
+def test_layers_compile_fullgraph(generator):
+    """A chain of layers' log-density compiles with fullgraph=True: the base was rebuilt by
+    ``optree.tree_unflatten`` of a spec made outside the trace, which Dynamo's optree polyfill
+    refuses ("Expected `treespec` to be an instance of PyTreeSpec"). A layer pickled before the
+    template existed still rebuilds its base."""
+    layers = [gz.SpaceLinear(space, N).to(F64) for space in (gf.GLp(), gf.SO(), gf.PSD())]
+    for layer in layers:
+        _set_raw(layer, generator)
+    layers[1].rebase_()
+
+    def log_prob(x):
+        total = 0.0
+        for layer in layers:
+            x, ladj = layer().call_and_ladj(x)
+            total = total + ladj
+        return -x.square().sum(-1) / 2 + total
+
+    x = torch.randn(4, N, generator=generator, dtype=F64)
+    compiled = torch.compile(log_prob, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), log_prob(x), atol=ATOL[F64], rtol=0)
+    state = layers[0].__getstate__()
+    del state["_template"]
+    old = gz.SpaceLinear.__new__(gz.SpaceLinear)
+    old.__setstate__(state)
+    torch.testing.assert_close(old.weight, layers[0].weight, atol=0, rtol=0)
 
 
 def test_docstring_examples():

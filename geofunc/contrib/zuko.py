@@ -9,13 +9,14 @@ space is built on, with no :math:`O(n^3)` decomposition of :math:`W`:
   square ``FixedRank``/``AlmostOrthogonal`` (:math:`W = U \operatorname{diag}(\sigma) V^\top`) and
   :math:`\sum_i \log f(\lambda_i)` for ``PSD``/``PSSD`` (:math:`W = Q \operatorname{diag}(\lambda) Q^\top`);
   exact and differentiable.
-* the inverse from the same factors: :math:`W^\top y` (``SO``, square ``Stiefel``),
-  :math:`V \operatorname{diag}(\sigma)^{-1} U^\top y` (the SVD family),
-  :math:`Q \operatorname{diag}(\lambda)^{-1} Q^\top y` (the eigen family). The frames are the bases
+* the inverse from the same factors: :math:`W^\top y` (``SO``, square ``Stiefel``; :math:`W^H y` if complex),
+  :math:`V \operatorname{diag}(\sigma)^{-1} U^\top y` (the SVD family: ``GLp``, ``FixedRank``,
+  ``AlmostOrthogonal``, ``SL``, ``LowRank``), :math:`Q \operatorname{diag}(\lambda)^{-1} Q^\top y` (the
+  eigen family: ``PSD``, ``PSSD``, ``PSSDFixedRank``, ``PSSDLowRank``). The frames are the bases
   that ``M.rebase(Z, base)`` returns (the chart re-centred at the point: the same :math:`W`), and
   :math:`\sigma_i = u_i^\top W v_i`. Any other square space with a ``logabsdet`` is inverted by
   ``torch.linalg.solve`` (by the inverse under ``torch.func`` transforms, where ``solve``'s second
-  derivatives are wrong on torch 2.13–2.14 under ``vmap``).
+  derivatives are wrong on torch 2.13–2.14 under ``vmap``; in float32 for a bf16/fp16 ``W``).
 
 :class:`LinearTransform` is the transform itself (a :class:`torch.distributions.Transform`, which
 is what zuko's transforms are); :class:`SpaceLinear` is the zuko lazy transform (an ``nn.Module``
@@ -46,6 +47,7 @@ from typing import Any, Optional
 
 import optree
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
@@ -61,16 +63,16 @@ from .. import spaces as S
 from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
 from ..nn._adapter import _concrete, _write_values, refine_base
-from ..spaces._base import _autocast_on
+from ..spaces._base import LOW_PRECISION, _autocast_on, autocast_off
 
 __all__ = ["LinearTransform", "SpaceLinear"]
 
-#: Spaces whose square points are orthogonal: ``W⁻¹ = Wᵀ``.
-ORTHOGONAL = (S.SO, S.Stiefel)
+#: Spaces whose square points are orthogonal (unitary): ``W⁻¹ = Wᵀ`` (``Wᴴ``).
+ORTHOGONAL = (S.SO, S.Stiefel, S.Unitary)
 #: Spaces whose points are ``U diag(σ) Vᵀ`` with the frames ``(U, V)`` as ``rebase``'s base.
-SVD_FAMILY = (S.GLp, S.FixedRank, S.AlmostOrthogonal)
+SVD_FAMILY = (S.GLp, S.FixedRank, S.AlmostOrthogonal, S.SL, S.LowRank)
 #: Spaces whose points are ``Q diag(λ) Qᵀ`` with the frame ``Q`` as ``rebase``'s base.
-EIG_FAMILY = (S.PSD, S.PSSD, S.PSSDFixedRank)
+EIG_FAMILY = (S.PSD, S.PSSD, S.PSSDFixedRank, S.PSSDLowRank)
 
 
 def _apply(W: Tensor, x: Tensor) -> Tensor:
@@ -81,10 +83,14 @@ def _apply(W: Tensor, x: Tensor) -> Tensor:
 
 
 def _apply_t(W: Tensor, y: Tensor) -> Tensor:
-    """``Wᵀ y`` on the last dimension of ``y``."""
+    """``Wᴴ y`` on the last dimension of ``y`` (``Wᵀ y`` for a real ``W``)."""
+    # Note [Complex frames are inverted by Wᴴ]
+    # Square complex Stiefel (U(n)), complex PSD/PSSD (Hermitian, Q diag(λ) Qᴴ) are layers too: their
+    # inverses are Wᴴ and Q diag(λ)⁻¹ Qᴴ, and λᵢ = qᵢᴴ W qᵢ. With the transpose the round trip
+    # W⁻¹(W x) was off by O(1) (silently: log|det| was right); conj() of a real tensor is a no-op.
     if W.ndim == 2:
-        return y @ W
-    return (W.mT @ y.unsqueeze(-1)).squeeze(-1)
+        return y @ W.conj()
+    return (W.mH @ y.unsqueeze(-1)).squeeze(-1)
 
 
 class LinearTransform(Transform):
@@ -128,13 +134,23 @@ class LinearTransform(Transform):
         self.space, self.Z, self.base = space, Z, base
         self.ladj = space.logabsdet(Z, base)  # validates: square, full rank, a logabsdet exists
         self._weight: Optional[Tensor] = None  # W, formed on first use
+        self._grad_mode = torch.is_grad_enabled()  # ... in this grad mode (Note [Formed on first use, as at construction])
         self._inverse_factors: Optional[tuple] = None
 
     @property
     def weight(self) -> Tensor:
         """The matrix ``W = space.to_manifold(Z, base)``."""
+        # Note [Formed on first use, as at construction]
+        # W and the inverse's factors are formed lazily (sampling needs no W: the factors are
+        # cheaper) and kept for the transform's life, as zuko's transforms keep what they form in
+        # __init__. Formed in the grad mode of their first use, a transform first used under no_grad
+        # (an evaluation sample or log_prob of the distribution that is then trained) kept a W with
+        # no graph: the gradient of a later log_prob missed W's path (only log|det|'s, formed in
+        # __init__, was left) and was silently wrong (2.5 off in norm 7.5 on a 3×3 GLp). They are
+        # now formed in the grad mode of the construction, as ``ladj`` and zuko's own transforms are.
         if self._weight is None:
-            self._weight = self.space.to_manifold(self.Z, self.base)
+            with torch.set_grad_enabled(self._grad_mode):
+                self._weight = self.space.to_manifold(self.Z, self.base)
         return self._weight
 
     def __repr__(self) -> str:
@@ -176,29 +192,33 @@ class LinearTransform(Transform):
         return y, self.log_abs_det_jacobian(x, y)
 
     def _factors(self) -> tuple:
-        """``("orthogonal",)``, ``("svd", U, σ, V)``, ``("eig", Q, λ)`` or ``("solve",)``."""
+        """``("orthogonal",)``, ``("svd", U, σ, V)``, ``("eig", Q, λ)`` or ``("solve",)``, formed once."""
         if self._inverse_factors is None:
-            M = self.space
-            if isinstance(M, ORTHOGONAL):
-                self._inverse_factors = ("orthogonal",)
-            elif isinstance(M, SVD_FAMILY + EIG_FAMILY):
-                # The chart re-centred at W: its base holds the frames, its raw tensor only the
-                # values, so W there is cheap to form when only the inverse is wanted (sampling).
-                Z2, frames = M.rebase(self.Z, self.base)
-                if self._weight is None:
-                    self._weight = M.to_manifold(Z2, frames)
-                W = self._weight
-                if isinstance(M, SVD_FAMILY):
-                    U, V = frames
-                    sigma = ((U.mT @ W) * V.mT).sum(-1)  # σᵢ = uᵢᵀ W vᵢ
-                    self._inverse_factors = ("svd", U, sigma, V)
-                else:
-                    Q = frames
-                    lam = ((Q.mT @ W) * Q.mT).sum(-1)  # λᵢ = qᵢᵀ W qᵢ
-                    self._inverse_factors = ("eig", Q, lam)
-            else:
-                self._inverse_factors = ("solve",)
+            with torch.set_grad_enabled(self._grad_mode):  # Note [Formed on first use, as at construction]
+                self._inverse_factors = self._form_factors()
         return self._inverse_factors
+
+    def _form_factors(self) -> tuple:
+        M = self.space
+        if isinstance(M, ORTHOGONAL):
+            return ("orthogonal",)
+        if not isinstance(M, SVD_FAMILY + EIG_FAMILY):
+            return ("solve",)
+        # The chart re-centred at W: its base holds the frames, its raw tensor only the values, so W
+        # there is cheap to form when only the inverse is wanted (sampling).
+        Z2, frames = M.rebase(self.Z, self.base)
+        if self._weight is None:
+            self._weight = M.to_manifold(Z2, frames)
+        W = self._weight
+        # With autocast off, as the maps: the factors are kept for the transform's life, and
+        # first formed inside a bf16 autocast region their values were bf16 products (an
+        # inverse 5e-3 off in float32 after the region, where it is 1e-6)
+        with autocast_off(W.device.type):
+            if isinstance(M, SVD_FAMILY):
+                U, V = frames
+                return ("svd", U, ((U.mH @ W) * V.mT).sum(-1), V)  # σᵢ = uᵢᴴ W vᵢ
+            Q = frames
+            return ("eig", Q, ((Q.mH @ W) * Q.mT).sum(-1))  # λᵢ = qᵢᴴ W qᵢ (Note [Complex frames are inverted by Wᴴ])
 
     def _inverse(self, y: Tensor) -> Tensor:
         self._check(y, "y")
@@ -211,8 +231,11 @@ class LinearTransform(Transform):
         if kind == "eig":
             Q, lam = f
             return _apply(Q, _apply_t(Q, y) / lam)
+        # Note [Solves under torch.func]; y.to: autocast (Note [Vectors checked before the product]); a
+        # bf16/fp16 W in float32, as the spaces compute (torch has no LU in those dtypes on the CPU)
         W = self.weight
-        return solve_vec(W, y.to(W.dtype))  # Note [Solves under torch.func]; y.to: autocast (Note [Vectors checked before the product])
+        dt = torch.float32 if W.dtype in LOW_PRECISION else W.dtype
+        return solve_vec(W.to(dt), y.to(dt)).to(W.dtype)
 
 
 class SpaceLinear(LazyTransform):
@@ -258,11 +281,24 @@ class SpaceLinear(LazyTransform):
         self.raw = nn.Parameter(Z.detach().clone())
         self._set_base(base)
 
+    # Note [The base rebuilt by a template]
+    # ``forward`` rebuilds the base from its buffers. By ``optree.tree_unflatten`` of the spec held
+    # since construction, a flow's ``log_prob`` did not compile with fullgraph=True (Dynamo's optree
+    # polyfill refuses a PyTreeSpec made outside the trace: "Expected `treespec` to be an instance of
+    # PyTreeSpec"). The structure is also kept as a template, the base with each tensor replaced by
+    # its buffer's name (plain tuples and strings: it deep-copies and pickles without torch's LeafSpec
+    # warning), mapped back by torch's pytree, which Dynamo traces, as geofunc.nn's adapter does.
     def _set_base(self, base: Any) -> None:
         leaves, self._base_spec = optree.tree_flatten(base, none_is_leaf=False)
         self._n_base = len(leaves)
+        self._template = optree.tree_unflatten(self._base_spec, [f"base{i}" for i in range(self._n_base)])
         for i, leaf in enumerate(leaves):
             self.register_buffer(f"base{i}", leaf.detach().clone())
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_template" not in state:  # a layer pickled by an earlier geofunc
+            self._template = optree.tree_unflatten(self._base_spec, [f"base{i}" for i in range(self._n_base)])
 
     def _base_leaves(self) -> list[Tensor]:
         return [getattr(self, f"base{i}") for i in range(self._n_base)]
@@ -328,7 +364,7 @@ class SpaceLinear(LazyTransform):
     @property
     def base(self) -> Any:
         """The chart's base, rebuilt from the buffers."""
-        return optree.tree_unflatten(self._base_spec, self._base_leaves())  # optree: its spec deep-copies without torch's LeafSpec warning
+        return pytree.tree_map(lambda name: getattr(self, name), self._template)  # Note [The base rebuilt by a template]
 
     @property
     def weight(self) -> Tensor:
