@@ -719,3 +719,24 @@ def test_rank_and_psd_classes_take_exact_points_of_a_large_scale(dtype):
         U5 = torch.linalg.qr(torch.randn(64, 5, dtype=dtype))[0]
         off = (U5 * torch.tensor([1, 1, 1, 1, 1e-3], dtype=dtype) * scale) @ V5.T  # σ₅ = 1e-3·σ₁
         assert not gnn.LowRank((64, 32), 4).to(dtype).in_manifold(off)
+
+
+@pytest.mark.parametrize("case", [("Stiefel", (5, 3)), ("Stiefel", (3, 5)), ("SO", (4, 4)), ("Grassmannian", (5, 2))],
+                         ids=lambda c: f"{c[0]}{c[1]}")
+def test_right_inverse_without_the_check_keeps_the_weight_on_the_space(case):
+    """``right_inverse(X, check_in_manifold=False)`` of an off-space X stored X itself as the base of the
+    orthogonal family, and every later weight stayed off the space (max|XᵀX − I| ~ 2 for a Gaussian X),
+    silently; the other classes' inverses give a point (Note [Assignments without the check]). X is
+    projected where its base would be invalid; an orthogonal X (det −1 too) is kept exactly."""
+    from reference import member as on_space
+    name, size = case
+    M = getattr(gnn, name)(size)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(size, generator=g)
+    W = M(M.right_inverse(X, check_in_manifold=False)).detach()
+    assert M.in_manifold(W) and on_space(gf.Stiefel(), W, 1e-5)
+    torch.testing.assert_close(W, M.space.project(X), atol=1e-5, rtol=0)  # the nearest frame (SO: det +1)
+    Q = gf.Stiefel().sample(size, generator=g)
+    if size[0] == size[1]:
+        Q = Q * torch.tensor([-1.0] + [1.0] * (size[1] - 1))  # det −1: GeoTorch's SO takes it
+    assert torch.equal(M(M.right_inverse(Q, check_in_manifold=False)).detach(), Q)

@@ -417,6 +417,10 @@ class _Manifold(Parametrization):
                 self._check_representable(X)
             try:
                 Z, base = self.space._from_manifold(X)
+                if (not check_in_manifold and can_check(X) and self.space._invalid_base(base) is not None
+                        and not bool(self.in_manifold(X))):
+                    X = self.space.project(X)  # Note [Assignments without the check]
+                    Z, base = self.space._from_manifold(X)
             except ManifoldError as e:
                 raise InManifoldError(X, self, str(e)) from None
             if can_check(X):
@@ -429,6 +433,16 @@ class _Manifold(Parametrization):
         self._set_base(base)
         return Z.detach().clone(memory_format=torch.contiguous_format)  # FSDP2 shards contiguous only
 
+    # Note [Assignments without the check]
+    # right_inverse(X, check_in_manifold=False) skips GeoTorch's membership test (GeoTorch's own use:
+    # a point known to be on the space up to more than its tolerance). The spaces whose inverse keeps the
+    # point as the base (SO, Stiefel, Grassmannian: base = X) then stored an off-space X as the base, and
+    # every later weight (forward, training, update_base) stayed off the space, silently (max|XᵀX − I|
+    # = 2.1 for a Gaussian 5×3 X), while the others' inverses (Sphere, the rank and PSD families) give
+    # a point of the space. Where the base so made is not one of the space (its _invalid_base, at the
+    # dtype's tolerance) and in_manifold refuses X, X is replaced by the space's projection first: the
+    # nearest point (the polar factor). What the check accepts is kept as it would be with the check
+    # (an orthogonal X of det −1 for SO, GeoTorch's component of O(n)).
     def _check_representable(self, X: Tensor) -> None:
         """Eager: refuse a point that GeoTorch's ``in_manifold`` accepts but the chart cannot represent
         without changing it beyond its rounding (the floor of geofunc's ``"softplus"``: Note [Softplus
