@@ -111,3 +111,33 @@ def test_tuple_returns_are_documented_one_item_per_element() -> None:
             if section.kind.value == "returns" and len(section.value) != len(typing.get_args(ret)):
                 bad.append(f"{qual}: {len(section.value)} items for a {len(typing.get_args(ret))}-tuple")
     assert not bad, "\n  ".join(["Returns sections that do not match the returned tuple:", *bad])
+
+
+def test_no_prose_in_the_type_column_of_a_docstring_item() -> None:
+    """griffe reads ``name (text): description`` in a Google ``Returns:``/``Args:`` section as a
+    name and a *type*: prose in the parentheses (``buffers (only with ``buffers=True``): ...``
+    in ``gf.nn.stack``) was printed in the reference's type column with its reST backquotes."""
+    import importlib.util
+
+    from site_tools import require
+
+    require(importlib.util.find_spec("griffe") is not None, "the docs tool chain is not installed (pip install -e .[docs]): missing ['griffe']")
+    import griffe
+
+    pkg = griffe.load("geofunc", search_paths=[str(ROOT)])
+    kinds = {"returns", "yields", "parameters", "other parameters", "raises", "attributes"}
+    bad, seen, todo = [], set(), [pkg]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        todo.extend(m for m in obj.members.values() if not m.is_alias)
+        for section in obj.docstring.parse("google") if obj.docstring else []:
+            if section.kind.value not in kinds:
+                continue
+            for item in section.value:
+                annotation = str(getattr(item, "annotation", None) or "")
+                if "``" in annotation or re.search(r"[A-Za-z]\s+[A-Za-z]", annotation):
+                    bad.append(f"{obj.path} {section.kind.value} {getattr(item, 'name', '')!r}: {annotation!r}")
+    assert not bad, "\n  ".join(["docstring items whose type is prose:", *bad])

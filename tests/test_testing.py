@@ -1272,6 +1272,14 @@ def test_gap_mutants_leave_the_classes_as_they_were() -> None:
     assert {k: k[0].__dict__.get(k[1]) for k in before} == before
 
 
+def test_readme_states_how_many_gaps_the_harness_now_catches() -> None:
+    """The README counts the broken spaces of ``GAPS``; the count had drifted twice (44, then 47,
+    while the list grew): it is read from the list."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    stated = re.search(r"The (\d+) broken spaces of `tests/test_testing\.py` \(`GAPS`\)", readme)
+    assert stated is not None, "README no longer states the count of GAPS"
+    assert int(stated.group(1)) == len(GAPS), f"README says {stated.group(1)} broken spaces, GAPS holds {len(GAPS)}"
+
 def test_ci_runs_every_version_gated_test():
     """The torch that CI installs (``.ci/run``'s pin) is new enough for every ``needs_torch`` gate in the
     suite: the gates skip only on the older torch a user runs the suite on, never in CI."""

@@ -354,7 +354,7 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
         bases: the bases of every module, stacked the same way.
         base_module: an unparametrized copy of ``modules[0]`` (see :func:`plain`), with module 0's
             buffers.
-        buffers (only with ``buffers=True``): the modules' own buffers (BatchNorm's running
+        buffers: only with ``buffers=True``, the modules' own buffers (BatchNorm's running
             statistics, ...) stacked the same way, for ``functional_call(base_module, (points,
             buffers), args)``, as ``torch.func.stack_module_state`` returns them::
 
