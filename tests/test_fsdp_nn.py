@@ -229,6 +229,11 @@ def _root_steps(model: nn.Module, rank: int | None, reshard: bool) -> dict:
             gnn.update_base(first)
         except gf.ManifoldError as e:
             out["refusals"].append(str(e))
+            try:
+                _, raw, bases = gnn.functional(model)
+                gnn.load_functional(model, raw, bases)
+            except gf.ManifoldError as e:
+                out["load_functional"] = str(e)
             try:  # GeoTorch's way
                 first.parametrizations.weight[0].update_base(first.parametrizations.weight.original)
             except gf.ManifoldError as e:
@@ -353,6 +358,17 @@ def test_assignment_to_a_sharded_weight_is_what_forward_uses(results, kind):
         torch.testing.assert_close(r0["assigned"][i], P, atol=1e-5, rtol=0)
 
 
+def test_average_of_sharded_modules(results):
+    """``gf.nn.average_(ema, [ema, model], ...)`` of FSDP2 modules raised torch's "mixed torch.Tensor and
+    DTensor" from the class's in_manifold; now the projection of the average, on both ranks (float32)."""
+    for r in results:
+        out = _ok(r, "assignments")["average_"]
+        assert isinstance(out, dict), out
+        for i, space in SPACES.items():
+            torch.testing.assert_close(out["weights"][i], out["expected"][i], atol=1e-5, rtol=0)
+            assert member(space, out["weights"][i], 1e-5), (i, space)
+
+
 def test_deferred_initialization_of_a_sharded_model(results):
     """Built on the meta device, ``fully_shard``, ``to_empty``, then a sample assigned to each constrained
     weight (README's way without a checkpoint; it raised torch's swap error): on the spaces after a step,
@@ -370,7 +386,7 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
     """``fully_shard(model)`` alone: after an evaluation forward the root keeps its parameters unsharded,
     and update_base wrote the new raw tensor into that copy, which FSDP2 frees, and the new base into the
     kept buffers: the next step's weight was neither point (0.09 off a one-process run after three steps,
-    silently); the class's update_base(raw) alike. Now a ManifoldError on every rank
+    silently); load_functional and the class's update_base(raw) alike. Now a ManifoldError on every rank
     that says to reshard, leaving the weight as it was; after ``model.reshard()`` the run equals one
     process's (float32, 1e-5), also where the constrained module is itself the root (Note [Raw tensors
     FSDP2 holds unsharded]); FSDP1 (NO_SHARD), which marks its modules alike, is not refused."""
@@ -383,6 +399,7 @@ def test_update_base_of_a_weight_the_root_holds_unsharded(results):
         out = _ok(r, "sharded by the root")
         refused = out["refused"]["refusals"]
         assert len(refused) == 1 and "reshard()" in refused[0] and "Linear.weight" in refused[0], refused
+        assert "load_functional" in out["refused"]["load_functional"] and "reshard()" in out["refused"]["load_functional"]
         assert "reshard()" in out["refused"]["class update_base"], out["refused"].get("class update_base")
         assert out["refused"]["kept"] == 0.0
         assert out["resharded"]["refusals"] == refused * 3

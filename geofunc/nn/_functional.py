@@ -30,10 +30,10 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._dtensor import DTensor
+from .._dtensor import DTensor, gather
 from .._errors import ManifoldError, describe
 from ..spaces._base import _readable
-from ._adapter import Parametrization, _concrete, _owner_name, _write_values, refine_base
+from ._adapter import Parametrization, _concrete, _owner_name, _sharded_raw, _write_values, refine_base
 
 __all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
 
@@ -217,6 +217,8 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
             raise ManifoldError(f"load_functional: {key} ({adapter.where}) constrained to {adapter.space!r}: "
                                 f"expected a base of structure {pytree.tree_structure(adapter._template)}, got "
                                 f"{pytree.tree_structure(base)}.")
+    for key, (sub, tname, _) in tensors.items():  # (Note [Raw tensors FSDP2 holds unsharded] in _adapter.py)
+        _sharded_raw(sub, tname, "load_functional")
     state = module_state(module, raw, bases or {})
     params, buffers = dict(module.named_parameters()), dict(module.named_buffers())
     targets = {}
@@ -513,20 +515,27 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
                                 f"got one that lacks {missing}.")
     with torch.no_grad():
         # every new value first: target may be one of the modules
+        # Note [Averages of sharded modules]
+        # Under FSDP2 a weight read outside forward, a bias, are DTensors (and the modules may be
+        # sharded differently, an EMA kept whole beside a sharded model): the class's in_manifold took
+        # the projected DTensor with a plain identity (torch's "mixed torch.Tensor and DTensor"), and a
+        # sum of a plain and a DTensor fails alike. Every value is gathered first (full_tensor: a
+        # collective, every rank averages), averaged whole, and written back as its target's kind:
+        # the point by the assignment (Note [Assignments to a sharded tensor]), the rest by _as_target.
         points = {}
         for k, (sub, tname, adapter) in ours.items():
-            W = sum(wi * getattr(t[k][0], t[k][1]) for wi, t in zip(w, theirs))
+            W = sum(wi * gather(getattr(t[k][0], t[k][1])) for wi, t in zip(w, theirs))
             points[k] = adapter._project(W)  # for GeoTorch's classes, a point in_manifold accepts
         others = {}
         for n, t in plain_t.items():
             if t.is_floating_point() or t.is_complex():
-                others[n] = sum(wi * d[n] for wi, d in zip(w, plain_m))
+                others[n] = sum(wi * gather(d[n]) for wi, d in zip(w, plain_m))
             else:
-                others[n] = plain_m[-1][n].clone()
+                others[n] = gather(plain_m[-1][n]).clone()
         saved = {k: v.clone() for k, v in target.state_dict().items()}
         try:
             for n, v in others.items():
-                plain_t[n].copy_(v)
+                plain_t[n].copy_(_as_target(v, plain_t[n]) if _is_dtensor(plain_t[n]) else v)
             for k, (sub, tname, _) in ours.items():
                 setattr(sub, tname, points[k])  # may refuse a point (InManifoldError)
         except BaseException:

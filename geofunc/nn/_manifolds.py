@@ -31,7 +31,7 @@ from .._expm import _real
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
-from ._adapter import _LAST_RAW, Parametrization, _note_raw, _note_registration, own_raw, refine_base
+from ._adapter import _LAST_RAW, Parametrization, _fsdp2_unsharded, _note_raw, _note_registration, own_raw, refine_base
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError, _name
 
 __all__ = [
@@ -521,7 +521,7 @@ class _Manifold(Parametrization):
                     "temporary unsharded copy, freed since; pass module.parametrizations.<name>.original, or "
                     "call geofunc.nn.update_base(module, tensor_name)."
                 )
-        if getattr(self, "_is_fsdp_managed_module", False) and not isinstance(Z, DTensor) and Z is own_raw(self):
+        if getattr(self, "_is_fsdp_managed_module", False) and _fsdp2_unsharded(Z):
             # Note [Raw tensors FSDP2 holds unsharded] in _adapter.py: a write FSDP2 would drop
             raise ManifoldError(
                 f"{type(self).__name__}.update_base(): expected the raw tensor to be FSDP2's sharded parameter "
