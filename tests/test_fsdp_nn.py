@@ -338,6 +338,19 @@ def test_load_functional_of_plain_tensors_into_dtensor_parameters(results):
     assert torch.equal(r0["weight after plain"], r1["weight after plain"])
 
 
+def _same_on_both_ranks(results, kind: str, key: str) -> dict:
+    """The "assignments" scenario's ``kind`` entry of rank 0, asserting for both ranks: the weights ``key``
+    equal across ranks (exactly), each weight on its space (1e-5), and forward using them (float32, 1e-6)."""
+    r0, r1 = (_ok(r, "assignments")[kind] for r in results)
+    assert isinstance(r0, dict), r0
+    for r in (r0, r1):
+        for i, space in SPACES.items():
+            torch.testing.assert_close(r[key][i], r0[key][i], atol=0, rtol=0)
+            assert member(space, r["weights"][i], 1e-5), (i, space)
+        torch.testing.assert_close(r["forward"], r["by hand"], atol=1e-6, rtol=0)
+    return r0
+
+
 @pytest.mark.parametrize("kind", ["plain", "DTensor"])
 def test_assignment_to_a_sharded_weight_is_what_forward_uses(results, kind):
     """``module.weight = point`` under FSDP2 after training began: a plain point raised torch's "Cannot
@@ -345,13 +358,7 @@ def test_assignment_to_a_sharded_weight_is_what_forward_uses(results, kind):
     gathered, so forward kept the old weight and the optimizer stepped an unused one (0.33 off after one
     step). Now the point is the weight, forward uses what is read outside it (float32: 1e-6), after a step
     too, on both ranks alike (Note [Assignments to a sharded tensor])."""
-    r0, r1 = (_ok(r, "assignments")[kind] for r in results)
-    assert isinstance(r0, dict), r0
-    for r in (r0, r1):
-        for i, space in SPACES.items():
-            torch.testing.assert_close(r["assigned"][i], r0["assigned"][i], atol=0, rtol=0)
-            assert member(space, r["weights"][i], 1e-5), (i, space)
-        torch.testing.assert_close(r["forward"], r["by hand"], atol=1e-6, rtol=0)
+    r0 = _same_on_both_ranks(results, kind, "assigned")
     g = torch.Generator().manual_seed(11)
     for i, space in SPACES.items():
         P = space.sample(tuple(_model(0)[i].weight.shape), generator=g)
@@ -373,13 +380,7 @@ def test_deferred_initialization_of_a_sharded_model(results):
     """Built on the meta device, ``fully_shard``, ``to_empty``, then a sample assigned to each constrained
     weight (README's way without a checkpoint; it raised torch's swap error): on the spaces after a step,
     the same on both ranks, and forward uses them."""
-    r0, r1 = (_ok(r, "assignments")["meta"] for r in results)
-    assert isinstance(r0, dict), r0
-    for r in (r0, r1):
-        for i, space in SPACES.items():
-            torch.testing.assert_close(r["weights"][i], r0["weights"][i], atol=0, rtol=0)
-            assert member(space, r["weights"][i], 1e-5), (i, space)
-        torch.testing.assert_close(r["forward"], r["by hand"], atol=1e-6, rtol=0)
+    _same_on_both_ranks(results, "meta", "weights")
 
 
 def test_update_base_of_a_weight_the_root_holds_unsharded(results):

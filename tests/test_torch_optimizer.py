@@ -405,20 +405,17 @@ def test_groups_hold_every_hyperparameter_as_torch(name, generator):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
 
 
-def test_momentum_cycled_through_zero_as_torch_sgd(generator):
-    """``OneCycleLR(base_momentum=0)`` takes rsgd's momentum to 0 and back (and by hand from 0 to 0.9):
-    it crashed (the state of ``rsgd(momentum=0)`` had no momentum transform); now ``torch.optim.SGD``
-    step for step, the buffer kept as it was at a step with momentum 0 (Note [Momentum that may be
-    zero]), with dampening and parameters skipped at some steps; on a module with constrained
-    parameters the points stay on their spaces."""
+def _momentum_cycled_as_torch_sgd(generator, kwargs: dict, **schedule) -> list:
+    """rsgd through TorchOptimizer beside ``torch.optim.SGD`` (``kwargs``), both under ``OneCycleLR`` with
+    ``base_momentum=0`` (``schedule``: more of its arguments), heads skipped at some steps (``USES``):
+    asserts step-for-step equality (float64, 1e-12) and returns the momentum of each step."""
     x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
     ours, theirs = Branches(generator), Branches(generator)
     theirs.load_state_dict(ours.state_dict())
-    kwargs = dict(lr=0.01, momentum=0.9, dampening=0.1)
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, **kwargs)
     ref = torch.optim.SGD(theirs.parameters(), **kwargs)
     s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(USES), base_momentum=0.0,
-                                                  max_momentum=0.9, anneal_strategy="linear", pct_start=0.3) for o in (opt, ref))
+                                                  max_momentum=0.9, pct_start=0.3, **schedule) for o in (opt, ref))
     momenta = []
     for use in USES:
         for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
@@ -427,9 +424,19 @@ def test_momentum_cycled_through_zero_as_torch_sgd(generator):
             o.step()
             sch.step()
         momenta.append(opt.param_groups[0]["momentum"])
-    assert 0.0 in momenta and momenta[-1] > 0
     for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    return momenta
+
+
+def test_momentum_cycled_through_zero_as_torch_sgd(generator):
+    """``OneCycleLR(base_momentum=0)`` takes rsgd's momentum to 0 and back (and by hand from 0 to 0.9):
+    it crashed (the state of ``rsgd(momentum=0)`` had no momentum transform); now ``torch.optim.SGD``
+    step for step, the buffer kept as it was at a step with momentum 0 (Note [Momentum that may be
+    zero]), with dampening and parameters skipped at some steps; on a module with constrained
+    parameters the points stay on their spaces."""
+    momenta = _momentum_cycled_as_torch_sgd(generator, dict(lr=0.01, momentum=0.9, dampening=0.1), anneal_strategy="linear")
+    assert 0.0 in momenta and momenta[-1] > 0
     net = Net(generator)
     x, y = _data(generator)
     opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.rsgd, lr=0.02)
@@ -446,27 +453,10 @@ def test_nesterov_momentum_cycled_through_zero_as_torch_sgd(generator):
     with momentum > 0" ManifoldError at that step, mid-run (Note [Nesterov at momentum 0]). Now step
     for step equal to torch, with heads skipped at some steps; built with momentum 0 it is refused as
     torch refuses it."""
-    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
-    ours, theirs = Branches(generator), Branches(generator)
-    theirs.load_state_dict(ours.state_dict())
-    kwargs = dict(lr=0.01, momentum=0.9, nesterov=True)
-    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, **kwargs)
-    ref = torch.optim.SGD(theirs.parameters(), **kwargs)
-    s1, s2 = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=len(USES), base_momentum=0.0,
-                                                  max_momentum=0.9, pct_start=0.3) for o in (opt, ref))
-    momenta = []
-    for use in USES:
-        for model, o, sch in ((ours, opt, s1), (theirs, ref, s2)):
-            o.zero_grad(set_to_none=True)
-            ((model(x, use) - y) ** 2).mean().backward()
-            o.step()
-            sch.step()
-        momenta.append(opt.param_groups[0]["momentum"])
+    momenta = _momentum_cycled_as_torch_sgd(generator, dict(lr=0.01, momentum=0.9, nesterov=True))
     assert 0.0 in momenta[:-1]
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
     with pytest.raises(gf.ManifoldError, match="nesterov=True"):
-        gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.0, nesterov=True)
+        gf.optim.TorchOptimizer(Branches(generator).named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.0, nesterov=True)
 
 
 def test_hyperparameters_are_checked_at_construction(generator):
