@@ -229,6 +229,28 @@ def test_transport_checks_its_first_point(name: str) -> None:
         assert type(M).__name__ in msg and "expected" in msg and "got" in msg, (what, msg)
 
 
+def test_check_states_a_failed_condition_as_the_condition_and_nan_as_nan() -> None:
+    """check's message read "det(X) ≤ 0 (inf if so) = inf > atol = 0.0001" for an indicator measure (inf
+    where its condition holds), and a NaN measure (non-finite entries) as "= inf": the condition is
+    stated alone ("with det(X) ≤ 0."), a NaN as NaN."""
+    neg = torch.diag(torch.tensor([1.0, 2.0, -3.0], dtype=torch.float64))
+    bad = torch.eye(3, dtype=torch.float64)
+    bad[0, 1] = math.nan
+    expect = [
+        (gf.GLp(), neg, r"with det\(X\) ≤ 0\.$"),
+        (gf.SL(), neg, r"with det\(X\) ≤ 0\.$"),
+        (gf.Lorentz(), torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), r"with x₀ ≤ 0 \(lower sheet\)\.$"),
+        (gf.GLp(), bad, r"with non-finite entries\.$"),
+        (gf.SL(), bad, r"with det\(X\) ≤ 0: NaN \(undefined: non-finite entries\?\)\.$"),
+        (gf.SO(), bad, r"= NaN \(undefined: non-finite entries\?\)\.$"),
+        (gf.Sphere(), torch.ones(3, dtype=torch.float64), r"with \|‖x‖ − r\| / r = 0\.732 > atol = 1e-09\.$"),
+    ]
+    for space, X, pattern in expect:
+        with pytest.raises(gf.ManifoldError, match=pattern) as info:
+            space.check(X)
+        assert "inf if so" not in str(info.value) and "NaN if any" not in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("name", list(SPACES))
 def test_check_of_a_meta_tensor_is_a_manifold_error(name: str) -> None:
     """``check`` measures the point; a ``meta`` tensor has no values, and torch's "item() cannot be called

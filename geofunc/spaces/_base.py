@@ -924,11 +924,26 @@ class AbstractSpace(_Space, abc.ABC):
                 if v.ndim:
                     idx = first_index(bad)
                     where = f" (first at batch index {idx})"
-                raise error(
-                    self,
-                    "a point on the space",
-                    f"{describe(X)} with {name} = {float(worst):.3g} > atol = {tol:.3g}{where}",
-                )
+                nan = bool(torch.isnan(vd).any())
+                raise error(self, "a point on the space", f"{describe(X)} with {_violation(name, float(worst), tol, nan)}{where}")
+
+
+def _violation(name: str, worst: float, tol: float, nan: bool) -> str:
+    """How :meth:`AbstractSpace.check` states a measure ``name`` past ``tol`` (``worst``: its largest value,
+    NaN read as inf; ``nan``: whether it has NaN). ``"name = v > atol = t"``, or the condition alone for
+    an indicator (a measure named ``"… (inf if so)"`` that is inf where the condition holds, or
+    ``"… (NaN if any)"`` that is NaN there), so that it does not read ``det(X) ≤ 0 (inf if so) = inf >
+    atol = 0.0001``; a NaN elsewhere is said as NaN (non-finite entries), not as inf."""
+    for mark, hit in (("; inf if so)", not nan), (" (inf if so)", not nan), (" (NaN if any)", nan)):
+        if name.endswith(mark):
+            cond = name[: -len(mark)] + (")" if mark.startswith(";") else "")
+            if hit and worst == math.inf:
+                return cond
+            if nan:
+                return f"{cond}: NaN (undefined: non-finite entries?)"
+    if nan:
+        return f"{name} = NaN (undefined: non-finite entries?)"
+    return f"{name} = {worst:.3g} > atol = {tol:.3g}"
 
 
 def _apply_policy(cls: type) -> None:
