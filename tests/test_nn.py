@@ -549,6 +549,26 @@ def test_module_helpers_refuse_bad_input_with_manifold_errors():
         gnn.update_base(plain, "weight")
 
 
+def test_module_helpers_refuse_what_is_not_a_module():
+    """functional, plain, module_state, load_functional, stack and average_ given something other than a
+    module (a list entry left over, None) raised torch's "'int' object has no attribute 'named_modules'",
+    naming neither the helper nor what it takes: a ManifoldError naming both."""
+    a = gnn.orthogonal(nn.Linear(4, 6))
+    calls = {
+        "functional": lambda: gnn.functional(3),
+        "plain": lambda: gnn.plain(3),
+        "module_state": lambda: gnn.module_state(3, {}, {}),
+        "load_functional": lambda: gnn.load_functional(None, {}),
+        "stack": lambda: gnn.stack([a, 3]),
+        "average_": lambda: gnn.average_(a, [a, "b"]),
+    }
+    for name, call in calls.items():
+        with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected (module|module 1) to be a torch\.nn\.Module, got "):
+            call()
+    with pytest.raises(gf.ManifoldError, match=r"^average_: expected target to be a torch\.nn\.Module, got 'x'"):
+        gnn.average_("x", [a])
+
+
 # ----------------------------------------------------------------------------- cached
 
 

@@ -42,6 +42,13 @@ Tensor = torch.Tensor
 _ORIGINAL = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original$")
 
 
+def _need_module(obj: Any, where: str, what: str = "module") -> None:
+    """A ManifoldError naming ``where`` unless ``obj`` is an ``nn.Module`` (else torch's AttributeError
+    from ``named_modules``, naming neither the function nor what it takes)."""
+    if not isinstance(obj, nn.Module):
+        raise ManifoldError(f"{where}: expected {what} to be a torch.nn.Module, got {describe(obj)}.")
+
+
 def _geofunc_tensors(module: nn.Module) -> dict[str, tuple[nn.Module, str, Parametrization]]:
     """Plain name -> (owner module, tensor name, adapter) for every parametrized tensor of ``module``."""
     out = {}
@@ -81,6 +88,7 @@ def functional(module: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor], di
             buffers; names of spaces without a base are left out, so that ``bases`` has no
             ``None`` leaves, as ``geofunc.from_manifold`` returns it).
     """
+    _need_module(module, "functional")
     tensors = _geofunc_tensors(module)
     constraints = {k: a.space for k, (_, _, a) in tensors.items()}
     bases = {k: b for k, (_, _, a) in tensors.items() if (b := a.get_base()) is not None}
@@ -146,6 +154,7 @@ def plain(module: nn.Module) -> nn.Module:
         ManifoldError: a constrained tensor's raw Parameter is tied to another name of the module
             (Note [Tied raw tensors]).
     """
+    _need_module(module, "plain")
     _refuse_tied_raw(module, "plain")
     replica = copy.deepcopy(module)
     for sub in list(replica.modules()):
@@ -162,6 +171,7 @@ def module_state(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, Any
     module's own parametrizations on ``raw`` and ``bases`` (``"0.weight"`` becomes
     ``"0.parametrizations.weight.original"``, its base ``"0.parametrizations.weight.0.base"``).
     """
+    _need_module(module, "module_state")
     tensors = _geofunc_tensors(module)
     out: dict[str, Tensor] = {}
     for key, value in raw.items():
@@ -206,6 +216,7 @@ def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, 
             a real tensor, a DTensor on another mesh, or a base off its space; the message names the
             tensor, and the module is left as it was.
     """
+    _need_module(module, "load_functional")
     tensors = _geofunc_tensors(module)
     for key in bases or {}:
         if key not in tensors:
@@ -374,6 +385,8 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
     modules = list(modules)
     if not modules:
         raise ManifoldError("stack: expected at least one module, got none.")
+    for i, m in enumerate(modules):
+        _need_module(m, "stack", f"module {i}")
     for m in modules:
         _refuse_tied_raw(m, "stack")
     triples = [functional(m) for m in modules]
@@ -487,9 +500,12 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
             ``ManifoldError`` where a constrained tensor's raw Parameter of ``target`` is tied to
             another name (Note [Tied raw tensors]).
     """
+    _need_module(target, "average_", "target")
     modules = list(modules)
     if not modules:
         raise ManifoldError("average_: expected at least one module to average, got none.")
+    for i, m in enumerate(modules):
+        _need_module(m, "average_", f"module {i}")
     w = [1.0 / len(modules)] * len(modules) if weights is None else [float(x) for x in weights]
     if len(w) != len(modules):
         raise ManifoldError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}.")
