@@ -439,7 +439,7 @@ def _same_buffers(modules: Sequence[nn.Module]) -> None:
             if v.shape != b0[k].shape or v.dtype != b0[k].dtype or not torch.equal(v, b0[k]):
                 raise ManifoldError(
                     f"stack: expected module {i}'s buffer {k!r} equal to module 0's (the skeleton carries module 0's "
-                    f"buffers, so every member would run with them under vmap), got another {describe(v)}: "
+                    f"buffers, so every member would run with them under vmap), got a different one, {describe(v)}: "
                     f"gf.nn.stack(modules, buffers=True) returns them stacked, for functional_call(skeleton, "
                     f"(points, buffers), args)."
                 )
