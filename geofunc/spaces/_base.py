@@ -34,7 +34,7 @@ import functools
 import inspect
 import math
 import operator
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import optree
 import torch
@@ -928,19 +928,31 @@ class AbstractSpace(_Space, abc.ABC):
                 raise error(self, "a point on the space", f"{describe(X)} with {_violation(name, float(worst), tol, nan)}{where}")
 
 
+_INDICATOR_MARKS = ("; inf if so)", " (inf if so)", " (NaN if any)")
+
+
+def indicator_condition(name: str) -> Optional[str]:
+    """The condition an indicator measure ``name`` states (``"det(X) ≤ 0 (inf if so)"`` → ``"det(X) ≤ 0"``,
+    ``"x₀ ≤ 0 (lower sheet; inf if so)"`` → ``"x₀ ≤ 0 (lower sheet)"``), or None for another measure."""
+    for mark in _INDICATOR_MARKS:
+        if name.endswith(mark):
+            return name[: -len(mark)] + (")" if mark.startswith(";") else "")
+    return None
+
+
 def _violation(name: str, worst: float, tol: float, nan: bool) -> str:
     """How :meth:`AbstractSpace.check` states a measure ``name`` past ``tol`` (``worst``: its largest value,
     NaN read as inf; ``nan``: whether it has NaN). ``"name = v > atol = t"``, or the condition alone for
     an indicator (a measure named ``"… (inf if so)"`` that is inf where the condition holds, or
-    ``"… (NaN if any)"`` that is NaN there), so that it does not read ``det(X) ≤ 0 (inf if so) = inf >
-    atol = 0.0001``; a NaN elsewhere is said as NaN (non-finite entries), not as inf."""
-    for mark, hit in (("; inf if so)", not nan), (" (inf if so)", not nan), (" (NaN if any)", nan)):
-        if name.endswith(mark):
-            cond = name[: -len(mark)] + (")" if mark.startswith(";") else "")
-            if hit and worst == math.inf:
-                return cond
-            if nan:
-                return f"{cond}: NaN (undefined: non-finite entries?)"
+    ``"… (NaN if any)"`` that is NaN there: :func:`indicator_condition`), so that it does not read
+    ``det(X) ≤ 0 (inf if so) = inf > atol = 0.0001``; a NaN elsewhere is said as NaN (non-finite
+    entries), not as inf."""
+    cond = indicator_condition(name)
+    if cond is not None:
+        if worst == math.inf and nan == name.endswith(" (NaN if any)"):
+            return cond
+        if nan:
+            return f"{cond}: NaN (undefined: non-finite entries?)"
     if nan:
         return f"{name} = NaN (undefined: non-finite entries?)"
     return f"{name} = {worst:.3g} > atol = {tol:.3g}"

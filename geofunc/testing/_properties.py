@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, linearize, vmap
 
 from .._errors import ManifoldError, first_index
+from ..spaces._base import indicator_condition
 from ._case import SpaceCase
 
 __all__ = [
@@ -394,7 +395,8 @@ def check_contains(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Opti
 @_property
 def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
     """``check`` passes on points; ``check`` and ``from_manifold`` raise ``ManifoldError`` naming the space
-    and the measured violation (a key of ``space._violations``) on NaN / off-manifold input."""
+    and the measured violation (a key of ``space._violations``; for an indicator measure, ``"… (inf if
+    so)"``, its condition alone will do) on NaN / off-manifold input."""
     g = _gen(generator)
     M = case.space
     for shape in case.shapes:
@@ -413,7 +415,7 @@ def check_check(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optiona
                 except ManifoldError as e:
                     if repr(M) not in str(e):
                         raise _fail(ctx, f"the ManifoldError of {fn_name}({name}) does not name the space: {e}") from None
-                    if not any(v in str(e) for v in M._violations(Y)):
+                    if not any(v in str(e) or (indicator_condition(v) or v) in str(e) for v in M._violations(Y)):
                         raise _fail(ctx, f"the ManifoldError of {fn_name}({name}) names no measured violation: {e}") from None
                 else:
                     raise _fail(ctx, f"{fn_name}({name}) did not raise ManifoldError")
