@@ -63,7 +63,7 @@ import optree
 import torch
 import torch.autograd.forward_ad as _fw_ad
 
-from ._fastpath import _PLAIN_TYPES
+from ._fastpath import _PLAIN_TYPES, autocast_on
 
 Tensor = torch.Tensor
 
@@ -103,18 +103,6 @@ _OFF = _Off()
 # chart overflowed to NaN (PSD, SO, SL from raw entries of scale ~5). The vector-Jacobian product
 # is taken with autocast off, in the dtype its forward ran in. (A plain loss.backward() inside an
 # autocast region runs torch's own backward formulas in the autocast dtype: docs/guide/conventions.md.)
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})  # (spaces/_base.py's; a meta one raises)
-
-
-def _autocast_on(xs: tuple) -> bool:
-    """Whether autocast is on for the device of ``xs`` (~0.2 µs where it is on for none)."""
-    if not xs or (_any_autocast is not None and not _any_autocast()):
-        return False
-    device = xs[0].device.type
-    return device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
-
-
 _MAX_FRAMES = 200  # how far up the Python stack grad_and_value's frame is looked for
 _ONE_TENSOR = (True,)  # the output mask of a map that returns one tensor
 
@@ -254,7 +242,7 @@ if AVAILABLE:
         xs = tuple([t for t, d in zip(call.leaves, call.diff) if d])
         layer, mode = _lower()
         try:  # torch.autograd.grad without its Python argument handling (~30 µs): the engine itself
-            if _autocast_on(xs):  # Note [The private backward under autocast]
+            if xs and autocast_on(xs[0].device.type):  # Note [The private backward under autocast]
                 with torch.autocast(xs[0].device.type, enabled=False):
                     vals = _ENGINE.run_backward(tuple(outs), tuple(gs), retain, False, xs, True, False)
             else:

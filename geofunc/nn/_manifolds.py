@@ -762,7 +762,7 @@ def _in_sphere(X: Any, radius: float, eps: float, dtype_eps: Callable[[float, Te
     norm = torch.linalg.vector_norm(Xf, dim=-1)
     rounding = 0.0  # of a norm r stored in X's dtype (bf16/fp16: theirs, not float32's)
     if X.is_floating_point() or X.is_complex():
-        rounding = radius * 32 * torch.finfo(X.dtype).eps * max(1.0, math.sqrt(X.shape[-1] / 64))
+        rounding = radius * _rounding_unit(X.dtype, X.shape[-1], 32)
     return bool(((norm - radius).abs() < max(dtype_eps(eps, X), rounding)).all())
 
 
@@ -1064,8 +1064,14 @@ class Symmetric(_Triangle):
 def _vanishing_tolerance(big: Tensor, eps: float, n: int) -> Tensor:
     """``eps``, at least the rounding of a value that should vanish next to ``big`` (batch-shaped;
     Note [Vanishing values of a large matrix])."""
-    rounding = big.abs() * (8.0 * torch.finfo(big.dtype).eps * max(1.0, math.sqrt(n / 64.0)))
-    return rounding.clamp_min(eps)
+    return (big.abs() * _rounding_unit(big.dtype, n, 8)).clamp_min(eps)
+
+
+def _rounding_unit(dtype: torch.dtype, n: int, units: float) -> float:
+    """``units·ε·max(1, √(n/64))``: the relative rounding of a norm or of the values of an n-sized
+    matrix in ``dtype`` that GeoTorch's absolute bounds are widened to (Notes [Tolerance of a large
+    sphere], [Vanishing values of a large matrix])."""
+    return units * torch.finfo(dtype).eps * max(1.0, math.sqrt(n / 64.0))
 
 
 class _SVDManifold(_Manifold):

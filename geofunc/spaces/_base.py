@@ -28,7 +28,6 @@ concrete space is ``typing.final``: a variant is a constructor argument, never a
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -41,7 +40,8 @@ import torch
 
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index, real_value
-from .._fastpath import make_fx_tracing
+from .._fastpath import _any_autocast, autocast_off, make_fx_tracing  # (the first two also for hyperbolic, nn, contrib)
+from .._fastpath import autocast_on as _autocast_on
 from .._fused import one_node
 from .._linalg import _ROUNDING, _randn, orthonormality_error, polar, real_products
 
@@ -151,30 +151,6 @@ def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a result computed in ``dtype`` is finally stored in (Note [Low precision])."""
     stack = _ROUNDING.dtypes
     return stack[-1] if stack else dtype
-
-
-_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
-# One call for "is autocast on for any device" (~0.2 µs; torch.compile traces it): the fast
-# path of every map tests only this and the dtype.
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
-
-
-def _autocast_on(device_type: str) -> bool:
-    if _any_autocast is not None and not _any_autocast():
-        return False
-    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
-
-
-def autocast_off(*device_types: str) -> Any:
-    """A context with autocast disabled for those of ``device_types`` where it is on (every device
-    autocast knows if none is given); a no-op context where it is on for none."""
-    on = [d for d in (device_types or tuple(_AUTOCAST_DEVICES)) if _autocast_on(d)]
-    if not on:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    for d in on:
-        stack.enter_context(torch.autocast(d, enabled=False))
-    return stack
 
 
 # Note [A product of several dtypes]
