@@ -545,3 +545,38 @@ def test_backward_inside_autocast_is_finite(space, dtype) -> None:
     got, want = grads
     assert got.dtype == torch.float32 and torch.isfinite(got).all(), "non-finite gradient"
     torch.testing.assert_close(got, want, atol=(5e-2 if dtype == torch.bfloat16 else 1e-2) * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize(("space", "shape"), [(gf.Stiefel(), (5, 3)), (gf.Sphere(), (4,)), (gf.SO(), (3, 3))], ids=repr)
+def test_arguments_of_another_dtype_are_cast_as_autocast_casts_them(space, shape) -> None:
+    """Regression (Note [Arguments of another dtype] in spaces/_base.py). Under autocast a map is an
+    op of autocast's float32 list: a bf16 vector beside a float32 point is computed in float32, the
+    value of the same call given its float32 copy, in float32. Outside autocast a float32 point
+    refuses it, and two things were wrong: beside a float64 point under autocast the refusal named
+    the vector's float32 copy ('dtype torch.float32'), not the bf16 tensor given; and outside
+    autocast a bf16 point took an fp16 vector silently, where it takes its own dtype or float32."""
+    g = torch.Generator().manual_seed(0)
+    X = space.sample(shape, generator=g)
+    V = space.tangent(X, torch.randn(shape, generator=g))
+    Y = space.retract(X, 0.3 * V)
+    Vb = V.bfloat16()
+    calls = {
+        "retract": lambda v: space.retract(X, v),
+        "tangent": lambda v: space.tangent(X, v),
+        "egrad_to_rgrad": lambda v: space.egrad_to_rgrad(X, v),
+        "transport": lambda v: space.transport(X, Y, v),
+        "inner": lambda v: space.inner(X, v, v),
+    }
+    for name, call in calls.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = call(Vb)
+        assert got.dtype == torch.float32, name
+        torch.testing.assert_close(got, call(Vb.float()), rtol=1e-6, atol=1e-6, msg=name)
+        with pytest.raises(gf.ManifoldError, match=r"of the dtype of `X` \(torch\.float32\).*torch\.bfloat16"):
+            call(Vb)
+    X64, V64 = X.double(), V.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(gf.ManifoldError, match=r"dtype torch\.bfloat16"):
+        space.retract(X64, V64.bfloat16())
+    with pytest.raises(gf.ManifoldError, match=r"torch\.float32 or torch\.bfloat16\), got .*torch\.float16"):
+        space.retract(X.bfloat16(), V.half())
+    assert space.retract(X.bfloat16(), V).dtype == torch.bfloat16  # a float32 step: taken, rounded back

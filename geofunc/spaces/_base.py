@@ -199,10 +199,28 @@ def _in_order(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
     return args + tuple([kwargs[n] for n in names[len(args):] if n in kwargs])
 
 
-def _upcast(tree: Any) -> Any:
+def _upcast(tree: Any, dtypes: tuple[torch.dtype, ...] = LOW_PRECISION) -> Any:
     return optree.tree_map(
-        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in LOW_PRECISION else t, tree, none_is_leaf=True
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype in dtypes else t, tree, none_is_leaf=True
     )
+
+
+# Note [Arguments of another dtype]
+# Which arguments a map's policy computes in float32. Under autocast a map is an op of autocast's
+# float32 list, as torch.linalg's are: beside a float32 or low-precision lead its bf16/fp16 arguments
+# are cast to float32 (dist(X, Y) of a float32 point and a bf16 activation, retract of a float32 point
+# and a bf16 step, computed in float32 and returned in the lead's dtype), as torch casts an op's
+# inputs there; beside a float64 or complex lead nothing is cast (autocast leaves float64 alone), so the
+# dtype check names the tensor given: it named its float32 copy ('got … dtype torch.float32'), a dtype
+# the caller never passed. Outside autocast only tensors of the lead's own dtype are computed in float32:
+# a bf16 point takes a float32 vector (an optimizer's float32 gradient, as for unconstrained entries:
+# Note [The dtype of an unconstrained step] in geofunc/_pytree.py) but not an fp16 one, which was taken
+# silently (rounded to bf16) while a float32 point refused a bf16 one. A dtype comparison only.
+def _cast_dtypes(lead: torch.dtype, low: bool, autocast: bool) -> tuple[torch.dtype, ...]:
+    """The dtypes of the arguments a map computes in float32 (Note [Arguments of another dtype])."""
+    if autocast:
+        return LOW_PRECISION if low or lead == torch.float32 else ()
+    return (lead,)
 
 
 def _downcast(tree: Any, dtype: torch.dtype) -> Any:
@@ -225,13 +243,15 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         low = lead.dtype in LOW_PRECISION
         if not low and (_any_autocast is not None and not _any_autocast()):
             return fn(self, *args, **kwargs)
-        if not (low or _autocast_on(lead.device.type)):
+        autocast = _autocast_on(lead.device.type)
+        if not (low or autocast):
             return fn(self, *args, **kwargs)
+        cast = _cast_dtypes(lead.dtype, low, autocast)  # Note [Arguments of another dtype]
         if low:
             _ROUNDING.dtypes.append(lead.dtype)
         try:
             with torch.autocast(lead.device.type, enabled=False):
-                out = fn(self, *_upcast(args), **_upcast(kwargs))
+                out = fn(self, *_upcast(args, cast), **_upcast(kwargs, cast))
         finally:
             if low:
                 _ROUNDING.dtypes.pop()
