@@ -6,11 +6,14 @@ differentiable, batched, under vmap. No timing here (see benchmarks/bench_logabs
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.func import grad, jacrev, vmap
 
 import geofunc as gf
+from geofunc.testing import implements
 
 F64 = torch.float64
 
@@ -197,3 +200,16 @@ def test_product_logabsdet_is_that_of_the_block_diagonal_matrix():
         torch.testing.assert_close(la, lb, atol=1e-10 * 12, rtol=0)
         for ga, gb in zip(torch.autograd.grad(la.sum(), Za), torch.autograd.grad(lb.sum(), Zb)):
             torch.testing.assert_close(ga, gb, atol=1e-9 * 12, rtol=0)
+
+
+@pytest.mark.parametrize(("space", "shape"), [(gf.Sym(), (3, 3)), (gf.Rn(), (3, 3)), (gf.Sphere(), (4,)),
+                                              (gf.Grassmannian(), (3, 3)), (gf.Birkhoff(), (3, 3))], ids=repr)
+def test_a_space_without_logabsdet_says_so_as_every_refusal_does(space, shape):
+    """Regression: the default ``logabsdet`` raised 'logabsdet is only defined for square spaces with a
+    factorized determinant.', which told ``Sym``/``Rn``/``Grassmannian`` of a square point to be square;
+    it now states what was expected and what was got, as the rank family's refusals do."""
+    assert not implements(space, "logabsdet")
+    name = re.escape(repr(space))
+    with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected a space with a factorized determinant for "
+                                               rf"logabsdet \(.*\), got {name}, which has none"):
+        space.logabsdet(torch.zeros(shape))

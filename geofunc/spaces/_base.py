@@ -855,7 +855,10 @@ class AbstractSpace(_Space, abc.ABC):
 
     def logabsdet(self, Z: Tensor, base: Any = None) -> Tensor:
         """``log|det to_manifold(Z, base)|`` from the factorization (square spaces only)."""
-        raise ManifoldError(f"{self!r}: logabsdet is only defined for square spaces with a factorized determinant.")
+        # the rank family's wording: 'expected <what logabsdet takes> for logabsdet, got <what was given>'
+        raise error(self, "a space with a factorized determinant for logabsdet (SO, Unitary, GLp, SL, PSD, the square "
+                          "Stiefel and rank spaces; geofunc.testing.implements(space, 'logabsdet') tells)",
+                    f"{self!r}, which has none (torch.linalg.slogdet gives log|det X| of a square point)")
 
     # ------------------------------------------------------------- membership
     @abc.abstractmethod
