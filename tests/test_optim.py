@@ -573,6 +573,49 @@ def test_multi_transform_equals_separate_optimizers_per_label(generator):
     assert member(c["w"], p["w"]) and member(c["v"], p["v"])
 
 
+def test_the_whole_model_route_around_a_split(generator):
+    """Whole-model semantics with ``multi_transform``: ``clip_by_global_norm`` placed before the split
+    clips by the norm over every entry and ``apply_if_finite`` around the optimizer skips the whole
+    step. With the same rule under both labels the run equals the unsplit optimizer's (float64, 10
+    steps); a NaN in the free entry's gradient skips the constrained entries' step too (points and
+    state as they were); the clip inside each label instead is each label's norm (another run)."""
+    c = {"w": gf.Stiefel(), "v": gf.Sphere(), "b": None}
+    params = gf.sample(c, {"w": torch.empty(5, 2, dtype=F64), "v": torch.empty(4, dtype=F64),
+                           "b": torch.randn(3, dtype=F64, generator=generator)}, generator=generator)
+    T = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
+
+    def loss(p):
+        return sum(((p[k] - T[k]) ** 2).sum() * (50.0 if k == "b" else 1.0) for k in p)
+
+    def rule():
+        return gf.optim.chain(gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))
+
+    labels = {"w": "geo", "v": "geo", "b": "free"}
+    clip = gf.optim.clip_by_global_norm(c, 0.3)
+    opts = [gf.optim.apply_if_finite(gf.optim.retract_and_transport(c, gf.optim.chain(*ts)), max_consecutive_errors=3)
+            for ts in ([gf.optim.to_tangent(c), clip, gf.optim.multi_transform({"geo": rule(), "free": rule()}, labels)],
+                       [gf.optim.to_tangent(c), clip, rule()],
+                       [gf.optim.to_tangent(c), gf.optim.multi_transform(
+                           {"geo": gf.optim.chain(clip, rule()), "free": gf.optim.chain(clip, rule())}, labels)])]
+    runs = [(params, o.init(params)) for o in opts]
+    for step in range(10):
+        new = []
+        for o, (p, s) in zip(opts, runs):
+            g = grad(loss)(p)
+            if step == 4:
+                g = {**g, "b": g["b"] * torch.tensor(float("nan"), dtype=F64)}
+            new.append(o.update(g, s, p))
+        if step == 4:
+            (p, s), (p2, s2) = runs[0], new[0]
+            assert all(torch.equal(p[k], p2[k]) for k in p) and not bool(s2.last_finite)
+            assert all(torch.equal(a, b) for a, b in zip(optree.tree_leaves(s.inner_state), optree.tree_leaves(s2.inner_state)))
+        runs = new
+        _tree_close(runs[0][0], runs[1][0], 1e-12)
+    assert int(runs[0][1].total_notfinite) == 1
+    assert (runs[2][0]["w"] - runs[1][0]["w"]).abs().max() > 1e-4  # the clip inside the labels: each its own norm
+    assert member(c["w"], runs[0][0]["w"]) and member(c["v"], runs[0][0]["v"])
+
+
 def _finite_problem(generator):
     c = {"q": gf.SO(), "s": gf.Sphere(), "b": None}
     params = gf.sample(c, {"q": torch.empty(3, 3, dtype=F64), "s": torch.empty(4, dtype=F64),

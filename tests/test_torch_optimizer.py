@@ -161,6 +161,167 @@ def test_grad_scaler_and_clip_grad_norm_act_on_the_whole_model(generator):
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
 
 
+def _net_groups(model, **extra):
+    """``Net``'s parameters in three groups (the Stiefel frame, the sphere rows, the free bias), each
+    with its own ``extra`` hyperparameters."""
+    return [{"params": [(k, getattr(model, k))], **extra.get(k, {})} for k in ("W", "s", "b")]
+
+
+def _adam_clipped(constraints, lr, max_norm=0.05):
+    """Adam after ``clip_by_global_norm`` of the Riemannian gradient (the functional route: the norm
+    over every parameter the factory is given)."""
+    c = constraints
+    return gf.optim.retract_and_transport(c, gf.optim.chain(
+        gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, max_norm), gf.optim.scale_by_adam(c),
+        gf.optim.scale_by_schedule(lambda t: -lr(t))))
+
+
+def test_clip_by_global_norm_over_groups_equals_one_group(generator):
+    """``TorchOptimizer(clip_by_global_norm=max_norm)`` clips by the norm of every group's gradient
+    (Note [A whole-model step]): three groups step as one group whose factory clips (the Riemannian
+    norm on the Stiefel and sphere parameters), float64, 10 steps, to rounding; the factory's own clip
+    over the three groups is each group's norm (another run), and ``.grad`` is left as it was."""
+    x, y = _data(generator)
+    models = [Net(generator) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    whole, one, per_group = models
+    opts = [gf.optim.TorchOptimizer(_net_groups(whole), C, gf.optim.radam, lr=0.02, clip_by_global_norm=0.05),
+            gf.optim.TorchOptimizer(one.named_parameters(), C, _adam_clipped, lr=0.02),
+            gf.optim.TorchOptimizer(_net_groups(per_group), C, _adam_clipped, lr=0.02)]
+    for _ in range(10):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            g = {k: p.grad.clone() for k, p in m.named_parameters()}
+            o.step()
+            assert all(torch.equal(p.grad, g[k]) for k, p in m.named_parameters())
+    with torch.no_grad():  # the clip acts at every step (the last one's norm, over the three groups, > 2·max_norm)
+        sq = [float(sp.inner(p, r, r).sum()) for sp, p in ((gf.Stiefel(), whole.W), (gf.Sphere(), whole.s))
+              for r in [sp.egrad_to_rgrad(p, p.grad)]]
+        assert (sum(sq) + float((whole.b.grad**2).sum())) ** 0.5 > 0.1
+    for k in ("W", "s", "b"):
+        torch.testing.assert_close(getattr(whole, k).detach(), getattr(one, k).detach(), atol=1e-12, rtol=0, msg=k)
+        assert (getattr(per_group, k) - getattr(one, k)).abs().max() > 1e-4, k  # each group's own norm
+    assert member(gf.Stiefel(), whole.W.detach(), 1e-10) and member(gf.Sphere(), whole.s.detach(), 1e-10)
+
+
+def _step_with(model, opt, x, y, poison=None):
+    """One step of ``Net`` with the gradient of ``poison`` (a parameter's name) set to NaN in one entry."""
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    if poison is not None:
+        getattr(model, poison).grad[(0,) * getattr(model, poison).ndim] = float("nan")
+    opt.step()
+
+
+def _tensors_equal(a, b):
+    la, lb = optree.tree_leaves(a), optree.tree_leaves(b)
+    return len(la) == len(lb) and all(type(u) is type(v) and (torch.equal(u, v) if isinstance(u, torch.Tensor) else u == v)
+                                      for u, v in zip(la, lb))
+
+
+@pytest.mark.parametrize("poison", ["W", "b"])
+def test_apply_if_finite_skips_every_groups_step(poison, generator):
+    """``TorchOptimizer(apply_if_finite=n)`` with three groups: a NaN in one group's gradient (the Stiefel
+    frame's, the free bias's) skips the step of every group (points, states, step counts: the
+    ``state_dict`` as before it), counted as the functional ``apply_if_finite`` counts; the run goes on
+    as one without that step (bit for bit). ``apply_if_finite`` inside the factory skips only the
+    group with the NaN (the per-group route: the other groups stepped)."""
+    x, y = _data(generator)
+    ours, ref, per_group = Net(generator), Net(generator), Net(generator)
+    ref.load_state_dict(ours.state_dict())
+    per_group.load_state_dict(ours.state_dict())
+    lrs = {"W": {"lr": 0.03}, "b": {"lr": 0.05}}
+    opt = gf.optim.TorchOptimizer(_net_groups(ours, **lrs), C, gf.optim.radam, lr=0.02, apply_if_finite=3)
+    ref_opt = gf.optim.TorchOptimizer(_net_groups(ref, **lrs), C, gf.optim.radam, lr=0.02)
+    for step in range(6):
+        if step in (2, 4):
+            before = {k: p.detach().clone() for k, p in ours.named_parameters()}
+            sd = opt.state_dict()
+            _step_with(ours, opt, x, y, poison)
+            assert all(torch.equal(p.detach(), before[k]) for k, p in ours.named_parameters())
+            after = opt.state_dict()
+            assert _tensors_equal(after["state"], sd["state"])
+            assert (opt.notfinite_count, opt.last_finite) == (1, False)
+            assert all(g["notfinite_count"] == 1 and g["total_notfinite"] == step // 2 for g in after["param_groups"])
+            continue
+        _step_with(ours, opt, x, y)
+        _step_with(ref, ref_opt, x, y)
+        assert (opt.notfinite_count, opt.last_finite) == (0, True)
+        for k in ("W", "s", "b"):
+            assert torch.equal(getattr(ours, k).detach(), getattr(ref, k).detach()), (step, k)
+    assert opt.total_notfinite == 2
+    assert int(opt.state_dict()["state"][0]["3.count"]) == 4  # four applied steps (radam's Adam count)
+    factory = lambda c, lr: gf.optim.apply_if_finite(gf.optim.radam(c, lr=lr), max_consecutive_errors=3)  # noqa: E731
+    per = gf.optim.TorchOptimizer(_net_groups(per_group), C, factory, lr=0.02)
+    before = {k: p.detach().clone() for k, p in per_group.named_parameters()}
+    _step_with(per_group, per, x, y, poison)
+    moved = {k for k, p in per_group.named_parameters() if not torch.equal(p.detach(), before[k])}
+    assert moved == {"W", "s", "b"} - {poison}
+
+
+def test_apply_if_finite_applies_after_too_many_skips_and_resumes_from_a_checkpoint(generator):
+    """After more than ``max_consecutive_errors`` skips in a row the step is applied (a NaN point,
+    visibly); the counters are entries of every group, saved in the ``state_dict`` (``torch.save`` /
+    ``torch.load(weights_only=True)``, and ``torch.distributed.checkpoint``'s flattened
+    ``get_state_dict``, which rebuilds the groups from the live ones' keys) and loaded, so a run resumed
+    between two skips applies the same step as the run that never stopped; a checkpoint without
+    counters starts them at 0."""
+    x, y = _data(generator)
+    a, b = Net(generator), Net(generator)
+    b.load_state_dict(a.state_dict())
+    make = lambda m: gf.optim.TorchOptimizer(_net_groups(m), C, gf.optim.radam, lr=0.02,  # noqa: E731
+                                             apply_if_finite=2, clip_by_global_norm=1.0)
+    opt_a = make(a)
+    for poison in (None, None, "s"):
+        _step_with(a, opt_a, x, y, poison)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    b.load_state_dict(saved["model"])
+    opt_b = make(b)
+    opt_b.load_state_dict(saved["opt"])
+    assert (opt_b.notfinite_count, opt_b.last_finite, opt_b.total_notfinite) == (1, False, 1)
+    assert all((g["notfinite_count"], g["last_finite"], g["total_notfinite"]) == (1, False, 1) for g in opt_b.param_groups)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    d = Net(generator)
+    opt_d = make(d)
+    set_state_dict(d, opt_d, model_state_dict=saved["model"], optim_state_dict=get_state_dict(b, opt_b, options=options)[1],
+                   options=options)
+    assert (opt_d.notfinite_count, opt_d.last_finite, opt_d.total_notfinite) == (1, False, 1)
+    for m, o in ((a, opt_a), (b, opt_b), (d, opt_d)):
+        _step_with(m, o, x, y, "b")  # the second in a row: skipped
+        assert torch.isfinite(m.b).all() and o.notfinite_count == 2
+        _step_with(m, o, x, y, "b")  # the third: applied
+        assert torch.isnan(m.b).any() and (o.notfinite_count, o.total_notfinite) == (3, 3)
+    for k in ("W", "s", "b"):
+        for m in (b, d):
+            torch.testing.assert_close(getattr(a, k).detach(), getattr(m, k).detach(), atol=0, rtol=0, equal_nan=True, msg=k)
+    c = Net(generator)
+    fresh = make(c)
+    plain = gf.optim.TorchOptimizer(_net_groups(c), C, gf.optim.radam, lr=0.02)
+    for g in fresh.param_groups:
+        g["notfinite_count"] = 5
+    fresh.load_state_dict(plain.state_dict())
+    assert (fresh.notfinite_count, fresh.last_finite, fresh.total_notfinite) == (0, True, 0)
+    plain.load_state_dict(saved["opt"])  # counters of an optimizer without apply_if_finite: not read
+    assert all("notfinite_count" not in g for g in plain.param_groups)
+
+
+def test_whole_model_options_are_checked(generator):
+    net = Net(generator)
+    for bad in (0.0, -1.0, float("nan"), "1", True):
+        with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected `clip_by_global_norm` a number > 0"):
+            gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02, clip_by_global_norm=bad)
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected `apply_if_finite` an int >= 0"):
+            gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02, apply_if_finite=bad)
+
+
 def _adamw_groups(named, mask):
     """``torch.optim.AdamW`` with weight decay on the masked parameters only (torch's way: two groups)."""
     return torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},

@@ -9,10 +9,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import optree
 import torch
+from .. import _pytree
 from .._errors import ManifoldError, describe
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
-from ._transforms import ScaleByScheduleState, TraceState, _is_number, _no_buffer
+from ._transforms import ScaleByScheduleState, TraceState, _is_number, _keep, _no_buffer, _real, clip_factor
+from ._wrappers import _all_finite
 
 __all__ = ["TorchOptimizer"]
 
@@ -49,7 +51,8 @@ __all__ = ["TorchOptimizer"]
 # from `init` (as torch.optim's state, created at a parameter's first gradient). So the common
 # case, every parameter with a gradient at every step, is one functional update per group, and a
 # transform that couples parameters (a global-norm clip in the factory) couples those stepped
-# together.
+# together (TorchOptimizer's own clip_by_global_norm and apply_if_finite couple the whole model:
+# Note [A whole-model step]).
 # The state_dict is torch.optim's (Note [TorchOptimizer's state_dict]). step is never compiled
 # (torch.compiler.disable: a compiled caller runs it eagerly).
 # Dynamo traces a torch.optim.Optimizer's attributes as its own optimizer object and dropped the
@@ -211,6 +214,7 @@ def _fill(fresh: Any, old: Any, names: tuple[str, ...]) -> Any:
 # The earlier formats (a list of "cohorts" holding NamedTuple states, and the first, one
 # "functional_state") still load.
 _COHORT = "cohort"
+_COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")  # Note [A whole-model step]
 
 
 def _leaves(tree: Any, path: tuple[str, ...]) -> Iterable[tuple[tuple[str, ...], Any]]:
@@ -510,12 +514,28 @@ class TorchOptimizer(torch.optim.Optimizer):
             is cut to the parameters it is built for), not closed over as a dict of the whole model
             (that fails at the first such step); what the factory couples across parameters
             (``clip_by_global_norm``'s norm, ``apply_if_finite``'s skip) is each group's, then each
-            part's: for the whole model's, call ``torch.nn.utils.clip_grad_norm_`` and step through
-            ``torch.amp.GradScaler`` (its ``unscale_``, ``step``, ``update``), which work as with
-            ``torch.optim``. ``lr`` is a schedule reading the group's rate
+            part's: for the whole model's, pass ``clip_by_global_norm`` and ``apply_if_finite`` to
+            ``TorchOptimizer`` itself (below). ``lr`` is a schedule reading the group's rate
             (``scale_by_schedule(lambda t: -lr(t))``).
         lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
             ``param_groups[i]["lr"]`` between steps).
+        clip_by_global_norm: ``max_norm`` (a number > 0), or None (the default: no clip). The
+            gradients of every parameter stepped (all groups, all parts) are scaled by one factor
+            ``min(1, max_norm / (‖g‖ + 1e-6))`` before the factories see them, ``‖g‖²`` the sum over
+            those parameters of the squared Riemannian norm of the Riemannian gradient on
+            constrained ones (``space.inner(X, r, r)``, ``r = space.egrad_to_rgrad(X, G)``) and of the
+            Euclidean one elsewhere: :func:`~geofunc.optim.clip_by_global_norm` over the whole model
+            (on free parameters ``torch.nn.utils.clip_grad_norm_``). The ``.grad`` tensors are left
+            as they are; a factory's own ``weight_decay`` is added after the clip, as torch's is
+            after ``clip_grad_norm_``.
+        apply_if_finite: ``max_consecutive_errors`` (an int >= 0), or None (the default). A step
+            whose gradients or new points are not all finite, in any group, is skipped for every
+            group: no parameter moves, no state or step count changes (``state_dict`` is as before
+            it), as :func:`~geofunc.optim.apply_if_finite` of one optimizer of the whole model; after
+            more than ``max_consecutive_errors`` skips in a row the step is applied anyway. The
+            counters, ``notfinite_count`` (skips in a row), ``last_finite`` and ``total_notfinite``,
+            are properties and entries of every parameter group (so ``state_dict`` saves them). One
+            host sync per step (as ``torch.amp.GradScaler``'s ``step``). Note [A whole-model step].
         **kwargs: the other hyperparameters' defaults, passed to ``optimizer`` (``momentum``,
             ``betas``, ``weight_decay``, ...). The groups (and ``defaults``) hold every keyword
             parameter of ``optimizer`` with its default, as ``torch.optim``'s groups do, so a
@@ -547,6 +567,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         constraints: Mapping[str, Any],
         optimizer: Callable[..., Optimizer],
         lr: float,
+        *,
+        clip_by_global_norm: Any = None,
+        apply_if_finite: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         if (isinstance(optimizer, (Optimizer, str)) or not callable(optimizer)
@@ -558,6 +581,15 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ManifoldError(f"TorchOptimizer: expected `optimizer` a factory of geofunc.optim (gf.optim.radam, rsgd, "
                                 f"radamw, or a function (constraints, lr, **hyperparameters) returning a "
                                 f"gf.optim.Optimizer), got {got}.")
+        if clip_by_global_norm is not None and not isinstance(clip_by_global_norm, torch.Tensor):
+            x = _real(clip_by_global_norm)
+            if x is None or isinstance(clip_by_global_norm, bool) or not x > 0:
+                raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
+                                    f"whole model's gradient) or None, got {clip_by_global_norm!r}.")
+        if apply_if_finite is not None and (isinstance(apply_if_finite, bool) or not isinstance(apply_if_finite, int)
+                                            or apply_if_finite < 0):
+            raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
+                                f"max_consecutive_errors) or None, got {apply_if_finite!r}.")
         frozen: list[str] = []
         constraints = dict(constraints)
         groups = _named_groups(params, frozen, constraints)  # Note [Constraints in a group]
@@ -582,6 +614,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._constraints = {n: constraints.get(n) for n in self._names}
         self._cohorts = [_Cohort(i, names, None) for i, names in enumerate(self._group_names) if names]
         self._built: dict[tuple[int, tuple[str, ...]], tuple[dict, Optimizer]] = {}
+        self._max_norm, self._max_errors = clip_by_global_norm, apply_if_finite  # Note [A whole-model step]
+        self._set_counters(0, True, 0)
         for i in range(len(self.param_groups)):
             self._check_group(i)
 
@@ -643,6 +677,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ManifoldError("TorchOptimizer.add_param_group: expected parameters that require grad, got none.")
         self._check_new(named, constraints, frozen)
         super().add_param_group({"params": [p for _, p in named], **group})
+        self._set_counters(*self._counters())  # Note [A whole-model step]: in every group
         names = tuple(n for n, _ in named)
         self._hyper_keys |= set(group) - {"lr"}
         self._group_names.append(names)
@@ -713,6 +748,28 @@ class TorchOptimizer(torch.optim.Optimizer):
         self._built[key] = (snapshot, opt)
         return opt
 
+    # Note [A whole-model step]
+    # Each cohort (a group, or a part of one) is stepped by its own functional optimizer, so what a
+    # factory couples across parameters is the cohort's: clip_by_global_norm's norm, apply_if_finite's
+    # skip (a NaN in one group's gradient skipped that group's step and let the others step on, as
+    # optax's multi_transform with the wrapper inside each label does). optax users expect the wrapper
+    # outside: one norm over every leaf, one skip for the whole step. TorchOptimizer's own
+    # clip_by_global_norm and apply_if_finite give that: the norm over every parameter stepped
+    # (Riemannian on the constrained ones, with the functional clip's formula, clip_factor), its factor
+    # applied to the Euclidean gradients (egrad_to_rgrad is linear, so the factories' to_tangent of the
+    # scaled gradient is the scaled Riemannian gradient; scaling the Riemannian one instead would apply
+    # egrad_to_rgrad twice, wrong for a non-embedded metric); and each cohort's update computed, then
+    # all written or none by the functional apply_if_finite's rule (gradients as given and new points
+    # finite), its counters the optimizer's own. The choice is a Python branch on one flag (step is
+    # eager: a sync, as GradScaler's step), so a skipped step leaves the points, the states and a
+    # cohort never stepped (no state yet) exactly as they were; the cohorts a split made at that step
+    # keep the split (their states are the same values). The counters are entries of every parameter
+    # group ("notfinite_count", "last_finite", "total_notfinite", the same in each; the properties
+    # read the first), so the state_dict saves them: torch.distributed.checkpoint keeps only "state"
+    # and "param_groups", its flattened form rebuilds the groups from the keys of the live ones, and a
+    # parameter's entries exist only once it has stepped. load_state_dict takes the first saved
+    # group's (a checkpoint without them starts them at 0; an optimizer without apply_if_finite
+    # ignores them). A step with no gradient at all steps nothing and changes no counter.
     # Note [Nesterov at momentum 0]
     # torch.optim.SGD refuses nesterov=True without momentum when it is built, and a group whose momentum
     # a scheduler takes to 0 later (OneCycleLR or CyclicLR with base_momentum=0, a momentum warm-up
@@ -743,19 +800,83 @@ class TorchOptimizer(torch.optim.Optimizer):
                 skipped = _Cohort(co.group, tuple(n for n in co.names if params[n].grad is None), None)
                 cohorts += [self._part(co, skipped, params), self._part(co, _Cohort(co.group, stepped, None), params)]
         self._cohorts = cohorts
-        for co in cohorts:
-            if params[co.names[0]].grad is None:
-                continue
+        stepping = [co for co in cohorts if params[co.names[0]].grad is not None]
+        if not stepping:
+            return loss
+        grads = {n: params[n].grad.detach() for co in stepping for n in co.names}
+        given = grads
+        if getattr(self, "_max_norm", None) is not None:  # Note [A whole-model step]
+            grads = self._clipped(grads, params)
+        whole = getattr(self, "_max_errors", None) is not None
+        pending = []
+        for co in stepping:
             opt = self._functional(co)
             points = {n: params[n].detach() for n in co.names}
-            grads = {n: params[n].grad.detach() for n in co.names}
-            if co.state is None:
-                co.state, co.layout = _init(opt, points)
-            new, state = opt.update(grads, co.state, points)
-            co.state = _unaliased(state, [*points.values(), *grads.values()])  # Note [A state that holds a parameter]
+            g = {n: grads[n] for n in co.names}
+            state, layout = (co.state, co.layout) if co.state is not None else _init(opt, points)
+            new, state = opt.update(g, state, points)
+            # Note [A state that holds a parameter] (the gradients given, and the clipped ones)
+            state = _unaliased(state, [*points.values(), *g.values(), *(given[n] for n in co.names if given is not grads)])
+            if whole:  # kept until every group's step is known
+                pending.append((co, new, state, layout))
+                continue
+            co.state, co.layout = state, layout
+            for n in co.names:
+                params[n].copy_(new[n])
+        if whole and not self._whole_step_applies(given, [new for _, new, _, _ in pending]):
+            return loss  # Note [A whole-model step]: points and states as they were
+        for co, new, state, layout in pending:
+            co.state, co.layout = state, layout
             for n in co.names:
                 params[n].copy_(new[n])
         return loss
+
+    def _clipped(self, grads: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``grads`` scaled by one factor so that the whole model's norm is at most ``clip_by_global_norm``
+        (the Riemannian norm of the Riemannian gradient on constrained parameters: Note [A whole-model step])."""
+        constraints = {n: self._constraints[n] for n in grads}
+        points = {n: params[n].detach() for n in grads}
+        coef = clip_factor(constraints, points, _pytree.egrad_to_rgrad(constraints, points, grads), self._max_norm)
+        return grads if coef is None else {n: _keep(g, g * coef) for n, g in grads.items()}
+
+    def _whole_step_applies(self, grads: Mapping[str, torch.Tensor], new: list[Any]) -> bool:
+        """Whether the step is applied (``apply_if_finite``'s rule on the whole model's gradients and new
+        points; one host sync), its counters updated (Note [A whole-model step])."""
+        finite = bool(_all_finite(grads, new))
+        count, _, total = self._counters()
+        count = 0 if finite else count + 1
+        self._set_counters(count, finite, total + (not finite))
+        return finite or count > self._max_errors
+
+    def _counters(self) -> tuple[int, bool, int]:
+        """``(notfinite_count, last_finite, total_notfinite)`` of ``apply_if_finite`` (the first group's;
+        ``(0, True, 0)`` without it): Note [A whole-model step]."""
+        if getattr(self, "_max_errors", None) is None or not self.param_groups:
+            return 0, True, 0
+        g = self.param_groups[0]
+        return int(g.get(_COUNTERS[0], 0)), bool(g.get(_COUNTERS[1], True)), int(g.get(_COUNTERS[2], 0))
+
+    def _set_counters(self, count: int, finite: bool, total: int) -> None:
+        """Write ``apply_if_finite``'s counters into every group (nothing without it)."""
+        if getattr(self, "_max_errors", None) is None:
+            return
+        for g in self.param_groups:
+            g.update(zip(_COUNTERS, (count, finite, total)))
+
+    @property
+    def notfinite_count(self) -> int:
+        """With ``apply_if_finite``: the steps skipped in a row (0 after an applied one); 0 without."""
+        return self._counters()[0]
+
+    @property
+    def last_finite(self) -> bool:
+        """With ``apply_if_finite``: whether the last step's gradients and new points were finite."""
+        return self._counters()[1]
+
+    @property
+    def total_notfinite(self) -> int:
+        """With ``apply_if_finite``: the steps whose gradients or new points were not finite, in all."""
+        return self._counters()[2]
 
     def _part(self, co: _Cohort, part: _Cohort, params: Mapping[str, torch.Tensor]) -> _Cohort:
         """``part`` (some of ``co``'s parameters) with its part of ``co``'s state, on the structure of
@@ -863,7 +984,10 @@ class TorchOptimizer(torch.optim.Optimizer):
                                 f"{saved} in {len(groups)}.")
         before = [dict(g) for g in self.param_groups]
         for group, saved_group in zip(self.param_groups, groups):
-            group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
+            group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names", *_COUNTERS)})
+        first = groups[0] if groups else {}  # Note [A whole-model step]: a checkpoint without them starts them anew
+        self._set_counters(int(first.get(_COUNTERS[0], 0)), bool(first.get(_COUNTERS[1], True)),
+                           int(first.get(_COUNTERS[2], 0)))
         try:
             self._load_cohorts(state_dict)
         except Exception:  # a refused checkpoint leaves the optimizer as it was

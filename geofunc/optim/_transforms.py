@@ -492,6 +492,12 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
     own norm. The norm is formed in at least float32. A non-finite norm gives a factor of 0 (finite
     vectors become 0, non-finite ones NaN), as in torch.
 
+    The norm is over the vectors this transform is given: inside :func:`masked` or
+    :func:`multi_transform` the entries of its mask or label only; before the split in the
+    :func:`chain`, every entry (the whole model's). In a factory of
+    :class:`~geofunc.optim.TorchOptimizer` it is each group's (or part's); pass
+    ``TorchOptimizer(..., clip_by_global_norm=max_norm)`` for the whole model's.
+
     Example::
 
         >>> c = {"w": gf.Stiefel()}
@@ -507,14 +513,23 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
         return EmptyState()
 
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
-        leaves = optree.tree_leaves(_pytree.lift(constraints, _point_sq_norm, params, vectors), none_is_leaf=False)
-        if not leaves:
+        coef = clip_factor(constraints, params, vectors, max_norm)
+        if coef is None:
             return vectors, state
-        total = _sqrt0(sum(s.sum() for s in leaves))  # Note [Square roots of statistics]
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         return _map(lambda v: _keep(v, v * coef), vectors), state
 
     return TangentTransform(init, update, keep_state)
+
+
+def clip_factor(constraints: Any, params: Params, vectors: Vectors, max_norm: Any) -> Tensor | None:
+    """:func:`clip_by_global_norm`'s one factor ``min(1, max_norm / (‖vectors‖ + 1e-6))`` for tangent
+    ``vectors`` at ``params``, the norm over every entry given (``None`` for no entry); also
+    ``TorchOptimizer(clip_by_global_norm=...)``'s, over every group (Note [A whole-model step])."""
+    leaves = optree.tree_leaves(_pytree.lift(constraints, _point_sq_norm, params, vectors), none_is_leaf=False)
+    if not leaves:
+        return None
+    total = _sqrt0(sum(s.sum() for s in leaves))  # Note [Square roots of statistics]
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
 
 
 # Note [Masks and labels]
@@ -524,7 +539,8 @@ def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
 # prefix of it (one value for a whole subtree), or a callable of the parameters that returns one:
 # static values, so the choice is made once per trace (vmap, torch.compile) and never reads a tensor.
 # The inner transform sees every entry, with the vectors of the entries it does not own set to zero:
-# what couples entries (clip_by_global_norm's norm) then sees only its own, and a state keeps the
+# what couples entries (clip_by_global_norm's norm) then sees only its own (as optax's; a norm over
+# every entry is a clip placed before the split in the chain), and a state keeps the
 # parameters' structure (its entries of the others are never used), so transport, vmap and checkpoints
 # need nothing new. The entries it does not own get the vectors unchanged (masked) or another
 # transform's (multi_transform).
@@ -559,7 +575,8 @@ def masked(inner: TangentTransform, mask: Any) -> TangentTransform:
     ``mask``: a pytree of Python bools with the structure of the parameters or a prefix of it
     (``{"encoder": True, "bias": False}``), or a callable ``mask(params)`` returning one. ``inner``
     sees the others' vectors as zero, so what it couples across entries (a global norm) is over the
-    masked ones only; its state has the parameters' structure (Note [Masks and labels]).
+    masked ones only (for a norm over every entry, place :func:`clip_by_global_norm` before it in
+    the :func:`chain`); its state has the parameters' structure (Note [Masks and labels]).
 
     Example::
 
@@ -581,9 +598,11 @@ def multi_transform(transforms: dict[Any, TangentTransform], labels: Any) -> Tan
 
     ``labels``: a pytree of labels (keys of ``transforms``) with the structure of the parameters or a
     prefix of it, or a callable ``labels(params)`` returning one. Each transform sees the vectors of
-    the entries of other labels as zero (a global norm is its own label's) and keeps its state, a
-    dict by label (Note [Masks and labels]). A label without entries is allowed; an entry whose
-    label has no transform raises ``ManifoldError``.
+    the entries of other labels as zero (a global norm is its own label's: for the norm over every
+    entry, place :func:`clip_by_global_norm` before the ``multi_transform`` in the :func:`chain`) and
+    keeps its state, a dict by label (Note [Masks and labels]). A label without entries is allowed;
+    an entry whose label has no transform raises ``ManifoldError``. :func:`apply_if_finite` wraps
+    an optimizer, so around one with a ``multi_transform`` it skips the whole step.
 
     Example::
 

@@ -59,6 +59,11 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
     ``torch.where`` on tensors, so it runs under ``vmap`` (each model decides for itself) and
     ``torch.compile`` (Note [Skipping a non-finite step]).
 
+    The decision is one for every entry of ``opt`` (a ``multi_transform`` or ``masked`` inside it
+    included: a NaN in one label's gradient skips every label's step). In a factory of
+    :class:`~geofunc.optim.TorchOptimizer` it is each group's (or part's): pass
+    ``TorchOptimizer(..., apply_if_finite=max_consecutive_errors)`` for one decision for the whole model.
+
     Example::
 
         >>> opt = gf.optim.apply_if_finite(gf.optim.radam(constraints, lr=1e-3), max_consecutive_errors=5)
