@@ -740,3 +740,40 @@ def test_right_inverse_without_the_check_keeps_the_weight_on_the_space(case):
     if size[0] == size[1]:
         Q = Q * torch.tensor([-1.0] + [1.0] * (size[1] - 1))  # det −1: GeoTorch's SO takes it
     assert torch.equal(M(M.right_inverse(Q, check_in_manifold=False)).detach(), Q)
+
+
+@pytest.mark.parametrize(("make", "size", "match"), [
+    (lambda s: gnn.Sphere(s), (0,), r"^Sphere\(radius=1\.0\): expected `size` to be non-empty vectors .*got shape \(0,\)"),
+    (lambda s: gnn.Sphere(s), (), r"^Sphere\(radius=1\.0\): expected `size` to be non-empty vectors .*got shape \(\)"),
+    (lambda s: gnn.SphereEmbedded(s), (3, 0), r"^SphereEmbedded\(radius=1\.0\): expected `size` .*got shape \(3, 0\)"),
+    (lambda s: gnn.SO(s), (0, 0), r"^SO\(triv='expm'\): expected `size` with non-empty matrix dimensions"),
+    (lambda s: gnn.Sphere(s), (-1,), r"^Sphere: expected `size` to be a tuple \(or torch\.Size\) of non-negative "
+                                     r"integers, got \(-1,\)"),
+    (lambda s: gnn.Rn(s), (3, -2), r"^Rn: expected `size` .* non-negative integers, got \(3, -2\)"),
+    (lambda s: gnn.Stiefel(s), (3, -2), r"^Stiefel: expected `size` .* non-negative integers, got \(3, -2\)"),
+    (lambda s: gnn.LowRank(s, 1), (3, -2), r"^LowRank: expected `size` .* non-negative integers, got \(3, -2\)"),
+    (lambda s: gnn.GLp(s), (-3, -3), r"^GLp: expected `size` .* non-negative integers, got \(-3, -3\)"),
+    (lambda s: gnn.Sphere(s), (2.5,), r"^Sphere: expected `size` .* non-negative integers, got \(2\.5,\)"),
+    (lambda s: gnn.Grassmannian(s), (4, 2.0), r"^Grassmannian: expected `size` .*, got \(4, 2\.0\)"),
+    (lambda s: gnn.Sphere(s), 3, r"^Sphere: expected `size` .* non-negative integers, got 3\."),
+], ids=lambda x: repr(x) if not callable(x) else "")
+def test_a_bad_size_is_named_as_the_size_given(make, size, match):
+    """Regression (Note [The size a class was given] in geofunc/nn/_manifolds.py): an empty size named
+    `Z` (an internal name), a negative one raised torch's 'zeros: Dimension size must be non-negative.'
+    or a RankError about rank -2, Sphere((2.5,)) silently built a sphere of size (2,) and Sphere(3)
+    raised "'int' object is not iterable": a ManifoldError naming `size` and the size given."""
+    with pytest.raises(gf.ManifoldError, match=match):
+        make(size)
+
+
+def test_an_empty_square_frame_class_is_refused_at_construction():
+    """``Stiefel((0, 0))`` was built, then its sample raised SO's refusal of an empty matrix (naming SO,
+    and `shape`); it is refused when built, naming the size, as ``orthogonal`` of a 0×0 weight is. An
+    n×0 frame is still taken (tests/test_empty_frames.py)."""
+    for cls in (gnn.Stiefel, gnn.Grassmannian):
+        with pytest.raises(gf.ManifoldError, match=rf"^{cls.__name__}: expected `size` with non-empty matrix "
+                                                   rf"dimensions where square .*got \(2, 0, 0\)"):
+            cls((2, 0, 0))
+        assert cls((3, 0)).sample().shape == (3, 0)
+    with pytest.raises(gnn.RankError):
+        gnn.GLp((0, 0))

@@ -63,9 +63,33 @@ xavier_normal_ = nn.init.xavier_normal_
 
 
 # ----------------------------------------------------------------------------- helpers
+# Note [The size a class was given]
+# A class's ``size`` was read as ``tuple(int(d) for d in size)`` and its emptiness judged by the space
+# when the class drew its base: Sphere((0,)) raised "Sphere(radius=1.0): expected `Z` to be non-empty
+# vectors" (an internal name: the zeros it re-centred when the sample failed), SO((0, 0)) the same of
+# `Z`; a negative entry raised torch's "zeros: Dimension size must be non-negative." (Sphere, Rn,
+# Stiefel, Grassmannian) or a RankError "1 <= rank <= min(3, -2) = -2"; Sphere((2.5,)) silently built a
+# sphere of size (2,); Sphere(3) raised "'int' object is not iterable"; Stiefel((0, 0)) was built and
+# its sample raised SO's refusal, naming SO (refused when built now, as orthogonal of a 0×0 weight
+# is). The size is now checked as
+# torch.Size takes one (integers, NumPy's too, ≥ 0), then as a point shape of the space (a meta tensor:
+# no memory), both naming `size`. GeoTorch's own errors (VectorError, NonSquareError, RankError) come
+# first, where its classes raise them.
+def _size(name: str, size: Any) -> tuple[int, ...]:
+    """``size`` as a tuple of Python ints (Note [The size a class was given])."""
+    try:
+        out = tuple(operator.index(d) for d in size)
+    except TypeError:
+        out = None
+    if out is None or any(d < 0 for d in out) or any(isinstance(d, bool) for d in size):
+        got = repr(tuple(size)) if isinstance(size, (tuple, list)) else describe(size)
+        raise ManifoldError(f"{name}: expected `size` to be a tuple (or torch.Size) of non-negative integers, got {got}.")
+    return out
+
+
 def _matrix_size(name: str, size: Any, square: bool = False) -> tuple[int, int, tuple, bool]:
     """``(n, k, tensorial_size, transposed)`` of a matrix ``size``; GeoTorch's size errors."""
-    size = tuple(size)
+    size = _size(name, size)
     if len(size) < 2:
         raise VectorError(name, size)
     r, c = int(size[-2]), int(size[-1])
@@ -292,7 +316,9 @@ class _Manifold(Parametrization):
         _without_autocast(cls)  # Note [The classes' eager maths without autocast]
 
     def __init__(self, space: AbstractSpace, size: Any) -> None:
-        size = None if size is None else tuple(int(d) for d in size)
+        if size is not None:  # Note [The size a class was given]
+            size = _size(type(self).__name__, size)
+            space._check_shape(torch.empty(size, device="meta"), "size")
         base = None
         if size is not None and _has_base(space, size):
             # A base of the right structure, drawn like GeoTorch's (a random point of the space; no
@@ -700,6 +726,9 @@ class Stiefel(_Manifold):
 
     def __init__(self, size: Any, triv: Any = "expm") -> None:
         n, k, ts, tr = _matrix_size(type(self).__name__, size)
+        if n == 0:  # a square frame is a point of O(n), drawn as SO's; GeoTorch fails with an IndexError
+            raise ManifoldError(f"{type(self).__name__}: expected `size` with non-empty matrix dimensions where "
+                                f"square (a point of O(n), n ≥ 1; n×0 and 0×k frames are taken), got {tuple(size)}.")
         super().__init__(self._space_cls(triv=triv), size)
         self.n, self.k, self.tensorial_size, self.transposed, self.triv = n, k, ts, tr, triv
 
@@ -787,7 +816,7 @@ class Sphere(_Manifold):
     _space_cls: ClassVar[type] = S.Sphere
 
     def __init__(self, size: Any, radius: float = 1.0) -> None:
-        size = tuple(size)
+        size = _size(type(self).__name__, size)
         radius = _number(radius)
         super().__init__(self._space_cls(radius=radius), size)
         self.n, self.tensorial_size = (size[-1] if size else 1), size[:-1]
@@ -856,7 +885,7 @@ class Rn(_Manifold):
     """
 
     def __init__(self, size: Any) -> None:
-        size = tuple(size)
+        size = _size(type(self).__name__, size)
         super().__init__(S.Rn(), size)
         self.n, self.tensorial_size = (size[-1] if size else 1), size[:-1]
 
