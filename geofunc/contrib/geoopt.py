@@ -1,8 +1,14 @@
 """geoopt's manifolds as geofunc spaces: the ``constraints`` of a model built with
 ``geoopt.ManifoldParameter`` s, for :class:`geofunc.optim.TorchOptimizer` or the functional optimizers.
 
-    >>> constraints = geofunc.contrib.geoopt.constraints(model.named_parameters())
-    >>> opt = gf.optim.TorchOptimizer(model.named_parameters(), constraints, gf.optim.radam, lr=1e-3)
+    >>> import geoopt
+    >>> from geofunc.contrib.geoopt import constraints
+    >>> model = torch.nn.Linear(3, 4)
+    >>> model.weight = geoopt.ManifoldParameter(geoopt.Stiefel().random(4, 3))
+    >>> constraints(model.named_parameters())
+    {'weight': Stiefel(triv='cayley', metric='canonical')}
+    >>> opt = gf.optim.TorchOptimizer(model.named_parameters(), constraints(model.named_parameters()),
+    ...                               gf.optim.radam, lr=1e-3)
 
 geoopt is not imported: a manifold is recognised by its class (by name, along its class hierarchy,
 so subclasses of geoopt's classes are recognised as what they extend) and read through the

@@ -211,7 +211,7 @@ def sln(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", tri
     Example::
 
         >>> layer = sln(torch.nn.Linear(4, 4))
-        >>> round(float(torch.linalg.det(layer.weight)), 4)
+        >>> round(float(torch.linalg.det(layer.weight.detach())), 4)
         1.0
     """
     return _register_manifold(module, tensor_name, SL, f, triv)

@@ -78,8 +78,11 @@ def rsgd(
     Example::
 
         >>> opt = gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.9)
+        >>> params = {"w": gf.Sphere().sample((3,))}
         >>> state = opt.init(params)
-        >>> params, state = opt.update(grads, state, params)
+        >>> params, state = opt.update({"w": torch.randn(3)}, state, params)
+        >>> bool(gf.Sphere().contains(params["w"]))
+        True
     """
     check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     if nesterov and ((_is_number(momentum) and momentum <= 0) or (_is_number(dampening) and dampening != 0)):

@@ -553,12 +553,14 @@ class TorchOptimizer(torch.optim.Optimizer):
 
     Example::
 
-        >>> model = nn.Linear(8, 4, bias=True)
+        >>> model = torch.nn.Linear(8, 4, bias=True)
         >>> with torch.no_grad():
-        ...     model.weight.copy_(gf.Stiefel().sample((4, 8)))
+        ...     _ = model.weight.copy_(gf.Stiefel().sample((4, 8)))
         >>> opt = gf.optim.TorchOptimizer(model.named_parameters(), {"weight": gf.Stiefel()}, gf.optim.radam, lr=1e-2)
         >>> loss = model(torch.randn(16, 8)).pow(2).sum()
         >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> bool(gf.Stiefel().contains(model.weight))
+        True
     """
 
     def __init__(

@@ -580,8 +580,13 @@ def masked(inner: TangentTransform, mask: Any) -> TangentTransform:
 
     Example::
 
+        >>> c = {"weight": gf.Stiefel(), "bias": None}
         >>> no_decay_on_biases = lambda p: {k: not k.endswith("bias") for k in p}
         >>> decay = gf.optim.masked(gf.optim.add_decayed_weights(1e-2, c), no_decay_on_biases)
+        >>> params = {"weight": gf.Stiefel().sample((4, 3)), "bias": torch.ones(4)}
+        >>> vectors, _ = decay.update({"weight": torch.zeros(4, 3), "bias": torch.zeros(4)}, decay.init(params), params)
+        >>> vectors["bias"]
+        tensor([0., 0., 0., 0.])
     """
 
     def update(vectors: Vectors, state: Any, params: Params) -> tuple[Vectors, Any]:

@@ -66,7 +66,12 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
 
     Example::
 
+        >>> constraints = {"w": gf.Sphere()}
         >>> opt = gf.optim.apply_if_finite(gf.optim.radam(constraints, lr=1e-3), max_consecutive_errors=5)
+        >>> params = {"w": gf.Sphere().sample((3,))}
+        >>> new, state = opt.update({"w": torch.tensor([float("nan"), 0.0, 0.0])}, opt.init(params), params)
+        >>> torch.equal(new["w"], params["w"])  # the non-finite step is skipped
+        True
     """
     if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
         raise ManifoldError(f"apply_if_finite: expected `max_consecutive_errors` an int >= 0, got {max_consecutive_errors!r}.")

@@ -33,7 +33,7 @@ class Product(AbstractSpace):
 
     Example::
 
-        >>> M = Product(SO(), Sphere())
+        >>> M = Product(gf.SO(), gf.Sphere())
         >>> X = M.to_manifold((torch.randn(3, 3), torch.randn(4)))
         >>> [x.shape for x in X]
         [torch.Size([3, 3]), torch.Size([4])]
