@@ -17,6 +17,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap, stack_module
 import geofunc as gf
 
 torch.set_num_threads(1)
+torch.manual_seed(0)  # the nn.Linear layers below initialize their biases from the global generator
 g = torch.Generator().manual_seed(0)
 
 # A toy regression problem: y = sin of a random rotation of x.
