@@ -94,19 +94,32 @@ class ConstrainedRNN(nn.Module):
         self.space = space
         self.inp = nn.Linear(1, hidden)
         # Start at a random rotation; Z = raw parameter, base = the point the chart is centred at
-        # (a tensor or a tuple of tensors depending on the space), kept as a plain attribute.
-        Z, self.base = space.from_manifold(gf.SO().sample((hidden, hidden)))
+        # (a tensor, or a tuple of tensors for AlmostOrthogonal).
+        Z, base = space.from_manifold(gf.SO().sample((hidden, hidden)))
         self.Z = nn.Parameter(Z)
+        self.n_base = len(base) if isinstance(base, tuple) else None
+        for i, b in enumerate(base if isinstance(base, tuple) else (base,)):
+            # Buffers, so that state_dict saves the base and .to() moves it: Z means nothing
+            # without the base it is read from (a plain attribute reloads another kernel).
+            self.register_buffer(f"base{i}", b)
         self.act = ModReLU(hidden)
         self.out = nn.Linear(hidden, n_classes)
+
+    @property
+    def base(self):
+        if self.n_base is None:
+            return self.base0
+        return tuple(getattr(self, f"base{i}") for i in range(self.n_base))
 
     def kernel(self) -> torch.Tensor:
         return self.space.to_manifold(self.Z, self.base)
 
     @torch.no_grad()
     def rebase(self) -> None:
-        Z, self.base = self.space.rebase(self.Z, self.base)
+        Z, base = self.space.rebase(self.Z, self.base)
         self.Z.copy_(Z)
+        for i, b in enumerate(base if isinstance(base, tuple) else (base,)):
+            setattr(self, f"base{i}", b)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, classes)
         W = self.kernel()  # computed once per batch, outside the time loop
