@@ -3,7 +3,7 @@
 The layers are constrained first (orthogonal, positive definite, low rank, sphere), then
 sharded with ``fully_shard``; each process trains on its own slice of every batch, the charts
 are re-centred (``update_base``) on every rank, and the model is saved and reloaded with
-``torch.distributed.checkpoint``. Rank 0 prints how far each weight is from its space.
+``torch.distributed.checkpoint``. Rank 0 prints whether each weight is on its space.
 
 Run (CPU, gloo, 2 processes on this machine):
 
