@@ -286,13 +286,13 @@ class _FreeError(Exception):
     """A bad vector on an unconstrained entry (raised by ``free`` of ``_map``, which adds the name).
     ``sub``: the path below the entry (inside an unconstrained subtree)."""
 
-    def __init__(self, expected: str, got: str, sub: tuple[Any, ...] = ()) -> None:
+    def __init__(self, expected: str, got: str, sub: tuple[Any, ...] = (), op: str = "X + V") -> None:
         super().__init__(expected, got, sub)
-        self.expected, self.got, self.sub = expected, got, sub
+        self.expected, self.got, self.sub, self.op = expected, got, sub, op
 
     def named(self, path: tuple[Any, ...]) -> ManifoldError:
         return ManifoldError(
-            f"parameter {_join(path + self.sub)!r} (unconstrained: X + V): expected {self.expected}, got {self.got}."
+            f"parameter {_join(path + self.sub)!r} (unconstrained: {self.op}): expected {self.expected}, got {self.got}."
         )
 
 
@@ -352,6 +352,52 @@ def _sum(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         return (X + V).to(X.dtype)
     also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
     raise _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V))
+
+
+# Note [Vectors at unconstrained entries]
+# tangent, egrad_to_rgrad and transport are the identity on an unconstrained entry, and took whatever
+# came there: a gradient of another shape (radam broadcast a (1,) gradient over a (3,) bias, silently,
+# where rsgd's X + V refused it), an integer one (Adam raised torch.finfo's TypeError), a NumPy array
+# (AttributeError: 'is_complex'); gf.tangent returned a list as the tangent vector of a bias. They now
+# check the vector as retract checks it (Note [The dtype of an unconstrained step]): a tensor of X's
+# shape and device, of X's dtype or float32 for a bf16/fp16 X, returned as it is. None passes (retract,
+# and an optimizer's step, name a missing gradient). Metadata comparisons only (nothing traced; the
+# usual case is one comparison each of shape, dtype and device).
+_IDENTITY = "the identity on V"
+
+
+def _vector_at(X: Any, V: Any) -> Any:
+    """``V`` itself, checked as a vector at the unconstrained entry ``X`` (Note [Vectors at unconstrained entries])."""
+    if isinstance(V, torch.Tensor) and isinstance(X, torch.Tensor):
+        if V.shape == X.shape and V.dtype == X.dtype and V.device == X.device:  # the usual case
+            return V
+    if V is None or torch.compiler.is_compiling():
+        return V
+    if isinstance(X, torch.Tensor):
+        if not isinstance(V, torch.Tensor):
+            raise _FreeError("`V` to be a tensor", describe(V), op=_IDENTITY)
+        if V.shape != X.shape:
+            raise _FreeError(f"`V` with the shape of `X` {tuple(X.shape)}", f"shape {tuple(V.shape)}", op=_IDENTITY)
+        if V.device != X.device:
+            raise _FreeError(f"`V` on the device of `X` ({X.device})", f"{describe(V)} on {V.device}", op=_IDENTITY)
+        if not (X.dtype in LOW_PRECISION and V.dtype == torch.float32):
+            also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
+            raise _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V), op=_IDENTITY)
+        return V
+    if X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
+        return V
+    paths, xs, xspec = optree.tree_flatten_with_path(X, none_is_leaf=False)  # an unconstrained subtree
+    try:
+        vs = xspec.flatten_up_to(V)
+    except ValueError:
+        got = optree.tree_structure(V, none_is_leaf=True)
+        raise _FreeError(f"`V` with the structure of `X` {xspec}", str(got), op=_IDENTITY) from None
+    for path, x, v in zip(paths, xs, vs):
+        try:
+            _vector_at(x, v)
+        except _FreeError as err:
+            raise _FreeError(err.expected, err.got, path + err.sub, op=_IDENTITY) from None
+    return V
 
 
 def _named(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -547,21 +593,21 @@ def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
 
     For Euclidean gradients this is the Riemannian gradient of the embedded metric.
     """
-    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=lambda X, G: G)
+    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=_vector_at)
 
 
 def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
     """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
     identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
     return _map(constraints, lambda e, X, G: e.space.egrad_to_rgrad(X, G), params, grads, names=("params", "grads"),
-                free=lambda X, G: G)
+                free=_vector_at)
 
 
 def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
     """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
     on unconstrained entries)."""
     return _map(constraints, lambda e, X, Y, V: e.space.transport(X, Y, V), params, new_params, vectors,
-                names=("params", "new_params", "vectors"), free=lambda X, Y, V: V)
+                names=("params", "new_params", "vectors"), free=lambda X, Y, V: _vector_at(X, V))
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -376,6 +377,41 @@ def test_retract_on_unconstrained_entries_names_the_parameter(generator):
     for vec, message in cases:
         with pytest.raises(gf.ManifoldError, match=message):
             gf.retract(c, p, vec)
+
+
+def test_vectors_at_unconstrained_entries_are_checked_as_retract_checks_them(generator):
+    """Regression (Note [Vectors at unconstrained entries] in geofunc/_pytree.py): tangent, egrad_to_rgrad
+    and transport are the identity on an unconstrained entry and took anything there: gf.tangent returned
+    a (4,) vector (or a list) for a (3,) bias, radam broadcast a (1,) bias gradient over the bias silently
+    (rsgd refused it in X + V), and an integer or NumPy gradient raised torch.finfo's TypeError or an
+    AttributeError inside Adam. Each is now the ManifoldError retract gives, naming the parameter; a
+    vector of the entry's shape and dtype (or float32 beside bf16) is returned as it is, None too."""
+    c = {"w": gf.Stiefel(), "b": None}
+    p = {"w": gf.Stiefel().sample((4, 3), generator=generator), "b": torch.zeros(3), "sub": [torch.zeros(2)]}
+    V = {"w": torch.zeros(4, 3), "b": torch.ones(3), "sub": [torch.ones(2)]}
+    calls = {"tangent": lambda v: gf.tangent(c, p, v), "egrad_to_rgrad": lambda v: gf.egrad_to_rgrad(c, p, v),
+             "transport": lambda v: gf.transport(c, p, p, v)}
+    for name, call in calls.items():
+        out = call(V)
+        assert out["b"] is V["b"] and out["sub"][0] is V["sub"][0], name
+        assert call({**V, "b": None})["b"] is None, name
+        for bad, message in [(torch.ones(1), r"with the shape of `X` \(3,\), got shape \(1,\)"),
+                             (torch.ones(4), r"with the shape of `X` \(3,\), got shape \(4,\)"),
+                             ([1.0, 1.0, 1.0], r"to be a tensor, got a list of 3 entries"),
+                             (np.ones(3), r"to be a tensor, got a numpy\.ndarray"),
+                             (torch.ones(3, dtype=torch.int64), r"of the dtype of `X` \(torch\.float32\), got .*int64"),
+                             (torch.ones(3, device="meta"), r"on the device of `X` \(cpu\)")]:
+            with pytest.raises(gf.ManifoldError, match=r"parameter 'b' \(unconstrained: the identity on V\): expected "
+                                                       r"`V` " + message):
+                call({**V, "b": bad})
+        with pytest.raises(gf.ManifoldError, match=r"parameter 'sub\.0' .*got shape \(3,\)"):
+            call({**V, "sub": [torch.ones(3)]})
+    low = {"w": p["w"].bfloat16(), "b": p["b"].bfloat16(), "sub": [p["sub"][0].bfloat16()]}
+    assert gf.tangent(c, low, V)["b"] is V["b"]  # a float32 vector at a bf16 entry: retract takes it too
+    for opt in (gf.optim.radam(c, lr=0.1), gf.optim.rsgd(c, lr=0.1)):
+        for bad in (torch.ones(1), torch.ones(3, dtype=torch.int64), np.ones(3)):
+            with pytest.raises(gf.ManifoldError, match=r"parameter 'b' "):
+                opt.update({**V, "b": bad}, opt.init(p), p)
 
 
 def test_retract_keeps_the_dtype_of_unconstrained_entries(generator):
