@@ -1262,6 +1262,31 @@ def test_lorentz_transport_far_out_is_exact(k):
                 assert err <= tol, (R, b, phi, err, tol)
 
 
+@pytest.mark.parametrize("k", [0.5, 2.0])
+def test_lorentz_metric_far_out_and_radam_there(k):
+    """Note [the metric through the origin]: inner read −U₀V₀ + ⟨Ū, V̄⟩, which cancels to a part in
+    ~x₀²/k for radial tangent vectors: in float64 the squared norm of a radial unit vector was 0.5
+    at 18√k and 0 or −0.5 at 18.6√k (inside the clamp), and radam, whose second moment is that
+    norm, then took a step of length lr/eps: a point pulled 1e-3√k toward the origin from 18.68√k
+    landed at the clamp on the far side. Now the norm is exact to ~ε x₀/√k and the step is lr."""
+    H, sk, eps = gf.Lorentz(k=k), math.sqrt(k), torch.finfo(F64).eps
+    g = torch.Generator().manual_seed(7)
+    u = _directions(256, 3, g, lorentz=False)
+    o = H.to_manifold(torch.zeros(4, dtype=F64)).expand(256, 4)
+    for R in (12.0, 18.0, 18.6, 18.68):
+        xb = sk * math.sinh(R) * u
+        x = torch.cat([torch.sqrt(k + (xb * xb).sum(-1, keepdim=True)), xb], -1)
+        radial = torch.cat([torch.full((256, 1), math.sinh(R), dtype=F64), math.cosh(R) * u], -1)  # ‖·‖_L = 1
+        for s in (1.0, 1e-3):
+            err = (H.inner(x, s * radial, s * radial) / (s * s) - 1.0).abs().max()
+            assert float(err) <= 8 * eps * math.cosh(R), (R, s, float(err))
+        opt = gf.optim.radam({"x": H}, lr=1e-3 * sk)
+        G = torch.func.grad(lambda p: H.dist(p["x"], o).sum())({"x": x})
+        p, _ = opt.update(G, opt.init({"x": x}), {"x": x})
+        moved = H.dist(p["x"], o) - R * sk  # one Adam step: lr, toward the origin
+        torch.testing.assert_close(moved, torch.full_like(moved, -1e-3 * sk), atol=1e-9 * math.cosh(R), rtol=0)
+
+
 def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps():
     """Pins the documented gap clamp (docs/spaces/hyperbolic.md): a float32 point that `contains`
     accepts (c‖x‖² < 1 summed in float32) but whose float64 gap is below ε reads as the point at
