@@ -222,6 +222,13 @@ def _broadcastable(a: Any, b: Any) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
+def _dtype_of(x: Tensor) -> str:
+    """``x``'s dtype for a message: in a bf16/fp16 call (computed in float32) the stored one too, as the
+    spaces' messages say it (a bf16 x beside an fp16 y was refused as 'of the dtype of `x` (torch.float32)')."""
+    stored = _ROUNDING.dtypes[-1] if _ROUNDING.dtypes else None
+    return f"{x.dtype}" if stored is None else f"{stored}, computed in {x.dtype}: {x.dtype} or {stored}"
+
+
 def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
     """Each ``(tensor, name)`` a tensor of vectors (:func:`_check_vec`), all of one vector length,
     dtype and device, with batch dims that broadcast: a mismatch would otherwise be torch's unnamed
@@ -233,7 +240,7 @@ def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
         if t.shape[-1] != x.shape[-1]:
             expected = f"`{what}` of the vector length of `{xname}` ({x.shape[-1]})"
         elif t.dtype != x.dtype or t.device != x.device:
-            expected = f"`{what}` of the dtype and device of `{xname}` ({x.dtype}, {x.device})"
+            expected = f"`{what}` of the dtype and device of `{xname}` ({_dtype_of(x)}; {x.device})"
         elif not _broadcastable(x.shape[:-1], t.shape[:-1]):
             expected = f"`{what}` with batch dims broadcastable with those of `{xname}` {tuple(x.shape[:-1])}"
         else:
@@ -404,33 +411,42 @@ def _gyr(x: Tensor, d: Tensor, gx: Tensor, gy: Tensor, z: Tensor, c: Curvature) 
 # dist and logmap overflowed to inf/NaN for points inside the ball at c‖x‖² ≳ 0.99 (the gap's
 # reciprocal squared exceeds 65504), where PoincareBall.dist, which takes the policy, was finite.
 # Not the spaces' wrapper (spaces/_base.py's _in_float32): that one takes the dtype of the first
-# tensor argument and routes DTensors; here any low-precision argument sets it (mobius_scalar_mul's r
-# may be a float32 tensor beside a bf16 x) and DTensors are not routed. The first low dtype is found
-# by a loop, not next(generator, None): torch 2.6's Dynamo cannot trace next's default argument
-# (torch.compile(fullgraph=True) of any public function raised Unsupported there).
-def _low_dtype(args: tuple[Any, ...]) -> torch.dtype | None:
+# tensor argument and routes DTensors; here the point ``x`` sets it where the function has one
+# (mobius_scalar_mul's r and mobius_matvec's M come first), else the first tensor, and DTensors are
+# not routed. Any low-precision argument used to set it: a float32 x beside a bf16 r, M or y came back
+# bf16 (mobius_add(x, y) of a float32 x and a bf16 y, a bf16 point, where a float64 x refused a float32
+# y). Which other arguments are computed in float32 is the spaces' rule (Note [Arguments of another
+# dtype]). The lead is found by a loop, not next(generator, None): torch 2.6's Dynamo cannot trace
+# next's default argument (torch.compile(fullgraph=True) of any public function raised Unsupported there).
+def _lead_tensor(args: tuple[Any, ...], point: int | None) -> torch.Tensor | None:
+    if point is not None and point < len(args) and isinstance(args[point], torch.Tensor):
+        return args[point]
     for a in args:
-        if isinstance(a, torch.Tensor) and a.dtype in LOW_PRECISION:
-            return a.dtype
+        if isinstance(a, torch.Tensor):
+            return a
     return None
 
 
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     # Note [Tensors given by keyword] in spaces/_base.py: dist(x=x, y=y) of fp16 points near the rim was inf
     names = tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD)
+    point = names.index("x") if "x" in names else None
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        low = _low_dtype(_in_order(args, kwargs, names) if kwargs else args)
+        lead = _lead_tensor(_in_order(args, kwargs, names) if kwargs else args, point)
+        low = lead.dtype if lead is not None and lead.dtype in LOW_PRECISION else None
         if low is None:
             if _any_autocast is not None and not _any_autocast():
                 return fn(*args, **kwargs)
+            cast = () if lead is None else _cast_dtypes(lead.dtype, False, _autocast_on(lead.device.type))
             with autocast_off():  # float32 input under autocast: M ⊗ x's product not in bf16
-                return fn(*args, **kwargs)
+                return fn(*_upcast(args, cast), **_upcast(kwargs, cast)) if cast else fn(*args, **kwargs)
+        cast = _cast_dtypes(low, True, _autocast_on(lead.device.type))
         _ROUNDING.dtypes.append(low)
         try:
             with autocast_off():
-                out = fn(*_upcast(args), **_upcast(kwargs))
+                out = fn(*_upcast(args, cast), **_upcast(kwargs, cast))
         finally:
             _ROUNDING.dtypes.pop()
         return _downcast(out, low)
@@ -485,7 +501,12 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
         raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real number or a tensor of "
                             f"the batch shape {tuple(x.shape[:-1])}, got {describe(r)}.")
     if isinstance(r, torch.Tensor):
-        r = r.unsqueeze(-1)
+        # a coefficient, not a point: taken in x's dtype (a float64 or integer r gave a float64 result, a
+        # complex one torch's "clamp is not supported for complex types", one on another device torch's error)
+        if r.is_complex() or r.device != x.device:
+            raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real tensor on the device "
+                                f"of `x` ({x.device}), got {describe(r)} on {r.device}.")
+        r = r.to(x.dtype).unsqueeze(-1)
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     a = _artanhc(c * _sq(x), gx)  # log_0(x) = a x, 1 ≤ a ≤ 20 (the gap is ≥ ε)
     # r ⊗ x = exp_0(r a x), r a x scaled inside exp_0 (Note [norms without overflow]; not from ‖x‖²,
@@ -519,7 +540,7 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
     if M.dtype != x.dtype or M.device != x.device:
-        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({x.dtype}, "
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({_dtype_of(x)}; "
                             f"{x.device}), got {describe(M)} on {M.device}.")
     if not _broadcastable(M.shape[:-2], x.shape[:-1]):
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` with batch dims broadcastable with those "
@@ -845,4 +866,5 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
 # At the end: geofunc.spaces imports this module (its Lorentz and PoincareBall), so the policy's helpers
 # are bound once every name here exists (Note [Hyperbolic functions in low precision]).
 from .spaces._base import (  # noqa: E402
-    LOW_PRECISION, _ROUNDING, _any_autocast, _downcast, _in_order, _upcast, autocast_off, rounding_dtype)
+    LOW_PRECISION, _ROUNDING, _any_autocast, _autocast_on, _cast_dtypes, _downcast, _in_order, _upcast, autocast_off,
+    rounding_dtype)

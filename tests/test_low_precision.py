@@ -580,3 +580,37 @@ def test_arguments_of_another_dtype_are_cast_as_autocast_casts_them(space, shape
     with pytest.raises(gf.ManifoldError, match=r"torch\.float32 or torch\.bfloat16\), got .*torch\.float16"):
         space.retract(X.bfloat16(), V.half())
     assert space.retract(X.bfloat16(), V).dtype == torch.bfloat16  # a float32 step: taken, rounded back
+
+
+def test_hyperbolic_functions_keep_the_dtype_of_their_point() -> None:
+    """Regression (Note [Hyperbolic functions in low precision] in geofunc/hyperbolic.py): any bf16/fp16
+    argument set the rounding dtype, so a float32 point beside a bf16 coefficient or matrix came back
+    bf16 (mobius_scalar_mul(r, x), mobius_matvec(M, x)), and mobius_add(x, y) of a float32 x and a bf16 y
+    gave a bf16 point where a float64 x refuses a float32 y; a float64 r gave a float64 result, and a
+    complex or meta r raised torch's errors. The point x now sets the dtype; other arguments follow the
+    spaces' rule (Note [Arguments of another dtype]); r is a real coefficient taken in x's dtype."""
+    H = gf.hyperbolic
+    x = torch.tensor([[0.1, 0.2], [0.3, 0.0]])
+    r = torch.tensor([2.0, 3.0])
+    ref = H.mobius_scalar_mul(r, x)
+    for rr in (r.bfloat16(), r.double(), torch.tensor([2, 3])):
+        got = H.mobius_scalar_mul(rr, x)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    assert H.mobius_scalar_mul(r, x.bfloat16()).dtype == torch.bfloat16  # a float32 r beside a bf16 x, as before
+    assert H.mobius_scalar_mul(r.double(), x.bfloat16()).dtype == torch.bfloat16
+    for bad in (torch.tensor([2j, 3j]), torch.tensor([2.0, 3.0], device="meta")):
+        with pytest.raises(gf.ManifoldError, match=r"mobius_scalar_mul: expected `r` to be a real tensor on the device"):
+            H.mobius_scalar_mul(bad, x)
+    with pytest.raises(gf.ManifoldError, match=r"mobius_add: expected `y` of the dtype and device of `x` \(torch\.float32;"):
+        H.mobius_add(x, x.bfloat16())
+    with pytest.raises(gf.ManifoldError, match=r"mobius_matvec: expected `M` of the dtype and device of `x` \(torch\.float32;"):
+        H.mobius_matvec(torch.eye(2).bfloat16(), x)
+    with pytest.raises(gf.ManifoldError, match=r"expected `y` of the dtype and device of `x` \(torch\.bfloat16, computed "
+                                               r"in torch\.float32: .*got .*torch\.float16"):
+        H.mobius_add(x.bfloat16(), x.half())
+    assert H.mobius_add(x.bfloat16(), x).dtype == torch.bfloat16  # a float32 y beside a bf16 x, as the spaces take it
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the bf16 argument (its float32 list)
+        got = H.mobius_add(x, x.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, H.mobius_add(x, x.bfloat16().float()), atol=0, rtol=0)
