@@ -1340,3 +1340,17 @@ def test_a_deep_copy_or_pickle_steps_on_its_own(generator):
     reference.load_state_dict(net.state_dict())
     _train(net, opt, x, y, 1)
     assert not torch.equal(net.W.detach(), reference.W.detach())
+
+
+@pytest.mark.parametrize("bad", ["stiefel", gf.Stiefel, 3, (gf.Stiefel(),)], ids=repr)
+def test_a_constraint_that_is_not_a_space_is_refused_by_name(bad):
+    """A constraint that is not a space (a string, the class itself, a number, a tuple) raised Python's
+    "'str' object has no attribute 'contains'" (or contains()'s missing argument) from the membership
+    check: a ManifoldError naming the parameter and what it got, at construction and in add_param_group."""
+    model = nn.Linear(3, 4)
+    with pytest.raises(gf.ManifoldError, match=r"TorchOptimizer: constraints for parameter 'weight': expected a space"):
+        gf.optim.TorchOptimizer(model.named_parameters(), {"weight": bad}, gf.optim.radam, lr=1e-2)
+    opt = gf.optim.TorchOptimizer(model.named_parameters(), {}, gf.optim.radam, lr=1e-2)
+    other = nn.Linear(3, 3)
+    with pytest.raises(gf.ManifoldError, match=r"constraints for parameter 'w': expected a space .*or None, got"):
+        opt.add_param_group({"params": [("w", other.weight)], "constraints": {"w": bad}})

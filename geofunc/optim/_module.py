@@ -11,6 +11,7 @@ import optree
 import torch
 from .. import _pytree
 from .._errors import ManifoldError, describe
+from ..spaces._base import is_space
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
 from ._transforms import ScaleByScheduleState, TraceState, _is_number, _keep, _no_buffer, _real, clip_factor
@@ -657,6 +658,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for n, p in named:
                 space = constraints.get(n)
+                if space is not None and not is_space(space):  # (it was "'str' object has no attribute 'contains'")
+                    raise ManifoldError(f"TorchOptimizer: constraints for parameter {n!r}: expected a space (the entry "
+                                        f"is a single tensor) or None, got {_pytree._what(space)}.")
                 if space is not None and not bool(space.contains(p.detach()).all()):
                     raise ManifoldError(f"TorchOptimizer: expected parameter {n!r} to be a point of {space!r} "
                                         f"(assign one, e.g. space.sample(shape) or space.project(W)), got "
