@@ -536,3 +536,16 @@ def test_backward_inside_autocast_is_the_backward_after_it(dtype) -> None:
             grads.append(z.grad)
         assert torch.isfinite(grads[0]).all()
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5 * float(grads[1].abs().max()))
+
+
+def test_project_result_can_be_modified_in_place_under_autograd(generator):
+    """project returned Sinkhorn's output itself, which its backward reads: an in-place op on the result
+    (allowed on every other map's, to_manifold's and retract's included) raised at backward."""
+    X = B.sample((4, 4), generator=generator, dtype=F64)
+    G, W = (torch.randn(4, 4, generator=generator, dtype=F64) for _ in range(2))
+    g = G.clone().requires_grad_()
+    P = B.project(X + 0.1 * g)
+    P.mul_(2.0)
+    got = torch.autograd.grad((P * W).sum(), g)[0]
+    ref = grad(lambda a: (2.0 * B.project(X + 0.1 * a) * W).sum())(G)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)

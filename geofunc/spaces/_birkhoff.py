@@ -498,7 +498,9 @@ class Birkhoff(AbstractSpace):
         self._check_shape(Y, "Y")
         tiny = torch.finfo(Y.dtype).tiny
         m = Y.abs().amax((-2, -1), keepdim=True).clamp(min=tiny)
-        return sinkhorn(torch.log(torch.maximum(Y, torch.finfo(Y.dtype).eps * m)))
+        # + poison: a new tensor, not Sinkhorn's output, which its backward reads (an in-place op on the
+        # result, allowed for every other map, raised at backward), as to_manifold and retract add it
+        return sinkhorn(torch.log(torch.maximum(Y, torch.finfo(Y.dtype).eps * m))) + poison(Y)
 
     def sample(
         self,
