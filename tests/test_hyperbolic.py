@@ -1287,6 +1287,28 @@ def test_lorentz_metric_far_out_and_radam_there(k):
         torch.testing.assert_close(moved, torch.full_like(moved, -1e-3 * sk), atol=1e-9 * math.cosh(R), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_lorentz_transport_and_metric_of_a_non_finite_entry_are_nan(dtype):
+    """Note [NaN policy]: transport and inner read v₀ (and inner x) only through the spatial parts
+    (Notes [the hyperboloid's transport without cancellation], [the metric through the origin]), so a
+    NaN/inf v₀ gave a transport with finite spatial entries, and an inf x̄ entry an inner of ±inf
+    (before those notes: a finite inner). Every entry of every argument now makes them NaN."""
+    H = gf.Lorentz(k=0.8)
+    g = torch.Generator().manual_seed(11)
+    X, Y = H.sample((2, 4), generator=g, dtype=dtype), H.sample((2, 4), generator=g, dtype=dtype)
+    V = H.tangent(X, torch.randn(2, 4, generator=g, dtype=dtype))
+    for i in range(4):
+        for bad in (math.nan, math.inf, -math.inf):
+            for which in range(3):
+                args = [X.clone(), Y.clone(), V.clone()]
+                args[which][0, i] = bad
+                T = H.transport(*args)
+                assert bool(torch.isnan(T[0]).all()) and bool(torch.isfinite(T[1]).all()), (i, bad, which, T)
+                if which != 1:
+                    ip = H.inner(args[0], args[2], V)
+                    assert bool(torch.isnan(ip[0])) and bool(torch.isfinite(ip[1])), (i, bad, which, ip)
+
+
 def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps():
     """Pins the documented gap clamp (docs/spaces/hyperbolic.md): a float32 point that `contains`
     accepts (c‖x‖² < 1 summed in float32) but whose float64 gap is below ε reads as the point at

@@ -10,7 +10,7 @@ import torch
 
 from .._errors import error
 from ..hyperbolic import _arcoshc, _ARG_MAX, _cap, _cosh, _scaled, _sinhc
-from .._linalg import _randn, wide_dtype
+from .._linalg import _randn, poison, wide_dtype
 from ._base import AbstractSpace, real_hyperparameter, rounding_dtype
 
 __all__ = ["Lorentz"]
@@ -346,7 +346,7 @@ class Lorentz(AbstractSpace):
         ub, vb = U[..., 1:], V[..., 1:]
         wu = ub - ((xb * ub).sum(-1, keepdim=True) / h) * xb
         wv = vb - ((xb * vb).sum(-1, keepdim=True) / h) * xb
-        return ((wu * wv).sum(-1, keepdim=True) + 0.0 * (X[..., :1] + U[..., :1] + V[..., :1])).squeeze(-1)
+        return ((wu * wv).sum(-1, keepdim=True) + poison(X, U[..., :1], V[..., :1], ndim=1)).squeeze(-1)  # Note [NaN policy]
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``expmap(X, tangent(X, V))``."""
@@ -482,7 +482,7 @@ class Lorentz(AbstractSpace):
         Wv = torch.sqrt(ny / nx) * ((W * vb).sum(-1, keepdim=True) - (W * xb).sum(-1, keepdim=True) * r / nx)
         yv_close = (k * tau * v0 - 0.5 * (W * W).sum(-1, keepdim=True) * r) / nx - Wv
         yv_apart = (Y[..., 1:] * vb).sum(-1, keepdim=True) - Y[..., :1] * v0
-        yv = torch.where(close, yv_close, yv_apart)
+        yv = torch.where(close, yv_close, yv_apart) + poison(X, Y, V, ndim=1)  # (x₀, v₀ barely read) Note [NaN policy]
         return (V + (yv / (k * (2.0 + u))) * (X + Y)).to(out)
 
     def project(self, Y: Tensor) -> Tensor:
