@@ -777,3 +777,16 @@ def test_an_empty_square_frame_class_is_refused_at_construction():
         assert cls((3, 0)).sample().shape == (3, 0)
     with pytest.raises(gnn.RankError):
         gnn.GLp((0, 0))
+
+
+@pytest.mark.parametrize("fn", [gnn.orthogonal, gnn.sphere, gnn.invertible, gnn.skew, gnn.symmetric,
+                                lambda m: gnn.low_rank(m, "weight", 2)], ids=lambda f: getattr(f, "__name__", "low_rank"))
+def test_a_constraint_function_refuses_an_integer_weight_by_name(fn):
+    """An integer weight reached nn.Module.to(dtype=int64) and raised torch's 'nn.Module.to only accepts
+    floating point or complex dtypes', naming neither the tensor nor the constraint (gf.nn.constrain
+    already refused it so): a ManifoldError naming both, as for a weight of an impossible shape."""
+    m = nn.Module()
+    m.weight = nn.Parameter(torch.ones(4, 4, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(gf.ManifoldError, match=r"cannot constrain Module\.weight \(a tensor of shape \(4, 4\) and dtype "
+                                               r"torch\.int64\): \w+: expected a floating tensor"):
+        fn(m)

@@ -68,6 +68,9 @@ def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: An
         # Keep GeoTorch's class (VectorError, RankError, ...), say which tensor it was for.
         e.args = (f"cannot constrain {what}: {e}",)
         raise
+    if not (T.is_floating_point() or T.is_complex()):  # (it was nn.Module.to's TypeError, naming neither)
+        raise ManifoldError(f"cannot constrain {what}: {cls.__name__}: expected a floating tensor (float32, float64, "
+                            f"bfloat16, float16; complex where the space takes it), got dtype {T.dtype}.")
     with warnings.catch_warnings():  # the parametrization's own buffers follow the weight's dtype: torch's
         warnings.filterwarnings("ignore", "Complex modules are a new feature")  # notice is not the user's concern
         M = M.to(device=T.device, dtype=T.dtype)
