@@ -119,7 +119,9 @@ def test_demo_runs_and_its_claims_hold(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert number_after(out, "sample on Stiefel(64, 16): max|XᵀX − I| =") < F32, out
     procrustes = out[out.index("Procrustes by Adam") :]
-    assert number_after(procrustes, "distance to the SVD optimum =") < 1e-4, out  # Adam on raw Z reaches it
+    # Adam on raw Z reaches it (from ~5.6 away): 2.5e-06 with seed 0, but Adam's constant-lr steps
+    # near the optimum leave 1e-6 to 4e-3 at step 300 depending on the seed (and on rounding).
+    assert number_after(procrustes, "distance to the SVD optimum =") < 1e-2, out
     assert number_after(procrustes, "max|XᵀX − I| =") < F32, out
     assert "all on the manifold = True" in out, out
     assert number_after(out, "SO(8).logabsdet =") == 0.0, out
