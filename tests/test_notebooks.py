@@ -6,7 +6,8 @@ execute anything). Here every script is executed once, in a fresh kernel set up 
 builder sets it up (the kernel is a subprocess: the pytest ``filterwarnings = error`` setting
 does not reach it, so a warning printed to stderr fails the test instead), and compared with
 the committed notebook: same cells, and the same kinds of output in every cell (text where
-the script prints, a PNG where it plots). Numbers are not compared (they may move in the last
+the script prints, a PNG where it plots), and the same printed checks (each ``True`` a claim
+that still holds). Numbers are not compared (they may move in the last
 digit when geofunc changes; the builder rewrites them). Each notebook is kept well under two
 minutes on two CPU cores.
 """
@@ -37,6 +38,13 @@ def _builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+_BOOLS = re.compile(r"\b(?:True|False)\b")
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o["output_type"] == "stream")
 
 
 def _kinds(cell) -> list[str]:
@@ -144,3 +152,7 @@ def test_notebook_runs(path: pathlib.Path) -> None:
                 f"{where}: outputs {_kinds(ran)} now, {_kinds(kept)} committed: rebuild with "
                 f"`python notebooks/_build/build.py {path.stem}`"
             )
+            # The printed checks (`contains: True`, `on the manifold: True`, `... == ...: True`)
+            # are the notebooks' claims: they must still come out as committed (numbers may move).
+            checks = [_BOOLS.findall(_text(c)) for c in (ran, kept)]
+            assert checks[0] == checks[1], f"{where}: printed checks {checks[0]} now, {checks[1]} committed:\n{_text(ran)}"
