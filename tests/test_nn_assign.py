@@ -30,6 +30,7 @@ import math
 import pickle
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.utils.parametrize as P
@@ -846,3 +847,19 @@ def test_a_meta_point_for_a_weight_without_a_base_is_a_manifold_error(name) -> N
         deferred.weight = torch.zeros(3, 3)
     deferred.weight = torch.zeros(3, 3, device="meta")
     assert deferred.weight.is_meta
+
+
+def test_average_refuses_weights_that_are_not_numbers_by_name():
+    """average_ read its weights by float(): a string weight raised 'could not convert string to float'
+    (and '0.5' was read as 0.5), a number alone "'float' object is not iterable"; a bool counted as 1.
+    Each is a ManifoldError naming average_ and the weight; NumPy arrays and tensors are still taken."""
+    a, b = gnn.orthogonal(nn.Linear(3, 5)), gnn.orthogonal(nn.Linear(3, 5))
+    for weights, message in ((["a", "b"], r"weight 0 to be a real number, got 'a'"),
+                             (["0.5", "0.5"], r"weight 0 to be a real number, got '0\.5'"),
+                             ([True, False], r"weight 0 to be a real number, got True"),
+                             (0.5, r"`weights` to be a sequence of numbers")):
+        with pytest.raises(gf.ManifoldError, match=r"^average_: expected " + message):
+            gnn.average_(a, [a, b], weights)
+    for weights in (np.array([0.25, 0.75]), torch.tensor([0.25, 0.75])):
+        gnn.average_(a, [a, b], weights)
+        assert member(gf.Stiefel(), a.weight.detach(), 1e-5)

@@ -469,6 +469,27 @@ def _stack_buffers(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
 # float64's floor), the nearest point the class accepts (Note [Averages the class accepts]).
 
 
+def _weights(weights: Any) -> list[float]:
+    """``average_``'s weights as Python floats: a sequence (a NumPy array, a tensor) of real numbers. A
+    string or a bool entry was read by float() ('0.5' as 0.5; 'a' raised "could not convert string to
+    float"), a number alone raised "'float' object is not iterable"."""
+    try:
+        items = list(weights)
+    except TypeError:
+        raise ManifoldError(f"average_: expected `weights` to be a sequence of numbers (one per module), got "
+                            f"{describe(weights)}.") from None
+    out = []
+    for i, x in enumerate(items):
+        try:
+            v = None if isinstance(x, (str, bytes, bool)) else float(x)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
+            v = None
+        if v is None:
+            raise ManifoldError(f"average_: expected weight {i} to be a real number, got {describe(x)}.")
+        out.append(v)
+    return out
+
+
 def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
     """Set ``target``'s tensors to the weighted average of ``modules``' (the same architecture and
     constraints), in place; returns ``target``.
@@ -506,7 +527,7 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
         raise ManifoldError("average_: expected at least one module to average, got none.")
     for i, m in enumerate(modules):
         _need_module(m, "average_", f"module {i}")
-    w = [1.0 / len(modules)] * len(modules) if weights is None else [float(x) for x in weights]
+    w = [1.0 / len(modules)] * len(modules) if weights is None else _weights(weights)
     if len(w) != len(modules):
         raise ManifoldError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}.")
     if not abs(sum(w) - 1.0) <= 1e-6:
