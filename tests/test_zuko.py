@@ -560,3 +560,17 @@ def test_values_below_the_float32_floor_are_lifted_with_a_warning():
     floor = torch.finfo(torch.float32).eps ** 0.5
     torch.testing.assert_close(s32[:2], s64[:2], atol=1e-6, rtol=0)
     torch.testing.assert_close(s32[2], torch.tensor(floor, dtype=F64), atol=1e-7, rtol=0)
+
+
+def test_space_linear_takes_any_integer_size_and_names_a_class_given_for_a_space():
+    """SpaceLinear refused a NumPy integer size ('expected `features` to be an int ≥ 1, got np.int64(3)'),
+    which gf.nn's sizes and ranks take, and a space class given for an instance was 'got ABCMeta'."""
+    np = pytest.importorskip("numpy")
+    layer = gz.SpaceLinear(gf.GLp(), np.int64(3))
+    assert layer().bijective and tuple(layer()(torch.zeros(2, 3)).shape) == (2, 3)
+    for bad in (0, 2.5, "3", True):
+        with pytest.raises(gf.ManifoldError, match=r"SpaceLinear: expected `features` to be an int ≥ 1"):
+            gz.SpaceLinear(gf.GLp(), bad)
+    with pytest.raises(gf.ManifoldError, match=r"SpaceLinear: expected a geofunc space \(an instance, e\.g\. gf\.GLp\(\)\), "
+                                               r"got <class 'geofunc\.spaces\._glp\.GLp'>"):
+        gz.SpaceLinear(gf.GLp, 3)

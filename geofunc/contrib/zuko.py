@@ -43,6 +43,7 @@ zuko is imported by this module only (the ``flows`` extra:
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import optree
@@ -127,7 +128,7 @@ class LinearTransform(Transform):
     def __init__(self, space: S.AbstractSpace, Z: Tensor, base: Any = None, cache_size: int = 0) -> None:
         super().__init__(cache_size=cache_size)
         if not isinstance(space, S.AbstractSpace):
-            raise ManifoldError(f"LinearTransform: expected a geofunc space, got {type(space).__name__}")
+            raise ManifoldError(f"LinearTransform: expected a geofunc space (an instance, e.g. gf.GLp()), got {describe(space)}")
         if not isinstance(Z, Tensor):  # a Product's tuple: its logabsdet exists, but its point is no matrix
             raise error(space, "`Z` to be a tensor of square matrices (..., n, n) for LinearTransform (a Product's "
                         "points are tuples: give each factor its own layer)", describe(Z))
@@ -266,8 +267,13 @@ class SpaceLinear(LazyTransform):
 
     def __init__(self, space: S.AbstractSpace, features: int, init: Optional[Tensor] = None) -> None:
         super().__init__()
-        if not isinstance(space, S.AbstractSpace):
-            raise ManifoldError(f"SpaceLinear: expected a geofunc space, got {type(space).__name__}")
+        if not isinstance(space, S.AbstractSpace):  # (a class was 'got ABCMeta')
+            raise ManifoldError(f"SpaceLinear: expected a geofunc space (an instance, e.g. gf.GLp()), got {describe(space)}")
+        if not isinstance(features, bool):  # any integer type, as gf.nn's sizes and ranks (a NumPy int from a config)
+            try:
+                features = operator.index(features)
+            except TypeError:
+                pass
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise ManifoldError(f"SpaceLinear: expected `features` to be an int ≥ 1, got {features!r}")
         if init is not None and (not isinstance(init, Tensor) or tuple(init.shape) != (features, features)):
