@@ -448,7 +448,10 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
         return _stacked_tall_charts(pairs, triv, horizontal, packed)
     parts = [_chart_parts(Z, base, triv, horizontal, packed) for Z, base in pairs]
     gens = [A for A, _ in parts if A is not None]
-    if callable(triv) or len(gens) < 2 or len({A.shape[-1] for A in gens}) > 1:
+    # Note [Sizes compared, not hashed]: a set of the sizes would hash them, which under torch.compile
+    # with dynamic shapes specializes each to its value (GLp, SL, square AlmostOrthogonal: one graph per
+    # matrix size, then eager past the recompile limit); == adds a guard between sizes only.
+    if callable(triv) or len(gens) < 2 or any(A.shape[-1] != gens[0].shape[-1] for A in gens[1:]):
         return [finish(None if A is None else resolve_triv(triv)(A)) for A, finish in parts]
     F = resolve_triv(triv)(torch.stack(torch.broadcast_tensors(*gens)))
     Fs = iter(F.unbind(0))

@@ -651,6 +651,34 @@ def test_compile_with_dynamic_shapes():
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("space", [gf.GLp(), gf.SL(), gf.AlmostOrthogonal(0.5)], ids=lambda s: type(s).__name__)
+def test_compiled_training_step_does_not_recompile_per_matrix_size(space):
+    """One compiled step (default ``dynamic=None``: automatic dynamic shapes) used for weights of
+    several sizes (a per-layer helper) compiles one static and one dynamic graph, as SO, PSD and
+    Stiefel do. The U and V charts were batched when ``len({A.shape[-1] for A in gens}) == 1``: the
+    set hashed the symbolic sizes, which specializes them, so the dynamic graph was guarded to one
+    size: one graph per size (4 sizes, 4 graphs; past the recompile limit, eager). Note [Sizes
+    compared, not hashed]."""
+    from torch._dynamo.utils import counters
+
+    g = _gen()
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(Z, base, T):
+        G = grad(lambda z: ((space.to_manifold(z, base) - T) ** 2).sum())(Z)
+        return space.rebase(Z - 0.1 * G, base)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    for shape in [(n, n) for n in (3, 4, 5, 6)]:
+        Z, base = space.from_manifold(space.sample(shape, generator=g, dtype=F64))
+        T = torch.randn(shape, generator=g, dtype=F64)
+        for a, e in zip(torch.utils._pytree.tree_leaves(compiled(Z, base, T)), torch.utils._pytree.tree_leaves(step(Z, base, T))):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("cls", [gf.LowRank, gf.FixedRank, gf.PSSDLowRank, gf.PSSDFixedRank], ids=lambda c: c.__name__)
 def test_a_numpy_integer_rank_is_the_python_int(cls) -> None:
     """A rank read from an array (``numpy.int64``) builds the same space as the Python int: equal, of
