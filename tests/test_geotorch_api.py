@@ -790,3 +790,17 @@ def test_a_constraint_function_refuses_an_integer_weight_by_name(fn):
     with pytest.raises(gf.ManifoldError, match=r"cannot constrain Module\.weight \(a tensor of shape \(4, 4\) and dtype "
                                                r"torch\.int64\): \w+: expected a floating tensor"):
         fn(m)
+
+
+@pytest.mark.parametrize("M", [gnn.SO((3, 3)), gnn.Stiefel((5, 3)), gnn.Sphere((4,)), gnn.LowRank((4, 3), 2),
+                               gnn.FixedRank((4, 3), 2), gnn.GLp((3, 3)), gnn.SL((3, 3)), gnn.PSD((3, 3)),
+                               gnn.PSSDLowRank((3, 3), 2), gnn.Hurwitz((3, 3)), gnn.AlmostOrthogonal((4, 3), 0.5)],
+                         ids=lambda M: type(M).__name__)
+def test_in_manifold_of_an_integer_tensor_is_false(M):
+    """in_manifold of an integer tensor raised torch's errors ('linalg.svd: Expected a floating point or
+    complex tensor as input. Got Long', eigh's, vector_norm's) for every class but SO and Stiefel, which
+    answered False: an integer tensor is on no space, and the predicate says so."""
+    X = M.sample()
+    X = X if isinstance(X, torch.Tensor) else M(X)
+    assert M.in_manifold(X) is True
+    assert M.in_manifold(X.round().to(torch.int64)) is False

@@ -158,6 +158,15 @@ def _as_matrix(X: Any) -> Any:
     return X.detach() if isinstance(X, Tensor) else X
 
 
+def _as_floating(X: Any) -> Any:
+    """:func:`_as_matrix` for a membership test: None for a tensor that is not floating or complex, which is on
+    no space. ``in_manifold`` of an integer tensor raised torch's errors (linalg.svd / vector_norm / eigh
+    "Expected a floating point ... Got Long") from GLp, PSD, Sphere, the rank classes, SL and Hurwitz, where
+    SO and Stiefel answered False."""
+    X = _as_matrix(X)
+    return X if not isinstance(X, Tensor) or X.is_floating_point() or X.is_complex() else None
+
+
 # Note [Softplus floor on assignment]
 # GeoTorch's ``in_manifold`` asks the kept singular values (eigenvalues) of FixedRank, GLp, PSD and
 # PSSDFixedRank to exceed ``eps`` (1e-5, 1e-6); geofunc's ``"softplus"`` values never go below the
@@ -693,7 +702,7 @@ class SO(_Manifold):
 
     def in_manifold(self, X: Any, in_so: bool = False, eps: float = 1e-4) -> bool:
         """``XᵀX ≈ I`` (``allclose``, ``atol=eps``) and the size; ``in_so`` also asks ``det X > 0``."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size():
             return False
         Xf, _ = _lift(self, X)
@@ -735,7 +744,7 @@ class Stiefel(_Manifold):
     def in_manifold(self, X: Any, eps: float = 1e-4) -> bool:
         """Orthonormal columns (rows if wide): ``allclose(XᵀX, I, atol=eps)`` (``XᴴX`` if complex), and
         the size."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or X.ndim < 2:
             return False
         Xt = X.transpose(-2, -1) if X.shape[-1] > X.shape[-2] else X
@@ -785,7 +794,7 @@ def _in_sphere(X: Any, radius: float, eps: float, dtype_eps: Callable[[float, Te
     the rounding of such a norm: Note [Tolerance of a large sphere]). As GeoTorch's, any leading
     dimensions are a batch: ``X`` need not have the class's size (a stack of samples is checked too);
     an assignment still must (``right_inverse`` checks the size first)."""
-    if not isinstance(X, Tensor) or X.ndim < 1:
+    if not isinstance(X, Tensor) or X.ndim < 1 or not (X.is_floating_point() or X.is_complex()):
         return False
     Xf = X.float() if X.dtype in LOW_PRECISION else X
     norm = torch.linalg.vector_norm(Xf, dim=-1)
@@ -1119,7 +1128,7 @@ class _SVDManifold(_Manifold):
         self.n, self.k, self.tensorial_size, self.transposed, self.rank, self.triv = n, k, ts, tr, r, triv
 
     def _singular_values(self, X: Any) -> Optional[Tensor]:
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or X.ndim < 2:
             return None
         Xt = X.transpose(-2, -1) if X.shape[-1] > X.shape[-2] else X
@@ -1378,7 +1387,7 @@ class SL(FixedRank):
 
     def in_manifold(self, X: Any, eps: float = 5e-3) -> bool:
         """``det X > 0`` and ``|log det X| < max(eps, 8√(ε_dtype·n))``, and the size."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size() or not bool(torch.isfinite(X).all()):
             return False
         Xf, _ = _lift(self, X)
@@ -1513,7 +1522,7 @@ class _EigManifold(_Manifold):
         A bf16/fp16 ``X``: the tolerances are widened to its rounding, except the lower bound of
         the kept eigenvalues (fixed-rank spaces), which stays ``eps`` (a widened lower bound would
         be stricter, and bf16's exceeds geofunc's own floor √ε from n ~ 200)."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or tuple(X.shape) != self._require_size() or not bool(torch.isfinite(X).all()):
             return False
         Xf, _ = _lift(self, X)
@@ -1745,7 +1754,7 @@ class Hurwitz(_Manifold):
 
     def in_manifold_eigen(self, X: Any, eps: float = 1e-6) -> bool:
         """``max Re λ(X) ≤ −alpha + eps`` over the batch."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-1] != X.shape[-2] or not bool(torch.isfinite(X).all()):
             return False
         re = torch.linalg.eigvals(_lift(self, X)[0]).real
@@ -1753,7 +1762,7 @@ class Hurwitz(_Manifold):
 
     def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
         """The size and :meth:`in_manifold_eigen`."""
-        X = _as_matrix(X)
+        X = _as_floating(X)
         return isinstance(X, Tensor) and tuple(X.shape) == self._require_size() and self.in_manifold_eigen(X, eps)
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_) -> Tensor:
