@@ -560,3 +560,30 @@ def test_floor_eps_memo_is_not_filled_while_compiling():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_sphere_chart_node_saves_its_intermediates_as_saved_tensors(generator):
+    """The chart node's intermediates (v, ‖v‖, cos, sinc) go through saved_tensors_hooks, so activation
+    checkpointing (use_reentrant=False) frees them and save_on_cpu moves them; on a context attribute
+    they stayed alive beside a checkpointed forward. Gradients under copying hooks and under
+    checkpointing are the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    M = gf.Sphere(radius=1.5)
+    U = M.sample((4, 6), generator=generator, dtype=F64)
+    Z = torch.randn(4, 6, generator=generator, dtype=F64, requires_grad=True)
+    W = torch.randn(4, 6, generator=generator, dtype=F64)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        X = M.to_manifold(Z, U)
+    assert _node(X) == "_ExpChartBackward"
+    assert len(packed) >= 7, packed  # Z, U and the five intermediates
+    ref = torch.autograd.grad((_sphere._exp_chart_smooth(Z, U / 1.5, 1.5) * W).sum(), Z)[0]  # (unit base vectors)
+    _close(torch.autograd.grad((X * W).sum(), Z)[0], ref, F64, "through copying hooks")
+    _close(torch.autograd.grad((checkpoint(M.to_manifold, Z, U, use_reentrant=False) * W).sum(), Z)[0], ref, F64,
+           "checkpointed")

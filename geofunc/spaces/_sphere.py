@@ -153,17 +153,20 @@ class _ExpChart(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, Z: Tensor, U: Tensor, r: float) -> Tensor:  # type: ignore[override]
         a, V, t, c, sinc = _chart_parts(Z, U)
-        ctx.save_for_backward(Z, U)
+        # Saved tensors, not a context attribute: saved_tensors_hooks see them, so activation checkpointing
+        # (use_reentrant=False) frees them and save_on_cpu moves them (on the attribute, a checkpointed
+        # chart kept v alive: as much memory as Z). jvp, run within apply, reads the attribute.
+        ctx.save_for_backward(Z, U, a, V, t, c, sinc)
         ctx.save_for_forward(Z, U)
         ctx.r = r
-        ctx.parts = (a, V, t, c, sinc)
+        ctx.parts = (a, V, t, c, sinc) if torch.autograd.forward_ad._current_level >= 0 else None
         X = torch.addcmul(c * U, sinc, V)
         return X if r == 1.0 else X * r
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:  # type: ignore[override]
-        Z, U = ctx.saved_tensors
+        Z, U, a, V, t, c, sinc = ctx.saved_tensors
         need_z, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         r = ctx.r
         if torch.is_grad_enabled():
@@ -171,7 +174,6 @@ class _ExpChart(torch.autograd.Function):
             wrt = [T for T, need in ((Z, need_z), (U, need_u)) if need]
             grads = iter(torch.autograd.grad(_exp_chart_smooth(Z, U, r), wrt, G, create_graph=True, allow_unused=True))
             return (next(grads) if need_z else None), (next(grads) if need_u else None), None
-        a, V, t, c, sinc = ctx.parts
         if r != 1.0:
             G = G * r
         Gu = _dot(G, U)
