@@ -224,6 +224,18 @@ def test_an_optax_trace_call_is_refused():
     torch.testing.assert_close(p["b"], ref.detach(), atol=1e-15, rtol=0)
 
 
+def test_a_tensor_hyperparameter_of_several_values_is_refused_at_construction():
+    """``lr=torch.tensor([0.1, 0.2])`` (the message asks for a 0-dim tensor) was taken and broadcast into
+    each entry's step: torch's size error at the first update, or a step of another shape. A tensor of
+    one value is still taken, unread (a learned step size; logically 0-dim under vmap)."""
+    for name, what in (("rsgd", "lr"), ("rsgd", "momentum"), ("radam", "lr"), ("radam", "eps"), ("radamw", "lr")):
+        for bad in (torch.tensor([0.1, 0.2]), torch.zeros(0)):
+            with pytest.raises(gf.ManifoldError,
+                               match=rf"^{name}: expected `{what}` a number.*0-dim tensor.*, got a tensor of shape"):
+                getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: bad})
+        getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: torch.tensor([0.1])})
+
+
 def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
     """A schedule ``lr`` and tensor hyperparameters pass the checks (no ``bool()`` of a traced tensor):
     meta-gradients of a loss after three steps with respect to ``lr``, β₁ (``radam``) and the momentum

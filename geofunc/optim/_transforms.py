@@ -152,6 +152,11 @@ def check_nonnegative(where: str, **values: Any) -> None:
     """Refuse a number below 0 (or NaN) among ``values``, and a value that is neither a number nor a tensor
     (nor, for ``lr``, a schedule) (Note [Checking hyperparameters])."""
     for what, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() != 1:  # metadata only (logical under vmap)
+            # (a (2,) lr was taken here and broadcast into each entry's step: torch's size error at the first
+            # update, or a step of another shape)
+            kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
+            raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
         if isinstance(value, torch.Tensor) or (what == "lr" and callable(value)):
             continue  # not read
         x = _real(value)
