@@ -527,6 +527,29 @@ class _Holder:
     __slots__ = ("m", "s", "cache")
 
 
+# Note [Intermediates as saved tensors]
+# The adjoint reuses the forward's powers, Horner steps and squarings (~10 n×n matrices at a
+# rebased generator, more with squarings). Kept on a context attribute, they were invisible to
+# torch.autograd.graph.saved_tensors_hooks: activation checkpointing (use_reentrant=False), which
+# frees what the hooks pack and recomputes it in backward, freed none of them (SO(128)'s chart held
+# 10 n×n matrices per call with or without it; torch.linalg.matrix_exp's none), and save_on_cpu left
+# them on the accelerator. In plain autograd they are saved through ctx.save_for_backward (a flat
+# list and its layout), so every hook sees them and autograd checks their versions. Under
+# torch.func transforms, where a Function may save only its inputs and outputs and the vmap rules
+# share the holder between levels, the holder keeps them as before.
+def _flat_cache(cache: dict) -> tuple[list, tuple]:
+    """The tensors of an evaluation's intermediates, in order, and the layout :func:`_cache_of` rebuilds them from."""
+    P, Hs, Xs, far = cache["P"], cache["Hs"], cache["Xs"], cache.get("far")
+    flat = [*P[1:], *Hs, *Xs] + ([] if far is None else [far])
+    return flat, (len(P) - 1, len(Hs), len(Xs), far is not None)
+
+
+def _cache_of(flat: list, layout: tuple) -> dict:
+    nP, nH, nX, far = layout
+    return {"P": [None, *flat[:nP]], "Hs": list(flat[nP:nP + nH]), "Xs": list(flat[nP + nH:nP + nH + nX]),
+            "far": flat[-1] if far else None}
+
+
 class _Expm(torch.autograd.Function):
     @staticmethod
     def forward(A: Tensor, holder: _Holder) -> Tensor:  # type: ignore[override]
@@ -538,20 +561,32 @@ class _Expm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         A, holder = inputs
-        ctx.m, ctx.s, ctx.holder = holder.m, holder.s, holder
-        ctx.save_for_backward(A)
+        ctx.m, ctx.s = holder.m, holder.s
+        if torch._C._functorch.peek_interpreter_stack() is None:  # Note [Intermediates as saved tensors]
+            flat, ctx.layout = _flat_cache(holder.cache)
+            ctx.holder = None
+            ctx.save_for_backward(A, *flat)
+        else:
+            ctx.holder = holder
+            ctx.save_for_backward(A)
         ctx.save_for_forward(A)
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        (A,) = ctx.saved_tensors
+        A, *flat = ctx.saved_tensors
+        holder = ctx.holder
+        if holder is None:
+            holder = _Holder()
+            holder.cache = _cache_of(flat, ctx.layout)
         if not torch.is_grad_enabled():
-            return _adjoint(ctx.holder.cache, G, ctx.m, ctx.s, inplace=True), None
+            return _adjoint(holder.cache, G, ctx.m, ctx.s, inplace=True), None
+        if torch.autograd.forward_ad._current_level >= 0 and torch._C._functorch.peek_interpreter_stack() is None:
+            return _adjoint_chain(A, G, ctx.m, ctx.s), None  # Note [Adjoint under a dual level]
         # Building a graph (double backward, and every torch.func grad/vjp, which always do):
         # the adjoint is one node whose value reuses the forward's intermediates and whose own
         # derivatives differentiate the evaluation (Note [Adjoint node]).
-        return _ExpmAdjoint.apply(A, G, ctx.m, ctx.s, ctx.holder), None
+        return _ExpmAdjoint.apply(A, G, ctx.m, ctx.s, holder), None
 
     @staticmethod
     def jvp(ctx: Any, E: Tensor, _holder: Any) -> Tensor:  # type: ignore[override]
@@ -579,6 +614,16 @@ class _Expm(torch.autograd.Function):
 # its own derivatives (asked for by double backward, MAML, hessian) run the differentiable chain
 # ``adjoint(evaluate(A, m'), G)`` at the derivative degree m' (through torch.func.vjp / jvp, so
 # they compose to every order).
+
+
+# Note [Adjoint under a dual level]
+# The adjoint node's jvp rule runs torch.func.jvp of the chain, which opens a dual level of its own:
+# under a torch.func transform that nests, but under a dual level of torch.autograd.forward_ad
+# (forward over reverse: a Hessian-vector product as the tangent of loss.backward(create_graph=True),
+# gradgradcheck's check_fwd_over_rev) torch refuses a second one, and every map through the
+# exponential (SO, Stiefel, LowRank, PSD, ...) raised 'Nested forward mode AD is not supported'.
+# There the adjoint is the chain itself, as torch ops: the dual level records their tangents (A and G
+# come back from the saved tensors with theirs) and their graph serves any later backward.
 
 
 # Note [Adjoint vmap rule]

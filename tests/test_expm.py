@@ -244,6 +244,72 @@ def test_gradcheck_gradgradcheck(scale, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_forward_over_reverse_under_a_dual_level(dtype, generator):
+    """gradgradcheck's forward-over-reverse check takes the tangent of a backward that builds a graph
+    under a torch.autograd.forward_ad dual level: the adjoint node's jvp rule, a torch.func.jvp, raised
+    'Nested forward mode AD is not supported' there (Note [Adjoint under a dual level])."""
+    A = _rand((3, 3), 3.0, generator, dtype).requires_grad_()  # degree 8 and a squaring
+    assert torch.autograd.gradgradcheck(expm, (A,), check_fwd_over_rev=True)
+
+
+@pytest.mark.parametrize("space,shape", [(gf.SO(), (4, 4)), (gf.Stiefel(), (5, 2)), (gf.LowRank(rank=2), (4, 3)),
+                                         (gf.PSD(), (3, 3)), (gf.SL(), (3, 3))], ids=lambda x: str(x))
+def test_hessian_vector_product_forward_over_reverse(space, shape, generator):
+    """``H v`` as the tangent of ``grad(loss)`` under a dual level (forward over reverse, the cheap
+    Hessian-vector product) equals central differences of the gradient (float64)."""
+    import torch.autograd.forward_ad as fwAD
+
+    Z = torch.randn(shape, generator=generator, dtype=torch.float64)
+    v = torch.randn(shape, generator=generator, dtype=torch.float64)
+    W = torch.randn(shape, generator=generator, dtype=torch.float64)
+
+    def gradient(z):
+        z = z.clone().requires_grad_()
+        X = space.to_manifold(z)
+        return torch.autograd.grad(((X * W).sum() + X.pow(3).sum()), z, create_graph=True)[0]
+
+    with fwAD.dual_level():
+        hv = fwAD.unpack_dual(gradient(fwAD.make_dual(Z.clone(), v))).tangent
+    h = 1e-5
+    fd = (gradient(Z + h * v) - gradient(Z - h * v)) / (2 * h)
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 2.0, 40.0], ids=["degree 4", "degree 8+", "squarings"])
+def test_intermediates_go_through_saved_tensor_hooks(scale, generator):
+    """The adjoint's intermediates (powers, Horner steps, squarings) are saved tensors: a
+    saved_tensors_hooks pack hook sees them, so activation checkpointing (use_reentrant=False) frees
+    them and recomputes them, and save_on_cpu moves them. On a context attribute they stayed alive
+    beside a checkpointed forward (Note [Intermediates as saved tensors]). Gradients, retained-graph
+    and double backward through hooks that copy every saved tensor are those without hooks."""
+    from torch.utils.checkpoint import checkpoint
+
+    A = _rand((2, 6, 6), scale, generator).requires_grad_()
+    G = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64)
+    packed = []
+
+    def pack(t):
+        packed.append(t.shape)
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        X = expm(A)
+    assert len(packed) >= 3, packed  # A and the intermediates (one power at least, and the Horner steps)
+    ref = torch.autograd.grad((ref_expm(A) * G).sum(), A, create_graph=True)[0]
+    loss = (X * G).sum()
+    g1 = torch.autograd.grad(loss, A, retain_graph=True)[0]
+    g2 = torch.autograd.grad(loss, A, create_graph=True)[0]
+    torch.testing.assert_close(g1, ref.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g2, ref, rtol=1e-10, atol=1e-10)
+    (h,) = torch.autograd.grad((g2 * G).sum(), A)
+    torch.testing.assert_close(h, torch.autograd.grad((ref * G).sum(), A)[0], rtol=1e-8, atol=1e-8)
+    before = len(packed)
+    gc = torch.autograd.grad((checkpoint(expm, A, use_reentrant=False) * G).sum(), A)[0]
+    torch.testing.assert_close(gc, ref.detach(), rtol=1e-10, atol=1e-10)
+    assert len(packed) == before  # (checkpoint's own hooks replace the outer ones)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_jvp_matches_finite_differences(dtype, generator):
     A = _rand((6, 6), 2.0, generator, dtype)
     E = _rand((6, 6), 1.0, generator, dtype)
