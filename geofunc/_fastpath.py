@@ -272,11 +272,19 @@ class _ClosedForm(torch.autograd.Function):
             with torch.enable_grad():
                 grads = iter(torch.autograd.grad(ctx.chain(*Ys), wrt, G, create_graph=True, allow_unused=True))
             return (None, None, *[next(grads) if n else None for n in need])
+        ctx.saved_tensors  # Note [Version checks of a closed form]
         g = ctx.vjp(G)
         g = (g,) if len(need) == 1 else g
         return (None, None, *[gi if n else None for gi, n in zip(g, need)])
 
 
+# Note [Version checks of a closed form]
+# The closed-form vector-Jacobian product is a closure over the forward's tensors, some of them
+# detached aliases of the inputs (the rank family's tangent keeps G's), which autograd does not
+# version-check: an input modified in place after the forward (G.mul_(2) before loss.backward())
+# gave a gradient computed from the new values, silently (LowRank(2) tangent: 0.5 off in norm ~2).
+# Unpacking the saved inputs first raises torch's own error ("one of the variables needed for
+# gradient computation has been modified by an inplace operation") there, as any torch op would.
 def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[[Tensor], Any]]], chain: Callable[..., Tensor],
                      *Ys: Tensor) -> Tensor:
     """A map of ``Ys`` as one plain-autograd node (``derivative_mode`` "lazy"; Note [Lazy second-order

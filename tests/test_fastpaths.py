@@ -562,6 +562,28 @@ def test_floor_eps_memo_is_not_filled_while_compiling():
     assert run.returncode == 0, run.stderr[-2000:]
 
 
+@pytest.mark.parametrize("space,name,arg", [
+    (gf.LowRank(2), "tangent", 1), (gf.LowRank(2), "tangent", 0), (gf.FixedRank(1), "egrad_to_rgrad", 1),
+    (gf.LowRank(2), "project", 0), (gf.PSSD(), "project", 0), (gf.Stiefel(), "project", 0),
+], ids=lambda x: str(x))
+def test_closed_form_node_refuses_an_input_modified_in_place(space, name, arg, generator):
+    """A map's input modified in place between its forward and the backward: torch's version-counter
+    error, as for any torch op. The closed form's vector-Jacobian product is a closure over detached
+    aliases of the inputs, which autograd does not check: the rank family's tangent gave the gradient
+    of the modified G silently (Note [Version checks of a closed form])."""
+    shape = (5, 4) if not isinstance(space, gf.PSSD) else (4, 4)
+    X = space.sample(shape, generator=generator, dtype=F64)
+    G = torch.randn(shape, generator=generator, dtype=F64)
+    args = {"tangent": (X, G), "egrad_to_rgrad": (X, G), "project": (X + 0.1 * G,)}[name]
+    leaves = [a.clone().requires_grad_() for a in args]
+    ins = [a * 1 for a in leaves]  # not leaves: an in-place change is allowed and counted
+    out = getattr(space, name)(*ins)
+    assert _node(out) == "_ClosedFormBackward"
+    ins[arg].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.pow(2).sum().backward()
+
+
 def test_sphere_chart_node_saves_its_intermediates_as_saved_tensors(generator):
     """The chart node's intermediates (v, ‖v‖, cos, sinc) go through saved_tensors_hooks, so activation
     checkpointing (use_reentrant=False) frees them and save_on_cpu moves them; on a context attribute
