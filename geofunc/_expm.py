@@ -1053,8 +1053,8 @@ def expm(A: Tensor) -> Tensor:
         # Plain eager mode (Note [Plain eager calls])
         return _EXPM_APPLY(A, _Holder()) if tracks_derivatives(A) else _expm_kernel(A)
     kinds = _transforms()
-    if kinds.count("Jvp") >= 2:  # nested forward mode (see _nested_forward_mode)
-        return _expm_static(A)
+    if kinds.count("Jvp") >= 2 or "Functionalize" in kinds:  # nested forward mode (see _nested_forward_mode);
+        return _expm_static(A)  # torch.func.functionalize (Note [Functions under functionalize] in _fastpath.py)
     orders = len(kinds) - kinds.count("Vmap")  # derivative levels
     if (kinds and set(kinds) <= {"Grad", "Jvp", "Vmap"} and orders >= (2 if "Vmap" in kinds else 1)
             and A.shape[-1] <= _CHAIN_N):  # Note [Op chain under torch.func]

@@ -145,6 +145,20 @@ def _transforms() -> list[str]:
         return ["Jvp", "Jvp"]
 
 
+# Note [Functions under functionalize]
+# torch.func.functionalize has no rule for a custom autograd.Function (torch 2.13's
+# custom_function_call raises "NYI: Functionalize rule for custom_function_call"), so every map
+# through the matrix exponential (SO, Stiefel, PSD, GLp, the rank family, Hurwitz, ...) or Sinkhorn
+# (Birkhoff) raised under functionalize(f), make_fx(functionalize(f)) included, though the README
+# says the maps compose with every torch.func transform. With a Functionalize level anywhere in the
+# stack those two take their op chains instead (the static exponential, Sinkhorn's Newton steps), as
+# under nested forward mode: plain torch ops, which functionalize (and every level around it) handles,
+# with the same values and exact derivatives. The other Functions run in plain eager mode only.
+def functionalizing() -> bool:
+    """Whether a ``torch.func.functionalize`` level is active (Note [Functions under functionalize])."""
+    return torch._C._functorch.peek_interpreter_stack() is not None and "Functionalize" in _transforms()
+
+
 def _only_batching(tensors: tuple[Optional[Tensor], ...], kinds: list[str]) -> bool:
     """Whether the active torch.func levels (``kinds``, :func:`_transforms`) are ``vmap`` only and
     nothing below them differentiates."""

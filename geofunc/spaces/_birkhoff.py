@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._fastpath import _PLAIN_TYPES, backward_without_autocast
+from .._fastpath import _PLAIN_TYPES, backward_without_autocast, functionalizing
 from .._linalg import _randn, lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
 
@@ -356,7 +356,7 @@ def sinkhorn(L: Tensor) -> Tensor:
         if _PEEK_TRACED and isinstance(torch._C._functorch.peek_interpreter_stack(), torch._C._functorch.CInterpreter):
             return _sinkhorn_ops(L)
         return _SinkhornCompiled.apply(L)
-    if _nested_forward_mode():
+    if _nested_forward_mode() or functionalizing():  # Note [Functions under functionalize] in _fastpath.py
         return _sinkhorn_ops(L)
     return _Sinkhorn.apply(L)
 
