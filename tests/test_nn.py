@@ -1271,6 +1271,143 @@ def test_torch_export_holds_for_other_parameter_values(case):
         assert member(gnn.parametrization_of(m).space, m.weight.detach())
 
 
+# Spaces beyond the constraint functions' (gf.nn.constrain), for the deployment checks below.
+_DEPLOY_SPACES = [
+    ("SO", gf.SO(), (4, 4)), ("Stiefel", gf.Stiefel(), (5, 3)), ("Stiefel-cayley-wide", gf.Stiefel(triv="cayley"), (3, 5)),
+    ("Sphere", gf.Sphere(radius=2.0), (3, 4)), ("Oblique", gf.Oblique(), (4, 3)), ("PSD", gf.PSD(), (4, 4)),
+    ("LowRank", gf.LowRank(2), (5, 4)), ("FixedRank", gf.FixedRank(2), (4, 5)), ("FixedRank-square", gf.FixedRank(4), (4, 4)),
+    ("SL", gf.SL(), (4, 4)), ("Hurwitz", gf.Hurwitz(alpha=0.1), (4, 4)), ("GLp", gf.GLp(), (4, 4)),
+    ("Birkhoff", gf.Birkhoff(), (4, 4)), ("PoincareBall", gf.PoincareBall(c=1.0), (3, 4)), ("Lorentz", gf.Lorentz(k=1.0), (3, 4)),
+]
+
+
+# strict export (Dynamo) for the spaces whose strict graph differs from the non-strict one (the geofunc
+# operators of the exponential and the frame chart, Birkhoff's Function) and the hyperbolic ones; a
+# strict Birkhoff export alone takes ~8 s, so it is left out (its non-strict one is checked).
+_DEPLOY_EXPORTS = [(c, False) for c in _DEPLOY_SPACES] + [
+    (c, True) for c in _DEPLOY_SPACES if c[0] in ("SO", "Stiefel-cayley-wide", "LowRank", "SL", "Hurwitz", "PoincareBall")]
+
+
+@pytest.mark.parametrize(("case", "strict"), _DEPLOY_EXPORTS, ids=lambda c: c[0] if isinstance(c, tuple) else ("strict" if c else "nonstrict"))
+def test_torch_export_float32_dynamic_batch_strict_and_saved(case, strict, tmp_path):
+    """Deployment in float32: a layer constrained to each space, exported strict or not with a dynamic
+    batch (torch.export.Dim), computes the eager layer's output for another batch size, for other raw
+    parameter values loaded after export (scales 0.01 to 10: no schedule chosen from the traced values
+    is baked in), and after a torch.export.save/load round trip (with geofunc imported: a strict program
+    holds the geofunc::expm operator). Tolerance: 1e-5 relative to the output's size (float32 rounding
+    of a few products; measured ≤ 5e-6). Birkhoff's non-strict export takes ~5 s (its fixed-count
+    Sinkhorn and Newton rounds are ~1300 nodes)."""
+    name, space, shape = case
+    torch.manual_seed(0)
+    m = gnn.constrain(nn.Linear(shape[1], shape[0]), "weight", space)
+    x = torch.randn(3, shape[1])
+    ep = torch.export.export(m, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=strict)
+    path = tmp_path / "layer.pt2"
+    torch.export.save(ep, path)
+    exported, loaded = ep.module(), torch.export.load(path).module()
+    x7 = torch.randn(7, shape[1])
+
+    def close(got, want, what):
+        torch.testing.assert_close(got, want, atol=1e-5 * max(1.0, float(want.abs().max())), rtol=0,
+                                   msg=lambda msg: f"{name} ({what}): {msg}")
+
+    with torch.no_grad():
+        close(exported(x7), m(x7), "traced values, another batch size")
+    state = m.state_dict()
+    raw = [k for k in state if k.endswith("original")]
+    assert raw, list(state)
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.01, 1.0, 10.0):
+        new = dict(state, **{k: torch.randn(state[k].shape, generator=g) * scale for k in raw})
+        m.load_state_dict(new)
+        exported.load_state_dict(new)
+        loaded.load_state_dict(new)
+        with torch.no_grad():
+            close(exported(x7), m(x7), f"raw values at scale {scale}")
+            close(loaded(x7), m(x7), f"saved and loaded, raw values at scale {scale}")
+            assert member(space, m.weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+def test_torch_export_inside_cached_does_not_bake_the_cached_weight(strict):
+    """torch.export inside a gf.nn.cached() block whose cache held the eager weight wrote that weight
+    into the program as a constant (Note [Cached values in compiled and exported code]): the exported
+    module ignored new raw values (2.2 off for SO(4)). Now the program reads its raw tensor and base."""
+    torch.manual_seed(0)
+    m = gnn.constrain(nn.Linear(4, 4).double(), "weight", gf.SO())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with gnn.cached():
+        m(x)  # the cache holds the eager weight
+        exported = torch.export.export(m, (x,), strict=strict).module()
+    new = {k: v + torch.randn_like(v) if k.endswith("original") else v for k, v in m.state_dict().items()}
+    m.load_state_dict(new)
+    exported.load_state_dict(new)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), m(x), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch 2.11's own imports
+def test_compiled_module_inside_cached_sees_an_optimizer_step():
+    """Inside gf.nn.cached() a compiled layer read back the weight torch's cache had stored from its
+    previous call, so after an optimizer step it kept the old weight (2.1 off, silently) while the eager
+    layer recomputed (Note [Cached values in compiled and exported code])."""
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 4).double())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    with gnn.cached():
+        for _ in range(3):
+            out = compiled(x)
+            torch.testing.assert_close(out, m(x), atol=1e-12, rtol=1e-12)
+            opt.zero_grad()
+            out.square().sum().backward()
+            opt.step()
+        torch.testing.assert_close(compiled(x), m(x), atol=1e-12, rtol=1e-12)
+    assert m.parametrizations.weight.original.grad is not None
+
+
+def _jit_warnings(fn):
+    """torch 2.13 deprecates torch.jit's entry points; a trace warns where Python reads a shape."""
+    fn = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated")(fn)
+    return pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")(fn)
+
+
+@_jit_warnings
+@pytest.mark.parametrize("case", _EXPORT_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_torch_jit_trace_and_script_refuse_a_constrained_module(case):
+    """torch.jit.trace replays the decisions the maps take from the traced values (Note [Traced by
+    torch.jit.trace]): a module traced under no_grad at its chart's centre computed I + A for every later
+    raw tensor (SO(4): outputs up to 39 off after a load_state_dict), silently. It is refused with a
+    ManifoldError naming torch.export, as is torch.jit.script (which failed deep in geofunc's source,
+    Note [Scripted by torch.jit.script]); gf.nn.plain(model) (frozen weights) traces and scripts."""
+    name, kwargs, make, cls = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    x = torch.randn(3, m.in_features)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(gf.ManifoldError, match=r"got torch\.jit\.trace.*torch\.export\.export"):
+            torch.jit.trace(m, (x,))
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .*got torch\.jit\.script.*gf\.nn\.plain"):
+        torch.jit.script(m)
+    frozen = gnn.plain(m)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.trace(frozen, (x,))(x), m(x), atol=0, rtol=0)
+        torch.testing.assert_close(torch.jit.script(frozen)(x), m(x), atol=0, rtol=0)
+
+
+@_jit_warnings
+def test_torch_jit_trace_refuses_the_maps_of_a_space():
+    """The functional layer too: a function calling a space's map is not traced (the trace at a raw
+    tensor of 0 kept the exponential's degree 1: SO(4) 1e4 off at scale 5)."""
+    Z = torch.zeros(4, 4)
+    with torch.no_grad(), pytest.raises(gf.ManifoldError, match=r"SO\(triv='expm'\)\.to_manifold: expected .*got torch\.jit\.trace"):
+        torch.jit.trace(lambda z: gf.SO().to_manifold(z), (Z,))
+    with pytest.raises(gf.ManifoldError, match=r"Sphere\(radius=1\.0\)\.retract: .*torch\.jit\.trace"):
+        torch.jit.trace(lambda v: gf.Sphere().retract(torch.tensor([1.0, 0.0]), v), (torch.tensor([0.0, 0.5]),))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

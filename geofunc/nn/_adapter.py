@@ -255,6 +255,22 @@ class Parametrization(nn.Module):
         if record is not None:
             _restore_record(self, record)
 
+    # Note [Scripted by torch.jit.script]
+    # TorchScript compiles a module's forward from its source, and neither torch.nn.utils.parametrize
+    # nor a space's maps (pytrees, dataclasses, value-dependent schedules, torch.library operators) are
+    # scriptable: torch.jit.script of a constrained module failed deep inside, on a line of geofunc's
+    # source ("Unknown type name 'nn.Parameter'"; once that had happened in a process, "Can't redefine
+    # method: forward on class ...Parametrization" for every later module), naming neither the tensor nor
+    # a way out. torch.jit.script asks each submodule's __prepare_scriptable__ first: this one refuses
+    # with what to use instead (torch 2.13 deprecates torch.jit.script too).
+    def __prepare_scriptable__(self) -> "Parametrization":
+        raise ManifoldError(
+            f"{self.where} constrained to {self.space!r}: expected to be captured by torch.export.export "
+            "(strict or not) or run by torch.compile, got torch.jit.script, which cannot compile "
+            "torch.nn.utils.parametrize or geofunc's maps. Export the model with torch.export.export(model, "
+            "args) (README: geofunc.nn, deployment), or script gf.nn.plain(model), whose weights are plain tensors."
+        )
+
     # -------------------------------------------------------------------- base
     def get_base(self) -> Any:
         """The current base, rebuilt from the buffers (``None`` for spaces without one)."""
@@ -889,6 +905,20 @@ def _dense_gradient(module: nn.Module, value: Tensor) -> Tensor:
     return value
 
 
+# Note [Cached values in compiled and exported code]
+# Inside torch.compile and torch.export (strict or not: both are "compiling") the property ran torch's
+# own, whose cache is a global dict keyed by (module, name): a value cached by an eager read before the
+# compiled call was read by the trace as a tensor from outside, so torch.export inside a gf.nn.cached()
+# block wrote the eager weight into the program as a constant (the raw Parameter no longer an input, or
+# an input left unused): the exported module ignored any new raw values loaded into it (2.2 off for an
+# SO(4) layer), silently. And the traced value that torch's cache stores from compiled code is a real
+# tensor after the call, which the next compiled call in the block read back: after an optimizer step
+# a compiled layer kept the old weight (2.1 off), where the eager property recomputes (Note [A cache
+# that sees new raw tensors]). So compiled and exported code evaluates the chain at each read and
+# neither reads nor writes the cache: the graph computes the weight from the raw tensor and bases it
+# is given. (Repeated reads in one traced forward, an RNN's time loop, trace the map once per read.)
+
+
 def _checked_property(tensor_name: str, torch_property: property) -> property:
     fget = torch_property.fget
     fset = torch_property.fset
@@ -903,7 +933,9 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
             fset(self, value)
 
     def get_parametrized(self: nn.Module) -> Tensor:
-        if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch._C._get_tracing_state() is not None:
+        if torch.compiler.is_compiling():  # Note [Cached values in compiled and exported code]
+            return self._modules["parametrizations"]._modules[tensor_name]()
+        if torch.jit.is_scripting() or torch._C._get_tracing_state() is not None:
             return fget(self)  # torch's: its errors for tracing and scripting
         if not parametrize._cache_enabled:
             return _dense_gradient(self, fget(self))

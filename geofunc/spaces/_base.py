@@ -229,12 +229,39 @@ def _downcast(tree: Any, dtype: torch.dtype) -> Any:
     )
 
 
+# Note [Traced by torch.jit.trace]
+# torch.jit.trace records the tensor operations of one call and replays them; every Python decision
+# taken from the values in that call is kept for all later inputs. Many maps take such decisions in
+# eager mode, where they are right (the exponential's Taylor degree and squarings, the rank charts'
+# and Sinkhorn's schedules, skipped checks): traced, they are wrong for other values, silently. A
+# module traced under torch.no_grad() (the usual recipe before torch.jit.save) whose weight was
+# traced at its chart's centre (raw tensor 0: degree 1) computed I + A for every later raw tensor A,
+# so SO(4) gave outputs 0.4e-3 to 39 off the eager module's after a load_state_dict or a fine-tuning
+# step (LowRank 4e7, PSD 4e3), with no warning; with grad mode on, the trace held Python Functions
+# that torch.jit.save refuses. torch.export (strict or not) captures the maps without reading values
+# (tests/test_nn.py checks other parameter values), and torch 2.13 deprecates torch.jit.trace, so
+# the maps refuse to be traced by it, naming the way that works. (No tracer reads the state here
+# except torch.jit's; Dynamo traces the call, so fullgraph holds.)
+def _refuse_jit_trace(space: Any, name: str) -> ManifoldError:
+    return ManifoldError(
+        f"{space!r}.{name.lstrip('_')}: expected to be captured by torch.export.export (strict or not) or run "
+        "by torch.compile, got torch.jit.trace (or a tool tracing with it: torch.onnx.export(dynamo=False)), "
+        "which would replay the decisions this map takes from the traced values (the degree and squarings of a "
+        "matrix exponential, iteration counts) for every later input: silently wrong for other parameter "
+        "values. Export the model with torch.export.export(model, args) (README: geofunc.nn, deployment), or "
+        "trace gf.nn.plain(model), whose weights are plain tensors."
+    )
+
+
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a space map with the low-precision policy (Note [Low precision])."""
+    """Wrap a space map with the low-precision policy (Note [Low precision]); refuse torch.jit.trace
+    (Note [Traced by torch.jit.trace])."""
     names = _parameter_names(fn)  # Note [Tensors given by keyword]
 
     @functools.wraps(fn)
     def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch._C._get_tracing_state() is not None:  # Note [Traced by torch.jit.trace]
+            raise _refuse_jit_trace(self, fn.__name__)
         lead = _lead(_in_order(args, kwargs, names) if kwargs else args)
         if lead is None:
             return fn(self, *args, **kwargs)
