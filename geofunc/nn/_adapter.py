@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 import warnings
 import weakref
 from typing import Any, Callable
@@ -140,10 +141,10 @@ def _record_of(adapter: nn.Module) -> tuple:
     """``(kind, tensor, last)``: the registry ``adapter`` is in, the tensor recorded there (or None),
     and whether the raw tensor it was last evaluated on is that tensor (Note [Copies keep what is known
     of the raw tensor])."""
-    if adapter in _RAW:
-        kind, tensor = "raw", _RAW[adapter]
-    elif adapter in _TENTATIVE:
-        kind, tensor = "tentative", _TENTATIVE[adapter]
+    if (tensor := _RAW.get(adapter)) is not None:  # (get, not `in` then [ ]: Note [Registries shared by threads])
+        kind = "raw"
+    elif (tensor := _TENTATIVE.get(adapter)) is not None:
+        kind = "tentative"
     elif adapter in _ATTACHED:
         kind, tensor = "attached", None
     elif adapter in _LOST:
@@ -179,6 +180,14 @@ def _note_registration(adapter: nn.Module, X: Tensor) -> None:
         _TENTATIVE[adapter] = X
 
 
+# Note [Registries shared by threads]
+# The registries above are module-level, and forward updates them: threads that evaluate one module at
+# once (a serving pool over a shared model, functional_call with other Parameters in each thread) run
+# _note_raw on the same adapter concurrently. Each dict operation is atomic, but a test and a later
+# `del` are not: two threads that both found the adapter in _RAW both deleted it, and the second raised
+# KeyError out of the module's forward (a probe, 8 threads: a few in a few thousand calls). Entries are
+# therefore removed with pop(key, None) and read with get, never `in` then [ ]; what the threads write
+# is the same either way (the adapter is "lost", or "raw" with the Parameter both saw), so no lock.
 def _note_raw(adapter: nn.Module, Z: Tensor) -> None:
     """``forward`` was evaluated (eagerly) on the Parameter ``Z``."""
     known = _RAW.get(adapter)
@@ -188,9 +197,9 @@ def _note_raw(adapter: nn.Module, Z: Tensor) -> None:
         return
     if known is None and _TENTATIVE.get(adapter) is Z:
         _RAW[adapter] = Z
-        del _TENTATIVE[adapter]
+        _TENTATIVE.pop(adapter, None)  # (not del: Note [Registries shared by threads])
     elif known is not None:
-        del _RAW[adapter]
+        _RAW.pop(adapter, None)
         _COPIED.discard(adapter)
         _LOST.add(adapter)
 
@@ -695,6 +704,45 @@ _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDi
 _STAMP = object()  # the third element of the stamp's key in parametrize._cache
 
 
+# Note [Cached values across threads]
+# torch's cache is one dict for the process, and cached() switches it on for every thread (a global
+# count): in a serving pool where one thread is inside a block, the other threads read and write it too.
+# A value computed with grad enabled carries its thread's graph, which that thread's backward frees: a
+# second thread whose stamp matched (same module, same tensors, grad on) reused it, and whichever
+# backward ran second raised "Trying to backward through the graph a second time" (a probe: 8 threads
+# over a shared model, some inside cached(): a third of the calls failed, threads outside any block
+# too). With grad enabled a value is therefore cached per thread: its key holds the thread's own token
+# (an object, not threading.get_ident(), which a new thread reuses). Values computed without grad have no
+# graph and are shared by all threads, as before. And a thread outside any block caches too while another
+# thread is inside one, so its second backward through an unchanged weight (gradient accumulation: two
+# batches, then one step) met the same error, in a thread that had asked for no cache. So a backward
+# that runs the node which computed a cached value (and so frees its graph, unless retain_graph) drops
+# that entry: the next read computes the value anew. Inside one thread's own block this changes nothing
+# but that error (gradient accumulation in a block now works; torch's cache alone raises it): an RNN's
+# time loop still reads the weight many times and runs backward once.
+class _ThreadToken(threading.local):
+    def __init__(self) -> None:
+        self.token = object()
+
+
+_THREAD = _ThreadToken()
+
+
+def _forget_after_backward(value: Tensor, key: tuple, stamp: Any) -> None:
+    """Drop the cache entry ``key`` once a backward runs ``value``'s node (Note [Cached values across threads])."""
+    fn = value.grad_fn if isinstance(value, torch.Tensor) else None
+    if fn is None:
+        return
+
+    def forget(*_: Any) -> None:
+        cache = parametrize._cache  # (torch replaces it when the last block ends)
+        if cache.get(key + (_STAMP,)) is stamp:
+            cache.pop(key, None)
+            cache.pop(key + (_STAMP,), None)
+
+    fn.register_hook(forget)
+
+
 def _storage(t: Tensor) -> Any:
     try:
         return t.data_ptr()
@@ -940,7 +988,8 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         if not parametrize._cache_enabled:
             return _dense_gradient(self, fget(self))
         plist = self._modules["parametrizations"]._modules[tensor_name]  # (nn.Module's __getattr__: ~1 µs)
-        key = (id(self), tensor_name)
+        # with grad: one entry per thread (Note [Cached values across threads])
+        key = (id(self), tensor_name, _THREAD.token) if torch.is_grad_enabled() else (id(self), tensor_name)
         cache = parametrize._cache
         value = cache.get(key)
         if value is not None and _holds(cache.get(key + (_STAMP,)), plist):
@@ -949,6 +998,8 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         value = _dense_gradient(self, plist())
         cache[key] = value
         cache[key + (_STAMP,)] = stamp
+        if len(key) == 3:  # with grad (Note [Cached values across threads])
+            _forget_after_backward(value, key, stamp)
         return value
 
     get_parametrized._geofunc_checked = True  # type: ignore[attr-defined]
@@ -1388,6 +1439,7 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
             parametrization_of(module, tensor_name)  # raises if geofunc is not involved
             setattr(module, tensor_name, plist().detach())
     parametrize._cache.pop((id(module), tensor_name), None)
+    parametrize._cache.pop((id(module), tensor_name, _THREAD.token), None)  # Note [Cached values across threads]
     return module
 
 
@@ -1396,5 +1448,6 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
 #: around loops that reuse a constrained weight (RNN time loops, weight sharing). A cached value
 #: of a tensor geofunc constrains is reused only while its raw tensor and bases are unchanged
 #: (Note [A cache that sees new raw tensors]): functional_call with other parameters, in-place
-#: updates, assignments and dtype changes inside the block recompute it.
+#: updates, assignments and dtype changes inside the block recompute it; one computed with grad
+#: serves only its own thread, until a backward frees its graph (Note [Cached values across threads]).
 cached = parametrize.cached
