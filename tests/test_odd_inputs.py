@@ -264,3 +264,16 @@ def test_check_of_a_meta_tensor_is_a_manifold_error(name: str) -> None:
     with pytest.raises(gf.ManifoldError, match="meta device") as info:
         M.check(X.to("meta"))
     assert type(M).__name__ in str(info.value)
+
+
+def test_an_atol_given_as_a_string_is_refused() -> None:
+    """``atol`` is read by ``float()``, which also reads a string: contains(X, atol='1e-3') and check
+    answered as for 1e-3, where every other non-number (a bool, a tensor of several values) is refused."""
+    M = gf.Stiefel()
+    X = M.sample((4, 3), generator=torch.Generator().manual_seed(0))
+    for call in (lambda a: M.contains(X, atol=a), lambda a: M.check(X, atol=a),
+                 lambda a: gf.contains({"w": M}, {"w": X}, atol=a)):
+        for bad in ("1e-3", b"1e-3"):
+            with pytest.raises(gf.ManifoldError, match=r"Stiefel\(triv='expm'\): expected `atol` to be None or a number ≥ 0"):
+                call(bad)
+    assert bool(M.contains(X, atol=1e-3)) and M.check(X, atol=1e-3) is None

@@ -918,7 +918,8 @@ class AbstractSpace(_Space, abc.ABC):
             tol = float(atol)
         except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
             tol = None
-        if tol is None or isinstance(atol, bool) or not tol >= 0.0:  # a negative or NaN atol refuses every point
+        # a negative or NaN atol refuses every point; float() also read a string ('1e-3') as a number
+        if tol is None or isinstance(atol, (bool, str, bytes)) or not tol >= 0.0:
             raise error(self, "`atol` to be None or a number ≥ 0", describe(atol))
         return tol
 
