@@ -549,10 +549,9 @@ def test_a_weight_decay_mask_equals_torch_parameter_groups(name, torch_cls, kwar
     assert not torch.allclose(q["b"], r["b"]) and torch.equal(q["layer"]["w"], r["layer"]["w"])
 
 
-def test_multi_transform_equals_separate_optimizers_per_label(generator):
-    """Two labels, two optimizers: each label's entries move as that optimizer alone on them moves
-    them, its global norm clipped over its own entries only (the free entry's large gradient would
-    change the factor otherwise)."""
+def _split_problem(generator):
+    """A Stiefel, a Sphere and a free entry (float64) and a loss whose free part is large (so a
+    global norm over every entry differs from one over the constrained entries)."""
     c = {"w": gf.Stiefel(), "v": gf.Sphere(), "b": None}
     params = gf.sample(c, {"w": torch.empty(5, 2, dtype=F64), "v": torch.empty(4, dtype=F64),
                            "b": torch.randn(3, dtype=F64, generator=generator)}, generator=generator)
@@ -560,6 +559,15 @@ def test_multi_transform_equals_separate_optimizers_per_label(generator):
 
     def loss(p):
         return sum(((p[k] - T[k]) ** 2).sum() * (50.0 if k == "b" else 1.0) for k in p)
+
+    return c, params, loss
+
+
+def test_multi_transform_equals_separate_optimizers_per_label(generator):
+    """Two labels, two optimizers: each label's entries move as that optimizer alone on them moves
+    them, its global norm clipped over its own entries only (the free entry's large gradient would
+    change the factor otherwise)."""
+    c, params, loss = _split_problem(generator)
 
     def geo(cc):
         return gf.optim.chain(gf.optim.clip_by_global_norm(cc, 0.3), gf.optim.scale_by_adam(cc), gf.optim.scale(-0.05))
@@ -591,13 +599,7 @@ def test_the_whole_model_route_around_a_split(generator):
     step. With the same rule under both labels the run equals the unsplit optimizer's (float64, 10
     steps); a NaN in the free entry's gradient skips the constrained entries' step too (points and
     state as they were); the clip inside each label instead is each label's norm (another run)."""
-    c = {"w": gf.Stiefel(), "v": gf.Sphere(), "b": None}
-    params = gf.sample(c, {"w": torch.empty(5, 2, dtype=F64), "v": torch.empty(4, dtype=F64),
-                           "b": torch.randn(3, dtype=F64, generator=generator)}, generator=generator)
-    T = {k: torch.randn(v.shape, dtype=F64, generator=generator) for k, v in params.items()}
-
-    def loss(p):
-        return sum(((p[k] - T[k]) ** 2).sum() * (50.0 if k == "b" else 1.0) for k in p)
+    c, params, loss = _split_problem(generator)
 
     def rule():
         return gf.optim.chain(gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))
