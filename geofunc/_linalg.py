@@ -244,7 +244,13 @@ def haar_so(shape, generator=None, dtype=None, device=None) -> Tensor:
     sign = torch.linalg.slogdet(Q)[0]
     flip = torch.ones_like(Q[..., 0, :])
     flip = torch.cat([sign.unsqueeze(-1), flip[..., 1:]], dim=-1)
-    return Q * flip.unsqueeze(-2)
+    # Note [Square samples in row-major layout]
+    # QR returns Q column-major and the product keeps that layout, while the square spaces' maps
+    # (SO, Unitary: the exponential chart, retractions) return row-major tensors: a compiled training
+    # step (strides are guarded) compiled once for the sample and again after its first update. The
+    # copy is once per sample; the values are the same. (Tall frames stay column-major: Stiefel's maps
+    # return that layout, so its sample already matches them.)
+    return (Q * flip.unsqueeze(-2)).contiguous()
 
 
 # Note [NaN policy]

@@ -390,3 +390,31 @@ def test_complex_project_under_vmap_grad_equals_a_loop(name):
     out = torch.func.vmap(grad(f))(Y, C)
     ref = torch.stack([grad(f)(y, c) for y, c in zip(Y, C)])
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("space, dtype", [(gf.SO(), torch.float32), (gf.Unitary(), torch.complex64),
+                                          (gf.Stiefel(), torch.float32)], ids=["SO", "Unitary", "Stiefel"])
+def test_a_compiled_step_from_a_sample_compiles_once(space, dtype):
+    """A compiled training step started from ``sample`` compiles one graph over four steps: the sample
+    has the layout of the step's outputs (strides are guarded). SO's and Unitary's samples were QR's
+    column-major Q while their maps return row-major tensors: a second graph after the first step
+    (Note [Square samples in row-major layout]). Tall Stiefel frames are column-major on both sides."""
+    from torch._dynamo.testing import CompileCounter
+
+    shape = (5, 3) if isinstance(space, gf.Stiefel) else (4, 4)
+    G = torch.randn(shape, generator=_gen(), dtype=dtype)
+    opt = gf.optim.radam({"w": space}, lr=1e-2)
+
+    def loss(p):
+        return (p["w"] * G.conj()).real.sum()
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step = torch.compile(lambda p, s: opt.update(grad(loss)(p), s, p), backend=counter, fullgraph=True)
+    p = {"w": space.sample(shape, generator=_gen(1), dtype=dtype)}
+    s = opt.init(p)
+    for _ in range(4):
+        p, s = step(p, s)
+    assert counter.frame_count == 1
+    assert member(space, p["w"], 1e-5)
+    torch._dynamo.reset()

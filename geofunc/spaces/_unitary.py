@@ -67,7 +67,8 @@ class Unitary(MatrixGroup):
 
     def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
         dtype = complex_dtype(dtype)
-        return haar_stiefel(self._sample_shape(shape, dtype), generator, dtype, device)
+        # row-major, as its maps return: Note [Square samples in row-major layout] in geofunc/_linalg.py
+        return haar_stiefel(self._sample_shape(shape, dtype), generator, dtype, device).contiguous()
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         return {"max|XᴴX − I|": orthonormality_error(X)}
