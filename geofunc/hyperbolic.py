@@ -222,13 +222,6 @@ def _broadcastable(a: Any, b: Any) -> bool:
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
 
 
-def _dtype_of(x: Tensor) -> str:
-    """``x``'s dtype for a message: in a bf16/fp16 call (computed in float32) the stored one too, as the
-    spaces' messages say it (a bf16 x beside an fp16 y was refused as 'of the dtype of `x` (torch.float32)')."""
-    stored = _ROUNDING.dtypes[-1] if _ROUNDING.dtypes else None
-    return f"{x.dtype}" if stored is None else f"{stored}, computed in {x.dtype}: {x.dtype} or {stored}"
-
-
 def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
     """Each ``(tensor, name)`` a tensor of vectors (:func:`_check_vec`), all of one vector length,
     dtype and device, with batch dims that broadcast: a mismatch would otherwise be torch's unnamed
@@ -240,7 +233,7 @@ def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
         if t.shape[-1] != x.shape[-1]:
             expected = f"`{what}` of the vector length of `{xname}` ({x.shape[-1]})"
         elif t.dtype != x.dtype or t.device != x.device:
-            expected = f"`{what}` of the dtype and device of `{xname}` ({_dtype_of(x)}; {x.device})"
+            expected = f"`{what}` of the dtype and device of `{xname}` ({dtype_for_message(x)}; {x.device})"
         elif not _broadcastable(x.shape[:-1], t.shape[:-1]):
             expected = f"`{what}` with batch dims broadcastable with those of `{xname}` {tuple(x.shape[:-1])}"
         else:
@@ -540,7 +533,7 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
     if M.dtype != x.dtype or M.device != x.device:
-        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({_dtype_of(x)}; "
+        raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({dtype_for_message(x)}; "
                             f"{x.device}), got {describe(M)} on {M.device}.")
     if not _broadcastable(M.shape[:-2], x.shape[:-1]):
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` with batch dims broadcastable with those "
@@ -867,4 +860,4 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
 # are bound once every name here exists (Note [Hyperbolic functions in low precision]).
 from .spaces._base import (  # noqa: E402
     LOW_PRECISION, _ROUNDING, _any_autocast, _autocast_on, _cast_dtypes, _downcast, _in_order, _upcast, autocast_off,
-    rounding_dtype)
+    dtype_for_message, rounding_dtype)

@@ -153,6 +153,13 @@ def rounding_dtype(dtype: torch.dtype) -> torch.dtype:
     return stack[-1] if stack else dtype
 
 
+def dtype_for_message(x: Tensor) -> str:
+    """``x``'s dtype for an error message: in a bf16/fp16 call (computed in float32) the stored dtype
+    too, so a refusal names the dtype the caller passed (Note [Low precision])."""
+    stored = _ROUNDING.dtypes[-1] if _ROUNDING.dtypes else None
+    return f"{x.dtype}" if stored is None else f"{stored}, computed in {x.dtype}: {x.dtype} or {stored}"
+
+
 # Note [A product of several dtypes]
 # A Product's factors may have different dtypes. Its maps take the policy too, with the first
 # factor as the lead: for a bf16 first factor and a float32 second one, every float32 result was
@@ -691,9 +698,7 @@ class AbstractSpace(_Space, abc.ABC):
         arguments are compared after the float32 upcast of a low-precision leading argument (Note
         [Low precision]): a bfloat16 ``Z`` takes a float32 ``base``, a float32 ``Z`` no bfloat16 one."""
         if base.dtype != Z.dtype:
-            stored = _ROUNDING.dtypes[-1] if _ROUNDING.dtypes else None  # a bf16/fp16 call, computed in float32
-            has = f"{Z.dtype}" if stored is None else f"{stored}, computed in {Z.dtype}: {Z.dtype} or {stored}"
-            raise error(self, f"`{what}` of the dtype of `{what_z}` ({has})", describe(base))
+            raise error(self, f"`{what}` of the dtype of `{what_z}` ({dtype_for_message(Z)})", describe(base))
         if base.device != Z.device:  # torch's own error names neither the space nor the argument
             raise error(self, f"`{what}` on the device of `{what_z}` ({Z.device})", f"{describe(base)} on {base.device}")
 
