@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import optree
 import torch
@@ -311,28 +311,48 @@ def _add(X: Any, V: Any) -> Any:
             return _sum(X, V)
         if torch.compiler.is_compiling():
             return X + V
-        if not isinstance(V, torch.Tensor):
-            raise _FreeError("`V` to be a tensor", describe(V))
-        raise _FreeError(f"`V` with the shape of `X` {tuple(X.shape)}", f"shape {tuple(V.shape)}")
+        raise _vector_error(X, V, "X + V")
     if X is not None and _children(X) is None:  # a non-tensor leaf (a Python number): as torch.add takes it
         try:
             return torch.add(X, V)
         except (TypeError, RuntimeError):
             raise _FreeError(f"`V` that adds to `X` ({describe(X)})", describe(V)) from None
-    # an unconstrained subtree
+    out, xspec = _over_subtree(X, V, _add, "X + V")
+    return xspec.unflatten(out)
+
+
+def _over_subtree(X: Any, V: Any, leaf: Callable[[Any, Any], Any], op: str) -> tuple[list, Any]:
+    """``leaf(x, v)`` over the leaves of an unconstrained subtree ``X`` and the matching ones of ``V``,
+    a mismatch or a leaf's error named by its path; the results and ``X``'s tree spec."""
     paths, xs, xspec = optree.tree_flatten_with_path(X, none_is_leaf=False)
     try:
         vs = xspec.flatten_up_to(V)
     except ValueError:
         got = optree.tree_structure(V, none_is_leaf=True)
-        raise _FreeError(f"`V` with the structure of `X` {xspec}", str(got)) from None
+        raise _FreeError(f"`V` with the structure of `X` {xspec}", str(got), op=op) from None
     out = []
     for path, x, v in zip(paths, xs, vs):
         try:
-            out.append(_add(x, v))
+            out.append(leaf(x, v))
         except _FreeError as err:
-            raise _FreeError(err.expected, err.got, path + err.sub) from None
-    return xspec.unflatten(out)
+            raise _FreeError(err.expected, err.got, path + err.sub, op=op) from None
+    return out, xspec
+
+
+def _vector_error(X: torch.Tensor, V: Any, op: str) -> Optional[_FreeError]:
+    """Why ``V`` is not a vector at the unconstrained tensor ``X`` (None if it is): a tensor of its
+    shape and device, of its dtype or float32 for a bf16/fp16 ``X`` (Note [The dtype of an
+    unconstrained step])."""
+    if not isinstance(V, torch.Tensor):
+        return _FreeError("`V` to be a tensor", describe(V), op=op)
+    if V.shape != X.shape:
+        return _FreeError(f"`V` with the shape of `X` {tuple(X.shape)}", f"shape {tuple(V.shape)}", op=op)
+    if V.device != X.device:
+        return _FreeError(f"`V` on the device of `X` ({X.device})", f"{describe(V)} on {V.device}", op=op)
+    if V.dtype != X.dtype and not (X.dtype in LOW_PRECISION and V.dtype == torch.float32):
+        also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
+        return _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V), op=op)
+    return None
 
 
 # Note [The dtype of an unconstrained step]
@@ -346,12 +366,10 @@ def _sum(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``X + V`` in the dtype of ``X`` (Note [The dtype of an unconstrained step])."""
     if V.dtype == X.dtype and V.device == X.device:  # the common case
         return X + V
-    if V.device != X.device:
-        raise _FreeError(f"`V` on the device of `X` ({X.device})", f"{describe(V)} on {V.device}")
-    if X.dtype in LOW_PRECISION and V.dtype == torch.float32:
-        return (X + V).to(X.dtype)
-    also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
-    raise _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V))
+    err = _vector_error(X, V, "X + V")
+    if err is not None:
+        raise err
+    return (X + V).to(X.dtype)  # a float32 V at a bf16/fp16 X
 
 
 # Note [Vectors at unconstrained entries]
@@ -374,29 +392,13 @@ def _vector_at(X: Any, V: Any) -> Any:
     if V is None or torch.compiler.is_compiling():
         return V
     if isinstance(X, torch.Tensor):
-        if not isinstance(V, torch.Tensor):
-            raise _FreeError("`V` to be a tensor", describe(V), op=_IDENTITY)
-        if V.shape != X.shape:
-            raise _FreeError(f"`V` with the shape of `X` {tuple(X.shape)}", f"shape {tuple(V.shape)}", op=_IDENTITY)
-        if V.device != X.device:
-            raise _FreeError(f"`V` on the device of `X` ({X.device})", f"{describe(V)} on {V.device}", op=_IDENTITY)
-        if not (X.dtype in LOW_PRECISION and V.dtype == torch.float32):
-            also = " or torch.float32" if X.dtype in LOW_PRECISION else ""
-            raise _FreeError(f"`V` of the dtype of `X` ({X.dtype}{also})", describe(V), op=_IDENTITY)
+        err = _vector_error(X, V, _IDENTITY)
+        if err is not None:
+            raise err
         return V
     if X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
         return V
-    paths, xs, xspec = optree.tree_flatten_with_path(X, none_is_leaf=False)  # an unconstrained subtree
-    try:
-        vs = xspec.flatten_up_to(V)
-    except ValueError:
-        got = optree.tree_structure(V, none_is_leaf=True)
-        raise _FreeError(f"`V` with the structure of `X` {xspec}", str(got), op=_IDENTITY) from None
-    for path, x, v in zip(paths, xs, vs):
-        try:
-            _vector_at(x, v)
-        except _FreeError as err:
-            raise _FreeError(err.expected, err.got, path + err.sub, op=_IDENTITY) from None
+    _over_subtree(X, V, _vector_at, _IDENTITY)
     return V
 
 
