@@ -8,7 +8,7 @@ import optree
 import torch
 
 from .._errors import ManifoldError
-from ._base import Optimizer, OptState, Params, Vectors, check_optimizer
+from ._base import Optimizer, Params, Vectors, check_optimizer
 
 __all__ = ["ApplyIfFiniteState", "apply_if_finite"]
 
