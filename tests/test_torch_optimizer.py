@@ -261,6 +261,28 @@ def test_apply_if_finite_skips_every_groups_step(poison, generator):
     assert moved == {"W", "s", "b"} - {poison}
 
 
+def test_apply_if_finite_skips_a_step_whose_new_points_are_not_finite(generator):
+    """Finite gradients, but one group's new point is not finite (the free bias's rate set to inf by a
+    scheduler): the step is skipped for every group, as for a NaN gradient (the rule judges the new
+    points too, as the functional ``apply_if_finite``); the next step is applied."""
+    x, y = _data(generator)
+    net = Net(generator)
+    opt = gf.optim.TorchOptimizer(_net_groups(net), C, gf.optim.radam, lr=0.02, apply_if_finite=3)
+    _step_with(net, opt, x, y)
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    sd = opt.state_dict()
+    opt.param_groups[2]["lr"] = float("inf")  # the group of the free bias
+    _step_with(net, opt, x, y)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(torch.equal(p.detach(), before[k]) for k, p in net.named_parameters())
+    assert _tensors_equal(opt.state_dict()["state"], sd["state"])
+    assert (opt.notfinite_count, opt.last_finite, opt.total_notfinite) == (1, False, 1)
+    opt.param_groups[2]["lr"] = 0.02
+    _step_with(net, opt, x, y)
+    assert (opt.notfinite_count, opt.last_finite) == (0, True)
+    assert all(not torch.equal(p.detach(), before[k]) for k, p in net.named_parameters())
+
+
 def test_apply_if_finite_applies_after_too_many_skips_and_resumes_from_a_checkpoint(generator):
     """After more than ``max_consecutive_errors`` skips in a row the step is applied (a NaN point,
     visibly); the counters are entries of every group, saved in the ``state_dict`` (``torch.save`` /
