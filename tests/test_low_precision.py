@@ -614,3 +614,32 @@ def test_hyperbolic_functions_keep_the_dtype_of_their_point() -> None:
         got = H.mobius_add(x, x.bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, H.mobius_add(x, x.bfloat16().float()), atol=0, rtol=0)
+
+
+def test_hyperbolic_functions_compile_in_one_graph_under_autocast() -> None:
+    """Regression: geofunc.hyperbolic's public functions turned autocast off with an ExitStack of
+    torch.autocast contexts, which Dynamo cannot trace ('setattr() is not supported on type autocast'),
+    so under torch.autocast torch.compile(fullgraph=True) of any of them raised (a hyperbolic layer in a
+    bf16 mixed-precision model), while the spaces' maps compiled. The compiled functions give the eager
+    values in the point's dtype (bf16 arguments beside a float32 point cast, as eagerly; a bf16 point
+    computed in float32 and rounded back)."""
+    H = gf.hyperbolic
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(5, 3, generator=g)
+    y = 0.3 * torch.randn(5, 3, generator=g)
+    M = torch.randn(4, 3, generator=g)
+    r = torch.rand(5, generator=g)
+    f32, bf16 = torch.float32, torch.bfloat16
+    calls = [(H.mobius_add, (x, y), f32), (H.mobius_add, (x, y.bfloat16()), f32), (H.mobius_matvec, (M, x), f32),
+             (H.mobius_scalar_mul, (r, x), f32), (H.dist, (x, y), f32), (H.expmap0, (y,), f32), (H.logmap, (x, y), f32),
+             (H.mobius_add, (x.bfloat16(), y.bfloat16()), bf16)]
+    torch._dynamo.reset()
+    try:
+        for fn, args, dtype in calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want = fn(*args)
+                got = torch.compile(fn, fullgraph=True, backend="eager")(*args)
+            assert got.dtype == want.dtype == dtype, fn.__name__  # the point's
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=fn.__name__)
+    finally:
+        torch._dynamo.reset()
