@@ -292,6 +292,8 @@ class Parametrization(nn.Module):
             for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
                 if name is not None:
                     getattr(self, name).copy_(leaf)
+        if torch.compiler.is_compiling():  # Note [update_base in compiled code]
+            return
         try:
             _CHECKED_BASES[self] = [(b, b._version) for b in self._base_buffers()]
         except RuntimeError:  # an inference tensor has no version counter
@@ -1403,6 +1405,17 @@ def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
     return any(isinstance(p, Parametrization) for n in names for p in module.parametrizations[n])
 
 
+# Note [update_base in compiled code]
+# update_base (gf.nn.update_base, or a class's update_base/rebase) inside torch.compile(fullgraph=True)
+# raised torch's Unsupported at the first call: refining the new base (Note [Bases across dtypes]) asks
+# _readable whether its values may be read, and Dynamo cannot trace the functorch C predicate there.
+# A traced tensor's values cannot be read anyway (refining decides by a comparison of values), so
+# _readable answers False while compiling: the base is re-centred as in eager mode and kept as the
+# chart gives it; only the re-making of a base not valid in its dtype (one loaded from a checkpoint of
+# another dtype) is left to eager code, as forward's check of the base is (Note [Bases checked where
+# they change]). _set_base then leaves the record of checked buffers alone: tracing its write made
+# Dynamo guard on the registry's length (a second graph at the second call), and the in-place copies
+# bump the buffers' versions, so the next eager forward checks them once.
 def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, module: nn.Module | None = None) -> nn.Module:
     """Dynamic trivialization: re-centre the chart of ``layer.<tensor_name>`` at its current value.
 
@@ -1417,7 +1430,9 @@ def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, 
     as in GeoTorch: reset it if the chart moved far. Returns the module.
 
     The current value is computed from the raw parameter, never read from a
-    :func:`cached` value, and the cached entry (if any) is dropped.
+    :func:`cached` value, and the cached entry (if any) is dropped. It also runs inside
+    ``torch.compile(fullgraph=True)``, where a base not valid in its dtype is not re-made valid (call
+    it once in eager mode after loading one; Note [update_base in compiled code]).
     """
     if module is not None:
         if layer is not None and layer is not module:

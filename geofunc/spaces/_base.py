@@ -389,8 +389,10 @@ def is_space(x: Any) -> bool:
 
 
 def _readable(t: Any) -> bool:
-    """A concrete floating tensor whose values may be read (not meta, fake, functorch-wrapped or a DTensor)."""
-    return (type(t) is torch.Tensor and not t.is_meta and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    """A concrete floating tensor whose values may be read (not meta, fake, functorch-wrapped or a DTensor;
+    nothing is while Dynamo traces: Note [update_base in compiled code] in ``geofunc/nn/_adapter.py``)."""
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor and not t.is_meta
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
             and (t.is_floating_point() or t.is_complex()))
 
 
