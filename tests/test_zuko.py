@@ -440,6 +440,33 @@ def test_layers_compile_fullgraph(generator):
     torch.testing.assert_close(old.weight, layers[0].weight, atol=0, rtol=0)
 
 
+@pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["SO", "GLp", "PSD"])
+def test_torch_jit_trace_of_a_flow_names_what_works_for_a_flow(name):
+    """torch.jit.trace (and torch.onnx.export(dynamo=False), which traces with it) is refused by the maps,
+    whose message named gf.nn.plain(model): that leaves a SpaceLinear as it is (no gf.nn constraint), so
+    a flow traced after plain met the same refusal. It names torch.export / torch.onnx.export(dynamo=True)
+    (Note [Flows traced by torch.jit.trace]); tests/test_deploy.py exports a flow so."""
+    flow = zuko.flows.Flow(transform=[gz.SpaceLinear(SQUARE_SPACES[name], 3)], base=zuko.flows.UnconditionalDistribution(
+        zuko.distributions.DiagNormal, torch.zeros(3), torch.ones(3), buffer=True))
+
+    class LogProb(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    x = torch.randn(4, 3)
+    for model in (LogProb(), gf.nn.plain(LogProb())):
+        with torch.no_grad(), pytest.raises(gf.ManifoldError, match=(
+                r"expected a LinearTransform \(geofunc\.contrib\.zuko\) to be captured by torch\.export\.export\(model, "
+                r"args\) or torch\.onnx\.export\(model, args, dynamo=True\).*gf\.nn\.plain leaves a SpaceLinear.*"
+                r"got torch\.jit\.trace")):
+            torch.jit.trace(model, (x,))
+
+
 def test_docstring_examples():
     result = doctest.testmod(gz, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0

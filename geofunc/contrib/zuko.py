@@ -132,6 +132,18 @@ class LinearTransform(Transform):
         if not isinstance(Z, Tensor):  # a Product's tuple: its logabsdet exists, but its point is no matrix
             raise error(space, "`Z` to be a tensor of square matrices (..., n, n) for LinearTransform (a Product's "
                         "points are tuples: give each factor its own layer)", describe(Z))
+        # Note [Flows traced by torch.jit.trace]
+        # The spaces' maps refuse torch.jit.trace (Note [Traced by torch.jit.trace] in spaces/_base.py)
+        # and name gf.nn.plain(model) as a way out, which a flow cannot take: SpaceLinear is no gf.nn
+        # constraint, so plain leaves it as it is, and torch.onnx.export(gf.nn.plain(flow), ...,
+        # dynamo=False) met the same refusal again. The transform refuses first, naming what works
+        # for a flow (torch.export, or torch.onnx.export with dynamo=True: README, Deployment).
+        if torch._C._get_tracing_state() is not None:
+            raise error(space, "a LinearTransform (geofunc.contrib.zuko) to be captured by torch.export.export(model, "
+                        "args) or torch.onnx.export(model, args, dynamo=True) (README: geofunc.nn, deployment; "
+                        "gf.nn.plain leaves a SpaceLinear as it is: it is no gf.nn constraint)",
+                        "torch.jit.trace (or a tool tracing with it: torch.onnx.export(dynamo=False)), which would "
+                        "replay the decisions the maps take from the traced values for every later input")
         self.space, self.Z, self.base = space, Z, base
         self.ladj = space.logabsdet(Z, base)  # validates: square, full rank, a logabsdet exists
         self._weight: Optional[Tensor] = None  # W, formed on first use
