@@ -291,6 +291,12 @@ def _sample_global_rng(self: Any, shape: Any, *, generator=None, dtype=None, dev
     return self.project(torch.randn(self._sample_shape(shape), dtype=dtype, device=device))
 
 
+def _sample_global_rng_too(self: Any, shape: Any, *, generator=None, dtype=None, device=None) -> Tensor:
+    """The generator's draw, plus a draw of the global RNG (a tie-break, a dropout mask) that changes nothing."""
+    X = _SPHERE_SAMPLE(self, shape, generator=generator, dtype=dtype, device=device)
+    return X + 0 * torch.rand(())
+
+
 def _nan_to_num(self: Any, Z: Tensor, base: Any = None) -> Tensor:
     return _SPHERE_TO_MANIFOLD(self, torch.nan_to_num(Z), base)
 
@@ -387,6 +393,7 @@ BROKEN: list[tuple[str, str, Callable[..., Any], Callable[..., None], str, dict]
     ("naive-sinc-gradcheck", "to_manifold", _naive_sinc_chart, check_gradcheck, "gradcheck of to_manifold at Z = 0 failed", {}),
     ("naive-sinc-jacobians", "to_manifold", _naive_sinc_chart, check_jacobians, "jacfwd of to_manifold at Z = 0 is not finite", {}),
     ("sample-global-rng", "sample", _sample_global_rng, check_sample, "two samples from generators with the same seed differ", {}),
+    ("sample-global-rng-too", "sample", _sample_global_rng_too, check_sample, "drew from the global RNG too", {}),
     ("nan-to-num", "to_manifold", _nan_to_num, check_nan, r"to_manifold\(NaN\) has points without NaN", {}),
     ("rebase-moves-point", "rebase", _rebase_forgets, check_rebase,
      r"to_manifold\(\*rebase\(Z, base\)\) != to_manifold\(Z, base\)", {}),

@@ -185,12 +185,15 @@ def _require_f64(name: str, dtype: torch.dtype) -> None:
 # ------------------------------------------------------------------- per-dtype properties
 @_property
 def check_sample(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Optional[torch.Generator] = None) -> None:
-    """``sample`` lands on the space with the shape, dtype and device asked, reproducibly."""
+    """``sample`` lands on the space with the shape, dtype and device asked, reproducibly, and draws from
+    the generator it is given alone: the global RNG is left as it was."""
     g = _gen(generator)
     M = case.space
     for shape in case.shapes:
         ctx = _ctx(case, shape, dtype)
+        before = torch.random.get_rng_state()
         X = M.sample(shape, generator=g, dtype=dtype, device="cpu")
+        used_global = not torch.equal(torch.random.get_rng_state(), before)
         if tuple(X.shape) != shape or X.dtype != dtype or X.device.type != "cpu":
             raise _fail(ctx, f"sample returned shape {tuple(X.shape)}, {X.dtype} on {X.device}")
         _member(case, X, dtype, ctx, "sample(shape)")
@@ -199,6 +202,8 @@ def check_sample(case: SpaceCase, dtype: torch.dtype = f64, *, generator: Option
         B = M.sample(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
         if not torch.equal(A, B):
             raise _fail(ctx, "two samples from generators with the same seed differ")
+        if used_global:
+            raise _fail(ctx, "sample(shape, generator=g) drew from the global RNG too")
     D = M.sample(case.shapes[0], generator=g)
     if D.dtype != torch.get_default_dtype():
         raise _fail(_ctx(case, case.shapes[0], dtype), f"sample without dtype gave {D.dtype}")
