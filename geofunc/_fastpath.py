@@ -237,41 +237,126 @@ def backward_without_autocast(backward: Callable[..., Any]) -> Callable[..., Any
     return run
 
 
+# Note [Node state as saved tensors]
+# A one-node fast path keeps what its backward needs: the tall chart's generator and the frame
+# exponential's powers and Horner steps, the rank chart's frames, a closed form's SVD or eigen
+# factors, Hurwitz's eigenvectors. Kept on context attributes (or in a closure there), those tensors
+# are invisible to torch.autograd.graph.saved_tensors_hooks: activation checkpointing
+# (torch.utils.checkpoint, use_reentrant=False), which frees what the hooks pack and recomputes it in
+# backward, freed none of them (a checkpointed Stiefel 512×32 chart kept 3.9× its raw tensor's bytes
+# alive, 64×32 16×, 41× with squarings; LowRank(2) 24×8 4.9×), and save_on_cpu left them on the
+# accelerator. So where saved-tensor hooks are active when the forward runs, the state goes through
+# ctx.save_for_backward with the node's inputs (save_state: the tensors found in nested dicts, lists
+# and tuples, in a flat list, an input among them saved once; saved_state rebuilds it), and every
+# hook sees it. Checkpointing's recomputation runs under its own hooks, so it saves the same tensors
+# in the same order. Without hooks the state stays on the context, as before: while the graph lives
+# both hold the same memory, and saving it always (15 tensors for a Stiefel 128×64 chart, ~25 for a
+# LowRank one, with the walk) cost ~30 µs per node, 1 thread: several percent of those charts. (The
+# exponential's own node saves its intermediates always: Note [Intermediates as saved tensors] in
+# _expm.py.) What must stay one object stays on the context: the private graph of a value map
+# differentiated by autograd and its leaf (r values; unpacked, the leaf would be another tensor).
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def saving_hooks() -> bool:
+    """Whether saved-tensor hooks (checkpointing, save_on_cpu, a user's) are active (~0.3 µs)."""
+    return _top_hooks is None or _top_hooks(False) is not None
+
+
+class _Slot:
+    """A tensor's place among a node's saved tensors (:func:`save_state`)."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int) -> None:
+        self.i = i
+
+
+def _stash(x: Any, flat: list, seen: dict) -> Any:
+    if isinstance(x, torch.Tensor):
+        i = seen.get(id(x))
+        if i is None:
+            i = seen[id(x)] = len(flat)
+            flat.append(x)
+        return _Slot(i)
+    t = type(x)
+    if t is dict:
+        return {k: _stash(v, flat, seen) for k, v in x.items()}
+    if t is list or t is tuple:
+        return t([_stash(v, flat, seen) for v in x])
+    return x
+
+
+def _unstash(x: Any, flat: tuple) -> Any:
+    t = type(x)
+    if t is _Slot:
+        return flat[x.i]
+    if t is dict:
+        return {k: _unstash(v, flat) for k, v in x.items()}
+    if t is list or t is tuple:
+        return t([_unstash(v, flat) for v in x])
+    return x
+
+
+def save_state(ctx: Any, inputs: tuple, state: Any) -> None:
+    """``ctx.save_for_backward(*inputs)`` and the node's ``state`` (tensors in nested dicts, lists and
+    tuples), saved with them where saved-tensor hooks are active (Note [Node state as saved tensors])."""
+    if saving_hooks():
+        flat = list(inputs)  # an input in the state is saved once (it may be None: not a tensor)
+        ctx.state = _stash(state, flat, {id(x): i for i, x in enumerate(inputs) if x is not None})
+        ctx.n_saved = len(inputs)
+        ctx.save_for_backward(*flat)
+    else:
+        ctx.state, ctx.n_saved = state, None
+        ctx.save_for_backward(*inputs)
+
+
+def saved_state(ctx: Any) -> tuple[tuple, Any]:
+    """The inputs and the state :func:`save_state` saved."""
+    saved = ctx.saved_tensors
+    n = ctx.n_saved
+    if n is None:
+        return saved, ctx.state
+    return saved[:n], _unstash(ctx.state, saved)
+
+
 class _SecondOrderOnly(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, term: Callable[..., Tensor], out: Tensor, state: tuple,  # type: ignore[override]
+                *xs: Tensor) -> Tensor:
         ctx.term = term
-        ctx.save_for_backward(*xs)
+        save_state(ctx, xs, state)  # Note [Node state as saved tensors]
         return out.clone()  # not a view: callers may modify the result in place
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        xs = ctx.saved_tensors
-        need = ctx.needs_input_grad[2:]
+        need = ctx.needs_input_grad[3:]
         if not torch.is_grad_enabled() or not any(need):  # no graph is built: the term's first derivative is 0
-            return (None, G) + (None,) * len(xs)
+            return (None, G, None) + (None,) * len(need)
+        xs, state = saved_state(ctx)
         wrt = [x for x, n in zip(xs, need) if n]
         with torch.enable_grad():
-            grads = iter(torch.autograd.grad(ctx.term(*xs), wrt, G, create_graph=True, allow_unused=True))
-        return (None, G, *[next(grads) if n else None for n in need])
+            grads = iter(torch.autograd.grad(ctx.term(*xs, *state), wrt, G, create_graph=True, allow_unused=True))
+        return (None, G, None, *[next(grads) if n else None for n in need])
 
 
-def add_second_order(term: Callable[..., Tensor], out: Tensor, *xs: Tensor) -> Tensor:
-    """``out + term(*xs)`` for a term that is zero in value and in first derivative (Note [Lazy
+def add_second_order(term: Callable[..., Tensor], out: Tensor, *xs: Tensor, state: tuple = ()) -> Tensor:
+    """``out + term(*xs, *state)`` for a term that is zero in value and in first derivative (Note [Lazy
     second-order terms]): ``out`` passed through one node, whose backward adds the term's
-    vector-Jacobian product (recomputed from ``xs``) only when it builds a graph
-    (``create_graph=True``). Plain eager autograd only (``derivative_mode`` "lazy")."""
-    return _SecondOrderOnly.apply(term, out, *xs)
+    vector-Jacobian product in ``xs`` (recomputed from ``xs`` and the tensors ``state``, which are not
+    differentiated) only when it builds a graph (``create_graph=True``). ``term`` holds no tensor
+    itself (Note [Node state as saved tensors]). Plain eager autograd only (``derivative_mode`` "lazy")."""
+    return _SecondOrderOnly.apply(term, out, state, *xs)
 
 
 class _ClosedForm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, compute: Callable[[], tuple[Tensor, Callable[[Tensor], Any]]],  # type: ignore[override]
+    def forward(ctx: Any, compute: Callable[[], tuple[Tensor, Callable[..., Any], tuple]],  # type: ignore[override]
                 chain: Callable[..., Tensor], *Ys: Tensor) -> Tensor:
-        out, ctx.vjp = compute()
+        out, ctx.vjp, state = compute()
         ctx.chain = chain
-        ctx.save_for_backward(*Ys)
+        save_state(ctx, Ys, state)  # Note [Node state as saved tensors]
         return out
 
     @staticmethod
@@ -280,29 +365,30 @@ class _ClosedForm(torch.autograd.Function):
         need = ctx.needs_input_grad[2:]
         if not any(need):
             return (None, None) + (None,) * len(need)
+        Ys, state = saved_state(ctx)  # (the inputs' versions checked: Note [Version checks of a closed form])
         if torch.is_grad_enabled():  # a graph is wanted (create_graph=True): differentiate the op chain
-            Ys = ctx.saved_tensors
             wrt = [Y for Y, n in zip(Ys, need) if n]
             with torch.enable_grad():
                 grads = iter(torch.autograd.grad(ctx.chain(*Ys), wrt, G, create_graph=True, allow_unused=True))
             return (None, None, *[next(grads) if n else None for n in need])
-        ctx.saved_tensors  # Note [Version checks of a closed form]
-        g = ctx.vjp(G)
+        g = ctx.vjp(G, *state)
         g = (g,) if len(need) == 1 else g
         return (None, None, *[gi if n else None for gi, n in zip(g, need)])
 
 
 # Note [Version checks of a closed form]
-# The closed-form vector-Jacobian product is a closure over the forward's tensors, some of them
+# The closed-form vector-Jacobian product reads the forward's tensors (its state), some of them
 # detached aliases of the inputs (the rank family's tangent keeps G's), which autograd does not
 # version-check: an input modified in place after the forward (G.mul_(2) before loss.backward())
 # gave a gradient computed from the new values, silently (LowRank(2) tangent: 0.5 off in norm ~2).
 # Unpacking the saved inputs first raises torch's own error ("one of the variables needed for
 # gradient computation has been modified by an inplace operation") there, as any torch op would.
-def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[[Tensor], Any]]], chain: Callable[..., Tensor],
+def closed_form_node(compute: Callable[[], tuple[Tensor, Callable[..., Any], tuple]], chain: Callable[..., Tensor],
                      *Ys: Tensor) -> Tensor:
     """A map of ``Ys`` as one plain-autograd node (``derivative_mode`` "lazy"; Note [Lazy second-order
-    terms]): ``compute()`` returns its value and the closed-form vector-Jacobian product of its first
-    derivative (a tensor for one input, a tuple of one per input otherwise); a backward that builds a
-    graph differentiates ``chain(*Ys)``, the map as torch ops (first- and second-order terms), instead."""
+    terms]): ``compute()`` returns its value, the closed-form vector-Jacobian product of its first
+    derivative, ``vjp(G, *state)`` (a tensor for one input, a tuple of one per input otherwise), and the
+    tuple ``state`` of the tensors that product reads (``vjp`` holds none itself: Note [Node state as
+    saved tensors]); a backward that builds a graph differentiates ``chain(*Ys)``, the map as torch ops
+    (first- and second-order terms), instead."""
     return _ClosedForm.apply(compute, chain, *Ys)

@@ -17,7 +17,8 @@ import torch
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, eager_fast, make_fx_tracing
+from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, eager_fast,
+                        make_fx_tracing, save_state, saved_state)
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -859,15 +860,17 @@ class _TallChart(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, P: Tensor, Y: Tensor, packed: bool, horizontal: bool,  # type: ignore[override]
                 basis: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        out, ctx.st = _tall_forward(Y, P, packed, horizontal, basis)
-        ctx.save_for_backward(P, Y)  # Y too: an in-place change of the base before the backward is an error
+        out, st = _tall_forward(Y, P, packed, horizontal, basis)
+        st["cache"].pop("powers", None)  # (for the compiled kernels: the adjoint reads P2 and P4 only)
+        # Y too: an in-place change of the base before the backward is an error; the state as saved
+        # tensors under saved-tensor hooks (Note [Node state as saved tensors] in geofunc/_fastpath.py)
+        save_state(ctx, (P, Y), st)
         return out
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        P, Y = ctx.saved_tensors
-        st = ctx.st
+        (P, Y), st = saved_state(ctx)
         if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
             with torch.enable_grad():
                 out = _tall_chain(Y, P, "expm", st["packed"], st["horizontal"])
@@ -933,7 +936,8 @@ def _polar(A: Tensor, mode: str) -> Any:
     tall_ = A.shape[-2] > A.shape[-1]
     if mode == "vjp":
 
-        def vjp(G: Tensor) -> Tensor:  # the adjoint of the first-order term below
+        def vjp(G: Tensor, U: Tensor, s: Tensor, Vh: Tensor, den: Tensor, tol: Tensor) -> Tensor:
+            # the adjoint of the first-order term below (its tensors saved: Note [Node state as saved tensors])
             GV = G @ transpose(Vh)
             Gt = transpose(U) @ GV
             X = Gt / den
@@ -942,7 +946,7 @@ def _polar(A: Tensor, mode: str) -> Any:
                 gA = gA + (GV - U @ Gt) / s.unsqueeze(-2).clamp(min=tol)
             return gA @ Vh
 
-        return Up, vjp
+        return Up, vjp, (U, s, Vh, den, tol)
     D = A - A0  # zero in value (NaN where A is not finite); carries every tangent
     DV = D @ transpose(Vh)
     M = transpose(U) @ DV  # Uᵀ dA V

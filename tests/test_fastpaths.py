@@ -609,3 +609,128 @@ def test_sphere_chart_node_saves_its_intermediates_as_saved_tensors(generator):
     _close(torch.autograd.grad((X * W).sum(), Z)[0], ref, F64, "through copying hooks")
     _close(torch.autograd.grad((checkpoint(M.to_manifold, Z, U, use_reentrant=False) * W).sum(), Z)[0], ref, F64,
            "checkpointed")
+
+
+# ------------------------------------------------- node state under saved-tensor hooks
+def _held_on_context(out):
+    """The bytes of the tensors that the nodes behind ``out`` hold on context attributes (dicts, lists,
+    tuples, closures and geofunc objects walked; each storage counted once): what activation
+    checkpointing cannot free and save_on_cpu cannot move."""
+    import types
+
+    storages = {}
+
+    def walk(x, depth):
+        if depth > 8:
+            return
+        if isinstance(x, torch.Tensor):
+            storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, depth + 1)
+        elif isinstance(x, types.FunctionType):
+            for cell in x.__closure__ or ():
+                walk(cell.cell_contents, depth + 1)
+        elif type(x).__module__.startswith("geofunc"):
+            for name in getattr(type(x), "__slots__", ()):
+                walk(getattr(x, name, None), depth + 1)
+            walk(getattr(x, "__dict__", {}), depth + 1)
+
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        walk(getattr(node, "__dict__", {}), 0)
+        todo.extend(f for f, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def _node_names(out):
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def _hook_case(name, generator):
+    """``(fn, differentiable inputs, the node's name)`` for each one-node path that keeps a state."""
+    def chart(space, shape, scale):
+        X = space.sample(shape, generator=generator, dtype=F64)
+        Z, B = gf.from_manifold(space, X)
+        Z = Z + scale * torch.randn(Z.shape, generator=generator, dtype=F64)
+        return Z.requires_grad_(), B
+
+    if name.startswith("Stiefel chart"):  # k < 32: expm(M) whole; k ≥ 32: the frame exponential by blocks
+        shape, scale = {"Stiefel chart 40x8": ((40, 8), 0.3), "Stiefel chart 64x32": ((64, 32), 0.05),
+                        "Stiefel chart 64x32 squarings": ((64, 32), 3.0)}[name]
+        Z, B = chart(gf.Stiefel(), shape, scale)
+        return (lambda z: gf.to_manifold(gf.Stiefel(), z, B)), (Z,), "_TallChartBackward"
+    if name.startswith("rank chart"):
+        space = gf.LowRank(2) if name == "rank chart" else gf.FixedRank(2, f=(torch.exp, torch.log))  # f′ by autograd
+        Z, B = chart(space, (24, 8), 0.5)
+        return (lambda z: gf.to_manifold(space, z, B)), (Z,), "_RankChartBackward"
+    if name == "LowRank tangent":
+        X = gf.LowRank(2).sample((24, 8), generator=generator, dtype=F64)
+        G = torch.randn(24, 8, generator=generator, dtype=F64)
+        return gf.LowRank(2).tangent, (X.requires_grad_(), G.requires_grad_()), "_ClosedFormBackward"
+    space, shape = {"Stiefel project": (gf.Stiefel(), (40, 8)), "LowRank project": (gf.LowRank(2), (24, 8)),
+                    "PSD project": (gf.PSD(), (8, 8)), "Hurwitz project": (gf.Hurwitz(), (6, 6))}[name]
+    A = torch.randn(shape, generator=generator, dtype=F64, requires_grad=True)
+    return space.project, (A,), ("_SecondOrderOnlyBackward" if name == "Hurwitz project" else "_ClosedFormBackward")
+
+
+@pytest.mark.parametrize("name", [
+    "Stiefel chart 40x8", "Stiefel chart 64x32", "Stiefel chart 64x32 squarings",
+    "rank chart", "rank chart, f by autograd", "LowRank tangent", "Stiefel project", "LowRank project", "PSD project",
+    "Hurwitz project"])
+def test_node_state_goes_through_saved_tensor_hooks(name, generator):
+    """Under saved-tensor hooks a one-node map's state (the tall chart's generator and the exponential's
+    powers and Horner steps, the rank chart's frames, a closed form's SVD or eigen factors, Hurwitz's
+    eigenvectors) is saved with its inputs, so activation checkpointing (use_reentrant=False) frees it
+    and save_on_cpu moves it. On context attributes it stayed alive beside a checkpointed forward (the
+    Stiefel 64×32 chart here held 16× its raw tensor's bytes, 41× with squarings; Note [Node state as
+    saved tensors]). Gradients under copying hooks (a retained graph's backward twice) and under
+    checkpointing are the plain ones, bit for bit; a double backward under hooks, the plain one's."""
+    from torch.utils.checkpoint import checkpoint
+
+    fn, xs, node = _hook_case(name, generator)
+    size = sum(x.numel() * x.element_size() for x in xs)
+    out = fn(*xs)
+    assert node in _node_names(out)
+    W = torch.randn(out.shape, generator=generator, dtype=F64)
+    ref = torch.autograd.grad((out * W).sum(), xs)
+
+    out = checkpoint(fn, *xs, use_reentrant=False)
+    held = _held_on_context(out)
+    assert held <= 0.05 * size, f"checkpointed: {held / size:.2f}x the inputs' bytes held on the context"
+    for a, b in zip(torch.autograd.grad((out * W).sum(), xs), ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    packed = []
+
+    def pack(t):  # as save_on_cpu, a copy
+        packed.append(t.numel() * t.element_size())
+        return t.clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*xs)
+    held = _held_on_context(out)
+    assert held <= 0.05 * size, f"under hooks: {held / size:.2f}x the inputs' bytes held on the context"
+    assert sum(packed) > size  # the state went through the hook, beside the inputs
+    loss = (out * W).sum()
+    for _ in range(2):
+        for a, b in zip(torch.autograd.grad(loss, xs, retain_graph=True), ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    g2 = torch.autograd.grad(loss, xs, create_graph=True)
+    g2_ref = torch.autograd.grad((fn(*xs) * W).sum(), xs, create_graph=True)
+    for a, b in zip(g2, g2_ref):
+        _close(a, b, F64, "double backward")
+    assert a.requires_grad

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import backward_without_autocast, closed_form_node, derivative_mode, eager_fast
+from .._fastpath import backward_without_autocast, closed_form_node, derivative_mode, eager_fast, save_state, saved_state
 from .._expm import _mm, _mm_add
 from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -120,8 +120,9 @@ def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tens
     ratio = torch.where(s > t, g / torch.where(s > t, s, torch.ones_like(s)), dg).unsqueeze(-2) if tall else None
     if mode == "vjp":
 
-        def vjp(G: Tensor) -> Tensor:  # the adjoint of dF: Sym/Skew and ∘Δ± are self-adjoint
-            GV = G @ V
+        def vjp(G: Tensor, U: Tensor, Vh: Tensor, dminus: Tensor, dplus: Tensor, ratio: Optional[Tensor]) -> Tensor:
+            # the adjoint of dF: Sym/Skew and ∘Δ± are self-adjoint (Note [Node state as saved tensors])
+            GV = G @ Vh.mT
             Gt = U.mT @ GV
             Gm, Gp = Gt * dminus, Gt * dplus
             gY = U @ (0.5 * (Gm + Gm.mT) + 0.5 * (Gp - Gp.mT))
@@ -129,7 +130,7 @@ def _spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tens
                 gY = gY + (GV - U @ Gt) * ratio
             return gY @ Vh
 
-        return out + poison(Y0), vjp
+        return out + poison(Y0), vjp, (U, Vh, dminus, dplus, ratio)
     D = Y - Y0  # zero in value (NaN where Y is not finite); carries every tangent
     E = U.mT @ D @ V
     K = 0.5 * (E + E.mT) * dminus + 0.5 * (E - E.mT) * dplus
@@ -175,10 +176,10 @@ def _spectral_eigh(Y: Tensor, g_fn: Callable[[Tensor, Tensor], tuple[Tensor, ...
     gam, H, tie, safe = _second_divided(lam, g, dg, (_tie_tol if tie_tol is None else tie_tol)(lam).unsqueeze(-1), d2g)
     if mode == "vjp":
 
-        def vjp(G: Tensor) -> Tensor:  # S ↦ Q (Qᵀ S Q ∘ Γ) Qᵀ is self-adjoint; sym_part twice
+        def vjp(G: Tensor, Q: Tensor, gam: Tensor) -> Tensor:  # S ↦ Q (Qᵀ S Q ∘ Γ) Qᵀ is self-adjoint; sym_part twice
             return sym_part(Q @ ((transpose(Q) @ sym_part(G) @ Q) * gam) @ transpose(Q))
 
-        return out + poison(S0), vjp
+        return out + poison(S0), vjp, (Q, gam)
     E = transpose(Q) @ (S - S0) @ Q
     if mode == "first":  # one forward-mode level: the first-order term alone (Note [Lazy second-order terms])
         return out + sym_part(Q @ (E * gam) @ transpose(Q))
@@ -224,21 +225,25 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 
 
 def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool] = (False, False)
-                  ) -> tuple[Tensor, Callable[[Tensor], tuple[Optional[Tensor], Optional[Tensor]]]]:
+                  ) -> tuple[Tensor, Callable[..., tuple[Optional[Tensor], Optional[Tensor]]], tuple]:
     """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r singular frames (value from the SVD
     of ``Xt``: O(nkr); NaN where ``Xt`` is not finite), and its vector-Jacobian product in ``(Xt, Gt)``
     written out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
     + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
     (I − P_U) C) V`` (no n×n matrix formed), pulled back through the frames' derivative
     (:func:`_frame_coefficients`); in ``G`` the map is the (self-adjoint) projection: ``T(X, C)``.
-    ``need``: which of the two gradients to compute."""
+    ``need``: which of the two gradients to compute. The product reads the tensors returned third
+    (Note [Node state as saved tensors])."""
     U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
     Ur, Vr = U[..., :r], Vh[..., :r, :].mT
     UG, GV = Ur.mT @ Gt, Gt @ Vr  # kept for the adjoint: Gᵀ U, G V
     UGV = UG @ Vr
     T = Ur @ UG + (GV - Ur @ UGV) @ Vr.mT + poison(Xt)
+    n, k = Xt.shape[-2:]
 
-    def vjp(C: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def vjp(C: Tensor, Gt: Tensor, U: Tensor, s: Tensor, Vh: Tensor, UG: Tensor, GV: Tensor, UGV: Tensor
+            ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        Ur, Vr = U[..., :r], Vh[..., :r, :].mT
         CU, CV = C.mT @ Ur, C @ Vr
         VC = Vr.mT @ CU  # (Uᵀ C V)ᵀ
         gG = Ur @ CU.mT + (CV - Ur @ VC.mT) @ Vr.mT if need[1] else None  # T(X, C)
@@ -247,14 +252,14 @@ def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool] = (Fal
         GU, VG = UG.mT, UGV.mT
         Ubar = C @ GU + Gt @ CU - CV @ VG - GV @ VC  # 2 sym(C (I − P_V) Gᵀ) U
         Vbar = Gt.mT @ CV + C.mT @ GV - GU @ VC.mT - CU @ VG.mT  # 2 sym(Gᵀ (I − P_U) C) V
-        inv, alpha, beta = _frame_coefficients(s, r, Xt.shape[-2], Xt.shape[-1])
+        inv, alpha, beta = _frame_coefficients(s, r, n, k)
         UU = U.mT @ Ubar
         P, Q = UU[..., r:, :], Vh[..., r:, :] @ Vbar
         Abar, Bbar = alpha * P + beta * Q, beta * P + alpha * Q
         W = Ubar * inv + U @ (torch.cat([torch.zeros_like(UU[..., :r, :]), Abar], dim=-2) - UU * inv)
         return W @ Vr.mT + Ur @ (Vh[..., r:, :].mT @ Bbar).mT, gG  # (batches broadcast: X and G may differ)
 
-    return T, vjp
+    return T, vjp, (Gt, U, s, Vh, UG, GV, UGV)
 
 
 def _exact_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
@@ -470,25 +475,30 @@ class _RankChart(torch.autograd.Function):
             fs = fmap(s) + (s - s)
         else:  # f′ by autograd on the r values
             with torch.enable_grad():
-                s_leaf = s.detach().requires_grad_()
+                s_leaf = s.detach().clone().requires_grad_()  # (not a view: it stays on the context)
                 fs_graph = fmap(s_leaf)
             fs = fs_graph.detach() + (s - s)
-        ctx.save_for_backward(Zt, Ub, Vb)  # the bases too: an in-place change before the backward is an error
         ctx.r, ctx.fmap = r, fmap
         F_ = fs.unsqueeze(-2)
-        ctx.state = (st.batch, Y, W, J, tall_st, U, V, fs, F_, df, s_leaf, fs_graph)
+        tall_st["cache"].pop("powers", None)  # (for the compiled kernels: the adjoint reads P2 and P4 only)
+        # the bases too: an in-place change before the backward is an error; the state as saved tensors
+        # under saved-tensor hooks (Note [Node state as saved tensors] in geofunc/_fastpath.py), but f's
+        # private graph and its leaf (r values) on the context: unpacked, the leaf would be another tensor
+        save_state(ctx, (Zt, Ub, Vb), (st.batch, Y, W, J, tall_st, U, V, fs, F_, df))
+        ctx.f_graph = (s_leaf, fs_graph)
         return (U * F_) @ V.mT
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        Zt, Ub, Vb = ctx.saved_tensors
+        (Zt, Ub, Vb), state = saved_state(ctx)
         r = ctx.r
         if torch.is_grad_enabled():  # a graph is asked for: the chain, recomputed (exact to every order)
             with torch.enable_grad():
                 X = _rank_chart(Zt, Ub, Vb, r, ctx.fmap, "expm")
                 return torch.autograd.grad(X, Zt, G, create_graph=True)[0], None, None, None, None
-        batch, Y, W, J, tall_st, U, V, fs, F_, df, s_leaf, fs_graph = ctx.state
+        batch, Y, W, J, tall_st, U, V, fs, F_, df = state
+        s_leaf, fs_graph = ctx.f_graph
         n, k = Zt.shape[-2:]
         GV = G @ V
         gf = (U * GV).sum(dim=-2)
@@ -648,7 +658,8 @@ class SVDSpace(_Factorized):
         if mode == "lazy":  # one node: the thin frames' adjoint written out; a graph-building backward
             # differentiates the exact map (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
             need = (X.requires_grad, G.requires_grad)
-            return untall(closed_form_node(lambda: _thin_tangent(Xt.detach(), Gt.detach(), r, need),
+            # (Gt itself, not an alias: the node saves it once, as its input)
+            return untall(closed_form_node(lambda: _thin_tangent(Xt.detach(), Gt, r, need),
                                            lambda A, B: _exact_tangent(A, B, r), Xt, Gt), tr)
         return untall(_exact_tangent(Xt, Gt, r), tr)
 

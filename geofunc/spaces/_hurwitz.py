@@ -111,24 +111,27 @@ def _abscissa(Y: Tensor) -> Tensor:
     if mode == "none":  # nothing differentiates: the terms are 0 in value
         return a + poison(Y)[..., 0, 0]
     Vi = torch.linalg.inv_ex(V).inverse
+    tie = math.sqrt(torch.finfo(re.dtype).eps)
 
-    def terms(Yd: Tensor, first: bool = True, second: bool = True) -> Any:
-        D = (Yd - Y.detach()).to(V.dtype)  # zero in value (NaN where Y is not finite); carries every tangent
+    def terms(Yd: Tensor, V: Tensor, Vi: Tensor, i: Tensor, lam: Tensor, first: bool = True, second: bool = True) -> Any:
+        # (the tensors as arguments: the lazy node saves them, Note [Node state as saved tensors])
+        D = (Yd - Yd.detach()).to(V.dtype)  # zero in value (NaN where Y is not finite); carries every tangent
         Vr = _take(Vi, i, -2) @ D  # row i of V⁻¹ D
         row = (Vr @ V).squeeze(-2)  # Mᵢⱼ
         out = _take(row, i, -1).squeeze(-1).real if first else None
         if second:
             col = (Vi @ (D @ _take(V, i, -1))).squeeze(-1)  # Mⱼᵢ
             gap = _take(lam, i, -1) - lam
-            far = gap.abs() > math.sqrt(torch.finfo(re.dtype).eps) * lam.abs().amax(-1, keepdim=True).clamp(min=1.0)
+            far = gap.abs() > tie * lam.abs().amax(-1, keepdim=True).clamp(min=1.0)
             inv_gap = torch.where(far, 1.0 / torch.where(far, gap, torch.ones_like(gap)), torch.zeros_like(gap))
             s2 = (row * col * inv_gap).sum(-1).real
             out = s2 if out is None else out + s2
         return out
 
     if mode == "chain":
-        return a + terms(Y)
-    return add_second_order(lambda Yd: terms(Yd, first=False), a + terms(Y, second=False), Y)  # Note [Lazy second-order terms]
+        return a + terms(Y, V, Vi, i, lam)
+    return add_second_order(lambda *ts: terms(*ts, first=False), a + terms(Y, V, Vi, i, lam, second=False), Y,
+                            state=(V, Vi, i, lam))  # Note [Lazy second-order terms]
 
 
 #: The value map of the factor W: softplus with no floor, so that W ≻ 0 reaches every positive
