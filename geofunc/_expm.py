@@ -335,8 +335,10 @@ def _poisoned(X: Tensor, B: Tensor, inplace: bool) -> Tensor:
     return X.add_(p) if inplace else X + p
 
 
-def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False) -> tuple[Tensor, dict]:
-    """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only)."""
+def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False, chosen: int | None = None) -> tuple[Tensor, dict]:
+    """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only); a matrix of a
+    batch that needs fewer squarings at degree ``chosen`` (the degree ``s`` was chosen for, default
+    ``m``) skips the others (Note [Squarings per matrix])."""
     inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
     q = _Q[m]
     if pre is not None:
@@ -346,17 +348,53 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False)
     else:
         B = A * 2.0**-s if s else A
         P = _powers(B, q)
+    far = _far(P, m, s, A.dtype)
+    skip, lead = _skips(P, m if chosen is None else chosen, s)
+    if skip is not None:  # Note [Squarings per matrix]: B_i = A_i / 2^(s − skip_i), exact
+        up = torch.exp2(skip)
+        P = [None] + [P[j] * up**j for j in range(1, len(P))]
     X, Hs = _taylor(P, m, inplace)
     if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]
         X = _poisoned(X, P[1], inplace)
     Xs = []
-    for _ in range(s):
+    for k in range(s):
         Xs.append(X)
-        X = _mm(X, X)
-    far = _far(P, m, s, A.dtype)
+        X = _mm(X, X) if k >= lead else torch.where(skip <= k, _mm(X, X), X)
     if far is not None:  # Note [Too far to be a point]
         X = X.mul_(far) if inplace else X * far
-    return X, {"P": P, "Hs": Hs, "Xs": Xs, "far": far}
+    return X, {"P": P, "Hs": Hs, "Xs": Xs, "far": far, "skip": skip, "lead": lead}
+
+
+# Note [Squarings per matrix]
+# The degree m and the squarings s are chosen for the batch's largest generator (one choice, read
+# once). Squaring is where the rounding grows: each squaring doubles the error of the scaled
+# exponential, so a matrix squared k times more than its own norm needs carries ~2^k times its own
+# error. With s for the batch, one large generator in a batch (an ensemble member that diverged,
+# the U frame of a rank chart beside a small V) spoiled every other: float32 SO(6) at raw scale 1
+# beside one at 1e4 came out 6.6e-4 off orthogonality (alone 2.4e-7), outside contains' tolerance,
+# and vmap over members differed from a loop over them by that much. So each matrix takes only the
+# squarings its own α_i = max(‖A_i³‖₁^⅓, ‖A_i⁴‖₁^¼) needs at degree m, s_i = ⌈log₂(α_i/θ_m)⌉ in
+# [0, s] (as the static schedule's, Note [Static schedule]): it is scaled by 2^−s_i instead of
+# 2^−s (the powers by 2^((s−s_i)j), exact), skips the first skip_i = s − s_i squarings
+# (torch.where, as the static schedule discards its surplus ones), and the adjoint and the tangent
+# pass through the skipped ones unchanged. Every matrix then meets the same bound at degree m as
+# it would alone. Only where s > 0 and some matrix of a batch needs fewer (the largest skip read once
+# per call, and only the squarings before it select: the others are plain; nothing changes, bit for
+# bit, where no matrix skips); a NaN/inf matrix keeps s. Cost: nothing at s = 0 or for one matrix;
+# ~10 small ops and one read for a batch at s > 0; a torch.where per selecting squaring (forward,
+# adjoint, tangent) where some matrix skips.
+def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
+    """``(skip, lead)``: per matrix (…, 1, 1) the number of leading squarings it skips (Note [Squarings
+    per matrix]) and the largest, or ``(None, 0)`` where none skips; ``P`` the powers of ``A/2^s``."""
+    if s == 0 or len(P) < 5 or P[1].dim() < 3 or P[1].shape[:-2].numel() < 2:
+        return None, 0
+    u = _UNIT_ROUNDOFF[_real(P[1].dtype)]
+    with torch.no_grad():
+        alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25)  # α_i / 2^s
+        need = torch.ceil(torch.log2(alpha / _theta(m, u))) + s  # s_i, −inf at A_i = 0, NaN if not finite
+        skip = s - need.nan_to_num(s, s, 0).clamp(0, s)
+        lead = int(_values(skip).max())
+        return (skip[..., None, None], lead) if lead else (None, 0)
 
 
 # Note [Too far to be a point]
@@ -423,9 +461,10 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
-    for X in reversed(Xs):
-        Xt = X.mH
-        G = _mm_add(_mm(G, Xt), Xt, G)
+    skip, lead = cache.get("skip"), cache.get("lead", 0)
+    for k in range(len(Xs) - 1, -1, -1):
+        Xt = Xs[k].mH
+        G = _mm_add(_mm(G, Xt), Xt, G) if k >= lead else torch.where(skip <= k, _mm_add(_mm(G, Xt), Xt, G), G)
     c = _coefs(m)
     r = m // q
     GP: list[Any] = [None] * (q + 1)
@@ -469,6 +508,8 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
         G1 = _poisoned(G1, P[1], inplace and G1 is not G)
     if cache.get("far") is not None:  # Note [Too far to be a point]
         G1 = G1 * cache["far"]
+    if skip is not None:  # Note [Squarings per matrix]: dB_i/dA_i = 2^−(s − skip_i)
+        return G1 * (torch.exp2(skip) * 2.0**-s)
     return G1 * 2.0**-s if s else G1
 
 
@@ -476,7 +517,11 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     """The Fréchet derivative of ``T_m(A/2^s)^(2^s)`` in the direction ``E`` (forward mode)."""
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
-    dB = E * 2.0**-s if s else E
+    skip, lead = cache.get("skip"), cache.get("lead", 0)
+    if skip is not None:  # Note [Squarings per matrix]
+        dB = E * (torch.exp2(skip) * 2.0**-s)
+    else:
+        dB = E * 2.0**-s if s else E
     dP: list[Any] = [None, dB]
     if q >= 2:
         dP.append(_mm_add(_mm(dB, P[1]), P[1], dB))
@@ -501,8 +546,8 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
         if q > 1:
             dH = dH + dblock(i)
     dX = dH
-    for X in Xs:
-        dX = _mm_add(_mm(dX, X), X, dX)
+    for k, X in enumerate(Xs):
+        dX = _mm_add(_mm(dX, X), X, dX) if k >= lead else torch.where(skip <= k, _mm_add(_mm(dX, X), X, dX), dX)
     if cache.get("far") is not None:  # Note [Too far to be a point]
         dX = dX * cache["far"]
     return dX
@@ -539,15 +584,16 @@ class _Holder:
 # share the holder between levels, the holder keeps them as before.
 def _flat_cache(cache: dict) -> tuple[list, tuple]:
     """The tensors of an evaluation's intermediates, in order, and the layout :func:`_cache_of` rebuilds them from."""
-    P, Hs, Xs, far = cache["P"], cache["Hs"], cache["Xs"], cache.get("far")
-    flat = [*P[1:], *Hs, *Xs] + ([] if far is None else [far])
-    return flat, (len(P) - 1, len(Hs), len(Xs), far is not None)
+    P, Hs, Xs, far, skip = cache["P"], cache["Hs"], cache["Xs"], cache.get("far"), cache.get("skip")
+    flat = [*P[1:], *Hs, *Xs] + ([] if far is None else [far]) + ([] if skip is None else [skip])
+    return flat, (len(P) - 1, len(Hs), len(Xs), far is not None, skip is not None, cache.get("lead", 0))
 
 
 def _cache_of(flat: list, layout: tuple) -> dict:
-    nP, nH, nX, far = layout
+    nP, nH, nX, far, skip, lead = layout
+    rest = flat[nP + nH + nX:]
     return {"P": [None, *flat[:nP]], "Hs": list(flat[nP:nP + nH]), "Xs": list(flat[nP + nH:nP + nH + nX]),
-            "far": flat[-1] if far else None}
+            "far": rest[0] if far else None, "skip": rest[-1] if skip else None, "lead": lead}
 
 
 class _Expm(torch.autograd.Function):
@@ -592,7 +638,7 @@ class _Expm(torch.autograd.Function):
     def jvp(ctx: Any, E: Tensor, _holder: Any) -> Tensor:  # type: ignore[override]
         (A,) = ctx.saved_tensors
         m = _derivative_degree(ctx.m)
-        _, cache = _evaluate(A, m, ctx.s)
+        _, cache = _evaluate(A, m, ctx.s, chosen=ctx.m)
         return _tangent(cache, E, m, ctx.s)
 
     @staticmethod
@@ -649,8 +695,8 @@ def _adjoint_value(cache: dict, G: Tensor, m: int, s: int) -> Tensor:
 
 def _adjoint_chain(A: Tensor, G: Tensor, m: int, s: int) -> Tensor:
     """The adjoint as differentiable torch ops, at the derivative degree of ``m``."""
-    m = _derivative_degree(m)
-    return _adjoint(_evaluate(A, m, s)[1], G, m, s)
+    d = _derivative_degree(m)
+    return _adjoint(_evaluate(A, d, s, chosen=m)[1], G, d, s)
 
 
 def _cache_for(cache: dict | None, A: Tensor) -> dict | None:
@@ -671,9 +717,10 @@ def _cache_for(cache: dict | None, A: Tensor) -> dict | None:
     def fit(X: Tensor) -> Tensor:
         return X.reshape(*batch, *X.shape[-2:])
 
-    far = cache.get("far")
+    far, skip = cache.get("far"), cache.get("skip")
     return {"P": [None] + [fit(X) for X in cache["P"][1:]], "Hs": [fit(X) for X in cache["Hs"]],
-            "Xs": [fit(X) for X in cache["Xs"]], "far": None if far is None else fit(far)}
+            "Xs": [fit(X) for X in cache["Xs"]], "far": None if far is None else fit(far),
+            "skip": None if skip is None else fit(skip), "lead": cache.get("lead", 0)}
 
 
 class _ExpmAdjoint(torch.autograd.Function):
@@ -1059,16 +1106,16 @@ def expm(A: Tensor) -> Tensor:
     if (kinds and set(kinds) <= {"Grad", "Jvp", "Vmap"} and orders >= (2 if "Vmap" in kinds else 1)
             and A.shape[-1] <= _CHAIN_N):  # Note [Op chain under torch.func]
         m, s, _ = choose_degree(A)
-        return _evaluate(A, _derivative_degree(m), s)[0]
+        return _evaluate(A, _derivative_degree(m), s, chosen=m)[0]
     return _Expm.apply(A, _Holder())
 
 
 def expm_frechet(A: Tensor, E: Tensor) -> Tensor:
     """The Fréchet derivative ``L(A, E)`` of the approximant used by :func:`expm` (eager helper)."""
     m, s, _ = choose_degree(A)
-    m = _derivative_degree(m)
-    _, cache = _evaluate(A, m, s)
-    return _tangent(cache, E, m, s)
+    d = _derivative_degree(m)
+    _, cache = _evaluate(A, d, s, chosen=m)
+    return _tangent(cache, E, d, s)
 
 
 # Note [Frame exponential]
