@@ -445,9 +445,9 @@ def frame_charts(pairs: list[tuple[Tensor, Tensor | None]], triv: Triv, *, horiz
 
     The same maps; the generators of equal size go through ``φ`` (``expm``, ``cayley``) as one
     batch: one call instead of one per frame (one degree choice; each call has a fixed cost, under
-    ``torch.func`` more than an 8×8 exponential's arithmetic). ``expm`` picks its degree and
-    squarings for the whole batch, so a frame may be evaluated at a higher degree: the same point
-    to rounding.
+    ``torch.func`` more than an 8×8 exponential's arithmetic). ``expm`` picks its degree for the
+    whole batch and each frame's own squarings (Note [Squarings per matrix]), so a frame may be
+    evaluated at a higher degree: the same point to rounding.
     """
     if _ROUNDING.dtypes:  # a bf16/fp16 call: its bases' rounding refined first (Note [Bases stored in low precision])
         pairs = [(Z, None if base is None else refine_frame(base)) for Z, base in pairs]
