@@ -6,7 +6,8 @@ evaluated by Paterson–Stockmeyer in the powers ``B, B², B³, B⁴`` of ``B = 
 (the ``α₃ = max(‖A³‖^(1/3), ‖A⁴‖^(1/4))`` bound of Al-Mohy and Higham, which for a
 random skew generator is ~10× smaller than ``‖A‖₁``, hence ~3 fewer squarings) so
 that the backward error is at the unit roundoff of the dtype, for the least number
-of matrix products.
+of matrix products: ``m`` and the largest ``s`` for a batch's largest generator, and each
+matrix of the batch only the squarings its own ``α₃`` needs (Note [Squarings per matrix]).
 
 Why not ``torch.linalg.matrix_exp``: its backward evaluates the exponential of a
 2n×2n block matrix (~100 n×n matmuls). Here the backward is the adjoint of the
