@@ -992,16 +992,58 @@ def _violation(name: str, worst: float, tol: float, nan: bool) -> str:
     return f"{name} = {worst:.3g} > atol = {tol:.3g}"
 
 
+# Note [Raw tensors and bases in row-major layout]
+# A compiled training step guards the strides of its tensor inputs, so a raw tensor or base of another
+# layout than the step saw first compiles a second graph (with inductor, seconds to a minute), once
+# per layout. from_manifold returned its input's layout (zeros_like(X), base = X: QR's column-major
+# Stiefel, Grassmannian and Oblique samples) and LAPACK's column-major frames (the SVD's U, V of the
+# rank family, GLp, SL, AlmostOrthogonal; eigh's Q of the PSD family and Hurwitz), while rebase returned
+# the charts' row-major outputs, and a wide frame space's rebase the transpose of a tall one: a step
+# fed by from_manifold and then by gf.rebase compiled twice (every space with a base but the
+# hyperbolic ones, Sphere and Birkhoff; found by the recompile probe). Size-1 dimensions count too
+# (Dynamo guards their strides): a (1, 5) raw tensor of stride (1, 1), the transpose of a column, and
+# the elementwise step's (5, 1) output were a second graph at the second step. So the tensors
+# from_manifold and rebase return are row-major with the strides torch.empty gives their shape, as an
+# elementwise optimizer step keeps them: a copy only where a map produced another layout (once per
+# from_manifold; a wide frame's rebase), a view where a size-1 dimension has another stride, nothing
+# otherwise. Same values; DTensors keep their own layout.
+def _row_major(x: Any) -> Any:
+    """The tensors of ``x`` (a tensor, or tuples of them: ``(Z, base)``, a product's) with the strides
+    ``torch.empty`` gives their shapes (Note [Raw tensors and bases in row-major layout]); anything else
+    as it is. Written out: optree.tree_map took ~10 µs for a pair."""
+    if type(x) is tuple:
+        return tuple([_row_major(y) for y in x])
+    if not isinstance(x, torch.Tensor) or isinstance(x, DTensor):
+        return x
+    if not x.is_contiguous():
+        return x.contiguous()
+    return x.view(x.numel()).view(x.shape) if 1 in x.shape else x  # (is_contiguous ignores the strides of size-1 dims)
+
+
+def _row_major_out(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``_from_manifold`` or ``rebase``: their tensors row-major (Note [Raw tensors and bases in row-major layout])."""
+
+    @functools.wraps(fn)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _row_major(fn(self, *args, **kwargs))
+
+    return method
+
+
 def _apply_policy(cls: type) -> None:
     """Wrap the maps ``cls`` itself defines with the low-precision policy (Note [Low precision])
     and the DTensor routes (Note [DTensor] in ``geofunc/_dtensor.py``; the measures of ``contains``
-    and ``check`` take the routes only)."""
+    and ``check`` take the routes only); ``_from_manifold`` and ``rebase`` return row-major tensors
+    (Note [Raw tensors and bases in row-major layout])."""
     for name in _POLICY_METHODS:
         fn = cls.__dict__.get(name)
         if fn is not None and callable(fn) and not getattr(fn, "_low_precision_policy", False):
             fn = _in_float32(fn)
             if (name in _ONE_NODE_METHODS and cls._one_node) or name in cls._one_node_maps:
                 fn = one_node(fn)  # Note [One node under torch.func.grad] (geofunc/_fused.py)
+            if name in ("_from_manifold", "rebase"):
+                fn = _row_major_out(fn)
+                fn._low_precision_policy = True  # type: ignore[attr-defined]
             setattr(cls, name, fn)
     fn = cls.__dict__.get("_violations")
     if fn is not None and not getattr(fn, "_low_precision_policy", False):
