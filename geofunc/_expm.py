@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, make_fx_tracing, tracks_derivatives
+from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, make_fx_tracing, save_state, saved_state, tracks_derivatives
 from ._fastpath import backward_without_autocast  # Note [Backward formulas under autocast]
 
 Tensor = torch.Tensor
@@ -1282,15 +1282,15 @@ def _frame_adjoint(T: Tensor, R: Tensor, c: Tensor, cache: dict, G: Tensor) -> t
 class _FrameExpm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, T: Tensor, R: Tensor, c: Tensor) -> Tensor:  # type: ignore[override]
-        F, ctx.cache = _frame_forward(T, R, c)
-        ctx.save_for_backward(T, R, c)
+        F, cache = _frame_forward(T, R, c)
+        cache.pop("powers", None)  # (for the compiled kernels: the adjoint reads P2 and P4 only)
+        save_state(ctx, (T, R, c), cache)  # Note [Node state as saved tensors] in _fastpath.py
         return F
 
     @staticmethod
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
-        T, R, c = ctx.saved_tensors
-        cache = ctx.cache
+        (T, R, c), cache = saved_state(ctx)
         if torch.is_grad_enabled():  # a graph is asked for: expm's adjoint node on M (exact to every order)
             k = T.shape[-1]
             holder = _Holder()

@@ -668,6 +668,9 @@ def _hook_case(name, generator):
         Z = Z + scale * torch.randn(Z.shape, generator=generator, dtype=F64)
         return Z.requires_grad_(), B
 
+    if name == "Stiefel chart, base requires grad":  # the chain, with the frame exponential's node
+        Z, B = chart(gf.Stiefel(), (64, 32), 0.05)
+        return (lambda z, y: gf.Stiefel().to_manifold(z, y)), (Z, B[""].clone().requires_grad_()), "_FrameExpmBackward"
     if name.startswith("Stiefel chart"):  # k < 32: expm(M) whole; k ≥ 32: the frame exponential by blocks
         shape, scale = {"Stiefel chart 40x8": ((40, 8), 0.3), "Stiefel chart 64x32": ((64, 32), 0.05),
                         "Stiefel chart 64x32 squarings": ((64, 32), 3.0)}[name]
@@ -688,7 +691,7 @@ def _hook_case(name, generator):
 
 
 @pytest.mark.parametrize("name", [
-    "Stiefel chart 40x8", "Stiefel chart 64x32", "Stiefel chart 64x32 squarings",
+    "Stiefel chart 40x8", "Stiefel chart 64x32", "Stiefel chart 64x32 squarings", "Stiefel chart, base requires grad",
     "rank chart", "rank chart, f by autograd", "LowRank tangent", "Stiefel project", "LowRank project", "PSD project",
     "Hurwitz project"])
 def test_node_state_goes_through_saved_tensor_hooks(name, generator):
