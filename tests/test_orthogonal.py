@@ -393,12 +393,16 @@ def test_complex_project_under_vmap_grad_equals_a_loop(name):
 
 
 @pytest.mark.parametrize("space, dtype", [(gf.SO(), torch.float32), (gf.Unitary(), torch.complex64),
-                                          (gf.Stiefel(), torch.float32)], ids=["SO", "Unitary", "Stiefel"])
+                                          (gf.Stiefel(), torch.float32), (gf.Stiefel(metric="canonical"), torch.float32),
+                                          (gf.Stiefel(metric="canonical"), torch.complex64)],
+                         ids=["SO", "Unitary", "Stiefel", "Stiefel-canonical", "Stiefel-canonical-complex"])
 def test_a_compiled_step_from_a_sample_compiles_once(space, dtype):
     """A compiled training step started from ``sample`` compiles one graph over four steps: the sample
     has the layout of the step's outputs (strides are guarded). SO's and Unitary's samples were QR's
     column-major Q while their maps return row-major tensors: a second graph after the first step
-    (Note [Square samples in row-major layout]). Tall Stiefel frames are column-major on both sides."""
+    (Note [Square samples in row-major layout]). Tall Stiefel frames are column-major on both sides
+    with the embedded metric; the canonical metric's retraction (the chart centred at X) returns
+    row-major ones, and its samples were column-major: a second graph too."""
     from torch._dynamo.testing import CompileCounter
 
     shape = (5, 3) if isinstance(space, gf.Stiefel) else (4, 4)

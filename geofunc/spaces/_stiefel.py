@@ -135,6 +135,18 @@ class Stiefel(FrameSpace):
         Xh = adjoint_by_value(Xt)  # Note [Real products under vmap] (geofunc/_linalg.py)
         return (_column_inners(Ut, Vt) - 0.5 * _column_inners(Xh @ Ut, Xh @ Vt)).sum(dim=-1)
 
+    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+        """Haar-uniform frames (QR of a Gaussian, signs fixed), laid out as :meth:`retract` returns them
+        (Note [Square samples in row-major layout] in geofunc/_linalg.py): QR's column-major tall frames
+        for the embedded metric, row-major ones for the canonical metric, whose retraction is the chart
+        centred at ``X`` (a compiled optimizer step started from a sample compiled a second graph after
+        its first update). Same values."""
+        X = super().sample(shape, generator=generator, dtype=dtype, device=device)
+        if self.metric == "embedded":
+            return X
+        Xt, tr = tall(X)
+        return untall(Xt.contiguous(), tr)
+
     def egrad_to_rgrad(self, X: Tensor, G: Tensor) -> Tensor:
         """``tangent(X, G)`` (embedded metric) or ``G − X Gᴴ X`` (canonical)."""
         if self.metric == "embedded":
