@@ -7,7 +7,7 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from ._sphere import RadiusSphere
+from ._sphere import RadiusSphere, _vector_norm
 
 __all__ = ["SphereEmbedded"]
 
@@ -41,7 +41,7 @@ class SphereEmbedded(RadiusSphere):
         # divided by its largest entry, detached, which the map is invariant to (so every derivative
         # is the exact one). Z = 0 stays singular (0/0: NaN); NaN/inf entries give NaN.
         Y = Z / Z.detach().abs().amax(-1, keepdim=True)  # (2× faster than vector_norm(ord=inf))
-        X = Y / torch.linalg.vector_norm(Y, dim=-1, keepdim=True)
+        X = Y / _vector_norm(Y)  # Note [Norms of long float32 vectors]
         return X if self.radius == 1.0 else self.radius * X  # (one node fewer at the default radius)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
