@@ -381,7 +381,8 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False,
 # pass through the skipped ones unchanged. Every matrix then meets the same bound at degree m as
 # it would alone. Only where s > 0 and some matrix of a batch needs fewer (the largest skip read once
 # per call, and only the squarings before it select: the others are plain; nothing changes, bit for
-# bit, where no matrix skips); a NaN/inf matrix keeps s. Cost: nothing at s = 0 or for one matrix;
+# bit, where no matrix skips; while make_fx traces, torch.func.linearize's jvp, nothing is read and
+# every squaring selects: the same values); a NaN/inf matrix keeps s. Cost: nothing at s = 0 or for one matrix;
 # ~10 small ops and one read for a batch at s > 0; a torch.where per selecting squaring (forward,
 # adjoint, tangent) where some matrix skips.
 def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
@@ -394,6 +395,8 @@ def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
         alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25)  # α_i / 2^s
         need = torch.ceil(torch.log2(alpha / _theta(m, u))) + s  # s_i, −inf at A_i = 0, NaN if not finite
         skip = s - need.nan_to_num(s, s, 0).clamp(0, s)
+        if make_fx_tracing() or torch.compiler.is_compiling():  # nothing to read: every squaring selects
+            return skip[..., None, None], s
         lead = int(_values(skip).max())
         return (skip[..., None, None], lead) if lead else (None, 0)
 
