@@ -629,10 +629,10 @@ class _Expm(torch.autograd.Function):
         if holder is None:
             holder = _Holder()
             holder.cache = _cache_of(flat, ctx.layout)
-        if not torch.is_grad_enabled():
-            return _adjoint(holder.cache, G, ctx.m, ctx.s, inplace=True), None
         if torch.autograd.forward_ad._current_level >= 0 and torch._C._functorch.peek_interpreter_stack() is None:
             return _adjoint_chain(A, G, ctx.m, ctx.s), None  # Note [Adjoint under a dual level]
+        if not torch.is_grad_enabled():
+            return _adjoint(holder.cache, G, ctx.m, ctx.s, inplace=True), None
         # Building a graph (double backward, and every torch.func grad/vjp, which always do):
         # the adjoint is one node whose value reuses the forward's intermediates and whose own
         # derivatives differentiate the evaluation (Note [Adjoint node]).
@@ -673,7 +673,11 @@ class _Expm(torch.autograd.Function):
 # gradgradcheck's check_fwd_over_rev) torch refuses a second one, and every map through the
 # exponential (SO, Stiefel, LowRank, PSD, ...) raised 'Nested forward mode AD is not supported'.
 # There the adjoint is the chain itself, as torch ops: the dual level records their tangents (A and G
-# come back from the saved tensors with theirs) and their graph serves any later backward.
+# come back from the saved tensors with theirs) and their graph serves any later backward. So also
+# where the backward builds no graph (torch.autograd.grad(loss, A) without create_graph, under a dual
+# level): the plain adjoint of the forward's intermediates, which carry no tangents, gave the gradient
+# a tangent without the exponential's second derivative (SO 2.7 off, GLp 4.0, PSD 1.6; Grassmannian
+# and LowRank alike), where torch.linalg.matrix_exp gives the exact one.
 
 
 # Note [Adjoint vmap rule]

@@ -169,10 +169,16 @@ class _ExpChart(torch.autograd.Function):
         Z, U, a, V, t, c, sinc = ctx.saved_tensors
         need_z, need_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         r = ctx.r
-        if torch.is_grad_enabled():
-            # A graph is wanted (create_graph=True): differentiate the smooth ops instead.
+        graph = torch.is_grad_enabled()
+        if graph or torch.autograd.forward_ad._current_level >= 0:
+            # A graph is wanted (create_graph=True), or a dual level takes the tangent of this backward
+            # (forward over reverse, even without create_graph: the closed form below is of values
+            # that carry no tangents, so the gradient's tangent would lack the chart's second
+            # derivative): differentiate the smooth ops instead.
             wrt = [T for T, need in ((Z, need_z), (U, need_u)) if need]
-            grads = iter(torch.autograd.grad(_exp_chart_smooth(Z, U, r), wrt, G, create_graph=True, allow_unused=True))
+            with torch.enable_grad():
+                X = _exp_chart_smooth(Z, U, r)
+            grads = iter(torch.autograd.grad(X, wrt, G, create_graph=graph, allow_unused=True))
             return (next(grads) if need_z else None), (next(grads) if need_u else None), None
         if r != 1.0:
             G = G * r
