@@ -227,7 +227,7 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool] = (False, False)
                   ) -> tuple[Tensor, Callable[..., tuple[Optional[Tensor], Optional[Tensor]]], tuple]:
     """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r singular frames (value from the SVD
-    of ``Xt``: O(nkr); NaN where ``Xt`` is not finite), and its vector-Jacobian product in ``(Xt, Gt)``
+    of ``Xt``: O(nk·min(n, k)), the products after it O(nkr); NaN where ``Xt`` is not finite), and its vector-Jacobian product in ``(Xt, Gt)``
     written out (for :func:`closed_form_node`; Note [Lazy second-order terms]). With ``dT = dP_U G (I − P_V)
     + (I − P_U) G dP_V``, a cotangent ``C`` gives ``Ū = 2 sym(C (I − P_V) Gᵀ) U`` and ``V̄ = 2 sym(Gᵀ
     (I − P_U) C) V`` (no n×n matrix formed), pulled back through the frames' derivative
@@ -653,7 +653,7 @@ class SVDSpace(_Factorized):
         if r == k:
             return G + 0.0 * X
         mode = derivative_mode(X, G)
-        if mode == "none":  # the thin frames, O(nkr)
+        if mode == "none":  # the thin frames (their SVD O(nk·min(n, k)), the products O(nkr))
             return untall(_thin_tangent(Xt.detach(), Gt.detach(), r)[0], tr)
         if mode == "lazy":  # one node: the thin frames' adjoint written out; a graph-building backward
             # differentiates the exact map (Note [Lazy second-order terms]; Φ itself: 1.2–1.3× here)
