@@ -1183,3 +1183,38 @@ def test_compiled_exponential_off_the_cpu_is_the_static_schedule(dtype, generato
             ref = grad(f)(Z)
             torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref.abs().max()))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64])
+def test_squarings_per_matrix_read_in_python_equal_the_tensor_expression(dtype, monkeypatch):
+    """A plain batch's per-matrix squarings are computed in Python from one read of the norms
+    (Note [Squarings per matrix read in one transfer]); vmap and compile use the tensor expression.
+    Both give the same skips and the same largest skip: spread scales, a zero matrix, NaN and inf."""
+    import geofunc._expm as E
+
+    g = torch.Generator().manual_seed(7)
+    compared = 0
+    for trial in range(60):
+        b = int(torch.randint(2, 9, (), generator=g))
+        n = int(torch.randint(2, 12, (), generator=g))
+        scale = torch.exp(torch.randn(b, 1, 1, generator=g) * 3)
+        A = torch.randn(b, n, n, generator=g, dtype=dtype) * scale.to(_real(dtype))
+        if trial % 5 == 0:
+            A[0] = 0
+        if trial % 7 == 0:
+            A[-1, 0, 0] = math.nan if trial % 2 else math.inf
+        m, s, _ = choose_degree(A)
+        if s == 0:
+            continue
+        B = A * 2.0**-s
+        P = [None, B, B @ B, B @ B @ B, (B @ B) @ (B @ B)]
+        read = E._skips(P, m, s)
+        monkeypatch.setattr(E, "_SKIPS_IN_PYTHON", -1)
+        tensor = E._skips(P, m, s)
+        monkeypatch.undo()
+        assert read[1] == tensor[1]
+        assert (read[0] is None) == (tensor[0] is None)
+        if read[0] is not None:
+            assert read[0].dtype == tensor[0].dtype and torch.equal(read[0], tensor[0])
+        compared += 1
+    assert compared > 20
