@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from typing import Any, NamedTuple
 
+import numpy as np
 import optree
 import pytest
 import torch
@@ -336,12 +337,20 @@ def test_apply_if_finite_applies_after_too_many_skips_and_resumes_from_a_checkpo
 
 def test_whole_model_options_are_checked(generator):
     net = Net(generator)
-    for bad in (0.0, -1.0, float("nan"), "1", True):
+    # tensors too: the step runs eagerly, so they are read once (a negative max_norm reversed every
+    # gradient, several values failed at the first step)
+    for bad in (0.0, -1.0, float("nan"), "1", True, torch.tensor(-1.0), torch.tensor(float("nan")),
+                torch.tensor([1.0, 2.0]), torch.tensor(True), torch.tensor(1.0 + 0j)):
         with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected `clip_by_global_norm` a number > 0"):
             gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02, clip_by_global_norm=bad)
-    for bad in (-1, 1.5, True, "3"):
+    for bad in (-1, 1.5, True, "3", np.int64(-2), torch.tensor(3)):
         with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected `apply_if_finite` an int >= 0"):
             gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02, apply_if_finite=bad)
+    # what is valid: a one-value tensor for the norm, a NumPy integer for the count (as gf.nn sizes)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02,
+                                  clip_by_global_norm=torch.tensor([0.5]), apply_if_finite=np.int64(3))
+    assert opt._max_errors == 3 and type(opt._max_errors) is int
+    assert gf.optim.apply_if_finite(gf.optim.rsgd(C, lr=0.05), max_consecutive_errors=np.int64(2)) is not None
 
 
 def _adamw_groups(named, mask):

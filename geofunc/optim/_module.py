@@ -4,6 +4,7 @@ interface, for ``nn.Module`` code (geoopt's ``ManifoldParameter`` + ``Riemannian
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -520,7 +521,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             (``scale_by_schedule(lambda t: -lr(t))``).
         lr: the learning rate, the groups' default (schedulers of ``torch.optim.lr_scheduler`` change
             ``param_groups[i]["lr"]`` between steps).
-        clip_by_global_norm: ``max_norm`` (a number > 0), or None (the default: no clip). The
+        clip_by_global_norm: ``max_norm`` (a number > 0, or a tensor of one value > 0), or None (the default: no clip). The
             gradients of every parameter stepped (all groups, all parts) are scaled by one factor
             ``min(1, max_norm / (‖g‖ + 1e-6))`` before the factories see them, ``‖g‖²`` the sum over
             those parameters of the squared Riemannian norm of the Riemannian gradient on
@@ -584,15 +585,30 @@ class TorchOptimizer(torch.optim.Optimizer):
             raise ManifoldError(f"TorchOptimizer: expected `optimizer` a factory of geofunc.optim (gf.optim.radam, rsgd, "
                                 f"radamw, or a function (constraints, lr, **hyperparameters) returning a "
                                 f"gf.optim.Optimizer), got {got}.")
-        if clip_by_global_norm is not None and not isinstance(clip_by_global_norm, torch.Tensor):
-            x = _real(clip_by_global_norm)
-            if x is None or isinstance(clip_by_global_norm, bool) or not x > 0:
+        if clip_by_global_norm is not None:
+            # A tensor too (a scheduled max_norm), read once here: the step runs eagerly, and a negative one
+            # reversed every gradient (the step went uphill), several values failed at the first step.
+            if isinstance(clip_by_global_norm, torch.Tensor):
+                T = clip_by_global_norm
+                ok = (T.numel() == 1 and not T.is_complex() and T.dtype != torch.bool
+                      and (T.is_meta or bool(T.detach().reshape(()) > 0)))
+            else:
+                x = _real(clip_by_global_norm)
+                ok = x is not None and not isinstance(clip_by_global_norm, bool) and x > 0
+            if not ok:
+                got = clip_by_global_norm
+                if isinstance(got, torch.Tensor):
+                    got = (f"a tensor holding {got.detach().reshape(()).item()!r}" if got.numel() == 1 and not got.is_meta
+                           else describe(got))
+                else:
+                    got = repr(got)
                 raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
-                                    f"whole model's gradient) or None, got {clip_by_global_norm!r}.")
-        if apply_if_finite is not None and (isinstance(apply_if_finite, bool) or not isinstance(apply_if_finite, int)
-                                            or apply_if_finite < 0):
-            raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
-                                f"max_consecutive_errors) or None, got {apply_if_finite!r}.")
+                                    f"whole model's gradient; a tensor of one value > 0) or None, got {got}.")
+        if apply_if_finite is not None:
+            if isinstance(apply_if_finite, bool) or not isinstance(apply_if_finite, numbers.Integral) or apply_if_finite < 0:
+                raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
+                                    f"max_consecutive_errors) or None, got {apply_if_finite!r}.")
+            apply_if_finite = int(apply_if_finite)  # (a NumPy integer, as gf.nn sizes take them)
         frozen: list[str] = []
         constraints = dict(constraints)
         groups = _named_groups(params, frozen, constraints)  # Note [Constraints in a group]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import optree
@@ -73,8 +74,10 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
         >>> torch.equal(new["w"], params["w"])  # the non-finite step is skipped
         True
     """
-    if isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
+    if (isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, numbers.Integral)
+            or max_consecutive_errors < 0):
         raise ManifoldError(f"apply_if_finite: expected `max_consecutive_errors` an int >= 0, got {max_consecutive_errors!r}.")
+    max_consecutive_errors = int(max_consecutive_errors)  # (a NumPy integer, as gf.nn sizes take them)
     check_optimizer("apply_if_finite", opt)
 
     def init(params: Params) -> ApplyIfFiniteState:
