@@ -503,7 +503,9 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
     """
     c = _check_c(c, "mobius_scalar_mul")
     _check_vec(x, "mobius_scalar_mul", "x")
-    if not (isinstance(r, numbers.Real) or isinstance(r, torch.Tensor) and _broadcastable(r.shape, x.shape[:-1])):
+    # (not a bool: True read as r = 1, a bool tensor as 0/1 coefficients)
+    if (isinstance(r, bool) or isinstance(r, torch.Tensor) and r.dtype == torch.bool
+            or not (isinstance(r, numbers.Real) or isinstance(r, torch.Tensor) and _broadcastable(r.shape, x.shape[:-1]))):
         raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real number or a tensor of "
                             f"the batch shape {tuple(x.shape[:-1])}, got {describe(r)}.")
     if isinstance(r, torch.Tensor):

@@ -486,8 +486,9 @@ def test_bad_arguments_of_the_ball_functions_are_named():
     what it got: ``weighted_midpoint`` with weights that are not a tensor raised an AttributeError while
     wording its own message, and with a batch that does not broadcast torch's unnamed size error;
     ``mobius_matvec`` with ``M`` and ``x`` of batches that do not broadcast, torch's size error;
-    ``mobius_scalar_mul`` with an ``r`` that is no number, a TypeError from ``abs``, and with a tensor ``r``
-    whose shape does not broadcast with the batch, torch's size error; a curvature too large
+    ``mobius_scalar_mul`` with an ``r`` that is no number, a TypeError from ``abs``, with a tensor ``r``
+    whose shape does not broadcast with the batch, torch's size error, and with a bool (``True`` or a bool
+    tensor), read as the coefficients 1 and 0 without a word; a curvature too large
     for a float (``c=10**400``), an OverflowError."""
     x = torch.tensor([[[0.1, 0.2], [-0.3, 0.1], [0.0, 0.4]]] * 2, dtype=F64)  # (2, 3, 2): 2 sets of 3 points
     calls = {
@@ -495,7 +496,8 @@ def test_bad_arguments_of_the_ball_functions_are_named():
                               lambda: hyp.weighted_midpoint(x, torch.ones(3, 3, dtype=F64))],
         "mobius_matvec": [lambda: hyp.mobius_matvec(torch.ones(3, 2, 2, dtype=F64), x[:, 0]),
                           lambda: hyp.mobius_matvec(torch.ones(2, 2, 2, dtype=F64), x[0])],
-        "mobius_scalar_mul": [lambda r=r: hyp.mobius_scalar_mul(r, x) for r in ("a", None, [0.5], torch.ones(4, dtype=F64))],
+        "mobius_scalar_mul": [lambda r=r: hyp.mobius_scalar_mul(r, x)
+                              for r in ("a", None, [0.5], torch.ones(4, dtype=F64), True, torch.ones(2, 3, dtype=torch.bool))],
         "dist": [lambda: hyp.dist(x, x, c=10**400)],
     }
     for fn, cs in calls.items():
