@@ -212,12 +212,20 @@ def autocast_on(device_type: str) -> bool:
     return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
+# Note [Autocast off in one graph]
+# An ExitStack of torch.autocast contexts cannot be traced by Dynamo ("setattr() is not supported on type
+# autocast"): under torch.autocast, torch.compile(fullgraph=True) of geofunc.hyperbolic's functions, which
+# turned autocast off through autocast_off, raised Unsupported while the spaces' maps (torch.autocast for
+# their lead's device) compiled. Where autocast is on for one device (always, for autocast_off(device)),
+# autocast_off returns that torch.autocast context itself; the ExitStack is left for several devices.
 def autocast_off(*device_types: str) -> Any:
     """A context with autocast disabled for those of ``device_types`` where it is on (every device
     autocast knows if none is given); a no-op context where it is on for none."""
     on = [d for d in (device_types or tuple(_AUTOCAST_DEVICES)) if autocast_on(d)]
     if not on:
         return contextlib.nullcontext()
+    if len(on) == 1:  # the context itself: Dynamo traces torch.autocast, not an ExitStack (Note [Autocast off in one graph])
+        return torch.autocast(on[0], enabled=False)
     stack = contextlib.ExitStack()
     for d in on:
         stack.enter_context(torch.autocast(d, enabled=False))

@@ -65,7 +65,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import math
@@ -421,18 +420,6 @@ def _lead_tensor(args: tuple[Any, ...], point: int | None) -> torch.Tensor | Non
     return None
 
 
-# Note [Autocast off in one graph]
-# The functions turn autocast off for the lead's device with torch.autocast itself, as the spaces'
-# wrapper does: autocast_off (an ExitStack of one context per device where autocast is on) cannot be
-# traced by Dynamo ("setattr() is not supported on type autocast"), so under torch.autocast
-# torch.compile(fullgraph=True) of any public function raised. The other tensors are on the lead's
-# device (the checks say so), whose autocast is the only one that acts on them.
-def _autocast_off(lead: torch.Tensor | None) -> Any:
-    if lead is None or not _autocast_on(lead.device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(lead.device.type, enabled=False)
-
-
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     # Note [Tensors given by keyword] in spaces/_base.py: dist(x=x, y=y) of fp16 points near the rim was inf
     names = tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD)
@@ -446,12 +433,14 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _any_autocast is not None and not _any_autocast():
                 return fn(*args, **kwargs)
             cast = () if lead is None else _cast_dtypes(lead.dtype, False, _autocast_on(lead.device.type))
-            with _autocast_off(lead):  # float32 input under autocast: M ⊗ x's product not in bf16
+            # float32 input under autocast: M ⊗ x's product not in bf16 (the other tensors are on the lead's
+            # device, the checks say so; Note [Autocast off in one graph] in geofunc/_fastpath.py)
+            with autocast_off(*(() if lead is None else (lead.device.type,))):
                 return fn(*_upcast(args, cast), **_upcast(kwargs, cast)) if cast else fn(*args, **kwargs)
         cast = _cast_dtypes(low, True, _autocast_on(lead.device.type))
         _ROUNDING.dtypes.append(low)
         try:
-            with _autocast_off(lead):
+            with autocast_off(lead.device.type):
                 out = fn(*_upcast(args, cast), **_upcast(kwargs, cast))
         finally:
             _ROUNDING.dtypes.pop()
@@ -874,5 +863,5 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
 # At the end: geofunc.spaces imports this module (its Lorentz and PoincareBall), so the policy's helpers
 # are bound once every name here exists (Note [Hyperbolic functions in low precision]).
 from .spaces._base import (  # noqa: E402
-    LOW_PRECISION, _ROUNDING, _any_autocast, _autocast_on, _cast_dtypes, _downcast, _in_order, _upcast,
+    LOW_PRECISION, _ROUNDING, _any_autocast, _autocast_on, _cast_dtypes, _downcast, _in_order, _upcast, autocast_off,
     dtype_for_message, rounding_dtype)
