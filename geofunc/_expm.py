@@ -131,6 +131,16 @@ def _colnorm1(X: Tensor) -> Tensor:
     return X.abs().sum(dim=-2).amax(dim=-1)
 
 
+def _norms34(P3: Tensor, P4: Tensor) -> Tensor:
+    """``(2, batch)``: the 1-norms of each matrix's third and fourth powers, for one read."""
+    return torch.stack([_colnorm1(P3), _colnorm1(P4)]).reshape(2, -1)
+
+
+def _alpha3(P3: Tensor, P4: Tensor) -> Tensor:
+    """α₃ = max(‖A³‖₁^⅓, ‖A⁴‖₁^¼) of each matrix of the batch, as a tensor (values: no derivative)."""
+    return torch.maximum(_colnorm1(P3.detach()).pow(1.0 / 3.0), _colnorm1(P4.detach()).pow(0.25))
+
+
 def _finite_max(norms: Tensor, dim: int | None = None) -> Tensor:
     """The largest finite entry of ``norms`` (over ``dim``, or all; 0 if none): non-finite ones read as 0.
     An empty batch (no norm) reads 0 too: ``amax`` refuses an empty reduction."""
@@ -243,8 +253,7 @@ def _high_degree(A: Tensor, P3: Tensor, P4: Tensor, u: float, scale: float = 1.0
     ``P3``, ``P4`` (``α₃ = scale · max(‖P3‖^⅓, ‖P4‖^¼)`` over the batch) at unit roundoff ``u``: the
     fewest matrix products, then the fewest squarings."""
     if _values(A) is A:  # both 1-norms' finite maxima in one reduction and one read (no copy of the powers)
-        col = torch.stack([_colnorm1(P) for P in (P3, P4)]).reshape(2, -1)
-        n3, n4 = _finite_max(col, dim=1).tolist()
+        n3, n4 = _finite_max(_norms34(P3, P4), dim=1).tolist()
     else:  # under vmap the batch dimensions may sit anywhere in the plain tensor: one read each
         n3, n4 = (_read_max(_colnorm1(P)) for P in (P3, P4))
     return _pick_degree(max(n3 ** (1.0 / 3.0), n4**0.25) * scale, u)
@@ -399,7 +408,7 @@ def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
         batch = P[1].shape[:-2]
         if batch.numel() <= _SKIPS_IN_PYTHON and _values(P[1]) is P[1] and not make_fx_tracing() and not torch.compiler.is_compiling():
             return _skips_read(P, m, s, u, batch)
-        alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25)  # α_i / 2^s
+        alpha = _alpha3(P[3], P[4])  # α_i / 2^s
         need = torch.ceil(torch.log2(alpha / _theta(m, u))) + s  # s_i, −inf at A_i = 0, NaN if not finite
         skip = s - need.nan_to_num(s, s, 0).clamp(0, s)
         if make_fx_tracing() or torch.compiler.is_compiling():  # nothing to read: every squaring selects
@@ -419,7 +428,7 @@ _SKIPS_IN_PYTHON = 64
 
 
 def _skips_read(P: list[Any], m: int, s: int, u: float, batch: torch.Size) -> tuple[Tensor | None, int]:
-    norms = torch.stack([_colnorm1(P[3]), _colnorm1(P[4])]).reshape(2, -1).tolist()
+    norms = _norms34(P[3], P[4]).tolist()
     th = _theta(m, u)
     skips = []
     for n3, n4 in zip(*norms):
@@ -456,7 +465,7 @@ def _far(P: list[Any], m: int, s: int, dtype: torch.dtype) -> Tensor | None:
     if s == 0 or u * 2.0**s * _theta(m, u) <= _FAR or len(P) < 5:
         return None
     with torch.no_grad():
-        alpha = torch.maximum(_colnorm1(P[3]) ** (1.0 / 3.0), _colnorm1(P[4]) ** 0.25) * 2.0**s
+        alpha = _alpha3(P[3], P[4]) * 2.0**s
         return _one_or_nan(~(alpha * u > _FAR), P[1].dtype)[..., None, None]
 
 
@@ -852,8 +861,7 @@ def _expm_static(A: Tensor) -> Tensor:
     """:func:`expm` with the tensor-only schedule of Note [Static schedule] (any transform, compile)."""
     m, theta = _STATIC_M[_real(A.dtype)], _STATIC_THETA[_real(A.dtype)]
     P = _powers(A, _Q[m])
-    norms = [_colnorm1(P[j].detach()) for j in (3, 4)]
-    alpha = torch.maximum(norms[0].pow(1.0 / 3.0), norms[1].pow(0.25))
+    alpha = _alpha3(P[3], P[4])
     s = torch.ceil(torch.log2(alpha / theta)).clamp(0, _STATIC_S)  # NaN for a non-finite input
     sc = torch.exp2(-torch.nan_to_num(s))[..., None, None]
     X, _ = _taylor([None] + [P[j] * sc**j for j in range(1, len(P))], m)
