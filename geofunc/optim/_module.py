@@ -4,7 +4,6 @@ interface, for ``nn.Module`` code (geoopt's ``ManifoldParameter`` + ``Riemannian
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -16,7 +15,7 @@ from ..spaces._base import is_space
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
 from ._transforms import ScaleByScheduleState, TraceState, _is_number, _keep, _no_buffer, _real, clip_factor
-from ._wrappers import _all_finite
+from ._wrappers import _all_finite, _is_count
 
 __all__ = ["TorchOptimizer"]
 
@@ -605,7 +604,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
                                     f"whole model's gradient; a tensor of one value > 0) or None, got {got}.")
         if apply_if_finite is not None:
-            if isinstance(apply_if_finite, bool) or not isinstance(apply_if_finite, numbers.Integral) or apply_if_finite < 0:
+            if not _is_count(apply_if_finite):
                 raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
                                     f"max_consecutive_errors) or None, got {apply_if_finite!r}.")
             apply_if_finite = int(apply_if_finite)  # (a NumPy integer, as gf.nn sizes take them)

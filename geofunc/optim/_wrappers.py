@@ -51,6 +51,11 @@ def _all_finite(*trees: Any) -> Tensor:
 # skipped step leaves points and state exactly as they were. After more than max_consecutive_errors
 # skips in a row the step is applied anyway, so that a run that cannot recover fails visibly
 # instead of stalling.
+def _is_count(x: Any) -> bool:
+    """An integer >= 0 of any type (a NumPy integer, as gf.nn sizes take them), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+
+
 def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
     """Skip the updates whose gradients or resulting points are not finite (optax's ``apply_if_finite``).
 
@@ -74,8 +79,7 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
         >>> torch.equal(new["w"], params["w"])  # the non-finite step is skipped
         True
     """
-    if (isinstance(max_consecutive_errors, bool) or not isinstance(max_consecutive_errors, numbers.Integral)
-            or max_consecutive_errors < 0):
+    if not _is_count(max_consecutive_errors):
         raise ManifoldError(f"apply_if_finite: expected `max_consecutive_errors` an int >= 0, got {max_consecutive_errors!r}.")
     max_consecutive_errors = int(max_consecutive_errors)  # (a NumPy integer, as gf.nn sizes take them)
     check_optimizer("apply_if_finite", opt)
