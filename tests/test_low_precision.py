@@ -217,6 +217,57 @@ def test_sample_under_autocast_is_the_sample_without(case, dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("case", _real_cases())
+def test_sample_under_a_low_precision_default_dtype_is_the_sample_of_that_dtype(case, dtype) -> None:
+    """``sample(shape)`` under ``torch.set_default_dtype(bf16/fp16)`` is ``sample(shape, dtype=bf16/fp16)``:
+    the rounding of a float32 point. It computed in the default dtype instead, so every sampler through
+    QR or LU (SO, Stiefel, the rank family, Birkhoff, ...) raised torch's "geqrf_cpu not implemented
+    for 'BFloat16'", and with it every ``geofunc.nn`` one-liner whose class draws a base."""
+    shape = case.shapes[min(2, len(case.shapes) - 1)]
+    want = case.space.sample(shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        got = case.space.sample(shape, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_default_dtype(prev)
+    for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        assert g.dtype == w.dtype == dtype
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize(("constrain", "shape", "pred"), [pytest.param(*c[1:], id=c[0]) for c in _CONSTRAINTS])
+def test_nn_constraints_register_under_a_low_precision_default_dtype(constrain, shape, pred, dtype) -> None:
+    """A model built under ``torch.set_default_dtype(bf16/fp16)`` takes every one-liner (a class's base
+    was drawn by a bf16 QR: NotImplementedError)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(0)
+        m = torch.nn.Linear(shape[1], shape[0], bias=False)
+        constrain(m)
+        W = m.weight.detach()
+    finally:
+        torch.set_default_dtype(prev)
+    assert W.dtype == dtype
+    Wf = W.float()
+    assert bool(pred(Wf, _tol(dtype, Wf))), "weight off its space"
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
+@pytest.mark.parametrize("space", [gf.Unitary(), gf.Hermitian()], ids=repr)
+def test_complex_sample_under_a_low_precision_default_dtype_is_refused_by_name(space, dtype) -> None:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with pytest.raises(gf.ManifoldError, match="no complex dtype of bfloat16 or float16"):
+            space.sample((3, 3))
+    finally:
+        torch.set_default_dtype(prev)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_NAMES.get)
 def test_autocast_training_keeps_float32_weights_on_their_spaces(dtype) -> None:
     """A constrained model trained under ``torch.autocast``: the layers' products run in ``dtype``,
     the charts in float32 (Note [Low precision]), so the float32 weights stay on their spaces at

@@ -1067,6 +1067,10 @@ def _sample_in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
                 torch.device(device)
             except (RuntimeError, TypeError, ValueError):
                 raise error(self, "`device` to be None, a torch.device, a device string or index", repr(device)) from None
+        if dtype is None and torch.get_default_dtype() in LOW_PRECISION:
+            # (a bf16/fp16 default dtype is the dtype asked for: without this, dtype=None drew and computed in
+            # bf16, and every sampler through QR or LU raised torch's "geqrf_cpu not implemented for 'BFloat16'")
+            dtype = torch.get_default_dtype()
         if dtype in LOW_PRECISION:
             if self._complex_only:  # (it drew complex64: a silent dtype change; torch has no complex bf16/fp16)
                 raise error(self, "`dtype` float32, float64, complex64 or complex128 (complex points: there is "
