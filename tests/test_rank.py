@@ -692,3 +692,28 @@ def test_a_numpy_integer_rank_is_the_python_int(cls) -> None:
     for bad in (True, 2.0, np.float64(2.0), torch.tensor(2), 0):
         with pytest.raises(gf.ManifoldError, match="`rank` to be an integer"):
             cls(rank=bad)
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=2), gf.FixedRank(rank=2), gf.PSSDLowRank(rank=2)], ids=repr)
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5, 5)], ids=str)
+def test_rank_charts_differentiate_under_a_meta_default_device(space, shape, monkeypatch) -> None:
+    """The rank charts' one-node layout (index tensors) was built on the default device and moved to the
+    input's: under ``torch.device("meta")`` (deferred initialization around CPU work) a CPU chart with a
+    gradient raised "Cannot copy out of meta tensor". The result and the gradient are the CPU ones."""
+    from geofunc.spaces import _factorized
+
+    monkeypatch.setattr(_factorized, "_LAYOUTS", {})  # no layout cached by an earlier call
+    g = torch.Generator().manual_seed(0)
+    X = space.sample(shape, generator=g, dtype=torch.float64)
+    Z0, base = space.from_manifold(X)
+    Z = (Z0 + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    W = torch.randn(shape, generator=g, dtype=torch.float64)
+    with torch.device("meta"):
+        Y = space.to_manifold(Z, base)
+        (G,) = torch.autograd.grad((Y * W).sum(), Z)
+    monkeypatch.setattr(_factorized, "_LAYOUTS", {})
+    Y_ref = space.to_manifold(Z, base)
+    (G_ref,) = torch.autograd.grad((Y_ref * W).sum(), Z)
+    assert Y.device.type == G.device.type == "cpu"
+    torch.testing.assert_close(Y, Y_ref, atol=0, rtol=0)
+    torch.testing.assert_close(G, G_ref, atol=0, rtol=0)

@@ -403,10 +403,14 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
         return out
     one, batch = batch is None, 1 if batch is None else batch
     rows = n + r if packed else n
-    c = torch.arange(2).view(2, 1, 1, 1)
-    b = torch.arange(batch).view(1, batch, 1, 1)
-    i = torch.arange(rows).view(1, 1, rows, 1)
-    j = torch.arange(r).view(1, 1, 1, r)
+    # Built on the CPU, then moved: on the default device, a meta one (`with torch.device("meta")` around
+    # a CPU chart) had no values to move ("Cannot copy out of meta tensor"), and a CUDA one put a CPU
+    # chart's layout through the GPU.
+    cpu = torch.device("cpu")
+    c = torch.arange(2, device=cpu).view(2, 1, 1, 1)
+    b = torch.arange(batch, device=cpu).view(1, batch, 1, 1)
+    i = torch.arange(rows, device=cpu).view(1, 1, rows, 1)
+    j = torch.arange(r, device=cpu).view(1, 1, 1, r)
     row = torch.where(i < r, i, i - r) if packed else i  # the frame's row: the top block, then [0; C_b]
     ok = (row > j) & ((c == 0) | (row < k))
     if packed:
@@ -424,10 +428,11 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
         dest = b * (n * k) + p * k + q
         return torch.where((fr > j) & ((c == 0) | (fr < k)), dest, torch.full_like(dest, dump)).expand(2, batch, fr.numel(), r)
 
-    pieces = [frames(torch.arange(r)), frames(torch.arange(r, n))] if packed else [frames(torch.arange(n))]
+    pieces = ([frames(torch.arange(r, device=cpu)), frames(torch.arange(r, n, device=cpu))] if packed
+              else [frames(torch.arange(n, device=cpu))])
     if diag:
-        d = torch.arange(r).view(1, r)
-        pieces.append(torch.arange(batch).view(batch, 1) * (n * k) + d * (k + 1))
+        d = torch.arange(r, device=cpu).view(1, r)
+        pieces.append(torch.arange(batch, device=cpu).view(batch, 1) * (n * k) + d * (k + 1))
     put = torch.cat([t.reshape(-1) for t in pieces])
     if one:
         skip = skip[:, 0]
