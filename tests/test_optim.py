@@ -1078,3 +1078,60 @@ def test_a_checkpoint_of_the_state_loads_with_torch_load_and_resumes_bit_for_bit
         q, loaded_state = opt.update(grad(loss)(q), loaded_state, q)
     for x, y in zip(optree.tree_leaves((p, state)), optree.tree_leaves((q, loaded_state))):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["rsgd", "rsgd-momentum", "radam", "radamw", "scheduled", "apply_if_finite"])
+def test_states_built_under_a_meta_default_device_live_with_torch_optims_step(name, generator):
+    """The optimizers' step counts were made on the default device: with ``init`` inside ``torch.device("meta")``
+    (deferred initialization around it) radam's update raised "Tensor on device meta is not on the expected
+    device cpu!" and rsgd's state held a count without a value. They are on the CPU, as torch.optim hosts its
+    step, and the steps equal those of a state built outside the context."""
+    cons = {"w": gf.Stiefel(), "s": gf.Sphere()}
+    make = {"rsgd": lambda: gf.optim.rsgd(cons, 0.1), "rsgd-momentum": lambda: gf.optim.rsgd(cons, 0.1, momentum=0.9),
+            "radam": lambda: gf.optim.radam(cons, 0.1), "radamw": lambda: gf.optim.radamw(cons, 0.1, weight_decay=0.1),
+            "scheduled": lambda: gf.optim.radam(cons, lambda count: 0.1 / (1.0 + count)),
+            "apply_if_finite": lambda: gf.optim.apply_if_finite(gf.optim.radam(cons, 0.1), 2)}[name]
+    params = {"w": gf.Stiefel().sample((5, 3), generator=generator), "s": gf.Sphere().sample((4,), generator=generator),
+              "b": torch.randn(3, generator=generator)}
+    grads = [{k: torch.randn(v.shape, generator=generator) for k, v in params.items()} for _ in range(3)]
+    opt = make()
+    with torch.device("meta"):
+        state = opt.init(params)
+    assert {t.device.type for t in optree.tree_leaves(state)} <= {"cpu"}
+    ref_p, ref_s, p = params, opt.init(params), params
+    for g in grads:
+        p, state = opt.update(g, state, p)
+        ref_p, ref_s = opt.update(g, ref_s, ref_p)
+    for k in params:
+        torch.testing.assert_close(p[k], ref_p[k], atol=0, rtol=0)
+    for a, b in zip(optree.tree_leaves(state), optree.tree_leaves(ref_s), strict=True):
+        assert a.device.type == "cpu"
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_torch_optimizer_steps_and_saves_under_a_meta_default_device():
+    """TorchOptimizer's first step (its state's counts) and its state_dict (the cohort entries) inside
+    ``torch.device("meta")``: the step raised, and the state_dict held meta tensors that no load could read."""
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 5)
+        with torch.no_grad():
+            m.weight.copy_(gf.Stiefel().sample((5, 3), generator=torch.Generator().manual_seed(1)))
+        return m, gf.optim.TorchOptimizer(m.named_parameters(), {"weight": gf.Stiefel()}, gf.optim.radam, lr=0.1)
+
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    m, opt = make()
+    ref, ref_opt = make()
+    for step in range(2):
+        for mod, o, meta in ((m, opt, True), (ref, ref_opt, False)):
+            o.zero_grad()
+            mod(x).pow(2).sum().backward()
+            with torch.device("meta") if meta else torch.device("cpu"):
+                o.step()
+    for a, b in zip(m.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with torch.device("meta"):
+        saved = opt.state_dict()
+    assert all(t.device.type == "cpu" for s in saved["state"].values() for t in s.values() if isinstance(t, torch.Tensor))
+    again, again_opt = make()
+    again_opt.load_state_dict(saved)

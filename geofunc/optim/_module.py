@@ -946,7 +946,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             for n in co.names:
                 entries = {key: once(v) for key, v in own[n].items()}
                 entries.update((key, v.clone() if isinstance(v, torch.Tensor) else v) for key, v in shared.items())
-                entries[_COHORT] = torch.tensor(k)  # a tensor: dcp.load sets other values under str(index)
+                entries[_COHORT] = torch.tensor(k, device="cpu")  # a tensor: dcp.load sets other values under str(index)
                 out[n] = entries
         return out
 

@@ -63,7 +63,10 @@ def _zeros(params: Params) -> Any:
 
 
 def _count() -> Tensor:
-    return torch.zeros((), dtype=torch.int64)
+    # On the CPU, as torch.optim hosts its step (a 0-dim CPU tensor takes part in ops on any device). On the
+    # default device, a meta one (`with torch.device("meta")` around init) left radam's update raising
+    # "Tensor on device meta is not on the expected device cpu!" and rsgd's state with a meta count.
+    return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None, mask: Any = None) -> TangentTransform:
