@@ -1798,3 +1798,21 @@ def test_load_functional_across_dtypes_keeps_the_points(case):
                                        rtol=0, msg=lambda msg: f"{src} results into a {dst} module: {msg}")
             assert target.weight.dtype == dst
             assert member(gnn.parametrization_of(target).space, target.weight)
+
+
+@pytest.mark.parametrize("case", CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
+                                           ("alpha_stable", {}, lambda: nn.Linear(4, 4), gf.Hurwitz)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_one_liners_constrain_a_cpu_tensor_under_a_meta_default_device(case):
+    """A CPU module constrained inside ``with torch.device("meta")`` (a model built for deferred
+    initialization around a submodule kept on the CPU): the class was built on the meta device, and
+    moving it to the tensor's raised "Cannot copy out of meta tensor" (torch's own parametrizations
+    register there). The weight is on the CPU and on its space, as without the context."""
+    name, kwargs, make, cls = case
+    torch.manual_seed(0)
+    m = make()
+    with torch.device("meta"):
+        getattr(gnn, name)(m, **kwargs)
+    assert all(t.device.type == "cpu" for t in [*m.parameters(), *m.buffers()])
+    W = m.weight.detach()
+    assert W.device.type == "cpu" and member(gnn.parametrization_of(m).space, W)

@@ -9,6 +9,7 @@ through the parametrization and returns the module, as GeoTorch 0.4.0 does. Afte
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -62,8 +63,14 @@ def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: An
     T = _resolve_tensor(module, tensor_name, cls.__name__)
     where = _owner_name(module, tensor_name)
     what = f"{where} (a tensor of shape {tuple(T.shape)} and dtype {T.dtype})"
+    # The class is built on the default device, as GeoTorch's, then moved to the tensor's. A meta default
+    # (`with torch.device("meta")` or set_default_device("meta") around a tensor that is not on meta) left
+    # its buffers without values to move: nn.Module.to raised "Cannot copy out of meta tensor". It is
+    # built on the CPU there, where it is built under the usual default.
+    home = torch.device("cpu") if torch.get_default_device().type == "meta" and not T.is_meta else contextlib.nullcontext()
     try:
-        M = cls(lower=args[0], size=tuple(T.shape)) if cls is Symmetric else cls(tuple(T.shape), *args, **kwargs)
+        with home:
+            M = cls(lower=args[0], size=tuple(T.shape)) if cls is Symmetric else cls(tuple(T.shape), *args, **kwargs)
     except ManifoldError as e:
         # Keep GeoTorch's class (VectorError, RankError, ...), say which tensor it was for.
         e.args = (f"cannot constrain {what}: {e}",)
