@@ -899,6 +899,20 @@ def test_deferred_initialization_without_a_checkpoint(case):
     assert member(gnn.parametrization_of(m).space, m.weight.detach())
 
 
+def test_reading_a_weight_after_to_empty_names_deferred_initialization():
+    """After ``to_empty`` the bases are uninitialized memory: reading the weight before assigning a point or
+    loading a checkpoint raised a ManifoldError about averaged bases (AveragedModel) only."""
+    with torch.device("meta"):
+        m = gnn.orthogonal(nn.Linear(4, 5))
+    m.to_empty(device="cpu")
+    with torch.no_grad():
+        m.parametrizations.weight[0].base.fill_(3.0)  # what uninitialized memory may hold: not a frame
+    with pytest.raises(gf.ManifoldError, match=r"After to_empty .*assign each constrained tensor a point or load a checkpoint"):
+        m.weight
+    m.weight = m.parametrizations.weight[0].sample()  # the remedy the message names
+    assert member(gf.Stiefel(), m.weight.detach())
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "double", "to_empty"])
 def test_a_constrained_rnn_weight_under_weight_norm_copies_and_converts(how):
     """A geofunc constraint on top of weight_norm (raw tensors original0, original1): the RNN's rebuilt

@@ -442,7 +442,9 @@ class Parametrization(nn.Module):
                 f"it, got {why}. An average of bases is not a base: AveragedModel(use_buffers=True) or an average "
                 "of state_dicts averages them off the space. Average the points instead with "
                 "gf.nn.average_(target, modules, weights) (an EMA: gf.nn.average_(ema, [ema, model], [d, 1 - d])), "
-                "or assign a point (module.<name> = space.project(W)), or load a checkpoint's own bases."
+                "or assign a point (module.<name> = space.project(W)), or load a checkpoint's own bases. After "
+                "to_empty (deferred initialization) the bases hold no values until then: assign each constrained "
+                "tensor a point or load a checkpoint before reading it."
             )
         try:
             _CHECKED_BASES[self] = [(b, b._version) for b in leaves]
