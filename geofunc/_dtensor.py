@@ -44,7 +44,7 @@ after it is PyTorch's error (mixed ``torch.Tensor`` and ``DTensor``), never a si
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, cast
 
 import optree
 import torch
@@ -331,7 +331,10 @@ def distributed(fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
-def gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def gathered(fn: _F) -> _F:
     """Wrap a method so that DTensor arguments are gathered once and its tensor results returned
     like the first of them (the gathered route of Note [DTensor], always): for the ``nn``
     adapters, whose base buffers are replicated plain tensors."""
@@ -343,4 +346,4 @@ def gathered(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(self, *args, **kwargs)
         return like(fn(self, *gather(args), **gather(kwargs)), dts[0])
 
-    return method
+    return cast(_F, method)  # the identity on fn's type: the nn adapters' methods keep their signatures

@@ -69,7 +69,7 @@ import functools
 import inspect
 import math
 import numbers
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 
@@ -98,6 +98,7 @@ __all__ = [
 
 Tensor = torch.Tensor
 Curvature = Union[float, Tensor]
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 # ----------------------------------------------------------------------------- smooth series
 # Note [sqrt-free hyperbolic functions]
@@ -420,7 +421,8 @@ def _lead_tensor(args: tuple[Any, ...], point: int | None) -> torch.Tensor | Non
     return None
 
 
-def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _in_float32(fn: _F) -> _F:
+    # typed as the identity on fn's type: the public functions keep their signatures for type checkers
     # Note [Tensors given by keyword] in spaces/_base.py: dist(x=x, y=y) of fp16 points near the rim was inf
     names = tuple(n for n, p in inspect.signature(fn).parameters.items() if p.kind == p.POSITIONAL_OR_KEYWORD)
     point = names.index("x") if "x" in names else None
@@ -446,7 +448,7 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
             _ROUNDING.dtypes.pop()
         return _downcast(out, low)
 
-    return wrapped
+    return cast(_F, wrapped)
 
 
 @_in_float32

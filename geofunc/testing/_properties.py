@@ -7,7 +7,7 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -85,7 +85,10 @@ class _UsageError(ValueError):
     """A property called with what it cannot run (Note [Context of an unexpected exception])."""
 
 
-def _property(fn: Callable[..., None]) -> Callable[..., None]:
+_P = TypeVar("_P", bound=Callable[..., None])
+
+
+def _property(fn: _P) -> _P:
     """Wrap a property so that an unexpected exception names where it was raised
     (Note [Context of an unexpected exception])."""
     name = fn.__name__.removeprefix("check_")
@@ -104,7 +107,7 @@ def _property(fn: Callable[..., None]) -> Callable[..., None]:
         finally:
             _WHERE.pop()
 
-    return prop
+    return cast(_P, prop)  # the identity on fn's type: the check_* functions keep their signatures
 
 
 def _batch_shape(case: SpaceCase, shape: tuple[int, ...]) -> tuple[int, ...]:
