@@ -1135,3 +1135,47 @@ def test_torch_optimizer_steps_and_saves_under_a_meta_default_device():
     assert all(t.device.type == "cpu" for s in saved["state"].values() for t in s.values() if isinstance(t, torch.Tensor))
     again, again_opt = make()
     again_opt.load_state_dict(saved)
+
+
+def _admits(hint, cls: type) -> bool:
+    """Whether an annotation (as ``typing.get_type_hints`` gives it) admits instances of ``cls``."""
+    import types
+    import typing
+
+    if hint is typing.Any or hint is cls:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_admits(a, cls) for a in typing.get_args(hint))
+    return isinstance(hint, type) and issubclass(cls, hint)
+
+
+def test_hyperparameter_annotations_admit_tensors():
+    """Every numeric hyperparameter may be a 0-dim tensor (a learned or meta-learned value under
+    torch.func: Note [Checking hyperparameters]; OPTIMIZERS above steps them), and TorchOptimizer
+    takes torch.optim's ``lr: float | Tensor``. They were annotated ``float``: a typed program that
+    differentiates through ``rsgd(..., momentum=mu)`` or builds ``chain(..., scale(-lr))`` with a
+    tensor got false errors from mypy and pyright (geofunc ships py.typed)."""
+    import typing
+
+    opt = gf.optim
+    params = {
+        opt.rsgd: ("momentum", "dampening", "weight_decay"),
+        opt.radam: ("eps", "weight_decay"),
+        opt.radamw: ("eps", "weight_decay"),
+        opt.trace: ("decay", "dampening"),
+        opt.scale: ("step",),
+        opt.scale_by_adam: ("b1", "b2", "eps"),
+        opt.add_decayed_weights: ("weight_decay",),
+        opt.clip_by_global_norm: ("max_norm",),
+        opt.TorchOptimizer.__init__: ("lr",),
+    }
+    bad = []
+    for fn, names in params.items():
+        hints = typing.get_type_hints(fn)
+        bad += [f"{fn.__qualname__}({n}: {hints[n]})" for n in names
+                if not (_admits(hints[n], torch.Tensor) and _admits(hints[n], float))]
+    for fn in (opt.radam, opt.radamw):
+        betas = typing.get_type_hints(fn)["betas"]
+        if not all(_admits(b, torch.Tensor) for b in typing.get_args(betas)):
+            bad.append(f"{fn.__qualname__}(betas: {betas})")
+    assert not bad, "hyperparameters whose annotation refuses a 0-dim tensor:\n  " + "\n  ".join(bad)

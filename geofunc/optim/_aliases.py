@@ -10,6 +10,7 @@ from .._errors import ManifoldError
 from ._base import Optimizer, chain
 from ._riemannian import retract_and_transport
 from ._transforms import (
+    Scalar,
     ScalarOrSchedule,
     TraceState,
     _is_number,
@@ -37,11 +38,11 @@ __all__ = ["rsgd", "radam", "radamw"]
 def rsgd(
     constraints: Any,
     lr: ScalarOrSchedule,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
+    momentum: Scalar = 0.0,
+    dampening: Scalar = 0.0,
     *,  # Note [Keyword-only where torch's order differs]
     nesterov: bool = False,
-    weight_decay: float = 0.0,
+    weight_decay: Scalar = 0.0,
     mask: Any = None,
 ) -> Optimizer:
     r"""Riemannian SGD with momentum; ``torch.optim.SGD`` on unconstrained entries, step for step.
@@ -109,9 +110,9 @@ def upgrade_rsgd_state(state: Any) -> Any:
 def radam(
     constraints: Any,
     lr: ScalarOrSchedule,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
     *,  # Note [Keyword-only where torch's order differs]
     mask: Any = None,
     amsgrad: bool = False,
@@ -147,9 +148,9 @@ def radam(
 def radamw(
     constraints: Any,
     lr: ScalarOrSchedule,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    betas: tuple[Scalar, Scalar] = (0.9, 0.999),
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.01,
     *,  # Note [Keyword-only where torch's order differs]
     mask: Any = None,
     amsgrad: bool = False,

@@ -569,7 +569,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         params: Iterable[Any],
         constraints: Mapping[str, Any],
         optimizer: Callable[..., Optimizer],
-        lr: float,
+        lr: float | torch.Tensor,
         *,
         clip_by_global_norm: Any = None,
         apply_if_finite: Optional[int] = None,

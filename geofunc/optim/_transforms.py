@@ -37,6 +37,9 @@ Tensor = torch.Tensor
 #: A learning rate: a number, a 0-dim tensor, or a schedule ``count -> rate`` (``count`` the 0-dim
 #: int64 tensor of updates made before this one: 0 at the first).
 ScalarOrSchedule = Union[float, Tensor, Callable[[Tensor], Union[float, Tensor]]]
+#: A hyperparameter: a number, or a 0-dim tensor (a learned or meta-learned value under ``torch.func``;
+#: not read by the checks: Note [Checking hyperparameters]).
+Scalar = Union[float, Tensor]
 
 
 def _map(fn: Any, *trees: Any) -> Any:
@@ -69,7 +72,7 @@ def _count() -> Tensor:
     return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
-def add_decayed_weights(weight_decay: float = 0.0, constraints: Any = None, mask: Any = None) -> TangentTransform:
+def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mask: Any = None) -> TangentTransform:
     """``G + weight_decay · X``: the gradient of the penalty ``(weight_decay / 2) ‖X‖²`` added.
 
     Without ``constraints`` the term is ambient (L2 regularization of the Euclidean gradient, as
@@ -227,7 +230,7 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # wrong transforms (an AttributeError, or a silently wrong count). What plain SGD pays for it: a 0-dim
 # count in its state, no op per step. A state of rsgd(momentum=0) from before (three transforms'
 # states) is read as the same with no buffer (upgrade_rsgd_state; TorchOptimizer's checkpoints too).
-def trace(decay: float, dampening: float = 0.0, nesterov: bool = False) -> TangentTransform:
+def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
     Returns :math:`b_t`, or :math:`g_t + \mu b_t` with ``nesterov``. The buffer is a tangent
@@ -363,7 +366,7 @@ def _point_sq_norm(space: Any, X: Any, V: Any) -> Any:
 
 
 def scale_by_adam(
-    constraints: Any, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, amsgrad: bool = False
+    constraints: Any, b1: Scalar = 0.9, b2: Scalar = 0.999, eps: Scalar = 1e-8, amsgrad: bool = False
 ) -> TangentTransform:
     r"""Riemannian Adam (Bécigneul & Ganea, 2019) on constrained entries, Adam elsewhere.
 
@@ -432,7 +435,7 @@ def scale_by_adam(
     return TangentTransform(init, update, transport)
 
 
-def scale(step: float) -> TangentTransform:
+def scale(step: Scalar) -> TangentTransform:
     """Multiply every vector by ``step`` (``-lr`` for descent)."""
 
     def init(params: Params) -> EmptyState:
@@ -485,7 +488,7 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
     return scale(-lr)
 
 
-def clip_by_global_norm(constraints: Any, max_norm: float) -> TangentTransform:
+def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
     r"""Scale all vectors by one factor so that their global norm is at most ``max_norm``.
 
     .. math::
