@@ -699,3 +699,30 @@ def test_product_metric_is_the_sum_of_its_factors_metrics(generator) -> None:
         torch.testing.assert_close(got, f.transport(x, y, v), atol=1e-12, rtol=1e-12)
     # and the metrics differ from the embedded one, so the test can tell them apart
     assert not torch.allclose(M.inner(X, U, V), sum((u * v).flatten(1).sum(-1) for u, v in zip(U, V)))
+
+
+def test_every_public_method_of_every_space_is_annotated():
+    """geofunc ships py.typed: a parameter without an annotation is ``Any`` to mypy and *unknown* to
+    pyright, whose strict mode reports every call of such a method in a correct user program
+    (``gf.Stiefel().sample((5, 3))``: 'Type of "sample" is partially unknown'). The ``sample``
+    overrides of 16 of the 24 spaces had unannotated ``shape``, ``generator``, ``dtype`` and ``device``.
+    Every public method of every exported space annotates its parameters as the base class does."""
+    import typing
+
+    bad = []
+    for name in gf.__all__:
+        cls = getattr(gf, name)
+        if not (isinstance(cls, type) and issubclass(cls, AbstractSpace)):
+            continue
+        for attr in dir(cls):
+            fn = getattr(cls, attr)
+            if attr.startswith("_") or not callable(fn) or isinstance(fn, type):
+                continue
+            hints = typing.get_type_hints(fn)  # the wrappers of the policy keep the maps' own annotations
+            params = inspect.signature(fn).parameters.values()
+            missing = [p.name for p in params if p.name != "self" and p.name not in hints
+                       and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            missing += [] if "return" in hints else ["return"]
+            if missing:
+                bad.append(f"{name}.{attr}: {', '.join(missing)}")
+    assert not bad, "public methods of spaces without annotations:\n  " + "\n  ".join(bad)

@@ -686,7 +686,8 @@ class SVDSpace(_Factorized):
 
         return untall(spectral_svd(Yt, g_fn), tr)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """``U diag(σ) Vᵀ``: Haar frames, ``σ`` the value map's sample of separated values."""
         shape = self._sample_shape(shape, dtype)
         tr = shape[-2] < shape[-1]
@@ -807,7 +808,8 @@ class EigSpace(_Factorized):
         vm = self._value_map
         return spectral_eigh(Y, lambda lam, Q: vm.project(lam, keep.expand_as(lam), None, n))
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """``Q diag(σ) Qᵀ``: a Haar n×r frame, ``σ`` the value map's sample of separated values."""
         shape = self._sample_shape(shape, dtype)
         n = shape[-1]

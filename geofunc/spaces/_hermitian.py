@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, final
+from typing import Any, ClassVar, final
 
 import torch
 
@@ -58,5 +58,6 @@ class Hermitian(TriangleSpace):
         strict = torch.tril(Z, -1) if self.lower else torch.triu(Z, 1)
         return strict + transpose(strict) + torch.diag_embed(torch.diagonal(Z, dim1=-2, dim2=-1).real.to(Z.dtype))
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         return super().sample(shape, generator=generator, dtype=complex_dtype(dtype), device=device)

@@ -335,7 +335,8 @@ class Hurwitz(AbstractSpace):
         t = (_abscissa(Y)[..., None, None] + self.alpha + c).clamp(min=0.0)
         return Y - t * eye + poison(Y)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """``W(S − I/2) − αI`` with ``W`` :class:`PSD`'s sample and ``S`` :class:`Skew`'s."""
         shape = self._sample_shape(shape, dtype)
         W = PSD().sample(shape, generator=generator, dtype=dtype, device=device)

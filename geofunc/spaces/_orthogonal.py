@@ -206,7 +206,8 @@ class FrameSpace(AbstractSpace):
             return 0.0 * Y
         return polar(Y)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """Haar-uniform frames of full shape ``shape`` (QR of a Gaussian, signs fixed)."""
         shape = self._sample_shape(shape, dtype)
         tr = shape[-2] < shape[-1]

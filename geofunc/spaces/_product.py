@@ -185,7 +185,8 @@ class Product(AbstractSpace):
     def project(self, Y: Any) -> tuple:
         return self._each(lambda M, y: M.project(y), self._tuple(Y, "Y"))
 
-    def sample(self, shape: Any, *, generator=None, dtype=None, device=None) -> tuple:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> tuple:
         shapes = self._tuple(shape, "shape")
         return self._each(lambda M, s: M.sample(s, generator=generator, dtype=dtype, device=device), shapes)
 

@@ -221,7 +221,8 @@ class SL(AbstractSpace):
         lad = logabsdet_lu(sanitize(P))[..., None, None]  # (see to_manifold; not slogdet: Note [Solves under torch.func])
         return P * torch.exp(lad / -Y.shape[-1]) + poison(P)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """GLp's sample (Haar frames, separated singular values) rescaled to ``det = 1``."""
         shape = self._sample_shape(shape, dtype)
         P = self._glp.sample(shape, generator=generator, dtype=dtype, device=device)

@@ -61,7 +61,8 @@ class SO(MatrixGroup):
 
         return spectral_svd(Y, g_fn) + poison(Y)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         shape = self._sample_shape(shape, dtype)
         return haar_so(shape, generator, dtype, device)
 

@@ -135,7 +135,8 @@ class Stiefel(FrameSpace):
         Xh = adjoint_by_value(Xt)  # Note [Real products under vmap] (geofunc/_linalg.py)
         return (_column_inners(Ut, Vt) - 0.5 * _column_inners(Xh @ Ut, Xh @ Vt)).sum(dim=-1)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         """Haar-uniform frames (QR of a Gaussian, signs fixed), laid out as :meth:`retract` returns them
         (Note [Square samples in row-major layout] in geofunc/_linalg.py): QR's column-major tall frames
         for the embedded metric, row-major ones for the canonical metric, whose retraction is the chart

@@ -65,7 +65,8 @@ class Unitary(MatrixGroup):
         self._check_shape(Y, "Y")
         return polar(Y)
 
-    def sample(self, shape, *, generator=None, dtype=None, device=None) -> Tensor:
+    def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
+               device: Any = None) -> Tensor:
         dtype = complex_dtype(dtype)
         # row-major, as its maps return: Note [Square samples in row-major layout] in geofunc/_linalg.py
         return haar_stiefel(self._sample_shape(shape, dtype), generator, dtype, device).contiguous()
