@@ -71,6 +71,8 @@ __all__ = ["sample", "from_manifold", "to_manifold", "rebase", "tangent", "retra
 PyTree = Any
 Constraints = Any
 Bases = dict[str, Any]
+#: ``bases`` as the functions take it: the dict they return, or any mapping (read only).
+BasesIn = Mapping[str, Any]
 
 TUPLE_KEY_MSG = (
     "constraints: the key {key!r} is a tuple; keys name one parameter (or subtree) each. "
@@ -527,7 +529,7 @@ def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bas
     return _map(constraints, inverse, params, check="X", keyed={}), bases
 
 
-def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Callable[..., Any]) -> PyTree:
+def _centred(constraints: Constraints, raw: PyTree, bases: BasesIn | None, fn: Callable[..., Any]) -> PyTree:
     """``_map`` of ``fn(entry, Z, base)`` over ``raw`` with each entry's base; every key of
     ``bases`` must name a constrained entry (checked in eager mode)."""
     if bases is None:
@@ -548,16 +550,16 @@ def _centred(constraints: Constraints, raw: PyTree, bases: Bases | None, fn: Cal
     return out
 
 
-def to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> PyTree:
+def to_manifold(constraints: Constraints, raw: PyTree, bases: BasesIn | None = None) -> PyTree:
     """Map every constrained entry of ``raw`` to its space, centred at ``bases[name]``."""
     return _to_manifold_node(constraints, raw, bases)
 
 
-def _to_manifold(constraints: Constraints, raw: PyTree, bases: Bases | None) -> PyTree:
+def _to_manifold(constraints: Constraints, raw: PyTree, bases: BasesIn | None) -> PyTree:
     return _centred(constraints, raw, bases, lambda e, Z, base: e.space.to_manifold(Z, base))
 
 
-def _worth_a_node(constraints: Constraints, raw: PyTree = None, bases: Bases | None = None) -> bool:
+def _worth_a_node(constraints: Constraints, raw: PyTree = None, bases: BasesIn | None = None) -> bool:
     """Whether a space of ``constraints`` fuses its map (``AbstractSpace._one_node``): a tree of only
     cheap maps (``Rn``, ``Sym``, ...) is cheaper as their few ops under ``torch.func.grad``."""
     if is_space(constraints):
@@ -572,7 +574,7 @@ def _worth_a_node(constraints: Constraints, raw: PyTree = None, bases: Bases | N
 _to_manifold_node = one_node(_to_manifold, worth=_worth_a_node)
 
 
-def rebase(constraints: Constraints, raw: PyTree, bases: Bases | None = None) -> tuple[PyTree, Bases]:
+def rebase(constraints: Constraints, raw: PyTree, bases: BasesIn | None = None) -> tuple[PyTree, Bases]:
     """Dynamic trivialization: the same points, re-centred so that the raw entries are small.
 
     ``to_manifold(constraints, *rebase(constraints, raw, bases))`` equals

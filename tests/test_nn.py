@@ -524,6 +524,23 @@ def test_average_refuses_what_it_cannot_average():
         gnn.average_(a, [gnn.orthogonal(nn.Linear(4, 6, bias=False))])
 
 
+
+def test_average_weights_as_a_tensor():
+    """``average_`` reads its weights as floats from any sequence of numbers, a tensor too (softmax of
+    validation scores for a model soup); its annotation said ``Sequence[float]``, which a tensor is not
+    to mypy or pyright (geofunc ships py.typed): a false error. The same average, and the annotation."""
+    import typing
+
+    torch.manual_seed(0)
+    a, b = gnn.orthogonal(nn.Linear(4, 6).double()), gnn.orthogonal(nn.Linear(4, 6).double())
+    w = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), 0)
+    by_list = gnn.average_(copy.deepcopy(a), [a, b], w.tolist())
+    by_tensor = gnn.average_(copy.deepcopy(a), [a, b], w)
+    torch.testing.assert_close(by_tensor.weight, by_list.weight, atol=0, rtol=0)
+    hint = typing.get_type_hints(gnn.average_)["weights"]
+    assert typing.Iterable[typing.SupportsFloat] in typing.get_args(hint), hint
+
+
 class _Double(nn.Module):
     def forward(self, X):
         return 2 * X
@@ -1830,3 +1847,29 @@ def test_one_liners_constrain_a_cpu_tensor_under_a_meta_default_device(case):
     assert all(t.device.type == "cpu" for t in [*m.parameters(), *m.buffers()])
     W = m.weight.detach()
     assert W.device.type == "cpu" and member(gnn.parametrization_of(m).space, W)
+
+
+def test_functions_that_return_their_module_keep_its_type():
+    """The constraint functions, ``constrain``, ``update_base``, ``load_functional`` and ``average_``
+    return the module they are given (the same object). Annotated ``-> nn.Module``, they made mypy and
+    pyright (geofunc ships py.typed) refuse ``self.enc: nn.Linear = gf.nn.orthogonal(nn.Linear(8, 4))``
+    and read ``.in_features`` of the result as ``Tensor | Module``. Each is typed as torch types
+    ``weight_norm``: the module's own type in, the same type out (a TypeVar). And the same object."""
+    import typing
+
+    fns = [getattr(gnn, n) for n in ("symmetric", "skew", "sphere", "orthogonal", "grassmannian", "almost_orthogonal",
+                                     "low_rank", "fixed_rank", "invertible", "sln", "positive_definite",
+                                     "positive_semidefinite", "positive_semidefinite_low_rank",
+                                     "positive_semidefinite_fixed_rank", "alpha_stable", "constrain", "update_base",
+                                     "load_functional", "average_")]
+    bad = []
+    for fn in fns:
+        hints = typing.get_type_hints(fn)
+        first = next(iter(inspect.signature(fn).parameters))
+        ret, arg = hints["return"], hints[first]
+        if not (isinstance(ret, typing.TypeVar) and ret.__bound__ is nn.Module
+                and (arg is ret or ret in typing.get_args(arg))):
+            bad.append(f"{fn.__name__}({first}: {arg}) -> {ret}")
+    assert not bad, "functions returning their module under another type:\n  " + "\n  ".join(bad)
+    lin = nn.Linear(4, 3)
+    assert gnn.orthogonal(lin) is lin and gnn.update_base(lin) is lin

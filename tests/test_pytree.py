@@ -439,3 +439,34 @@ def test_retract_keeps_the_dtype_of_unconstrained_entries(generator):
             gf.retract(c, p, {"w": torch.zeros(3), "b": torch.ones(3, dtype=bad)})
     with pytest.raises(gf.ManifoldError, match=r"parameter 'b' .*expected `V` on the device of `X` \(cpu\)"):
         gf.retract(c, p, {"w": torch.zeros(3), "b": torch.ones(3, device="meta")})
+
+
+def test_bases_and_raw_may_be_any_mapping():
+    """``to_manifold``/``rebase`` take ``bases`` as any mapping (they check ``isinstance(bases,
+    Mapping)``), and ``gf.nn.module_state``/``load_functional`` only read ``raw`` and ``bases``. They
+    were annotated ``dict[str, ...]``: ``dict`` is invariant, so mypy and pyright (geofunc ships
+    py.typed) refused raw tensors kept as ``dict[str, nn.Parameter]`` for a torch.optim optimizer, and
+    a ``Mapping[str, Tensor]`` argument (what mypy itself advises for read-only parameters): false
+    errors. The annotations say Mapping, and a read-only mapping works."""
+    import types
+    import typing
+    from collections.abc import Mapping
+
+    import geofunc.nn as gnn
+
+    for fn, names in ((gf.to_manifold, ("bases",)), (gf.rebase, ("bases",)),
+                      (gnn.module_state, ("raw", "bases")), (gnn.load_functional, ("raw", "bases"))):
+        hints = typing.get_type_hints(fn)
+        for n in names:
+            args = typing.get_args(hints[n]) if typing.get_origin(hints[n]) in (typing.Union, types.UnionType) else (hints[n],)
+            assert any(typing.get_origin(a) is Mapping for a in args), f"{fn.__name__}({n}: {hints[n]})"
+    model = gnn.orthogonal(torch.nn.Linear(4, 3))
+    c, raw, bases = gnn.functional(model)
+    params = {k: torch.nn.Parameter(v.detach().clone()) for k, v in raw.items()}
+    ro = types.MappingProxyType(bases)
+    expected = gf.to_manifold(c, raw, bases)["weight"]
+    torch.testing.assert_close(gf.to_manifold(c, params, ro)["weight"], expected, atol=0, rtol=0)
+    new_raw, new_bases = gf.rebase(c, params, ro)
+    gnn.load_functional(model, types.MappingProxyType(new_raw), types.MappingProxyType(new_bases))
+    torch.testing.assert_close(model.weight, expected, atol=1e-6, rtol=0)
+    assert set(gnn.module_state(model, types.MappingProxyType(raw), ro)) == set(dict(model.named_parameters())) | set(dict(model.named_buffers()))

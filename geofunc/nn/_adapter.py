@@ -21,7 +21,7 @@ import itertools
 import threading
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -33,6 +33,9 @@ from .._errors import ManifoldError, describe
 from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable
 from ..spaces._product import Product
 from ..spaces._values import floor_eps, softplus_inverse
+
+#: A module type: the functions that constrain a module in place return it with its own type.
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 __all__ = [
     "Parametrization", "attach", "constrain", "update_base", "cached", "is_constrained", "parametrization_of", "refine_base",
@@ -1208,12 +1211,12 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
 
 
 def constrain(
-    module: nn.Module,
+    module: ModuleT,
     tensor_name: str,
     space: AbstractSpace,
     *,
     init: Tensor | Callable[[Tensor], Tensor] | None = None,
-) -> nn.Module:
+) -> ModuleT:
     """Constrain ``module.<tensor_name>`` to ``space`` with ``torch.nn.utils.parametrize``.
 
     The tensor becomes ``space.to_manifold(Z, base)`` of a raw parameter
@@ -1266,8 +1269,8 @@ def constrain(
     return attach(module, tensor_name, adapter, Z, X)
 
 
-def attach(module: nn.Module, tensor_name: str, adapter: nn.Module, Z: Tensor | None, X: Tensor, *,
-           keep: bool = False) -> nn.Module:
+def attach(module: ModuleT, tensor_name: str, adapter: nn.Module, Z: Tensor | None, X: Tensor, *,
+           keep: bool = False) -> ModuleT:
     """Register ``adapter`` on ``module.<tensor_name>`` so that its value becomes the point ``X``.
 
     ``Z`` is ``X``'s raw tensor if already known; otherwise the adapter's ``right_inverse`` computes
@@ -1418,7 +1421,7 @@ def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
 # they change]). _set_base then leaves the record of checked buffers alone: tracing its write made
 # Dynamo guard on the registry's length (a second graph at the second call), and the in-place copies
 # bump the buffers' versions, so the next eager forward checks them once.
-def update_base(layer: nn.Module | None = None, tensor_name: str = "weight", *, module: nn.Module | None = None) -> nn.Module:
+def update_base(layer: ModuleT | None = None, tensor_name: str = "weight", *, module: ModuleT | None = None) -> ModuleT:
     """Dynamic trivialization: re-centre the chart of ``layer.<tensor_name>`` at its current value.
 
     GeoTorch's ``update_base(layer, tensor_name)`` (``tensor_name`` defaults to ``"weight"``;

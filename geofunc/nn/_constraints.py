@@ -14,10 +14,9 @@ import warnings
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._errors import ManifoldError
-from ._adapter import _owner_name, _resolve_tensor, attach
+from ._adapter import ModuleT, _owner_name, _resolve_tensor, attach
 from ._manifolds import (
     PSD,
     PSSD,
@@ -56,8 +55,8 @@ __all__ = [
 ]
 
 
-def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: Any, sample: bool = True,
-                       **kwargs: Any) -> nn.Module:
+def _register_manifold(module: ModuleT, tensor_name: str, cls: type, *args: Any, sample: bool = True,
+                       **kwargs: Any) -> ModuleT:
     """GeoTorch's registration: ``M = cls(size, *args, **kwargs)`` on the tensor's dtype and device,
     the tensor set to ``M.sample()`` (or kept, ``sample=False``), ``M`` registered."""
     T = _resolve_tensor(module, tensor_name, cls.__name__)
@@ -92,7 +91,7 @@ def _register_manifold(module: nn.Module, tensor_name: str, cls: type, *args: An
     return attach(module, tensor_name, M, None, X, keep=not sample)
 
 
-def symmetric(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
+def symmetric(module: ModuleT, tensor_name: str = "weight", lower: bool = True) -> ModuleT:
     """Symmetric (:class:`Symmetric`); keeps the layer's own values, symmetrized as GeoTorch does.
 
     The new value is the lower (``lower=True``) or upper triangle of the current value mirrored,
@@ -107,7 +106,7 @@ def symmetric(module: nn.Module, tensor_name: str = "weight", lower: bool = True
     return _register_manifold(module, tensor_name, Symmetric, lower, sample=False)
 
 
-def skew(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> nn.Module:
+def skew(module: ModuleT, tensor_name: str = "weight", lower: bool = True) -> ModuleT:
     """Skew-symmetric (:class:`Skew`), initialized with ``W − Wᵀ``, ``W`` Xavier normal (GeoTorch's sample).
 
     Example::
@@ -119,7 +118,7 @@ def skew(module: nn.Module, tensor_name: str = "weight", lower: bool = True) -> 
     return _register_manifold(module, tensor_name, Skew, lower=lower)
 
 
-def sphere(module: nn.Module, tensor_name: str = "weight", radius: float = 1.0, embedded: bool = False) -> nn.Module:
+def sphere(module: ModuleT, tensor_name: str = "weight", radius: float = 1.0, embedded: bool = False) -> ModuleT:
     """Every vector along the last dimension (each row of a Linear weight) of norm ``radius``.
 
     ``embedded=False``: :class:`Sphere` (exponential map at a base, dynamic);
@@ -134,7 +133,7 @@ def sphere(module: nn.Module, tensor_name: str = "weight", radius: float = 1.0, 
     return _register_manifold(module, tensor_name, SphereEmbedded if embedded else Sphere, radius=radius)
 
 
-def orthogonal(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+def orthogonal(module: ModuleT, tensor_name: str = "weight", triv: Any = "expm") -> ModuleT:
     """Orthonormal columns (rows if wide): :class:`Stiefel`, Haar-uniform start.
 
     As in GeoTorch, a square weight gets ``Stiefel`` (the whole orthogonal group O(n), det ±1,
@@ -151,7 +150,7 @@ def orthogonal(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm
     return _register_manifold(module, tensor_name, Stiefel, triv=triv)
 
 
-def grassmannian(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+def grassmannian(module: ModuleT, tensor_name: str = "weight", triv: Any = "expm") -> ModuleT:
     """An orthonormal frame of a subspace (:class:`Grassmannian`), Haar-uniform start.
 
     Example::
@@ -164,8 +163,8 @@ def grassmannian(module: nn.Module, tensor_name: str = "weight", triv: Any = "ex
 
 
 def almost_orthogonal(
-    module: nn.Module, tensor_name: str = "weight", lam: float = 0.1, f: Any = "sin", triv: Any = "expm"
-) -> nn.Module:
+    module: ModuleT, tensor_name: str = "weight", lam: float = 0.1, f: Any = "sin", triv: Any = "expm"
+) -> ModuleT:
     """Singular values in ``[1 - lam, 1 + lam]`` (:class:`AlmostOrthogonal`); starts at an
     orthogonal matrix (singular values exactly 1), as GeoTorch.
 
@@ -178,7 +177,7 @@ def almost_orthogonal(
     return _register_manifold(module, tensor_name, AlmostOrthogonal, lam, f, triv)
 
 
-def low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
+def low_rank(module: ModuleT, tensor_name: str, rank: int, triv: Any = "expm") -> ModuleT:
     """Rank at most ``rank`` (:class:`LowRank`); on a Conv2d weight, every kernel. Starts at the
     truncated SVD of a Xavier-normal matrix, as GeoTorch.
 
@@ -191,7 +190,7 @@ def low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm")
     return _register_manifold(module, tensor_name, LowRank, rank, triv)
 
 
-def fixed_rank(module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+def fixed_rank(module: ModuleT, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm") -> ModuleT:
     """Rank exactly ``rank`` (:class:`FixedRank`); starts at a truncated SVD of a Xavier-normal matrix.
 
     Example::
@@ -203,7 +202,7 @@ def fixed_rank(module: nn.Module, tensor_name: str, rank: int, f: Any = "softplu
     return _register_manifold(module, tensor_name, FixedRank, rank, f, triv)
 
 
-def invertible(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+def invertible(module: ModuleT, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> ModuleT:
     """Invertible with positive determinant (:class:`GLp`); starts at a Xavier-normal matrix's SVD.
 
     Example::
@@ -215,7 +214,7 @@ def invertible(module: nn.Module, tensor_name: str = "weight", f: Any = "softplu
     return _register_manifold(module, tensor_name, GLp, f, triv)
 
 
-def sln(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> nn.Module:
+def sln(module: ModuleT, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm") -> ModuleT:
     """Determinant one (:class:`SL`); starts at GeoTorch's SL sample.
 
     Example::
@@ -228,8 +227,8 @@ def sln(module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", tri
 
 
 def positive_definite(
-    module: nn.Module, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm"
-) -> nn.Module:
+    module: ModuleT, tensor_name: str = "weight", f: Any = "softplus", triv: Any = "expm"
+) -> ModuleT:
     """Symmetric positive definite (:class:`PSD`); starts at a Wishart matrix ``WWᵀ``, ``W`` Xavier normal.
 
     Example::
@@ -241,7 +240,7 @@ def positive_definite(
     return _register_manifold(module, tensor_name, PSD, f, triv)
 
 
-def positive_semidefinite(module: nn.Module, tensor_name: str = "weight", triv: Any = "expm") -> nn.Module:
+def positive_semidefinite(module: ModuleT, tensor_name: str = "weight", triv: Any = "expm") -> ModuleT:
     """Symmetric positive semidefinite (:class:`PSSD`); starts at a Wishart matrix.
 
     Example::
@@ -253,7 +252,7 @@ def positive_semidefinite(module: nn.Module, tensor_name: str = "weight", triv: 
     return _register_manifold(module, tensor_name, PSSD, triv)
 
 
-def positive_semidefinite_low_rank(module: nn.Module, tensor_name: str, rank: int, triv: Any = "expm") -> nn.Module:
+def positive_semidefinite_low_rank(module: ModuleT, tensor_name: str, rank: int, triv: Any = "expm") -> ModuleT:
     """Positive semidefinite of rank at most ``rank`` (:class:`PSSDLowRank`); starts at a Wishart's top ``rank``.
 
     Example::
@@ -266,8 +265,8 @@ def positive_semidefinite_low_rank(module: nn.Module, tensor_name: str, rank: in
 
 
 def positive_semidefinite_fixed_rank(
-    module: nn.Module, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm"
-) -> nn.Module:
+    module: ModuleT, tensor_name: str, rank: int, f: Any = "softplus", triv: Any = "expm"
+) -> ModuleT:
     """Positive semidefinite of rank exactly ``rank`` (:class:`PSSDFixedRank`); starts at a Wishart's top ``rank``.
 
     Example::
@@ -279,7 +278,7 @@ def positive_semidefinite_fixed_rank(
     return _register_manifold(module, tensor_name, PSSDFixedRank, rank, f, triv)
 
 
-def alpha_stable(module: nn.Module, tensor_name: str = "weight", alpha: float = 1e-3) -> nn.Module:
+def alpha_stable(module: ModuleT, tensor_name: str = "weight", alpha: float = 1e-3) -> ModuleT:
     """Every eigenvalue with real part at most ``-alpha`` (:class:`Hurwitz`); starts at GeoTorch's sample.
 
     Example::

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Sequence
+from collections.abc import Mapping
+from typing import Any, Iterable, Sequence, SupportsFloat
 
 import torch
 import torch.utils._pytree as pytree
@@ -33,7 +34,7 @@ from torch.nn.utils import parametrize
 from .._dtensor import DTensor, gather
 from .._errors import ManifoldError, describe
 from ..spaces._base import _readable
-from ._adapter import Parametrization, _concrete, _owner_name, _sharded_raw, _write_values, refine_base
+from ._adapter import ModuleT, Parametrization, _concrete, _owner_name, _sharded_raw, _write_values, refine_base
 
 __all__ = ["functional", "plain", "stack", "module_state", "load_functional", "average_"]
 
@@ -164,7 +165,7 @@ def plain(module: nn.Module) -> nn.Module:
     return replica
 
 
-def module_state(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, Any]) -> dict[str, Tensor]:
+def module_state(module: nn.Module, raw: Mapping[str, Tensor], bases: Mapping[str, Any]) -> dict[str, Tensor]:
     """Translate ``raw`` and ``bases`` (plain names) back to the parametrized module's own names.
 
     ``torch.func.functional_call(module, module_state(module, raw, bases), args)`` then runs the
@@ -200,7 +201,7 @@ def module_state(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, Any
     return out
 
 
-def load_functional(module: nn.Module, raw: dict[str, Tensor], bases: dict[str, Any] | None = None) -> nn.Module:
+def load_functional(module: ModuleT, raw: Mapping[str, Tensor], bases: Mapping[str, Any] | None = None) -> ModuleT:
     """Write ``raw`` (and ``bases``) from functional training back into the module, in place.
 
     The inverse of :func:`functional`: parameters keep their identity (optimizers keep
@@ -490,7 +491,7 @@ def _weights(weights: Any) -> list[float]:
     return out
 
 
-def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[float] | None = None) -> nn.Module:
+def average_(target: ModuleT, modules: Sequence[nn.Module], weights: Iterable[SupportsFloat] | None = None) -> ModuleT:
     """Set ``target``'s tensors to the weighted average of ``modules``' (the same architecture and
     constraints), in place; returns ``target``.
 
@@ -512,7 +513,7 @@ def average_(target: nn.Module, modules: Sequence[nn.Module], weights: Sequence[
     Args:
         target: the module written to.
         modules: the modules averaged (at least one).
-        weights: one number per module, summing to 1; default: uniform.
+        weights: one number per module, summing to 1 (a list, a tensor, a NumPy array); default: uniform.
 
     Raises:
         ManifoldError: no modules, weights of another length or not summing to 1, or a module whose
