@@ -401,7 +401,9 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False,
 def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
     """``(skip, lead)``: per matrix (…, 1, 1) the number of leading squarings it skips (Note [Squarings
     per matrix]) and the largest, or ``(None, 0)`` where none skips; ``P`` the powers of ``A/2^s``."""
-    if s == 0 or len(P) < 5 or P[1].dim() < 3 or P[1].shape[:-2].numel() < 2:
+    # (the matrices counted in the plain tensor: under vmap a logical matrix is one of a batch, and the
+    # op chain of Note [Op chain under torch.func] evaluates it there with the batch's s)
+    if s == 0 or len(P) < 5 or _values(P[1]).numel() < 2 * P[1].shape[-1] * P[1].shape[-2]:
         return None, 0
     u = _UNIT_ROUNDOFF[_real(P[1].dtype)]
     with torch.no_grad():

@@ -276,3 +276,37 @@ def test_a_member_does_not_depend_on_a_large_generator_beside_it(space, shape, d
     torch.testing.assert_close(G[0], g0, rtol=0, atol=64 * eps * float(g0.abs().max()))
     gv = vmap(grad(f))(Z.detach(), bases, C)
     torch.testing.assert_close(gv[0], g0, rtol=0, atol=64 * eps * float(g0.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_a_member_does_not_depend_on_a_large_generator_beside_it_at_second_order(in_dim, dtype, generator):
+    """vmap over members of a second-order transform (a Hessian-vector product, MAML's grad of grad)
+    runs the exponential as an op chain on the logical matrix (Note [Op chain under torch.func]) with
+    the batch's squarings; the chain skipped none per matrix (it saw one 2-D matrix), so member 0
+    beside a member at 1e4 came out ~1e-3 off orthogonality in float32 (off the space) and its
+    Hessian-vector product ~4e-4 relative off itself alone."""
+    space, n = gf.SO(), 6
+    Z = torch.randn(2, n, n, generator=generator, dtype=dtype)
+    Z[1] *= 1e4
+    V = torch.randn(2, n, n, generator=generator, dtype=dtype)
+    C = torch.randn(2, n, n, generator=generator, dtype=dtype)
+
+    def hvp(z, v, c):
+        def inner(z):
+            X = space.to_manifold(z)
+            return (X * c).sum(), X
+
+        def outer(z):
+            g, X = grad(inner, has_aux=True)(z)
+            return (g * v).sum(), X
+
+        return grad(outer, has_aux=True)(z)
+
+    moved = [t.movedim(0, in_dim) for t in (Z, V, C)]
+    hv, X = vmap(hvp, in_dims=in_dim)(*moved)
+    h0, x0 = hvp(Z[0], V[0], C[0])
+    eps = torch.finfo(dtype).eps
+    assert member(space, X[0])
+    torch.testing.assert_close(X[0], x0, rtol=0, atol=16 * eps)
+    torch.testing.assert_close(hv[0], h0, rtol=0, atol=64 * eps * float(h0.abs().max()))
