@@ -83,3 +83,26 @@ def test_a_compiled_raw_step_compiles_once_across_rebases(space, shape):
     assert counter.frame_count == 1
     assert member(space, gf.to_manifold(constraints, raw, bases)["w"], 1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("space", [gf.Rn(), gf.Sphere()], ids=repr)
+def test_row_major_outputs_keep_a_tensor_that_is_already_row_major(space):
+    """A tensor that is already row-major comes back as it is, size-1 dims included: a (1, 5) leaf
+    Parameter through an identity chart (Rn's from_manifold and rebase) stayed a leaf before the
+    row-major wrapper, which made every tensor with a size-1 dim a view (torch.optim then refused the
+    raw tensor: 'can't optimize a non-leaf Tensor')."""
+    p = torch.nn.Parameter(space.sample((1, 5), generator=torch.Generator().manual_seed(0)))
+    if isinstance(space, gf.Rn):
+        Z, _ = space.from_manifold(p)
+        assert Z is p
+        Z2, _ = space.rebase(p, None)
+        assert Z2 is p
+        raw, _ = gf.from_manifold({"w": space}, {"w": p})
+        torch.optim.SGD(raw.values(), lr=0.1)  # a leaf
+    else:
+        _, base = space.from_manifold(p.detach())
+        Z = torch.zeros(1, 5)
+        Z2, base2 = space.rebase(Z, base)
+        assert base2.stride() == (5, 1) and Z2.stride() == (5, 1)
+    odd = torch.zeros(5, 1).mT  # (1, 5) of stride (1, 1): still made row-major
+    assert gf.Rn().rebase(odd, None)[0].stride() == (5, 1)

@@ -1006,7 +1006,8 @@ def _violation(name: str, worst: float, tol: float, nan: bool) -> str:
 # from_manifold and rebase return are row-major with the strides torch.empty gives their shape, as an
 # elementwise optimizer step keeps them: a copy only where a map produced another layout (once per
 # from_manifold; a wide frame's rebase), a view where a size-1 dimension has another stride, nothing
-# otherwise. Same values; DTensors keep their own layout.
+# otherwise (the tensor itself: a leaf that an identity chart returns stays that leaf). Same values;
+# DTensors keep their own layout.
 def _row_major(x: Any) -> Any:
     """The tensors of ``x`` (a tensor, or tuples of them: ``(Z, base)``, a product's) with the strides
     ``torch.empty`` gives their shapes (Note [Raw tensors and bases in row-major layout]); anything else
@@ -1017,7 +1018,18 @@ def _row_major(x: Any) -> Any:
         return x
     if not x.is_contiguous():
         return x.contiguous()
-    return x.view(x.numel()).view(x.shape) if 1 in x.shape else x  # (is_contiguous ignores the strides of size-1 dims)
+    if 1 in x.shape and x.stride() != _dense_strides(x.shape):  # (is_contiguous ignores the strides of size-1 dims)
+        return x.view(x.numel()).view(x.shape)
+    return x  # the tensor itself: a leaf stays a leaf (a Parameter through an identity chart)
+
+
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape)`` has."""
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(out))
 
 
 def _row_major_out(fn: Callable[..., Any]) -> Callable[..., Any]:
