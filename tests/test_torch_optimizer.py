@@ -1385,3 +1385,28 @@ def test_a_constraint_that_is_not_a_space_is_refused_by_name(bad):
     other = nn.Linear(3, 3)
     with pytest.raises(gf.ManifoldError, match=r"constraints for parameter 'w': expected a space .*or None, got"):
         opt.add_param_group({"params": [("w", other.weight)], "constraints": {"w": bad}})
+
+
+def test_a_tensor_learning_rate_is_checked_as_its_number():
+    """torch.optim takes a tensor lr; the factories do not read a tensor (they may be traced), so a
+    tensor(-0.1) stepped uphill silently (a float -0.1 is refused) and a (1,) one broadcast a 0-d
+    parameter's step to (1,): the group's rate is checked as its number, kept as a 0-d view."""
+    def model():
+        m = torch.nn.Module()
+        m.s = torch.nn.Parameter(torch.tensor(2.0, dtype=F64))
+        m.w = torch.nn.Parameter(torch.ones(3, dtype=F64))
+        return m
+
+    for bad in (torch.tensor(-0.1), torch.tensor(float("nan")), torch.tensor([0.1, 0.2]), torch.tensor(True)):
+        with pytest.raises(gf.ManifoldError, match=r"expected `lr`"):
+            gf.optim.TorchOptimizer(model().named_parameters(), {}, gf.optim.rsgd, lr=bad)
+    out = []
+    for lr in (0.1, torch.tensor(0.1, dtype=F64), torch.tensor([0.1], dtype=F64)):
+        m = model()
+        opt = gf.optim.TorchOptimizer(m.named_parameters(), {}, gf.optim.rsgd, lr=lr)
+        (m.s * 3 + m.w.sum() * 2).backward()
+        opt.step()
+        assert m.s.shape == ()
+        out.append(torch.cat([m.s.detach().reshape(1), m.w.detach()]))
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+    torch.testing.assert_close(out[2], out[0], rtol=0, atol=0)

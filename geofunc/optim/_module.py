@@ -727,7 +727,16 @@ class TorchOptimizer(torch.optim.Optimizer):
         hyper = self._hyper(group)
         hyper = {k: _cohort_mask(v, names) for k, v in hyper.items()}  # Note [Hyperparameters by parameter name]
         constraints = {n: self._constraints[n] for n in names}
-        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory(constraints, lr=group["lr"], **hyper))
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):  # as torch.optim takes it; a factory does not read a tensor (it may be
+            # traced), so its value is checked here as the number's: a negative one stepped uphill, silently
+            if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+                raise ManifoldError(f"TorchOptimizer: expected `lr` a number >= 0 or a real tensor of one value, got "
+                                    f"{describe(lr)}.")
+            group["lr"] = lr = lr.reshape(())  # (a view: a scheduled in-place change is seen; a (1,) one broadcast)
+            if not lr.is_meta:
+                lr = float(lr.detach())
+        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory(constraints, lr=lr, **hyper))
         # Note [The learning rate a factory is given]
         # The steps build the factory with lr a schedule reading the group's rate (what a scheduler
         # changes), the check above with the rate itself (so that it is checked). A factory written
