@@ -353,6 +353,27 @@ def test_whole_model_options_are_checked(generator):
     assert gf.optim.apply_if_finite(gf.optim.rsgd(C, lr=0.05), max_consecutive_errors=np.int64(2)) is not None
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1, 1)])
+def test_a_one_value_tensor_max_norm_of_any_shape_clips_as_its_number(shape):
+    """A one-value tensor max_norm of shape (1,) or (1, 1, 1) was accepted and then broadcast into every
+    gradient: a 0-d parameter's step failed with a ManifoldError naming that parameter's shape (and a
+    (1, 1, 1) one every parameter's). Its value is read as the number's: the same step."""
+    def run(max_norm):
+        model = torch.nn.Module()
+        model.s = torch.nn.Parameter(torch.tensor(2.0, dtype=F64))
+        model.w = torch.nn.Parameter(torch.ones(4, 3, dtype=F64))
+        opt = gf.optim.TorchOptimizer(model.named_parameters(), {}, gf.optim.rsgd, lr=0.1, clip_by_global_norm=max_norm)
+        (model.s * 3 + model.w.sum() * 2).backward()
+        opt.step()
+        return model.s.detach(), model.w.detach()
+
+    s, w = run(torch.full(shape, 0.5, dtype=F64))
+    s0, w0 = run(0.5)
+    assert s.shape == () and w.shape == (4, 3)
+    torch.testing.assert_close(s, s0, rtol=0, atol=0)
+    torch.testing.assert_close(w, w0, rtol=0, atol=0)
+
+
 def _adamw_groups(named, mask):
     """``torch.optim.AdamW`` with weight decay on the masked parameters only (torch's way: two groups)."""
     return torch.optim.AdamW([{"params": [p for k, p in named if mask[k]]},

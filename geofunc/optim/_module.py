@@ -603,6 +603,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     got = repr(got)
                 raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
                                     f"whole model's gradient; a tensor of one value > 0) or None, got {got}.")
+            if isinstance(clip_by_global_norm, torch.Tensor):  # its one value as a 0-d view (a scheduled in-place
+                clip_by_global_norm = clip_by_global_norm.reshape(())  # change is seen): a (1,) one broadcast every gradient
         if apply_if_finite is not None:
             if not _is_count(apply_if_finite):
                 raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
