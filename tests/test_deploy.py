@@ -142,3 +142,20 @@ def test_torchscript_onnx_export_refuses_a_constrained_module_and_exports_plain(
     torch.onnx.export(gnn.plain(m), (x,), f, dynamo=False)
     with torch.no_grad():
         _close(_run(f.getvalue(), x), m(x), "SO, plain, TorchScript exporter")
+
+
+@pytest.mark.parametrize(("rank", "shape"), [(4, (4, 4)), (2, (4, 4)), (3, (6, 3))], ids=["full-square", "low-square", "full-tall"])
+def test_onnx_export_of_fixed_rank_needs_full_rank_and_square(rank, shape):
+    """README: FixedRank exports where it is square of full rank (its chart is GLp's); below full rank
+    the chart reads the SVD of its base's frames, which ONNX lacks, square or not (README said
+    'square FixedRank' exports: FixedRank(rank=2) at 4×4 does not)."""
+    torch.manual_seed(0)
+    m = gnn.constrain(nn.Linear(shape[1], shape[0]), "weight", gf.FixedRank(rank=rank)).eval()
+    x = torch.randn(3, shape[1])
+    if rank == shape[0] == shape[1]:
+        program = torch.onnx.export(m, (x,), dynamo=True, verbose=False)
+        with torch.no_grad():
+            _close(_run(program.model_proto.SerializeToString(), x), m(x), f"FixedRank({rank}) {shape}")
+    else:
+        with pytest.raises(torch.onnx.OnnxExporterError, match=r"No ONNX function found for .*aten\._linalg_svd"):
+            torch.onnx.export(m, (x,), dynamo=True, verbose=False)
