@@ -1431,3 +1431,40 @@ def test_a_tensor_learning_rate_is_checked_as_its_number():
         out.append(torch.cat([m.s.detach().reshape(1), m.w.detach()]))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
     torch.testing.assert_close(out[2], out[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("factory,kwargs", [(gf.optim.radam, {}), (gf.optim.rsgd, {"momentum": 0.9}),
+                                            (gf.optim.radam, {"apply_if_finite": 2, "clip_by_global_norm": 1.0})])
+def test_tensors_of_a_dropped_optimizer_go_without_the_cyclic_collector(factory, kwargs):
+    # Note [No cycle through the learning rate]: as torch.optim's, the optimizer, its parameters and
+    # its states go with their last reference, and the states that state_dict() or .state read go
+    # with the step that replaces them (closures over the optimizer, recursive local functions over
+    # the states made reference cycles, which only the cyclic collector frees).
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    x, y = _data(g)
+
+    def step(net, opt):
+        opt.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        opt.step()
+
+    gc.collect()
+    gc.disable()
+    try:
+        net = Net(g)
+        opt = gf.optim.TorchOptimizer(net.named_parameters(), constraints=C, optimizer=factory, lr=1e-2, **kwargs)
+        step(net, opt)
+        opt.load_state_dict(opt.state_dict())
+        step(net, opt)
+        read = [weakref.ref(t) for s in opt.state.values() for k, t in s.items() if k != "cohort" and t.ndim > 0]
+        assert read
+        step(net, opt)
+        assert [r() is None for r in read] == [True] * len(read)  # replaced by the step
+        refs = [weakref.ref(opt), weakref.ref(net.W)]
+        del net, opt
+        assert [r() is None for r in refs] == [True, True]
+    finally:
+        gc.enable()
