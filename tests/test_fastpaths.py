@@ -469,6 +469,23 @@ def test_rank_chart_node_is_taken_and_exact(space, shape, generator):
     assert torch.autograd.gradgradcheck(lambda z: space.to_manifold(z, base), (z,))
 
 
+def test_rank_chart_layouts_are_kept_to_their_byte_budget(monkeypatch):
+    # Note [Layouts kept by size]: the index tensors of the rank chart's node, one set per batch size,
+    # are kept to _LAYOUT_BYTES in all (the newest always), not only to _LAYOUT_SIZE entries
+    from geofunc.spaces import _factorized
+
+    monkeypatch.setattr(_factorized, "_LAYOUTS", {})
+    monkeypatch.setattr(_factorized, "_LAYOUT_BYTES", 1 << 18, raising=False)
+    space = gf.LowRank(rank=4)
+    sizes = []
+    for b in range(1, 17):
+        z = torch.zeros(b, 32, 16, dtype=F64, requires_grad=True)
+        space.to_manifold(z).sum().backward()
+        sizes.append(sum(t.numel() * t.element_size() for v in _factorized._LAYOUTS.values() for t in v))
+    assert len(_factorized._LAYOUTS) >= 1
+    assert max(sizes) <= 1 << 18, sizes
+
+
 @pytest.mark.parametrize("case", ["base requires grad", "raw without grad", "cayley", "frames narrower than 2r",
                                   "no grad mode", "forward mode"])
 def test_rank_chart_node_leaves_the_other_calls_to_the_chain(case, generator):

@@ -384,6 +384,12 @@ def _rank_chart(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: int, 
 # and index_copy_ on flat tensors, not advanced indexing, whose kernel was 5–10× slower per entry:
 # 1.2 ms for the gradient of a 512×256 rank-32 point, against 0.1 ms for the triangles.)
 _LAYOUT_SIZE = 64
+# Note [Layouts kept by size]: the index tensors of one layout grow with the batch (~0.6x the bytes of
+# the raw tensor they index: 81 MiB for 32 raw 1024x1024 rank-64 matrices), and they stay after the
+# model is gone. Kept by count only, 64 batch sizes of a 256x256 rank-16 LowRank kept 276 MiB (the
+# largest raw tensor 16 MiB): the entries are also kept to a total of _LAYOUT_BYTES, the oldest dropped
+# first, the newest always kept (a model too large for the budget still builds its layout once).
+_LAYOUT_BYTES = 1 << 26
 _LAYOUTS: dict[tuple, tuple] = {}
 _LAYOUT_LOCK = threading.Lock()
 
@@ -438,10 +444,15 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
         skip = skip[:, 0]
     out = (take.reshape(-1).to(device), skip.contiguous().to(device), put.to(device))
     with _LAYOUT_LOCK:
-        while len(_LAYOUTS) >= _LAYOUT_SIZE:
-            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
+        held = sum(_nbytes(v) for v in _LAYOUTS.values()) + _nbytes(out)
+        while _LAYOUTS and (len(_LAYOUTS) >= _LAYOUT_SIZE or held > _LAYOUT_BYTES):  # Note [Layouts kept by size]
+            held -= _nbytes(_LAYOUTS.pop(next(iter(_LAYOUTS))))
         _LAYOUTS[key] = out
     return out
+
+
+def _nbytes(layout: tuple[Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in layout)
 
 
 class _RankChart(torch.autograd.Function):
