@@ -153,14 +153,15 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
     entries, kids, rebuild = node
     if isinstance(c, Mapping):
         sub: dict[int, dict[Any, Any]] = {}
+        index = _Index(entries)  # Note [Matching keys by index]
         for key, value in c.items():
             if isinstance(key, tuple):
                 raise ManifoldError(TUPLE_KEY_MSG.format(key=key))
-            i = _match(key, entries)
+            i = index.match(key)
             if i is not None:
                 spec = sub.setdefault(i, {})
                 if None in spec:  # two keys naming one entry (0 and "0"): neither may silently win
-                    other = next(k for k in c if k is not key and _match(k, entries) == i)
+                    other = next(k for k in c if k is not key and index.match(k) == i)
                     raise _twice(path + (entries[i],), other, key, path)
                 spec[None] = value
                 continue
@@ -168,7 +169,7 @@ def _plan(c: Any, p: Any, path: tuple[Any, ...]) -> Any:
             if isinstance(key, str):  # a dotted name reaching into a nested entry
                 parts = key.split(".")
                 for cut in range(1, len(parts)):
-                    j = _match(".".join(parts[:cut]), entries)
+                    j = index.match(".".join(parts[:cut]))
                     if j is not None:
                         hit = (j, ".".join(parts[cut:]))
                         break
@@ -205,10 +206,50 @@ def _what(c: Any) -> str:
 
 
 def _match(key: Any, entries: list[Any]) -> int | None:
+    """The index of the first entry that ``key`` names: equal to it, or (a string key) its ``str``."""
     for i, e in enumerate(entries):
         if key == e or (isinstance(key, str) and not isinstance(e, str) and key == str(e)):
             return i
     return None
+
+
+# Note [Matching keys by index]
+# _plan matched each key of a constraints mapping by a scan of the node's entries (_match), so a
+# plan of a model with N parameters and M constrained ones cost O(N·M) comparisons, and every lift
+# (each optimizer step makes four: egrad_to_rgrad, the second moments, retract, transport) plans
+# again: 2.6 ms per plan at 200 small parameters, 64 ms at 800 (a third of a radam step there).
+# _Index answers the same question, the first entry equal to the key or (a string key) whose str
+# it is, from two dicts built once per node: O(N + M). An entry or key that is not hashable (a
+# custom pytree node's) falls back to the scan.
+class _Index:
+    """``_match(key, entries)`` by lookup (Note [Matching keys by index])."""
+
+    __slots__ = ("entries", "exact", "named")
+
+    def __init__(self, entries: list[Any]) -> None:
+        self.entries = entries
+        self.exact: Optional[dict[Any, int]] = {}
+        self.named: dict[str, int] = {}
+        try:
+            for i, e in enumerate(entries):
+                self.exact.setdefault(e, i)
+                if not isinstance(e, str):
+                    self.named.setdefault(str(e), i)
+        except TypeError:  # an unhashable entry: scan
+            self.exact = None
+
+    def match(self, key: Any) -> int | None:
+        if self.exact is None:
+            return _match(key, self.entries)
+        try:
+            i = self.exact.get(key)
+        except TypeError:  # an unhashable key: scan
+            return _match(key, self.entries)
+        if isinstance(key, str):
+            j = self.named.get(key)
+            if j is not None and (i is None or j < i):
+                i = j
+        return i
 
 
 def _twice(param: tuple[Any, ...], a: Any, b: Any, where: tuple[Any, ...]) -> ManifoldError:

@@ -470,3 +470,30 @@ def test_bases_and_raw_may_be_any_mapping():
     gnn.load_functional(model, types.MappingProxyType(new_raw), types.MappingProxyType(new_bases))
     torch.testing.assert_close(model.weight, expected, atol=1e-6, rtol=0)
     assert set(gnn.module_state(model, types.MappingProxyType(raw), ro)) == set(dict(model.named_parameters())) | set(dict(model.named_buffers()))
+
+
+def test_constraint_keys_matched_by_index_as_by_scan():
+    # Note [Matching keys by index]: the lookup answers what the scan answered, first match included
+    from geofunc._pytree import _Index, _match
+
+    entries_sets = [["a", "b", "0", 0, 1, "1.5"], [0, 1, 2, True], [1.0, "1", 1], ["x.y", "x", 3], [], [(1, 2), "a"]]
+    keys = ["a", "b", "0", 0, 1, "1", 1.0, True, "x", "x.y", "3", 3, "c", 2, "2", "1.5", 1.5, (1, 2), "(1, 2)"]
+    for entries in entries_sets:
+        index = _Index(entries)
+        for key in keys:
+            assert index.match(key) == _match(key, entries), (entries, key)
+
+
+def test_many_constraints_plan_as_before():
+    # a flat dict of many parameters, some constrained by name, some by an integer-like name of a list
+    params = {f"w{i}": torch.zeros(3) for i in range(300)}
+    from geofunc import _pytree
+
+    params["layers"] = [torch.eye(2) for _ in range(3)]
+    constraints = {f"w{i}": gf.Sphere() for i in range(0, 300, 2)}
+    constraints["layers.1"] = gf.SO()
+    plan = _pytree._plan(constraints, params, ())
+    names = [e.name for e in optree.tree_leaves(plan, is_leaf=_pytree._is_plan_leaf) if isinstance(e, _pytree._Entry)]
+    assert sorted(names) == sorted([f"w{i}" for i in range(0, 300, 2)] + ["layers.1"])
+    with pytest.raises(gf.ManifoldError, match="constrained twice"):
+        _pytree._plan({"layers.1": gf.SO(), "layers": {1: gf.SO()}}, params, ())
