@@ -411,15 +411,25 @@ def scale_by_adam(
         sq = _pytree.lift(constraints, _point_sq_norm, params, vectors)
         nu = _map(lambda s, v: _keep(s, b2 * v + (1.0 - b2) * s), sq, state.nu)
 
+        corrections: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+
+        def bias_corrections(v: Tensor) -> tuple[Tensor, Tensor]:
+            """``(1 − β₁ᵗ, √(1 − β₂ᵗ))`` in ``v``'s dtype: once per dtype and device, not per entry
+            (five scalar ops per parameter, a tenth of a step's ops for a model of small parameters)."""
+            key = (v.dtype, v.device)
+            out = corrections.get(key)
+            if out is None:
+                t = count.to(v.dtype)  # v is real, at least float32 (Note [Adam's statistics in low precision])
+                out = corrections[key] = (1.0 - torch.pow(b1, t), torch.sqrt(1.0 - torch.pow(b2, t)))
+            return out
+
         def direction(m: Tensor, v: Tensor) -> Tensor:
-            t = count.to(v.dtype)  # v is real, at least float32 (Note [Adam's statistics in low precision])
-            bc1 = 1.0 - torch.pow(b1, t)
-            bc2 = 1.0 - torch.pow(b2, t)
+            bc1, sqrt_bc2 = bias_corrections(v)
             w = _wide(m)
             if v.ndim == w.ndim + 1:  # an unconstrained complex entry: real and imaginary parts apart
                 w = torch.view_as_real(w.resolve_conj())
-                return torch.view_as_complex((w / (_sqrt0(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
-            return ((w / (_sqrt0(v) / torch.sqrt(bc2) + eps)) / bc1).to(m.dtype)
+                return torch.view_as_complex((w / (_sqrt0(v) / sqrt_bc2 + eps)) / bc1).to(m.dtype)
+            return ((w / (_sqrt0(v) / sqrt_bc2 + eps)) / bc1).to(m.dtype)
 
         if not amsgrad:
             return _map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
