@@ -226,14 +226,15 @@ def test_an_optax_trace_call_is_refused():
 
 def test_a_tensor_hyperparameter_of_several_values_is_refused_at_construction():
     """``lr=torch.tensor([0.1, 0.2])`` (the message asks for a 0-dim tensor) was taken and broadcast into
-    each entry's step: torch's size error at the first update, or a step of another shape. A tensor of
-    one value is still taken, unread (a learned step size; logically 0-dim under vmap)."""
+    each entry's step: torch's size error at the first update, or a step of another shape; a (1,) one
+    broadcast a 0-dim parameter's step to (1,). A 0-dim tensor is taken, unread (a learned step size;
+    logically 0-dim under vmap)."""
     for name, what in (("rsgd", "lr"), ("rsgd", "momentum"), ("radam", "lr"), ("radam", "eps"), ("radamw", "lr")):
-        for bad in (torch.tensor([0.1, 0.2]), torch.zeros(0)):
+        for bad in (torch.tensor([0.1, 0.2]), torch.zeros(0), torch.tensor([0.1])):
             with pytest.raises(gf.ManifoldError,
                                match=rf"^{name}: expected `{what}` a number.*0-dim tensor.*, got a tensor of shape"):
                 getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: bad})
-        getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: torch.tensor([0.1])})
+        getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: torch.tensor(0.1)})
 
 
 def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
@@ -1179,3 +1180,16 @@ def test_hyperparameter_annotations_admit_tensors():
         if not all(_admits(b, torch.Tensor) for b in typing.get_args(betas)):
             bad.append(f"{fn.__qualname__}(betas: {betas})")
     assert not bad, "hyperparameters whose annotation refuses a 0-dim tensor:\n  " + "\n  ".join(bad)
+
+
+@pytest.mark.parametrize("make", [lambda t: gf.optim.rsgd({}, lr=t), lambda t: gf.optim.radam({}, lr=1e-2, eps=t),
+                                  lambda t: gf.optim.rsgd({}, lr=0.1, momentum=t),
+                                  lambda t: gf.optim.clip_by_global_norm({}, t)],
+                         ids=["lr", "eps", "momentum", "max_norm"])
+def test_a_one_value_tensor_hyperparameter_of_one_dim_is_refused(make):
+    """Note [Checking hyperparameters]: a tensor hyperparameter is not read, but its shape is static. A (1,)
+    one was taken (one value) and broadcast a 0-dim parameter's step, or its clipped gradient, to shape (1,)
+    silently; it is refused as a (2,) one is, and the 0-dim tensor works."""
+    with pytest.raises(gf.ManifoldError, match=r"0-dim tensor"):
+        make(torch.tensor([0.5]))
+    assert make(torch.tensor(0.5)) is not None

@@ -158,9 +158,9 @@ def check_nonnegative(where: str, **values: Any) -> None:
     """Refuse a number below 0 (or NaN) among ``values``, and a value that is neither a number nor a tensor
     (nor, for ``lr``, a schedule) (Note [Checking hyperparameters])."""
     for what, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() != 1:  # metadata only (logical under vmap)
+        if isinstance(value, torch.Tensor) and value.ndim != 0:  # metadata only (logical under vmap)
             # (a (2,) lr was taken here and broadcast into each entry's step: torch's size error at the first
-            # update, or a step of another shape)
+            # update, or a step of another shape; a (1,) one silently made a 0-dim parameter's step (1,))
             kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
             raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
         if isinstance(value, torch.Tensor) or (what == "lr" and callable(value)):
@@ -528,6 +528,10 @@ def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
     """
     if _is_number(max_norm) and not max_norm > 0:  # NaN too; a tensor is not read (Note [Checking hyperparameters])
         raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0, got {max_norm!r}.")
+    if isinstance(max_norm, torch.Tensor) and max_norm.ndim != 0:  # its shape is static (logical under vmap): a (1,)
+        # one broadcast a 0-dim vector to (1,), silently
+        raise ManifoldError(f"clip_by_global_norm: expected `max_norm` a number > 0 or a 0-dim tensor, got "
+                            f"{describe(max_norm)}.")
 
     def init(params: Params) -> EmptyState:
         del params
