@@ -5,7 +5,8 @@ torch.export's own deployment checks (every constraint, strict or not, saved and
 tests/test_nn.py. Each ONNX export takes 1-4 s of CPU, so a few spaces stand for the rest: the
 exponential chart (SO), a hyperbolic space (PoincareBall, through the exporter's default graph
 optimization), a zuko flow (GLp), and a map ONNX cannot express (the Cayley chart's inverse), exported
-as ``gf.nn.plain(model)``.
+as ``gf.nn.plain(model)``. Last, the spaces' own maps under ``torch.export`` with a dynamic batch against
+an unbatched base, point or vector (a shared base, a prototype).
 """
 
 from __future__ import annotations
@@ -159,3 +160,39 @@ def test_onnx_export_of_fixed_rank_needs_full_rank_and_square(rank, shape):
     else:
         with pytest.raises(torch.onnx.OnnxExporterError, match=r"No ONNX function found for .*aten\._linalg_svd"):
             torch.onnx.export(m, (x,), dynamo=True, verbose=False)
+
+
+def _space_maps():
+    g = torch.Generator().manual_seed(0)
+    so, ball, sym, sphere = gf.SO(), gf.PoincareBall(c=1.0), gf.Sym(), gf.Sphere()
+    return [  # (id, f(x, y), a batch of b arguments x, the unbatched y)
+        ("SO.to_manifold(Z_b, base)", so.to_manifold, lambda b: torch.randn(b, 4, 4, generator=g), so.sample((4, 4), generator=g)),
+        ("PoincareBall.dist(x_b, prototype)", ball.dist, lambda b: ball.sample((b, 5), generator=g), ball.sample((5,), generator=g)),
+        ("Sym.tangent(X_b, G)", sym.tangent, lambda b: sym.sample((b, 4, 4), generator=g), torch.randn(4, 4, generator=g)),
+        ("Sphere.inner(x_b, u, u)", lambda x, u: sphere.inner(x, u, u), lambda b: sphere.sample((b, 3, 4), generator=g),
+         torch.randn(3, 4, generator=g)),
+    ]
+
+
+@pytest.mark.parametrize("case", _space_maps(), ids=lambda c: c[0])
+def test_torch_export_of_a_map_with_a_dynamic_batch_against_an_unbatched_argument(case):
+    """Non-strict torch.export (torch's default) with torch.export.Dim on the batch: the maps compared
+    a batch shape (b, n, k) with an unbatched (n, k) as tuples, which compare their first sizes, so
+    export met the guard b != n and refused the program ("Constraints violated (b)! ... the generated
+    guard L['x'].size()[0] != 4"; Note [Shape comparisons under a dynamic batch]). The program now
+    computes the eager values for other batch sizes, the point size among them."""
+    name, f, batch, y = case
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("y", y)
+
+        def forward(self, x):
+            return f(x, self.y)
+
+    m = M()
+    ep = torch.export.export(m, (batch(7),), dynamic_shapes=({0: torch.export.Dim("b")},), strict=False)
+    for b in (2, 3, 4, 5, 11):
+        x = batch(b)
+        torch.testing.assert_close(ep.module()(x), m(x), atol=1e-6, rtol=1e-6, msg=lambda msg: f"{name}, batch {b}: {msg}")

@@ -295,6 +295,14 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
+# Note [Shape comparisons under a dynamic batch]
+# Python compares tuples (torch.Size too) item by item before it compares their lengths, so
+# `X.shape != Y.shape` for a batch (b, n, k) and an unbatched (n, k) asks `b != n`. Under torch.export
+# with a dynamic batch (torch.export.Dim, non-strict: torch's default) that question is a guard on the
+# batch, which export refuses ("Constraints violated (b)! ... satisfy the generated guard
+# L['x'].size()[0] != n"): every map of a space given a batch and an unbatched base, point or vector
+# (to_manifold with a shared base, dist to a prototype, tangent, inner, ...) failed to export. Shapes
+# are compared with their lengths first, or as batch dims aligned from the right (_broadcastable).
 def _broadcastable(a: Sequence[int], b: Sequence[int]) -> bool:
     """Whether two shapes broadcast (``torch.broadcast_shapes`` without its ~15 µs of Python)."""
     return all(x == y or x == 1 or y == 1 for x, y in zip(reversed(a), reversed(b)))
@@ -674,12 +682,14 @@ class AbstractSpace(_Space, abc.ABC):
         the map that computed it read only some of them (Note [A result per point of the batch]);
         ``point=False``: ``out`` is batch-shaped (``inner``)."""
         ref = out.shape if point else args[0].shape  # (batch-shaped: computed from arguments of one shape)
-        if all(a.shape == ref for a in args):  # the common case, one batch: ~0.3 µs
+        # (ndim first: shapes of different lengths compare their leading sizes, a dynamic batch against a
+        # point size, a guard that torch.export refuses: Note [Shape comparisons under a dynamic batch])
+        if all(a.ndim == len(ref) and a.shape == ref for a in args):  # the common case, one batch: ~0.3 µs
             return out
         d = self.point_ndim
         batch = _broadcast([a.shape[: a.ndim - d] for a in args])
         nb = out.ndim - d if point else out.ndim
-        if tuple(out.shape[:nb]) == batch:
+        if nb == len(batch) and tuple(out.shape[:nb]) == batch:
             return out
         return out.expand(batch + tuple(out.shape[nb:])).contiguous()
 
@@ -781,7 +791,7 @@ class AbstractSpace(_Space, abc.ABC):
                 f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[X.ndim - d:])}",
                 f"shape {tuple(Y.shape)}",
             )
-        if X.shape != Y.shape and not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):
+        if not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):  # Note [Shape comparisons under a dynamic batch]
             raise error(
                 self,
                 f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[: X.ndim - d])}",
