@@ -1009,7 +1009,7 @@ def _violation(name: str, worst: float, tol: float, nan: bool) -> str:
 # Stiefel, Grassmannian and Oblique samples) and LAPACK's column-major frames (the SVD's U, V of the
 # rank family, GLp, SL, AlmostOrthogonal; eigh's Q of the PSD family and Hurwitz), while rebase returned
 # the charts' row-major outputs, and a wide frame space's rebase the transpose of a tall one: a step
-# fed by from_manifold and then by gf.rebase compiled twice (every space with a base but the
+# fed by from_manifold and then by gf.rebase compiled twice (every space with a base but SO, the
 # hyperbolic ones, Sphere and Birkhoff; found by the recompile probe). Size-1 dimensions count too
 # (Dynamo guards their strides): a (1, 5) raw tensor of stride (1, 1), the transpose of a column, and
 # the elementwise step's (5, 1) output were a second graph at the second step. So the tensors
