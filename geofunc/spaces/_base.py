@@ -791,7 +791,8 @@ class AbstractSpace(_Space, abc.ABC):
                 f"`{what_y}` with the point shape of `{what_x}` {tuple(X.shape[X.ndim - d:])}",
                 f"shape {tuple(Y.shape)}",
             )
-        if not _broadcastable(X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):  # Note [Shape comparisons under a dynamic batch]
+        if not (X.ndim == Y.ndim and X.shape == Y.shape) and not _broadcastable(  # (lengths first: Note [Shape
+                X.shape[: X.ndim - d], Y.shape[: Y.ndim - d]):  # comparisons under a dynamic batch])
             raise error(
                 self,
                 f"`{what_y}` with batch dims broadcastable with those of `{what_x}` {tuple(X.shape[: X.ndim - d])}",
