@@ -237,6 +237,23 @@ def test_a_tensor_hyperparameter_of_several_values_is_refused_at_construction():
         getattr(gf.optim, name)({"w": gf.Sphere()}, **{"lr": 0.1, what: torch.tensor(0.1)})
 
 
+@pytest.mark.parametrize("make", [
+    lambda t: gf.optim.radam({}, 0.1, betas=(t, 0.999)), lambda t: gf.optim.radam({}, 0.1, betas=(0.9, t)),
+    lambda t: gf.optim.radamw({}, 0.1, betas=(t, 0.999)), lambda t: gf.optim.scale_by_adam({}, b1=t),
+    lambda t: gf.optim.rsgd({}, 0.1, momentum=0.9, dampening=t), lambda t: gf.optim.trace(t),
+    lambda t: gf.optim.trace(0.9, t), lambda t: gf.optim.scale(t), lambda t: gf.optim.add_decayed_weights(t),
+], ids=["radam-b1", "radam-b2", "radamw-b1", "scale_by_adam-b1", "rsgd-dampening", "trace-decay", "trace-dampening",
+        "scale", "add_decayed_weights"])
+def test_every_tensor_hyperparameter_of_one_dim_or_more_is_refused(make):
+    """Tensor betas (and dampening, and the transforms' factors) were not shape-checked: a (2,) beta gave
+    each column of a (3, 2) parameter its own beta, silently, and a (1,) one made a 0-dim parameter's
+    vector (1,). A 0-dim tensor is taken, unread."""
+    for bad in (torch.tensor([0.5, 0.25], dtype=F64), torch.tensor([0.5], dtype=F64)):
+        with pytest.raises(gf.ManifoldError, match=r"0-dim tensor.*got .*tensor of shape"):
+            make(bad)
+    make(torch.tensor(0.5, dtype=F64))
+
+
 def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
     """A schedule ``lr`` and tensor hyperparameters pass the checks (no ``bool()`` of a traced tensor):
     meta-gradients of a loss after three steps with respect to ``lr``, β₁ (``radam``) and the momentum

@@ -17,6 +17,7 @@ from ._transforms import (
     add_decayed_weights,
     check_adam_hyperparameters,
     check_nonnegative,
+    check_zero_dim,
     scale_by_adam,
     scale_by_learning_rate,
     to_tangent,
@@ -86,6 +87,7 @@ def rsgd(
         True
     """
     check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
+    check_zero_dim("rsgd", dampening=dampening)  # (a number's range is torch.optim.SGD's: not checked)
     if nesterov and ((_is_number(momentum) and momentum <= 0) or (_is_number(dampening) and dampening != 0)):
         raise ManifoldError(f"rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0 (as torch.optim.SGD), "
                             f"got momentum={momentum!r}, dampening={dampening!r}.")

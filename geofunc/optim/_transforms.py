@@ -86,6 +86,7 @@ def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mas
     parameters, or a prefix of it, or a callable ``mask(params)`` returning one); the others pass
     unchanged, as ``torch.optim``'s parameter groups with ``weight_decay=0`` (biases, norms).
     """
+    check_zero_dim("add_decayed_weights", weight_decay=weight_decay)
     if mask is not None:
         return masked(add_decayed_weights(weight_decay, constraints), mask)
 
@@ -173,6 +174,14 @@ def check_nonnegative(where: str, **values: Any) -> None:
             raise ManifoldError(f"{where}: expected `{what}` >= 0 (as torch.optim), got {value!r}.")
 
 
+def check_zero_dim(where: str, **values: Any) -> None:
+    """Refuse a tensor among ``values`` that is not 0-dim: its shape is static (logical under vmap), so no
+    value is read; a (2,) one was taken and broadcast into every entry's vectors along their last dim."""
+    for what, value in values.items():
+        if isinstance(value, torch.Tensor) and value.ndim != 0:
+            raise ManifoldError(f"{where}: expected `{what}` a number or a 0-dim tensor, got {describe(value)}.")
+
+
 def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
     """Refuse betas outside [0, 1) and a negative eps, given as numbers, and betas that are neither numbers
     nor tensors (Note [Checking hyperparameters])."""
@@ -182,6 +191,9 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
         raise ManifoldError(f"{where}: expected `betas` a pair (β₁, β₂), got {betas!r}.") from None
     for i, b in enumerate((b1, b2)):
         if isinstance(b, torch.Tensor):
+            if b.ndim != 0:  # (a (2,) β gave each column of a parameter its own β, silently)
+                raise ManifoldError(f"{where}: expected `betas` a pair of numbers or 0-dim tensors, got "
+                                    f"β{'₁₂'[i]} {describe(b)}.")
             continue
         x = _real(b)
         if x is None:
@@ -248,6 +260,7 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
         # its first gradient only (b_t = μ b_{t-1} after it), silently. A dampening is a number.
         raise ManifoldError(f"trace: expected `dampening` a number (torch.optim.SGD's τ; optax's trace takes nesterov "
                             f"second: pass nesterov={dampening!r} by keyword), got {dampening!r}.")
+    check_zero_dim("trace", decay=decay, dampening=dampening)
     off = _is_number(decay) and decay == 0
 
     def init(params: Params) -> TraceState:
@@ -447,6 +460,7 @@ def scale_by_adam(
 
 def scale(step: Scalar) -> TangentTransform:
     """Multiply every vector by ``step`` (``-lr`` for descent)."""
+    check_zero_dim("scale", step=step)
 
     def init(params: Params) -> EmptyState:
         del params
