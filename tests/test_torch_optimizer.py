@@ -1468,3 +1468,31 @@ def test_tensors_of_a_dropped_optimizer_go_without_the_cyclic_collector(factory,
         assert [r() is None for r in refs] == [True, True]
     finally:
         gc.enable()
+
+
+def test_one_value_tensor_hyperparameters_are_taken_and_checked_as_torch_optim_does():
+    """torch.optim.Adam takes one-value tensor betas and checks their values: TorchOptimizer broadcast a (1,)
+    β into a 0-dim parameter's step (an error naming the parameter) and took a tensor β₁ = 1 unchecked (every
+    point NaN after the first step). One-value tensors are kept as 0-dim views and checked as numbers."""
+    def run(**kw):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 5, dtype=F64)
+        with torch.no_grad():
+            m.weight.copy_(gf.Stiefel().sample((5, 3), generator=torch.Generator().manual_seed(1), dtype=F64))
+        m.register_parameter("scale", torch.nn.Parameter(torch.tensor(1.5, dtype=F64)))
+        opt = gf.optim.TorchOptimizer(m.named_parameters(), {"weight": gf.Stiefel()}, gf.optim.radam, lr=0.1, **kw)
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+        for _ in range(2):
+            opt.zero_grad()
+            (m(x) * m.scale).pow(2).sum().backward()
+            opt.step()
+        return m
+
+    ref = run(betas=(0.8, 0.99), eps=1e-6)
+    got = run(betas=(torch.tensor([0.8], dtype=F64), torch.tensor([[0.99]], dtype=F64)), eps=torch.tensor([1e-6], dtype=F64))
+    for (k, a), b in zip(got.named_parameters(), ref.parameters()):
+        assert a.shape == b.shape, k
+        torch.testing.assert_close(a, b, atol=1e-14, rtol=0, msg=k)
+    for bad in ({"betas": (torch.tensor(1.0), 0.999)}, {"betas": (0.9, torch.tensor([1.0]))}, {"eps": torch.tensor(-1.0)}):
+        with pytest.raises(gf.ManifoldError):
+            run(**bad)

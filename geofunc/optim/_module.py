@@ -368,6 +368,36 @@ def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
 # functional masked/multi_transform read their dict at every update. The values are kept as a
 # snapshot (_snapshot: the containers copied, the leaves as they are; tensors are compared by
 # identity), so a change in place is read at the next step, as a reassignment is.
+def _zero_dim(value: Any) -> Any:
+    """``value`` with its tensors of one value as 0-dim views (in tuples and dicts too): torch.optim takes
+    them (Adam's betas), a factory takes 0-dim ones (a (1,) one broadcast a 0-dim parameter's step)."""
+    if isinstance(value, torch.Tensor):
+        return value.reshape(()) if value.ndim and value.numel() == 1 else value
+    if isinstance(value, Mapping):
+        out = {k: _zero_dim(v) for k, v in value.items()}
+        changed = any(out[k] is not v for k, v in value.items())
+    elif isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        out = type(value)(_zero_dim(v) for v in value)
+        changed = any(a is not b for a, b in zip(out, value))
+    else:
+        return value
+    return out if changed else value  # the object itself otherwise: one changed in place is read (Note [Hyperparameters changed in place])
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with its real 0-dim tensors as their numbers, for the factory's checks at construction (as
+    torch.optim checks a tensor's value: a tensor β₁ = 1 made every point NaN, silently)."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 and value.is_floating_point() and not value.is_meta:
+            return float(value.detach())
+        return value
+    if isinstance(value, Mapping):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_numbers(v) for v in value)
+    return value
+
+
 def _snapshot(value: Any) -> Any:
     """``value`` with its dicts, lists and tuples copied (Note [Hyperparameters changed in place])."""
     if isinstance(value, Mapping):
@@ -732,6 +762,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         """Build group ``i``'s optimizer with its hyperparameters as numbers, so that the factory checks
         them (its learning rate included) now, as torch.optim does at construction."""
         group, names = self.param_groups[i], self._group_names[i]
+        for k in self._hyper(group):  # torch.optim's one-value tensors (Adam's betas) as 0-dim views, as lr below
+            group[k] = _zero_dim(group[k])
         hyper = self._hyper(group)
         hyper = {k: _cohort_mask(v, names) for k, v in hyper.items()}  # Note [Hyperparameters by parameter name]
         constraints = {n: self._constraints[n] for n in names}
@@ -744,7 +776,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             group["lr"] = lr = lr.reshape(())  # (a view: a scheduled in-place change is seen; a (1,) one broadcast)
             if not lr.is_meta:
                 lr = float(lr.detach())
-        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}", self._factory(constraints, lr=lr, **hyper))
+        check_optimizer(f"TorchOptimizer: the factory {self._factory_name}",
+                        self._factory(constraints, lr=lr, **{k: _numbers(v) for k, v in hyper.items()}))
         # Note [The learning rate a factory is given]
         # The steps build the factory with lr a schedule reading the group's rate (what a scheduler
         # changes), the check above with the rate itself (so that it is checked). A factory written
