@@ -1210,3 +1210,28 @@ def test_a_one_value_tensor_hyperparameter_of_one_dim_is_refused(make):
     with pytest.raises(gf.ManifoldError, match=r"0-dim tensor"):
         make(torch.tensor([0.5]))
     assert make(torch.tensor(0.5)) is not None
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_bias_corrections_of_a_model_of_mixed_dtypes_are_each_dtypes_own(amsgrad, generator):
+    """scale_by_adam computes its bias corrections once per dtype and device: each parameter of a float32 and
+    float64 model steps bit for bit as in a model of its dtype alone (corrections shared across dtypes gave
+    the float64 entries float32's, 1e-6 off)."""
+    cons = {"s": gf.Sphere(), "w": gf.Stiefel()}
+    params = {"s": gf.Sphere().sample((5,), generator=generator, dtype=F64), "w": gf.Stiefel().sample((4, 2), generator=generator),
+              "b": torch.randn(3, generator=generator, dtype=F64), "f": torch.randn(2, generator=generator)}
+    grads = [{k: torch.randn(v.shape, generator=generator, dtype=v.dtype) for k, v in params.items()} for _ in range(3)]
+
+    def run(names):
+        opt = gf.optim.radam({k: v for k, v in cons.items() if k in names}, 0.05, amsgrad=amsgrad)
+        p = {k: params[k] for k in names}
+        s = opt.init(p)
+        for g in grads:
+            p, s = opt.update({k: g[k] for k in names}, s, p)
+        return p
+
+    mixed = run(("s", "w", "b", "f"))
+    alone = {**run(("s", "b")), **run(("w", "f"))}
+    for k in params:
+        assert mixed[k].dtype == params[k].dtype
+        assert torch.equal(mixed[k], alone[k]), k
