@@ -486,6 +486,29 @@ def test_rank_chart_layouts_are_kept_to_their_byte_budget(monkeypatch):
     assert max(sizes) <= 1 << 18, sizes
 
 
+def test_rank_chart_layouts_of_different_shapes_do_not_evict_each_other(monkeypatch):
+    # Note [Layouts kept by size]: the budget is per shape; over all shapes, three weights whose layouts
+    # together exceed it (each within it) evicted one another at every call and rebuilt each every step
+    from geofunc.spaces import _factorized
+
+    monkeypatch.setattr(_factorized, "_LAYOUTS", {})
+    spaces = [(gf.LowRank(rank=4), (32, 16)), (gf.LowRank(rank=4), (40, 16)), (gf.LowRank(rank=4), (48, 16))]
+
+    def step():
+        for space, shape in spaces:
+            space.to_manifold(torch.zeros(shape, dtype=F64, requires_grad=True)).sum().backward()
+
+    step()
+    sizes = [sum(t.numel() * t.element_size() for t in v) for v in _factorized._LAYOUTS.values()]
+    assert len(sizes) == 3
+    monkeypatch.setattr(_factorized, "_LAYOUTS", {})
+    monkeypatch.setattr(_factorized, "_LAYOUT_BYTES", max(sizes) + min(sizes) // 2, raising=False)  # < their sum
+    step()
+    kept = {k: v[0] for k, v in _factorized._LAYOUTS.items()}
+    step()
+    assert len(kept) == 3 and all(_factorized._LAYOUTS.get(k, (None,))[0] is t for k, t in kept.items())
+
+
 @pytest.mark.parametrize("case", ["base requires grad", "raw without grad", "cayley", "frames narrower than 2r",
                                   "no grad mode", "forward mode"])
 def test_rank_chart_node_leaves_the_other_calls_to_the_chain(case, generator):

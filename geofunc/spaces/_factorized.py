@@ -387,8 +387,12 @@ _LAYOUT_SIZE = 64
 # Note [Layouts kept by size]: the index tensors of one layout grow with the batch (~0.6x the bytes of
 # the raw tensor they index: 81 MiB for 32 raw 1024x1024 rank-64 matrices), and they stay after the
 # model is gone. Kept by count only, 64 batch sizes of a 256x256 rank-16 LowRank kept 276 MiB (the
-# largest raw tensor 16 MiB): the entries are also kept to a total of _LAYOUT_BYTES, the oldest dropped
-# first, the newest always kept (a model too large for the budget still builds its layout once).
+# largest raw tensor 16 MiB): the layouts of one chart's matrices (one key but for the batch size) are
+# also kept to a total of _LAYOUT_BYTES, the oldest batch size dropped first, the newest always kept (a
+# model too large for the budget still builds its layout once). The budget is per shape, not over all
+# of them: a model whose charts of different shapes need more than _LAYOUT_BYTES together (three 4096-row
+# rank-240 LowRank weights, ~30 MiB each) evicted one for the next at every call, so each forward and
+# backward rebuilt every layout (12% of the step).
 _LAYOUT_BYTES = 1 << 26
 _LAYOUTS: dict[tuple, tuple] = {}
 _LAYOUT_LOCK = threading.Lock()
@@ -443,12 +447,22 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
     if one:
         skip = skip[:, 0]
     out = (take.reshape(-1).to(device), skip.contiguous().to(device), put.to(device))
-    with _LAYOUT_LOCK:
-        held = sum(_nbytes(v) for v in _LAYOUTS.values()) + _nbytes(out)
-        while _LAYOUTS and (len(_LAYOUTS) >= _LAYOUT_SIZE or held > _LAYOUT_BYTES):  # Note [Layouts kept by size]
-            held -= _nbytes(_LAYOUTS.pop(next(iter(_LAYOUTS))))
+    with _LAYOUT_LOCK:  # Note [Layouts kept by size]
+        same = [k2 for k2 in _LAYOUTS if k2 != key and _matrices(k2) == _matrices(key)]  # other batch sizes, oldest first
+        held = sum(_nbytes(_LAYOUTS[k2]) for k2 in same) + _nbytes(out)
+        for k2 in same:
+            if held <= _LAYOUT_BYTES:
+                break
+            held -= _nbytes(_LAYOUTS.pop(k2))
+        while len(_LAYOUTS) >= _LAYOUT_SIZE:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)), None)
         _LAYOUTS[key] = out
     return out
+
+
+def _matrices(key: tuple) -> tuple:
+    """A layout's key without its batch size: the layouts of one chart's matrices."""
+    return key[:4] + key[5:]
 
 
 def _nbytes(layout: tuple[Tensor, ...]) -> int:
