@@ -1235,3 +1235,14 @@ def test_adam_bias_corrections_of_a_model_of_mixed_dtypes_are_each_dtypes_own(am
     for k in params:
         assert mixed[k].dtype == params[k].dtype
         assert torch.equal(mixed[k], alone[k]), k
+
+
+def test_apply_if_finite_of_parameters_without_floating_entries_keeps_its_flag_on_the_cpu():
+    """The finiteness flag of a pytree with no floating entry (int-only, or none) was made on the default
+    device: under ``torch.device("meta")`` apply_if_finite stored a meta ``last_finite``."""
+    opt = gf.optim.apply_if_finite(gf.optim.rsgd({}, 0.1), 2)
+    params, grads = {"n": torch.tensor([1, 2])}, {"n": torch.tensor([0, 0])}
+    with torch.device("meta"):
+        state = opt.init(params)
+        _, state = opt.update(grads, state, params)
+    assert all(t.device.type == "cpu" for t in optree.tree_leaves(state))
