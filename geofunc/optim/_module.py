@@ -265,8 +265,8 @@ def _entries(tree: Any, names: tuple[str, ...], layout: Optional[frozenset]) -> 
 
     try:
         walk(tree, ())
-    finally:
-        del walk  # Note [No cycle through the learning rate]: a recursive closure is a cycle holding own
+    finally:  # Note [No cycle through the learning rate]: a recursive closure is a cycle holding own,
+        walk = None  # type: ignore[assignment]  # broken by emptying its cell
     return own, shared
 
 
@@ -289,6 +289,20 @@ def _like(value: Any, ref: Any) -> Any:
 # float32 second moment of a bfloat16 parameter stays float32, a count stays int64), and a momentum
 # buffer that init does not have (momentum now 0) to its parameter's. A tensor already there is not
 # copied (Tensor.to returns it), so dcp.load's in-place entries are still the ones the state holds.
+def _own_leaves(t: Any, entries: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """A parameter's part ``t`` of a fresh state with its leaves from the parameter's ``entries`` (keyed by
+    path), each on the device and in the dtype of the leaf it fills (for ``_rebuild``)."""
+    if isinstance(t, Mapping):
+        return {k: _own_leaves(v, entries, (*path, str(k))) for k, v in t.items()}
+    if isinstance(t, tuple) and hasattr(t, "_fields"):
+        return type(t)(*(_own_leaves(v, entries, (*path, f)) for f, v in zip(t._fields, t)))
+    if isinstance(t, (tuple, list)):
+        return type(t)(_own_leaves(v, entries, (*path, str(i))) for i, v in enumerate(t))
+    if isinstance(t, (torch.Tensor, int, float)):
+        return _like(entries[_key(path)], t)
+    return t
+
+
 def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[str, Any]],
              points: Mapping[str, torch.Tensor], layout: Optional[frozenset]) -> Any:
     """A cohort's functional state on the structure of ``fresh`` (the optimizer's init at ``points``)
@@ -297,20 +311,9 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
     ``None`` where the entries are not exactly its leaves (a checkpoint of another optimizer)."""
     first = entries[names[0]]
 
-    def one(t: Any, n: str, path: tuple[str, ...]) -> Any:
-        if isinstance(t, Mapping):
-            return {k: one(v, n, (*path, str(k))) for k, v in t.items()}
-        if isinstance(t, tuple) and hasattr(t, "_fields"):
-            return type(t)(*(one(v, n, (*path, f)) for f, v in zip(t._fields, t)))
-        if isinstance(t, (tuple, list)):
-            return type(t)(one(v, n, (*path, str(i))) for i, v in enumerate(t))
-        if isinstance(t, (torch.Tensor, int, float)):
-            return _like(entries[n][_key(path)], t)
-        return t
-
     def walk(t: Any, path: tuple[str, ...], buffer: bool = False) -> Any:
         if _is_own(t, path, names, layout) or (buffer and isinstance(t, Mapping) and t):
-            return {n: one(t[n], n, path) for n in names}
+            return {n: _own_leaves(t[n], entries[n], path) for n in names}
         if isinstance(t, Mapping):
             return {k: walk(v, (*path, str(k))) for k, v in t.items()}
         if isinstance(t, TraceState):  # a buffer on one side only fits (Note [Momentum that may be zero])
@@ -335,8 +338,8 @@ def _rebuild(fresh: Any, names: tuple[str, ...], entries: Mapping[str, Mapping[s
         state = walk(fresh, ())
     except KeyError:
         return None
-    finally:
-        del one, walk  # recursive closures: cycles holding the entries and the points (as _entries')
+    finally:  # a recursive closure: a cycle holding the entries and the points (as _entries'), broken
+        walk = None  # type: ignore[assignment]  # by emptying its cell
     own, shared = _entries(state, names, layout)
     if any(set(own[n]) | set(shared) != set(entries[n]) - {_COHORT} for n in names):
         return None
