@@ -810,7 +810,7 @@ class TorchOptimizer(torch.optim.Optimizer):
     # whenever the schedule is called. Likewise a recursive local function is a cycle (the function
     # and the cell holding it) that keeps every variable it closes over: _entries' walk held the
     # state read by state_dict() and .state (the moments of that step, past it), _rebuild's the
-    # loaded entries and the parameters; each deletes its own when done.
+    # loaded entries and the parameters; each empties its own cell when done.
     def _functional(self, cohort: _Cohort) -> Optimizer:
         """The functional optimizer of a cohort with its group's hyperparameters now (rebuilt when a
         scheduler changed one; the learning rate is a schedule reading the group)."""
