@@ -352,8 +352,8 @@ def _add(X: Any, V: Any) -> Any:
     if isinstance(X, torch.Tensor):
         if isinstance(V, torch.Tensor) and V.shape == X.shape:
             return _sum(X, V)
-        if torch.compiler.is_compiling():
-            return X + V
+        # (under torch.compile too: shapes are static there, and X + V would broadcast a wrong-shaped V
+        # silently: Note [Vectors at unconstrained entries])
         raise _vector_error(X, V, "X + V")
     if X is not None and _children(X) is None:  # a non-tensor leaf (a Python number): as torch.add takes it
         try:
@@ -423,7 +423,9 @@ def _sum(X: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 # check the vector as retract checks it (Note [The dtype of an unconstrained step]): a tensor of X's
 # shape and device, of X's dtype or float32 for a bf16/fp16 X, returned as it is. None passes (retract,
 # and an optimizer's step, name a missing gradient). Metadata comparisons only (nothing traced; the
-# usual case is one comparison each of shape, dtype and device).
+# usual case is one comparison each of shape, dtype and device), so a tensor entry is checked under
+# torch.compile as well: skipped there, a compiled radam or retract broadcast a (1,) gradient over a
+# (3,) bias silently while the eager step refused it.
 _IDENTITY = "the identity on V"
 
 
@@ -432,14 +434,14 @@ def _vector_at(X: Any, V: Any) -> Any:
     if isinstance(V, torch.Tensor) and isinstance(X, torch.Tensor):
         if V.shape == X.shape and V.dtype == X.dtype and V.device == X.device:  # the usual case
             return V
-    if V is None or torch.compiler.is_compiling():
+    if V is None:
         return V
-    if isinstance(X, torch.Tensor):
+    if isinstance(X, torch.Tensor):  # under torch.compile too (metadata only, static there)
         err = _vector_error(X, V, _IDENTITY)
         if err is not None:
             raise err
         return V
-    if X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
+    if torch.compiler.is_compiling() or X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
         return V
     _over_subtree(X, V, _vector_at, _IDENTITY)
     return V

@@ -497,3 +497,28 @@ def test_many_constraints_plan_as_before():
     assert sorted(names) == sorted([f"w{i}" for i in range(0, 300, 2)] + ["layers.1"])
     with pytest.raises(gf.ManifoldError, match="constrained twice"):
         _pytree._plan({"layers.1": gf.SO(), "layers": {1: gf.SO()}}, params, ())
+
+
+@pytest.mark.parametrize("op", ["retract", "tangent", "radam"])
+def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(op):
+    """Under torch.compile the unconstrained entries skipped their vector check: a (1,) vector at a (3,)
+    bias was broadcast silently (retract's X + V, radam's step) or returned as the bias's tangent vector,
+    where the eager call raises (Note [Vectors at unconstrained entries])."""
+    C = {"w": gf.Sphere()}
+    P = {"w": gf.Sphere().sample((3,), generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(3)}
+    V = {"w": torch.zeros(3), "bias": torch.ones(1)}
+    if op == "radam":
+        opt = gf.optim.radam(C, lr=0.1)
+        state = opt.init(P)
+        f = lambda V, P: opt.update(V, state, P)  # noqa: E731
+    else:
+        f = lambda V, P: getattr(gf, op)(C, P, V)  # noqa: E731
+    with pytest.raises(gf.ManifoldError, match="'bias'"):
+        f(V, P)
+    torch._dynamo.reset()
+    with pytest.raises(Exception):  # noqa: B017 (the ManifoldError, or Dynamo's error on the path that raises it)
+        torch.compile(f, backend="eager")(V, P)
+    torch._dynamo.reset()
+    good = {"w": torch.zeros(3), "bias": torch.ones(3)}
+    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(good, P), f(good, P))
+    torch._dynamo.reset()
