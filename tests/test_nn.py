@@ -1923,3 +1923,34 @@ def test_constrained_forwards_leave_no_reference_cycles(make):
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_cached_values_of_a_thread_go_with_the_thread():
+    """Note [Cached values across threads]: with grad enabled each thread caches its own value; while one
+    thread held a cached() block open, each new thread that read the weight and ran no backward left its
+    entry (a value and its graph) until the block ended. They go when their thread ends."""
+    import threading
+
+    from torch.nn.utils import parametrize
+
+    m = gnn.orthogonal(nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    inside, leave = threading.Event(), threading.Event()
+
+    def holder():
+        with gnn.cached():
+            inside.set()
+            leave.wait()
+
+    h = threading.Thread(target=holder)
+    h.start()
+    try:
+        inside.wait()
+        for _ in range(6):
+            t = threading.Thread(target=lambda: m(x))
+            t.start()
+            t.join()
+        assert len(parametrize._cache) == 0
+    finally:
+        leave.set()
+        h.join()

@@ -751,9 +751,27 @@ _STAMP = object()  # the third element of the stamp's key in parametrize._cache
 # that entry: the next read computes the value anew. Inside one thread's own block this changes nothing
 # but that error (gradient accumulation in a block now works; torch's cache alone raises it): an RNN's
 # time loop still reads the weight many times and runs backward once.
+# A thread's entries go with the thread: its thread-local storage is freed when it ends, and with it a
+# sentinel whose finalizer drops the cache entries keyed by that thread's token (a new thread per
+# request, evaluating with grad and running no backward, added one value and its graph per thread
+# while another thread held a block open: 41 entries after 40 threads; leaks probe).
 class _ThreadToken(threading.local):
     def __init__(self) -> None:
         self.token = object()
+        self.sentinel = _Sentinel()
+        weakref.finalize(self.sentinel, _drop_thread_entries, self.token).atexit = False  # (none at exit)
+
+
+class _Sentinel:
+    """An object that lives exactly as long as its thread's ``_ThreadToken`` storage."""
+
+
+def _drop_thread_entries(token: object) -> None:
+    """Drop the cache entries (values and stamps) keyed by the token of a thread that has ended."""
+    cache = parametrize._cache
+    for key in list(cache):  # (a copy: other threads may be writing)
+        if isinstance(key, tuple) and len(key) >= 3 and key[2] is token:
+            cache.pop(key, None)
 
 
 _THREAD = _ThreadToken()
