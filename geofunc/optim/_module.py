@@ -372,8 +372,9 @@ def _cohort_mask(mask: Any, names: tuple[str, ...]) -> Any:
 # snapshot (_snapshot: the containers copied, the leaves as they are; tensors are compared by
 # identity), so a change in place is read at the next step, as a reassignment is.
 def _zero_dim(value: Any) -> Any:
-    """``value`` with its tensors of one value as 0-dim views (in tuples and dicts too): torch.optim takes
-    them (Adam's betas), a factory takes 0-dim ones (a (1,) one broadcast a 0-dim parameter's step)."""
+    """``value`` with its tensors of one value as 0-dim views (in tuples and dicts too; a view: a scheduled
+    in-place change is seen): torch.optim takes them (Adam's betas), a factory takes 0-dim ones (a (1,) one
+    broadcast a 0-dim parameter's step)."""
     if isinstance(value, torch.Tensor):
         return value.reshape(()) if value.ndim and value.numel() == 1 else value
     if isinstance(value, Mapping):
@@ -391,8 +392,8 @@ def _numbers(value: Any) -> Any:
     """``value`` with its real 0-dim tensors as their numbers, for the factory's checks at construction (as
     torch.optim checks a tensor's value: a tensor β₁ = 1 made every point NaN, silently)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and value.is_floating_point() and not value.is_meta:
-            return float(value.detach())
+        if value.ndim == 0 and not (value.is_complex() or value.dtype == torch.bool or value.is_meta):
+            return value.detach().item()  # (an int for an integer tensor)
         return value
     if isinstance(value, Mapping):
         return {k: _numbers(v) for k, v in value.items()}
@@ -642,8 +643,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                     got = repr(got)
                 raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
                                     f"whole model's gradient; a tensor of one value > 0) or None, got {got}.")
-            if isinstance(clip_by_global_norm, torch.Tensor):  # its one value as a 0-d view (a scheduled in-place
-                clip_by_global_norm = clip_by_global_norm.reshape(())  # change is seen): a (1,) one broadcast every gradient
+            clip_by_global_norm = _zero_dim(clip_by_global_norm)  # (a (1,) one broadcast every gradient)
         if apply_if_finite is not None:
             if not _is_count(apply_if_finite):
                 raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "
@@ -776,9 +776,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
                 raise ManifoldError(f"TorchOptimizer: expected `lr` a number >= 0 or a real tensor of one value, got "
                                     f"{describe(lr)}.")
-            group["lr"] = lr = lr.reshape(())  # (a view: a scheduled in-place change is seen; a (1,) one broadcast)
-            if not lr.is_meta:
-                lr = float(lr.detach())
+            group["lr"] = _zero_dim(lr)
+            lr = _numbers(group["lr"])
         check_optimizer(f"TorchOptimizer: the factory {self._factory_name}",
                         self._factory(constraints, lr=lr, **{k: _numbers(v) for k, v in hyper.items()}))
         # Note [The learning rate a factory is given]
