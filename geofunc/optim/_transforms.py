@@ -542,10 +542,7 @@ def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
     """
     if _is_number(max_norm) and not max_norm > 0:  # NaN too; a tensor is not read (Note [Checking hyperparameters])
         raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0, got {max_norm!r}.")
-    if isinstance(max_norm, torch.Tensor) and max_norm.ndim != 0:  # its shape is static (logical under vmap): a (1,)
-        # one broadcast a 0-dim vector to (1,), silently
-        raise ManifoldError(f"clip_by_global_norm: expected `max_norm` a number > 0 or a 0-dim tensor, got "
-                            f"{describe(max_norm)}.")
+    check_zero_dim("clip_by_global_norm", max_norm=max_norm)  # (a (1,) one broadcast a 0-dim vector to (1,))
 
     def init(params: Params) -> EmptyState:
         del params
