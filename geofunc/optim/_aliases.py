@@ -13,6 +13,7 @@ from ._transforms import (
     Scalar,
     ScalarOrSchedule,
     TraceState,
+    _count,
     _is_number,
     add_decayed_weights,
     check_adam_hyperparameters,
@@ -105,7 +106,7 @@ def upgrade_rsgd_state(state: Any) -> Any:
     """A state of ``rsgd(momentum=0)`` from before it always chained a trace (three transforms' states)
     as the current one (no momentum buffer); any other state as it is."""
     if isinstance(state, tuple) and len(state) == 3 and not isinstance(state[2], TraceState):
-        return (state[0], state[1], TraceState(torch.zeros((), dtype=torch.int64, device="cpu"), ()), state[2])
+        return (state[0], state[1], TraceState(_count(), ()), state[2])
     return state
 
 
