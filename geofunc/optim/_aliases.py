@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from .._errors import ManifoldError
 from ._base import Optimizer, chain
