@@ -283,6 +283,33 @@ def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator
     assert member(gf.Stiefel(), opt.update({"w": target}, opt.init({"w": X0}), {"w": X0})[0]["w"])
 
 
+@pytest.mark.parametrize("name", ["rsgd", "radam", "radamw"])
+def test_a_tensor_lr_changed_in_place_is_read_at_the_next_update(name, generator):
+    """A 0-dim tensor ``lr`` changed in place between updates (a hand-written decay, a scheduler that
+    ``fill_``s a tensor rate so that a compiled update is not traced again) steps with its new value,
+    as every other tensor hyperparameter does and as ``torch.optim`` reads a tensor ``lr``: it was
+    negated once at construction and the change ignored, silently (Note [A tensor learning rate is
+    read at each update])."""
+    factory = getattr(gf.optim, name)
+    kwargs = {"momentum": 0.9} if name == "rsgd" else {}
+    c = {"w": gf.Sphere(), "b": None}
+    p = {"w": gf.Sphere().sample((4,), generator=generator, dtype=F64),
+         "b": torch.randn(3, generator=generator, dtype=F64)}
+    g = {k: torch.randn(v.shape, generator=generator, dtype=F64) for k, v in p.items()}
+    lr = torch.tensor(0.1, dtype=F64)
+    opt = factory(c, lr=lr, **kwargs)
+    q, s = opt.update(g, opt.init(p), p)
+    lr.fill_(0.02)
+    got, _ = opt.update(g, s, q)
+    want, _ = factory(c, lr=0.02, **kwargs).update(g, s, q)  # the same state structure
+    for k in p:
+        torch.testing.assert_close(got[k], want[k], atol=0.0, rtol=0.0, msg=k)
+    lr.zero_()  # a rate of 0: no step
+    q2, _ = opt.update(g, s, q)
+    for k in p:
+        torch.testing.assert_close(q2[k], q[k], atol=1e-15, rtol=0.0, msg=k)
+
+
 #: One tensor hyperparameter each, swept under ``vmap``: name -> optimizer of the value.
 SWEEPS = {
     "rsgd-weight_decay": lambda h: gf.optim.rsgd({"w": gf.Sphere()}, lr=0.05, momentum=0.9, weight_decay=h),

@@ -62,8 +62,9 @@ def rsgd(
     with :math:`d_t = b_t` (:math:`g_t + \mu b_t` if ``nesterov``; :math:`g_t` if
     :math:`\mu = 0`). On unconstrained entries :math:`P` is the identity and :math:`R_X(V) = X + V`.
 
-    ``lr`` is a number, a 0-dim tensor, or a schedule ``lr(count)`` of the 0-dim int64 tensor of
-    updates made before this one (0 at the first): then step :math:`t` uses :math:`\eta_t` =
+    ``lr`` is a number, a 0-dim tensor (read at each update, as every tensor hyperparameter: a change
+    in place takes effect at the next one, as ``torch.optim`` reads a tensor ``lr``), or a schedule
+    ``lr(count)`` of the 0-dim int64 tensor of updates made before this one (0 at the first): then step :math:`t` uses :math:`\eta_t` =
     ``lr(t)``, as ``torch.optim.SGD(lr=base)`` stepped with ``LambdaLR(opt, f)`` uses
     ``base * f(t)`` (:func:`~geofunc.optim.scale_by_schedule`; the count is in the state).
 

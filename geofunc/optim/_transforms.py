@@ -505,11 +505,33 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
     return TangentTransform(init, update, keep_state)
 
 
+# Note [A tensor learning rate is read at each update]
+# A 0-dim tensor lr was negated when the optimizer was built (scale(-lr)), so the step used a copy: an
+# in-place change of the tensor (lr.fill_(...) by a hand-written decay, a torch-style scheduler writing
+# into a tensor rate so that a compiled update is not traced again) was ignored, silently, while every
+# other tensor hyperparameter (momentum, dampening, betas, eps, weight_decay, a clip's max_norm) is read
+# at each update, as torch.optim reads a tensor lr (its schedulers fill_ it). The negation is now part
+# of the update: the same bits (negation is exact), the same EmptyState, and meta-gradients with
+# respect to lr go through it as before.
 def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
-    """``scale(-lr)`` for a number or a 0-dim tensor; ``scale_by_schedule(-lr(count))`` for a schedule."""
+    """``scale(-lr)`` for a number or a 0-dim tensor (a tensor read at each update: Note [A tensor
+    learning rate is read at each update]); ``scale_by_schedule(-lr(count))`` for a schedule."""
     if callable(lr):
         return scale_by_schedule(lambda count: -lr(count))
-    return scale(-lr)
+    if not isinstance(lr, Tensor):
+        return scale(-lr)
+    check_zero_dim("scale", step=lr)
+
+    def init(params: Params) -> EmptyState:
+        del params
+        return EmptyState()
+
+    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
+        del params
+        step = -lr
+        return _map(lambda v: _keep(v, step * v), vectors), state
+
+    return TangentTransform(init, update, keep_state)
 
 
 def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
