@@ -1240,6 +1240,38 @@ def test_stack_of_modules_with_their_own_buffers():
     assert len(gnn.stack(same)) == 4
 
 
+def test_stack_refuses_modules_in_different_modes():
+    """The skeleton is module 0's, in its train/eval mode, and every member ran in it under vmap: a
+    member in eval mode beside a module 0 in training was evaluated with BatchNorm's batch statistics,
+    0.55 off its own output, silently (torch.func.stack_module_state refuses mixed modes). Now stack
+    refuses a difference in any submodule's mode by name; the same modes stack and equal each member."""
+    torch.manual_seed(0)
+
+    def make():
+        m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 2))
+        gnn.orthogonal(m[0], "weight")
+        m(torch.randn(16, 4))
+        return m
+
+    nets = [make() for _ in range(2)]
+    nets[1].eval()
+    with pytest.raises(gf.ManifoldError, match=r"stack: expected module 1 in module 0's train/eval mode .*got the "
+                                               r"module with training=False .*\.train\(\) or \.eval\(\)"):
+        gnn.stack(nets, buffers=True)
+    nets[1].train()
+    nets[1][2].eval()  # one submodule only: its forward changes as much
+    with pytest.raises(gf.ManifoldError, match=r"got submodule '2' with training=False"):
+        gnn.stack(nets, buffers=True)
+    for n in nets:
+        n.eval()
+    nets[0][0].parametrizations.train()  # a parametrization's mode changes nothing: not compared
+    constraints, raw, bases, skeleton, buffers = gnn.stack(nets, buffers=True)
+    x = torch.randn(5, 4)
+    out = vmap(lambda r, b, bb: functional_call(skeleton, (to_manifold(constraints, r, b), bb), (x,)))(raw, bases, buffers)
+    with torch.no_grad():
+        torch.testing.assert_close(out, torch.stack([n(x) for n in nets]), atol=1e-6, rtol=0)
+
+
 # ----------------------------------------------------------------------------- torch.compile
 
 

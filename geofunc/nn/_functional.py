@@ -378,7 +378,8 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
                 out = vmap(f, in_dims=(0, 0, 0, None))(raw, bases, buffers, x)
 
     Raises:
-        ManifoldError: no modules; the modules differ in constraints, names or shapes; without
+        ManifoldError: no modules; the modules differ in constraints, names or shapes, or in their
+            train/eval mode (of any submodule: Note [Modes of an ensemble]); without
             ``buffers=True``, the modules' buffers differ (every member would run with module 0's:
             Note [Buffers of an ensemble]); a constrained tensor's raw Parameter is tied to another
             name (Note [Tied raw tensors]).
@@ -402,6 +403,7 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
             )
         if pytree.tree_structure(b) != pytree.tree_structure(b0):
             raise ManifoldError(f"stack: module {i} has bases of another structure than module 0")
+    _same_modes(modules)
 
     def stacked(*xs: Any) -> Any:
         if xs[0] is None:
@@ -416,6 +418,31 @@ def stack(modules: Sequence[nn.Module], *, buffers: bool = False) -> tuple:
     if buffers:
         return dict(c0), raw, bases, plain(modules[0]), stacked_buffers
     return dict(c0), raw, bases, plain(modules[0])
+
+
+# Note [Modes of an ensemble]
+# The skeleton is plain(modules[0]), so it has module 0's train/eval mode, and under vmap every member
+# ran in it: a member put in eval mode beside a module 0 in training was evaluated with BatchNorm's batch
+# statistics and with dropout, silently (0.55 off its own output; a probe). torch.func.stack_module_state
+# refuses modules whose modes differ (top-level only); stack refuses a difference in any submodule's
+# mode (a submodule's .eval() changes forward as much), naming it. The parametrizations' own modules
+# are not compared: their mode changes nothing.
+def _modes(module: nn.Module) -> dict[str, bool]:
+    inner = re.compile(r"(^|\.)parametrizations(\.|$)")
+    return {name: m.training for name, m in module.named_modules() if not inner.search(name)}
+
+
+def _same_modes(modules: Sequence[nn.Module]) -> None:
+    m0 = _modes(modules[0])
+    for i, m in enumerate(modules[1:], 1):
+        for name, training in _modes(m).items():
+            if name in m0 and training != m0[name]:
+                what = f"submodule {name!r}" if name else "the module"
+                raise ManifoldError(
+                    f"stack: expected module {i} in module 0's train/eval mode (the skeleton is module 0's, and "
+                    f"every member runs in its mode under vmap), got {what} with training={training} where "
+                    f"module 0's has training={m0[name]}: call .train() or .eval() on every module first."
+                )
 
 
 # Note [Buffers of an ensemble]
