@@ -48,7 +48,6 @@ from typing import Any, Optional
 
 import optree
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
@@ -63,7 +62,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 from .. import spaces as S
 from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
-from ..nn._adapter import _concrete, _write_values, refine_base
+from ..nn._adapter import _CHECKED_BASES, _concrete, _filled, _write_values, refine_base
 from ..spaces._base import LOW_PRECISION, _autocast_on, autocast_off
 
 __all__ = ["LinearTransform", "SpaceLinear"]
@@ -305,13 +304,15 @@ class SpaceLinear(LazyTransform):
     # polyfill refuses a PyTreeSpec made outside the trace: "Expected `treespec` to be an instance of
     # PyTreeSpec"). The structure is also kept as a template, the base with each tensor replaced by
     # its buffer's name (plain tuples and strings: it deep-copies and pickles without torch's LeafSpec
-    # warning), mapped back by torch's pytree, which Dynamo traces, as geofunc.nn's adapter does.
+    # warning), mapped back by geofunc.nn's _filled (tuples written out; torch's pytree for other
+    # structures), which Dynamo traces, as geofunc.nn's adapter does.
     def _set_base(self, base: Any) -> None:
         leaves, self._base_spec = optree.tree_flatten(base, none_is_leaf=False)
         self._n_base = len(leaves)
         self._template = optree.tree_unflatten(self._base_spec, [f"base{i}" for i in range(self._n_base)])
         for i, leaf in enumerate(leaves):
             self.register_buffer(f"base{i}", leaf.detach().clone())
+        self._note_checked()
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -320,6 +321,11 @@ class SpaceLinear(LazyTransform):
 
     def _base_leaves(self) -> list[Tensor]:
         return [getattr(self, f"base{i}") for i in range(self._n_base)]
+
+    def _base_buffers(self) -> list[Tensor]:
+        """:meth:`_base_leaves` read from ``_buffers`` (eager only: a getattr of a module costs ~3 us)."""
+        buffers = self._buffers
+        return [buffers[f"base{i}"] for i in range(self._n_base)]
 
     # Note [SpaceLinear across dtypes]
     # The layer holds its raw tensor and base itself, not through a geofunc.nn parametrization, so
@@ -382,7 +388,10 @@ class SpaceLinear(LazyTransform):
     @property
     def base(self) -> Any:
         """The chart's base, rebuilt from the buffers."""
-        return pytree.tree_map(lambda name: getattr(self, name), self._template)  # Note [The base rebuilt by a template]
+        # Note [The base rebuilt by a template]; by geofunc.nn's _filled, not pytree.tree_map, whose
+        # recursive helper left a reference cycle of 7 objects per forward for the cyclic collector
+        # (as it did in geofunc.nn), and took ~10 us of a ~250 us forward
+        return _filled(self._template, self._buffers)
 
     @property
     def weight(self) -> Tensor:
@@ -390,8 +399,58 @@ class SpaceLinear(LazyTransform):
         return self.space.to_manifold(self.raw, self.base)
 
     def forward(self, c: Optional[Tensor] = None) -> LinearTransform:
-        """The transform ``y = W x`` (the context ``c`` is ignored)."""
-        return LinearTransform(self.space, self.raw, self.base)
+        """The transform ``y = W x`` (the context ``c`` is ignored).
+
+        Raises:
+            ManifoldError: the base buffers are off the space (an average of bases, ``to_empty``
+                without a checkpoint loaded; Note [SpaceLinear's base checked where it changes]).
+        """
+        return LinearTransform(self.space, self.raw, self._checked_base())
+
+    # Note [SpaceLinear's base checked where it changes]
+    # log|det W| is read from the raw diagonal alone (Σ log f(sᵢ)), and W = to_manifold(raw, base)
+    # trusts its base, so a base buffer off the space made log_prob silently wrong and W off the
+    # space: an EMA of a flow by AveragedModel(use_buffers=True) (or gf.nn.average_, or an average of
+    # state_dicts) averages the frames of layers that were rebased (3 rebases of a 4×4 SO layer: W
+    # with slogdet −0.58 and log|det| 0; GLp −1.07 against −0.20), and to_empty without a checkpoint
+    # leaves them zero (SO: W = 0, log|det| 0). The base is checked as geofunc.nn checks its
+    # constraints' (Note [Bases checked where they change] in geofunc/nn/_adapter.py): in eager mode
+    # on readable tensors, once per change of the buffers (kept with their version counters), not
+    # under torch.compile, torch.func or a trace. Construction and rebase_ write valid bases and note
+    # them checked; a base changed otherwise (a dtype change, a load, an outside write) is checked at
+    # the next forward.
+    def _checked_base(self) -> Any:
+        base = self.base
+        if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+                or torch._C._functorch.peek_interpreter_stack() is not None):
+            return base
+        leaves = self._base_buffers()
+        seen = _CHECKED_BASES.get(self)
+        if seen is not None and len(seen) == len(leaves) and all(
+                a is b and a._version == v for (a, v), b in zip(seen, leaves)):
+            return base
+        why = self.space._invalid_base(base)
+        if why is not None:
+            names = ", ".join(f"base{i}" for i in range(self._n_base))
+            raise ManifoldError(
+                f"SpaceLinear on {self.space!r}: expected its base (buffers {names}) on the space, as "
+                f"construction and rebase_ leave it, got {why}. An average of bases is not a base: "
+                "AveragedModel(use_buffers=True), gf.nn.average_ or an average of state_dicts averages them off "
+                "the space; average the matrices (layer.weight) instead and make a layer there with "
+                "SpaceLinear(space, n, init=space.project(W)), or load a checkpoint's own bases. After to_empty "
+                "(deferred initialization) the bases hold no values until a checkpoint is loaded."
+            )
+        self._note_checked()
+        return base
+
+    def _note_checked(self) -> None:
+        """Note the current base buffers as valid (Note [SpaceLinear's base checked where it changes])."""
+        if torch.compiler.is_compiling():
+            return
+        try:
+            _CHECKED_BASES[self] = [(b, b._version) for b in self._base_buffers()]
+        except RuntimeError:  # an inference tensor has no version counter: checked at every call
+            _CHECKED_BASES.pop(self, None)
 
     @torch.no_grad()
     def rebase_(self) -> "SpaceLinear":
@@ -408,6 +467,7 @@ class SpaceLinear(LazyTransform):
             for i in range(self._n_base):
                 delattr(self, f"base{i}")
             self._set_base(base)
+        self._note_checked()
         return self
 
     def extra_repr(self) -> str:
