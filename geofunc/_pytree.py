@@ -441,8 +441,11 @@ def _vector_at(X: Any, V: Any) -> Any:
         if err is not None:
             raise err
         return V
-    if torch.compiler.is_compiling() or X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
+    if X is None or _children(X) is None:  # a non-tensor leaf (a Python number): as before
         return V
+    # A subtree under torch.compile too (Dynamo traces optree's flatten, as retract's _add already did): with
+    # the check skipped there, a compiled radam broadcast a (1,) gradient over a nested (3,) bias silently
+    # and gf.tangent returned it as the bias's vector, where the eager calls raise
     _over_subtree(X, V, _vector_at, _IDENTITY)
     return V
 
