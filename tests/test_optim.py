@@ -544,6 +544,27 @@ def test_clip_by_global_norm_refuses_a_bad_max_norm():
             gf.optim.clip_by_global_norm({}, bad)
 
 
+def test_clip_by_global_norm_reads_a_number_of_any_type():
+    """Note [Checking hyperparameters]: a number of another type is checked as the float it is. max_norm was
+    checked only as a Python float or int, so a NumPy float32 (or 0-dim array) of -1 was taken and reversed
+    every gradient (the update pointed uphill), silently; True clipped at 1 and a string failed at the first
+    update with a bare TypeError. Each is refused at construction; a positive NumPy number clips as its float."""
+    import numpy as np
+
+    for bad in (np.float32(-1.0), np.float64(-1.0), np.int64(0), np.float32("nan"), np.array(-1.0), np.array([0.5]),
+                True, "1.0", None, [1.0]):
+        with pytest.raises(gf.ManifoldError, match=r"^clip_by_global_norm: expected `max_norm` > 0"):
+            gf.optim.clip_by_global_norm({}, bad)
+    p, g = {"b": torch.zeros(3, dtype=F64)}, {"b": torch.full((3,), 2.0, dtype=F64)}
+
+    def clipped(max_norm):
+        t = gf.optim.clip_by_global_norm({}, max_norm)
+        return t.update(g, t.init(p), p)[0]["b"]
+
+    torch.testing.assert_close(clipped(np.float32(0.5)), clipped(0.5), rtol=0, atol=0)
+    torch.testing.assert_close(clipped(np.int64(1)), clipped(1.0), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(lr=0.05), dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3)],

@@ -562,8 +562,14 @@ def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
         ...     gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 1.0),
         ...     gf.optim.scale_by_adam(c), gf.optim.scale(-1e-3)))
     """
-    if _is_number(max_norm) and not max_norm > 0:  # NaN too; a tensor is not read (Note [Checking hyperparameters])
-        raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0, got {max_norm!r}.")
+    if not isinstance(max_norm, torch.Tensor):  # a tensor is not read (Note [Checking hyperparameters])
+        # A number of any type as the float it is (NaN too): a NumPy float32 or 0-dim array of -1 was taken
+        # unchecked and reversed every gradient (the step went uphill), silently; a bool or no number at all
+        # was taken too (True clipped at 1; a string raised a bare TypeError at the first update).
+        x = _real(max_norm)
+        if x is None or isinstance(max_norm, bool) or not x > 0:
+            raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0 (a number or a 0-dim tensor), "
+                                f"got {max_norm!r}.")
     check_zero_dim("clip_by_global_norm", max_norm=max_norm)  # (a (1,) one broadcast a 0-dim vector to (1,))
 
     def init(params: Params) -> EmptyState:
