@@ -224,6 +224,34 @@ def test_an_optax_trace_call_is_refused():
     torch.testing.assert_close(p["b"], ref.detach(), atol=1e-15, rtol=0)
 
 
+def test_a_numpy_zero_momentum_steps_as_torch_sgd():
+    """Note [Checking hyperparameters]: a number of another type is read as the float it is. trace took only a
+    Python 0 for "no momentum", so rsgd(momentum=np.float32(0.0), dampening=0.5) made a buffer and stepped by
+    (1 − τ)·g from its second step, where torch.optim.SGD (momentum != 0) steps by g; and nesterov=True with
+    that momentum was taken where torch.optim.SGD refuses it."""
+    import numpy as np
+
+    def ours(momentum):
+        p = {"b": torch.zeros(3, dtype=F64)}
+        opt = gf.optim.rsgd({}, lr=0.1, momentum=momentum, dampening=0.5)
+        s = opt.init(p)
+        for _ in range(3):
+            p, s = opt.update({"b": torch.ones(3, dtype=F64)}, s, p)
+        return p["b"]
+
+    b = torch.zeros(3, dtype=F64, requires_grad=True)
+    sgd = torch.optim.SGD([b], lr=0.1, momentum=np.float32(0.0), dampening=0.5)
+    for _ in range(3):
+        b.grad = torch.ones(3, dtype=F64)
+        sgd.step()
+    for momentum in (0.0, np.float32(0.0), np.float64(0.0), np.int64(0)):
+        torch.testing.assert_close(ours(momentum), b.detach(), rtol=0, atol=1e-15)
+    with pytest.raises(ValueError):
+        torch.optim.SGD([b], lr=0.1, momentum=np.float32(0.0), nesterov=True)
+    with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `nesterov=True` with `momentum` > 0"):
+        gf.optim.rsgd({}, lr=0.1, momentum=np.float32(0.0), nesterov=True)
+
+
 def test_a_tensor_hyperparameter_of_several_values_is_refused_at_construction():
     """``lr=torch.tensor([0.1, 0.2])`` (the message asks for a 0-dim tensor) was taken and broadcast into
     each entry's step: torch's size error at the first update, or a step of another shape; a (1,) one

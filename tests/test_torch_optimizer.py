@@ -1496,3 +1496,23 @@ def test_one_value_tensor_hyperparameters_are_taken_and_checked_as_torch_optim_d
     for bad in ({"betas": (torch.tensor(1.0), 0.999)}, {"betas": (0.9, torch.tensor([1.0]))}, {"eps": torch.tensor(-1.0)}):
         with pytest.raises(gf.ManifoldError):
             run(**bad)
+
+
+def test_nesterov_at_a_numpy_zero_momentum_steps_as_plain_sgd():
+    """Note [Nesterov at momentum 0] for a momentum a scheduler sets to NumPy's 0 (np.float32(0.0)): rsgd
+    reads it as the 0 it is (torch.optim.SGD compares momentum != 0), so the group steps as plain SGD as for
+    a Python 0, not with rsgd's refusal of nesterov without momentum."""
+    import numpy as np
+
+    out = []
+    for zero in (0.0, np.float32(0.0)):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 3, dtype=F64)
+        opt = gf.optim.TorchOptimizer(lin.named_parameters(), {}, gf.optim.rsgd, lr=0.1, momentum=0.9, nesterov=True)
+        opt.param_groups[0]["momentum"] = zero
+        for _ in range(2):
+            opt.zero_grad()
+            lin(torch.ones(1, 2, dtype=F64)).pow(2).sum().backward()
+            opt.step()
+        out.append(torch.cat([p.detach().reshape(-1) for p in lin.parameters()]))
+    torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)

@@ -13,7 +13,7 @@ from ._transforms import (
     ScalarOrSchedule,
     TraceState,
     _count,
-    _is_number,
+    _real,
     add_decayed_weights,
     check_adam_hyperparameters,
     check_nonnegative,
@@ -89,7 +89,8 @@ def rsgd(
     """
     check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     check_zero_dim("rsgd", dampening=dampening)  # (a number's range is torch.optim.SGD's: not checked)
-    if nesterov and ((_is_number(momentum) and momentum <= 0) or (_is_number(dampening) and dampening != 0)):
+    m, d = _real(momentum), _real(dampening)  # (NumPy's numbers too: torch.optim.SGD refuses np.float32(0.0))
+    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
         raise ManifoldError(f"rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0 (as torch.optim.SGD), "
                             f"got momentum={momentum!r}, dampening={dampening!r}.")
     # trace(0) holds no buffer and passes the vectors unchanged (Note [Momentum that may be zero])

@@ -261,7 +261,10 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
         raise ManifoldError(f"trace: expected `dampening` a number (torch.optim.SGD's τ; optax's trace takes nesterov "
                             f"second: pass nesterov={dampening!r} by keyword), got {dampening!r}.")
     check_zero_dim("trace", decay=decay, dampening=dampening)
-    off = _is_number(decay) and decay == 0
+    # A number of any type as the float it is (Note [Checking hyperparameters]): a NumPy 0 (np.float32(0.0)
+    # from a config) made a buffer, so with a dampening τ every step after the first was (1 − τ)·g where
+    # torch.optim.SGD, which compares momentum != 0, steps by g.
+    off = _real(decay) == 0.0
 
     def init(params: Params) -> TraceState:
         return TraceState(_count(), () if off else _zeros(params))
