@@ -282,6 +282,22 @@ def test_every_tensor_hyperparameter_of_one_dim_or_more_is_refused(make):
     make(torch.tensor(0.5, dtype=F64))
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_bool_or_complex_tensor_beta_is_refused_at_construction(which):
+    """A bool tensor β (torch.optim.Adam refuses it) was taken and raised torch's "Subtraction ... with a bool
+    tensor" at the first update; TorchOptimizer, which checks a tensor β as its number, took it too. Its dtype
+    is metadata: refused at construction, as a (2,) β is."""
+    for bad in (torch.tensor(False), torch.tensor(True), torch.tensor(0.5 + 0j)):
+        betas = [0.9, 0.999]
+        betas[which] = bad
+        with pytest.raises(gf.ManifoldError, match=r"^radam: expected `betas` a pair of numbers or real 0-dim tensors"):
+            gf.optim.radam({}, 0.1, betas=tuple(betas))
+        model = torch.nn.Linear(2, 3)
+        with pytest.raises(gf.ManifoldError, match=r"expected `betas`"):
+            gf.optim.TorchOptimizer(model.named_parameters(), {}, gf.optim.radam, lr=0.1, betas=tuple(betas))
+    gf.optim.radam({}, 0.1, betas=(torch.tensor(0.9), torch.tensor(0.999, dtype=F64)))
+
+
 def test_tensor_and_scheduled_hyperparameters_are_not_checked_by_value(generator):
     """A schedule ``lr`` and tensor hyperparameters pass the checks (no ``bool()`` of a traced tensor):
     meta-gradients of a loss after three steps with respect to ``lr``, β₁ (``radam``) and the momentum

@@ -191,8 +191,11 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
         raise ManifoldError(f"{where}: expected `betas` a pair (β₁, β₂), got {betas!r}.") from None
     for i, b in enumerate((b1, b2)):
         if isinstance(b, torch.Tensor):
-            if b.ndim != 0:  # (a (2,) β gave each column of a parameter its own β, silently)
-                raise ManifoldError(f"{where}: expected `betas` a pair of numbers or 0-dim tensors, got "
+            # (a (2,) β gave each column of a parameter its own β, silently; a bool one, which torch.optim.Adam
+            # refuses, raised torch's "Subtraction ... with a bool tensor" at the first update: dtype and shape
+            # are metadata, static under vmap and torch.compile)
+            if b.ndim != 0 or b.dtype == torch.bool or b.is_complex():
+                raise ManifoldError(f"{where}: expected `betas` a pair of numbers or real 0-dim tensors, got "
                                     f"β{'₁₂'[i]} {describe(b)}.")
             continue
         x = _real(b)
