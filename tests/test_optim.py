@@ -1219,6 +1219,18 @@ def test_states_built_under_a_meta_default_device_live_with_torch_optims_step(na
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+def test_apply_if_finite_flags_of_a_tree_without_tensors_are_on_the_cpu_under_a_meta_default_device():
+    """``apply_if_finite``'s flags were made on the default device when the tree held no tensor: under
+    ``torch.device("meta")`` they were meta, and ``torch.where`` over them made the inner state's count
+    meta too after one update (no value to read or save). On the CPU, as the counts (``_count()``)."""
+    opt = gf.optim.apply_if_finite(gf.optim.radam({}, lr=0.1), 3)
+    with torch.device("meta"):
+        state = opt.init({"n": None})
+    _, state = opt.update({"n": None}, state, {"n": None})
+    assert {t.device.type for t in optree.tree_leaves(state)} == {"cpu"}
+    assert int(state.notfinite_count) == 0 and bool(state.last_finite)
+
+
 def test_torch_optimizer_steps_and_saves_under_a_meta_default_device():
     """TorchOptimizer's first step (its state's counts) and its state_dict (the cohort entries) inside
     ``torch.device("meta")``: the step raised, and the state_dict held meta tensors that no load could read."""

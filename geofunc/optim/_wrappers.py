@@ -86,7 +86,9 @@ def apply_if_finite(opt: Optimizer, max_consecutive_errors: int) -> Optimizer:
 
     def init(params: Params) -> ApplyIfFiniteState:
         leaves = [t for t in optree.tree_leaves(params, none_is_leaf=False) if isinstance(t, Tensor)]
-        device = leaves[0].device if leaves else None  # the flags live with the points (torch.where)
+        # The flags live with the points (torch.where); without a tensor on the CPU, as _count() (the
+        # default device could be meta: flags there made every count meta through torch.where).
+        device = leaves[0].device if leaves else torch.device("cpu")
         zero = torch.zeros((), dtype=torch.int64, device=device)
         return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), opt.init(params))
 
