@@ -1516,3 +1516,52 @@ def test_nesterov_at_a_numpy_zero_momentum_steps_as_plain_sgd():
             opt.step()
         out.append(torch.cat([p.detach().reshape(-1) for p in lin.parameters()]))
     torch.testing.assert_close(out[1], out[0], rtol=0, atol=0)
+
+
+def test_a_copy_with_a_scheduler_steps_its_own_parameters(generator):
+    """An lr_scheduler wraps the optimizer's ``step`` in an instance attribute that steps the original
+    through a weak reference (Note [A copy's step is its own]): a deepcopy of (model, optimizer,
+    scheduler) stepped the original's parameters (the copy's did not move), and pickle refused it."""
+    import copy
+    import pickle
+
+    x, y = _data(generator)
+    net = Net(generator)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 5)
+    _train(net, opt, x, y, 1)
+    sched.step()
+    ref_net = copy.deepcopy(net)
+    ref_opt = gf.optim.TorchOptimizer(ref_net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    ref_opt.load_state_dict(opt.state_dict())
+    _train(ref_net, ref_opt, x, y, 1)  # an uninterrupted second step
+    for clone in (copy.deepcopy((net, opt, sched)), pickle.loads(pickle.dumps((net, opt, sched)))):
+        twin, opt2, sched2 = clone
+        assert "step" not in vars(opt2)
+        before = net.W.detach().clone()
+        _train(twin, opt2, x, y, 1)
+        sched2.step()
+        assert torch.equal(net.W.detach(), before)  # the original is left alone
+        for k in ("W", "s", "b"):
+            assert torch.equal(getattr(twin, k).detach(), getattr(ref_net, k).detach()), k
+        del twin, opt2, sched2, clone
+
+
+def test_a_copy_leaves_the_instance_hooks_behind_as_torch_optim_does(generator):
+    """torch.optim's copies and pickles leave the hooks registered on the instance out: a lambda hook
+    made a TorchOptimizer unpicklable, and a copy's step ran the original's hooks (Note [A copy's step
+    is its own])."""
+    import copy
+    import pickle
+
+    net = Net(generator)
+    opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.02)
+    calls = []
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(o))
+    for twin, opt2 in (copy.deepcopy((net, opt)), pickle.loads(pickle.dumps((net, opt)))):
+        x, y = _data(generator)
+        _train(twin, opt2, x, y, 1)
+        assert calls == []
+    x, y = _data(generator)
+    _train(net, opt, x, y, 1)
+    assert calls == [opt]

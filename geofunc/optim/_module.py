@@ -216,6 +216,10 @@ def _fill(fresh: Any, old: Any, names: tuple[str, ...]) -> Any:
 # The earlier formats (a list of "cohorts" holding NamedTuple states, and the first, one
 # "functional_state") still load.
 _COHORT = "cohort"
+# What a copy or a pickle of a TorchOptimizer leaves out (Note [A copy's step is its own])
+_NOT_COPIED = frozenset({"_built", "step", "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                         "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                         "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks"})
 _COUNTERS = ("notfinite_count", "last_finite", "total_notfinite")  # Note [A whole-model step]
 
 
@@ -681,7 +685,15 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer's keeps only defaults, state and param_groups: a deepcopy or pickle lost
         # the names and cohorts. The built functional optimizers close over this object: rebuilt.
-        return {k: v for k, v in self.__dict__.items() if k != "_built"}
+        # Note [A copy's step is its own]: an instance attribute `step` is the wrapper a torch.optim
+        # lr_scheduler puts on the optimizer it is given, which steps that optimizer through a weak
+        # reference: copied, it made the copy's step() step the original (the copy's parameters did not
+        # move, silently; "'NoneType' object has no attribute '_opt_called'" once the original was gone),
+        # and pickle refused it. The hooks registered on the instance (register_step_pre_hook, ...)
+        # went with it too: the copy's step ran the original's hooks, and a lambda hook made the
+        # optimizer unpicklable. Both are left out, as torch.optim's own __getstate__ leaves them out
+        # (its __setstate__ makes the hook dicts anew, empty).
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_COPIED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
