@@ -8,6 +8,7 @@ transforms and ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 from typing import Any, Callable, Optional, Union
@@ -593,6 +594,22 @@ _BASIS_CACHE = True  # tests and benchmarks switch it off to compare
 _BASIS_CACHE_SIZE = 32
 _BASIS_ENTRIES: dict[tuple, tuple] = {}
 _BASIS_LOCK = threading.Lock()  # threads that share a module (DataParallel's replicas, a thread pool) share the cache
+
+
+# Note [Locks across fork]
+# A fork copies a lock in the state it is in, and only the forking thread: where another thread was
+# inside one of geofunc's cache locks (this one, _LAYOUT_LOCK in spaces/_factorized.py) at the fork (a
+# DataLoader with num_workers > 0 started beside a serving or training thread), the child's copy
+# stayed held by a thread the child does not have, and the child's first insertion deadlocked (its
+# first chart of a new shape: a worker that hung silently). The dicts they guard are consistent at any
+# fork (their operations are atomic under the GIL), so the child only needs new, free locks.
+def _fresh_basis_lock() -> None:
+    global _BASIS_LOCK
+    _BASIS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_fresh_basis_lock)
 
 
 def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:

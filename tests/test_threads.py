@@ -10,7 +10,9 @@ an exception inside a thread is carried back and raised (not left to ``threading
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +20,7 @@ import torch
 from reference import member
 from torch import nn
 from torch.nn.utils import parametrize
+import pytest
 
 import geofunc as gf
 import geofunc.nn as gnn
@@ -222,3 +225,51 @@ def test_a_serving_pool_over_one_model_gives_the_single_threaded_results():
     with torch.no_grad():
         assert member(gf.Stiefel(), m[0].weight, 1e-4) and member(gf.PSD(), m[2].weight, 1e-4)
         assert member(gf.FixedRank(rank=2), m[4].weight, 1e-4) and member(gf.GLp(), m[5].weight, 1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork")
+@pytest.mark.parametrize("which", ["layout", "basis"])
+def test_a_fork_while_another_thread_holds_a_cache_lock(which):
+    """A fork copies a lock as it is: where another thread was inside the rank layout cache's or the
+    base-factor cache's lock at the fork (a DataLoader's workers started beside a serving thread), the
+    child's first chart of a new shape deadlocked on it (Note [Locks across fork]). The thread holds the
+    lock across the fork here (the interleaving that failed); the child must finish within 10 s."""
+    from geofunc import _linalg
+    from geofunc.spaces import _factorized
+
+    torch.set_num_threads(1)
+    space = gf.LowRank(rank=3)
+    lock = _factorized._LAYOUT_LOCK if which == "layout" else _linalg._BASIS_LOCK
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with lock:
+            held.set()
+            release.wait(TIMEOUT)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert held.wait(TIMEOUT)
+    pid = os.fork()
+    if pid == 0:  # the child: a chart of a new shape builds a layout and caches its base's factors
+        code = 1
+        try:
+            Z2, B2 = space.from_manifold(space.sample((11, 8), generator=torch.Generator().manual_seed(1)))
+            space.to_manifold((Z2 + 0.01).requires_grad_(), B2).sum().backward()
+            code = 0
+        finally:
+            os._exit(code)
+    release.set()
+    t.join(TIMEOUT)
+    status = None
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail(f"the forked child deadlocked on the {which} cache's lock")
+    assert os.waitstatus_to_exitcode(status) == 0

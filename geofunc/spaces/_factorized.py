@@ -30,6 +30,7 @@ from __future__ import annotations
 import abc
 import math
 import operator
+import os
 import threading
 from typing import Any, Callable, ClassVar, Optional
 
@@ -396,6 +397,15 @@ _LAYOUT_SIZE = 64
 _LAYOUT_BYTES = 1 << 26
 _LAYOUTS: dict[tuple, tuple] = {}
 _LAYOUT_LOCK = threading.Lock()
+
+
+def _fresh_layout_lock() -> None:  # Note [Locks across fork] (geofunc/_linalg.py)
+    global _LAYOUT_LOCK
+    _LAYOUT_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_layout_lock)
 
 
 def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], transposed: bool, diag: bool,
