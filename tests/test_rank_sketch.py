@@ -1,0 +1,213 @@
+"""The sketched frames of the rank family's maps (Note [Sketched frames of low-rank points] in
+geofunc/spaces/_factorized.py): ``tangent``, ``project``/``retract`` and ``transport`` of LowRank,
+FixedRank, PSSDLowRank and PSSDFixedRank read a low-rank point's frames from a certified sketch
+(O(nkr)) instead of a dense thin SVD or ``eigh``. Pinned here: the sketch is taken where it
+should be, its results equal the dense path's (float64 to 1e-10, points and Adam moments over
+optimizer steps), the points stay on the space, and every case the sketch cannot certify (a
+point off the stratum, a rank below r, a tie at the r-th value, a full-rank Y) takes the dense
+path unchanged, bit for bit. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+from torch.func import vmap
+
+import geofunc as gf
+import geofunc.spaces._factorized as fz
+
+F64 = torch.float64
+F32 = torch.float32
+TOL = {F64: 1e-10, F32: 2e-5}
+
+SPACES = [gf.LowRank(rank=4), gf.FixedRank(rank=3), gf.PSSDLowRank(rank=4), gf.PSSDFixedRank(rank=2)]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _shapes(space):
+    if isinstance(space, (gf.PSSDLowRank, gf.PSSDFixedRank)):
+        return [(64, 64), (3, 64, 64)]
+    return [(64, 64), (96, 64), (64, 96), (3, 64, 64)]
+
+
+class _Counted:
+    """Counts the sketches that certified (returned frames) while installed; ``dense=True`` disables them."""
+
+    def __init__(self, monkeypatch, dense=False):
+        self.taken = 0
+        svd, eigh = fz._sketch_svd, fz._sketch_eigh
+
+        def wrap(f):
+            def g(*args):
+                if dense:
+                    return None
+                out = f(*args)
+                self.taken += out is not None
+                return out
+            return g
+
+        monkeypatch.setattr(fz, "_sketch_svd", wrap(svd))
+        monkeypatch.setattr(fz, "_sketch_eigh", wrap(eigh))
+
+
+def _dense(fn):
+    """``fn()`` with the sketches disabled: the dense path (the maps before the sketch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _Counted(mp, dense=True)
+        return fn()
+
+
+CASES = [(space, shape) for space in SPACES for shape in _shapes(space)]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("space, shape", CASES, ids=repr)
+def test_maps_equal_the_dense_path(space, shape, dtype, monkeypatch):
+    g = _gen(1)
+    X = space.sample(shape, dtype=dtype, generator=g)
+    G = torch.randn(shape, dtype=dtype, generator=g)
+    counted = _Counted(monkeypatch)
+    T = space.tangent(X, G)
+    Y = space.retract(X, -0.3 * T)
+    W = space.transport(X, Y, T)
+    assert counted.taken == 3  # one sketch per map
+    T0 = _dense(lambda: space.tangent(X, G))
+    Y0 = _dense(lambda: space.retract(X, -0.3 * T0))
+    W0 = _dense(lambda: space.transport(X, Y0, T0))
+    tol = TOL[dtype]
+    torch.testing.assert_close(T, T0, atol=tol, rtol=0)
+    torch.testing.assert_close(Y, Y0, atol=tol, rtol=0)
+    torch.testing.assert_close(W, W0, atol=tol, rtol=0)
+    assert bool(space.contains(Y).all())
+    # the results are tangent: projecting again changes them by rounding only
+    torch.testing.assert_close(space.tangent(Y, W), W, atol=tol, rtol=0)
+    torch.testing.assert_close(space.tangent(X, T), T, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("opt_name", ["radam", "rsgd"])
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_optimizer_steps_equal_the_dense_path(space, opt_name, monkeypatch):
+    """Five steps of radam / rsgd with momentum: points and first moments within 1e-10 (float64)."""
+    g = _gen(2)
+    X = space.sample((96, 96), dtype=F64, generator=g)
+    S = torch.randn(96, 96, dtype=F64, generator=g)
+    S = S @ S.mT / 96  # ½‖X − S‖² with S PSD: the iterates stay of rank r, well separated
+
+    def run():
+        opt = gf.optim.radam(space, lr=0.05) if opt_name == "radam" else gf.optim.rsgd(space, lr=0.1, momentum=0.9)
+        P, st = X, opt.init(X)
+        for _ in range(5):
+            P, st = opt.update(P - S, st, P)
+        return P, st
+
+    counted = _Counted(monkeypatch)
+    P, st = run()
+    assert counted.taken >= 15  # tangent, retract, transport at every step
+    P0, st0 = _dense(run)
+    torch.testing.assert_close(P, P0, atol=1e-10, rtol=0)
+    moments = [(a, b) for a, b in zip(optree.tree_leaves(st), optree.tree_leaves(st0)) if a.shape == X.shape]
+    assert moments  # radam's first moment, rsgd's momentum buffer
+    for m, m0 in moments:
+        torch.testing.assert_close(m, m0, atol=1e-10, rtol=0)
+    assert bool(space.contains(P).all())
+
+
+def _dense_equal(fn, monkeypatch):
+    """``fn()`` takes the dense path (no sketch certifies) and gives its result bit for bit."""
+    counted = _Counted(monkeypatch)
+    out = fn()
+    assert counted.taken == 0
+    ref = _dense(fn)
+    assert torch.equal(out, ref) or (out.isnan().all() and ref.isnan().all())
+
+
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_full_rank_input_takes_the_dense_path(space, monkeypatch):
+    g = _gen(3)
+    Y = torch.randn(64, 64, dtype=F64, generator=g)
+    G = torch.randn(64, 64, dtype=F64, generator=g)
+    _dense_equal(lambda: space.project(Y), monkeypatch)
+    _dense_equal(lambda: space.tangent(Y + Y.mT, G), monkeypatch)  # a point off the stratum
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
+def test_rank_below_r_takes_the_dense_path(space, monkeypatch):
+    """A LowRank (PSSDLowRank) point of rank 2 < 4: its frames are not determined, the dense path decides."""
+    g = _gen(4)
+    U = torch.linalg.qr(torch.randn(64, 2, dtype=F64, generator=g)).Q
+    X = U @ torch.diag(torch.tensor([2.0, 1.0], dtype=F64)) @ U.mT
+    G = torch.randn(64, 64, dtype=F64, generator=g)
+    _dense_equal(lambda: space.tangent(X, G), monkeypatch)
+    _dense_equal(lambda: space.project(X + 1e-3 * G), monkeypatch)
+
+
+def test_tie_at_the_rank_takes_the_dense_path(monkeypatch):
+    """σ_r = σ_(r+1): which of the two is kept is the dense SVD's choice, kept."""
+    g = _gen(5)
+    Q = torch.linalg.qr(torch.randn(64, 6, dtype=F64, generator=g)).Q
+    P = torch.linalg.qr(torch.randn(64, 6, dtype=F64, generator=g)).Q
+    Y = Q @ torch.diag(torch.tensor([3.0, 2.5, 2.0, 1.0, 1.0, 0.5], dtype=F64)) @ P.mT
+    _dense_equal(lambda: gf.LowRank(rank=4).project(Y), monkeypatch)
+
+
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_non_finite_points_give_nan(space):
+    X = space.sample((2, 64, 64), dtype=F64, generator=_gen(6))
+    X[0, 3, 5] = float("nan")
+    G = torch.randn(64, 64, dtype=F64, generator=_gen(7))
+    for out in (space.tangent(X, G), space.project(X), space.retract(X, 0.1 * space.tangent(X, G))):
+        assert out[0].isnan().all()
+        assert not out[1].isnan().any()
+
+
+def test_no_draw_from_the_global_generator_and_empty_batches():
+    X = gf.LowRank(rank=4).sample((96, 64), dtype=F64, generator=_gen(8))
+    G = torch.randn(96, 64, dtype=F64, generator=_gen(9))
+    state = torch.get_rng_state()
+    a = gf.LowRank(rank=4).retract(X, gf.LowRank(rank=4).tangent(X, G))
+    assert torch.equal(torch.get_rng_state(), state)
+    b = gf.LowRank(rank=4).retract(X, gf.LowRank(rank=4).tangent(X, G))
+    assert torch.equal(a, b)  # the sketch is fixed: the same result on every call
+    for space in SPACES:
+        E = torch.zeros(0, 64, 64, dtype=F64)
+        assert space.tangent(E, E).shape == (0, 64, 64)
+        assert space.project(E).shape == (0, 64, 64)
+
+
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_vmap_keeps_the_dense_path_and_agrees(space, monkeypatch):
+    """Under vmap no value may be read: the dense path, equal to the eager (sketched) result."""
+    X = space.sample((3, 64, 64), dtype=F64, generator=_gen(10))
+    G = torch.randn(3, 64, 64, dtype=F64, generator=_gen(11))
+    T = space.tangent(X, G)
+    counted = _Counted(monkeypatch)
+    Tv = vmap(space.tangent)(X, G)
+    Yv = vmap(space.retract)(X, -0.3 * Tv)
+    assert counted.taken == 0
+    torch.testing.assert_close(Tv, T, atol=1e-10, rtol=0)
+    torch.testing.assert_close(Yv, space.retract(X, -0.3 * T), atol=1e-10, rtol=0)
+
+
+def test_derivatives_keep_the_exact_path(monkeypatch):
+    """A differentiated map (autograd through project/tangent) is not sketched."""
+    space = gf.LowRank(rank=4)
+    X = space.sample((64, 64), dtype=F64, generator=_gen(12)).requires_grad_()
+    G = torch.randn(64, 64, dtype=F64, generator=_gen(13))
+    counted = _Counted(monkeypatch)
+    (space.tangent(X, G).sum() + space.project(X + 0.1 * G).sum()).backward()
+    assert counted.taken == 0 and X.grad is not None
+
+
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_small_matrices_take_the_dense_path(space, monkeypatch):
+    """Below a short side of 64 the sketch does not pay for its fixed costs: the dense path, bit for bit."""
+    g = _gen(14)
+    X = space.sample((48, 48), dtype=F64, generator=g)
+    G = torch.randn(48, 48, dtype=F64, generator=g)
+    _dense_equal(lambda: space.tangent(X, G), monkeypatch)
+    _dense_equal(lambda: space.project(X + 1e-3 * space.tangent(X, G)), monkeypatch)
