@@ -726,3 +726,22 @@ def test_every_public_method_of_every_space_is_annotated():
             if missing:
                 bad.append(f"{name}.{attr}: {', '.join(missing)}")
     assert not bad, "public methods of spaces without annotations:\n  " + "\n  ".join(bad)
+
+
+def test_a_shape_error_inside_torch_compile() -> None:
+    """README (Errors): a shape error raised while Dynamo traces is the ManifoldError without fullgraph;
+    with fullgraph=True torch reports it as Unsupported, quoting the ManifoldError's message."""
+    X = gf.Birkhoff().sample((2, 3, 3), generator=torch.Generator().manual_seed(0))
+    G = torch.zeros(2, 3, 4)
+    B = gf.Birkhoff()  # built outside: torch 2.6's Dynamo cannot trace building a space
+
+    def f(X, G):
+        return B.tangent(X, G)
+
+    torch._dynamo.reset()
+    with pytest.raises(gf.ManifoldError, match="square matrices"):
+        torch.compile(f, backend="eager")(X, G)
+    torch._dynamo.reset()
+    with pytest.raises((gf.ManifoldError, torch._dynamo.exc.Unsupported), match="square matrices"):  # Unsupported on 2.13
+        torch.compile(f, backend="eager", fullgraph=True)(X, G)
+    torch._dynamo.reset()

@@ -106,3 +106,51 @@ def test_row_major_outputs_keep_a_tensor_that_is_already_row_major(space):
         assert base2.stride() == (5, 1) and Z2.stride() == (5, 1)
     odd = torch.zeros(5, 1).mT  # (1, 5) of stride (1, 1): still made row-major
     assert gf.Rn().rebase(odd, None)[0].stride() == (5, 1)
+
+
+def _tree(f, *xs):
+    return tuple(_tree(f, *ys) for ys in zip(*xs)) if isinstance(xs[0], tuple) else f(*xs)
+
+
+# (space, point shape(s), dtype): the spaces the README's mark_dynamic claim names besides the first twelve.
+_MARKED = [(gf.Product(gf.SO(), gf.Sphere()), ((3, 3), (4,)), torch.float64), (gf.Birkhoff(), (4, 4), torch.float64),
+           (gf.Hurwitz(), (4, 4), torch.float64), (gf.SL(), (4, 4), torch.float64),
+           (gf.FixedRank(rank=3), (3, 3), torch.float64), (gf.PSSDFixedRank(rank=2), (5, 5), torch.float64),
+           (gf.Unitary(), (3, 3), torch.complex128), (gf.Stiefel(), (5, 3), torch.complex128)]
+
+
+@pytest.mark.parametrize(("space", "shape", "dtype"), _MARKED, ids=[f"{M!r}-{d}" for M, _, d in _MARKED])
+def test_a_marked_dynamic_batch_compiles_once(space, shape, dtype):
+    """README (Known limitations): with the batch dimension marked dynamic, to_manifold and retract
+    compile one graph for batch sizes 2, 3, 5, 8 and the point size, with eager mode's values."""
+    g = torch.Generator().manual_seed(0)
+    n = (shape[0] if isinstance(space, gf.Product) else shape)[-1]
+
+    def points(b):
+        return space.sample(tuple((b,) + s for s in shape) if isinstance(space, gf.Product) else (b,) + shape,
+                            generator=g, dtype=dtype)
+
+    def mark(*trees):
+        for t in _tensors(trees):
+            torch._dynamo.mark_dynamic(t, 0)
+
+    def to_args(b):
+        Z, base = space.from_manifold(points(b))
+        return _tree(lambda z: z + 0.3 * torch.randn(z.shape, generator=g, dtype=z.dtype), Z), base
+
+    def retract_args(b):
+        X = points(b)
+        return X, _tree(lambda v: 0.2 * v, space.tangent(X, _tree(lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype), X)))
+
+    tol = 1e-10
+    for fn, make in ((space.to_manifold, to_args), (space.retract, retract_args)):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        compiled = torch.compile(fn, backend=counter, fullgraph=True)
+        for b in (2, 3, 5, 8, n):
+            args = make(b)
+            mark(*args)
+            for got, want in zip(_tensors(compiled(*args)), _tensors(fn(*args))):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        assert counter.frame_count == 1, (fn.__name__, counter.frame_count)
+    torch._dynamo.reset()
