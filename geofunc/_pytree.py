@@ -470,6 +470,67 @@ def _first_leaf(X: Any) -> torch.Tensor:
     return optree.tree_leaves(X)[0]
 
 
+# Note [Stacked entries]
+# An optimizer step lifts four maps (egrad_to_rgrad, Adam's squared norms, retract, transport) over every
+# constrained entry, one space call each: with many small parameters (800 Stiefel 6x2 / Sphere(8) / SO(3)
+# frames, a transformer's heads, an ensemble's layers) a step was the Python and dispatch overhead of
+# some 40 ops per entry (a retraction alone 30-40 ops), not arithmetic, 1.7x geoopt's RiemannianAdam. A
+# space's maps take leading dims as a batch, so the entries of one space, shape and dtype are one batch:
+# _stacked maps them in one call (torch.stack per argument, one call, unbind) where every argument is a
+# plain CPU tensor outside any transform (eager; no vmap, torch.func.grad, DTensor or other subclass, no
+# autograd graph to build) and the space is one whose maps are measured batch for batch the same as one
+# by one: Stiefel, Sphere and SO (the same bits, except SO's retraction, whose matrix exponential picks
+# its degree from the batch: within 2 ulp, tests/test_optim_stacked.py). Anything else, a group of one,
+# and any error of the batched call (the per-entry call then raises it with the parameter's name) take
+# the per-entry path. The results are views of one tensor per group.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+_STACKABLE: tuple[type, ...] = ()
+
+
+def _stackable() -> tuple[type, ...]:
+    global _STACKABLE
+    if not _STACKABLE:
+        from .spaces import SO, Sphere, Stiefel
+
+        _STACKABLE = (Stiefel, Sphere, SO)
+    return _STACKABLE
+
+
+def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -> dict[int, Any]:
+    """``{leaf index: fn(entry, *args)}`` for the entries mapped as batches (Note [Stacked entries])."""
+    kinds = _stackable()
+    grad = torch.is_grad_enabled()
+    groups: dict[Any, list[int]] = {}
+    first, rest = cols[0], cols[1:]
+    for i, e in enumerate(leaves):
+        if type(e) is not _Entry or type(e.space) not in kinds:
+            continue
+        x = first[i]
+        if type(x) not in _PLAIN or not x.is_cpu or (grad and x.requires_grad) or (_wrapped is not None and _wrapped(x)):
+            continue
+        shape, dtype = x.shape, x.dtype
+        for col in rest:  # the other arguments: plain tensors of the point's shape and dtype
+            a = col[i]
+            if (type(a) not in _PLAIN or not a.is_cpu or a.dtype != dtype or a.shape != shape
+                    or (grad and a.requires_grad) or (_wrapped is not None and _wrapped(a))):
+                break
+        else:
+            groups.setdefault((e.space, shape, dtype), []).append(i)
+    done: dict[int, Any] = {}
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        try:
+            res = fn(leaves[idx[0]], *[torch.stack([col[i] for i in idx]) for col in cols])
+        except Exception:  # the per-entry call raises it, naming the parameter
+            continue
+        if type(res) is not torch.Tensor or res.ndim == 0 or res.shape[0] != len(idx):
+            continue
+        done.update(zip(idx, res.unbind(0)))
+    return done
+
+
 def _map(
     constraints: Constraints,
     fn: Callable[..., Any],
@@ -479,6 +540,7 @@ def _map(
     check: str | None = None,
     free: Callable[..., Any] = lambda X, *rest: X,
     keyed: dict[str, _Entry] | None = None,
+    stack: bool = False,
 ) -> PyTree:
     """The one lift: ``fn(entry, *subtrees)`` at every constrained entry, ``free(*subtrees)`` elsewhere.
 
@@ -487,12 +549,20 @@ def _map(
     no check). A ``ManifoldError`` of ``fn`` is prefixed with the parameter's name, a
     ``_FreeError`` of ``free`` becomes one naming the parameter. ``keyed``: the caller keys
     results by entry name; it is filled with ``{name: entry}`` and two entries of one name raise
-    (one dict operation per constrained entry).
+    (one dict operation per constrained entry). ``stack``: ``fn`` maps a batch of points as each of
+    them (a space's method), so entries of one space, shape and dtype may be mapped in one call
+    (Note [Stacked entries]).
     """
     leaves, spec, subs = _flatten(constraints, tree, names[0])
     cols = [subs] + [_up_to(spec, r, n, names[0]) for r, n in zip(rests, names[1:])]
+    done = _stacked(leaves, cols, fn) if stack and not torch.compiler.is_compiling() else None
     out = []
     for e, *args in zip(leaves, *cols):
+        if done:
+            r = done.get(len(out), done)
+            if r is not done:
+                out.append(r)
+                continue
         if isinstance(e, _Free):
             try:
                 out.append(free(*args))
@@ -650,14 +720,14 @@ def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> P
     """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
     identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
     return _map(constraints, lambda e, X, G: e.space.egrad_to_rgrad(X, G), params, grads, names=("params", "grads"),
-                free=_vector_at)
+                free=_vector_at, stack=True)
 
 
 def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
     """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
     on unconstrained entries)."""
     return _map(constraints, lambda e, X, Y, V: e.space.transport(X, Y, V), params, new_params, vectors,
-                names=("params", "new_params", "vectors"), free=lambda X, Y, V: _vector_at(X, V))
+                names=("params", "new_params", "vectors"), free=lambda X, Y, V: _vector_at(X, V), stack=True)
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
@@ -667,7 +737,7 @@ def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree
     ``ManifoldError`` naming the parameter, on unconstrained entries as on constrained ones.
     """
     return _map(constraints, lambda e, X, V: e.space.retract(X, V), params, vectors, names=("params", "vectors"),
-                free=_add)
+                free=_add, stack=True)
 
 
 def contains(constraints: Constraints, params: PyTree, atol: float | None = None) -> dict[str, torch.Tensor]:
@@ -685,12 +755,13 @@ def contains(constraints: Constraints, params: PyTree, atol: float | None = None
     return out
 
 
-def lift(constraints: Constraints, fn: Callable[..., Any], tree: PyTree, *rests: PyTree) -> PyTree:
+def lift(constraints: Constraints, fn: Callable[..., Any], tree: PyTree, *rests: PyTree, stack: bool = False) -> PyTree:
     """``fn(space, *subtrees)`` at every entry of ``tree`` (``space`` is None where unconstrained).
 
     The generic lift behind the optimizers' per-point statistics: ``rests`` have the
     structure of ``tree``; the result has the structure of ``tree`` down to the entries.
+    ``stack``: ``fn(space, ...)`` maps a batch of points as each of them (Note [Stacked entries]).
     Library-internal (not re-exported at the top level).
     """
     return _map(constraints, lambda e, *args: fn(e.space, *args), tree, *rests,
-                names=("params",) + ("tree",) * len(rests), free=lambda *args: fn(None, *args))
+                names=("params",) + ("tree",) * len(rests), free=lambda *args: fn(None, *args), stack=stack)

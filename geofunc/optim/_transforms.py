@@ -427,7 +427,7 @@ def scale_by_adam(
             raise _state_error("scale_by_adam", "a ScaleByAMSGradState" if amsgrad else "a ScaleByAdamState", state)
         count = state.count + 1
         mu = _map(lambda g, m: _keep(g, b1 * m + (1.0 - b1) * g), vectors, state.mu)
-        sq = _pytree.lift(constraints, _point_sq_norm, params, vectors)
+        sq = _pytree.lift(constraints, _point_sq_norm, params, vectors, stack=True)  # Note [Stacked entries]
         nu = _map(lambda s, v: _keep(s, b2 * v + (1.0 - b2) * s), sq, state.nu)
 
         corrections: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}

@@ -1,0 +1,183 @@
+"""Entries of one space, shape and dtype mapped as one batch (Note [Stacked entries] in geofunc/_pytree.py):
+the optimizers' steps equal the per-entry maps' (bit for bit for Stiefel's embedded metric, Sphere and
+unconstrained entries; within 1e-12 in float64 where a batched kernel rounds otherwise), errors still name
+the parameter, and what the stacked path does not take steps as before."""
+
+from __future__ import annotations
+
+import optree
+import pytest
+import torch
+
+import geofunc as gf
+from geofunc import _pytree
+
+F32, F64 = torch.float32, torch.float64
+
+OPTIMIZERS = {
+    "radam": lambda c: gf.optim.radam(c, lr=0.05),
+    "radam-amsgrad": lambda c: gf.optim.radam(c, lr=0.05, betas=(0.8, 0.9), eps=1e-6, amsgrad=True),
+    "radamw": lambda c: gf.optim.radamw(c, lr=0.05, weight_decay=0.1),
+    "rsgd": lambda c: gf.optim.rsgd(c, lr=0.05),
+    "rsgd-nesterov": lambda c: gf.optim.rsgd(c, lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "radam-tensor-lr": lambda c: gf.optim.radam(c, lr=torch.tensor(0.05, dtype=F64)),
+    "radam-clip": lambda c: gf.optim.retract_and_transport(c, gf.optim.chain(
+        gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.1), gf.optim.scale_by_adam(c), gf.optim.scale(-0.05))),
+}
+
+#: name prefix -> (space, shape, dtype); several entries of each, so that they stack
+KINDS = {
+    "st": (gf.Stiefel(), (6, 2), F64),
+    "stb": (gf.Stiefel(), (2, 5, 3), F32),  # a batch of frames per entry
+    "sp": (gf.Sphere(), (8,), F32),
+    "spm": (gf.Sphere(), (3, 4), F64),  # rows
+    "so": (gf.SO(), (3, 3), F64),
+    "sof": (gf.SO(), (4, 4), F32),
+    "sc": (gf.Stiefel(metric="canonical"), (5, 2), F32),
+    "scd": (gf.Stiefel(metric="canonical"), (5, 2), F64),
+}
+#: bit for bit (the others: SO's retraction, a matrix exponential of the batch's degree, and the canonical
+#: metric's differ in the last bits)
+EXACT = ("st", "stb", "sp", "spm", "b", "gain", "w", "single")
+
+
+def _tree(n: int = 4, extra: dict | None = None):
+    g = torch.Generator().manual_seed(0)
+    constraints, params = {}, {}
+    for i in range(n):
+        for k, (space, shape, dt) in KINDS.items():
+            constraints[f"{k}{i}"] = space
+            params[f"{k}{i}"] = space.sample(shape, generator=g, dtype=dt)
+        params[f"b{i}"] = torch.randn(4, generator=g, dtype=F64 if i % 2 else F32)
+    constraints["single"] = gf.Stiefel()  # a group of one
+    params["single"] = gf.Stiefel().sample((7, 3), generator=g)
+    params["gain"] = torch.randn((), generator=g)
+    params["nested"] = {"w": torch.randn(3, generator=g, dtype=F64)}
+    for k, (space, value) in (extra or {}).items():
+        params[k] = value
+        if space is not None:
+            constraints[k] = space
+    return constraints, params
+
+
+def _run(make, constraints, params, stacked: bool, steps: int = 4, graph: bool = False):
+    old = _pytree._stacked
+    sizes = []
+
+    def spy(leaves, cols, fn):
+        out = old(leaves, cols, fn)
+        sizes.append(len(out))
+        return out
+
+    _pytree._stacked = spy if stacked else (lambda leaves, cols, fn: {})
+    try:
+        opt = make(constraints)
+        state = opt.init(params)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            grads = optree.tree_map(lambda p: torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype), params)
+            if graph:
+                grads = optree.tree_map(lambda t: t.requires_grad_(), grads)
+            params, state = opt.update(grads, state, params)
+    finally:
+        _pytree._stacked = old
+    return params, state, sizes
+
+
+def _close(a, b, coupled: bool = False) -> None:
+    """Bit for bit on EXACT's entries, else within 1e-12 (float64) / 1e-5 (float32); ``coupled``: a global norm
+    couples every entry to the float32 SO entries' last bits (within 1e-6 then)."""
+    pa, la, sa = optree.tree_flatten_with_path(a)
+    lb, sb = optree.tree_flatten(b)
+    assert sa == sb
+    for path, x, y in zip(pa, la, lb):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        key = str(next((k for k in path if isinstance(k, str)), ""))
+        if coupled:
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6 if x.dtype == F64 else 1e-5)
+        elif key.rstrip("0123456789") in EXACT:
+            assert torch.equal(x, y), (path, (x - y).abs().max())
+        else:
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-12 if x.dtype == F64 else 1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_stacked_equals_per_entry(name):
+    constraints, params = _tree()
+    p1, s1, sizes = _run(OPTIMIZERS[name], constraints, params, stacked=True)
+    p0, s0, _ = _run(OPTIMIZERS[name], constraints, params, stacked=False)
+    _close(p1, p0, coupled=name == "radam-clip")
+    _close(s1, s0, coupled=name == "radam-clip")
+    assert any(sizes)  # entries were stacked (the comparison is not of the per-entry path with itself)
+
+
+def test_torch_optimizer_stacks():
+    constraints, params = _tree(3)
+    del params["nested"]
+    p0, _, _ = _run(OPTIMIZERS["radam"], constraints, params, stacked=False, steps=3)
+    ps = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = gf.optim.TorchOptimizer(list(ps.items()), constraints, gf.optim.radam, lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for _, p in sorted(ps.items()):  # the order of optree's flattening of a dict: sorted keys
+            p.grad = torch.randn(p.shape, generator=g, dtype=F64).to(p.dtype)
+        opt.step()
+    _close({k: p.detach() for k, p in ps.items()}, p0)
+
+
+@pytest.mark.parametrize("extra", ["bf16", "complex-free", "graph"])
+def test_entries_outside_the_stacked_path(extra):
+    """Half-precision entries, complex unconstrained ones and a step that builds a graph step as before."""
+    add = {
+        "bf16": {"h0": (gf.Stiefel(), gf.Stiefel().sample((6, 2), dtype=torch.bfloat16)),
+                 "h1": (gf.Stiefel(), gf.Stiefel().sample((6, 2), dtype=torch.bfloat16))},
+        "complex-free": {"c": (None, torch.randn(3, dtype=torch.complex64))},
+        "graph": None,
+    }[extra]
+    constraints, params = _tree(2, add)
+    p1, s1, sizes = _run(OPTIMIZERS["radam"], constraints, params, stacked=True, graph=extra == "graph")
+    p0, s0, _ = _run(OPTIMIZERS["radam"], constraints, params, stacked=False, graph=extra == "graph")
+    _close(p1, p0)
+    _close(s1, s0)
+    assert (not any(sizes)) if extra == "graph" else any(sizes)
+
+
+def test_a_graph_is_not_stacked():
+    """Points that need a graph are mapped one by one (the gradient flows to each as before)."""
+    X = torch.stack([gf.Stiefel().sample((6, 2), dtype=F64) for _ in range(3)]).requires_grad_()
+    V = torch.randn(3, 6, 2, dtype=F64)
+    c = {str(i): gf.Stiefel() for i in range(3)}
+    seen = []
+    old = _pytree._stacked
+    _pytree._stacked = lambda *a: seen.append(old(*a)) or seen[-1]
+    try:
+        out = gf.retract(c, {str(i): X[i] for i in range(3)}, {str(i): V[i] for i in range(3)})
+    finally:
+        _pytree._stacked = old
+    assert seen == [{}]
+    sum(o.sum() for o in out.values()).backward()
+    assert X.grad is not None
+
+
+def test_stacked_errors_name_the_parameter():
+    """A bad vector among entries of one shape is refused as before, naming its parameter."""
+    constraints, params = _tree(3)
+    grads = optree.tree_map(torch.zeros_like, params)
+    grads["st1"] = torch.zeros(6, 3, dtype=F64)
+    with pytest.raises(gf.ManifoldError, match="st1"):
+        gf.retract(constraints, params, grads)
+    with pytest.raises(gf.ManifoldError, match="st1"):
+        gf.egrad_to_rgrad(constraints, params, grads)
+    grads["st1"] = torch.zeros(6, 2, dtype=F32)  # another dtype: its own group of one
+    with pytest.raises(gf.ManifoldError, match="st1"):
+        gf.retract(constraints, params, grads)
+
+
+def test_results_are_views_of_one_tensor_and_independent():
+    """Stacked results share a storage; an in-place change of one entry's result leaves the others."""
+    constraints, params = _tree(3)
+    grads = optree.tree_map(torch.zeros_like, params)
+    out = gf.retract(constraints, params, grads)
+    before = out["st1"].clone()
+    out["st0"].zero_()
+    assert torch.equal(out["st1"], before)
