@@ -481,8 +481,9 @@ def _first_leaf(X: Any) -> torch.Tensor:
 # autograd graph to build) and the space is one whose maps are measured batch for batch the same as one
 # by one: Stiefel, Sphere and SO (the same bits, except SO's retraction, whose matrix exponential picks
 # its degree from the batch: within 2 ulp, tests/test_optim_stacked.py). Anything else, a group of one,
-# and any error of the batched call (the per-entry call then raises it with the parameter's name) take
-# the per-entry path. The results are views of one tensor per group.
+# a group whose entries are not points of the space on their own (their stack could be one: 3 scalars
+# on Sphere() are a (3,) vector), and any error of the batched call (the per-entry call then raises it
+# with the parameter's name) take the per-entry path. The results are views of one tensor per group.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _STACKABLE: tuple[type, ...] = ()
@@ -518,10 +519,13 @@ def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -
         else:
             groups.setdefault((e.space, shape, dtype), []).append(i)
     done: dict[int, Any] = {}
-    for idx in groups.values():
+    for (space, _, _), idx in groups.items():
         if len(idx) < 2:
             continue
         try:
+            # An entry's own point shape first: a stack of entries that are not points can be one (3 scalars
+            # on Sphere() a (3,) vector, 3 (3,) ones on SO() a 3x3 matrix), mapped silently as one point
+            space._check_shape(first[idx[0]])
             res = fn(leaves[idx[0]], *[torch.stack([col[i] for i in idx]) for col in cols])
         except Exception:  # the per-entry call raises it, naming the parameter
             continue

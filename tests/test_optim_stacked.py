@@ -173,6 +173,19 @@ def test_stacked_errors_name_the_parameter():
         gf.retract(constraints, params, grads)
 
 
+
+@pytest.mark.parametrize("space, shape, m", [(gf.Sphere(), (), 3), (gf.SO(), (3,), 3), (gf.Stiefel(), (2,), 6)])
+def test_entries_that_are_not_points_are_refused_though_their_stack_is_one(space, shape, m):
+    """3 scalars on Sphere() stack to a (3,) vector, a point: each entry is still refused, naming it."""
+    constraints = {f"p{i}": space for i in range(m)}
+    params = {f"p{i}": torch.ones(shape, dtype=F64) for i in range(m)}
+    grads = {k: torch.ones(shape, dtype=F64) for k in params}
+    for f in (gf.retract, gf.egrad_to_rgrad):
+        with pytest.raises(gf.ManifoldError, match="p0"):
+            f(constraints, params, grads)
+    with pytest.raises(gf.ManifoldError, match="p0"):
+        gf.transport(constraints, params, params, grads)
+
 def test_results_are_views_of_one_tensor_and_independent():
     """Stacked results share a storage; an in-place change of one entry's result leaves the others."""
     constraints, params = _tree(3)
