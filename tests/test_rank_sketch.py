@@ -211,3 +211,21 @@ def test_small_matrices_take_the_dense_path(space, monkeypatch):
     G = torch.randn(48, 48, dtype=F64, generator=g)
     _dense_equal(lambda: space.tangent(X, G), monkeypatch)
     _dense_equal(lambda: space.project(X + 1e-3 * space.tangent(X, G)), monkeypatch)
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
+def test_a_default_device_other_than_the_points_is_not_read(space, monkeypatch):
+    """The sketch's Gaussian is made on the CPU whatever the default device (set_default_device("cuda") or
+    "meta", as deferred initialization sets): it took the default device, and a CPU point's map failed."""
+    X = space.sample((80, 80), dtype=F64, generator=_gen(10))
+    G = torch.randn(80, 80, dtype=F64, generator=_gen(11))
+    monkeypatch.setattr(fz, "_SKETCHES", {})  # (a cached Gaussian would hide it)
+    counted = _Counted(monkeypatch)
+    with torch.device("meta"):
+        V = space.tangent(X, G)
+        Y = space.project(X + 0.01 * V)
+    assert V.device.type == "cpu" and Y.device.type == "cpu" and counted.taken == 2
+    ref_V = _dense(lambda: space.tangent(X, G))
+    ref_Y = _dense(lambda: space.project(X + 0.01 * ref_V))
+    torch.testing.assert_close(V, ref_V, rtol=0, atol=TOL[F64])
+    torch.testing.assert_close(Y, ref_Y, rtol=0, atol=TOL[F64])

@@ -273,7 +273,9 @@ def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> 
     Om = _SKETCHES.get(key)
     if Om is None:
         gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-        Om = torch.randn(k, q, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+        # (on the CPU, as its generator: the default device (set_default_device("cuda"), "meta") would
+        # refuse the CPU generator or leave no values to copy)
+        Om = torch.randn(k, q, generator=gen, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
         with _SKETCH_LOCK:
             while len(_SKETCHES) >= 16:
                 _SKETCHES.pop(next(iter(_SKETCHES)), None)
