@@ -660,3 +660,19 @@ def test_a_base_off_the_space_is_a_manifold_error(name, generator):
         deferred()
     deferred.load_state_dict(layer.state_dict())  # a checkpoint's own bases are valid again
     torch.testing.assert_close(deferred().weight, layer.weight, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["SO", "PSD"])
+def test_the_weight_property_refuses_a_base_off_the_space_as_forward(name):
+    """layer.weight read the base unchecked: with a base off the space (an average, to_empty's zeros) it
+    returned a W off the space silently, where layer() raises (Note [SpaceLinear's base checked where it
+    changes])."""
+    layer = gz.SpaceLinear(SQUARE_SPACES[name], N).to(F64)
+    W = layer.weight
+    assert bool(SQUARE_SPACES[name].contains(W))
+    with torch.no_grad():
+        layer.base0.mul_(0.5)  # what an average of rebased layers' frames does to them
+    with pytest.raises(gf.ManifoldError, match=r"SpaceLinear on .*expected its base .* on the space"):
+        layer.weight
+    with pytest.raises(gf.ManifoldError, match=r"SpaceLinear on .*expected its base .* on the space"):
+        layer()

@@ -395,8 +395,13 @@ class SpaceLinear(LazyTransform):
 
     @property
     def weight(self) -> Tensor:
-        """The current matrix ``W = space.to_manifold(raw, base)``."""
-        return self.space.to_manifold(self.raw, self.base)
+        """The current matrix ``W = space.to_manifold(raw, base)``.
+
+        Raises:
+            ManifoldError: the base buffers are off the space, as :meth:`forward` (Note [SpaceLinear's
+                base checked where it changes]: W from such a base is off the space).
+        """
+        return self.space.to_manifold(self.raw, self._checked_base())
 
     def forward(self, c: Optional[Tensor] = None) -> LinearTransform:
         """The transform ``y = W x`` (the context ``c`` is ignored).
