@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
 import optree
 import pytest
 import torch
@@ -516,7 +519,11 @@ def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(op
     with pytest.raises(gf.ManifoldError, match="'bias'"):
         f(V, P)
     torch._dynamo.reset()
-    with pytest.raises(gf.ManifoldError, match="'mlp.bias'"):  # (without fullgraph Dynamo lets it through)
+    # Without fullgraph Dynamo lets the ManifoldError through (naming the entry within its subtree: the
+    # parameter's prefix is eager mode's, _named); on that path it warns that it cannot trace optree's C
+    # functions (an error under this suite's filterwarnings), as a user sees it: ignored here.
+    with warnings.catch_warnings(), pytest.raises(gf.ManifoldError, match="'(mlp.)?bias'.*got shape \\(1,\\)"):
+        warnings.simplefilter("ignore", UserWarning)
         torch.compile(f, backend="eager")(V, P)
     torch._dynamo.reset()
     good = {"w": torch.zeros(3), "bias": torch.ones(3)}
@@ -543,7 +550,11 @@ def test_compiled_maps_refuse_a_wrong_shaped_vector_in_an_unconstrained_subtree(
     with pytest.raises(gf.ManifoldError, match="'mlp.bias'"):
         f(V, P)
     torch._dynamo.reset()
-    with pytest.raises(gf.ManifoldError, match="'mlp.bias'"):  # (without fullgraph Dynamo lets it through)
+    # Without fullgraph Dynamo lets the ManifoldError through (naming the entry within its subtree: the
+    # parameter's prefix is eager mode's, _named); on that path it warns that it cannot trace optree's C
+    # functions (an error under this suite's filterwarnings), as a user sees it: ignored here.
+    with warnings.catch_warnings(), pytest.raises(gf.ManifoldError, match="'(mlp.)?bias'.*got shape \\(1,\\)"):
+        warnings.simplefilter("ignore", UserWarning)
         torch.compile(f, backend="eager")(V, P)
     torch._dynamo.reset()
     good = {"w": torch.zeros(3), "mlp": {"bias": torch.ones(3), "scales": [torch.ones(2)]}}
