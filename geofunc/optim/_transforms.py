@@ -464,9 +464,8 @@ def scale_by_adam(
     return TangentTransform(init, update, transport)
 
 
-def scale(step: Scalar) -> TangentTransform:
-    """Multiply every vector by ``step`` (``-lr`` for descent)."""
-    check_zero_dim("scale", step=step)
+def _scale_by(factor: Callable[[], Scalar]) -> TangentTransform:
+    """Multiply every vector by ``factor()``, read at each update."""
 
     def init(params: Params) -> EmptyState:
         del params
@@ -474,9 +473,16 @@ def scale(step: Scalar) -> TangentTransform:
 
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
         del params
+        step = factor()
         return _map(lambda v: _keep(v, step * v), vectors), state
 
     return TangentTransform(init, update, keep_state)
+
+
+def scale(step: Scalar) -> TangentTransform:
+    """Multiply every vector by ``step`` (``-lr`` for descent)."""
+    check_zero_dim("scale", step=step)
+    return _scale_by(lambda: step)
 
 
 class ScaleByScheduleState(NamedTuple):
@@ -526,18 +532,8 @@ def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
         return scale_by_schedule(lambda count: -lr(count))
     if not isinstance(lr, Tensor):
         return scale(-lr)
-    check_zero_dim("scale", step=lr)
-
-    def init(params: Params) -> EmptyState:
-        del params
-        return EmptyState()
-
-    def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
-        del params
-        step = -lr
-        return _map(lambda v: _keep(v, step * v), vectors), state
-
-    return TangentTransform(init, update, keep_state)
+    check_zero_dim("scale_by_learning_rate", lr=lr)
+    return _scale_by(lambda: -lr)
 
 
 def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
