@@ -361,8 +361,11 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False,
     far = _far(P, m, s, A.dtype)
     skip, lead = _skips(P, m if chosen is None else chosen, s)
     if skip is not None:  # Note [Squarings per matrix]: B_i = A_i / 2^(s − skip_i), exact
-        up = torch.exp2(skip)
-        P = [None] + [P[j] * up**j for j in range(1, len(P))]
+        if lead * (len(P) - 1) < _HALF_EXPONENT.get(_real(A.dtype), 8):
+            up = torch.exp2(skip)
+            P = [None] + [P[j] * up**j for j in range(1, len(P))]
+        else:  # Note [Skips past the exponent range]
+            P = _powers(A * torch.exp2(skip - s), q)
     X, Hs = _taylor(P, m, inplace)
     if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]
         X = _poisoned(X, P[1], inplace)
@@ -417,6 +420,19 @@ def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
             return skip[..., None, None], s
         lead = int(_values(skip).max())
         return (skip[..., None, None], lead) if lead else (None, 0)
+
+
+# Note [Skips past the exponent range]
+# Rescaling the powers of A/2^s by 2^(skip_i·j) is exact only while both stay in the exponent range:
+# a matrix that skips many squarings beside a huge one (float32: one generator at 1e10 beside ones
+# at 0.1, s = 32) has powers A_i^j/2^(sj) that are subnormal or 0 and factors 2^(skip_i·j) that are
+# inf (2^128), so every matrix of the batch came out NaN (or its powers lost their bits), where alone
+# each was a rotation: one diverged entry of an optimizer's stacked batch (Note [Stacked entries] in
+# geofunc/_pytree.py) poisoned its neighbours. Past half the exponent range the powers are recomputed
+# from A_i/2^(s − skip_i) (exact: a power of 2), q − 1 more products, only in that rare case (half the
+# exponent range: 512 in float64, 64 in float32 and bfloat16, 8 in float16).
+_HALF_EXPONENT = {d: (int(math.log2(torch.finfo(d).max)) + 1) // 2
+                  for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 
 
 # Note [Squarings per matrix read in one transfer]
@@ -559,7 +575,7 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
     if cache.get("far") is not None:  # Note [Too far to be a point]
         G1 = G1 * cache["far"]
     if skip is not None:  # Note [Squarings per matrix]: dB_i/dA_i = 2^−(s − skip_i)
-        return G1 * (torch.exp2(skip) * 2.0**-s)
+        return G1 * torch.exp2(skip - s)
     return G1 * 2.0**-s if s else G1
 
 
@@ -569,7 +585,7 @@ def _tangent(cache: dict, E: Tensor, m: int, s: int) -> Tensor:
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     skip, lead = cache.get("skip"), cache.get("lead", 0)
     if skip is not None:  # Note [Squarings per matrix]
-        dB = E * (torch.exp2(skip) * 2.0**-s)
+        dB = E * torch.exp2(skip - s)
     else:
         dB = E * 2.0**-s if s else E
     dP: list[Any] = [None, dB]

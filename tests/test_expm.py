@@ -1218,3 +1218,24 @@ def test_squarings_per_matrix_read_in_python_equal_the_tensor_expression(dtype, 
             assert read[0].dtype == tensor[0].dtype and torch.equal(read[0], tensor[0])
         compared += 1
     assert compared > 20
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e10), (torch.float32, 1e30), (torch.float64, 1e100)])
+def test_a_huge_matrix_does_not_poison_its_batch(dtype, big):
+    """Note [Skips past the exponent range]: beside one huge generator (NaN itself: too far to be a point)
+    the other matrices of a batch skip more squarings than 2^(skip·j) can hold; they come out as alone,
+    value and gradient (they were NaN)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 4, 4, generator=g, dtype=dtype) * 0.1
+    A[0, 0, 1] = big
+    A = (A - A.mT).requires_grad_()
+    G = torch.randn(3, 4, 4, generator=g, dtype=dtype)
+    out = expm(A)
+    (grad,) = torch.autograd.grad((out * G).sum(), A)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    for i in (1, 2):
+        Ai = A[i].detach().clone().requires_grad_()
+        alone = expm(Ai)
+        (grad_alone,) = torch.autograd.grad((alone * G[i]).sum(), Ai)
+        torch.testing.assert_close(out[i].detach(), alone.detach(), rtol=0, atol=tol)
+        torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=tol)

@@ -194,3 +194,20 @@ def test_results_are_views_of_one_tensor_and_independent():
     before = out["st1"].clone()
     out["st0"].zero_()
     assert torch.equal(out["st1"], before)
+
+
+@pytest.mark.parametrize("dtype,big", [(F32, 1e10), (F32, 1e30), (F64, 1e100)])
+def test_a_diverged_entry_does_not_poison_its_batch(dtype, big):
+    """One SO entry with a huge step (NaN itself) beside small ones: the others step as they do one by one
+    (an expm of the batch: Note [Skips past the exponent range] in geofunc/_expm.py)."""
+    g = torch.Generator().manual_seed(0)
+    c = {f"w{i}": gf.SO() for i in range(4)}
+    p = {k: gf.SO().sample((4, 4), generator=g, dtype=dtype) for k in c}
+    v = {k: 0.1 * torch.randn(4, 4, generator=g, dtype=dtype) for k in c}
+    v["w0"] = v["w0"].clone()
+    v["w0"][0, 1] = big
+    out = gf.retract(c, p, v)
+    tol = 1e-5 if dtype == F32 else 1e-12
+    for k in ("w1", "w2", "w3"):
+        torch.testing.assert_close(out[k], gf.SO().retract(p[k], v[k]), rtol=0, atol=tol)
+
