@@ -482,8 +482,11 @@ def _first_leaf(X: Any) -> torch.Tensor:
 # by one: Stiefel, Sphere and SO (the same bits, except SO's retraction, whose matrix exponential picks
 # its degree from the batch: within 2 ulp, tests/test_optim_stacked.py). Anything else, a group of one,
 # a group whose entries are not points of the space on their own (their stack could be one: 3 scalars
-# on Sphere() are a (3,) vector), and any error of the batched call (the per-entry call then raises it
-# with the parameter's name) take the per-entry path. The results are views of one tensor per group.
+# on Sphere() are a (3,) vector), a space with a user's `triv` (it may not take a batch as each matrix)
+# or an unhashable hyperparameter, and any error of the batched call (the per-entry call then raises it
+# with the parameter's name) take the per-entry path. Each result is cloned out of the group's tensor,
+# a tensor of its own as one by one (its storage, its autograd version counter): 10-20% of the stacked
+# step (radam over 800 small parameters 54 → 62 ms, still 0.73x geoopt's RiemannianAdam).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _STACKABLE: tuple[type, ...] = ()
@@ -517,7 +520,12 @@ def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -
                     or (grad and a.requires_grad) or (_wrapped is not None and _wrapped(a))):
                 break
         else:
-            groups.setdefault((e.space, shape, dtype), []).append(i)
+            if callable(getattr(e.space, "triv", None)):  # a user's map: it may not take a batch as each matrix
+                continue
+            try:
+                groups.setdefault((e.space, shape, dtype), []).append(i)
+            except TypeError:  # an unhashable hyperparameter: one by one
+                continue
     done: dict[int, Any] = {}
     for (space, _, _), idx in groups.items():
         if len(idx) < 2:
@@ -531,7 +539,10 @@ def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -
             continue
         if type(res) is not torch.Tensor or res.ndim == 0 or res.shape[0] != len(idx):
             continue
-        done.update(zip(idx, res.unbind(0)))
+        # Each result its own tensor, as one by one: views of the group's would share its storage (a
+        # torch.save of one parameter wrote the group's) and its autograd version counter (an in-place
+        # change of one made backward through another raise "modified by an inplace operation").
+        done.update(zip(idx, (t.clone() for t in res.unbind(0))))
     return done
 
 

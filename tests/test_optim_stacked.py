@@ -211,3 +211,51 @@ def test_a_diverged_entry_does_not_poison_its_batch(dtype, big):
     for k in ("w1", "w2", "w3"):
         torch.testing.assert_close(out[k], gf.SO().retract(p[k], v[k]), rtol=0, atol=tol)
 
+
+class _Scaled:
+    """A configurable trivialization with value equality and so no hash (as an ``eq=True`` dataclass's)."""
+
+    __hash__ = None
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __eq__(self, other):
+        return isinstance(other, _Scaled) and other.scale == self.scale
+
+    def __call__(self, A):
+        assert A.ndim == 2, "a user's map of one matrix"
+        return torch.linalg.matrix_exp(self.scale * A)
+
+
+def test_a_user_triv_steps_one_by_one():
+    """A space with a user's ``triv`` (here unhashable too, and written for one matrix) maps each entry by
+    itself: the stacked path raised ``TypeError: unhashable type`` at the grouping."""
+    space = gf.SO(triv=_Scaled(1.0))
+    c = {f"w{i}": space for i in range(3)}
+    g = torch.Generator().manual_seed(0)
+    p = {k: gf.SO().sample((3, 3), generator=g, dtype=F64) for k in c}
+    v = {k: 0.1 * torch.randn(3, 3, generator=g, dtype=F64) for k in c}
+    out = gf.retract(c, p, v)
+    for k in c:
+        assert torch.equal(out[k], space.retract(p[k], v[k]))
+
+
+def test_each_result_is_a_tensor_of_its_own():
+    """Stacked results are cloned out of the group's tensor: one parameter's storage is its own (a
+    torch.save of it wrote the whole group's), and an in-place change of one does not bump another's
+    version counter (backward through it raised "modified by an inplace operation")."""
+    g = torch.Generator().manual_seed(0)
+    c = {f"w{i}": gf.Stiefel() for i in range(8)}
+    p = {k: gf.Stiefel().sample((16, 4), generator=g, dtype=F64) for k in c}
+    v = {k: 0.1 * torch.randn(16, 4, generator=g, dtype=F64) for k in c}
+    out = gf.retract(c, p, v)
+    a = out["w0"]
+    assert a.untyped_storage().nbytes() == a.numel() * a.element_size()
+    a = a.requires_grad_()
+    loss = (a * a).sum()
+    with torch.no_grad():
+        out["w1"].mul_(2.0)
+    loss.backward()
+    torch.testing.assert_close(a.grad, 2 * a.detach(), rtol=0, atol=0)
+
