@@ -229,3 +229,29 @@ def test_a_default_device_other_than_the_points_is_not_read(space, monkeypatch):
     ref_Y = _dense(lambda: space.project(X + 0.01 * ref_V))
     torch.testing.assert_close(V, ref_V, rtol=0, atol=TOL[F64])
     torch.testing.assert_close(Y, ref_Y, rtol=0, atol=TOL[F64])
+
+
+@pytest.mark.parametrize("eig", [False, True])
+def test_a_tail_at_the_old_residual_bound_keeps_a_small_value_s_frame(eig):
+    """A kept value σ_r = 3e-8·σ₁ and a real tail of 16 values whose sketch residual is ~12× the rank
+    tolerance (under the former √k = 16 × it): the tangent equals the exact one (the construction's
+    frames) to the dense path's rounding, not ~residual/σ_r (4e-7 when the sketch took it)."""
+    g = _gen(7)
+    n, r, m = 256, 4, 16
+    W = torch.linalg.qr(torch.randn(n, 2 * (r + m), generator=g, dtype=F64))[0]
+    U = W[:, : r + m]
+    V = U if eig else W[:, r + m :]
+    tol = fz.rank_tol(torch.tensor(1.0, dtype=F64), n, n).item()
+    vals = torch.cat([torch.logspace(0, -7.5, r, dtype=F64), torch.full((m,), 3.0 * tol, dtype=F64)])
+    X = (U * vals) @ V.mT
+    G = torch.randn(n, n, generator=g, dtype=F64)
+    Ur, Vr = U[:, :r], V[:, :r]
+    if eig:
+        space, G = gf.PSSDLowRank(rank=r), 0.5 * (G + G.mT)
+        X = 0.5 * (X + X.mT)
+    else:
+        space = gf.LowRank(rank=r)
+    UG = Ur.mT @ G
+    exact = Ur @ UG + (G @ Vr - Ur @ (UG @ Vr)) @ Vr.mT
+    T = space.tangent(X, G)
+    assert ((T - exact).norm() / exact.norm()).item() < 2e-8  # dense: ~1e-9; the sketch took it: 4e-7
