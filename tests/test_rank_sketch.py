@@ -255,3 +255,24 @@ def test_a_tail_at_the_old_residual_bound_keeps_a_small_value_s_frame(eig):
     exact = Ur @ UG + (G @ Vr - Ur @ (UG @ Vr)) @ Vr.mT
     T = space.tangent(X, G)
     assert ((T - exact).norm() / exact.norm()).item() < 2e-8  # dense: ~1e-9; the sketch took it: 4e-7
+
+
+@pytest.mark.parametrize("scale", [3e-4, 1e4])
+@pytest.mark.parametrize("space", SPACES, ids=repr)
+def test_the_point_s_scale_does_not_decide_the_sketch(space, scale, monkeypatch):
+    """float32 points scaled by 3e-4 (σ_r below √ε, the old absolute gap tolerance) and by 1e4: the sketch
+    is taken (its checks are relative to σ₁) and agrees with the dense path relative to the scale."""
+    g = _gen(11)
+    X = space.sample((96, 96), dtype=F32, generator=g) * scale
+    G = torch.randn(96, 96, dtype=F32, generator=g) * scale
+
+    def maps():
+        T = space.tangent(X, G)
+        return T, space.project(X + 0.1 * T)
+
+    counted = _Counted(monkeypatch)
+    T, Y = maps()
+    assert counted.taken == 2
+    T0, Y0 = _dense(maps)
+    torch.testing.assert_close(T / scale, T0 / scale, atol=TOL[F32], rtol=0)
+    torch.testing.assert_close(Y / scale, Y0 / scale, atol=TOL[F32], rtol=0)

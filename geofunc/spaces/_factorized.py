@@ -239,7 +239,9 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # at 256×256: an exactly-low-rank point's residual is 0.02–0.3 of the tolerance, float32 and
 # float64, 64² to 1024²), and the r-th value is separated from
 # the (r+1)-th (for eigenvalues: from the larger of it and 0, the n − q values the sketch leaves
-# out) by more than the tie tolerance √ε·max(1, σ₁) of the spectral maps. Then Y = Q B + E with
+# out) by more than √ε·σ₁ (both checks relative to σ₁: a point's scale does not decide; with the
+# spectral maps' tie tolerance √ε·max(1, σ₁) no float32 point with σ_r < 3.5e-4 was sketched, a radam
+# step of LowRank(16) 1024² scaled by 3e-4 took 1.4 s instead of 55 ms). Then Y = Q B + E with
 # ‖E‖ at rounding level, and the top-r frames and values of Q B are those of Y to rounding over the
 # gap, as the dense SVD's are: the results agree with the dense path's to rounding (tests pin
 # 1e-10 in float64). Anything else (a point off the stratum, a rank below r, a tie at the r-th
@@ -291,6 +293,16 @@ def _sketch_ok(Y: Tensor) -> bool:
     return Y.ndim >= 2 and eager_fast(Y) and can_check(Y)
 
 
+def _sketch_residual(R: Tensor, smax: Tensor) -> tuple[Tensor, Tensor]:
+    """``(‖R‖_F/σ₁, √ε·σ₁)`` for the checks of Note [Sketched frames of low-rank points]: both relative to
+    ``σ₁ = smax`` (the norm of ``R/σ₁``: its squares neither underflow nor overflow at any scale), and
+    ``σ₁`` itself in the normal range with room for rounding (else a NaN residual: the dense path)."""
+    fi = torch.finfo(R.dtype)
+    normal = smax >= fi.tiny / fi.eps
+    s1 = torch.where(normal, smax, torch.full_like(smax, math.nan))
+    return torch.linalg.matrix_norm(R / s1[..., None, None]), math.sqrt(fi.eps) * s1
+
+
 def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """``(U, s, Vh)``: the thin SVD of ``Q Qᵀ Yt`` (U n×q, s q, Vh q×k) for a tall detached ``Yt`` (n×k)
     of numerical rank ≤ q whose r-th singular value is separated from the next, or None (Note
@@ -302,8 +314,8 @@ def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Te
     Q = torch.linalg.qr(Yt @ _sketch_matrix(k, q, Yt.dtype, Yt.device)).Q
     B = Q.mT @ Yt
     Ub, s, Vh = torch.linalg.svd(sanitize(B), full_matrices=False)  # (NaN/inf in Yt: a NaN residual, the dense path)
-    res = torch.linalg.matrix_norm(Yt - Q @ B)
-    ok = (res <= rank_tol(s[..., 0], n, k)) & (s[..., r - 1] - s[..., r] > _tie_tol(s)[..., 0])
+    res, tie = _sketch_residual(Yt - Q @ B, s[..., 0])
+    ok = (res <= rank_tol(torch.ones_like(res), n, k)) & (s[..., r - 1] - s[..., r] > tie)
     if not bool(ok.all()):
         return None
     return Q @ Ub, s, Vh
@@ -318,10 +330,9 @@ def _sketch_eigh(S: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor]]:
     Q = torch.linalg.qr(S @ _sketch_matrix(n, q, S.dtype, S.device)).Q
     C = Q.mT @ S
     lam, W = torch.linalg.eigh(sanitize(sym_part(C @ Q)))  # (NaN/inf in S: a NaN residual, the dense path)
-    res = torch.linalg.matrix_norm(S - Q @ C)
-    amax = lam.abs().amax(-1, keepdim=True)
+    res, tie = _sketch_residual(S - Q @ C, lam.abs().amax(-1))
     nxt = lam[..., q - r - 1].clamp(min=0.0)  # the (r+1)-th largest, the n − q left out being 0
-    ok = (res <= rank_tol(amax[..., 0], n, n)) & (lam[..., q - r] - nxt > _tie_tol(amax)[..., 0])
+    ok = (res <= rank_tol(torch.ones_like(res), n, n)) & (lam[..., q - r] - nxt > tie)
     if not bool(ok.all()):
         return None
     return lam, Q @ W
