@@ -288,6 +288,11 @@ def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> 
     return Om
 
 
+def _sketch_size(k: int, r: int, q: int) -> bool:
+    """Whether a short side ``k`` is worth a sketch of ``q`` columns for rank ``r`` (read first: ints only)."""
+    return r < q and 2 * q <= k and k >= _SKETCH_MIN_SIDE
+
+
 def _sketch_ok(Y: Tensor) -> bool:
     """Whether the sketch's check may read ``Y``'s values (Note [Sketched frames of low-rank points])."""
     return Y.ndim >= 2 and eager_fast(Y) and can_check(Y)
@@ -308,7 +313,7 @@ def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Te
     of numerical rank ≤ q whose r-th singular value is separated from the next, or None (Note
     [Sketched frames of low-rank points])."""
     n, k = Yt.shape[-2:]
-    if not (r < q and 2 * q <= k and k >= _SKETCH_MIN_SIDE):
+    if not _sketch_size(k, r, q):
         return None
     Yt = Yt.detach()
     Q = torch.linalg.qr(Yt @ _sketch_matrix(k, q, Yt.dtype, Yt.device)).Q
@@ -325,7 +330,7 @@ def _sketch_eigh(S: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor]]:
     """``(λ, Q)`` (ascending, q of them) of ``Q Qᵀ S Q Qᵀ`` for a detached symmetric ``S`` (n×n) of numerical
     rank ≤ q whose r-th largest eigenvalue is above the next and above 0, or None (as :func:`_sketch_svd`)."""
     n = S.shape[-1]
-    if not (r < q and 2 * q <= n and n >= _SKETCH_MIN_SIDE):
+    if not _sketch_size(n, r, q):
         return None
     Q = torch.linalg.qr(S @ _sketch_matrix(n, q, S.dtype, S.device)).Q
     C = Q.mT @ S
@@ -807,7 +812,8 @@ class SVDSpace(_Factorized):
             return G + 0.0 * X
         mode = derivative_mode(X, G)
         if mode == "none":  # the thin frames (their SVD O(nk·min(n, k)), the products O(nkr))
-            sk = _sketch_svd(Xt, r, r + _SKETCH_OVERSAMPLE) if _sketch_ok(Xt) and _sketch_ok(Gt) else None
+            q = r + _SKETCH_OVERSAMPLE
+            sk = _sketch_svd(Xt, r, q) if _sketch_size(k, r, q) and _sketch_ok(Xt) and _sketch_ok(Gt) else None
             if sk is not None:  # Note [Sketched frames of low-rank points]: O(nkr)
                 Ur, Vr = sk[0][..., :r], sk[2][..., :r, :].mT
                 UG = Ur.mT @ Gt
@@ -838,7 +844,8 @@ class SVDSpace(_Factorized):
             return vm.project(s, keep.expand_as(s), _det_sign(U) * _det_sign(Vh) if self._det_positive else None, size)
 
         r = self._rank(n, k)
-        if (not self._det_positive and isinstance(vm, (Identity, Positive, Abs)) and _sketch_ok(Yt)
+        if (_sketch_size(k, r, 2 * r + _SKETCH_OVERSAMPLE) and not self._det_positive
+                and isinstance(vm, (Identity, Positive, Abs)) and _sketch_ok(Yt)
                 and derivative_mode(Yt, first=True) == "none"):
             sk = _sketch_svd(Yt, r, 2 * r + _SKETCH_OVERSAMPLE)  # X + V, V tangent: rank ≤ 2r
             if sk is not None:  # Note [Sketched frames of low-rank points]
@@ -959,7 +966,7 @@ class EigSpace(_Factorized):
         if r == n:
             return Gs + 0.0 * X
         if derivative_mode(X) == "none":  # X is not differentiated: the thin frame
-            if _sketch_ok(X) and _sketch_ok(Gs) and not X.is_complex():
+            if _sketch_size(n, r, r + _SKETCH_OVERSAMPLE) and _sketch_ok(X) and _sketch_ok(Gs) and not X.is_complex():
                 S0 = sym_part(X).detach()
                 sk = _sketch_eigh(S0, r, r + _SKETCH_OVERSAMPLE)
                 if sk is not None:  # Note [Sketched frames of low-rank points]: O(n²r)
@@ -975,7 +982,8 @@ class EigSpace(_Factorized):
         keep = torch.arange(n, device=Y.device) >= n - self._rank(n)  # ascending: the top r
         vm = self._value_map
         r = self._rank(n)
-        if (isinstance(vm, (Identity, Positive, Abs)) and _sketch_ok(Y) and not Y.is_complex()
+        if (_sketch_size(n, r, 2 * r + _SKETCH_OVERSAMPLE) and isinstance(vm, (Identity, Positive, Abs))
+                and _sketch_ok(Y) and not Y.is_complex()
                 and derivative_mode(Y, first=True) == "none"):
             S0 = sym_part(Y).detach()
             sk = _sketch_eigh(S0, r, 2 * r + _SKETCH_OVERSAMPLE)
