@@ -366,6 +366,8 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False,
             P = [None] + [P[j] * up**j for j in range(1, len(P))]
         else:  # Note [Skips past the exponent range]
             P = _powers(A * torch.exp2(skip - s), q)
+            skip, far = _skips_again(P, m if chosen is None else chosen, s, skip, far)
+            P = _powers(A * torch.exp2(skip - s), q)
     X, Hs = _taylor(P, m, inplace)
     if m <= _MIX_DEGREE:  # Note [Low degrees and NaN]
         X = _poisoned(X, P[1], inplace)
@@ -430,7 +432,27 @@ def _skips(P: list[Any], m: int, s: int) -> tuple[Tensor | None, int]:
 # each was a rotation: one diverged entry of an optimizer's stacked batch (Note [Stacked entries] in
 # geofunc/_pytree.py) poisoned its neighbours. Past half the exponent range the powers are recomputed
 # from A_i/2^(s − skip_i) (exact: a power of 2), q − 1 more products, only in that rare case (half the
-# exponent range: 512 in float64, 64 in float32 and bfloat16, 8 in float16).
+# exponent range: 512 in float64, 64 in float32 and bfloat16, 8 in float16). There a small matrix's
+# A_i³/2^(3s) and A_i⁴/2^(4s) may underflow to 0 too, so _skips read it as a zero matrix that skips
+# every squaring (float32: generators at 3 beside one at 1e20 came out 1e7 off orthogonality, finite,
+# where they had been NaN): the skips are read again from the recomputed powers (for a matrix read
+# as 0, skip_i = s: the powers of A_i itself), and the powers recomputed once more; α_i is read there
+# too for Note [Too far to be a point] (one at 1e7 beside one at 1e30, float32: NaN alone, was a
+# finite point 0.5 off orthogonality once its squarings were right).
+def _skips_again(P: list[Any], m: int, s: int, skip: Tensor, far: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(skip, far)`` read again from the powers of ``A_i/2^(s − skip_i)`` (Note [Skips past the exponent
+    range]): a matrix whose powers of ``A/2^s`` underflowed read as 0, skipped every squaring and was
+    never too far (Note [Too far to be a point])."""
+    u = _UNIT_ROUNDOFF[_real(P[1].dtype)]
+    with torch.no_grad():
+        alpha = _alpha3(P[3], P[4])  # α_i / 2^(s − skip_i)
+        more = torch.ceil(torch.log2(alpha / _theta(m, u)))
+        more = more.nan_to_num(0.0, 0.0, 0.0).clamp(min=0)  # NaN/inf matrices already keep every squaring
+        ok = ~(alpha * torch.exp2(s - skip[..., 0, 0]) * u > _FAR)
+        far_again = _one_or_nan(ok, P[1].dtype)[..., None, None]
+        return (skip - more[..., None, None]).clamp(min=0), far_again if far is None else far * far_again
+
+
 _HALF_EXPONENT = {d: (int(math.log2(torch.finfo(d).max)) + 1) // 2
                   for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 

@@ -1239,3 +1239,39 @@ def test_a_huge_matrix_does_not_poison_its_batch(dtype, big):
         (grad_alone,) = torch.autograd.grad((alone * G[i]).sum(), Ai)
         torch.testing.assert_close(out[i].detach(), alone.detach(), rtol=0, atol=tol)
         torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 1e20), (torch.float32, 1e30), (torch.float64, 1e200), (torch.float64, 1e300)])
+def test_neighbours_of_a_huge_matrix_keep_their_squarings(dtype, big):
+    """Note [Skips past the exponent range]: beside a generator so huge that the others' powers of A/2^s
+    underflow to 0, those others (norm ~10: they need squarings of their own) are not read as zero
+    matrices that skip every squaring (they came out finite and 1e4-1e7 off orthogonality)."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 6, 6, generator=g, dtype=dtype) * 1.5
+    A[0, 0, 1] = big
+    A = (A - A.mT).requires_grad_()
+    G = torch.randn(3, 6, 6, generator=g, dtype=dtype)
+    out = expm(A)
+    (grad,) = torch.autograd.grad((out * G).sum(), A)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for i in (1, 2):
+        Ai = A[i].detach().clone().requires_grad_()
+        alone = expm(Ai)
+        (grad_alone,) = torch.autograd.grad((alone * G[i]).sum(), Ai)
+        torch.testing.assert_close(out[i].detach(), alone.detach(), rtol=0, atol=tol)
+        torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=10 * tol)
+
+
+@pytest.mark.parametrize("dtype,big,mid", [(torch.float32, 1e30, 3e5), (torch.float32, 1e30, 1e7), (torch.float64, 1e300, 1e15)])
+def test_a_too_far_neighbour_of_a_huge_matrix_is_nan_as_alone(dtype, big, mid):
+    """Note [Skips past the exponent range] and Note [Too far to be a point]: a matrix too far to be a point
+    (NaN alone) whose powers of A/2^s underflowed beside a huger one is NaN in the batch too, never a
+    finite or inf wrong point; its small neighbour comes out as alone."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(3, 6, 6, generator=g, dtype=dtype)
+    A[0, 0, 1], A[1, 0, 1] = big, mid
+    A = A - A.mT
+    out = expm(A)
+    assert expm(A[1]).isnan().all() and out[1].isnan().all()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out[2], expm(A[2]), rtol=0, atol=tol)
