@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 from .. import spaces as S
 from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
-from ..nn._adapter import _CHECKED_BASES, _concrete, _filled, _write_values, refine_base
+from ..nn._adapter import _checked_before, _concrete, _filled, _note_checked, _unreadable_base, _write_values, refine_base
 from ..spaces._base import LOW_PRECISION, _autocast_on, autocast_off
 
 __all__ = ["LinearTransform", "SpaceLinear"]
@@ -426,13 +426,10 @@ class SpaceLinear(LazyTransform):
     # the next forward.
     def _checked_base(self) -> Any:
         base = self.base
-        if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-                or torch._C._functorch.peek_interpreter_stack() is not None):
+        if _unreadable_base(base):
             return base
         leaves = self._base_buffers()
-        seen = _CHECKED_BASES.get(self)
-        if seen is not None and len(seen) == len(leaves) and all(
-                a is b and a._version == v for (a, v), b in zip(seen, leaves)):
+        if _checked_before(self, leaves):
             return base
         why = self.space._invalid_base(base)
         if why is not None:
@@ -450,12 +447,8 @@ class SpaceLinear(LazyTransform):
 
     def _note_checked(self) -> None:
         """Note the current base buffers as valid (Note [SpaceLinear's base checked where it changes])."""
-        if torch.compiler.is_compiling():
-            return
-        try:
-            _CHECKED_BASES[self] = [(b, b._version) for b in self._base_buffers()]
-        except RuntimeError:  # an inference tensor has no version counter: checked at every call
-            _CHECKED_BASES.pop(self, None)
+        if not torch.compiler.is_compiling():
+            _note_checked(self, self._base_buffers())
 
     @torch.no_grad()
     def rebase_(self) -> "SpaceLinear":

@@ -319,12 +319,8 @@ class Parametrization(nn.Module):
             for name, leaf in zip(pytree.tree_leaves(self._template), pytree.tree_leaves(base)):
                 if name is not None:
                     getattr(self, name).copy_(leaf)
-        if torch.compiler.is_compiling():  # Note [update_base in compiled code]
-            return
-        try:
-            _CHECKED_BASES[self] = [(b, b._version) for b in self._base_buffers()]
-        except RuntimeError:  # an inference tensor has no version counter
-            _CHECKED_BASES.pop(self, None)
+        if not torch.compiler.is_compiling():  # Note [update_base in compiled code]
+            _note_checked(self, self._base_buffers())
 
     def _base_names(self) -> list[str]:
         return _names_in(self._template)
@@ -453,13 +449,10 @@ class Parametrization(nn.Module):
         """:meth:`get_base`, checked on the space once per change of its buffers (Note [Bases checked
         where they change]); raises ``ManifoldError`` for a base off the space."""
         base = self.get_base()
-        if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-                or torch._C._functorch.peek_interpreter_stack() is not None):
+        if _unreadable_base(base):
             return base
         leaves = self._base_buffers()
-        seen = _CHECKED_BASES.get(self)
-        if seen is not None and len(seen) == len(leaves) and all(
-                a is b and a._version == v for (a, v), b in zip(seen, leaves)):
+        if _checked_before(self, leaves):
             return base
         why = self.space._invalid_base(base)
         if why is not None:
@@ -473,10 +466,7 @@ class Parametrization(nn.Module):
                 "to_empty (deferred initialization) the bases hold no values until then: assign each constrained "
                 "tensor a point or load a checkpoint before reading it."
             )
-        try:
-            _CHECKED_BASES[self] = [(b, b._version) for b in leaves]
-        except RuntimeError:  # an inference tensor has no version counter: checked at every call
-            _CHECKED_BASES.pop(self, None)
+        _note_checked(self, leaves)
         return base
 
     def _check_value(self, X: Any, registering: bool = False) -> None:
@@ -708,6 +698,27 @@ def _make_picklable(module: nn.Module) -> None:
 # outside writes raise. Under torch.compile and torch.func transforms (values unreadable) nothing
 # is checked, as before; nor under torch.jit.trace (a read would be baked into the trace).
 _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _unreadable_base(base: Any) -> bool:
+    """No base, or one not checked now: under torch.compile, a trace or a torch.func transform."""
+    return (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def _checked_before(owner: nn.Module, leaves: list) -> bool:
+    """Whether ``owner``'s base buffers ``leaves`` are those noted checked, at the same versions."""
+    seen = _CHECKED_BASES.get(owner)
+    return seen is not None and len(seen) == len(leaves) and all(
+        a is b and a._version == v for (a, v), b in zip(seen, leaves))
+
+
+def _note_checked(owner: nn.Module, leaves: list) -> None:
+    """Note ``owner``'s base buffers ``leaves`` valid at their current versions."""
+    try:
+        _CHECKED_BASES[owner] = [(b, b._version) for b in leaves]
+    except RuntimeError:  # an inference tensor has no version counter: checked at every call
+        _CHECKED_BASES.pop(owner, None)
 
 
 # ----------------------------------------------------------------------------- the cache
