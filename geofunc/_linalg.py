@@ -598,8 +598,8 @@ _BASIS_LOCK = threading.Lock()  # threads that share a module (DataParallel's re
 
 # Note [Locks across fork]
 # A fork copies a lock in the state it is in, and only the forking thread: where another thread was
-# inside one of geofunc's cache locks (this one, _LAYOUT_LOCK in spaces/_factorized.py) at the fork (a
-# DataLoader with num_workers > 0 started beside a serving or training thread), the child's copy
+# inside one of geofunc's cache locks (this one, _LAYOUT_LOCK and _SKETCH_LOCK in spaces/_factorized.py)
+# at the fork (a DataLoader with num_workers > 0 started beside a serving or training thread), the child's copy
 # stayed held by a thread the child does not have, and the child's first insertion deadlocked (its
 # first chart of a new shape: a worker that hung silently). The dicts they guard are consistent at any
 # fork (their operations are atomic under the GIL), so the child only needs new, free locks.

@@ -263,14 +263,6 @@ _SKETCHES: dict[tuple, Tensor] = {}
 _SKETCH_LOCK = threading.Lock()
 
 
-def _fresh_sketch_lock() -> None:  # Note [Locks across fork] (geofunc/_linalg.py)
-    global _SKETCH_LOCK
-    _SKETCH_LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_sketch_lock)
-
 
 def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The fixed k×q Gaussian of Note [Sketched frames of low-rank points] (cached, 16 shapes)."""
@@ -517,13 +509,13 @@ _LAYOUTS: dict[tuple, tuple] = {}
 _LAYOUT_LOCK = threading.Lock()
 
 
-def _fresh_layout_lock() -> None:  # Note [Locks across fork] (geofunc/_linalg.py)
-    global _LAYOUT_LOCK
-    _LAYOUT_LOCK = threading.Lock()
+def _fresh_locks() -> None:  # Note [Locks across fork] (geofunc/_linalg.py): the layout and sketch caches'
+    global _LAYOUT_LOCK, _SKETCH_LOCK
+    _LAYOUT_LOCK, _SKETCH_LOCK = threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_layout_lock)
+    os.register_at_fork(after_in_child=_fresh_locks)
 
 
 def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], transposed: bool, diag: bool,
