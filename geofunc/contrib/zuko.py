@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 from .. import spaces as S
 from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
-from ..nn._adapter import _checked_before, _concrete, _filled, _note_checked, _unreadable_base, _write_values, refine_base
+from ..nn._adapter import _base_problem, _concrete, _filled, _note_checked, _write_values, refine_base
 from ..spaces._base import LOW_PRECISION, _autocast_on, autocast_off
 
 __all__ = ["LinearTransform", "SpaceLinear"]
@@ -426,12 +426,7 @@ class SpaceLinear(LazyTransform):
     # the next forward.
     def _checked_base(self) -> Any:
         base = self.base
-        if _unreadable_base(base):
-            return base
-        leaves = self._base_buffers()
-        if _checked_before(self, leaves):
-            return base
-        why = self.space._invalid_base(base)
+        why = _base_problem(self, base)
         if why is not None:
             names = ", ".join(f"base{i}" for i in range(self._n_base))
             raise ManifoldError(
@@ -442,7 +437,6 @@ class SpaceLinear(LazyTransform):
                 "SpaceLinear(space, n, init=space.project(W)), or load a checkpoint's own bases. After to_empty "
                 "(deferred initialization) the bases hold no values until a checkpoint is loaded."
             )
-        self._note_checked()
         return base
 
     def _note_checked(self) -> None:

@@ -449,12 +449,7 @@ class Parametrization(nn.Module):
         """:meth:`get_base`, checked on the space once per change of its buffers (Note [Bases checked
         where they change]); raises ``ManifoldError`` for a base off the space."""
         base = self.get_base()
-        if _unreadable_base(base):
-            return base
-        leaves = self._base_buffers()
-        if _checked_before(self, leaves):
-            return base
-        why = self.space._invalid_base(base)
+        why = _base_problem(self, base)
         if why is not None:
             raise ManifoldError(
                 f"{self.where} constrained to {self.space!r}: expected its base (buffers "
@@ -466,7 +461,6 @@ class Parametrization(nn.Module):
                 "to_empty (deferred initialization) the bases hold no values until then: assign each constrained "
                 "tensor a point or load a checkpoint before reading it."
             )
-        _note_checked(self, leaves)
         return base
 
     def _check_value(self, X: Any, registering: bool = False) -> None:
@@ -700,17 +694,22 @@ def _make_picklable(module: nn.Module) -> None:
 _CHECKED_BASES: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
-def _unreadable_base(base: Any) -> bool:
-    """No base, or one not checked now: under torch.compile, a trace or a torch.func transform."""
-    return (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None)
-
-
-def _checked_before(owner: nn.Module, leaves: list) -> bool:
-    """Whether ``owner``'s base buffers ``leaves`` are those noted checked, at the same versions."""
+def _base_problem(owner: Any, base: Any) -> str | None:
+    """Why ``owner``'s ``base`` (its buffers ``owner._base_buffers()``) is off ``owner.space``, or None: valid
+    (then noted checked), checked before at the buffers' current versions, no base, or one not read now
+    (under torch.compile, a trace or a torch.func transform): Note [Bases checked where they change]."""
+    if (base is None or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return None
+    leaves = owner._base_buffers()
     seen = _CHECKED_BASES.get(owner)
-    return seen is not None and len(seen) == len(leaves) and all(
-        a is b and a._version == v for (a, v), b in zip(seen, leaves))
+    if seen is not None and len(seen) == len(leaves) and all(
+            a is b and a._version == v for (a, v), b in zip(seen, leaves)):
+        return None
+    why = owner.space._invalid_base(base)
+    if why is None:
+        _note_checked(owner, leaves)
+    return why
 
 
 def _note_checked(owner: nn.Module, leaves: list) -> None:
