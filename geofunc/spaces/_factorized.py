@@ -237,9 +237,8 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # own backward error; √k times it let a real tail of that size through, and the frame of a kept
 # value σ_r ≪ σ₁ missed by the sketch then moved by ~residual/σ_r, 500× the dense path's rounding
 # at 256×256: an exactly-low-rank point's residual is 0.02–0.3 of the tolerance, float32 and
-# float64, 64² to 1024²), and the r-th value is separated from
-# the (r+1)-th (for eigenvalues: from the larger of it and 0, the n − q values the sketch leaves
-# out) by more than √ε·σ₁ (both checks relative to σ₁: a point's scale does not decide; with the
+# float64, 64² to 1024²), and the r-th value is separated from the (r+1)-th (for eigenvalues: from
+# the larger of it and 0, the n − q values the sketch leaves out) by more than √ε·σ₁ (both checks relative to σ₁: a point's scale does not decide; with the
 # spectral maps' tie tolerance √ε·max(1, σ₁) no float32 point with σ_r < 3.5e-4 was sketched, a radam
 # step of LowRank(16) 1024² scaled by 3e-4 took 1.4 s instead of 55 ms). Then Y = Q B + E with
 # ‖E‖ at rounding level, and the top-r frames and values of Q B are those of Y to rounding over the
@@ -253,15 +252,15 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # the Birkhoff early exit and the exponential's degree do (not under torch.compile, torch.func
 # transforms, make_fx tracing, for subclasses or meta tensors: eager_fast and can_check), which
 # keep the dense path; nor where 2q > k or k < 64 (no gain: the sketch's fixed costs match the dense
-# factorization there, a step of LowRank(1) 32×32 1.24× slower, LowRank(4) 64×64 0.79×), for a det-fixed space (GLp) or a value map other
-# than Identity, Positive and Abs (only those zero the values past r). The gain, one thread,
-# float32, a radam step (three such maps): LowRank(16) 1024×1024 1.33 s → 42 ms, 2048×2048
-# 12.8 s → 0.22 s (README, Known limitations).
+# factorization there, a step of LowRank(1) 32×32 1.24× slower, LowRank(4) 64×64 0.79×), for a
+# det-fixed space (GLp) or a value map other than Identity, Positive and Abs (only those zero the
+# values past r). The gain, one thread, float32, a radam step (three such maps): LowRank(16)
+# 1024×1024 0.91 s → 28 ms, 2048×2048 12.8 s → 0.22 s (README, Known limitations;
+# benchmarks/REFACTOR-session-2026-12-06g.md).
 _SKETCH_OVERSAMPLE = 8
 _SKETCH_MIN_SIDE = 64  # below: the dense factorization is as fast (LowRank(1) 32×32: 0.8 ms dense, 1.0 sketched a step)
 _SKETCHES: dict[tuple, Tensor] = {}
 _SKETCH_LOCK = threading.Lock()
-
 
 
 def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> Tensor:
