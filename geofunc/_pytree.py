@@ -486,7 +486,7 @@ def _first_leaf(X: Any) -> torch.Tensor:
 # or an unhashable hyperparameter, and any error of the batched call (the per-entry call then raises it
 # with the parameter's name) take the per-entry path. Each result is cloned out of the group's tensor,
 # a tensor of its own as one by one (its storage, its autograd version counter): 10-20% of the stacked
-# step (radam over 800 small parameters 54 → 62 ms, still 0.73x geoopt's RiemannianAdam).
+# step (radam over 800 small parameters 54 → 60 ms, 0.70x geoopt's RiemannianAdam; REFACTOR-session-2026-12-06g).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _STACKABLE: tuple[type, ...] = ()
