@@ -1225,20 +1225,26 @@ def test_a_huge_matrix_does_not_poison_its_batch(dtype, big):
     """Note [Skips past the exponent range]: beside one huge generator (NaN itself: too far to be a point)
     the other matrices of a batch skip more squarings than 2^(skip·j) can hold; they come out as alone,
     value and gradient (they were NaN)."""
-    g = torch.Generator().manual_seed(0)
-    A = torch.randn(3, 4, 4, generator=g, dtype=dtype) * 0.1
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    _batch_equals_alone(dtype, big, n=4, scale=0.1, seed=0, tol=tol, grad_tol=tol)
+
+
+def _batch_equals_alone(dtype, big, n, scale, seed, tol, grad_tol):
+    """expm of three n×n generators (``scale``·N(0, 1), the first with ``big`` at (0, 1)): the second and
+    third, value and gradient, as each alone."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(3, n, n, generator=g, dtype=dtype) * scale
     A[0, 0, 1] = big
     A = (A - A.mT).requires_grad_()
-    G = torch.randn(3, 4, 4, generator=g, dtype=dtype)
+    G = torch.randn(3, n, n, generator=g, dtype=dtype)
     out = expm(A)
     (grad,) = torch.autograd.grad((out * G).sum(), A)
-    tol = 1e-5 if dtype == torch.float32 else 1e-13
     for i in (1, 2):
         Ai = A[i].detach().clone().requires_grad_()
         alone = expm(Ai)
         (grad_alone,) = torch.autograd.grad((alone * G[i]).sum(), Ai)
         torch.testing.assert_close(out[i].detach(), alone.detach(), rtol=0, atol=tol)
-        torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=tol)
+        torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=grad_tol)
 
 
 @pytest.mark.parametrize("dtype,big", [(torch.float32, 1e20), (torch.float32, 1e30), (torch.float64, 1e200), (torch.float64, 1e300)])
@@ -1246,20 +1252,8 @@ def test_neighbours_of_a_huge_matrix_keep_their_squarings(dtype, big):
     """Note [Skips past the exponent range]: beside a generator so huge that the others' powers of A/2^s
     underflow to 0, those others (norm ~10: they need squarings of their own) are not read as zero
     matrices that skip every squaring (they came out finite and 1e4-1e7 off orthogonality)."""
-    g = torch.Generator().manual_seed(1)
-    A = torch.randn(3, 6, 6, generator=g, dtype=dtype) * 1.5
-    A[0, 0, 1] = big
-    A = (A - A.mT).requires_grad_()
-    G = torch.randn(3, 6, 6, generator=g, dtype=dtype)
-    out = expm(A)
-    (grad,) = torch.autograd.grad((out * G).sum(), A)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    for i in (1, 2):
-        Ai = A[i].detach().clone().requires_grad_()
-        alone = expm(Ai)
-        (grad_alone,) = torch.autograd.grad((alone * G[i]).sum(), Ai)
-        torch.testing.assert_close(out[i].detach(), alone.detach(), rtol=0, atol=tol)
-        torch.testing.assert_close(grad[i], grad_alone, rtol=0, atol=10 * tol)
+    _batch_equals_alone(dtype, big, n=6, scale=1.5, seed=1, tol=tol, grad_tol=10 * tol)
 
 
 @pytest.mark.parametrize("dtype,big,mid", [(torch.float32, 1e30, 3e5), (torch.float32, 1e30, 1e7), (torch.float64, 1e300, 1e15)])

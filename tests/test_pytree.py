@@ -502,21 +502,33 @@ def test_many_constraints_plan_as_before():
         _pytree._plan({"layers.1": gf.SO(), "layers": {1: gf.SO()}}, params, ())
 
 
-@pytest.mark.parametrize("op", ["retract", "tangent", "radam"])
-def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(op):
+#: (name the eager error gives, points' unconstrained part, a (1,) vector at its (3,) bias, a right one)
+_UNCONSTRAINED = {
+    "entry": ("'bias'", lambda: {"bias": torch.zeros(3)}, lambda: {"bias": torch.ones(1)}, lambda: {"bias": torch.ones(3)}),
+    "subtree": ("'mlp.bias'", lambda: {"mlp": {"bias": torch.zeros(3), "scales": [torch.zeros(2)]}},
+                lambda: {"mlp": {"bias": torch.ones(1), "scales": [torch.ones(2)]}},
+                lambda: {"mlp": {"bias": torch.ones(3), "scales": [torch.ones(2)]}}),
+}
+
+
+@pytest.mark.parametrize(("where", "op"), [("entry", "retract"), ("entry", "tangent"), ("entry", "radam"),
+                                           ("subtree", "tangent"), ("subtree", "radam")])
+def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(where, op):
     """Under torch.compile the unconstrained entries skipped their vector check: a (1,) vector at a (3,)
     bias was broadcast silently (retract's X + V, radam's step) or returned as the bias's tangent vector,
-    where the eager call raises (Note [Vectors at unconstrained entries])."""
+    where the eager call raises (Note [Vectors at unconstrained entries]); inside a subtree (a module's
+    unconstrained layers) too, where only retract's X + V already refused it."""
+    name, free, bad, right = _UNCONSTRAINED[where]
     C = {"w": gf.Sphere()}
-    P = {"w": gf.Sphere().sample((3,), generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(3)}
-    V = {"w": torch.zeros(3), "bias": torch.ones(1)}
+    P = {"w": gf.Sphere().sample((3,), generator=torch.Generator().manual_seed(0)), **free()}
+    V = {"w": torch.zeros(3), **bad()}
     if op == "radam":
         opt = gf.optim.radam(C, lr=0.1)
         state = opt.init(P)
         f = lambda V, P: opt.update(V, state, P)  # noqa: E731
     else:
         f = lambda V, P: getattr(gf, op)(C, P, V)  # noqa: E731
-    with pytest.raises(gf.ManifoldError, match="'bias'"):
+    with pytest.raises(gf.ManifoldError, match=name):
         f(V, P)
     torch._dynamo.reset()
     # Without fullgraph Dynamo lets the ManifoldError through (naming the entry within its subtree: the
@@ -526,37 +538,6 @@ def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(op
         warnings.simplefilter("ignore", UserWarning)
         torch.compile(f, backend="eager")(V, P)
     torch._dynamo.reset()
-    good = {"w": torch.zeros(3), "bias": torch.ones(3)}
-    torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(good, P), f(good, P))
-    torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("op", ["tangent", "radam"])
-def test_compiled_maps_refuse_a_wrong_shaped_vector_in_an_unconstrained_subtree(op):
-    """The check above, for an unconstrained entry inside a subtree (a module's unconstrained layers): under
-    torch.compile the subtree skipped it, so a (1,) vector at a nested (3,) bias was broadcast by radam's step
-    or returned by gf.tangent as the bias's vector, silently, where the eager call raises; retract's X + V
-    already refused it."""
-    C = {"w": gf.Sphere()}
-    P = {"w": gf.Sphere().sample((3,), generator=torch.Generator().manual_seed(0)),
-         "mlp": {"bias": torch.zeros(3), "scales": [torch.zeros(2)]}}
-    V = {"w": torch.zeros(3), "mlp": {"bias": torch.ones(1), "scales": [torch.ones(2)]}}
-    if op == "radam":
-        opt = gf.optim.radam(C, lr=0.1)
-        state = opt.init(P)
-        f = lambda V, P: opt.update(V, state, P)  # noqa: E731
-    else:
-        f = lambda V, P: getattr(gf, op)(C, P, V)  # noqa: E731
-    with pytest.raises(gf.ManifoldError, match="'mlp.bias'"):
-        f(V, P)
-    torch._dynamo.reset()
-    # Without fullgraph Dynamo lets the ManifoldError through (naming the entry within its subtree: the
-    # parameter's prefix is eager mode's, _named); on that path it warns that it cannot trace optree's C
-    # functions (an error under this suite's filterwarnings), as a user sees it: ignored here.
-    with warnings.catch_warnings(), pytest.raises(gf.ManifoldError, match="'(mlp.)?bias'.*got shape \\(1,\\)"):
-        warnings.simplefilter("ignore", UserWarning)
-        torch.compile(f, backend="eager")(V, P)
-    torch._dynamo.reset()
-    good = {"w": torch.zeros(3), "mlp": {"bias": torch.ones(3), "scales": [torch.ones(2)]}}
+    good = {"w": torch.zeros(3), **right()}
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(good, P), f(good, P))
     torch._dynamo.reset()
