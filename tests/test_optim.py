@@ -282,6 +282,19 @@ def test_every_tensor_hyperparameter_of_one_dim_or_more_is_refused(make):
     make(torch.tensor(0.5, dtype=F64))
 
 
+
+@pytest.mark.parametrize("name, what", [("rsgd", "lr"), ("rsgd", "momentum"), ("rsgd", "weight_decay"), ("radam", "lr"),
+                                        ("radam", "eps"), ("radamw", "lr")])
+def test_a_bool_or_complex_tensor_lr_is_refused_at_construction(name, what):
+    """A complex 0-dim tensor lr was taken and its imaginary part dropped in the step, silently (lr=0.1j made
+    no step at all); a bool one raised torch's negation error at the first update (at construction before
+    the lr was read at each update). Refused at construction, naming it, as a bool or complex β is."""
+    make = lambda **kw: getattr(gf.optim, name)({"w": gf.Sphere()}, **kw)  # noqa: E731
+    for bad in (torch.tensor(True), torch.tensor(0.1j), torch.tensor(0.1 + 0j, dtype=torch.complex128)):
+        with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected `{what}` a real number or a real 0-dim tensor"):
+            make(**{"lr": 0.1, what: bad})
+    make(**{"lr": 0.1, what: torch.tensor(0.1)})
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_a_bool_or_complex_tensor_beta_is_refused_at_construction(which):
     """A bool tensor β (torch.optim.Adam refuses it) was taken and raised torch's "Subtraction ... with a bool

@@ -164,6 +164,10 @@ def check_nonnegative(where: str, **values: Any) -> None:
             # update, or a step of another shape; a (1,) one silently made a 0-dim parameter's step (1,))
             kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
             raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
+        if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex()):
+            # (metadata only, as the shape: a complex lr dropped its imaginary part in the step, silently (0.1j:
+            # no step at all), a bool one raised torch's negation error at the first update)
+            raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
         if isinstance(value, torch.Tensor) or (what == "lr" and callable(value)):
             continue  # not read
         x = _real(value)
