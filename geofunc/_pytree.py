@@ -479,17 +479,25 @@ def _first_leaf(X: Any) -> torch.Tensor:
 # _stacked maps them in one call (torch.stack per argument, one call, unbind) where every argument is a
 # plain CPU tensor outside any transform (eager; no vmap, torch.func.grad, DTensor or other subclass, no
 # autograd graph to build) and the space is one whose maps are measured batch for batch the same as one
-# by one: Stiefel, Sphere and SO (the same bits, except SO's retraction, whose matrix exponential picks
-# its degree from the batch: within 2 ulp, tests/test_optim_stacked.py). Anything else, a group of one,
+# by one: Stiefel, Sphere and SO (the same bits, except the retractions through a matrix exponential, SO's
+# and Stiefel's canonical metric's, whose degree is picked from the batch: within 3 ulp,
+# tests/test_optim_stacked.py). Anything else, a group of one,
 # a group whose entries are not points of the space on their own (their stack could be one: 3 scalars
 # on Sphere() are a (3,) vector), a space with a user's `triv` (it may not take a batch as each matrix)
 # or an unhashable hyperparameter, and any error of the batched call (the per-entry call then raises it
 # with the parameter's name) take the per-entry path. Each result is cloned out of the group's tensor,
 # a tensor of its own as one by one (its storage, its autograd version counter): 10-20% of the stacked
 # step (radam over 800 small parameters 54 → 60 ms, 0.70x geoopt's RiemannianAdam; REFACTOR-session-2026-12-06g).
+# Only small entries stack (at most _STACK_MAX_NUMEL elements each): the gain is the per-call overhead,
+# the cost the copies (torch.stack of every argument, the clones) and batched kernels that run slower over
+# many large matrices than over each; above ~4-8k elements an entry's own arithmetic outweighs its
+# overhead, and a group of large entries stepped 1.2-3.8x slower than one by one (radam, 16 entries, one
+# thread: Stiefel 512x128 50 → 102 ms, Sphere(262144) 30 → 113 ms), its extra peak memory 2.4x (rsgd over 16
+# Stiefel 2048x512 float32: 205 → 490 MB above the parameters').
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
 _STACKABLE: tuple[type, ...] = ()
+_STACK_MAX_NUMEL = 4096  # elements of an entry (its batch included); larger ones map one by one (Note [Stacked entries])
 
 
 def _stackable() -> tuple[type, ...]:
@@ -511,7 +519,8 @@ def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -
         if type(e) is not _Entry or type(e.space) not in kinds:
             continue
         x = first[i]
-        if type(x) not in _PLAIN or not x.is_cpu or (grad and x.requires_grad) or (_wrapped is not None and _wrapped(x)):
+        if (type(x) not in _PLAIN or not x.is_cpu or x.numel() > _STACK_MAX_NUMEL or (grad and x.requires_grad)
+                or (_wrapped is not None and _wrapped(x))):
             continue
         shape, dtype = x.shape, x.dtype
         for col in rest:  # the other arguments: plain tensors of the point's shape and dtype
