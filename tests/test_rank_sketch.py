@@ -276,3 +276,115 @@ def test_the_point_s_scale_does_not_decide_the_sketch(space, scale, monkeypatch)
     T0, Y0 = _dense(maps)
     torch.testing.assert_close(T / scale, T0 / scale, atol=TOL[F32], rtol=0)
     torch.testing.assert_close(Y / scale, Y0 / scale, atol=TOL[F32], rtol=0)
+
+
+# ------------------------------------------------ Note [Symmetric parts without strided elementwise ops]
+EIG_SPACES = [gf.PSSDLowRank(rank=4), gf.PSSDFixedRank(rank=3)]
+_ARITH = {"add", "sub", "mul", "div", "rsub"}
+
+
+class _StridedArith(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts elementwise arithmetic ops reading a square matrix of side ≥ ``n`` transposed (the
+    column-at-a-time walk that was most of a PSSD optimizer step)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.count = n, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__.rstrip("_") in _ARITH:
+            for a in optree.tree_leaves((args, kwargs or {})):
+                if (isinstance(a, torch.Tensor) and a.ndim >= 2 and a.shape[-1] == a.shape[-2] >= self.n
+                        and a.stride(-2) == 1 and a.stride(-1) != 1):
+                    self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _old_eig_tangent(Q, G):
+    """The tangent's former formula from the frame (kept as the reference)."""
+    Gs = 0.5 * (G + G.mT)
+    QG = Q.mT @ Gs
+    A = 2.0 * Q @ QG - Q @ (QG @ Q) @ Q.mT
+    return 0.5 * (A + A.mT)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (2, 96, 96), (2, 512, 512)], ids=str)
+@pytest.mark.parametrize("space", EIG_SPACES, ids=repr)
+def test_eig_maps_read_no_matrix_transposed_and_keep_their_values(space, shape, monkeypatch):
+    """tangent, retract (project) and transport of a low-rank PSD point: sketched, no elementwise op
+    reads an n×n matrix transposed (the former symmetric parts did, eight per radam step; a batch of
+    small matrices still may), the
+    results exactly symmetric and equal to the former formulas from the same frames (tangent: to
+    1e-10 in float64; project: bit for bit) and to the dense path."""
+    g = _gen(21)
+    n, r = shape[-1], space.rank
+    X = space.sample(shape, dtype=F64, generator=g)
+    G = torch.randn(shape, dtype=F64, generator=g)
+    frames = []
+    real = fz._sketch_eigh
+
+    def spy(S, r_, q):
+        out = real(S, r_, q)
+        frames.append(out)
+        return out
+
+    monkeypatch.setattr(fz, "_sketch_eigh", spy)
+    mode = _StridedArith(n)
+    with mode:
+        T = space.tangent(X, G)
+        Y = space.retract(X, -0.3 * T)
+        W = space.transport(X, Y, T)
+    if len(shape) == 2 or n >= fz._BLOCKED_T_MIN:  # (small batched matrices: the strided read is as fast)
+        assert mode.count == 0
+    assert len(frames) == 3 and all(f is not None for f in frames)
+    for V in (T, Y, W):
+        assert torch.equal(V, V.mT)
+    torch.testing.assert_close(T, _old_eig_tangent(frames[0][1][..., -r:], G), atol=1e-10, rtol=0)
+    torch.testing.assert_close(W, _old_eig_tangent(frames[2][1][..., -r:], T), atol=1e-10, rtol=0)
+    lam, Q = frames[1]
+    q = lam.shape[-1]
+    gv = space._value_map.project(lam, torch.arange(q) >= q - r, None, n)[0][..., q - r:]
+    A = (Q[..., q - r:] * gv.unsqueeze(-2)) @ Q[..., q - r:].mT
+    assert torch.equal(Y, 0.5 * (A + A.mT))  # the former project's formula, bit for bit
+    monkeypatch.setattr(fz, "_sketch_eigh", real)
+    T0 = _dense(lambda: space.tangent(X, G))
+    Y0 = _dense(lambda: space.retract(X, -0.3 * T0))
+    W0 = _dense(lambda: space.transport(X, Y0, T0))
+    for V, V0 in ((T, T0), (Y, Y0), (W, W0)):
+        torch.testing.assert_close(V, V0, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("space", EIG_SPACES, ids=repr)
+def test_eig_tangent_broadcasts_and_differentiates_in_g_as_before(space):
+    """The sketched tangent at a point nothing differentiates: G batched where X is not (and back),
+    and G requiring grad: values and G's gradient equal the former formula's (float64, 1e-10)."""
+    g = _gen(22)
+    X = space.sample((96, 96), dtype=F64, generator=g)
+    Xb = space.sample((2, 96, 96), dtype=F64, generator=g)
+    G = torch.randn(3, 96, 96, dtype=F64, generator=g)
+    r = space.rank
+    Q = torch.linalg.eigh(X)[1][..., -r:]
+    torch.testing.assert_close(space.tangent(X, G), _old_eig_tangent(Q, G), atol=1e-10, rtol=0)
+    Qb = torch.linalg.eigh(Xb)[1][..., -r:]
+    torch.testing.assert_close(space.tangent(Xb, G[0]), _old_eig_tangent(Qb, G[0]), atol=1e-10, rtol=0)
+    Gr = G.clone().requires_grad_()
+    C = torch.randn(3, 96, 96, dtype=F64, generator=g)
+    T = space.tangent(X, Gr)
+    (gG,) = torch.autograd.grad((T * C).sum(), Gr)
+    (gG0,) = torch.autograd.grad((_old_eig_tangent(Q, Gr) * C).sum(), Gr)
+    torch.testing.assert_close(T.detach(), _old_eig_tangent(Q, G), atol=1e-10, rtol=0)
+    torch.testing.assert_close(gG, gG0, atol=1e-10, rtol=0)
+    assert torch.equal(T.detach(), T.detach().mT)
+
+
+@pytest.mark.parametrize("shape", [(0, 64, 64), (70, 70), (3, 70, 70), (2, 512, 512), (2, 1, 520, 520)], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_symmetric_parts_are_bit_for_bit_the_strided_ones(shape, dtype):
+    """The blocked-copy helpers give the entries of ``0.5 * (A + Aᵀ)`` and ``A + Aᵀ`` bit for bit, for a
+    contiguous and a transposed (column-major) ``A``, and leave ``A`` unchanged."""
+    A = torch.randn(shape, dtype=dtype, generator=_gen(23))
+    for B in (A, A.mT):
+        keep = B.clone()
+        assert torch.equal(fz._sym_detached(B), 0.5 * (B + B.mT))
+        assert torch.equal(fz._plus_transposed(B), B + B.mT)
+        assert torch.equal(B, keep)

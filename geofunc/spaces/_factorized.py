@@ -257,6 +257,57 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # values past r). The gain, one thread, float32, a radam step (three such maps): LowRank(16)
 # 1024×1024 0.91 s → 28 ms, 2048×2048 12.8 s → 0.22 s (README, Known limitations;
 # benchmarks/REFACTOR-session-2026-12-06g.md).
+#
+# Note [Symmetric parts without strided elementwise ops]
+# The eigen family's sketched maps (Note [Sketched frames of low-rank points]) are products with thin
+# frames, O(n²r); around them a radam step of PSSDLowRank took eight symmetric parts 0.5 * (A + Aᵀ) of
+# n×n matrices (of the point, of G, of X + V, of each result): an elementwise op with a transposed
+# operand walks that operand a column at a time, 4 ms for 1024×1024 on one thread (40× a contiguous
+# add, 5× an n×n×24 product), 55% of the step, which took 2× LowRank's. Now, where nothing
+# differentiates:
+# * the symmetric part of the point (of Y in project) is 0.5 * (Aᵀ + A) with Aᵀ copied first by
+#   torch's blocked transposing copy (2-D; a batch of matrices of side ≥ _BLOCKED_T_MIN one matrix at
+#   a time; elsewhere the strided read is as fast): the same entries bit for bit, ~1 ms at 1024²;
+# * tangent never forms sym(G): with S = sym(G), P = QQᵀ (Q the n×r frame), K = Qᵀ S =
+#   ½ (Qᵀ G + (G Q)ᵀ) and H = Q (K − ½ (K Q) Qᵀ), P S + S P − P S P = H + Hᵀ (three n×n×r products,
+#   the old formula's to rounding, exactly symmetric; linear in G, which may be differentiated);
+# * the result H + Hᵀ (project: H = Q diag(g/2) Qᵀ, the old sym(Q diag(g) Qᵀ) bit for bit, halving
+#   being exact) takes the blocked copy of Hᵀ too;
+# * the sketch's residual S − Q C is one fused product written over S (its own temporary), divided
+#   by σ₁ in place: the frames are the old ones bit for bit, the residual the old one to rounding
+#   (only whether the sketch is taken can read it).
+# One thread, a radam step of PSSDLowRank(4) / (16) 1024² float32: 75 / 63 ms → 30 / 31 ms (LowRank's:
+# 29 / 31 ms), float64 1.7–2×; 256²: 1.05–1.3× (the old and new maps interleaved in one process).
+_BLOCKED_T_MIN = 512
+
+
+def _transposed_copy(A: Tensor) -> Optional[Tensor]:
+    """``Aᵀ`` of real square matrices as a new contiguous tensor, by torch's blocked transposing copy, or
+    None where that does not pay (Note [Symmetric parts without strided elementwise ops])."""
+    n = A.shape[-1]
+    if A.ndim == 2:
+        return torch.empty(A.shape, dtype=A.dtype, device=A.device).copy_(A.mT)
+    if n >= _BLOCKED_T_MIN and A.numel() // (n * n) <= 64:
+        T = torch.empty(A.shape, dtype=A.dtype, device=A.device)
+        for t, a in zip(T.view(-1, n, n), A.reshape(-1, n, n)):
+            t.copy_(a.mT)  # (each a 2-D copy: the blocked kernel)
+        return T
+    return None
+
+
+def _sym_detached(A: Tensor) -> Tensor:
+    """``sym_part(A).detach()`` of a real ``A``, bit for bit (the same sums, then the exact halving)."""
+    A = A.detach()
+    T = _transposed_copy(A)
+    return (A + A.mT if T is None else T.add_(A)).mul_(0.5)
+
+
+def _plus_transposed(H: Tensor) -> Tensor:
+    """``H + Hᵀ`` of a real square ``H``, bit for bit; a differentiated ``H`` takes the plain op."""
+    T = None if torch.is_grad_enabled() and H.requires_grad else _transposed_copy(H)
+    return H + H.mT if T is None else T.add_(H)
+
+
 _SKETCH_OVERSAMPLE = 8
 _SKETCH_MIN_SIDE = 64  # below: the dense factorization is as fast (LowRank(1) 32×32: 0.8 ms dense, 1.0 sketched a step)
 _SKETCHES: dict[tuple, Tensor] = {}
@@ -289,14 +340,28 @@ def _sketch_ok(Y: Tensor) -> bool:
     return Y.ndim >= 2 and eager_fast(Y) and can_check(Y)
 
 
-def _sketch_residual(R: Tensor, smax: Tensor) -> tuple[Tensor, Tensor]:
+def _sketch_residual(R: Tensor, smax: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
     """``(‖R‖_F/σ₁, √ε·σ₁)`` for the checks of Note [Sketched frames of low-rank points]: both relative to
     ``σ₁ = smax`` (the norm of ``R/σ₁``: its squares neither underflow nor overflow at any scale), and
-    ``σ₁`` itself in the normal range with room for rounding (else a NaN residual: the dense path)."""
+    ``σ₁`` itself in the normal range with room for rounding (else a NaN residual: the dense path).
+    ``inplace``: ``R`` is a temporary, divided in place."""
     fi = torch.finfo(R.dtype)
     normal = smax >= fi.tiny / fi.eps
-    s1 = torch.where(normal, smax, torch.full_like(smax, math.nan))
-    return torch.linalg.matrix_norm(R / s1[..., None, None]), math.sqrt(fi.eps) * s1
+    s1 = torch.where(normal, smax, torch.full_like(smax, math.nan))[..., None, None]
+    return torch.linalg.matrix_norm(R.div_(s1) if inplace else R / s1), math.sqrt(fi.eps) * s1[..., 0, 0]
+
+
+def _minus_product(S: Tensor, Q: Tensor, C: Tensor) -> Tensor:
+    """``S − Q C``, written over ``S`` (a temporary) by one fused product where the layouts allow (Note
+    [Symmetric parts without strided elementwise ops]: two n×n temporaries fewer)."""
+    n, m, k = S.shape[-2], S.shape[-1], Q.shape[-1]
+    if not S.is_contiguous() or Q.shape[:-2] != S.shape[:-2] or C.shape[:-2] != S.shape[:-2]:
+        return S - Q @ C
+    if S.ndim == 2:
+        return S.addmm_(Q, C, alpha=-1)
+    b = math.prod(S.shape[:-2])
+    S.view(b, n, m).baddbmm_(Q.reshape(b, n, k), C.reshape(b, k, m), alpha=-1)
+    return S
 
 
 def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
@@ -319,14 +384,15 @@ def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Te
 
 def _sketch_eigh(S: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor]]:
     """``(λ, Q)`` (ascending, q of them) of ``Q Qᵀ S Q Qᵀ`` for a detached symmetric ``S`` (n×n) of numerical
-    rank ≤ q whose r-th largest eigenvalue is above the next and above 0, or None (as :func:`_sketch_svd`)."""
+    rank ≤ q whose r-th largest eigenvalue is above the next and above 0, or None (as :func:`_sketch_svd`).
+    ``S`` is overwritten (by the residual): the callers' own temporary (:func:`_sym_detached`)."""
     n = S.shape[-1]
     if not _sketch_size(n, r, q):
         return None
     Q = torch.linalg.qr(S @ _sketch_matrix(n, q, S.dtype, S.device)).Q
     C = Q.mT @ S
     lam, W = torch.linalg.eigh(sanitize(sym_part(C @ Q)))  # (NaN/inf in S: a NaN residual, the dense path)
-    res, tie = _sketch_residual(S - Q @ C, lam.abs().amax(-1))
+    res, tie = _sketch_residual(_minus_product(S, Q, C), lam.abs().amax(-1), inplace=True)
     nxt = lam[..., q - r - 1].clamp(min=0.0)  # the (r+1)-th largest, the n − q left out being 0
     ok = (res <= rank_tol(torch.ones_like(res), n, n)) & (lam[..., q - r] - nxt > tie)
     if not bool(ok.all()):
@@ -382,6 +448,15 @@ def _exact_tangent(Xt: Tensor, Gt: Tensor, r: int) -> Tensor:
     PG = Phi.mT @ Gt
     PP = Phi.mT @ Phi
     return Phi @ PG + Gt @ PP - Phi @ (PG @ PP)
+
+
+def _frame_eig_tangent(Q: Tensor, G: Tensor) -> Tensor:
+    """``P S + S P − P S P``, ``S = sym(G)``, ``P = QQᵀ`` for a real orthonormal frame ``Q`` (n×r) that
+    nothing differentiates: ``H + Hᵀ``, ``H = Q (K − ½ (K Q) Qᵀ)``, ``K = Qᵀ S = ½ (Qᵀ G + (G Q)ᵀ)``
+    (Note [Symmetric parts without strided elementwise ops]): exactly symmetric, ``sym(G)`` never
+    formed; linear in ``G`` (which may be differentiated)."""
+    K = 0.5 * (Q.mT @ G + (G @ Q).mT)
+    return _plus_transposed(Q @ (K - 0.5 * ((K @ Q) @ Q.mT)))
 
 
 def _thin_eig_tangent(X: Tensor, Gs: Tensor, r: int) -> Tensor:
@@ -953,19 +1028,15 @@ class EigSpace(_Factorized):
         self._check_pair(X, G, "G")
         n = X.shape[-1]
         r = self._rank(n)
-        Gs = sym_part(G)
         if r == n:
-            return Gs + 0.0 * X
+            return sym_part(G) + 0.0 * X
         if derivative_mode(X) == "none":  # X is not differentiated: the thin frame
-            if _sketch_size(n, r, r + _SKETCH_OVERSAMPLE) and _sketch_ok(X) and _sketch_ok(Gs) and not X.is_complex():
-                S0 = sym_part(X).detach()
-                sk = _sketch_eigh(S0, r, r + _SKETCH_OVERSAMPLE)
+            if _sketch_size(n, r, r + _SKETCH_OVERSAMPLE) and _sketch_ok(X) and _sketch_ok(G) and not X.is_complex():
+                sk = _sketch_eigh(_sym_detached(X), r, r + _SKETCH_OVERSAMPLE)
                 if sk is not None:  # Note [Sketched frames of low-rank points]: O(n²r)
-                    Q = sk[1][..., -r:]  # (certified: X is finite)
-                    QG = transpose(Q) @ Gs
-                    return sym_part(2.0 * Q @ QG - Q @ (QG @ Q) @ transpose(Q))
-            return _thin_eig_tangent(X, Gs, r)
-        return _exact_eig_tangent(X, Gs, r)  # P: one node in plain autograd (spectral_eigh), exact to second order
+                    return _frame_eig_tangent(sk[1][..., -r:], G)  # (certified: X is finite)
+            return _thin_eig_tangent(X, sym_part(G), r)
+        return _exact_eig_tangent(X, sym_part(G), r)  # P: one node in plain autograd (spectral_eigh), exact to second order
 
     def project(self, Y: Tensor) -> Tensor:
         self._check_shape(Y, "Y")
@@ -976,14 +1047,14 @@ class EigSpace(_Factorized):
         if (_sketch_size(n, r, 2 * r + _SKETCH_OVERSAMPLE) and isinstance(vm, (Identity, Positive, Abs))
                 and _sketch_ok(Y) and not Y.is_complex()
                 and derivative_mode(Y, first=True) == "none"):
-            S0 = sym_part(Y).detach()
-            sk = _sketch_eigh(S0, r, 2 * r + _SKETCH_OVERSAMPLE)
+            sk = _sketch_eigh(_sym_detached(Y), r, 2 * r + _SKETCH_OVERSAMPLE)
             if sk is not None:  # Note [Sketched frames of low-rank points]
                 lam, Q = sk
                 q = lam.shape[-1]
                 g = vm.project(lam, torch.arange(q, device=Y.device) >= q - r, None, n)[0][..., q - r:]
                 Qr = Q[..., q - r:]
-                return sym_part((Qr * g.unsqueeze(-2)) @ transpose(Qr))  # (certified: Y is finite)
+                # sym(Qr diag(g) Qrᵀ) bit for bit (Note [Symmetric parts without strided elementwise ops])
+                return _plus_transposed((Qr * (0.5 * g).unsqueeze(-2)) @ Qr.mT)  # (certified: Y is finite)
         return spectral_eigh(Y, lambda lam, Q: vm.project(lam, keep.expand_as(lam), None, n))
 
     def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
