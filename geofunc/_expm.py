@@ -60,7 +60,8 @@ from typing import Any
 
 import torch
 
-from ._fastpath import _FAST_DTYPES, _PLAIN_TYPES, _transforms, make_fx_tracing, save_state, saved_state, tracks_derivatives
+from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, _transforms, dispatch_mode_active, make_fx_tracing, save_state,
+                        saved_state, tracks_derivatives)
 from ._fastpath import backward_without_autocast  # Note [Backward formulas under autocast]
 
 Tensor = torch.Tensor
@@ -349,7 +350,8 @@ def _evaluate(A: Tensor, m: int, s: int, pre: Any = None, inplace: bool = False,
     """``T_m(A/2^s)^(2^s)`` and the intermediates the derivatives need (torch ops only); a matrix of a
     batch that needs fewer squarings at degree ``chosen`` (the degree ``s`` was chosen for, default
     ``m``) skips the others (Note [Squarings per matrix])."""
-    inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
+    # Note [Traced by make_fx], Note [In place under a dispatch mode]
+    inplace = inplace and not make_fx_tracing() and not dispatch_mode_active()
     q = _Q[m]
     if pre is not None:
         t, Pt = pre
@@ -546,7 +548,8 @@ def _adjoint(cache: dict, G: Tensor, m: int, s: int, inplace: bool = False) -> T
 
     ``inplace`` accumulates into fresh buffers (only when no graph is being built).
     """
-    inplace = inplace and not make_fx_tracing()  # Note [Traced by make_fx]
+    # Note [Traced by make_fx], Note [In place under a dispatch mode]
+    inplace = inplace and not make_fx_tracing() and not dispatch_mode_active()
     q = _Q[m]
     P, Hs, Xs = cache["P"], cache["Hs"], cache["Xs"]
     skip, lead = cache.get("skip"), cache.get("lead", 0)
@@ -1288,7 +1291,10 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
             P2 = torch.cat([torch.cat([_mm_add(cR, T, T), _mm(T, R)], dim=-1),
                             torch.cat([c * T, cR], dim=-1)], dim=-2)
             P3 = _mm(P2[..., :k], M[..., :k, :])  # M² M: M's rows below k are [c I, 0]
-            P3[..., :k].add_(P2[..., k:] * c)
+            if dispatch_mode_active():  # Note [In place under a dispatch mode]
+                P3 = torch.cat([P3[..., :k] + P2[..., k:] * c, P3[..., k:]], dim=-1)
+            else:
+                P3[..., :k].add_(P2[..., k:] * c)
             P4 = _mm(P2, P2)
         m, s = _high_degree(M, P3, P4, u)
         pre = (0, [M, P2, P3, P4])
@@ -1301,13 +1307,18 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
     cf = _coefs(m)
     r = m // 4
 
+    inplace = not dispatch_mode_active()  # Note [In place under a dispatch mode]
+
     def block(i: int, last: bool) -> Tensor:
         out = P[1] * cf[4 * i + 1]
         for j in (2, 3):
-            out = out.add_(P[j], alpha=cf[4 * i + j])
+            out = out.add_(P[j], alpha=cf[4 * i + j]) if inplace else out.add(P[j], alpha=cf[4 * i + j])
         if last:
-            out = out.add_(P[4], alpha=cf[m])
-        out[..., :k, :].diagonal(dim1=-2, dim2=-1).add_(cf[4 * i])
+            out = out.add_(P[4], alpha=cf[m]) if inplace else out.add(P[4], alpha=cf[m])
+        if inplace:
+            out[..., :k, :].diagonal(dim1=-2, dim2=-1).add_(cf[4 * i])
+        else:  # [I; 0] of the 2k × k block
+            out = out + cf[4 * i] * torch.eye(out.shape[-2], out.shape[-1], dtype=out.dtype, device=out.device)
         return out
 
     h = block(r - 1, True)

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import backward_without_autocast, closed_form_node, derivative_mode, eager_fast, save_state, saved_state
+from .._fastpath import (backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast, save_state,
+                         saved_state)
 from .._expm import _mm, _mm_add
 from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -674,7 +675,8 @@ class _RankChart(torch.autograd.Function):
         transposed = not Zt.is_contiguous() and Zt.mT.is_contiguous()  # a wide raw tensor's tall view
         flat = Zt.mT.reshape(-1) if transposed else Zt.reshape(-1)
         take, skip = _rank_layout(n, k, r, packed, math.prod(zb) if zb else None, transposed, True, Zt.device)[:2]
-        P = flat.index_select(0, take).view(skip.shape).masked_fill_(skip, 0.0)
+        P = flat.index_select(0, take).view(skip.shape)
+        P = P.masked_fill(skip, 0.0) if dispatch_mode_active() else P.masked_fill_(skip, 0.0)  # Note [In place under a dispatch mode]
         if st.batch != zb:  # bases with more batch dimensions than the raw tensor
             P = P.reshape((2,) + (1,) * (len(st.batch) - len(zb)) + zb + P.shape[-2:]).expand((2,) + st.batch + P.shape[-2:])
         if P.ndim > 3:

@@ -116,8 +116,10 @@ def _norm_values(V: Tensor) -> Tensor:
     ``‖v/m‖ ≥ 1/√n`` when ``m > 1``, so only entries below 1e-154 of the largest are lost."""
     if V.dtype == torch.float32:
         return torch.linalg.vector_norm(V, dim=-1, keepdim=True, dtype=torch.float64).float()
-    m = torch.linalg.vector_norm(V, 1, dim=-1, keepdim=True).clamp_(min=1.0)
-    return torch.linalg.vector_norm(V / m, dim=-1, keepdim=True).mul_(m)
+    # (out of place: batch-shaped, and an in-place update breaks selective activation checkpointing,
+    # Note [In place under a dispatch mode] in geofunc/_fastpath.py)
+    m = torch.linalg.vector_norm(V, 1, dim=-1, keepdim=True).clamp(min=1.0)
+    return torch.linalg.vector_norm(V / m, dim=-1, keepdim=True) * m
 
 
 def _chart_parts(Z: Tensor, U: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
