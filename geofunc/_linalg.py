@@ -14,12 +14,13 @@ import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
-from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, eager_fast,
-                        make_fx_tracing, save_state, saved_state)
+from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active,
+                        eager_fast, make_fx_tracing, save_state, saved_state)
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -625,6 +626,25 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
         if (B is None or type(B) is not torch.Tensor or B.device.type != "cpu" or B.dtype not in _FAST_DTYPES
                 or B.is_complex() or (grad_mode and B.requires_grad) or B.shape[:-2] != Z0.shape[:-2]):
             return None
+    if dispatch_mode_active():  # Note [The base factor cache under a dispatch mode]
+        if make_fx_tracing():
+            return None
+        with _disable_current_modes():
+            return _cached_basis_values(bases, n)
+    return _cached_basis_values(bases, n)
+
+
+# Note [The base factor cache under a dispatch mode]
+# A miss computes the factors (~30 ops), a hit compares the bases with their copies (torch.equal): a
+# chart's ops depend on whether an earlier call saw its bases. A TorchDispatchMode sees them as the
+# chart's. Selective activation checkpointing hands each saved op output back in the recomputation by
+# (op, call index): a first forward (a miss) inside a checkpointed region, recomputed as a hit, raised
+# "aten.equal.default encountered during backward but not found in storage", and a miss's saved
+# outputs shifted onto the chart's own later calls of the same ops. Under FakeTensorMode with real
+# bases (allow_non_fake_inputs=True) the comparison raised DataDependentOutputException. The cache is
+# a function of the bases' values alone, so it runs with the modes switched off; while make_fx traces
+# (the bases may be the trace's inputs) it is not used.
+def _cached_basis_values(bases: list[Tensor], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     key = (n,) + tuple(id(B) for B in bases)
     entry = _BASIS_ENTRIES.get(key)
     if entry is not None:

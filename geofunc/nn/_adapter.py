@@ -27,10 +27,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .._dtensor import DTensor, gathered, like
+from .._fastpath import dispatch_mode_active, fake_mode_active
 from .._errors import ManifoldError, describe
-from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable
+from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable, shapes_only
 from ..spaces._product import Product
 from ..spaces._values import floor_eps, softplus_inverse
 
@@ -52,7 +54,7 @@ def _from_manifold(space: AbstractSpace, X: Tensor) -> tuple[Tensor, Any]:
     """``space.from_manifold(X)``; on the ``meta`` device (deferred initialization: a module built
     under ``torch.device("meta")``, then ``to_empty`` and ``load_state_dict``) only the shape is
     checked, as there are no values to check."""
-    if isinstance(X, torch.Tensor) and X.is_meta:
+    if shapes_only(X):  # (or a FakeTensor: Note [Fake parameters] in geofunc/spaces/_base.py)
         space._check_shape(X, "X")
         return space._from_manifold(X)
     return space.from_manifold(X)
@@ -706,10 +708,28 @@ def _base_problem(owner: Any, base: Any) -> str | None:
     if seen is not None and len(seen) == len(leaves) and all(
             a is b and a._version == v for (a, v), b in zip(seen, leaves)):
         return None
-    why = owner.space._invalid_base(base)
+    if dispatch_mode_active():  # Note [The base check under a dispatch mode]
+        with _disable_current_modes():
+            why = owner.space._invalid_base(base)
+    else:
+        why = owner.space._invalid_base(base)
     if why is None:
         _note_checked(owner, leaves)
     return why
+
+
+# Note [The base check under a dispatch mode]
+# The check runs in the first forward after a change of the buffers, and not in the next ones: a
+# forward's ops depend on whether it is the first. A TorchDispatchMode active around that forward sees
+# the check's ops as the model's. Selective activation checkpointing (create_selective_checkpoint_contexts)
+# hands each saved op output back in the recomputation by (op, call index), and the recomputation runs
+# no check: every later call of the check's ops got another call's output. A positive_definite layer
+# whose first forward ran under a policy saving the non-pointwise ops got a gradient 100% off, silently
+# (a low_rank one raised "aten.equal.default encountered during backward but not found in storage").
+# Under FakeTensorMode(allow_non_fake_inputs=True) with real parameters (a memory or FLOP estimate) the
+# check of the real buffers computed fake values and raised torch's DataDependentOutputException. The
+# check is not part of the model: it runs with the modes switched off, on the buffers' real values
+# (fake or meta buffers have none to read and are not checked, as before).
 
 
 def _note_checked(owner: nn.Module, leaves: list) -> None:
@@ -1026,6 +1046,13 @@ def _dense_gradient(module: nn.Module, value: Tensor) -> Tensor:
 # is given. (Repeated reads in one traced forward, an RNN's time loop, trace the map once per read.)
 
 
+# Note [Cached values under FakeTensorMode]
+# FakeTensorMode(allow_non_fake_inputs=True) runs a model with its real parameters and computes fake
+# values (memory and FLOP estimates). Inside a gf.nn.cached() block the stamp of such a value matched
+# (the same real raw tensor and bases, unchanged): the next real forward in the block read the
+# FakeTensor weight, its output and loss were FakeTensors, and backward wrote a FakeTensor into the
+# raw Parameter's .grad (loss.item() then raised DataDependentOutputException). Under a fake mode the
+# chain is evaluated at each read and the cache neither read nor written, as in compiled code.
 def _checked_property(tensor_name: str, torch_property: property) -> property:
     fget = torch_property.fget
     fset = torch_property.fset
@@ -1047,6 +1074,8 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         if not parametrize._cache_enabled:
             return _dense_gradient(self, fget(self))
         plist = self._modules["parametrizations"]._modules[tensor_name]  # (nn.Module's __getattr__: ~1 µs)
+        if fake_mode_active():
+            return _dense_gradient(self, plist())  # Note [Cached values under FakeTensorMode]
         # with grad: one entry per thread (Note [Cached values across threads])
         key = (id(self), tensor_name, _THREAD.token) if torch.is_grad_enabled() else (id(self), tensor_name)
         cache = parametrize._cache
