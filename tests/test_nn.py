@@ -369,6 +369,29 @@ def test_an_ema_of_buffers_is_refused_and_one_of_parameters_is_not():
         emas[True].module.weight
 
 
+def test_a_value_computed_under_fake_tensor_mode_is_not_cached():
+    """Inside ``gf.nn.cached()``, a forward under ``FakeTensorMode(allow_non_fake_inputs=True)`` with the
+    real parameters cached a FakeTensor weight that the next real forward read: a fake loss, and a
+    FakeTensor in the raw Parameter's ``.grad`` (Note [Cached values under FakeTensorMode])."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 4, dtype=torch.float64))
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    ref(x).pow(2).sum().backward()
+    with gnn.cached():
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            assert isinstance(m(x), FakeTensor)
+        loss = m(x).pow(2).sum()
+        assert type(loss) is torch.Tensor
+        loss.backward()
+        W = m.weight
+    raw = m.parametrizations.weight.original
+    assert type(W) is torch.Tensor and not isinstance(raw.grad, FakeTensor)
+    torch.testing.assert_close(raw.grad, ref.parametrizations.weight.original.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_a_base_is_checked_once_per_change(monkeypatch):
     """The check reads the buffers only when they changed (other tensors, or an in-place write):
     repeated forwards cost one comparison; an in-place edit of a base is caught at the next read;
@@ -403,6 +426,39 @@ def test_a_base_is_checked_once_per_change(monkeypatch):
     d = gnn.orthogonal(nn.Linear(4, 6)).double()
     d.load_state_dict(m.state_dict())
     torch.testing.assert_close(d.weight, m.weight.double(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["positive_definite", "alpha_stable", "grassmannian", "sln", "orthogonal"])
+def test_a_first_forward_under_selective_checkpointing(name):
+    """The first forward of a layer checks its base; under selective activation checkpointing its ops
+    were taken for the model's, and the recomputation (no check) was handed other calls' outputs:
+    a positive_definite layer's gradient was 100% off, alpha_stable's too, silently, and others raised
+    (Note [The base check under a dispatch mode], Note [The base factor cache under a dispatch mode]).
+    Float64: recomputation repeats the forward's values."""
+    import copy
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+    def policy(ctx, op, *args, **kwargs):  # save all but the pointwise ops
+        return CheckpointPolicy.PREFER_RECOMPUTE if torch.Tag.pointwise in op.tags else CheckpointPolicy.MUST_SAVE
+
+    torch.manual_seed(0)
+    layer = getattr(gnn, name)(nn.Linear(3 if name == "grassmannian" else 8, 8, dtype=torch.float64), "weight")
+    x = torch.randn(5, layer.in_features, dtype=torch.float64, requires_grad=True)
+    plain, sac = copy.deepcopy(layer), copy.deepcopy(layer)  # (a copy's base is checked at its first forward)
+    plain(x).pow(2).sum().backward()
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    checkpoint(sac, x, use_reentrant=False, context_fn=context_fn).pow(2).sum().backward()
+    for (n, p), q in zip(plain.named_parameters(), sac.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=n)
+    # the check still runs there: a base off the space is refused under the policy too
+    bad = copy.deepcopy(layer)
+    with torch.no_grad():
+        for b in bad.parametrizations.weight[0].buffers():
+            b.mul_(1.5)
+    with pytest.raises(gf.ManifoldError):
+        checkpoint(bad, x, use_reentrant=False, context_fn=context_fn)
 
 
 @pytest.mark.parametrize("space", [gf.SO(), gf.SO(triv="cayley"), gf.GLp(), gf.SL()], ids=repr)
@@ -892,6 +948,37 @@ def test_deferred_initialization_on_the_meta_device(case):
     torch.testing.assert_close(m.weight, X, atol=1e-5, rtol=0)
     with pytest.raises(gf.ManifoldError):
         m.weight = torch.full_like(X, float("nan"))  # off every space (an open set contains X + noise)
+
+
+@pytest.mark.parametrize("case", CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
+                                           ("alpha_stable", {}, lambda: nn.Linear(4, 4), gf.Hurwitz),
+                                           ("constrain", {"tensor_name": "weight", "space": gf.SO()}, lambda: nn.Linear(4, 4), gf.SO)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_built_under_fake_tensor_mode(case):
+    """A model built under ``FakeTensorMode`` (memory and FLOP estimates) has fake Parameters, which
+    pass ``isinstance(p, nn.Parameter)``: they were taken for concrete tensors, and registering every
+    constraint but ``symmetric`` raised torch's DataDependentOutputException from a membership check
+    (Note [Fake parameters]). Built as on the meta device: forward and backward give fake tensors of
+    the real shapes and dtypes; ``check`` of a fake point raises a ManifoldError that says why."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    real = make()
+    getattr(gnn, name)(real, **kwargs)
+    shape, W_real = real(torch.randn(3, real.in_features)).shape, real.weight
+    with FakeTensorMode():
+        m = make()
+        getattr(gnn, name)(m, **kwargs)
+        W = m.weight
+        assert isinstance(W, FakeTensor) and W.shape == W_real.shape and W.dtype == W_real.dtype
+        y = m(torch.randn(3, m.in_features))
+        assert isinstance(y, FakeTensor) and y.shape == shape
+        y.sum().backward()
+        raw = m.parametrizations.weight.original
+        assert isinstance(raw.grad, FakeTensor) and raw.grad.shape == raw.shape
+        with pytest.raises(gf.ManifoldError, match="values to measure"):
+            gnn.parametrization_of(m).space.check(W)
 
 
 @pytest.mark.parametrize("case", CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),

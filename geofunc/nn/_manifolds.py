@@ -28,7 +28,7 @@ from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError, describe, first_index
 from .._expm import _real
-from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol
+from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import _LAST_RAW, Parametrization, _fsdp2_unsharded, _note_raw, _note_registration, own_raw, refine_base
@@ -442,7 +442,7 @@ class _Manifold(Parametrization):
             self._check_value(X, registering)
         except ManifoldError as e:
             raise InManifoldError(X, self, str(e)) from None
-        if X.is_meta:  # deferred initialization: shapes only
+        if shapes_only(X):  # deferred initialization (meta) or a FakeTensor: shapes only
             Z, base = self.space._from_manifold(X)
         else:
             self._require_inverse()
@@ -1006,7 +1006,7 @@ class Skew(_Triangle):
         if X.ndim < 2 or X.shape[-2] != X.shape[-1]:
             raise InManifoldError(X, self, f"expected square matrices (..., n, n), got shape {tuple(X.shape)}")
         self._require_real_point(X)
-        if check_in_manifold and not X.is_meta and not _triangle_in(X, -1.0, tol):
+        if check_in_manifold and not shapes_only(X) and not _triangle_in(X, -1.0, tol):
             Xf = X.float() if X.dtype in LOW_PRECISION else X
             err = float((Xf + Xf.transpose(-2, -1)).abs().amax()) if X.numel() else 0.0
             if not bool(torch.isfinite(Xf).all()):
@@ -1068,7 +1068,7 @@ class Symmetric(_Triangle):
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
         self._require_real_point(X)
-        if check_in_manifold and not registering and not X.is_meta and not self._in(gather(X), 1.0, 1e-6):
+        if check_in_manifold and not registering and not shapes_only(X) and not self._in(gather(X), 1.0, 1e-6):
             finite = not X.is_floating_point() or bool(torch.isfinite(X).all())
             raise InManifoldError(X, self, "X is not symmetric" if finite else "X has non-finite entries")
         try:

@@ -37,6 +37,7 @@ from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import optree
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index, real_value
@@ -66,6 +67,20 @@ def default_atol(dtype: torch.dtype, size: int = 1) -> float:
     return _ATOL.get(dtype, 1e-4) * max(1.0, math.sqrt(size / 64.0))
 
 
+def shapes_only(t: Any) -> bool:
+    """Whether ``t`` is a tensor with shapes but no values: on the ``meta`` device, or a ``FakeTensor``
+    (a module built under ``FakeTensorMode``, whose parameters are fake Parameters). Note [Fake
+    parameters]."""
+    return isinstance(t, torch.Tensor) and (t.is_meta or isinstance(t, FakeTensor))
+
+
+# Note [Fake parameters]
+# A parameter made under FakeTensorMode (a model built there to estimate its memory or FLOPs, as
+# with the meta device) is a FakeTensor that passes ``isinstance(p, nn.Parameter)`` (torch marks it
+# ``_is_param``), so the Parameter exemption below took it for a concrete tensor, and registering
+# any constraint on it (``gf.nn.orthogonal``, ``constrain``, ...) read its values in the membership
+# checks: torch's DataDependentOutputException from every one-liner but ``symmetric``, where the meta
+# device builds. Fake tensors are now treated as meta tensors are: shapes checked, values not read.
 def can_check(tree: Any) -> bool:
     """Whether the tensors of ``tree`` are concrete, so that a data-dependent check may run.
 
@@ -88,7 +103,7 @@ def can_check(tree: Any) -> bool:
                     and type(leaf).__torch_dispatch__ is not torch._C._disabled_torch_dispatch_impl):
                 # FakeTensor, FunctionalTensor and other subclasses used by tracers.
                 return False
-            if leaf.is_meta:  # shapes only (deferred initialization): nothing to read
+            if shapes_only(leaf):  # meta (deferred initialization) or a fake Parameter: nothing to read
                 return False
     return True
 
@@ -965,8 +980,9 @@ class AbstractSpace(_Space, abc.ABC):
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
-        if X.is_meta:  # (torch's "item() on meta tensors" otherwise; from_manifold skips the check there)
-            raise error(self, "a point with values to measure", f"{describe(X)} on the meta device (shapes only)")
+        if shapes_only(X):  # (torch's "item() on meta tensors" otherwise; from_manifold skips the check there)
+            where = "on the meta device" if X.is_meta else "that is a FakeTensor"
+            raise error(self, "a point with values to measure", f"{describe(X)} {where} (shapes only)")
         tol = self._atol(X, atol)
         for name, v in self._measure(X).items():
             if isinstance(v, DTensor):  # batch-shaped, small: every rank then raises alike

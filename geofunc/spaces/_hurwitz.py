@@ -13,7 +13,7 @@ from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
 from .._fastpath import add_second_order, derivative_mode
 from .._linalg import Triv, eye_like, poison, sanitize
-from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached, real_hyperparameter
+from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached, real_hyperparameter, shapes_only
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
@@ -356,7 +356,7 @@ class Hurwitz(AbstractSpace):
         try:
             super().check(X, atol)
         except ManifoldError as e:
-            if X.is_meta:  # no values to name an eigenvalue by
+            if shapes_only(X):  # no values to name an eigenvalue by
                 raise
             Xs = sanitize(X.detach())
             Xs = Xs.float() if Xs.dtype in LOW_PRECISION else Xs
