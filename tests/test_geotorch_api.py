@@ -656,12 +656,49 @@ def test_sample_under_vmap_with_different_randomness(i):
     assert torch.equal(same[0], same[1]) and M.in_manifold(same[0])
 
 
+@pytest.mark.parametrize("i", range(len(_VMAP_SAMPLES)))
+@pytest.mark.parametrize("inner", ["grad", "jvp"])
+def test_sample_under_grad_or_jvp_inside_vmap_with_different_randomness(i, inner):
+    """A sample in a function differentiated per member (``vmap(grad(f), randomness="different")``, or
+    ``jvp``): the innermost transform is grad/jvp, not vmap, and the samplers that fill in place raised
+    "Cannot ask for different inplace randomness on an unbatched tensor" there (Note [Samples filled in
+    place under vmap] looked only at the innermost level). One point per member, each on the space."""
+    mk, kw = _VMAP_SAMPLES[i]
+    M = mk()
+    torch.manual_seed(0)
+    if inner == "grad":
+        def member(x):  # a sample drawn inside grad, carried out as its aux
+            return torch.func.grad(lambda x: ((M.sample(**kw) * x).sum(), M.sample(**kw)), has_aux=True)(x)[1]
+    else:
+        def member(x):
+            return torch.func.jvp(lambda x: M.sample(**kw) * x, (x,), (torch.ones_like(x),))[1]
+    out = torch.func.vmap(member, randomness="different")(torch.ones(3))
+    assert out.shape == (3,) + tuple(M.size)
+    assert all(M.in_manifold(o) for o in out)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+
+
 def test_sample_filled_in_place_compiles_fullgraph():
     """The vmap test of the sampler (Note [Samples filled in place under vmap]) stays out of the traced
     graph: ``M.sample()`` of a class that fills in place compiles with ``fullgraph=True``."""
     M = gnn.LowRank((4, 3), 2)
     X = torch.compile(lambda: M.sample(), fullgraph=True)()
     assert X.shape == (4, 3) and M.in_manifold(X)
+
+
+def test_sample_filled_in_place_under_vmap_compiles_fullgraph():
+    """Inside ``torch.compile`` the sampler did not look for vmap at all, and a class that fills in place
+    raised "Cannot ask for different inplace randomness on an unbatched tensor" under
+    ``vmap(randomness="different")`` while Dynamo traced (Note [Samples filled in place under vmap])."""
+    M = gnn.LowRank((4, 3), 2)
+    torch.manual_seed(0)
+    f = torch.compile(lambda d: torch.func.vmap(lambda x: M.sample() + 0 * x, randomness="different")(d), fullgraph=True)
+    out = f(torch.zeros(3))
+    assert out.shape == (3, 4, 3) and all(M.in_manifold(o) for o in out)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+    g = torch.compile(lambda d: torch.func.vmap(lambda x: M.sample() + 0 * x, randomness="same")(d), fullgraph=True)
+    same = g(torch.zeros(2))
+    assert torch.equal(same[0], same[1]) and M.in_manifold(same[0])
 
 
 @pytest.mark.parametrize("embedded", [False, True])

@@ -745,3 +745,22 @@ def test_a_shape_error_inside_torch_compile() -> None:
     with pytest.raises((gf.ManifoldError, torch._dynamo.exc.Unsupported), match="square matrices"):  # Unsupported on 2.13
         torch.compile(f, backend="eager", fullgraph=True)(X, G)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("case", REAL, ids=lambda c: c.id)
+def test_check_under_vmap_says_to_use_contains(case) -> None:
+    """``check`` reads values, which vmap cannot: inside ``vmap`` every call (on the space or off it) raised
+    torch's "data-dependent control flow" RuntimeError, naming neither the space nor ``contains``
+    (Note [check under vmap]). Now a ``ManifoldError`` that names both; under ``grad`` (values there) it
+    still checks, and ``contains`` under vmap gives the verdicts."""
+    M = case.space
+    g = torch.Generator().manual_seed(0)
+    X = M.sample((2, *case.smoke), generator=g, dtype=F64)
+    with pytest.raises(gf.ManifoldError, match="contains") as info:
+        torch.func.vmap(M.check)(X)
+    assert repr(M) in str(info.value)
+    assert torch.equal(torch.func.vmap(M.contains)(X), M.contains(X))
+    Y = case.off_manifold(X) if case.off_manifold is not None else None
+    if Y is not None:
+        with pytest.raises(gf.ManifoldError, match="on the space"):
+            torch.func.grad(lambda y: (M.check(y), y.sum())[1])(Y)

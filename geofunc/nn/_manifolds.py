@@ -28,6 +28,7 @@ from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
 from .._errors import ManifoldError, describe, first_index
 from .._expm import _real
+from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
@@ -593,15 +594,21 @@ class _Manifold(Parametrization):
 # by an out-of-place draw instead, which vmap batches under "different" (and leaves unbatched under
 # "same"; "error" refuses it as it refuses the fill); its values are overwritten by the fill. Outside
 # vmap it stays ``new_empty``, so the global RNG stream (and a seeded start equal to GeoTorch's) is as
-# before.
+# before. "Inside vmap" is any vmap level of the stack, not only the innermost transform: a sample in a
+# function differentiated per member (``vmap(grad(f), randomness="different")``, or ``jvp`` there) has
+# grad/jvp innermost, and its fill raised the same error; so did every such sample under vmap inside
+# torch.compile, where the stack was not read at all (Dynamo traces whether a transform is active, not
+# which kind: there any transform takes the out-of-place draw).
 
 
 def _fillable(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A tensor of ``shape`` to fill in place; batched per sample under ``vmap(randomness="different")``
     (Note [Samples filled in place under vmap])."""
-    level = None if torch.compiler.is_compiling() else torch._C._functorch.peek_interpreter_stack()  # (not traceable)
-    if level is not None and level.key() == torch._C._functorch.TransformType.Vmap:
-        return torch.randn(shape, dtype=dtype, device=device)
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        # Dynamo traces whether a transform is active, not which: there an out-of-place draw under any
+        # (one more draw under grad/jvp alone, of no consequence: the fill overwrites it)
+        if torch.compiler.is_compiling() or "Vmap" in _transforms():
+            return torch.randn(shape, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

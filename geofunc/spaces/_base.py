@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index, real_value
 from .._fastpath import _any_autocast, autocast_off, make_fx_tracing  # (the first two also for hyperbolic, nn, contrib)
+from .._fastpath import _transforms
 from .._fastpath import autocast_on as _autocast_on
 from .._fused import one_node
 from .._linalg import _ROUNDING, _randn, orthonormality_error, polar, real_products
@@ -980,6 +981,7 @@ class AbstractSpace(_Space, abc.ABC):
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
+        self._check_readable(X)
         if shapes_only(X):  # (torch's "item() on meta tensors" otherwise; from_manifold skips the check there)
             where = "on the meta device" if X.is_meta else "that is a FakeTensor"
             raise error(self, "a point with values to measure", f"{describe(X)} {where} (shapes only)")
@@ -997,6 +999,18 @@ class AbstractSpace(_Space, abc.ABC):
                     where = f" (first at batch index {idx})"
                 nan = bool(torch.isnan(vd).any())
                 raise error(self, "a point on the space", f"{describe(X)} with {_violation(name, float(worst), tol, nan)}{where}")
+
+
+    # Note [check under vmap]
+    # ``check`` reads values (``bool``), which vmap cannot: inside ``vmap`` (an ensemble's per-member function)
+    # every call, on a point or off it, raised torch's "data-dependent control flow" RuntimeError, naming
+    # neither the space nor ``contains``. Under ``grad`` and ``jvp`` the values are there and it checks.
+    def _check_readable(self, X: Tensor) -> None:
+        if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+                and "Vmap" in _transforms()):
+            raise error(self, "`check` outside torch.func.vmap (it reads the values, which vmap cannot: there use "
+                              "`contains(X)`, batch-shaped booleans, or check the stacked points before vmap)",
+                        f"{describe(X)} under vmap")
 
 
 _INDICATOR_MARKS = ("; inf if so)", " (inf if so)", " (NaN if any)")

@@ -353,6 +353,7 @@ class Hurwitz(AbstractSpace):
     def check(self, X: Tensor, atol: float | None = None) -> None:
         """Eager validation; the message names the largest eigenvalue real part of the first bad point."""
         self._check_shape(X, "X")  # a shape or dtype error as it is: the eigenvalues below need a real square X
+        self._check_readable(X)  # (Note [check under vmap]: before the eigenvalues, which vmap cannot read either)
         try:
             super().check(X, atol)
         except ManifoldError as e:
