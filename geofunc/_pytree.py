@@ -54,6 +54,7 @@ canonical.
 from __future__ import annotations
 
 import collections
+import contextvars
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -217,7 +218,8 @@ def _match(key: Any, entries: list[Any]) -> int | None:
 # _plan matched each key of a constraints mapping by a scan of the node's entries (_match), so a
 # plan of a model with N parameters and M constrained ones cost O(N·M) comparisons, and every lift
 # (each optimizer step makes four: egrad_to_rgrad, the second moments, retract, transport) plans
-# again: 2.6 ms per plan at 200 small parameters, 64 ms at 800 (a third of a radam step there).
+# again (now once per step: Note [One plan per step]): 2.6 ms per plan at 200 small parameters, 64 ms at 800
+# (a third of a radam step there).
 # _Index answers the same question, the first entry equal to the key or (a string key) whose str
 # it is, from two dicts built once per node: O(N + M). An entry or key that is not hashable (a
 # custom pytree node's) falls back to the scan.
@@ -306,11 +308,46 @@ def _combine(head: dict[Any, Any], rest: Mapping[Any, Any], path: tuple[Any, ...
     return merged
 
 
+# Note [One plan per step]
+# An optimizer step lifts four maps over one `params` (egrad_to_rgrad, Adam's squared norms, retract,
+# transport), and each planned the constraints against it again: ~1.4 ms a plan at 800 small parameters,
+# four per radam step. A plan reads only the constraints and the tree's structure, and within one step
+# neither changes: `retract_and_transport` runs its update inside `one_plan()`, where `_flatten` keeps the
+# plan of each (constraints, tree) pair by the objects' identities (held, so an id is not reused) and
+# answers the next map over the very same two objects from it. Another tree (the step's new points, a
+# vector tree given first) or other constraints is planned as before; outside `one_plan` nothing is kept,
+# and under torch.compile it is not entered (the plan is a trace-time cost there). The tree is still
+# flattened against the kept plan's spec: a tree mutated in place within the step (no transform of
+# geofunc does that) whose dict keys changed raises a ManifoldError instead of being planned again.
+_PLANS: contextvars.ContextVar[Optional[dict[int, tuple[Any, Any, list[Any], Any]]]] = contextvars.ContextVar(
+    "geofunc_plans", default=None)
+
+
+class one_plan:
+    """Within the block, each (constraints, tree) pair is planned once (Note [One plan per step])."""
+
+    __slots__ = ("token",)
+
+    def __enter__(self) -> None:
+        self.token = _PLANS.set({})
+
+    def __exit__(self, *exc: Any) -> None:
+        _PLANS.reset(self.token)
+
+
 def _flatten(constraints: Constraints, tree: PyTree, what: str) -> tuple[list[Any], Any, list[Any]]:
     """Plan leaves, the plan's spec, and the subtrees of ``tree`` at the plan's leaves."""
+    plans = None if torch.compiler.is_compiling() else _PLANS.get()  # (Dynamo cannot trace ContextVar.get)
+    if plans is not None:
+        kept = plans.get(id(tree))
+        if kept is not None and kept[0] is constraints and kept[1] is tree:
+            return kept[2], kept[3], _up_to(kept[3], tree, what, what)
     plan = _plan(constraints, tree, ())
     leaves, spec = optree.tree_flatten(plan, is_leaf=_is_plan_leaf, none_is_leaf=True)
-    return leaves, spec, _up_to(spec, tree, what, what)
+    subs = _up_to(spec, tree, what, what)
+    if plans is not None:
+        plans[id(tree)] = (constraints, tree, leaves, spec)
+    return leaves, spec, subs
 
 
 def _up_to(spec: Any, tree: PyTree, what: str, like: str) -> list[Any]:
@@ -481,7 +518,11 @@ def _first_leaf(X: Any) -> torch.Tensor:
 # autograd graph to build) and the space is one whose maps are measured batch for batch the same as one
 # by one: Stiefel, Sphere and SO (the same bits, except the retractions through a matrix exponential, SO's
 # and Stiefel's canonical metric's, whose degree is picked from the batch: within 3 ulp,
-# tests/test_optim_stacked.py). Anything else, a group of one,
+# tests/test_optim_stacked.py), Grassmannian and Oblique (the same bits: CholeskyQR2's scale and its
+# trust check are per matrix, Oblique's normalization and its zero-column rule per column, so a zero,
+# rank-deficient, NaN or 1e150 member beside normal ones gives what it gives alone). Adam's squared
+# norm of a column-major vector (a frame's layout) is summed in another order once stacked (torch.stack
+# makes it contiguous): within 2 ulp, for every stacked space. Anything else, a group of one,
 # a group whose entries are not points of the space on their own (their stack could be one: 3 scalars
 # on Sphere() are a (3,) vector), a space with a user's `triv` (it may not take a batch as each matrix)
 # or an unhashable hyperparameter, and any error of the batched call (the per-entry call then raises it
@@ -503,9 +544,9 @@ _STACK_MAX_NUMEL = 4096  # elements of an entry (its batch included); larger one
 def _stackable() -> tuple[type, ...]:
     global _STACKABLE
     if not _STACKABLE:
-        from .spaces import SO, Sphere, Stiefel
+        from .spaces import SO, Grassmannian, Oblique, Sphere, Stiefel
 
-        _STACKABLE = (Stiefel, Sphere, SO)
+        _STACKABLE = (Stiefel, Sphere, SO, Grassmannian, Oblique)
     return _STACKABLE
 
 

@@ -35,10 +35,15 @@ KINDS = {
     "sof": (gf.SO(), (4, 4), F32),
     "sc": (gf.Stiefel(metric="canonical"), (5, 2), F32),
     "scd": (gf.Stiefel(metric="canonical"), (5, 2), F64),
+    "gr": (gf.Grassmannian(), (6, 2), F64),
+    "grw": (gf.Grassmannian(), (2, 5), F32),  # wide: transposed in and out
+    "grb": (gf.Grassmannian(), (2, 5, 3), F64),
+    "ob": (gf.Oblique(), (4, 3), F32),
+    "obw": (gf.Oblique(), (2, 5), F64),  # wide: no transposition
 }
 #: bit for bit (the others: SO's retraction, a matrix exponential of the batch's degree, and the canonical
 #: metric's differ in the last bits)
-EXACT = ("st", "stb", "sp", "spm", "b", "gain", "w", "single")
+EXACT = ("st", "stb", "sp", "spm", "gr", "grw", "grb", "ob", "obw", "b", "gain", "w", "single")
 
 
 def _tree(n: int = 4, extra: dict | None = None):
@@ -280,3 +285,86 @@ def test_only_small_entries_stack(space, shape, stacks, monkeypatch):
     assert bool(seen[0]) is stacks
     for k in c:
         torch.testing.assert_close(out[k], space.retract(p[k], v[k]), rtol=2e-6, atol=2e-6)
+
+
+def _maps_alone_and_stacked(c, p, v, w):
+    """egrad_to_rgrad, Adam's squared norms, retract and transport of ``(p, v)`` (transport to ``w``): stacked,
+    and with the stacking off (each entry alone); and the sizes of the stacked groups."""
+    from geofunc.optim._transforms import _point_sq_norm
+
+    def maps():
+        return (gf.egrad_to_rgrad(c, p, v), _pytree.lift(c, _point_sq_norm, p, v, stack=True), gf.retract(c, p, v),
+                gf.transport(c, p, w, v))
+
+    old, sizes = _pytree._stacked, []
+    _pytree._stacked = lambda *a: sizes.append(len(old(*a))) or old(*a)
+    try:
+        stacked = maps()
+    finally:
+        _pytree._stacked = old
+    _pytree._stacked = lambda *a: {}
+    try:
+        alone = maps()
+    finally:
+        _pytree._stacked = old
+    return stacked, alone, sizes
+
+
+def _adversarial(space, dtype, complex_=False):
+    """Points and vectors of one shape where most members are normal and some are degenerate: a step to zero
+    (X + V = 0), a rank-one X + V, a nearly rank-deficient X + V, steps of extreme scales, a NaN and an inf."""
+    g = torch.Generator().manual_seed(3)
+    n, k = 6, 3
+    big = 1e150 if dtype == F64 else 1e30
+    tiny = 1e-150 if dtype == F64 else 1e-30
+    p, v = {}, {}
+    for i in range(12):
+        X = space.sample((n, k), generator=g, dtype=dtype)
+        V = 0.1 * torch.randn(n, k, generator=g, dtype=dtype)
+        p[f"x{i}"], v[f"x{i}"] = X, V
+    p = {key: (x.to(torch.complex128 if dtype == F64 else torch.complex64) if complex_ else x) for key, x in p.items()}
+    v = {key: (x.to(p[key].dtype) if complex_ else x) for key, x in v.items()}
+    X = p["x1"]
+    v["x1"] = -X  # X + V = 0
+    v["x2"] = -p["x2"] + torch.outer(torch.ones(n, dtype=dtype), torch.arange(1.0, k + 1, dtype=dtype)).to(X.dtype)
+    eps = torch.finfo(dtype).eps
+    v["x3"] = -p["x3"].clone()
+    v["x3"][:, 0] += p["x3"][:, 1] + 30 * eps * p["x3"][:, 0]  # columns 0 and 1 of X + V nearly equal
+    v["x3"][:, 1] += 0.0
+    v["x4"] = big * v["x4"]
+    v["x5"] = tiny * v["x5"]
+    v["x6"] = v["x6"].clone()
+    v["x6"][0, 0] = float("nan")
+    v["x7"] = v["x7"].clone()
+    v["x7"][1, 1] = float("inf")
+    v["x8"] = -p["x8"].clone()  # one zero column of X + V (Oblique: e_1 there)
+    v["x8"][:, 1:] = 0.0
+    v["x9"] = 1e-4 * eps * v["x9"]  # a step below rounding
+    return p, v
+
+
+@pytest.mark.parametrize("space", [gf.Grassmannian(), gf.Oblique()], ids=["Grassmannian", "Oblique"])
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("complex_", [False, True], ids=["real", "complex"])
+def test_newly_stacked_spaces_equal_each_entry_alone(space, dtype, complex_):
+    """Grassmannian and Oblique entries mapped as one batch give each member's own result bit for bit (NaN where
+    it is NaN alone), with degenerate members (a zero or rank-deficient step, extreme scales, NaN, inf) beside
+    normal ones: CholeskyQR2's scale, trust check and Oblique's zero-column rule are per matrix or column."""
+    p, v = _adversarial(space, dtype, complex_)
+    c = {key: space for key in p}
+    w = gf.retract(c, p, {key: 0.05 * torch.ones_like(x) for key, x in p.items()})
+    stacked, alone, sizes = _maps_alone_and_stacked(c, p, v, w)
+    assert sizes == [len(p)] * 4
+    for i, (a, b) in enumerate(zip(stacked, alone)):
+        for key in p:
+            # the squared norms (i = 1) of a column-major vector (-X here: a frame's layout) are summed in another
+            # order once torch.stack made them contiguous: within 2 ulp, as for the stacked Stiefel entries
+            rtol = 2 * torch.finfo(dtype).eps if i == 1 else 0.0
+            torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=0, equal_nan=True, msg=key)
+            if key in ("x0", "x9", "x10", "x11"):
+                assert a[key].isfinite().all()
+    # the degenerate members are what they are alone: NaN for Grassmannian where X + V has no QR factor
+    if isinstance(space, gf.Grassmannian):
+        assert stacked[2]["x1"].isnan().all() and stacked[2]["x6"].isnan().all()
+    else:
+        assert stacked[2]["x8"][:, 1:].isfinite().all() and stacked[2]["x6"][:, 0].isnan().all()

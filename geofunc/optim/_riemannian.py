@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optree
+import torch
 
 from .. import _pytree
 from .._errors import ManifoldError
@@ -34,6 +35,12 @@ def retract_and_transport(constraints: Any, transform: TangentTransform) -> Opti
         return transform.init(params)
 
     def update(grads: Vectors, state: OptState, params: Params) -> tuple[Params, OptState]:
+        if torch.compiler.is_compiling():
+            return step(grads, state, params)
+        with _pytree.one_plan():  # the four maps over `params` plan it once (Note [One plan per step])
+            return step(grads, state, params)
+
+    def step(grads: Vectors, state: OptState, params: Params) -> tuple[Params, OptState]:
         try:
             vectors, state = transform.update(grads, state, params)
             new_params = _pytree.retract(constraints, params, vectors)
