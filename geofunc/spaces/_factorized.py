@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from .._errors import describe, error
 from .. import _linalg
-from .._fastpath import (backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast, save_state,
-                         saved_state)
+from .._fastpath import (autocast_off, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast,
+                         save_state, saved_state)
 from .._expm import _mm, _mm_add
-from .._linalg import (_divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
+from .._linalg import (_add_product, _divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
 from ._base import AbstractSpace, can_check
 from ._orthogonal import tall, untall
@@ -401,6 +401,147 @@ def _sketch_eigh(S: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor]]:
     return lam, Q @ W
 
 
+# Note [Sketched membership of low-rank points]
+# contains, check and from_manifold of a point of the rank family read every singular value (eigenvalue):
+# svdvals (eigvalsh) for the measures of _violations, then a thin SVD (eigh) for the frames, 13 s for
+# LowRank(16) at 2048×2048. A rank test needs the (r+1)-th value, which the sketch Y = Q B + R (B = QᵀY,
+# Note [Sketched frames of low-rank points]) gives only as a bound, each way: σᵢ(Y) ≥ σᵢ(B)/‖Q‖₂
+# (interlacing; no residual), σᵢ(Y) ≤ ‖Q‖₂ σᵢ(B) + ‖R‖₂ (Weyl), with ‖R‖₂ ≤ ‖R‖_F and ‖Q‖₂² ≤ 1 + d,
+# d = ‖QᵀQ − I‖_F, both computed, and σ₁(Y) ≤ ‖Y‖_F. For S = sym(Y): S = Q (QᵀSQ) Qᵀ + R + Q Qᵀ Rᵀ
+# (R = S − Q QᵀS) puts each eigenvalue of S within (2 + d)‖R‖_F of one of Q (QᵀSQ) Qᵀ's (QᵀSQ's, each
+# moved by at most d|λ| (Ostrowski), and n − q zeros), and QᵀSQ = G^½ (ŨᵀSŨ) G^½ (G = QᵀQ, Ũ
+# orthonormal) has values that interlace S's, moved by at most 2d|λ|. Each bound is widened by the
+# rounding of the computed products and values, 4ε(√max(n, k) + q)·‖Y‖₂ (the rank tolerance, the dense
+# SVD's own backward error, and the q-term products'). So:
+# - a member is proved by an upper bound of each measure within the tolerance: σ_(r+1), the most negative
+#   and the n − r smallest |λ|, max|X − Xᵀ| from above; σ_r, λ_r and the scale max(1, σ₁) from below;
+#   the value map's floor at both ends of σ₁'s interval (for a positive σ_r it is largest at an end: its
+#   c is convex in σ₁);
+# - a non-member by a lower bound of the rank measure above it (σ_(r+1), λ_(r+1)↓ or −λ_min from below,
+#   the scale from above; no residual: a full-rank matrix too) — contains only: check's error names the
+#   dense measures' values, so a check that the sketch does not accept takes them.
+# Everything else (a value map's measure past the tolerance, a tail that the sketch leaves in R, a
+# point within the rounding of the tolerance, NaN/inf, whose bounds are NaN, a batch with one such
+# matrix) takes the dense measures, unchanged. So the sketch decides only where the exact measures are
+# on that side of the tolerance: it and the dense measures (whose own values carry ε√n·σ₁) disagree
+# only for a point within that rounding of the tolerance. from_manifold's frames are those of the
+# certified sketch of the maps (_sketch_svd, _sketch_eigh: a residual within the rank tolerance, a gap
+# at the r-th value), whose values equal the dense ones to rounding, and whose frames span the dense
+# frames' spaces to rounding over the gap: up to the sign of each pair (uᵢ, vᵢ) (the dense SVD's signs
+# are LAPACK's choice, a GPU's another) and, in a cluster of kept values, up to a rotation of the
+# cluster (the dense path's is arbitrary too); to_manifold(*from_manifold(X)) is X to rounding either
+# way. The gates are the maps': eager, nothing differentiates (from_manifold's result is differentiated
+# through the dense SVD; contains and check keep the gate though their results are not differentiable),
+# a value map of Identity, Positive and Abs, no det fix (GLp), the sketch's size; autocast off, as in
+# _measure. `rebase` of the family reads the frames from the chart already (no decomposition).
+def _orth_error(Q: Tensor) -> Tensor:
+    """``‖QᵀQ − I‖_F`` (an upper bound of ``‖QᵀQ − I‖₂``) of the sketch's frame."""
+    G = Q.mT @ Q
+    return torch.linalg.matrix_norm(G - torch.eye(G.shape[-1], dtype=G.dtype, device=G.device))
+
+
+def _member_residual(Y: Tensor, Q: Tensor, B: Tensor, smax: Tensor) -> Tensor:
+    """``‖Y − Q B‖_F/σ₁`` as :func:`_sketch_residual`'s, in two passes over the n×k residual fewer (one kernel
+    for the product and the difference, the scaling in place), or NaN where ``σ₁`` is not normal."""
+    fi = torch.finfo(Y.dtype)
+    s1 = torch.where(smax >= fi.tiny / fi.eps, smax, torch.full_like(smax, math.nan))
+    return torch.linalg.matrix_norm(_add_product(Y, Q, B, 1.0, -1.0).div_(s1[..., None, None]))
+
+
+def _member_rounding(dtype: torch.dtype, n: int, k: int, q: int) -> float:
+    """The rounding (relative to ‖Y‖₂) by which the sketch's bounds are widened (Note [Sketched membership
+    of low-rank points]): ``4ε(√max(n, k) + q)``."""
+    return 4.0 * torch.finfo(dtype).eps * (math.sqrt(max(n, k)) + q)
+
+
+def _sketch_member_svd(Yt: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> Optional[Tensor]:
+    """``contains`` of the tall ``Yt`` (n×k, r < k) at ``tol`` where the sketch decides it for every matrix of
+    the batch: a member where each measure of :meth:`SVDSpace._violations` is certainly within ``tol``, not
+    one where the rank's certainly exceeds it; else None (Note [Sketched membership of low-rank points])."""
+    n, k = Yt.shape[-2:]
+    Y = Yt.detach()
+    Q = torch.linalg.qr(Y @ _sketch_matrix(k, q, Y.dtype, Y.device)).Q  # (NaN/inf in Y: NaN, undecided)
+    B = Q.mT @ Y
+    s = torch.linalg.svdvals(sanitize(B))
+    s1 = s[..., 0]
+    res = _member_residual(Y, Q, B, s1)  # ‖R‖_F/σ₁(B); NaN where σ₁(B) is 0 or subnormal
+    d = _orth_error(Q)
+    t = _member_rounding(Y.dtype, n, k, q)
+    top = torch.minimum(s1 * (1.0 + d + res + t), torch.linalg.matrix_norm(Y) * (1.0 + t))  # ≥ σ₁(Y)
+    u = t * top  # the rounding of the computed values
+
+    def lo(i: int) -> Tensor:  # ≤ σᵢ(Y) (0-based i): σᵢ(B) ≤ ‖Q‖₂ σᵢ(Y), no residual
+        return s[..., i] * (1.0 - d) - u
+
+    def hi(i: int) -> Tensor:  # ≥ σᵢ(Y): Weyl
+        return s[..., i] * (1.0 + d) + res * s1 + u
+
+    worst = hi(r) / lo(0).clamp(min=1.0)  # ≥ σ_(r+1)/max(1, σ₁)
+    kept = lo(r - 1)
+    for vmax in (lo(0).clamp(min=0.0), torch.minimum(hi(0), top)):
+        for v in vm.violations(kept.unsqueeze(-1), vmax, n, k).values():
+            worst = torch.maximum(worst, v)
+    if isinstance(vm, Positive):  # a floor measure is bounded by its ends only for a positive σ_r
+        worst = torch.where(kept > 0, worst, torch.full_like(worst, math.inf))
+    least = lo(r) / top.clamp(min=1.0)  # ≤ σ_(r+1)/max(1, σ₁)
+    return _decided(worst <= tol, least > tol)
+
+
+def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> Optional[Tensor]:
+    """``contains`` of the square ``X`` (n×n, r < n) at ``tol`` where the sketch decides it, by the measures
+    of :meth:`EigSpace._violations` (as :func:`_sketch_member_svd`), else None."""
+    n = X.shape[-1]
+    X = X.detach()
+    S = _sym_detached(X)
+    Q = torch.linalg.qr(S @ _sketch_matrix(n, q, S.dtype, S.device)).Q  # (NaN/inf in X: NaN, undecided)
+    C = Q.mT @ S
+    lam = torch.linalg.eigvalsh(sanitize(sym_part(C @ Q)))  # ascending
+    m = lam.abs().amax(-1)
+    res = _member_residual(S, Q, C, m)  # ‖R‖_F/max|λ(QᵀSQ)|; NaN where that is 0 or subnormal
+    d = _orth_error(Q)
+    t = _member_rounding(S.dtype, n, n, q)
+    top = torch.minimum(m * (1.0 + d + (2.0 + d) * res + t), torch.linalg.matrix_norm(S) * (1.0 + t))  # ≥ ‖S‖₂
+    u = t * top
+    w = (2.0 + d) * res * m + u  # each eigenvalue of S is within w (+ d|λ|) of one of Q (QᵀSQ) Qᵀ
+
+    def lo(v: Tensor) -> Tensor:
+        return v - d * v.abs() - w
+
+    def hi(v: Tensor) -> Tensor:
+        return v + d * v.abs() + w
+
+    vmax_lo = (m / (1.0 + d) - u).clamp(min=0.0)  # ≤ ‖S‖₂ (QᵀSQ a compression of S)
+    scale = vmax_lo.clamp(min=1.0)
+    lmin = torch.minimum(lo(lam[..., 0]), -w)  # ≤ λ_min(S): min(θλ₁, 0) moved by w
+    nxt = torch.maximum(hi(lam[..., q - r - 1]), w)  # ≥ λ_(r+1)↓(S): max(θλ_(r+1)↓, 0) moved by w
+    # ≥ max|X − Xᵀ| (= 2 max|X − S| but for the rounding of S, |δSᵢⱼ| ≤ ε|Sᵢⱼ| ≤ ε‖S‖₂; no transposed read)
+    eps = torch.finfo(S.dtype).eps
+    worst = (2.0 * torch.sub(X, S).abs_().amax(dim=(-2, -1)) * (1.0 + eps) + 2.0 * eps * top) / scale
+    worst = torch.maximum(worst, (-lmin).clamp(min=0.0) / scale)  # ≥ max(0, −λ_min)/max(1, ‖X‖₂)
+    worst = torch.maximum(worst, torch.maximum(-lmin, nxt).clamp(min=0.0) / scale)  # ≥ the n − r smallest |λ|
+    kept = lo(lam[..., q - r])  # ≤ λ_r↓(S)
+    for vmax in (vmax_lo, torch.minimum(hi(m), top)):
+        for v in vm.violations(kept.unsqueeze(-1), vmax, n, n).values():
+            worst = torch.maximum(worst, v)
+    if isinstance(vm, Positive):
+        worst = torch.where(kept > 0, worst, torch.full_like(worst, math.inf))
+    # ≤ the n − r smallest |λ| over max(1, ‖X‖₂), from QᵀSQ alone (Cauchy: QᵀSQ = G^½ (ŨᵀSŨ) G^½, Ũ
+    # orthonormal, G = QᵀQ, whose values interlace S's, each moved by at most 2d|λ|): λ_(r+1)↓(S) and
+    # −λ_min(S) from below, ‖S‖₂ ≤ top
+    nxt_lo = lam[..., q - r - 1] - 2.0 * d * lam[..., q - r - 1].abs() - u
+    neg_lo = -(lam[..., 0] + 2.0 * d * lam[..., 0].abs() + u)
+    least = torch.maximum(nxt_lo, neg_lo) / top.clamp(min=1.0)
+    return _decided(worst <= tol, least > tol)
+
+
+def _decided(member: Tensor, non_member: Tensor) -> Optional[Tensor]:
+    """``member`` (batch-shaped) where each matrix is proved a member or proved not one, else None: the dense
+    measures decide (Note [Sketched membership of low-rank points]). NaN bounds prove neither."""
+    if not bool((member | non_member).all()):
+        return None
+    return member & ~non_member  # (never both: the rank measure's bounds are ordered)
+
+
 def _thin_tangent(Xt: Tensor, Gt: Tensor, r: int, need: tuple[bool, bool] = (False, False)
                   ) -> tuple[Tensor, Callable[..., tuple[Optional[Tensor], Optional[Tensor]]], tuple]:
     """``P_U G + G P_V − P_U G P_V`` of a tall ``Xt`` from its top-r singular frames (value from the SVD
@@ -513,6 +654,23 @@ class _Factorized(AbstractSpace):
             return None
         d = Z.diagonal(dim1=-2, dim2=-1)[..., : self._point_rank(Z)]
         return d.real if d.is_complex() else d
+
+    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+        """``contains(X, atol)`` where the sketch decides it for the whole batch (Note [Sketched membership
+        of low-rank points]), else None: the dense measures decide."""
+        return None
+
+    def contains(self, X: Tensor, atol: float | None = None) -> Tensor:
+        self._check_shape(X, "X")
+        out = self._sketch_member(X, atol)
+        return super().contains(X, atol) if out is None else out
+
+    def check(self, X: Tensor, atol: float | None = None) -> None:
+        self._check_shape(X, "X")
+        out = self._sketch_member(X, atol)
+        if out is not None and bool(out.all()):
+            return
+        super().check(X, atol)  # the dense measures: the error names their values
 
     def _frames(self, *pairs: tuple[Tensor, Optional[Tensor]]) -> list[Tensor]:
         """The frames of packed coordinates ``P`` at ``base`` for each pair ``(P, base)`` (module
@@ -849,10 +1007,29 @@ class SVDSpace(_Factorized):
             X = _rank_chart(Zt, Ub, Vb, r, self._value_map, self.triv)
         return untall(X, tr)
 
+    def _sketchable(self, Y: Tensor, r: int, k: int, q: int) -> bool:
+        """The gates of Note [Sketched frames of low-rank points] for a map of ``Y`` (n×k tall, rank r)."""
+        return (_sketch_size(k, r, q) and not self._det_positive and isinstance(self._value_map, (Identity, Positive, Abs))
+                and _sketch_ok(Y) and derivative_mode(Y) == "none")
+
+    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+        n, k = max(X.shape[-2:]), min(X.shape[-2:])
+        r = self._rank(n, k)
+        if not self._sketchable(X, r, k, r + _SKETCH_OVERSAMPLE):
+            return None
+        tol = self._atol(X, atol)
+        with autocast_off(X.device.type):
+            return _sketch_member_svd(tall(X)[0], r, r + _SKETCH_OVERSAMPLE, self._value_map, tol)
+
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         Xt, tr = tall(X)
         n, k = Xt.shape[-2:]
         r = self._rank(n, k)
+        if self._sketchable(Xt, r, k, r + _SKETCH_OVERSAMPLE):
+            sk = _sketch_svd(Xt, r, r + _SKETCH_OVERSAMPLE)
+            if sk is not None:  # Note [Sketched membership of low-rank points] (certified: Xt is finite)
+                Z = _pack(self._value_map.inverse(self, sk[1][..., :r]), (n, k))
+                return untall(Z, tr), (sk[0][..., :r], sk[2][..., :r, :].mT)
         U, s, Vh = torch.linalg.svd(sanitize(Xt), full_matrices=False)
         U, s, V = U[..., :r], s[..., :r], Vh[..., :r, :].mT
         if self._det_positive:
@@ -1012,9 +1189,28 @@ class EigSpace(_Factorized):
         Q, lam = self._factors(Z, base)
         return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ transpose(Q))  # NaN for ±inf raw values
 
+    def _sketchable(self, X: Tensor, r: int, n: int, q: int) -> bool:
+        """The gates of Note [Sketched frames of low-rank points] for a map of ``X`` (n×n, rank r)."""
+        return (_sketch_size(n, r, q) and isinstance(self._value_map, (Identity, Positive, Abs)) and _sketch_ok(X)
+                and not X.is_complex() and derivative_mode(X) == "none")
+
+    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+        n = X.shape[-1]
+        r = self._rank(n)
+        if not self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE):
+            return None
+        tol = self._atol(X, atol)
+        with autocast_off(X.device.type):
+            return _sketch_member_eigh(X, r, r + _SKETCH_OVERSAMPLE, self._value_map, tol)
+
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
         r = self._rank(n)
+        if self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE):
+            sk = _sketch_eigh(_sym_detached(X), r, r + _SKETCH_OVERSAMPLE)
+            if sk is not None:  # Note [Sketched membership of low-rank points] (certified: X is finite)
+                lam, Q = sk[0][..., -r:].flip(-1), sk[1][..., -r:].flip(-1)  # top r, descending
+                return _pack(self._value_map.inverse(self, lam), (n, n)).to(X.dtype), Q
         lam, Q = torch.linalg.eigh(sanitize(sym_part(X)))
         lam, Q = lam[..., -r:].flip(-1), Q[..., -r:].flip(-1)  # top r, descending
         nan = poison(X)

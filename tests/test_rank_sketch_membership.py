@@ -1,0 +1,289 @@
+"""The sketched membership and right inverse of the rank family (Note [Sketched membership of low-rank
+points] in geofunc/spaces/_factorized.py): ``contains``, ``check`` and ``from_manifold`` of LowRank,
+FixedRank, PSSDLowRank and PSSDFixedRank decide membership from bounds of a sketch (O(nkr)) and read
+the frames from the certified sketch, instead of svdvals/SVD (eigvalsh/eigh) of the dense matrix.
+Pinned here: the sketch is taken where it should be; its values and frames equal the dense path's
+(float64 to 1e-10; frames up to the sign of each pair, which the dense SVD chooses arbitrarily); where
+it decides membership it decides as the dense measures, at the tolerance's boundary included (a member
+only below it, a non-member only above it); and everything it cannot decide or certify (a tail left
+in the residual, a rank below r, a tie, NaN/inf, a value at the floor, vmap, autograd, small sizes)
+takes the dense path unchanged, errors and their messages included. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import vmap
+
+import geofunc as gf
+import geofunc.spaces._factorized as fz
+from geofunc.spaces._base import AbstractSpace, default_atol
+
+F64 = torch.float64
+F32 = torch.float32
+TOL = {F64: 1e-10, F32: 2e-5}
+
+SPACES = [gf.LowRank(rank=4), gf.FixedRank(rank=3), gf.PSSDLowRank(rank=4), gf.PSSDFixedRank(rank=2),
+          gf.LowRank(rank=16), gf.PSSDFixedRank(rank=16)]
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _eig(space):
+    return isinstance(space, (gf.PSSDLowRank, gf.PSSDFixedRank))
+
+
+def _shapes(space):
+    if _eig(space):
+        return [(96, 96), (3, 96, 96)]
+    return [(96, 96), (128, 96), (96, 128), (3, 96, 96)]
+
+
+CASES = [(space, shape) for space in SPACES for shape in _shapes(space)]
+
+
+class _Counted:
+    """Counts, while installed, the membership sketches that proved every matrix a member (``accepted``) or
+    decided a batch with a non-member (``rejected``), and the frame sketches that certified (``frames``)."""
+
+    def __init__(self, monkeypatch):
+        self.accepted = self.rejected = self.frames = 0
+
+        def member(f):
+            def g(*args):
+                out = f(*args)
+                if out is not None:
+                    self.accepted += bool(out.all())
+                    self.rejected += not bool(out.all())
+                return out
+            return g
+
+        def frames(f):
+            def g(*args):
+                out = f(*args)
+                self.frames += out is not None
+                return out
+            return g
+
+        monkeypatch.setattr(fz, "_sketch_member_svd", member(fz._sketch_member_svd))
+        monkeypatch.setattr(fz, "_sketch_member_eigh", member(fz._sketch_member_eigh))
+        monkeypatch.setattr(fz, "_sketch_svd", frames(fz._sketch_svd))
+        monkeypatch.setattr(fz, "_sketch_eigh", frames(fz._sketch_eigh))
+
+
+def _dense(fn):
+    """``fn()`` with the new sketches off: the dense path (contains, check, from_manifold before them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fz.SVDSpace, "_sketchable", lambda *a: False)
+        mp.setattr(fz.EigSpace, "_sketchable", lambda *a: False)
+        return fn()
+
+
+def _raised(fn):
+    try:
+        fn()
+    except gf.ManifoldError as e:
+        return str(e)
+    return None
+
+
+def _aligned(A, B):
+    """``A`` with each column's sign flipped to match ``B``'s (the frames of separated values)."""
+    return A * torch.sign((A * B).sum(-2, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("space, shape", CASES, ids=repr)
+def test_sketch_equals_the_dense_path(space, shape, dtype, monkeypatch):
+    X = space.sample(shape, dtype=dtype, generator=_gen(1))
+    counted = _Counted(monkeypatch)
+    c = space.contains(X)
+    space.check(X)
+    Z, base = space.from_manifold(X)
+    assert counted.accepted == 3 and counted.frames == 1  # contains, check, from_manifold's check; its frames
+    c0 = _dense(lambda: space.contains(X))
+    Z0, base0 = _dense(lambda: space.from_manifold(X))
+    assert torch.equal(c, c0) and bool(c.all())
+    tol = TOL[dtype]
+    torch.testing.assert_close(Z, Z0, atol=tol, rtol=0)  # the value coordinates: f⁻¹ of the top r values
+    frames, frames0 = (base, base0) if _eig(space) else (base[0], base0[0])
+    sign = torch.sign((frames * frames0).sum(-2, keepdim=True))
+    torch.testing.assert_close(frames * sign, frames0, atol=tol, rtol=0)
+    if not _eig(space):  # the pair (uᵢ, vᵢ) flips together
+        torch.testing.assert_close(base[1] * sign, base0[1], atol=tol, rtol=0)
+    torch.testing.assert_close(space.to_manifold(Z, base), X, atol=tol, rtol=0)  # a right inverse
+    assert space._invalid_base(base) is None
+    assert Z.is_contiguous() and all(B.is_contiguous() for B in (base if isinstance(base, tuple) else (base,)))
+    # rebase keeps its own path (no decomposition): unchanged
+    Zm = Z + 1e-3 * torch.randn(Z.shape, dtype=dtype, generator=_gen(2))
+    torch.testing.assert_close(space.to_manifold(*space.rebase(Zm, base)), space.to_manifold(Zm, base), atol=tol, rtol=0)
+
+
+def _members_with_violation(space, dtype, kind, v, seed):
+    """A matrix of ``space`` (96×96) plus a violation of size ``v`` of the kind ``kind``."""
+    g = _gen(seed)
+    n, r = 96, space.rank
+    W = torch.linalg.qr(torch.randn(n, 2 * (r + 1), dtype=dtype, generator=g)).Q
+    U, V = W[:, : r + 1], (W[:, : r + 1] if _eig(space) else W[:, r + 1:])
+    vals = torch.linspace(1.5, 0.5, r, dtype=dtype)
+    if kind == "floor":
+        eps = torch.finfo(dtype).eps
+        c = max(0.999 * space._value_map.floor(dtype) - eps * math.sqrt(n) * 1.5, eps * math.sqrt(n) * 1.5)
+        vals[-1] = c * (1.0 - v)
+    X = (U[:, :r] * vals) @ V[:, :r].mT
+    if kind == "tail":
+        X = X + v * U[:, r:] @ V[:, r:].mT
+    elif kind == "negative":
+        X = X - v * U[:, r:] @ U[:, r:].mT
+    elif kind == "asymmetric":
+        X[3, 7] += v
+    return X
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("space, kind", [(gf.LowRank(rank=4), "tail"), (gf.FixedRank(rank=4), "tail"),
+                                         (gf.FixedRank(rank=4), "floor"), (gf.PSSDLowRank(rank=4), "tail"),
+                                         (gf.PSSDFixedRank(rank=4), "negative"), (gf.PSSDLowRank(rank=4), "asymmetric")],
+                         ids=repr)
+def test_never_accepts_what_the_dense_check_rejects(space, kind, dtype, monkeypatch):
+    """Violations of tol·(1 + γ) (times 1.5 = σ₁ where relative to max(1, σ₁)), γ from −0.5 to 0.5 and
+    at ±1e-6, and 100× the tolerance: where the sketch decides, it decides as the dense measures; it accepts
+    only below the tolerance, and rejects only above it; half the tolerance below it, it accepts (the bounds
+    are not vacuous) but at the floor, whose margin tol·floor is below the rounding of any computed value
+    (the dense measures decide), and a rank measure 100× the tolerance it rejects."""
+    tol = default_atol(dtype, 96)
+    scale = 1.0 if kind == "floor" else 1.5
+    for i, gam in enumerate((-0.5, -0.1, -1e-6, 1e-6, 0.1, 0.5, 99.0)):
+        X = _members_with_violation(space, dtype, kind, tol * (1 + gam) * scale, i)
+        counted = _Counted(monkeypatch)
+        c = bool(space.contains(X))
+        dense = bool(_dense(lambda: AbstractSpace.contains(space, X)))
+        assert c == dense, (gam, kind)  # decided alike, or by the dense measures
+        assert not counted.accepted or gam < 0
+        assert not counted.rejected or gam > 0
+        if gam == -0.5 and kind != "floor":
+            assert counted.accepted == 1
+        if gam == 99.0 and kind in ("tail", "negative"):
+            assert counted.rejected == 1
+        msg = _raised(lambda: space.check(X))
+        assert msg == _raised(lambda: _dense(lambda: space.check(X)))
+
+
+@pytest.mark.parametrize("space", SPACES[:4], ids=repr)
+def test_full_rank_and_non_finite_take_the_dense_path(space, monkeypatch):
+    g = _gen(3)
+    Y = torch.randn(2, 96, 96, dtype=F64, generator=g)
+    Y = Y + Y.mT
+    counted = _Counted(monkeypatch)
+    c = space.contains(Y)
+    assert counted.rejected == 1  # contains: the sketch proves the rank measure above the tolerance
+    assert torch.equal(c, _dense(lambda: space.contains(Y))) and not bool(c.any())
+    msg = _raised(lambda: space.check(Y))  # check: the dense measures, whose values the message names
+    assert msg is not None and msg == _raised(lambda: _dense(lambda: space.check(Y)))
+    assert _raised(lambda: space.from_manifold(Y)) == _raised(lambda: _dense(lambda: space.from_manifold(Y)))
+    X = space.sample((2, 96, 96), dtype=F64, generator=g)
+    X[1, 5, 5] = math.nan
+    counted = _Counted(monkeypatch)
+    assert space.contains(X).tolist() == [True, False]  # the batch takes the dense path
+    assert _raised(lambda: space.check(X)) == _raised(lambda: _dense(lambda: space.check(X)))
+    X[1, 5, 5] = math.inf
+    assert space.contains(X).tolist() == [True, False]
+    assert counted.accepted == counted.rejected == 0
+
+
+def test_a_tail_left_in_the_residual_takes_the_dense_path(monkeypatch):
+    """A tail of 60 values of 0.5·tol: a member by the dense measure (σ_(r+1) below the tolerance), whose
+    sketch leaves the tail in R (‖R‖_F ≈ 0.5·tol·√52): not accepted, the dense measures accept."""
+    g = _gen(4)
+    n, r, m = 128, 4, 60
+    tol = default_atol(F64, n)
+    W = torch.linalg.qr(torch.randn(n, 2 * (r + m), dtype=F64, generator=g)).Q
+    U, V = W[:, : r + m], W[:, r + m:]
+    vals = torch.cat([torch.linspace(1.5, 0.5, r, dtype=F64), torch.full((m,), 0.5 * tol * 1.5, dtype=F64)])
+    X = (U * vals) @ V.mT
+    counted = _Counted(monkeypatch)
+    assert bool(gf.LowRank(rank=r).contains(X))
+    gf.LowRank(rank=r).check(X)
+    Z, base = gf.LowRank(rank=r).from_manifold(X)  # the frames: not certified (the residual above the rank tolerance)
+    assert counted.accepted == 0 and counted.frames == 0
+    Z0, base0 = _dense(lambda: gf.LowRank(rank=r).from_manifold(X))
+    assert torch.equal(Z, Z0) and torch.equal(base[0], base0[0]) and torch.equal(base[1], base0[1])
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.PSSDLowRank(rank=4)], ids=repr)
+def test_rank_below_r_accepted_frames_dense(space, monkeypatch):
+    """A point of rank 2 < 4 is a member (the sketch proves it), but its frames past the rank are not
+    determined: from_manifold's frames are the dense path's, bit for bit."""
+    g = _gen(5)
+    U = torch.linalg.qr(torch.randn(96, 2, dtype=F64, generator=g)).Q
+    X = U @ torch.diag(torch.tensor([2.0, 1.0], dtype=F64)) @ U.mT
+    counted = _Counted(monkeypatch)
+    Z, base = space.from_manifold(X)
+    assert counted.accepted == 1 and counted.frames == 0
+    Z0, base0 = _dense(lambda: space.from_manifold(X))
+    assert torch.equal(Z, Z0)
+    for B, B0 in zip(base if isinstance(base, tuple) else (base,), base0 if isinstance(base0, tuple) else (base0,)):
+        assert torch.equal(B, B0)
+
+
+def test_tie_at_the_rank_takes_the_dense_frames(monkeypatch):
+    """σ_r = σ_(r+1) < tol: a member of LowRank(4) (of rank 5 by a tail under the tolerance), whose kept frame
+    is not determined by the values: the dense SVD's choice, kept."""
+    g = _gen(6)
+    tol = default_atol(F64, 96)
+    Q = torch.linalg.qr(torch.randn(96, 6, dtype=F64, generator=g)).Q
+    P = torch.linalg.qr(torch.randn(96, 6, dtype=F64, generator=g)).Q
+    X = Q @ torch.diag(torch.tensor([3.0, 2.5, 2.0, 0.1 * tol, 0.1 * tol, 0.0], dtype=F64)) @ P.mT
+    counted = _Counted(monkeypatch)
+    Z, base = gf.LowRank(rank=4).from_manifold(X)
+    assert counted.frames == 0
+    Z0, base0 = _dense(lambda: gf.LowRank(rank=4).from_manifold(X))
+    assert torch.equal(Z, Z0) and torch.equal(base[0], base0[0])
+
+
+@pytest.mark.parametrize("space", SPACES[:4], ids=repr)
+def test_transforms_autograd_and_small_sizes_keep_the_dense_path(space, monkeypatch):
+    X = space.sample((3, 96, 96), dtype=F64, generator=_gen(7))
+    counted = _Counted(monkeypatch)
+    assert bool(vmap(space.contains)(X).all())
+    assert not bool(vmap(space.contains)(X + 0.1).any())
+    Xg = X.clone().requires_grad_()
+    Z, base = space.from_manifold(Xg)  # differentiated: through the dense SVD (eigh), as before
+    Z0, base0 = _dense(lambda: space.from_manifold(Xg))
+    assert torch.equal(Z, Z0) and Z.requires_grad
+    assert counted.accepted == counted.rejected == counted.frames == 0
+    Xs = space.sample((48, 48), dtype=F64, generator=_gen(8))
+    assert bool(space.contains(Xs))
+    Zs, _ = space.from_manifold(Xs)
+    assert torch.equal(Zs, _dense(lambda: space.from_manifold(Xs))[0])
+    assert counted.accepted == counted.frames == 0
+    with torch.no_grad():  # nothing differentiates: the sketch
+        space.from_manifold(Xg)
+    assert counted.accepted == 1 and counted.frames == 1
+
+
+def test_atol_zero_meta_and_bad_atol(monkeypatch):
+    space = gf.LowRank(rank=4)
+    X = space.sample((96, 96), dtype=F64, generator=_gen(9))
+    counted = _Counted(monkeypatch)
+    assert bool(space.contains(X, atol=0.0)) == bool(_dense(lambda: space.contains(X, atol=0.0)))
+    assert counted.accepted == 0  # a bound above 0 proves nothing (membership)
+    assert _raised(lambda: space.check(X, atol=-1.0)) == _raised(lambda: _dense(lambda: space.check(X, atol=-1.0)))
+    M = torch.empty(96, 96, dtype=F64, device="meta")
+    assert _raised(lambda: space.check(M)) == _raised(lambda: _dense(lambda: space.check(M)))
+
+
+def test_autocast_does_not_reach_the_sketch(monkeypatch):
+    """Under CPU autocast (bf16 products) the bounds are computed in the point's dtype, as _measure's values."""
+    space = gf.LowRank(rank=4)
+    X = space.sample((96, 96), dtype=F32, generator=_gen(10))
+    Y = X + 1e-2 * torch.randn(96, 96, generator=_gen(11))
+    counted = _Counted(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bool(space.contains(X)) and not bool(space.contains(Y))
+    assert counted.accepted == 1
