@@ -44,3 +44,15 @@ def needs_torch(version: tuple[int, int], why: str) -> pytest.MarkDecorator:
     """Skip on a torch older than ``version``, where the feature under test needs a newer one (README,
     "Supported versions", names each); the suite runs on torch 2.13 in CI, so nothing skips there."""
     return pytest.mark.skipif(TORCH_VERSION < version, reason=f"needs torch >= {version[0]}.{version[1]}: {why}")
+
+
+def collect_all_garbage() -> None:
+    """Collect cyclic garbage until a collection finds none (at most 10 rounds). One collection can free
+    objects whose weakref callbacks release more: torch.compile's guards on an object a previous test
+    left behind drop its compiled graph (FakeTensors, ShapeEnv, ~1400 objects) only when that object is
+    collected, so a test that counts the garbage its own code makes starts from a settled heap."""
+    import gc
+
+    for _ in range(10):
+        if not gc.collect():
+            return
