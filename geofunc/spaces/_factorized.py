@@ -338,7 +338,7 @@ def _sketch_size(k: int, r: int, q: int) -> bool:
 
 def _sketch_ok(Y: Tensor) -> bool:
     """Whether the sketch's check may read ``Y``'s values (Note [Sketched frames of low-rank points])."""
-    return Y.ndim >= 2 and eager_fast(Y) and can_check(Y)
+    return Y.ndim >= 2 and Y.layout == torch.strided and eager_fast(Y) and can_check(Y)  # (sparse: the dense path's error)
 
 
 def _sketch_residual(R: Tensor, smax: Tensor, inplace: bool = False) -> tuple[Tensor, Tensor]:
