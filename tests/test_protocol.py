@@ -764,3 +764,43 @@ def test_check_under_vmap_says_to_use_contains(case) -> None:
     if Y is not None:
         with pytest.raises(gf.ManifoldError, match="on the space"):
             torch.func.grad(lambda y: (M.check(y), y.sum())[1])(Y)
+
+
+def test_check_of_an_unbatched_point_under_vmap() -> None:
+    """A point closed over by the vmapped function (not batched) has values to read: ``check`` and
+    ``from_manifold`` of it measure it under vmap as outside (Note [check under vmap]); only a batched
+    point is refused."""
+    M = gf.Stiefel()
+    X0 = M.sample((5, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+    zs = torch.randn(3, 5, 2, dtype=F64)
+
+    def f(z):
+        Z0, base = M.from_manifold(X0)
+        return M.to_manifold(Z0 + 0.1 * z, base)
+
+    got = torch.func.vmap(f)(zs)
+    Z0, base = M.from_manifold(X0)
+    torch.testing.assert_close(got, M.to_manifold(Z0 + 0.1 * zs, base), rtol=0, atol=1e-12)
+    with pytest.raises(gf.ManifoldError, match="on the space"):
+        torch.func.vmap(lambda z: (M.from_manifold(2 * X0), z)[1])(zs)
+    with pytest.raises(gf.ManifoldError, match="on the space"):
+        torch.func.vmap(torch.func.grad(lambda z: (M.check(2 * X0), z.sum())[1]))(zs)
+    with pytest.raises(gf.ManifoldError, match="contains"):  # batched (under grad too): refused
+        torch.func.vmap(torch.func.grad(lambda x: (M.check(x), x.sum())[1]))(torch.stack([X0, X0]))
+
+
+def test_registration_inside_vmap_reads_its_unbatched_weight() -> None:
+    """A module built and constrained inside a vmapped function has a plain weight, whose values the
+    registration reads (``gf.nn.sln`` of an off-SL weight: the base check of its projection): it registers
+    there as outside vmap (it raised "expected `check` outside torch.func.vmap")."""
+    xs = torch.randn(3, 2, 4, dtype=F64)
+
+    def f(x):
+        m = torch.nn.Linear(4, 4, dtype=F64)
+        with torch.no_grad():
+            m.weight.copy_(torch.eye(4, dtype=F64) + 0.1 * torch.arange(16, dtype=F64).reshape(4, 4) / 16)
+        gf.nn.sln(m, "weight")
+        return m.weight + 0.0 * x.sum()
+
+    W = torch.func.vmap(f, randomness="same")(xs)
+    torch.testing.assert_close(torch.linalg.det(W), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)

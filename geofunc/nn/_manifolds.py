@@ -598,7 +598,8 @@ class _Manifold(Parametrization):
 # function differentiated per member (``vmap(grad(f), randomness="different")``, or ``jvp`` there) has
 # grad/jvp innermost, and its fill raised the same error; so did every such sample under vmap inside
 # torch.compile, where the stack was not read at all (Dynamo traces whether a transform is active, not
-# which kind: there any transform takes the out-of-place draw).
+# which kind: there any transform takes the out-of-place draw, which advances the global RNG stream:
+# a seeded sample under torch.compile(grad(...)) is not eager's).
 
 
 def _fillable(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -606,7 +607,8 @@ def _fillable(shape: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     (Note [Samples filled in place under vmap])."""
     if torch._C._functorch.peek_interpreter_stack() is not None:
         # Dynamo traces whether a transform is active, not which: there an out-of-place draw under any
-        # (one more draw under grad/jvp alone, of no consequence: the fill overwrites it)
+        # (one more draw under grad/jvp alone inside torch.compile: the fill overwrites its values, but it
+        # advances the global RNG stream, so a seeded sample there differs from the same call in eager)
         if torch.compiler.is_compiling() or "Vmap" in _transforms():
             return torch.randn(shape, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)

@@ -1005,12 +1005,29 @@ class AbstractSpace(_Space, abc.ABC):
     # ``check`` reads values (``bool``), which vmap cannot: inside ``vmap`` (an ensemble's per-member function)
     # every call, on a point or off it, raised torch's "data-dependent control flow" RuntimeError, naming
     # neither the space nor ``contains``. Under ``grad`` and ``jvp`` the values are there and it checks.
+    # Only a point batched by a vmap level is unreadable: a tensor closed over (a constant point, a base
+    # buffer: ``from_manifold(X0)`` inside the vmapped function) has its values, and was checked before.
     def _check_readable(self, X: Tensor) -> None:
         if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-                and "Vmap" in _transforms()):
+                and "Vmap" in _transforms() and _vmap_batched(X)):
             raise error(self, "`check` outside torch.func.vmap (it reads the values, which vmap cannot: there use "
                               "`contains(X)`, batch-shaped booleans, or check the stacked points before vmap)",
                         f"{describe(X)} under vmap")
+
+
+def _vmap_batched(X: Any) -> bool:
+    """Whether ``X`` is batched by a vmap level (under grad/jvp wrappers too); True if unsure."""
+    f = torch._C._functorch
+    for _ in range(64):
+        if not isinstance(X, torch.Tensor) or not f.is_functorch_wrapped_tensor(X):
+            return False
+        if f.is_batchedtensor(X):
+            return True
+        try:
+            X = f.get_unwrapped(X)
+        except Exception:  # noqa: BLE001 - (private API moved: refuse, as before)
+            return True
+    return True
 
 
 _INDICATOR_MARKS = ("; inf if so)", " (inf if so)", " (NaN if any)")
