@@ -1008,8 +1008,8 @@ class AbstractSpace(_Space, abc.ABC):
     # Only a point batched by a vmap level is unreadable: a tensor closed over (a constant point, a base
     # buffer: ``from_manifold(X0)`` inside the vmapped function) has its values, and was checked before.
     def _check_readable(self, X: Tensor) -> None:
-        if (not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-                and "Vmap" in _transforms() and _vmap_batched(X)):
+        if (torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
+                and "Vmap" in _transforms() and _vmap_batched(X)):  # (eager without transforms: one C call)
             raise error(self, "`check` outside torch.func.vmap (it reads the values, which vmap cannot: there use "
                               "`contains(X)`, batch-shaped booleans, or check the stacked points before vmap)",
                         f"{describe(X)} under vmap")
