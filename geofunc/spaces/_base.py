@@ -1000,7 +1000,6 @@ class AbstractSpace(_Space, abc.ABC):
                 nan = bool(torch.isnan(vd).any())
                 raise error(self, "a point on the space", f"{describe(X)} with {_violation(name, float(worst), tol, nan)}{where}")
 
-
     # Note [check under vmap]
     # ``check`` reads values (``bool``), which vmap cannot: inside ``vmap`` (an ensemble's per-member function)
     # every call, on a point or off it, raised torch's "data-dependent control flow" RuntimeError, naming
