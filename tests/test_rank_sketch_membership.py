@@ -79,8 +79,8 @@ class _Counted:
 def _dense(fn):
     """``fn()`` with the new sketches off: the dense path (contains, check, from_manifold before them)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fz.SVDSpace, "_sketchable", lambda *a: False)
-        mp.setattr(fz.EigSpace, "_sketchable", lambda *a: False)
+        mp.setattr(fz.SVDSpace, "_sketchable", lambda *a, **k: False)
+        mp.setattr(fz.EigSpace, "_sketchable", lambda *a, **k: False)
         return fn()
 
 
@@ -256,7 +256,11 @@ def test_transforms_autograd_and_small_sizes_keep_the_dense_path(space, monkeypa
     Z, base = space.from_manifold(Xg)  # differentiated: through the dense SVD (eigh), as before
     Z0, base0 = _dense(lambda: space.from_manifold(Xg))
     assert torch.equal(Z, Z0) and Z.requires_grad
-    assert counted.accepted == counted.rejected == counted.frames == 0
+    # its check reads the detached values by the sketch (a boolean: nothing to differentiate)
+    assert counted.accepted == 1 and counted.rejected == counted.frames == 0
+    assert bool(space.contains(Xg).all()) and not bool(space.contains(Xg + 0.1).any())
+    assert counted.accepted == 2 and counted.rejected == 1 and counted.frames == 0
+    counted.accepted = counted.rejected = 0
     Xs = space.sample((48, 48), dtype=F64, generator=_gen(8))
     assert bool(space.contains(Xs))
     Zs, _ = space.from_manifold(Xs)

@@ -430,8 +430,9 @@ def _sketch_eigh(S: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor]]:
 # frames' spaces to rounding over the gap: up to the sign of each pair (uᵢ, vᵢ) (the dense SVD's signs
 # are LAPACK's choice, a GPU's another) and, in a cluster of kept values, up to a rotation of the
 # cluster (the dense path's is arbitrary too); to_manifold(*from_manifold(X)) is X to rounding either
-# way. The gates are the maps': eager, nothing differentiates (from_manifold's result is differentiated
-# through the dense SVD; contains and check keep the gate though their results are not differentiable),
+# way. The gates are the maps': eager, nothing differentiates from_manifold's point (its result is
+# differentiated through the dense SVD; contains and check, whose booleans nothing differentiates, read
+# the detached values of a point that requires grad too: a parameter checked during training),
 # a value map of Identity, Positive and Abs, no det fix (GLp), the sketch's size; autocast off, as in
 # _measure. `rebase` of the family reads the frames from the chart already (no decomposition).
 def _orth_error(Q: Tensor) -> Tensor:
@@ -1007,15 +1008,16 @@ class SVDSpace(_Factorized):
             X = _rank_chart(Zt, Ub, Vb, r, self._value_map, self.triv)
         return untall(X, tr)
 
-    def _sketchable(self, Y: Tensor, r: int, k: int, q: int) -> bool:
-        """The gates of Note [Sketched frames of low-rank points] for a map of ``Y`` (n×k tall, rank r)."""
+    def _sketchable(self, Y: Tensor, r: int, k: int, q: int, member: bool = False) -> bool:
+        """The gates of Note [Sketched frames of low-rank points] for a map of ``Y`` (n×k tall, rank r); ``member``:
+        for contains/check, whose booleans nothing differentiates (a parameter that requires grad too)."""
         return (_sketch_size(k, r, q) and not self._det_positive and isinstance(self._value_map, (Identity, Positive, Abs))
-                and _sketch_ok(Y) and derivative_mode(Y) == "none")
+                and _sketch_ok(Y) and (member or derivative_mode(Y) == "none"))
 
     def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
         n, k = max(X.shape[-2:]), min(X.shape[-2:])
         r = self._rank(n, k)
-        if not self._sketchable(X, r, k, r + _SKETCH_OVERSAMPLE):
+        if not self._sketchable(X, r, k, r + _SKETCH_OVERSAMPLE, member=True):
             return None
         tol = self._atol(X, atol)
         with autocast_off(X.device.type):
@@ -1189,15 +1191,16 @@ class EigSpace(_Factorized):
         Q, lam = self._factors(Z, base)
         return sym_part((Q * (self._value_map(lam) + (lam - lam)).unsqueeze(-2)) @ transpose(Q))  # NaN for ±inf raw values
 
-    def _sketchable(self, X: Tensor, r: int, n: int, q: int) -> bool:
-        """The gates of Note [Sketched frames of low-rank points] for a map of ``X`` (n×n, rank r)."""
+    def _sketchable(self, X: Tensor, r: int, n: int, q: int, member: bool = False) -> bool:
+        """The gates of Note [Sketched frames of low-rank points] for a map of ``X`` (n×n, rank r); ``member`` as
+        :meth:`SVDSpace._sketchable`."""
         return (_sketch_size(n, r, q) and isinstance(self._value_map, (Identity, Positive, Abs)) and _sketch_ok(X)
-                and not X.is_complex() and derivative_mode(X) == "none")
+                and not X.is_complex() and (member or derivative_mode(X) == "none"))
 
     def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
         n = X.shape[-1]
         r = self._rank(n)
-        if not self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE):
+        if not self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE, member=True):
             return None
         tol = self._atol(X, atol)
         with autocast_off(X.device.type):
