@@ -442,11 +442,9 @@ def _orth_error(Q: Tensor) -> Tensor:
 
 
 def _member_residual(Y: Tensor, Q: Tensor, B: Tensor, smax: Tensor) -> Tensor:
-    """``‖Y − Q B‖_F/σ₁`` as :func:`_sketch_residual`'s, in two passes over the n×k residual fewer (one kernel
-    for the product and the difference, the scaling in place), or NaN where ``σ₁`` is not normal."""
-    fi = torch.finfo(Y.dtype)
-    s1 = torch.where(smax >= fi.tiny / fi.eps, smax, torch.full_like(smax, math.nan))
-    return torch.linalg.matrix_norm(_add_product(Y, Q, B, 1.0, -1.0).div_(s1[..., None, None]))
+    """``‖Y − Q B‖_F/σ₁`` of :func:`_sketch_residual` (NaN where ``σ₁`` is not normal), in two passes over the
+    n×k residual fewer: one kernel for the product and the difference, the scaling in place."""
+    return _sketch_residual(_add_product(Y, Q, B, 1.0, -1.0), smax, inplace=True)[0]
 
 
 def _member_rounding(dtype: torch.dtype, n: int, k: int, q: int) -> float:
