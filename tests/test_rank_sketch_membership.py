@@ -57,9 +57,9 @@ class _Counted:
         def member(f):
             def g(*args):
                 out = f(*args)
-                if out is not None:
-                    self.accepted += bool(out.all())
-                    self.rejected += not bool(out.all())
+                if out[0] is not None:
+                    self.accepted += bool(out[0].all())
+                    self.rejected += not bool(out[0].all())
                 return out
             return g
 
@@ -74,6 +74,8 @@ class _Counted:
         monkeypatch.setattr(fz, "_sketch_member_eigh", member(fz._sketch_member_eigh))
         monkeypatch.setattr(fz, "_sketch_svd", frames(fz._sketch_svd))
         monkeypatch.setattr(fz, "_sketch_eigh", frames(fz._sketch_eigh))
+        monkeypatch.setattr(fz, "_sketch_svd_of", frames(fz._sketch_svd_of))  # from the check's sketch
+        monkeypatch.setattr(fz, "_sketch_eigh_of", frames(fz._sketch_eigh_of))
 
 
 def _dense(fn):
@@ -291,3 +293,102 @@ def test_autocast_does_not_reach_the_sketch(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert bool(space.contains(X)) and not bool(space.contains(Y))
     assert counted.accepted == 1
+
+
+# Note [One sketch for from_manifold]: from_manifold reads the frames from the sketch its check measured.
+def _sketches_taken(monkeypatch):
+    """The list of the sketches of a point taken while installed (one Gaussian test matrix each)."""
+    taken = []
+    real = fz._sketch_matrix
+
+    def spy(k, q, dtype, device):
+        taken.append((k, q))
+        return real(k, q, dtype, device)
+
+    monkeypatch.setattr(fz, "_sketch_matrix", spy)
+    return taken
+
+
+def _two_sketches(space, X):
+    """from_manifold as it was: the check's sketch, then a second one for the frames."""
+    return AbstractSpace.from_manifold(space, X)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("space, shape", CASES, ids=repr)
+def test_from_manifold_sketches_once(space, shape, dtype, monkeypatch):
+    """One sketch of the point (the check's), whose frames are those of the two-sketch path bit for bit
+    and the dense path's to the dtype's tolerance."""
+    X = space.sample(shape, dtype=dtype, generator=_gen(31))
+    taken = _sketches_taken(monkeypatch)
+    Z, base = space.from_manifold(X)
+    assert len(taken) == 1  # (two before: the check's, then _sketch_svd's or _sketch_eigh's)
+    Z2, base2 = _two_sketches(space, X)
+    assert len(taken) == 3
+    assert torch.equal(Z, Z2)
+    for B, B2 in zip(base if isinstance(base, tuple) else (base,), base2 if isinstance(base2, tuple) else (base2,)):
+        assert torch.equal(B, B2) and B.is_contiguous()
+    Z0, base0 = _dense(lambda: space.from_manifold(X))
+    tol = TOL[dtype]
+    torch.testing.assert_close(Z, Z0, atol=tol, rtol=0)
+    frames, frames0 = (base, base0) if _eig(space) else (base[0], base0[0])
+    sign = torch.sign((frames * frames0).sum(-2, keepdim=True))
+    torch.testing.assert_close(frames * sign, frames0, atol=tol, rtol=0)
+    if not _eig(space):
+        torch.testing.assert_close(base[1] * sign, base0[1], atol=tol, rtol=0)
+    torch.testing.assert_close(space.to_manifold(Z, base), X, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+@pytest.mark.parametrize("space, kind", [(gf.LowRank(rank=4), "tail"), (gf.FixedRank(rank=4), "floor"),
+                                         (gf.PSSDLowRank(rank=4), "asymmetric"), (gf.PSSDFixedRank(rank=4), "negative")],
+                         ids=repr)
+def test_from_manifold_still_rejects_non_members(space, kind, dtype, monkeypatch):
+    """The reused sketch is the check's, not a weaker one: a violation of 2× and 100× the tolerance (alone, and
+    as the second matrix of a batch of members) raises from from_manifold the dense check's error, and a
+    violation of half the tolerance passes with the frames of the two-sketch path."""
+    tol = default_atol(dtype, 96)
+    scale = 1.0 if kind == "floor" else 1.5
+    for i, gam in enumerate((1.0, 99.0)):
+        X = _members_with_violation(space, dtype, kind, tol * (1 + gam) * scale, 40 + i)
+        batch = torch.stack([_members_with_violation(space, dtype, kind, 0.0, 50 + i), X])
+        for P in (X, batch):
+            msg = _raised(lambda: space.from_manifold(P))
+            assert msg is not None and msg == _raised(lambda: _dense(lambda: space.check(P)))
+            assert P is X or "batch index (1,)" in msg
+            assert msg == _raised(lambda: _two_sketches(space, P))
+    if kind != "floor":  # (half the floor's tolerance: the dense measures decide, as above)
+        X = _members_with_violation(space, dtype, kind, tol * 0.5 * scale, 60)
+        Z, base = space.from_manifold(X)
+        Z2, base2 = _two_sketches(space, X)
+        assert torch.equal(Z, Z2)
+
+
+def test_from_manifold_without_the_check_or_the_sketch_is_unchanged(monkeypatch):
+    """Where no check runs (meta, vmap) or the frames' gate refuses the sketch (a point that requires grad),
+    and for a subclass with its own check (which from_manifold calls), from_manifold is as before."""
+    space = gf.LowRank(rank=4)
+    X = space.sample((3, 96, 96), dtype=F64, generator=_gen(70))
+    Zm, basem = space.from_manifold(torch.empty(96, 96, dtype=F64, device="meta"))
+    assert Zm.is_meta and basem[0].shape == (96, 4)
+    Zv, basev = vmap(space.from_manifold)(X)
+    Z0, base0 = _dense(lambda: space.from_manifold(X))
+    assert torch.equal(Zv, Z0) and torch.equal(basev[0], base0[0])
+    taken = _sketches_taken(monkeypatch)
+    Xg = X.clone().requires_grad_()
+    Zg, baseg = space.from_manifold(Xg)  # the check's sketch; the frames of the dense SVD, differentiable
+    assert len(taken) == 1 and Zg.requires_grad
+    assert torch.equal(Zg, Z0) and torch.equal(baseg[0], base0[0])
+    calls = []
+
+    class Logged(gf.LowRank):
+        def check(self, X, atol=None):
+            calls.append(X.shape)
+            super().check(X, atol)
+
+    Zl, basel = Logged(rank=4).from_manifold(X)
+    assert calls == [X.shape] and len(taken) == 3  # its check, then the frames' own sketch
+    Z2, base2 = _two_sketches(space, X)
+    assert torch.equal(Zl, Z2) and torch.equal(basel[0], base2[0])
+    with pytest.raises(gf.ManifoldError):
+        Logged(rank=4).from_manifold(X + 0.1)

@@ -346,10 +346,19 @@ def _sketch_residual(R: Tensor, smax: Tensor, inplace: bool = False) -> tuple[Te
     ``σ₁ = smax`` (the norm of ``R/σ₁``: its squares neither underflow nor overflow at any scale), and
     ``σ₁`` itself in the normal range with room for rounding (else a NaN residual: the dense path).
     ``inplace``: ``R`` is a temporary, divided in place."""
-    fi = torch.finfo(R.dtype)
-    normal = smax >= fi.tiny / fi.eps
-    s1 = torch.where(normal, smax, torch.full_like(smax, math.nan))[..., None, None]
-    return torch.linalg.matrix_norm(R.div_(s1) if inplace else R / s1), math.sqrt(fi.eps) * s1[..., 0, 0]
+    s1 = _normal_scale(smax)[..., None, None]
+    return torch.linalg.matrix_norm(R.div_(s1) if inplace else R / s1), math.sqrt(torch.finfo(R.dtype).eps) * s1[..., 0, 0]
+
+
+def _normal_scale(smax: Tensor) -> Tensor:
+    """``smax`` where it is in the normal range with room for rounding, else NaN (:func:`_sketch_residual`)."""
+    fi = torch.finfo(smax.dtype)
+    return torch.where(smax >= fi.tiny / fi.eps, smax, torch.full_like(smax, math.nan))
+
+
+def _sketch_tie(smax: Tensor) -> Tensor:
+    """``√ε·σ₁`` of :func:`_sketch_residual` (NaN where ``σ₁ = smax`` is not normal), without the residual."""
+    return math.sqrt(torch.finfo(smax.dtype).eps) * _normal_scale(smax)
 
 
 def _minus_product(S: Tensor, Q: Tensor, C: Tensor) -> Tensor:
@@ -453,10 +462,13 @@ def _member_rounding(dtype: torch.dtype, n: int, k: int, q: int) -> float:
     return 4.0 * torch.finfo(dtype).eps * (math.sqrt(max(n, k)) + q)
 
 
-def _sketch_member_svd(Yt: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> Optional[Tensor]:
+def _sketch_member_svd(Yt: Tensor, r: int, q: int, vm: ValueMap, tol: float
+                       ) -> tuple[Optional[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``contains`` of the tall ``Yt`` (n×k, r < k) at ``tol`` where the sketch decides it for every matrix of
     the batch: a member where each measure of :meth:`SVDSpace._violations` is certainly within ``tol``, not
-    one where the rank's certainly exceeds it; else None (Note [Sketched membership of low-rank points])."""
+    one where the rank's certainly exceeds it; else None (Note [Sketched membership of low-rank points]).
+    Second, the sketch itself, ``(Q, B, ‖Yt − Q B‖_F/σ₁(B))``, whose frames from_manifold reads
+    (:func:`_sketch_svd_of`)."""
     n, k = Yt.shape[-2:]
     Y = Yt.detach()
     Q = torch.linalg.qr(Y @ _sketch_matrix(k, q, Y.dtype, Y.device)).Q  # (NaN/inf in Y: NaN, undecided)
@@ -483,18 +495,21 @@ def _sketch_member_svd(Yt: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> 
     if isinstance(vm, Positive):  # a floor measure is bounded by its ends only for a positive σ_r
         worst = torch.where(kept > 0, worst, torch.full_like(worst, math.inf))
     least = lo(r) / top.clamp(min=1.0)  # ≤ σ_(r+1)/max(1, σ₁)
-    return _decided(worst <= tol, least > tol)
+    return _decided(worst <= tol, least > tol), (Q, B, res)
 
 
-def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> Optional[Tensor]:
+def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float
+                        ) -> tuple[Optional[Tensor], tuple[Tensor, Tensor, Tensor]]:
     """``contains`` of the square ``X`` (n×n, r < n) at ``tol`` where the sketch decides it, by the measures
-    of :meth:`EigSpace._violations` (as :func:`_sketch_member_svd`), else None."""
+    of :meth:`EigSpace._violations` (as :func:`_sketch_member_svd`), else None; second, the sketch,
+    ``(Q, sym(QᵀSQ), ‖S − Q QᵀS‖_F/max|λ(QᵀSQ)|)`` (:func:`_sketch_eigh_of`)."""
     n = X.shape[-1]
     X = X.detach()
     S = _sym_detached(X)
     Q = torch.linalg.qr(S @ _sketch_matrix(n, q, S.dtype, S.device)).Q  # (NaN/inf in X: NaN, undecided)
     C = Q.mT @ S
-    lam = torch.linalg.eigvalsh(sanitize(sym_part(C @ Q)))  # ascending
+    M = sym_part(C @ Q)
+    lam = torch.linalg.eigvalsh(sanitize(M))  # ascending
     m = lam.abs().amax(-1)
     res = _member_residual(S, Q, C, m)  # ‖R‖_F/max|λ(QᵀSQ)|; NaN where that is 0 or subnormal
     d = _orth_error(Q)
@@ -530,7 +545,49 @@ def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float) -> 
     nxt_lo = lam[..., q - r - 1] - 2.0 * d * lam[..., q - r - 1].abs() - u
     neg_lo = -(lam[..., 0] + 2.0 * d * lam[..., 0].abs() + u)
     least = torch.maximum(nxt_lo, neg_lo) / top.clamp(min=1.0)
-    return _decided(worst <= tol, least > tol)
+    return _decided(worst <= tol, least > tol), (Q, M, res)
+
+
+# Note [One sketch for from_manifold]
+# from_manifold checks its point, then reads the frames: in the rank family both sketched it (Q = qr(Y Ω),
+# B = QᵀY and the residual, three O(nkq) passes over Y each), ~40% of from_manifold the second time. The
+# check (_Factorized._checked) returns the sketch it measured, (Q, B, res) or (Q, sym(QᵀSQ), res), and
+# from_manifold hands it to _from_manifold explicitly, which reads the frames from it (_sketch_svd_of,
+# _sketch_eigh_of) where its own gates allow the sketch (nothing differentiates the point): the same B
+# or QᵀSQ (the same ops on the same detached point), so the same SVD (eigh), frames and values bit for bit,
+# and the same certificate (the residual within the rank tolerance, a gap at the r-th value). Only the
+# certificate's residual differs, by rounding: the check's is one addmm (baddbmm) over σ₁ of svdvals
+# (eigvalsh), _sketch_svd's a product and a difference over σ₁ of svd (eigh), both ε‖Y‖-accurate against
+# a tolerance of 4ε√max(n, k)·σ₁: they disagree only for a point within that rounding of the rank
+# tolerance, whose dense frames equal the sketched ones to rounding. A sketch that does not certify takes
+# the dense SVD (eigh) at once (_sketch_svd would repeat the refusal). Nothing is kept between calls:
+# where no check runs (vmap, grad, compile, make_fx, meta and FakeTensor points, a subclass's own check)
+# or no sketch was taken (a point that requires grad is checked by the sketch but its frames are the dense
+# SVD's), from_manifold is what it was.
+def _sketch_svd_of(sketch: tuple[Tensor, Tensor, Tensor], r: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`_sketch_svd` of the point whose membership sketch ``(Q, B, res)`` :func:`_sketch_member_svd`
+    returned (Note [One sketch for from_manifold]): the same SVD of the same ``B``, the same certificate
+    (the residual within the rank tolerance, a gap at the r-th value), or None."""
+    Q, B, res = sketch
+    n, k = Q.shape[-2], B.shape[-1]
+    Ub, s, Vh = torch.linalg.svd(sanitize(B), full_matrices=False)
+    ok = (res <= rank_tol(torch.ones_like(res), n, k)) & (s[..., r - 1] - s[..., r] > _sketch_tie(s[..., 0]))
+    if not bool(ok.all()):
+        return None
+    return Q @ Ub, s, Vh
+
+
+def _sketch_eigh_of(sketch: tuple[Tensor, Tensor, Tensor], r: int) -> Optional[tuple[Tensor, Tensor]]:
+    """:func:`_sketch_eigh` of the point whose membership sketch ``(Q, M, res)`` :func:`_sketch_member_eigh`
+    returned (as :func:`_sketch_svd_of`)."""
+    Q, M, res = sketch
+    n, q = Q.shape[-2], Q.shape[-1]
+    lam, W = torch.linalg.eigh(sanitize(M))
+    nxt = lam[..., q - r - 1].clamp(min=0.0)
+    ok = (res <= rank_tol(torch.ones_like(res), n, n)) & (lam[..., q - r] - nxt > _sketch_tie(lam.abs().amax(-1)))
+    if not bool(ok.all()):
+        return None
+    return lam, Q @ W
 
 
 def _decided(member: Tensor, non_member: Tensor) -> Optional[Tensor]:
@@ -654,22 +711,43 @@ class _Factorized(AbstractSpace):
         d = Z.diagonal(dim1=-2, dim2=-1)[..., : self._point_rank(Z)]
         return d.real if d.is_complex() else d
 
-    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+    def _sketch_member(self, X: Tensor, atol: Any) -> tuple[Optional[Tensor], Any]:
         """``contains(X, atol)`` where the sketch decides it for the whole batch (Note [Sketched membership
-        of low-rank points]), else None: the dense measures decide."""
-        return None
+        of low-rank points]), else None: the dense measures decide; second, the sketch measured (None
+        where none was taken), for :meth:`_from_manifold` (Note [One sketch for from_manifold])."""
+        return None, None
 
     def contains(self, X: Tensor, atol: float | None = None) -> Tensor:
         self._check_shape(X, "X")
-        out = self._sketch_member(X, atol)
+        out = self._sketch_member(X, atol)[0]
         return super().contains(X, atol) if out is None else out
 
     def check(self, X: Tensor, atol: float | None = None) -> None:
+        self._checked(X, atol)
+
+    def _checked(self, X: Tensor, atol: Any) -> Any:
+        """:meth:`check`, returning the membership sketch it measured ``X`` by (None where none)."""
         self._check_shape(X, "X")
-        out = self._sketch_member(X, atol)
-        if out is not None and bool(out.all()):
-            return
-        super().check(X, atol)  # the dense measures: the error names their values
+        out, sketch = self._sketch_member(X, atol)
+        if out is None or not bool(out.all()):
+            super().check(X, atol)  # the dense measures: the error names their values
+        return sketch
+
+    def from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+        """Right inverse of :meth:`to_manifold`: ``to_manifold(*from_manifold(X)) == X``.
+
+        Raises ``ManifoldError`` if ``X`` is off the space (in eager mode; under
+        ``torch.func`` transforms and ``torch.compile`` the value check is skipped). The frames are
+        read from the sketch the check measured ``X`` by, where it took one (Note [One sketch for
+        from_manifold]).
+        """
+        if type(self).check is not _Factorized.check:  # a subclass's own check: checked as it says
+            return super().from_manifold(X)
+        self._check_shape(X, "X")
+        if not can_check(X):
+            return self._from_manifold(X)
+        sketch = self._checked(X, None)
+        return self._from_manifold(X) if sketch is None else self._from_manifold(X, sketch=sketch)
 
     def _frames(self, *pairs: tuple[Tensor, Optional[Tensor]]) -> list[Tensor]:
         """The frames of packed coordinates ``P`` at ``base`` for each pair ``(P, base)`` (module
@@ -1012,21 +1090,22 @@ class SVDSpace(_Factorized):
         return (_sketch_size(k, r, q) and not self._det_positive and isinstance(self._value_map, (Identity, Positive, Abs))
                 and _sketch_ok(Y) and (member or derivative_mode(Y) == "none"))
 
-    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+    def _sketch_member(self, X: Tensor, atol: Any) -> tuple[Optional[Tensor], Any]:
         n, k = max(X.shape[-2:]), min(X.shape[-2:])
         r = self._rank(n, k)
         if not self._sketchable(X, r, k, r + _SKETCH_OVERSAMPLE, member=True):
-            return None
+            return None, None
         tol = self._atol(X, atol)
         with autocast_off(X.device.type):
             return _sketch_member_svd(tall(X)[0], r, r + _SKETCH_OVERSAMPLE, self._value_map, tol)
 
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+    def _from_manifold(self, X: Tensor, *, sketch: Any = None) -> tuple[Tensor, Any]:
+        """``sketch``: the one :meth:`check` measured ``X`` by (Note [One sketch for from_manifold])."""
         Xt, tr = tall(X)
         n, k = Xt.shape[-2:]
         r = self._rank(n, k)
         if self._sketchable(Xt, r, k, r + _SKETCH_OVERSAMPLE):
-            sk = _sketch_svd(Xt, r, r + _SKETCH_OVERSAMPLE)
+            sk = _sketch_svd(Xt, r, r + _SKETCH_OVERSAMPLE) if sketch is None else _sketch_svd_of(sketch, r)
             if sk is not None:  # Note [Sketched membership of low-rank points] (certified: Xt is finite)
                 Z = _pack(self._value_map.inverse(self, sk[1][..., :r]), (n, k))
                 return untall(Z, tr), (sk[0][..., :r], sk[2][..., :r, :].mT)
@@ -1195,20 +1274,21 @@ class EigSpace(_Factorized):
         return (_sketch_size(n, r, q) and isinstance(self._value_map, (Identity, Positive, Abs)) and _sketch_ok(X)
                 and not X.is_complex() and (member or derivative_mode(X) == "none"))
 
-    def _sketch_member(self, X: Tensor, atol: Any) -> Optional[Tensor]:
+    def _sketch_member(self, X: Tensor, atol: Any) -> tuple[Optional[Tensor], Any]:
         n = X.shape[-1]
         r = self._rank(n)
         if not self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE, member=True):
-            return None
+            return None, None
         tol = self._atol(X, atol)
         with autocast_off(X.device.type):
             return _sketch_member_eigh(X, r, r + _SKETCH_OVERSAMPLE, self._value_map, tol)
 
-    def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
+    def _from_manifold(self, X: Tensor, *, sketch: Any = None) -> tuple[Tensor, Any]:
+        """``sketch``: the one :meth:`check` measured ``X`` by (Note [One sketch for from_manifold])."""
         n = X.shape[-1]
         r = self._rank(n)
         if self._sketchable(X, r, n, r + _SKETCH_OVERSAMPLE):
-            sk = _sketch_eigh(_sym_detached(X), r, r + _SKETCH_OVERSAMPLE)
+            sk = _sketch_eigh(_sym_detached(X), r, r + _SKETCH_OVERSAMPLE) if sketch is None else _sketch_eigh_of(sketch, r)
             if sk is not None:  # Note [Sketched membership of low-rank points] (certified: X is finite)
                 lam, Q = sk[0][..., -r:].flip(-1), sk[1][..., -r:].flip(-1)  # top r, descending
                 return _pack(self._value_map.inverse(self, lam), (n, n)).to(X.dtype), Q
