@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 import geofunc as gf
@@ -68,3 +69,57 @@ def test_selective_checkpointing_gives_the_plain_gradient(name, saved):
     (got,) = torch.autograd.grad(checkpoint(loss, Z, use_reentrant=False, context_fn=context_fn), Z)
     err = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
     assert err <= TOL, f"{name}, saving {saved}: gradient {err:.2e} off"
+
+
+SKETCHED = {  # the rank family's sketched maps (≥ 64², Note [Sketched frames of low-rank points])
+    "contains": lambda M, X, G0: lambda W: W.square().sum() * M.contains(W).to(W.dtype),
+    "check": lambda M, X, G0: lambda W: (M.check(W), W.square().sum())[1],
+    "tangent": lambda M, X, G0: lambda W: (M.tangent(X, W) * G0).sum(),
+    "project": lambda M, X, G0: lambda W: (M.project(X) * W).sum(),
+}
+
+
+@pytest.mark.parametrize("case", list(SKETCHED), ids=list(SKETCHED))
+@pytest.mark.parametrize("name", ["LowRank", "PSSDLowRank"])
+def test_selective_checkpointing_of_the_sketched_maps(name, case):
+    """The sketch's temporaries were updated in place (the residual divided by σ₁, S − QC over S, the
+    blocked transposing copy): a policy that saves every non-pointwise op raised "Tensor cached during
+    selective activation checkpoint has been mutated" from contains and check of a point that requires
+    grad, and from PSSDLowRank's tangent and project at a point nothing differentiates."""
+    M = {"LowRank": gf.LowRank(4), "PSSDLowRank": gf.PSSDLowRank(4)}[name]
+    g = torch.Generator().manual_seed(0)
+    X = M.sample((96, 96), generator=g, dtype=F64)
+    G0 = torch.randn(96, 96, generator=g, dtype=F64)
+    f = SKETCHED[case](M, X, G0)
+    W = (X + 0.0).requires_grad_()
+    (ref,) = torch.autograd.grad(f(W), W)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _policy(None))
+    W = (X + 0.0).requires_grad_()
+    (got,) = torch.autograd.grad(checkpoint(f, W, use_reentrant=False, context_fn=context_fn), W)
+    err = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    assert err <= TOL, f"{name} {case}: gradient {err:.2e} off"
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", [(96, 96), (2, 520, 520)], ids=["2d", "batched-blocked"])
+def test_sketched_maps_out_of_place_under_a_dispatch_mode_are_bit_for_bit(shape, dtype):
+    """Under a dispatch mode the sketch's updates are made out of place, with the same values."""
+    M = gf.PSSDLowRank(4)
+    g = torch.Generator().manual_seed(1)
+    X = M.sample(shape, generator=g, dtype=dtype)
+    G = torch.randn(shape, generator=g, dtype=dtype)
+    Y = X + M.tangent(X, 1e-3 * G)
+
+    def maps():
+        return M.contains(X), M.tangent(X, G), M.project(Y), M.from_manifold(X)[0]
+
+    plain = maps()
+    with _Passthrough():
+        moded = maps()
+    for a, b in zip(plain, moded):
+        assert torch.equal(a, b)

@@ -277,6 +277,11 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # * the sketch's residual S − Q C is one fused product written over S (its own temporary), divided
 #   by σ₁ in place: the frames are the old ones bit for bit, the residual the old one to rounding
 #   (only whether the sketch is taken can read it).
+# While a dispatch mode is active each of these updates is made out of place, with the same values (Note
+# [In place under a dispatch mode]: selective checkpointing whose policy saves a product or a sum handed
+# the updated output back in the recomputation, "Tensor cached during selective activation checkpoint
+# has been mutated" from contains/check of a LowRank/PSSDLowRank point ≥ 64², and from PSSDLowRank's
+# tangent/project of a point nothing differentiates).
 # One thread, a radam step of PSSDLowRank(4) / (16) 1024² float32: 75 / 63 ms → 30 / 31 ms (LowRank's:
 # 29 / 31 ms), float64 1.7–2×; 256²: 1.05–1.3× (the old and new maps interleaved in one process).
 _BLOCKED_T_MIN = 512
@@ -286,6 +291,8 @@ def _transposed_copy(A: Tensor) -> Optional[Tensor]:
     """``Aᵀ`` of real square matrices as a new contiguous tensor, by torch's blocked transposing copy, or
     None where that does not pay (Note [Symmetric parts without strided elementwise ops])."""
     n = A.shape[-1]
+    if dispatch_mode_active():  # (its copy and the caller's update are in place: Note [In place under a dispatch mode])
+        return None
     if A.ndim == 2:
         return torch.empty(A.shape, dtype=A.dtype, device=A.device).copy_(A.mT)
     if n >= _BLOCKED_T_MIN and A.numel() // (n * n) <= 64:
@@ -300,7 +307,9 @@ def _sym_detached(A: Tensor) -> Tensor:
     """``sym_part(A).detach()`` of a real ``A``, bit for bit (the same sums, then the exact halving)."""
     A = A.detach()
     T = _transposed_copy(A)
-    return (A + A.mT if T is None else T.add_(A)).mul_(0.5)
+    if T is None:  # (None under a dispatch mode: no update in place either)
+        return (A + A.mT) * 0.5
+    return T.add_(A).mul_(0.5)
 
 
 def _plus_transposed(H: Tensor) -> Tensor:
@@ -347,6 +356,7 @@ def _sketch_residual(R: Tensor, smax: Tensor, inplace: bool = False) -> tuple[Te
     ``σ₁`` itself in the normal range with room for rounding (else a NaN residual: the dense path).
     ``inplace``: ``R`` is a temporary, divided in place."""
     s1 = _normal_scale(smax)[..., None, None]
+    inplace = inplace and not dispatch_mode_active()  # Note [In place under a dispatch mode]
     return torch.linalg.matrix_norm(R.div_(s1) if inplace else R / s1), math.sqrt(torch.finfo(R.dtype).eps) * s1[..., 0, 0]
 
 
@@ -365,7 +375,8 @@ def _minus_product(S: Tensor, Q: Tensor, C: Tensor) -> Tensor:
     """``S − Q C``, written over ``S`` (a temporary) by one fused product where the layouts allow (Note
     [Symmetric parts without strided elementwise ops]: two n×n temporaries fewer)."""
     n, m, k = S.shape[-2], S.shape[-1], Q.shape[-1]
-    if not S.is_contiguous() or Q.shape[:-2] != S.shape[:-2] or C.shape[:-2] != S.shape[:-2]:
+    if (not S.is_contiguous() or Q.shape[:-2] != S.shape[:-2] or C.shape[:-2] != S.shape[:-2]
+            or dispatch_mode_active()):  # Note [In place under a dispatch mode]
         return S - Q @ C
     if S.ndim == 2:
         return S.addmm_(Q, C, alpha=-1)
@@ -530,7 +541,9 @@ def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float
     nxt = torch.maximum(hi(lam[..., q - r - 1]), w)  # ≥ λ_(r+1)↓(S): max(θλ_(r+1)↓, 0) moved by w
     # ≥ max|X − Xᵀ| (= 2 max|X − S| but for the rounding of S, |δSᵢⱼ| ≤ ε|Sᵢⱼ| ≤ ε‖S‖₂; no transposed read)
     eps = torch.finfo(S.dtype).eps
-    worst = (2.0 * torch.sub(X, S).abs_().amax(dim=(-2, -1)) * (1.0 + eps) + 2.0 * eps * top) / scale
+    D = torch.sub(X, S)
+    D = D.abs() if dispatch_mode_active() else D.abs_()  # Note [In place under a dispatch mode]
+    worst = (2.0 * D.amax(dim=(-2, -1)) * (1.0 + eps) + 2.0 * eps * top) / scale
     worst = torch.maximum(worst, (-lmin).clamp(min=0.0) / scale)  # ≥ max(0, −λ_min)/max(1, ‖X‖₂)
     worst = torch.maximum(worst, torch.maximum(-lmin, nxt).clamp(min=0.0) / scale)  # ≥ the n − r smallest |λ|
     kept = lo(lam[..., q - r])  # ≤ λ_r↓(S)
