@@ -67,9 +67,20 @@ def fake_mode_active() -> bool:
 _DISPATCH_STACK_LEN = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
+# Note [Fast paths under FakeTensorMode]
+# FakeTensorMode(allow_non_fake_inputs=True) runs ops on real tensors (a model's real parameters: a memory
+# or FLOP estimate of a forward or an optimizer step) and gives fake results. A fast path reads a value
+# of its own intermediates (the rank family's sketch certifies by a residual, the sketched membership
+# decides by bounds, the frame exponential picks its degree): from real inputs those are fake, and the
+# read raised torch's DataDependentOutputException (contains of a LowRank/FixedRank/PSSDLowRank point
+# ≥ 64², tangent/project/transport of the rank family ≥ 64², Stiefel/Grassmannian to_manifold with
+# k ≥ 32), where the general path computes fake values as for a fake input. Under a fake mode the fast
+# paths are off, as inside torch.compile.
 def eager_fast(*tensors: Optional[Tensor]) -> bool:
     """Whether ``tensors`` (None entries skipped) may take an eager fast path."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if _DISPATCH_STACK_LEN() and fake_mode_active():  # Note [Fast paths under FakeTensorMode]
         return False
     dtype = None
     for T in tensors:

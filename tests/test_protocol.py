@@ -670,6 +670,31 @@ def test_a_tracer_subclass_is_still_not_read() -> None:
     assert Z.shape == (3, 3)
 
 
+_FAKE_CASES = [(gf.LowRank(4), (96, 96)), (gf.FixedRank(4), (96, 96)), (gf.PSSDLowRank(4), (96, 96)),
+               (gf.PSSDFixedRank(4), (2, 96, 96)), (gf.Stiefel(), (80, 32)), (gf.Grassmannian(), (80, 32))]
+
+
+@pytest.mark.parametrize("space, shape", _FAKE_CASES, ids=[f"{type(m).__name__}{s}" for m, s in _FAKE_CASES])
+def test_real_points_under_fake_tensor_mode_read_no_fake_value(space, shape) -> None:
+    """FakeTensorMode(allow_non_fake_inputs=True) over real points (a memory or FLOP estimate of a forward or
+    an optimizer step with the real parameters): the fast paths read values of their own, there fake,
+    intermediates and raised DataDependentOutputException (the rank family's sketched contains, tangent,
+    project and transport from 64², the frame exponential's to_manifold from k = 32): Note [Fast paths under
+    FakeTensorMode]. The maps give fake results of the right shapes, as for fake inputs."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    X = space.sample(shape, generator=g)
+    Z, base = space.from_manifold(X)
+    V = space.tangent(X, torch.randn(shape, generator=g))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        outs = {"contains": space.contains(X), "to_manifold": space.to_manifold(Z, base), "tangent": space.tangent(X, V),
+                "project": space.project(X + V), "transport": space.transport(X, X, V), "retract": space.retract(X, V)}
+    for name, out in outs.items():
+        assert isinstance(out, FakeTensor), name
+        assert out.shape == (X.shape[:-2] if name == "contains" else X.shape), name
+
+
 def test_a_tensor_hyperparameter_is_described_not_dumped():
     """Errors name shapes, never tensor dumps: ``AlmostOrthogonal(lam=torch.tensor(0.2))`` printed
     ``tensor(0.2000)`` twice (in the space's name and as what it got)."""
