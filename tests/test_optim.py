@@ -116,6 +116,25 @@ def test_radam_equals_torch_adam(kwargs, constrained, generator):
             _run_against_torch(gf.optim.radam(c, **kwargs), torch.optim.Adam, {**kwargs, "amsgrad": False}, generator)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_radam_first_moment_is_torch_adams_bit_for_bit(dtype, generator):
+    """On an unconstrained entry the first moment is ``torch.optim.Adam``'s ``exp_avg`` bit for bit (its
+    own op, ``lerp``; ``β₁ m + (1 − β₁) g`` rounded differently, ~1 ulp off after a few steps)."""
+    g = [torch.randn(64, 33, generator=generator, dtype=dtype) for _ in range(6)]
+    p = {"w": torch.randn(64, 33, generator=generator, dtype=dtype)}
+    opt = gf.optim.radam({}, lr=0.01, betas=(0.9, 0.999))
+    state = opt.init(p)
+    ref = p["w"].clone().requires_grad_(True)
+    torch_opt = torch.optim.Adam([ref], lr=0.01, betas=(0.9, 0.999))
+    for gt in g:
+        p, state = opt.update({"w": gt}, state, p)
+        ref.grad = gt.clone()
+        torch_opt.step()
+    mu = optree.tree_leaves(state, none_is_leaf=False)
+    exp_avg = torch_opt.state[ref]["exp_avg"]
+    assert any(t.shape == exp_avg.shape and torch.equal(t, exp_avg) for t in mu if isinstance(t, torch.Tensor))
+
+
 @pytest.mark.parametrize(
     "name, torch_cls, args",
     [("rsgd", torch.optim.SGD, (0.1, 0.9, 0.0, 1e-4, True)),  # SGD(params, lr, momentum, dampening, weight_decay, nesterov)
