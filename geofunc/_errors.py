@@ -33,8 +33,11 @@ def real_value(x: Any) -> float:
 
 
 def describe(x: Any) -> str:
-    """A short description of ``x`` for an error message (shape, not values)."""
+    """A short description of ``x`` for an error message (shape, not values); a tensor of another layout
+    than dense (sparse, nested) says which (Note [Dense tensors only] in ``geofunc/spaces/_base.py``)."""
     if isinstance(x, torch.Tensor):
+        if x.layout is not torch.strided or x.is_nested:
+            return describe_layout(x)
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     if isinstance(x, (tuple, list, dict)):
         return f"a {type(x).__name__} of {len(x)} entries"
@@ -42,6 +45,18 @@ def describe(x: Any) -> str:
     if isinstance(shape, tuple) and shape and dtype is not None and not isinstance(x, type):  # a NumPy (or other) array
         return f"a {type(x).__module__}.{type(x).__name__} of shape {shape} and dtype {dtype}"
     return repr(x)
+
+
+def describe_layout(x: torch.Tensor) -> str:
+    """``x``, a sparse or nested tensor, for a message: its layout first (a nested tensor of torch's
+    strided layout has no shape to print: its component count instead)."""
+    if x.is_nested:
+        try:
+            count = f", {x.size(0)} components"
+        except RuntimeError:
+            count = ""
+        return f"a nested tensor (layout {x.layout}{count}) of dtype {x.dtype}"
+    return f"a {x.layout} tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
 
 
 def error(space: Any, expected: str, got: str) -> ManifoldError:

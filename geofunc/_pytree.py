@@ -551,7 +551,9 @@ def _stackable() -> tuple[type, ...]:
 
 
 def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -> dict[int, Any]:
-    """``{leaf index: fn(entry, *args)}`` for the entries mapped as batches (Note [Stacked entries])."""
+    """``{leaf index: fn(entry, *args)}`` for the entries mapped as batches (Note [Stacked entries]). A nested
+    tensor (whose shape torch cannot give) is left to the per-entry call, which refuses it by name (Note
+    [Dense tensors only] in ``geofunc/spaces/_base.py``)."""
     kinds = _stackable()
     grad = torch.is_grad_enabled()
     groups: dict[Any, list[int]] = {}
@@ -560,13 +562,13 @@ def _stacked(leaves: list[Any], cols: list[list[Any]], fn: Callable[..., Any]) -
         if type(e) is not _Entry or type(e.space) not in kinds:
             continue
         x = first[i]
-        if (type(x) not in _PLAIN or not x.is_cpu or x.numel() > _STACK_MAX_NUMEL or (grad and x.requires_grad)
-                or (_wrapped is not None and _wrapped(x))):
+        if (type(x) not in _PLAIN or not x.is_cpu or x.is_nested or x.numel() > _STACK_MAX_NUMEL
+                or (grad and x.requires_grad) or (_wrapped is not None and _wrapped(x))):
             continue
         shape, dtype = x.shape, x.dtype
         for col in rest:  # the other arguments: plain tensors of the point's shape and dtype
             a = col[i]
-            if (type(a) not in _PLAIN or not a.is_cpu or a.dtype != dtype or a.shape != shape
+            if (type(a) not in _PLAIN or not a.is_cpu or a.dtype != dtype or a.is_nested or a.shape != shape
                     or (grad and a.requires_grad) or (_wrapped is not None and _wrapped(a))):
                 break
         else:

@@ -212,6 +212,10 @@ def _check_c(c: Any, fn: str) -> Curvature:
 
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
+    if isinstance(x, torch.Tensor) and (x.layout is not torch.strided or x.is_nested):  # Note [Dense tensors only]
+        raise ManifoldError(  # (in geofunc/spaces/_base.py)
+            f"geofunc.hyperbolic.{fn}: expected `{what}` to be a dense (strided) tensor, got {describe(x)}."
+        )
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 1 or x.shape[-1] == 0:
         raise ManifoldError(
             f"geofunc.hyperbolic.{fn}: expected `{what}` to be a real floating tensor of vectors (..., n), got {describe(x)}."

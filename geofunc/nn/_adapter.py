@@ -471,6 +471,8 @@ class Parametrization(nn.Module):
         space = self.space
         if not isinstance(X, torch.Tensor):
             raise ManifoldError(f"{self.where} constrained to {space!r}: expected a tensor, got {describe(X)}.")
+        if X.layout is not torch.strided or X.is_nested:  # Note [Dense tensors only] in geofunc/spaces/_base.py
+            raise ManifoldError(f"{self.where} constrained to {space!r}: expected a dense (strided) tensor, got {describe(X)}.")
         if self.shape is not None and tuple(X.shape) != self.shape:
             raise ManifoldError(
                 f"{self.where} constrained to {space!r}: expected a tensor of shape {self.shape}, "
@@ -978,6 +980,8 @@ def _check_assigned(plist: nn.Module, X: Any) -> None:
     with (Note [Assignments of another dtype])."""
     if not isinstance(X, torch.Tensor) or not getattr(plist, "is_tensor", False) or len(plist) != 1:
         return
+    if X.layout is not torch.strided or X.is_nested:  # (no shape to compare: the adapter's right_inverse refuses
+        return  # it by name, Note [Dense tensors only] in geofunc/spaces/_base.py)
     M, Z = plist[0], plist.original
     if not isinstance(M, Parametrization) or M._base_buffers() or not isinstance(Z, torch.Tensor):
         return
@@ -1288,6 +1292,10 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
             f"uninitialized parameter of a lazy module (its shape is set by the first forward): run one forward "
             f"pass first, then constrain it."
         )
+    if T.layout is not torch.strided or T.is_nested:  # Note [Dense tensors only] in geofunc/spaces/_base.py
+        what = space if isinstance(space, str) else repr(space)  # (torch's copy_ of the initial point raised)
+        raise ManifoldError(f"cannot constrain {_owner_name(module, tensor_name)} to {what}: expected a dense "
+                            f"(strided) tensor, got {describe(T)}.")
     return T
 
 

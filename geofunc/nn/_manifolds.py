@@ -377,8 +377,16 @@ class _Manifold(Parametrization):
     def _shape_error(self, X: Tensor, shape: tuple[int, ...]) -> ManifoldError:
         return InManifoldError(X, self, self._shape_message(X, shape))
 
+    def _require_dense_point(self, X: Tensor) -> None:
+        """Raise :class:`InManifoldError` for a sparse or nested ``X`` (Note [Dense tensors only] in
+        ``geofunc/spaces/_base.py``: the membership tests below raised torch's errors on them)."""
+        if X.layout is not torch.strided or X.is_nested:
+            raise InManifoldError(X, self, "expected a dense (strided) tensor")
+
     def _require_real_point(self, X: Tensor) -> None:
-        """Raise :class:`InManifoldError` for a complex ``X`` assigned to a real space (Note [Complex weights])."""
+        """Raise :class:`InManifoldError` for a complex ``X`` assigned to a real space (Note [Complex weights]),
+        or a sparse or nested one."""
+        self._require_dense_point(X)
         if self._refuses(X.dtype):
             raise InManifoldError(X, self, self._real_space())
 
@@ -1012,6 +1020,7 @@ class Skew(_Triangle):
         X = _as_matrix(X)
         if not isinstance(X, Tensor):
             raise InManifoldError(X, self, "expected a tensor")
+        self._require_dense_point(X)  # (before its shape: a nested tensor has none)
         if X.ndim < 2 or X.shape[-2] != X.shape[-1]:
             raise InManifoldError(X, self, f"expected square matrices (..., n, n), got shape {tuple(X.shape)}")
         self._require_real_point(X)

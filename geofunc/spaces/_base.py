@@ -145,6 +145,26 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 # no arithmetic (only casts) and no rounding policy here: a ManifoldError names the dtypes a space takes.
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
+# Note [Dense tensors only]
+# Every map computes with dense tensors (QR, SVD, eigh, matrix_exp, tril, strided views): a sparse
+# tensor (torch.sparse_coo, sparse_csr/csc/bsr/bsc) or a nested one (torch.jagged, or the strided nested
+# layout) has no point of a space to offer that its dense form has not. They passed the dtype check and
+# then failed inside torch ("Could not run 'aten::_linalg_svd' with arguments from the 'SparseCPU'
+# backend", "NestedTensorImpl doesn't support sizes", an INTERNAL ASSERT), or worse, were taken:
+# Oblique.tangent, egrad_to_rgrad and transport of a COO vector returned a sparse vector off the tangent
+# space (1.2 off the dense answer); from_manifold of a jagged tensor skipped the membership check (a
+# tensor subclass with __torch_dispatch__: can_check is False) and returned raw tensors for an off-space
+# input. What some maps computed right (the rank family's tangent of a CSR gradient, a CSR base of PSD)
+# was an accident of which torch ops have sparse kernels, different per layout and per method. So the
+# shape check every tensor of a method goes through (``_require_float``), the pair check's shortcut and
+# the checks of the frames of a base refuse any layout but torch.strided, and nested tensors, naming the
+# layout. A layout and a flag read (~0.1 µs) before any value is read: traceable (Dynamo specializes
+# both), and the same under vmap, grad, FakeTensor and meta (all strided). Quantized tensors are strided:
+# their dtype (qint8, ...) is refused as any non-floating dtype is. A user with a sparse weight densifies
+# it first (``X.to_dense()``); a sparse gradient of a gf.nn weight is densified by gf.nn itself (Note
+# [Sparse gradients of a constrained weight] in ``geofunc/nn/_adapter.py``).
+_STRIDED = torch.strided
+
 _ONE_NODE_METHODS = ("to_manifold", "logabsdet")  # the maps a training step differentiates
 _POLICY_METHODS = (
     "to_manifold",
@@ -598,9 +618,17 @@ class AbstractSpace(_Space, abc.ABC):
         ``got``: what the message says was given (default: ``X`` described; built only to raise)."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
+        if X.layout is not _STRIDED or X.is_nested:  # Note [Dense tensors only]
+            self._require_dense(X, what)
         if X.dtype in _FLOATS:
             return
         self._require_float_dtype(X.dtype, what, got or describe(X))
+
+    def _require_dense(self, X: Tensor, what: str) -> None:
+        """``X`` must be a dense (torch.strided, not nested) tensor (Note [Dense tensors only])."""
+        if X.layout is not _STRIDED or X.is_nested:
+            hint = "" if X.is_nested else " (`.to_dense()` makes one of a sparse tensor)"
+            raise error(self, f"`{what}` to be a dense (strided) tensor{hint}", describe(X))
 
     def _require_float_dtype(self, dtype: torch.dtype, what: str, got: str) -> None:
         """:meth:`_require_float` of a dtype (``sample``'s ``dtype``: no tensor of it is made, as a
@@ -687,6 +715,7 @@ class AbstractSpace(_Space, abc.ABC):
         unnamed error, or be silently promoted, depending on the space)."""
         self._check_shape(X, "X")
         if (isinstance(X, torch.Tensor) and type(Y) is type(X) and Y.dtype == X.dtype and Y.device == X.device
+                and Y.layout is _STRIDED and not Y.is_nested  # (X's are checked: Note [Dense tensors only])
                 and not torch.compiler.is_compiling() and Y.shape == X.shape):
             return  # Note [A pair of one shape]
         self._check_shape(Y, what_y)

@@ -1066,6 +1066,9 @@ class SVDSpace(_Factorized):
 
         if not isinstance(base, (tuple, list)) or len(base) != 2:
             raise error(self, expected(), describe(base))
+        for B, what in zip(base, ("base[0]", "base[1]")):  # (before their shapes: Note [Dense tensors only] in _base.py)
+            if isinstance(B, torch.Tensor):
+                self._require_dense(B, what)
         for B, shape in zip(base, ((n, r), (k, r))):
             if B is not None and (not isinstance(B, torch.Tensor) or B.ndim < 2 or tuple(B.shape[-2:]) != shape):
                 raise error(self, expected(), f"({describe(base[0])}, {describe(base[1])})")
@@ -1265,6 +1268,8 @@ class EigSpace(_Factorized):
         if base is None:
             return None
         n = Z.shape[-1]
+        if isinstance(base, torch.Tensor):  # (before its shape: Note [Dense tensors only] in _base.py)
+            self._require_dense(base, "base")
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, r):
             raise error(self, f"`base` to be None or a frame Q of shape (..., {n}, {r}) (as from_manifold returns)", describe(base))
         self._require_frame(Z, base, "base")

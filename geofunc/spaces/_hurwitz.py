@@ -210,6 +210,8 @@ class Hurwitz(AbstractSpace):
         if base is None:
             return
         n = Z.shape[-1]
+        if isinstance(base, torch.Tensor):  # (before its shape: Note [Dense tensors only] in _base.py)
+            self._require_dense(base, "base")
         if not isinstance(base, torch.Tensor) or base.ndim < 2 or tuple(base.shape[-2:]) != (n, n):
             raise error(self, f"`base` to be None or an orthogonal ({n}, {n}) frame of W (as from_manifold returns)",
                         describe(base))

@@ -105,6 +105,10 @@ class SL(AbstractSpace):
         if base is None:
             return
         n = Z.shape[-1]
+        if isinstance(base, (tuple, list)):  # (before their shapes: Note [Dense tensors only] in _base.py)
+            for b, what in zip(base, ("base[0]", "base[1]")):
+                if isinstance(b, torch.Tensor):
+                    self._require_dense(b, what)
         ok = isinstance(base, (tuple, list)) and len(base) == 2 and all(
             b is None or (isinstance(b, torch.Tensor) and b.ndim >= 2 and tuple(b.shape[-2:]) == (n, n)) for b in base
         )
