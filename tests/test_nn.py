@@ -393,6 +393,41 @@ def test_a_value_computed_under_fake_tensor_mode_is_not_cached():
     torch.testing.assert_close(raw.grad, ref.parametrizations.weight.original.grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("case", CASES + [("orthogonal", {}, lambda: nn.Linear(4, 16), gf.Stiefel),
+                                           ("grassmannian", {}, lambda: nn.Linear(16, 4), gf.Grassmannian),
+                                           ("low_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(12, 16), gf.LowRank),
+                                           ("fixed_rank", {"tensor_name": "weight", "rank": 2}, lambda: nn.Linear(16, 12), gf.FixedRank)],
+                         ids=lambda c: f"{c[0]}-{c[1]}-{c[2]().weight.shape[0]}x{c[2]().weight.shape[1]}")
+def test_a_real_module_runs_under_fake_tensor_mode(case):
+    """A real module run under ``FakeTensorMode(allow_non_fake_inputs=True)`` (FLOP and memory
+    estimates of an existing model): its parameters and bases are plain tensors, which the eager
+    fast paths took for readable ones; orthogonal/grassmannian frames at least twice as tall as wide
+    and every low_rank/fixed_rank forward raised DataDependentOutputException from a value read
+    (Note [Fast paths under FakeTensorMode] in geofunc/_fastpath.py). Forward and backward give fake
+    tensors of the real shapes; the real parameters, gradients and buffers are untouched."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make(), **kwargs)
+    x = torch.randn(3, m.in_features)
+    y_real = m(x)
+    y_real.sum().backward()
+    before = {k: t.clone() for k, t in m.state_dict().items()}
+    grads = {k: p.grad.clone() for k, p in m.named_parameters()}
+    for no_grad in (False, True):
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(not no_grad):
+            y = m(x)
+            assert isinstance(y, FakeTensor) and y.shape == y_real.shape and y.dtype == y_real.dtype
+            if not no_grad:
+                y.sum().backward()
+    for k, t in m.state_dict().items():
+        assert type(t) is torch.Tensor and torch.equal(t, before[k]), k
+    for k, p in m.named_parameters():
+        assert type(p.grad) is torch.Tensor and torch.equal(p.grad, grads[k]), k
+    assert type(m(x)) is torch.Tensor
+
+
 def test_a_base_is_checked_once_per_change(monkeypatch):
     """The check reads the buffers only when they changed (other tensors, or an in-place write):
     repeated forwards cost one comparison; an in-place edit of a base is caught at the next read;
