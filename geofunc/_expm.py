@@ -61,7 +61,7 @@ from typing import Any
 import torch
 
 from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, _transforms, dispatch_mode_active, make_fx_tracing, save_state,
-                        saved_state, tracks_derivatives)
+                        forward_tangents, saved_state, tracks_derivatives)
 from ._fastpath import backward_without_autocast  # Note [Backward formulas under autocast]
 
 Tensor = torch.Tensor
@@ -1580,7 +1580,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
             return None
     if torch.compiler.is_compiling():
         return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS and _host_reads(T) else None
-    if torch._C._functorch.peek_interpreter_stack() is not None or torch.autograd.forward_ad._current_level >= 0:
+    if torch._C._functorch.peek_interpreter_stack() is not None or forward_tangents(T, R):
         return None
     if any(torch._C._functorch.is_functorch_wrapped_tensor(X) for X in (T, R)):  # outlived its transform
         return None

@@ -96,10 +96,30 @@ def eager_fast(*tensors: Optional[Tensor]) -> bool:
 
 def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
     """Whether a result computed from ``tensors`` needs an autograd node: grad mode is on and one
-    requires grad, or a ``torch.autograd.forward_ad`` dual level is open (inputs may be duals)."""
+    requires grad, or one carries a ``torch.autograd.forward_ad`` tangent."""
     if torch.is_grad_enabled() and any(T is not None and T.requires_grad for T in tensors):
         return True
-    return _fw_ad._current_level >= 0
+    return forward_tangents(*tensors)
+
+
+# Note [Dual levels and recomputation]
+# The eager fast paths (one-node charts, closed-form nodes, the frame exponential) leave forward mode
+# to the op chain. They asked whether a torch.autograd.forward_ad dual level was open, not whether an
+# input carried a tangent at it. A forward run under an open level (a forward-gradient estimate of
+# another part of the model, a level left open around a training step) then took the chain, and
+# activation checkpointing (use_reentrant=False) recomputed it in the backward after the level had
+# closed, on the fast path: other saved tensors, torch's CheckpointError "Recomputed values ... have
+# different metadata" for the charts of Stiefel, Grassmannian, AlmostOrthogonal and the rank/PSD
+# family, and the projections/retractions of nearly every matrix space. What the paths choose now
+# depends on the inputs' tangents, which are the same at recomputation when the forward had none.
+# (Inputs that do carry tangents still take the chain, and a recomputation after the level closed
+# does not: those raise as before.)
+def forward_tangents(*tensors: Optional[Tensor]) -> bool:
+    """Whether a forward-AD dual level is open and one of ``tensors`` (None skipped) carries a tangent
+    at it (Note [Dual levels and recomputation])."""
+    if _fw_ad._current_level < 0:
+        return False
+    return any(T is not None and _fw_ad.unpack_dual(T).tangent is not None for T in tensors)
 
 
 # Note [Lazy second-order terms]
@@ -168,7 +188,7 @@ def derivative_mode(*tensors: Optional[Tensor], first: bool = False) -> str:
     if eager_fast(*tensors):
         if not tracks_derivatives(*tensors):
             return "none"
-        if _fw_ad._current_level < 0:
+        if not forward_tangents(*tensors):  # Note [Dual levels and recomputation]
             return "lazy"
     return "chain"
 

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
                     _read_max, _real, _transforms, _values, expm, frame_columns)
 from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active,
-                        eager_fast, make_fx_tracing, save_state, saved_state)
+                        eager_fast, forward_tangents, make_fx_tracing, save_state, saved_state)
 
 Tensor = torch.Tensor
 Triv = Union[str, Callable[[Tensor], Tensor]]
@@ -616,10 +616,11 @@ if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
 def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
     """``(Y, (W, J))`` of the stacked bases of ``pairs`` (Note [Base factor cache]), or None (not cacheable:
     the caller stacks the bases and the chart computes the factors)."""
-    if (not _BASIS_CACHE or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.autograd.forward_ad._current_level >= 0):  # forward mode: the bases may carry tangents
+    if not _BASIS_CACHE or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return None
     bases = [base for _, base in pairs]
+    if forward_tangents(*bases):  # forward mode: tangents of the bases (Note [Dual levels and recomputation])
+        return None
     Z0 = pairs[0][0]
     grad_mode = torch.is_grad_enabled()
     for B in bases:
@@ -823,7 +824,9 @@ def _one_node_chart(Y: Tensor, Z: Tensor, triv: Triv, packed: bool, horizontal: 
                     basis: tuple[Tensor, Tensor] | None = None) -> Optional[Tensor]:
     """The tall chart at a constant base as one node (Note [One-node tall chart]), or None: take the chain.
     ``basis``: the base's ``_packed_basis(Y, constant=True)``, already known (Note [Base factor cache])."""
-    if not _ONE_NODE or triv != "expm" or not _reduced(Y) or not eager_fast(Y, Z) or torch.autograd.forward_ad._current_level >= 0:
+    if not _ONE_NODE or triv != "expm" or not _reduced(Y) or not eager_fast(Y, Z):
+        return None
+    if forward_tangents(Y, Z, *(basis or ())):  # forward mode: the chain (Note [Dual levels and recomputation])
         return None
     if torch._C._functorch.is_functorch_wrapped_tensor(Z) or torch._C._functorch.is_functorch_wrapped_tensor(Y):
         return None  # a wrapper that outlived its transform

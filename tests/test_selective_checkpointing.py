@@ -123,3 +123,59 @@ def test_sketched_maps_out_of_place_under_a_dispatch_mode_are_bit_for_bit(shape,
         moded = maps()
     for a, b in zip(plain, moded):
         assert torch.equal(a, b)
+
+
+
+_UNDER_LEVEL = {
+    **SPACES,
+    "Stiefel-tall": (gf.Stiefel(), (16, 4)),
+    "AlmostOrthogonal": (gf.AlmostOrthogonal(lam=0.3), (9, 4)),
+    "LowRank-tall": (gf.LowRank(rank=2), (16, 12)),
+    "FixedRank": (gf.FixedRank(rank=2), (16, 12)),
+    "PSSDLowRank": (gf.PSSDLowRank(rank=2), (6, 6)),
+}
+
+
+@pytest.mark.parametrize("map_", ["to_manifold", "project", "retract"])
+@pytest.mark.parametrize("name", list(_UNDER_LEVEL), ids=list(_UNDER_LEVEL))
+def test_checkpoint_recomputed_after_a_dual_level_closes(name, map_):
+    """``checkpoint(..., use_reentrant=False)`` run inside an open ``torch.autograd.forward_ad.dual_level()``
+    on inputs without tangents, its backward after the level closed: the fast paths asked whether a level
+    was open (the forward took the op chain) where the recomputation, outside it, took the one node, and
+    torch raised CheckpointError ("different metadata") for the charts of Stiefel, Grassmannian,
+    AlmostOrthogonal and the rank family and the projections and retractions of nearly every matrix
+    space (Note [Dual levels and recomputation] in geofunc/_fastpath.py). The gradient is the plain one;
+    a base that does carry a tangent still gets the forward-mode chart's tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    M, shape = _UNDER_LEVEL[name]
+    g = torch.Generator().manual_seed(0)
+    X = M.sample(shape, generator=g, dtype=F64)
+    Z0, base = M.from_manifold(X)
+    Z0 = Z0 + 0.05 * torch.randn(Z0.shape, generator=g, dtype=F64)
+    V0 = M.tangent(X, torch.randn(X.shape, generator=g, dtype=F64))
+    W = torch.randn(X.shape, generator=g, dtype=F64)
+    fn, inp = {"to_manifold": (lambda Z: M.to_manifold(Z, base), Z0),
+               "project": (M.project, X + 0.1 * torch.randn(X.shape, generator=g, dtype=F64)),
+               "retract": (lambda V: M.retract(X, V), 0.1 * V0)}[map_]
+
+    def loss(Z):
+        return (fn(Z) * W).sum()
+
+    Z = inp.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(Z), Z)
+    Z = inp.clone().requires_grad_()
+    with fwAD.dual_level():
+        out = checkpoint(loss, Z, use_reentrant=False)
+    (got,) = torch.autograd.grad(out, Z)
+    err = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    assert err <= TOL, f"{name} {map_}: gradient {err:.2e} off"
+    if map_ == "to_manifold" and base is not None:  # a base with a tangent: the chart's forward-mode tangent
+        bases = base if isinstance(base, tuple) else (base,)  # (the rank family's (U, V))
+        T = tuple(torch.randn(B.shape, generator=g, dtype=F64) for B in bases)
+        pack = (lambda Bs: Bs) if isinstance(base, tuple) else (lambda Bs: Bs[0])
+        _, ref_t = torch.func.jvp(lambda *Bs: M.to_manifold(Z0, pack(Bs)), bases, T)
+        with fwAD.dual_level():
+            dual = tuple(fwAD.make_dual(B, t) for B, t in zip(bases, T))
+            got_t = fwAD.unpack_dual(M.to_manifold(Z0, pack(dual))).tangent
+        torch.testing.assert_close(got_t, ref_t, rtol=1e-10, atol=1e-10)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import (autocast_off, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast,
-                         save_state, saved_state)
+                         forward_tangents, save_state, saved_state)
 from .._expm import _mm, _mm_add
 from .._linalg import (_add_product, _divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -1013,7 +1013,7 @@ def _rank_chart_node(Zt: Tensor, Ub: Optional[Tensor], Vb: Optional[Tensor], r: 
                      triv: Any) -> Optional[Tensor]:
     """The chart as one node (Note [One-node rank chart]), or None: take the chain."""
     if (triv != "expm" or not _linalg._ONE_NODE or not torch.is_grad_enabled() or not Zt.requires_grad
-            or torch.autograd.forward_ad._current_level >= 0 or not eager_fast(Zt, Ub, Vb)):
+            or not eager_fast(Zt, Ub, Vb) or forward_tangents(Zt, Ub, Vb)):  # Note [Dual levels and recomputation]
         return None
     for T in (Zt, Ub, Vb):
         if T is not None and (torch._C._functorch.is_functorch_wrapped_tensor(T) or (T is not Zt and T.requires_grad)):
