@@ -32,7 +32,13 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 # constant folding drops an in-place op whose result is unused (``X.diagonal().add_(1)``): the
 # exponential's I + B lost its I, and linearize gave tangents 20–130% off for 1×1 rank and PSD
 # points, silently. So while make_fx traces, the maps compute out of place and read no values
-# (as inside torch.compile).
+# (as inside torch.compile). make_fx of plain eager code (tracing_mode="real", no torch.func level)
+# still took the eager fast paths, whose degree choice read values: "a tracing tensor" errors (SO
+# 40×40, frames with k ≥ 32), or, where the read escaped the tracer (the one-node charts), the
+# trace-time degree and squarings baked into the graph (a Stiefel 16×4 chart replayed at a raw tensor
+# 30× larger was 3e11 off orthonormal, silently). So no eager fast path runs while make_fx traces
+# (eager_fast), and the exponential and the frame exponential are the operators that choose at run
+# time, or the static schedule where those are not registered, as inside torch.compile.
 def make_fx_tracing() -> bool:
     """Whether make_fx (``torch.func.linearize``, AOT tracing) is recording the ops (Note [Traced by
     make_fx])."""
@@ -80,7 +86,8 @@ def eager_fast(*tensors: Optional[Tensor]) -> bool:
     """Whether ``tensors`` (None entries skipped) may take an eager fast path."""
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    if _DISPATCH_STACK_LEN() and fake_mode_active():  # Note [Fast paths under FakeTensorMode]
+    # no values to read (Note [Fast paths under FakeTensorMode]) or none to bake in (Note [Traced by make_fx])
+    if _DISPATCH_STACK_LEN() and (fake_mode_active() or make_fx_tracing()):
         return False
     dtype = None
     for T in tensors:

@@ -75,3 +75,38 @@ def test_an_optimizer_step_under_functionalize(generator):
     ref, _ = opt.update(grads, state, params)
     for k in params:
         torch.testing.assert_close(got[k], ref[k], **TOL)
+
+
+# one path each that read values in plain eager mode: the exponential's degree choice (SO 40×40), the
+# one-node tall chart (Stiefel 16×4), the frame exponential (k ≥ 32), the rank chart
+MAKE_FX = [(gf.SO(), (40, 40)), (gf.Stiefel(), (16, 4)), (gf.Stiefel(), (80, 32)), (gf.LowRank(2), (16, 12)),
+           (gf.Grassmannian(), (8, 3))]
+
+
+@pytest.mark.parametrize("operators", [True, False], ids=["operators", "static"])
+@pytest.mark.parametrize("space,shape", MAKE_FX, ids=[f"{type(s).__name__}-{n}x{k}" for s, (n, k) in MAKE_FX])
+def test_make_fx_of_a_chart_and_its_gradient_holds_at_other_values(space, shape, operators, generator, monkeypatch):
+    """``make_fx(f, tracing_mode="real")`` of a chart and its plain-autograd gradient: the eager fast paths
+    read the exponential's degree and squarings into Python, which raised "trying to get value out of a
+    tracing tensor" (SO 40×40, frames with k ≥ 32) or, where the read value was not traced (the one-node
+    charts' small exponentials), was baked into the graph: replayed at a raw tensor 30× larger, the
+    graph's points were off the space (errors up to 1e5), silently. While make_fx traces, the exponential
+    is the runtime-choosing operator (or, without it, the static schedule), as inside torch.compile
+    (Note [Traced by make_fx] in geofunc/_fastpath.py)."""
+    from geofunc import _expm
+
+    if not operators:
+        monkeypatch.setattr(_expm, "_COMPILED_OPS", False)
+        monkeypatch.setattr(_expm, "_FRAME_OPS", False)
+    W = torch.randn(shape, generator=generator, dtype=F64)
+
+    def f(Z):
+        Z = Z.detach().requires_grad_()
+        X = space.to_manifold(Z)
+        return X, torch.autograd.grad((X * W).sum(), Z)[0]
+
+    Z = torch.randn(shape, generator=generator, dtype=F64)
+    traced = make_fx(f, tracing_mode="real")(0.1 * Z)
+    for scale in (0.1, 3.0):
+        for got, ref in zip(traced(scale * Z), f(scale * Z)):
+            torch.testing.assert_close(got, ref, **TOL)
