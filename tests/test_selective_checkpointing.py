@@ -179,3 +179,35 @@ def test_checkpoint_recomputed_after_a_dual_level_closes(name, map_):
             dual = tuple(fwAD.make_dual(B, t) for B, t in zip(bases, T))
             got_t = fwAD.unpack_dual(M.to_manifold(Z0, pack(dual))).tangent
         torch.testing.assert_close(got_t, ref_t, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["new", "known"])
+def test_a_first_chart_inside_selective_checkpointing(layout, monkeypatch):
+    """A chart's first call of its shape builds the index layout (Note [Layouts under a dispatch mode]), its first
+    call at new bases the base factors (Note [The base factor cache under a dispatch mode]); a later call
+    reads both from their caches. Made first inside the checkpointed region (the recomputation then hits),
+    with a policy that saves the non-pointwise ops, the first raised "aten.alias.default encountered during
+    backward but not found in storage" (the second "aten.equal.default"). The gradient is the plain one."""
+    import geofunc.spaces._factorized as fz
+
+    monkeypatch.setattr(fz, "_LAYOUTS", {})  # (no chart of this shape yet in this process)
+    M = gf.LowRank(rank=3)
+    g = torch.Generator().manual_seed(1)
+    if layout == "known":  # the shape charted once outside, at other bases
+        Z1, b1 = M.from_manifold(M.sample((11, 7), generator=g, dtype=F64))
+        M.to_manifold(Z1.clone().requires_grad_(), b1).sum().backward()
+    X = M.sample((11, 7), generator=g, dtype=F64)
+    Z0, base = M.from_manifold(X)  # fresh bases: not in the base factor cache
+    Z0 = Z0 + 0.05 * torch.randn(Z0.shape, generator=g, dtype=F64)
+    W = torch.randn(X.shape, generator=g, dtype=F64)
+
+    def loss(Z):
+        return (M.to_manifold(Z, base) * W).sum()
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, _policy(None))
+    Z = Z0.clone().requires_grad_()
+    (got,) = torch.autograd.grad(checkpoint(loss, Z, use_reentrant=False, context_fn=context_fn), Z)
+    Z = Z0.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(Z), Z)
+    err = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
+    assert err <= TOL, f"gradient {err:.2e} off"

@@ -36,11 +36,12 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import (autocast_off, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast,
-                         forward_tangents, save_state, saved_state)
+                         forward_tangents, make_fx_tracing, save_state, saved_state)
 from .._expm import _mm, _mm_add
 from .._linalg import (_add_product, _divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -854,6 +855,22 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
     out = _LAYOUTS.get(key)
     if out is not None:
         return out
+    if dispatch_mode_active() and not make_fx_tracing():  # Note [Layouts under a dispatch mode]
+        with _disable_current_modes():
+            return _new_layout(key)
+    return _new_layout(key)
+
+
+# Note [Layouts under a dispatch mode]
+# A layout is built on the first chart of its shape (~25 index ops) and read from _LAYOUTS after: a
+# chart's ops depend on whether an earlier call saw its shape. Selective activation checkpointing hands
+# each saved op output back in the recomputation by (op, call index): a first chart of a shape inside a
+# checkpointed region, recomputed as a hit, raised "aten.alias.default encountered during backward but
+# not found in storage" (a policy saving the non-pointwise ops). The layout is a function of the key
+# alone, so it is built with the modes switched off (as the base factor cache: Note [The base factor
+# cache under a dispatch mode]); while make_fx traces it is built as before.
+def _new_layout(key: tuple) -> tuple[Tensor, Tensor, Tensor]:
+    n, k, r, packed, batch, transposed, diag, device = key
     one, batch = batch is None, 1 if batch is None else batch
     rows = n + r if packed else n
     # Built on the CPU, then moved: on the default device, a meta one (`with torch.device("meta")` around
