@@ -150,7 +150,8 @@ def _members_with_violation(space, dtype, kind, v, seed):
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 @pytest.mark.parametrize("space, kind", [(gf.LowRank(rank=4), "tail"), (gf.FixedRank(rank=4), "tail"),
                                          (gf.FixedRank(rank=4), "floor"), (gf.PSSDLowRank(rank=4), "tail"),
-                                         (gf.PSSDFixedRank(rank=4), "negative"), (gf.PSSDLowRank(rank=4), "asymmetric")],
+                                         (gf.PSSDFixedRank(rank=4), "negative"), (gf.PSSDLowRank(rank=4), "asymmetric"),
+                                         (gf.PSSDFixedRank(rank=4), "floor")],
                          ids=repr)
 def test_never_accepts_what_the_dense_check_rejects(space, kind, dtype, monkeypatch):
     """Violations of tol·(1 + γ) (times 1.5 = σ₁ where relative to max(1, σ₁)), γ from −0.5 to 0.5 and
@@ -392,3 +393,72 @@ def test_from_manifold_without_the_check_or_the_sketch_is_unchanged(monkeypatch)
     assert torch.equal(Zl, Z2) and torch.equal(basel[0], base2[0])
     with pytest.raises(gf.ManifoldError):
         Logged(rank=4).from_manifold(X + 0.1)
+
+
+def _sketch_blind(k, q, g):
+    """Orthonormal bases of the span of the (fixed) sketch matrix's q columns and of its complement: a right
+    singular direction (an eigenvector) in the complement is one the sketch's range cannot see at all."""
+    Om = fz._sketch_matrix(k, q, F64, torch.device("cpu"))
+    W = torch.linalg.qr(torch.cat([Om, torch.randn(k, k - q, dtype=F64, generator=g)], 1)).Q
+    return W[:, :q], W[:, q:]
+
+
+def _blind_point(space, seen, blind, seed):
+    """A 96×96 point of ``space``'s kind with values ``seen`` along directions of the sketch's span and ``blind``
+    along directions orthogonal to it (only the residual terms of the bounds know those)."""
+    g = _gen(seed)
+    visible, hidden = _sketch_blind(96, space.rank + fz._SKETCH_OVERSAMPLE, g)
+    V = torch.cat([visible[:, : len(seen)], hidden[:, : len(blind)]], 1)
+    vals = torch.tensor(list(seen) + list(blind), dtype=F64)
+    if _eig(space):
+        X = (V * vals) @ V.mT
+        return 0.5 * (X + X.mT)
+    U = torch.linalg.qr(torch.randn(96, V.shape[1], dtype=F64, generator=g)).Q
+    return (U * vals) @ V.mT
+
+
+@pytest.mark.parametrize("space", [gf.LowRank(rank=4), gf.FixedRank(rank=4), gf.PSSDLowRank(rank=4),
+                                   gf.PSSDFixedRank(rank=4)], ids=repr)
+def test_directions_the_sketch_cannot_see(space):
+    """Points with a direction orthogonal to every column of the sketch matrix (adversarial for its fixed seed):
+    the sketch's own values miss it, so a bound that drops a residual term, or takes σ₁ (‖X‖₂) from the wrong
+    side, decides wrongly. A largest value of 1000 hidden (a member: the rank measure is 5e-7/1000), a hidden
+    (r+1)-th value of 1e-3 (not one), and at atol = 0.6 a hidden value of ±1 beside four of 1 (not one): the
+    sketch, where it decides, decides as the dense measures."""
+    r, q = space.rank, space.rank + fz._SKETCH_OVERSAMPLE
+    cases = [([1.0] * (r - 1) + [5e-7] * (q - r + 1), [1000.0], None, True),
+             ([1.0] * r + [1e-10] * (q - r), [1e-3], None, False),
+             ([1.0] * r + [1e-3] * (q - r), [1.0], 0.6, False)]
+    if _eig(space):
+        cases.append(([1.0] * r + [1e-3] * (q - r), [-1.0], 0.6, False))
+    for i, (seen, blind, atol, member) in enumerate(cases):
+        X = _blind_point(space, seen, blind, i)
+        assert bool(_dense(lambda: space.contains(X, atol))) == member  # (the construction)
+        assert bool(space.contains(X, atol)) == member, (seen[-1], blind, atol)
+        assert _raised(lambda: space.check(X, atol)) == _raised(lambda: _dense(lambda: space.check(X, atol)))
+
+
+@pytest.mark.parametrize("space", [gf.PSSDLowRank(rank=4), gf.PSSDFixedRank(rank=4)], ids=repr)
+def test_an_eigenvector_the_sketch_sees_in_part(space):
+    """The (r+1)-th eigenvector e (value 1.02 or 1.05 times the tolerance: not a member) at an angle to the
+    sketch's range: span(X) is the sketch matrix's span plus one hidden direction b, and e, f rotate a direction
+    of that span towards b by α (f with a value μ below the tolerance). The sketch's compression sees e's value
+    only in part, the rest is in the residual, which moves an eigenvalue by up to (2 + d)·‖R‖_F: a bound that
+    adds only ‖R‖_F, or takes the larger of the compressed value and the residual term instead of their sum,
+    accepts some of these. Where the sketch decides, it decides as the dense measures."""
+    r, q = space.rank, space.rank + fz._SKETCH_OVERSAMPLE
+    tau = default_atol(F64, 96) * 1.5  # the tolerance times ‖X‖₂
+    g = _gen(12)
+    visible, hidden = _sketch_blind(96, q, g)
+    visible = visible @ torch.linalg.qr(torch.randn(q, q, dtype=F64, generator=g)).Q
+    s, b = visible[:, r], hidden[:, 0]
+    for lam, mu, alpha in [(1.02, 0.05, 1.4), (1.02, 0.3, 0.8), (1.02, -0.3, 0.5), (1.02, -0.3, 1.4),
+                           (1.05, 0.05, 1.4), (1.05, -0.3, 1.4), (1.05, 0.3, 0.8)]:
+        e = math.cos(alpha) * s + math.sin(alpha) * b
+        f = -math.sin(alpha) * s + math.cos(alpha) * b
+        E = torch.cat([visible[:, :r], e[:, None], f[:, None], visible[:, r + 1:]], 1)
+        vals = torch.tensor([1.5, 1.2, 0.9, 0.6, lam * tau, mu * tau] + [1e-3 * tau] * (q - r - 1), dtype=F64)
+        X = (E * vals) @ E.mT
+        X = 0.5 * (X + X.mT)
+        assert not bool(_dense(lambda: space.contains(X)))
+        assert not bool(space.contains(X)), (lam, mu, alpha)
