@@ -377,6 +377,8 @@ def _add_product(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float) -> 
             return torch.addmm(C, A, B, beta=beta, alpha=alpha)
         if C.ndim == 3:
             return torch.baddbmm(C, A, B, beta=beta, alpha=alpha)
+    if beta == 1.0 and alpha == -1.0:  # (the same values as below, the scalings by ±1 being exact: two ops fewer)
+        return C - A @ B
     return beta * C + alpha * (A @ B)
 
 

@@ -391,3 +391,33 @@ def test_symmetric_parts_are_bit_for_bit_the_strided_ones(shape, dtype):
         assert torch.equal(fz._sym_detached(B), 0.5 * (B + B.mT))
         assert torch.equal(fz._plus_transposed(B), B + B.mT)
         assert torch.equal(B, keep)
+
+
+@pytest.mark.parametrize("shape, wide", [((64, 64), False), ((64, 160), True), ((3, 64, 64), False),
+                                         ((2, 2, 64, 64), False), ((2, 2, 64, 160), True)], ids=str)
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_the_sketch_s_certificate_is_the_plain_residual_to_rounding(shape, wide, dtype, monkeypatch):
+    """The certificate's residual ‖Y − Q B‖_F/σ₁ is one fused product written over its own temporary
+    (Note [Sketched frames of low-rank points]): within rounding of the plain ``(Y − Q@B)/σ₁``, far below
+    the rank tolerance, for 2-D, transposed (wide), 3-D and 4-D batches; the caller's point is unchanged,
+    and the maps take the sketch there (the batches of more than one dimension included)."""
+    space = gf.LowRank(rank=4)
+    g = _gen(24)
+    X = space.sample(shape, dtype=dtype, generator=g)
+    Yt = X.mT if wide else X
+    n, k = Yt.shape[-2:]
+    keep = Yt.clone()
+    Q = torch.linalg.qr(Yt @ fz._sketch_matrix(k, 12, dtype, Yt.device)).Q
+    B = Q.mT @ Yt
+    s1 = torch.linalg.svdvals(B)[..., 0]
+    res = fz._member_residual(Yt, Q, B, s1)
+    ref = torch.linalg.matrix_norm((Yt - Q @ B) / s1[..., None, None])
+    tol = fz.rank_tol(torch.ones_like(res), n, k)
+    assert bool((res <= 0.5 * tol).all()) and bool(((res - ref).abs() <= 0.05 * tol).all())
+    assert torch.equal(Yt, keep)
+    if Yt.ndim > 3:  # (the fallback past three dimensions: the values of beta·C + alpha·(A B), bit for bit)
+        assert torch.equal(fz._add_product(Yt, Q, B, 1.0, -1.0), 1.0 * Yt + -1.0 * (Q @ B))
+    counted = _Counted(monkeypatch)
+    G = torch.randn(shape, dtype=dtype, generator=g)
+    space.tangent(X, G)
+    assert counted.taken == 1

@@ -258,7 +258,13 @@ def flip_last_column(V: Tensor, d: Tensor) -> Tensor:
 # det-fixed space (GLp) or a value map other than Identity, Positive and Abs (only those zero the
 # values past r). The gain, one thread, float32, a radam step (three such maps): LowRank(16)
 # 1024×1024 0.91 s → 28 ms, 2048×2048 12.8 s → 0.22 s (README, Known limitations;
-# benchmarks/REFACTOR-session-2026-12-06g.md).
+# benchmarks/REFACTOR-session-2026-12-06g.md). The certificate's residual Y − Q B is one fused product
+# (addmm/baddbmm) into its own n×k temporary, divided by σ₁ in place (_member_residual, the check's;
+# _sketch_eigh's: S − Q C over S): not a product, a difference and a quotient, two n×k temporaries and
+# two passes more (one thread, 1024²–2048²: LowRank's maps 0.86–0.97× the time, a radam step 0.90–0.95×,
+# side by side; 256² unchanged). The frames are the same bit for bit, the residual the same to
+# rounding (≤ 4e-3 of the rank tolerance in float64, 2e-6 in float32, for tails of 0.05–2× the
+# tolerance; no gate moved): only whether the sketch is taken can read it.
 #
 # Note [Symmetric parts without strided elementwise ops]
 # The eigen family's sketched maps (Note [Sketched frames of low-rank points]) are products with thin
@@ -397,8 +403,8 @@ def _sketch_svd(Yt: Tensor, r: int, q: int) -> Optional[tuple[Tensor, Tensor, Te
     Q = torch.linalg.qr(Yt @ _sketch_matrix(k, q, Yt.dtype, Yt.device)).Q
     B = Q.mT @ Yt
     Ub, s, Vh = torch.linalg.svd(sanitize(B), full_matrices=False)  # (NaN/inf in Yt: a NaN residual, the dense path)
-    res, tie = _sketch_residual(Yt - Q @ B, s[..., 0])
-    ok = (res <= rank_tol(torch.ones_like(res), n, k)) & (s[..., r - 1] - s[..., r] > tie)
+    res = _member_residual(Yt, Q, B, s[..., 0])  # (one fused product over a fresh temporary, divided in place)
+    ok = (res <= rank_tol(torch.ones_like(res), n, k)) & (s[..., r - 1] - s[..., r] > _sketch_tie(s[..., 0]))
     if not bool(ok.all()):
         return None
     return Q @ Ub, s, Vh
@@ -571,9 +577,10 @@ def _sketch_member_eigh(X: Tensor, r: int, q: int, vm: ValueMap, tol: float
 # or QᵀSQ (the same ops on the same detached point), so the same SVD (eigh), frames and values bit for bit,
 # and the same certificate (the residual within the rank tolerance, a gap at the r-th value). Only the
 # certificate's residual differs, by rounding: the check's is one addmm (baddbmm) over σ₁ of svdvals
-# (eigvalsh), _sketch_svd's a product and a difference over σ₁ of svd (eigh), both ε‖Y‖-accurate against
-# a tolerance of 4ε√max(n, k)·σ₁: they disagree only for a point within that rounding of the rank
-# tolerance, whose dense frames equal the sketched ones to rounding. A sketch that does not certify takes
+# (eigvalsh), _sketch_svd's the same addmm over σ₁ of svd (_sketch_eigh's one written over its S, over
+# the largest |λ| of eigh), both ε‖Y‖-accurate against a tolerance of 4ε√max(n, k)·σ₁: they disagree
+# only for a point within that rounding of the rank tolerance, whose dense frames equal the sketched
+# ones to rounding. A sketch that does not certify takes
 # the dense SVD (eigh) at once (_sketch_svd would repeat the refusal). Nothing is kept between calls:
 # where no check runs (vmap, grad, compile, make_fx, meta and FakeTensor points, a subclass's own check)
 # or no sketch was taken (a point that requires grad is checked by the sketch but its frames are the dense
