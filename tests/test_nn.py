@@ -862,6 +862,32 @@ def test_cached_values_follow_new_raw_tensors():
             torch.testing.assert_close(m.weight, w, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+    lambda p: torch.optim.AdamW(p, lr=0.1, fused=True),
+    lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, fused=True),
+    lambda p: torch.optim.Adam(p, lr=0.1, foreach=False),
+], ids=["Adam-fused", "AdamW-fused", "SGD-fused", "Adam-loop"])
+def test_cached_values_follow_a_fused_optimizer_step(make):
+    """torch's fused steps do not bump the parameters' version counters: a value cached under no_grad
+    (an evaluation) before a fused step inside ``cached()`` was served after it, the old weight
+    (Note [Fused optimizer steps in a cached block])."""
+    torch.manual_seed(0)
+    layer = gnn.orthogonal(nn.Linear(4, 4), "weight")
+    opt = make(layer.parameters())
+    x = torch.randn(8, 4)
+    with gnn.cached():
+        with torch.no_grad():
+            before = layer.weight.clone()
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            read = layer.weight
+            want = layer.parametrizations.weight()
+        assert not torch.allclose(want, before, atol=1e-3)  # the step moved the weight
+        torch.testing.assert_close(read, want, atol=0, rtol=0)
+
+
 def test_cached_under_vmap_and_grad_of_functional_call():
     """Stacked snapshots under ``vmap`` and ``torch.func.grad`` through ``functional_call`` inside
     ``cached()`` equal the uncached results (the transforms' wrapped tensors are new tensors)."""

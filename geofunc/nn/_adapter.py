@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.optim import optimizer as _torch_optimizer
 from torch.utils._python_dispatch import _disable_current_modes
 
 from .._dtensor import DTensor, gathered, like
@@ -1057,6 +1058,32 @@ def _dense_gradient(module: nn.Module, value: Tensor) -> Tensor:
 # FakeTensor weight, its output and loss were FakeTensors, and backward wrote a FakeTensor into the
 # raw Parameter's .grad (loss.item() then raised DataDependentOutputException). Under a fake mode the
 # chain is evaluated at each read and the cache neither read nor written, as in compiled code.
+# Note [Fused optimizer steps in a cached block]
+# torch's fused optimizers (``Adam(fused=True)``, AdamW, SGD, Adagrad; torch 2.13) write the new
+# parameters without bumping their autograd version counter (the foreach and for-loop steps bump it),
+# and leave identity and storage as they were: every part of the stamp above still matched, so inside
+# ``cached()`` a value read under no_grad before such a step (an evaluation) was served after it, the
+# old weight, silently (0.14 off after one Adam step on a 4×4 orthogonal layer; aliasing probe). The
+# with-grad value was not affected (a backward drops it: Note [Cached values across threads]). While a
+# cache block is open, a step post-hook on every optimizer bumps the version counters of the parameters
+# that a fused group holds, as an in-place op would: the stamp then sees the step. Outside a block, and
+# for optimizers without a fused group, the hook only reads a flag.
+def _fused_step_bumps_versions(optimizer: Any, args: Any, kwargs: Any) -> None:
+    if not parametrize._cache_enabled or torch.compiler.is_compiling():
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused"):
+            params = [p for p in group["params"] if isinstance(p, torch.Tensor) and type(p) in (torch.Tensor, nn.Parameter)]
+            for p in params:
+                _increment_version(p)
+
+
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)  # (torch ≥ 2.1; fused CPU steps: 2.4)
+_register_step_hook = getattr(_torch_optimizer, "register_optimizer_step_post_hook", None)  # (torch ≥ 2.0)
+if _increment_version is not None and _register_step_hook is not None:
+    _register_step_hook(_fused_step_bumps_versions)
+
+
 def _checked_property(tensor_name: str, torch_property: property) -> property:
     fget = torch_property.fget
     fset = torch_property.fset
