@@ -1306,6 +1306,30 @@ class _TiedPair(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+@pytest.mark.parametrize("cls, size", [(gnn.Rn, (5, 4)), (gnn.SO, (4, 4)), (gnn.Sphere, (5, 4)), (gnn.Stiefel, (5, 4))],
+                         ids=["Rn", "SO", "Sphere", "Stiefel"])
+def test_plain_leaves_a_directly_registered_module_intact(cls, size):
+    """plain() of a module whose GeoTorch class was registered with torch's register_parametrization
+    removed the property from the class the copy shared with the original: the original then had no
+    weight (Note [A replica's own class])."""
+    torch.manual_seed(0)
+    layer = nn.Linear(size[1], size[0])
+    M = cls(size)
+    if cls is not gnn.Rn:
+        with torch.no_grad():
+            layer.weight.copy_(M.sample())
+    P.register_parametrization(layer, "weight", M)
+    x = torch.randn(3, size[1])
+    want = layer(x)
+    copy_ = gnn.plain(layer)
+    assert not P.is_parametrized(copy_)
+    torch.testing.assert_close(copy_(x), want, atol=0, rtol=0)
+    assert P.is_parametrized(layer, "weight")
+    torch.testing.assert_close(layer(x), want, atol=0, rtol=0)  # the original still reads its weight
+    gnn.stack([layer, layer])  # (its skeleton is plain(layer))
+    torch.testing.assert_close(layer(x), want, atol=0, rtol=0)
+
+
 def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
     """A constraint unties tied weights (docs/guide/nn.md): the constrained module reads the point, the
     other reads the raw Parameter. plain() removed the parametrization, which writes the point into that

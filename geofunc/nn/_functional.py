@@ -147,6 +147,14 @@ def _refuse_tied_raw(module: nn.Module, where: str) -> None:
             )
 
 
+# Note [A replica's own class]
+# torch's register_parametrization gives the module a class of its own, made on the fly, that holds the
+# tensors' properties; remove_parametrizations deletes a property from that class. copy.deepcopy keeps
+# the class of a module registered directly (torch's own __deepcopy__: a GeoTorch class registered with
+# register_parametrization, as GeoTorch's examples do; the one-liners' copies get fresh classes), so
+# plain() removed the property from the original's class too: the original module then had no weight
+# (AttributeError: 'ParametrizedLinear' object has no attribute 'weight'; aliasing probe). A replica
+# whose class is the original's gets a copy of it before its parametrizations are removed.
 def plain(module: nn.Module) -> nn.Module:
     """An unparametrized deep copy of ``module``: each constrained tensor becomes a plain tensor of the
     same name holding its current value. Its parameter names are the keys of :func:`functional`'s ``raw``.
@@ -158,8 +166,13 @@ def plain(module: nn.Module) -> nn.Module:
     _need_module(module, "plain")
     _refuse_tied_raw(module, "plain")
     replica = copy.deepcopy(module)
+    shared = {id(type(m)) for m in module.modules() if parametrize.is_parametrized(m)}
     for sub in list(replica.modules()):
         if parametrize.is_parametrized(sub):
+            cls = type(sub)
+            if id(cls) in shared:  # Note [A replica's own class]
+                sub.__class__ = type(cls.__name__, cls.__bases__,
+                                     {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
             for tname in list(sub.parametrizations):
                 parametrize.remove_parametrizations(sub, tname, leave_parametrized=True)
     return replica
