@@ -462,3 +462,23 @@ def test_an_eigenvector_the_sketch_sees_in_part(space):
         X = 0.5 * (X + X.mT)
         assert not bool(_dense(lambda: space.contains(X)))
         assert not bool(space.contains(X)), (lam, mu, alpha)
+
+
+@pytest.mark.parametrize("base_cls, shape", [(gf.LowRank, (96, 64)), (gf.PSSDLowRank, (96, 96))], ids=str)
+def test_from_manifold_of_a_subclass_with_its_own_inverse(base_cls, shape):
+    """A subclass that overrides _from_manifold (AbstractSpace's hook, called with X alone) keeps working:
+    from_manifold checks X and calls it as before (it raised TypeError: unexpected keyword 'sketch')."""
+    calls = []
+
+    class Own(base_cls):
+        def _from_manifold(self, X):
+            calls.append(X.shape)
+            return super()._from_manifold(X)
+
+    space = Own(rank=3)
+    X = space.sample(shape, dtype=F64, generator=_gen(80))
+    Z, base = space.from_manifold(X)
+    assert calls == [X.shape]
+    torch.testing.assert_close(space.to_manifold(Z, base), X, atol=1e-9, rtol=0)
+    with pytest.raises(gf.ManifoldError):
+        space.from_manifold(X + 0.1)

@@ -762,8 +762,8 @@ class _Factorized(AbstractSpace):
         read from the sketch the check measured ``X`` by, where it took one (Note [One sketch for
         from_manifold]).
         """
-        if type(self).check is not _Factorized.check:  # a subclass's own check: checked as it says
-            return super().from_manifold(X)
+        if type(self).check is not _Factorized.check or type(self)._from_manifold not in _SKETCH_READERS:
+            return super().from_manifold(X)  # a subclass's own check, or its own _from_manifold (no `sketch`)
         self._check_shape(X, "X")
         if not can_check(X):
             return self._from_manifold(X)
@@ -1414,3 +1414,8 @@ class EigSpace(_Factorized):
             out["max|λ_(n−rank)|/max(1, ‖X‖₂)"] = lam[..., : n - r].abs().amax(-1) / scale
         out.update(self._value_map.violations(lam[..., n - r :], lam.abs().amax(-1), n, n))
         return {name: v + nan for name, v in out.items()}
+
+
+# The _from_manifold that take the check's sketch (Note [One sketch for from_manifold]): a subclass that
+# overrides _from_manifold (the documented hook, called with X alone) gets the base from_manifold.
+_SKETCH_READERS = (SVDSpace._from_manifold, EigSpace._from_manifold)
