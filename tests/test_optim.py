@@ -135,6 +135,20 @@ def test_radam_first_moment_is_torch_adams_bit_for_bit(dtype, generator):
     assert any(t.shape == exp_avg.shape and torch.equal(t, exp_avg) for t in mu if isinstance(t, torch.Tensor))
 
 
+def test_radam_steps_an_unconstrained_entry_with_a_sparse_gradient():
+    """A sparse gradient of an unconstrained entry (nn.Embedding(sparse=True)) steps as its dense form: the first
+    moment's lerp has no sparse kernel (radam raised NotImplementedError 'aten::lerp.Scalar ... SparseCPU')."""
+    w = torch.randn(10, 4, dtype=torch.float64)
+    idx = torch.tensor([[1, 2, 2]])
+    g = torch.sparse_coo_tensor(idx, torch.randn(3, 4, dtype=torch.float64), (10, 4), check_invariants=True)
+    for opt in (gf.optim.radam({}, lr=0.1), gf.optim.radam({"u": gf.Sphere()}, lr=0.1)):
+        p = {"w": w, "u": gf.Sphere().sample((3,), dtype=torch.float64)}
+        gu = torch.randn(3, dtype=torch.float64)
+        out, _ = opt.update({"w": g, "u": gu}, opt.init(p), p)
+        ref, _ = opt.update({"w": g.to_dense(), "u": gu}, opt.init(p), p)
+        torch.testing.assert_close(out["w"].to_dense(), ref["w"], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(
     "name, torch_cls, args",
     [("rsgd", torch.optim.SGD, (0.1, 0.9, 0.0, 1e-4, True)),  # SGD(params, lr, momentum, dampening, weight_decay, nesterov)

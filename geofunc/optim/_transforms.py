@@ -430,8 +430,10 @@ def scale_by_adam(
     def first_moment(g: Tensor, m: Tensor) -> Tensor:
         # torch.optim.Adam's own op (exp_avg.lerp_(grad, 1 − β₁)), one kernel, not three: its values bit for
         # bit on an unconstrained entry, and ~10% off a step of many small parameters. A tensor β₁ (a
-        # meta-learned one), mixed dtypes or a complex entry keep the formula.
-        if lerp_b1 and isinstance(g, Tensor) and isinstance(m, Tensor) and g.dtype == m.dtype and g.is_floating_point():
+        # meta-learned one), mixed dtypes, a complex entry or a sparse gradient (an unconstrained
+        # nn.Embedding(sparse=True) weight: lerp has no sparse kernel) keep the formula.
+        if (lerp_b1 and isinstance(g, Tensor) and isinstance(m, Tensor) and g.dtype == m.dtype and g.is_floating_point()
+                and g.layout is torch.strided and m.layout is torch.strided):  # (lerp has no sparse kernel)
             return torch.lerp(m, g, 1.0 - b1)
         return _keep(g, b1 * m + (1.0 - b1) * g)
 
