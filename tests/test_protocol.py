@@ -695,6 +695,22 @@ def test_real_points_under_fake_tensor_mode_read_no_fake_value(space, shape) -> 
         assert out.shape == (X.shape[:-2] if name == "contains" else X.shape), name
 
 
+@pytest.mark.parametrize("space, shape", _FAKE_CASES, ids=[f"{type(m).__name__}{s}" for m, s in _FAKE_CASES])
+def test_check_and_from_manifold_of_real_points_under_fake_tensor_mode(space, shape) -> None:
+    """Under FakeTensorMode(allow_non_fake_inputs=True) the check's measures of a real point are fake: from_manifold
+    skips the check (as for a FakeTensor point) and gives fake results, check raises ManifoldError naming the mode
+    (both raised torch's DataDependentOutputException: a gf.nn weight assigned inside a FLOP/memory estimate)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    X = space.sample(shape, generator=torch.Generator().manual_seed(0))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        Z, _ = space.from_manifold(X)
+        with pytest.raises(gf.ManifoldError, match="FakeTensorMode"):
+            space.check(X)
+    assert isinstance(Z, FakeTensor) and Z.shape == X.shape
+    space.check(X)  # (a real check after the mode)
+
+
 def test_a_tensor_hyperparameter_is_described_not_dumped():
     """Errors name shapes, never tensor dumps: ``AlmostOrthogonal(lam=torch.tensor(0.2))`` printed
     ``tensor(0.2000)`` twice (in the space's name and as what it got)."""

@@ -42,6 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from .._dtensor import DTensor, distributed, route
 from .._errors import ManifoldError, describe, error, first_index, real_value
 from .._fastpath import _any_autocast, autocast_off, make_fx_tracing  # (the first two also for hyperbolic, nn, contrib)
+from .._fastpath import fake_mode_active
 from .._fastpath import _transforms
 from .._fastpath import autocast_on as _autocast_on
 from .._fused import one_node
@@ -95,6 +96,8 @@ def can_check(tree: Any) -> bool:
     off-space point returned a raw tensor for another point without an error).
     """
     if torch.compiler.is_compiling() or make_fx_tracing():
+        return False
+    if fake_mode_active():  # real tensors under FakeTensorMode(allow_non_fake_inputs): the measures are fake
         return False
     for leaf in optree.tree_leaves(tree, none_is_leaf=False):
         if isinstance(leaf, torch.Tensor):
@@ -1011,8 +1014,10 @@ class AbstractSpace(_Space, abc.ABC):
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
         self._check_readable(X)
-        if shapes_only(X):  # (torch's "item() on meta tensors" otherwise; from_manifold skips the check there)
-            where = "on the meta device" if X.is_meta else "that is a FakeTensor"
+        if shapes_only(X) or fake_mode_active():  # (torch's "item() on meta tensors" or DataDependentOutputException
+            # otherwise; from_manifold skips the check there)
+            where = ("on the meta device" if X.is_meta else "that is a FakeTensor" if shapes_only(X)
+                     else "under a FakeTensorMode (its measures are fake)")
             raise error(self, "a point with values to measure", f"{describe(X)} {where} (shapes only)")
         tol = self._atol(X, atol)
         for name, v in self._measure(X).items():
