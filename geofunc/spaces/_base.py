@@ -161,7 +161,8 @@ _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64
 # was an accident of which torch ops have sparse kernels, different per layout and per method. So the
 # shape check every tensor of a method goes through (``_require_float``), the pair check's shortcut and
 # the checks of the frames of a base refuse any layout but torch.strided, and nested tensors, naming the
-# layout. A layout and a flag read (~0.1 µs) before any value is read: traceable (Dynamo specializes
+# layout. A layout and a flag read before any value is read (~0.16 µs a tensor from Python: ~0.3 µs of
+# Sphere.tangent's ~8 µs, within the noise of old and new side by side): traceable (Dynamo specializes
 # both), and the same under vmap, grad, FakeTensor and meta (all strided). Quantized tensors are strided:
 # their dtype (qint8, ...) is refused as any non-floating dtype is. A user with a sparse weight densifies
 # it first (``X.to_dense()``); a sparse gradient of a gf.nn weight is densified by gf.nn itself (Note
