@@ -211,3 +211,37 @@ def test_a_first_chart_inside_selective_checkpointing(layout, monkeypatch):
     (ref,) = torch.autograd.grad(loss(Z), Z)
     err = float((got - ref).abs().max()) / max(1.0, float(ref.abs().max()))
     assert err <= TOL, f"gradient {err:.2e} off"
+
+
+
+@pytest.mark.parametrize("saved", ["everything", "non-pointwise"])
+def test_a_first_sketch_inside_selective_checkpointing(saved, monkeypatch):
+    """The rank family's sketch is drawn on the first call of its shape and dtype (randn with a generator, then
+    _to_copy: Note [The sketch under a dispatch mode]) and read from its cache after. Drawn first inside the
+    checkpointed region (the recomputation then hits), the region's own later draw with a generator was handed
+    the sketch back (a policy saving the non-pointwise ops: the gradient 73% off, silently), and with a policy
+    saving every op its ``.to(float32)`` too ("Recomputed values ... have different metadata"). The gradient
+    is the plain one."""
+    import geofunc.spaces._factorized as fz
+
+    monkeypatch.setattr(fz, "_SKETCHES", {})  # (no sketch of this shape yet in this process)
+    M = gf.LowRank(rank=2)
+    g = torch.Generator().manual_seed(2)
+    Y = torch.randn(96, 96, generator=g)  # a buffer: the sketched project (float32, no derivatives; q = 12)
+    W0 = torch.randn(96, 12, generator=g, dtype=F64)
+
+    def loss(W):
+        P = M.project(Y)
+        noise = torch.randn(96, 12, generator=torch.Generator().manual_seed(7), dtype=F64)
+        return ((W * noise).to(torch.float32).sin() * (P[:, :12] + 1)).sum()
+
+    def everything(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE
+
+    context_fn = functools.partial(create_selective_checkpoint_contexts, everything if saved == "everything" else _policy(None))
+    W = W0.clone().requires_grad_()
+    (got,) = torch.autograd.grad(checkpoint(loss, W, use_reentrant=False, context_fn=context_fn), W)
+    assert len(fz._SKETCHES) == 1  # (the sketched path ran)
+    W = W0.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(W), W)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same float32 ops, recomputed or saved

@@ -336,14 +336,33 @@ def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> 
     key = (k, q, dtype, device)
     Om = _SKETCHES.get(key)
     if Om is None:
-        gen = torch.Generator(device="cpu").manual_seed(0x5EED)
-        # (on the CPU, as its generator: the default device (set_default_device("cuda"), "meta") would
-        # refuse the CPU generator or leave no values to copy)
-        Om = torch.randn(k, q, generator=gen, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
-        with _SKETCH_LOCK:
-            while len(_SKETCHES) >= 16:
-                _SKETCHES.pop(next(iter(_SKETCHES)), None)
-            _SKETCHES[key] = Om
+        if dispatch_mode_active() and not make_fx_tracing():  # Note [The sketch under a dispatch mode]
+            with _disable_current_modes():
+                return _new_sketch(key)
+        return _new_sketch(key)
+    return Om
+
+
+# Note [The sketch under a dispatch mode]
+# The sketch is drawn on the first call of its key (randn, then _to_copy to the point's dtype) and read
+# from _SKETCHES after: a map's ops depend on whether an earlier call saw the key. Selective activation
+# checkpointing hands each saved op output back in the recomputation by (op, call index): a first sketch
+# inside a checkpointed region (LowRank.project of a buffer), recomputed as a hit, handed the sketch's
+# saved draw to the region's next randn with a generator (a policy saving the non-pointwise ops: a
+# gradient 73% off, silently, where the shapes agree; a size mismatch where not) and, float32, its
+# conversion to the region's next _to_copy (a policy saving every op: "Recomputed values ... have
+# different metadata"). The sketch is a function of the key alone, so it is drawn with the modes
+# switched off (as the layouts: Note [Layouts under a dispatch mode]).
+def _new_sketch(key: tuple) -> Tensor:
+    k, q, dtype, device = key
+    gen = torch.Generator(device="cpu").manual_seed(0x5EED)
+    # (on the CPU, as its generator: the default device (set_default_device("cuda"), "meta") would
+    # refuse the CPU generator or leave no values to copy)
+    Om = torch.randn(k, q, generator=gen, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
+    with _SKETCH_LOCK:
+        while len(_SKETCHES) >= 16:
+            _SKETCHES.pop(next(iter(_SKETCHES)), None)
+        _SKETCHES[key] = Om
     return Om
 
 
