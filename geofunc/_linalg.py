@@ -647,6 +647,12 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
 # bases (allow_non_fake_inputs=True) the comparison raised DataDependentOutputException. The cache is
 # a function of the bases' values alone, so it runs with the modes switched off; while make_fx traces
 # (the bases may be the trace's inputs) it is not used.
+# Note [The base factor cache under inference mode]
+# An entry made under torch.inference_mode() (an evaluation pass before training, at the bases training
+# then reads) held inference tensors, and the charts after it read them: a differentiated one saves the
+# stacked base and its factors for backward, and a double backward (create_graph=True: a gradient
+# penalty, a Hessian-vector product) raised "Inference tensors cannot be saved for backward". An entry
+# is made with inference mode off (a normal tensor reads as well under inference mode).
 def _cached_basis_values(bases: list[Tensor], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     key = (n,) + tuple(id(B) for B in bases)
     entry = _BASIS_ENTRIES.get(key)
@@ -656,7 +662,7 @@ def _cached_basis_values(bases: list[Tensor], n: int) -> tuple[Tensor, tuple[Ten
                 C.shape == B.shape and C.dtype == B.dtype and torch.equal(C, B) for C, B in zip(copies, bases)):
             return Y, basis
         _BASIS_ENTRIES.pop(key, None)
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # Note [The base factor cache under inference mode]
         copies = [B.detach().clone() for B in bases]
         Y = stack_matrices([C if C.shape[-2] == n else torch.nn.functional.pad(C, (0, 0, 0, n - C.shape[-2]))
                             for C in copies])

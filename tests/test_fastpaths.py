@@ -777,3 +777,28 @@ def test_node_state_goes_through_saved_tensor_hooks(name, generator):
     for a, b in zip(g2, g2_ref):
         _close(a, b, F64, "double backward")
     assert a.requires_grad
+
+
+def test_base_factor_cache_filled_under_inference_mode(generator, monkeypatch):
+    """An entry first made under torch.inference_mode() (an evaluation pass at the bases training then reads)
+    held inference tensors: a later double backward at those bases raised "Inference tensors cannot be saved
+    for backward" (Note [The base factor cache under inference mode]). Its values are the uncached ones."""
+    S, Z, base = _lowrank_case(generator)
+    W = torch.randn(Z.shape, generator=generator, dtype=F64)
+
+    def second_order():
+        z = Z.clone().requires_grad_()
+        (g,) = torch.autograd.grad((S.to_manifold(z, base) * W).sum(), z, create_graph=True)
+        return torch.autograd.grad((g * W).sum(), z)[0]
+
+    monkeypatch.setattr(_linalg, "_BASIS_ENTRIES", {})
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", False)
+    ref = second_order()
+    monkeypatch.setattr(_linalg, "_BASIS_CACHE", True)
+    with torch.inference_mode():
+        X = S.to_manifold(Z, base)  # a miss: the entry is made here
+    assert len(_linalg._BASIS_ENTRIES) == 1
+    assert torch.equal(X, S.to_manifold(Z, base))  # (a hit outside, the same values)
+    torch.testing.assert_close(second_order(), ref, rtol=0, atol=0)
+    with torch.inference_mode():  # and a hit under inference mode
+        assert torch.equal(S.to_manifold(Z, base), X)
