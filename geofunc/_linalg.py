@@ -276,6 +276,8 @@ def sanitize(Y: Tensor) -> Tensor:
     of a rank chart's r×r blocks); complex ones zero the whole entry."""
     if not Y.is_complex():
         return torch.nan_to_num(Y, nan=0.0, posinf=0.0, neginf=0.0)
+    if dispatch_mode_active():  # torch's complex isfinite ands its parts in place (Note [In place under a dispatch mode])
+        return torch.where(torch.isfinite(Y.real) & torch.isfinite(Y.imag), Y, torch.zeros_like(Y))
     return torch.where(torch.isfinite(Y), Y, torch.zeros_like(Y))
 
 

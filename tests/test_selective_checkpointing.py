@@ -245,3 +245,26 @@ def test_a_first_sketch_inside_selective_checkpointing(saved, monkeypatch):
     W = W0.clone().requires_grad_()
     (ref,) = torch.autograd.grad(loss(W), W)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)  # the same float32 ops, recomputed or saved
+
+
+@pytest.mark.parametrize("map_", ["project", "contains", "from_manifold"])
+def test_complex_maps_without_grad_inside_a_region_saving_every_op(map_):
+    """Unitary's maps on a point nothing differentiates, inside a checkpointed region whose policy saves
+    every op: torch's isfinite of a complex tensor (sanitize) ands the parts' results in place, and the
+    recomputation raised "Tensor cached during selective activation checkpoint has been mutated"."""
+    M = gf.Unitary()
+    g = torch.Generator().manual_seed(0)
+    X = M.sample((12, 12), generator=g, dtype=torch.complex128)
+    G = torch.randn(12, 12, generator=g, dtype=torch.complex128)
+    call = {"project": lambda: M.project(X + G).abs().sum(), "contains": lambda: M.contains(X).double(),
+            "from_manifold": lambda: M.from_manifold(X)[0].abs().sum()}[map_]
+    context_fn = functools.partial(create_selective_checkpoint_contexts, lambda *a, **k: CheckpointPolicy.MUST_SAVE)
+
+    def f(z):
+        with torch.no_grad():
+            c = call()
+        return (z * z).sum() + c
+
+    z = torch.randn(3, dtype=F64, generator=g).requires_grad_()
+    (got,) = torch.autograd.grad(checkpoint(f, z, use_reentrant=False, context_fn=context_fn), z)
+    torch.testing.assert_close(got, 2 * z.detach(), rtol=0, atol=0)
