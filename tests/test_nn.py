@@ -2159,3 +2159,23 @@ def test_cached_values_of_a_thread_go_with_the_thread():
     finally:
         leave.set()
         h.join()
+
+
+@pytest.mark.parametrize("case", CASES + [("sln", {}, lambda: nn.Linear(4, 4), gf.SL),
+                                           ("alpha_stable", {}, lambda: nn.Linear(4, 4), gf.Hurwitz),
+                                           ("constrain", {"tensor_name": "weight", "space": gf.SO()}, lambda: nn.Linear(4, 4), gf.SO)],
+                         ids=lambda c: f"{c[0]}-{c[1]}")
+def test_assigned_under_fake_tensor_mode(case):
+    """An assignment to a constrained weight of a model built under ``FakeTensorMode`` has no values to
+    check: only its shape is (as at registration, Note [Fake parameters]); a value check read a fake
+    value (torch's DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    with FakeTensorMode():
+        m = make()
+        getattr(gnn, name)(m, **kwargs)
+        W = m.weight.detach().clone()
+        m.weight = W
+        assert isinstance(m.weight, FakeTensor) and m.weight.shape == W.shape

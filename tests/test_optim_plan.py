@@ -104,3 +104,23 @@ def test_another_tree_or_constraints_is_planned_again():
         assert "sp" not in out
         out = gf.retract({"sp": gf.Sphere()}, p, v)  # other constraints, the same tree
         assert torch.equal(out["st"], p["st"] + v["st"])  # unconstrained there
+
+
+def test_a_kept_plan_with_none_entries_and_subtrees():
+    """A kept plan is read against its tree up to the plan's leaves (None entries, a tuple under one
+    constraint entry): the step equals planning each map again, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    c = {"st": gf.Stiefel(), "prod": (gf.Sphere(), None)}
+    p = {"st": gf.Stiefel().sample((6, 2), generator=g, dtype=F64),
+         "prod": (gf.Sphere().sample((5,), generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)), "n": None}
+    grads = optree.tree_map(lambda t: torch.randn(t.shape, generator=g, dtype=t.dtype), p)
+    opt = gf.optim.radam(c, lr=0.05)
+    p1, s1 = opt.update(grads, opt.init(p), p)
+    _pytree.one_plan = contextlib.nullcontext  # each map plans again
+    try:
+        p0, s0 = opt.update(grads, opt.init(p), p)
+    finally:
+        _pytree.one_plan = _real_one_plan
+    assert p1["n"] is None
+    for x, y in zip(optree.tree_leaves((p1, s1)), optree.tree_leaves((p0, s0))):
+        assert torch.equal(x, y)

@@ -482,3 +482,22 @@ def test_from_manifold_of_a_subclass_with_its_own_inverse(base_cls, shape):
     torch.testing.assert_close(space.to_manifold(Z, base), X, atol=1e-9, rtol=0)
     with pytest.raises(gf.ManifoldError):
         space.from_manifold(X + 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("space", SPACES[:4], ids=repr)
+def test_low_precision_points_take_the_dense_path(space, dtype, monkeypatch):
+    """A float16/bfloat16 point at a sketchable size is measured by the dense path (the sketch's QR has no
+    half-precision kernel on the CPU): contains and check answer as with the sketch switched off."""
+    torch.manual_seed(0)
+    n, r = 96, 2
+    G = torch.randn(n, r, dtype=F64)
+    X = (G @ G.mT if isinstance(space, fz.EigSpace) else G @ torch.randn(r, n, dtype=F64)).to(dtype)
+    Y = (X.double() + torch.randn(n, n, dtype=F64)).to(dtype)  # full rank: off the space
+    got = [bool(space.contains(P).all()) for P in (X, Y)]
+    with monkeypatch.context() as m:
+        m.setattr(fz, "_sketch_size", lambda *a: False)
+        want = [bool(space.contains(P).all()) for P in (X, Y)]
+    assert got == want
+    with pytest.raises(gf.ManifoldError):
+        space.check(Y)
