@@ -58,8 +58,9 @@ def make_fx_tracing() -> bool:
 # mode, FakeTensorMode, a user's) the maps compute out of place, as inside torch.compile.
 def dispatch_mode_active() -> bool:
     """Whether a TorchDispatchMode is on the stack (Note [In place under a dispatch mode]); make_fx's
-    proxy mode is one, so this is also true while make_fx traces."""
-    return _DISPATCH_STACK_LEN() > 0
+    proxy mode is one, so this is also true while make_fx traces. False while Dynamo traces (the stack's
+    length is no tensor op it can trace: "torch.* op returned non-Tensor"; the graph is functionalized)."""
+    return not torch.compiler.is_compiling() and _DISPATCH_STACK_LEN() > 0
 
 
 def fake_mode_active() -> bool:
