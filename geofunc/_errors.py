@@ -32,11 +32,17 @@ def real_value(x: Any) -> float:
     return math.nan
 
 
+def not_dense(x: torch.Tensor) -> bool:
+    """Whether ``x`` is sparse (any layout but torch.strided) or nested (Note [Dense tensors only] in
+    ``geofunc/spaces/_base.py``)."""
+    return x.layout is not torch.strided or x.is_nested
+
+
 def describe(x: Any) -> str:
     """A short description of ``x`` for an error message (shape, not values); a tensor of another layout
     than dense (sparse, nested) says which (Note [Dense tensors only] in ``geofunc/spaces/_base.py``)."""
     if isinstance(x, torch.Tensor):
-        if x.layout is not torch.strided or x.is_nested:
+        if not_dense(x):
             return describe_layout(x)
         return f"a tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
     if isinstance(x, (tuple, list, dict)):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.autograd.forward_ad as _fw_ad
+from torch.utils._python_dispatch import _disable_current_modes
 
 Tensor = torch.Tensor
 
@@ -61,6 +62,16 @@ def dispatch_mode_active() -> bool:
     proxy mode is one, so this is also true while make_fx traces. False while Dynamo traces (the stack's
     length is no tensor op it can trace: "torch.* op returned non-Tensor"; the graph is functionalized)."""
     return not torch.compiler.is_compiling() and _DISPATCH_STACK_LEN() > 0
+
+
+def outside_modes(build: Callable[..., Any], *args: Any) -> Any:
+    """``build(*args)`` with the dispatch modes switched off where any is active, except while make_fx
+    traces: a cache's miss (a function of its key alone) adds no ops to a selectively checkpointed
+    region's count, nor fake values to the cache (Note [Layouts under a dispatch mode])."""
+    if dispatch_mode_active() and not make_fx_tracing():
+        with _disable_current_modes():
+            return build(*args)
+    return build(*args)
 
 
 def fake_mode_active() -> bool:

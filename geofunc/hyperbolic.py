@@ -73,7 +73,7 @@ from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 
-from ._errors import ManifoldError, describe, real_value
+from ._errors import ManifoldError, describe, not_dense, real_value
 from ._linalg import poison
 
 __all__ = [
@@ -212,7 +212,7 @@ def _check_c(c: Any, fn: str) -> Curvature:
 
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
-    if isinstance(x, torch.Tensor) and (x.layout is not torch.strided or x.is_nested):  # Note [Dense tensors only]
+    if isinstance(x, torch.Tensor) and not_dense(x):  # Note [Dense tensors only]
         raise ManifoldError(  # (in geofunc/spaces/_base.py)
             f"geofunc.hyperbolic.{fn}: expected `{what}` to be a dense (strided) tensor, got {describe(x)}."
         )

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from .._dtensor import DTensor, gathered, like
 from .._fastpath import dispatch_mode_active, fake_mode_active
-from .._errors import ManifoldError, describe
+from .._errors import ManifoldError, describe, not_dense
 from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable, shapes_only
 from ..spaces._product import Product
 from ..spaces._values import floor_eps, softplus_inverse
@@ -472,7 +472,7 @@ class Parametrization(nn.Module):
         space = self.space
         if not isinstance(X, torch.Tensor):
             raise ManifoldError(f"{self.where} constrained to {space!r}: expected a tensor, got {describe(X)}.")
-        if X.layout is not torch.strided or X.is_nested:  # Note [Dense tensors only] in geofunc/spaces/_base.py
+        if not_dense(X):  # Note [Dense tensors only] in geofunc/spaces/_base.py
             raise ManifoldError(f"{self.where} constrained to {space!r}: expected a dense (strided) tensor, got {describe(X)}.")
         if self.shape is not None and tuple(X.shape) != self.shape:
             raise ManifoldError(
@@ -981,7 +981,7 @@ def _check_assigned(plist: nn.Module, X: Any) -> None:
     with (Note [Assignments of another dtype])."""
     if not isinstance(X, torch.Tensor) or not getattr(plist, "is_tensor", False) or len(plist) != 1:
         return
-    if X.layout is not torch.strided or X.is_nested:  # (no shape to compare: the adapter's right_inverse refuses
+    if not_dense(X):  # (no shape to compare: the adapter's right_inverse refuses
         return  # it by name, Note [Dense tensors only] in geofunc/spaces/_base.py)
     M, Z = plist[0], plist.original
     if not isinstance(M, Parametrization) or M._base_buffers() or not isinstance(Z, torch.Tensor):
@@ -1319,7 +1319,7 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
             f"uninitialized parameter of a lazy module (its shape is set by the first forward): run one forward "
             f"pass first, then constrain it."
         )
-    if T.layout is not torch.strided or T.is_nested:  # Note [Dense tensors only] in geofunc/spaces/_base.py
+    if not_dense(T):  # Note [Dense tensors only] in geofunc/spaces/_base.py
         what = space if isinstance(space, str) else repr(space)  # (torch's copy_ of the initial point raised)
         raise ManifoldError(f"cannot constrain {_owner_name(module, tensor_name)} to {what}: expected a dense "
                             f"(strided) tensor, got {describe(T)}.")

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
-from .._errors import ManifoldError, describe, first_index
+from .._errors import ManifoldError, describe, first_index, not_dense
 from .._expm import _real
 from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
@@ -380,7 +380,7 @@ class _Manifold(Parametrization):
     def _require_dense_point(self, X: Tensor) -> None:
         """Raise :class:`InManifoldError` for a sparse or nested ``X`` (Note [Dense tensors only] in
         ``geofunc/spaces/_base.py``: the membership tests below raised torch's errors on them)."""
-        if X.layout is not torch.strided or X.is_nested:
+        if not_dense(X):
             raise InManifoldError(X, self, "expected a dense (strided) tensor")
 
     def _require_real_point(self, X: Tensor) -> None:

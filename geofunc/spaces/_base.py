@@ -40,7 +40,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .._dtensor import DTensor, distributed, route
-from .._errors import ManifoldError, describe, error, first_index, real_value
+from .._errors import ManifoldError, describe, error, first_index, not_dense, real_value
 from .._fastpath import _any_autocast, autocast_off, make_fx_tracing  # (the first two also for hyperbolic, nn, contrib)
 from .._fastpath import fake_mode_active
 from .._fastpath import _transforms
@@ -622,7 +622,7 @@ class AbstractSpace(_Space, abc.ABC):
         ``got``: what the message says was given (default: ``X`` described; built only to raise)."""
         if not isinstance(X, torch.Tensor):
             raise error(self, f"`{what}` to be a tensor", describe(X))
-        if X.layout is not _STRIDED or X.is_nested:  # Note [Dense tensors only]
+        if X.layout is not _STRIDED or X.is_nested:  # not_dense inlined (every call): Note [Dense tensors only]
             self._require_dense(X, what)
         if X.dtype in _FLOATS:
             return
@@ -630,7 +630,7 @@ class AbstractSpace(_Space, abc.ABC):
 
     def _require_dense(self, X: Tensor, what: str) -> None:
         """``X`` must be a dense (torch.strided, not nested) tensor (Note [Dense tensors only])."""
-        if X.layout is not _STRIDED or X.is_nested:
+        if not_dense(X):
             hint = "" if X.is_nested else " (`.to_dense()` makes one of a sparse tensor)"
             raise error(self, f"`{what}` to be a dense (strided) tensor{hint}", describe(X))
 
@@ -1015,9 +1015,10 @@ class AbstractSpace(_Space, abc.ABC):
         """Eager validation: raise ``ManifoldError`` naming the measured violation, else return."""
         self._check_shape(X, "X")
         self._check_readable(X)
-        if shapes_only(X) or fake_mode_active():  # (torch's "item() on meta tensors" or DataDependentOutputException
+        only = shapes_only(X)
+        if only or fake_mode_active():  # (torch's "item() on meta tensors" or DataDependentOutputException
             # otherwise; from_manifold skips the check there)
-            where = ("on the meta device" if X.is_meta else "that is a FakeTensor" if shapes_only(X)
+            where = ("on the meta device" if X.is_meta else "that is a FakeTensor" if only
                      else "under a FakeTensorMode (its measures are fake)")
             raise error(self, "a point with values to measure", f"{describe(X)} {where} (shapes only)")
         tol = self._atol(X, atol)

@@ -36,12 +36,11 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _disable_current_modes
 
 from .._errors import describe, error
 from .. import _linalg
 from .._fastpath import (autocast_off, backward_without_autocast, closed_form_node, derivative_mode, dispatch_mode_active, eager_fast,
-                         forward_tangents, make_fx_tracing, save_state, saved_state)
+                         forward_tangents, outside_modes, save_state, saved_state)
 from .._expm import _mm, _mm_add
 from .._linalg import (_add_product, _divided, _second_core, _second_divided, _svd_second_order, frame_charts, haar_stiefel, poison, refine_drifted,
                        sanitize, stack_matrices, sym_part, transpose)
@@ -336,10 +335,7 @@ def _sketch_matrix(k: int, q: int, dtype: torch.dtype, device: torch.device) -> 
     key = (k, q, dtype, device)
     Om = _SKETCHES.get(key)
     if Om is None:
-        if dispatch_mode_active() and not make_fx_tracing():  # Note [The sketch under a dispatch mode]
-            with _disable_current_modes():
-                return _new_sketch(key)
-        return _new_sketch(key)
+        return outside_modes(_new_sketch, key)  # Note [The sketch under a dispatch mode]
     return Om
 
 
@@ -881,10 +877,7 @@ def _rank_layout(n: int, k: int, r: int, packed: bool, batch: Optional[int], tra
     out = _LAYOUTS.get(key)
     if out is not None:
         return out
-    if dispatch_mode_active() and not make_fx_tracing():  # Note [Layouts under a dispatch mode]
-        with _disable_current_modes():
-            return _new_layout(key)
-    return _new_layout(key)
+    return outside_modes(_new_layout, key)  # Note [Layouts under a dispatch mode]
 
 
 # Note [Layouts under a dispatch mode]
