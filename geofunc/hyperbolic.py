@@ -804,7 +804,12 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
             f"broadcastable with those of `x` {tuple(x.shape[:-2])}, and the dtype and device of `x` ({x.dtype}, "
             f"{x.device}), got {describe(w)}{on}."
         )
-    w = w.unsqueeze(-1)
+    # Note [weights of any scale]: the midpoint is the same for w and s·w (s > 0), but W² and the products in Q
+    # overflowed or underflowed: equal weights of 1e20 (float32; 1e160 in float64) gave the origin, of 1e-30 a
+    # point 0.62 away from the midpoint, without a word. Divided by their largest |w| (detached: the map is
+    # homogeneous of degree 0 in w, so its derivatives are unchanged); NaN or inf weights still give NaN.
+    s = w.detach().abs().amax(-1, keepdim=True)
+    w = (w / torch.where(s > 0, s, torch.ones_like(s))).unsqueeze(-1)
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     a = w / gx  # w_i λ_i / 2
     A, W = a.sum(-2), w.sum(-2)

@@ -775,6 +775,25 @@ def test_weighted_midpoint_near_the_boundary(dtype, gap, generator):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64])
+def test_weighted_midpoint_of_weights_of_any_scale(dtype, generator):
+    """The midpoint of the weights w and s·w (s > 0) is one point (Note [weights of any scale]). W² and
+    the products of Q overflowed or underflowed: weights of scale 1e20 gave the origin in float32 (1e160
+    in float64), of scale 1e-30 a point 0.62 away from the midpoint, without an error. The derivative
+    in w scales as 1/s (float64)."""
+    xs = _ball_points((4, 3), 1.0, generator, dtype=dtype)
+    w = torch.tensor([1.0, 2.0, 3.0, 0.5], dtype=dtype)
+    ref = hyp.weighted_midpoint(xs, w)
+    tol = {F32: 1e-6, F64: 1e-14}[dtype]
+    scales = {F32: (1e-40, 1e-30, 1e-20, 1e20, 1e30), F64: (1e-300, 1e-200, 1e-160, 1e160, 1e200, 1e300)}[dtype]
+    for s in scales:
+        torch.testing.assert_close(hyp.weighted_midpoint(xs, w * s), ref, atol=tol, rtol=0, msg=f"scale {s:g}")
+    if dtype == F64:
+        J = torch.func.jacrev(lambda w: hyp.weighted_midpoint(xs, w))
+        for s in (1e-200, 1e200):
+            torch.testing.assert_close(J(w * s) * s, J(w), atol=1e-12, rtol=0, msg=f"scale {s:g}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
 def test_lorentz_expmap_is_as_accurate_as_the_map_is_conditioned(dtype, generator):
     """Long steps toward the origin: cosh θ x + sinh θ v/θ cancels terms of size x₀ sinh θ, and θ
     from ⟨v, v⟩_L = ‖v̄‖² − v₀² carried a relative error ε x₀², so the sum left the geodesic (float64,
