@@ -740,11 +740,31 @@ def _transport(x: Tensor, y: Tensor, v: Tensor, c: Curvature) -> Tensor:
 def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) -> Tensor:
     r"""``x`` rescaled into the closed ball :math:`\sqrt c\|x\| \le 1 - \delta` (``δ = margin``, default :func:`ball_margin`).
 
-    The nearest point of that ball; points inside are returned unchanged.
+    The nearest point of that ball; points inside are returned unchanged. ``margin`` is a number in
+    ``[0, 1)`` or a 0-d floating tensor (NaN where it is not in ``[0, 1)``, as a tensor ``c``).
     """
     c = _check_c(c, "project")
     _check_vec(x, "project", "x")
-    return _project(x, c, margin)
+    return _project(x, c, _check_margin(margin, "project"))
+
+
+def _check_margin(margin: Any, fn: str) -> Any:
+    """``None``, a number in ``[0, 1)`` (else ManifoldError), or a real floating 0-d tensor, NaN where not in
+    ``[0, 1)`` (no data read). An unchecked margin gave points off the ball without a word: a negative one
+    points outside it (``margin=-0.5``: norm 1.5), one above 1 the boundary point opposite to ``x``, and
+    ``True`` read as 1 the origin."""
+    if margin is None:
+        return None
+    if isinstance(margin, torch.Tensor):
+        if margin.ndim != 0 or not margin.dtype.is_floating_point or not_dense(margin):
+            raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected `margin` None, a number in [0, 1) or a 0-d floating "
+                                f"tensor, got {describe(margin)}.")
+        return torch.where((margin >= 0) & (margin < 1), margin, torch.full_like(margin, math.nan))
+    value = real_value(margin)
+    if not 0.0 <= value < 1.0:
+        raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected `margin` None, a number in [0, 1) or a 0-d floating "
+                            f"tensor, got {describe(margin)}.")
+    return value
 
 
 @_in_float32

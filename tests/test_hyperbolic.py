@@ -872,6 +872,25 @@ def test_huge_finite_inputs_give_boundary_points(dtype):
     torch.testing.assert_close(X[1:].double() / torch.linalg.vector_norm(X[1:].double()), vhat, atol=1e-6, rtol=0)
 
 
+def test_project_margin_outside_its_range_is_refused():
+    """``project``'s ``margin`` δ (points at √c‖x‖ ≤ 1 − δ) was not checked: δ = −0.5 returned points of norm
+    1.5 (outside the ball), δ = 2 the boundary point opposite to ``x``, ``True`` (read as 1) the origin, NaN
+    NaN, all without an error. A number outside [0, 1) or no number is a ManifoldError naming the function;
+    a 0-d tensor (not read) gives NaN outside [0, 1), as a tensor ``c`` ≤ 0 does; valid margins still work."""
+    x = torch.tensor([[3.0, 4.0], [0.1, 0.2]], dtype=F64)
+    for bad in (-0.5, -1e-12, 1.0, 2.0, float("nan"), float("inf"), True, "0.1", torch.ones(2, dtype=F64) * 0.1,
+                torch.tensor(0, dtype=torch.int64)):
+        with pytest.raises(gf.ManifoldError, match=r"geofunc\.hyperbolic\.project: expected `margin` .*, got "):
+            hyp.project(x, margin=bad)
+    for bad in (-0.5, 1.0, 2.0):
+        assert bool(torch.isnan(hyp.project(x, margin=torch.tensor(bad, dtype=F64))[0]).all()), bad
+    for m in (0.0, 0.25, torch.tensor(0.25, dtype=F64)):
+        y = hyp.project(x, c=4.0, margin=m)
+        torch.testing.assert_close(2.0 * torch.linalg.vector_norm(y[0]), 1.0 - torch.as_tensor(m, dtype=F64),
+                                   atol=1e-15, rtol=0)
+        torch.testing.assert_close(y[1], x[1], atol=0, rtol=0)  # inside: unchanged
+
+
 def test_poincare_metric_at_non_finite_points_is_nan():
     """egrad_to_rgrad and inner read X through its gap, clamped at ε: X = [0.1, inf] gave
     3.6e-15·G, a plausible finite gradient (Note [NaN policy]). Non-finite X gives NaN; a finite X
