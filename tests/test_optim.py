@@ -235,6 +235,34 @@ def test_hyperparameters_that_are_no_number_are_refused_at_construction():
         assert member(gf.Sphere(), opt.update({"w": torch.ones(2, dtype=F64)}, opt.init(p), p)[0]["w"])
 
 
+def test_a_schedule_whose_value_is_no_real_scalar_is_refused():
+    """A schedule's value was used as it came (Note [A schedule's value is checked]): ``lr(count)`` of shape
+    (3,) multiplied every entry's step along its last dim, a rate per coordinate, without an error (the same
+    tensor given as ``lr`` is refused); a complex rate dropped its imaginary part (0.1j: no step, with only a
+    ComplexWarning); None raised "bad operand type for unary -". Each is now a ManifoldError naming the
+    optimizer; numbers, 0-dim tensors of any real dtype and NumPy scalars still work."""
+    import numpy as np
+
+    p = {"b": torch.zeros(3, dtype=F64), "W": torch.zeros(2, 3, dtype=F64)}
+    g = {"b": torch.ones(3, dtype=F64), "W": torch.ones(2, 3, dtype=F64)}
+    bad = (torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.1]), torch.tensor(0.1j), torch.tensor(True), None, "0.1",
+           [0.1], 0.1j)
+    for name in ("rsgd", "radam", "radamw"):
+        for value in bad:
+            opt = getattr(gf.optim, name)({}, lambda n, value=value: value)
+            with pytest.raises(gf.ManifoldError, match=rf"^{name}: the value of the schedule `lr\(count\)`: expected a "
+                                                       r"real number or a real 0-dim tensor, got "):
+                opt.update(g, opt.init(p), p)
+    for value in bad:
+        opt = gf.optim.retract_and_transport({}, gf.optim.scale_by_schedule(lambda n, value=value: value))
+        with pytest.raises(gf.ManifoldError, match=r"^scale_by_schedule: the value of `schedule\(count\)`: expected "):
+            opt.update(g, opt.init(p), p)
+    for value in (0.1, np.float32(0.1), np.array(0.1), torch.tensor(0.1), torch.tensor(0.1, dtype=F64), lambda n: 0.1 / (n + 1)):
+        opt = gf.optim.rsgd({}, value if callable(value) else (lambda n, value=value: value))
+        new, _ = opt.update(g, opt.init(p), p)
+        torch.testing.assert_close(new["b"], torch.full((3,), -0.1, dtype=F64), atol=1e-7, rtol=0)
+
+
 def test_an_optax_trace_call_is_refused():
     """optax's ``trace(decay, nesterov)`` ported as ``gf.optim.trace(0.9, True)`` was dampening 1 (torch's
     order, ``trace(decay, dampening, nesterov)``): the buffer took the first gradient only and then

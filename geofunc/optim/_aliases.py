@@ -95,7 +95,7 @@ def rsgd(
                             f"got momentum={momentum!r}, dampening={dampening!r}.")
     # trace(0) holds no buffer and passes the vectors unchanged (Note [Momentum that may be zero])
     opt = retract_and_transport(constraints, chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints),
-                                                   trace(momentum, dampening, nesterov), scale_by_learning_rate(lr)))
+                                                   trace(momentum, dampening, nesterov), scale_by_learning_rate(lr, "rsgd")))
 
     def update(grads: Any, state: Any, params: Any) -> Any:
         return opt.update(grads, upgrade_rsgd_state(state), params)
@@ -145,7 +145,7 @@ def radam(
     return retract_and_transport(
         constraints,
         chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps, amsgrad),
-              scale_by_learning_rate(lr)),
+              scale_by_learning_rate(lr, "radam")),
     )
 
 
@@ -182,5 +182,5 @@ def radamw(
     return retract_and_transport(
         constraints,
         chain(to_tangent(constraints), scale_by_adam(constraints, b1, b2, eps, amsgrad),
-              add_decayed_weights(weight_decay, constraints, mask), scale_by_learning_rate(lr)),
+              add_decayed_weights(weight_decay, constraints, mask), scale_by_learning_rate(lr, "radamw")),
     )

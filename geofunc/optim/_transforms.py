@@ -506,6 +506,26 @@ class ScaleByScheduleState(NamedTuple):
     count: Tensor
 
 
+# Note [A schedule's value is checked]
+# A number or tensor given as lr is checked at construction (check_nonnegative: 0-dim, real, no bool), but a
+# schedule's value was used as it came: a (3,) tensor multiplied every vector along its last dim (a rate per
+# coordinate, silently; a 0-dim entry then raised "expected `V` with the shape of `X` ()"), a complex one lost
+# its imaginary part with only torch's ComplexWarning (0.1j: no step at all), and None or a string raised
+# "bad operand type for unary -". The value's type, shape and dtype are checked at each update (metadata:
+# static under vmap and torch.compile); its range is not read (Note [Checking hyperparameters]).
+def _check_rate(where: str, value: Any) -> Any:
+    """``value`` if it is a real number or a real 0-dim tensor (a NumPy 0-dim real array too), else ManifoldError."""
+    if isinstance(value, Tensor):
+        ok = value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
+    elif isinstance(value, numbers.Number):
+        ok = isinstance(value, numbers.Real)
+    else:
+        ok = getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("b", "i", "u", "f")
+    if not ok:
+        raise ManifoldError(f"{where}: expected a real number or a real 0-dim tensor, got {describe(value)}.")
+    return value
+
+
 def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTransform:
     """Multiply every vector by ``schedule(count)``, ``count`` the 0-dim int64 tensor of updates
     made before this one (0 at the first update, as the ``epoch`` of ``torch.optim.lr_scheduler.LambdaLR``
@@ -526,7 +546,7 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
         del params
         if not isinstance(state, ScaleByScheduleState):
             raise _state_error("scale_by_schedule", "a ScaleByScheduleState", state)
-        step = schedule(state.count)
+        step = _check_rate("scale_by_schedule: the value of `schedule(count)`", schedule(state.count))
         return _map(lambda v: _keep(v, step * v), vectors), ScaleByScheduleState(state.count + 1)
 
     return TangentTransform(init, update, keep_state)
@@ -540,11 +560,11 @@ def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTr
 # at each update, as torch.optim reads a tensor lr (its schedulers fill_ it). The negation is now part
 # of the update: the same bits (negation is exact), the same EmptyState, and meta-gradients with
 # respect to lr go through it as before.
-def scale_by_learning_rate(lr: ScalarOrSchedule) -> TangentTransform:
+def scale_by_learning_rate(lr: ScalarOrSchedule, where: str = "scale_by_learning_rate") -> TangentTransform:
     """``scale(-lr)`` for a number or a 0-dim tensor (a tensor read at each update: Note [A tensor
     learning rate is read at each update]); ``scale_by_schedule(-lr(count))`` for a schedule."""
     if callable(lr):
-        return scale_by_schedule(lambda count: -lr(count))
+        return scale_by_schedule(lambda count: -_check_rate(f"{where}: the value of the schedule `lr(count)`", lr(count)))
     if not isinstance(lr, Tensor):
         return scale(-lr)
     check_zero_dim("scale_by_learning_rate", lr=lr)
