@@ -7,6 +7,7 @@ transforms and ``torch.compile(fullgraph=True)``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -15,6 +16,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
+
+from ._errors import ManifoldError
 
 # the matrix exponential's one home (expm re-exported: the "expm" trivialization)
 from ._expm import (_FAR, _UNIT_ROUNDOFF, _colnorm1, _frame_adjoint, _frame_forward, _frame_full, _frame_matrix, _mm, _mm_add, _one_or_nan,
@@ -185,10 +188,27 @@ _TRIVS: dict[str, Callable[[Tensor], Tensor]] = {"expm": expm, "cayley": cayley}
 
 
 def resolve_triv(triv: Triv) -> Callable[[Tensor], Tensor]:
-    """Map a ``triv`` hyperparameter (``"expm"``, ``"cayley"`` or a callable) to a function."""
+    """Map a ``triv`` hyperparameter (``"expm"``, ``"cayley"`` or a callable) to a function; a callable's
+    result is checked to be a tensor of its argument's shape and dtype (Note [A callable triv's result])."""
     if callable(triv):
-        return triv
+        return functools.partial(_checked_triv, triv)
     return _TRIVS[triv]
+
+
+# Note [A callable triv's result]
+# A user's ``triv`` (skew → orthogonal) was used as it returned: one that dropped a row and column gave
+# SO a (3, 3) point for a (4, 4) raw tensor, one that added a batch dim points of shape (2, 4, 4), one in
+# float64 float64 points from float32, all without an error (the frame spaces raised torch's "mat1 and
+# mat2 shapes cannot be multiplied" or "expected m1 and m2 to have the same dtype", a non-tensor an
+# AttributeError). The shape and dtype are metadata (static under vmap and torch.compile): checked at
+# each call, no value read.
+def _checked_triv(triv: Callable[[Tensor], Any], A: Tensor) -> Tensor:
+    Q = triv(A)
+    if not isinstance(Q, Tensor) or Q.shape != A.shape or Q.dtype != A.dtype:
+        got = f"a tensor of shape {tuple(Q.shape)} and dtype {Q.dtype}" if isinstance(Q, Tensor) else repr(Q)
+        raise ManifoldError(f"`triv` {triv!r}: expected a result of its argument's shape {tuple(A.shape)} and dtype {A.dtype} "
+                            f"(a map of skew matrices to orthogonal ones, skew-Hermitian to unitary), got {got}.")
+    return Q
 
 
 # Note [No generator=None]

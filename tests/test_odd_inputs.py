@@ -75,6 +75,51 @@ def test_float8_is_refused_by_name(name: str) -> None:
             assert type(M).__name__ in msg and "expected" in msg and "float8" in msg, (method, dtype, msg)
 
 
+def test_a_callable_triv_of_another_shape_or_dtype_is_refused() -> None:
+    """A callable ``triv``'s result was used as it came (Note [A callable triv's result]): one that dropped a
+    row and column gave SO a (3, 3) point for a (4, 4) raw tensor, one that added a batch dim (2, ...) points,
+    one in float64 float64 points from float32, without an error; the frame spaces raised torch's matmul
+    errors, a non-tensor result an AttributeError. Each is a ManifoldError naming `triv`; a valid callable
+    (and the names) still give the same points."""
+    expm = torch.linalg.matrix_exp
+    bad = {"short": lambda A: expm(A)[..., :-1, :-1], "batch": lambda A: expm(A).expand(2, *A.shape),
+           "float64": lambda A: expm(A).double(), "number": lambda A: 1.0}
+    g = torch.Generator().manual_seed(0)
+    cases = [(gf.SO, {}, (4, 4)), (gf.Stiefel, {}, (5, 3)), (gf.Grassmannian, {}, (5, 3)), (gf.LowRank, {"rank": 2}, (5, 4)),
+             (gf.GLp, {}, (4, 4)), (gf.AlmostOrthogonal, {"lam": 0.5}, (4, 4))]
+    for cls, kw, shape in cases:
+        Z = 0.3 * torch.randn(shape, generator=g)
+        for name, triv in bad.items():
+            with pytest.raises(gf.ManifoldError, match=r"`triv` .*: expected a result of its argument's shape .*, got "):
+                cls(triv=triv, **kw).to_manifold(Z)
+        torch.testing.assert_close(cls(triv=expm, **kw).to_manifold(Z), cls(**kw).to_manifold(Z), atol=1e-5, rtol=0)
+
+
+def test_a_callable_f_of_another_shape_or_dtype_is_refused() -> None:
+    """A callable value map ``f`` (and ``f_inverse``) was used as it returned (Note [A callable f's result]): an
+    extra trailing dim gave GLp a (4, 4, 4) point for a (4, 4) raw tensor and FixedRank a (2, 5, 4) one, a
+    reduction ``f(s).sum()`` made every value the same, without an error; a float64 result raised torch's
+    dtype error. Each is a ManifoldError naming `f`; an elementwise callable still gives the named map's points."""
+    sp = torch.nn.functional.softplus
+    bad = {"extra dim": lambda s: sp(s)[..., None], "sum": lambda s: sp(s).sum(-1, keepdim=True),
+           "float64": lambda s: sp(s).double(), "number": lambda s: 1.0}
+    g = torch.Generator().manual_seed(0)
+    cases = [(gf.GLp, {}, (4, 4)), (gf.PSD, {}, (4, 4)), (gf.FixedRank, {"rank": 2}, (5, 4)), (gf.SL, {}, (4, 4)),
+             (gf.PSSDFixedRank, {"rank": 2}, (4, 4)), (gf.AlmostOrthogonal, {"lam": 0.5}, (4, 4))]
+    for cls, kw, shape in cases:
+        Z = torch.randn(shape, generator=g)
+        for name, f in bad.items():
+            with pytest.raises(gf.ManifoldError, match=r"`f` .*: expected a map of each value that returns a tensor of "
+                                                       r"its argument's shape .*, got "):
+                cls(f=f, **kw).to_manifold(Z)
+        f = (torch.sin, lambda y: torch.asin(y.clamp(-1, 1))) if cls is gf.AlmostOrthogonal else (sp, lambda y: y + torch.log(-torch.expm1(-y)))
+        X = cls(f=f, **kw).to_manifold(Z)
+        assert X.shape == Z.shape and bool(cls(**kw).contains(X).all()), cls
+    M = gf.GLp(f=(torch.exp, lambda y: torch.log(y).double()))  # a bad inverse: from_manifold
+    with pytest.raises(gf.ManifoldError, match=r"`f_inverse` .*: expected a map of each value"):
+        M.from_manifold(torch.eye(3))
+
+
 def test_hurwitz_check_names_the_shape_not_an_eigenvalue() -> None:
     """The eigenvalue line of ``Hurwitz.check`` is added to a violation of the space, not to a shape error."""
     M = gf.Hurwitz()

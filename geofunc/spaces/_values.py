@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, final
 
 import torch
 import torch.nn.functional as F
 
-from .._errors import error
+from .._errors import ManifoldError, error
 from ._base import rounding_dtype
 
 Tensor = torch.Tensor
@@ -108,12 +109,29 @@ def normalize_f(space: Any, f: Any, table: dict) -> Any:
 
 
 def _resolve(f: Any, table: dict) -> tuple[Fn, Optional[Fn]]:
-    """``(f, f_inverse)`` of a normalized ``f``; ``f_inverse`` is None for a single callable."""
+    """``(f, f_inverse)`` of a normalized ``f``; ``f_inverse`` is None for a single callable. A user's
+    callables are checked to return a tensor of their argument's shape and dtype (Note [A callable f's result])."""
     if isinstance(f, str):
         return table[f]
     if callable(f):
-        return f, None
-    return f[0], f[1]
+        return functools.partial(_checked_map, "f", f), None
+    return functools.partial(_checked_map, "f", f[0]), functools.partial(_checked_map, "f_inverse", f[1])
+
+
+# Note [A callable f's result]
+# A user's value map ``f`` (applied to each raw coordinate of the singular or eigenvalues) was used as it
+# returned: one with an extra trailing dim gave GLp a (4, 4, 4) point for a (4, 4) raw tensor and FixedRank
+# (2, 5, 4) for (5, 4), a reduction (``f(s).sum()``) made every value the same, a float64 result raised torch's
+# "expected m1 and m2 to have the same dtype", a shorter one torch's size error; all but the last two without
+# an error. The result's shape and dtype are metadata (static under vmap and torch.compile): checked at each
+# call, no value read. (As for a callable triv: Note [A callable triv's result] in geofunc/_linalg.py.)
+def _checked_map(what: str, fn: Fn, t: Tensor) -> Tensor:
+    v = fn(t)
+    if not isinstance(v, torch.Tensor) or v.shape != t.shape or v.dtype != t.dtype:
+        got = f"a tensor of shape {tuple(v.shape)} and dtype {v.dtype}" if isinstance(v, torch.Tensor) else repr(v)
+        raise ManifoldError(f"`{what}` {fn!r}: expected a map of each value that returns a tensor of its argument's shape "
+                            f"{tuple(t.shape)} and dtype {t.dtype}, got {got}.")
+    return v
 
 
 # ----------------------------------------------------------------------------- violations
