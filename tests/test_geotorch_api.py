@@ -326,6 +326,25 @@ def test_square_fixed_rank_takes_both_determinant_signs():
         gnn.invertible(nn.Linear(3, 3)).weight = X
 
 
+def test_hurwitz_alpha_assigned_is_checked_as_at_construction():
+    """``M.alpha = value`` read ``float(value)``: True was taken as 1.0, the string '0.5' as 0.5, and a tensor
+    that requires grad was detached (a learnable alpha silently frozen), where the constructor and the
+    radius/lam setters refuse each. Now the same ManifoldError as ``Hurwitz(size, alpha=value)``, and the
+    space is unchanged; a number, a NumPy number and a plain 0-d tensor are still taken."""
+    import numpy as np
+
+    M = gnn.Hurwitz((3, 3), alpha=0.1)
+    for bad in (True, "0.5", torch.tensor(0.5, requires_grad=True), -0.1, float("nan")):
+        with pytest.raises(gf.ManifoldError, match=r"Hurwitz\(alpha=.*\): expected `alpha` to be a finite real number ≥ 0"):
+            gnn.Hurwitz((3, 3), alpha=bad)
+        with pytest.raises(gf.ManifoldError, match=r"Hurwitz\(alpha=.*\): expected `alpha` to be a finite real number ≥ 0"):
+            M.alpha = bad
+        assert M.space.alpha == 0.1
+    for good in (0.5, np.float32(0.5), torch.tensor(0.5)):
+        M.alpha = good
+        assert M.space.alpha == 0.5 and type(M.space.alpha) is float
+
+
 def test_hurwitz_alpha_is_assignable_and_checked():
     M = gnn.Hurwitz((4, 4), alpha=0.1)
     X = M.sample()

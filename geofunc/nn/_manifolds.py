@@ -1751,7 +1751,9 @@ class Hurwitz(_Manifold):
 
     @alpha.setter
     def alpha(self, value: Any) -> None:
-        self.space = dataclasses.replace(self.space, alpha=float(value))
+        # _number, as the constructor and the radius and lam setters: float(value) took True as 1.0, the string
+        # '0.5' as 0.5, and a tensor that requires grad detached, without an error; the space validates the rest
+        self.space = dataclasses.replace(self.space, alpha=_number(value))
 
     def right_inverse(self, A: Any, check_in_manifold: bool = True) -> Tensor:
         """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
