@@ -510,6 +510,13 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
             raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real tensor on the device "
                                 f"of `x` ({x.device}), got {describe(r)} on {r.device}.")
         r = r.to(x.dtype).unsqueeze(-1)
+    else:
+        # as a float: a Fraction (a Real, as a curvature may be) raised a TypeError in r·a, an int too large for a
+        # float an OverflowError; it is r = ±inf, whose result is the boundary point in the direction of r·x
+        try:
+            r = float(r)
+        except OverflowError:
+            r = math.inf if r > 0 else -math.inf
     x, gx = _onto(x, c)  # Note [points on or outside the boundary]
     a = _artanhc(c * _sq(x), gx)  # log_0(x) = a x, 1 ≤ a ≤ 20 (the gap is ≥ ε)
     # r ⊗ x = exp_0(r a x), r a x scaled inside exp_0 (Note [norms without overflow]; not from ‖x‖²,

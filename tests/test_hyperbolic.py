@@ -467,6 +467,21 @@ def test_distances_are_smooth_in_a_small_learnable_curvature(dtype):
     torch.testing.assert_close(hyp.dist(x, y, c=c), 2 * torch.linalg.vector_norm(y - x), atol=1e-6, rtol=1e-6)
 
 
+def test_mobius_scalar_mul_takes_every_real_number():
+    """``r`` may be any real number, as ``c`` may: a ``Fraction`` raised a TypeError from ``r·a`` and an int too
+    large for a float (``10**400``) an OverflowError from ``abs(r)·20``. A Fraction is its float; a huge int is
+    ``±inf``, whose result is the boundary point in the direction of ``r·x`` (as for every huge ``r``)."""
+    import fractions
+
+    x = torch.tensor([[0.3, 0.1], [-0.2, 0.05]], dtype=F64)
+    for c in (1.0, torch.tensor(0.5, dtype=F64)):
+        torch.testing.assert_close(hyp.mobius_scalar_mul(fractions.Fraction(1, 2), x, c=c),
+                                   hyp.mobius_scalar_mul(0.5, x, c=c), atol=0, rtol=0)
+        for big in (10**400, -(10**400)):
+            torch.testing.assert_close(hyp.mobius_scalar_mul(big, x, c=c),
+                                       hyp.mobius_scalar_mul(math.inf if big > 0 else -math.inf, x, c=c), atol=0, rtol=0)
+
+
 def test_a_tensor_curvature_not_positive_gives_nan_and_one_not_0d_is_refused():
     """A tensor ``c`` ≤ 0 gave plausible values (``dist`` 0, a finite Möbius sum) where the number ≤ 0
     is refused; now NaN (no data is read: it may be traced). A ``c`` of shape (4,) was torch's size
