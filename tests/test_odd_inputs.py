@@ -311,6 +311,19 @@ def test_check_of_a_meta_tensor_is_a_manifold_error(name: str) -> None:
     assert type(M).__name__ in str(info.value)
 
 
+def test_an_atol_too_large_for_a_float_is_infinite() -> None:
+    """``atol=10**400`` (an int too large for a float) raised ``float()``'s OverflowError from contains and
+    check; it is the tolerance inf (as ``atol=inf``), and ``-10**400`` is refused as a negative atol."""
+    M = gf.Sphere()
+    X = M.sample((3, 4), generator=torch.Generator().manual_seed(0)) * 2.0  # off the sphere
+    assert torch.equal(M.contains(X, atol=10**400), M.contains(X, atol=float("inf")))
+    assert M.check(X, atol=10**400) is None
+    assert gf.contains({"w": M}, {"w": X}, atol=10**400)["w"].all()
+    for call in (M.contains, M.check):
+        with pytest.raises(gf.ManifoldError, match=r"Sphere\(radius=1.0\): expected `atol` to be None or a number ≥ 0"):
+            call(X, atol=-(10**400))
+
+
 def test_an_atol_given_as_a_string_is_refused() -> None:
     """``atol`` is read by ``float()``, which also reads a string: contains(X, atol='1e-3') and check
     answered as for 1e-3, where every other non-number (a bool, a tensor of several values) is refused."""

@@ -995,6 +995,8 @@ class AbstractSpace(_Space, abc.ABC):
             tol = float(atol)
         except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
             tol = None
+        except OverflowError:  # an int too large for a float (10**400): inf, as atol=inf (it raised the OverflowError)
+            tol = math.inf if atol > 0 else None
         # a negative or NaN atol refuses every point; float() also read a string ('1e-3') as a number
         if tol is None or isinstance(atol, (bool, str, bytes)) or not tol >= 0.0:
             raise error(self, "`atol` to be None or a number ≥ 0", describe(atol))
