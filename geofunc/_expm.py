@@ -1169,8 +1169,10 @@ _CHAIN_N = 64
 # batch, (B, n, n) with B in front, as bmm at the outer grad level; its backward is the adjoint of
 # that evaluation (_adjoint, torch ops on the forward's intermediates, recorded at the outer level),
 # so the outer grad differentiates the same polynomial's adjoint as before: exact second derivatives.
-# The value is re-batched and wrapped back. Only grad's own backward at the top level (the one whose
-# graph nobody differentiates: _fused._final_backward) takes that adjoint; any other backward there (a
+# The value is re-batched and wrapped back. Where grad mode is off at the call, or was off where the
+# inner grad level was entered (first-order MAML: vmap(grad(...)) under no_grad), the op chain's ops
+# reach the outer level untracked; the node, which records there itself, is not taken. Only grad's
+# own backward at the top level (the one whose graph nobody differentiates: _fused._final_backward) takes that adjoint; any other backward there (a
 # user's torch.autograd.grad inside the inner function) recomputes the chain at the top level (exact
 # to every order). Inside the node the degree is chosen from the evaluation's own powers (_chain_eval:
 # the same choice, without choose_degree's three products). What it saves is ops, not arithmetic: the
@@ -1194,7 +1196,9 @@ def _below_inner_grad(A: Tensor) -> Tensor | None:
     level = top.level()
     if top.key() != F.TransformType.Grad or not F.is_functorch_wrapped_tensor(A) or F.maybe_get_level(A) != level:
         return None
-    if not A.requires_grad:
+    if not A.requires_grad or not torch.is_grad_enabled() or not F.CGradInterpreterPtr(top).prevGradMode():
+        # grad mode off here, or off where the inner grad level was entered (its ops reach the outer level
+        # untracked there): the op chain, which the outer level then does not record either
         return None
     # the frame of grad_and_value that opened this level (its backward: the final one); a vjp/jacrev level
     # (whose backward may run after the level has exited) finds none, or an outer level's: the op chain
@@ -1307,10 +1311,11 @@ class _ChainNode(getattr(torch.autograd.function, "_SingleLevelFunction", torch.
             if out.ndim == 3:  # batched: the generator's batch or the cotangent's
                 out = F._add_batch_dim(out, 0, state.level - 1)
             return None, F._wrap_for_grad(out, state.level)
+        higher = torch.is_grad_enabled()  # create_graph of the backward that runs this one (read before enable_grad)
         with torch.enable_grad():  # any other backward at the top level: the chain there, exact to every order
             A = state.A.view_as(state.A)
             X = _chain_eval(A)[0]
-            return None, torch.autograd.grad(X, A, G, create_graph=torch.is_grad_enabled())[0]
+            return None, torch.autograd.grad(X, A, G, create_graph=higher)[0]
 
 
 # Note [Plain eager calls]

@@ -129,6 +129,31 @@ def test_other_backward_at_the_inner_level_is_exact(generator):
     torch.testing.assert_close(meta(expm), meta(ref_expm), rtol=1e-9, atol=1e-9)
 
 
+def test_other_backward_without_create_graph_is_a_constant(generator):
+    """A user's torch.autograd.grad without create_graph inside the inner function gives a constant (no
+    history), as for every torch op: the node's other backward built a graph anyway (create_graph read
+    inside its own enable_grad), so the inner gradient differentiated it (the meta-gradient 1.5x its size
+    off, silently)."""
+    A = _rand((3, 5, 5), 1.0, generator)
+    W = _rand((5, 5), 1.0, generator)
+
+    def meta(f):
+        def inner(a):
+            B = a - a.mT
+            loss = (f(B) * W).sum()
+            gB = torch.autograd.grad(loss, B, retain_graph=True)[0]
+            assert not gB.requires_grad
+            return loss + (gB * B).sum()
+
+        def task(a):
+            a = a - 0.1 * grad(inner)(a)
+            return (f(a - a.mT) * W).sum()
+
+        return grad(lambda A: vmap(task)(A).sum())(A)
+
+    torch.testing.assert_close(meta(expm), meta(ref_expm), rtol=1e-10, atol=1e-10)
+
+
 def test_jacrev_level_takes_the_op_chain(generator):
     """A vjp level (jacrev) under vmap under grad is not grad's: no node there (its backward runs after
     the level has exited); the derivatives equal matrix_exp's."""
@@ -150,3 +175,50 @@ def test_jacrev_level_takes_the_op_chain(generator):
 
     torch.testing.assert_close(meta(expm), meta(ref_expm), rtol=1e-9, atol=1e-9)
     assert "_ChainNodeBackward" not in names
+
+
+def test_no_grad_inside_the_inner_function_is_a_constant(generator):
+    """An exponential computed under torch.no_grad() inside the inner function is a constant at every
+    level (the op chain records it nowhere): the meta-gradient equals matrix_exp's (the node recorded its
+    forward at the outer level anyway: 0.43 off)."""
+    A = _rand((3, 5, 5), 1.0, generator)
+    W = _rand((5, 5), 1.0, generator)
+
+    def meta(f):
+        def inner(a):
+            B = a - a.mT
+            with torch.no_grad():
+                P = f(B)
+            return ((P @ a) * W).sum() + (a**2 * P).sum()
+
+        def task(a):
+            return inner(a - 0.1 * grad(inner)(a))
+
+        return grad(lambda A: vmap(task)(A).sum())(A)
+
+    torch.testing.assert_close(meta(expm), meta(ref_expm), rtol=1e-10, atol=1e-10)
+
+
+def test_inner_grad_entered_under_no_grad_is_first_order(generator):
+    """vmap(grad(inner)) called under torch.no_grad() inside the outer function (first-order MAML): the
+    inner level's results are constants for the outer level (functorch sends that level's ops down with
+    grad mode off), so the outer gradient has no term through them (the node recorded its forward and
+    adjoint at the outer level: 1.5× the gradient's size off)."""
+    A = _rand((3, 5, 5), 1.0, generator)
+    A = A - A.mT
+    W = _rand((5, 5), 1.0, generator)
+
+    def meta(f):
+        def inner(a):
+            X = f(a)
+            return (X * W).sum(), X
+
+        def outer(A):
+            with torch.no_grad():
+                step, X = vmap(grad(inner, has_aux=True))(A)
+            return (X * A).sum() + (step * A).sum()
+
+        return grad(outer)(A)
+
+    got = meta(expm)
+    torch.testing.assert_close(got, meta(ref_expm), rtol=1e-10, atol=1e-10)
