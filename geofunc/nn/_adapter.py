@@ -1067,15 +1067,26 @@ def _dense_gradient(module: nn.Module, value: Tensor) -> Tensor:
 # with-grad value was not affected (a backward drops it: Note [Cached values across threads]). While a
 # cache block is open, a step post-hook on every optimizer bumps the version counters of the parameters
 # that a fused group holds, as an in-place op would: the stamp then sees the step. Outside a block, and
-# for optimizers without a fused group, the hook only reads a flag.
+# for optimizers without a fused group, the hook only reads a flag. A compiled step (torch.compile of
+# ``opt.step``, any backend) runs the hook inside the trace, where a version bump is no op of the graph
+# (is_compiling: nothing was bumped, the read after the step was 0.17 off, silently): the bump is left
+# to eager code there (a graph break after the step's own, only for a fused group in an open block).
 def _fused_step_bumps_versions(optimizer: Any, args: Any, kwargs: Any) -> None:
-    if not parametrize._cache_enabled or torch.compiler.is_compiling():
+    if not parametrize._cache_enabled:
         return
-    for group in optimizer.param_groups:
-        if group.get("fused"):
-            params = [p for p in group["params"] if isinstance(p, torch.Tensor) and type(p) in (torch.Tensor, nn.Parameter)]
-            for p in params:
+    groups = [group for group in optimizer.param_groups if group.get("fused")]
+    if groups:
+        _bump_versions(groups)
+
+
+def _bump_fused_versions(groups: list) -> None:
+    for group in groups:
+        for p in group["params"]:  # (a Parameter subclass too: its own counter is the one the stamp reads)
+            if isinstance(p, torch.Tensor):
                 _increment_version(p)
+
+
+_bump_versions = getattr(torch.compiler, "disable", lambda f: f)(_bump_fused_versions)  # (eager, also in a trace)
 
 
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)  # (torch ≥ 2.1; fused CPU steps: 2.4)
