@@ -802,3 +802,25 @@ def test_base_factor_cache_filled_under_inference_mode(generator, monkeypatch):
     torch.testing.assert_close(second_order(), ref, rtol=0, atol=0)
     with torch.inference_mode():  # and a hit under inference mode
         assert torch.equal(S.to_manifold(Z, base), X)
+
+
+@pytest.mark.parametrize("space, shape", [(gf.Stiefel(), (8, 3)), (gf.Grassmannian(), (8, 3)), (gf.LowRank(rank=2), (7, 5))],
+                         ids=["Stiefel", "Grassmannian", "LowRank"])
+def test_a_forward_tangent_of_the_base_only_takes_the_chain(space, shape, generator):
+    """A forward-AD tangent on the base only (the raw tensor, which requires grad, has none): the one-node
+    charts, which have no forward formula, are left to the op chain for every input that carries a tangent,
+    bases included (Note [Dual levels and recomputation]); the tangent equals central differences."""
+    X = space.sample(shape, dtype=torch.float64, generator=generator)
+    Z, base = space.from_manifold(X)
+    Z = (Z + 0.1 * torch.randn(Z.shape, dtype=torch.float64, generator=generator)).requires_grad_()
+    bases = base if isinstance(base, tuple) else (base,)
+    T = tuple(torch.randn(b.shape, dtype=torch.float64, generator=generator) for b in bases)
+    pack = (lambda bs: tuple(bs)) if isinstance(base, tuple) else (lambda bs: bs[0])
+    with fwad.dual_level():
+        got = fwad.unpack_dual(space.to_manifold(Z, pack([fwad.make_dual(b, t) for b, t in zip(bases, T)]))).tangent
+    h = 1e-6
+    with torch.no_grad():
+        fd = (space.to_manifold(Z, pack([b + h * t for b, t in zip(bases, T)]))
+              - space.to_manifold(Z, pack([b - h * t for b, t in zip(bases, T)]))) / (2 * h)
+    assert got is not None
+    torch.testing.assert_close(got.detach(), fd, rtol=1e-6, atol=1e-6)

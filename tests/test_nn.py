@@ -2232,3 +2232,54 @@ def test_assigned_under_fake_tensor_mode(case):
         W = m.weight.detach().clone()
         m.weight = W
         assert isinstance(m.weight, FakeTensor) and m.weight.shape == W.shape
+
+
+def test_cached_values_follow_a_fused_step_of_a_later_param_group():
+    """The constrained weight in the second parameter group of a fused optimizer: its cached no_grad value
+    follows the step too (Note [Fused optimizer steps in a cached block]: every fused group is bumped)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), gnn.orthogonal(nn.Linear(4, 4), "weight"))
+    opt = torch.optim.Adam([{"params": net[0].parameters()}, {"params": net[1].parameters(), "lr": 0.1}],
+                           lr=0.01, fused=True)
+    x = torch.randn(8, 4)
+    with gnn.cached():
+        with torch.no_grad():
+            before = net[1].weight.clone()
+        net(x).pow(2).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            read = net[1].weight
+            want = net[1].parametrizations.weight()
+        assert not torch.allclose(want, before, atol=1e-3)  # the step moved the weight
+        torch.testing.assert_close(read, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: torch.optim.RMSprop(p, lr=0.1),
+    lambda p: torch.optim.Rprop(p, lr=0.1),
+    lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=2),
+], ids=["RMSprop", "Rprop", "LBFGS"])
+def test_cached_values_follow_a_step_of_an_optimizer_without_a_fused_option(make):
+    """A step of an optimizer whose groups have no ``fused`` entry (RMSprop, Rprop, LBFGS, a user's
+    torch.optim.Optimizer) inside ``cached()``: the step post-hook passes it by, and the value read after
+    it is the new weight."""
+    torch.manual_seed(0)
+    layer = gnn.orthogonal(nn.Linear(4, 4), "weight")
+    opt = make(layer.parameters())
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = layer(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with gnn.cached():
+        with torch.no_grad():
+            before = layer.weight.clone()
+        opt.step(closure)
+        with torch.no_grad():
+            read = layer.weight
+            want = layer.parametrizations.weight()
+        assert not torch.allclose(want, before, atol=1e-3)
+        torch.testing.assert_close(read, want, atol=0, rtol=0)

@@ -1424,3 +1424,16 @@ def test_apply_if_finite_of_parameters_without_floating_entries_keeps_its_flag_o
         state = opt.init(params)
         _, state = opt.update(grads, state, params)
     assert all(t.device.type == "cpu" for t in optree.tree_leaves(state))
+
+
+@pytest.mark.parametrize("pdtype, gdtype", [(torch.float32, torch.float64), (torch.float64, torch.float32)], ids=str)
+def test_scale_by_adam_first_moment_of_a_gradient_of_another_dtype(pdtype, gdtype):
+    """A gradient whose dtype is not the state's (a float64 vector for a float32 parameter): the first moment
+    keeps the formula β₁ m + (1 − β₁) g (torch.lerp takes one dtype: it raised 'expected dtype ... for `end`')."""
+    t = gf.optim.scale_by_adam({}, b1=0.9)
+    p = {"w": torch.ones(3, dtype=pdtype)}
+    state = t.init(p)
+    g = {"w": torch.full((3,), 0.5, dtype=gdtype)}
+    _, state = t.update(g, state, p)
+    mu = state.mu["w"]
+    torch.testing.assert_close(mu.double(), torch.full((3,), 0.05, dtype=torch.float64), rtol=1e-6, atol=0)

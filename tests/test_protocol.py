@@ -845,3 +845,16 @@ def test_registration_inside_vmap_reads_its_unbatched_weight() -> None:
 
     W = torch.func.vmap(f, randomness="same")(xs)
     torch.testing.assert_close(torch.linalg.det(W), torch.ones(3, dtype=F64), rtol=0, atol=1e-12)
+
+
+def test_complex_project_compiles_in_one_graph() -> None:
+    """torch.compile(fullgraph=True) of a complex space's project: sanitize asks dispatch_mode_active, which is
+    False while Dynamo traces (the dispatch stack's length is no op Dynamo can trace: 'torch.* op returned
+    non-Tensor')."""
+    g = torch.Generator().manual_seed(0)
+    U = gf.Unitary()
+    X = U.sample((4, 4), dtype=torch.complex128, generator=g)
+    Y = X + 0.1 * torch.randn(4, 4, dtype=torch.complex128, generator=g)
+    torch._dynamo.reset()
+    got = torch.compile(U.project, fullgraph=True, backend="eager")(Y)
+    torch.testing.assert_close(got, U.project(Y), rtol=1e-12, atol=1e-12)

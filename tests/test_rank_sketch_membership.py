@@ -501,3 +501,23 @@ def test_low_precision_points_take_the_dense_path(space, dtype, monkeypatch):
     assert got == want
     with pytest.raises(gf.ManifoldError):
         space.check(Y)
+
+
+@pytest.mark.parametrize("vals", [(0.01, 0.008, 0.006, 0.9, 0.9, 0.0), (0.01, 0.008, 0.006, 0.9, 0.9, -0.5)],
+                         ids=["tail-zero", "tail-negative"])
+def test_tie_at_the_rank_takes_the_dense_eigh_frames(vals, monkeypatch):
+    """λ_r = λ_(r+1) ≤ tol, the next eigenvalue farther below (0, or negative within the tolerance): a member of
+    PSSDLowRank(4) whose kept frame is not determined by the values, even where the tie is wider than the
+    sketch's √ε·λ₁ (a small point). The gap is read at λ_(r+1), floored at 0: the dense eigh's choice, kept."""
+    g = _gen(9)
+    tol = default_atol(F64, 96)
+    lam = torch.tensor(vals, dtype=F64)
+    lam[3:] *= tol
+    Q = torch.linalg.qr(torch.randn(96, 6, dtype=F64, generator=g)).Q
+    X = Q @ torch.diag(lam) @ Q.mT
+    space = gf.PSSDLowRank(rank=4)
+    counted = _Counted(monkeypatch)
+    Z, base = space.from_manifold(X)
+    assert counted.frames == 0
+    Z0, base0 = _dense(lambda: space.from_manifold(X))
+    assert torch.equal(Z, Z0) and torch.equal(base, base0)
