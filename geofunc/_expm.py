@@ -1353,7 +1353,7 @@ def expm(A: Tensor) -> Tensor:
         return _expm_static(A)
     if torch.compiler.is_compiling():  # Note [Compiled exponential]
         return torch.ops.geofunc.expm(A) if _COMPILED_OPS and _host_reads(A) else _expm_static(A)
-    if dispatch_mode_active() and make_fx_tracing():  # Note [Traced by make_fx]: the degree is not read here
+    if make_fx_tracing():  # Note [Traced by make_fx]: the degree is not read here
         return torch.ops.geofunc.expm(A) if _COMPILED_OPS and _host_reads(A) else _expm_static(A)
     if torch._C._functorch.peek_interpreter_stack() is None and not torch._C._functorch.is_functorch_wrapped_tensor(A):
         # Plain eager mode (Note [Plain eager calls])
@@ -1747,7 +1747,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
     for X in (T, R, c):
         if type(X) not in _PLAIN_TYPES or X.dtype not in _FAST_DTYPES or X.is_meta:
             return None
-    if torch.compiler.is_compiling() or (dispatch_mode_active() and make_fx_tracing()):  # (Note [Traced by make_fx])
+    if torch.compiler.is_compiling() or make_fx_tracing():  # (Note [Traced by make_fx])
         return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS and _host_reads(T) else None
     if torch._C._functorch.peek_interpreter_stack() is not None or forward_tangents(T, R):
         return None

@@ -40,10 +40,45 @@ _FAST_DTYPES = (torch.float32, torch.float64)
 # 30× larger was 3e11 off orthonormal, silently). So no eager fast path runs while make_fx traces
 # (eager_fast), and the exponential and the frame exponential are the operators that choose at run
 # time, or the static schedule where those are not registered, as inside torch.compile.
+# Note [Traced by make_fx before dispatch]
+# make_fx(f, pre_dispatch=True) (the tracer under torch.export; public in make_fx) keeps its proxy mode on a
+# stack of its own, above autograd, and the dispatch mode stack stays empty: the test above saw no trace,
+# so in tracing_mode="real" the eager fast paths ran and read values, as make_fx's did before: a Stiefel
+# 16×4 chart replayed at a raw tensor 30× larger was 1e6 off, a LowRank 16×12 one 1e8 off, a
+# Grassmannian 8×3 one 2e2 off, silently; SO 40×40 and frames with k ≥ 32 raised "a tracing tensor"; a
+# LowRank chart at bases seen by an eager call before raised it from the base factor cache's comparison
+# (Note [Base factor cache] in _linalg.py). Such a trace is a make_fx trace like the other: torch's
+# pre-dispatch proxy mode (one slot for the process: a list read, in eager_fast too) and then the thread's
+# pre-dispatch key (so another thread's trace leaves this one's fast paths alone) mark it.
+_PRE_DISPATCH = getattr(getattr(torch._C, "DispatchKey", None), "PreDispatch", None)
+_KEY_INCLUDED = getattr(torch._C, "_dispatch_tls_is_dispatch_key_included", None)
+_PROXY = torch._C._TorchDispatchModeKey.PROXY
+_GET_MODE = torch._C._get_dispatch_mode
+
+
+# torch's pre-dispatch modes (one list for the process, its entry 0 the proxy mode; torch 2.6 to 2.13): read
+# first (~30 ns), the thread's dispatch key only while some thread traces (a pybind call, ~10× that)
+_PRE_MODES = getattr(getattr(torch._ops, "_mode_stack_state_for_pre_dispatch", None),
+                     "_ModeStackStateForPreDispatch__infra_modes", None)
+if not (isinstance(_PRE_MODES, list) and _PRE_MODES):
+    _PRE_MODES = None
+
+
+def _pre_dispatch_tracing() -> bool:
+    """Whether make_fx(pre_dispatch=True) is recording the ops (Note [Traced by make_fx before dispatch])."""
+    if _PRE_MODES is not None and _PRE_MODES[0] is None:
+        return False
+    if _PRE_DISPATCH is None or _KEY_INCLUDED is None or not _KEY_INCLUDED(_PRE_DISPATCH):
+        return False
+    return torch._ops._get_dispatch_mode_pre_dispatch(_PROXY) is not None
+
+
 def make_fx_tracing() -> bool:
-    """Whether make_fx (``torch.func.linearize``, AOT tracing) is recording the ops (Note [Traced by
-    make_fx])."""
-    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
+    """Whether make_fx (``torch.func.linearize``, AOT tracing, ``pre_dispatch=True`` too) is recording the
+    ops (Note [Traced by make_fx], Note [Traced by make_fx before dispatch])."""
+    if _DISPATCH_STACK_LEN():
+        return _GET_MODE(_PROXY) is not None
+    return _pre_dispatch_tracing()
 
 
 # Note [In place under a dispatch mode]
@@ -101,7 +136,10 @@ def eager_fast(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     # no values to read (Note [Fast paths under FakeTensorMode]) or none to bake in (Note [Traced by make_fx])
-    if _DISPATCH_STACK_LEN() and (fake_mode_active() or make_fx_tracing()):
+    if _DISPATCH_STACK_LEN():
+        if fake_mode_active() or _GET_MODE(_PROXY) is not None:
+            return False
+    elif (_PRE_MODES is None or _PRE_MODES[0] is not None) and _pre_dispatch_tracing():  # (inlined: ~30 ns)
         return False
     dtype = None
     for T in tensors:

@@ -640,7 +640,8 @@ if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
 def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Tensor, tuple[Tensor, Tensor]] | None:
     """``(Y, (W, J))`` of the stacked bases of ``pairs`` (Note [Base factor cache]), or None (not cacheable:
     the caller stacks the bases and the chart computes the factors)."""
-    if not _BASIS_CACHE or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+    if (not _BASIS_CACHE or torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+            or make_fx_tracing()):  # (the bases may be the trace's inputs: Note [The base factor cache under a dispatch mode])
         return None
     bases = [base for _, base in pairs]
     if forward_tangents(*bases):  # forward mode: tangents of the bases (Note [Dual levels and recomputation])
@@ -652,8 +653,6 @@ def _cached_basis(pairs: list[tuple[Tensor, Tensor | None]], n: int) -> tuple[Te
                 or B.is_complex() or (grad_mode and B.requires_grad) or B.shape[:-2] != Z0.shape[:-2]):
             return None
     if dispatch_mode_active():  # Note [The base factor cache under a dispatch mode]
-        if make_fx_tracing():
-            return None
         with _disable_current_modes():
             return _cached_basis_values(bases, n)
     return _cached_basis_values(bases, n)

@@ -110,3 +110,46 @@ def test_make_fx_of_a_chart_and_its_gradient_holds_at_other_values(space, shape,
     for scale in (0.1, 3.0):
         for got, ref in zip(traced(scale * Z), f(scale * Z)):
             torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("space,shape", MAKE_FX, ids=[f"{type(s).__name__}-{n}x{k}" for s, (n, k) in MAKE_FX])
+def test_make_fx_before_dispatch_of_a_chart_holds_at_other_values(space, shape, generator):
+    """``make_fx(f, tracing_mode="real", pre_dispatch=True)`` (torch.export's tracer) keeps its proxy mode off
+    the dispatch mode stack: the eager fast paths ran and their degree choice was baked into the graph
+    (replayed at a raw tensor 30× larger: Stiefel 16×4 1e6 off, LowRank 1e8, Grassmannian 2e2, silently) or
+    raised "a tracing tensor" (SO 40×40, frames with k ≥ 32). Note [Traced by make_fx before dispatch]."""
+    Z = torch.randn(shape, generator=generator, dtype=F64)
+    traced = make_fx(lambda Z: space.to_manifold(Z), tracing_mode="real", pre_dispatch=True)(0.1 * Z)
+    for scale in (0.1, 3.0):
+        torch.testing.assert_close(traced(scale * Z), space.to_manifold(scale * Z), **TOL)
+
+
+@pytest.mark.parametrize("pre_dispatch", [False, True], ids=["make_fx", "pre_dispatch"])
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+@pytest.mark.parametrize("space", [gf.LowRank(2), gf.FixedRank(2)], ids=["LowRank", "FixedRank"])
+def test_make_fx_of_a_chart_at_bases_holds_at_other_bases(space, mode, pre_dispatch, generator):
+    """The rank family's chart at bases keeps the stacked bases' factors in a cache (Note [Base factor
+    cache] in geofunc/_linalg.py) that eager calls fill. A trace whose bases are its inputs must compute the
+    factors in the graph: taken from the cache (real values), they were baked in as constants, and the
+    graph replayed at other bases was 3.4 off (LowRank) and 7.7 off (FixedRank), silently (mutant X08); under
+    ``pre_dispatch=True`` the cache's comparison raised "a tracing tensor". Fake and symbolic traces have no
+    values to cache. The chart and its gradient against eager at the traced bases and at others."""
+    shape = (10, 8)
+    X1 = space.sample(shape, generator=generator, dtype=F64)
+    X2 = space.sample(shape, generator=generator, dtype=F64)
+    (Z1, b1), (Z2, b2) = space.from_manifold(X1), space.from_manifold(X2)
+    Z1 = Z1 + 0.1 * torch.randn(Z1.shape, generator=generator, dtype=F64)
+    W = torch.randn(shape, generator=generator, dtype=F64)
+
+    def f(Z, base, W):
+        if pre_dispatch:  # (a trace before autograd does not take autograd.grad inside)
+            return (space.to_manifold(Z, base),)
+        Z = Z.detach().requires_grad_()
+        X = space.to_manifold(Z, base)
+        return X, torch.autograd.grad((X * W).sum(), Z)[0]
+
+    space.to_manifold(Z1, b1)  # eager: the cache now holds the factors at b1
+    traced = make_fx(f, tracing_mode=mode, pre_dispatch=pre_dispatch)(Z1, b1, W)
+    for Z, base in ((Z1, b1), (Z2, b2)):
+        for got, ref in zip(traced(Z, base, W), f(Z, base, W)):
+            torch.testing.assert_close(got, ref, **TOL)
