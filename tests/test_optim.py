@@ -313,6 +313,52 @@ def test_a_numpy_zero_momentum_steps_as_torch_sgd():
         gf.optim.rsgd({}, lr=0.1, momentum=np.float32(0.0), nesterov=True)
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.5, "tensor"])
+def test_a_momentum_tensor_through_zero_equals_torch_sgd(dampening, generator):
+    """A tensor momentum is compared with 0 by torch.optim.SGD at each step (``momentum != 0``); trace took the
+    buffer's rule for every tensor, so with ``momentum=torch.tensor(0.)`` and dampening τ each step after the
+    first was (1 − τ)·g where torch steps by g (0.45 off after four steps, silently). Note [A momentum tensor
+    that may be zero]: rsgd rebuilt at every step with a tensor momentum that starts at 0, passes through 0
+    and back, the state carried over: torch.optim.SGD with the same tensors, step for step, and the count is
+    of the steps with momentum."""
+    tau = torch.tensor(0.5, dtype=F64) if dampening == "tensor" else dampening
+    params, loss = _euclidean_problem(generator)
+    momenta = [torch.tensor(m, dtype=F64) for m in (0.0, 0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.3)]
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=momenta[0], dampening=tau)
+    p, state = params, gf.optim.rsgd({}, lr=0.05, momentum=momenta[0], dampening=tau).init(params)
+    for mu in momenta:
+        p, state = gf.optim.rsgd({}, lr=0.05, momentum=mu, dampening=tau).update(grad(loss)(p), state, p)
+        torch_opt.param_groups[0]["momentum"] = mu
+        torch_opt.zero_grad()
+        loss(ref).backward()
+        torch_opt.step()
+        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
+    assert int(state[2].count) == sum(int(m != 0) for m in momenta)
+
+
+def test_a_momentum_tensor_is_differentiable_and_batched():
+    """A tensor momentum selected by value (Note [A momentum tensor that may be zero]) still has a gradient
+    (a meta-learned momentum) and runs under vmap over momenta, 0 among them: each as its own rsgd."""
+    g1, g2 = torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([0.5, 3.0], dtype=F64)
+
+    def two_steps(mu):
+        opt = gf.optim.rsgd({}, lr=0.1, momentum=mu, dampening=0.25)
+        p = {"b": torch.zeros(2, dtype=F64)}
+        s = opt.init(p)
+        p, s = opt.update({"b": g1}, s, p)
+        p, s = opt.update({"b": g2}, s, p)
+        return p["b"]
+
+    mus = torch.tensor([0.0, 0.5, 0.9], dtype=F64)
+    batched = vmap(two_steps)(mus)
+    for mu, row in zip(mus, batched):
+        torch.testing.assert_close(row, two_steps(mu), rtol=0, atol=1e-15)
+    torch.testing.assert_close(batched[0], -0.1 * (g1 + g2), rtol=0, atol=1e-15)  # momentum 0: plain SGD
+    d = grad(lambda mu: two_steps(mu).sum())(torch.tensor(0.5, dtype=F64))
+    torch.testing.assert_close(d, -0.1 * g1.sum(), rtol=0, atol=1e-15)  # b_2 = μ g1 + 0.75 g2
+
+
 def test_a_tensor_hyperparameter_of_several_values_is_refused_at_construction():
     """``lr=torch.tensor([0.1, 0.2])`` (the message asks for a 0-dim tensor) was taken and broadcast into
     each entry's step: torch's size error at the first update, or a step of another shape; a (1,) one

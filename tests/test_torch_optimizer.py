@@ -660,6 +660,27 @@ def test_momentum_cycled_through_zero_as_torch_sgd(generator):
     assert int(opt.state_dict()["state"][0]["2.count"]) == 4  # the steps with momentum
 
 
+def test_a_zero_momentum_tensor_with_dampening_as_torch_sgd(generator):
+    """``TorchOptimizer(..., rsgd, momentum=torch.tensor(0.), dampening=0.5)``: torch.optim.SGD steps by the
+    gradient (it compares the tensor with 0); the group's rsgd took the buffer's rule and stepped by half
+    the gradient from the second step on, silently (Note [A momentum tensor that may be zero])."""
+    import copy
+
+    theirs = torch.nn.Linear(3, 2).double()
+    ours = copy.deepcopy(theirs)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    sgd = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=zero, dampening=0.5)
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.1, momentum=zero, dampening=0.5)
+    for _ in range(4):
+        x = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+        for m, o in ((theirs, sgd), (ours, opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
 def test_nesterov_momentum_cycled_through_zero_as_torch_sgd(generator):
     """Nesterov SGD whose momentum ``OneCycleLR(base_momentum=0)`` takes to 0: ``torch.optim.SGD`` steps
     plain SGD there (it checks nesterov only when built); the rebuilt rsgd raised its "nesterov=True

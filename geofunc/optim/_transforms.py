@@ -249,6 +249,16 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # wrong transforms (an AttributeError, or a silently wrong count). What plain SGD pays for it: a 0-dim
 # count in its state, no op per step. A state of rsgd(momentum=0) from before (three transforms'
 # states) is read as the same with no buffer (upgrade_rsgd_state; TorchOptimizer's checkpoints too).
+# Note [A momentum tensor that may be zero]
+# torch.optim.SGD compares a momentum tensor with 0 at each step (``momentum != 0``, a bool of the tensor):
+# with torch.tensor(0.) it steps by the gradient and keeps no buffer, whatever the dampening. trace cannot
+# branch on a tensor (it may be traced: a meta-learned momentum under torch.func.grad or vmap, a compiled
+# step), so a tensor momentum always took the buffer's rule: b_t = 0·b_{t-1} + (1 − τ) g_t, every step after
+# the first (1 − τ)·g where torch steps by g (rsgd and TorchOptimizer with momentum=torch.tensor(0.) and
+# dampening 0.5: half the step, silently). With a tensor momentum the rule is selected by value: where the
+# momentum is 0 the vectors pass and the buffer and the count (steps with momentum, dampening's "first")
+# stay as they are, as torch's; elsewhere the rule above. (The count follows a momentum on another device
+# than the CPU with a copy per step, as torch's bool() of it.) A number 0 is the branch above (no buffer).
 def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
@@ -282,6 +292,15 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
             raise _state_error("trace", "a TraceState", state)
         if off:
             return vectors, state
+        if isinstance(decay, Tensor):  # Note [A momentum tensor that may be zero]
+            on = decay != 0
+            prev = _map(torch.zeros_like, vectors) if _no_buffer(state.trace) else state.trace
+            first = state.count == 0
+            new = _map(lambda g, b: _keep(g, torch.where(first, g, decay * b + (1.0 - dampening) * g)), vectors, prev)
+            buf = _map(lambda n, b: torch.where(on, n, b), new, prev)
+            out = (_map(lambda g, b: _keep(g, g + decay * b), vectors, buf) if nesterov
+                   else _map(lambda g, b: torch.where(on, b, g), vectors, buf))
+            return out, TraceState(state.count + on.to(device=state.count.device, dtype=state.count.dtype), buf)
         if _no_buffer(state.trace):  # the first step with momentum: b_1 = g_1, as torch creates its buffer
             buf = _map(torch.clone, vectors)
         elif _is_number(dampening) and dampening == 0.0:  # a tensor: the rule below (Note [Checking hyperparameters])
