@@ -698,8 +698,7 @@ class RNNCell(nn.Module):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_activation_checkpointing_gives_the_same_gradients(case):
     """``torch.utils.checkpoint`` recomputes the forward, the chart included, in backward: the same
-    gradients as without it. (Inside ``cached()`` the recomputation reads the cache and torch raises
-    its CheckpointError, as it does for its own parametrizations: README.)"""
+    gradients as without it (inside ``cached()`` too: the tests below)."""
     from torch.utils.checkpoint import checkpoint
 
     name, kwargs, make, _ = case
@@ -736,6 +735,93 @@ def test_reentrant_activation_checkpointing_gives_the_same_gradients(case, in_ca
     with gnn.cached() if in_cached else contextlib.nullcontext():
         checkpoint(m, x, use_reentrant=True).pow(2).sum().backward()
     for a, b in zip(plain, [p.grad for p in m.parameters()] + [x.grad]):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backward", ["in the block", "after the block"])
+@pytest.mark.parametrize("read_before", [False, True], ids=["first-read-inside", "read-before"])
+@pytest.mark.parametrize("case", CASES[:1] + CASES[8:10] + CASES[12:13], ids=lambda c: f"{c[0]}-{c[1]}")
+def test_non_reentrant_checkpointing_inside_cached(case, read_before, backward):
+    """``checkpoint(..., use_reentrant=False)`` inside ``cached()``: a weight first read inside the region was
+    cached by the forward and read back by the recomputation, which then saved fewer tensors (torch's
+    CheckpointError "A different number of tensors was saved"); a weight read before the region, with the
+    backward after the block, was recomputed by the recomputation only ("different metadata"). Under the
+    region's hooks a value is cached for those hooks alone (Note [Cached values in checkpointed regions]):
+    the plain gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    name, kwargs, make, _ = case
+    torch.manual_seed(0)
+    m = getattr(gnn, name)(make().double(), **kwargs)
+    x = torch.randn(6, m.in_features, dtype=torch.float64)
+    (m(x).pow(2).sum() + m(x.sin()).pow(3).sum()).backward()
+    plain = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with gnn.cached():
+        if read_before:
+            m.weight
+        loss = checkpoint(lambda x: m(x).pow(2).sum() + m(x.sin()).pow(3).sum(), x, use_reentrant=False)
+        if backward == "in the block":
+            loss.backward()
+    if backward == "after the block":
+        loss.backward()
+    for a, b in zip(plain, (p.grad for p in m.parameters())):
+        torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+def test_a_checkpointed_region_inside_cached_neither_reads_nor_writes_the_cache(monkeypatch):
+    """Inside ``cached()`` a checkpointed region (use_reentrant=False) evaluates a weight at each read, in its
+    forward and in its recomputation, as without ``cached()``; the value the block cached outside the region
+    stays cached for reads outside it."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cell = RNNCell()
+    xs = torch.randn(5, 2, 8)
+    cell(xs).sum().backward()
+    plain = [p.grad.clone() for p in cell.parameters()]
+    cell.zero_grad()
+    calls = []
+    original = gf.Stiefel.to_manifold
+
+    def counting(self, Z, base=None):
+        calls.append(1)
+        return original(self, Z, base)
+
+    monkeypatch.setattr(gf.Stiefel, "to_manifold", counting)
+    with gnn.cached():
+        cell.recurrent.weight
+        assert len(calls) == 1
+        out = checkpoint(cell, xs, use_reentrant=False)
+        assert len(calls) == 1 + 5  # the region's forward: its 5 reads
+        out.sum().backward()
+        assert len(calls) == 1 + 5 + 5  # the recomputation: the same
+        cell.recurrent.weight
+        assert len(calls) == 1 + 5 + 5  # the block's value
+    for a, b in zip(plain, (p.grad for p in cell.parameters())):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+
+
+def test_reentrant_checkpointing_inside_cached_with_the_weight_used_outside_the_region_too():
+    """``checkpoint(..., use_reentrant=True)`` replays its region inside backward, with grad: the replay read
+    the weight the block had cached with grad outside the region, the checkpoint's inner backward freed its
+    graph, and the outer backward through it raised "Trying to backward through the graph a second time".
+    Inside a backward the chain is evaluated at each read (Note [Cached values in checkpointed regions])."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    m = gnn.orthogonal(nn.Linear(4, 4).double())
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def loss():
+        return m(x).pow(2).sum() + checkpoint(m, x.sin(), use_reentrant=True).pow(3).sum()
+
+    loss().backward()
+    plain = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    with gnn.cached():
+        loss().backward()
+    for a, b in zip(plain, (p.grad for p in m.parameters())):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
 
 

@@ -825,6 +825,37 @@ def _forget_after_backward(value: Tensor, key: tuple, stamp: Any) -> None:
     fn.register_hook(forget)
 
 
+# Note [Cached values in checkpointed regions]
+# Activation checkpointing without reentrancy (torch.utils.checkpoint, use_reentrant=False) runs its region
+# under saved-tensor hooks, replays it in backward under other hooks, and requires both runs to save the
+# same tensors. Inside a cached() block the first read of a weight inside the region computed the chart
+# (its saved tensors counted) and cached it; the replay read the cache, computed nothing, and torch raised
+# "A different number of tensors was saved during the original forward and recomputation" at backward.
+# A weight read before the region was served from the cache in the region's forward, and where the
+# backward ran after the block had ended the replay computed the chart: torch's "Recomputed values ...
+# have different metadata" (and so for a region that read a weight twice, first inside). A cache of the
+# region's own cannot be kept alike in both runs: the replay may run after the block, where nothing is
+# cached. So inside a checkpointed region (its hooks are torch.utils.checkpoint's) the chain is evaluated
+# at each read, in the forward and in the replay, and the cache is neither read nor written: the region
+# computes what it computes without cached() (an RNN loop inside the region evaluates the chart at each
+# step; read the weight once outside the loop to avoid that). A reentrant checkpoint (use_reentrant=True)
+# runs its region under no_grad and replays it inside backward with grad, without hooks: the replay read
+# the value cached with grad before the region, whose graph the checkpoint's own inner backward then
+# freed, and the outer backward through it (the weight used outside the region too) raised "Trying to
+# backward through the graph a second time". Inside a backward pass the chain is therefore evaluated at
+# each read too. Other saved-tensor hooks (save_on_cpu, a user's) replay nothing and keep the cache.
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _uncached_here() -> bool:
+    """Whether a read now is in a checkpointed region or a backward pass, where the cache is neither read
+    nor written (Note [Cached values in checkpointed regions])."""
+    if torch._C._current_graph_task_id() != -1:
+        return True
+    hooks = _top_hooks(False) if _top_hooks is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", None) == "torch.utils.checkpoint"
+
+
 def _storage(t: Tensor) -> Any:
     try:
         return t.data_ptr()
@@ -1118,6 +1149,8 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         plist = self._modules["parametrizations"]._modules[tensor_name]  # (nn.Module's __getattr__: ~1 µs)
         if fake_mode_active():
             return _dense_gradient(self, plist())  # Note [Cached values under FakeTensorMode]
+        if _uncached_here():  # Note [Cached values in checkpointed regions]
+            return _dense_gradient(self, plist())
         # with grad: one entry per thread (Note [Cached values across threads])
         key = (id(self), tensor_name, _THREAD.token) if torch.is_grad_enabled() else (id(self), tensor_name)
         cache = parametrize._cache
