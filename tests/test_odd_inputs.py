@@ -182,6 +182,29 @@ def test_a_product_whose_factor_batches_do_not_broadcast_is_named() -> None:
                                atol=1e-12, rtol=1e-12)
 
 
+def test_a_product_check_refuses_factor_batches_that_do_not_broadcast() -> None:
+    """``Product.check`` checked each factor alone: a (3, 4) batch of sphere points with a (2,) batch of Rn
+    points passed, where ``contains`` of the same tuple raises (no batch of product points to answer for).
+    Note [A product's batch in check] in geofunc/spaces/_product.py. Broadcasting batches still pass."""
+    g = torch.Generator().manual_seed(0)
+    P = gf.Product(gf.Sphere(), gf.Rn())
+    x = gf.Sphere().sample((3, 4), generator=g, dtype=torch.float64)
+    for b in (torch.randn(2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)):
+        with pytest.raises(gf.ManifoldError, match=r"Product\(.*expected factors whose batch shapes broadcast "
+                                                   r"\(`check`.*factor 0: \(3,\), factor 1: \("):
+            P.check((x, b))
+        with pytest.raises(gf.ManifoldError, match=r"batch shapes broadcast \(`contains`"):
+            P.contains((x, b))
+    N = gf.Product(P, gf.SO())
+    R = gf.SO().sample((2, 3, 3), generator=g, dtype=torch.float64)
+    with pytest.raises(gf.ManifoldError, match=r"\(`check`.*factor 0: \(3,\), factor 1: \(2,\)"):
+        N.check(((x, torch.randn(3, dtype=torch.float64)), R))
+    for X in ((x, torch.randn(3, dtype=torch.float64)), (x, torch.randn(())), (x[:, None], torch.randn(2, dtype=torch.float64))):
+        P.check(X)
+        assert bool(P.contains(X).all())
+    N.check(((x[:, None], torch.randn(1, 2, dtype=torch.float64)), R))
+
+
 def test_poincare_membership_has_no_tolerance() -> None:
     """The ball is open and ``atol`` plays no role (PoincareBall's docstring): a large ``atol`` once
     accepted points on and outside the boundary (the violation is c‖x‖² itself). Bad atols still raise."""

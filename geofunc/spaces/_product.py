@@ -15,6 +15,15 @@ __all__ = ["Product"]
 Tensor = torch.Tensor
 
 
+class _Shape:
+    """A batch shape where :meth:`Product._require_broadcast` reads a result's ``shape``."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple) -> None:
+        self.shape = shape
+
+
 @final
 @dataclasses.dataclass(frozen=True, init=False, repr=False)
 class Product(AbstractSpace):
@@ -200,7 +209,22 @@ class Product(AbstractSpace):
         return self._fold(parts, "contains", torch.logical_and)
 
     def check(self, X: Any, atol: float | None = None) -> None:
-        self._each(lambda M, x: M.check(x, atol), self._tuple(X, "X"))
+        X = self._tuple(X, "X")
+        self._each(lambda M, x: M.check(x, atol), X)
+        self._batch_shape(X, "check")  # Note [A product's batch in check]
+
+    # Note [A product's batch in check]
+    # ``contains`` (and ``inner``, ``dist``, ...) refuse a tuple whose factors' batch shapes do not broadcast
+    # (tests/test_odd_inputs.py): there is no batch of product points to answer for. ``check`` checked each
+    # factor on its own and passed such a tuple silently (a (3, 4) batch of sphere points with a (2,) Rn
+    # batch), where ``contains`` of the same tuple raised. It now refuses it with the same error.
+    def _batch_shape(self, X: tuple, method: str) -> tuple:
+        """The broadcast batch shape of the factors' points ``X`` (a ManifoldError naming ``method`` where the
+        factors' batch shapes do not broadcast)."""
+        parts = tuple(_Shape(M._batch_shape(tuple(x), method) if isinstance(M, Product) else tuple(x.shape[: x.ndim - M.point_ndim]))
+                      for M, x in zip(self.factors, X))
+        self._require_broadcast(parts, method)
+        return _broadcast([p.shape for p in parts])
 
     def _violations(self, X: Any) -> dict[str, Tensor]:
         """The factors' measures under their own names (a name repeated by a later factor gets `` [factor i]``)."""
