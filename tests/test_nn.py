@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import warnings
 
 import pytest
 import torch
@@ -1469,6 +1470,35 @@ def test_plain_leaves_a_directly_registered_module_intact(cls, size):
     torch.testing.assert_close(layer(x), want, atol=0, rtol=0)
 
 
+def test_quantization_and_fusion_take_the_plain_copy():
+    """torch's eager quantization and conv/linear-BN fusion refuse parametrized modules (as for torch's own
+    parametrizations); gf.nn.plain(model), which README names for them, quantizes and fuses to the
+    constrained model's function."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    gnn.orthogonal(model[0])
+    gnn.low_rank(model[3], "weight", rank=2)
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = torch.randn(5, 8)
+    want = model(x)
+    with pytest.raises(KeyError, match="already exists"):
+        torch.nn.utils.fusion.fuse_linear_bn_eval(model[0], model[1])
+    flat = gnn.plain(model)
+    fused = torch.nn.utils.fusion.fuse_linear_bn_eval(flat[0], flat[1])
+    torch.testing.assert_close(fused(x), model[1](model[0](x)), atol=1e-5, rtol=1e-5)
+    if not hasattr(torch.ao.quantization, "quantize_dynamic"):  # (deprecated by torch; gone in a later release)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of eager quantization and quantized tensors
+        with pytest.raises(AssertionError, match="ParametrizedLinear"):
+            torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(flat, {nn.Linear}, dtype=torch.qint8)
+    assert (quantized(x) - want).abs().max() < 0.1  # int8 weights: the float model's output to quantization error
+
+
 def test_plain_and_stack_refuse_a_constrained_tensor_tied_to_another_name():
     """A constraint unties tied weights (docs/guide/nn.md): the constrained module reads the point, the
     other reads the raw Parameter. plain() removed the parametrization, which writes the point into that
@@ -2369,3 +2399,58 @@ def test_cached_values_follow_a_step_of_an_optimizer_without_a_fused_option(make
             want = layer.parametrizations.weight()
         assert not torch.allclose(want, before, atol=1e-3)
         torch.testing.assert_close(read, want, atol=0, rtol=0)
+
+
+def _on_orthogonal(seed):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(5, 5, generator=g))[0]
+    return Q * torch.sign(torch.linalg.det(Q))  # det +1: a point of SO too
+
+
+@pytest.mark.parametrize("how", ["transfer", "register"])
+@pytest.mark.parametrize("constraint", [gnn.orthogonal, gnn.positive_definite, lambda m: gnn.constrain(m, "weight", gf.SO())],
+                         ids=["orthogonal", "positive_definite", "constrain_SO"])
+def test_a_registered_parametrization_refuses_a_second_tensor(constraint, how):
+    """One adapter holds one tensor's base. torch's transfer_parametrizations_and_params (geofunc.nn.parametrize
+    re-exports it) registers the source's adapter itself on the target: its right_inverse re-centred the shared
+    base at the target's weight and the source's weight moved, silently (orthogonal 5×5: 1.8 off), as did
+    register_parametrization(other, "weight", layer.parametrizations.weight[0]). Both now raise ManifoldError
+    and leave both modules as they were (Note [One adapter, one tensor])."""
+    torch.manual_seed(0)
+    src = nn.Linear(5, 5)
+    constraint(src)
+    want = src.weight.detach().clone()
+    dst = nn.Linear(5, 5)
+    point = _on_orthogonal(1)
+    if constraint is gnn.positive_definite:
+        point = point @ torch.diag(torch.linspace(1.0, 2.0, 5)) @ point.T
+    with torch.no_grad():
+        dst.weight.copy_(point)  # a point of every space above: the silent case
+    with pytest.raises(gf.ManifoldError, match="already registered on another"):
+        if how == "transfer":
+            gnn.parametrize.transfer_parametrizations_and_params(src, dst)
+        else:
+            P.register_parametrization(dst, "weight", src.parametrizations.weight[0])
+    torch.testing.assert_close(src.weight.detach(), want, atol=0, rtol=0)
+    assert not P.is_parametrized(dst)
+    torch.testing.assert_close(dst.weight.detach(), point, atol=0, rtol=0)
+    # what works: a copy of the module, or the target's own constraint and the source's state_dict
+    torch.testing.assert_close(copy.deepcopy(src).weight.detach(), want, atol=0, rtol=0)
+    constraint(dst)
+    dst.load_state_dict(src.state_dict())
+    torch.testing.assert_close(dst.weight.detach(), want, atol=0, rtol=0)
+    torch.testing.assert_close(src.weight.detach(), want, atol=0, rtol=0)
+
+
+def test_a_parametrization_whose_module_is_gone_registers_again():
+    """An adapter whose chain was freed (its module deleted) is not registered anywhere: it may be registered anew."""
+    src = nn.Linear(4, 4)
+    gnn.orthogonal(src)
+    M = src.parametrizations.weight[0]
+    del src
+    collect_all_garbage()
+    dst = nn.Linear(4, 4)
+    with torch.no_grad():
+        dst.weight.copy_(torch.eye(4))
+    P.register_parametrization(dst, "weight", M)
+    torch.testing.assert_close(dst.weight.detach(), torch.eye(4), atol=1e-6, rtol=0)

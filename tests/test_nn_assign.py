@@ -281,6 +281,35 @@ def test_dtype_changes_keep_parameter_identity_as_torch_does(semantics) -> None:
         torch.__future__.set_swap_module_params_on_conversion(swap)
 
 
+@pytest.mark.parametrize("semantics", ["default", "swap"])
+@pytest.mark.parametrize("cls", [gnn.GLp, gnn.Stiefel, gnn.Sphere], ids=lambda c: c.__name__)
+def test_dtype_changes_of_a_class_registered_directly(cls, semantics) -> None:
+    """GeoTorch's way: ``register_parametrization(layer, "weight", geotorch.GLp((4, 4)))``. Its forward (which
+    registration already runs) leaves a weak reference on the raw Parameter, and no constrained-module _apply
+    lifts it: under swap semantics ``.double()`` raised "_apply(): Couldn't swap ParametrizationList.original"
+    (Note [Swapped raw tensors of a class registered directly]). It converts now, keeping the point."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(semantics == "swap")
+    try:
+        torch.manual_seed(0)
+        m, M = nn.Linear(4, 4), cls((4, 4))
+        with torch.no_grad():
+            m.weight.copy_(M.sample())
+        P.register_parametrization(m, "weight", M)
+        m(torch.randn(3, 4))
+        W = m.weight.detach().double()
+        m.double()
+        assert m.weight.dtype == torch.float64 and M.in_manifold(m.weight)
+        torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+        m(torch.randn(3, 4, dtype=torch.float64))
+        M.update_base()  # forward recorded the raw tensor again
+        torch.testing.assert_close(m.weight.detach(), W, atol=2e-6, rtol=0)
+        m.float()
+        torch.testing.assert_close(m.weight.detach().double(), W, atol=2e-6, rtol=0)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+
+
 @pytest.mark.parametrize("case", DTYPE_CASES[:8], ids=lambda c: c[0])
 def test_load_state_dict_across_dtypes_keeps_the_point(case) -> None:
     """A float32 state_dict into a float64 module, a bf16 one into a float32 module: the raw values are

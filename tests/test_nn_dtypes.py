@@ -17,6 +17,7 @@ and ``update_base`` keeps the point on the space.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ import geofunc as gf
 import geofunc.nn as gnn
 from geofunc.nn._adapter import refine_base
 from geofunc.spaces._base import default_atol
+from helpers import collect_all_garbage
 
 MOVES = {
     "double": lambda m: m.double(),
@@ -238,6 +240,45 @@ def test_device_moves_and_meta_leave_the_base_alone() -> None:
     assert meta.parametrizations.weight[0].base.dtype == torch.float64
 
 
+@pytest.mark.parametrize("move", ["meta", "to_empty", "float64_valid"])
+@pytest.mark.parametrize("layer", ["orthogonal", "low_rank", "SpaceLinear"])
+def test_a_device_move_releases_the_old_bases(layer, move) -> None:
+    """The checked-bases registry held the base buffers it had checked: after .to("meta") or to_empty (a CUDA ->
+    CPU offload takes the same path) the old bases, as large as the weight for a frame, stayed alive until the
+    next eager forward, or for good where none came (Note [Replaced bases are not kept]). They are released at
+    the move, and the new buffers are checked at the next forward."""
+    torch.manual_seed(0)
+    if layer == "SpaceLinear":
+        pytest.importorskip("zuko")
+        from geofunc.contrib.zuko import SpaceLinear
+
+        m = SpaceLinear(gf.SO(), 6)
+        x = torch.randn(2, 6)
+    else:
+        m = nn.Linear(4, 6)
+        gnn.orthogonal(m) if layer == "orthogonal" else gnn.low_rank(m, "weight", rank=2)
+        x = torch.randn(2, 4)
+    owner = m if layer == "SpaceLinear" else m.parametrizations.weight[0]
+    m(x)  # an eager forward checks the bases and notes them
+    if move == "float64_valid":  # a dtype change whose bases are still valid keeps their values (re-made or not)
+        m.double()
+        x = x.double()
+    old = [weakref.ref(b) for b in owner._base_buffers()]
+    if move == "meta":
+        m.to("meta")
+    elif move == "to_empty":
+        m.to_empty(device="cpu")
+    else:
+        m.float()
+    collect_all_garbage()
+    assert all(r() is None for r in old)
+    if move == "to_empty":
+        with pytest.raises(gf.ManifoldError, match="to_empty"):  # the new (uninitialized) buffers are checked
+            m(x)
+    elif move == "float64_valid":
+        m(x.float())
+
+
 def test_a_space_of_ones_own_warns_on_a_dtype_change() -> None:
     """A base geofunc.nn does not know cannot be re-made: never silently, a warning says so."""
     import dataclasses
@@ -290,3 +331,39 @@ def test_load_functional_casts_real_dtypes_and_refuses_complex_into_real() -> No
         gnn.load_functional(m, {k: v.to(torch.complex64) for k, v in got.items()}, bases)
     for k, v in gnn.functional(m)[1].items():
         assert torch.equal(v, before[k])
+
+
+def _chained(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Linear(5, 5, dtype=dtype)
+    gnn.symmetric(m)
+    gnn.positive_definite(m)  # appended to the chain: its raw tensor is Symmetric's output
+    return m
+
+
+def test_a_softplus_space_appended_to_a_chain_warns_on_a_dtype_change() -> None:
+    """positive_definite on a weight already constrained by symmetric reads its "softplus" values from
+    Symmetric's output, which a dtype change cannot re-express: .double() moved every eigenvalue by the
+    floors' difference (3.5e-4) with no warning, as did load_state_dict of another dtype (Note [Chained values
+    across dtypes]). Both warn now, a deep copy too, and the remedy the warning names keeps the point."""
+    import copy
+
+    m = _chained()
+    W = m.weight.detach().double().clone()
+    with pytest.warns(UserWarning, match="not the first parametrization of its tensor's chain"):
+        m.double()
+    with pytest.warns(UserWarning, match="not the first parametrization of its tensor's chain"):
+        copy.deepcopy(_chained()).double()
+    src, dst = _chained(torch.float64), _chained()
+    with pytest.warns(UserWarning, match="not the first parametrization of its tensor's chain"):
+        dst.load_state_dict(src.state_dict())
+    m.weight = W  # the remedy: assign the weight again after the cast
+    torch.testing.assert_close(m.weight.detach(), W, atol=1e-12, rtol=0)
+    # a space first in its chain keeps its values by itself, without a warning
+    alone = nn.Linear(5, 5)
+    gnn.positive_definite(alone)
+    W = alone.weight.detach().double().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        alone.double()
+    torch.testing.assert_close(alone.weight.detach(), W, atol=1e-5, rtol=0)

@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover (depends on the environment)
 from .. import spaces as S
 from .._errors import ManifoldError, describe, error
 from .._linalg import solve_vec
-from ..nn._adapter import _base_problem, _concrete, _filled, _note_checked, _write_values, refine_base
+from ..nn._adapter import _base_problem, _concrete, _filled, _forget_replaced_bases, _note_checked, _write_values, refine_base
 from ..spaces._base import LOW_PRECISION, _autocast_on, autocast_off
 
 __all__ = ["LinearTransform", "SpaceLinear"]
@@ -348,6 +348,7 @@ class SpaceLinear(LazyTransform):
         view = None  # a view holds its base: torch.utils.swap_tensors (.to() under swap semantics) refuses it
         before = [b.dtype for b in self._base_leaves()]
         out = super()._apply(fn, recurse)
+        _forget_replaced_bases(self)  # Note [Replaced bases are not kept] in geofunc/nn/_adapter.py
         Z = self.raw
         if s_old is not None and Z.dtype != old and _concrete(Z):
             _write_values(f"{type(self).__name__}.raw", self.space, self.space._dtype_coords(Z), s_old, old, Z.dtype)

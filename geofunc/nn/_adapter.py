@@ -110,6 +110,9 @@ _LAST_RAW: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKey
 # The ParametrizationList whose raw tensor an adapter registered by ``attach`` (or restored with its
 # module from a copy or a pickle) reads, weakly (Note [update_base on the class] in ``_manifolds.py``).
 _OWN_CHAIN: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+# Adapters that attach appended to a chain (not its first parametrization): their raw tensor is the
+# previous parametrizations' output, which no dtype change can re-express (Note [Chained values across dtypes]).
+_CHAINED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def own_raw(adapter: nn.Module) -> Tensor | None:
@@ -120,6 +123,32 @@ def own_raw(adapter: nn.Module) -> Tensor | None:
     if plist is None or not len(plist) or plist[0] is not adapter:
         return None
     return plist._parameters.get("original", plist._buffers.get("original"))
+
+
+# Note [One adapter, one tensor]
+# An adapter holds the base of one tensor's chart in its buffers, and right_inverse writes it. torch's
+# transfer_parametrizations_and_params (re-exported as geofunc.nn.parametrize's) registers the source's
+# adapter object itself on the target, so torch calls right_inverse on the target's weight: where that
+# was a point of the space, the shared base was re-centred at it while the source's raw tensor stayed,
+# and the source's weight moved silently (an orthogonal 5×5 layer: to another orthogonal matrix; then
+# torch's set_ of the raw tensor gave the target that same wrong weight too); where it was not, the
+# transfer raised InManifoldError about the target's weight. Registering one adapter on a second tensor
+# (register_parametrization(other, "weight", layer.parametrizations.weight[0])) did the same. So an
+# adapter still registered on a live chain refuses to be registered on another tensor, before anything
+# is written. Known for adapters registered by attach (every constraint function, constrain) and for
+# their deep copies and unpickled copies; a class registered directly with register_parametrization is
+# not tracked so (its old module may be gone while its registry entry lives).
+def _refuse_second_registration(adapter: nn.Module, X: Tensor, space: Any) -> None:
+    """Raise ``ManifoldError`` if ``adapter`` is registered on a live chain whose raw tensor is not ``X``."""
+    Z = own_raw(adapter)
+    if Z is not None and Z is not X:
+        raise ManifoldError(
+            f"{adapter.where} constrained to {space!r}: expected a parametrization registered on one tensor, got one "
+            f"already registered on another (its raw tensor of shape {tuple(Z.shape)}): its base buffers would be "
+            f"shared and re-centred, silently moving the first tensor's weight. Copy the whole module "
+            f"(copy.deepcopy), or constrain the new tensor with its own constraint function and load the source's "
+            f"state_dict (torch's transfer_parametrizations_and_params shares the object and is not supported)."
+        )
 
 
 # Note [Copies keep what is known of the raw tensor]
@@ -155,6 +184,8 @@ def _record_of(adapter: nn.Module) -> tuple:
         kind, tensor = "attached", None
     elif adapter in _LOST:
         kind, tensor = "lost", None
+    elif adapter in _CHAINED:
+        kind, tensor = "chained", None
     else:
         kind, tensor = None, None
     ref = _LAST_RAW.get(adapter)
@@ -173,6 +204,8 @@ def _restore_record(adapter: nn.Module, record: tuple) -> None:
         _ATTACHED.add(adapter)
     elif kind == "lost":
         _LOST.add(adapter)
+    elif kind == "chained":
+        _CHAINED.add(adapter)
     if last:
         _LAST_RAW[adapter] = weakref.ref(tensor)
 
@@ -343,6 +376,16 @@ class Parametrization(nn.Module):
         coordinates by the constrained module, or here for a GeoTorch class registered directly with
         ``register_parametrization`` (Note [Raw tensors across dtypes])."""
         before = {n: self._buffers[n].dtype for n in self._base_names() if self._buffers.get(n) is not None}
+        # Note [Swapped raw tensors of a class registered directly]
+        # Under torch's swap semantics (torch.__future__.set_swap_module_params_on_conversion(True)), which
+        # DTensor parameters always take, the enclosing ParametrizationList swaps its raw Parameter after this
+        # _apply, and torch.utils.swap_tensors refuses a tensor with a weak reference: the one forward leaves
+        # in _LAST_RAW (Note [update_base on the class] in _manifolds.py). A constrained module's own _apply
+        # lifts it while it converts; a class registered directly with register_parametrization has none,
+        # so after one forward its module's .double() / .to() raised "_apply(): Couldn't swap
+        # ParametrizationList.original". The reference is dropped here (the next forward records it again).
+        if id(self) not in _HANDLED:
+            _LAST_RAW.pop(self, None)
         # A GeoTorch class registered directly with register_parametrization: no constrained-module
         # override converts its raw tensor (Note [Raw tensors across dtypes]); it is re-expressed here.
         handled = id(self) in _HANDLED or not self._identity_raw
@@ -352,6 +395,7 @@ class Parametrization(nn.Module):
         if view is not None:
             view = view.detach().clone()
         out = super()._apply(fn, recurse)
+        _forget_replaced_bases(self)  # Note [Replaced bases are not kept]
         self._contiguous_bases()  # .to(memory_format=torch.channels_last) of a 4-d base (Note [Contiguous bases])
         moved = [n for n, d in before.items() if self._buffers[n] is not None and self._buffers[n].dtype != d]
         new = self._buffers[moved[0]].dtype if moved else None
@@ -359,9 +403,10 @@ class Parametrization(nn.Module):
             # Not converted yet: ParametrizationList._apply converts its parameters after its children, so
             # the coordinates of the new dtype are written now, in the old dtype, and torch casts them.
             _write_values(self.where, self.space, self.space._dtype_coords(raw), view, old, new)
+        elif (moved and not handled and raw is None and self in _CHAINED and self._moves_with_floor(before[moved[0]], new)):
+            warnings.warn(_chained_message(self, before[moved[0]], new), stacklevel=2)  # Note [Chained values across dtypes]
         elif (moved and not handled and raw is None and (self in _LOST or self in _TENTATIVE or self in _ATTACHED)
-              and self.space._dtype_coords(torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
-              and floor_eps(before[moved[0]]) != floor_eps(new)):
+              and self._moves_with_floor(before[moved[0]], new)):
             warnings.warn(
                 f"{self.where} constrained to {self.space!r}: its base changed dtype to {new} but geofunc.nn does not "
                 "know its raw tensor (a class registered with register_parametrization, then evaluated on another "
@@ -382,6 +427,11 @@ class Parametrization(nn.Module):
                     stacklevel=2,
                 )
         return out
+
+    def _moves_with_floor(self, old: torch.dtype, new: torch.dtype) -> bool:
+        """Whether this space's values mean other points in ``new`` than in ``old`` (the floors of "softplus")."""
+        return (self.space._dtype_coords(torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
+                and floor_eps(old) != floor_eps(new))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """``nn.Module``'s, then: a base saved in another dtype and valid there is re-made valid in the
@@ -528,6 +578,8 @@ class Parametrization(nn.Module):
         device, or lies off the space.
         """
         registering = isinstance(X, nn.Parameter)  # torch hands right_inverse the tensor being registered
+        if registering:
+            _refuse_second_registration(self, X, self.space)  # Note [One adapter, one tensor]
         self._check_value(X, registering)
         try:
             Z, base = _from_manifold(self.space, X)
@@ -733,6 +785,21 @@ def _base_problem(owner: Any, base: Any) -> str | None:
 # check of the real buffers computed fake values and raised torch's DataDependentOutputException. The
 # check is not part of the model: it runs with the modes switched off, on the buffers' real values
 # (fake or meta buffers have none to read and are not checked, as before).
+
+
+# Note [Replaced bases are not kept]
+# The registry above holds the buffers it checked, strongly. Once nn.Module._apply replaced them (a device
+# move: a CUDA -> CPU offload, .to("meta"), to_empty; a dtype change that needs no re-making), the old ones
+# (a frame base is as large as its weight) stayed alive until the owner's next eager forward, and for ever
+# where none came (an offloaded model, a meta copy): offloading a constrained model did not free its bases'
+# memory. An owner's _apply therefore drops its entry when its buffers were replaced; the new buffers are
+# checked at the next forward, as after any change of them.
+def _forget_replaced_bases(owner: nn.Module) -> None:
+    """Drop ``owner``'s entry in the checked-bases registry if ``_apply`` replaced its base buffers."""
+    seen = _CHECKED_BASES.get(owner)
+    leaves = owner._base_buffers()
+    if seen is not None and (len(seen) != len(leaves) or any(a is not b for (a, _), b in zip(seen, leaves))):
+        _CHECKED_BASES.pop(owner, None)
 
 
 def _note_checked(owner: nn.Module, leaves: list) -> None:
@@ -1205,6 +1272,23 @@ def _check_cached_values(module: nn.Module) -> None:
 # dtype and are left to torch.
 
 
+# Note [Chained values across dtypes]
+# A "softplus" space appended to a tensor's chain (positive_definite on a weight already constrained by
+# symmetric, by another constraint function or by a torch parametrization) reads its value coordinates
+# from the previous parametrizations' output, not from a stored tensor: a dtype change (.double(),
+# .half(), load_state_dict of another dtype) cannot re-express them, and every eigenvalue (singular
+# value) moved by the difference of the floors, 3.5e-4 for float32 -> float64, silently (the README
+# promised rounding only). Nothing the chain exposes maps re-expressed coordinates back to the raw tensor
+# in general, so such a cast warns (the adapter's _apply; load_state_dict of another dtype in
+# _load_keeping_points), naming the remedy: assign the weight again after the cast.
+def _chained_message(adapter: nn.Module, old: torch.dtype, new: torch.dtype) -> str:
+    return (f"{adapter.where} constrained to {adapter.space!r}: its tensor changed dtype from {old} to {new}, but it is not "
+            "the first parametrization of its tensor's chain, so its raw values (the previous parametrizations' output) "
+            "are not re-expressed in the new dtype and every value moves by the difference of the floors of "
+            f"\"softplus\" ({floor_eps(old):.2g} -> {floor_eps(new):.2g}). Assign the weight again after the cast "
+            "(module.<name> = weight_before.to(dtype)), or constrain the tensor with this space first.")
+
+
 def _concrete(t: Any) -> bool:
     """A plain tensor or Parameter whose values can be read and written (not meta, fake, a DTensor or under torch.func)."""
     return (type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta
@@ -1315,6 +1399,9 @@ def _load_keeping_points(self: nn.Module, state_dict: dict, prefix: str, local_m
             saved, Z = state_dict.get(key), plist.original
             if not (_concrete(saved) and _concrete(Z)) or saved.dtype == Z.dtype or saved.shape != Z.shape:
                 continue
+            for A in list(plist)[1:]:  # Note [Chained values across dtypes]
+                if A in _CHAINED and A._moves_with_floor(saved.dtype, Z.dtype):
+                    warnings.warn(_chained_message(A, saved.dtype, Z.dtype), stacklevel=4)
             if saved.is_complex() != Z.is_complex():
                 continue
             view = M.space._dtype_coords(saved)
@@ -1488,6 +1575,8 @@ def attach(module: ModuleT, tensor_name: str, adapter: nn.Module, Z: Tensor | No
         elif not keep:
             _restore(snapshot)
         raise
+    if parametrize.is_parametrized(module, tensor_name) and module.parametrizations[tensor_name][-1] is adapter and chained:
+        _CHAINED.add(adapter)  # Note [Chained values across dtypes]
     if parametrize.is_parametrized(module, tensor_name) and module.parametrizations[tensor_name][0] is adapter:
         # The module's own _apply / _load_from_state_dict keep its points (Note [Raw tensors across dtypes]).
         _ATTACHED.add(adapter)

@@ -32,7 +32,16 @@ from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
-from ._adapter import _LAST_RAW, Parametrization, _fsdp2_unsharded, _note_raw, _note_registration, own_raw, refine_base
+from ._adapter import (
+    _LAST_RAW,
+    Parametrization,
+    _fsdp2_unsharded,
+    _note_raw,
+    _note_registration,
+    _refuse_second_registration,
+    own_raw,
+    refine_base,
+)
 from ._exceptions import InManifoldError, InverseError, NonSquareError, RankError, VectorError, _name
 
 __all__ = [
@@ -442,6 +451,8 @@ class _Manifold(Parametrization):
         inverse. Nothing is changed when it raises.
         """
         registering = isinstance(X, nn.Parameter)  # torch hands right_inverse the tensor being registered
+        if registering:
+            _refuse_second_registration(self, X, self.space)  # Note [One adapter, one tensor] in _adapter.py
         raw = X
         X = _as_matrix(X)
         if not isinstance(X, Tensor):

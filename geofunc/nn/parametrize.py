@@ -4,7 +4,10 @@
 block (an RNN's time loop, weight sharing); gradients flow through the cached value. The rest is
 PyTorch's own API, re-exported unchanged: ``register_parametrization``, ``is_parametrized``,
 ``remove_parametrizations``, ``type_before_parametrizations``,
-``transfer_parametrizations_and_params``, ``ParametrizationList``.
+``transfer_parametrizations_and_params``, ``ParametrizationList``. (``transfer_parametrizations_and_params``
+registers the source's parametrization object itself on the target; a geofunc class holds one tensor's
+base and refuses a second tensor with ``ManifoldError``: deep-copy the module, or constrain the target
+and load the source's ``state_dict``.)
 
 Example::
 
