@@ -1433,14 +1433,17 @@ def _frame_matrix(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
     return torch.cat([torch.cat([T, R], dim=-1), bottom], dim=-2)
 
 
-def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple[Tensor, dict]:
+def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None, horner: Tensor | None = None) -> tuple[Tensor | None, dict]:
     """The first k columns of ``expm(M)``, ``M = [[T, R], [c I, 0]]``, and what the adjoint needs
     (Note [Frame exponential]). Plain tensors, no graph.
 
     ``cache["powers"]``: the powers the degree choice computed (``M², M³, M⁴``, or expm's
     ``A_t², A_t³, A_t⁴`` past ‖M‖₁ = 2¹⁶; None for a degree chosen from ‖M‖₁ alone). ``powers``: those
     of an earlier call on the same inputs (the compiled adjoint), which then gives the same choice
-    without recomputing them.
+    without recomputing them. ``horner``: ``(…, _FRAME_H, 2k, k)``, the Horner factors ``cache["hs"]`` of
+    that call (its first ``m/4 − 1`` entries; the compiled adjoint, Note [Compiled frame exponential]):
+    where the evaluation is Paterson–Stockmeyer on the k columns they are taken from it, not recomputed,
+    and the columns themselves are not returned (None).
     """
     k = T.shape[-1]
     M = _frame_matrix(T, R, c)
@@ -1472,9 +1475,12 @@ def _frame_forward(T: Tensor, R: Tensor, c: Tensor, powers: Any = None) -> tuple
         return X[..., :k], {"M": M, "m": m, "s": s, "full": cache, "powers": pre[1][1:]}
     # Paterson–Stockmeyer (q = 4) on the first k columns: h_{r-1} = (C_{r-1} + c_m M⁴) E,
     # h_i = C_i E + M⁴ h_{i+1}
+    r = m // 4
+    if horner is not None:  # the compiled adjoint: the same factors, bit for bit, as the forward's
+        return None, {"M": M, "m": m, "s": 0, "full": None, "P2": pre[1][1], "P4": pre[1][3],
+                      "hs": list(horner[..., : r - 1, :, :].unbind(-3)), "powers": pre[1][1:]}
     P = [None] + [Pj[..., :k] for Pj in pre[1]]
     cf = _coefs(m)
-    r = m // 4
 
     inplace = not dispatch_mode_active()  # Note [In place under a dispatch mode]
 
@@ -1587,15 +1593,23 @@ def frame_expm(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
 
 
 # Note [Compiled frame exponential]
-# Under torch.compile the frame chart's k columns are custom operators too, geofunc::frame_expm,
-# frame_expm_powers and frame_expm_vjp, built as Note [Compiled exponential]'s: kernels that choose
+# Under torch.compile the frame chart's k columns are custom operators too, geofunc::frame_cols,
+# frame_cols_fwd and frame_cols_bwd, built as Note [Compiled exponential]'s: kernels that choose
 # the degree and squarings at run time (as frame_expm does in eager mode), the powers M², M³, M⁴
-# handed from the forward to the adjoint, which re-evaluates the Horner steps on the k columns;
-# the autograd kernels apply single-level Functions; the adjoint's own derivatives and forward
-# mode run the static schedule on M (exact to every order); vmap rules move the batch to the
-# front. A second library fragment, so that expm's operators keep their names (and inductor's
-# cached graphs their meaning). Measured (README step, inductor, 1 thread, A/B in one process):
-# compiled 2.64 → 2.24 ms (0.85×), compile time unchanged (9–11 s).
+# and the Horner factors h_1 … h_{m/4−1} of the k columns (a fixed _FRAME_H slots, zeros past m/4 − 1
+# or where the evaluation was expm's) handed from the forward to the adjoint, which then makes the
+# same choice and re-evaluates nothing on the Paterson–Stockmeyer path (only expm's evaluation,
+# with squarings or at a low degree, is re-evaluated); the autograd kernels apply single-level
+# Functions; the adjoint's own derivatives and forward mode run the static schedule on M (exact to
+# every order); vmap rules move the batch to the front. A second library fragment, so that expm's
+# operators keep their names (and inductor's cached graphs their meaning); all three renamed from
+# frame_expm, frame_expm_powers and frame_expm_vjp when the Horner factors were added: the on-disk
+# cache keys the compiled step on the Dynamo graph, which names only the values operator, so a
+# warm cache under the old name called frame_expm_powers, which no longer exists (seen).
+# Measured (README step, inductor, 1 thread, A/B in one process): compiled 2.64 → 2.24 ms (0.85×),
+# compile time unchanged (9–11 s); handing the Horner factors over instead of re-evaluating them
+# (3 products of 2k × 2k by 2k × k and 4 blocks at the step's degree 16), 0.94× (per-round median
+# of 16 interleaved rounds, process CPU time; ~0.3 ms; the gradients bit for bit the same).
 
 
 def _frame_static(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
@@ -1611,24 +1625,34 @@ def _frame_kernel(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
     return _frame_forward(T, R, c)[0].contiguous()
 
 
-def _frame_powers_kernel(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """The k columns and ``(…, 3, 2k, 2k)``: the powers the degree choice computed (zeros where it
-    needed none: the adjoint then chooses from ‖M‖₁ alone again)."""
+#: Horner factors the compiled frame forward hands to its adjoint: m/4 − 1 ≤ _HIGH[-1]/4 − 1
+_FRAME_H = _HIGH[-1] // 4 - 1
+
+
+def _frame_fwd_kernel(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The k columns, ``(…, 3, 2k, 2k)``: the powers the degree choice computed (zeros where it
+    needed none: the adjoint then chooses from ‖M‖₁ alone again), and ``(…, _FRAME_H, 2k, k)``: the
+    Horner factors of a Paterson–Stockmeyer evaluation on the k columns (its first m/4 − 1 entries;
+    zeros where the evaluation was expm's, which the adjoint then re-evaluates)."""
     F, cache = _frame_forward(T, R, c)
-    n = 2 * T.shape[-1]
+    k = T.shape[-1]
     P = cache["powers"]
-    P = torch.stack(list(P), dim=-3) if P is not None else T.new_zeros(*T.shape[:-2], 3, n, n)
-    return F.contiguous(), P
+    P = torch.stack(list(P), dim=-3) if P is not None else T.new_zeros(*T.shape[:-2], 3, 2 * k, 2 * k)
+    H = T.new_zeros(*T.shape[:-2], _FRAME_H, 2 * k, k)
+    hs = cache.get("hs")
+    if hs:
+        H[..., : len(hs), :, :] = torch.stack(hs, dim=-3)
+    return F.contiguous(), P, H
 
 
-def _frame_vjp_kernel(T: Tensor, R: Tensor, c: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    _, cache = _frame_forward(T, R, c, P.unbind(-3))
+def _frame_bwd_kernel(T: Tensor, R: Tensor, c: Tensor, P: Tensor, H: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    _, cache = _frame_forward(T, R, c, P.unbind(-3), H)
     GT, GR = _frame_adjoint(T, R, c, cache, G)
     return GT.contiguous(), GR.contiguous()
 
 
 def _register_frame_ops() -> bool:
-    """Define geofunc::frame_expm, frame_expm_powers and frame_expm_vjp (Note [Compiled frame
+    """Define geofunc::frame_cols, frame_cols_fwd and frame_cols_bwd (Note [Compiled frame
     exponential]); False where that is not possible (then the chart takes expm(M) under compile)."""
     if not _COMPILED_OPS:
         return False
@@ -1636,36 +1660,36 @@ def _register_frame_ops() -> bool:
     from torch.autograd.function import _SingleLevelFunction
 
     ops = torch.ops.geofunc
-    if hasattr(ops, "frame_expm_vjp"):  # this module imported again: already registered
+    if hasattr(ops, "frame_cols_bwd"):  # this module imported again: already registered
         return True
 
     class _CompiledFrame(_SingleLevelFunction):
         @staticmethod
-        def forward(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        def forward(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
             with _below_autograd():
-                return ops.frame_expm_powers(T, R, c)
+                return ops.frame_cols_fwd(T, R, c)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-            ctx.mark_non_differentiable(output[1])
-            ctx.save_for_backward(*inputs, output[1])
+            ctx.mark_non_differentiable(output[1], output[2])
+            ctx.save_for_backward(*inputs, output[1], output[2])
 
         @staticmethod
         @backward_without_autocast
-        def backward(ctx: Any, G: Tensor, _: Any) -> tuple:  # type: ignore[override]
-            T, R, c, P = ctx.saved_tensors
-            GT, GR = ops.frame_expm_vjp(T, R, c, P, G)
+        def backward(ctx: Any, G: Tensor, _: Any, __: Any) -> tuple:  # type: ignore[override]
+            T, R, c, P, H = ctx.saved_tensors
+            GT, GR = ops.frame_cols_bwd(T, R, c, P, H, G)
             return GT, GR, None
 
     class _CompiledFrameVjp(_SingleLevelFunction):
         @staticmethod
-        def forward(T: Tensor, R: Tensor, c: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        def forward(T: Tensor, R: Tensor, c: Tensor, P: Tensor, H: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
             with _below_autograd():
-                return ops.frame_expm_vjp(T, R, c, P, G)
+                return ops.frame_cols_bwd(T, R, c, P, H, G)
 
         @staticmethod
         def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-            T, R, c, _, G = inputs
+            T, R, c, _, _, G = inputs
             ctx.save_for_backward(T, R, c, G)
 
         @staticmethod
@@ -1673,44 +1697,44 @@ def _register_frame_ops() -> bool:
         def backward(ctx: Any, HT: Tensor, HR: Tensor) -> tuple:  # type: ignore[override]
             T, R, c, G = ctx.saved_tensors
             dT, dR, dG = torch.func.vjp(lambda T, R, G: _frame_static_vjp(T, R, c, G), T, R, G)[1]((HT, HR))
-            return dT, dR, None, None, dG
+            return dT, dR, None, None, None, dG
 
     def frame_autograd(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
         if _no_graph(T, R):
             with torch._C._AutoDispatchBelowAutograd():
-                return ops.frame_expm(T, R, c)
+                return ops.frame_cols(T, R, c)
         if _forward_mode():
             return _frame_static(T, R, c)
         with enable_single_level_autograd_function():
             return _CompiledFrame.apply(T, R, c)[0]
 
-    def frame_powers_autograd(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    def frame_fwd_autograd(T: Tensor, R: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if _no_graph(T, R):
             with torch._C._AutoDispatchBelowAutograd():
-                return ops.frame_expm_powers(T, R, c)
+                return ops.frame_cols_fwd(T, R, c)
         with enable_single_level_autograd_function():
             return _CompiledFrame.apply(T, R, c)
 
-    def frame_vjp_autograd(T: Tensor, R: Tensor, c: Tensor, P: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    def frame_bwd_autograd(T: Tensor, R: Tensor, c: Tensor, P: Tensor, H: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
         if _no_graph(T, R, G):
             with torch._C._AutoDispatchBelowAutograd():
-                return ops.frame_expm_vjp(T, R, c, P, G)
+                return ops.frame_cols_bwd(T, R, c, P, H, G)
         if _forward_mode():
             return _frame_static_vjp(T, R, c, G)
         with enable_single_level_autograd_function():
-            return _CompiledFrameVjp.apply(T, R, c, P, G)
+            return _CompiledFrameVjp.apply(T, R, c, P, H, G)
 
     def fronted(info: Any, in_dims: tuple, *xs: Tensor) -> list[Tensor]:
         return [_front(x, d, info.batch_size) for x, d in zip(xs, in_dims)]
 
     def frame_vmap(info: Any, in_dims: tuple, *xs: Tensor) -> tuple[Tensor, int]:
-        return ops.frame_expm(*fronted(info, in_dims, *xs)), 0
+        return ops.frame_cols(*fronted(info, in_dims, *xs)), 0
 
-    def frame_powers_vmap(info: Any, in_dims: tuple, *xs: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-        return ops.frame_expm_powers(*fronted(info, in_dims, *xs)), (0, 0)
+    def frame_fwd_vmap(info: Any, in_dims: tuple, *xs: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[int, int, int]]:
+        return ops.frame_cols_fwd(*fronted(info, in_dims, *xs)), (0, 0, 0)
 
-    def frame_vjp_vmap(info: Any, in_dims: tuple, *xs: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-        return ops.frame_expm_vjp(*fronted(info, in_dims, *xs)), (0, 0)
+    def frame_bwd_vmap(info: Any, in_dims: tuple, *xs: Tensor) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        return ops.frame_cols_bwd(*fronted(info, in_dims, *xs)), (0, 0)
 
     def cols(T: Tensor) -> Tensor:
         return T.new_empty(*T.shape[:-2], 2 * T.shape[-1], T.shape[-1])
@@ -1719,19 +1743,22 @@ def _register_frame_ops() -> bool:
         n = 2 * T.shape[-1]
         return T.new_empty(*T.shape[:-2], 3, n, n)
 
+    def horner_like(T: Tensor) -> Tensor:
+        return T.new_empty(*T.shape[:-2], _FRAME_H, 2 * T.shape[-1], T.shape[-1])
+
     def square(T: Tensor) -> Tensor:
         return torch.empty_like(T, memory_format=torch.contiguous_format)
 
     lib = torch.library.Library("geofunc", "FRAGMENT")  # noqa: TOR901 (lives as long as the module)
-    lib.define("frame_expm(Tensor T, Tensor R, Tensor c) -> Tensor")
-    lib.define("frame_expm_powers(Tensor T, Tensor R, Tensor c) -> (Tensor, Tensor)")
-    lib.define("frame_expm_vjp(Tensor T, Tensor R, Tensor c, Tensor P, Tensor G) -> (Tensor, Tensor)")
+    lib.define("frame_cols(Tensor T, Tensor R, Tensor c) -> Tensor")
+    lib.define("frame_cols_fwd(Tensor T, Tensor R, Tensor c) -> (Tensor, Tensor, Tensor)")
+    lib.define("frame_cols_bwd(Tensor T, Tensor R, Tensor c, Tensor P, Tensor H, Tensor G) -> (Tensor, Tensor)")
     _register_ops(lib, (
-        ("frame_expm", _frame_kernel, frame_autograd, lambda T, R, c: cols(T), frame_vmap),
-        ("frame_expm_powers", _frame_powers_kernel, frame_powers_autograd, lambda T, R, c: (cols(T), powers_like(T)),
-         frame_powers_vmap),
-        ("frame_expm_vjp", _frame_vjp_kernel, frame_vjp_autograd, lambda T, R, c, P, G: (square(T), square(R)),
-         frame_vjp_vmap),
+        ("frame_cols", _frame_kernel, frame_autograd, lambda T, R, c: cols(T), frame_vmap),
+        ("frame_cols_fwd", _frame_fwd_kernel, frame_fwd_autograd,
+         lambda T, R, c: (cols(T), powers_like(T), horner_like(T)), frame_fwd_vmap),
+        ("frame_cols_bwd", _frame_bwd_kernel, frame_bwd_autograd, lambda T, R, c, P, H, G: (square(T), square(R)),
+         frame_bwd_vmap),
     ))
     globals()["_FRAME_OPS_LIBRARY"] = lib
     return True
@@ -1748,7 +1775,7 @@ def frame_columns(T: Tensor, R: Tensor, c: Tensor) -> Tensor | None:
         if type(X) not in _PLAIN_TYPES or X.dtype not in _FAST_DTYPES or X.is_meta:
             return None
     if torch.compiler.is_compiling() or make_fx_tracing():  # (Note [Traced by make_fx])
-        return torch.ops.geofunc.frame_expm(T, R, c.detach()) if _FRAME_OPS and _host_reads(T) else None
+        return torch.ops.geofunc.frame_cols(T, R, c.detach()) if _FRAME_OPS and _host_reads(T) else None
     if torch._C._functorch.peek_interpreter_stack() is not None or forward_tangents(T, R):
         return None
     if any(torch._C._functorch.is_functorch_wrapped_tensor(X) for X in (T, R)):  # outlived its transform

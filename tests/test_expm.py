@@ -14,7 +14,7 @@ import torch
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import geofunc as gf
-from geofunc._expm import _STATIC_S, _STATIC_THETA, _expm_static, _frame_forward, _frame_matrix, frame_columns, frame_expm, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
+from geofunc._expm import _FRAME_H, _STATIC_S, _STATIC_THETA, _expm_static, _frame_forward, _frame_matrix, frame_columns, frame_expm, _products, _real, _theta, _UNIT_ROUNDOFF, choose_degree, expm, expm_frechet
 from geofunc._linalg import cayley, skew_lower
 from geofunc.testing import no_vmap_fallback
 
@@ -707,10 +707,11 @@ def test_compiled_frame_kernels_return_what_their_fake_kernels_say(layout, dtype
     T, R, c = (t * 1e-6 for t in _frame_inputs(4, 1.0, generator, dtype, (3,)))  # the low degrees
     G = torch.randn(3, 8, 4, generator=generator, dtype=dtype)
     ops = torch.ops.geofunc
-    _, P = ops.frame_expm_powers(T, R, c)
+    _, P, H = ops.frame_cols_fwd(T, R, c)
     args = (lay(T), lay(R), c)
-    for op, a in ((ops.frame_expm.default, args), (ops.frame_expm_powers.default, args),
-                  (ops.frame_expm_vjp.default, (*args, lay(P.movedim(-3, 0)).movedim(0, -3), lay(G)))):
+    for op, a in ((ops.frame_cols.default, args), (ops.frame_cols_fwd.default, args),
+                  (ops.frame_cols_bwd.default, (*args, lay(P.movedim(-3, 0)).movedim(0, -3),
+                                                lay(H.movedim(-3, 0)).movedim(0, -3), lay(G)))):
         torch.library.opcheck(op, a, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -1068,7 +1069,7 @@ def _frame_ref(T, R, c):
 
 
 def test_compiled_frame_chart_has_the_frame_kernels(generator):
-    """Under torch.compile a frame chart of ≥ 32 columns runs the geofunc::frame_expm operators (Note
+    """Under torch.compile a frame chart of ≥ 32 columns runs the geofunc::frame_cols operators (Note
     [Compiled frame exponential]), not the 2k×2k exponential: under torch.func.grad and with backward()
     outside the compiled forward, the eager gradients."""
     space = gf.Stiefel()
@@ -1087,7 +1088,7 @@ def test_compiled_frame_chart_has_the_frame_kernels(generator):
             torch.compile(f, fullgraph=True, backend=_recording(targets))(z).backward()
             g = z.grad
         torch.testing.assert_close(g, grad(f)(Z), rtol=1e-11, atol=1e-11)
-        assert "geofunc.frame_expm_powers.default" in targets and "geofunc.frame_expm_vjp.default" in targets, targets
+        assert "geofunc.frame_cols_fwd.default" in targets and "geofunc.frame_cols_bwd.default" in targets, targets
         assert not any("expm_powers" in t and "frame" not in t for t in targets)
         assert not any("matrix_exp" in t or "where" in t for t in targets)
 
@@ -1125,21 +1126,48 @@ def test_compiled_frame_kernels_pass_opcheck(dtype, scale, generator):
     G = torch.randn(2, 8, 4, generator=generator, dtype=dtype).requires_grad_()
     ops = torch.ops.geofunc
     with torch.no_grad():
-        F, P = ops.frame_expm_powers(T, R, c)
-    torch.library.opcheck(ops.frame_expm.default, (T, R, c))
-    torch.library.opcheck(ops.frame_expm_powers.default, (T, R, c))
+        F, P, H = ops.frame_cols_fwd(T, R, c)
+    torch.library.opcheck(ops.frame_cols.default, (T, R, c))
+    torch.library.opcheck(ops.frame_cols_fwd.default, (T, R, c))
     if FRAME_SCALES[scale] != "huge":  # the adjoint's own derivatives (static schedule) are NaN past its bound, by design
-        torch.library.opcheck(ops.frame_expm_vjp.default, (T, R, c, P, G))
+        torch.library.opcheck(ops.frame_cols_bwd.default, (T, R, c, P, H, G))
     with torch.no_grad():
-        torch.testing.assert_close(ops.frame_expm(T, R, c), frame_expm(T, R, c), rtol=0, atol=0)
+        torch.testing.assert_close(ops.frame_cols(T, R, c), frame_expm(T, R, c), rtol=0, atol=0)
         torch.testing.assert_close(F, frame_expm(T, R, c), rtol=0, atol=0)
         powers = _frame_forward(T, R, c)[1]["powers"]
         assert torch.equal(P, torch.stack(list(powers), dim=-3)) if powers is not None else not P.any()
+        hs = _frame_forward(T, R, c)[1].get("hs") or []  # the Horner factors (Paterson–Stockmeyer on k columns)
+        assert H.shape[-3] == _FRAME_H and torch.equal(H[..., : len(hs), :, :], torch.stack(hs, dim=-3) if hs else H[..., :0, :, :])
+        assert not H[..., len(hs):, :, :].any()
     Tg, Rg = T.detach().requires_grad_(), R.detach().requires_grad_()
     ref = torch.autograd.grad((frame_expm(Tg, Rg, c) * G.detach()).sum(), [Tg, Rg])
     with torch.no_grad():
-        for a, b in zip(ops.frame_expm_vjp(T, R, c, P, G), ref):
+        for a, b in zip(ops.frame_cols_bwd(T, R, c, P, H, G), ref):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", list(FRAME_SCALES), ids=list(FRAME_SCALES.values()))
+def test_compiled_frame_adjoint_reuses_the_forward_horner_factors(scale, generator, monkeypatch):
+    """geofunc::frame_cols_bwd re-evaluates nothing where the forward was Paterson–Stockmeyer on the k
+    columns (Note [Compiled frame exponential]): it takes the products of the adjoint alone, and its
+    gradients are the eager adjoint's bit for bit at every scale (expm's evaluations re-evaluated)."""
+    T, R, c = _frame_inputs(32, scale, generator, torch.float64, (2,))
+    if FRAME_SCALES[scale] == "low degree":
+        T, R, c = T * 1e-6, R * 1e-6, c * 1e-6
+    G = torch.randn(2, 64, 32, generator=generator, dtype=torch.float64)
+    ops = torch.ops.geofunc
+    _, P, H = ops.frame_cols_fwd(T, R, c)
+    _, cache = gf._expm._frame_forward(T, R, c)
+    counts = []
+    for mm in ("_mm", "_mm_add"):
+        monkeypatch.setattr(gf._expm, mm, (lambda f: lambda *a, **k: counts.append(1) or f(*a, **k))(getattr(gf._expm, mm)))
+    ref = gf._expm._frame_adjoint(T, R, c, cache, G)
+    n_adjoint = len(counts)
+    got = ops.frame_cols_bwd(T, R, c, P, H, G)
+    if cache["full"] is None:  # Paterson–Stockmeyer on the k columns: nothing re-evaluated
+        assert len(counts) - n_adjoint == n_adjoint, (len(counts) - n_adjoint, n_adjoint)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_frame_columns_leaves_leftover_wrappers_to_expm(generator):

@@ -213,9 +213,9 @@ def test_vmap_jacrev_of_the_so2_chart_itself(B, generator):
 
 # --------------------------------------------------------------- the custom operators' vmap rules
 def _frame_op(M):
-    """``expm(M)[..., :k]`` by ``geofunc::frame_expm`` from the top rows of ``M`` (T, R), c = 1."""
+    """``expm(M)[..., :k]`` by ``geofunc::frame_cols`` from the top rows of ``M`` (T, R), c = 1."""
     k = M.shape[-1] // 2
-    return torch.ops.geofunc.frame_expm(M[..., :k, :k], M[..., :k, k:], torch.ones(M.shape[:-2] + (1, 1), dtype=M.dtype))
+    return torch.ops.geofunc.frame_cols(M[..., :k, :k], M[..., :k, k:], torch.ones(M.shape[:-2] + (1, 1), dtype=M.dtype))
 
 
 def _frame_ref(M):
