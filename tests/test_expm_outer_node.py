@@ -1,0 +1,87 @@
+"""Note [One node at the outer grad level]: under grad(vmap(grad)) (MAML) the chain's evaluation and adjoint are
+one node each at the outer grad level, with a hand-written reverse; meta-gradients equal the op chain's, finite
+differences and a loop over tasks, for batched and shared generators, s = 0 and s > 0, a loss linear in the
+value (whose evaluation node gets no cotangent) and a backward at the outer level that builds a graph."""
+import pytest
+import torch
+from torch.func import grad, vmap
+
+import geofunc._expm as E
+
+N = 10
+
+
+def _problem(scale, shared, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A0 = torch.randn(*(() if shared else (3,)), N, N, dtype=torch.float64, generator=g) * scale / N**0.5
+    G = torch.randn(3, N, N, dtype=torch.float64, generator=g)
+    D = torch.randn(3, N, N, dtype=torch.float64, generator=g)
+    return A0, G, D
+
+
+def _outer(G, D, shared, linear):
+    def inner(a, g):
+        if linear:  # the inner loss linear in expm(x): its cotangent g does not depend on the value
+            h = grad(lambda x: (E.expm(x) * g).sum())(a)
+        else:
+            h = grad(lambda x: (E.expm(x) * g * E.expm(x)).sum())(a)
+        a2 = a - 0.05 * h  # a second inner step at the moved generator (batched from here on)
+        return grad(lambda x: (E.expm(x) ** 2 * g).sum())(a2) + a2
+
+    def outer(A):
+        return (vmap(inner, in_dims=(None if shared else 0, 0))(A, G) * D).sum()
+
+    return inner, outer
+
+
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("scale", [0.3, 4.0])
+def test_meta_gradient_matches_chain_fd_and_loop(scale, shared, linear, monkeypatch):
+    A0, G, D = _problem(scale, shared)
+    inner, outer = _outer(G, D, shared, linear)
+    calls = []
+    fwd = E._OuterEval.forward
+    monkeypatch.setattr(E._OuterEval, "forward", staticmethod(lambda *a: calls.append(1) or fwd(*a)))
+    on = grad(outer)(A0)
+    assert len(calls) == (2 if linear else 3)  # the node is taken (every inner exponential under grad(vmap(grad)))
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = grad(outer)(A0)
+    torch.testing.assert_close(on, off, rtol=1e-12, atol=1e-12)
+    V = torch.randn(A0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = 1e-6
+    fd = (outer(A0 + h * V) - outer(A0 - h * V)) / (2 * h)
+    torch.testing.assert_close((on * V).sum(), fd, rtol=1e-6, atol=0.0)
+    loop = sum(grad(lambda A: (inner(A if shared else A[t], G[t]) * D[t]).sum())(A0) for t in range(3))
+    torch.testing.assert_close(on, loop, rtol=1e-9, atol=1e-10)
+
+
+def test_backward_that_builds_a_graph_at_the_outer_level(monkeypatch):
+    # a user's autograd.grad(create_graph=True) inside the outer function: the nodes' fallback (the chain at the
+    # outer level) gives a third derivative equal to the op chain's
+    A0, G, D = _problem(1.0, False)
+    _, outer = _outer(G, D, False, False)
+    V = torch.randn(A0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def f(A):
+        (gA,) = torch.autograd.grad(outer(A), A, create_graph=True)
+        return (gA * V).sum()
+
+    on = grad(f)(A0)
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = grad(f)(A0)
+    torch.testing.assert_close(on, off, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_maml_step_matches_chain(monkeypatch):
+    from benchmarks.functional import maml, meta_loss, sinusoid_tasks
+
+    g = torch.Generator().manual_seed(0)
+    tasks = sinusoid_tasks(4, 10, g, torch.float32)
+    task_loss, raw, bases = maml(8, constrained=True, dtype=torch.float32, generator=g)
+    f = grad(meta_loss(task_loss))
+    on = f(raw, bases, *tasks)
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = f(raw, bases, *tasks)
+    for k in raw:
+        torch.testing.assert_close(on[k], off[k], rtol=1e-5, atol=1e-6)
