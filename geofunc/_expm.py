@@ -1219,7 +1219,7 @@ def _below_inner_grad(A: Tensor) -> Tensor | None:
 
 
 class _ChainState:
-    __slots__ = ("level", "frame", "A", "a", "batched", "m", "s", "cache", "outer", "a1", "leaf", "g", "saved", "fcache", "inter")
+    __slots__ = ("level", "frame", "A", "a", "batched", "m", "s", "cache", "outer", "a1", "leaf", "g", "saved", "fcache")
 
 
 def _physical(t: Tensor, vlevel: int) -> Tensor:
@@ -1293,7 +1293,11 @@ class _ChainNode(getattr(torch.autograd.function, "_SingleLevelFunction", torch.
             state.outer = _outer_frame(state, a)
             if state.outer is not None:  # Note [One node at the outer grad level]
                 outs = _OuterEval.apply(state, a)
-                X, state.inter = outs[0], outs[1:]
+                # the intermediates on this node's ctx, not on the state: _OuterEval's node holds the state, and
+                # its outputs hold that node (a cycle through the autograd graph, which gc cannot see: a leak
+                # wherever this node's backward never runs, e.g. an inner loss that detaches the value or
+                # returns it as has_aux)
+                X, ctx.inter = outs[0], outs[1:]
             else:
                 X, state.cache, state.m, state.s = _chain_eval(a)
         ctx.state = state
@@ -1315,8 +1319,8 @@ class _ChainNode(getattr(torch.autograd.function, "_SingleLevelFunction", torch.
                     allowed = F.get_single_level_autograd_function_allowed()
                     F.set_single_level_autograd_function_allowed(True)
                     try:
-                        out = _OuterAdj.apply(state, state.a1, gp, *state.inter)
-                        state.inter = None
+                        out = _OuterAdj.apply(state, state.a1, gp, *ctx.inter)
+                        ctx.inter = None
                     finally:
                         F.set_single_level_autograd_function_allowed(allowed)
                 else:
