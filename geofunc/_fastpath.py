@@ -76,8 +76,10 @@ def _pre_dispatch_tracing() -> bool:
 def make_fx_tracing() -> bool:
     """Whether make_fx (``torch.func.linearize``, AOT tracing, ``pre_dispatch=True`` too) is recording the
     ops (Note [Traced by make_fx], Note [Traced by make_fx before dispatch])."""
-    if _DISPATCH_STACK_LEN():
-        return _GET_MODE(_PROXY) is not None
+    # (a pre-dispatch trace under another dispatch mode, a FlopCounterMode or a user's, has the regular stack
+    # non-empty and no PROXY mode on it: both are read there)
+    if _DISPATCH_STACK_LEN() and _GET_MODE(_PROXY) is not None:
+        return True
     return _pre_dispatch_tracing()
 
 
@@ -136,10 +138,9 @@ def eager_fast(*tensors: Optional[Tensor]) -> bool:
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     # no values to read (Note [Fast paths under FakeTensorMode]) or none to bake in (Note [Traced by make_fx])
-    if _DISPATCH_STACK_LEN():
-        if fake_mode_active() or _GET_MODE(_PROXY) is not None:
-            return False
-    elif (_PRE_MODES is None or _PRE_MODES[0] is not None) and _pre_dispatch_tracing():  # (inlined: ~30 ns)
+    if _DISPATCH_STACK_LEN() and (fake_mode_active() or _GET_MODE(_PROXY) is not None):
+        return False
+    if (_PRE_MODES is None or _PRE_MODES[0] is not None) and _pre_dispatch_tracing():  # (inlined: ~30 ns)
         return False
     dtype = None
     for T in tensors:

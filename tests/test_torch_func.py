@@ -153,3 +153,18 @@ def test_make_fx_of_a_chart_at_bases_holds_at_other_bases(space, mode, pre_dispa
     for Z, base in ((Z1, b1), (Z2, b2)):
         for got, ref in zip(traced(Z, base, W), f(Z, base, W)):
             torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_make_fx_before_dispatch_under_another_dispatch_mode_holds_at_other_values(generator):
+    """A pre-dispatch trace taken under another dispatch mode (FlopCounterMode, a user's logging mode): the
+    regular dispatch stack is non-empty and holds no PROXY mode, so the pre-dispatch proxy mode must still be
+    read (Note [Traced by make_fx before dispatch]); the fast path's degree was baked in (Stiefel 16×4: 4e5
+    off at a raw tensor 30× larger, silently)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    space = gf.Stiefel()
+    Z = torch.randn(16, 4, generator=generator, dtype=F64)
+    with FlopCounterMode(display=False):
+        traced = make_fx(lambda Z: space.to_manifold(Z), tracing_mode="real", pre_dispatch=True)(0.1 * Z)
+    for scale in (0.1, 3.0):
+        torch.testing.assert_close(traced(scale * Z), space.to_manifold(scale * Z), **TOL)
