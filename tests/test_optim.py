@@ -1483,3 +1483,26 @@ def test_scale_by_adam_first_moment_of_a_gradient_of_another_dtype(pdtype, gdtyp
     _, state = t.update(g, state, p)
     mu = state.mu["w"]
     torch.testing.assert_close(mu.double(), torch.full((3,), 0.05, dtype=torch.float64), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_momentum_tensor_at_zero_has_the_rules_derivative(nesterov):
+    """A meta-learned momentum initialised at 0 (dampening 0, the default: the step is continuous in μ there):
+    selected by value (Note [A momentum tensor that may be zero]), its derivative was 0 where central
+    differences give the rule's (rsgd, three steps on a quadratic: -23.5, silently 0)."""
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=F64)
+
+    def run(mu):
+        x = torch.tensor([1.0, -2.0], dtype=F64)
+        t = gf.optim.trace(mu, 0.0, nesterov)
+        s = t.init(x)
+        for _ in range(3):
+            v, s = t.update(A @ x, s, x)
+            x = x - 0.1 * v
+        return 0.5 * x @ A @ x
+
+    mu = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    (d,) = torch.autograd.grad(run(mu), mu)
+    h = 1e-6
+    fd = (run(torch.tensor(h, dtype=F64)) - run(torch.tensor(-h, dtype=F64))) / (2 * h)
+    torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-8)

@@ -259,6 +259,11 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # momentum is 0 the vectors pass and the buffer and the count (steps with momentum, dampening's "first")
 # stay as they are, as torch's; elsewhere the rule above. (The count follows a momentum on another device
 # than the CPU with a copy per step, as torch's bool() of it.) A number 0 is the branch above (no buffer).
+def _finite(t: Tensor) -> Tensor:
+    """``t`` with non-finite entries 0 (multiplied by a momentum of 0, they would make the step NaN)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
@@ -297,9 +302,13 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
             prev = _map(torch.zeros_like, vectors) if _no_buffer(state.trace) else state.trace
             first = state.count == 0
             new = _map(lambda g, b: _keep(g, torch.where(first, g, decay * b + (1.0 - dampening) * g)), vectors, prev)
-            buf = _map(lambda n, b: torch.where(on, n, b), new, prev)
+            # while the momentum has been 0 from the start (torch keeps no buffer) the buffer holds the rule's
+            # value at 0, the gradient, and a momentum that is 0 steps by g + μ·b (= g): its derivative in μ is
+            # the rule's (a meta-learned momentum initialised at 0 had none: Note [A momentum tensor that may be zero])
+            idle = first & ~on
+            buf = _map(lambda g, n, b: torch.where(on, n, torch.where(idle, g, b)), vectors, new, prev)
             out = (_map(lambda g, b: _keep(g, g + decay * b), vectors, buf) if nesterov
-                   else _map(lambda g, b: torch.where(on, b, g), vectors, buf))
+                   else _map(lambda g, b, q: torch.where(on, b, _keep(g, g + decay * _finite(q))), vectors, buf, prev))
             return out, TraceState(state.count + on.to(device=state.count.device, dtype=state.count.dtype), buf)
         if _no_buffer(state.trace):  # the first step with momentum: b_1 = g_1, as torch creates its buffer
             buf = _map(torch.clone, vectors)
@@ -539,7 +548,7 @@ def _check_rate(where: str, value: Any) -> Any:
     elif isinstance(value, numbers.Number):
         ok = isinstance(value, numbers.Real)
     else:
-        ok = getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("b", "i", "u", "f")
+        ok = getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u", "f")  # (a NumPy bool: no negation)
     if not ok:
         raise ManifoldError(f"{where}: expected a real number or a real 0-dim tensor, got {describe(value)}.")
     return value
