@@ -358,3 +358,16 @@ def test_an_atol_given_as_a_string_is_refused() -> None:
             with pytest.raises(gf.ManifoldError, match=r"Stiefel\(triv='expm'\): expected `atol` to be None or a number ≥ 0"):
                 call(bad)
     assert bool(M.contains(X, atol=1e-3)) and M.check(X, atol=1e-3) is None
+
+
+def test_a_schedule_of_numpy_bools_is_refused_with_manifold_error():
+    """A schedule whose value is a NumPy bool (np.bool_, a 0-dim bool array) passed the value check and raised
+    NumPy's "boolean negative is not supported" TypeError from the negation of the rate (Note [A schedule's
+    value is checked] in geofunc/optim/_transforms.py); it is refused as a bool tensor is."""
+    import numpy as np
+
+    x, g = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([1.0, 1.0])}
+    for value in (np.bool_(True), np.array(True)):
+        opt = gf.optim.rsgd({}, lr=lambda n, value=value: value)
+        with pytest.raises(gf.ManifoldError, match="expected a real number or a real 0-dim tensor"):
+            opt.update(g, opt.init(x), x)
