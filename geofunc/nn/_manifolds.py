@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import operator
 import weakref
@@ -315,7 +316,60 @@ def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
     return method
 
 
+# Note [The tolerance of in_manifold]
+# GeoTorch's ``eps`` is a non-negative tolerance (or, for FixedRank, GLp and the fixed-rank PSSD
+# classes, the lower bound of the kept values). A bad one was read differently by each class: torch's
+# RuntimeError from allclose (SO, Stiefel, the triangles, PSD: negative or NaN atol), a negative one
+# under the dtype's floor and so True (Sphere, GLp), a NaN one True (LowRank, AlmostOrthogonal) or
+# False (Sphere, GLp). ``eps`` of every ``in_manifold*`` method is now checked first: a real number
+# (a Python or NumPy number, a one-element real tensor), not NaN, not negative, else a ManifoldError.
+
+
+def _tolerance(where: str, eps: Any) -> float:
+    """``eps`` of ``where`` (``Class.method``) as a Python float (Note [The tolerance of in_manifold])."""
+    v: Optional[float] = None
+    if not isinstance(eps, (str, bytes, bool)) and not (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
+        try:
+            v = float(eps.detach() if isinstance(eps, Tensor) else eps)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # RuntimeError: a tensor of several values
+            v = None
+    if v is None or math.isnan(v) or v < 0:
+        got = describe(eps) if v is None or isinstance(eps, Tensor) else repr(eps)
+        got = got if v is None or not isinstance(eps, Tensor) else f"{got} of value {v}"
+        raise ManifoldError(f"{where}: expected `eps` to be a non-negative real number (a tolerance), got {got}.")
+    return v
+
+
+def _checked_eps(fn: Callable[..., Any], static: bool) -> Callable[..., Any]:
+    """``fn`` (an ``in_manifold*`` method with an ``eps`` argument) with ``eps`` checked when given."""
+    params = inspect.signature(fn).parameters
+    if "eps" not in params:
+        return fn
+    pos, default = list(params).index("eps"), params["eps"].default
+
+    @functools.wraps(fn)
+    def method(*args: Any, **kwargs: Any) -> Any:
+        if "eps" in kwargs or len(args) > pos:
+            where = fn.__qualname__ if static else f"{type(args[0]).__name__}.{fn.__name__}"
+            if "eps" in kwargs:
+                if not (kwargs["eps"] is None and default is None):
+                    kwargs["eps"] = _tolerance(where, kwargs["eps"])
+            elif not (args[pos] is None and default is None):
+                args = (*args[:pos], _tolerance(where, args[pos]), *args[pos + 1 :])
+        return fn(*args, **kwargs)
+
+    method._checked_eps = True  # type: ignore[attr-defined]
+    return method
+
+
 def _without_autocast(cls: type) -> None:
+    for name, attr in list(cls.__dict__.items()):  # Note [The tolerance of in_manifold]
+        if not name.startswith("in_manifold"):
+            continue
+        if isinstance(attr, staticmethod) and not getattr(attr.__func__, "_checked_eps", False):
+            setattr(cls, name, staticmethod(_checked_eps(attr.__func__, True)))
+        elif callable(attr) and not getattr(attr, "_checked_eps", False):
+            setattr(cls, name, _checked_eps(attr, False))
     for name in _AUTOCAST_OFF_METHODS:
         attr = cls.__dict__.get(name)
         if isinstance(attr, staticmethod) and not getattr(attr.__func__, "_autocast_off", False):
@@ -418,6 +472,21 @@ class _Manifold(Parametrization):
         if X.dtype in LOW_PRECISION:
             return max(eps, default_atol(X.dtype, max(X.shape[-2:]) if X.ndim >= 2 else X.shape[-1]))
         return eps
+
+    def _sample_floor(self, eps: Any) -> float:
+        """``sample``'s ``eps``, the least kept singular value (eigenvalue), as a Python float: a finite
+        non-negative real number (a NaN one gave a matrix of NaNs, an infinite one of infinities)."""
+        v: Optional[float] = None
+        if not isinstance(eps, (str, bytes, bool)) and not (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
+            try:
+                v = float(eps.detach() if isinstance(eps, Tensor) else eps)
+            except (TypeError, ValueError, RuntimeError, OverflowError):  # RuntimeError: a tensor of several values
+                v = None
+        if v is None or not math.isfinite(v) or v < 0:
+            got = repr(eps) if v is not None and not isinstance(eps, Tensor) else describe(eps)
+            raise ManifoldError(f"{type(self).__name__}.sample ({self.space!r}): expected `eps` (the least kept value) to be "
+                                f"a finite non-negative real number, got {got}" + ("" if v is None or not isinstance(eps, Tensor) else f" of value {v}") + ".")
+        return v
 
     def _raw_in(self, Z: Tensor) -> Tensor:
         return Z
@@ -1321,6 +1390,7 @@ class FixedRank(_SVDManifold):
         """As :meth:`LowRank.sample`, singular values below ``eps`` (or the floor of ``f``) raised to it
         (square and of full rank: both signs of the determinant, as GeoTorch)."""
         self._require_size()
+        eps = self._sample_floor(eps)
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, 2.0 * self._floor()))
@@ -1379,6 +1449,7 @@ class GLp(FixedRank):
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
         """As :meth:`FixedRank.sample`, with the first column flipped where ``det < 0`` (as GeoTorch's SL)."""
         self._require_size()
+        eps = self._sample_floor(eps)
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, 2.0 * self._floor()))
@@ -1428,6 +1499,7 @@ class SL(FixedRank):
         """GeoTorch's SL sample (see the class docstring): always the matrix (``factorized`` is accepted
         and ignored, as in GeoTorch)."""
         self._require_size()
+        eps = self._sample_floor(eps)
         with torch.no_grad():
             U, s, V = self._svd_sample(init_)
             s = s.clamp(min=max(eps, math.sqrt(torch.finfo(s.dtype).eps * self.n)))
@@ -1697,6 +1769,7 @@ class PSSDFixedRank(_EigManifold):
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, eps: float = 5e-6, factorized: bool = False) -> Any:
         """Wishart top-``rank``, eigenvalues below ``eps`` (or the floor of ``f``) raised to it."""
         self._require_size()
+        eps = self._sample_floor(eps)
         with torch.no_grad():
             L, Q = self._wishart(init_)
             return self._emit(L.clamp(min=max(eps, 2.0 * self._floor())), Q, factorized)
