@@ -505,7 +505,11 @@ def _stack_buffers(modules: Sequence[nn.Module]) -> dict[str, Tensor]:
 # the points (the weights) in the ambient space and assigns their projection onto the space (the
 # extrinsic mean; for a convex space, PSD or Birkhoff, the average itself), which re-centres the
 # target's chart at it; other tensors are averaged entrywise, as AveragedModel(use_buffers=True)
-# does. The projection is the adapter's ``_project``: the space's, and for GeoTorch's classes, whose
+# does. The weights are those of an average (an EMA, a model soup): non-negative, summing to 1. A
+# negative one (an extrapolation, [2, −1]) was taken, and made BatchNorm's running_var negative
+# (2·1 − 3 = −1: NaN outputs in eval): an entrywise combination with a negative weight leaves the
+# convex sets such tensors live in (variances ≥ 0), and no space projects a buffer back.
+# The projection is the adapter's ``_project``: the space's, and for GeoTorch's classes, whose
 # in_manifold can be stricter than the space (GeoTorch's bounds 1e-5, 1e-6 on the kept values, above
 # float64's floor), the nearest point the class accepts (Note [Averages the class accepts]).
 
@@ -553,10 +557,11 @@ def average_(target: ModuleT, modules: Sequence[nn.Module], weights: Iterable[Su
     Args:
         target: the module written to.
         modules: the modules averaged (at least one).
-        weights: one number per module, summing to 1 (a list, a tensor, a NumPy array); default: uniform.
+        weights: one non-negative number per module, summing to 1 (a list, a tensor, a NumPy array);
+            default: uniform.
 
     Raises:
-        ManifoldError: no modules, weights of another length or not summing to 1, or a module whose
+        ManifoldError: no modules, weights of another length, negative or not summing to 1, or a module whose
             tensors or constraints differ from ``target``'s; ``InManifoldError`` where the
             assignment refuses a projected point (``target`` is then left as it was);
             ``ManifoldError`` where a constrained tensor's raw Parameter of ``target`` is tied to
@@ -573,6 +578,10 @@ def average_(target: ModuleT, modules: Sequence[nn.Module], weights: Iterable[Su
         raise ManifoldError(f"average_: expected {len(modules)} weights (one per module), got {len(w)}.")
     if not abs(sum(w) - 1.0) <= 1e-6:
         raise ManifoldError(f"average_: expected weights summing to 1, got {w} (sum {sum(w)}).")
+    negative = [i for i, v in enumerate(w) if v < 0]
+    if negative:  # Note [Averaging constrained modules]: a weighted average, a convex combination
+        raise ManifoldError(f"average_: expected non-negative weights (a convex combination, as an EMA or a model "
+                            f"soup), got weight {negative[0]} = {w[negative[0]]} in {w}.")
     _refuse_tied_raw(target, "average_")  # the assignment re-centres the chart: the tied name's value would jump
     ours = _geofunc_tensors(target)
     theirs = [_geofunc_tensors(m) for m in modules]
