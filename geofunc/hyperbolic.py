@@ -194,14 +194,19 @@ def _dot(x: Tensor, y: Tensor) -> Tensor:
     return (x * y).sum(-1, keepdim=True)
 
 
-def _check_c(c: Any, fn: str) -> Curvature:
+def _check_c(c: Any, fn: str, x: Any = None, xname: str = "x") -> Curvature:
     """A Python number must be finite and > 0 (else ManifoldError); a tensor must be a real floating 0-d
     one (checked by shape, no data read), and is NaN where it is not > 0: a curvature ≤ 0 gave plausible
-    values (dist 0, a finite Möbius sum) where a number ≤ 0 is refused."""
+    values (dist 0, a finite Möbius sum) where a number ≤ 0 is refused. A tensor must be on the device
+    of the points ``x`` (named ``xname``), or on the CPU: torch takes a CPU 0-d tensor as a scalar with
+    tensors of any device, but a CUDA (meta, ...) one with CPU points was torch's internal device error."""
     if isinstance(c, torch.Tensor):
         if c.ndim != 0 or not c.dtype.is_floating_point:
             raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a Python number or a 0-d "
                                 f"floating tensor), got {describe(c)}.")
+        if isinstance(x, torch.Tensor) and c.device != x.device and c.device.type != "cpu":
+            raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` on the device of `{xname}` ({x.device}) "
+                                f"or a CPU 0-d tensor, got {describe(c)} on {c.device}.")
         return torch.where(c > 0, c, torch.full_like(c, math.nan))
     value = real_value(c)
     if not 0.0 < value < math.inf:
@@ -463,7 +468,7 @@ def conformal_factor(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     (a finite point on or outside the boundary reads as one at the float boundary, as in every
     map); NaN where ``x`` has a NaN or inf entry.
     """
-    c = _check_c(c, "conformal_factor")
+    c = _check_c(c, "conformal_factor", x, "x")
     _check_vec(x, "conformal_factor", "x")
     return 2.0 / _gap(x, c) + poison(x, ndim=1)
 
@@ -480,7 +485,7 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     evaluated in the cancellation-free form of Note [stable gyrovector formulas]; the result
     is clamped into the ball's margin. Not commutative: :math:`x \oplus y = \mathrm{gyr}[x, y](y \oplus x)`.
     """
-    c = _check_c(c, "mobius_add")
+    c = _check_c(c, "mobius_add", x, "x")
     _check_vecs("mobius_add", (x, "x"), (y, "y"))
     (x, gx), (y, gy) = _onto(x, c), _onto(y, c)  # Note [points on or outside the boundary]
     return _clamp_into_ball(_add(x, y, gx, gy, c), c)
@@ -496,7 +501,7 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
     smooth at ``x = 0``; every finite ``r`` and ``x`` give a point (a huge ``r`` the boundary point
     in the direction of ``r x``). ``1 ⊗ x = x``, ``(r + s) ⊗ x = (r ⊗ x) ⊕ (s ⊗ x)``.
     """
-    c = _check_c(c, "mobius_scalar_mul")
+    c = _check_c(c, "mobius_scalar_mul", x, "x")
     _check_vec(x, "mobius_scalar_mul", "x")
     # (not a bool: True read as r = 1, a bool tensor as 0/1 coefficients)
     if (isinstance(r, bool) or isinstance(r, torch.Tensor) and r.dtype == torch.bool
@@ -545,7 +550,7 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     and the boundary point in the direction of ``Mx`` however large ``Mx`` is (as long as ``M x``
     itself is finite).
     """
-    c = _check_c(c, "mobius_matvec")
+    c = _check_c(c, "mobius_matvec", x, "x")
     _check_vec(x, "mobius_matvec", "x")
     if not isinstance(M, torch.Tensor) or M.ndim < 2 or M.shape[-1] != x.shape[-1]:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of shape (..., m, {x.shape[-1]}), got {describe(M)}.")
@@ -579,7 +584,7 @@ def gyration(u: Tensor, v: Tensor, w: Tensor, *, c: Curvature = 1.0) -> Tensor:
     are differences of O(c) numbers whose sum is O(‖u + v‖)): accurate for ``u ≈ −v`` near the
     boundary, and ``gyr[u, −u] w = w`` exactly. An isometry: ``‖gyr[u, v] w‖ = ‖w‖``.
     """
-    c = _check_c(c, "gyration")
+    c = _check_c(c, "gyration", u, "u")
     _check_vecs("gyration", (u, "u"), (v, "v"), (w, "w"))
     # gyr[u, v] = gyr[y, −x] with x = −v, y = u, written with d = u + v: no cancellation for
     # u ≈ −v near the boundary (Note [stable gyrovector formulas]); gyr[u, −u] w = w exactly.
@@ -595,7 +600,7 @@ def dist(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     nearby points near the boundary in float32. Its gradient at ``x = y`` (where ``d`` is not
     differentiable) is 0.
     """
-    c = _check_c(c, "dist")
+    c = _check_c(c, "dist", x, "x")
     _check_vecs("dist", (x, "x"), (y, "y"))
     return _dist(x, y, c).squeeze(-1)
 
@@ -637,7 +642,7 @@ def expmap(x: Tensor, v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     every dtype) ``v`` is rescaled to :math:`\theta = 40`: the result is the boundary point of the
     geodesic from ``x`` in the direction of ``v``, for every finite ``v`` (Note [long tangent vectors]).
     """
-    c = _check_c(c, "expmap")
+    c = _check_c(c, "expmap", x, "x")
     _check_vecs("expmap", (x, "x"), (v, "v"))
     return _expmap(x, v, c)
 
@@ -672,7 +677,7 @@ def _expmap(x: Tensor, v: Tensor, c: Curvature, margin: Optional[float] = None) 
 @_in_float32
 def expmap0(v: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r""":math:`\exp_0(v) = \tanh(\sqrt c\|v\|)\,\frac{v}{\sqrt c\|v\|}` (the exponential map at the origin, where :math:`\lambda_0 = 2`)."""
-    c = _check_c(c, "expmap0")
+    c = _check_c(c, "expmap0", v, "v")
     _check_vec(v, "expmap0", "v")
     return _expmap0(v, c)
 
@@ -705,7 +710,7 @@ def logmap(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     A tangent vector at ``x`` in ambient coordinates, of Riemannian norm :math:`d_c(x, y)`;
     smooth in ``y``, at ``y = x`` included.
     """
-    c = _check_c(c, "logmap")
+    c = _check_c(c, "logmap", x, "x")
     _check_vecs("logmap", (x, "x"), (y, "y"))
     return _logmap(x, y, c)
 
@@ -720,7 +725,7 @@ def _logmap(x: Tensor, y: Tensor, c: Curvature) -> Tensor:
 @_in_float32
 def logmap0(y: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r""":math:`\log_0(y) = \operatorname{artanh}(\sqrt c\|y\|)\,\frac{y}{\sqrt c\|y\|}` (the inverse of :func:`expmap0`)."""
-    c = _check_c(c, "logmap0")
+    c = _check_c(c, "logmap0", y, "y")
     _check_vec(y, "logmap0", "y")
     y, gy = _onto(y, c)  # Note [points on or outside the boundary]
     return _artanhc(c * _sq(y), gy) * y
@@ -733,7 +738,7 @@ def parallel_transport(x: Tensor, y: Tensor, v: Tensor, *, c: Curvature = 1.0) -
     An isometry :math:`T_x \to T_y` (it preserves :math:`\lambda^2\langle\cdot,\cdot\rangle`); the
     gyration is written with ``y − x`` (Note [stable gyrovector formulas]).
     """
-    c = _check_c(c, "parallel_transport")
+    c = _check_c(c, "parallel_transport", x, "x")
     _check_vecs("parallel_transport", (x, "x"), (y, "y"), (v, "v"))
     return _transport(x, y, v, c)
 
@@ -750,7 +755,7 @@ def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) ->
     The nearest point of that ball; points inside are returned unchanged. ``margin`` is a number in
     ``[0, 1)`` or a 0-d floating tensor (NaN where it is not in ``[0, 1)``, as a tensor ``c``).
     """
-    c = _check_c(c, "project")
+    c = _check_c(c, "project", x, "x")
     _check_vec(x, "project", "x")
     return _project(x, c, _check_margin(margin, "project"))
 
@@ -788,7 +793,7 @@ def dist2plane(x: Tensor, p: Tensor, a: Tensor, *, c: Curvature = 1.0, signed: b
     :math:`\langle z, a\rangle` (the side of the plane), as hyperbolic multinomial logistic
     regression uses it. ``a`` must be non-zero. Shape ``(*batch)``.
     """
-    c = _check_c(c, "dist2plane")
+    c = _check_c(c, "dist2plane", x, "x")
     _check_vecs("dist2plane", (x, "x"), (p, "p"), (a, "a"))
     (x, gx), (p, gp) = _onto(x, c), _onto(p, c)  # Note [points on or outside the boundary]
     N, _, _ = _neg_add(p, x, gp, gx, c)
@@ -819,7 +824,7 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
     all zero; default equal), the result ``(*batch, n)``. For two points it is the midpoint of the
     geodesic; it commutes with the ball's isometries (Möbius gyrotranslations and rotations).
     """
-    c = _check_c(c, "weighted_midpoint")
+    c = _check_c(c, "weighted_midpoint", x, "x")
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point or x.ndim < 2:
         raise ManifoldError(f"geofunc.hyperbolic.weighted_midpoint: expected `x` of shape (..., m, n), got {describe(x)}.")
     w = torch.ones_like(x[..., 0]) if weights is None else weights
@@ -875,7 +880,7 @@ def poincare_to_lorentz(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     """
     from .spaces._lorentz import _max_distance  # (that module imports this one)
 
-    c = _check_c(c, "poincare_to_lorentz")
+    c = _check_c(c, "poincare_to_lorentz", x, "x")
     _check_vec(x, "poincare_to_lorentz", "x")
     x, g = _onto(x, c)  # Note [points on or outside the boundary]
     xb = _cap(2.0 * x / g, math.sinh(_max_distance(x.dtype)) / _sqrt_c(c))
@@ -890,7 +895,7 @@ def lorentz_to_poincare(x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     ``x`` on the hyperboloid :math:`-x_0^2 + \|\bar x\|^2 = -1/c`, ``x_0 > 0``; the result is
     clamped into the ball's margin (NaN where ``x`` has a NaN or inf entry).
     """
-    c = _check_c(c, "lorentz_to_poincare")
+    c = _check_c(c, "lorentz_to_poincare", x, "x")
     _check_vec(x, "lorentz_to_poincare", "x")
     if x.shape[-1] < 2:
         raise ManifoldError(f"geofunc.hyperbolic.lorentz_to_poincare: expected vectors (..., n + 1) with n ≥ 1, got {describe(x)}.")
