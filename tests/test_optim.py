@@ -313,6 +313,24 @@ def test_a_numpy_zero_momentum_steps_as_torch_sgd():
         gf.optim.rsgd({}, lr=0.1, momentum=np.float32(0.0), nesterov=True)
 
 
+def _rsgd_through_momenta_equals_sgd(momenta, dampening, generator):
+    """``rsgd`` rebuilt at every step with the next momentum of ``momenta``, the state carried over, against
+    ``torch.optim.SGD`` with that momentum set in its group, step for step; the count is of the steps with
+    momentum ≠ 0."""
+    params, loss = _euclidean_problem(generator)
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    torch_opt = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=momenta[0], dampening=dampening)
+    p, state = params, gf.optim.rsgd({}, lr=0.05, momentum=momenta[0], dampening=dampening).init(params)
+    for mu in momenta:
+        p, state = gf.optim.rsgd({}, lr=0.05, momentum=mu, dampening=dampening).update(grad(loss)(p), state, p)
+        torch_opt.param_groups[0]["momentum"] = mu
+        torch_opt.zero_grad()
+        loss(ref).backward()
+        torch_opt.step()
+        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
+    assert int(state[2].count) == sum(int(m != 0) for m in momenta)
+
+
 @pytest.mark.parametrize("dampening", [0.0, 0.5, "tensor"])
 def test_a_momentum_tensor_through_zero_equals_torch_sgd(dampening, generator):
     """A tensor momentum is compared with 0 by torch.optim.SGD at each step (``momentum != 0``); trace took the
@@ -322,19 +340,8 @@ def test_a_momentum_tensor_through_zero_equals_torch_sgd(dampening, generator):
     and back, the state carried over: torch.optim.SGD with the same tensors, step for step, and the count is
     of the steps with momentum."""
     tau = torch.tensor(0.5, dtype=F64) if dampening == "tensor" else dampening
-    params, loss = _euclidean_problem(generator)
     momenta = [torch.tensor(m, dtype=F64) for m in (0.0, 0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.3)]
-    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    torch_opt = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=momenta[0], dampening=tau)
-    p, state = params, gf.optim.rsgd({}, lr=0.05, momentum=momenta[0], dampening=tau).init(params)
-    for mu in momenta:
-        p, state = gf.optim.rsgd({}, lr=0.05, momentum=mu, dampening=tau).update(grad(loss)(p), state, p)
-        torch_opt.param_groups[0]["momentum"] = mu
-        torch_opt.zero_grad()
-        loss(ref).backward()
-        torch_opt.step()
-        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
-    assert int(state[2].count) == sum(int(m != 0) for m in momenta)
+    _rsgd_through_momenta_equals_sgd(momenta, tau, generator)
 
 
 def test_a_momentum_tensor_is_differentiable_and_batched():
@@ -560,19 +567,8 @@ def test_momentum_through_zero_and_back_equals_torch_sgd(dampening, generator):
     at 0), the state carried over: ``torch.optim.SGD`` with the same momentum set in its group, step for
     step (its buffer is made at the first step with momentum ≠ 0, as the gradient, and kept as it is at
     steps with momentum 0: Note [Momentum that may be zero]); on a sphere the kept buffer stays tangent."""
-    params, loss = _euclidean_problem(generator)
     momenta = [0.0, 0.0, 0.9, 0.5, 0.0, 0.0, 0.3, 0.9, 0.0, 0.7]
-    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    torch_opt = torch.optim.SGD(list(ref.values()), lr=0.05, momentum=0.0, dampening=dampening)
-    p, state = params, gf.optim.rsgd({}, lr=0.05, dampening=dampening).init(params)
-    for mu in momenta:
-        p, state = gf.optim.rsgd({}, lr=0.05, momentum=mu, dampening=dampening).update(grad(loss)(p), state, p)
-        torch_opt.param_groups[0]["momentum"] = mu
-        torch_opt.zero_grad()
-        loss(ref).backward()
-        torch_opt.step()
-        _tree_close(p, {k: v.detach() for k, v in ref.items()}, 1e-12)
-    assert int(state[2].count) == sum(m != 0 for m in momenta)
+    _rsgd_through_momenta_equals_sgd(momenta, dampening, generator)
     c = {"x": gf.Sphere()}
     x = {"x": gf.Sphere().sample((4,), generator=generator, dtype=F64)}
     state = gf.optim.rsgd(c, lr=0.1).init(x)

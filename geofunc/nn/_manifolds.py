@@ -325,14 +325,20 @@ def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
 # (a Python or NumPy number, a one-element real tensor), not NaN, not negative, else a ManifoldError.
 
 
+def _real_float(eps: Any) -> Optional[float]:
+    """``eps`` as a Python float if it is a real number (a Python or NumPy number, a one-element real
+    tensor; no bool, string or complex), else None."""
+    if isinstance(eps, (str, bytes, bool)) or (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
+        return None
+    try:
+        return float(eps.detach() if isinstance(eps, Tensor) else eps)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # RuntimeError: a tensor of several values
+        return None
+
+
 def _tolerance(where: str, eps: Any) -> float:
     """``eps`` of ``where`` (``Class.method``) as a Python float (Note [The tolerance of in_manifold])."""
-    v: Optional[float] = None
-    if not isinstance(eps, (str, bytes, bool)) and not (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
-        try:
-            v = float(eps.detach() if isinstance(eps, Tensor) else eps)
-        except (TypeError, ValueError, RuntimeError, OverflowError):  # RuntimeError: a tensor of several values
-            v = None
+    v = _real_float(eps)
     if v is None or math.isnan(v) or v < 0:
         got = describe(eps) if v is None or isinstance(eps, Tensor) else repr(eps)
         got = got if v is None or not isinstance(eps, Tensor) else f"{got} of value {v}"
@@ -476,12 +482,7 @@ class _Manifold(Parametrization):
     def _sample_floor(self, eps: Any) -> float:
         """``sample``'s ``eps``, the least kept singular value (eigenvalue), as a Python float: a finite
         non-negative real number (a NaN one gave a matrix of NaNs, an infinite one of infinities)."""
-        v: Optional[float] = None
-        if not isinstance(eps, (str, bytes, bool)) and not (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
-            try:
-                v = float(eps.detach() if isinstance(eps, Tensor) else eps)
-            except (TypeError, ValueError, RuntimeError, OverflowError):  # RuntimeError: a tensor of several values
-                v = None
+        v = _real_float(eps)
         if v is None or not math.isfinite(v) or v < 0:
             got = repr(eps) if v is not None and not isinstance(eps, Tensor) else describe(eps)
             raise ManifoldError(f"{type(self).__name__}.sample ({self.space!r}): expected `eps` (the least kept value) to be "
