@@ -770,6 +770,19 @@ def test_non_reentrant_checkpointing_inside_cached(case, read_before, backward):
         torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
 
 
+def _count_stiefel_charts(monkeypatch):
+    """A list that grows by one at each ``Stiefel.to_manifold`` call (patched for the test)."""
+    calls = []
+    original = gf.Stiefel.to_manifold
+
+    def counting(self, Z, base=None):
+        calls.append(1)
+        return original(self, Z, base)
+
+    monkeypatch.setattr(gf.Stiefel, "to_manifold", counting)
+    return calls
+
+
 def test_a_checkpointed_region_inside_cached_neither_reads_nor_writes_the_cache(monkeypatch):
     """Inside ``cached()`` a checkpointed region (use_reentrant=False) evaluates a weight at each read, in its
     forward and in its recomputation, as without ``cached()``; the value the block cached outside the region
@@ -782,14 +795,7 @@ def test_a_checkpointed_region_inside_cached_neither_reads_nor_writes_the_cache(
     cell(xs).sum().backward()
     plain = [p.grad.clone() for p in cell.parameters()]
     cell.zero_grad()
-    calls = []
-    original = gf.Stiefel.to_manifold
-
-    def counting(self, Z, base=None):
-        calls.append(1)
-        return original(self, Z, base)
-
-    monkeypatch.setattr(gf.Stiefel, "to_manifold", counting)
+    calls = _count_stiefel_charts(monkeypatch)
     with gnn.cached():
         cell.recurrent.weight
         assert len(calls) == 1
@@ -873,14 +879,7 @@ def test_cached_computes_the_map_once_per_forward(monkeypatch):
     torch.manual_seed(0)
     cell = RNNCell()
     xs = torch.randn(50, 2, 8)
-    calls = []
-    original = gf.Stiefel.to_manifold
-
-    def counting(self, Z, base=None):
-        calls.append(1)
-        return original(self, Z, base)
-
-    monkeypatch.setattr(gf.Stiefel, "to_manifold", counting)
+    calls = _count_stiefel_charts(monkeypatch)
     plain_out = cell(xs)
     assert len(calls) == 50
     calls.clear()
