@@ -62,7 +62,7 @@ from typing import Any
 import torch
 
 from ._fastpath import (_FAST_DTYPES, _PLAIN_TYPES, _transforms, dispatch_mode_active, make_fx_tracing, save_state,
-                        forward_tangents, saved_state, tracks_derivatives)
+                        forward_tangents, saved_state, saving_hooks, tracks_derivatives)
 from ._fastpath import backward_without_autocast  # Note [Backward formulas under autocast]
 
 Tensor = torch.Tensor
@@ -754,6 +754,15 @@ class _Expm(torch.autograd.Function):
 # they compose to every order).
 
 
+# Note [Adjoint derivatives under saved-tensor hooks]
+# The adjoint node's backward differentiates the chain by torch.func.vjp, which refuses to run while any
+# saved-tensor hooks are active (torch.func.{grad, vjp, ...} "don't yet support saved tensor hooks"): a
+# second-order backward (a Hessian-vector product, MAML or a gradient penalty by plain autograd) run inside
+# save_on_cpu, a user's saved_tensors_hooks or a checkpoint's hooks raised that error, though the user
+# called no torch.func transform (torch.linalg.matrix_exp's double backward runs there). In plain autograd
+# under hooks the same chain is differentiated by torch.autograd.grad (the same ops and formulas; a graph
+# where grad mode is on, as vjp's).
+
 # Note [Adjoint under a dual level]
 # The adjoint node's jvp rule runs torch.func.jvp of the chain, which opens a dual level of its own:
 # under a torch.func transform that nests, but under a dual level of torch.autograd.forward_ad
@@ -837,6 +846,14 @@ class _ExpmAdjoint(torch.autograd.Function):
     @backward_without_autocast
     def backward(ctx: Any, H: Tensor) -> tuple:  # type: ignore[override]
         A, G = ctx.saved_tensors
+        if saving_hooks() and torch._C._functorch.peek_interpreter_stack() is None:
+            # Note [Adjoint derivatives under saved-tensor hooks]
+            higher = torch.is_grad_enabled()
+            with torch.enable_grad():
+                a = A.view_as(A) if A.requires_grad else A.detach().requires_grad_()
+                g = G.view_as(G) if G.requires_grad else G.detach().requires_grad_()
+                return (*torch.autograd.grad(_adjoint_chain(a, g, ctx.m, ctx.s), (a, g), H, create_graph=higher,
+                                             allow_unused=True), None, None, None)
         _, vjp = torch.func.vjp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), A, G)
         return (*vjp(H), None, None, None)
 

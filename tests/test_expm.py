@@ -315,6 +315,35 @@ def test_intermediates_go_through_saved_tensor_hooks(scale, generator):
     assert len(packed) == before  # (checkpoint's own hooks replace the outer ones)
 
 
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "copy"])
+@pytest.mark.parametrize("scale", [2.0, 40.0], ids=["degree 8+", "squarings"])
+def test_higher_derivatives_inside_saved_tensor_hooks(hooks, scale, generator):
+    """Second and third derivatives taken by plain autograd while saved-tensor hooks are active (a
+    Hessian-vector product inside save_on_cpu): the adjoint node's backward ran torch.func.vjp, which
+    raised torch.func's "don't yet support saved tensor hooks" (Note [Adjoint derivatives under
+    saved-tensor hooks]). The derivatives equal those without hooks."""
+    import contextlib
+
+    A0 = _rand((2, 6, 6), scale, generator)
+    G = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64)
+    V = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64)
+
+    def derivatives(ctx):
+        A = A0.clone().requires_grad_()
+        with ctx:
+            (g,) = torch.autograd.grad((expm(A).sin() * G).sum(), A, create_graph=True)
+            (h,) = torch.autograd.grad((g * V).sum(), A, create_graph=True)
+            (t,) = torch.autograd.grad((h * h).sum(), A)
+        return g.detach(), h.detach(), t
+
+    if hooks == "save_on_cpu":
+        ctx = torch.autograd.graph.save_on_cpu()
+    else:
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+    for got, want in zip(derivatives(ctx), derivatives(contextlib.nullcontext())):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
 def test_jvp_matches_finite_differences(dtype, generator):
     A = _rand((6, 6), 2.0, generator, dtype)
