@@ -495,7 +495,8 @@ def mobius_add(x: Tensor, y: Tensor, *, c: Curvature = 1.0) -> Tensor:
 def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     r"""Möbius scalar multiplication :math:`r \otimes_c x = \tanh(r\,\operatorname{artanh}(\sqrt c\|x\|))\,\frac{x}{\sqrt c\|x\|}`.
 
-    ``r`` is a number or a tensor of the batch shape ``(*batch)``. Written as
+    ``r`` is a number or a tensor of the batch shape ``(*batch)`` (or one that broadcasts with it; not
+    geoopt's ``(*batch, 1)``, which is refused: read as a batch shape it would broadcast). Written as
     :math:`\exp_0(r \log_0 x) = T(c\|v\|^2)\,v`, :math:`v = r A x`, with
     :math:`A = \operatorname{artanh}(\rho)/\rho`, :math:`T(t) = \tanh(\sqrt t)/\sqrt t`, so it is
     smooth at ``x = 0``; every finite ``r`` and ``x`` give a point (a huge ``r`` the boundary point
@@ -514,6 +515,12 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
         if r.is_complex() or r.device != x.device:
             raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real tensor on the device "
                                 f"of `x` ({x.device}), got {describe(r)} on {r.device}.")
+        if r.ndim == x.ndim and r.shape[-1] == 1:
+            # geoopt's coefficient shape (*batch, 1): read as a batch shape it broadcasts against the batch
+            # (r of (B, 1) and x of (B, n) gave a (B, B, n) result); the two readings differ, so refused
+            raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` of the batch shape "
+                                f"{tuple(x.shape[:-1])} (not geoopt's (*batch, 1): pass r.squeeze(-1)), got a tensor "
+                                f"of shape {tuple(r.shape)}.")
         r = r.to(x.dtype).unsqueeze(-1)
     else:
         # as a float: a Fraction (a Real, as a curvature may be) raised a TypeError in r·a, an int too large for a

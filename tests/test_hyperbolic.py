@@ -498,7 +498,8 @@ def test_a_tensor_curvature_not_positive_gives_nan_and_one_not_0d_is_refused():
 
 def test_bad_arguments_of_the_ball_functions_are_named():
     """Arguments the functions cannot take are a ``ManifoldError`` naming the function, what it expected and
-    what it got: ``weighted_midpoint`` with weights that are not a tensor raised an AttributeError while
+    what it got (``mobius_scalar_mul`` with geoopt's ``(*batch, 1)`` coefficients gave a ``(B, B, n)`` result
+    for ``(B, n)`` points, without a word): ``weighted_midpoint`` with weights that are not a tensor raised an AttributeError while
     wording its own message, and with a batch that does not broadcast torch's unnamed size error;
     ``mobius_matvec`` with ``M`` and ``x`` of batches that do not broadcast, torch's size error;
     ``mobius_scalar_mul`` with an ``r`` that is no number, a TypeError from ``abs``, with a tensor ``r``
@@ -512,7 +513,9 @@ def test_bad_arguments_of_the_ball_functions_are_named():
         "mobius_matvec": [lambda: hyp.mobius_matvec(torch.ones(3, 2, 2, dtype=F64), x[:, 0]),
                           lambda: hyp.mobius_matvec(torch.ones(2, 2, 2, dtype=F64), x[0])],
         "mobius_scalar_mul": [lambda r=r: hyp.mobius_scalar_mul(r, x)
-                              for r in ("a", None, [0.5], torch.ones(4, dtype=F64), True, torch.ones(2, 3, dtype=torch.bool))],
+                              for r in ("a", None, [0.5], torch.ones(4, dtype=F64), True, torch.ones(2, 3, dtype=torch.bool),
+                                        torch.ones(1, 1, 1, dtype=F64))]
+                             + [lambda: hyp.mobius_scalar_mul(torch.ones(3, 1, dtype=F64), x[0])],
         "dist": [lambda: hyp.dist(x, x, c=10**400)],
     }
     for fn, cs in calls.items():
