@@ -18,6 +18,7 @@ import pathlib
 import re
 
 import pytest
+import torch
 
 import geofunc as gf
 import geofunc.nn
@@ -142,3 +143,80 @@ def test_nn_guide_lists_every_constraint_function_with_its_signature() -> None:
     for name, params in rows.items():  # and they are GeoTorch's
         actual = [(p.name, p.default) for p in inspect.signature(getattr(geotorch, name)).parameters.values()]
         assert actual == params, f"{name}: the guide says {params}, GeoTorch 0.4.0 has {actual}"
+
+
+# ------------------------------------------------------------- the tables' "pure space" column
+def _table_rows(heading: str) -> list[list[str]]:
+    """The rows (cells) of the first table after the paragraph that starts with ``heading``."""
+    text = PAGE[PAGE.index(heading):]
+    rows = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("| ---"):
+            continue
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows[1:]  # without the header
+
+
+def _pure_names(cell: str, nn_names: list[str]) -> set[str]:
+    if cell.startswith("the same names"):
+        return set(nn_names)
+    return set(re.findall(r"`gf\.([A-Z]\w*)", cell))
+
+
+#: a small instance of each geofunc.nn class the "Classes" table names
+_CLASS_ARGS = {
+    "SO": ((3, 3),), "Stiefel": ((4, 2),), "Grassmannian": ((4, 2),), "Sphere": ((3,),), "SphereEmbedded": ((3,),),
+    "Rn": ((3,),), "Skew": ((3, 3),), "Symmetric": (), "AlmostOrthogonal": ((3, 3), 0.5), "LowRank": ((4, 3), 2),
+    "FixedRank": ((4, 3), 2), "GLp": ((3, 3),), "SL": ((3, 3),), "PSD": ((3, 3),), "PSSD": ((3, 3),),
+    "PSSDLowRank": ((3, 3), 2), "PSSDFixedRank": ((3, 3), 2), "Hurwitz": ((3, 3),),
+}
+
+
+def test_classes_table_names_each_class_pure_space() -> None:
+    """The "Classes" table's third column names the pure space each ``geofunc.nn`` class of the
+    row adapts (``M.space``). Regression: the Sphere row gave ``gf.Sphere`` for
+    ``geofunc.nn.SphereEmbedded``, whose space is ``gf.SphereEmbedded``."""
+    bad, seen = [], set()
+    for cells in _table_rows("**Classes.**"):
+        nn_names = re.findall(r"`geofunc\.nn\.(\w+)`", cells[1])
+        if cells[1] == "the same names in `geofunc.nn`":
+            nn_names = re.findall(r"`(\w+)`", cells[0])
+        pure = _pure_names(cells[2], nn_names)
+        for name in nn_names:
+            cls = getattr(geofunc.nn, name)
+            if name == "ProductManifold":
+                obj = cls([geofunc.nn.SO((3, 3)), geofunc.nn.Sphere((3,))])
+            else:
+                obj = cls(*_CLASS_ARGS[name])
+            seen.add(name)
+            space = type(obj.space).__name__
+            if space not in pure:
+                bad.append(f"geofunc.nn.{name} adapts gf.{space}; the table says {sorted(pure)}")
+    assert not bad, "\n  ".join(["the Classes table's pure spaces:", *bad])
+    assert set(_CLASS_ARGS) | {"ProductManifold"} <= seen, sorted(set(_CLASS_ARGS) - seen)
+
+
+#: keyword variants of the constraint functions whose space depends on an argument
+_VARIANTS = {"sphere": [{}, {"embedded": True}]}
+_LAYERS = {"grassmannian": (6, 3), "low_rank": (5, 4), "fixed_rank": (5, 4)}
+
+
+def test_constraint_functions_table_names_each_pure_space() -> None:
+    """Each constraint function registers (``layer.parametrizations.weight[0].space``) a space that
+    the third column of its row names, for each of its documented variants (``embedded=True``)."""
+    bad = []
+    for cells in _table_rows("**Constraint functions.**"):
+        name = re.match(r"`geotorch\.(\w+)", cells[0]).group(1)
+        pure = _pure_names(cells[2], [])
+        for kwargs in _VARIANTS.get(name, [{}]):
+            layer = torch.nn.Linear(*_LAYERS.get(name, (4, 4)))
+            args = (2,) if "rank" in name else ()
+            getattr(geofunc.nn, name)(layer, "weight", *args, **kwargs)
+            space = type(layer.parametrizations.weight[0].space).__name__
+            if space not in pure:
+                bad.append(f"geofunc.nn.{name}(**{kwargs}) registers gf.{space}; the table says {sorted(pure)}")
+    assert not bad, "\n  ".join(["the constraint functions table's pure spaces:", *bad])
