@@ -761,7 +761,24 @@ class _Expm(torch.autograd.Function):
 # save_on_cpu, a user's saved_tensors_hooks or a checkpoint's hooks raised that error, though the user
 # called no torch.func transform (torch.linalg.matrix_exp's double backward runs there). In plain autograd
 # under hooks the same chain is differentiated by torch.autograd.grad (the same ops and formulas; a graph
-# where grad mode is on, as vjp's).
+# where grad mode is on, as vjp's): _vjp. So also the compiled operators' (Notes [Compiled exponential]
+# and [Compiled frame exponential]), whose Autograd kernels run eagerly wherever the traced graph does
+# (torch.compile(backend="eager"), a make_fx or torch.export graph called with autograd): their adjoints'
+# own derivatives, and their adjoint under a dual level, are torch.func.vjp of the static schedule.
+
+
+def _vjp(f: Any, primals: tuple, cotangents: Any) -> tuple:
+    """``torch.func.vjp(f, *primals)[1](cotangents)``; in plain autograd under saved-tensor hooks the same
+    by torch.autograd.grad (Note [Adjoint derivatives under saved-tensor hooks]): a graph where grad mode
+    is on, zeros for a primal ``f`` does not read, the primals' forward tangents kept."""
+    if not (saving_hooks() and torch._C._functorch.peek_interpreter_stack() is None):
+        return torch.func.vjp(f, *primals)[1](cotangents)
+    higher = torch.is_grad_enabled()
+    with torch.enable_grad():
+        xs = [x.view_as(x) for x in primals]
+        xs = [x if x.requires_grad else x.requires_grad_() for x in xs]
+        return torch.autograd.grad(f(*xs), xs, cotangents, create_graph=higher, allow_unused=True,
+                                   materialize_grads=True)
 
 # Note [Adjoint under a dual level]
 # The adjoint node's jvp rule runs torch.func.jvp of the chain, which opens a dual level of its own:
@@ -846,16 +863,7 @@ class _ExpmAdjoint(torch.autograd.Function):
     @backward_without_autocast
     def backward(ctx: Any, H: Tensor) -> tuple:  # type: ignore[override]
         A, G = ctx.saved_tensors
-        if saving_hooks() and torch._C._functorch.peek_interpreter_stack() is None:
-            # Note [Adjoint derivatives under saved-tensor hooks]
-            higher = torch.is_grad_enabled()
-            with torch.enable_grad():
-                a = A.view_as(A) if A.requires_grad else A.detach().requires_grad_()
-                g = G.view_as(G) if G.requires_grad else G.detach().requires_grad_()
-                return (*torch.autograd.grad(_adjoint_chain(a, g, ctx.m, ctx.s), (a, g), H, create_graph=higher,
-                                             allow_unused=True), None, None, None)
-        _, vjp = torch.func.vjp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), A, G)
-        return (*vjp(H), None, None, None)
+        return (*_vjp(lambda A, G: _adjoint_chain(A, G, ctx.m, ctx.s), (A, G), H), None, None, None)
 
     @staticmethod
     def jvp(ctx: Any, dA: Tensor, dG: Tensor, *_: Any) -> Tensor:  # type: ignore[override]
@@ -988,7 +996,7 @@ def _expm_vjp_kernel(A: Tensor, P: Tensor, G: Tensor) -> Tensor:
 
 def _static_vjp(A: Tensor, G: Tensor) -> Tensor:
     """The adjoint of the static schedule, as torch ops (derivatives of every order)."""
-    return torch.func.vjp(_expm_static, A)[1](G)[0]
+    return _vjp(_expm_static, (A,), G)[0]
 
 
 def _front(x: Tensor, d: int | None, size: int) -> Tensor:
@@ -1084,7 +1092,7 @@ def _register_compiled_ops() -> bool:
         @backward_without_autocast
         def backward(ctx: Any, H: Tensor) -> tuple[Tensor, None, Tensor]:  # type: ignore[override]
             A, G = ctx.saved_tensors
-            dA, dG = torch.func.vjp(_static_vjp, A, G)[1](H)
+            dA, dG = _vjp(_static_vjp, (A, G), H)
             return dA, None, dG
 
     def expm_autograd(A: Tensor) -> Tensor:
@@ -1973,7 +1981,7 @@ def _frame_static(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
 
 
 def _frame_static_vjp(T: Tensor, R: Tensor, c: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.func.vjp(lambda T, R: _frame_static(T, R, c), T, R)[1](G)
+    return _vjp(lambda T, R: _frame_static(T, R, c), (T, R), G)
 
 
 def _frame_kernel(T: Tensor, R: Tensor, c: Tensor) -> Tensor:
@@ -2051,7 +2059,7 @@ def _register_frame_ops() -> bool:
         @backward_without_autocast
         def backward(ctx: Any, HT: Tensor, HR: Tensor) -> tuple:  # type: ignore[override]
             T, R, c, G = ctx.saved_tensors
-            dT, dR, dG = torch.func.vjp(lambda T, R, G: _frame_static_vjp(T, R, c, G), T, R, G)[1]((HT, HR))
+            dT, dR, dG = _vjp(lambda T, R, G: _frame_static_vjp(T, R, c, G), (T, R, G), (HT, HR))
             return dT, dR, None, None, None, dG
 
     def frame_autograd(T: Tensor, R: Tensor, c: Tensor) -> Tensor:

@@ -1143,6 +1143,63 @@ def test_compiled_frame_exponential_under_transforms(name, generator):
     torch.testing.assert_close(out, transformed(er)(T), rtol=1e-9, atol=1e-9)
 
 
+def _traced(how, fn, *example):
+    """``fn`` as a graph whose geofunc:: operators run their Autograd kernels eagerly when it is called:
+    torch.compile's eager backend, or a make_fx graph."""
+    if how == "compile":
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True, backend="eager")
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn)(*example)
+
+
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "copy"])
+@pytest.mark.parametrize("how", ["compile", "make_fx"])
+@pytest.mark.parametrize("op", ["expm", "frame"])
+def test_compiled_operators_higher_derivatives_inside_saved_tensor_hooks(op, how, hooks, generator):
+    """The compiled operators' adjoints (geofunc::expm_vjp, frame_cols_bwd) run eagerly where the traced graph
+    does; their own derivatives, and their value under a dual level (a dual cotangent), ran torch.func.vjp of
+    the static schedule, which raised torch.func's "don't yet support saved tensor hooks" inside save_on_cpu
+    or a user's hooks (Note [Adjoint derivatives under saved-tensor hooks]). Second and third derivatives
+    and the cotangent's tangent equal those without hooks."""
+    import contextlib
+
+    import torch.autograd.forward_ad as fwAD
+
+    if op == "expm":
+        X0 = _rand((2, 6, 6), 2.0, generator)
+        fn = expm
+    else:
+        X0, R, c = _frame_inputs(4, 0.6, generator, torch.float64, (2,))
+        fn = _frame_fn(frame_columns, R, c)
+    f = _traced(how, fn, X0)
+    targets = {str(n.target) for n in f.graph.nodes} if how == "make_fx" else set()
+    assert how == "compile" or {"expm": "geofunc.expm.default", "frame": "geofunc.frame_cols.default"}[op] in targets
+    Y = fn(X0)
+    G, dG = torch.randn(Y.shape, generator=generator, dtype=torch.float64), torch.randn(Y.shape, generator=generator, dtype=torch.float64)
+    V = torch.randn(X0.shape, generator=generator, dtype=torch.float64)
+
+    def derivatives(ctx):
+        X = X0.clone().requires_grad_()
+        with ctx:
+            (g,) = torch.autograd.grad((f(X).sin() * G).sum(), X, create_graph=True)
+            (h,) = torch.autograd.grad((g * V).sum(), X, create_graph=True)
+            (t,) = torch.autograd.grad((h * h).sum(), X)
+            y = f(X)
+            with fwAD.dual_level():
+                (d,) = torch.autograd.grad(y, X, fwAD.make_dual(G, dG))
+                d = fwAD.unpack_dual(d).tangent
+        return g.detach(), h.detach(), t, d
+
+    if hooks == "save_on_cpu":
+        ctx = torch.autograd.graph.save_on_cpu()
+    else:
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+    for got, want in zip(derivatives(ctx), derivatives(contextlib.nullcontext())):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("scale", list(FRAME_SCALES), ids=list(FRAME_SCALES.values()))
 def test_compiled_frame_kernels_pass_opcheck(dtype, scale, generator):
