@@ -1930,8 +1930,14 @@ class _FrameExpm(torch.autograd.Function):
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> tuple:  # type: ignore[override]
         (T, R, c), cache = saved_state(ctx)
+        k = T.shape[-1]
+        if torch.is_grad_enabled() and torch.autograd.forward_ad._current_level >= 0:
+            # a graph under a dual level (a dual cotangent: the forward had no tangents, frame_columns): the
+            # chain as torch ops, which the dual level records, as _Expm's (Note [Adjoint under a dual level]);
+            # the adjoint node's jvp rule raised torch's "Nested forward mode AD is not supported"
+            GM = _adjoint_chain(_frame_matrix(T, R, c), torch.cat([G, torch.zeros_like(G)], dim=-1), cache["m"], cache["s"])
+            return GM[..., :k, :k], GM[..., :k, k:], None
         if torch.is_grad_enabled():  # a graph is asked for: expm's adjoint node on M (exact to every order)
-            k = T.shape[-1]
             holder = _Holder()
             holder.cache = cache["full"]
             GM = _ExpmAdjoint.apply(_frame_matrix(T, R, c), torch.cat([G, torch.zeros_like(G)], dim=-1),

@@ -985,6 +985,36 @@ def test_frame_expm_gradcheck_gradgradcheck(scale, generator):
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.6, 8.0])
+def test_frame_expm_backward_with_a_graph_under_a_dual_level(scale, generator):
+    """A backward that builds a graph under a dual level, the forward outside it (a dual cotangent: the
+    tangent of a VJP in its cotangent): the frame node applied the adjoint node, whose jvp rule raised
+    torch's "Nested forward mode AD is not supported" (Note [Adjoint under a dual level]). The tangent is
+    the VJP of the cotangent's tangent, and the gradient's own derivatives are those without the level."""
+    import contextlib
+
+    import torch.autograd.forward_ad as fwAD
+
+    T0, R0, c = _frame_inputs(4, scale, generator, torch.float64, (2,))
+    G, dG = (torch.randn(2, 8, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    V = torch.randn(2, 4, 4, generator=generator, dtype=torch.float64)
+
+    def run(dual):
+        T, R = T0.clone().requires_grad_(), R0.clone().requires_grad_()
+        F = frame_expm(T, R, c)
+        with fwAD.dual_level() if dual else contextlib.nullcontext():  # without: the adjoint node's graph
+            gT, gR = torch.autograd.grad(F, (T, R), fwAD.make_dual(G, dG) if dual else G, create_graph=True)
+            tangents = [fwAD.unpack_dual(x).tangent for x in (gT, gR)]
+            gT, gR = (fwAD.unpack_dual(x).primal for x in (gT, gR))
+        return (gT, gR), tangents, torch.autograd.grad(((gT * V).sum() + (gR * V).sum()), (T, R))
+
+    T, R = T0.clone().requires_grad_(), R0.clone().requires_grad_()
+    want_t = torch.autograd.grad(frame_expm(T, R, c), (T, R), dG)
+    (g, tangents, second), (g0, _, second0) = run(True), run(False)
+    for got, want in [*zip(tangents, want_t), *zip(g, g0), *zip(second, second0)]:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("scale", [0.0, 1e-9, 1e-4])
 def test_frame_expm_second_derivatives_at_tiny_generators(scale, generator):
     """Near the chart's centre the value is a degree 1-4 polynomial; second derivatives are exp's."""
