@@ -313,6 +313,49 @@ def test_a_numpy_zero_momentum_steps_as_torch_sgd():
         gf.optim.rsgd({}, lr=0.1, momentum=np.float32(0.0), nesterov=True)
 
 
+def test_nesterov_refuses_a_zero_momentum_or_a_dampening_whose_value_is_known():
+    """Note [Values known at construction]: torch.optim.SGD reads a tensor momentum and dampening when it is
+    built, so momentum=torch.tensor(0.) (or below 0) or a dampening != 0 (a tensor, a NumPy 0-dim array)
+    with nesterov=True is its ValueError; rsgd read numbers only and took them (plain SGD, or Nesterov
+    with a dampened buffer). A CPU tensor that does not require grad is read now, outside any trace."""
+    import numpy as np
+
+    b = torch.zeros(3, dtype=F64, requires_grad=True)
+    for momentum, dampening in [(torch.tensor(0.0), 0.0), (torch.tensor(-0.0, dtype=F64), 0.0), (torch.tensor(0), 0.0),
+                                (torch.tensor(-0.1), 0.0), (0.9, torch.tensor(0.5)), (torch.tensor(0.9), torch.tensor(0.5)),
+                                (0.9, np.array(0.5))]:
+        with pytest.raises(ValueError, match="Nesterov momentum requires|Invalid momentum"):
+            torch.optim.SGD([b], lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
+        with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0"):
+            gf.optim.rsgd({}, lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
+    for momentum, dampening in [(torch.tensor(0.9), torch.tensor(0.0)), (torch.tensor(0.9), np.array(0.0))]:
+        torch.optim.SGD([b], lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
+        gf.optim.rsgd({}, lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_nesterov_takes_a_learned_or_traced_momentum_at_zero():
+    """What is not known at construction is not read (Note [Values known at construction]): a momentum that
+    requires grad (meta-learned from 0, its derivative the rule's), one under torch.func.grad or vmap, and
+    one given to a compiled function (no graph break: fullgraph) build and step with nesterov."""
+    x0, g = torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([0.5, 0.25], dtype=F64)
+
+    def run(mu):
+        opt = gf.optim.rsgd({}, lr=0.1, momentum=mu, nesterov=True)
+        p, s = {"x": x0}, opt.init({"x": x0})
+        for _ in range(3):
+            p, s = opt.update({"x": g * p["x"]}, s, p)
+        return p["x"].sum()
+
+    mu = torch.tensor(0.0, dtype=F64, requires_grad=True)
+    (d,) = torch.autograd.grad(run(mu), mu)
+    assert d != 0
+    torch.testing.assert_close(grad(run)(torch.tensor(0.0, dtype=F64)), d, rtol=1e-12, atol=0)
+    torch.testing.assert_close(vmap(run)(torch.tensor([0.0, 0.5], dtype=F64))[0], run(mu).detach(), rtol=1e-12, atol=0)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(run, fullgraph=True, backend="eager")(torch.tensor(0.0, dtype=F64)),
+                               run(mu).detach(), rtol=1e-12, atol=0)
+
+
 def _rsgd_through_momenta_equals_sgd(momenta, dampening, generator):
     """``rsgd`` rebuilt at every step with the next momentum of ``momenta``, the state carried over, against
     ``torch.optim.SGD`` with that momentum set in its group, step for step; the count is of the steps with

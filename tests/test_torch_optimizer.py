@@ -693,6 +693,27 @@ def test_nesterov_momentum_cycled_through_zero_as_torch_sgd(generator):
         gf.optim.TorchOptimizer(Branches(generator).named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.0, nesterov=True)
 
 
+def test_nesterov_momentum_set_to_a_zero_tensor_mid_run_steps_as_torch_sgd(generator):
+    """A group's momentum set to torch.tensor(0.) between steps with nesterov: torch.optim.SGD checks nesterov
+    only when built and steps plain SGD; rsgd, which reads such a tensor (Note [Values known at construction]),
+    is built without nesterov there as at a number 0 (Note [Nesterov at momentum 0]), not refused mid-run."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.9, nesterov=True)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    for mu in (0.9, torch.tensor(0.0), torch.tensor(0.0), 0.5):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.param_groups[0]["momentum"] = mu
+            o.zero_grad(set_to_none=True)
+            ((model(x, USES[0]) - y) ** 2).mean().backward()
+            o.step()
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    with pytest.raises(gf.ManifoldError, match="nesterov=True"):
+        gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=torch.tensor(0.0), nesterov=True)
+
+
 def test_hyperparameters_are_checked_at_construction(generator):
     """As ``torch.optim`` checks its own: a negative learning rate, β = 1 (a NaN point, or every step 0),
     ``nesterov`` without momentum, in the defaults or a group or an added group (which is then not

@@ -13,7 +13,7 @@ from ._transforms import (
     ScalarOrSchedule,
     TraceState,
     _count,
-    _real,
+    _known_value,
     add_decayed_weights,
     check_adam_hyperparameters,
     check_nonnegative,
@@ -76,7 +76,8 @@ def rsgd(
     step with momentum ≠ 0 (none for ``momentum=0``), and a step with momentum 0 keeps it, as
     ``torch.optim.SGD`` (Note [Momentum that may be zero]). Plain numbers are checked as
     ``torch.optim.SGD`` checks them (``lr``, ``momentum``, ``weight_decay`` >= 0; ``nesterov``
-    needs ``momentum`` > 0 and ``dampening`` = 0): a :class:`~geofunc.ManifoldError` otherwise.
+    needs ``momentum`` > 0 and ``dampening`` = 0, which also reads a CPU tensor that does not require
+    grad, outside a trace): a :class:`~geofunc.ManifoldError` otherwise.
 
     Example::
 
@@ -89,7 +90,8 @@ def rsgd(
     """
     check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     check_zero_dim("rsgd", dampening=dampening)  # (a number's range is torch.optim.SGD's: not checked)
-    m, d = _real(momentum), _real(dampening)  # (NumPy's numbers too: torch.optim.SGD refuses np.float32(0.0))
+    # NumPy's numbers too (torch.optim.SGD refuses np.float32(0.0)), and tensors whose value is known now
+    m, d = _known_value(momentum), _known_value(dampening)  # (Note [Values known at construction])
     if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
         raise ManifoldError(f"rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0 (as torch.optim.SGD), "
                             f"got momentum={momentum!r}, dampening={dampening!r}.")

@@ -15,7 +15,7 @@ from .._errors import ManifoldError, describe
 from ..spaces._base import is_space
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
-from ._transforms import ScaleByScheduleState, TraceState, _keep, _no_buffer, _real, clip_factor
+from ._transforms import ScaleByScheduleState, TraceState, _keep, _known_value, _no_buffer, _real, clip_factor
 from ._wrappers import _all_finite, _is_count
 
 __all__ = ["TorchOptimizer"]
@@ -837,7 +837,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             return built[1]
         snapshot = {k: _snapshot(v) for k, v in kwargs.items()}  # Note [Hyperparameters changed in place]
         if (self._factory is rsgd and kwargs.get("nesterov")
-                and _real(kwargs.get("momentum")) == 0.0):  # Note [Nesterov at momentum 0] (NumPy's 0 too, as rsgd reads it)
+                and _known_value(kwargs.get("momentum")) == 0.0):  # Note [Nesterov at momentum 0] (what rsgd reads)
             kwargs["nesterov"] = False
         # Note [No cycle through the learning rate]: the schedule reads the groups through a weak
         # reference, so the optimizer (its parameters, its state) goes with its last reference

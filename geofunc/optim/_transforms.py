@@ -155,6 +155,35 @@ def _real(x: Any) -> float | None:
     return None
 
 
+# Note [Values known at construction]
+# torch.optim.SGD tests ``nesterov and (momentum <= 0 or dampening != 0)`` when it is built, with a tensor
+# momentum or dampening too (bool() of a 0-dim tensor: a host read, on an accelerator a device sync):
+# SGD(momentum=torch.tensor(0.), nesterov=True) is a ValueError. rsgd read numbers only (Note [Checking
+# hyperparameters]), so that momentum, a NumPy 0-dim dampening of 0.5 or a tensor one, were taken with
+# nesterov. The rule now reads a tensor too where its value is known and reading it costs nothing: a
+# plain real 0-dim tensor on the CPU (no device sync; an accelerator one is not read, as a functional
+# optimizer may be built inside a step or a captured CUDA graph), not requiring grad (a learned momentum
+# changes: one at 0 is where it starts, with the rule's derivative there, Note [A momentum tensor that may
+# be zero]), not a transform's wrapper, a fake or another subclass, and not while Dynamo or make_fx traces
+# or a dispatch mode is active (no graph break, no data-dependent read). A NumPy 0-dim real array is read
+# as its number. Any other tensor is the caller's, as before.
+def _known_value(x: Any) -> float | None:
+    """``x``'s value if it is known when an optimizer is built (Note [Values known at construction]): a
+    number's (:func:`_real`), a NumPy 0-dim real array's, or a plain CPU real 0-dim tensor's that does not
+    require grad, read outside any trace or dispatch mode; else None."""
+    from .._fastpath import dispatch_mode_active, make_fx_tracing  # (at construction only)
+
+    if not isinstance(x, torch.Tensor):
+        if getattr(x, "ndim", None) == 0 and getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u", "f"):
+            return _real(x.item()) if hasattr(x, "item") else None
+        return _real(x)
+    if (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter) or x.requires_grad
+            or x.ndim != 0 or x.device.type != "cpu" or x.dtype == torch.bool or x.is_complex()
+            or torch._C._functorch.is_functorch_wrapped_tensor(x) or dispatch_mode_active() or make_fx_tracing()):
+        return None
+    return float(x.item())
+
+
 def check_nonnegative(where: str, **values: Any) -> None:
     """Refuse a number below 0 (or NaN) among ``values``, and a value that is neither a number nor a tensor
     (nor, for ``lr``, a schedule) (Note [Checking hyperparameters])."""
