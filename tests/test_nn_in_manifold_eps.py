@@ -20,7 +20,8 @@ CLASSES = [
     lambda: gnn.PSSDLowRank((3, 3), 2), lambda: gnn.PSSDFixedRank((3, 3), 2), lambda: gnn.Hurwitz((3, 3)),
 ]
 BAD = [-1.0, -1e-30, math.nan, -math.inf, "x", True, None, torch.tensor([1e-3, 1e-3]), torch.tensor(-1.0),
-       torch.tensor(math.nan), torch.tensor(1e-3 + 0j), [1e-3]]
+       torch.tensor(math.nan), torch.tensor(1e-3 + 0j), [1e-3], np.True_, np.array(True), np.complex128(1e-3),
+       np.array(1e-3 + 1j)]
 
 
 @pytest.mark.parametrize("make", CLASSES)

@@ -327,8 +327,12 @@ def _autocast_off(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _real_float(eps: Any) -> Optional[float]:
     """``eps`` as a Python float if it is a real number (a Python or NumPy number, a one-element real
-    tensor; no bool, string or complex), else None."""
+    tensor; no bool, string or complex, NumPy's included), else None."""
     if isinstance(eps, (str, bytes, bool)) or (isinstance(eps, Tensor) and (eps.is_complex() or eps.dtype == torch.bool)):
+        return None
+    if getattr(getattr(eps, "dtype", None), "kind", None) in ("b", "c"):
+        # a NumPy bool or complex (scalar or array): float() read np.True_ as 1.0 where True is refused, and
+        # a complex one as its real part with only NumPy's ComplexWarning
         return None
     try:
         return float(eps.detach() if isinstance(eps, Tensor) else eps)
