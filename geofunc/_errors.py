@@ -32,6 +32,12 @@ def real_value(x: Any) -> float:
     return math.nan
 
 
+def real_dtype(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds real numbers (its dtype neither bool nor complex): metadata only, no value read,
+    so the same under vmap, torch.compile and on any device."""
+    return x.dtype != torch.bool and not x.is_complex()
+
+
 def not_dense(x: torch.Tensor) -> bool:
     """Whether ``x`` is sparse (any layout but torch.strided) or nested (Note [Dense tensors only] in
     ``geofunc/spaces/_base.py``)."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from .. import spaces as S
 from .._dtensor import DTensor, gather, gathered
-from .._errors import ManifoldError, describe, first_index, not_dense
+from .._errors import ManifoldError, describe, first_index, not_dense, real_dtype
 from .._expm import _real
 from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
@@ -127,7 +127,7 @@ def _number(x: Any) -> Any:
     GeoTorch takes it, as a Python number (the pure spaces hold Python numbers); anything else as is (the
     space validates it). A tensor that requires grad is left as is: its gradient would be lost."""
     if isinstance(x, Tensor):
-        if x.numel() == 1 and not x.requires_grad and not x.is_complex() and not x.dtype == torch.bool:
+        if x.numel() == 1 and not x.requires_grad and real_dtype(x):
             return x.item()
         return x
     item = getattr(x, "item", None)

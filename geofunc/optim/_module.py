@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import optree
 import torch
 from .. import _pytree
-from .._errors import ManifoldError, describe
+from .._errors import ManifoldError, describe, real_dtype
 from ..spaces._base import is_space
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
@@ -396,7 +396,7 @@ def _numbers(value: Any) -> Any:
     """``value`` with its real 0-dim tensors as their numbers, for the factory's checks at construction (as
     torch.optim checks a tensor's value: a tensor β₁ = 1 made every point NaN, silently)."""
     if isinstance(value, torch.Tensor):
-        if value.ndim == 0 and not (value.is_complex() or value.dtype == torch.bool or value.is_meta):
+        if value.ndim == 0 and real_dtype(value) and not value.is_meta:
             return value.detach().item()  # (an int for an integer tensor)
         return value
     if isinstance(value, Mapping):
@@ -633,7 +633,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             # reversed every gradient (the step went uphill), several values failed at the first step.
             if isinstance(clip_by_global_norm, torch.Tensor):
                 T = clip_by_global_norm
-                ok = (T.numel() == 1 and not T.is_complex() and T.dtype != torch.bool
+                ok = (T.numel() == 1 and real_dtype(T)
                       and (T.is_meta or bool(T.detach().reshape(()) > 0)))
             else:
                 x = _real(clip_by_global_norm)
@@ -785,7 +785,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):  # as torch.optim takes it; a factory does not read a tensor (it may be
             # traced), so its value is checked here as the number's: a negative one stepped uphill, silently
-            if lr.numel() != 1 or lr.is_complex() or lr.dtype == torch.bool:
+            if lr.numel() != 1 or not real_dtype(lr):
                 raise ManifoldError(f"TorchOptimizer: expected `lr` a number >= 0 or a real tensor of one value, got "
                                     f"{describe(lr)}.")
             group["lr"] = _zero_dim(lr)

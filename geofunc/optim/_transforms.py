@@ -14,7 +14,7 @@ import optree
 import torch
 
 from .. import _pytree
-from .._errors import ManifoldError, describe
+from .._errors import ManifoldError, describe, real_dtype
 from ._base import EmptyState, Move, Params, TangentTransform, Vectors, keep_state
 
 __all__ = [
@@ -193,7 +193,7 @@ def check_nonnegative(where: str, **values: Any) -> None:
             # update, or a step of another shape; a (1,) one silently made a 0-dim parameter's step (1,))
             kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
             raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
-        if isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.is_complex()):
+        if isinstance(value, torch.Tensor) and not real_dtype(value):
             # (metadata only, as the shape: a complex lr dropped its imaginary part in the step, silently (0.1j:
             # no step at all), a bool one raised torch's negation error at the first update)
             raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
@@ -227,7 +227,7 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
             # (a (2,) β gave each column of a parameter its own β, silently; a bool one, which torch.optim.Adam
             # refuses, raised torch's "Subtraction ... with a bool tensor" at the first update: dtype and shape
             # are metadata, static under vmap and torch.compile)
-            if b.ndim != 0 or b.dtype == torch.bool or b.is_complex():
+            if b.ndim != 0 or not real_dtype(b):
                 raise ManifoldError(f"{where}: expected `betas` a pair of numbers or real 0-dim tensors, got "
                                     f"β{'₁₂'[i]} {describe(b)}.")
             continue
@@ -573,7 +573,7 @@ class ScaleByScheduleState(NamedTuple):
 def _check_rate(where: str, value: Any) -> Any:
     """``value`` if it is a real number or a real 0-dim tensor (a NumPy 0-dim real array too), else ManifoldError."""
     if isinstance(value, Tensor):
-        ok = value.ndim == 0 and value.dtype != torch.bool and not value.is_complex()
+        ok = value.ndim == 0 and real_dtype(value)  # check_nonnegative's tensor test; no range (not read)
     elif isinstance(value, numbers.Number):
         ok = isinstance(value, numbers.Real)
     else:
