@@ -140,3 +140,49 @@ def test_reverses_do_not_call_torch_broadcast_shapes(shared, monkeypatch):
                  ((3, N, N), (1, N, N)), ((3, N, N), (1, 1)), ((0, N, N), (1, N, N)), ((1, N, N), (0, N, N)),
                  ((N,), ())]:
         assert E._into(torch.empty(a), torch.empty(b)) == (torch.Size(a) == torch.broadcast_shapes(a, b)), (a, b)
+
+
+def test_a_generator_that_requires_grad_outside_the_transforms(monkeypatch):
+    # the generator is a leaf that plain autograd differentiates too (a penalty on the meta-gradient, a step of an
+    # outer optimizer over grad(...)): the node computes on plain tensors and records nothing there, so it must
+    # leave such a generator to the op chain (the derivative of the meta-gradient was 120 off, silently)
+    A0, G, D = _problem(1.0, False)
+    A0 = A0.requires_grad_()
+    _, outer = _outer(G, D, False, False)
+
+    def penalty():
+        mg = grad(lambda A: outer(A) + (A**3).sum())(A0)  # a path outside the exponential too
+        return torch.autograd.grad((mg**2).sum(), A0)[0]
+
+    on = penalty()
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = penalty()
+    torch.testing.assert_close(on, off, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("use", ["linear", "value"])
+def test_a_generator_too_far_gives_nan_meta_gradients(use, monkeypatch):
+    # Note [Too far to be a point]: a task whose generator is past the bound (float32, raw ~1e6) gets NaN, its
+    # neighbours their finite meta-gradients, as the op chain; through the adjoint (a loss linear in the value)
+    # and through the value itself (returned by the inner function as has_aux)
+    g = torch.Generator().manual_seed(4)
+    A0 = torch.randn(3, N, N, generator=g)
+    A0[2] *= 1e6
+    A0 = A0 - A0.mT
+    G, D = torch.randn(3, N, N, generator=g), torch.randn(3, N, N, generator=g)
+    calls = []
+    fwd = E._OuterEval.forward
+    monkeypatch.setattr(E._OuterEval, "forward", staticmethod(lambda *a: calls.append(1) or fwd(*a)))
+
+    def inner(a, t):
+        h, X = grad(lambda x: ((E.expm(x) * t).sum(), E.expm(x)), has_aux=True)(a)
+        return h if use == "linear" else X
+
+    f = grad(lambda A: (vmap(inner)(A, G) * D).sum())
+    on = f(A0)
+    assert calls  # the node is taken
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = f(A0)
+    assert off[2].isnan().all() and not off[:2].isnan().any()
+    assert on[2].isnan().all()
+    torch.testing.assert_close(on[:2], off[:2], rtol=1e-5, atol=1e-5)
