@@ -168,3 +168,35 @@ def test_make_fx_before_dispatch_under_another_dispatch_mode_holds_at_other_valu
         traced = make_fx(lambda Z: space.to_manifold(Z), tracing_mode="real", pre_dispatch=True)(0.1 * Z)
     for scale in (0.1, 3.0):
         torch.testing.assert_close(traced(scale * Z), space.to_manifold(scale * Z), **TOL)
+
+
+def test_a_pre_dispatch_trace_in_another_thread_leaves_this_thread_eager():
+    """torch's pre-dispatch mode slot is one for the process; the trace is this thread's only where its
+    PreDispatch key is included (Note [Traced by make_fx before dispatch]). While another thread traces,
+    this thread is eager: its membership checks run (read as traced, from_manifold of an off-space point
+    was accepted silently) and its fast paths stay on."""
+    import threading
+
+    from geofunc._fastpath import eager_fast, make_fx_tracing
+
+    inside, done, seen = threading.Event(), threading.Event(), []
+
+    def f(Z):
+        inside.set()
+        done.wait(30)
+        seen.append(make_fx_tracing())  # the tracing thread itself sees its trace
+        return Z * 2
+
+    t = threading.Thread(target=lambda: make_fx(f, tracing_mode="real", pre_dispatch=True)(torch.ones(3)))
+    t.start()
+    try:
+        assert inside.wait(30)
+        X = torch.eye(3, dtype=F64)
+        here = (make_fx_tracing(), eager_fast(X))
+        with pytest.raises(gf.ManifoldError, match="expected a point on the space"):
+            gf.SO().from_manifold(2.0 * X)
+    finally:
+        done.set()
+        t.join(30)
+    assert here == (False, True)
+    assert seen == [True]
