@@ -1524,6 +1524,21 @@ def test_scale_by_adam_first_moment_of_a_gradient_of_another_dtype(pdtype, gdtyp
     torch.testing.assert_close(mu.double(), torch.full((3,), 0.05, dtype=torch.float64), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("momenta", [(0.0, 0.0), (0.9, 0.0)])
+def test_a_momentum_tensor_at_zero_steps_by_the_gradient_after_a_non_finite_one(momenta):
+    """torch.optim.SGD with a momentum tensor at 0 steps by the gradient whatever its buffer holds; trace's
+    value selection multiplies that buffer by 0 (Note [A momentum tensor that may be zero]): a buffer holding an
+    inf or NaN gradient of an earlier step (a skipped overflow, a NaN batch) must not make the update NaN."""
+    x = torch.zeros(3, dtype=F64)
+    g1 = torch.tensor([float("inf"), 1.0, float("nan")], dtype=F64)
+    g2 = torch.tensor([2.0, 3.0, 4.0], dtype=F64)
+    mu1, mu2 = (torch.tensor(m, dtype=F64) for m in momenta)
+    s = gf.optim.trace(mu1, 0.0).init(x)
+    _, s = gf.optim.trace(mu1, 0.0).update(g1, s, x)
+    v, _ = gf.optim.trace(mu2, 0.0).update(g2, s, x)
+    torch.testing.assert_close(v, g2, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_a_momentum_tensor_at_zero_has_the_rules_derivative(nesterov):
     """A meta-learned momentum initialised at 0 (dampening 0, the default: the step is continuous in μ there):
