@@ -21,7 +21,7 @@ CLASSES = [
 ]
 BAD = [-1.0, -1e-30, math.nan, -math.inf, "x", True, None, torch.tensor([1e-3, 1e-3]), torch.tensor(-1.0),
        torch.tensor(math.nan), torch.tensor(1e-3 + 0j), [1e-3], np.True_, np.array(True), np.complex128(1e-3),
-       np.array(1e-3 + 1j)]
+       np.array(1e-3 + 1j), torch.tensor(True)]  # (a bool tensor: not 1.0, as True)
 
 
 @pytest.mark.parametrize("make", CLASSES)

@@ -17,7 +17,8 @@ CLASSES = [lambda: gnn.FixedRank((4, 3), 2), lambda: gnn.GLp((3, 3)), lambda: gn
 
 @pytest.mark.parametrize("make", CLASSES)
 @pytest.mark.parametrize("eps", [math.nan, math.inf, -1.0, "x", True, None, torch.tensor(math.nan),
-                                 torch.tensor([1e-3, 1e-3]), np.True_, np.complex128(1e-3)], ids=repr)
+                                 torch.tensor([1e-3, 1e-3]), np.True_, np.complex128(1e-3),
+                                 torch.tensor(True)], ids=repr)
 def test_bad_sample_eps_is_refused(make, eps):
     M = make()
     with pytest.raises(gf.ManifoldError, match=rf"{type(M).__name__}\.sample .*expected `eps` .*finite non-negative real number, got"):
