@@ -7,7 +7,7 @@ from typing import Any, ClassVar, final
 
 import torch
 
-from .._linalg import haar_so, poison, poisoned_zero
+from .._linalg import haar_so, poison, poisoned_zero, relative_tie_tol
 from ._factorized import spectral_svd
 from ._orthogonal import MatrixGroup, orthonormality_error
 
@@ -59,7 +59,9 @@ class SO(MatrixGroup):
             ones = torch.ones_like(s)
             return torch.cat([ones[..., :-1], d.unsqueeze(-1)], dim=-1), torch.zeros_like(s)
 
-        return spectral_svd(Y, g_fn) + poison(Y)
+        # (g = ±1 is scale invariant, as the polar factor: ties relative to σ₁, Note [Polar ties relative
+        # to σ₁] in geofunc/_linalg.py)
+        return spectral_svd(Y, g_fn, relative_tie_tol) + poison(Y)
 
     def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
                device: Any = None) -> Tensor:
