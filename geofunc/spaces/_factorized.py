@@ -46,7 +46,7 @@ from .._linalg import (_add_product, _divided, _second_core, _second_divided, _s
                        sanitize, stack_matrices, sym_part, transpose)
 from ._base import AbstractSpace, can_check
 from ._orthogonal import tall, untall
-from ._values import Abs, Identity, Positive, ValueMap
+from ._values import Abs, Identity, Positive, Unit, ValueMap
 
 Tensor = torch.Tensor
 
@@ -1228,7 +1228,11 @@ class SVDSpace(_Factorized):
                 U, s, Vh = sk
                 g = vm.project(s, torch.arange(s.shape[-1], device=Y.device) < r, None, size)[0][..., :r]
                 return untall((U[..., :r] * g.unsqueeze(-2)) @ Vh[..., :r, :], tr)  # (certified: Yt is finite)
-        return untall(spectral_svd(Yt, g_fn), tr)
+        # AlmostOrthogonal's values clamp to [1 − λ, 1 + λ]: at a small Y every value is 1 − λ and the map is
+        # (1 − λ)·polar(Y), scale invariant, so its ties are relative to σ₁ as the polar factor's (Note
+        # [Polar ties relative to σ₁] in geofunc/_linalg.py; the float32 gradient at entries ~1e-4 was 6× off)
+        tie = _linalg.relative_tie_tol if isinstance(vm, Unit) else None
+        return untall(spectral_svd(Yt, g_fn, tie), tr)
 
     def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
                device: Any = None) -> Tensor:
