@@ -221,7 +221,16 @@ class SL(AbstractSpace):
             neg = ((_det_sign(U) * _det_sign(Vh)) < 0).unsqueeze(-1) & least
             return torch.where(neg, -g, g), torch.where(neg, -dg, dg)
 
-        P = spectral_svd(Y, g_fn)
+        # Note [SL's canonical point is scale invariant]
+        # The value map's lift is √ε·max(1, σ₁), clamped at the floor of f (absolute: GLp's points are
+        # not scale invariant), but SL's canonical point is defined by the relative lift √ε·σ₁: a
+        # well-conditioned Y of entries ~1e-4 in float32 (~1e-8 in float64) had every value lifted to
+        # the floor, and came out 1.2 from project(Y) (float32 and float64 disagreed), and Y of entries
+        # near the largest float gave NaN. Y is scaled to its largest entry first (|Y| ≤ 1 ≤ σ₁, so the
+        # lift is √ε·σ₁); the rescaling by |det|^{-1/n} takes any positive factor out exactly.
+        m = Y.abs().amax((-2, -1), keepdim=True)
+        Yn = Y / torch.where(m > 0, m, torch.ones_like(m)).detach()
+        P = spectral_svd(Yn, g_fn)
         lad = logabsdet_lu(sanitize(P))[..., None, None]  # (see to_manifold; not slogdet: Note [Solves under torch.func])
         return P * torch.exp(lad / -Y.shape[-1]) + poison(P)
 
