@@ -264,6 +264,10 @@ def _high_degree(A: Tensor, P3: Tensor, P4: Tensor, u: float, scale: float = 1.0
 def _pick_degree(alpha: float, u: float) -> tuple[int, int]:
     """The degree ``m ∈ _HIGH`` and squarings ``s`` for ``α₃ = alpha``: the fewest matrix products, then
     the fewest squarings."""
+    # α of a float64 generator within a factor ~n of the largest float overflows a Python float (and
+    # α/θ_m does earlier): an OverflowError from ceil(inf) escaped every chart. Any α past 2¹⁰⁰⁰ is far
+    # beyond Note [Too far to be a point] (u·α > 1/64 from α ≈ 1.4e14 in float64), whose NaN it gets
+    alpha = min(alpha, 2.0**1000)
     best = None
     for m in _HIGH:
         th = _theta(m, u)

@@ -526,3 +526,32 @@ def test_sl_refuses_a_singular_matrix_by_name(dtype):
             call(X)
     Y = M.sample((5, 3, 3), generator=torch.Generator().manual_seed(1), dtype=dtype)
     assert bool(M.contains(Y).all())
+
+
+# --------------------------------------------------------------------------- the largest float64
+EXPM_CHARTS = [gf.SO(), gf.GLp(), gf.PSD(), gf.SL(), gf.Hurwitz(), gf.LowRank(rank=2), gf.FixedRank(rank=3),
+               gf.AlmostOrthogonal(lam=0.5), gf.PSSD()]
+
+
+@pytest.mark.parametrize("M", EXPM_CHARTS, ids=repr)
+def test_exponential_charts_at_the_largest_float64_give_nan_not_an_overflow_error(M):
+    """A float64 generator with entries within a factor ~n of the largest float has an α that overflows
+    a Python float: the degree choice raised ``OverflowError: cannot convert float infinity to integer``
+    (neither NaN nor a ManifoldError) from every exponential chart. Such a point is far past Note [Too
+    far to be a point]: NaN, as at 1e30."""
+    Z = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Z = Z / Z.abs().max() * torch.finfo(F64).max
+    X = M.to_manifold(Z)
+    assert bool(torch.isnan(X).all())
+    X0 = M.sample((3, 3), generator=torch.Generator().manual_seed(1), dtype=F64)
+    _, base = M.from_manifold(X0)
+    assert bool(torch.isnan(M.to_manifold(Z, base)).all())
+
+
+@pytest.mark.parametrize("M", [gf.SO(), gf.Unitary()], ids=repr)
+def test_multiplying_retractions_at_the_largest_float64_give_nan_not_an_overflow_error(M):
+    dtype = torch.complex128 if isinstance(M, gf.Unitary) else F64
+    X = M.sample((3, 3), generator=torch.Generator().manual_seed(1), dtype=dtype)
+    V = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64).to(dtype)
+    V = V / V.abs().max() * torch.finfo(F64).max
+    assert bool(torch.isnan(M.retract(X, V)).all())
