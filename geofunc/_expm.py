@@ -297,6 +297,15 @@ def _mm_add(C: Tensor, X: Tensor, Y: Tensor, alpha: float = 1.0) -> Tensor:
     return C + X @ Y if alpha == 1.0 else C + alpha * (X @ Y)
 
 
+def _mm_add_(C: Tensor, X: Tensor, Y: Tensor) -> Tensor:
+    """``C + X @ Y`` into ``C`` (a fresh buffer) where the shapes allow, else :func:`_mm_add`."""
+    if C.ndim == X.ndim == Y.ndim == 2:
+        return C.addmm_(X, Y)
+    if C.ndim == X.ndim == Y.ndim == 3 and C.shape[0] == X.shape[0] == Y.shape[0]:
+        return C.baddbmm_(X, Y)
+    return _mm_add(C, X, Y)
+
+
 def _add_identity(X: Tensor, c: float, inplace: bool) -> Tensor:
     if c == 0.0:
         return X
@@ -543,7 +552,8 @@ def _taylor(P: list[Any], m: int, inplace: bool = False) -> tuple[Tensor, list[T
     Hs: list[Tensor] = []  # left factors of the Horner products, in forward order
     for i in range(r - 2, -1, -1):
         Hs.append(H)
-        H = _mm_add(_block(c[i * q : (i + 1) * q], P, inplace), H, P[q])
+        blk = _block(c[i * q : (i + 1) * q], P, inplace)
+        H = _mm_add_(blk, H, P[q]) if inplace else _mm_add(blk, H, P[q])
     return H, Hs
 
 
@@ -1278,7 +1288,7 @@ def _two_levels_down() -> Any:
         F.push_dynamic_layer_stack(grad_layer)
 
 
-def _chain_eval(A: Tensor) -> tuple[Tensor, dict, int, int]:
+def _chain_eval(A: Tensor, inplace: bool = False) -> tuple[Tensor, dict, int, int]:
     """The op chain's evaluation (Note [Op chain under torch.func]) and its intermediates, derivative degree and
     squarings. Where the plain tensor under ``A`` has ``A``'s layout (a grad level's wrapper: below the vmap
     level), the degree is chosen from the evaluation's own powers (recorded: the derivative degree is at
@@ -1301,11 +1311,11 @@ def _chain_eval(A: Tensor) -> tuple[Tensor, dict, int, int]:
                     n3, n4 = _finite_max(_norms34(_values(P3), _values(P4)), dim=1).tolist()
                 m, s = _pick_degree(max(n3 ** (1.0 / 3.0), n4**0.25), u)
             d = _derivative_degree(m)
-            X, cache = _evaluate(A, d, s, (0, [A, P2, P3, P4]), chosen=m)
+            X, cache = _evaluate(A, d, s, (0, [A, P2, P3, P4]), inplace=inplace, chosen=m)
             return X, cache, d, s
     m, s, _ = choose_degree(A)
     d = _derivative_degree(m)
-    X, cache = _evaluate(A, d, s, chosen=m)
+    X, cache = _evaluate(A, d, s, inplace=inplace, chosen=m)
     return X, cache, d, s
 
 
@@ -1387,7 +1397,14 @@ class _ChainNode(getattr(torch.autograd.function, "_SingleLevelFunction", torch.
 # process CPU time, node on/off in one process, interleaved, 16-20 rounds, a 2-core box at load 11-15):
 # on/off 0.78-0.89 (per-round medians 0.82-0.86) after 60 and 300 meta-steps; per meta-step 6,252 -> 5,758
 # aten ops, 937 -> 674 autograd nodes; meta-gradients equal the chain's to float32 rounding (1.5e-7), float64
-# 1e-16.
+# 1e-16. The evaluation node computes in place (its Paterson-Stockmeyer blocks and Horner steps accumulate into
+# their own fresh buffers, as _Expm's forward does) and the reverses neither multiply by a dB/dA of exactly 1 nor
+# form c·T + acc out of place (add_(alpha)): ~25 fresh 25x40x40 outputs fewer per call, none reused across calls.
+# Measured (issue 13's MAML row, 1 thread, process CPU time, in-process A/B interleaved): the node maths on one
+# meta-step's operands 0.876 (evaluation 0.72, adjoint 0.84, its reverse 0.90); the meta-step 0.964-0.972 on a
+# quiet box, 0.93-0.99 loaded (A/A 0.993-1.002). Not kept: a per-thread scratch pool for the reverses'
+# temporaries (0.99-1.005) and the coefficient sums as one product over a stacked buffer (0.97-1.37: buffers past
+# glibc's mmap threshold fault their pages in on every call).
 _OUTER_NODE = True
 
 
@@ -1419,7 +1436,18 @@ def _acc(acc: Any, X: Tensor, Y: Tensor) -> Tensor:
         return acc.baddbmm_(X, Y)
     if acc.ndim == X.ndim == Y.ndim == 2:
         return acc.addmm_(X, Y)
-    return acc + X @ Y
+    XY = X @ Y
+    return acc.add_(XY) if _into(acc, XY) else acc + XY
+
+
+def _scaled(T: Tensor, f: Any) -> Tensor:
+    """``T * f`` (``T`` itself for a factor of exactly 1: no pass over memory, no fresh buffer)."""
+    return T if isinstance(f, float) and f == 1.0 else T * f
+
+
+def _add_scaled(acc: Tensor, T: Tensor, c: float) -> Tensor:
+    """``acc + c T`` (``acc`` a fresh buffer of this module's: in place where ``T`` broadcasts into it)."""
+    return acc.add_(T, alpha=c) if _into(acc, T) else acc + c * T
 
 
 def _into(acc: Tensor, T: Tensor) -> bool:
@@ -1477,12 +1505,12 @@ def _adj_saving(cache: dict, G: Tensor, m: int, s: int) -> tuple[Tensor, tuple]:
     for i in range(r - 1):
         GP4 = _acc(GP4, Hs[r - 2 - i].mH, GH[i])
         GH.append(_mm(GH[i], P4t))
-    GP4 = GP4 + c[m] * GH[r - 1]
+    GP4 = _add_scaled(GP4, GH[r - 1], c[m])
     GP = [None] + [_csum([c[i * q + j] for i in range(r)], GH) for j in range(1, q)]
     P1t, P2t = P[1].mH, P[2].mH
     GP2 = _acc(_acc(_acc(GP[2], GP4, P2t), P2t, GP4), GP[3], P1t)
     GP1 = _acc(_acc(_acc(GP[1], P2t, GP[3]), GP2, P1t), P1t, GP2)
-    return GP1 * _factor(cache, s), (Gk, GH, GP2, GP[3], GP4)
+    return _scaled(GP1, _factor(cache, s)), (Gk, GH, GP2, GP[3], GP4)
 
 
 def _adj_reverse(cache: dict, saved: tuple, W: Tensor, m: int, s: int) -> tuple[Tensor, Tensor, list]:
@@ -1493,7 +1521,7 @@ def _adj_reverse(cache: dict, saved: tuple, W: Tensor, m: int, s: int) -> tuple[
     skip, lead = cache.get("skip"), cache.get("lead", 0)
     Gk, GH, GP2, GP3, GP4 = saved
     P1, P2, P4 = P[1], P[2], P[4]
-    b1 = W * _factor(cache, s)
+    b1 = _scaled(W, _factor(cache, s))  # (read only)
     b1h = b1.mH
     bGP2 = _acc(_mm(b1, P1), P1, b1)
     bP1 = _acc(_mm(b1h, GP2), GP2, b1h)
@@ -1504,7 +1532,7 @@ def _adj_reverse(cache: dict, saved: tuple, W: Tensor, m: int, s: int) -> tuple[
     bP2 = _acc(_acc(bP2, bGP2.mH, GP4), GP4, bGP2.mH)
     bGP = [None, b1, bGP2, bGP3]
     bGH = [_csum([c[i * q + j] for j in range(1, q)], bGP[1:]) for i in range(r)]
-    bGH[r - 1] = bGH[r - 1] + c[m] * bGP4
+    bGH[r - 1] = _add_scaled(bGH[r - 1], bGP4, c[m])
     bP4 = None
     bH: dict = {}
     bGP4h = bGP4.mH
@@ -1600,7 +1628,7 @@ class _OuterEval(_FUNCTION):  # type: ignore[misc,valid-type]
         try:
             p = F._unwrap_for_grad(a, 1)
             with torch.no_grad():
-                X, cache, d, s = _chain_eval(p)
+                X, cache, d, s = _chain_eval(p, inplace=True)  # (plain tensors, nothing recorded: in place)
             outs = [X, *_inter(cache)]
         finally:
             _fused._restore(layer, mode)

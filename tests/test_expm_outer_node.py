@@ -186,3 +186,57 @@ def test_a_generator_too_far_gives_nan_meta_gradients(use, monkeypatch):
     assert off[2].isnan().all() and not off[:2].isnan().any()
     assert on[2].isnan().all()
     torch.testing.assert_close(on[:2], off[:2], rtol=1e-5, atol=1e-5)
+
+
+def test_outer_evaluation_runs_in_place(monkeypatch):
+    # the evaluation node computes on plain tensors with nothing recorded: its Paterson-Stockmeyer blocks and Horner
+    # steps accumulate into their own fresh buffers (in place), and the meta-gradient is the op chain's
+    A0, G, D = _problem(4.0, False)
+    _, outer = _outer(G, D, False, False)
+    flags = []
+    ev = E._evaluate
+    monkeypatch.setattr(E, "_evaluate", lambda *a, **k: flags.append(k.get("inplace", False)) or ev(*a, **k))
+    fwd = E._OuterEval.forward
+    seen = []
+
+    def spy(*a):
+        n = len(flags)
+        out = fwd(*a)
+        seen.extend(flags[n:])
+        return out
+
+    monkeypatch.setattr(E._OuterEval, "forward", staticmethod(spy))
+    on = grad(outer)(A0)
+    assert seen and all(seen)
+    monkeypatch.setattr(E, "_OUTER_NODE", False)
+    off = grad(outer)(A0)
+    torch.testing.assert_close(on, off, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.3, 4.0, 60.0])
+@pytest.mark.parametrize("shared", [False, True])
+def test_reverses_leave_their_operands_alone(scale, shared):
+    # the reverses update only buffers of their own (in place: accumulators, scaled sums; a unit dB/dA is not
+    # applied): the cotangents handed in (W, dX, the intermediates'), the evaluation's intermediates and the
+    # adjoint's saved tensors come back bitwise unchanged, and no result shares storage with an operand
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(*(() if shared else (3,)), N, N, dtype=torch.float64, generator=g) * scale / N**0.5
+    A = A - A.mT
+    with torch.no_grad():
+        X, cache, d, s = E._chain_eval(A, inplace=True)
+    Gs = torch.randn(3, N, N, dtype=torch.float64, generator=g)
+    W = torch.randn(3, N, N, dtype=torch.float64, generator=g)
+    dX = torch.randn(X.shape, dtype=torch.float64, generator=g)
+    inter = [torch.randn(t.shape, dtype=torch.float64, generator=g) for t in E._inter(cache)]
+    flat = lambda: [t for t in [Gs, W, dX, *inter, *E._inter(cache), *cache["P"][1:]] if t is not None]
+    before = [t.clone() for t in flat()]
+    gA, saved = E._adj_saving(cache, Gs, d, s)
+    kept = [t.clone() for t in [*saved[0], *saved[1], *saved[2:]]]
+    dg, bP1, binter = E._adj_reverse(cache, saved, W, d, s)
+    bB = E._fwd_reverse(cache, dX, inter, d, s)
+    for t, t0 in zip(flat(), before):
+        assert torch.equal(t, t0)
+    for t, t0 in zip([*saved[0], *saved[1], *saved[2:]], kept):
+        assert torch.equal(t, t0)
+    ptrs = {t.data_ptr() for t in flat()}
+    assert all(o.data_ptr() not in ptrs for o in [gA, dg, bP1, bB, *binter])
