@@ -130,8 +130,24 @@ def skew_lower(Z: Tensor, lower: bool = True) -> Tensor:
     L = torch.tril(Z, -1) if lower else torch.triu(Z, 1)
     A = L - transpose(L)
     if Z.is_complex():
-        A = A + torch.diag_embed(1j * torch.diagonal(Z, dim1=-2, dim2=-1).imag)
+        # Note [The imaginary diagonal under torch.compile(grad)]
+        # Read as diag_embed(i·diagonal(Z).imag), torch 2.13's inductor got the gradient of the chart wrong
+        # under torch.compile(torch.func.grad(f)), silently: 0.5-1.5 off eager and finite differences for
+        # Unitary, complex Stiefel (square; tall under vmap) and, through diagonal(Z).real, complex PSSD under
+        # vmap (torch's bug: the compiled grad of (c * (diagonal(z).sum() * z)).real.sum() is 2.9 off; with
+        # diagonal(z.real) it is right; aot_eager is right). So the complex maps never take the diagonal of a
+        # complex tensor they differentiate: the imaginary diagonal is selected by a mask here, and the real
+        # diagonals (Hermitian, the PSD/PSSD eigenvalue coordinates) are read from Z.real. Values and eager
+        # derivatives are the same bit for bit (tests/test_complex.py).
+        A = A + imaginary_diagonal(Z)
     return A
+
+
+def imaginary_diagonal(Z: Tensor, scale: float = 1.0) -> Tensor:
+    """``diag(scale·i·Im diag Z)`` of a complex square ``Z``, selected by a mask (Note [The imaginary diagonal
+    under torch.compile(grad)])."""
+    eye = torch.eye(Z.shape[-1], dtype=torch.bool, device=Z.device)
+    return torch.where(eye, (scale * 1j) * Z.imag, torch.zeros((), dtype=Z.dtype, device=Z.device))
 
 
 def skew_lower_inverse(A: Tensor, lower: bool = True) -> Tensor:
@@ -774,8 +790,8 @@ def _tall_chart(Y: Tensor, Z: Tensor, triv: Triv, horizontal: bool, reduced: boo
             B = C @ transpose(Y)
         else:  # W = B − Bᵀ = Y Ω Yᵀ + C Yᵀ − Y Cᵀ with Ω = skew_lower(S) = L − Lᵀ (+ i·diag(Im S) if complex)
             L = torch.tril(S, -1)
-            if S.is_complex():
-                L = L + torch.diag_embed(0.5j * torch.diagonal(S, dim1=-2, dim2=-1).imag)
+            if S.is_complex():  # the diagonal by a mask (Note [The imaginary diagonal under torch.compile(grad)])
+                L = L + imaginary_diagonal(S, 0.5)
             B = (Y @ L + C) @ transpose(Y)
         return B - transpose(B), lambda R: R @ Y  # skew to the last bit (B − Bᵀ), so φ(W) is orthogonal to rounding
     C, Omega, CtC, c = _tall_generator(Y, Z, horizontal)

@@ -1320,7 +1320,9 @@ class EigSpace(_Factorized):
         n = Z.shape[-1]
         r = self._rank(n)
         (Q,) = self._frames((torch.tril(Z[..., :, :r], -1), self._base(base, Z, r)))
-        return Q, torch.diagonal(Z, dim1=-2, dim2=-1)[..., :r].real  # complex Z: the real part (Hermitian X)
+        # complex Z: the real part (Hermitian X), taken before the diagonal (Note [The imaginary diagonal under
+        # torch.compile(grad)] in geofunc/_linalg.py: the diagonal of a complex tensor had a wrong compiled gradient)
+        return Q, torch.diagonal(Z.real if Z.is_complex() else Z, dim1=-2, dim2=-1)[..., :r]
 
     def to_manifold(self, Z: Tensor, base: Any = None) -> Tensor:
         Q, lam = self._factors(Z, base)
@@ -1412,7 +1414,7 @@ class EigSpace(_Factorized):
         if r != n:
             raise error(self, "a full-rank space (rank = n) for logabsdet", f"rank {r} for shape {tuple(Z.shape)}")
         Qb = self._base(base, Z, r)
-        return self._value_map.log_abs(torch.diagonal(Z, dim1=-2, dim2=-1).real) + poison(Z, Qb)[..., 0, 0]
+        return self._value_map.log_abs(torch.diagonal(Z.real, dim1=-2, dim2=-1)) + poison(Z, Qb)[..., 0, 0]  # (.real first: as in _factors)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         """Symmetric, no eigenvalue below 0, the n − r smallest vanish (relative to ‖X‖₂), and the

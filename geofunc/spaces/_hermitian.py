@@ -56,7 +56,8 @@ class Hermitian(TriangleSpace):
 
     def _frame(self, Z: Tensor) -> Tensor:
         strict = torch.tril(Z, -1) if self.lower else torch.triu(Z, 1)
-        return strict + transpose(strict) + torch.diag_embed(torch.diagonal(Z, dim1=-2, dim2=-1).real.to(Z.dtype))
+        # .real before the diagonal (Note [The imaginary diagonal under torch.compile(grad)] in geofunc/_linalg.py)
+        return strict + transpose(strict) + torch.diag_embed(torch.diagonal(Z.real, dim1=-2, dim2=-1).to(Z.dtype))
 
     def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
                device: Any = None) -> Tensor:
