@@ -189,3 +189,53 @@ def test_real_only_classes_refuse_a_complex_assignment(M):
     assert not P.is_parametrized(m)
     with pytest.raises(gnn.InManifoldError, match=rf"{name} is a real space"):
         M.right_inverse(torch.eye(4, dtype=torch.complex128))
+
+
+# Note [Complex and real dtypes of a constrained module]: a complex constrained module cast to a real
+# dtype got another real point, silently (0.76 from W, 0.34 from Re W, for a complex64 orthogonal 4x4);
+# a real-only space cast to complex raised torch's NotImplementedError at the next read.
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a module itself
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")
+def test_a_complex_constrained_module_refuses_a_real_dtype(case):
+    _, fn, (i, o), _ = case
+    torch.manual_seed(0)
+    m = nn.Linear(i, o, dtype=torch.complex64)
+    fn(m)
+    W, Z = m.weight.detach().clone(), m.parametrizations.weight.original.detach().clone()
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .*keeps it complex"):
+        m.to(torch.float32)
+    assert m.parametrizations.weight.original.dtype == torch.complex64 and m.bias.dtype == torch.complex64
+    assert torch.equal(m.parametrizations.weight.original.detach(), Z)
+    assert torch.equal(m.weight.detach(), W)
+    real = nn.Linear(i, o)
+    fn(real)
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .*of a real dtype"):
+        real.load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("constrain", [lambda m: gnn.constrain(m, "weight", gf.SO()), gnn.invertible, gnn.skew],
+                         ids=["SO", "GLp", "Skew"])
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a module itself
+def test_a_real_only_constrained_module_refuses_a_complex_dtype(constrain):
+    m = nn.Linear(4, 4)
+    constrain(m)
+    W = m.weight.detach().clone()
+    with pytest.raises(gf.ManifoldError, match=r"Linear\.weight constrained to .* is a real space"):
+        m.to(torch.complex64)
+    assert m.parametrizations.weight.original.dtype == torch.float32
+    assert torch.equal(m.weight.detach(), W)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a module itself
+def test_a_real_point_becomes_the_same_complex_point(case):
+    _, fn, (i, o), err = case
+    torch.manual_seed(0)
+    m = nn.Linear(i, o, bias=False, dtype=torch.float64)
+    fn(m)
+    W = m.weight.detach().clone()
+    m.to(torch.complex128)
+    assert m.weight.dtype == torch.complex128
+    torch.testing.assert_close(m.weight.detach(), W.to(torch.complex128), atol=1e-12, rtol=0)
+    assert err(m.weight.detach()) < TOL[torch.complex128]

@@ -1345,9 +1345,47 @@ def _super(self: nn.Module, name: str, ours: Callable[..., Any]) -> Any:
     return super(type(self), self)
 
 
+# Note [Complex and real dtypes of a constrained module]
+# ``module.to(torch.float32)`` casts a complex parameter to real by dropping its imaginary part (torch
+# warns once per process). For a complex constrained tensor that is no point of anything: its raw tensor
+# and base lost their imaginary parts, the base was re-made orthonormal (Note [Bases across dtypes]), and
+# the weight became another real point, 0.3-0.7 away from both W and Re W, silently (complex Stiefel,
+# Grassmannian, Sphere, PSD, PSSD; Unitary and Hermitian raised only at the next read). The other way,
+# ``.to(torch.complex64)`` of a real-only space (SO, GLp, ...) made its raw tensor and base complex, and the
+# next read raised torch's NotImplementedError ("gt_cpu" not implemented for 'ComplexFloat', from the base's
+# determinant sign) or a ManifoldError that named no tensor. Both are refused here, before the module or
+# any of its tensors is converted; a real point of a space that takes complex tensors becomes complex
+# exactly (real frames are unitary ones), as before. ``load_state_dict`` of a complex checkpoint into the
+# real module is refused alike (``_load_keeping_points``), before that module's tensors are loaded;
+# ``assign=True`` replaces the tensors and is left alone.
+def _require_dtype_kind_kept(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
+    """Raise ``ManifoldError`` if ``fn`` (an ``_apply`` conversion) turns a constrained complex raw tensor of
+    ``module`` real, or a real one complex where its space is real (Note [Complex and real dtypes of a
+    constrained module])."""
+    for name, plist, M in _geofunc_plists(module):
+        Z = plist.original
+        if not isinstance(Z, Tensor) or not (Z.is_floating_point() or Z.is_complex()):
+            continue
+        new = fn(torch.empty((0,) * Z.dim(), dtype=Z.dtype, device=Z.device)).dtype
+        if Z.is_complex() and not new.is_complex:
+            raise ManifoldError(
+                f"{M.where} constrained to {M.space!r}: expected a conversion that keeps it complex, got dtype "
+                f"{Z.dtype} -> {new}: a complex point has no real counterpart on the space (casting would drop the "
+                "imaginary parts of its raw tensor and base, giving another point). Nothing was converted; build the "
+                "real module and assign it a real point instead.")
+        if not Z.is_complex() and new.is_complex and not M.space.accepts_complex:
+            raise ManifoldError(
+                f"{M.where} constrained to {M.space!r}: expected a real floating dtype, got dtype {Z.dtype} -> {new}: "
+                f"{type(M.space).__name__} is a real space. Nothing was converted.")
+
+
 def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
     """``nn.Module._apply`` of a constrained module, whose raw tensors keep their points across a dtype
-    change (Note [Raw tensors across dtypes])."""
+    change (Note [Raw tensors across dtypes]); a change between real and complex dtypes that the
+    points cannot follow raises ``ManifoldError`` before anything is converted (Note [Complex and
+    real dtypes of a constrained module])."""
+    if recurse:
+        _require_dtype_kind_kept(self, fn)
     snaps, handled = [], []
     for name, plist, M in _geofunc_plists(self) if recurse else []:
         Z = plist.original
@@ -1402,6 +1440,12 @@ def _load_keeping_points(self: nn.Module, state_dict: dict, prefix: str, local_m
             for A in list(plist)[1:]:  # Note [Chained values across dtypes]
                 if A in _CHAINED and A._moves_with_floor(saved.dtype, Z.dtype):
                     warnings.warn(_chained_message(A, saved.dtype, Z.dtype), stacklevel=4)
+            if saved.is_complex() and not Z.is_complex():  # Note [Complex and real dtypes of a constrained module]
+                raise ManifoldError(
+                    f"{M.where} constrained to {M.space!r}: expected a saved raw tensor {key} of a real dtype, as the "
+                    f"module's ({Z.dtype}), got dtype {saved.dtype}: a complex point has no real counterpart on the space "
+                    "(loading would drop the imaginary parts of its raw tensor and base, giving another point). Nothing "
+                    "of this module was loaded.")
             if saved.is_complex() != Z.is_complex():
                 continue
             view = M.space._dtype_coords(saved)
