@@ -66,6 +66,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("space, real", [(gf.Unitary(), "SO"), (gf.Hermitian(), "Sym")],
+                         ids=lambda x: x if isinstance(x, str) else type(x).__name__)
+def test_complex_only_spaces_on_a_real_weight_name_the_cause(space, real):
+    """The message said "expected an initial point of ... dtype torch.float32, got ... complex64" (the sample's dtype),
+    though no initial point was given."""
+    m = nn.Linear(4, 4, bias=False)
+    before = m.weight.detach().clone()
+    with pytest.raises(gf.ManifoldError, match=rf"Linear\.weight .*complex dtype.*got dtype torch\.float32: "
+                                               rf"{type(space).__name__} takes complex tensors only.*{real}"):
+        gnn.constrain(m, "weight", space)
+    assert not P.is_parametrized(m)
+    assert torch.equal(m.weight, before)
+
+
 @pytest.mark.parametrize("dtype", COMPLEX, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_complex_weights_start_train_and_assign_on_the_space(case, dtype):

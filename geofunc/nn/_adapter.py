@@ -1540,6 +1540,11 @@ def constrain(
     if isinstance(space, Product):  # its points are tuples: no one tensor holds one
         raise ManifoldError(f"cannot constrain {what} to {space!r}: expected a space whose points are tensors; a "
                             f"Product's points are tuples of tensors (constrain each tensor to its factor).")
+    if space._complex_only and not T.dtype.is_complex:  # its sample would be complex: name the cause, not the sample
+        raise ManifoldError(
+            f"cannot constrain {what} to {space!r}: expected a tensor of a complex dtype (complex64 or complex128), "
+            f"got dtype {T.dtype}: {type(space).__name__} takes complex tensors only (make the module complex, "
+            f"e.g. dtype=torch.complex64, or use the real space: {'SO' if type(space).__name__ == 'Unitary' else 'Sym'}).")
     try:
         if init is None:
             X = space.sample(tuple(T.shape), dtype=T.dtype, device=T.device)
