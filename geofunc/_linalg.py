@@ -147,6 +147,10 @@ def imaginary_diagonal(Z: Tensor, scale: float = 1.0) -> Tensor:
     """``diag(scale·i·Im diag Z)`` of a complex square ``Z``, selected by a mask (Note [The imaginary diagonal
     under torch.compile(grad)])."""
     eye = torch.eye(Z.shape[-1], dtype=torch.bool, device=Z.device)
+    # resolve_conj: the .imag of a lazy conjugate (Z = W.mH, W.conj()) is a negative view, which has no
+    # batching rule (vmap raised torch's "Batching rule not implemented for aten::_neg_view"); a no-op
+    # for any other Z (Note [Real products under vmap])
+    Z = Z.resolve_conj()
     return torch.where(eye, (scale * 1j) * Z.imag, torch.zeros((), dtype=Z.dtype, device=Z.device))
 
 

@@ -679,3 +679,20 @@ def test_compiled_grad_of_complex_charts_equals_eager(case) -> None:
     expected = f(z)
     got = torch.compile(f, fullgraph=True)(z)
     torch.testing.assert_close(got, expected, atol=1e-10, rtol=0)
+
+
+def test_unitary_of_a_lazily_conjugated_raw_tensor_under_vmap() -> None:
+    """A raw tensor that is a lazy conjugate (``W.mH``, ``W.conj()``): the imaginary diagonal read its ``.imag``,
+    a negative view with no batching rule, and ``vmap`` raised torch's "Batching rule not implemented for
+    aten::_neg_view" (eager mode took it). Values and gradients are those of the resolved tensor."""
+    from torch.func import grad, vmap
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(2, 4, 4, generator=g, dtype=torch.complex128)
+    c = torch.randn(4, 4, generator=g, dtype=torch.complex128)
+    Z, Zr = W.mH, W.mH.resolve_conj()
+    assert Z.is_conj()
+    M = gf.Unitary()
+    torch.testing.assert_close(vmap(M.to_manifold)(Z), M.to_manifold(Zr), atol=1e-12, rtol=0)
+    f = grad(lambda z: (c.conj() * M.to_manifold(z)).real.sum())
+    torch.testing.assert_close(vmap(f)(Z), vmap(f)(Zr), atol=1e-12, rtol=0)
