@@ -253,3 +253,18 @@ def test_a_real_point_becomes_the_same_complex_point(case):
     assert m.weight.dtype == torch.complex128
     torch.testing.assert_close(m.weight.detach(), W.to(torch.complex128), atol=1e-12, rtol=0)
     assert err(m.weight.detach()) < TOL[torch.complex128]
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules are a new feature")  # the test casts a module itself
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")
+def test_a_refused_dtype_move_inside_a_parent_names_what_was_left_unconverted():
+    """Inside a parent, torch converts the children before the constrained one: the message said "Nothing was
+    converted" while the parent's first layer had already become float32."""
+    torch.manual_seed(0)
+    s = nn.Sequential(nn.Linear(4, 4, dtype=torch.complex64), nn.Linear(4, 4, dtype=torch.complex64))
+    gnn.orthogonal(s[1], "weight")
+    W = s[1].weight.detach().clone()
+    with pytest.raises(gf.ManifoldError, match=r"Nothing of this module was converted \(modules a parent converted"):
+        s.to(torch.float32)
+    assert s[0].weight.dtype == torch.float32  # torch's, before the constrained child
+    assert s[1].parametrizations.weight.original.dtype == torch.complex64 and torch.equal(s[1].weight.detach(), W)

@@ -1357,7 +1357,9 @@ def _super(self: nn.Module, name: str, ours: Callable[..., Any]) -> Any:
 # any of its tensors is converted; a real point of a space that takes complex tensors becomes complex
 # exactly (real frames are unitary ones), as before. ``load_state_dict`` of a complex checkpoint into the
 # real module is refused alike (``_load_keeping_points``), before that module's tensors are loaded;
-# ``assign=True`` replaces the tensors and is left alone.
+# ``assign=True`` replaces the tensors and is left alone. Only the constrained module's own ``_apply`` is
+# this one: a parent's ``.to()`` walks its children in order, and those before this module are converted
+# by then (the message says "of this module").
 def _require_dtype_kind_kept(module: nn.Module, fn: Callable[[Tensor], Tensor]) -> None:
     """Raise ``ManifoldError`` if ``fn`` (an ``_apply`` conversion) turns a constrained complex raw tensor of
     ``module`` real, or a real one complex where its space is real (Note [Complex and real dtypes of a
@@ -1371,12 +1373,14 @@ def _require_dtype_kind_kept(module: nn.Module, fn: Callable[[Tensor], Tensor]) 
             raise ManifoldError(
                 f"{M.where} constrained to {M.space!r}: expected a conversion that keeps it complex, got dtype "
                 f"{Z.dtype} -> {new}: a complex point has no real counterpart on the space (casting would drop the "
-                "imaginary parts of its raw tensor and base, giving another point). Nothing was converted; build the "
-                "real module and assign it a real point instead.")
+                "imaginary parts of its raw tensor and base, giving another point). Nothing of this module was converted "
+                "(modules a parent converted before it keep the new dtype); build the real module and assign it a real "
+                "point instead.")
         if not Z.is_complex() and new.is_complex and not M.space.accepts_complex:
             raise ManifoldError(
                 f"{M.where} constrained to {M.space!r}: expected a real floating dtype, got dtype {Z.dtype} -> {new}: "
-                f"{type(M.space).__name__} is a real space. Nothing was converted.")
+                f"{type(M.space).__name__} is a real space. Nothing of this module was converted (modules a parent "
+                "converted before it keep the new dtype).")
 
 
 def _apply_keeping_points(self: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
