@@ -80,6 +80,17 @@ def test_complex_only_spaces_on_a_real_weight_name_the_cause(space, real):
     assert torch.equal(m.weight, before)
 
 
+def test_a_users_complex_only_space_is_not_given_a_real_counterpart():
+    """The refusal named Sym as the real space of any complex-only space but Unitary (a user's own one too)."""
+
+    class MyUnitary(gf.Unitary):
+        pass
+
+    with pytest.raises(gf.ManifoldError, match=r"MyUnitary takes complex tensors only \(make the module complex, "
+                                               r"e\.g\. dtype=torch\.complex64\)\.$"):
+        gnn.constrain(nn.Linear(4, 4, bias=False), "weight", MyUnitary())
+
+
 @pytest.mark.parametrize("dtype", COMPLEX, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c[0])
 def test_complex_weights_start_train_and_assign_on_the_space(case, dtype):

@@ -1505,6 +1505,10 @@ def _resolve_tensor(module: nn.Module, tensor_name: str, space: Any) -> Tensor:
     return T
 
 
+# the real space of a complex-only one, named in constrain's refusal (a user's own complex-only space: none)
+_REAL_COUNTERPART = {"Unitary": ", or use the real space SO", "Hermitian": ", or use the real space Sym"}
+
+
 def constrain(
     module: ModuleT,
     tensor_name: str,
@@ -1548,7 +1552,7 @@ def constrain(
         raise ManifoldError(
             f"cannot constrain {what} to {space!r}: expected a tensor of a complex dtype (complex64 or complex128), "
             f"got dtype {T.dtype}: {type(space).__name__} takes complex tensors only (make the module complex, "
-            f"e.g. dtype=torch.complex64, or use the real space: {'SO' if type(space).__name__ == 'Unitary' else 'Sym'}).")
+            f"e.g. dtype=torch.complex64{_REAL_COUNTERPART.get(type(space).__name__, '')}).")
     try:
         if init is None:
             X = space.sample(tuple(T.shape), dtype=T.dtype, device=T.device)
