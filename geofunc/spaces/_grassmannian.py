@@ -103,7 +103,10 @@ class Grassmannian(FrameSpace):
         Xt, Yt = tall(X)[0], tall(Y)[0]
         C = transpose(Xt) @ Yt  # a NaN/inf entry of X or Y reaches C: poison(C) (Note [NaN policy])
         cos = torch.linalg.svdvals(sanitize(C))  # descending
-        sin = torch.linalg.svdvals(sanitize(Yt - Xt @ C)).flip(-1)  # ascending: paired with the cosines
+        # the sines from (I − XXᴴ)(Y − X): exactly 0 at Y = X, so is the gradient there (Note [Distances from
+        # differences] in _orthogonal.py; Y − XC gave noise angles and a noise gradient of norm up to 2.8)
+        D = Yt - Xt
+        sin = torch.linalg.svdvals(sanitize(D - Xt @ (transpose(Xt) @ D))).flip(-1)  # ascending: paired with the cosines
         return torch.linalg.vector_norm(torch.atan2(sin, cos), dim=-1) + poison(C)[..., 0, 0]
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:

@@ -109,8 +109,15 @@ class MatrixGroup(AbstractSpace):
         """``‖log(XᴴY)‖_F = √(Σ_j arg(λ_j)²)``, ``λ_j`` the eigenvalues of ``XᴴY``; batch-shaped (for
         SO(3), √2 times the angle of the rotation ``XᵀY``)."""
         self._check_pair(X, Y, "Y")
-        P = transpose(X) @ Y  # LAPACK's eig reports NaN input (MKL prints an error): sanitize, poison (Note [NaN policy])
-        return torch.linalg.vector_norm(torch.angle(torch.linalg.eigvals(sanitize(P))), dim=-1) + poison(P)[..., 0, 0]
+        # Note [Distances from differences]
+        # The eigenvalues are read as 1 + μ, μ those of E = Xᴴ(Y − X) = XᴴY − I: at Y = X, E is exactly 0, so
+        # every angle is exactly 0 and the gradient (a norm's, at 0) is 0. From XᴴY itself the angles were
+        # rounding noise (~ε) and dist's gradient at Y = X the unit vector along that noise (norm 0.8–1.6
+        # for U(3), complex128, different under vmap). Small distances are relative-accurate besides; the
+        # same reading in Grassmannian.dist and PSD(metric="affine").dist.
+        P = transpose(X) @ (Y - X)  # LAPACK's eig reports NaN input (MKL prints an error): sanitize, poison (Note [NaN policy])
+        mu = torch.linalg.eigvals(sanitize(P))
+        return torch.linalg.vector_norm(torch.atan2(mu.imag, 1.0 + mu.real), dim=-1) + poison(P)[..., 0, 0]
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``X log(XᴴY)``, the principal logarithm: the inverse of :meth:`expmap` for rotation angles

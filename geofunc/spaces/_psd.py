@@ -192,9 +192,12 @@ class PSD(EigSpace):
         self._check_pair(X, Y, "Y")
         if self.metric == "embedded":
             return torch.linalg.matrix_norm(Y - X)
-        Ri = _rsqrt(X.to(wide_dtype(X)))  # Note [Affine maps of rounded points]
-        W = sym_part(Ri @ Y.to(Ri.dtype) @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
-        d = torch.linalg.vector_norm(torch.log(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
+        w = wide_dtype(X)
+        Ri = _rsqrt(X.to(w))  # Note [Affine maps of rounded points]
+        # log λ as log1p(μ), μ the eigenvalues of X^-½ (Y − X) X^-½: exactly 0 at Y = X, so is the gradient
+        # (Note [Distances from differences] in _orthogonal.py; X^-½ Y X^-½ gave noise of ~ε·cond(X))
+        W = sym_part(Ri @ (Y.to(w) - X.to(w)) @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
+        d = torch.linalg.vector_norm(torch.log1p(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
         return d.to(X.real.dtype)
 
     @cached_attribute
