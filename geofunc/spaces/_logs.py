@@ -63,11 +63,12 @@ def theta_over_sin(c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(near, p, f), -torch.where(near, dp, df_u), torch.where(near, d2p, d2f)
 
 
-def theta_over_sin_cs(c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def theta_over_sin_cs(c: Tensor, s: Tensor, cut: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`theta_over_sin` at ``c = cos θ`` with ``sin θ = s`` (≥ 0) given too: the closed form reads
     θ = atan2(s, c) and sin θ from ``s``, not from ``1 − c²``, which has lost π − θ where θ nears π
     (Note [Group logarithms near the cut locus] in geofunc/spaces/_orthogonal.py); the series about
-    c = 1 as there. ``s = 0`` away from c = 1 gives φ = ∞ (the cut locus)."""
+    c = 1 as there. ``s = 0`` away from c = 1 gives φ = ∞ (the cut locus), except where ``cut`` is
+    True: there φ and its derivatives are 0 (the caller supplies the log on the cut locus)."""
     c = c.clamp(min=-1.0)
     u = 1.0 - c
     near = u.abs() < 0.1
@@ -79,7 +80,11 @@ def theta_over_sin_cs(c: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = sf - th * cf
     df_u = d / sf**3  # dφ/du = −dφ/dc
     d2f = (th * sf * sf - 3.0 * cf * d) / sf**5
-    return torch.where(near, p, f), -torch.where(near, dp, df_u), torch.where(near, d2p, d2f)
+    f, df, d2f = torch.where(near, p, f), -torch.where(near, dp, df_u), torch.where(near, d2p, d2f)
+    if cut is None:
+        return f, df, d2f
+    z = torch.zeros_like(f)
+    return torch.where(cut, z, f), torch.where(cut, z, df), torch.where(cut, z, d2f)
 
 
 def atan_ratio(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

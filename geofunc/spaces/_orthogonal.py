@@ -98,7 +98,8 @@ class MatrixGroup(AbstractSpace):
     # (a normal matrix: its eigenvalues are as accurate as its entries). Log_X(Y) = X log(XᴴY), the
     # principal logarithm as K φ(S) of the Hermitian and skew parts of XᴴY (Note [Logarithms as
     # spectral maps] in geofunc/spaces/_logs.py): no eigenvectors, whose derivatives are undefined where
-    # eigenvalues repeat; defined for rotation angles < π (an eigenvalue −1 of XᴴY is the cut locus).
+    # eigenvalues repeat; unique for rotation angles < π (an eigenvalue −1 of XᴴY is the cut locus:
+    # Note [Group logarithms on the cut locus]).
     def expmap(self, X: Tensor, V: Tensor) -> Tensor:
         """``X expm(skew(XᴴV))``: the one-parameter subgroup through ``X`` along ``V`` (Note [The group's
         geodesics])."""
@@ -121,7 +122,8 @@ class MatrixGroup(AbstractSpace):
 
     def logmap(self, X: Tensor, Y: Tensor) -> Tensor:
         """``X log(XᴴY)``, the principal logarithm: the inverse of :meth:`expmap` for rotation angles
-        below π (Note [The group's geodesics]); exact first and second derivatives, also at ``Y = X``."""
+        below π (Note [The group's geodesics]); exact first and second derivatives, also at ``Y = X``.
+        At an angle of exactly π, one of the minimal logarithms (Note [Group logarithms on the cut locus])."""
         from ._factorized import spectral_eigh  # (_factorized imports this module)
 
         self._check_pair(X, Y, "Y")
@@ -143,15 +145,68 @@ class MatrixGroup(AbstractSpace):
         # are those of the value as long as R stays on the group to third order: a second Newton–Schulz
         # step leaves R off it by O(t⁴) for inputs moved off it by t (one step: O(t²), and second
         # derivatives in directions off the group were O(1) off at a generic pair). At R = −I exactly
-        # the log is not unique: sin θ = 0 there, φ = ∞ times K = 0, NaN as before. Cost: three n×n
+        # the log is not unique (Note [Group logarithms on the cut locus]). Cost: three n×n
         # products more (1.0–1.2× at 64×64, within noise at 8×8).
+        # Note [Group logarithms on the cut locus]
+        # Where XᴴY has an eigenvalue −1 (a rotation angle π) a log is ±iπ (Unitary) or π times a complex
+        # structure (SO) on that eigenspace, plus the principal log elsewhere; sin θ = ‖K q‖ is rounding
+        # noise there and K φ(S) was π times the unit vector along that noise: a finite log whose expmap was
+        # 0.1–1.5 from Y (U(3), SO(3)–SO(5), float64), silently. So the eigenvectors q of S with c < 0 and
+        # ‖K q‖ ≤ τ (the cut cluster) take φ = 0 and, instead, θ = atan2(σ, −√(1 − σ²)) with the signed
+        # sine σ read from K on them:
+        # * Unitary (τ = u^⅓, u the working unit roundoff: 6e-6 in float64): σ, w the eigenpairs of the
+        #   Hermitian −iK restricted to the cluster, the log i θ w wᴴ. Within δ = π − θ of the cut two
+        #   eigenvalues at different δ (a conjugate pair ±(π − δ) too) share an eigenspace of S to ~u/δ²
+        #   (S sees cos θ, which has lost δ) and K φ(S) mixed them: round trips 1.1 off at δ = 1e-8 and
+        #   3e-8, 2e-4 at 1e-6 and 3e-6; −iK tells them apart by the sign and size of σ. One eigh of the
+        #   cluster more.
+        # * SO (τ = √u): σ = bᵀKa on consecutive pairs (a, b) of the cluster's eigenvectors (ascending
+        #   eigenvalues put them first, two per plane), the log θ (baᵀ − abᵀ); an unpaired one keeps φ.
+        #   Exact where one plane is near the cut; several planes there are mixed, at most their δ < √u off.
+        #   (SO planes at different δ in u^⅓ > δ > √u still take K φ(S), mixed as above.)
+        # At −1 itself σ is ±rounding and θ = ±π: one of the minimal logs, with expmap(X, logmap(X, Y)) = Y.
+        # σ carries the derivative of the angles (the eigenvectors' is not taken: at the cut the log has
+        # none, and within τ of it its direction's is ~1/δ).
         wide = wide_dtype(X)
         Xw = X.to(wide)
         R = refine_frame(refine_frame(transpose(Xw) @ Y.to(wide)))
         K = skew_part(R)
         K0 = K.detach()
-        P = spectral_eigh(sym_part(R), lambda lam, Q: theta_over_sin_cs(lam, torch.linalg.vector_norm(K0 @ Q, dim=-2)))
-        return (Xw @ skew_part(K @ P)).to(X.dtype)
+        cplx = R.is_complex()
+        tol = torch.finfo(R.real.dtype).eps ** (1.0 / 3.0 if cplx else 0.5)
+        held: list[tuple[Tensor, Tensor]] = []
+
+        def phi(lam: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            s = torch.linalg.vector_norm(K0 @ Q, dim=-2)
+            cut = (s <= tol) & (lam < 0)
+            if not cplx:  # both of a pair, (0, 1), (2, 3), ...
+                p = Q.shape[-1] // 2
+                w = cut[..., 0:2 * p:2] & cut[..., 1:2 * p:2]
+                cut = torch.stack((w, w), dim=-1).flatten(-2)
+                if Q.shape[-1] % 2:
+                    cut = torch.cat((cut, torch.zeros_like(cut[..., :1])), dim=-1)
+            held.append((Q.detach(), cut.detach()))
+            return theta_over_sin_cs(lam, s, cut)
+
+        P = spectral_eigh(sym_part(R), phi)
+        Q, cut = held[0]
+        if cplx:  # −iK on the cluster, the rest of Q's coordinates moved to eigenvalue 2 (|σ| ≤ τ there)
+            m = cut.to(R.real.dtype)
+            H = (transpose(Q) @ (-1j * K0) @ Q) * (m.unsqueeze(-1) * m.unsqueeze(-2)).to(R.dtype)
+            H = 0.5 * (H + transpose(H)) + torch.diag_embed((2.0 * (1.0 - m)).to(R.dtype))
+            sig0, V = torch.linalg.eigh(sanitize(H))
+            W = Q @ V
+            inn = (sig0 < 1.0).to(R.real.dtype)
+            sig = (W.conj() * (K @ W)).sum(dim=-2).imag * inn
+            th = torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * inn
+            C = 1j * ((W * th.unsqueeze(-2).to(W.dtype)) @ transpose(W))
+        else:
+            p = Q.shape[-1] // 2
+            A, B, w = Q[..., 0:2 * p:2], Q[..., 1:2 * p:2], cut[..., 0:2 * p:2]
+            sig = (B * (K @ A)).sum(dim=-2) * w
+            Bt = B * (torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * w).unsqueeze(-2)
+            C = Bt @ transpose(A) - A @ transpose(Bt)
+        return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

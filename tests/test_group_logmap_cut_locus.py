@@ -1,0 +1,101 @@
+"""Note [Group logarithms on the cut locus] (geofunc/spaces/_orthogonal.py): where XᴴY has an eigenvalue
+−1 the group logmap is one of the minimal logs (expmap(X, logmap(X, Y)) = Y, ‖logmap‖ = dist); it was a
+finite vector 0.1–1.5 off. Near the cut, eigenvalues of U(n) at different distances from −1 are told apart."""
+
+import math
+
+import pytest
+import torch
+from torch.func import grad
+
+import geofunc as gf
+
+F64, C128 = torch.float64, torch.complex128
+
+
+def so_rotation(Q, angles):
+    n = Q.shape[-1]
+    B = torch.eye(n, dtype=F64)
+    for j, a in enumerate(angles):  # cos/sin exactly: a block at π is exactly [[-1, 0], [0, -1]]
+        c, s = (-1.0, 0.0) if a == math.pi else (math.cos(a), math.sin(a))
+        B[2 * j:2 * j + 2, 2 * j:2 * j + 2] = torch.tensor([[c, -s], [s, c]], dtype=F64)
+    return Q @ B @ Q.mT
+
+
+def u_rotation(Q, angles):
+    a = torch.tensor(angles, dtype=F64)
+    return Q @ torch.diag(torch.polar(torch.ones_like(a), a)) @ Q.mH
+
+
+def check_round_trip(space, X, Y, atol):
+    L = space.logmap(X, Y)
+    assert bool(torch.isfinite(L).all())
+    torch.testing.assert_close(space.expmap(X, L), Y, atol=atol, rtol=0)
+    d = space.dist(X, Y)
+    torch.testing.assert_close(space.inner(X, L, L).sqrt(), d, atol=atol, rtol=0)
+    torch.testing.assert_close(space.sqdist(X, Y), d * d, atol=10 * atol, rtol=0)
+    return L
+
+
+@pytest.mark.parametrize("n, angles", [(2, [math.pi]), (3, [math.pi]), (4, [math.pi, 0.3]), (4, [math.pi, math.pi]),
+                                       (5, [math.pi, 1.0])])
+def test_so_logmap_at_angle_pi(n, angles):
+    g = torch.Generator().manual_seed(n)
+    S = gf.SO()
+    for how in ("exact", "expm"):
+        X, Q = S.sample((n, n), generator=g, dtype=F64), S.sample((n, n), generator=g, dtype=F64)
+        if how == "exact":
+            R = so_rotation(Q, angles)
+        else:
+            A = torch.zeros(n, n, dtype=F64)
+            for j, a in enumerate(angles):
+                A[2 * j + 1, 2 * j], A[2 * j, 2 * j + 1] = a, -a
+            R = Q @ torch.linalg.matrix_exp(A) @ Q.mT
+        check_round_trip(S, X, X @ R, 1e-13)
+
+
+@pytest.mark.parametrize("n, angles", [(2, [math.pi, 0.0]), (3, [math.pi, 0.3, -1.0]), (3, [math.pi, math.pi, 0.5]),
+                                       (4, [math.pi, -math.pi, 0.3, -2.0])])
+def test_unitary_logmap_at_eigenvalue_minus_one(n, angles):
+    g = torch.Generator().manual_seed(n)
+    U = gf.Unitary()
+    X, Q = U.sample((n, n), generator=g, dtype=C128), U.sample((n, n), generator=g, dtype=C128)
+    check_round_trip(U, X, X @ u_rotation(Q, angles), 1e-13)
+    check_round_trip(U, torch.eye(n, dtype=C128), -torch.eye(n, dtype=C128), 1e-13)
+
+
+@pytest.mark.parametrize("d1, d2, sign", [(0.0, 1e-8, 1), (1e-8, 3e-8, 1), (1e-8, 3e-8, -1), (1e-6, 3e-6, -1),
+                                          (1e-7, 1e-7, -1)])
+def test_unitary_logmap_two_eigenvalues_near_minus_one(d1, d2, sign):
+    """Two eigenvalues within 1e-6 of −1 at different distances (or a conjugate pair) share an eigenspace of
+    S = sym(XᴴY) to rounding: the log was up to 1.1 off; the principal log is fixed to ~u/δ by the entries."""
+    g = torch.Generator().manual_seed(3)
+    U = gf.Unitary()
+    X, Q = U.sample((4, 4), generator=g, dtype=C128), U.sample((4, 4), generator=g, dtype=C128)
+    angles = [math.pi - d1, sign * (math.pi - d2), 0.3, -2.0]
+    L = check_round_trip(U, X, X @ u_rotation(Q, angles), 1e-13)
+    if d1 > 0:  # the principal log is unique: X Q diag(iθ) Qᴴ
+        A = X @ Q @ torch.diag(1j * torch.tensor(angles, dtype=F64).to(C128)) @ Q.mH
+        assert float((L - A).abs().max()) <= 1e-14 / d1
+
+
+@pytest.mark.parametrize("space, dtype", [(gf.SO(), F64), (gf.Unitary(), C128)], ids=["SO", "U"])
+@pytest.mark.parametrize("delta", [0.0, 1e-9])
+def test_group_sqdist_gradient_at_and_near_the_cut(space, dtype, delta):
+    """Finite at the cut (one of the minimal logs); equal to finite differences away from it."""
+    g = torch.Generator().manual_seed(4)
+    n = 3
+    X, Q = space.sample((n, n), generator=g, dtype=dtype), space.sample((n, n), generator=g, dtype=dtype)
+    R = so_rotation(Q, [math.pi - delta]) if dtype == F64 else u_rotation(Q, [math.pi - delta, 0.3, -1.0])
+    G = grad(lambda y: space.sqdist(X, y))(X @ R)
+    assert bool(torch.isfinite(G).all())
+    # away from the cut: the gradient against central differences along a tangent
+    for ang in (2.5, 3.1):
+        R = so_rotation(Q, [ang]) if dtype == F64 else u_rotation(Q, [ang, 0.3, -1.0])
+        Y = X @ R
+        W = space.tangent(Y, torch.randn(n, n, generator=g, dtype=dtype))
+        G = grad(lambda y: space.sqdist(X, y))(Y)
+        h = 1e-6
+        fd = (space.sqdist(X, space.expmap(Y, h * W)) - space.sqdist(X, space.expmap(Y, -h * W))) / (2 * h)
+        ad = (G.conj() * W).real.sum()
+        assert abs(float(fd - ad)) < 1e-6 * max(1.0, abs(float(fd))), (ang, float(fd), float(ad))
