@@ -182,9 +182,10 @@ class MatrixGroup(AbstractSpace):
             if not cplx:  # both of a pair, (0, 1), (2, 3), ...
                 p = Q.shape[-1] // 2
                 w = cut[..., 0:2 * p:2] & cut[..., 1:2 * p:2]
+                odd = torch.zeros_like(cut[..., :1])  # (before cut is re-made: empty for n = 1 after)
                 cut = torch.stack((w, w), dim=-1).flatten(-2)
                 if Q.shape[-1] % 2:
-                    cut = torch.cat((cut, torch.zeros_like(cut[..., :1])), dim=-1)
+                    cut = torch.cat((cut, odd), dim=-1)
             held.append((Q.detach(), cut.detach()))
             return theta_over_sin_cs(lam, s, cut)
 
