@@ -999,12 +999,17 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool, plain: bool = False)
 # σ₁ = 1, and clamped the derivative's denominators for every full-rank input of small norm: the
 # float32 gradient of Stiefel.project at a 6×3 input of entries ~1e-4 was 32% off, ~1e-5 92% off
 # (float64: 0 from entries ~1e-12 on, SO(2) and Stiefel alike), silently. A = 0 keeps √ε.
+# The relative tolerance stops at σ₁ = tiny^¼ (float32 3e-10, float64 1e-77): below it the second-order
+# term (~1/σ², zero in value) overflowed, and its 0·inf made the first derivative NaN wherever it is
+# computed (create_graph, torch.func): Stiefel/SO/AlmostOrthogonal.project at a float32 input of entries
+# ~1e-20 (float64 ~1e-300) gave a NaN gradient, full rank or not. There the gradient is 0 as before.
 def relative_tie_tol(s: Tensor) -> Tensor:
-    """``√ε·σ₁`` (``(…, 1)``) of singular values ``s`` (``√ε`` where ``σ₁ = 0``, at least the smallest
-    normal number): the tie tolerance of a scale-invariant SVD map (Note [Polar ties relative to σ₁])."""
+    """``√ε·max(σ₁, tiny^¼)`` (``(…, 1)``) of singular values ``s`` (``√ε`` where ``σ₁ = 0``): the tie
+    tolerance of a scale-invariant SVD map (Note [Polar ties relative to σ₁])."""
+    fi = torch.finfo(s.dtype)
     smax = s.amax(-1, keepdim=True)
-    unit = torch.where(smax > 0, smax, torch.ones_like(smax))
-    return (math.sqrt(torch.finfo(s.dtype).eps) * unit).clamp(min=torch.finfo(s.dtype).tiny)
+    unit = torch.where(smax > 0, smax.clamp(min=fi.tiny ** 0.25), torch.ones_like(smax))
+    return math.sqrt(fi.eps) * unit
 
 
 def polar(A: Tensor) -> Tensor:
