@@ -1123,7 +1123,7 @@ def _polar(A: Tensor, mode: str) -> Any:
 # Note [Zero singular values of a tall SVD map]
 # The complement's rows of S₂ need h[0, λ_q, λ_p] (the complement's 0, then the dilation's ±s).
 # For λ_p ≠ 0 it is (h[0, λ_q] − h[λ_q, λ_p])/(0 − λ_p). Where λ_p ties with 0 (a zero, or below
-# √ε·max(1, s₁), singular value of Y) it is h[λ_q, 0, λ_p] = (h[λ_q, 0] − h[0, λ_p])/(λ_q − λ_p), and
+# the tie tolerance, singular value of Y) it is h[λ_q, 0, λ_p] = (h[λ_q, 0] − h[0, λ_p])/(λ_q − λ_p), and
 # h[0, λ_p] = h′ at that value, g′ of it. Taking h[0, λ_q, 0] = h[λ_q, 0]/λ_q there instead (as
 # before) assumed h′(0) = 0: right where the zero value is truncated (g = g′ = 0, LowRank(r) below
 # min(n, k)), wrong where it is kept. LowRank(min(n, k)) on a non-square matrix is the identity

@@ -73,9 +73,28 @@ def rank_tol(smax: Tensor, n: int, k: int) -> Tensor:
     return 4.0 * torch.finfo(smax.dtype).eps * math.sqrt(max(n, k)) * smax
 
 
+# Note [Spectral ties relative to the spectrum]
+# A divided difference (gᵢ − gⱼ)/(sᵢ − sⱼ) (or (gᵢ + gⱼ)/(sᵢ + sⱼ)) is replaced by the mean slope
+# (g′ᵢ + g′ⱼ)/2 only where the gap is below a tie tolerance. That is right where g is smooth on the gap
+# (error δ²g‴/12), not across a kink or the jump of the odd extension at 0: the value maps are
+# piecewise linear with kinks at the lift c (Positive: g = max(s, c)), at the r-th value (truncation:
+# g = s·[kept]) and at 0 (g(0⁺) = c ≠ 0), so any pair that the tolerance takes as tied across one is
+# wrong by O(1) of the divided difference (GLp/FixedRank: (c + c)/(sᵢ + sⱼ) = c/s became 0; LowRank(r):
+# s_r/(s_r − s_(r+1)) became ½). The tolerance was √ε·max(1, s₁), absolute below s₁ = 1: every pair of
+# a well-conditioned input with entries ~1e-4 (float32) or ~1e-8 (float64) tied, and the gradient of
+# GLp, FixedRank, PSSDFixedRank, LowRank and PSSDLowRank project was 0 or 11× off, silently (measured
+# against finite differences, tests/test_spectral_small_scale.py). What the tolerance guards against is
+# rounding: computed values carry ~ε·s₁ absolute error, so a gap below √ε·s₁ is a tie and one above it
+# is resolved to √ε relative; the tolerance is now that, √ε·max|s|, the same number as before wherever
+# s₁ ≥ 1. It stays absolute below s₁ = tiny^¼ (float32 3e-10, float64 1e-77; zero inputs included):
+# there the second-order terms (~g/s², zero in value) would overflow, and their 0·inf made even the
+# first derivative NaN under create_graph. The smooth maps (eigh with h″) keep their own scale-aware
+# near ties (Note [Near ties of smooth spectral maps]): exp's, whose scale is 1, are unchanged; those
+# of √, 1/√ and log (scale λ) were absolute too, 0.4–2.5% off at float32 eigenvalues ~1e-4.
 def _tie_tol(s: Tensor) -> Tensor:
-    smax = s.abs().amax(-1, keepdim=True).clamp(min=1.0)
-    return math.sqrt(torch.finfo(s.dtype).eps) * smax
+    fi = torch.finfo(s.dtype)
+    smax = s.abs().amax(-1, keepdim=True).clamp(min=fi.tiny ** 0.25)  # Note [Spectral ties relative to the spectrum]
+    return math.sqrt(fi.eps) * smax
 
 
 def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
@@ -87,7 +106,8 @@ def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tenso
     ``E = Uᵀ dY V``, ``Δ⁻ᵢⱼ = (gᵢ − gⱼ)/(sᵢ − sⱼ)``, ``Δ⁺ᵢⱼ = (gᵢ + gⱼ)/(sᵢ + sⱼ)`` (``g'`` at ties);
     second derivative from :func:`_svd_second_order` (``g`` piecewise linear: ``g'' = 0``).
     ``g`` may depend on the index (truncation) and on locally constant signs (det fixes).
-    ``tie_tol(s)`` (``(…, 1)``) is the gap under which two values tie, default ``√ε · max(1, s₁)``.
+    ``tie_tol(s)`` (``(…, 1)``) is the gap under which two values tie, default ``√ε · max(s₁, tiny^¼)``
+    (Note [Spectral ties relative to the spectrum]).
     NaN/inf input gives NaN. In plain autograd one node with the adjoint of ``dF`` written out
     (Note [Lazy second-order terms]).
     """
