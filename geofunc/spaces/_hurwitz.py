@@ -122,7 +122,9 @@ def _abscissa(Y: Tensor) -> Tensor:
         if second:
             col = (Vi @ (D @ _take(V, i, -1))).squeeze(-1)  # Mⱼᵢ
             gap = _take(lam, i, -1) - lam
-            far = gap.abs() > tie * lam.abs().amax(-1, keepdim=True).clamp(min=1.0)
+            # relative to max|λ| (absolute below tiny^¼, where 1/gap² terms would overflow): √ε·max(1, |λ|) dropped
+            # every pair of a Y with entries ~1e-4 (float32; 1e-9 float64), whose d²a was then 0
+            far = gap.abs() > tie * lam.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(re.dtype).tiny ** 0.25)
             inv_gap = torch.where(far, 1.0 / torch.where(far, gap, torch.ones_like(gap)), torch.zeros_like(gap))
             s2 = (row * col * inv_gap).sum(-1).real
             out = s2 if out is None else out + s2
