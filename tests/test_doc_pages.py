@@ -130,7 +130,7 @@ def _orthogonal_layer(ns: dict[str, Any]) -> None:
 
 def _complex_jacobian(ns: dict[str, Any]) -> None:
     """'shape (*X.shape, 2, *Z.shape, 2)', and it is the real Jacobian of the map."""
-    J, Z, M = ns["J"], ns["Z"], ns["M"]
+    J, Z = ns["J"], ns["Z"]
     assert J.shape == (*Z.shape, 2, *Z.shape, 2)
     V = torch.randn(*Z.shape, 2, dtype=torch.float64)
     h = 1e-6
