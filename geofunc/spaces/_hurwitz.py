@@ -112,6 +112,7 @@ def _abscissa(Y: Tensor) -> Tensor:
         return a + poison(Y)[..., 0, 0]
     Vi = torch.linalg.inv_ex(V).inverse
     tie = math.sqrt(torch.finfo(re.dtype).eps)
+    floor = torch.finfo(re.dtype).tiny ** 0.25  # (numbers: the closure below holds no tensor but its arguments)
 
     def terms(Yd: Tensor, V: Tensor, Vi: Tensor, i: Tensor, lam: Tensor, first: bool = True, second: bool = True) -> Any:
         # (the tensors as arguments: the lazy node saves them, Note [Node state as saved tensors])
@@ -124,7 +125,7 @@ def _abscissa(Y: Tensor) -> Tensor:
             gap = _take(lam, i, -1) - lam
             # relative to max|λ| (absolute below tiny^¼, where 1/gap² terms would overflow): √ε·max(1, |λ|) dropped
             # every pair of a Y with entries ~1e-4 (float32; 1e-9 float64), whose d²a was then 0
-            far = gap.abs() > tie * lam.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(re.dtype).tiny ** 0.25)
+            far = gap.abs() > tie * lam.abs().amax(-1, keepdim=True).clamp(min=floor)
             inv_gap = torch.where(far, 1.0 / torch.where(far, gap, torch.ones_like(gap)), torch.zeros_like(gap))
             s2 = (row * col * inv_gap).sum(-1).real
             out = s2 if out is None else out + s2
