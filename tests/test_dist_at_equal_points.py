@@ -22,6 +22,14 @@ CASES = [
 ]
 
 
+def _point_and_unit_tangent(space, shape, dtype, seed):
+    """A sampled point, a unit tangent vector there, and the generator that drew them (for further draws)."""
+    g = torch.Generator().manual_seed(seed)
+    X = space.sample(shape, generator=g, dtype=dtype)
+    V = space.tangent(X, torch.randn(shape, generator=g, dtype=dtype))
+    return X, V / space.inner(X, V, V).sqrt(), g
+
+
 @pytest.mark.parametrize("name, space, shape, dtype", CASES, ids=[c[0] for c in CASES])
 def test_dist_gradient_at_equal_points_is_zero(name, space, shape, dtype):
     g = torch.Generator().manual_seed(0)
@@ -41,10 +49,7 @@ def test_dist_gradient_at_equal_points_is_zero(name, space, shape, dtype):
 @pytest.mark.parametrize("name, space, shape, dtype", [c for c in CASES if c[3] in (F64, C128)],
                          ids=[c[0] for c in CASES if c[3] in (F64, C128)])
 def test_dist_gradient_next_to_equal_points_is_the_unit_direction(name, space, shape, dtype):
-    g = torch.Generator().manual_seed(1)
-    X = space.sample(shape, generator=g, dtype=dtype)
-    V = space.tangent(X, torch.randn(shape, generator=g, dtype=dtype))
-    V = V / space.inner(X, V, V).sqrt()
+    X, V, _ = _point_and_unit_tangent(space, shape, dtype, 1)
     Y = space.expmap(X, 1e-8 * V)
     G = grad(lambda y: space.dist(X, y))(Y)
     assert bool(torch.isfinite(G).all())
@@ -57,10 +62,8 @@ def test_dist_gradient_next_to_equal_points_is_the_unit_direction(name, space, s
 @pytest.mark.parametrize("name, space, shape, dtype", [c for c in CASES if c[3] in (F64, C128)],
                          ids=[c[0] for c in CASES if c[3] in (F64, C128)])
 def test_dist_gradient_matches_finite_differences(name, space, shape, dtype):
-    g = torch.Generator().manual_seed(2)
-    X = space.sample(shape, generator=g, dtype=dtype)
-    V = space.tangent(X, torch.randn(shape, generator=g, dtype=dtype))
-    Y = space.expmap(X, 0.3 * V / space.inner(X, V, V).sqrt())
+    X, V, g = _point_and_unit_tangent(space, shape, dtype, 2)
+    Y = space.expmap(X, 0.3 * V)
     W = space.tangent(Y, torch.randn(shape, generator=g, dtype=dtype))
     G = grad(lambda y: space.dist(X, y))(Y)
     h = 1e-6

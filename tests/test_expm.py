@@ -315,6 +315,14 @@ def test_intermediates_go_through_saved_tensor_hooks(scale, generator):
     assert len(packed) == before  # (checkpoint's own hooks replace the outer ones)
 
 
+def _three_orders(fn, X, G, V):
+    """``g = ∇⟨sin fn(X), G⟩`` and ``h = ∇⟨g, V⟩`` (graphs kept), ``t = ∇‖h‖²``: first to third derivatives."""
+    (g,) = torch.autograd.grad((fn(X).sin() * G).sum(), X, create_graph=True)
+    (h,) = torch.autograd.grad((g * V).sum(), X, create_graph=True)
+    (t,) = torch.autograd.grad((h * h).sum(), X)
+    return g, h, t
+
+
 @pytest.mark.parametrize("hooks", ["save_on_cpu", "copy"])
 @pytest.mark.parametrize("scale", [2.0, 40.0], ids=["degree 8+", "squarings"])
 def test_higher_derivatives_inside_saved_tensor_hooks(hooks, scale, generator):
@@ -331,9 +339,7 @@ def test_higher_derivatives_inside_saved_tensor_hooks(hooks, scale, generator):
     def derivatives(ctx):
         A = A0.clone().requires_grad_()
         with ctx:
-            (g,) = torch.autograd.grad((expm(A).sin() * G).sum(), A, create_graph=True)
-            (h,) = torch.autograd.grad((g * V).sum(), A, create_graph=True)
-            (t,) = torch.autograd.grad((h * h).sum(), A)
+            g, h, t = _three_orders(expm, A, G, V)
         return g.detach(), h.detach(), t
 
     if hooks == "save_on_cpu":
@@ -1213,9 +1219,7 @@ def test_compiled_operators_higher_derivatives_inside_saved_tensor_hooks(op, how
     def derivatives(ctx):
         X = X0.clone().requires_grad_()
         with ctx:
-            (g,) = torch.autograd.grad((f(X).sin() * G).sum(), X, create_graph=True)
-            (h,) = torch.autograd.grad((g * V).sum(), X, create_graph=True)
-            (t,) = torch.autograd.grad((h * h).sum(), X)
+            g, h, t = _three_orders(f, X, G, V)
             y = f(X)
             with fwAD.dual_level():
                 (d,) = torch.autograd.grad(y, X, fwAD.make_dual(G, dG))
