@@ -315,6 +315,18 @@ def test_intermediates_go_through_saved_tensor_hooks(scale, generator):
     assert len(packed) == before  # (checkpoint's own hooks replace the outer ones)
 
 
+def _assert_same_under_hooks(derivatives, hooks):
+    """``derivatives(ctx)`` inside ``save_on_cpu`` or copying hooks equals it without hooks (1e-10)."""
+    import contextlib
+
+    if hooks == "save_on_cpu":
+        ctx = torch.autograd.graph.save_on_cpu()
+    else:
+        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
+    for got, want in zip(derivatives(ctx), derivatives(contextlib.nullcontext())):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def _three_orders(fn, X, G, V):
     """``g = ∇⟨sin fn(X), G⟩`` and ``h = ∇⟨g, V⟩`` (graphs kept), ``t = ∇‖h‖²``: first to third derivatives."""
     (g,) = torch.autograd.grad((fn(X).sin() * G).sum(), X, create_graph=True)
@@ -330,8 +342,6 @@ def test_higher_derivatives_inside_saved_tensor_hooks(hooks, scale, generator):
     Hessian-vector product inside save_on_cpu): the adjoint node's backward ran torch.func.vjp, which
     raised torch.func's "don't yet support saved tensor hooks" (Note [Adjoint derivatives under
     saved-tensor hooks]). The derivatives equal those without hooks."""
-    import contextlib
-
     A0 = _rand((2, 6, 6), scale, generator)
     G = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64)
     V = torch.randn(2, 6, 6, generator=generator, dtype=torch.float64)
@@ -342,12 +352,7 @@ def test_higher_derivatives_inside_saved_tensor_hooks(hooks, scale, generator):
             g, h, t = _three_orders(expm, A, G, V)
         return g.detach(), h.detach(), t
 
-    if hooks == "save_on_cpu":
-        ctx = torch.autograd.graph.save_on_cpu()
-    else:
-        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
-    for got, want in zip(derivatives(ctx), derivatives(contextlib.nullcontext())):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_same_under_hooks(derivatives, hooks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
@@ -1199,8 +1204,6 @@ def test_compiled_operators_higher_derivatives_inside_saved_tensor_hooks(op, how
     the static schedule, which raised torch.func's "don't yet support saved tensor hooks" inside save_on_cpu
     or a user's hooks (Note [Adjoint derivatives under saved-tensor hooks]). Second and third derivatives
     and the cotangent's tangent equal those without hooks."""
-    import contextlib
-
     import torch.autograd.forward_ad as fwAD
 
     if op == "expm":
@@ -1226,12 +1229,7 @@ def test_compiled_operators_higher_derivatives_inside_saved_tensor_hooks(op, how
                 d = fwAD.unpack_dual(d).tangent
         return g.detach(), h.detach(), t, d
 
-    if hooks == "save_on_cpu":
-        ctx = torch.autograd.graph.save_on_cpu()
-    else:
-        ctx = torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t)
-    for got, want in zip(derivatives(ctx), derivatives(contextlib.nullcontext())):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    _assert_same_under_hooks(derivatives, hooks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
