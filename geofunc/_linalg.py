@@ -1006,10 +1006,15 @@ def _tall_generator(Y: Tensor, Z: Tensor, horizontal: bool, plain: bool = False)
 def relative_tie_tol(s: Tensor) -> Tensor:
     """``√ε·max(σ₁, tiny^¼)`` (``(…, 1)``) of singular values ``s`` (``√ε`` where ``σ₁ = 0``): the tie
     tolerance of a scale-invariant SVD map (Note [Polar ties relative to σ₁])."""
+    return torch.where(s.amax(-1, keepdim=True) > 0, spectral_tie_tol(s), math.sqrt(torch.finfo(s.dtype).eps))
+
+
+def spectral_tie_tol(s: Tensor) -> Tensor:
+    """``√ε·max(max|s|, tiny^¼)`` (``(…, 1)``): the spectral maps' default tie tolerance (Note [Spectral ties
+    relative to the spectrum] in geofunc/spaces/_factorized.py); :func:`relative_tie_tol` is it with ``√ε``
+    at a zero input."""
     fi = torch.finfo(s.dtype)
-    smax = s.amax(-1, keepdim=True)
-    unit = torch.where(smax > 0, smax.clamp(min=fi.tiny ** 0.25), torch.ones_like(smax))
-    return math.sqrt(fi.eps) * unit
+    return math.sqrt(fi.eps) * s.abs().amax(-1, keepdim=True).clamp(min=fi.tiny ** 0.25)
 
 
 def polar(A: Tensor) -> Tensor:

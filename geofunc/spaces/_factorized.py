@@ -91,10 +91,7 @@ def rank_tol(smax: Tensor, n: int, k: int) -> Tensor:
 # first derivative NaN under create_graph. The smooth maps (eigh with h″) keep their own scale-aware
 # near ties (Note [Near ties of smooth spectral maps]): exp's, whose scale is 1, are unchanged; those
 # of √, 1/√ and log (scale λ) were absolute too, 0.4–2.5% off at float32 eigenvalues ~1e-4.
-def _tie_tol(s: Tensor) -> Tensor:
-    fi = torch.finfo(s.dtype)
-    smax = s.abs().amax(-1, keepdim=True).clamp(min=fi.tiny ** 0.25)  # Note [Spectral ties relative to the spectrum]
-    return math.sqrt(fi.eps) * smax
+_tie_tol = _linalg.spectral_tie_tol  # Note [Spectral ties relative to the spectrum]
 
 
 def spectral_svd(Y: Tensor, g_fn: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]],
