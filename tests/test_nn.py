@@ -2427,3 +2427,24 @@ def test_a_parametrization_whose_module_is_gone_registers_again():
         dst.weight.copy_(torch.eye(4))
     P.register_parametrization(dst, "weight", M)
     torch.testing.assert_close(dst.weight.detach(), torch.eye(4), atol=1e-6, rtol=0)
+
+
+def test_a_shallow_copy_of_a_constrained_module():
+    # copy.copy raised "TypeError: _reconstruct() takes from 4 to 7 positional arguments but 8 were given"
+    # (the module's reduction has a state setter, which the copy module does not take): Note [Shallow
+    # copies of constrained modules]. It is nn.Module's shallow copy: the raw tensor and base are shared.
+    torch.manual_seed(0)
+    net = _net()
+    x = torch.randn(5, 4)
+    cp = copy.copy(net[0])
+    assert cp is not net[0] and type(cp) is not type(net[0]) and isinstance(cp, nn.Linear)
+    assert torch.equal(cp(x), net[0](x))
+    assert cp.parametrizations.weight.original is net[0].parametrizations.weight.original
+    cp.weight = torch.eye(6, 4)  # shared, as nn.Module's shallow copy shares its parameters
+    assert torch.equal(net[0].weight, torch.eye(6, 4))
+    with pytest.raises(gf.ManifoldError):
+        cp.weight = 2 * torch.eye(6, 4)
+    rnn = nn.GRU(4, 6)
+    gnn.orthogonal(rnn, "weight_hh_l0")
+    y = torch.randn(3, 2, 4)
+    torch.testing.assert_close(copy.copy(rnn)(y)[0], rnn(y)[0], atol=0, rtol=0)

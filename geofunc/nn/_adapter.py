@@ -699,6 +699,19 @@ def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     return replica
 
 
+# Note [Shallow copies of constrained modules]
+# The reduction above is a 6-tuple (its last entry a state setter, which pickle honours), but the copy
+# module's _reconstruct takes no state setter: copy.copy of a constrained module raised "TypeError:
+# _reconstruct() takes from 4 to 7 positional arguments but 8 were given", naming neither the module nor
+# a way out. ``__copy__`` makes the shallow copy nn.Module's own copy.copy makes (a new object whose
+# ``__dict__`` is a shallow copy: parameters, buffers and submodules, the ParametrizationList among
+# them, are shared), with a parametrized class and properties of its own, as an unpickled module has.
+def _copy(self: nn.Module) -> nn.Module:
+    replica = _new_module(parametrize.type_before_parametrizations(self))
+    _restore_parametrized(replica, dict(_state_of(self)))
+    return replica
+
+
 def _make_picklable(module: nn.Module) -> None:
     """Make the parametrized class of ``module`` picklable, let its dtype changes and
     ``load_state_dict`` keep its points (Note [Raw tensors across dtypes]), and let :func:`cached`
@@ -708,6 +721,7 @@ def _make_picklable(module: nn.Module) -> None:
     if cls.__dict__.get("__reduce_ex__") is not _reduce_ex:
         cls.__reduce_ex__ = _reduce_ex
         cls.__deepcopy__ = _deepcopy
+        cls.__copy__ = _copy
     if cls.__dict__.get("_apply") is not _apply_keeping_points:
         cls._apply = _apply_keeping_points
         cls._load_from_state_dict = _load_keeping_points
