@@ -338,6 +338,35 @@ def test_load_state_dict_across_dtypes_keeps_the_point(case) -> None:
     torch.testing.assert_close(v2, v, atol=2 * torch.finfo(torch.bfloat16).eps * float(v[0]), rtol=0)
 
 
+@pytest.mark.parametrize("cls", [gnn.GLp, gnn.PSD, gnn.SL, lambda size: gnn.FixedRank(size, 3),
+                                 lambda size: gnn.PSSDFixedRank(size, 2)], ids=["GLp", "PSD", "SL", "FixedRank", "PSSDFixedRank"])
+def test_load_state_dict_across_dtypes_of_a_class_registered_directly(cls) -> None:
+    """A class registered directly with register_parametrization: a float32 state_dict loaded into the
+    float64 layer (and back) moved every value by the floors' difference (3.4e-4), silently, where
+    .double() of the same layer keeps the point (Note [A class registered directly loads across dtypes])."""
+    def layer(dtype: torch.dtype, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        m, M = nn.Linear(4, 4).to(dtype), cls((4, 4)).to(dtype)
+        with torch.no_grad():
+            m.weight.copy_(M.sample())
+        P.register_parametrization(m, "weight", M)
+        return m
+
+    for old, new in ((torch.float32, torch.float64), (torch.float64, torch.float32)):
+        src = layer(old, 0)
+        W = src.weight.detach().double()
+        sd = src.state_dict()
+        saved = {k: v.clone() for k, v in sd.items()}
+        dst = layer(new, 1)
+        dst.load_state_dict(sd)
+        assert all(torch.equal(saved[k], v) for k, v in sd.items())
+        assert dst.weight.dtype == new
+        torch.testing.assert_close(dst.weight.detach().double(), W, atol=2e-6, rtol=0)
+        same = layer(old, 1)  # a checkpoint of the layer's own dtype loads bit for bit, as before
+        same.load_state_dict(sd)
+        assert torch.equal(same.weight, src.weight)
+
+
 def test_a_subclass_of_the_parametrized_class_still_converts_and_loads() -> None:
     """FSDP2's ``fully_shard`` subclasses the module's (parametrized) class: the overrides that keep the
     points must call past themselves, not recurse."""

@@ -439,13 +439,16 @@ class Parametrization(nn.Module):
         not valid even in its own dtype (an average of bases) is left as loaded, and forward refuses it
         (Note [Bases checked where they change]). GeoTorch's bases of a class registered directly are
         first replaced by geofunc's (Note [GeoTorch checkpoints] in ``_geotorch_checkpoints.py``)."""
-        raw = _RAW.get(self)
-        raw = _TENTATIVE.get(self) if raw is None else raw
+        known = _RAW.get(self)
+        raw = _TENTATIVE.get(self) if known is None else known
+        assign = bool(args and args[0].get("assign_to_params_buffers", False))
+        converted = False
         if raw is not None and _concrete(raw):
             from ._geotorch_checkpoints import convert_geotorch_bases
 
-            assign = bool(args and args[0].get("assign_to_params_buffers", False))
-            convert_geotorch_bases(self, raw, state_dict, prefix, assign)
+            converted = convert_geotorch_bases(self, raw, state_dict, prefix, assign)
+        if known is not None and self not in _ATTACHED and not converted and not assign:
+            self._reexpress_loaded_raw(known, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._contiguous_bases()  # assign=True of a checkpoint of an earlier geofunc (Note [Contiguous bases])
         saved = {n: state_dict.get(prefix + n) for n in self._base_names()}
@@ -456,6 +459,29 @@ class Parametrization(nn.Module):
         base = pytree.tree_map(lambda n: None if n is None else saved[n], self._template)
         if self.space._invalid_base(base) is None:
             self._refresh_base()
+
+    # Note [A class registered directly loads across dtypes]
+    # A constrained module re-expresses a saved raw tensor of another dtype before torch casts it
+    # (_load_keeping_points). A class registered directly has no such module: its ParametrizationList, the
+    # class's parent, loads first and casts the saved raw tensor as torch casts it, so a float32 checkpoint
+    # loaded into a float64 GLp/PSD/FixedRank/SL/PSSDFixedRank layer moved every value by the difference of
+    # the floors of "softplus" (3.4e-4), silently, where .double() of the same layer moved it by rounding.
+    # torch hands the class only its own entries (its bases), not the raw tensor's, so the saved raw
+    # tensor's dtype is read from the saved bases, which follow their raw tensor's dtype in every
+    # checkpoint geofunc writes (registration, .to(), load). The raw tensor (known for sure: _RAW) already
+    # holds the cast values: exact for a cast to a wider dtype, rounded once to the new dtype otherwise;
+    # they are re-expressed as a dtype change does (Note [Raw tensors across dtypes]).
+    def _reexpress_loaded_raw(self, raw: Tensor, state_dict: dict, prefix: str) -> None:
+        saved = [state_dict.get(prefix + n) for n in self._base_names()]
+        if not saved or not all(_concrete(t) for t in saved) or not _concrete(raw):
+            return
+        old = saved[0].dtype
+        if any(t.dtype != old for t in saved) or old == raw.dtype or saved[0].is_complex() != raw.is_complex():
+            return
+        view = self.space._dtype_coords(raw)
+        if view is None:
+            return
+        _write_values(self.where, self.space, view, view.detach().to(old), old, raw.dtype)
 
     def _refresh_base(self) -> bool:
         """Re-make the base valid in its current dtype if it is not (Note [Bases across dtypes]); False

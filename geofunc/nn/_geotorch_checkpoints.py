@@ -292,18 +292,19 @@ def convert_geotorch_entries(M: nn.Module, plist: nn.Module, state_dict: dict, p
         state_dict[pre + "0." + name] = t
 
 
-def convert_geotorch_bases(M: nn.Module, raw: Tensor, state_dict: dict, pre: str, assign: bool) -> None:
+def convert_geotorch_bases(M: nn.Module, raw: Tensor, state_dict: dict, pre: str, assign: bool) -> bool:
     """The same for a class registered directly with ``register_parametrization`` (no constrained
     module's hook): called from the class's own ``_load_from_state_dict`` (``pre`` its prefix), when
-    torch has already copied the saved raw tensor into ``raw``, which is re-written in place."""
+    torch has already copied the saved raw tensor into ``raw``, which is re-written in place. Returns
+    whether the entries were GeoTorch's (and so converted)."""
     from . import _manifolds as C
 
     if not isinstance(M, C._Manifold) or isinstance(M, C.Hurwitz):  # three raw tensors: torch's key error
-        return
+        return False
     saved = {"0." + k[len(pre):]: v for k, v in state_dict.items() if k.startswith(pre)}
     saved["original"] = raw.detach()
     if not _matches(M, saved, _geotorch_layout(M, raw)):
-        return
+        return False
     keys = ", ".join(pre + k[2:] for k in sorted(saved) if k != "original")
     if assign:
         raise ManifoldError(f"{M.where}: loading GeoTorch's entries {keys} with assign=True into a class registered "
@@ -317,3 +318,4 @@ def convert_geotorch_bases(M: nn.Module, raw: Tensor, state_dict: dict, pre: str
             del state_dict[pre + k[2:]]
     for name, t in bases.items():
         state_dict[pre + name] = t
+    return True
