@@ -476,6 +476,13 @@ class Parametrization(nn.Module):
         if not saved or not all(_concrete(t) for t in saved) or not _concrete(raw):
             return
         old = saved[0].dtype
+        if old.is_complex and not raw.is_complex():  # Note [Complex and real dtypes of a constrained module]
+            raise ManifoldError(
+                f"{self.where} constrained to {self.space!r}: expected the saved base {prefix}{self._base_names()[0]} "
+                f"of a real dtype, as the module's ({raw.dtype}), got dtype {old}: a complex checkpoint has no real "
+                "counterpart on the space. torch's ParametrizationList loaded the raw tensor before this class saw "
+                "its entries (it dropped the imaginary parts), so the layer is not usable: load a checkpoint of its "
+                "own dtype, or make the layer complex first.")
         if any(t.dtype != old for t in saved) or old == raw.dtype or saved[0].is_complex() != raw.is_complex():
             return
         view = self.space._dtype_coords(raw)
