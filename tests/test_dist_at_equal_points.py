@@ -70,3 +70,21 @@ def test_dist_gradient_matches_finite_differences(name, space, shape, dtype):
     fd = (space.dist(X, space.expmap(Y, h * W)) - space.dist(X, space.expmap(Y, -h * W))) / (2 * h)
     ad = (G.conj() * W).real.sum() if dtype.is_complex else (G * W).sum()
     assert abs(float(fd - ad)) < 1e-7, (float(fd), float(ad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("c", [1e-12, 1e-17, 1e-30])
+def test_psd_affine_dist_to_a_much_smaller_point(dtype, c):
+    # log λ as log1p(μ), μ = λ − 1: a λ below ~ε (Y much smaller than X) made μ = −1 exactly and dist(X, Y) inf
+    # (1e-17, 1e-30) or relatively off (1e-12: 8e-7), while dist(Y, X) was exact; the affine metric is symmetric
+    M = gf.PSD(metric="affine")
+    g = torch.Generator().manual_seed(0)
+    X = M.sample((3, 3), generator=g, dtype=dtype)
+    Y = (c * X).requires_grad_()
+    exact = torch.tensor(3.0, dtype=F64).sqrt() * abs(torch.tensor(c, dtype=F64).log())
+    tol = dict(rtol=1e-13 if dtype == torch.float64 else 1e-6, atol=0.0)
+    d = M.dist(X, Y)
+    torch.testing.assert_close(d.double(), exact, **tol)
+    torch.testing.assert_close(M.dist(Y, X).double(), exact, **tol)
+    (gY,) = torch.autograd.grad(d, Y)
+    assert bool(torch.isfinite(gY).all())

@@ -197,7 +197,14 @@ class PSD(EigSpace):
         # log λ as log1p(μ), μ the eigenvalues of X^-½ (Y − X) X^-½: exactly 0 at Y = X, so is the gradient
         # (Note [Distances from differences] in _orthogonal.py; X^-½ Y X^-½ gave noise of ~ε·cond(X))
         W = sym_part(Ri @ (Y.to(w) - X.to(w)) @ Ri)  # eigvalsh raises on NaN: sanitize, then poison (Note [NaN policy])
-        d = torch.linalg.vector_norm(torch.log1p(torch.linalg.eigvalsh(sanitize(W))), dim=-1) + poison(W)[..., 0, 0]
+        mu = torch.linalg.eigvalsh(sanitize(W))
+        # 1 + μ has lost a λ below ~ε (Y much smaller than X: μ = −1 exactly, log1p −inf, a distance of inf where it
+        # is finite): those λ (μ < −½) are read from X^-½ Y X^-½ itself, whose ascending eigenvalues pair with μ's
+        lam = torch.linalg.eigvalsh(sanitize(sym_part(Ri @ Y.to(w) @ Ri)))
+        near = mu > -0.5  # (the unused branch's argument replaced: no 0·inf in either gradient)
+        logs = torch.where(near, torch.log1p(torch.where(near, mu, torch.zeros_like(mu))),
+                           torch.log(torch.where(near, torch.ones_like(lam), lam)))
+        d = torch.linalg.vector_norm(logs, dim=-1) + poison(W)[..., 0, 0]
         return d.to(X.real.dtype)
 
     @cached_attribute
