@@ -326,11 +326,74 @@ def test_nesterov_refuses_a_zero_momentum_or_a_dampening_whose_value_is_known():
                                 (0.9, np.array(0.5))]:
         with pytest.raises(ValueError, match="Nesterov momentum requires|Invalid momentum"):
             torch.optim.SGD([b], lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
-        with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0"):
+        with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected (`nesterov=True` with `momentum` > 0 and `dampening` = 0"
+                                                   r"|`momentum` >= 0)"):  # (-0.1: Note [Range checks read what is known])
             gf.optim.rsgd({}, lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
     for momentum, dampening in [(torch.tensor(0.9), torch.tensor(0.0)), (torch.tensor(0.9), np.array(0.0))]:
         torch.optim.SGD([b], lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
         gf.optim.rsgd({}, lr=0.1, momentum=momentum, dampening=dampening, nesterov=True)
+
+
+def test_range_checks_read_a_tensor_whose_value_is_known():
+    """Note [Range checks read what is known]: torch.optim reads a tensor lr, momentum, weight_decay, eps or β
+    when it is built and refuses one out of range; the factories read numbers only, so lr=torch.tensor(-0.1)
+    stepped uphill, momentum=torch.tensor(-0.1) was taken, a tensor β₁ of 1 (or the int tensor 1) gave a NaN
+    point after one step and a tensor max_norm of -1 reversed every gradient, silently. A 0-dim CPU tensor is
+    read now (one that requires grad too, as torch does); a NaN one is refused as a NaN number is."""
+    b = [torch.nn.Parameter(torch.ones(3))]
+    t = torch.tensor
+    cases = [
+        ("rsgd", dict(lr=t(-0.1)), torch.optim.SGD, "`lr` >= 0"),
+        ("rsgd", dict(lr=t(-0.1, requires_grad=True)), torch.optim.SGD, "`lr` >= 0"),
+        ("rsgd", dict(lr=0.1, momentum=t(-0.1)), torch.optim.SGD, "`momentum` >= 0"),
+        ("rsgd", dict(lr=0.1, momentum=t(-0.1, dtype=F64)), torch.optim.SGD, "`momentum` >= 0"),
+        ("rsgd", dict(lr=0.1, weight_decay=t(-1)), torch.optim.SGD, "`weight_decay` >= 0"),
+        ("radam", dict(lr=t(float("nan"))), torch.optim.Adam, "`lr` >= 0"),
+        ("radam", dict(lr=0.1, eps=t(-1e-8)), torch.optim.Adam, "`eps` >= 0"),
+        ("radamw", dict(lr=0.1, weight_decay=t(-0.1)), torch.optim.AdamW, "`weight_decay` >= 0"),
+        ("radam", dict(lr=0.1, betas=(t(1.0), t(0.999))), torch.optim.Adam, "0 <= β₁ < 1"),  # NaN after one step
+        ("radam", dict(lr=0.1, betas=(t(1), t(0.999))), torch.optim.Adam, "0 <= β₁ < 1"),
+        ("radamw", dict(lr=0.1, betas=(t(0.9), t(1.0, requires_grad=True))), torch.optim.AdamW, "0 <= β₂ < 1"),
+        ("radamw", dict(lr=0.1, betas=(t(float("nan")), t(0.999))), torch.optim.AdamW, "0 <= β₁ < 1"),
+    ]
+    for name, kwargs, torch_cls, expected in cases:
+        with pytest.raises(ValueError, match="Invalid"):
+            torch_cls(b, **kwargs)
+        with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected .*{re.escape(expected)}.*got .*tensor holding"):
+            getattr(gf.optim, name)({"w": gf.Sphere()}, **kwargs)
+    for bad in (t(-1.0), t(0.0), t(float("nan"))):
+        with pytest.raises(gf.ManifoldError, match=r"^clip_by_global_norm: expected `max_norm` > 0 .*tensor holding"):
+            gf.optim.clip_by_global_norm({}, bad)
+    # in range: taken, and stepped as the number
+    p, g = {"w": torch.tensor([1.0, 0.0], dtype=F64)}, {"w": torch.tensor([0.0, 1.0], dtype=F64)}
+    d = lambda x: torch.tensor(x, dtype=F64)  # noqa: E731  (the number's value exactly)
+    for opt, ref in ((gf.optim.rsgd({"w": gf.Sphere()}, lr=d(0.1), momentum=d(0.5), weight_decay=d(0.0)),
+                      gf.optim.rsgd({"w": gf.Sphere()}, lr=0.1, momentum=0.5)),
+                     (gf.optim.radam({"w": gf.Sphere()}, lr=d(0.1), betas=(d(0.0), d(0.5)), eps=t(0)),
+                      gf.optim.radam({"w": gf.Sphere()}, lr=0.1, betas=(0.0, 0.5), eps=0.0))):
+        torch.testing.assert_close(opt.update(g, opt.init(p), p)[0]["w"], ref.update(g, ref.init(p), p)[0]["w"],
+                                   rtol=0, atol=1e-15)
+
+
+def test_range_checks_leave_a_tensor_whose_value_is_not_known():
+    """What is not known at construction is not read (Note [Range checks read what is known]): a tensor off
+    the CPU (here meta, standing for an accelerator: no device sync), one under vmap or torch.func.grad, and
+    one given to a compiled function (fullgraph: no graph break) build as before; its range is the caller's."""
+    p, g = {"x": torch.tensor([1.0, -2.0], dtype=F64)}, {"x": torch.tensor([0.5, 0.25], dtype=F64)}
+    gf.optim.rsgd({}, lr=torch.tensor(-0.1, device="meta"), momentum=torch.tensor(-0.1, device="meta"))
+    gf.optim.radam({}, lr=0.1, betas=(torch.tensor(1.0, device="meta"), 0.999))
+    gf.optim.clip_by_global_norm({}, torch.tensor(-1.0, device="meta"))
+
+    def run(lr):
+        opt = gf.optim.radam({}, lr=lr, betas=(0.9, 0.99), weight_decay=lr)
+        return opt.update(g, opt.init(p), p)[0]["x"].sum()
+
+    lrs = torch.tensor([-0.1, 0.1], dtype=F64)
+    torch.testing.assert_close(vmap(run)(lrs)[1], run(torch.tensor(0.1, dtype=F64)), rtol=1e-12, atol=0)
+    grad(run)(torch.tensor(-0.1, dtype=F64))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(run, fullgraph=True, backend="eager")(torch.tensor(0.1, dtype=F64)),
+                               run(torch.tensor(0.1, dtype=F64)), rtol=1e-12, atol=0)
 
 
 def test_nesterov_takes_a_learned_or_traced_momentum_at_zero():

@@ -75,9 +75,9 @@ def rsgd(
     The state always holds a :class:`~geofunc.optim.TraceState`; its buffer is made at the first
     step with momentum ≠ 0 (none for ``momentum=0``), and a step with momentum 0 keeps it, as
     ``torch.optim.SGD`` (Note [Momentum that may be zero]). Plain numbers are checked as
-    ``torch.optim.SGD`` checks them (``lr``, ``momentum``, ``weight_decay`` >= 0; ``nesterov``
-    needs ``momentum`` > 0 and ``dampening`` = 0, which also reads a CPU tensor that does not require
-    grad, outside a trace): a :class:`~geofunc.ManifoldError` otherwise.
+    ``torch.optim.SGD`` checks them (``lr``, ``momentum``, ``weight_decay`` >= 0, which also reads a
+    0-dim CPU tensor, outside a trace; ``nesterov`` needs ``momentum`` > 0 and ``dampening`` = 0, which
+    also reads one that does not require grad): a :class:`~geofunc.ManifoldError` otherwise.
 
     Example::
 
@@ -133,8 +133,8 @@ def radam(
     ``lr`` is a number, a 0-dim tensor, or a schedule of the update count, and ``mask`` selects the
     entries that ``weight_decay`` applies to, as in :func:`rsgd`. ``amsgrad=True``: the running
     maximum of the second moment in the denominator, as ``torch.optim.Adam(amsgrad=True)`` and
-    ``geoopt.optim.RiemannianAdam(amsgrad=True)``. Plain numbers are checked as ``torch.optim.Adam``
-    checks them (``lr``, ``eps``, ``weight_decay`` >= 0, ``0 <= β < 1``): a
+    ``geoopt.optim.RiemannianAdam(amsgrad=True)``. Numbers, and 0-dim CPU tensors outside a trace, are
+    checked as ``torch.optim.Adam`` checks them (``lr``, ``eps``, ``weight_decay`` >= 0, ``0 <= β < 1``): a
     :class:`~geofunc.ManifoldError` otherwise.
 
     References:

@@ -38,7 +38,7 @@ Tensor = torch.Tensor
 #: int64 tensor of updates made before this one: 0 at the first).
 ScalarOrSchedule = Union[float, Tensor, Callable[[Tensor], Union[float, Tensor]]]
 #: A hyperparameter: a number, or a 0-dim tensor (a learned or meta-learned value under ``torch.func``;
-#: not read by the checks: Note [Checking hyperparameters]).
+#: read by the checks only where its value is known: Note [Range checks read what is known]).
 Scalar = Union[float, Tensor]
 
 
@@ -167,21 +167,22 @@ def _real(x: Any) -> float | None:
 # be zero]), not a transform's wrapper, a fake or another subclass, and not while Dynamo or make_fx traces
 # or a dispatch mode is active (no graph break, no data-dependent read). A NumPy 0-dim real array is read
 # as its number. Any other tensor is the caller's, as before.
-def _known_value(x: Any) -> float | None:
+def _known_value(x: Any, *, learned: bool = False) -> float | None:
     """``x``'s value if it is known when an optimizer is built (Note [Values known at construction]): a
     number's (:func:`_real`), a NumPy 0-dim real array's, or a plain CPU real 0-dim tensor's that does not
-    require grad, read outside any trace or dispatch mode; else None."""
+    require grad (with ``learned``, one that does too: a range check), read outside any trace or dispatch
+    mode; else None."""
     from .._fastpath import dispatch_mode_active, make_fx_tracing  # (at construction only)
 
     if not isinstance(x, torch.Tensor):
         if getattr(x, "ndim", None) == 0 and getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u", "f"):
             return _real(x.item()) if hasattr(x, "item") else None
         return _real(x)
-    if (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter) or x.requires_grad
+    if (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter) or (x.requires_grad and not learned)
             or x.ndim != 0 or x.device.type != "cpu" or x.dtype == torch.bool or x.is_complex()
             or torch._C._functorch.is_functorch_wrapped_tensor(x) or dispatch_mode_active() or make_fx_tracing()):
         return None
-    return float(x.item())
+    return float(x.detach().item())
 
 
 def check_nonnegative(where: str, **values: Any) -> None:
@@ -197,7 +198,12 @@ def check_nonnegative(where: str, **values: Any) -> None:
             # (metadata only, as the shape: a complex lr dropped its imaginary part in the step, silently (0.1j:
             # no step at all), a bool one raised torch's negation error at the first update)
             raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
-        if isinstance(value, torch.Tensor) or (what == "lr" and callable(value)):
+        if isinstance(value, torch.Tensor):
+            x = _known_value(value, learned=True)  # Note [Range checks read what is known]
+            if x is not None and not x >= 0:
+                raise ManifoldError(f"{where}: expected `{what}` >= 0 (as torch.optim), got a tensor holding {x!r}.")
+            continue
+        if what == "lr" and callable(value):
             continue  # not read
         x = _real(value)
         if x is None:
@@ -230,6 +236,10 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
             if b.ndim != 0 or not real_dtype(b):
                 raise ManifoldError(f"{where}: expected `betas` a pair of numbers or real 0-dim tensors, got "
                                     f"β{'₁₂'[i]} {describe(b)}.")
+            x = _known_value(b, learned=True)  # Note [Range checks read what is known]
+            if x is not None and not 0.0 <= x < 1.0:
+                raise ManifoldError(f"{where}: expected `betas` with 0 <= β{'₁₂'[i]} < 1 (β = 1 divides by its bias "
+                                    f"correction 1 − βᵗ = 0), got β{'₁₂'[i]} a tensor holding {x!r}.")
             continue
         x = _real(b)
         if x is None:
@@ -244,13 +254,25 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # torch.optim refuses at construction what would give NaN or do something else than asked: β₁ = 1 (the
 # bias correction 1 − β₁ᵗ is 0: a NaN point after one step), β₂ = 1 (√v/0: every step silently 0), a
 # negative learning rate (ascent), nesterov without momentum (plain SGD, silently). The factories here
-# refuse the same with a ManifoldError naming the optimizer, the expected range and the value. Only
-# plain Python numbers are checked: a hyperparameter may be a schedule (a callable lr) or a tensor
-# (a learned step size, a meta-learned β under torch.func.grad or vmap), whose value a traced program
-# cannot branch on (bool() of a traced tensor raises); its range is the caller's. A number of another
+# refuse the same with a ManifoldError naming the optimizer, the expected range and the value. Numbers
+# are checked, and tensors whose value is known at construction (Note [Range checks read what is
+# known]): a hyperparameter may be a schedule (a callable lr) or a tensor (a learned step size, a
+# meta-learned β under torch.func.grad or vmap) whose value a traced program cannot branch on (bool() of
+# a traced tensor raises); the range of such a one is the caller's. A number of another
 # type (NumPy's float32, not a float) is checked as the float it is (np.float32(-0.1) ascended,
 # unchecked); anything that is no number, tensor or schedule (a string, None, a list) is refused at
 # construction (the first update raised a bare TypeError from inside a transform).
+
+
+# Note [Range checks read what is known]
+# The range checks above read a tensor hyperparameter where its value is known at construction for free
+# (_known_value: a plain real 0-dim CPU tensor, outside any trace, vmap, compile or dispatch mode; no
+# device sync), as torch.optim reads it: lr=torch.tensor(-0.1) stepped uphill, momentum=torch.tensor(-0.1)
+# was taken, betas=(torch.tensor(1.), 0.999) gave a NaN point after one step and a tensor max_norm of -1
+# reversed every gradient, all silently, where torch.optim refuses each (TorchOptimizer read them as
+# numbers already). A tensor that requires grad is read too (learned=True: a range, not a rule chosen by
+# value as nesterov's, Note [Values known at construction]; torch.optim refuses a negative one as well).
+# Any other tensor (traced, batched, on an accelerator, a subclass) is the caller's, as before.
 
 
 # Note [Checking a state's type]
@@ -656,7 +678,11 @@ def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
         ...     gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 1.0),
         ...     gf.optim.scale_by_adam(c), gf.optim.scale(-1e-3)))
     """
-    if not isinstance(max_norm, torch.Tensor):  # a tensor is not read (Note [Checking hyperparameters])
+    known = _known_value(max_norm, learned=True) if isinstance(max_norm, torch.Tensor) else None
+    if known is not None and not known > 0:  # Note [Range checks read what is known]
+        raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0 (a number or a 0-dim tensor), got a tensor "
+                            f"holding {known!r}.")
+    if not isinstance(max_norm, torch.Tensor):  # another tensor is not read (Note [Range checks read what is known])
         # A number of any type as the float it is (NaN too): a NumPy float32 or 0-dim array of -1 was taken
         # unchecked and reversed every gradient (the step went uphill), silently; a bool or no number at all
         # was taken too (True clipped at 1; a string raised a bare TypeError at the first update).
