@@ -285,6 +285,27 @@ def test_an_optax_trace_call_is_refused():
     torch.testing.assert_close(p["b"], ref.detach(), atol=1e-15, rtol=0)
 
 
+def test_trace_refuses_nesterov_without_momentum_or_with_dampening():
+    """Note [Nesterov needs momentum]: torch.optim.SGD refuses nesterov=True with momentum 0 or a dampening
+    (plain SGD, or not Nesterov's buffer), and so did rsgd; the building block trace(0, nesterov=True) was
+    taken and stepped as plain SGD, silently. It refuses the values known at construction (numbers, NumPy
+    0-dim arrays, CPU tensors that do not require grad), and takes a learned or traced decay at 0."""
+    import numpy as np
+
+    b = [torch.nn.Parameter(torch.ones(3))]
+    for decay, dampening in [(0, 0.0), (0.0, 0.0), (np.float32(0.0), 0.0), (torch.tensor(0.0), 0.0), (-0.1, 0.0),
+                             (0.9, 0.5), (0.9, np.array(0.5)), (torch.tensor(0.9), torch.tensor(0.5))]:
+        with pytest.raises(ValueError, match="Nesterov momentum requires|Invalid momentum"):
+            torch.optim.SGD(b, lr=0.1, momentum=decay, dampening=dampening, nesterov=True)
+        with pytest.raises(gf.ManifoldError, match=r"^trace: expected `nesterov=True` with `decay` > 0 and `dampening` = 0 "
+                                                   r"\(as torch.optim.SGD\), got decay="):
+            gf.optim.trace(decay, dampening, nesterov=True)
+    gf.optim.trace(0.0)  # no nesterov: no momentum, as SGD's momentum=0
+    gf.optim.trace(0.9, 0.5)
+    gf.optim.trace(torch.tensor(0.0, requires_grad=True), nesterov=True)  # (Note [Values known at construction])
+    vmap(lambda mu: gf.optim.trace(mu, nesterov=True).init({"x": torch.ones(2)}).count)(torch.zeros(2))
+
+
 def test_a_numpy_zero_momentum_steps_as_torch_sgd():
     """Note [Checking hyperparameters]: a number of another type is read as the float it is. trace took only a
     Python 0 for "no momentum", so rsgd(momentum=np.float32(0.0), dampening=0.5) made a buffer and stepped by
@@ -1621,5 +1642,7 @@ def test_a_momentum_tensor_at_zero_has_the_rules_derivative(nesterov):
     mu = torch.tensor(0.0, dtype=F64, requires_grad=True)
     (d,) = torch.autograd.grad(run(mu), mu)
     h = 1e-6
-    fd = (run(torch.tensor(h, dtype=F64)) - run(torch.tensor(-h, dtype=F64))) / (2 * h)
+    # (learned momenta: with nesterov a plain tensor at -h is refused, Note [Nesterov needs momentum])
+    at = lambda m: run(torch.tensor(m, dtype=F64, requires_grad=True)).detach()  # noqa: E731
+    fd = (at(h) - at(-h)) / (2 * h)
     torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-8)

@@ -714,6 +714,34 @@ def test_nesterov_momentum_set_to_a_zero_tensor_mid_run_steps_as_torch_sgd(gener
         gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=torch.tensor(0.0), nesterov=True)
 
 
+def test_a_factory_of_its_own_with_nesterov_steps_as_torch_sgd_through_momentum_zero(generator):
+    """trace refuses nesterov without momentum, as rsgd does (Note [Nesterov needs momentum]); a factory of
+    one's own built on trace(momentum, nesterov=nesterov) and given a momentum of 0 mid-run (a scheduler, a
+    line group["momentum"] = 0) is built without nesterov there as rsgd is (Note [Nesterov at momentum 0]):
+    torch.optim.SGD's steps, not the trace's ManifoldError mid-run; built with momentum 0 it is refused."""
+
+    def sgd(constraints, lr, momentum=0.0, nesterov=False):
+        return gf.optim.retract_and_transport(constraints, gf.optim.chain(
+            gf.optim.to_tangent(constraints), gf.optim.trace(momentum, nesterov=nesterov),
+            gf.optim.scale_by_schedule(lambda n: -lr(n)) if callable(lr) else gf.optim.scale(-lr)))
+
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours, theirs = Branches(generator), Branches(generator)
+    theirs.load_state_dict(ours.state_dict())
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, sgd, lr=0.01, momentum=0.9, nesterov=True)
+    ref = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    for mu in (0.9, 0.0, torch.tensor(0.0), 0.5):
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.param_groups[0]["momentum"] = mu
+            o.zero_grad(set_to_none=True)
+            ((model(x, USES[0]) - y) ** 2).mean().backward()
+            o.step()
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    with pytest.raises(gf.ManifoldError, match=r"^trace: expected `nesterov=True` with `decay` > 0"):
+        gf.optim.TorchOptimizer(ours.named_parameters(), {}, sgd, lr=0.01, momentum=0.0, nesterov=True)
+
+
 def test_hyperparameters_are_checked_at_construction(generator):
     """As ``torch.optim`` checks its own: a negative learning rate, β = 1 (a NaN point, or every step 0),
     ``nesterov`` without momentum, in the defaults or a group or an added group (which is then not

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
-from .._errors import ManifoldError
 from ._base import Optimizer, chain
 from ._riemannian import retract_and_transport
 from ._transforms import (
@@ -13,9 +11,9 @@ from ._transforms import (
     ScalarOrSchedule,
     TraceState,
     _count,
-    _known_value,
     add_decayed_weights,
     check_adam_hyperparameters,
+    check_nesterov,
     check_nonnegative,
     check_zero_dim,
     scale_by_adam,
@@ -91,10 +89,7 @@ def rsgd(
     check_nonnegative("rsgd", lr=lr, momentum=momentum, weight_decay=weight_decay)
     check_zero_dim("rsgd", dampening=dampening)  # (a number's range is torch.optim.SGD's: not checked)
     # NumPy's numbers too (torch.optim.SGD refuses np.float32(0.0)), and tensors whose value is known now
-    m, d = _known_value(momentum), _known_value(dampening)  # (Note [Values known at construction])
-    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
-        raise ManifoldError(f"rsgd: expected `nesterov=True` with `momentum` > 0 and `dampening` = 0 (as torch.optim.SGD), "
-                            f"got momentum={momentum!r}, dampening={dampening!r}.")
+    check_nesterov("rsgd", nesterov, momentum, dampening)  # (Note [Values known at construction])
     # trace(0) holds no buffer and passes the vectors unchanged (Note [Momentum that may be zero])
     opt = retract_and_transport(constraints, chain(add_decayed_weights(weight_decay, mask=mask), to_tangent(constraints),
                                                    trace(momentum, dampening, nesterov), scale_by_learning_rate(lr, "rsgd")))

@@ -836,8 +836,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if built is not None and built[0].keys() == kwargs.keys() and all(_same(built[0][k], v) for k, v in kwargs.items()):
             return built[1]
         snapshot = {k: _snapshot(v) for k, v in kwargs.items()}  # Note [Hyperparameters changed in place]
-        if (self._factory is rsgd and kwargs.get("nesterov")
-                and _known_value(kwargs.get("momentum")) == 0.0):  # Note [Nesterov at momentum 0] (what rsgd reads)
+        if (kwargs.get("nesterov") and "momentum" in kwargs
+                and _known_value(kwargs["momentum"]) == 0.0):  # Note [Nesterov at momentum 0] (what rsgd and trace read)
             kwargs["nesterov"] = False
         # Note [No cycle through the learning rate]: the schedule reads the groups through a weak
         # reference, so the optimizer (its parameters, its state) goes with its last reference
@@ -876,7 +876,8 @@ class TorchOptimizer(torch.optim.Optimizer):
     # a hyperparameter changes: the step where the momentum reached 0 raised rsgd's ManifoldError,
     # mid-run. The group's rsgd is built without nesterov at momentum 0, the same steps (trace(0) passes
     # the vectors unchanged, nesterov or not: Note [Momentum that may be zero]); construction still
-    # refuses it, as torch does.
+    # refuses it, as torch does. So is any factory's that takes `momentum` and `nesterov` (its own chain
+    # of trace(momentum, nesterov=nesterov), which refuses the same: Note [Nesterov needs momentum]).
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         return _eager_step(self, closure)  # Note [A functional optimizer behind torch.optim]: never compiled
 

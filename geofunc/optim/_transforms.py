@@ -310,6 +310,23 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
 # momentum is 0 the vectors pass and the buffer and the count (steps with momentum, dampening's "first")
 # stay as they are, as torch's; elsewhere the rule above. (The count follows a momentum on another device
 # than the CPU with a copy per step, as torch's bool() of it.) A number 0 is the branch above (no buffer).
+# Note [Nesterov needs momentum]
+# Nesterov's step g + μ b with μ = 0 is plain SGD, and with a dampening τ ≠ 0 its buffer is not Nesterov's:
+# torch.optim.SGD refuses both when it is built ("Nesterov momentum requires a momentum and zero
+# dampening"). rsgd refused them; the building block itself,
+# trace(0, nesterov=True) (or trace(0.9, 0.5, nesterov=True)), was taken and stepped as plain SGD (or a
+# dampened buffer), silently. Both read the values known at construction (Note [Values known at
+# construction]): a number, a NumPy 0-dim array, a plain CPU tensor that does not require grad, outside
+# a trace; anything else is the caller's (a learned momentum at 0 has the rule's derivative there).
+def check_nesterov(where: str, nesterov: bool, momentum: Any, dampening: Any, what: str = "momentum") -> None:
+    """Refuse ``nesterov`` with a ``momentum`` (named ``what``) <= 0 or a ``dampening`` != 0 whose value is
+    known at construction (Note [Nesterov needs momentum])."""
+    m, d = _known_value(momentum), _known_value(dampening)
+    if nesterov and ((m is not None and m <= 0) or (d is not None and d != 0)):
+        raise ManifoldError(f"{where}: expected `nesterov=True` with `{what}` > 0 and `dampening` = 0 (as torch.optim.SGD), "
+                            f"got {what}={momentum!r}, dampening={dampening!r}.")
+
+
 def _finite(t: Tensor) -> Tensor:
     """``t`` with non-finite entries 0 (multiplied by a momentum of 0, they would make the step NaN)."""
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
@@ -326,7 +343,9 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
     Args:
       decay: the momentum :math:`\mu`.
       dampening: :math:`\tau`.
-      nesterov: Nesterov momentum.
+      nesterov: Nesterov momentum: needs ``decay`` > 0 and ``dampening`` = 0, as ``torch.optim.SGD``
+        (a :class:`~geofunc.ManifoldError` otherwise, where their values are known: Note [Nesterov needs
+        momentum]).
     """
     if isinstance(dampening, bool):
         # optax's trace(decay, nesterov) ported as trace(0.9, True) was dampening 1: a buffer that took
@@ -338,6 +357,8 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
     # from a config) made a buffer, so with a dampening τ every step after the first was (1 − τ)·g where
     # torch.optim.SGD, which compares momentum != 0, steps by g.
     off = _real(decay) == 0.0
+    check_nesterov("trace", nesterov, decay, dampening, "decay")
+
 
     def init(params: Params) -> TraceState:
         return TraceState(_count(), () if off else _zeros(params))
