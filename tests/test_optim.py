@@ -235,6 +235,77 @@ def test_hyperparameters_that_are_no_number_are_refused_at_construction():
         assert member(gf.Sphere(), opt.update({"w": torch.ones(2, dtype=F64)}, opt.init(p), p)[0]["w"])
 
 
+def test_a_fraction_hyperparameter_steps_as_its_float():
+    """Note [Numbers of any type]: a Fraction (a numbers.Real) passed the checks as its float and then raised
+    "unsupported operand type(s) for *: 'Fraction' and 'Tensor'" at the first update, for every
+    hyperparameter (through TorchOptimizer too, where torch.optim.Adam takes lr=Fraction(1, 20)). It steps
+    as its float, bit for bit, as do a NumPy 0-dim array dampening and a schedule returning a Fraction."""
+    import numpy as np
+    from fractions import Fraction as Fr
+
+    p = {"w": gf.Sphere().sample((3, 4), dtype=F64), "b": torch.tensor([0.5, -1.0], dtype=F64)}
+    g = {"w": torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0)), "b": torch.ones(2, dtype=F64)}
+    c = {"w": gf.Sphere()}
+
+    def steps(opt):
+        q, s = p, opt.init(p)
+        for _ in range(3):
+            q, s = opt.update(g, s, q)
+        return q
+
+    pairs = [
+        (gf.optim.rsgd(c, Fr(1, 10), Fr(9, 10), Fr(1, 2), weight_decay=Fr(1, 100)), gf.optim.rsgd(c, 0.1, 0.9, 0.5, weight_decay=0.01)),
+        (gf.optim.rsgd(c, Fr(1, 10), Fr(9, 10), np.array(0.5)), gf.optim.rsgd(c, 0.1, 0.9, 0.5)),
+        (gf.optim.rsgd(c, Fr(1, 10), Fr(9, 10), nesterov=True), gf.optim.rsgd(c, 0.1, 0.9, nesterov=True)),
+        (gf.optim.rsgd(c, lambda n: Fr(1, 10)), gf.optim.rsgd(c, 0.1)),
+        (gf.optim.radam(c, Fr(1, 20), (Fr(9, 10), Fr(99, 100)), Fr(1, 10**8), Fr(1, 100), amsgrad=True),
+         gf.optim.radam(c, 0.05, (0.9, 0.99), 1e-8, 0.01, amsgrad=True)),
+        (gf.optim.radamw(c, Fr(1, 20), weight_decay=Fr(1, 10)), gf.optim.radamw(c, 0.05, weight_decay=0.1)),
+        (gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, Fr(1, 2)),
+                                                          gf.optim.add_decayed_weights(Fr(1, 10)), gf.optim.scale(Fr(-1, 10)))),
+         gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.to_tangent(c), gf.optim.clip_by_global_norm(c, 0.5),
+                                                          gf.optim.add_decayed_weights(0.1), gf.optim.scale(-0.1)))),
+    ]
+    for ours, ref in pairs:
+        for k, v in steps(ours).items():
+            torch.testing.assert_close(v, steps(ref)[k], rtol=0, atol=0)
+    # TorchOptimizer against torch.optim.Adam, which takes a Fraction lr (and a whole-model clip of a Fraction)
+    ref = torch.nn.Parameter(torch.tensor([0.5, -1.0], dtype=F64))
+    adam = torch.optim.Adam([ref], lr=Fr(1, 20))
+    model = torch.nn.Module()
+    model.b = torch.nn.Parameter(ref.detach().clone())
+    opt = gf.optim.TorchOptimizer(model.named_parameters(), {}, gf.optim.radam, lr=Fr(1, 20), clip_by_global_norm=Fr(1, 2))
+    for _ in range(3):
+        ref.grad, model.b.grad = torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
+        torch.nn.utils.clip_grad_norm_([ref], 0.5)
+        adam.step()
+        opt.step()
+    torch.testing.assert_close(model.b.detach(), ref.detach(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda v: gf.optim.rsgd({}, 0.1, momentum=0.9, dampening=v), "dampening"),
+    (lambda v: gf.optim.trace(v), "decay"), (lambda v: gf.optim.trace(0.9, v), "dampening"),
+    (lambda v: gf.optim.scale(v), "step"), (lambda v: gf.optim.add_decayed_weights(v), "weight_decay"),
+], ids=["rsgd-dampening", "trace-decay", "trace-dampening", "scale", "add_decayed_weights"])
+def test_a_value_that_is_no_real_number_is_refused_at_construction(make, what):
+    """Note [Numbers of any type]: a dampening (or a transform's factor) that is no real number was taken and
+    raised a bare TypeError at the first update (a Decimal, which torch.optim.SGD also takes and then fails on
+    at its first step, a string, None), or a RuntimeError (a bool tensor), or dropped its imaginary part with a
+    warning (a complex one); each is a ManifoldError at construction naming the value."""
+    from decimal import Decimal
+
+    for bad in (Decimal("0.5"), "0.5", None, 0.5 + 0j, torch.tensor(True), torch.tensor(0.5j), [0.5]):
+        with pytest.raises(gf.ManifoldError, match=rf"expected `{what}` a real number or a real 0-dim tensor, got "):
+            make(bad)
+    b = torch.nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([b], lr=0.1, momentum=0.9, dampening=Decimal("0.5"))
+    b.grad = torch.ones(2)
+    with pytest.raises(TypeError):
+        sgd.step()
+        sgd.step()
+
+
 def test_a_schedule_whose_value_is_no_real_scalar_is_refused():
     """A schedule's value was used as it came (Note [A schedule's value is checked]): ``lr(count)`` of shape
     (3,) multiplied every entry's step along its last dim, a rate per coordinate, without an error (the same

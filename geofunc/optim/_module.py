@@ -15,7 +15,7 @@ from .._errors import ManifoldError, describe, real_dtype
 from ..spaces._base import is_space
 from ._aliases import rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
-from ._transforms import ScaleByScheduleState, TraceState, _keep, _known_value, _no_buffer, _real, clip_factor
+from ._transforms import ScaleByScheduleState, TraceState, _keep, _known_value, _no_buffer, _number, _real, clip_factor
 from ._wrappers import _all_finite, _is_count
 
 __all__ = ["TorchOptimizer"]
@@ -647,7 +647,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                     got = repr(got)
                 raise ManifoldError(f"TorchOptimizer: expected `clip_by_global_norm` a number > 0 (the max_norm of the "
                                     f"whole model's gradient; a tensor of one value > 0) or None, got {got}.")
-            clip_by_global_norm = _zero_dim(clip_by_global_norm)  # (a (1,) one broadcast every gradient)
+            # (a (1,) one broadcast every gradient; a Fraction raised a TypeError at the first step: Note [Numbers of any type])
+            clip_by_global_norm = _number(_zero_dim(clip_by_global_norm))
         if apply_if_finite is not None:
             if not _is_count(apply_if_finite):
                 raise ManifoldError(f"TorchOptimizer: expected `apply_if_finite` an int >= 0 (the whole model's "

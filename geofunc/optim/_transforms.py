@@ -87,6 +87,7 @@ def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mas
     unchanged, as ``torch.optim``'s parameter groups with ``weight_decay=0`` (biases, norms).
     """
     check_zero_dim("add_decayed_weights", weight_decay=weight_decay)
+    weight_decay = _number(weight_decay)  # Note [Numbers of any type]
     if mask is not None:
         return masked(add_decayed_weights(weight_decay, constraints), mask)
 
@@ -214,11 +215,41 @@ def check_nonnegative(where: str, **values: Any) -> None:
 
 
 def check_zero_dim(where: str, **values: Any) -> None:
-    """Refuse a tensor among ``values`` that is not 0-dim: its shape is static (logical under vmap), so no
-    value is read; a (2,) one was taken and broadcast into every entry's vectors along their last dim."""
+    """Refuse a value among ``values`` that is not a real number or a real 0-dim tensor (nor a NumPy 0-dim
+    real array): a tensor's shape and dtype are static (logical under vmap), so no value is read; a (2,)
+    one was taken and broadcast into every entry's vectors along their last dim (Note [Numbers of any type])."""
     for what, value in values.items():
-        if isinstance(value, torch.Tensor) and value.ndim != 0:
-            raise ManifoldError(f"{where}: expected `{what}` a number or a 0-dim tensor, got {describe(value)}.")
+        if not _is_real_scalar(value):
+            raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
+
+
+# Note [Numbers of any type]
+# A hyperparameter that is a real number of another type than int and float passed the checks (they read
+# it as its float) and then met a tensor in the update: a Fraction (numbers.Real) raised "unsupported
+# operand type(s) for *: 'Fraction' and 'Tensor'" at the first update, for every hyperparameter of every
+# factory, while torch.optim.Adam takes lr=Fraction(1, 20) and AdamW its weight_decay. The transforms take
+# such a number as its float when they are built (_number; NumPy's scalars and 0-dim arrays too, which
+# also chose other branches than the float: no lerp for an np.float32 β₁, a momentum buffer for a 0-dim
+# array 0). What is no real number at all (a Decimal, which torch.optim takes and then fails on at its
+# first step, a string, None, a complex or bool tensor) is refused at construction where the value is not
+# otherwise checked (dampening, the transforms' factors): it passed and raised a bare TypeError from
+# inside the update (a complex dampening was taken and its imaginary part dropped with a warning).
+def _is_real_scalar(value: Any) -> bool:
+    """Whether ``value`` is a real number, a real 0-dim tensor or a NumPy 0-dim real array (metadata only)."""
+    if isinstance(value, Tensor):
+        return value.ndim == 0 and real_dtype(value)
+    if isinstance(value, numbers.Number):
+        return isinstance(value, numbers.Real)
+    return getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u", "f")
+
+
+def _number(x: Any) -> Any:
+    """A real number of another type than int and float (a Fraction, a NumPy scalar or 0-dim array) as its
+    float; anything else (an int, a float, a tensor, a schedule) as it is (Note [Numbers of any type])."""
+    if isinstance(x, (int, float, Tensor)) or callable(x):
+        return x
+    value = _known_value(x)
+    return x if value is None else value
 
 
 def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
@@ -353,6 +384,7 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
         raise ManifoldError(f"trace: expected `dampening` a number (torch.optim.SGD's τ; optax's trace takes nesterov "
                             f"second: pass nesterov={dampening!r} by keyword), got {dampening!r}.")
     check_zero_dim("trace", decay=decay, dampening=dampening)
+    decay, dampening = _number(decay), _number(dampening)  # Note [Numbers of any type]
     # A number of any type as the float it is (Note [Checking hyperparameters]): a NumPy 0 (np.float32(0.0)
     # from a config) made a buffer, so with a dampening τ every step after the first was (1 − τ)·g where
     # torch.optim.SGD, which compares momentum != 0, steps by g.
@@ -519,6 +551,7 @@ def scale_by_adam(
       Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
     """
     check_adam_hyperparameters("scale_by_adam", (b1, b2), eps)
+    b1, b2, eps = _number(b1), _number(b2), _number(eps)  # Note [Numbers of any type]
     lerp_b1 = _is_number(b1)
 
     def init(params: Params) -> ScaleByAdamState | ScaleByAMSGradState:
@@ -597,6 +630,7 @@ def _scale_by(factor: Callable[[], Scalar]) -> TangentTransform:
 def scale(step: Scalar) -> TangentTransform:
     """Multiply every vector by ``step`` (``-lr`` for descent)."""
     check_zero_dim("scale", step=step)
+    step = _number(step)  # Note [Numbers of any type]
     return _scale_by(lambda: step)
 
 
@@ -614,16 +648,11 @@ class ScaleByScheduleState(NamedTuple):
 # "bad operand type for unary -". The value's type, shape and dtype are checked at each update (metadata:
 # static under vmap and torch.compile); its range is not read (Note [Checking hyperparameters]).
 def _check_rate(where: str, value: Any) -> Any:
-    """``value`` if it is a real number or a real 0-dim tensor (a NumPy 0-dim real array too), else ManifoldError."""
-    if isinstance(value, Tensor):
-        ok = value.ndim == 0 and real_dtype(value)  # check_nonnegative's tensor test; no range (not read)
-    elif isinstance(value, numbers.Number):
-        ok = isinstance(value, numbers.Real)
-    else:
-        ok = getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u", "f")  # (a NumPy bool: no negation)
-    if not ok:
+    """``value`` if it is a real number or a real 0-dim tensor (a NumPy 0-dim real array too; one of another
+    type than int and float as its float), else ManifoldError."""
+    if not _is_real_scalar(value):  # no range (not read); a NumPy bool: no negation
         raise ManifoldError(f"{where}: expected a real number or a real 0-dim tensor, got {describe(value)}.")
-    return value
+    return _number(value)  # (a Fraction as its float: Note [Numbers of any type])
 
 
 def scale_by_schedule(schedule: Callable[[Tensor], float | Tensor]) -> TangentTransform:
@@ -712,6 +741,7 @@ def clip_by_global_norm(constraints: Any, max_norm: Scalar) -> TangentTransform:
             raise ManifoldError(f"clip_by_global_norm: expected `max_norm` > 0 (a number or a 0-dim tensor), "
                                 f"got {max_norm!r}.")
     check_zero_dim("clip_by_global_norm", max_norm=max_norm)  # (a (1,) one broadcast a 0-dim vector to (1,))
+    max_norm = _number(max_norm)  # Note [Numbers of any type]
 
     def init(params: Params) -> EmptyState:
         del params
