@@ -306,6 +306,37 @@ def test_a_value_that_is_no_real_number_is_refused_at_construction(make, what):
         sgd.step()
 
 
+def test_a_numpy_zero_dim_array_lr_steps_as_its_number():
+    """torch.optim.SGD, Adam and AdamW take lr=np.array(0.1) (a 0-dim array from np.load or a config); the
+    range check read numbers and refused it ("expected `lr` a number, a 0-dim tensor or a schedule"), while
+    a dampening or a schedule's value of that type was taken. It is read as its number (Note [Numbers of any
+    type]): one below 0 is refused, one in range steps as the float, bit for bit (TorchOptimizer too)."""
+    import numpy as np
+
+    p = {"w": gf.Sphere().sample((3, 4), dtype=F64), "b": torch.tensor([0.5, -1.0], dtype=F64)}
+    g = {"w": torch.randn(3, 4, dtype=F64, generator=torch.Generator().manual_seed(0)), "b": torch.ones(2, dtype=F64)}
+    c = {"w": gf.Sphere()}
+    for name, kwargs in (("rsgd", dict(momentum=np.array(0.9), weight_decay=np.array(0.01))), ("radam", dict(eps=np.array(1e-8))),
+                         ("radamw", dict(weight_decay=np.array(0.1)))):
+        ours = getattr(gf.optim, name)(c, np.array(0.05), **kwargs)
+        ref = getattr(gf.optim, name)(c, 0.05, **{k: float(v) for k, v in kwargs.items()})
+        a, b = ours.update(g, ours.init(p), p)[0], ref.update(g, ref.init(p), p)[0]
+        for k in p:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        with pytest.raises(gf.ManifoldError, match=rf"^{name}: expected `lr` >= 0"):
+            getattr(gf.optim, name)(c, np.array(-0.05))
+    ref = torch.nn.Parameter(torch.tensor([0.5, -1.0], dtype=F64))
+    sgd = torch.optim.SGD([ref], lr=np.array(0.05), momentum=0.9)
+    model = torch.nn.Module()
+    model.b = torch.nn.Parameter(ref.detach().clone())
+    opt = gf.optim.TorchOptimizer(model.named_parameters(), {}, gf.optim.rsgd, lr=np.array(0.05), momentum=0.9)
+    for _ in range(3):
+        ref.grad, model.b.grad = torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
+        sgd.step()
+        opt.step()
+    torch.testing.assert_close(model.b.detach(), ref.detach(), rtol=0, atol=1e-15)
+
+
 def test_a_schedule_whose_value_is_no_real_scalar_is_refused():
     """A schedule's value was used as it came (Note [A schedule's value is checked]): ``lr(count)`` of shape
     (3,) multiplied every entry's step along its last dim, a rate per coordinate, without an error (the same

@@ -206,7 +206,7 @@ def check_nonnegative(where: str, **values: Any) -> None:
             continue
         if what == "lr" and callable(value):
             continue  # not read
-        x = _real(value)
+        x = _known_value(value)  # (a NumPy 0-dim array too, as torch.optim takes lr=np.array(0.1): Note [Numbers of any type])
         if x is None:
             kinds = "a number, a 0-dim tensor or a schedule lr(count)" if what == "lr" else "a number or a 0-dim tensor"
             raise ManifoldError(f"{where}: expected `{what}` {kinds}, got {describe(value)}.")
