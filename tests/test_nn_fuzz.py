@@ -241,3 +241,87 @@ def test_empty_square_weights_are_refused_with_a_manifold_error(register, size):
         register(layer, "weight")
     with pytest.raises(ManifoldError, match="non-empty matrix dimensions"):
         (gnn.Skew if register is gnn.skew else gnn.Symmetric)(size=size)
+
+
+def _perturbed(layer):
+    with torch.no_grad():
+        raw = layer.parametrizations.weight.original
+        raw.add_(0.5 * torch.randn(raw.shape, generator=torch.Generator().manual_seed(1), dtype=raw.dtype))
+    return layer
+
+
+def _cayley(A):
+    eye = torch.eye(A.shape[-1], dtype=A.dtype).expand_as(A)
+    return torch.linalg.solve(eye - A / 2, eye + A / 2)
+
+
+@pytest.mark.parametrize("register, shape", [(gnn.orthogonal, (4, 4)), (gnn.orthogonal, (6, 3)),
+                                             (lambda m: gnn.low_rank(m, "weight", 2), (5, 4))],
+                         ids=["SO", "Stiefel", "LowRank"])
+@pytest.mark.parametrize("triv", ["cayley", _cayley], ids=["name", "callable"])
+def test_assigning_triv_changes_the_map_as_geotorch(register, shape, triv):
+    """GeoTorch's classes read ``self.triv`` in their map: ``M.triv = "cayley"`` moves the weight to the
+    Cayley chart's point of the same raw tensor. geofunc.nn kept the old map, silently (Note [Maps
+    assigned after construction])."""
+    torch.manual_seed(0)
+    layer = _perturbed(register(nn.Linear(shape[1], shape[0])))
+    M = layer.parametrizations.weight[0]
+    W = layer.weight.detach().clone()
+    M.triv = triv
+    assert M.triv is triv
+    W2 = layer.weight.detach()
+    assert float((W2 - W).abs().max()) > 1e-2  # another point of the same raw tensor
+    # the same as a class built with that triv from the same raw tensor and bases
+    fresh = type(M)(M.size, **({"rank": M.rank} if hasattr(M, "rank") else {}), triv=triv)
+    fresh.load_state_dict(M.state_dict())
+    torch.testing.assert_close(W2, fresh(layer.parametrizations.weight.original.detach()), atol=1e-6, rtol=0)
+    assert M.in_manifold(W2)
+    with pytest.raises(ValueError):
+        M.triv = "not a map"
+
+
+def test_assigning_f_changes_the_map_as_geotorch():
+    """GeoTorch's FixedRank (and the other classes with ``f``) read ``self.f`` in their map:
+    ``M.f = (torch.exp, torch.log)`` gives singular values ``exp(s)`` of the same raw tensor."""
+    torch.manual_seed(0)
+    layer = _perturbed(gnn.fixed_rank(nn.Linear(4, 5), "weight", 2))
+    M = layer.parametrizations.weight[0]
+    s_soft = torch.linalg.svdvals(layer.weight.detach())[:2]
+    pair = (torch.exp, torch.log)
+    M.f = pair
+    assert M.f is pair
+    s_exp = torch.linalg.svdvals(layer.weight.detach())[:2]
+    # f acts on the same raw singular-value entries: exp(s) where softplus(s) was (softplus(s) = log(1 + exp(s)))
+    torch.testing.assert_close(s_exp, torch.expm1(s_soft - _softplus_floor(M)).sort(descending=True).values,
+                               atol=1e-4, rtol=1e-4)
+    layer.weight = layer.weight.detach()  # the new f's inverse is used on assignment
+    M.f = torch.exp  # a single callable: the map follows, assignment has no inverse
+    with pytest.raises(gnn.InverseError):
+        layer.weight = layer.weight.detach()
+    with pytest.raises(ValueError):
+        M.f = "not a map"
+
+
+def _softplus_floor(M):
+    """geofunc's softplus is ``log(1 + eˢ) + floor`` (the dtype's √ε, Note in the migration guide)."""
+    return float(torch.finfo(torch.float32).eps) ** 0.5
+
+
+def test_spaces_without_triv_or_f_have_no_such_attribute():
+    assert not hasattr(gnn.Sphere((3,)), "triv") and not hasattr(gnn.SO((3, 3)), "f")
+
+
+@pytest.mark.parametrize("register", [gnn.skew, gnn.symmetric])
+def test_assigning_lower_changes_the_map_as_geotorch(register):
+    """GeoTorch's Skew and Symmetric read ``self.lower`` in their map."""
+    torch.manual_seed(0)
+    layer = register(nn.Linear(4, 4))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.copy_(torch.randn(4, 4))
+    Z = layer.parametrizations.weight.original.detach()
+    M = layer.parametrizations.weight[0]
+    M.lower = False
+    assert M.lower is False
+    up = torch.triu(Z, 1)
+    expected = up - up.mT if register is gnn.skew else torch.triu(Z) + up.mT
+    torch.testing.assert_close(layer.weight.detach(), expected, atol=0, rtol=0)

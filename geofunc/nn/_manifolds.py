@@ -663,6 +663,46 @@ class _Manifold(Parametrization):
         return Z
 
     # ----------------------------------------------------------------- GeoTorch's API
+    # Note [Maps assigned after construction]
+    # GeoTorch's classes read ``self.triv`` and ``self.f`` in their maps, so ``M.triv = "cayley"`` (or a
+    # callable) and ``M.f = (g, g_inv)`` change the weight, its inverse and ``sample("torus")`` from then
+    # on (the raw tensor kept), as ``M.lam``, ``M.radius`` and ``M.alpha`` do. Here they were plain
+    # attributes next to the space that computes: assigning one changed the attribute and nothing else,
+    # silently (a FixedRank weight kept softplus after ``M.f = (torch.exp, torch.log)``, where GeoTorch's
+    # moved by 3.8). Both are now views of the space's field: assigning replaces the space (validated by
+    # it, as at construction); a class whose space has no such field has no such attribute.
+    @property
+    def triv(self) -> Any:
+        """The trivialization: ``"expm"``, ``"cayley"`` or a callable (assignable, as GeoTorch's attribute:
+        the map, the inverse and ``sample("torus")`` follow; the raw tensor is kept)."""
+        return self._space_field("triv")
+
+    @triv.setter
+    def triv(self, value: Any) -> None:
+        self._replace_field("triv", value)
+
+    @property
+    def f(self) -> Any:
+        """The map of the singular values (eigenvalues): a name, a callable or a pair (assignable, as
+        GeoTorch's attribute: the map and the inverse follow; the raw tensor is kept)."""
+        return self._space_field("f")
+
+    @f.setter
+    def f(self, value: Any) -> None:
+        self._replace_field("f", value)
+
+    def _space_field(self, name: str) -> Any:
+        space = self.__dict__.get("space")
+        if space is None or name not in {fl.name for fl in dataclasses.fields(space)}:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(space, name)
+
+    def _replace_field(self, name: str, value: Any) -> None:
+        """``space.<name> = value`` (Note [Maps assigned after construction])."""
+        current = self._space_field(name)
+        if value is not current:
+            self.space = dataclasses.replace(self.space, **{name: value})  # validated by the space
+
     def in_manifold(self, X: Any, eps: float = 1e-5) -> bool:
         """Whether ``X`` is on the space, with GeoTorch's tolerance (all batch entries)."""
         raise NotImplementedError
@@ -1024,7 +1064,16 @@ class _Triangle(_Manifold):
                                     f"dimensions, got {tuple(size)}.")
             self.n, self.tensorial_size = n, ts
         super().__init__(self._space_cls(lower=lower), size)
-        self.lower = lower
+
+    @property
+    def lower(self) -> bool:
+        """Which strict triangle holds the coordinates (assignable, as GeoTorch's attribute: Note [Maps
+        assigned after construction])."""
+        return self._space_field("lower")
+
+    @lower.setter
+    def lower(self, value: Any) -> None:
+        self._replace_field("lower", value)
 
     def forward(self, X: Tensor) -> Tensor:
         """The point of the raw tensor's triangle; a vector or non-square input raises GeoTorch's errors."""
