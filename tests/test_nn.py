@@ -2448,3 +2448,26 @@ def test_a_shallow_copy_of_a_constrained_module():
     gnn.orthogonal(rnn, "weight_hh_l0")
     y = torch.randn(3, 2, 4)
     torch.testing.assert_close(copy.copy(rnn)(y)[0], rnn(y)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("start_lower", [True, False])
+def test_assigning_so_lower_keeps_the_functional_bridge_consistent(start_lower):
+    """GeoTorch's SO reads ``self.lower`` in its map (geofunc.nn's too); whether the raw tensor is the
+    space's own was fixed at construction, so after ``M.lower = False`` ``gf.nn.functional`` gave the
+    other triangle's weight, silently (Note [SO's lower assigned after construction])."""
+    torch.manual_seed(0)
+    M = gnn.SO((4, 4), lower=start_lower)
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(M.sample())
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", M)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(0.3 * torch.randn(4, 4))
+    M.lower = not start_lower
+    W = layer.weight.detach()
+    if M.lower:  # the raw tensor is the space's: the bridge computes the module's weight
+        constraints, raw, bases = gnn.functional(layer)
+        torch.testing.assert_close(gf.to_manifold(constraints, raw, bases)["weight"], W, atol=1e-6, rtol=0)
+    else:  # the upper triangle: refused, as for a class built with lower=False
+        with pytest.raises(gf.ManifoldError, match="lower=True for the functional bridge"):
+            gnn.functional(layer)

@@ -835,7 +835,17 @@ class SO(_Manifold):
         super().__init__(S.SO(triv=triv), size)
         self.n, self.k, self.tensorial_size, self.lower, self.triv = n, k, ts, lower, triv
         self.transposed = False
-        self._identity_raw = bool(lower)
+
+    # Note [SO's lower assigned after construction]
+    # GeoTorch's SO reads ``self.lower`` in its map, and so does _raw_in here, so ``M.lower = False``
+    # moves the weight to the upper triangle's coordinates in both. Whether the raw tensor is the
+    # space's own (_identity_raw: the functional bridge, the dtype re-expression of raw tensors) was
+    # fixed at construction: after the assignment, gf.nn.functional(module) gave the weight of the
+    # other triangle (1.0 away for a 4×4 weight), silently, and refused the module the other way
+    # round. It is read from ``lower`` at each use.
+    @property
+    def _identity_raw(self) -> bool:  # type: ignore[override]
+        return bool(self.lower)
 
     def _raw_in(self, Z: Tensor) -> Tensor:
         return Z if self.lower else -Z.transpose(-2, -1)
