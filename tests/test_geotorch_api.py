@@ -593,6 +593,34 @@ def test_torus_init_spectrum_matches_geotorch():
     assert orthonormal(W)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4), (2, 3, 3), (2, 6, 2), (1, 1)])
+def test_uniform_init_fills_in_place_with_orthogonal_frames(shape, dtype):
+    """GeoTorch's ``geotorch.so.uniform_init_`` (Haar, per matrix, det +1 where square) had no
+    counterpart: ``from geotorch.so import uniform_init_`` had nothing to become."""
+    t = torch.empty(shape, dtype=dtype)
+    out = gnn.uniform_init_(t)
+    assert out is t and t.dtype == dtype
+    atol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert orthonormal(t, atol=atol)
+    if shape[-1] == shape[-2]:
+        assert bool((torch.linalg.slogdet(t)[0] > 0).all())
+    with pytest.raises(gnn.VectorError):
+        gnn.uniform_init_(torch.empty(4))
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (4, 4), (2, 3, 3), (7, 1)])
+def test_uniform_init_draws_geotorchs_numbers_for_the_same_seed(shape):
+    pytest.importorskip("geotorch")
+    from geotorch.so import uniform_init_ as gt_uniform
+
+    torch.manual_seed(0)
+    ref = gt_uniform(torch.empty(shape, dtype=torch.float64))
+    torch.manual_seed(0)
+    ours = gnn.uniform_init_(torch.empty(shape, dtype=torch.float64))
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(
     "name,args",
     [("LowRank", ((5, 4), 2)), ("FixedRank", ((4, 6), 3)), ("PSSD", ((4, 4),)), ("PSD", ((4, 4),)), ("Skew", ((4, 4),)),

@@ -10,7 +10,7 @@
   ``ProductManifold``) as parametrization modules with ``forward``, ``right_inverse``,
   ``sample(...)``, ``in_manifold(X, eps)`` and ``update_base``: each an adapter over a pure
   geofunc space (``M.space``), so the maths lives once;
-* ``update_base(layer, tensor_name)``, ``torus_init_``, ``parametrize.cached()`` and the
+* ``update_base(layer, tensor_name)``, ``torus_init_``, ``uniform_init_``, ``parametrize.cached()`` and the
   exception classes ``VectorError``, ``NonSquareError``, ``RankError``, ``InManifoldError``,
   ``InverseError`` (each a :class:`geofunc.ManifoldError`), also under GeoTorch's module name
   ``geofunc.nn.exceptions`` (``except geotorch.exceptions.InManifoldError`` keeps working).
@@ -90,6 +90,7 @@ from ._manifolds import (
     Stiefel as Stiefel,
     Symmetric as Symmetric,
     torus_init_ as torus_init_,
+    uniform_init_ as uniform_init_,
 )
 from ..spaces import SphereEmbedded as SphereEmbeddedSpace  # the earlier name of gf.SphereEmbedded
 
@@ -148,5 +149,6 @@ __all__ = [
     "stack",
     "symmetric",
     "torus_init_",
+    "uniform_init_",
     "update_base",
 ]

@@ -788,6 +788,34 @@ def torus_init_(tensor: Tensor, init_: Optional[Callable[[Tensor], Any]] = None,
     return tensor
 
 
+def uniform_init_(tensor: Tensor) -> Tensor:
+    r"""Fill ``tensor`` (``(*, n, k)``) in place with a Haar-distributed orthogonal matrix (or batch).
+
+    GeoTorch's ``geotorch.so.uniform_init_``: orthonormal columns (rows if the matrices are wide),
+    drawn independently per matrix of a batch (unlike ``torch.nn.init.orthogonal_``), with
+    determinant +1 where square (the sign read from ``slogdet``, not from ``det``, which returns ±0
+    for large float32 rotations); a complex ``tensor`` gets a Haar unitary frame. It draws from the
+    global RNG: from the same RNG state, square and tall tensors get GeoTorch's numbers (wide ones
+    the same distribution). Returns ``tensor``.
+
+    Raises :class:`VectorError` (a ``ValueError``) for fewer than two dimensions.
+
+    Example::
+
+        >>> W = uniform_init_(torch.empty(5, 3))
+        >>> torch.allclose(W.T @ W, torch.eye(3), atol=1e-6)
+        True
+    """
+    if tensor.ndim < 2:
+        raise VectorError("uniform_init_", tensor.shape)
+    shape = tuple(tensor.shape)
+    work = torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+    frames = S.SO() if shape[-1] == shape[-2] and not work.is_complex else S.Stiefel()
+    with torch.no_grad():
+        tensor.copy_(frames.sample(shape, dtype=work, device=tensor.device))
+    return tensor
+
+
 def _frame_sample(M: "_Manifold", distribution: str, init_: Any, triv: Any) -> Tensor:
     """GeoTorch's orthogonal samples of ``M``'s size: Haar (``"uniform"``) or the first k columns
     (rows if wide) of an n×n :func:`torus_init_` (``"torus"``)."""
