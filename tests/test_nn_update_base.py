@@ -84,3 +84,67 @@ def test_update_base_inside_a_fullgraph_compiled_function(constraint, route):
         assert member(space, m.weight.detach())
     assert counter.frame_count == 1
     torch._dynamo.reset()
+
+
+class _ScaledColumns(gnn.ProductManifold):
+    """A space built GeoTorch's way, from a ProductManifold of geofunc.nn classes: ``X = Q·diag(r)``,
+    ``Q`` in SO(n), ``r`` on the sphere of radius 2 (the column norms)."""
+
+    def __init__(self, n):
+        super().__init__([gnn.SO((n, n)), gnn.Sphere((n,), radius=2.0)])
+
+    def forward(self, X1, X2):
+        Q, r = super().forward((X1, X2))
+        return Q * r
+
+    def right_inverse(self, X, check_in_manifold=True):
+        r = X.norm(dim=-2)
+        return super().right_inverse((X / r, r), check_in_manifold)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_update_base_of_a_product_manifold_subclass_keeps_the_point_and_recentres(dtype):
+    """GeoTorch's update_base assigns the current value, so it re-centres a user's ProductManifold
+    subclass; geofunc's refused it ("parametrized by ['_ScaledColumns'] only"): Note [update_base of a
+    product]."""
+    torch.manual_seed(0)
+    n = 3
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=dtype))[0]
+    Q[:, 0] *= torch.sign(torch.linalg.det(Q))  # in SO(n)
+    r = torch.tensor([1.0, 2.0, 2.0], dtype=dtype) * (2.0 / 3.0)  # norm 2
+    m = nn.Linear(n, n, bias=False, dtype=dtype)
+    with torch.no_grad():
+        m.weight.copy_(Q * r)
+    torch.nn.utils.parametrize.register_parametrization(m, "weight", _ScaledColumns(n).to(dtype))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        m(torch.randn(4, n, dtype=dtype)).pow(3).sum().backward()
+        opt.step()
+    plist = m.parametrizations.weight
+    assert plist.original0.abs().max() > 0 and plist.original1.abs().max() > 0  # the raw tensors moved
+    W = m.weight.detach().clone()
+    assert gnn.update_base(m, "weight") is m
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(m.weight.detach(), W, atol=tol, rtol=0)
+    # re-centred at the point: both factors' raw tensors are zero (SO and Sphere charts at their base)
+    assert torch.equal(plist.original0, torch.zeros_like(plist.original0))
+    assert torch.equal(plist.original1, torch.zeros_like(plist.original1))
+    # the constraint still holds, measured independently
+    Qn = W / W.norm(dim=-2)
+    eye = torch.eye(n, dtype=dtype)
+    assert (Qn.mT @ Qn - eye).abs().max() < 10 * tol and abs(float(W.norm(dim=-2).norm()) - 2.0) < 10 * tol
+
+
+def test_update_base_still_refuses_a_tensor_geofunc_does_not_constrain():
+    class Scale(nn.Module):
+        def forward(self, X):
+            return 2 * X
+
+        def right_inverse(self, X):
+            return X / 2
+
+    m = nn.Linear(3, 3)
+    torch.nn.utils.parametrize.register_parametrization(m, "weight", Scale())
+    with pytest.raises(gf.ManifoldError, match=r"parametrized by \['Scale'\] only"):
+        gnn.update_base(m, "weight")

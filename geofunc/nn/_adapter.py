@@ -1774,6 +1774,15 @@ def is_constrained(module: nn.Module, tensor_name: str | None = None) -> bool:
 # they change]). _set_base then leaves the record of checked buffers alone: tracing its write made
 # Dynamo guard on the registry's length (a second graph at the second call), and the in-place copies
 # bump the buffers' versions, so the next eager forward checks them once.
+#
+# Note [update_base of a product]
+# GeoTorch's update_base assigns the current value to the tensor, so it re-centres any parametrization with
+# a right_inverse, among them a user's subclass of ProductManifold (GeoTorch's building block for new
+# spaces: forward(X1, ..., Xk) combines the factors, right_inverse splits a point into them). Here it
+# refused such a tensor ("parametrized by ['MySpace'] only"): parametrization_of looks for an adapter in
+# the chain itself, and the product's adapters are its children. A chain counts as geofunc's where any
+# module in it (the chain's entries or their submodules) is a geofunc adapter; the assignment then goes
+# through the user's right_inverse and the factors' ones, as in GeoTorch.
 def update_base(layer: ModuleT | None = None, tensor_name: str = "weight", *, module: ModuleT | None = None) -> ModuleT:
     """Dynamic trivialization: re-centre the chart of ``layer.<tensor_name>`` at its current value.
 
@@ -1809,7 +1818,10 @@ def update_base(layer: ModuleT | None = None, tensor_name: str = "weight", *, mo
         if isinstance(first, Parametrization) and plist.is_tensor:
             plist.original.copy_(first.rebase(plist.original))
         else:
-            parametrization_of(module, tensor_name)  # raises if geofunc is not involved
+            if not any(isinstance(m, Parametrization) for p in plist for m in p.modules()):
+                parametrization_of(module, tensor_name)  # raises: geofunc is not involved
+            # a chain with a geofunc adapter, or a module built of them (a subclass of
+            # geofunc.nn.ProductManifold, GeoTorch's way to define a space): Note [update_base of a product]
             setattr(module, tensor_name, plist().detach())
     parametrize._cache.pop((id(module), tensor_name), None)
     parametrize._cache.pop((id(module), tensor_name, _THREAD.token), None)  # Note [Cached values across threads]
