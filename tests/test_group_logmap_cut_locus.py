@@ -99,3 +99,55 @@ def test_group_sqdist_gradient_at_and_near_the_cut(space, dtype, delta):
         fd = (space.sqdist(X, space.expmap(Y, h * W)) - space.sqdist(X, space.expmap(Y, -h * W))) / (2 * h)
         ad = (G.conj() * W).real.sum()
         assert abs(float(fd - ad)) < 1e-6 * max(1.0, abs(float(fd))), (ang, float(fd), float(ad))
+
+
+def so_planes(n, deltas, others, g):
+    """A Haar-conjugated rotation with planes at ±(π − δ) (cos/sin from δ) and at the angles ``others``."""
+    B = torch.eye(n, dtype=F64)
+    cs = [(-math.cos(d), math.sin(d) if j % 2 == 0 else -math.sin(d)) for j, d in enumerate(deltas)]
+    for j, (c, s) in enumerate(cs + [(math.cos(a), math.sin(a)) for a in others]):
+        B[2 * j:2 * j + 2, 2 * j:2 * j + 2] = torch.tensor([[c, -s], [s, c]], dtype=F64)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+    return Q @ B @ Q.mT
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("n", [4, 5, 6, 8])
+def test_so_logmap_two_planes_near_pi_at_different_distances(dtype, n):
+    """Note [Group logarithms on the cut locus]: two planes within 1e-4 of π at different distances share an
+    eigenspace of S = sym(XᵀY) to ~ε/δ² and K φ(S) mixed them: round trips 1e-8 to 1e-3 off in float64, up
+    to 1.5 in float32 (whose rounding puts every such plane within ~1e-7 of π). One at a time, batched, under vmap."""
+    g = torch.Generator().manual_seed(n)
+    S = gf.SO()
+    others = {4: [], 5: [], 6: [0.7], 8: [0.7, -2.0]}[n]
+    deltas = [0.0, 1e-12, 1e-8, 1e-6, 1e-5, 1e-4]
+    pairs = [(d1, d2) for i, d1 in enumerate(deltas) for d2 in deltas[i + 1:]]
+    X = S.sample((len(pairs), n, n), generator=g, dtype=F64)
+    Y = X @ torch.stack([so_planes(n, p, others, g) for p in pairs])
+    X, Y = X.to(dtype), Y.to(dtype)
+    rt_tol, min_tol = (1e-13, 1e-13) if dtype == F64 else (1e-6, 4e-6)
+    for L in (S.logmap(X, Y), torch.stack([S.logmap(x, y) for x, y in zip(X, Y)]), torch.func.vmap(S.logmap)(X, Y)):
+        err = (S.expmap(X, L) - Y).abs().amax((-2, -1))
+        assert float(err.max()) <= rt_tol, [(p, float(e)) for p, e in zip(pairs, err) if e > rt_tol]
+        gap = (S.inner(X, L, L).sqrt() - S.dist(X, Y)).abs()
+        assert float(gap.max()) <= min_tol, [(p, float(e)) for p, e in zip(pairs, gap) if e > min_tol]
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("n", [8, 16])
+def test_so_logmap_near_an_antipodal_point(dtype, n):
+    """Y = −X E for a small rotation E: every plane of XᵀY near π, at different distances (round trips were
+    up to 1e-3 off in float64 at ‖E‖ ~ 1e-6 and 0.5 in float32); one plane near π beside a generic one
+    (K φ(S) lost ~ε/δ there: 1.4e-8 at δ = 2e-8)."""
+    g = torch.Generator().manual_seed(n)
+    S = gf.SO()
+    I = torch.eye(n, dtype=F64)
+    X = S.sample((3, n, n), generator=g, dtype=F64)
+    size = torch.tensor([0.0, 1e-9, 1e-6], dtype=F64)[:, None, None]
+    E = S.expmap(I, S.tangent(I, size * torch.randn(3, n, n, generator=g, dtype=F64)))
+    Y = torch.cat((-X @ E, X[:2] @ torch.stack([so_planes(n, [d], [1.0], g) for d in (2e-8, 1e-6)])))
+    X = torch.cat((X, X[:2]))
+    X, Y = X.to(dtype), Y.to(dtype)
+    tol = 1e-12 if dtype == F64 else 1e-6
+    err = (S.expmap(X, S.logmap(X, Y)) - Y).abs().amax((-2, -1))
+    assert float(err.max()) <= tol, err

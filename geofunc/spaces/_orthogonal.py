@@ -10,8 +10,10 @@ from typing import Any, ClassVar
 import torch
 
 import dataclasses
+import functools
 
 from .._errors import error
+from .._fastpath import derivative_mode
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_drifted, refine_frame, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
@@ -36,6 +38,50 @@ def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
         return None
     return 0.0 * (Zt if Bt is None else Zt + Bt)
 
+
+# Note [Group logarithms on the cut locus]: SO's logmap reads the planes with sin θ below _SO_NEAR (and cos θ < 0) from pairs
+_SO_NEAR = 0.1
+_SO_CLOSE = 1e-3  # ... except pairs whose eigenvalue of −T²/tr is this close to a neighbour's: K φ there
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    """For n eigenvectors in pairs (0, 1), (2, 3), …: each one's partner (an odd last one itself), the first
+    of its pair, ±1 (+1 for the first), the positions in ``[inf, λ₁ − λ₀, …, λₙ₋₁ − λₙ₋₂, inf]`` of the
+    gaps before and after its pair, and the identity."""
+    j = torch.arange(n, device=device)
+    partner = torch.where(j < n - n % 2, j ^ 1, j)
+    first = j - j % 2
+    sign = (1 - 2 * (j % 2)).to(dtype)
+    return partner, first, sign, first, torch.clamp(first + 2, max=n), torch.eye(n, dtype=dtype, device=device)
+
+
+def _so_log_value(Q: Tensor, KQ: Tensor, f: Tensor, near: Tensor) -> Tensor:
+    """The value of SO's log as ``Σⱼ ℓⱼ wⱼᵀ`` (skew up to rounding; Note [Group logarithms on the cut
+    locus]). Outside ``near`` (a leading block of S's eigenvectors Q, whole pairs) w = q and ℓ = φ K q
+    (``f`` = φ). On it, w are the eigenvectors of −T² (T = QᵀKQ on the block, scaled to trace 1, the other
+    coordinates moved to eigenvalue 2), in pairs (a, b): ℓ_a = θ_a b, ℓ_b = θ_b a, θ = atan2(σ, −√(1 − σ²)),
+    σ_a = bᵀKa, σ_b = −σ_a; a pair whose eigenvalue is within ``_SO_CLOSE`` of a neighbouring pair's (and
+    ‖Kw‖ > √ε) takes ℓ = θ(‖Kw‖) K w/‖Kw‖ instead. Detached."""
+    n = Q.shape[-1]
+    partner, first, sign, before, after, eye = _pair_constants(n, Q.dtype, Q.device)
+    m = near.to(Q.dtype)
+    mm = m.unsqueeze(-1) * m.unsqueeze(-2)
+    G = (transpose(KQ) @ KQ) * mm
+    tr = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1).clamp(min=torch.finfo(Q.dtype).tiny)[..., None, None]
+    lam, V = torch.linalg.eigh(sanitize(G / tr + torch.diag_embed(2.0 - 2.0 * m)))
+    U = torch.where(near.unsqueeze(-2), V, eye)  # near: the first columns, as the block's eigenvalues (≤ 1)
+    W, KW = Q @ U, KQ @ U
+    Wp = W[..., partner]
+    sw = (KW * KW).sum(dim=-2).sqrt()
+    sig = torch.cat(((Wp * KW).sum(dim=-2)[..., first] * sign, sw), dim=-1)  # σ_a = bᵀKa, σ_b = −σ_a; then ‖Kw‖
+    th = torch.atan2(sig, -torch.sqrt((1.0 - sig * sig).clamp(min=0.0)))
+    gaps = torch.nn.functional.pad(lam[..., 1:] - lam[..., :-1], (1, 1), value=torch.inf)
+    close = (torch.minimum(gaps[..., before], gaps[..., after]) <= _SO_CLOSE) & near
+    close = close & (sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5)
+    coef = torch.where(near, torch.where(close, th[..., n:] / sw, 0.0), f)
+    ell = KW * coef.unsqueeze(-2) + Wp * torch.where(close, 0.0, th[..., :n] * m).unsqueeze(-2)
+    return ell @ transpose(W)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatrixGroup(AbstractSpace):
@@ -162,8 +208,23 @@ class MatrixGroup(AbstractSpace):
         #   cluster more.
         # * SO (τ = √u): σ = bᵀKa on consecutive pairs (a, b) of the cluster's eigenvectors (ascending
         #   eigenvalues put them first, two per plane), the log θ (baᵀ − abᵀ); an unpaired one keeps φ.
-        #   Exact where one plane is near the cut; several planes there are mixed, at most their δ < √u off.
-        #   (SO planes at different δ in u^⅓ > δ > √u still take K φ(S), mixed as above.)
+        #   That is the form whose derivatives are taken. Its value was still off: two planes at different δ
+        #   below 1e-4 share an eigenspace of S to ~u/δ², and K φ(S) (φ ~ π/δ) or the cut pairs mixed them
+        #   (round trips 1e-8 to 1e-3 off in float64; 1.5 in float32, whose rounding leaves each such plane
+        #   ~1e-7 from π; 0.5 at −X·E in SO(64)); even one plane at δ beside a generic one lost ~πu/δ
+        #   (1.4e-8 at δ = 2e-8). So the value is read otherwise (_so_log_value; with derivatives, as value
+        #   + (form − its detached copy), so these are the form's as before): the leading pairs of S's
+        #   eigenvectors with c < 0 and sin θ ≤ 0.1 (the near block; the rest keep K φ(S), off by ≤ πu/0.1)
+        #   are re-resolved by the eigenvectors of −T² on the block (T = QᵀKQ, scaled to trace 1: planes
+        #   apart in σ² by more than ~u tr are told apart, where S needed 2u), and each plane's log is
+        #   θ(baᵀ − abᵀ), exact for any orthonormal pair of an invariant plane. A pair whose eigenvalue is
+        #   within 1e-3 of a neighbour's (planes at nearly one σ, whose pairs need not be invariant: θ baᵀ was
+        #   up to σ off) takes θ/‖Kw‖ K wwᵀ (mixing there costs ~πu), which keeps K φ's ~πu/δ where planes
+        #   are at exactly one δ (1e-9 at δ = 1e-8, 4e-12 at 1e-4, as before). Round trips of planes at
+        #   different δ: ~u (float32 inputs: their rounding); ‖log‖ = dist to ~u. Cost: one more eigh, of a
+        #   matrix diagonal off the block (a quarter of a dense one at 64×64, LAPACK skipping the zero
+        #   columns), three n×n products; φ's value is read as atan2(s, c)/s without the series and its
+        #   derivatives where nothing differentiates (1.00× at 64×64, 0.78× at 8×8, CPU time).
         # At −1 itself σ is ±rounding and θ = ±π: one of the minimal logs, with expmap(X, logmap(X, Y)) = Y.
         # σ carries the derivative of the angles (the eigenvectors' is not taken: at the cut the log has
         # none, and within τ of it its direction's is ~1/δ).
@@ -174,24 +235,33 @@ class MatrixGroup(AbstractSpace):
         K0 = K.detach()
         cplx = R.is_complex()
         tol = torch.finfo(R.real.dtype).eps ** (1.0 / 3.0 if cplx else 0.5)
-        held: list[tuple[Tensor, Tensor]] = []
+        value_only = not cplx and derivative_mode(R) == "none"
+        held: list[tuple[Tensor, ...]] = []
 
         def phi(lam: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            s = torch.linalg.vector_norm(K0 @ Q, dim=-2)
+            KQ = K0 @ Q
+            s = torch.linalg.vector_norm(KQ, dim=-2)
             cut = (s <= tol) & (lam < 0)
-            if not cplx:  # both of a pair, (0, 1), (2, 3), ...
-                p = Q.shape[-1] // 2
-                w = cut[..., 0:2 * p:2] & cut[..., 1:2 * p:2]
-                odd = torch.zeros_like(cut[..., :1])  # (before cut is re-made: empty for n = 1 after)
-                cut = torch.stack((w, w), dim=-1).flatten(-2)
-                if Q.shape[-1] % 2:
-                    cut = torch.cat((cut, odd), dim=-1)
-            held.append((Q.detach(), cut.detach()))
-            return theta_over_sin_cs(lam, s, cut)
+            if cplx:
+                held.append((Q.detach(), cut.detach()))
+                return theta_over_sin_cs(lam, s, cut)
+            partner = _pair_constants(Q.shape[-1], Q.dtype, Q.device)[0]
+            cut = cut & cut[..., partner]  # both of a pair (an odd last one has λ = 1)
+            near = (s <= _SO_NEAR) & (lam < 0)  # whole pairs, up to the first that is not (the nearest come first)
+            near = torch.cumprod((near & near[..., partner]).to(Q.dtype), dim=-1) > 0.5
+            # φ's value for _so_log_value (away from the near pairs): θ/sin θ = atan2(s, c)/s, 1 at s = 0
+            f = torch.where(s > 0.0, torch.atan2(s, lam) / torch.where(s > 0.0, s, 1.0), 1.0)
+            held.append((Q.detach(), cut.detach(), KQ.detach(), near, torch.where(cut, 0.0, f).detach()))
+            return theta_over_sin_cs(lam, s, cut) if not value_only else (f, f, f)
 
+        if value_only:  # nothing differentiates: the value alone (one product for both parts)
+            S0 = sym_part(R)
+            phi(*torch.linalg.eigh(sanitize(S0)))
+            Q, _, KQ, near, f = held[0]
+            return (Xw @ (skew_part(_so_log_value(Q, KQ, f, near)) + poison(S0))).to(X.dtype)
         P = spectral_eigh(sym_part(R), phi)
-        Q, cut = held[0]
         if cplx:  # −iK on the cluster, the rest of Q's coordinates moved to eigenvalue 2 (|σ| ≤ τ there)
+            Q, cut = held[0]
             m = cut.to(R.real.dtype)
             H = (transpose(Q) @ (-1j * K0) @ Q) * (m.unsqueeze(-1) * m.unsqueeze(-2)).to(R.dtype)
             H = 0.5 * (H + transpose(H)) + torch.diag_embed((2.0 * (1.0 - m)).to(R.dtype))
@@ -201,13 +271,16 @@ class MatrixGroup(AbstractSpace):
             sig = (W.conj() * (K @ W)).sum(dim=-2).imag * inn
             th = torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * inn
             C = 1j * ((W * th.unsqueeze(-2).to(W.dtype)) @ transpose(W))
-        else:
-            p = Q.shape[-1] // 2
-            A, B, w = Q[..., 0:2 * p:2], Q[..., 1:2 * p:2], cut[..., 0:2 * p:2]
-            sig = (B * (K @ A)).sum(dim=-2) * w
-            Bt = B * (torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * w).unsqueeze(-2)
-            C = Bt @ transpose(A) - A @ transpose(Bt)
-        return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
+            return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
+        Q, cut, KQ, near, f = held[0]
+        p = Q.shape[-1] // 2
+        A, B, w = Q[..., 0:2 * p:2], Q[..., 1:2 * p:2], cut[..., 0:2 * p:2]
+        sig = (B * (K @ A)).sum(dim=-2) * w
+        Bt = B * (torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * w).unsqueeze(-2)
+        C = Bt @ transpose(A) - A @ transpose(Bt)
+        L = skew_part(K @ P) + C
+        # the value as where nothing differentiates; the derivatives of K φ(S) + C, as before
+        return (Xw @ (L + (skew_part(_so_log_value(Q, KQ, f, near)) - L.detach()))).to(X.dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
