@@ -696,3 +696,28 @@ def test_unitary_of_a_lazily_conjugated_raw_tensor_under_vmap() -> None:
     torch.testing.assert_close(vmap(M.to_manifold)(Z), M.to_manifold(Zr), atol=1e-12, rtol=0)
     f = grad(lambda z: (c.conj() * M.to_manifold(z)).real.sum())
     torch.testing.assert_close(vmap(f)(Z), vmap(f)(Zr), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.complex128, 1e-12), (torch.complex64, 1e-5)])
+def test_complex_tall_chart_full_and_reduced_forms_agree(dtype, atol) -> None:
+    """A user callable ``triv`` gets the full generator W = B − Bᴴ, whose ½·i·Im diag(YᴴZ) on each side sums
+    to Ω's imaginary diagonal; ``triv="expm"`` on a 6×2 frame builds Ω in the reduced 2k×2k form. Dropping the
+    ½, or the diagonal, moved the full form's point 0.14 from the reduced one's, silently."""
+    g = torch.Generator().manual_seed(0)
+    base = gf.Stiefel().sample((6, 2), generator=g, dtype=dtype)
+    Z = 0.3 * torch.randn(6, 2, generator=g, dtype=dtype)
+    reduced = gf.Stiefel(triv="expm").to_manifold(Z, base)
+    full = gf.Stiefel(triv=torch.linalg.matrix_exp).to_manifold(Z, base)
+    torch.testing.assert_close(full, reduced, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_hermitian_chart_of_a_complex_raw_tensor_is_hermitian(lower) -> None:
+    """Hermitian's chart reads ``diagonal(Z.real)``: a raw tensor's imaginary diagonal is no coordinate (read
+    as ``diagonal(Z)`` it was kept, and the point was not Hermitian)."""
+    Z = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=C128)
+    H = gf.Hermitian(lower=lower)
+    X = H.to_manifold(Z)
+    torch.testing.assert_close(X, X.mH, atol=0.0, rtol=0.0)
+    torch.testing.assert_close(X.diagonal(dim1=-2, dim2=-1), Z.real.diagonal(dim1=-2, dim2=-1).to(C128), atol=0.0, rtol=0.0)
+    assert bool(H.contains(X).all())

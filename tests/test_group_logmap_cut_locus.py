@@ -151,3 +151,56 @@ def test_so_logmap_near_an_antipodal_point(dtype, n):
     tol = 1e-12 if dtype == F64 else 1e-6
     err = (S.expmap(X, S.logmap(X, Y)) - Y).abs().amax((-2, -1))
     assert float(err.max()) <= tol, err
+
+
+def _plane_rotation(Q, angle):
+    B = torch.eye(Q.shape[-1], dtype=F64)
+    B[:2, :2] = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]], dtype=F64)
+    return Q @ B @ Q.mT
+
+
+@pytest.mark.parametrize("n", [3, 4])
+@pytest.mark.parametrize("delta", [1e-6, 3e-6, 1e-4])
+def test_so_logmap_derivative_just_outside_the_cut_cluster(n, delta):
+    """SO's cut cluster is ‖K q‖ ≤ √u: only there is the eigenvectors' derivative left out. Just outside it
+    (angle π − δ, δ of 1e-6 to 3e-6 in float64) logmap's derivative is K φ(S)'s; a cluster as wide as
+    Unitary's u^⅓ left it 87% off. Reference: the Fréchet derivative of scipy's logm by the block identity
+    logm([[R, E], [0, R]]) = [[log R, L(R, E)], [0, log R]]."""
+    import numpy as np
+    import scipy.linalg
+
+    g = torch.Generator().manual_seed(n)
+    S = gf.SO()
+    X, Q = S.sample((n, n), generator=g, dtype=F64), S.sample((n, n), generator=g, dtype=F64)
+    Y = X @ _plane_rotation(Q, math.pi - delta)
+    W = S.tangent(Y, torch.randn(n, n, generator=g, dtype=F64))
+    _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (Y,), (W,))
+    R, E = (X.mT @ Y).numpy(), (X.mT @ W).numpy()
+    D = scipy.linalg.logm(np.block([[R, E], [np.zeros_like(R), R]]))[:n, n:]
+    ref = X @ torch.from_numpy(np.ascontiguousarray(np.real(D)))
+    err = float((jv - ref).abs().max() / ref.abs().max())
+    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("delta", [0.0, 1e-9])
+def test_logmap_derivative_of_the_angles_at_and_near_the_cut(delta):
+    """In the cut cluster the signed sine σ is read from K, not K.detach(): it carries the angles' derivative.
+    Along Y·Ω with Ω = Q diag(i a) Qᴴ (U) or Q J Qᵀ (SO), which moves the angles and not the eigenvectors,
+    logmap's derivative is exactly X Ω; with σ from the detached K the Unitary one was 0.4 off."""
+    g = torch.Generator().manual_seed(3)
+    U = gf.Unitary()
+    X, Q = U.sample((3, 3), generator=g, dtype=C128), U.sample((3, 3), generator=g, dtype=C128)
+    th = torch.tensor([math.pi - delta, 0.3, -1.0], dtype=F64)
+    a = torch.tensor([0.7, -0.2, 0.4], dtype=F64)
+    Y = X @ Q @ torch.diag(torch.polar(torch.ones_like(th), th)) @ Q.mH
+    Om = Q @ torch.diag(1j * a.to(C128)) @ Q.mH
+    _, jv = torch.func.jvp(lambda y: U.logmap(X, y), (Y,), (Y @ Om,))
+    torch.testing.assert_close(jv, X @ Om, atol=1e-12, rtol=0)
+    S = gf.SO()
+    X, Q = S.sample((3, 3), generator=g, dtype=F64), S.sample((3, 3), generator=g, dtype=F64)
+    J = torch.zeros(3, 3, dtype=F64)
+    J[1, 0], J[0, 1] = 1.0, -1.0
+    Y = X @ _plane_rotation(Q, math.pi - delta)
+    Om = Q @ J @ Q.mT
+    _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (Y,), (Y @ Om,))
+    torch.testing.assert_close(jv, X @ Om, atol=1e-12, rtol=0)

@@ -34,3 +34,14 @@ def test_abscissa_second_derivative_finite_at_ties_and_tiny_inputs(dtype, scale)
     for Y in (torch.zeros(3, 3, dtype=dtype), scale * torch.eye(3, dtype=dtype),
               scale * torch.diag(torch.tensor([1.0, 0.5, 0.2])).to(dtype)):
         assert jvp(grad(f), (Y,), (D,))[1].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype, scale", [(F32, 1e-40), (F64, 1e-308)])
+def test_abscissa_derivatives_finite_at_subnormal_eigenvalues(dtype, scale):
+    """The pair terms are dropped below the floor tiny^¼ of max|λ|: without it (√ε·max|λ| alone, which
+    underflows at subnormal eigenvalues) 1/gap overflowed and even the first derivative was non-finite."""
+    D = torch.randn(3, 3, generator=torch.Generator().manual_seed(1), dtype=F64).to(dtype)
+    Y = scale * torch.diag(torch.tensor([1.0, 0.5, 0.2], dtype=F64)).to(dtype)
+    assert float(Y[2, 2]) != 0.0  # subnormal, not flushed
+    g, h = jvp(grad(lambda Y: _abscissa(Y).sum()), (Y,), (D,))
+    assert bool(g.isfinite().all()) and bool(h.isfinite().all())

@@ -1381,3 +1381,19 @@ def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps(
     assert abs(got - want) <= 1e-5 * want, (got, want)
     true = 2 / math.sqrt(c) * math.atanh(math.sqrt(1 - gap))
     assert abs((true - got) - math.log(eps / gap) / math.sqrt(c)) <= 1e-3, (true, got)
+
+
+def test_mobius_scalar_mul_broadcasting_batch_shapes_are_taken():
+    """Only geoopt's ``(*batch, 1)`` (as many dims as ``x``, last 1) is refused: an ``r`` of as many dims whose
+    last is not 1, or of more dims than ``x``, broadcasts with the batch shape."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 * torch.randn(3, 4, generator=g, dtype=F64)
+    r = torch.randn(2, 3, generator=g, dtype=F64)
+    out = hyp.mobius_scalar_mul(r, x)
+    assert out.shape == (2, 3, 4)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(out[i, j], hyp.mobius_scalar_mul(float(r[i, j]), x[j]), atol=TIGHT, rtol=0)
+    out = hyp.mobius_scalar_mul(torch.tensor([[0.5], [-2.0]], dtype=F64), x[0])
+    assert out.shape == (2, 1, 4)
+    torch.testing.assert_close(out[1, 0], hyp.mobius_scalar_mul(-2.0, x[0]), atol=TIGHT, rtol=0)

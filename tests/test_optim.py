@@ -1748,3 +1748,32 @@ def test_a_momentum_tensor_at_zero_has_the_rules_derivative(nesterov):
     at = lambda m: run(torch.tensor(m, dtype=F64, requires_grad=True)).detach()  # noqa: E731
     fd = (at(h) - at(-h)) / (2 * h)
     torch.testing.assert_close(d, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_nesterov_momentum_under_a_dispatch_mode_is_not_read():
+    """Note [Values known at construction]: no value is read while a dispatch mode is active (the tensor may be
+    a mode's own, or reading it a data-dependent op there), so momentum=torch.tensor(0.) with nesterov builds
+    inside a mode, and is refused outside it, as torch.optim.SGD refuses it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    mu = torch.tensor(0.0, dtype=F64)
+    with Passthrough():
+        gf.optim.rsgd({}, lr=0.1, momentum=mu, nesterov=True)
+    with pytest.raises(gf.ManifoldError, match="nesterov=True"):
+        gf.optim.rsgd({}, lr=0.1, momentum=mu, nesterov=True)
+
+
+def test_nesterov_momentum_of_a_subclass_or_meta_tensor_is_not_read():
+    """Note [Values known at construction]: only a plain CPU tensor's value is read. A tensor subclass's (a
+    fake, a DTensor, a user's wrapper) and a meta or accelerator tensor's are left to the caller: a meta
+    momentum raised torch's "Tensor.item() cannot be called on meta tensors" when read."""
+
+    class Wrapped(torch.Tensor):
+        pass
+
+    for mu in (torch.tensor(0.0, dtype=F64).as_subclass(Wrapped), torch.tensor(0.0, dtype=F64, device="meta")):
+        gf.optim.rsgd({}, lr=0.1, momentum=mu, nesterov=True)

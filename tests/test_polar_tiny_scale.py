@@ -46,3 +46,18 @@ def test_small_but_not_tiny_scales_keep_the_relative_tolerance():
     c = 1e-8
     Gc = grad(lambda y: (W.float() * M.project(y)).sum())((c * Y).float())
     torch.testing.assert_close(c * Gc.double(), G1, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("name", ["polar", "Stiefel.project"])
+def test_polar_gradient_at_zero_is_of_the_order_of_one_over_sqrt_eps(dtype, name):
+    """At A = 0 the tolerance is √ε (relative_tie_tol), so the clamped derivative is ~1/√ε; the √ε·tiny^¼ of
+    spectral_tie_tol there made it ~1e13 (float32), ~1e85 (float64)."""
+    from geofunc._linalg import polar
+
+    f = polar if name == "polar" else gf.Stiefel().project
+    c = torch.randn(6, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    A = torch.zeros(6, 3, dtype=dtype, requires_grad=True)
+    (G,) = torch.autograd.grad((c * f(A)).sum(), A)
+    bound = 10.0 * float(c.abs().max()) / torch.finfo(dtype).eps ** 0.5
+    assert bool(torch.isfinite(G).all()) and float(G.abs().max()) <= bound

@@ -185,3 +185,20 @@ def test_unit_scale_derivatives_unchanged():
     Y = 2.0 * torch.eye(3, dtype=F64)
     D = torch.randn(3, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
     torch.testing.assert_close(jvp(M.project, (Y,), (D,))[1], D, rtol=1e-12, atol=1e-12)
+
+
+def test_lowrank_project_derivative_at_a_gap_of_three_sqrt_eps():
+    """A gap of at least √ε·s₁ is a divided difference: LowRank(2)'s kink between s₂ and s₃ at s₂ − s₃ =
+    3√ε·s₁ (float64) has a derivative ~1e7; a tolerance 10× larger took the pair as tied (slope ½)."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    V, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=F64))
+    gap = 3.0 * math.sqrt(torch.finfo(F64).eps)
+    Y = U @ torch.diag(torch.tensor([1.0, 0.5, 0.5 - gap, 0.2], dtype=F64)) @ V.mT
+    W = torch.randn(4, 4, generator=g, dtype=F64)
+    M = gf.LowRank(2)
+    _, dP = jvp(M.project, (Y,), (W,))
+    h = 1e-6 * gap  # smooth within the gap: central differences far inside it
+    fd = (M.project(Y + h * W) - M.project(Y - h * W)) / (2 * h)
+    assert float(fd.abs().max()) > 1e6
+    torch.testing.assert_close(dP, fd, rtol=0, atol=1e-2 * float(fd.abs().max()))

@@ -1635,3 +1635,13 @@ def test_a_copy_leaves_the_instance_hooks_behind_as_torch_optim_does(generator):
     x, y = _data(generator)
     _train(net, opt, x, y, 1)
     assert calls == [opt]
+
+
+def test_a_bool_or_complex_clip_tensor_is_refused():
+    """``clip_by_global_norm`` as a tensor must be real (not bool, not complex: ``real_dtype``) and > 0: a bool
+    True was read as max_norm 1 and clipped every step, silently."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    for clip in (torch.tensor(True), torch.tensor(1.0 + 0j)):
+        with pytest.raises(gf.ManifoldError, match="clip_by_global_norm"):
+            gf.optim.TorchOptimizer([("p", p)], {}, gf.optim.rsgd, lr=0.1, clip_by_global_norm=clip)
+    gf.optim.TorchOptimizer([("p", p)], {}, gf.optim.rsgd, lr=0.1, clip_by_global_norm=torch.tensor(1.0))
