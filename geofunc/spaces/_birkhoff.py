@@ -206,13 +206,22 @@ def fisher_project(P: Tensor, W: Tensor, solve: Any = solve_vec) -> Tensor:
 # float32 equals float64 within 1e-3·‖R₆₄‖_X + 1e-8·‖X ⊙ G‖_X (the second term where the stored
 # point is only doubly stochastic to its rounding, and its true R is ~0); float64 equals a
 # 90-digit reference within 6e-13·(‖R‖_X + ε₃₂‖X ⊙ G‖_X) (600 points, n ≤ 10); no NaN. Cost: ~1.8×
-# fisher_project's on the CPU (n = 8, 64); the Sinkhorn derivative still uses fisher_project. What remains is the LU's: a
-# cut of weight below ~ε·deg is resolved only to ε·deg/weight (a GTH-style elimination would not).
-def fisher_gradient(X: Tensor, G: Tensor) -> Tensor:
+# fisher_project's on the CPU (n = 8, 64). What remains is the LU's: a cut of weight below ~ε·deg is
+# resolved only to ε·deg/weight (a GTH-style elimination would not).
+# The Sinkhorn derivative (_Sinkhorn's backward and jvp, _SinkhornCompiled's backward) is this map
+# too, Π_P(P ⊙ G). Through fisher_project, whose + εI shift and cancellation are errors of ε relative
+# to eigenvalues of I − PᵀP that are ~1e-12 next to a face, its first derivative was 6e-8 off
+# (relative) and its second derivatives, which differentiate the solve once more, 0.5–16% off, with
+# a Hessian asymmetric by 4e-3: jvp(grad) through retract at step ratio |V/X| = 72 (float64, 3 of
+# 12 seeds) disagreed with finite differences of grad at every step size. Both maps are the same
+# formula on the space, and the derivatives of P that reach them are tangent (zero marginals), so
+# the derivatives of every order are the same in exact arithmetic; fisher_gradient's are accurate
+# (tests/test_birkhoff.py, test_second_derivatives_next_to_a_face_equal_finite_differences).
+def fisher_gradient(X: Tensor, G: Tensor, solve: Any = solve_vec) -> Tensor:
     """``Π_X(X ⊙ G)``: the Fisher projection of ``X ⊙ G`` onto the tangent space, computed without
     cancellation near the vertices (Note [the Fisher gradient near a vertex]); in exact arithmetic it
     equals :func:`fisher_project` ``(X, X ⊙ G)`` on the space, and for any positive ``X`` it is the
-    projection orthogonal in ``Σ UV/X`` onto zero row and column sums."""
+    projection orthogonal in ``Σ UV/X`` onto zero row and column sums. ``solve`` as in :func:`fisher_project`."""
     n = X.shape[-1]
     eps, tiny = torch.finfo(X.dtype).eps, torch.finfo(X.dtype).tiny
     Q = X / X.sum(-1, keepdim=True)
@@ -223,7 +232,7 @@ def fisher_gradient(X: Tensor, G: Tensor) -> Tensor:
     A = (Q.mT @ X).masked_fill(torch.eye(n, dtype=torch.bool, device=X.device), 0.0)
     deg = A.sum(-1)
     pin = deg.amax(-1, keepdim=True) * (torch.arange(n, device=X.device) == deg.argmax(-1, keepdim=True))
-    beta = solve_vec(torch.diag_embed(deg + (eps * deg).clamp(min=tiny) + pin) - A, b).unsqueeze(-2)
+    beta = solve(torch.diag_embed(deg + (eps * deg).clamp(min=tiny) + pin) - A, b).unsqueeze(-2)
     R = X * (Gc + Q @ beta.mT - beta)  # X ⊙ (G − α1ᵀ − 1βᵀ), α = μ − Qβ
     return R - dom * R.sum(-1, keepdim=True)  # the dominant entry: −(the others)
 
@@ -258,7 +267,7 @@ class _SinkhornCompiled(torch.autograd.Function):
         # is LU's, as in eager mode: inside torch.compile solve_vec takes the inverse, whose float32
         # projection next to a vertex was 4e-4 to 8e-2 off (relative) where eager's was 1e-6.
         (P,) = ctx.saved_tensors
-        return fisher_project(P, P * G, solve=lu_solve_vec)
+        return fisher_gradient(P, G, solve=lu_solve_vec)
 
 
 class _Sinkhorn(torch.autograd.Function):
@@ -266,7 +275,7 @@ class _Sinkhorn(torch.autograd.Function):
 
     At the fixed point ``P = diag(a) exp(L) diag(b)`` with unit marginals, ``dP = P ⊙ (dL + da/a 1ᵀ +
     1 db/bᵀ)`` must have zero marginals, hence ``dP = Π_P(P ⊙ dL)`` with ``Π_P`` the Fisher
-    projection (:func:`fisher_project`). That map is self-adjoint for the Euclidean inner
+    projection (:func:`fisher_gradient`, accurate next to a face). That map is self-adjoint for the Euclidean inner
     product, so the vector-Jacobian and Jacobian-vector products are the same formula; it is
     written with differentiable ops of the saved output ``P``, so higher derivatives
     (``hessian``, ``jacfwd(jacrev)``, double backward) are exact too. ``generate_vmap_rule``
@@ -288,12 +297,12 @@ class _Sinkhorn(torch.autograd.Function):
     @backward_without_autocast
     def backward(ctx: Any, G: Tensor) -> Tensor:  # type: ignore[override]
         (P,) = ctx.saved_tensors
-        return fisher_project(P, P * G)
+        return fisher_gradient(P, G)
 
     @staticmethod
     def jvp(ctx: Any, dL: Tensor) -> Tensor:  # type: ignore[override]
         (P,) = ctx.saved_tensors
-        return fisher_project(P, P * dL)
+        return fisher_gradient(P, dL)
 
 
 def _sinkhorn_ops(L: Tensor) -> Tensor:
