@@ -65,6 +65,25 @@ def test_any_raw_scale_gives_exact_marginals(dtype, generator):
         assert float(_marginal_error(P).max()) <= MARGINAL[dtype], scale
 
 
+def test_balancing_at_raw_scale_100_reaches_the_limit():
+    """Regression (Note [Sinkhorn with a fixed step count], the Levenberg–Marquardt shift): at raw scale
+    ~50 and up the Newton solve was singular in every round, only sweeps ran, and the rounding step made
+    another doubly stochastic matrix of the unbalanced one: to_manifold of the 3×3 Z below was
+    [[.25, .5, .25], [.25, .5, .25], [.5, 0, .5]], 0.75 off its Sinkhorn limit (~ the anti-diagonal
+    permutation), with exact marginals and no error. Checked by Sinkhorn's theorem: log P − Z has the
+    additive structure u1ᵀ + 1vᵀ on the entries that hold the mass."""
+    Z = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    P = B.to_manifold(Z)
+    torch.testing.assert_close(P, torch.eye(3, dtype=F64).flip(-1), atol=1e-6, rtol=0)
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 8):
+        Z = 100.0 * torch.randn(64, n, n, generator=g, dtype=F64)
+        P = B.to_manifold(Z)
+        assert float(_marginal_error(P).max()) <= MARGINAL[F64]
+        # the limit's mass sits on entries ≥ 1e-4; the structure error there is ~0 at the limit
+        assert float((_structure_error(P, Z) / (1 + Z.abs().amax((-2, -1)))).max()) <= 1e-6, n
+
+
 def test_two_by_two_closed_form():
     # S([[p, q], [r, s]]) = [[a, 1 − a], [1 − a, a]] with a/(1 − a) = √(ps/(qr)).
     for eps in (1e-2, 1e-6, 1e-12):
