@@ -294,6 +294,15 @@ def _row_sharded(self: Any, name: str, dts: list, args: tuple, kwargs: dict) -> 
     return _ROW_SHARDED[name]
 
 
+# Note [Checks inside a map on DTensors]
+# The local route maps each rank's own points, so a map that checks values and raises (Hurwitz's
+# _from_manifold: its eager certificate and round-trip checks, beyond the measures check gathers) raised
+# on the rank holding the bad point only: a batch of 4 sharded on 2 ranks whose point 3 passes check but
+# has no numerically positive definite certificate (diag(-1, 0, -2)) raised on rank 1 while rank 0
+# returned its shard's raw tensors and went on to its next collective, to wait there until the timeout
+# (the plain call refuses the batch). A space names such maps in ``_gathered_maps``; a DTensor takes the
+# gathered route for them (one all-gather; from_manifold and rebase are rare: a start, an update_base),
+# every rank checks the whole batch and raises the same error.
 def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
     """Call the space map ``fn`` on DTensor arguments by the routes of Note [DTensor]."""
     dts = _dtensor_args(args, kwargs)
@@ -309,7 +318,7 @@ def route(fn: Callable[..., Any], self: Any, args: tuple, kwargs: dict) -> Any:
         with torch.autocast(lead.device.type, enabled=False):
             out = rows(self, gram, *(t.to_local() for t in args))
         return _from_local(out, lead)
-    if _local_route(dts, args, kwargs, self.point_ndim):
+    if _local_route(dts, args, kwargs, self.point_ndim) and fn.__name__ not in getattr(self, "_gathered_maps", ()):
         unwrap = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
         out = fn(self, *optree.tree_map(unwrap, args, none_is_leaf=True),
                  **optree.tree_map(unwrap, kwargs, none_is_leaf=True))

@@ -451,6 +451,27 @@ def _ancestor_sharded() -> dict:
     return {"refused": refused, "unchanged": torch.equal(before, after), "plain": not gnn.is_constrained(model[0])}
 
 
+def _hurwitz_checks_inside_from_manifold() -> dict:
+    """``Hurwitz.from_manifold`` of a batch-sharded DTensor whose point 3 (rank 1's) passes ``check``
+    but has no numerically positive definite certificate: only rank 1 raised (Note [Checks inside a map on
+    DTensors])."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    M, mesh = gf.Hurwitz(), _cpu_mesh()
+    X = -torch.eye(3, dtype=torch.float64).repeat(4, 1, 1)
+    good = distribute_tensor(X, mesh, [Shard(0)], src_data_rank=None)
+    Z, base = M.from_manifold(good)
+    X[3] = torch.diag(torch.tensor([-1.0, 0.0, -2.0], dtype=torch.float64))
+    d = distribute_tensor(X, mesh, [Shard(0)], src_data_rank=None)
+    out = {"contains": bool(M.contains(d).full_tensor().all()),
+           "round trip": float((M.to_manifold(Z, base).full_tensor() - good.full_tensor()).abs().max())}
+    try:
+        M.from_manifold(d)
+        out["from_manifold"] = None
+    except gf.ManifoldError as e:
+        out["from_manifold"] = str(e)
+    return out
+
 def _sample_dtensors(rank: int) -> dict:
     """``gf.sample`` of a sharded and a replicated entry, each rank's global generator seeded
     differently: it returned plain tensors of the full shape, another point on each rank."""
@@ -476,6 +497,7 @@ def worker(rank: int, world: int, outdir: str) -> None:
         "pure": {k: _pure_maps(*v) for k, v in PURE.items()},
         "optimizers": _optimizers_on_dtensors(),
         "replicated results, Partial": _replicated_results_and_partial(),
+        "hurwitz checks": _hurwitz_checks_inside_from_manifold(),
     }
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
@@ -688,3 +710,17 @@ def test_replicated_results_and_partial_dtensors(results):
             assert isinstance(o, dict), (name, o)
             assert o["placements"] == "(Replicate(),)", (name, o)
             assert o["error"] <= 1e-6 and o["grad error"] <= 1e-5, (name, o)
+
+
+def test_hurwitz_checks_inside_from_manifold_raise_on_every_rank(results):
+    """A point that passes ``check`` but not Hurwitz's eager certificate, held by rank 1: every rank raises the
+    plain call's ManifoldError (rank 0 returned and went on); a good batch still maps back."""
+    M = gf.Hurwitz()
+    X = -torch.eye(3, dtype=torch.float64).repeat(4, 1, 1)
+    X[3] = torch.diag(torch.tensor([-1.0, 0.0, -2.0], dtype=torch.float64))
+    with pytest.raises(gf.ManifoldError) as plain:
+        M.from_manifold(X)
+    for r in results:
+        out = r["hurwitz checks"]
+        assert out["contains"] and out["round trip"] <= 1e-12, out
+        assert out["from_manifold"] == str(plain.value), out

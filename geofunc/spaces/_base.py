@@ -572,6 +572,10 @@ class AbstractSpace(_Space, abc.ABC):
     #: second-order terms plain autograd builds only for a second derivative (Note [Lazy second-order
     #: terms], ``geofunc/_fastpath.py``), e.g. ``("tangent", "retract", "project")``.
     _one_node_maps: ClassVar[tuple[str, ...]] = ()
+    #: Maps whose eager checks read values beyond the measures of ``check`` (and may raise): a batch-sharded
+    #: DTensor takes the gathered route for them, so that every rank checks the whole batch and raises alike
+    #: (Note [Checks inside a map on DTensors], ``geofunc/_dtensor.py``).
+    _gathered_maps: ClassVar[frozenset[str]] = frozenset()
 
     #: What a base of this space is, for :meth:`_refine_base`: ``"frames"`` (every base tensor an
     #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or
