@@ -485,9 +485,24 @@ def _sample_dtensors(rank: int) -> dict:
     return {k: (type(v).__name__, str(getattr(v, "placements", None)), _full(v).clone()) for k, v in out.items()}
 
 
+def _hurwitz_check_message() -> dict:
+    """``Hurwitz.check`` of a batch-sharded DTensor whose point 3 (rank 1's) is off the space: the message's
+    largest eigenvalue real part was computed on the DTensor (rank 0 named its own points' -1e-5 for the bad
+    point's 5, rank 1 raised torch's sharding error for nonzero)."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    X = -torch.eye(3, dtype=torch.float64).repeat(4, 1, 1)
+    X[3] = torch.diag(torch.tensor([-1.0, 5.0, -2.0], dtype=torch.float64))
+    try:
+        gf.Hurwitz().check(distribute_tensor(X, _cpu_mesh(), [Shard(0)], src_data_rank=None))
+    except Exception as e:  # noqa: BLE001  (reported to the test)
+        return {"type": type(e).__name__, "message": str(e)}
+    return {"type": None, "message": ""}
+
 def worker(rank: int, world: int, outdir: str) -> None:
     results = {
         "sample": _sample_dtensors(rank),
+        "hurwitz check": _hurwitz_check_message(),
         "ancestor sharded": _ancestor_sharded(),
         "constrain, shard": _scenario("constrain, shard", rank, os.path.join(outdir, "checkpoint-2")),
         "1 → 2": _load_scenario(os.path.join(outdir, "checkpoint-1")),
@@ -676,6 +691,15 @@ def test_sample_of_dtensor_entries(results):
             assert torch.equal(r["sample"][k][2], results[0]["sample"][k][2]), k
     assert member(gf.Stiefel(), results[0]["sample"]["w"][2]) and member(gf.Sphere(), results[0]["sample"]["s"][2])
 
+
+def test_hurwitz_check_of_a_dtensor_names_the_bad_points_eigenvalue(results):
+    """Every rank raises the plain check's ManifoldError, naming the first bad point's eigenvalue (5)."""
+    X = -torch.eye(3, dtype=torch.float64).repeat(4, 1, 1)
+    X[3] = torch.diag(torch.tensor([-1.0, 5.0, -2.0], dtype=torch.float64))
+    with pytest.raises(gf.ManifoldError) as plain:
+        gf.Hurwitz().check(X)
+    for r in results:
+        assert r["hurwitz check"] == {"type": "ManifoldError", "message": str(plain.value)}, r["hurwitz check"]
 
 def test_riemannian_optimizers_on_dtensors(results):
     """rsgd and radam (also with a schedule, radamw, a clip and apply_if_finite; radam on the affine-invariant

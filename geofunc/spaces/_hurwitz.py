@@ -9,6 +9,7 @@ from typing import Any, ClassVar, final
 import torch
 import torch.nn.functional as F
 
+from .._dtensor import gather
 from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
 from .._fastpath import add_second_order, derivative_mode
@@ -366,6 +367,10 @@ class Hurwitz(AbstractSpace):
         except ManifoldError as e:
             if shapes_only(X):  # no values to name an eigenvalue by
                 raise
+            # A DTensor is gathered, as its measures were (every rank is here): the eigenvalues of a batch-sharded
+            # one named rank 0's own largest (-1e-5 for a first bad point's 5) and raised torch's sharding error
+            # for nonzero on rank 1 (Note [DTensor] in geofunc/_dtensor.py)
+            X = gather(X)
             Xs = sanitize(X.detach())
             Xs = Xs.float() if Xs.dtype in LOW_PRECISION else Xs
             a = torch.linalg.eigvals(Xs).real.amax(-1)
