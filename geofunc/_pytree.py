@@ -47,7 +47,9 @@ joined by ``"."``: the ``named_parameters()`` name for a flat dict) to its base,
 only entries whose space returned a base (``None`` bases are left out, as are
 unconstrained entries). It therefore has no ``None`` leaves, so ``torch.func.vmap(f,
 in_dims=0)`` over ``(raw, bases)`` of stacked models works without an ``in_dims`` tree,
-and it comes back out of ``vmap`` unchanged in form. ``bases=None`` means every base is
+and it comes back out of ``vmap`` unchanged in form. A :class:`~geofunc.Product` entry's base
+is the tuple of its factors' bases with ``()`` where a factor has none (``Rn``, ``Sym``, ...),
+for the same reason (Note [Bases of products without None]). ``bases=None`` means every base is
 canonical.
 """
 
@@ -693,6 +695,32 @@ def sample(constraints: Constraints, params: PyTree, *, generator: torch.Generat
     return _map(constraints, draw, params, check="X")
 
 
+# Note [Bases of products without None]
+# `bases` leaves out the entries whose base is None so that vmap(f, in_dims=0) over (raw, bases) of stacked
+# models needs no in_dims tree (the module docstring): vmap refuses a None leaf, in its inputs (in_dims=0)
+# and in its outputs. A Product's base is the tuple of its factors' bases, None for a factor without one
+# (Rn, Sym, Skew, Hermitian, SphereEmbedded), so a Product(SO(), Rn()) entry put a None leaf in `bases`:
+# vmap(gf.from_manifold), vmap(gf.to_manifold) over the bases and vmap(gf.rebase) raised, where the same
+# factors constrained apart worked. In `bases` such a factor's base is () (a node without leaves, in
+# torch's pytree and optree; no space's base is an empty tuple), and a Product whose factors have no base
+# at all has none; the maps read () back as None, and still take None itself.
+def _stored_base(space: Any, base: Any) -> Any:
+    """``base`` as ``bases`` holds it: a Product's factors' None bases as () (Note [Bases of products without None])."""
+    if base is None or type(space) is not Product or not isinstance(base, (tuple, list)):
+        return base
+    parts = [_stored_base(M, b) for M, b in zip(space.factors, base)]
+    if all(p is None for p in parts):
+        return None
+    return tuple(() if p is None else p for p in parts)
+
+
+def _given_base(space: Any, base: Any) -> Any:
+    """``base`` as the space takes it: () for a Product's factor is None (Note [Bases of products without None])."""
+    if type(space) is not Product or not isinstance(base, (tuple, list)) or len(base) != len(space.factors):
+        return base
+    return tuple(None if isinstance(b, tuple) and not b else _given_base(M, b) for M, b in zip(space.factors, base))
+
+
 def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bases]:
     """``(raw, bases)`` with ``to_manifold(constraints, raw, bases) == params``.
 
@@ -705,6 +733,7 @@ def from_manifold(constraints: Constraints, params: PyTree) -> tuple[PyTree, Bas
 
     def inverse(e: _Entry, X: Any) -> Any:
         Z, base = e.space.from_manifold(X)
+        base = _stored_base(e.space, base)
         if base is not None:
             bases[e.name] = base
         return Z
@@ -724,7 +753,7 @@ def _centred(constraints: Constraints, raw: PyTree, bases: BasesIn | None, fn: C
     names: dict[str, _Entry] = {}
 
     def call(e: _Entry, Z: Any) -> Any:
-        return fn(e, Z, bases.get(e.name))
+        return fn(e, Z, _given_base(e.space, bases.get(e.name)))
 
     out = _map(constraints, call, raw, names=("raw",), check="Z", keyed=names)
     unknown = [] if torch.compiler.is_compiling() else [key for key in bases if key not in names]
@@ -768,7 +797,8 @@ def rebase(constraints: Constraints, raw: PyTree, bases: BasesIn | None = None) 
     new_bases: Bases = {}
 
     def recentre(e: _Entry, Z: Any, base: Any) -> Any:
-        Z2, new_bases[e.name] = e.space.rebase(Z, base)
+        Z2, base2 = e.space.rebase(Z, base)
+        new_bases[e.name] = _stored_base(e.space, base2)
         return Z2
 
     out = _centred(constraints, raw, bases, recentre)

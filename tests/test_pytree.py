@@ -233,6 +233,34 @@ def test_vmap_over_raw_and_bases_of_stacked_models(generator):
     _close(bases_v, bases)
 
 
+def test_bases_of_a_product_with_a_factor_without_a_base_vmap(generator):
+    """A Product's base holds None for a factor without one (Rn, Sym, ...): ``bases`` of a Product(SO(), Rn())
+    entry had a None leaf, and vmap over (raw, bases) of stacked models, or of gf.from_manifold, raised,
+    where the factors constrained apart worked. Note [Bases of products without None] in geofunc/_pytree.py."""
+    K = 3
+    c = {"pair": gf.Product(gf.SO(), gf.Rn()), "nest": gf.Product(gf.Sphere(), gf.Product(gf.Sym(), gf.Rn())),
+         "free": gf.Product(gf.Rn(), gf.Sym())}
+    tree = {"pair": (torch.zeros(K, 3, 3, dtype=F64), torch.zeros(K, 1, dtype=F64)),
+            "nest": (torch.zeros(K, 4, dtype=F64), (torch.zeros(K, 2, 2, dtype=F64), torch.zeros(K, 1, dtype=F64))),
+            "free": (torch.zeros(K, 1, dtype=F64), torch.zeros(K, 2, 2, dtype=F64))}
+    points = gf.sample(c, tree, generator=generator)
+    raw, bases = gf.from_manifold(c, points)
+    assert set(bases) == {"pair", "nest"}  # no factor of "free" has a base: no entry, as for Rn alone
+    for tree_ in (bases, gf.rebase(c, raw, bases)[1]):
+        assert all(isinstance(x, torch.Tensor) for x in torch_pytree.tree_leaves(tree_))
+        assert all(isinstance(x, torch.Tensor) for x in optree.tree_leaves(tree_, none_is_leaf=True))
+    _close(gf.to_manifold(c, raw, bases), points)
+    _close(vmap(lambda r, b: gf.to_manifold(c, r, b))(raw, bases), points)
+    raw_v, bases_v = vmap(lambda p: gf.from_manifold(c, p))(points)
+    _close(bases_v, bases)
+    _close(raw_v, raw)
+    raw2, bases2 = vmap(lambda r, b: gf.rebase(c, r, b))(raw, bases)
+    _close(gf.to_manifold(c, raw2, bases2), points)
+    # the factors' own form (None for a factor's base) is still taken
+    given = {"pair": (bases["pair"][0], None), "nest": (bases["nest"][0], None)}
+    _close(gf.to_manifold(c, raw, given), points)
+
+
 def test_sample_is_reproducible_and_vmap_different(generator):
     params = {k: v.detach() for k, v in _model().named_parameters()}
     a = gf.sample(CONSTRAINTS, params, generator=torch.Generator().manual_seed(3))
