@@ -182,6 +182,34 @@ def test_a_product_whose_factor_batches_do_not_broadcast_is_named() -> None:
                                atol=1e-12, rtol=1e-12)
 
 
+def test_a_product_refuses_factor_batches_that_pair_up_two_ways() -> None:
+    """K stacked models with a ``Product(SO(), Rn())`` entry have batch shapes (K,) and (K, n): for K = n
+    torch's broadcasting paired weight j with entry j of every bias, so ``gf.contains`` blamed one entry of
+    each model for model 0's bad weight and ``inner`` summed across models, silently, where ``vmap`` over
+    the stack pairs model k with model k. Note [Batches of different ranks] in geofunc/spaces/_product.py."""
+    P = gf.Product(gf.SO(), gf.Rn())
+    g = torch.Generator().manual_seed(0)
+    on = gf.SO().sample((3, 3, 3), generator=g, dtype=torch.float64)
+    W = on.clone()
+    W[0] *= 2  # model 0's weight off SO
+    b = torch.randn(3, 3, dtype=torch.float64, generator=g)
+    for name, call in (("contains", lambda: P.contains((W, b))), ("inner", lambda: P.inner((W, b), (W, b), (W, b))),
+                       ("dist", lambda: P.dist((W, b), (W, b))), ("check", lambda: P.check((on, b)))):
+        with pytest.raises(gf.ManifoldError, match=rf"pair their points one way \(`{name}`.*factor 0: \(3,\), "
+                                                   r"factor 1: \(3, 3\)"):
+            call()
+    with pytest.raises(gf.ManifoldError, match=r"parameter 'layer'.*pair their points one way"):
+        gf.contains({"layer": P}, {"layer": (W, b)})
+    # under vmap (one model at a time) the pairing is model k with model k: model 0 alone is off
+    flags = torch.func.vmap(lambda q: gf.contains({"layer": P}, q))({"layer": (W, b)})["layer"]
+    assert flags.tolist() == [[False] * 3, [True] * 3, [True] * 3]
+    # singleton dims say which pairing is meant; rank-0 and all-ones batches are unambiguous
+    assert P.contains((W[:, None], b)).tolist() == [[False] * 3, [True] * 3, [True] * 3]
+    assert P.contains((W[None, None], b[..., None])).shape == (3, 3, 3)
+    assert P.contains((W[0], b)).shape == (3, 3)
+    assert P.contains((W[:1], torch.zeros(1, 5, dtype=torch.float64))).shape == (1, 5)
+
+
 def test_a_product_check_refuses_factor_batches_that_do_not_broadcast() -> None:
     """``Product.check`` checked each factor alone: a (3, 4) batch of sphere points with a (2,) batch of Rn
     points passed, where ``contains`` of the same tuple raises (no batch of product points to answer for).

@@ -109,7 +109,8 @@ class Product(AbstractSpace):
 
     def _require_broadcast(self, parts: tuple, method: str) -> None:
         """Factors' batch-shaped results of ``method`` whose batch shapes do not broadcast are a
-        ``ManifoldError`` naming them (a bare RuntimeError from ``&`` or ``+`` otherwise)."""
+        ``ManifoldError`` naming them (a bare RuntimeError from ``&`` or ``+`` otherwise), as are
+        ones that pair up both by trailing and by leading dims (Note [Batches of different ranks])."""
         shape = parts[0].shape
         for p in parts[1:]:
             if not _broadcastable(shape, p.shape):
@@ -117,6 +118,32 @@ class Product(AbstractSpace):
                 raise error(self, f"factors whose batch shapes broadcast (`{method}` combines their results)",
                             f"batch shapes {got}")
             shape = _broadcast([shape, p.shape])
+        shapes = [tuple(p.shape) for p in parts]
+        r = max(len(s) for s in shapes)
+        if any(0 < len(s) < r and any(d != 1 for d in s) for s in shapes):
+            lead = shapes[0] + (1,) * (r - len(shapes[0]))
+            for s in shapes[1:]:
+                t = s + (1,) * (r - len(s))
+                if not _broadcastable(lead, t):
+                    return  # only the trailing reading broadcasts: it is the one meant
+                lead = _broadcast([lead, t])
+            got = ", ".join(f"factor {i}: {s}" for i, s in enumerate(shapes))
+            raise error(self, f"factors whose batch shapes pair their points one way (`{method}` combines their "
+                              "results; Note [Batches of different ranks])",
+                        f"batch shapes {got}, which broadcast both by trailing dims (torch's rule) and by leading "
+                        "dims (a stack of models, as vmap reads them), pairing other points; add singleton dims "
+                        "to say which, or vmap over the stacked dim")
+
+    # Note [Batches of different ranks]
+    # A product's batch-shaped results (contains, inner, dist, sqdist, logabsdet, check) combine the factors'
+    # by broadcasting their batch shapes, which aligns trailing dims. Where factors' batches have different
+    # ranks, that is not how a stack reads them: K stacked models (torch.func.stack_module_state) with a
+    # Product(SO(), Rn()) entry (weight, bias) have batch shapes (K,) and (K, n), and for K = n torch's rule
+    # paired weight j with entry j of every model's bias: gf.contains reported column j (one entry of each
+    # model) where model j's weight was off SO, and inner summed across models, silently, while vmap over
+    # the stack (and the same factors constrained apart) pair model k with model k. Batch shapes that
+    # broadcast both ways, a shorter one not all ones, are refused; where only one reading broadcasts
+    # (a (3, 1) batch with a (2,) one: trailing) it is taken, as before.
 
     def _fold(self, parts: tuple, method: str, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         """``op`` over the factors' batch-shaped results of ``method`` (checked by :meth:`_require_broadcast`)."""
