@@ -693,6 +693,19 @@ def test_nesterov_momentum_cycled_through_zero_as_torch_sgd(generator):
         gf.optim.TorchOptimizer(Branches(generator).named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.0, nesterov=True)
 
 
+def _step_through_momenta(ours, opt, theirs, ref, x, y, momenta):
+    """Step ``opt`` (on ``ours``) and torch's ``ref`` (on ``theirs``) with each momentum set mid-run; the
+    parameters end equal."""
+    for mu in momenta:
+        for model, o in ((ours, opt), (theirs, ref)):
+            o.param_groups[0]["momentum"] = mu
+            o.zero_grad(set_to_none=True)
+            ((model(x, USES[0]) - y) ** 2).mean().backward()
+            o.step()
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+
+
 def test_nesterov_momentum_set_to_a_zero_tensor_mid_run_steps_as_torch_sgd(generator):
     """A group's momentum set to torch.tensor(0.) between steps with nesterov: torch.optim.SGD checks nesterov
     only when built and steps plain SGD; rsgd, which reads such a tensor (Note [Values known at construction]),
@@ -702,14 +715,7 @@ def test_nesterov_momentum_set_to_a_zero_tensor_mid_run_steps_as_torch_sgd(gener
     theirs.load_state_dict(ours.state_dict())
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=0.9, nesterov=True)
     ref = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    for mu in (0.9, torch.tensor(0.0), torch.tensor(0.0), 0.5):
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.param_groups[0]["momentum"] = mu
-            o.zero_grad(set_to_none=True)
-            ((model(x, USES[0]) - y) ** 2).mean().backward()
-            o.step()
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _step_through_momenta(ours, opt, theirs, ref, x, y, (0.9, torch.tensor(0.0), torch.tensor(0.0), 0.5))
     with pytest.raises(gf.ManifoldError, match="nesterov=True"):
         gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.rsgd, lr=0.01, momentum=torch.tensor(0.0), nesterov=True)
 
@@ -730,14 +736,7 @@ def test_a_factory_of_its_own_with_nesterov_steps_as_torch_sgd_through_momentum_
     theirs.load_state_dict(ours.state_dict())
     opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, sgd, lr=0.01, momentum=0.9, nesterov=True)
     ref = torch.optim.SGD(theirs.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    for mu in (0.9, 0.0, torch.tensor(0.0), 0.5):
-        for model, o in ((ours, opt), (theirs, ref)):
-            o.param_groups[0]["momentum"] = mu
-            o.zero_grad(set_to_none=True)
-            ((model(x, USES[0]) - y) ** 2).mean().backward()
-            o.step()
-    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0, msg=k)
+    _step_through_momenta(ours, opt, theirs, ref, x, y, (0.9, 0.0, torch.tensor(0.0), 0.5))
     with pytest.raises(gf.ManifoldError, match=r"^trace: expected `nesterov=True` with `decay` > 0"):
         gf.optim.TorchOptimizer(ours.named_parameters(), {}, sgd, lr=0.01, momentum=0.0, nesterov=True)
 
