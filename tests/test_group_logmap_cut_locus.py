@@ -204,3 +204,124 @@ def test_logmap_derivative_of_the_angles_at_and_near_the_cut(delta):
     Om = Q @ J @ Q.mT
     _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (Y,), (Y @ Om,))
     torch.testing.assert_close(jv, X @ Om, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("delta", [5e-6, 1e-6, 1e-8])
+def test_unitary_logmap_derivative_rotates_the_cut_cluster(delta):
+    # Note [The cut cluster's eigenspace derivative]: one eigenvalue e^{i(π − δ)} within τ of the cut, the
+    # others far from it: the log is smooth there, and along Y(t) = e^{tB} Y e^{−tB} (X = I) its derivative
+    # is [B, log Y]. With the cluster's frame detached the derivative held the angle's only (100% off).
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=C128))[0]
+    angles = [math.pi - delta, 0.5, -1.0]
+    Y = u_rotation(Q, angles)
+    X = torch.eye(3, dtype=C128)
+    B = torch.randn(3, 3, dtype=C128)
+    B = B - B.mH
+    L = Q @ torch.diag(1j * torch.tensor(angles, dtype=F64).to(C128)) @ Q.mH
+    U = gf.Unitary()
+    f = lambda t: U.logmap(X, torch.linalg.matrix_exp(t * B) @ Y @ torch.linalg.matrix_exp(-t * B))
+    _, jv = torch.func.jvp(f, (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    torch.testing.assert_close(jv, B @ L - L @ B, atol=1e-9, rtol=0)
+    # reverse mode alike: <W, dlog> = <grad_t>
+    t = torch.zeros((), dtype=F64, requires_grad=True)
+    W = torch.randn(3, 3, dtype=C128)
+    (g,) = torch.autograd.grad((f(t) * W.conj()).real.sum(), t)
+    torch.testing.assert_close(g, ((B @ L - L @ B) * W.conj()).real.sum(), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("delta", [1e-8, 1e-10])
+def test_so_logmap_derivative_rotates_the_cut_plane(delta):
+    # SO(3): one plane at π − δ (within √u of the cut, the plane's frame detached), the axis far from it
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=F64))[0]
+    th = math.pi - delta
+    R0 = torch.tensor([[math.cos(th), -math.sin(th), 0.0], [math.sin(th), math.cos(th), 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    Y, X = Q @ R0 @ Q.mT, torch.eye(3, dtype=F64)
+    L0 = torch.zeros(3, 3, dtype=F64)
+    L0[0, 1], L0[1, 0] = -th, th
+    L = Q @ L0 @ Q.mT
+    B = torch.randn(3, 3, dtype=F64)
+    B = B - B.mT
+    f = lambda t: gf.SO().logmap(X, torch.linalg.matrix_exp(t * B) @ Y @ torch.linalg.matrix_exp(-t * B))
+    _, jv = torch.func.jvp(f, (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    torch.testing.assert_close(jv, B @ L - L @ B, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("delta", [5e-6, 1e-8])
+def test_unitary_logmap_second_derivative_near_the_cut(delta):
+    # the mixed second derivative along two conjugations is [B1, [B2, log Y]]: the cluster's frame turns to second
+    # order (it was 75% off at δ = 5e-6, where the log before the cut-locus change was right to 2e-5)
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(3, 3, dtype=C128))[0]
+    B1, B2, W = (torch.randn(3, 3, dtype=C128) for _ in range(3))
+    B1, B2 = B1 - B1.mH, B2 - B2.mH
+    angles = [math.pi - delta, 0.5, -1.0]
+    Y, X = u_rotation(Q, angles), torch.eye(3, dtype=C128)
+    L = Q @ torch.diag(1j * torch.tensor(angles, dtype=F64).to(C128)) @ Q.mH
+    E = torch.linalg.matrix_exp
+
+    def f(t1, t2):
+        Yt = E(t1 * B1) @ E(t2 * B2) @ Y @ E(-t2 * B2) @ E(-t1 * B1)
+        return (gf.Unitary().logmap(X, Yt) * W.conj()).real.sum()
+
+    z = torch.zeros((), dtype=F64)
+    h = grad(lambda t2: grad(f, argnums=0)(z, t2))(z)
+    C = B2 @ L - L @ B2
+    torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W.conj()).real.sum(), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("delta", [1e-10, 0.0])
+def test_so_logmap_second_derivative_at_the_cut(delta):
+    # SO(5): a plane at π − δ (at π itself the minimal log is unique up to that plane's orientation, fixed along
+    # conjugations), a plane at 0.7, an axis; the mixed second derivative along two conjugations is [B1, [B2, L]]
+    torch.manual_seed(0)
+    n = 5
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=F64))[0]
+    R0, L0 = torch.eye(n, dtype=F64), torch.zeros(n, n, dtype=F64)
+    for (a, b), t in [((0, 1), math.pi - delta), ((2, 3), 0.7)]:
+        c, s = (-1.0, 0.0) if t == math.pi else (math.cos(t), math.sin(t))
+        R0[a, a] = R0[b, b] = c
+        R0[a, b], R0[b, a], L0[a, b], L0[b, a] = -s, s, -t, t
+    Y, X, L = Q @ R0 @ Q.mT, torch.eye(n, dtype=F64), Q @ L0 @ Q.mT
+    B1, B2, W = (torch.randn(n, n, dtype=F64) for _ in range(3))
+    B1, B2 = B1 - B1.mT, B2 - B2.mT
+    E = torch.linalg.matrix_exp
+
+    def f(t1, t2):
+        return (gf.SO().logmap(X, E(t1 * B1) @ E(t2 * B2) @ Y @ E(-t2 * B2) @ E(-t1 * B1)) * W).sum()
+
+    z = torch.zeros((), dtype=F64)
+    if delta == 0.0:  # the chosen orientation of the plane at π: the value's, read back
+        L = gf.SO().logmap(X, Y)
+    h = grad(lambda t2: grad(f, argnums=0)(z, t2))(z)
+    C = B2 @ L - L @ B2
+    torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W).sum(), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("space", ["Unitary", "SO"])
+def test_logmap_second_derivative_near_the_cut_plain_autograd(space):
+    # the same under plain autograd (create_graph=True), where the frame's second-order part is a lazy node
+    # (Note [Lazy second-order terms]): a backward that builds no graph leaves it out, one that does reads it
+    torch.manual_seed(0)
+    if space == "Unitary":
+        Q = torch.linalg.qr(torch.randn(3, 3, dtype=C128))[0]
+        angles = [math.pi - 5e-6, 0.5, -1.0]
+        Y, X = u_rotation(Q, angles), torch.eye(3, dtype=C128)
+        L = Q @ torch.diag(1j * torch.tensor(angles, dtype=F64).to(C128)) @ Q.mH
+    else:
+        Q = torch.linalg.qr(torch.randn(3, 3, dtype=F64))[0]
+        Y, X = so_rotation(Q, [math.pi - 1e-8]), torch.eye(3, dtype=F64)
+        L0 = torch.zeros(3, 3, dtype=F64)
+        L0[0, 1], L0[1, 0] = -(math.pi - 1e-8), math.pi - 1e-8
+        L = Q @ L0 @ Q.mT
+    B1, B2, W = (torch.randn(3, 3, dtype=Y.dtype) for _ in range(3))
+    B1, B2 = B1 - B1.mH, B2 - B2.mH
+    E = torch.linalg.matrix_exp
+    t1, t2 = (torch.zeros((), dtype=F64, requires_grad=True) for _ in range(2))
+    Yt = E(t1 * B1) @ E(t2 * B2) @ Y @ E(-t2 * B2) @ E(-t1 * B1)
+    (g1,) = torch.autograd.grad((getattr(gf, space)().logmap(X, Yt) * W.conj()).real.sum(), t1, create_graph=True)
+    (h,) = torch.autograd.grad(g1, t2)
+    C = B2 @ L - L @ B2
+    torch.testing.assert_close(g1.detach(), ((B1 @ L - L @ B1) * W.conj()).real.sum(), atol=1e-9, rtol=0)
+    torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W.conj()).real.sum(), atol=1e-8, rtol=0)

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 
 from .._errors import error
-from .._fastpath import derivative_mode
+from .._fastpath import add_second_order, derivative_mode
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_drifted, refine_frame, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
@@ -226,8 +226,10 @@ class MatrixGroup(AbstractSpace):
         #   columns), three n×n products; φ's value is read as atan2(s, c)/s without the series and its
         #   derivatives where nothing differentiates (1.00× at 64×64, 0.78× at 8×8, CPU time).
         # At −1 itself σ is ±rounding and θ = ±π: one of the minimal logs, with expmap(X, logmap(X, Y)) = Y.
-        # σ carries the derivative of the angles (the eigenvectors' is not taken: at the cut the log has
-        # none, and within τ of it its direction's is ~1/δ).
+        # σ carries the derivative of the angles, and the cluster's frame turns with its eigenspace against the
+        # rest where a derivative is taken (Note [The cut cluster's eigenspace derivative]); the eigenvectors'
+        # within the cluster are not taken (at the cut the log has none, and within τ of it its direction's
+        # is ~1/δ).
         wide = wide_dtype(X)
         Xw = X.to(wide)
         R = refine_frame(refine_frame(transpose(Xw) @ Y.to(wide)))
@@ -235,7 +237,9 @@ class MatrixGroup(AbstractSpace):
         K0 = K.detach()
         cplx = R.is_complex()
         tol = torch.finfo(R.real.dtype).eps ** (1.0 / 3.0 if cplx else 0.5)
-        value_only = not cplx and derivative_mode(R) == "none"
+        # (derivative_mode's eager test takes real dtypes: R.real, a view, tracks R's derivatives)
+        mode = derivative_mode(R.real if cplx else R, first=True)
+        value_only = not cplx and mode == "none"
         held: list[tuple[Tensor, ...]] = []
 
         def phi(lam: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,7 +247,7 @@ class MatrixGroup(AbstractSpace):
             s = torch.linalg.vector_norm(KQ, dim=-2)
             cut = (s <= tol) & (lam < 0)
             if cplx:
-                held.append((Q.detach(), cut.detach()))
+                held.append((Q.detach(), cut.detach(), lam.detach()))
                 return theta_over_sin_cs(lam, s, cut)
             partner = _pair_constants(Q.shape[-1], Q.dtype, Q.device)[0]
             cut = cut & cut[..., partner]  # both of a pair (an odd last one has λ = 1)
@@ -251,36 +255,90 @@ class MatrixGroup(AbstractSpace):
             near = torch.cumprod((near & near[..., partner]).to(Q.dtype), dim=-1) > 0.5
             # φ's value for _so_log_value (away from the near pairs): θ/sin θ = atan2(s, c)/s, 1 at s = 0
             f = torch.where(s > 0.0, torch.atan2(s, lam) / torch.where(s > 0.0, s, 1.0), 1.0)
-            held.append((Q.detach(), cut.detach(), KQ.detach(), near, torch.where(cut, 0.0, f).detach()))
+            held.append((Q.detach(), cut.detach(), KQ.detach(), near, torch.where(cut, 0.0, f).detach(), lam.detach()))
             return theta_over_sin_cs(lam, s, cut) if not value_only else (f, f, f)
 
         if value_only:  # nothing differentiates: the value alone (one product for both parts)
             S0 = sym_part(R)
             phi(*torch.linalg.eigh(sanitize(S0)))
-            Q, _, KQ, near, f = held[0]
+            Q, _, KQ, near, f, _ = held[0]
             return (Xw @ (skew_part(_so_log_value(Q, KQ, f, near)) + poison(S0))).to(X.dtype)
-        P = spectral_eigh(sym_part(R), phi)
+        S = sym_part(R)
+        P = spectral_eigh(S, phi)
         if cplx:  # −iK on the cluster, the rest of Q's coordinates moved to eigenvalue 2 (|σ| ≤ τ there)
-            Q, cut = held[0]
+            Q, cut, lam = held[0]
             m = cut.to(R.real.dtype)
             H = (transpose(Q) @ (-1j * K0) @ Q) * (m.unsqueeze(-1) * m.unsqueeze(-2)).to(R.dtype)
             H = 0.5 * (H + transpose(H)) + torch.diag_embed((2.0 * (1.0 - m)).to(R.dtype))
             sig0, V = torch.linalg.eigh(sanitize(H))
-            W = Q @ V
+            # the cluster's frame turning with its eigenspace (Q in value: the log is the same number)
+            W = (_cluster_frame(Q, cut, lam, S, mode) if mode != "none" else Q) @ V
             inn = (sig0 < 1.0).to(R.real.dtype)
             sig = (W.conj() * (K @ W)).sum(dim=-2).imag * inn
             th = torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * inn
             C = 1j * ((W * th.unsqueeze(-2).to(W.dtype)) @ transpose(W))
             return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
-        Q, cut, KQ, near, f = held[0]
+        Q, cut, KQ, near, f, lam = held[0]
         p = Q.shape[-1] // 2
-        A, B, w = Q[..., 0:2 * p:2], Q[..., 1:2 * p:2], cut[..., 0:2 * p:2]
+        Qr = _cluster_frame(Q, cut, lam, S, mode)  # Q in value, turning with the cut cluster's eigenspace
+        A, B, w = Qr[..., 0:2 * p:2], Qr[..., 1:2 * p:2], cut[..., 0:2 * p:2]
         sig = (B * (K @ A)).sum(dim=-2) * w
         Bt = B * (torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * w).unsqueeze(-2)
         C = Bt @ transpose(A) - A @ transpose(Bt)
         L = skew_part(K @ P) + C
         # the value as where nothing differentiates; the derivatives of K φ(S) + C, as before
         return (Xw @ (L + (skew_part(_so_log_value(Q, KQ, f, near)) - L.detach()))).to(X.dtype)
+
+
+# Note [The cut cluster's eigenspace derivative]
+# The cut cluster's frame (Q's cluster columns, Note [Group logarithms on the cut locus]) is read from a detached
+# eigh, so the log on it held the angles' derivative only: the turning of the cluster's eigenspace against the
+# rest of S's, O(1/gap) with the gap between their eigenvalues, was lost. A Unitary with one eigenvalue
+# e^{i(π − δ)} within τ of −1 and the others far from it (where the principal log is smooth) had a logmap
+# derivative 100% off (δ = 5e-6 in float64), its second derivative 75% off; SO(3) at δ = 1e-8 alike (SO's
+# value is _so_log_value's, and these derivatives are those of the form it adds). The cluster's projector is
+# the spectral function h(S) of the indicator h of the cluster, whose expansion at S + E in Q's coordinates
+# (N = QᴴEQ, Hermitian) is diag(h) + M + Σₖ h[λᵢ, λₖ, λⱼ] Nᵢₖ Nₖⱼ with M = h[λᵢ, λⱼ] Nᵢⱼ (Daleckii–Krein; the
+# divided differences of an indicator are 0 within one side, and the second-order sum is ∓(M M)ᵢⱼ on one side,
+# − in the cluster, and (M N − N M)ᵢⱼ/(λᵢ − λⱼ) across it); with N = Qᴴ(S − S.detach())Q (zero in value) that
+# is exact to second order in every derivative. The frame is then the direct rotation from the cluster's
+# eigenspace P₀ = diag(h) to that projector's P, T = P P₀ + (I − P)(I − P₀) = I + (P − P₀) D (D = 2P₀ − I),
+# made unitary to second order: U = T − ½(TᴴT − I) = I + skew((P − P₀) D) − ½ D M M D (M N − N M is
+# M N − (M N)ᴴ: two products for the second order). U is I in value (N is zero), so Q U is Q and the log
+# the same number; it is built only where something differentiates (the value-only paths keep Q).
+def _cluster_frame(Q: Tensor, cut: Tensor, lam: Tensor, S: Tensor, mode: str) -> Tensor:
+    """``Q U`` (``Q`` in value): ``S``'s eigenvectors ``Q`` (eigenvalues ``lam``, detached) with the ``cut``
+    columns' frame turning with their eigenspace of ``S`` against the rest's, exact to second order
+    (Note [The cut cluster's eigenspace derivative]); ``mode`` is ``derivative_mode``'s (not "none")."""
+    h = cut.to(lam.dtype)
+    dh, gap = h.unsqueeze(-1) - h.unsqueeze(-2), lam.unsqueeze(-1) - lam.unsqueeze(-2)
+    ok = (dh != 0) & (gap != 0)
+    inv = torch.where(ok, 1.0 / torch.where(ok, gap, torch.ones_like(gap)), torch.zeros_like(gap))  # 1/(λᵢ − λⱼ) across
+    cdt = Q.dtype
+    hd, inv, d = (dh * inv).to(cdt), inv.to(cdt), (2.0 * h - 1.0).to(cdt)
+    if mode == "chain":
+        Z = _cluster_rotation(S, Q, hd, inv, d)
+    elif mode == "first":  # one forward-mode level: the second-order part's tangent is 0 (Note [Lazy second-order terms])
+        Z = _cluster_rotation(S, Q, hd, inv, d, second=False)
+    else:  # "lazy": the second-order part only where a backward builds a graph
+        Z = add_second_order(lambda *ts: _cluster_rotation(*ts, first=False), _cluster_rotation(S, Q, hd, inv, d, second=False),
+                             S, state=(Q, hd, inv, d))
+    return Q + Q @ Z
+
+
+def _cluster_rotation(S: Tensor, Q: Tensor, hd: Tensor, inv: Tensor, d: Tensor, first: bool = True,
+                      second: bool = True) -> Tensor:
+    """``U − I`` (zero in value) in Q's coordinates: its first-order part, its second-order part, or both
+    (Note [The cut cluster's eigenspace derivative]; the tensors as arguments: the lazy node saves them)."""
+    N = transpose(Q) @ (S - S.detach()) @ Q  # zero in value; carries every derivative of S
+    M = hd * N  # h[λᵢ, λⱼ] Nᵢⱼ (Hermitian, zero within either side)
+    out = skew_part(M * d.unsqueeze(-2)) if first else None
+    if second:
+        MM, MN = M @ M, M @ N
+        P2 = (-d).unsqueeze(-1) * MM + inv * (MN - transpose(MN))  # P's second-order part
+        Z2 = skew_part(P2 * d.unsqueeze(-2)) - 0.5 * (d.unsqueeze(-1) * d.unsqueeze(-2)) * MM
+        out = Z2 if out is None else out + Z2
+    return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
