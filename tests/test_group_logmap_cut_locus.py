@@ -325,3 +325,25 @@ def test_logmap_second_derivative_near_the_cut_plain_autograd(space):
     C = B2 @ L - L @ B2
     torch.testing.assert_close(g1.detach(), ((B1 @ L - L @ B1) * W.conj()).real.sum(), atol=1e-9, rtol=0)
     torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W.conj()).real.sum(), atol=1e-8, rtol=0)
+
+
+def test_so_logmap_hessian_after_one_under_a_transform():
+    # Note [Constants cached outside transforms]: the pairs' constants first made inside grad(grad(...)) were
+    # cached as that level's wrappers; the next nested grad of an SO logmap of that size raised an INTERNAL ASSERT
+    from geofunc.spaces import _orthogonal
+
+    for name in ("_pair_constants", "_pair_constants_cached"):  # a fresh cache (before the fix: the first)
+        getattr(getattr(_orthogonal, name, None), "cache_clear", lambda: None)()
+    torch.manual_seed(0)
+    n = 5
+    X, Y = torch.eye(n, dtype=F64), gf.SO().sample((n, n), dtype=F64)
+    B = torch.randn(n, n, dtype=F64)
+    B = B - B.mT
+    E = torch.linalg.matrix_exp
+    f = lambda t: gf.SO().logmap(X, E(t * B) @ Y @ E(-t * B)).sum()
+    z = torch.zeros((), dtype=F64)
+    first = grad(grad(f))(z)
+    torch.testing.assert_close(grad(grad(f))(z), first, atol=0, rtol=0)
+    t = z.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(t), t)
+    torch.testing.assert_close(g, grad(f)(z), atol=1e-12, rtol=0)

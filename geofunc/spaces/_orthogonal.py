@@ -13,7 +13,7 @@ import dataclasses
 import functools
 
 from .._errors import error
-from .._fastpath import add_second_order, derivative_mode
+from .._fastpath import add_second_order, derivative_mode, eager_fast
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_drifted, refine_frame, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
@@ -44,11 +44,27 @@ _SO_NEAR = 0.1
 _SO_CLOSE = 1e-3  # ... except pairs whose eigenvalue of −T²/tr is this close to a neighbour's: K φ there
 
 
-@functools.lru_cache(maxsize=64)
+# Note [Constants cached outside transforms]
+# The pairs' index tensors are cached per (n, dtype, device). Made first inside torch.func.grad(grad(...)) (a
+# Hessian of an SO logmap), the factory calls returned that transform's wrappers, which the cache kept: the
+# next SO logmap of that size under nested grad raised torch's "level <= current_level INTERNAL ASSERT ...
+# escaped?". So they are cached only where they are plain tensors (eager_fast: no torch.func level, no
+# compile, fake mode or make_fx trace) and made afresh elsewhere.
 def _pair_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     """For n eigenvectors in pairs (0, 1), (2, 3), …: each one's partner (an odd last one itself), the first
     of its pair, ±1 (+1 for the first), the positions in ``[inf, λ₁ − λ₀, …, λₙ₋₁ − λₙ₋₂, inf]`` of the
-    gaps before and after its pair, and the identity."""
+    gaps before and after its pair, and the identity (Note [Constants cached outside transforms])."""
+    if eager_fast():
+        return _pair_constants_cached(n, dtype, device)
+    return _make_pair_constants(n, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_constants_cached(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+    return _make_pair_constants(n, dtype, device)
+
+
+def _make_pair_constants(n: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
     j = torch.arange(n, device=device)
     partner = torch.where(j < n - n % 2, j ^ 1, j)
     first = j - j % 2
