@@ -162,9 +162,10 @@ def _plane_rotation(Q, angle):
 @pytest.mark.parametrize("n", [3, 4])
 @pytest.mark.parametrize("delta", [1e-6, 3e-6, 1e-4])
 def test_so_logmap_derivative_just_outside_the_cut_cluster(n, delta):
-    """SO's cut cluster is ‖K q‖ ≤ √u: only there is the eigenvectors' derivative left out. Just outside it
-    (angle π − δ, δ of 1e-6 to 3e-6 in float64) logmap's derivative is K φ(S)'s; a cluster as wide as
-    Unitary's u^⅓ left it 87% off. Reference: the Fréchet derivative of scipy's logm by the block identity
+    """SO's cut cluster was ‖K q‖ ≤ √u, and a cluster as wide as Unitary's u^⅓ with the frame of S's
+    eigenvectors detached left logmap's derivative 87% off at angle π − δ, δ of 1e-6 to 3e-6 in float64 (K φ(S)'s
+    was ~1e-4 off there). The cluster is u^⅓ wide now, its frame turning with its eigenspace (Note [The cut
+    cluster's eigenspace derivative]): exact. Reference: the Fréchet derivative of scipy's logm by the block identity
     logm([[R, E], [0, R]]) = [[log R, L(R, E)], [0, log R]]."""
     import numpy as np
     import scipy.linalg
@@ -347,3 +348,24 @@ def test_so_logmap_hessian_after_one_under_a_transform():
     t = z.clone().requires_grad_()
     (g,) = torch.autograd.grad(f(t), t)
     torch.testing.assert_close(g, grad(f)(z), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("delta", [3e-6, 3e-7, 1e-7, 3e-8])
+def test_so_logmap_derivative_between_sqrt_u_and_cube_root_u(n, delta):
+    # one plane at π − δ with √u < δ < u^⅓ (float64): the cut pair's form with its turning frame, where K φ(S)
+    # (φ's divided differences read from c = cos θ, which has lost δ) was ~u/δ² off (20% at δ = 3e-8)
+    torch.manual_seed(n)
+    Q = torch.linalg.qr(torch.randn(n, n, dtype=F64))[0]
+    angles = [math.pi - delta] + ([0.7] if n == 5 else [])
+    Y, X = so_rotation(Q, angles), torch.eye(n, dtype=F64)
+    L0 = torch.zeros(n, n, dtype=F64)
+    for j, a in enumerate(angles):
+        L0[2 * j, 2 * j + 1], L0[2 * j + 1, 2 * j] = -a, a
+    L = Q @ L0 @ Q.mT
+    B = torch.randn(n, n, dtype=F64)
+    B = B - B.mT
+    E = torch.linalg.matrix_exp
+    f = lambda t: gf.SO().logmap(X, E(t * B) @ Y @ E(-t * B))
+    _, jv = torch.func.jvp(f, (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
+    torch.testing.assert_close(jv, B @ L - L @ B, atol=1e-9, rtol=0)

@@ -222,7 +222,9 @@ class MatrixGroup(AbstractSpace):
         #   (S sees cos θ, which has lost δ) and K φ(S) mixed them: round trips 1.1 off at δ = 1e-8 and
         #   3e-8, 2e-4 at 1e-6 and 3e-6; −iK tells them apart by the sign and size of σ. One eigh of the
         #   cluster more.
-        # * SO (τ = √u): σ = bᵀKa on consecutive pairs (a, b) of the cluster's eigenvectors (ascending
+        # * SO (τ = u^⅓ too; it was √u, and one plane at δ between the two kept K φ(S), whose derivative
+        #   reads φ's divided differences from c, which has lost δ: jvp 20% off at δ = 3e-8, 1e-3 at 3e-7,
+        #   in float64): σ = bᵀKa on consecutive pairs (a, b) of the cluster's eigenvectors (ascending
         #   eigenvalues put them first, two per plane), the log θ (baᵀ − abᵀ); an unpaired one keeps φ.
         #   That is the form whose derivatives are taken. Its value was still off: two planes at different δ
         #   below 1e-4 share an eigenspace of S to ~u/δ², and K φ(S) (φ ~ π/δ) or the cut pairs mixed them
@@ -252,7 +254,7 @@ class MatrixGroup(AbstractSpace):
         K = skew_part(R)
         K0 = K.detach()
         cplx = R.is_complex()
-        tol = torch.finfo(R.real.dtype).eps ** (1.0 / 3.0 if cplx else 0.5)
+        tol = torch.finfo(R.real.dtype).eps ** (1.0 / 3.0)  # τ (Note [Group logarithms on the cut locus])
         # (derivative_mode's eager test takes real dtypes: R.real, a view, tracks R's derivatives)
         mode = derivative_mode(R.real if cplx else R, first=True)
         value_only = not cplx and mode == "none"
