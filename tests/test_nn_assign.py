@@ -368,6 +368,22 @@ def test_load_state_dict_across_dtypes_of_a_class_registered_directly(cls) -> No
         assert torch.equal(same.weight, src.weight)
 
 
+def test_load_of_bases_only_of_another_dtype_leaves_a_directly_registered_raw_tensor_alone() -> None:
+    """strict=False with the raw tensor missing from a float32 checkpoint: the float64 layer's raw tensor
+    holds its own values, which must not be re-expressed as if they were the checkpoint's (they moved by the
+    floors' difference, 3.4e-4, silently)."""
+    torch.manual_seed(0)
+    m, M = nn.Linear(4, 4).double(), gnn.PSD((4, 4)).double()
+    with torch.no_grad():
+        m.weight.copy_(M.sample())
+    P.register_parametrization(m, "weight", M)
+    W = m.weight.detach().clone()
+    sd = {k: v.float() for k, v in m.state_dict().items() if k.endswith(".base")}  # its own bases, in float32
+    out = m.load_state_dict(sd, strict=False)
+    assert out.missing_keys == ["bias", "parametrizations.weight.original"] or "parametrizations.weight.original" in out.missing_keys
+    torch.testing.assert_close(m.weight.detach(), W, atol=1e-6, rtol=0)
+
+
 def test_a_subclass_of_the_parametrized_class_still_converts_and_loads() -> None:
     """FSDP2's ``fully_shard`` subclasses the module's (parametrized) class: the overrides that keep the
     points must call past themselves, not recurse."""

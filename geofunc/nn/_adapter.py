@@ -267,6 +267,15 @@ def _names_in(template: Any) -> list[str]:
     return [n for n in pytree.tree_leaves(template) if n is not None]
 
 
+def _raw_missing(prefix: str, args: tuple) -> bool:
+    """Whether the raw tensor of the ParametrizationList above ``prefix`` (``<tensor>.<index>.``) was missing
+    from the checkpoint (strict=False): the parent loaded first and recorded it in ``missing_keys``, and
+    the raw tensor then still holds the module's own values, not a checkpoint's to re-express."""
+    missing = args[2] if len(args) > 2 and isinstance(args[2], list) else ()
+    parent = prefix[:-1].rpartition(".")[0]
+    return (parent + "." if parent else "") + "original" in missing
+
+
 class Parametrization(nn.Module):
     """A geofunc space as a ``torch.nn.utils.parametrize`` parametrization.
 
@@ -447,7 +456,7 @@ class Parametrization(nn.Module):
             from ._geotorch_checkpoints import convert_geotorch_bases
 
             converted = convert_geotorch_bases(self, raw, state_dict, prefix, assign)
-        if known is not None and self not in _ATTACHED and not converted and not assign:
+        if known is not None and self not in _ATTACHED and not converted and not assign and not _raw_missing(prefix, args):
             self._reexpress_loaded_raw(known, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._contiguous_bases()  # assign=True of a checkpoint of an earlier geofunc (Note [Contiguous bases])
