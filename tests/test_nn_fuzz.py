@@ -311,6 +311,28 @@ def test_spaces_without_triv_or_f_have_no_such_attribute():
     assert not hasattr(gnn.Sphere((3,)), "triv") and not hasattr(gnn.SO((3, 3)), "f")
 
 
+def test_a_subclass_keeps_its_own_f_or_triv_where_the_space_has_none():
+    """A subclass (GeoTorch's way to build on a class) that stores its own ``self.f`` or ``self.triv`` where
+    its space has no such field: a plain attribute, as before Note [Maps assigned after construction]
+    (the assignment raised "object has no attribute 'f'")."""
+    class Squashed(gnn.Sphere):
+        def __init__(self, size):
+            super().__init__(size)
+            self.f = torch.tanh
+            self.triv = nn.Linear(3, 3)  # a submodule by that name is registered as one
+
+        def forward(self, X):
+            return super().forward(self.f(X))
+
+    M = Squashed((3,))
+    assert M.f is torch.tanh and isinstance(M.triv, nn.Linear) and "triv" in M._modules
+    X = torch.randn(3)
+    torch.testing.assert_close(M(X), gnn.Sphere.forward(M, torch.tanh(X)), atol=0, rtol=0)
+    M.f = torch.sin
+    assert M.f is torch.sin
+    assert not hasattr(gnn.Sphere((3,)), "f")
+
+
 @pytest.mark.parametrize("register", [gnn.skew, gnn.symmetric])
 def test_assigning_lower_changes_the_map_as_geotorch(register):
     """GeoTorch's Skew and Symmetric read ``self.lower`` in their map."""

@@ -691,14 +691,27 @@ class _Manifold(Parametrization):
     def f(self, value: Any) -> None:
         self._replace_field("f", value)
 
-    def _space_field(self, name: str) -> Any:
+    def _has_field(self, name: str) -> bool:
         space = self.__dict__.get("space")
-        if space is None or name not in {fl.name for fl in dataclasses.fields(space)}:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(space, name)
+        return space is not None and name in {fl.name for fl in dataclasses.fields(space)}
+
+    def _space_field(self, name: str) -> Any:
+        if not self._has_field(name):
+            # a class whose space has no such field: the attribute is a plain one (a subclass's own), if any
+            if name in self.__dict__:
+                return self.__dict__[name]
+            return nn.Module.__getattr__(self, name)  # (its parameters, buffers, submodules; else AttributeError)
+        return getattr(self.space, name)
 
     def _replace_field(self, name: str, value: Any) -> None:
-        """``space.<name> = value`` (Note [Maps assigned after construction])."""
+        """``space.<name> = value`` (Note [Maps assigned after construction]); where the space has no such
+        field, a plain attribute, as before (a subclass's own ``self.f``)."""
+        if not self._has_field(name):
+            if isinstance(value, (nn.Parameter, nn.Module)) or name in self._buffers:
+                nn.Module.__setattr__(self, name, value)
+            else:
+                self.__dict__[name] = value
+            return
         current = self._space_field(name)
         if value is not current:
             self.space = dataclasses.replace(self.space, **{name: value})  # validated by the space
