@@ -210,6 +210,22 @@ def test_a_product_refuses_factor_batches_that_pair_up_two_ways() -> None:
     assert P.contains((W[:1], torch.zeros(1, 5, dtype=torch.float64))).shape == (1, 5)
 
 
+def test_a_product_takes_batches_whose_leading_reading_is_no_stack() -> None:
+    """A (3,) batch with a (1, 3) or (1, 1, 3) one pairs entry j with entry j (torch's rule); the leading
+    reading would broadcast a leading 1 against 3, which no vmap over a stack does (it maps equal sizes),
+    so it is not ambiguous and was answered before Note [Batches of different ranks]'s refusal."""
+    P = gf.Product(gf.Sphere(), gf.Sphere())
+    g = torch.Generator().manual_seed(0)
+    x = gf.Sphere().sample((3, 4), generator=g, dtype=torch.float64)
+    y = gf.Sphere().sample((1, 3, 2), generator=g, dtype=torch.float64)
+    x[1] *= 2  # entry 1 of the first factor off the sphere
+    assert P.contains((x, y)).tolist() == [[True, False, True]]
+    assert P.contains((y[None], x)).tolist() == [[[True, False, True]]]
+    torch.testing.assert_close(P.dist((x, y), (x, y)), torch.zeros(1, 3, dtype=torch.float64), atol=1e-7, rtol=0)
+    with pytest.raises(gf.ManifoldError, match="pair their points one way"):  # equal leading sizes: still refused
+        P.contains((x, y[0, :, None]))
+
+
 def test_a_product_check_refuses_factor_batches_that_do_not_broadcast() -> None:
     """``Product.check`` checked each factor alone: a (3, 4) batch of sphere points with a (2,) batch of Rn
     points passed, where ``contains`` of the same tuple raises (no batch of product points to answer for).

@@ -127,6 +127,8 @@ class Product(AbstractSpace):
                 if not _broadcastable(lead, t):
                     return  # only the trailing reading broadcasts: it is the one meant
                 lead = _broadcast([lead, t])
+            if len({s[0] for s in shapes if any(d != 1 for d in s)}) > 1:
+                return  # leading sizes differ (a 1 against n): no stack vmap reads (it maps equal sizes); trailing meant
             got = ", ".join(f"factor {i}: {s}" for i, s in enumerate(shapes))
             raise error(self, f"factors whose batch shapes pair their points one way (`{method}` combines their "
                               "results; Note [Batches of different ranks])",
@@ -143,7 +145,9 @@ class Product(AbstractSpace):
     # model) where model j's weight was off SO, and inner summed across models, silently, while vmap over
     # the stack (and the same factors constrained apart) pair model k with model k. Batch shapes that
     # broadcast both ways, a shorter one not all ones, are refused; where only one reading broadcasts
-    # (a (3, 1) batch with a (2,) one: trailing) it is taken, as before.
+    # (a (3, 1) batch with a (2,) one: trailing) it is taken, as before, and so is the trailing one where
+    # the leading reading would broadcast a leading 1 against n (a (3,) batch with a (1, 3) one): vmap maps
+    # equal sizes only, so no stack reads them that way.
 
     def _fold(self, parts: tuple, method: str, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         """``op`` over the factors' batch-shaped results of ``method`` (checked by :meth:`_require_broadcast`)."""
