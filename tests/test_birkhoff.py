@@ -496,13 +496,16 @@ def test_rsgd_momentum_converges_toward_a_target_near_a_vertex(dtype):
 def test_nested_forward_mode_keeps_the_value_next_to_a_vertex():
     """Under nested forward mode (and inside torch.compile) the value is the balanced limit plus a term
     that is 0 in value and carries the three Newton steps' derivatives. Next to a vertex (float32, raw
-    scale 50) their solve can break down: that term was NaN, and so was the value."""
+    scale 50) their solve can break down: that term was NaN, and so was the value. There no value is
+    read, so the balancing is the fixed count's (vmap's); plain eager mode may run more rounds past it
+    (Note [Eager Newton rounds past the fixed count]), which moves this batch by 6e-10."""
     g = torch.Generator().manual_seed(1)
     Z = (50.0 * torch.randn(16, 3, 3, generator=g, dtype=F64)).float()
     V = torch.randn(16, 3, 3, generator=g).float()
     inner = lambda z: torch.func.jvp(B.to_manifold, (z,), (V,))[0]  # noqa: E731
     X = torch.func.jvp(inner, (Z,), (V,))[0]  # two forward levels: the Newton-step path
-    torch.testing.assert_close(X, B.to_manifold(Z), rtol=0, atol=0)
+    torch.testing.assert_close(X, torch.func.vmap(B.to_manifold)(Z), rtol=0, atol=0)
+    torch.testing.assert_close(X, B.to_manifold(Z), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
@@ -599,3 +602,52 @@ def test_second_derivatives_next_to_a_face_equal_finite_differences():
         H = jacrev(jacrev(f))(V).reshape(n * n, n * n)
         assert float((H - H.T).abs().max()) <= 1e-10 * float(H.abs().max()), seed
         torch.testing.assert_close((H @ D.flatten()).reshape(n, n), hv, atol=1e-9 * scale, rtol=0)
+
+
+def _limit_distance_bound(P, Z):
+    """Sinkhorn's theorem on the entries that hold the mass, as in _structure_error, plus marginals."""
+    return torch.maximum(_structure_error(P, Z) / (1 + Z.abs().amax((-2, -1))), _marginal_error(P.double()))
+
+
+def test_eager_mode_balances_past_the_fixed_count_or_gives_nan():
+    """Regression (Note [Eager Newton rounds past the fixed count]): past raw scale ~150 (float64) the
+    fixed 24 Newton rounds stopped short and the rounding step returned another doubly stochastic matrix,
+    finite, up to 1 off the limit: p17's Z × 10 gave [[.25, .5, .25], [.25, .5, .25], [.5, 0, .5]] (its
+    limit is the anti-diagonal permutation), × 3 was 3e-3 off. Eager mode now runs more rounds: float64
+    reaches the limit, and float32 is within 1e-3 of the float64 limit of its input or NaN."""
+    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    for factor in (1.5, 3.0, 10.0):
+        P = B.to_manifold(factor * Z0)
+        torch.testing.assert_close(P, torch.eye(3, dtype=F64).flip(-1), atol=1e-6, rtol=0, msg=str(factor))
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 8, 16):
+        for scale in (300.0, 1000.0):
+            Z = scale * torch.randn(32, n, n, generator=g, dtype=F64)
+            P = B.to_manifold(Z)
+            assert bool(torch.isfinite(P).all()), (n, scale)
+            assert float(_limit_distance_bound(P, Z).max()) <= 1e-6, (n, scale)
+            Z32 = Z.float()
+            ref = B.to_manifold(Z32.double())
+            P32 = B.to_manifold(Z32).double()
+            off = (P32 - ref).abs().amax((-2, -1))
+            assert bool(((off <= 1e-3) | P32.isnan().all(-1).all(-1)).all()), (n, scale, float(off.nan_to_num(0).max()))
+
+
+def test_eager_mode_gives_nan_where_the_cap_is_not_enough(monkeypatch):
+    """Where the rounds past the fixed count run out (the cap lowered to one extra round here), the
+    unbalanced matrix is NaN, value and gradient, and its balanced neighbour in the batch is its value alone (to rounding);
+    under vmap the fixed count runs and nothing is NaN (Note [Sinkhorn with a fixed step count])."""
+    from geofunc.spaces import _birkhoff
+
+    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    Z1 = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    Z = torch.stack([10.0 * Z0, Z1]).requires_grad_()
+    monkeypatch.setattr(_birkhoff, "_NEWTON_CAP", _birkhoff._NEWTON + 1)
+    P = B.to_manifold(Z)
+    assert bool(P[0].isnan().all()) and bool(torch.isfinite(P[1]).all())
+    torch.testing.assert_close(P[1], B.to_manifold(Z1), atol=1e-14, rtol=0)  # its batch ran more rounds
+    (G,) = torch.autograd.grad((P[1] * torch.arange(9.0, dtype=F64).reshape(3, 3)).sum() + P[0].sum(), Z)
+    assert bool(G[0].isnan().all()) and bool(torch.isfinite(G[1]).all())
+    Pv = torch.func.vmap(B.to_manifold)(Z.detach())
+    assert bool(torch.isfinite(Pv).all())
+    assert float(_marginal_error(Pv).max()) <= MARGINAL[F64]

@@ -338,13 +338,21 @@ def test_birkhoff_huge_negative_raw_entry_is_an_allowed_zero():
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
-def test_birkhoff_gives_a_point_at_every_finite_scale(dtype, generator):
+def test_birkhoff_gives_a_point_or_nan_at_every_finite_scale(dtype, generator):
+    """Up to raw scale 1 a point; beyond, each matrix is a point or NaN (in eager mode, where the
+    balancing did not reach the limit within 256 rounds, a matrix of raw entries spread over ~1e4 and
+    more: Note [Eager Newton rounds past the fixed count]; before, some doubly stochastic matrix up to 1
+    off the limit), never a finite non-member."""
     for scale in SCALES[dtype]:
         Z = (scale * torch.randn(3, 5, 5, generator=generator, dtype=F64)).to(dtype)
         X = B.sample((3, 5, 5), generator=generator, dtype=dtype)
         for what, P in (("to_manifold", B.to_manifold(Z)), ("retract", B.retract(X, B.tangent(X, Z))),
                         ("project", B.project(Z))):
-            assert bool(torch.isfinite(P).all()) and bool(B.contains(P).all()) and (not _reference_applies(B, P) or member(B, P)), (what, scale, dtype)
+            nan = P.isnan().all(-1).all(-1)
+            assert bool((nan | torch.isfinite(P).all(-1).all(-1)).all()), (what, scale, dtype)
+            assert scale > 1.0 or not bool(nan.any()), (what, scale, dtype)
+            P = P[~nan]
+            assert bool(B.contains(P).all()) and (not _reference_applies(B, P) or member(B, P)), (what, scale, dtype)
 
 
 def test_sl_retract_gives_nan_not_a_non_member_where_the_point_is_unrepresentable():
