@@ -156,6 +156,11 @@ def _real(x: Any) -> float | None:
     return None
 
 
+def _numpy_real_0d(x: Any) -> bool:
+    """Whether ``x`` (not a tensor) is a NumPy-style 0-dim real array (``ndim`` 0, dtype kind int/uint/float)."""
+    return getattr(x, "ndim", None) == 0 and getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u", "f")
+
+
 # Note [Values known at construction]
 # torch.optim.SGD tests ``nesterov and (momentum <= 0 or dampening != 0)`` when it is built, with a tensor
 # momentum or dampening too (bool() of a 0-dim tensor: a host read, on an accelerator a device sync):
@@ -176,7 +181,7 @@ def _known_value(x: Any, *, learned: bool = False) -> float | None:
     from .._fastpath import dispatch_mode_active, make_fx_tracing  # (at construction only)
 
     if not isinstance(x, torch.Tensor):
-        if getattr(x, "ndim", None) == 0 and getattr(getattr(x, "dtype", None), "kind", None) in ("i", "u", "f"):
+        if _numpy_real_0d(x):
             return _real(x.item()) if hasattr(x, "item") else None
         return _real(x)
     if (torch.compiler.is_compiling() or type(x) not in (Tensor, torch.nn.Parameter) or (x.requires_grad and not learned)
@@ -240,7 +245,7 @@ def _is_real_scalar(value: Any) -> bool:
         return value.ndim == 0 and real_dtype(value)
     if isinstance(value, numbers.Number):
         return isinstance(value, numbers.Real)
-    return getattr(value, "ndim", None) == 0 and getattr(getattr(value, "dtype", None), "kind", None) in ("i", "u", "f")
+    return _numpy_real_0d(value)
 
 
 def _number(x: Any) -> Any:
