@@ -92,6 +92,26 @@ def test_logmap_is_zero_at_the_point_and_nan_at_the_antipode():
     torch.testing.assert_close(J, torch.eye(3, dtype=F64) - torch.outer(x, x), atol=1e-12, rtol=0)
 
 
+
+@pytest.mark.parametrize("space, X, Y", [
+    (gf.Sphere(), torch.tensor([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]], dtype=F64),
+     torch.tensor([[-0.6, -0.8, 0.0], [0.0, 1.0, 0.0]], dtype=F64)),
+    (gf.Sphere(radius=2.5), torch.tensor([[2.5], [-2.5], [2.5]], dtype=F64), torch.tensor([[-2.5], [-2.5], [2.5]], dtype=F64)),
+    (gf.SphereEmbedded(), torch.tensor([[1.0], [-1.0]], dtype=F64), torch.tensor([[-1.0], [-1.0]], dtype=F64)),
+    (gf.Oblique(), torch.tensor([[1.0, -1.0, 1.0]], dtype=F64), torch.tensor([[1.0, 1.0, -1.0]], dtype=F64)),
+    (gf.Sphere(), torch.tensor([1.0, 0.0], dtype=torch.complex128), torch.tensor([-1.0, 0.0], dtype=torch.complex128)),
+])
+def test_sqdist_is_dist_squared_at_the_antipode(space, X, Y):
+    """At the antipode the logarithm is NaN (no shortest geodesic) but the distance is π r: ``sqdist``
+    is ``dist²`` there too, not NaN. On S⁰ (vectors of length 1) and a one-row ``Oblique`` every pair of
+    points differing in sign is antipodal, i.e. most random pairs (sqdist was NaN for them)."""
+    d = space.dist(X, Y)
+    torch.testing.assert_close(space.sqdist(X, Y), d**2, atol=1e-12, rtol=1e-12)
+    assert torch.isnan(space.logmap(X, Y)).any()  # the logarithm stays NaN there
+    Yr = Y.clone().requires_grad_()
+    space.sqdist(X, Yr).sum().backward()
+    assert torch.isfinite(Yr.grad).all()
+
 def test_extreme_radii_in_float32():
     for r in (1e-20, 1e20):
         S = gf.Sphere(radius=r)

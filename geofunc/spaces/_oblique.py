@@ -8,7 +8,7 @@ from typing import ClassVar, final
 import torch
 
 from ._base import AbstractSpace
-from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_dist, sphere_expmap, sphere_logmap, sphere_tangent
+from ._sphere import _e1, _exp_chart, _unit_base, normalize, sphere_dist, sphere_expmap, sphere_logmap, sphere_sqdist, sphere_tangent
 
 __all__ = ["Oblique"]
 
@@ -114,6 +114,12 @@ class Oblique(AbstractSpace):
         """``√(Σ_j θ_j²)`` over the columns' great-circle distances ``θ_j`` (the product metric), batch-shaped."""
         self._check_pair(X, Y, "Y")
         return torch.linalg.vector_norm(sphere_dist(_columns(X), _columns(Y), 1.0), dim=-1)
+
+    def sqdist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """The sum of the columns' squared great-circle distances (:meth:`Sphere.sqdist
+        <geofunc.Sphere.sqdist>`: π² for a column where ``Y``'s is ``−X``'s, where ``logmap`` is NaN)."""
+        self._check_pair(X, Y, "Y")
+        return sphere_sqdist(_columns(X), _columns(Y), 1.0).sum(-1)
 
     def project(self, Y: Tensor) -> Tensor:
         """The columns of ``Y`` normalized (``e_1`` for a zero column)."""

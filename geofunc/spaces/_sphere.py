@@ -297,8 +297,9 @@ def sphere_expmap(X: Tensor, V: Tensor, r: float) -> Tensor:
     return _exp_chart(V if r == 1.0 else V / r, _unit_base(X, r), r)
 
 
-def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
-    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
+def _sphere_log(X: Tensor, Y: Tensor, r: float) -> tuple[Tensor, Tensor]:
+    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim, finite everywhere, and the mask (``(*batch, 1)``) of
+    the antipodes, where it means nothing (Note [the sphere's geodesics])."""
     x, y = _unit_base(X, r), _unit_base(Y, r)
     d, e = y - x, y + x
     near = _dot(x, y) >= 0
@@ -313,8 +314,24 @@ def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
     w_far = e - _dot(x, e) * x
     s2 = _dot(w_far, w_far)
     theta = 2.0 * torch.atan2(u.clamp(min=tiny).sqrt() * math.sqrt(2.0), _dot(e, e).clamp(min=tiny).sqrt())
-    ratio_far = torch.where((s2 > 0) | near, theta / s2.clamp(min=tiny).sqrt(), torch.full_like(s2, float("nan")))  # NaN: antipode
-    return r * torch.where(near, ratio_near * w_near, ratio_far * w_far)
+    ratio_far = theta / s2.clamp(min=tiny).sqrt()
+    antipode = (s2 <= 0) & ~near
+    return r * torch.where(near, ratio_near * w_near, ratio_far * w_far), antipode
+
+
+def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
+    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
+    L, antipode = _sphere_log(X, Y, r)
+    return torch.where(antipode, torch.full_like(L, float("nan")), L)
+
+
+def sphere_sqdist(X: Tensor, Y: Tensor, r: float) -> Tensor:
+    """``dist(X, Y)²`` along the last dim, batch-shaped: ``‖Log_x(y)‖²`` (as smooth as the logarithm, exact
+    second derivatives at ``y = x``), and ``(π r)²`` at the antipode, where the logarithm is NaN (no shortest
+    geodesic) but the distance is ``π r``; there the gradient is 0 (the unselected branch is finite)."""
+    L, antipode = _sphere_log(X, Y, r)
+    sq = real_products(L, L).sum(-1)  # Note [Real products under vmap] (geofunc/_linalg.py)
+    return torch.where(antipode.squeeze(-1), torch.full_like(sq, (math.pi * r) ** 2), sq)
 
 
 def validate_radius(space: Any) -> None:
@@ -369,6 +386,12 @@ class RadiusSphere(AbstractSpace):
         """The great-circle distance ``2r atan2(‖ŷ − x̂‖, ‖ŷ + x̂‖)``, batch-shaped."""
         self._check_pair(X, Y, "Y")
         return sphere_dist(X, Y, self.radius)
+
+    def sqdist(self, X: Tensor, Y: Tensor) -> Tensor:
+        """``dist(X, Y)²``, batch-shaped: ``inner(X, L, L)``, ``L = logmap(X, Y)`` (exact second derivatives
+        at ``Y = X``), and ``(π r)²`` at the antipode, where ``logmap`` is NaN but the distance is defined."""
+        self._check_pair(X, Y, "Y")
+        return sphere_sqdist(X, Y, self.radius)
 
     def _violations(self, X: Tensor) -> dict[str, Tensor]:
         # ‖x/r‖ rather than ‖x‖/r: ‖x‖ of a valid point overflows float32 for r ≳ 1e19.
