@@ -886,5 +886,49 @@ def test_in_manifold_of_an_integer_tensor_is_false(M):
     answered False: an integer tensor is on no space, and the predicate says so."""
     X = M.sample()
     X = X if isinstance(X, torch.Tensor) else M(X)
-    assert M.in_manifold(X) is True
-    assert M.in_manifold(X.round().to(torch.int64)) is False
+    assert bool(M.in_manifold(X)) is True
+    assert bool(M.in_manifold(X.round().to(torch.int64))) is False
+
+
+# GeoTorch 0.4.0's type of in_manifold's answer, class by class: a 0-dim bool tensor for Sphere,
+# SphereEmbedded and LowRank (a reduction returned without .item()), a Python bool for the others.
+_ANSWER_TYPES = [
+    (lambda L: L.SO((3, 3)), bool), (lambda L: L.Stiefel((5, 3)), bool), (lambda L: L.Grassmannian((5, 3)), bool),
+    (lambda L: L.Sphere((4,)), torch.Tensor), (lambda L: L.SphereEmbedded((2, 4)), torch.Tensor),
+    (lambda L: L.LowRank((5, 3), 2), torch.Tensor), (lambda L: L.FixedRank((5, 3), 2), bool),
+    (lambda L: L.GLp((3, 3)), bool), (lambda L: L.SL((3, 3)), bool), (lambda L: L.AlmostOrthogonal((4, 4), 0.5), bool),
+    (lambda L: L.PSD((3, 3)), bool), (lambda L: L.PSSD((3, 3)), bool), (lambda L: L.PSSDLowRank((4, 4), 2), bool),
+    (lambda L: L.PSSDFixedRank((4, 4), 2), bool),
+]
+
+
+@pytest.mark.parametrize("make, kind", _ANSWER_TYPES, ids=[f"{i}-{k.__name__}" for i, (_, k) in enumerate(_ANSWER_TYPES)])
+def test_in_manifold_answers_with_geotorchs_type(make, kind):
+    """Note [The type of in_manifold's answer]: a GeoTorch program reading Sphere's, SphereEmbedded's or
+    LowRank's answer as a tensor (``M.in_manifold(x).item()``) raised "'bool' object has no attribute
+    'item'"; ``if``/``bool()`` work on both types. The tensor lives on the input's device."""
+    torch.manual_seed(0)
+    M = make(gnn)
+    X = M.sample()
+    X = X if isinstance(X, torch.Tensor) else M(X)
+    if isinstance(M, gnn.GLp):
+        X = X * torch.linalg.det(X).sign()[..., None, None]  # det > 0 (geofunc's GLp); n = 3 is odd
+    off = -X if isinstance(M, (gnn.GLp, gnn.PSD, gnn.PSSD)) else 2.0 * X + 0.1
+    wrong = torch.zeros(*(d + 1 for d in X.shape))
+    answers = [M.in_manifold(X), M.in_manifold(off), M.in_manifold(wrong), M.in_manifold(X, eps=1e-3)]
+    for a, expected in zip(answers, [True, False, False, True]):
+        assert isinstance(a, kind), (type(M).__name__, type(a))
+        if kind is torch.Tensor:
+            assert a.shape == () and a.dtype == torch.bool and a.device == X.device
+            assert a.item() is expected  # GeoTorch's idiom
+        assert bool(a) is expected
+    if isinstance(M, gnn.LowRank):
+        S = torch.linalg.svdvals(X)
+        a = M.in_manifold_singular_values(S)
+        assert isinstance(a, torch.Tensor) and a.shape == () and a.item() is True
+    try:
+        import geotorch
+    except ImportError:
+        return
+    theirs = make(geotorch)
+    assert isinstance(theirs.in_manifold(X), kind)  # the table is GeoTorch's

@@ -982,19 +982,39 @@ class Grassmannian(Stiefel):
 # rounding (float32 up to r ~ 2.6; float64 up to r ~ 1e9).
 
 
-def _in_sphere(X: Any, radius: float, eps: float, dtype_eps: Callable[[float, Tensor], float]) -> bool:
+# Note [The type of in_manifold's answer]
+# GeoTorch's ``in_manifold`` answers with a Python bool for most classes but with a 0-dim bool tensor for
+# Sphere, SphereEmbedded and LowRank (a reduction it returns without ``.item()``): there a GeoTorch
+# program may read it as a tensor (``M.in_manifold(x).item()``, ``.all()``, ``torch.logical_and``), which
+# raised "'bool' object has no attribute 'item'" here. Those three classes (and LowRank's
+# ``in_manifold_singular_values``) now answer with a 0-dim bool tensor on the input's device, also where
+# GeoTorch's gives a Python bool on some paths (a wrong size, a LowRank of full rank): one type per
+# class, and ``if``, ``assert``, ``not``, ``bool()`` and ``.item()`` all work on it. The other classes
+# keep GeoTorch's Python bool.
+def _answer(verdict: Any, X: Any) -> Tensor:
+    """``verdict`` (a bool or a one-element tensor) as a 0-dim bool tensor on ``X``'s device (Note [The type
+    of in_manifold's answer])."""
+    if isinstance(verdict, Tensor):
+        return verdict.reshape(()).to(torch.bool)
+    if isinstance(X, (tuple, list)) and X and isinstance(X[0], Tensor):
+        X = X[0]
+    return torch.tensor(bool(verdict), device=X.device if isinstance(X, Tensor) else None)
+
+
+def _in_sphere(X: Any, radius: float, eps: float, dtype_eps: Callable[[float, Tensor], float]) -> Tensor:
     """Every vector along the last dimension of ``X`` has norm ``radius`` to ``eps`` (strict; at least
-    the rounding of such a norm: Note [Tolerance of a large sphere]). As GeoTorch's, any leading
-    dimensions are a batch: ``X`` need not have the class's size (a stack of samples is checked too);
-    an assignment still must (``right_inverse`` checks the size first)."""
+    the rounding of such a norm: Note [Tolerance of a large sphere]), as a 0-dim bool tensor (Note [The
+    type of in_manifold's answer]). As GeoTorch's, any leading dimensions are a batch: ``X`` need not
+    have the class's size (a stack of samples is checked too); an assignment still must
+    (``right_inverse`` checks the size first)."""
     if not isinstance(X, Tensor) or X.ndim < 1 or not (X.is_floating_point() or X.is_complex()):
-        return False
+        return _answer(False, X)
     Xf = X.float() if X.dtype in LOW_PRECISION else X
     norm = torch.linalg.vector_norm(Xf, dim=-1)
     rounding = 0.0  # of a norm r stored in X's dtype (bf16/fp16: theirs, not float32's)
     if X.is_floating_point() or X.is_complex():
         rounding = radius * _rounding_unit(X.dtype, X.shape[-1], 32)
-    return bool(((norm - radius).abs() < max(dtype_eps(eps, X), rounding)).all())
+    return ((norm - radius).abs() < max(dtype_eps(eps, X), rounding)).all()
 
 
 class Sphere(_Manifold):
@@ -1012,7 +1032,7 @@ class Sphere(_Manifold):
 
         >>> M = Sphere((4,), radius=2.0)
         >>> M.in_manifold(M.sample())
-        True
+        tensor(True)
     """
 
     _space_cls: ClassVar[type] = S.Sphere
@@ -1037,10 +1057,11 @@ class Sphere(_Manifold):
             with torch.no_grad():  # the base is a point of the sphere: of the new radius (same direction)
                 base.mul_(self.space.radius / old)
 
-    def in_manifold(self, x: Any, eps: float = 1e-5) -> bool:
+    def in_manifold(self, x: Any, eps: float = 1e-5) -> Tensor:
         """``max |‖x‖ − r| < eps`` over every vector along the last dimension (strict; ``eps`` at least
         the rounding of a norm ``r``: Note [Tolerance of a large sphere]); any leading dimensions are a
-        batch, as in GeoTorch (``x`` need not have the class's size)."""
+        batch, as in GeoTorch (``x`` need not have the class's size). A 0-dim bool tensor, as GeoTorch's
+        (Note [The type of in_manifold's answer])."""
         return _in_sphere(x, self.radius, eps, self._eps)
 
     def right_inverse(self, x: Any, check_in_manifold: bool = True) -> Tensor:
@@ -1068,7 +1089,7 @@ class SphereEmbedded(Sphere):
 
         >>> M = SphereEmbedded((3,))
         >>> M.in_manifold(M(torch.tensor([3.0, 0.0, 4.0])))
-        True
+        tensor(True)
     """
 
     _space_cls: ClassVar[type] = S.SphereEmbedded
@@ -1429,13 +1450,22 @@ class LowRank(_SVDManifold):
 
         >>> M = LowRank((5, 4), rank=2)
         >>> M.in_manifold(M.sample())
-        True
+        tensor(True)
     """
 
     def __init__(self, size: Any, rank: int, triv: Any = "expm") -> None:
         n, k, ts, tr, r = self._setup(size, rank)
         super().__init__(S.LowRank(rank=r, triv=triv), size)
         self._finish(n, k, ts, tr, r, triv)
+
+    def in_manifold(self, X: Any, eps: float = 1e-5) -> Tensor:
+        """The size and :meth:`in_manifold_singular_values` of ``X``'s singular values, as a 0-dim bool
+        tensor, GeoTorch's type here (Note [The type of in_manifold's answer])."""
+        return _answer(super().in_manifold(X, eps), X)
+
+    def in_manifold_singular_values(self, S: Tensor, eps: float = 1e-5, *, floor: Optional[float] = None) -> Tensor:
+        """``max |σ_{rank+1..}| < eps`` (up to their rounding) as a 0-dim bool tensor, as GeoTorch's."""
+        return _answer(super().in_manifold_singular_values(S, eps, floor=floor), S)
 
     def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, factorized: bool = False) -> Any:
         """The truncated SVD of ``init_``'s tensor: ``(U, S, V)`` if ``factorized`` (``U diag(S) Vᵀ``
