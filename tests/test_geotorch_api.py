@@ -457,6 +457,80 @@ def test_inverse_error_for_a_single_callable_f():
     assert almost_orthogonal(0.5)(lin.weight.detach())
 
 
+_SOFTPLUS32 = lambda s: torch.nn.functional.softplus(s) + math.sqrt(torch.finfo(s.dtype).eps)  # geofunc's "softplus"
+
+
+def _sl_map(s):
+    logs = _SOFTPLUS32(s).log()
+    return (logs - logs.mean(-1, keepdim=True)).exp()
+
+
+@pytest.mark.parametrize("make, value_map", [
+    (lambda L: L.FixedRank((5, 3), 2), _SOFTPLUS32), (lambda L: L.GLp((3, 3)), _SOFTPLUS32),
+    (lambda L: L.SL((3, 3)), _sl_map), (lambda L: L.PSD((3, 3)), _SOFTPLUS32),
+    (lambda L: L.PSSDFixedRank((3, 3), 2), _SOFTPLUS32), (lambda L: L.PSSD((3, 3)), torch.abs),
+    (lambda L: L.PSSDLowRank((3, 3), 2), torch.abs), (lambda L: L.AlmostOrthogonal((3, 3), 0.5), torch.sin),
+], ids=["FixedRank", "GLp", "SL", "PSD", "PSSDFixedRank", "PSSD", "PSSDLowRank", "AlmostOrthogonal"])
+def test_f_and_inv_are_geotorchs_callables(make, value_map):
+    """Note [f and inv read as callables]: GeoTorch's ``M.f``/``M.inv`` are the value map and its inverse;
+    ``M.f(s)`` raised "'str' object is not callable" (AttributeError on PSSD/PSSDLowRank)."""
+    torch.manual_seed(0)
+    M = make(gnn)
+    s = torch.tensor([[-1.0, 0.25, 1.5]])
+    assert callable(M.f) and callable(M.inv)
+    torch.testing.assert_close(M.f(s), value_map(s), atol=1e-6, rtol=0)
+    t = s.abs() if value_map is torch.abs else s
+    if not isinstance(M, gnn.SL):  # SL's normalized map forgets the common scale: no inverse of f(s) to s
+        torch.testing.assert_close(M.inv(M.f(t)), t, atol=1e-5, rtol=0)
+    try:
+        import geotorch
+    except ImportError:
+        geotorch = None
+    if geotorch is not None:  # GeoTorch's own callables, up to geofunc's softplus floor √ε (3.5e-4 in float32; SL normalized: 8e-4)
+        torch.testing.assert_close(M.f(s), make(geotorch).f(s), atol=1e-3, rtol=0)
+    # the callables read back as the name: the weight and the named map (floor, inverse) are kept
+    layer = nn.Linear(3, 5 if isinstance(M, (gnn.FixedRank,)) and not isinstance(M, (gnn.GLp, gnn.SL)) else 3)
+    with torch.no_grad():
+        layer.weight.copy_(M.sample())
+    P.register_parametrization(layer, "weight", M)
+    W = layer.weight.detach().clone()
+    name = getattr(M.space, "f", None)
+    M.f = M.f
+    M.f = (M.f, M.inv)
+    assert getattr(M.space, "f", None) == name
+    torch.testing.assert_close(layer.weight.detach(), W, atol=0, rtol=0)
+    layer.weight = W  # the inverse is still there
+    torch.testing.assert_close(layer.weight.detach(), W, atol=1e-5, rtol=1e-5)
+    if name is None:  # PSSD, PSSDLowRank: |λ| only
+        with pytest.raises(gf.ManifoldError, match=r"PSSD\w*\.f: expected abs"):
+            M.f = torch.exp
+        assert M.f is torch.abs
+        return
+    M.inv = None  # f alone: no inverse, as GeoTorch's M.inv = None
+    assert M.inv is None and M.f(s).shape == s.shape
+    with pytest.raises(gnn.InverseError):
+        layer.weight = W
+    g, g_inv = M.fs["softplus"] if "softplus" in M.fs else M.fs["sin"]
+    M.inv = g_inv
+    assert M.inv is g_inv
+
+
+def test_a_single_callable_f_reads_back_with_no_inverse():
+    M = gnn.FixedRank((5, 3), 2, f=torch.exp)
+    assert M.f is torch.exp and M.inv is None and M.space.f is torch.exp
+    assert not hasattr(gnn.SO((3, 3)), "inv") and not hasattr(gnn.Sphere((3,)), "f")
+    pair = (torch.exp, torch.log)
+    gnn.FixedRank.fs["exp"] = pair  # GeoTorch's table takes new names: an assignment by name reads it
+    try:
+        M.f = pair  # not read back as "exp", a name the space does not take
+        assert M.space.f is pair
+        M.f = "softplus"
+        M.f = "exp"
+        assert M.space.f is pair and M.f is torch.exp and M.inv is torch.log
+    finally:
+        del gnn.FixedRank.fs["exp"]
+
+
 def test_in_manifold_error_names_the_parameter_and_space():
     lin = gnn.orthogonal(nn.Linear(3, 5))
     with pytest.raises(gnn.InManifoldError, match=r"Linear\.weight.*Stiefel.*expected a point on the space.*shape \(5, 3\)"):

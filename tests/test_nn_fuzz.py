@@ -289,7 +289,7 @@ def test_assigning_f_changes_the_map_as_geotorch():
     s_soft = torch.linalg.svdvals(layer.weight.detach())[:2]
     pair = (torch.exp, torch.log)
     M.f = pair
-    assert M.f is pair
+    assert M.f is pair[0] and M.inv is pair[1] and M.space.f is pair  # callables, as GeoTorch's attributes
     s_exp = torch.linalg.svdvals(layer.weight.detach())[:2]
     # f acts on the same raw singular-value entries: exp(s) where softplus(s) was (softplus(s) = log(1 + exp(s)))
     torch.testing.assert_close(s_exp, torch.expm1(s_soft - _softplus_floor(M)).sort(descending=True).values,

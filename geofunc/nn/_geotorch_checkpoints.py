@@ -78,7 +78,7 @@ def _frame(X: Tensor, base: Tensor, triv: Callable[[Tensor], Tensor], grassmann:
 def _value_map(M: nn.Module, named: dict) -> Callable[[Tensor], Tensor]:
     """GeoTorch's map of the raw singular values (eigenvalues) for the class's ``f``: a name from
     ``named``, a callable, or the first of a pair."""
-    f = M.f
+    f = M.space.f  # the name or pair given (M.f reads as the callable: Note [f and inv read as callables])
     if isinstance(f, str):
         return named[f]
     if isinstance(f, (tuple, list)):
@@ -143,7 +143,7 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
             s = 1.0 + M.lam * _value_map(M, {k: v[0] for k, v in C.AlmostOrthogonal.fs.items()})(s)
         elif isinstance(M, C.FixedRank):  # GLp and SL too
             s = _value_map(M, {"softplus": _softplus_geotorch})(s)
-            if isinstance(M, C.SL) and isinstance(M.f, str):  # GeoTorch normalizes named maps only
+            if isinstance(M, C.SL) and isinstance(M.space.f, str):  # GeoTorch normalizes named maps only
                 logs = s.log()
                 s = (logs - logs.mean(-1, keepdim=True)).exp()
         W = U * s.unsqueeze(-2) @ V.transpose(-2, -1)

@@ -681,15 +681,104 @@ class _Manifold(Parametrization):
     def triv(self, value: Any) -> None:
         self._replace_field("triv", value)
 
+    # Note [f and inv read as callables]
+    # GeoTorch's classes with a value map store it resolved: ``M.f`` is the function applied to the raw
+    # singular values (eigenvalues; ``softplus_epsilon`` for ``"softplus"``, ``torch.abs`` for PSSD and
+    # PSSDLowRank) and ``M.inv`` its inverse or None, so a GeoTorch program may call them (``M.f(s)``, the
+    # values a raw tensor stands for), which raised "'str' object is not callable" here (and
+    # AttributeError for PSSD/PSSDLowRank, and "'tuple' object is not callable" after ``f=(g, g_inv)``).
+    # They now read as GeoTorch's: the callables geofunc's map applies (``fs[name]``: geofunc's
+    # ``softplus + √ε``; SL's named map with its log-normalization, as GeoTorch's ``f_sl``); the name or
+    # pair given stays ``M.space.f``. Assigning takes a name, a callable or a pair as before; a named
+    # map's own callables (``M.f = M.f``, ``M.f = (M.f, M.inv)``) are read back as its name, so the space
+    # keeps its named map (its floor, its fast paths). ``M.inv = g`` pairs ``M.f`` with ``g``.
+    # PSSD/PSSDLowRank's map is |λ| (their spaces have no ``f``): it reads as ``torch.abs``; another one
+    # is refused (GeoTorch's would take it; here it would have been a plain attribute the map ignores).
     @property
     def f(self) -> Any:
-        """The map of the singular values (eigenvalues): a name, a callable or a pair (assignable, as
-        GeoTorch's attribute: the map and the inverse follow; the raw tensor is kept)."""
-        return self._space_field("f")
+        """The map of the singular values (eigenvalues), a callable as GeoTorch's attribute (the name given,
+        e.g. ``"softplus"``, is ``M.space.f``). Assignable (a name, a callable or a pair): the map and the
+        inverse follow, the raw tensor is kept (Note [f and inv read as callables])."""
+        if not self._has_field("f"):
+            fixed = self._fixed_f
+            if fixed is not None and "f" not in self.__dict__:
+                return fixed[0]
+            return self._space_field("f")
+        return self._f_pair()[0]
 
     @f.setter
     def f(self, value: Any) -> None:
-        self._replace_field("f", value)
+        if not self._has_field("f") and self._fixed_f is not None:
+            self._refuse_other_f("f", value, 0)
+            return
+        if self._has_field("f") and isinstance(value, str) and value in self._named_maps() and not self._takes_f(value):
+            value = self._named_maps()[value]  # a name added to the class's ``fs`` (GeoTorch's parse_f reads it)
+        self._replace_field("f", self._f_name(value))
+
+    @property
+    def inv(self) -> Any:
+        """The inverse of :attr:`f` (a callable), or None where ``f`` was given as a single callable, as
+        GeoTorch's attribute. Assigning ``g`` pairs it with ``f`` (None: no inverse, assignment then raises
+        :class:`InverseError`)."""
+        if not self._has_field("f"):
+            fixed = self._fixed_f
+            if fixed is not None and "inv" not in self.__dict__:
+                return fixed[1]
+            return self._space_field("inv")
+        return self._f_pair()[1]
+
+    @inv.setter
+    def inv(self, value: Any) -> None:
+        if not self._has_field("f"):
+            if self._fixed_f is not None:
+                self._refuse_other_f("inv", value, 1)
+                return
+            self._replace_field("inv", value)  # a subclass's own attribute
+            return
+        if value is None:
+            self._replace_field("f", self.f)  # the forward map alone (not read back as a name: no inverse)
+        else:
+            self._replace_field("f", self._f_name((self.f, value)))
+
+    #: The value map of a space without ``f`` (``(f, inv)``: PSSD's |λ|), read by ``M.f`` and ``M.inv``.
+    _fixed_f: ClassVar[Optional[tuple]] = None
+
+    def _named_maps(self) -> dict:
+        """``name -> (f, inv)``: what a name of ``f`` applies (GeoTorch's ``fs``)."""
+        return getattr(type(self), "fs", None) or {}
+
+    def _f_pair(self) -> tuple:
+        f = self.space.f
+        if isinstance(f, str):
+            return self._named_maps()[f]
+        if isinstance(f, tuple):
+            return f
+        return f, None
+
+    def _takes_f(self, name: str) -> bool:
+        """Whether the space takes ``f=name`` (its own named maps; not a name a user added to ``fs``)."""
+        try:
+            dataclasses.replace(self.space, f=name)
+        except ManifoldError:
+            return False
+        return True
+
+    def _f_name(self, value: Any) -> Any:
+        """``value`` with a named map's own callables (``f``, or the pair ``(f, inv)``) read back as the name
+        (a name the space takes)."""
+        for name, (g, g_inv) in self._named_maps().items():
+            if value is g or (isinstance(value, (tuple, list)) and len(value) == 2 and value[0] is g and value[1] is g_inv):
+                return name if self._takes_f(name) else value
+        return value
+
+    def _refuse_other_f(self, attr: str, value: Any, i: int) -> None:
+        fixed = self._fixed_f
+        if value is fixed[i] or (attr == "f" and isinstance(value, (tuple, list)) and tuple(value) == fixed):
+            return
+        raise ManifoldError(
+            f"{type(self).__name__}.{attr}: expected {fixed[i].__name__} (the eigenvalue map |λ| of "
+            f"{type(self.space).__name__}, which takes no other map), got {value!r}; for another map use "
+            f"PSSDFixedRank(size, rank, f=...) or PSD(size, f=...).")
 
     def _has_field(self, name: str) -> bool:
         space = self.__dict__.get("space")
@@ -1591,6 +1680,13 @@ class GLp(FixedRank):
             return self._emit(U, s, _det_positive_v(U, V), factorized)
 
 
+def _softplus_sl(x: Tensor) -> Tensor:
+    """SL's ``"softplus"`` as its map applies it: geofunc's softplus, log-normalized (product 1 along the
+    last dimension), as GeoTorch's ``SL.f``."""
+    logs = _softplus(x).log()
+    return (logs - logs.mean(-1, keepdim=True)).exp()
+
+
 class SL(FixedRank):
     r"""Matrices ``(*, n, n)`` of determinant one (GeoTorch's ``SL``), over :class:`geofunc.SL`.
 
@@ -1619,6 +1715,9 @@ class SL(FixedRank):
 
     def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
         return S.SL(f=f, triv=triv)
+
+    def _named_maps(self) -> dict:
+        return {"softplus": (_softplus_sl, _softplus_inverse)}  # M.f: the normalized map, as GeoTorch's
 
     def in_manifold(self, X: Any, eps: float = 5e-3) -> bool:
         """``det X > 0`` and ``|log det X| < max(eps, 8√(ε_dtype·n))``, and the size."""
@@ -1829,6 +1928,8 @@ class PSSDLowRank(_EigManifold):
         >>> M.in_manifold(M.sample())
         True
     """
+
+    _fixed_f: ClassVar[Optional[tuple]] = (torch.abs, torch.abs)  # GeoTorch's f and inv (Note [f and inv read as callables])
 
     def __init__(self, size: Any, rank: int, triv: Any = "expm") -> None:
         n, ts, r = self._setup(size, rank)
