@@ -443,6 +443,61 @@ def test_custom_triv_is_not_called_at_construction():
         cls(size=(3, 3), triv=lambda: 3)  # GeoTorch validates callables lazily
 
 
+def _cayley_reference(A):
+    eye = torch.eye(A.shape[-1], dtype=A.dtype)
+    return torch.linalg.solve(eye - A / 2, eye + A / 2)
+
+
+_TRIV_CLASSES = [lambda L, t: L.SO((4, 4), triv=t), lambda L, t: L.Stiefel((6, 4), triv=t),
+                 lambda L, t: L.Grassmannian((6, 4), triv=t), lambda L, t: L.LowRank((5, 4), 2, triv=t),
+                 lambda L, t: L.PSD((4, 4), triv=t), lambda L, t: L.Hurwitz((4, 4), triv=t)]
+
+
+@pytest.mark.parametrize("make", _TRIV_CLASSES, ids=["SO", "Stiefel", "Grassmannian", "LowRank", "PSD", "Hurwitz"])
+@pytest.mark.parametrize("triv, reference", [("expm", torch.linalg.matrix_exp), ("cayley", _cayley_reference)])
+def test_triv_is_geotorchs_callable_and_the_table_exists(make, triv, reference):
+    """Note [triv read as a callable]: GeoTorch's ``M.triv`` is the map (``M.triv(A)``) and
+    ``SO.trivializations`` its table; geofunc.nn gave the name ("'str' object is not callable") and no table."""
+    torch.manual_seed(0)
+    M = make(gnn, triv)
+    A = torch.randn(4, 4, dtype=torch.float64)
+    A = A - A.mT
+    assert sorted(type(M).trivializations) == ["cayley", "expm"]
+    assert M.triv is type(M).trivializations[triv] and M.space.triv == triv
+    torch.testing.assert_close(M.triv(A), reference(A), atol=1e-12, rtol=0)
+    try:
+        import geotorch
+    except ImportError:
+        geotorch = None
+    if geotorch is not None and isinstance(M, (gnn.SO, gnn.Stiefel)):  # GeoTorch's classes with a top-level triv
+        theirs = make(geotorch, triv)
+        torch.testing.assert_close(M.triv(A), theirs.triv(A), atol=1e-12, rtol=0)
+        assert sorted(type(theirs).trivializations) == sorted(type(M).trivializations)
+    # a GeoTorch habit: the class's own map passed on (torus_init_, another class)
+    W = gnn.torus_init_(torch.empty(4, 4, dtype=torch.float64), triv=M.triv)
+    torch.testing.assert_close(W.mT @ W, torch.eye(4, dtype=torch.float64), atol=1e-12, rtol=0)
+    # the callable reads back as its name: the named chart is kept (at construction too)
+    M.triv = M.triv
+    assert M.space.triv == triv
+    other = "cayley" if triv == "expm" else "expm"
+    M.triv = type(M).trivializations[other]
+    assert M.space.triv == other
+    assert make(gnn, type(M).trivializations[triv]).space.triv == triv
+    mine = lambda X: reference(X)  # a user's callable stays a callable
+    M.triv = mine
+    assert M.triv is mine and M.space.triv is mine
+    type(M).trivializations["mine"] = mine  # GeoTorch's table takes new names: an assignment by name reads it
+    try:
+        M.triv = triv
+        M.triv = mine  # not read back as "mine", a name the space does not take
+        assert M.space.triv is mine
+        M.triv = triv
+        M.triv = "mine"
+        assert M.space.triv is mine
+    finally:
+        del type(M).trivializations["mine"]
+
+
 def test_inverse_error_for_a_single_callable_f():
     lin = nn.Linear(4, 4)
     M = gnn.GLp((4, 4), f=torch.exp)

@@ -118,7 +118,7 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
     d = {k: v.detach().to(torch.float64) for k, v in saved.items()}
     if isinstance(M, C.Hurwitz):
         def pd(X: Tensor, base: Tensor) -> Tensor:  # GeoTorch's PSD factor (softplus of the diagonal)
-            Q = _frame(X, base, resolve_triv(M.triv))
+            Q = _frame(X, base, resolve_triv(M.space.triv))
             return Q * _softplus_geotorch(X.diagonal(dim1=-2, dim2=-1)).unsqueeze(-2) @ Q.transpose(-2, -1)
 
         Q = pd(d["original0"], d["0.0.0.base"])
@@ -133,7 +133,7 @@ def _geotorch_point(M: nn.Module, saved: dict) -> Tensor:
     transposed = bool(getattr(M, "transposed", False))
     if transposed:
         X = X.transpose(-2, -1)
-    triv = resolve_triv(M.triv)
+    triv = resolve_triv(M.space.triv)
     if isinstance(M, C._SVDManifold):
         r = M.rank
         U = _frame(X.tril(-1)[..., :r], d["0.0.base"], triv)

@@ -31,6 +31,7 @@ from .._errors import ManifoldError, describe, first_index, not_dense, real_dtyp
 from .._expm import _real
 from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
+from .._linalg import _TRIVS
 from ..spaces._hurwitz import lyapunov
 from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import (
@@ -388,6 +389,19 @@ def _without_autocast(cls: type) -> None:
             setattr(cls, name, _autocast_off(attr))
 
 
+#: GeoTorch's ``SO.trivializations``: the named trivializations, as the callables geofunc's maps apply
+#: (Note [triv read as a callable]).
+_TRIVIALIZATIONS: dict = dict(_TRIVS)
+
+
+def _triv_name(triv: Any) -> Any:
+    """``triv`` with geofunc's own callable of a named trivialization read back as its name."""
+    for name, fn in _TRIVS.items():
+        if triv is fn:
+            return name
+    return triv
+
+
 class _Manifold(Parametrization):
     """Abstract: a GeoTorch class over a geofunc space (see the module docstring)."""
 
@@ -671,14 +685,32 @@ class _Manifold(Parametrization):
     # silently (a FixedRank weight kept softplus after ``M.f = (torch.exp, torch.log)``, where GeoTorch's
     # moved by 3.8). Both are now views of the space's field: assigning replaces the space (validated by
     # it, as at construction); a class whose space has no such field has no such attribute.
+    # Note [triv read as a callable]
+    # GeoTorch stores ``triv`` resolved: ``M.triv`` is the map itself (``torch.linalg.matrix_exp`` for
+    # ``"expm"``, its ``cayley_map`` for ``"cayley"``) and ``SO.trivializations`` (Stiefel's, Grassmannian's)
+    # the table of named ones, so a GeoTorch program may call ``M.triv(A)`` or read the table, which raised
+    # "'str' object is not callable" / AttributeError here. ``M.triv`` now reads as the callable geofunc's
+    # map applies (``trivializations[name]``: geofunc's exponential and Cayley map, GeoTorch's values) and
+    # every class with a ``triv`` has the table; the name given stays ``M.space.triv``. Assigning takes a
+    # name or a callable as before; a named map's own callable (``M.triv = M.triv``, or one from the
+    # table, at construction too) is read back as its name, so the space keeps its named chart (the
+    # frame spaces' O(nk²) exponential chart is the name's, not a callable's).
     @property
     def triv(self) -> Any:
-        """The trivialization: ``"expm"``, ``"cayley"`` or a callable (assignable, as GeoTorch's attribute:
-        the map, the inverse and ``sample("torus")`` follow; the raw tensor is kept)."""
-        return self._space_field("triv")
+        """The trivialization as a callable, as GeoTorch's attribute (the name given, e.g. ``"expm"``, is
+        ``M.space.triv``). Assignable (a name or a callable): the map, the inverse and ``sample("torus")``
+        follow; the raw tensor is kept (Note [triv read as a callable])."""
+        if not self._has_field("triv"):
+            return self._space_field("triv")
+        triv = self.space.triv
+        return _TRIVIALIZATIONS[triv] if isinstance(triv, str) else triv
 
     @triv.setter
     def triv(self, value: Any) -> None:
+        if self._has_field("triv"):
+            if isinstance(value, str) and value not in _TRIVS and callable(self.trivializations.get(value)):
+                value = self.trivializations[value]  # a name added to the table (GeoTorch's parse_triv reads it)
+            value = _triv_name(value)
         self._replace_field("triv", value)
 
     # Note [f and inv read as callables]
@@ -960,6 +992,9 @@ class SO(_Manifold):
         True
     """
 
+    #: GeoTorch's table of named trivializations (Note [triv read as a callable]).
+    trivializations: ClassVar[dict] = _TRIVIALIZATIONS
+
     def __init__(self, size: Any, triv: Any = "expm", lower: bool = True) -> None:
         n, k, ts, _ = _matrix_size(type(self).__name__, size, square=True)
         super().__init__(S.SO(triv=triv), size)
@@ -993,7 +1028,7 @@ class SO(_Manifold):
 
     def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None) -> Tensor:
         """``"uniform"``: Haar on SO(n); ``"torus"``: :func:`torus_init_` with ``init_`` and ``triv``."""
-        return _frame_sample(self, distribution, init_, self.triv)
+        return _frame_sample(self, distribution, init_, self.space.triv)
 
 
 class Stiefel(_Manifold):
@@ -1012,6 +1047,9 @@ class Stiefel(_Manifold):
         >>> M.in_manifold(M.sample("torus"))
         True
     """
+
+    #: GeoTorch's table of named trivializations (Note [triv read as a callable]).
+    trivializations: ClassVar[dict] = _TRIVIALIZATIONS
 
     _space_cls: ClassVar[type] = S.Stiefel
 
@@ -1037,7 +1075,7 @@ class Stiefel(_Manifold):
 
     def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None) -> Tensor:
         """``"uniform"``: Haar; ``"torus"``: the first k columns (rows) of an n×n :func:`torus_init_`."""
-        return _frame_sample(self, distribution, init_, self.triv)
+        return _frame_sample(self, distribution, init_, self.space.triv)
 
 
 class Grassmannian(Stiefel):
@@ -1428,6 +1466,9 @@ def _rounding_unit(dtype: torch.dtype, n: int, units: float) -> float:
 class _SVDManifold(_Manifold):
     """LowRank, FixedRank, GLp, SL, AlmostOrthogonal: size, rank, GeoTorch's SVD sampler."""
 
+    #: GeoTorch's table of named trivializations (Note [triv read as a callable]).
+    trivializations: ClassVar[dict] = _TRIVIALIZATIONS
+
     _square: ClassVar[bool] = False
     _positive: ClassVar[bool] = False  # the kept singular values must be > eps (FixedRank, GLp)
 
@@ -1813,7 +1854,7 @@ class AlmostOrthogonal(_SVDManifold):
     def sample(self, distribution: str = "uniform", init_: Optional[Callable[[Tensor], Any]] = None,
                factorized: bool = False) -> Any:
         """An orthogonal matrix (:meth:`Stiefel.sample`); ``factorized``: ``(X, ones, I)``-style factors."""
-        X = _frame_sample(self, distribution, init_, self.triv)
+        X = _frame_sample(self, distribution, init_, self.space.triv)
         if not factorized:
             return X
         U = X.transpose(-2, -1) if self.transposed else X
@@ -1825,6 +1866,9 @@ class AlmostOrthogonal(_SVDManifold):
 # ----------------------------------------------------------------------------- eigen family
 class _EigManifold(_Manifold):
     """PSSDLowRank, PSSD, PSSDFixedRank, PSD: GeoTorch's eigenvalue tests and Wishart sampler."""
+
+    #: GeoTorch's table of named trivializations (Note [triv read as a callable]).
+    trivializations: ClassVar[dict] = _TRIVIALIZATIONS
 
     _positive: ClassVar[bool] = False
 
@@ -2056,6 +2100,9 @@ class Hurwitz(_Manifold):
         >>> bool(torch.linalg.eigvals(M.sample()).real.max() <= -0.5)
         True
     """
+
+    #: GeoTorch's table of named trivializations (Note [triv read as a callable]).
+    trivializations: ClassVar[dict] = _TRIVIALIZATIONS
 
     def __init__(self, size: Any, alpha: float = 0.0, triv: Any = "expm") -> None:
         n, _, ts, _ = _matrix_size(type(self).__name__, size, square=True)
