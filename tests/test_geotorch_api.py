@@ -785,6 +785,26 @@ def test_alpha_stable_and_sln_register_like_geotorch():
     assert torch.equal(torch.load(buf, weights_only=False).weight, lin.weight)
 
 
+@pytest.mark.parametrize("size", [(3, 3), (2, 4, 4)])
+def test_hurwitz_has_geotorchs_identity_in(size):
+    """GeoTorch's Hurwitz holds its identity as the buffer ``In`` (``A + M.alpha * M.In``, the shifted
+    matrix of its ``submersion``); ``M.In`` raised AttributeError here."""
+    torch.manual_seed(0)
+    M = gnn.Hurwitz(size, alpha=0.5)
+    eye = torch.eye(size[-1]).expand(size)
+    assert M.In.shape == size and M.In.dtype == torch.float32
+    torch.testing.assert_close(M.In, eye, atol=0, rtol=0)
+    A = M.sample()
+    assert bool((torch.linalg.eigvals(A + M.alpha * M.In).real <= 1e-5).all())  # A + αI is Hurwitz
+    assert M.double().In.dtype == torch.float64  # follows .to(), as GeoTorch's buffer
+    assert "In" not in "".join(M.state_dict())  # geofunc's state_dict is unchanged
+    try:
+        import geotorch
+    except ImportError:
+        return
+    torch.testing.assert_close(M.In.float(), geotorch.Hurwitz(size, alpha=0.5).In, atol=0, rtol=0)
+
+
 def test_sl_right_inverse_takes_values_scaled_up_from_geotorchs():
     """``SL``'s chart does not see the values' common scale: GeoTorch's ``right_inverse`` takes
     ``f(sᵢ) = σᵢ``, geofunc's ``c·σᵢ`` with ``c = max(1, 0.25/σ_min)`` (docs/guide/migration.md: the

@@ -2122,6 +2122,15 @@ class Hurwitz(_Manifold):
         # '0.5' as 0.5, and a tensor that requires grad detached, without an error; the space validates the rest
         self.space = dataclasses.replace(self.space, alpha=_number(value))
 
+    @property
+    def In(self) -> Tensor:
+        """The identity of the class's size, ``(*, n, n)``, in the module's dtype and device: GeoTorch's
+        buffer ``In`` (``A + alpha * In`` is the shifted matrix), here computed when read (an expanded
+        view, as GeoTorch's; not in the ``state_dict``: a GeoTorch checkpoint's ``0.In`` is read on load)."""
+        ref = self._reference
+        n = self.n
+        return torch.eye(n, dtype=ref.dtype, device=ref.device).expand(*self.tensorial_size, n, n)
+
     def right_inverse(self, A: Any, check_in_manifold: bool = True) -> Tensor:
         """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
         return super().right_inverse(A, check_in_manifold)
