@@ -649,6 +649,23 @@ def test_almost_orthogonal_starts_orthogonal_and_low_rank_like_xavier():
     assert 0.85 < rho < 1.15
 
 
+@pytest.mark.parametrize("cls", [gnn.Stiefel, gnn.Grassmannian])
+def test_stiefel_and_grassmannian_have_geotorchs_lower(cls):
+    """GeoTorch's Stiefel and Grassmannian have ``lower = True`` (from its SO); reading it raised
+    AttributeError here. Only True is taken: False would not change geofunc's map, so it is refused."""
+    M = cls((5, 3))
+    assert M.lower is True
+    M.lower = True
+    with pytest.raises(gf.ManifoldError, match=rf"{cls.__name__}\.lower: expected True"):
+        M.lower = False
+    assert M.lower is True
+    try:
+        import geotorch
+    except ImportError:
+        return
+    assert getattr(geotorch, cls.__name__)((5, 3)).lower is True
+
+
 def test_square_orthogonal_starts_in_so():
     for seed in range(8):
         torch.manual_seed(seed)

@@ -1061,6 +1061,21 @@ class Stiefel(_Manifold):
         super().__init__(self._space_cls(triv=triv), size)
         self.n, self.k, self.tensorial_size, self.transposed, self.triv = n, k, ts, tr, triv
 
+    @property
+    def lower(self) -> bool:
+        """True: the raw tensor's lower part is read (GeoTorch's Stiefel and Grassmannian inherit
+        ``lower = True`` from its SO, which their constructors do not take). Assigning True is accepted;
+        False is refused (GeoTorch's Stiefel would then read the upper triangle of the zero-padded n×n
+        matrix, a map onto a k×k rotation of the base only, not onto the frames)."""
+        return True
+
+    @lower.setter
+    def lower(self, value: Any) -> None:
+        if value is True:
+            return
+        raise ManifoldError(f"{type(self).__name__}.lower: expected True (the frames' chart reads the lower part of "
+                            f"the raw tensor; upper=False is SO's option, SO(size, lower=False)), got {value!r}.")
+
     def in_manifold(self, X: Any, eps: float = 1e-4) -> bool:
         """Orthonormal columns (rows if wide): ``allclose(XᵀX, I, atol=eps)`` (``XᴴX`` if complex), and
         the size."""
