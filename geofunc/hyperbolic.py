@@ -855,7 +855,18 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
     mu = (a * x).sum(-2) / A
     Q = W * W + 4.0 * c * A * (a * _sq(x - mu.unsqueeze(-2))).sum(-2)  # Note [the Einstein midpoint at the boundary]
     den = 2.0 * A - W
-    return _project(2.0 * A * mu / (den + torch.copysign(torch.sqrt(Q), den)), c)
+    # the sign of den only (detached: copysign's derivative in its sign argument is 0, and the backward of a
+    # DTensor den mixed a plain zero tensor into the DTensor graph: Note [the sign of the Einstein midpoint])
+    return _project(2.0 * A * mu / (den + torch.copysign(torch.sqrt(Q), den.detach())), c)
+
+
+# Note [the sign of the Einstein midpoint]
+# √Q takes the sign of D = 2A − W by copysign(√Q, D). PyTorch's derivative of copysign in its second
+# (sign) argument is a zero tensor made without regard to the argument's type: on DTensor points
+# (an embedding table sharded by FSDP2 or by hand, on any placement) the values were right but every
+# backward through weighted_midpoint raised torch's "aten.add.Tensor got mixed torch.Tensor and
+# DTensor" on every rank. That derivative is 0 wherever it exists, so the sign is taken from D
+# detached: the same values and derivatives (first, second, forward mode) on plain tensors.
 
 
 # Note [the Einstein midpoint at the boundary]
