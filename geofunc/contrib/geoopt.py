@@ -129,6 +129,32 @@ def _named(items: Any) -> list[tuple[str, Tensor]]:
     return out
 
 
+# Note [ManifoldParameters sharded by FSDP2]
+# torch.distributed.fsdp.fully_shard replaces each parameter of a module by a new plain nn.Parameter
+# holding a DTensor, and keeps none of the old one's attributes: a ManifoldParameter's ``manifold`` is
+# gone. constraints(model) after fully_shard (FSDP2's order: shard, then make the optimizer) found no
+# ManifoldParameter and returned {}; TorchOptimizer then trained every point freely, with Adam: after
+# 20 steps of radam(lr=0.5) an embedding on the unit Poincaré ball had points of norm 15, without a
+# word. The manifolds cannot be recovered from the sharded parameters (FSDP2 keeps no reference to
+# the originals), so where no parameter has a ``manifold`` and some are DTensors the call is refused,
+# naming the order that works (the names do not change under fully_shard). A sharded model that
+# never had a ManifoldParameter looks the same: its caller passes ``{}`` itself.
+def _refuse_sharded(named: list[tuple[str, Tensor]]) -> None:
+    from .._dtensor import DTensor
+
+    sharded = [name for name, p in named if isinstance(p, DTensor)]
+    if sharded:
+        more = ", ..." if len(sharded) > 3 else ""
+        raise ManifoldError(
+            "geofunc.contrib.geoopt.constraints: expected geoopt ManifoldParameters, got DTensor parameters "
+            f"without a manifold ({', '.join(repr(n) for n in sharded[:3])}{more}): "
+            "torch.distributed.fsdp.fully_shard replaces every parameter by a plain DTensor Parameter and drops "
+            "its geoopt manifold, so they would be trained freely, off their manifolds. Read the constraints "
+            "before fully_shard: c = constraints(model); fully_shard(model); "
+            "gf.optim.TorchOptimizer(model.named_parameters(), c, ...) (the names stay the same). A model "
+            "without ManifoldParameters has no constraints: pass {}.")
+
+
 def constraints(named_parameters: Any) -> dict[str, S.AbstractSpace]:
     """``{name: space}`` for the ``ManifoldParameter`` s among ``named_parameters`` whose manifold is
     not ``Euclidean`` (:func:`space_of`); plain tensors and Euclidean ones are left out (free).
@@ -144,9 +170,17 @@ def constraints(named_parameters: Any) -> dict[str, S.AbstractSpace]:
     (``requires_grad=False``) are named too: ``TorchOptimizer`` leaves them out and ignores their
     constraints (and does not train one unfrozen later: add it with ``add_param_group``). A manifold
     without a geofunc space raises :class:`~geofunc.ManifoldError` naming the parameter.
+
+    Under FSDP2, read them *before* ``fully_shard``, which replaces each parameter by a plain
+    ``DTensor`` one and drops its ``manifold``: given DTensor parameters and no ``manifold`` at all
+    (after ``fully_shard``), this raises :class:`~geofunc.ManifoldError` rather than return ``{}``
+    (Note [ManifoldParameters sharded by FSDP2]).
     """
     out: dict[str, S.AbstractSpace] = {}
-    for name, p in _named(named_parameters):
+    named = _named(named_parameters)
+    if not any(hasattr(p, "manifold") for _, p in named):
+        _refuse_sharded(named)
+    for name, p in named:
         manifold = getattr(p, "manifold", None)
         if manifold is None:
             continue
