@@ -312,7 +312,7 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
         lead = _lead(_in_order(args, kwargs, names) if kwargs else args)
         if lead is None:
             return fn(self, *args, **kwargs)
-        if isinstance(lead, DTensor):  # local or gathered once (Note [DTensor] in geofunc/_dtensor.py)
+        if isinstance(lead, DTensor) and not self._factorwise_maps:  # local or gathered once (Note [DTensor])
             return route(method, self, args, kwargs)
         low = lead.dtype in LOW_PRECISION
         if not low and (_any_autocast is not None and not _any_autocast()):
@@ -576,6 +576,10 @@ class AbstractSpace(_Space, abc.ABC):
     #: DTensor takes the gathered route for them, so that every rank checks the whole batch and raises alike
     #: (Note [Checks inside a map on DTensors], ``geofunc/_dtensor.py``).
     _gathered_maps: ClassVar[frozenset[str]] = frozenset()
+
+    #: Whether every map delegates to other spaces' maps, point by point (``Product``): DTensor arguments
+    #: then take no route here, each factor's map takes its own (Note [DTensor factors of a product]).
+    _factorwise_maps: ClassVar[bool] = False
 
     #: What a base of this space is, for :meth:`_refine_base`: ``"frames"`` (every base tensor an
     #: orthonormal n×k frame, k ≤ n, or k×n rows), ``"point"`` (the base is a point of the space), or

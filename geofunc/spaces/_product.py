@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, final
+from typing import Any, Callable, ClassVar, final
 
 import torch
 
@@ -97,6 +97,17 @@ class Product(AbstractSpace):
             if why is not None:
                 return f"factor {i} ({M!r}): {why}"
         return None
+
+    # Note [DTensor factors of a product]
+    # Every map of a product is its factors' maps, each of which routes its own DTensor arguments (Note
+    # [DTensor] in geofunc/_dtensor.py), and combines their batch-shaped results with torch ops, which
+    # DTensor runs on any placement. Routed here too, by the product's point_ndim (2, whatever the
+    # factors'), a tuple of batch-sharded points took the gathered route: Product(PoincareBall(),
+    # Lorentz()) on (B, n) and (B, n + 1) points, both Shard(0), all-gathered them on every call and
+    # returned the second factor Replicate (not of the leading tensor's shape), so a sharded table
+    # was whole on every rank after one optimizer step. The product takes no route of its own
+    # (``_factorwise_maps``): each factor maps its own shard and keeps its placements.
+    _factorwise_maps: ClassVar[bool] = True
 
     def _each(self, fn: Callable[..., Any], *args: tuple) -> tuple:
         out = []
