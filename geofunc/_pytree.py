@@ -610,6 +610,7 @@ def _map(
     free: Callable[..., Any] = lambda X, *rest: X,
     keyed: dict[str, _Entry] | None = None,
     stack: bool = False,
+    same_shape: bool = False,
 ) -> PyTree:
     """The one lift: ``fn(entry, *subtrees)`` at every constrained entry, ``free(*subtrees)`` elsewhere.
 
@@ -620,7 +621,8 @@ def _map(
     results by entry name; it is filled with ``{name: entry}`` and two entries of one name raise
     (one dict operation per constrained entry). ``stack``: ``fn`` maps a batch of points as each of
     them (a space's method), so entries of one space, shape and dtype may be mapped in one call
-    (Note [Stacked entries]).
+    (Note [Stacked entries]). ``same_shape``: each of ``rests`` at a constrained entry has the shape of
+    its point, as at an unconstrained one (Note [Vectors of another shape at constrained entries]).
     """
     leaves, spec, subs = _flatten(constraints, tree, names[0])
     cols = [subs] + [_up_to(spec, r, n, names[0]) for r, n in zip(rests, names[1:])]
@@ -645,8 +647,40 @@ def _map(
             # also for a non-tensor entry (None, a tuple under a non-Product space, ...): the
             # space's check names what it expected instead of a later IndexError/AttributeError.
             _named(e.name, e.space._check_shape, args[0], check)
+        if same_shape:  # metadata only: under torch.compile and vmap too (Note [Vectors of another shape at constrained entries])
+            for what, a in zip(names[1:], args[1:]):
+                if _other_shape(args[0], a):
+                    raise ManifoldError(f"parameter {e.name!r}: {e.space!r}: expected `{what}` with the shape of "
+                                        f"`{names[0]}` {_shapes(args[0])}, got shape {_shapes(a)}.")
         out.append(_named(e.name, fn, e, *args))
     return spec.unflatten(out)
+
+
+# Note [Vectors of another shape at constrained entries]
+# A space's maps take leading dims as a batch and broadcast them, so gf.retract, gf.tangent,
+# gf.egrad_to_rgrad and gf.transport took at a constrained entry a vector of another shape than its
+# point, while they refuse one at an unconstrained entry (Note [Vectors at unconstrained entries]) and
+# gf.retract's docstring promises the refusal "on constrained ones" too: a (2, 5, 3) gradient (per-example
+# gradients not reduced, an ensemble's fed to one model) made a Stiefel (5, 3) parameter a batch of two
+# points after one rsgd or radam step, and a (5, 3) or (1, 5, 3) gradient for a (2, 5, 3) batch of points
+# stepped every point by the same one, silently. The four maps check that every other argument at a
+# constrained entry has the shape of the point (per factor of a Product): a shape comparison per entry,
+# metadata only (static under torch.compile, logical under vmap); a value that is no tensor is left to
+# the space, which names what it expected.
+def _other_shape(X: Any, V: Any) -> bool:
+    """Whether ``V`` is a tensor (or a tuple of them, a Product's) of another shape than the point ``X``."""
+    if isinstance(X, torch.Tensor):
+        return isinstance(V, torch.Tensor) and not (X.is_nested or V.is_nested) and V.shape != X.shape
+    if isinstance(X, (tuple, list)) and isinstance(V, (tuple, list)):
+        return len(X) == len(V) and any(_other_shape(x, v) for x, v in zip(X, V))
+    return False
+
+
+def _shapes(X: Any) -> Any:
+    """``X``'s shape as a tuple (a tuple of them for a Product's tuple) for a message."""
+    if isinstance(X, (tuple, list)):
+        return tuple(_shapes(x) for x in X)
+    return tuple(X.shape) if isinstance(X, torch.Tensor) else describe(X)
 
 
 # --------------------------------------------------------------------------- public API
@@ -810,21 +844,23 @@ def tangent(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
 
     For Euclidean gradients this is the Riemannian gradient of the embedded metric.
     """
-    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=_vector_at)
+    return _map(constraints, lambda e, X, G: e.space.tangent(X, G), params, grads, names=("params", "grads"), free=_vector_at,
+                same_shape=True)
 
 
 def egrad_to_rgrad(constraints: Constraints, params: PyTree, grads: PyTree) -> PyTree:
     """Riemannian gradients at ``params`` of Euclidean ``grads`` (``space.egrad_to_rgrad``;
     identity on unconstrained entries). Equal to :func:`tangent` for embedded metrics."""
     return _map(constraints, lambda e, X, G: e.space.egrad_to_rgrad(X, G), params, grads, names=("params", "grads"),
-                free=_vector_at, stack=True)
+                free=_vector_at, stack=True, same_shape=True)
 
 
 def transport(constraints: Constraints, params: PyTree, new_params: PyTree, vectors: PyTree) -> PyTree:
     """Carry tangent ``vectors`` at ``params`` to ``new_params`` (``space.transport``; identity
     on unconstrained entries)."""
     return _map(constraints, lambda e, X, Y, V: e.space.transport(X, Y, V), params, new_params, vectors,
-                names=("params", "new_params", "vectors"), free=lambda X, Y, V: _vector_at(X, V), stack=True)
+                names=("params", "new_params", "vectors"), free=lambda X, Y, V: _vector_at(X, V), stack=True,
+                same_shape=True)
 
 
 def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree:
@@ -834,7 +870,7 @@ def retract(constraints: Constraints, params: PyTree, vectors: PyTree) -> PyTree
     ``ManifoldError`` naming the parameter, on unconstrained entries as on constrained ones.
     """
     return _map(constraints, lambda e, X, V: e.space.retract(X, V), params, vectors, names=("params", "vectors"),
-                free=_add, stack=True)
+                free=_add, stack=True, same_shape=True)
 
 
 def contains(constraints: Constraints, params: PyTree, atol: float | None = None) -> dict[str, torch.Tensor]:

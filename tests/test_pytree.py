@@ -569,3 +569,36 @@ def test_compiled_maps_refuse_a_wrong_shaped_vector_at_an_unconstrained_entry(wh
     good = {"w": torch.zeros(3), **right()}
     torch.testing.assert_close(torch.compile(f, backend="eager", fullgraph=True)(good, P), f(good, P))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: (gf.Stiefel(), (5, 3)), lambda: (gf.Sphere(), (4,)), lambda: (gf.PSD(), (3, 3)),
+    lambda: (gf.PoincareBall(), (3,)), lambda: (gf.Product(gf.SO(), gf.Sphere()), ((3, 3), (4,))),
+], ids=["Stiefel", "Sphere", "PSD", "PoincareBall", "Product"])
+def test_a_vector_of_another_shape_at_a_constrained_entry_is_refused(make):
+    """Note [Vectors of another shape at constrained entries]: the spaces broadcast leading dims, so a (2, *shape)
+    gradient made a point a batch of two after one rsgd or radam step, and one (*shape) gradient stepped every
+    point of a (2, *shape) batch alike, silently, where an unconstrained entry refuses a vector of another
+    shape (and gf.retract's docstring promises the same for constrained ones)."""
+    space, shape = make()
+    c = {"w": space}
+
+    def like(batch, f):
+        if isinstance(shape[0], tuple):
+            return tuple(f(batch + s) for s in shape)
+        return f(batch + shape)
+
+    for batch, other in (((), (2,)), ((2,), ()), ((2,), (1,))):
+        X = space.sample(like(batch, lambda s: s), dtype=F64)
+        V = like(other, lambda s: torch.randn(s, dtype=F64))
+        for call in (lambda: gf.retract(c, {"w": X}, {"w": V}), lambda: gf.tangent(c, {"w": X}, {"w": V}),
+                     lambda: gf.egrad_to_rgrad(c, {"w": X}, {"w": V}), lambda: gf.transport(c, {"w": X}, {"w": X}, {"w": V}),
+                     lambda: gf.transport(c, {"w": X}, {"w": like(other, lambda s: torch.zeros(s, dtype=F64))}, {"w": X})):
+            with pytest.raises(gf.ManifoldError, match=r"^parameter 'w': .*expected `\w+` with the shape of `params` "):
+                call()
+        for name, opt in (("rsgd", gf.optim.rsgd(c, 0.1, momentum=0.9)), ("radam", gf.optim.radam(c, 0.1))):
+            with pytest.raises(gf.ManifoldError, match=r"^parameter 'w': .*expected `grads` with the shape of `params` "):
+                opt.update({"w": V}, opt.init({"w": X}), {"w": X})
+        G = like(batch, lambda s: torch.randn(s, dtype=F64))  # the point's shape: taken
+        new = gf.retract(c, {"w": X}, gf.tangent(c, {"w": X}, {"w": G}))["w"]
+        assert [t.shape for t in optree.tree_leaves(new)] == [t.shape for t in optree.tree_leaves(X)]
