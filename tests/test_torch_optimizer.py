@@ -1644,3 +1644,48 @@ def test_a_bool_or_complex_clip_tensor_is_refused():
         with pytest.raises(gf.ManifoldError, match="clip_by_global_norm"):
             gf.optim.TorchOptimizer([("p", p)], {}, gf.optim.rsgd, lr=0.1, clip_by_global_norm=clip)
     gf.optim.TorchOptimizer([("p", p)], {}, gf.optim.rsgd, lr=0.1, clip_by_global_norm=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("factory, torch_cls, key", [(gf.optim.rsgd, torch.optim.SGD, "maximize"),
+                                                     (gf.optim.radam, torch.optim.Adam, "maximize"),
+                                                     (gf.optim.radam, torch.optim.Adam, "decoupled_weight_decay")])
+def test_a_torch_flag_in_a_group_that_the_factory_does_not_take_is_refused(factory, torch_cls, key):
+    """Note [torch.optim's flags in a group]: a group's "maximize": True was kept as an unknown key and the
+    step descended where torch.optim ascends (and Adam's decoupled_weight_decay=True gave the L2 step), silently.
+    Refused at construction, in add_param_group and at a step after it is set; False, None and torch's
+    flags that change only how it computes (foreach, fused) are taken, as a group copied from torch.optim."""
+    a = nn.Parameter(torch.zeros(3, dtype=F64))
+    b = nn.Parameter(torch.zeros(3, dtype=F64))
+    ref = torch_cls([{"params": [b], key: True}], lr=0.1, weight_decay=0.5)
+    b.grad = torch.ones(3, dtype=F64)
+    ref.step()
+    assert not torch.equal(b.detach(), torch.full((3,), -0.1, dtype=F64))  # torch's step is not the plain descent
+    with pytest.raises(gf.ManifoldError, match=rf"^TorchOptimizer: expected no `{key}` in parameter group 0 "):
+        gf.optim.TorchOptimizer([{"params": [("a", a)], key: True}], {}, factory, lr=0.1)
+    opt = gf.optim.TorchOptimizer([{"params": [("a", a)], key: False, "foreach": True, "fused": None}], {}, factory, lr=0.1)
+    with pytest.raises(gf.ManifoldError, match=rf"^TorchOptimizer: expected no `{key}` in parameter group 1 "):
+        opt.add_param_group({"params": [("c", nn.Parameter(torch.zeros(2, dtype=F64)))], key: True})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0][key] = True
+    a.grad = torch.ones(3, dtype=F64)
+    with pytest.raises(gf.ManifoldError, match=rf"^TorchOptimizer: expected no `{key}` in parameter group 0 "):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(3, dtype=F64))  # nothing moved
+    opt.param_groups[0][key] = False
+    opt.step()
+    assert bool((a.detach() < 0).all())  # unset again: it steps, descending
+
+
+def test_a_torch_optim_group_copied_with_its_flags_unset_is_taken():
+    """Note [torch.optim's flags in a group]: torch.optim.Adam's param_groups hold maximize=False,
+    decoupled_weight_decay=False, foreach=None, ...: such a group is taken, and steps as Adam."""
+    p = nn.Parameter(torch.ones(3, dtype=F64))
+    ref = nn.Parameter(torch.ones(3, dtype=F64))
+    adam = torch.optim.Adam([ref], lr=0.1)
+    flags = {k: v for k, v in adam.param_groups[0].items() if k != "params"}
+    opt = gf.optim.TorchOptimizer([{"params": [("p", p)], **flags}], {}, gf.optim.radam, lr=0.1)
+    for _ in range(3):
+        p.grad, ref.grad = torch.full((3,), 0.5, dtype=F64), torch.full((3,), 0.5, dtype=F64)
+        opt.step()
+        adam.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-15)

@@ -531,6 +531,23 @@ def _named_groups(params: Any, frozen: list[str], constraints: dict[str, Any]) -
     return [(_pairs(items, "TorchOptimizer", frozen), {})]
 
 
+# Note [torch.optim's flags in a group]
+# A group key the factory does not take stays in the group and is not passed (Note [A functional optimizer
+# behind torch.optim]), as torch.optim keeps a group's unknown keys. But a group ported from torch.optim may
+# hold one of torch.optim's own flags that changes what its step computes: {"params": ..., "maximize": True}
+# descended here where torch.optim.SGD and Adam ascend, silently (the constructor's maximize=True was refused,
+# as a keyword the factory does not take), and Adam's decoupled_weight_decay=True (AdamW's step) gave the L2
+# term. Such a flag, set in a group (at construction, in add_param_group, or later, before a step), is refused
+# where the factory does not take it; False or None (a group copied from a torch.optim optimizer's
+# param_groups) and the flags that change only how torch computes (foreach, fused, capturable) are taken.
+_TORCH_FLAGS = {
+    "maximize": "geofunc.optim's steps descend; to ascend, negate the loss",
+    "decoupled_weight_decay": "torch.optim.Adam's switch to AdamW's step; use gf.optim.radamw",
+    "differentiable": "step runs under torch.no_grad(); differentiate through a functional optimizer's update "
+                      "(gf.optim.radam(...).update under torch.func.grad) instead",
+}
+
+
 class TorchOptimizer(torch.optim.Optimizer):
     """A ``geofunc.optim`` optimizer stepping the parameters of an ``nn.Module`` in place.
 
@@ -768,6 +785,25 @@ class TorchOptimizer(torch.optim.Optimizer):
                 del self._constraints[n]
             raise
 
+    def _check_flags(self, i: int) -> None:
+        """Refuse a flag of torch.optim's in group ``i`` that the factory does not take and that changes what
+        torch.optim's step computes, set (Note [torch.optim's flags in a group])."""
+        if getattr(self, "_accepts", None) is None:  # a factory with **kwargs is given the group's keys
+            return
+        group = self.param_groups[i]
+        for key, hint in _TORCH_FLAGS.items():
+            if key in self._accepts or key not in group:
+                continue
+            value = group[key]
+            try:
+                unset = value is None or not bool(value)  # (None, False, NumPy's False, a 0)
+            except Exception:  # noqa: BLE001  (no truth value: a tensor of several values is not unset)
+                unset = False
+            if unset:
+                continue
+            raise ManifoldError(f"TorchOptimizer: expected no `{key}` in parameter group {i} ({self._factory_name} does "
+                                f"not take it: {hint}), got {key}={value!r}.")
+
     def _hyper(self, group: dict) -> dict[str, Any]:
         """The hyperparameters of ``group`` that the factory takes (Note [A functional optimizer behind torch.optim])."""
         accepts = getattr(self, "_accepts", None)
@@ -778,6 +814,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """Build group ``i``'s optimizer with its hyperparameters as numbers, so that the factory checks
         them (its learning rate included) now, as torch.optim does at construction."""
         group, names = self.param_groups[i], self._group_names[i]
+        self._check_flags(i)  # Note [torch.optim's flags in a group]
         for k in self._hyper(group):  # torch.optim's one-value tensors (Adam's betas) as 0-dim views, as lr below
             group[k] = _zero_dim(group[k])
         hyper = self._hyper(group)
@@ -888,6 +925,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for i in range(len(self.param_groups)):  # (before any parameter moves)
+            self._check_flags(i)  # Note [torch.optim's flags in a group]: one set after construction
         params = self._named()
         for n, p in params.items():
             if p.grad is not None and p.grad.is_sparse:
