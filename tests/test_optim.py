@@ -638,6 +638,47 @@ def test_a_bool_or_complex_tensor_lr_is_refused_at_construction(name, what):
             make(**{"lr": 0.1, what: bad})
     make(**{"lr": 0.1, what: torch.tensor(0.1)})
 
+@pytest.mark.parametrize("make, what", [
+    (lambda v: gf.optim.rsgd({}, v), "lr"), (lambda v: gf.optim.radam({}, v), "lr"), (lambda v: gf.optim.radamw({}, v), "lr"),
+    (lambda v: gf.optim.rsgd({}, 0.1, v), "momentum"), (lambda v: gf.optim.rsgd({}, 0.1, 0.9, v), "dampening"),
+    (lambda v: gf.optim.rsgd({}, 0.1, weight_decay=v), "weight_decay"),
+    (lambda v: gf.optim.radam({}, 0.1, weight_decay=v), "weight_decay"),
+    (lambda v: gf.optim.radamw({}, 0.1, weight_decay=v), "weight_decay"),
+    (lambda v: gf.optim.radam({}, 0.1, eps=v), "eps"), (lambda v: gf.optim.radam({}, 0.1, betas=(v, 0.999)), "betas"),
+    (lambda v: gf.optim.radamw({}, 0.1, betas=(0.9, v)), "betas"), (lambda v: gf.optim.trace(v), "decay"),
+    (lambda v: gf.optim.scale(v), "step"), (lambda v: gf.optim.add_decayed_weights(v), "weight_decay"),
+    (lambda v: gf.optim.scale_by_adam({}, eps=v), "eps"),
+], ids=["rsgd-lr", "radam-lr", "radamw-lr", "rsgd-momentum", "rsgd-dampening", "rsgd-weight_decay", "radam-weight_decay",
+        "radamw-weight_decay", "radam-eps", "radam-b1", "radamw-b2", "trace", "scale", "add_decayed_weights",
+        "scale_by_adam-eps"])
+def test_a_python_bool_hyperparameter_is_refused_at_construction(make, what):
+    """Note [A bool is no hyperparameter]: True passed every check as 1 and False as 0 (rsgd(weight_decay=True)
+    decayed by 1.0, lr=True stepped by the whole gradient, trace(True) kept every gradient), silently, while
+    NumPy's bool and a bool tensor were refused. Refused at construction, naming the hyperparameter."""
+    for bad in (True, False):
+        with pytest.raises(gf.ManifoldError, match=rf"expected `{what}` a "):
+            make(bad)
+    make(0.5)
+
+
+def test_a_schedule_returning_a_bool_and_a_bool_in_a_torch_optimizer_group_are_refused():
+    """Note [A bool is no hyperparameter]: a schedule's value True was a rate of 1, and TorchOptimizer's groups
+    pass their hyperparameters to the factory, which refuses them now (torch.optim.SGD's weight_decay=True
+    raised "Boolean alpha only supported for Boolean results" at its first step)."""
+    opt = gf.optim.rsgd({}, lambda count: True)
+    params = {"w": torch.ones(2, dtype=F64)}
+    with pytest.raises(gf.ManifoldError, match=r"the value of the schedule `lr\(count\)`: expected a real number"):
+        opt.update({"w": torch.ones(2, dtype=F64)}, opt.init(params), params)
+    for kw in (dict(lr=True), dict(lr=0.1, weight_decay=True), dict(lr=0.1, momentum=True)):
+        p = torch.nn.Parameter(torch.ones(2, dtype=F64))
+        with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `(lr|weight_decay|momentum)` a real number .*\(a bool"):
+            gf.optim.TorchOptimizer([("w", p)], {}, gf.optim.rsgd, **kw)
+    p = torch.nn.Parameter(torch.ones(2, dtype=F64))
+    opt = gf.optim.TorchOptimizer([("w", p)], {}, gf.optim.rsgd, lr=0.1)
+    with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `weight_decay` a real number .*\(a bool"):
+        opt.add_param_group({"params": [("v", torch.nn.Parameter(torch.ones(2, dtype=F64)))], "weight_decay": True})
+
+
 @pytest.mark.parametrize("which", [0, 1])
 def test_a_bool_or_complex_tensor_beta_is_refused_at_construction(which):
     """A bool tensor β (torch.optim.Adam refuses it) was taken and raised torch's "Subtraction ... with a bool

@@ -204,6 +204,9 @@ def check_nonnegative(where: str, **values: Any) -> None:
             # (metadata only, as the shape: a complex lr dropped its imaginary part in the step, silently (0.1j:
             # no step at all), a bool one raised torch's negation error at the first update)
             raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
+        if isinstance(value, bool):  # Note [A bool is no hyperparameter]
+            raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {value!r} "
+                                f"(a bool: {_bool_hint(what, value)}).")
         if isinstance(value, torch.Tensor):
             x = _known_value(value, learned=True)  # Note [Range checks read what is known]
             if x is not None and not x >= 0:
@@ -225,7 +228,9 @@ def check_zero_dim(where: str, **values: Any) -> None:
     one was taken and broadcast into every entry's vectors along their last dim (Note [Numbers of any type])."""
     for what, value in values.items():
         if not _is_real_scalar(value):
-            raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got {describe(value)}.")
+            hint = f" (a bool: {_bool_hint(what, value)})" if isinstance(value, bool) else ""  # Note [A bool is no hyperparameter]
+            raise ManifoldError(f"{where}: expected `{what}` a real number or a real 0-dim tensor, got "
+                                f"{describe(value)}{hint}.")
 
 
 # Note [Numbers of any type]
@@ -239,10 +244,30 @@ def check_zero_dim(where: str, **values: Any) -> None:
 # first step, a string, None, a complex or bool tensor) is refused at construction where the value is not
 # otherwise checked (dampening, the transforms' factors): it passed and raised a bare TypeError from
 # inside the update (a complex dampening was taken and its imaginary part dropped with a warning).
+# Note [A bool is no hyperparameter]
+# Python's bool is an int, so True passed every check as 1 and False as 0: rsgd(c, 0.1, weight_decay=True) decayed
+# by 1.0, lr=True stepped by the whole gradient, momentum=True kept every gradient for ever, eps=True, betas=(False,
+# ...), trace(True), scale(True) and a schedule returning True were taken as well, silently, while NumPy's bool,
+# a bool tensor and a bool max_norm were refused. A bool where a number is expected is a call ported by position
+# or a config's flag in the wrong key (the reason the factories' later arguments are keyword-only: Note
+# [Keyword-only where torch's order differs]); torch.optim itself has no one answer (SGD and Adam raise "Boolean
+# alpha only supported for Boolean results" at the first step for weight_decay=True, AdamW decays by 1.0, lr=True
+# is a rate of 1). Every numeric hyperparameter of geofunc.optim refuses a bool at construction (a schedule's
+# value at each update), as its other no-numbers; ``nesterov`` and ``amsgrad`` are the bools.
+def _bool_hint(what: str, value: bool) -> str:
+    """What to do instead of a bool ``value`` given as ``what`` (Note [A bool is no hyperparameter])."""
+    if what == "dampening":  # rsgd(c, lr, momentum, True): optax's trace(decay, nesterov) order
+        return f"pass a number; optax's trace takes nesterov second: pass nesterov={value!r} by keyword"
+    return "pass a number; nesterov and amsgrad are the keyword-only flags"
+
+
 def _is_real_scalar(value: Any) -> bool:
-    """Whether ``value`` is a real number, a real 0-dim tensor or a NumPy 0-dim real array (metadata only)."""
+    """Whether ``value`` is a real number (not a bool: Note [A bool is no hyperparameter]), a real 0-dim tensor
+    or a NumPy 0-dim real array (metadata only)."""
     if isinstance(value, Tensor):
         return value.ndim == 0 and real_dtype(value)
+    if isinstance(value, bool):
+        return False
     if isinstance(value, numbers.Number):
         return isinstance(value, numbers.Real)
     return _numpy_real_0d(value)
@@ -277,7 +302,7 @@ def check_adam_hyperparameters(where: str, betas: Any, eps: Any) -> None:
                 raise ManifoldError(f"{where}: expected `betas` with 0 <= β{'₁₂'[i]} < 1 (β = 1 divides by its bias "
                                     f"correction 1 − βᵗ = 0), got β{'₁₂'[i]} a tensor holding {x!r}.")
             continue
-        x = _real(b)
+        x = None if isinstance(b, bool) else _real(b)  # Note [A bool is no hyperparameter]
         if x is None:
             raise ManifoldError(f"{where}: expected `betas` a pair of numbers or 0-dim tensors, got betas={betas!r}.")
         if not 0.0 <= x < 1.0:
