@@ -408,6 +408,35 @@ def test_trace_refuses_nesterov_without_momentum_or_with_dampening():
     vmap(lambda mu: gf.optim.trace(mu, nesterov=True).init({"x": torch.ones(2)}).count)(torch.zeros(2))
 
 
+@pytest.mark.parametrize("make, what", [(gf.optim.trace, "decay"), (gf.optim.add_decayed_weights, "weight_decay")],
+                         ids=["trace", "add_decayed_weights"])
+def test_a_building_block_refuses_a_negative_or_nan_value_as_its_optimizer(make, what):
+    """Note [A building block checks its range]: rsgd (and torch.optim.SGD) refused momentum=-0.5, but the
+    building block trace(-0.5) was taken and alternated the buffer's sign (three steps on gradients of 1: -0.225
+    where a decay of 0.5 gives 0.175), and trace(nan) made a NaN point, silently; add_decayed_weights took a
+    negative or NaN weight_decay that rsgd, radam and torch.optim refuse. A plain tensor's value is read as
+    rsgd reads it; a learned one (requires grad) is not (central differences at 0 evaluate it below 0)."""
+    for bad in (-0.5, float("nan"), -float("inf"), torch.tensor(-0.5, dtype=F64), torch.tensor(float("nan"))):
+        with pytest.raises(gf.ManifoldError, match=rf"^{make.__name__}: expected `{what}` >= 0 .*, got "):
+            make(bad)
+    for ok in (0.0, 0.9, 1.5, torch.tensor(0.9, dtype=F64), torch.tensor(-1e-6, dtype=F64, requires_grad=True)):
+        make(ok)
+    vmap(lambda m: make(m).init({"x": torch.ones(2)}))(torch.tensor([-0.5, 0.5]))  # a batched value is not read
+
+
+def test_trace_with_a_negative_decay_was_a_silent_step():
+    """The silent result the range check stops: momentum -0.5 as the number it is."""
+    c = {"w": None}
+    opt = gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.trace(0.5), gf.optim.scale(-0.1)))
+    p = {"w": torch.zeros(2, dtype=F64)}
+    s = opt.init(p)
+    for _ in range(3):
+        p, s = opt.update({"w": torch.ones(2, dtype=F64)}, s, p)
+    torch.testing.assert_close(p["w"], torch.full((2,), -0.1 * (1 + 1.5 + 1.75), dtype=F64), rtol=0, atol=1e-15)
+    with pytest.raises(gf.ManifoldError, match=r"^trace: expected `decay` >= 0"):
+        gf.optim.retract_and_transport(c, gf.optim.chain(gf.optim.trace(-0.5), gf.optim.scale(-0.1)))
+
+
 def test_a_numpy_zero_momentum_steps_as_torch_sgd():
     """Note [Checking hyperparameters]: a number of another type is read as the float it is. trace took only a
     Python 0 for "no momentum", so rsgd(momentum=np.float32(0.0), dampening=0.5) made a buffer and stepped by

@@ -85,8 +85,15 @@ def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mas
     ``mask``: which entries decay (:func:`masked`: a pytree of bools with the structure of the
     parameters, or a prefix of it, or a callable ``mask(params)`` returning one); the others pass
     unchanged, as ``torch.optim``'s parameter groups with ``weight_decay=0`` (biases, norms).
+
+    ``weight_decay`` >= 0, as ``torch.optim``'s (a :class:`~geofunc.ManifoldError` for one below 0 or NaN, where
+    its value is known: Note [A building block checks its range]).
     """
     check_zero_dim("add_decayed_weights", weight_decay=weight_decay)
+    known = _known_value(weight_decay)  # Note [A building block checks its range]
+    if known is not None and not known >= 0:
+        raise ManifoldError(f"add_decayed_weights: expected `weight_decay` >= 0 (as torch.optim and rsgd, radam, radamw), "
+                            f"got {weight_decay!r}.")
     weight_decay = _number(weight_decay)  # Note [Numbers of any type]
     if mask is not None:
         return masked(add_decayed_weights(weight_decay, constraints), mask)
@@ -393,6 +400,18 @@ def _finite(t: Tensor) -> Tensor:
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+# Note [A building block checks its range]
+# rsgd refused a negative or NaN momentum (as torch.optim.SGD refuses a negative one), and scale_by_adam and
+# clip_by_global_norm, building blocks as trace is, refuse the values outside their ranges; trace itself took
+# any decay: trace(-0.5) alternated the buffer's sign (a step of -0.225 for three gradients of 1 where 0.5 gives
+# 0.175), and trace(nan) gave a NaN point, silently. Likewise add_decayed_weights took a negative or NaN
+# weight_decay that rsgd, radam, radamw and torch.optim refuse (a negative one pushes every point away from 0).
+# Both refuse a value below 0 or NaN that is known at construction (Note [Values known at construction]: a
+# number, a NumPy 0-dim array, a plain CPU tensor that does not require grad). A learned one (that requires
+# grad, or a traced one) is not read: a meta-learned momentum is differentiated at 0, where central differences
+# evaluate it on both sides (the rule has its derivative there: Note [A momentum tensor that may be zero]). A
+# decay above 1 is taken, as torch.optim.SGD takes it; the dampening's range is not checked, as torch.optim.SGD
+# does not check it; scale's factor has either sign (-lr for descent).
 def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> TangentTransform:
     r"""Momentum, as ``torch.optim.SGD``: :math:`b_t = \mu b_{t-1} + (1 - \tau) g_t` (:math:`b_1 = g_1`).
 
@@ -402,7 +421,8 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
     and carried), as ``torch.optim.SGD`` at a step with momentum 0 (Note [Momentum that may be zero]).
 
     Args:
-      decay: the momentum :math:`\mu`.
+      decay: the momentum :math:`\mu` >= 0 (a :class:`~geofunc.ManifoldError` for one below 0 or NaN, where its
+        value is known: Note [A building block checks its range]).
       dampening: :math:`\tau`.
       nesterov: Nesterov momentum: needs ``decay`` > 0 and ``dampening`` = 0, as ``torch.optim.SGD``
         (a :class:`~geofunc.ManifoldError` otherwise, where their values are known: Note [Nesterov needs
@@ -420,6 +440,9 @@ def trace(decay: Scalar, dampening: Scalar = 0.0, nesterov: bool = False) -> Tan
     # torch.optim.SGD, which compares momentum != 0, steps by g.
     off = _real(decay) == 0.0
     check_nesterov("trace", nesterov, decay, dampening, "decay")
+    known = _known_value(decay)  # Note [A building block checks its range]
+    if known is not None and not known >= 0:
+        raise ManifoldError(f"trace: expected `decay` >= 0 (the momentum μ, as torch.optim.SGD and rsgd), got {decay!r}.")
 
 
     def init(params: Params) -> TraceState:
