@@ -1636,6 +1636,24 @@ def test_a_copy_leaves_the_instance_hooks_behind_as_torch_optim_does(generator):
     assert calls == [opt]
 
 
+def test_a_hyperparameter_refused_at_a_step_moves_no_group():
+    """Note [Hyperparameters refused before any parameter moves]: a momentum set to -0.5 in the second group was
+    refused by the factory at the step after group 0 had been stepped and written; the retry stepped group 0 a
+    second time. Nothing moves at a refused step, and the retry is one step of every group."""
+    a, b = nn.Parameter(torch.zeros(2, dtype=F64)), nn.Parameter(torch.zeros(2, dtype=F64))
+    opt = gf.optim.TorchOptimizer([{"params": [("a", a)]}, {"params": [("b", b)]}], {}, gf.optim.rsgd, lr=0.1, momentum=0.9)
+    opt.param_groups[1]["momentum"] = -0.5
+    a.grad, b.grad = torch.ones(2, dtype=F64), torch.ones(2, dtype=F64)
+    with pytest.raises(gf.ManifoldError, match=r"^rsgd: expected `momentum` >= 0"):
+        opt.step()
+    assert torch.equal(a.detach(), torch.zeros(2, dtype=F64)) and torch.equal(b.detach(), torch.zeros(2, dtype=F64))
+    assert opt.state_dict()["state"] == {}
+    opt.param_groups[1]["momentum"] = 0.5
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((2,), -0.1, dtype=F64), rtol=0, atol=0)
+    torch.testing.assert_close(b.detach(), torch.full((2,), -0.1, dtype=F64), rtol=0, atol=0)
+
+
 def test_a_bool_or_complex_clip_tensor_is_refused():
     """``clip_by_global_norm`` as a tensor must be real (not bool, not complex: ``real_dtype``) and > 0: a bool
     True was read as max_norm 1 and clipped every step, silently."""

@@ -916,6 +916,13 @@ class TorchOptimizer(torch.optim.Optimizer):
     # the vectors unchanged, nesterov or not: Note [Momentum that may be zero]); construction still
     # refuses it, as torch does. So is any factory's that takes `momentum` and `nesterov` (its own chain
     # of trace(momentum, nesterov=nesterov), which refuses the same: Note [Nesterov needs momentum]).
+    # Note [Hyperparameters refused before any parameter moves]
+    # A group's optimizer is rebuilt at a step where a hyperparameter changed, and the factory checks it then
+    # (a momentum set to -0.5 by hand or by a schedule, a bool weight decay): it was built cohort by cohort,
+    # each stepped and written before the next was built, so a refused hyperparameter in a later group left the
+    # earlier groups stepped (their points moved, their states and counts advanced) and the call raised; the
+    # retry once it was fixed stepped them a second time, silently. Every stepping cohort's optimizer is built
+    # before any is stepped (the same optimizers, the same order; nothing more is held).
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         return _eager_step(self, closure)  # Note [A functional optimizer behind torch.optim]: never compiled
 
@@ -949,8 +956,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             grads = self._clipped(grads, params)
         whole = getattr(self, "_max_errors", None) is not None
         pending = []
-        for co in stepping:
-            opt = self._functional(co)
+        # Note [Hyperparameters refused before any parameter moves]: every cohort's optimizer built first
+        opts = [self._functional(co) for co in stepping]
+        for co, opt in zip(stepping, opts):
             points = {n: params[n].detach() for n in co.names}
             g = {n: grads[n] for n in co.names}
             state, layout = (co.state, co.layout) if co.state is not None else _init(opt, points)
