@@ -149,6 +149,34 @@ def test_radam_steps_an_unconstrained_entry_with_a_sparse_gradient():
         torch.testing.assert_close(out["w"].to_dense(), ref["w"], atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: gf.optim.rsgd({}, 0.1, momentum=0.9, weight_decay=0.1), lambda: gf.optim.radam({}, 0.1, weight_decay=0.1),
+    lambda: gf.optim.apply_if_finite(gf.optim.radam({}, 0.1), 2),
+    lambda: gf.optim.apply_if_finite(gf.optim.rsgd({}, 0.1, momentum=0.9, weight_decay=0.1), 2),
+], ids=["rsgd-weight_decay", "radam-weight_decay", "apply_if_finite-radam", "apply_if_finite-rsgd"])
+def test_weight_decay_and_apply_if_finite_take_a_sparse_gradient(make):
+    """Note [Sparse gradients at free entries]: with weight decay, rsgd and radam raised torch's "add(sparse, dense)
+    is not supported" on a sparse gradient, and apply_if_finite "Could not run 'aten::ne.Scalar' ... SparseCPU";
+    each steps as with its dense form, and a non-finite sparse gradient is skipped as a dense one."""
+    w = torch.randn(10, 4, dtype=F64)
+    idx = torch.tensor([[1, 2, 2]])
+    g = torch.sparse_coo_tensor(idx, torch.randn(3, 4, dtype=F64), (10, 4), check_invariants=True)
+    nan = torch.sparse_coo_tensor(torch.tensor([[5]]), torch.tensor([[float("nan"), 0.0, 0.0, 0.0]], dtype=F64), (10, 4),
+                                  check_invariants=True)
+    skips = isinstance(make().init({"w": w}), gf.optim.ApplyIfFiniteState)
+    for grads in ([g, g], [g, nan, g]) if skips else ([g, g],):
+        out = []
+        for dense in (False, True):
+            opt = make()
+            p = {"w": w}
+            s = opt.init(p)
+            for gi in grads:
+                p, s = opt.update({"w": gi.to_dense() if dense else gi}, s, p)
+            out.append(p["w"])
+        assert out[0].layout is torch.strided and bool(torch.isfinite(out[0]).all())
+        torch.testing.assert_close(out[0], out[1], atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize(
     "name, torch_cls, args",
     [("rsgd", torch.optim.SGD, (0.1, 0.9, 0.0, 1e-4, True)),  # SGD(params, lr, momentum, dampening, weight_decay, nesterov)

@@ -72,6 +72,14 @@ def _count() -> Tensor:
     return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
+# Note [Sparse gradients at free entries]
+# An unconstrained entry may have a sparse gradient (an nn.Embedding(sparse=True) weight; the spaces take dense
+# ones only): rsgd, radam and radamw step it as its dense form (scale_by_adam's first moment keeps the formula
+# for it). Two places still failed on one with torch's errors: the L2 term of rsgd and radam, G + λX ("add(sparse,
+# dense) is not supported"; the sum is the same with the dense term first, bit for bit: addition commutes), and
+# apply_if_finite's test of the gradients (isfinite has no sparse kernel: "Could not run 'aten::ne.Scalar' with
+# arguments from the 'SparseCPU' backend"), which reads a sparse tensor's values (coalesced: duplicate indices
+# summed, as the step sums them).
 def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mask: Any = None) -> TangentTransform:
     """``G + weight_decay · X``: the gradient of the penalty ``(weight_decay / 2) ‖X‖²`` added.
 
@@ -105,8 +113,8 @@ def add_decayed_weights(weight_decay: Scalar = 0.0, constraints: Any = None, mas
     def update(vectors: Vectors, state: EmptyState, params: Params) -> tuple[Vectors, EmptyState]:
         if _is_number(weight_decay) and weight_decay == 0.0:  # a tensor: no branch (Note [Checking hyperparameters])
             return vectors, state
-        if constraints is None:
-            return _map(lambda g, x: _keep(g, g + weight_decay * x), vectors, params), state
+        if constraints is None:  # (the dense term first: a sparse gradient, Note [Sparse gradients at free entries])
+            return _map(lambda g, x: _keep(g, weight_decay * x + g), vectors, params), state
         decay = _pytree.egrad_to_rgrad(constraints, params, _map(lambda x: weight_decay * x, params))
         return _map(lambda g, d: _keep(g, g + d), vectors, decay), state
 

@@ -34,7 +34,8 @@ class ApplyIfFiniteState(NamedTuple):
 
 def _all_finite(*trees: Any) -> Tensor:
     """One 0-dim bool tensor: every floating entry of ``trees`` is finite (True for no entry)."""
-    flags = [torch.isfinite(t).all() for t in optree.tree_leaves(trees, none_is_leaf=False)
+    flags = [torch.isfinite(t.coalesce().values() if t.is_sparse else t).all()  # Note [Sparse gradients at free entries]
+             for t in optree.tree_leaves(trees, none_is_leaf=False)
              if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
     if not flags:  # on the CPU, as the step counts (not the default device: a meta one under torch.device("meta"))
         return torch.ones((), dtype=torch.bool, device="cpu")
