@@ -369,3 +369,60 @@ def test_so_logmap_derivative_between_sqrt_u_and_cube_root_u(n, delta):
     f = lambda t: gf.SO().logmap(X, E(t * B) @ Y @ E(-t * B))
     _, jv = torch.func.jvp(f, (torch.zeros((), dtype=F64),), (torch.ones((), dtype=F64),))
     torch.testing.assert_close(jv, B @ L - L @ B, atol=1e-9, rtol=0)
+
+
+def _so_near_pi(n, deltas, others, Q):
+    """(R, L): R = Q B Qᵀ with planes at ±(π − δ) (cos/sin from δ) and at ``others``, L its log (exact angles)."""
+    B = torch.eye(n, dtype=F64)
+    L0 = torch.zeros(n, n, dtype=F64)
+    angles = [(math.pi - d) * (1 if j % 2 == 0 else -1) for j, d in enumerate(deltas)] + list(others)
+    for j, a in enumerate(angles):
+        d = deltas[j] if j < len(deltas) else None
+        c, s = (-math.cos(d), math.copysign(math.sin(d), a)) if d is not None else (math.cos(a), math.sin(a))
+        B[2 * j:2 * j + 2, 2 * j:2 * j + 2] = torch.tensor([[c, -s], [s, c]], dtype=F64)
+        L0[2 * j + 1, 2 * j], L0[2 * j, 2 * j + 1] = a, -a
+    return Q @ B @ Q.mT, Q @ L0 @ Q.mT
+
+
+@pytest.mark.parametrize("n, deltas, others", [(4, [1e-8, 3e-8], []), (4, [1e-7, 2e-6], []), (5, [1e-6, 1e-6], []),
+                                               (6, [2e-5, 6e-5], [0.7]), (6, [1e-8, 3e-5], [0.7]),
+                                               (7, [1e-7, 2e-7, 5e-7], [])])
+def test_so_logmap_derivative_with_several_planes_near_pi(n, deltas, others):
+    """Note [Several planes in the cut cluster]: planes near π at different distances (or one) share an eigenspace
+    of S to ~u/δ², and logmap's derivative turned them with S's eigenvectors (within the cut cluster: O(1) off;
+    just outside it, by S's √u tie tolerance: 2–25× off). Along Y(t) = X e^{tB} R e^{−tB} the derivative is
+    X [B, log R] exactly (jvp, vjp, jacrev; float64); along Y(t) = R e^{tΩ}, Ω commuting with R, it is Ω (at a
+    point whose planes are exact: elsewhere the rounding of R turns its planes by ~u/δ, and the log's
+    derivative across them is ~π/δ)."""
+    g = torch.Generator().manual_seed(n)
+    S = gf.SO()
+    R, L = _so_near_pi(n, deltas, others, torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0])
+    X = S.sample((n, n), generator=g, dtype=F64)
+    B = torch.randn(n, n, generator=g, dtype=F64)
+    B = B - B.mT
+    Y, W, ref = X @ R, X @ (B @ R - R @ B), X @ (B @ L - L @ B)
+    _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (Y,), (W,))
+    torch.testing.assert_close(jv, ref, atol=1e-4, rtol=0)
+    G = torch.randn(n, n, generator=g, dtype=F64)
+    Yr = Y.clone().requires_grad_(True)
+    (gy,) = torch.autograd.grad((S.logmap(X, Yr) * G).sum(), Yr)
+    torch.testing.assert_close((gy * W).sum(), (ref * G).sum(), atol=1e-4, rtol=0)
+    J = torch.func.jacrev(lambda y: S.logmap(X, y))(Y)
+    torch.testing.assert_close((J * W).sum((-2, -1)), ref, atol=1e-4, rtol=0)
+    if max(deltas) < 6e-6:  # all in the cut cluster, read in _so_log_value's frame (outside it S's: ~u/δ² apart)
+        # sqdist = ⟨log, log⟩: along Y e^{tA} its derivative is 2⟨log R, A⟩ (O(1); it was 0.5–100% off, a sign flipped)
+        A = torch.randn(n, n, generator=g, dtype=F64)
+        A = A - A.mT
+        (gs,) = torch.autograd.grad(S.sqdist(X, Yr), Yr)
+        c = S.inner(X, X @ L, X @ L) / (L * L).sum()
+        torch.testing.assert_close((gs * (Y @ A)).sum(), 2 * c * (L * A).sum(), atol=1e-6, rtol=0)
+    # the angles too, at a permuted block-diagonal R
+    P = torch.eye(n, dtype=F64)[torch.randperm(n, generator=g)]
+    R, L = _so_near_pi(n, deltas, others, P)
+    Om = torch.zeros(n, n, dtype=F64)
+    for j in range(n // 2):
+        Om[2 * j + 1, 2 * j] = (j + 1) / 3
+    Om = P @ (Om - Om.mT) @ P.mT
+    I = torch.eye(n, dtype=F64)
+    _, jv = torch.func.jvp(lambda y: S.logmap(I, y), (R,), (B @ R - R @ B + R @ Om,))
+    torch.testing.assert_close(jv, B @ L - L @ B + Om, atol=1e-5, rtol=0)

@@ -72,6 +72,12 @@ def _make_pair_constants(n: int, dtype: torch.dtype, device: torch.device) -> tu
     return partner, first, sign, first, torch.clamp(first + 2, max=n), torch.eye(n, dtype=dtype, device=device)
 
 
+def _so_tie_tol(lam: Tensor) -> Tensor:
+    """S's tie tolerance in SO's logmap: 16ε (S is an orthogonal matrix's symmetric part, |λ| ≤ 1); near ties
+    are φ's own scale's (Note [Several planes in the cut cluster])."""
+    return torch.full_like(lam[..., :1], 16.0 * torch.finfo(lam.dtype).eps)
+
+
 def _so_log_value(Q: Tensor, KQ: Tensor, f: Tensor, near: Tensor) -> Tensor:
     """The value of SO's log as ``Σⱼ ℓⱼ wⱼᵀ`` (skew up to rounding; Note [Group logarithms on the cut
     locus]). Outside ``near`` (a leading block of S's eigenvectors Q, whole pairs) w = q and ℓ = φ K q
@@ -245,9 +251,10 @@ class MatrixGroup(AbstractSpace):
         #   derivatives where nothing differentiates (1.00× at 64×64, 0.78× at 8×8, CPU time).
         # At −1 itself σ is ±rounding and θ = ±π: one of the minimal logs, with expmap(X, logmap(X, Y)) = Y.
         # σ carries the derivative of the angles, and the cluster's frame turns with its eigenspace against the
-        # rest where a derivative is taken (Note [The cut cluster's eigenspace derivative]); the eigenvectors'
-        # within the cluster are not taken (at the cut the log has none, and within τ of it its direction's
-        # is ~1/δ).
+        # rest where a derivative is taken (Note [The cut cluster's eigenspace derivative]); SO's planes within
+        # the cluster turn against each other to first order (Note [Several planes in the cut cluster]: the
+        # log's derivative across them is ~π/δ; at the cut it has none). Unitary's eigenvectors within the
+        # cluster are not taken.
         wide = wide_dtype(X)
         Xw = X.to(wide)
         R = refine_frame(refine_frame(transpose(Xw) @ Y.to(wide)))
@@ -282,7 +289,7 @@ class MatrixGroup(AbstractSpace):
             Q, _, KQ, near, f, _ = held[0]
             return (Xw @ (skew_part(_so_log_value(Q, KQ, f, near)) + poison(S0))).to(X.dtype)
         S = sym_part(R)
-        P = spectral_eigh(S, phi)
+        P = spectral_eigh(S, phi, _so_tie_tol)
         if cplx:  # −iK on the cluster, the rest of Q's coordinates moved to eigenvalue 2 (|σ| ≤ τ there)
             Q, cut, lam = held[0]
             m = cut.to(R.real.dtype)
@@ -299,13 +306,97 @@ class MatrixGroup(AbstractSpace):
         Q, cut, KQ, near, f, lam = held[0]
         p = Q.shape[-1] // 2
         Qr = _cluster_frame(Q, cut, lam, S, mode)  # Q in value, turning with the cut cluster's eigenspace
-        A, B, w = Qr[..., 0:2 * p:2], Qr[..., 1:2 * p:2], cut[..., 0:2 * p:2]
+        # several planes in the cut cluster: their own frame and turning (Note [Several planes in the cut cluster];
+        # eager, where no point has two, skipped: the same numbers)
+        several = not eager_fast(R) or bool((cut.sum(dim=-1) > 2).any())
+        if several:
+            U, T0, close = _cut_planes(Q, KQ, cut)
+            Qr = Qr @ U
+        A, B, w = Qr[..., 0:2 * p:2], Qr[..., 1:2 * p:2], (cut & ~close if several else cut)[..., 0:2 * p:2]
         sig = (B * (K @ A)).sum(dim=-2) * w
         Bt = B * (torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * w).unsqueeze(-2)
         C = Bt @ transpose(A) - A @ transpose(Bt)
         L = skew_part(K @ P) + C
+        if several:
+            L = L + _cut_planes_turning(Qr, K - K0, T0, cut, close)
         # the value as where nothing differentiates; the derivatives of K φ(S) + C, as before
         return (Xw @ (L + (skew_part(_so_log_value(Q, KQ, f, near)) - L.detach()))).to(X.dtype)
+
+
+# Note [Several planes in the cut cluster]
+# The cut pairs' form θ (baᵀ − abᵀ) is the log on the cluster only where each pair (a, b) spans an invariant
+# plane of K. Two planes within τ of π at different distances δ1 ≠ δ2 share an eigenspace of S to ~u/δ² (S sees
+# cos θ, which has lost δ), so S's eigenvector pairs mixed them, and the planes' turning against each other
+# within the cluster was not taken: logmap's derivative was O(1) off where it is O(1) (along X e^{tB} R e^{−tB}:
+# X [B, log R]), ~100% where it is ~π/δ (jvp, vjp, jacrev; float64, δ of 1e-8 to 6e-6), and sqdist's gradient
+# (⟨log, dlog⟩, O(1)) 0.5–100% off, a sign flipped at two planes at 1e-6. So the cluster is re-resolved by the
+# eigenvectors V of −T² on it (the matrix _so_log_value decomposes, (KQ)ᵀKQ on the cluster scaled to trace 1,
+# the rest at 2: where its near block is the cluster, the same planes to the bit; planes read apart at ~u/δ
+# made ⟨log, dlog⟩ 1e3 off at δ = 1e-10), the pairs read from Q V (θ (baᵀ − abᵀ) is the same for any
+# orthonormal pair of the plane: one plane's log and derivatives are as before), and the planes' turning is
+# added to first order as the Daleckii–Krein derivative of the log on the cluster, F = T ψ(−T²) (T = WᵀK₀W,
+# W = Q V, ψ(σ²) = θ(σ)/σ, even in σ): with N = Wᵀ dK W, dF = N ψ + T (Γ ∘ dA), dA = −(T N + N T),
+# Γⱼₖ = ψ[σⱼ², σₖ²] = (θ[σⱼ, σₖ] σ̄ − θ̄)/(σⱼ σₖ (σⱼ + σₖ)) (means over j, k; θ[·,·] = −(1 + (σⱼ² + σⱼσₖ +
+# σₖ²)/6), exact to O(τ⁴) for σ ≤ τ), σ read as ‖T w‖ (accurate to ~u absolutely; no difference of
+# eigenvalues), taken between different pairs only: within a pair the form's θ'(σ) N is the same number
+# without the cancellation of N ψ against T (Γ ∘ dA) (each ~π/δ there). Pairs that _so_log_value reads as
+# close (planes at nearly one δ: the pairs need not be invariant, and the form on them was O(1) from the log,
+# which the cluster's turning against the rest carried) leave the form: they take the whole block's dF, and
+# W (T ψ) Wᵀ on their columns for the turning. Columns with σ ≤ 64ε (rounding: at −1 itself) take no turning.
+# Zero in value; its own derivative is not exact (first order: second derivatives with several planes in the
+# cluster are not; a single plane, the common case, keeps exact second derivatives). Cost: one eigh and a
+# few products where something differentiates (value-only paths unchanged).
+# Just outside the cluster (planes at δ from τ to ~1e-4) K φ(S) reads them, and spectral_eigh's default tie
+# tolerance (√ε, absolute on S's spectrum in [−1, 1]) took two planes whose cosines differ by < 1.5e-8 as
+# tied (the mean slope of φ, whose scale there is δ²): the derivative 2–25× off at δ = 1e-5 and 3e-5. S's tie
+# tolerance is 16ε there (_so_tie_tol); near ties are φ's own scale's (Note [Near ties of smooth spectral
+# maps]), so elsewhere (planes farther than ~1e-2 from π) the derivatives are the same to the bit.
+def _cut_planes(Q: Tensor, KQ: Tensor, cut: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, T, close)``: the rotation ``U`` (detached; V on the cut columns, I elsewhere) of S's eigenvectors
+    ``Q`` onto the cut cluster's planes, ``T = (QU)ᵀ K₀ (QU)`` on the cluster (0 elsewhere) and the pairs that
+    _so_log_value reads as close (Note [Several planes in the cut cluster])."""
+    n = Q.shape[-1]
+    partner, first, sign, before, after, eye = _pair_constants(n, Q.dtype, Q.device)
+    m = cut.to(Q.dtype)
+    mm = m.unsqueeze(-1) * m.unsqueeze(-2)
+    G = (transpose(KQ) @ KQ) * mm  # as _so_log_value's (the same planes where its near block is the cluster)
+    tr = G.diagonal(dim1=-2, dim2=-1).sum(dim=-1).clamp(min=torch.finfo(Q.dtype).tiny)[..., None, None]
+    lam, V = torch.linalg.eigh(sanitize(G / tr + torch.diag_embed(2.0 - 2.0 * m)))
+    U = torch.where(cut.unsqueeze(-2), V, eye)
+    T = (transpose(Q @ U) @ (KQ @ U)) * mm
+    gaps = torch.nn.functional.pad(lam[..., 1:] - lam[..., :-1], (1, 1), value=torch.inf)
+    sw = torch.linalg.vector_norm(T, dim=-2)
+    close = (torch.minimum(gaps[..., before], gaps[..., after]) <= _SO_CLOSE) & cut
+    close = close & (sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5)  # as _so_log_value's
+    return U, T, close
+
+
+def _cut_planes_turning(W: Tensor, dK: Tensor, T: Tensor, cut: Tensor, close: Tensor) -> Tensor:
+    """The cut cluster's planes turning against each other, to first order (zero in value): ``W dF Wᵀ`` with
+    ``dF`` of Note [Several planes in the cut cluster] off the pairs' blocks (on them too for ``close`` pairs,
+    which add ``W (T ψ) Wᵀ`` on their columns); ``dK`` is K less its detached copy, ``T`` as :func:`_cut_planes`
+    returns it."""
+    n = W.shape[-1]
+    first = _pair_constants(n, T.dtype, T.device)[1]
+    eps = torch.finfo(T.dtype).eps
+    m = cut.to(T.dtype)
+    mm = m.unsqueeze(-1) * m.unsqueeze(-2)
+    N = (transpose(W) @ dK @ W) * mm
+    sw = torch.linalg.vector_norm(T, dim=-2)
+    sg = sw.clamp(min=64.0 * eps)  # σ per column; below 64ε it is rounding: no turning there (δ = 0 has none)
+    th = torch.atan2(sg, -torch.sqrt((1.0 - sg * sg).clamp(min=0.0)))
+    si, sj = sg.unsqueeze(-1), sg.unsqueeze(-2)
+    dth = -(1.0 + (si * si + si * sj + sj * sj) / 6.0)  # θ[σⱼ, σₖ]
+    gam = (dth * 0.5 * (si + sj) - 0.5 * (th.unsqueeze(-1) + th.unsqueeze(-2))) / (si * sj * (si + sj))
+    dA = -(T @ N + N @ T)
+    psi = th / sg
+    dF = N * psi.unsqueeze(-2) + T @ (gam * mm * dA)
+    same = first.unsqueeze(-1) == first.unsqueeze(-2)
+    cl = close.to(T.dtype)
+    res = (sw > 64.0 * eps).to(T.dtype)
+    keep = mm * torch.where(same, cl.unsqueeze(-1) * cl.unsqueeze(-2), res.unsqueeze(-1) * res.unsqueeze(-2))
+    F = T * (psi * cl).unsqueeze(-2)  # the close pairs' log, turning with the cluster (their form is left out)
+    return skew_part(W @ (dF * keep + F) @ transpose(W))
 
 
 # Note [The cut cluster's eigenspace derivative]
