@@ -300,6 +300,36 @@ def test_so_logmap_second_derivative_at_the_cut(delta):
     torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W).sum(), atol=1e-8, rtol=0)
 
 
+@pytest.mark.parametrize("d1, d2, side", [(1e-8, 3e-8, -1), (1e-7, 1e-6, 1), (1e-6, 4e-6, -1), (2e-6, 2e-6, 1), (2e-6, 2e-6, -1)])
+def test_unitary_logmap_derivative_with_two_eigenvalues_in_the_cut_cluster(d1, d2, side):
+    """Note [Eigenvalues in the cut cluster]: two eigenvalues e^{i(π − δ1)}, e^{±i(π − δ2)} within τ of −1: the
+    eigenvectors' turning against each other was not taken (O(1) off, 50–90%). At a diagonal U (its eigenvectors
+    exact) the derivative along U A is Γ ∘ (U A), Γⱼₖ = (iθⱼ − iθₖ)/(e^{iθⱼ} − e^{iθₖ}) from the exact angle
+    differences: jvp and vjp, complex128."""
+    g = torch.Generator().manual_seed(7)
+    parts = [(1, -d1), (side, -side * d2), (0, 0.5)]  # θ = p π + r
+    ev = torch.tensor([complex((-1) ** abs(p) * math.cos(r), (-1) ** abs(p) * math.sin(r)) for p, r in parts], dtype=C128)
+    gam = torch.zeros(3, 3, dtype=C128)
+    for j, (pj, rj) in enumerate(parts):
+        for k, (pk, rk) in enumerate(parts):
+            diff = (pj - pk) * math.pi + (rj - rk)
+            half = math.sin(0.5 * (rj - rk)) * (1 if pj == pk else -1) if (pj - pk) % 2 == 0 else math.sin(0.5 * diff)
+            mean = 0.5 * ((pj + pk) * math.pi + rj + rk)
+            gam[j, k] = (1.0 if diff == 0 else diff / (2 * half)) * complex(math.cos(mean), -math.sin(mean))
+    Y, X = torch.diag(ev), torch.eye(3, dtype=C128)
+    A = torch.randn(3, 3, generator=g, dtype=C128)
+    A = A - A.mH
+    ref = gam * (Y @ A)
+    U = gf.Unitary()
+    _, jv = torch.func.jvp(lambda y: U.logmap(X, y), (Y,), (Y @ A,))
+    tol = 1e-7 * float(ref.abs().max())
+    torch.testing.assert_close(jv, ref, atol=tol, rtol=0)
+    G = torch.randn(3, 3, generator=g, dtype=C128)
+    Yr = Y.clone().requires_grad_(True)
+    (gy,) = torch.autograd.grad((U.logmap(X, Yr) * G.conj()).real.sum(), Yr)
+    torch.testing.assert_close((gy.conj() * (Y @ A)).real.sum(), (ref * G.conj()).real.sum(), atol=tol * 10, rtol=0)
+
+
 @pytest.mark.parametrize("space", ["Unitary", "SO"])
 def test_logmap_second_derivative_near_the_cut_plain_autograd(space):
     # the same under plain autograd (create_graph=True), where the frame's second-order part is a lazy node

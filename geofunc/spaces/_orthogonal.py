@@ -302,6 +302,10 @@ class MatrixGroup(AbstractSpace):
             sig = (W.conj() * (K @ W)).sum(dim=-2).imag * inn
             th = torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * inn
             C = 1j * ((W * th.unsqueeze(-2).to(W.dtype)) @ transpose(W))
+            # the cluster's eigenvectors turning against each other (Note [Eigenvalues in the cut cluster]; eager, where
+            # no point has two, skipped: the same numbers)
+            if mode != "none" and (not eager_fast(R.real) or bool((inn.sum(dim=-1) > 1.5).any())):
+                C = C + _cut_eigvecs_turning(W, K - K0, sig.detach(), th.detach(), inn)
             return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
         Q, cut, KQ, near, f, lam = held[0]
         p = Q.shape[-1] // 2
@@ -448,6 +452,32 @@ def _cluster_rotation(S: Tensor, Q: Tensor, hd: Tensor, inv: Tensor, d: Tensor, 
         Z2 = skew_part(P2 * d.unsqueeze(-2)) - 0.5 * (d.unsqueeze(-1) * d.unsqueeze(-2)) * MM
         out = Z2 if out is None else out + Z2
     return out
+
+
+# Note [Eigenvalues in the cut cluster]
+# Unitary's cluster log i Σ θ(σₖ) wₖwₖᴴ (σ, w the eigenpairs of −iK on it, Note [Group logarithms on the cut
+# locus]) took the angles' derivative (σ from K) and the cluster's turning against the rest, not its
+# eigenvectors' turning against each other: with two eigenvalues in the cluster logmap's derivative was O(1)
+# off (along a conjugation, 4.3 at e^{i(π−δ1)}, e^{−i(π−δ2)}; 50–90% in general directions, on either side;
+# complex128, δ of 1e-8 to 6e-6). That turning is the Daleckii–Krein term i W (Γ ∘ N) Wᴴ off the diagonal,
+# N = Wᴴ(−i dK)W, Γⱼₖ = θ[σⱼ, σₖ]: across the cut (σⱼσₖ < 0, ~2π/(|σⱼ| + |σₖ|)) read directly, on one side
+# −(1 + (σⱼ² + σⱼσₖ + σₖ²)/6) (θ = ±π − arcsin σ, exact to O(τ⁴)); pairs closer than 64ε across the cut (at
+# −1 itself, where the log has no derivative) take none. Zero in value; first order.
+def _cut_eigvecs_turning(W: Tensor, dK: Tensor, sig: Tensor, th: Tensor, inn: Tensor) -> Tensor:
+    """``i W (Γ ∘ N) Wᴴ`` of Note [Eigenvalues in the cut cluster] (zero in value): ``W`` the cluster's frame
+    (``inn`` its columns), ``sig``/``th`` their σ and θ, ``dK`` K less its detached copy."""
+    eps = torch.finfo(sig.dtype).eps
+    N = transpose(W) @ (-1j * dK) @ W
+    si, sj = sig.unsqueeze(-1), sig.unsqueeze(-2)
+    ds = si - sj
+    across = (si * sj < 0) | ((si == 0) != (sj == 0))
+    ok = ~across | (ds.abs() > 64.0 * eps)
+    same = -(1.0 + (si * si + si * sj + sj * sj) / 6.0)
+    gam = torch.where(across, (th.unsqueeze(-1) - th.unsqueeze(-2)) / torch.where(ok, ds, torch.ones_like(ds)), same)
+    n = W.shape[-1]
+    off = ~torch.eye(n, dtype=torch.bool, device=W.device)
+    mask = (inn.unsqueeze(-1) * inn.unsqueeze(-2)) * (ok & off).to(inn.dtype)
+    return 1j * (W @ ((gam * mask).to(W.dtype) * N) @ transpose(W))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
