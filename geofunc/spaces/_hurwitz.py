@@ -14,7 +14,8 @@ from .._errors import ManifoldError, describe, error, first_index
 from .._expm import _FAR
 from .._fastpath import add_second_order, derivative_mode
 from .._linalg import Triv, eye_like, poison, sanitize
-from ._base import LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached, real_hyperparameter, shapes_only
+from ._base import (LOW_PRECISION, AbstractSpace, cached_attribute, can_check, compute_cached, real_hyperparameter,
+                    rounding_dtype, shapes_only)
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
@@ -179,7 +180,8 @@ class Hurwitz(AbstractSpace):
       ``t = max(0, a(Y) + α + c)``, ``a`` the spectral abscissa, ``c = √ε·max(1, ‖Y − tr(Y)/n·I‖_F)``
       (a canonical point, not the nearest: the least shift of the spectrum that puts it
       ``c`` inside; ``a`` is differentiated in closed form at its eigenvalue, see :func:`_abscissa`);
-      ``retract(X, V) = project(X + V)``.
+      ``retract(X, V) = project(X + V)``. For a bfloat16/float16 ``Y``, ``c`` also covers the rounding
+      of the stored point, so that it stays stable (Note [Hurwitz margin of the stored dtype]).
     * ``sample``: ``W`` from :class:`PSD`'s sample (eigenvalues in (0.5, 1.5]), ``S`` from
       :class:`Skew`'s: ``Re λ ≤ −α − 1/4``.
     * Membership: ``max Re λ(X) + α ≤ atol·max(1, ‖X‖_F)``.
@@ -327,6 +329,20 @@ class Hurwitz(AbstractSpace):
         self._check_pair(X, V, "V")
         return self.project(X + V)
 
+    # Note [Hurwitz margin of the stored dtype]
+    # project (and retract = project(X + V), every optimizer step) puts the spectral abscissa c = √ε·spread
+    # inside −alpha. A bf16/fp16 call computes in float32 and rounds the result, which moves each entry by up to
+    # u·|X_ij| (u: the stored dtype's unit roundoff); float32's c (3.4e-4·spread) is far inside that, so 12% of
+    # bf16 projections of 5×5 Gaussian matrices of scale 3 came back unstable (max Re λ up to +0.09 at alpha = 0)
+    # and bf16 rsgd/radam iterates were unstable at 77–99 of 100 steps, all accepted by contains (its bf16
+    # tolerance is 5e-2·‖X‖_F). After the shift X = Y − tI has ‖offdiag X‖_F ≤ spread and
+    # |X_ii| ≤ spread + |tr X/n| = spread + m + c with m = a(Y) − tr(Y)/n + alpha, so the rounding E has
+    # ‖E‖₂ ≤ u(2·spread + m + c); c is raised to c₀ + k(2·spread + m + c) with k = 2u = ε (room for mild
+    # non-normality), solved for c: no unstable bf16 iterate in those runs (bf16 rsgd's loss 7% above float32's
+    # with the constraint active). √ε of the stored dtype, as the open spaces' floors, kept them stable too but
+    # pushed them 0.088·spread inside (37% above). A point whose top eigenvalue is ill-conditioned (strongly
+    # non-normal) can still round off (fp16, n = 3, alpha = 50: 0.07% of projections). float32/float64 calls
+    # are unchanged.
     def project(self, Y: Tensor) -> Tensor:
         """``Y − tI``: the spectrum shifted left just enough (see the class docstring)."""
         self._check_shape(Y, "Y")
@@ -340,7 +356,12 @@ class Hurwitz(AbstractSpace):
         D = sanitize(Y) - trace * eye
         spread = torch.sqrt((D * D.conj()).real.sum(dim=(-2, -1), keepdim=True).clamp(min=1.0))
         c = spread * math.sqrt(torch.finfo(Y.dtype).eps)
-        t = (_abscissa(Y)[..., None, None] + self.alpha + c).clamp(min=0.0)
+        a = _abscissa(Y)[..., None, None]
+        stored = rounding_dtype(Y.dtype)
+        if stored != Y.dtype:  # a bf16/fp16 point: room for its rounding (Note [Hurwitz margin of the stored dtype])
+            k = torch.finfo(stored).eps  # twice the stored dtype's unit roundoff
+            c = (c + k * (2.0 * spread + (a - trace + self.alpha))) / (1.0 - k)
+        t = (a + self.alpha + c).clamp(min=0.0)
         return Y - t * eye + poison(Y)
 
     def sample(self, shape: Any, *, generator: torch.Generator | None = None, dtype: torch.dtype | None = None,
