@@ -694,3 +694,22 @@ def test_hyperbolic_functions_compile_in_one_graph_under_autocast() -> None:
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=fn.__name__)
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=[_NAMES[d] for d in LOW])
+def test_sl_retract_gives_nan_not_a_rounded_matrix_off_sl(dtype) -> None:
+    """``SL.retract`` promises NaN, never a finite matrix off SL, where the exact point is beyond what the
+    dtype represents. Its guard judged the float32 result of a bf16/fp16 call, which is on SL, while its
+    rounding was not: tangent steps of scale 2 on 5×5 points gave 17% (bf16) / 5% (fp16) finite matrices
+    with det ≤ 0 (Note [SL's guard judges the stored point]). Judged in float64 on the stored point."""
+    M = gf.SL()
+    g = torch.Generator().manual_seed(0)
+    X = M.sample((500, 5, 5), generator=g, dtype=dtype)
+    V = M.tangent(X, (2.0 * torch.randn(500, 5, 5, generator=g)).to(dtype))
+    R = M.retract(X, V)
+    assert R.dtype == dtype
+    finite = torch.isfinite(R).all(-1).all(-1)
+    assert bool(finite.float().mean() > 0.5)  # most steps are representable: NaN only where they are not
+    sign = torch.linalg.slogdet(R[finite].double())[0]
+    assert bool((sign > 0).all()), "a finite retraction with det ≤ 0"
+    assert bool(M.contains(R[finite]).all())
