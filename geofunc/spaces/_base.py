@@ -182,6 +182,7 @@ _POLICY_METHODS = (
     "transport",
     "inner",
     "dist",
+    "sqdist",  # a space's own closed form (Sphere, Oblique): float32 as the others, not the stored dtype
     "expmap",
     "logmap",
 )
