@@ -1707,3 +1707,23 @@ def test_a_torch_optim_group_copied_with_its_flags_unset_is_taken():
         opt.step()
         adam.step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-15)
+
+
+def test_torch_optim_adamw_groups_are_taken_by_radamw():
+    """Note [torch.optim's flags in a group]: torch.optim.AdamW's param_groups hold decoupled_weight_decay=True,
+    AdamW's step, which radamw computes; such a group was refused with the hint "use gf.optim.radamw" while the
+    factory was radamw. Taken there (and stepping as AdamW), still refused by radam (its step is Adam's L2)."""
+    p = nn.Parameter(torch.ones(3, dtype=F64))
+    ref = nn.Parameter(torch.ones(3, dtype=F64))
+    adamw = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.5)
+    flags = {k: v for k, v in adamw.param_groups[0].items() if k != "params"}
+    assert flags["decoupled_weight_decay"] is True
+    opt = gf.optim.TorchOptimizer([{"params": [("p", p)], **flags}], {}, gf.optim.radamw, lr=0.1)
+    for _ in range(3):
+        p.grad, ref.grad = torch.full((3,), 0.5, dtype=F64), torch.full((3,), 0.5, dtype=F64)
+        opt.step()
+        adamw.step()
+    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-15)
+    q = nn.Parameter(torch.ones(3, dtype=F64))
+    with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected no `decoupled_weight_decay` in parameter group 0 "):
+        gf.optim.TorchOptimizer([{"params": [("q", q)], **flags}], {}, gf.optim.radam, lr=0.1)

@@ -13,7 +13,7 @@ import torch
 from .. import _pytree
 from .._errors import ManifoldError, describe, real_dtype
 from ..spaces._base import is_space
-from ._aliases import rsgd, upgrade_rsgd_state
+from ._aliases import radamw, rsgd, upgrade_rsgd_state
 from ._base import EmptyState, Optimizer, check_optimizer
 from ._transforms import ScaleByScheduleState, TraceState, _keep, _known_value, _no_buffer, _number, _real, clip_factor
 from ._wrappers import _all_finite, _is_count
@@ -540,6 +540,7 @@ def _named_groups(params: Any, frozen: list[str], constraints: dict[str, Any]) -
 # term. Such a flag, set in a group (at construction, in add_param_group, or later, before a step), is refused
 # where the factory does not take it; False or None (a group copied from a torch.optim optimizer's
 # param_groups) and the flags that change only how torch computes (foreach, fused, capturable) are taken.
+# decoupled_weight_decay=True is what radamw computes (torch.optim.AdamW's own groups hold it True): taken there.
 _TORCH_FLAGS = {
     "maximize": "geofunc.optim's steps descend; to ascend, negate the loss",
     "decoupled_weight_decay": "torch.optim.Adam's switch to AdamW's step; use gf.optim.radamw",
@@ -799,7 +800,7 @@ class TorchOptimizer(torch.optim.Optimizer):
                 unset = value is None or not bool(value)  # (None, False, NumPy's False, a 0)
             except Exception:  # noqa: BLE001  (no truth value: a tensor of several values is not unset)
                 unset = False
-            if unset:
+            if unset or (key == "decoupled_weight_decay" and self._factory is radamw):  # AdamW's step: radamw's
                 continue
             raise ManifoldError(f"TorchOptimizer: expected no `{key}` in parameter group {i} ({self._factory_name} does "
                                 f"not take it: {hint}), got {key}={value!r}.")
