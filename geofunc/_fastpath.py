@@ -154,6 +154,27 @@ def eager_fast(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
+# Note [Values read under grad and jvp]
+# eager_fast is off under every torch.func level, vmap's (where a value is no Python number) as grad's
+# and jvp's, which run the eager dispatcher on wrapped tensors whose values can be read (torch.func
+# documents data-dependent control flow under grad/jvp/vjp/jacrev). A branch that only skips work that is
+# zero in value where a test of the values says so (SO's and Unitary's cut-cluster terms: Note [Several
+# planes in the cut cluster]) may take the test there too: under grad/jvp levels alone, not compiling, no
+# vmap or functionalize level, no fake or tracing mode.
+def values_readable(*tensors: Optional[Tensor]) -> bool:
+    """Whether a test of ``tensors``' values may decide a branch that changes no value: eager mode, or
+    torch.func's grad/jvp levels only (Note [Values read under grad and jvp])."""
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return eager_fast(*tensors)
+    if torch.compiler.is_compiling() or any(k not in ("Grad", "Jvp") for k in _transforms()):
+        return False
+    if _DISPATCH_STACK_LEN() and (fake_mode_active() or _GET_MODE(_PROXY) is not None):
+        return False
+    if (_PRE_MODES is None or _PRE_MODES[0] is not None) and _pre_dispatch_tracing():
+        return False
+    return all(T is None or (type(T) in _PLAIN_TYPES and not T.is_meta) for T in tensors)
+
+
 def tracks_derivatives(*tensors: Optional[Tensor]) -> bool:
     """Whether a result computed from ``tensors`` needs an autograd node: grad mode is on and one
     requires grad, or one carries a ``torch.autograd.forward_ad`` tangent."""

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 
 from .._errors import error
-from .._fastpath import add_second_order, derivative_mode, eager_fast
+from .._fastpath import add_second_order, derivative_mode, eager_fast, values_readable
 from .._linalg import (Triv, chol_qr, haar_stiefel, orthonormality_error, poison, polar, refine_drifted, refine_frame, resolve_triv,
                        sanitize, skew_lower, skew_part, sym_part, tall, transpose, untall, wide_dtype)
 from ._base import AbstractSpace
@@ -303,16 +303,16 @@ class MatrixGroup(AbstractSpace):
             th = torch.atan2(sig, -torch.sqrt(1.0 - sig * sig)) * inn
             C = 1j * ((W * th.unsqueeze(-2).to(W.dtype)) @ transpose(W))
             # the cluster's eigenvectors turning against each other (Note [Eigenvalues in the cut cluster]; eager, where
-            # no point has two, skipped: the same numbers)
-            if mode != "none" and (not eager_fast(R.real) or bool((inn.sum(dim=-1) > 1.5).any())):
+            # no point has two, skipped: the same numbers; grad and jvp too: Note [Values read under grad and jvp])
+            if mode != "none" and (not values_readable(R.real) or bool((inn.sum(dim=-1) > 1.5).any())):
                 C = C + _cut_eigvecs_turning(W, K - K0, sig.detach(), th.detach(), inn)
             return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
         Q, cut, KQ, near, f, lam = held[0]
         p = Q.shape[-1] // 2
         Qr = _cluster_frame(Q, cut, lam, S, mode)  # Q in value, turning with the cut cluster's eigenspace
         # several planes in the cut cluster: their own frame and turning (Note [Several planes in the cut cluster];
-        # eager, where no point has two, skipped: the same numbers)
-        several = not eager_fast(R) or bool((cut.sum(dim=-1) > 2).any())
+        # eager, grad or jvp, where no point has two, skipped: the same numbers; Note [Values read under grad and jvp])
+        several = not values_readable(R) or bool((cut.sum(dim=-1) > 2).any())
         if several:
             U, T0, close = _cut_planes(Q, KQ, cut)
             Qr = Qr @ U
