@@ -494,3 +494,28 @@ def test_cut_cluster_terms_skipped_under_grad_and_jvp_where_no_point_needs_them(
     R, _ = _so_near_pi(4, [1e-7, 2e-6], [], torch.eye(4, dtype=F64))
     torch.func.jvp(lambda y: S.logmap(torch.eye(4, dtype=F64), y), (R,), (R,))
     assert calls["so"] == 1
+
+
+@pytest.mark.parametrize("n, deltas, others", [(6, [1e-8, 1e-8], [0.7]), (6, [1e-10, 1e-10], [0.7]), (7, [1e-9] * 3, []),
+                                               (8, [1e-12, 1e-12 * (1 + 1e-7)], [0.7, 2.5]), (8, [3e-9, 3e-9, 3e-2], [0.4]),
+                                               (9, [1e-8, 1e-7, 1e-2], [1.0]), (9, [3e-9, 3e-8, 5e-2], [1.0])])
+def test_so_logmap_value_with_planes_at_one_distance_near_pi(n, deltas, others):
+    """Note [Planes at one distance near the cut]: planes at (nearly) one distance δ ≲ 1.5e-8 from π beside others
+    were read on arbitrary pairs of their common eigenspace: logmap's value 0.2–3 off (its round trip ~u, as expmap
+    is insensitive there), and its derivative 17% off; planes at different δ beside one nearer 0.1 that holds −T²'s
+    trace were mixed (value 2e-6 to 7e-4 off, round trip 7e-7 to 3e-4). The value against the exact log, to ~u/δ
+    (float64); the round trip; the derivative along a conjugation, X [B, log R]."""
+    S = gf.SO()
+    u = torch.finfo(F64).eps / 2
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        R, L = _so_near_pi(n, deltas, others, torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0])
+        X = S.sample((n, n), generator=g, dtype=F64)
+        Lg = S.logmap(X, X @ R)
+        torch.testing.assert_close(Lg, X @ L, atol=16 * u / min(deltas), rtol=0)
+        torch.testing.assert_close(S.expmap(X, Lg), X @ R, atol=1e-13, rtol=0)
+        if min(deltas) >= 1e-9:
+            B = torch.randn(n, n, generator=g, dtype=F64)
+            B = B - B.mT
+            _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (X @ R,), (X @ (B @ R - R @ B),))
+            torch.testing.assert_close(jv, X @ (B @ L - L @ B), atol=1e-4, rtol=0)

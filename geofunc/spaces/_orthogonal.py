@@ -41,7 +41,7 @@ def empty_frame(Zt: Tensor, Bt: Tensor | None) -> Tensor | None:
 
 # Note [Group logarithms on the cut locus]: SO's logmap reads the planes with sin θ below _SO_NEAR (and cos θ < 0) from pairs
 _SO_NEAR = 0.1
-_SO_CLOSE = 1e-3  # ... except pairs whose eigenvalue of −T²/tr is this close to a neighbour's: K φ there
+_SO_CLOSE = 1e-3  # ... pairs whose eigenvalue of −T²/tr is this close to a neighbour's: re-read on invariant planes of K
 
 
 # Note [Constants cached outside transforms]
@@ -78,13 +78,64 @@ def _so_tie_tol(lam: Tensor) -> Tensor:
     return torch.full_like(lam[..., :1], 16.0 * torch.finfo(lam.dtype).eps)
 
 
+# Note [Planes at one distance near the cut]
+# Planes within _SO_CLOSE of one another in −T²'s scale share (nearly) an eigenspace of it, whose eigenvectors pair
+# them arbitrarily: the pairs (a, b) need not span invariant planes of K. Below the guard (‖Kw‖ ≤ √ε per pair,
+# δ ≲ 1.5e-8) the pair form θ (baᵀ − abᵀ) took them as they came: logmap's value 0.2–3 off in float64 at δ of
+# 1e-12 to 1e-8 (two planes at ±(π − δ) beside a generic one, SO(6)–SO(8); round trips ~u, expmap being
+# insensitive there) and its derivative 17% off. Above it θ/‖Kw‖ K wwᵀ is exact for any basis of one σ, but
+# −T² scaled to trace 1 also puts planes at different small δ together where a larger one (δ up to ~0.1) holds
+# the trace: eigenvectors mixed at ~u tr/σ², value 2e-6 and round trip 7e-7 off at δ = 1e-8 and 1e-7 beside one
+# at 1e-2 (6.5e-4 and 2.9e-4 at 3e-9 and 3e-8 beside 5e-2). So a close group's pairs are re-read as invariant
+# planes: the eigenvectors v of the Hermitian i T on the group (scaled by its largest entry) with positive
+# eigenvalue are (a + ib)/√2 with T a = σ b, T b = −σ a (σ > 0), one per plane, told apart by σ to ~u
+# absolutely (not σ²/tr) and accurate to ~u/δ (T's rounding) as the log is; mixing planes of nearly one σ costs
+# ~u. a, b are made orthonormal by one Newton–Schulz step, and the pair form reads them: value ~u/δ, round trips
+# ~u. Where they are not orthonormal to 1e-6 (σ at rounding: at −1 itself, where any pairs give a minimal log)
+# the pairs are kept (and θ/‖Kw‖ K wwᵀ above the guard). The derivatives' frame (_cut_planes) re-reads the
+# pairs below the guard alike (its close pairs take the whole block's derivative, right in any basis). One
+# complex eigh where there is a close group (eager, grad, jvp; always under vmap or traced); values elsewhere are
+# the same to the bit.
+def _so_invariant_pairs(U: Tensor, T: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U', ok)``: ``U`` (detached, n×n) with the ``low`` columns (whole pairs of close groups, among the leading
+    near ones) rotated onto invariant planes of K where they resolve (``ok``), ``T = (QU)ᵀ K (QU)`` (its entries off
+    low×low unused; Note [Planes at one distance near the cut])."""
+    n = U.shape[-1]
+    k = n  # the columns read: where values are readable, up to the last low one (the near block leads)
+    if values_readable(U) and bool(low.any()):
+        k = int(low.nonzero()[:, -1].max()) + 1
+    lk = low[..., :k]
+    m = lk.to(U.dtype)
+    mm = m.unsqueeze(-1) * m.unsqueeze(-2)
+    Ts = skew_part(T[..., :k, :k] * mm)
+    scale = Ts.abs().amax(dim=(-2, -1), keepdim=True).clamp(min=torch.finfo(U.dtype).tiny)
+    cdt = torch.complex128 if U.dtype == torch.float64 else torch.complex64
+    H = (1j * (Ts / scale)).to(cdt) + torch.diag_embed((2.0 * (1.0 - m)).to(cdt))
+    _, Z = torch.linalg.eigh(sanitize(H))
+    # the j-th low pair takes the j-th eigenvector of positive eigenvalue (after the M negative ones)
+    M = (m.sum(dim=-1, keepdim=True) * 0.5).long()
+    r = (torch.cumsum(lk.long(), dim=-1) - 1).clamp(min=0)
+    src = (M + r // 2).clamp(max=k - 1)
+    Zs = torch.gather(Z, -1, src.unsqueeze(-2).expand(Z.shape))
+    C = torch.where((r % 2 == 0).unsqueeze(-2), Zs.real, Zs.imag) * (2.0 ** 0.5) * mm
+    E = transpose(C) @ C - torch.diag_embed(m)
+    ok = (E.abs().amax(dim=(-2, -1)) <= 1e-6).unsqueeze(-1) & lk
+    C = C - 0.5 * (C @ E)  # one Newton–Schulz step: orthonormal to ~u
+    Uk = U[..., :k]
+    # in U's layout (eigh's, column-major): the products with it round as before where nothing changed
+    out = U.clone()
+    out[..., :k] = torch.where(ok.unsqueeze(-2), Uk @ C, Uk)
+    return out, torch.nn.functional.pad(ok, (0, n - k))
+
+
 def _so_log_value(Q: Tensor, KQ: Tensor, f: Tensor, near: Tensor) -> Tensor:
     """The value of SO's log as ``Σⱼ ℓⱼ wⱼᵀ`` (skew up to rounding; Note [Group logarithms on the cut
     locus]). Outside ``near`` (a leading block of S's eigenvectors Q, whole pairs) w = q and ℓ = φ K q
     (``f`` = φ). On it, w are the eigenvectors of −T² (T = QᵀKQ on the block, scaled to trace 1, the other
     coordinates moved to eigenvalue 2), in pairs (a, b): ℓ_a = θ_a b, ℓ_b = θ_b a, θ = atan2(σ, −√(1 − σ²)),
-    σ_a = bᵀKa, σ_b = −σ_a; a pair whose eigenvalue is within ``_SO_CLOSE`` of a neighbouring pair's (and
-    ‖Kw‖ > √ε) takes ℓ = θ(‖Kw‖) K w/‖Kw‖ instead. Detached."""
+    σ_a = bᵀKa, σ_b = −σ_a; the pairs whose eigenvalue is within ``_SO_CLOSE`` of a neighbouring pair's are re-read
+    as invariant planes of K first (Note [Planes at one distance near the cut]); where that fails (σ at rounding)
+    and ‖Kw‖ > √ε they take ℓ = θ(‖Kw‖) K w/‖Kw‖ instead. Detached."""
     n = Q.shape[-1]
     partner, first, sign, before, after, eye = _pair_constants(n, Q.dtype, Q.device)
     m = near.to(Q.dtype)
@@ -94,13 +145,19 @@ def _so_log_value(Q: Tensor, KQ: Tensor, f: Tensor, near: Tensor) -> Tensor:
     lam, V = torch.linalg.eigh(sanitize(G / tr + torch.diag_embed(2.0 - 2.0 * m)))
     U = torch.where(near.unsqueeze(-2), V, eye)  # near: the first columns, as the block's eigenvalues (≤ 1)
     W, KW = Q @ U, KQ @ U
-    Wp = W[..., partner]
     sw = (KW * KW).sum(dim=-2).sqrt()
-    sig = torch.cat(((Wp * KW).sum(dim=-2)[..., first] * sign, sw), dim=-1)  # σ_a = bᵀKa, σ_b = −σ_a; then ‖Kw‖
-    th = torch.atan2(sig, -torch.sqrt((1.0 - sig * sig).clamp(min=0.0)))
     gaps = torch.nn.functional.pad(lam[..., 1:] - lam[..., :-1], (1, 1), value=torch.inf)
     close = (torch.minimum(gaps[..., before], gaps[..., after]) <= _SO_CLOSE) & near
-    close = close & (sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5)
+    big = sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5
+    if not values_readable(Q) or bool(close.any()):  # Note [Planes at one distance near the cut]
+        U, ok = _so_invariant_pairs(U, transpose(W) @ KW, close)
+        W, KW = Q @ U, KQ @ U
+        sw = (KW * KW).sum(dim=-2).sqrt()
+        close = close & ~ok
+    close = close & big
+    Wp = W[..., partner]
+    sig = torch.cat(((Wp * KW).sum(dim=-2)[..., first] * sign, sw), dim=-1)  # σ_a = bᵀKa, σ_b = −σ_a; then ‖Kw‖
+    th = torch.atan2(sig, -torch.sqrt((1.0 - sig * sig).clamp(min=0.0)))
     coef = torch.where(near, torch.where(close, th[..., n:] / sw, 0.0), f)
     ell = KW * coef.unsqueeze(-2) + Wp * torch.where(close, 0.0, th[..., :n] * m).unsqueeze(-2)
     return ell @ transpose(W)
@@ -243,8 +300,8 @@ class MatrixGroup(AbstractSpace):
         #   apart in σ² by more than ~u tr are told apart, where S needed 2u), and each plane's log is
         #   θ(baᵀ − abᵀ), exact for any orthonormal pair of an invariant plane. A pair whose eigenvalue is
         #   within 1e-3 of a neighbour's (planes at nearly one σ, whose pairs need not be invariant: θ baᵀ was
-        #   up to σ off) takes θ/‖Kw‖ K wwᵀ (mixing there costs ~πu), which keeps K φ's ~πu/δ where planes
-        #   are at exactly one δ (1e-9 at δ = 1e-8, 4e-12 at 1e-4, as before). Round trips of planes at
+        #   up to σ off) is re-read on invariant planes of K, by an eigh of i T on the group (Note [Planes at one
+        #   distance near the cut]; it took θ/‖Kw‖ K wwᵀ, which is still the fallback). Round trips of planes at
         #   different δ: ~u (float32 inputs: their rounding); ‖log‖ = dist to ~u. Cost: one more eigh, of a
         #   matrix diagonal off the block (a quarter of a dense one at 64×64, LAPACK skipping the zero
         #   columns), three n×n products; φ's value is read as atan2(s, c)/s without the series and its
@@ -371,8 +428,12 @@ def _cut_planes(Q: Tensor, KQ: Tensor, cut: Tensor) -> tuple[Tensor, Tensor, Ten
     gaps = torch.nn.functional.pad(lam[..., 1:] - lam[..., :-1], (1, 1), value=torch.inf)
     sw = torch.linalg.vector_norm(T, dim=-2)
     close = (torch.minimum(gaps[..., before], gaps[..., after]) <= _SO_CLOSE) & cut
-    close = close & (sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5)  # as _so_log_value's
-    return U, T, close
+    big = sw + sw[..., partner] > 2.0 * torch.finfo(Q.dtype).eps ** 0.5  # as _so_log_value's
+    low = close & ~big
+    if not values_readable(Q) or bool(low.any()):  # invariant planes for the form (Note [Planes at one distance near the cut])
+        U = _so_invariant_pairs(U, T, low)[0]
+        T = (transpose(Q @ U) @ (KQ @ U)) * mm
+    return U, T, close & big
 
 
 def _cut_planes_turning(W: Tensor, dK: Tensor, T: Tensor, cut: Tensor, close: Tensor) -> Tensor:
