@@ -134,3 +134,57 @@ def test_low_precision_project_and_retract_are_stable_after_rounding(dtype, alph
         p, state = opt.update({"W": (p["W"].float() - T).to(dtype)}, state, p)
         assert p["W"].dtype == dtype
         assert bool((torch.linalg.eigvals(p["W"].double()).real.amax(-1) <= -alpha).all())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_chart_points_are_stable_after_rounding(dtype, alpha):
+    """A bf16/fp16 ``to_manifold`` is computed in float32 and rounded; W's values keep a floor of the stored dtype
+    so that the rounded point stays stable (Note [Hurwitz floor of the stored dtype]). With no floor 6% of bf16
+    points of raw scale 1 with one raw diagonal entry at −6 were unstable, 24% at scale 3 (fp16: 12%), all accepted
+    by ``contains``. Judged by the eigenvalues of the stored point in float64."""
+    M = gf.Hurwitz(alpha=alpha)
+    g = torch.Generator().manual_seed(0)
+    for low, scale in ((-6.0, 1.0), (-6.0, 3.0), (-10.0, 3.0), (0.0, 3.0)):
+        Z = scale * torch.randn(400, 5, 5, generator=g) + torch.diag(torch.tensor([0.0, 0.0, 0.0, 0.0, low]))
+        X = M.to_manifold(Z.to(dtype))
+        assert X.dtype == dtype
+        assert bool((torch.linalg.eigvals(X.double()).real.amax(-1) <= -alpha).all()), (low, scale)
+
+
+def test_low_precision_floor_leaves_float32_and_float64_unchanged():
+    """float32/float64 charts keep no floor: the same values as softplus alone, bit for bit, and the same gradient;
+    a bf16 point is the float32 chart of the raw tensor with W's values lifted by √ε of bf16."""
+    import torch.nn.functional as F
+    M = gf.Hurwitz(alpha=0.5)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, F64):
+        Z = torch.randn(6, 4, 4, generator=g, dtype=dtype, requires_grad=True)
+        X = M.to_manifold(Z)
+        W = gf.PSD(f=(F.softplus, gf.spaces._values.softplus_inverse)).to_manifold(Z)
+        S = torch.triu(Z, 1) - torch.triu(Z, 1).mT
+        eye = torch.eye(4, dtype=dtype)
+        Y = W @ S - 0.5 * W - 0.5 * eye
+        assert torch.equal(X, Y)
+        C = torch.randn(4, 4, generator=g, dtype=dtype)
+        assert torch.equal(*(torch.autograd.grad((T * C).sum(), Z)[0] for T in (X, Y)))
+    Z = torch.randn(6, 4, 4, generator=g)
+    Zb = Z.bfloat16()
+    W = gf.PSD(f=(F.softplus, gf.spaces._values.softplus_inverse)).to_manifold(Zb.float()) + 2.0 ** -3.5 * torch.eye(4)
+    S = torch.triu(Zb.float(), 1) - torch.triu(Zb.float(), 1).mT
+    torch.testing.assert_close(M.to_manifold(Zb).float(), (W @ S - 0.5 * W - 0.5 * torch.eye(4)).bfloat16().float(), rtol=0, atol=2 ** -6)
+
+
+def test_low_precision_module_cast_reexpresses_the_floor():
+    """A bf16 module's raw diagonal means W's values softplus + √ε(bf16): ``.float()`` re-expresses it, so the
+    weight moves by bf16's rounding only (without it every value of W dropped by 0.088)."""
+    lin = torch.nn.Linear(5, 5, bias=False)
+    gf.nn.constrain(lin, "weight", gf.Hurwitz())
+    with torch.no_grad():
+        lin.parametrizations.weight.original.copy_(torch.randn(5, 5, generator=torch.Generator().manual_seed(2)))
+    lin.bfloat16()
+    Wb = lin.weight.detach().float()
+    lin.float()
+    torch.testing.assert_close(lin.weight.detach(), Wb, rtol=2 ** -7, atol=2 ** -7 * float(Wb.abs().max()))
+    lin.bfloat16()
+    torch.testing.assert_close(lin.weight.detach().float(), Wb, rtol=2 ** -6, atol=2 ** -6 * float(Wb.abs().max()))

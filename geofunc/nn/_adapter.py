@@ -35,7 +35,7 @@ from .._fastpath import dispatch_mode_active, fake_mode_active
 from .._errors import ManifoldError, describe, not_dense
 from ..spaces._base import LOW_PRECISION, AbstractSpace, _readable, shapes_only
 from ..spaces._product import Product
-from ..spaces._values import floor_eps, softplus_inverse
+from ..spaces._values import softplus_inverse
 
 #: A module type: the functions that constrain a module in place return it with its own type.
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -421,8 +421,8 @@ class Parametrization(nn.Module):
                 "know its raw tensor (a class registered with register_parametrization, then evaluated on another "
                 "tensor than the one registered; or .to() called on module.parametrizations rather than on the "
                 "module), so the raw values are not re-expressed in the new dtype and every "
-                f"value moves by the difference of the floors of \"softplus\" ({floor_eps(before[moved[0]]):.2g} -> "
-                f"{floor_eps(new):.2g}). Use the geofunc.nn constraint functions or gf.nn.constrain, or assign the "
+                f"value moves by the difference of the floors of \"softplus\" ({self.space._coords_floor(before[moved[0]]):.2g} -> "
+                f"{self.space._coords_floor(new):.2g}). Use the geofunc.nn constraint functions or gf.nn.constrain, or assign the "
                 "weight again after the cast.",
                 stacklevel=2,
             )
@@ -440,7 +440,7 @@ class Parametrization(nn.Module):
     def _moves_with_floor(self, old: torch.dtype, new: torch.dtype) -> bool:
         """Whether this space's values mean other points in ``new`` than in ``old`` (the floors of "softplus")."""
         return (self.space._dtype_coords(torch.empty((2, 2) if self.shape is None else self.shape, device="meta")) is not None
-                and floor_eps(old) != floor_eps(new))
+                and self.space._coords_floor(old) != self.space._coords_floor(new))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         """``nn.Module``'s, then: a base saved in another dtype and valid there is re-made valid in the
@@ -1306,7 +1306,8 @@ def _check_cached_values(module: nn.Module) -> None:
 # Note [Raw tensors across dtypes]
 # The value coordinates of the "softplus" spaces (FixedRank, GLp, PSD, PSSDFixedRank, and SL through
 # its GLp) are raw numbers s whose value is softplus(s) + ε, ε = √eps of the raw tensor's dtype (of
-# the stored dtype for bf16/fp16: Note [Low precision]). The same s is another value in another
+# the stored dtype for bf16/fp16: Note [Low precision]); Hurwitz's W has ε = √eps of bf16/fp16 and 0 for
+# float32/float64 (the space's ``_coords_floor``; Note [Hurwitz floor of the stored dtype]). The same s is another value in another
 # dtype: cast alone, every singular value or eigenvalue would move by the difference of the floors
 # (+0.088 to bfloat16, −3.4e-4 to float64), far beyond the rounding. So when the raw tensor of such a
 # space changes dtype (``.to()``, ``.double()``, ``.bfloat16()``, ...), its value coordinates are
@@ -1341,7 +1342,7 @@ def _chained_message(adapter: nn.Module, old: torch.dtype, new: torch.dtype) -> 
     return (f"{adapter.where} constrained to {adapter.space!r}: its tensor changed dtype from {old} to {new}, but it is not "
             "the first parametrization of its tensor's chain, so its raw values (the previous parametrizations' output) "
             "are not re-expressed in the new dtype and every value moves by the difference of the floors of "
-            f"\"softplus\" ({floor_eps(old):.2g} -> {floor_eps(new):.2g}). Assign the weight again after the cast "
+            f"\"softplus\" ({adapter.space._coords_floor(old):.2g} -> {adapter.space._coords_floor(new):.2g}). Assign the weight again after the cast "
             "(module.<name> = weight_before.to(dtype)), or constrain the tensor with this space first.")
 
 
@@ -1351,12 +1352,13 @@ def _concrete(t: Any) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(t) and (t.is_floating_point() or t.is_complex()))
 
 
-def _reexpress(s: Tensor, old: torch.dtype, new: torch.dtype) -> tuple[Tensor, Tensor]:
+def _reexpress(space: Any, s: Tensor, old: torch.dtype, new: torch.dtype) -> tuple[Tensor, Tensor]:
     """Value coordinates ``s`` of a raw tensor of dtype ``old`` re-expressed for a raw tensor of dtype
-    ``new`` (float64 work): ``(s', lifted)``, ``lifted`` marking values below ``new``'s floor."""
-    f_old, f_new = floor_eps(old), floor_eps(new)
+    ``new`` (float64 work): ``(s', lifted)``, ``lifted`` marking values below ``new``'s floor (the space's
+    ``_coords_floor``; one unit of the new dtype's rounding where that floor is 0)."""
+    f_old, f_new = space._coords_floor(old), space._coords_floor(new)
     x = torch.nn.functional.softplus(s.detach().to(torch.float64)) + (f_old - f_new)
-    x_min = f_new * torch.finfo(new).eps  # one unit of the new dtype's rounding above its floor
+    x_min = (f_new or 1.0) * torch.finfo(new).eps  # one unit of the new dtype's rounding above its floor
     lifted = x < x_min
     x = x.clamp(min=x_min)
     return softplus_inverse(x), lifted
@@ -1366,15 +1368,15 @@ def _write_values(where: str, space: Any, view: Tensor | None, s_old: Tensor, ol
     """Overwrite the value coordinates ``view`` (of a raw tensor) with ``s_old``, coordinates of a raw
     tensor of dtype ``old``, re-expressed for dtype ``new``; warn where a value is lifted to the floor of
     a float32/float64 ``new`` (Note [Raw tensors across dtypes])."""
-    if view is None or floor_eps(old) == floor_eps(new):
+    if view is None or space._coords_floor(old) == space._coords_floor(new):
         return
-    s_new, lifted = _reexpress(s_old, old, new)
+    s_new, lifted = _reexpress(space, s_old, old, new)
     with torch.no_grad():
         view.copy_(s_new.to(device=view.device))
     if new not in LOW_PRECISION and bool(lifted.any()):
-        lowest = float((torch.nn.functional.softplus(s_old.detach().double()) + floor_eps(old))[lifted].min())
+        lowest = float((torch.nn.functional.softplus(s_old.detach().double()) + space._coords_floor(old))[lifted].min())
         warnings.warn(
-            f"{where} constrained to {space!r}: a value {lowest:.3g} is below the floor {floor_eps(new):.3g} of "
+            f"{where} constrained to {space!r}: a value {lowest:.3g} is below the floor {space._coords_floor(new):.3g} of "
             f"geofunc's \"softplus\" in {new} (softplus + √eps of the dtype) and was lifted to it when the raw tensor "
             f"changed dtype from {old} to {new}.",
             stacklevel=4,

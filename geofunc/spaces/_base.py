@@ -844,6 +844,13 @@ class AbstractSpace(_Space, abc.ABC):
         tensors across dtypes] in ``geofunc/nn/_adapter.py``); None (the default) where there are none."""
         return None
 
+    def _coords_floor(self, dtype: torch.dtype) -> float:
+        """The floor of the values of :meth:`_dtype_coords` for a raw tensor of ``dtype``: ``f = softplus(s) + floor``
+        (the "softplus" spaces' √ε of the dtype; Hurwitz's W: √ε of bf16/fp16 only)."""
+        from ._values import floor_eps  # (_values imports this module)
+
+        return floor_eps(dtype)
+
     def _require_no_base(self, base: Any) -> None:
         """A space whose chart has no centre takes ``base=None`` only."""
         if base is not None:

@@ -19,7 +19,7 @@ from ._base import (LOW_PRECISION, AbstractSpace, cached_attribute, can_check, c
 from ._psd import PSD
 from ._orthogonal import validate_triv
 from ._skew import Skew
-from ._values import softplus_inverse
+from ._values import floor_eps, softplus_inverse
 
 __all__ = ["Hurwitz", "lyapunov"]
 
@@ -139,9 +139,44 @@ def _abscissa(Y: Tensor) -> Tensor:
                             state=(V, Vi, i, lam))  # Note [Lazy second-order terms]
 
 
-#: The value map of the factor W: softplus with no floor, so that W ≻ 0 reaches every positive
-#: definite matrix (the chart's reach is then limited by the conditioning only, not by a scale).
-_W_MAP = (F.softplus, softplus_inverse)
+# Note [Hurwitz floor of the stored dtype]
+# Every output of the chart has Re λ ≤ −alpha − λ_min(W)/2, and W's values are softplus(t) with no floor, so that
+# W ≻ 0 reaches every positive definite matrix (the chart's reach is limited by the conditioning only). A bf16/fp16
+# call computes the point in float32 and rounds it, which moves each entry by up to u·|X_ij| (u the stored dtype's
+# unit roundoff); with λ_min(W) far below that the rounded point left the space: 6% of bf16 points of 5×5 raw
+# tensors of scale 1 with one raw diagonal entry at −6 (max Re λ +0.008), 24% at scale 3 (+0.2), 5.6% at scale 3
+# with no shifted entry; fp16 12% at scale 3, all accepted by contains. So in a bf16/fp16 call W's values are
+# softplus(t) + √ε of the stored dtype (0.088 bf16, 0.031 fp16), as the open spaces' floors (README, "bfloat16 and
+# float16"): then none of those came back unstable, nor at n = 16 and 64. A point whose W and S spread much more
+# (raw scale 10, n = 5: 8% bf16, 1.5% fp16) can still round off the space, as GLp's and PSD's. float32/float64
+# calls keep no floor (unchanged, bit for bit). The raw diagonal (W's value coordinates) therefore means another
+# point in bf16/fp16 than in float32/float64: a gf.nn module's dtype change re-expresses it (_dtype_coords,
+# _coords_floor; Note [Raw tensors across dtypes] in geofunc/nn/_adapter.py), and from_manifold of a bf16/fp16
+# point lifts a certificate value below the floor to it (the round trip check refuses the point if that moves it).
+def _w_floor(dtype: torch.dtype) -> float:
+    """The floor of W's values: √ε of the stored dtype in a bf16/fp16 call (or for a bf16/fp16 dtype), else 0
+    (Note [Hurwitz floor of the stored dtype])."""
+    stored = rounding_dtype(dtype)
+    return floor_eps(stored) if stored in LOW_PRECISION else 0.0
+
+
+def _w_values(t: Tensor) -> Tensor:
+    """W's values ``softplus(t)`` (+ the floor of a bf16/fp16 call)."""
+    floor = _w_floor(t.dtype)
+    v = F.softplus(t)
+    return v + floor if floor else v
+
+
+def _w_values_inverse(y: Tensor) -> Tensor:
+    """Inverse of :func:`_w_values` (a value at or below the floor gives a finite, very negative coordinate)."""
+    floor = _w_floor(y.dtype)
+    if not floor:
+        return softplus_inverse(y)
+    return softplus_inverse((y - floor).clamp(min=torch.finfo(y.dtype).tiny))
+
+
+#: The value map of the factor W: softplus, with no floor in float32/float64 (Note [Hurwitz floor of the stored dtype]).
+_W_MAP = (_w_values, _w_values_inverse)
 _SKEW = Skew(lower=False)  # the chart of S: the strict upper triangle of Z
 
 
@@ -164,7 +199,9 @@ class Hurwitz(AbstractSpace):
         S = \operatorname{triu}(Z, 1) - \operatorname{triu}(Z, 1)^\top
 
     ``W`` is :class:`PSD`'s chart (frame ``Q_b φ(A)``, ``A`` from the strict lower triangle of
-    ``Z``, values ``softplus`` with no floor) and ``S`` :class:`Skew`'s (``lower=False``), so the
+    ``Z``, values ``softplus`` with no floor; in a bfloat16/float16 call ``softplus + √ε`` of the stored
+    dtype, so that the rounded point stays stable: Note [Hurwitz floor of the stored dtype]) and ``S``
+    :class:`Skew`'s (``lower=False``), so the
     lower triangle and diagonal of ``Z`` parametrize ``W``, the strict upper triangle ``S``;
     ``base`` is ``W``'s eigenframe ``Q_b`` (``None``: the identity). Every output has
     ``Re λ ≤ −α − λ_min(W)/2 < −α``.
@@ -237,6 +274,15 @@ class Hurwitz(AbstractSpace):
         S = _SKEW.to_manifold(Z)
         return self._shift(W @ S - 0.5 * W)
 
+    def _dtype_coords(self, Z: Tensor) -> Tensor | None:
+        """The diagonal of ``Z``: W's value coordinates, whose floor depends on the dtype (Note [Hurwitz floor of
+        the stored dtype])."""
+        return Z.diagonal(dim1=-2, dim2=-1) if Z.ndim >= 2 else None
+
+    def _coords_floor(self, dtype: torch.dtype) -> float:
+        """The floor of W's values for a raw tensor of ``dtype``: √ε of bf16/fp16, 0 for float32/float64."""
+        return _w_floor(dtype)
+
     def _refine_base(self, base: Any, force: bool = False) -> Any:
         """PSD's (the base is the frame of ``W``'s PSD chart)."""
         return self._psd._refine_base(base, force)
@@ -255,7 +301,7 @@ class Hurwitz(AbstractSpace):
             except ManifoldError as e:  # W = P⁻¹ off PSD's chart: too close to the boundary
                 raise error(self, "a matrix far enough from the stability boundary for this dtype",
                             f"{describe(X)} whose certificate W = P⁻¹ is off the PSD chart ({e})") from None
-            self._check_round_trip(X, Z, base)
+            self._check_round_trip(X, Z, base, P)
             return Z, base
         return self._from_certificate(X, P)
 
@@ -268,9 +314,10 @@ class Hurwitz(AbstractSpace):
     # more than 1/64 off (expm's bound for a point, Note [Too far to be a point]); scales ≤ 1 came back
     # to ~1e-15 (float64) and ~1e-6 (float32). Under transforms only the shape checks run (README,
     # "from_manifold under transforms").
-    def _check_round_trip(self, X: Tensor, Z: Tensor, base: Any) -> None:
+    def _check_round_trip(self, X: Tensor, Z: Tensor, base: Any, P: Tensor) -> None:
         """Eager: refuse ``X`` if ``to_manifold(from_manifold(X))`` is more than 1/64 off it (Note [Hurwitz
-        right inverse off by its conditioning])."""
+        right inverse off by its conditioning]); in a bf16/fp16 call, naming W's floor where the certificate's
+        ``W = P⁻¹`` is below it (Note [Hurwitz floor of the stored dtype])."""
         with torch.no_grad():
             X2 = self.to_manifold(Z.detach(), None if base is None else base.detach())
             rel = (X2 - X).abs().amax(dim=(-2, -1)) / X.detach().abs().amax(dim=(-2, -1)).clamp(min=1.0)
@@ -278,6 +325,15 @@ class Hurwitz(AbstractSpace):
         if not bool(bad.any()):
             return
         idx = first_index(bad)
+        floor = _w_floor(X.dtype)
+        if floor:
+            w_min = 1.0 / torch.linalg.eigvalsh(sanitize(P.detach()))[..., -1]
+            if float(w_min[idx]) < floor:
+                raise error(self, f"a matrix whose Lyapunov certificate W = P⁻¹ has eigenvalues ≥ {floor:.3g}, the floor "
+                            f"of W in {rounding_dtype(X.dtype)} (so that the chart's points stay stable once rounded)",
+                            f"{describe(X)} with least eigenvalue of W {float(w_min[idx]):.3g} (batch index {idx}): "
+                            f"too close to the stability boundary for a {rounding_dtype(X.dtype)} chart; float32 "
+                            "has no floor")
         raise error(self, "a matrix conditioned well enough for this dtype that its Lyapunov certificate gives "
                     "a right inverse", f"{describe(X)} whose round trip to_manifold(from_manifold(X)) is "
                     f"{float(rel[idx]):.3g} off relative to max(1, max|X|) (batch index {idx}); float64 "
