@@ -8,9 +8,11 @@ class's own ``in_manifold``, which is itself under test).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -584,6 +586,90 @@ def test_a_single_callable_f_reads_back_with_no_inverse():
         assert M.space.f is pair and M.f is torch.exp and M.inv is torch.log
     finally:
         del gnn.FixedRank.fs["exp"]
+
+
+def _scaled_exp(s):  # module level: picklable by reference
+    return 2.0 * torch.exp(s)
+
+
+@pytest.mark.parametrize("cls, args", [
+    (gnn.FixedRank, ((5, 3), 2)), (gnn.GLp, ((3, 3),)), (gnn.PSD, ((3, 3),)),
+    (gnn.PSSDFixedRank, ((3, 3), 2)), (gnn.AlmostOrthogonal, ((3, 3), 0.5)),
+], ids=["FixedRank", "GLp", "PSD", "PSSDFixedRank", "AlmostOrthogonal"])
+@pytest.mark.parametrize("inv_first", [True, False], ids=["inv,f", "f,inv"])
+def test_f_and_inv_assigned_in_either_order(cls, args, inv_first):
+    """Note [f and inv read as callables]: GeoTorch's ``f`` and ``inv`` are independent attributes; a
+    GeoTorch subclass that set ``self.inv = g_inv; self.f = g`` lost the inverse here (InverseError on the
+    next assignment of the weight)."""
+    torch.manual_seed(0)
+    g, g_inv = (torch.tanh, torch.atanh) if cls is gnn.AlmostOrthogonal else (torch.exp, torch.log)
+
+    class Mine(cls):
+        def __init__(self, *a):
+            super().__init__(*a)
+            if inv_first:
+                self.inv = g_inv
+                self.f = g
+            else:
+                self.f = g
+                self.inv = g_inv
+
+    M = Mine(*args)
+    assert M.f is g and M.inv is g_inv  # (AlmostOrthogonal's: read back as its name "tanh")
+    assert M.space.f == ("tanh" if cls is gnn.AlmostOrthogonal else (g, g_inv))
+    n, k = args[0]
+    layer = nn.Linear(k, n)
+    with torch.no_grad():
+        layer.weight.copy_(cls(*args).sample())
+    P.register_parametrization(layer, "weight", M)
+    W = layer.weight.detach().clone()
+    layer.weight = W  # the inverse is there
+    torch.testing.assert_close(layer.weight.detach(), W, atol=1e-5, rtol=1e-5)
+
+
+def test_an_assigned_inverse_outlives_a_later_f_only():
+    """Only ``M.inv = g`` survives ``M.f = h``: a named map's inverse, a pair's, and None do not (GeoTorch
+    would pair h with softplus's inverse)."""
+    M = gnn.FixedRank((5, 3), 2)
+    M.f = torch.exp  # softplus's inverse dropped (h alone), as before
+    assert M.space.f is torch.exp and M.inv is None
+    M.f = "softplus"
+    M.inv = torch.log
+    M.f = _scaled_exp
+    assert M.space.f == (_scaled_exp, torch.log)
+    with pytest.raises(ValueError):
+        M.f = "not a map"  # refused: nothing changes
+    M.f = torch.exp  # still the assigned inverse
+    assert M.space.f == (torch.exp, torch.log)
+    for drop in ("softplus", (torch.sigmoid, torch.logit)):
+        M.inv = torch.log
+        M.f = drop  # a name or a pair brings its own inverse: the assigned one is forgotten
+        M.f = torch.exp
+        assert M.space.f is torch.exp and M.inv is None
+    M.inv = torch.log
+    M.inv = None
+    M.f = _scaled_exp
+    assert M.space.f is _scaled_exp and M.inv is None
+    # a name's own callable reads back as the name, with the name's inverse
+    M.inv = torch.log
+    M.f = M.fs["softplus"][0]
+    assert M.space.f == "softplus"
+    # the current map assigned again keeps an assigned inverse (a named map's callable too); a pair's
+    # inverse not assigned as M.inv is dropped, as before (test_assigning_f_changes_the_map_as_geotorch)
+    M.f = "softplus"
+    M.inv = torch.log
+    M.f = M.f
+    assert M.f is M.fs["softplus"][0] and M.inv is torch.log
+    M = gnn.GLp((3, 3), f=(torch.exp, torch.log))
+    M.f = M.f
+    assert M.space.f is torch.exp and M.inv is None
+    # copies keep an assigned inverse
+    M.f = torch.sigmoid
+    M.inv = torch.logit
+    for C in (copy.copy(M), copy.deepcopy(M), pickle.loads(pickle.dumps(M))):
+        C.f = _scaled_exp
+        assert C.f is _scaled_exp and C.inv is torch.logit
+    assert M.f is torch.sigmoid
 
 
 def test_in_manifold_error_names_the_parameter_and_space():

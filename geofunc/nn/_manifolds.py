@@ -724,6 +724,14 @@ class _Manifold(Parametrization):
     # pair given stays ``M.space.f``. Assigning takes a name, a callable or a pair as before; a named
     # map's own callables (``M.f = M.f``, ``M.f = (M.f, M.inv)``) are read back as its name, so the space
     # keeps its named map (its floor, its fast paths). ``M.inv = g`` pairs ``M.f`` with ``g``.
+    # GeoTorch's ``f`` and ``inv`` are independent attributes, so a GeoTorch subclass may set them in
+    # either order (``self.inv = torch.log; self.f = torch.exp``); here ``M.f = torch.exp`` replaced the
+    # pair, and the inverse just assigned was lost (the next assignment of the weight raised
+    # InverseError). An inverse assigned as ``M.inv = g`` is therefore kept by a later ``M.f = h`` (h a
+    # callable, not a named map's unless it is the current map), as long as it is still the current
+    # inverse. An inverse that came with a name or a pair is not: ``M.f = h`` after softplus gives h
+    # alone, not h with softplus's inverse, which GeoTorch would pair (after ``f=(g, g_inv)``, ``M.f = g``
+    # gives g alone too, as before; GeoTorch's keeps g_inv).
     # PSSD/PSSDLowRank's map is |λ| (their spaces have no ``f``): it reads as ``torch.abs``; another one
     # is refused (GeoTorch's would take it; here it would have been a plain attribute the map ignores).
     @property
@@ -743,8 +751,20 @@ class _Manifold(Parametrization):
         if not self._has_field("f") and self._fixed_f is not None:
             self._refuse_other_f("f", value, 0)
             return
-        if self._has_field("f") and isinstance(value, str) and value in self._named_maps() and not self._takes_f(value):
-            value = self._named_maps()[value]  # a name added to the class's ``fs`` (GeoTorch's parse_f reads it)
+        if self._has_field("f"):
+            if isinstance(value, str) and value in self._named_maps() and not self._takes_f(value):
+                value = self._named_maps()[value]  # a name added to the class's ``fs`` (GeoTorch's parse_f reads it)
+            assigned = self.__dict__.get("_inv_assigned")
+            keep = False
+            if assigned is not None and callable(value) and not isinstance(value, (str, tuple, list)):
+                current, current_inv = self._f_pair()
+                keep = current_inv is assigned and (value is current or self._f_name(value) is value)
+            if keep:
+                value = (value, assigned)  # an inverse assigned as ``M.inv = g`` (Note [f and inv read as callables])
+            self._replace_field("f", self._f_name(value))
+            if not keep:
+                self.__dict__.pop("_inv_assigned", None)
+            return
         self._replace_field("f", self._f_name(value))
 
     @property
@@ -769,8 +789,10 @@ class _Manifold(Parametrization):
             return
         if value is None:
             self._replace_field("f", self.f)  # the forward map alone (not read back as a name: no inverse)
+            self.__dict__.pop("_inv_assigned", None)
         else:
             self._replace_field("f", self._f_name((self.f, value)))
+            self.__dict__["_inv_assigned"] = value  # kept by a later ``M.f = g`` (Note [f and inv read as callables])
 
     #: The value map of a space without ``f`` (``(f, inv)``: PSSD's |λ|), read by ``M.f`` and ``M.inv``.
     _fixed_f: ClassVar[Optional[tuple]] = None
