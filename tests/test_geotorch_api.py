@@ -1184,3 +1184,17 @@ def test_in_manifold_answers_with_geotorchs_type(make, kind):
         return
     theirs = make(geotorch)
     assert isinstance(theirs.in_manifold(X), kind)  # the table is GeoTorch's
+
+
+def test_a_named_map_with_another_inverse_keeps_that_inverse():
+    """Note [f and inv read as callables]: only the named map's own pair ``(f, inv)`` reads back as its name;
+    ``f`` paired with another inverse is kept as that pair (the inverse given is the one applied)."""
+    M = gnn.FixedRank((5, 3), rank=2)
+    assert M.space.f == "softplus"
+
+    def inv(y):
+        return torch.log(torch.expm1(y))
+
+    M.f = (M.f, inv)
+    assert M.inv is inv
+    assert M.space.f != "softplus"

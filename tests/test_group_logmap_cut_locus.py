@@ -300,7 +300,8 @@ def test_so_logmap_second_derivative_at_the_cut(delta):
     torch.testing.assert_close(h, ((B1 @ C - C @ B1) * W).sum(), atol=1e-8, rtol=0)
 
 
-@pytest.mark.parametrize("d1, d2, side", [(1e-8, 3e-8, -1), (1e-7, 1e-6, 1), (1e-6, 4e-6, -1), (2e-6, 2e-6, 1), (2e-6, 2e-6, -1)])
+@pytest.mark.parametrize("d1, d2, side", [(1e-8, 3e-8, -1), (1e-7, 1e-6, 1), (1e-6, 4e-6, -1), (2e-6, 2e-6, 1), (2e-6, 2e-6, -1),
+                                            (0.0, 1e-8, -1), (0.0, 3e-6, -1), (0.0, 1e-8, 1)])
 def test_unitary_logmap_derivative_with_two_eigenvalues_in_the_cut_cluster(d1, d2, side):
     """Note [Eigenvalues in the cut cluster]: two eigenvalues e^{i(π − δ1)}, e^{±i(π − δ2)} within τ of −1: the
     eigenvectors' turning against each other was not taken (O(1) off, 50–90%). At a diagonal U (its eigenvectors
@@ -519,3 +520,25 @@ def test_so_logmap_value_with_planes_at_one_distance_near_pi(n, deltas, others):
             B = B - B.mT
             _, jv = torch.func.jvp(lambda y: S.logmap(X, y), (X @ R,), (X @ (B @ R - R @ B),))
             torch.testing.assert_close(jv, X @ (B @ L - L @ B), atol=1e-4, rtol=0)
+
+
+def test_logmap_derivative_with_two_eigenvalues_exactly_at_minus_one_is_finite():
+    """Note [Eigenvalues in the cut cluster] / Note [Several planes in the cut cluster]: at −1 itself (two
+    eigenvalues of a Unitary point, two planes of an SO point, at exactly −1 up to the rounding of Q's
+    conjugation) the log has no derivative and the pairs there take no turning; the one-sided derivatives are
+    O(‖A‖), not the ~2π/u of a divided difference of rounding (the (θⱼ − θₖ)/(σⱼ − σₖ) of two σ at ±u)."""
+    g = torch.Generator().manual_seed(0)
+    U, S = gf.Unitary(), gf.SO()
+    for _ in range(3):
+        Q = U.sample((3, 3), generator=g, dtype=C128)
+        Y = Q @ torch.diag(torch.tensor([-1.0, -1.0, complex(math.cos(0.5), math.sin(0.5))], dtype=C128)) @ Q.mH
+        A = torch.randn(3, 3, generator=g, dtype=C128)
+        A = A - A.mH
+        _, jv = torch.func.jvp(lambda y: U.logmap(torch.eye(3, dtype=C128), y), (Y,), (Y @ A,))
+        assert bool(torch.isfinite(jv).all()) and float(jv.abs().max()) < 10 * float(A.abs().max()) * math.pi
+        Qs = S.sample((5, 5), generator=g, dtype=F64)
+        R = Qs @ torch.diag(torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0], dtype=F64)) @ Qs.mT
+        B = torch.randn(5, 5, generator=g, dtype=F64)
+        B = B - B.mT
+        _, js = torch.func.jvp(lambda y: S.logmap(torch.eye(5, dtype=F64), y), (R,), (R @ B,))
+        assert bool(torch.isfinite(js).all()) and float(js.abs().max()) < 10 * float(B.abs().max()) * math.pi

@@ -602,3 +602,30 @@ def test_a_vector_of_another_shape_at_a_constrained_entry_is_refused(make):
         G = like(batch, lambda s: torch.randn(s, dtype=F64))  # the point's shape: taken
         new = gf.retract(c, {"w": X}, gf.tangent(c, {"w": X}, {"w": G}))["w"]
         assert [t.shape for t in optree.tree_leaves(new)] == [t.shape for t in optree.tree_leaves(X)]
+
+
+def test_a_product_vector_with_one_factor_of_another_shape_is_refused():
+    """Note [Vectors of another shape at constrained entries], per factor of a Product: one factor of the right
+    shape does not excuse another of the wrong one (its space would broadcast the point into a batch)."""
+    c = {"w": gf.Product(gf.SO(), gf.Sphere())}
+    g = torch.Generator().manual_seed(0)
+    X = c["w"].sample(((3, 3), (4,)), generator=g, dtype=F64)
+    for V in ((torch.randn(3, 3, dtype=F64), torch.randn(2, 4, dtype=F64)),
+              (torch.randn(2, 3, 3, dtype=F64), torch.randn(4, dtype=F64))):
+        for call in (lambda: gf.retract(c, {"w": X}, {"w": V}), lambda: gf.tangent(c, {"w": X}, {"w": V}),
+                     lambda: gf.egrad_to_rgrad(c, {"w": X}, {"w": V}),
+                     lambda: gf.transport(c, {"w": X}, {"w": X}, {"w": V})):
+            with pytest.raises(gf.ManifoldError, match=r"^parameter 'w': .*expected `\w+` with the shape of `params` "):
+                call()
+
+
+def test_a_vector_of_another_shape_is_refused_naming_both_shapes():
+    """Note [Vectors of another shape at constrained entries]: the message names the point's shape and the
+    vector's (per factor for a Product)."""
+    X = gf.Stiefel().sample((5, 3), dtype=F64)
+    with pytest.raises(gf.ManifoldError, match=r"shape of `params` \(5, 3\), got shape \(2, 5, 3\)\.$"):
+        gf.retract({"w": gf.Stiefel()}, {"w": X}, {"w": torch.zeros(2, 5, 3, dtype=F64)})
+    c = {"w": gf.Product(gf.SO(), gf.Sphere())}
+    P = c["w"].sample(((3, 3), (4,)), dtype=F64)
+    with pytest.raises(gf.ManifoldError, match=r"shape of `params` \(\(3, 3\), \(4,\)\), got shape \(\(3, 3\), \(2, 4\)\)\.$"):
+        gf.tangent(c, {"w": P}, {"w": (torch.zeros(3, 3, dtype=F64), torch.zeros(2, 4, dtype=F64))})

@@ -163,3 +163,16 @@ def test_sqdist_in_low_precision_computes_in_float32(name, dtype):
     got = M.sqdist(Xl, Yl)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref.float(), rtol={torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype], atol=0)
+
+
+@pytest.mark.parametrize("space, X, Y", [
+    (gf.Sphere(), torch.tensor([0.6, 0.8, 0.0], dtype=F64), torch.tensor([-0.6, -0.8, 0.0], dtype=F64)),
+    (gf.Sphere(radius=2.5), torch.tensor([2.5], dtype=F64), torch.tensor([-2.5], dtype=F64)),
+    (gf.Oblique(), torch.tensor([[1.0, -1.0, 1.0]], dtype=F64), torch.tensor([[1.0, 1.0, -1.0]], dtype=F64)),
+])
+def test_sqdist_gradient_is_zero_at_the_antipode(space, X, Y):
+    """At the antipode dist² is at its maximum (π r)² and not differentiable (π r − dist is a cone there):
+    sqdist's gradient is the subgradient 0 in both arguments, as its docstring says."""
+    Xr, Yr = X.clone().requires_grad_(), Y.clone().requires_grad_()
+    space.sqdist(Xr, Yr).sum().backward()
+    assert torch.equal(Xr.grad, torch.zeros_like(X)) and torch.equal(Yr.grad, torch.zeros_like(Y))

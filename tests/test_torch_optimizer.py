@@ -1727,3 +1727,45 @@ def test_torch_optim_adamw_groups_are_taken_by_radamw():
     q = nn.Parameter(torch.ones(3, dtype=F64))
     with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected no `decoupled_weight_decay` in parameter group 0 "):
         gf.optim.TorchOptimizer([{"params": [("q", q)], **flags}], {}, gf.optim.radam, lr=0.1)
+
+
+def test_a_torch_flag_that_the_factory_takes_is_passed_to_it():
+    """Note [torch.optim's flags in a group]: only a flag the factory does not take is refused; a factory
+    with its own ``maximize`` is given the group's value, at construction and at a step."""
+    seen = []
+
+    def factory(constraints, lr, maximize=False):
+        seen.append(maximize)
+        return gf.optim.rsgd(constraints, lr)
+
+    a = nn.Parameter(torch.zeros(3, dtype=F64))
+    opt = gf.optim.TorchOptimizer([{"params": [("a", a)], "maximize": True}], {}, factory, lr=0.1)
+    a.grad = torch.ones(3, dtype=F64)
+    opt.step()
+    assert seen and all(v is True for v in seen), seen
+    torch.testing.assert_close(a.detach(), torch.full((3,), -0.1, dtype=F64), rtol=0, atol=0)
+
+
+def test_a_torch_flag_with_no_single_truth_value_is_refused():
+    """Note [torch.optim's flags in a group]: only None and values that read as False are unset; a flag with
+    no truth value (a tensor of several values) is not unset, so it is refused rather than ignored."""
+    a = nn.Parameter(torch.zeros(3, dtype=F64))
+    with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected no `maximize` in parameter group 0 "):
+        gf.optim.TorchOptimizer([{"params": [("a", a)], "maximize": torch.tensor([True, False])}], {}, gf.optim.rsgd,
+                                lr=0.1)
+
+
+def test_a_factory_with_var_keywords_is_given_a_groups_torch_flag():
+    """Note [torch.optim's flags in a group]: a factory taking ``**kwargs`` is given the group's keys, so a
+    torch.optim flag there is its to read, not refused."""
+    seen = []
+
+    def factory(constraints, lr, **kwargs):
+        seen.append(kwargs.get("maximize"))
+        return gf.optim.rsgd(constraints, lr)
+
+    a = nn.Parameter(torch.zeros(3, dtype=F64))
+    opt = gf.optim.TorchOptimizer([{"params": [("a", a)], "maximize": True}], {}, factory, lr=0.1)
+    a.grad = torch.ones(3, dtype=F64)
+    opt.step()
+    assert True in seen, seen
