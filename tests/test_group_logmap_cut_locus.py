@@ -542,3 +542,24 @@ def test_logmap_derivative_with_two_eigenvalues_exactly_at_minus_one_is_finite()
         B = B - B.mT
         _, js = torch.func.jvp(lambda y: S.logmap(torch.eye(5, dtype=F64), y), (R,), (R @ B,))
         assert bool(torch.isfinite(js).all()) and float(js.abs().max()) < 10 * float(B.abs().max()) * math.pi
+
+
+@pytest.mark.parametrize("n, deltas, others", [(3, [1e-5, 3e-5], [0.5]), (4, [1e-5, -3e-5], [0.3, -2.0]),
+                                               (4, [3e-5, 1e-4], [0.3, -2.0]), (5, [1e-8, 1e-5], [0.3, -2.0, 1.0]),
+                                               (6, [1e-4, 3e-4, -2e-2], [0.3, -2.0, 2.5])])
+def test_unitary_logmap_value_with_eigenvalues_near_minus_one_outside_the_cluster(n, deltas, others):
+    """Note [Unitary eigenvalues near the cut]: eigenvalues of XᴴY near −1 (δ = π − |θ| of 1e-5 to 1e-4, on one
+    side or both, beside one in the cut cluster or not) were read by K φ(S) in S's frame, which has lost δ:
+    logmap and its round trip 1.5e-7 to 3.6e-6 off (complex128), where the entries fix the log to ~u/δ. The value
+    against the exact log X W diag(iθ) Wᴴ of Y = X W diag(e^{iθ}) Wᴴ, and the round trip."""
+    U = gf.Unitary()
+    u = torch.finfo(F64).eps / 2
+    angles = [math.copysign(math.pi - abs(d), d) for d in deltas] + others
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        X, W = U.sample((n, n), generator=g, dtype=C128), U.sample((n, n), generator=g, dtype=C128)
+        Y = X @ u_rotation(W, angles)
+        L = X @ W @ torch.diag(1j * torch.tensor(angles, dtype=F64).to(C128)) @ W.mH
+        Lg = U.logmap(X, Y)
+        torch.testing.assert_close(Lg, L, atol=16 * u / min(abs(d) for d in deltas), rtol=0)
+        torch.testing.assert_close(U.expmap(X, Lg), Y, atol=1e-13, rtol=0)

@@ -162,6 +162,45 @@ def _so_log_value(Q: Tensor, KQ: Tensor, f: Tensor, near: Tensor) -> Tensor:
     ell = KW * coef.unsqueeze(-2) + Wp * torch.where(close, 0.0, th[..., :n] * m).unsqueeze(-2)
     return ell @ transpose(W)
 
+# Note [Unitary eigenvalues near the cut]
+# Outside the cut cluster (δ = π − θ from τ to ~0.1) Unitary's log was K φ(S) in S's frame, and S sees cos θ,
+# which has lost δ: two eigenvalues of XᴴY near −1 on one side (e^{i(π−δ₁)}, e^{i(π−δ₂)}) share an eigenspace of
+# S to ~u/δ², and K φ(S) (φ ~ π/δ) mixed them: logmap and expmap(logmap) 3.6e-6 off at δ = 1e-5 and 3e-5,
+# 2.6e-6 at 1e-8 and 1e-5, 1.5e-7 at 3e-5 and 1e-4 (complex128; the entries fix the log to ~u/δ). So, as SO's
+# _so_log_value, the value is read otherwise where S has eigenvalues with c < 0 and sin θ ≤ 0.1 (the near
+# block, leading in S's ascending order): the eigenpairs (σ, w) of the Hermitian −iK on the block (which tell
+# eigenvalues apart by σ = sin θ, to ~u absolutely) give i Σ θ(σ) w wᴴ, θ = atan2(σ, −√(1 − σ²)), and the
+# other eigenvectors keep φ K q qᴴ (φ = atan2(s, c)/s, off by ≤ πu/0.1). Mixing across the block's edge
+# costs |Δθ| u/|Δc| ~ u/0.1. Value only: L + (value − L.detach()), the derivatives those of K φ(S) + the
+# cluster's form as before. One eigh of the block (eager: k×k, k the block's size) where some eigenvalue is
+# near −1; elsewhere (eager) skipped, the same numbers to the bit. Where nothing differentiates (eager) this value
+# is the log, and the cluster's n×n eigh (run at every point before, for a C of exact zeros where no eigenvalue
+# is near −1) is skipped: no-grad logmap 0.83–0.85× at U(8) and U(64) generic points, 1.04× at U(8) (0.83× at
+# U(64)) with two eigenvalues near −1 (CPU, 1 thread).
+def _unitary_log_value(Q: Tensor, KQ: Tensor, s: Tensor, lam: Tensor, near: Tensor) -> Tensor:
+    """The value of Unitary's log (detached): ``i W diag(θ(σ)) Wᴴ`` on the ``near`` block of ``S``'s
+    eigenvectors ``Q`` (σ, W from an eigh of −iK there) plus ``Σ φⱼ K qⱼ qⱼᴴ`` off it (Note [Unitary
+    eigenvalues near the cut]); ``KQ = K Q``, ``s = ‖K qⱼ‖``, ``lam`` S's eigenvalues."""
+    n = Q.shape[-1]
+    k = n  # where values are readable, only the leading block's columns
+    if values_readable(lam):
+        k = max(int(near.sum(dim=-1).max()), 1)
+    H = -1j * (transpose(Q[..., :k]) @ KQ[..., :k])  # −iK on the block (eigh reads its lower triangle)
+    whole = k < n and values_readable(lam) and bool(near[..., :k].all())  # every point's block k columns
+    if not whole:  # the other columns at eigenvalue 2, their θ 0 and φ kept
+        m = near[..., :k].to(lam.dtype)
+        H = H * (m.unsqueeze(-1) * m.unsqueeze(-2)).to(Q.dtype) + torch.diag_embed((2.0 * (1.0 - m)).to(Q.dtype))
+    sig, V = torch.linalg.eigh(sanitize(H))
+    th = torch.atan2(sig, -torch.sqrt((1.0 - sig * sig).clamp(min=0.0)))
+    Wn = Q[..., :k] @ V
+    f = torch.atan2(s, lam) / s.clamp(min=torch.finfo(s.dtype).tiny)  # φ (any value where s = 0: K q = 0 there)
+    if whole:
+        Z1 = torch.cat((KQ[..., k:] * f[..., k:].unsqueeze(-2), Wn * (1j * th).unsqueeze(-2)), dim=-1)
+        return skew_part(Z1 @ transpose(torch.cat((Q[..., k:], Wn), dim=-1)))
+    th = torch.where(sig < 1.0, th, 0.0)
+    f = torch.where(near, 0.0, f)
+    return skew_part((KQ * f.unsqueeze(-2)) @ transpose(Q) + (Wn * (1j * th).unsqueeze(-2)) @ transpose(Wn))
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MatrixGroup(AbstractSpace):
     """Abstract: a group of square matrices with the chart ``base · φ(A)`` on skew(-Hermitian)
@@ -284,7 +323,8 @@ class MatrixGroup(AbstractSpace):
         #   eigenvalues at different δ (a conjugate pair ±(π − δ) too) share an eigenspace of S to ~u/δ²
         #   (S sees cos θ, which has lost δ) and K φ(S) mixed them: round trips 1.1 off at δ = 1e-8 and
         #   3e-8, 2e-4 at 1e-6 and 3e-6; −iK tells them apart by the sign and size of σ. One eigh of the
-        #   cluster more.
+        #   cluster more. Just outside it (sin θ ≤ 0.1) the value is read by −iK as well (Note [Unitary
+        #   eigenvalues near the cut]).
         # * SO (τ = u^⅓ too; it was √u, and one plane at δ between the two kept K φ(S), whose derivative
         #   reads φ's divided differences from c, which has lost δ: jvp 20% off at δ = 3e-8, 1e-3 at 3e-7,
         #   in float64): σ = bᵀKa on consecutive pairs (a, b) of the cluster's eigenvectors (ascending
@@ -329,7 +369,7 @@ class MatrixGroup(AbstractSpace):
             s = torch.linalg.vector_norm(KQ, dim=-2)
             cut = (s <= tol) & (lam < 0)
             if cplx:
-                held.append((Q.detach(), cut.detach(), lam.detach()))
+                held.append((Q.detach(), cut.detach(), lam.detach(), KQ.detach(), s.detach()))
                 return theta_over_sin_cs(lam, s, cut)
             partner = _pair_constants(Q.shape[-1], Q.dtype, Q.device)[0]
             cut = cut & cut[..., partner]  # both of a pair (an odd last one has λ = 1)
@@ -348,7 +388,18 @@ class MatrixGroup(AbstractSpace):
         S = sym_part(R)
         P = spectral_eigh(S, phi, _so_tie_tol)
         if cplx:  # −iK on the cluster, the rest of Q's coordinates moved to eigenvalue 2 (|σ| ≤ τ there)
-            Q, cut, lam = held[0]
+            Q, cut, lam, KQ, s = held[0]
+            # eigenvalues near −1 (the cut cluster among them, leading): the value re-read by −iK there, the
+            # derivatives as they were (Note [Unitary eigenvalues near the cut])
+            near = torch.cumprod(((s <= _SO_NEAR) & (lam < 0)).to(lam.dtype), dim=-1) > 0.5
+            readable = values_readable(R.real)
+            if mode == "none" and readable:  # nothing differentiates: the value alone (no cluster where none is near)
+                if not bool(near.any()):
+                    return (Xw @ skew_part(K @ P)).to(X.dtype)
+                L = _unitary_log_value(Q, KQ, s, lam, near)
+                if not bool(near[..., 0].all()):  # (a point with none: K φ(S), the same numbers)
+                    L = torch.where(near[..., :1, None], L, skew_part(K @ P))
+                return (Xw @ L).to(X.dtype)
             m = cut.to(R.real.dtype)
             H = (transpose(Q) @ (-1j * K0) @ Q) * (m.unsqueeze(-1) * m.unsqueeze(-2)).to(R.dtype)
             H = 0.5 * (H + transpose(H)) + torch.diag_embed((2.0 * (1.0 - m)).to(R.dtype))
@@ -363,7 +414,10 @@ class MatrixGroup(AbstractSpace):
             # no point has two, skipped: the same numbers; grad and jvp too: Note [Values read under grad and jvp])
             if mode != "none" and (not values_readable(R.real) or bool((inn.sum(dim=-1) > 1.5).any())):
                 C = C + _cut_eigvecs_turning(W, K - K0, sig.detach(), th.detach(), inn)
-            return (Xw @ (skew_part(K @ P) + C)).to(X.dtype)
+            L = skew_part(K @ P) + C
+            if not readable or bool(near.any()):  # (a point with none: L + 0, the same numbers)
+                L = L + torch.where(near[..., :1, None], _unitary_log_value(Q, KQ, s, lam, near) - L.detach(), 0.0)
+            return (Xw @ L).to(X.dtype)
         Q, cut, KQ, near, f, lam = held[0]
         p = Q.shape[-1] // 2
         Qr = _cluster_frame(Q, cut, lam, S, mode)  # Q in value, turning with the cut cluster's eigenspace
