@@ -364,6 +364,7 @@ def test_dtype_coords_are_the_values_of_softplus(case) -> None:
     names exactly the raw entries whose values are ``softplus(s) + √ε``: for the ``"softplus"`` spaces,
     ``softplus`` of them plus float64's floor are the point's singular values (eigenvalues for ``PSD``;
     for ``SL``, of its ``GLp`` point before normalization), computed here by ``svdvals``/``eigvalsh``;
+    ``Hurwitz``'s raw diagonal (its factor W's eigenvalues, softplus with a floor in bf16/fp16 only);
     None for every other space."""
     M = getattr(case.space, "space", case.space)
     X = case.space.sample(case.smoke, generator=torch.Generator().manual_seed(0), dtype=F64)
@@ -371,6 +372,14 @@ def test_dtype_coords_are_the_values_of_softplus(case) -> None:
         X = torch.view_as_complex(X.contiguous())
     Z, base = M.from_manifold(X)
     view = M._dtype_coords(Z) if isinstance(Z, torch.Tensor) else None
+    if isinstance(M, gf.Hurwitz):  # W's values: softplus, floored only in bf16/fp16 (Note [Hurwitz floor of the stored dtype])
+        assert view is not None and M._coords_floor(F64) == 0.0 and M._coords_floor(torch.float32) == 0.0
+        assert M._coords_floor(torch.bfloat16) == torch.finfo(torch.bfloat16).eps ** 0.5
+        expected = torch.linalg.eigvalsh(M._psd.to_manifold(Z, base)).flip(-1)
+        values = torch.nn.functional.softplus(view)
+        torch.testing.assert_close(values.sort(-1, descending=True).values, expected, atol=1e-9, rtol=1e-9)
+        assert view.data_ptr() == Z.diagonal(dim1=-2, dim2=-1).data_ptr()
+        return
     if not (isinstance(M, _SOFTPLUS_SPACES) and getattr(M, "f", None) == "softplus"):
         assert view is None
         return
