@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from helpers import SHAPES_SQUARE, TOL, TOL_LOOSE
-from reference import _sl_rounding, det_one
 
 import geofunc as gf
 from geofunc.testing import SpaceCase
@@ -21,8 +20,11 @@ EXP = (torch.exp, torch.log)
 
 # ------------------------------------------------------------------ membership predicates
 def _sl(X: Tensor, atol: float) -> Tensor:
-    """det X > 0 and |log det X| within ``atol`` beyond what rounding ``X`` moves it by (``reference.det_one``)."""
-    return det_one(X, atol)
+    """det X > 0 and |log det X| within ``atol`` relative to ``‖X‖_F ‖X⁻¹‖_F`` (the backward error of
+    ``det X = 1`` to first order: a computed det is only known to ε·n·cond)."""
+    sign, lad = torch.linalg.slogdet(X)
+    cond = torch.linalg.matrix_norm(X) * torch.linalg.matrix_norm(torch.linalg.inv(X))
+    return (sign > 0) & (lad.abs() <= atol * cond)
 
 
 def _linearized_sl(X: Tensor, V: Tensor) -> Tensor:
@@ -39,9 +41,10 @@ def _hurwitz(alpha: float):
 
 
 def _perturb_sl(X: Tensor, a: float) -> Tensor:
-    """``c·X`` with ``|log det(cX)| = a`` beyond the rounding allowance of ``det_one`` (blind to the scale ``c``)."""
+    """``c·X`` with ``|log det(cX)| = a·‖X‖_F‖X⁻¹‖_F`` (the measure is blind to the scale ``c``)."""
     n = X.shape[-1]
-    return X * torch.exp((a + _sl_rounding(X)) / n)[..., None, None]
+    K = torch.linalg.matrix_norm(X) * torch.linalg.matrix_norm(torch.linalg.inv(X))
+    return X * torch.exp(a * K / n)[..., None, None]
 
 
 def _perturb_hurwitz(alpha: float):

@@ -713,36 +713,3 @@ def test_sl_retract_gives_nan_not_a_rounded_matrix_off_sl(dtype) -> None:
     sign = torch.linalg.slogdet(R[finite].double())[0]
     assert bool((sign > 0).all()), "a finite retraction with det ≤ 0"
     assert bool(M.contains(R[finite]).all())
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_sl_contains_refuses_well_conditioned_points_off_sl(dtype) -> None:
-    """``SL.contains`` divided |log det X| by cond_F(X), so it accepted |log det| up to atol·cond_F: bf16
-    diag(1.2, 1, 1, 1, 1) (det 1.2), diag(30, 30, 1, 1, 0.1) (det 90), float32 diag(1000, 1000, 1, 1, 1e-3)
-    (det 1000), whose roundings move log det by at most n·u. Now |log det| may exceed atol by its rounding only
-    (Note [SL's membership allows the rounding of log det]), while every rounded point of the space stays a member:
-    samples, chart points of raw scales up to 3, retraction steps and optimizer iterates, n = 2 to 64."""
-    M = gf.SL()
-    for d in ([1.2, 1, 1, 1, 1], [30.0, 30, 1, 1, 0.1], [1000.0, 1000, 1, 1, 1e-3], [1.0, 1, 1, 1, 0.8]):
-        X = torch.diag(torch.tensor(d, dtype=torch.float64)).to(dtype)
-        assert not bool(M.contains(X)), d
-        if max(d) / min(d) < 2:  # rotated too; a rotated ill-conditioned one is within its own rounding in bf16/fp16
-            Q = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64))[0]
-            assert not bool(M.contains((Q @ torch.diag(torch.tensor(d, dtype=torch.float64)) @ Q.mT).to(dtype))), d
-    g = torch.Generator().manual_seed(0)
-    for n in (2, 5, 16, 64):
-        B = 100 if n < 64 else 16
-        points = [M.sample((B, n, n), generator=g, dtype=dtype)]
-        points += [M.to_manifold((s * torch.randn(B, n, n, generator=g)).to(dtype)) for s in (0.5, 1.0, 3.0)]
-        R = M.retract(points[0], (0.3 * torch.randn(B, n, n, generator=g)).to(dtype))
-        points.append(R[torch.isfinite(R).all(-1).all(-1)])
-        p = {"W": points[0]}
-        opt = gf.optim.radam({"W": M}, 0.05)
-        state = opt.init(p)
-        T = torch.randn(B, n, n, generator=g)
-        for _ in range(10):
-            p, state = opt.update({"W": (p["W"].float() - T).to(dtype)}, state, p)
-        points.append(p["W"])
-        for i, X in enumerate(points):
-            assert X.dtype == dtype and X.shape[0] > 0
-            assert bool(M.contains(X).all()), (n, i)
