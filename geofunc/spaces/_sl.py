@@ -73,7 +73,9 @@ class SL(AbstractSpace):
     * Membership: ``det X > 0``, ``|log det X| / (‖X‖_F ‖X⁻¹‖_F) ≤ atol``: the relative
       distance to ``det = 1`` to first order (a computed ``det`` of an ill-conditioned matrix
       is only known to ``ε·n·cond(X)``), and ``X`` invertible in its dtype (``cond_F(X)·min(n, 4)·ε < 1``:
-      every rounding of a singular matrix has ``cond_F ≥ 1/ε``).
+      every rounding of a singular matrix has ``cond_F ≥ 1/ε``). A distance, not a bound on ``det``: an
+      ill-conditioned matrix far from ``det = 1`` can be near SL (``diag(1000, 1000, 1, 1, 1e-3)``, det 1000,
+      is 7e-7 of its norm from SL, along ``X⁻ᵀ``), so ``contains`` takes it at float32's tolerance.
 
     Example::
 
