@@ -948,6 +948,47 @@ def test_cached_values_follow_new_raw_tensors():
             torch.testing.assert_close(m.weight, w, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("edit", ["no_grad", "grad_read_no_grad_edit", "detached", "with_grad"])
+def test_cached_values_edited_in_place_are_not_served_again(edit):
+    """Inside ``cached()`` an in-place edit of the weight read (``with torch.no_grad():
+    layer.weight.mul_(2)``) changed the cached value itself, and every later read in the block, forward
+    included, was served the edited one, off the space (0.95 off for an SO(4) weight), silently. Now the
+    next read computes the value anew, as outside a block, where the edit of a fresh value changes
+    nothing (Note [Cached values edited in place])."""
+    torch.manual_seed(0)
+    layer = gnn.orthogonal(nn.Linear(4, 4))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want_w, want_y = layer.weight.clone(), layer(x)
+    M = layer.parametrizations.weight[0]
+    with gnn.cached():
+        if edit == "no_grad":
+            with torch.no_grad():
+                layer.weight.mul_(2)
+                torch.testing.assert_close(layer.weight, want_w, atol=0, rtol=0)  # an evaluation's reads
+                torch.testing.assert_close(layer(x), want_y, atol=0, rtol=0)
+        elif edit == "grad_read_no_grad_edit":
+            W = layer.weight
+            assert layer.weight is W  # unedited: the cached value
+            with torch.no_grad():
+                W.mul_(2)
+        elif edit == "detached":
+            layer.weight.detach().mul_(2)  # detach() shares the version counter
+        else:
+            layer.weight.mul_(2)  # with grad: an in-place op on the (non-leaf) value
+        W = layer.weight
+        torch.testing.assert_close(W, want_w, atol=0, rtol=0)
+        assert bool(M.in_manifold(W))
+        assert layer.weight is W  # and cached again
+        y = layer(x)
+        torch.testing.assert_close(y, want_y, atol=0, rtol=0)
+        y.sum().backward()  # through the recomputed value: the plain gradient
+    got = layer.parametrizations.weight.original.grad.clone()
+    layer.zero_grad()
+    layer(x).sum().backward()
+    torch.testing.assert_close(got, layer.parametrizations.weight.original.grad, atol=0, rtol=0)
+
+
 def _assert_cached_read_follows(module, step):
     """Inside ``cached()``: the weight read under no_grad before ``step()`` (which moves it) is not what is
     served after it (Note [Fused optimizer steps in a cached block])."""
@@ -1353,6 +1394,85 @@ def test_whole_constrained_rnn_pickles_and_copies(how, after_forward):
 
 
 # ----------------------------------------------------------------------------- functional bridge
+
+
+def test_stack_module_state_of_containers_of_constrained_layers():
+    """README: torch.func.stack_module_state stacks a container whose layers are constrained under the
+    parametrized names (raw tensors and bases), and functional_call(models[0], (params, buffers)) under
+    vmap runs each member's own chart: outputs, weights (on the space) and gradients are each member's
+    (float64); modules that are themselves parametrized it refuses (a class of their own each)."""
+    torch.manual_seed(0)
+    F64 = torch.float64
+
+    def make():
+        m = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+        gnn.orthogonal(m[0])
+        gnn.positive_definite(m[2])
+        return m
+
+    models = [make() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    assert "0.parametrizations.weight.original" in params and "2.parametrizations.weight.0.base" in buffers
+    x = torch.randn(5, 4, dtype=F64)
+
+    def loss(p, b):
+        return functional_call(models[0], (p, b), (x,)).pow(2).sum()
+
+    values = vmap(loss)(params, buffers)
+    grads = vmap(torch.func.grad(loss))(params, buffers)
+    eye = torch.eye(4, dtype=F64)
+
+    def layer2(p, b):  # the third layer alone, on the identity: its weight (transposed) plus its bias
+        sub = ({k[2:]: v for k, v in p.items() if k.startswith("2.")}, {k[2:]: v for k, v in b.items() if k.startswith("2.")})
+        return functional_call(models[0][2], sub, (eye,))
+
+    weights = vmap(layer2)(params, buffers)
+    for i, m in enumerate(models):
+        m.zero_grad()
+        value = m(x).pow(2).sum()
+        value.backward()
+        torch.testing.assert_close(values[i], value.detach(), atol=1e-12, rtol=1e-12)
+        for k, t in m.named_parameters():
+            torch.testing.assert_close(grads[k][i], t.grad, atol=1e-12, rtol=1e-12)
+        W = (weights[i] - m[2].bias.detach()).mT
+        torch.testing.assert_close(W, m[2].weight.detach(), atol=1e-12, rtol=0)
+        assert bool(m[2].parametrizations.weight[0].in_manifold(W))
+    with pytest.raises(RuntimeError, match="same class"):
+        torch.func.stack_module_state([m[0] for m in models])
+
+
+def test_functional_call_with_a_constrained_tensors_plain_name_is_refused():
+    """``functional_call(layer, {"weight": W}, x)`` assigned W through right_inverse under no_grad: no
+    gradient reached W (None, silently), and torch's restore re-centred the chart, rewriting the raw
+    Parameter (0.40) and base (0.44) of a trained SO(4) layer. Now refused by name, with nothing swapped
+    (Note [functional_call with a constrained tensor's plain name]); the two ways it names give W's
+    gradient (float64, against the closed form) and leave the module as it was."""
+    torch.manual_seed(0)
+    F64 = torch.float64
+    layer = gnn.orthogonal(nn.Linear(4, 4).to(F64))
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(0.3 * torch.randn(4, 4, dtype=F64))
+    x = torch.randn(3, 4, dtype=F64)
+    state = {k: v.detach().clone() for k, v in layer.state_dict(keep_vars=True).items()}
+    W = torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0].requires_grad_()
+    b = torch.randn(4, dtype=F64)
+    for given in ({"weight": W}, {"bias": b, "weight": W}):  # a tensor swapped in before it is swapped back
+        with pytest.raises(gf.ManifoldError, match=r"functional_call of Linear\.weight, a constrained tensor: .*"
+                                                   r"module_state.*gf\.nn\.plain.*got the plain name 'weight'"):
+            functional_call(layer, given, (x,))
+        for k, v in layer.state_dict(keep_vars=True).items():
+            assert v is not state[k] and torch.equal(v, state[k]), k
+        assert layer.bias is layer.get_parameter("bias")
+    # the ways named: a point for the unparametrized copy; raw tensors and bases for the module itself
+    y = functional_call(gnn.plain(layer), {"weight": W, "bias": b}, (x,))
+    (g,) = torch.autograd.grad(y.pow(2).sum(), W)
+    torch.testing.assert_close(g, 2 * (x @ W.detach().T + b).T @ x, atol=1e-12, rtol=1e-12)
+    _, raw, bases = gnn.functional(layer)
+    raw = {k: v.detach().clone().requires_grad_() for k, v in raw.items()}
+    out = functional_call(layer, gnn.module_state(layer, raw, bases), (x,))
+    torch.testing.assert_close(out, layer(x), atol=0, rtol=0)
+    layer.weight = layer.weight.detach().clone()  # a plain assignment still assigns
+    torch.testing.assert_close(layer(x), out, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 import threading
 import warnings
 import weakref
@@ -1007,11 +1008,35 @@ def _stamp(plist: nn.Module) -> tuple | None:
     return torch.is_grad_enabled(), len(plist._modules), entries, plist
 
 
-def _holds(stamp: Any, plist: nn.Module) -> bool:
-    """Whether nothing in ``stamp`` changed (the module dicts are read directly: ``parameters()`` and
-    ``buffers()`` cost ~10 µs a call, this ~1 µs)."""
+# Note [Cached values edited in place]
+# A read of a constrained tensor outside cached() computes a fresh value, so an in-place edit of what was
+# read (`with torch.no_grad(): layer.weight.mul_(2)`, `layer.weight.clamp_(...)`) changes nothing the module
+# uses, as with torch's parametrizations and GeoTorch. Inside cached() the value read is the cached one:
+# the edit changed it, no raw tensor or base moved, so every later read in the block, forward included,
+# was served the edited value, off the space (an SO(4) weight doubled: 0.95 off and refused by
+# in_manifold; a probe), silently, and backward ran through the chart at the unedited point (torch's own
+# cache, and so GeoTorch's, does the same). The value's own version counter (which detach() shares) is
+# therefore part of its stamp: a value edited in place is not served again, and the next read computes it
+# anew from the raw tensor and bases, as outside the block. (torch's own in-place writes, the renorm of
+# nn.Embedding(max_norm=...), recompute at the next read alike.) Not seen: edits through `.data`, which
+# autograd does not count, and a value computed under inference_mode (an inference tensor has no version
+# counter), as for the raw tensors (README: geofunc.nn).
+def _value_version(value: Any) -> int | None:
+    """The version counter of a cached value, or None where it has none (an inference tensor)."""
+    try:
+        return value._version
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _holds(stamp: Any, plist: nn.Module, value: Any = None) -> bool:
+    """Whether nothing in ``stamp`` changed, ``value`` (the cached value) included: Note [Cached values
+    edited in place] (the module dicts are read directly: ``parameters()`` and ``buffers()`` cost ~10 µs
+    a call, this ~1 µs)."""
     if stamp is None or stamp[3] is not plist or stamp[0] != torch.is_grad_enabled() or stamp[1] != len(plist._modules):
         return False  # (another chain: a new module at a freed one's id, Note [A cache that sees new raw tensors])
+    if value is not None and stamp[4] is not None and _value_version(value) != stamp[4]:
+        return False  # edited in place since it was cached (Note [Cached values edited in place])
     for tensors, name, t, version, storage, requires_grad in stamp[2]:
         if tensors.get(name) is not t or t._version != version or t.requires_grad != requires_grad:
             return False
@@ -1249,12 +1274,67 @@ if _increment_version is not None and _register_step_hook is not None:
     _register_step_hook(_fused_step_bumps_versions)
 
 
+# Note [functional_call with a constrained tensor's plain name]
+# torch.func.functional_call(module, {"weight": W}, args) swaps each named tensor in with setattr; for a
+# constrained tensor that is an assignment, right_inverse under no_grad: the call computed with the point
+# W (to rounding), but no gradient reached W (a hypernetwork's output: None, silently; the raw Parameter
+# got one instead, for a chart the call then left), and at the end torch's restore assigned the weight
+# read before the call, re-centring the chart: the raw Parameter and bases were rewritten (an SO(4)
+# layer after three SGD steps: raw 0.40 and base 0.44 moved, weight kept) under the optimizer's
+# momentum and Adam moments, a training silently changed by an evaluation. Under vmap it raised torch's
+# "vmap over torch.allclose isn't supported", under torch.func.grad "... mutate a captured Tensor"
+# (GeoTorch does all the same: torch's parametrize). Such a swap is therefore refused, by name, before
+# anything is written (torch's swap_tensors_dict then swaps back what it had swapped): the module runs
+# on given raw tensors and bases with functional_call(module, gf.nn.module_state(module, raw, bases), args),
+# and on given points with functional_call(gf.nn.plain(module), {"weight": W, ...}, args). A swap is told
+# from an assignment by its caller, torch's swap_tensor (private to PyTorch: README, deviations); a
+# torch that swaps otherwise assigns as before.
+try:
+    from torch.nn.utils._named_member_accessor import swap_tensor as _torch_swap_tensor
+
+    _SWAP_CODE = _torch_swap_tensor.__code__
+except (ImportError, AttributeError):  # pragma: no cover - another torch
+    _SWAP_CODE = None
+
+
+def _swapped_in_by_functional_call() -> bool:
+    """Whether the assignment running now is torch's swap of a named tensor (functional_call), found among
+    the few frames above the property's setter (nn.Module.__setattr__, a subclass's, then swap_tensor)."""
+    if _SWAP_CODE is None:
+        return False
+    try:
+        f = sys._getframe(2)
+    except ValueError:  # (no such frame)
+        return False
+    for _ in range(4):
+        if f is None:
+            return False
+        if f.f_code is _SWAP_CODE:
+            return True
+        f = f.f_back
+    return False
+
+
+def _refuse_functional_call(module: nn.Module, tensor_name: str) -> None:
+    raise ManifoldError(
+        f"functional_call of {_owner_name(module, tensor_name)}, a constrained tensor: expected its raw tensor's "
+        f"name (parametrizations.{tensor_name}.original, with its bases: torch.func.functional_call(module, "
+        f"gf.nn.module_state(module, raw, bases), args)) or a point for an unparametrized copy "
+        f"(functional_call(gf.nn.plain(module), {{..., '{tensor_name}': W}}, args)), got the plain name "
+        f"'{tensor_name}', which torch would assign through right_inverse under no_grad: no gradient would reach "
+        f"the value given, and restoring the module afterwards would re-centre its chart (rewriting the raw "
+        f"Parameter and bases under the optimizer's state). Nothing was swapped."
+    )
+
+
 def _checked_property(tensor_name: str, torch_property: property) -> property:
     fget = torch_property.fget
     fset = torch_property.fset
 
     def set_parametrized(self: nn.Module, value: Any) -> None:
         plist = self._modules["parametrizations"]._modules[tensor_name]
+        if _swapped_in_by_functional_call():  # Note [functional_call with a constrained tensor's plain name]
+            _refuse_functional_call(self, tensor_name)
         _check_assigned(plist, value)
         _sharded_raw(self, tensor_name, "an assignment")
         if isinstance(value, torch.Tensor) and plist.is_tensor and isinstance(plist.original, DTensor):
@@ -1278,10 +1358,12 @@ def _checked_property(tensor_name: str, torch_property: property) -> property:
         key = (id(self), tensor_name, _THREAD.token) if torch.is_grad_enabled() else (id(self), tensor_name)
         cache = parametrize._cache
         value = cache.get(key)
-        if value is not None and _holds(cache.get(key + (_STAMP,)), plist):
+        if value is not None and _holds(cache.get(key + (_STAMP,)), plist, value):
             return value
         stamp = _stamp(plist)  # before the value: what it is computed from
         value = _dense_gradient(self, plist())
+        if stamp is not None:  # and the value's own version (Note [Cached values edited in place])
+            stamp = (*stamp, _value_version(value))
         cache[key] = value
         cache[key + (_STAMP,)] = stamp
         if len(key) == 3:  # with grad (Note [Cached values across threads])

@@ -16,7 +16,10 @@ and :func:`module_state` translates back to the parametrized module's own names,
 ``torch.func.functional_call(model, gf.nn.module_state(model, raw, bases), (x,))``, which runs
 the module's own parametrizations. :func:`stack` does the same for K identically constrained
 modules, stacked along a new leading dimension for ``torch.func.vmap`` (PyTorch's
-``stack_module_state`` refuses parametrized modules).
+``stack_module_state`` refuses modules that are themselves parametrized, each of its own class; a
+container of constrained layers it stacks under the parametrized names, raw tensors and bases).
+``functional_call(module, {"weight": W}, args)`` with a constrained tensor's plain name is refused
+(Note [functional_call with a constrained tensor's plain name] in ``_adapter.py``).
 """
 
 from __future__ import annotations
