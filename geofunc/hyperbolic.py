@@ -73,6 +73,7 @@ from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import torch
 
+from ._dtensor import DTensor
 from ._errors import ManifoldError, describe, not_dense, real_value
 from ._linalg import poison
 
@@ -204,6 +205,7 @@ def _check_c(c: Any, fn: str, x: Any = None, xname: str = "x") -> Curvature:
         if c.ndim != 0 or not c.dtype.is_floating_point:
             raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a Python number or a 0-d "
                                 f"floating tensor), got {describe(c)}.")
+        _check_mixed(fn, (x, xname), (c, "c"))  # Note [plain tensors beside DTensors]
         if isinstance(x, torch.Tensor) and c.device != x.device and c.device.type != "cpu":
             raise ManifoldError(f"geofunc.hyperbolic.{fn}: expected a curvature `c` on the device of `{xname}` ({x.device}) "
                                 f"or a CPU 0-d tensor, got {describe(c)} on {c.device}.")
@@ -214,6 +216,34 @@ def _check_c(c: Any, fn: str, x: Any = None, xname: str = "x") -> Curvature:
             f"geofunc.hyperbolic.{fn}: expected a curvature `c` > 0 (a finite Python number or a tensor), got {describe(c)}."
         )
     return value
+
+
+def _check_mixed(fn: str, *args: tuple[Any, str]) -> None:
+    """Each ``(tensor, name)`` a DTensor if any of them is, or none is: a plain tensor beside a
+    DTensor is refused with a ManifoldError (Note [plain tensors beside DTensors]). A plain 0-d
+    tensor (a curvature, a coefficient, a margin) is a scalar to DTensor, as a number is: accepted."""
+    dts = [what for t, what in args if type(t) is not Tensor and isinstance(t, DTensor)]  # (plain: no isinstance)
+    if not dts:
+        return
+    for t, what in args:
+        if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.ndim > 0:
+            raise ManifoldError(
+                f"geofunc.hyperbolic.{fn}: expected `{what}` to be a DTensor like `{dts[0]}` (every tensor argument "
+                f"a DTensor on one mesh, or none), got {describe(t)} that is not a DTensor. Distribute it "
+                f"(torch.distributed.tensor.distribute_tensor) or pass `{dts[0]}` as a plain tensor (.full_tensor())."
+            )
+
+
+# Note [plain tensors beside DTensors]
+# Every map here is a composition of torch ops, which DTensor runs on any placement, as long as every
+# tensor argument is a DTensor (Note [Hyperbolic functions in low precision]: nothing is routed). One
+# plain tensor beside a DTensor (dist(x, y) with y a DTensor and x not, or the other way round; a
+# DTensor curvature with plain points) raised torch's "aten.sub.Tensor got mixed torch.Tensor and
+# DTensor" from deep inside the formula, naming an aten op instead of the argument. _check_mixed
+# refuses that up front with a ManifoldError naming the function and the argument; it runs in every
+# function's checks (_check_vecs for two or more points/vectors, and each function's own for `c`,
+# `r`, `M`, `weights` and `margin`). A plain 0-d tensor with DTensor points stays accepted: DTensor
+# takes it as a scalar, as it does a Python number.
 
 
 def _check_vec(x: Any, fn: str, what: str) -> None:
@@ -238,6 +268,7 @@ def _check_vecs(fn: str, *args: tuple[Any, str]) -> None:
     size error inside a product, or a silent promotion of float32 to float64."""
     for t, what in args:
         _check_vec(t, fn, what)
+    _check_mixed(fn, *args)
     (x, xname), rest = args[0], args[1:]
     for t, what in rest:
         if t.shape[-1] != x.shape[-1]:
@@ -510,6 +541,7 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
         raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` to be a real number or a tensor of "
                             f"the batch shape {tuple(x.shape[:-1])}, got {describe(r)}.")
     if isinstance(r, torch.Tensor):
+        _check_mixed("mobius_scalar_mul", (x, "x"), (r, "r"))  # Note [plain tensors beside DTensors]
         # a coefficient, not a point: taken in x's dtype (a float64 or integer r gave a float64 result, a
         # complex one torch's "clamp is not supported for complex types", one on another device torch's error)
         if r.is_complex() or r.device != x.device:
@@ -521,7 +553,9 @@ def mobius_scalar_mul(r: Union[float, Tensor], x: Tensor, *, c: Curvature = 1.0)
             raise ManifoldError(f"geofunc.hyperbolic.mobius_scalar_mul: expected `r` of the batch shape "
                                 f"{tuple(x.shape[:-1])} (not geoopt's (*batch, 1): pass r.squeeze(-1)), got a tensor "
                                 f"of shape {tuple(r.shape)}.")
-        r = r.to(x.dtype).unsqueeze(-1)
+        # (a 0-d r stays 0-d: it broadcasts the same, and DTensor takes a plain 0-d tensor as a scalar, where
+        # one of shape (1,) beside DTensor points was replicated with torch's UserWarning)
+        r = r.to(x.dtype) if r.ndim == 0 else r.to(x.dtype).unsqueeze(-1)
     else:
         # as a float: a Fraction (a Real, as a curvature may be) raised a TypeError in r·a, an int too large for a
         # float an OverflowError; it is r = ±inf, whose result is the boundary point in the direction of r·x
@@ -564,6 +598,7 @@ def mobius_matvec(M: Tensor, x: Tensor, *, c: Curvature = 1.0) -> Tensor:
     if M.dtype != x.dtype or M.device != x.device:
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` of the dtype and device of `x` ({dtype_for_message(x)}; "
                             f"{x.device}), got {describe(M)} on {M.device}.")
+    _check_mixed("mobius_matvec", (x, "x"), (M, "M"))  # Note [plain tensors beside DTensors]
     if not _broadcastable(M.shape[:-2], x.shape[:-1]):
         raise ManifoldError(f"geofunc.hyperbolic.mobius_matvec: expected `M` with batch dims broadcastable with those "
                             f"of `x` {tuple(x.shape[:-1])}, got {describe(M)}.")
@@ -764,6 +799,7 @@ def project(x: Tensor, *, c: Curvature = 1.0, margin: Optional[float] = None) ->
     """
     c = _check_c(c, "project", x, "x")
     _check_vec(x, "project", "x")
+    _check_mixed("project", (x, "x"), (margin, "margin"))  # Note [plain tensors beside DTensors]
     return _project(x, c, _check_margin(margin, "project"))
 
 
@@ -843,6 +879,7 @@ def weighted_midpoint(x: Tensor, weights: Optional[Tensor] = None, *, c: Curvatu
             f"broadcastable with those of `x` {tuple(x.shape[:-2])}, and the dtype and device of `x` ({x.dtype}, "
             f"{x.device}), got {describe(w)}{on}."
         )
+    _check_mixed("weighted_midpoint", (x, "x"), (w, "weights"))  # Note [plain tensors beside DTensors]
     # Note [weights of any scale]: the midpoint is the same for w and s·w (s > 0), but W² and the products in Q
     # overflowed or underflowed: equal weights of 1e20 (float32; 1e160 in float64) gave the origin, of 1e-30 a
     # point 0.62 away from the midpoint, without a word. Divided by their largest |w| (detached: the map is

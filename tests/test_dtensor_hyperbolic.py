@@ -6,11 +6,15 @@ gradient of a loss with respect to its first argument on DTensor arguments shard
 (``Shard(0)``), on the vectors' own dimension (``Shard(-1)``) and replicated; the tests compare them with
 the plain calls, in float64. ``weighted_midpoint``'s backward raised torch's "got mixed torch.Tensor and
 DTensor" on every rank (Note [the sign of the Einstein midpoint] in ``geofunc/hyperbolic.py``).
+
+A plain tensor beside a DTensor is a ManifoldError naming the argument (Note [plain tensors beside DTensors]
+in ``geofunc/hyperbolic.py``), where it was torch's "aten.sub.Tensor got mixed torch.Tensor and DTensor".
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -50,6 +54,38 @@ def _cases() -> dict:
     }
 
 
+#: The names of each case's tensor arguments, as the function's messages call them.
+NAMES = {
+    "weighted_midpoint": ("x", "weights"), "mobius_add": ("x", "y"), "mobius_scalar_mul": ("r", "x"),
+    "mobius_matvec": ("M", "x"), "gyration": ("u", "v", "w"), "dist": ("x", "y"), "expmap": ("x", "v"),
+    "logmap": ("x", "y"), "parallel_transport": ("x", "y", "v"), "dist2plane": ("x", "p", "a"),
+}
+
+
+def _mixed_cases() -> dict:
+    """(name, mask): the case's arguments, DTensor where mask says so, plain elsewhere (at least one of each),
+    and ("<fn> (DTensor c)", ...): plain points with a DTensor curvature."""
+    out = {}
+    for name, (fn, args) in _cases().items():
+        if name not in NAMES:
+            continue
+        n = len(args)
+        for bits in range(1, 2**n - 1):
+            out[name, tuple(bool(bits >> i & 1) for i in range(n))] = (fn, args)
+    return out
+
+
+def _plain_scalars(x):
+    """Calls with plain 0-d curvature or coefficient beside DTensor points, and their plain-tensor values."""
+    c = torch.tensor(C, dtype=torch.float64)
+    r = torch.tensor(1.5, dtype=torch.float64)
+    return {
+        "dist (0-d c)": lambda x: H.dist(x, x.flip(0), c=c),
+        "mobius_scalar_mul (0-d r)": lambda x: H.mobius_scalar_mul(r, x, c=C),
+        "project (0-d margin)": lambda x: H.project(x, c=C, margin=torch.tensor(0.5, dtype=torch.float64)),
+    }
+
+
 def _value_and_grad(fn, args):
     first = args[0].detach().clone().requires_grad_(True)
     out = fn(first, *args[1:])
@@ -74,6 +110,30 @@ def worker(rank: int, world: int, outdir: str) -> None:
                 results[name, placement] = (out.full_tensor(), grad.full_tensor())
             except Exception as e:  # noqa: BLE001  (reported to the test, which names it)
                 results[name, placement] = f"{type(e).__name__}: {e}"
+    # Note [plain tensors beside DTensors] in geofunc/hyperbolic.py: a ManifoldError naming the plain argument
+    for (name, mask), (fn, args) in _mixed_cases().items():
+        placed = tuple(distribute_tensor(t, mesh, [Shard(0)]) if m else t for t, m in zip(args, mask))
+        try:
+            fn(*placed)
+            results["mixed", name, mask] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results["mixed", name, mask] = f"{type(e).__name__}: {e}"
+    x = _cases()["dist"][1][0]
+    for name, f in _plain_scalars(x).items():
+        xd = distribute_tensor(x, mesh, [Shard(0)])
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = f(xd).full_tensor()
+            # (a 0-d r made (1,) beside DTensors was replicated with torch's UserWarning)
+            results["mixed", name, None] = [str(w.message) for w in caught] or out
+        except Exception as e:  # noqa: BLE001
+            results["mixed", name, None] = f"{type(e).__name__}: {e}"
+    try:
+        H.dist(x, x.flip(0), c=distribute_tensor(torch.tensor(C, dtype=torch.float64), mesh, [Replicate()]))
+        results["mixed", "dist (DTensor c)", None] = "no error"
+    except Exception as e:  # noqa: BLE001
+        results["mixed", "dist (DTensor c)", None] = f"{type(e).__name__}: {e}"
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -92,3 +152,28 @@ def test_values_and_gradients_on_dtensors_equal_the_plain_ones(results, name):
             assert not isinstance(got, str), (rank, placement, got)
             torch.testing.assert_close(got[0], want, atol=ATOL, rtol=0, msg=f"rank {rank}, {placement}")
             torch.testing.assert_close(got[1], want_grad, atol=ATOL, rtol=0, msg=f"rank {rank}, {placement}: gradient")
+
+
+@pytest.mark.parametrize("name, mask", list(_mixed_cases()))
+def test_a_plain_tensor_beside_a_dtensor_is_a_manifold_error_naming_it(results, name, mask):
+    # torch's "aten.sub.Tensor got mixed torch.Tensor and DTensor" from inside the formula, before
+    plain = NAMES[name][mask.index(False)]
+    for rank, r in enumerate(results):
+        got = r["mixed", name, mask]
+        assert got.startswith(f"ManifoldError: geofunc.hyperbolic.{name.split()[0]}: expected `{plain}` to be a DTensor"), (rank, got)
+
+
+def test_a_dtensor_curvature_beside_plain_points_is_a_manifold_error(results):
+    for rank, r in enumerate(results):
+        got = r["mixed", "dist (DTensor c)", None]
+        assert got.startswith("ManifoldError: geofunc.hyperbolic.dist: expected `x` to be a DTensor like `c`"), (rank, got)
+
+
+@pytest.mark.parametrize("name", ["dist (0-d c)", "mobius_scalar_mul (0-d r)", "project (0-d margin)"])
+def test_plain_0d_scalars_beside_dtensors_are_scalars(results, name):
+    x = _cases()["dist"][1][0]
+    want = _plain_scalars(x)[name](x)
+    for rank, r in enumerate(results):
+        got = r["mixed", name, None]
+        assert isinstance(got, torch.Tensor), (rank, got)  # an error, or the warnings raised
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}")
