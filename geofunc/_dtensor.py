@@ -38,7 +38,7 @@ other maps of tall frames (the chart, the polar ``project``) and every other spa
 ``check`` (and the eager validation of ``from_manifold``) gathers the batch-shaped measures of
 ``contains``, so that every rank raises the same ``ManifoldError``. The leading tensor argument
 (``Z``, ``X`` or ``Y``) decides whether a call takes these routes: a plain one with DTensors
-after it is PyTorch's error (mixed ``torch.Tensor`` and ``DTensor``), never a silent gather.
+after it is a ``ManifoldError`` (Note [A plain point beside DTensors]), never a silent gather.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ except ImportError:  # torch built without distributed support: no tensor is a D
 
     _AVAILABLE = False
 
-__all__ = ["DTensor", "distributed", "gather", "gathered", "like", "placed_like", "route"]
+__all__ = ["DTensor", "distributed", "first_dtensor", "gather", "gathered", "like", "placed_like", "route"]
 
 Tensor = torch.Tensor
 
@@ -75,6 +75,33 @@ def _dtensor_args(args: tuple, kwargs: dict) -> list:
         elif isinstance(a, (tuple, list)):
             found.extend(t for t in a if isinstance(t, DTensor))
     return found
+
+
+def first_dtensor(args: tuple, deep: bool) -> tuple[int, Any]:
+    """``(i, t)``: the first DTensor ``t`` among ``args`` (at the top level, or one container deep where
+    ``deep``) and the index of the argument that holds it; ``(-1, None)`` if none (Note [A plain point
+    beside DTensors])."""
+    for i, a in enumerate(args):
+        if type(a) is Tensor:  # (the common case first: an isinstance of a Tensor subclass costs ~0.1 µs)
+            continue
+        if isinstance(a, DTensor):
+            return i, a
+        if deep and isinstance(a, (tuple, list)):
+            for t in a:
+                if isinstance(t, DTensor):
+                    return i, t
+    return -1, None
+
+
+# Note [A plain point beside DTensors]
+# The leading tensor argument of a space's map decides its DTensor route (Note [DTensor]). A plain lead
+# with a DTensor after it (PoincareBall().dist(x, y) with only y a DTensor, tangent(X, G) with G the
+# DTensor gradient of a replicated plain X) used to reach the maths and fail there with torch's
+# "aten.sub.Tensor got mixed torch.Tensor and DTensor", naming an aten op; it is now a ManifoldError
+# naming the space, the map and both arguments, asked only once the map has failed, so a call without
+# DTensors pays nothing for it (a map that runs anyway, Rn().tangent(X, G) returning the DTensor G, is
+# left to run; and never a silent gather: which placement the result should have is the caller's to say). A Product's factorwise maps look at
+# the top level only: a product point may hold DTensor and plain factors side by side.
 
 
 def gather(tree: Any) -> Any:

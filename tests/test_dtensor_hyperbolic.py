@@ -9,6 +9,7 @@ DTensor" on every rank (Note [the sign of the Einstein midpoint] in ``geofunc/hy
 
 A plain tensor beside a DTensor is a ManifoldError naming the argument (Note [plain tensors beside DTensors]
 in ``geofunc/hyperbolic.py``), where it was torch's "aten.sub.Tensor got mixed torch.Tensor and DTensor".
+So is a plain leading point with a DTensor after it in a space's map (Note [A plain point beside DTensors]).
 """
 
 from __future__ import annotations
@@ -86,6 +87,33 @@ def _plain_scalars(x):
     }
 
 
+def _space_cases() -> dict:
+    """name: (map, ((tensor, as a DTensor?), ...)), float64; a plain leading point with a DTensor after it."""
+    import geofunc as gf
+
+    g = torch.Generator().manual_seed(1)
+    f64 = dict(dtype=torch.float64, generator=g)
+    B, L, P = gf.PoincareBall(c=C), gf.Lorentz(k=2.0), gf.Product(gf.PoincareBall(c=C), gf.Sphere())
+    x, y, v = B.sample((4, 3), **f64), B.sample((4, 3), **f64), torch.randn(4, 3, **f64)
+    X, Y = L.sample((4, 4), **f64), L.sample((4, 4), **f64)
+    S, F = gf.Stiefel(), gf.Stiefel().sample((4, 5, 2), **f64)
+    p = P.sample(((4, 3), (4, 3)), **f64)
+    return {
+        "PoincareBall.dist": (lambda x, y: B.dist(x, y), ((x, False), (y, True))),
+        "PoincareBall.expmap": (lambda x, v: B.expmap(x, v), ((x, False), (v, True))),
+        "PoincareBall.logmap": (lambda x, y: B.logmap(x, y), ((x, False), (y, True))),
+        "PoincareBall.inner": (lambda x, u, v: B.inner(x, u, v), ((x, False), (v, True), (v, True))),
+        "PoincareBall.transport": (lambda x, y, v: B.transport(x, y, v), ((x, False), (y, False), (v, True))),
+        "PoincareBall.egrad_to_rgrad": (lambda x, v: B.egrad_to_rgrad(x, v), ((x, False), (v, True))),
+        "PoincareBall.to_manifold": (lambda z, b: B.to_manifold(z, b), ((v, False), (x, True))),
+        "Lorentz.dist": (lambda x, y: L.dist(x, y), ((X, False), (Y, True))),
+        "Lorentz.logmap": (lambda x, y: L.logmap(x, y), ((X, False), (Y, True))),
+        "Stiefel.tangent": (lambda x, g: S.tangent(x, g), ((F, False), (torch.randn(4, 5, 2, **f64), True))),
+        # a product point may hold DTensor and plain factors side by side (the factors decide): not refused
+        "Product (DTensor, plain) factors": (lambda a, b: P.tangent((a, p[1]), (b, p[1])), ((p[0], True), (v, True))),
+    }
+
+
 def _value_and_grad(fn, args):
     first = args[0].detach().clone().requires_grad_(True)
     out = fn(first, *args[1:])
@@ -134,6 +162,13 @@ def worker(rank: int, world: int, outdir: str) -> None:
         results["mixed", "dist (DTensor c)", None] = "no error"
     except Exception as e:  # noqa: BLE001
         results["mixed", "dist (DTensor c)", None] = f"{type(e).__name__}: {e}"
+    # Note [A plain point beside DTensors] in geofunc/_dtensor.py: the spaces' maps, a plain lead
+    for name, (fn, args) in _space_cases().items():
+        try:
+            fn(*(distribute_tensor(t, mesh, [Shard(0)]) if m else t for t, m in args))
+            results["space", name] = "no error"
+        except Exception as e:  # noqa: BLE001
+            results["space", name] = f"{type(e).__name__}: {e}"
     torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
 
 
@@ -177,3 +212,19 @@ def test_plain_0d_scalars_beside_dtensors_are_scalars(results, name):
         got = r["mixed", name, None]
         assert isinstance(got, torch.Tensor), (rank, got)  # an error, or the warnings raised
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("name", [n for n in _space_cases() if not n.startswith("Product")])
+def test_a_space_map_with_a_plain_lead_beside_a_dtensor_is_a_manifold_error(results, name):
+    # torch's "aten.sub.Tensor got mixed torch.Tensor and DTensor" from inside the map, before
+    space, map_name = name.split(".")
+    for rank, r in enumerate(results):
+        got = r["space", name]
+        assert isinstance(got, str) and got.startswith("ManifoldError: ") and f"{space}(" in got, (rank, got)
+        assert f".{map_name}: expected the leading tensor argument" in got and "a DTensor" in got, (rank, got)
+
+
+def test_a_product_of_dtensor_and_plain_factors_is_still_mapped(results):
+    for rank, r in enumerate(results):
+        got = r["space", "Product (DTensor, plain) factors"]
+        assert got == "no error", (rank, got)

@@ -39,7 +39,7 @@ import optree
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .._dtensor import DTensor, distributed, route
+from .._dtensor import DTensor, distributed, first_dtensor, route
 from .._errors import ManifoldError, describe, error, first_index, not_dense, real_value
 from .._fastpath import _any_autocast, autocast_off, make_fx_tracing  # (the first two also for hyperbolic, nn, contrib)
 from .._fastpath import fake_mode_active
@@ -301,6 +301,22 @@ def _refuse_jit_trace(space: Any, name: str) -> ManifoldError:
     )
 
 
+def _plain_beside_dtensor(space: Any, name: str, names: tuple[str, ...], args: tuple, kwargs: dict, lead: Any) -> ManifoldError | None:
+    """The ManifoldError for a DTensor after the plain leading tensor, or None if there is none (Note [A
+    plain point beside DTensors]; asked only once the map has failed: nothing on the way in)."""
+    ordered = _in_order(args, kwargs, names) if kwargs else args
+    i, dt = first_dtensor(ordered, not space._factorwise_maps)
+    if dt is None:
+        return None
+    j = next((k for k, a in enumerate(ordered) if a is lead or isinstance(a, (tuple, list)) and any(t is lead for t in a)), -1)
+    arg = lambda k: f"`{names[k]}`" if 0 <= k < len(names) else f"argument {k}" if k >= 0 else "tensor"  # noqa: E731
+    return ManifoldError(
+        f"{space!r}.{name.lstrip('_')}: expected the leading tensor argument {arg(j)} to be a DTensor where {arg(i)} "
+        f"is one (the leading argument decides how DTensors are mapped: Note [DTensor] in geofunc/_dtensor.py; "
+        f"distribute it, or pass {arg(i)} as a plain tensor with .full_tensor()), got a plain {arg(j)} "
+        f"({describe(lead)}) beside a DTensor {arg(i)} ({describe(dt)}).")
+
+
 def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a space map with the low-precision policy (Note [Low precision]); refuse torch.jit.trace
     (Note [Traced by torch.jit.trace])."""
@@ -315,22 +331,28 @@ def _in_float32(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(self, *args, **kwargs)
         if isinstance(lead, DTensor) and not self._factorwise_maps:  # local or gathered once (Note [DTensor])
             return route(method, self, args, kwargs)
-        low = lead.dtype in LOW_PRECISION
-        if not low and (_any_autocast is not None and not _any_autocast()):
-            return fn(self, *args, **kwargs)
-        autocast = _autocast_on(lead.device.type)
-        if not (low or autocast):
-            return fn(self, *args, **kwargs)
-        cast = _cast_dtypes(lead.dtype, low, autocast)  # Note [Arguments of another dtype]
-        if low:
-            _ROUNDING.dtypes.append(lead.dtype)
-        try:
-            with torch.autocast(lead.device.type, enabled=False):
-                out = fn(self, *_upcast(args, cast), **_upcast(kwargs, cast))
-        finally:
+        try:  # (free unless raised: Note [A plain point beside DTensors] is asked only on failure)
+            low = lead.dtype in LOW_PRECISION
+            if not low and (_any_autocast is not None and not _any_autocast()):
+                return fn(self, *args, **kwargs)
+            autocast = _autocast_on(lead.device.type)
+            if not (low or autocast):
+                return fn(self, *args, **kwargs)
+            cast = _cast_dtypes(lead.dtype, low, autocast)  # Note [Arguments of another dtype]
             if low:
-                _ROUNDING.dtypes.pop()
-        return _downcast(out, lead.dtype) if low else out
+                _ROUNDING.dtypes.append(lead.dtype)
+            try:
+                with torch.autocast(lead.device.type, enabled=False):
+                    out = fn(self, *_upcast(args, cast), **_upcast(kwargs, cast))
+            finally:
+                if low:
+                    _ROUNDING.dtypes.pop()
+            return _downcast(out, lead.dtype) if low else out
+        except Exception as e:
+            err = None if isinstance(lead, DTensor) else _plain_beside_dtensor(self, fn.__name__, names, args, kwargs, lead)
+            if err is None:
+                raise
+            raise err from e
 
     method._low_precision_policy = True  # type: ignore[attr-defined]
     return method
