@@ -563,3 +563,113 @@ def test_unitary_logmap_value_with_eigenvalues_near_minus_one_outside_the_cluste
         Lg = U.logmap(X, Y)
         torch.testing.assert_close(Lg, L, atol=16 * u / min(abs(d) for d in deltas), rtol=0)
         torch.testing.assert_close(U.expmap(X, Lg), Y, atol=1e-13, rtol=0)
+
+
+def _normal_dlog(V, th, dR):
+    """The exact derivative of the principal log at R = V diag(e^{iθ}) Vᴴ (|θ| < π) along dR: V (Γ ∘ Vᴴ dR V) Vᴴ,
+    Γⱼₖ = (θⱼ − θₖ)/(2 sin((θⱼ − θₖ)/2)) e^{−i(θⱼ + θₖ)/2} (Daleckii–Krein, no cancellation)."""
+    t = torch.as_tensor(th, dtype=F64)
+    d = t[:, None] - t[None, :]
+    half = torch.sin(0.5 * d)
+    ratio = torch.where(d == 0, torch.ones_like(d), d / (2 * torch.where(d == 0, torch.ones_like(half), half)))
+    gam = ratio.to(C128) * torch.polar(torch.ones_like(d), -0.5 * (t[:, None] + t[None, :]))
+    return V @ (gam * (V.mH @ dR.to(C128) @ V)) @ V.mH
+
+
+def _near_minus_one(space, deltas, others, g):
+    """(R, V, θ, L) with R = V e^{iθ} Vᴴ exactly: Unitary eigenvalues e^{±i(π − |δ|)} (sign of δ), SO planes at
+    ±(π − δ) (cos/sin from δ), then ``others``; L = log R."""
+    if space == "Unitary":
+        V = torch.linalg.qr(torch.randn(len(deltas) + len(others), len(deltas) + len(others), generator=g, dtype=C128))[0]
+        th = [math.copysign(math.pi - abs(d), d) for d in deltas] + list(others)
+        R = V @ torch.diag(torch.polar(torch.ones(len(th), dtype=F64), torch.tensor(th, dtype=F64))) @ V.mH
+    else:
+        n = 2 * (len(deltas) + len(others)) + 1
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+        R, _ = _so_near_pi(n, deltas, others, Q)
+        P = torch.eye(n, dtype=C128)
+        th = [0.0] * n
+        for j, a in enumerate([(math.pi - d) * (1 if j % 2 == 0 else -1) for j, d in enumerate(deltas)] + list(others)):
+            P[2 * j:2 * j + 2, 2 * j:2 * j + 2] = torch.tensor([[1, 1], [-1j, 1j]], dtype=C128) * 2 ** -0.5
+            th[2 * j], th[2 * j + 1] = a, -a
+        V = Q.to(C128) @ P
+    L = V @ torch.diag(1j * torch.tensor(th, dtype=F64).to(C128)) @ V.mH
+    return R, V, th, (L if space == "Unitary" else L.real)
+
+
+def _logmap_derivatives(space, deltas, others, seed):
+    """Relative errors of logmap's jvp and vjp along Y A (A skew) against the exact derivative, and of the mixed
+    second derivative of ⟨W, log⟩ along Ad(e^{t₁B₁} e^{t₂B₂}) (R e^{t₁Ω₁ + t₂Ω₂}) (Ω commuting with R) against
+    [B₁, [B₂, L] + Ω₂] + [B₂, Ω₁]."""
+    g = torch.Generator().manual_seed(seed)
+    sp = getattr(gf, space)()
+    R, V, th, L = _near_minus_one(space, deltas, others, g)
+    n, dt = R.shape[-1], R.dtype
+    X = sp.sample((n, n), generator=g, dtype=dt)
+    A = torch.randn(n, n, generator=g, dtype=dt)
+    A = A - A.mH
+    Y, dY = X @ R, X @ R @ A
+    ref = _normal_dlog(V, th, R @ A)
+    ref = X @ (ref if space == "Unitary" else ref.real)
+    _, jv = torch.func.jvp(lambda y: sp.logmap(X, y), (Y,), (dY,))
+    err_jvp = float((jv - ref).abs().max() / ref.abs().max())
+    G = torch.randn(n, n, generator=g, dtype=dt)
+    Yr = Y.clone().requires_grad_(True)
+    (gy,) = torch.autograd.grad((sp.logmap(X, Yr) * G.conj()).real.sum(), Yr)
+    b = (ref * G.conj()).real.sum()
+    err_vjp = float(((gy.conj() * dY).real.sum() - b).abs() / (ref.abs().max() * G.abs().sum()))
+    B1, B2, Wt = (torch.randn(n, n, generator=g, dtype=dt) for _ in range(3))
+    B1, B2 = B1 - B1.mH, B2 - B2.mH
+    a1, a2 = (0.1 * torch.randn(n, generator=g, dtype=F64) for _ in range(2))
+    if space == "Unitary":
+        O1, O2 = (V @ torch.diag(1j * a.to(C128)) @ V.mH for a in (a1, a2))
+    else:  # one rate per plane: V's columns come in conjugate pairs
+        O1, O2 = ((V @ torch.diag(1j * a.repeat_interleave(2)[:n] * torch.tensor([1.0, -1.0] * n, dtype=F64)[:n]).to(C128)
+                   @ V.mH).real for a in (a1, a2))
+    E = torch.linalg.matrix_exp
+    I = torch.eye(n, dtype=dt)
+
+    def f(t1, t2):
+        C = E(t1 * B1) @ E(t2 * B2)
+        return (sp.logmap(I, C @ R @ E(t1 * O1 + t2 * O2) @ C.mH) * Wt.conj()).real.sum()
+
+    z = torch.zeros((), dtype=F64)
+    h = grad(lambda t2: grad(f, argnums=0)(z, t2))(z)
+    M2 = B2 @ L - L @ B2 + O2
+    r2 = ((B1 @ M2 - M2 @ B1 + B2 @ O1 - O1 @ B2) * Wt.conj()).real.sum()
+    return err_jvp, err_vjp, abs(float(h - r2)) / abs(float(r2))
+
+
+@pytest.mark.parametrize("space", ["Unitary", "SO"])
+@pytest.mark.parametrize("delta", [8e-6, 3e-5, 1e-4, 5e-4])
+def test_logmap_derivatives_with_a_lone_eigenvalue_near_minus_one(space, delta):
+    """Note [Where the cut cluster ends]: one eigenvalue (plane) at π − δ just outside the cut cluster (τ = u^⅓ ≈ 6e-6)
+    took K φ(S), whose derivative differences two terms ~π/δ with ~u/δ rounding: jvp and vjp ~5u/δ² off (1.5e-5
+    at δ = 8e-6, complex128 and float64), second derivatives ~u/δ³ (2.4e-2 at 1e-5). Against the exact
+    Daleckii–Krein derivative of the log; the eigenvalue is the cluster now (exact at any δ)."""
+    others = [0.4, -1.3, 2.0] if space == "Unitary" else [0.7]
+    tol = 1e-12 + 8 * (torch.finfo(F64).eps / 2) / delta  # the reference's rounding (R's, ~u) turns the plane: ~u/δ
+    for seed in range(3):
+        e1, e2, e3 = _logmap_derivatives(space, [delta], others, seed)
+        assert e1 < tol and e2 < tol, (seed, e1, e2)
+        assert e3 < 1e-9, (seed, e3)
+
+
+@pytest.mark.parametrize("space", ["Unitary", "SO"])
+@pytest.mark.parametrize("deltas", [(0.5, 1.5), (0.9, 1.1), (0.99, 1.01), (0.999, -1.001), (0.5, 3.0)])
+def test_logmap_derivative_with_eigenvalues_on_both_sides_of_the_cut_tolerance(space, deltas):
+    """Note [Where the cut cluster ends]: two eigenvalues (planes) near −1, one within τ = u^⅓ (in the cut cluster), one
+    just outside: the cluster's turning against the rest and K φ(S)'s divided differences across the boundary (each
+    ~1/Δc, Δc ≈ δΔδ the gap of S's eigenvalues) were differenced: jvp 6e-2 to 1e4 off (float64). The cluster
+    ends in a gap of S's spectrum now. Also: a lone eigenvalue within 1e-3 of −1 with another just beyond it
+    (2e-7 apart in c) is not taken alone (such a boundary is O(1) off)."""
+    tau = torch.finfo(F64).eps ** (1 / 3)
+    ds = [math.copysign(math.asin(tau * abs(x)), x) for x in deltas]
+    if space == "SO":
+        ds = [abs(d) for d in ds]
+    others = [0.4, 2.0] if space == "Unitary" else [0.7]
+    for seed in range(2):
+        e1, e2, _ = _logmap_derivatives(space, ds, others, seed)
+        assert e1 < 1e-6 and e2 < 1e-6, (seed, e1, e2)
+    e1, e2, _ = _logmap_derivatives(space, [9e-4, 1.1e-3], others, 0)  # (K φ(S) for both, as before: ~1e-6)
+    assert e1 < 1e-5 and e2 < 1e-5, (e1, e2)

@@ -78,6 +78,52 @@ def _so_tie_tol(lam: Tensor) -> Tensor:
     return torch.full_like(lam[..., :1], 16.0 * torch.finfo(lam.dtype).eps)
 
 
+# Note [Where the cut cluster ends]
+# The cut cluster was the eigenvectors of S with c < 0 and ‖K q‖ ≤ τ, and the other eigenvalues near −1 took K φ(S),
+# whose derivative near the cut is a difference of two terms ~π/δ that carry S's and K's rounding at ~u/δ: logmap's
+# jvp and vjp ~5u/δ² off relative (1.5e-5 just outside τ, 5e-8 at δ = 1e-4; Unitary and SO, float64), second
+# derivatives ~u/δ³ (2.4e-2 at δ = 1e-5). And where two eigenvalues (planes) near −1 lay on both sides of τ,
+# the cluster's frame turning against the rest and K φ(S)'s divided differences across the boundary, each
+# ~1/Δc at a gap Δc of S's eigenvalues that has lost δ (Δc ≈ δΔδ), were differenced: the first derivative 6e-2
+# to O(1) off at δ = 3e-6 and 9e-6 (Δc = 4e-11), up to 1e7 at δ within 1e-4 of each other (float64). So the
+# cluster ends in a gap of S's spectrum: from the eigenvalues within τ it takes each next one (c < 0) closer than
+# _CUT_JOIN = 1e-8 in c (δ up to ~1.4e-4 beside one within τ; not further: the cluster's turning is first order
+# only, so second derivatives there would go from 3e-9 to O(1) off at δ = 1e-7 and 1e-2, and SO reads its planes
+# from −T² scaled to its trace, which a far plane taken in would hold: jvp 2.5 off at planes 1e-8, 1e-7, 1e-3),
+# and a point without any within τ that has one eigenvalue (Unitary) or one plane (SO) with c < 0 and ‖K q‖ ≤
+# _CUT_LONE = 1e-3, followed by a gap of _CUT_GAP = 1e-4 in c, takes that one as its cluster (its form, θ(σ) with
+# the frame turning, is exact at any δ: first and second derivatives to ~1e-13; a lone plane at 0.1 beside one 2e-7
+# further in c, taken alone, was 8e4 off). Beyond 1e-3 K φ(S) is kept (≤ 6e-10 off, second derivatives ≤ 2e-7), so
+# that Haar points keep their bits (SO(8) pairs have a plane within 0.1 of π at one point in 5, within 1e-2 at 1 in 30). The turning's θ[σⱼ, σₖ] on one side is −arcsin[σⱼ, σₖ] without cancellation
+# (_asin_divided; the series −(1 + (σⱼ² + σⱼσₖ + σₖ²)/6) it was is exact only for σ ≲ 1e-4). Elsewhere the cluster
+# is as before. Values are unchanged (they are _so_log_value's and _unitary_log_value's on the near block), and so
+# is every point with no eigenvalue near −1, to the bit. What remains (float64, relative): a cluster that ends at a
+# gap just above _CUT_JOIN (first derivatives ~6e-5 off at δ = 3e-6 and 1.5e-4); second derivatives where the
+# cluster took a neighbour in (first order: O(1) off, where K φ(S)'s were 3%–45% off); and two or more eigenvalues
+# near −1 none within τ, which K φ(S) reads (logmap's jvp 2e-3 off at δ = 1e-5 and 3e-5, 2e-6 at 1e-4 and 3e-4;
+# sqdist's gradient 0.5, 2e-3, 4e-5 at 3e-4 and 1e-3; taking them in fixes the first derivatives but leaves the
+# second first order: O(1e2–1e5) off where K φ(S)'s are 1e-2 to 2e-9 off).
+_CUT_LONE, _CUT_GAP = 1e-3, 1e-4  # a lone eigenvalue (plane) within _CUT_LONE of −1 (sin θ), and the gap in c after it
+_CUT_JOIN = 1e-8  # the gaps in c the cluster grows across
+
+
+def _cut_cluster(lam: Tensor, s: Tensor, tol: float, per: int) -> Tensor:
+    """The cut cluster's columns (a leading block of S's ascending eigenvalues ``lam``; ``s = ‖K q‖``): those with
+    c < 0 and s ≤ ``tol`` and each next one closer than _CUT_JOIN in c, or else ``per`` lone columns (one eigenvalue or
+    plane) with s ≤ _CUT_LONE followed by a gap of _CUT_GAP (Note [Where the cut cluster ends])."""
+    neg = lam < 0
+    wide = (s <= _CUT_LONE) & neg
+    if values_readable(lam) and not bool(wide.any()):  # nothing within _CUT_LONE of −1: no cluster (as s ≤ τ: none)
+        return wide
+    inf = torch.full_like(lam[..., :1], torch.inf)
+    gap = torch.cat((inf, lam[..., 1:] - lam[..., :-1], inf), dim=-1)  # gap[k] = λₖ − λₖ₋₁ (inf at either end)
+    step = ((s <= tol) | (gap[..., :-1] < _CUT_JOIN)) & neg
+    chain = torch.cumprod(step.to(lam.dtype), dim=-1) > 0.5  # (at column 0 only s ≤ tol starts it)
+    k = wide.sum(dim=-1, keepdim=True)
+    lone = wide & (k == per) & (torch.gather(gap, -1, k) >= _CUT_GAP)
+    return chain | lone
+
+
 # Note [Planes at one distance near the cut]
 # Planes within _SO_CLOSE of one another in −T²'s scale share (nearly) an eigenspace of it, whose eigenvectors pair
 # them arbitrarily: the pairs (a, b) need not span invariant planes of K. Below the guard (‖Kw‖ ≤ √ε per pair,
@@ -367,7 +413,8 @@ class MatrixGroup(AbstractSpace):
         def phi(lam: Tensor, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             KQ = K0 @ Q
             s = torch.linalg.vector_norm(KQ, dim=-2)
-            cut = (s <= tol) & (lam < 0)
+            # (where nothing differentiates the cluster only reads the value, which the near block's replaces)
+            cut = _cut_cluster(lam, s, tol, 1 if cplx else 2) if mode != "none" else (s <= tol) & (lam < 0)
             if cplx:
                 held.append((Q.detach(), cut.detach(), lam.detach(), KQ.detach(), s.detach()))
                 return theta_over_sin_cs(lam, s, cut)
@@ -466,6 +513,21 @@ class MatrixGroup(AbstractSpace):
 # tied (the mean slope of φ, whose scale there is δ²): the derivative 2–25× off at δ = 1e-5 and 3e-5. S's tie
 # tolerance is 16ε there (_so_tie_tol); near ties are φ's own scale's (Note [Near ties of smooth spectral
 # maps]), so elsewhere (planes farther than ~1e-2 from π) the derivatives are the same to the bit.
+def _asin_divided(a: Tensor, b: Tensor) -> Tensor:
+    """arcsin[a, b] = (arcsin a − arcsin b)/(a − b) for a, b of one sign (|·| < 1), without cancellation: the series
+    1 + (a² + ab + b²)/6 (error ~σ⁴/13) up to 1e-4, else tan(arcsin a − arcsin b) = z = (a² − b²)/((a√(1−b²) +
+    b√(1−a²))(√(1−a²)√(1−b²) + ab)) and arcsin[a, b] = atan(z)/(a − b) (Note [Where the cut cluster ends])."""
+    series = 1.0 + (a * a + a * b + b * b) / 6.0
+    big = torch.maximum(a.abs(), b.abs()) > 1e-4
+    ca, cb = torch.sqrt((1.0 - a * a).clamp(min=0.0)), torch.sqrt((1.0 - b * b).clamp(min=0.0))
+    den = (a * cb + b * ca) * (ca * cb + a * b)
+    big = big & (den != 0)  # (0 only at |a| = |b| = 1, c = 0: never in the cluster, which has c < 0)
+    den = torch.where(big, den, torch.ones_like(a))
+    z = (a - b) * (a + b) / den
+    atanc = torch.where(z == 0, torch.ones_like(z), torch.atan(z) / torch.where(z == 0, torch.ones_like(z), z))
+    return torch.where(big, (a + b) / den * atanc, series)
+
+
 def _cut_planes(Q: Tensor, KQ: Tensor, cut: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(U, T, close)``: the rotation ``U`` (detached; V on the cut columns, I elsewhere) of S's eigenvectors
     ``Q`` onto the cut cluster's planes, ``T = (QU)ᵀ K₀ (QU)`` on the cluster (0 elsewhere) and the pairs that
@@ -505,7 +567,7 @@ def _cut_planes_turning(W: Tensor, dK: Tensor, T: Tensor, cut: Tensor, close: Te
     sg = sw.clamp(min=64.0 * eps)  # σ per column; below 64ε it is rounding: no turning there (δ = 0 has none)
     th = torch.atan2(sg, -torch.sqrt((1.0 - sg * sg).clamp(min=0.0)))
     si, sj = sg.unsqueeze(-1), sg.unsqueeze(-2)
-    dth = -(1.0 + (si * si + si * sj + sj * sj) / 6.0)  # θ[σⱼ, σₖ]
+    dth = -_asin_divided(si, sj)  # θ[σⱼ, σₖ]
     gam = (dth * 0.5 * (si + sj) - 0.5 * (th.unsqueeze(-1) + th.unsqueeze(-2))) / (si * sj * (si + sj))
     dA = -(T @ N + N @ T)
     psi = th / sg
@@ -587,7 +649,7 @@ def _cut_eigvecs_turning(W: Tensor, dK: Tensor, sig: Tensor, th: Tensor, inn: Te
     ds = si - sj
     across = (si * sj < 0) | ((si == 0) != (sj == 0))
     ok = ~across | (ds.abs() > 64.0 * eps)
-    same = -(1.0 + (si * si + si * sj + sj * sj) / 6.0)
+    same = -_asin_divided(torch.where(across, 0.0, si), torch.where(across, 0.0, sj))
     gam = torch.where(across, (th.unsqueeze(-1) - th.unsqueeze(-2)) / torch.where(ok, ds, torch.ones_like(ds)), same)
     n = W.shape[-1]
     off = ~torch.eye(n, dtype=torch.bool, device=W.device)
