@@ -188,3 +188,71 @@ def test_low_precision_module_cast_reexpresses_the_floor():
     torch.testing.assert_close(lin.weight.detach(), Wb, rtol=2 ** -7, atol=2 ** -7 * float(Wb.abs().max()))
     lin.bfloat16()
     torch.testing.assert_close(lin.weight.detach().float(), Wb, rtol=2 ** -6, atol=2 ** -6 * float(Wb.abs().max()))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_project_lands_inside_the_chart_of_its_dtype(dtype, alpha):
+    """A bf16/fp16 ``project`` returns a point that ``from_manifold`` of the same dtype accepts (Note [Hurwitz project
+    inside the chart of the stored dtype]): its certificate ``W = P⁻¹`` keeps the floor of the bf16/fp16 chart. With
+    the abscissa margin alone 7–92% of projections (bf16; fp16 18–46%) of the near-boundary matrices below were
+    refused by ``from_manifold`` (and so by a ``gf.nn`` assignment), W's least eigenvalue down to 0.002 of the floor.
+    The round trip project → from_manifold → to_manifold comes back within the raw tensor's rounding."""
+    from geofunc.spaces._hurwitz import _w_floor, lyapunov
+    M = gf.Hurwitz(alpha=alpha)
+    g = torch.Generator().manual_seed(0)
+    for n, scale in ((3, 0.2), (5, 0.3), (5, 1.0), (5, 3.0), (16, 1.0)):
+        Y = (scale * torch.randn(64, n, n, generator=g)).to(dtype)
+        X = M.project(Y)
+        assert X.dtype == dtype
+        eye = torch.eye(n, dtype=F64)
+        assert bool((torch.linalg.eigvals(X.double()).real.amax(-1) <= -alpha).all()), (n, scale)
+        P, _ = lyapunov(X.double() + alpha * eye)  # the certificate of the stored point, in float64
+        assert bool((1.0 / torch.linalg.eigvalsh(P)[..., -1] >= _w_floor(dtype)).all()), (n, scale)
+        Z, base = M.from_manifold(X)  # the whole batch: raises on any refused point
+        X2 = M.to_manifold(Z, base)
+        rel = (X2.double() - X.double()).abs().amax((-2, -1)) / X.double().abs().amax((-2, -1)).clamp(min=1.0)
+        # (from_manifold's own check holds 1/64 before its raw tensor is rounded to bf16/fp16; that rounding moves the
+        # point by up to 0.05 (bf16) / 0.03 (fp16) at raw scale 3 through the chart's conditioning)
+        assert float(rel.max()) <= 2.0**-4, (n, scale)
+    lin = torch.nn.Linear(5, 5, bias=False)
+    gf.nn.constrain(lin, "weight", M)
+    lin.to(dtype)
+    X = M.project((0.3 * torch.randn(5, 5, generator=g)).to(dtype))
+    lin.weight = X  # the constrained module's assignment: the right inverse
+    torch.testing.assert_close(lin.weight.detach().double(), X.double(), rtol=0, atol=2.0**-5)
+
+
+def test_project_in_float32_and_float64_keeps_the_abscissa_margin_alone():
+    """float32/float64 ``project`` is unchanged, bit for bit: ``Y − max(0, a + α + c)·I`` with no certificate shift."""
+    from geofunc.spaces._hurwitz import _abscissa
+    g = torch.Generator().manual_seed(3)
+    for alpha in (0.0, 0.5):
+        M = gf.Hurwitz(alpha=alpha)
+        for dtype in (torch.float32, F64):
+            Y = (0.3 * torch.randn(32, 5, 5, generator=g, dtype=F64)).to(dtype)
+            eye = torch.eye(5, dtype=dtype)
+            trace = Y.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+            D = Y - trace * eye
+            c = torch.sqrt((D * D).sum(dim=(-2, -1), keepdim=True).clamp(min=1.0)) * torch.finfo(dtype).eps ** 0.5
+            t = (_abscissa(Y)[..., None, None] + alpha + c).clamp(min=0.0)
+            assert torch.equal(M.project(Y), Y - t * eye)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_exact_membership_refuses_unstable_and_accepts_the_maps_outputs(dtype):
+    """The default bf16/fp16 tolerance is relative (5e-2 / 1e-2 of max(1, ‖X‖_F), as every space's), so it accepts a
+    bf16 ``diag(0.04, −1)``; ``contains(X, atol=0)`` is the exact test: it refuses every matrix with ``Re λ ≥ −α``
+    and accepts the stored outputs of the maps (Note [Hurwitz margin of the stored dtype], Note [Hurwitz floor of
+    the stored dtype], Note [Hurwitz project inside the chart of the stored dtype])."""
+    g = torch.Generator().manual_seed(5)
+    for alpha in (0.0, 0.5):
+        M = gf.Hurwitz(alpha=alpha)
+        Z = (3.0 * torch.randn(300, 4, 4, generator=g)).to(dtype)
+        for X in (M.to_manifold(Z), M.project(Z), M.retract(M.to_manifold(Z), 0.1 * Z), M.sample((300, 4, 4), generator=g, dtype=dtype)):
+            assert bool((torch.linalg.eigvals(X.double()).real.amax(-1) <= -alpha).all())
+            assert bool(M.contains(X, atol=0).all())
+        U = (torch.randn(300, 4, 4, generator=g) - alpha * torch.eye(4)).to(dtype)
+        unstable = torch.linalg.eigvals(U.double()).real.amax(-1) >= -alpha
+        assert bool(unstable.any()) and not bool((M.contains(U, atol=0) & unstable).any())
+    assert bool(gf.Hurwitz().contains(torch.diag(torch.tensor([0.04, -1.0])).bfloat16()))  # within the tolerance
