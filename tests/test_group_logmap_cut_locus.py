@@ -673,3 +673,26 @@ def test_logmap_derivative_with_eigenvalues_on_both_sides_of_the_cut_tolerance(s
         assert e1 < 1e-6 and e2 < 1e-6, (seed, e1, e2)
     e1, e2, _ = _logmap_derivatives(space, [9e-4, 1.1e-3], others, 0)  # (K φ(S) for both, as before: ~1e-6)
     assert e1 < 1e-5 and e2 < 1e-5, (e1, e2)
+
+
+@pytest.mark.parametrize("n, deltas", [(8, [1e-3, 1e-3, 3e-8, 0.0]), (6, [1e-2, 1e-5, 0.0]), (8, [1e-2, 1e-2, 1e-6, 0.0]),
+                                       (9, [1e-3, 1e-3, 1e-7, 0.0])])
+def test_so_logmap_with_a_plane_at_pi_beside_planes_at_one_distance(n, deltas):
+    """Note [Planes at −1 beside resolved ones]: a plane exactly at π (σ at rounding) among the close pairs made the
+    whole point's invariant planes count as unresolved, and the others' pairs were kept as −T² mixed them: round
+    trips 4e-11 to 1.2e-7 off, the log on the planes at δ > 0 as much (float64; ~u after). The round trip (eager and
+    under vmap) and, off the plane at π (whose log is ±π on it, either sign), the value against the exact log."""
+    S = gf.SO()
+    u = torch.finfo(F64).eps / 2
+    j = 2 * deltas.index(0.0)
+    rest = [i for i in range(n) if i not in (j, j + 1)]
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0]
+        R, L = _so_near_pi(n, deltas, [], Q)
+        X = S.sample((n, n), generator=g, dtype=F64)
+        for Lg in (S.logmap(X, X @ R), torch.func.vmap(S.logmap)(X[None], (X @ R)[None])[0]):
+            torch.testing.assert_close(S.expmap(X, Lg), X @ R, atol=1e-13, rtol=0)
+            D = Q.mT @ (X.mT @ Lg - L) @ Q  # in the planes' coordinates: only the π plane's 2×2 block is free
+            D[j:j + 2, j:j + 2] = 0.0
+            assert float(D.abs().max()) <= 16 * u / min(d for d in deltas if d > 0)

@@ -142,6 +142,17 @@ def _cut_cluster(lam: Tensor, s: Tensor, tol: float, per: int) -> Tensor:
 # pairs below the guard alike (its close pairs take the whole block's derivative, right in any basis). One
 # complex eigh where there is a close group (eager, grad, jvp; always under vmap or traced); values elsewhere are
 # the same to the bit.
+# Note [Planes at −1 beside resolved ones]
+# Whether the pairs resolve is read pair by pair. Read for the whole point, one plane at −1 itself (σ ~u, whose
+# ±σ eigenvectors of i T mix when the group's largest σ is ~1e10 times its own) kept every close pair of the point
+# as −T² had paired them, and −T² mixes a plane at δ₂ with one at −1 by ~u tr/δ₂²: round trips 1.2e-7 off at
+# planes π − (1e-3, 1e-3, 3e-8, 0) in SO(8), 1e-8 at (1e-2, 1e-2, 1e-6, 0), 4e-11 at (1e-2, 1e-5, 0) (float64; the
+# log on the planes at δ > 0 as far off). The resolved pairs now take their invariant planes, and the unresolved
+# ones U's own columns less their components along those (the −T² frame: the planes nearest −1, which the
+# smallest σ pair with), made orthonormal by one Newton–Schulz step (any orthonormal pairs of planes at −1 give
+# a minimal log); round trips ~u. Where those columns are not within 1e-8 of orthonormal once projected (−T²
+# mixed a resolved plane at δ ≲ 1e-7·√tr with one at −1: planes π − (0.09, 0.09, 1e-9, 0), round trips 7e-10,
+# as before) the point keeps its pairs as it did. A few k×k products more, on this path only.
 def _so_invariant_pairs(U: Tensor, T: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
     """``(U', ok)``: ``U`` (detached, n×n) with the ``low`` columns (whole pairs of close groups, among the leading
     near ones) rotated onto invariant planes of K where they resolve (``ok``), ``T = (QU)ᵀ K (QU)`` (its entries off
@@ -165,12 +176,25 @@ def _so_invariant_pairs(U: Tensor, T: Tensor, low: Tensor) -> tuple[Tensor, Tens
     Zs = torch.gather(Z, -1, src.unsqueeze(-2).expand(Z.shape))
     C = torch.where((r % 2 == 0).unsqueeze(-2), Zs.real, Zs.imag) * (2.0 ** 0.5) * mm
     E = transpose(C) @ C - torch.diag_embed(m)
-    ok = (E.abs().amax(dim=(-2, -1)) <= 1e-6).unsqueeze(-1) & lk
+    # pair by pair: a plane at −1 does not hold the others back (Note [Planes at −1 beside resolved ones])
+    res = E.abs().amax(dim=-2)
+    if k % 2:  # (an odd last column: its own pair)
+        res = torch.nn.functional.pad(res, (0, 1))
+    res = res.unflatten(-1, (-1, 2)).amax(dim=-1, keepdim=True).expand(*res.shape[:-1], res.shape[-1] // 2, 2)
+    ok = lk & (res.flatten(-2)[..., :k] <= 1e-6)
     C = C - 0.5 * (C @ E)  # one Newton–Schulz step: orthonormal to ~u
+    # the unresolved pairs' columns: U's own less the resolved planes, made orthonormal by one step where they were
+    # within 1e-8 of it (the point kept as it was elsewhere)
+    g = ok.to(U.dtype)
+    b = m - g
+    Cg, Ib = C * g.unsqueeze(-2), torch.diag_embed(b)
+    Cb = Ib - Cg @ (transpose(Cg) * b.unsqueeze(-2))
+    Eb = transpose(Cb) @ Cb - Ib
+    ok = ok & (Eb.abs().amax(dim=(-2, -1)) <= 1e-8).unsqueeze(-1)
     Uk = U[..., :k]
     # in U's layout (eigh's, column-major): the products with it round as before where nothing changed
     out = U.clone()
-    out[..., :k] = torch.where(ok.unsqueeze(-2), Uk @ C, Uk)
+    out[..., :k] = torch.where((lk & ok.any(dim=-1, keepdim=True)).unsqueeze(-2), Uk @ (Cg + Cb - 0.5 * (Cb @ Eb)), Uk)
     return out, torch.nn.functional.pad(ok, (0, n - k))
 
 
