@@ -176,3 +176,22 @@ def test_sqdist_gradient_is_zero_at_the_antipode(space, X, Y):
     Xr, Yr = X.clone().requires_grad_(), Y.clone().requires_grad_()
     space.sqdist(Xr, Yr).sum().backward()
     assert torch.equal(Xr.grad, torch.zeros_like(X)) and torch.equal(Yr.grad, torch.zeros_like(Y))
+
+
+@pytest.mark.parametrize("space, shape", [(gf.Sphere(), (5,)), (gf.Sphere(radius=2.0), (5,)), (gf.Oblique(), (5, 3))])
+def test_sqdist_gradient_is_bounded_beside_the_antipode(space, shape):
+    """Note [The squared distance past the right angle]: within rounding of the antipode (‖ŷ + x̂‖ of 1e-16 to
+    1e-14) sqdist's gradient was the difference of two terms of size θ²/‖P_x̂(ŷ + x̂)‖: norms up to 71 (11× the
+    bound; float64), where ‖grad d²‖ = 2 d ‖grad d‖ ≤ 2 π r on every side (per column of an Oblique point). Its
+    norm, and its value there."""
+    g = torch.Generator().manual_seed(0)
+    r = getattr(space, "radius", 1.0)
+    X = space.sample(shape, generator=g, dtype=F64)
+    E = space.tangent(-X, torch.randn(shape, generator=g, dtype=F64))
+    E = E / torch.linalg.vector_norm(E, dim=-1, keepdim=True) if isinstance(space, gf.Sphere) else E / E.norm(dim=-2, keepdim=True)
+    bound = 2 * math.pi * r * (1 + 1e-9) * (shape[-1] if isinstance(space, gf.Oblique) else 1) ** 0.5
+    for t in (1e-14, 1e-15, 3e-16, 1e-16):
+        for Y in (space.project(-X + t * r * E), -X * (1 - 2 ** -52), -X * (1 + 2 ** -52)):
+            G = torch.func.grad(lambda y: space.sqdist(X, y))(Y)
+            assert float(torch.linalg.vector_norm(space.tangent(Y, G))) <= bound
+            torch.testing.assert_close(space.sqdist(X, Y), space.dist(X, Y) ** 2, atol=1e-12 * r * r, rtol=0)

@@ -297,9 +297,10 @@ def sphere_expmap(X: Tensor, V: Tensor, r: float) -> Tensor:
     return _exp_chart(V if r == 1.0 else V / r, _unit_base(X, r), r)
 
 
-def _sphere_log(X: Tensor, Y: Tensor, r: float) -> tuple[Tensor, Tensor]:
-    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim, finite everywhere, and the mask (``(*batch, 1)``) of
-    the antipodes, where it means nothing (Note [the sphere's geodesics])."""
+def _sphere_log(X: Tensor, Y: Tensor, r: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``r (θ / sin θ) P_x̂ ŷ`` along the last dim, finite everywhere; the mask (``(*batch, 1)``) of the
+    antipodes, where it means nothing (Note [the sphere's geodesics]); the mask of the pairs within a right
+    angle and the angle θ read past it (``(*batch, 1)`` too)."""
     x, y = _unit_base(X, r), _unit_base(Y, r)
     d, e = y - x, y + x
     near = _dot(x, y) >= 0
@@ -316,21 +317,27 @@ def _sphere_log(X: Tensor, Y: Tensor, r: float) -> tuple[Tensor, Tensor]:
     theta = 2.0 * torch.atan2(u.clamp(min=tiny).sqrt() * math.sqrt(2.0), _dot(e, e).clamp(min=tiny).sqrt())
     ratio_far = theta / s2.clamp(min=tiny).sqrt()
     antipode = (s2 <= 0) & ~near
-    return r * torch.where(near, ratio_near * w_near, ratio_far * w_far), antipode
+    return r * torch.where(near, ratio_near * w_near, ratio_far * w_far), antipode, near, theta
 
 
 def sphere_logmap(X: Tensor, Y: Tensor, r: float) -> Tensor:
     """``r (θ / sin θ) P_x̂ ŷ`` along the last dim; NaN at the antipode (Note [the sphere's geodesics])."""
-    L, antipode = _sphere_log(X, Y, r)
+    L, antipode, _, _ = _sphere_log(X, Y, r)
     return torch.where(antipode, torch.full_like(L, float("nan")), L)
 
 
 def sphere_sqdist(X: Tensor, Y: Tensor, r: float) -> Tensor:
     """``dist(X, Y)²`` along the last dim, batch-shaped: ``‖Log_x(y)‖²`` (as smooth as the logarithm, exact
     second derivatives at ``y = x``), and ``(π r)²`` at the antipode, where the logarithm is NaN (no shortest
-    geodesic) but the distance is ``π r``; there the gradient is 0 (the unselected branch is finite)."""
-    L, antipode = _sphere_log(X, Y, r)
-    sq = real_products(L, L).sum(-1)  # Note [Real products under vmap] (geofunc/_linalg.py)
+    geodesic) but the distance is ``π r``; there the gradient is 0 (the unselected branch is finite). Past the
+    right angle ``(r θ)²`` itself (Note [The squared distance past the right angle])."""
+    # Note [The squared distance past the right angle]
+    # Past it ‖Log‖² = (θ/‖w‖)² ‖w‖² (w = P_x̂ ê, ê = ŷ + x̂): equal to θ² in value, but its derivative is two terms of
+    # size θ²/‖w‖ that cancel, to rounding: within ~1e-15 of the antipode (‖w‖ of rounding) the gradient's norm was
+    # up to 71 (float64, r = 1) where ‖∇ d²‖ = 2 d ≤ 2π r (15 at ‖ŷ + x̂‖ = 3e-16, 6.9 at 1e-14). θ = 2 atan2(‖ŷ − x̂‖, ‖ê‖)
+    # has a bounded derivative there; the same number up to rounding.
+    L, antipode, near, theta = _sphere_log(X, Y, r)
+    sq = torch.where(near.squeeze(-1), real_products(L, L).sum(-1), ((r * theta) ** 2).squeeze(-1))  # Note [Real products under vmap]
     return torch.where(antipode.squeeze(-1), torch.full_like(sq, (math.pi * r) ** 2), sq)
 
 
