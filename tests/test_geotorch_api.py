@@ -1198,3 +1198,15 @@ def test_a_named_map_with_another_inverse_keeps_that_inverse():
     M.f = (M.f, inv)
     assert M.inv is inv
     assert M.space.f != "softplus"
+
+
+def test_a_forgotten_inverse_is_not_revived_by_a_pair_that_holds_it():
+    """Note [f and inv read as callables]: ``M.inv = g`` is kept by a later ``M.f = h`` only while it is the
+    inverse assigned as ``M.inv``; once a name or a pair replaced it, a later pair ``(h, g)`` that happens to hold
+    the same g brings it as a pair's inverse, which ``M.f = h2`` drops (h2 alone, as after any pair)."""
+    M = gnn.FixedRank((5, 3), 2)
+    M.inv = torch.log
+    M.f = "softplus"  # the assigned inverse is forgotten
+    M.f = (torch.exp, torch.log)
+    M.f = _scaled_exp
+    assert M.space.f is _scaled_exp and M.inv is None

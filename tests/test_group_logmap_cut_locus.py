@@ -696,3 +696,59 @@ def test_so_logmap_with_a_plane_at_pi_beside_planes_at_one_distance(n, deltas):
             D = Q.mT @ (X.mT @ Lg - L) @ Q  # in the planes' coordinates: only the π plane's 2×2 block is free
             D[j:j + 2, j:j + 2] = 0.0
             assert float(D.abs().max()) <= 16 * u / min(d for d in deltas if d > 0)
+
+
+@pytest.mark.parametrize("n, deltas, others", [(8, [1e-9, 4e-9, 1e-2], [0.7]), (9, [1e-10, 1e-9, 3e-2], [1.0])])
+def test_so_logmap_value_under_vmap_with_close_planes_at_different_small_distances(n, deltas, others):
+    """Note [Planes at one distance near the cut] under vmap (no values to read: the invariant planes are read
+    on every column, the columns outside the close group moved to eigenvalue 2 of i T's scaled eigh): two planes
+    below the guard (δ ≲ 1.5e-8) a few times apart, beside one that holds −T²'s trace, take the j-th positive
+    eigenvalue of i T each, which only the moved columns' eigenvalue above every σ/scale keeps in order. The
+    value against the exact log to ~u/δ (float64), as eager mode's."""
+    S = gf.SO()
+    u = torch.finfo(F64).eps / 2
+    for seed in range(2):
+        g = torch.Generator().manual_seed(seed)
+        R, L = _so_near_pi(n, deltas, others, torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0])
+        X = S.sample((2, n, n), generator=g, dtype=F64)
+        Lv = torch.func.vmap(S.logmap)(X, X @ R)
+        torch.testing.assert_close(Lv, X @ L, atol=16 * u / min(deltas), rtol=0)
+        torch.testing.assert_close(Lv, S.logmap(X, X @ R), atol=16 * u / min(deltas), rtol=0)
+
+
+def test_group_logmap_under_fake_tensor_mode_reads_no_values():
+    """Note [Values read under grad and jvp]: the cut-cluster branches test values only in eager mode and under
+    grad/jvp levels on real tensors; under FakeTensorMode (eager or with a grad level: shape propagation, export
+    tooling) there are no values, and reading one raised DataDependentOutputException. SO's and Unitary's logmap
+    and its gradient give their shapes and dtypes there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(0)
+    for space, dtype, n in ((gf.SO(), F64, 5), (gf.Unitary(), C128, 4)):
+        X, Y = space.sample((n, n), generator=g, dtype=dtype), space.sample((n, n), generator=g, dtype=dtype)
+        with FakeTensorMode() as mode:
+            Xf, Yf = mode.from_tensor(X), mode.from_tensor(Y)
+            L = space.logmap(Xf, Yf)
+            G = torch.func.grad(lambda y: torch.view_as_real(space.logmap(Xf, y).to(C128)).square().sum())(Yf)
+        assert L.shape == G.shape == (n, n) and L.dtype == G.dtype == dtype
+
+
+@pytest.mark.parametrize("deltas, others", [([1e-5, -3e-5], [0.3, -2.0]), ([3e-2, 5e-2], [0.3, -2.0])])
+def test_unitary_logmap_value_near_minus_one_under_vmap_autograd_and_a_mixed_batch(deltas, others):
+    """Note [Unitary eigenvalues near the cut]: the value read by −iK on the near block (sin θ ≤ 0.1) is the log
+    wherever something differentiates (autograd: L + (value − L.detach())), under vmap (every column read, the
+    others moved to eigenvalue 2 with θ 0 and their φ kept) and in a batch whose points have near blocks of
+    different sizes (one with none): each against the exact log to ~u/δ (complex128), as eager no-grad mode."""
+    U = gf.Unitary()
+    u = torch.finfo(F64).eps / 2
+    n = 4
+    g = torch.Generator().manual_seed(0)
+    angles = [math.copysign(math.pi - abs(d), d) for d in deltas] + others
+    X, W = U.sample((3, n, n), generator=g, dtype=C128), U.sample((3, n, n), generator=g, dtype=C128)
+    th = torch.tensor([angles, angles[:1] + [1.0] + angles[2:], [0.5, 1.0] + angles[2:]], dtype=F64)  # 2, 1, 0 near
+    Y = X @ W @ torch.diag_embed(torch.polar(torch.ones_like(th), th)) @ W.mH
+    L = X @ W @ torch.diag_embed(1j * th.to(C128)) @ W.mH
+    atol = 16 * u / min(abs(d) for d in deltas)
+    torch.testing.assert_close(U.logmap(X, Y), L, atol=atol, rtol=0)
+    torch.testing.assert_close(torch.func.vmap(U.logmap)(X, Y), L, atol=atol, rtol=0)
+    torch.testing.assert_close(U.logmap(X, Y.clone().requires_grad_(True)).detach(), L, atol=atol, rtol=0)

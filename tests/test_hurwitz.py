@@ -256,3 +256,59 @@ def test_low_precision_exact_membership_refuses_unstable_and_accepts_the_maps_ou
         unstable = torch.linalg.eigvals(U.double()).real.amax(-1) >= -alpha
         assert bool(unstable.any()) and not bool((M.contains(U, atol=0) & unstable).any())
     assert bool(gf.Hurwitz().contains(torch.diag(torch.tensor([0.04, -1.0])).bfloat16()))  # within the tolerance
+
+
+def test_float32_float64_module_cast_keeps_the_raw_diagonal():
+    """Note [Hurwitz floor of the stored dtype]: W has no floor in float32 and float64 (``_coords_floor`` 0), so a
+    module cast between them re-expresses nothing: the raw tensor is cast as is and the weight moves by float32's
+    rounding only (with the "softplus" spaces' floors, √ε of each dtype, every value of W would move by 3.4e-4,
+    a small one many times over)."""
+    lin = torch.nn.Linear(5, 5, bias=False)
+    gf.nn.constrain(lin, "weight", gf.Hurwitz())
+    Z = torch.randn(5, 5, generator=torch.Generator().manual_seed(3))
+    Z.diagonal().copy_(torch.tensor([-9.0, -3.0, 0.0, 1.0, 2.0]))  # W's values from 1.2e-4 to 2.1
+    with torch.no_grad():
+        lin.parametrizations.weight.original.copy_(Z)
+    W32 = lin.weight.detach().double()
+    lin.double()
+    assert torch.equal(lin.parametrizations.weight.original.detach(), Z.double())
+    torch.testing.assert_close(lin.weight.detach(), W32, rtol=1e-5, atol=1e-6 * float(W32.abs().max()))
+    lin.float()
+    assert torch.equal(lin.parametrizations.weight.original.detach(), Z)
+
+
+def test_low_precision_from_manifold_lifts_or_names_the_floor():
+    """Note [Hurwitz floor of the stored dtype]: from_manifold of a bf16 point whose certificate W = P⁻¹ has an
+    eigenvalue just below the floor √ε(bf16) = 0.088 lifts it to the floor (a finite raw coordinate, the round
+    trip to the bf16 rounding); one far below it, which the lift would move by more than the round trip check
+    takes, is refused naming the floor and W's least eigenvalue."""
+    M = gf.Hurwitz()
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(4, 4, generator=g))[0]
+    A = torch.randn(4, 4, generator=g)
+    for w0, scale, lifted in ((0.08, 0.3, True), (0.01, 1.0, False)):
+        W = Q @ torch.diag(torch.tensor([w0, 0.5, 1.0, 1.5])) @ Q.mT
+        X = (W @ (scale * (A - A.mT)) - 0.5 * W).bfloat16()
+        assert bool(M.contains(X))
+        if lifted:
+            Z, base = M.from_manifold(X)
+            assert bool(torch.isfinite(Z).all())
+            torch.testing.assert_close(M.to_manifold(Z, base).float(), X.float(), rtol=0,
+                                       atol=2 ** -6 * float(X.float().abs().max()))
+        else:
+            with pytest.raises(gf.ManifoldError, match=r"floor of W in torch.bfloat16.*least eigenvalue of W 0\.0"):
+                M.from_manifold(X)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_project_is_stable_with_a_large_diagonal(dtype):
+    """Note [Hurwitz margin of the stored dtype]: the rounding of the stored point scales with its diagonal,
+    |X_ii| ≤ spread + m + c with m = a(Y) − tr(Y)/n + alpha, which is large where alpha and the mean of the
+    diagonal are (alpha = 50, Y = −50 I + a matrix of scale 1: entries near −100, rounded by up to 0.25 in
+    bf16). The margin covers that term too: every projection stable at −alpha once rounded (float64 eigenvalues)."""
+    M = gf.Hurwitz(alpha=50.0)
+    g = torch.Generator().manual_seed(0)
+    Y = (torch.randn(500, 5, 5, generator=g) - 50.0 * torch.eye(5)).to(dtype)
+    P = M.project(Y)
+    assert P.dtype == dtype
+    assert bool((torch.linalg.eigvals(P.double()).real.amax(-1) <= -50.0).all())
