@@ -296,7 +296,8 @@ def test_low_precision_from_manifold_lifts_or_names_the_floor():
             torch.testing.assert_close(M.to_manifold(Z, base).float(), X.float(), rtol=0,
                                        atol=2 ** -6 * float(X.float().abs().max()))
         else:
-            with pytest.raises(gf.ManifoldError, match=r"floor of W in torch.bfloat16.*least eigenvalue of W 0\.0"):
+            # (the point named in the dtype passed: it read "dtype torch.float32", the float32 copy computed on)
+            with pytest.raises(gf.ManifoldError, match=r"floor of W in torch.bfloat16.*got a tensor of shape \(4, 4\) and dtype torch.bfloat16 with least eigenvalue of W 0\.0"):
                 M.from_manifold(X)
 
 

@@ -93,6 +93,12 @@ def _take(T: Tensor, i: Tensor, dim: int) -> Tensor:
     return T.gather(dim, index.expand(*T.shape[:-2], *((1, T.shape[-1]) if dim == -2 else (T.shape[-2], 1))))
 
 
+def _described(X: Tensor) -> str:
+    """``describe(X)`` with the dtype the caller passed: inside a bf16/fp16 call ``X`` is its float32 copy
+    (Note [Low precision] in ``_base.py``), and the messages named that copy's dtype."""
+    return describe(X).replace(f"dtype {X.dtype}", f"dtype {rounding_dtype(X.dtype)}")
+
+
 def _abscissa(Y: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The spectral abscissa ``max Re λ(Y)``, batch-shaped.
 
@@ -374,7 +380,7 @@ class Hurwitz(AbstractSpace):
                 Z, base = self._from_certificate(X, P)
             except ManifoldError as e:  # W = P⁻¹ off PSD's chart: too close to the boundary
                 raise error(self, "a matrix far enough from the stability boundary for this dtype",
-                            f"{describe(X)} whose certificate W = P⁻¹ is off the PSD chart ({e})") from None
+                            f"{_described(X)} whose certificate W = P⁻¹ is off the PSD chart ({e})") from None
             self._check_round_trip(X, Z, base, P)
             return Z, base
         return self._from_certificate(X, P)
@@ -405,11 +411,11 @@ class Hurwitz(AbstractSpace):
             if float(w_min[idx]) < floor:
                 raise error(self, f"a matrix whose Lyapunov certificate W = P⁻¹ has eigenvalues ≥ {floor:.3g}, the floor "
                             f"of W in {rounding_dtype(X.dtype)} (so that the chart's points stay stable once rounded)",
-                            f"{describe(X)} with least eigenvalue of W {float(w_min[idx]):.3g} (batch index {idx}): "
+                            f"{_described(X)} with least eigenvalue of W {float(w_min[idx]):.3g} (batch index {idx}): "
                             f"too close to the stability boundary for a {rounding_dtype(X.dtype)} chart; float32 "
                             "has no floor")
         raise error(self, "a matrix conditioned well enough for this dtype that its Lyapunov certificate gives "
-                    "a right inverse", f"{describe(X)} whose round trip to_manifold(from_manifold(X)) is "
+                    "a right inverse", f"{_described(X)} whose round trip to_manifold(from_manifold(X)) is "
                     f"{float(rel[idx]):.3g} off relative to max(1, max|X|) (batch index {idx}); float64 "
                     "holds more")
 
@@ -426,7 +432,7 @@ class Hurwitz(AbstractSpace):
         a = torch.linalg.eigvals(sanitize(X.detach())).real.amax(-1)
         raise error(self, "a matrix whose X + alpha·I is numerically strictly stable (a Lyapunov certificate "
                     "P ≻ 0 with BᵀP + PB = −I)",
-                    f"{describe(X)} with largest eigenvalue real part {float(a[idx]):.6g} (−alpha = "
+                    f"{_described(X)} with largest eigenvalue real part {float(a[idx]):.6g} (−alpha = "
                     f"{-self.alpha:.6g}) and no positive definite certificate (batch index {idx}): too close to "
                     "the boundary for this dtype")
 
