@@ -1697,33 +1697,31 @@ def test_a_torch_flag_in_a_group_that_the_factory_does_not_take_is_refused(facto
 def test_a_torch_optim_group_copied_with_its_flags_unset_is_taken():
     """Note [torch.optim's flags in a group]: torch.optim.Adam's param_groups hold maximize=False,
     decoupled_weight_decay=False, foreach=None, ...: such a group is taken, and steps as Adam."""
+    _steps_as_torch_with_its_flags(torch.optim.Adam, {}, gf.optim.radam)
+
+
+def _steps_as_torch_with_its_flags(torch_cls, kwargs: dict, factory) -> dict:
+    """A TorchOptimizer group holding every flag of ``torch_cls``'s own group steps as ``torch_cls`` (three steps,
+    float64, to 1e-15); returns those flags."""
     p = nn.Parameter(torch.ones(3, dtype=F64))
     ref = nn.Parameter(torch.ones(3, dtype=F64))
-    adam = torch.optim.Adam([ref], lr=0.1)
-    flags = {k: v for k, v in adam.param_groups[0].items() if k != "params"}
-    opt = gf.optim.TorchOptimizer([{"params": [("p", p)], **flags}], {}, gf.optim.radam, lr=0.1)
+    torch_opt = torch_cls([ref], lr=0.1, **kwargs)
+    flags = {k: v for k, v in torch_opt.param_groups[0].items() if k != "params"}
+    opt = gf.optim.TorchOptimizer([{"params": [("p", p)], **flags}], {}, factory, lr=0.1)
     for _ in range(3):
         p.grad, ref.grad = torch.full((3,), 0.5, dtype=F64), torch.full((3,), 0.5, dtype=F64)
         opt.step()
-        adam.step()
+        torch_opt.step()
     torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-15)
+    return flags
 
 
 def test_torch_optim_adamw_groups_are_taken_by_radamw():
     """Note [torch.optim's flags in a group]: torch.optim.AdamW's param_groups hold decoupled_weight_decay=True,
     AdamW's step, which radamw computes; such a group was refused with the hint "use gf.optim.radamw" while the
     factory was radamw. Taken there (and stepping as AdamW), still refused by radam (its step is Adam's L2)."""
-    p = nn.Parameter(torch.ones(3, dtype=F64))
-    ref = nn.Parameter(torch.ones(3, dtype=F64))
-    adamw = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.5)
-    flags = {k: v for k, v in adamw.param_groups[0].items() if k != "params"}
+    flags = _steps_as_torch_with_its_flags(torch.optim.AdamW, {"weight_decay": 0.5}, gf.optim.radamw)
     assert flags["decoupled_weight_decay"] is True
-    opt = gf.optim.TorchOptimizer([{"params": [("p", p)], **flags}], {}, gf.optim.radamw, lr=0.1)
-    for _ in range(3):
-        p.grad, ref.grad = torch.full((3,), 0.5, dtype=F64), torch.full((3,), 0.5, dtype=F64)
-        opt.step()
-        adamw.step()
-    torch.testing.assert_close(p.detach(), ref.detach(), rtol=0, atol=1e-15)
     q = nn.Parameter(torch.ones(3, dtype=F64))
     with pytest.raises(gf.ManifoldError, match=r"^TorchOptimizer: expected no `decoupled_weight_decay` in parameter group 0 "):
         gf.optim.TorchOptimizer([{"params": [("q", q)], **flags}], {}, gf.optim.radam, lr=0.1)
