@@ -1743,6 +1743,31 @@ def test_compile_fullgraph_forward_backward_aot_eager():
         torch.testing.assert_close(p.grad, ref_grads[k], atol=1e-5, rtol=1e-5)
 
 
+def test_assignment_inside_a_compiled_function_warns_nothing_and_functional_call_is_still_refused():
+    """Note [functional_call with a constrained tensor's plain name]: the weight's setter reads its caller's frames
+    (sys._getframe), which Dynamo does not trace: a torch.compile'd function assigning a constrained weight raised
+    Dynamo's UserWarning "Dynamo does not know how to trace the builtin `sys._getframe`" (an error under
+    warnings-as-errors). The frame walk runs outside the trace now (torch.compiler.disable); the assignment is the
+    right inverse as in eager, and functional_call with the plain name is refused inside a compiled function too."""
+    torch.manual_seed(0)
+    F64 = torch.float64
+    layer = gnn.orthogonal(nn.Linear(4, 4).to(F64))
+    x = torch.randn(3, 4, dtype=F64)
+    W = torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0]
+
+    def assign(W):
+        layer.weight = W
+        return layer(x)
+
+    torch._dynamo.reset()
+    y = torch.compile(assign, backend="eager")(W)  # (warnings are errors in the suite)
+    torch.testing.assert_close(layer.weight.detach(), W, atol=1e-12, rtol=0)
+    torch.testing.assert_close(y.detach(), x @ W.T + layer.bias.detach(), atol=1e-12, rtol=0)
+    torch._dynamo.reset()
+    with pytest.raises(gf.ManifoldError, match="got the plain name 'weight'"):
+        torch.compile(lambda W: functional_call(layer, {"weight": W}, (x,)), backend="eager")(W)
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own imports
 def test_compile_fullgraph_inductor():

@@ -1297,16 +1297,18 @@ except (ImportError, AttributeError):  # pragma: no cover - another torch
     _SWAP_CODE = None
 
 
+@torch.compiler.disable  # (run as Python under torch.compile: Dynamo warned of sys._getframe at each assignment)
 def _swapped_in_by_functional_call() -> bool:
     """Whether the assignment running now is torch's swap of a named tensor (functional_call), found among
-    the few frames above the property's setter (nn.Module.__setattr__, a subclass's, then swap_tensor)."""
+    the few frames above the property's setter (nn.Module.__setattr__, a subclass's, then swap_tensor;
+    torch.compiler.disable's wrapper below them all)."""
     if _SWAP_CODE is None:
         return False
     try:
-        f = sys._getframe(2)
+        f = sys._getframe(1)
     except ValueError:  # (no such frame)
         return False
-    for _ in range(4):
+    for _ in range(8):
         if f is None:
             return False
         if f.f_code is _SWAP_CODE:
