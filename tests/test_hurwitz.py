@@ -369,3 +369,20 @@ def test_from_manifold_accepts_what_project_retract_and_rsgd_return(dtype):
     Z, base = M.from_manifold(X[keep])
     rel = (M.to_manifold(Z, base) - X[keep]).abs().amax((-2, -1)) / X[keep].abs().amax((-2, -1)).clamp(min=1.0)
     assert float(rel.max()) <= 2.0**-6
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_project_of_a_matrix_is_the_same_alone_in_a_batch_and_under_vmap(dtype, alpha):
+    """Note [Hurwitz project inside the chart of the stored dtype]: the certificate shift's Newton steps, aimed 5% past
+    the floor, also moved matrices already there wherever another matrix of the batch was not (eager; under vmap and
+    compiled the steps all run): a matrix's projection depended on its batch, by up to an ulp of the stored dtype
+    (1–10 of 128 matrices, 3×3 to 5×5, differed alone, in the batch and under vmap). A matrix whose certificate meets
+    the target takes no step now, so the three agree bit for bit (and the point is what the matrix alone gave)."""
+    M = gf.Hurwitz(alpha=alpha)
+    g = torch.Generator().manual_seed(0)
+    for n, scale in ((3, 0.3), (5, 1.0), (5, 3.0)):
+        Y = (scale * torch.randn(128, n, n, generator=g)).to(dtype)
+        alone = torch.stack([M.project(y) for y in Y])
+        assert torch.equal(M.project(Y), alone), (n, scale)
+        assert torch.equal(torch.func.vmap(M.project)(Y), alone), (n, scale)

@@ -183,11 +183,13 @@ def _abscissa(Y: Tensor, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
 # s ≥ 0, the least with λ_min(W) ≥ 1.25·floor (a slack for the rounding of the stored point): λ_min(W) of B − sI
 # rises with s at slope ≤ 2 (dλ_max(P)/ds ≥ −2λ_max(P)²), and a point already there is left as it is. P is read in B's eigenbasis from the eig project computes anyway,
 # P = V⁻ᴴ (G ∘ K) V⁻¹ with G = VᴴV and K_ij = 1/(2s − conj(βᵢ) − βⱼ), and s is found by Newton's iteration on
-# s ↦ λ_min(W) (dP/ds = −2 V⁻ᴴ (G ∘ K²) V⁻¹), _SHIFT_STEPS steps at most; in eager mode one Cholesky
-# factorization of G/target − G ∘ K (congruent to I/target − P) tells when every matrix is there, so a point
+# s ↦ λ_min(W) (dP/ds = −2 V⁻ᴴ (G ∘ K²) V⁻¹), _SHIFT_STEPS steps at most; at each one Cholesky factorization of
+# G/target − G ∘ K (congruent to I/target − P) tells which matrices are there (they take no step), and in eager
+# mode when every matrix is, so a point
 # inside costs ~0.1 of the eig (measured: 0.2–0.8 ms beside 2–4 ms, 256×5×5, 16×16×16, 64×64), and a projected
 # one 1–2 Newton steps (each aimed 5% past the target, which from below it could only approach). Under torch.func/compile the steps all run (a step
-# is 0 where the target is met, so the result is eager's). s is capped by the log-norm's shift
+# is 0 where the target is met, so the result is eager's, and a matrix's the same alone or in any batch: a step
+# aimed past the target moved a met matrix beside unmet ones, by up to an ulp of the stored dtype). s is capped by the log-norm's shift
 # λ_max(sym B) + target/2, which always suffices (‖e^{Bt}‖ ≤ e^{λ_max(sym B)t}), and falls back to it where the
 # iteration has not met the target (a defective or strongly non-normal B whose eigenbasis is unreliable: a 4×4
 # Jordan block). s carries no derivative (project's derivative is that of Y − (a + alpha + c)·I where s > 0).
@@ -214,9 +216,10 @@ def _floor_shift(Y0: Tensor, lam: Tensor, V: Tensor, beta0: Tensor, target: floa
     for _ in range(_SHIFT_STEPS):
         d = den + 2.0 * s
         GK = G / d
-        # eager: λ_max(P) ≤ 1/target for every matrix, i.e. G/target − G∘K ⪰ 0 (congruent to I/target − P by V):
-        # one Cholesky factorization, no inverse nor eigh (the common case costs ~0.1 of the eig before it).
-        if adaptive and not bool(torch.linalg.cholesky_ex(G / target - GK)[1].any()):
+        # λ_max(P) ≤ 1/target, i.e. G/target − G∘K ⪰ 0 (congruent to I/target − P by V): one Cholesky factorization,
+        # no inverse nor eigh (eager: where every matrix is there, the common case, it costs ~0.1 of the eig before it)
+        met = torch.linalg.cholesky_ex(G / target - GK)[1] == 0
+        if adaptive and bool(met.all()):
             return s
         if Vi is None:
             Vi = torch.linalg.inv_ex(V).inverse
@@ -229,7 +232,10 @@ def _floor_shift(Y0: Tensor, lam: Tensor, V: Tensor, beta0: Tensor, target: floa
         # dλ_min(W)/ds = −(dλ_max(P)/ds)/λ_max(P)² (≤ 2), dP/ds = −2 V⁻ᴴ (G ∘ K²) V⁻¹
         slope = 2.0 * (w.mH @ (GK / d) @ w).real / (top * top)
         step = (1.05 * target - 1.0 / top) / slope  # (aimed 5% past it: Newton can approach it from below)
-        s = torch.minimum(s + torch.where(step > 0, step, torch.zeros_like(step)), cap)  # (NaN: no step)
+        # (NaN: no step; nor where the target is met, so that a matrix's shift is the same alone, in any batch, under
+        # vmap or compiled: a step aimed past the target moved a met matrix beside unmet ones, by up to an ulp of bf16)
+        step = torch.where((step > 0) & ~met[..., None, None], step, torch.zeros_like(step))
+        s = torch.minimum(s + step, cap)
     # not converged (a strongly non-normal or defective B, whose eigenbasis is unreliable): the cap
     ok = torch.linalg.cholesky_ex(G / target - G / (den + 2.0 * s))[1] == 0
     return torch.where(ok[..., None, None], s, cap)
