@@ -336,14 +336,14 @@ def test_from_manifold_accepts_what_project_retract_and_rsgd_return(dtype):
     retract (13/200 at scale 3) and rsgd iterates (14/300 at 5×5, 57/300 at 16×16); float64 1–10% — every one of
     them accepted by contains, and the raw tensor of a float64 certificate round-tripped them in float32. With the
     certificate refined where a check fails: none refused in float64, at most 1% in float32 (certificates of
-    condition beyond the dtype's). This sample: 113 of 1360 refused in float32 and 25 in float64 before, 4 and 0
-    after. The accepted points round-trip within 1/64 as before, in a batch too (refined matrix by matrix)."""
+    condition beyond the dtype's; 4 of 1360 in a sample twice this one's). This sample: 45 of 680 refused in float32
+    and 10 in float64 before, none after. The accepted points round-trip within 1/64 as before, in a batch too (refined matrix by matrix)."""
     allowed = 0.0 if dtype == F64 else 0.01
     g = torch.Generator().manual_seed(0)
     total = refused = 0
     for alpha in (0.0, 0.5):
         M = gf.Hurwitz(alpha=alpha)
-        for n, scale, N in ((5, 0.3, 100), (5, 3.0, 100), (8, 10.0, 50), (16, 1.0, 30)):
+        for n, scale, N in ((5, 0.3, 50), (5, 3.0, 50), (8, 10.0, 25), (16, 1.0, 15)):
             Y = (scale * torch.randn(N, n, n, generator=g, dtype=F64)).to(dtype)
             X = M.project(Y)
             Xr = M.retract(M.sample((N, n, n), generator=g, dtype=dtype), Y)
@@ -352,7 +352,7 @@ def test_from_manifold_accepts_what_project_retract_and_rsgd_return(dtype):
             total += 2 * N
     M = gf.Hurwitz(alpha=0.5)
     for n in (5, 16):
-        N = 30
+        N = 15
         p, opt = {"W": M.sample((N, n, n), generator=g, dtype=dtype)}, gf.optim.rsgd({"W": M}, 0.05, momentum=0.9)
         state = opt.init(p)
         T = 2.0 * torch.randn(N, n, n, generator=g, dtype=dtype) + torch.eye(n, dtype=dtype)  # the constraint active
