@@ -183,6 +183,32 @@ def test_pytree_functions_and_optimizers_refuse_them_naming_the_parameter(layout
         assert "'w'" in msg and "Stiefel" in msg and "dense (strided) tensor" in msg, (what, msg)
 
 
+@pytest.mark.parametrize("layout", ("jagged", "nested"))
+def test_a_nested_point_beside_stackable_entries_is_refused_naming_the_parameter(layout: str) -> None:
+    """The optimizer maps stack small entries of one space (Note [Stacked entries] in geofunc/_pytree.py): a
+    nested *point* among them (two Stiefel (5, 3) entries, one nested) reached ``x.shape`` in the stacking
+    and raised torch's "NestedTensorImpl doesn't support sizes" (egrad_to_rgrad, retract, radam's update)
+    without its guard, where the per-entry call refuses it by name."""
+    cons = {"w": gf.Stiefel(), "u": gf.Stiefel(), "v": gf.Sphere()}
+    g = torch.Generator().manual_seed(0)
+    params = {k: gf.Stiefel().sample((5, 3), dtype=torch.float64, generator=g) for k in ("w", "u")}
+    params["v"] = gf.Sphere().sample((4,), dtype=torch.float64, generator=g)
+    grads = {k: torch.randn(p.shape, dtype=p.dtype, generator=g) for k, p in params.items()}
+    bad = dict(params, w=_as(layout, params["w"]))
+    radam = gf.optim.radam(cons, lr=0.1)
+    calls = {
+        "egrad_to_rgrad": lambda: gf.egrad_to_rgrad(cons, bad, grads),
+        "retract": lambda: gf.retract(cons, bad, grads),
+        "tangent": lambda: gf.tangent(cons, bad, grads),
+        "radam.update": lambda: radam.update(grads, radam.init(params), bad),
+    }
+    for what, call in calls.items():
+        with pytest.raises(gf.ManifoldError) as info:
+            call()
+        msg = str(info.value)
+        assert "'w'" in msg and "Stiefel" in msg and "dense (strided) tensor" in msg, (what, msg)
+
+
 @pytest.mark.parametrize("layout", ("sparse_coo", "sparse_csr", "jagged", "nested"))
 @pytest.mark.parametrize("fname", ["orthogonal", "sphere", "low_rank", "positive_definite", "symmetric", "skew",
                                    "invertible"])
