@@ -154,6 +154,15 @@ def test_a_frame_of_a_base_in_another_layout_is_refused(M: gf.AbstractSpace, lay
             _assert_named(str(info.value), type(M).__name__, layout, f"base[{i}]")
 
 
+def _each_refuses_w_by_name(calls: dict) -> None:
+    """Every call raises a ManifoldError naming the parameter 'w', its space (Stiefel) and the layout expected."""
+    for what, call in calls.items():
+        with pytest.raises(gf.ManifoldError) as info:
+            call()
+        msg = str(info.value)
+        assert "'w'" in msg and "Stiefel" in msg and "dense (strided) tensor" in msg, (what, msg)
+
+
 @pytest.mark.parametrize("layout", ("sparse_coo", "sparse_csr", "jagged", "nested"))
 def test_pytree_functions_and_optimizers_refuse_them_naming_the_parameter(layout: str) -> None:
     """An off-space jagged point went through gf.from_manifold without the membership check (a tensor
@@ -176,11 +185,7 @@ def test_pytree_functions_and_optimizers_refuse_them_naming_the_parameter(layout
         "sample": lambda: gf.sample(cons, bad, generator=g),
         "rsgd.update": lambda: rsgd.update(bad, rsgd.init(params), params),
     }
-    for what, call in calls.items():
-        with pytest.raises(gf.ManifoldError) as info:
-            call()
-        msg = str(info.value)
-        assert "'w'" in msg and "Stiefel" in msg and "dense (strided) tensor" in msg, (what, msg)
+    _each_refuses_w_by_name(calls)
 
 
 @pytest.mark.parametrize("layout", ("jagged", "nested"))
@@ -202,11 +207,7 @@ def test_a_nested_point_beside_stackable_entries_is_refused_naming_the_parameter
         "tangent": lambda: gf.tangent(cons, bad, grads),
         "radam.update": lambda: radam.update(grads, radam.init(params), bad),
     }
-    for what, call in calls.items():
-        with pytest.raises(gf.ManifoldError) as info:
-            call()
-        msg = str(info.value)
-        assert "'w'" in msg and "Stiefel" in msg and "dense (strided) tensor" in msg, (what, msg)
+    _each_refuses_w_by_name(calls)
 
 
 @pytest.mark.parametrize("layout", ("sparse_coo", "sparse_csr", "jagged", "nested"))
