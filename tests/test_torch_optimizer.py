@@ -1767,3 +1767,87 @@ def test_a_factory_with_var_keywords_is_given_a_groups_torch_flag():
     a.grad = torch.ones(3, dtype=F64)
     opt.step()
     assert True in seen, seen
+
+
+def test_betas_changed_in_place_alone_are_read_at_the_next_step_as_torch_adam(generator):
+    """``betas[0] = 0.5`` on the list given as ``betas``, with no other hyperparameter changed, takes
+    effect at the next step as ``group["betas"] = (0.5, 0.999)`` does in ``torch.optim.Adam`` (which
+    reads the group at every step; it keeps a copy of the list it is given, so it is reassigned there):
+    Note [Hyperparameters changed in place]. (The test above changes the mask too, whose change alone
+    rebuilds the group's optimizer.)"""
+    x, y = _data(generator)
+    ours, theirs = nn.Linear(6, 4).double(), nn.Linear(6, 4).double()
+    theirs.load_state_dict(ours.state_dict())
+    betas = [0.9, 0.999]
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radam, lr=0.05, betas=betas)
+    ref = torch.optim.Adam(theirs.parameters(), lr=0.05, betas=(0.9, 0.999))
+    _train(ours, opt, x, y, 2)
+    _train(theirs, ref, x, y, 2)
+    betas[0] = 0.5
+    ref.param_groups[0]["betas"] = (0.5, 0.999)
+    _train(ours, opt, x, y, 3)
+    _train(theirs, ref, x, y, 3)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=0)
+
+
+def test_the_state_dicts_entries_are_distinct_tensors(generator):
+    """Each parameter's entries hold tensors of their own (Note [TorchOptimizer's state_dict]: the
+    cohort's shared count is copied into each, so that an in-place load writes each once): writing
+    into one parameter's count entry changes no other parameter's entry and not the optimizer's steps."""
+    x, y = _data(generator)
+    start = Net(generator).state_dict()
+    ends = []
+    for write in (False, True):
+        net = Net(generator)
+        net.load_state_dict(start)
+        opt = gf.optim.TorchOptimizer(net.named_parameters(), C, gf.optim.radam, lr=0.05)
+        _train(net, opt, x, y, 2)
+        sd = opt.state_dict()
+        ptrs = [t.untyped_storage().data_ptr() for e in sd["state"].values() for t in e.values()
+                if isinstance(t, torch.Tensor)]
+        assert len(ptrs) == len(set(ptrs))
+        counts = {k: v for k, v in sd["state"][0].items() if k.endswith("count")}
+        assert counts
+        if write:
+            for v in counts.values():
+                v.fill_(100)
+            assert all(int(v) == 2 for k, v in sd["state"][1].items() if k in counts)
+        _train(net, opt, x, y, 2)
+        ends.append({k: getattr(net, k).detach().clone() for k in ("W", "s", "b")})
+    for k in ("W", "s", "b"):
+        assert torch.equal(ends[0][k], ends[1][k]), k
+
+
+def test_a_checkpoint_of_parameters_of_other_shapes_is_refused(generator):
+    """A checkpoint saved for parameters of the same names and other shapes (a (1, 6) weight's moments
+    for a (4, 6) weight) is refused with a ManifoldError naming the shapes, as torch.optim refuses
+    one whose sizes do not match (_mismatch's shape check: without it the load went through)."""
+    x, y = _data(generator)
+    small, large = nn.Linear(6, 1).double(), nn.Linear(6, 4).double()
+    saved = gf.optim.TorchOptimizer(small.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    _train(small, saved, x, y[:, :1], 2)
+    opt = gf.optim.TorchOptimizer(large.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    with pytest.raises(gf.ManifoldError, match=r"shape \(1, 6\) where its init gives shape \(4, 6\)"):
+        opt.load_state_dict(saved.state_dict())
+    assert opt.state_dict()["state"] == {}
+
+
+def test_a_loaded_state_dict_is_saved_again_as_it_was(generator):
+    """``load_state_dict(sd)`` then ``state_dict()`` gives ``sd`` back (as in torch.optim), the
+    cohorts' numbers included, for a state of several cohorts (heads stepped at different steps)."""
+    x, y = _data(generator)[0], torch.randn(32, 4, generator=generator, dtype=F64)
+    ours = Branches(generator)
+    opt = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    _train_branches(ours, opt, x, y)
+    saved = opt.state_dict()
+    assert len({int(e["cohort"]) for e in saved["state"].values()}) > 1
+    again = gf.optim.TorchOptimizer(ours.named_parameters(), {}, gf.optim.radam, lr=0.05)
+    again.load_state_dict(saved)
+    out = again.state_dict()
+    assert out["param_groups"] == saved["param_groups"]
+    assert out["state"].keys() == saved["state"].keys()
+    for i, entries in saved["state"].items():
+        assert out["state"][i].keys() == entries.keys(), i
+        for k, v in entries.items():
+            assert torch.equal(out["state"][i][k], v), (i, k)
