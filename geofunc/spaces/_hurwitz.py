@@ -94,6 +94,11 @@ _CONVERGED = 1e-2  # the sign iteration's ‖A + I‖_F/√n up to which B count
 _REFINE_STEPS = 2
 
 
+def _converged(err: Tensor) -> Tensor:
+    """Per matrix: the sign iteration's error is finite and at most ``_CONVERGED``."""
+    return torch.isfinite(err) & (err <= _CONVERGED)
+
+
 def _refined(B: Tensor, P: Tensor) -> Tensor:
     """``P + Δ`` with ``BᵀΔ + ΔB = −R``, ``R = BᵀP + PB + I`` the residual of ``P``: one step of iterative refinement
     in ``B``'s dtype (Note [Hurwitz certificate refined where its checks fail])."""
@@ -423,7 +428,7 @@ class Hurwitz(AbstractSpace):
                 if not bool(weak.any()):
                     return Z, base
             # (a sign iteration that did not converge: not Hurwitz to rounding, refused below, nothing refined)
-            if step == _REFINE_STEPS or not bool((torch.isfinite(err) & (err <= _CONVERGED)).all()):
+            if step == _REFINE_STEPS or not bool(_converged(err).all()):
                 break
             P = torch.where(weak[..., None, None], _refined(B, P), P)
         self._check_certificate(X, P, err)
@@ -481,7 +486,7 @@ class Hurwitz(AbstractSpace):
         """Per matrix: the sign iteration converged and ``P`` is numerically positive definite."""
         lam = torch.linalg.eigvalsh(sanitize(P))
         tiny = P.shape[-1] * torch.finfo(P.dtype).eps * lam[..., -1].abs()
-        return torch.isfinite(err) & (err <= _CONVERGED) & (lam[..., 0] > tiny)
+        return _converged(err) & (lam[..., 0] > tiny)
 
     def _check_certificate(self, X: Tensor, P: Tensor, err: Tensor) -> None:
         """Eager: refuse a point with no numerically positive definite Lyapunov certificate."""
