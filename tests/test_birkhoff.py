@@ -633,6 +633,60 @@ def test_eager_mode_balances_past_the_fixed_count_or_gives_nan():
             assert bool(((off <= 1e-3) | P32.isnan().all(-1).all(-1)).all()), (n, scale, float(off.nan_to_num(0).max()))
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+def test_compiled_maps_balance_as_eager_mode_does(dtype):
+    """Note [Compiled balancing]: inside torch.compile (CPU) the balancing is eager mode's, one operator
+    in the graph, not the fixed count unrolled: past raw scale ~150 (float64; ~100 float32) the fixed
+    count stopped short and the compiled to_manifold was a doubly stochastic matrix up to 1 off the limit
+    (p17's Z × 10: [[.25, .5, .25], …]; float32 n = 16 at scale 100: 0.23), where eager mode reaches it
+    or gives NaN. Compiled values (to_manifold, retract, and their gradients) equal eager mode's, NaN
+    where it is NaN."""
+    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    g = torch.Generator().manual_seed(0)
+    Zs = [(10.0 * Z0).to(dtype)[None], 100.0 * torch.randn(8, 16, 16, generator=g, dtype=dtype),
+          3.0 * torch.randn(4, 5, 5, generator=g, dtype=dtype)]
+    targets = []
+
+    def count(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(B.to_manifold, fullgraph=True, backend=count)
+        traced(Zs[0])
+        assert targets.count("geofunc.sinkhorn_balance") == 1 and len(targets) < 300, len(targets)
+        torch._dynamo.reset()
+        to_manifold = torch.compile(B.to_manifold, fullgraph=True, dynamic=False, backend="aot_eager")
+        retract = torch.compile(B.retract, fullgraph=True, dynamic=False, backend="aot_eager")
+        for Z in Zs:
+            C = torch.randn(Z.shape, generator=g, dtype=dtype)
+            got, want = [], []
+            for fn, out in ((to_manifold, got), (B.to_manifold, want)):
+                Zr = Z.clone().requires_grad_()
+                P = fn(Zr)
+                (G,) = torch.autograd.grad((P.nan_to_num(0.0) * C).sum(), Zr)
+                out += [P.detach(), G]
+            torch.testing.assert_close(got[0], want[0], atol=0, rtol=0, equal_nan=True, msg=str(Z.shape))
+            torch.testing.assert_close(got[1], want[1], atol=1e-10 if dtype == F64 else 1e-4, rtol=1e-6,
+                                       equal_nan=True, msg=str(Z.shape))
+            X = want[0].nan_to_num(1.0 / Z.shape[-1])
+            V = B.tangent(X, torch.randn(Z.shape, generator=g, dtype=dtype))
+            torch.testing.assert_close(retract(X, 20.0 * V), B.retract(X, 20.0 * V), atol=0, rtol=0, equal_nan=True)
+    finally:
+        torch._dynamo.reset()
+    # the operator itself: schema, fake kernel, vmap, AOT dispatch; values only (no gradient flows through it)
+    for L in (Zs[1], Zs[1].clone().requires_grad_()):
+        torch.library.opcheck(torch.ops.geofunc.sinkhorn_balance.default, (L,))
+        assert not torch.ops.geofunc.sinkhorn_balance(L).requires_grad
+    torch.testing.assert_close(torch.func.vmap(torch.ops.geofunc.sinkhorn_balance)(Zs[2][:, None]),
+                               torch.ops.geofunc.sinkhorn_balance(Zs[2])[:, None], atol=0, rtol=0)
+    # the fixed count (vmap, where no value is read) stops short there: these inputs tell the two apart
+    Zp = Zs[0]
+    assert not torch.allclose(torch.func.vmap(B.to_manifold)(Zp).nan_to_num(0.0), B.to_manifold(Zp).nan_to_num(0.0),
+                              atol=1e-2)
+
+
 def test_eager_mode_gives_nan_where_the_cap_is_not_enough(monkeypatch):
     """Where the rounds past the fixed count run out (the cap lowered to one extra round here), the
     unbalanced matrix is NaN, value and gradient, and its balanced neighbour in the batch is its value alone (to rounding);
