@@ -1821,10 +1821,11 @@ _DEPLOY_SPACES = [
 
 
 # strict export (Dynamo) for the spaces whose strict graph differs from the non-strict one (the geofunc
-# operators of the exponential and the frame chart, Birkhoff's Function) and the hyperbolic ones; a
-# strict Birkhoff export alone takes ~8 s, so it is left out (its non-strict one is checked).
+# operators of the exponential, the frame chart and Birkhoff's balancing: Note [Compiled balancing]) and
+# the hyperbolic ones.
 _DEPLOY_EXPORTS = [(c, False) for c in _DEPLOY_SPACES] + [
-    (c, True) for c in _DEPLOY_SPACES if c[0] in ("SO", "Stiefel-cayley-wide", "LowRank", "SL", "Hurwitz", "PoincareBall")]
+    (c, True) for c in _DEPLOY_SPACES
+    if c[0] in ("SO", "Stiefel-cayley-wide", "LowRank", "SL", "Hurwitz", "Birkhoff", "PoincareBall")]
 
 
 @pytest.mark.parametrize(("case", "strict"), _DEPLOY_EXPORTS, ids=lambda c: c[0] if isinstance(c, tuple) else ("strict" if c else "nonstrict"))
@@ -1833,9 +1834,9 @@ def test_torch_export_float32_dynamic_batch_strict_and_saved(case, strict, tmp_p
     batch (torch.export.Dim), computes the eager layer's output for another batch size, for other raw
     parameter values loaded after export (scales 0.01 to 10: no schedule chosen from the traced values
     is baked in), and after a torch.export.save/load round trip (with geofunc imported: a strict program
-    holds the geofunc::expm operator). Tolerance: 1e-5 relative to the output's size (float32 rounding
-    of a few products; measured ≤ 5e-6). Birkhoff's non-strict export takes ~5 s (its fixed-count
-    Sinkhorn and Newton rounds are ~1300 nodes)."""
+    holds the geofunc::expm operator, Birkhoff's geofunc::sinkhorn_balance). Tolerance: 1e-5 relative to the
+    output's size (float32 rounding of a few products; measured ≤ 5e-6). Birkhoff's non-strict export takes
+    ~5 s (its fixed-count Sinkhorn and Newton rounds are ~1300 nodes; the strict one holds the operator)."""
     name, space, shape = case
     torch.manual_seed(0)
     m = gnn.constrain(nn.Linear(shape[1], shape[0]), "weight", space)
