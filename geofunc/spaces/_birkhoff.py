@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
-from .._fastpath import _PLAIN_TYPES, backward_without_autocast, functionalizing
+from .._fastpath import _PLAIN_TYPES, backward_without_autocast, fake_mode_active, functionalizing, make_fx_tracing
 from .._linalg import _randn, lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
 
@@ -51,8 +51,10 @@ def _gaussian(shape: tuple[int, ...], generator: Optional[torch.Generator], dtyp
 #   (float64 raw scale 100, 17 of 64 8×8 inputs more than 1e-4 off; float32 raw scale 50, 12 of 64).
 #   With it, 64 inputs each of n = 3, 8, 16: float64 raw scale ≤ 100 within 2e-4 of the limit
 #   (≤ 50: 6e-8), float32 raw scale ≤ 50 within 2e-4 of the float64 limit; float32 raw scale 100
-#   and larger scales are still off (float32 n = 16 at scale 100: 0.23) under vmap and torch.compile,
-#   which keep this fixed count. Eager mode goes on past it: Note [Eager Newton rounds past the fixed count].
+#   and larger scales are still off (float32 n = 16 at scale 100: 0.23) where this fixed count is traced
+#   (torch.compile off the CPU, tracers, FakeTensorMode). Eager mode goes on past it: Note [Eager Newton rounds
+#   past the fixed count]; so do vmap and torch.compile on the CPU (Notes [Balancing under vmap], [Compiled
+#   balancing]).
 _SWEEPS = 8
 _NEWTON = 24
 _NEWTON_CAP = 256  # eager mode only: Note [Eager Newton rounds past the fixed count]
@@ -106,7 +108,10 @@ def _round(P: Tensor) -> Tensor:
 def _balance_log(L: Tensor) -> Tensor:
     """``L + u1ᵀ + 1vᵀ`` at the end of the sweeps and Newton rounds (the log of the balanced matrix
     before the rounding step; values only, see the note; in eager mode the Newton rounds stop once
-    every matrix is balanced to rounding: Note [Eager early exit of the Newton rounds])."""
+    every matrix is balanced to rounding: Note [Eager early exit of the Newton rounds]; under vmap
+    too: Note [Balancing under vmap])."""
+    if _BALANCE_OP and _transformed_plain(L):
+        return torch.ops.geofunc.sinkhorn_balance(L)
     L = _rows(L)
     for _ in range(_SWEEPS):
         L = _rows(_cols(L))
@@ -142,8 +147,9 @@ def _balance_log(L: Tensor) -> Tensor:
 # float64 within 8e-9, none NaN (was: up to 1.0 off); float32 within 3.3e-4 (its residual stall,
 # ≤ √ε), 1 NaN of 768 (was: up to 1.0 off). Cost there: up to ~5 ms per 16×16 matrix; a batch
 # balanced within the _NEWTON rounds (every raw scale ≤ 10 measured, retracts at |V/X| ≤ 80) runs
-# exactly as before, bit for bit. Under vmap and torch.compile, where nothing may be read, the fixed
-# count stays, with the limits of Note [Sinkhorn with a fixed step count].
+# exactly as before, bit for bit. vmap and torch.compile (CPU) run this balancing too, as one operator
+# (Notes [Balancing under vmap], [Compiled balancing]); where nothing may be read (a trace off the CPU,
+# tracers) the fixed count stays, with the limits of Note [Sinkhorn with a fixed step count].
 def _balance_more(C: Tensor, tol: float) -> Tensor:
     """Eager mode, a batch not balanced after the _NEWTON rounds: more rounds, up to _NEWTON_CAP in all,
     until one round after every matrix's row sums are within ``tol`` of 1; then NaN in the matrices whose
@@ -399,6 +405,30 @@ def _balance_log_compiled(Ld: Tensor) -> Tensor:
     if _BALANCE_OP and type(Ld) in _PLAIN_TYPES and Ld.device.type == "cpu":
         return torch.ops.geofunc.sinkhorn_balance(Ld)
     return _balance_log(Ld)
+
+
+# Note [Balancing under vmap]
+# Under vmap (and nested forward mode: the Newton-step path of _sinkhorn_ops) no value may be read, so the
+# balancing was the fixed count of Note [Sinkhorn with a fixed step count]: past raw scale ~150 (float64;
+# ~100 float32) a doubly stochastic matrix up to 1 off the limit, with no error, where the same call
+# without the transform reaches the limit or gives NaN (Note [Eager Newton rounds past the fixed count]);
+# and all _NEWTON rounds ran where 2-4 do at training scales. The balancing is values only (the Function's
+# forward, or a detached input; the derivatives are the Fisher projection's or the Newton steps'), so on a
+# torch.func-wrapped tensor over plain values (not inside torch.compile, a tracer or FakeTensorMode) it is
+# geofunc::sinkhorn_balance (Note [Compiled balancing]), whose vmap rule runs eager mode's balancing on the
+# whole batch: vmap(to_manifold)(Z) is to_manifold(Z), as for any other space, on every device (an eager
+# call reads the values there too).
+def _transformed_plain(L: Tensor) -> bool:
+    """Whether ``L`` is a torch.func-wrapped tensor over plain values, outside any tracer (Note [Balancing
+    under vmap])."""
+    if not torch._C._functorch.is_functorch_wrapped_tensor(L) or torch.compiler.is_compiling() or make_fx_tracing():
+        return False
+    if fake_mode_active() or functionalizing():
+        return False
+    x = L
+    while torch._C._functorch.is_functorch_wrapped_tensor(x):
+        x = torch._C._functorch.get_unwrapped(x)
+    return type(x) in _PLAIN_TYPES and not x.is_meta
 
 
 def _balance_kernel(L: Tensor) -> Tensor:

@@ -1116,9 +1116,11 @@ def _one_fake_mode() -> contextlib.AbstractContextManager[Any]:
     try:
         from torch._guards import TracingContext, tracing
         from torch._subclasses.fake_tensor import FakeTensorMode
-    except ImportError:  # (a torch without them: the metadata's own modes)
+
+        active = TracingContext.try_get()
+    except (ImportError, AttributeError):  # (a torch without them: the metadata's own modes)
         return contextlib.nullcontext()
-    if TracingContext.try_get() is not None:  # already inside one (e.g. a compiled caller): leave it
+    if active is not None:  # already inside one (e.g. a compiled caller): leave it
         return contextlib.nullcontext()
     return tracing(TracingContext(FakeTensorMode()))
 
