@@ -408,7 +408,8 @@ def _balance_log_compiled(Ld: Tensor) -> Tensor:
 
 
 # Note [Balancing under vmap]
-# Under vmap (and nested forward mode: the Newton-step path of _sinkhorn_ops) no value may be read, so the
+# Under vmap (and functionalize, and nested forward mode: the Newton-step path of _sinkhorn_ops) no value may be
+# read, so the
 # balancing was the fixed count of Note [Sinkhorn with a fixed step count]: past raw scale ~150 (float64;
 # ~100 float32) a doubly stochastic matrix up to 1 off the limit, with no error, where the same call
 # without the transform reaches the limit or gives NaN (Note [Eager Newton rounds past the fixed count]);
@@ -423,7 +424,7 @@ def _transformed_plain(L: Tensor) -> bool:
     under vmap])."""
     if not torch._C._functorch.is_functorch_wrapped_tensor(L) or torch.compiler.is_compiling() or make_fx_tracing():
         return False
-    if fake_mode_active() or functionalizing():
+    if fake_mode_active():
         return False
     x = L
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
