@@ -624,13 +624,17 @@ def _limit_distance_bound(P, Z):
     return torch.maximum(_structure_error(P, Z) / (1 + Z.abs().amax((-2, -1))), _marginal_error(P.double()))
 
 
+# p17's raw tensor: × 10, its Sinkhorn limit is the anti-diagonal permutation, which the fixed count does not reach
+P17_Z = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+
+
 def test_eager_mode_balances_past_the_fixed_count_or_gives_nan():
     """Regression (Note [Eager Newton rounds past the fixed count]): past raw scale ~150 (float64) the
     fixed 24 Newton rounds stopped short and the rounding step returned another doubly stochastic matrix,
     finite, up to 1 off the limit: p17's Z × 10 gave [[.25, .5, .25], [.25, .5, .25], [.5, 0, .5]] (its
     limit is the anti-diagonal permutation), × 3 was 3e-3 off. Eager mode now runs more rounds: float64
     reaches the limit, and float32 is within 1e-3 of the float64 limit of its input or NaN."""
-    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    Z0 = P17_Z.clone()
     for factor in (1.5, 3.0, 10.0):
         P = B.to_manifold(factor * Z0)
         torch.testing.assert_close(P, torch.eye(3, dtype=F64).flip(-1), atol=1e-6, rtol=0, msg=str(factor))
@@ -656,7 +660,7 @@ def test_compiled_maps_balance_as_eager_mode_does(dtype, monkeypatch):
     (p17's Z × 10: [[.25, .5, .25], …]; float32 n = 16 at scale 100: 0.23), where eager mode reaches it
     or gives NaN. Compiled values (to_manifold, retract, and their gradients) equal eager mode's, NaN
     where it is NaN."""
-    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    Z0 = P17_Z.clone()
     g = torch.Generator().manual_seed(0)
     Zs = [(10.0 * Z0).to(dtype)[None], 100.0 * torch.randn(8, 16, 16, generator=g, dtype=dtype),
           3.0 * torch.randn(4, 5, 5, generator=g, dtype=dtype)]
@@ -688,6 +692,8 @@ def test_compiled_maps_balance_as_eager_mode_does(dtype, monkeypatch):
             X = want[0].nan_to_num(1.0 / Z.shape[-1])
             V = B.tangent(X, torch.randn(Z.shape, generator=g, dtype=dtype))
             torch.testing.assert_close(retract(X, 20.0 * V), B.retract(X, 20.0 * V), atol=0, rtol=0, equal_nan=True)
+        if dtype == F64:  # an oracle beside eager mode: the limit of p17's Z × 10 is the anti-diagonal permutation
+            torch.testing.assert_close(to_manifold(Zs[0])[0], torch.eye(3, dtype=F64).flip(-1), atol=1e-6, rtol=0)
     finally:
         torch._dynamo.reset()
     # the operator itself: schema, fake kernel, vmap, AOT dispatch; values only (no gradient flows through it)
@@ -717,7 +723,7 @@ def test_eager_mode_gives_nan_where_the_cap_is_not_enough(monkeypatch):
     point 1 off its limit)."""
     from geofunc.spaces import _birkhoff
 
-    Z0 = torch.tensor([[-61.937, 126.600, 36.301], [-86.160, 83.040, -152.717], [-4.143, -60.187, 11.917]], dtype=F64)
+    Z0 = P17_Z.clone()
     Z1 = torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     Z = torch.stack([10.0 * Z0, Z1]).requires_grad_()
     monkeypatch.setattr(_birkhoff, "_NEWTON_CAP", _birkhoff._NEWTON + 1)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Optional, final
 
 import torch
 
+from .._expm import _front, _host_reads, _register_ops
 from .._fastpath import _PLAIN_TYPES, backward_without_autocast, fake_mode_active, functionalizing, make_fx_tracing
 from .._linalg import _randn, lu_solve_vec, poison, solve_vec
 from ._base import AbstractSpace, can_check, rounding_dtype
@@ -108,9 +109,9 @@ def _round(P: Tensor) -> Tensor:
 def _balance_log(L: Tensor) -> Tensor:
     """``L + u1ᵀ + 1vᵀ`` at the end of the sweeps and Newton rounds (the log of the balanced matrix
     before the rounding step; values only, see the note; in eager mode the Newton rounds stop once
-    every matrix is balanced to rounding: Note [Eager early exit of the Newton rounds]; under vmap
-    too: Note [Balancing under vmap])."""
-    if _BALANCE_OP and _transformed_plain(L):
+    every matrix is balanced to rounding: Note [Eager early exit of the Newton rounds]; under vmap and
+    inside torch.compile too, as one operator: Notes [Balancing under vmap], [Compiled balancing])."""
+    if _as_operator(L):  # Notes [Compiled balancing], [Balancing under vmap]
         return torch.ops.geofunc.sinkhorn_balance(L)
     L = _rows(L)
     for _ in range(_SWEEPS):
@@ -400,17 +401,9 @@ class _Sinkhorn(torch.autograd.Function):
 # n = 16 at raw scale 100 was 0.23 off the limit, compiled). Its vmap rule calls it on the whole batch,
 # as eager mode's batched call does. Elsewhere (another device, a torch without the operator API) the
 # fixed count is traced as before.
-def _balance_log_compiled(Ld: Tensor) -> Tensor:
-    """:func:`_balance_log` of a detached input inside ``torch.compile`` (Note [Compiled balancing])."""
-    if _BALANCE_OP and type(Ld) in _PLAIN_TYPES and Ld.device.type == "cpu":
-        return torch.ops.geofunc.sinkhorn_balance(Ld)
-    return _balance_log(Ld)
-
-
 # Note [Balancing under vmap]
 # Under vmap (and functionalize, and nested forward mode: the Newton-step path of _sinkhorn_ops) no value may be
-# read, so the
-# balancing was the fixed count of Note [Sinkhorn with a fixed step count]: past raw scale ~150 (float64;
+# read, so the balancing was the fixed count of Note [Sinkhorn with a fixed step count]: past raw scale ~150 (float64;
 # ~100 float32) a doubly stochastic matrix up to 1 off the limit, with no error, where the same call
 # without the transform reaches the limit or gives NaN (Note [Eager Newton rounds past the fixed count]);
 # and all _NEWTON rounds ran where 2-4 do at training scales. The balancing is values only (the Function's
@@ -419,12 +412,15 @@ def _balance_log_compiled(Ld: Tensor) -> Tensor:
 # geofunc::sinkhorn_balance (Note [Compiled balancing]), whose vmap rule runs eager mode's balancing on the
 # whole batch: vmap(to_manifold)(Z) is to_manifold(Z), as for any other space, on every device (an eager
 # call reads the values there too).
-def _transformed_plain(L: Tensor) -> bool:
-    """Whether ``L`` is a torch.func-wrapped tensor over plain values, outside any tracer (Note [Balancing
-    under vmap])."""
-    if not torch._C._functorch.is_functorch_wrapped_tensor(L) or torch.compiler.is_compiling() or make_fx_tracing():
+def _as_operator(L: Tensor) -> bool:
+    """Whether the balancing of ``L`` is geofunc::sinkhorn_balance: inside torch.compile a plain tensor on the CPU
+    (Note [Compiled balancing]), elsewhere a torch.func-wrapped tensor over plain values, outside any tracer
+    (Note [Balancing under vmap]); a plain eager tensor balances in Python, as the operator's kernel does."""
+    if not _BALANCE_OP:
         return False
-    if fake_mode_active():
+    if torch.compiler.is_compiling():
+        return type(L) in _PLAIN_TYPES and _host_reads(L)
+    if not torch._C._functorch.is_functorch_wrapped_tensor(L) or make_fx_tracing() or fake_mode_active():
         return False
     x = L
     while torch._C._functorch.is_functorch_wrapped_tensor(x):
@@ -437,34 +433,27 @@ def _balance_kernel(L: Tensor) -> Tensor:
 
 
 def _balance_below_autograd(L: Tensor) -> Tensor:
+    # values only: no gradient flows through it (the Newton steps of _sinkhorn_ops carry the derivatives),
+    # and an output that required grad without a formula would be differentiated as nothing, silently
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.geofunc.sinkhorn_balance(L)
 
 
 def _register_balance_op() -> bool:
     """Define geofunc::sinkhorn_balance (Note [Compiled balancing]); False where torch lacks the API."""
-    try:
-        register_fake, register_vmap = torch.library.register_fake, torch.library.register_vmap
-    except AttributeError:  # pragma: no cover (torch < 2.4)
-        return False
+    if not (hasattr(torch.library, "register_fake") and hasattr(torch.library, "register_vmap")):
+        return False  # pragma: no cover (torch < 2.4)
     ops = torch.ops.geofunc
     if hasattr(ops, "sinkhorn_balance"):  # this module imported again (importlib.reload): already registered
         return True
 
     def vmap_rule(info: Any, in_dims: tuple, L: Tensor) -> tuple[Tensor, int]:
-        d = in_dims[0]
-        L = L.expand(info.batch_size, *L.shape) if d is None else L.movedim(d, 0)
-        return ops.sinkhorn_balance(L), 0
+        return ops.sinkhorn_balance(_front(L, in_dims[0], info.batch_size)), 0
 
     lib = torch.library.Library("geofunc", "FRAGMENT")  # noqa: TOR901 (lives as long as the module)
     lib.define("sinkhorn_balance(Tensor L) -> Tensor")
-    lib.impl("sinkhorn_balance", _balance_kernel, "CompositeExplicitAutograd")
-    # values only: no gradient flows through it (the Newton steps of _sinkhorn_ops carry the derivatives),
-    # and an output that required grad without a formula would be differentiated as nothing, silently
-    lib.impl("sinkhorn_balance", _balance_below_autograd, "Autograd")
-    register_fake("geofunc::sinkhorn_balance", lambda L: torch.empty_like(L, memory_format=torch.contiguous_format),
-                  lib=lib)
-    register_vmap("geofunc::sinkhorn_balance", vmap_rule, lib=lib)
+    _register_ops(lib, (("sinkhorn_balance", _balance_kernel, _balance_below_autograd,
+                         lambda L: torch.empty_like(L, memory_format=torch.contiguous_format), vmap_rule),))
     globals()["_BALANCE_LIBRARY"] = lib
     return True
 
@@ -484,7 +473,7 @@ def _sinkhorn_ops(L: Tensor) -> Tensor:
     forward of :class:`_SinkhornCompiled` inside ``torch.compile``.
     """
     Ld = L.detach()
-    Lfin = _balance_log_compiled(Ld) if torch.compiler.is_compiling() else _balance_log(Ld)
+    Lfin = _balance_log(Ld)
     value = _round(Lfin.exp())
     n = L.shape[-1]
     eye = torch.eye(n, dtype=L.dtype, device=L.device)

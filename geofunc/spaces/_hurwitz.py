@@ -429,19 +429,11 @@ class Hurwitz(AbstractSpace):
         B = X + self.alpha * eye_like(X, n)
         P, err = lyapunov(B)
         if not can_check(X):  # Note [Hurwitz certificate refined under transforms]
-            # (the checks kept (*batch, 1, 1): vmap over an empty batch fails on a 0-dim per-sample op)
-            conv = _converged(err[..., None, None])
-            tiny = n * torch.finfo(P.dtype).eps
+            conv = _converged(err[..., None, None])  # (the checks kept (*batch, 1, 1): keepdim)
             for _ in range(_REFINE_STEPS):
                 Z, base = self._from_certificate(X, P)
-                lam = torch.linalg.eigvalsh(sanitize(P))[..., None]
-                certified = conv & (lam[..., :1, :] > tiny * lam[..., -1:, :].abs())  # _certified's test
-                with torch.no_grad():  # _round_trip_error's
-                    X2 = self.to_manifold(Z.detach(), None if base is None else base.detach())
-                    Xd = X.detach()
-                    rel = (X2 - Xd).abs().amax((-2, -1), keepdim=True) / Xd.abs().amax((-2, -1), keepdim=True).clamp(min=1.0)
-                weak = conv & ~(certified & (rel <= _FAR))
-                P = torch.where(weak, _refined(B, P), P)
+                ok = self._certified(P, err, keepdim=True) & (self._round_trip_error(X, Z, base, keepdim=True) <= _FAR)
+                P = torch.where(conv & ~ok, _refined(B, P), P)
             return self._from_certificate(X, P)
         # eager: refine the certificate of the matrices that fail a check, then check (Note [Hurwitz certificate
         # refined where its checks fail]); a batch that passes both is returned as computed
@@ -469,11 +461,13 @@ class Hurwitz(AbstractSpace):
             raise error(self, "a matrix far enough from the stability boundary for this dtype",
                         f"{_described(X)} whose certificate W = P⁻¹ is off the PSD chart ({e})") from None
 
-    def _round_trip_error(self, X: Tensor, Z: Tensor, base: Any) -> Tensor:
-        """``max|to_manifold(Z, base) − X|/max(1, max|X|)`` per matrix, no graph."""
+    def _round_trip_error(self, X: Tensor, Z: Tensor, base: Any, keepdim: bool = False) -> Tensor:
+        """``max|to_manifold(Z, base) − X|/max(1, max|X|)`` per matrix, no graph (``keepdim``: ``(*batch, 1, 1)``)."""
         with torch.no_grad():
             X2 = self.to_manifold(Z.detach(), None if base is None else base.detach())
-            return (X2 - X).abs().amax(dim=(-2, -1)) / X.detach().abs().amax(dim=(-2, -1)).clamp(min=1.0)
+            Xd = X.detach()
+            return ((X2 - Xd).abs().amax(dim=(-2, -1), keepdim=keepdim)
+                    / Xd.abs().amax(dim=(-2, -1), keepdim=keepdim).clamp(min=1.0))
 
     # Note [Hurwitz right inverse off by its conditioning]
     # The certificate's residual can be small while W = P⁻¹ and S = skew(PB) amplify it by the
@@ -507,11 +501,13 @@ class Hurwitz(AbstractSpace):
                     f"{float(rel[idx]):.3g} off relative to max(1, max|X|) (batch index {idx}); float64 "
                     "holds more")
 
-    def _certified(self, P: Tensor, err: Tensor) -> Tensor:
-        """Per matrix: the sign iteration converged and ``P`` is numerically positive definite."""
-        lam = torch.linalg.eigvalsh(sanitize(P))
-        tiny = P.shape[-1] * torch.finfo(P.dtype).eps * lam[..., -1].abs()
-        return _converged(err) & (lam[..., 0] > tiny)
+    def _certified(self, P: Tensor, err: Tensor, keepdim: bool = False) -> Tensor:
+        """Per matrix: the sign iteration converged and ``P`` is numerically positive definite (``keepdim``:
+        shape ``(*batch, 1, 1)``, which vmap over an empty batch takes: a per-sample 0-dim select fails there)."""
+        lam = torch.linalg.eigvalsh(sanitize(P))[..., None]
+        tiny = P.shape[-1] * torch.finfo(P.dtype).eps * lam[..., -1:, :].abs()
+        ok = _converged(err[..., None, None]) & (lam[..., :1, :] > tiny)
+        return ok if keepdim else ok[..., 0, 0]
 
     def _check_certificate(self, X: Tensor, P: Tensor, err: Tensor) -> None:
         """Eager: refuse a point with no numerically positive definite Lyapunov certificate."""
