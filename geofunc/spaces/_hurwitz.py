@@ -49,6 +49,21 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
     Returns ``(P, err)``: the symmetric solution and, per matrix, ``‖A_K + I‖_F/√n`` of the
     last iterate (small when converged; not small, or NaN, when ``B`` is not Hurwitz).
     """
+    P, err, _ = _lyapunov_steps(B, C)
+    return P, err
+
+
+# Note [One sign iteration for every right-hand side]
+# The iterates A_k of the sign iteration (and their inverses and scalings μ_k) depend on B alone; the
+# right-hand side enters only the F recurrence, which is linear in it. A second solve with the same B (the
+# certificate's refinement, Note [Hurwitz certificate refined where its checks fail]) therefore replays the
+# steps of the first (_lyapunov_replay: two products a step) instead of factoring the same matrices again.
+# Eager mode stops the iteration from A's error alone, so the replay takes the steps a fresh solve would
+# have taken: the same values, bit for bit. Under transforms and torch.compile, where every solve takes
+# _MAX_ITERS steps, a refined from_manifold records one iteration's LUs instead of three (its compiled
+# graph ~3000 → ~1200 nodes).
+def _lyapunov_steps(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+    """:func:`lyapunov`, and the steps ``(A_k⁻¹, μ_k)`` it took (Note [One sign iteration for every right-hand side])."""
     n = B.shape[-1]
     eye = eye_like(B, n)
     A = sanitize(B)
@@ -56,6 +71,7 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
     tol = 1e3 * torch.finfo(B.dtype).eps
     adaptive = can_check(B) and (C is None or can_check(C))
     extra = 1  # steps after the tolerance is met (eager mode)
+    steps = []
     for _ in range(_MAX_ITERS):
         # One LU gives both the inverse and |det| (inv_ex + slogdet would factor twice).
         LU, piv, _ = torch.linalg.lu_factor_ex(A)
@@ -64,7 +80,8 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
         lad = torch.diagonal(LU, dim1=-2, dim2=-1).abs().log().sum(-1, keepdim=True)[..., None]
         mu = torch.exp(lad / -n)
         A = 0.5 * (mu * A + Ai / mu)
-        Fk = 0.5 * (mu * Fk + Ai.mT @ Fk @ Ai / mu)
+        Fk = _sign_step(Fk, Ai, mu)
+        steps.append((Ai, mu))
         if adaptive:
             err = torch.linalg.matrix_norm(A + eye) / math.sqrt(n)
             if bool((err <= tol).all()) or not bool(torch.isfinite(err).all()):
@@ -73,7 +90,20 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
                 extra -= 1
     err = torch.linalg.matrix_norm(A + eye, keepdim=True) / math.sqrt(n) + poison(B)[..., :1, :1]
     P = 0.25 * (Fk + Fk.mT) + poison(B)
-    return P, err[..., 0, 0]
+    return P, err[..., 0, 0], steps
+
+
+def _sign_step(Fk: Tensor, Ai: Tensor, mu: Tensor) -> Tensor:
+    return 0.5 * (mu * Fk + Ai.mT @ Fk @ Ai / mu)
+
+
+def _lyapunov_replay(B: Tensor, C: Tensor, steps: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``P`` with ``BᵀP + PB = −C`` from the steps that :func:`_lyapunov_steps` took for ``B`` (Note [One sign
+    iteration for every right-hand side])."""
+    Fk = C
+    for Ai, mu in steps:
+        Fk = _sign_step(Fk, Ai, mu)
+    return 0.25 * (Fk + Fk.mT) + poison(B)
 
 
 # Note [Hurwitz certificate refined where its checks fail]
@@ -111,11 +141,12 @@ def _converged(err: Tensor) -> Tensor:
     return torch.isfinite(err) & (err <= _CONVERGED)
 
 
-def _refined(B: Tensor, P: Tensor) -> Tensor:
+def _refined(B: Tensor, P: Tensor, steps: list[tuple[Tensor, Tensor]]) -> Tensor:
     """``P + Δ`` with ``BᵀΔ + ΔB = −R``, ``R = BᵀP + PB + I`` the residual of ``P``: one step of iterative refinement
-    in ``B``'s dtype (Note [Hurwitz certificate refined where its checks fail])."""
+    in ``B``'s dtype (Note [Hurwitz certificate refined where its checks fail]), on the sign iteration's ``steps``
+    for ``B`` (Note [One sign iteration for every right-hand side])."""
     R = B.mT @ P + P @ B + eye_like(B, B.shape[-1])
-    D, _ = lyapunov(B, 0.5 * (R + R.mT))
+    D = _lyapunov_replay(B, 0.5 * (R + R.mT), steps)
     P = P + D
     return 0.5 * (P + P.mT)
 
@@ -427,13 +458,13 @@ class Hurwitz(AbstractSpace):
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Any]:
         n = X.shape[-1]
         B = X + self.alpha * eye_like(X, n)
-        P, err = lyapunov(B)
+        P, err, steps = _lyapunov_steps(B)
         if not can_check(X):  # Note [Hurwitz certificate refined under transforms]
             conv = _converged(err[..., None, None])  # (the checks kept (*batch, 1, 1): keepdim)
             for _ in range(_REFINE_STEPS):
                 Z, base = self._from_certificate(X, P)
                 ok = self._certified(P, err, keepdim=True) & (self._round_trip_error(X, Z, base, keepdim=True) <= _FAR)
-                P = torch.where(conv & ~ok, _refined(B, P), P)
+                P = torch.where(conv & ~ok, _refined(B, P, steps), P)
             return self._from_certificate(X, P)
         # eager: refine the certificate of the matrices that fail a check, then check (Note [Hurwitz certificate
         # refined where its checks fail]); a batch that passes both is returned as computed
@@ -447,7 +478,7 @@ class Hurwitz(AbstractSpace):
             # (a sign iteration that did not converge: not Hurwitz to rounding, refused below, nothing refined)
             if step == _REFINE_STEPS or not bool(_converged(err).all()):
                 break
-            P = torch.where(weak[..., None, None], _refined(B, P), P)
+            P = torch.where(weak[..., None, None], _refined(B, P, steps), P)
         self._check_certificate(X, P, err)
         Z, base = self._from_certificate_checked(X, P)
         self._check_round_trip(X, Z, base, P)
