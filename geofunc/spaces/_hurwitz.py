@@ -60,8 +60,8 @@ def lyapunov(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor]:
 # steps of the first (_lyapunov_replay: two products a step) instead of factoring the same matrices again.
 # Eager mode stops the iteration from A's error alone, so the replay takes the steps a fresh solve would
 # have taken: the same values, bit for bit. Under transforms and torch.compile, where every solve takes
-# _MAX_ITERS steps, a refined from_manifold records one iteration's LUs instead of three (its compiled
-# graph ~3000 → ~1200 nodes).
+# _MAX_ITERS steps, a refined from_manifold records one iteration's LUs instead of three (Dynamo's graph
+# of from_manifold on a 3×3 matrix: 3103 → 1803 nodes; vmap of 16×5×5 float64, one thread: 60 → 33 ms).
 def _lyapunov_steps(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
     """:func:`lyapunov`, and the steps ``(A_k⁻¹, μ_k)`` it took (Note [One sign iteration for every right-hand side])."""
     n = B.shape[-1]
