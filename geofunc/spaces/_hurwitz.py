@@ -131,9 +131,11 @@ _REFINE_STEPS = 2
 # with no error, where eager mode refines them to within 1/64 (Note [Hurwitz certificate refined where its
 # checks fail]). There the same refinement runs on every matrix's values, _REFINE_STEPS times, and
 # torch.where keeps it where the checks fail (a matrix that passes is returned as computed, as in eager
-# mode): the results are eager mode's. Cost: the checks and one sign iteration more per step, under
-# transforms only (from_manifold is not on an optimizer step's path: rebase does not solve); measured, vmap, float64,
-# one thread: 64×5×5 21 → 47 ms, 16×16×16 15 → 52 ms (eager mode unchanged).
+# mode): the results are eager mode's. Cost: the checks and a replay of the sign iteration per step (Note [One
+# sign iteration for every right-hand side]), under transforms only (from_manifold is not on an optimizer step's
+# path: rebase does not solve); measured against the unrefined call, float64, one thread, two rounds
+# (benchmarks/transformed_hurwitz.py): vmap 64×5×5 15–19 → 26–41 ms, 16×16×16 14–16 → 50–51 ms; jvp 1.5–2.1×;
+# compiled 2–2.9× (eager mode unchanged).
 
 
 def _converged(err: Tensor) -> Tensor:
