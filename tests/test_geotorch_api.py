@@ -661,8 +661,20 @@ def test_an_assigned_inverse_outlives_a_later_f_only():
     M.f = M.f
     assert M.f is M.fs["softplus"][0] and M.inv is torch.log
     M = gnn.GLp((3, 3), f=(torch.exp, torch.log))
-    M.f = M.f
-    assert M.space.f is torch.exp and M.inv is None
+    layer = nn.Linear(3, 3)
+    with torch.no_grad():
+        layer.weight.copy_(M.sample())
+    P.register_parametrization(layer, "weight", M)
+    W = layer.weight.detach().clone()
+    M.f = M.f  # the current map of a pair assigned again: nothing changes (GeoTorch's keeps its inverse too)
+    assert M.space.f == (torch.exp, torch.log) and M.inv is torch.log
+    layer.weight = W  # (the inverse dropped: InverseError)
+    torch.testing.assert_close(layer.weight.detach(), W, atol=1e-5, rtol=1e-5)
+    M.f = M.fs["softplus"][0]  # another map: the pair's inverse is not paired with it
+    assert M.space.f == "softplus" and M.inv is M.fs["softplus"][1]
+    M = gnn.GLp((3, 3), f=(torch.exp, torch.log))
+    M.f = torch.sigmoid
+    assert M.space.f is torch.sigmoid and M.inv is None
     # copies keep an assigned inverse
     M.f = torch.sigmoid
     M.inv = torch.logit

@@ -730,8 +730,9 @@ class _Manifold(Parametrization):
     # InverseError). An inverse assigned as ``M.inv = g`` is therefore kept by a later ``M.f = h`` (h a
     # callable, not a named map's unless it is the current map), as long as it is still the current
     # inverse. An inverse that came with a name or a pair is not: ``M.f = h`` after softplus gives h
-    # alone, not h with softplus's inverse, which GeoTorch would pair (after ``f=(g, g_inv)``, ``M.f = g``
-    # gives g alone too, as before; GeoTorch's keeps g_inv).
+    # alone, not h with softplus's inverse, which GeoTorch would pair. The current map assigned again
+    # (``M.f = M.f`` after ``f=(g, g_inv)``) changes nothing: g_inv is kept, as GeoTorch keeps it (that
+    # assignment had dropped it, and the next assignment of the weight raised InverseError).
     # PSSD/PSSDLowRank's map is |λ| (their spaces have no ``f``): it reads as ``torch.abs``; another one
     # is refused (GeoTorch's would take it; here it would have been a plain attribute the map ignores).
     @property
@@ -756,9 +757,11 @@ class _Manifold(Parametrization):
                 value = self._named_maps()[value]  # a name added to the class's ``fs`` (GeoTorch's parse_f reads it)
             assigned = self.__dict__.get("_inv_assigned")
             keep = False
-            if assigned is not None and callable(value) and not isinstance(value, (str, tuple, list)):
+            if callable(value) and not isinstance(value, (str, tuple, list)):
                 current, current_inv = self._f_pair()
-                keep = current_inv is assigned and (value is current or self._f_name(value) is value)
+                if value is current and isinstance(self.space.f, tuple):
+                    return  # the current map of a pair assigned again (``M.f = M.f``): nothing changes, its inverse kept
+                keep = assigned is not None and current_inv is assigned and (value is current or self._f_name(value) is value)
             if keep:
                 value = (value, assigned)  # an inverse assigned as ``M.inv = g`` (Note [f and inv read as callables])
             self._replace_field("f", self._f_name(value))
