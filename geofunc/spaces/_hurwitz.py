@@ -136,7 +136,7 @@ _REFINE_STEPS = 2
 # mode): the results are eager mode's. Cost: the checks and a replay of the sign iteration per step (Note [One
 # sign iteration for every right-hand side]), under transforms only (from_manifold is not on an optimizer step's
 # path: rebase does not solve); measured against the unrefined call, float64, one thread, two rounds
-# (benchmarks/transformed_hurwitz.py): vmap 64×5×5 15–19 → 26–41 ms, 16×16×16 14–16 → 50–51 ms; jvp 1.5–2.1×;
+# (benchmarks/transformed_hurwitz.py): vmap 64×5×5 15–19 → 26–41 ms, 16×16×16 14–16 → 50–51 ms; jvp 1.5–1.9×;
 # compiled 2–2.9× (eager mode unchanged).
 
 
