@@ -296,7 +296,11 @@ def test_assigning_f_changes_the_map_as_geotorch():
     torch.testing.assert_close(s_exp, torch.expm1(s_soft - _softplus_floor(M)).sort(descending=True).values,
                                atol=1e-4, rtol=1e-4)
     layer.weight = layer.weight.detach()  # the new f's inverse is used on assignment
-    M.f = torch.exp  # a single callable: the map follows, assignment has no inverse
+    M.f = torch.exp  # the current map assigned again: nothing changes, GeoTorch's inv kept
+    assert M.space.f is pair and M.inv is torch.log
+    layer.weight = layer.weight.detach()
+    M.f = torch.special.expit  # another single callable: the map follows, assignment has no inverse
+    assert M.space.f is torch.special.expit and M.inv is None
     with pytest.raises(gnn.InverseError):
         layer.weight = layer.weight.detach()
     with pytest.raises(ValueError):
