@@ -91,12 +91,16 @@ def _lyapunov_steps(B: Tensor, C: Tensor | None = None) -> tuple[Tensor, Tensor,
                     break
                 extra -= 1
     err = torch.linalg.matrix_norm(A + eye, keepdim=True) / math.sqrt(n) + poison(B)[..., :1, :1]
-    P = 0.25 * (Fk + Fk.mT) + poison(B)
-    return P, err[..., 0, 0], steps
+    return _sign_solution(Fk, B), err[..., 0, 0], steps
 
 
 def _sign_step(Fk: Tensor, Ai: Tensor, mu: Tensor) -> Tensor:
     return 0.5 * (mu * Fk + Ai.mT @ Fk @ Ai / mu)
+
+
+def _sign_solution(Fk: Tensor, B: Tensor) -> Tensor:
+    """``P`` from the last ``F`` of the sign iteration (``F → 2P``), symmetrized; NaN where ``B`` is not finite."""
+    return 0.25 * (Fk + Fk.mT) + poison(B)
 
 
 def _lyapunov_replay(B: Tensor, C: Tensor, steps: list[tuple[Tensor, Tensor]]) -> Tensor:
@@ -105,7 +109,7 @@ def _lyapunov_replay(B: Tensor, C: Tensor, steps: list[tuple[Tensor, Tensor]]) -
     Fk = C
     for Ai, mu in steps:
         Fk = _sign_step(Fk, Ai, mu)
-    return 0.25 * (Fk + Fk.mT) + poison(B)
+    return _sign_solution(Fk, B)
 
 
 # Note [Hurwitz certificate refined where its checks fail]
