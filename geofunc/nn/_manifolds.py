@@ -65,7 +65,10 @@ __all__ = [
     "Sphere",
     "SphereEmbedded",
     "Stiefel",
+    "SymF",
     "Symmetric",
+    "inv_scaled_sigmoid",
+    "scaled_sigmoid",
     "torus_init_",
 ]
 
@@ -1830,12 +1833,26 @@ class SL(FixedRank):
         return bool((S > 0).all()) and bool((S.log().sum(-1).abs() < tol).all())
 
 
-def _scaled_sigmoid(t: Tensor) -> Tensor:
+def scaled_sigmoid(t: Tensor) -> Tensor:
+    """GeoTorch's ``"scaled_sigmoid"``: ``2σ(t) − 1 = tanh(t/2)``, evaluated as the latter (exact near 0).
+
+    Example::
+
+        >>> float(scaled_sigmoid(torch.tensor(0.0)))
+        0.0
+    """
     return torch.tanh(0.5 * t)
 
 
-def _inv_scaled_sigmoid(y: Tensor) -> Tensor:
-    return 2.0 * torch.atanh(y)
+def inv_scaled_sigmoid(t: Tensor) -> Tensor:
+    """The inverse of :func:`scaled_sigmoid` on ``(−1, 1)``: ``2 atanh(y)``.
+
+    Example::
+
+        >>> float(inv_scaled_sigmoid(scaled_sigmoid(torch.tensor(0.5))))
+        0.5
+    """
+    return 2.0 * torch.atanh(t)
 
 
 class AlmostOrthogonal(_SVDManifold):
@@ -1861,7 +1878,7 @@ class AlmostOrthogonal(_SVDManifold):
 
     #: GeoTorch's table of named maps.
     fs: ClassVar[dict] = {
-        "scaled_sigmoid": (_scaled_sigmoid, _inv_scaled_sigmoid),
+        "scaled_sigmoid": (scaled_sigmoid, inv_scaled_sigmoid),
         "tanh": (torch.tanh, torch.atanh),
         "sin": (torch.sin, torch.asin),
     }
@@ -2117,6 +2134,44 @@ class PSD(PSSDFixedRank):
     def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
         return S.PSD(f=f, triv=triv)
 
+
+
+class SymF(PSSDFixedRank):
+    r"""Symmetric matrices ``(*, n, n)`` of rank at most ``rank`` with eigenvalues in the image of ``f``
+    (GeoTorch's ``geotorch.symmetric.SymF``, the class its PSD family derives from).
+
+    ``forward(Z) = Q diag(f(λ)) Qᵀ``, ``Q`` an n×rank Stiefel chart, over :class:`geofunc.PSSDFixedRank`
+    with the same ``f``. ``f`` is a callable (registering or assigning a point then raises
+    :class:`InverseError`, as GeoTorch's) or a pair ``(f, f_inverse)``; geofunc's names (``"softplus"``)
+    are accepted too. ``in_manifold`` is GeoTorch's: symmetric, the ``n − rank`` smallest eigenvalues
+    within ``5·eps`` of 0 and the top ``rank`` at least ``−eps``. ``sample``: the top-``rank`` part of a
+    Wishart matrix ``WWᵀ`` (``W`` from ``init_``), as GeoTorch's.
+
+    Args:
+        size: the size of the tensor, ``(*, n, n)``.
+        rank: ``1 ≤ rank ≤ n``.
+        f: the eigenvalue map: a callable or a pair ``(f, f_inverse)``.
+        triv: the trivialization of the frame.
+
+    Example::
+
+        >>> M = SymF((4, 4), rank=2, f=(torch.exp, torch.log))
+        >>> X = M.sample()
+        >>> M.in_manifold(X), torch.allclose(M(M.right_inverse(X)), X, atol=1e-5)
+        (True, True)
+    """
+
+    fs: ClassVar[dict] = {}
+    _positive: ClassVar[bool] = False
+
+    def __init__(self, size: Any, rank: int, f: Any, triv: Any = "expm") -> None:
+        super().__init__(size, rank, f, triv)
+
+    def sample(self, init_: Callable[[Tensor], Any] = xavier_normal_, factorized: bool = False) -> Any:
+        """The top-``rank`` part of ``WWᵀ``: ``(L, Q)`` if ``factorized`` (``Q diag(L) Qᵀ``), else the matrix."""
+        self._require_size()
+        with torch.no_grad():
+            return self._emit(*self._wishart(init_), factorized)
 
 # ----------------------------------------------------------------------------- Hurwitz
 class Hurwitz(_Manifold):
