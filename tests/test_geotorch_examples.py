@@ -1,5 +1,6 @@
-"""GeoTorch's three published examples, re-created at small sizes with one change: the import line
-(``import geofunc.nn as geotorch``; ``torus_init_`` from it too). Each trains for a few dozen steps;
+"""GeoTorch's three published examples, re-created at small sizes with one change: the import lines
+(``import geofunc.nn as geotorch``, and ``from geofunc.nn.so import torus_init_`` for the example's
+``from geotorch.so import torus_init_``: the package renamed, its module layout kept). Each trains for a few dozen steps;
 the loss must go down and the constraint must hold, checked with ``torch.linalg`` predicates
 written independently of the spaces. Written from the examples' descriptions (GEOTORCH.md §15),
 not copied.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import geofunc.nn as geotorch  # the only change: was `import geotorch`
-from geofunc.nn import torus_init_  # was `from geotorch.so import torus_init_`
+from geofunc.nn.so import torus_init_  # was `from geotorch.so import torus_init_`
 
 F32 = 1e-5  # float32 membership tolerance of an orthogonal / spherical weight after training
 

@@ -13,7 +13,11 @@
 * ``update_base(layer, tensor_name)``, ``torus_init_``, ``uniform_init_``, ``parametrize.cached()`` and the
   exception classes ``VectorError``, ``NonSquareError``, ``RankError``, ``InManifoldError``,
   ``InverseError`` (each a :class:`geofunc.ManifoldError`), also under GeoTorch's module name
-  ``geofunc.nn.exceptions`` (``except geotorch.exceptions.InManifoldError`` keeps working).
+  ``geofunc.nn.exceptions`` (``except geotorch.exceptions.InManifoldError`` keeps working);
+* GeoTorch's module layout: each of its 21 modules under the same name (``from geofunc.nn.so import
+  torus_init_`` for ``from geotorch.so import torus_init_``), with the helpers GeoTorch keeps there
+  (``scaled_sigmoid``, ``softplus_epsilon``, ``cayley_map``, ``get_lyap_exp``, ``project``,
+  ``uniform_init_sphere_``, ``SymF``, ``transpose``).
 
 Assigning ``module.weight = X`` goes through ``right_inverse`` and raises
 :class:`InManifoldError` (leaving the module unchanged) for a point off the space.
@@ -29,6 +33,42 @@ soup), where an average of raw tensors and bases is not one.
 """
 
 from . import exceptions as exceptions, parametrize as parametrize
+
+# Note [GeoTorch's module layout]
+# GeoTorch's classes and helpers also live in its submodules (geotorch.so, geotorch.sphere, ...; 21 of them), and
+# its own examples import from there (`from geotorch.so import torus_init_`), so a port that renames the package
+# (`geotorch` -> `geofunc.nn`) needs the same module names: geofunc.nn.so, ..., each a re-export of the objects
+# geofunc.nn holds, plus what GeoTorch defines only there (scaled_sigmoid, softplus_epsilon, cayley_map,
+# get_lyap_exp, project, uniform_init_sphere_, SymF, transpose). Seventeen are files. Four of GeoTorch's module
+# names are also constraint functions (skew, symmetric, sphere, grassmannian), and in GeoTorch the attribute is the
+# function: those four are modules made here and entered in sys.modules only (_layout_module), so that
+# `geofunc.nn.sphere` stays the function while `from geofunc.nn.sphere import project` finds the module (a file
+# would be imported over the attribute by its first import, and the docs' reference, which reads the package's
+# files, rendered the module in the function's place). (As in GeoTorch, `import geofunc.nn.sphere as m` binds the
+# attribute, the function.) None is in __all__: the names they hold are (SymF included), GeoTorch's helpers stay
+# in their modules.
+from . import (  # noqa: E402 (Note [GeoTorch's module layout])
+    almostorthogonal as almostorthogonal,
+    constraints as constraints,
+    fixedrank as fixedrank,
+    glp as glp,
+    hurwitz as hurwitz,
+    lowrank as lowrank,
+    product as product,
+    psd as psd,
+    pssd as pssd,
+    pssdfixedrank as pssdfixedrank,
+    pssdlowrank as pssdlowrank,
+    reals as reals,
+    sl as sl,
+    so as so,
+    stiefel as stiefel,
+    utils as utils,
+)
+
+# the file modules of the layout (the other four: _layout below)
+_LAYOUT_FILES = (almostorthogonal, constraints, exceptions, fixedrank, glp, hurwitz, lowrank, product, psd, pssd,
+                 pssdfixedrank, pssdlowrank, reals, sl, so, stiefel, utils)
 from ._adapter import (
     Parametrization as Parametrization,
     cached as cached,
@@ -88,6 +128,7 @@ from ._manifolds import (
     Sphere as Sphere,
     SphereEmbedded as SphereEmbedded,
     Stiefel as Stiefel,
+    SymF as SymF,
     Symmetric as Symmetric,
     torus_init_ as torus_init_,
     uniform_init_ as uniform_init_,
@@ -119,6 +160,7 @@ __all__ = [
     "SphereEmbedded",
     "SphereEmbeddedSpace",
     "Stiefel",
+    "SymF",
     "Symmetric",
     "VectorError",
     "almost_orthogonal",
@@ -152,3 +194,33 @@ __all__ = [
     "uniform_init_",
     "update_base",
 ]
+
+
+def _layout_module(name: str, **objects: object) -> None:
+    """Enter GeoTorch's module ``geotorch.<name>`` as ``geofunc.nn.<name>`` in ``sys.modules`` only (Note [GeoTorch's
+    module layout]): ``from geofunc.nn.<name> import X`` works, the attribute ``geofunc.nn.<name>`` stays the
+    constraint function."""
+    import sys
+    import types
+
+    full = f"{__name__}.{name}"
+    module = types.ModuleType(full, f"GeoTorch's ``geotorch.{name}`` under its own name (Note [GeoTorch's module "
+                                    f"layout] in ``geofunc/nn/__init__.py``): {', '.join(objects)}.")
+    module.__dict__.update(objects)
+    module.__all__ = list(objects)  # type: ignore[attr-defined]
+    sys.modules[full] = module
+
+
+def _layout() -> None:
+    from ._helpers import project, uniform_init_sphere_
+    from ._manifolds import SymF
+
+    _layout_module("grassmannian", Grassmannian=Grassmannian)
+    _layout_module("skew", Skew=Skew)
+    _layout_module("sphere", Sphere=Sphere, SphereEmbedded=SphereEmbedded, project=project,
+                   uniform_init_sphere_=uniform_init_sphere_)
+    _layout_module("symmetric", Symmetric=Symmetric, SymF=SymF)
+
+
+_layout()
+del _layout

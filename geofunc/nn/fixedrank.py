@@ -1,0 +1,15 @@
+"""GeoTorch's ``geotorch.fixedrank`` under its own name: ``geofunc.nn.fixedrank`` (``FixedRank``, ``softplus_epsilon``, ``inv_softplus_epsilon``).
+
+The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
+``from geotorch.fixedrank import ...`` becomes ``from geofunc.nn.fixedrank import ...``.
+"""
+
+from __future__ import annotations
+
+from ._helpers import (
+    inv_softplus_epsilon as inv_softplus_epsilon,
+    softplus_epsilon as softplus_epsilon,
+)
+from ._manifolds import FixedRank as FixedRank
+
+__all__ = ["FixedRank", "softplus_epsilon", "inv_softplus_epsilon"]
