@@ -184,6 +184,7 @@ def test_transpose_decorator_is_geotorchs():
     (so_m.cayley_map, (torch.zeros(3),), gnn.VectorError),
     (so_m.cayley_map, (torch.zeros(3, 2),), gnn.NonSquareError),
     (so_m.cayley_map, ([[0.0]],), gf.ManifoldError),
+    (so_m.cayley_map, (torch.zeros(2, 2, dtype=torch.int64),), gf.ManifoldError),
     (hurwitz_m.get_lyap_exp, (torch.zeros(2, 3),), gnn.NonSquareError),
     (hurwitz_m.get_lyap_exp, (torch.zeros(0, 3, 3),), gf.ManifoldError),
     (hurwitz_m.get_lyap_exp, (torch.tensor([[float("nan")]]),), gf.ManifoldError),
@@ -247,3 +248,53 @@ def test_symf_is_geotorchs():
         torch.testing.assert_close(b.weight, a.weight, rtol=1e-12, atol=1e-13)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def _geotorch_classes() -> list[tuple[str, type, type]]:
+    from geotorch.symmetric import SymF as TheirSymF
+
+    names = [n for n in geotorch.__all__ if inspect.isclass(getattr(geotorch, n))]
+    return [(n, getattr(geotorch, n), getattr(gnn, n)) for n in names] + [("SymF", TheirSymF, gnn.SymF)]
+
+
+def test_shared_methods_take_geotorchs_arguments():
+    """Every public method a geofunc.nn class shares with GeoTorch's takes GeoTorch's arguments, in order (its own may
+    follow). Not compared: ``forward`` (GeoTorch names the raw tensor X, v, x or X1..X3; torch calls it positionally)
+    and methods GeoTorch declares as ``(X, *args, **kwargs)``."""
+    checked = 0
+    for name, theirs, ours in _geotorch_classes():
+        for meth, fn in inspect.getmembers(theirs, inspect.isfunction):
+            if meth.startswith("_") or meth == "forward" or not hasattr(ours, meth):
+                continue
+            if fn.__qualname__.split(".")[0] in ("Module", "ModuleList"):
+                continue
+            a = inspect.signature(fn).parameters
+            if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in a.values()):
+                continue
+            b = list(inspect.signature(getattr(ours, meth)).parameters)
+            assert b[: len(a)] == list(a), (name, meth, list(a), b)
+            checked += 1
+    assert checked > 40
+
+
+def test_hurwitz_submersion_inv_takes_rho_and_tol_as_geotorch():
+    torch.manual_seed(5)
+    M, T = gnn.Hurwitz((2, 4, 4), alpha=0.2).to(f64), geotorch.Hurwitz((2, 4, 4), alpha=0.2).to(f64)
+    A = M.sample()
+    eye = torch.eye(4, dtype=f64)
+    for rho in (1, 2.5):
+        Q, Pinv, S = M.submersion_inv(A, rho=rho)
+        Qt, Pinvt, St = T.submersion_inv(A, rho=rho)
+        torch.testing.assert_close(Q, Qt, rtol=0, atol=0)
+        torch.testing.assert_close(Pinv, Pinvt, rtol=1e-6, atol=0)  # the Lyapunov solve's conditioning
+        torch.testing.assert_close(S, St, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(Pinv @ (S - 0.5 * Q) - 0.2 * eye, A, rtol=0, atol=1e-12)
+        assert torch.equal(S, -S.mT) and bool((torch.linalg.eigvalsh(Pinv) > 0).all())
+    with pytest.raises(ValueError):  # a residual no solve reaches: GeoTorch's ValueError
+        T.submersion_inv(A, tol=1e-30)
+    with pytest.raises(gf.ManifoldError, match="residual"):
+        M.submersion_inv(A, tol=1e-30)
+    for rho in (0, -1.0, float("inf")):
+        with pytest.raises(gf.ManifoldError, match="rho"):
+            M.submersion_inv(A, rho=rho)
+    assert not M.in_manifold_eigen(A=torch.eye(4)) and M.in_manifold_eigen(A=A)  # GeoTorch's argument name

@@ -65,6 +65,8 @@ def _square(name: str, X: Any) -> None:
         raise VectorError(name, tuple(X.shape))
     if X.shape[-1] != X.shape[-2]:
         raise NonSquareError(name, tuple(X.shape))
+    if not (X.is_floating_point() or X.is_complex()):
+        raise ManifoldError(f"{name}: expected a floating point or complex tensor, got {describe(X)}.")
 
 
 def cayley_map(X: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from .._expm import _real
 from .._fastpath import _transforms
 from ..spaces._base import _ROUNDING, LOW_PRECISION, AbstractSpace, autocast_off, can_check, default_atol, shapes_only
 from .._linalg import _TRIVS
-from ..spaces._hurwitz import lyapunov
+from ..spaces._hurwitz import _REFINE_STEPS, _lyapunov_steps, _refined
 from ..spaces._values import Positive, floor_violation, softplus_inverse
 from ._adapter import (
     _LAST_RAW,
@@ -2173,6 +2173,7 @@ class SymF(PSSDFixedRank):
         with torch.no_grad():
             return self._emit(*self._wishart(init_), factorized)
 
+
 # ----------------------------------------------------------------------------- Hurwitz
 class Hurwitz(_Manifold):
     r"""Matrices ``(*, n, n)`` whose eigenvalues have real part ≤ −``alpha`` (GeoTorch's ``Hurwitz``).
@@ -2230,26 +2231,45 @@ class Hurwitz(_Manifold):
         """Raw tensor of ``A`` (a Lyapunov solve; see the class docstring); GeoTorch's argument name."""
         return super().right_inverse(A, check_in_manifold)
 
-    def submersion_inv(self, A: Tensor, check_in_manifold: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-        """GeoTorch's factors ``(Q, P⁻¹, S)`` of ``A = P⁻¹(−Q/2 + S) − αI``, here with ``Q = I``
-        (``P`` from the O(n³) Lyapunov solve); :class:`InManifoldError` off the space."""
+    def submersion_inv(self, A: Tensor, check_in_manifold: bool = True, rho: float = 1, tol: float = 1e-4
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """GeoTorch's factors ``(Q, P⁻¹, S)`` of ``A = P⁻¹(S − Q/2) − αI`` with ``Q = rho·I`` (``P`` from the O(n³)
+        Lyapunov solve ``BᵀP + PB = −Q``, ``B = A + αI``, refined where its residual is not below ``tol``);
+        :class:`InManifoldError` off the space, and GeoTorch's ``ValueError`` (a :class:`~geofunc.ManifoldError`)
+        where the residual ``‖BᵀP + PB + Q‖_F`` over the batch stays at least ``tol``."""
+        rho = _number(rho)
+        if isinstance(rho, Tensor) or not (math.isfinite(rho) and rho > 0):
+            raise ManifoldError(f"{type(self).__name__}.submersion_inv: expected `rho` to be a finite real number > 0 "
+                                f"(Q = rho·I), got {describe(rho)}.")
         if check_in_manifold and not self.in_manifold_eigen(A):
             raise InManifoldError(A, self, self._why(A))
         with torch.no_grad():
-            B = A + self.alpha * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-            P, _ = lyapunov(B)
-            PB = P @ B
-            S = 0.5 * (PB - PB.transpose(-2, -1))
-            eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
-            return eye.clone(), torch.linalg.inv(P), S
+            eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+            B = A + self.alpha * eye
+            P, _, steps = _lyapunov_steps(B)  # Q = I; P scales with rho
 
-    def in_manifold_eigen(self, X: Any, eps: float = 1e-6) -> bool:
-        """``max Re λ(X) ≤ −alpha + eps`` over the batch."""
-        X = _as_floating(X)
-        if not isinstance(X, Tensor) or X.ndim < 2 or X.shape[-1] != X.shape[-2] or not bool(torch.isfinite(X).all()):
+            def residual(P: Tensor) -> float:
+                return float(torch.linalg.vector_norm(rho * (B.mT @ P + P @ B + eye)))
+
+            for _ in range(_REFINE_STEPS):
+                if residual(P) < tol:
+                    break
+                P = _refined(B, P, steps)
+            if not residual(P) < tol:
+                raise ManifoldError(f"{type(self).__name__}.submersion_inv: expected the Lyapunov solve's residual "
+                                    f"‖BᵀP + PB + Q‖_F below tol = {tol:g}, got {residual(P):.2e} (P ill-conditioned, "
+                                    "or tol below the solve's rounding; a larger tol accepts it, as GeoTorch's).")
+            PB = P @ B
+            S = 0.5 * rho * (PB - PB.transpose(-2, -1))
+            return rho * eye.expand_as(A).clone(), torch.linalg.inv(P) / rho, S
+
+    def in_manifold_eigen(self, A: Any, eps: float = 1e-6) -> bool:
+        """``max Re λ(A) ≤ −alpha + eps`` over the batch (GeoTorch's argument names)."""
+        A = _as_floating(A)
+        if not isinstance(A, Tensor) or A.ndim < 2 or A.shape[-1] != A.shape[-2] or not bool(torch.isfinite(A).all()):
             return False
-        re = torch.linalg.eigvals(_lift(self, X)[0]).real
-        return bool((re <= -self.alpha + self._eps(eps, X)).all())
+        re = torch.linalg.eigvals(_lift(self, A)[0]).real
+        return bool((re <= -self.alpha + self._eps(eps, A)).all())
 
     def in_manifold(self, X: Any, eps: float = 1e-6) -> bool:
         """The size and :meth:`in_manifold_eigen`."""
