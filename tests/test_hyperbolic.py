@@ -1367,6 +1367,38 @@ def test_lorentz_transport_and_metric_of_a_non_finite_entry_are_nan(dtype):
                     assert bool(torch.isnan(ip[0])) and bool(torch.isfinite(ip[1])), (i, bad, which, ip)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16])
+def test_lorentz_maps_of_a_non_finite_entry_are_nan(dtype):
+    """Note [NaN policy]: a NaN/inf in any entry of a point, x₀ included, gives a value with no finite entry (NaN,
+    or ±inf where an entry is a product with the inf) and leaves its neighbour as it was. ``project`` is the lift
+    of the spatial part and never read y₀, and ``expmap`` (so ``to_manifold`` from a base), ``dist`` and ``logmap``
+    read x₀ (y₀, v₀) through the spatial parts: a NaN or inf y₀ in ``project``, an inf x₀ in ``expmap``, gave a
+    finite point of the hyperboloid, and an inf x₀ a finite distance (found by a probe of every entry of every
+    map's arguments). ``project``, ``dist`` and ``logmap`` are NaN there."""
+    H = gf.Lorentz(k=0.8)
+    g = torch.Generator().manual_seed(12)
+    X, Y = (H.sample((2, 4), generator=g, dtype=F64).to(dtype) for _ in range(2))
+    G = torch.randn(2, 4, generator=g, dtype=F64).to(dtype)
+    V = H.tangent(X, G)
+    clean = {"project": H.project(X), "tangent": H.tangent(X, G), "egrad_to_rgrad": H.egrad_to_rgrad(X, G),
+             "retract": H.retract(X, V), "expmap": H.expmap(X, V), "to_manifold": H.to_manifold(G, X)}
+    for i in range(4):
+        for bad in (math.nan, math.inf, -math.inf):
+            Xb = X.clone()
+            Xb[0, i] = bad
+            got = {"project": H.project(Xb), "tangent": H.tangent(Xb, G), "egrad_to_rgrad": H.egrad_to_rgrad(Xb, G),
+                   "retract": H.retract(Xb, V), "expmap": H.expmap(Xb, V), "to_manifold": H.to_manifold(G, Xb)}
+            for name, out in got.items():  # NaN (project), or not finite in any entry (inf·x₀ stays ±inf)
+                assert not bool(torch.isfinite(out[0]).any()), (name, i, bad, out)
+                assert bool(torch.isnan(out[0]).all()) or name != "project", (i, bad, out)
+                assert out.dtype == dtype and torch.equal(out[1], clean[name][1]), (name, i, bad)
+            pair = {"dist(X, Y)": (H.dist(Xb, Y), H.dist(X, Y)), "dist(Y, X)": (H.dist(Y, Xb), H.dist(Y, X)),
+                    "logmap(X, Y)": (H.logmap(Xb, Y), H.logmap(X, Y)), "logmap(Y, X)": (H.logmap(Y, Xb), H.logmap(Y, X))}
+            for name, (out, ref) in pair.items():
+                assert bool(torch.isnan(out[0]).all()), (name, i, bad, out)
+                assert torch.equal(out[1], ref[1]), (name, i, bad)
+
+
 def test_poincare_float32_point_just_inside_the_float_boundary_reads_at_gap_eps():
     """Pins the documented gap clamp (docs/spaces/hyperbolic.md): a float32 point that `contains`
     accepts (c‖x‖² < 1 summed in float32) but whose float64 gap is below ε reads as the point at

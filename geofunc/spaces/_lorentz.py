@@ -308,8 +308,8 @@ class Lorentz(AbstractSpace):
         if base is None:
             return self._expmap_origin(Z[..., 1:])
         self._require_base(Z, base)
-        base = self._read(base)
-        return self._expmap(base, self._tangent(base, Z))
+        B = self._read(base)
+        return self._expmap(B, self._tangent(B, Z)) + poison(base, ndim=1)  # (x₀ of the base: as expmap)
 
     def _from_manifold(self, X: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(X), X
@@ -360,7 +360,8 @@ class Lorentz(AbstractSpace):
         Evaluated as ``B_X exp_o(B_X⁻¹ V)`` from ``V``'s spatial part (Note [the exponential map
         through the origin]): accurate to the map's own conditioning far from the origin."""
         self._check_pair(X, V, "V")
-        return self._expmap(self._read(X), V)
+        # x₀ and v₀ are read through the spatial parts only, so an inf there gave a finite point: Note [NaN policy]
+        return self._expmap(self._read(X), V) + poison(X, V, ndim=1)
 
     def _read_pair(self, X: Tensor, Y: Tensor, V: Optional[Tensor] = None) -> tuple:
         """The points ``X``, ``Y`` (and a tangent vector ``V`` at ``X``) as the pair maps read them: for
@@ -426,8 +427,9 @@ class Lorentz(AbstractSpace):
         """``ψ(u)(y − x − u x)``, ``ψ(u) = arcosh(1 + u)/√(u(u + 2))`` (smooth at ``Y = X``)."""
         self._check_pair(X, Y, "Y")
         out = X.dtype
+        bad = poison(X, Y, ndim=1)  # x₀, y₀ are read through the spatial parts: Note [NaN policy]
         X, Y, _ = self._read_pair(X, Y)
-        u = self._u(X, Y)
+        u = self._u(X, Y) + bad
         p = _arcoshc(u)
         return (p * (Y - X) - (p * u) * X).to(out)  # (p u) first: u X overflows from d ~ 355 on
 
@@ -435,8 +437,9 @@ class Lorentz(AbstractSpace):
         """``√k arcosh(1 + u)``, ``u = ⟨x − y, x − y⟩_L/2k``, batch-shaped (gradient 0 at ``X = Y``)."""
         self._check_pair(X, Y, "Y")
         out = X.dtype
+        bad = poison(X, Y, ndim=1)  # x₀, y₀ are read through the spatial parts: Note [NaN policy]
         X, Y, _ = self._read_pair(X, Y)
-        u = self._u(X, Y)
+        u = self._u(X, Y) + bad
         pos = u > 0
         w = torch.sqrt(torch.where(pos, u, torch.ones_like(u))) * torch.sqrt(u + 2.0)  # √(u(u + 2)) without overflow
         d = math.sqrt(self.k) * torch.log1p(u + w)
@@ -486,9 +489,10 @@ class Lorentz(AbstractSpace):
         return (V + (yv / (k * (2.0 + u))) * (X + Y)).to(out)
 
     def project(self, Y: Tensor) -> Tensor:
-        """``(√(k + ‖Ȳ‖²), Ȳ)``: the vertical projection onto the upper sheet."""
+        """``(√(k + ‖Ȳ‖²), Ȳ)``: the vertical projection onto the upper sheet; NaN where ``Y`` has a NaN/inf entry,
+        ``y₀`` too, which the projection does not read (Note [NaN policy])."""
         self._check_shape(Y, "Y")
-        return self._vertical(Y)
+        return self._vertical(Y) + poison(Y, ndim=1)
 
     def sample(
         self,
