@@ -262,6 +262,19 @@ def _bad_batch(bad, generator, dtype=F64):
 
 
 @pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan], ids=str)
+def test_birkhoff_metric_at_a_non_finite_point_is_nan_per_matrix(bad, generator):
+    """Note [NaN policy]: the Fisher metric Σ UV/X took an inf entry of X to a zero term, a finite inner product
+    at a point that is not one (found by probing every entry of every map's arguments)."""
+    X = B.sample((3, 4, 4), generator=generator, dtype=F64)
+    U, V = (B.tangent(X, torch.randn(3, 4, 4, generator=generator, dtype=F64)) for _ in range(2))
+    ref = B.inner(X, U, V)
+    Xbad = X.clone()
+    Xbad[1, 2, 1] = bad
+    got = B.inner(Xbad, U, V)
+    assert bool(got[1].isnan()) and torch.equal(got[[0, 2]], ref[[0, 2]])
+
+
+@pytest.mark.parametrize("bad", [-math.inf, math.inf, math.nan], ids=str)
 def test_birkhoff_non_finite_raw_gives_nan_per_matrix(bad, generator):
     Z, Zbad = _bad_batch(bad, generator)
     ref = B.to_manifold(Z)

@@ -620,10 +620,11 @@ class Birkhoff(AbstractSpace):
         return fisher_gradient(X, G)
 
     def inner(self, X: Tensor, U: Tensor, V: Tensor) -> Tensor:
-        """The Fisher metric ``Σ U V / X`` (``X`` floored at the smallest normal number), batch-shaped."""
+        """The Fisher metric ``Σ U V / X`` (``X`` floored at the smallest normal number), batch-shaped; NaN where ``X``
+        has a NaN/inf entry (an inf entry of ``X`` took its term to 0: Note [NaN policy])."""
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
-        return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1))
+        return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1)) + poison(X)[..., 0, 0]
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``S(X ⊙ exp(V / X))`` (``V/X`` capped at ``±½ log(1/tiny)``)."""
