@@ -1154,6 +1154,27 @@ def test_in_manifold_of_an_integer_tensor_is_false(M):
     assert bool(M.in_manifold(X.round().to(torch.int64))) is False
 
 
+@pytest.mark.parametrize("M", [gnn.Rn((2, 3)), gnn.Skew((3, 3)), gnn.Symmetric(size=(3, 3)), gnn.SO((3, 3)),
+                               gnn.Stiefel((4, 2)), gnn.Sphere((2, 3)), gnn.LowRank((4, 3), 2), gnn.GLp((3, 3)),
+                               gnn.PSD((3, 3)), gnn.Hurwitz((3, 3)), gnn.SymF((3, 3), 2, (torch.exp, torch.log))],
+                         ids=lambda M: type(M).__name__)
+def test_in_manifold_of_a_non_finite_entry_is_false(M):
+    """A NaN or inf in any entry is on no space: in_manifold is False and an assignment raises InManifoldError.
+    ``Rn``'s tested the size only (GeoTorch's), so a NaN weight was accepted (found by probing every entry)."""
+    g = torch.Generator().manual_seed(0)
+    size = M._require_size()
+    X = M.sample() if not isinstance(M, (gnn.Rn, gnn.Skew, gnn.Symmetric)) else torch.randn(size, generator=g)
+    X = X - X.mT if isinstance(M, gnn.Skew) else X + X.mT if isinstance(M, gnn.Symmetric) else X
+    assert bool(M.in_manifold(X))
+    for i in range(X.numel()):
+        for bad in (math.nan, math.inf, -math.inf):
+            Xb = X.clone(memory_format=torch.contiguous_format)
+            Xb.view(-1)[i] = bad
+            assert not bool(M.in_manifold(Xb)), (i, bad)
+            with pytest.raises(gnn.InManifoldError):
+                M.right_inverse(Xb)
+
+
 # GeoTorch 0.4.0's type of in_manifold's answer, class by class: a 0-dim bool tensor for Sphere,
 # SphereEmbedded and LowRank (a reduction returned without .item()), a Python bool for the others.
 _ANSWER_TYPES = [

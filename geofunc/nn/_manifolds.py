@@ -1283,8 +1283,9 @@ class Rn(_Manifold):
         self.n, self.tensorial_size = (size[-1] if size else 1), size[:-1]
 
     def in_manifold(self, X: Any, eps: float = 0.0) -> bool:
-        """The size only (every tensor of the size is a point)."""
-        return isinstance(X, Tensor) and tuple(X.shape) == self._require_size()
+        """The size and finite entries (GeoTorch's tests the size only; a NaN or inf is no real number, and
+        ``gf.Rn().contains`` and every other class here refuse it)."""
+        return isinstance(X, Tensor) and tuple(X.shape) == self._require_size() and bool(torch.isfinite(X).all())
 
     def sample(self) -> Tensor:
         """A standard Gaussian tensor of the size (GeoTorch's ``Rn`` has no sampler)."""
