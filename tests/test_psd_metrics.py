@@ -6,6 +6,8 @@ Membership by ``tests/reference.py``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from reference import member
@@ -230,3 +232,26 @@ def test_affine_maps_of_ill_conditioned_float32_points(cond, generator):
         E = sl.sqrtm(y @ sl.inv(x)).real
         ref_P = torch.from_numpy(E @ v @ E.T)
         assert float((P[i].double() - ref_P).abs().max()) < tol * float(ref_P.abs().max())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=str)
+def test_affine_maps_at_a_non_finite_point_are_nan_per_point(bad, generator):
+    """Note [NaN policy]: the affine maps read X through its inverse, and the inverse of a matrix with ±inf on
+    its diagonal is finite: inner was a finite number at no point (found by probing every entry of every map's
+    arguments). Every entry of a point now makes inner NaN there (and retract, egrad_to_rgrad and transport not
+    finite), and leaves the other point as it was."""
+    P = gf.PSD(metric="affine")
+    X, Y = (P.sample((2, 3, 3), generator=generator, dtype=torch.float64) for _ in range(2))
+    U = P.tangent(X, torch.randn(2, 3, 3, generator=generator, dtype=torch.float64))
+    maps = {"inner": lambda A: P.inner(A, U, U), "retract": lambda A: P.retract(A, 0.1 * U),
+            "egrad_to_rgrad": lambda A: P.egrad_to_rgrad(A, U), "transport": lambda A: P.transport(A, Y, U)}
+    clean = {k: f(X) for k, f in maps.items()}
+    for i in range(3):
+        for j in range(3):
+            Xb = X.clone()
+            Xb[0, i, j] = bad
+            for k, f in maps.items():  # inner NaN; the products carry the entry into their own (Note [NaN policy])
+                out = f(Xb)
+                assert bool(torch.isnan(out[0]).all()) if k == "inner" else not bool(torch.isfinite(out[0]).all()), (
+                    k, i, j, out[0])
+                assert torch.equal(out[1], clean[k][1]), (k, i, j)

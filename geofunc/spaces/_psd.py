@@ -22,7 +22,9 @@ _METRICS = ("embedded", "affine")
 
 
 def _inv(X: Tensor) -> Tensor:
-    return torch.linalg.inv_ex(X)[0]
+    """``X⁻¹``, NaN where ``X`` has a NaN/inf entry (Note [NaN policy]: the inverse of a matrix with inf on its
+    diagonal is finite, so the affine metric at such a point was a finite number)."""
+    return torch.linalg.inv_ex(sanitize(X))[0] + poison(X)
 
 
 # The spectral maps of the affine-invariant metric: (g, g', g'') of the eigenvalues (Note [The metrics of PSD]).
