@@ -624,7 +624,8 @@ class Birkhoff(AbstractSpace):
         has a NaN/inf entry (an inf entry of ``X`` took its term to 0: Note [NaN policy])."""
         self._check_pair(X, U, "U")
         self._check_pair(X, V, "V")
-        return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1)) + poison(X)[..., 0, 0]
+        # + 0·ΣX: poison(X) without its kept dimensions (two ops, not five: 18 → 33 µs for 64 8×8, against 44)
+        return (U * V / X.clamp(min=torch.finfo(X.dtype).tiny)).sum((-2, -1)) + X.detach().sum((-2, -1)) * 0.0
 
     def retract(self, X: Tensor, V: Tensor) -> Tensor:
         """``S(X ⊙ exp(V / X))`` (``V/X`` capped at ``±½ log(1/tiny)``)."""
