@@ -71,7 +71,7 @@ def _square(name: str, X: Any) -> None:
 
 def cayley_map(X: Tensor) -> Tensor:
     """GeoTorch's ``cayley_map``: ``(I − X/2)⁻¹(I + X/2)`` of a square matrix (or batch), orthogonal for skew
-    ``X``; geofunc's :func:`geofunc.cayley` (the Cayley trivialization ``SO.trivializations["cayley"]``).
+    ``X``; geofunc's Cayley map (``SO.trivializations["cayley"]``, the trivialization of ``gf.SO(triv="cayley")``).
 
     Raises :class:`VectorError` / :class:`NonSquareError` for fewer than two dimensions or a non-square ``X``.
 

@@ -1846,7 +1846,7 @@ def scaled_sigmoid(t: Tensor) -> Tensor:
 
 
 def inv_scaled_sigmoid(t: Tensor) -> Tensor:
-    """The inverse of :func:`scaled_sigmoid` on ``(−1, 1)``: ``2 atanh(y)``.
+    """The inverse of :func:`scaled_sigmoid` on ``(−1, 1)``: ``2 atanh(t)``.
 
     Example::
 
@@ -2134,7 +2134,6 @@ class PSD(PSSDFixedRank):
 
     def _make(self, r: int, f: Any, triv: Any) -> AbstractSpace:
         return S.PSD(f=f, triv=triv)
-
 
 
 class SymF(PSSDFixedRank):

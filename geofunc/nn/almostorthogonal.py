@@ -1,7 +1,9 @@
-"""GeoTorch's ``geotorch.almostorthogonal`` under its own name: ``geofunc.nn.almostorthogonal`` (``AlmostOrthogonal``, ``scaled_sigmoid``, ``inv_scaled_sigmoid``).
+"""GeoTorch's ``geotorch.almostorthogonal`` under its own name, ``geofunc.nn.almostorthogonal``: ``AlmostOrthogonal``,
+``scaled_sigmoid``, ``inv_scaled_sigmoid``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.almostorthogonal import ...`` becomes ``from geofunc.nn.almostorthogonal import ...``.
+``from geotorch.almostorthogonal import ...`` becomes ``from geofunc.nn.almostorthogonal import ...``; the objects
+are geofunc.nn's (GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in
+``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""GeoTorch's ``geotorch.constraints`` under its own name: ``geofunc.nn.constraints`` (the 15 constraint functions).
+"""GeoTorch's ``geotorch.constraints`` under its own name, ``geofunc.nn.constraints``: the 15 constraint functions.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.constraints import ...`` becomes ``from geofunc.nn.constraints import ...``.
+``from geotorch.constraints import ...`` becomes ``from geofunc.nn.constraints import ...``; the objects are
+geofunc.nn's (GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in
+``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""GeoTorch's ``geotorch.fixedrank`` under its own name: ``geofunc.nn.fixedrank`` (``FixedRank``, ``softplus_epsilon``, ``inv_softplus_epsilon``).
+"""GeoTorch's ``geotorch.fixedrank`` under its own name, ``geofunc.nn.fixedrank``: ``FixedRank``, ``softplus_epsilon``,
+``inv_softplus_epsilon``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.fixedrank import ...`` becomes ``from geofunc.nn.fixedrank import ...``.
+``from geotorch.fixedrank import ...`` becomes ``from geofunc.nn.fixedrank import ...``; the objects are
+geofunc.nn's (GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in
+``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.glp`` under its own name: ``geofunc.nn.glp`` (``GLp``).
+"""GeoTorch's ``geotorch.glp`` under its own name, ``geofunc.nn.glp``: ``GLp``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.glp import ...`` becomes ``from geofunc.nn.glp import ...``.
+``from geotorch.glp import ...`` becomes ``from geofunc.nn.glp import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.hurwitz`` under its own name: ``geofunc.nn.hurwitz`` (``Hurwitz``, ``get_lyap_exp``).
+"""GeoTorch's ``geotorch.hurwitz`` under its own name, ``geofunc.nn.hurwitz``: ``Hurwitz``, ``get_lyap_exp``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.hurwitz import ...`` becomes ``from geofunc.nn.hurwitz import ...``.
+``from geotorch.hurwitz import ...`` becomes ``from geofunc.nn.hurwitz import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.lowrank`` under its own name: ``geofunc.nn.lowrank`` (``LowRank``).
+"""GeoTorch's ``geotorch.lowrank`` under its own name, ``geofunc.nn.lowrank``: ``LowRank``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.lowrank import ...`` becomes ``from geofunc.nn.lowrank import ...``.
+``from geotorch.lowrank import ...`` becomes ``from geofunc.nn.lowrank import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

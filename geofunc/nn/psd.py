@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.psd`` under its own name: ``geofunc.nn.psd`` (``PSD``).
+"""GeoTorch's ``geotorch.psd`` under its own name, ``geofunc.nn.psd``: ``PSD``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.psd import ...`` becomes ``from geofunc.nn.psd import ...``.
+``from geotorch.psd import ...`` becomes ``from geofunc.nn.psd import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

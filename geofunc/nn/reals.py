@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.reals`` under its own name: ``geofunc.nn.reals`` (``Rn``).
+"""GeoTorch's ``geotorch.reals`` under its own name, ``geofunc.nn.reals``: ``Rn``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.reals import ...`` becomes ``from geofunc.nn.reals import ...``.
+``from geotorch.reals import ...`` becomes ``from geofunc.nn.reals import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""GeoTorch's ``geotorch.so`` under its own name: ``geofunc.nn.so`` (``SO``, ``cayley_map``, ``torus_init_``, ``uniform_init_``).
+"""GeoTorch's ``geotorch.so`` under its own name, ``geofunc.nn.so``: ``SO``, ``cayley_map``, ``torus_init_``,
+``uniform_init_``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.so import ...`` becomes ``from geofunc.nn.so import ...``.
+``from geotorch.so import ...`` becomes ``from geofunc.nn.so import ...``; the objects are geofunc.nn's (GeoTorch's
+helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

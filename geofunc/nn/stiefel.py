@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.stiefel`` under its own name: ``geofunc.nn.stiefel`` (``Stiefel``).
+"""GeoTorch's ``geotorch.stiefel`` under its own name, ``geofunc.nn.stiefel``: ``Stiefel``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.stiefel import ...`` becomes ``from geofunc.nn.stiefel import ...``.
+``from geotorch.stiefel import ...`` becomes ``from geofunc.nn.stiefel import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""GeoTorch's ``geotorch.utils`` under its own name: ``geofunc.nn.utils`` (``update_base``, ``transpose``).
+"""GeoTorch's ``geotorch.utils`` under its own name, ``geofunc.nn.utils``: ``update_base``, ``transpose``.
 
-The same objects as ``geofunc.nn``'s (Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``):
-``from geotorch.utils import ...`` becomes ``from geofunc.nn.utils import ...``.
+``from geotorch.utils import ...`` becomes ``from geofunc.nn.utils import ...``; the objects are geofunc.nn's
+(GeoTorch's helpers: ``geofunc/nn/_helpers.py``). Note [GeoTorch's module layout] in ``geofunc/nn/__init__.py``.
 """
 
 from __future__ import annotations
