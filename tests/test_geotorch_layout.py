@@ -28,7 +28,7 @@ MODULES = ["almostorthogonal", "constraints", "exceptions", "fixedrank", "glp", 
            "product", "psd", "pssd", "pssdfixedrank", "pssdlowrank", "reals", "skew", "sl", "so", "sphere", "stiefel",
            "symmetric", "utils"]
 f64 = torch.float64
-# four module names are also constraint functions (the attribute is the function, as in GeoTorch): the modules
+# the modules by import (four of the names are also constraint functions: the attribute is the function, as in GeoTorch)
 so_m, sphere_m, hurwitz_m, symmetric_m, utils_m = (importlib.import_module(f"geofunc.nn.{m}")
                                                    for m in ("so", "sphere", "hurwitz", "symmetric", "utils"))
 
