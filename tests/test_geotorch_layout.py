@@ -119,6 +119,10 @@ def test_cayley_map_and_lyapunov_exponent_are_geotorchs():
     K = A - A.mT
     Q = so_m.cayley_map(K)
     torch.testing.assert_close(Q.mT @ Q, torch.eye(6, dtype=f64).expand(3, 6, 6), rtol=0, atol=1e-13)
+    for dt in (torch.bfloat16, torch.float16):  # computed in float32, rounded back (GeoTorch's raises: no half inverse)
+        Qh = so_m.cayley_map(K.to(dt))
+        assert Qh.dtype == dt
+        torch.testing.assert_close(Qh.float(), so_m.cayley_map(K.to(dt).float()).to(dt).float(), rtol=0, atol=0)
     B = A - 4.0 * torch.eye(6, dtype=f64)
     assert float(hurwitz_m.get_lyap_exp(B)) == pytest.approx(float(get_lyap_exp(B)), rel=1e-12)
     assert hurwitz_m.get_lyap_exp(B).ndim == 0

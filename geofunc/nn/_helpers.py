@@ -73,7 +73,9 @@ def cayley_map(X: Tensor) -> Tensor:
     """GeoTorch's ``cayley_map``: ``(I − X/2)⁻¹(I + X/2)`` of a square matrix (or batch), orthogonal for skew
     ``X``; geofunc's Cayley map (``SO.trivializations["cayley"]``, the trivialization of ``gf.SO(triv="cayley")``).
 
-    Raises :class:`VectorError` / :class:`NonSquareError` for fewer than two dimensions or a non-square ``X``.
+    A bf16/fp16 ``X`` is mapped in float32 and the result rounded back (no low-precision inverse in torch;
+    GeoTorch's raises there). Raises :class:`VectorError` / :class:`NonSquareError` for fewer than two dimensions
+    or a non-square ``X``.
 
     Example::
 
@@ -83,6 +85,8 @@ def cayley_map(X: Tensor) -> Tensor:
         True
     """
     _square("cayley_map", X)
+    if X.dtype in LOW_PRECISION:
+        return cayley(X.float()).to(X.dtype)
     return cayley(X)
 
 
